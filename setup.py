@@ -1,0 +1,37 @@
+"""internvl-mcore: megatron-core based 3D-parallel training engine for InternVL models."""
+from setuptools import find_packages, setup
+
+setup(
+    name="internvl-mcore",
+    version="0.1.0",
+    description="Megatron-core based 3D-parallel pretraining and fine-tuning engine for InternVL",
+    packages=find_packages(include=["internvl_mcore", "internvl_mcore.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        # torch is installed first (CPU wheel 2.13.0 here; the NGC image's build on GPU clusters).
+        "torch>=2.4",
+        # 0.17+ needs Python >= 3.12; 0.16.1 is the newest that installs on 3.11 (see README).
+        "megatron-core==0.16.1",
+        "psutil",  # megatron-core's checkpoint saving imports it without declaring it
+        "numpy",
+        "pillow",
+        "pyarrow",
+        "safetensors",
+        "tokenizers",
+        "sentencepiece",
+        "tiktoken",
+        "tqdm",
+        "tensorboard",
+        "einops",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]", "flash-attn"],
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout",
+            "transformers==5.23.0",
+            "scikit-learn",
+            "matplotlib",
+        ],
+    },
+)
