@@ -272,6 +272,25 @@ class ShardWriter:
 # ------------------------------------------------------------------------------------------------
 
 
+class _Anchor:
+    """Exposes an array through `__array_interface__` while holding a reference to its owner."""
+
+    def __init__(self, arr: np.ndarray, owner: object):
+        self.__array_interface__ = arr.__array_interface__
+        self._arr = arr
+        self._owner = owner
+
+
+def _anchored(arr: np.ndarray, owner: object) -> np.ndarray:
+    """A view of `arr` that keeps `owner` alive as long as the view (or any view of it) lives.
+
+    megatron-core's readers close their mmaps explicitly in `__del__`, so a bare view outliving
+    its `IndexedDataset` would read unmapped memory (a segfault, not an exception). numpy keeps a
+    non-ndarray base object in the chain (it collapses only ndarray bases), so the anchor sticks.
+    """
+    return np.asarray(_Anchor(arr, owner))
+
+
 class _Field:
     """One field's IndexedDataset, tolerating an empty `.bin` (e.g. tiles of a text-only set),
     which numpy refuses to mmap."""
@@ -306,12 +325,12 @@ class _Field:
     def document(self, d: int) -> tuple[np.ndarray, np.ndarray]:
         """(flat values of all sequences of document d, their lengths): one contiguous view."""
         a, b = int(self.doc_index[d]), int(self.doc_index[d + 1])
-        lengths = self.lengths[a:b]
+        lengths = _anchored(self.lengths[a:b], self)
         count = int(lengths.sum())
         if count == 0:
             return np.zeros(0, dtype=self.dtype), lengths
         flat = self._ds.bin_reader.read(dtype=self.dtype.type, count=count, offset=int(self.pointers[a]))
-        return flat, lengths
+        return _anchored(flat, self), lengths
 
 
 class ShardReader:

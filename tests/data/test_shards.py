@@ -175,3 +175,16 @@ def test_codecs_round_trip_lossless():
         np.testing.assert_array_equal(decode_tiles(encode_tiles(tiles, fmt), fmt, TILE), tiles)
     with pytest.raises(ValueError):
         encode_tiles(tiles.astype(np.float32), "png")
+
+
+def test_views_outlive_their_reader(tmp_path):
+    """megatron-core closes its mmaps when the reader is collected; our views must keep it alive."""
+    import gc
+
+    prefix = str(tmp_path / "out")
+    packs, _ = write_random(prefix, "raw", seed=5)
+    tokens = ShardReader(prefix).read(0).tokens  # the reader is garbage right away
+    raw = ShardReader(prefix).read(1)
+    gc.collect()
+    np.testing.assert_array_equal(tokens, np.concatenate([s.tokens for s, _ in packs[0]]))
+    np.testing.assert_array_equal(raw.tile_bytes, np.concatenate([np.frombuffer(t, np.uint8) for s, _ in packs[1] for t in s.tiles] or [np.zeros(0, np.uint8)]))

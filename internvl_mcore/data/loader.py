@@ -1,0 +1,356 @@
+"""Reading packed shards for training: blending, data-parallel split, exact resume, augmentation.
+
+The stream a training run sees is a pure function of (shard sets, weights, seed):
+
+    global index g = 0, 1, 2, ...             (one pack per index, endless: datasets cycle by epoch)
+    dataset d(g)   = Megatron's greedy blend: the dataset whose drawn count lags its weight most
+    k              = how many packs dataset d had given before g
+    pack           = permutation(seed, d, epoch = k // n_d)[k % n_d]
+    rank r of dp_size reads g = r, r + dp_size, r + 2*dp_size, ...
+
+so ranks are disjoint and together cover the stream, and resuming needs only (how many packs this
+rank returned, the blend counters) -- a few integers in `state_dict()`, nothing is re-read.
+Augmentation (`data_augment: true` datasets: JPEG re-compression of each tile, as InternVL's
+training transform) draws from a generator keyed by (seed, g), so a resumed run sees the same.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .sample import PackedSample
+from .shards import ShardReader, manifest_path
+
+STATE_VERSION = 1
+IGNORE_INDEX = -100  # label of tokens that carry no loss (torch cross_entropy's ignore_index)
+
+
+# ------------------------------------------------------------------------------------------------
+# --data-path parsing
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_data_path(data_path: Sequence[str]) -> list[tuple[float, str]]:
+    """Megatron-style `--data-path` -> [(weight, prefix)] with weights summing to 1.
+
+    Accepted forms (as Megatron-LM):
+        ["A"]                      -> [(1.0, "A")]
+        ["0.7", "A", "0.3", "B"]   -> [(0.7, "A"), (0.3, "B")]   (weights are normalized)
+        ["A", "B"]                 -> weights proportional to each set's number of packs
+                                      (Megatron concatenates unweighted sets)
+    """
+    items = [str(x) for x in data_path]
+    if not items:
+        raise ValueError("--data-path is empty")
+
+    def as_weight(s: str) -> float | None:
+        try:
+            return float(s)
+        except ValueError:
+            return None
+
+    if len(items) == 1 and as_weight(items[0]) is None:
+        return [(1.0, items[0])]
+    if as_weight(items[0]) is None:
+        # No weights at all: each entry must be a prefix.
+        for s in items:
+            if as_weight(s) is not None:
+                raise ValueError(f"--data-path mixes weights and prefixes: {items} (use 'W1 P1 W2 P2 ...')")
+        sizes = []
+        for p in items:
+            mp = manifest_path(p)
+            if not os.path.exists(mp):
+                raise FileNotFoundError(f"--data-path entry {p!r}: no shard manifest at {mp}")
+            with open(mp) as f:
+                sizes.append(int(json.load(f)["counts"]["packs"]))
+        total = sum(sizes)
+        if total == 0:
+            raise ValueError(f"--data-path {items}: all shard sets are empty")
+        return [(n / total, p) for n, p in zip(sizes, items)]
+    if len(items) % 2:
+        raise ValueError(f"--data-path with weights needs 'W1 P1 W2 P2 ...' pairs, got {len(items)} entries: {items}")
+    pairs = []
+    for w_s, p in zip(items[0::2], items[1::2]):
+        w = as_weight(w_s)
+        if w is None:
+            raise ValueError(f"--data-path: expected a weight before {p!r}, got {w_s!r}")
+        if as_weight(p) is not None:
+            raise ValueError(f"--data-path: expected a shard prefix after weight {w_s}, got another number {p!r}")
+        if not (w >= 0 and np.isfinite(w)):
+            raise ValueError(f"--data-path: weight {w_s} of {p!r} must be a finite number >= 0")
+        pairs.append((w, p))
+    total = sum(w for w, _ in pairs)
+    if total <= 0:
+        raise ValueError(f"--data-path weights sum to {total}; at least one must be > 0")
+    return [(w / total, p) for w, p in pairs]
+
+
+# ------------------------------------------------------------------------------------------------
+# Loader
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Cursor:
+    """Where the stream stands: enough to resume exactly (see module docstring)."""
+
+    consumed: int  # packs this rank has returned
+    blend_index: int  # global indices [0, blend_index) have been assigned to datasets
+    blend_counts: list[int]  # packs drawn from each dataset among those indices
+
+    def copy(self) -> "_Cursor":
+        return _Cursor(self.consumed, self.blend_index, list(self.blend_counts))
+
+
+@dataclass(frozen=True)
+class _Draw:
+    global_index: int
+    dataset: int
+    pack: int
+
+
+class PackedDataLoader:
+    """Endless iterator of `PackedSample`s for one data-parallel rank.
+
+    Args:
+        data_path: Megatron-style list (see `parse_data_path`) or already-parsed (weight, prefix).
+        dp_rank, dp_size: this rank's place in the data-parallel group (passed explicitly, no
+            torch.distributed lookup, so the loader works and tests the same without a group).
+        seed: drives pack order per epoch and the augmentation.
+        shuffle: permute each dataset's packs per epoch (the preprocessor already shuffled once;
+            this avoids repeating the same order every epoch).
+        augment: apply JPEG re-compression to tiles of `data_augment` datasets.
+        num_threads: >0 decodes that many packs ahead in threads (PNG/JPEG decode releases the GIL).
+    """
+
+    def __init__(
+        self,
+        data_path: Sequence[str] | Sequence[tuple[float, str]],
+        *,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        augment: bool = True,
+        num_threads: int = 0,
+    ):
+        if data_path and isinstance(data_path[0], (tuple, list)):
+            blend = [(float(w), str(p)) for w, p in data_path]
+        else:
+            blend = parse_data_path(list(data_path))  # type: ignore[arg-type]
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} must be in [0, dp_size={dp_size})")
+        total = sum(w for w, _ in blend)
+        self.weights = np.array([w / total for w, _ in blend], dtype=np.float64)
+        self.prefixes = [p for _, p in blend]
+        self.readers = [ShardReader(p) for p in self.prefixes]
+        for w, r in zip(self.weights, self.readers):
+            if w > 0 and len(r) == 0:
+                raise ValueError(f"shard set {r.prefix} has weight {w:.3f} but no packs")
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.seed, self.shuffle, self.augment = seed, shuffle, augment
+        self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
+        self._state = _Cursor(0, 0, [0] * len(self.readers))
+        self._plan_state = self._state.copy()
+        self._ahead: deque[tuple[_Cursor, Future | PackedSample]] = deque()
+        self._pool = ThreadPoolExecutor(num_threads) if num_threads > 0 else None
+        self._lookahead = 2 * num_threads
+
+    # -- the stream ------------------------------------------------------------------------------
+
+    def _pack_order(self, d: int, epoch: int) -> np.ndarray:
+        key = (d, epoch)
+        if key not in self._perm_cache:
+            n = len(self.readers[d])
+            order = np.random.default_rng([self.seed, d, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            if len(self._perm_cache) > 4 * len(self.readers):
+                self._perm_cache.clear()
+            self._perm_cache[key] = order
+        return self._perm_cache[key]
+
+    def _advance(self, cur: _Cursor) -> _Draw:
+        """Assign global indices up to this rank's next one; mutates `cur`, returns the draw."""
+        target = self.dp_rank + self.dp_size * cur.consumed
+        while True:
+            g = cur.blend_index
+            # Megatron's greedy blend: pick the dataset furthest behind its share of g+1 draws.
+            # (Ties go to the lower index.) Integer-exact counts, float weights.
+            lag = self.weights * (g + 1) - np.asarray(cur.blend_counts, dtype=np.float64)
+            d = int(np.argmax(lag))
+            k = cur.blend_counts[d]
+            cur.blend_counts[d] += 1
+            cur.blend_index += 1
+            if g == target:
+                n = len(self.readers[d])
+                cur.consumed += 1
+                return _Draw(g, d, int(self._pack_order(d, k // n)[k % n]))
+
+    def peek_draws(self, n: int) -> list[tuple[int, int, int]]:
+        """The next n (global index, dataset, pack) this rank will return, without reading data."""
+        cur = self._state.copy()
+        return [(x.global_index, x.dataset, x.pack) for x in (self._advance(cur) for _ in range(n))]
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    def load(self, dataset: int, pack: int, global_index: int) -> PackedSample:
+        """Read and prepare one pack (pure given its arguments and the seed)."""
+        from .image import normalize_tiles, random_jpeg_recompress
+
+        reader = self.readers[dataset]
+        raw = reader.read(pack)
+        tiles = reader.tiles(raw)  # (T, H, W, 3) uint8
+        names = [reader.datasets[int(i)] if int(i) < len(reader.datasets) else {} for i in raw.source[:, 0]]
+        if self.augment and raw.tile_lengths.shape[0] and any(x.get("data_augment") for x in names):
+            rng = np.random.default_rng([self.seed, global_index, 0xA06])
+            tiles = np.array(tiles)  # writable copy; the mmap view is read-only
+            tile_off = img_off = 0
+            for k, info in enumerate(names):
+                m = int(raw.images_per_sample[k])
+                t = int(raw.num_tiles[img_off : img_off + m].sum())
+                if info.get("data_augment") and t:
+                    tiles[tile_off : tile_off + t], _ = random_jpeg_recompress(tiles[tile_off : tile_off + t], rng)
+                tile_off, img_off = tile_off + t, img_off + m
+        return PackedSample(
+            tokens=raw.tokens.astype(np.int64),
+            loss_mask=raw.loss_mask.astype(np.float32),
+            position_ids=raw.position_ids,  # zero-copy, read-only float32 view
+            cu_seqlens=raw.cu_seqlens,
+            tiles=normalize_tiles(tiles),
+            num_tiles=raw.num_tiles.astype(np.int32),
+            source=[{"dataset": info.get("name", str(int(s))), "line": int(line)} for info, (s, line) in zip(names, raw.source)],
+        )
+
+    def __iter__(self) -> Iterator[PackedSample]:
+        return self
+
+    def __next__(self) -> PackedSample:
+        if self._pool is None:
+            draw = self._advance(self._state)
+            return self.load(draw.dataset, draw.pack, draw.global_index)
+        while len(self._ahead) < max(1, self._lookahead):
+            draw = self._advance(self._plan_state)
+            fut = self._pool.submit(self.load, draw.dataset, draw.pack, draw.global_index)
+            self._ahead.append((self._plan_state.copy(), fut))
+        after, fut = self._ahead.popleft()
+        sample = fut.result()  # type: ignore[union-attr]
+        self._state = after
+        return sample
+
+    # -- resume ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Position after the last returned pack (JSON-serializable)."""
+        return {
+            "version": STATE_VERSION,
+            "consumed": self._state.consumed,
+            "blend_index": self._state.blend_index,
+            "blend_counts": list(self._state.blend_counts),
+            "dp_rank": self.dp_rank,
+            "dp_size": self.dp_size,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "prefixes": list(self.prefixes),
+            "weights": [float(w) for w in self.weights],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly after the pack the saved loader returned last."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')}, expected {STATE_VERSION}")
+        mine = self.state_dict()
+        for key in ("dp_rank", "dp_size", "seed", "shuffle"):
+            if state[key] != mine[key]:
+                raise ValueError(f"loader state was saved with {key}={state[key]}, this loader has {mine[key]}")
+        if [os.path.basename(p) for p in state["prefixes"]] != [os.path.basename(p) for p in self.prefixes]:
+            raise ValueError(f"loader state is for data {state['prefixes']}, this loader reads {self.prefixes}")
+        if not np.allclose(state["weights"], self.weights, rtol=0, atol=1e-12):
+            raise ValueError(f"loader state has blend weights {state['weights']}, this loader {list(self.weights)}")
+        self._state = _Cursor(int(state["consumed"]), int(state["blend_index"]), [int(c) for c in state["blend_counts"]])
+        self._plan_state = self._state.copy()
+        for _, fut in self._ahead:
+            if isinstance(fut, Future):
+                fut.cancel()
+        self._ahead.clear()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+# ------------------------------------------------------------------------------------------------
+# Batching
+# ------------------------------------------------------------------------------------------------
+
+
+def collate(samples: Sequence[PackedSample], seq_length: int, pad_id: int) -> dict:
+    """Pad packs to seq_length and stack them into torch tensors for a training step.
+
+    Returns (B = len(samples), S = seq_length, T = all tiles of the batch, N = segments):
+        tokens        (B, S) int64    input ids; pad_id after each pack's end
+        labels        (B, S) int64    labels[b, i] = tokens[b, i+1] if that token carries loss and
+                                      belongs to the same sub-sample, else -100 (already shifted)
+        loss_mask     (B, S) float32  1.0 where labels != -100 (aligned with labels)
+        position_ids  (B, S) float32  V2PE positions; the padding tail counts 0, 1, 2, ...
+        cu_seqlens    (N+1,) int32    segment boundaries over the B*S tokens flattened row-major
+                                      (row b starts at b*S); each row's padding tail is its own
+                                      segment, so every token belongs to exactly one segment
+        max_seqlen    ()     int32    longest segment (for varlen attention kernels)
+        pixel_values  (T, 3, H, W) float32  normalized tiles of all packs, in token order
+        num_tiles     (n_images,) int32     tiles per image, in token order
+        num_segments  (B,)   int32    segments in each row (sub-samples + padding segment if any)
+    """
+    import torch
+
+    if not samples:
+        raise ValueError("collate needs at least one sample")
+    B, S = len(samples), int(seq_length)
+    tokens = np.full((B, S), pad_id, dtype=np.int64)
+    labels = np.full((B, S), IGNORE_INDEX, dtype=np.int64)
+    position_ids = np.zeros((B, S), dtype=np.float32)
+    bounds: list[int] = [0]
+    seg_per_row = []
+    for b, s in enumerate(samples):
+        n = int(s.tokens.shape[0])
+        if n > S:
+            raise ValueError(f"pack {b} has {n} tokens, more than seq_length={S}")
+        cu = np.asarray(s.cu_seqlens, dtype=np.int64)
+        if cu[0] != 0 or cu[-1] != n:
+            raise ValueError(f"pack {b}: cu_seqlens {cu.tolist()} do not cover its {n} tokens")
+        tokens[b, :n] = s.tokens
+        position_ids[b, :n] = s.position_ids
+        position_ids[b, n:] = np.arange(S - n, dtype=np.float32)
+        # Target of position i is token i+1, if it carries loss; never across sub-samples.
+        target = np.zeros(n, dtype=bool)
+        target[:-1] = np.asarray(s.loss_mask[1:]) > 0
+        target[cu[1:] - 1] = False  # last token of each sub-sample predicts nothing
+        next_token = np.zeros(n, dtype=np.int64)
+        next_token[:-1] = s.tokens[1:]
+        labels[b, :n] = np.where(target, next_token, IGNORE_INDEX)
+        bounds.extend((b * S + cu[1:]).tolist())
+        segs = len(cu) - 1
+        if n < S:
+            bounds.append((b + 1) * S)
+            segs += 1
+        seg_per_row.append(segs)
+    cu_all = np.asarray(bounds, dtype=np.int32)
+    tiles = [np.asarray(s.tiles, dtype=np.float32) for s in samples]
+    pixel_values = np.concatenate(tiles) if tiles else np.zeros((0, 3, 0, 0), np.float32)
+    num_tiles = np.concatenate([np.asarray(s.num_tiles, dtype=np.int32) for s in samples])
+    return {
+        "tokens": torch.from_numpy(tokens),
+        "labels": torch.from_numpy(labels),
+        "loss_mask": torch.from_numpy((labels != IGNORE_INDEX).astype(np.float32)),
+        "position_ids": torch.from_numpy(position_ids),
+        "cu_seqlens": torch.from_numpy(cu_all),
+        "max_seqlen": torch.tensor(int(np.diff(cu_all).max()), dtype=torch.int32),
+        "pixel_values": torch.from_numpy(pixel_values),
+        "num_tiles": torch.from_numpy(num_tiles),
+        "num_segments": torch.tensor(seg_per_row, dtype=torch.int32),
+    }
