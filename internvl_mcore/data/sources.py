@@ -1,0 +1,563 @@
+"""From a user's files to `TokenizedSample`s: InternVL meta JSON, JSONL / parquet records, images, videos.
+
+    read_meta(meta.json)            -> [DatasetSpec]            (InternVL's meta format)
+    iter_records(spec, seed)        -> RawRecord | Reject ...   (one per selected line/row, repeat_time applied)
+    build_sample(record, tok, opts) -> TokenizedSample | Reject (pure; safe in worker processes)
+
+`build_sample` follows InternVL's LazySupervisedDataset (internvl_chat_finetune.py): which record is text,
+single-image, multi-image or video; where a missing `<image>` / `<video>` placeholder is added; each
+image's tile limit; video frames as `Frame-i: <image>` lines with one tile per frame. Deviations (all in
+the direction of rejecting instead of silently training on a broken sample) are listed in the docstrings.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import zlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+from .image import (
+    VideoDecoderMissing,
+    dynamic_preprocess,
+    frame_to_tile,
+    load_video_frames,
+    tiles_to_array,
+)
+from .sample import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, Reject, TokenizedSample
+from .template import (
+    HUMAN_ROLES,
+    IMAGE_PLACEHOLDER,
+    VIDEO_PLACEHOLDER,
+    TemplateError,
+    count_image_placeholders,
+    tokenize_conversation,
+)
+from .tokenizer import Tokenizer
+
+REJECT_REASONS = (
+    "missing_image",
+    "corrupt_image",
+    "image_count_mismatch",
+    "empty_conversation",
+    "no_assistant_turn",
+    "too_long",
+    "bad_json",
+    "undecodable_text",
+    "video_decoder_missing",
+    "bad_record",
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Meta file
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DatasetSpec:
+    """One entry of InternVL's meta JSON (`{name: {root, annotation, ...}}`)."""
+
+    name: str
+    root: str
+    """Folder that image/video paths in the annotation are relative to."""
+    annotation: str
+    """JSONL file (InternVL chat format) or parquet file (HF-datasets `messages` + `images`)."""
+    data_augment: bool = False
+    """InternVL's is_train: random JPEG re-compression of tiles at load time."""
+    max_dynamic_patch: int = 12
+    repeat_time: float = 1.0
+    """< 1: seeded subsample of int(n * repeat_time) records; >= 1: int(repeat_time) passes (as InternVL)."""
+    length: int | None = None
+    """Informational record count from the meta file (InternVL uses it for weighting)."""
+    min_dynamic_patch: int = 1
+
+    @property
+    def format(self) -> str:
+        """'parquet' or 'jsonl', from the annotation's extension."""
+        return "parquet" if self.annotation.lower().endswith(".parquet") else "jsonl"
+
+    @property
+    def expected_records(self) -> int:
+        """How many items `iter_records` yields (counts the file; meant for progress bars)."""
+        n = _count_parquet_rows(self.annotation) if self.format == "parquet" else len(_jsonl_line_numbers(self.annotation))
+        return len(_selected_indices(n, self.repeat_time, 0, self.name)) * _passes(self.repeat_time)
+
+
+def _resolve(path: str, meta_dir: str) -> str:
+    """As InternVL: relative to the working directory; failing that, relative to the meta file's folder."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return os.path.abspath(path)
+    alt = os.path.join(meta_dir, path)
+    return os.path.abspath(alt) if os.path.exists(alt) else os.path.abspath(path)
+
+
+def read_meta(path: str) -> list[DatasetSpec]:
+    """Parse an InternVL meta JSON; errors name the file and the offending key."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"meta file {path} does not exist") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from e
+    if not isinstance(meta, dict) or not meta:
+        raise ValueError(f"{path}: expected a non-empty JSON object {{dataset_name: {{root, annotation, ...}}}}")
+    meta_dir = os.path.dirname(os.path.abspath(path))
+    specs = []
+    for name, entry in meta.items():
+        where = f"{path}: dataset {name!r}"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: expected an object, got {type(entry).__name__}")
+        for key in ("annotation",):
+            if key not in entry:
+                raise ValueError(f"{where}: missing key {key!r}")
+        if not isinstance(entry["annotation"], str):
+            raise ValueError(f"{where}: key 'annotation' must be a path string")
+        root = entry.get("root", "")
+        if not isinstance(root, str):
+            raise ValueError(f"{where}: key 'root' must be a path string")
+
+        def num(key: str, default, kind=float, minimum=0):
+            value = entry.get(key, default)
+            if value is None:
+                return default
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+                raise ValueError(f"{where}: key {key!r} must be a number >= {minimum}, got {value!r}")
+            if kind is int and value != int(value):
+                raise ValueError(f"{where}: key {key!r} must be an integer, got {value!r}")
+            return kind(value)
+
+        spec = DatasetSpec(
+            name=str(name),
+            root=_resolve(root, meta_dir) if root else "",
+            annotation=_resolve(entry["annotation"], meta_dir),
+            data_augment=bool(entry.get("data_augment", False)),
+            max_dynamic_patch=num("max_dynamic_patch", 12, int, 1),
+            repeat_time=num("repeat_time", 1.0, float, 0),
+            length=num("length", None, int, 0) if entry.get("length") is not None else None,
+            min_dynamic_patch=num("min_dynamic_patch", 1, int, 1),
+        )
+        if not os.path.isfile(spec.annotation):
+            raise FileNotFoundError(f"{where}: key 'annotation': file {entry['annotation']!r} not found")
+        if spec.repeat_time == 0:
+            raise ValueError(f"{where}: key 'repeat_time' is 0 (the dataset would be empty)")
+        specs.append(spec)
+    return specs
+
+
+# --------------------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RawRecord:
+    """One annotation line / parquet row, not yet decoded into a sample."""
+
+    dataset: DatasetSpec
+    source_file: str
+    line: int
+    """1-based line of a JSONL file, or row index + 1 of a parquet file."""
+    payload: dict
+    """The parsed JSON object, or the parquet row as a dict (image bytes included)."""
+    repeat: int = 0
+    """Which pass over the file (repeat_time > 1); seeds per-record randomness together with `line`."""
+
+
+def _stable_hash(text: str) -> int:
+    return zlib.crc32(text.encode("utf-8"))
+
+
+def _passes(repeat_time: float) -> int:
+    return max(1, int(repeat_time))
+
+
+def _selected_indices(n: int, repeat_time: float, seed: int, name: str) -> np.ndarray:
+    """Record indices kept in each pass. InternVL keeps the first int(n * r) lines for r < 1; we keep the
+    same number but draw them with a seeded RNG (in file order), so a sorted file is not cut to a prefix."""
+    if repeat_time >= 1:
+        return np.arange(n)
+    k = int(n * repeat_time)
+    rng = np.random.default_rng([seed, _stable_hash(name), 0x5EED])
+    return np.sort(rng.choice(n, size=k, replace=False))
+
+
+def _jsonl_line_numbers(path: str) -> list[int]:
+    """1-based numbers of the non-blank lines (blank lines are not records)."""
+    out = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if raw.strip():
+                out.append(lineno)
+    return out
+
+
+def _count_parquet_rows(path: str) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def _iter_jsonl(spec: DatasetSpec, wanted: set[int], repeat: int) -> Iterator[RawRecord | Reject]:
+    path = spec.annotation
+    index = -1
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            index += 1
+            if index not in wanted:
+                continue
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # UTF-8 byte order mark
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield Reject(path, lineno, "undecodable_text", f"not UTF-8 at byte {e.start}")
+                continue
+            try:
+                payload = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield Reject(path, lineno, "bad_json", f"{e.msg} at column {e.colno}")
+                continue
+            if not isinstance(payload, dict):
+                yield Reject(path, lineno, "bad_record", f"line is a JSON {type(payload).__name__}, not an object")
+                continue
+            yield RawRecord(spec, path, lineno, payload, repeat)
+
+
+def _iter_parquet(spec: DatasetSpec, wanted: set[int], repeat: int) -> Iterator[RawRecord | Reject]:
+    import pyarrow.parquet as pq
+
+    path = spec.annotation
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read parquet file ({e})") from e
+    index = 0
+    for batch in pf.iter_batches(batch_size=64):
+        for row in batch.to_pylist():
+            if index in wanted:
+                yield RawRecord(spec, path, index + 1, row, repeat)
+            index += 1
+
+
+def iter_records(spec: DatasetSpec, seed: int) -> Iterator[RawRecord | Reject]:
+    """Records of one dataset in file order, with `repeat_time` applied deterministically from `seed`.
+
+    JSONL: one record per non-blank line; a line that is not UTF-8, not JSON or not a JSON object becomes a
+    Reject ('undecodable_text', 'bad_json', 'bad_record') with its line number. Parquet: one record per row.
+    repeat_time r < 1 keeps a seeded subset of int(n * r) records; r >= 1 yields int(r) passes over the
+    file (InternVL's rule: the fraction of r > 1 is dropped).
+    """
+    n = _count_parquet_rows(spec.annotation) if spec.format == "parquet" else len(_jsonl_line_numbers(spec.annotation))
+    wanted = set(_selected_indices(n, spec.repeat_time, seed, spec.name).tolist())
+    reader = _iter_parquet if spec.format == "parquet" else _iter_jsonl
+    for repeat in range(_passes(spec.repeat_time)):
+        yield from reader(spec, wanted, repeat)
+
+
+# --------------------------------------------------------------------------------------------------
+# role/content messages (HF / TRL style) -> InternVL conversations
+# --------------------------------------------------------------------------------------------------
+
+_ROLE_MAP = {"system": "system", "user": "human", "human": "human", "assistant": "gpt", "gpt": "gpt"}
+
+
+def messages_to_conversations(messages: list[dict]) -> list[dict]:
+    """`[{"role", "content"}]` -> InternVL `[{"from", "value"}]`.
+
+    `content` is a string or a list of parts `{"type": "text", "text": ...}` / `{"type": "image"}` /
+    `{"type": "video"}`. An image part becomes "<image>\\n" (InternVL's own convention for a placeholder
+    before the question), a video part "<video>\\n", text parts are appended as they are.
+    """
+    if not isinstance(messages, list):
+        raise TemplateError("bad_record", f"messages must be a list, got {type(messages).__name__}")
+    out = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or "role" not in msg:
+            raise TemplateError("bad_record", f"message {i} has no 'role'")
+        role = _ROLE_MAP.get(msg["role"])
+        if role is None:
+            raise TemplateError("bad_record", f"message {i}: unknown role {msg['role']!r}")
+        content = msg.get("content")
+        if content is None:
+            content = ""
+        if isinstance(content, str):
+            value = content
+        elif isinstance(content, list):
+            pieces = []
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text":
+                    pieces.append(part.get("text") or "")
+                elif kind == "image":
+                    pieces.append(IMAGE_PLACEHOLDER + "\n")
+                elif kind == "video":
+                    pieces.append(VIDEO_PLACEHOLDER + "\n")
+                else:
+                    raise TemplateError("bad_record", f"message {i}: content part {str(part)[:60]} has unknown type")
+            value = "".join(pieces)
+        else:
+            raise TemplateError("bad_record", f"message {i}: content is {type(content).__name__}")
+        out.append({"from": role, "value": value})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Building a sample
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreprocessOptions:
+    """What shapes samples beyond the dataset spec (from the CLI / model config)."""
+
+    image_size: int = 448
+    num_image_token: int = 256
+    """<IMG_CONTEXT> tokens per tile: (image_size / patch)^2 * downsample_ratio^2, computed by the caller."""
+    use_thumbnail: bool = True
+    min_num_frames: int = 8
+    max_num_frames: int = 32
+    system_prompt: str | None = None
+    """None: the template's default; a leading system turn in the data always wins."""
+    seed: int = 0
+    max_seq_length: int = 16384
+    truncate: bool = False
+    frame_sampling: str = "rand"
+    """InternVL's video sampling_method: 'rand' (training default) or 'middle'."""
+
+
+class _RejectError(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def record_rng(opts: PreprocessOptions, record: RawRecord) -> np.random.Generator:
+    """Per-record generator keyed by (seed, dataset, line, repeat): independent of which worker runs it."""
+    return np.random.default_rng([opts.seed, _stable_hash(record.dataset.name), record.line, record.repeat])
+
+
+def _open_image(source: str | bytes, what: str) -> Image.Image:
+    """RGB image from a path or bytes; _RejectError('missing_image' | 'corrupt_image')."""
+    if isinstance(source, str) and not os.path.isfile(source):
+        raise _RejectError("missing_image", f"{what} not found: {source}")
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+            im.load()  # decode now so truncated/corrupt files fail here, not later
+            return im.convert("RGB")
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, DecompressionBombError...
+        raise _RejectError("corrupt_image", f"{what}: {type(e).__name__}: {e}") from e
+
+
+def _image_sources(record: RawRecord) -> list[tuple[str | bytes, str]] | None:
+    """(path-or-bytes, description) of each image of the record, None if it has no image field."""
+    payload, root = record.payload, record.dataset.root
+    if "images" in payload and payload["images"] is not None and "image" not in payload:
+        images = payload["images"]  # HF datasets: list of bytes or {"bytes", "path"} structs
+        if not isinstance(images, list):
+            raise _RejectError("bad_record", f"'images' is {type(images).__name__}, not a list")
+        out = []
+        for k, item in enumerate(images):
+            if isinstance(item, dict):
+                data, rel = item.get("bytes"), item.get("path")
+            else:
+                data, rel = item, None
+            if isinstance(data, (bytes, bytearray)):
+                out.append((bytes(data), f"image {k} (bytes)"))
+            elif isinstance(rel, str) and rel:
+                out.append((os.path.join(root, rel), f"image {k}"))
+            else:
+                raise _RejectError("bad_record", f"image {k} has neither bytes nor a path")
+        return out or None
+    image = payload.get("image")
+    if image is None or (isinstance(image, (str, list)) and len(image) == 0):
+        return None
+    paths = image if isinstance(image, list) else [image]
+    if not all(isinstance(p, str) and p for p in paths):
+        raise _RejectError("bad_record", f"'image' must be a path or a list of paths, got {str(image)[:80]}")
+    return [(os.path.join(root, p), f"image {p!r}") for p in paths]
+
+
+def _first_turn_index(conversations: list[dict], roles=HUMAN_ROLES) -> int:
+    for i, turn in enumerate(conversations):
+        if turn.get("from") in roles:
+            return i
+    raise _RejectError("image_count_mismatch", "images given but there is no user turn to put them in")
+
+
+def _copy_conversations(payload: dict) -> list[dict]:
+    if "conversations" in payload:
+        convs = payload["conversations"]
+    elif "messages" in payload:
+        convs = messages_to_conversations(payload["messages"])
+    else:
+        raise _RejectError("bad_record", "record has neither 'conversations' nor 'messages'")
+    if not isinstance(convs, list):
+        raise _RejectError("bad_record", f"'conversations' is {type(convs).__name__}, not a list")
+    if not convs:
+        raise _RejectError("empty_conversation", "'conversations' is empty")
+    # Copies: the payload is shared between repeats and must stay untouched.
+    return [dict(t) if isinstance(t, dict) else t for t in convs]
+
+
+def _add_image_placeholders(convs: list[dict], n_images: int, multi: bool) -> None:
+    """InternVL prepends '<image>\\n' (x n for a list of images) to the first user turn when the record has
+    no placeholder. Differences: InternVL looks only at conversations[0] (so a record starting with a system
+    turn gets the placeholder in the system prompt and then fails); we use the first user turn, and only
+    when no user turn has a placeholder."""
+    if count_image_placeholders(convs) > 0:
+        return
+    i = _first_turn_index(convs)
+    if isinstance(convs[i].get("value"), str):
+        convs[i]["value"] = (IMAGE_PLACEHOLDER + "\n") * (n_images if multi else 1) + convs[i]["value"]
+
+
+def _expand_video(convs: list[dict], n_frames: int) -> None:
+    """'<video>' -> 'Frame-1: <image>\\nFrame-2: <image>...' (prepended to the first user turn if absent)."""
+    holders = [
+        i for i, t in enumerate(convs)
+        if t.get("from") in HUMAN_ROLES and isinstance(t.get("value"), str) and VIDEO_PLACEHOLDER in t["value"]
+    ]
+    total = sum(convs[i]["value"].count(VIDEO_PLACEHOLDER) for i in holders)
+    if total > 1:
+        raise _RejectError("image_count_mismatch", f"{total} {VIDEO_PLACEHOLDER} placeholders for one video")
+    if not holders:
+        i = _first_turn_index(convs)
+        if not isinstance(convs[i].get("value"), str):
+            return
+        convs[i]["value"] = VIDEO_PLACEHOLDER + "\n" + convs[i]["value"]
+        holders = [i]
+    frames = "\n".join(f"Frame-{k + 1}: {IMAGE_PLACEHOLDER}" for k in range(n_frames))
+    value = convs[holders[0]]["value"]
+    if VIDEO_PLACEHOLDER + "\n" in value:
+        value = value.replace(VIDEO_PLACEHOLDER + "\n", frames + "\n", 1)
+    else:
+        value = value.replace(VIDEO_PLACEHOLDER, frames, 1)
+    convs[holders[0]]["value"] = value
+
+
+def _truncate(tokens, loss_mask, num_tiles, limit, img_start, img_end):
+    """Cut to `limit` tokens without splitting an image block: a cut inside <img>...</img> moves to the
+    block's start, and images past the cut are dropped with their tiles."""
+    starts = np.flatnonzero(tokens == img_start)
+    ends = np.flatnonzero(tokens == img_end)
+    cut = limit
+    kept = 0
+    for s, e in zip(starts, ends):
+        if e < cut:
+            kept += 1
+        else:
+            cut = min(cut, int(s))
+            break
+    return tokens[:cut], loss_mask[:cut], kept
+
+
+def build_sample(record: RawRecord, tokenizer: Tokenizer, opts: PreprocessOptions) -> TokenizedSample | Reject:
+    """Decode, tile, template and tokenize one record. Pure and deterministic; never raises for bad input.
+
+    Kinds (as InternVL's __getitem__): a non-empty `image` (str: single image, list: multi-image) or
+    `images` (parquet bytes); else a non-empty `video`; else text. Each image of a list gets at most
+    max(1, max_dynamic_patch // n_images) tiles; video frames get one tile each.
+
+    Stricter than InternVL (which trains on such records with literal placeholder text or crashes and
+    retries another record): `<image>` placeholders in user turns must match the images exactly
+    ('image_count_mismatch', also for text-only records), and truncated/corrupt image files are rejected
+    ('corrupt_image') rather than loaded partially.
+    """
+    spec = record.dataset
+
+    def reject(reason: str, detail: str) -> Reject:
+        return Reject(record.source_file, record.line, reason, detail)
+
+    try:
+        convs = _copy_conversations(record.payload)
+        sources = _image_sources(record)
+        video = record.payload.get("video")
+        size = opts.image_size
+
+        tile_arrays: list[np.ndarray] = []
+        num_tiles: list[int] = []
+        if sources is not None:
+            multi = isinstance(record.payload.get("image"), list) or "images" in record.payload
+            _add_image_placeholders(convs, len(sources), multi)
+            max_num = max(1, spec.max_dynamic_patch // len(sources)) if multi else spec.max_dynamic_patch
+            for src, what in sources:
+                image = _open_image(src, what)
+                tiles = dynamic_preprocess(image, spec.min_dynamic_patch, max_num, size, opts.use_thumbnail)
+                tile_arrays.append(tiles_to_array(tiles))
+                num_tiles.append(len(tiles))
+        elif isinstance(video, str) and video:
+            path = os.path.join(spec.root, video)
+            if not os.path.exists(path.rstrip("/") or path):
+                raise _RejectError("missing_image", f"video not found: {path}")
+            try:
+                frames = load_video_frames(
+                    path, opts.min_num_frames, opts.max_num_frames, record_rng(opts, record), opts.frame_sampling
+                )
+            except VideoDecoderMissing as e:
+                raise _RejectError("video_decoder_missing", str(e)) from e
+            except FileNotFoundError as e:
+                raise _RejectError("missing_image", str(e)) from e
+            except Exception as e:
+                raise _RejectError("corrupt_image", f"video {path}: {type(e).__name__}: {e}") from e
+            _expand_video(convs, len(frames))
+            tile_arrays.append(tiles_to_array([frame_to_tile(f, size) for f in frames]))
+            num_tiles.extend([1] * len(frames))
+        elif video is not None and not isinstance(video, str):
+            raise _RejectError("bad_record", f"'video' must be a path, got {type(video).__name__}")
+
+        tokens, loss_mask = tokenize_conversation(
+            convs, tokenizer, [opts.num_image_token * t for t in num_tiles], system_prompt=opts.system_prompt
+        )
+        if num_tiles:
+            context_id = tokenizer.token_to_id(IMG_CONTEXT_TOKEN)
+            n_context = int(np.count_nonzero(tokens == context_id))
+            if n_context != opts.num_image_token * sum(num_tiles):
+                raise _RejectError(
+                    "bad_record",
+                    f"{n_context} {IMG_CONTEXT_TOKEN} tokens for {sum(num_tiles)} tiles: the tokenizer does not "
+                    f"keep {IMG_CONTEXT_TOKEN} as one token",
+                )
+        tiles = (
+            np.concatenate(tile_arrays) if tile_arrays else np.zeros((0, size, size, 3), dtype=np.uint8)
+        )
+
+        if len(tokens) > opts.max_seq_length:
+            if not opts.truncate:
+                raise _RejectError("too_long", f"{len(tokens)} tokens > max_seq_length {opts.max_seq_length}")
+            tokens, loss_mask, kept = _truncate(
+                tokens, loss_mask, num_tiles, opts.max_seq_length,
+                tokenizer.token_to_id(IMG_START_TOKEN) if num_tiles else -1,
+                tokenizer.token_to_id(IMG_END_TOKEN) if num_tiles else -1,
+            )
+            num_tiles = num_tiles[:kept]
+            tiles = tiles[: sum(num_tiles)]
+            if not loss_mask.any():
+                raise _RejectError("too_long", f"no loss tokens left after truncating to {opts.max_seq_length}")
+
+        return TokenizedSample(
+            tokens=np.ascontiguousarray(tokens, dtype=np.int32),
+            loss_mask=np.ascontiguousarray(loss_mask, dtype=np.uint8),
+            tiles=tiles,
+            num_tiles=[int(t) for t in num_tiles],
+            dataset=spec.name,
+            line=record.line,
+            source_file=record.source_file,
+            data_augment=spec.data_augment,
+        )
+    except _RejectError as e:
+        return reject(e.reason, e.detail)
+    except TemplateError as e:
+        return reject(e.reason, e.detail)
+    except KeyError as e:  # e.g. the tokenizer lacks <img>
+        return reject("bad_record", f"KeyError: {e}")
+    except Exception as e:  # anything unforeseen costs this record only
+        return reject("bad_record", f"{type(e).__name__}: {e}")
