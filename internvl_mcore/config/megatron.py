@@ -1,0 +1,131 @@
+"""The one place the config tree becomes megatron-core `TransformerConfig`s."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer import TransformerConfig
+
+from .model import ModelConfig, ParallelConfig
+
+
+@dataclass
+class VisionTransformerConfig(TransformerConfig):
+    """TransformerConfig plus what InternViT blocks need and megatron-core has no field for."""
+
+    layer_scale_init: float = 0.1
+    """Initial value of ls1/ls2."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth of the last block (linear ramp from 0 over the blocks)."""
+    real_attention_heads: int = 0
+    """Heads before padding to a multiple of TP; the padded ones are zero (models/vision.py)."""
+
+
+def padded_vision_heads(num_heads: int, tp: int) -> int:
+    """Heads rounded up to a multiple of TP (InternViT-6B has 25; TP 2 -> 26, one zero head)."""
+    return int(math.ceil(num_heads / tp) * tp)
+
+
+def _common(par: ParallelConfig, dtype: torch.dtype) -> dict:
+    # Fusions need CUDA kernels (apex/TE); the unfused paths are exact and run everywhere.
+    return dict(
+        tensor_model_parallel_size=par.tensor_model_parallel_size,
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        # weights are filled layout-independently by models/init.py; megatron's own init would
+        # draw per-rank random numbers that differ between layouts
+        perform_initialization=False,
+        use_cpu_initialization=True,
+        calculate_per_token_loss=True,
+    )
+
+
+def vision_transformer_config(model: ModelConfig, par: ParallelConfig,
+                              dtype: torch.dtype = torch.float32) -> VisionTransformerConfig:
+    """InternViT blocks; all on the first pipeline stage, never context- or sequence-split."""
+    v = model.vision
+    heads = padded_vision_heads(v.num_attention_heads, par.tensor_model_parallel_size)
+    num_layers = v.num_layers if v.select_layer == -1 else v.num_layers + v.select_layer + 1
+    cfg = _common(par, dtype)
+    return VisionTransformerConfig(
+        num_layers=num_layers,
+        hidden_size=v.hidden_size,
+        num_attention_heads=heads,
+        num_query_groups=heads,
+        kv_channels=v.head_dim,
+        ffn_hidden_size=v.ffn_hidden_size,
+        normalization=v.normalization,
+        layernorm_epsilon=v.layernorm_epsilon,
+        add_bias_linear=True,
+        add_qkv_bias=v.qkv_bias,
+        gated_linear_unit=False,
+        activation_func=F.gelu,
+        pipeline_model_parallel_size=1,
+        sequence_parallel=False,
+        layer_scale_init=v.layer_scale_init,
+        drop_path_rate=v.drop_path_rate,
+        real_attention_heads=v.num_attention_heads,
+        recompute_granularity=par.recompute_granularity,
+        recompute_method="uniform" if par.recompute_granularity == "full" else None,
+        recompute_num_layers=par.recompute_num_layers if par.recompute_granularity == "full" else None,
+        **cfg,
+    )
+
+
+def projector_transformer_config(model: ModelConfig, par: ParallelConfig,
+                                 dtype: torch.dtype = torch.float32) -> TransformerConfig:
+    """The projector MLP: Linear(4C -> H) -> GELU -> Linear(H -> H), column- then row-parallel."""
+    h = model.llm.hidden_size
+    return TransformerConfig(
+        num_layers=1,
+        hidden_size=h,
+        ffn_hidden_size=h,
+        num_attention_heads=1,
+        add_bias_linear=True,
+        gated_linear_unit=False,
+        activation_func=F.gelu,
+        pipeline_model_parallel_size=1,
+        sequence_parallel=False,
+        **_common(par, dtype),
+    )
+
+
+def llm_transformer_config(model: ModelConfig, par: ParallelConfig,
+                           dtype: torch.dtype = torch.float32) -> TransformerConfig:
+    """The decoder, split over pipeline stages (optionally fewer layers on stage 0)."""
+    m = model.llm
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.head_dim,
+        ffn_hidden_size=m.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        add_bias_linear=False,
+        add_qkv_bias=m.qkv_bias,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        context_parallel_size=par.context_parallel_size,
+        sequence_parallel=par.sequence_parallel,
+        num_layers_in_first_pipeline_stage=par.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=par.decoder_last_pipeline_num_layers,
+        recompute_granularity=par.recompute_granularity,
+        recompute_method="uniform" if par.recompute_granularity == "full" else None,
+        recompute_num_layers=par.recompute_num_layers if par.recompute_granularity == "full" else None,
+        **_common(par, dtype),
+    )

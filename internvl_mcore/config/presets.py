@@ -1,0 +1,81 @@
+"""Model presets as data: the shapes of the released InternVL3 models plus tiny debug models.
+
+Shapes are those of the released checkpoints' config.json (vision_config / llm_config).
+"""
+from __future__ import annotations
+
+from .model import LLMConfig, ModelConfig, VisionConfig
+
+INTERNVIT_300M = VisionConfig(
+    num_layers=24, hidden_size=1024, num_attention_heads=16, ffn_hidden_size=4096,
+    qkv_bias=True, normalization="LayerNorm", qk_normalization=False,
+)
+INTERNVIT_6B = VisionConfig(
+    num_layers=45, hidden_size=3200, num_attention_heads=25, ffn_hidden_size=12800,
+    qkv_bias=False, normalization="RMSNorm", qk_normalization=True,
+)
+
+_QWEN_VOCAB = 151674  # Qwen2.5's tokenizer plus InternVL's added tokens, as in InternVL3's configs
+
+QWEN25_0_5B = LLMConfig(family="qwen2", num_layers=24, hidden_size=896, num_attention_heads=14,
+                        num_query_groups=2, ffn_hidden_size=4864, vocab_size=_QWEN_VOCAB,
+                        tie_word_embeddings=True)
+QWEN25_1_5B = LLMConfig(family="qwen2", num_layers=28, hidden_size=1536, num_attention_heads=12,
+                        num_query_groups=2, ffn_hidden_size=8960, vocab_size=_QWEN_VOCAB,
+                        tie_word_embeddings=True)
+QWEN25_7B = LLMConfig(family="qwen2", num_layers=28, hidden_size=3584, num_attention_heads=28,
+                      num_query_groups=4, ffn_hidden_size=18944, vocab_size=_QWEN_VOCAB)
+QWEN25_14B = LLMConfig(family="qwen2", num_layers=48, hidden_size=5120, num_attention_heads=40,
+                       num_query_groups=8, ffn_hidden_size=13824, vocab_size=_QWEN_VOCAB)
+QWEN25_32B = LLMConfig(family="qwen2", num_layers=64, hidden_size=5120, num_attention_heads=40,
+                       num_query_groups=8, ffn_hidden_size=27648, vocab_size=_QWEN_VOCAB)
+QWEN25_72B = LLMConfig(family="qwen2", num_layers=80, hidden_size=8192, num_attention_heads=64,
+                       num_query_groups=8, ffn_hidden_size=29568, vocab_size=_QWEN_VOCAB)
+INTERNLM3_8B = LLMConfig(family="llama", num_layers=48, hidden_size=4096, num_attention_heads=32,
+                         num_query_groups=2, ffn_hidden_size=10240, vocab_size=128512,
+                         qkv_bias=False, rope_theta=50_000_000.0, norm_epsilon=1e-5)
+
+_QWEN_IDS = dict(img_context_token_id=151667, img_start_token_id=151665, img_end_token_id=151666,
+                 pad_token_id=151643)
+_INTERNLM3_IDS = dict(img_context_token_id=128003, img_start_token_id=128001,
+                      img_end_token_id=128002, pad_token_id=2)
+
+# Tiny models for tests and the CPU demo: 56-pixel tiles (16 patches, 4 LLM tokens per tile).
+DEBUG_VISION = VisionConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+                            image_size=56)
+DEBUG_LLM = LLMConfig(family="qwen2", num_layers=4, hidden_size=64, num_attention_heads=4,
+                      num_query_groups=2, ffn_hidden_size=128, vocab_size=512, rope_theta=10000.0,
+                      max_position_embeddings=4096)
+_DEBUG_IDS = dict(img_context_token_id=502, img_start_token_id=500, img_end_token_id=501,
+                  pad_token_id=0)
+
+PRESETS: dict[str, ModelConfig] = {
+    "debug": ModelConfig(name="debug", vision=DEBUG_VISION, llm=DEBUG_LLM, **_DEBUG_IDS),
+    # InternViT-6B traits (RMSNorm, QK-norm, no qkv bias, a head count TP must pad) on a
+    # Llama-style LLM without qkv bias and with tied embeddings.
+    "debug-6b": ModelConfig(
+        name="debug-6b",
+        vision=VisionConfig(num_layers=2, hidden_size=48, num_attention_heads=3, ffn_hidden_size=96,
+                            image_size=56, qkv_bias=False, normalization="RMSNorm",
+                            qk_normalization=True),
+        llm=LLMConfig(family="llama", num_layers=4, hidden_size=64, num_attention_heads=4,
+                      num_query_groups=2, ffn_hidden_size=96, vocab_size=512, qkv_bias=False,
+                      rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=4096),
+        **_DEBUG_IDS),
+    "internvl3-1b": ModelConfig(name="internvl3-1b", vision=INTERNVIT_300M, llm=QWEN25_0_5B, **_QWEN_IDS),
+    "internvl3-2b": ModelConfig(name="internvl3-2b", vision=INTERNVIT_300M, llm=QWEN25_1_5B, **_QWEN_IDS),
+    "internvl3-8b": ModelConfig(name="internvl3-8b", vision=INTERNVIT_300M, llm=QWEN25_7B, **_QWEN_IDS),
+    "internvl3-9b": ModelConfig(name="internvl3-9b", vision=INTERNVIT_300M, llm=INTERNLM3_8B,
+                                **_INTERNLM3_IDS),
+    "internvl3-14b": ModelConfig(name="internvl3-14b", vision=INTERNVIT_300M, llm=QWEN25_14B, **_QWEN_IDS),
+    "internvl3-38b": ModelConfig(name="internvl3-38b", vision=INTERNVIT_6B, llm=QWEN25_32B, **_QWEN_IDS),
+    "internvl3-78b": ModelConfig(name="internvl3-78b", vision=INTERNVIT_6B, llm=QWEN25_72B, **_QWEN_IDS),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    """The preset called `name`; the error lists the valid names."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}") from None

@@ -1,0 +1,115 @@
+"""The composed InternVL model for one pipeline stage, and its builder.
+
+    stage 0:  tiles -> InternViT -> drop CLS -> pixel shuffle -> projector --+
+              tokens -> embedding -> splice features at <IMG_CONTEXT> -------+-> decoder layers
+    stage k:  hidden -> decoder layers
+    last:     -> final norm -> output layer -> per-token loss (or logits)
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.module import MegatronModule
+
+from ..config.megatron import llm_transformer_config, projector_transformer_config, vision_transformer_config
+from ..config.model import ModelConfig, ParallelConfig
+from .attention import packed_seq_params_from_cu_seqlens
+from .language import LanguageModel
+from .projector import Projector
+from .specs import Backend, default_backend, llm_layer_spec, projector_mlp_submodules, vision_layer_spec
+from .vision import InternViT, pixel_shuffle_v2
+from .weights import mark_tensor_parallel_params
+
+
+class InternVLModel(MegatronModule):
+    """InternViT + projector (first stage only) + this stage's share of the LLM."""
+
+    def __init__(self, model_cfg: ModelConfig, par: ParallelConfig, pre_process: bool, post_process: bool,
+                 dtype: torch.dtype = torch.float32, backend: Optional[Backend] = None,
+                 pg_collection: Optional[ProcessGroupCollection] = None) -> None:
+        llm_config = llm_transformer_config(model_cfg, par, dtype)
+        super().__init__(config=llm_config)
+        backend = backend or default_backend()
+        pg = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
+        self.model_cfg = model_cfg
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.add_encoder = pre_process  # ViT and projector live with the embedding on stage 0
+        self.share_embeddings_and_output_weights = model_cfg.llm.tie_word_embeddings
+        if self.add_encoder:
+            vit_config = vision_transformer_config(model_cfg, par, dtype)
+            self.vision_model = InternViT(vit_config, model_cfg.vision,
+                                          vision_layer_spec(model_cfg.vision.qk_normalization, backend), pg)
+            self.projector = Projector(projector_transformer_config(model_cfg, par, dtype),
+                                       projector_mlp_submodules(backend), model_cfg.projector_input_size,
+                                       eps=model_cfg.projector_layernorm_epsilon, pg_collection=pg)
+        self.language_model = LanguageModel(
+            llm_config, llm_layer_spec(backend), vocab_size=model_cfg.llm.vocab_size,
+            max_sequence_length=model_cfg.llm.max_position_embeddings, rope_theta=model_cfg.llm.rope_theta,
+            pre_process=pre_process, post_process=post_process,
+            share_embeddings_and_output_weights=self.share_embeddings_and_output_weights, pg_collection=pg)
+
+    # --- hooks megatron-core's schedules and finalize_model_grads look for -------------------
+    def set_input_tensor(self, input_tensor: torch.Tensor | list) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def shared_embedding_or_output_weight(self) -> torch.Tensor:
+        return self.language_model.shared_embedding_or_output_weight()
+
+    # --- forward -------------------------------------------------------------------------------
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(T, 3, H, W) normalized tiles -> (T * num_image_token, H_llm) LLM-space features."""
+        feats = self.vision_model(pixel_values)[:, 1:]  # (T, N, C), CLS dropped
+        t, n, c = feats.shape
+        side = int(n ** 0.5)
+        feats = pixel_shuffle_v2(feats.reshape(t, side, side, c), self.model_cfg.downsample_ratio)
+        feats = self.projector(feats.reshape(t, -1, feats.shape[-1]))  # (T, N', H)
+        return feats.reshape(-1, feats.shape[-1])
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids (B, S) int; position_ids (B, S) float (V2PE); pixel_values (T, 3, H, W) tiles of
+        all images in batch order; labels (B, S) next-token targets; cu_seqlens: sample boundaries over
+        the batch-major flattened B*S tokens (None: one sample per row).
+
+        Returns per-token losses (B, S) on the last stage when labels are given, logits (B, S, V/tp)
+        without labels, and hidden states (S, B, H) on other stages."""
+        packed = packed_seq_params_from_cu_seqlens(cu_seqlens) if cu_seqlens is not None else None
+        decoder_input = None
+        if self.pre_process:
+            emb = self.language_model.embed(input_ids)  # (S, B, H)
+            if pixel_values is not None and pixel_values.shape[0] > 0:
+                emb = self._splice(emb, input_ids, self.image_features(pixel_values))
+            if self.config.sequence_parallel:
+                emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
+            decoder_input = emb
+        return self.language_model(decoder_input, position_ids, labels=labels, packed_seq_params=packed)
+
+    def _splice(self, emb: torch.Tensor, input_ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """Replace the embeddings at <IMG_CONTEXT> positions with image features, in batch-major order."""
+        mask = input_ids == self.model_cfg.img_context_token_id  # (B, S)
+        n = int(mask.sum())
+        if n != feats.shape[0]:
+            raise ValueError(f"{n} <IMG_CONTEXT> tokens in the batch but {feats.shape[0]} image feature "
+                             f"vectors ({feats.shape[0] // self.model_cfg.num_image_token} tiles)")
+        bsh = emb.transpose(0, 1)  # (B, S, H)
+        bsh = bsh.masked_scatter(mask.unsqueeze(-1), feats.to(bsh.dtype))
+        return bsh.transpose(0, 1).contiguous()
+
+
+def build_model(model_cfg: ModelConfig, par: ParallelConfig, dtype: torch.dtype = torch.float32,
+                backend: Optional[Backend] = None,
+                pg_collection: Optional[ProcessGroupCollection] = None) -> InternVLModel:
+    """This rank's stage of the model (megatron-core's parallel state must be initialized).
+
+    Weights are uninitialized: call `weights.init_weights` or load a checkpoint."""
+    model = InternVLModel(model_cfg, par,
+                          pre_process=parallel_state.is_pipeline_first_stage(),
+                          post_process=parallel_state.is_pipeline_last_stage(),
+                          dtype=dtype, backend=backend, pg_collection=pg_collection)
+    mark_tensor_parallel_params(model)
+    return model

@@ -1,0 +1,108 @@
+"""The LLM decoder on megatron-core: embedding (first stage), decoder layers (this stage's share),
+final norm + output layer + loss (last stage), RoPE from per-token float positions (V2PE).
+
+It is a megatron-core `LanguageModule`, which brings tied embeddings across pipeline stages
+(embedding group all-reduce), the vocab-parallel loss and checkpoint sharding for free.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """Rows of the embedding/output layer: a multiple of TP (megatron-core splits rows evenly).
+    Padded rows never win: their logits are set to -inf (see `LanguageModel.forward`)."""
+    return -(-vocab_size // tp) * tp
+
+
+class LanguageModel(LanguageModule):
+    """Decoder-only LLM for one pipeline stage."""
+
+    def __init__(self, config: TransformerConfig, layer_spec: ModuleSpec, vocab_size: int,
+                 max_sequence_length: int, rope_theta: float, pre_process: bool = True,
+                 post_process: bool = True, share_embeddings_and_output_weights: bool = False,
+                 pg_collection: Optional[ProcessGroupCollection] = None) -> None:
+        super().__init__(config=config, pg_collection=pg_collection)
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.share_embeddings_and_output_weights = share_embeddings_and_output_weights
+        self.model_type = ModelType.encoder_or_decoder
+        self.vp_stage = None
+        self.vocab_size = vocab_size
+        tp = self.pg_collection.tp.size()
+        self.padded_vocab_size = padded_vocab_size(vocab_size, tp)
+        if pre_process:
+            # not scattered here: image features are spliced into the full sequence first
+            self.embedding = LanguageModelEmbedding(
+                config=config, vocab_size=self.padded_vocab_size,
+                max_sequence_length=max_sequence_length, position_embedding_type="rope",
+                scatter_to_sequence_parallel=False, tp_group=self.pg_collection.tp)
+        self.rotary_pos_emb = RotaryEmbedding(
+            kv_channels=config.kv_channels, rotary_percent=1.0, rotary_base=rope_theta,
+            use_cpu_initialization=True, cp_group=self.pg_collection.cp)
+        self.decoder = TransformerBlock(config=config, spec=layer_spec, pre_process=pre_process,
+                                        post_process=post_process, pg_collection=self.pg_collection)
+        if post_process:
+            self.output_layer = ColumnParallelLinear(
+                config.hidden_size, self.padded_vocab_size, config=config,
+                init_method=config.init_method, bias=False, skip_bias_add=False, gather_output=False,
+                skip_weight_param_allocation=pre_process and share_embeddings_and_output_weights,
+                tp_group=self.pg_collection.tp)
+        if pre_process or post_process:
+            self.setup_embeddings_and_output_layer()
+
+    def set_input_tensor(self, input_tensor: torch.Tensor | list) -> None:
+        """Pipeline stages > 0 receive their input from the previous stage (set by the schedule)."""
+        if isinstance(input_tensor, list):
+            input_tensor = input_tensor[0]
+        self.decoder.set_input_tensor(input_tensor)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, S) token ids -> (S, B, H) embeddings, whole sequence on every TP rank."""
+        return self.embedding(input_ids=input_ids, position_ids=None)
+
+    def rope(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """(B, S) float positions -> (S, B, 1, head_dim) rotary angles, [freqs, freqs] as HF/Qwen2."""
+        inv_freq = self.rotary_pos_emb.inv_freq.to(torch.float32)
+        freqs = position_ids.to(torch.float32)[..., None] * inv_freq  # (B, S, D/2)
+        return torch.cat([freqs, freqs], dim=-1).transpose(0, 1)[:, :, None, :].contiguous()
+
+    def forward(self, decoder_input: Optional[torch.Tensor], position_ids: torch.Tensor,
+                labels: Optional[torch.Tensor] = None,
+                packed_seq_params: Optional[PackedSeqParams] = None) -> torch.Tensor:
+        """decoder_input (S, B, H) on the first stage (None later: it comes from `set_input_tensor`).
+
+        Returns the hidden states (S, B, H) on non-last stages; on the last stage the per-token
+        losses (B, S) if `labels` is given, else this rank's vocab shard of the logits (B, S, V/tp)."""
+        rotary = self.rope(position_ids)
+        rotary = (rotary, rotary)
+        hidden = self.decoder(hidden_states=decoder_input, attention_mask=None,
+                              rotary_pos_emb=rotary, packed_seq_params=packed_seq_params)
+        if not self.post_process:
+            return hidden
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden, weight=weight)  # (S, B, V/tp)
+        logits = self._mask_padded_vocab(logits)
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        return self.compute_language_model_loss(labels, logits)  # (B, S)
+
+    def _mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.padded_vocab_size == self.vocab_size:
+            return logits
+        per_rank = logits.shape[-1]
+        start = self.pg_collection.tp.rank() * per_rank
+        ids = torch.arange(start, start + per_rank, device=logits.device)
+        return logits.masked_fill(ids >= self.vocab_size, float("-inf"))

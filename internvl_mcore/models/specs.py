@@ -1,0 +1,100 @@
+"""Every layer spec of the model, for the two backends.
+
+- "local": megatron-core's own tensor-parallel linears and torch norms; runs on CPU (and GPU).
+- "te": transformer-engine linears and norms, picked when transformer-engine is importable.
+
+Both backends use the same parameter names (norms are separate modules, never fused into the
+linear), so checkpoints and converter key maps do not depend on the backend. Core attention is
+`PackedSDPAttention` in both (flash-attn varlen on GPU when importable); a context-parallel core
+attention plugs in through the `core_attention` argument.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from .attention import PackedSDPAttention
+from .vision import FullWidthQKNorm, InternViTLayer
+
+Backend = Literal["local", "te"]
+
+
+def have_transformer_engine() -> bool:
+    """transformer-engine importable (GPU machines with the [gpu] extra)."""
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def default_backend() -> Backend:
+    """'te' where transformer-engine is importable, else 'local'."""
+    return "te" if have_transformer_engine() else "local"
+
+
+def _modules(backend: Backend) -> tuple[type, type, type]:
+    """(column-parallel linear, row-parallel linear, norm) of a backend."""
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear, TENorm, TERowParallelLinear)
+        return TEColumnParallelLinear, TERowParallelLinear, TENorm
+    return ColumnParallelLinear, RowParallelLinear, WrappedTorchNorm
+
+
+def llm_layer_spec(backend: Backend = "local", core_attention: type = PackedSDPAttention) -> ModuleSpec:
+    """A pre-norm decoder layer: RMSNorm -> causal GQA attention (RoPE) -> RMSNorm -> SwiGLU."""
+    column, row, norm = _modules(backend)
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=column, core_attention=core_attention, linear_proj=row,
+                    q_layernorm=IdentityOp, k_layernorm=IdentityOp),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def vision_layer_spec(qk_normalization: bool, backend: Backend = "local") -> ModuleSpec:
+    """An InternViT block: norm -> bidirectional attention -> layer scale + drop path, twice."""
+    column, row, norm = _modules(backend)
+    qk_norm = FullWidthQKNorm if qk_normalization else IdentityOp
+    return ModuleSpec(
+        module=InternViTLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.no_mask},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=column, core_attention=PackedSDPAttention, linear_proj=row,
+                    q_layernorm=qk_norm, k_layernorm=qk_norm),
+            ),
+            pre_mlp_layernorm=norm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
+        ),
+    )
+
+
+def projector_mlp_submodules(backend: Backend = "local") -> MLPSubmodules:
+    """The projector's Linear -> GELU -> Linear, column- then row-parallel."""
+    column, row, _ = _modules(backend)
+    return MLPSubmodules(linear_fc1=column, linear_fc2=row)

@@ -1,0 +1,200 @@
+"""Weights in the canonical layout, and how each rank's local shard is cut from them.
+
+The canonical layout is this model's own parameter names at TP 1 / PP 1, with real (unpadded)
+vision heads and the real vocabulary: what a single process builds. Everything that must not depend
+on the parallel layout goes through it: fresh initialization (`init_weights`: every tensor drawn
+from a generator seeded by its canonical name), loading a full state dict into a sharded model
+(`load_canonical`), and tests comparing a sharded model with the single-process one (`shard`).
+
+How a canonical tensor becomes a local one is decided by `SHARD_RULES`, data matched against the
+canonical name, falling back to megatron-core's own partition attributes on the parameter.
+"""
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+
+import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+from ..config.megatron import padded_vision_heads
+from ..config.model import ModelConfig
+
+
+@dataclass(frozen=True)
+class ShardRule:
+    """How one family of parameters is split over TP (besides plain even splitting)."""
+
+    pattern: str
+    """Regex on the canonical name."""
+    kind: str
+    """'heads': split by vision heads, zero-padded to a multiple of TP; 'gated': [gate; up] halves
+    split separately (SwiGLU fc1); 'vocab': rows zero-padded to a multiple of TP."""
+    block: str = ""
+    """For 'heads': size of one head's block along the split dim ('3d': fused q,k,v; 'd': one)."""
+
+
+SHARD_RULES: tuple[ShardRule, ...] = (
+    ShardRule(r"vision_model\.encoder\.layers\.\d+\.self_attention\.linear_qkv\.(weight|bias)$", "heads", "3d"),
+    ShardRule(r"vision_model\.encoder\.layers\.\d+\.self_attention\.linear_proj\.weight$", "heads", "d"),
+    ShardRule(r"vision_model\.encoder\.layers\.\d+\.self_attention\.[qk]_layernorm\.weight$", "heads", "d"),
+    ShardRule(r"language_model\.decoder\.layers\.\d+\.mlp\.linear_fc1\.weight$", "gated"),
+    ShardRule(r"language_model\.(embedding\.word_embeddings|output_layer)\.weight$", "vocab"),
+)
+
+_LAYER = re.compile(r"^(language_model\.decoder\.layers\.)(\d+)(\..*)$")
+_ONES = re.compile(r"(norm|layernorm|layer_norm)\.weight$")
+
+
+def _rule(name: str) -> ShardRule | None:
+    return next((r for r in SHARD_RULES if re.search(r.pattern, name)), None)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this rank sits: TP rank/size and the global index of its first decoder layer."""
+
+    tp_rank: int
+    tp_size: int
+    layer_offset: int
+
+    @staticmethod
+    def of(model: torch.nn.Module, pg_collection: ProcessGroupCollection | None = None) -> "Layout":
+        pg = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
+        layers = model.language_model.decoder.layers
+        offset = layers[0].layer_number - 1 if len(layers) else 0
+        return Layout(pg.tp.rank(), pg.tp.size(), offset)
+
+
+def mark_tensor_parallel_params(model: torch.nn.Module) -> None:
+    """Tag TP-split weights the way megatron-core's own initializers do.
+
+    With `perform_initialization=False` (weights come from `init_weights` / a checkpoint instead)
+    megatron-core's linears skip tagging their weights; the grad-norm, optimizer and checkpoint
+    code read these tags, so they are set here: column-parallel and embedding weights split on
+    rows, row-parallel weights on columns."""
+    for module in model.modules():
+        kind = type(module).__name__
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.nn.Parameter) or hasattr(weight, "tensor_model_parallel"):
+            continue
+        if "ColumnParallelLinear" in kind or "VocabParallelEmbedding" in kind:
+            set_tensor_model_parallel_attributes(weight, True, 0, 1)
+        elif "RowParallelLinear" in kind:
+            set_tensor_model_parallel_attributes(weight, True, 1, 1)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def canonical_name(local_name: str, model: torch.nn.Module, layout: Layout) -> str:
+    """Local parameter name -> canonical name (global layer index; a last-stage copy of tied
+    embeddings -> the embedding itself)."""
+    m = _LAYER.match(local_name)
+    if m:
+        return f"{m.group(1)}{int(m.group(2)) + layout.layer_offset}{m.group(3)}"
+    if local_name == "language_model.output_layer.weight" and _unwrap(model).share_embeddings_and_output_weights:
+        return "language_model.embedding.word_embeddings.weight"
+    return local_name
+
+
+def _head_geometry(cfg: ModelConfig, rule: ShardRule, tp: int) -> tuple[int, int, int]:
+    real = cfg.vision.num_attention_heads
+    block = cfg.vision.head_dim * (3 if rule.block == "3d" else 1)
+    return real, padded_vision_heads(real, tp), block
+
+
+def shard(full: torch.Tensor, name: str, param: torch.nn.Parameter, cfg: ModelConfig, layout: Layout) -> torch.Tensor:
+    """This rank's piece of the canonical tensor `full` for the local parameter `param`."""
+    tp, r = layout.tp_size, layout.tp_rank
+    if not getattr(param, "tensor_model_parallel", False):
+        return full
+    dim = param.partition_dim
+    rule = _rule(name)
+    if rule is not None and rule.kind == "heads":
+        real, padded, block = _head_geometry(cfg, rule, tp)
+        pad_shape = list(full.shape)
+        pad_shape[dim] = (padded - real) * block
+        full = torch.cat([full, full.new_zeros(pad_shape)], dim=dim)
+    elif rule is not None and rule.kind == "vocab":
+        rows = -(-full.shape[0] // tp) * tp
+        full = torch.cat([full, full.new_zeros((rows - full.shape[0],) + tuple(full.shape[1:]))], dim=0)
+    elif rule is not None and rule.kind == "gated":
+        gate, up = full.chunk(2, dim=dim)
+        return torch.cat([gate.chunk(tp, dim=dim)[r], up.chunk(tp, dim=dim)[r]], dim=dim)
+    return full.chunk(tp, dim=dim)[r]
+
+
+def canonical_shape(name: str, param: torch.nn.Parameter, cfg: ModelConfig, layout: Layout) -> tuple[int, ...]:
+    """Shape of the canonical tensor behind a local parameter (inverse of `shard` on shapes)."""
+    shape = list(param.shape)
+    if not getattr(param, "tensor_model_parallel", False):
+        return tuple(shape)
+    dim = param.partition_dim
+    shape[dim] *= layout.tp_size
+    rule = _rule(name)
+    if rule is not None and rule.kind == "heads":
+        real, padded, block = _head_geometry(cfg, rule, layout.tp_size)
+        shape[dim] -= (padded - real) * block
+    elif rule is not None and rule.kind == "vocab":
+        shape[0] = cfg.llm.vocab_size
+    return tuple(shape)
+
+
+def local_params(model: torch.nn.Module, layout: Layout) -> Iterator[tuple[str, str, torch.nn.Parameter]]:
+    """(local name, canonical name, parameter) for every parameter of this rank's model."""
+    model = _unwrap(model)
+    for local, p in model.named_parameters():
+        yield local, canonical_name(local, model, layout), p
+
+
+def canonical_init(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: int,
+                   std: float = 0.02) -> torch.Tensor:
+    """A fresh canonical tensor that depends only on (seed, name): same on every layout."""
+    if name.endswith((".ls1", ".ls2")):
+        return torch.full(shape, cfg.vision.layer_scale_init)
+    if _ONES.search(name):
+        return torch.ones(shape)
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63))
+    return torch.randn(shape, generator=gen) * std
+
+
+@torch.no_grad()
+def init_weights(model: torch.nn.Module, cfg: ModelConfig, seed: int,
+                 pg_collection: ProcessGroupCollection | None = None) -> None:
+    """Fill every parameter with its shard of `canonical_init` (fresh training)."""
+    layout = Layout.of(_unwrap(model), pg_collection)
+    for _, name, p in local_params(model, layout):
+        full = canonical_init(name, canonical_shape(name, p, cfg, layout), cfg, seed)
+        p.copy_(shard(full, name, p, cfg, layout).to(p.dtype))
+
+
+@torch.no_grad()
+def load_canonical(model: torch.nn.Module, state: Mapping[str, torch.Tensor], cfg: ModelConfig,
+                   pg_collection: ProcessGroupCollection | None = None, strict: bool = True) -> None:
+    """Copy a canonical (TP1/PP1) state dict into this rank's shards; shape errors name the key."""
+    layout = Layout.of(_unwrap(model), pg_collection)
+    for local, name, p in local_params(model, layout):
+        if name not in state:
+            if strict:
+                raise KeyError(f"canonical state dict has no {name!r} (for local parameter {local!r})")
+            continue
+        full = state[name]
+        want = canonical_shape(name, p, cfg, layout)
+        if tuple(full.shape) != want:
+            raise ValueError(f"{name}: canonical tensor has shape {tuple(full.shape)}, model expects {want}")
+        p.copy_(shard(full, name, p, cfg, layout).to(p.dtype))
+
+
+def canonical_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The canonical state dict of a single-process (TP1/PP1) model."""
+    layout = Layout(0, 1, 0)
+    return {name: p.detach().clone() for _, name, p in local_params(model, layout)}

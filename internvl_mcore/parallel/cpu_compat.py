@@ -1,0 +1,311 @@
+"""Make megatron-core run on CPU with the gloo backend -- the one place that touches its internals.
+
+megatron-core assumes CUDA in three ways, and each has one mechanism here:
+
+1. Module-level calls to ``torch.cuda.*`` (``current_device()`` as a tensor device, ``synchronize``,
+   the CUDA RNG state, ``empty_cache``) and ``device="cuda"`` literals in tensor factories. For every
+   module in `TORCH_PROXY_MODULES`, the module's global name ``torch`` is replaced by `_TorchOnCpu`, a
+   proxy that forwards everything to the real torch except ``torch.cuda`` (answered for the CPU) and
+   tensor factories (``device="cuda"`` becomes CPU). The real ``torch`` module is never modified.
+2. Tensor *methods* that assume CUDA (``t.cuda()``, ``t.type() == "torch.cuda.FloatTensor"``) inside
+   a few functions. Each function in `CUDA_TENSOR_METHOD_FUNCTIONS` is wrapped so that, while it runs,
+   ``Tensor.cuda`` returns the tensor itself and ``Tensor.type()`` reports the CUDA type name.
+3. Single functions replaced outright (`_REPLACEMENTS`): the CUDA RNG state getters/setters of the
+   tensor-parallel RNG tracker, and ``WrappedTorchNorm`` which refuses sequence parallelism although
+   a replicated torch norm is exactly right under it on CPU (see `_WrappedTorchNormSP`).
+
+Every entry names the megatron-core function(s) it covers; `check_symbols()` raises `CompatError`
+naming each one that is missing, so a megatron-core upgrade that moves code fails loudly instead of
+silently running CUDA paths. `apply()` is called once at start-up and does nothing when CUDA is
+available (the GPU path is megatron-core unchanged).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import inspect
+import logging
+import sys
+import types
+from typing import Any, Callable, Iterator
+
+import torch
+
+# module -> the functions/methods in it whose bodies use torch.cuda.* or device="cuda"
+TORCH_PROXY_MODULES: dict[str, tuple[str, ...]] = {
+    "megatron.core.tensor_parallel.layers": (
+        "VocabParallelEmbedding.__init__", "ColumnParallelLinear.__init__",
+        "RowParallelLinear.__init__", "LinearWithGradAccumulationAndAsyncCommunication.backward",
+    ),
+    "megatron.core.tensor_parallel.mappings": ("_gather_along_first_dim", "_reduce_scatter_along_first_dim"),
+    "megatron.core.tensor_parallel.random": ("CudaRNGStatesTracker.add", "model_parallel_cuda_manual_seed"),
+    "megatron.core.tensor_parallel.utils": ("split_tensor_into_1d_equal_chunks", "gather_split_1d_tensor"),
+    "megatron.core.tensor_parallel.cross_entropy": ("VocabParallelCrossEntropy",),
+    "megatron.core.transformer.utils": ("get_default_causal_mask", "get_sliding_window_causal_mask"),
+    "megatron.core.transformer.module": ("Float16Module",),
+    "megatron.core.transformer.transformer_layer": ("TransformerLayer",),
+    "megatron.core.transformer.attention": ("Attention",),
+    "megatron.core.transformer.dot_product_attention": ("DotProductAttention.__init__",),
+    "megatron.core.models.common.embeddings.rotary_pos_embedding": ("RotaryEmbedding.__init__",),
+    "megatron.core.models.gpt.gpt_model": ("GPTModel",),
+    "megatron.core.pipeline_parallel.schedules": (
+        "forward_backward_no_pipelining", "forward_backward_pipelining_without_interleaving",
+        "forward_step",
+    ),
+    "megatron.core.pipeline_parallel.p2p_communication": ("P2PCommunicator._communicate",),
+    "megatron.core.distributed.distributed_data_parallel": ("DistributedDataParallel.__init__",),
+    "megatron.core.distributed.param_and_grad_buffer": ("_ParamAndGradBuffer.__init__",),
+    "megatron.core.distributed.finalize_model_grads": ("finalize_model_grads",),
+    "megatron.core.optimizer.optimizer": ("MegatronOptimizer", "FP32Optimizer.__init__"),
+    "megatron.core.optimizer.distrib_optimizer": ("DistributedOptimizer.__init__",),
+    "megatron.core.optimizer.clip_grads": ("get_grad_norm_fp32", "clip_grad_by_total_norm_fp32", "count_zeros_fp32"),
+    "megatron.core.optimizer.grad_scaler": ("ConstantGradScaler", "DynamicGradScaler"),
+    "megatron.core.utils": ("get_model_config",),
+    "megatron.core.parallel_state": ("initialize_model_parallel",),
+    "megatron.core.rerun_state_machine": ("RerunStateMachine",),
+    "megatron.core.dist_checkpointing.strategies.async_utils": ("AsyncCaller",),
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": ("save_state_dict_async_plan",),
+    "megatron.core.dist_checkpointing.exchange_utils": ("exchange_by_distribution",),
+}
+
+# functions whose bodies call Tensor.cuda() or compare Tensor.type() with CUDA type names
+CUDA_TENSOR_METHOD_FUNCTIONS: tuple[tuple[str, str], ...] = (
+    ("megatron.core.models.common.language_module.language_module",
+     "LanguageModule.setup_embeddings_and_output_layer"),
+    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__"),
+    ("megatron.core.optimizer.optimizer", "MixedPrecisionOptimizer._unscale_main_grads_and_check_for_nan"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer._build_model_and_main_param_groups"),
+    ("megatron.core.optimizer.grad_scaler", "DynamicGradScaler.load_state_dict"),
+    ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"),
+    ("megatron.core.dist_checkpointing.exchange_utils", "exchange_loaded_tensors_gather_object"),
+    ("megatron.core.dist_checkpointing.exchange_utils", "exchange_loaded_tensors_broadcast"),
+)
+
+
+class CompatError(RuntimeError):
+    """megatron-core no longer has a symbol this module patches (version drift)."""
+
+
+def _resolve(module_name: str, dotted: str) -> tuple[Any, str, Any]:
+    """Return (owner, attribute name, value) for `module.dotted`, raising CompatError if absent."""
+    try:
+        owner: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise CompatError(f"cpu_compat: megatron-core module {module_name} is missing: {exc}") from exc
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        if not hasattr(owner, part):
+            raise CompatError(f"cpu_compat: {module_name}.{dotted} is missing (no {part})")
+        owner = getattr(owner, part)
+    if not hasattr(owner, parts[-1]):
+        raise CompatError(f"cpu_compat: {module_name}.{dotted} is missing")
+    value = getattr(owner, parts[-1])
+    if isinstance(owner, type):  # the plain function behind a static/class method
+        value = inspect.getattr_static(owner, parts[-1])
+        value = getattr(value, "__func__", value)
+    return owner, parts[-1], value
+
+
+def check_symbols() -> None:
+    """Raise CompatError listing every patched megatron-core symbol that does not exist."""
+    missing = []
+    entries = [(m, f) for m, fs in TORCH_PROXY_MODULES.items() for f in fs]
+    entries += list(CUDA_TENSOR_METHOD_FUNCTIONS) + [(m, f) for m, f, _ in _REPLACEMENTS]
+    for module_name, dotted in entries:
+        try:
+            _resolve(module_name, dotted)
+        except CompatError as exc:
+            missing.append(str(exc))
+    for module_name in TORCH_PROXY_MODULES:
+        module = importlib.import_module(module_name)
+        if getattr(module, "torch", None) is None:
+            missing.append(f"cpu_compat: {module_name} no longer imports torch as a module global")
+    if missing:
+        raise CompatError("megatron-core changed; update internvl_mcore/parallel/cpu_compat.py:\n  "
+                          + "\n  ".join(missing))
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. torch proxy
+def _cpu_device(device: Any) -> Any:
+    if isinstance(device, int) or (isinstance(device, str) and device.startswith("cuda")):
+        return torch.device("cpu")
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+class _CudaOnCpu(types.SimpleNamespace):
+    """Stands in for ``torch.cuda`` inside proxied megatron-core modules."""
+
+    def __getattr__(self, name: str) -> Any:  # everything not overridden: the real torch.cuda
+        return getattr(torch.cuda, name)
+
+
+_CUDA_ON_CPU = _CudaOnCpu(
+    current_device=lambda: torch.device("cpu"),
+    synchronize=lambda *a, **k: None,
+    empty_cache=lambda: None,
+    manual_seed=torch.manual_seed,
+    get_rng_state=lambda *a, **k: torch.get_rng_state(),
+    set_rng_state=lambda state, *a, **k: torch.set_rng_state(state),
+    max_memory_allocated=lambda *a, **k: 0,
+    memory_allocated=lambda *a, **k: 0,
+    device_count=lambda: 0,
+    random=types.SimpleNamespace(get_rng_state=lambda *a, **k: torch.get_rng_state()),
+    # megatron-core type-checks CUDA tensor classes; on CPU the CPU classes are the right answer.
+    FloatTensor=torch.FloatTensor, HalfTensor=torch.HalfTensor, BFloat16Tensor=torch.BFloat16Tensor,
+)
+
+_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "randn", "rand", "zeros_like",
+              "ones_like", "empty_like", "full_like", "as_tensor", "randperm", "linspace")
+
+
+def _factory_on_cpu(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+class _TorchOnCpu(types.ModuleType):
+    """A stand-in for the ``torch`` module: forwards everything, answers ``cuda`` for the CPU."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        self.cuda = _CUDA_ON_CPU
+        for name in _FACTORIES:
+            setattr(self, name, _factory_on_cpu(getattr(torch, name)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. tensor methods inside named functions
+@contextlib.contextmanager
+def _cuda_tensor_methods_on_cpu() -> Iterator[None]:
+    orig_cuda, orig_type = torch.Tensor.cuda, torch.Tensor.type
+
+    def cuda(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self
+
+    def type_(self: torch.Tensor, dtype: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if dtype is None and self.device.type == "cpu":
+            return orig_type(self).replace("torch.", "torch.cuda.", 1)
+        return orig_type(self, dtype, *args, **kwargs)
+
+    torch.Tensor.cuda, torch.Tensor.type = cuda, type_
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda, torch.Tensor.type = orig_cuda, orig_type
+
+
+def _wrap_cuda_tensor_methods(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _cuda_tensor_methods_on_cpu():
+            return fn(*args, **kwargs)
+    wrapper.__cpu_compat__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. replaced functions
+def _get_rng_state_cpu(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    """CPU stand-in for tensor_parallel.random._get_cuda_rng_state: the CPU generator's state."""
+    return torch.get_rng_state()
+
+
+def _set_rng_state_cpu(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
+    """CPU stand-in for tensor_parallel.random._set_cuda_rng_state."""
+    torch.set_rng_state(new_state)
+
+
+def _wrapped_torch_norm_sp(original_new: Callable) -> Callable:
+    """WrappedTorchNorm.__new__ asserts `not config.sequence_parallel`. Under sequence parallelism a
+    norm's weights are replicated and each rank normalizes its own tokens, which a plain torch norm
+    does exactly; megatron-core only needs the weights tagged so their grads are all-reduced over
+    the TP group (`sequence_parallel` attribute, read by finalize_model_grads)."""
+
+    def __new__(cls: type, config: Any, hidden_size: int, *args: Any, **kwargs: Any) -> Any:
+        if not config.sequence_parallel:
+            return original_new(cls, config, hidden_size, *args, **kwargs)
+        sp_off = _copy_config(config, sequence_parallel=False)
+        norm = original_new(cls, sp_off, hidden_size, *args, **kwargs)
+        for p in norm.parameters():
+            setattr(p, "sequence_parallel", True)
+        return norm
+
+    return __new__
+
+
+def _copy_config(config: Any, **changes: Any) -> Any:
+    import copy
+    new = copy.copy(config)
+    for key, value in changes.items():
+        object.__setattr__(new, key, value)
+    return new
+
+
+_REPLACEMENTS: tuple[tuple[str, str, Callable], ...] = (
+    ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state", lambda orig: _get_rng_state_cpu),
+    ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state", lambda orig: _set_rng_state_cpu),
+    ("megatron.core.transformer.torch_norm", "WrappedTorchNorm.__new__", _wrapped_torch_norm_sp),
+)
+
+_APPLIED = False
+
+
+def _set_everywhere(owner: Any, attr: str, old: Any, new: Any) -> None:
+    """Set owner.attr = new; for a module-level function also rebind every megatron module that
+    imported it by name (``from .clip_grads import clip_grad_by_total_norm_fp32``). A static or
+    class method stays one."""
+    if isinstance(owner, type):
+        kind = type(inspect.getattr_static(owner, attr))
+        if kind in (staticmethod, classmethod) and not isinstance(new, kind):
+            new = kind(new)
+    setattr(owner, attr, new)
+    if isinstance(owner, types.ModuleType):
+        for name, module in list(sys.modules.items()):
+            if name.startswith("megatron.") and module is not None and module is not owner:
+                if getattr(module, attr, None) is old:
+                    setattr(module, attr, new)
+
+
+class _DropRngNoise(logging.Filter):
+    """On CPU the tracker's "CUDA" state *is* the CPU generator, so CudaRNGStatesTracker.fork's
+    'CPU RNG state changed within GPU RNG context' warning fires on every fork and means nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
+def apply(force: bool = False) -> bool:
+    """Patch megatron-core for CPU execution once; no-op (returns False) when CUDA is available.
+
+    `force=True` patches even with CUDA present (tests of this module only)."""
+    global _APPLIED
+    if _APPLIED:
+        return True
+    if torch.cuda.is_available() and not force:
+        return False
+    check_symbols()
+    proxy = _TorchOnCpu()
+    for module_name in TORCH_PROXY_MODULES:
+        importlib.import_module(module_name).torch = proxy
+    for module_name, dotted in CUDA_TENSOR_METHOD_FUNCTIONS:
+        owner, attr, fn = _resolve(module_name, dotted)
+        if not getattr(fn, "__cpu_compat__", False):
+            _set_everywhere(owner, attr, fn, _wrap_cuda_tensor_methods(fn))
+    for module_name, dotted, make in _REPLACEMENTS:
+        owner, attr, fn = _resolve(module_name, dotted)
+        new = make(fn)
+        _set_everywhere(owner, attr, fn, new)
+    logging.getLogger("megatron.core.tensor_parallel.random").addFilter(_DropRngNoise())
+    _APPLIED = True
+    return True

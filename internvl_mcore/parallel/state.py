@@ -1,0 +1,53 @@
+"""Start-up of the distributed world: process group, CPU compatibility, megatron-core parallel state."""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from . import cpu_compat
+from ..config.model import ParallelConfig
+
+
+def init_distributed(par: ParallelConfig, seed: int, timeout_s: float = 600.0) -> None:
+    """Join the job (torchrun's env, or a 1-process world), then build megatron-core's groups.
+
+    gloo on CPU, nccl on GPU. Seeds: megatron-core's tracker ("model-parallel-rng" differs per TP
+    rank, default state equal within a model-parallel group)."""
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        cpu_compat.apply()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        if on_gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if on_gpu else "gloo", timeout=timedelta(seconds=timeout_s))
+    from megatron.core import parallel_state, tensor_parallel
+
+    world = dist.get_world_size()
+    mp = par.tensor_model_parallel_size * par.pipeline_model_parallel_size * par.context_parallel_size
+    if world % mp:
+        raise ValueError(f"world size {world} is not divisible by --tensor-model-parallel-size x "
+                         f"--pipeline-model-parallel-size x --context-parallel-size = {mp}")
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=par.tensor_model_parallel_size,
+            pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+            context_parallel_size=par.context_parallel_size,
+        )
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_distributed() -> None:
+    """Tear down megatron-core's groups and the process group (tests run several worlds)."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
