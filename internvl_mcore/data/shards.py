@@ -441,3 +441,111 @@ def iter_encoded(reader: ShardReader) -> Iterable[EncodedSample]:
     """All sub-samples of a shard set in stored order."""
     for i in range(len(reader)):
         yield from reader.encoded_samples(i)
+
+
+# ------------------------------------------------------------------------------------------------
+# Inspection (tools/inspect_shards.py)
+# ------------------------------------------------------------------------------------------------
+
+LOSS_OPEN, LOSS_CLOSE = "[[", "]]"
+
+
+def pack_json(reader: ShardReader, i: int) -> dict:
+    """Pack i as plain JSON types: tokens, loss_mask (0/1), position_ids (floats), cu_seqlens,
+    num_tiles (per image, in order), source (per sub-sample: dataset, line, file)."""
+    p = reader.read(i, with_tiles=False)
+    source = []
+    for d, line in p.source.tolist():
+        info = reader.datasets[d] if 0 <= d < len(reader.datasets) else {}
+        source.append({"dataset": info.get("name", str(d)), "line": int(line), "file": info.get("source_file", "")})
+    return {
+        "prefix": reader.prefix,
+        "sample": i,
+        "num_samples": len(reader),
+        "tokens": p.tokens.tolist(),
+        "loss_mask": p.loss_mask.tolist(),
+        "position_ids": [float(x) for x in p.position_ids],
+        "cu_seqlens": p.cu_seqlens.tolist(),
+        "num_tiles": p.num_tiles.tolist(),
+        "images_per_sample": p.images_per_sample.tolist(),
+        "source": source,
+    }
+
+
+def _fmt_pos(x: float) -> str:
+    return f"{x:g}"
+
+
+def describe_pack(reader: ShardReader, i: int, decode=None, img_ids: tuple[int, int, int] | None = None) -> str:
+    """Human-readable view of pack i.
+
+    decode: ids -> text (the tokenizer's decode); None prints token ids instead.
+    img_ids: (<img>, </img>, <IMG_CONTEXT>) ids; defaults to those in the manifest.
+    Loss-carrying tokens are wrapped in [[ ]]; each image block collapses to `<img>×N tiles` with
+    the positions its visual tokens span and the V2PE step.
+    """
+    m = reader.manifest
+    if img_ids is None:
+        t = m.get("tokenizer", {})
+        img_ids = (t.get("img_start_id", -1), t.get("img_end_id", -1), t.get("img_context_id", -1))
+    start_id, end_id, _ = img_ids
+    j = pack_json(reader, i)
+    tokens, loss, pos = j["tokens"], j["loss_mask"], j["position_ids"]
+    cu = j["cu_seqlens"]
+    c = m.get("counts", {})
+    seq_length = m.get("seq_length")
+    n = len(tokens)
+    lines = [
+        f"shard set {reader.prefix}: {len(reader)} packs, {c.get('samples', '?')} samples, "
+        f"{c.get('tokens', '?')} tokens, fill {100 * float(m.get('fill_ratio', 0)):.2f}%"
+        + (f" of {seq_length}" if seq_length else "")
+        + f", tiles {reader.tile_format} {reader.tile_shape[0]}x{reader.tile_shape[1]}",
+        f"pack {i}: {n} tokens"
+        + (f" ({100 * n / seq_length:.1f}% of {seq_length})" if seq_length else "")
+        + f", {len(cu) - 1} sub-samples, {len(j['num_tiles'])} images / {sum(j['num_tiles'])} tiles, "
+        f"{sum(loss)} loss tokens",
+        f"{LOSS_OPEN} {LOSS_CLOSE} marks tokens that carry loss",
+    ]
+    img_k = 0
+    for k in range(len(cu) - 1):
+        a, b = cu[k], cu[k + 1]
+        src = j["source"][k]
+        where = f"{src['file']}:{src['line']}" if src["file"] else f"line {src['line']}"
+        lines.append("")
+        lines.append(
+            f"── sub-sample {k}: dataset {src['dataset']!r}, {where}, tokens [{a}, {b}), "
+            f"positions {_fmt_pos(pos[a])} → {_fmt_pos(pos[b - 1])}"
+        )
+        out: list[str] = []
+        in_loss = False
+        t = a
+        while t < b:
+            want_loss = bool(loss[t])
+            if want_loss != in_loss:
+                out.append(LOSS_OPEN if want_loss else LOSS_CLOSE)
+                in_loss = want_loss
+            if tokens[t] == start_id:
+                e = t + 1
+                while e < b and tokens[e] != end_id:
+                    e += 1
+                n_tiles = j["num_tiles"][img_k] if img_k < len(j["num_tiles"]) else "?"
+                img_k += 1
+                n_vis = e - t - 1
+                delta = (pos[t + 2] - pos[t + 1]) if n_vis > 1 else 1.0
+                end_pos = _fmt_pos(pos[e]) if e < b else "?"
+                out.append(
+                    f"<img>×{n_tiles} tiles{{{n_vis} tokens, <img>@{_fmt_pos(pos[t])} "
+                    f"visual {_fmt_pos(pos[t + 1])}..{_fmt_pos(pos[e - 1])} δ={delta:g} </img>@{end_pos}}}"
+                )
+                t = e + 1
+                continue
+            e = t
+            while e < b and bool(loss[e]) == want_loss and tokens[e] != start_id:
+                e += 1
+            run = tokens[t:e]
+            out.append(decode(run) if decode is not None else " ".join(str(x) for x in run))
+            t = e
+        if in_loss:
+            out.append(LOSS_CLOSE)
+        lines.append("".join(out))
+    return "\n".join(lines)
