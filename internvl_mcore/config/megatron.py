@@ -92,7 +92,7 @@ def projector_transformer_config(model: ModelConfig, par: ParallelConfig,
         num_layers=1,
         hidden_size=h,
         ffn_hidden_size=h,
-        num_attention_heads=1,
+        num_attention_heads=par.tensor_model_parallel_size,  # unused (no attention); TP must divide it
         add_bias_linear=True,
         gated_linear_unit=False,
         activation_func=F.gelu,

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from ..config.megatron import llm_transformer_config, projector_transformer_config, vision_transformer_config
@@ -35,6 +36,7 @@ class InternVLModel(MegatronModule):
         backend = backend or default_backend()
         pg = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
         self.model_cfg = model_cfg
+        self.model_type = ModelType.encoder_or_decoder
         self.pre_process = pre_process
         self.post_process = post_process
         self.add_encoder = pre_process  # ViT and projector live with the embedding on stage 0

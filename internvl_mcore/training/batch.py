@@ -1,0 +1,46 @@
+"""The microbatch the forward step consumes, whatever the data source."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Batch:
+    """B packed sequences of exactly S tokens."""
+
+    tokens: torch.Tensor
+    """(B, S) int64 input ids."""
+    labels: torch.Tensor
+    """(B, S) int64 next-token targets (any valid id where loss_mask is 0)."""
+    loss_mask: torch.Tensor
+    """(B, S) float32, 1 where the target counts."""
+    position_ids: torch.Tensor
+    """(B, S) float32 V2PE positions."""
+    cu_seqlens: torch.Tensor
+    """(n+1,) int32 sample boundaries over the batch-major flattened B*S tokens."""
+    pixel_values: torch.Tensor
+    """(T, 3, H, W) float32 normalized tiles of every image, in batch order."""
+
+    @staticmethod
+    def collate(samples: list[dict], seq_length: int) -> "Batch":
+        """Stack per-sequence dicts (tokens, labels, loss_mask, position_ids, cu_seqlens, pixel_values);
+        each sequence's boundaries are offset by its row's start in the flattened batch."""
+        cu = [torch.zeros(1, dtype=torch.int32)]
+        for row, s in enumerate(samples):
+            if s["tokens"].shape[0] != seq_length:
+                raise ValueError(f"sequence {row} has {s['tokens'].shape[0]} tokens, expected {seq_length}")
+            cu.append(s["cu_seqlens"][1:].to(torch.int32) + row * seq_length)
+        return Batch(
+            tokens=torch.stack([s["tokens"] for s in samples]).long(),
+            labels=torch.stack([s["labels"] for s in samples]).long(),
+            loss_mask=torch.stack([s["loss_mask"] for s in samples]).float(),
+            position_ids=torch.stack([s["position_ids"] for s in samples]).float(),
+            cu_seqlens=torch.cat(cu),
+            pixel_values=torch.cat([s["pixel_values"] for s in samples]).float(),
+        )
+
+    def to(self, device: torch.device | str) -> "Batch":
+        """The same batch on `device`."""
+        return Batch(**{k: v.to(device) for k, v in self.__dict__.items()})

@@ -1,0 +1,60 @@
+"""The CPU compatibility module patches real megatron-core symbols and fails loudly when they move."""
+import importlib
+
+import pytest
+import torch
+
+from internvl_mcore.parallel import cpu_compat
+
+
+def test_every_patched_symbol_exists():
+    cpu_compat.check_symbols()  # raises CompatError naming each missing symbol
+
+
+def test_missing_symbol_fails_loudly(monkeypatch):
+    module = importlib.import_module("megatron.core.optimizer.clip_grads")
+    monkeypatch.delattr(module, "clip_grad_by_total_norm_fp32")
+    with pytest.raises(cpu_compat.CompatError, match="clip_grad_by_total_norm_fp32"):
+        cpu_compat.check_symbols()
+
+
+def test_missing_module_global_torch_fails_loudly(monkeypatch):
+    module = importlib.import_module("megatron.core.transformer.utils")
+    monkeypatch.setattr(module, "torch", None)
+    with pytest.raises(cpu_compat.CompatError, match="megatron.core.transformer.utils"):
+        cpu_compat.check_symbols()
+
+
+def test_patched_modules_answer_for_the_cpu():
+    cpu_compat.apply()
+    utils = importlib.import_module("megatron.core.transformer.utils")
+    mask = utils.get_default_causal_mask(4)  # body uses device="cuda"
+    assert mask.device.type == "cpu" and mask.dtype == torch.bool
+    assert torch.equal(mask, torch.triu(torch.ones(4, 4, dtype=torch.bool), diagonal=1))
+    layers = importlib.import_module("megatron.core.tensor_parallel.layers")
+    assert layers.torch.cuda.current_device() == torch.device("cpu")
+    assert torch.cuda.current_device is not layers.torch.cuda.current_device  # real torch untouched
+
+
+def test_rng_tracker_forks_cpu_state():
+    cpu_compat.apply()
+    from megatron.core.tensor_parallel import random as mrandom
+
+    tracker = mrandom.CudaRNGStatesTracker()
+    tracker.add("a", 123)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    with tracker.fork("a"):
+        inside = torch.rand(3)
+    assert torch.equal(torch.get_rng_state(), before)  # the default stream is restored
+    torch.manual_seed(123)
+    assert torch.equal(inside, torch.rand(3))  # the fork drew from the tracked seed
+
+
+def test_tensor_methods_restored_after_wrapped_call():
+    cpu_compat.apply()
+    t = torch.zeros(2)
+    assert t.type() == "torch.FloatTensor"
+    with cpu_compat._cuda_tensor_methods_on_cpu():
+        assert t.type() == "torch.cuda.FloatTensor" and t.cuda() is t
+    assert t.type() == "torch.FloatTensor"
