@@ -1,0 +1,280 @@
+"""The training-checkpoint side of the converters, and the two end-to-end conversions.
+
+Checkpoint format (one module, so it can be swapped for megatron-core dist_checkpointing later):
+a *canonical* directory, independent of the parallel layout:
+
+    CKPT/model_config.json   {"format_version", "model": ModelConfig, "source": {format, dtype,
+                               hf_config}, "layout": {tensor/pipeline parallel sizes it was made for}}
+    CKPT/model.safetensors   or model-0000k-of-0000n.safetensors + model.safetensors.index.json,
+                             holding the canonical state dict (models/weights.py names, TP1/PP1)
+
+Any rank of any TP/PP layout loads its shards from it with `weights.load_canonical` (reading only
+the tensors it needs); `gather_canonical_state` is the inverse, from a sharded model back to the
+canonical dict. `verify_layout` runs both in spawned gloo processes to prove a layout loads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import socket
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..config.model import LLMConfig, ModelConfig, ParallelConfig, VisionConfig
+from .hf import (DEFAULT_MAX_SHARD_BYTES, CONFIG_NAME, ConversionError, SafetensorsDir, ShardedWriter,
+                 canonical_to_hf, copy_side_files, dtype_name, hf_config_for, hf_to_canonical,
+                 model_config_from_hf, parse_dtype, read_hf_config, source_dtype, write_hf_dir)
+
+META_NAME = "model_config.json"
+FORMAT_VERSION = 1
+
+
+def model_config_to_dict(cfg: ModelConfig) -> dict:
+    """ModelConfig -> plain JSON-able dict."""
+    return dataclasses.asdict(cfg)
+
+
+def model_config_from_dict(d: Mapping[str, Any]) -> ModelConfig:
+    """Inverse of `model_config_to_dict`; unknown keys are refused by name."""
+    d = dict(d)
+    try:
+        vision = VisionConfig(**d.pop("vision"))
+        llm = LLMConfig(**d.pop("llm"))
+        return ModelConfig(vision=vision, llm=llm, **d)
+    except TypeError as e:
+        raise ConversionError(f"{META_NAME}: {e}") from None
+
+
+@dataclass
+class CanonicalCheckpoint:
+    """An opened canonical checkpoint directory (tensors are read lazily)."""
+
+    path: Path
+    config: ModelConfig
+    meta: dict
+    tensors: SafetensorsDir
+
+    @staticmethod
+    def open(path: str | os.PathLike) -> "CanonicalCheckpoint":
+        path = Path(path)
+        meta_path = path / META_NAME
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{meta_path}: not a canonical checkpoint (no {META_NAME})")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ConversionError(f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+        return CanonicalCheckpoint(path, model_config_from_dict(meta["model"]), meta, SafetensorsDir(path))
+
+    @property
+    def source_dtype(self) -> torch.dtype:
+        """dtype of the HF checkpoint it came from (the default export dtype)."""
+        return parse_dtype(self.meta.get("source", {}).get("dtype", "float32"))
+
+    def load_into(self, model: torch.nn.Module) -> None:
+        """Fill this rank's shards of `model` (any TP/PP layout)."""
+        from ..models.weights import load_canonical
+
+        load_canonical(model, self.tensors, self.config)
+
+
+def save_canonical(out_dir: str | os.PathLike, cfg: ModelConfig, tensors: Any, source: Mapping[str, Any] | None = None,
+                   layout: ParallelConfig | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Write a canonical checkpoint from (name, tensor) pairs (an iterator is streamed)."""
+    out = Path(out_dir)
+    writer = ShardedWriter(out, max_shard_bytes)
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    for name, t in items:
+        writer.add(name, t)
+    writer.close()
+    layout = layout or ParallelConfig()
+    meta = {"format_version": FORMAT_VERSION, "model": model_config_to_dict(cfg), "source": dict(source or {}),
+            "layout": {"tensor_model_parallel_size": layout.tensor_model_parallel_size,
+                       "pipeline_model_parallel_size": layout.pipeline_model_parallel_size}}
+    (out / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+# =============================================================================================
+# end-to-end conversions
+# =============================================================================================
+
+def convert_hf_to_checkpoint(hf_dir: str | os.PathLike, save: str | os.PathLike, layout: ParallelConfig | None = None,
+                             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = False) -> ModelConfig:
+    """Read an HF checkpoint (either layout; the format and model come from config.json) and write a
+    canonical checkpoint. Everything is validated before the first tensor is converted."""
+    hf_config = read_hf_config(hf_dir)
+    cfg, fmt = model_config_from_hf(hf_config, hf_dir)
+    src = SafetensorsDir(hf_dir)
+    dtype = source_dtype(src)
+    source = {"format": fmt, "dtype": dtype_name(dtype), "hf_config": hf_config, "hf_dir": str(Path(hf_dir).resolve())}
+    save_canonical(save, cfg, hf_to_canonical(src, cfg, fmt, progress=progress), source, layout, max_shard_bytes)
+    return cfg
+
+
+def convert_checkpoint_to_hf(load: str | os.PathLike, save: str | os.PathLike, fmt: str,
+                             template_dir: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
+                             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = False) -> list[Path]:
+    """Write an HF checkpoint in format `fmt` ("internvl" | "transformers") from a canonical one.
+
+    config.json starts from the template dir's config.json, else the source's config.json (kept in the
+    checkpoint) when the formats agree, so keys we do not model survive; side files (remote code,
+    tokenizer) are copied from `template_dir`."""
+    ckpt = CanonicalCheckpoint.open(load)
+    out_dtype = dtype or ckpt.source_dtype
+    source = ckpt.meta.get("source", {})
+    template = None
+    if template_dir is not None:
+        template = read_hf_config(template_dir)
+    elif source.get("format") == fmt:
+        template = source.get("hf_config")
+    if template is not None and template.get("model_type") != {"internvl": "internvl_chat", "transformers": "internvl"}.get(fmt):
+        template = None  # a template of the other format only supplies side files
+    config = hf_config_for(ckpt.config, fmt, out_dtype, template)
+    out = Path(save)
+    out.mkdir(parents=True, exist_ok=True)
+    files = write_hf_dir(out, canonical_to_hf(ckpt.tensors, ckpt.config, fmt, out_dtype, progress), config,
+                         max_shard_bytes)
+    if template_dir is not None:
+        copy_side_files(template_dir, out)
+    elif fmt == "internvl":
+        warnings.warn(f"{out}: no --hf-template-dir given: the export has no remote-code .py files or "
+                      f"tokenizer, which InternVL's tooling needs; copy them from the original checkpoint")
+    return files
+
+
+# =============================================================================================
+# sharded model -> canonical (inverse of weights.shard)
+# =============================================================================================
+
+def _shard_rule(name: str) -> Any:
+    from ..models.weights import SHARD_RULES
+
+    return next((r for r in SHARD_RULES if re.search(r.pattern, name)), None)
+
+
+def unshard(parts: Sequence[torch.Tensor], name: str, param: torch.nn.Parameter, cfg: ModelConfig) -> torch.Tensor:
+    """The canonical tensor from every TP rank's piece (in TP rank order); inverse of `weights.shard`."""
+    dim = param.partition_dim
+    rule = _shard_rule(name)
+    kind = rule.kind if rule is not None else None
+    if kind == "gated":
+        halves = [p.chunk(2, dim=dim) for p in parts]
+        return torch.cat([torch.cat([h[0] for h in halves], dim=dim), torch.cat([h[1] for h in halves], dim=dim)], dim=dim)
+    full = torch.cat(list(parts), dim=dim)
+    if kind == "heads":
+        block = cfg.vision.head_dim * (3 if rule.block == "3d" else 1)
+        return full.narrow(dim, 0, cfg.vision.num_attention_heads * block)
+    if kind == "vocab":
+        return full.narrow(0, 0, cfg.llm.vocab_size)
+    return full
+
+
+@torch.no_grad()
+def gather_canonical_state(model: torch.nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor] | None:
+    """The full canonical state dict of a TP/PP-sharded model on global rank 0 (None elsewhere).
+
+    Tensors travel through gloo/pickle: meant for verification and small models, not for saving
+    large training checkpoints (that is megatron-core dist_checkpointing's job)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from ..models.weights import Layout, local_params
+
+    layout = Layout.of(model)
+    tp_group = ps.get_tensor_model_parallel_group()
+    local: dict[str, torch.Tensor] = {}
+    for _, name, p in local_params(model, layout):
+        t = p.detach().contiguous()
+        if getattr(p, "tensor_model_parallel", False) and layout.tp_size > 1:
+            parts = [torch.empty_like(t) for _ in range(layout.tp_size)]
+            dist.all_gather(parts, t, group=tp_group)
+            t = unshard(parts, name, p, cfg)
+        local.setdefault(name, t.clone())
+    if ps.get_data_parallel_rank() != 0 or ps.get_tensor_model_parallel_rank() != 0:
+        return None
+    pp = ps.get_pipeline_model_parallel_world_size()
+    if pp > 1:
+        pieces: list[Any] = [None] * pp if ps.get_pipeline_model_parallel_rank() == 0 else None
+        dist.gather_object(local, pieces, group=ps.get_pipeline_model_parallel_group(), group_dst=0)
+        if pieces is None:
+            return None
+        merged: dict[str, torch.Tensor] = {}
+        for piece in pieces:
+            for k, v in piece.items():
+                if k in merged and not torch.equal(merged[k], v):
+                    raise ConversionError(f"{k}: pipeline stages disagree (tied embedding out of sync?)")
+                merged.setdefault(k, v)
+        local = merged
+    return local if dist.get_rank() == 0 else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _layout_worker(rank: int, world: int, port: int, tp: int, pp: int,
+                   jobs: Sequence[tuple[str, str | None]], result_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    from ..models.internvl import build_model
+    from ..parallel.state import destroy_distributed, init_distributed
+
+    par = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    init_distributed(par, seed=0)
+    report = []
+    try:
+        for ckpt_dir, out_dir in jobs:
+            ckpt = CanonicalCheckpoint.open(ckpt_dir)
+            model = build_model(ckpt.config, par)
+            ckpt.load_into(model)
+            state = gather_canonical_state(model, ckpt.config)
+            if state is None:
+                continue
+            mismatched = sorted(k for k in ckpt.tensors if k not in state or not torch.equal(state[k], ckpt.tensors[k].to(state[k].dtype)))
+            report.append({"ckpt": ckpt_dir, "mismatched": mismatched, "missing_in_file": sorted(set(state) - set(ckpt.tensors))})
+            if out_dir is not None:
+                layout_par = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+                dtypes = {k: ckpt.tensors.dtype(k) for k in ckpt.tensors}
+                save_canonical(out_dir, ckpt.config, ((k, v.to(dtypes.get(k, v.dtype))) for k, v in state.items()),
+                               ckpt.meta.get("source"), layout_par)
+    finally:
+        if rank == 0:
+            Path(result_dir, "report.json").write_text(json.dumps(report))
+        destroy_distributed()
+
+
+def verify_layout(jobs: Sequence[tuple[str | os.PathLike, str | os.PathLike | None]], tp: int, pp: int,
+                  timeout_s: float = 300.0) -> list[dict]:
+    """Load each canonical checkpoint into a TP x PP model in `tp * pp` spawned gloo processes,
+    gather it back, and compare bit for bit with the file. `jobs`: (checkpoint dir, optional dir
+    to write the gathered canonical checkpoint to). Returns one report per checkpoint; raises
+    if any tensor differs."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    jobs = [(str(c), None if o is None else str(o)) for c, o in jobs]
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = mp.start_processes(_layout_worker, args=(tp * pp, _free_port(), tp, pp, jobs, tmp),
+                                 nprocs=tp * pp, join=False, start_method="spawn")
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                raise TimeoutError(f"verify_layout tp={tp} pp={pp} did not finish in {timeout_s:.0f}s")
+        report = json.loads(Path(tmp, "report.json").read_text())
+    bad = [r for r in report if r["mismatched"] or r["missing_in_file"]]
+    if bad:
+        raise ConversionError(f"TP{tp}xPP{pp} load/gather changed tensors: {bad}")
+    return report

@@ -1,0 +1,767 @@
+"""HF checkpoint directories: config.json <-> ModelConfig, sharded safetensors read/write, and the
+streaming conversion between HF tensors and canonical tensors through the key maps.
+
+Nothing here imports transformers: config.json files are read and written as plain JSON, so the
+converters run wherever torch and safetensors do. Field names and defaults follow transformers'
+`InternVLConfig` / `InternVLVisionConfig` (5.x) and InternVL's `InternVLChatConfig` /
+`InternVisionConfig` (remote code); a key absent from a saved config takes that class's default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from ..config.model import LLMConfig, ModelConfig, VisionConfig
+from ..config.presets import PRESETS
+from .keymaps import FILLS, READ_ALIASES, Entry, expand, keymap
+
+CONFIG_NAME = "config.json"
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024 ** 3
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+class ConversionError(ValueError):
+    """A checkpoint that does not fit its config or the key map (the message names the key)."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch dtype -> the name config.json uses ("bfloat16")."""
+    return _DTYPE_NAMES[dtype]
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """"bf16" / "bfloat16" / "fp32" / "float32" / "fp16" / "float16" -> torch dtype."""
+    aliases = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+    by_name = {v: k for k, v in _DTYPE_NAMES.items()}
+    key = aliases.get(name, name)
+    if key not in by_name:
+        raise ValueError(f"unknown dtype {name!r}; choose bf16, fp16 or fp32")
+    return by_name[key]
+
+
+# =============================================================================================
+# safetensors directories
+# =============================================================================================
+
+class SafetensorsDir(Mapping[str, torch.Tensor]):
+    """Lazy read-only view of the tensors of a directory of (sharded) safetensors files.
+
+    Indexing loads one tensor; shapes and dtypes come from the headers without loading anything."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        index = self.path / INDEX_NAME
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self._file = {k: self.path / f for k, f in weight_map.items()}
+        else:
+            files = sorted(self.path.glob("*.safetensors"))
+            if not files:
+                raise FileNotFoundError(f"{self.path}: no *.safetensors files (and no {INDEX_NAME})")
+            self._file = {}
+            for f in files:
+                with safe_open(str(f), "pt") as h:
+                    self._file.update({k: f for k in h.keys()})
+        self._handles: dict[Path, Any] = {}
+
+    def _handle(self, name: str) -> Any:
+        f = self._file[name]
+        if f not in self._handles:
+            if not f.exists():
+                raise FileNotFoundError(f"{f}: listed in {self.path / INDEX_NAME} for {name!r} but missing")
+            self._handles[f] = safe_open(str(f), "pt")
+        return self._handles[f]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._file:
+            raise KeyError(f"{self.path}: no tensor {name!r}")
+        return self._handle(name).get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._file)
+
+    def __len__(self) -> int:
+        return len(self._file)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._file
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape from the file header."""
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        """dtype from the file header."""
+        return _ST_DTYPES[self._handle(name).get_slice(name).get_dtype()]
+
+    def where(self, name: str) -> str:
+        """The file holding `name` (for error messages)."""
+        return str(self._file[name])
+
+
+class Renamed(Mapping[str, torch.Tensor]):
+    """A view of `base` with key prefixes rewritten (`aliases`: (seen prefix, canonical prefix))."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor], aliases: Iterable[tuple[str, str]]) -> None:
+        self.base = base
+        self._orig: dict[str, str] = {}
+        aliases = tuple(aliases)
+        for k in base:
+            new = next((to + k[len(frm):] for frm, to in aliases if k.startswith(frm)), k)
+            if new in self._orig:
+                raise ConversionError(f"tensors {self._orig[new]!r} and {k!r} are the same weight under two names")
+            self._orig[new] = k
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.base[self._orig[name]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._orig)
+
+    def __len__(self) -> int:
+        return len(self._orig)
+
+    def original(self, name: str) -> str:
+        return self._orig[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return _shape_of(self.base, self._orig[name])
+
+
+def _shape_of(src: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
+    shape = getattr(src, "shape", None)
+    return shape(name) if callable(shape) else tuple(src[name].shape)
+
+
+class ShardedWriter:
+    """Writes tensors into safetensors shards of at most `max_shard_bytes` as they arrive, then an
+    index (transformers' naming: `model.safetensors` alone, or `model-0000k-of-0000n.safetensors` +
+    `model.safetensors.index.json`). Holds at most one shard in memory."""
+
+    def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_shard_bytes
+        self._buf: dict[str, torch.Tensor] = {}
+        self._buf_bytes = 0
+        self._shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue one tensor (copied to a contiguous CPU tensor); flushes a full shard first."""
+        if name in self._buf or any(name in s for s in self._shards):
+            raise ConversionError(f"tensor {name!r} written twice")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._buf and self._buf_bytes + nbytes > self.max_bytes:
+            self._flush()
+        self._buf[name] = tensor.detach().to("cpu").contiguous()
+        self._buf_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _tmp(self, k: int) -> Path:
+        return self.out / f".shard-{k:05d}.safetensors.tmp"
+
+    def _flush(self) -> None:
+        if not self._buf:
+            return
+        save_file(self._buf, str(self._tmp(len(self._shards))), metadata={"format": "pt"})
+        self._shards.append(list(self._buf))
+        self._buf, self._buf_bytes = {}, 0
+
+    def close(self) -> list[Path]:
+        """Write the last shard, name the files, write the index; returns the shard paths."""
+        self._flush()
+        n = len(self._shards)
+        if n == 0:
+            raise ConversionError("no tensors to write")
+        if n == 1:
+            final = [self.out / SINGLE_NAME]
+        else:
+            final = [self.out / f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        for k, path in enumerate(final):
+            os.replace(self._tmp(k), path)
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_bytes},
+                     "weight_map": {name: final[k].name for k, names in enumerate(self._shards) for name in sorted(names)}}
+            (self.out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return final
+
+
+# =============================================================================================
+# config.json <-> ModelConfig
+# =============================================================================================
+
+_REQUIRED = object()
+
+
+def _get(d: Mapping[str, Any], key: str, where: str, default: Any = _REQUIRED) -> Any:
+    if key in d and d[key] is not None:
+        return d[key]
+    if default is _REQUIRED:
+        raise ConversionError(f"{where}: required key {key!r} is missing")
+    return default
+
+
+def _require(d: Mapping[str, Any], key: str, allowed: tuple, where: str, default: Any) -> Any:
+    value = d.get(key, default)
+    if value not in allowed:
+        raise ConversionError(f"{where}: {key}={value!r} is not supported (supported: {', '.join(map(repr, allowed))})")
+    return value
+
+
+def _first(x: Any) -> int:
+    return int(x[0]) if isinstance(x, (list, tuple)) else int(x)
+
+
+_NORMS = {"layer_norm": "LayerNorm", "rms_norm": "RMSNorm"}
+_NORMS_INV = {v: k for k, v in _NORMS.items()}
+
+
+@dataclass(frozen=True)
+class VisionSchema:
+    """How one format's vision config spells each VisionConfig field, and its class defaults."""
+
+    keys: dict[str, str]
+    """VisionConfig field -> config key."""
+    defaults: dict[str, Any]
+    """Config key -> default of the HF config class (saved configs may omit defaults)."""
+    fixed: dict[str, tuple]
+    """Config key -> the values our model supports (anything else is refused)."""
+
+
+VISION_SCHEMAS: dict[str, VisionSchema] = {
+    "transformers": VisionSchema(
+        keys=dict(num_layers="num_hidden_layers", hidden_size="hidden_size",
+                  num_attention_heads="num_attention_heads", ffn_hidden_size="intermediate_size",
+                  image_size="image_size", patch_size="patch_size", qkv_bias="attention_bias",
+                  normalization="norm_type", qk_normalization="use_qk_norm",
+                  layernorm_epsilon="layer_norm_eps", layer_scale_init="layer_scale_init_value"),
+        defaults=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                      image_size=448, patch_size=14, attention_bias=False, norm_type="layer_norm",
+                      use_qk_norm=False, layer_norm_eps=1e-6, layer_scale_init_value=0.1),
+        # a final LayerNorm (use_mean_pooling=False) or no position embedding are not InternViT
+        fixed=dict(hidden_act=("gelu",), use_mean_pooling=(True,), use_absolute_position_embeddings=(True,),
+                   num_channels=(3,), use_mask_token=(False,)),
+    ),
+    "internvl": VisionSchema(
+        keys=dict(num_layers="num_hidden_layers", hidden_size="hidden_size",
+                  num_attention_heads="num_attention_heads", ffn_hidden_size="intermediate_size",
+                  image_size="image_size", patch_size="patch_size", qkv_bias="qkv_bias",
+                  normalization="norm_type", qk_normalization="qk_normalization",
+                  layernorm_epsilon="layer_norm_eps", layer_scale_init="initializer_factor",
+                  drop_path_rate="drop_path_rate"),
+        defaults=dict(hidden_size=3200, num_hidden_layers=48, num_attention_heads=25, intermediate_size=12800,
+                      image_size=224, patch_size=14, qkv_bias=False, norm_type="rms_norm", qk_normalization=True,
+                      layer_norm_eps=1e-6, initializer_factor=0.1, drop_path_rate=0.0),
+        fixed=dict(hidden_act=("gelu",), num_channels=(3,), use_moe=(False,)),
+    ),
+}
+
+_VISION_CONVERT: dict[str, Callable[[Any], Any]] = {
+    "image_size": _first, "patch_size": _first, "qkv_bias": bool, "qk_normalization": bool,
+    "normalization": lambda v: _NORMS[v], "layernorm_epsilon": float, "layer_scale_init": float,
+    "drop_path_rate": float,
+}
+
+
+def _vision_from(vc: Mapping[str, Any], fmt: str, select_layer: int, where: str) -> VisionConfig:
+    schema = VISION_SCHEMAS[fmt]
+    for key, allowed in schema.fixed.items():
+        _require(vc, key, allowed, where, allowed[0])
+    norm = vc.get(schema.keys["normalization"], schema.defaults[schema.keys["normalization"]])
+    if norm not in _NORMS:
+        raise ConversionError(f"{where}: norm_type={norm!r} is not supported (layer_norm, rms_norm)")
+    fields = {f: _VISION_CONVERT.get(f, int)(_get(vc, k, where, schema.defaults.get(k, _REQUIRED)))
+              for f, k in schema.keys.items()}
+    if fields["hidden_size"] % fields["num_attention_heads"]:
+        raise ConversionError(f"{where}: hidden_size {fields['hidden_size']} is not a multiple of "
+                              f"num_attention_heads {fields['num_attention_heads']}")
+    return VisionConfig(select_layer=select_layer, **fields)
+
+
+@dataclass(frozen=True)
+class LLMSpec:
+    """One HF LLM class: how its config spells our fields, and what it adds that we lack."""
+
+    family: str
+    """LLMConfig.family (selects the key map)."""
+    architecture: str
+    """`architectures[0]` in an InternVL llm_config."""
+    model_type: str
+    qkv_bias: str | bool
+    """Config key of the q/k/v bias flag, or the class's fixed answer."""
+    must_be_false: tuple[str, ...] = ()
+    """Config keys that would add parameters our decoder does not have (o_proj / MLP biases)."""
+    defaults: tuple[tuple[str, Any], ...] = ()
+    """Class defaults of keys a saved config may omit."""
+    extra: tuple[tuple[str, Any], ...] = ()
+    """Extra keys written on export (remote-code auto_map, ...)."""
+
+
+LLM_SPECS: dict[str, LLMSpec] = {  # keyed by architecture
+    "Qwen2ForCausalLM": LLMSpec("qwen2", "Qwen2ForCausalLM", "qwen2", qkv_bias=True,
+                                defaults=(("rope_theta", 10000.0), ("tie_word_embeddings", False))),
+    "LlamaForCausalLM": LLMSpec("llama", "LlamaForCausalLM", "llama", qkv_bias=False,
+                                must_be_false=("attention_bias", "mlp_bias"),
+                                defaults=(("rope_theta", 10000.0), ("tie_word_embeddings", False))),
+    "InternLM3ForCausalLM": LLMSpec("llama", "InternLM3ForCausalLM", "internlm3", qkv_bias="qkv_bias",
+                                    must_be_false=("bias",),
+                                    defaults=(("qkv_bias", False), ("bias", False), ("rope_theta", 10000.0),
+                                              ("tie_word_embeddings", False))),
+    "InternLM2ForCausalLM": LLMSpec(
+        "internlm2", "InternLM2ForCausalLM", "internlm2", qkv_bias=False, must_be_false=("bias",),
+        defaults=(("bias", True), ("rope_theta", 10000), ("tie_word_embeddings", False)),
+        extra=(("auto_map", {"AutoConfig": "configuration_internlm2.InternLM2Config",
+                             "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+                             "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"}),)),
+}
+# transformers' InternVL text_config is a native transformers class, found by model_type
+TEXT_MODEL_TYPES: dict[str, str] = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+# On export, the class written for each family (transformers has no InternLM2: Llama naming, same math)
+EXPORT_ARCH: dict[str, dict[str, str]] = {
+    "internvl": {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "internlm2": "InternLM2ForCausalLM"},
+    "transformers": {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "internlm2": "LlamaForCausalLM"},
+}
+_ROPE_TYPES = ("default", "dynamic")  # dynamic NTK equals default RoPE up to max_position_embeddings
+
+
+def _rope_theta(tc: Mapping[str, Any], defaults: dict, where: str) -> float:
+    params = tc.get("rope_parameters") or {}
+    scaling = tc.get("rope_scaling") or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type not in _ROPE_TYPES:
+        raise ConversionError(f"{where}: RoPE scaling {rope_type!r} is not supported (default, dynamic)")
+    if rope_type == "dynamic":
+        warnings.warn(f"{where}: dynamic NTK RoPE scaling is not modelled; it equals plain RoPE for "
+                      f"sequences up to max_position_embeddings ({tc.get('max_position_embeddings')})")
+    theta = params.get("rope_theta", tc.get("rope_theta", defaults.get("rope_theta")))
+    return float(_get({"rope_theta": theta}, "rope_theta", where))
+
+
+def _llm_from(tc: Mapping[str, Any], spec: LLMSpec, tie: bool | None, where: str) -> LLMConfig:
+    defaults = dict(spec.defaults)
+    for key in spec.must_be_false:
+        if tc.get(key, defaults.get(key, False)):
+            raise ConversionError(f"{where}: {key}=True adds biases our decoder does not have")
+    _require(tc, "hidden_act", ("silu",), where, "silu")
+    hidden = int(_get(tc, "hidden_size", where))
+    heads = int(_get(tc, "num_attention_heads", where))
+    head_dim = tc.get("head_dim")
+    if head_dim is not None and int(head_dim) * heads != hidden:
+        raise ConversionError(f"{where}: head_dim={head_dim} differs from hidden_size / num_attention_heads")
+    qkv_bias = spec.qkv_bias if isinstance(spec.qkv_bias, bool) else bool(tc.get(spec.qkv_bias, defaults.get(spec.qkv_bias)))
+    return LLMConfig(
+        family=spec.family,  # type: ignore[arg-type]
+        num_layers=int(_get(tc, "num_hidden_layers", where)),
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_query_groups=int(tc.get("num_key_value_heads") or heads),
+        ffn_hidden_size=int(_get(tc, "intermediate_size", where)),
+        vocab_size=int(_get(tc, "vocab_size", where)),
+        qkv_bias=qkv_bias,
+        rope_theta=_rope_theta(tc, defaults, where),
+        norm_epsilon=float(_get(tc, "rms_norm_eps", where, 1e-6)),
+        tie_word_embeddings=bool(tie if tie is not None else tc.get("tie_word_embeddings", defaults["tie_word_embeddings"])),
+        max_position_embeddings=int(_get(tc, "max_position_embeddings", where, 32768)),
+    )
+
+
+def _check_downsample(ratio: float, where: str) -> float:
+    inv = 1.0 / ratio
+    if abs(inv - round(inv)) > 1e-9:
+        raise ConversionError(f"{where}: downsample_ratio={ratio} must be 1/integer")
+    return float(ratio)
+
+
+def _from_transformers(c: Mapping[str, Any], where: str) -> tuple[ModelConfig, dict]:
+    vc = _get(c, "vision_config", where)
+    tc = _get(c, "text_config", where)
+    _require(c, "vision_feature_select_strategy", ("default",), where, "default")
+    _require(c, "projector_hidden_act", ("gelu",), where, "gelu")
+    layer = c.get("vision_feature_layer", -1)
+    if not isinstance(layer, int):
+        raise ConversionError(f"{where}: vision_feature_layer={layer!r}: only a single layer is supported")
+    text_type = _get(tc, "model_type", where + " text_config")
+    if text_type not in TEXT_MODEL_TYPES:
+        raise ConversionError(f"{where}: text_config model_type {text_type!r} is not supported "
+                              f"(supported: {', '.join(TEXT_MODEL_TYPES)})")
+    # transformers 5 ties lm_head by the top-level flag (default True); older configs kept it in text_config
+    tie = c.get("tie_word_embeddings", tc.get("tie_word_embeddings", True))
+    vision = _vision_from(vc, "transformers", layer, where + " vision_config")
+    llm = _llm_from(tc, LLM_SPECS[TEXT_MODEL_TYPES[text_type]], tie, where + " text_config")
+    ratio = _check_downsample(float(c.get("downsample_ratio", 0.5)), where)
+    ids = {"img_context_token_id": int(c["image_token_id"])} if c.get("image_token_id") is not None else {}
+    return ModelConfig(name="", vision=vision, llm=llm, downsample_ratio=ratio), ids
+
+
+def _from_internvl(c: Mapping[str, Any], where: str) -> tuple[ModelConfig, dict]:
+    vc = _get(c, "vision_config", where)
+    lc = _get(c, "llm_config", where)
+    _require(c, "ps_version", ("v2",), where, "v1")
+    for key in ("use_backbone_lora", "use_llm_lora"):
+        if c.get(key):
+            raise ConversionError(f"{where}: {key}={c[key]}: merge the LoRA weights before converting")
+    arch = _get(lc, "architectures", where + " llm_config")[0]
+    if arch not in LLM_SPECS:
+        raise ConversionError(f"{where}: llm_config architecture {arch!r} is not supported "
+                              f"(supported: {', '.join(LLM_SPECS)})")
+    vision = _vision_from(vc, "internvl", int(c.get("select_layer", -1)), where + " vision_config")
+    force = c.get("force_image_size")
+    if force is not None and int(force) != vision.image_size:
+        raise ConversionError(f"{where}: force_image_size={force} differs from vision_config image_size="
+                              f"{vision.image_size}; resize the position embedding first")
+    llm = _llm_from(lc, LLM_SPECS[arch], None, where + " llm_config")
+    ratio = _check_downsample(float(c.get("downsample_ratio", 0.5)), where)
+    ids = {"img_context_token_id": int(c["img_context_token_id"])} if c.get("img_context_token_id") is not None else {}
+    extra = {"template": c["template"]} if c.get("template") else {}
+    return ModelConfig(name="", vision=vision, llm=llm, downsample_ratio=ratio, **extra), ids
+
+
+# config.json model_type -> (our format name, reader)
+FORMAT_OF_MODEL_TYPE: dict[str, tuple[str, Callable[[Mapping[str, Any], str], tuple[ModelConfig, dict]]]] = {
+    "internvl": ("transformers", _from_transformers),
+    "internvl_chat": ("internvl", _from_internvl),
+}
+
+_TOKEN_FIELDS = {"<IMG_CONTEXT>": "img_context_token_id", "<img>": "img_start_token_id", "</img>": "img_end_token_id"}
+
+
+def _tokenizer_ids(hf_dir: Path | None) -> dict[str, int]:
+    """Special-token ids from the tokenizer files next to the weights, if any."""
+    if hf_dir is None:
+        return {}
+    vocab: dict[str, int] = {}
+    tok_json = hf_dir / "tokenizer.json"
+    if tok_json.exists():
+        vocab.update({t["content"]: int(t["id"]) for t in json.loads(tok_json.read_text()).get("added_tokens", [])})
+    added = hf_dir / "added_tokens.json"
+    if added.exists():
+        vocab.update({k: int(v) for k, v in json.loads(added.read_text()).items()})
+    tok_cfg_path = hf_dir / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_cfg_path.read_text()) if tok_cfg_path.exists() else {}
+    vocab.update({v["content"]: int(k) for k, v in tok_cfg.get("added_tokens_decoder", {}).items()})
+    ids = {field: vocab[tok] for tok, field in _TOKEN_FIELDS.items() if tok in vocab}
+    pad = tok_cfg.get("pad_token")
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    if pad in vocab:
+        ids["pad_token_id"] = vocab[pad]
+    return ids
+
+
+def _structure(cfg: ModelConfig) -> tuple:
+    """The parts of a config that decide tensor shapes and the computation (not training knobs)."""
+    return (dataclasses.replace(cfg.vision, drop_path_rate=0.0, layer_scale_init=0.1),
+            dataclasses.replace(cfg.llm, max_position_embeddings=0), cfg.downsample_ratio)
+
+
+def matching_preset(cfg: ModelConfig) -> ModelConfig | None:
+    """The preset with the same architecture as `cfg`, if any."""
+    return next((p for p in PRESETS.values() if _structure(p) == _structure(cfg)), None)
+
+
+def model_config_from_hf(config: Mapping[str, Any], hf_dir: str | os.PathLike | None = None) -> tuple[ModelConfig, str]:
+    """config.json contents -> (ModelConfig, format). Special-token ids come from the tokenizer
+    files in `hf_dir`, else config.json, else the preset of the same architecture, else defaults;
+    the name is the matching preset's, else "hf:<dir name>"."""
+    where = f"{Path(hf_dir) / CONFIG_NAME}" if hf_dir is not None else CONFIG_NAME
+    model_type = config.get("model_type")
+    if model_type not in FORMAT_OF_MODEL_TYPE:
+        raise ConversionError(f"{where}: unknown model_type {model_type!r} (supported: "
+                              f"{', '.join(FORMAT_OF_MODEL_TYPE)})")
+    fmt, reader = FORMAT_OF_MODEL_TYPE[model_type]
+    cfg, ids = reader(config, where)
+    preset = matching_preset(cfg)
+    base = {f: getattr(preset, f) for f in ("img_context_token_id", "img_start_token_id", "img_end_token_id",
+                                            "pad_token_id")} if preset else {}
+    tokenizer_ids = _tokenizer_ids(Path(hf_dir) if hf_dir else None)
+    if preset is None and not tokenizer_ids:
+        warnings.warn(f"{where}: no preset has this architecture and no tokenizer files were found: "
+                      f"special-token ids other than those in config.json take ModelConfig's defaults")
+    base.update(ids)
+    base.update(tokenizer_ids)
+    name = preset.name if preset else f"hf:{Path(hf_dir).name if hf_dir else 'model'}"
+    if preset is not None and "template" not in config:
+        base["template"] = preset.template
+    return cfg.replace(name=name, **base), fmt
+
+
+def read_hf_config(hf_dir: str | os.PathLike) -> dict:
+    """The config.json of an HF checkpoint directory."""
+    path = Path(hf_dir) / CONFIG_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no config.json (is {hf_dir} an HF checkpoint directory?)")
+    return json.loads(path.read_text())
+
+
+def _llm_config_dict(cfg: ModelConfig, fmt: str, dtype: torch.dtype, arch: str | None = None) -> dict:
+    m = cfg.llm
+    spec = LLM_SPECS[arch or EXPORT_ARCH[fmt][m.family]]
+    fixed_bias = spec.qkv_bias if isinstance(spec.qkv_bias, bool) else None
+    if fixed_bias is not None and fixed_bias != m.qkv_bias:
+        raise ConversionError(f"{spec.architecture} {'always' if fixed_bias else 'never'} has q/k/v biases, "
+                              f"but this model has qkv_bias={m.qkv_bias}")
+    d = {
+        "architectures": [spec.architecture], "model_type": spec.model_type, "hidden_act": "silu",
+        "hidden_size": m.hidden_size, "intermediate_size": m.ffn_hidden_size,
+        "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_attention_heads,
+        "num_key_value_heads": m.num_query_groups, "vocab_size": m.vocab_size,
+        "rms_norm_eps": m.norm_epsilon, "rope_theta": m.rope_theta,
+        "max_position_embeddings": m.max_position_embeddings, "tie_word_embeddings": m.tie_word_embeddings,
+        "torch_dtype": dtype_name(dtype),
+    }
+    d.update({k: False for k in spec.must_be_false})
+    if isinstance(spec.qkv_bias, str):
+        d[spec.qkv_bias] = m.qkv_bias
+    d.update(dict(spec.extra))
+    if fmt == "transformers":
+        d.pop("architectures")
+        d["rope_parameters"] = {"rope_theta": m.rope_theta, "rope_type": "default"}
+        d.pop("rope_theta")
+        d["dtype"] = d.pop("torch_dtype")
+    return d
+
+
+def _vision_config_dict(cfg: ModelConfig, fmt: str) -> dict:
+    v = cfg.vision
+    schema = VISION_SCHEMAS[fmt]
+    values = {"num_layers": v.num_layers, "hidden_size": v.hidden_size,
+              "num_attention_heads": v.num_attention_heads, "ffn_hidden_size": v.ffn_hidden_size,
+              "image_size": v.image_size, "patch_size": v.patch_size, "qkv_bias": v.qkv_bias,
+              "normalization": _NORMS_INV[v.normalization], "qk_normalization": v.qk_normalization,
+              "layernorm_epsilon": v.layernorm_epsilon, "layer_scale_init": v.layer_scale_init,
+              "drop_path_rate": v.drop_path_rate}
+    d = {key: values[f] for f, key in schema.keys.items()}
+    d.update({key: allowed[0] for key, allowed in schema.fixed.items()})
+    return d
+
+
+_CONFIG_BUILDERS: dict[str, Callable[[ModelConfig, torch.dtype, str | None], dict]] = {
+    "transformers": lambda cfg, dt, arch: {
+        "architectures": ["InternVLForConditionalGeneration"], "model_type": "internvl",
+        "vision_config": {"model_type": "internvl_vision", **_vision_config_dict(cfg, "transformers"),
+                          "image_size": [cfg.vision.image_size] * 2, "patch_size": [cfg.vision.patch_size] * 2},
+        "text_config": _llm_config_dict(cfg, "transformers", dt, arch),
+        "image_token_id": cfg.img_context_token_id, "image_seq_length": cfg.num_image_token,
+        "downsample_ratio": cfg.downsample_ratio, "projector_hidden_act": "gelu",
+        "vision_feature_layer": cfg.vision.select_layer, "vision_feature_select_strategy": "default",
+        "tie_word_embeddings": cfg.llm.tie_word_embeddings, "dtype": dtype_name(dt),
+    },
+    "internvl": lambda cfg, dt, arch: {
+        "architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
+        "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+                     "AutoModel": "modeling_internvl_chat.InternVLChatModel",
+                     "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel"},
+        "vision_config": {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
+                          **_vision_config_dict(cfg, "internvl")},
+        "llm_config": _llm_config_dict(cfg, "internvl", dt, arch),
+        "downsample_ratio": cfg.downsample_ratio, "ps_version": cfg.ps_version,
+        "select_layer": cfg.vision.select_layer, "template": cfg.template,
+        "force_image_size": cfg.vision.image_size, "dynamic_image_size": True, "use_thumbnail": True,
+        "min_dynamic_patch": 1, "max_dynamic_patch": 12, "use_backbone_lora": 0, "use_llm_lora": 0,
+        "pad2square": False, "tie_word_embeddings": False, "torch_dtype": dtype_name(dt),
+    },
+}
+# sub-configs that are merged into a template's rather than replacing it
+_SUB_CONFIGS = ("vision_config", "llm_config", "text_config")
+_DTYPE_KEYS = ("torch_dtype", "dtype")
+
+
+def _merge(template: dict, ours: Mapping[str, Any]) -> dict:
+    out = json.loads(json.dumps(template))
+    for key, value in ours.items():
+        if key in _DTYPE_KEYS and key not in out:
+            continue  # keep the template's spelling of the dtype key
+        if key in _SUB_CONFIGS and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _template_arch(cfg: ModelConfig, fmt: str, template: Mapping[str, Any] | None) -> str | None:
+    """The template's LLM class if it is of our family (InternLM3 is Llama-shaped: keep its name)."""
+    sub = (template or {}).get("llm_config" if fmt == "internvl" else "text_config") or {}
+    arch = (sub.get("architectures") or [None])[0] if fmt == "internvl" else TEXT_MODEL_TYPES.get(sub.get("model_type"))
+    return arch if arch in LLM_SPECS and LLM_SPECS[arch].family == cfg.llm.family else None
+
+
+def hf_config_for(cfg: ModelConfig, fmt: str, dtype: torch.dtype, template: Mapping[str, Any] | None = None) -> dict:
+    """config.json for `cfg` in format `fmt`. With a template (the config.json the model came from)
+    every key we do not model is kept, and every key we do is overwritten with ours."""
+    if fmt not in _CONFIG_BUILDERS:
+        raise ConversionError(f"unknown HF format {fmt!r}; choose one of {', '.join(_CONFIG_BUILDERS)}")
+    ours = _CONFIG_BUILDERS[fmt](cfg, dtype, _template_arch(cfg, fmt, template))
+    if template is None:
+        return ours
+    if template.get("model_type") != ours["model_type"]:
+        raise ConversionError(f"template config.json has model_type {template.get('model_type')!r}, "
+                              f"format {fmt!r} needs {ours['model_type']!r}")
+    return _merge(dict(template), ours)
+
+
+# =============================================================================================
+# streaming tensor conversion
+# =============================================================================================
+
+def _meta(shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.empty(shape, device="meta")
+
+
+def _expected_hf_shapes(e: Entry, cfg: ModelConfig, canonical_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    return [tuple(t.shape) for t in e.transform.to_hf(_meta(canonical_shape), cfg)]
+
+
+def _normalize(src: Mapping[str, torch.Tensor], fmt: str) -> Mapping[str, torch.Tensor]:
+    aliases = READ_ALIASES[fmt]
+    return Renamed(src, aliases) if aliases else src
+
+
+def _where(src: Mapping[str, torch.Tensor], name: str) -> str:
+    base = src.base if isinstance(src, Renamed) else src
+    orig = src.original(name) if isinstance(src, Renamed) else name
+    where = getattr(base, "where", None)
+    return f"{orig!r} in {where(orig)}" if callable(where) else repr(orig)
+
+
+def check_hf_tensors(src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str) -> list[Entry]:
+    """Refuse a checkpoint whose tensors do not match the key map and config (names the key)."""
+    from .keymaps import canonical_shapes
+
+    entries = expand(keymap(fmt, cfg.llm.family), cfg)
+    shapes = canonical_shapes(cfg)
+    wanted: set[str] = set()
+    for e in entries:
+        if not e.present:
+            continue
+        for h, want in zip(e.hf, _expected_hf_shapes(e, cfg, shapes[e.canonical])):
+            wanted.add(h)
+            if h not in src:
+                raise ConversionError(f"missing tensor {h!r} (for {e.canonical}) in the {fmt} checkpoint")
+            got = _shape_of(src, h)
+            if got != want:
+                raise ConversionError(f"tensor {_where(src, h)} has shape {got}, but config.json implies {want}")
+    extra = sorted(set(src) - wanted)
+    if extra and cfg.llm.tie_word_embeddings:
+        # an in-memory state dict of a tied model also lists lm_head; harmless if it is the embedding
+        tied = {e.hf[0] for e in entries if e.canonical == "language_model.output_layer.weight"}
+        emb = next(e.hf[0] for e in entries if e.canonical == "language_model.embedding.word_embeddings.weight")
+        for h in [x for x in extra if x in tied]:
+            if not torch.equal(src[h], src[emb]):
+                raise ConversionError(f"tensor {_where(src, h)} differs from {emb!r} but config.json ties them")
+            extra.remove(h)
+    if extra:
+        more = f" (+{len(extra) - 5} more)" if len(extra) > 5 else ""
+        raise ConversionError(f"unexpected tensor(s) {', '.join(_where(src, x) for x in extra[:5])}{more}: "
+                              f"not part of the {fmt} layout of this config")
+    return entries
+
+
+def hf_to_canonical(src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str,
+                    progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream (canonical name, tensor) pairs from HF tensors; validates everything before the first
+    tensor is read. Tensors keep their dtype."""
+    src = _normalize(src, fmt)
+    entries = check_hf_tensors(src, cfg, fmt)
+    dtype = None
+    for e in tqdm(entries, desc="HF -> canonical", unit="tensor", disable=not progress):
+        if e.present:
+            ts = [src[h] for h in e.hf]
+            dtype = ts[0].dtype
+            yield e.canonical, e.transform.to_canonical(ts, cfg).contiguous()
+        elif e.fill is not None:
+            yield e.canonical, FILLS[e.fill](cfg, dtype or torch.float32)
+
+
+def canonical_to_hf(src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str,
+                    dtype: torch.dtype | None = None, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream (HF name, tensor) pairs in format `fmt` from canonical tensors (cast to `dtype` if
+    given). Refuses missing, unexpected or mis-shaped canonical tensors before writing anything."""
+    from .keymaps import canonical_shapes
+
+    entries = expand(keymap(fmt, cfg.llm.family), cfg)
+    shapes = canonical_shapes(cfg)
+    known = {e.canonical for e in entries if e.present or e.fill}
+    for e in entries:
+        if e.present and e.canonical not in src:
+            raise ConversionError(f"canonical checkpoint has no tensor {e.canonical!r}")
+    extra = sorted(set(src) - known)
+    if extra:
+        raise ConversionError(f"canonical checkpoint has tensor(s) {', '.join(map(repr, extra[:5]))} that the "
+                              f"{fmt} layout of this config has no place for")
+    for name in known & set(src):
+        got = _shape_of(src, name)
+        if got != shapes[name]:
+            raise ConversionError(f"canonical tensor {name!r} has shape {got}, the config implies {shapes[name]}")
+    for e in tqdm(entries, desc=f"canonical -> {fmt}", unit="tensor", disable=not progress):
+        if not e.present:
+            if e.fill is not None and e.canonical in src:
+                t = src[e.canonical]
+                if not torch.equal(t, FILLS[e.fill](cfg, t.dtype)):
+                    raise ConversionError(f"{e.canonical!r} is not {e.fill} but the {fmt} layout of this config "
+                                          f"has no such tensor; exporting would change the model")
+            continue
+        t = src[e.canonical]
+        for h, out in zip(e.hf, e.transform.to_hf(t, cfg)):
+            yield h, (out if dtype is None else out.to(dtype)).contiguous()
+
+
+# =============================================================================================
+# directories
+# =============================================================================================
+
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "model.safetensors.index.json",
+                 "pytorch_model.bin.index.json", CONFIG_NAME)
+
+
+def copy_side_files(template_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[str]:
+    """Copy everything but weights and config.json (remote-code .py files, tokenizer, processor and
+    generation configs) from the checkpoint the model started from."""
+    src, dst = Path(template_dir), Path(out_dir)
+    skip = {p.name for pattern in _WEIGHT_FILES for p in src.glob(pattern)}
+    copied = []
+    for p in sorted(src.iterdir()):
+        if p.name in skip or p.name.startswith("."):
+            continue
+        if p.is_dir():
+            shutil.copytree(p, dst / p.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(p, dst / p.name)
+        copied.append(p.name)
+    return copied
+
+
+def write_hf_dir(out_dir: str | os.PathLike, tensors: Iterable[tuple[str, torch.Tensor]], config: Mapping[str, Any],
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[Path]:
+    """Write config.json and the (sharded) safetensors of `tensors`, streaming."""
+    out = Path(out_dir)
+    writer = ShardedWriter(out, max_shard_bytes)
+    for name, t in tensors:
+        writer.add(name, t)
+    files = writer.close()
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return files
+
+
+def source_dtype(src: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """The dtype most of a checkpoint's floating-point tensors have (what an export reproduces)."""
+    counts: dict[torch.dtype, int] = {}
+    dtype_of = getattr(src, "dtype", None)
+    for name in src:
+        dt = dtype_of(name) if callable(dtype_of) else src[name].dtype
+        counts[dt] = counts.get(dt, 0) + 1
+    return max(counts, key=counts.get) if counts else torch.float32
