@@ -400,26 +400,21 @@ def _build_from_tokenizer_json(blob: bytes, added: Sequence[AddedTokenSpec], nam
     from tokenizers import Tokenizer as HFTokenizer
 
     data = _read_json_bytes(blob, name)
-    present = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
-    vocab = data.get("model", {}).get("vocab")
-    for spec in added:
-        if spec.content in present:
-            continue
-        data.setdefault("added_tokens", []).append(
-            {
-                "id": spec.id,
-                "content": spec.content,
-                "single_word": spec.single_word,
-                "lstrip": spec.lstrip,
-                "rstrip": spec.rstrip,
-                "normalized": spec.normalized,
-                "special": spec.special,
-            }
-        )
+    present = {t["content"] for t in data.get("added_tokens", [])}
+    missing = [spec for spec in added if spec.content not in present]
+    if missing:
+        vocab = data.get("model", {}).get("vocab")
+        if not isinstance(vocab, dict):
+            raise ValueError(f"{name}: cannot add {missing[0].content!r} to a non-BPE/WordPiece tokenizer.json")
         # The tokenizers library gives an added token its model-vocab id when it has one, else the next
-        # free id: putting it in the vocab pins the id stated in tokenizer_config.
-        if isinstance(vocab, dict) and spec.content not in vocab:
-            vocab[spec.content] = spec.id
+        # free id after the vocab: putting every added token in the vocab pins the ids the config states.
+        for spec in added:
+            vocab.setdefault(spec.content, spec.id)
+        for spec in missing:
+            data.setdefault("added_tokens", []).append(
+                {"id": spec.id, "content": spec.content, "single_word": spec.single_word, "lstrip": spec.lstrip,
+                 "rstrip": spec.rstrip, "normalized": spec.normalized, "special": spec.special}
+            )
     tok = HFTokenizer.from_str(json.dumps(data))
     return tok
 
