@@ -259,10 +259,24 @@ def load_frames_video(
         av = None
     if av is not None:
         with av.open(path) as container:
-            frames = [f.to_image().convert("RGB") for f in container.decode(video=0)]
-        if not frames:
+            n = container.streams.video[0].frames  # 0 when the container does not say
+        if n <= 0:
+            with av.open(path) as container:
+                n = sum(1 for _ in container.decode(video=0))
+        if n <= 0:
             raise ValueError(f"{path}: no decodable video frames")
-        return [frames[k] for k in sample_frame_indices(len(frames), min_num_frames, max_num_frames, rng, sample)]
+        wanted = sample_frame_indices(n, min_num_frames, max_num_frames, rng, sample)
+        by_index = {}
+        with av.open(path) as container:
+            for k, frame in enumerate(container.decode(video=0)):
+                if k in wanted:
+                    by_index[k] = frame.to_image().convert("RGB")
+                if k >= max(wanted):
+                    break
+        missing = [k for k in wanted if k not in by_index]
+        if missing:
+            raise ValueError(f"{path}: frames {missing[:5]} could not be decoded")
+        return [by_index[k] for k in wanted]
     try:
         import decord  # type: ignore
     except ImportError:

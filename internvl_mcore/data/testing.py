@@ -13,6 +13,7 @@ Images and videos
     write_corrupt_image(path)                     -> path        bytes that are not an image
     write_gif(path, n_frames, size)               -> path
     write_frame_folder(folder, n_frames, size)    -> folder      frame_1.jpg ... frame_N.jpg
+    write_video(path, n_frames, size)             -> path        MPEG-4 file (needs the optional PyAV)
 
 Datasets
     make_dataset_fixture(root)                    -> DataFixture meta JSON + JSONL + parquet covering every data
@@ -252,6 +253,24 @@ def write_frame_folder(folder: str, n_frames: int = 10, size: tuple[int, int] = 
     return folder
 
 
+def write_video(path: str, n_frames: int = 12, size: tuple[int, int] = (48, 32), fps: int = 8) -> str:
+    """An MPEG-4 video whose frame k shows digit k (needs PyAV, the optional video decoder)."""
+    import av
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with av.open(path, mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for k in range(n_frames):
+            frame = av.VideoFrame.from_image(digit_image(k, size, seed=300 + k))
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
 def image_bytes(size: tuple[int, int] = (64, 64), seed: int = 0, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     digit_image(seed, size, seed).save(buf, format=fmt)
@@ -337,7 +356,8 @@ def make_dataset_fixture(root: str) -> DataFixture:
                3 two images one placeholder, 4 one image missing
       video    1 frame folder + '<video>', 2 GIF without placeholder, 3 video file (no decoder ->
                'video_decoder_missing'; with one, the fake file is 'corrupt_image'), 4 missing folder,
-               5 GIF with the placeholder mid-sentence
+               5 GIF with the placeholder mid-sentence, 6 a real MPEG-4 file (written and decoded with
+               PyAV when installed, else a stand-in and 'video_decoder_missing')
       parquet  rows 1 image+text, 2 text only, 3 two images, 4 corrupt image bytes, 5 one image part
                for two images
       half     (repeat_time 0.5) 8 text records;  twice (repeat_time 2.0) 3 text records
@@ -356,6 +376,12 @@ def make_dataset_fixture(root: str) -> DataFixture:
     write_gif(os.path.join(root, "videos", "anim.gif"), n_frames=6)
     with open(os.path.join(root, "videos", "clip.mp4"), "wb") as f:
         f.write(b"\x00\x00\x00\x18ftypmp42 not really a video")
+    decoder = _video_decoder_available()
+    if decoder:
+        write_video(os.path.join(root, "videos", "real.mp4"), n_frames=12)
+    else:  # cannot encode without PyAV; any bytes do, the missing decoder is reported first
+        with open(os.path.join(root, "videos", "real.mp4"), "wb") as f:
+            f.write(b"\x00\x00\x00\x18ftypmp42 stand-in for a real video")
 
     def put(name: str, line: int, reason: str | None, kind: str = "text", n_images: int = 0) -> None:
         fx.expected[(name, line)] = reason
@@ -423,13 +449,18 @@ def make_dataset_fixture(root: str) -> DataFixture:
         {"video": "videos/clip.mp4", "conversations": _turns("<video>\nAnd this?", "A clip.")},
         {"video": "videos/none/", "conversations": _turns("<video>\nGone?", "Gone.")},
         {"video": "videos/anim.gif", "conversations": _turns("Watch <video> closely", "Done.")},
+        {"video": "videos/real.mp4", "conversations": _turns("<video>\nA real clip?", "Yes.")},
     ]
     _write_jsonl(os.path.join(root, "video.jsonl"), video_lines)
     put("video", 1, None, "video")
     put("video", 2, None, "video")
-    put("video", 3, "corrupt_image" if _video_decoder_available() else "video_decoder_missing")
+    put("video", 3, "corrupt_image" if decoder else "video_decoder_missing")
     put("video", 4, "missing_image")
     put("video", 5, None, "video")
+    if decoder:
+        put("video", 6, None, "video")
+    else:
+        put("video", 6, "video_decoder_missing")
 
     # -- parquet (HF datasets / TRL VLM style) ------------------------------------------------------
     import pyarrow as pa

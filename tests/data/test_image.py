@@ -211,23 +211,36 @@ def test_gif_frames(tmp_path):
     assert 2 <= len(sub) <= 3
 
 
-def test_video_file_needs_decoder(tmp_path):
-    path = tmp_path / "clip.mp4"
-    path.write_bytes(b"\x00\x00\x00\x18ftypmp42 not a real video")
-    have_decoder = False
+def _have_video_decoder():
     for mod in ("av", "decord"):
         try:
             __import__(mod)
-            have_decoder = True
+            return True
         except ImportError:
             pass
-    if have_decoder:  # a decoder is installed: the fake file must fail as a decode error
-        with pytest.raises(Exception) as e:
-            load_video_frames(str(path), 2, 4, np.random.default_rng(0))
-        assert not isinstance(e.value, VideoDecoderMissing)
-    else:
+    return False
+
+
+def test_video_file_decoding_or_missing_decoder(tmp_path):
+    fake = tmp_path / "fake.mp4"
+    fake.write_bytes(b"\x00\x00\x00\x18ftypmp42 not a real video")
+    if not _have_video_decoder():
         with pytest.raises(VideoDecoderMissing, match="av"):
-            load_video_frames(str(path), 2, 4, np.random.default_rng(0))
+            load_video_frames(str(fake), 2, 4, np.random.default_rng(0))
+        return
+    # A decoder is installed: a fake file is a decode error, a real file decodes in frame order.
+    with pytest.raises(Exception) as e:
+        load_video_frames(str(fake), 2, 4, np.random.default_rng(0))
+    assert not isinstance(e.value, VideoDecoderMissing)
+    path = testing.write_video(str(tmp_path / "clip.mp4"), n_frames=12, size=(48, 32))
+    frames = load_video_frames(path, 12, 12, np.random.default_rng(0))
+    assert len(frames) == 12 and all(f.size == (48, 32) and f.mode == "RGB" for f in frames)
+    ref = [np.asarray(testing.digit_image(k, (48, 32), seed=300 + k), dtype=np.float64) for k in range(12)]
+    for k, f in enumerate(frames):  # lossy codec: each frame is closest to its own source image
+        errs = [np.abs(np.asarray(f, dtype=np.float64) - r).mean() for r in ref]
+        assert int(np.argmin(errs)) == k
+    sub = load_video_frames(path, 3, 5, np.random.default_rng(1))
+    assert 3 <= len(sub) <= 5
 
 
 def test_frame_to_tile():
