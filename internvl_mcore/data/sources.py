@@ -368,6 +368,8 @@ def _image_sources(record: RawRecord) -> list[tuple[str | bytes, str]] | None:
         for k, item in enumerate(images):
             if isinstance(item, dict):
                 data, rel = item.get("bytes"), item.get("path")
+            elif isinstance(item, str):  # a list of paths under an "images" key
+                data, rel = None, item
             else:
                 data, rel = item, None
             if isinstance(data, (bytes, bytearray)):
