@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from internvl_mcore.data.image import IMAGENET_MEAN, IMAGENET_STD, JPEG_QUALITIES, jpeg_recompress, normalize_tiles
-from internvl_mcore.data.loader import IGNORE_INDEX, PackedDataLoader, collate, parse_data_path
+from internvl_mcore.data.loader import IGNORE_INDEX, PackedDataLoader, collate, normalize_tiles_lut, parse_data_path
 from internvl_mcore.data.sample import PackedSample
 from internvl_mcore.data.shards import EncodedSample, ShardReader, ShardWriter, encode_tiles
 
@@ -240,3 +240,12 @@ def test_collate_shapes_labels_and_segments():
     assert b["pixel_values"].shape == (6, 3, 4, 4) and b["num_tiles"].tolist() == [2, 1, 3]
     with pytest.raises(ValueError, match="seq_length"):
         collate([s2], seq_length=7, pad_id=0)
+
+
+def test_lut_normalization_bit_identical_to_reference():
+    tiles = np.random.default_rng(0).integers(0, 256, (3, 20, 24, 3), dtype=np.uint8)
+    tiles[0, 0, :3] = [[0, 0, 0], [255, 255, 255], [128, 7, 250]]
+    got = normalize_tiles_lut(tiles)
+    assert got.shape == (3, 3, 20, 24) and got.dtype == np.float32
+    assert np.array_equal(got, normalize_tiles(tiles))
+    assert normalize_tiles_lut(np.zeros((0, 4, 4, 3), np.uint8)).shape == (0, 3, 4, 4)

@@ -137,7 +137,7 @@ def test_shards_hold_exactly_what_the_front_end_built(data, tmp_path):
                 np.testing.assert_array_equal(p.tokens[sl], b.tokens)
                 np.testing.assert_array_equal(p.loss_mask[sl], b.loss_mask)
                 assert nt.tolist() == list(b.num_tiles)
-                np.testing.assert_array_equal(tiles[tile_off : tile_off + int(nt.sum())], b.tiles)  # png: lossless
+                np.testing.assert_array_equal(tiles[tile_off : tile_off + int(nt.sum())], b.tiles)  # default webp: lossless
                 np.testing.assert_array_equal(p.position_ids[sl], v2pe_position_ids(b.tokens, *ids, 0.25))
                 assert r.datasets[d]["data_augment"] == b.data_augment
                 kinds[fx.kinds[key]] += 1

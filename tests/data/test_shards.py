@@ -171,7 +171,7 @@ def test_writer_validates_samples(tmp_path):
 def test_codecs_round_trip_lossless():
     rng = np.random.default_rng(0)
     tiles = rng.integers(0, 256, (3, *TILE), dtype=np.uint8)  # noise: worst case for codecs
-    for fmt in ("raw", "png"):
+    for fmt in ("raw", "png", "webp"):
         np.testing.assert_array_equal(decode_tiles(encode_tiles(tiles, fmt), fmt, TILE), tiles)
     with pytest.raises(ValueError):
         encode_tiles(tiles.astype(np.float32), "png")
