@@ -17,12 +17,14 @@ INTERNVIT_6B = VisionConfig(
 
 _QWEN_VOCAB = 151674  # Qwen2.5's tokenizer plus InternVL's added tokens, as in InternVL3's configs
 
+# InternVL3-1B/2B untie the output layer (their llm_config keeps Qwen2Config's default False, and the
+# released sizes, 0.94B and 2.09B, count a separate lm_head), unlike the text-only Qwen2.5-0.5B/1.5B.
 QWEN25_0_5B = LLMConfig(family="qwen2", num_layers=24, hidden_size=896, num_attention_heads=14,
                         num_query_groups=2, ffn_hidden_size=4864, vocab_size=_QWEN_VOCAB,
-                        tie_word_embeddings=True)
+                        tie_word_embeddings=False)
 QWEN25_1_5B = LLMConfig(family="qwen2", num_layers=28, hidden_size=1536, num_attention_heads=12,
                         num_query_groups=2, ffn_hidden_size=8960, vocab_size=_QWEN_VOCAB,
-                        tie_word_embeddings=True)
+                        tie_word_embeddings=False)
 QWEN25_7B = LLMConfig(family="qwen2", num_layers=28, hidden_size=3584, num_attention_heads=28,
                       num_query_groups=4, ffn_hidden_size=18944, vocab_size=_QWEN_VOCAB)
 QWEN25_14B = LLMConfig(family="qwen2", num_layers=48, hidden_size=5120, num_attention_heads=40,
