@@ -342,7 +342,7 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> PreprocessResult:
                 if pool is not None:
                     pool.close()
                     pool.join()
-        tmp_writer.finalize()
+        tmp_writer.finalize(checksums=False)
 
         # Pass 2: pack by length, copy samples into the final shard set in pack order.
         packs = pack_lengths(np.asarray(lengths, dtype=np.int64), cfg.seq_length, cfg.seed, cfg.pack_buffer)

@@ -244,12 +244,13 @@ class ShardWriter:
         c["tiles"] += len(payloads)
         c["loss_tokens"] += int(sum(int(s.loss_mask.sum()) for s in samples))
 
-    def finalize(self, extra: dict | None = None) -> dict:
+    def finalize(self, extra: dict | None = None, checksums: bool = True) -> dict:
         """Close the files, write the `.idx` files and the manifest; returns the manifest.
 
         `extra` is merged into the manifest (the preprocessing CLI adds the tokenizer hash,
         template, arguments, datasets, rejects, fill ratio). The manifest holds no timestamps or
-        absolute output paths so identical inputs give byte-identical manifests.
+        absolute output paths so identical inputs give byte-identical manifests. `checksums=False`
+        skips hashing the files (for the preprocessor's temporary set, which is read once).
         """
         from megatron.core.datasets.indexed_dataset import get_idx_path
 
@@ -258,7 +259,7 @@ class ShardWriter:
         for name, builder in self._builders.items():
             builder.finalize(get_idx_path(field_prefix(self.prefix, name)))
         self._finalized = True
-        files = {os.path.basename(p): sha256_file(p) for p in shard_files(self.prefix)}
+        files = {os.path.basename(p): sha256_file(p) if checksums else None for p in shard_files(self.prefix)}
         manifest = {
             "format": SHARD_FORMAT,
             "tile_format": self.tile_format,

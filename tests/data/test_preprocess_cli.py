@@ -233,3 +233,20 @@ def test_done_when_command_at_16384(data, tmp_path):
     assert batch["tokens"].shape == (2, 16384)
     assert batch["pixel_values"].shape[1:] == (3, fx.image_size, fx.image_size)
     assert int(batch["num_tiles"].sum()) == batch["pixel_values"].shape[0]
+
+
+def test_model_preset_sets_image_geometry(data, tmp_path):
+    """--model takes image size / patch / downsample ratio from the preset: 'debug' has 56-px
+    tiles of 14-px patches and ratio 0.5 -> (56/14)^2 * 0.25 = 4 tokens per tile."""
+    from internvl_mcore.config.presets import get_preset
+
+    fx, tok, root = data
+    preset = get_preset("debug")
+    out = tmp_path / "m"
+    args = ["--meta", fx.meta_path, "--tokenizer", tok, "--output-prefix", str(out), "--model", "debug",
+            "--seq-length", "2048", "--min-num-frames", "2", "--max-num-frames", "4", "--max-reject-ratio", "1", "--no-progress"]
+    assert preprocess_mm_data.main(args) == 0
+    m = json.load(open(manifest_path(str(out))))
+    side = preset.vision.image_size // preset.vision.patch_size
+    assert m["num_image_token"] == int(side * side * preset.downsample_ratio**2) == preset.num_image_token
+    assert m["tile_shape"] == [preset.vision.image_size, preset.vision.image_size, 3]
