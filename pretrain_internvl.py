@@ -14,7 +14,7 @@ import sys
 from internvl_mcore.config import ParallelConfig, get_preset
 from internvl_mcore.config.cli import add_dataclass_flags, build_dataclass
 from internvl_mcore.config.presets import PRESETS
-from internvl_mcore.config.training import DataConfig, LogConfig, RunConfig, TrainConfig
+from internvl_mcore.config.training import CheckpointConfig, DataConfig, LogConfig, RunConfig, TrainConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(parser, TrainConfig, "training")
     add_dataclass_flags(parser, DataConfig, "data")
     add_dataclass_flags(parser, LogConfig, "logging")
+    add_dataclass_flags(parser, CheckpointConfig, "checkpointing")
     return parser
 
 
@@ -37,13 +38,18 @@ def parse_run_config(argv: list[str]) -> RunConfig:
         parser.error("give --data-path PREFIX [...] or --mock-data")
     return RunConfig(model=get_preset(ns.model), parallel=build_dataclass(ParallelConfig, ns),
                      train=build_dataclass(TrainConfig, ns), data=build_dataclass(DataConfig, ns),
-                     log=build_dataclass(LogConfig, ns))
+                     log=build_dataclass(LogConfig, ns), checkpoint=build_dataclass(CheckpointConfig, ns))
 
 
 def main(argv: list[str] | None = None) -> None:
-    from internvl_mcore.training.loop import train
+    from internvl_mcore.training.loop import ConfigError, train
+    from internvl_mcore.training.checkpoint import CheckpointError
 
-    train(parse_run_config(sys.argv[1:] if argv is None else argv))
+    try:
+        train(parse_run_config(sys.argv[1:] if argv is None else argv))
+    except (ConfigError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":  # the guard matters: megatron-core's async checkpoint writer re-imports __main__

@@ -23,6 +23,7 @@ setup(
         "tqdm",
         "tensorboard",
         "einops",
+        "protobuf",  # sentencepiece-backed tokenizers (transformers v5 behaviour) need it
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
@@ -32,6 +33,7 @@ setup(
             "transformers==5.23.0",
             "scikit-learn",
             "matplotlib",
+            "av",  # video files in the data pipeline's tests (optional at run time)
         ],
     },
 )

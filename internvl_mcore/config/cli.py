@@ -53,11 +53,13 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str,
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
         kwargs: dict[str, Any] = {"dest": f.name, "help": docs.get(f.name, ""), "default": default}
         origin, args = typing.get_origin(hint), typing.get_args(hint)
-        if origin in (typing.Union, types.UnionType):  # Optional[X] / X | None
+        optional = origin in (typing.Union, types.UnionType)  # Optional[X] / X | None
+        if optional:
             hint = next(a for a in args if a is not type(None))
             origin, args = typing.get_origin(hint), typing.get_args(hint)
         if hint is bool:
-            kwargs["action"] = "store_true"
+            # Optional[bool]: an override that can say yes or no (--freeze-vit / --no-freeze-vit)
+            kwargs["action"] = argparse.BooleanOptionalAction if optional else "store_true"
         elif origin is list:
             kwargs.update(nargs="+", type=args[0])
         elif origin is typing.Literal:

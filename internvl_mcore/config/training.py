@@ -23,14 +23,14 @@ class TrainConfig:
     """Tokens per packed sequence (packs are padded to it)."""
     train_iters: int = 10
     """Optimizer steps to run."""
-    lr: float = 1e-4
-    """Peak learning rate (a --stage preset sets its own unless given)."""
+    lr: Optional[float] = None
+    """Peak learning rate (default: the --stage preset's, else 1e-4)."""
     min_lr: float = 0.0
     """Learning rate at the end of decay."""
     lr_warmup_iters: int = 0
     """Linear warmup steps from 0 to --lr."""
-    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
-    """Decay after warmup, down to --min-lr at --train-iters."""
+    lr_decay_style: Optional[Literal["cosine", "linear", "constant"]] = None
+    """Decay after warmup, down to --min-lr at --train-iters (default: the stage's, else cosine)."""
     weight_decay: float = 0.0
     """AdamW weight decay (not applied to norms and biases)."""
     adam_beta1: float = 0.9
@@ -48,7 +48,66 @@ class TrainConfig:
     bf16: bool = False
     """Train in bf16 with fp32 master weights (fp32 is the CPU default)."""
     loss_reduction: Literal["token", "sample", "square"] = "token"
-    """InternVL loss averaging: over all target tokens, per sample then mean, or 1/sqrt(len) weights."""
+    """InternVL's loss weighting: each target token weighs 1 (token), 1/n (sample) or 1/sqrt(n)
+    (square), n = target tokens of its sample; the step minimizes sum(w*loss)/sum(w) over the batch."""
+    stage: Optional[Literal["1", "1.5", "2", "finetune"]] = None
+    """Training-stage preset (trainable parts, lr, schedule, drop path; see STAGES); flags override it."""
+    freeze_vit: Optional[bool] = None
+    """Freeze the vision encoder (overrides the stage)."""
+    freeze_llm: Optional[bool] = None
+    """Freeze the language model (overrides the stage)."""
+    freeze_projector: Optional[bool] = None
+    """Freeze the projector (overrides the stage)."""
+    unfreeze_vit_layers: int = 0
+    """Train the last N ViT blocks even when the ViT is frozen."""
+    drop_path_rate: Optional[float] = None
+    """ViT stochastic-depth rate of the last block (overrides the stage)."""
+    peak_flops: Optional[float] = None
+    """Peak FLOP/s per rank used for MFU (default: measured by a short fp32 matmul at start-up)."""
+
+
+@dataclass(frozen=True)
+class StagePreset:
+    """What a training stage trains and how (InternVL's recipe; explicit flags override)."""
+
+    train_vit: bool
+    """The vision encoder gets gradients."""
+    train_projector: bool
+    """The projector gets gradients."""
+    train_llm: bool
+    """The language model gets gradients."""
+    lr: float
+    """Peak learning rate."""
+    lr_decay_style: str = "cosine"
+    """Schedule after warmup."""
+    drop_path_rate: float = 0.0
+    """ViT drop-path rate of the last block."""
+
+
+STAGES: dict[str, StagePreset] = {
+    "1": StagePreset(train_vit=False, train_projector=True, train_llm=False, lr=2e-4),
+    "1.5": StagePreset(train_vit=True, train_projector=True, train_llm=True, lr=1e-5),
+    "2": StagePreset(train_vit=True, train_projector=True, train_llm=True, lr=4e-5, drop_path_rate=0.1),
+    "finetune": StagePreset(train_vit=False, train_projector=True, train_llm=True, lr=2e-5),
+}
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and resuming."""
+
+    save: Optional[str] = None
+    """Directory to write checkpoints to (iter_NNNNNNN/ + latest_checkpointed_iteration.txt)."""
+    load: Optional[str] = None
+    """Resume from the latest checkpoint in this directory (model, optimizer, schedule, RNG, data)."""
+    save_interval: int = 0
+    """Save every N iterations (0: only at the end when --save is given)."""
+    exit_interval: int = 0
+    """Stop after an iteration divisible by N (saving first when --save is given)."""
+    pretrained: Optional[str] = None
+    """Start from these weights only: a training checkpoint directory or a converted HF checkpoint."""
+    no_load_optim: bool = False
+    """With --load: take model weights, iteration and data position, but fresh optimizer state."""
 
 
 @dataclass
@@ -89,3 +148,5 @@ class RunConfig:
     """Data source."""
     log: LogConfig
     """Reporting."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving and resuming."""

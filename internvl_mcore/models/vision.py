@@ -22,6 +22,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from torch import nn
 
 from ..config.model import VisionConfig
@@ -47,6 +48,11 @@ class FullWidthQKNorm(nn.Module):
         self.weight.partition_dim = 0
         self.weight.partition_stride = 1
         self._tp_group = None
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Any = None) -> dict:
+        """Checkpoint the weight as split over TP along dim 0 (megatron-core would call it replicated)."""
+        state = self.state_dict(prefix="", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(state, prefix, {"weight": 0}, sharded_offsets)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (S, B, heads_local, head_dim)
         xf = x.float()

@@ -67,6 +67,9 @@ TORCH_PROXY_MODULES: dict[str, tuple[str, ...]] = {
     "megatron.core.dist_checkpointing.strategies.async_utils": ("AsyncCaller",),
     "megatron.core.dist_checkpointing.strategies.state_dict_saver": ("save_state_dict_async_plan",),
     "megatron.core.dist_checkpointing.exchange_utils": ("exchange_by_distribution",),
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": ("FileSystemWriterAsync.preload_tensors",),
+    "megatron.core.dist_checkpointing.strategies.fully_parallel": ("FullyParallelSaveStrategyWrapper",),
+    "megatron.core.dist_checkpointing.strategies.torch": ("_unwrap_pyt_sharded_tensor",),
 }
 
 # functions whose bodies call Tensor.cuda() or compare Tensor.type() with CUDA type names

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -22,6 +23,8 @@ class Batch:
     """(n+1,) int32 sample boundaries over the batch-major flattened B*S tokens."""
     pixel_values: torch.Tensor
     """(T, 3, H, W) float32 normalized tiles of every image, in batch order."""
+    loss_weight: Optional[torch.Tensor] = None
+    """(B, S) float32 per-token loss weights (set by the loop from --loss-reduction; None = loss_mask)."""
 
     @staticmethod
     def collate(samples: list[dict], seq_length: int) -> "Batch":
@@ -43,4 +46,4 @@ class Batch:
 
     def to(self, device: torch.device | str) -> "Batch":
         """The same batch on `device`."""
-        return Batch(**{k: v.to(device) for k, v in self.__dict__.items()})
+        return Batch(**{k: None if v is None else v.to(device) for k, v in self.__dict__.items()})

@@ -1,22 +1,58 @@
-"""The training loop: megatron-core schedules, DDP, (distributed) optimizer, LR schedule, logging.
-
-`pretrain_internvl.py` only parses flags into a `RunConfig` and calls `train`.
+"""The training loop: megatron-core schedules, DDP, (distributed) optimizer, LR schedule, freezing,
+checkpoints, logging. `pretrain_internvl.py` only parses flags into a `RunConfig` and calls `train`.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
+import functools
 import time
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ..config.training import RunConfig
 from ..parallel.state import init_distributed
+from . import checkpoint
 from .batch import Batch
-from .mock import mock_batches
+from .data import MockBatches, ShardBatches, build_batches, loss_weights
+from .metrics import Reporter
+from .stages import Plan, apply_freeze, resolve
 from .step import forward_step
+
+
+class ConfigError(ValueError):
+    """A flag combination that cannot work; the message names the flags."""
+
+
+def validate(run: RunConfig) -> Plan:
+    """Refuse contradictory flags before any process group is created."""
+    t, p, c = run.train, run.parallel, run.checkpoint
+    problems = []
+    if p.sequence_parallel and p.tensor_model_parallel_size == 1:
+        problems.append("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if p.context_parallel_size > 1:
+        problems.append("--context-parallel-size > 1 is accepted by the parser but not implemented in "
+                        "training yet (it would otherwise silently do nothing)")
+    if t.lr_warmup_iters > t.train_iters:
+        problems.append(f"--lr-warmup-iters {t.lr_warmup_iters} exceeds --train-iters {t.train_iters}")
+    if c.load and c.pretrained:
+        problems.append("--load resumes a run and --pretrained starts one: give one of them")
+    if c.save_interval and not c.save:
+        problems.append("--save-interval needs --save DIR")
+    if run.data.mock_data and run.data.data_path:
+        problems.append("--mock-data and --data-path exclude each other")
+    if t.micro_batch_size < 1 or t.global_batch_size < t.micro_batch_size:
+        problems.append(f"--global-batch-size {t.global_batch_size} must be >= --micro-batch-size {t.micro_batch_size} >= 1")
+    try:
+        plan = resolve(t, run.model.vision.num_layers)
+    except ValueError as exc:
+        problems.append(str(exc))
+        plan = None
+    if problems:
+        raise ConfigError("refusing to start:\n  " + "\n  ".join(problems))
+    return plan
 
 
 @dataclass
@@ -24,15 +60,19 @@ class Trainer:
     """Everything a step needs, built once by `setup`."""
 
     run: RunConfig
+    plan: Plan
     model: list  # megatron-core DDP-wrapped model chunks (one: no virtual pipeline)
-    optimizer: object
-    scheduler: object
+    optimizer: Any
+    scheduler: Any
+    batches: ShardBatches | MockBatches
     num_microbatches: int
     dp_size: int
+    iteration: int = 0
 
 
 def setup(run: RunConfig) -> Trainer:
-    """Join the job, build this rank's model stage, wrap it in DDP, build optimizer and schedule."""
+    """Join the job, build this rank's model stage, freeze, load weights, wrap in DDP, build the
+    optimizer and LR schedule, and resume from --load."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -41,15 +81,23 @@ def setup(run: RunConfig) -> Trainer:
     from ..models.internvl import build_model
     from ..models.weights import init_weights
 
+    plan = validate(run)
+    model_cfg = run.model.replace(vision=dataclasses.replace(run.model.vision, drop_path_rate=plan.drop_path_rate))
+    run = dataclasses.replace(run, model=model_cfg)
     t = run.train
     init_distributed(run.parallel, t.seed)
     dp = parallel_state.get_data_parallel_world_size()
     if t.global_batch_size % (t.micro_batch_size * dp):
-        raise ValueError(f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
-                         f"{t.micro_batch_size} x data-parallel size {dp}")
+        raise ConfigError(f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
+                          f"{t.micro_batch_size} x data-parallel size {dp}")
     dtype = torch.bfloat16 if t.bf16 else torch.float32
-    model = build_model(run.model, run.parallel, dtype=dtype)
-    init_weights(model, run.model, seed=t.seed)
+    model = build_model(model_cfg, run.parallel, dtype=dtype)
+    init_weights(model, model_cfg, seed=t.seed)
+    if run.checkpoint.pretrained:
+        kind = checkpoint.load_weights(run.checkpoint.pretrained, model, model_cfg)
+        if dist.get_rank() == 0:
+            print(f"loaded weights from {kind} {run.checkpoint.pretrained}", flush=True)
+    apply_freeze(model, plan)
     config = model.config
     ddp = DistributedDataParallel(
         config=config,
@@ -57,87 +105,110 @@ def setup(run: RunConfig) -> Trainer:
                                                  use_distributed_optimizer=t.use_distributed_optimizer),
         module=model)
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+        OptimizerConfig(optimizer="adam", lr=plan.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
                         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
                         clip_grad=t.clip_grad, bf16=t.bf16, params_dtype=dtype,
                         use_distributed_optimizer=t.use_distributed_optimizer),
         [ddp])
     g = t.global_batch_size
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.lr_warmup_iters * g,
-        lr_decay_steps=max(t.train_iters * g, 1), lr_decay_style=t.lr_decay_style,
+        optimizer, init_lr=0.0, max_lr=plan.lr, min_lr=t.min_lr, lr_warmup_steps=t.lr_warmup_iters * g,
+        lr_decay_steps=max(t.train_iters * g, 1), lr_decay_style=plan.lr_decay_style,
         start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=max(t.train_iters * g, 1),
         wd_incr_style="constant")
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp.no_sync
-    return Trainer(run, [ddp], optimizer, scheduler, g // (t.micro_batch_size * dp), dp)
+    batches = build_batches(run, parallel_state.get_data_parallel_rank(), dp)
+    trainer = Trainer(run, plan, [ddp], optimizer, scheduler, batches, g // (t.micro_batch_size * dp), dp)
+    if run.checkpoint.load:
+        iteration, data_state = checkpoint.load(run.checkpoint.load, ddp, optimizer, scheduler, model_cfg,
+                                                run.parallel, load_optim=not run.checkpoint.no_load_optim)
+        trainer.iteration = iteration
+        if data_state is not None:
+            batches.load_state_dict(data_state)
+        if dist.get_rank() == 0:
+            print(f"resumed from {run.checkpoint.load} at iteration {iteration}", flush=True)
+    return trainer
 
 
-def data_iterator(trainer: Trainer, start_iteration: int = 0) -> Iterator[Batch]:
-    """This rank's microbatches."""
+def _step_batches(trainer: Trainer) -> tuple[list[Batch], float]:
+    """This step's microbatches with their loss weights, and the T / W scale of `step.loss_func`
+    (T target tokens and W total weight over the global batch)."""
     from megatron.core import parallel_state
 
-    run = trainer.run
-    if not run.data.mock_data:
-        raise NotImplementedError("training on --data-path shards is not wired yet; use --mock-data")
-    return mock_batches(run.model, run.train.seed, run.train.seq_length, run.data.mock_tiles_per_sample,
-                        run.train.micro_batch_size, run.train.global_batch_size,
-                        parallel_state.get_data_parallel_rank(), trainer.dp_size, start_iteration)
+    batches = [next(trainer.batches) for _ in range(trainer.num_microbatches)]
+    reduction = trainer.run.train.loss_reduction
+    if reduction == "token":
+        return batches, 1.0
+    totals = torch.zeros(2, dtype=torch.float64)
+    for b in batches:
+        b.loss_weight = loss_weights(b, reduction)
+        totals += torch.tensor([float(b.loss_mask.sum()), float(b.loss_weight.sum())], dtype=torch.float64)
+    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    return batches, float(totals[0] / totals[1]) if totals[1] > 0 else 1.0
 
 
-def train_step(trainer: Trainer, batches: Iterator[Batch]) -> dict:
+def train_step(trainer: Trainer) -> dict:
     """One optimizer step over `num_microbatches` microbatches; returns loss/grad-norm/lr."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     t = trainer.run.train
     ddp = trainer.model[0]
+    batches, scale = _step_batches(trainer)
     ddp.zero_grad_buffer()
     trainer.optimizer.zero_grad()
     losses = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=batches, model=trainer.model,
-        num_microbatches=trainer.num_microbatches, seq_length=t.seq_length,
+        forward_step_func=functools.partial(forward_step, scale=scale), data_iterator=iter(batches),
+        model=trainer.model, num_microbatches=trainer.num_microbatches, seq_length=t.seq_length,
         micro_batch_size=t.micro_batch_size, forward_only=False)
     _, grad_norm, _ = trainer.optimizer.step()
     trainer.scheduler.step(increment=t.global_batch_size)
-    # the loss lives on the last pipeline stage; sum it over microbatches and data-parallel ranks
+    trainer.iteration += 1
+    # the loss lives on the last pipeline stage: sum over microbatches and data-parallel ranks,
+    # then hand it to every rank so any rank can log
     totals = torch.zeros(2, dtype=torch.float64)
     if parallel_state.is_pipeline_last_stage():
         for item in losses:
             totals += item["lm loss"].to(torch.float64)
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
+    tokens = sum(int((b.tokens != trainer.run.model.pad_token_id).sum()) for b in batches)
     return {"loss": float(totals[0] / totals[1]) if totals[1] > 0 else float("nan"),
-            "target_tokens": int(totals[1]),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "lr": trainer.optimizer.param_groups[0]["lr"]}
+            "lr": trainer.optimizer.param_groups[0]["lr"],
+            "tiles": sum(int(b.pixel_values.shape[0]) for b in batches) * trainer.dp_size,
+            "nonpad_tokens": tokens * trainer.dp_size}
+
+
+def save(trainer: Trainer) -> None:
+    """Checkpoint the current iteration under --save."""
+    run = trainer.run
+    checkpoint.save(run.checkpoint.save, trainer.iteration, trainer.model[0], trainer.optimizer,
+                    trainer.scheduler, run.model, run.parallel, data_state=trainer.batches.state_dict(),
+                    extra={"plan": dataclasses.asdict(trainer.plan)})
+    if dist.get_rank() == 0:
+        print(f"saved checkpoint at iteration {trainer.iteration} to {run.checkpoint.save}", flush=True)
 
 
 def train(run: RunConfig) -> list[dict]:
-    """Run `train_iters` steps; the last rank (on the last pipeline stage) logs and returns records."""
+    """Train until --train-iters (or --exit-interval); returns the logged records."""
     trainer = setup(run)
-    batches = data_iterator(trainer)
-    t, log = run.train, run.log
-    is_logger = dist.get_rank() == dist.get_world_size() - 1
-    jsonl = open(log.log_jsonl, "a") if (log.log_jsonl and is_logger) else None
-    records = []
+    run = trainer.run
+    t, c = run.train, run.checkpoint
+    reporter = Reporter(run, trainer)
     try:
-        for iteration in range(1, t.train_iters + 1):
+        while trainer.iteration < t.train_iters:
             start = time.perf_counter()
-            stats = train_step(trainer, batches)
-            elapsed = time.perf_counter() - start
-            tokens = t.global_batch_size * t.seq_length
-            record = {"iteration": iteration, **stats, "tokens_per_s": tokens / elapsed,
-                      "samples_per_s": t.global_batch_size / elapsed, "step_time_s": elapsed}
-            records.append(record)
-            if is_logger:
-                if jsonl:
-                    jsonl.write(json.dumps(record) + "\n")
-                    jsonl.flush()
-                if iteration % log.log_interval == 0:
-                    print(f"iteration {iteration:6d}/{t.train_iters} | loss {record['loss']:.6e} | "
-                          f"lr {record['lr']:.3e} | grad_norm {record['grad_norm']:.4f} | "
-                          f"tokens/s {record['tokens_per_s']:.1f}", flush=True)
+            stats = train_step(trainer)
+            reporter.report(trainer.iteration, stats, time.perf_counter() - start)
+            at_exit = bool(c.exit_interval) and trainer.iteration % c.exit_interval == 0
+            if c.save and ((c.save_interval and trainer.iteration % c.save_interval == 0)
+                           or at_exit or trainer.iteration == t.train_iters):
+                save(trainer)
+            if at_exit:
+                break
     finally:
-        if jsonl:
-            jsonl.close()
-    return records
+        reporter.close()
+    return reporter.records

@@ -9,21 +9,24 @@ import torch
 from .batch import Batch
 
 
-def loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Sum of masked per-token losses and the number of target tokens.
+def loss_func(weights: torch.Tensor, scale: float, per_token_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Weighted sum of per-token losses, and the number of target tokens.
 
-    With `calculate_per_token_loss`, megatron-core adds the counts over microbatches and
-    data-parallel ranks and divides the gradients by the total once (finalize_model_grads), so the
-    step optimizes the mean over every target token of the global batch, whatever the layout."""
-    mask = loss_mask.float()
-    loss_sum = (per_token_loss.float() * mask).sum()
-    count = mask.sum()
-    return loss_sum, count.to(torch.int), {"lm loss": torch.stack([loss_sum.detach(), count])}
+    With `calculate_per_token_loss`, megatron-core adds the target-token counts T over microbatches
+    and data-parallel ranks and divides the gradients by T once (finalize_model_grads). The step is
+    meant to minimize sum(w * loss) / W (W = sum of weights over the global batch), so the sum is
+    scaled by T / W (`scale`, 1 for token reduction where w is the mask and W = T)."""
+    w = weights.float()
+    weighted = (per_token_loss.float() * w).sum()
+    count = (w > 0).sum()
+    out = weighted * scale if scale != 1.0 else weighted
+    return out, count.to(torch.int), {"lm loss": torch.stack([weighted.detach(), w.sum()])}
 
 
-def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
+def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module, scale: float = 1.0) -> tuple[torch.Tensor, Callable]:
     """Run one microbatch through this stage; the loss function runs on the last stage only."""
     batch = next(data_iterator)
     output = model(batch.tokens, batch.position_ids, pixel_values=batch.pixel_values,
                    labels=batch.labels, cu_seqlens=batch.cu_seqlens)
-    return output, functools.partial(loss_func, batch.loss_mask)
+    weights = batch.loss_weight if batch.loss_weight is not None else batch.loss_mask
+    return output, functools.partial(loss_func, weights, scale)

@@ -1,0 +1,101 @@
+"""A small real dataset that ships with scikit-learn: 1,797 handwritten 8x8 digits, as InternVL data.
+
+`build_digits_dataset` writes PNG images (upscaled), InternVL-format JSONL (single-image "What digit
+is shown?", multi-image "Which of these images shows a 3?", and text-only arithmetic), a meta JSON,
+a fixed held-out split, and a tokenizer for the debug models (`train_tiny_tokenizer`, vocab 500:
+its chat-token ids are the `debug` preset's). Used by the demo, the examples and the tests.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .testing import tiny_corpus
+from .tokenizer import load_tokenizer, train_tiny_tokenizer
+
+QUESTION = "What digit is shown?"
+TOKENIZER_VOCAB = 500  # BPE vocab; the chat tokens follow at 500.. (see config/presets.py: debug)
+
+
+@dataclass
+class DigitsDataset:
+    """Paths of a built dataset."""
+
+    root: str
+    meta: str
+    """InternVL meta JSON of the training split."""
+    heldout: str
+    """JSONL of held-out single-image questions ({"image", "question", "answer"})."""
+    tokenizer: str
+    """Tokenizer directory."""
+    num_train: int
+    num_heldout: int
+
+
+def _digit_png(pixels: np.ndarray, path: str, size: int) -> None:
+    img = Image.fromarray((pixels * (255.0 / 16.0)).clip(0, 255).astype(np.uint8), mode="L")
+    img.resize((size, size), Image.BILINEAR).convert("RGB").save(path)
+
+
+def build_digits_dataset(root: str, image_size: int = 56, heldout_fraction: float = 0.2, seed: int = 0,
+                         multi_image: int = 300, text_only: int = 200) -> DigitsDataset:
+    """Write the dataset under `root` (idempotent for the same arguments)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images, labels = digits.images, digits.target
+    n = len(labels)
+    order = np.random.RandomState(seed).permutation(n)
+    n_held = int(round(n * heldout_fraction))
+    held, train = order[:n_held], order[n_held:]
+    img_dir = os.path.join(root, "images")
+    os.makedirs(img_dir, exist_ok=True)
+    for i in range(n):
+        path = os.path.join(img_dir, f"{i:04d}.png")
+        if not os.path.exists(path):
+            _digit_png(images[i], path, image_size)
+
+    rng = random.Random(seed)
+    lines = []
+    for i in train:
+        lines.append({"id": f"single-{i}", "image": f"{i:04d}.png", "conversations": [
+            {"from": "human", "value": f"<image>\n{QUESTION}"},
+            {"from": "gpt", "value": str(int(labels[i]))}]})
+    for k in range(multi_image):
+        pick = rng.sample(list(train), 3)
+        target = int(labels[pick[rng.randrange(3)]])
+        answer = next(j + 1 for j, i in enumerate(pick) if labels[i] == target)
+        question = "".join(f"Image-{j + 1}: <image>\n" for j in range(3)) + f"Which of these images shows a {target}?"
+        lines.append({"id": f"multi-{k}", "image": [f"{i:04d}.png" for i in pick], "conversations": [
+            {"from": "human", "value": question}, {"from": "gpt", "value": f"Image-{answer}"}]})
+    for k in range(text_only):
+        a, b = rng.randrange(5), rng.randrange(5)
+        lines.append({"id": f"text-{k}", "conversations": [
+            {"from": "human", "value": f"What is {a} + {b}?"}, {"from": "gpt", "value": str(a + b)}]})
+    rng.shuffle(lines)
+    train_jsonl = os.path.join(root, "digits_train.jsonl")
+    with open(train_jsonl, "w") as f:
+        for line in lines:
+            f.write(json.dumps(line) + "\n")
+    heldout = os.path.join(root, "digits_heldout.jsonl")
+    with open(heldout, "w") as f:
+        for i in held:
+            f.write(json.dumps({"image": os.path.join(img_dir, f"{i:04d}.png"), "question": QUESTION,
+                                "answer": str(int(labels[i]))}) + "\n")
+    meta = os.path.join(root, "meta.json")
+    with open(meta, "w") as f:
+        json.dump({"digits": {"root": img_dir, "annotation": train_jsonl, "data_augment": False,
+                              "max_dynamic_patch": 1, "repeat_time": 1, "length": len(lines)}}, f, indent=2)
+    tok_dir = os.path.join(root, "tokenizer")
+    if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+        texts = tiny_corpus(2000, seed) + [json.dumps(line["conversations"]) for line in lines]
+        train_tiny_tokenizer(texts, tok_dir, vocab_size=TOKENIZER_VOCAB)
+        base = load_tokenizer(tok_dir).token_to_id("<|endoftext|>")
+        if base != TOKENIZER_VOCAB:
+            raise RuntimeError(f"tiny tokenizer learned {base} BPE tokens, expected {TOKENIZER_VOCAB}")
+    return DigitsDataset(root, meta, heldout, tok_dir, len(lines), n_held)

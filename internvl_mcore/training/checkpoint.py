@@ -1,0 +1,210 @@
+"""Training checkpoints: megatron-core dist_checkpointing for model + optimizer, small files for the rest.
+
+    SAVE/iter_0000010/            one checkpoint (dist_checkpointing: layout-independent tensors)
+        run.json                  iteration, LR-schedule state, model config, layout, format version
+        rank_00003.pt             per-rank RNG states and data-loader position
+    SAVE/latest_checkpointed_iteration.txt
+
+A checkpoint is written into tmp_iter_NNNNNNN/ and renamed only when every rank has finished, then
+the `latest` pointer is replaced atomically, so a crash mid-save leaves the previous checkpoint as
+the one `--load` finds. Loading into another TP/PP/DP layout restores the model weights (megatron-core
+reshards them); optimizer state, RNG and data position are restored only on the same layout.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config.model import ModelConfig, ParallelConfig
+
+TRACKER = "latest_checkpointed_iteration.txt"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used, with the path and the reason."""
+
+
+def _iter_dir(root: str | Path, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(root: str | Path) -> int:
+    """The iteration the `latest` pointer names; errors say what is missing."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CheckpointError(f"--load {root}: no such directory")
+    tracker = root / TRACKER
+    if not tracker.exists():
+        raise CheckpointError(f"--load {root}: no {TRACKER} (no complete checkpoint was saved there)")
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{tracker}: expected an iteration number, found {text!r}")
+    iteration = int(text)
+    if not _iter_dir(root, iteration).is_dir():
+        raise CheckpointError(f"{tracker} names iteration {iteration} but {_iter_dir(root, iteration)} is missing")
+    return iteration
+
+
+def is_training_checkpoint(path: str | Path) -> bool:
+    """A directory written by `save` (a root with the tracker, or one iter_ directory)."""
+    path = Path(path)
+    return (path / TRACKER).exists() or (path / "run.json").exists()
+
+
+def rng_state() -> dict:
+    """Every random stream a step draws from on this rank."""
+    from megatron.core import tensor_parallel
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore `rng_state()`."""
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _layout(par: ParallelConfig, dp: int) -> dict:
+    return {"tensor_model_parallel_size": par.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": par.pipeline_model_parallel_size,
+            "context_parallel_size": par.context_parallel_size, "data_parallel_size": dp}
+
+
+def _model_module(model_chunk: torch.nn.Module) -> torch.nn.Module:
+    return model_chunk.module if hasattr(model_chunk, "module") else model_chunk
+
+
+def save(root: str | Path, iteration: int, model_chunk: torch.nn.Module, optimizer: Any, scheduler: Any,
+         model_cfg: ModelConfig, par: ParallelConfig, data_state: Any = None, extra: Optional[dict] = None) -> Path:
+    """Write checkpoint `iteration` under `root` atomically (collective: every rank calls it)."""
+    from megatron.core import dist_checkpointing, parallel_state
+
+    root = Path(root)
+    rank = dist.get_rank()
+    tmp, final = root / f"tmp_iter_{iteration:07d}", _iter_dir(root, iteration)
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left over from a save that was interrupted
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    module = _model_module(model_chunk)
+    model_sd = module.sharded_state_dict()
+    state = {"model": model_sd}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd)
+    dist_checkpointing.save(state, str(tmp))
+    torch.save({"rng": rng_state(), "data": data_state}, tmp / f"rank_{rank:05d}.pt")
+    if rank == 0:
+        info = {"format_version": FORMAT_VERSION, "iteration": iteration,
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "model": dataclasses.asdict(model_cfg),
+                "layout": _layout(par, parallel_state.get_data_parallel_world_size()),
+                "world_size": dist.get_world_size(), **(extra or {})}
+        (tmp / "run.json").write_text(json.dumps(info, indent=2, default=str))
+    dist.barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer = root / (TRACKER + ".tmp")
+        pointer.write_text(str(iteration))
+        with open(pointer) as f:
+            os.fsync(f.fileno())
+        os.replace(pointer, root / TRACKER)
+    dist.barrier()
+    return final
+
+
+def _check_model(info: dict, model_cfg: ModelConfig, where: Path) -> None:
+    saved = info.get("model", {})
+    mine = dataclasses.asdict(model_cfg)
+    diffs = []
+    for part in ("vision", "llm"):
+        for key, value in mine[part].items():
+            if key in ("drop_path_rate", "layer_scale_init"):
+                continue  # training knobs, not shapes
+            if saved.get(part, {}).get(key) != value:
+                diffs.append(f"{part}.{key}: checkpoint {saved.get(part, {}).get(key)!r}, model {value!r}")
+    for key in ("downsample_ratio", "img_context_token_id"):
+        if saved.get(key) != mine[key]:
+            diffs.append(f"{key}: checkpoint {saved.get(key)!r}, model {mine[key]!r}")
+    if diffs:
+        raise CheckpointError(f"{where} was saved for model {saved.get('name')!r}, not {model_cfg.name!r}:\n  "
+                              + "\n  ".join(diffs))
+
+
+def load(root: str | Path, model_chunk: torch.nn.Module, optimizer: Any, scheduler: Any, model_cfg: ModelConfig,
+         par: ParallelConfig, load_optim: bool = True) -> tuple[int, Any]:
+    """Resume from the latest checkpoint under `root`. Returns (iteration, this rank's data state or
+    None when the layout changed and only weights were restored)."""
+    from megatron.core import dist_checkpointing, parallel_state
+
+    iteration = latest_iteration(root)
+    path = _iter_dir(root, iteration)
+    info = json.loads((path / "run.json").read_text())
+    _check_model(info, model_cfg, path)
+    same_layout = info["layout"] == _layout(par, parallel_state.get_data_parallel_world_size())
+    module = _model_module(model_chunk)
+    model_sd = module.sharded_state_dict()
+    state = {"model": model_sd}
+    restore_all = same_layout and load_optim and optimizer is not None
+    if restore_all:
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
+    loaded = dist_checkpointing.load(state, str(path))
+    module.load_state_dict(loaded["model"], strict=True)
+    if not same_layout:
+        if dist.get_rank() == 0:
+            print(f"checkpoint {path} was saved with layout {info['layout']}; restored model weights only",
+                  flush=True)
+        return iteration, None
+    if restore_all:
+        optimizer.load_state_dict(loaded["optimizer"])
+        if scheduler is not None and info.get("scheduler") is not None:
+            scheduler.load_state_dict(info["scheduler"])
+    rank_file = path / f"rank_{dist.get_rank():05d}.pt"
+    extra = torch.load(rank_file, weights_only=False)
+    set_rng_state(extra["rng"])
+    return iteration, extra["data"]
+
+
+def load_weights(path: str | Path, model_chunk: torch.nn.Module, model_cfg: ModelConfig) -> str:
+    """Weights only (`--pretrained`): a training checkpoint (root or iter_ dir, any layout) or a
+    canonical checkpoint from tools/convert_from_hf.py. Returns which kind was read."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    module = _model_module(model_chunk)
+    if is_training_checkpoint(path):
+        if (path / TRACKER).exists():
+            path = _iter_dir(path, latest_iteration(path))
+        info = json.loads((path / "run.json").read_text())
+        _check_model(info, model_cfg, path)
+        loaded = dist_checkpointing.load({"model": module.sharded_state_dict()}, str(path))
+        module.load_state_dict(loaded["model"], strict=True)
+        return "training checkpoint"
+    from ..convert.checkpoint import CanonicalCheckpoint
+
+    if not path.exists():
+        raise CheckpointError(f"--pretrained {path}: no such file or directory")
+    ckpt = CanonicalCheckpoint.open(path)
+    _check_model({"model": dataclasses.asdict(ckpt.config), "name": ckpt.config.name}, model_cfg, path)
+    ckpt.load_into(module)
+    return "converted checkpoint"

@@ -1,0 +1,128 @@
+"""Where a rank's microbatches come from: preprocessed shards or mock data, as `Batch`es."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..config.training import RunConfig
+from .batch import Batch
+from .mock import mock_batches
+
+
+class ShardBatches:
+    """Microbatches from `PackedDataLoader` for one data-parallel rank, resumable by `state_dict`."""
+
+    def __init__(self, run: RunConfig, dp_rank: int, dp_size: int, decode_tiles: bool = True) -> None:
+        from ..data.loader import PackedDataLoader
+
+        try:
+            self.loader = PackedDataLoader(run.data.data_path, dp_rank=dp_rank, dp_size=dp_size,
+                                           seed=run.train.seed)
+        except (FileNotFoundError, ValueError) as exc:
+            raise ValueError(f"--data-path {' '.join(run.data.data_path)}: {exc}") from exc
+        self.cfg = run.model
+        for prefix in self.loader.prefixes:
+            check_manifest(prefix, run)
+        self.seq_length = run.train.seq_length
+        self.micro_batch_size = run.train.micro_batch_size
+
+    def __iter__(self) -> "ShardBatches":
+        return self
+
+    def __next__(self) -> Batch:
+        from ..data.loader import collate
+
+        packs = [next(self.loader) for _ in range(self.micro_batch_size)]
+        d = collate(packs, self.seq_length, self.cfg.pad_token_id)
+        ignore = d["labels"] < 0
+        return Batch(tokens=d["tokens"], labels=d["labels"].masked_fill(ignore, self.cfg.pad_token_id),
+                     loss_mask=d["loss_mask"], position_ids=d["position_ids"], cu_seqlens=d["cu_seqlens"],
+                     pixel_values=d["pixel_values"])
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+
+def check_manifest(prefix: str, run: RunConfig) -> None:
+    """Refuse shards made for another model: special-token ids, image tokens per tile, vocab, length."""
+    import json
+
+    from ..data.shards import manifest_path
+
+    path = manifest_path(prefix)
+    try:
+        manifest = json.loads(open(path).read())
+    except FileNotFoundError:
+        raise ValueError(f"--data-path {prefix}: no manifest {path} (not made by tools/preprocess_mm_data.py?)") from None
+    cfg, tok = run.model, manifest.get("tokenizer", {})
+    expected = {"img_start_id": cfg.img_start_token_id, "img_end_id": cfg.img_end_token_id,
+                "img_context_id": cfg.img_context_token_id}
+    problems = [f"{key} {tok.get(key)} (model --model {cfg.name}: {value})"
+                for key, value in expected.items() if tok.get(key) != value]
+    if manifest.get("num_image_token") != cfg.num_image_token:
+        problems.append(f"num_image_token {manifest.get('num_image_token')} (model: {cfg.num_image_token})")
+    if tok.get("vocab_size", 0) > cfg.llm.vocab_size:
+        problems.append(f"tokenizer vocab {tok.get('vocab_size')} > model vocab {cfg.llm.vocab_size}")
+    if manifest.get("seq_length", 0) > run.train.seq_length:
+        problems.append(f"packs of up to {manifest.get('seq_length')} tokens > --seq-length {run.train.seq_length}")
+    if problems:
+        raise ValueError(f"{path} does not fit the model: " + "; ".join(problems))
+
+
+class MockBatches:
+    """`mock_batches` with a resumable position (the iteration it starts at)."""
+
+    def __init__(self, run: RunConfig, dp_rank: int, dp_size: int) -> None:
+        self.run, self.dp_rank, self.dp_size = run, dp_rank, dp_size
+        self.start(0)
+
+    def start(self, iteration: int) -> None:
+        t = self.run.train
+        self.first_iteration, self.served = iteration, 0
+        self.per_step = t.global_batch_size // (t.micro_batch_size * self.dp_size)
+        self._it = mock_batches(self.run.model, t.seed, t.seq_length, self.run.data.mock_tiles_per_sample,
+                                t.micro_batch_size, t.global_batch_size, self.dp_rank, self.dp_size, iteration)
+
+    def __iter__(self) -> "MockBatches":
+        return self
+
+    def __next__(self) -> Batch:
+        self.served += 1
+        return next(self._it)
+
+    def state_dict(self) -> dict:
+        return {"mock_iteration": self.first_iteration + self.served // self.per_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start(state["mock_iteration"])
+
+
+def build_batches(run: RunConfig, dp_rank: int, dp_size: int) -> ShardBatches | MockBatches:
+    """The microbatch stream of this data-parallel rank."""
+    if run.data.mock_data:
+        return MockBatches(run, dp_rank, dp_size)
+    return ShardBatches(run, dp_rank, dp_size)
+
+
+def loss_weights(batch: Batch, reduction: str) -> torch.Tensor:
+    """(B, S) per-token weights: InternVL's len2weight of each sample's number of target tokens n:
+    1 (token), 1/n (sample), 1/sqrt(n) (square); 0 where no loss."""
+    mask = batch.loss_mask
+    if reduction == "token":
+        return mask
+    flat = mask.reshape(-1)
+    cu = batch.cu_seqlens.long()
+    seg = torch.bucketize(torch.arange(flat.numel()), cu[1:], right=True)  # segment of every token
+    n = torch.zeros(len(cu) - 1).scatter_add_(0, seg, flat)
+    per_seg = {"sample": 1.0 / n.clamp_min(1.0), "square": n.clamp_min(1.0).rsqrt()}[reduction]
+    return (per_seg[seg] * flat).reshape(mask.shape)
+
+
+def advance_to(batches: ShardBatches | MockBatches, state: Optional[dict]) -> None:
+    """Continue a stream where a checkpoint left it."""
+    if state is not None:
+        batches.load_state_dict(state)

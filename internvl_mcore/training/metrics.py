@@ -1,0 +1,101 @@
+"""What a training run reports each --log-interval: stdout, --log-jsonl and tensorboard."""
+from __future__ import annotations
+
+import json
+import resource
+import time
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..config.training import RunConfig
+
+
+def measure_peak_flops(size: int = 1024, seconds: float = 0.5, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of a square matmul on this rank's device: the practical peak MFU is measured against."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    torch.matmul(a, b)  # warm up
+    n, start = 0, time.perf_counter()
+    while True:
+        torch.matmul(a, b)
+        n += 1
+        if device == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return 2.0 * size ** 3 * n / elapsed
+
+
+def peak_memory_bytes() -> int:
+    """Peak memory of this process: CUDA allocator peak on GPU, max resident set size on CPU."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def step_flops(run: RunConfig, stats: dict) -> Optional[float]:
+    """Model FLOPs of one optimizer step (forward + backward), from the capacity planner's count."""
+    try:
+        from ..plan.flops import train_step_flops
+    except ImportError:
+        return None
+    t = run.train
+    return float(train_step_flops(run.model, tokens_per_step=t.global_batch_size * t.seq_length,
+                                  tiles_per_step=stats["tiles"], seq_length=t.seq_length))
+
+
+class Reporter:
+    """Collects per-iteration records; the last rank (on the last pipeline stage) writes them."""
+
+    def __init__(self, run: RunConfig, trainer: Any) -> None:
+        self.run = run
+        self.records: list[dict] = []
+        self.world = dist.get_world_size()
+        self.is_writer = dist.get_rank() == self.world - 1
+        log = run.log
+        self.jsonl = open(log.log_jsonl, "a") if (log.log_jsonl and self.is_writer) else None
+        self.tb = None
+        if log.tensorboard_dir and self.is_writer:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log.tensorboard_dir)
+        self.peak_flops = run.train.peak_flops or measure_peak_flops()
+
+    def report(self, iteration: int, stats: dict, elapsed: float) -> dict:
+        t = self.run.train
+        tokens = t.global_batch_size * t.seq_length
+        record = {"iteration": iteration, "loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
+                  "tokens_per_s": tokens / elapsed, "nonpad_tokens_per_s": stats["nonpad_tokens"] / elapsed,
+                  "samples_per_s": t.global_batch_size / elapsed, "step_time_s": elapsed,
+                  "peak_memory_bytes": peak_memory_bytes()}
+        flops = step_flops(self.run, stats)
+        if flops is not None:
+            record["model_tflops_per_s_per_rank"] = flops / elapsed / self.world / 1e12
+            record["mfu"] = flops / elapsed / self.world / self.peak_flops
+            record["peak_flops_per_rank"] = self.peak_flops
+        self.records.append(record)
+        if self.is_writer:
+            if self.jsonl:
+                self.jsonl.write(json.dumps(record) + "\n")
+                self.jsonl.flush()
+            if self.tb:
+                for key, value in record.items():
+                    if key != "iteration":
+                        self.tb.add_scalar(f"train/{key}", value, iteration)
+                self.tb.flush()
+            if iteration % self.run.log.log_interval == 0:
+                mfu = f" | MFU {record['mfu'] * 100:.1f}%" if "mfu" in record else ""
+                print(f"iteration {iteration:6d}/{t.train_iters} | loss {record['loss']:.6e} | "
+                      f"lr {record['lr']:.3e} | grad_norm {record['grad_norm']:.4f} | "
+                      f"tokens/s {record['tokens_per_s']:.1f} | samples/s {record['samples_per_s']:.2f}{mfu} | "
+                      f"peak mem {record['peak_memory_bytes'] / 2**30:.2f} GiB", flush=True)
+        return record
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()
