@@ -190,6 +190,9 @@ def v2pe_position_ids(
     Rule (as InternVL's V2PE): text tokens, including `<img>` and `</img>`, advance by 1; the k-th
     `<IMG_CONTEXT>` of an image whose `<img>` sits at p gets p + k*delta; `</img>` gets
     ceil(last visual position) + 1.
+
+    Computed in float64 and returned as float32 (the dtype stored and fed to RoPE): exact for the
+    dyadic deltas 1 ... 1/256 while positions stay below 2**15 (any pack of <= 32k tokens).
     """
     tokens = np.asarray(tokens)
     spans = image_spans(tokens, img_start_id, img_end_id, img_context_id)

@@ -1,6 +1,6 @@
 """Orchestration of `tools/preprocess_mm_data.py`: records -> samples -> packs -> shards.
 
-    pass 1  records of every dataset, in meta order --(worker pool, ordered imap)--> samples
+    pass 1  records of every dataset, in meta order --(worker pool, ordered map)--> samples
             each sample: template + tokenize + tile (front end), V2PE positions, tile encoding;
             written one per "pack" to a temporary shard set, rejects to OUT.rejects.jsonl
     pass 2  pack_lengths(all sample lengths, seed) -> packs; copy samples from the temporary set
@@ -22,7 +22,7 @@ import re
 import shutil
 import time
 import traceback
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
@@ -31,8 +31,9 @@ import numpy as np
 from .packing import pack_fill, pack_lengths, v2pe_position_ids, v2pe_random_deltas
 from .sample import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, Reject, TokenizedSample
 from .shards import DEFAULT_TILE_FORMAT, TILE_FORMATS, EncodedSample, ShardReader, ShardWriter, encode_tiles
+from .template import INTERNVL2_5
 
-TEMPLATE = "internvl2_5"
+TEMPLATE = INTERNVL2_5.name  # the only chat template the front end implements
 
 
 @dataclass
@@ -223,8 +224,8 @@ def _run_in_worker(item: tuple[int, Any]) -> _Ok | Reject:
 # ------------------------------------------------------------------------------------------------
 
 
-def _records(cfg: PreprocessConfig) -> tuple[list, Iterator[tuple[int, Any]], int | None]:
-    """(dataset specs, (ordinal, record) stream over all datasets in order, expected count)."""
+def _records(cfg: PreprocessConfig) -> tuple[Iterator[tuple[int, Any]], int | None]:
+    """((ordinal, record) stream over all datasets in order, expected count for the progress bar)."""
     from .sources import iter_records, read_meta
 
     specs = [spec for m in cfg.meta for spec in read_meta(m)]
@@ -244,7 +245,7 @@ def _records(cfg: PreprocessConfig) -> tuple[list, Iterator[tuple[int, Any]], in
                 yield ordinal, rec
                 ordinal += 1
 
-    return specs, gen(), expected
+    return gen(), expected
 
 
 def _front_end_options(cfg: PreprocessConfig, num_image_token: int):
@@ -274,7 +275,7 @@ def manifest_arguments(cfg: PreprocessConfig) -> dict:
     return args
 
 
-def run_preprocess(cfg: PreprocessConfig, log=print) -> PreprocessResult:
+def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     """Build the shard set at cfg.output_prefix; returns counts (the CLI turns them into an exit code)."""
     from tqdm import tqdm
 
@@ -312,12 +313,12 @@ def run_preprocess(cfg: PreprocessConfig, log=print) -> PreprocessResult:
     lengths: list[int] = []
     quiet = None if cfg.progress else True  # None: tqdm shows itself only on a terminal
     try:
-        _, stream, expected = _records(cfg)
+        stream, expected = _records(cfg)
         tmp_writer = ShardWriter(tmp_prefix, tile_format=cfg.tile_format, tile_shape=tile_shape)
         with open(out + ".rejects.jsonl", "w") as rejects_file:
             if cfg.workers > 1:
                 pool = _pool(cfg.workers, ctx)
-                results = pool.imap(_run_in_worker, stream, chunksize=4)
+                results = _ordered_map(pool, _run_in_worker, stream, window=16 * cfg.workers)
             else:
                 pool = None
                 results = (process_record(ctx, o, r) for o, r in stream)
@@ -398,6 +399,22 @@ def _reject_json(r: Reject) -> dict:
     # between processes; drop them so the rejects file is byte-identical for any --workers.
     detail = _ADDRESS.sub("", r.detail)
     return {"location": f"{r.source_file}:{r.line}", "file": r.source_file, "line": r.line, "reason": r.reason, "detail": detail}
+
+
+def _ordered_map(pool, fn, items: Iterator, window: int) -> Iterator:
+    """`pool.imap(fn, items)` with at most `window` items in flight.
+
+    Pool.imap's feeder thread drains the whole input iterator into the task queue as fast as it
+    can read it; with parquet rows carrying image bytes that would pull the dataset into memory
+    when the workers are slower than the reader. Results still come back in input order.
+    """
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.apply_async(fn, (item,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 def _pool(workers: int, ctx: _WorkerContext):
