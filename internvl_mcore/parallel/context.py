@@ -1,0 +1,543 @@
+"""Context parallelism (CP) for the LLM's core attention, on CPU with gloo (and GPU without TE).
+
+A packed row of S tokens is cut into 2*C equal chunks and CP rank r keeps chunks r and 2C-1-r
+(megatron-core's load balancing: under a causal mask, an early chunk is cheap and a late one
+expensive, so every rank gets one of each). Everything per token -- hidden states, V2PE position
+ids, labels, loss mask -- is split with `split_for_cp`; `cu_seqlens` is NOT split: it keeps the
+global, batch-major sample boundaries and the attention turns them into per-token sample ids.
+
+`ContextParallelAttention` is a drop-in `core_attention` (same constructor/forward as
+`PackedSDPAttention` and megatron's `DotProductAttention`); `cp_comm_type` picks the scheme:
+
+- "p2p" (ring): each rank keeps its queries; the (K, V) blocks travel around the CP ring with
+  isend/irecv while the rank attends to the block it holds. Partial results are merged with their
+  log-sum-exp (online softmax). The backward runs the same ring: (K, V) travel again together with
+  their dK/dV accumulators, which arrive back home after C steps.
+- "a2a" (Ulysses): one all-to-all turns "my tokens, all heads" into "all tokens, my heads", a full
+  packed attention runs locally, and the inverse all-to-all restores the token split. Needs both
+  the query and the key/value head counts (per TP rank) divisible by C.
+- "a2a+p2p" (2D, LoongTrain's double ring idea with one ring): all-to-all inside groups of A ranks,
+  ring across the P groups (C = A*P). The groups are megatron-core's hierarchical CP groups
+  (`initialize_model_parallel(..., hierarchical_context_parallel_sizes=[A, P])`): level 0 holds A
+  consecutive CP ranks (the all-to-all), level 1 the ranks with the same index in every level-0
+  group (the ring).
+
+Masking is "same packed sample, and key position <= query position" (causal) or "same packed
+sample" (AttnMaskType.no_mask), exactly `PackedSDPAttention` on the unsplit row.
+
+GPU / transformer-engine: with TE, megatron-core's `TEDotProductAttention` already implements the
+same three flags (`cp_comm_type="p2p" | "a2a" | "a2a+p2p"`; for "a2a+p2p" it takes
+`cp_group=get_hierarchical_context_parallel_groups()`, the same [A-group, P-group] pair used here)
+and is what `cp_core_attention("te")` returns. TE's CP handles packed sequences only in the 'thd'
+format, where *each sample* (padded to a multiple of 2C) is split into 2C chunks
+(megatron-core's `get_thd_batch_on_this_cp_rank`), not the whole row as here: the data split must
+follow the backend (see the module's report / issue 6 notes).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from ..models.attention import PackedSDPAttention
+
+CP_COMM_TYPES = ("p2p", "a2a", "a2a+p2p")
+
+
+# ----------------------------------------------------------------------------------------------
+# load-balanced sequence split
+def _chunk_len(seq_len: int, cp_size: int) -> int:
+    if cp_size < 1:
+        raise ValueError(f"context_parallel.py: cp_size must be >= 1, got {cp_size}")
+    if seq_len % (2 * cp_size):
+        raise ValueError(f"context_parallel.py: sequence length {seq_len} is not divisible by "
+                         f"2 x --context-parallel-size = {2 * cp_size}; pad the packs")
+    return seq_len // (2 * cp_size)
+
+
+def cp_chunk_starts(seq_len: int, cp_rank: int, cp_size: int) -> list[int]:
+    """Global start positions of the two chunks CP rank `cp_rank` holds, in local order."""
+    length = _chunk_len(seq_len, cp_size)
+    if not 0 <= cp_rank < cp_size:
+        raise ValueError(f"context_parallel.py: cp_rank {cp_rank} outside [0, {cp_size})")
+    return [cp_rank * length, (2 * cp_size - 1 - cp_rank) * length]
+
+
+def cp_token_indices(seq_len: int, cp_rank: int, cp_size: int) -> torch.Tensor:
+    """Global positions (int64, in local order) of the tokens CP rank `cp_rank` holds."""
+    length = _chunk_len(seq_len, cp_size)
+    return torch.cat([torch.arange(s, s + length) for s in cp_chunk_starts(seq_len, cp_rank, cp_size)])
+
+
+def split_for_cp(t: torch.Tensor, seq_dim: int, cp_rank: int, cp_size: int) -> torch.Tensor:
+    """This CP rank's part of `t` along `seq_dim`: chunks r and 2C-1-r of 2C, concatenated."""
+    if cp_size == 1:
+        return t
+    seq_dim = seq_dim % t.dim()
+    idx = cp_token_indices(t.shape[seq_dim], cp_rank, cp_size).to(t.device)
+    return t.index_select(seq_dim, idx)
+
+
+def gather_from_cp(parts: Sequence[torch.Tensor], seq_dim: int) -> torch.Tensor:
+    """Inverse of `split_for_cp`: the full tensor from every CP rank's part, in CP-rank order."""
+    cp_size = len(parts)
+    seq_dim = seq_dim % parts[0].dim()
+    local = parts[0].shape[seq_dim]
+    if local % 2:
+        raise ValueError(f"context_parallel.py: a CP part holds two equal chunks, got length {local}")
+    chunks: list[Optional[torch.Tensor]] = [None] * (2 * cp_size)
+    for r, part in enumerate(parts):
+        first, second = part.split(local // 2, dim=seq_dim)
+        chunks[r], chunks[2 * cp_size - 1 - r] = first, second
+    return torch.cat(chunks, dim=seq_dim)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------
+# packed samples as per-token ids
+@dataclass(frozen=True)
+class PackedRows:
+    """Sample membership of every global position of the B unsplit rows."""
+
+    seg: torch.Tensor
+    """(B, S) int64 index of the packed sample each token belongs to."""
+    seg_start: torch.Tensor
+    """(B, S) int64 position (within the row) where that token's sample starts."""
+    seg_end: torch.Tensor
+    """(B, S) int64 position (within the row) one past the end of that sample."""
+
+    @staticmethod
+    def from_cu_seqlens(cu: Optional[torch.Tensor], batch: int, seq_len: int) -> "PackedRows":
+        """`cu` = boundaries over the batch-major flattened B*S tokens (None: one sample per row).
+
+        Samples must not span rows (the boundaries must include every multiple of S): the
+        attention never pairs tokens of different rows."""
+        total = batch * seq_len
+        if cu is None:
+            bounds = torch.arange(0, total + 1, seq_len)
+        else:
+            bounds = cu.detach().to("cpu", torch.int64)
+            if bounds.numel() < 2 or int(bounds[0]) != 0 or int(bounds[-1]) != total:
+                raise ValueError(f"context_parallel.py: cu_seqlens must run from 0 to B*S = {total} "
+                                 f"(the GLOBAL, unsplit boundaries), got {bounds.tolist()[:8]}...")
+            if bool((bounds[1:] < bounds[:-1]).any()):
+                raise ValueError("context_parallel.py: cu_seqlens must be non-decreasing")
+            rows = torch.arange(0, total + 1, seq_len)
+            if not bool(torch.isin(rows, bounds).all()):
+                raise ValueError(f"context_parallel.py: cu_seqlens {bounds.tolist()} lets a sample span two "
+                                 f"rows of length {seq_len}; every row start must be a boundary")
+        flat = torch.arange(total)
+        seg = torch.searchsorted(bounds[1:], flat, right=True)  # skips empty samples
+        row_start = (flat // seq_len) * seq_len
+        seg_start = bounds[seg] - row_start
+        seg_end = bounds[seg + 1] - row_start
+        shape = (batch, seq_len)
+        dev = cu.device if cu is not None else torch.device("cpu")
+        return PackedRows(seg.view(shape).to(dev), seg_start.view(shape).to(dev), seg_end.view(shape).to(dev))
+
+
+# ----------------------------------------------------------------------------------------------
+# blockwise attention with log-sum-exp (no autograd: the ring Function calls these)
+@dataclass
+class _RingPlan:
+    """Everything a ring attention call needs besides the tensors."""
+
+    group: Any
+    ring_rank: int
+    ring_size: int
+    member_starts: list[list[int]]
+    """Chunk start positions (global, in local token order) of every ring member's tokens."""
+    chunk: int
+    """Chunk length L; every member holds len(member_starts[i]) * L tokens."""
+    rows: PackedRows
+    causal: bool
+    scale: float
+    tile: int
+    """Query rows per score tile: memory is O(tile x keys) per tile, not O(tokens^2)."""
+
+    def peer(self, offset: int) -> int:
+        return dist.get_global_rank(self.group, (self.ring_rank + offset) % self.ring_size)
+
+
+@dataclass
+class _Tile:
+    q_rows: slice
+    """Rows of the local query block."""
+    k_idx: torch.Tensor
+    """(M,) local indices of the keys some query of the tile may see."""
+    mask: Optional[torch.Tensor]
+    """(B, 1, 1, T, M) bool visibility, None when everything is visible."""
+
+
+def _tiles(q_starts: list[int], k_starts: list[int], plan: _RingPlan, device: torch.device) -> Iterator[_Tile]:
+    """Query tiles of a (query block, key block) pair that see at least one key.
+
+    Keys are first cut to the window [first sample start, last causal/sample end) of the tile's
+    queries; whole chunk pairs and tiles that fall outside it (e.g. key chunks after the query
+    chunk under a causal mask) cost nothing. The exact mask is then built on the window."""
+    L, rows = plan.chunk, plan.rows
+    for qi, qs in enumerate(q_starts):
+        for t0 in range(0, L, plan.tile):
+            t1 = min(L, t0 + plan.tile)
+            lo = int(rows.seg_start[:, qs + t0].min())
+            hi = int(rows.seg_end[:, qs + t1 - 1].max())
+            if plan.causal:
+                hi = min(hi, qs + t1)
+            pieces = []
+            for ki, ks in enumerate(k_starts):
+                a, b = max(ks, lo), min(ks + L, hi)
+                if a < b:
+                    pieces.append((ki * L + a - ks, a, b))
+            if not pieces:
+                continue
+            k_idx = torch.cat([torch.arange(off, off + b - a) for off, a, b in pieces]).to(device)
+            k_pos = torch.cat([torch.arange(a, b) for _, a, b in pieces]).to(device)
+            q_pos = torch.arange(qs + t0, qs + t1, device=device)
+            mask = rows.seg[:, q_pos][:, :, None] == rows.seg[:, k_pos][:, None, :]  # (B, T, M)
+            if plan.causal:
+                mask &= k_pos[None, None, :] <= q_pos[None, :, None]
+            if not bool(mask.any()):
+                continue
+            yield _Tile(slice(qi * L + t0, qi * L + t1), k_idx,
+                        None if bool(mask.all()) else mask[:, None, None])
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, tile: _Tile, scale: float) -> torch.Tensor:
+    """(B, hkv, g, T, M) masked scores of a tile in fp32 (-inf where invisible)."""
+    s = torch.matmul(q.float(), k.float().unsqueeze(2).transpose(-1, -2)) * scale
+    if tile.mask is not None:
+        s = s.masked_fill(~tile.mask, float("-inf"))
+    return s
+
+
+def _block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_starts: list[int],
+                   k_starts: list[int], plan: _RingPlan, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Attend the local queries to one (K, V) block and merge into the running (out, lse).
+
+    q (B, hkv, g, Nq, d); k, v (B, hkv, Nk, d); out (B, hkv, g, Nq, d) fp32; lse (B, hkv, g, Nq)."""
+    for tile in _tiles(q_starts, k_starts, plan, q.device):
+        kt, vt = k.index_select(2, tile.k_idx), v.index_select(2, tile.k_idx)
+        s = _scores(q[:, :, :, tile.q_rows], kt, tile, plan.scale)  # (B, hkv, g, T, M)
+        m = s.amax(dim=-1)
+        m = m.masked_fill(torch.isneginf(m), 0.0)  # rows that see nothing in this block
+        p = torch.exp(s - m[..., None])
+        denom = p.sum(dim=-1)
+        o = torch.matmul(p, vt.float().unsqueeze(2)) / denom.clamp_min(1e-30)[..., None]
+        blk_lse = m + torch.log(denom)  # -inf where the row saw nothing
+        acc_o, acc_lse = out[:, :, :, tile.q_rows], lse[:, :, :, tile.q_rows]
+        new = torch.logaddexp(acc_lse, blk_lse)
+        safe = new.masked_fill(torch.isneginf(new), 0.0)
+        acc_o.mul_(torch.exp(acc_lse - safe)[..., None]).add_(o * torch.exp(blk_lse - safe)[..., None])
+        acc_lse.copy_(new)
+
+
+def _block_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
+                    lse: torch.Tensor, delta: torch.Tensor, q_starts: list[int], k_starts: list[int],
+                    plan: _RingPlan, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
+    """Add one (K, V) block's share of dq and the local queries' share of that block's dk, dv.
+
+    Flash-attention backward: P = exp(S - lse) with the final lse, dS = P * (dP - delta),
+    delta = rowsum(dout * out). dq is fp32 (B, hkv, g, Nq, d); dk, dv fp32 (B, hkv, Nk, d)."""
+    for tile in _tiles(q_starts, k_starts, plan, q.device):
+        r = tile.q_rows
+        kt, vt = k.index_select(2, tile.k_idx).float(), v.index_select(2, tile.k_idx).float()
+        qt, dot = q[:, :, :, r].float(), dout[:, :, :, r]
+        s = _scores(qt, kt, tile, plan.scale)
+        p = torch.exp(s - lse[:, :, :, r][..., None])  # (B, hkv, g, T, M)
+        dp = torch.matmul(dot, vt.unsqueeze(2).transpose(-1, -2))
+        ds = p * (dp - delta[:, :, :, r][..., None])
+        dq[:, :, :, r] += torch.matmul(ds, kt.unsqueeze(2)) * plan.scale
+        # query heads of one kv group share that kv head: sum their contributions over g
+        dk.index_add_(2, tile.k_idx, torch.matmul(ds.transpose(-1, -2), qt).sum(dim=2) * plan.scale)
+        dv.index_add_(2, tile.k_idx, torch.matmul(p.transpose(-1, -2), dot).sum(dim=2))
+
+
+def _exchange(send: torch.Tensor, recv: torch.Tensor, plan: _RingPlan, tag: int) -> list:
+    """Start sending `send` to the next ring member and receiving `recv` from the previous one."""
+    ops = [dist.P2POp(dist.isend, send, plan.peer(1), group=plan.group, tag=tag),
+           dist.P2POp(dist.irecv, recv, plan.peer(-1), group=plan.group, tag=tag)]
+    return dist.batch_isend_irecv(ops)
+
+
+def _wait(works: list) -> None:
+    for w in works:
+        w.wait()
+
+
+class _RingAttention(torch.autograd.Function):
+    """Ring attention over `plan.group`; q (B, hkv, g, N, d), k/v (B, hkv, N, d) -> like q."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _RingPlan) -> torch.Tensor:
+        me, n = plan.ring_rank, plan.ring_size
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+        kv = torch.stack([k, v]).contiguous()  # one message per step
+        for step in range(n):
+            works, nxt = [], None
+            if step < n - 1:  # the next block travels while this one is computed
+                nxt = torch.empty_like(kv)
+                works = _exchange(kv, nxt, plan, tag=0)
+            src = (me - step) % n
+            _block_forward(q, kv[0], kv[1], plan.member_starts[me], plan.member_starts[src], plan, out, lse)
+            _wait(works)
+            if nxt is not None:
+                kv = nxt
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan = plan
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor) -> tuple:
+        q, k, v, out, lse = ctx.saved_tensors
+        plan: _RingPlan = ctx.plan
+        me, n = plan.ring_rank, plan.ring_size
+        dout = dout.float()
+        delta = (dout * out).sum(dim=-1)  # (B, hkv, g, N)
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        kv = torch.stack([k, v]).contiguous()
+        dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
+        for step in range(n):
+            works, nxt = [], None
+            if step < n - 1:
+                nxt = torch.empty_like(kv)
+                works = _exchange(kv, nxt, plan, tag=0)
+            src = (me - step) % n
+            _block_backward(q, kv[0], kv[1], dout, lse, delta, plan.member_starts[me],
+                            plan.member_starts[src], plan, dq, dkv[0], dkv[1])
+            if n > 1:  # the block's gradient follows the block; after n hops it is home
+                home = torch.empty_like(dkv)
+                works += _exchange(dkv, home, plan, tag=1)
+                _wait(works)
+                dkv = home
+            else:
+                _wait(works)
+            if nxt is not None:
+                kv = nxt
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None
+
+
+# ----------------------------------------------------------------------------------------------
+# all-to-all between "my tokens, all heads" and "everyone's tokens, my heads"
+def _seq_to_heads(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """(N, B, h, d) -> (A*N, B, h/A, d): rank j of the group's tokens first-to-last, head slice me."""
+    a = dist.get_world_size(group)
+    n, b, h, d = x.shape
+    send = x.reshape(n, b, a, h // a, d).permute(2, 0, 1, 3, 4).contiguous()  # (A, N, B, h/A, d)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return recv.reshape(a * n, b, h // a, d)
+
+
+def _heads_to_seq(y: torch.Tensor, group: Any) -> torch.Tensor:
+    """Inverse of `_seq_to_heads`: (A*N, B, h/A, d) -> (N, B, h, d)."""
+    a = dist.get_world_size(group)
+    m, b, hs, d = y.shape
+    send = y.reshape(a, m // a, b, hs, d).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)  # recv[j]: my tokens, head slice j
+    return recv.permute(1, 2, 0, 3, 4).reshape(m // a, b, a * hs, d)
+
+
+class _SeqToHeads(torch.autograd.Function):
+    """`_seq_to_heads` whose backward is the inverse permutation (`_heads_to_seq`)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return _seq_to_heads(x, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        return _heads_to_seq(grad.contiguous(), ctx.group), None
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    """`_heads_to_seq` whose backward is `_seq_to_heads`."""
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return _heads_to_seq(y, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        return _seq_to_heads(grad.contiguous(), ctx.group), None
+
+
+# ----------------------------------------------------------------------------------------------
+# the module
+class ContextParallelAttention(MegatronModule):
+    """Core attention over CP-split packed rows: this rank's 2 chunks of queries vs all keys.
+
+    Inputs are the local tokens (S/C per row, chunks r and 2C-1-r), q (S/C, B, hq, d) and k/v
+    (S/C, B, hkv, d); `packed_seq_params.cu_seqlens_q` holds the GLOBAL batch-major boundaries
+    (0..B*S). Returns (S/C, B, hq*d). With C = 1 it is `PackedSDPAttention`.
+
+    `query_tile` bounds the ring kernel's score memory to O(query_tile x keys) per step."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str = "self",
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection: Any = None,
+        query_tile: int = 512,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(config=config)
+        if attention_type != "self":
+            raise ValueError(f"context_parallel.py: only self-attention is context-split, got {attention_type!r}")
+        self.attn_mask_type = attn_mask_type
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.cp_comm_type = cp_comm_type or "p2p"  # megatron-core / TE default
+        if self.cp_comm_type not in CP_COMM_TYPES:
+            raise ValueError(f"context_parallel.py: --cp-comm-type {self.cp_comm_type!r} is not supported "
+                             f"by the local core attention; choose one of {CP_COMM_TYPES}")
+        self.query_tile = query_tile
+        # the whole-row attention for C = 1 and the a2a scheme (no parameters)
+        self.local = PackedSDPAttention(config, layer_number, attn_mask_type, attention_type,
+                                        attention_dropout, softmax_scale)
+
+        from megatron.core import parallel_state
+        cp = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+        self.cp_group = cp if cp is not None else parallel_state.get_context_parallel_group(check_initialized=False)
+        self.cp_size = self.cp_group.size() if self.cp_group is not None else 1
+        self.cp_rank = self.cp_group.rank() if self.cp_group is not None else 0
+        self.a2a_group = self.p2p_group = None
+        if self.cp_size > 1 and self.cp_comm_type == "a2a+p2p":
+            hcp = getattr(pg_collection, "hcp", None) if pg_collection is not None else None
+            if hcp is None:
+                hcp = parallel_state.get_hierarchical_context_parallel_groups(check_initialized=False)
+            if hcp is None or len(hcp) != 2:
+                raise ValueError("context_parallel.py: --cp-comm-type a2a+p2p needs the two hierarchical CP "
+                                 "groups: initialize_model_parallel(..., hierarchical_context_parallel_sizes"
+                                 "=[A, P]) (--hierarchical-context-parallel-sizes A P)")
+            self.a2a_group, self.p2p_group = hcp
+            self._check_hierarchy()
+
+    def _check_hierarchy(self) -> None:
+        """The ring's token bookkeeping assumes cp_rank = p2p_rank * A + a2a_rank (megatron's layout)."""
+        a, p = self.a2a_group.size(), self.p2p_group.size()
+        cp_ranks = dist.get_process_group_ranks(self.cp_group)
+        i, j = self.a2a_group.rank(), self.p2p_group.rank()
+        expect_a2a = [cp_ranks[j * a + x] for x in range(a)]
+        expect_p2p = [cp_ranks[y * a + i] for y in range(p)]
+        if (a * p != self.cp_size or self.cp_rank != j * a + i
+                or dist.get_process_group_ranks(self.a2a_group) != expect_a2a
+                or dist.get_process_group_ranks(self.p2p_group) != expect_p2p):
+            raise ValueError(f"context_parallel.py: hierarchical CP groups {dist.get_process_group_ranks(self.a2a_group)}"
+                             f" x {dist.get_process_group_ranks(self.p2p_group)} do not tile the CP group "
+                             f"{cp_ranks} as [A consecutive ranks] x [stride-A ring]")
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+    ) -> torch.Tensor:
+        if self.cp_size == 1:
+            return self.local(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
+        if attention_bias is not None:
+            raise ValueError("context_parallel.py: attention bias is not supported")
+        n, b, hq, d = query.shape
+        hkv = key.shape[2]
+        c = self.cp_size
+        if n % 2:
+            raise ValueError(f"context_parallel.py: {n} local tokens cannot be the two equal chunks of a CP rank")
+        seq_len = n * c
+        cu = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
+        mask_type = attn_mask_type or self.attn_mask_type
+
+        if self.cp_comm_type == "a2a":
+            return self._forward_a2a(query, key, value, attention_mask, mask_type, packed_seq_params)
+
+        if self.training and self.dropout_p > 0:
+            raise NotImplementedError("context_parallel.py: attention dropout is not implemented for the "
+                                      f"ring (--cp-comm-type {self.cp_comm_type}); set --attention-dropout 0")
+        rows = PackedRows.from_cu_seqlens(cu, b, seq_len)
+        L = seq_len // (2 * c)
+        if self.cp_comm_type == "p2p":
+            group, ring_rank, ring_size = self.cp_group, self.cp_rank, c
+            members = [cp_chunk_starts(seq_len, r, c) for r in range(c)]
+            q, k, v = query, key, value
+        else:  # a2a+p2p
+            a = self.a2a_group.size()
+            self._check_heads(hq, hkv, a, "a2a+p2p (all-to-all group size A)")
+            group, ring_rank, ring_size = self.p2p_group, self.p2p_group.rank(), self.p2p_group.size()
+            members = [sum((cp_chunk_starts(seq_len, p * a + x, c) for x in range(a)), [])
+                       for p in range(ring_size)]
+            q, k, v = self._scatter_heads(query, key, value, self.a2a_group)
+
+        plan = _RingPlan(group, ring_rank, ring_size, members, L, rows,
+                         mask_type == AttnMaskType.causal, self.softmax_scale, self.query_tile)
+        m, hq_l, hkv_l = q.shape[0], q.shape[2], k.shape[2]
+        # (M, B, h, d) -> (B, hkv, g, M, d): query heads grouped under their kv head (GQA)
+        qb = q.permute(1, 2, 0, 3).reshape(b, hkv_l, hq_l // hkv_l, m, d)
+        kb, vb = (t.permute(1, 2, 0, 3) for t in (k, v))
+        out = _RingAttention.apply(qb, kb, vb, plan)  # (B, hkv, g, M, d)
+        out = out.reshape(b, hq_l, m, d).permute(2, 0, 1, 3)  # (M, B, h, d)
+        if self.cp_comm_type == "a2a+p2p":
+            out = _HeadsToSeq.apply(out.contiguous(), self.a2a_group)
+        return out.reshape(n, b, hq * d)
+
+    @staticmethod
+    def _check_heads(hq: int, hkv: int, size: int, what: str) -> None:
+        if hq % size or hkv % size:
+            raise ValueError(f"context_parallel.py: --cp-comm-type {what} splits heads over {size} ranks, but this "
+                             f"rank has {hq} query and {hkv} key/value heads (after tensor parallelism); "
+                             f"both must be divisible by {size} -- use p2p or a smaller all-to-all group")
+
+    @staticmethod
+    def _scatter_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       group: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One all-to-all for q, k and v: (N, B, h*, d) each -> (A*N, B, h*/A, d) each."""
+        a = dist.get_world_size(group)
+        n, b, hq, d = query.shape
+        hkv = key.shape[2]
+        packed = torch.cat([t.reshape(n, b, a, t.shape[2] // a, d) for t in (query, key, value)], dim=3)
+        packed = _SeqToHeads.apply(packed.reshape(n, b, -1, d), group)  # (A*N, B, (hq+2hkv)/A, d)
+        return tuple(packed.split([hq // a, hkv // a, hkv // a], dim=2))  # type: ignore[return-value]
+
+    def _forward_a2a(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: Optional[torch.Tensor], mask_type: AttnMaskType,
+                     packed_seq_params: Optional[PackedSeqParams]) -> torch.Tensor:
+        """Ulysses: all tokens of my head slice, whole-row packed attention, back to my tokens."""
+        n, b, hq, d = query.shape
+        c = self.cp_size
+        self._check_heads(hq, key.shape[2], c, "a2a")
+        q, k, v = self._scatter_heads(query, key, value, self.cp_group)  # (S, B, h/C, d), CP-rank order
+        seq_len = n * c
+        order = torch.cat([cp_token_indices(seq_len, r, c) for r in range(c)]).to(query.device)
+        to_global = torch.argsort(order)
+        q, k, v = (t.index_select(0, to_global) for t in (q, k, v))  # global token order
+        out = self.local(q, k, v, attention_mask, mask_type, None, packed_seq_params)  # (S, B, h/C*d)
+        out = out.index_select(0, order).reshape(seq_len, b, hq // c, d)  # back to CP-rank order
+        return _HeadsToSeq.apply(out.contiguous(), self.cp_group).reshape(n, b, hq * d)
+
+
+def cp_core_attention(backend: str = "local") -> type:
+    """The core-attention class a layer spec should use with --context-parallel-size > 1.
+
+    "te": megatron-core's TEDotProductAttention, which receives cp_comm_type and the (hierarchical)
+    CP groups from megatron itself; it needs qkv_format 'thd' with per-sample CP splitting for
+    packed rows. "local": `ContextParallelAttention` (CPU and GPU, sbhd, whole-row split)."""
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention
+        return TEDotProductAttention
+    return ContextParallelAttention
