@@ -1,0 +1,327 @@
+"""Plans: memory per rank, estimated step time and MFU for one parallel layout, and the search over
+layouts that fit a cluster.
+
+Step time is a first-order model, not a simulation:
+
+    step = (microbatches + PP - 1) * slowest stage's microbatch time      (1F1B pipeline bubble)
+         + data-parallel gradient (and, with the distributed optimizer, parameter) traffic
+
+    stage microbatch time = stage FLOPs x (3, or 4 with full recompute) / (TP x CP)
+                            / (peak x compute_efficiency)
+                          + TP all-reduces, CP K/V exchange and PP sends / their link bandwidth
+
+Communication is not overlapped with compute (the training loop runs with overlap_grad_reduce off),
+ring collectives move 2(n-1)/n (all-reduce) or (n-1)/n (gather/scatter) of the data per rank, and
+a group stays on NVLink when it fits in one node (megatron-core's rank order is TP, CP, DP, PP).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Optional, Sequence
+
+from ..config.model import ModelConfig, ParallelConfig
+from .flops import forward_flops, train_step_flops
+from .memory import GiB, ActivationBytes, StateBytes, activation_bytes, lora_params, state_bytes
+from .params import PARTS, check_divisibility, decoder_layers_per_stage, padded_vision_heads, stage_params
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One GPU type: peak dense bf16 FLOP/s, memory, link bandwidths (per GPU, one direction)."""
+
+    name: str
+    peak_flops: float
+    memory_gib: float
+    nvlink_bytes_per_s: float
+    network_bytes_per_s: float
+    gpus_per_node: int = 8
+
+
+# Vendor datasheet numbers (dense bf16 tensor-core peak, i.e. the "with sparsity" figure halved;
+# NVLink total bidirectional bandwidth halved for one direction) and the DGX systems' InfiniBand:
+# A100 SXM 80GB: 312 TFLOP/s, NVLink 3 600 GB/s, 8 x 200 Gb/s HDR per DGX A100 (25 GB/s per GPU).
+# H100 SXM: 989 TFLOP/s, NVLink 4 900 GB/s, 8 x 400 Gb/s NDR per DGX H100 (50 GB/s per GPU).
+# H200 SXM: same compute and links as H100, 141 GB HBM3e.
+HARDWARE: dict[str, Hardware] = {
+    "a100-80gb": Hardware("a100-80gb", 312e12, 80, 300e9, 25e9),
+    "h100": Hardware("h100", 989e12, 80, 450e9, 50e9),
+    "h200": Hardware("h200", 989e12, 141, 450e9, 50e9),
+}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one optimizer step processes."""
+
+    seq_length: int = 16384
+    """Tokens per packed sequence (--seq-length)."""
+    global_batch_size: int = 128
+    """Sequences per step (--global-batch-size)."""
+    micro_batch_size: int = 1
+    """Sequences per microbatch (--micro-batch-size)."""
+    tiles_per_sequence: Optional[float] = None
+    """Image tiles per packed sequence; None: half of the tokens are image tokens."""
+    sample_length: Optional[int] = None
+    """Length of the packed samples (for attention); None: one sample per sequence."""
+    trainable: frozenset = frozenset(PARTS)
+    """Parts that train ('vision', 'projector', 'llm', 'lora')."""
+    lora_rank: int = 0
+    """LoRA rank on the LLM's linears (0: none)."""
+    bf16: bool = True
+    """bf16 parameters with fp32 master weights (else fp32)."""
+
+    def tiles(self, model: ModelConfig) -> float:
+        if self.tiles_per_sequence is not None:
+            return self.tiles_per_sequence
+        return float(int(0.5 * self.seq_length / model.num_image_token))
+
+    def sample_lengths(self) -> list[int]:
+        """Packed sample lengths of one sequence."""
+        n = self.sample_length or self.seq_length
+        full, rest = divmod(self.seq_length, n)
+        return [n] * full + ([rest] if rest else [])
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A parallel layout and the memory-saving switches."""
+
+    tp: int
+    pp: int
+    cp: int
+    dp: int
+    sequence_parallel: bool
+    distributed_optimizer: bool
+    recompute: bool
+    first_stage_layers: Optional[int] = None
+
+    def parallel(self) -> ParallelConfig:
+        return ParallelConfig(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
+                              context_parallel_size=self.cp, sequence_parallel=self.sequence_parallel,
+                              decoder_first_pipeline_num_layers=self.first_stage_layers,
+                              recompute_granularity="full" if self.recompute else None)
+
+    def describe(self) -> str:
+        extra = [f"first-stage-layers {self.first_stage_layers}"] if self.first_stage_layers is not None else []
+        flags = ["SP"] * self.sequence_parallel + ["dist-opt"] * self.distributed_optimizer + \
+            ["recompute"] * self.recompute + extra
+        return f"TP{self.tp} PP{self.pp} CP{self.cp} DP{self.dp}" + (f" ({', '.join(flags)})" if flags else "")
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One pipeline stage's worst rank."""
+
+    stage: int
+    decoder_layers: int
+    state: StateBytes
+    activations: ActivationBytes
+
+    @property
+    def total(self) -> float:
+        return self.state.total + self.activations.total
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Memory of every stage and the step-time estimate of one layout."""
+
+    model: ModelConfig
+    layout: Layout
+    workload: Workload
+    hardware: Hardware
+    budget_gib: float
+    stages: list[StagePlan]
+    step_time_s: float
+    model_flops: float
+    compute_s: float = 0.0
+    comm_s: float = 0.0
+    breakdown: dict = field(default_factory=dict)
+
+    @property
+    def peak_gib(self) -> float:
+        return max(s.total for s in self.stages) / GiB
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_gib <= self.budget_gib
+
+    @property
+    def gpus(self) -> int:
+        lay = self.layout
+        return lay.tp * lay.pp * lay.cp * lay.dp
+
+    @property
+    def mfu(self) -> float:
+        return self.model_flops / (self.step_time_s * self.hardware.peak_flops * self.gpus)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.workload.global_batch_size * self.workload.seq_length / self.step_time_s
+
+
+def _ring(n: int, all_reduce: bool) -> float:
+    return 0.0 if n <= 1 else (2.0 if all_reduce else 1.0) * (n - 1) / n
+
+
+def _link(hw: Hardware, stride: int, size: int) -> float:
+    """NVLink when the group (ranks stride apart) lies in one node, else the network."""
+    return hw.nvlink_bytes_per_s if stride * size <= hw.gpus_per_node else hw.network_bytes_per_s
+
+
+def plan(model: ModelConfig, layout: Layout, workload: Workload, hardware: Hardware,
+         budget_gib: Optional[float] = None, compute_efficiency: float = 0.7,
+         reserve_gib: float = 6.0) -> Plan:
+    """Memory per stage and estimated step time for one layout.
+
+    compute_efficiency: fraction of the datasheet peak that large bf16 GEMMs and flash attention
+    reach in practice (an assumption; 0.6-0.8 is typical on A100/H100).
+    reserve_gib: memory kept out of the budget for the CUDA context, NCCL buffers and allocator
+    fragmentation (an assumption)."""
+    par = layout.parallel()
+    check_divisibility(model, par)
+    w = workload
+    budget = (hardware.memory_gib if budget_gib is None else budget_gib) - reserve_gib
+    e = 2 if w.bf16 else 4
+    trainable = set(w.trainable)
+    dp_eff = layout.dp
+    microbatches = w.global_batch_size // (w.micro_batch_size * layout.dp)
+    tiles_mb = w.tiles(model) * w.micro_batch_size
+    lengths = w.sample_lengths() * w.micro_batch_size
+    layers = decoder_layers_per_stage(model.llm.num_layers, par)
+    stages = []
+    for r in range(layout.pp):
+        st = state_bytes(model, par, r, dp_eff, trainable=trainable, param_bytes=e,
+                         use_distributed_optimizer=layout.distributed_optimizer, lora_rank=w.lora_rank)
+        act = activation_bytes(model, par, r, w.seq_length, w.micro_batch_size, tiles_mb, microbatches,
+                               param_bytes=e, sample_lengths=lengths, trainable=trainable)
+        stages.append(StagePlan(r, layers[r], st, act))
+
+    # --- time -------------------------------------------------------------------------------
+    hw = hardware
+    tp, cp, pp, dp = layout.tp, layout.cp, layout.pp, layout.dp
+    eff = hw.peak_flops * compute_efficiency
+    fwd = forward_flops(model, w.seq_length * w.micro_batch_size, int(round(tiles_mb)), lengths * 1)
+    vit_pad = padded_vision_heads(model.vision.num_attention_heads, tp) / model.vision.num_attention_heads
+    m = model.llm
+    tp_bw, cp_bw = _link(hw, 1, tp), _link(hw, tp, cp)
+    pp_bw = hw.nvlink_bytes_per_s if tp * cp * dp < hw.gpus_per_node else hw.network_bytes_per_s
+    tokens_rank = w.seq_length * w.micro_batch_size / cp
+    act_bytes = tokens_rank * m.hidden_size * e
+    vit_tokens = tiles_mb * (model.vision.num_patches + 1)
+    extra = 1.0 if layout.recompute else 0.0  # full recompute repeats each forward once
+    # backward of a frozen part still computes input gradients when something before it trains
+    llm_mult = (3.0 if {"llm", "lora"} & trainable else 2.0) + extra
+    vit_mult = (3.0 + extra) if "vision" in trainable else 1.0
+    proj_mult = 3.0 if {"vision", "projector"} & trainable else 1.0
+    ar_per_layer = 6 if layout.recompute else 4
+    stage_times, stage_compute = [], []
+    for r, n_layers in enumerate(layers):
+        llm_share = (fwd.llm_linear + fwd.llm_attention) * n_layers / m.num_layers
+        flops = llm_share * llm_mult / (tp * cp)
+        comm = n_layers * ar_per_layer * _ring(tp, True) * act_bytes / tp_bw
+        kv_bytes = tokens_rank * 2 * m.num_query_groups * m.head_dim * e / tp
+        comm += n_layers * 3 * (cp - 1) * kv_bytes / cp_bw if cp > 1 else 0.0
+        if r == 0 and tiles_mb:
+            vit = (fwd.vit_linear + fwd.vit_attention) * vit_pad + fwd.vit_patch_embed
+            flops += (vit * vit_mult + fwd.projector * proj_mult) / tp
+            vit_ar = ar_per_layer if "vision" in trainable else 2
+            comm += model.vision.num_layers * vit_ar * _ring(tp, True) * \
+                vit_tokens * model.vision.hidden_size * e / tp_bw
+        if r == pp - 1:
+            flops += fwd.lm_head * llm_mult / (tp * cp)
+        compute = flops / eff
+        if pp > 1:
+            comm += 2 * act_bytes / (tp if layout.sequence_parallel else 1) / pp_bw
+        stage_times.append(compute + comm)
+        stage_compute.append(compute)
+    pipeline = (microbatches + pp - 1) * max(stage_times)
+    # data-parallel traffic of the largest stage's trainable parameters
+    dp_bw = _link(hw, tp * cp, dp)
+    dp_time = 0.0
+    for r in range(pp):
+        numel = sum(s.numel for s in stage_params(model, par, r) + lora_params(model, par, r, w.lora_rank)
+                    if s.part in trainable)
+        if layout.distributed_optimizer:
+            t = (_ring(dp * cp, False) * numel * 4 + _ring(dp * cp, False) * numel * e) / dp_bw
+        else:
+            t = _ring(dp * cp, True) * numel * 4 / dp_bw
+        dp_time = max(dp_time, t)
+    step = pipeline + dp_time
+    model_flops = train_step_flops(model, w.global_batch_size * w.seq_length,
+                                   int(round(w.tiles(model) * w.global_batch_size)),
+                                   attention_lengths=w.sample_lengths() * w.global_batch_size)
+    compute_s = (microbatches + pp - 1) * max(stage_compute)
+    return Plan(model, layout, w, hardware, budget, stages, step, model_flops, compute_s=compute_s,
+                comm_s=step - compute_s,
+                breakdown={"pipeline_s": pipeline, "dp_comm_s": dp_time, "microbatches": microbatches,
+                           "bubble": (pp - 1) / (microbatches + pp - 1)})
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def first_stage_options(model: ModelConfig, pp: int, tries: int = 3) -> list[Optional[int]]:
+    """Decoder layers on stage 0 to try: the even split, and up to `tries` smaller counts (the ViT
+    lives on stage 0) for which the remaining layers divide over the other stages."""
+    n = model.llm.num_layers
+    opts: list[Optional[int]] = [None] if n % pp == 0 else []
+    if pp > 1:
+        even = -(-n // pp)
+        fewer = [f for f in range(even - 1, max(even // 3, 1) - 1, -1) if (n - f) % (pp - 1) == 0]
+        step = max(1, len(fewer) // tries)
+        opts += fewer[::step][:tries]
+    return opts
+
+
+def candidate_layouts(model: ModelConfig, gpus: int, workload: Workload, max_tp: int = 8,
+                      max_cp: int = 8, distributed_optimizer: Optional[bool] = None,
+                      recompute: Optional[bool] = None, fixed: Optional[dict] = None) -> Iterable[Layout]:
+    """Every layout of `gpus` ranks the model's shapes allow (TP a divisor of heads, key/value heads
+    and widths; PP splits the decoder; CP splits the sequence into 2*CP chunks; DP divides the
+    global batch). Sequence parallelism is on whenever TP > 1 (it only saves memory)."""
+    fixed = fixed or {}
+    for tp, cp in itertools.product(_divisors(max_tp), _divisors(max_cp)):
+        if fixed.get("tp", tp) != tp or fixed.get("cp", cp) != cp:
+            continue
+        if gpus % (tp * cp) or workload.seq_length % (2 * cp if cp > 1 else 1):
+            continue
+        try:
+            check_divisibility(model, ParallelConfig(tensor_model_parallel_size=tp))
+        except ValueError:
+            continue
+        for pp in _divisors(gpus // (tp * cp)):
+            if fixed.get("pp", pp) != pp or pp > model.llm.num_layers:
+                continue
+            dp = gpus // (tp * cp * pp)
+            if workload.global_batch_size % (workload.micro_batch_size * dp):
+                continue
+            for first in first_stage_options(model, pp):
+                for dist in ([distributed_optimizer] if distributed_optimizer is not None else [True, False]):
+                    for rc in ([recompute] if recompute is not None else [False, True]):
+                        yield Layout(tp, pp, cp, dp, sequence_parallel=tp > 1, distributed_optimizer=dist,
+                                     recompute=rc, first_stage_layers=first)
+
+
+def search(model: ModelConfig, gpus: int, workload: Workload, hardware: Hardware,
+           budget_gib: Optional[float] = None, compute_efficiency: float = 0.7, reserve_gib: float = 6.0,
+           distributed_optimizer: Optional[bool] = None, recompute: Optional[bool] = None,
+           fixed: Optional[dict] = None) -> list[Plan]:
+    """Layouts that fit, fastest first; of the variants of one TP/PP/CP only the fastest is kept."""
+    best: dict[tuple, Plan] = {}
+    for lay in candidate_layouts(model, gpus, workload, distributed_optimizer=distributed_optimizer,
+                                 recompute=recompute, fixed=fixed):
+        p = plan(model, lay, workload, hardware, budget_gib, compute_efficiency, reserve_gib)
+        if not p.fits:
+            continue
+        key = (lay.tp, lay.pp, lay.cp)
+        if key not in best or p.step_time_s < best[key].step_time_s:
+            best[key] = p
+    return sorted(best.values(), key=lambda p: p.step_time_s)
+
+
+def with_layout(layout: Layout, **changes: object) -> Layout:
+    """A copy of `layout` with fields changed."""
+    return replace(layout, **changes)

@@ -1,0 +1,243 @@
+"""Parameter inventory derived from the config alone: every tensor a rank builds, in build order.
+
+`stage_params` lists the local parameters of one (pipeline stage, tensor-parallel rank) exactly as
+`models/internvl.py: build_model` creates them (names, local shapes, order), without building
+anything. Memory planning needs the order too: with the distributed optimizer megatron-core aligns
+every parameter's start in its gradient buffer to 64 elements, so the padding depends on it
+(`plan/memory.py`). `tests/plan/test_state_bytes.py` checks the inventory against built models.
+
+`count_params` gives the size of the released model (the HF checkpoint): real vision heads, real
+vocabulary, no copies. Local counts differ from it by design:
+
+- InternViT heads are padded up to a multiple of TP with zero heads (`config/megatron.py`).
+- The vocabulary is padded to a multiple of TP (`models/language.py`).
+- Tied embeddings keep a copy of the output weight on the last stage when PP > 1.
+- megatron-core's SelfAttention gives linear_qkv a bias whenever `add_bias_linear` is set, so the
+  InternViT-6B blocks (no qkv bias in HF) carry a qkv bias here (3 * C numbers per block).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from math import prod
+from typing import Iterable, Literal
+
+from ..config.model import ModelConfig, ParallelConfig
+
+Part = Literal["vision", "projector", "llm"]
+PARTS: tuple[Part, ...] = ("vision", "projector", "llm")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One local parameter tensor."""
+
+    name: str
+    """Name as `model.named_parameters()` reports it (layer numbers are local to the stage)."""
+    shape: tuple[int, ...]
+    """Local shape on this TP rank."""
+    part: Part
+    """Which part of the model it belongs to (what `--freeze-*` / stages switch)."""
+    shared_embedding: bool = False
+    """megatron-core's `shared_embedding` tag (tied embedding split over pipeline stages)."""
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+
+def padded_vision_heads(num_heads: int, tp: int) -> int:
+    """InternViT heads rounded up to a multiple of TP (the rule of `config/megatron.py`, restated here
+    so planning needs no megatron-core import; tests/plan checks the two agree)."""
+    return -(-num_heads // tp) * tp
+
+
+def vision_layers_built(model: ModelConfig) -> int:
+    """InternViT blocks built: all, or up to `select_layer` (blocks after it never run)."""
+    v = model.vision
+    return v.num_layers if v.select_layer == -1 else v.num_layers + v.select_layer + 1
+
+
+def decoder_layers_per_stage(num_layers: int, par: ParallelConfig) -> list[int]:
+    """Decoder layers on each pipeline stage, by megatron-core's rule (uneven first/last allowed)."""
+    pp = par.pipeline_model_parallel_size
+    first, last = par.decoder_first_pipeline_num_layers, par.decoder_last_pipeline_num_layers
+    if pp == 1:
+        return [num_layers]
+    if first is None and last is None:
+        if num_layers % pp:
+            raise ValueError(f"{num_layers} decoder layers are not divisible by "
+                             f"--pipeline-model-parallel-size {pp}")
+        return [num_layers // pp] * pp
+    rest, stages_left = num_layers, pp
+    if first is not None:
+        rest, stages_left = rest - first, stages_left - 1
+    if last is not None:
+        rest, stages_left = rest - last, stages_left - 1
+    if rest < 0 or (stages_left > 0 and rest % stages_left):
+        raise ValueError(f"{num_layers} decoder layers cannot be split as first={first}, last={last} over "
+                         f"{pp} stages (the middle stages need an equal share)")
+    middle = rest // stages_left if stages_left else 0
+    counts = [middle] * pp
+    if first is not None:
+        counts[0] = first
+    if last is not None:
+        counts[-1] = last
+    return counts
+
+
+def _norm(prefix: str, width: int, kind: str, part: Part) -> list[ParamSpec]:
+    specs = [ParamSpec(f"{prefix}.weight", (width,), part)]
+    if kind == "LayerNorm":
+        specs.append(ParamSpec(f"{prefix}.bias", (width,), part))
+    return specs
+
+
+def vision_params(model: ModelConfig, tp: int) -> list[ParamSpec]:
+    """InternViT on one TP rank: embeddings, then blocks (layer scale, norms, attention, MLP)."""
+    v = model.vision
+    c, d = v.hidden_size, v.head_dim
+    heads = padded_vision_heads(v.num_attention_heads, tp) // tp  # local, incl. zero padding heads
+    p = "vision_model"
+    specs = [
+        ParamSpec(f"{p}.embeddings.class_embedding", (1, 1, c), "vision"),
+        ParamSpec(f"{p}.embeddings.position_embedding", (1, v.num_patches + 1, c), "vision"),
+        ParamSpec(f"{p}.embeddings.patch_embedding.weight", (c, 3, v.patch_size, v.patch_size), "vision"),
+        ParamSpec(f"{p}.embeddings.patch_embedding.bias", (c,), "vision"),
+    ]
+    for i in range(vision_layers_built(model)):
+        lp = f"{p}.encoder.layers.{i}"
+        specs += [ParamSpec(f"{lp}.ls1", (c,), "vision"), ParamSpec(f"{lp}.ls2", (c,), "vision")]
+        specs += _norm(f"{lp}.input_layernorm", c, v.normalization, "vision")
+        specs += [
+            ParamSpec(f"{lp}.self_attention.linear_proj.weight", (c, heads * d), "vision"),
+            ParamSpec(f"{lp}.self_attention.linear_proj.bias", (c,), "vision"),
+            ParamSpec(f"{lp}.self_attention.linear_qkv.weight", (3 * heads * d, c), "vision"),
+            # add_bias_linear=True gives linear_qkv a bias in megatron-core whatever qkv_bias says
+            ParamSpec(f"{lp}.self_attention.linear_qkv.bias", (3 * heads * d,), "vision"),
+        ]
+        if v.qk_normalization:
+            specs += [ParamSpec(f"{lp}.self_attention.q_layernorm.weight", (heads * d,), "vision"),
+                      ParamSpec(f"{lp}.self_attention.k_layernorm.weight", (heads * d,), "vision")]
+        specs += _norm(f"{lp}.pre_mlp_layernorm", c, v.normalization, "vision")
+        f = v.ffn_hidden_size // tp
+        specs += [
+            ParamSpec(f"{lp}.mlp.linear_fc1.weight", (f, c), "vision"),
+            ParamSpec(f"{lp}.mlp.linear_fc1.bias", (f,), "vision"),
+            ParamSpec(f"{lp}.mlp.linear_fc2.weight", (c, f), "vision"),
+            ParamSpec(f"{lp}.mlp.linear_fc2.bias", (c,), "vision"),
+        ]
+    return specs
+
+
+def projector_params(model: ModelConfig, tp: int) -> list[ParamSpec]:
+    """LayerNorm(4C) -> column-parallel Linear(4C, H) -> GELU -> row-parallel Linear(H, H)."""
+    cin, h = model.projector_input_size, model.llm.hidden_size
+    return [
+        ParamSpec("projector.layer_norm.weight", (cin,), "projector"),
+        ParamSpec("projector.layer_norm.bias", (cin,), "projector"),
+        ParamSpec("projector.mlp.linear_fc1.weight", (h // tp, cin), "projector"),
+        ParamSpec("projector.mlp.linear_fc1.bias", (h // tp,), "projector"),
+        ParamSpec("projector.mlp.linear_fc2.weight", (h, h // tp), "projector"),
+        ParamSpec("projector.mlp.linear_fc2.bias", (h,), "projector"),
+    ]
+
+
+def padded_vocab(model: ModelConfig, tp: int) -> int:
+    """Embedding/output rows: the vocabulary rounded up to a multiple of TP."""
+    return -(-model.llm.vocab_size // tp) * tp
+
+
+def decoder_layer_params(model: ModelConfig, tp: int, index: int) -> list[ParamSpec]:
+    """One pre-norm GQA + SwiGLU decoder layer on one TP rank."""
+    m = model.llm
+    h, d = m.hidden_size, m.head_dim
+    q, kv, f = m.num_attention_heads // tp, m.num_query_groups // tp, m.ffn_hidden_size // tp
+    lp = f"language_model.decoder.layers.{index}"
+    specs = [
+        ParamSpec(f"{lp}.input_layernorm.weight", (h,), "llm"),
+        ParamSpec(f"{lp}.self_attention.linear_proj.weight", (h, q * d), "llm"),
+        ParamSpec(f"{lp}.self_attention.linear_qkv.weight", ((q + 2 * kv) * d, h), "llm"),
+    ]
+    if m.qkv_bias:
+        specs.append(ParamSpec(f"{lp}.self_attention.linear_qkv.bias", ((q + 2 * kv) * d,), "llm"))
+    specs += [
+        ParamSpec(f"{lp}.pre_mlp_layernorm.weight", (h,), "llm"),
+        ParamSpec(f"{lp}.mlp.linear_fc1.weight", (2 * f, h), "llm"),
+        ParamSpec(f"{lp}.mlp.linear_fc2.weight", (h, f), "llm"),
+    ]
+    return specs
+
+
+def stage_params(model: ModelConfig, par: ParallelConfig, pp_rank: int) -> list[ParamSpec]:
+    """Every local parameter of pipeline stage `pp_rank` on one TP rank, in build order."""
+    return list(_stage_params(model, par, pp_rank))
+
+
+@lru_cache(maxsize=256)
+def _stage_params(model: ModelConfig, par: ParallelConfig, pp_rank: int) -> tuple[ParamSpec, ...]:
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    check_divisibility(model, par)
+    first, last = pp_rank == 0, pp_rank == pp - 1
+    tied = model.llm.tie_word_embeddings
+    h, vocab = model.llm.hidden_size, padded_vocab(model, tp)
+    specs: list[ParamSpec] = []
+    if first:
+        specs += vision_params(model, tp) + projector_params(model, tp)
+        specs.append(ParamSpec("language_model.embedding.word_embeddings.weight", (vocab // tp, h), "llm",
+                               shared_embedding=tied and pp > 1))
+    for i in range(decoder_layers_per_stage(model.llm.num_layers, par)[pp_rank]):
+        specs += decoder_layer_params(model, tp, i)
+    if last:
+        specs.append(ParamSpec("language_model.decoder.final_layernorm.weight", (h,), "llm"))
+        if not (first and tied):  # PP1 + tied: the output layer reuses the embedding
+            specs.append(ParamSpec("language_model.output_layer.weight", (vocab // tp, h), "llm",
+                                   shared_embedding=tied and pp > 1))
+    return tuple(specs)
+
+
+def check_divisibility(model: ModelConfig, par: ParallelConfig) -> None:
+    """Raise ValueError naming the shape TP does not divide (megatron-core would assert later)."""
+    tp = par.tensor_model_parallel_size
+    m, v = model.llm, model.vision
+    need = {
+        "LLM attention heads": m.num_attention_heads, "LLM key/value heads": m.num_query_groups,
+        "LLM ffn_hidden_size": m.ffn_hidden_size, "LLM hidden_size (projector)": m.hidden_size,
+        "ViT ffn_hidden_size": v.ffn_hidden_size,
+    }
+    for what, n in need.items():
+        if n % tp:
+            raise ValueError(f"--tensor-model-parallel-size {tp} does not divide the {what} ({n}) of "
+                             f"{model.name}")
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameters of the released model (HF layout: real heads, real vocabulary, no copies)."""
+
+    vision: int
+    projector: int
+    llm: int
+
+    @property
+    def total(self) -> int:
+        return self.vision + self.projector + self.llm
+
+
+def count_params(model: ModelConfig) -> ParamCounts:
+    """Released-model parameter counts per part, from the config.
+
+    TP1/PP1 inventory minus what only this implementation allocates: the InternViT qkv bias when
+    the HF model has none. (At TP1 there are no padded heads or vocabulary rows, and tied
+    embeddings are one tensor.)"""
+    par = ParallelConfig()
+    specs = stage_params(model, par, 0)
+    extra_qkv_bias = 0 if model.vision.qkv_bias else 3 * model.vision.hidden_size * vision_layers_built(model)
+    by = {part: sum(s.numel for s in specs if s.part == part) for part in PARTS}
+    return ParamCounts(vision=by["vision"] - extra_qkv_bias, projector=by["projector"], llm=by["llm"])
+
+
+def trainable_numel(specs: Iterable[ParamSpec], trainable: Iterable[Part]) -> int:
+    """Elements of the specs whose part is trainable."""
+    keep = set(trainable)
+    return sum(s.numel for s in specs if s.part in keep)

@@ -1,0 +1,144 @@
+"""Capacity planner: memory per rank and estimated step time of InternVL training layouts.
+
+    python tools/plan.py --model internvl3-38b --gpus 16 --gpu-memory 80 --seq-length 16384 \\
+        --tensor-model-parallel-size 8 --pipeline-model-parallel-size 2 --use-distributed-optimizer
+
+prints one row per pipeline stage (its largest rank): parameters, gradients, optimizer state,
+activations, total against the budget, then the estimated step time and MFU. Without explicit
+--tensor/--pipeline/--context-parallel sizes it lists the layouts that fit, fastest first.
+Every number comes from internvl_mcore.plan (docs/planner.md explains the model behind them).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from internvl_mcore.config import PRESETS, get_preset  # noqa: E402
+from internvl_mcore.plan import HARDWARE, Layout, Workload, count_params, plan, search  # noqa: E402
+from internvl_mcore.plan.memory import GiB  # noqa: E402
+
+# What each --stage trains (InternVL's recipe; the same table the training loop applies).
+STAGE_PARTS = {
+    "1": frozenset({"projector"}),
+    "1.5": frozenset({"vision", "projector", "llm"}),
+    "2": frozenset({"vision", "projector", "llm"}),
+    "finetune": frozenset({"projector", "llm"}),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, choices=sorted(PRESETS), help="model preset")
+    p.add_argument("--gpus", type=int, required=True, help="GPUs in the job")
+    p.add_argument("--gpu", default="a100-80gb", choices=sorted(HARDWARE),
+                   help="GPU type: peak FLOP/s, memory and link bandwidths (default a100-80gb)")
+    p.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU (default: the GPU type's)")
+    p.add_argument("--reserve-gb", type=float, default=6.0,
+                   help="GiB kept for CUDA context, NCCL buffers and fragmentation (default 6)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's dense bf16 peak")
+    p.add_argument("--compute-efficiency", type=float, default=0.7,
+                   help="fraction of the peak large GEMMs reach (default 0.7)")
+    p.add_argument("--nvlink-gbps", type=float, default=None, help="override intra-node GB/s per GPU")
+    p.add_argument("--network-gbps", type=float, default=None, help="override inter-node GB/s per GPU")
+    p.add_argument("--seq-length", type=int, default=16384, help="tokens per packed sequence (default 16384)")
+    p.add_argument("--global-batch-size", type=int, default=128, help="sequences per step (default 128)")
+    p.add_argument("--micro-batch-size", type=int, default=1, help="sequences per microbatch (default 1)")
+    p.add_argument("--tiles-per-sequence", type=float, default=None,
+                   help="image tiles per packed sequence (default: half of the tokens are image tokens)")
+    p.add_argument("--sample-length", type=int, default=None,
+                   help="packed sample length for attention FLOPs (default: one sample per sequence)")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=None)
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=None)
+    p.add_argument("--context-parallel-size", type=int, default=None)
+    p.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
+    p.add_argument("--sequence-parallel", action="store_true", help="(implied for TP > 1 in the search)")
+    p.add_argument("--use-distributed-optimizer", action="store_true")
+    p.add_argument("--recompute-granularity", choices=["full"], default=None)
+    p.add_argument("--stage", choices=sorted(STAGE_PARTS), default=None,
+                   help="training stage: which parts train (default: everything)")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA on the LLM linears; the base LLM is frozen")
+    p.add_argument("--fp32", action="store_true", help="fp32 parameters instead of bf16")
+    p.add_argument("--top", type=int, default=15, help="layouts to list in search mode (default 15)")
+    return p.parse_args(argv)
+
+
+def gib(x: float) -> str:
+    return f"{x / GiB:7.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    model = get_preset(a.model)
+    hw = HARDWARE[a.gpu]
+    hw = type(hw)(hw.name, a.peak_tflops * 1e12 if a.peak_tflops else hw.peak_flops,
+                  a.gpu_memory or hw.memory_gib,
+                  a.nvlink_gbps * 1e9 if a.nvlink_gbps else hw.nvlink_bytes_per_s,
+                  a.network_gbps * 1e9 if a.network_gbps else hw.network_bytes_per_s, hw.gpus_per_node)
+    trainable = set(STAGE_PARTS[a.stage]) if a.stage else {"vision", "projector", "llm"}
+    if a.lora_rank:
+        trainable = (trainable - {"llm"}) | {"lora"}
+    work = Workload(seq_length=a.seq_length, global_batch_size=a.global_batch_size,
+                    micro_batch_size=a.micro_batch_size, tiles_per_sequence=a.tiles_per_sequence,
+                    sample_length=a.sample_length, trainable=frozenset(trainable), lora_rank=a.lora_rank,
+                    bf16=not a.fp32)
+    counts = count_params(model)
+    print(f"{model.name}: {counts.total / 1e9:.2f}B parameters (ViT {counts.vision / 1e9:.2f}B, projector "
+          f"{counts.projector / 1e6:.1f}M, LLM {counts.llm / 1e9:.2f}B); training {', '.join(sorted(trainable))}")
+    print(f"{a.gpus} x {hw.name}: {hw.memory_gib:.0f} GiB each, budget {hw.memory_gib - a.reserve_gb:.0f} GiB "
+          f"after {a.reserve_gb:.0f} GiB reserve; peak {hw.peak_flops / 1e12:.0f} TFLOP/s x "
+          f"{a.compute_efficiency:.2f} efficiency")
+    print(f"workload: {a.global_batch_size} x {a.seq_length} tokens per step, micro batch {a.micro_batch_size}, "
+          f"{work.tiles(model):.0f} tiles per sequence, {'fp32' if a.fp32 else 'bf16'}")
+    explicit = any(x is not None for x in (a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
+                                            a.context_parallel_size))
+    kw = dict(budget_gib=hw.memory_gib, compute_efficiency=a.compute_efficiency, reserve_gib=a.reserve_gb)
+    if explicit:
+        tp = a.tensor_model_parallel_size or 1
+        pp = a.pipeline_model_parallel_size or 1
+        cp = a.context_parallel_size or 1
+        if a.gpus % (tp * pp * cp):
+            print(f"error: --gpus {a.gpus} is not divisible by TP x PP x CP = {tp * pp * cp}", file=sys.stderr)
+            return 2
+        lay = Layout(tp, pp, cp, a.gpus // (tp * pp * cp), sequence_parallel=a.sequence_parallel or tp > 1,
+                     distributed_optimizer=a.use_distributed_optimizer,
+                     recompute=a.recompute_granularity == "full",
+                     first_stage_layers=a.decoder_first_pipeline_num_layers)
+        try:
+            p = plan(model, lay, work, hw, **kw)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"\nlayout {lay.describe()}, {p.breakdown['microbatches']} microbatches per step\n")
+        print("stage layers  params   grads  optimizer  activations (in flight)   total   budget")
+        for s in p.stages:
+            a_ = s.activations
+            print(f"{s.stage:5d} {s.decoder_layers:6d} {gib(s.state.params)} {gib(s.state.grads)}  {gib(s.state.optimizer)}"
+                  f"      {gib(a_.total)} ({a_.in_flight} x {a_.per_microbatch / GiB:.1f})   {gib(s.total)}  "
+                  f"{p.budget_gib:5.0f}  {'fits' if s.total / GiB <= p.budget_gib else 'DOES NOT FIT'}")
+        print(f"\n(ViT + projector activations on stage 0: {p.stages[0].activations.vision / GiB:.1f} GiB per "
+              f"microbatch)")
+        print(f"estimated step time {p.step_time_s:.2f} s (compute {p.compute_s:.2f} s, communication "
+              f"{p.comm_s:.2f} s, pipeline bubble {p.breakdown['bubble']:.0%}), "
+              f"{p.tokens_per_s:,.0f} tokens/s, MFU {p.mfu:.1%}")
+        return 0 if p.fits else 1
+
+    fixed = {}
+    plans = search(model, a.gpus, work, hw, distributed_optimizer=True if a.use_distributed_optimizer else None,
+                   recompute=True if a.recompute_granularity else None, fixed=fixed, **kw)
+    if not plans:
+        print("\nno layout fits; try more GPUs, a shorter --seq-length, fewer --tiles-per-sequence, "
+              "a frozen ViT (--stage finetune) or --lora-rank")
+        return 1
+    print(f"\n{len(plans)} layouts fit, fastest first (memory: the largest rank):\n")
+    print(" #  layout                                                      peak GiB  step s   MFU   tokens/s")
+    for i, p in enumerate(plans[:a.top], 1):
+        print(f"{i:2d}  {p.layout.describe():58s}  {p.peak_gib:7.1f}  {p.step_time_s:6.1f}  "
+              f"{p.mfu:5.1%}  {p.tokens_per_s:9,.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
