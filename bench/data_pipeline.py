@@ -231,11 +231,11 @@ def on_the_fly_rate(meta: str, tok_dir: str, max_seconds: float) -> tuple[float,
     return n / (time.perf_counter() - t), n
 
 
-def loader_rate(prefix: str, max_packs: int, max_seconds: float) -> tuple[float, float, int]:
+def loader_rate(prefix: str, max_packs: int, max_seconds: float, threads: int = 0) -> tuple[float, float, int]:
     """(samples/s, packs/s, packs read) of PackedDataLoader over one shard set, one epoch at most."""
     from internvl_mcore.data.loader import PackedDataLoader
 
-    ld = PackedDataLoader([prefix], seed=0)
+    ld = PackedDataLoader([prefix], seed=0, num_threads=threads)
     n_packs = min(max_packs, len(ld.readers[0]))
     samples = 0
     t = time.perf_counter()
@@ -247,6 +247,7 @@ def loader_rate(prefix: str, max_packs: int, max_seconds: float) -> tuple[float,
         if time.perf_counter() - t > max_seconds:
             break
     dt = time.perf_counter() - t
+    ld.close()
     return samples / dt, done / dt, done
 
 
@@ -262,11 +263,12 @@ def bench_loader(workdir: str, n_records: int, seq_length: int, formats: list[st
         res = run_preprocess(PreprocessConfig(meta=[meta], tokenizer=tok, output_prefix=prefix, seq_length=seq_length,
                                               tile_format=fmt, workers=1, progress=False))
         prep_s = time.perf_counter() - t
-        rate, pack_rate, n_packs = loader_rate(prefix, 10_000, max_seconds)
-        rows.append({"format": fmt, "on_the_fly_samples_per_s": fly, "on_the_fly_samples": fly_n,
-                     "loader_samples_per_s": rate, "loader_packs_per_s": pack_rate, "packs_read": n_packs,
-                     "ratio": rate / fly, "preprocess_s": prep_s, "samples": res.samples, "packs": res.packs,
-                     "fill": res.fill})
+        for threads in ([0, 2] if fmt == formats[0] else [0]):
+            rate, pack_rate, n_packs = loader_rate(prefix, 10_000, max_seconds, threads)
+            rows.append({"format": fmt, "threads": threads, "on_the_fly_samples_per_s": fly, "on_the_fly_samples": fly_n,
+                         "loader_samples_per_s": rate, "loader_packs_per_s": pack_rate, "packs_read": n_packs,
+                         "ratio": rate / fly, "preprocess_s": prep_s, "samples": res.samples, "packs": res.packs,
+                         "fill": res.fill})
     return rows
 
 
@@ -290,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
           f"fill {100 * fill['fill']:.2f}% in {fill['seconds']:.2f}s   [{'OK' if fill['fill'] >= 0.98 else 'BELOW'} goal >= 98%]")
 
     with tempfile.TemporaryDirectory() as work:
-        rows, source = bench_tile_formats(work, 4 if quick else 16)
+        rows, source = bench_tile_formats(work, 4 if quick else 12)
         out["tile_formats"] = rows
         print(f"\n== 2. tile formats ({rows[0]['tiles']} tiles of 448x448 from {source})")
         print(f"   {'format':<6} {'KiB/tile':>9} {'vs raw':>7} {'encode ms':>10} {'load ms':>8}  lossless")
@@ -299,16 +301,18 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['load_ms_per_tile']:>8.2f}  {'yes' if r['lossless'] else 'no (mean |err| %.2f)' % r['mean_abs_err']}")
         print("   load = read from shard + decode + ImageNet-normalize, per tile, warm page cache")
 
-        lrows = bench_loader(work, 24 if quick else 120, args.seq_length, ["webp", "png", "raw", "jpeg"], 10 if quick else 30)
+        lrows = bench_loader(work, 24 if quick else 80, args.seq_length, ["webp", "png", "raw", "jpeg"], 10 if quick else 20)
         out["loader"] = lrows
         first = lrows[0]
         print(f"\n== 3. loader vs on-the-fly ({first['samples']} samples of JSONL + JPEG photos, 75% with an image, "
               f"seq_length {args.seq_length}, {first['packs']} packs, fill {100 * first['fill']:.1f}%)")
         print(f"   on the fly (parse + decode + tile + tokenize + normalize): {first['on_the_fly_samples_per_s']:.1f} samples/s")
         for r in lrows:
-            print(f"   loader, {r['format']:<4} tiles: {r['loader_samples_per_s']:.1f} samples/s "
+            how = f"{r['threads']} decode threads" if r["threads"] else "1 thread"
+            print(f"   loader, {r['format']:<4} tiles, {how:<16}: {r['loader_samples_per_s']:6.1f} samples/s "
                   f"({r['loader_packs_per_s']:.2f} packs/s)  -> {r['ratio']:.2f}x on-the-fly   "
                   f"[preprocessing took {r['preprocess_s']:.1f}s, 1 worker]")
+        print("   (on-the-fly and every loader row but the threaded one use one core)")
     print(f"\ntotal {time.perf_counter() - t_all:.1f}s")
     if args.json:
         print(json.dumps(out, indent=1, default=float))

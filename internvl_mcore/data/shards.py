@@ -118,7 +118,7 @@ def decode_tiles(payloads: Sequence[np.ndarray | bytes], tile_format: str, tile_
         if tile_format not in TILE_FORMATS:
             raise ValueError(f"unknown tile format {tile_format!r}")
         with Image.open(io.BytesIO(memoryview(p))) as im:
-            arr = np.asarray(im.convert("RGB"))
+            arr = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
         if arr.shape != (h, w, c):
             raise ValueError(f"tile {i} decodes to {arr.shape}, manifest says {(h, w, c)}")
         out[i] = arr
@@ -555,7 +555,7 @@ def describe_pack(reader: ShardReader, i: int, decode=None, img_ids: tuple[int, 
             while e < b and bool(loss[e]) == want_loss and tokens[e] != start_id:
                 e += 1
             run = tokens[t:e]
-            out.append(decode(run) if decode is not None else " ".join(str(x) for x in run))
+            out.append(decode(run) if decode is not None else " ".join(str(x) for x in run) + " ")
             t = e
         if in_loss:
             out.append(LOSS_CLOSE)
