@@ -176,44 +176,56 @@ class StateBytes:
 def state_bytes(model: ModelConfig, par: ParallelConfig, pp_rank: int, data_parallel_size: int,
                 trainable: Iterable[str] = PARTS, param_bytes: int = 2, use_distributed_optimizer: bool = False,
                 dp_rank: Optional[int] = None, grad_reduce_in_fp32: bool = True, adam_step_bytes: int = 0,
-                lora_rank: int = 0, bucket_size: Optional[int] = None) -> StateBytes:
+                lora_rank: int = 0, bucket_size: Optional[int] = None, norms_fp32: bool = False) -> StateBytes:
     """Parameter, gradient and Adam-state bytes on one rank of stage `pp_rank`.
 
     trainable: parts that get gradients ('vision', 'projector', 'llm', and 'lora' with lora_rank).
     param_bytes: 2 for bf16 training (fp32 master weights live in the optimizer), 4 for fp32.
     dp_rank: the distributed optimizer's shards differ by a few elements between DP ranks (padding);
         None gives the largest over the DP group (what a plan needs), an int that rank exactly.
+    norms_fp32: the local (CPU) backend's torch norms stay fp32 in bf16 training; DDP then keeps a
+        second buffer for them (one buffer per parameter dtype), sharded and padded on its own.
     The DP group megatron shards over is data x context parallel."""
     keep = set(trainable)
     specs = stage_params(model, par, pp_rank) + lora_params(model, par, pp_rank, lora_rank)
-    train = [s for s in specs if s.part in keep]
-    frozen_numel = sum(s.numel for s in specs if s.part not in keep)
     dp = data_parallel_size * par.context_parallel_size
-    grad_bytes = 4 if grad_reduce_in_fp32 else param_bytes
-    master = 4 if param_bytes != 4 else 0  # fp32 copy of bf16/fp16 params
-    buf = grad_buffer(train, dp, use_distributed_optimizer, bucket_size)
-    if use_distributed_optimizer:
-        params = (buf.numel + frozen_numel) * param_bytes  # trainable params re-homed in a padded buffer
-        if dp_rank is None:
-            opt = _max_shard(buf, dp, 8 + master, adam_step_bytes)
+
+    def width(s: ParamSpec) -> int:
+        return 4 if (norms_fp32 and s.torch_norm) else param_bytes
+
+    params = sum(s.numel * width(s) for s in specs if s.part not in keep)  # frozen: own storage
+    grads = opt = 0
+    for nbytes in sorted({width(s) for s in specs}):  # one DDP buffer per parameter dtype
+        train = [s for s in specs if s.part in keep and width(s) == nbytes]
+        if not train:
+            continue
+        grad_bytes = 4 if grad_reduce_in_fp32 else nbytes
+        master = 4 if nbytes != 4 else 0  # fp32 copy of bf16/fp16 params
+        buf = grad_buffer(train, dp, use_distributed_optimizer, bucket_size)
+        grads += buf.numel * grad_bytes
+        if use_distributed_optimizer:
+            params += buf.numel * nbytes  # trainable params are re-homed in a padded buffer
+            if dp_rank is None:
+                opt += _max_shard(buf, dp, 8 + master, adam_step_bytes)
+            else:
+                owned = owned_elements(buf, dp, dp_rank)
+                opt += sum(owned) * (8 + master) + adam_step_bytes * sum(1 for n in owned if n > 0)
         else:
-            owned = owned_elements(buf, dp, dp_rank)
-            opt = sum(owned) * (8 + master) + adam_step_bytes * sum(1 for n in owned if n > 0)
-    else:
-        numel = sum(s.numel for s in train)
-        params = (numel + frozen_numel) * param_bytes
-        opt = numel * (8 + master) + adam_step_bytes * len(train)
-    return StateBytes(params=params, grads=buf.numel * grad_bytes, optimizer=opt)
+            numel = sum(s.numel for s in train)
+            params += numel * nbytes
+            opt += numel * (8 + master) + adam_step_bytes * len(train)
+    return StateBytes(params=params, grads=grads, optimizer=opt)
 
 
 # --- activations ---------------------------------------------------------------------------------
-def _norm_bytes(tokens: float, width: int, kind: str, e: int, kernels: Kernels) -> float:
+def _norm_bytes(tokens: float, width: int, kind: str, e: int, kernels: Kernels,
+                weight_grad: bool = True) -> float:
     """What a norm saves: its input plus per-token statistics (and torch's composite RMSNorm on
-    CPU also keeps the normalized tensor for the weight product)."""
+    CPU also keeps the normalized tensor for the weight's gradient, when the weight trains)."""
     if kind == "LayerNorm":  # input + mean + rstd (fp32)
         return tokens * (width * e + 8)
     if kernels == "cpu":  # composite RMSNorm: input, rstd, x * rstd
-        return tokens * (2 * width * e + e)
+        return tokens * ((2 if weight_grad else 1) * width * e + e)
     return tokens * (width * e + 4)  # fused RMSNorm: input + rsigma (fp32)
 
 
@@ -228,23 +240,25 @@ def _attention_bytes(tokens: float, seg_sq: float, heads_q: int, heads_kv: int, 
 
 
 def llm_layer_bytes(model: ModelConfig, par: ParallelConfig, tokens: float, seg_sq: float, e: int,
-                    kernels: Kernels) -> float:
+                    kernels: Kernels, weight_grads: bool = True) -> float:
     """Saved-for-backward bytes of one decoder layer for `tokens` tokens on one TP/CP rank.
 
     Per token: RMSNorm + linear_qkv input (the linear keeps the sequence-parallel shard, 1/TP),
     RoPE cos/sin for q and k, core attention, linear_proj input; RMSNorm + linear_fc1 input, then
-    SwiGLU: fc1 output (2F), silu(gate) (F), up + glu_linear_offset (F), product = fc2 input (F)."""
+    SwiGLU: fc1 output (2F), silu(gate) (F), up + glu_linear_offset (F), product = fc2 input (F).
+    weight_grads=False (a frozen LLM that still passes gradients back to the projector): the linears
+    keep no inputs, since only their weights' gradients would need them."""
     m = model.llm
     tp = par.tensor_model_parallel_size
     sp = tp if par.sequence_parallel else 1
     h, d = m.hidden_size, m.head_dim
     hq, hkv, f = m.num_attention_heads // tp, m.num_query_groups // tp, m.ffn_hidden_size // tp
-    norm = _norm_bytes(tokens / sp, h, "RMSNorm", e, kernels)
-    per = 2 * norm + 2 * (tokens / sp) * h * e          # norms + qkv / fc1 inputs
+    per = 2 * _norm_bytes(tokens / sp, h, "RMSNorm", e, kernels, weight_grads)
     per += tokens * 4 * d * e                           # cos, sin for q and k
     per += _attention_bytes(tokens, seg_sq, hq, hkv, d, e, kernels)
-    per += tokens * hq * d * e                          # linear_proj input
-    per += tokens * 5 * f * e                           # SwiGLU
+    per += tokens * 4 * f * e                           # SwiGLU: fc1 out, silu out, up copy
+    if weight_grads:                                    # linear inputs: qkv, fc1, proj, fc2
+        per += 2 * (tokens / sp) * h * e + tokens * hq * d * e + tokens * f * e
     return per
 
 
@@ -312,7 +326,8 @@ def activation_bytes(model: ModelConfig, par: ParallelConfig, pp_rank: int, seq_
     seq_length x micro_batch_size tokens per microbatch, split over CP ranks; tiles_per_microbatch
     tiles go through the ViT on stage 0 (every CP rank runs them all). sample_lengths: lengths of
     the packed samples of one microbatch (only the 'cpu' kernels' attention depends on them;
-    default: one sample per sequence). A frozen ViT saves nothing (no input needs a gradient).
+    default: one sample per sequence). A frozen ViT saves nothing (no input needs a gradient); a
+    frozen LLM keeps what passing gradients back to the projector needs, but no linear inputs.
     With --recompute-granularity full each layer keeps only its input, plus one layer's full
     activations during its recomputation."""
     e = param_bytes
@@ -327,7 +342,8 @@ def activation_bytes(model: ModelConfig, par: ParallelConfig, pp_rank: int, seq_
     layers = decoder_layers_per_stage(model.llm.num_layers, par)[pp_rank]
     h = model.llm.hidden_size
 
-    one_llm = llm_layer_bytes(model, par, tokens, seg_sq, e, kernels)
+    llm_weights = bool({"llm", "lora"} & keep)  # LoRA's A matmul keeps the base layer's input too
+    one_llm = llm_layer_bytes(model, par, tokens, seg_sq, e, kernels, llm_weights)
     ckpt_llm = tokens / sp * h * e
     buffer = one_llm if (recompute and layers) else 0.0
     llm = layers * (ckpt_llm if recompute else one_llm)
@@ -351,7 +367,8 @@ def activation_bytes(model: ModelConfig, par: ParallelConfig, pp_rank: int, seq_
     head = 0.0
     if last:
         vocab_local = padded_vocab(model, tp) // tp
-        head = _norm_bytes(tokens / sp, h, "RMSNorm", e, kernels) + tokens / sp * h * e
+        head = _norm_bytes(tokens / sp, h, "RMSNorm", e, kernels, llm_weights)
+        head += tokens / sp * h * e if llm_weights else 0.0  # output layer input
         head += tokens * (4 * vocab_local + 8 + 1)  # fp32 softmax of the loss, labels, loss mask
 
     in_flight = min(pp - pp_rank, num_microbatches) if pp > 1 else 1

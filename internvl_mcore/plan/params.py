@@ -40,6 +40,9 @@ class ParamSpec:
     """Which part of the model it belongs to (what `--freeze-*` / stages switch)."""
     shared_embedding: bool = False
     """megatron-core's `shared_embedding` tag (tied embedding split over pipeline stages)."""
+    torch_norm: bool = False
+    """A norm built by megatron-core's `WrappedTorchNorm` (local backend): torch creates it in fp32
+    whatever the training dtype (transformer-engine's norms follow params_dtype)."""
 
     @property
     def numel(self) -> int:
@@ -87,9 +90,9 @@ def decoder_layers_per_stage(num_layers: int, par: ParallelConfig) -> list[int]:
 
 
 def _norm(prefix: str, width: int, kind: str, part: Part) -> list[ParamSpec]:
-    specs = [ParamSpec(f"{prefix}.weight", (width,), part)]
+    specs = [ParamSpec(f"{prefix}.weight", (width,), part, torch_norm=True)]
     if kind == "LayerNorm":
-        specs.append(ParamSpec(f"{prefix}.bias", (width,), part))
+        specs.append(ParamSpec(f"{prefix}.bias", (width,), part, torch_norm=True))
     return specs
 
 
@@ -155,14 +158,14 @@ def decoder_layer_params(model: ModelConfig, tp: int, index: int) -> list[ParamS
     q, kv, f = m.num_attention_heads // tp, m.num_query_groups // tp, m.ffn_hidden_size // tp
     lp = f"language_model.decoder.layers.{index}"
     specs = [
-        ParamSpec(f"{lp}.input_layernorm.weight", (h,), "llm"),
+        ParamSpec(f"{lp}.input_layernorm.weight", (h,), "llm", torch_norm=True),
         ParamSpec(f"{lp}.self_attention.linear_proj.weight", (h, q * d), "llm"),
         ParamSpec(f"{lp}.self_attention.linear_qkv.weight", ((q + 2 * kv) * d, h), "llm"),
     ]
     if m.qkv_bias:
         specs.append(ParamSpec(f"{lp}.self_attention.linear_qkv.bias", ((q + 2 * kv) * d,), "llm"))
     specs += [
-        ParamSpec(f"{lp}.pre_mlp_layernorm.weight", (h,), "llm"),
+        ParamSpec(f"{lp}.pre_mlp_layernorm.weight", (h,), "llm", torch_norm=True),
         ParamSpec(f"{lp}.mlp.linear_fc1.weight", (2 * f, h), "llm"),
         ParamSpec(f"{lp}.mlp.linear_fc2.weight", (h, f), "llm"),
     ]
@@ -189,7 +192,7 @@ def _stage_params(model: ModelConfig, par: ParallelConfig, pp_rank: int) -> tupl
     for i in range(decoder_layers_per_stage(model.llm.num_layers, par)[pp_rank]):
         specs += decoder_layer_params(model, tp, i)
     if last:
-        specs.append(ParamSpec("language_model.decoder.final_layernorm.weight", (h,), "llm"))
+        specs.append(ParamSpec("language_model.decoder.final_layernorm.weight", (h,), "llm", torch_norm=True))
         if not (first and tied):  # PP1 + tied: the output layer reuses the embedding
             specs.append(ParamSpec("language_model.output_layer.weight", (vocab // tp, h), "llm",
                                    shared_embedding=tied and pp > 1))
