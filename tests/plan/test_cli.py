@@ -1,0 +1,64 @@
+"""tools/plan.py: the ranked search and the per-stage table."""
+import importlib.util
+import re
+
+from internvl_mcore.config import get_preset
+from internvl_mcore.plan import HARDWARE, Layout, Workload, plan
+from tests.launch import REPO
+
+spec = importlib.util.spec_from_file_location("plan_cli", REPO / "tools" / "plan.py")
+cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cli)
+
+
+def test_78b_on_32_gpus_lists_fitting_layouts_fastest_first(capsys):
+    assert cli.main(["--model", "internvl3-78b", "--gpus", "32", "--gpu-memory", "80"]) == 0
+    out = capsys.readouterr().out
+    rows = re.findall(r"^\s*\d+\s+(TP\d+ PP\d+ CP\d+ DP\d+.*?)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)%", out, re.M)
+    assert rows, out
+    peaks = [float(r[1]) for r in rows]
+    times = [float(r[2]) for r in rows]
+    assert times == sorted(times)
+    assert all(p <= 80 - 6 for p in peaks)
+    for layout, *_ in rows:
+        tp, pp, cp, dp = map(int, re.match(r"TP(\d+) PP(\d+) CP(\d+) DP(\d+)", layout).groups())
+        assert tp * pp * cp * dp == 32
+
+
+def test_explicit_layout_prints_every_stage(capsys):
+    code = cli.main(["--model", "internvl3-38b", "--gpus", "16", "--gpu-memory", "80", "--seq-length", "16384",
+                     "--tensor-model-parallel-size", "8", "--pipeline-model-parallel-size", "2",
+                     "--use-distributed-optimizer", "--recompute-granularity", "full",
+                     "--decoder-first-pipeline-num-layers", "24"])
+    out = capsys.readouterr().out
+    stage_rows = re.findall(r"^\s+(\d)\s+(\d+)\s+[\d.]+", out, re.M)
+    assert [int(s) for s, _ in stage_rows] == [0, 1]
+    assert [int(n) for _, n in stage_rows] == [24, 40]
+    assert "estimated step time" in out and "MFU" in out
+    assert code == (0 if "DOES NOT FIT" not in out else 1)
+
+
+def test_bad_layout_is_refused_with_the_reason(capsys):
+    assert cli.main(["--model", "internvl3-8b", "--gpus", "6", "--tensor-model-parallel-size", "3"]) == 2
+    assert "--tensor-model-parallel-size 3" in capsys.readouterr().err
+
+
+def test_memory_savers_save_memory():
+    """Each switch the search may use lowers the largest rank's memory (and costs time or nothing)."""
+    model, work, hw = get_preset("internvl3-14b"), Workload(seq_length=8192), HARDWARE["h100"]
+    base = plan(model, Layout(4, 2, 1, 2, False, False, False), work, hw)
+    for change in (dict(sequence_parallel=True), dict(distributed_optimizer=True), dict(recompute=True)):
+        other = plan(model, Layout(**{**base.layout.__dict__, **change}), work, hw)
+        assert other.peak_gib < base.peak_gib, change
+    slower = plan(model, Layout(4, 2, 1, 2, False, False, True), work, hw)
+    assert slower.step_time_s > base.step_time_s
+
+
+def test_stage_presets_shrink_state():
+    model, work, hw = get_preset("internvl3-8b"), Workload(seq_length=8192), HARDWARE["a100-80gb"]
+    lay = Layout(2, 1, 1, 4, True, True, False)
+    full = plan(model, lay, work, hw)
+    frozen_vit = plan(model, lay, Workload(seq_length=8192, trainable=frozenset({"projector", "llm"})), hw)
+    lora = plan(model, lay, Workload(seq_length=8192, trainable=frozenset({"projector", "lora"}), lora_rank=16), hw)
+    assert lora.peak_gib < frozen_vit.peak_gib < full.peak_gib
+    assert lora.stages[0].state.optimizer < 0.05 * full.stages[0].state.optimizer
