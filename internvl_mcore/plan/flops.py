@@ -13,11 +13,12 @@ forward + backward (the backward does two matmuls per forward matmul: input and 
         LM head 2*H*V per token
 
 Norms, softmax, activations and the embedding lookup are not counted (they are not matmuls).
+Frozen parts count only the passes they run (`pass_multipliers`); recomputation is never counted.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 from ..config.model import ModelConfig
 
@@ -42,6 +43,28 @@ class FlopBreakdown:
     def train(self) -> float:
         """Forward + backward: 3x forward."""
         return 3.0 * self.forward
+
+    def step(self, trainable: Optional[Iterable[str]] = None) -> float:
+        """Forward + backward with frozen parts costing only what they run (`pass_multipliers`)."""
+        k = pass_multipliers(trainable)
+        vit = self.vit_linear + self.vit_attention + self.vit_patch_embed
+        llm = self.llm_linear + self.llm_attention + self.lm_head
+        return k["vision"] * vit + k["projector"] * self.projector + k["llm"] * llm
+
+
+def pass_multipliers(trainable: Optional[Iterable[str]] = None, recompute: bool = False) -> dict[str, float]:
+    """Forward-pass multiples each part costs in a training step: 3 when its weights train
+    (forward, input gradient, weight gradient), 2 for a frozen part that still passes gradients back
+    to a trained part before it (forward + input gradient), 1 for a frozen part with nothing
+    trainable before it (forward only). Full recompute adds one forward to parts that backprop.
+    None: everything trains."""
+    t = set(trainable) if trainable is not None else {"vision", "projector", "llm"}
+    extra = 1.0 if recompute else 0.0
+    vision = 3.0 + extra if "vision" in t else 1.0
+    projector = 3.0 if "projector" in t else (2.0 if "vision" in t else 1.0)
+    upstream = bool({"vision", "projector"} & t)
+    llm = 3.0 + extra if {"llm", "lora"} & t else (2.0 + extra if upstream else 1.0)
+    return {"vision": vision, "projector": projector, "llm": llm}
 
 
 def causal_pairs(lengths: Sequence[int]) -> int:
@@ -91,13 +114,15 @@ def forward_flops(model: ModelConfig, tokens: int, tiles: int, attention_lengths
 
 def train_step_flops(model: ModelConfig, tokens_per_step: int, tiles_per_step: int,
                      attention_lengths: Optional[Sequence[int]] = None,
-                     seq_length: Optional[int] = None) -> float:
+                     seq_length: Optional[int] = None, trainable: Optional[Iterable[str]] = None) -> float:
     """Model FLOPs of one optimizer step (forward + backward = 3x forward), over the whole job.
 
     tokens_per_step: LLM tokens of the global batch (global batch size x sequence length, padding
     included: the pad tokens are computed too); tiles_per_step: image tiles of the global batch;
     attention_lengths: the packed samples' lengths in the step (pads as their own sample), or
     seq_length to treat each sequence as one causal sample.
+    trainable: the parts that train ('vision', 'projector', 'llm', 'lora'); None = all, i.e. the
+    usual 3x forward. A frozen ViT counts its forward only, a frozen LLM forward + input gradient.
 
     MFU = train_step_flops / (step_time * peak FLOP/s per GPU * GPUs)."""
-    return forward_flops(model, tokens_per_step, tiles_per_step, attention_lengths, seq_length).train
+    return forward_flops(model, tokens_per_step, tiles_per_step, attention_lengths, seq_length).step(trainable)

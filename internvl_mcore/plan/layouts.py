@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Iterable, Optional, Sequence
 
 from ..config.model import ModelConfig, ParallelConfig
-from .flops import forward_flops, train_step_flops
+from .flops import forward_flops, pass_multipliers, train_step_flops
 from .memory import GiB, ActivationBytes, StateBytes, activation_bytes, lora_params, state_bytes
 from .params import PARTS, check_divisibility, decoder_layers_per_stage, padded_vision_heads, stage_params
 
@@ -210,11 +210,8 @@ def plan(model: ModelConfig, layout: Layout, workload: Workload, hardware: Hardw
     tokens_rank = w.seq_length * w.micro_batch_size / cp
     act_bytes = tokens_rank * m.hidden_size * e
     vit_tokens = tiles_mb * (model.vision.num_patches + 1)
-    extra = 1.0 if layout.recompute else 0.0  # full recompute repeats each forward once
-    # backward of a frozen part still computes input gradients when something before it trains
-    llm_mult = (3.0 if {"llm", "lora"} & trainable else 2.0) + extra
-    vit_mult = (3.0 + extra) if "vision" in trainable else 1.0
-    proj_mult = 3.0 if {"vision", "projector"} & trainable else 1.0
+    k = pass_multipliers(trainable, layout.recompute)
+    llm_mult, vit_mult, proj_mult = k["llm"], k["vision"], k["projector"]
     ar_per_layer = 6 if layout.recompute else 4
     stage_times, stage_compute = [], []
     for r, n_layers in enumerate(layers):
@@ -251,7 +248,8 @@ def plan(model: ModelConfig, layout: Layout, workload: Workload, hardware: Hardw
     step = pipeline + dp_time
     model_flops = train_step_flops(model, w.global_batch_size * w.seq_length,
                                    int(round(w.tiles(model) * w.global_batch_size)),
-                                   attention_lengths=w.sample_lengths() * w.global_batch_size)
+                                   attention_lengths=w.sample_lengths() * w.global_batch_size,
+                                   trainable=trainable)
     compute_s = (microbatches + pp - 1) * max(stage_compute)
     return Plan(model, layout, w, hardware, budget, stages, step, model_flops, compute_s=compute_s,
                 comm_s=step - compute_s,

@@ -129,3 +129,15 @@ def test_train_step_flops_is_three_forwards():
     assert train_step_flops(cfg, 8 * 2048, 40, seq_length=2048) == 3 * fwd.forward
     with pytest.raises(ValueError):
         train_step_flops(cfg, 100, 0, attention_lengths=[50, 49])
+
+
+def test_frozen_parts_count_only_the_passes_they_run():
+    cfg = get_preset("internvl3-8b")
+    f = forward_flops(cfg, tokens=2048, tiles=4, seq_length=2048)
+    vit = f.vit_linear + f.vit_attention + f.vit_patch_embed
+    llm = f.llm_linear + f.llm_attention + f.lm_head
+    all_parts = train_step_flops(cfg, 2048, 4, seq_length=2048)
+    finetune = train_step_flops(cfg, 2048, 4, seq_length=2048, trainable=["projector", "llm"])
+    stage1 = train_step_flops(cfg, 2048, 4, seq_length=2048, trainable=["projector"])
+    assert all_parts - finetune == pytest.approx(2 * vit)            # frozen ViT: forward only
+    assert finetune - stage1 == pytest.approx(llm)                   # frozen LLM: no weight gradients
