@@ -158,7 +158,8 @@ class PackedDataLoader:
         shuffle: permute each dataset's packs per epoch (the preprocessor already shuffled once;
             this avoids repeating the same order every epoch).
         augment: apply JPEG re-compression to tiles of `data_augment` datasets.
-        num_threads: >0 decodes that many packs ahead in threads (PNG/JPEG decode releases the GIL).
+        num_threads: >0 prepares that many packs ahead in threads (Pillow decodes with the GIL
+            released). The stream and `state_dict()` are the same with or without threads.
     """
 
     def __init__(

@@ -249,3 +249,13 @@ def test_lut_normalization_bit_identical_to_reference():
     assert got.shape == (3, 3, 20, 24) and got.dtype == np.float32
     assert np.array_equal(got, normalize_tiles(tiles))
     assert normalize_tiles_lut(np.zeros((0, 4, 4, 3), np.uint8)).shape == (0, 3, 4, 4)
+
+
+def test_threaded_prefetch_gives_the_same_stream(two_sets):
+    a, b = two_sets
+    sync = PackedDataLoader(["0.5", a, "0.5", b], seed=2)
+    threaded = PackedDataLoader(["0.5", a, "0.5", b], seed=2, num_threads=2)
+    for x, y in zip(take(sync, 8), take(threaded, 8)):
+        assert samples_equal(x, y)
+    assert threaded.state_dict() == sync.state_dict()  # prefetched packs are not counted
+    threaded.close()
