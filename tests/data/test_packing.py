@@ -193,3 +193,16 @@ def test_malformed_image_blocks_raise():
     with pytest.raises(ValueError, match="deltas"):
         v2pe_position_ids(make_sample([1, 1], [4]), IMG_START, IMG_END, IMG_CTX, [0.5, 0.5])
     assert image_spans(make_sample([2, 1, 1], [3, 2]), IMG_START, IMG_END, IMG_CTX) == [(2, 6), (8, 11)]
+
+
+def test_bench_length_mix_reaches_goal():
+    """bench/data_pipeline.py's own mix (what it prints) packs to >= 98% at 16384."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "data_pipeline.py")
+    spec = importlib.util.spec_from_file_location("bench_data_pipeline", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    r = bench.bench_fill(5000, 16384)
+    assert r["fill"] >= 0.98 and r["packs"] >= r["min_possible_packs"]
