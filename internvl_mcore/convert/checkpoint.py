@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..config.model import LLMConfig, ModelConfig, ParallelConfig, VisionConfig
-from .hf import (DEFAULT_MAX_SHARD_BYTES, CONFIG_NAME, ConversionError, SafetensorsDir, ShardedWriter,
+from .hf import (DEFAULT_MAX_SHARD_BYTES, MODEL_TYPE_OF_FORMAT, ConversionError, SafetensorsDir, ShardedWriter,
                  canonical_to_hf, copy_side_files, dtype_name, hf_config_for, hf_to_canonical,
                  model_config_from_hf, parse_dtype, read_hf_config, source_dtype, write_hf_dir)
 
@@ -133,7 +133,7 @@ def convert_checkpoint_to_hf(load: str | os.PathLike, save: str | os.PathLike, f
         template = read_hf_config(template_dir)
     elif source.get("format") == fmt:
         template = source.get("hf_config")
-    if template is not None and template.get("model_type") != {"internvl": "internvl_chat", "transformers": "internvl"}.get(fmt):
+    if template is not None and template.get("model_type") != MODEL_TYPE_OF_FORMAT.get(fmt):
         template = None  # a template of the other format only supplies side files
     config = hf_config_for(ckpt.config, fmt, out_dtype, template)
     out = Path(save)

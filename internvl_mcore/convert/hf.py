@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..config.model import LLMConfig, ModelConfig, VisionConfig
@@ -32,7 +30,10 @@ SINGLE_NAME = "model.safetensors"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024 ** 3
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+_ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 class ConversionError(ValueError):
@@ -54,64 +55,133 @@ def parse_dtype(name: str) -> torch.dtype:
     return by_name[key]
 
 
+def parse_size(text: str | int) -> int:
+    """'2GB' / '500MB' / '64KB' / '1024' (bytes) -> bytes."""
+    if isinstance(text, int):
+        return text
+    units = {"KB": 1024, "MB": 1024 ** 2, "GB": 1024 ** 3}
+    upper = text.strip().upper()
+    for unit, mult in units.items():
+        if upper.endswith(unit):
+            return int(float(upper[: -len(unit)]) * mult)
+    return int(upper)
+
+
 # =============================================================================================
 # safetensors directories
 # =============================================================================================
 
+# safetensors files are read and written here with plain file I/O rather than the safetensors
+# library: its reader memory-maps files, so every byte read stays in the process's RSS until the
+# file is closed, and its writer serializes a whole shard to a second in-memory copy. The format is
+# an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}} padded to
+# 8 bytes, then the raw tensor bytes.
+
+@dataclass(frozen=True)
+class _TensorInfo:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    """Absolute byte offset of the data in the file."""
+    nbytes: int
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """(header dict, byte offset where the data starts) of a safetensors file."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ConversionError(f"{path}: not a safetensors file (too short)")
+        n = int.from_bytes(raw, "little")
+        try:
+            return json.loads(f.read(n)), 8 + n
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConversionError(f"{path}: unreadable safetensors header ({e})") from None
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """Write contiguous CPU tensors as one safetensors file, straight from their memory."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    names = sorted(tensors)
+    for name in names:
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name in names:
+            t = tensors[name]
+            if t.numel():
+                f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
 class SafetensorsDir(Mapping[str, torch.Tensor]):
     """Lazy read-only view of the tensors of a directory of (sharded) safetensors files.
 
-    Indexing loads one tensor; shapes and dtypes come from the headers without loading anything."""
+    Indexing reads one tensor from disk; shapes and dtypes come from the headers."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         index = self.path / INDEX_NAME
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self._file = {k: self.path / f for k, f in weight_map.items()}
+            files = sorted({self.path / f for f in json.loads(index.read_text())["weight_map"].values()})
         else:
             files = sorted(self.path.glob("*.safetensors"))
-            if not files:
-                raise FileNotFoundError(f"{self.path}: no *.safetensors files (and no {INDEX_NAME})")
-            self._file = {}
-            for f in files:
-                with safe_open(str(f), "pt") as h:
-                    self._file.update({k: f for k in h.keys()})
-        self._handles: dict[Path, Any] = {}
-
-    def _handle(self, name: str) -> Any:
-        f = self._file[name]
-        if f not in self._handles:
+        if not files:
+            raise FileNotFoundError(f"{self.path}: no *.safetensors files (and no {INDEX_NAME})")
+        self._info: dict[str, _TensorInfo] = {}
+        for f in files:
             if not f.exists():
-                raise FileNotFoundError(f"{f}: listed in {self.path / INDEX_NAME} for {name!r} but missing")
-            self._handles[f] = safe_open(str(f), "pt")
-        return self._handles[f]
+                raise FileNotFoundError(f"{f}: listed in {index} but missing")
+            header, data_start = read_safetensors_header(f)
+            for name, h in header.items():
+                if name == "__metadata__":
+                    continue
+                if h["dtype"] not in _ST_DTYPES:
+                    raise ConversionError(f"{f}: tensor {name!r} has unsupported dtype {h['dtype']}")
+                begin, end = h["data_offsets"]
+                self._info[name] = _TensorInfo(f, _ST_DTYPES[h["dtype"]], tuple(h["shape"]), data_start + begin, end - begin)
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._file:
+        info = self._info.get(name)
+        if info is None:
             raise KeyError(f"{self.path}: no tensor {name!r}")
-        return self._handle(name).get_tensor(name)
+        buf = bytearray(info.nbytes)
+        with open(info.file, "rb") as f:
+            f.seek(info.start)
+            if f.readinto(buf) != info.nbytes:
+                raise ConversionError(f"{info.file}: truncated data for tensor {name!r}")
+        if not info.nbytes:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._file)
+        return iter(self._info)
 
     def __len__(self) -> int:
-        return len(self._file)
+        return len(self._info)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._file
+        return name in self._info
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape from the file header."""
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        return self._info[name].shape
 
     def dtype(self, name: str) -> torch.dtype:
         """dtype from the file header."""
-        return _ST_DTYPES[self._handle(name).get_slice(name).get_dtype()]
+        return self._info[name].dtype
 
     def where(self, name: str) -> str:
         """The file holding `name` (for error messages)."""
-        return str(self._file[name])
+        return str(self._info[name].file)
 
 
 class Renamed(Mapping[str, torch.Tensor]):
@@ -179,7 +249,7 @@ class ShardedWriter:
     def _flush(self) -> None:
         if not self._buf:
             return
-        save_file(self._buf, str(self._tmp(len(self._shards))), metadata={"format": "pt"})
+        write_safetensors(self._tmp(len(self._shards)), self._buf, metadata={"format": "pt"})
         self._shards.append(list(self._buf))
         self._buf, self._buf_bytes = {}, 0
 
@@ -306,7 +376,7 @@ class LLMSpec:
     qkv_bias: str | bool
     """Config key of the q/k/v bias flag, or the class's fixed answer."""
     must_be_false: tuple[str, ...] = ()
-    """Config keys that would add parameters our decoder does not have (o_proj / MLP biases)."""
+    """Config keys whose true value our decoder does not model (o_proj / MLP biases, sliding window)."""
     defaults: tuple[tuple[str, Any], ...] = ()
     """Class defaults of keys a saved config may omit."""
     extra: tuple[tuple[str, Any], ...] = ()
@@ -315,6 +385,7 @@ class LLMSpec:
 
 LLM_SPECS: dict[str, LLMSpec] = {  # keyed by architecture
     "Qwen2ForCausalLM": LLMSpec("qwen2", "Qwen2ForCausalLM", "qwen2", qkv_bias=True,
+                                must_be_false=("use_sliding_window",),
                                 defaults=(("rope_theta", 10000.0), ("tie_word_embeddings", False))),
     "LlamaForCausalLM": LLMSpec("llama", "LlamaForCausalLM", "llama", qkv_bias=False,
                                 must_be_false=("attention_bias", "mlp_bias"),
@@ -357,7 +428,7 @@ def _llm_from(tc: Mapping[str, Any], spec: LLMSpec, tie: bool | None, where: str
     defaults = dict(spec.defaults)
     for key in spec.must_be_false:
         if tc.get(key, defaults.get(key, False)):
-            raise ConversionError(f"{where}: {key}=True adds biases our decoder does not have")
+            raise ConversionError(f"{where}: {key}=True is not supported (our decoder does not model it)")
     _require(tc, "hidden_act", ("silu",), where, "silu")
     hidden = int(_get(tc, "hidden_size", where))
     heads = int(_get(tc, "num_attention_heads", where))
@@ -508,7 +579,8 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
-def _llm_config_dict(cfg: ModelConfig, fmt: str, dtype: torch.dtype, arch: str | None = None) -> dict:
+def _llm_config_dicts(cfg: ModelConfig, fmt: str, dtype: torch.dtype, arch: str | None) -> tuple[dict, dict]:
+    """(modelled keys, boilerplate keys) of the LLM sub-config."""
     m = cfg.llm
     spec = LLM_SPECS[arch or EXPORT_ARCH[fmt][m.family]]
     fixed_bias = spec.qkv_bias if isinstance(spec.qkv_bias, bool) else None
@@ -516,27 +588,27 @@ def _llm_config_dict(cfg: ModelConfig, fmt: str, dtype: torch.dtype, arch: str |
         raise ConversionError(f"{spec.architecture} {'always' if fixed_bias else 'never'} has q/k/v biases, "
                               f"but this model has qkv_bias={m.qkv_bias}")
     d = {
-        "architectures": [spec.architecture], "model_type": spec.model_type, "hidden_act": "silu",
-        "hidden_size": m.hidden_size, "intermediate_size": m.ffn_hidden_size,
+        "model_type": spec.model_type, "hidden_size": m.hidden_size, "intermediate_size": m.ffn_hidden_size,
         "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_attention_heads,
-        "num_key_value_heads": m.num_query_groups, "vocab_size": m.vocab_size,
-        "rms_norm_eps": m.norm_epsilon, "rope_theta": m.rope_theta,
+        "num_key_value_heads": m.num_query_groups, "vocab_size": m.vocab_size, "rms_norm_eps": m.norm_epsilon,
         "max_position_embeddings": m.max_position_embeddings, "tie_word_embeddings": m.tie_word_embeddings,
-        "torch_dtype": dtype_name(dtype),
     }
-    d.update({k: False for k in spec.must_be_false})
+    # bias flags: stated when the class default would be wrong, else only without a template
+    defaults = dict(spec.defaults)
+    flags = {k: False for k in spec.must_be_false}
     if isinstance(spec.qkv_bias, str):
-        d[spec.qkv_bias] = m.qkv_bias
-    d.update(dict(spec.extra))
-    if fmt == "transformers":
-        d.pop("architectures")
-        d["rope_parameters"] = {"rope_theta": m.rope_theta, "rope_type": "default"}
-        d.pop("rope_theta")
-        d["dtype"] = d.pop("torch_dtype")
-    return d
+        flags[spec.qkv_bias] = m.qkv_bias
+    d.update({k: v for k, v in flags.items() if defaults.get(k, False) != v})
+    boiler = {"hidden_act": "silu", **flags, **dict(spec.extra)}
+    if fmt == "transformers":  # transformers 5 spelling
+        d.update(rope_parameters={"rope_theta": m.rope_theta, "rope_type": "default"}, dtype=dtype_name(dtype))
+    else:  # the transformers 4.x InternVL's remote code runs with
+        d.update(architectures=[spec.architecture], rope_theta=m.rope_theta, torch_dtype=dtype_name(dtype))
+    return d, boiler
 
 
-def _vision_config_dict(cfg: ModelConfig, fmt: str) -> dict:
+def _vision_config_dicts(cfg: ModelConfig, fmt: str) -> tuple[dict, dict]:
+    """(modelled keys, boilerplate keys) of the vision sub-config."""
     v = cfg.vision
     schema = VISION_SCHEMAS[fmt]
     values = {"num_layers": v.num_layers, "hidden_size": v.hidden_size,
@@ -545,49 +617,67 @@ def _vision_config_dict(cfg: ModelConfig, fmt: str) -> dict:
               "normalization": _NORMS_INV[v.normalization], "qk_normalization": v.qk_normalization,
               "layernorm_epsilon": v.layernorm_epsilon, "layer_scale_init": v.layer_scale_init,
               "drop_path_rate": v.drop_path_rate}
-    d = {key: values[f] for f, key in schema.keys.items()}
-    d.update({key: allowed[0] for key, allowed in schema.fixed.items()})
-    return d
+    modelled = {key: values[f] for f, key in schema.keys.items()}
+    return modelled, {key: allowed[0] for key, allowed in schema.fixed.items()}
 
 
-_CONFIG_BUILDERS: dict[str, Callable[[ModelConfig, torch.dtype, str | None], dict]] = {
-    "transformers": lambda cfg, dt, arch: {
+def _transformers_config(cfg: ModelConfig, dt: torch.dtype, arch: str | None) -> tuple[dict, dict]:
+    vision, vision_boiler = _vision_config_dicts(cfg, "transformers")
+    vision.update(image_size=[cfg.vision.image_size] * 2, patch_size=[cfg.vision.patch_size] * 2)
+    text, text_boiler = _llm_config_dicts(cfg, "transformers", dt, arch)
+    modelled = {
+        "vision_config": vision, "text_config": text, "image_token_id": cfg.img_context_token_id,
+        "image_seq_length": cfg.num_image_token, "downsample_ratio": cfg.downsample_ratio,
+        "vision_feature_layer": cfg.vision.select_layer, "tie_word_embeddings": cfg.llm.tie_word_embeddings,
+        "dtype": dtype_name(dt),
+    }
+    boiler = {
         "architectures": ["InternVLForConditionalGeneration"], "model_type": "internvl",
-        "vision_config": {"model_type": "internvl_vision", **_vision_config_dict(cfg, "transformers"),
-                          "image_size": [cfg.vision.image_size] * 2, "patch_size": [cfg.vision.patch_size] * 2},
-        "text_config": _llm_config_dict(cfg, "transformers", dt, arch),
-        "image_token_id": cfg.img_context_token_id, "image_seq_length": cfg.num_image_token,
-        "downsample_ratio": cfg.downsample_ratio, "projector_hidden_act": "gelu",
-        "vision_feature_layer": cfg.vision.select_layer, "vision_feature_select_strategy": "default",
-        "tie_word_embeddings": cfg.llm.tie_word_embeddings, "dtype": dtype_name(dt),
-    },
-    "internvl": lambda cfg, dt, arch: {
+        "vision_config": {"model_type": "internvl_vision", **vision_boiler}, "text_config": text_boiler,
+        "projector_hidden_act": "gelu", "vision_feature_select_strategy": "default",
+    }
+    return modelled, boiler
+
+
+def _internvl_config(cfg: ModelConfig, dt: torch.dtype, arch: str | None) -> tuple[dict, dict]:
+    vision, vision_boiler = _vision_config_dicts(cfg, "internvl")
+    llm, llm_boiler = _llm_config_dicts(cfg, "internvl", dt, arch)
+    modelled = {
+        "vision_config": vision, "llm_config": llm, "downsample_ratio": cfg.downsample_ratio,
+        "ps_version": cfg.ps_version, "select_layer": cfg.vision.select_layer, "template": cfg.template,
+        "force_image_size": cfg.vision.image_size, "torch_dtype": dtype_name(dt),
+    }
+    boiler = {
         "architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
         "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
                      "AutoModel": "modeling_internvl_chat.InternVLChatModel",
                      "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel"},
-        "vision_config": {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
-                          **_vision_config_dict(cfg, "internvl")},
-        "llm_config": _llm_config_dict(cfg, "internvl", dt, arch),
-        "downsample_ratio": cfg.downsample_ratio, "ps_version": cfg.ps_version,
-        "select_layer": cfg.vision.select_layer, "template": cfg.template,
-        "force_image_size": cfg.vision.image_size, "dynamic_image_size": True, "use_thumbnail": True,
-        "min_dynamic_patch": 1, "max_dynamic_patch": 12, "use_backbone_lora": 0, "use_llm_lora": 0,
-        "pad2square": False, "tie_word_embeddings": False, "torch_dtype": dtype_name(dt),
-    },
+        "vision_config": {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b", **vision_boiler},
+        "llm_config": llm_boiler,
+        "dynamic_image_size": True, "use_thumbnail": True, "min_dynamic_patch": 1, "max_dynamic_patch": 12,
+        "use_backbone_lora": 0, "use_llm_lora": 0, "pad2square": False, "tie_word_embeddings": False,
+    }
+    return modelled, boiler
+
+
+# format -> builder of (keys derived from the ModelConfig, boilerplate used only without a template)
+_CONFIG_BUILDERS: dict[str, Callable[[ModelConfig, torch.dtype, str | None], tuple[dict, dict]]] = {
+    "transformers": _transformers_config,
+    "internvl": _internvl_config,
 }
+MODEL_TYPE_OF_FORMAT = {fmt: mt for mt, (fmt, _) in FORMAT_OF_MODEL_TYPE.items()}
 # sub-configs that are merged into a template's rather than replacing it
 _SUB_CONFIGS = ("vision_config", "llm_config", "text_config")
 _DTYPE_KEYS = ("torch_dtype", "dtype")
 
 
-def _merge(template: dict, ours: Mapping[str, Any]) -> dict:
-    out = json.loads(json.dumps(template))
-    for key, value in ours.items():
-        if key in _DTYPE_KEYS and key not in out:
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any], keep_dtype_spelling: bool) -> dict:
+    out = json.loads(json.dumps(base))
+    for key, value in over.items():
+        if keep_dtype_spelling and key in _DTYPE_KEYS and key not in out:
             continue  # keep the template's spelling of the dtype key
         if key in _SUB_CONFIGS and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = _merge(out[key], value, keep_dtype_spelling)
         else:
             out[key] = value
     return out
@@ -602,28 +692,29 @@ def _template_arch(cfg: ModelConfig, fmt: str, template: Mapping[str, Any] | Non
 
 def hf_config_for(cfg: ModelConfig, fmt: str, dtype: torch.dtype, template: Mapping[str, Any] | None = None) -> dict:
     """config.json for `cfg` in format `fmt`. With a template (the config.json the model came from)
-    every key we do not model is kept, and every key we do is overwritten with ours."""
+    every key derived from the ModelConfig is overwritten and everything else is kept as it was."""
     if fmt not in _CONFIG_BUILDERS:
         raise ConversionError(f"unknown HF format {fmt!r}; choose one of {', '.join(_CONFIG_BUILDERS)}")
-    ours = _CONFIG_BUILDERS[fmt](cfg, dtype, _template_arch(cfg, fmt, template))
+    modelled, boiler = _CONFIG_BUILDERS[fmt](cfg, dtype, _template_arch(cfg, fmt, template))
     if template is None:
-        return ours
-    if template.get("model_type") != ours["model_type"]:
+        return _merge(boiler, modelled, keep_dtype_spelling=False)
+    if template.get("model_type") != MODEL_TYPE_OF_FORMAT[fmt]:
         raise ConversionError(f"template config.json has model_type {template.get('model_type')!r}, "
-                              f"format {fmt!r} needs {ours['model_type']!r}")
-    return _merge(dict(template), ours)
+                              f"format {fmt!r} needs {MODEL_TYPE_OF_FORMAT[fmt]!r}")
+    return _merge(template, modelled, keep_dtype_spelling=True)
 
 
 # =============================================================================================
 # streaming tensor conversion
 # =============================================================================================
 
-def _meta(shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.empty(shape, device="meta")
-
-
 def _expected_hf_shapes(e: Entry, cfg: ModelConfig, canonical_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-    return [tuple(t.shape) for t in e.transform.to_hf(_meta(canonical_shape), cfg)]
+    """HF shapes a canonical shape maps to. Every transform splits/stacks along dim 0 only, so a
+    probe with the real dim 0 and size-1 trailing dims finds them without allocating the tensor
+    (meta tensors would work too, but their first use imports torch's whole compiler stack: ~10 s)."""
+    head, rest = canonical_shape[0], tuple(canonical_shape[1:])
+    probe = torch.empty((head,) + (1,) * len(rest))
+    return [(t.shape[0],) + rest for t in e.transform.to_hf(probe, cfg)]
 
 
 def _normalize(src: Mapping[str, torch.Tensor], fmt: str) -> Mapping[str, torch.Tensor]:

@@ -56,6 +56,8 @@ class Rule:
 
 
 # --- named reshape functions: pure, exact (reshape / cat / split only) ---------------------------
+# Each one rearranges rows (dim 0) only and passes trailing dims through (hf.py relies on it to
+# compute expected HF shapes cheaply).
 
 def _grouped_from_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int, d: int) -> torch.Tensor:
     """HF q (n*d, ...), k (g*d, ...), v (g*d, ...) -> megatron grouped rows (g*(hpg+2)*d, ...)."""

@@ -128,7 +128,8 @@ def _internvl_llm_tensors(sd: dict, family: str, text: dict, tie: bool) -> dict:
         out[dst + "ffn_norm.weight"] = sd[src + "post_attention_layernorm.weight"]
     out["language_model.model.tok_embeddings.weight"] = sd[lm + "embed_tokens.weight"]
     out["language_model.model.norm.weight"] = sd[lm + "norm.weight"]
-    out["language_model.output.weight"] = sd["lm_head.weight"]
+    if not tie:
+        out["language_model.output.weight"] = sd["lm_head.weight"]
     return out
 
 
