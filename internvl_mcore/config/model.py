@@ -77,7 +77,7 @@ class LLMConfig:
     norm_epsilon: float = 1e-6
     """RMSNorm epsilon."""
     tie_word_embeddings: bool = False
-    """Output layer shares the embedding matrix (Qwen2.5-0.5B/1.5B)."""
+    """Output layer shares the embedding matrix (the InternVL3 presets do not; the debug-6b preset does)."""
     max_position_embeddings: int = 32768
     """Longest sequence the RoPE table is built for."""
 

@@ -43,8 +43,9 @@ def _digit_png(pixels: np.ndarray, path: str, size: int) -> None:
 
 
 def build_digits_dataset(root: str, image_size: int = 56, heldout_fraction: float = 0.2, seed: int = 0,
-                         multi_image: int = 300, text_only: int = 200) -> DigitsDataset:
-    """Write the dataset under `root` (idempotent for the same arguments)."""
+                         multi_image: int = 300, text_only: int = 200, max_single: int | None = None) -> DigitsDataset:
+    """Write the dataset under `root` (idempotent for the same arguments). `max_single` caps the
+    single-image training questions (tests use a small set)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -62,7 +63,7 @@ def build_digits_dataset(root: str, image_size: int = 56, heldout_fraction: floa
 
     rng = random.Random(seed)
     lines = []
-    for i in train:
+    for i in train[:max_single]:
         lines.append({"id": f"single-{i}", "image": f"{i:04d}.png", "conversations": [
             {"from": "human", "value": f"<image>\n{QUESTION}"},
             {"from": "gpt", "value": str(int(labels[i]))}]})

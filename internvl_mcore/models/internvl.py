@@ -44,7 +44,8 @@ class InternVLModel(MegatronModule):
         if self.add_encoder:
             vit_config = vision_transformer_config(model_cfg, par, dtype)
             self.vision_model = InternViT(vit_config, model_cfg.vision,
-                                          vision_layer_spec(model_cfg.vision.qk_normalization, backend), pg)
+                                          vision_layer_spec(model_cfg.vision.qk_normalization,
+                                                            model_cfg.vision.qkv_bias, backend), pg)
             self.projector = Projector(projector_transformer_config(model_cfg, par, dtype),
                                        projector_mlp_submodules(backend), model_cfg.projector_input_size,
                                        eps=model_cfg.projector_layernorm_epsilon, pg_collection=pg)

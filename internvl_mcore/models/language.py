@@ -86,8 +86,8 @@ class LanguageModel(LanguageModule):
 
         Returns the hidden states (S, B, H) on non-last stages; on the last stage the per-token
         losses (B, S) if `labels` is given, else this rank's vocab shard of the logits (B, S, V/tp)."""
+        # one tensor, not a (q, k) tuple: megatron-core's recompute saves it with save_for_backward
         rotary = self.rope(position_ids)
-        rotary = (rotary, rotary)
         hidden = self.decoder(hidden_states=decoder_input, attention_mask=None,
                               rotary_pos_emb=rotary, packed_seq_params=packed_seq_params)
         if not self.post_process:

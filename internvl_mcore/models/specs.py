@@ -73,7 +73,20 @@ def llm_layer_spec(backend: Backend = "local", core_attention: type = PackedSDPA
     )
 
 
-def vision_layer_spec(qk_normalization: bool, backend: Backend = "local") -> ModuleSpec:
+def _without_bias(column: type) -> type:
+    """The column-parallel linear with no bias whatever it is asked for: megatron-core gives linear_qkv
+    a bias whenever `add_bias_linear` is set, but InternViT-6B has biases on proj/fc1/fc2 and none on
+    qkv."""
+
+    class NoBias(column):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, bias: bool = False, **kwargs):
+            super().__init__(*args, bias=False, **kwargs)
+
+    NoBias.__name__ = NoBias.__qualname__ = f"{column.__name__}NoBias"
+    return NoBias
+
+
+def vision_layer_spec(qk_normalization: bool, qkv_bias: bool = True, backend: Backend = "local") -> ModuleSpec:
     """An InternViT block: norm -> bidirectional attention -> layer scale + drop path, twice."""
     column, row, norm = _modules(backend)
     qk_norm = FullWidthQKNorm if qk_normalization else IdentityOp
@@ -85,7 +98,8 @@ def vision_layer_spec(qk_normalization: bool, backend: Backend = "local") -> Mod
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.no_mask},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=column, core_attention=PackedSDPAttention, linear_proj=row,
+                    linear_qkv=column if qkv_bias else _without_bias(column),
+                    core_attention=PackedSDPAttention, linear_proj=row,
                     q_layernorm=qk_norm, k_layernorm=qk_norm),
             ),
             pre_mlp_layernorm=norm,

@@ -2,13 +2,15 @@
 
     SAVE/iter_0000010/            one checkpoint (dist_checkpointing: layout-independent tensors)
         run.json                  iteration, LR-schedule state, model config, layout, format version
-        rank_00003.pt             per-rank RNG states and data-loader position
+        rank_00003.pt             per-rank RNG states
+        data_dp00001.pt           data-loader position of data-parallel rank 1
     SAVE/latest_checkpointed_iteration.txt
 
 A checkpoint is written into tmp_iter_NNNNNNN/ and renamed only when every rank has finished, then
 the `latest` pointer is replaced atomically, so a crash mid-save leaves the previous checkpoint as
 the one `--load` finds. Loading into another TP/PP/DP layout restores the model weights (megatron-core
-reshards them); optimizer state, RNG and data position are restored only on the same layout.
+reshards them) and, when the data-parallel size is unchanged, the data position; optimizer state and
+RNG streams are restored only on the same layout.
 """
 from __future__ import annotations
 
@@ -111,7 +113,11 @@ def save(root: str | Path, iteration: int, model_chunk: torch.nn.Module, optimiz
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(model_sd)
     dist_checkpointing.save(state, str(tmp))
-    torch.save({"rng": rng_state(), "data": data_state}, tmp / f"rank_{rank:05d}.pt")
+    torch.save({"rng": rng_state()}, tmp / f"rank_{rank:05d}.pt")
+    if (parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_pipeline_model_parallel_rank() == 0
+            and parallel_state.get_context_parallel_rank() == 0):
+        torch.save(data_state, tmp / f"data_dp{parallel_state.get_data_parallel_rank():05d}.pt")
+    _fault_point("save", iteration)
     if rank == 0:
         info = {"format_version": FORMAT_VERSION, "iteration": iteration,
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -153,8 +159,8 @@ def _check_model(info: dict, model_cfg: ModelConfig, where: Path) -> None:
 
 def load(root: str | Path, model_chunk: torch.nn.Module, optimizer: Any, scheduler: Any, model_cfg: ModelConfig,
          par: ParallelConfig, load_optim: bool = True) -> tuple[int, Any]:
-    """Resume from the latest checkpoint under `root`. Returns (iteration, this rank's data state or
-    None when the layout changed and only weights were restored)."""
+    """Resume from the latest checkpoint under `root`. Returns (iteration, this rank's data state, or
+    None when the data-parallel size changed)."""
     from megatron.core import dist_checkpointing, parallel_state
 
     iteration = latest_iteration(root)
@@ -170,19 +176,30 @@ def load(root: str | Path, model_chunk: torch.nn.Module, optimizer: Any, schedul
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
     loaded = dist_checkpointing.load(state, str(path))
     module.load_state_dict(loaded["model"], strict=True)
-    if not same_layout:
-        if dist.get_rank() == 0:
-            print(f"checkpoint {path} was saved with layout {info['layout']}; restored model weights only",
-                  flush=True)
-        return iteration, None
+    if scheduler is not None and info.get("scheduler") is not None:
+        scheduler.load_state_dict(info["scheduler"])
     if restore_all:
         optimizer.load_state_dict(loaded["optimizer"])
-        if scheduler is not None and info.get("scheduler") is not None:
-            scheduler.load_state_dict(info["scheduler"])
-    rank_file = path / f"rank_{dist.get_rank():05d}.pt"
-    extra = torch.load(rank_file, weights_only=False)
-    set_rng_state(extra["rng"])
-    return iteration, extra["data"]
+        set_rng_state(torch.load(path / f"rank_{dist.get_rank():05d}.pt", weights_only=False)["rng"])
+    elif dist.get_rank() == 0:
+        print(f"checkpoint {path} was saved with layout {info['layout']}: restored model weights, schedule and "
+              f"data position{'' if same_layout else ' (where the data-parallel size allows)'}; fresh optimizer "
+              "state", flush=True)
+    dp = parallel_state.get_data_parallel_world_size()
+    if info["layout"]["data_parallel_size"] != dp:
+        return iteration, None
+    data_file = path / f"data_dp{parallel_state.get_data_parallel_rank():05d}.pt"
+    return iteration, torch.load(data_file, weights_only=False)
+
+
+def _fault_point(where: str, iteration: int) -> None:
+    """Fault injection for the crash tests: INTERNVL_MCORE_FAULT=save:ITER:RANK makes RANK SIGKILL
+    itself in the middle of saving ITER (tensors written, checkpoint not yet renamed)."""
+    spec = os.environ.get("INTERNVL_MCORE_FAULT", "")
+    if spec:
+        kind, it, rank = spec.split(":")
+        if kind == where and int(it) == iteration and int(rank) == dist.get_rank():
+            os.kill(os.getpid(), 9)
 
 
 def load_weights(path: str | Path, model_chunk: torch.nn.Module, model_cfg: ModelConfig) -> str:

@@ -175,11 +175,16 @@ def train_step(trainer: Trainer) -> dict:
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
     tokens = sum(int((b.tokens != trainer.run.model.pad_token_id).sum()) for b in batches)
+    plan = trainer.plan
+    trainable = [part for part, on in (("vision", plan.train_vit or plan.unfreeze_vit_layers > 0),
+                                       ("projector", plan.train_projector), ("llm", plan.train_llm)) if on]
     return {"loss": float(totals[0] / totals[1]) if totals[1] > 0 else float("nan"),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "lr": trainer.optimizer.param_groups[0]["lr"],
             "tiles": sum(int(b.pixel_values.shape[0]) for b in batches) * trainer.dp_size,
-            "nonpad_tokens": tokens * trainer.dp_size}
+            "nonpad_tokens": tokens * trainer.dp_size, "trainable": trainable,
+            # this rank's packed sample lengths, scaled to the job (every DP rank sees a like mix)
+            "attention_lengths": [int(n) for b in batches for n in (b.cu_seqlens[1:] - b.cu_seqlens[:-1])] * trainer.dp_size}
 
 
 def save(trainer: Trainer) -> None:

@@ -44,7 +44,8 @@ def step_flops(run: RunConfig, stats: dict) -> Optional[float]:
         return None
     t = run.train
     return float(train_step_flops(run.model, tokens_per_step=t.global_batch_size * t.seq_length,
-                                  tiles_per_step=stats["tiles"], seq_length=t.seq_length))
+                                  tiles_per_step=stats["tiles"], attention_lengths=stats.get("attention_lengths"),
+                                  seq_length=t.seq_length, trainable=stats.get("trainable")))
 
 
 class Reporter:

@@ -1,0 +1,131 @@
+"""Checkpoints: exact resume, other layouts, crashes (SIGKILL of a rank, death during a save), errors."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from tests.launch import REPO, free_port, torchrun
+from tests.training.conftest import SEQ
+
+SCRIPT = REPO / "pretrain_internvl.py"
+ITERS, EVERY = 10, 5
+
+
+def _args(shards, log, *extra):
+    return ["--model", "debug", "--data-path", shards, "--global-batch-size", "4", "--train-iters", str(ITERS),
+            "--seq-length", str(SEQ), "--lr", "2e-3", "--seed", "9", "--log-jsonl", str(log), *extra]
+
+
+def _losses(log):
+    return {r["iteration"]: r["loss"] for r in map(json.loads, log.read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(digits_shards, tmp_path_factory):
+    """10 iterations on 2 data-parallel ranks, checkpoints at 5 and 10."""
+    d = tmp_path_factory.mktemp("ref")
+    torchrun(SCRIPT, 2, _args(digits_shards, d / "log.jsonl", "--save", str(d / "ckpt"), "--save-interval", str(EVERY)),
+             timeout=400)
+    return d
+
+
+def _checkpoint_at(src, dst, iteration):
+    shutil.copytree(src, dst)
+    for p in dst.glob("iter_*"):
+        if int(p.name.split("_")[1]) > iteration:
+            shutil.rmtree(p)
+    (dst / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+
+
+def test_resume_is_bit_exact(digits_shards, uninterrupted, tmp_path):
+    ref = _losses(uninterrupted / "log.jsonl")
+    _checkpoint_at(uninterrupted / "ckpt", tmp_path / "ckpt", EVERY)
+    torchrun(SCRIPT, 2, _args(digits_shards, tmp_path / "log.jsonl", "--load", str(tmp_path / "ckpt")), timeout=400)
+    resumed = _losses(tmp_path / "log.jsonl")
+    assert sorted(resumed) == list(range(EVERY + 1, ITERS + 1))
+    for it, loss in resumed.items():
+        assert loss == ref[it], (it, loss, ref[it])  # bit-exact in fp32
+
+
+def test_sigkill_of_one_rank_ends_the_job_and_restart_continues(digits_shards, uninterrupted, tmp_path):
+    ref = _losses(uninterrupted / "log.jsonl")
+    log, ckpt = tmp_path / "log.jsonl", tmp_path / "ckpt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(SCRIPT), *_args(digits_shards, log, "--save", str(ckpt), "--save-interval", str(EVERY))]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= EVERY + 1):
+            assert proc.poll() is None, "training ended before it could be killed"
+            time.sleep(0.2)
+        workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "pretrain_internvl" in " ".join(c.cmdline())]
+        assert workers, "no worker processes found"
+        workers[-1].send_signal(signal.SIGKILL)
+        killed_at = time.time()
+        rc = proc.wait(timeout=60)  # the whole job must end, not hang in a collective
+        assert rc != 0 and time.time() - killed_at <= 60
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(EVERY)
+    restart = tmp_path / "restart.jsonl"
+    torchrun(SCRIPT, 2, _args(digits_shards, restart, "--load", str(ckpt)), timeout=400)
+    for it, loss in _losses(restart).items():
+        assert loss == ref[it], (it, loss, ref[it])
+
+
+def test_death_during_a_save_leaves_the_previous_checkpoint(digits_shards, uninterrupted, tmp_path):
+    ref = _losses(uninterrupted / "log.jsonl")
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(AssertionError):  # rank 1 SIGKILLs itself while writing iteration 10
+        torchrun(SCRIPT, 2, _args(digits_shards, tmp_path / "a.jsonl", "--save", str(ckpt), "--save-interval", str(EVERY)),
+                 timeout=400, env={"INTERNVL_MCORE_FAULT": f"save:{ITERS}:1"})
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(EVERY)
+    assert not (ckpt / f"iter_{ITERS:07d}").exists()
+    args = _args(digits_shards, tmp_path / "b.jsonl", "--load", str(ckpt))
+    args[args.index("--train-iters") + 1] = str(EVERY + 1)
+    torchrun(SCRIPT, 2, args, timeout=400)
+    assert _losses(tmp_path / "b.jsonl") == {EVERY + 1: ref[EVERY + 1]}
+
+
+def test_tp2_pp2_checkpoint_loads_at_tp1(digits_shards, tmp_path):
+    def args(log, iters, *extra):
+        a = _args(digits_shards, log, *extra)
+        a[a.index("--train-iters") + 1] = str(iters)
+        return a
+
+    torchrun(SCRIPT, 4, args(tmp_path / "big.jsonl", 3, "--tensor-model-parallel-size", "2",
+                             "--pipeline-model-parallel-size", "2", "--save", str(tmp_path / "ckpt"), "--save-interval", "2"),
+             timeout=400)
+    (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").write_text("2")
+    torchrun(SCRIPT, 1, args(tmp_path / "small.jsonl", 3, "--load", str(tmp_path / "ckpt")), timeout=400)
+    big, small = _losses(tmp_path / "big.jsonl"), _losses(tmp_path / "small.jsonl")
+    assert list(small) == [3]
+    assert abs(small[3] - big[3]) <= 1e-5 * abs(big[3])  # same weights, same batch, other layout
+
+
+@pytest.mark.parametrize("case", ["bad-data-path", "missing-checkpoint", "other-model"])
+def test_clear_errors(digits_shards, uninterrupted, tmp_path, case):
+    args = _args(digits_shards, tmp_path / "log.jsonl")
+    expect = {"bad-data-path": "no-such-prefix", "missing-checkpoint": "no such directory",
+              "other-model": "debug-6b"}[case]
+    if case == "bad-data-path":
+        args[args.index("--data-path") + 1] = str(tmp_path / "no-such-prefix")
+    elif case == "missing-checkpoint":
+        args += ["--load", str(tmp_path / "nothing-here")]
+    else:
+        args[args.index("--model") + 1] = "debug-6b"
+        args += ["--load", str(uninterrupted / "ckpt")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
+           str(SCRIPT), *args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode != 0
+    assert expect in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]

@@ -1,0 +1,62 @@
+"""Stage presets: frozen parts get no gradient buffer, no optimizer state and stay bit-identical."""
+import json
+
+import pytest
+
+from tests.launch import REPO, torchrun
+
+WORKER = REPO / "tests" / "training" / "stage_worker.py"
+BASE = ["--model", "debug", "--mock-data", "--global-batch-size", "2", "--train-iters", "2", "--seq-length", "128",
+        "--lr", "1e-3"]
+
+
+def _report(tmp_path, nproc, flags):
+    out = tmp_path / "report"
+    torchrun(WORKER, nproc, [str(out), *BASE, *flags], timeout=300)
+    merged = {}
+    for r in range(nproc):
+        rank = json.loads((tmp_path / f"report.rank{r}.json").read_text())
+        # optimizer state exists for exactly the trainable parameters of each rank
+        assert rank["__optimizer_numel__"] == rank["__trainable_numel__"], rank
+        merged.update({k: v for k, v in rank.items() if not k.startswith("__")})
+    return merged
+
+
+def _parts(report, key):
+    return {n.split(".", 1)[0] for n, v in report.items() if v[key]}
+
+
+def test_stage1_trains_only_the_projector_across_pipeline_stages(tmp_path):
+    report = _report(tmp_path, 2, ["--stage", "1", "--pipeline-model-parallel-size", "2"])
+    assert _parts(report, "changed") == {"projector"}
+    assert _parts(report, "requires_grad") == {"projector"}
+    assert _parts(report, "has_grad_buffer") == {"projector"}
+    assert all(v["changed"] for n, v in report.items() if n.startswith("projector."))
+
+
+def test_finetune_keeps_the_vit_bit_identical(tmp_path):
+    report = _report(tmp_path, 1, ["--stage", "finetune"])
+    assert not any(v["changed"] for n, v in report.items() if n.startswith("vision_model."))
+    assert _parts(report, "changed") == {"projector", "language_model"}
+
+
+def test_unfreeze_last_vit_layers(tmp_path):
+    report = _report(tmp_path, 1, ["--stage", "finetune", "--unfreeze-vit-layers", "1"])
+    vit_changed = {n for n, v in report.items() if n.startswith("vision_model.") and v["changed"]}
+    assert vit_changed and all(n.startswith("vision_model.encoder.layers.1.") for n in vit_changed)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--freeze-vit", "--freeze-llm", "--freeze-projector"], "nothing to train"),
+    (["--stage", "finetune", "--drop-path-rate", "0.1"], "--drop-path-rate"),
+    (["--sequence-parallel"], "--sequence-parallel"),
+    (["--stage", "2", "--unfreeze-vit-layers", "1"], "--unfreeze-vit-layers"),
+])
+def test_contradictions_are_refused(flags, message):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(REPO / "pretrain_internvl.py"), *BASE, *flags],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
