@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Build packed, indexed training shards from InternVL meta JSON (JSONL / parquet + images).
+r"""Build packed, indexed training shards from InternVL meta JSON (JSONL / parquet + images).
 
     python tools/preprocess_mm_data.py --meta META.json --tokenizer DIR --output-prefix OUT \
         --seq-length 16384 --workers 2
