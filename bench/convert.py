@@ -41,21 +41,18 @@ def make_hf_dir(size: str, out: str, max_shard_size: str) -> None:
 
     from internvl_mcore.config import get_preset
     from internvl_mcore.convert.hf import canonical_to_hf, hf_config_for, parse_size, write_hf_dir
-    from internvl_mcore.convert.keymaps import FILLS, canonical_names, canonical_shapes, expand, keymap
+    from internvl_mcore.convert.keymaps import canonical_names, canonical_shapes
 
     cfg = get_preset("internvl3-1b")
     if size == "small":
         cfg = cfg.replace(name="internvl3-1b-small", vision=dataclasses.replace(cfg.vision, num_layers=4),
                           llm=dataclasses.replace(cfg.llm, num_layers=4, vocab_size=32768))
     shapes = canonical_shapes(cfg)
-    fills = {e.canonical: e.fill for e in expand(keymap("internvl", cfg.llm.family), cfg) if not e.present and e.fill}
 
     class RandomCanonical(Mapping):
         """Random canonical tensors made on access (never all in memory at once)."""
 
         def __getitem__(self, name: str) -> torch.Tensor:
-            if name in fills:
-                return FILLS[fills[name]](cfg, torch.bfloat16)
             g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
             return torch.empty(shapes[name], dtype=torch.bfloat16).uniform_(-0.03, 0.03, generator=g)
 

@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-template-dir", metavar="DIR", help="the HF checkpoint the model started from")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="output dtype (default: the source's)")
     p.add_argument("--max-shard-size", type=parse_size, default="2GB", help="largest safetensors shard (default 2GB)")
+    # LoRA training checkpoints (internvl_mcore/convert/lora_export.py)
+    p.add_argument("--merge-lora", action="store_true", help="LoRA checkpoint: write the full model with the "
+                   "adapters merged into the weights (either --format)")
+    p.add_argument("--lora-only", action="store_true", help="LoRA checkpoint: write only a PEFT adapter "
+                   "(adapter_config.json + adapter_model.safetensors) for the base's transformers export")
     return p
 
 
@@ -46,9 +51,16 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     try:
-        files = convert_checkpoint_to_hf(args.load, args.save, args.format, args.hf_template_dir,
-                                         parse_dtype(args.dtype) if args.dtype else None, args.max_shard_size,
-                                         progress=True)
+        from internvl_mcore.convert.lora_export import export_lora, is_lora_checkpoint
+
+        if args.merge_lora or args.lora_only or is_lora_checkpoint(args.load):
+            files = export_lora(args.load, args.save, args.format, args.merge_lora, args.lora_only,
+                                args.hf_template_dir, parse_dtype(args.dtype) if args.dtype else None,
+                                args.max_shard_size, progress=True)
+        else:
+            files = convert_checkpoint_to_hf(args.load, args.save, args.format, args.hf_template_dir,
+                                             parse_dtype(args.dtype) if args.dtype else None, args.max_shard_size,
+                                             progress=True)
     except (ConversionError, FileNotFoundError, KeyError) as e:
         print(f"convert_to_hf: error: {e}", file=sys.stderr)
         return 1

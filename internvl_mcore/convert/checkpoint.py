@@ -120,11 +120,20 @@ def convert_hf_to_checkpoint(hf_dir: str | os.PathLike, save: str | os.PathLike,
 def convert_checkpoint_to_hf(load: str | os.PathLike, save: str | os.PathLike, fmt: str,
                              template_dir: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
                              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = False) -> list[Path]:
-    """Write an HF checkpoint in format `fmt` ("internvl" | "transformers") from a canonical one.
+    """Write an HF checkpoint in format `fmt` ("internvl" | "transformers") from a canonical
+    checkpoint or a training checkpoint (`training_checkpoint_to_canonical` first).
 
     config.json starts from the template dir's config.json, else the source's config.json (kept in the
     checkpoint) when the formats agree, so keys we do not model survive; side files (remote code,
     tokenizer) are copied from `template_dir`."""
+    from ..training.checkpoint import is_training_checkpoint
+
+    if is_training_checkpoint(load):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(dir=Path(save).parent if Path(save).parent.exists() else None) as tmp:
+            training_checkpoint_to_canonical(load, tmp)
+            return convert_checkpoint_to_hf(tmp, save, fmt, template_dir, dtype, max_shard_bytes, progress)
     ckpt = CanonicalCheckpoint.open(load)
     out_dtype = dtype or ckpt.source_dtype
     source = ckpt.meta.get("source", {})
@@ -251,6 +260,21 @@ def _layout_worker(rank: int, world: int, port: int, tp: int, pp: int,
         destroy_distributed()
 
 
+def _spawn(fn: Any, nprocs: int, args: tuple, timeout_s: float, what: str) -> None:
+    """Run fn(rank, nprocs, port, *args) in `nprocs` spawned processes (a gloo world) and wait."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=(nprocs, _free_port(), *args), nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise TimeoutError(f"{what} did not finish in {timeout_s:.0f}s")
+
+
 def verify_layout(jobs: Sequence[tuple[str | os.PathLike, str | os.PathLike | None]], tp: int, pp: int,
                   timeout_s: float = 300.0) -> list[dict]:
     """Load each canonical checkpoint into a TP x PP model in `tp * pp` spawned gloo processes,
@@ -259,22 +283,66 @@ def verify_layout(jobs: Sequence[tuple[str | os.PathLike, str | os.PathLike | No
     if any tensor differs."""
     import tempfile
 
-    import torch.multiprocessing as mp
-
     jobs = [(str(c), None if o is None else str(o)) for c, o in jobs]
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(_layout_worker, args=(tp * pp, _free_port(), tp, pp, jobs, tmp),
-                                 nprocs=tp * pp, join=False, start_method="spawn")
-        import time
-
-        deadline = time.monotonic() + timeout_s
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                raise TimeoutError(f"verify_layout tp={tp} pp={pp} did not finish in {timeout_s:.0f}s")
+        _spawn(_layout_worker, tp * pp, (tp, pp, jobs, tmp), timeout_s, f"verify_layout tp={tp} pp={pp}")
         report = json.loads(Path(tmp, "report.json").read_text())
     bad = [r for r in report if r["mismatched"] or r["missing_in_file"]]
     if bad:
         raise ConversionError(f"TP{tp}xPP{pp} load/gather changed tensors: {bad}")
     return report
+
+
+# =============================================================================================
+# training checkpoints (megatron-core dist_checkpointing, internvl_mcore/training/checkpoint.py)
+# =============================================================================================
+
+def _training_run_info(path: Path) -> tuple[Path, dict]:
+    from ..training.checkpoint import TRACKER, latest_iteration
+
+    if (path / TRACKER).exists():
+        path = path / f"iter_{latest_iteration(path):07d}"
+    return path, json.loads((path / "run.json").read_text())
+
+
+def _export_worker(rank: int, world: int, port: int, tp: int, pp: int, ckpt: str, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    from ..models.internvl import build_model
+    from ..parallel.state import destroy_distributed, init_distributed
+    from ..training.checkpoint import load_weights
+
+    par = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    init_distributed(par, seed=0)
+    try:
+        _, info = _training_run_info(Path(ckpt))
+        cfg = model_config_from_dict(info["model"])
+        model = build_model(cfg, par)
+        load_weights(ckpt, model, cfg)
+        state = gather_canonical_state(model, cfg)
+        if state is not None:
+            source = info.get("source") or {"dtype": "float32"}
+            save_canonical(out_dir, cfg, state, source, par)
+    finally:
+        destroy_distributed()
+
+
+def training_checkpoint_to_canonical(path: str | os.PathLike, out_dir: str | os.PathLike,
+                                     timeout_s: float = 3600.0) -> ModelConfig:
+    """A training checkpoint (root with the `latest` pointer, or one iter_ directory) -> canonical dir.
+
+    The checkpoint is loaded in the TP x PP layout it was saved with (spawned gloo processes, data
+    parallel size 1), so padded vision heads and vocabulary rows match whatever the saving layout
+    had, then gathered and unpadded on rank 0: memory there is one full copy of the model."""
+    from ..training.checkpoint import is_training_checkpoint
+
+    path = Path(path)
+    if not is_training_checkpoint(path):
+        raise ConversionError(f"{path}: not a training checkpoint (no run.json or latest_checkpointed_iteration.txt)")
+    _, info = _training_run_info(path)
+    layout = info.get("layout", {})
+    tp = int(layout.get("tensor_model_parallel_size", 1))
+    pp = int(layout.get("pipeline_model_parallel_size", 1))
+    _spawn(_export_worker, tp * pp, (tp, pp, str(path), str(out_dir)), timeout_s,
+           f"loading {path} (TP{tp} x PP{pp})")
+    return model_config_from_dict(info["model"])

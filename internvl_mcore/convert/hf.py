@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..config.model import LLMConfig, ModelConfig, VisionConfig
 from ..config.presets import PRESETS
-from .keymaps import FILLS, READ_ALIASES, Entry, expand, keymap
+from .keymaps import READ_ALIASES, Entry, expand, keymap
 
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -767,15 +767,9 @@ def hf_to_canonical(src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str,
     """Stream (canonical name, tensor) pairs from HF tensors; validates everything before the first
     tensor is read. Tensors keep their dtype."""
     src = _normalize(src, fmt)
-    entries = check_hf_tensors(src, cfg, fmt)
-    dtype = None
+    entries = [e for e in check_hf_tensors(src, cfg, fmt) if e.present]
     for e in tqdm(entries, desc="HF -> canonical", unit="tensor", disable=not progress):
-        if e.present:
-            ts = [src[h] for h in e.hf]
-            dtype = ts[0].dtype
-            yield e.canonical, e.transform.to_canonical(ts, cfg).contiguous()
-        elif e.fill is not None:
-            yield e.canonical, FILLS[e.fill](cfg, dtype or torch.float32)
+        yield e.canonical, e.transform.to_canonical([src[h] for h in e.hf], cfg).contiguous()
 
 
 def canonical_to_hf(src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str,
@@ -784,11 +778,11 @@ def canonical_to_hf(src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str,
     given). Refuses missing, unexpected or mis-shaped canonical tensors before writing anything."""
     from .keymaps import canonical_shapes
 
-    entries = expand(keymap(fmt, cfg.llm.family), cfg)
+    entries = [e for e in expand(keymap(fmt, cfg.llm.family), cfg) if e.present]
     shapes = canonical_shapes(cfg)
-    known = {e.canonical for e in entries if e.present or e.fill}
+    known = {e.canonical for e in entries}
     for e in entries:
-        if e.present and e.canonical not in src:
+        if e.canonical not in src:
             raise ConversionError(f"canonical checkpoint has no tensor {e.canonical!r}")
     extra = sorted(set(src) - known)
     if extra:
@@ -799,13 +793,6 @@ def canonical_to_hf(src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str,
         if got != shapes[name]:
             raise ConversionError(f"canonical tensor {name!r} has shape {got}, the config implies {shapes[name]}")
     for e in tqdm(entries, desc=f"canonical -> {fmt}", unit="tensor", disable=not progress):
-        if not e.present:
-            if e.fill is not None and e.canonical in src:
-                t = src[e.canonical]
-                if not torch.equal(t, FILLS[e.fill](cfg, t.dtype)):
-                    raise ConversionError(f"{e.canonical!r} is not {e.fill} but the {fmt} layout of this config "
-                                          f"has no such tensor; exporting would change the model")
-            continue
         t = src[e.canonical]
         for h, out in zip(e.hf, e.transform.to_hf(t, cfg)):
             yield h, (out if dtype is None else out.to(dtype)).contiguous()

@@ -49,10 +49,7 @@ class Rule:
     layers: Tower | None = None
     """Stack `{i}` runs over (vision blocks or LLM decoder layers); None: not per layer."""
     when: str | None = None
-    """Key of `PREDICATES`: the tensor exists only for configs where it holds."""
-    fill: str | None = None
-    """Key of `FILLS`: when `when` is false, the canonical tensor still exists in our model and is
-    filled with this (import) and must equal it to be dropped (export)."""
+    """Key of `PREDICATES`: the tensor exists (in HF and in our model) only for configs where it holds."""
 
 
 # --- named reshape functions: pure, exact (reshape / cat / split only) ---------------------------
@@ -169,12 +166,6 @@ PREDICATES: dict[str, Callable[[ModelConfig], bool]] = {
     "untied_output": lambda c: not c.llm.tie_word_embeddings,
 }
 
-# megatron-core gives linear_qkv a bias whenever add_bias_linear is set (the ViT's linears all have
-# biases), even with qkv_bias=False; such a bias is zero from the HF side.
-FILLS: dict[str, Callable[[ModelConfig, torch.dtype], torch.Tensor]] = {
-    "zero_vit_qkv_bias": lambda c, dt: torch.zeros(3 * c.vision.hidden_size, dtype=dt),
-}
-
 
 # --- tables ---------------------------------------------------------------------------------------
 _V = "vision_model.encoder.layers.{i}."
@@ -186,24 +177,23 @@ def _vision_rules(prefix: str, names: dict[str, str], qkv: tuple[tuple[str, ...]
     layer = prefix + names["layer"]
     qkv_names, qkv_transform = qkv
     per_layer = (
-        (_V + "ls1", (layer + names["ls1"],), "copy", None, None),
-        (_V + "ls2", (layer + names["ls2"],), "copy", None, None),
-        (_V + "input_layernorm.weight", (layer + names["norm1"] + ".weight",), "copy", None, None),
-        (_V + "input_layernorm.bias", (layer + names["norm1"] + ".bias",), "copy", "vision_norm_bias", None),
-        (_V + "self_attention.linear_qkv.weight", tuple(layer + n + ".weight" for n in qkv_names),
-         qkv_transform, None, None),
-        (_V + "self_attention.linear_qkv.bias", tuple(layer + n + ".bias" for n in qkv_names),
-         qkv_transform, "vision_qkv_bias", "zero_vit_qkv_bias"),
-        (_V + "self_attention.q_layernorm.weight", (layer + names["q_norm"] + ".weight",), "copy", "vision_qk_norm", None),
-        (_V + "self_attention.k_layernorm.weight", (layer + names["k_norm"] + ".weight",), "copy", "vision_qk_norm", None),
-        (_V + "self_attention.linear_proj.weight", (layer + names["proj"] + ".weight",), "copy", None, None),
-        (_V + "self_attention.linear_proj.bias", (layer + names["proj"] + ".bias",), "copy", None, None),
-        (_V + "pre_mlp_layernorm.weight", (layer + names["norm2"] + ".weight",), "copy", None, None),
-        (_V + "pre_mlp_layernorm.bias", (layer + names["norm2"] + ".bias",), "copy", "vision_norm_bias", None),
-        (_V + "mlp.linear_fc1.weight", (layer + names["fc1"] + ".weight",), "copy", None, None),
-        (_V + "mlp.linear_fc1.bias", (layer + names["fc1"] + ".bias",), "copy", None, None),
-        (_V + "mlp.linear_fc2.weight", (layer + names["fc2"] + ".weight",), "copy", None, None),
-        (_V + "mlp.linear_fc2.bias", (layer + names["fc2"] + ".bias",), "copy", None, None),
+        (_V + "ls1", (layer + names["ls1"],), "copy", None),
+        (_V + "ls2", (layer + names["ls2"],), "copy", None),
+        (_V + "input_layernorm.weight", (layer + names["norm1"] + ".weight",), "copy", None),
+        (_V + "input_layernorm.bias", (layer + names["norm1"] + ".bias",), "copy", "vision_norm_bias"),
+        (_V + "self_attention.linear_qkv.weight", tuple(layer + n + ".weight" for n in qkv_names), qkv_transform, None),
+        (_V + "self_attention.linear_qkv.bias", tuple(layer + n + ".bias" for n in qkv_names), qkv_transform,
+         "vision_qkv_bias"),
+        (_V + "self_attention.q_layernorm.weight", (layer + names["q_norm"] + ".weight",), "copy", "vision_qk_norm"),
+        (_V + "self_attention.k_layernorm.weight", (layer + names["k_norm"] + ".weight",), "copy", "vision_qk_norm"),
+        (_V + "self_attention.linear_proj.weight", (layer + names["proj"] + ".weight",), "copy", None),
+        (_V + "self_attention.linear_proj.bias", (layer + names["proj"] + ".bias",), "copy", None),
+        (_V + "pre_mlp_layernorm.weight", (layer + names["norm2"] + ".weight",), "copy", None),
+        (_V + "pre_mlp_layernorm.bias", (layer + names["norm2"] + ".bias",), "copy", "vision_norm_bias"),
+        (_V + "mlp.linear_fc1.weight", (layer + names["fc1"] + ".weight",), "copy", None),
+        (_V + "mlp.linear_fc1.bias", (layer + names["fc1"] + ".bias",), "copy", None),
+        (_V + "mlp.linear_fc2.weight", (layer + names["fc2"] + ".weight",), "copy", None),
+        (_V + "mlp.linear_fc2.bias", (layer + names["fc2"] + ".bias",), "copy", None),
     )
     emb = "vision_model.embeddings."
     return (
@@ -211,7 +201,7 @@ def _vision_rules(prefix: str, names: dict[str, str], qkv: tuple[tuple[str, ...]
         Rule(emb + "patch_embedding.weight", (prefix + names["patch"] + ".weight",)),
         Rule(emb + "patch_embedding.bias", (prefix + names["patch"] + ".bias",)),
         Rule(emb + "position_embedding", (prefix + names["pos"],)),
-    ) + tuple(Rule(c, h, t, "vision", w, f) for c, h, t, w, f in per_layer)
+    ) + tuple(Rule(c, h, t, "vision", w) for c, h, t, w in per_layer)
 
 
 def _projector_rules(prefix: str, norm: str, fc1: str, fc2: str) -> tuple[Rule, ...]:
@@ -323,8 +313,7 @@ class Entry:
     hf: tuple[str, ...]
     transform: Transform
     present: bool
-    """False: the HF checkpoint has no such tensor for this config."""
-    fill: str | None
+    """False: neither the HF checkpoint nor our model has this tensor for this config."""
 
 
 def expand(rules: Sequence[Rule], cfg: ModelConfig) -> list[Entry]:
@@ -335,7 +324,7 @@ def expand(rules: Sequence[Rule], cfg: ModelConfig) -> list[Entry]:
         present = PREDICATES[r.when](cfg) if r.when else True
         for i in range(counts[r.layers]):
             out.append(Entry(r.canonical.format(i=i), tuple(h.format(i=i) for h in r.hf),
-                             TRANSFORMS[r.transform], present, r.fill))
+                             TRANSFORMS[r.transform], present))
     return out
 
 
@@ -385,4 +374,4 @@ def canonical_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def canonical_names(cfg: ModelConfig) -> list[str]:
     """The canonical tensors a checkpoint of `cfg` holds (any HF format gives the same set)."""
-    return [e.canonical for e in expand(keymap("internvl", "qwen2"), cfg) if e.present or e.fill]
+    return [e.canonical for e in expand(keymap("internvl", "qwen2"), cfg) if e.present]

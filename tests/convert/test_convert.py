@@ -25,8 +25,10 @@ from internvl_mcore.convert import (CanonicalCheckpoint, ConversionError, Safete
                                     convert_checkpoint_to_hf, convert_hf_to_checkpoint, hf_config_for,
                                     model_config_from_hf, verify_layout)
 from internvl_mcore.convert.hf import ShardedWriter
+from internvl_mcore.convert.keymaps import canonical_names
 
-from .tiny_hf import save_transformers_dir, tiny_batch, tiny_transformers_model, write_internvl_dir
+from .tiny_hf import (IMG_END, IMG_START, save_transformers_dir, tiny_batch, tiny_transformers_model,
+                      write_internvl_dir)
 
 pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parents[2]
@@ -156,6 +158,7 @@ def test_canonical_shapes_match_the_model(world) -> None:
         cfg = PRESETS[name]
         state = canonical_state_dict(build_model(cfg, world))
         shapes = canonical_shapes(cfg)
+        assert sorted(state) == sorted(canonical_names(cfg))  # the key map places exactly the model's tensors
         for k, t in state.items():
             assert shapes[k] == tuple(t.shape), k
 
@@ -180,7 +183,8 @@ def test_special_tokens_come_from_tokenizer_files(tmp_path: Path) -> None:
     tok["added_tokens_decoder"]["77"] = {"content": "<IMG_CONTEXT>"}
     (src / "tokenizer_config.json").write_text(json.dumps(tok))
     cfg, _ = model_config_from_hf(config_of(src), src)
-    assert (cfg.img_context_token_id, cfg.img_start_token_id, cfg.img_end_token_id, cfg.pad_token_id) == (77, 500, 501, 0)
+    assert (cfg.img_context_token_id, cfg.img_start_token_id, cfg.img_end_token_id, cfg.pad_token_id) == \
+        (77, IMG_START, IMG_END, 0)
 
 
 def test_reads_transformers_module_names_too(tmp_path: Path) -> None:
@@ -277,14 +281,15 @@ def test_export_refuses_bad_canonical(small_internvl: Path, tmp_path: Path) -> N
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
-def test_export_refuses_a_trained_bias_the_hf_layout_lacks(tmp_path: Path) -> None:
-    # InternViT-6B has no qkv bias; our model carries a zero one, which must still be zero on export
+def test_export_refuses_a_tensor_the_hf_layout_lacks(tmp_path: Path) -> None:
+    # InternViT-6B has no qkv bias: neither has our model, and a canonical checkpoint carrying one
+    # (say from a model built differently) cannot be exported without dropping weights
     src = write_internvl_dir(tiny_transformers_model("llama", "6b", seed=3), tmp_path / "hf", "llama")
     convert_hf_to_checkpoint(src, tmp_path / "ckpt")
     tensors = dict(SafetensorsDir(tmp_path / "ckpt").items())
     key = "vision_model.encoder.layers.0.self_attention.linear_qkv.bias"
-    assert torch.count_nonzero(tensors[key]) == 0
-    tensors[key] = tensors[key] + 1e-3
+    assert key not in tensors
+    tensors[key] = torch.full((3 * 48,), 1e-3)
     save_file(tensors, str(tmp_path / "ckpt" / "model.safetensors"))
     with pytest.raises(ConversionError, match=key.replace(".", r"\.")):
         convert_checkpoint_to_hf(tmp_path / "ckpt", tmp_path / "out", "internvl")
@@ -310,19 +315,44 @@ def test_sharded_writer_respects_shard_size_and_indexes(tmp_path: Path) -> None:
     assert all(torch.equal(back[k], v) for k, v in tensors.items())
 
 
-# --- command-line tools ------------------------------------------------------------------------
+# --- command-line tools, end to end with training ----------------------------------------------
 
-def test_cli_round_trip(small_internvl: Path, tmp_path: Path) -> None:
-    run = lambda *a: subprocess.run([sys.executable, *a], capture_output=True, text=True, cwd=REPO, timeout=120)
-    r = run("tools/convert_from_hf.py", "--hf-dir", str(small_internvl), "--save", str(tmp_path / "ckpt"),
+@pytest.mark.timeout(400)
+def test_cli_hf_to_training_and_back(tmp_path: Path) -> None:
+    """convert_from_hf -> pretrain_internvl.py --pretrained (TP2, one step at lr 0, --save) ->
+    convert_to_hf from the training checkpoint: the original weights come back bit for bit."""
+    run = lambda *a, **kw: subprocess.run([*a], capture_output=True, text=True, cwd=REPO, timeout=300, **kw)
+    src = save_transformers_dir(tiny_transformers_model("llama", "6b", True, seed=13), tmp_path / "hf")
+    r = run(sys.executable, "tools/convert_from_hf.py", "--hf-dir", str(src), "--save", str(tmp_path / "ckpt"),
             "--max-shard-size", "20KB")
     assert r.returncode == 0, r.stderr
+    assert "model debug-6b" in r.stdout  # the architecture and ids are the debug-6b preset's
     assert len(list((tmp_path / "ckpt").glob("model-*.safetensors"))) > 1
-    r = run("tools/convert_to_hf.py", "--load", str(tmp_path / "ckpt"), "--save", str(tmp_path / "hf"),
-            "--format", "internvl", "--hf-template-dir", str(small_internvl))
-    assert r.returncode == 0, r.stderr
-    assert_same_tensors(small_internvl, tmp_path / "hf")
-    assert (tmp_path / "hf" / "tokenizer_config.json").exists()
+    r = run(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(_free_port()), "pretrain_internvl.py", "--model", "debug-6b", "--mock-data",
+            "--tensor-model-parallel-size", "2", "--micro-batch-size", "1", "--global-batch-size", "2",
+            "--train-iters", "1", "--lr", "0", "--pretrained", str(tmp_path / "ckpt"), "--save", str(tmp_path / "train"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run(sys.executable, "tools/convert_to_hf.py", "--load", str(tmp_path / "train"), "--save", str(tmp_path / "out"),
+            "--format", "transformers", "--hf-template-dir", str(src), "--dtype", "fp32")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_tensors(src, tmp_path / "out")
+
+
+def test_cli_refuses_with_the_key(small_internvl: Path, tmp_path: Path, capsys) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert_from_hf", REPO / "tools" / "convert_from_hf.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
     bad = _rewrite(small_internvl, tmp_path / "bad", lambda t: t.pop("mlp1.0.bias"))
-    r = run("tools/convert_from_hf.py", "--hf-dir", str(bad), "--save", str(tmp_path / "ckpt2"))
-    assert r.returncode == 1 and "mlp1.0.bias" in r.stderr
+    assert tool.main(["--hf-dir", str(bad), "--save", str(tmp_path / "ckpt")]) == 1
+    assert "mlp1.0.bias" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -16,7 +16,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-IMG_START, IMG_END, IMG_CONTEXT = 500, 501, 502
+from internvl_mcore.config import PRESETS
+
+# the debug presets' special tokens, so converted tiny models are the `debug` / `debug-6b` presets
+IMG_START = PRESETS["debug"].img_start_token_id
+IMG_END = PRESETS["debug"].img_end_token_id
+IMG_CONTEXT = PRESETS["debug"].img_context_token_id
 TOKENS_PER_TILE = 4  # (56 / 14)^2 * 0.5^2
 
 VISIONS = {
@@ -78,7 +83,7 @@ def tiny_transformers_model(text: str = "qwen2", vision: str = "300m", tie: bool
 def tiny_batch(seed: int = 0, image_size: int = 56) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids (2, 24) with 2 tiles in row 0 and 1 tile in row 1, and pixel values (3, 3, H, W)."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 499, (2, 24), generator=g)
+    ids = torch.randint(1, min(IMG_START, IMG_END, IMG_CONTEXT), (2, 24), generator=g)
     ids[0, 2] = IMG_START
     ids[0, 3:3 + 2 * TOKENS_PER_TILE] = IMG_CONTEXT
     ids[0, 3 + 2 * TOKENS_PER_TILE] = IMG_END
