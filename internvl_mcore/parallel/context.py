@@ -41,6 +41,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
@@ -142,6 +143,36 @@ class PackedRows:
         return PackedRows(seg.view(shape).to(dev), seg_start.view(shape).to(dev), seg_end.view(shape).to(dev))
 
 
+def packed_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: Optional[torch.Tensor],
+                causal: bool, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """Whole-row packed attention: (S, B, hq, d) q, (S, B, hkv, d) k/v -> (S, B, hq*d).
+
+    One `scaled_dot_product_attention` per packed sample on 4-D (1, h, len, d) views: on CPU that
+    selects the flash kernel (memory linear in len); 3-D (h, len, d) inputs silently fall back to
+    the math kernel, which stores h x len x len attention weights for the backward."""
+    s, b, hq, d = query.shape
+    if cu is None:
+        bounds = list(range(0, b * s + 1, s))
+    else:
+        bounds = cu.detach().to("cpu", torch.int64).tolist()
+        if bounds[0] != 0 or bounds[-1] != b * s or not set(range(0, b * s + 1, s)) <= set(bounds):
+            raise ValueError(f"context_parallel.py: cu_seqlens {bounds[:8]}... must run from 0 to B*S = {b * s} "
+                             f"and include every row start (samples cannot span rows)")
+    q4, k4, v4 = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # (B, h, S, d) views
+    gqa = key.shape[2] != hq
+    rows: list[list[torch.Tensor]] = [[] for _ in range(b)]
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end <= start:
+            continue
+        r = start // s
+        s0, s1 = start - r * s, end - r * s
+        rows[r].append(F.scaled_dot_product_attention(
+            q4[r:r + 1, :, s0:s1], k4[r:r + 1, :, s0:s1], v4[r:r + 1, :, s0:s1], dropout_p=dropout_p,
+            is_causal=causal, scale=scale, enable_gqa=gqa))
+    out = torch.cat([torch.cat(parts, dim=2) for parts in rows], dim=0)  # (B, hq, S, d)
+    return out.permute(2, 0, 1, 3).reshape(s, b, hq * d)
+
+
 # ----------------------------------------------------------------------------------------------
 # blockwise attention with log-sum-exp (no autograd: the ring Function calls these)
 @dataclass
@@ -169,10 +200,26 @@ class _RingPlan:
 class _Tile:
     q_rows: slice
     """Rows of the local query block."""
-    k_idx: torch.Tensor
-    """(M,) local indices of the keys some query of the tile may see."""
+    k_pieces: list[tuple[int, int]]
+    """(local offset, length) runs of the keys some query of the tile may see."""
     mask: Optional[torch.Tensor]
-    """(B, 1, 1, T, M) bool visibility, None when everything is visible."""
+    """(B, 1, 1, T, c1-c0) bool visibility of the key columns c0:c1 (window order); columns
+    outside it are visible to every query of the tile. None: everything visible."""
+    cols: slice
+
+    def keys(self, t: torch.Tensor) -> torch.Tensor:
+        """The tile's keys/values of a (B, hkv, Nk, d) block, in window order (a view if one run)."""
+        if len(self.k_pieces) == 1:
+            off, n = self.k_pieces[0]
+            return t.narrow(2, off, n)
+        return torch.cat([t.narrow(2, off, n) for off, n in self.k_pieces], dim=2)
+
+    def add_to_keys(self, acc: torch.Tensor, grad: torch.Tensor) -> None:
+        """acc[keys of the tile] += grad, for a (B, hkv, Nk, d) accumulator."""
+        at = 0
+        for off, n in self.k_pieces:
+            acc.narrow(2, off, n).add_(grad.narrow(2, at, n))
+            at += n
 
 
 def _tiles(q_starts: list[int], k_starts: list[int], plan: _RingPlan, device: torch.device) -> Iterator[_Tile]:
@@ -180,7 +227,9 @@ def _tiles(q_starts: list[int], k_starts: list[int], plan: _RingPlan, device: to
 
     Keys are first cut to the window [first sample start, last causal/sample end) of the tile's
     queries; whole chunk pairs and tiles that fall outside it (e.g. key chunks after the query
-    chunk under a causal mask) cost nothing. The exact mask is then built on the window."""
+    chunk under a causal mask) cost nothing. The exact mask is then built on the window and
+    trimmed to the columns that are not visible to every query (under a causal mask, the last
+    few keys), so most scores need no masking."""
     L, rows = plan.chunk, plan.rows
     for qi, qs in enumerate(q_starts):
         for t0 in range(0, L, plan.tile):
@@ -196,7 +245,6 @@ def _tiles(q_starts: list[int], k_starts: list[int], plan: _RingPlan, device: to
                     pieces.append((ki * L + a - ks, a, b))
             if not pieces:
                 continue
-            k_idx = torch.cat([torch.arange(off, off + b - a) for off, a, b in pieces]).to(device)
             k_pos = torch.cat([torch.arange(a, b) for _, a, b in pieces]).to(device)
             q_pos = torch.arange(qs + t0, qs + t1, device=device)
             mask = rows.seg[:, q_pos][:, :, None] == rows.seg[:, k_pos][:, None, :]  # (B, T, M)
@@ -204,16 +252,32 @@ def _tiles(q_starts: list[int], k_starts: list[int], plan: _RingPlan, device: to
                 mask &= k_pos[None, None, :] <= q_pos[None, :, None]
             if not bool(mask.any()):
                 continue
-            yield _Tile(slice(qi * L + t0, qi * L + t1), k_idx,
-                        None if bool(mask.all()) else mask[:, None, None])
+            partial = ~mask.all(dim=1).all(dim=0)  # (M,) columns some query cannot see
+            k_pieces = [(off, b - a) for off, a, b in pieces]
+            q_rows = slice(qi * L + t0, qi * L + t1)
+            if not bool(partial.any()):
+                yield _Tile(q_rows, k_pieces, None, slice(0, 0))
+                continue
+            cols = partial.nonzero()
+            c0, c1 = int(cols[0]), int(cols[-1]) + 1
+            yield _Tile(q_rows, k_pieces, mask[:, None, None, :, c0:c1], slice(c0, c1))
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, tile: _Tile, scale: float) -> torch.Tensor:
-    """(B, hkv, g, T, M) masked scores of a tile in fp32 (-inf where invisible)."""
-    s = torch.matmul(q.float(), k.float().unsqueeze(2).transpose(-1, -2)) * scale
+def _tile_scores(qt: torch.Tensor, kt: torch.Tensor, tile: _Tile, g: int) -> torch.Tensor:
+    """(B, hkv, g*T, M) masked scores (-inf where invisible); qt is pre-scaled (B, hkv, g*T, d)."""
+    s = torch.matmul(qt, kt.transpose(-1, -2))
     if tile.mask is not None:
-        s = s.masked_fill(~tile.mask, float("-inf"))
+        b, h, gt, m = s.shape
+        s.view(b, h, g, gt // g, m)[..., tile.cols].masked_fill_(~tile.mask, float("-inf"))
     return s
+
+
+def _query_tile(q: torch.Tensor, rows: slice, scale: float = 1.0) -> torch.Tensor:
+    """(B, hkv, g, N, d)[..., rows, :] -> (B, hkv, g*T, d) fp32: one matmul per kv head, no
+    broadcasting copies of K over the g query heads that share it."""
+    b, h, g, _, d = q.shape
+    t = q[:, :, :, rows].float()
+    return (t * scale if scale != 1.0 else t).reshape(b, h, g * (rows.stop - rows.start), d)
 
 
 def _block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_starts: list[int],
@@ -221,16 +285,18 @@ def _block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_starts: 
     """Attend the local queries to one (K, V) block and merge into the running (out, lse).
 
     q (B, hkv, g, Nq, d); k, v (B, hkv, Nk, d); out (B, hkv, g, Nq, d) fp32; lse (B, hkv, g, Nq)."""
+    b, h, g, _, d = q.shape
     for tile in _tiles(q_starts, k_starts, plan, q.device):
-        kt, vt = k.index_select(2, tile.k_idx), v.index_select(2, tile.k_idx)
-        s = _scores(q[:, :, :, tile.q_rows], kt, tile, plan.scale)  # (B, hkv, g, T, M)
-        m = s.amax(dim=-1)
-        m = m.masked_fill(torch.isneginf(m), 0.0)  # rows that see nothing in this block
-        p = torch.exp(s - m[..., None])
-        denom = p.sum(dim=-1)
-        o = torch.matmul(p, vt.float().unsqueeze(2)) / denom.clamp_min(1e-30)[..., None]
-        blk_lse = m + torch.log(denom)  # -inf where the row saw nothing
-        acc_o, acc_lse = out[:, :, :, tile.q_rows], lse[:, :, :, tile.q_rows]
+        r = tile.q_rows
+        s = _tile_scores(_query_tile(q, r, plan.scale), tile.keys(k).float(), tile, g)  # (B, hkv, gT, M)
+        m = s.amax(dim=-1, keepdim=True)
+        m.masked_fill_(torch.isneginf(m), 0.0)  # rows that see nothing in this block
+        p = s.sub_(m).exp_()
+        denom = p.sum(dim=-1, keepdim=True)
+        o = torch.matmul(p, tile.keys(v).float()).div_(denom.clamp_min(1e-30))  # (B, hkv, gT, d)
+        blk_lse = (m + torch.log(denom)).view(b, h, g, -1)  # -inf where the row saw nothing
+        o = o.view(b, h, g, -1, d)
+        acc_o, acc_lse = out[:, :, :, r], lse[:, :, :, r]
         new = torch.logaddexp(acc_lse, blk_lse)
         safe = new.masked_fill(torch.isneginf(new), 0.0)
         acc_o.mul_(torch.exp(acc_lse - safe)[..., None]).add_(o * torch.exp(blk_lse - safe)[..., None])
@@ -244,18 +310,19 @@ def _block_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: tor
 
     Flash-attention backward: P = exp(S - lse) with the final lse, dS = P * (dP - delta),
     delta = rowsum(dout * out). dq is fp32 (B, hkv, g, Nq, d); dk, dv fp32 (B, hkv, Nk, d)."""
+    b, h, g, _, d = q.shape
     for tile in _tiles(q_starts, k_starts, plan, q.device):
         r = tile.q_rows
-        kt, vt = k.index_select(2, tile.k_idx).float(), v.index_select(2, tile.k_idx).float()
-        qt, dot = q[:, :, :, r].float(), dout[:, :, :, r]
-        s = _scores(qt, kt, tile, plan.scale)
-        p = torch.exp(s - lse[:, :, :, r][..., None])  # (B, hkv, g, T, M)
-        dp = torch.matmul(dot, vt.unsqueeze(2).transpose(-1, -2))
-        ds = p * (dp - delta[:, :, :, r][..., None])
-        dq[:, :, :, r] += torch.matmul(ds, kt.unsqueeze(2)) * plan.scale
-        # query heads of one kv group share that kv head: sum their contributions over g
-        dk.index_add_(2, tile.k_idx, torch.matmul(ds.transpose(-1, -2), qt).sum(dim=2) * plan.scale)
-        dv.index_add_(2, tile.k_idx, torch.matmul(p.transpose(-1, -2), dot).sum(dim=2))
+        kt, vt = tile.keys(k).float(), tile.keys(v).float()
+        qt = _query_tile(q, r, plan.scale)  # (B, hkv, gT, d), scaled
+        dot = _query_tile(dout, r)
+        s = _tile_scores(qt, kt, tile, g)
+        p = s.sub_(lse[:, :, :, r].reshape(b, h, -1, 1)).exp_()  # (B, hkv, gT, M)
+        ds = torch.matmul(dot, vt.transpose(-1, -2)).sub_(delta[:, :, :, r].reshape(b, h, -1, 1)).mul_(p)
+        dq[:, :, :, r] += torch.matmul(ds, kt).view(b, h, g, -1, d) * plan.scale
+        # (gT)^T contractions sum the g query heads that share a kv head
+        tile.add_to_keys(dk, torch.matmul(ds.transpose(-1, -2), qt))  # qt carries the scale
+        tile.add_to_keys(dv, torch.matmul(p.transpose(-1, -2), dot))
 
 
 def _exchange(send: torch.Tensor, recv: torch.Tensor, plan: _RingPlan, tag: int) -> list:
@@ -299,6 +366,7 @@ class _RingAttention(torch.autograd.Function):
         plan: _RingPlan = ctx.plan
         me, n = plan.ring_rank, plan.ring_size
         dout = dout.float()
+        lse = lse.masked_fill(torch.isneginf(lse), 0.0)  # rows that saw no key at all: P = 0 there
         delta = (dout * out).sum(dim=-1)  # (B, hkv, g, N)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         kv = torch.stack([k, v]).contiguous()
@@ -392,7 +460,7 @@ class ContextParallelAttention(MegatronModule):
         softmax_scale: Optional[float] = None,
         cp_comm_type: Optional[str] = None,
         pg_collection: Any = None,
-        query_tile: int = 512,
+        query_tile: int = 256,
         **kwargs: Any,
     ) -> None:
         super().__init__(config=config)
@@ -406,7 +474,7 @@ class ContextParallelAttention(MegatronModule):
             raise ValueError(f"context_parallel.py: --cp-comm-type {self.cp_comm_type!r} is not supported "
                              f"by the local core attention; choose one of {CP_COMM_TYPES}")
         self.query_tile = query_tile
-        # the whole-row attention for C = 1 and the a2a scheme (no parameters)
+        # the whole-row attention for C = 1 (no parameters)
         self.local = PackedSDPAttention(config, layer_number, attn_mask_type, attention_type,
                                         attention_dropout, softmax_scale)
 
@@ -526,7 +594,9 @@ class ContextParallelAttention(MegatronModule):
         order = torch.cat([cp_token_indices(seq_len, r, c) for r in range(c)]).to(query.device)
         to_global = torch.argsort(order)
         q, k, v = (t.index_select(0, to_global) for t in (q, k, v))  # global token order
-        out = self.local(q, k, v, attention_mask, mask_type, None, packed_seq_params)  # (S, B, h/C*d)
+        cu = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
+        dropout = self.dropout_p if self.training else 0.0
+        out = packed_sdpa(q, k, v, cu, mask_type == AttnMaskType.causal, self.softmax_scale, dropout)  # (S, B, h/C*d)
         out = out.index_select(0, order).reshape(seq_len, b, hq // c, d)  # back to CP-rank order
         return _HeadsToSeq.apply(out.contiguous(), self.cp_group).reshape(n, b, hq * d)
 
