@@ -1,8 +1,12 @@
 #!/usr/bin/env python
-"""Export a training checkpoint to an HF checkpoint.
+"""Export a checkpoint to an HF checkpoint.
 
     python tools/convert_to_hf.py --load CKPT --save DIR --format {internvl,transformers} \
         [--hf-template-dir ORIGINAL_HF_DIR] [--dtype bf16]
+
+CKPT is a training checkpoint written by pretrain_internvl.py --save (any TP/PP layout: it is loaded
+in the layout it was saved with, in spawned gloo processes, and gathered) or a converted checkpoint
+from tools/convert_from_hf.py.
 
 --format internvl      InternVL's own layout (InternVLChatModel: vision_model.*, mlp1.*, language_model.*),
                        config.json with vision_config / llm_config, template, downsample_ratio, ps_version.
@@ -30,7 +34,8 @@ from internvl_mcore.convert.hf import parse_size  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--load", required=True, metavar="CKPT", help="checkpoint directory (any TP/PP layout)")
+    p.add_argument("--load", required=True, metavar="CKPT",
+                   help="training checkpoint (--save dir or one iter_ dir, any TP/PP layout) or converted checkpoint")
     p.add_argument("--save", required=True, metavar="DIR", help="output HF directory")
     p.add_argument("--format", required=True, choices=("internvl", "transformers"))
     p.add_argument("--hf-template-dir", metavar="DIR", help="the HF checkpoint the model started from")

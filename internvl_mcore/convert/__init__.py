@@ -2,12 +2,13 @@
 
 - keymaps.py: the key maps as data (rules + named reshape functions), and canonical shapes.
 - hf.py: HF directories: config.json <-> ModelConfig, sharded safetensors I/O, streaming conversion.
-- checkpoint.py: the canonical checkpoint directory, sharded model <-> canonical, the end-to-end
-  `convert_hf_to_checkpoint` / `convert_checkpoint_to_hf` used by tools/convert_*_hf.py.
+- checkpoint.py: the canonical checkpoint directory, sharded model <-> canonical, training
+  checkpoints -> canonical, and the end-to-end `convert_hf_to_checkpoint` / `convert_checkpoint_to_hf`
+  used by tools/convert_*_hf.py.
 """
 from .checkpoint import (CanonicalCheckpoint, convert_checkpoint_to_hf, convert_hf_to_checkpoint,
                          gather_canonical_state, model_config_from_dict, model_config_to_dict, save_canonical,
-                         unshard, verify_layout)
+                         training_checkpoint_to_canonical, unshard, verify_layout)
 from .hf import (ConversionError, SafetensorsDir, canonical_to_hf, hf_config_for, hf_to_canonical,
                  model_config_from_hf, read_hf_config, write_hf_dir)
 from .keymaps import FORMATS, canonical_shapes, keymap
@@ -16,5 +17,6 @@ __all__ = [
     "CanonicalCheckpoint", "ConversionError", "FORMATS", "SafetensorsDir", "canonical_shapes", "canonical_to_hf",
     "convert_checkpoint_to_hf", "convert_hf_to_checkpoint", "gather_canonical_state", "hf_config_for",
     "hf_to_canonical", "keymap", "model_config_from_dict", "model_config_from_hf", "model_config_to_dict",
-    "read_hf_config", "save_canonical", "unshard", "verify_layout", "write_hf_dir",
+    "read_hf_config", "save_canonical", "training_checkpoint_to_canonical", "unshard", "verify_layout",
+    "write_hf_dir",
 ]

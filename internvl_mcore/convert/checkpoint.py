@@ -9,8 +9,11 @@ a *canonical* directory, independent of the parallel layout:
                              holding the canonical state dict (models/weights.py names, TP1/PP1)
 
 Any rank of any TP/PP layout loads its shards from it with `weights.load_canonical` (reading only
-the tensors it needs); `gather_canonical_state` is the inverse, from a sharded model back to the
-canonical dict. `verify_layout` runs both in spawned gloo processes to prove a layout loads.
+the tensors it needs; `--pretrained` in training/checkpoint.py does this); `gather_canonical_state`
+is the inverse, from a sharded model back to the canonical dict. `verify_layout` runs both in
+spawned gloo processes to prove a layout loads. Training checkpoints (megatron-core
+dist_checkpointing, written by training/checkpoint.py) are exported by loading them in the layout
+they were saved with and gathering (`training_checkpoint_to_canonical`).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 streaming conversion between HF tensors and canonical tensors through the key maps.
 
 Nothing here imports transformers: config.json files are read and written as plain JSON, so the
-converters run wherever torch and safetensors do. Field names and defaults follow transformers'
+converters run wherever torch does (safetensors files are read and written with plain file I/O). Field names and defaults follow transformers'
 `InternVLConfig` / `InternVLVisionConfig` (5.x) and InternVL's `InternVLChatConfig` /
 `InternVisionConfig` (remote code); a key absent from a saved config takes that class's default.
 """
@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..config.model import LLMConfig, ModelConfig, VisionConfig
 from ..config.presets import PRESETS
-from .keymaps import READ_ALIASES, Entry, expand, keymap
+from .keymaps import READ_ALIASES, Entry, canonical_shapes, expand, keymap
 
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -731,8 +731,6 @@ def _where(src: Mapping[str, torch.Tensor], name: str) -> str:
 
 def check_hf_tensors(src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str) -> list[Entry]:
     """Refuse a checkpoint whose tensors do not match the key map and config (names the key)."""
-    from .keymaps import canonical_shapes
-
     entries = expand(keymap(fmt, cfg.llm.family), cfg)
     shapes = canonical_shapes(cfg)
     wanted: set[str] = set()
@@ -776,8 +774,6 @@ def canonical_to_hf(src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str,
                     dtype: torch.dtype | None = None, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream (HF name, tensor) pairs in format `fmt` from canonical tensors (cast to `dtype` if
     given). Refuses missing, unexpected or mis-shaped canonical tensors before writing anything."""
-    from .keymaps import canonical_shapes
-
     entries = [e for e in expand(keymap(fmt, cfg.llm.family), cfg) if e.present]
     shapes = canonical_shapes(cfg)
     known = {e.canonical for e in entries}
