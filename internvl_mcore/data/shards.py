@@ -15,15 +15,24 @@ sequence mapping and the sequence lengths of P_tokens give cu_seqlens directly. 
 per file keeps each file a single honest dtype (megatron-core's format has one dtype per file) and
 lets a reader touch only what it needs (inspect reads tokens without tiles).
 
-Tiles are stored one per sequence in `tile_format` (bench/data_pipeline.py measures all four on
-real photos; numbers from this machine are in its docstring):
-- "webp" (default): lossless WebP at the fastest effort. Bit-exact pixels -- what InternVL's own
-  pipeline feeds the ViT -- at ~0.27x the bytes of raw, and the fastest lossless decode (~3 ms per
-  448x448 tile on one core, ~0.16 s for a 50-tile pack: far below a 16k-token training step).
-- "png": lossless too, but larger (~0.36x raw) and slower to encode and decode than webp; for
-  Pillow builds without libwebp.
-- "raw": uint8 HxWx3, no decode and zero-copy reads, the fastest loader; 1.0x raw bytes on disk.
-- "jpeg" (quality 95, 4:4:4): smallest (~0.1x raw) but lossy (mean abs error ~1 grey level).
+Tiles are stored one per sequence in `tile_format`. bench/data_pipeline.py measures the four on
+real photos (448x448 tiles; per tile, process CPU time on this 2-core machine; "load" = read +
+decode + ImageNet-normalize as the loader does):
+
+    format  bytes vs raw  encode   load     pixels
+    webp    0.26          ~10 ms   ~7 ms    exact        <- default
+    png     0.34          ~13 ms   ~8 ms    exact
+    raw     1.00          ~0 ms    ~1.5 ms  exact        (zero-copy mmap reads)
+    jpeg    0.095         ~1.5 ms  ~6 ms    lossy (q95 4:4:4, mean |error| ~1.2 grey levels)
+
+- "webp" (default): lossless WebP at the least encoding effort. Bit-exact pixels (what InternVL's
+  own pipeline feeds the ViT) at ~1/4 of raw, the smallest lossless option. A 50-tile 16k pack
+  costs ~0.35 CPU-s to load, well under the GPU time of a 16k-token step, so one loader thread
+  per GPU keeps up; encoding runs once, in the preprocessing workers.
+- "raw": ~2x faster to load than decoding the source JPEGs on the fly (webp/png are not; see the
+  bench), for CPU-starved setups with disk to spare (~4x webp's bytes).
+- "png": lossless fallback for Pillow builds without libwebp.
+- "jpeg": smallest, but changes pixels.
 """
 from __future__ import annotations
 
@@ -32,7 +41,7 @@ import io
 import json
 import os
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -447,12 +456,6 @@ class ShardReader:
             if want != got:
                 bad[name] = f"manifest {want}, file {got}"
         return bad
-
-
-def iter_encoded(reader: ShardReader) -> Iterable[EncodedSample]:
-    """All sub-samples of a shard set in stored order."""
-    for i in range(len(reader)):
-        yield from reader.encoded_samples(i)
 
 
 # ------------------------------------------------------------------------------------------------
