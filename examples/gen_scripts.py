@@ -2,7 +2,7 @@
 
     python examples/gen_scripts.py --plan    # re-run the planner, rewrite examples/layouts.tsv, then the scripts
     python examples/gen_scripts.py           # rewrite the scripts from examples/layouts.tsv (fast)
-    python examples/gen_scripts.py --check   # exit 1 if a script or layouts.tsv is out of date
+    python examples/gen_scripts.py --check   # exit 1 if a script differs from what layouts.tsv renders
 
 Every stage script is a few lines of per-size data (default GPU count, TP / PP / CP, sequence
 parallel, distributed optimizer, recompute, decoder layers on pipeline stage 0) in front of the one
