@@ -74,25 +74,31 @@ class PackedSDPAttention(MegatronModule):
                                          softmax_scale=self.softmax_scale, causal=causal)
             return out.reshape(b, s, nq * d).transpose(0, 1).contiguous()
 
-        # (S, B, h, d) -> (h, B*S, d): one "batch" of heads over batch-major flattened tokens
-        q, k, v = (t.permute(2, 1, 0, 3).reshape(t.shape[2], b * s, d) for t in (query, key, value))
+        # torch's CPU flash kernel only takes 4-D (N, h, L, d) inputs; 3-D (h, L, d) falls back to
+        # the math path (bmm + a materialized L x L score matrix), several times slower.
         gqa = nkv != nq
         if cu is None:
-            bounds = [(i * s, (i + 1) * s) for i in range(b)]
-        else:
-            cu_list = cu.tolist()
-            bounds = list(zip(cu_list[:-1], cu_list[1:]))
-        outs = []
-        for start, end in bounds:
-            if end <= start:
-                continue
-            outs.append(F.scaled_dot_product_attention(
-                q[:, start:end], k[:, start:end], v[:, start:end], dropout_p=dropout,
-                is_causal=causal, scale=self.softmax_scale, enable_gqa=gqa))
-        out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]  # (h, B*S, d)
-        if out.shape[1] != b * s:
-            raise ValueError(f"cu_seqlens cover {out.shape[1]} tokens but the batch has {b * s}")
-        return out.reshape(nq, b, s, d).permute(2, 1, 0, 3).reshape(s, b, nq * d)
+            # one sample per row (the ViT's tiles): a single batched call on (B, h, S, d) views
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal,
+                                                 scale=self.softmax_scale, enable_gqa=gqa)  # (B, h, S, d)
+            return out.permute(2, 0, 1, 3).reshape(s, b, nq * d)
+
+        # (S, B, h, d) -> (1, h, B*S, d) over batch-major flattened tokens (a view when B == 1)
+        q, k, v = (t.transpose(0, 1).reshape(1, b * s, t.shape[2], d).transpose(1, 2) for t in (query, key, value))
+        cu_list = cu.tolist()
+        if cu_list[0] != 0 or cu_list[-1] != b * s or any(e < a for a, e in zip(cu_list[:-1], cu_list[1:])):
+            raise ValueError(f"cu_seqlens cover {cu_list[0]}..{cu_list[-1]} but the batch has {b * s} tokens")
+        lengths = [e - a for a, e in zip(cu_list[:-1], cu_list[1:])]
+        # split (not slicing) so the backward concatenates the segment gradients once instead of
+        # scattering each into a zero-filled full-size tensor and summing those
+        outs = [
+            F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, is_causal=causal,
+                                           scale=self.softmax_scale, enable_gqa=gqa).transpose(1, 2)
+            for qs, ks, vs, n in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2), lengths) if n
+        ]  # each (1, L, h, d)
+        out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]  # (1, B*S, h, d)
+        return out.reshape(b, s, nq * d).transpose(0, 1).contiguous()  # (S, B, h*d); a view when B == 1
 
 
 def packed_seq_params_from_cu_seqlens(cu_seqlens: torch.Tensor) -> PackedSeqParams:
