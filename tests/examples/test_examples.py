@@ -355,6 +355,10 @@ def test_recorded_layouts_are_the_planners_fastest_choice():
             assert gen.plan_row(r.model, r.stage, allow_cp) == r
     if not allow_cp:
         assert all(r.cp == 1 for r in ROWS)
+    # the file says which regime it was planned in; when training starts accepting CP, this fails
+    # until the layouts are re-planned with CP (python examples/gen_scripts.py --plan)
+    notes = [ln for ln in Path(gen.LAYOUTS_TSV).read_text().splitlines() if ln.startswith("# CP ")]
+    assert len(notes) == 1 and notes[0].startswith("# CP > 1 allowed" if allow_cp else "# CP fixed to 1"), notes
 
 
 def test_layout_rows_round_trip_through_the_tsv(tmp_path):
