@@ -14,6 +14,7 @@ import sys
 from internvl_mcore.config import ParallelConfig, get_preset
 from internvl_mcore.config.cli import add_dataclass_flags, build_dataclass
 from internvl_mcore.config.presets import PRESETS
+from internvl_mcore.config.lora import LoRAConfig
 from internvl_mcore.config.training import CheckpointConfig, DataConfig, LogConfig, RunConfig, TrainConfig
 
 
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(parser, DataConfig, "data")
     add_dataclass_flags(parser, LogConfig, "logging")
     add_dataclass_flags(parser, CheckpointConfig, "checkpointing")
+    add_dataclass_flags(parser, LoRAConfig, "LoRA")
     return parser
 
 
@@ -38,7 +40,8 @@ def parse_run_config(argv: list[str]) -> RunConfig:
         parser.error("give --data-path PREFIX [...] or --mock-data")
     return RunConfig(model=get_preset(ns.model), parallel=build_dataclass(ParallelConfig, ns),
                      train=build_dataclass(TrainConfig, ns), data=build_dataclass(DataConfig, ns),
-                     log=build_dataclass(LogConfig, ns), checkpoint=build_dataclass(CheckpointConfig, ns))
+                     log=build_dataclass(LogConfig, ns), checkpoint=build_dataclass(CheckpointConfig, ns),
+                     lora=build_dataclass(LoRAConfig, ns))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,6 +34,7 @@ setup(
             "scikit-learn",
             "matplotlib",
             "av",  # video files in the data pipeline's tests (optional at run time)
+            "peft",  # LoRA export test: PeftModel.from_pretrained on the transformers export (no torchvision)
         ],
     },
 )

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from .lora import LoRAConfig
 from .model import ModelConfig, ParallelConfig
 
 
@@ -150,3 +151,5 @@ class RunConfig:
     """Reporting."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Saving and resuming."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA adapters (off unless --lora-rank > 0; config/lora.py)."""

@@ -1,7 +1,7 @@
 """Export a LoRA training checkpoint: adapters merged into a full HF model, or a PEFT adapter.
 
-    merged:  W' = W + (alpha / r) * B A for every adapted linear, in the canonical layout, then the
-             ordinary canonical -> HF conversion (either HF layout, `checkpoint.convert_checkpoint_to_hf`).
+    merged:  W' = W + (alpha / r) * B A for every adapted linear (each rank's shards, in the layout
+             that saved the checkpoint), then the ordinary conversion to either HF layout.
     PEFT:    adapter_config.json + adapter_model.safetensors for transformers'
              `InternVLForConditionalGeneration`, loadable with `peft.PeftModel.from_pretrained` on top
              of the transformers export of the base.
@@ -12,9 +12,9 @@ the same A: for linear_qkv -> q/k/v_proj that is B's rows split like the weight'
 -> q, k, v), for a SwiGLU fc1 -> gate_proj/up_proj the two halves. Since delta_W = B A row by row,
 each module's B_part A is exactly its rows of delta_W.
 
-A training checkpoint is read in this process at TP1 x PP1 (megatron-core dist_checkpointing
-reshards whatever layout saved it); `read_lora_checkpoint` refuses layouts whose padded vision heads
-or vocabulary rows change tensor shapes (see its docstring).
+For the PEFT adapter (and `read_lora_checkpoint`) a training checkpoint is read in this process at
+TP1 x PP1 (megatron-core dist_checkpointing reshards whatever layout saved it); layouts whose padded
+vision heads or vocabulary rows change tensor shapes are refused (see its docstring).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from typing import Mapping, Optional
 import torch
 
 from ..config.model import ModelConfig, ParallelConfig
-from .hf import ConversionError, dtype_name, write_safetensors
+from .hf import ConversionError, write_safetensors
 from .keymaps import TRANSFORMERS_READ_ALIASES, expand, keymap
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -94,7 +94,7 @@ def read_lora_checkpoint(path: str | os.PathLike, adapters_only: bool = False) -
     A layout whose TP size pads tensors (vision heads not divisible by TP, as InternViT-6B's 25;
     vocabulary rows) saved them with other global shapes than TP1 has, and is refused: export such a
     run's adapters with `adapters_only` when they are not on the padded tensors (LLM-only LoRA
-    pads nothing), or merge at the saved layout (`--pretrained CKPT` loads a LoRA checkpoint merged)."""
+    pads nothing), or merge them (`export_merged` loads at the saved layout)."""
     from megatron.core import dist_checkpointing
 
     from ..config.megatron import padded_vision_heads
@@ -125,7 +125,8 @@ def read_lora_checkpoint(path: str | os.PathLike, adapters_only: bool = False) -
     sharded = model.sharded_state_dict()
     if adapters_only:
         sharded = {k: v for k, v in sharded.items() if ".lora." in k}
-    loaded = dist_checkpointing.load(sharded, str(iter_dir))
+    # nested under "model" as training/checkpoint.py saves it (the common state holds more keys)
+    loaded = dist_checkpointing.load({"model": sharded}, str(iter_dir))["model"]
     model.load_state_dict(loaded, strict=not adapters_only)
     state = canonical_state_dict(model)
     adapters = {k: v for k, v in state.items() if is_lora_name(k)}
@@ -183,19 +184,28 @@ def export_merged(load: str | os.PathLike, save: str | os.PathLike, fmt: str,
                   template_dir: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
                   max_shard_bytes: Optional[int] = None, progress: bool = False) -> list[Path]:
     """`tools/convert_to_hf.py --merge-lora`: a full HF model (format "internvl" or "transformers")
-    with the adapters merged into the weights."""
-    from .checkpoint import convert_checkpoint_to_hf, save_canonical
+    with the adapters merged into the weights.
+
+    The converter's training-checkpoint path does the work: it loads the checkpoint in the layout
+    that saved it (so padded heads / vocabulary are no obstacle), where `training.checkpoint.
+    load_weights` folds each rank's adapter shards into its weight shards (`models.lora.merge_lora_`),
+    and gathers the merged canonical weights. The canonical source record (dtype, original
+    config.json) of the base the run started from is carried over, so the export keeps them."""
+    from .checkpoint import META_NAME, convert_checkpoint_to_hf, training_checkpoint_to_canonical
     from .hf import DEFAULT_MAX_SHARD_BYTES
 
-    ckpt = read_lora_checkpoint(load)
-    merged = merge_adapters(ckpt.base, ckpt.adapters, ckpt.lora.config.scaling)
-    source = _source_meta(ckpt.lora.base) or {"dtype": dtype_name(next(iter(ckpt.base.values())).dtype)}
+    iter_dir, info = _iter_dir_and_info(Path(load))
+    if info.get("lora") is None:
+        raise ConversionError(f"{iter_dir}/run.json: not a LoRA checkpoint (no 'lora' record)")
+    source = _source_meta(info["lora"].get("base"))
     out = Path(save)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # the canonical -> HF path is the converter's own; the merged weights go through a canonical
-    # directory next to the output (same filesystem, removed afterwards)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".merged-canonical-") as tmp:
-        save_canonical(tmp, ckpt.config, merged, source)
+        training_checkpoint_to_canonical(iter_dir, tmp)
+        if source:
+            meta = json.loads((Path(tmp) / META_NAME).read_text())
+            meta["source"] = source
+            (Path(tmp) / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         return convert_checkpoint_to_hf(tmp, out, fmt, template_dir, dtype,
                                         max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, progress)
 

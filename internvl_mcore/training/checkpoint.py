@@ -124,6 +124,9 @@ def save(root: str | Path, iteration: int, model_chunk: torch.nn.Module, optimiz
                 "model": dataclasses.asdict(model_cfg),
                 "layout": _layout(par, parallel_state.get_data_parallel_world_size()),
                 "world_size": dist.get_world_size(), **(extra or {})}
+        lora = _lora_info(module)
+        if lora is not None:  # LoRA run: its adapters are in the tensors; name the base they sit on
+            info["lora"] = lora.to_dict()
         (tmp / "run.json").write_text(json.dumps(info, indent=2, default=str))
     dist.barrier()
     if rank == 0:
@@ -169,6 +172,7 @@ def load(root: str | Path, model_chunk: torch.nn.Module, optimizer: Any, schedul
     _check_model(info, model_cfg, path)
     same_layout = info["layout"] == _layout(par, parallel_state.get_data_parallel_world_size())
     module = _model_module(model_chunk)
+    _adopt_lora(info, module, path)
     model_sd = module.sharded_state_dict()
     state = {"model": model_sd}
     restore_all = same_layout and load_optim and optimizer is not None
@@ -190,6 +194,22 @@ def load(root: str | Path, model_chunk: torch.nn.Module, optimizer: Any, schedul
         return iteration, None
     data_file = path / f"data_dp{parallel_state.get_data_parallel_rank():05d}.pt"
     return iteration, torch.load(data_file, weights_only=False)
+
+
+def _lora_info(module: torch.nn.Module) -> Any:
+    from ..models.lora import lora_info_of
+
+    return lora_info_of(module)
+
+
+def _adopt_lora(info: dict, module: torch.nn.Module, where: Path) -> None:
+    """The run's LoRA flags must match the checkpoint's adapters; the run takes over the base they name."""
+    from ..models.lora import adopt_checkpoint_lora
+
+    try:
+        adopt_checkpoint_lora(info.get("lora"), module)
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
 
 
 def _fault_point(where: str, iteration: int) -> None:
@@ -214,8 +234,18 @@ def load_weights(path: str | Path, model_chunk: torch.nn.Module, model_cfg: Mode
             path = _iter_dir(path, latest_iteration(path))
         info = json.loads((path / "run.json").read_text())
         _check_model(info, model_cfg, path)
+        merge = info.get("lora") is not None and _lora_info(module) is None
+        if merge:  # a LoRA run's checkpoint as weights: load its adapters, then fold them in (models/lora.py)
+            from ..models.lora import LoRAInfo, add_lora
+
+            add_lora(module, LoRAInfo.from_dict(info["lora"]).config, model_cfg, seed=0)
         loaded = dist_checkpointing.load({"model": module.sharded_state_dict()}, str(path))
         module.load_state_dict(loaded["model"], strict=True)
+        if merge:
+            from ..models.lora import merge_lora_
+
+            merge_lora_(module)
+            return "training checkpoint (LoRA adapters merged into the weights)"
         return "training checkpoint"
     from ..convert.checkpoint import CanonicalCheckpoint
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..config.lora import lora_problems
 from ..config.training import RunConfig
 from ..parallel.state import init_distributed
 from . import checkpoint
@@ -50,6 +52,8 @@ def validate(run: RunConfig) -> Plan:
     except ValueError as exc:
         problems.append(str(exc))
         plan = None
+    problems += lora_problems(run.lora, {"vit": t.freeze_vit, "llm": t.freeze_llm, "projector": t.freeze_projector},
+                              t.unfreeze_vit_layers)
     if problems:
         raise ConfigError("refusing to start:\n  " + "\n  ".join(problems))
     return plan
@@ -98,6 +102,15 @@ def setup(run: RunConfig) -> Trainer:
         if dist.get_rank() == 0:
             print(f"loaded weights from {kind} {run.checkpoint.pretrained}", flush=True)
     apply_freeze(model, plan)
+    if run.lora.enabled:  # LoRA (models/lora.py): every base weight frozen, only the adapters train
+        from ..models.lora import add_lora
+
+        base = os.path.abspath(run.checkpoint.pretrained) if run.checkpoint.pretrained else None
+        add_lora(model, run.lora, model_cfg, seed=t.seed, base=base)
+        if dist.get_rank() == 0:
+            print(f"LoRA rank {run.lora.lora_rank} (alpha {run.lora.alpha:g}) on {run.lora.lora_target}: "
+                  f"{sum(p.numel() for p in model.parameters() if p.requires_grad)} trainable parameters on "
+                  "this rank, base weights frozen", flush=True)
     config = model.config
     ddp = DistributedDataParallel(
         config=config,

@@ -1,0 +1,100 @@
+"""LoRA configuration: which parallel linears get low-rank adapters, of which rank and scale.
+
+Every field becomes a flag through `config/cli.py` (`--lora-rank 16 --lora-target all ...`); the
+adapters themselves live in `models/lora.py`, their export in `convert/lora_export.py`.
+
+Module names are megatron-core's, the same in the LLM and the ViT:
+
+    linear_qkv   fused q/k/v projection     LLM q_proj/k_proj/v_proj    ViT attn.qkv (q/k/v_proj)
+    linear_proj  attention output           LLM o_proj                  ViT attn.proj (projection_layer)
+    linear_fc1   MLP input                  LLM gate_proj + up_proj     ViT mlp.fc1
+    linear_fc2   MLP output                 LLM down_proj               ViT mlp.fc2
+
+A fused linear gets one adapter: one A shared by q, k and v (and by gate and up), and a B with a row
+for every output row. Exported to per-projection PEFT modules, the shared A is repeated and B is
+split like the weight, which gives exactly the same update.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Optional
+
+LORA_MODULES: tuple[str, ...] = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+"""Every module name `--lora-modules` accepts."""
+
+LORA_TOWERS: dict[str, tuple[str, ...]] = {"llm": ("language_model",), "vit": ("vision_model",),
+                                           "all": ("language_model", "vision_model")}
+"""`--lora-target` -> the top-level parts of the model whose layers get adapters (the projector is
+small and is never adapted: it stays frozen under LoRA, as in InternVL's LoRA recipes)."""
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA fine-tuning: low-rank adapters on the tensor-parallel linears, base weights frozen."""
+
+    lora_rank: int = 0
+    """Rank r of the adapters (0: no LoRA, train as the stage says)."""
+    lora_alpha: Optional[float] = None
+    """Scale numerator: the update is (alpha / r) * B A (default 2 * r, as InternVL uses)."""
+    lora_dropout: float = 0.05
+    """Dropout on the adapter's input during training (InternVL's value)."""
+    lora_target: Literal["llm", "vit", "all"] = "llm"
+    """Which towers get adapters: the language model, the vision encoder, or both."""
+    lora_modules: list[str] = field(default_factory=lambda: list(LORA_MODULES))
+    """Adapted linears in each layer of the target towers (linear_qkv linear_proj linear_fc1 linear_fc2)."""
+
+    @property
+    def enabled(self) -> bool:
+        """LoRA is on (rank > 0)."""
+        return self.lora_rank > 0
+
+    @property
+    def alpha(self) -> float:
+        """lora_alpha with its default filled in."""
+        return float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_rank
+
+    @property
+    def scaling(self) -> float:
+        """The factor alpha / r applied to B A x."""
+        return self.alpha / self.lora_rank
+
+    def to_dict(self) -> dict:
+        """JSON-able form (what checkpoints record)."""
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> "LoRAConfig":
+        """Inverse of `to_dict`; unknown keys are refused by name."""
+        names = {f.name for f in dataclasses.fields(LoRAConfig)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown LoRA setting(s) {', '.join(unknown)}")
+        return LoRAConfig(**dict(d))
+
+
+def lora_problems(lora: LoRAConfig, freeze_overrides: Mapping[str, Optional[bool]],
+                  unfreeze_vit_layers: int) -> list[str]:
+    """Why these LoRA flags cannot work (empty: fine). `freeze_overrides`: the explicit
+    --freeze-vit/--freeze-llm/--freeze-projector values (None where not given)."""
+    problems = []
+    if lora.lora_rank < 0:
+        problems.append(f"--lora-rank {lora.lora_rank} must be >= 0")
+    if not lora.enabled:
+        return problems
+    if not 0.0 <= lora.lora_dropout < 1.0:
+        problems.append(f"--lora-dropout {lora.lora_dropout} must be in [0, 1)")
+    if lora.lora_alpha is not None and lora.lora_alpha <= 0:
+        problems.append(f"--lora-alpha {lora.lora_alpha} must be > 0")
+    unknown = [m for m in lora.lora_modules if m not in LORA_MODULES]
+    if unknown or not lora.lora_modules:
+        problems.append(f"--lora-modules {' '.join(lora.lora_modules)}: choose from {' '.join(LORA_MODULES)}")
+    # LoRA trains adapters only; a base part trained in full alongside would be lost by --lora-only
+    # exports and makes "only adapters change" false, so it is refused rather than half-supported
+    trained = [f"--no-freeze-{part}" for part, frozen in freeze_overrides.items() if frozen is False]
+    if unfreeze_vit_layers:
+        trained.append(f"--unfreeze-vit-layers {unfreeze_vit_layers}")
+    if trained:
+        problems.append(f"{', '.join(trained)} would train base weights, but with --lora-rank every base "
+                        "weight is frozen and only the adapters train")
+    return problems
