@@ -6,8 +6,19 @@ place that turns them into megatron-core `TransformerConfig`s is `internvl_mcore
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Literal
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """Rows of the embedding / output layer: the vocabulary rounded up to a multiple of lcm(128, TP).
+
+    megatron-core splits rows evenly over TP. Megatron-LM pads to 128 x TP, which makes the tensor
+    shape depend on the layout; lcm(128, TP) is the same for every TP dividing 128, so checkpoints
+    reshard freely between them. Padded rows never win: their logits are -inf (models/language.py)."""
+    multiple = 128 * tp // math.gcd(128, tp)
+    return -(-vocab_size // multiple) * multiple
 
 
 @dataclass(frozen=True)

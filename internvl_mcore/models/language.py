@@ -20,11 +20,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-
-def padded_vocab_size(vocab_size: int, tp: int) -> int:
-    """Rows of the embedding/output layer: a multiple of TP (megatron-core splits rows evenly).
-    Padded rows never win: their logits are set to -inf (see `LanguageModel.forward`)."""
-    return -(-vocab_size // tp) * tp
+from ..config.model import padded_vocab_size
 
 
 class LanguageModel(LanguageModule):

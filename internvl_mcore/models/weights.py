@@ -21,7 +21,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 from ..config.megatron import padded_vision_heads
-from ..config.model import ModelConfig
+from ..config.model import ModelConfig, padded_vocab_size
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class ShardRule:
     """Regex on the canonical name."""
     kind: str
     """'heads': split by vision heads, zero-padded to a multiple of TP; 'gated': [gate; up] halves
-    split separately (SwiGLU fc1); 'vocab': rows zero-padded to a multiple of TP."""
+    split separately (SwiGLU fc1); 'vocab': rows zero-padded to `padded_vocab_size`."""
     block: str = ""
     """For 'heads': size of one head's block along the split dim ('3d': fused q,k,v; 'd': one)."""
 
@@ -123,7 +123,7 @@ def shard(full: torch.Tensor, name: str, param: torch.nn.Parameter, cfg: ModelCo
         pad_shape[dim] = (padded - real) * block
         full = torch.cat([full, full.new_zeros(pad_shape)], dim=dim)
     elif rule is not None and rule.kind == "vocab":
-        rows = -(-full.shape[0] // tp) * tp
+        rows = padded_vocab_size(full.shape[0], tp)
         full = torch.cat([full, full.new_zeros((rows - full.shape[0],) + tuple(full.shape[1:]))], dim=0)
     elif rule is not None and rule.kind == "gated":
         gate, up = full.chunk(2, dim=dim)

@@ -35,7 +35,7 @@ GiB = 1024 ** 3
 
 Kernels = Literal["gpu", "cpu"]
 """Which kernels save what: 'gpu' = transformer-engine norms + flash attention (O(S) memory);
-'cpu' = torch's composite RMSNorm and the math SDPA path (saves the S x S probabilities)."""
+'cpu' = torch's composite RMSNorm (attention is flash-style on both, see `_attention_bytes`)."""
 
 
 # --- model state ---------------------------------------------------------------------------------
@@ -231,11 +231,10 @@ def _norm_bytes(tokens: float, width: int, kind: str, e: int, kernels: Kernels,
 
 def _attention_bytes(tokens: float, seg_sq: float, heads_q: int, heads_kv: int, d: int, e: int,
                      kernels: Kernels) -> float:
-    """Core attention's saved tensors for `tokens` tokens whose segments' squared lengths sum to
-    seg_sq. Flash: q, k, v, out and the fp32 log-sum-exp. CPU math path (GQA expanded): scaled q,
-    k^T, v and the softmax probabilities (heads x L x L per segment)."""
-    if kernels == "cpu":
-        return tokens * 3 * heads_q * d * e + heads_q * seg_sq * e
+    """Core attention's saved tensors for `tokens` tokens: q, k, v, out and the fp32 log-sum-exp.
+    Both kernels are flash-style here: models/attention.py hands torch's SDPA 4-D inputs, which on
+    CPU take its flash kernel (no L x L matrix), as flash-attn / TE do on GPU. `seg_sq` (sum of the
+    segments' squared lengths) is kept for kernels that would materialize the scores."""
     return tokens * ((2 * heads_q + 2 * heads_kv) * d * e + 4 * heads_q)
 
 

@@ -10,10 +10,9 @@ every parameter's start in its gradient buffer to 64 elements, so the padding de
 vocabulary, no copies. Local counts differ from it by design:
 
 - InternViT heads are padded up to a multiple of TP with zero heads (`config/megatron.py`).
-- The vocabulary is padded to a multiple of TP (`models/language.py`).
+- The vocabulary is padded to a multiple of lcm(128, TP) (`config/model.py: padded_vocab_size`).
 - Tied embeddings keep a copy of the output weight on the last stage when PP > 1.
-- megatron-core's SelfAttention gives linear_qkv a bias whenever `add_bias_linear` is set, so the
-  InternViT-6B blocks (no qkv bias in HF) carry a qkv bias here (3 * C numbers per block).
+- InternViT-6B blocks have no qkv bias (models/specs.py forces it off although proj/fc have one).
 """
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ from functools import lru_cache
 from math import prod
 from typing import Iterable, Literal
 
-from ..config.model import ModelConfig, ParallelConfig
+from ..config.model import ModelConfig, ParallelConfig, padded_vocab_size
 
 Part = Literal["vision", "projector", "llm"]
 PARTS: tuple[Part, ...] = ("vision", "projector", "llm")
@@ -116,9 +115,9 @@ def vision_params(model: ModelConfig, tp: int) -> list[ParamSpec]:
             ParamSpec(f"{lp}.self_attention.linear_proj.weight", (c, heads * d), "vision"),
             ParamSpec(f"{lp}.self_attention.linear_proj.bias", (c,), "vision"),
             ParamSpec(f"{lp}.self_attention.linear_qkv.weight", (3 * heads * d, c), "vision"),
-            # add_bias_linear=True gives linear_qkv a bias in megatron-core whatever qkv_bias says
-            ParamSpec(f"{lp}.self_attention.linear_qkv.bias", (3 * heads * d,), "vision"),
         ]
+        if v.qkv_bias:
+            specs.append(ParamSpec(f"{lp}.self_attention.linear_qkv.bias", (3 * heads * d,), "vision"))
         if v.qk_normalization:
             specs += [ParamSpec(f"{lp}.self_attention.q_layernorm.weight", (heads * d,), "vision"),
                       ParamSpec(f"{lp}.self_attention.k_layernorm.weight", (heads * d,), "vision")]
@@ -147,8 +146,8 @@ def projector_params(model: ModelConfig, tp: int) -> list[ParamSpec]:
 
 
 def padded_vocab(model: ModelConfig, tp: int) -> int:
-    """Embedding/output rows: the vocabulary rounded up to a multiple of TP."""
-    return -(-model.llm.vocab_size // tp) * tp
+    """Embedding/output rows: `config.model.padded_vocab_size` (a multiple of lcm(128, TP))."""
+    return padded_vocab_size(model.llm.vocab_size, tp)
 
 
 def decoder_layer_params(model: ModelConfig, tp: int, index: int) -> list[ParamSpec]:
@@ -230,14 +229,16 @@ class ParamCounts:
 def count_params(model: ModelConfig) -> ParamCounts:
     """Released-model parameter counts per part, from the config.
 
-    TP1/PP1 inventory minus what only this implementation allocates: the InternViT qkv bias when
-    the HF model has none. (At TP1 there are no padded heads or vocabulary rows, and tied
+    TP1/PP1 inventory minus what only this implementation allocates: the vocabulary padding rows
+    of the embedding (and the untied output layer). (At TP1 there are no padded heads, and tied
     embeddings are one tensor.)"""
     par = ParallelConfig()
     specs = stage_params(model, par, 0)
-    extra_qkv_bias = 0 if model.vision.qkv_bias else 3 * model.vision.hidden_size * vision_layers_built(model)
+    pad_rows = padded_vocab(model, 1) - model.llm.vocab_size
+    vocab_tensors = 1 if model.llm.tie_word_embeddings else 2
     by = {part: sum(s.numel for s in specs if s.part == part) for part in PARTS}
-    return ParamCounts(vision=by["vision"] - extra_qkv_bias, projector=by["projector"], llm=by["llm"])
+    return ParamCounts(vision=by["vision"], projector=by["projector"],
+                       llm=by["llm"] - pad_rows * model.llm.hidden_size * vocab_tensors)
 
 
 def trainable_numel(specs: Iterable[ParamSpec], trainable: Iterable[Part]) -> int:
