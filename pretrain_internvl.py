@@ -19,10 +19,9 @@ from internvl_mcore.config.training import CheckpointConfig, DataConfig, LogConf
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="debug", choices=list(PRESETS),
-                        help="Model preset (shapes and special token ids)")
+                        help="Model preset (shapes and special token ids) (default: debug)")
     add_dataclass_flags(parser, ParallelConfig, "parallelism")
     add_dataclass_flags(parser, TrainConfig, "training")
     add_dataclass_flags(parser, DataConfig, "data")

@@ -84,6 +84,51 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# The distributed optimizer's default checkpoint format in megatron-core 0.16 uses flattened ranges,
+# which its torch_dist backend refuses; "dp_reshardable" stores each DP rank's flat shard instead.
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _init_optimizer_state(optimizer: Any) -> None:
+    """Create Adam's state tensors before loading into them.
+
+    megatron-core's sharded_state_dict(is_loading=True) builds the state through `init_state_fn`
+    for apex/TE's fused Adam; torch's Adam (the CPU fallback) creates it lazily at the first step,
+    so an optimizer that has not stepped yet has nothing to load into. Zero-filled state with a
+    step count of 0 is what Adam holds before its first step."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                state = inner.state[p]
+                if len(state) == 0:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if group.get("amsgrad"):
+                        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _restore_adam_step(optimizer: Any, loaded: dict) -> None:
+    """megatron-core 0.16's distributed optimizer keeps torch Adam's step in its param groups but then
+    overwrites the per-parameter step with the value in its dp_reshardable buffer state, which is
+    the pre-load zero; put the saved step back (a no-op for the plain optimizer, whose state round
+    trips as is)."""
+    saved = loaded.get("optimizer") if isinstance(loaded, dict) else None
+    if not isinstance(saved, dict) or "param_groups" not in saved:
+        return
+    steps = {g["step"] for g in saved["param_groups"] if "step" in g}
+    if len(steps) != 1:
+        return
+    step = float(steps.pop())
+    inner = getattr(optimizer, "optimizer", None)
+    for state in (inner.state.values() if inner is not None else []):
+        if "step" in state:
+            state["step"] = torch.tensor(step)
+
+
 def _layout(par: ParallelConfig, dp: int) -> dict:
     return {"tensor_model_parallel_size": par.tensor_model_parallel_size,
             "pipeline_model_parallel_size": par.pipeline_model_parallel_size,
@@ -111,7 +156,7 @@ def save(root: str | Path, iteration: int, model_chunk: torch.nn.Module, optimiz
     model_sd = module.sharded_state_dict()
     state = {"model": model_sd}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd)
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=_OPTIM_METADATA)
     dist_checkpointing.save(state, str(tmp))
     torch.save({"rng": rng_state()}, tmp / f"rank_{rank:05d}.pt")
     if (parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_pipeline_model_parallel_rank() == 0
@@ -177,13 +222,16 @@ def load(root: str | Path, model_chunk: torch.nn.Module, optimizer: Any, schedul
     state = {"model": model_sd}
     restore_all = same_layout and load_optim and optimizer is not None
     if restore_all:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
+        _init_optimizer_state(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIM_METADATA)
     loaded = dist_checkpointing.load(state, str(path))
     module.load_state_dict(loaded["model"], strict=True)
     if scheduler is not None and info.get("scheduler") is not None:
         scheduler.load_state_dict(info["scheduler"])
     if restore_all:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # the distributed optimizer copies into leaf parameters
+            optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_step(optimizer, loaded["optimizer"])
         set_rng_state(torch.load(path / f"rank_{dist.get_rank():05d}.pt", weights_only=False)["rng"])
     elif dist.get_rank() == 0:
         print(f"checkpoint {path} was saved with layout {info['layout']}: restored model weights, schedule and "

@@ -96,6 +96,8 @@ def setup(run: RunConfig) -> Trainer:
                           f"{t.micro_batch_size} x data-parallel size {dp}")
     dtype = torch.bfloat16 if t.bf16 else torch.float32
     model = build_model(model_cfg, run.parallel, dtype=dtype)
+    if torch.cuda.is_available():  # megatron-core's DDP buffers and schedules live on the current GPU
+        model.cuda(torch.cuda.current_device())
     init_weights(model, model_cfg, seed=t.seed)
     if run.checkpoint.pretrained:
         kind = checkpoint.load_weights(run.checkpoint.pretrained, model, model_cfg)
