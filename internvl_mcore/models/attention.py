@@ -66,7 +66,8 @@ class PackedSDPAttention(MegatronModule):
         dropout = self.dropout_p if self.training else 0.0
         cu = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
 
-        if cu is not None and flash_attn_varlen_func is not None and query.is_cuda:
+        if (cu is not None and flash_attn_varlen_func is not None and query.is_cuda
+                and query.dtype in (torch.float16, torch.bfloat16)):  # flash-attn has no fp32 kernels
             # (S, B, h, d) -> (B*S, h, d): batch-major, matching cu_seqlens
             q, k, v = (t.transpose(0, 1).reshape(b * s, t.shape[2], d) for t in (query, key, value))
             max_len = int((cu[1:] - cu[:-1]).max())
