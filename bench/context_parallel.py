@@ -8,11 +8,8 @@
 One gloo world per CP size is started with torchrun (1 thread per rank); it measures every
 implementation at every length, and the parent prints them all with ratios against CP1 in this run:
 
-- CP1 `sdpa`: `packed_sdpa` -- torch SDPA per packed sample on 4-D views (CPU flash kernel). The
-  ratio baseline: the best single-rank attention available here.
-- CP1 `PackedSDPA`: `models.attention.PackedSDPAttention` as the model runs it without CP today.
-  Its 3-D (heads, tokens, dim) SDPA calls take torch's *math* kernel on CPU, which keeps
-  heads x len x len attention weights for the backward (visible in both memory columns).
+- CP1 `sdpa`: `models.attention.PackedSDPAttention` on the whole row -- what the model runs without
+  CP (torch SDPA per packed sample; the CPU flash kernel). The ratio baseline.
 - CP1 `ring-kernel`: this repo's blockwise ring kernel on one rank (no communication), to separate
   "CP" from "different kernel" in the ratios.
 - CP C `p2p` / `a2a` / `a2a+p2p`: `ContextParallelAttention` on the rank's load-balanced 2 chunks.
@@ -55,9 +52,7 @@ FULL_LENGTHS = [4096, 8192, 16384]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--full", action="store_true",
-                   help=f"sequence lengths {FULL_LENGTHS} (default: {QUICK_LENGTHS}); PackedSDPA is skipped "
-                        "above 8k (its math-kernel attention weights alone are 8 GiB at 16k)")
+    p.add_argument("--full", action="store_true", help=f"sequence lengths {FULL_LENGTHS} (default: {QUICK_LENGTHS})")
     p.add_argument("--seq-lengths", type=int, nargs="+", default=None, help="override the lengths")
     p.add_argument("--context-parallel-sizes", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--cp-comm-type", nargs="+", default=["p2p"],
@@ -128,9 +123,6 @@ def _profiled_peak(step) -> int:
     return peak
 
 
-PACKED_SDPA_MAX_LEN = 8192  # the math kernel's attention weights: 8 heads x 16k x 16k x 4 B = 8 GiB
-
-
 def worker(a: argparse.Namespace) -> None:
     import math
 
@@ -162,13 +154,12 @@ def worker(a: argparse.Namespace) -> None:
     def make(impl: str, seq: int, cu: torch.Tensor, psp):
         """forward(q, k, v) -> (S_local, B, hq*d) of one implementation."""
         if impl == "sdpa":
-            return lambda q, k, v: cx.packed_sdpa(q, k, v, cu, True, scale)
-        if impl == "PackedSDPA":
             mod = PackedSDPAttention(cfg, 1, AttnMaskType.causal)
             return lambda q, k, v: mod(q, k, v, None, packed_seq_params=psp)
         if impl == "ring-kernel":  # one ring member holding both chunks: no communication
             rows = cx.PackedRows.from_cu_seqlens(cu, b, seq)
-            plan = cx._RingPlan(None, 0, 1, [cx.cp_chunk_starts(seq, 0, 1)], seq // 2, rows, True, scale, 256)
+            plan = cx._RingPlan(None, 0, 1, [cx.cp_chunk_starts(seq, 0, 1)], seq // 2, rows, True, scale,
+                                tiles.query_tile, tiles.key_tile)
 
             def ring(q, k, v):
                 qb = q.permute(1, 2, 0, 3).reshape(b, hkv, hq // hkv, seq, d)
@@ -178,6 +169,7 @@ def worker(a: argparse.Namespace) -> None:
         mod = cx.ContextParallelAttention(cfg, 1, AttnMaskType.causal, cp_comm_type=impl)
         return lambda q, k, v: mod(q, k, v, None, packed_seq_params=psp)
 
+    tiles = cx.ContextParallelAttention(cfg, 1, AttnMaskType.causal)  # the module's default tile sizes
     results = []
     for seq in a.seq_lengths:
         g = torch.Generator().manual_seed(seq)
@@ -189,8 +181,6 @@ def worker(a: argparse.Namespace) -> None:
         w_local = cx.split_for_cp(w, 0, rank, world).contiguous()
         del full, w
         for impl in a.impls:
-            if impl == "PackedSDPA" and seq > PACKED_SDPA_MAX_LEN:
-                continue
             forward = make(impl, seq, cu, psp)
 
             def step(measure_saved: bool = False) -> int:
@@ -238,7 +228,7 @@ def _worlds(a: argparse.Namespace) -> list[tuple[int, list[str]]]:
     worlds = []
     for c in a.context_parallel_sizes:
         if c == 1:
-            worlds.append((1, ["sdpa", "PackedSDPA", "ring-kernel"]))
+            worlds.append((1, ["sdpa", "ring-kernel"]))
             continue
         impls = []
         for comm in comms:

@@ -25,13 +25,16 @@ global, batch-major sample boundaries and the attention turns them into per-toke
 Masking is "same packed sample, and key position <= query position" (causal) or "same packed
 sample" (AttnMaskType.no_mask), exactly `PackedSDPAttention` on the unsplit row.
 
-GPU / transformer-engine: with TE, megatron-core's `TEDotProductAttention` already implements the
-same three flags (`cp_comm_type="p2p" | "a2a" | "a2a+p2p"`; for "a2a+p2p" it takes
-`cp_group=get_hierarchical_context_parallel_groups()`, the same [A-group, P-group] pair used here)
-and is what `cp_core_attention("te")` returns. TE's CP handles packed sequences only in the 'thd'
-format, where *each sample* (padded to a multiple of 2C) is split into 2C chunks
-(megatron-core's `get_thd_batch_on_this_cp_rank`), not the whole row as here: the data split must
-follow the backend (see the module's report / issue 6 notes).
+GPU / transformer-engine: this module also runs on CUDA (plain torch + torch.distributed; NCCL
+supports batch_isend_irecv and all_to_all_single) but is not tuned for it. With TE, megatron-core's
+`TEDotProductAttention` implements the same flags: it receives `cp_comm_type` ("p2p" | "a2a" |
+"a2a+p2p"; "all_gather" too) from the TransformerConfig through TransformerLayer, `cp_group` =
+`pg_collection.cp`, and for "a2a+p2p" `cp_group = get_hierarchical_context_parallel_groups()`, the
+same [A-group, P-group] pair used here. `cp_core_attention("te")` returns it. Caveat: TE's CP takes
+packed rows only as qkv_format 'thd', where *each sample* (padded to a multiple of 2C,
+cu_seqlens_padded) is split into 2C chunks (megatron-core's `get_thd_batch_on_this_cp_rank`),
+not the whole row as here, and not every comm type supports 'thd' in every TE version. So on that
+path the batch split must follow TE's per-sample rule, not `split_for_cp`.
 """
 from __future__ import annotations
 
@@ -41,7 +44,6 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
@@ -56,9 +58,9 @@ CP_COMM_TYPES = ("p2p", "a2a", "a2a+p2p")
 # load-balanced sequence split
 def _chunk_len(seq_len: int, cp_size: int) -> int:
     if cp_size < 1:
-        raise ValueError(f"context_parallel.py: cp_size must be >= 1, got {cp_size}")
+        raise ValueError(f"parallel/context.py: cp_size must be >= 1, got {cp_size}")
     if seq_len % (2 * cp_size):
-        raise ValueError(f"context_parallel.py: sequence length {seq_len} is not divisible by "
+        raise ValueError(f"parallel/context.py: sequence length {seq_len} is not divisible by "
                          f"2 x --context-parallel-size = {2 * cp_size}; pad the packs")
     return seq_len // (2 * cp_size)
 
@@ -67,7 +69,7 @@ def cp_chunk_starts(seq_len: int, cp_rank: int, cp_size: int) -> list[int]:
     """Global start positions of the two chunks CP rank `cp_rank` holds, in local order."""
     length = _chunk_len(seq_len, cp_size)
     if not 0 <= cp_rank < cp_size:
-        raise ValueError(f"context_parallel.py: cp_rank {cp_rank} outside [0, {cp_size})")
+        raise ValueError(f"parallel/context.py: cp_rank {cp_rank} outside [0, {cp_size})")
     return [cp_rank * length, (2 * cp_size - 1 - cp_rank) * length]
 
 
@@ -92,7 +94,7 @@ def gather_from_cp(parts: Sequence[torch.Tensor], seq_dim: int) -> torch.Tensor:
     seq_dim = seq_dim % parts[0].dim()
     local = parts[0].shape[seq_dim]
     if local % 2:
-        raise ValueError(f"context_parallel.py: a CP part holds two equal chunks, got length {local}")
+        raise ValueError(f"parallel/context.py: a CP part holds two equal chunks, got length {local}")
     chunks: list[Optional[torch.Tensor]] = [None] * (2 * cp_size)
     for r, part in enumerate(parts):
         first, second = part.split(local // 2, dim=seq_dim)
@@ -125,13 +127,13 @@ class PackedRows:
         else:
             bounds = cu.detach().to("cpu", torch.int64)
             if bounds.numel() < 2 or int(bounds[0]) != 0 or int(bounds[-1]) != total:
-                raise ValueError(f"context_parallel.py: cu_seqlens must run from 0 to B*S = {total} "
+                raise ValueError(f"parallel/context.py: cu_seqlens must run from 0 to B*S = {total} "
                                  f"(the GLOBAL, unsplit boundaries), got {bounds.tolist()[:8]}...")
             if bool((bounds[1:] < bounds[:-1]).any()):
-                raise ValueError("context_parallel.py: cu_seqlens must be non-decreasing")
+                raise ValueError("parallel/context.py: cu_seqlens must be non-decreasing")
             rows = torch.arange(0, total + 1, seq_len)
             if not bool(torch.isin(rows, bounds).all()):
-                raise ValueError(f"context_parallel.py: cu_seqlens {bounds.tolist()} lets a sample span two "
+                raise ValueError(f"parallel/context.py: cu_seqlens {bounds.tolist()} lets a sample span two "
                                  f"rows of length {seq_len}; every row start must be a boundary")
         flat = torch.arange(total)
         seg = torch.searchsorted(bounds[1:], flat, right=True)  # skips empty samples
@@ -141,36 +143,6 @@ class PackedRows:
         shape = (batch, seq_len)
         dev = cu.device if cu is not None else torch.device("cpu")
         return PackedRows(seg.view(shape).to(dev), seg_start.view(shape).to(dev), seg_end.view(shape).to(dev))
-
-
-def packed_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: Optional[torch.Tensor],
-                causal: bool, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
-    """Whole-row packed attention: (S, B, hq, d) q, (S, B, hkv, d) k/v -> (S, B, hq*d).
-
-    One `scaled_dot_product_attention` per packed sample on 4-D (1, h, len, d) views: on CPU that
-    selects the flash kernel (memory linear in len); 3-D (h, len, d) inputs silently fall back to
-    the math kernel, which stores h x len x len attention weights for the backward."""
-    s, b, hq, d = query.shape
-    if cu is None:
-        bounds = list(range(0, b * s + 1, s))
-    else:
-        bounds = cu.detach().to("cpu", torch.int64).tolist()
-        if bounds[0] != 0 or bounds[-1] != b * s or not set(range(0, b * s + 1, s)) <= set(bounds):
-            raise ValueError(f"context_parallel.py: cu_seqlens {bounds[:8]}... must run from 0 to B*S = {b * s} "
-                             f"and include every row start (samples cannot span rows)")
-    q4, k4, v4 = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # (B, h, S, d) views
-    gqa = key.shape[2] != hq
-    rows: list[list[torch.Tensor]] = [[] for _ in range(b)]
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end <= start:
-            continue
-        r = start // s
-        s0, s1 = start - r * s, end - r * s
-        rows[r].append(F.scaled_dot_product_attention(
-            q4[r:r + 1, :, s0:s1], k4[r:r + 1, :, s0:s1], v4[r:r + 1, :, s0:s1], dropout_p=dropout_p,
-            is_causal=causal, scale=scale, enable_gqa=gqa))
-    out = torch.cat([torch.cat(parts, dim=2) for parts in rows], dim=0)  # (B, hq, S, d)
-    return out.permute(2, 0, 1, 3).reshape(s, b, hq * d)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,7 +162,9 @@ class _RingPlan:
     causal: bool
     scale: float
     tile: int
-    """Query rows per score tile: memory is O(tile x keys) per tile, not O(tokens^2)."""
+    """Query rows per score tile."""
+    key_tile: int
+    """Keys per score tile: score memory is O(tile x key_tile), not O(tokens^2)."""
 
     def peer(self, offset: int) -> int:
         return dist.get_global_rank(self.group, (self.ring_rank + offset) % self.ring_size)
@@ -222,14 +196,32 @@ class _Tile:
             at += n
 
 
+def _cut(pieces: list[tuple[int, int, int]], limit: int) -> Iterator[list[tuple[int, int, int]]]:
+    """Split (local offset, start, end) key runs into consecutive groups of at most `limit` keys."""
+    group: list[tuple[int, int, int]] = []
+    room = limit
+    for off, a, b in pieces:
+        while a < b:
+            n = min(b - a, room)
+            group.append((off, a, a + n))
+            off, a, room = off + n, a + n, room - n
+            if room == 0:
+                yield group
+                group, room = [], limit
+    if group:
+        yield group
+
+
 def _tiles(q_starts: list[int], k_starts: list[int], plan: _RingPlan, device: torch.device) -> Iterator[_Tile]:
-    """Query tiles of a (query block, key block) pair that see at least one key.
+    """(query tile, key tile) pairs of a (query block, key block) pair with at least one visible key.
 
     Keys are first cut to the window [first sample start, last causal/sample end) of the tile's
     queries; whole chunk pairs and tiles that fall outside it (e.g. key chunks after the query
-    chunk under a causal mask) cost nothing. The exact mask is then built on the window and
-    trimmed to the columns that are not visible to every query (under a causal mask, the last
-    few keys), so most scores need no masking."""
+    chunk under a causal mask) cost nothing. The window is cut into key tiles of at most
+    `plan.key_tile` keys (partial softmaxes merge like ring steps), so score memory is bounded by
+    query_tile x key_tile whatever the sequence length. The exact mask is built per key tile and
+    trimmed to the columns that are not visible to every query (under a causal mask, the last few
+    keys), so most scores need no masking."""
     L, rows = plan.chunk, plan.rows
     for qi, qs in enumerate(q_starts):
         for t0 in range(0, L, plan.tile):
@@ -238,29 +230,28 @@ def _tiles(q_starts: list[int], k_starts: list[int], plan: _RingPlan, device: to
             hi = int(rows.seg_end[:, qs + t1 - 1].max())
             if plan.causal:
                 hi = min(hi, qs + t1)
-            pieces = []
+            window = []
             for ki, ks in enumerate(k_starts):
                 a, b = max(ks, lo), min(ks + L, hi)
                 if a < b:
-                    pieces.append((ki * L + a - ks, a, b))
-            if not pieces:
-                continue
-            k_pos = torch.cat([torch.arange(a, b) for _, a, b in pieces]).to(device)
+                    window.append((ki * L + a - ks, a, b))
             q_pos = torch.arange(qs + t0, qs + t1, device=device)
-            mask = rows.seg[:, q_pos][:, :, None] == rows.seg[:, k_pos][:, None, :]  # (B, T, M)
-            if plan.causal:
-                mask &= k_pos[None, None, :] <= q_pos[None, :, None]
-            if not bool(mask.any()):
-                continue
-            partial = ~mask.all(dim=1).all(dim=0)  # (M,) columns some query cannot see
-            k_pieces = [(off, b - a) for off, a, b in pieces]
             q_rows = slice(qi * L + t0, qi * L + t1)
-            if not bool(partial.any()):
-                yield _Tile(q_rows, k_pieces, None, slice(0, 0))
-                continue
-            cols = partial.nonzero()
-            c0, c1 = int(cols[0]), int(cols[-1]) + 1
-            yield _Tile(q_rows, k_pieces, mask[:, None, None, :, c0:c1], slice(c0, c1))
+            for pieces in _cut(window, plan.key_tile):
+                k_pos = torch.cat([torch.arange(a, b) for _, a, b in pieces]).to(device)
+                mask = rows.seg[:, q_pos][:, :, None] == rows.seg[:, k_pos][:, None, :]  # (B, T, M)
+                if plan.causal:
+                    mask &= k_pos[None, None, :] <= q_pos[None, :, None]
+                if not bool(mask.any()):
+                    continue
+                partial = ~mask.all(dim=1).all(dim=0)  # (M,) columns some query cannot see
+                k_pieces = [(off, b - a) for off, a, b in pieces]
+                if not bool(partial.any()):
+                    yield _Tile(q_rows, k_pieces, None, slice(0, 0))
+                    continue
+                cols = partial.nonzero()
+                c0, c1 = int(cols[0]), int(cols[-1]) + 1
+                yield _Tile(q_rows, k_pieces, mask[:, None, None, :, c0:c1], slice(c0, c1))
 
 
 def _tile_scores(qt: torch.Tensor, kt: torch.Tensor, tile: _Tile, g: int) -> torch.Tensor:
@@ -448,7 +439,7 @@ class ContextParallelAttention(MegatronModule):
     (S/C, B, hkv, d); `packed_seq_params.cu_seqlens_q` holds the GLOBAL batch-major boundaries
     (0..B*S). Returns (S/C, B, hq*d). With C = 1 it is `PackedSDPAttention`.
 
-    `query_tile` bounds the ring kernel's score memory to O(query_tile x keys) per step."""
+    `query_tile` x `key_tile` bounds the ring kernel's score tiles (memory independent of S)."""
 
     def __init__(
         self,
@@ -461,20 +452,21 @@ class ContextParallelAttention(MegatronModule):
         cp_comm_type: Optional[str] = None,
         pg_collection: Any = None,
         query_tile: int = 256,
+        key_tile: int = 1024,
         **kwargs: Any,
     ) -> None:
         super().__init__(config=config)
         if attention_type != "self":
-            raise ValueError(f"context_parallel.py: only self-attention is context-split, got {attention_type!r}")
+            raise ValueError(f"parallel/context.py: only self-attention is context-split, got {attention_type!r}")
         self.attn_mask_type = attn_mask_type
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.cp_comm_type = cp_comm_type or "p2p"  # megatron-core / TE default
         if self.cp_comm_type not in CP_COMM_TYPES:
-            raise ValueError(f"context_parallel.py: --cp-comm-type {self.cp_comm_type!r} is not supported "
+            raise ValueError(f"parallel/context.py: --cp-comm-type {self.cp_comm_type!r} is not supported "
                              f"by the local core attention; choose one of {CP_COMM_TYPES}")
-        self.query_tile = query_tile
-        # the whole-row attention for C = 1 (no parameters)
+        self.query_tile, self.key_tile = query_tile, key_tile
+        # the whole-row packed attention for C = 1 and inside the a2a scheme (no parameters)
         self.local = PackedSDPAttention(config, layer_number, attn_mask_type, attention_type,
                                         attention_dropout, softmax_scale)
 
@@ -489,7 +481,7 @@ class ContextParallelAttention(MegatronModule):
             if hcp is None:
                 hcp = parallel_state.get_hierarchical_context_parallel_groups(check_initialized=False)
             if hcp is None or len(hcp) != 2:
-                raise ValueError("context_parallel.py: --cp-comm-type a2a+p2p needs the two hierarchical CP "
+                raise ValueError("parallel/context.py: --cp-comm-type a2a+p2p needs the two hierarchical CP "
                                  "groups: initialize_model_parallel(..., hierarchical_context_parallel_sizes"
                                  "=[A, P]) (--hierarchical-context-parallel-sizes A P)")
             self.a2a_group, self.p2p_group = hcp
@@ -505,7 +497,7 @@ class ContextParallelAttention(MegatronModule):
         if (a * p != self.cp_size or self.cp_rank != j * a + i
                 or dist.get_process_group_ranks(self.a2a_group) != expect_a2a
                 or dist.get_process_group_ranks(self.p2p_group) != expect_p2p):
-            raise ValueError(f"context_parallel.py: hierarchical CP groups {dist.get_process_group_ranks(self.a2a_group)}"
+            raise ValueError(f"parallel/context.py: hierarchical CP groups {dist.get_process_group_ranks(self.a2a_group)}"
                              f" x {dist.get_process_group_ranks(self.p2p_group)} do not tile the CP group "
                              f"{cp_ranks} as [A consecutive ranks] x [stride-A ring]")
 
@@ -522,12 +514,12 @@ class ContextParallelAttention(MegatronModule):
         if self.cp_size == 1:
             return self.local(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
         if attention_bias is not None:
-            raise ValueError("context_parallel.py: attention bias is not supported")
+            raise ValueError("parallel/context.py: attention bias is not supported")
         n, b, hq, d = query.shape
         hkv = key.shape[2]
         c = self.cp_size
         if n % 2:
-            raise ValueError(f"context_parallel.py: {n} local tokens cannot be the two equal chunks of a CP rank")
+            raise ValueError(f"parallel/context.py: {n} local tokens cannot be the two equal chunks of a CP rank")
         seq_len = n * c
         cu = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
         mask_type = attn_mask_type or self.attn_mask_type
@@ -536,7 +528,7 @@ class ContextParallelAttention(MegatronModule):
             return self._forward_a2a(query, key, value, attention_mask, mask_type, packed_seq_params)
 
         if self.training and self.dropout_p > 0:
-            raise NotImplementedError("context_parallel.py: attention dropout is not implemented for the "
+            raise NotImplementedError("parallel/context.py: attention dropout is not implemented for the "
                                       f"ring (--cp-comm-type {self.cp_comm_type}); set --attention-dropout 0")
         rows = PackedRows.from_cu_seqlens(cu, b, seq_len)
         L = seq_len // (2 * c)
@@ -553,7 +545,7 @@ class ContextParallelAttention(MegatronModule):
             q, k, v = self._scatter_heads(query, key, value, self.a2a_group)
 
         plan = _RingPlan(group, ring_rank, ring_size, members, L, rows,
-                         mask_type == AttnMaskType.causal, self.softmax_scale, self.query_tile)
+                         mask_type == AttnMaskType.causal, self.softmax_scale, self.query_tile, self.key_tile)
         m, hq_l, hkv_l = q.shape[0], q.shape[2], k.shape[2]
         # (M, B, h, d) -> (B, hkv, g, M, d): query heads grouped under their kv head (GQA)
         qb = q.permute(1, 2, 0, 3).reshape(b, hkv_l, hq_l // hkv_l, m, d)
@@ -567,7 +559,7 @@ class ContextParallelAttention(MegatronModule):
     @staticmethod
     def _check_heads(hq: int, hkv: int, size: int, what: str) -> None:
         if hq % size or hkv % size:
-            raise ValueError(f"context_parallel.py: --cp-comm-type {what} splits heads over {size} ranks, but this "
+            raise ValueError(f"parallel/context.py: --cp-comm-type {what} splits heads over {size} ranks, but this "
                              f"rank has {hq} query and {hkv} key/value heads (after tensor parallelism); "
                              f"both must be divisible by {size} -- use p2p or a smaller all-to-all group")
 
@@ -594,9 +586,7 @@ class ContextParallelAttention(MegatronModule):
         order = torch.cat([cp_token_indices(seq_len, r, c) for r in range(c)]).to(query.device)
         to_global = torch.argsort(order)
         q, k, v = (t.index_select(0, to_global) for t in (q, k, v))  # global token order
-        cu = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
-        dropout = self.dropout_p if self.training else 0.0
-        out = packed_sdpa(q, k, v, cu, mask_type == AttnMaskType.causal, self.softmax_scale, dropout)  # (S, B, h/C*d)
+        out = self.local(q, k, v, attention_mask, mask_type, None, packed_seq_params)  # (S, B, h/C*d)
         out = out.index_select(0, order).reshape(seq_len, b, hq // c, d)  # back to CP-rank order
         return _HeadsToSeq.apply(out.contiguous(), self.cp_group).reshape(n, b, hq * d)
 

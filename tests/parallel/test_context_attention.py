@@ -1,6 +1,6 @@
 """Context-parallel attention equals full attention; the load-balanced split follows megatron-core.
 
-Multi-process part: one torchrun world per (C, comm type) runs every case of cp_attention_worker.py
+Multi-process part: one torchrun world per CP size runs every comm type and case of cp_attention_worker.py
 (packs with sample boundaries inside chunks, across chunks and exactly on chunk borders, an empty
 sample, unpacked rows, GQA, B=2, bidirectional) and compares against `PackedSDPAttention` on the
 unsplit tensors."""
@@ -18,34 +18,50 @@ TOL = 1e-5
 EXPECTED_CASES = {"inside", "inside-tiled", "across", "borders", "borders-tiled", "empty-sample",
                   "unpacked-b2", "gqa-b2", "gqa-b2-tiled", "no-mask"}
 
-WORLDS = [  # (C, comm type, hierarchical sizes)
-    (2, "p2p", None),
-    (2, "a2a", None),
-    (4, "p2p", None),
-    (4, "a2a", None),
-    (4, "a2a+p2p", (2, 2)),
-]
+# one torchrun world per CP size runs every comm type: imports dominate the cost of a world
+WORLDS = {  # C: (comm types, megatron's hierarchical CP sizes A P for a2a+p2p)
+    2: (("p2p", "a2a", "a2a+p2p"), (2, 1)),  # a2a+p2p with P = 1: the ring code without a ring
+    4: (("p2p", "a2a", "a2a+p2p"), (2, 2)),
+}
+CASES = [(c, comm) for c, (comms, _) in WORLDS.items() for comm in comms]
 
 
-@pytest.mark.parametrize("cp,comm,hcp", WORLDS, ids=[f"cp{c}-{m}" for c, m, _ in WORLDS])
-def test_cp_attention_matches_full_attention(tmp_path, cp, comm, hcp):
-    args = ["--cp", str(cp), "--comm", comm, "--out", str(tmp_path)]
-    if hcp:
-        args += ["--hcp", *map(str, hcp)]
-    torchrun(WORKER, cp, args, timeout=240)
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(cp)]
+@pytest.fixture(scope="module")
+def cp_reports(tmp_path_factory):
+    """C -> every rank's report, each world started on first use."""
+    cache = {}
+
+    def get(cp):
+        if cp not in cache:
+            out = tmp_path_factory.mktemp(f"cp{cp}")
+            comms, hcp = WORLDS[cp]
+            torchrun(WORKER, cp, ["--cp", str(cp), "--comms", *comms, "--hcp", *map(str, hcp), "--out", str(out)],
+                     timeout=300)
+            cache[cp] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(cp)]
+        return cache[cp]
+    return get
+
+
+@pytest.mark.parametrize("cp,comm", CASES, ids=[f"cp{c}-{m}" for c, m in CASES])
+def test_cp_attention_matches_full_attention(cp_reports, cp, comm):
+    reports = cp_reports(cp)
     assert sorted(r["rank"] for r in reports) == list(range(cp))
     for rep in reports:
-        names = {key.split("/")[0] for key in rep["cases"]}
+        got = rep[comm]
+        names = {key.split("/")[0] for key in got["cases"]}
         assert EXPECTED_CASES <= names, names
-        assert len(rep["cases"]) == 2 * len(names)  # pg_collection=None and megatron's tp/cp collection
-        for key, errs in rep["cases"].items():
+        assert len(got["cases"]) == 2 * len(names)  # pg_collection=None and megatron's tp/cp collection
+        for key, errs in got["cases"].items():
             assert errs["ref_grad_scale"] > 1e-2, (key, errs)  # the gradients compared are not trivially 0
             for what in ("out", "dq", "dk", "dv", "gathered"):
                 assert errs[what] < TOL, (rep["rank"], key, what, errs)
-        assert rep["megatron_split_equal"], rep["rank"]
         if comm != "p2p":
-            assert rep["refused"] and "divisible" in rep["refused"], rep.get("refused")
+            assert got["refused"] and "divisible" in got["refused"], got.get("refused")
+
+
+@pytest.mark.parametrize("cp", sorted(WORLDS))
+def test_split_matches_megatron_get_batch_on_this_cp_rank(cp_reports, cp):
+    assert all(rep["megatron_split_equal"] for rep in cp_reports(cp))
 
 
 @pytest.mark.parametrize("cp", [1, 2, 3, 4])
