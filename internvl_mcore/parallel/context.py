@@ -30,7 +30,7 @@ supports batch_isend_irecv and all_to_all_single) but is not tuned for it. With 
 `TEDotProductAttention` implements the same flags: it receives `cp_comm_type` ("p2p" | "a2a" |
 "a2a+p2p"; "all_gather" too) from the TransformerConfig through TransformerLayer, `cp_group` =
 `pg_collection.cp`, and for "a2a+p2p" `cp_group = get_hierarchical_context_parallel_groups()`, the
-same [A-group, P-group] pair used here. `cp_core_attention("te")` returns it. Caveat: TE's CP takes
+same [A-group, P-group] pair used here. `cp_core_attention("te", "thd")` returns it. Caveat: TE's CP takes
 packed rows only as qkv_format 'thd', where *each sample* (padded to a multiple of 2C,
 cu_seqlens_padded) is split into 2C chunks (megatron-core's `get_thd_batch_on_this_cp_rank`),
 not the whole row as here, and not every comm type supports 'thd' in every TE version. So on that
@@ -591,13 +591,17 @@ class ContextParallelAttention(MegatronModule):
         return _HeadsToSeq.apply(out.contiguous(), self.cp_group).reshape(n, b, hq * d)
 
 
-def cp_core_attention(backend: str = "local") -> type:
+def cp_core_attention(backend: str = "local", qkv_format: str = "sbhd") -> type:
     """The core-attention class a layer spec should use with --context-parallel-size > 1.
 
-    "te": megatron-core's TEDotProductAttention, which receives cp_comm_type and the (hierarchical)
-    CP groups from megatron itself; it needs qkv_format 'thd' with per-sample CP splitting for
-    packed rows. "local": `ContextParallelAttention` (CPU and GPU, sbhd, whole-row split)."""
-    if backend == "te":
+    `ContextParallelAttention` unless the caller opts into TE's CP with backend "te" AND
+    qkv_format "thd": megatron-core's TEDotProductAttention then gets cp_comm_type and the
+    (hierarchical) CP groups from megatron itself, but expects the batch in TE's layout -- packed
+    rows as 'thd' with every sample padded to a multiple of 2C and split per sample
+    (`megatron.core.utils.get_thd_batch_on_this_cp_rank`), not `split_for_cp`'s whole-row split.
+    With the whole-row split ('sbhd' + global cu_seqlens, what `split_for_cp` produces) the local
+    module is the correct choice on GPU too, so that is what "te" + "sbhd" returns."""
+    if backend == "te" and qkv_format == "thd":
         from megatron.core.extensions.transformer_engine import TEDotProductAttention
         return TEDotProductAttention
     return ContextParallelAttention

@@ -96,3 +96,10 @@ def test_packed_rows_follow_cu_seqlens():
         PackedRows.from_cu_seqlens(torch.tensor([0, 5, 10, 16]), 2, 8)
     with pytest.raises(ValueError, match="GLOBAL"):
         PackedRows.from_cu_seqlens(torch.tensor([0, 4, 8]), 2, 8)
+
+
+def test_whole_row_split_never_selects_te_attention():
+    # TE's CP expects per-sample 'thd' splitting; split_for_cp's whole-row layout needs the local module
+    from internvl_mcore.parallel.context import ContextParallelAttention, cp_core_attention
+    assert cp_core_attention("local") is ContextParallelAttention
+    assert cp_core_attention("te", "sbhd") is ContextParallelAttention
