@@ -11,7 +11,7 @@ Both runs are `pretrain_internvl.py --stage finetune` on the same mock data in t
 `--lora-rank R` (base frozen, adapters on the --lora-target towers). Optimizer state is what Adam
 actually holds after the first step (exp_avg, exp_avg_sq, and fp32 master copies under --bf16);
 gradient buffers are megatron-core DDP's main_grad buffers. Step time is the median of --steps
-steps after one warm-up step.
+steps after one warm-up step; the two runs take turns step by step.
 """
 from __future__ import annotations
 
@@ -31,33 +31,46 @@ def _torch_optimizers(optimizer):
         yield opt.optimizer
 
 
-def measure(argv: list[str], steps: int) -> dict:
-    """Set up one run from pretrain flags, time `steps` steps, and count what it allocates."""
-    import torch
-
+def build(argv: list[str]):
+    """Set up one run from pretrain flags and take its warm-up step (which also creates Adam's state)."""
     from pretrain_internvl import parse_run_config
     from internvl_mcore.training.loop import setup, train_step
 
     trainer = setup(parse_run_config(argv))
+    train_step(trainer)
+    return trainer
+
+
+def sizes(trainer) -> dict:
+    """Trainable parameters, optimizer-state bytes and gradient-buffer bytes of a set-up run."""
+    import torch
+
     module = trainer.model[0].module
-    train_step(trainer)  # warm-up; also creates Adam's state
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        train_step(trainer)
-        times.append(time.perf_counter() - start)
     state_bytes = sum(t.numel() * t.element_size() for opt in _torch_optimizers(trainer.optimizer)
                       for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor))
     # fp32 master copies (bf16 training) are optimizer state too; in fp32 the params are their own masters
+    own = {id(p) for p in module.parameters()}
     masters = sum(p.numel() * p.element_size() for opt in _torch_optimizers(trainer.optimizer)
-                  for g in opt.param_groups for p in g["params"]
-                  if not any(p is q for q in module.parameters()))
+                  for g in opt.param_groups for p in g["params"] if id(p) not in own)
     grad_bytes = sum(p.main_grad.numel() * p.main_grad.element_size() for p in module.parameters()
                      if getattr(p, "main_grad", None) is not None)
     return {"trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
             "total": sum(p.numel() for p in module.parameters()),
-            "optimizer_bytes": state_bytes + masters, "grad_bytes": grad_bytes,
-            "step_s": statistics.median(times)}
+            "optimizer_bytes": state_bytes + masters, "grad_bytes": grad_bytes}
+
+
+def time_steps(trainers: dict, steps: int) -> dict[str, dict[str, float]]:
+    """Median seconds per step of each run; the runs take turns step by step, so a change of
+    machine load between them (other jobs on a shared box) hits both alike."""
+    from internvl_mcore.training.loop import train_step
+
+    wall: dict[str, list[float]] = {k: [] for k in trainers}
+    for _ in range(steps):
+        for name, trainer in trainers.items():
+            start = time.perf_counter()
+            train_step(trainer)
+            wall[name].append(time.perf_counter() - start)
+    return {k: {"step_s": statistics.median(wall[k])} for k in trainers}
 
 
 def main() -> None:
@@ -74,8 +87,10 @@ def main() -> None:
     common = ["--model", args.model, "--mock-data", "--stage", "finetune", "--seq-length", str(args.seq_length),
               "--global-batch-size", str(args.global_batch_size), "--train-iters", str(args.steps + 1),
               "--mock-tiles-per-sample", "1"] + (["--bf16"] if args.bf16 else [])
-    full = measure(common, args.steps)
-    lora = measure(common + ["--lora-rank", str(args.lora_rank), "--lora-target", args.lora_target], args.steps)
+    trainers = {"full": build(common),
+                "lora": build(common + ["--lora-rank", str(args.lora_rank), "--lora-target", args.lora_target])}
+    timing = time_steps(trainers, args.steps)
+    full, lora = ({**sizes(trainers[k]), **timing[k]} for k in ("full", "lora"))
 
     print(f"\n{args.model}: {full['total'] / 1e6:.1f}M parameters, seq {args.seq_length}, "
           f"global batch {args.global_batch_size}, {'bf16' if args.bf16 else 'fp32'}; "

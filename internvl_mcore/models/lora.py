@@ -130,6 +130,8 @@ class _LoRALinear:
     lora: LoRAAdapter
 
     def forward(self, input_: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if kwargs.get("runtime_gather_output"):
+            raise ValueError("a LoRA linear adds its update to this rank's output shard; it cannot gather it")
         out, bias = super().forward(input_, *args, **kwargs)  # type: ignore[misc]
         return out + self.lora(input_).to(out.dtype), bias
 
