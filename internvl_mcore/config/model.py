@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
@@ -150,7 +150,11 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     """--pipeline-model-parallel-size: stages the decoder layers are split over."""
     context_parallel_size: int = 1
-    """--context-parallel-size: ranks one sequence is split over (LLM only)."""
+    """--context-parallel-size: ranks one sequence is split over (LLM only; the ViT is not split)."""
+    cp_comm_type: Literal["p2p", "a2a", "a2a+p2p"] = "p2p"
+    """--cp-comm-type: ring attention (p2p), head-parallel all-to-all (a2a), or both in 2D (a2a+p2p)."""
+    hierarchical_context_parallel_sizes: Optional[list[int]] = None
+    """--hierarchical-context-parallel-sizes A P: with a2a+p2p, all-to-all inside groups of A, ring over P."""
     sequence_parallel: bool = False
     """--sequence-parallel: split norms/dropout activations over the TP group along the sequence."""
     decoder_first_pipeline_num_layers: int | None = None

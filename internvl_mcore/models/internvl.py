@@ -17,7 +17,8 @@ from megatron.core.transformer.module import MegatronModule
 
 from ..config.megatron import llm_transformer_config, projector_transformer_config, vision_transformer_config
 from ..config.model import ModelConfig, ParallelConfig
-from .attention import packed_seq_params_from_cu_seqlens
+from ..parallel.context import cp_core_attention, split_for_cp
+from .attention import PackedSDPAttention, packed_seq_params_from_cu_seqlens
 from .language import LanguageModel
 from .projector import Projector
 from .specs import Backend, default_backend, llm_layer_spec, projector_mlp_submodules, vision_layer_spec
@@ -49,8 +50,10 @@ class InternVLModel(MegatronModule):
             self.projector = Projector(projector_transformer_config(model_cfg, par, dtype),
                                        projector_mlp_submodules(backend), model_cfg.projector_input_size,
                                        eps=model_cfg.projector_layernorm_epsilon, pg_collection=pg)
+        self.cp_group = pg.cp
+        core_attention = cp_core_attention(backend) if par.context_parallel_size > 1 else PackedSDPAttention
         self.language_model = LanguageModel(
-            llm_config, llm_layer_spec(backend), vocab_size=model_cfg.llm.vocab_size,
+            llm_config, llm_layer_spec(backend, core_attention), vocab_size=model_cfg.llm.vocab_size,
             max_sequence_length=model_cfg.llm.max_position_embeddings, rope_theta=model_cfg.llm.rope_theta,
             pre_process=pre_process, post_process=post_process,
             share_embeddings_and_output_weights=self.share_embeddings_and_output_weights, pg_collection=pg)
@@ -87,10 +90,19 @@ class InternVLModel(MegatronModule):
             emb = self.language_model.embed(input_ids)  # (S, B, H)
             if pixel_values is not None and pixel_values.shape[0] > 0:
                 emb = self._splice(emb, input_ids, self.image_features(pixel_values))
+            emb = self.cp_split(emb, 0)  # (S/C, B, H): this CP rank's two chunks
             if self.config.sequence_parallel:
                 emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
             decoder_input = emb
-        return self.language_model(decoder_input, position_ids, labels=labels, packed_seq_params=packed)
+        # cu_seqlens stay global: the context-parallel attention maps local tokens to their samples
+        return self.language_model(decoder_input, self.cp_split(position_ids, 1),
+                                   labels=None if labels is None else self.cp_split(labels, 1),
+                                   packed_seq_params=packed)
+
+    def cp_split(self, t: torch.Tensor, seq_dim: int) -> torch.Tensor:
+        """This context-parallel rank's tokens of a per-token tensor (identity without CP)."""
+        size = self.cp_group.size()
+        return t if size == 1 else split_for_cp(t, seq_dim, self.cp_group.rank(), size)
 
     def _splice(self, emb: torch.Tensor, input_ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         """Replace the embeddings at <IMG_CONTEXT> positions with image features, in batch-major order."""

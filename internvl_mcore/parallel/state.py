@@ -39,6 +39,7 @@ def init_distributed(par: ParallelConfig, seed: int, timeout_s: float = 600.0) -
             tensor_model_parallel_size=par.tensor_model_parallel_size,
             pipeline_model_parallel_size=par.pipeline_model_parallel_size,
             context_parallel_size=par.context_parallel_size,
+            hierarchical_context_parallel_sizes=par.hierarchical_context_parallel_sizes,
         )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

@@ -34,9 +34,22 @@ def validate(run: RunConfig) -> Plan:
     problems = []
     if p.sequence_parallel and p.tensor_model_parallel_size == 1:
         problems.append("--sequence-parallel needs --tensor-model-parallel-size > 1")
-    if p.context_parallel_size > 1:
-        problems.append("--context-parallel-size > 1 is accepted by the parser but not implemented in "
-                        "training yet (it would otherwise silently do nothing)")
+    cp = p.context_parallel_size
+    if cp > 1 and t.seq_length % (2 * cp):
+        problems.append(f"--seq-length {t.seq_length} must be divisible by 2 x --context-parallel-size = {2 * cp}")
+    if cp > 1 and p.cp_comm_type == "a2a+p2p":
+        sizes = p.hierarchical_context_parallel_sizes
+        if not sizes or len(sizes) != 2 or sizes[0] * sizes[1] != cp:
+            problems.append(f"--cp-comm-type a2a+p2p needs --hierarchical-context-parallel-sizes A P with A x P = {cp}")
+    if cp > 1 and p.cp_comm_type in ("a2a", "a2a+p2p"):
+        a = cp if p.cp_comm_type == "a2a" else (p.hierarchical_context_parallel_sizes or [cp])[0]
+        tp = p.tensor_model_parallel_size
+        for flag, heads in (("heads", run.model.llm.num_attention_heads), ("kv heads", run.model.llm.num_query_groups)):
+            if (heads // tp) % a:
+                problems.append(f"--cp-comm-type {p.cp_comm_type}: {flag} per TP rank ({heads // tp}) not divisible "
+                                f"by the all-to-all size {a}")
+    if p.hierarchical_context_parallel_sizes and p.cp_comm_type != "a2a+p2p":
+        problems.append("--hierarchical-context-parallel-sizes only applies to --cp-comm-type a2a+p2p")
     if t.lr_warmup_iters > t.train_iters:
         problems.append(f"--lr-warmup-iters {t.lr_warmup_iters} exceeds --train-iters {t.train_iters}")
     if c.load and c.pretrained:
@@ -186,7 +199,8 @@ def train_step(trainer: Trainer) -> dict:
     if parallel_state.is_pipeline_last_stage():
         for item in losses:
             totals += item["lm loss"].to(torch.float64)
-        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        # each context-parallel rank holds part of every sequence's tokens
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
     tokens = sum(int((b.tokens != trainer.run.model.pad_token_id).sum()) for b in batches)

@@ -16,6 +16,10 @@ LAYOUTS = {  # name: (processes, flags)
     "dp2-distopt": (2, ["--use-distributed-optimizer"]),
     "tp2-sp": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
     "dp2pp2": (4, ["--pipeline-model-parallel-size", "2"]),
+    "cp2": (2, ["--context-parallel-size", "2"]),
+    "cp2-tp2": (4, ["--context-parallel-size", "2", "--tensor-model-parallel-size", "2"]),
+    "cp4-2d": (4, ["--context-parallel-size", "4", "--cp-comm-type", "a2a+p2p",
+                   "--hierarchical-context-parallel-sizes", "2", "2"]),
 }
 
 

@@ -1,0 +1,19 @@
+"""Issue 'context parallelism', done-when: a CP2 run of the debug model on 16k packs logs the CP1 losses."""
+import json
+
+from tests.launch import REPO, torchrun
+
+ARGS = ["--model", "debug", "--mock-data", "--global-batch-size", "1", "--train-iters", "2", "--seq-length", "16384",
+        "--mock-tiles-per-sample", "8", "--lr", "1e-3"]
+
+
+def test_cp2_on_16k_packs_matches_cp1(tmp_path):
+    runs = {}
+    for cp in (1, 2):
+        log = tmp_path / f"cp{cp}.jsonl"
+        torchrun(REPO / "pretrain_internvl.py", cp, ARGS + ["--context-parallel-size", str(cp), "--log-jsonl", str(log)],
+                 timeout=400)
+        runs[cp] = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
+    assert len(runs[1]) == len(runs[2]) == 2
+    for a, b in zip(runs[2], runs[1]):
+        assert abs(a - b) <= 1e-5 * abs(b), runs
