@@ -53,15 +53,16 @@ DEBUG_LLM = LLMConfig(family="qwen2", num_layers=4, hidden_size=64, num_attentio
 _DEBUG_IDS = dict(img_context_token_id=505, img_start_token_id=503, img_end_token_id=504,
                   pad_token_id=500)
 
-# A "few hundred MB" model (~110M parameters, 0.43 GB in fp32) for CPU throughput work
+# A "few hundred MB" model (66M parameters, 0.26 GB in fp32) for CPU throughput work
 # (bench/train_throughput.py): InternViT-300M-style blocks at 224-pixel tiles (64 LLM tokens per
-# tile) and a Qwen2-style LLM with a 32k vocabulary, so the output layer weighs what it does in real
-# models. The chat-token ids are the tiny tokenizer's (as `debug`), so shards built with it, e.g.
-# `data.digits.build_digits_dataset(root, image_size=224)`, train this model too.
+# tile) and a Qwen2-style GQA LLM with a 32k vocabulary, so the output layer weighs what it does in
+# real models. Sized so that a 4096-token train step (~1.4 TFLOP) takes tens of seconds on 2 CPU
+# cores. The chat-token ids are the tiny tokenizer's (as `debug`), so shards built with it, e.g.
+# from `data.digits.build_digits_dataset(root, image_size=224)`, train this model too.
 DEBUG_M_VISION = VisionConfig(num_layers=4, hidden_size=384, num_attention_heads=6, ffn_hidden_size=1536,
                               image_size=224)
-DEBUG_M_LLM = LLMConfig(family="qwen2", num_layers=8, hidden_size=768, num_attention_heads=12,
-                        num_query_groups=4, ffn_hidden_size=2048, vocab_size=32000,
+DEBUG_M_LLM = LLMConfig(family="qwen2", num_layers=8, hidden_size=512, num_attention_heads=8,
+                        num_query_groups=2, ffn_hidden_size=1536, vocab_size=32000,
                         max_position_embeddings=8192)
 
 PRESETS: dict[str, ModelConfig] = {
