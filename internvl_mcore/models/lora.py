@@ -160,6 +160,8 @@ class LoRAInfo:
     """Seed of the adapter init (and of the base init when `base` is None)."""
     requires_grad_before: dict = dataclasses.field(default_factory=dict, repr=False)
     """Each base parameter's requires_grad before `add_lora` froze it (restored by `merge_lora_`)."""
+    hooks: list = dataclasses.field(default_factory=list, repr=False)
+    """Forward-hook handles of `_make_inputs_require_grad` (removed by `merge_lora_`)."""
 
     def to_dict(self) -> dict:
         """JSON-able form."""
@@ -231,6 +233,28 @@ def init_lora_weights(model: nn.Module, model_cfg: ModelConfig, seed: int, b_std
         p.copy_(shard(full, base, p, model_cfg, layout).to(p.dtype))
 
 
+def _output_requires_grad(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+    return output if output.requires_grad else output.detach().requires_grad_(True)
+
+
+def _make_inputs_require_grad(model: nn.Module, lora: LoRAConfig) -> list:
+    """Make the embeddings that feed each adapted tower require grad (PEFT's
+    `enable_input_require_grads`). megatron-core's full recompute is a reentrant checkpoint: a
+    layer block whose input does not require grad returns an output that does not either, so with
+    the embeddings frozen no gradient would reach any adapter inside it. Costs nothing else: the
+    gradient stops at the embedding output, which nothing consumes."""
+    towers = LORA_TOWERS[lora.lora_target]
+    entries = {"language_model": ("language_model", "embedding"), "vision_model": ("vision_model", "embeddings")}
+    hooks = []
+    for tower in towers:
+        module = model
+        for attr in entries[tower]:
+            module = getattr(module, attr, None)
+        if module is not None:  # the first pipeline stage only
+            hooks.append(module.register_forward_hook(_output_requires_grad))
+    return hooks
+
+
 def add_lora(model: nn.Module, lora: LoRAConfig, model_cfg: ModelConfig, seed: int,
              base: Optional[str] = None) -> LoRAInfo:
     """Attach adapters to this rank's target linears, freeze every base parameter, make the
@@ -253,7 +277,8 @@ def add_lora(model: nn.Module, lora: LoRAConfig, model_cfg: ModelConfig, seed: i
                                   gated=name.endswith("mlp.linear_fc1") and bool(config.gated_linear_unit))
         linear.__class__ = _with_lora(type(linear))
     init_lora_weights(model, model_cfg, seed)
-    info = LoRAInfo(dataclasses.replace(lora, lora_modules=list(lora.lora_modules)), base, seed, before)
+    info = LoRAInfo(dataclasses.replace(lora, lora_modules=list(lora.lora_modules)), base, seed, before,
+                    _make_inputs_require_grad(model, lora))
     model.lora_info = info
     return info
 
@@ -278,6 +303,8 @@ def merge_lora_(model: nn.Module) -> None:
         linear.__class__ = type(linear).__bases__[1]  # _with_lora's (_LoRALinear, base class)
     for name, p in model.named_parameters():
         p.requires_grad_(info.requires_grad_before.get(name, True))
+    for handle in info.hooks:
+        handle.remove()
     del model.lora_info
 
 
