@@ -145,6 +145,10 @@ class InternViT(MegatronModule):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.embeddings(pixel_values).transpose(0, 1).contiguous()  # (1+N, T, C)
+        if torch.is_grad_enabled() and not x.requires_grad and any(p.requires_grad for p in self.encoder.parameters()):
+            # frozen embeddings under trainable blocks (--unfreeze-vit-layers): megatron-core's full
+            # recompute is reentrant and drops the blocks' weight gradients unless its input needs grad
+            x.requires_grad_(True)
         x = self.encoder(hidden_states=x, attention_mask=None)
         return x.transpose(0, 1)  # (T, 1+N, C)
 

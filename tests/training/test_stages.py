@@ -40,8 +40,9 @@ def test_finetune_keeps_the_vit_bit_identical(tmp_path):
     assert _parts(report, "changed") == {"projector", "language_model"}
 
 
-def test_unfreeze_last_vit_layers(tmp_path):
-    report = _report(tmp_path, 1, ["--stage", "finetune", "--unfreeze-vit-layers", "1"])
+@pytest.mark.parametrize("recompute", [[], ["--recompute-granularity", "full"]], ids=["plain", "recompute"])
+def test_unfreeze_last_vit_layers(tmp_path, recompute):
+    report = _report(tmp_path, 1, ["--stage", "finetune", "--unfreeze-vit-layers", "1", *recompute])
     vit_changed = {n for n, v in report.items() if n.startswith("vision_model.") and v["changed"]}
     assert vit_changed and all(n.startswith("vision_model.encoder.layers.1.") for n in vit_changed)
 
