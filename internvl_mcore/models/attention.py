@@ -85,18 +85,20 @@ class PackedSDPAttention(MegatronModule):
                                                  scale=self.softmax_scale, enable_gqa=gqa)  # (B, h, S, d)
             return out.permute(2, 0, 1, 3).reshape(s, b, nq * d)
 
-        # (S, B, h, d) -> (1, h, B*S, d) over batch-major flattened tokens (a view when B == 1)
-        q, k, v = (t.transpose(0, 1).reshape(1, b * s, t.shape[2], d).transpose(1, 2) for t in (query, key, value))
+        # (S, B, h, d) -> (1, B*S, h, d) over batch-major flattened tokens (a view when B == 1)
+        q, k, v = (t.transpose(0, 1).reshape(1, b * s, t.shape[2], d) for t in (query, key, value))
         cu_list = cu.tolist()
         if cu_list[0] != 0 or cu_list[-1] != b * s or any(e < a for a, e in zip(cu_list[:-1], cu_list[1:])):
             raise ValueError(f"cu_seqlens cover {cu_list[0]}..{cu_list[-1]} but the batch has {b * s} tokens")
         lengths = [e - a for a, e in zip(cu_list[:-1], cu_list[1:])]
-        # split (not slicing) so the backward concatenates the segment gradients once instead of
-        # scattering each into a zero-filled full-size tensor and summing those
+        # Split along the tokens, not slicing and not after moving heads first: the backward then
+        # concatenates contiguous (1, L, h, d) segment gradients (a plain memory copy) instead of
+        # zero-filling a full-size gradient per segment, or gathering through transposed strides.
         outs = [
-            F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout, is_causal=causal,
-                                           scale=self.softmax_scale, enable_gqa=gqa).transpose(1, 2)
-            for qs, ks, vs, n in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2), lengths) if n
+            F.scaled_dot_product_attention(qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2),
+                                           dropout_p=dropout, is_causal=causal, scale=self.softmax_scale,
+                                           enable_gqa=gqa).transpose(1, 2)
+            for qs, ks, vs, n in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1), lengths) if n
         ]  # each (1, L, h, d)
         out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]  # (1, B*S, h, d)
         return out.reshape(b, s, nq * d).transpose(0, 1).contiguous()  # (S, B, h*d); a view when B == 1
