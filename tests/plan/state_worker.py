@@ -91,14 +91,23 @@ def saved_activation_bytes(model, cfg, par, seq, tiles, dtype):
 
 def measured_flops(model, cfg, seq=128):
     """torch's FlopCounterMode over one forward, and over forward + backward, of two packed sequences."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+    # torch's FlopCounterMode has no formula for the CPU flash-attention ops the packed attention
+    # runs on (4-D SDPA inputs); count them with torch's own SDPA formulas (full L x S, as for the others)
+    aten = torch.ops.aten
+    mapping = {
+        aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda grad_out, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(grad_out, q, k, v),
+    }
     batch = Batch.collate([mock_sample(7, 9, cfg, seq, 1), mock_sample(8, 9, cfg, seq, 1)], seq)
     args = (batch.tokens, batch.position_ids)
     kw = dict(pixel_values=batch.pixel_values, labels=batch.labels, cu_seqlens=batch.cu_seqlens)
-    with FlopCounterMode(display=False) as fwd:
+    with FlopCounterMode(display=False, custom_mapping=mapping) as fwd:
         model(*args, **kw)
-    with FlopCounterMode(display=False) as both:
+    with FlopCounterMode(display=False, custom_mapping=mapping) as both:
         model(*args, **kw).sum().backward()
     return dict(forward=fwd.get_total_flops(), train=both.get_total_flops(), tokens=2 * seq,
                 tiles=int(batch.pixel_values.shape[0]),

@@ -148,6 +148,8 @@ def test_forward_flops_equal_flop_counter(reports):
         pred = forward_flops(cfg, f["tokens"], f["tiles"], f["lengths"], causal=False)
         assert pred.forward == f["forward"], rep["case"]
         if rep["case"]["trainable"] == ALL:  # every matmul has its input and weight gradient
-            assert 2.9 * f["forward"] <= f["train"] <= 3.0 * f["forward"]
+            # linears cost exactly 3x forward; torch counts flash attention's backward as 2.5 forward
+            # matmul pairs (it recomputes the scores), so the attention share lifts the total a little
+            assert 2.9 * f["forward"] <= f["train"] <= 3.1 * f["forward"]
         done.add(rep["case"]["model"])
     assert done == {"debug", "debug-6b"}
