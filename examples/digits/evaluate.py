@@ -121,7 +121,10 @@ def evaluate(hf_dir: str, heldout: str, tokenizer_dir: str, system_prompt: str |
     import torch
     from tqdm import tqdm
     from transformers import InternVLForConditionalGeneration
+    from transformers.utils import logging as hf_logging
 
+    if not progress:
+        hf_logging.disable_progress_bar()
     start = time.perf_counter()
     questions = load_questions(heldout)[:limit]
     tokenizer = load_tokenizer(tokenizer_dir)
