@@ -2,13 +2,15 @@
 """Training throughput on this CPU: GEMM peak, CPU-MFU of our train step, and effective tokens/s
 against transformers' `InternVLForConditionalGeneration` on the same samples.
 
-    python bench/train_throughput.py            # debug-m, 4096-token packs: ~4 minutes on 2 cores
-    python bench/train_throughput.py --quick    # tiny sizes, < 1 minute: checks that it all runs
-    python bench/train_throughput.py --profile  # also a torch.profiler table of one step of ours
+    python bench/train_throughput.py            # debug-m, 4096-token packs: ~2 min on 2 idle cores
+    python bench/train_throughput.py --quick    # tiny model, 512 tokens, < 1 min: checks that it runs
+    python bench/train_throughput.py --profile  # then profile one more step of ours (torch.profiler)
+    python bench/train_throughput.py --batches packer   # length-grouped batches (see make_steps)
 
 Prints, all measured in this run:
-1. the fp32 GEMM peak of this machine (`metrics.measure_peak_flops`, all torch threads), measured
-   between the timed steps too, since other processes share the cores;
+1. the fp32 GEMM peak of this machine (a square matmul with all torch threads, measured the way
+   `metrics.measure_peak_flops` does for the training log), measured between the timed steps,
+   since other processes share the cores;
 2. the model FLOPs of one train step (`plan.flops.train_step_flops`, the count the training log's
    MFU uses) and the CPU-MFU of our real train step (`training.loop.setup` + `train_step`:
    megatron-core schedule, DDP, optimizer) for the debug-m model at TP1 in one process, fp32, on one
@@ -19,14 +21,17 @@ Prints, all measured in this run:
    longest sample of the batch, attention mask. The ratio is the headline number.
 
 Steps of ours and of transformers alternate (rep 1: ours then HF, rep 2: HF then ours, ...) and the
-medians are reported, so load from other processes hits both alike. Each side runs one untimed
-warm-up step first; the two warm-up losses (same weights, same samples) must agree, which checks
-that both sides compute the same thing.
+medians are reported, so load from other processes hits both alike; each rep trains both on the
+same samples. Each side first runs one untimed warm-up step on the same three samples from the same
+weights, and the two losses must agree, which checks that both sides compute the same thing.
+When other processes share the cores, wall-clock numbers swing by 2x and more; the figures "by CPU
+time" (process CPU seconds of all threads, peak likewise) do not count time-slicing, but still
+suffer from shared caches and memory bandwidth, so they read low under load too.
 
 The samples are drawn from a scaled-down InternVL-SFT-like mix (text-only, single image with
-dynamic tiles + thumbnail, multi-image; log-normal text lengths) and packed by the data pipeline's
-packer (`data.packing.pack_lengths`), then collated by the loader's `collate` exactly as training
-batches are.
+dynamic tiles + thumbnail, multi-image; log-normal text lengths), grouped into steps of at most
+--seq-length tokens (`make_steps`: a random draw by default), and collated by the data loader's
+`collate` exactly as training batches are.
 """
 from __future__ import annotations
 
@@ -419,6 +424,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model FLOPs per train step: {med(flops) / 1e12:.3f} TFLOP (plan.flops.train_step_flops)")
     print(f"ours: step {med(t.wall for t in t_ours):.1f} s -> CPU-MFU {med(mfu):.1%} "
           f"(per rep: {', '.join(f'{m:.1%}' for m in mfu)}); by CPU time {med(mfu_cpu):.1%}")
+    # transformers' work as it computes it: every padded row a full causal sequence (model FLOPs
+    # count; its masked kernels may even do more)
+    hf_flops = [train_step_flops(cfg, tokens_per_step=padded[k], tiles_per_step=sum(sum(x.num_tiles) for x in steps[k]),
+                                 attention_lengths=[padded[k] // len(steps[k])] * len(steps[k]))
+                for k in range(1, 1 + reps)]
+    print(f"transformers: {med(f / t.wall for f, t in zip(hf_flops, t_hf)) / 1e9:.1f} GFLOP/s on its padded work "
+          f"({med(hf_flops) / 1e12:.3f} TFLOP per step)")
     print(f"effective tokens/s: ours {med(eff_ours):.1f}, transformers {med(eff_hf):.1f} "
           f"(transformers computes {sum(padded[1:]) / sum(real[1:]):.2f}x the real tokens)")
     print(f"ratio ours / transformers: {med(ratio):.2f}x (per rep: {', '.join(f'{r:.2f}' for r in ratio)}); "
