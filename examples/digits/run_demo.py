@@ -39,6 +39,7 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+MARKER = ".digits-demo-output"  # lets a rerun empty --out safely
 LAYOUTS = {"tp2": ["--tensor-model-parallel-size", "2"], "pp2": ["--pipeline-model-parallel-size", "2"]}
 
 
@@ -93,12 +94,14 @@ QUICK = dict(stage1_iters=3, stage2_iters=4, stage2_warmup=1, max_single=200, mu
 
 @dataclass
 class Phase:
+    """One timed phase and the file that proves it ran."""
+
     name: str
     seconds: float
     """Wall-clock time."""
     cpu_seconds: float
-    """CPU time of this process and its children (user + system): what the phase costs on an idle
-    machine, whatever else is running on a shared one."""
+    """CPU time of this process and its children (user + system, summed over processes): unlike the
+    wall time it does not grow when other jobs share the machine."""
     artifact: str
 
 
@@ -171,7 +174,7 @@ def _sibling(name: str):
 
 
 def run_demo(out: str, recipe: Recipe, log_every: int = 20) -> DemoResult:
-    """Run every phase into `out` (emptied first) and return the measured result."""
+    """Run every phase into `out` (replacing an earlier demo output there) and return the result."""
     from internvl_mcore.config import get_preset
     from internvl_mcore.data.digits import build_digits_dataset
 
@@ -180,10 +183,17 @@ def run_demo(out: str, recipe: Recipe, log_every: int = 20) -> DemoResult:
     if recipe.layout not in LAYOUTS:
         raise ValueError(f"--layout must be one of {sorted(LAYOUTS)}, got {recipe.layout!r}")
     out = os.path.abspath(out)
-    if os.path.isdir(out):
-        shutil.rmtree(out)  # a fresh run every time: logs append, checkpoints resume otherwise
+    marker = os.path.join(out, MARKER)
+    if os.path.isdir(out) and os.listdir(out):
+        # a fresh run every time (logs append, checkpoints would resume), but never wipe a directory
+        # this script did not make
+        if not os.path.exists(marker):
+            raise FileExistsError(f"{out} exists, is not empty and is not a digits demo output ({MARKER} "
+                                  "missing): choose another --out")
+        shutil.rmtree(out)
     logs = os.path.join(out, "logs")
     os.makedirs(logs)
+    open(marker, "w").close()
     result = DemoResult(out=out, recipe=dataclasses.asdict(recipe))
     steps = 7
 
@@ -288,7 +298,8 @@ def _recipe_flags(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.path.join(REPO, "runs", "demo"), help="output directory (emptied first)")
+    p.add_argument("--out", default=os.path.join(REPO, "runs", "demo"),
+                   help="output directory (a previous demo output there is replaced)")
     p.add_argument("--quick", action="store_true", help="a few steps per stage: checks the path, not the accuracy")
     p.add_argument("--log-every", type=int, default=20, help="print every N-th training step")
     _recipe_flags(p)
@@ -297,7 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if getattr(args, f.name) is not None})
     recipe = Recipe(**values)
     start = time.perf_counter()
-    r = run_demo(args.out, recipe, log_every=1 if args.quick else args.log_every)
+    try:
+        r = run_demo(args.out, recipe, log_every=1 if args.quick else args.log_every)
+    except FileExistsError as e:
+        print(f"run_demo: error: {e}", file=sys.stderr)
+        return 2
     wall = time.perf_counter() - start
     print("\nphase        wall s    CPU s")
     for ph in r.phases:

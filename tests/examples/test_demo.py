@@ -119,3 +119,12 @@ def test_eval_prompt_is_the_internvl_template_rule(quick_demo):
             f"<|im_start|>user\n<img>{'<IMG_CONTEXT>' * n}</img>\n{question}<|im_end|>\n"
             "<|im_start|>assistant\n")
     assert ours == AutoTokenizer.from_pretrained(tok_dir).encode(text, add_special_tokens=False)
+
+
+def test_refuses_to_empty_a_directory_it_did_not_make(tmp_path):
+    keep = tmp_path / "precious.txt"
+    keep.write_text("not a demo output")
+    proc = subprocess.run([sys.executable, str(DEMO), "--quick", "--out", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "not a digits demo output" in proc.stderr
+    assert keep.read_text() == "not a demo output"
