@@ -129,5 +129,34 @@ def llm_transformer_config(model: ModelConfig, par: ParallelConfig,
         recompute_granularity=par.recompute_granularity,
         recompute_method="uniform" if par.recompute_granularity == "full" else None,
         recompute_num_layers=par.recompute_num_layers if par.recompute_granularity == "full" else None,
+        **_moe(model, par),
         **_common(par, dtype),
+    )
+
+
+def _moe(model: ModelConfig, par: ParallelConfig) -> dict:
+    """megatron-core's MoE settings giving Qwen3-MoE's routing exactly: softmax router in fp32 (as
+    transformers computes it), top-k, renormalized top-k probabilities (softmax over the top-k
+    logits = p_i / sum of the top-k p), dropless (no capacity factor), load-balancing aux loss.
+    Tokens travel by all-to-all over the expert-parallel group (gloo has all_to_all_single)."""
+    m = model.llm
+    ep, etp = par.expert_model_parallel_size, par.expert_tensor_parallel_size
+    if not m.is_moe:
+        return dict(expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
+    return dict(
+        num_moe_experts=m.num_experts,
+        moe_ffn_hidden_size=m.moe_ffn_hidden_size,
+        moe_router_topk=m.moe_router_topk,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not m.moe_norm_topk_prob,
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+        moe_expert_capacity_factor=None,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+        moe_permute_fusion=False,
+        moe_router_fusion=False,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
     )

@@ -65,9 +65,10 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class LLMConfig:
-    """A decoder-only LLM: RMSNorm, SwiGLU, RoPE, GQA (Qwen2/2.5, Llama/InternLM3, InternLM2.5)."""
+    """A decoder-only LLM: RMSNorm, SwiGLU, RoPE, GQA (Qwen2/2.5, Llama/InternLM3, InternLM2.5), with
+    mixture-of-experts SwiGLU MLPs when `num_experts` > 0 (Qwen3-MoE)."""
 
-    family: Literal["qwen2", "llama", "internlm2"]
+    family: Literal["qwen2", "llama", "internlm2", "qwen3_moe"]
     """Checkpoint layout of the HF model; selects the converter key map, never a code path here."""
     num_layers: int
     """Decoder layers."""
@@ -91,11 +92,31 @@ class LLMConfig:
     """Output layer shares the embedding matrix (the InternVL3 presets do not; the debug-6b preset does)."""
     max_position_embeddings: int = 32768
     """Longest sequence the RoPE table is built for."""
+    num_experts: int = 0
+    """Routed experts per MoE layer (0: a dense model; every decoder layer is MoE otherwise, as in
+    Qwen3-MoE with decoder_sparse_step 1 and no mlp_only_layers)."""
+    moe_ffn_hidden_size: int = 0
+    """SwiGLU inner width of one expert (Qwen3-MoE's moe_intermediate_size)."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to (num_experts_per_tok); their probabilities are renormalized
+    to sum to 1 (Qwen3-MoE's norm_topk_prob)."""
+    moe_norm_topk_prob: bool = True
+    """Renormalize the top-k routing probabilities to sum to 1 (Qwen3-MoE's norm_topk_prob):
+    megatron-core's softmax over the top-k logits; False: top-k of the softmax over all experts."""
+    moe_aux_loss_coeff: float = 0.0
+    """Coefficient of megatron-core's per-layer load-balancing loss, summed over layers; from an HF
+    config it is router_aux_loss_coef x top-k / layers (docs/moe.md: how this relates to
+    transformers' loss)."""
 
     @property
     def head_dim(self) -> int:
         """Channels per head."""
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def is_moe(self) -> bool:
+        """Whether the decoder's MLPs are mixtures of experts."""
+        return self.num_experts > 0
 
 
 @dataclass(frozen=True)
@@ -165,5 +186,12 @@ class ParallelConfig:
     """--recompute-granularity: activation recomputation (full = whole layers)."""
     recompute_num_layers: int = 1
     """--recompute-num-layers: layers per recomputed chunk (with full/uniform)."""
+    expert_model_parallel_size: int = 1
+    """--expert-model-parallel-size: ranks the experts of an MoE layer are split over (each holds
+    num_experts / EP whole experts; tokens travel to them by all-to-all). Carved out of the
+    data-parallel x context-parallel ranks, so it must divide them (times TP / expert TP)."""
+    expert_tensor_parallel_size: int | None = None
+    """--expert-tensor-parallel-size: ranks each expert's weights are split over (default: the
+    tensor-parallel size, megatron-core's default)."""
     extra: dict = field(default_factory=dict, compare=False)
     """Reserved for backend-specific knobs (e.g. cp_comm_type); not read by the CPU path."""

@@ -198,16 +198,26 @@ def gather_canonical_state(model: torch.nn.Module, cfg: ModelConfig) -> dict[str
 
     from ..models.weights import Layout, local_params
 
+    from ..models.weights import is_expert_param
+
     layout = Layout.of(model)
-    tp_group = ps.get_tensor_model_parallel_group()
     local: dict[str, torch.Tensor] = {}
     for _, name, p in local_params(model, layout):
         t = p.detach().contiguous()
-        if getattr(p, "tensor_model_parallel", False) and layout.tp_size > 1:
-            parts = [torch.empty_like(t) for _ in range(layout.tp_size)]
-            dist.all_gather(parts, t, group=tp_group)
+        expert = is_expert_param(name)
+        size = layout.for_param(name)[1]
+        if getattr(p, "tensor_model_parallel", False) and size > 1:
+            group = ps.get_expert_tensor_parallel_group() if expert else ps.get_tensor_model_parallel_group()
+            parts = [torch.empty_like(t) for _ in range(size)]
+            dist.all_gather(parts, t, group=group)
             t = unshard(parts, name, p, cfg)
         local.setdefault(name, t.clone())
+    if layout.ep_size > 1:  # every expert-parallel rank holds other experts: collect them all
+        mine = {k: v for k, v in local.items() if is_expert_param(k)}
+        expert_pieces: list[Any] = [None] * layout.ep_size
+        dist.all_gather_object(expert_pieces, mine, group=ps.get_expert_model_parallel_group())
+        for piece in expert_pieces:
+            local.update(piece)
     if ps.get_data_parallel_rank() != 0 or ps.get_tensor_model_parallel_rank() != 0:
         return None
     pp = ps.get_pipeline_model_parallel_world_size()

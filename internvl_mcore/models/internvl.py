@@ -53,7 +53,7 @@ class InternVLModel(MegatronModule):
         self.cp_group = pg.cp
         core_attention = cp_core_attention(backend) if par.context_parallel_size > 1 else PackedSDPAttention
         self.language_model = LanguageModel(
-            llm_config, llm_layer_spec(backend, core_attention), vocab_size=model_cfg.llm.vocab_size,
+            llm_config, llm_layer_spec(backend, core_attention, moe=model_cfg.llm.is_moe), vocab_size=model_cfg.llm.vocab_size,
             max_sequence_length=model_cfg.llm.max_position_embeddings, rope_theta=model_cfg.llm.rope_theta,
             pre_process=pre_process, post_process=post_process,
             share_embeddings_and_output_weights=self.share_embeddings_and_output_weights, pg_collection=pg)

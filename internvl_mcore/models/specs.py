@@ -18,6 +18,8 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
@@ -51,9 +53,13 @@ def _modules(backend: Backend) -> tuple[type, type, type]:
     return ColumnParallelLinear, RowParallelLinear, WrappedTorchNorm
 
 
-def llm_layer_spec(backend: Backend = "local", core_attention: type = PackedSDPAttention) -> ModuleSpec:
-    """A pre-norm decoder layer: RMSNorm -> causal GQA attention (RoPE) -> RMSNorm -> SwiGLU."""
+def llm_layer_spec(backend: Backend = "local", core_attention: type = PackedSDPAttention,
+                   moe: bool = False) -> ModuleSpec:
+    """A pre-norm decoder layer: RMSNorm -> causal GQA attention (RoPE) -> RMSNorm -> SwiGLU
+    (or, with `moe`, megatron-core's MoE layer: router -> dispatch -> SwiGLU experts -> combine)."""
     column, row, norm = _modules(backend)
+    mlp = moe_mlp_spec(backend) if moe else ModuleSpec(
+        module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row))
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -67,9 +73,26 @@ def llm_layer_spec(backend: Backend = "local", core_attention: type = PackedSDPA
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=norm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
+            mlp=mlp,
             mlp_bda=get_bias_dropout_add,
         ),
+    )
+
+
+def moe_mlp_spec(backend: Backend = "local") -> ModuleSpec:
+    """megatron-core's MoELayer with SequentialMLP experts (one SwiGLU MLP per local expert).
+
+    SequentialMLP on both backends: it runs without grouped_gemm / TE and keeps the parameter names
+    (`experts.local_experts.{j}.linear_fc1.weight`) independent of the backend, which the canonical
+    layout (models/weights.py) and the converter key maps rely on. The linears are built with
+    is_expert=True, so they split over the expert-tensor-parallel group."""
+    column, row, _ = _modules(backend)
+    return ModuleSpec(
+        module=MoELayer,
+        submodules=MoESubmodules(
+            experts=ModuleSpec(module=SequentialMLP,
+                               submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
+            shared_experts=None),
     )
 
 

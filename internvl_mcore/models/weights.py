@@ -8,6 +8,11 @@ from a generator seeded by its canonical name), loading a full state dict into a
 
 How a canonical tensor becomes a local one is decided by `SHARD_RULES`, data matched against the
 canonical name, falling back to megatron-core's own partition attributes on the parameter.
+
+MoE experts: the canonical name numbers experts globally
+(`...mlp.experts.local_experts.{e}.linear_fc1.weight`, e over all experts); an expert-parallel rank
+holds experts [ep_rank * E/EP, (ep_rank + 1) * E/EP) as its local experts 0 .. E/EP - 1, and their
+linears are split over the expert-tensor-parallel group instead of the tensor-parallel one.
 """
 from __future__ import annotations
 
@@ -41,11 +46,13 @@ SHARD_RULES: tuple[ShardRule, ...] = (
     ShardRule(r"vision_model\.encoder\.layers\.\d+\.self_attention\.linear_qkv\.(weight|bias)$", "heads", "3d"),
     ShardRule(r"vision_model\.encoder\.layers\.\d+\.self_attention\.linear_proj\.weight$", "heads", "d"),
     ShardRule(r"vision_model\.encoder\.layers\.\d+\.self_attention\.[qk]_layernorm\.weight$", "heads", "d"),
-    ShardRule(r"language_model\.decoder\.layers\.\d+\.mlp\.linear_fc1\.weight$", "gated"),
+    ShardRule(r"language_model\.decoder\.layers\.\d+\.mlp\.(experts\.local_experts\.\d+\.)?linear_fc1\.weight$",
+              "gated"),
     ShardRule(r"language_model\.(embedding\.word_embeddings|output_layer)\.weight$", "vocab"),
 )
 
 _LAYER = re.compile(r"^(language_model\.decoder\.layers\.)(\d+)(\..*)$")
+_EXPERT = re.compile(r"^(.*\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
 _ONES = re.compile(r"(norm|layernorm|layer_norm)\.weight$")
 
 
@@ -55,18 +62,35 @@ def _rule(name: str) -> ShardRule | None:
 
 @dataclass(frozen=True)
 class Layout:
-    """Where this rank sits: TP rank/size and the global index of its first decoder layer."""
+    """Where this rank sits: TP rank/size, the global index of its first decoder layer, and for MoE
+    experts the expert-parallel rank/size and expert-tensor-parallel rank/size."""
 
     tp_rank: int
     tp_size: int
     layer_offset: int
+    ep_rank: int = 0
+    ep_size: int = 1
+    etp_rank: int = 0
+    etp_size: int = 1
 
     @staticmethod
     def of(model: torch.nn.Module, pg_collection: ProcessGroupCollection | None = None) -> "Layout":
         pg = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
         layers = model.language_model.decoder.layers
         offset = layers[0].layer_number - 1 if len(layers) else 0
-        return Layout(pg.tp.rank(), pg.tp.size(), offset)
+        ep, etp = getattr(pg, "ep", None), getattr(pg, "expt_tp", None)
+        return Layout(pg.tp.rank(), pg.tp.size(), offset,
+                      ep.rank() if ep is not None else 0, ep.size() if ep is not None else 1,
+                      etp.rank() if etp is not None else 0, etp.size() if etp is not None else 1)
+
+    def for_param(self, name: str) -> tuple[int, int]:
+        """(rank, size) of the group a parameter is tensor-split over: expert-TP for expert weights."""
+        return (self.etp_rank, self.etp_size) if is_expert_param(name) else (self.tp_rank, self.tp_size)
+
+
+def is_expert_param(name: str) -> bool:
+    """An MoE expert's weight (split over expert-parallel and expert-tensor-parallel ranks)."""
+    return _EXPERT.match(name) is not None
 
 
 def mark_tensor_parallel_params(model: torch.nn.Module) -> None:
@@ -81,6 +105,8 @@ def mark_tensor_parallel_params(model: torch.nn.Module) -> None:
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.nn.Parameter) or hasattr(weight, "tensor_model_parallel"):
             continue
+        if getattr(module, "is_expert", False) and module.tp_group.size() == 1:
+            continue  # an expert linear with expert-TP 1 is whole on every rank that holds it
         if "ColumnParallelLinear" in kind or "VocabParallelEmbedding" in kind:
             set_tensor_model_parallel_attributes(weight, True, 0, 1)
         elif "RowParallelLinear" in kind:
@@ -96,6 +122,10 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def canonical_name(local_name: str, model: torch.nn.Module, layout: Layout) -> str:
     """Local parameter name -> canonical name (global layer index; a last-stage copy of tied
     embeddings -> the embedding itself)."""
+    e = _EXPERT.match(local_name)
+    if e:  # local expert j of expert-parallel rank r is global expert r * (E / EP) + j
+        per_rank = _unwrap(model).model_cfg.llm.num_experts // layout.ep_size
+        local_name = f"{e.group(1)}{layout.ep_rank * per_rank + int(e.group(2))}{e.group(3)}"
     m = _LAYER.match(local_name)
     if m:
         return f"{m.group(1)}{int(m.group(2)) + layout.layer_offset}{m.group(3)}"
@@ -112,7 +142,7 @@ def _head_geometry(cfg: ModelConfig, rule: ShardRule, tp: int) -> tuple[int, int
 
 def shard(full: torch.Tensor, name: str, param: torch.nn.Parameter, cfg: ModelConfig, layout: Layout) -> torch.Tensor:
     """This rank's piece of the canonical tensor `full` for the local parameter `param`."""
-    tp, r = layout.tp_size, layout.tp_rank
+    r, tp = layout.for_param(name)
     if not getattr(param, "tensor_model_parallel", False):
         return full
     dim = param.partition_dim
@@ -137,7 +167,7 @@ def canonical_shape(name: str, param: torch.nn.Parameter, cfg: ModelConfig, layo
     if not getattr(param, "tensor_model_parallel", False):
         return tuple(shape)
     dim = param.partition_dim
-    shape[dim] *= layout.tp_size
+    shape[dim] *= layout.for_param(name)[1]
     rule = _rule(name)
     if rule is not None and rule.kind == "heads":
         real, padded, block = _head_geometry(cfg, rule, layout.tp_size)

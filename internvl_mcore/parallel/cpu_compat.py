@@ -11,8 +11,30 @@ megatron-core assumes CUDA in three ways, and each has one mechanism here:
    a few functions. Each function in `CUDA_TENSOR_METHOD_FUNCTIONS` is wrapped so that, while it runs,
    ``Tensor.cuda`` returns the tensor itself and ``Tensor.type()`` reports the CUDA type name.
 3. Single functions replaced outright (`_REPLACEMENTS`): the CUDA RNG state getters/setters of the
-   tensor-parallel RNG tracker, and ``WrappedTorchNorm`` which refuses sequence parallelism although
-   a replicated torch norm is exactly right under it on CPU (see `_WrappedTorchNormSP`).
+   tensor-parallel RNG tracker, ``WrappedTorchNorm`` which refuses sequence parallelism although
+   a replicated torch norm is exactly right under it on CPU (see `_WrappedTorchNormSP`), and the MoE
+   all-to-all dispatcher's ``maybe_move_tensor_to_cpu``, which turns split sizes into numpy arrays
+   only for CUDA tensors; gloo's ``all_to_all_single`` needs them as a sequence of ints, so on CPU
+   they become numpy arrays too (`_to_host_cpu`); and the uneven (split-size) variants of
+   ``_gather_along_first_dim`` / ``_reduce_scatter_along_first_dim``, which the MoE dispatcher uses
+   over the expert-tensor-parallel group: gloo's all_gather needs equal sizes and it has no
+   reduce_scatter, so pieces are zero-padded to the largest and gathered, and the reduce-scatter
+   is an all-reduce of the whole tensor followed by this rank's slice (`_uneven_gather`,
+   `_uneven_reduce_scatter`). The even cases run megatron-core's own code.
+
+4. Module globals that megatron-core defines only when transformer-engine imports but reads
+   unconditionally (`TE_ONLY_GLOBALS`: `moe_utils.te_general_gemm`, read by the router's gating
+   linear): set to None, which selects megatron-core's own torch fallback. Not CUDA-specific, so
+   `fill_te_only_globals()` also runs on GPUs without transformer-engine.
+5. One layout bug fixed on every device (`LAYOUT_FIXES`, applied by `apply_everywhere()` together
+   with 4): with ``calculate_per_token_loss``, megatron-core 0.16.1's router scales the aux loss
+   it attaches by the number of tokens *this rank* routes, then finalize_model_grads divides all
+   gradients by the global target-token count. Under sequence or context parallelism a rank routes
+   1/(TP x CP) of the sequence while its aux loss is already its share of the whole sequence's
+   loss, so the aux-loss gradient came out TP x CP times smaller than on one process (measured:
+   router-weight gradients at TP2+SP off by 57%). `_aux_loss_token_scale` multiplies the token
+   count by the size of the tensor+context group the aux loss is reduced over, which makes every
+   layout's gradient equal the single-process one (tests/moe).
 
 Every entry names the megatron-core function(s) it covers; `check_symbols()` raises `CompatError`
 naming each one that is missing, so a megatron-core upgrade that moves code fails loudly instead of
@@ -70,6 +92,13 @@ TORCH_PROXY_MODULES: dict[str, tuple[str, ...]] = {
     "megatron.core.dist_checkpointing.strategies.filesystem_async": ("FileSystemWriterAsync.preload_tensors",),
     "megatron.core.dist_checkpointing.strategies.fully_parallel": ("FullyParallelSaveStrategyWrapper",),
     "megatron.core.dist_checkpointing.strategies.torch": ("_unwrap_pyt_sharded_tensor",),
+    # MoE: expert / router weights are moved to torch.cuda.current_device() after CPU init, and the
+    # all-to-all dispatcher copies its split sizes to the host on a side CUDA stream (streams are
+    # no-ops on CPU: `_NoStream`)
+    "megatron.core.transformer.moe.router": ("Router.__init__", "Router.reset_parameters"),
+    "megatron.core.transformer.moe.experts": ("SequentialMLP",),
+    "megatron.core.transformer.moe.token_dispatcher": (
+        "MoEAlltoAllTokenDispatcher.__init__", "MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize"),
 }
 
 # functions whose bodies call Tensor.cuda() or compare Tensor.type() with CUDA type names
@@ -114,7 +143,7 @@ def check_symbols() -> None:
     """Raise CompatError listing every patched megatron-core symbol that does not exist."""
     missing = []
     entries = [(m, f) for m, fs in TORCH_PROXY_MODULES.items() for f in fs]
-    entries += list(CUDA_TENSOR_METHOD_FUNCTIONS) + [(m, f) for m, f, _ in _REPLACEMENTS]
+    entries += list(CUDA_TENSOR_METHOD_FUNCTIONS) + [(m, f) for m, f, _ in _REPLACEMENTS + LAYOUT_FIXES]
     for module_name, dotted in entries:
         try:
             _resolve(module_name, dotted)
@@ -139,6 +168,24 @@ def _cpu_device(device: Any) -> Any:
     return device
 
 
+class _NoStream:
+    """A CUDA stream / event on CPU: work is synchronous, so waiting and recording do nothing.
+    One instance stands for every stream, so `current_stream() != side_stream` is False and
+    megatron-core never calls `Tensor.record_stream` (CUDA-only)."""
+
+    def wait_stream(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def record_event(self, *args: Any, **kwargs: Any) -> "_NoStream":
+        return self
+
+    def synchronize(self) -> None:
+        return None
+
+
+_NO_STREAM = _NoStream()
+
+
 class _CudaOnCpu(types.SimpleNamespace):
     """Stands in for ``torch.cuda`` inside proxied megatron-core modules."""
 
@@ -156,6 +203,9 @@ _CUDA_ON_CPU = _CudaOnCpu(
     max_memory_allocated=lambda *a, **k: 0,
     memory_allocated=lambda *a, **k: 0,
     device_count=lambda: 0,
+    Stream=lambda *a, **k: _NO_STREAM,
+    current_stream=lambda *a, **k: _NO_STREAM,
+    stream=lambda *a, **k: contextlib.nullcontext(),
     random=types.SimpleNamespace(get_rng_state=lambda *a, **k: torch.get_rng_state()),
     # megatron-core type-checks CUDA tensor classes; on CPU the CPU classes are the right answer.
     FloatTensor=torch.FloatTensor, HalfTensor=torch.HalfTensor, BFloat16Tensor=torch.BFloat16Tensor,
@@ -247,6 +297,50 @@ def _wrapped_torch_norm_sp(original_new: Callable) -> Callable:
     return __new__
 
 
+def _to_host_cpu(original: Callable) -> Callable:
+    """moe_utils.maybe_move_tensor_to_cpu for CPU tensors: the same result a CUDA tensor gets (a CPU
+    tensor, or a numpy array with `as_numpy`), without streams."""
+
+    def maybe_move_tensor_to_cpu(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+        if torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.detach().numpy() if as_numpy else tensor
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    return maybe_move_tensor_to_cpu
+
+
+def _uneven_gather(original: Callable) -> Callable:
+    """mappings._gather_along_first_dim with output_split_sizes on gloo (see the module docstring)."""
+
+    def _gather_along_first_dim(input_: torch.Tensor, group: Any, output_split_sizes: Any = None,
+                                use_global_buffer: bool = False) -> torch.Tensor:
+        if output_split_sizes is None or group.size() == 1:
+            return original(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        longest = max(sizes)
+        padded = input_.new_zeros((longest,) + tuple(input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        parts = [torch.empty_like(padded) for _ in sizes]
+        torch.distributed.all_gather(parts, padded.contiguous(), group=group)
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)], dim=0)
+
+    return _gather_along_first_dim
+
+
+def _uneven_reduce_scatter(original: Callable) -> Callable:
+    """mappings._reduce_scatter_along_first_dim with input_split_sizes on gloo."""
+
+    def _reduce_scatter_along_first_dim(input_: torch.Tensor, group: Any, input_split_sizes: Any = None,
+                                        use_global_buffer: bool = False) -> torch.Tensor:
+        if input_split_sizes is None or group.size() == 1:
+            return original(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        torch.distributed.all_reduce(total, group=group)
+        return list(torch.split(total, [int(n) for n in input_split_sizes], dim=0))[group.rank()].contiguous()
+
+    return _reduce_scatter_along_first_dim
+
+
 def _copy_config(config: Any, **changes: Any) -> Any:
     import copy
     new = copy.copy(config)
@@ -259,9 +353,58 @@ _REPLACEMENTS: tuple[tuple[str, str, Callable], ...] = (
     ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state", lambda orig: _get_rng_state_cpu),
     ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state", lambda orig: _set_rng_state_cpu),
     ("megatron.core.transformer.torch_norm", "WrappedTorchNorm.__new__", _wrapped_torch_norm_sp),
+    ("megatron.core.transformer.moe.moe_utils", "maybe_move_tensor_to_cpu", _to_host_cpu),
+    ("megatron.core.tensor_parallel.mappings", "_gather_along_first_dim", _uneven_gather),
+    ("megatron.core.tensor_parallel.mappings", "_reduce_scatter_along_first_dim", _uneven_reduce_scatter),
 )
 
 _APPLIED = False
+
+# module -> globals it only defines inside `try: import transformer_engine` (mechanism 4)
+TE_ONLY_GLOBALS: dict[str, tuple[str, ...]] = {
+    "megatron.core.transformer.moe.moe_utils": ("te_general_gemm",),
+}
+
+
+def _aux_loss_token_scale(original: Callable) -> Callable:
+    """Router.attach_and_log_load_balancing_loss with the token count of the whole tensor+context
+    group (mechanism 5 in the module docstring)."""
+
+    @functools.wraps(original)
+    def attach_and_log_load_balancing_loss(self: Any, activation: torch.Tensor, aux_loss_coeff: float,
+                                           aux_loss: torch.Tensor, aux_loss_name: str, reduce_group: Any,
+                                           reduce_group_has_dp: bool = False, valid_token_count: Any = None) -> Any:
+        if self.calculate_per_token_loss and not reduce_group_has_dp and reduce_group.size() > 1:
+            local = valid_token_count if valid_token_count is not None else activation.shape[0]
+            valid_token_count = local * reduce_group.size()
+        return original(self, activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group,
+                        reduce_group_has_dp=reduce_group_has_dp, valid_token_count=valid_token_count)
+
+    attach_and_log_load_balancing_loss.__cpu_compat__ = True  # type: ignore[attr-defined]
+    return attach_and_log_load_balancing_loss
+
+
+LAYOUT_FIXES: tuple[tuple[str, str, Callable], ...] = (
+    ("megatron.core.transformer.moe.router", "Router.attach_and_log_load_balancing_loss", _aux_loss_token_scale),
+)
+
+
+def apply_everywhere() -> None:
+    """Mechanisms 4 and 5: needed on CPU and GPU alike; idempotent."""
+    fill_te_only_globals()
+    for module_name, dotted, make in LAYOUT_FIXES:
+        owner, attr, fn = _resolve(module_name, dotted)
+        if not getattr(fn, "__cpu_compat__", False):
+            _set_everywhere(owner, attr, fn, make(fn))
+
+
+def fill_te_only_globals() -> None:
+    """Set each `TE_ONLY_GLOBALS` name that transformer-engine did not define to None."""
+    for module_name, names in TE_ONLY_GLOBALS.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            if not hasattr(module, name):
+                setattr(module, name, None)
 
 
 def _set_everywhere(owner: Any, attr: str, old: Any, new: Any) -> None:
@@ -298,6 +441,7 @@ def apply(force: bool = False) -> bool:
     if torch.cuda.is_available() and not force:
         return False
     check_symbols()
+    apply_everywhere()
     proxy = _TorchOnCpu()
     for module_name in TORCH_PROXY_MODULES:
         importlib.import_module(module_name).torch = proxy

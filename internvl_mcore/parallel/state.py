@@ -19,6 +19,7 @@ def init_distributed(par: ParallelConfig, seed: int, timeout_s: float = 600.0) -
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         cpu_compat.apply()
+    cpu_compat.apply_everywhere()
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
@@ -40,6 +41,8 @@ def init_distributed(par: ParallelConfig, seed: int, timeout_s: float = 600.0) -
             pipeline_model_parallel_size=par.pipeline_model_parallel_size,
             context_parallel_size=par.context_parallel_size,
             hierarchical_context_parallel_sizes=par.hierarchical_context_parallel_sizes,
+            expert_model_parallel_size=par.expert_model_parallel_size,
+            expert_tensor_parallel_size=par.expert_tensor_parallel_size,
         )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
