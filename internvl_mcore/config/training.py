@@ -46,6 +46,9 @@ class TrainConfig:
     """Seeds weights (layout-independent), mock data and dropout-like randomness."""
     use_distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (ZeRO-1 style)."""
+    moe_aux_loss_coeff: Optional[float] = None
+    """MoE load-balancing loss coefficient per layer, summed over layers (default: the model's, which
+    a converted Qwen3-MoE takes from router_aux_loss_coef; see docs/moe.md)."""
     bf16: bool = False
     """Train in bf16 with fp32 master weights (fp32 is the CPU default)."""
     loss_reduction: Literal["token", "sample", "square"] = "token"

@@ -367,7 +367,7 @@ TE_ONLY_GLOBALS: dict[str, tuple[str, ...]] = {
 
 
 def _aux_loss_token_scale(original: Callable) -> Callable:
-    """Router.attach_and_log_load_balancing_loss with the token count of the whole tensor+context
+    """TopKRouter.attach_and_log_load_balancing_loss with the token count of the whole tensor+context
     group (mechanism 5 in the module docstring)."""
 
     @functools.wraps(original)
@@ -385,7 +385,7 @@ def _aux_loss_token_scale(original: Callable) -> Callable:
 
 
 LAYOUT_FIXES: tuple[tuple[str, str, Callable], ...] = (
-    ("megatron.core.transformer.moe.router", "Router.attach_and_log_load_balancing_loss", _aux_loss_token_scale),
+    ("megatron.core.transformer.moe.router", "TopKRouter.attach_and_log_load_balancing_loss", _aux_loss_token_scale),
 )
 
 

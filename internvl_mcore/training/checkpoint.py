@@ -130,9 +130,14 @@ def _restore_adam_step(optimizer: Any, loaded: dict) -> None:
 
 
 def _layout(par: ParallelConfig, dp: int) -> dict:
-    return {"tensor_model_parallel_size": par.tensor_model_parallel_size,
-            "pipeline_model_parallel_size": par.pipeline_model_parallel_size,
-            "context_parallel_size": par.context_parallel_size, "data_parallel_size": dp}
+    layout = {"tensor_model_parallel_size": par.tensor_model_parallel_size,
+              "pipeline_model_parallel_size": par.pipeline_model_parallel_size,
+              "context_parallel_size": par.context_parallel_size, "data_parallel_size": dp}
+    if par.expert_model_parallel_size != 1 or par.expert_tensor_parallel_size is not None:
+        # optimizer state of expert weights is sharded over the expert data-parallel group
+        layout.update(expert_model_parallel_size=par.expert_model_parallel_size,
+                      expert_tensor_parallel_size=par.expert_tensor_parallel_size)
+    return layout
 
 
 def _model_module(model_chunk: torch.nn.Module) -> torch.nn.Module:
@@ -193,7 +198,7 @@ def _check_model(info: dict, model_cfg: ModelConfig, where: Path) -> None:
     diffs = []
     for part in ("vision", "llm"):
         for key, value in mine[part].items():
-            if key in ("drop_path_rate", "layer_scale_init"):
+            if key in ("drop_path_rate", "layer_scale_init", "moe_aux_loss_coeff"):
                 continue  # training knobs, not shapes
             if saved.get(part, {}).get(key) != value:
                 diffs.append(f"{part}.{key}: checkpoint {saved.get(part, {}).get(key)!r}, model {value!r}")

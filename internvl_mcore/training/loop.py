@@ -20,6 +20,7 @@ from . import checkpoint
 from .batch import Batch
 from .data import MockBatches, ShardBatches, build_batches, loss_weights
 from .metrics import Reporter
+from .moe import moe_problems, reduced_aux_loss
 from .stages import Plan, apply_freeze, resolve
 from .step import forward_step
 
@@ -65,6 +66,7 @@ def validate(run: RunConfig) -> Plan:
     except ValueError as exc:
         problems.append(str(exc))
         plan = None
+    problems += moe_problems(run.model, p)
     problems += lora_problems(run.lora, {"vit": t.freeze_vit, "llm": t.freeze_llm, "projector": t.freeze_projector},
                               t.unfreeze_vit_layers)
     if problems:
@@ -100,6 +102,8 @@ def setup(run: RunConfig) -> Trainer:
 
     plan = validate(run)
     model_cfg = run.model.replace(vision=dataclasses.replace(run.model.vision, drop_path_rate=plan.drop_path_rate))
+    if run.train.moe_aux_loss_coeff is not None:
+        model_cfg = model_cfg.replace(llm=dataclasses.replace(model_cfg.llm, moe_aux_loss_coeff=run.train.moe_aux_loss_coeff))
     run = dataclasses.replace(run, model=model_cfg)
     t = run.train
     init_distributed(run.parallel, t.seed)
@@ -190,6 +194,7 @@ def train_step(trainer: Trainer) -> dict:
         forward_step_func=functools.partial(forward_step, scale=scale), data_iterator=iter(batches),
         model=trainer.model, num_microbatches=trainer.num_microbatches, seq_length=t.seq_length,
         micro_batch_size=t.micro_batch_size, forward_only=False)
+    aux = reduced_aux_loss(trainer.num_microbatches) if trainer.run.model.llm.is_moe else None
     _, grad_norm, _ = trainer.optimizer.step()
     trainer.scheduler.step(increment=t.global_batch_size)
     trainer.iteration += 1
@@ -213,7 +218,8 @@ def train_step(trainer: Trainer) -> dict:
             "tiles": sum(int(b.pixel_values.shape[0]) for b in batches) * trainer.dp_size,
             "nonpad_tokens": tokens * trainer.dp_size, "trainable": trainable,
             # this rank's packed sample lengths, scaled to the job (every DP rank sees a like mix)
-            "attention_lengths": [int(n) for b in batches for n in (b.cu_seqlens[1:] - b.cu_seqlens[:-1])] * trainer.dp_size}
+            "attention_lengths": [int(n) for b in batches for n in (b.cu_seqlens[1:] - b.cu_seqlens[:-1])] * trainer.dp_size,
+            "moe_aux_loss": aux}
 
 
 def save(trainer: Trainer) -> None:

@@ -72,6 +72,8 @@ class Reporter:
                   "tokens_per_s": tokens / elapsed, "nonpad_tokens_per_s": stats["nonpad_tokens"] / elapsed,
                   "samples_per_s": t.global_batch_size / elapsed, "step_time_s": elapsed,
                   "peak_memory_bytes": peak_memory_bytes()}
+        if stats.get("moe_aux_loss") is not None:  # MoE: megatron-core's load-balancing loss per layer
+            record["moe_aux_loss"] = stats["moe_aux_loss"]
         flops = step_flops(self.run, stats)
         if flops is not None:
             record["model_tflops_per_s_per_rank"] = flops / elapsed / self.world / 1e12
