@@ -381,6 +381,8 @@ class LLMSpec:
     """Class defaults of keys a saved config may omit."""
     extra: tuple[tuple[str, Any], ...] = ()
     """Extra keys written on export (remote-code auto_map, ...)."""
+    moe: bool = False
+    """Mixture-of-experts MLPs (Qwen3-MoE's config keys: `_moe_from`)."""
 
 
 LLM_SPECS: dict[str, LLMSpec] = {  # keyed by architecture
@@ -400,13 +402,22 @@ LLM_SPECS: dict[str, LLMSpec] = {  # keyed by architecture
         extra=(("auto_map", {"AutoConfig": "configuration_internlm2.InternLM2Config",
                              "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
                              "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"}),)),
+    "Qwen3MoeForCausalLM": LLMSpec("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3_moe", qkv_bias="attention_bias",
+                                   must_be_false=("use_sliding_window",),
+                                   defaults=(("attention_bias", False), ("rope_theta", 10000.0),
+                                             ("tie_word_embeddings", False), ("norm_topk_prob", False),
+                                             ("router_aux_loss_coef", 0.001), ("decoder_sparse_step", 1)),
+                                   moe=True),
 }
 # transformers' InternVL text_config is a native transformers class, found by model_type
-TEXT_MODEL_TYPES: dict[str, str] = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+TEXT_MODEL_TYPES: dict[str, str] = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
+                                    "qwen3_moe": "Qwen3MoeForCausalLM"}
 # On export, the class written for each family (transformers has no InternLM2: Llama naming, same math)
 EXPORT_ARCH: dict[str, dict[str, str]] = {
-    "internvl": {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "internlm2": "InternLM2ForCausalLM"},
-    "transformers": {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "internlm2": "LlamaForCausalLM"},
+    "internvl": {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "internlm2": "InternLM2ForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM"},
+    "transformers": {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "internlm2": "LlamaForCausalLM",
+                     "qwen3_moe": "Qwen3MoeForCausalLM"},
 }
 _ROPE_TYPES = ("default", "dynamic")  # dynamic NTK equals default RoPE up to max_position_embeddings
 
@@ -449,7 +460,37 @@ def _llm_from(tc: Mapping[str, Any], spec: LLMSpec, tie: bool | None, where: str
         norm_epsilon=float(_get(tc, "rms_norm_eps", where, 1e-6)),
         tie_word_embeddings=bool(tie if tie is not None else tc.get("tie_word_embeddings", defaults["tie_word_embeddings"])),
         max_position_embeddings=int(_get(tc, "max_position_embeddings", where, 32768)),
+        **(_moe_from(tc, defaults, where) if spec.moe else {}),
     )
+
+
+def _moe_from(tc: Mapping[str, Any], defaults: dict, where: str) -> dict:
+    """LLMConfig's MoE fields from a Qwen3-MoE config. Every decoder layer must be MoE; the aux-loss
+    coefficient becomes megatron-core's per-layer one: router_aux_loss_coef x top-k / layers
+    (transformers' loss counts each routed (token, expert) slot, megatron-core's divides by top-k;
+    summing over layers instead of transformers' all-layers pooling: docs/moe.md)."""
+    if int(tc.get("decoder_sparse_step", defaults.get("decoder_sparse_step", 1))) != 1 or tc.get("mlp_only_layers"):
+        raise ConversionError(f"{where}: decoder_sparse_step != 1 / mlp_only_layers (dense layers between MoE "
+                              "layers) are not supported: every decoder layer must be MoE")
+    topk = int(_get(tc, "num_experts_per_tok", where))
+    coef = float(tc.get("router_aux_loss_coef", defaults.get("router_aux_loss_coef", 0.0)))
+    # transformers 5 saves Qwen3MoeConfig.num_experts as num_local_experts; Qwen3's own configs say num_experts
+    experts = tc.get("num_experts", tc.get("num_local_experts"))
+    return dict(num_experts=int(_get({"num_experts": experts}, "num_experts", where)),
+                moe_ffn_hidden_size=int(_get(tc, "moe_intermediate_size", where)),
+                moe_router_topk=topk,
+                moe_norm_topk_prob=bool(tc.get("norm_topk_prob", defaults.get("norm_topk_prob", False))),
+                moe_aux_loss_coeff=coef * topk / int(_get(tc, "num_hidden_layers", where)))
+
+
+def _moe_config_dict(m: LLMConfig) -> dict:
+    """Inverse of `_moe_from` (empty for a dense model)."""
+    if not m.is_moe:
+        return {}
+    return {"num_experts": m.num_experts, "moe_intermediate_size": m.moe_ffn_hidden_size,
+            "num_experts_per_tok": m.moe_router_topk, "norm_topk_prob": m.moe_norm_topk_prob,
+            "router_aux_loss_coef": m.moe_aux_loss_coeff * m.num_layers / m.moe_router_topk,
+            "decoder_sparse_step": 1, "mlp_only_layers": []}
 
 
 def _check_downsample(ratio: float, where: str) -> float:
@@ -592,6 +633,7 @@ def _llm_config_dicts(cfg: ModelConfig, fmt: str, dtype: torch.dtype, arch: str 
         "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_attention_heads,
         "num_key_value_heads": m.num_query_groups, "vocab_size": m.vocab_size, "rms_norm_eps": m.norm_epsilon,
         "max_position_embeddings": m.max_position_embeddings, "tie_word_embeddings": m.tie_word_embeddings,
+        **_moe_config_dict(m),
     }
     # bias flags: stated when the class default would be wrong, else only without a template
     defaults = dict(spec.defaults)

@@ -23,6 +23,11 @@ Fused-tensor layouts (d = head_dim, H = input width):
   first hpg slots as queries, then k, then v -- exactly megatron-core's grouped layout, so it maps
   with "copy".
 - megatron-core SwiGLU `linear_fc1`: [gate; up]; HF gate_proj/up_proj, InternLM2 w1/w3.
+- MoE (Qwen3-MoE, both formats): HF keeps one gate_proj/up_proj/down_proj per expert
+  (`mlp.experts.{e}.*`, what transformers 5 `save_pretrained` writes although it fuses them in
+  memory) and the router as `mlp.gate`; megatron-core's SequentialMLP holds expert e as
+  `mlp.experts.local_experts.{e}` (canonical = global expert index, models/weights.py) and the
+  router as `mlp.router`. `{e}` runs over the experts (`layers="llm_expert"`).
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ import torch
 
 from ..config.model import ModelConfig
 
-Tower = Literal["vision", "llm"]
+Tower = Literal["vision", "llm", "llm_expert"]
 
 
 @dataclass(frozen=True)
@@ -47,7 +52,8 @@ class Rule:
     transform: str = "copy"
     """Key of `TRANSFORMS`."""
     layers: Tower | None = None
-    """Stack `{i}` runs over (vision blocks or LLM decoder layers); None: not per layer."""
+    """Stack `{i}` runs over (vision blocks or LLM decoder layers; "llm_expert": decoder layers x
+    experts, `{e}` the expert); None: not per layer."""
     when: str | None = None
     """Key of `PREDICATES`: the tensor exists (in HF and in our model) only for configs where it holds."""
 
@@ -164,12 +170,15 @@ PREDICATES: dict[str, Callable[[ModelConfig], bool]] = {
     "vision_qk_norm": lambda c: c.vision.qk_normalization,
     "llm_qkv_bias": lambda c: c.llm.qkv_bias,
     "untied_output": lambda c: not c.llm.tie_word_embeddings,
+    "dense_mlp": lambda c: not c.llm.is_moe,
+    "moe": lambda c: c.llm.is_moe,
 }
 
 
 # --- tables ---------------------------------------------------------------------------------------
 _V = "vision_model.encoder.layers.{i}."
 _L = "language_model.decoder.layers.{i}."
+_E = _L + "mlp.experts.local_experts.{e}."
 
 
 def _vision_rules(prefix: str, names: dict[str, str], qkv: tuple[tuple[str, ...], str]) -> tuple[Rule, ...]:
@@ -223,14 +232,21 @@ def _llm_rules(model: str, head: str, n: dict[str, str]) -> tuple[Rule, ...]:
         (_L + "self_attention.linear_proj.weight", (layer + n["o"] + ".weight",), "copy", None),
         (_L + "pre_mlp_layernorm.weight", (layer + n["norm2"] + ".weight",), "copy", None),
         (_L + "mlp.linear_fc1.weight", (layer + n["gate"] + ".weight", layer + n["up"] + ".weight"),
-         "gate_up", None),
-        (_L + "mlp.linear_fc2.weight", (layer + n["down"] + ".weight",), "copy", None),
+         "gate_up", "dense_mlp"),
+        (_L + "mlp.linear_fc2.weight", (layer + n["down"] + ".weight",), "copy", "dense_mlp"),
+        (_L + "mlp.router.weight", (layer + "mlp.gate.weight",), "copy", "moe"),
+    )
+    expert = layer + "mlp.experts.{e}."
+    per_expert = (
+        (_E + "linear_fc1.weight", (expert + "gate_proj.weight", expert + "up_proj.weight"), "gate_up", "moe"),
+        (_E + "linear_fc2.weight", (expert + "down_proj.weight",), "copy", "moe"),
     )
     # `n["q"] == n["k"] == n["v"]` for packed layouts: collapse to one HF tensor
     per_layer = tuple((c, tuple(dict.fromkeys(h)), t, w) for c, h, t, w in per_layer)
     return (
         Rule("language_model.embedding.word_embeddings.weight", (model + n["embed"] + ".weight",)),
-    ) + tuple(Rule(c, h, t, "llm", w) for c, h, t, w in per_layer) + (
+    ) + tuple(Rule(c, h, t, "llm", w) for c, h, t, w in per_layer) + tuple(
+        Rule(c, h, t, "llm_expert", w) for c, h, t, w in per_expert) + (
         Rule("language_model.decoder.final_layernorm.weight", (model + n["final_norm"] + ".weight",)),
         Rule("language_model.output_layer.weight", (head,), when="untied_output"),
     )
@@ -318,13 +334,15 @@ class Entry:
 
 def expand(rules: Sequence[Rule], cfg: ModelConfig) -> list[Entry]:
     """Concrete (canonical, hf names, transform) entries for every layer of `cfg`."""
-    counts = {"vision": cfg.vision.num_layers, "llm": cfg.llm.num_layers, None: 1}
+    counts = {"vision": cfg.vision.num_layers, "llm": cfg.llm.num_layers, "llm_expert": cfg.llm.num_layers, None: 1}
     out = []
     for r in rules:
         present = PREDICATES[r.when](cfg) if r.when else True
+        experts = range(max(cfg.llm.num_experts, 1)) if r.layers == "llm_expert" else (0,)
         for i in range(counts[r.layers]):
-            out.append(Entry(r.canonical.format(i=i), tuple(h.format(i=i) for h in r.hf),
-                             TRANSFORMS[r.transform], present))
+            for e in experts:
+                out.append(Entry(r.canonical.format(i=i, e=e), tuple(h.format(i=i, e=e) for h in r.hf),
+                                 TRANSFORMS[r.transform], present))
     return out
 
 
@@ -367,8 +385,14 @@ def canonical_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     }
     for i in range(v.num_layers):
         shapes.update({_V.format(i=i) + k: s for k, s in vision_layer.items()})
+    if m.is_moe:  # the dense MLP is replaced by a router and per-expert SwiGLUs
+        del llm_layer["mlp.linear_fc1.weight"], llm_layer["mlp.linear_fc2.weight"]
+        llm_layer["mlp.router.weight"] = (m.num_experts, h)
+    expert = {"linear_fc1.weight": (2 * m.moe_ffn_hidden_size, h), "linear_fc2.weight": (h, m.moe_ffn_hidden_size)}
     for i in range(m.num_layers):
         shapes.update({_L.format(i=i) + k: s for k, s in llm_layer.items()})
+        for e in range(m.num_experts):
+            shapes.update({_E.format(i=i, e=e) + k: s for k, s in expert.items()})
     return shapes
 
 

@@ -8,7 +8,9 @@ forward + backward (the backward does two matmuls per forward matmul: input and 
         qkv 2*N*C*3C, proj 2*N*C*C, fc1/fc2 2*2*N*C*F_v, attention 2*2*N*N*C (bidirectional),
         + the patch embedding conv 2*patches*C*3*14*14 per tile
     projector, per image token (256 per tile): 2*4C*H + 2*H*H
-    LLM, per token and layer: qkv 2*H*(n_q + 2*n_kv)*d, proj 2*n_q*d*H, SwiGLU 2*3*H*F;
+    LLM, per token and layer: qkv 2*H*(n_q + 2*n_kv)*d, proj 2*n_q*d*H, SwiGLU 2*3*H*F
+        (MoE: the k experts a token is routed to, 2*3*H*F_moe*k, plus the router 2*H*E: the
+        *active* parameters, not all experts);
         causal attention 2*2*n_q*d per (query, key) pair, i.e. L*(L+1)/2 pairs per packed sample;
         LM head 2*H*V per token
 
@@ -103,7 +105,8 @@ def forward_flops(model: ModelConfig, tokens: int, tiles: int, attention_lengths
     projector = tiles * model.num_image_token * 2 * (model.projector_input_size * h + h * h)
 
     d, nq, nkv = m.head_dim, m.num_attention_heads, m.num_query_groups
-    llm_linear = tokens * m.num_layers * 2 * (h * (nq + 2 * nkv) * d + nq * d * h + 3 * h * m.ffn_hidden_size)
+    mlp = (3 * h * m.moe_ffn_hidden_size * m.moe_router_topk + h * m.num_experts) if m.is_moe else 3 * h * m.ffn_hidden_size
+    llm_linear = tokens * m.num_layers * 2 * (h * (nq + 2 * nkv) * d + nq * d * h + mlp)
     pairs = causal_pairs(attention_lengths) if causal else sum(n_ * n_ for n_ in attention_lengths)
     llm_attention = m.num_layers * 2 * 2 * nq * d * pairs
     lm_head = tokens * 2 * h * m.vocab_size
