@@ -4,6 +4,9 @@
         --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 \
         --global-batch-size 4 --train-iters 5 --log-jsonl run.jsonl
 
+    # fine-tune a released checkpoint: its shape, special tokens and weights come from the directory
+    torchrun --nproc_per_node 8 pretrain_internvl.py --model HF_DIR --pretrained HF_DIR --data-path ...
+
 Flags follow Megatron-LM's names; `--help` lists them with their defaults and meaning.
 """
 from __future__ import annotations
@@ -11,17 +14,22 @@ from __future__ import annotations
 import argparse
 import sys
 
-from internvl_mcore.config import ParallelConfig, get_preset
+from internvl_mcore.config import ParallelConfig
 from internvl_mcore.config.cli import add_dataclass_flags, build_dataclass
 from internvl_mcore.config.presets import PRESETS
 from internvl_mcore.config.lora import LoRAConfig
 from internvl_mcore.config.training import CheckpointConfig, DataConfig, LogConfig, RunConfig, TrainConfig
+from internvl_mcore.convert.hf import ConversionError
+from internvl_mcore.convert.source import resolve_model
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="debug", choices=list(PRESETS),
-                        help="Model preset (shapes and special token ids) (default: debug)")
+    parser.add_argument("--model", default="debug", metavar="PRESET|DIR",
+                        help="The model: a preset name (" + ", ".join(PRESETS) + ") or a checkpoint directory "
+                        "whose config it carries: an HF checkpoint (transformers' or InternVL's layout, read "
+                        "as tools/convert_from_hf.py reads it), a converted checkpoint or a training "
+                        "checkpoint (default: debug)")
     add_dataclass_flags(parser, ParallelConfig, "parallelism")
     add_dataclass_flags(parser, TrainConfig, "training")
     add_dataclass_flags(parser, DataConfig, "data")
@@ -37,7 +45,11 @@ def parse_run_config(argv: list[str]) -> RunConfig:
     ns = parser.parse_args(argv)
     if not ns.mock_data and not ns.data_path:
         parser.error("give --data-path PREFIX [...] or --mock-data")
-    return RunConfig(model=get_preset(ns.model), parallel=build_dataclass(ParallelConfig, ns),
+    try:
+        model = resolve_model(ns.model)
+    except (ConversionError, FileNotFoundError) as exc:
+        parser.error(str(exc))
+    return RunConfig(model=model, parallel=build_dataclass(ParallelConfig, ns),
                      train=build_dataclass(TrainConfig, ns), data=build_dataclass(DataConfig, ns),
                      log=build_dataclass(LogConfig, ns), checkpoint=build_dataclass(CheckpointConfig, ns),
                      lora=build_dataclass(LoRAConfig, ns))

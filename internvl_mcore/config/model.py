@@ -65,10 +65,10 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class LLMConfig:
-    """A decoder-only LLM: RMSNorm, SwiGLU, RoPE, GQA (Qwen2/2.5, Llama/InternLM3, InternLM2.5), with
+    """A decoder-only LLM: RMSNorm, SwiGLU, RoPE, GQA (Qwen2/2.5, Llama/InternLM3, InternLM2.5, Qwen3), with
     mixture-of-experts SwiGLU MLPs when `num_experts` > 0 (Qwen3-MoE)."""
 
-    family: Literal["qwen2", "llama", "internlm2", "qwen3_moe"]
+    family: Literal["qwen2", "llama", "internlm2", "qwen3", "qwen3_moe"]
     """Checkpoint layout of the HF model; selects the converter key map, never a code path here."""
     num_layers: int
     """Decoder layers."""
@@ -92,6 +92,12 @@ class LLMConfig:
     """Output layer shares the embedding matrix (the InternVL3 presets do not; the debug-6b preset does)."""
     max_position_embeddings: int = 32768
     """Longest sequence the RoPE table is built for."""
+    qk_layernorm: bool = False
+    """RMSNorm over each head's query and key channels (one weight of head_dim shared by all heads),
+    after the q/k/v split and before RoPE (Qwen3's q_norm / k_norm; megatron-core's qk_layernorm slot)."""
+    kv_channels: Optional[int] = None
+    """Channels per attention head when they are not hidden_size / num_attention_heads (Qwen3's
+    `head_dim`, Megatron's --kv-channels); None: hidden_size / num_attention_heads."""
     num_experts: int = 0
     """Routed experts per MoE layer (0: a dense model; every decoder layer is MoE otherwise, as in
     Qwen3-MoE with decoder_sparse_step 1 and no mlp_only_layers)."""
@@ -110,8 +116,8 @@ class LLMConfig:
 
     @property
     def head_dim(self) -> int:
-        """Channels per head."""
-        return self.hidden_size // self.num_attention_heads
+        """Channels per head (kv_channels, else hidden_size / num_attention_heads)."""
+        return self.kv_channels if self.kv_channels is not None else self.hidden_size // self.num_attention_heads
 
     @property
     def is_moe(self) -> bool:

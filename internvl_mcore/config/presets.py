@@ -78,15 +78,25 @@ PRESETS: dict[str, ModelConfig] = {
                       num_query_groups=2, ffn_hidden_size=96, vocab_size=512, qkv_bias=False,
                       rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=4096),
         **_DEBUG_IDS),
-    # Qwen3-MoE traits at debug size: 4 experts, top-2, every layer MoE, no qkv bias.
+    # Qwen3-MoE traits at debug size: 4 experts, top-2, every layer MoE, per-head QK-norm, no qkv bias.
     "debug-moe": ModelConfig(
         name="debug-moe", vision=DEBUG_VISION,
         llm=LLMConfig(family="qwen3_moe", num_layers=2, hidden_size=64, num_attention_heads=4,
                       num_query_groups=2, ffn_hidden_size=128, vocab_size=512, qkv_bias=False,
                       rope_theta=10000.0, max_position_embeddings=4096, num_experts=4,
-                      moe_ffn_hidden_size=32, moe_router_topk=2, moe_aux_loss_coeff=0.01),
+                      moe_ffn_hidden_size=32, moe_router_topk=2, moe_aux_loss_coeff=0.01, qk_layernorm=True),
         **_DEBUG_IDS),
     "debug-m": ModelConfig(name="debug-m", vision=DEBUG_M_VISION, llm=DEBUG_M_LLM, **_DEBUG_IDS),
+    # InternVL3.5-38B traits at debug size: InternViT-6B-style vision (full-width QK-norm, padded
+    # heads) on a Qwen3 LLM (per-head QK-norm, no qkv bias, head_dim 32 decoupled from 64 / 4 heads).
+    "debug-qwen3": ModelConfig(
+        name="debug-qwen3",
+        vision=VisionConfig(num_layers=2, hidden_size=48, num_attention_heads=3, ffn_hidden_size=96,
+                            image_size=56, qkv_bias=False, normalization="RMSNorm", qk_normalization=True),
+        llm=LLMConfig(family="qwen3", num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                      ffn_hidden_size=96, vocab_size=512, qkv_bias=False, qk_layernorm=True, kv_channels=32,
+                      rope_theta=10000.0, max_position_embeddings=4096),
+        **_DEBUG_IDS),
     "internvl3-1b": ModelConfig(name="internvl3-1b", vision=INTERNVIT_300M, llm=QWEN25_0_5B, **_QWEN_IDS),
     "internvl3-2b": ModelConfig(name="internvl3-2b", vision=INTERNVIT_300M, llm=QWEN25_1_5B, **_QWEN_IDS),
     "internvl3-8b": ModelConfig(name="internvl3-8b", vision=INTERNVIT_300M, llm=QWEN25_7B, **_QWEN_IDS),

@@ -109,7 +109,8 @@ class CheckpointConfig:
     exit_interval: int = 0
     """Stop after an iteration divisible by N (saving first when --save is given)."""
     pretrained: Optional[str] = None
-    """Start from these weights only: a training checkpoint directory or a converted HF checkpoint."""
+    """Start from these weights only: a training checkpoint directory, a converted checkpoint
+    (tools/convert_from_hf.py) or an HF checkpoint directory in either layout (converted while loading)."""
     no_load_optim: bool = False
     """With --load: take model weights, iteration and data position, but fresh optimizer state."""
 

@@ -381,6 +381,8 @@ class LLMSpec:
     """Class defaults of keys a saved config may omit."""
     extra: tuple[tuple[str, Any], ...] = ()
     """Extra keys written on export (remote-code auto_map, ...)."""
+    qk_norm: bool = False
+    """The class always has per-head RMSNorm on q and k (`self_attn.q_norm` / `k_norm`: Qwen3)."""
     moe: bool = False
     """Mixture-of-experts MLPs (Qwen3-MoE's config keys: `_moe_from`)."""
 
@@ -396,29 +398,40 @@ LLM_SPECS: dict[str, LLMSpec] = {  # keyed by architecture
                                     must_be_false=("bias",),
                                     defaults=(("qkv_bias", False), ("bias", False), ("rope_theta", 10000.0),
                                               ("tie_word_embeddings", False))),
+    "Qwen3ForCausalLM": LLMSpec("qwen3", "Qwen3ForCausalLM", "qwen3", qkv_bias=False, qk_norm=True,
+                                must_be_false=("attention_bias", "use_sliding_window"),
+                                defaults=(("head_dim", 128), ("rope_theta", 10000.0), ("tie_word_embeddings", False))),
     "InternLM2ForCausalLM": LLMSpec(
         "internlm2", "InternLM2ForCausalLM", "internlm2", qkv_bias=False, must_be_false=("bias",),
         defaults=(("bias", True), ("rope_theta", 10000), ("tie_word_embeddings", False)),
         extra=(("auto_map", {"AutoConfig": "configuration_internlm2.InternLM2Config",
                              "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
                              "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"}),)),
-    "Qwen3MoeForCausalLM": LLMSpec("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3_moe", qkv_bias="attention_bias",
-                                   must_be_false=("use_sliding_window",),
-                                   defaults=(("attention_bias", False), ("rope_theta", 10000.0),
+    "Qwen3MoeForCausalLM": LLMSpec("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3_moe", qkv_bias=False, qk_norm=True,
+                                   must_be_false=("attention_bias", "use_sliding_window"),
+                                   defaults=(("head_dim", 128), ("rope_theta", 10000.0),
                                              ("tie_word_embeddings", False), ("norm_topk_prob", False),
                                              ("router_aux_loss_coef", 0.001), ("decoder_sparse_step", 1)),
                                    moe=True),
 }
 # transformers' InternVL text_config is a native transformers class, found by model_type
 TEXT_MODEL_TYPES: dict[str, str] = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
-                                    "qwen3_moe": "Qwen3MoeForCausalLM"}
+                                    "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 # On export, the class written for each family (transformers has no InternLM2: Llama naming, same math)
 EXPORT_ARCH: dict[str, dict[str, str]] = {
     "internvl": {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "internlm2": "InternLM2ForCausalLM",
-                 "qwen3_moe": "Qwen3MoeForCausalLM"},
+                 "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"},
     "transformers": {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "internlm2": "LlamaForCausalLM",
-                     "qwen3_moe": "Qwen3MoeForCausalLM"},
+                     "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"},
 }
+# LLM classes InternVL releases that the decoder does not model, with what it lacks (architecture in an
+# InternVL llm_config, or model_type in a transformers text_config)
+UNSUPPORTED_LLMS: dict[str, str] = {
+    "GptOssForCausalLM": "GPT-OSS (InternVL3.5-20B-A4B) needs attention sinks, alternating sliding-window / "
+                         "full attention, YaRN RoPE, the clamped SwiGLU with biases, its mixture-of-experts "
+                         "router and MXFP4 expert weights, none of which this decoder implements",
+}
+UNSUPPORTED_LLMS["gpt_oss"] = UNSUPPORTED_LLMS["GptOssForCausalLM"]
 _ROPE_TYPES = ("default", "dynamic")  # dynamic NTK equals default RoPE up to max_position_embeddings
 
 
@@ -443,9 +456,9 @@ def _llm_from(tc: Mapping[str, Any], spec: LLMSpec, tie: bool | None, where: str
     _require(tc, "hidden_act", ("silu",), where, "silu")
     hidden = int(_get(tc, "hidden_size", where))
     heads = int(_get(tc, "num_attention_heads", where))
-    head_dim = tc.get("head_dim")
-    if head_dim is not None and int(head_dim) * heads != hidden:
-        raise ConversionError(f"{where}: head_dim={head_dim} differs from hidden_size / num_attention_heads")
+    head_dim = tc.get("head_dim", defaults.get("head_dim"))
+    # a head width other than hidden / heads becomes kv_channels (None keeps the configs of presets equal)
+    kv_channels = int(head_dim) if head_dim is not None and int(head_dim) * heads != hidden else None
     qkv_bias = spec.qkv_bias if isinstance(spec.qkv_bias, bool) else bool(tc.get(spec.qkv_bias, defaults.get(spec.qkv_bias)))
     return LLMConfig(
         family=spec.family,  # type: ignore[arg-type]
@@ -460,6 +473,8 @@ def _llm_from(tc: Mapping[str, Any], spec: LLMSpec, tie: bool | None, where: str
         norm_epsilon=float(_get(tc, "rms_norm_eps", where, 1e-6)),
         tie_word_embeddings=bool(tie if tie is not None else tc.get("tie_word_embeddings", defaults["tie_word_embeddings"])),
         max_position_embeddings=int(_get(tc, "max_position_embeddings", where, 32768)),
+        qk_layernorm=spec.qk_norm,
+        kv_channels=kv_channels,
         **(_moe_from(tc, defaults, where) if spec.moe else {}),
     )
 
@@ -509,6 +524,8 @@ def _from_transformers(c: Mapping[str, Any], where: str) -> tuple[ModelConfig, d
     if not isinstance(layer, int):
         raise ConversionError(f"{where}: vision_feature_layer={layer!r}: only a single layer is supported")
     text_type = _get(tc, "model_type", where + " text_config")
+    if text_type in UNSUPPORTED_LLMS:
+        raise ConversionError(f"{where}: text_config model_type {text_type!r} is not supported: {UNSUPPORTED_LLMS[text_type]}")
     if text_type not in TEXT_MODEL_TYPES:
         raise ConversionError(f"{where}: text_config model_type {text_type!r} is not supported "
                               f"(supported: {', '.join(TEXT_MODEL_TYPES)})")
@@ -529,6 +546,8 @@ def _from_internvl(c: Mapping[str, Any], where: str) -> tuple[ModelConfig, dict]
         if c.get(key):
             raise ConversionError(f"{where}: {key}={c[key]}: merge the LoRA weights before converting")
     arch = _get(lc, "architectures", where + " llm_config")[0]
+    if arch in UNSUPPORTED_LLMS:
+        raise ConversionError(f"{where}: llm_config architecture {arch!r} is not supported: {UNSUPPORTED_LLMS[arch]}")
     if arch not in LLM_SPECS:
         raise ConversionError(f"{where}: llm_config architecture {arch!r} is not supported "
                               f"(supported: {', '.join(LLM_SPECS)})")
@@ -628,6 +647,9 @@ def _llm_config_dicts(cfg: ModelConfig, fmt: str, dtype: torch.dtype, arch: str 
     if fixed_bias is not None and fixed_bias != m.qkv_bias:
         raise ConversionError(f"{spec.architecture} {'always' if fixed_bias else 'never'} has q/k/v biases, "
                               f"but this model has qkv_bias={m.qkv_bias}")
+    if spec.qk_norm != m.qk_layernorm:
+        raise ConversionError(f"{spec.architecture} {'always' if spec.qk_norm else 'never'} has per-head QK-norm, "
+                              f"but this model has qk_layernorm={m.qk_layernorm}")
     d = {
         "model_type": spec.model_type, "hidden_size": m.hidden_size, "intermediate_size": m.ffn_hidden_size,
         "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_attention_heads,
@@ -637,6 +659,8 @@ def _llm_config_dicts(cfg: ModelConfig, fmt: str, dtype: torch.dtype, arch: str 
     }
     # bias flags: stated when the class default would be wrong, else only without a template
     defaults = dict(spec.defaults)
+    if m.kv_channels is not None or "head_dim" in defaults:  # Qwen3's class default (128) may be wrong
+        d["head_dim"] = m.head_dim
     flags = {k: False for k in spec.must_be_false}
     if isinstance(spec.qkv_bias, str):
         flags[spec.qkv_bias] = m.qkv_bias
@@ -810,6 +834,29 @@ def hf_to_canonical(src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str,
     entries = [e for e in check_hf_tensors(src, cfg, fmt) if e.present]
     for e in tqdm(entries, desc="HF -> canonical", unit="tensor", disable=not progress):
         yield e.canonical, e.transform.to_canonical([src[h] for h in e.hf], cfg).contiguous()
+
+
+class HFAsCanonical(Mapping[str, torch.Tensor]):
+    """The canonical tensors of an HF checkpoint, each converted when it is read (so a rank loading
+    its shards reads only the HF tensors it needs). Names, shapes and the layout are validated first."""
+
+    def __init__(self, src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str) -> None:
+        self.src = _normalize(src, fmt)
+        self.cfg = cfg
+        self._entries = {e.canonical: e for e in check_hf_tensors(self.src, cfg, fmt) if e.present}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        e = self._entries[name]
+        return e.transform.to_canonical([self.src[h] for h in e.hf], self.cfg).contiguous()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 def canonical_to_hf(src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str,

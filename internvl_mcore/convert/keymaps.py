@@ -169,6 +169,7 @@ PREDICATES: dict[str, Callable[[ModelConfig], bool]] = {
     "vision_norm_bias": lambda c: c.vision.normalization == "LayerNorm",
     "vision_qk_norm": lambda c: c.vision.qk_normalization,
     "llm_qkv_bias": lambda c: c.llm.qkv_bias,
+    "llm_qk_norm": lambda c: c.llm.qk_layernorm,
     "untied_output": lambda c: not c.llm.tie_word_embeddings,
     "dense_mlp": lambda c: not c.llm.is_moe,
     "moe": lambda c: c.llm.is_moe,
@@ -229,6 +230,8 @@ def _llm_rules(model: str, head: str, n: dict[str, str]) -> tuple[Rule, ...]:
         (_L + "input_layernorm.weight", (layer + n["norm1"] + ".weight",), "copy", None),
         (_L + "self_attention.linear_qkv.weight", tuple(layer + x + ".weight" for x in qkv), n["qkv_transform"], None),
         (_L + "self_attention.linear_qkv.bias", tuple(layer + x + ".bias" for x in qkv), n["qkv_transform"], "llm_qkv_bias"),
+        (_L + "self_attention.q_layernorm.weight", (layer + n["q_norm"] + ".weight",), "copy", "llm_qk_norm"),
+        (_L + "self_attention.k_layernorm.weight", (layer + n["k_norm"] + ".weight",), "copy", "llm_qk_norm"),
         (_L + "self_attention.linear_proj.weight", (layer + n["o"] + ".weight",), "copy", None),
         (_L + "pre_mlp_layernorm.weight", (layer + n["norm2"] + ".weight",), "copy", None),
         (_L + "mlp.linear_fc1.weight", (layer + n["gate"] + ".weight", layer + n["up"] + ".weight"),
@@ -252,14 +255,16 @@ def _llm_rules(model: str, head: str, n: dict[str, str]) -> tuple[Rule, ...]:
     )
 
 
-_HF_LLM_NAMES = dict(  # Qwen2, Llama, InternLM3 (transformers' LlamaForCausalLM naming)
+_HF_LLM_NAMES = dict(  # Qwen2, Llama, InternLM3, Qwen3 (transformers' LlamaForCausalLM naming; Qwen3 adds q/k_norm)
     embed="embed_tokens", norm1="input_layernorm", norm2="post_attention_layernorm", final_norm="norm",
     q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
+    q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
     qkv_transform="llm_qkv", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
 )
 _INTERNLM2_NAMES = dict(
     embed="tok_embeddings", norm1="attention_norm", norm2="ffn_norm", final_norm="norm",
     q="attention.wqkv", k="attention.wqkv", v="attention.wqkv", o="attention.wo",
+    q_norm="attention.q_norm", k_norm="attention.k_norm",  # never present: InternLM2 has no QK-norm
     qkv_transform="copy",  # wqkv is already megatron-core's grouped layout (module docstring)
     gate="feed_forward.w1", up="feed_forward.w3", down="feed_forward.w2",
 )
@@ -295,8 +300,8 @@ PROJECTOR_TABLES: dict[str, tuple[Rule, ...]] = {
 # Which LLM table each format uses per LLM family. transformers has no InternLM2 class, so a model
 # of that family is exported there in Llama naming (same math: split wqkv, w1/w3 -> gate/up).
 LLM_NAMING: dict[str, dict[str, str]] = {
-    "transformers": {"qwen2": "hf", "llama": "hf", "internlm2": "hf"},
-    "internvl": {"qwen2": "hf", "llama": "hf", "internlm2": "internlm2"},
+    "transformers": {"qwen2": "hf", "llama": "hf", "internlm2": "hf", "qwen3": "hf"},
+    "internvl": {"qwen2": "hf", "llama": "hf", "internlm2": "internlm2", "qwen3": "hf"},
 }
 
 FORMATS = tuple(LLM_NAMING)
@@ -379,7 +384,8 @@ def canonical_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     }
     llm_layer = {
         "input_layernorm.weight": (h,), "self_attention.linear_qkv.weight": (qkv_rows, h),
-        "self_attention.linear_qkv.bias": (qkv_rows,), "self_attention.linear_proj.weight": (h, h),
+        "self_attention.linear_qkv.bias": (qkv_rows,), "self_attention.linear_proj.weight": (h, m.num_attention_heads * d),
+        "self_attention.q_layernorm.weight": (d,), "self_attention.k_layernorm.weight": (d,),
         "pre_mlp_layernorm.weight": (h,), "mlp.linear_fc1.weight": (2 * m.ffn_hidden_size, h),
         "mlp.linear_fc2.weight": (h, m.ffn_hidden_size),
     }

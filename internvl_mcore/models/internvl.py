@@ -13,7 +13,9 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
 
 from ..config.megatron import llm_transformer_config, projector_transformer_config, vision_transformer_config
 from ..config.model import ModelConfig, ParallelConfig
@@ -21,6 +23,7 @@ from ..parallel.context import cp_core_attention, split_for_cp
 from .attention import PackedSDPAttention, packed_seq_params_from_cu_seqlens
 from .language import LanguageModel
 from .projector import Projector
+from .qk_norm import PerHeadRMSNorm
 from .specs import Backend, default_backend, llm_layer_spec, projector_mlp_submodules, vision_layer_spec
 from .vision import InternViT, pixel_shuffle_v2
 from .weights import mark_tensor_parallel_params
@@ -52,8 +55,11 @@ class InternVLModel(MegatronModule):
                                        eps=model_cfg.projector_layernorm_epsilon, pg_collection=pg)
         self.cp_group = pg.cp
         core_attention = cp_core_attention(backend) if par.context_parallel_size > 1 else PackedSDPAttention
+        qk_norm = ModuleSpec(module=PerHeadRMSNorm, params={"tp_group": pg.tp}) if model_cfg.llm.qk_layernorm \
+            else IdentityOp
         self.language_model = LanguageModel(
-            llm_config, llm_layer_spec(backend, core_attention, moe=model_cfg.llm.is_moe), vocab_size=model_cfg.llm.vocab_size,
+            llm_config, llm_layer_spec(backend, core_attention, qk_norm,
+                           moe=model_cfg.llm.is_moe), vocab_size=model_cfg.llm.vocab_size,
             max_sequence_length=model_cfg.llm.max_position_embeddings, rope_theta=model_cfg.llm.rope_theta,
             pre_process=pre_process, post_process=post_process,
             share_embeddings_and_output_weights=self.share_embeddings_and_output_weights, pg_collection=pg)

@@ -54,9 +54,12 @@ def _modules(backend: Backend) -> tuple[type, type, type]:
 
 
 def llm_layer_spec(backend: Backend = "local", core_attention: type = PackedSDPAttention,
-                   moe: bool = False) -> ModuleSpec:
-    """A pre-norm decoder layer: RMSNorm -> causal GQA attention (RoPE) -> RMSNorm -> SwiGLU
-    (or, with `moe`, megatron-core's MoE layer: router -> dispatch -> SwiGLU experts -> combine)."""
+                   qk_norm: ModuleSpec | type = IdentityOp, moe: bool = False) -> ModuleSpec:
+    """A pre-norm decoder layer: RMSNorm -> causal GQA attention (RoPE) -> RMSNorm -> SwiGLU (or, with
+    `moe`, megatron-core's MoE layer: router -> dispatch -> SwiGLU experts -> combine).
+
+    `qk_norm`: what fills megatron-core's q_layernorm / k_layernorm slots (per-head QK-norm of Qwen3,
+    models/qk_norm.py; IdentityOp: none)."""
     column, row, norm = _modules(backend)
     mlp = moe_mlp_spec(backend) if moe else ModuleSpec(
         module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row))
@@ -69,7 +72,7 @@ def llm_layer_spec(backend: Backend = "local", core_attention: type = PackedSDPA
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=column, core_attention=core_attention, linear_proj=row,
-                    q_layernorm=IdentityOp, k_layernorm=IdentityOp),
+                    q_layernorm=qk_norm, k_layernorm=qk_norm),
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=norm,

@@ -244,7 +244,8 @@ def llm_layer_bytes(model: ModelConfig, par: ParallelConfig, tokens: float, seg_
 
     Per token: RMSNorm + linear_qkv input (the linear keeps the sequence-parallel shard, 1/TP),
     RoPE cos/sin for q and k, core attention, linear_proj input; RMSNorm + linear_fc1 input, then
-    SwiGLU: fc1 output (2F), silu(gate) (F), up + glu_linear_offset (F), product = fc2 input (F).
+    SwiGLU: fc1 output (2F), silu(gate) (F), up + glu_linear_offset (F), product = fc2 input (F);
+    with per-head QK-norm (Qwen3) also the norm's inputs, outputs and per-head statistic.
     weight_grads=False (a frozen LLM that still passes gradients back to the projector): the linears
     keep no inputs, since only their weights' gradients would need them."""
     m = model.llm
@@ -256,6 +257,8 @@ def llm_layer_bytes(model: ModelConfig, par: ParallelConfig, tokens: float, seg_
     per += tokens * 4 * d * e                           # cos, sin for q and k
     per += _attention_bytes(tokens, seg_sq, hq, hkv, d, e, kernels)
     per += tokens * 4 * f * e                           # SwiGLU: fc1 out, silu out, up copy
+    if m.qk_layernorm:                                  # per-head QK-norm: q, k inputs and normalized
+        per += tokens * ((hq + hkv) * 2 * d * e + (hq + hkv) * 4)  # copies, fp32 statistic per head
     if weight_grads:                                    # linear inputs: qkv, fc1, proj, fc2
         per += 2 * (tokens / sp) * h * e + tokens * hq * d * e + tokens * f * e
     return per

@@ -151,7 +151,7 @@ def padded_vocab(model: ModelConfig, tp: int) -> int:
 
 
 def decoder_layer_params(model: ModelConfig, tp: int, index: int) -> list[ParamSpec]:
-    """One pre-norm GQA + SwiGLU decoder layer on one TP rank."""
+    """One pre-norm GQA + SwiGLU decoder layer on one TP rank (+ per-head QK-norm; head_dim may be decoupled)."""
     m = model.llm
     h, d = m.hidden_size, m.head_dim
     q, kv, f = m.num_attention_heads // tp, m.num_query_groups // tp, m.ffn_hidden_size // tp
@@ -163,6 +163,8 @@ def decoder_layer_params(model: ModelConfig, tp: int, index: int) -> list[ParamS
     ]
     if m.qkv_bias:
         specs.append(ParamSpec(f"{lp}.self_attention.linear_qkv.bias", ((q + 2 * kv) * d,), "llm"))
+    if m.qk_layernorm:  # per-head, replicated over TP, in params_dtype (models/qk_norm.py)
+        specs += [ParamSpec(f"{lp}.self_attention.{x}_layernorm.weight", (d,), "llm") for x in "qk"]
     specs += [
         ParamSpec(f"{lp}.pre_mlp_layernorm.weight", (h,), "llm", torch_norm=True),
         ParamSpec(f"{lp}.mlp.linear_fc1.weight", (2 * f, h), "llm"),

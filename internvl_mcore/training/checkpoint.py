@@ -196,12 +196,15 @@ def _check_model(info: dict, model_cfg: ModelConfig, where: Path) -> None:
     saved = info.get("model", {})
     mine = dataclasses.asdict(model_cfg)
     diffs = []
-    for part in ("vision", "llm"):
+    for part, cls in (("vision", type(model_cfg.vision)), ("llm", type(model_cfg.llm))):
+        # a field the checkpoint predates takes its default (e.g. llm.qk_layernorm, llm.kv_channels)
+        defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
         for key, value in mine[part].items():
             if key in ("drop_path_rate", "layer_scale_init", "moe_aux_loss_coeff"):
                 continue  # training knobs, not shapes
-            if saved.get(part, {}).get(key) != value:
-                diffs.append(f"{part}.{key}: checkpoint {saved.get(part, {}).get(key)!r}, model {value!r}")
+            theirs = saved.get(part, {}).get(key, defaults.get(key))
+            if theirs != value:
+                diffs.append(f"{part}.{key}: checkpoint {theirs!r}, model {value!r}")
     for key in ("downsample_ratio", "img_context_token_id"):
         if saved.get(key) != mine[key]:
             diffs.append(f"{key}: checkpoint {saved.get(key)!r}, model {mine[key]!r}")
@@ -276,8 +279,9 @@ def _fault_point(where: str, iteration: int) -> None:
 
 
 def load_weights(path: str | Path, model_chunk: torch.nn.Module, model_cfg: ModelConfig) -> str:
-    """Weights only (`--pretrained`): a training checkpoint (root or iter_ dir, any layout) or a
-    canonical checkpoint from tools/convert_from_hf.py. Returns which kind was read."""
+    """Weights only (`--pretrained`): a training checkpoint (root or iter_ dir, any layout), a
+    canonical checkpoint from tools/convert_from_hf.py, or an HF checkpoint directory (either layout,
+    converted on the fly). Returns which kind was read."""
     from megatron.core import dist_checkpointing
 
     path = Path(path)
@@ -301,10 +305,28 @@ def load_weights(path: str | Path, model_chunk: torch.nn.Module, model_cfg: Mode
             return "training checkpoint (LoRA adapters merged into the weights)"
         return "training checkpoint"
     from ..convert.checkpoint import CanonicalCheckpoint
+    from ..convert.source import checkpoint_kind
 
     if not path.exists():
         raise CheckpointError(f"--pretrained {path}: no such file or directory")
+    if checkpoint_kind(path) == "hf":
+        return _load_hf_weights(path, module, model_cfg)
     ckpt = CanonicalCheckpoint.open(path)
     _check_model({"model": dataclasses.asdict(ckpt.config), "name": ckpt.config.name}, model_cfg, path)
     ckpt.load_into(module)
     return "converted checkpoint"
+
+
+def _load_hf_weights(path: Path, module: torch.nn.Module, model_cfg: ModelConfig) -> str:
+    """An HF checkpoint directory (either layout), converted tensor by tensor while each rank loads its
+    shards: what tools/convert_from_hf.py would write, without the intermediate files."""
+    from ..convert.hf import ConversionError, HFAsCanonical, SafetensorsDir, model_config_from_hf, read_hf_config
+    from ..models.weights import load_canonical
+
+    try:
+        cfg, fmt = model_config_from_hf(read_hf_config(path), path)
+        _check_model({"model": dataclasses.asdict(cfg), "name": cfg.name}, model_cfg, path)
+        load_canonical(module, HFAsCanonical(SafetensorsDir(path), cfg, fmt), model_cfg)
+    except (ConversionError, FileNotFoundError) as exc:
+        raise CheckpointError(f"--pretrained {path}: {exc}") from None
+    return f"HF checkpoint ({fmt} layout)"

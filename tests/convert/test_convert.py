@@ -40,6 +40,8 @@ SOURCES = {
     "internvl-internlm2": ("internvl", "llama", "6b", False, "internlm2", torch.bfloat16),
     "transformers-qwen2": ("transformers", "qwen2", "300m", False, None, torch.float32),
     "transformers-llama": ("transformers", "llama", "6b", True, None, torch.bfloat16),
+    "internvl-qwen3": ("internvl", "qwen3", "6b", False, "qwen3", torch.bfloat16),
+    "transformers-qwen3": ("transformers", "qwen3", "300m", True, None, torch.float32),
 }
 
 
@@ -123,7 +125,8 @@ def world():
 
 @pytest.mark.parametrize("text,vision,tie,family", [("qwen2", "300m", False, "qwen2"),
                                                     ("llama", "6b", False, "internlm2"),
-                                                    ("llama", "6b", True, "llama")])
+                                                    ("llama", "6b", True, "llama"),
+                                                    ("qwen3", "300m", False, "qwen3")])
 @torch.no_grad()
 def test_internvl_layout_exports_to_transformers_with_same_logits(world, tmp_path: Path, monkeypatch,
                                                                   text, vision, tie, family) -> None:
@@ -154,7 +157,7 @@ def test_canonical_shapes_match_the_model(world) -> None:
     from internvl_mcore.models.internvl import build_model
     from internvl_mcore.models.weights import canonical_state_dict
 
-    for name in ("debug", "debug-6b"):
+    for name in ("debug", "debug-6b", "debug-qwen3"):
         cfg = PRESETS[name]
         state = canonical_state_dict(build_model(cfg, world))
         shapes = canonical_shapes(cfg)
@@ -262,6 +265,7 @@ def test_refuses_unexpected_key(small_internvl: Path, tmp_path: Path) -> None:
     (lambda c: c.update(use_llm_lora=16), "use_llm_lora"),
     (lambda c: c["llm_config"].update(use_sliding_window=True), "use_sliding_window"),
     (lambda c: c["vision_config"].update(norm_type="batch_norm"), "batch_norm"),
+    (lambda c: c["llm_config"].update(architectures=["GptOssForCausalLM"]), "attention sinks"),
 ])
 def test_refuses_unknown_model_types_and_features(small_internvl: Path, tmp_path: Path, edit, needle: str) -> None:
     src = _rewrite(small_internvl, tmp_path / "hf", edit_config=edit)

@@ -38,16 +38,20 @@ TEXTS = {
     "llama": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=96, vocab_size=512, rms_norm_eps=1e-6, max_position_embeddings=4096,
                   attention_bias=False, mlp_bias=False),
+    # Qwen3 traits: per-head q_norm / k_norm, no qkv bias, head_dim (32) decoupled from hidden / heads (16)
+    "qwen3": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                  intermediate_size=96, vocab_size=512, rms_norm_eps=1e-6, max_position_embeddings=4096,
+                  attention_bias=False),
 }
 
 
 def tiny_config(text: str = "qwen2", vision: str = "300m", tie: bool = False, rope_theta: float = 10000.0):
     """An `InternVLConfig` with our debug shapes."""
-    from transformers import InternVLConfig, InternVLVisionConfig, LlamaConfig, Qwen2Config
+    from transformers import InternVLConfig, InternVLVisionConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
     vc = InternVLVisionConfig(image_size=56, patch_size=14, use_mean_pooling=True, layer_norm_eps=1e-6,
                               hidden_act="gelu", **VISIONS[vision])
-    text_cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}[text]
+    text_cls = {"qwen2": Qwen2Config, "llama": LlamaConfig, "qwen3": Qwen3Config}[text]
     tc = text_cls(rope_parameters={"rope_theta": rope_theta, "rope_type": "default"}, tie_word_embeddings=tie,
                   hidden_act="silu", **TEXTS[text])
     return InternVLConfig(vision_config=vc, text_config=tc, image_token_id=IMG_CONTEXT, downsample_ratio=0.5,
@@ -170,9 +174,9 @@ def internvl_config(hf_config, family: str, tie: bool, dtype: torch.dtype) -> di
     v = hf_config.vision_config
     t = hf_config.text_config
     arch = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "internlm2": "InternLM2ForCausalLM",
-            "internlm3": "InternLM3ForCausalLM"}[family]
+            "internlm3": "InternLM3ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[family]
     llm = {"architectures": [arch], "model_type": {"qwen2": "qwen2", "llama": "llama", "internlm2": "internlm2",
-                                                    "internlm3": "internlm3"}[family],
+                                                    "internlm3": "internlm3", "qwen3": "qwen3"}[family],
            "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
            "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
            "num_key_value_heads": t.num_key_value_heads, "vocab_size": t.vocab_size, "hidden_act": "silu",
@@ -185,6 +189,8 @@ def internvl_config(hf_config, family: str, tie: bool, dtype: torch.dtype) -> di
                    auto_map={"AutoConfig": "configuration_internlm2.InternLM2Config"})
     if family == "internlm3":
         llm.update(qkv_bias=False, bias=False, head_dim=t.hidden_size // t.num_attention_heads)
+    if family == "qwen3":  # InternVL3.5's llm_config: Qwen3Config keys, no RoPE scaling
+        llm.update(head_dim=t.head_dim, attention_bias=False, use_sliding_window=False, rope_scaling=None)
     return {
         "architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
         "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",

@@ -1,7 +1,7 @@
 """Parity with transformers: a tiny random `InternVLForConditionalGeneration`, saved offline,
 converted by our key map into our megatron-core model, gives the same logits (fp32, 1e-4).
 
-Covers Qwen2 and Llama-style text models, InternViT-300M-style (LayerNorm, qkv bias) and
+Covers Qwen2, Llama-style and Qwen3 (per-head QK-norm, decoupled head_dim) text models, InternViT-300M-style (LayerNorm, qkv bias) and
 InternViT-6B-style (RMSNorm, QK-norm over all heads, no qkv bias, 3 heads) vision, tied and untied
 embeddings. The model config is inferred from the saved config.json by the converter.
 """
@@ -24,6 +24,7 @@ CASES = [  # (text, vision, tied embeddings)
     ("llama", "6b", True),
     ("qwen2", "6b", True),
     ("llama", "300m", False),
+    ("qwen3", "6b", False),  # per-head QK-norm, head_dim 32 != 64 / 4 (InternVL3.5-38B-like: InternViT-6B + Qwen3)
 ]
 
 
@@ -55,6 +56,8 @@ def test_logits_match_transformers(world, tmp_path: Path, text: str, vision: str
     ours, cfg = _ours(hf_dir, tmp_path / "ckpt", world)
     assert cfg.llm.family == text and cfg.llm.tie_word_embeddings == tie
     assert cfg.vision.qk_normalization == (vision == "6b")
+    assert cfg.llm.qk_layernorm == (text == "qwen3")
+    assert cfg.llm.head_dim == hf.config.text_config.head_dim if text == "qwen3" else cfg.llm.kv_channels is None
 
     ids, pixels = tiny_batch(seed=3)
     want = hf(input_ids=ids, pixel_values=pixels).logits  # (B, S, V)

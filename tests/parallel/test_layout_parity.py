@@ -15,6 +15,8 @@ LAYOUTS = [  # (model, tp, pp, extra flags, world)
     ("debug", 2, 1, ["--sp"], 2),
     ("debug", 1, 1, [], 2),  # DP2: gradients all-reduced over data-parallel ranks
     ("debug-6b", 2, 2, [], 4),  # QK-norm over padded heads (3 -> 4), tied embeddings across stages
+    # per-head LLM QK-norm (gradient summed over TP once, also under SP) next to the ViT's full-width one
+    ("debug-qwen3", 2, 1, ["--sp"], 2),
 ]
 
 

@@ -39,6 +39,9 @@ CASES = [
     dict(model="debug-6b", tp=2, pp=1, dist_opt=True, trainable=["projector", "llm"], bf16=True),
     dict(model="debug-6b", tp=1, pp=1, dist_opt=False, trainable=["projector", "llm"], bf16=True, flops=True),
     dict(model="debug-6b", tp=1, pp=1, dist_opt=True, trainable=["projector"], act_seqs=[256]),
+    # debug-qwen3: per-head LLM QK-norm (replicated over TP, params_dtype), head_dim 32 != 64 / 4 heads
+    dict(model="debug-qwen3", tp=2, pp=1, sp=True, dist_opt=True, trainable=ALL, act_seqs=[256]),
+    dict(model="debug-qwen3", tp=1, pp=1, dist_opt=False, trainable=ALL, bf16=True, flops=True),
 ]
 
 
@@ -152,4 +155,4 @@ def test_forward_flops_equal_flop_counter(reports):
             # matmul pairs (it recomputes the scores), so the attention share lifts the total a little
             assert 2.9 * f["forward"] <= f["train"] <= 3.1 * f["forward"]
         done.add(rep["case"]["model"])
-    assert done == {"debug", "debug-6b"}
+    assert done == {"debug", "debug-6b", "debug-qwen3"}

@@ -44,3 +44,39 @@ def test_first_losses_match_single_process(digits_shards, reference, tmp_path, n
     for i, (a, b) in enumerate(zip(losses, reference)):
         assert abs(a - b) <= 1e-5 * abs(b), f"{name} iteration {i + 1}: {a} vs single-process {b}"
     assert reference[-1] < reference[0] - 0.5  # the run actually learns
+
+
+# --- a checkpoint that is no preset: HF -> --model DIR -> TP2 -----------------------------------------
+
+@pytest.fixture(scope="module")
+def qwen3_dirs(digits_shards, tmp_path_factory):
+    """A tiny Qwen3-dense InternVL (per-head QK-norm, head_dim 32 != 64 / 4 heads, InternViT-300M-style
+    vision: no preset has this shape) saved by transformers with the digits tokenizer next to it, and
+    the same checkpoint converted by tools/convert_from_hf.py's code."""
+    import shutil
+    from pathlib import Path
+
+    from internvl_mcore.convert import convert_hf_to_checkpoint
+    from tests.convert.tiny_hf import save_transformers_dir, tiny_transformers_model
+
+    root = tmp_path_factory.mktemp("qwen3")
+    hf = save_transformers_dir(tiny_transformers_model("qwen3", "300m", tie=False, seed=3), root / "hf")
+    tokenizer = Path(digits_shards).parents[1] / "tokenizer"
+    for f in tokenizer.iterdir():
+        shutil.copy(f, hf / f.name)
+    convert_hf_to_checkpoint(hf, root / "ckpt")
+    return hf, root / "ckpt"
+
+
+def test_qwen3_checkpoint_dir_trains_the_same_at_tp2(digits_shards, qwen3_dirs, tmp_path):
+    """`--model DIR --pretrained DIR` on the HF directory (single process) and on its converted
+    checkpoint at TP2: the first 10 losses agree, so the config inferred from the directory, the
+    on-the-fly HF load, the conversion and the QK-norm / head_dim sharding all line up."""
+    hf, ckpt = qwen3_dirs
+    ref = _run(digits_shards, tmp_path / "ref.jsonl", 1, ["--model", str(hf), "--pretrained", str(hf)])
+    tp2 = _run(digits_shards, tmp_path / "tp2.jsonl", 2, ["--model", str(ckpt), "--pretrained", str(ckpt),
+                                                          "--tensor-model-parallel-size", "2"])
+    assert len(ref) == len(tp2) == ITERS
+    for i, (a, b) in enumerate(zip(tp2, ref)):
+        assert abs(a - b) <= 1e-5 * abs(b), f"qwen3 TP2 iteration {i + 1}: {a} vs single-process {b}"
+    assert ref[-1] < ref[0] - 0.5
