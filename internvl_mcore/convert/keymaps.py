@@ -300,8 +300,8 @@ PROJECTOR_TABLES: dict[str, tuple[Rule, ...]] = {
 # Which LLM table each format uses per LLM family. transformers has no InternLM2 class, so a model
 # of that family is exported there in Llama naming (same math: split wqkv, w1/w3 -> gate/up).
 LLM_NAMING: dict[str, dict[str, str]] = {
-    "transformers": {"qwen2": "hf", "llama": "hf", "internlm2": "hf", "qwen3": "hf"},
-    "internvl": {"qwen2": "hf", "llama": "hf", "internlm2": "internlm2", "qwen3": "hf"},
+    "transformers": {"qwen2": "hf", "llama": "hf", "internlm2": "hf", "qwen3": "hf", "qwen3_moe": "hf"},
+    "internvl": {"qwen2": "hf", "llama": "hf", "internlm2": "internlm2", "qwen3": "hf", "qwen3_moe": "hf"},
 }
 
 FORMATS = tuple(LLM_NAMING)

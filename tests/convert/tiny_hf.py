@@ -42,16 +42,23 @@ TEXTS = {
     "qwen3": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                   intermediate_size=96, vocab_size=512, rms_norm_eps=1e-6, max_position_embeddings=4096,
                   attention_bias=False),
+    # Qwen3-MoE traits (the `debug-moe` preset's shapes): 4 experts, top-2 with renormalized
+    # probabilities, every layer MoE, per-head QK-norm; router_aux_loss_coef 0.01 -> megatron-core's
+    # per-layer coefficient 0.01 x top-k / layers = 0.01 (convert/hf.py: _moe_from)
+    "qwen3_moe": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      intermediate_size=128, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                      norm_topk_prob=True, router_aux_loss_coef=0.01, vocab_size=512, rms_norm_eps=1e-6,
+                      max_position_embeddings=4096, attention_bias=False),
 }
 
 
 def tiny_config(text: str = "qwen2", vision: str = "300m", tie: bool = False, rope_theta: float = 10000.0):
     """An `InternVLConfig` with our debug shapes."""
-    from transformers import InternVLConfig, InternVLVisionConfig, LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import InternVLConfig, InternVLVisionConfig, LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     vc = InternVLVisionConfig(image_size=56, patch_size=14, use_mean_pooling=True, layer_norm_eps=1e-6,
                               hidden_act="gelu", **VISIONS[vision])
-    text_cls = {"qwen2": Qwen2Config, "llama": LlamaConfig, "qwen3": Qwen3Config}[text]
+    text_cls = {"qwen2": Qwen2Config, "llama": LlamaConfig, "qwen3": Qwen3Config, "qwen3_moe": Qwen3MoeConfig}[text]
     tc = text_cls(rope_parameters={"rope_theta": rope_theta, "rope_type": "default"}, tie_word_embeddings=tie,
                   hidden_act="silu", **TEXTS[text])
     return InternVLConfig(vision_config=vc, text_config=tc, image_token_id=IMG_CONTEXT, downsample_ratio=0.5,
@@ -116,7 +123,15 @@ def _internvl_llm_tensors(sd: dict, family: str, text: dict, tie: bool) -> dict:
     lm = "model.language_model."
     if family != "internlm2":
         for k, v in sd.items():
-            if k.startswith(lm):
+            if k.endswith("mlp.experts.gate_up_proj"):  # transformers 5 fuses experts in memory: (E, 2I, H)
+                for e, fused in enumerate(v):
+                    gate, up = fused.chunk(2, dim=0)
+                    base = "language_model.model." + k[len(lm):-len("gate_up_proj")] + f"{e}."
+                    out[base + "gate_proj.weight"], out[base + "up_proj.weight"] = gate.contiguous(), up.contiguous()
+            elif k.endswith("mlp.experts.down_proj"):  # (E, H, I)
+                for e, down in enumerate(v):
+                    out["language_model.model." + k[len(lm):-len("down_proj")] + f"{e}.down_proj.weight"] = down.contiguous()
+            elif k.startswith(lm):
                 out["language_model.model." + k[len(lm):]] = v
         if not tie:
             out["language_model.lm_head.weight"] = sd["lm_head.weight"]
@@ -174,9 +189,10 @@ def internvl_config(hf_config, family: str, tie: bool, dtype: torch.dtype) -> di
     v = hf_config.vision_config
     t = hf_config.text_config
     arch = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "internlm2": "InternLM2ForCausalLM",
-            "internlm3": "InternLM3ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[family]
+            "internlm3": "InternLM3ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[family]
     llm = {"architectures": [arch], "model_type": {"qwen2": "qwen2", "llama": "llama", "internlm2": "internlm2",
-                                                    "internlm3": "internlm3", "qwen3": "qwen3"}[family],
+                                                    "internlm3": "internlm3", "qwen3": "qwen3",
+                                                    "qwen3_moe": "qwen3_moe"}[family],
            "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
            "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
            "num_key_value_heads": t.num_key_value_heads, "vocab_size": t.vocab_size, "hidden_act": "silu",
@@ -191,6 +207,12 @@ def internvl_config(hf_config, family: str, tie: bool, dtype: torch.dtype) -> di
         llm.update(qkv_bias=False, bias=False, head_dim=t.hidden_size // t.num_attention_heads)
     if family == "qwen3":  # InternVL3.5's llm_config: Qwen3Config keys, no RoPE scaling
         llm.update(head_dim=t.head_dim, attention_bias=False, use_sliding_window=False, rope_scaling=None)
+    if family == "qwen3_moe":  # InternVL3.5-30B-A3B's llm_config: Qwen3MoeConfig keys (num_experts spelling)
+        llm.update(head_dim=t.head_dim, attention_bias=False, use_sliding_window=False, rope_scaling=None,
+                   num_experts=t.num_experts, moe_intermediate_size=t.moe_intermediate_size,
+                   num_experts_per_tok=t.num_experts_per_tok, norm_topk_prob=t.norm_topk_prob,
+                   router_aux_loss_coef=t.router_aux_loss_coef, decoder_sparse_step=1, mlp_only_layers=[],
+                   output_router_logits=False)
     return {
         "architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
         "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
