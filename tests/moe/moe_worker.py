@@ -1,0 +1,120 @@
+"""Several MoE checks in one torchrun world (tests/moe/test_moe.py), on a converted tiny Qwen3-MoE
+InternVL (`--ckpt`, a canonical checkpoint from transformers' weights), through the real training
+loop (training/loop.py: setup, train_step, save, --load):
+
+1. gradients of one global batch (4 microbatches of mock data, aux loss included) in the canonical
+   layout: saved with --ref, else compared shard by shard with the reference (--grads);
+2. the first ITERS training losses and logged aux losses (written for the test to compare);
+3. with --save DIR: a checkpoint at iteration RESUME_AT, then a fresh trainer resumed from it
+   (--load) replays iterations RESUME_AT+1 .. ITERS, and the final weights are saved.
+
+Each rank writes rank{r}.json with what it measured; the test asserts on them. Everything runs
+under `main()`: megatron-core's checkpoint writer starts a multiprocessing Manager, which
+re-imports __main__.
+"""
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from internvl_mcore.config import ModelConfig, ParallelConfig
+from internvl_mcore.config.training import CheckpointConfig, DataConfig, LogConfig, RunConfig, TrainConfig
+from internvl_mcore.convert import CanonicalCheckpoint
+
+ITERS, RESUME_AT, SEQ, GBS = 10, 5, 64, 4
+
+
+def canonical_grads(ddp: torch.nn.Module, cfg: ModelConfig) -> dict:
+    """main_grad of every local parameter after one global batch, by canonical name."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+    from internvl_mcore.models.weights import Layout, local_params
+    from internvl_mcore.training.mock import mock_batches
+    from internvl_mcore.training.step import forward_step
+
+    dp = ps.get_data_parallel_world_size()
+    batches = mock_batches(cfg, seed=3, seq_length=SEQ, tiles=1, micro_batch_size=1, global_batch_size=GBS,
+                           dp_rank=ps.get_data_parallel_rank(), dp_size=dp)
+    ddp.zero_grad_buffer()
+    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=batches, model=[ddp],
+                                num_microbatches=GBS // dp, seq_length=SEQ, micro_batch_size=1)
+    clear_aux_losses_tracker()  # the training steps log their own aux losses
+    grads = {name: p.main_grad.detach().clone() for _, name, p in local_params(ddp.module, Layout.of(ddp.module))}
+    ddp.zero_grad_buffer()
+    return grads
+
+
+def compare_grads(ddp: torch.nn.Module, cfg: ModelConfig, grads: dict, ref: dict) -> dict:
+    """Worst relative error of this rank's gradient shards against the canonical reference."""
+    from internvl_mcore.models.weights import Layout, local_params, shard
+
+    layout = Layout.of(ddp.module)
+    worst, worst_name, checked, experts = 0.0, "", 0, 0
+    for _, name, p in local_params(ddp.module, layout):
+        expect = shard(ref[name], name, p, cfg, layout)
+        got = grads[name]
+        assert got.shape == expect.shape, (name, got.shape, expect.shape)
+        err = float((got - expect).abs().max() / expect.abs().max().clamp_min(1e-12))
+        checked += 1
+        experts += ".local_experts." in name
+        if err > worst:
+            worst, worst_name = err, name
+    return {"max_rel_grad_err": worst, "worst": worst_name, "params_checked": checked, "expert_params": experts}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--dist-opt", action="store_true")
+    p.add_argument("--ref", action="store_true")
+    p.add_argument("--grads", action="store_true")
+    p.add_argument("--save", default=None)
+    a = p.parse_args()
+
+    from internvl_mcore.training import loop
+
+    cfg = CanonicalCheckpoint.open(a.ckpt).config
+    par = ParallelConfig(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
+                         expert_model_parallel_size=a.ep, sequence_parallel=a.tp > 1)
+    run = RunConfig(model=cfg, parallel=par,
+                    train=TrainConfig(global_batch_size=GBS, seq_length=SEQ, train_iters=ITERS, lr=2e-3,
+                                      lr_warmup_iters=2, seed=5, use_distributed_optimizer=a.dist_opt),
+                    data=DataConfig(mock_data=True, mock_tiles_per_sample=1), log=LogConfig(),
+                    checkpoint=CheckpointConfig(pretrained=a.ckpt, save=a.save))
+    trainer = loop.setup(run)
+    out = Path(a.out)
+    report: dict = {"rank": dist.get_rank()}
+    if a.ref or a.grads:
+        grads = canonical_grads(trainer.model[0], cfg)
+        if a.ref:
+            torch.save({"grads": grads}, out / "ref.pt")
+        else:
+            report.update(compare_grads(trainer.model[0], cfg, grads, torch.load(out / "ref.pt")["grads"]))
+
+    stats = []
+    while trainer.iteration < ITERS:
+        stats.append(loop.train_step(trainer))
+        if a.save and trainer.iteration == RESUME_AT:
+            loop.save(trainer)
+    report["losses"] = [s["loss"] for s in stats]
+    report["aux_losses"] = [s["moe_aux_loss"] for s in stats]
+
+    if a.save:  # resume from iteration RESUME_AT in a fresh trainer and replay the rest
+        resumed = loop.setup(dataclasses.replace(run, checkpoint=CheckpointConfig(load=a.save, save=a.save)))
+        report["resumed_at"] = resumed.iteration
+        report["resumed_losses"] = [loop.train_step(resumed)["loss"] for _ in range(ITERS - RESUME_AT)]
+        loop.save(resumed)  # the final weights, for the export check
+    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
