@@ -98,6 +98,11 @@ class LLMConfig:
     """Channels per attention head when they are not hidden_size / num_attention_heads (Qwen3's
     `head_dim`, Megatron's --kv-channels); None: hidden_size / num_attention_heads."""
 
+    def __post_init__(self) -> None:
+        # one spelling per shape: kv_channels equal to hidden / heads is the default, so configs compare equal
+        if self.kv_channels is not None and self.kv_channels * self.num_attention_heads == self.hidden_size:
+            object.__setattr__(self, "kv_channels", None)
+
     @property
     def head_dim(self) -> int:
         """Channels per head (kv_channels, else hidden_size / num_attention_heads)."""
