@@ -31,7 +31,9 @@ STAGE_PARTS = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, choices=sorted(PRESETS), help="model preset")
+    p.add_argument("--model", required=True, metavar="PRESET|DIR",
+                   help="model preset (" + ", ".join(PRESETS) + ") or a checkpoint directory (HF in either "
+                   "layout, converted or training) whose config it carries")
     p.add_argument("--gpus", type=int, required=True, help="GPUs in the job")
     p.add_argument("--gpu", default="a100-80gb", choices=sorted(HARDWARE),
                    help="GPU type: peak FLOP/s, memory and link bandwidths (default a100-80gb)")
@@ -69,9 +71,21 @@ def gib(x: float) -> str:
     return f"{x / GiB:7.1f}"
 
 
+def _model(spec: str):
+    """A preset, else a checkpoint directory's config (convert/source.py imports torch: only then)."""
+    if spec in PRESETS:
+        return get_preset(spec)
+    from internvl_mcore.convert.source import resolve_model
+
+    try:
+        return resolve_model(spec)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    model = get_preset(a.model)
+    model = _model(a.model)
     hw = HARDWARE[a.gpu]
     hw = type(hw)(hw.name, a.peak_tflops * 1e12 if a.peak_tflops else hw.peak_flops,
                   a.gpu_memory or hw.memory_gib,

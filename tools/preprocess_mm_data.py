@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-num-frames", type=int, default=32)
 
     g = p.add_argument_group("images (from --model when given)")
-    g.add_argument("--model", default=None, help="model preset to take image size / patch / downsample ratio from")
+    g.add_argument("--model", default=None, metavar="PRESET|DIR",
+                   help="model preset or checkpoint directory (HF, converted or training) to take image size / "
+                   "patch / downsample ratio and the chat template from")
     g.add_argument("--image-size", type=int, default=None, help="tile side in pixels (default 448)")
     g.add_argument("--patch-size", type=int, default=None, help="ViT patch size (default 14)")
     g.add_argument("--downsample-ratio", type=float, default=None, help="pixel-shuffle ratio (default 0.5)")
@@ -62,13 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace):
     from internvl_mcore.data.preprocess import PreprocessConfig
 
-    image_size, patch_size, downsample = 448, 14, 0.5
+    image_size, patch_size, downsample, template = 448, 14, 0.5, "internvl2_5"
     if args.model:
-        from internvl_mcore.config.presets import get_preset
+        from internvl_mcore.convert.source import resolve_model
 
-        preset = get_preset(args.model)
-        image_size, patch_size = preset.vision.image_size, preset.vision.patch_size
-        downsample = preset.downsample_ratio
+        model = resolve_model(args.model)
+        image_size, patch_size = model.vision.image_size, model.vision.patch_size
+        downsample, template = model.downsample_ratio, model.template
     return PreprocessConfig(
         meta=list(args.meta),
         tokenizer=args.tokenizer,
@@ -89,6 +91,7 @@ def config_from_args(args: argparse.Namespace):
         system_prompt=args.system_prompt,
         tile_format=args.tile_format,
         pack_buffer=args.pack_buffer,
+        template=template,
         workers=args.workers,
         progress=not args.no_progress,
     )
@@ -100,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     from internvl_mcore.data.preprocess import exit_code, format_summary, run_preprocess
 
-    cfg = config_from_args(args)
     try:
+        cfg = config_from_args(args)
         result = run_preprocess(cfg)
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)

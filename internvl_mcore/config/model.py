@@ -114,6 +114,11 @@ class LLMConfig:
     config it is router_aux_loss_coef x top-k / layers (docs/moe.md: how this relates to
     transformers' loss)."""
 
+    def __post_init__(self) -> None:
+        # one spelling per shape: kv_channels equal to hidden / heads is the default, so configs compare equal
+        if self.kv_channels is not None and self.kv_channels * self.num_attention_heads == self.hidden_size:
+            object.__setattr__(self, "kv_channels", None)
+
     @property
     def head_dim(self) -> int:
         """Channels per head (kv_channels, else hidden_size / num_attention_heads)."""

@@ -383,6 +383,8 @@ class LLMSpec:
     """Extra keys written on export (remote-code auto_map, ...)."""
     qk_norm: bool = False
     """The class always has per-head RMSNorm on q and k (`self_attn.q_norm` / `k_norm`: Qwen3)."""
+    head_dim: bool = True
+    """The class reads `head_dim` from its config (InternLM2's remote code always uses hidden / heads)."""
     moe: bool = False
     """Mixture-of-experts MLPs (Qwen3-MoE's config keys: `_moe_from`)."""
 
@@ -402,7 +404,7 @@ LLM_SPECS: dict[str, LLMSpec] = {  # keyed by architecture
                                 must_be_false=("attention_bias", "use_sliding_window"),
                                 defaults=(("head_dim", 128), ("rope_theta", 10000.0), ("tie_word_embeddings", False))),
     "InternLM2ForCausalLM": LLMSpec(
-        "internlm2", "InternLM2ForCausalLM", "internlm2", qkv_bias=False, must_be_false=("bias",),
+        "internlm2", "InternLM2ForCausalLM", "internlm2", qkv_bias=False, must_be_false=("bias",), head_dim=False,
         defaults=(("bias", True), ("rope_theta", 10000), ("tie_word_embeddings", False)),
         extra=(("auto_map", {"AutoConfig": "configuration_internlm2.InternLM2Config",
                              "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
@@ -456,7 +458,7 @@ def _llm_from(tc: Mapping[str, Any], spec: LLMSpec, tie: bool | None, where: str
     _require(tc, "hidden_act", ("silu",), where, "silu")
     hidden = int(_get(tc, "hidden_size", where))
     heads = int(_get(tc, "num_attention_heads", where))
-    head_dim = tc.get("head_dim", defaults.get("head_dim"))
+    head_dim = tc.get("head_dim", defaults.get("head_dim")) if spec.head_dim else None
     # a head width other than hidden / heads becomes kv_channels (None keeps the configs of presets equal)
     kv_channels = int(head_dim) if head_dim is not None and int(head_dim) * heads != hidden else None
     qkv_bias = spec.qkv_bias if isinstance(spec.qkv_bias, bool) else bool(tc.get(spec.qkv_bias, defaults.get(spec.qkv_bias)))
@@ -659,6 +661,9 @@ def _llm_config_dicts(cfg: ModelConfig, fmt: str, dtype: torch.dtype, arch: str 
     }
     # bias flags: stated when the class default would be wrong, else only without a template
     defaults = dict(spec.defaults)
+    if m.kv_channels is not None and not spec.head_dim:
+        raise ConversionError(f"{spec.architecture} has no head_dim setting, but this model's heads are "
+                              f"{m.kv_channels} wide, not hidden_size / num_attention_heads")
     if m.kv_channels is not None or "head_dim" in defaults:  # Qwen3's class default (128) may be wrong
         d["head_dim"] = m.head_dim
     flags = {k: False for k in spec.must_be_false}

@@ -31,9 +31,7 @@ import numpy as np
 from .packing import pack_fill, pack_lengths, v2pe_position_ids, v2pe_random_deltas
 from .sample import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, Reject, TokenizedSample
 from .shards import DEFAULT_TILE_FORMAT, TILE_FORMATS, EncodedSample, ShardReader, ShardWriter, encode_tiles
-from .template import INTERNVL2_5
-
-TEMPLATE = INTERNVL2_5.name  # the only chat template the front end implements
+from .template import INTERNVL2_5, TEMPLATES
 
 
 @dataclass
@@ -61,6 +59,8 @@ class PreprocessConfig:
     system_prompt: str | None = None
     tile_format: str = DEFAULT_TILE_FORMAT
     pack_buffer: int = 4096
+    template: str = INTERNVL2_5.name
+    """Chat template: the model's (`--model`: its config's `template`; InternVL2.5, 3 and 3.5 dense use internvl2_5)."""
     # Not part of the output's identity (excluded from the manifest):
     workers: int = 1
     progress: bool = True
@@ -79,6 +79,9 @@ class PreprocessConfig:
             raise ValueError(f"--v2pe-delta must be in (0, 1], got {self.v2pe_delta}")
         if not 0 <= self.max_reject_ratio <= 1:
             raise ValueError(f"--max-reject-ratio must be in [0, 1], got {self.max_reject_ratio}")
+        if self.template not in TEMPLATES:
+            raise ValueError(f"chat template {self.template!r} (the model config's 'template') is not implemented; "
+                             f"implemented: {', '.join(TEMPLATES)}")
         if self.tile_format not in TILE_FORMATS:
             raise ValueError(f"--tile-format must be one of {TILE_FORMATS}, got {self.tile_format!r}")
         if self.seed < 0:
@@ -261,6 +264,7 @@ def _front_end_options(cfg: PreprocessConfig, num_image_token: int):
         seed=cfg.seed,
         max_seq_length=cfg.seq_length,
         truncate=cfg.truncate,
+        template=cfg.template,
     )
 
 
@@ -361,7 +365,7 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
         result.tokens = int(sum(lengths))
         result.fill = fill
         extra = {
-            "template": TEMPLATE,
+            "template": cfg.template,
             "tokenizer": {
                 "path": cfg.tokenizer,
                 "sha256": tokenizer.sha256,

@@ -30,8 +30,9 @@ from .image import (
 )
 from .sample import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, Reject, TokenizedSample
 from .template import (
-    HUMAN_ROLES,
     IMAGE_PLACEHOLDER,
+    PROMPT_ROLES,
+    TEMPLATES,
     VIDEO_PLACEHOLDER,
     TemplateError,
     count_image_placeholders,
@@ -331,6 +332,8 @@ class PreprocessOptions:
     truncate: bool = False
     frame_sampling: str = "rand"
     """InternVL's video sampling_method: 'rand' (training default) or 'middle'."""
+    template: str = "internvl2_5"
+    """Chat template (data/template.py TEMPLATES), the model config's `template`."""
 
 
 class _RejectError(Exception):
@@ -388,7 +391,7 @@ def _image_sources(record: RawRecord) -> list[tuple[str | bytes, str]] | None:
     return [(os.path.join(root, p), f"image {p!r}") for p in paths]
 
 
-def _first_turn_index(conversations: list[dict], roles=HUMAN_ROLES) -> int:
+def _first_turn_index(conversations: list[dict], roles=PROMPT_ROLES) -> int:
     for i, turn in enumerate(conversations):
         if turn.get("from") in roles:
             return i
@@ -426,7 +429,7 @@ def _expand_video(convs: list[dict], n_frames: int) -> None:
     """'<video>' -> 'Frame-1: <image>\\nFrame-2: <image>...' (prepended to the first user turn if absent)."""
     holders = [
         i for i, t in enumerate(convs)
-        if t.get("from") in HUMAN_ROLES and isinstance(t.get("value"), str) and VIDEO_PLACEHOLDER in t["value"]
+        if t.get("from") in PROMPT_ROLES and isinstance(t.get("value"), str) and VIDEO_PLACEHOLDER in t["value"]
     ]
     total = sum(convs[i]["value"].count(VIDEO_PLACEHOLDER) for i in holders)
     if total > 1:
@@ -517,7 +520,8 @@ def build_sample(record: RawRecord, tokenizer: Tokenizer, opts: PreprocessOption
             raise _RejectError("bad_record", f"'video' must be a path, got {type(video).__name__}")
 
         tokens, loss_mask = tokenize_conversation(
-            convs, tokenizer, [opts.num_image_token * t for t in num_tiles], system_prompt=opts.system_prompt
+            convs, tokenizer, [opts.num_image_token * t for t in num_tiles], system_prompt=opts.system_prompt,
+            template=TEMPLATES[opts.template],
         )
         if num_tiles:
             context_id = tokenizer.token_to_id(IMG_CONTEXT_TOKEN)

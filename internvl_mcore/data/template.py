@@ -1,4 +1,4 @@
-"""InternVL's `internvl2_5` chat template (used by InternVL2.5 and InternVL3) and its loss mask.
+"""InternVL's `internvl2_5` chat template (used by InternVL2.5, InternVL3 and InternVL3.5 dense) and its loss mask.
 
 The rule reproduced here is InternVL's `preprocess_internvl2_5` (internvl_chat/internvl/train/dataset.py):
 
@@ -15,6 +15,12 @@ The rule reproduced here is InternVL's `preprocess_internvl2_5` (internvl_chat/i
   len(tokens("<|im_start|>assistant\\n")) tokens and its last token (the trailing "\\n"), i.e. the answer
   and its `<|im_end|>`. The mask is aligned with the tokens (not shifted): InternVL's
   labels != IGNORE_TOKEN_ID exactly where loss_mask == 1.
+
+InternVL3.5's training code (internvl_chat_gpt_oss/internvl/train: `--conv_style internvl2_5` for every
+Qwen3 model, so the same template) adds one data rule, `preprocess_pretrain`: a conversation whose
+only turn is from "pretrain" is plain text, not a chat. Its `<image>` placeholders are expanded as
+above, the text is tokenized as one piece (BOS-string first with a BOS-adding tokenizer), no template
+and no end token are added, and every token carries loss except `<img>`, `<IMG_CONTEXT>` and `</img>`.
 """
 from __future__ import annotations
 
@@ -35,6 +41,9 @@ INTERNVL2_5_SYSTEM_PROMPT = (
 
 HUMAN_ROLES = ("human", "user")
 GPT_ROLES = ("gpt", "assistant")
+PRETRAIN_ROLE = "pretrain"
+PROMPT_ROLES = HUMAN_ROLES + (PRETRAIN_ROLE,)
+"""Turns whose `<image>` placeholders become images (a pretrain turn is the whole sample)."""
 
 
 @dataclass(frozen=True)
@@ -76,12 +85,20 @@ def image_token_string(num_tokens: int) -> str:
 
 
 def count_image_placeholders(conversations: list[dict]) -> int:
-    """Number of `<image>` placeholders that become images (only human turns are expanded, as InternVL)."""
+    """Number of `<image>` placeholders that become images (only human and pretrain turns are expanded, as InternVL)."""
     return sum(
         turn["value"].count(IMAGE_PLACEHOLDER)
         for turn in conversations
-        if turn.get("from") in HUMAN_ROLES and isinstance(turn.get("value"), str)
+        if turn.get("from") in PROMPT_ROLES and isinstance(turn.get("value"), str)
     )
+
+
+def _expand_images(value: str, num_image_token_list: list[int], start: int) -> tuple[str, int]:
+    """The i-th `<image>` (counting from `start`) -> its <img> ... </img> block; returns (text, next index)."""
+    while IMAGE_PLACEHOLDER in value:
+        value = value.replace(IMAGE_PLACEHOLDER, image_token_string(num_image_token_list[start]), 1)
+        start += 1
+    return value, start
 
 
 def render_turns(
@@ -127,16 +144,40 @@ def render_turns(
         role, value = turn["from"], turn["value"]
         if role in HUMAN_ROLES:
             # Expand placeholders one at a time so image k gets its own token count.
-            while IMAGE_PLACEHOLDER in value:
-                value = value.replace(IMAGE_PLACEHOLDER, image_token_string(num_image_token_list[image_idx]), 1)
-                image_idx += 1
+            value, image_idx = _expand_images(value, num_image_token_list, image_idx)
             out.append(("human", template.user_turn.format(value)))
         elif role in GPT_ROLES:
             out.append(("gpt", template.assistant_turn.format(value)))
         else:
-            where = "after the first turn" if role == "system" else ""
-            raise TemplateError("bad_record", f"turn {i}: role {role!r} {where}".strip())
+            where = {"system": "after the first turn", PRETRAIN_ROLE: "in a chat (it must be the only turn)"}
+            raise TemplateError("bad_record", f"turn {i}: role {role!r} {where.get(role, '')}".strip())
     return out
+
+
+def is_pretrain_sample(conversations: object) -> bool:
+    """InternVL3.5's rule: the first turn is from "pretrain" (then it must be the only one)."""
+    return (isinstance(conversations, list) and bool(conversations) and isinstance(conversations[0], dict)
+            and conversations[0].get("from") == PRETRAIN_ROLE)
+
+
+def tokenize_pretrain(
+    conversations: list[dict], tokenizer: Tokenizer, num_image_token_list: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens (S,) int32 and loss mask (S,) uint8 of a plain-text ("pretrain") sample (module docstring)."""
+    if len(conversations) != 1 or not isinstance(conversations[0].get("value"), str):
+        raise TemplateError("bad_record", f"a {PRETRAIN_ROLE!r} sample is exactly one turn with a string value, "
+                                          f"got {len(conversations)} turn(s)")
+    n_placeholders = count_image_placeholders(conversations)
+    if n_placeholders != len(num_image_token_list):
+        raise TemplateError("image_count_mismatch", f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) in the "
+                                                    f"pretrain text for {len(num_image_token_list)} image(s)")
+    text, _ = _expand_images(conversations[0]["value"], num_image_token_list, 0)
+    bos = tokenizer.bos_token if tokenizer.add_bos_token else None
+    tokens = np.asarray(tokenizer.encode(bos + text if bos else text), dtype=np.int64)
+    image_ids = [i for i in (tokenizer.token_to_id(t) for t in (IMG_START_TOKEN, IMG_CONTEXT_TOKEN, IMG_END_TOKEN))
+                 if i is not None]
+    mask = (~np.isin(tokens, image_ids)).astype(np.uint8)
+    return tokens.astype(np.int32), mask
 
 
 def tokenize_conversation(
@@ -146,12 +187,15 @@ def tokenize_conversation(
     system_prompt: str | None = None,
     template: ChatTemplate = INTERNVL2_5,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens (S,) int32 and loss mask (S,) uint8 of an InternVL-format conversation.
+    """Tokens (S,) int32 and loss mask (S,) uint8 of an InternVL-format conversation (a "pretrain"
+    sample goes through `tokenize_pretrain`).
 
     `conversations` is `[{"from": "system"|"human"|"gpt", "value": str}, ...]`; `num_image_token_list[i]` is
     the number of `<IMG_CONTEXT>` tokens of the i-th `<image>` (num_image_token * n_tiles). `system_prompt`
     replaces the template default unless the conversation starts with its own system turn.
     """
+    if is_pretrain_sample(conversations):
+        return tokenize_pretrain(conversations, tokenizer, num_image_token_list)
     turns = render_turns(conversations, num_image_token_list, system_prompt, template)
     prefix_len = len(tokenizer.encode(template.assistant_prefix))
     bos = tokenizer.bos_token if tokenizer.add_bos_token else None

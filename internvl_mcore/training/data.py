@@ -63,6 +63,8 @@ def check_manifest(prefix: str, run: RunConfig) -> None:
                 "img_context_id": cfg.img_context_token_id}
     problems = [f"{key} {tok.get(key)} (model --model {cfg.name}: {value})"
                 for key, value in expected.items() if tok.get(key) != value]
+    if manifest.get("template", cfg.template) != cfg.template:
+        problems.append(f"chat template {manifest.get('template')!r} (model: {cfg.template!r})")
     if manifest.get("num_image_token") != cfg.num_image_token:
         problems.append(f"num_image_token {manifest.get('num_image_token')} (model: {cfg.num_image_token})")
     if tok.get("vocab_size", 0) > cfg.llm.vocab_size:

@@ -8,6 +8,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 from internvl_mcore.data.packing import v2pe_position_ids
 from internvl_mcore.data.sample import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, Reject
@@ -250,3 +251,26 @@ def test_model_preset_sets_image_geometry(data, tmp_path):
     side = preset.vision.image_size // preset.vision.patch_size
     assert m["num_image_token"] == int(side * side * preset.downsample_ratio**2) == preset.num_image_token
     assert m["tile_shape"] == [preset.vision.image_size, preset.vision.image_size, 3]
+
+
+def test_model_directory_chooses_the_template(data, tmp_path, capsys):
+    """--model DIR reads the checkpoint's config: its image geometry and its chat template (InternVL's
+    config.json `template`); a template the front end does not implement is refused by name."""
+    from internvl_mcore.config.presets import get_preset
+    from internvl_mcore.convert import hf_config_for
+
+    fx, tok, root = data
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    config = hf_config_for(get_preset("debug"), "internvl", torch.float32)
+    (hf / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "m"
+    args = ["--meta", fx.meta_path, "--tokenizer", tok, "--output-prefix", str(out), "--model", str(hf),
+            "--seq-length", "2048", "--min-num-frames", "2", "--max-num-frames", "4", "--max-reject-ratio", "1",
+            "--no-progress"]
+    assert preprocess_mm_data.main(args) == 0
+    m = json.load(open(manifest_path(str(out))))
+    assert m["template"] == "internvl2_5" and m["num_image_token"] == get_preset("debug").num_image_token
+    (hf / "config.json").write_text(json.dumps({**config, "template": "internvl3_5_gpt_oss"}))
+    assert preprocess_mm_data.main(args[:5] + [str(tmp_path / "m2")] + args[6:]) == 2
+    assert "'internvl3_5_gpt_oss'" in capsys.readouterr().err

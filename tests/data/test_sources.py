@@ -393,3 +393,18 @@ def test_tokenizer_without_image_tokens_rejects_image_samples(tmp_path, fx, spec
     plain = load_tokenizer(d)
     out = build_sample(record(specs, "single", 1), plain, fx.options())
     assert isinstance(out, Reject) and out.reason == "bad_record" and "<IMG_CONTEXT>" in out.detail
+
+
+def test_pretrain_image_record_gets_its_placeholder_and_plain_text(fx, tok, specs):
+    """InternVL3.5: an image record whose only turn is from "pretrain" gets '<image>\\n' prepended to that
+    turn and is tokenized as plain text (no chat template), loss on everything but the image block."""
+    rec = record(specs, "single", 2)
+    payload = {k: v for k, v in rec.payload.items() if k != "conversations"}
+    payload["conversations"] = [{"from": "pretrain", "value": "A handwritten digit on paper."}]
+    s = build_sample(RawRecord(rec.dataset, rec.source_file, rec.line, payload, rec.repeat), tok, fx.options())
+    assert isinstance(s, TokenizedSample), s
+    text = tok.decode(s.tokens)
+    assert text.startswith("<img>") and text.endswith("</img>\nA handwritten digit on paper.")
+    assert "<|im_start|>" not in text
+    n_image = fx.num_image_token * s.num_tiles[0] + 2
+    assert int(s.loss_mask.sum()) == len(s.tokens) - n_image and not s.loss_mask[:n_image].any()

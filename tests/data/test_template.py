@@ -205,3 +205,54 @@ def test_errors_have_reasons(tokenizers, convs, n_img, reason):
     with pytest.raises(TemplateError) as e:
         tokenize_conversation(convs, tok, n_img)
     assert e.value.reason == reason
+
+
+# --- InternVL3.5's "pretrain" samples (internvl_chat_gpt_oss/internvl/train/dataset.py) -----------
+
+def internvl_pretrain_reference(conversations, hf, num_image_token_list):
+    """InternVL3.5's preprocess_pretrain for one sample -> (input_ids, labels), on transformers' tokenizer."""
+    assert len(conversations) == 1 and conversations[0]["from"] == "pretrain"
+    value = conversations[0]["value"]
+    for n in num_image_token_list:
+        value = value.replace("<image>", "<img>" + "<IMG_CONTEXT>" * n + "</img>", 1)
+    add_bos = getattr(hf, "add_bos_token", False)
+    text = hf.bos_token + value if add_bos else value
+    ids = list(hf(text).input_ids)
+    if add_bos:
+        ids = ids[1:]
+    ids = np.array(ids)
+    image_ids = hf.convert_tokens_to_ids(["<img>", "<IMG_CONTEXT>", "</img>"])
+    labels = np.where(np.isin(ids, image_ids), IGNORE, ids)
+    return ids, labels
+
+
+PRETRAIN_CASES = {
+    "text": ([{"from": "pretrain", "value": "A digit is a symbol. 这是数字 7。"}], []),
+    "interleaved": ([{"from": "pretrain", "value": "<image>\nA seven. Then <image> a two."}], [N_TOK * 2, N_TOK]),
+}
+
+
+@pytest.mark.parametrize("tok_name", ["qwen2", "internlm_sp"])
+@pytest.mark.parametrize("case", sorted(PRETRAIN_CASES))
+def test_pretrain_samples_match_internvl3_5_rule(tokenizers, tok_name, case):
+    tok, hf = tokenizers[tok_name]
+    convs, n_img = PRETRAIN_CASES[case]
+    tokens, mask = tokenize_conversation(copy.deepcopy(convs), tok, n_img)
+    ref_ids, ref_labels = internvl_pretrain_reference(convs, hf, n_img)
+    np.testing.assert_array_equal(tokens, ref_ids)
+    np.testing.assert_array_equal(mask, (ref_labels != IGNORE).astype(np.uint8))
+    assert "<|im_start|>" not in hf.decode(tokens.tolist())  # no chat template around plain text
+    assert mask.sum() == len(tokens) - sum(n + 2 for n in n_img)  # only image blocks carry no loss
+
+
+@pytest.mark.parametrize("convs,n_img,reason", [
+    ([{"from": "pretrain", "value": "a"}, {"from": "gpt", "value": "b"}], [], "bad_record"),
+    ([{"from": "human", "value": "a"}, {"from": "pretrain", "value": "b"}, {"from": "gpt", "value": "c"}], [],
+     "bad_record"),
+    ([{"from": "pretrain", "value": "no image here"}], [N_TOK], "image_count_mismatch"),
+])
+def test_pretrain_samples_are_single_turn(tokenizers, convs, n_img, reason):
+    tok, _ = tokenizers["qwen2"]
+    with pytest.raises(TemplateError) as err:
+        tokenize_conversation(convs, tok, n_img)
+    assert err.value.reason == reason

@@ -14,7 +14,13 @@ from internvl_mcore.plan.params import (ParamSpec, count_params, decoder_layers_
 # as quoted in third-party model tables: InternVL3-1B 0.94B, InternVL3-2B 2.09B; the technical
 # report / model cards: InternVL3-8B ~7.9B, InternVL3-78B 78.4B), to the digits published.
 PUBLISHED = {"internvl3-1b": (0.94, 2), "internvl3-2b": (2.09, 2), "internvl3-8b": (7.9, 1),
-             "internvl3-78b": (78.4, 1)}
+             "internvl3-78b": (78.4, 1),
+             # InternVL2.5 model cards / report (InternLM2.5 and Qwen2.5-3B based sizes)
+             "internvl2.5-2b": (2.2, 1), "internvl2.5-4b": (3.7, 1), "internvl2.5-8b": (8.1, 1),
+             "internvl2.5-26b": (25.5, 1),
+             # InternVL3.5 (OpenGVLab/InternVL README, "#Total Param" of the GitHub format)
+             "internvl3.5-1b": (1.1, 1), "internvl3.5-2b": (2.3, 1), "internvl3.5-4b": (4.7, 1),
+             "internvl3.5-8b": (8.5, 1), "internvl3.5-14b": (15.1, 1), "internvl3.5-38b": (38.4, 1)}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
