@@ -176,7 +176,8 @@ class StateBytes:
 def state_bytes(model: ModelConfig, par: ParallelConfig, pp_rank: int, data_parallel_size: int,
                 trainable: Iterable[str] = PARTS, param_bytes: int = 2, use_distributed_optimizer: bool = False,
                 dp_rank: Optional[int] = None, grad_reduce_in_fp32: bool = True, adam_step_bytes: int = 0,
-                lora_rank: int = 0, bucket_size: Optional[int] = None, norms_fp32: bool = False) -> StateBytes:
+                lora_rank: int = 0, bucket_size: Optional[int] = None, norms_fp32: bool = False,
+                expert_dp_rank: Optional[int] = None) -> StateBytes:
     """Parameter, gradient and Adam-state bytes on one rank of stage `pp_rank`.
 
     trainable: parts that get gradients ('vision', 'projector', 'llm', and 'lora' with lora_rank).
@@ -185,20 +186,27 @@ def state_bytes(model: ModelConfig, par: ParallelConfig, pp_rank: int, data_para
         None gives the largest over the DP group (what a plan needs), an int that rank exactly.
     norms_fp32: the local (CPU) backend's torch norms stay fp32 in bf16 training; DDP then keeps a
         second buffer for them (one buffer per parameter dtype), sharded and padded on its own.
-    The DP group megatron shards over is data x context parallel."""
+    expert_dp_rank: with dp_rank, this rank's place in the expert data-parallel group (MoE).
+    The DP group megatron shards over is data x context parallel; MoE expert weights have buffers of
+    their own over the expert data-parallel group (TP x CP x DP / (EP x expert-TP) ranks)."""
     keep = set(trainable)
     specs = stage_params(model, par, pp_rank) + lora_params(model, par, pp_rank, lora_rank)
-    dp = data_parallel_size * par.context_parallel_size
+    tp, ep = par.tensor_model_parallel_size, par.expert_model_parallel_size
+    dense_dp = data_parallel_size * par.context_parallel_size
+    expert_dp = dense_dp * tp // (ep * (par.expert_tensor_parallel_size or tp))
 
     def width(s: ParamSpec) -> int:
         return 4 if (norms_fp32 and s.torch_norm) else param_bytes
 
     params = sum(s.numel * width(s) for s in specs if s.part not in keep)  # frozen: own storage
     grads = opt = 0
-    for nbytes in sorted({width(s) for s in specs}):  # one DDP buffer per parameter dtype
-        train = [s for s in specs if s.part in keep and width(s) == nbytes]
+    # one DDP buffer per (parameter dtype, expert or not)
+    for nbytes, expert in sorted({(width(s), s.expert) for s in specs}):
+        train = [s for s in specs if s.part in keep and width(s) == nbytes and s.expert == expert]
         if not train:
             continue
+        dp = expert_dp if expert else dense_dp
+        rank = expert_dp_rank if expert else dp_rank
         grad_bytes = 4 if grad_reduce_in_fp32 else nbytes
         master = 4 if nbytes != 4 else 0  # fp32 copy of bf16/fp16 params
         buf = grad_buffer(train, dp, use_distributed_optimizer, bucket_size)
@@ -208,7 +216,7 @@ def state_bytes(model: ModelConfig, par: ParallelConfig, pp_rank: int, data_para
             if dp_rank is None:
                 opt += _max_shard(buf, dp, 8 + master, adam_step_bytes)
             else:
-                owned = owned_elements(buf, dp, dp_rank)
+                owned = owned_elements(buf, dp, rank if rank is not None else 0)
                 opt += sum(owned) * (8 + master) + adam_step_bytes * sum(1 for n in owned if n > 0)
         else:
             numel = sum(s.numel for s in train)
@@ -253,14 +261,24 @@ def llm_layer_bytes(model: ModelConfig, par: ParallelConfig, tokens: float, seg_
     sp = tp if par.sequence_parallel else 1
     h, d = m.hidden_size, m.head_dim
     hq, hkv, f = m.num_attention_heads // tp, m.num_query_groups // tp, m.ffn_hidden_size // tp
+    # MLP tokens and width: an MoE layer's experts see each token k times (routed copies, gathered
+    # over the expert-TP group; balanced routing assumed) at the expert width / expert-TP
+    mlp_tokens, mlp_in = tokens, tokens / sp
+    if m.is_moe:
+        etp = par.expert_tensor_parallel_size or tp
+        mlp_tokens = mlp_in = tokens / sp * etp * m.moe_router_topk
+        f = m.moe_ffn_hidden_size // etp
+        per_router = (tokens / sp) * m.num_experts * 4 * 2  # fp32 logits and probabilities
     per = 2 * _norm_bytes(tokens / sp, h, "RMSNorm", e, kernels, weight_grads)
     per += tokens * 4 * d * e                           # cos, sin for q and k
     per += _attention_bytes(tokens, seg_sq, hq, hkv, d, e, kernels)
-    per += tokens * 4 * f * e                           # SwiGLU: fc1 out, silu out, up copy
+    per += mlp_tokens * 4 * f * e                       # SwiGLU: fc1 out, silu out, up copy
+    if m.is_moe:
+        per += per_router
     if m.qk_layernorm:                                  # per-head QK-norm: q, k inputs and normalized
         per += tokens * ((hq + hkv) * 2 * d * e + (hq + hkv) * 4)  # copies, fp32 statistic per head
     if weight_grads:                                    # linear inputs: qkv, fc1, proj, fc2
-        per += 2 * (tokens / sp) * h * e + tokens * hq * d * e + tokens * f * e
+        per += (tokens / sp) * h * e + mlp_in * h * e + tokens * hq * d * e + mlp_tokens * f * e
     return per
 
 

@@ -42,6 +42,10 @@ class ParamSpec:
     torch_norm: bool = False
     """A norm built by megatron-core's `WrappedTorchNorm` (local backend): torch creates it in fp32
     whatever the training dtype (transformer-engine's norms follow params_dtype)."""
+    expert: bool = False
+    """An MoE expert weight: this EP rank's experts, split over expert-TP; DDP keeps their gradients
+    in buffers of their own, reduced (and distributed-optimizer-sharded) over the expert
+    data-parallel group."""
 
     @property
     def numel(self) -> int:
@@ -150,8 +154,10 @@ def padded_vocab(model: ModelConfig, tp: int) -> int:
     return padded_vocab_size(model.llm.vocab_size, tp)
 
 
-def decoder_layer_params(model: ModelConfig, tp: int, index: int) -> list[ParamSpec]:
-    """One pre-norm GQA + SwiGLU decoder layer on one TP rank (+ per-head QK-norm; head_dim may be decoupled)."""
+def decoder_layer_params(model: ModelConfig, tp: int, index: int, ep: int = 1,
+                         etp: int | None = None) -> list[ParamSpec]:
+    """One pre-norm GQA + SwiGLU (or MoE) decoder layer on one TP rank and EP / expert-TP rank (+ per-head
+    QK-norm; head_dim may be decoupled)."""
     m = model.llm
     h, d = m.hidden_size, m.head_dim
     q, kv, f = m.num_attention_heads // tp, m.num_query_groups // tp, m.ffn_hidden_size // tp
@@ -165,11 +171,22 @@ def decoder_layer_params(model: ModelConfig, tp: int, index: int) -> list[ParamS
         specs.append(ParamSpec(f"{lp}.self_attention.linear_qkv.bias", ((q + 2 * kv) * d,), "llm"))
     if m.qk_layernorm:  # per-head, replicated over TP, in params_dtype (models/qk_norm.py)
         specs += [ParamSpec(f"{lp}.self_attention.{x}_layernorm.weight", (d,), "llm") for x in "qk"]
-    specs += [
-        ParamSpec(f"{lp}.pre_mlp_layernorm.weight", (h,), "llm", torch_norm=True),
-        ParamSpec(f"{lp}.mlp.linear_fc1.weight", (2 * f, h), "llm"),
-        ParamSpec(f"{lp}.mlp.linear_fc2.weight", (h, f), "llm"),
-    ]
+    specs.append(ParamSpec(f"{lp}.pre_mlp_layernorm.weight", (h,), "llm", torch_norm=True))
+    if m.is_moe:
+        return specs + moe_params(model, lp, ep, etp or tp)
+    return specs + [ParamSpec(f"{lp}.mlp.linear_fc1.weight", (2 * f, h), "llm"),
+                    ParamSpec(f"{lp}.mlp.linear_fc2.weight", (h, f), "llm")]
+
+
+def moe_params(model: ModelConfig, lp: str, ep: int, etp: int) -> list[ParamSpec]:
+    """megatron-core MoELayer: the router (replicated), then this EP rank's E/EP SwiGLU experts."""
+    m = model.llm
+    h, fe = m.hidden_size, m.moe_ffn_hidden_size // etp
+    specs = [ParamSpec(f"{lp}.mlp.router.weight", (m.num_experts, h), "llm")]
+    for j in range(m.num_experts // ep):
+        ex = f"{lp}.mlp.experts.local_experts.{j}"
+        specs += [ParamSpec(f"{ex}.linear_fc1.weight", (2 * fe, h), "llm", expert=True),
+                  ParamSpec(f"{ex}.linear_fc2.weight", (h, fe), "llm", expert=True)]
     return specs
 
 
@@ -191,7 +208,7 @@ def _stage_params(model: ModelConfig, par: ParallelConfig, pp_rank: int) -> tupl
         specs.append(ParamSpec("language_model.embedding.word_embeddings.weight", (vocab // tp, h), "llm",
                                shared_embedding=tied and pp > 1))
     for i in range(decoder_layers_per_stage(model.llm.num_layers, par)[pp_rank]):
-        specs += decoder_layer_params(model, tp, i)
+        specs += decoder_layer_params(model, tp, i, par.expert_model_parallel_size, par.expert_tensor_parallel_size)
     if last:
         specs.append(ParamSpec("language_model.decoder.final_layernorm.weight", (h,), "llm", torch_norm=True))
         if not (first and tied):  # PP1 + tied: the output layer reuses the embedding
@@ -209,6 +226,15 @@ def check_divisibility(model: ModelConfig, par: ParallelConfig) -> None:
         "LLM ffn_hidden_size": m.ffn_hidden_size, "LLM hidden_size (projector)": m.hidden_size,
         "ViT ffn_hidden_size": v.ffn_hidden_size,
     }
+    if m.is_moe:  # the dense ffn width is unused; experts split over EP and expert-TP instead
+        del need["LLM ffn_hidden_size"]
+        ep, etp = par.expert_model_parallel_size, par.expert_tensor_parallel_size or tp
+        if m.num_experts % ep:
+            raise ValueError(f"--expert-model-parallel-size {ep} does not divide the {m.num_experts} experts of "
+                             f"{model.name}")
+        if m.moe_ffn_hidden_size % etp:
+            raise ValueError(f"expert tensor parallel size {etp} does not divide the expert width "
+                             f"({m.moe_ffn_hidden_size}) of {model.name}")
     for what, n in need.items():
         if n % tp:
             raise ValueError(f"--tensor-model-parallel-size {tp} does not divide the {what} ({n}) of "
@@ -241,6 +267,17 @@ def count_params(model: ModelConfig) -> ParamCounts:
     by = {part: sum(s.numel for s in specs if s.part == part) for part in PARTS}
     return ParamCounts(vision=by["vision"], projector=by["projector"],
                        llm=by["llm"] - pad_rows * model.llm.hidden_size * vocab_tensors)
+
+
+def active_params(model: ModelConfig) -> ParamCounts:
+    """Parameters one token uses: `count_params` minus, in every MoE layer, the experts it is not
+    routed to (num_experts - top-k of them); equal to `count_params` for a dense model."""
+    counts = count_params(model)
+    m = model.llm
+    if not m.is_moe:
+        return counts
+    idle = m.num_layers * (m.num_experts - m.moe_router_topk) * 3 * m.hidden_size * m.moe_ffn_hidden_size
+    return ParamCounts(vision=counts.vision, projector=counts.projector, llm=counts.llm - idle)
 
 
 def trainable_numel(specs: Iterable[ParamSpec], trainable: Iterable[Part]) -> int:

@@ -117,7 +117,7 @@ def measured_flops(model, cfg, seq=128):
 reports = []
 for case in cases:
     par = ParallelConfig(tensor_model_parallel_size=case["tp"], pipeline_model_parallel_size=case["pp"],
-                         sequence_parallel=case.get("sp", False))
+                         sequence_parallel=case.get("sp", False), expert_model_parallel_size=case.get("ep", 1))
     ps.destroy_model_parallel()
     init_distributed(par, seed=1)
     cfg = get_preset(case["model"])
@@ -145,6 +145,7 @@ for case in cases:
     params, grads, opt = held_bytes(model, ddp, optimizer)
     rep = dict(case=case, rank=dist.get_rank(), tp_rank=ps.get_tensor_model_parallel_rank(),
                pp_rank=ps.get_pipeline_model_parallel_rank(), dp_rank=ps.get_data_parallel_rank(), dp=dp,
+               expert_dp_rank=ps.get_expert_data_parallel_rank(),
                params=params, grads=grads, optimizer=opt,
                names=[[n, list(q.shape)] for n, q in model.named_parameters()])
     for seq_len in case.get("act_seqs", []):

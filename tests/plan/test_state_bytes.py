@@ -42,12 +42,16 @@ CASES = [
     # debug-qwen3: per-head LLM QK-norm (replicated over TP, params_dtype), head_dim 32 != 64 / 4 heads
     dict(model="debug-qwen3", tp=2, pp=1, sp=True, dist_opt=True, trainable=ALL, act_seqs=[256]),
     dict(model="debug-qwen3", tp=1, pp=1, dist_opt=False, trainable=ALL, bf16=True, flops=True),
+    # debug-moe: router + 4 experts, EP2 (2 experts per rank; expert grads in their own buffers,
+    # distributed-optimizer-sharded over the expert data-parallel group of 4 / 2 = 2 ranks)
+    dict(model="debug-moe", tp=1, pp=1, ep=2, dist_opt=True, trainable=ALL, act_seqs=[256]),
+    dict(model="debug-moe", tp=2, pp=1, sp=True, ep=2, dist_opt=False, trainable=ALL, act_seqs=[256]),
 ]
 
 
 def _par(case):
     return ParallelConfig(tensor_model_parallel_size=case["tp"], pipeline_model_parallel_size=case["pp"],
-                          sequence_parallel=case.get("sp", False))
+                          sequence_parallel=case.get("sp", False), expert_model_parallel_size=case.get("ep", 1))
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +82,8 @@ def test_state_bytes_exact(reports):
         c = rep["case"]
         pred = state_bytes(get_preset(c["model"]), _par(c), rep["pp_rank"], rep["dp"], trainable=c["trainable"],
                            param_bytes=2 if c.get("bf16") else 4, use_distributed_optimizer=c["dist_opt"],
-                           dp_rank=rep["dp_rank"], adam_step_bytes=4, norms_fp32=True)
+                           dp_rank=rep["dp_rank"], adam_step_bytes=4, norms_fp32=True,
+                           expert_dp_rank=rep["expert_dp_rank"])
         got = (rep["params"], rep["grads"], rep["optimizer"])
         assert (pred.params, pred.grads, pred.optimizer) == got, _id(rep)
         checked.add((c["model"], c["tp"], c["pp"], c["dist_opt"]))
@@ -112,6 +117,8 @@ def test_count_params_equals_built_model(reports):
                 n *= x
             numel[part[name.split(".", 1)[0]]] += n
         assert cfg.llm.vocab_size % 128 == 0  # no padding rows to subtract
+        m, ep = cfg.llm, c.get("ep", 1)  # an EP rank holds E / EP experts: add the others' (same shapes)
+        numel["llm"] += m.num_layers * (m.num_experts - m.num_experts // ep) * 3 * m.hidden_size * m.moe_ffn_hidden_size
         counts = count_params(cfg)
         assert (counts.vision, counts.projector, counts.llm) == (numel["vision"], numel["projector"], numel["llm"])
 
@@ -128,6 +135,7 @@ def test_activations_within_25_percent(reports):
             seen.add((c["model"], c["tp"], c["pp"], act["seq"]))
     assert {("debug", 1, 1, s) for s in (128, 256, 512)} <= seen
     assert ("debug", 2, 1, 256) in seen and ("debug", 1, 2, 256) in seen and ("debug-6b", 1, 1, 256) in seen
+    assert ("debug-moe", 1, 1, 256) in seen and ("debug-moe", 2, 1, 256) in seen
 
 
 def test_activations_grow_with_sequence(reports):
