@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from internvl_mcore.config import PRESETS, get_preset  # noqa: E402
 from internvl_mcore.plan import HARDWARE, Layout, Workload, count_params, plan, search  # noqa: E402
+from internvl_mcore.plan.params import active_params  # noqa: E402
 from internvl_mcore.plan.memory import GiB  # noqa: E402
 
 # What each --stage trains (InternVL's recipe; the same table the training loop applies).
@@ -55,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tensor-model-parallel-size", type=int, default=None)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=None)
     p.add_argument("--context-parallel-size", type=int, default=None)
+    p.add_argument("--expert-model-parallel-size", type=int, default=None,
+                   help="MoE: ranks the experts are split over (out of DP x CP); with the layout flags, "
+                        "that layout (default 1), else the search keeps only this EP")
     p.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
     p.add_argument("--sequence-parallel", action="store_true", help="(implied for TP > 1 in the search)")
     p.add_argument("--use-distributed-optimizer", action="store_true")
@@ -101,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     counts = count_params(model)
     print(f"{model.name}: {counts.total / 1e9:.2f}B parameters (ViT {counts.vision / 1e9:.2f}B, projector "
           f"{counts.projector / 1e6:.1f}M, LLM {counts.llm / 1e9:.2f}B); training {', '.join(sorted(trainable))}")
+    if model.llm.is_moe:  # MFU and the FLOPs below count the active parameters only
+        m = model.llm
+        print(f"mixture of experts: {m.num_experts} experts, top-{m.moe_router_topk}: "
+              f"{active_params(model).total / 1e9:.2f}B parameters active per token (FLOPs and MFU count these)")
     print(f"{a.gpus} x {hw.name}: {hw.memory_gib:.0f} GiB each, budget {hw.memory_gib - a.reserve_gb:.0f} GiB "
           f"after {a.reserve_gb:.0f} GiB reserve; peak {hw.peak_flops / 1e12:.0f} TFLOP/s x "
           f"{a.compute_efficiency:.2f} efficiency")
@@ -119,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         lay = Layout(tp, pp, cp, a.gpus // (tp * pp * cp), sequence_parallel=a.sequence_parallel or tp > 1,
                      distributed_optimizer=a.use_distributed_optimizer,
                      recompute=a.recompute_granularity == "full",
-                     first_stage_layers=a.decoder_first_pipeline_num_layers)
+                     first_stage_layers=a.decoder_first_pipeline_num_layers,
+                     ep=a.expert_model_parallel_size or 1)
         try:
             p = plan(model, lay, work, hw, **kw)
         except ValueError as exc:
@@ -139,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{p.tokens_per_s:,.0f} tokens/s, MFU {p.mfu:.1%}")
         return 0 if p.fits else 1
 
-    fixed = {}
+    fixed = {} if a.expert_model_parallel_size is None else {"ep": a.expert_model_parallel_size}
     plans = search(model, a.gpus, work, hw, distributed_optimizer=True if a.use_distributed_optimizer else None,
                    recompute=True if a.recompute_granularity else None, fixed=fixed, **kw)
     if not plans:

@@ -95,18 +95,22 @@ class Layout:
     distributed_optimizer: bool
     recompute: bool
     first_stage_layers: Optional[int] = None
+    ep: int = 1
+    """Expert parallelism (MoE): experts split over EP ranks carved out of DP x CP (expert-TP = TP)."""
 
     def parallel(self) -> ParallelConfig:
         return ParallelConfig(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
                               context_parallel_size=self.cp, sequence_parallel=self.sequence_parallel,
                               decoder_first_pipeline_num_layers=self.first_stage_layers,
-                              recompute_granularity="full" if self.recompute else None)
+                              recompute_granularity="full" if self.recompute else None,
+                              expert_model_parallel_size=self.ep)
 
     def describe(self) -> str:
         extra = [f"first-stage-layers {self.first_stage_layers}"] if self.first_stage_layers is not None else []
         flags = ["SP"] * self.sequence_parallel + ["dist-opt"] * self.distributed_optimizer + \
             ["recompute"] * self.recompute + extra
-        return f"TP{self.tp} PP{self.pp} CP{self.cp} DP{self.dp}" + (f" ({', '.join(flags)})" if flags else "")
+        ep = f" EP{self.ep}" if self.ep > 1 else ""
+        return f"TP{self.tp} PP{self.pp} CP{self.cp} DP{self.dp}{ep}" + (f" ({', '.join(flags)})" if flags else "")
 
 
 @dataclass(frozen=True)
@@ -220,6 +224,7 @@ def plan(model: ModelConfig, layout: Layout, workload: Workload, hardware: Hardw
         comm = n_layers * ar_per_layer * _ring(tp, True) * act_bytes / tp_bw
         kv_bytes = tokens_rank * 2 * m.num_query_groups * m.head_dim * e / tp
         comm += n_layers * 3 * (cp - 1) * kv_bytes / cp_bw if cp > 1 else 0.0
+        comm += n_layers * _expert_all_to_all_s(model, layout, hw, tokens_rank, e, ar_per_layer)
         if r == 0 and tiles_mb:
             vit = (fwd.vit_linear + fwd.vit_attention) * vit_pad + fwd.vit_patch_embed
             flops += (vit * vit_mult + fwd.projector * proj_mult) / tp
@@ -238,12 +243,14 @@ def plan(model: ModelConfig, layout: Layout, workload: Workload, hardware: Hardw
     dp_bw = _link(hw, tp * cp, dp)
     dp_time = 0.0
     for r in range(pp):
-        numel = sum(s.numel for s in stage_params(model, par, r) + lora_params(model, par, r, w.lora_rank)
-                    if s.part in trainable)
-        if layout.distributed_optimizer:
-            t = (_ring(dp * cp, False) * numel * 4 + _ring(dp * cp, False) * numel * e) / dp_bw
-        else:
-            t = _ring(dp * cp, True) * numel * 4 / dp_bw
+        specs = [s for s in stage_params(model, par, r) + lora_params(model, par, r, w.lora_rank) if s.part in trainable]
+        t = 0.0  # dense weights over DP x CP; expert weights over the expert DP group (DP x CP / EP)
+        for n, group in ((sum(s.numel for s in specs if not s.expert), dp * cp),
+                         (sum(s.numel for s in specs if s.expert), dp * cp // layout.ep)):
+            if layout.distributed_optimizer:
+                t += (_ring(group, False) * n * 4 + _ring(group, False) * n * e) / dp_bw
+            else:
+                t += _ring(group, True) * n * 4 / dp_bw
         dp_time = max(dp_time, t)
     step = pipeline + dp_time
     model_flops = train_step_flops(model, w.global_batch_size * w.seq_length,
@@ -255,6 +262,19 @@ def plan(model: ModelConfig, layout: Layout, workload: Workload, hardware: Hardw
                 comm_s=step - compute_s,
                 breakdown={"pipeline_s": pipeline, "dp_comm_s": dp_time, "microbatches": microbatches,
                            "bubble": (pp - 1) / (microbatches + pp - 1)})
+
+
+def _expert_all_to_all_s(model: ModelConfig, layout: Layout, hw: Hardware, tokens_rank: float, e: int,
+                         passes: int) -> float:
+    """Seconds one MoE layer spends in the dispatcher's all-to-alls per microbatch: each of the
+    token's top-k copies (hidden_size x e bytes) leaves the rank with probability (EP-1)/EP, once
+    to dispatch and once to combine, in the forward and again in the backward (`passes` / 2 times
+    each: 4 per layer, 6 with recompute); the EP group spans ranks TP apart."""
+    m = model.llm
+    if not m.is_moe or layout.ep == 1:
+        return 0.0
+    hw_bytes = tokens_rank / layout.tp * m.moe_router_topk * m.hidden_size * e * (layout.ep - 1) / layout.ep
+    return passes * hw_bytes / _link(hw, layout.tp, layout.ep)
 
 
 def _divisors(n: int) -> list[int]:
@@ -272,6 +292,14 @@ def first_stage_options(model: ModelConfig, pp: int, tries: int = 3) -> list[Opt
         step = max(1, len(fewer) // tries)
         opts += fewer[::step][:tries]
     return opts
+
+
+def expert_parallel_options(model: ModelConfig, dp_cp: int, fixed: Optional[int] = None) -> list[int]:
+    """EP sizes to try for an MoE model: divisors of both the experts and DP x CP (megatron-core
+    carves the expert-parallel group out of the data- and context-parallel ranks); [1] if dense."""
+    if not model.llm.is_moe:
+        return [1]
+    return [ep for ep in _divisors(dp_cp) if model.llm.num_experts % ep == 0 and fixed in (None, ep)]
 
 
 def candidate_layouts(model: ModelConfig, gpus: int, workload: Workload, max_tp: int = 8,
@@ -297,10 +325,11 @@ def candidate_layouts(model: ModelConfig, gpus: int, workload: Workload, max_tp:
             if workload.global_batch_size % (workload.micro_batch_size * dp):
                 continue
             for first in first_stage_options(model, pp):
-                for dist in ([distributed_optimizer] if distributed_optimizer is not None else [True, False]):
-                    for rc in ([recompute] if recompute is not None else [False, True]):
-                        yield Layout(tp, pp, cp, dp, sequence_parallel=tp > 1, distributed_optimizer=dist,
-                                     recompute=rc, first_stage_layers=first)
+                for ep in expert_parallel_options(model, dp * cp, fixed.get("ep")):
+                    for dist in ([distributed_optimizer] if distributed_optimizer is not None else [True, False]):
+                        for rc in ([recompute] if recompute is not None else [False, True]):
+                            yield Layout(tp, pp, cp, dp, sequence_parallel=tp > 1, distributed_optimizer=dist,
+                                         recompute=rc, first_stage_layers=first, ep=ep)
 
 
 def search(model: ModelConfig, gpus: int, workload: Workload, hardware: Hardware,
@@ -314,7 +343,7 @@ def search(model: ModelConfig, gpus: int, workload: Workload, hardware: Hardware
         p = plan(model, lay, workload, hardware, budget_gib, compute_efficiency, reserve_gib)
         if not p.fits:
             continue
-        key = (lay.tp, lay.pp, lay.cp)
+        key = (lay.tp, lay.pp, lay.cp, lay.ep)
         if key not in best or p.step_time_s < best[key].step_time_s:
             best[key] = p
     return sorted(best.values(), key=lambda p: p.step_time_s)

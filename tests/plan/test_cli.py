@@ -62,3 +62,29 @@ def test_stage_presets_shrink_state():
     lora = plan(model, lay, Workload(seq_length=8192, trainable=frozenset({"projector", "lora"}), lora_rank=16), hw)
     assert lora.peak_gib < frozen_vit.peak_gib < full.peak_gib
     assert lora.stages[0].state.optimizer < 0.05 * full.stages[0].state.optimizer
+
+
+def test_moe_30b_a3b_on_16_gpus_uses_expert_parallelism(capsys):
+    """The issue's command: layouts with EP appear, MFU counts active parameters (3.7B of 30.8B)."""
+    assert cli.main(["--model", "internvl3.5-30b-a3b", "--gpus", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "30.85B parameters" in out and "3.67B parameters active per token" in out
+    rows = re.findall(r"^\s*\d+\s+(TP\d+ PP\d+ CP\d+ DP\d+(?: EP\d+)?)", out, re.M)
+    eps = [int(m.group(1)) for r in rows for m in [re.search(r"EP(\d+)", r)] if m]
+    assert eps and all(128 % ep == 0 for ep in eps), out
+    for layout in rows:
+        tp, pp, cp, dp = map(int, re.match(r"TP(\d+) PP(\d+) CP(\d+) DP(\d+)", layout).groups())
+        ep = int(re.search(r"EP(\d+)", layout).group(1)) if "EP" in layout else 1
+        assert tp * pp * cp * dp == 16 and (dp * cp) % ep == 0
+
+
+def test_moe_explicit_layout_shards_experts(capsys):
+    """EP4 holds a quarter of the experts: less parameter memory than EP1 on the same layout."""
+    base = ["--model", "internvl3.5-30b-a3b", "--gpus", "16", "--tensor-model-parallel-size", "2",
+            "--pipeline-model-parallel-size", "2", "--use-distributed-optimizer", "--recompute-granularity", "full"]
+    cli.main(base + ["--expert-model-parallel-size", "4"])
+    ep4 = capsys.readouterr().out
+    cli.main(base)
+    ep1 = capsys.readouterr().out
+    params = [float(re.search(r"^\s+0\s+\d+\s+([\d.]+)", o, re.M).group(1)) for o in (ep4, ep1)]
+    assert "EP4" in ep4 and params[0] < params[1] / 2
