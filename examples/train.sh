@@ -8,6 +8,7 @@
 # Set by the per-size scripts (their values come from the capacity planner, see examples/layouts.tsv):
 #   MODEL STAGE STAGE_NAME        preset (--model), stage preset (--stage 1|1.5|2|finetune), output sub-dir
 #   TP PP CP                      tensor / pipeline / context parallel sizes (default 1)
+#   EP                            MoE models: expert parallel size (default 1), out of DP x CP
 #   SEQUENCE_PARALLEL=0|1 DISTRIBUTED_OPTIMIZER=0|1 RECOMPUTE=0|1 (full) FIRST_STAGE_LAYERS=N (decoder
 #                                 layers on pipeline stage 0, which also holds the ViT; empty: even split)
 # The job (defaults in brackets), as InternVL's shell scripts take them:
@@ -51,17 +52,18 @@ fi
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
-TP=${TP:-1}; PP=${PP:-1}; CP=${CP:-1}
+TP=${TP:-1}; PP=${PP:-1}; CP=${CP:-1}; EP=${EP:-1}
 BATCH_SIZE=${BATCH_SIZE:-128}
 PER_DEVICE_BATCH_SIZE=${PER_DEVICE_BATCH_SIZE:-1}
 SEQ_LENGTH=${SEQ_LENGTH:-16384}
-for v in NNODES NODE_RANK MASTER_PORT TP PP CP BATCH_SIZE PER_DEVICE_BATCH_SIZE SEQ_LENGTH; do int "$v"; done
+for v in NNODES NODE_RANK MASTER_PORT TP PP CP EP BATCH_SIZE PER_DEVICE_BATCH_SIZE SEQ_LENGTH; do int "$v"; done
 (( NNODES > 0 && TP > 0 && PP > 0 && CP > 0 && PER_DEVICE_BATCH_SIZE > 0 )) || die "NNODES, TP, PP, CP and PER_DEVICE_BATCH_SIZE must be positive"
 (( GPUS % NNODES == 0 )) || die "GPUS=$GPUS is not divisible by NNODES=$NNODES"
 (( NODE_RANK < NNODES )) || die "NODE_RANK=$NODE_RANK must be below NNODES=$NNODES"
 NPROC_PER_NODE=$(( GPUS / NNODES ))
 (( GPUS % (TP * PP * CP) == 0 )) || die "GPUS=$GPUS is not divisible by TP x PP x CP = $TP x $PP x $CP"
 DP=$(( GPUS / (TP * PP * CP) ))
+(( EP > 0 && (DP * CP) % EP == 0 )) || die "EP=$EP must divide DP x CP = $DP x $CP (experts are split over data/context-parallel ranks)"
 (( BATCH_SIZE % (PER_DEVICE_BATCH_SIZE * DP) == 0 )) || \
   die "BATCH_SIZE=$BATCH_SIZE is not divisible by PER_DEVICE_BATCH_SIZE x DP = $PER_DEVICE_BATCH_SIZE x $DP"
 GRADIENT_ACC=$(( BATCH_SIZE / (PER_DEVICE_BATCH_SIZE * DP) ))
@@ -111,6 +113,7 @@ args=(
   --model "$MODEL" --stage "$STAGE"
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" --context-parallel-size "$CP"
 )
+(( EP > 1 )) && args+=(--expert-model-parallel-size "$EP")
 [[ ${SEQUENCE_PARALLEL:-0} == 1 ]] && args+=(--sequence-parallel)
 [[ -n ${FIRST_STAGE_LAYERS:-} ]] && args+=(--decoder-first-pipeline-num-layers "$FIRST_STAGE_LAYERS")
 [[ ${RECOMPUTE:-0} == 1 ]] && args+=(--recompute-granularity full)
