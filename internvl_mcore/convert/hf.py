@@ -527,7 +527,8 @@ def _from_transformers(c: Mapping[str, Any], where: str) -> tuple[ModelConfig, d
         raise ConversionError(f"{where}: vision_feature_layer={layer!r}: only a single layer is supported")
     text_type = _get(tc, "model_type", where + " text_config")
     if text_type in UNSUPPORTED_LLMS:
-        raise ConversionError(f"{where}: text_config model_type {text_type!r} is not supported: {UNSUPPORTED_LLMS[text_type]}")
+        raise ConversionError(f"{where}: text_config model_type {text_type!r} is not supported: "
+                              f"{UNSUPPORTED_LLMS[text_type]}")
     if text_type not in TEXT_MODEL_TYPES:
         raise ConversionError(f"{where}: text_config model_type {text_type!r} is not supported "
                               f"(supported: {', '.join(TEXT_MODEL_TYPES)})")

@@ -384,7 +384,8 @@ def canonical_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     }
     llm_layer = {
         "input_layernorm.weight": (h,), "self_attention.linear_qkv.weight": (qkv_rows, h),
-        "self_attention.linear_qkv.bias": (qkv_rows,), "self_attention.linear_proj.weight": (h, m.num_attention_heads * d),
+        "self_attention.linear_qkv.bias": (qkv_rows,),
+        "self_attention.linear_proj.weight": (h, m.num_attention_heads * d),
         "self_attention.q_layernorm.weight": (d,), "self_attention.k_layernorm.weight": (d,),
         "pre_mlp_layernorm.weight": (h,), "mlp.linear_fc1.weight": (2 * m.ffn_hidden_size, h),
         "mlp.linear_fc2.weight": (h, m.ffn_hidden_size),

@@ -67,3 +67,13 @@ def test_pretrain_cli_takes_a_directory(dirs, capsys) -> None:
     with pytest.raises(SystemExit):
         pretrain_internvl.parse_run_config(["--model", "internvl9-1b", "--mock-data"])
     assert "neither a preset" in capsys.readouterr().err
+
+
+def test_gpt_oss_is_refused_naming_what_is_missing(tmp_path: Path) -> None:
+    from internvl_mcore.convert import hf_config_for
+
+    config = hf_config_for(PRESETS["debug"], "transformers", torch.float32)
+    config["text_config"]["model_type"] = "gpt_oss"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match="attention sinks.*MXFP4"):
+        resolve_model(str(tmp_path))

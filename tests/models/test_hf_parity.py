@@ -1,9 +1,10 @@
 """Parity with transformers: a tiny random `InternVLForConditionalGeneration`, saved offline,
 converted by our key map into our megatron-core model, gives the same logits (fp32, 1e-4).
 
-Covers Qwen2, Llama-style and Qwen3 (per-head QK-norm, decoupled head_dim) text models, InternViT-300M-style (LayerNorm, qkv bias) and
-InternViT-6B-style (RMSNorm, QK-norm over all heads, no qkv bias, 3 heads) vision, tied and untied
-embeddings. The model config is inferred from the saved config.json by the converter.
+Covers Qwen2, Llama-style and Qwen3 (per-head QK-norm, decoupled head_dim) text models,
+InternViT-300M-style (LayerNorm, qkv bias) and InternViT-6B-style (RMSNorm, QK-norm over all heads,
+no qkv bias, 3 heads) vision, tied and untied embeddings. The model config is inferred from the saved
+config.json by the converter.
 """
 from __future__ import annotations
 
