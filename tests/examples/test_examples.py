@@ -424,3 +424,27 @@ def test_example_files_are_what_the_generator_makes(tmp_path):
             assert a.size == b.size and a.tobytes() == b.tobytes(), rel
     assert pq.read_table(tmp_path / "example.parquet").to_pylist() == \
         pq.read_table(EXAMPLES / "data" / "example.parquet").to_pylist()
+
+
+def test_moe_example_runs_the_planned_expert_parallel_layout():
+    """examples/moe: the dry-run command carries EP, the trainer accepts it, and the planner agrees
+    that the layout fits (the script's header states the planner's numbers)."""
+    pretrain = _load(REPO / "pretrain_internvl.py", "pretrain_internvl")
+    from internvl_mcore.plan import HARDWARE, Layout, Workload, plan
+    from internvl_mcore.training.loop import validate
+
+    script = EXAMPLES / "moe" / "internvl3_5_30b_a3b_stage2.sh"
+    line = run(["bash", str(script)], env={"DRY_RUN": "1", "TRAIN_ITERS": "100"}).stdout
+    argv = torchrun_argv(line)[1]
+    args = argv[next(i for i, w in enumerate(argv) if w.endswith("pretrain_internvl.py")) + 1:]
+    run_cfg = pretrain.parse_run_config(args)
+    validate(run_cfg)
+    p = run_cfg.parallel
+    assert (p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size,
+            p.expert_model_parallel_size) == (4, 2, 2, 2) and p.sequence_parallel
+    lay = Layout(4, 2, 2, 1, True, True, False, first_stage_layers=18, ep=2)
+    planned = plan(run_cfg.model, lay, Workload(trainable=frozenset({"vision", "projector", "llm"})),
+                   HARDWARE["a100-80gb"])
+    assert planned.fits and f"{planned.peak_gib:.1f} GiB" in script.read_text()
+    bad = run(["bash", str(script)], env={"DRY_RUN": "1", "TRAIN_ITERS": "100", "EP": "3"}, check=False)
+    assert bad.returncode != 0 and "EP=3 must divide DP x CP" in bad.stderr
