@@ -74,6 +74,7 @@ def main() -> None:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--etp", type=int, default=None)
     p.add_argument("--dist-opt", action="store_true")
     p.add_argument("--ref", action="store_true")
     p.add_argument("--grads", action="store_true")
@@ -84,7 +85,8 @@ def main() -> None:
 
     cfg = CanonicalCheckpoint.open(a.ckpt).config
     par = ParallelConfig(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
-                         expert_model_parallel_size=a.ep, sequence_parallel=a.tp > 1)
+                         expert_model_parallel_size=a.ep, expert_tensor_parallel_size=a.etp,
+                         sequence_parallel=a.tp > 1)
     run = RunConfig(model=cfg, parallel=par,
                     train=TrainConfig(global_batch_size=GBS, seq_length=SEQ, train_iters=ITERS, lr=2e-3,
                                       lr_warmup_iters=2, seed=5, use_distributed_optimizer=a.dist_opt),
