@@ -91,6 +91,7 @@ class Reporter:
                 self.tb.flush()
             if iteration % self.run.log.log_interval == 0:
                 mfu = f" | MFU {record['mfu'] * 100:.1f}%" if "mfu" in record else ""
+                mfu += f" | moe aux {record['moe_aux_loss']:.4f}" if "moe_aux_loss" in record else ""
                 print(f"iteration {iteration:6d}/{t.train_iters} | loss {record['loss']:.6e} | "
                       f"lr {record['lr']:.3e} | grad_norm {record['grad_norm']:.4f} | "
                       f"tokens/s {record['tokens_per_s']:.1f} | samples/s {record['samples_per_s']:.2f}{mfu} | "
