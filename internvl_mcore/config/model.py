@@ -165,5 +165,7 @@ class ParallelConfig:
     """--recompute-granularity: activation recomputation (full = whole layers)."""
     recompute_num_layers: int = 1
     """--recompute-num-layers: layers per recomputed chunk (with full/uniform)."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """--device: cuda when available; auto refuses a GPU-looking machine without CUDA (use cpu to force the CPU path; docs/gpu.md)."""
     extra: dict = field(default_factory=dict, compare=False)
     """Reserved for backend-specific knobs (e.g. cp_comm_type); not read by the CPU path."""

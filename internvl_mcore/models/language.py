@@ -48,6 +48,11 @@ class LanguageModel(LanguageModule):
         self.rotary_pos_emb = RotaryEmbedding(
             kv_channels=config.kv_channels, rotary_percent=1.0, rotary_base=rope_theta,
             use_cpu_initialization=True, cp_group=self.pg_collection.cp)
+        # megatron-core keeps inv_freq as a plain attribute, which `model.cuda()` / `.to()` would
+        # leave behind on the CPU; a (non-persistent) buffer follows the module to its device.
+        inv_freq = self.rotary_pos_emb.inv_freq
+        del self.rotary_pos_emb.inv_freq
+        self.rotary_pos_emb.register_buffer("inv_freq", inv_freq, persistent=False)
         self.decoder = TransformerBlock(config=config, spec=layer_spec, pre_process=pre_process,
                                         post_process=post_process, pg_collection=self.pg_collection)
         if post_process:

@@ -29,9 +29,12 @@ Backend = Literal["local", "te"]
 
 
 def have_transformer_engine() -> bool:
-    """transformer-engine importable (GPU machines with the [gpu] extra)."""
+    """transformer-engine's PyTorch modules importable (GPU machines with the [gpu] extra).
+
+    The same test as megatron-core's own HAVE_TE: `transformer_engine.pytorch`, not the bare
+    package, which also exists without the PyTorch bindings (e.g. a JAX or core-only install)."""
     try:
-        import transformer_engine  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401
     except ImportError:
         return False
     return True
@@ -45,10 +48,15 @@ def default_backend() -> Backend:
 def _modules(backend: Backend) -> tuple[type, type, type]:
     """(column-parallel linear, row-parallel linear, norm) of a backend."""
     if backend == "te":
-        from megatron.core.extensions.transformer_engine import (
-            TEColumnParallelLinear, TENorm, TERowParallelLinear)
-        return TEColumnParallelLinear, TERowParallelLinear, TENorm
+        return _te_modules()
     return ColumnParallelLinear, RowParallelLinear, WrappedTorchNorm
+
+
+def _te_modules() -> tuple[type, type, type]:
+    """megatron-core's TE wrappers (tests stand them in with doubles carrying TE's state-dict keys)."""
+    from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TENorm, TERowParallelLinear
+
+    return TEColumnParallelLinear, TERowParallelLinear, TENorm
 
 
 def llm_layer_spec(backend: Backend = "local", core_attention: type = PackedSDPAttention) -> ModuleSpec:
