@@ -18,6 +18,7 @@ from megatron.core.transformer.module import MegatronModule
 from ..config.megatron import llm_transformer_config, projector_transformer_config, vision_transformer_config
 from ..config.model import ModelConfig, ParallelConfig
 from ..parallel.context import cp_core_attention, split_for_cp
+from ..parallel.device import resolve_device
 from .attention import PackedSDPAttention, packed_seq_params_from_cu_seqlens
 from .language import LanguageModel
 from .projector import Projector
@@ -34,7 +35,7 @@ class InternVLModel(MegatronModule):
                  pg_collection: Optional[ProcessGroupCollection] = None) -> None:
         llm_config = llm_transformer_config(model_cfg, par, dtype)
         super().__init__(config=llm_config)
-        backend = backend or default_backend()
+        backend = backend or default_backend(resolve_device(par.device))
         pg = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
         self.model_cfg = model_cfg
         self.model_type = ModelType.encoder_or_decoder

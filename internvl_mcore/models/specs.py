@@ -40,9 +40,11 @@ def have_transformer_engine() -> bool:
     return True
 
 
-def default_backend() -> Backend:
-    """'te' where transformer-engine is importable, else 'local'."""
-    return "te" if have_transformer_engine() else "local"
+def default_backend(device: str = "cuda") -> Backend:
+    """'te' for a CUDA run where transformer-engine is importable, else 'local' (TE modules have no
+    CPU kernels, so `--device cpu` on a TE machine -- e.g. writing a checkpoint on the CPU -- builds
+    the local specs; checkpoints move between the two, training/checkpoint.py)."""
+    return "te" if device == "cuda" and have_transformer_engine() else "local"
 
 
 def _modules(backend: Backend) -> tuple[type, type, type]:
