@@ -17,7 +17,8 @@ from megatron.core.transformer.module import MegatronModule
 
 from ..config.megatron import llm_transformer_config, projector_transformer_config, vision_transformer_config
 from ..config.model import ModelConfig, ParallelConfig
-from ..parallel.context import cp_core_attention, split_for_cp
+from ..parallel.context import cp_core_attention, resolve_cp_split, split_for_cp
+from ..parallel.context_thd import ThdSplit
 from ..parallel.device import resolve_device
 from .attention import PackedSDPAttention, packed_seq_params_from_cu_seqlens
 from .language import LanguageModel
@@ -52,7 +53,12 @@ class InternVLModel(MegatronModule):
                                        projector_mlp_submodules(backend), model_cfg.projector_input_size,
                                        eps=model_cfg.projector_layernorm_epsilon, pg_collection=pg)
         self.cp_group = pg.cp
-        core_attention = cp_core_attention(backend) if par.context_parallel_size > 1 else PackedSDPAttention
+        # how a CP rank's tokens are cut from the batch: whole rows or TE's per-sample 'thd' split
+        self.cp_layout = (resolve_cp_split(par.cp_split, backend, par.pipeline_model_parallel_size,
+                                           par.sequence_parallel, par.cp_comm_type)
+                          if par.context_parallel_size > 1 else "none")
+        core_attention = (cp_core_attention(self.cp_layout, backend) if par.context_parallel_size > 1
+                          else PackedSDPAttention)
         self.language_model = LanguageModel(
             llm_config, llm_layer_spec(backend, core_attention), vocab_size=model_cfg.llm.vocab_size,
             max_sequence_length=model_cfg.llm.max_position_embeddings, rope_theta=model_cfg.llm.rope_theta,
@@ -85,25 +91,39 @@ class InternVLModel(MegatronModule):
 
         Returns per-token losses (B, S) on the last stage when labels are given, logits (B, S, V/tp)
         without labels, and hidden states (S, B, H) on other stages."""
-        packed = packed_seq_params_from_cu_seqlens(cu_seqlens) if cu_seqlens is not None else None
+        if self.cp_layout == "thd":  # boundaries for TE's 'thd' attention (global, real and padded)
+            packed = self._thd_split(cu_seqlens, input_ids.shape).packed_seq_params(input_ids.device)
+        else:
+            packed = packed_seq_params_from_cu_seqlens(cu_seqlens) if cu_seqlens is not None else None
         decoder_input = None
         if self.pre_process:
             emb = self.language_model.embed(input_ids)  # (S, B, H)
             if pixel_values is not None and pixel_values.shape[0] > 0:
                 emb = self._splice(emb, input_ids, self.image_features(pixel_values))
-            emb = self.cp_split(emb, 0)  # (S/C, B, H): this CP rank's two chunks
+            emb = self.cp_split(emb, 0, cu_seqlens)  # (S/C, B, H) this CP rank's two chunks ('thd': (T, 1, H))
             if self.config.sequence_parallel:
                 emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
             decoder_input = emb
         # cu_seqlens stay global: the context-parallel attention maps local tokens to their samples
-        return self.language_model(decoder_input, self.cp_split(position_ids, 1),
-                                   labels=None if labels is None else self.cp_split(labels, 1),
+        return self.language_model(decoder_input, self.cp_split(position_ids, 1, cu_seqlens),
+                                   labels=None if labels is None else self.cp_split(labels, 1, cu_seqlens),
                                    packed_seq_params=packed)
 
-    def cp_split(self, t: torch.Tensor, seq_dim: int) -> torch.Tensor:
-        """This context-parallel rank's tokens of a per-token tensor (identity without CP)."""
+    def cp_split(self, t: torch.Tensor, seq_dim: int, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """This context-parallel rank's tokens of a per-token tensor (identity without CP).
+
+        (B, S, ...) tensors split along seq_dim 1, (S, B, ...) along 0. The 'thd' split needs the
+        batch's cu_seqlens (None: one sample per row) and returns (1, T, ...) / (T, 1, ...)."""
         size = self.cp_group.size()
-        return t if size == 1 else split_for_cp(t, seq_dim, self.cp_group.rank(), size)
+        if size == 1:
+            return t
+        if self.cp_layout == "thd":
+            rows, seq = (t.shape[1], t.shape[0]) if seq_dim == 0 else (t.shape[0], t.shape[1])
+            return self._thd_split(cu_seqlens, (rows, seq)).split(t, seq_dim)
+        return split_for_cp(t, seq_dim, self.cp_group.rank(), size)
+
+    def _thd_split(self, cu_seqlens: Optional[torch.Tensor], shape: tuple) -> ThdSplit:
+        return ThdSplit.build(cu_seqlens, shape[0], shape[1], self.cp_group.rank(), self.cp_group.size())
 
     def _splice(self, emb: torch.Tensor, input_ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         """Replace the embeddings at <IMG_CONTEXT> positions with image features, in batch-major order."""

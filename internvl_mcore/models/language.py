@@ -6,6 +6,7 @@ It is a megatron-core `LanguageModule`, which brings tied embeddings across pipe
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -89,6 +90,11 @@ class LanguageModel(LanguageModule):
         losses (B, S) if `labels` is given, else this rank's vocab shard of the logits (B, S, V/tp)."""
         # one tensor, not a (q, k) tuple: megatron-core's recompute saves it with save_for_backward
         rotary = self.rope(position_ids)
+        if hasattr(packed_seq_params, "rotary_freqs"):
+            # 'thd' context parallelism (parallel/context_thd.py): megatron-core would re-derive
+            # integer positions per sample; the core attention applies these V2PE angles instead
+            packed_seq_params = dataclasses.replace(packed_seq_params, rotary_freqs=rotary[:, 0])  # (T, 1, D)
+            rotary = None
         hidden = self.decoder(hidden_states=decoder_input, attention_mask=None,
                               rotary_pos_emb=rotary, packed_seq_params=packed_seq_params)
         if not self.post_process:

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from ..config.lora import lora_problems
 from ..config.training import RunConfig
+from ..parallel.context_thd import check_thd_layout
 from ..parallel.device import resolve_device
 from ..parallel.state import comm_device, init_distributed
 from . import checkpoint
@@ -49,6 +50,8 @@ def validate(run: RunConfig) -> Plan:
             if (heads // tp) % a:
                 problems.append(f"--cp-comm-type {p.cp_comm_type}: {flag} per TP rank ({heads // tp}) not divisible "
                                 f"by the all-to-all size {a}")
+    if cp > 1 and p.cp_split == "thd":
+        problems += check_thd_layout(p.pipeline_model_parallel_size, p.sequence_parallel, p.cp_comm_type)
     if p.hierarchical_context_parallel_sizes and p.cp_comm_type != "a2a+p2p":
         problems.append("--hierarchical-context-parallel-sizes only applies to --cp-comm-type a2a+p2p")
     if t.lr_warmup_iters > t.train_iters:

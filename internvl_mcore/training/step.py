@@ -32,7 +32,7 @@ def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module, scale: 
     output = model(batch.tokens, batch.position_ids, pixel_values=batch.pixel_values,
                    labels=batch.labels, cu_seqlens=batch.cu_seqlens)
     weights = batch.loss_weight if batch.loss_weight is not None else batch.loss_mask
-    weights = _unwrap(model).cp_split(weights, 1)  # the losses are this context-parallel rank's tokens
+    weights = _unwrap(model).cp_split(weights, 1, batch.cu_seqlens)  # the losses are this CP rank's tokens
     return output, functools.partial(loss_func, weights, scale)
 
 
