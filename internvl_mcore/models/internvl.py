@@ -23,7 +23,7 @@ from ..parallel.device import resolve_device
 from .attention import PackedSDPAttention, packed_seq_params_from_cu_seqlens
 from .language import LanguageModel
 from .projector import Projector
-from .specs import Backend, default_backend, llm_layer_spec, projector_mlp_submodules, vision_layer_spec
+from .specs import Backend, decoder_block_spec, default_backend, llm_layer_spec, projector_mlp_submodules, vision_layer_spec
 from .vision import InternViT, pixel_shuffle_v2
 from .weights import mark_tensor_parallel_params
 
@@ -60,7 +60,8 @@ class InternVLModel(MegatronModule):
         core_attention = (cp_core_attention(self.cp_layout, backend) if par.context_parallel_size > 1
                           else PackedSDPAttention)
         self.language_model = LanguageModel(
-            llm_config, llm_layer_spec(backend, core_attention), vocab_size=model_cfg.llm.vocab_size,
+            llm_config, decoder_block_spec(llm_layer_spec(backend, core_attention), backend, llm_config, pg.pp.rank()),
+            vocab_size=model_cfg.llm.vocab_size,
             max_sequence_length=model_cfg.llm.max_position_embeddings, rope_theta=model_cfg.llm.rope_theta,
             pre_process=pre_process, post_process=post_process,
             share_embeddings_and_output_weights=self.share_embeddings_and_output_weights, pg_collection=pg)

@@ -18,7 +18,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..config.model import padded_vocab_size
@@ -27,7 +27,7 @@ from ..config.model import padded_vocab_size
 class LanguageModel(LanguageModule):
     """Decoder-only LLM for one pipeline stage."""
 
-    def __init__(self, config: TransformerConfig, layer_spec: ModuleSpec, vocab_size: int,
+    def __init__(self, config: TransformerConfig, layer_spec: ModuleSpec | TransformerBlockSubmodules, vocab_size: int,
                  max_sequence_length: int, rope_theta: float, pre_process: bool = True,
                  post_process: bool = True, share_embeddings_and_output_weights: bool = False,
                  pg_collection: Optional[ProcessGroupCollection] = None) -> None:

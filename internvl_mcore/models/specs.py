@@ -19,6 +19,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
@@ -81,6 +83,16 @@ def llm_layer_spec(backend: Backend = "local", core_attention: type = PackedSDPA
             mlp_bda=get_bias_dropout_add,
         ),
     )
+
+
+def decoder_block_spec(layer_spec: ModuleSpec, backend: Backend, config: TransformerConfig,
+                       pp_rank: int) -> TransformerBlockSubmodules:
+    """This pipeline stage's decoder layers plus the final norm of the same backend.
+
+    Given a bare layer spec, megatron-core's TransformerBlock picks the final norm itself: TENorm
+    whenever transformer-engine is importable, even for a CPU run (`--device cpu`) on a TE machine."""
+    n = get_num_layers_to_build(config, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * n, layer_norm=_modules(backend)[2])
 
 
 def _without_bias(column: type) -> type:

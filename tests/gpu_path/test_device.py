@@ -212,6 +212,8 @@ def test_checkpoint_moves_between_layer_spec_backends_on_device_change(world, tm
     te_keys = {k for k in te.state_dict() if k.endswith("_extra_state")}
     local_keys = {k for k in local.state_dict() if k.endswith("_extra_state")}
     assert local_keys < te_keys and any("layernorm" in k for k in te_keys - local_keys)
+    # the final norm is the backend's too (megatron-core alone would pick TENorm whenever TE imports)
+    assert "language_model.decoder.final_layernorm._extra_state" in te_keys - local_keys
 
     # local (CPU-written) -> TE
     checkpoint.save(tmp_path / "local", 1, local, None, None, cfg, par)
