@@ -7,8 +7,8 @@ Prints one `PASS name: detail` / `FAIL name: detail` line per check and exits 1 
                     no NaN, loss decreasing (mean of the last 5 < mean of the first 5)
   flash_vs_sdpa     flash-attn varlen over a packed bf16 batch == the per-sample SDPA path (bf16 tol.)
   resume            save at step 10, --load, steps 11-20 give the logged losses of the run above
-  cpu_ckpt_into_te  a checkpoint written with --device cpu (local specs, fp32) loads into the TE model
-                    on the GPU; its first fp32 loss there equals the CPU's (TF32 off)
+  cpu_ckpt_into_te  a checkpoint written on the CPU (local specs, fp32, CUDA hidden) loads into the TE
+                    model on the GPU (the --pretrained code) and gives the CPU's logits (TF32 off)
   export_logits     the GPU run's checkpoint -> tools/convert_to_hf.py -> transformers on the GPU:
                     logits equal ours (fp32, TF32 off)
   speed             measured step time (median of steps 6-20) and bf16 MFU against the measured peak
@@ -116,9 +116,17 @@ def run(cmd: list[str], timeout: float, env: Optional[dict] = None) -> subproces
     return proc
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def train_cmd(nproc: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_port", str(29400 + os.getpid() % 500), str(REPO / "pretrain_internvl.py"),
+            "--master_port", str(_free_port()), str(REPO / "pretrain_internvl.py"),
             "--model", "debug", "--seed", "3", "--lr", "1e-3", *args]
 
 
@@ -188,17 +196,61 @@ def _core_attention(hq: int, hkv: int, d: int):
     return PackedSDPAttention(cfg, 1, AttnMaskType.causal).eval()
 
 
-def check_cpu_checkpoint_into_te(work: Path, data: str) -> Result:
-    """--device cpu writes a checkpoint (local specs); the GPU TE model gives the same first loss."""
-    common = ["--data-path", data, "--seq-length", "512", "--global-batch-size", "1", "--train-iters", "1"]
-    cpu_env = {"CUDA_VISIBLE_DEVICES": ""}
-    run(train_cmd(1, *common, "--device", "cpu", "--save", str(work / "cpu_ckpt")), timeout=300, env=cpu_env)
-    for where, extra, env in (("cpu", ["--device", "cpu"], cpu_env), ("gpu", ["--device", "cuda"], None)):
-        run(train_cmd(1, *common, *extra, "--pretrained", str(work / "cpu_ckpt"),
-                      "--log-jsonl", str(work / f"from_cpu_{where}.jsonl")),
-            timeout=300, env={**(env or {}), "NVIDIA_TF32_OVERRIDE": "0"})
-    return judge_same_losses("cpu_ckpt_into_te", read_log(work / "from_cpu_cpu.jsonl"),
-                             read_log(work / "from_cpu_gpu.jsonl"), [1], rtol=1e-4)
+def _probe(cfg):
+    """One packed mock row (two samples, one tile each): ids, V2PE-free positions, tiles, cu_seqlens."""
+    from internvl_mcore.training.mock import mock_sample
+
+    s = mock_sample(0, seed=5, cfg=cfg, seq_length=256, tiles=1)
+    return s["tokens"][None], s["position_ids"][None], s["pixel_values"], s["cu_seqlens"]
+
+
+def write_cpu_reference(out: Path) -> None:
+    """(Run with --device cpu, CUDA hidden.) A local-spec fp32 checkpoint of the debug model, written
+    by the training checkpoint code, and its logits on the probe row."""
+    import torch
+
+    from internvl_mcore.config import ParallelConfig, get_preset
+    from internvl_mcore.models.internvl import build_model
+    from internvl_mcore.models.weights import init_weights
+    from internvl_mcore.parallel.state import init_distributed
+    from internvl_mcore.training import checkpoint
+
+    par = ParallelConfig(device="cpu")
+    init_distributed(par, seed=0)
+    cfg = get_preset("debug")
+    model = build_model(cfg, par).eval()
+    init_weights(model, cfg, seed=21)
+    checkpoint.save(out / "ckpt", 1, model, None, None, cfg, par)
+    ids, pos, pixels, cu = _probe(cfg)
+    with torch.no_grad():
+        torch.save(model(ids, pos, pixels, cu_seqlens=cu), out / "logits.pt")
+
+
+def check_cpu_checkpoint_into_te(work: Path) -> Result:
+    """A checkpoint written on the CPU (local specs) loads into the TE model on the GPU (the
+    --pretrained code path) and gives the CPU's logits (fp32, TF32 off)."""
+    import torch
+
+    from internvl_mcore.config import ParallelConfig, get_preset
+    from internvl_mcore.models.internvl import build_model
+    from internvl_mcore.parallel.state import init_distributed
+    from internvl_mcore.training.checkpoint import load_weights
+
+    ref = work / "cpu_ref"
+    run([sys.executable, str(Path(__file__).resolve()), "--write-cpu-reference", str(ref)], timeout=300,
+        env={"CUDA_VISIBLE_DEVICES": ""})
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    par = ParallelConfig(device="cuda")
+    init_distributed(par, seed=0)
+    cfg = get_preset("debug")
+    model = build_model(cfg, par).cuda().eval()
+    backend = type(model.language_model.decoder.layers[0].mlp.linear_fc1).__name__
+    load_weights(ref / "ckpt", model, cfg)
+    ids, pos, pixels, cu = (t.cuda() for t in _probe(cfg))
+    with torch.no_grad():
+        got = model(ids, pos, pixels, cu_seqlens=cu)
+    r = judge_close("cpu_ckpt_into_te", got.cpu(), torch.load(ref / "logits.pt"), atol=1e-3, rtol=1e-3)
+    return Result(r.name, r.ok and backend.startswith("TE"), f"{r.detail}; GPU model's linears: {backend}")
 
 
 def check_export(work: Path, ckpt: Path) -> Result:
@@ -265,8 +317,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--seq-length", type=int, default=4096)
     p.add_argument("--global-batch-size", type=int, default=4)
     p.add_argument("--v2pe-delta", type=float, default=0.25)
+    p.add_argument("--write-cpu-reference", metavar="DIR", help=argparse.SUPPRESS)  # internal (a CPU subprocess)
     args = p.parse_args(argv)
     import torch
+
+    if args.write_cpu_reference:
+        write_cpu_reference(Path(args.write_cpu_reference))
+        return 0
 
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU present (torch.cuda.is_available() is False); nothing checked")
@@ -289,7 +346,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except Exception as exc:  # noqa: BLE001
         report([Result("te_bf16_train", False, _short(exc))])
     report(_guarded("flash_vs_sdpa", check_flash_vs_sdpa))
-    report(_guarded("cpu_ckpt_into_te", check_cpu_checkpoint_into_te, work, data))
+    report(_guarded("cpu_ckpt_into_te", check_cpu_checkpoint_into_te, work))
     if ref:
         report(_guarded("export_logits", check_export, work, work / "ckpt"))
         if ngpu >= 2:

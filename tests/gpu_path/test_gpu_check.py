@@ -66,3 +66,25 @@ def test_gpu_check_flash_check_without_flash_attn_on_device_cpu(gpu_check):
         pytest.skip("flash-attn installed")
     r = gpu_check.check_flash_vs_sdpa(device="cpu")
     assert not r.ok and "flash-attn is not importable" in r.detail
+
+
+def test_gpu_check_cpu_reference_round_trip_on_device_cpu(gpu_check, tmp_path):
+    """The CPU half of the cpu_ckpt_into_te check, and the load/compare half run on the CPU."""
+    import os
+
+    from internvl_mcore.config import ParallelConfig, get_preset
+    from internvl_mcore.models.internvl import build_model
+    from internvl_mcore.parallel.state import init_distributed
+    from internvl_mcore.training.checkpoint import load_weights
+
+    subprocess.run([sys.executable, "tools/gpu_check.py", "--write-cpu-reference", str(tmp_path)], cwd=REPO,
+                   check=True, capture_output=True, timeout=300,
+                   env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+    init_distributed(ParallelConfig(), seed=0)
+    cfg = get_preset("debug")
+    model = build_model(cfg, ParallelConfig()).eval()
+    load_weights(tmp_path / "ckpt", model, cfg)
+    ids, pos, pixels, cu = gpu_check._probe(cfg)
+    with torch.no_grad():
+        got = model(ids, pos, pixels, cu_seqlens=cu)
+    assert gpu_check.judge_close("cpu_ckpt", got, torch.load(tmp_path / "logits.pt"), atol=0, rtol=0).ok
