@@ -148,5 +148,12 @@ def build_model(model_cfg: ModelConfig, par: ParallelConfig, dtype: torch.dtype 
                           pre_process=parallel_state.is_pipeline_first_stage(),
                           post_process=parallel_state.is_pipeline_last_stage(),
                           dtype=dtype, backend=backend, pg_collection=pg_collection)
+    if dtype != torch.float32:
+        # megatron-core's WrappedTorchNorm ignores params_dtype (TE's norms honour it); fp32 norm
+        # weights in a bf16 model break the mixed-precision optimizer's checkpoint (it maps only the
+        # float16 groups' parameters to the model's sharded tensors)
+        for module in model.modules():
+            if isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)):
+                module.to(dtype)
     mark_tensor_parallel_params(model)
     return model

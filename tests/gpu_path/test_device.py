@@ -309,3 +309,14 @@ def test_device_decides_fusions_and_init_placement(monkeypatch):
     assert not kw["apply_rope_fusion"]  # V2PE's per-row float positions: RoPE stays unfused
     vit = mc.vision_transformer_config(cfg, ParallelConfig(), torch.bfloat16)
     assert not vit.bias_activation_fusion  # megatron's bias-GELU fusion is the tanh approximation
+
+
+def test_bf16_model_is_bf16_throughout_on_every_device(world):
+    """megatron-core's torch norm wrapper ignores params_dtype; fp32 norm weights in a bf16 model made
+    the mixed-precision optimizer's checkpoint fail (--bf16 --save), on CPU and on GPU without TE."""
+    from internvl_mcore.models.internvl import build_model
+
+    cfg, par = world
+    model = build_model(cfg, par, dtype=torch.bfloat16)
+    assert {n for n, p in model.named_parameters() if p.dtype != torch.bfloat16} == set()
+    assert model.language_model.rotary_pos_emb.inv_freq.dtype == torch.float32
