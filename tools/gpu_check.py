@@ -108,8 +108,12 @@ def judge_close(name: str, got, want, atol: float, rtol: float) -> Result:
 # ---------------------------------------------------------------------------------------------
 # running things
 def run(cmd: list[str], timeout: float, env: Optional[dict] = None) -> subprocess.CompletedProcess:
-    """Run a command from the repo root; raises with its output tail if it fails."""
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
+    """Run a command from the repo root; raises with its output tail if it fails. The child starts its
+    own process group: this process's torch.distributed variables (set once it joined a world) are
+    not passed on, so the child does not reuse this world's port."""
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run(cmd, cwd=REPO, env={**base, "PYTHONWARNINGS": "ignore", **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")

@@ -70,16 +70,14 @@ def test_gpu_check_flash_check_without_flash_attn_on_device_cpu(gpu_check):
 
 def test_gpu_check_cpu_reference_round_trip_on_device_cpu(gpu_check, tmp_path):
     """The CPU half of the cpu_ckpt_into_te check, and the load/compare half run on the CPU."""
-    import os
-
     from internvl_mcore.config import ParallelConfig, get_preset
     from internvl_mcore.models.internvl import build_model
     from internvl_mcore.parallel.state import init_distributed
     from internvl_mcore.training.checkpoint import load_weights
 
-    subprocess.run([sys.executable, "tools/gpu_check.py", "--write-cpu-reference", str(tmp_path)], cwd=REPO,
-                   check=True, capture_output=True, timeout=300,
-                   env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+    # gpu_check.run: the child gets its own torch.distributed port, not this pytest world's
+    gpu_check.run([sys.executable, "tools/gpu_check.py", "--write-cpu-reference", str(tmp_path)], timeout=300,
+                  env={"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
     init_distributed(ParallelConfig(), seed=0)
     cfg = get_preset("debug")
     model = build_model(cfg, ParallelConfig()).eval()
