@@ -9,7 +9,8 @@
 #       bash examples/internvl3_8b/2nd_finetune.sh
 #
 # What runs differently on GPU (layer specs, attention kernels) and what is not yet verified there:
-# docs/gpu.md. The image has not been built or run by this project (no GPU was available).
+# docs/gpu.md. The image has not been built or run by this project (no GPU was available); on a GPU
+# machine, `bash scripts/gpu_check.sh` inside it runs the GPU checks in one command.
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.09-py3
 FROM ${BASE_IMAGE}
 
@@ -23,12 +24,16 @@ WORKDIR /workspace/internvl-mcore
 COPY setup.py ./
 RUN mkdir internvl_mcore && touch internvl_mcore/__init__.py \
  && python -c "import torch; print(torch.__version__)" > /tmp/torch_version \
- && pip install -e . \
+ && pip install -e . "transformers==5.23.0" \
  && rm -rf internvl_mcore internvl_mcore.egg-info
 
 COPY . .
+# what the GPU path imports: megatron-core, TE's PyTorch modules (the same test megatron-core makes),
+# flash-attn (packed attention), and transformers (scripts/gpu_check.sh's export check)
 RUN pip install --no-deps -e . \
  && python -c "import torch; print(torch.__version__)" | diff - /tmp/torch_version \
- && python -c "import internvl_mcore, megatron.core; print('internvl-mcore ready, megatron-core', megatron.core.__version__)"
+ && python -c "import internvl_mcore, megatron.core, transformer_engine.pytorch, flash_attn, transformers; \
+print('internvl-mcore ready: megatron-core', megatron.core.__version__, '| transformer-engine', \
+transformer_engine.__version__, '| flash-attn', flash_attn.__version__)"
 
 CMD ["bash"]

@@ -26,7 +26,8 @@ setup(
         "protobuf",  # sentencepiece-backed tokenizers (transformers v5 behaviour) need it
     ],
     extras_require={
-        "gpu": ["transformer-engine[pytorch]", "flash-attn"],
+        # megatron-core 0.16.1 supports transformer-engine >= 2.9.0a0, < 2.12.0 (its own pyproject)
+        "gpu": ["transformer-engine[pytorch]>=2.9.0a0,<2.12.0", "flash-attn"],
         "dev": [
             "pytest>=8",
             "pytest-timeout",

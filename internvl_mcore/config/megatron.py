@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
+from ..parallel.device import have_apex_wgrad_fusion, have_fusion_kernels, resolve_device
 from .model import ModelConfig, ParallelConfig
 
 
@@ -28,8 +29,13 @@ def padded_vision_heads(num_heads: int, tp: int) -> int:
     return int(math.ceil(num_heads / tp) * tp)
 
 
+def _fused(par: ParallelConfig) -> bool:
+    """CUDA fusion kernels in reach: the run is on CUDA and TE or apex is importable."""
+    return resolve_device(par.device) == "cuda" and have_fusion_kernels()
+
+
 def _common(par: ParallelConfig, dtype: torch.dtype) -> dict:
-    # Fusions need CUDA kernels (apex/TE); the unfused paths are exact and run everywhere.
+    on_cuda = resolve_device(par.device) == "cuda"
     return dict(
         tensor_model_parallel_size=par.tensor_model_parallel_size,
         pipeline_dtype=dtype,
@@ -38,16 +44,23 @@ def _common(par: ParallelConfig, dtype: torch.dtype) -> dict:
         fp16=dtype == torch.float16,
         hidden_dropout=0.0,
         attention_dropout=0.0,
+        # exact fusions only, and only with CUDA kernels (off on CPU, where the unfused paths run).
+        # Bias-activation: the LLM's SwiGLU sets it below; megatron's bias-GELU fusion is the tanh
+        # approximation, not InternViT's / the projector's erf GELU, so it stays off for them.
         bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
+        bias_dropout_fusion=_fused(par),
+        masked_softmax_fusion=False,  # our core attention never uses megatron's masked softmax
+        # TE's fused RoPE takes one (S, 1, 1, D) angle table for the whole batch; V2PE's per-token
+        # float positions need per-row angles (S, B, 1, D), so RoPE stays unfused (models/language.py)
         apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        # the local linears (embedding, output layer) need apex's wgrad kernel for this
+        gradient_accumulation_fusion=on_cuda and have_apex_wgrad_fusion(),
         persist_layer_norm=False,
-        # weights are filled layout-independently by models/init.py; megatron's own init would
-        # draw per-rank random numbers that differ between layouts
+        # weights are filled layout-independently by models/weights.py; megatron's own init would
+        # draw per-rank random numbers that differ between layouts. On GPU the parameters are
+        # allocated directly on the device (no CPU copy of every shard first).
         perform_initialization=False,
-        use_cpu_initialization=True,
+        use_cpu_initialization=not on_cuda,
         calculate_per_token_loss=True,
     )
 
@@ -130,7 +143,8 @@ def llm_transformer_config(model: ModelConfig, par: ParallelConfig,
         recompute_method="uniform" if par.recompute_granularity == "full" else None,
         recompute_num_layers=par.recompute_num_layers if par.recompute_granularity == "full" else None,
         **_moe(model, par),
-        **_common(par, dtype),
+        # bias-free SwiGLU: megatron's fused swiglu is exact
+        **{**_common(par, dtype), "bias_activation_fusion": _fused(par)},
     )
 
 

@@ -185,6 +185,8 @@ class ParallelConfig:
     """--context-parallel-size: ranks one sequence is split over (LLM only; the ViT is not split)."""
     cp_comm_type: Literal["p2p", "a2a", "a2a+p2p"] = "p2p"
     """--cp-comm-type: ring attention (p2p), head-parallel all-to-all (a2a), or both in 2D (a2a+p2p)."""
+    cp_split: Literal["auto", "row", "thd"] = "auto"
+    """--cp-split: how CP splits a packed batch: whole rows (row; our ring/a2a kernels) or per sample padded to 2C (thd; TE's CP on GPU); auto: thd with TE on CUDA, else row."""
     hierarchical_context_parallel_sizes: Optional[list[int]] = None
     """--hierarchical-context-parallel-sizes A P: with a2a+p2p, all-to-all inside groups of A, ring over P."""
     sequence_parallel: bool = False
@@ -204,5 +206,7 @@ class ParallelConfig:
     expert_tensor_parallel_size: int | None = None
     """--expert-tensor-parallel-size: ranks each expert's weights are split over (default: the
     tensor-parallel size, megatron-core's default)."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """--device: cuda when available; auto refuses a GPU-looking machine without CUDA (use cpu to force the CPU path; docs/gpu.md)."""
     extra: dict = field(default_factory=dict, compare=False)
     """Reserved for backend-specific knobs (e.g. cp_comm_type); not read by the CPU path."""

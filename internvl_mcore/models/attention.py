@@ -70,7 +70,9 @@ class PackedSDPAttention(MegatronModule):
                 and query.dtype in (torch.float16, torch.bfloat16)):  # flash-attn has no fp32 kernels
             # (S, B, h, d) -> (B*S, h, d): batch-major, matching cu_seqlens
             q, k, v = (t.transpose(0, 1).reshape(b * s, t.shape[2], d) for t in (query, key, value))
-            max_len = int((cu[1:] - cu[:-1]).max())
+            max_len = packed_seq_params.max_seqlen_q  # computed once per microbatch: no host sync per layer
+            if max_len is None:
+                max_len = int((cu[1:] - cu[:-1]).max())
             out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout,
                                          softmax_scale=self.softmax_scale, causal=causal)
             return out.reshape(b, s, nq * d).transpose(0, 1).contiguous()

@@ -19,12 +19,14 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from ..config.megatron import llm_transformer_config, projector_transformer_config, vision_transformer_config
 from ..config.model import ModelConfig, ParallelConfig
-from ..parallel.context import cp_core_attention, split_for_cp
+from ..parallel.context import cp_core_attention, resolve_cp_split, split_for_cp
+from ..parallel.context_thd import ThdSplit
+from ..parallel.device import resolve_device
 from .attention import PackedSDPAttention, packed_seq_params_from_cu_seqlens
 from .language import LanguageModel
 from .projector import Projector
 from .qk_norm import PerHeadRMSNorm
-from .specs import Backend, default_backend, llm_layer_spec, projector_mlp_submodules, vision_layer_spec
+from .specs import Backend, decoder_block_spec, default_backend, llm_layer_spec, projector_mlp_submodules, vision_layer_spec
 from .vision import InternViT, pixel_shuffle_v2
 from .weights import mark_tensor_parallel_params
 
@@ -37,7 +39,7 @@ class InternVLModel(MegatronModule):
                  pg_collection: Optional[ProcessGroupCollection] = None) -> None:
         llm_config = llm_transformer_config(model_cfg, par, dtype)
         super().__init__(config=llm_config)
-        backend = backend or default_backend()
+        backend = backend or default_backend(resolve_device(par.device))
         pg = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
         self.model_cfg = model_cfg
         self.model_type = ModelType.encoder_or_decoder
@@ -54,12 +56,18 @@ class InternVLModel(MegatronModule):
                                        projector_mlp_submodules(backend), model_cfg.projector_input_size,
                                        eps=model_cfg.projector_layernorm_epsilon, pg_collection=pg)
         self.cp_group = pg.cp
-        core_attention = cp_core_attention(backend) if par.context_parallel_size > 1 else PackedSDPAttention
+        # how a CP rank's tokens are cut from the batch: whole rows or TE's per-sample 'thd' split
+        self.cp_layout = (resolve_cp_split(par.cp_split, backend, par.pipeline_model_parallel_size,
+                                           par.sequence_parallel, par.cp_comm_type)
+                          if par.context_parallel_size > 1 else "none")
+        core_attention = (cp_core_attention(self.cp_layout, backend) if par.context_parallel_size > 1
+                          else PackedSDPAttention)
         qk_norm = ModuleSpec(module=PerHeadRMSNorm, params={"tp_group": pg.tp}) if model_cfg.llm.qk_layernorm \
             else IdentityOp
+        layer_spec = llm_layer_spec(backend, core_attention, qk_norm, moe=model_cfg.llm.is_moe)
         self.language_model = LanguageModel(
-            llm_config, llm_layer_spec(backend, core_attention, qk_norm,
-                           moe=model_cfg.llm.is_moe), vocab_size=model_cfg.llm.vocab_size,
+            llm_config, decoder_block_spec(layer_spec, backend, llm_config, pg.pp.rank()),
+            vocab_size=model_cfg.llm.vocab_size,
             max_sequence_length=model_cfg.llm.max_position_embeddings, rope_theta=model_cfg.llm.rope_theta,
             pre_process=pre_process, post_process=post_process,
             share_embeddings_and_output_weights=self.share_embeddings_and_output_weights, pg_collection=pg)
@@ -90,25 +98,39 @@ class InternVLModel(MegatronModule):
 
         Returns per-token losses (B, S) on the last stage when labels are given, logits (B, S, V/tp)
         without labels, and hidden states (S, B, H) on other stages."""
-        packed = packed_seq_params_from_cu_seqlens(cu_seqlens) if cu_seqlens is not None else None
+        if self.cp_layout == "thd":  # boundaries for TE's 'thd' attention (global, real and padded)
+            packed = self._thd_split(cu_seqlens, input_ids.shape).packed_seq_params(input_ids.device)
+        else:
+            packed = packed_seq_params_from_cu_seqlens(cu_seqlens) if cu_seqlens is not None else None
         decoder_input = None
         if self.pre_process:
             emb = self.language_model.embed(input_ids)  # (S, B, H)
             if pixel_values is not None and pixel_values.shape[0] > 0:
                 emb = self._splice(emb, input_ids, self.image_features(pixel_values))
-            emb = self.cp_split(emb, 0)  # (S/C, B, H): this CP rank's two chunks
+            emb = self.cp_split(emb, 0, cu_seqlens)  # (S/C, B, H) this CP rank's two chunks ('thd': (T, 1, H))
             if self.config.sequence_parallel:
                 emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
             decoder_input = emb
         # cu_seqlens stay global: the context-parallel attention maps local tokens to their samples
-        return self.language_model(decoder_input, self.cp_split(position_ids, 1),
-                                   labels=None if labels is None else self.cp_split(labels, 1),
+        return self.language_model(decoder_input, self.cp_split(position_ids, 1, cu_seqlens),
+                                   labels=None if labels is None else self.cp_split(labels, 1, cu_seqlens),
                                    packed_seq_params=packed)
 
-    def cp_split(self, t: torch.Tensor, seq_dim: int) -> torch.Tensor:
-        """This context-parallel rank's tokens of a per-token tensor (identity without CP)."""
+    def cp_split(self, t: torch.Tensor, seq_dim: int, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """This context-parallel rank's tokens of a per-token tensor (identity without CP).
+
+        (B, S, ...) tensors split along seq_dim 1, (S, B, ...) along 0. The 'thd' split needs the
+        batch's cu_seqlens (None: one sample per row) and returns (1, T, ...) / (T, 1, ...)."""
         size = self.cp_group.size()
-        return t if size == 1 else split_for_cp(t, seq_dim, self.cp_group.rank(), size)
+        if size == 1:
+            return t
+        if self.cp_layout == "thd":
+            rows, seq = (t.shape[1], t.shape[0]) if seq_dim == 0 else (t.shape[0], t.shape[1])
+            return self._thd_split(cu_seqlens, (rows, seq)).split(t, seq_dim)
+        return split_for_cp(t, seq_dim, self.cp_group.rank(), size)
+
+    def _thd_split(self, cu_seqlens: Optional[torch.Tensor], shape: tuple) -> ThdSplit:
+        return ThdSplit.build(cu_seqlens, shape[0], shape[1], self.cp_group.rank(), self.cp_group.size())
 
     def _splice(self, emb: torch.Tensor, input_ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         """Replace the embeddings at <IMG_CONTEXT> positions with image features, in batch-major order."""
@@ -132,5 +154,12 @@ def build_model(model_cfg: ModelConfig, par: ParallelConfig, dtype: torch.dtype 
                           pre_process=parallel_state.is_pipeline_first_stage(),
                           post_process=parallel_state.is_pipeline_last_stage(),
                           dtype=dtype, backend=backend, pg_collection=pg_collection)
+    if dtype != torch.float32:
+        # megatron-core's WrappedTorchNorm ignores params_dtype (TE's norms honour it); fp32 norm
+        # weights in a bf16 model break the mixed-precision optimizer's checkpoint (it maps only the
+        # float16 groups' parameters to the model's sharded tensors)
+        for module in model.modules():
+            if isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)):
+                module.to(dtype)
     mark_tensor_parallel_params(model)
     return model

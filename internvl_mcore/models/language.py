@@ -6,6 +6,7 @@ It is a megatron-core `LanguageModule`, which brings tied embeddings across pipe
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -17,7 +18,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..config.model import padded_vocab_size
@@ -26,7 +27,7 @@ from ..config.model import padded_vocab_size
 class LanguageModel(LanguageModule):
     """Decoder-only LLM for one pipeline stage."""
 
-    def __init__(self, config: TransformerConfig, layer_spec: ModuleSpec, vocab_size: int,
+    def __init__(self, config: TransformerConfig, layer_spec: ModuleSpec | TransformerBlockSubmodules, vocab_size: int,
                  max_sequence_length: int, rope_theta: float, pre_process: bool = True,
                  post_process: bool = True, share_embeddings_and_output_weights: bool = False,
                  pg_collection: Optional[ProcessGroupCollection] = None) -> None:
@@ -48,6 +49,11 @@ class LanguageModel(LanguageModule):
         self.rotary_pos_emb = RotaryEmbedding(
             kv_channels=config.kv_channels, rotary_percent=1.0, rotary_base=rope_theta,
             use_cpu_initialization=True, cp_group=self.pg_collection.cp)
+        # megatron-core keeps inv_freq as a plain attribute, which `model.cuda()` / `.to()` would
+        # leave behind on the CPU; a (non-persistent) buffer follows the module to its device.
+        inv_freq = self.rotary_pos_emb.inv_freq
+        del self.rotary_pos_emb.inv_freq
+        self.rotary_pos_emb.register_buffer("inv_freq", inv_freq, persistent=False)
         self.decoder = TransformerBlock(config=config, spec=layer_spec, pre_process=pre_process,
                                         post_process=post_process, pg_collection=self.pg_collection)
         if post_process:
@@ -84,6 +90,11 @@ class LanguageModel(LanguageModule):
         losses (B, S) if `labels` is given, else this rank's vocab shard of the logits (B, S, V/tp)."""
         # one tensor, not a (q, k) tuple: megatron-core's recompute saves it with save_for_backward
         rotary = self.rope(position_ids)
+        if hasattr(packed_seq_params, "rotary_freqs"):
+            # 'thd' context parallelism (parallel/context_thd.py): megatron-core would re-derive
+            # integer positions per sample; the core attention applies these V2PE angles instead
+            packed_seq_params = dataclasses.replace(packed_seq_params, rotary_freqs=rotary[:, 0])  # (T, 1, D)
+            rotary = None
         hidden = self.decoder(hidden_states=decoder_input, attention_mask=None,
                               rotary_pos_emb=rotary, packed_seq_params=packed_seq_params)
         if not self.post_process:

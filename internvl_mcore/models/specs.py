@@ -21,6 +21,8 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
@@ -31,26 +33,36 @@ Backend = Literal["local", "te"]
 
 
 def have_transformer_engine() -> bool:
-    """transformer-engine importable (GPU machines with the [gpu] extra)."""
+    """transformer-engine's PyTorch modules importable (GPU machines with the [gpu] extra).
+
+    The same test as megatron-core's own HAVE_TE: `transformer_engine.pytorch`, not the bare
+    package, which also exists without the PyTorch bindings (e.g. a JAX or core-only install)."""
     try:
-        import transformer_engine  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401
     except ImportError:
         return False
     return True
 
 
-def default_backend() -> Backend:
-    """'te' where transformer-engine is importable, else 'local'."""
-    return "te" if have_transformer_engine() else "local"
+def default_backend(device: str = "cuda") -> Backend:
+    """'te' for a CUDA run where transformer-engine is importable, else 'local' (TE modules have no
+    CPU kernels, so `--device cpu` on a TE machine -- e.g. writing a checkpoint on the CPU -- builds
+    the local specs; checkpoints move between the two, training/checkpoint.py)."""
+    return "te" if device == "cuda" and have_transformer_engine() else "local"
 
 
 def _modules(backend: Backend) -> tuple[type, type, type]:
     """(column-parallel linear, row-parallel linear, norm) of a backend."""
     if backend == "te":
-        from megatron.core.extensions.transformer_engine import (
-            TEColumnParallelLinear, TENorm, TERowParallelLinear)
-        return TEColumnParallelLinear, TERowParallelLinear, TENorm
+        return _te_modules()
     return ColumnParallelLinear, RowParallelLinear, WrappedTorchNorm
+
+
+def _te_modules() -> tuple[type, type, type]:
+    """megatron-core's TE wrappers (tests stand them in with doubles carrying TE's state-dict keys)."""
+    from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TENorm, TERowParallelLinear
+
+    return TEColumnParallelLinear, TERowParallelLinear, TENorm
 
 
 def llm_layer_spec(backend: Backend = "local", core_attention: type = PackedSDPAttention,
@@ -97,6 +109,16 @@ def moe_mlp_spec(backend: Backend = "local") -> ModuleSpec:
                                submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
             shared_experts=None),
     )
+
+
+def decoder_block_spec(layer_spec: ModuleSpec, backend: Backend, config: TransformerConfig,
+                       pp_rank: int) -> TransformerBlockSubmodules:
+    """This pipeline stage's decoder layers plus the final norm of the same backend.
+
+    Given a bare layer spec, megatron-core's TransformerBlock picks the final norm itself: TENorm
+    whenever transformer-engine is importable, even for a CPU run (`--device cpu`) on a TE machine."""
+    n = get_num_layers_to_build(config, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * n, layer_norm=_modules(backend)[2])
 
 
 def _without_bias(column: type) -> type:

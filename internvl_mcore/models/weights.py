@@ -185,16 +185,20 @@ def local_params(model: torch.nn.Module, layout: Layout) -> Iterator[tuple[str, 
 
 
 def canonical_init(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: int,
-                   std: float = 0.02) -> torch.Tensor:
-    """A fresh canonical tensor that depends only on (seed, name): same on every layout."""
+                   std: float = 0.02, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A fresh canonical tensor that depends only on (seed, name, device type): same on every layout.
+
+    Drawn on `device` with that device's generator: on a GPU the full tensor is drawn there in
+    milliseconds instead of on the host (the CUDA and CPU streams differ, so a GPU-initialized
+    model is not the CPU-initialized one; both are layout-independent)."""
     if name.endswith((".ls1", ".ls2")):
-        return torch.full(shape, cfg.vision.layer_scale_init)
+        return torch.full(shape, cfg.vision.layer_scale_init, device=device)
     if _ONES.search(name):
-        return torch.ones(shape)
+        return torch.ones(shape, device=device)
     if name.endswith(".bias"):
-        return torch.zeros(shape)
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63))
-    return torch.randn(shape, generator=gen) * std
+        return torch.zeros(shape, device=device)
+    gen = torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63))
+    return torch.randn(shape, generator=gen, device=device) * std
 
 
 @torch.no_grad()
@@ -203,7 +207,7 @@ def init_weights(model: torch.nn.Module, cfg: ModelConfig, seed: int,
     """Fill every parameter with its shard of `canonical_init` (fresh training)."""
     layout = Layout.of(_unwrap(model), pg_collection)
     for _, name, p in local_params(model, layout):
-        full = canonical_init(name, canonical_shape(name, p, cfg, layout), cfg, seed)
+        full = canonical_init(name, canonical_shape(name, p, cfg, layout), cfg, seed, device=p.device)
         p.copy_(shard(full, name, p, cfg, layout).to(p.dtype))
 
 

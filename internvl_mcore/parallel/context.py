@@ -26,15 +26,10 @@ Masking is "same packed sample, and key position <= query position" (causal) or 
 sample" (AttnMaskType.no_mask), exactly `PackedSDPAttention` on the unsplit row.
 
 GPU / transformer-engine: this module also runs on CUDA (plain torch + torch.distributed; NCCL
-supports batch_isend_irecv and all_to_all_single) but is not tuned for it. With TE, megatron-core's
-`TEDotProductAttention` implements the same flags: it receives `cp_comm_type` ("p2p" | "a2a" |
-"a2a+p2p"; "all_gather" too) from the TransformerConfig through TransformerLayer, `cp_group` =
-`pg_collection.cp`, and for "a2a+p2p" `cp_group = get_hierarchical_context_parallel_groups()`, the
-same [A-group, P-group] pair used here. `cp_core_attention("te", "thd")` returns it. Caveat: TE's CP takes
-packed rows only as qkv_format 'thd', where *each sample* (padded to a multiple of 2C,
-cu_seqlens_padded) is split into 2C chunks (megatron-core's `get_thd_batch_on_this_cp_rank`),
-not the whole row as here, and not every comm type supports 'thd' in every TE version. So on that
-path the batch split must follow TE's per-sample rule, not `split_for_cp`.
+supports batch_isend_irecv and all_to_all_single) but is not tuned for it (fp32 tiles, host syncs
+per tile). With TE the default is TE's own CP (`--cp-split auto` -> 'thd'): TE takes packed rows
+only as 'thd', with *each sample* padded to a multiple of 2C and split into 2C chunks, so that path
+has its own split and core attention (parallel/context_thd.py); `cp_core_attention` picks.
 """
 from __future__ import annotations
 
@@ -591,17 +586,28 @@ class ContextParallelAttention(MegatronModule):
         return _HeadsToSeq.apply(out.contiguous(), self.cp_group).reshape(n, b, hq * d)
 
 
-def cp_core_attention(backend: str = "local", qkv_format: str = "sbhd") -> type:
-    """The core-attention class a layer spec should use with --context-parallel-size > 1.
+def cp_core_attention(split: str = "row", backend: str = "local") -> type:
+    """The core-attention class a layer spec uses with --context-parallel-size > 1.
 
-    `ContextParallelAttention` unless the caller opts into TE's CP with backend "te" AND
-    qkv_format "thd": megatron-core's TEDotProductAttention then gets cp_comm_type and the
-    (hierarchical) CP groups from megatron itself, but expects the batch in TE's layout -- packed
-    rows as 'thd' with every sample padded to a multiple of 2C and split per sample
-    (`megatron.core.utils.get_thd_batch_on_this_cp_rank`), not `split_for_cp`'s whole-row split.
-    With the whole-row split ('sbhd' + global cu_seqlens, what `split_for_cp` produces) the local
-    module is the correct choice on GPU too, so that is what "te" + "sbhd" returns."""
-    if backend == "te" and qkv_format == "thd":
-        from megatron.core.extensions.transformer_engine import TEDotProductAttention
-        return TEDotProductAttention
+    split "row" (whole packed rows, `split_for_cp`): `ContextParallelAttention` on every device.
+    split "thd" (per-sample, TE's layout; parallel/context_thd.py): `ThdContextParallelAttention`,
+    with TE's kernel for backend "te" and the exact all-gather reference otherwise."""
+    if split == "thd":
+        from .context_thd import ThdContextParallelAttention
+
+        if backend == "te":
+            return type("ThdContextParallelAttentionTE", (ThdContextParallelAttention,), {"use_te": True})
+        return ThdContextParallelAttention
     return ContextParallelAttention
+
+
+def resolve_cp_split(split: str, backend: str, pipeline: int = 1, sequence_parallel: bool = False,
+                     cp_comm_type: str = "p2p") -> str:
+    """--cp-split auto: TE's per-sample 'thd' split with the TE backend where the layout allows it
+    (parallel/context_thd.py: check_thd_layout), whole rows otherwise."""
+    if split == "auto":
+        from .context_thd import check_thd_layout
+
+        ok = backend == "te" and not check_thd_layout(pipeline, sequence_parallel, cp_comm_type)
+        return "thd" if ok else "row"
+    return split

@@ -8,15 +8,16 @@ import torch
 import torch.distributed as dist
 
 from . import cpu_compat
+from .device import resolve_device
 from ..config.model import ParallelConfig
 
 
 def init_distributed(par: ParallelConfig, seed: int, timeout_s: float = 600.0) -> None:
     """Join the job (torchrun's env, or a 1-process world), then build megatron-core's groups.
 
-    gloo on CPU, nccl on GPU. Seeds: megatron-core's tracker ("model-parallel-rng" differs per TP
-    rank, default state equal within a model-parallel group)."""
-    on_gpu = torch.cuda.is_available()
+    gloo on CPU, nccl on GPU (`par.device`, parallel/device.py). Seeds: megatron-core's tracker
+    ("model-parallel-rng" differs per TP rank, default state equal within a model-parallel group)."""
+    on_gpu = resolve_device(par.device) == "cuda"
     if not on_gpu:
         cpu_compat.apply()
     cpu_compat.apply_everywhere()
@@ -46,6 +47,13 @@ def init_distributed(par: ParallelConfig, seed: int, timeout_s: float = 600.0) -
         )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def comm_device() -> torch.device:
+    """Where a tensor handed to a collective must live: the current GPU under NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def destroy_distributed() -> None:

@@ -184,8 +184,9 @@ def state_bytes(model: ModelConfig, par: ParallelConfig, pp_rank: int, data_para
     param_bytes: 2 for bf16 training (fp32 master weights live in the optimizer), 4 for fp32.
     dp_rank: the distributed optimizer's shards differ by a few elements between DP ranks (padding);
         None gives the largest over the DP group (what a plan needs), an int that rank exactly.
-    norms_fp32: the local (CPU) backend's torch norms stay fp32 in bf16 training; DDP then keeps a
-        second buffer for them (one buffer per parameter dtype), sharded and padded on its own.
+    norms_fp32: norms kept in fp32 in bf16 training (megatron-core's torch norm wrapper does that
+        unless the model builder casts them, as `models/internvl.py: build_model` does); DDP then keeps
+        a second buffer for them (one buffer per parameter dtype), sharded and padded on its own.
     expert_dp_rank: with dp_rank, this rank's place in the expert data-parallel group (MoE).
     The DP group megatron shards over is data x context parallel; MoE expert weights have buffers of
     their own over the expert data-parallel group (TP x CP x DP / (EP x expert-TP) ranks)."""

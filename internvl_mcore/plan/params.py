@@ -41,7 +41,8 @@ class ParamSpec:
     """megatron-core's `shared_embedding` tag (tied embedding split over pipeline stages)."""
     torch_norm: bool = False
     """A norm built by megatron-core's `WrappedTorchNorm` (local backend): torch creates it in fp32
-    whatever the training dtype (transformer-engine's norms follow params_dtype)."""
+    whatever the training dtype; `build_model` casts it to the training dtype, as transformer-engine's
+    norms are."""
     expert: bool = False
     """An MoE expert weight: this EP rank's experts, split over expert-TP; DDP keeps their gradients
     in buffers of their own, reduced (and distributed-optimizer-sharded) over the expert

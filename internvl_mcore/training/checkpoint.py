@@ -95,10 +95,13 @@ def _init_optimizer_state(optimizer: Any) -> None:
     megatron-core's sharded_state_dict(is_loading=True) builds the state through `init_state_fn`
     for apex/TE's fused Adam; torch's Adam (the CPU fallback) creates it lazily at the first step,
     so an optimizer that has not stepped yet has nothing to load into. Zero-filled state with a
-    step count of 0 is what Adam holds before its first step."""
+    step count of 0 is what Adam holds before its first step. Other optimizers are left alone."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
-        if inner is None:
+        # only torch's Adam creates its state lazily and keeps a 'step' tensor per parameter; apex's
+        # and TE's FusedAdam have their own state layout (TE's state_dict() raises KeyError on a
+        # 'step' entry) and megatron-core builds it for them
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
             continue
         for group in inner.param_groups:
             for p in group["params"]:
@@ -232,8 +235,7 @@ def load(root: str | Path, model_chunk: torch.nn.Module, optimizer: Any, schedul
     if restore_all:
         _init_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIM_METADATA)
-    loaded = dist_checkpointing.load(state, str(path))
-    module.load_state_dict(loaded["model"], strict=True)
+    loaded = _load_across_backends(state, path, module)
     if scheduler is not None and info.get("scheduler") is not None:
         scheduler.load_state_dict(info["scheduler"])
     if restore_all:
@@ -250,6 +252,35 @@ def load(root: str | Path, model_chunk: torch.nn.Module, optimizer: Any, schedul
         return iteration, None
     data_file = path / f"data_dp{parallel_state.get_data_parallel_rank():05d}.pt"
     return iteration, torch.load(data_file, weights_only=False)
+
+
+EXTRA_STATE = "_extra_state"
+
+
+def _load_across_backends(state: dict, path: Path, module: torch.nn.Module) -> dict:
+    """dist_checkpointing.load of `state` ({"model": ..., maybe "optimizer": ...}) from `path`, then
+    the model's tensors into `module`; returns what was loaded.
+
+    Checkpoints move between the layer-spec backends (models/specs.py) both ways: parameter names
+    are the same, but transformer-engine modules add `<module>._extra_state` entries (FP8 metadata,
+    empty in bf16 runs) that the local backend neither writes nor reads. A TE checkpoint loaded by
+    the local model: those entries are simply not asked for. A local checkpoint loaded by the TE
+    model: the entries it asks for are absent; they -- and only they -- may be, and the module keeps
+    its own (fresh) extra state. Any other absent tensor is an error naming the keys."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    loaded, _, absent = dist_checkpointing.load(state, str(path), strict=StrictHandling.RETURN_UNEXPECTED)
+    other = sorted(k for k in absent if EXTRA_STATE not in k)
+    if other:
+        raise CheckpointError(f"{path} lacks {len(other)} tensor(s) this model needs: {other[:5]}"
+                              f"{' ...' if len(other) > 5 else ''}")
+    model_sd = loaded["model"]
+    for key, value in module.state_dict().items():
+        if key.endswith(EXTRA_STATE) and key not in model_sd:
+            model_sd[key] = value
+    module.load_state_dict(model_sd, strict=True)
+    return loaded
 
 
 def _lora_info(module: torch.nn.Module) -> Any:
@@ -296,8 +327,7 @@ def load_weights(path: str | Path, model_chunk: torch.nn.Module, model_cfg: Mode
             from ..models.lora import LoRAInfo, add_lora
 
             add_lora(module, LoRAInfo.from_dict(info["lora"]).config, model_cfg, seed=0)
-        loaded = dist_checkpointing.load({"model": module.sharded_state_dict()}, str(path))
-        module.load_state_dict(loaded["model"], strict=True)
+        _load_across_backends({"model": module.sharded_state_dict()}, path, module)
         if merge:
             from ..models.lora import merge_lora_
 

@@ -15,7 +15,9 @@ import torch.distributed as dist
 
 from ..config.lora import lora_problems
 from ..config.training import RunConfig
-from ..parallel.state import init_distributed
+from ..parallel.context_thd import check_thd_layout
+from ..parallel.device import resolve_device
+from ..parallel.state import comm_device, init_distributed
 from . import checkpoint
 from .batch import Batch
 from .data import MockBatches, ShardBatches, build_batches, loss_weights
@@ -49,6 +51,8 @@ def validate(run: RunConfig) -> Plan:
             if (heads // tp) % a:
                 problems.append(f"--cp-comm-type {p.cp_comm_type}: {flag} per TP rank ({heads // tp}) not divisible "
                                 f"by the all-to-all size {a}")
+    if cp > 1 and p.cp_split == "thd":
+        problems += check_thd_layout(p.pipeline_model_parallel_size, p.sequence_parallel, p.cp_comm_type)
     if p.hierarchical_context_parallel_sizes and p.cp_comm_type != "a2a+p2p":
         problems.append("--hierarchical-context-parallel-sizes only applies to --cp-comm-type a2a+p2p")
     if t.lr_warmup_iters > t.train_iters:
@@ -113,10 +117,11 @@ def setup(run: RunConfig) -> Trainer:
                           f"{t.micro_batch_size} x data-parallel size {dp}")
     dtype = torch.bfloat16 if t.bf16 else torch.float32
     model = build_model(model_cfg, run.parallel, dtype=dtype)
-    if torch.cuda.is_available():  # megatron-core's DDP buffers and schedules live on the current GPU
+    if resolve_device(run.parallel.device) == "cuda":  # DDP buffers and schedules live on the current GPU
         model.cuda(torch.cuda.current_device())
-    init_weights(model, model_cfg, seed=t.seed)
-    if run.checkpoint.pretrained:
+    if not run.checkpoint.pretrained:  # --pretrained overwrites every weight: drawing them first is waste
+        init_weights(model, model_cfg, seed=t.seed)
+    else:
         kind = checkpoint.load_weights(run.checkpoint.pretrained, model, model_cfg)
         if dist.get_rank() == 0:
             print(f"loaded weights from {kind} {run.checkpoint.pretrained}", flush=True)
@@ -172,12 +177,34 @@ def _step_batches(trainer: Trainer) -> tuple[list[Batch], float]:
     reduction = trainer.run.train.loss_reduction
     if reduction == "token":
         return batches, 1.0
-    totals = torch.zeros(2, dtype=torch.float64)
+    targets = weight = 0.0
     for b in batches:
         b.loss_weight = loss_weights(b, reduction)
-        totals += torch.tensor([float(b.loss_mask.sum()), float(b.loss_weight.sum())], dtype=torch.float64)
+        targets += float(b.loss_mask.sum())
+        weight += float(b.loss_weight.sum())
+    # a collective's tensor lives where the backend wants it (the current GPU under NCCL)
+    totals = torch.tensor([targets, weight], dtype=torch.float64, device=comm_device())
     dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    totals = totals.cpu()
     return batches, float(totals[0] / totals[1]) if totals[1] > 0 else 1.0
+
+
+def reduce_loss_totals(losses: list[dict], last_stage: bool, dp_cp_group: Any, pp_group: Any) -> torch.Tensor:
+    """[sum of weighted losses, total weight] of the step, identical on every rank, on `comm_device()`.
+
+    The loss lives on the last pipeline stage: summed over microbatches and data- and
+    context-parallel ranks (each CP rank holds part of every sequence's tokens), then handed to
+    every pipeline stage so any rank can log. The microbatch losses may sit on another device than
+    the collectives need; they are moved, never the other way round."""
+    device = comm_device()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    if last_stage:
+        for item in losses:
+            totals += item["lm loss"].detach().to(device=device, dtype=torch.float64)
+        dist.all_reduce(totals, group=dp_cp_group)
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        dist.all_reduce(totals, group=pp_group)
+    return totals
 
 
 def train_step(trainer: Trainer) -> dict:
@@ -198,16 +225,9 @@ def train_step(trainer: Trainer) -> dict:
     _, grad_norm, _ = trainer.optimizer.step()
     trainer.scheduler.step(increment=t.global_batch_size)
     trainer.iteration += 1
-    # the loss lives on the last pipeline stage: sum over microbatches and data-parallel ranks,
-    # then hand it to every rank so any rank can log
-    totals = torch.zeros(2, dtype=torch.float64)
-    if parallel_state.is_pipeline_last_stage():
-        for item in losses:
-            totals += item["lm loss"].to(torch.float64)
-        # each context-parallel rank holds part of every sequence's tokens
-        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
+    totals = reduce_loss_totals(losses, parallel_state.is_pipeline_last_stage(),
+                                parallel_state.get_data_parallel_group(with_context_parallel=True),
+                                parallel_state.get_pipeline_model_parallel_group()).cpu()
     tokens = sum(int((b.tokens != trainer.run.model.pad_token_id).sum()) for b in batches)
     plan = trainer.plan
     trainable = [part for part, on in (("vision", plan.train_vit or plan.unfreeze_vit_layers > 0),

@@ -12,27 +12,36 @@ import torch.distributed as dist
 from ..config.training import RunConfig
 
 
-def measure_peak_flops(size: int = 1024, seconds: float = 0.5, dtype: torch.dtype = torch.float32) -> float:
-    """FLOP/s of a square matmul on this rank's device: the practical peak MFU is measured against."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def measure_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                       size: Optional[int] = None, seconds: float = 0.5) -> float:
+    """FLOP/s of a square matmul on `device` in `dtype`: the practical peak MFU is measured against.
+
+    On a GPU this must be the training dtype's tensor-core peak: a bf16 run measured against an
+    fp32 matmul would report an MFU several times too high. The GPU matrix (8192^2) is large
+    enough to reach that peak; the CPU one (1024^2) keeps start-up short."""
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    size = size or (8192 if on_gpu else 1024)
     a = torch.randn(size, size, dtype=dtype, device=device)
     b = torch.randn(size, size, dtype=dtype, device=device)
     torch.matmul(a, b)  # warm up
+    if on_gpu:
+        torch.cuda.synchronize(device)
     n, start = 0, time.perf_counter()
     while True:
         torch.matmul(a, b)
         n += 1
-        if device == "cuda":
-            torch.cuda.synchronize()
+        if on_gpu:
+            torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
             return 2.0 * size ** 3 * n / elapsed
 
 
-def peak_memory_bytes() -> int:
+def peak_memory_bytes(device: torch.device | str = "cpu") -> int:
     """Peak memory of this process: CUDA allocator peak on GPU, max resident set size on CPU."""
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
@@ -63,7 +72,10 @@ class Reporter:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(log.tensorboard_dir)
-        self.peak_flops = run.train.peak_flops or measure_peak_flops()
+        model = trainer.model[0] if getattr(trainer, "model", None) else None
+        self.device = next(model.parameters()).device if model is not None else torch.device("cpu")
+        dtype = torch.bfloat16 if run.train.bf16 else torch.float32
+        self.peak_flops = run.train.peak_flops or measure_peak_flops(self.device, dtype)
 
     def report(self, iteration: int, stats: dict, elapsed: float) -> dict:
         t = self.run.train
@@ -71,7 +83,7 @@ class Reporter:
         record = {"iteration": iteration, "loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
                   "tokens_per_s": tokens / elapsed, "nonpad_tokens_per_s": stats["nonpad_tokens"] / elapsed,
                   "samples_per_s": t.global_batch_size / elapsed, "step_time_s": elapsed,
-                  "peak_memory_bytes": peak_memory_bytes()}
+                  "peak_memory_bytes": peak_memory_bytes(self.device)}
         if stats.get("moe_aux_loss") is not None:  # MoE: megatron-core's load-balancing loss per layer
             record["moe_aux_loss"] = stats["moe_aux_loss"]
         flops = step_flops(self.run, stats)

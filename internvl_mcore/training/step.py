@@ -26,12 +26,13 @@ def loss_func(weights: torch.Tensor, scale: float, per_token_loss: torch.Tensor)
 def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module, scale: float = 1.0) -> tuple[torch.Tensor, Callable]:
     """Run one microbatch through this stage; the loss function runs on the last stage only."""
     batch = next(data_iterator)
-    if torch.cuda.is_available():
-        batch = batch.to(torch.device("cuda", torch.cuda.current_device()))
+    device = next(_unwrap(model).parameters()).device  # the batch follows the model (--device)
+    if device.type != "cpu":
+        batch = batch.to(device)
     output = model(batch.tokens, batch.position_ids, pixel_values=batch.pixel_values,
                    labels=batch.labels, cu_seqlens=batch.cu_seqlens)
     weights = batch.loss_weight if batch.loss_weight is not None else batch.loss_mask
-    weights = _unwrap(model).cp_split(weights, 1)  # the losses are this context-parallel rank's tokens
+    weights = _unwrap(model).cp_split(weights, 1, batch.cu_seqlens)  # the losses are this CP rank's tokens
     return output, functools.partial(loss_func, weights, scale)
 
 

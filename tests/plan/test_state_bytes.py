@@ -35,7 +35,7 @@ CASES = [
     # debug-6b: RMSNorm + QK-norm ViT with 3 heads (padded to 4 at TP2), tied embeddings over stages
     dict(model="debug-6b", tp=2, pp=2, dist_opt=True, trainable=ALL),
     dict(model="debug-6b", tp=2, pp=2, dist_opt=False, trainable=ALL),
-    # frozen parts and bf16 (fp32 master weights; the local backend's torch norms stay fp32)
+    # frozen parts and bf16 (fp32 master weights; build_model casts the local torch norms to bf16)
     dict(model="debug-6b", tp=2, pp=1, dist_opt=True, trainable=["projector", "llm"], bf16=True),
     dict(model="debug-6b", tp=1, pp=1, dist_opt=False, trainable=["projector", "llm"], bf16=True, flops=True),
     dict(model="debug-6b", tp=1, pp=1, dist_opt=True, trainable=["projector"], act_seqs=[256]),
@@ -82,7 +82,7 @@ def test_state_bytes_exact(reports):
         c = rep["case"]
         pred = state_bytes(get_preset(c["model"]), _par(c), rep["pp_rank"], rep["dp"], trainable=c["trainable"],
                            param_bytes=2 if c.get("bf16") else 4, use_distributed_optimizer=c["dist_opt"],
-                           dp_rank=rep["dp_rank"], adam_step_bytes=4, norms_fp32=True,
+                           dp_rank=rep["dp_rank"], adam_step_bytes=4,
                            expert_dp_rank=rep["expert_dp_rank"])
         got = (rep["params"], rep["grads"], rep["optimizer"])
         assert (pred.params, pred.grads, pred.optimizer) == got, _id(rep)
