@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-prefix", required=True, metavar="OUT")
     g.add_argument("--workers", type=int, default=1, help="worker processes (output is identical for any value)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--preference", action="store_true",
+                   help="MMPR preference JSONL (image(s), question, chosen, rejected) for --stage mpo: each record "
+                        "becomes a chosen + rejected pair packed together, tiles stored once")
 
     g = p.add_argument_group("samples")
     g.add_argument("--seq-length", type=int, default=16384, help="tokens per pack (Megatron-LM name)")
@@ -89,6 +92,7 @@ def config_from_args(args: argparse.Namespace):
         system_prompt=args.system_prompt,
         tile_format=args.tile_format,
         pack_buffer=args.pack_buffer,
+        preference=args.preference,
         workers=args.workers,
         progress=not args.no_progress,
     )
