@@ -422,6 +422,7 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
                 "inputs": result.inputs,
                 "rejects": result.rejects,
                 "rejects_by_reason": result.rejects_by_reason,
+                **({"pairs": result.samples} if cfg.preference else {}),  # "samples" counts both sequences
             },
             "rejects_file": os.path.basename(out) + ".rejects.jsonl",
         }
@@ -468,7 +469,7 @@ def _pool(workers: int, ctx: _WorkerContext):
 def format_summary(cfg: PreprocessConfig, r: PreprocessResult) -> str:
     """The human summary the CLI prints."""
     lines = [
-        f"inputs {r.inputs}: {r.samples} samples, {r.rejects} rejected ({100 * r.reject_ratio:.2f}%, limit {100 * cfg.max_reject_ratio:.2f}%)",
+        f"inputs {r.inputs}: {r.samples} {'pairs' if cfg.preference else 'samples'}, {r.rejects} rejected ({100 * r.reject_ratio:.2f}%, limit {100 * cfg.max_reject_ratio:.2f}%)",
     ]
     for reason, n in r.rejects_by_reason.items():
         lines.append(f"  reject {reason:<24} {n}")
