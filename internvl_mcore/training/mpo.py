@@ -237,7 +237,9 @@ def make_context(run) -> MPOContext:
     if run.checkpoint.load:
         state = saved_state(run.checkpoint.load).get("mpo")
         if state is None:
-            raise ValueError(f"--load {run.checkpoint.load}: the checkpoint has no MPO state (not a --stage mpo run)")
+            from .checkpoint import CheckpointError
+
+            raise CheckpointError(f"--load {run.checkpoint.load}: the checkpoint has no MPO state (not a --stage mpo run)")
         running.load_state_dict(state)
     return MPOContext(beta=run.train.mpo_beta, weights=(float(w[0]), float(w[1]), float(w[2])), running=running,
                       cp_group=ps.get_context_parallel_group(), dp_group=ps.get_data_parallel_group(),
