@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """MPO after SFT on the digits: preference training (--stage mpo) on top of a short stage-2 SFT run.
 
-    python examples/digits/run_mpo.py [--out runs/mpo_demo] [--sft-iters 60] [--mpo-iters 60]
+    python examples/digits/run_mpo.py [--out runs/mpo_demo] [--sft-iters 150] [--mpo-iters 100]
 
 Phases (2 gloo CPU processes, pipeline parallel 2, the `debug` model):
 
@@ -40,11 +40,11 @@ def _load(name: str):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(REPO, "runs", "mpo_demo"))
-    p.add_argument("--sft-iters", type=int, default=60, help="stage-2 SFT steps (default 60)")
+    p.add_argument("--sft-iters", type=int, default=150, help="stage-2 SFT steps (default 150)")
     p.add_argument("--sft-lr", type=float, default=2e-3)
-    p.add_argument("--mpo-iters", type=int, default=60, help="MPO steps (default 60)")
-    p.add_argument("--mpo-lr", type=float, default=2e-4,
-                   help="MPO peak lr (InternVL's 2e-7 is for billion-parameter models; default 2e-4)")
+    p.add_argument("--mpo-iters", type=int, default=100, help="MPO steps (default 100)")
+    p.add_argument("--mpo-lr", type=float, default=1e-3,
+                   help="MPO peak lr (InternVL's 2e-7 is for billion-parameter models; default 1e-3)")
     p.add_argument("--pairs", type=int, default=1000, help="preference pairs (training images) (default 1000)")
     p.add_argument("--seq-length", type=int, default=1024)
     p.add_argument("--seed", type=int, default=1234)

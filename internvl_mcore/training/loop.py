@@ -149,6 +149,8 @@ def setup(run: RunConfig) -> Trainer:
             print(f"LoRA rank {run.lora.lora_rank} (alpha {run.lora.alpha:g}) on {run.lora.lora_target}: "
                   f"{sum(p.numel() for p in model.parameters() if p.requires_grad)} trainable parameters on "
                   "this rank, base weights frozen", flush=True)
+    if reference is not None:
+        mpo.mirror_requires_grad(reference, model)
     config = model.config
     ddp = DistributedDataParallel(
         config=config,

@@ -213,9 +213,17 @@ def build_reference(run, model_cfg, policy: torch.nn.Module) -> torch.nn.Module:
     start = saved_state(run.checkpoint.load).get("mpo_reference") if run.checkpoint.load else None
     if start:
         checkpoint.load_weights(start, ref, model_cfg)
-    for p in ref.parameters():
-        p.requires_grad_(False)
     return ref.eval()  # no drop path: the reference is deterministic
+
+
+def mirror_requires_grad(reference: torch.nn.Module, policy: torch.nn.Module) -> None:
+    """Give each reference weight the policy's requires_grad (after freezing and LoRA; names the policy
+    lacks are frozen). The reference only runs under no_grad and no optimizer holds it; the flag matters
+    because megatron-core's linear layers take another kernel for frozen weights (LinearWithFrozenWeight,
+    not bit-identical), and the same kernels make policy == reference exact at step 1."""
+    trains = {name: p.requires_grad for name, p in policy.named_parameters()}
+    for name, p in reference.named_parameters():
+        p.requires_grad_(trains.get(name, False))
 
 
 def saved_state(load_dir: str) -> dict:
