@@ -131,7 +131,7 @@ def reference_loss_func(source: Batch, batch: Batch, model: torch.nn.Module, cp_
     """Record the reference log-prob sums on the batch the policy step will read; no loss."""
     logps, _ = _pair_inputs(batch, per_token_loss, model, cp_group)
     source.ref_logps = logps.detach()
-    return torch.zeros((), device=per_token_loss.device), torch.tensor(0, dtype=torch.int), {}
+    return torch.zeros((), device=per_token_loss.device), torch.tensor(0, dtype=torch.int, device=per_token_loss.device), {}
 
 
 def mpo_loss_func(batch: Batch, model: torch.nn.Module, ctx: MPOContext,
@@ -152,7 +152,7 @@ def mpo_loss_func(batch: Batch, model: torch.nn.Module, ctx: MPOContext,
     keep = 1.0 if ctx.first_cp_rank else 0.0  # every CP rank holds the same pair values: log them once
     n_pairs = torch.tensor(float(c.numel()), device=logps.device)
     logged = torch.stack([parts[k].detach().sum() for k in ("loss",) + METRICS] + [n_pairs]) * keep
-    count = torch.tensor(int(c.numel() * keep), dtype=torch.int)
+    count = torch.tensor(int(c.numel() * keep), dtype=torch.int, device=logps.device)
     return parts["loss"].sum(), count, {"lm loss": torch.stack([logged[0], logged[-1]]), "mpo": logged[1:-1]}
 
 
