@@ -3,8 +3,9 @@ plain PyTorch on the model's logits.
 
     python -m torch.distributed.run --nproc_per_node N tests/training/mpo_worker.py OUT SHARDS CKPT_DIR
 
-World 1: the single-process run, then `formula_check`. World 4: TP2, PP2, CP2 (each with DP2, one with
-the distributed optimizer), an interrupted + resumed PP2 run, and a LoRA run. Rank 0 writes OUT (JSON).
+World 1: the single-process run, then `formula_check`. World 4: TP2 (+ sequence parallel, distributed
+optimizer), PP2, CP2 (each with DP2), a PP2 run from the PP2 run's checkpoint, the same stopped after 2
+steps and resumed, and a LoRA run. Rank 0 writes OUT (JSON).
 """
 from __future__ import annotations
 
@@ -124,12 +125,17 @@ def main() -> None:
         parallel_state.destroy_model_parallel()
     else:
         flags = base_flags(shards, 1)
-        result["tp2-distopt"] = run_layout(flags + ["--tensor-model-parallel-size", "2", "--use-distributed-optimizer"])
-        result["pp2"] = run_layout(flags + ["--pipeline-model-parallel-size", "2"])
+        result["tp2-sp-distopt"] = run_layout(flags + ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                                       "--use-distributed-optimizer"])
+        pp = flags + ["--pipeline-model-parallel-size", "2"]
+        result["pp2"] = run_layout(pp + ["--save", f"{ckpt}/a"])
         result["cp2"] = run_layout(flags + ["--context-parallel-size", "2"])
-        pp = flags + ["--pipeline-model-parallel-size", "2", "--save", ckpt]
-        result["resume-first"] = run_layout(pp + ["--exit-interval", "2"])
-        result["resume-rest"] = run_layout(pp + ["--load", ckpt])
+        # from the pp2 run's weights: uninterrupted, and stopped after 2 steps + resumed (the reference must
+        # come back as those weights, the BCO running mean from the checkpoint)
+        start = pp + ["--pretrained", f"{ckpt}/a", "--train-iters", "4"]
+        result["pretrained"] = run_layout(start)
+        result["resume-first"] = run_layout(start + ["--save", f"{ckpt}/b", "--exit-interval", "2"])
+        result["resume-rest"] = run_layout(pp + ["--train-iters", "4", "--save", f"{ckpt}/b", "--load", f"{ckpt}/b"])
         result["lora-tp2"] = run_layout(flags + ["--tensor-model-parallel-size", "2", "--lora-rank", "4",
                                                  "--lr", "1e-2"])
     if dist.get_rank() == 0:

@@ -57,7 +57,7 @@ def test_components_match_internvl_formulas(single):
     assert f["sum_ours"] == pytest.approx(sum(f["plain"]["loss"]), rel=1e-6)
 
 
-@pytest.mark.parametrize("name", ["tp2-distopt", "pp2", "cp2"])
+@pytest.mark.parametrize("name", ["tp2-sp-distopt", "pp2", "cp2"])
 def test_layouts_match_single_process(single, layouts, name):
     runs = layouts[name]
     # the reference runs the policy's kernels (megatron-core's frozen-weight linear would round differently)
@@ -68,10 +68,12 @@ def test_layouts_match_single_process(single, layouts, name):
 
 
 def test_resume_is_exact(layouts):
-    first, rest, full = layouts["resume-first"], layouts["resume-rest"], layouts["pp2"]
-    assert [r["iteration"] for r in first + rest] == [1, 2, 3, 4, 5]
-    for a, b in zip(first + rest, full):  # the BCO running mean comes back from the checkpoint
-        for k in KEYS:
+    first, rest, full = layouts["resume-first"], layouts["resume-rest"], layouts["pretrained"]
+    assert [r["iteration"] for r in first + rest] == [1, 2, 3, 4]
+    # --pretrained: the reference is those weights too (ln 2 again), not the seeded init
+    assert full[0]["loss_preference"] == LN2_F32 and full[0]["loss"] < layouts["pp2"][0]["loss"]
+    for a, b in zip(first + rest, full):  # reference weights and BCO running mean come back on --load
+        for k in KEYS + ("rewards_chosen", "rewards_rejected"):
             assert a[k] == b[k], f"iteration {a['iteration']} {k}: resumed {a[k]} vs uninterrupted {b[k]}"
 
 
