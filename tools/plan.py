@@ -27,6 +27,7 @@ STAGE_PARTS = {
     "1.5": frozenset({"vision", "projector", "llm"}),
     "2": frozenset({"vision", "projector", "llm"}),
     "finetune": frozenset({"projector", "llm"}),
+    "mpo": frozenset({"vision", "projector", "llm"}),  # + the frozen reference model (Workload.reference_model)
 }
 
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Workload(seq_length=a.seq_length, global_batch_size=a.global_batch_size,
                     micro_batch_size=a.micro_batch_size, tiles_per_sequence=a.tiles_per_sequence,
                     sample_length=a.sample_length, trainable=frozenset(trainable), lora_rank=a.lora_rank,
-                    bf16=not a.fp32)
+                    bf16=not a.fp32, reference_model=a.stage == "mpo")
     counts = count_params(model)
     print(f"{model.name}: {counts.total / 1e9:.2f}B parameters (ViT {counts.vision / 1e9:.2f}B, projector "
           f"{counts.projector / 1e6:.1f}M, LLM {counts.llm / 1e9:.2f}B); training {', '.join(sorted(trainable))}")

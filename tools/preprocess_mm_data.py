@@ -30,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-prefix", required=True, metavar="OUT")
     g.add_argument("--workers", type=int, default=1, help="worker processes (output is identical for any value)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--preference", action="store_true",
+                   help="MMPR preference JSONL (image(s), question, chosen, rejected) for --stage mpo: each record "
+                        "becomes a chosen + rejected pair packed together, tiles stored once")
+    g.add_argument("--precompute-reference", action="store_true",
+                   help="not supported (refused with the reason): MPO's reference log-probs come from a frozen "
+                        "reference model in the same training step")
 
     g = p.add_argument_group("samples")
     g.add_argument("--seq-length", type=int, default=16384, help="tokens per pack (Megatron-LM name)")
@@ -92,6 +98,7 @@ def config_from_args(args: argparse.Namespace):
         tile_format=args.tile_format,
         pack_buffer=args.pack_buffer,
         template=template,
+        preference=args.preference,
         workers=args.workers,
         progress=not args.no_progress,
     )
@@ -99,6 +106,13 @@ def config_from_args(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.precompute_reference:
+        print("error: --precompute-reference is not supported: --stage mpo computes the reference log-probs in "
+              "the same step with a frozen copy of the policy sharded like it (its memory is in tools/plan.py "
+              "--stage mpo). Precomputed values would tie the shards to one set of starting weights, one "
+              "tokenization and one pack order, and a second model pass at preprocessing time would need the "
+              "training layout here.", file=sys.stderr)
+        return 2
     # megatron-core warns at import about optional GPU libraries; irrelevant to preprocessing.
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     from internvl_mcore.data.preprocess import exit_code, format_summary, run_preprocess

@@ -54,7 +54,7 @@ class TrainConfig:
     loss_reduction: Literal["token", "sample", "square"] = "token"
     """InternVL's loss weighting: each target token weighs 1 (token), 1/n (sample) or 1/sqrt(n)
     (square), n = target tokens of its sample; the step minimizes sum(w*loss)/sum(w) over the batch."""
-    stage: Optional[Literal["1", "1.5", "2", "finetune"]] = None
+    stage: Optional[Literal["1", "1.5", "2", "finetune", "mpo"]] = None
     """Training-stage preset (trainable parts, lr, schedule, drop path; see STAGES); flags override it."""
     freeze_vit: Optional[bool] = None
     """Freeze the vision encoder (overrides the stage)."""
@@ -66,6 +66,12 @@ class TrainConfig:
     """Train the last N ViT blocks even when the ViT is frozen."""
     drop_path_rate: Optional[float] = None
     """ViT stochastic-depth rate of the last block (overrides the stage)."""
+    mpo_beta: float = 0.1
+    """--stage mpo: DPO/BCO temperature beta on the response log-prob ratios (TRL's default, which
+    InternVL's MPO scripts keep)."""
+    mpo_loss_weights: list[float] = field(default_factory=lambda: [0.8, 0.2, 1.0])
+    """--stage mpo: weights P Q G of the preference (DPO sigmoid), quality (BCO pair) and generation
+    (SFT on the chosen response) losses; InternVL's sigmoid_loss_weight, bco_pair_loss_weight, rpo_alpha."""
     peak_flops: Optional[float] = None
     """Peak FLOP/s per rank used for MFU (default: measured at start-up by a matmul in the training dtype: bf16 8192^2 on GPU, fp32 1024^2 on CPU)."""
 
@@ -93,6 +99,9 @@ STAGES: dict[str, StagePreset] = {
     "1.5": StagePreset(train_vit=True, train_projector=True, train_llm=True, lr=1e-5),
     "2": StagePreset(train_vit=True, train_projector=True, train_llm=True, lr=4e-5, drop_path_rate=0.1),
     "finetune": StagePreset(train_vit=False, train_projector=True, train_llm=True, lr=2e-5),
+    # InternVL 3.0/3.5 MPO scripts: everything trains, lr 2e-7, cosine, drop path 0.1; the loss is
+    # training/mpo.py's (preference data from tools/preprocess_mm_data.py --preference)
+    "mpo": StagePreset(train_vit=True, train_projector=True, train_llm=True, lr=2e-7, drop_path_rate=0.1),
 }
 
 

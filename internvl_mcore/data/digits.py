@@ -35,6 +35,8 @@ class DigitsDataset:
     """Tokenizer directory."""
     num_train: int
     num_heldout: int
+    preference_meta: str | None = None
+    """InternVL MPO meta JSON of MMPR preference pairs (built when `preference_pairs` > 0)."""
 
 
 def _digit_png(pixels: np.ndarray, path: str, size: int) -> None:
@@ -43,9 +45,11 @@ def _digit_png(pixels: np.ndarray, path: str, size: int) -> None:
 
 
 def build_digits_dataset(root: str, image_size: int = 56, heldout_fraction: float = 0.2, seed: int = 0,
-                         multi_image: int = 300, text_only: int = 200, max_single: int | None = None) -> DigitsDataset:
+                         multi_image: int = 300, text_only: int = 200, max_single: int | None = None,
+                         preference_pairs: int = 0) -> DigitsDataset:
     """Write the dataset under `root` (idempotent for the same arguments). `max_single` caps the
-    single-image training questions (tests use a small set)."""
+    single-image training questions (tests use a small set). `preference_pairs` > 0 also writes an MMPR
+    preference set of that many training-split images (chosen = the right digit, rejected = a wrong one)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -98,7 +102,26 @@ def build_digits_dataset(root: str, image_size: int = 56, heldout_fraction: floa
     base = load_tokenizer(tok_dir).token_to_id("<|endoftext|>")
     if base != TOKENIZER_VOCAB:
         raise RuntimeError(f"{tok_dir}: tiny tokenizer learned {base} BPE tokens, expected {TOKENIZER_VOCAB}")
-    return DigitsDataset(root, meta, heldout, tok_dir, len(lines), n_held)
+    pref_meta = _write_preference(root, img_dir, train, labels, preference_pairs, seed) if preference_pairs else None
+    return DigitsDataset(root, meta, heldout, tok_dir, len(lines), n_held, pref_meta)
+
+
+def _write_preference(root: str, img_dir: str, train: np.ndarray, labels: np.ndarray, n: int, seed: int) -> str:
+    """MMPR lines {"image", "question", "chosen", "rejected"} over the first n training images, and
+    their meta JSON; the wrong digit is drawn with a seeded generator."""
+    rng = random.Random(seed + 1)
+    path = os.path.join(root, "digits_preference.jsonl")
+    with open(path, "w") as f:
+        for i in train[:n]:
+            right = int(labels[i])
+            wrong = rng.choice([d for d in range(10) if d != right])
+            f.write(json.dumps({"image": f"{i:04d}.png", "question": QUESTION, "chosen": str(right),
+                                "rejected": str(wrong)}) + "\n")
+    meta = os.path.join(root, "meta_preference.json")
+    with open(meta, "w") as f:
+        json.dump({"digits_mpo": {"root": img_dir, "annotation": path, "data_augment": False,
+                                  "max_dynamic_patch": 1, "repeat_time": 1, "length": int(min(n, len(train)))}}, f, indent=2)
+    return meta
 
 
 def _chat_texts(lines: list[dict]) -> list[str]:

@@ -24,6 +24,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .preference import expand_pair_tiles, pair_segments
 from .sample import PackedSample
 from .shards import ShardReader, manifest_path
 
@@ -249,13 +250,18 @@ class PackedDataLoader:
                 if info.get("data_augment") and t:
                     tiles[tile_off : tile_off + t], _ = random_jpeg_recompress(tiles[tile_off : tile_off + t], rng)
                 tile_off, img_off = tile_off + t, img_off + m
+        num_tiles, pairs = raw.num_tiles, 0
+        if reader.manifest.get("preference"):  # tiles stored once per pair: repeat them for the rejected one
+            tiles, num_tiles = expand_pair_tiles(tiles, num_tiles, raw.images_per_sample)
+            pairs = int(raw.seq_lengths.shape[0]) // 2
         return PackedSample(
             tokens=raw.tokens.astype(np.int64),
             loss_mask=raw.loss_mask.astype(np.float32),
             position_ids=raw.position_ids,  # zero-copy, read-only float32 view
             cu_seqlens=raw.cu_seqlens,
             tiles=normalize_tiles_lut(tiles),
-            num_tiles=raw.num_tiles.astype(np.int32),
+            num_tiles=num_tiles.astype(np.int32),
+            pairs=pairs,
             source=[{"dataset": info.get("name", str(int(s))), "line": int(line)} for info, (s, line) in zip(names, raw.source)],
         )
 
@@ -386,4 +392,6 @@ def collate(samples: Sequence[PackedSample], seq_length: int, pad_id: int) -> di
         "pixel_values": torch.from_numpy(pixel_values),
         "num_tiles": torch.from_numpy(num_tiles),
         "num_segments": torch.tensor(seg_per_row, dtype=torch.int32),
+        # preference packs: (P, 2) [chosen, rejected] segment indices (empty for SFT packs)
+        "pairs": torch.from_numpy(pair_segments(seg_per_row, [s.pairs for s in samples])),
     }

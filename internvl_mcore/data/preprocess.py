@@ -15,6 +15,7 @@ worker and rejected as `internal_error` with the traceback summary.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -29,6 +30,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .packing import pack_fill, pack_lengths, v2pe_position_ids, v2pe_random_deltas
+from .preference import check_same_prompt, split_preference_record
 from .sample import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, Reject, TokenizedSample
 from .shards import DEFAULT_TILE_FORMAT, TILE_FORMATS, EncodedSample, ShardReader, ShardWriter, encode_tiles
 from .template import INTERNVL2_5, TEMPLATES
@@ -61,6 +63,8 @@ class PreprocessConfig:
     pack_buffer: int = 4096
     template: str = INTERNVL2_5.name
     """Chat template: the model's (`--model`: its config's `template`; InternVL2.5, 3 and 3.5 dense use internvl2_5)."""
+    preference: bool = False
+    """MMPR preference records (question, chosen, rejected): each becomes a chosen + rejected pair."""
     # Not part of the output's identity (excluded from the manifest):
     workers: int = 1
     progress: bool = True
@@ -137,6 +141,7 @@ class _WorkerContext:
     num_image_token: int
     image_size: int
     img_ids: tuple[int, int, int]  # <img>, </img>, <IMG_CONTEXT>
+    preference: bool = False
 
 
 _CTX: _WorkerContext | None = None
@@ -156,12 +161,14 @@ def _reject_for(record: Any, reason: str, detail: str) -> Reject:
     )
 
 
-def process_record(ctx: _WorkerContext, ordinal: int, record: Any) -> _Ok | Reject:
+def process_record(ctx: _WorkerContext, ordinal: int, record: Any) -> _Ok | list[_Ok] | Reject:
     """One input record -> an encoded sample or a Reject. Pure in (ctx, ordinal, record)."""
     from .sources import build_sample
 
     if isinstance(record, Reject):
         return record
+    if ctx.preference:
+        return _process_pair(ctx, ordinal, record)
     try:
         sample = build_sample(record, ctx.tokenizer, ctx.options)
         if isinstance(sample, Reject):
@@ -171,6 +178,34 @@ def process_record(ctx: _WorkerContext, ordinal: int, record: Any) -> _Ok | Reje
         tb = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
         where = f" at {os.path.basename(tb.filename)}:{tb.lineno}" if tb else ""
         return _reject_for(record, "internal_error", f"{type(e).__name__}: {e}{where}")
+
+
+def _process_pair(ctx: _WorkerContext, ordinal: int, record: Any) -> list[_Ok] | Reject:
+    """One MMPR record -> [chosen, rejected] encoded samples (tiles kept with the chosen one only)."""
+    from .sources import build_sample
+
+    split = split_preference_record(record)
+    if isinstance(split, Reject):
+        return split
+    done = []
+    for half in split:
+        try:
+            sample = build_sample(half, ctx.tokenizer, ctx.options)
+            # the same ordinal for both halves: V2PE random draws, hence prompt positions, agree
+            done.append(sample if isinstance(sample, Reject) else _finish_sample(ctx, ordinal, sample))
+        except Exception as e:  # as process_record: one bad record costs one record
+            return _reject_for(record, "internal_error", f"{type(e).__name__}: {e}")
+        if isinstance(done[-1], Reject):
+            return done[-1]
+    chosen, rejected = done[0].sample, done[1].sample
+    problem = check_same_prompt(chosen.tokens, chosen.loss_mask, rejected.tokens, rejected.loss_mask)
+    if problem:
+        return _reject_for(record, "prompt_mismatch", problem)
+    if len(chosen) + len(rejected) > ctx.seq_length:
+        return _reject_for(record, "too_long", f"pair of {len(chosen)} + {len(rejected)} tokens > --seq-length "
+                                               f"{ctx.seq_length} (a pair never straddles packs)")
+    done[1].sample = dataclasses.replace(rejected, num_tiles=rejected.num_tiles[:0], tiles=[])
+    return done
 
 
 def _finish_sample(ctx: _WorkerContext, ordinal: int, s: TokenizedSample) -> _Ok | Reject:
@@ -217,7 +252,7 @@ def _context_runs(tokens: np.ndarray, start_id: int, end_id: int) -> list[int]:
     return [int(e - s - 1) for s, e in zip(starts, ends)]
 
 
-def _run_in_worker(item: tuple[int, Any]) -> _Ok | Reject:
+def _run_in_worker(item: tuple[int, Any]) -> _Ok | list[_Ok] | Reject:
     assert _CTX is not None, "worker not initialized"
     return process_record(_CTX, *item)
 
@@ -275,6 +310,8 @@ def manifest_arguments(cfg: PreprocessConfig) -> dict:
     # make two otherwise identical runs differ).
     for k in ("workers", "progress", "output_prefix"):
         args.pop(k)
+    if not cfg.preference:
+        args.pop("preference")  # SFT manifests stay byte-identical to those made before preference data
     args["num_image_token"] = cfg.resolved_num_image_token()
     return args
 
@@ -301,6 +338,7 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
         num_image_token=num_image_token,
         image_size=cfg.image_size,
         img_ids=img_ids,  # type: ignore[arg-type]
+        preference=cfg.preference,
     )
     out = cfg.output_prefix
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -334,15 +372,17 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
                         reasons[res.reason] += 1
                         rejects_file.write(json.dumps(_reject_json(res), ensure_ascii=False) + "\n")
                         continue
-                    key = (res.dataset, res.source_file)
+                    group = res if isinstance(res, list) else [res]  # a preference pair stays one unit
+                    key = (group[0].dataset, group[0].source_file)
                     if key not in datasets:
                         datasets[key] = len(dataset_info)
                         dataset_info.append(
-                            {"name": res.dataset, "source_file": res.source_file, "data_augment": res.data_augment}
+                            {"name": key[0], "source_file": key[1], "data_augment": group[0].data_augment}
                         )
-                    res.sample.dataset_index = datasets[key]
-                    tmp_writer.add_pack([res.sample])
-                    lengths.append(len(res.sample))
+                    for item in group:
+                        item.sample.dataset_index = datasets[key]
+                    tmp_writer.add_pack([item.sample for item in group])
+                    lengths.append(sum(len(item.sample) for item in group))
             finally:
                 if pool is not None:
                     pool.close()
@@ -355,7 +395,7 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
         tmp_reader = ShardReader(tmp_prefix)
         writer = ShardWriter(out, tile_format=cfg.tile_format, tile_shape=tile_shape)
         for members in tqdm(packs, desc="packs", unit="pack", disable=quiet):
-            writer.add_pack([tmp_reader.encoded_samples(int(j))[0] for j in members])
+            writer.add_pack([x for j in members for x in tmp_reader.encoded_samples(int(j))])
         del tmp_reader
 
         result.samples = len(lengths)
@@ -366,6 +406,7 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
         result.fill = fill
         extra = {
             "template": cfg.template,
+            **({"preference": True} if cfg.preference else {}),  # absent: SFT shards (unchanged bytes)
             "tokenizer": {
                 "path": cfg.tokenizer,
                 "sha256": tokenizer.sha256,
@@ -385,6 +426,7 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
                 "inputs": result.inputs,
                 "rejects": result.rejects,
                 "rejects_by_reason": result.rejects_by_reason,
+                **({"pairs": result.samples} if cfg.preference else {}),  # "samples" counts both sequences
             },
             "rejects_file": os.path.basename(out) + ".rejects.jsonl",
         }
@@ -431,7 +473,7 @@ def _pool(workers: int, ctx: _WorkerContext):
 def format_summary(cfg: PreprocessConfig, r: PreprocessResult) -> str:
     """The human summary the CLI prints."""
     lines = [
-        f"inputs {r.inputs}: {r.samples} samples, {r.rejects} rejected ({100 * r.reject_ratio:.2f}%, limit {100 * cfg.max_reject_ratio:.2f}%)",
+        f"inputs {r.inputs}: {r.samples} {'pairs' if cfg.preference else 'samples'}, {r.rejects} rejected ({100 * r.reject_ratio:.2f}%, limit {100 * cfg.max_reject_ratio:.2f}%)",
     ]
     for reason, n in r.rejects_by_reason.items():
         lines.append(f"  reject {reason:<24} {n}")

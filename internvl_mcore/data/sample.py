@@ -71,3 +71,5 @@ class PackedSample:
     """(n_images,) int32 tiles per image in order of appearance."""
     source: list[dict] = field(default_factory=list)
     """Per sub-sample {'dataset': str, 'line': int}."""
+    pairs: int = 0
+    """Preference packs: the sub-samples are `pairs` (chosen, rejected) pairs in order; 0 otherwise."""

@@ -16,6 +16,7 @@ a group stays on NVLink when it fits in one node (megatron-core's rank order is 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Optional, Sequence
@@ -70,6 +71,8 @@ class Workload:
     """LoRA rank on the LLM's linears (0: none)."""
     bf16: bool = True
     """bf16 parameters with fp32 master weights (else fp32)."""
+    reference_model: bool = False
+    """--stage mpo: a frozen reference copy of the model, sharded like it, runs one forward per microbatch."""
 
     def tiles(self, model: ModelConfig) -> float:
         if self.tiles_per_sequence is not None:
@@ -200,6 +203,8 @@ def plan(model: ModelConfig, layout: Layout, workload: Workload, hardware: Hardw
                          use_distributed_optimizer=layout.distributed_optimizer, lora_rank=w.lora_rank)
         act = activation_bytes(model, par, r, w.seq_length, w.micro_batch_size, tiles_mb, microbatches,
                                param_bytes=e, sample_lengths=lengths, trainable=trainable)
+        if w.reference_model:  # its weights (no gradients, no optimizer state); its forward keeps no activations
+            st = dataclasses.replace(st, params=st.params + sum(s.numel for s in stage_params(model, par, r)) * e)
         stages.append(StagePlan(r, layers[r], st, act))
 
     # --- time -------------------------------------------------------------------------------
@@ -216,6 +221,8 @@ def plan(model: ModelConfig, layout: Layout, workload: Workload, hardware: Hardw
     vit_tokens = tiles_mb * (model.vision.num_patches + 1)
     k = pass_multipliers(trainable, layout.recompute)
     llm_mult, vit_mult, proj_mult = k["llm"], k["vision"], k["projector"]
+    if w.reference_model:  # + the reference model's forward of every microbatch
+        llm_mult, vit_mult, proj_mult = llm_mult + 1, vit_mult + 1, proj_mult + 1
     ar_per_layer = 6 if layout.recompute else 4
     stage_times, stage_compute = [], []
     for r, n_layers in enumerate(layers):

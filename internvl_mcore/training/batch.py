@@ -25,6 +25,10 @@ class Batch:
     """(T, 3, H, W) float32 normalized tiles of every image, in batch order."""
     loss_weight: Optional[torch.Tensor] = None
     """(B, S) float32 per-token loss weights (set by the loop from --loss-reduction; None = loss_mask)."""
+    pairs: Optional[torch.Tensor] = None
+    """(P, 2) int64 [chosen, rejected] segment indices (cu_seqlens segments) of preference data (--stage mpo)."""
+    ref_logps: Optional[torch.Tensor] = None
+    """(N,) float32 per-segment response log-prob sums of the frozen reference model (last stage, --stage mpo)."""
 
     @staticmethod
     def collate(samples: list[dict], seq_length: int) -> "Batch":

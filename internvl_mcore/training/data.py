@@ -38,7 +38,7 @@ class ShardBatches:
         ignore = d["labels"] < 0
         return Batch(tokens=d["tokens"], labels=d["labels"].masked_fill(ignore, self.cfg.pad_token_id),
                      loss_mask=d["loss_mask"], position_ids=d["position_ids"], cu_seqlens=d["cu_seqlens"],
-                     pixel_values=d["pixel_values"])
+                     pixel_values=d["pixel_values"], pairs=d["pairs"] if d["pairs"].shape[0] else None)
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()
@@ -69,6 +69,9 @@ def check_manifest(prefix: str, run: RunConfig) -> None:
         problems.append(f"num_image_token {manifest.get('num_image_token')} (model: {cfg.num_image_token})")
     if tok.get("vocab_size", 0) > cfg.llm.vocab_size:
         problems.append(f"tokenizer vocab {tok.get('vocab_size')} > model vocab {cfg.llm.vocab_size}")
+    if bool(manifest.get("preference")) != (run.train.stage == "mpo"):
+        problems.append("preference (MMPR) shards need --stage mpo" if manifest.get("preference") else
+                        "--stage mpo needs preference shards (tools/preprocess_mm_data.py --preference)")
     if manifest.get("seq_length", 0) > run.train.seq_length:
         problems.append(f"packs of up to {manifest.get('seq_length')} tokens > --seq-length {run.train.seq_length}")
     if problems:

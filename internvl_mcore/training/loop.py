@@ -18,7 +18,7 @@ from ..config.training import RunConfig
 from ..parallel.context_thd import check_thd_layout
 from ..parallel.device import resolve_device
 from ..parallel.state import comm_device, init_distributed
-from . import checkpoint
+from . import checkpoint, mpo
 from .batch import Batch
 from .data import MockBatches, ShardBatches, build_batches, loss_weights
 from .metrics import Reporter
@@ -29,6 +29,25 @@ from .step import forward_step
 
 class ConfigError(ValueError):
     """A flag combination that cannot work; the message names the flags."""
+
+
+def mpo_problems(run: RunConfig) -> list[str]:
+    """Flags --stage mpo cannot work with (and MPO flags without it)."""
+    t = run.train
+    if t.stage != "mpo":
+        changed = t.mpo_beta != 0.1 or list(t.mpo_loss_weights) != [0.8, 0.2, 1.0]
+        return ["--mpo-beta / --mpo-loss-weights apply to --stage mpo only"] if changed else []
+    problems = []
+    if len(t.mpo_loss_weights) != 3 or min(t.mpo_loss_weights) < 0:
+        problems.append(f"--mpo-loss-weights takes three weights P Q G >= 0, got {t.mpo_loss_weights}")
+    if not t.mpo_beta > 0:
+        problems.append(f"--mpo-beta must be > 0, got {t.mpo_beta}")
+    if t.loss_reduction != "token":
+        problems.append("--loss-reduction does not apply to --stage mpo (its loss is a mean over pairs)")
+    if run.data.mock_data:
+        problems.append("--stage mpo needs preference shards (--data-path from tools/preprocess_mm_data.py "
+                        "--preference); --mock-data has no pairs")
+    return problems
 
 
 def validate(run: RunConfig) -> Plan:
@@ -63,6 +82,7 @@ def validate(run: RunConfig) -> Plan:
         problems.append("--save-interval needs --save DIR")
     if run.data.mock_data and run.data.data_path:
         problems.append("--mock-data and --data-path exclude each other")
+    problems += mpo_problems(run)
     if t.micro_batch_size < 1 or t.global_batch_size < t.micro_batch_size:
         problems.append(f"--global-batch-size {t.global_batch_size} must be >= --micro-batch-size {t.micro_batch_size} >= 1")
     try:
@@ -91,6 +111,8 @@ class Trainer:
     num_microbatches: int
     dp_size: int
     iteration: int = 0
+    reference: Any = None  # --stage mpo: the frozen reference model (training/mpo.py)
+    mpo: Any = None  # --stage mpo: mpo.MPOContext
 
 
 def setup(run: RunConfig) -> Trainer:
@@ -125,6 +147,7 @@ def setup(run: RunConfig) -> Trainer:
         kind = checkpoint.load_weights(run.checkpoint.pretrained, model, model_cfg)
         if dist.get_rank() == 0:
             print(f"loaded weights from {kind} {run.checkpoint.pretrained}", flush=True)
+    reference = mpo.build_reference(run, model_cfg, model) if t.stage == "mpo" else None
     apply_freeze(model, plan)
     if run.lora.enabled:  # LoRA (models/lora.py): every base weight frozen, only the adapters train
         from ..models.lora import add_lora
@@ -135,6 +158,8 @@ def setup(run: RunConfig) -> Trainer:
             print(f"LoRA rank {run.lora.lora_rank} (alpha {run.lora.alpha:g}) on {run.lora.lora_target}: "
                   f"{sum(p.numel() for p in model.parameters() if p.requires_grad)} trainable parameters on "
                   "this rank, base weights frozen", flush=True)
+    if reference is not None:
+        mpo.mirror_requires_grad(reference, model)
     config = model.config
     ddp = DistributedDataParallel(
         config=config,
@@ -157,6 +182,8 @@ def setup(run: RunConfig) -> Trainer:
     config.no_sync_func = ddp.no_sync
     batches = build_batches(run, parallel_state.get_data_parallel_rank(), dp)
     trainer = Trainer(run, plan, [ddp], optimizer, scheduler, batches, g // (t.micro_batch_size * dp), dp)
+    if reference is not None:
+        trainer.reference, trainer.mpo = reference, mpo.make_context(run)
     if run.checkpoint.load:
         iteration, data_state = checkpoint.load(run.checkpoint.load, ddp, optimizer, scheduler, model_cfg,
                                                 run.parallel, load_optim=not run.checkpoint.no_load_optim)
@@ -217,8 +244,12 @@ def train_step(trainer: Trainer) -> dict:
     batches, scale = _step_batches(trainer)
     ddp.zero_grad_buffer()
     trainer.optimizer.zero_grad()
+    step_func = functools.partial(forward_step, scale=scale)
+    if trainer.mpo is not None:  # reference log-probs first, then the policy consumes them
+        mpo.run_reference(trainer.reference, batches, trainer.mpo, t.seq_length, t.micro_batch_size)
+        step_func = functools.partial(mpo.mpo_forward_step, ctx=trainer.mpo)
     losses = get_forward_backward_func()(
-        forward_step_func=functools.partial(forward_step, scale=scale), data_iterator=iter(batches),
+        forward_step_func=step_func, data_iterator=iter(batches),
         model=trainer.model, num_microbatches=trainer.num_microbatches, seq_length=t.seq_length,
         micro_batch_size=t.micro_batch_size, forward_only=False)
     aux = reduced_aux_loss(trainer.num_microbatches) if trainer.run.model.llm.is_moe else None
@@ -228,6 +259,12 @@ def train_step(trainer: Trainer) -> dict:
     totals = reduce_loss_totals(losses, parallel_state.is_pipeline_last_stage(),
                                 parallel_state.get_data_parallel_group(with_context_parallel=True),
                                 parallel_state.get_pipeline_model_parallel_group()).cpu()
+    extra = {}
+    if trainer.mpo is not None:
+        pp_group = parallel_state.get_pipeline_model_parallel_group()
+        extra = mpo.reduce_metrics(losses, parallel_state.is_pipeline_last_stage(),
+                                   parallel_state.get_data_parallel_group(with_context_parallel=True), pp_group)
+        mpo.sync_running(trainer.mpo.running, pp_group, parallel_state.get_pipeline_model_parallel_last_rank())
     tokens = sum(int((b.tokens != trainer.run.model.pad_token_id).sum()) for b in batches)
     plan = trainer.plan
     trainable = [part for part, on in (("vision", plan.train_vit or plan.unfreeze_vit_layers > 0),
@@ -239,7 +276,7 @@ def train_step(trainer: Trainer) -> dict:
             "nonpad_tokens": tokens * trainer.dp_size, "trainable": trainable,
             # this rank's packed sample lengths, scaled to the job (every DP rank sees a like mix)
             "attention_lengths": [int(n) for b in batches for n in (b.cu_seqlens[1:] - b.cu_seqlens[:-1])] * trainer.dp_size,
-            "moe_aux_loss": aux}
+            "moe_aux_loss": aux, **extra}
 
 
 def save(trainer: Trainer) -> None:
@@ -247,7 +284,8 @@ def save(trainer: Trainer) -> None:
     run = trainer.run
     checkpoint.save(run.checkpoint.save, trainer.iteration, trainer.model[0], trainer.optimizer,
                     trainer.scheduler, run.model, run.parallel, data_state=trainer.batches.state_dict(),
-                    extra={"plan": dataclasses.asdict(trainer.plan)})
+                    extra={"plan": dataclasses.asdict(trainer.plan),
+                           **(mpo.checkpoint_extra(run, trainer.mpo) if trainer.mpo is not None else {})})
     if dist.get_rank() == 0:
         print(f"saved checkpoint at iteration {trainer.iteration} to {run.checkpoint.save}", flush=True)
 

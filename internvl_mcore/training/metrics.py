@@ -86,6 +86,8 @@ class Reporter:
                   "peak_memory_bytes": peak_memory_bytes(self.device)}
         if stats.get("moe_aux_loss") is not None:  # MoE: megatron-core's load-balancing loss per layer
             record["moe_aux_loss"] = stats["moe_aux_loss"]
+        # --stage mpo: the loss components, rewards and reward accuracy (training/mpo.py METRICS)
+        record.update({k: v for k, v in stats.items() if k.startswith(("loss_", "reward"))})
         flops = step_flops(self.run, stats)
         if flops is not None:
             record["model_tflops_per_s_per_rank"] = flops / elapsed / self.world / 1e12
@@ -107,7 +109,10 @@ class Reporter:
                 print(f"iteration {iteration:6d}/{t.train_iters} | loss {record['loss']:.6e} | "
                       f"lr {record['lr']:.3e} | grad_norm {record['grad_norm']:.4f} | "
                       f"tokens/s {record['tokens_per_s']:.1f} | samples/s {record['samples_per_s']:.2f}{mfu} | "
-                      f"peak mem {record['peak_memory_bytes'] / 2**30:.2f} GiB", flush=True)
+                      f"peak mem {record['peak_memory_bytes'] / 2**30:.2f} GiB"
+                      + (f" | pref {record['loss_preference']:.4f} qual {record['loss_quality']:.4f} gen "
+                         f"{record['loss_generation']:.4f} reward acc {record['reward_accuracy']:.3f} margin "
+                         f"{record['reward_margin']:.4f}" if "loss_preference" in record else ""), flush=True)
         return record
 
     def close(self) -> None:

@@ -21,3 +21,18 @@ def digits_shards(tmp_path_factory):
                     "--model", "debug", "--workers", "1", "--no-progress"],
                    check=True, cwd=REPO, capture_output=True, timeout=300)
     return str(prefix)
+
+
+@pytest.fixture(scope="session")
+def preference_shards(tmp_path_factory):
+    """The digits preference set (chosen = right digit, rejected = a wrong one), 2 pairs per pack."""
+    from internvl_mcore.data.digits import build_digits_dataset
+
+    root = tmp_path_factory.mktemp("digits_pref")
+    d = build_digits_dataset(str(root), multi_image=4, text_only=4, max_single=20, preference_pairs=48)
+    prefix = root / "shards" / "pref"
+    subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_mm_data.py"), "--meta", d.preference_meta,
+                    "--tokenizer", d.tokenizer, "--output-prefix", str(prefix), "--seq-length", "800",
+                    "--model", "debug", "--preference", "--workers", "1", "--no-progress"],
+                   check=True, cwd=REPO, capture_output=True, timeout=300)
+    return str(prefix)
