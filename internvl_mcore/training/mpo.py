@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..parallel.state import comm_device
 from .batch import Batch
 
 METRICS = ("loss_preference", "loss_quality", "loss_generation", "rewards_chosen", "rewards_rejected",
@@ -177,13 +178,15 @@ def mpo_forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module, ctx
 
 def reduce_metrics(losses: list[dict], is_last_stage: bool, dp_cp_group, pp_group) -> dict:
     """Mean over the global batch's pairs of each METRICS entry, on every rank."""
-    totals = torch.zeros(len(METRICS) + 1, dtype=torch.float64)
+    # NCCL reduces only GPU tensors (docs/gpu.md): the totals live on the communication device
+    totals = torch.zeros(len(METRICS) + 1, dtype=torch.float64, device=comm_device())
     if is_last_stage:
         for item in losses:
-            totals += torch.cat([item["mpo"].to(torch.float64).cpu(), item["lm loss"][1:].to(torch.float64).cpu()])
+            totals += torch.cat([item["mpo"], item["lm loss"][1:]]).to(totals.device, torch.float64)
         dist.all_reduce(totals, group=dp_cp_group)
     if pp_group is not None and pp_group.size() > 1:
         dist.all_reduce(totals, group=pp_group)
+    totals = totals.cpu()
     n = float(totals[-1])
     return {k: float(totals[i] / n) if n > 0 else float("nan") for i, k in enumerate(METRICS)}
 
@@ -192,7 +195,7 @@ def sync_running(running: RunningMean, pp_group, last_rank: int) -> None:
     """Give every pipeline stage the last stage's running mean (rank 0 writes it into checkpoints)."""
     if pp_group is None or pp_group.size() == 1:
         return
-    t = torch.tensor([running.mean, running.count], dtype=torch.float64)
+    t = torch.tensor([running.mean, running.count], dtype=torch.float64, device=comm_device())
     dist.broadcast(t, src=last_rank, group=pp_group)
     running.mean, running.count = float(t[0]), float(t[1])
 
