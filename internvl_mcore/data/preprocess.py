@@ -32,7 +32,15 @@ import numpy as np
 from .packing import pack_fill, pack_lengths, v2pe_position_ids, v2pe_random_deltas
 from .preference import check_same_prompt, split_preference_record
 from .sample import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, Reject, TokenizedSample
-from .shards import DEFAULT_TILE_FORMAT, TILE_FORMATS, EncodedSample, ShardReader, ShardWriter, encode_tiles
+from .shards import (
+    DEFAULT_TILE_FORMAT,
+    TILE_FORMATS,
+    EncodedSample,
+    ShardReader,
+    ShardWriter,
+    encode_source_images,
+    encode_tiles,
+)
 from .template import INTERNVL2_5, TEMPLATES
 
 
@@ -230,20 +238,33 @@ def _finish_sample(ctx: _WorkerContext, ordinal: int, s: TokenizedSample) -> _Ok
             s, "bad_image_tokens",
             f"<IMG_CONTEXT> runs {ctx_counts} != num_tiles {num_tiles.tolist()} x {ctx.num_image_token}",
         )
-    tiles = np.asarray(s.tiles)
-    want = (int(num_tiles.sum()), ctx.image_size, ctx.image_size, 3)
-    if tiles.shape != want or tiles.dtype != np.uint8:
-        return _reject_for(s, "bad_tiles", f"tiles {tiles.shape} {tiles.dtype}, expected {want} uint8")
+    payloads = _encode_visuals(ctx, s, num_tiles)
+    if isinstance(payloads, str):
+        return _reject_for(s, "bad_tiles", payloads)
     enc = EncodedSample(
         tokens=tokens,
         loss_mask=np.asarray(s.loss_mask, dtype=np.uint8),
         position_ids=positions,
         num_tiles=num_tiles,
-        tiles=encode_tiles(tiles, ctx.tile_format),
+        tiles=payloads,
         dataset_index=-1,
         line=int(s.line),
     )
     return _Ok(enc, s.dataset, s.source_file, bool(s.data_augment))
+
+
+def _encode_visuals(ctx: _WorkerContext, s: TokenizedSample, num_tiles: np.ndarray) -> list[bytes] | str:
+    """The sample's tile payloads in ctx.tile_format, or what is wrong with its visuals."""
+    if ctx.tile_format == "source":
+        grids = [im.tiling.num_tiles for im in s.images]
+        if grids != num_tiles.tolist():
+            return f"image grids give {grids} tiles, num_tiles says {num_tiles.tolist()}"
+        return encode_source_images(s.images)
+    tiles = np.asarray(s.tiles)
+    want = (int(num_tiles.sum()), ctx.image_size, ctx.image_size, 3)
+    if tiles.shape != want or tiles.dtype != np.uint8:
+        return f"tiles {tiles.shape} {tiles.dtype}, expected {want} uint8"
+    return encode_tiles(tiles, ctx.tile_format)
 
 
 def _context_runs(tokens: np.ndarray, start_id: int, end_id: int) -> list[int]:
@@ -300,6 +321,7 @@ def _front_end_options(cfg: PreprocessConfig, num_image_token: int):
         max_seq_length=cfg.seq_length,
         truncate=cfg.truncate,
         template=cfg.template,
+        source_images=cfg.tile_format == "source",
     )
 
 

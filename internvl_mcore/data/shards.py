@@ -8,6 +8,7 @@ A shard set with prefix P is six megatron-core `IndexedDataset`s plus a manifest
     P_num_tiles.{bin,idx}     int32    one sequence per sub-sample   (tiles of each of its images)
     P_source.{bin,idx}        int64    one sequence per sub-sample   ([dataset index, line])
     P_tiles.{bin,idx}         uint8    one sequence per tile         (encoded tile bytes)
+                                       or per image ("source" format: header + image bytes)
     P.manifest.json
 
 In every one of them a megatron "document" is one pack, so `document_indices` gives the pack ->
@@ -15,7 +16,14 @@ sequence mapping and the sequence lengths of P_tokens give cu_seqlens directly. 
 per file keeps each file a single honest dtype (megatron-core's format has one dtype per file) and
 lets a reader touch only what it needs (inspect reads tokens without tiles).
 
-Tiles are stored one per sequence in `tile_format`. bench/data_pipeline.py measures the four on
+"source" stores each image once: a 9-byte header (b"SRC1", grid cols and rows as uint16, thumbnail
+flag as uint8) followed by the image's encoded bytes as the user gave them (re-encoded as lossless
+WebP only for formats Pillow may not decode identically again, and for frames of video files, which
+are stored as their one 448x448 tile). The loader decodes each image once and cuts its tiles with
+`image.cut_tiles`, pixel-exact to the tiles the other formats store (see docs/data.md for the
+measured size and speed).
+
+The other formats store tiles one per sequence in `tile_format`. bench/data_pipeline.py measures the four on
 real photos (448x448 tiles; per tile, process CPU time on this 2-core machine; "load" = read +
 decode + ImageNet-normalize as the loader does):
 
@@ -41,12 +49,20 @@ import io
 import json
 import os
 from dataclasses import dataclass
+import struct
 from typing import Sequence
 
 import numpy as np
 
+from .image import ImageTiling, cut_tiles, decode_rgb
+from .sample import StoredImage
+
 SHARD_FORMAT = "internvl-mcore-packed-v1"
-TILE_FORMATS = ("webp", "png", "raw", "jpeg")
+TILE_CODECS = ("webp", "png", "raw", "jpeg")  # formats storing one encoded payload per tile
+TILE_FORMATS = ("source", *TILE_CODECS)
+# "source" payload header: magic, grid cols, grid rows, thumbnail flag.
+SOURCE_HEADER = struct.Struct("<4sHHB")
+SOURCE_MAGIC = b"SRC1"
 DEFAULT_TILE_FORMAT = "webp"
 
 # field name -> numpy dtype on disk
@@ -109,9 +125,41 @@ def encode_tiles(tiles: np.ndarray, tile_format: str) -> list[bytes]:
         elif tile_format == "jpeg":
             Image.fromarray(t).save(buf, format="JPEG", quality=95, subsampling=0)
         else:
-            raise ValueError(f"unknown tile format {tile_format!r}; choose from {TILE_FORMATS}")
+            raise ValueError(f"unknown tile codec {tile_format!r}; choose from {TILE_CODECS} "
+                             "('source' stores images, see encode_source_images)")
         out.append(buf.getvalue())
     return out
+
+
+def encode_source_images(images: Sequence[StoredImage]) -> list[bytes]:
+    """One "source" payload per image: header (grid, thumbnail) + the stored encoded bytes."""
+    return [SOURCE_HEADER.pack(SOURCE_MAGIC, im.tiling.cols, im.tiling.rows, int(im.tiling.thumbnail)) + im.data
+            for im in images]
+
+
+def source_tiling(payload: np.ndarray | bytes) -> ImageTiling:
+    """The grid recorded in a "source" payload's header."""
+    magic, cols, rows, thumb = SOURCE_HEADER.unpack_from(memoryview(payload)[: SOURCE_HEADER.size])
+    if magic != SOURCE_MAGIC:
+        raise ValueError(f"not a 'source' image payload (header {bytes(magic)!r})")
+    return ImageTiling(int(cols), int(rows), bool(thumb))
+
+
+def decode_source_images(payloads: Sequence[np.ndarray | bytes], image_size: int) -> np.ndarray:
+    """"source" payloads -> (T, S, S, 3) uint8 tiles: each image decoded once, then cut like InternVL."""
+    tilings = [source_tiling(p) for p in payloads]
+    out = np.empty((sum(t.num_tiles for t in tilings), image_size, image_size, 3), dtype=np.uint8)
+    k = 0
+    for p, tiling in zip(payloads, tilings):
+        image = decode_rgb(memoryview(p)[SOURCE_HEADER.size :])
+        out[k : k + tiling.num_tiles] = cut_tiles(image, tiling, image_size)
+        k += tiling.num_tiles
+    return out
+
+
+def payload_count(num_tiles: np.ndarray | Sequence[int], tile_format: str) -> int:
+    """Payloads stored for images with `num_tiles` tiles each: one per image ("source") or per tile."""
+    return len(num_tiles) if tile_format == "source" else int(np.sum(num_tiles, dtype=np.int64))
 
 
 def decode_tiles(payloads: Sequence[np.ndarray | bytes], tile_format: str, tile_shape: Sequence[int]) -> np.ndarray:
@@ -119,6 +167,8 @@ def decode_tiles(payloads: Sequence[np.ndarray | bytes], tile_format: str, tile_
     from PIL import Image
 
     h, w, c = (int(x) for x in tile_shape)
+    if tile_format == "source":
+        return decode_source_images(payloads, h)
     out = np.empty((len(payloads), h, w, c), dtype=np.uint8)
     for i, p in enumerate(payloads):
         if tile_format == "raw":
@@ -147,7 +197,7 @@ class EncodedSample:
     loss_mask: np.ndarray  # (S,) uint8
     position_ids: np.ndarray  # (S,) float32
     num_tiles: np.ndarray  # (n_images,) int32
-    tiles: list  # sum(num_tiles) payloads (bytes or uint8 arrays)
+    tiles: list  # payloads (bytes or uint8 arrays): one per tile, or one per image ("source" format)
     dataset_index: int  # index into the manifest's "datasets"
     line: int  # 1-based line / row in the source file
 
@@ -166,8 +216,8 @@ class RawPack:
     num_tiles: np.ndarray  # (n_images,) int32, all sub-samples concatenated
     images_per_sample: np.ndarray  # (n,) int32 images of each sub-sample
     source: np.ndarray  # (n, 2) int64 [dataset index, line]
-    tile_bytes: np.ndarray  # all encoded tiles of the pack back to back, uint8
-    tile_lengths: np.ndarray  # (T,) int32 bytes of each encoded tile
+    tile_bytes: np.ndarray  # all payloads of the pack back to back, uint8
+    tile_lengths: np.ndarray  # (P,) int32 bytes of each payload (P = tiles, or images for "source")
 
     @property
     def tile_payloads(self) -> list[np.ndarray]:
@@ -226,8 +276,9 @@ class ShardWriter:
         for s in samples:
             if not (s.loss_mask.shape[0] == s.position_ids.shape[0] == len(s)):
                 raise ValueError(f"sample (dataset {s.dataset_index}, line {s.line}): tokens, loss_mask, position_ids differ in length")
-            if int(np.sum(s.num_tiles)) != len(s.tiles):
-                raise ValueError(f"sample (dataset {s.dataset_index}, line {s.line}): num_tiles sums to {int(np.sum(s.num_tiles))} but {len(s.tiles)} tiles given")
+            if payload_count(s.num_tiles, self.tile_format) != len(s.tiles):
+                raise ValueError(f"sample (dataset {s.dataset_index}, line {s.line}): num_tiles {list(s.num_tiles)} needs "
+                                 f"{payload_count(s.num_tiles, self.tile_format)} {self.tile_format} payloads, {len(s.tiles)} given")
             if self.tile_format == "raw" and any(len(p) != raw_tile_bytes for p in s.tiles):
                 raise ValueError(f"sample (dataset {s.dataset_index}, line {s.line}): raw tile is not {self.tile_shape}")
         b = self._builders
@@ -250,7 +301,7 @@ class ShardWriter:
         c["samples"] += len(samples)
         c["tokens"] += sum(lengths)
         c["images"] += sum(len(s.num_tiles) for s in samples)
-        c["tiles"] += len(payloads)
+        c["tiles"] += int(sum(int(np.sum(s.num_tiles)) for s in samples))
         c["loss_tokens"] += int(sum(int(s.loss_mask.sum()) for s in samples))
 
     def finalize(self, extra: dict | None = None, checksums: bool = True) -> dict:
@@ -400,8 +451,9 @@ class ShardReader:
         tile_bytes, tile_lengths = np.zeros(0, np.uint8), np.zeros(0, np.int32)
         if with_tiles:
             tile_bytes, tile_lengths = f["tiles"].document(i)
-            if tile_lengths.shape[0] != int(num_tiles.sum()):
-                raise ValueError(f"{self.prefix} pack {i}: {tile_lengths.shape[0]} tiles stored, num_tiles says {int(num_tiles.sum())}")
+            want = payload_count(num_tiles, self.tile_format)
+            if tile_lengths.shape[0] != want:
+                raise ValueError(f"{self.prefix} pack {i}: {tile_lengths.shape[0]} payloads stored, num_tiles says {want}")
         return RawPack(
             tokens=tokens,
             loss_mask=loss_mask,
@@ -431,7 +483,7 @@ class ShardReader:
         for k in range(p.seq_lengths.shape[0]):
             n, m = int(p.seq_lengths[k]), int(p.images_per_sample[k])
             nt = p.num_tiles[img_off : img_off + m]
-            t = int(nt.sum())
+            t = payload_count(nt, self.tile_format)
             out.append(
                 EncodedSample(
                     tokens=p.tokens[tok_off : tok_off + n],

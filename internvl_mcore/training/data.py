@@ -18,7 +18,7 @@ class ShardBatches:
 
         try:
             self.loader = PackedDataLoader(run.data.data_path, dp_rank=dp_rank, dp_size=dp_size,
-                                           seed=run.train.seed)
+                                           seed=run.train.seed, num_workers=run.data.num_workers)
         except (FileNotFoundError, ValueError) as exc:
             raise ValueError(f"--data-path {' '.join(run.data.data_path)}: {exc}") from exc
         self.cfg = run.model
@@ -26,6 +26,7 @@ class ShardBatches:
             check_manifest(prefix, run)
         self.seq_length = run.train.seq_length
         self.micro_batch_size = run.train.micro_batch_size
+        self.pin_memory = torch.cuda.is_available()  # page-locked tiles copy to the GPU asynchronously
 
     def __iter__(self) -> "ShardBatches":
         return self
@@ -35,6 +36,8 @@ class ShardBatches:
 
         packs = [next(self.loader) for _ in range(self.micro_batch_size)]
         d = collate(packs, self.seq_length, self.cfg.pad_token_id)
+        if self.pin_memory:
+            d = {k: v.pin_memory() for k, v in d.items()}
         ignore = d["labels"] < 0
         return Batch(tokens=d["tokens"], labels=d["labels"].masked_fill(ignore, self.cfg.pad_token_id),
                      loss_mask=d["loss_mask"], position_ids=d["position_ids"], cu_seqlens=d["cu_seqlens"],
