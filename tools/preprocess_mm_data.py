@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-prefix", required=True, metavar="OUT")
     g.add_argument("--workers", type=int, default=1, help="worker processes (output is identical for any value)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--num-shards", type=int, default=1,
+                   help="split the input across this many runs (machines): each keeps a deterministic slice of "
+                        "every dataset; train on all the resulting prefixes together")
+    g.add_argument("--shard-index", type=int, default=0, help="which slice this run keeps, in [0, --num-shards)")
     g.add_argument("--preference", action="store_true",
                    help="MMPR preference JSONL (image(s), question, chosen, rejected) for --stage mpo: each record "
                         "becomes a chosen + rejected pair packed together, tiles stored once")
@@ -99,6 +103,8 @@ def config_from_args(args: argparse.Namespace):
         pack_buffer=args.pack_buffer,
         template=template,
         preference=args.preference,
+        num_shards=args.num_shards,
+        shard_index=args.shard_index,
         workers=args.workers,
         progress=not args.no_progress,
     )

@@ -1,6 +1,6 @@
 """Orchestration of `tools/preprocess_mm_data.py`: records -> samples -> packs -> shards.
 
-    pass 1  records of every dataset, in meta order --(worker pool, ordered map)--> samples
+    pass 1  records of every dataset, in meta order --(SupervisedPool, in order)--> samples
             each sample: template + tokenize + tile (front end), V2PE positions, tile encoding;
             written one per "pack" to a temporary shard set, rejects to OUT.rejects.jsonl
     pass 2  pack_lengths(all sample lengths, seed) -> packs; copy samples from the temporary set
@@ -19,6 +19,7 @@ import dataclasses
 import json
 import multiprocessing as mp
 import os
+from multiprocessing.connection import Connection, wait
 import re
 import shutil
 import time
@@ -73,6 +74,10 @@ class PreprocessConfig:
     """Chat template: the model's (`--model`: its config's `template`; InternVL2.5, 3 and 3.5 dense use internvl2_5)."""
     preference: bool = False
     """MMPR preference records (question, chosen, rejected): each becomes a chosen + rejected pair."""
+    num_shards: int = 1
+    """Split the input across this many runs (machines): each keeps a deterministic slice of every dataset."""
+    shard_index: int = 0
+    """Which slice this run keeps, in [0, num_shards); train on all the resulting prefixes together."""
     # Not part of the output's identity (excluded from the manifest):
     workers: int = 1
     progress: bool = True
@@ -87,6 +92,9 @@ class PreprocessConfig:
             raise ValueError(f"--seq-length must be >= 1, got {self.seq_length}")
         if self.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
+            raise ValueError(f"need --num-shards >= 1 and 0 <= --shard-index < --num-shards, "
+                             f"got {self.num_shards} and {self.shard_index}")
         if not 0 < self.v2pe_delta <= 1:
             raise ValueError(f"--v2pe-delta must be in (0, 1], got {self.v2pe_delta}")
         if not 0 <= self.max_reject_ratio <= 1:
@@ -278,13 +286,126 @@ def _run_in_worker(item: tuple[int, Any]) -> _Ok | list[_Ok] | Reject:
     return process_record(_CTX, *item)
 
 
+def _worker_main(conn: Connection, ctx: _WorkerContext) -> None:
+    """A pool worker: one (ordinal, record) in, one result out, until it receives None."""
+    _init_worker(ctx)
+    while (item := conn.recv()) is not None:
+        conn.send(_run_in_worker(item))
+
+
+_SIGNALS = {9: "SIGKILL, e.g. the out-of-memory killer", 11: "SIGSEGV, a segmentation fault", 6: "SIGABRT"}
+
+
+class _Worker:
+    def __init__(self, mpctx, ctx: _WorkerContext):
+        self.conn, child = mpctx.Pipe()
+        self.proc = mpctx.Process(target=_worker_main, args=(child, ctx), daemon=True)
+        self.proc.start()
+        child.close()
+        self.seq: int | None = None  # the input this worker holds
+
+    def death(self) -> str:
+        self.proc.join(timeout=5)
+        code = self.proc.exitcode
+        return f"killed by {_SIGNALS.get(-code, f'signal {-code}')}" if code is not None and code < 0 else f"exit code {code}"
+
+
+class SupervisedPool:
+    """Worker processes fed one input at a time over their own pipe, so the parent always knows which
+    input a worker holds. A worker that dies (segfault, OOM kill, os._exit) is replaced; its input is
+    retried once in a fresh worker, then rejected as 'worker_died' with its file:line. Results come back
+    in input order with at most `window` inputs in flight, so memory stays bounded and the output does
+    not depend on the number of workers (multiprocessing.Pool would hang on the lost input instead)."""
+
+    def __init__(self, workers: int, ctx: _WorkerContext, retries: int = 1):
+        # fork: workers inherit the imported modules (megatron-core's import alone takes seconds)
+        self._mp = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        self._ctx, self._retries = ctx, retries
+        self._workers = [_Worker(self._mp, ctx) for _ in range(workers)]
+        self._items: dict[int, Any] = {}
+        self._attempts: Counter[int] = Counter()
+        self._todo: deque[int] = deque()
+        self._done: dict[int, Any] = {}
+
+    def imap(self, items: Iterator, window: int) -> Iterator:
+        """`_run_in_worker(item)` for every item, in input order."""
+        items, seq_in, seq_out, exhausted = iter(items), 0, 0, False
+        while not (exhausted and seq_out == seq_in):
+            while not exhausted and seq_in - seq_out < window:
+                item = next(items, None)
+                if item is None:
+                    exhausted = True
+                    break
+                self._items[seq_in] = item
+                self._todo.append(seq_in)
+                seq_in += 1
+            if seq_out in self._done:
+                self._items.pop(seq_out)
+                yield self._done.pop(seq_out)
+                seq_out += 1
+                continue
+            if seq_out < seq_in:
+                self._dispatch()
+                self._collect()
+
+    def _dispatch(self) -> None:
+        for w in self._workers:
+            if w.seq is None and self._todo:
+                w.seq = self._todo.popleft()
+                w.conn.send(self._items[w.seq])
+
+    def _collect(self) -> None:
+        busy = [w for w in self._workers if w.seq is not None]
+        ready = set(wait([w.conn for w in busy] + [w.proc.sentinel for w in busy]))
+        for w in busy:
+            if w.conn in ready or w.proc.sentinel in ready:
+                try:
+                    if w.conn.poll():
+                        self._done[w.seq] = w.conn.recv()
+                        w.seq = None
+                        continue
+                except (EOFError, OSError):
+                    pass
+                if not w.proc.is_alive():
+                    self._replace(w)
+
+    def _replace(self, w: _Worker) -> None:
+        seq, why = w.seq, w.death()
+        self._attempts[seq] += 1
+        if self._attempts[seq] > self._retries:
+            record = self._items[seq][1]
+            self._done[seq] = _reject_for(record, "worker_died", f"the worker process died on this input "
+                                                                 f"{self._attempts[seq]} times ({why})")
+        else:
+            self._todo.appendleft(seq)
+        self._workers[self._workers.index(w)] = _Worker(self._mp, self._ctx)
+        w.conn.close()
+
+    def close(self) -> None:
+        for w in self._workers:
+            try:
+                w.conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        for w in self._workers:
+            w.proc.join(timeout=10)
+            if w.proc.is_alive():
+                w.proc.kill()
+            w.conn.close()
+
+
 # ------------------------------------------------------------------------------------------------
 # Parent side
 # ------------------------------------------------------------------------------------------------
 
 
 def _records(cfg: PreprocessConfig) -> tuple[Iterator[tuple[int, Any]], int | None]:
-    """((ordinal, record) stream over all datasets in order, expected count for the progress bar)."""
+    """((ordinal, record) stream over all datasets in order, expected count for the progress bar).
+
+    With --num-shards N, this run keeps the records whose index within their dataset is
+    shard_index mod N: a deterministic slice of every dataset. Ordinals stay those of the whole
+    stream, so every record becomes the same sample whichever shard processes it.
+    """
     from .sources import iter_records, read_meta
 
     specs = [spec for m in cfg.meta for spec in read_meta(m)]
@@ -295,13 +416,15 @@ def _records(cfg: PreprocessConfig) -> tuple[Iterator[tuple[int, Any]], int | No
     expected = None
     lens = [getattr(s, "expected_records", None) for s in specs]
     if all(isinstance(x, int) for x in lens):
-        expected = sum(lens)
+        n, i = cfg.num_shards, cfg.shard_index
+        expected = sum((x - i + n - 1) // n for x in lens)  # records k < x with k % n == i
 
     def gen() -> Iterator[tuple[int, Any]]:
         ordinal = 0
         for spec in specs:
-            for rec in iter_records(spec, cfg.seed):
-                yield ordinal, rec
+            for k, rec in enumerate(iter_records(spec, cfg.seed)):
+                if k % cfg.num_shards == cfg.shard_index:
+                    yield ordinal, rec
                 ordinal += 1
 
     return gen(), expected
@@ -334,22 +457,17 @@ def manifest_arguments(cfg: PreprocessConfig) -> dict:
         args.pop(k)
     if not cfg.preference:
         args.pop("preference")  # SFT manifests stay byte-identical to those made before preference data
+    if cfg.num_shards == 1:
+        args.pop("num_shards")  # likewise for unsharded runs
+        args.pop("shard_index")
     args["num_image_token"] = cfg.resolved_num_image_token()
     return args
 
 
-def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
-    """Build the shard set at cfg.output_prefix; returns counts (the CLI turns them into an exit code)."""
-    from tqdm import tqdm
-
-    from .tokenizer import load_tokenizer
-
-    cfg.validate()
-    t0 = time.perf_counter()
-    tokenizer = load_tokenizer(cfg.tokenizer)
+def _worker_context(cfg: PreprocessConfig, tokenizer: Any) -> _WorkerContext:
     img_ids = tuple(tokenizer.token_to_id(t) for t in (IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN))
     num_image_token = cfg.resolved_num_image_token()
-    ctx = _WorkerContext(
+    return _WorkerContext(
         tokenizer=tokenizer,
         options=_front_end_options(cfg, num_image_token),
         seq_length=cfg.seq_length,
@@ -362,6 +480,110 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
         img_ids=img_ids,  # type: ignore[arg-type]
         preference=cfg.preference,
     )
+
+
+@dataclass
+class _Pass1:
+    """What pass 1 learns besides the samples it writes: lengths, datasets, reject counts."""
+
+    inputs: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    datasets: dict = field(default_factory=dict)  # (name, file) -> index, in order of first sample
+    dataset_info: list = field(default_factory=list)
+    lengths: list = field(default_factory=list)
+
+    def add(self, res: _Ok | list[_Ok] | Reject, writer: ShardWriter, rejects_file) -> None:
+        self.inputs += 1
+        if isinstance(res, Reject):
+            self.reasons[res.reason] += 1
+            rejects_file.write(json.dumps(_reject_json(res), ensure_ascii=False) + "\n")
+            return
+        group = res if isinstance(res, list) else [res]  # a preference pair stays one unit
+        key = (group[0].dataset, group[0].source_file)
+        if key not in self.datasets:
+            self.datasets[key] = len(self.dataset_info)
+            self.dataset_info.append({"name": key[0], "source_file": key[1], "data_augment": group[0].data_augment})
+        for item in group:
+            item.sample.dataset_index = self.datasets[key]
+        writer.add_pack([item.sample for item in group])
+        self.lengths.append(sum(len(item.sample) for item in group))
+
+
+def _pass1(cfg: PreprocessConfig, ctx: _WorkerContext, tmp_prefix: str, tile_shape: tuple) -> _Pass1:
+    """Every record -> a sample (one per "pack") in the temporary shard set, or a line in the rejects file."""
+    from tqdm import tqdm
+
+    stream, expected = _records(cfg)
+    state = _Pass1()
+    tmp_writer = ShardWriter(tmp_prefix, tile_format=cfg.tile_format, tile_shape=tile_shape)
+    pool = SupervisedPool(cfg.workers, ctx) if cfg.workers > 1 else None
+    try:
+        with open(cfg.output_prefix + ".rejects.jsonl", "w") as rejects_file:
+            results = (pool.imap(stream, window=16 * cfg.workers) if pool is not None
+                       else (process_record(ctx, o, r) for o, r in stream))
+            for res in tqdm(results, total=expected, desc="samples", unit="rec", disable=_quiet(cfg)):
+                state.add(res, tmp_writer, rejects_file)
+    finally:
+        if pool is not None:
+            pool.close()
+    tmp_writer.finalize(checksums=False)
+    return state
+
+
+def _quiet(cfg: PreprocessConfig) -> bool | None:
+    return None if cfg.progress else True  # None: tqdm shows itself only on a terminal
+
+
+def _pass2(cfg: PreprocessConfig, tmp_prefix: str, tile_shape: tuple, lengths: list[int]) -> tuple[ShardWriter, list, float]:
+    """Pack by length; copy the samples from the temporary set into the final one in pack order."""
+    from tqdm import tqdm
+
+    packs = pack_lengths(np.asarray(lengths, dtype=np.int64), cfg.seq_length, cfg.seed, cfg.pack_buffer)
+    fill = pack_fill(lengths, packs, cfg.seq_length)
+    tmp_reader = ShardReader(tmp_prefix)
+    writer = ShardWriter(cfg.output_prefix, tile_format=cfg.tile_format, tile_shape=tile_shape)
+    for members in tqdm(packs, desc="packs", unit="pack", disable=_quiet(cfg)):
+        writer.add_pack([x for j in members for x in tmp_reader.encoded_samples(int(j))])
+    return writer, packs, fill
+
+
+def _manifest_extra(cfg: PreprocessConfig, ctx: _WorkerContext, result: PreprocessResult, state: _Pass1) -> dict:
+    tokenizer, img_ids = ctx.tokenizer, ctx.img_ids
+    return {
+        "template": cfg.template,
+        **({"preference": True} if cfg.preference else {}),  # absent: SFT shards (unchanged bytes)
+        "tokenizer": {
+            "path": cfg.tokenizer,
+            "sha256": tokenizer.sha256,
+            "vocab_size": tokenizer.vocab_size,
+            "pad_token_id": tokenizer.pad_token_id,
+            "img_start_id": img_ids[0],
+            "img_end_id": img_ids[1],
+            "img_context_id": img_ids[2],
+        },
+        "arguments": manifest_arguments(cfg),
+        "seq_length": cfg.seq_length,
+        "num_image_token": ctx.num_image_token,
+        "v2pe": {"random": cfg.v2pe_random, "delta": None if cfg.v2pe_random else cfg.v2pe_delta},
+        "datasets": state.dataset_info,
+        "fill_ratio": round(result.fill, 6),
+        "counts": {
+            "inputs": result.inputs,
+            "rejects": result.rejects,
+            "rejects_by_reason": result.rejects_by_reason,
+            **({"pairs": result.samples} if cfg.preference else {}),  # "samples" counts both sequences
+        },
+        "rejects_file": os.path.basename(cfg.output_prefix) + ".rejects.jsonl",
+    }
+
+
+def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
+    """Build the shard set at cfg.output_prefix; returns counts (the CLI turns them into an exit code)."""
+    from .tokenizer import load_tokenizer
+
+    cfg.validate()
+    t0 = time.perf_counter()
+    ctx = _worker_context(cfg, load_tokenizer(cfg.tokenizer))
     out = cfg.output_prefix
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp_dir = out + ".tmp"
@@ -369,90 +591,17 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     os.makedirs(tmp_dir)
     tmp_prefix = os.path.join(tmp_dir, "samples")
     tile_shape = (cfg.image_size, cfg.image_size, 3)
-
     result = PreprocessResult()
-    reasons: Counter[str] = Counter()
-    datasets: dict[tuple[str, str], int] = {}  # (name, file) -> index, in order of first sample
-    dataset_info: list[dict] = []
-    lengths: list[int] = []
-    quiet = None if cfg.progress else True  # None: tqdm shows itself only on a terminal
     try:
-        stream, expected = _records(cfg)
-        tmp_writer = ShardWriter(tmp_prefix, tile_format=cfg.tile_format, tile_shape=tile_shape)
-        with open(out + ".rejects.jsonl", "w") as rejects_file:
-            if cfg.workers > 1:
-                pool = _pool(cfg.workers, ctx)
-                results = _ordered_map(pool, _run_in_worker, stream, window=16 * cfg.workers)
-            else:
-                pool = None
-                results = (process_record(ctx, o, r) for o, r in stream)
-            try:
-                bar = tqdm(results, total=expected, desc="samples", unit="rec", disable=quiet)
-                for res in bar:
-                    result.inputs += 1
-                    if isinstance(res, Reject):
-                        reasons[res.reason] += 1
-                        rejects_file.write(json.dumps(_reject_json(res), ensure_ascii=False) + "\n")
-                        continue
-                    group = res if isinstance(res, list) else [res]  # a preference pair stays one unit
-                    key = (group[0].dataset, group[0].source_file)
-                    if key not in datasets:
-                        datasets[key] = len(dataset_info)
-                        dataset_info.append(
-                            {"name": key[0], "source_file": key[1], "data_augment": group[0].data_augment}
-                        )
-                    for item in group:
-                        item.sample.dataset_index = datasets[key]
-                    tmp_writer.add_pack([item.sample for item in group])
-                    lengths.append(sum(len(item.sample) for item in group))
-            finally:
-                if pool is not None:
-                    pool.close()
-                    pool.join()
-        tmp_writer.finalize(checksums=False)
-
-        # Pass 2: pack by length, copy samples into the final shard set in pack order.
-        packs = pack_lengths(np.asarray(lengths, dtype=np.int64), cfg.seq_length, cfg.seed, cfg.pack_buffer)
-        fill = pack_fill(lengths, packs, cfg.seq_length)
-        tmp_reader = ShardReader(tmp_prefix)
-        writer = ShardWriter(out, tile_format=cfg.tile_format, tile_shape=tile_shape)
-        for members in tqdm(packs, desc="packs", unit="pack", disable=quiet):
-            writer.add_pack([x for j in members for x in tmp_reader.encoded_samples(int(j))])
-        del tmp_reader
-
-        result.samples = len(lengths)
-        result.rejects = sum(reasons.values())
-        result.rejects_by_reason = dict(sorted(reasons.items()))
+        state = _pass1(cfg, ctx, tmp_prefix, tile_shape)
+        writer, packs, result.fill = _pass2(cfg, tmp_prefix, tile_shape, state.lengths)
+        result.inputs = state.inputs
+        result.samples = len(state.lengths)
+        result.rejects = sum(state.reasons.values())
+        result.rejects_by_reason = dict(sorted(state.reasons.items()))
         result.packs = len(packs)
-        result.tokens = int(sum(lengths))
-        result.fill = fill
-        extra = {
-            "template": cfg.template,
-            **({"preference": True} if cfg.preference else {}),  # absent: SFT shards (unchanged bytes)
-            "tokenizer": {
-                "path": cfg.tokenizer,
-                "sha256": tokenizer.sha256,
-                "vocab_size": tokenizer.vocab_size,
-                "pad_token_id": tokenizer.pad_token_id,
-                "img_start_id": img_ids[0],
-                "img_end_id": img_ids[1],
-                "img_context_id": img_ids[2],
-            },
-            "arguments": manifest_arguments(cfg),
-            "seq_length": cfg.seq_length,
-            "num_image_token": num_image_token,
-            "v2pe": {"random": cfg.v2pe_random, "delta": None if cfg.v2pe_random else cfg.v2pe_delta},
-            "datasets": dataset_info,
-            "fill_ratio": round(fill, 6),
-            "counts": {
-                "inputs": result.inputs,
-                "rejects": result.rejects,
-                "rejects_by_reason": result.rejects_by_reason,
-                **({"pairs": result.samples} if cfg.preference else {}),  # "samples" counts both sequences
-            },
-            "rejects_file": os.path.basename(out) + ".rejects.jsonl",
-        }
-        result.manifest = writer.finalize(extra)
+        result.tokens = int(sum(state.lengths))
+        result.manifest = writer.finalize(_manifest_extra(cfg, ctx, result, state))
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     result.seconds = time.perf_counter() - t0
@@ -467,29 +616,6 @@ def _reject_json(r: Reject) -> dict:
     # between processes; drop them so the rejects file is byte-identical for any --workers.
     detail = _ADDRESS.sub("", r.detail)
     return {"location": f"{r.source_file}:{r.line}", "file": r.source_file, "line": r.line, "reason": r.reason, "detail": detail}
-
-
-def _ordered_map(pool, fn, items: Iterator, window: int) -> Iterator:
-    """`pool.imap(fn, items)` with at most `window` items in flight.
-
-    Pool.imap's feeder thread drains the whole input iterator into the task queue as fast as it
-    can read it; with parquet rows carrying image bytes that would pull the dataset into memory
-    when the workers are slower than the reader. Results still come back in input order.
-    """
-    pending: deque = deque()
-    for item in items:
-        pending.append(pool.apply_async(fn, (item,)))
-        if len(pending) >= window:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
-
-
-def _pool(workers: int, ctx: _WorkerContext):
-    # fork: workers inherit the imported modules (megatron-core's import alone takes seconds);
-    # spawn elsewhere. The context object is passed explicitly either way.
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    return mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(ctx,))
 
 
 def format_summary(cfg: PreprocessConfig, r: PreprocessResult) -> str:

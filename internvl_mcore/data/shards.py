@@ -517,6 +517,16 @@ class ShardReader:
 LOSS_OPEN, LOSS_CLOSE = "[[", "]]"
 
 
+def summary_line(reader: ShardReader) -> str:
+    """One line about a shard set: samples, packs, fill, tiles, bytes on disk, rejects (from its manifest)."""
+    m, c = reader.manifest, reader.manifest.get("counts", {})
+    size = sum(os.path.getsize(p) for p in shard_files(reader.prefix))
+    return (f"{reader.prefix}: samples {c.get('samples', '?')}, packs {c.get('packs', '?')}, "
+            f"fill {100 * float(m.get('fill_ratio', 0)):.2f}%, images {c.get('images', '?')}, "
+            f"tiles {c.get('tiles', '?')} ({reader.tile_format}), bytes {size} ({size / 2**20:.1f} MiB), "
+            f"rejects {c.get('rejects', '?')} of {c.get('inputs', '?')} inputs")
+
+
 def pack_json(reader: ShardReader, i: int) -> dict:
     """Pack i as plain JSON types: tokens, loss_mask (0/1), position_ids (floats), cu_seqlens,
     num_tiles (per image, in order), source (per sub-sample: dataset, line, file)."""
