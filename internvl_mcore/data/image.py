@@ -129,22 +129,23 @@ def plan_tiling(
     return ImageTiling(cols, rows, bool(use_thumbnail and cols * rows != 1))
 
 
-def cut_tiles(image: Image.Image, tiling: ImageTiling, image_size: int) -> np.ndarray:
+def cut_tiles(image: Image.Image, tiling: ImageTiling, image_size: int, out: np.ndarray | None = None) -> np.ndarray:
     """(T, S, S, 3) uint8 tiles of an RGB image, pixel-exact to tiles_to_array(dynamic_preprocess(...)).
 
     Same Pillow calls as InternVL (resize with the default bicubic filter, the thumbnail resized from
     the whole image); the row-major crops of the resized image are array slices, which copy the same
-    pixels as `Image.crop` without building one PIL image per tile.
+    pixels as `Image.crop` without building one PIL image per tile. `out`: (T, S, S, 3) to write into.
     """
     if image.mode != "RGB":
         image = image.convert("RGB")
     s, cols, rows = image_size, tiling.cols, tiling.rows
+    if out is None:
+        out = np.empty((tiling.num_tiles, s, s, 3), dtype=np.uint8)
     grid = np.asarray(image.resize((cols * s, rows * s)), dtype=np.uint8)  # (rows*S, cols*S, 3)
-    tiles = grid.reshape(rows, s, cols, s, 3).transpose(0, 2, 1, 3, 4).reshape(rows * cols, s, s, 3)
-    if not tiling.thumbnail:
-        return np.ascontiguousarray(tiles)
-    thumb = np.asarray(image.resize((s, s)), dtype=np.uint8)  # (S, S, 3)
-    return np.concatenate([tiles, thumb[None]])
+    out[: rows * cols].reshape(rows, cols, s, s, 3)[...] = grid.reshape(rows, s, cols, s, 3).transpose(0, 2, 1, 3, 4)
+    if tiling.thumbnail:
+        out[-1] = np.asarray(image.resize((s, s)), dtype=np.uint8)  # (S, S, 3)
+    return out
 
 
 # Formats whose bytes decode to the same pixels every time (`Image.open(...).convert("RGB")`), so the

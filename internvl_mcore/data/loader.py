@@ -257,6 +257,7 @@ class PackedDataLoader:
             self._ahead.append((self._plan_state.copy(), fut))
         after, fut = self._ahead.popleft()
         sample = fut.result()  # type: ignore[union-attr]
+        sample.tiles = sample.tiles.numpy()  # a view of the shared memory the worker filled
         self._state = after
         return sample
 
@@ -319,8 +320,14 @@ def _set_worker_loader(loader: PackedDataLoader) -> None:
 
 
 def _load_in_worker(dataset: int, pack: int, global_index: int) -> PackedSample:
+    """Load one pack in a worker; its tiles travel back in shared memory (a file descriptor is sent,
+    not the pixels: torch's reductions for multiprocessing, as torch's DataLoader does)."""
+    import torch
+
     assert _WORKER_LOADER is not None, "loader worker not initialized"
-    return _WORKER_LOADER.load(dataset, pack, global_index)
+    sample = _WORKER_LOADER.load(dataset, pack, global_index)
+    sample.tiles = torch.from_numpy(sample.tiles).share_memory_()
+    return sample
 
 
 def _worker_pool(loader: PackedDataLoader) -> ProcessPoolExecutor:

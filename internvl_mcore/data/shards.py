@@ -50,7 +50,7 @@ import json
 import os
 from dataclasses import dataclass
 import struct
-from typing import Sequence
+from typing import Literal, Sequence, get_args
 
 import numpy as np
 
@@ -58,12 +58,13 @@ from .image import ImageTiling, cut_tiles, decode_rgb
 from .sample import StoredImage
 
 SHARD_FORMAT = "internvl-mcore-packed-v1"
-TILE_CODECS = ("webp", "png", "raw", "jpeg")  # formats storing one encoded payload per tile
-TILE_FORMATS = ("source", *TILE_CODECS)
+TileFormat = Literal["source", "webp", "png", "raw", "jpeg"]
+TILE_FORMATS: tuple[str, ...] = get_args(TileFormat)
+TILE_CODECS = TILE_FORMATS[1:]  # formats storing one encoded payload per tile
 # "source" payload header: magic, grid cols, grid rows, thumbnail flag.
 SOURCE_HEADER = struct.Struct("<4sHHB")
 SOURCE_MAGIC = b"SRC1"
-DEFAULT_TILE_FORMAT = "webp"
+DEFAULT_TILE_FORMAT = "source"
 
 # field name -> numpy dtype on disk
 FIELDS: dict[str, type] = {
@@ -152,7 +153,7 @@ def decode_source_images(payloads: Sequence[np.ndarray | bytes], image_size: int
     k = 0
     for p, tiling in zip(payloads, tilings):
         image = decode_rgb(memoryview(p)[SOURCE_HEADER.size :])
-        out[k : k + tiling.num_tiles] = cut_tiles(image, tiling, image_size)
+        cut_tiles(image, tiling, image_size, out=out[k : k + tiling.num_tiles])
         k += tiling.num_tiles
     return out
 
