@@ -342,6 +342,17 @@ def _worker_pool(loader: PackedDataLoader) -> ProcessPoolExecutor:
 # ------------------------------------------------------------------------------------------------
 
 
+def _labels(s: PackedSample, cu: np.ndarray) -> np.ndarray:
+    """(n,) int64: the target of position i is token i+1 if it carries loss, never across sub-samples."""
+    n = int(s.tokens.shape[0])
+    target = np.zeros(n, dtype=bool)
+    target[:-1] = np.asarray(s.loss_mask[1:]) > 0
+    target[cu[1:] - 1] = False  # last token of each sub-sample predicts nothing
+    next_token = np.zeros(n, dtype=np.int64)
+    next_token[:-1] = s.tokens[1:]
+    return np.where(target, next_token, IGNORE_INDEX)
+
+
 def collate(samples: Sequence[PackedSample], seq_length: int, pad_id: int) -> dict:
     """Pad packs to seq_length and stack them into torch tensors for a training step.
 
@@ -380,13 +391,7 @@ def collate(samples: Sequence[PackedSample], seq_length: int, pad_id: int) -> di
         tokens[b, :n] = s.tokens
         position_ids[b, :n] = s.position_ids
         position_ids[b, n:] = np.arange(S - n, dtype=np.float32)
-        # Target of position i is token i+1, if it carries loss; never across sub-samples.
-        target = np.zeros(n, dtype=bool)
-        target[:-1] = np.asarray(s.loss_mask[1:]) > 0
-        target[cu[1:] - 1] = False  # last token of each sub-sample predicts nothing
-        next_token = np.zeros(n, dtype=np.int64)
-        next_token[:-1] = s.tokens[1:]
-        labels[b, :n] = np.where(target, next_token, IGNORE_INDEX)
+        labels[b, :n] = _labels(s, cu)
         bounds.extend((b * S + cu[1:]).tolist())
         segs = len(cu) - 1
         if n < S:

@@ -377,10 +377,17 @@ class SupervisedPool:
                 self._collect()
 
     def _dispatch(self) -> None:
-        for w in self._workers:
+        for i, w in enumerate(self._workers):
             if w.seq is None and self._todo:
-                w.seq = self._todo.popleft()
-                w.conn.send(self._items[w.seq])
+                seq = self._todo.popleft()
+                try:
+                    w.conn.send(self._items[seq])
+                    w.seq = seq
+                except (BrokenPipeError, OSError):  # died while idle: the input was never its own
+                    self._todo.appendleft(seq)
+                    w.proc.join(timeout=5)
+                    w.conn.close()
+                    self._workers[i] = _Worker(self._mp, self._ctx)
 
     def _collect(self) -> None:
         busy = [w for w in self._workers if w.seq is not None]

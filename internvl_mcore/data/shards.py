@@ -23,24 +23,14 @@ are stored as their one 448x448 tile). The loader decodes each image once and cu
 `image.cut_tiles`, pixel-exact to the tiles the other formats store (see docs/data.md for the
 measured size and speed).
 
-The other formats store tiles one per sequence in `tile_format`. bench/data_pipeline.py measures the four on
-real photos (448x448 tiles; per tile, process CPU time on this 2-core machine; "load" = read +
-decode + ImageNet-normalize as the loader does):
+The other formats store tiles one per sequence in `tile_format`:
 
-    format  bytes vs raw  encode   load     pixels
-    webp    0.26          ~10 ms   ~7 ms    exact        <- default
-    png     0.34          ~13 ms   ~8 ms    exact
-    raw     1.00          ~0 ms    ~1.5 ms  exact        (zero-copy mmap reads)
-    jpeg    0.095         ~1.5 ms  ~6 ms    lossy (q95 4:4:4, mean |error| ~1.2 grey levels)
+- "webp": lossless WebP at the least encoding effort (the default before "source").
+- "png": lossless, for Pillow builds without libwebp.
+- "raw": uncompressed; the fastest to load (no decode, no resize) at ~34x the source bytes.
+- "jpeg": lossy (q95 4:4:4), changes pixels.
 
-- "webp" (default): lossless WebP at the least encoding effort. Bit-exact pixels (what InternVL's
-  own pipeline feeds the ViT) at ~1/4 of raw, the smallest lossless option. A 50-tile 16k pack
-  costs ~0.35 CPU-s to load, well under the GPU time of a 16k-token step, so one loader thread
-  per GPU keeps up; encoding runs once, in the preprocessing workers.
-- "raw": ~2x faster to load than decoding the source JPEGs on the fly (webp/png are not; see the
-  bench), for CPU-starved setups with disk to spare (~4x webp's bytes).
-- "png": lossless fallback for Pillow builds without libwebp.
-- "jpeg": smallest, but changes pixels.
+docs/data.md has bench/data_pipeline.py's numbers for all five (bytes, preprocessing and load CPU).
 """
 from __future__ import annotations
 
