@@ -1,6 +1,6 @@
 """Orchestration of `tools/preprocess_mm_data.py`: records -> samples -> packs -> shards.
 
-    pass 1  records of every dataset, in meta order --(SupervisedPool, in order)--> samples
+    pass 1  records of every dataset, in meta order --(pool.SupervisedPool, in order)--> samples
             each sample: template + tokenize + tile (front end), V2PE positions, tile encoding;
             written one per "pack" to a temporary shard set, rejects to OUT.rejects.jsonl
     pass 2  pack_lengths(all sample lengths, seed) -> packs; copy samples from the temporary set
@@ -17,20 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing as mp
 import os
-from multiprocessing.connection import Connection, wait
 import re
 import shutil
 import time
 import traceback
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
 
 from .packing import pack_fill, pack_lengths, v2pe_position_ids, v2pe_random_deltas
+from .pool import SupervisedPool
 from .preference import check_same_prompt, split_preference_record
 from .sample import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, Reject, TokenizedSample
 from .shards import (
@@ -314,119 +313,8 @@ def _run_in_worker(item: tuple[int, Any]) -> _Ok | list[_Ok] | Reject:
     return process_record(_CTX, *item)
 
 
-def _worker_main(conn: Connection, ctx: _WorkerContext) -> None:
-    """A pool worker: one (ordinal, record) in, one result out, until it receives None."""
-    _init_worker(ctx)
-    while (item := conn.recv()) is not None:
-        conn.send(_run_in_worker(item))
-
-
-_SIGNALS = {9: "SIGKILL, e.g. the out-of-memory killer", 11: "SIGSEGV, a segmentation fault", 6: "SIGABRT"}
-
-
-class _Worker:
-    def __init__(self, mpctx, ctx: _WorkerContext):
-        self.conn, child = mpctx.Pipe()
-        self.proc = mpctx.Process(target=_worker_main, args=(child, ctx), daemon=True)
-        self.proc.start()
-        child.close()
-        self.seq: int | None = None  # the input this worker holds
-
-    def death(self) -> str:
-        self.proc.join(timeout=5)
-        code = self.proc.exitcode
-        return f"killed by {_SIGNALS.get(-code, f'signal {-code}')}" if code is not None and code < 0 else f"exit code {code}"
-
-
-class SupervisedPool:
-    """Worker processes fed one input at a time over their own pipe, so the parent always knows which
-    input a worker holds. A worker that dies (segfault, OOM kill, os._exit) is replaced; its input is
-    retried once in a fresh worker, then rejected as 'worker_died' with its file:line. Results come back
-    in input order with at most `window` inputs in flight, so memory stays bounded and the output does
-    not depend on the number of workers (multiprocessing.Pool would hang on the lost input instead)."""
-
-    def __init__(self, workers: int, ctx: _WorkerContext, retries: int = 1):
-        # fork: workers inherit the imported modules (megatron-core's import alone takes seconds)
-        self._mp = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        self._ctx, self._retries = ctx, retries
-        self._workers = [_Worker(self._mp, ctx) for _ in range(workers)]
-        self._items: dict[int, Any] = {}
-        self._attempts: Counter[int] = Counter()
-        self._todo: deque[int] = deque()
-        self._done: dict[int, Any] = {}
-
-    def imap(self, items: Iterator, window: int) -> Iterator:
-        """`_run_in_worker(item)` for every item, in input order."""
-        items, seq_in, seq_out, exhausted = iter(items), 0, 0, False
-        while not (exhausted and seq_out == seq_in):
-            while not exhausted and seq_in - seq_out < window:
-                item = next(items, None)
-                if item is None:
-                    exhausted = True
-                    break
-                self._items[seq_in] = item
-                self._todo.append(seq_in)
-                seq_in += 1
-            if seq_out in self._done:
-                self._items.pop(seq_out)
-                yield self._done.pop(seq_out)
-                seq_out += 1
-                continue
-            if seq_out < seq_in:
-                self._dispatch()
-                self._collect()
-
-    def _dispatch(self) -> None:
-        for i, w in enumerate(self._workers):
-            if w.seq is None and self._todo:
-                seq = self._todo.popleft()
-                try:
-                    w.conn.send(self._items[seq])
-                    w.seq = seq
-                except (BrokenPipeError, OSError):  # died while idle: the input was never its own
-                    self._todo.appendleft(seq)
-                    w.proc.join(timeout=5)
-                    w.conn.close()
-                    self._workers[i] = _Worker(self._mp, self._ctx)
-
-    def _collect(self) -> None:
-        busy = [w for w in self._workers if w.seq is not None]
-        ready = set(wait([w.conn for w in busy] + [w.proc.sentinel for w in busy]))
-        for w in busy:
-            if w.conn in ready or w.proc.sentinel in ready:
-                try:
-                    if w.conn.poll():
-                        self._done[w.seq] = w.conn.recv()
-                        w.seq = None
-                        continue
-                except (EOFError, OSError):
-                    pass
-                if not w.proc.is_alive():
-                    self._replace(w)
-
-    def _replace(self, w: _Worker) -> None:
-        seq, why = w.seq, w.death()
-        self._attempts[seq] += 1
-        if self._attempts[seq] > self._retries:
-            record = self._items[seq][1]
-            self._done[seq] = _reject_for(record, "worker_died", f"the worker process died on this input "
-                                                                 f"{self._attempts[seq]} times ({why})")
-        else:
-            self._todo.appendleft(seq)
-        self._workers[self._workers.index(w)] = _Worker(self._mp, self._ctx)
-        w.conn.close()
-
-    def close(self) -> None:
-        for w in self._workers:
-            try:
-                w.conn.send(None)
-            except (BrokenPipeError, OSError):
-                pass
-        for w in self._workers:
-            w.proc.join(timeout=10)
-            if w.proc.is_alive():
-                w.proc.kill()
-            w.conn.close()
+def _worker_died(item: tuple[int, Any], attempts: int, why: str) -> Reject:
+    return _reject_for(item[1], "worker_died", f"the worker process died on this input {attempts} times ({why})")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -551,7 +439,7 @@ def _pass1(cfg: PreprocessConfig, ctx: _WorkerContext, tmp_prefix: str, tile_sha
     stream, expected = _records(cfg)
     state = _Pass1()
     tmp_writer = ShardWriter(tmp_prefix, tile_format=cfg.tile_format, tile_shape=tile_shape)
-    pool = SupervisedPool(cfg.workers, ctx) if cfg.workers > 1 else None
+    pool = SupervisedPool(cfg.workers, _init_worker, ctx, _run_in_worker, _worker_died) if cfg.workers > 1 else None
     try:
         with open(cfg.output_prefix + ".rejects.jsonl", "w") as rejects_file:
             results = (pool.imap(stream, window=16 * cfg.workers) if pool is not None
