@@ -1,7 +1,8 @@
 """Orchestration of `tools/preprocess_mm_data.py`: records -> samples -> packs -> shards.
 
     pass 1  records of every dataset, in meta order --(pool.SupervisedPool, in order)--> samples
-            each sample: template + tokenize + tile (front end), V2PE positions, tile encoding;
+            each sample: template + tokenize + tile grid (front end), V2PE positions, the images'
+            bytes ("source" format) or encoded tiles;
             written one per "pack" to a temporary shard set, rejects to OUT.rejects.jsonl
     pass 2  pack_lengths(all sample lengths, seed) -> packs; copy samples from the temporary set
             into the final one in pack order; manifest; summary
@@ -11,7 +12,9 @@ dataset; packing still sees every length at once (best fill). Every step is a pu
 (record, its ordinal in the input stream, arguments) and the pool returns results in input order,
 so the output bytes do not depend on --workers. A bad record becomes a `Reject` on its own and
 never affects its neighbours; an unexpected exception while building one sample is caught in the
-worker and rejected as `internal_error` with the traceback summary.
+worker and rejected as `internal_error` with the traceback summary, and a record whose worker process
+dies twice (segfault, out-of-memory kill) is rejected as `worker_died`. --num-shards N --shard-index I
+keeps slice I of every dataset (see `_records`), so N machines can share the work.
 """
 from __future__ import annotations
 
