@@ -29,6 +29,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .image import random_jpeg_recompress
 from .preference import expand_pair_tiles, pair_segments
 from .sample import PackedSample
 from .shards import ShardReader, manifest_path
@@ -211,8 +212,6 @@ class PackedDataLoader:
 
     def load(self, dataset: int, pack: int, global_index: int) -> PackedSample:
         """Read and prepare one pack (pure given its arguments and the seed)."""
-        from .image import random_jpeg_recompress
-
         reader = self.readers[dataset]
         raw = reader.read(pack)
         tiles = reader.tiles(raw)  # (T, H, W, 3) uint8
@@ -353,6 +352,21 @@ def _labels(s: PackedSample, cu: np.ndarray) -> np.ndarray:
     return np.where(target, next_token, IGNORE_INDEX)
 
 
+def _fill_row(b: int, s: PackedSample, tokens: np.ndarray, labels: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    """Write pack `s` into row b of the (B, S) arrays (padding positions count 0, 1, ...); its cu_seqlens."""
+    n, S = int(s.tokens.shape[0]), tokens.shape[1]
+    if n > S:
+        raise ValueError(f"pack {b} has {n} tokens, more than seq_length={S}")
+    cu = np.asarray(s.cu_seqlens, dtype=np.int64)
+    if cu[0] != 0 or cu[-1] != n:
+        raise ValueError(f"pack {b}: cu_seqlens {cu.tolist()} do not cover its {n} tokens")
+    tokens[b, :n] = s.tokens
+    position_ids[b, :n] = s.position_ids
+    position_ids[b, n:] = np.arange(S - n, dtype=np.float32)
+    labels[b, :n] = _labels(s, cu)
+    return cu
+
+
 def collate(samples: Sequence[PackedSample], seq_length: int, pad_id: int) -> dict:
     """Pad packs to seq_length and stack them into torch tensors for a training step.
 
@@ -382,22 +396,12 @@ def collate(samples: Sequence[PackedSample], seq_length: int, pad_id: int) -> di
     bounds: list[int] = [0]
     seg_per_row = []
     for b, s in enumerate(samples):
-        n = int(s.tokens.shape[0])
-        if n > S:
-            raise ValueError(f"pack {b} has {n} tokens, more than seq_length={S}")
-        cu = np.asarray(s.cu_seqlens, dtype=np.int64)
-        if cu[0] != 0 or cu[-1] != n:
-            raise ValueError(f"pack {b}: cu_seqlens {cu.tolist()} do not cover its {n} tokens")
-        tokens[b, :n] = s.tokens
-        position_ids[b, :n] = s.position_ids
-        position_ids[b, n:] = np.arange(S - n, dtype=np.float32)
-        labels[b, :n] = _labels(s, cu)
+        cu = _fill_row(b, s, tokens, labels, position_ids)
+        n = int(cu[-1])
         bounds.extend((b * S + cu[1:]).tolist())
-        segs = len(cu) - 1
-        if n < S:
+        if n < S:  # the padding tail is a segment of its own
             bounds.append((b + 1) * S)
-            segs += 1
-        seg_per_row.append(segs)
+        seg_per_row.append(len(cu) - 1 + int(n < S))
     cu_all = np.asarray(bounds, dtype=np.int32)
     pixel_values = np.concatenate([np.asarray(s.tiles, dtype=np.uint8) for s in samples])  # (T, H, W, 3)
     num_tiles = np.concatenate([np.asarray(s.num_tiles, dtype=np.int32) for s in samples])

@@ -45,7 +45,10 @@ from .shards import (
     encode_source_images,
     encode_tiles,
 )
+from . import sources  # build_sample is looked up on the module, so tests can substitute it
+from .sources import PreprocessOptions, iter_records, read_meta
 from .template import INTERNVL2_5, TEMPLATES
+from .tokenizer import load_tokenizer
 
 
 @dataclass
@@ -209,14 +212,12 @@ def _reject_for(record: Any, reason: str, detail: str) -> Reject:
 
 def process_record(ctx: _WorkerContext, ordinal: int, record: Any) -> _Ok | list[_Ok] | Reject:
     """One input record -> an encoded sample or a Reject. Pure in (ctx, ordinal, record)."""
-    from .sources import build_sample
-
     if isinstance(record, Reject):
         return record
     if ctx.preference:
         return _process_pair(ctx, ordinal, record)
     try:
-        sample = build_sample(record, ctx.tokenizer, ctx.options)
+        sample = sources.build_sample(record, ctx.tokenizer, ctx.options)
         if isinstance(sample, Reject):
             return sample
         return _finish_sample(ctx, ordinal, sample)
@@ -228,15 +229,13 @@ def process_record(ctx: _WorkerContext, ordinal: int, record: Any) -> _Ok | list
 
 def _process_pair(ctx: _WorkerContext, ordinal: int, record: Any) -> list[_Ok] | Reject:
     """One MMPR record -> [chosen, rejected] encoded samples (tiles kept with the chosen one only)."""
-    from .sources import build_sample
-
     split = split_preference_record(record)
     if isinstance(split, Reject):
         return split
     done = []
     for half in split:
         try:
-            sample = build_sample(half, ctx.tokenizer, ctx.options)
+            sample = sources.build_sample(half, ctx.tokenizer, ctx.options)
             # the same ordinal for both halves: V2PE random draws, hence prompt positions, agree
             done.append(sample if isinstance(sample, Reject) else _finish_sample(ctx, ordinal, sample))
         except Exception as e:  # as process_record: one bad record costs one record
@@ -332,8 +331,6 @@ def _records(cfg: PreprocessConfig) -> tuple[Iterator[tuple[int, Any]], int | No
     shard_index mod N: a deterministic slice of every dataset. Ordinals stay those of the whole
     stream, so every record becomes the same sample whichever shard processes it.
     """
-    from .sources import iter_records, read_meta
-
     specs = [spec for m in cfg.meta for spec in read_meta(m)]
     names = [getattr(s, "name", None) for s in specs]
     dup = sorted({n for n in names if n is not None and names.count(n) > 1})
@@ -357,8 +354,6 @@ def _records(cfg: PreprocessConfig) -> tuple[Iterator[tuple[int, Any]], int | No
 
 
 def _front_end_options(cfg: PreprocessConfig, num_image_token: int):
-    from .sources import PreprocessOptions
-
     return PreprocessOptions(
         image_size=cfg.image_size,
         num_image_token=num_image_token,
@@ -505,8 +500,6 @@ def _manifest_extra(cfg: PreprocessConfig, ctx: _WorkerContext, result: Preproce
 
 def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     """Build the shard set at cfg.output_prefix; returns counts (the CLI turns them into an exit code)."""
-    from .tokenizer import load_tokenizer
-
     cfg.validate()
     t0 = time.perf_counter()
     ctx = _worker_context(cfg, load_tokenizer(cfg.tokenizer))

@@ -544,6 +544,44 @@ def _fmt_pos(x: float) -> str:
     return f"{x:g}"
 
 
+def _render_tokens(j: dict, a: int, b: int, img_k: int, start_id: int, end_id: int, decode) -> tuple[str, int]:
+    """Tokens [a, b) of pack_json `j` as text: loss runs in [[ ]], each image block collapsed to
+    `<img>×N tiles{...}` (img_k: index of the next image); returns the text and the next img_k."""
+    tokens, loss, pos = j["tokens"], j["loss_mask"], j["position_ids"]
+    out: list[str] = []
+    in_loss = False
+    t = a
+    while t < b:
+        want_loss = bool(loss[t])
+        if want_loss != in_loss:
+            out.append(LOSS_OPEN if want_loss else LOSS_CLOSE)
+            in_loss = want_loss
+        if tokens[t] == start_id:
+            e = t + 1
+            while e < b and tokens[e] != end_id:
+                e += 1
+            n_tiles = j["num_tiles"][img_k] if img_k < len(j["num_tiles"]) else "?"
+            img_k += 1
+            n_vis = e - t - 1
+            delta = (pos[t + 2] - pos[t + 1]) if n_vis > 1 else 1.0
+            end_pos = _fmt_pos(pos[e]) if e < b else "?"
+            out.append(
+                f"<img>×{n_tiles} tiles{{{n_vis} tokens, <img>@{_fmt_pos(pos[t])} "
+                f"visual {_fmt_pos(pos[t + 1])}..{_fmt_pos(pos[e - 1])} δ={delta:g} </img>@{end_pos}}}"
+            )
+            t = e + 1
+            continue
+        e = t
+        while e < b and bool(loss[e]) == want_loss and tokens[e] != start_id:
+            e += 1
+        run = tokens[t:e]
+        out.append(decode(run) if decode is not None else " ".join(str(x) for x in run) + " ")
+        t = e
+    if in_loss:
+        out.append(LOSS_CLOSE)
+    return "".join(out), img_k
+
+
 def describe_pack(reader: ShardReader, i: int, decode=None, img_ids: tuple[int, int, int] | None = None) -> str:
     """Human-readable view of pack i.
 
@@ -584,36 +622,6 @@ def describe_pack(reader: ShardReader, i: int, decode=None, img_ids: tuple[int, 
             f"── sub-sample {k}: dataset {src['dataset']!r}, {where}, tokens [{a}, {b}), "
             f"positions {_fmt_pos(pos[a])} → {_fmt_pos(pos[b - 1])}"
         )
-        out: list[str] = []
-        in_loss = False
-        t = a
-        while t < b:
-            want_loss = bool(loss[t])
-            if want_loss != in_loss:
-                out.append(LOSS_OPEN if want_loss else LOSS_CLOSE)
-                in_loss = want_loss
-            if tokens[t] == start_id:
-                e = t + 1
-                while e < b and tokens[e] != end_id:
-                    e += 1
-                n_tiles = j["num_tiles"][img_k] if img_k < len(j["num_tiles"]) else "?"
-                img_k += 1
-                n_vis = e - t - 1
-                delta = (pos[t + 2] - pos[t + 1]) if n_vis > 1 else 1.0
-                end_pos = _fmt_pos(pos[e]) if e < b else "?"
-                out.append(
-                    f"<img>×{n_tiles} tiles{{{n_vis} tokens, <img>@{_fmt_pos(pos[t])} "
-                    f"visual {_fmt_pos(pos[t + 1])}..{_fmt_pos(pos[e - 1])} δ={delta:g} </img>@{end_pos}}}"
-                )
-                t = e + 1
-                continue
-            e = t
-            while e < b and bool(loss[e]) == want_loss and tokens[e] != start_id:
-                e += 1
-            run = tokens[t:e]
-            out.append(decode(run) if decode is not None else " ".join(str(x) for x in run) + " ")
-            t = e
-        if in_loss:
-            out.append(LOSS_CLOSE)
-        lines.append("".join(out))
+        text, img_k = _render_tokens(j, a, b, img_k, start_id, end_id, decode)
+        lines.append(text)
     return "\n".join(lines)

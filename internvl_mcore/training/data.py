@@ -1,11 +1,14 @@
 """Where a rank's microbatches come from: preprocessed shards or mock data, as `Batch`es."""
 from __future__ import annotations
 
+import json
 from typing import Optional
 
 import torch
 
 from ..config.training import RunConfig
+from ..data.loader import PackedDataLoader, collate
+from ..data.shards import manifest_path
 from .batch import Batch
 from .mock import mock_batches
 
@@ -14,8 +17,6 @@ class ShardBatches:
     """Microbatches from `PackedDataLoader` for one data-parallel rank, resumable by `state_dict`."""
 
     def __init__(self, run: RunConfig, dp_rank: int, dp_size: int, decode_tiles: bool = True) -> None:
-        from ..data.loader import PackedDataLoader
-
         try:
             self.loader = PackedDataLoader(run.data.data_path, dp_rank=dp_rank, dp_size=dp_size,
                                            seed=run.train.seed, num_workers=run.data.num_workers)
@@ -32,8 +33,6 @@ class ShardBatches:
         return self
 
     def __next__(self) -> Batch:
-        from ..data.loader import collate
-
         packs = [next(self.loader) for _ in range(self.micro_batch_size)]
         d = collate(packs, self.seq_length, self.cfg.pad_token_id)
         if self.pin_memory:
@@ -52,10 +51,6 @@ class ShardBatches:
 
 def check_manifest(prefix: str, run: RunConfig) -> None:
     """Refuse shards made for another model: special-token ids, image tokens per tile, vocab, length."""
-    import json
-
-    from ..data.shards import manifest_path
-
     path = manifest_path(prefix)
     try:
         manifest = json.loads(open(path).read())
