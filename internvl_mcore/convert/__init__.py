@@ -2,13 +2,15 @@
 
 - keymaps.py: the key maps as data (rules + named reshape functions), and canonical shapes.
 - hf.py: HF directories: config.json <-> ModelConfig, sharded safetensors I/O, streaming conversion.
-- checkpoint.py: the canonical checkpoint directory, sharded model <-> canonical, training
-  checkpoints -> canonical, and the end-to-end `convert_hf_to_checkpoint` / `convert_checkpoint_to_hf`
-  used by tools/convert_*_hf.py.
+- canonical.py: the canonical checkpoint directory, sharded model <-> canonical, training
+  checkpoints -> canonical (their format: internvl_mcore/checkpoint_format.py), and the end-to-end
+  `convert_hf_to_checkpoint` / `convert_checkpoint_to_hf` used by tools/convert_*_hf.py.
+
+Dependencies run training -> convert -> models: nothing here imports the training package.
 """
-from .checkpoint import (CanonicalCheckpoint, convert_checkpoint_to_hf, convert_hf_to_checkpoint,
-                         gather_canonical_state, model_config_from_dict, model_config_to_dict, save_canonical,
-                         training_checkpoint_to_canonical, unshard, verify_layout)
+from .canonical import (CanonicalCheckpoint, convert_checkpoint_to_hf, convert_hf_to_checkpoint,
+                        gather_canonical_state, model_config_from_dict, model_config_to_dict, save_canonical,
+                        training_checkpoint_to_canonical, unshard, verify_layout)
 from .hf import (ConversionError, SafetensorsDir, canonical_to_hf, hf_config_for, hf_to_canonical,
                  model_config_from_hf, read_hf_config, write_hf_dir)
 from .keymaps import FORMATS, canonical_shapes, keymap

@@ -27,9 +27,21 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
 
+from ..checkpoint_format import RUN_INFO, TRACKER, is_training_checkpoint, resolve_iteration_dir
+from ..config.lora import LORA_TOWERS
+from ..config.megatron import padded_vision_heads
 from ..config.model import ModelConfig, ParallelConfig
-from .hf import ConversionError, write_safetensors
+from ..models.internvl import build_model
+from ..models.language import padded_vocab_size
+from ..models.lora import LoRAInfo, add_lora, base_weight_name, is_lora_name
+from ..models.weights import canonical_state_dict
+from ..parallel.state import init_distributed
+from .canonical import META_NAME, convert_checkpoint_to_hf, model_config_from_dict, training_checkpoint_to_canonical
+from .hf import DEFAULT_MAX_SHARD_BYTES, ConversionError, write_safetensors
 from .keymaps import TRANSFORMERS_READ_ALIASES, expand, keymap
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -45,7 +57,7 @@ class LoRACheckpoint:
     """The iter_ directory read."""
     config: ModelConfig
     """The model."""
-    lora: "LoRAInfo"  # noqa: F821 (models.lora, imported lazily: it needs megatron-core)
+    lora: LoRAInfo
     """Rank, alpha, targets, and the base the adapters sit on."""
     base: dict[str, torch.Tensor]
     """Canonical base weights (empty when read with adapters_only)."""
@@ -54,19 +66,13 @@ class LoRACheckpoint:
 
 
 def _iter_dir_and_info(path: Path) -> tuple[Path, dict]:
-    from ..training.checkpoint import TRACKER, is_training_checkpoint, latest_iteration
-
     if not is_training_checkpoint(path):
-        raise ConversionError(f"{path}: not a training checkpoint (no run.json or {TRACKER})")
-    if (path / TRACKER).exists():
-        path = path / f"iter_{latest_iteration(path):07d}"
-    return path, json.loads((path / "run.json").read_text())
+        raise ConversionError(f"{path}: not a training checkpoint (no {RUN_INFO} or {TRACKER})")
+    return resolve_iteration_dir(path)
 
 
 def is_lora_checkpoint(path: str | os.PathLike) -> bool:
     """A training checkpoint whose run.json records LoRA adapters."""
-    from ..training.checkpoint import is_training_checkpoint
-
     path = Path(path)
     if not is_training_checkpoint(path):
         return False
@@ -74,11 +80,6 @@ def is_lora_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def _ensure_single_process_world() -> None:
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from ..parallel.state import init_distributed
-
     if dist.is_initialized() and ps.model_parallel_is_initialized():
         sizes = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
         if sizes != (1, 1):
@@ -95,15 +96,6 @@ def read_lora_checkpoint(path: str | os.PathLike, adapters_only: bool = False) -
     vocabulary rows) saved them with other global shapes than TP1 has, and is refused: export such a
     run's adapters with `adapters_only` when they are not on the padded tensors (LLM-only LoRA
     pads nothing), or merge them (`export_merged` loads at the saved layout)."""
-    from megatron.core import dist_checkpointing
-
-    from ..config.megatron import padded_vision_heads
-    from ..models.internvl import build_model
-    from ..models.language import padded_vocab_size
-    from ..models.lora import LoRAInfo, add_lora, is_lora_name
-    from ..models.weights import canonical_state_dict
-    from .checkpoint import model_config_from_dict
-
     iter_dir, info = _iter_dir_and_info(Path(path))
     if info.get("lora") is None:
         raise ConversionError(f"{iter_dir}/run.json: not a LoRA checkpoint (no 'lora' record)")
@@ -134,16 +126,12 @@ def read_lora_checkpoint(path: str | os.PathLike, adapters_only: bool = False) -
     return LoRACheckpoint(iter_dir, cfg, lora, base, adapters)
 
 
-def _towers(lora: "LoRAInfo") -> tuple[str, ...]:  # noqa: F821
-    from ..config.lora import LORA_TOWERS
-
+def _towers(lora: LoRAInfo) -> tuple[str, ...]:
     return LORA_TOWERS[lora.config.lora_target]
 
 
 def adapter_pairs(adapters: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Canonical base weight name -> (A, B) of its adapter; a lone A or B is an error naming it."""
-    from ..models.lora import base_weight_name
-
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in adapters.items():
         pairs.setdefault(base_weight_name(name), {})[name.rsplit(".", 1)[1]] = t
@@ -173,8 +161,6 @@ def merge_adapters(base: Mapping[str, torch.Tensor], adapters: Mapping[str, torc
 def _source_meta(base: Optional[str]) -> dict:
     """The `source` record (HF format, dtype, config.json) of the canonical checkpoint the run started
     from, when it still exists: the merged export then keeps its dtype and config keys."""
-    from .checkpoint import META_NAME
-
     if base and (Path(base) / META_NAME).exists():
         return json.loads((Path(base) / META_NAME).read_text()).get("source", {})
     return {}
@@ -191,9 +177,6 @@ def export_merged(load: str | os.PathLike, save: str | os.PathLike, fmt: str,
     load_weights` folds each rank's adapter shards into its weight shards (`models.lora.merge_lora_`),
     and gathers the merged canonical weights. The canonical source record (dtype, original
     config.json) of the base the run started from is carried over, so the export keeps them."""
-    from .checkpoint import META_NAME, convert_checkpoint_to_hf, training_checkpoint_to_canonical
-    from .hf import DEFAULT_MAX_SHARD_BYTES
-
     iter_dir, info = _iter_dir_and_info(Path(load))
     if info.get("lora") is None:
         raise ConversionError(f"{iter_dir}/run.json: not a LoRA checkpoint (no 'lora' record)")

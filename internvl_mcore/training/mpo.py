@@ -235,7 +235,7 @@ def saved_state(load_dir: str) -> dict:
 
     from . import checkpoint
 
-    path = checkpoint._iter_dir(load_dir, checkpoint.latest_iteration(load_dir)) / "run.json"
+    path = checkpoint.iter_dir(load_dir, checkpoint.latest_iteration(load_dir)) / "run.json"
     return json.loads(path.read_text())
 
 

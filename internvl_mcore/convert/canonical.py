@@ -22,14 +22,23 @@ import json
 import os
 import re
 import socket
+import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from megatron.core import parallel_state as ps
 
+from ..checkpoint_format import is_training_checkpoint, load_training_weights, resolve_iteration_dir
 from ..config.model import LLMConfig, ModelConfig, ParallelConfig, VisionConfig
+from ..models.internvl import build_model
+from ..models.weights import SHARD_RULES, Layout, is_expert_param, load_canonical, local_params
+from ..parallel.state import destroy_distributed, init_distributed
 from .hf import (DEFAULT_MAX_SHARD_BYTES, MODEL_TYPE_OF_FORMAT, ConversionError, SafetensorsDir, ShardedWriter,
                  canonical_to_hf, copy_side_files, dtype_name, hf_config_for, hf_to_canonical,
                  model_config_from_hf, parse_dtype, read_hf_config, source_dtype, write_hf_dir)
@@ -81,8 +90,6 @@ class CanonicalCheckpoint:
 
     def load_into(self, model: torch.nn.Module) -> None:
         """Fill this rank's shards of `model` (any TP/PP layout)."""
-        from ..models.weights import load_canonical
-
         load_canonical(model, self.tensors, self.config)
 
 
@@ -129,10 +136,7 @@ def convert_checkpoint_to_hf(load: str | os.PathLike, save: str | os.PathLike, f
     config.json starts from the template dir's config.json, else the source's config.json (kept in the
     checkpoint) when the formats agree, so keys we do not model survive; side files (remote code,
     tokenizer) are copied from `template_dir`."""
-    from ..training.checkpoint import is_training_checkpoint
-
     if is_training_checkpoint(load):
-        import tempfile
 
         with tempfile.TemporaryDirectory(dir=Path(save).parent if Path(save).parent.exists() else None) as tmp:
             training_checkpoint_to_canonical(load, tmp)
@@ -165,8 +169,6 @@ def convert_checkpoint_to_hf(load: str | os.PathLike, save: str | os.PathLike, f
 # =============================================================================================
 
 def _shard_rule(name: str) -> Any:
-    from ..models.weights import SHARD_RULES
-
     return next((r for r in SHARD_RULES if re.search(r.pattern, name)), None)
 
 
@@ -193,13 +195,6 @@ def gather_canonical_state(model: torch.nn.Module, cfg: ModelConfig) -> dict[str
 
     Tensors travel through gloo/pickle: meant for verification and small models, not for saving
     large training checkpoints (that is megatron-core dist_checkpointing's job)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from ..models.weights import Layout, local_params
-
-    from ..models.weights import is_expert_param
-
     layout = Layout.of(model)
     local: dict[str, torch.Tensor] = {}
     for _, name, p in local_params(model, layout):
@@ -246,9 +241,6 @@ def _layout_worker(rank: int, world: int, port: int, tp: int, pp: int,
                    jobs: Sequence[tuple[str, str | None]], result_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    from ..models.internvl import build_model
-    from ..parallel.state import destroy_distributed, init_distributed
-
     par = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     init_distributed(par, seed=0)
     report = []
@@ -275,10 +267,6 @@ def _layout_worker(rank: int, world: int, port: int, tp: int, pp: int,
 
 def _spawn(fn: Any, nprocs: int, args: tuple, timeout_s: float, what: str) -> None:
     """Run fn(rank, nprocs, port, *args) in `nprocs` spawned processes (a gloo world) and wait."""
-    import time
-
-    import torch.multiprocessing as mp
-
     ctx = mp.start_processes(fn, args=(nprocs, _free_port(), *args), nprocs=nprocs, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=1.0):
@@ -294,8 +282,6 @@ def verify_layout(jobs: Sequence[tuple[str | os.PathLike, str | os.PathLike | No
     gather it back, and compare bit for bit with the file. `jobs`: (checkpoint dir, optional dir
     to write the gathered canonical checkpoint to). Returns one report per checkpoint; raises
     if any tensor differs."""
-    import tempfile
-
     jobs = [(str(c), None if o is None else str(o)) for c, o in jobs]
     with tempfile.TemporaryDirectory() as tmp:
         _spawn(_layout_worker, tp * pp, (tp, pp, jobs, tmp), timeout_s, f"verify_layout tp={tp} pp={pp}")
@@ -307,31 +293,19 @@ def verify_layout(jobs: Sequence[tuple[str | os.PathLike, str | os.PathLike | No
 
 
 # =============================================================================================
-# training checkpoints (megatron-core dist_checkpointing, internvl_mcore/training/checkpoint.py)
+# training checkpoints (megatron-core dist_checkpointing; format: internvl_mcore/checkpoint_format.py)
 # =============================================================================================
-
-def _training_run_info(path: Path) -> tuple[Path, dict]:
-    from ..training.checkpoint import TRACKER, latest_iteration
-
-    if (path / TRACKER).exists():
-        path = path / f"iter_{latest_iteration(path):07d}"
-    return path, json.loads((path / "run.json").read_text())
-
 
 def _export_worker(rank: int, world: int, port: int, tp: int, pp: int, ckpt: str, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    from ..models.internvl import build_model
-    from ..parallel.state import destroy_distributed, init_distributed
-    from ..training.checkpoint import load_weights
-
     par = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     init_distributed(par, seed=0)
     try:
-        _, info = _training_run_info(Path(ckpt))
+        _, info = resolve_iteration_dir(Path(ckpt))
         cfg = model_config_from_dict(info["model"])
         model = build_model(cfg, par)
-        load_weights(ckpt, model, cfg)
+        load_training_weights(ckpt, model, cfg)
         state = gather_canonical_state(model, cfg)
         if state is not None:
             source = info.get("source") or {"dtype": "float32"}
@@ -347,12 +321,10 @@ def training_checkpoint_to_canonical(path: str | os.PathLike, out_dir: str | os.
     The checkpoint is loaded in the TP x PP layout it was saved with (spawned gloo processes, data
     parallel size 1), so padded vision heads and vocabulary rows match whatever the saving layout
     had, then gathered and unpadded on rank 0: memory there is one full copy of the model."""
-    from ..training.checkpoint import is_training_checkpoint
-
     path = Path(path)
     if not is_training_checkpoint(path):
         raise ConversionError(f"{path}: not a training checkpoint (no run.json or latest_checkpointed_iteration.txt)")
-    _, info = _training_run_info(path)
+    _, info = resolve_iteration_dir(path)
     layout = info.get("layout", {})
     tp = int(layout.get("tensor_model_parallel_size", 1))
     pp = int(layout.get("pipeline_model_parallel_size", 1))
