@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from megatron.core import parallel_state as ps
+from megatron.core.utils import unwrap_model
 
 from ..checkpoint_format import is_training_checkpoint, load_training_weights, resolve_iteration_dir
 from ..config.model import LLMConfig, ModelConfig, ParallelConfig, VisionConfig
@@ -194,7 +194,9 @@ def gather_canonical_state(model: torch.nn.Module, cfg: ModelConfig) -> dict[str
     """The full canonical state dict of a TP/PP-sharded model on global rank 0 (None elsewhere).
 
     Tensors travel through gloo/pickle: meant for verification and small models, not for saving
-    large training checkpoints (that is megatron-core dist_checkpointing's job)."""
+    large training checkpoints (that is megatron-core dist_checkpointing's job). The groups are the
+    ones the model was built with (`model.pg_collection`)."""
+    pg = unwrap_model(model).pg_collection
     layout = Layout.of(model)
     local: dict[str, torch.Tensor] = {}
     for _, name, p in local_params(model, layout):
@@ -202,7 +204,7 @@ def gather_canonical_state(model: torch.nn.Module, cfg: ModelConfig) -> dict[str
         expert = is_expert_param(name)
         size = layout.for_param(name)[1]
         if getattr(p, "tensor_model_parallel", False) and size > 1:
-            group = ps.get_expert_tensor_parallel_group() if expert else ps.get_tensor_model_parallel_group()
+            group = pg.expt_tp if expert else pg.tp
             parts = [torch.empty_like(t) for _ in range(size)]
             dist.all_gather(parts, t, group=group)
             t = unshard(parts, name, p, cfg)
@@ -210,15 +212,15 @@ def gather_canonical_state(model: torch.nn.Module, cfg: ModelConfig) -> dict[str
     if layout.ep_size > 1:  # every expert-parallel rank holds other experts: collect them all
         mine = {k: v for k, v in local.items() if is_expert_param(k)}
         expert_pieces: list[Any] = [None] * layout.ep_size
-        dist.all_gather_object(expert_pieces, mine, group=ps.get_expert_model_parallel_group())
+        dist.all_gather_object(expert_pieces, mine, group=pg.ep)
         for piece in expert_pieces:
             local.update(piece)
-    if ps.get_data_parallel_rank() != 0 or ps.get_tensor_model_parallel_rank() != 0:
+    if pg.dp.rank() != 0 or pg.tp.rank() != 0:
         return None
-    pp = ps.get_pipeline_model_parallel_world_size()
+    pp = pg.pp.size()
     if pp > 1:
-        pieces: list[Any] = [None] * pp if ps.get_pipeline_model_parallel_rank() == 0 else None
-        dist.gather_object(local, pieces, group=ps.get_pipeline_model_parallel_group(), group_dst=0)
+        pieces: list[Any] = [None] * pp if pg.pp.rank() == 0 else None
+        dist.gather_object(local, pieces, group=pg.pp, group_dst=0)
         if pieces is None:
             return None
         merged: dict[str, torch.Tensor] = {}
@@ -242,12 +244,12 @@ def _layout_worker(rank: int, world: int, port: int, tp: int, pp: int,
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     par = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    init_distributed(par, seed=0)
+    pg = init_distributed(par, seed=0)
     report = []
     try:
         for ckpt_dir, out_dir in jobs:
             ckpt = CanonicalCheckpoint.open(ckpt_dir)
-            model = build_model(ckpt.config, par)
+            model = build_model(ckpt.config, par, pg)
             ckpt.load_into(model)
             state = gather_canonical_state(model, ckpt.config)
             if state is None:
@@ -300,11 +302,11 @@ def _export_worker(rank: int, world: int, port: int, tp: int, pp: int, ckpt: str
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     par = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    init_distributed(par, seed=0)
+    pg = init_distributed(par, seed=0)
     try:
         _, info = resolve_iteration_dir(Path(ckpt))
         cfg = model_config_from_dict(info["model"])
-        model = build_model(cfg, par)
+        model = build_model(cfg, par, pg)
         load_training_weights(ckpt, model, cfg)
         state = gather_canonical_state(model, cfg)
         if state is not None:

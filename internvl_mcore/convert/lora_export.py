@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
+from megatron.core.process_groups_config import ProcessGroupCollection
 
 from ..checkpoint_format import RUN_INFO, TRACKER, is_training_checkpoint, resolve_iteration_dir
 from ..config.lora import LORA_TOWERS
@@ -39,7 +40,7 @@ from ..models.internvl import build_model
 from ..models.language import padded_vocab_size
 from ..models.lora import LoRAInfo, add_lora, base_weight_name, is_lora_name
 from ..models.weights import canonical_state_dict
-from ..parallel.state import init_distributed
+from ..parallel.state import init_distributed, process_groups
 from .canonical import META_NAME, convert_checkpoint_to_hf, model_config_from_dict, training_checkpoint_to_canonical
 from .hf import DEFAULT_MAX_SHARD_BYTES, ConversionError, write_safetensors
 from .keymaps import TRANSFORMERS_READ_ALIASES, expand, keymap
@@ -79,13 +80,15 @@ def is_lora_checkpoint(path: str | os.PathLike) -> bool:
     return _iter_dir_and_info(path)[1].get("lora") is not None
 
 
-def _ensure_single_process_world() -> None:
+def _ensure_single_process_world() -> ProcessGroupCollection:
+    """The groups of this process's TP1 x PP1 world (joined here when there is none yet)."""
     if dist.is_initialized() and ps.model_parallel_is_initialized():
-        sizes = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
+        pg = process_groups()
+        sizes = (pg.tp.size(), pg.pp.size())
         if sizes != (1, 1):
             raise ConversionError(f"reading a checkpoint needs a TP1 x PP1 world; this process has TP{sizes[0]} x PP{sizes[1]}")
-        return
-    init_distributed(ParallelConfig(), seed=0)
+        return pg
+    return init_distributed(ParallelConfig(), seed=0)
 
 
 def read_lora_checkpoint(path: str | os.PathLike, adapters_only: bool = False) -> LoRACheckpoint:
@@ -111,8 +114,7 @@ def read_lora_checkpoint(path: str | os.PathLike, adapters_only: bool = False) -
     if padded:
         raise ConversionError(f"{iter_dir}: {'; '.join(padded)}, so its tensors do not load at TP1; "
                               "see read_lora_checkpoint's docstring for the ways out")
-    _ensure_single_process_world()
-    model = build_model(cfg, ParallelConfig())
+    model = build_model(cfg, ParallelConfig(), _ensure_single_process_world())
     add_lora(model, lora.config, cfg, seed=lora.seed)
     sharded = model.sharded_state_dict()
     if adapters_only:

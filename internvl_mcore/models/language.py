@@ -30,7 +30,7 @@ class LanguageModel(LanguageModule):
     def __init__(self, config: TransformerConfig, layer_spec: ModuleSpec | TransformerBlockSubmodules, vocab_size: int,
                  max_sequence_length: int, rope_theta: float, pre_process: bool = True,
                  post_process: bool = True, share_embeddings_and_output_weights: bool = False,
-                 pg_collection: Optional[ProcessGroupCollection] = None) -> None:
+                 *, pg_collection: ProcessGroupCollection) -> None:
         super().__init__(config=config, pg_collection=pg_collection)
         self.pre_process = pre_process
         self.post_process = post_process

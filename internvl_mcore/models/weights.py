@@ -24,6 +24,7 @@ from typing import Iterator, Mapping
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.utils import unwrap_model
 
 from ..config.megatron import padded_vision_heads
 from ..config.model import ModelConfig, padded_vocab_size
@@ -75,7 +76,8 @@ class Layout:
 
     @staticmethod
     def of(model: torch.nn.Module, pg_collection: ProcessGroupCollection | None = None) -> "Layout":
-        pg = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
+        """This rank's place in `pg_collection`, by default the groups the model was built with."""
+        pg = pg_collection or unwrap_model(model).pg_collection
         layers = model.language_model.decoder.layers
         offset = layers[0].layer_number - 1 if len(layers) else 0
         ep, etp = getattr(pg, "ep", None), getattr(pg, "expt_tp", None)
@@ -113,23 +115,17 @@ def mark_tensor_parallel_params(model: torch.nn.Module) -> None:
             set_tensor_model_parallel_attributes(weight, True, 1, 1)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def canonical_name(local_name: str, model: torch.nn.Module, layout: Layout) -> str:
     """Local parameter name -> canonical name (global layer index; a last-stage copy of tied
     embeddings -> the embedding itself)."""
     e = _EXPERT.match(local_name)
     if e:  # local expert j of expert-parallel rank r is global expert r * (E / EP) + j
-        per_rank = _unwrap(model).model_cfg.llm.num_experts // layout.ep_size
+        per_rank = unwrap_model(model).model_cfg.llm.num_experts // layout.ep_size
         local_name = f"{e.group(1)}{layout.ep_rank * per_rank + int(e.group(2))}{e.group(3)}"
     m = _LAYER.match(local_name)
     if m:
         return f"{m.group(1)}{int(m.group(2)) + layout.layer_offset}{m.group(3)}"
-    if local_name == "language_model.output_layer.weight" and _unwrap(model).share_embeddings_and_output_weights:
+    if local_name == "language_model.output_layer.weight" and unwrap_model(model).share_embeddings_and_output_weights:
         return "language_model.embedding.word_embeddings.weight"
     return local_name
 
@@ -179,7 +175,7 @@ def canonical_shape(name: str, param: torch.nn.Parameter, cfg: ModelConfig, layo
 
 def local_params(model: torch.nn.Module, layout: Layout) -> Iterator[tuple[str, str, torch.nn.Parameter]]:
     """(local name, canonical name, parameter) for every parameter of this rank's model."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     for local, p in model.named_parameters():
         yield local, canonical_name(local, model, layout), p
 
@@ -205,7 +201,7 @@ def canonical_init(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: in
 def init_weights(model: torch.nn.Module, cfg: ModelConfig, seed: int,
                  pg_collection: ProcessGroupCollection | None = None) -> None:
     """Fill every parameter with its shard of `canonical_init` (fresh training)."""
-    layout = Layout.of(_unwrap(model), pg_collection)
+    layout = Layout.of(unwrap_model(model), pg_collection)
     for _, name, p in local_params(model, layout):
         full = canonical_init(name, canonical_shape(name, p, cfg, layout), cfg, seed, device=p.device)
         p.copy_(shard(full, name, p, cfg, layout).to(p.dtype))
@@ -215,7 +211,7 @@ def init_weights(model: torch.nn.Module, cfg: ModelConfig, seed: int,
 def load_canonical(model: torch.nn.Module, state: Mapping[str, torch.Tensor], cfg: ModelConfig,
                    pg_collection: ProcessGroupCollection | None = None, strict: bool = True) -> None:
     """Copy a canonical (TP1/PP1) state dict into this rank's shards; shape errors name the key."""
-    layout = Layout.of(_unwrap(model), pg_collection)
+    layout = Layout.of(unwrap_model(model), pg_collection)
     for local, name, p in local_params(model, layout):
         if name not in state:
             if strict:

@@ -45,6 +45,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..models.attention import PackedSDPAttention
+from .context_thd import ThdContextParallelAttention, check_thd_layout, required_cp_group
 
 CP_COMM_TYPES = ("p2p", "a2a", "a2a+p2p")
 
@@ -445,7 +446,7 @@ class ContextParallelAttention(MegatronModule):
         attention_dropout: Optional[float] = None,
         softmax_scale: Optional[float] = None,
         cp_comm_type: Optional[str] = None,
-        pg_collection: Any = None,
+        pg_collection: Any = None,  # required; None only because megatron-core passes it by keyword
         query_tile: int = 256,
         key_tile: int = 1024,
         **kwargs: Any,
@@ -465,16 +466,12 @@ class ContextParallelAttention(MegatronModule):
         self.local = PackedSDPAttention(config, layer_number, attn_mask_type, attention_type,
                                         attention_dropout, softmax_scale)
 
-        from megatron.core import parallel_state
-        cp = getattr(pg_collection, "cp", None) if pg_collection is not None else None
-        self.cp_group = cp if cp is not None else parallel_state.get_context_parallel_group(check_initialized=False)
-        self.cp_size = self.cp_group.size() if self.cp_group is not None else 1
-        self.cp_rank = self.cp_group.rank() if self.cp_group is not None else 0
+        self.cp_group = required_cp_group(pg_collection)
+        self.cp_size = self.cp_group.size()
+        self.cp_rank = self.cp_group.rank()
         self.a2a_group = self.p2p_group = None
         if self.cp_size > 1 and self.cp_comm_type == "a2a+p2p":
-            hcp = getattr(pg_collection, "hcp", None) if pg_collection is not None else None
-            if hcp is None:
-                hcp = parallel_state.get_hierarchical_context_parallel_groups(check_initialized=False)
+            hcp = getattr(pg_collection, "hcp", None)
             if hcp is None or len(hcp) != 2:
                 raise ValueError("parallel/context.py: --cp-comm-type a2a+p2p needs the two hierarchical CP "
                                  "groups: initialize_model_parallel(..., hierarchical_context_parallel_sizes"
@@ -593,8 +590,6 @@ def cp_core_attention(split: str = "row", backend: str = "local") -> type:
     split "thd" (per-sample, TE's layout; parallel/context_thd.py): `ThdContextParallelAttention`,
     with TE's kernel for backend "te" and the exact all-gather reference otherwise."""
     if split == "thd":
-        from .context_thd import ThdContextParallelAttention
-
         if backend == "te":
             return type("ThdContextParallelAttentionTE", (ThdContextParallelAttention,), {"use_te": True})
         return ThdContextParallelAttention
@@ -606,8 +601,6 @@ def resolve_cp_split(split: str, backend: str, pipeline: int = 1, sequence_paral
     """--cp-split auto: TE's per-sample 'thd' split with the TE backend where the layout allows it
     (parallel/context_thd.py: check_thd_layout), whole rows otherwise."""
     if split == "auto":
-        from .context_thd import check_thd_layout
-
         ok = backend == "te" and not check_thd_layout(pipeline, sequence_parallel, cp_comm_type)
         return "thd" if ok else "row"
     return split

@@ -34,6 +34,16 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from ..models.attention import PackedSDPAttention, packed_seq_params_from_cu_seqlens
 
 
+def required_cp_group(pg_collection: Any) -> dist.ProcessGroup:
+    """The context-parallel group of the collection the model was built with (no global fallback:
+    a core attention built without it would silently use whatever world is current)."""
+    cp = getattr(pg_collection, "cp", None)
+    if cp is None:
+        raise ValueError("context-parallel attention needs pg_collection with a 'cp' group "
+                         "(build the model with the groups init_distributed returns)")
+    return cp
+
+
 @dataclass
 class ThdPackedSeqParams(PackedSeqParams):
     """megatron-core's PackedSeqParams for a 'thd' CP batch, plus V2PE's rotary angles."""
@@ -147,12 +157,10 @@ class ThdContextParallelAttention(MegatronModule):
                  softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
                  pg_collection: Any = None, **kwargs: Any) -> None:
         super().__init__(config=config)
-        from megatron.core import parallel_state
-
-        cp = getattr(pg_collection, "cp", None) if pg_collection is not None else None
-        self.cp_group = cp if cp is not None else parallel_state.get_context_parallel_group()
+        self.cp_group = required_cp_group(pg_collection)
         self.kernel = None
         if self.use_te:
+            # transformer-engine is an optional GPU extra: imported only when its kernel is asked for
             from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
             self.kernel = TEDotProductAttention(config, layer_number, attn_mask_type, attention_type,

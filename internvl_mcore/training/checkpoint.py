@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.utils import unwrap_model
 
 from ..checkpoint_format import (RUN_INFO, TRACKER, CheckpointError, check_model, is_training_checkpoint, iter_dir,
                                  latest_iteration, load_across_backends, load_training_weights)
@@ -115,10 +116,6 @@ def _layout(par: ParallelConfig, dp: int) -> dict:
     return layout
 
 
-def _model_module(model_chunk: torch.nn.Module) -> torch.nn.Module:
-    return model_chunk.module if hasattr(model_chunk, "module") else model_chunk
-
-
 def save(root: str | Path, iteration: int, model_chunk: torch.nn.Module, optimizer: Any, scheduler: Any,
          model_cfg: ModelConfig, par: ParallelConfig, data_state: Any = None, extra: Optional[dict] = None) -> Path:
     """Write checkpoint `iteration` under `root` atomically (collective: every rank calls it)."""
@@ -130,7 +127,7 @@ def save(root: str | Path, iteration: int, model_chunk: torch.nn.Module, optimiz
             shutil.rmtree(tmp)  # left over from a save that was interrupted
         tmp.mkdir(parents=True)
     dist.barrier()
-    module = _model_module(model_chunk)
+    module = unwrap_model(model_chunk)
     model_sd = module.sharded_state_dict()
     state = {"model": model_sd}
     if optimizer is not None:
@@ -174,7 +171,7 @@ def load(root: str | Path, model_chunk: torch.nn.Module, optimizer: Any, schedul
     info = json.loads((path / RUN_INFO).read_text())
     check_model(info, model_cfg, path)
     same_layout = info["layout"] == _layout(par, parallel_state.get_data_parallel_world_size())
-    module = _model_module(model_chunk)
+    module = unwrap_model(model_chunk)
     _adopt_lora(info, module, path)
     model_sd = module.sharded_state_dict()
     state = {"model": model_sd}
@@ -224,7 +221,7 @@ def load_weights(path: str | Path, model_chunk: torch.nn.Module, model_cfg: Mode
     canonical checkpoint from tools/convert_from_hf.py, or an HF checkpoint directory (either layout,
     converted on the fly). Returns which kind was read."""
     path = Path(path)
-    module = _model_module(model_chunk)
+    module = unwrap_model(model_chunk)
     if is_training_checkpoint(path):
         return load_training_weights(path, module, model_cfg)
     if not path.exists():

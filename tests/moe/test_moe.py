@@ -86,8 +86,9 @@ def ep2_run(converted, reference, tmp_path_factory):
 
 def _ours(model_cfg, par, load):
     from internvl_mcore.models.internvl import build_model
+    from internvl_mcore.parallel.state import process_groups
 
-    model = build_model(model_cfg, par).eval()
+    model = build_model(model_cfg, par, process_groups()).eval()
     load(model)
     return model
 

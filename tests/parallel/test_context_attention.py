@@ -50,7 +50,10 @@ def test_cp_attention_matches_full_attention(cp_reports, cp, comm):
         got = rep[comm]
         names = {key.split("/")[0] for key in got["cases"]}
         assert EXPECTED_CASES <= names, names
-        assert len(got["cases"]) == 2 * len(names)  # pg_collection=None and megatron's tp/cp collection
+        assert len(got["cases"]) == len(names)
+        assert "pg_collection" in got["no_groups"], got["no_groups"]  # no silent global fallback
+        if comm == "a2a+p2p":
+            assert "hierarchical" in got["no_hcp"], got["no_hcp"]
         for key, errs in got["cases"].items():
             assert errs["ref_grad_scale"] > 1e-2, (key, errs)  # the gradients compared are not trivially 0
             for what in ("out", "dq", "dk", "dv", "gathered"):
