@@ -11,6 +11,11 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 
+def padded_vision_heads(num_heads: int, tp: int) -> int:
+    """InternViT heads rounded up to a multiple of TP (InternViT-6B has 25; TP 2 -> 26, one zero head)."""
+    return -(-num_heads // tp) * tp
+
+
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
     """Rows of the embedding / output layer: the vocabulary rounded up to a multiple of lcm(128, TP).
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import socket
 import tempfile
 import time
@@ -37,7 +36,8 @@ from megatron.core.utils import unwrap_model
 from ..checkpoint_format import is_training_checkpoint, load_training_weights, resolve_iteration_dir
 from ..config.model import LLMConfig, ModelConfig, ParallelConfig, VisionConfig
 from ..models.internvl import build_model
-from ..models.weights import SHARD_RULES, Layout, is_expert_param, load_canonical, local_params
+from ..models.sharding import rule_for
+from ..models.weights import Layout, is_expert_param, load_canonical, local_params
 from ..parallel.state import destroy_distributed, init_distributed
 from .hf import (DEFAULT_MAX_SHARD_BYTES, MODEL_TYPE_OF_FORMAT, ConversionError, SafetensorsDir, ShardedWriter,
                  canonical_to_hf, copy_side_files, dtype_name, hf_config_for, hf_to_canonical,
@@ -168,25 +168,9 @@ def convert_checkpoint_to_hf(load: str | os.PathLike, save: str | os.PathLike, f
 # sharded model -> canonical (inverse of weights.shard)
 # =============================================================================================
 
-def _shard_rule(name: str) -> Any:
-    return next((r for r in SHARD_RULES if re.search(r.pattern, name)), None)
-
-
 def unshard(parts: Sequence[torch.Tensor], name: str, param: torch.nn.Parameter, cfg: ModelConfig) -> torch.Tensor:
     """The canonical tensor from every TP rank's piece (in TP rank order); inverse of `weights.shard`."""
-    dim = param.partition_dim
-    rule = _shard_rule(name)
-    kind = rule.kind if rule is not None else None
-    if kind == "gated":
-        halves = [p.chunk(2, dim=dim) for p in parts]
-        return torch.cat([torch.cat([h[0] for h in halves], dim=dim), torch.cat([h[1] for h in halves], dim=dim)], dim=dim)
-    full = torch.cat(list(parts), dim=dim)
-    if kind == "heads":
-        block = cfg.vision.head_dim * (3 if rule.block == "3d" else 1)
-        return full.narrow(dim, 0, cfg.vision.num_attention_heads * block)
-    if kind == "vocab":
-        return full.narrow(0, 0, cfg.llm.vocab_size)
-    return full
+    return rule_for(name).unshard(list(parts), param.partition_dim, cfg)
 
 
 @torch.no_grad()

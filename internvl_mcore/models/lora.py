@@ -6,7 +6,7 @@ B (out x r) trained and W frozen. Under tensor parallelism the adapter follows i
 column-parallel (linear_qkv, linear_fc1; W split by output rows, y_local = W_local x):
     A replicated, B split by rows exactly like W -- including the fused layouts: B's rows of a
     qkv layer follow megatron's group-interleaved [q.., k, v] order and a SwiGLU fc1's B is split
-    half by half ([gate; up] chunks), ViT heads padded for TP get zero rows (weights.SHARD_RULES
+    half by half ([gate; up] chunks), ViT heads padded for TP get zero rows (sharding.SHARD_RULES
     of the base weight decide, through `base_weight_name`). Each rank computes u = A x (S, B, r)
     and its own rows B_local u, so the adapted output shard equals the unsharded one.
 row-parallel (linear_proj, linear_fc2; W split by input columns, y = sum_ranks W_local x_local):

@@ -3,7 +3,7 @@
 
 Tensor parallelism is over attention heads and the MLP, as in any megatron-core layer. InternViT-6B
 has 25 heads, which TP 2/4/8 does not divide: the config pads the head count up to a multiple of TP
-(`config/megatron.py: padded_vision_heads`). The padded heads' q/k/v rows, proj columns and QK-norm
+(`config/model.py: padded_vision_heads`). The padded heads' q/k/v rows, proj columns and QK-norm
 weights are zero (models/weights.py writes them so), so they output exactly zero; their gradients
 are then zero too (proj columns are zero, so nothing flows back into them, and their q/k/v are zero,
 so nothing flows forward), and Adam with weight decay keeps a zero parameter with zero gradient at

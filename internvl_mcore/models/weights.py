@@ -6,8 +6,9 @@ on the parallel layout goes through it: fresh initialization (`init_weights`: ev
 from a generator seeded by its canonical name), loading a full state dict into a sharded model
 (`load_canonical`), and tests comparing a sharded model with the single-process one (`shard`).
 
-How a canonical tensor becomes a local one is decided by `SHARD_RULES`, data matched against the
-canonical name, falling back to megatron-core's own partition attributes on the parameter.
+How a canonical tensor becomes a local one and back is decided by the rules of models/sharding.py
+(`SHARD_RULES`, data matched against the canonical name), along the partition dim megatron-core
+tags the parameter with.
 
 MoE experts: the canonical name numbers experts globally
 (`...mlp.experts.local_experts.{e}.linear_fc1.weight`, e over all experts); an expert-parallel rank
@@ -26,39 +27,13 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.utils import unwrap_model
 
-from ..config.megatron import padded_vision_heads
-from ..config.model import ModelConfig, padded_vocab_size
+from ..config.model import ModelConfig
+from .sharding import rule_for
 
-
-@dataclass(frozen=True)
-class ShardRule:
-    """How one family of parameters is split over TP (besides plain even splitting)."""
-
-    pattern: str
-    """Regex on the canonical name."""
-    kind: str
-    """'heads': split by vision heads, zero-padded to a multiple of TP; 'gated': [gate; up] halves
-    split separately (SwiGLU fc1); 'vocab': rows zero-padded to `padded_vocab_size`."""
-    block: str = ""
-    """For 'heads': size of one head's block along the split dim ('3d': fused q,k,v; 'd': one)."""
-
-
-SHARD_RULES: tuple[ShardRule, ...] = (
-    ShardRule(r"vision_model\.encoder\.layers\.\d+\.self_attention\.linear_qkv\.(weight|bias)$", "heads", "3d"),
-    ShardRule(r"vision_model\.encoder\.layers\.\d+\.self_attention\.linear_proj\.weight$", "heads", "d"),
-    ShardRule(r"vision_model\.encoder\.layers\.\d+\.self_attention\.[qk]_layernorm\.weight$", "heads", "d"),
-    ShardRule(r"language_model\.decoder\.layers\.\d+\.mlp\.(experts\.local_experts\.\d+\.)?linear_fc1\.weight$",
-              "gated"),
-    ShardRule(r"language_model\.(embedding\.word_embeddings|output_layer)\.weight$", "vocab"),
-)
 
 _LAYER = re.compile(r"^(language_model\.decoder\.layers\.)(\d+)(\..*)$")
 _EXPERT = re.compile(r"^(.*\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
 _ONES = re.compile(r"(norm|layernorm|layer_norm)\.weight$")
-
-
-def _rule(name: str) -> ShardRule | None:
-    return next((r for r in SHARD_RULES if re.search(r.pattern, name)), None)
 
 
 @dataclass(frozen=True)
@@ -130,47 +105,19 @@ def canonical_name(local_name: str, model: torch.nn.Module, layout: Layout) -> s
     return local_name
 
 
-def _head_geometry(cfg: ModelConfig, rule: ShardRule, tp: int) -> tuple[int, int, int]:
-    real = cfg.vision.num_attention_heads
-    block = cfg.vision.head_dim * (3 if rule.block == "3d" else 1)
-    return real, padded_vision_heads(real, tp), block
-
-
 def shard(full: torch.Tensor, name: str, param: torch.nn.Parameter, cfg: ModelConfig, layout: Layout) -> torch.Tensor:
     """This rank's piece of the canonical tensor `full` for the local parameter `param`."""
-    r, tp = layout.for_param(name)
     if not getattr(param, "tensor_model_parallel", False):
         return full
-    dim = param.partition_dim
-    rule = _rule(name)
-    if rule is not None and rule.kind == "heads":
-        real, padded, block = _head_geometry(cfg, rule, tp)
-        pad_shape = list(full.shape)
-        pad_shape[dim] = (padded - real) * block
-        full = torch.cat([full, full.new_zeros(pad_shape)], dim=dim)
-    elif rule is not None and rule.kind == "vocab":
-        rows = padded_vocab_size(full.shape[0], tp)
-        full = torch.cat([full, full.new_zeros((rows - full.shape[0],) + tuple(full.shape[1:]))], dim=0)
-    elif rule is not None and rule.kind == "gated":
-        gate, up = full.chunk(2, dim=dim)
-        return torch.cat([gate.chunk(tp, dim=dim)[r], up.chunk(tp, dim=dim)[r]], dim=dim)
-    return full.chunk(tp, dim=dim)[r]
+    rank, size = layout.for_param(name)
+    return rule_for(name).shard(full, param.partition_dim, rank, size, cfg)
 
 
 def canonical_shape(name: str, param: torch.nn.Parameter, cfg: ModelConfig, layout: Layout) -> tuple[int, ...]:
     """Shape of the canonical tensor behind a local parameter (inverse of `shard` on shapes)."""
-    shape = list(param.shape)
     if not getattr(param, "tensor_model_parallel", False):
-        return tuple(shape)
-    dim = param.partition_dim
-    shape[dim] *= layout.for_param(name)[1]
-    rule = _rule(name)
-    if rule is not None and rule.kind == "heads":
-        real, padded, block = _head_geometry(cfg, rule, layout.tp_size)
-        shape[dim] -= (padded - real) * block
-    elif rule is not None and rule.kind == "vocab":
-        shape[0] = cfg.llm.vocab_size
-    return tuple(shape)
+        return tuple(param.shape)
+    return rule_for(name).canonical_shape(tuple(param.shape), param.partition_dim, layout.for_param(name)[1], cfg)
 
 
 def local_params(model: torch.nn.Module, layout: Layout) -> Iterator[tuple[str, str, torch.nn.Parameter]]:
