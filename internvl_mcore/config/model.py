@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 
@@ -213,5 +213,3 @@ class ParallelConfig:
     tensor-parallel size, megatron-core's default)."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """--device: cuda when available; auto refuses a GPU-looking machine without CUDA (use cpu to force the CPU path; docs/gpu.md)."""
-    extra: dict = field(default_factory=dict, compare=False)
-    """Reserved for backend-specific knobs (e.g. cp_comm_type); not read by the CPU path."""

@@ -37,7 +37,7 @@ from ..checkpoint_format import is_training_checkpoint, load_training_weights, r
 from ..config.model import LLMConfig, ModelConfig, ParallelConfig, VisionConfig
 from ..models.internvl import build_model
 from ..models.sharding import rule_for
-from ..models.weights import Layout, is_expert_param, load_canonical, local_params
+from ..models.weights import ShardPlacement, is_expert_param, load_canonical, local_params
 from ..parallel.state import destroy_distributed, init_distributed
 from .hf import (DEFAULT_MAX_SHARD_BYTES, MODEL_TYPE_OF_FORMAT, ConversionError, SafetensorsDir, ShardedWriter,
                  canonical_to_hf, copy_side_files, dtype_name, hf_config_for, hf_to_canonical,
@@ -181,7 +181,7 @@ def gather_canonical_state(model: torch.nn.Module, cfg: ModelConfig) -> dict[str
     large training checkpoints (that is megatron-core dist_checkpointing's job). The groups are the
     ones the model was built with (`model.pg_collection`)."""
     pg = unwrap_model(model).pg_collection
-    layout = Layout.of(model)
+    layout = ShardPlacement.of(model)
     local: dict[str, torch.Tensor] = {}
     for _, name, p in local_params(model, layout):
         t = p.detach().contiguous()

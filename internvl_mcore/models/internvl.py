@@ -19,8 +19,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from ..config.megatron import llm_transformer_config, projector_transformer_config, vision_transformer_config
 from ..config.model import ModelConfig, ParallelConfig
-from ..parallel.context import cp_core_attention, resolve_cp_split, split_for_cp
-from ..parallel.context_thd import ThdSplit
+from ..parallel.context_parallel import cp_core_attention, resolve_cp_split, split_for_cp
+from ..parallel.context_parallel_thd import ThdSplit
 from ..parallel.device import resolve_device
 from .attention import PackedSDPAttention, packed_seq_params_from_cu_seqlens
 from .language import LanguageModel
@@ -40,7 +40,7 @@ class InternVLModel(MegatronModule):
         llm_config = llm_transformer_config(model_cfg, par, dtype)
         super().__init__(config=llm_config)
         backend = backend or default_backend(resolve_device(par.device))
-        pg = self.pg_collection = pg_collection  # every group this stage uses (also read by weights.Layout)
+        pg = self.pg_collection = pg_collection  # every group this stage uses (also read by weights.ShardPlacement)
         self.model_cfg = model_cfg
         self.model_type = ModelType.encoder_or_decoder
         self.pre_process = pre_process

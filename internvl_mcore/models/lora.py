@@ -49,7 +49,7 @@ from torch import nn
 
 from ..config.lora import LORA_TOWERS, LoRAConfig
 from ..config.model import ModelConfig
-from .weights import Layout, canonical_shape, local_params, shard
+from .weights import ShardPlacement, canonical_shape, local_params, shard
 
 Parallel = Literal["column", "row"]
 LORA_INFIX = ".lora."
@@ -203,10 +203,10 @@ def lora_targets(model: nn.Module, lora: LoRAConfig) -> list[tuple[str, nn.Modul
             if name.split(".", 1)[0] in towers and ".layers." in name and name.rsplit(".", 1)[-1] in modules]
 
 
-def lora_parameters(model: nn.Module, layout: Optional[Layout] = None) -> Iterator[tuple[str, str, nn.Parameter]]:
+def lora_parameters(model: nn.Module, layout: Optional[ShardPlacement] = None) -> Iterator[tuple[str, str, nn.Parameter]]:
     """(local name, canonical name, parameter) of every adapter parameter."""
     model = unwrap_model(model)
-    layout = layout or Layout.of(model)
+    layout = layout or ShardPlacement.of(model)
     for local, name, p in local_params(model, layout):
         if is_lora_name(name):
             yield local, name, p
@@ -227,7 +227,7 @@ def lora_canonical_init(name: str, shape: tuple[int, ...], seed: int, b_std: flo
 @torch.no_grad()
 def init_lora_weights(model: nn.Module, model_cfg: ModelConfig, seed: int, b_std: float = 0.0) -> None:
     """Fill every adapter with its shard of `lora_canonical_init` (the same on every layout)."""
-    layout = Layout.of(unwrap_model(model))
+    layout = ShardPlacement.of(unwrap_model(model))
     for _, name, p in lora_parameters(model, layout):
         base = base_weight_name(name)
         full = lora_canonical_init(name, canonical_shape(base, p, model_cfg, layout), seed, b_std)

@@ -37,7 +37,7 @@ _ONES = re.compile(r"(norm|layernorm|layer_norm)\.weight$")
 
 
 @dataclass(frozen=True)
-class Layout:
+class ShardPlacement:
     """Where this rank sits: TP rank/size, the global index of its first decoder layer, and for MoE
     experts the expert-parallel rank/size and expert-tensor-parallel rank/size."""
 
@@ -50,13 +50,13 @@ class Layout:
     etp_size: int = 1
 
     @staticmethod
-    def of(model: torch.nn.Module, pg_collection: ProcessGroupCollection | None = None) -> "Layout":
+    def of(model: torch.nn.Module, pg_collection: ProcessGroupCollection | None = None) -> "ShardPlacement":
         """This rank's place in `pg_collection`, by default the groups the model was built with."""
         pg = pg_collection or unwrap_model(model).pg_collection
         layers = model.language_model.decoder.layers
         offset = layers[0].layer_number - 1 if len(layers) else 0
         ep, etp = getattr(pg, "ep", None), getattr(pg, "expt_tp", None)
-        return Layout(pg.tp.rank(), pg.tp.size(), offset,
+        return ShardPlacement(pg.tp.rank(), pg.tp.size(), offset,
                       ep.rank() if ep is not None else 0, ep.size() if ep is not None else 1,
                       etp.rank() if etp is not None else 0, etp.size() if etp is not None else 1)
 
@@ -90,7 +90,7 @@ def mark_tensor_parallel_params(model: torch.nn.Module) -> None:
             set_tensor_model_parallel_attributes(weight, True, 1, 1)
 
 
-def canonical_name(local_name: str, model: torch.nn.Module, layout: Layout) -> str:
+def canonical_name(local_name: str, model: torch.nn.Module, layout: ShardPlacement) -> str:
     """Local parameter name -> canonical name (global layer index; a last-stage copy of tied
     embeddings -> the embedding itself)."""
     e = _EXPERT.match(local_name)
@@ -105,7 +105,7 @@ def canonical_name(local_name: str, model: torch.nn.Module, layout: Layout) -> s
     return local_name
 
 
-def shard(full: torch.Tensor, name: str, param: torch.nn.Parameter, cfg: ModelConfig, layout: Layout) -> torch.Tensor:
+def shard(full: torch.Tensor, name: str, param: torch.nn.Parameter, cfg: ModelConfig, layout: ShardPlacement) -> torch.Tensor:
     """This rank's piece of the canonical tensor `full` for the local parameter `param`."""
     if not getattr(param, "tensor_model_parallel", False):
         return full
@@ -113,14 +113,14 @@ def shard(full: torch.Tensor, name: str, param: torch.nn.Parameter, cfg: ModelCo
     return rule_for(name).shard(full, param.partition_dim, rank, size, cfg)
 
 
-def canonical_shape(name: str, param: torch.nn.Parameter, cfg: ModelConfig, layout: Layout) -> tuple[int, ...]:
+def canonical_shape(name: str, param: torch.nn.Parameter, cfg: ModelConfig, layout: ShardPlacement) -> tuple[int, ...]:
     """Shape of the canonical tensor behind a local parameter (inverse of `shard` on shapes)."""
     if not getattr(param, "tensor_model_parallel", False):
         return tuple(param.shape)
     return rule_for(name).canonical_shape(tuple(param.shape), param.partition_dim, layout.for_param(name)[1], cfg)
 
 
-def local_params(model: torch.nn.Module, layout: Layout) -> Iterator[tuple[str, str, torch.nn.Parameter]]:
+def local_params(model: torch.nn.Module, layout: ShardPlacement) -> Iterator[tuple[str, str, torch.nn.Parameter]]:
     """(local name, canonical name, parameter) for every parameter of this rank's model."""
     model = unwrap_model(model)
     for local, p in model.named_parameters():
@@ -148,7 +148,7 @@ def canonical_init(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: in
 def init_weights(model: torch.nn.Module, cfg: ModelConfig, seed: int,
                  pg_collection: ProcessGroupCollection | None = None) -> None:
     """Fill every parameter with its shard of `canonical_init` (fresh training)."""
-    layout = Layout.of(unwrap_model(model), pg_collection)
+    layout = ShardPlacement.of(unwrap_model(model), pg_collection)
     for _, name, p in local_params(model, layout):
         full = canonical_init(name, canonical_shape(name, p, cfg, layout), cfg, seed, device=p.device)
         p.copy_(shard(full, name, p, cfg, layout).to(p.dtype))
@@ -158,7 +158,7 @@ def init_weights(model: torch.nn.Module, cfg: ModelConfig, seed: int,
 def load_canonical(model: torch.nn.Module, state: Mapping[str, torch.Tensor], cfg: ModelConfig,
                    pg_collection: ProcessGroupCollection | None = None, strict: bool = True) -> None:
     """Copy a canonical (TP1/PP1) state dict into this rank's shards; shape errors name the key."""
-    layout = Layout.of(unwrap_model(model), pg_collection)
+    layout = ShardPlacement.of(unwrap_model(model), pg_collection)
     for local, name, p in local_params(model, layout):
         if name not in state:
             if strict:
@@ -173,5 +173,5 @@ def load_canonical(model: torch.nn.Module, state: Mapping[str, torch.Tensor], cf
 
 def canonical_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The canonical state dict of a single-process (TP1/PP1) model."""
-    layout = Layout(0, 1, 0)
+    layout = ShardPlacement(0, 1, 0)
     return {name: p.detach().clone() for _, name, p in local_params(model, layout)}

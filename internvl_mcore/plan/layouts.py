@@ -131,7 +131,7 @@ class StagePlan:
 
 
 @dataclass(frozen=True)
-class Plan:
+class LayoutPlan:
     """Memory of every stage and the step-time estimate of one layout."""
 
     model: ModelConfig
@@ -179,7 +179,7 @@ def _link(hw: Hardware, stride: int, size: int) -> float:
 
 def plan(model: ModelConfig, layout: Layout, workload: Workload, hardware: Hardware,
          budget_gib: Optional[float] = None, compute_efficiency: float = 0.7,
-         reserve_gib: float = 6.0) -> Plan:
+         reserve_gib: float = 6.0) -> LayoutPlan:
     """Memory per stage and estimated step time for one layout.
 
     compute_efficiency: fraction of the datasheet peak that large bf16 GEMMs and flash attention
@@ -265,7 +265,7 @@ def plan(model: ModelConfig, layout: Layout, workload: Workload, hardware: Hardw
                                    attention_lengths=w.sample_lengths() * w.global_batch_size,
                                    trainable=trainable)
     compute_s = (microbatches + pp - 1) * max(stage_compute)
-    return Plan(model, layout, w, hardware, budget, stages, step, model_flops, compute_s=compute_s,
+    return LayoutPlan(model, layout, w, hardware, budget, stages, step, model_flops, compute_s=compute_s,
                 comm_s=step - compute_s,
                 breakdown={"pipeline_s": pipeline, "dp_comm_s": dp_time, "microbatches": microbatches,
                            "bubble": (pp - 1) / (microbatches + pp - 1)})
@@ -342,9 +342,9 @@ def candidate_layouts(model: ModelConfig, gpus: int, workload: Workload, max_tp:
 def search(model: ModelConfig, gpus: int, workload: Workload, hardware: Hardware,
            budget_gib: Optional[float] = None, compute_efficiency: float = 0.7, reserve_gib: float = 6.0,
            distributed_optimizer: Optional[bool] = None, recompute: Optional[bool] = None,
-           fixed: Optional[dict] = None) -> list[Plan]:
+           fixed: Optional[dict] = None) -> list[LayoutPlan]:
     """Layouts that fit, fastest first; of the variants of one TP/PP/CP only the fastest is kept."""
-    best: dict[tuple, Plan] = {}
+    best: dict[tuple, LayoutPlan] = {}
     for lay in candidate_layouts(model, gpus, workload, distributed_optimizer=distributed_optimizer,
                                  recompute=recompute, fixed=fixed):
         p = plan(model, lay, workload, hardware, budget_gib, compute_efficiency, reserve_gib)

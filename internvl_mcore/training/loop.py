@@ -16,7 +16,7 @@ from megatron.core.utils import unwrap_model
 
 from ..config.lora import lora_problems
 from ..config.training import RunConfig
-from ..parallel.context_thd import check_thd_layout
+from ..parallel.context_parallel_thd import check_thd_layout
 from ..parallel.device import resolve_device
 from ..parallel.state import comm_device, init_distributed
 from . import checkpoint, mpo

@@ -29,7 +29,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E
 
 from internvl_mcore.models.internvl import build_model  # noqa: E402
 from internvl_mcore.parallel.state import process_groups  # noqa: E402
-from internvl_mcore.models.weights import Layout, init_weights, local_params  # noqa: E402
+from internvl_mcore.models.weights import ShardPlacement, init_weights, local_params  # noqa: E402
 from internvl_mcore.training.mock import mock_batches  # noqa: E402
 from internvl_mcore.training.step import forward_step  # noqa: E402
 
@@ -56,7 +56,7 @@ losses = get_forward_backward_func()(forward_step_func=functools.partial(forward
 tot = sum(x["lm loss"] for x in losses).double()
 dist.all_reduce(tot, group=ps.get_data_parallel_group(with_context_parallel=True))
 loss = float(tot[0] / tot[1])
-grads = {name: p.main_grad.detach().clone() for _, name, p in local_params(model, Layout.of(model))}
+grads = {name: p.main_grad.detach().clone() for _, name, p in local_params(model, ShardPlacement.of(model))}
 out = Path(a.out)
 if a.cp == 1:
     torch.save({"loss": loss, "grads": grads}, out / "ref.pt")

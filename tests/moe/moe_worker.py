@@ -34,7 +34,7 @@ def canonical_grads(ddp: torch.nn.Module, cfg: ModelConfig) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
-    from internvl_mcore.models.weights import Layout, local_params
+    from internvl_mcore.models.weights import ShardPlacement, local_params
     from internvl_mcore.training.mock import mock_batches
     from internvl_mcore.training.step import forward_step
 
@@ -46,16 +46,16 @@ def canonical_grads(ddp: torch.nn.Module, cfg: ModelConfig) -> dict:
                                 data_iterator=batches, model=[ddp],
                                 num_microbatches=GBS // dp, seq_length=SEQ, micro_batch_size=1)
     clear_aux_losses_tracker()  # the training steps log their own aux losses
-    grads = {name: p.main_grad.detach().clone() for _, name, p in local_params(ddp.module, Layout.of(ddp.module))}
+    grads = {name: p.main_grad.detach().clone() for _, name, p in local_params(ddp.module, ShardPlacement.of(ddp.module))}
     ddp.zero_grad_buffer()
     return grads
 
 
 def compare_grads(ddp: torch.nn.Module, cfg: ModelConfig, grads: dict, ref: dict) -> dict:
     """Worst relative error of this rank's gradient shards against the canonical reference."""
-    from internvl_mcore.models.weights import Layout, local_params, shard
+    from internvl_mcore.models.weights import ShardPlacement, local_params, shard
 
-    layout = Layout.of(ddp.module)
+    layout = ShardPlacement.of(ddp.module)
     worst, worst_name, checked, experts = 0.0, "", 0, 0
     for _, name, p in local_params(ddp.module, layout):
         expect = shard(ref[name], name, p, cfg, layout)

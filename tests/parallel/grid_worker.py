@@ -32,7 +32,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from internvl_mcore.models.internvl import build_model
 from internvl_mcore.parallel.state import process_groups
-from internvl_mcore.models.weights import Layout, init_weights, local_params, shard
+from internvl_mcore.models.weights import ShardPlacement, init_weights, local_params, shard
 from internvl_mcore.training.mock import mock_batches
 from internvl_mcore.training.step import forward_step
 
@@ -54,7 +54,7 @@ if ps.is_pipeline_last_stage():
     tot = sum(x["lm loss"] for x in losses).double()
     dist.all_reduce(tot, group=ps.get_data_parallel_group())
     loss = float(tot[0] / tot[1])
-layout = Layout.of(model)
+layout = ShardPlacement.of(model)
 grads = {name: p.main_grad.detach().clone() for _, name, p in local_params(model, layout)}
 out = Path(a.out)
 if a.ref:

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from internvl_mcore.parallel.context import (PackedRows, cp_chunk_starts, cp_token_indices, gather_from_cp,
+from internvl_mcore.parallel.context_parallel import (PackedRows, cp_chunk_starts, cp_token_indices, gather_from_cp,
                                              split_for_cp)
 from tests.launch import REPO, torchrun
 
@@ -103,6 +103,6 @@ def test_packed_rows_follow_cu_seqlens():
 
 def test_whole_row_split_never_selects_te_attention():
     # TE's CP expects per-sample 'thd' splitting; split_for_cp's whole-row layout needs the local module
-    from internvl_mcore.parallel.context import ContextParallelAttention, cp_core_attention
+    from internvl_mcore.parallel.context_parallel import ContextParallelAttention, cp_core_attention
     assert cp_core_attention("local") is ContextParallelAttention
     assert cp_core_attention("te", "sbhd") is ContextParallelAttention

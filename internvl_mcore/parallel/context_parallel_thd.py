@@ -1,6 +1,6 @@
 """Context parallelism in transformer-engine's 'thd' layout: the per-sample load-balanced split.
 
-`parallel/context.py` splits whole packed rows (2C chunks per row). TE's context-parallel attention
+`parallel/context_parallel.py` splits whole packed rows (2C chunks per row). TE's context-parallel attention
 takes packed batches only as 'thd' (tokens of the whole microbatch in one stream, sample boundaries
 in cu_seqlens) and splits *every sample*: each sample is padded to a multiple of 2C
 (`cu_seqlens_padded`), cut into 2C chunks, and CP rank r keeps chunks r and 2C-1-r of every sample,
@@ -84,7 +84,7 @@ class ThdSplit:
         cu = (torch.arange(0, total + 1, seq_len) if cu_seqlens is None
               else cu_seqlens.detach().to("cpu", torch.int64))
         if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
-            raise ValueError(f"parallel/context_thd.py: cu_seqlens must rise from 0 to B*S = {total}, "
+            raise ValueError(f"parallel/context_parallel_thd.py: cu_seqlens must rise from 0 to B*S = {total}, "
                              f"got {cu.tolist()[:8]}...")
         m = 2 * cp_size
         lengths = cu[1:] - cu[:-1]
@@ -175,7 +175,7 @@ class ThdContextParallelAttention(MegatronModule):
                 packed_seq_params: Optional[PackedSeqParams] = None) -> torch.Tensor:
         freqs = getattr(packed_seq_params, "rotary_freqs", None)
         if packed_seq_params is None or packed_seq_params.qkv_format != "thd" or freqs is None:
-            raise ValueError("parallel/context_thd.py: this core attention takes 'thd' batches from "
+            raise ValueError("parallel/context_parallel_thd.py: this core attention takes 'thd' batches from "
                              "ThdSplit (ThdPackedSeqParams with rotary_freqs)")
         query, key = apply_rope(query, freqs), apply_rope(key, freqs)
         if self.kernel is not None:
