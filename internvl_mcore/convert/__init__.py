@@ -1,7 +1,9 @@
 """Checkpoint converters between HF layouts and our canonical (layout-independent) checkpoints.
 
 - keymaps.py: the key maps as data (rules + named reshape functions), and canonical shapes.
-- hf.py: HF directories: config.json <-> ModelConfig, sharded safetensors I/O, streaming conversion.
+- safetensors_io.py: HF directories on disk: sharded safetensors read/write, config.json and side files.
+- hf_config.py: config.json <-> ModelConfig for both HF layouts.
+- hf.py: streaming conversion between HF and canonical tensors through the key maps.
 - canonical.py: the canonical checkpoint directory, sharded model <-> canonical, training
   checkpoints -> canonical (their format: internvl_mcore/checkpoint_format.py), and the end-to-end
   `convert_hf_to_checkpoint` / `convert_checkpoint_to_hf` used by tools/convert_*_hf.py.
@@ -11,8 +13,9 @@ Dependencies run training -> convert -> models: nothing here imports the trainin
 from .canonical import (CanonicalCheckpoint, convert_checkpoint_to_hf, convert_hf_to_checkpoint,
                         gather_canonical_state, model_config_from_dict, model_config_to_dict, save_canonical,
                         training_checkpoint_to_canonical, unshard, verify_layout)
-from .hf import (ConversionError, SafetensorsDir, canonical_to_hf, hf_config_for, hf_to_canonical,
-                 model_config_from_hf, read_hf_config, write_hf_dir)
+from .hf import canonical_to_hf, hf_to_canonical
+from .hf_config import hf_config_for, model_config_from_hf, read_hf_config
+from .safetensors_io import ConversionError, SafetensorsDir, write_hf_dir
 from .keymaps import FORMATS, canonical_shapes, keymap
 
 __all__ = [

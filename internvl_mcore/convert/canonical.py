@@ -39,9 +39,10 @@ from ..models.internvl import build_model
 from ..models.sharding import rule_for
 from ..models.weights import ShardPlacement, is_expert_param, load_canonical, local_params
 from ..parallel.state import destroy_distributed, init_distributed
-from .hf import (DEFAULT_MAX_SHARD_BYTES, MODEL_TYPE_OF_FORMAT, ConversionError, SafetensorsDir, ShardedWriter,
-                 canonical_to_hf, copy_side_files, dtype_name, hf_config_for, hf_to_canonical,
-                 model_config_from_hf, parse_dtype, read_hf_config, source_dtype, write_hf_dir)
+from .hf import canonical_to_hf, hf_to_canonical
+from .hf_config import MODEL_TYPE_OF_FORMAT, hf_config_for, model_config_from_hf, read_hf_config
+from .safetensors_io import (DEFAULT_MAX_SHARD_BYTES, ConversionError, SafetensorsDir, ShardedWriter, copy_side_files,
+                             dtype_name, parse_dtype, source_dtype, write_hf_dir)
 
 META_NAME = "model_config.json"
 FORMAT_VERSION = 1

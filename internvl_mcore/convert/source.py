@@ -21,7 +21,8 @@ from ..config.presets import PRESETS
 from ..checkpoint_format import RUN_INFO, iter_dir
 from ..checkpoint_format import TRACKER as TRAINING_TRACKER
 from .canonical import META_NAME, model_config_from_dict
-from .hf import CONFIG_NAME, ConversionError, model_config_from_hf, read_hf_config
+from .hf_config import model_config_from_hf, read_hf_config
+from .safetensors_io import CONFIG_NAME, ConversionError
 
 
 def checkpoint_kind(path: str | os.PathLike) -> str | None:

@@ -32,7 +32,9 @@ from ..checkpoint_format import (RUN_INFO, TRACKER, CheckpointError, check_model
                                  latest_iteration, load_across_backends, load_training_weights)
 from ..config.model import ModelConfig, ParallelConfig
 from ..convert.canonical import CanonicalCheckpoint
-from ..convert.hf import ConversionError, HFAsCanonical, SafetensorsDir, model_config_from_hf, read_hf_config
+from ..convert.hf import HFAsCanonical
+from ..convert.hf_config import model_config_from_hf, read_hf_config
+from ..convert.safetensors_io import ConversionError, SafetensorsDir
 from ..convert.source import checkpoint_kind
 from ..models.lora import adopt_checkpoint_lora, lora_info_of
 from ..models.weights import load_canonical
