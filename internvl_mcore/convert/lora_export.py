@@ -41,7 +41,8 @@ from ..models.language import padded_vocab_size
 from ..models.lora import LoRAInfo, add_lora, base_weight_name, is_lora_name
 from ..models.weights import canonical_state_dict
 from ..parallel.state import init_distributed, process_groups
-from .canonical import META_NAME, convert_checkpoint_to_hf, model_config_from_dict, training_checkpoint_to_canonical
+from .canonical import META_NAME, model_config_from_dict
+from .distributed import convert_checkpoint_to_hf, training_checkpoint_to_canonical
 from .safetensors_io import DEFAULT_MAX_SHARD_BYTES, ConversionError, write_safetensors
 from .keymaps import TRANSFORMERS_READ_ALIASES, expand, keymap
 

@@ -29,13 +29,14 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.utils import unwrap_model
 
 from ..checkpoint_format import (RUN_INFO, TRACKER, CheckpointError, check_model, is_training_checkpoint, iter_dir,
-                                 latest_iteration, load_across_backends, load_training_weights)
+                                 latest_iteration)
 from ..config.model import ModelConfig, ParallelConfig
 from ..convert.canonical import CanonicalCheckpoint
 from ..convert.hf import HFAsCanonical
 from ..convert.hf_config import model_config_from_hf, read_hf_config
 from ..convert.safetensors_io import ConversionError, SafetensorsDir
 from ..convert.source import checkpoint_kind
+from ..models.checkpoint_weights import load_across_backends, load_training_weights
 from ..models.lora import adopt_checkpoint_lora, lora_info_of
 from ..models.weights import load_canonical
 
@@ -232,7 +233,7 @@ def load_weights(path: str | Path, model_chunk: torch.nn.Module, model_cfg: Mode
         return _load_hf_weights(path, module, model_cfg)
     ckpt = CanonicalCheckpoint.open(path)
     check_model({"model": dataclasses.asdict(ckpt.config), "name": ckpt.config.name}, model_cfg, path)
-    ckpt.load_into(module)
+    load_canonical(module, ckpt.tensors, ckpt.config)
     return "converted checkpoint"
 
 
