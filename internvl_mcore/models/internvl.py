@@ -24,9 +24,9 @@ from ..parallel.context_parallel_thd import ThdSplit
 from ..parallel.device import resolve_device
 from .attention import PackedSDPAttention, packed_seq_params_from_cu_seqlens
 from .language import LanguageModel
+from .projector import Projector, pixel_shuffle_v2
 from .qk_norm import PerHeadRMSNorm
 from .specs import Backend, decoder_block_spec, default_backend, llm_layer_spec, projector_mlp_submodules, vision_layer_spec
-from .projector import Projector, pixel_shuffle_v2
 from .vision import InternViT
 from .weights import mark_tensor_parallel_params
 
