@@ -10,7 +10,7 @@ import pytest
 from internvl_mcore.data import preprocess
 from internvl_mcore.data.loader import PackedDataLoader
 from internvl_mcore.data.shards import ShardReader
-from internvl_mcore.data.testing import make_dataset_fixture, make_tokenizer_dir
+from tests.fixtures import make_dataset_fixture, make_tokenizer_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(REPO, "tools"))

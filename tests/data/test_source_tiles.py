@@ -19,7 +19,7 @@ from internvl_mcore.data.image import (
 from internvl_mcore.data.loader import PackedDataLoader
 from internvl_mcore.data.sample import StoredImage
 from internvl_mcore.data.shards import ShardReader, decode_source_images, encode_source_images, source_tiling
-from internvl_mcore.data.testing import make_dataset_fixture, make_tokenizer_dir
+from tests.fixtures import make_dataset_fixture, make_tokenizer_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(REPO, "tools"))
