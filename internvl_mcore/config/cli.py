@@ -52,6 +52,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str,
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
         kwargs: dict[str, Any] = {"dest": f.name, "help": docs.get(f.name, ""), "default": default}
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            kwargs["required"] = True  # a field without a default is a flag without one
         origin, args = typing.get_origin(hint), typing.get_args(hint)
         optional = origin in (typing.Union, types.UnionType)  # Optional[X] / X | None
         if optional:

@@ -134,6 +134,9 @@ class DataConfig:
     """Shard prefixes from tools/preprocess_mm_data.py, optionally weighted: [W1] P1 [W2] P2 ..."""
     mock_tiles_per_sample: int = 2
     """Mock data: image tiles per sample."""
+    num_workers: int = 1
+    """Processes that decode shard images ahead of the training step (0: decode in the training
+    process). The batches and the resume point do not depend on it."""
 
 
 @dataclass

@@ -1,9 +1,13 @@
 """Where a rank's microbatches come from: preprocessed shards or mock data, as `Batch`es."""
 from __future__ import annotations
 
+import json
+
 import torch
 
 from ..config.training import RunConfig
+from ..data.loader import PackedDataLoader, collate
+from ..data.shards import manifest_path
 from .batch import Batch
 from .mock import mock_batches
 
@@ -12,11 +16,9 @@ class ShardBatches:
     """Microbatches from `PackedDataLoader` for one data-parallel rank, resumable by `state_dict`."""
 
     def __init__(self, run: RunConfig, dp_rank: int, dp_size: int, decode_tiles: bool = True) -> None:
-        from ..data.loader import PackedDataLoader
-
         try:
             self.loader = PackedDataLoader(run.data.data_path, dp_rank=dp_rank, dp_size=dp_size,
-                                           seed=run.train.seed)
+                                           seed=run.train.seed, num_workers=run.data.num_workers)
         except (FileNotFoundError, ValueError) as exc:
             raise ValueError(f"--data-path {' '.join(run.data.data_path)}: {exc}") from exc
         self.cfg = run.model
@@ -24,15 +26,16 @@ class ShardBatches:
             check_manifest(prefix, run)
         self.seq_length = run.train.seq_length
         self.micro_batch_size = run.train.micro_batch_size
+        self.pin_memory = torch.cuda.is_available()  # page-locked tiles copy to the GPU asynchronously
 
     def __iter__(self) -> "ShardBatches":
         return self
 
     def __next__(self) -> Batch:
-        from ..data.loader import collate
-
         packs = [next(self.loader) for _ in range(self.micro_batch_size)]
         d = collate(packs, self.seq_length, self.cfg.pad_token_id)
+        if self.pin_memory:
+            d = {k: v.pin_memory() for k, v in d.items()}
         ignore = d["labels"] < 0
         return Batch(tokens=d["tokens"], labels=d["labels"].masked_fill(ignore, self.cfg.pad_token_id),
                      loss_mask=d["loss_mask"], position_ids=d["position_ids"], cu_seqlens=d["cu_seqlens"],
@@ -47,10 +50,6 @@ class ShardBatches:
 
 def check_manifest(prefix: str, run: RunConfig) -> None:
     """Refuse shards made for another model: special-token ids, image tokens per tile, vocab, length."""
-    import json
-
-    from ..data.shards import manifest_path
-
     path = manifest_path(prefix)
     try:
         manifest = json.loads(open(path).read())
