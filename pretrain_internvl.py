@@ -12,6 +12,7 @@ Flags follow Megatron-LM's names; `--help` lists them with their defaults and me
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from internvl_mcore.config import ParallelConfig
@@ -56,14 +57,24 @@ def parse_run_config(argv: list[str]) -> RunConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from internvl_mcore.training.loop import ConfigError, train
+    """Exit 2 with one line for a user error (flags, checkpoint); 1 with one line when the run
+    diverged (NaN / Inf) or lost a rank; other exceptions are bugs and keep their traceback."""
     from internvl_mcore.training.checkpoint import CheckpointError
+    from internvl_mcore.training.guards import PeerLost, TrainingDiverged
+    from internvl_mcore.training.loop import ConfigError, train
 
     try:
         train(parse_run_config(sys.argv[1:] if argv is None else argv))
     except (ConfigError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except TrainingDiverged as exc:  # every rank knows; one line from rank 0 says it
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except PeerLost as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        os._exit(1)  # no clean shutdown: it would wait on the peers that are gone
 
 
 if __name__ == "__main__":  # the guard matters: megatron-core's async checkpoint writer re-imports __main__

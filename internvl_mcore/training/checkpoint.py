@@ -4,17 +4,21 @@
         run.json                  iteration, LR-schedule state, model config, layout, format version
         rank_00003.pt             per-rank RNG states
         data_dp00001.pt           data-loader position of data-parallel rank 1
+        checksums.json            size and sha256 of every other file, checked by --load
     SAVE/latest_checkpointed_iteration.txt
 
 A checkpoint is written into tmp_iter_NNNNNNN/ and renamed only when every rank has finished, then
 the `latest` pointer is replaced atomically, so a crash mid-save leaves the previous checkpoint as
-the one `--load` finds. Loading into another TP/PP/DP layout restores the model weights (megatron-core
+the one `--load` finds. `--load` verifies the checksums (the ranks share the files) and, when the
+latest checkpoint fails them, falls back to the newest older one that passes (a warning names the
+file that failed; --no-fallback refuses instead). --keep-checkpoints N deletes all but the newest N. Loading into another TP/PP/DP layout restores the model weights (megatron-core
 reshards them) and, when the data-parallel size is unchanged, the data position; optimizer state and
 RNG streams are restored only on the same layout.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -29,6 +33,7 @@ import torch.distributed as dist
 from ..config.model import ModelConfig, ParallelConfig
 
 TRACKER = "latest_checkpointed_iteration.txt"
+CHECKSUMS = "checksums.json"
 FORMAT_VERSION = 1
 
 
@@ -40,9 +45,8 @@ def _iter_dir(root: str | Path, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
 
 
-def latest_iteration(root: str | Path) -> int:
-    """The iteration the `latest` pointer names; errors say what is missing."""
-    root = Path(root)
+def _tracked_iteration(root: Path) -> int:
+    """The number in the `latest` pointer (its directory may be missing)."""
     if not root.is_dir():
         raise CheckpointError(f"--load {root}: no such directory")
     tracker = root / TRACKER
@@ -51,10 +55,140 @@ def latest_iteration(root: str | Path) -> int:
     text = tracker.read_text().strip()
     if not text.isdigit():
         raise CheckpointError(f"{tracker}: expected an iteration number, found {text!r}")
-    iteration = int(text)
+    return int(text)
+
+
+def latest_iteration(root: str | Path) -> int:
+    """The iteration the `latest` pointer names; errors say what is missing."""
+    root = Path(root)
+    tracker = root / TRACKER
+    iteration = _tracked_iteration(root)
     if not _iter_dir(root, iteration).is_dir():
         raise CheckpointError(f"{tracker} names iteration {iteration} but {_iter_dir(root, iteration)} is missing")
     return iteration
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """The iter_NNNNNNN/ directory `path` means: itself, or the latest one of a --save root."""
+    path = Path(path)
+    return path if (path / "run.json").exists() else _iter_dir(path, latest_iteration(path))
+
+
+def read_run_json(path: Path) -> dict:
+    """run.json of checkpoint directory `path`; an unreadable one is an error naming it."""
+    try:
+        return json.loads((path / "run.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path / 'run.json'}: unreadable ({exc})") from None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+
+
+def _my_share(names: list[str]) -> list[str]:
+    """The files this rank hashes: every world-size-th, so a large checkpoint is hashed in parallel."""
+    return names[dist.get_rank()::dist.get_world_size()]
+
+
+def write_checksums(path: Path) -> None:
+    """Write checksums.json (size, sha256 of every file) into `path` (collective; the ranks share the files)."""
+    names = _files(path) if dist.get_rank() == 0 else None
+    box = [names]
+    dist.broadcast_object_list(box, src=0)
+    mine = {name: [(path / name).stat().st_size, _sha256(path / name)] for name in _my_share(box[0])}
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    if dist.get_rank() == 0:
+        table = {name: value for part in parts for name, value in part.items()}
+        (path / CHECKSUMS).write_text(json.dumps(dict(sorted(table.items())), indent=1))
+
+
+def _check_file(path: Path, name: str, size: int, sha: str) -> Optional[str]:
+    file = path / name
+    if not file.is_file():
+        return f"{file}: missing"
+    if file.stat().st_size != size:
+        return f"{file}: {file.stat().st_size} bytes, {size} when saved (truncated?)"
+    if _sha256(file) != sha:
+        return f"{file}: checksum mismatch (corrupt)"
+    return None
+
+
+def verify(path: Path) -> Optional[str]:
+    """The first problem of checkpoint directory `path` (collective), or None when every file matches
+    its checksum. A checkpoint saved before checksums were written is accepted unverified."""
+    problem = None
+    table: dict = {}
+    if not (path / "run.json").is_file():
+        problem = f"{path / 'run.json'}: missing (incomplete checkpoint)"
+    elif (path / CHECKSUMS).exists():
+        try:
+            table = json.loads((path / CHECKSUMS).read_text())
+        except (OSError, ValueError) as exc:
+            problem = f"{path / CHECKSUMS}: unreadable ({exc})"
+    names = sorted(table)
+    mine = [_check_file(path, n, *table[n]) for n in _my_share(names)] if problem is None else [problem]
+    found: list = [None] * dist.get_world_size()
+    dist.all_gather_object(found, [m for m in mine if m])
+    problems = sorted(p for part in found for p in part)
+    return problems[0] if problems else None
+
+
+def _complete_iterations(root: Path) -> list[int]:
+    """Iterations of the finished checkpoints under `root` (run.json present), newest first."""
+    its = [int(p.name[5:]) for p in root.glob("iter_*") if p.name[5:].isdigit() and (p / "run.json").exists()]
+    return sorted(its, reverse=True)
+
+
+def select(root: str | Path, no_fallback: bool = False) -> Path:
+    """The checkpoint directory --load resumes from (collective): the latest if it verifies, else the
+    newest older one that does, with a warning naming what failed; with `no_fallback` a failing
+    latest checkpoint is an error naming the file."""
+    root = Path(root)
+    if (root / "run.json").exists():  # one iter_ directory given: exactly that one
+        candidates = [root]
+    else:
+        latest = _tracked_iteration(root)
+        candidates = [_iter_dir(root, latest)] + [_iter_dir(root, i) for i in _complete_iterations(root) if i < latest]
+    failed = []
+    for path in candidates:
+        problem = verify(path) if path.is_dir() else f"{path}: missing"
+        if problem is None:
+            if failed and dist.get_rank() == 0:
+                print(f"warning: {failed[0]}; falling back to the previous complete checkpoint {path}", flush=True)
+            return path
+        if no_fallback:
+            raise CheckpointError(f"{problem} (--no-fallback: not trying an older checkpoint)")
+        failed.append(problem)
+    raise CheckpointError(f"--load {root}: no usable checkpoint: " + "; ".join(failed))
+
+
+def remove_old_checkpoints(root: Path, keep: int) -> None:
+    """--keep-checkpoints: delete all but the newest `keep` complete checkpoints (rank 0, after a save)."""
+    for iteration in _complete_iterations(root)[keep:]:
+        shutil.rmtree(_iter_dir(root, iteration), ignore_errors=True)
+
+
+def writable_problem(save: str) -> Optional[str]:
+    """Why --save DIR cannot take checkpoints (checked at start-up, before any training), or None."""
+    path = Path(save)
+    probe = path / f".write_test_{os.uname().nodename}_{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        return f"--save {save}: cannot write there ({exc.strerror or exc})"
+    return None
 
 
 def is_training_checkpoint(path: str | Path) -> bool:
@@ -148,8 +282,10 @@ def _model_module(model_chunk: torch.nn.Module) -> torch.nn.Module:
 
 
 def save(root: str | Path, iteration: int, model_chunk: torch.nn.Module, optimizer: Any, scheduler: Any,
-         model_cfg: ModelConfig, par: ParallelConfig, data_state: Any = None, extra: Optional[dict] = None) -> Path:
-    """Write checkpoint `iteration` under `root` atomically (collective: every rank calls it)."""
+         model_cfg: ModelConfig, par: ParallelConfig, data_state: Any = None, extra: Optional[dict] = None,
+         keep: int = 0) -> Path:
+    """Write checkpoint `iteration` under `root` atomically (collective: every rank calls it); with
+    `keep` > 0 only the newest `keep` checkpoints stay."""
     from megatron.core import dist_checkpointing, parallel_state
 
     root = Path(root)
@@ -182,17 +318,25 @@ def save(root: str | Path, iteration: int, model_chunk: torch.nn.Module, optimiz
             info["lora"] = lora.to_dict()
         (tmp / "run.json").write_text(json.dumps(info, indent=2, default=str))
     dist.barrier()
+    write_checksums(tmp)
     if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        pointer = root / (TRACKER + ".tmp")
-        pointer.write_text(str(iteration))
-        with open(pointer) as f:
-            os.fsync(f.fileno())
-        os.replace(pointer, root / TRACKER)
+        _publish(root, tmp, final, iteration)
+        if keep:
+            remove_old_checkpoints(root, keep)
     dist.barrier()
     return final
+
+
+def _publish(root: Path, tmp: Path, final: Path, iteration: int) -> None:
+    """Rename the finished checkpoint into place, then point `latest` at it (both atomic)."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer = root / (TRACKER + ".tmp")
+    pointer.write_text(str(iteration))
+    with open(pointer) as f:
+        os.fsync(f.fileno())
+    os.replace(pointer, root / TRACKER)
 
 
 def _check_model(info: dict, model_cfg: ModelConfig, where: Path) -> None:
@@ -217,14 +361,16 @@ def _check_model(info: dict, model_cfg: ModelConfig, where: Path) -> None:
 
 
 def load(root: str | Path, model_chunk: torch.nn.Module, optimizer: Any, scheduler: Any, model_cfg: ModelConfig,
-         par: ParallelConfig, load_optim: bool = True) -> tuple[int, Any]:
-    """Resume from the latest checkpoint under `root`. Returns (iteration, this rank's data state, or
-    None when the data-parallel size changed)."""
-    from megatron.core import dist_checkpointing, parallel_state
+         par: ParallelConfig, load_optim: bool = True) -> tuple[int, Any, dict]:
+    """Resume from `root`: a checkpoint directory (iter_NNNNNNN/, as `select` returns) or a --save
+    root (its latest checkpoint). Returns (iteration, this rank's data state or None when the
+    data-parallel size changed, the run.json). The scheduler state is left to the caller unless a
+    scheduler is given (training/schedule.py decides what a changed schedule means)."""
+    from megatron.core import parallel_state
 
-    iteration = latest_iteration(root)
-    path = _iter_dir(root, iteration)
-    info = json.loads((path / "run.json").read_text())
+    path = checkpoint_dir(root)
+    info = read_run_json(path)
+    iteration = int(info["iteration"])
     _check_model(info, model_cfg, path)
     same_layout = info["layout"] == _layout(par, parallel_state.get_data_parallel_world_size())
     module = _model_module(model_chunk)
@@ -249,9 +395,9 @@ def load(root: str | Path, model_chunk: torch.nn.Module, optimizer: Any, schedul
               "state", flush=True)
     dp = parallel_state.get_data_parallel_world_size()
     if info["layout"]["data_parallel_size"] != dp:
-        return iteration, None
+        return iteration, None, info
     data_file = path / f"data_dp{parallel_state.get_data_parallel_rank():05d}.pt"
-    return iteration, torch.load(data_file, weights_only=False)
+    return iteration, torch.load(data_file, weights_only=False), info
 
 
 EXTRA_STATE = "_extra_state"
