@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ..config.model import ModelConfig, ParallelConfig
+from .guards import fault_point
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKSUMS = "checksums.json"
@@ -306,7 +307,7 @@ def save(root: str | Path, iteration: int, model_chunk: torch.nn.Module, optimiz
     if (parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_pipeline_model_parallel_rank() == 0
             and parallel_state.get_context_parallel_rank() == 0):
         torch.save(data_state, tmp / f"data_dp{parallel_state.get_data_parallel_rank():05d}.pt")
-    _fault_point("save", iteration)
+    fault_point("save", iteration)
     if rank == 0:
         info = {"format_version": FORMAT_VERSION, "iteration": iteration,
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -443,16 +444,6 @@ def _adopt_lora(info: dict, module: torch.nn.Module, where: Path) -> None:
         adopt_checkpoint_lora(info.get("lora"), module)
     except ValueError as exc:
         raise CheckpointError(f"{where}: {exc}") from None
-
-
-def _fault_point(where: str, iteration: int) -> None:
-    """Fault injection for the crash tests: INTERNVL_MCORE_FAULT=save:ITER:RANK makes RANK SIGKILL
-    itself in the middle of saving ITER (tensors written, checkpoint not yet renamed)."""
-    spec = os.environ.get("INTERNVL_MCORE_FAULT", "")
-    if spec:
-        kind, it, rank = spec.split(":")
-        if kind == where and int(it) == iteration and int(rank) == dist.get_rank():
-            os.kill(os.getpid(), 9)
 
 
 def load_weights(path: str | Path, model_chunk: torch.nn.Module, model_cfg: ModelConfig) -> str:

@@ -7,6 +7,8 @@ that say *which* rank went non-finite run only once the run is already stopping.
 from __future__ import annotations
 
 import math
+import os
+import time
 from collections import deque
 from typing import Iterable, Optional
 
@@ -129,3 +131,22 @@ def peer_lost(exc: BaseException, iteration: int, timeout_minutes: float) -> Pee
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
     return PeerLost(f"rank {dist.get_rank()}: a collective failed during iteration {iteration + 1} ({first}): "
                     f"another rank died or stalled (--distributed-timeout-minutes {timeout_minutes:g}); stopping")
+
+
+def fault_point(where: str, iteration: int) -> None:
+    """Fault injection for the crash tests: INTERNVL_MCORE_FAULT=WHERE:ITER:RANK[:ACTION] makes RANK,
+    at WHERE ("save": tensors of ITER written, checkpoint not yet renamed; "step": before step ITER),
+    SIGKILL itself (ACTION kill, the default), exit at once (exit) or stop answering (hang)."""
+    spec = os.environ.get("INTERNVL_MCORE_FAULT", "")
+    if not spec:
+        return
+    kind, it, rank, *action = spec.split(":")
+    if kind != where or int(it) != iteration or int(rank) != dist.get_rank():
+        return
+    action = action[0] if action else "kill"
+    if action == "hang":
+        while True:
+            time.sleep(60)
+    if action == "exit":
+        os._exit(1)
+    os.kill(os.getpid(), 9)

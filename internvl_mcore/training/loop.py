@@ -23,7 +23,7 @@ from . import checkpoint, mpo
 from .batch import Batch
 from .data import MockBatches, ShardBatches, build_batches, loss_weights
 from .eval import EvalGroups, Evaluator, build_valid_batches, eval_problems
-from .guards import SpikeGuard, TrainingDiverged, check_finite, is_collective_failure, peer_lost
+from .guards import SpikeGuard, TrainingDiverged, check_finite, fault_point, is_collective_failure, peer_lost
 from .metrics import Reporter
 from .moe import moe_problems, reduced_aux_loss
 from .schedule import ScheduleMismatch, build_scheduler
@@ -320,6 +320,7 @@ def train_step(trainer: Trainer) -> dict:
     """One optimizer step over `num_microbatches` microbatches; returns loss/grad-norm/lr."""
     from megatron.core import parallel_state
 
+    fault_point("step", trainer.iteration + 1)
     start = time.perf_counter()
     batches, scale = _step_batches(trainer)
     data_s = time.perf_counter() - start
