@@ -26,7 +26,7 @@ from .eval import EvalGroups, Evaluator, build_valid_batches, eval_problems
 from .guards import SpikeGuard, TrainingDiverged, check_finite, fault_point, is_collective_failure, peer_lost
 from .metrics import Reporter
 from .moe import moe_problems, reduced_aux_loss
-from .schedule import ScheduleMismatch, build_scheduler
+from .schedule import ScheduleMismatch, build_scheduler, sync_param_groups
 from .schedule import restore as restore_schedule
 from .stages import Plan, apply_freeze, resolve
 from .step import forward_step, reduce_loss_totals  # noqa: F401 (reduce_loss_totals: tests use it from here)
@@ -250,6 +250,7 @@ def _resume(trainer: Trainer) -> None:
         raise ConfigError(str(exc)) from None
     iteration, data_state, info = checkpoint.load(path, trainer.model[0], trainer.optimizer, None, run.model,
                                                   run.parallel, load_optim=not run.checkpoint.no_load_optim)
+    sync_param_groups(trainer.scheduler)  # after the optimizer state, which brings the checkpoint's max_lr
     trainer.iteration = iteration
     if data_state is not None:
         trainer.batches.load_state_dict(data_state)

@@ -71,3 +71,14 @@ def restore(scheduler: Any, saved: Optional[dict], t: TrainConfig, where: str) -
         return f"LR schedule: --override-opt_param-scheduler: using the flags' {', '.join(diffs)}"
     return (f"LR schedule: --use-checkpoint-opt_param-scheduler: keeping the checkpoint's schedule, ignoring "
             f"{', '.join(diffs)}")
+
+
+def sync_param_groups(scheduler: Any) -> None:
+    """Give every optimizer param group the schedule's peak and floor, and set this step's LR.
+
+    megatron-core's scheduler takes each group's `max_lr` / `min_lr` before its own; the optimizer
+    config puts the flags' --lr there and loading optimizer state puts back the checkpoint's, so
+    after a resume the groups must follow what `restore` chose (all our groups share one schedule)."""
+    for group in scheduler.optimizer.param_groups:
+        group["max_lr"], group["min_lr"] = scheduler.max_lr, scheduler.min_lr
+    scheduler.step(increment=0)
