@@ -56,6 +56,20 @@ def parse_run_config(argv: list[str]) -> RunConfig:
                      lora=build_dataclass(LoRAConfig, ns))
 
 
+def _exit(code: int, message: str | None) -> None:
+    """Print the one line and leave. Once the process group exists, without interpreter shutdown:
+    gloo's threads abort a normal exit ("terminate called ...", exit -6) and a clean shutdown would
+    wait for peers that may be gone."""
+    if message:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Exit 2 with one line for a user error (flags, checkpoint); 1 with one line when the run
     diverged (NaN / Inf) or lost a rank; other exceptions are bugs and keep their traceback."""
@@ -66,15 +80,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         train(parse_run_config(sys.argv[1:] if argv is None else argv))
     except (ConfigError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _exit(2, str(exc))
     except TrainingDiverged as exc:  # every rank knows; one line from rank 0 says it
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        _exit(1, str(exc) if int(os.environ.get("RANK", "0")) == 0 else None)
     except PeerLost as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        os._exit(1)  # no clean shutdown: it would wait on the peers that are gone
+        _exit(1, str(exc))
 
 
 if __name__ == "__main__":  # the guard matters: megatron-core's async checkpoint writer re-imports __main__
