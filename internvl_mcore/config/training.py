@@ -131,7 +131,9 @@ class CheckpointConfig:
     save: Optional[str] = None
     """Directory to write checkpoints to (iter_NNNNNNN/ + latest_checkpointed_iteration.txt)."""
     load: Optional[str] = None
-    """Resume from the latest checkpoint in this directory (model, optimizer, schedule, RNG, data)."""
+    """Resume from the latest checkpoint in this directory (model, optimizer, schedule, RNG, data),
+    checked against its checksums (falling back to the previous one, see --no-fallback), or from
+    exactly the iter_NNNNNNN directory given."""
     save_interval: int = 0
     """Save every N iterations (0: only at the end when --save is given)."""
     exit_interval: int = 0

@@ -4,7 +4,7 @@ Every evaluation reads the same first `--eval-iters` global batches of the valid
 (--valid-data-path shards, or --mock-valid-data: generated batches of another seed), so evaluations
 of one run compare with each other. The loss is sum(w * loss) / sum(w) over all of them (w: the
 run's --loss-reduction weights), summed over microbatches, data- and context-parallel ranks on the
-last pipeline stage and handed to every rank: the same number in every layout. The model runs in
+last pipeline stage and handed to every rank (loop.evaluate): the same number in every layout. The model runs in
 eval mode (no drop path) and every random stream is put back afterwards, so training is unchanged.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from .batch import Batch
 from .data import MockBatches, ShardBatches, loss_weights
 from .checkpoint import rng_state, set_rng_state
 from .moe import clear_aux_losses
-from .step import forward_step, reduce_loss_totals
+from .step import forward_step
 
 # mock validation samples are drawn with seed + this: mock_sample keys its generator by
 # seed * 7919 + index, so the two streams share no sample for any realistic run length
@@ -63,14 +63,16 @@ def build_valid_batches(run: RunConfig, dp_rank: int, dp_size: int) -> Optional[
 
 
 class Evaluator:
-    """Runs `--eval-iters` forward-only global batches; `evaluate` is collective (every rank calls it)."""
+    """Runs `--eval-iters` forward-only global batches; `forward` is collective (every rank calls it)."""
 
     def __init__(self, batches: ShardBatches | MockBatches, run: RunConfig, num_microbatches: int) -> None:
         self.batches, self.run, self.num_microbatches = batches, run, num_microbatches
         self.start = batches.state_dict()
 
-    def evaluate(self, model: list, groups: "EvalGroups") -> float:
-        """The validation loss of `model` (identical on every rank)."""
+    def forward(self, model: list) -> list[list[dict]]:
+        """The microbatch losses ({"lm loss": [sum(w * loss), sum(w)]}, last pipeline stage) of each of
+        the `--eval-iters` batches, from forward-only passes in eval mode (collective); the caller
+        reduces them like the training loss (loop.reduce_loss_totals)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         t = self.run.train
@@ -78,23 +80,22 @@ class Evaluator:
         rng = rng_state()
         for chunk in model:
             chunk.eval()
-        totals = torch.zeros(2, dtype=torch.float64)
+        out = []
         try:
             with torch.no_grad():
                 for _ in range(t.eval_iters):
                     batches = self._weighted(next(self.batches) for _ in range(self.num_microbatches))
-                    losses = get_forward_backward_func()(
+                    out.append(get_forward_backward_func()(
                         forward_step_func=forward_step, data_iterator=iter(batches),
                         model=model, num_microbatches=self.num_microbatches, seq_length=t.seq_length,
-                        micro_batch_size=t.micro_batch_size, forward_only=True)
-                    totals += reduce_loss_totals(losses, groups.last_stage, groups.dp_cp, groups.pp).cpu()
+                        micro_batch_size=t.micro_batch_size, forward_only=True))
         finally:
             for chunk in model:
                 chunk.train()
             set_rng_state(rng)
             if self.run.model.llm.is_moe:  # the forward passes recorded router losses: not the next step's
                 clear_aux_losses()
-        return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+        return out
 
     def _weighted(self, batches: Any) -> list[Batch]:
         """The microbatches with the run's --loss-reduction weights (token: the loss mask)."""
@@ -103,13 +104,3 @@ class Evaluator:
             for b in out:
                 b.loss_weight = loss_weights(b, self.run.train.loss_reduction)
         return out
-
-
-@dataclasses.dataclass
-class EvalGroups:
-    """Where the loss lives and how it is reduced: the last pipeline stage sums over the
-    data- and context-parallel group, then hands the sum to every stage."""
-
-    last_stage: bool
-    dp_cp: Any
-    pp: Any

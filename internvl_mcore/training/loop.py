@@ -22,14 +22,14 @@ from ..parallel.state import comm_device, init_distributed
 from . import checkpoint, mpo
 from .batch import Batch
 from .data import MockBatches, ShardBatches, build_batches, loss_weights
-from .eval import EvalGroups, Evaluator, build_valid_batches, eval_problems
+from .eval import Evaluator, build_valid_batches, eval_problems
 from .guards import SpikeGuard, TrainingDiverged, check_finite, fault_point, is_collective_failure, peer_lost
 from .metrics import Reporter
 from .moe import moe_problems, reduced_aux_loss
 from .schedule import ScheduleMismatch, build_scheduler, sync_param_groups
 from .schedule import restore as restore_schedule
 from .stages import Plan, apply_freeze, resolve
-from .step import forward_step, reduce_loss_totals  # noqa: F401 (reduce_loss_totals: tests use it from here)
+from .step import forward_step
 
 
 class ConfigError(ValueError):
@@ -317,6 +317,24 @@ def _update(trainer: Trainer, loss: float, losses: list[dict]) -> tuple[Optional
     return grad_norm, False
 
 
+def reduce_loss_totals(losses: list[dict], last_stage: bool, dp_cp_group: Any, pp_group: Any) -> torch.Tensor:
+    """[sum of weighted losses, total weight] of the step, identical on every rank, on `comm_device()`.
+
+    The loss lives on the last pipeline stage: summed over microbatches and data- and
+    context-parallel ranks (each CP rank holds part of every sequence's tokens), then handed to
+    every pipeline stage so any rank can log. The microbatch losses may sit on another device than
+    the collectives need; they are moved, never the other way round."""
+    device = comm_device()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    if last_stage:
+        for item in losses:
+            totals += item["lm loss"].detach().to(device=device, dtype=torch.float64)
+        dist.all_reduce(totals, group=dp_cp_group)
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        dist.all_reduce(totals, group=pp_group)
+    return totals
+
+
 def train_step(trainer: Trainer) -> dict:
     """One optimizer step over `num_microbatches` microbatches; returns loss/grad-norm/lr."""
     from megatron.core import parallel_state
@@ -370,11 +388,13 @@ def evaluate(trainer: Trainer, reporter: Reporter, final: bool = False) -> None:
     """Validation loss of the current weights, reported (collective)."""
     from megatron.core import parallel_state
 
-    groups = EvalGroups(parallel_state.is_pipeline_last_stage(),
-                        parallel_state.get_data_parallel_group(with_context_parallel=True),
-                        parallel_state.get_pipeline_model_parallel_group())
     start = time.perf_counter()
-    loss = trainer.evaluator.evaluate(trainer.model, groups)
+    totals = torch.zeros(2, dtype=torch.float64)
+    for losses in trainer.evaluator.forward(trainer.model):  # one list of microbatch losses per batch
+        totals += reduce_loss_totals(losses, parallel_state.is_pipeline_last_stage(),
+                                     parallel_state.get_data_parallel_group(with_context_parallel=True),
+                                     parallel_state.get_pipeline_model_parallel_group()).cpu()
+    loss = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
     reporter.report_eval(trainer.iteration, loss, time.perf_counter() - start, final)
 
 

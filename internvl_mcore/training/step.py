@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
-import torch.distributed as dist
 
-from ..parallel.state import comm_device
 from .batch import Batch
 
 
@@ -42,21 +40,3 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while hasattr(model, "module"):
         model = model.module
     return model
-
-
-def reduce_loss_totals(losses: list[dict], last_stage: bool, dp_cp_group: Any, pp_group: Any) -> torch.Tensor:
-    """[sum of weighted losses, total weight] of the step, identical on every rank, on `comm_device()`.
-
-    The loss lives on the last pipeline stage: summed over microbatches and data- and
-    context-parallel ranks (each CP rank holds part of every sequence's tokens), then handed to
-    every pipeline stage so any rank can log. The microbatch losses may sit on another device than
-    the collectives need; they are moved, never the other way round."""
-    device = comm_device()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
-    if last_stage:
-        for item in losses:
-            totals += item["lm loss"].detach().to(device=device, dtype=torch.float64)
-        dist.all_reduce(totals, group=dp_cp_group)
-    if pp_group is not None and dist.get_world_size(pp_group) > 1:
-        dist.all_reduce(totals, group=pp_group)
-    return totals
