@@ -59,12 +59,18 @@ def parse_run_config(argv: list[str]) -> RunConfig:
 def _exit(code: int, message: str | None) -> None:
     """Print the one line and leave. Once the process group exists, without interpreter shutdown:
     gloo's threads abort a normal exit ("terminate called ...", exit -6) and a clean shutdown would
-    wait for peers that may be gone."""
-    if message:
-        print(f"error: {message}", file=sys.stderr, flush=True)
+    wait for peers that may be gone. The worker processes megatron-core's checkpoint writer spawned
+    are ended first: orphaned, they would keep the job's output pipes open."""
+    import multiprocessing
+
     import torch.distributed as dist
 
+    if message:
+        print(f"error: {message}", file=sys.stderr, flush=True)
     if dist.is_available() and dist.is_initialized():
+        for child in multiprocessing.active_children():
+            child.terminate()
+            child.join(timeout=10)
         sys.stdout.flush()
         os._exit(code)
     sys.exit(code)
