@@ -9,7 +9,7 @@ DIR is either transformers' layout (config.json model_type "internvl", as
 "internvl_chat"); the model (vision, projector, LLM family and sizes, special tokens) is inferred
 from config.json and any tensor that does not fit it is refused, naming the key and shapes.
 
-CKPT is a canonical, layout-independent checkpoint (internvl_mcore/convert/checkpoint.py): every
+CKPT is a canonical, layout-independent checkpoint (internvl_mcore/convert/canonical.py): every
 TP/PP layout loads its shards from it (`pretrain_internvl.py --pretrained CKPT`). With T x P > 1 the checkpoint is verified by loading it into
 that layout in T x P spawned gloo processes and gathering it back bit for bit (--no-verify skips).
 """

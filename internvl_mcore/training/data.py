@@ -1,8 +1,6 @@
 """Where a rank's microbatches come from: preprocessed shards or mock data, as `Batch`es."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ..config.training import RunConfig
@@ -126,8 +124,3 @@ def loss_weights(batch: Batch, reduction: str) -> torch.Tensor:
     per_seg = {"sample": 1.0 / n.clamp_min(1.0), "square": n.clamp_min(1.0).rsqrt()}[reduction]
     return (per_seg[seg] * flat).reshape(mask.shape)
 
-
-def advance_to(batches: ShardBatches | MockBatches, state: Optional[dict]) -> None:
-    """Continue a stream where a checkpoint left it."""
-    if state is not None:
-        batches.load_state_dict(state)

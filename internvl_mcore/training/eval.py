@@ -10,14 +10,16 @@ eval mode (no drop path) and every random stream is put back afterwards, so trai
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import torch
+from megatron.core.utils import unwrap_model
 
 from ..config.training import RunConfig
 from .batch import Batch
-from .data import MockBatches, ShardBatches, loss_weights
 from .checkpoint import rng_state, set_rng_state
+from .data import MockBatches, ShardBatches, loss_weights
 from .moe import clear_aux_losses
 from .step import forward_step
 
@@ -76,6 +78,7 @@ class Evaluator:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         t = self.run.train
+        step_func = functools.partial(forward_step, cp_split=unwrap_model(model[0]).cp_split)
         self.batches.load_state_dict(self.start)
         rng = rng_state()
         for chunk in model:
@@ -86,7 +89,7 @@ class Evaluator:
                 for _ in range(t.eval_iters):
                     batches = self._weighted(next(self.batches) for _ in range(self.num_microbatches))
                     out.append(get_forward_backward_func()(
-                        forward_step_func=forward_step, data_iterator=iter(batches),
+                        forward_step_func=step_func, data_iterator=iter(batches),
                         model=model, num_microbatches=self.num_microbatches, seq_length=t.seq_length,
                         micro_batch_size=t.micro_batch_size, forward_only=True))
         finally:

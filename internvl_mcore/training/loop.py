@@ -13,10 +13,14 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core.utils import unwrap_model
 
 from ..config.lora import lora_problems
 from ..config.training import RunConfig
-from ..parallel.context_thd import check_thd_layout
+from ..models.internvl import build_model
+from ..models.lora import add_lora
+from ..models.weights import init_weights
+from ..parallel.context_parallel_thd import check_thd_layout
 from ..parallel.device import resolve_device
 from ..parallel.state import comm_device, init_distributed
 from . import checkpoint, mpo
@@ -152,14 +156,11 @@ def _effective_run(run: RunConfig, plan: Plan) -> RunConfig:
     return dataclasses.replace(run, model=model_cfg)
 
 
-def _build_model(run: RunConfig, plan: Plan) -> tuple[torch.nn.Module, Any]:
-    """This rank's model stage with its weights (seeded init or --pretrained), frozen parts and LoRA,
-    and the MPO reference when --stage mpo."""
-    from ..models.internvl import build_model
-    from ..models.weights import init_weights
-
+def _build_model(run: RunConfig, plan: Plan, pg: Any) -> tuple[torch.nn.Module, Any]:
+    """This rank's model stage (on the process groups `pg` init_distributed returned) with its weights
+    (seeded init or --pretrained), frozen parts and LoRA, and the MPO reference when --stage mpo."""
     t, model_cfg = run.train, run.model
-    model = build_model(model_cfg, run.parallel, dtype=torch.bfloat16 if t.bf16 else torch.float32)
+    model = build_model(model_cfg, run.parallel, pg, dtype=torch.bfloat16 if t.bf16 else torch.float32)
     if resolve_device(run.parallel.device) == "cuda":  # DDP buffers and schedules live on the current GPU
         model.cuda(torch.cuda.current_device())
     if not run.checkpoint.pretrained:  # --pretrained overwrites every weight: drawing them first is waste
@@ -171,8 +172,6 @@ def _build_model(run: RunConfig, plan: Plan) -> tuple[torch.nn.Module, Any]:
     reference = mpo.build_reference(run, model_cfg, model) if t.stage == "mpo" else None
     apply_freeze(model, plan)
     if run.lora.enabled:  # LoRA (models/lora.py): every base weight frozen, only the adapters train
-        from ..models.lora import add_lora
-
         base = os.path.abspath(run.checkpoint.pretrained) if run.checkpoint.pretrained else None
         add_lora(model, run.lora, model_cfg, seed=t.seed, base=base)
         if dist.get_rank() == 0:
@@ -215,7 +214,7 @@ def setup(run: RunConfig) -> Trainer:
     plan = validate(run)
     run = _effective_run(run, plan)
     t = run.train
-    init_distributed(run.parallel, t.seed, timeout_s=t.distributed_timeout_minutes * 60)
+    pg = init_distributed(run.parallel, t.seed, timeout_s=t.distributed_timeout_minutes * 60)
     dp = parallel_state.get_data_parallel_world_size()
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
@@ -223,7 +222,7 @@ def setup(run: RunConfig) -> Trainer:
     if run.checkpoint.load:  # a failing latest checkpoint falls back before anything reads it
         chosen = checkpoint.select(run.checkpoint.load, no_fallback=run.checkpoint.no_fallback)
         run = dataclasses.replace(run, checkpoint=dataclasses.replace(run.checkpoint, load=str(chosen)))
-    model, reference = _build_model(run, plan)
+    model, reference = _build_model(run, plan, pg)
     ddp, optimizer = _wrap(model, run, plan)
     scheduler = build_scheduler(optimizer, t, plan.lr, plan.lr_decay_style)
     dp_rank, micro = parallel_state.get_data_parallel_rank(), t.global_batch_size // (t.micro_batch_size * dp)
@@ -290,7 +289,7 @@ def _forward_backward(trainer: Trainer, batches: list[Batch], scale: float) -> l
     t = trainer.run.train
     trainer.model[0].zero_grad_buffer()
     trainer.optimizer.zero_grad()
-    step_func = functools.partial(forward_step, scale=scale)
+    step_func = functools.partial(forward_step, cp_split=unwrap_model(trainer.model[0]).cp_split, scale=scale)
     if trainer.mpo is not None:  # reference log-probs first, then the policy consumes them
         mpo.run_reference(trainer.reference, batches, trainer.mpo, t.seq_length, t.micro_batch_size)
         step_func = functools.partial(mpo.mpo_forward_step, ctx=trainer.mpo)
