@@ -12,7 +12,9 @@ Flags follow Megatron-LM's names; `--help` lists them with their defaults and me
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 
 from internvl_mcore.config import ParallelConfig
 from internvl_mcore.config.cli import add_dataclass_flags, build_dataclass
@@ -55,15 +57,35 @@ def parse_run_config(argv: list[str]) -> RunConfig:
                      lora=build_dataclass(LoRAConfig, ns))
 
 
+def check_data(run: RunConfig) -> None:
+    """Refuse bad shard sets before any process group or model exists (one line, exit 2): every
+    rank checks the prefixes and sizes, and hashes its share of the files (training/data.py)."""
+    from internvl_mcore.training.data import check_shard_sets
+
+    if run.data.data_path:
+        check_shard_sets(run.data.data_path, run, rank=int(os.environ.get("RANK", "0")),
+                         world=int(os.environ.get("WORLD_SIZE", "1")))
+
+
 def main(argv: list[str] | None = None) -> None:
-    from internvl_mcore.training.loop import ConfigError, train
+    # megatron-core warns at import that the optional GPU libraries are absent (always so on CPU);
+    # they are used when importable (tools/gpu_check.py reports them), the warning only buries errors.
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+    from internvl_mcore.cli_errors import one_line
     from internvl_mcore.training.checkpoint import CheckpointError
+    from internvl_mcore.training.data import DataError
+    from internvl_mcore.training.loop import ConfigError, train
 
     try:
-        train(parse_run_config(sys.argv[1:] if argv is None else argv))
-    except (ConfigError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        run = parse_run_config(sys.argv[1:] if argv is None else argv)
+        check_data(run)
+        train(run)
+    except (ConfigError, CheckpointError, DataError) as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C); checkpoints already saved are complete", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":  # the guard matters: megatron-core's async checkpoint writer re-imports __main__

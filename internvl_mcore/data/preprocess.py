@@ -21,6 +21,7 @@ import multiprocessing as mp
 import os
 import re
 import shutil
+import signal
 import time
 import traceback
 from collections import Counter, deque
@@ -93,6 +94,8 @@ class PreprocessConfig:
         if not 1 <= self.min_num_frames <= self.max_num_frames:
             raise ValueError(f"need 1 <= --min-num-frames ({self.min_num_frames}) <= --max-num-frames ({self.max_num_frames})")
         for m in self.meta:
+            if os.path.isdir(m):
+                raise ValueError(f"--meta {m} is a directory, not a meta JSON file")
             if not os.path.isfile(m):
                 raise FileNotFoundError(f"--meta file not found: {m}")
 
@@ -364,6 +367,7 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
             else:
                 pool = None
                 results = (process_record(ctx, o, r) for o, r in stream)
+            clean = False
             try:
                 bar = tqdm(results, total=expected, desc="samples", unit="rec", disable=quiet)
                 for res in bar:
@@ -383,9 +387,10 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
                         item.sample.dataset_index = datasets[key]
                     tmp_writer.add_pack([item.sample for item in group])
                     lengths.append(sum(len(item.sample) for item in group))
+                clean = True
             finally:
-                if pool is not None:
-                    pool.close()
+                if pool is not None:  # on an error or Ctrl-C, drop the queued records instead of finishing them
+                    pool.close() if clean else pool.terminate()
                     pool.join()
         tmp_writer.finalize(checksums=False)
 
@@ -467,7 +472,13 @@ def _pool(workers: int, ctx: _WorkerContext):
     # fork: workers inherit the imported modules (megatron-core's import alone takes seconds);
     # spawn elsewhere. The context object is passed explicitly either way.
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    return mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(ctx,))
+    # Ctrl-C reaches the whole process group: the parent handles it (and terminates the pool);
+    # workers start with SIGINT ignored (inherited, also across exec) so they print no tracebacks.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(ctx,))
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def format_summary(cfg: PreprocessConfig, r: PreprocessResult) -> str:

@@ -104,6 +104,10 @@ def read_meta(path: str) -> list[DatasetSpec]:
             meta = json.load(f)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"meta file {path} does not exist") from e
+    except IsADirectoryError:
+        raise ValueError(f"meta file {path} is a directory, not a JSON file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"meta file {path}: not UTF-8 text at byte {e.start} (is it a meta JSON file?)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from e
     if not isinstance(meta, dict) or not meta:
@@ -143,8 +147,13 @@ def read_meta(path: str) -> list[DatasetSpec]:
             length=num("length", None, int, 0) if entry.get("length") is not None else None,
             min_dynamic_patch=num("min_dynamic_patch", 1, int, 1),
         )
+        if os.path.isdir(spec.annotation):
+            raise ValueError(f"{where}: key 'annotation': {entry['annotation']!r} is a directory, not a "
+                             ".jsonl / .parquet file")
         if not os.path.isfile(spec.annotation):
             raise FileNotFoundError(f"{where}: key 'annotation': file {entry['annotation']!r} not found")
+        if spec.format == "jsonl":
+            _check_jsonl_shape(spec.annotation)
         if spec.repeat_time == 0:
             raise ValueError(f"{where}: key 'repeat_time' is 0 (the dataset would be empty)")
         specs.append(spec)
@@ -198,10 +207,33 @@ def _jsonl_line_numbers(path: str) -> list[int]:
     return out
 
 
+def _check_jsonl_shape(path: str) -> None:
+    """Refuse a JSON array file (LLaVA's `[{...}, {...}]`) given as a JSONL annotation: read as JSONL,
+    every line would be rejected one by one. A one-line array of non-objects stays a record (rejected)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if raw.strip():
+                break
+        else:
+            return
+    first = raw.lstrip(b"\xef\xbb\xbf").strip()
+    if not first.startswith(b"["):
+        return
+    try:
+        value = json.loads(first)
+    except (ValueError, UnicodeDecodeError):  # '[' opening a multi-line document
+        value = [{}]
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        raise ValueError(f"{path}:{lineno}: a JSON array, not JSON Lines (one record object per line)")
+
+
 def _count_parquet_rows(path: str) -> int:
     import pyarrow.parquet as pq
 
-    return pq.ParquetFile(path).metadata.num_rows
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception as e:  # pyarrow's ArrowInvalid / OSError name no file
+        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
 
 
 def _iter_jsonl(spec: DatasetSpec, wanted: set[int], repeat: int) -> Iterator[RawRecord | Reject]:
