@@ -67,25 +67,35 @@ def check_data(run: RunConfig) -> None:
                          world=int(os.environ.get("WORLD_SIZE", "1")))
 
 
+def _exit(message: str, code: int) -> None:
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     # megatron-core warns at import that the optional GPU libraries are absent (always so on CPU);
     # they are used when importable (tools/gpu_check.py reports them), the warning only buries errors.
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     from internvl_mcore.cli_errors import one_line
-    from internvl_mcore.training.checkpoint import CheckpointError
     from internvl_mcore.training.data import DataError
+
+    interrupted = "interrupted (Ctrl-C); checkpoints already saved are complete"
+    try:
+        run = parse_run_config(sys.argv[1:] if argv is None else argv)
+        check_data(run)  # before megatron-core's model code is imported: bad data fails in seconds
+    except DataError as exc:
+        _exit(f"error: {one_line(exc)}", 2)
+    except KeyboardInterrupt:
+        _exit(interrupted, 130)
+    from internvl_mcore.training.checkpoint import CheckpointError
     from internvl_mcore.training.loop import ConfigError, train
 
     try:
-        run = parse_run_config(sys.argv[1:] if argv is None else argv)
-        check_data(run)
         train(run)
-    except (ConfigError, CheckpointError, DataError) as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    except (ConfigError, CheckpointError) as exc:
+        _exit(f"error: {one_line(exc)}", 2)
     except KeyboardInterrupt:
-        print("interrupted (Ctrl-C); checkpoints already saved are complete", file=sys.stderr, flush=True)
-        sys.exit(130)
+        _exit(interrupted, 130)
 
 
 if __name__ == "__main__":  # the guard matters: megatron-core's async checkpoint writer re-imports __main__

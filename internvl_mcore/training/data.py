@@ -32,9 +32,9 @@ def _prefix_problem(prefix: str, flag: str) -> str | None:
 def check_shard_sets(entries: list[str], run: RunConfig, flag: str = "--data-path", rank: int = 0,
                      world: int = 1) -> None:
     """Everything about the shard sets that can be known before training: the prefixes exist, the
-    blend parses, each set opens (file sizes match the indexes), is not empty, fits the model and
-    --seq-length, and (unless --no-verify-shards) every file's sha256 matches its manifest. The
-    hashing is split over the job: rank r hashes files r, r + world, ... Raises DataError."""
+    blend parses, each manifest fits the model and --seq-length and has packs, each set opens (file
+    sizes match the indexes) and, unless --no-verify-shards, every file's sha256 matches its manifest.
+    The hashing is split over the job: rank r hashes files r, r + world, ... Raises DataError."""
     from ..data.loader import parse_data_path
     from ..data.shards import ShardReader
 
@@ -44,20 +44,19 @@ def check_shard_sets(entries: list[str], run: RunConfig, flag: str = "--data-pat
             raise DataError(problem)
     try:
         parse_data_path(entries)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, KeyError) as exc:
         raise DataError(str(exc) if str(exc).startswith(flag) else f"{flag}: {exc}") from None
+    for prefix in prefixes:  # the manifests alone first: cheap, and megatron-core is not imported yet
+        try:
+            check_manifest(prefix, run)
+        except ValueError as exc:
+            raise DataError(f"{flag} {prefix}: {exc}") from None
     readers = []
     for prefix in prefixes:
         try:
             readers.append(ShardReader(prefix))
         except (ValueError, OSError, KeyError) as exc:
             raise DataError(f"{flag} {prefix}: {exc}") from None
-        if len(readers[-1]) == 0:
-            raise DataError(f"{flag} {prefix}: the shard set is empty (0 packs; see {prefix}.rejects.jsonl)")
-        try:
-            check_manifest(prefix, run)
-        except ValueError as exc:
-            raise DataError(str(exc)) from None
     if not run.data.no_verify_shards:
         verify_checksums(readers, rank, world, flag)
 
@@ -140,9 +139,15 @@ def check_manifest(prefix: str, run: RunConfig) -> None:
 
     path = manifest_path(prefix)
     try:
-        manifest = json.loads(open(path).read())
+        manifest = json.loads(open(path, encoding="utf-8").read())
     except FileNotFoundError:
         raise ValueError(f"--data-path {prefix}: no manifest {path} (not made by tools/preprocess_mm_data.py?)") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable manifest ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: not a shard manifest (a JSON {type(manifest).__name__})")
+    if manifest.get("counts", {}).get("packs") == 0:
+        raise ValueError(f"{path}: the shard set is empty (0 packs; see {prefix}.rejects.jsonl)")
     cfg, tok = run.model, manifest.get("tokenizer", {})
     expected = {"img_start_id": cfg.img_start_token_id, "img_end_id": cfg.img_end_token_id,
                 "img_context_id": cfg.img_context_token_id}
