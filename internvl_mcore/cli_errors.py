@@ -35,7 +35,10 @@ def one_line(exc: BaseException) -> str:
         text = str(exc.args[0])  # str(KeyError) adds quotes around the message
     else:
         text = str(exc) or type(exc).__name__
-    return "; ".join(part.strip() for part in text.splitlines() if part.strip())
+    parts = [part.strip() for part in text.splitlines() if part.strip()]
+    # "refusing to start:\n  a\n  b" -> "refusing to start: a; b"
+    return "".join(p + ("" if i == len(parts) - 1 else " " if p.endswith(":") else "; ")
+                   for i, p in enumerate(parts))
 
 
 def fail(prog: str, message: str, code: int = USER_ERROR) -> int:
