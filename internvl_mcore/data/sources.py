@@ -315,7 +315,7 @@ def messages_to_conversations(messages: list[dict]) -> list[dict]:
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict) or "role" not in msg:
             raise TemplateError("bad_record", f"message {i} has no 'role'")
-        role = _ROLE_MAP.get(msg["role"])
+        role = _ROLE_MAP.get(msg["role"]) if isinstance(msg["role"], str) else None
         if role is None:
             raise TemplateError("bad_record", f"message {i}: unknown role {msg['role']!r}")
         content = msg.get("content")
@@ -441,8 +441,11 @@ def _copy_conversations(payload: dict) -> list[dict]:
         raise _RejectError("bad_record", f"'conversations' is {type(convs).__name__}, not a list")
     if not convs:
         raise _RejectError("empty_conversation", "'conversations' is empty")
+    for i, t in enumerate(convs):  # placeholders are counted / inserted before templating: check shape now
+        if not isinstance(t, dict):
+            raise _RejectError("bad_record", f"turn {i} is not a {{'from', 'value'}} object: {str(t)[:80]}")
     # Copies: the payload is shared between repeats and must stay untouched.
-    return [dict(t) if isinstance(t, dict) else t for t in convs]
+    return [dict(t) for t in convs]
 
 
 def _add_image_placeholders(convs: list[dict], n_images: int, multi: bool) -> None:
@@ -597,5 +600,5 @@ def build_sample(record: RawRecord, tokenizer: Tokenizer, opts: PreprocessOption
         return reject(e.reason, e.detail)
     except KeyError as e:  # e.g. the tokenizer lacks <img>
         return reject("bad_record", f"KeyError: {e}")
-    except Exception as e:  # anything unforeseen costs this record only
-        return reject("bad_record", f"{type(e).__name__}: {e}")
+    except Exception as e:  # anything unforeseen costs this record only, and is flagged as our bug
+        return reject("internal_error", f"{type(e).__name__}: {e}")
