@@ -382,6 +382,8 @@ def record_rng(opts: PreprocessOptions, record: RawRecord) -> np.random.Generato
 
 def _open_image(source: str | bytes, what: str) -> Image.Image:
     """RGB image from a path or bytes; _RejectError('missing_image' | 'corrupt_image')."""
+    if isinstance(source, str) and os.path.isdir(source):
+        raise _RejectError("missing_image", f"{what} is a directory, not an image file: {source}")
     if isinstance(source, str) and not os.path.isfile(source):
         raise _RejectError("missing_image", f"{what} not found: {source}")
     try:

@@ -107,6 +107,15 @@ def test_failed_reject_ratio_leaves_the_old_prefix(digits, good_prefix, tmp_path
                                                            (3, "undecodable_text")]
     failed.unlink()
     assert_unchanged(good_prefix, snap)
+    # the same for --preference (MMPR records, here all without a 'rejected' answer)
+    mmpr = tmp_path / "mmpr.jsonl"
+    mmpr.write_text("".join(json.dumps({"question": f"Q{i}", "chosen": "A"}) + "\n" for i in range(3)))
+    proc = run("preprocess_mm_data", *preprocess_args(_meta(tmp_path / "mmpr.json", str(mmpr)), digits.tokenizer,
+                                                      good_prefix, "--preference"))
+    assert_user_error(proc, "--max-reject-ratio", "left as it was", code=1)
+    assert [json.loads(x)["reason"] for x in failed.read_text().splitlines()] == ["missing_response"] * 3
+    failed.unlink()
+    assert_unchanged(good_prefix, snap)
 
 
 def test_ctrl_c_and_kill_leave_the_old_prefix(digits, good_prefix, tmp_path):
@@ -162,7 +171,9 @@ def test_bad_records_are_rejected_with_file_and_line(digits, tmp_path):
     out = tmp_path / "out" / "x"
     proc = run("preprocess_mm_data", *preprocess_args(str(meta), digits.tokenizer, out, "--max-reject-ratio", "1"))
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    got = {(Path(r["file"]).name, r["line"]): r["reason"] for r in map(json.loads, open(f"{out}.rejects.jsonl"))}
+    rejects = [json.loads(x) for x in open(f"{out}.rejects.jsonl")]
+    got = {(Path(r["file"]).name, r["line"]): r["reason"] for r in rejects}
+    assert "is a directory" in rejects[0]["detail"]
     assert got == {("a.jsonl", 2): "missing_image", ("a.jsonl", 3): "corrupt_image", ("a.jsonl", 4): "corrupt_image",
                    ("a.jsonl", 8): "undecodable_text", ("types.parquet", 1): "bad_record",
                    ("types.parquet", 2): "bad_record"}
