@@ -125,18 +125,20 @@ def preprocess(args: argparse.Namespace) -> int:
 
     check_output_prefix(args.output_prefix)
     cfg = config_from_args(args)
+    kept = cfg.output_prefix + ".failed.rejects.jsonl"
     with staged_prefix(cfg.output_prefix) as stage:
         result = run_preprocess(dataclasses.replace(cfg, output_prefix=str(stage)))
         code = exit_code(cfg, result)
         if code:  # keep the rejects for inspection, not the shards: OUT stays as it was
-            kept = cfg.output_prefix + ".failed.rejects.jsonl"
             os.replace(str(stage) + ".rejects.jsonl", kept)
             stage.abort()
+        elif os.path.exists(kept):  # from an earlier failed run: stale now
+            os.remove(kept)
     summary = format_summary(cfg, result)
     print(summary.rsplit("\n", 1)[0] if code else summary)
     if code:
         print(
-            f"error: {100 * result.reject_ratio:.2f}% of inputs rejected, above --max-reject-ratio "
+            f"preprocess_mm_data: error: {100 * result.reject_ratio:.2f}% of inputs rejected, above --max-reject-ratio "
             f"{100 * cfg.max_reject_ratio:.2f}%: {cfg.output_prefix} left as it was; rejects in {kept}",
             file=sys.stderr,
         )

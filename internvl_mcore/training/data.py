@@ -43,14 +43,16 @@ def check_shard_sets(entries: list[str], run: RunConfig, flag: str = "--data-pat
         if (problem := _prefix_problem(prefix, flag)) is not None:
             raise DataError(problem)
     try:
-        parse_data_path(entries)
+        blend = parse_data_path(entries)
     except (ValueError, OSError, KeyError) as exc:
         raise DataError(str(exc) if str(exc).startswith(flag) else f"{flag}: {exc}") from None
-    for prefix in prefixes:  # the manifests alone first: cheap, and megatron-core is not imported yet
+    for weight, prefix in blend:  # the manifests alone first: cheap, and megatron-core is not imported yet
         try:
-            check_manifest(prefix, run)
+            packs = check_manifest(prefix, run)
         except ValueError as exc:
             raise DataError(f"{flag} {prefix}: {exc}") from None
+        if weight > 0 and packs == 0:
+            raise DataError(f"{flag} {prefix}: the shard set is empty (0 packs; see {prefix}.rejects.jsonl)")
     readers = []
     for prefix in prefixes:
         try:
@@ -131,8 +133,9 @@ class ShardBatches:
         self.loader.load_state_dict(state)
 
 
-def check_manifest(prefix: str, run: RunConfig) -> None:
-    """Refuse shards made for another model: special-token ids, image tokens per tile, vocab, length."""
+def check_manifest(prefix: str, run: RunConfig) -> int:
+    """Refuse shards made for another model: special-token ids, image tokens per tile, vocab, length.
+    Returns the number of packs the manifest records."""
     import json
 
     from ..data.shards import manifest_path
@@ -146,8 +149,6 @@ def check_manifest(prefix: str, run: RunConfig) -> None:
         raise ValueError(f"{path}: unreadable manifest ({exc})") from None
     if not isinstance(manifest, dict):
         raise ValueError(f"{path}: not a shard manifest (a JSON {type(manifest).__name__})")
-    if manifest.get("counts", {}).get("packs") == 0:
-        raise ValueError(f"{path}: the shard set is empty (0 packs; see {prefix}.rejects.jsonl)")
     cfg, tok = run.model, manifest.get("tokenizer", {})
     expected = {"img_start_id": cfg.img_start_token_id, "img_end_id": cfg.img_end_token_id,
                 "img_context_id": cfg.img_context_token_id}
@@ -166,6 +167,7 @@ def check_manifest(prefix: str, run: RunConfig) -> None:
         problems.append(f"packs of up to {manifest.get('seq_length')} tokens > --seq-length {run.train.seq_length}")
     if problems:
         raise ValueError(f"{path} does not fit the model: " + "; ".join(problems))
+    return int(manifest.get("counts", {}).get("packs", 0))
 
 
 class MockBatches:

@@ -50,9 +50,15 @@ def test_malformed_blend_weights(good_prefix):
 def test_empty_shard_set(tmp_path):
     from internvl_mcore.data.shards import ShardWriter
 
+    from internvl_mcore.config.presets import get_preset
+
+    debug = get_preset("debug")  # a set made for this model in which every input was rejected
     prefix = str(tmp_path / "empty")
-    ShardWriter(prefix, tile_format="png", tile_shape=(56, 56, 3)).finalize()
-    assert_user_error(train("--data-path", prefix), "--data-path", prefix + ".manifest.json", "empty")
+    ShardWriter(prefix, tile_format="png", tile_shape=(56, 56, 3)).finalize(extra={
+        "tokenizer": {"img_start_id": debug.img_start_token_id, "img_end_id": debug.img_end_token_id,
+                      "img_context_id": debug.img_context_token_id, "vocab_size": 500},
+        "num_image_token": debug.num_image_token, "template": debug.template, "seq_length": SEQ})
+    assert_user_error(train("--data-path", prefix), "--data-path", prefix, "empty (0 packs")
 
 
 def test_truncated_and_corrupted_shards(good_prefix, tmp_path):
