@@ -187,3 +187,12 @@ def test_bad_records_are_rejected_with_file_and_line(digits, tmp_path):
             tiles[line] = n.tolist()
     # InternVL: 1x1 -> one tile (no thumbnail for a single tile); 1000:1 -> the widest grid (6x1) + thumbnail
     assert tiles == {1: [1], 5: [1], 6: [7], 7: [7]}
+
+
+def test_tokenizer_that_is_a_file_or_empty(digits, tmp_path):
+    out = tmp_path / "o" / "x"
+    assert_user_error(run("preprocess_mm_data", *preprocess_args(digits.meta, digits.meta, out)),
+                      f"tokenizer directory {digits.meta!r} is a file")
+    (tmp_path / "empty").mkdir()
+    assert_user_error(run("preprocess_mm_data", *preprocess_args(digits.meta, str(tmp_path / "empty"), out)),
+                      str(tmp_path / "empty"), "no tokenizer found")
