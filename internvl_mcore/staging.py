@@ -23,6 +23,8 @@ import contextlib
 import fnmatch
 import os
 import shutil
+import signal
+import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -87,6 +89,18 @@ def check_writable_dir(path: str | os.PathLike, what: str) -> None:
         raise PermissionError(f"{what}: directory {path} is not writable ({e.strerror})") from None
 
 
+@contextlib.contextmanager
+def _no_sigint() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # only the main thread has handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class _Stage:
     """What a `staged_*` context yields: the temporary location and an explicit commit/abort."""
 
@@ -101,9 +115,11 @@ class _Stage:
         return str(self.path)
 
     def commit(self) -> None:
-        """Move the staged files into place (idempotent)."""
+        """Move the staged files into place (idempotent). Ctrl-C is held off for the few renames:
+        the run is complete by then, and an interrupt between two renames would mix the sets."""
         if not self.done:
-            self._commit_fn()
+            with _no_sigint():
+                self._commit_fn()
             self.done = True
 
     def abort(self) -> None:
