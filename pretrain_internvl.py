@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
 from internvl_mcore.config import ParallelConfig
 from internvl_mcore.config.cli import add_dataclass_flags, build_dataclass
@@ -73,10 +72,9 @@ def _exit(message: str, code: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    # megatron-core warns at import that the optional GPU libraries are absent (always so on CPU);
-    # they are used when importable (tools/gpu_check.py reports them), the warning only buries errors.
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
-    from internvl_mcore.cli_errors import one_line
+    from internvl_mcore.cli_errors import one_line, quiet_optional_gpu_libraries
+
+    quiet_optional_gpu_libraries()
     from internvl_mcore.training.data import DataError
 
     interrupted = "interrupted (Ctrl-C); checkpoints already saved are complete"

@@ -11,6 +11,7 @@ bug and keeps its traceback.
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Callable
 
 USER_ERROR = 2
@@ -41,6 +42,12 @@ def one_line(exc: BaseException) -> str:
                    for i, p in enumerate(parts))
 
 
+def quiet_optional_gpu_libraries() -> None:
+    """megatron-core warns at import that transformer-engine / apex are absent (always so on CPU); they
+    are used when importable (tools/gpu_check.py reports them), and the warnings would bury the line."""
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+
+
 def fail(prog: str, message: str, code: int = USER_ERROR) -> int:
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     return code
@@ -49,6 +56,7 @@ def fail(prog: str, message: str, code: int = USER_ERROR) -> int:
 def run_cli(main: Callable[[], int | None], prog: str, interrupted: str = "nothing was written",
             errors: tuple[type[BaseException], ...] = USER_ERRORS) -> int:
     """Run `main()`; user errors -> one line + exit 2, Ctrl-C -> one line + exit 130."""
+    quiet_optional_gpu_libraries()
     try:
         return int(main() or 0)
     except KeyboardInterrupt:

@@ -147,13 +147,7 @@ def read_meta(path: str) -> list[DatasetSpec]:
             length=num("length", None, int, 0) if entry.get("length") is not None else None,
             min_dynamic_patch=num("min_dynamic_patch", 1, int, 1),
         )
-        if os.path.isdir(spec.annotation):
-            raise ValueError(f"{where}: key 'annotation': {entry['annotation']!r} is a directory, not a "
-                             ".jsonl / .parquet file")
-        if not os.path.isfile(spec.annotation):
-            raise FileNotFoundError(f"{where}: key 'annotation': file {entry['annotation']!r} not found")
-        if spec.format == "jsonl":
-            _check_jsonl_shape(spec.annotation)
+        _check_annotation(spec, entry["annotation"], where)
         if spec.repeat_time == 0:
             raise ValueError(f"{where}: key 'repeat_time' is 0 (the dataset would be empty)")
         specs.append(spec)
@@ -205,6 +199,16 @@ def _jsonl_line_numbers(path: str) -> list[int]:
             if raw.strip():
                 out.append(lineno)
     return out
+
+
+def _check_annotation(spec: DatasetSpec, given: str, where: str) -> None:
+    """The annotation is a file (not a folder, not missing) and, for JSONL, not one JSON array."""
+    if os.path.isdir(spec.annotation):
+        raise ValueError(f"{where}: key 'annotation': {given!r} is a directory, not a .jsonl / .parquet file")
+    if not os.path.isfile(spec.annotation):
+        raise FileNotFoundError(f"{where}: key 'annotation': file {given!r} not found")
+    if spec.format == "jsonl":
+        _check_jsonl_shape(spec.annotation)
 
 
 def _check_jsonl_shape(path: str) -> None:
