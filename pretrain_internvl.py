@@ -66,9 +66,16 @@ def check_data(run: RunConfig) -> None:
                          world=int(os.environ.get("WORLD_SIZE", "1")))
 
 
-def _exit(message: str, code: int) -> None:
-    print(message, file=sys.stderr, flush=True)
+def _exit(code: int, message: str | None) -> None:
+    """Print the one line (`error: message`) and leave with `code`."""
+    if message:
+        print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def _interrupted() -> None:
+    print("interrupted (Ctrl-C); checkpoints already saved are complete", file=sys.stderr, flush=True)
+    _exit(130, None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,23 +84,22 @@ def main(argv: list[str] | None = None) -> None:
     quiet_optional_gpu_libraries()
     from internvl_mcore.training.data import DataError
 
-    interrupted = "interrupted (Ctrl-C); checkpoints already saved are complete"
     try:
         run = parse_run_config(sys.argv[1:] if argv is None else argv)
         check_data(run)  # before megatron-core's model code is imported: bad data fails in seconds
     except DataError as exc:
-        _exit(f"error: {one_line(exc)}", 2)
+        _exit(2, one_line(exc))
     except KeyboardInterrupt:
-        _exit(interrupted, 130)
+        _interrupted()
     from internvl_mcore.training.checkpoint import CheckpointError
     from internvl_mcore.training.loop import ConfigError, train
 
     try:
         train(run)
     except (ConfigError, CheckpointError) as exc:
-        _exit(f"error: {one_line(exc)}", 2)
+        _exit(2, one_line(exc))
     except KeyboardInterrupt:
-        _exit(interrupted, 130)
+        _interrupted()
 
 
 if __name__ == "__main__":  # the guard matters: megatron-core's async checkpoint writer re-imports __main__
