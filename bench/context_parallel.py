@@ -135,17 +135,19 @@ def worker(a: argparse.Namespace) -> None:
     cpu_compat.apply()
     dist.init_process_group("gloo")
     from megatron.core import parallel_state as ps
+    from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from internvl_mcore.models.attention import PackedSDPAttention, packed_seq_params_from_cu_seqlens
-    from internvl_mcore.parallel import context as cx
+    from internvl_mcore.parallel import context_parallel as cx
 
     world = dist.get_world_size()
     A, P = a.hierarchical_context_parallel_sizes
     hcp = [A, P] if "a2a+p2p" in a.impls else None
     ps.initialize_model_parallel(context_parallel_size=world, hierarchical_context_parallel_sizes=hcp)
     rank = ps.get_context_parallel_rank()
+    pgc = ProcessGroupCollection.use_mpu_process_groups()  # the groups are passed explicitly
     hq, hkv, d, b = a.num_attention_heads, a.num_query_groups, a.kv_channels, a.micro_batch_size
     scale = 1.0 / math.sqrt(d)
     cfg = TransformerConfig(num_layers=1, hidden_size=hq * d, num_attention_heads=hq, num_query_groups=hkv,
@@ -166,10 +168,10 @@ def worker(a: argparse.Namespace) -> None:
                 out = cx._RingAttention.apply(qb, k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), plan)
                 return out.reshape(b, hq, seq, d).permute(2, 0, 1, 3).reshape(seq, b, hq * d)
             return ring
-        mod = cx.ContextParallelAttention(cfg, 1, AttnMaskType.causal, cp_comm_type=impl)
+        mod = cx.ContextParallelAttention(cfg, 1, AttnMaskType.causal, cp_comm_type=impl, pg_collection=pgc)
         return lambda q, k, v: mod(q, k, v, None, packed_seq_params=psp)
 
-    tiles = cx.ContextParallelAttention(cfg, 1, AttnMaskType.causal)  # the module's default tile sizes
+    tiles = cx.ContextParallelAttention(cfg, 1, AttnMaskType.causal, pg_collection=pgc)  # default tile sizes
     results = []
     for seq in a.seq_lengths:
         g = torch.Generator().manual_seed(seq)

@@ -179,7 +179,7 @@ def bench_tile_formats(workdir: str, n_images: int) -> tuple[list[dict], str]:
 
 def make_jsonl_dataset(workdir: str, n_records: int) -> tuple[str, str]:
     """meta.json + a JSONL of single-image / text records over JPEG photos, and a tokenizer dir."""
-    from internvl_mcore.data.testing import make_tokenizer_dir, tiny_corpus
+    from internvl_mcore.data.synthetic import make_tokenizer_dir, tiny_corpus
 
     img_dir = os.path.join(workdir, "photos")
     n_img = max(1, int(n_records * 0.75))

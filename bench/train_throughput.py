@@ -223,7 +223,7 @@ def build_hf(cfg: ModelConfig, ours, lr: float):
     uses by default (fused on torch >= 2.8)."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
-    from internvl_mcore.convert.checkpoint import gather_canonical_state
+    from internvl_mcore.convert.distributed import gather_canonical_state
     from internvl_mcore.convert.hf import canonical_to_hf, hf_config_for
     from internvl_mcore.convert.keymaps import TRANSFORMERS_READ_ALIASES
 

@@ -10,7 +10,8 @@ DIR is either transformers' layout (config.json model_type "internvl", as
 from config.json and any tensor that does not fit it is refused, naming the key and shapes.
 
 CKPT must be new or empty (--overwrite replaces our files in it); it is written beside CKPT and moved
-in only when complete, so a failed conversion leaves no CKPT. It is a canonical, layout-independent checkpoint (internvl_mcore/convert/checkpoint.py): every
+in only when complete, so a failed conversion leaves no CKPT. It is a canonical, layout-independent
+checkpoint (internvl_mcore/convert/canonical.py): every
 TP/PP layout loads its shards from it (`pretrain_internvl.py --pretrained CKPT`). With T x P > 1 the checkpoint is verified by loading it into
 that layout in T x P spawned gloo processes and gathering it back bit for bit (--no-verify skips).
 """

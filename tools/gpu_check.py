@@ -215,6 +215,7 @@ def write_cpu_reference(out: Path) -> None:
 
     from internvl_mcore.config import ParallelConfig, get_preset
     from internvl_mcore.models.internvl import build_model
+    from internvl_mcore.parallel.state import process_groups
     from internvl_mcore.models.weights import init_weights
     from internvl_mcore.parallel.state import init_distributed
     from internvl_mcore.training import checkpoint
@@ -222,7 +223,7 @@ def write_cpu_reference(out: Path) -> None:
     par = ParallelConfig(device="cpu")
     init_distributed(par, seed=0)
     cfg = get_preset("debug")
-    model = build_model(cfg, par).eval()
+    model = build_model(cfg, par, process_groups()).eval()
     init_weights(model, cfg, seed=21)
     checkpoint.save(out / "ckpt", 1, model, None, None, cfg, par)
     ids, pos, pixels, cu = _probe(cfg)
@@ -237,6 +238,7 @@ def check_cpu_checkpoint_into_te(work: Path) -> Result:
 
     from internvl_mcore.config import ParallelConfig, get_preset
     from internvl_mcore.models.internvl import build_model
+    from internvl_mcore.parallel.state import process_groups
     from internvl_mcore.parallel.state import init_distributed
     from internvl_mcore.training.checkpoint import load_weights
 
@@ -247,7 +249,7 @@ def check_cpu_checkpoint_into_te(work: Path) -> Result:
     par = ParallelConfig(device="cuda")
     init_distributed(par, seed=0)
     cfg = get_preset("debug")
-    model = build_model(cfg, par).cuda().eval()
+    model = build_model(cfg, par, process_groups()).cuda().eval()
     backend = type(model.language_model.decoder.layers[0].mlp.linear_fc1).__name__
     load_weights(ref / "ckpt", model, cfg)
     ids, pos, pixels, cu = (t.cuda() for t in _probe(cfg))
@@ -264,6 +266,7 @@ def check_export(work: Path, ckpt: Path) -> Result:
 
     from internvl_mcore.config import ParallelConfig, get_preset
     from internvl_mcore.models.internvl import build_model
+    from internvl_mcore.parallel.state import process_groups
     from internvl_mcore.parallel.state import init_distributed
     from internvl_mcore.training.checkpoint import load_weights
     from internvl_mcore.training.mock import mock_sample
@@ -274,7 +277,7 @@ def check_export(work: Path, ckpt: Path) -> Result:
     par = ParallelConfig(device="cuda")
     init_distributed(par, seed=0)
     cfg = get_preset("debug")
-    ours = build_model(cfg, par).cuda().eval()
+    ours = build_model(cfg, par, process_groups()).cuda().eval()
     load_weights(ckpt, ours, cfg)
     sample = mock_sample(0, seed=5, cfg=cfg, seq_length=256, tiles=1)
     n = int(sample["cu_seqlens"][1])  # the first sample of the pack: transformers takes no packs

@@ -1,7 +1,6 @@
 """The one place the config tree becomes megatron-core `TransformerConfig`s."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -9,7 +8,7 @@ import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
 from ..parallel.device import have_apex_wgrad_fusion, have_fusion_kernels, resolve_device
-from .model import ModelConfig, ParallelConfig
+from .model import ModelConfig, ParallelConfig, padded_vision_heads
 
 
 @dataclass
@@ -22,11 +21,6 @@ class VisionTransformerConfig(TransformerConfig):
     """Stochastic depth of the last block (linear ramp from 0 over the blocks)."""
     real_attention_heads: int = 0
     """Heads before padding to a multiple of TP; the padded ones are zero (models/vision.py)."""
-
-
-def padded_vision_heads(num_heads: int, tp: int) -> int:
-    """Heads rounded up to a multiple of TP (InternViT-6B has 25; TP 2 -> 26, one zero head)."""
-    return int(math.ceil(num_heads / tp) * tp)
 
 
 def _fused(par: ParallelConfig) -> bool:

@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Optional
+
+
+def padded_vision_heads(num_heads: int, tp: int) -> int:
+    """InternViT heads rounded up to a multiple of TP (InternViT-6B has 25; TP 2 -> 26, one zero head)."""
+    return -(-num_heads // tp) * tp
 
 
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
@@ -208,5 +213,3 @@ class ParallelConfig:
     tensor-parallel size, megatron-core's default)."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """--device: cuda when available; auto refuses a GPU-looking machine without CUDA (use cpu to force the CPU path; docs/gpu.md)."""
-    extra: dict = field(default_factory=dict, compare=False)
-    """Reserved for backend-specific knobs (e.g. cp_comm_type); not read by the CPU path."""

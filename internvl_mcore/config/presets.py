@@ -104,7 +104,7 @@ DEBUG_VISION = VisionConfig(num_layers=2, hidden_size=64, num_attention_heads=4,
 DEBUG_LLM = LLMConfig(family="qwen2", num_layers=4, hidden_size=64, num_attention_heads=4,
                       num_query_groups=2, ffn_hidden_size=128, vocab_size=512, rope_theta=10000.0,
                       max_position_embeddings=4096)
-# the ids `data.tokenizer.train_tiny_tokenizer(texts, dir, vocab_size=500)` gives its chat tokens
+# the ids `data.synthetic.train_tiny_tokenizer(texts, dir, vocab_size=500)` gives its chat tokens
 # (<|endoftext|> 500, <|im_start|> 501, <|im_end|> 502, <img> 503, </img> 504, <IMG_CONTEXT> 505)
 _DEBUG_IDS = dict(img_context_token_id=505, img_start_token_id=503, img_end_token_id=504,
                   pad_token_id=500)

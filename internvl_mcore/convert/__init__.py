@@ -1,16 +1,23 @@
 """Checkpoint converters between HF layouts and our canonical (layout-independent) checkpoints.
 
 - keymaps.py: the key maps as data (rules + named reshape functions), and canonical shapes.
-- hf.py: HF directories: config.json <-> ModelConfig, sharded safetensors I/O, streaming conversion.
-- checkpoint.py: the canonical checkpoint directory, sharded model <-> canonical, training
-  checkpoints -> canonical, and the end-to-end `convert_hf_to_checkpoint` / `convert_checkpoint_to_hf`
-  used by tools/convert_*_hf.py.
+- safetensors_io.py: HF directories on disk: sharded safetensors read/write, config.json and side files.
+- hf_config.py: config.json <-> ModelConfig for both HF layouts.
+- hf.py: streaming conversion between HF and canonical tensors through the key maps.
+- canonical.py: the canonical checkpoint directory and `convert_hf_to_checkpoint` (no megatron-core).
+- distributed.py: what needs a model built in a parallel layout: sharded model -> canonical, layout
+  verification, training checkpoints (format: internvl_mcore/checkpoint_format.py) -> canonical, and
+  `convert_checkpoint_to_hf` (tools/convert_to_hf.py).
+
+Dependencies run training -> convert -> models: nothing here imports the training package.
 """
-from .checkpoint import (CanonicalCheckpoint, convert_checkpoint_to_hf, convert_hf_to_checkpoint,
-                         gather_canonical_state, model_config_from_dict, model_config_to_dict, save_canonical,
-                         training_checkpoint_to_canonical, unshard, verify_layout)
-from .hf import (ConversionError, SafetensorsDir, canonical_to_hf, hf_config_for, hf_to_canonical,
-                 model_config_from_hf, read_hf_config, write_hf_dir)
+import importlib
+
+from .canonical import (CanonicalCheckpoint, convert_hf_to_checkpoint, model_config_from_dict, model_config_to_dict,
+                        save_canonical)
+from .hf import canonical_to_hf, hf_to_canonical
+from .hf_config import hf_config_for, model_config_from_hf, read_hf_config
+from .safetensors_io import ConversionError, SafetensorsDir, write_hf_dir
 from .keymaps import FORMATS, canonical_shapes, keymap
 
 __all__ = [
@@ -20,3 +27,14 @@ __all__ = [
     "read_hf_config", "save_canonical", "training_checkpoint_to_canonical", "unshard", "verify_layout",
     "write_hf_dir",
 ]
+
+# distributed.py builds models (megatron-core); importing it here would make every `internvl_mcore.convert.*`
+# import -- the CLIs' flag parsing included -- pay for megatron-core, so its names resolve on first use
+_DISTRIBUTED = ("convert_checkpoint_to_hf", "gather_canonical_state", "training_checkpoint_to_canonical", "unshard",
+                "verify_layout")
+
+
+def __getattr__(name: str):
+    if name in _DISTRIBUTED:
+        return getattr(importlib.import_module(".distributed", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,9 +27,23 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core.process_groups_config import ProcessGroupCollection
 
+from ..checkpoint_format import RUN_INFO, TRACKER, is_training_checkpoint, resolve_iteration_dir
+from ..config.lora import LORA_TOWERS
+from ..config.megatron import padded_vision_heads
 from ..config.model import ModelConfig, ParallelConfig
-from .hf import ConversionError, write_safetensors
+from ..models.internvl import build_model
+from ..models.language import padded_vocab_size
+from ..models.lora import LoRAInfo, add_lora, base_weight_name, is_lora_name
+from ..models.weights import canonical_state_dict
+from ..parallel.state import init_distributed, process_groups
+from .canonical import META_NAME, model_config_from_dict
+from .distributed import convert_checkpoint_to_hf, training_checkpoint_to_canonical
+from .safetensors_io import DEFAULT_MAX_SHARD_BYTES, ConversionError, write_safetensors
 from .keymaps import TRANSFORMERS_READ_ALIASES, expand, keymap
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -45,7 +59,7 @@ class LoRACheckpoint:
     """The iter_ directory read."""
     config: ModelConfig
     """The model."""
-    lora: "LoRAInfo"  # noqa: F821 (models.lora, imported lazily: it needs megatron-core)
+    lora: LoRAInfo
     """Rank, alpha, targets, and the base the adapters sit on."""
     base: dict[str, torch.Tensor]
     """Canonical base weights (empty when read with adapters_only)."""
@@ -54,37 +68,28 @@ class LoRACheckpoint:
 
 
 def _iter_dir_and_info(path: Path) -> tuple[Path, dict]:
-    from ..training.checkpoint import TRACKER, is_training_checkpoint, latest_iteration
-
     if not is_training_checkpoint(path):
-        raise ConversionError(f"{path}: not a training checkpoint (no run.json or {TRACKER})")
-    if (path / TRACKER).exists():
-        path = path / f"iter_{latest_iteration(path):07d}"
-    return path, json.loads((path / "run.json").read_text())
+        raise ConversionError(f"{path}: not a training checkpoint (no {RUN_INFO} or {TRACKER})")
+    return resolve_iteration_dir(path)
 
 
 def is_lora_checkpoint(path: str | os.PathLike) -> bool:
     """A training checkpoint whose run.json records LoRA adapters."""
-    from ..training.checkpoint import is_training_checkpoint
-
     path = Path(path)
     if not is_training_checkpoint(path):
         return False
     return _iter_dir_and_info(path)[1].get("lora") is not None
 
 
-def _ensure_single_process_world() -> None:
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from ..parallel.state import init_distributed
-
+def _ensure_single_process_world() -> ProcessGroupCollection:
+    """The groups of this process's TP1 x PP1 world (joined here when there is none yet)."""
     if dist.is_initialized() and ps.model_parallel_is_initialized():
-        sizes = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
+        pg = process_groups()
+        sizes = (pg.tp.size(), pg.pp.size())
         if sizes != (1, 1):
             raise ConversionError(f"reading a checkpoint needs a TP1 x PP1 world; this process has TP{sizes[0]} x PP{sizes[1]}")
-        return
-    init_distributed(ParallelConfig(), seed=0)
+        return pg
+    return init_distributed(ParallelConfig(), seed=0)
 
 
 def read_lora_checkpoint(path: str | os.PathLike, adapters_only: bool = False) -> LoRACheckpoint:
@@ -95,15 +100,6 @@ def read_lora_checkpoint(path: str | os.PathLike, adapters_only: bool = False) -
     vocabulary rows) saved them with other global shapes than TP1 has, and is refused: export such a
     run's adapters with `adapters_only` when they are not on the padded tensors (LLM-only LoRA
     pads nothing), or merge them (`export_merged` loads at the saved layout)."""
-    from megatron.core import dist_checkpointing
-
-    from ..config.megatron import padded_vision_heads
-    from ..models.internvl import build_model
-    from ..models.language import padded_vocab_size
-    from ..models.lora import LoRAInfo, add_lora, is_lora_name
-    from ..models.weights import canonical_state_dict
-    from .checkpoint import model_config_from_dict
-
     iter_dir, info = _iter_dir_and_info(Path(path))
     if info.get("lora") is None:
         raise ConversionError(f"{iter_dir}/run.json: not a LoRA checkpoint (no 'lora' record)")
@@ -119,8 +115,7 @@ def read_lora_checkpoint(path: str | os.PathLike, adapters_only: bool = False) -
     if padded:
         raise ConversionError(f"{iter_dir}: {'; '.join(padded)}, so its tensors do not load at TP1; "
                               "see read_lora_checkpoint's docstring for the ways out")
-    _ensure_single_process_world()
-    model = build_model(cfg, ParallelConfig())
+    model = build_model(cfg, ParallelConfig(), _ensure_single_process_world())
     add_lora(model, lora.config, cfg, seed=lora.seed)
     sharded = model.sharded_state_dict()
     if adapters_only:
@@ -134,16 +129,12 @@ def read_lora_checkpoint(path: str | os.PathLike, adapters_only: bool = False) -
     return LoRACheckpoint(iter_dir, cfg, lora, base, adapters)
 
 
-def _towers(lora: "LoRAInfo") -> tuple[str, ...]:  # noqa: F821
-    from ..config.lora import LORA_TOWERS
-
+def _towers(lora: LoRAInfo) -> tuple[str, ...]:
     return LORA_TOWERS[lora.config.lora_target]
 
 
 def adapter_pairs(adapters: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Canonical base weight name -> (A, B) of its adapter; a lone A or B is an error naming it."""
-    from ..models.lora import base_weight_name
-
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in adapters.items():
         pairs.setdefault(base_weight_name(name), {})[name.rsplit(".", 1)[1]] = t
@@ -173,8 +164,6 @@ def merge_adapters(base: Mapping[str, torch.Tensor], adapters: Mapping[str, torc
 def _source_meta(base: Optional[str]) -> dict:
     """The `source` record (HF format, dtype, config.json) of the canonical checkpoint the run started
     from, when it still exists: the merged export then keeps its dtype and config keys."""
-    from .checkpoint import META_NAME
-
     if base and (Path(base) / META_NAME).exists():
         return json.loads((Path(base) / META_NAME).read_text()).get("source", {})
     return {}
@@ -191,9 +180,6 @@ def export_merged(load: str | os.PathLike, save: str | os.PathLike, fmt: str,
     load_weights` folds each rank's adapter shards into its weight shards (`models.lora.merge_lora_`),
     and gathers the merged canonical weights. The canonical source record (dtype, original
     config.json) of the base the run started from is carried over, so the export keeps them."""
-    from .checkpoint import META_NAME, convert_checkpoint_to_hf, training_checkpoint_to_canonical
-    from .hf import DEFAULT_MAX_SHARD_BYTES
-
     iter_dir, info = _iter_dir_and_info(Path(load))
     if info.get("lora") is None:
         raise ConversionError(f"{iter_dir}/run.json: not a LoRA checkpoint (no 'lora' record)")

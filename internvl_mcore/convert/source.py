@@ -18,11 +18,11 @@ from pathlib import Path
 
 from ..config.model import ModelConfig
 from ..config.presets import PRESETS
-from .checkpoint import META_NAME, model_config_from_dict
-from .hf import CONFIG_NAME, ConversionError, model_config_from_hf, read_hf_config
-
-TRAINING_TRACKER = "latest_checkpointed_iteration.txt"  # training/checkpoint.py's TRACKER
-RUN_INFO = "run.json"
+from ..checkpoint_format import RUN_INFO, iter_dir
+from ..checkpoint_format import TRACKER as TRAINING_TRACKER
+from .canonical import META_NAME, model_config_from_dict
+from .hf_config import model_config_from_hf, read_hf_config
+from .safetensors_io import CONFIG_NAME, ConversionError
 
 
 def checkpoint_kind(path: str | os.PathLike) -> str | None:
@@ -42,7 +42,7 @@ def _training_run_info(path: Path) -> tuple[dict, Path]:
         text = (path / TRAINING_TRACKER).read_text().strip()
         if not text.isdigit():
             raise ConversionError(f"{path / TRAINING_TRACKER}: expected an iteration number, found {text!r}")
-        path = path / f"iter_{int(text):07d}"
+        path = iter_dir(path, int(text))
     info_path = path / RUN_INFO
     if not info_path.exists():
         raise ConversionError(f"{info_path}: missing (the latest checkpoint of {path.parent} is incomplete)")

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .testing import tiny_corpus
-from .tokenizer import load_tokenizer, train_tiny_tokenizer
+from .synthetic import tiny_corpus, train_tiny_tokenizer
+from .tokenizer import load_tokenizer
 
 QUESTION = "What digit is shown?"
 TOKENIZER_VOCAB = 500  # BPE vocab; the chat tokens follow at 500.. (see config/presets.py: debug)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -19,28 +19,28 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from ..config.megatron import llm_transformer_config, projector_transformer_config, vision_transformer_config
 from ..config.model import ModelConfig, ParallelConfig
-from ..parallel.context import cp_core_attention, resolve_cp_split, split_for_cp
-from ..parallel.context_thd import ThdSplit
+from ..parallel.context_parallel import cp_core_attention, resolve_cp_split, split_for_cp
+from ..parallel.context_parallel_thd import ThdSplit
 from ..parallel.device import resolve_device
 from .attention import PackedSDPAttention, packed_seq_params_from_cu_seqlens
 from .language import LanguageModel
-from .projector import Projector
+from .projector import Projector, pixel_shuffle_v2
 from .qk_norm import PerHeadRMSNorm
 from .specs import Backend, decoder_block_spec, default_backend, llm_layer_spec, projector_mlp_submodules, vision_layer_spec
-from .vision import InternViT, pixel_shuffle_v2
+from .vision import InternViT
 from .weights import mark_tensor_parallel_params
 
 
 class InternVLModel(MegatronModule):
     """InternViT + projector (first stage only) + this stage's share of the LLM."""
 
-    def __init__(self, model_cfg: ModelConfig, par: ParallelConfig, pre_process: bool, post_process: bool,
-                 dtype: torch.dtype = torch.float32, backend: Optional[Backend] = None,
-                 pg_collection: Optional[ProcessGroupCollection] = None) -> None:
+    def __init__(self, model_cfg: ModelConfig, par: ParallelConfig, pg_collection: ProcessGroupCollection,
+                 pre_process: bool, post_process: bool, dtype: torch.dtype = torch.float32,
+                 backend: Optional[Backend] = None) -> None:
         llm_config = llm_transformer_config(model_cfg, par, dtype)
         super().__init__(config=llm_config)
         backend = backend or default_backend(resolve_device(par.device))
-        pg = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
+        pg = self.pg_collection = pg_collection  # every group this stage uses (also read by weights.ShardPlacement)
         self.model_cfg = model_cfg
         self.model_type = ModelType.encoder_or_decoder
         self.pre_process = pre_process
@@ -51,7 +51,7 @@ class InternVLModel(MegatronModule):
             vit_config = vision_transformer_config(model_cfg, par, dtype)
             self.vision_model = InternViT(vit_config, model_cfg.vision,
                                           vision_layer_spec(model_cfg.vision.qk_normalization,
-                                                            model_cfg.vision.qkv_bias, backend), pg)
+                                                            model_cfg.vision.qkv_bias, backend, pg.tp), pg)
             self.projector = Projector(projector_transformer_config(model_cfg, par, dtype),
                                        projector_mlp_submodules(backend), model_cfg.projector_input_size,
                                        eps=model_cfg.projector_layernorm_epsilon, pg_collection=pg)
@@ -144,16 +144,15 @@ class InternVLModel(MegatronModule):
         return bsh.transpose(0, 1).contiguous()
 
 
-def build_model(model_cfg: ModelConfig, par: ParallelConfig, dtype: torch.dtype = torch.float32,
-                backend: Optional[Backend] = None,
-                pg_collection: Optional[ProcessGroupCollection] = None) -> InternVLModel:
-    """This rank's stage of the model (megatron-core's parallel state must be initialized).
+def build_model(model_cfg: ModelConfig, par: ParallelConfig, pg_collection: ProcessGroupCollection,
+                dtype: torch.dtype = torch.float32, backend: Optional[Backend] = None) -> InternVLModel:
+    """This rank's stage of the model, in the process groups `pg_collection` (what
+    parallel/state.py: init_distributed returns); the pipeline stage is this rank's in `pg_collection.pp`.
 
     Weights are uninitialized: call `weights.init_weights` or load a checkpoint."""
-    model = InternVLModel(model_cfg, par,
-                          pre_process=parallel_state.is_pipeline_first_stage(),
-                          post_process=parallel_state.is_pipeline_last_stage(),
-                          dtype=dtype, backend=backend, pg_collection=pg_collection)
+    pp_rank, pp_size = pg_collection.pp.rank(), pg_collection.pp.size()
+    model = InternVLModel(model_cfg, par, pg_collection, pre_process=pp_rank == 0, post_process=pp_rank == pp_size - 1,
+                          dtype=dtype, backend=backend)
     if dtype != torch.float32:
         # megatron-core's WrappedTorchNorm ignores params_dtype (TE's norms honour it); fp32 norm
         # weights in a bf16 model break the mixed-precision optimizer's checkpoint (it maps only the

@@ -30,7 +30,7 @@ class LanguageModel(LanguageModule):
     def __init__(self, config: TransformerConfig, layer_spec: ModuleSpec | TransformerBlockSubmodules, vocab_size: int,
                  max_sequence_length: int, rope_theta: float, pre_process: bool = True,
                  post_process: bool = True, share_embeddings_and_output_weights: bool = False,
-                 pg_collection: Optional[ProcessGroupCollection] = None) -> None:
+                 *, pg_collection: ProcessGroupCollection) -> None:
         super().__init__(config=config, pg_collection=pg_collection)
         self.pre_process = pre_process
         self.post_process = post_process
@@ -91,7 +91,7 @@ class LanguageModel(LanguageModule):
         # one tensor, not a (q, k) tuple: megatron-core's recompute saves it with save_for_backward
         rotary = self.rope(position_ids)
         if hasattr(packed_seq_params, "rotary_freqs"):
-            # 'thd' context parallelism (parallel/context_thd.py): megatron-core would re-derive
+            # 'thd' context parallelism (parallel/context_parallel_thd.py): megatron-core would re-derive
             # integer positions per sample; the core attention applies these V2PE angles instead
             packed_seq_params = dataclasses.replace(packed_seq_params, rotary_freqs=rotary[:, 0])  # (T, 1, D)
             rotary = None

@@ -6,7 +6,7 @@ B (out x r) trained and W frozen. Under tensor parallelism the adapter follows i
 column-parallel (linear_qkv, linear_fc1; W split by output rows, y_local = W_local x):
     A replicated, B split by rows exactly like W -- including the fused layouts: B's rows of a
     qkv layer follow megatron's group-interleaved [q.., k, v] order and a SwiGLU fc1's B is split
-    half by half ([gate; up] chunks), ViT heads padded for TP get zero rows (weights.SHARD_RULES
+    half by half ([gate; up] chunks), ViT heads padded for TP get zero rows (sharding.SHARD_RULES
     of the base weight decide, through `base_weight_name`). Each rank computes u = A x (S, B, r)
     and its own rows B_local u, so the adapted output shard equals the unsharded one.
 row-parallel (linear_proj, linear_fc2; W split by input columns, y = sum_ranks W_local x_local):
@@ -44,11 +44,12 @@ from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
+from megatron.core.utils import unwrap_model
 from torch import nn
 
 from ..config.lora import LORA_TOWERS, LoRAConfig
 from ..config.model import ModelConfig
-from .weights import Layout, _unwrap, canonical_shape, local_params, shard
+from .weights import ShardPlacement, canonical_shape, local_params, shard
 
 Parallel = Literal["column", "row"]
 LORA_INFIX = ".lora."
@@ -177,7 +178,7 @@ class LoRAInfo:
 
 def lora_info_of(model: nn.Module) -> Optional[LoRAInfo]:
     """The LoRA description of a model (DDP-wrapped or not); None without adapters."""
-    return getattr(_unwrap(model), "lora_info", None)
+    return getattr(unwrap_model(model), "lora_info", None)
 
 
 def _parallel_kind(name: str, linear: nn.Module) -> Parallel:
@@ -198,14 +199,14 @@ def lora_targets(model: nn.Module, lora: LoRAConfig) -> list[tuple[str, nn.Modul
     the `lora_target` towers (projector and output layer never)."""
     towers = LORA_TOWERS[lora.lora_target]
     modules = set(lora.lora_modules)
-    return [(name, m) for name, m in _unwrap(model).named_modules()
+    return [(name, m) for name, m in unwrap_model(model).named_modules()
             if name.split(".", 1)[0] in towers and ".layers." in name and name.rsplit(".", 1)[-1] in modules]
 
 
-def lora_parameters(model: nn.Module, layout: Optional[Layout] = None) -> Iterator[tuple[str, str, nn.Parameter]]:
+def lora_parameters(model: nn.Module, layout: Optional[ShardPlacement] = None) -> Iterator[tuple[str, str, nn.Parameter]]:
     """(local name, canonical name, parameter) of every adapter parameter."""
-    model = _unwrap(model)
-    layout = layout or Layout.of(model)
+    model = unwrap_model(model)
+    layout = layout or ShardPlacement.of(model)
     for local, name, p in local_params(model, layout):
         if is_lora_name(name):
             yield local, name, p
@@ -226,7 +227,7 @@ def lora_canonical_init(name: str, shape: tuple[int, ...], seed: int, b_std: flo
 @torch.no_grad()
 def init_lora_weights(model: nn.Module, model_cfg: ModelConfig, seed: int, b_std: float = 0.0) -> None:
     """Fill every adapter with its shard of `lora_canonical_init` (the same on every layout)."""
-    layout = Layout.of(_unwrap(model))
+    layout = ShardPlacement.of(unwrap_model(model))
     for _, name, p in lora_parameters(model, layout):
         base = base_weight_name(name)
         full = lora_canonical_init(name, canonical_shape(base, p, model_cfg, layout), seed, b_std)
@@ -260,7 +261,7 @@ def add_lora(model: nn.Module, lora: LoRAConfig, model_cfg: ModelConfig, seed: i
     """Attach adapters to this rank's target linears, freeze every base parameter, make the
     adapters the only trainable ones and initialize them. Call after the base weights are loaded
     and before DDP / the optimizer are built (they see only trainable parameters)."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     if not lora.enabled:
         raise ValueError("add_lora needs --lora-rank > 0")
     if lora_info_of(model) is not None:
@@ -289,7 +290,7 @@ def merge_lora_(model: nn.Module) -> None:
     """Fold every adapter into its base weight (W += s * B A, on each rank's own shards: a column
     layer's B rows and a row layer's A columns are exactly the local weight's rows / columns) and
     remove the adapters, leaving the model as it was before `add_lora` (requires_grad included)."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     info = lora_info_of(model)
     if info is None:
         raise ValueError("the model has no LoRA adapters to merge")

@@ -10,7 +10,7 @@ attention plugs in through the `core_attention` argument.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -134,10 +134,12 @@ def _without_bias(column: type) -> type:
     return NoBias
 
 
-def vision_layer_spec(qk_normalization: bool, qkv_bias: bool = True, backend: Backend = "local") -> ModuleSpec:
-    """An InternViT block: norm -> bidirectional attention -> layer scale + drop path, twice."""
+def vision_layer_spec(qk_normalization: bool, qkv_bias: bool = True, backend: Backend = "local",
+                      tp_group: Any = None) -> ModuleSpec:
+    """An InternViT block: norm -> bidirectional attention -> layer scale + drop path, twice.
+    `tp_group`: the tensor-parallel group the full-width QK-norm reduces over (needed when TP > 1)."""
     column, row, norm = _modules(backend)
-    qk_norm = FullWidthQKNorm if qk_normalization else IdentityOp
+    qk_norm = ModuleSpec(module=FullWidthQKNorm, params={"tp_group": tp_group}) if qk_normalization else IdentityOp
     return ModuleSpec(
         module=InternViTLayer,
         submodules=TransformerLayerSubmodules(

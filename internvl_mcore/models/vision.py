@@ -3,7 +3,7 @@
 
 Tensor parallelism is over attention heads and the MLP, as in any megatron-core layer. InternViT-6B
 has 25 heads, which TP 2/4/8 does not divide: the config pads the head count up to a multiple of TP
-(`config/megatron.py: padded_vision_heads`). The padded heads' q/k/v rows, proj columns and QK-norm
+(`config/model.py: padded_vision_heads`). The padded heads' q/k/v rows, proj columns and QK-norm
 weights are zero (models/weights.py writes them so), so they output exactly zero; their gradients
 are then zero too (proj columns are zero, so nothing flows back into them, and their q/k/v are zero,
 so nothing flows forward), and Adam with weight decay keeps a zero parameter with zero gradient at
@@ -36,8 +36,11 @@ class FullWidthQKNorm(nn.Module):
     the backward all-reduces too, since each rank's heads use the shared statistic differently)
     and divided by the real width (padded zero heads add nothing to the sum)."""
 
-    def __init__(self, hidden_size: int, config: Any, eps: float = 1e-6) -> None:
+    def __init__(self, hidden_size: int, config: Any, eps: float = 1e-6,
+                 tp_group: Optional[torch.distributed.ProcessGroup] = None) -> None:
         super().__init__()
+        if config.tensor_model_parallel_size > 1 and tp_group is None:
+            raise ValueError("FullWidthQKNorm under tensor parallelism needs its tp_group (models/specs.py)")
         self.tp_size = config.tensor_model_parallel_size
         self.heads_local = config.num_attention_heads // self.tp_size
         self.real_width = config.real_attention_heads * hidden_size
@@ -47,7 +50,7 @@ class FullWidthQKNorm(nn.Module):
         self.weight.tensor_model_parallel = True
         self.weight.partition_dim = 0
         self.weight.partition_stride = 1
-        self._tp_group = None
+        self.tp_group = tp_group
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Any = None) -> dict:
         """Checkpoint the weight as split over TP along dim 0 (megatron-core would call it replicated)."""
@@ -58,9 +61,7 @@ class FullWidthQKNorm(nn.Module):
         xf = x.float()
         sumsq = xf.pow(2).sum(dim=(-2, -1), keepdim=True)  # (S, B, 1, 1)
         if self.tp_size > 1:
-            if self._tp_group is None:
-                self._tp_group = ProcessGroupCollection.use_mpu_process_groups().tp
-            sumsq = dist_fn.all_reduce(sumsq, group=self._tp_group)
+            sumsq = dist_fn.all_reduce(sumsq, group=self.tp_group)
         normed = xf * torch.rsqrt(sumsq / self.real_width + self.eps)
         return self.weight.view(self.heads_local, -1) * normed.to(x.dtype)
 
@@ -137,7 +138,7 @@ class InternViT(MegatronModule):
     """Tiles (T, 3, H, W) -> features of the selected block, (T, 1 + N, C)."""
 
     def __init__(self, config: Any, vision: VisionConfig, layer_spec: ModuleSpec,
-                 pg_collection: Optional[ProcessGroupCollection] = None) -> None:
+                 pg_collection: ProcessGroupCollection) -> None:
         super().__init__(config=config)
         self.embeddings = InternViTEmbeddings(vision, config.params_dtype)
         self.encoder = TransformerBlock(config, layer_spec, post_layer_norm=False, pre_process=True,
@@ -152,11 +153,3 @@ class InternViT(MegatronModule):
         x = self.encoder(hidden_states=x, attention_mask=None)
         return x.transpose(0, 1)  # (T, 1+N, C)
 
-
-def pixel_shuffle_v2(x: torch.Tensor, ratio: float) -> torch.Tensor:
-    """InternVL's pixel shuffle (ps_version v2): (T, W, H, C) -> (T, W*r, H*r, C/r^2)."""
-    t, w, h, c = x.shape
-    x = x.reshape(t, w, int(h * ratio), int(c / ratio))
-    x = x.permute(0, 2, 1, 3).contiguous()
-    x = x.reshape(t, int(h * ratio), int(w * ratio), int(c / (ratio * ratio)))
-    return x.permute(0, 2, 1, 3).contiguous()

@@ -6,8 +6,9 @@ on the parallel layout goes through it: fresh initialization (`init_weights`: ev
 from a generator seeded by its canonical name), loading a full state dict into a sharded model
 (`load_canonical`), and tests comparing a sharded model with the single-process one (`shard`).
 
-How a canonical tensor becomes a local one is decided by `SHARD_RULES`, data matched against the
-canonical name, falling back to megatron-core's own partition attributes on the parameter.
+How a canonical tensor becomes a local one and back is decided by the rules of models/sharding.py
+(`SHARD_RULES`, data matched against the canonical name), along the partition dim megatron-core
+tags the parameter with.
 
 MoE experts: the canonical name numbers experts globally
 (`...mlp.experts.local_experts.{e}.linear_fc1.weight`, e over all experts); an expert-parallel rank
@@ -24,44 +25,19 @@ from typing import Iterator, Mapping
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.utils import unwrap_model
 
-from ..config.megatron import padded_vision_heads
-from ..config.model import ModelConfig, padded_vocab_size
+from ..config.model import ModelConfig
+from .sharding import rule_for
 
-
-@dataclass(frozen=True)
-class ShardRule:
-    """How one family of parameters is split over TP (besides plain even splitting)."""
-
-    pattern: str
-    """Regex on the canonical name."""
-    kind: str
-    """'heads': split by vision heads, zero-padded to a multiple of TP; 'gated': [gate; up] halves
-    split separately (SwiGLU fc1); 'vocab': rows zero-padded to `padded_vocab_size`."""
-    block: str = ""
-    """For 'heads': size of one head's block along the split dim ('3d': fused q,k,v; 'd': one)."""
-
-
-SHARD_RULES: tuple[ShardRule, ...] = (
-    ShardRule(r"vision_model\.encoder\.layers\.\d+\.self_attention\.linear_qkv\.(weight|bias)$", "heads", "3d"),
-    ShardRule(r"vision_model\.encoder\.layers\.\d+\.self_attention\.linear_proj\.weight$", "heads", "d"),
-    ShardRule(r"vision_model\.encoder\.layers\.\d+\.self_attention\.[qk]_layernorm\.weight$", "heads", "d"),
-    ShardRule(r"language_model\.decoder\.layers\.\d+\.mlp\.(experts\.local_experts\.\d+\.)?linear_fc1\.weight$",
-              "gated"),
-    ShardRule(r"language_model\.(embedding\.word_embeddings|output_layer)\.weight$", "vocab"),
-)
 
 _LAYER = re.compile(r"^(language_model\.decoder\.layers\.)(\d+)(\..*)$")
 _EXPERT = re.compile(r"^(.*\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
 _ONES = re.compile(r"(norm|layernorm|layer_norm)\.weight$")
 
 
-def _rule(name: str) -> ShardRule | None:
-    return next((r for r in SHARD_RULES if re.search(r.pattern, name)), None)
-
-
 @dataclass(frozen=True)
-class Layout:
+class ShardPlacement:
     """Where this rank sits: TP rank/size, the global index of its first decoder layer, and for MoE
     experts the expert-parallel rank/size and expert-tensor-parallel rank/size."""
 
@@ -74,12 +50,13 @@ class Layout:
     etp_size: int = 1
 
     @staticmethod
-    def of(model: torch.nn.Module, pg_collection: ProcessGroupCollection | None = None) -> "Layout":
-        pg = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
+    def of(model: torch.nn.Module, pg_collection: ProcessGroupCollection | None = None) -> "ShardPlacement":
+        """This rank's place in `pg_collection`, by default the groups the model was built with."""
+        pg = pg_collection or unwrap_model(model).pg_collection
         layers = model.language_model.decoder.layers
         offset = layers[0].layer_number - 1 if len(layers) else 0
         ep, etp = getattr(pg, "ep", None), getattr(pg, "expt_tp", None)
-        return Layout(pg.tp.rank(), pg.tp.size(), offset,
+        return ShardPlacement(pg.tp.rank(), pg.tp.size(), offset,
                       ep.rank() if ep is not None else 0, ep.size() if ep is not None else 1,
                       etp.rank() if etp is not None else 0, etp.size() if etp is not None else 1)
 
@@ -113,73 +90,39 @@ def mark_tensor_parallel_params(model: torch.nn.Module) -> None:
             set_tensor_model_parallel_attributes(weight, True, 1, 1)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
-def canonical_name(local_name: str, model: torch.nn.Module, layout: Layout) -> str:
+def canonical_name(local_name: str, model: torch.nn.Module, layout: ShardPlacement) -> str:
     """Local parameter name -> canonical name (global layer index; a last-stage copy of tied
     embeddings -> the embedding itself)."""
     e = _EXPERT.match(local_name)
     if e:  # local expert j of expert-parallel rank r is global expert r * (E / EP) + j
-        per_rank = _unwrap(model).model_cfg.llm.num_experts // layout.ep_size
+        per_rank = unwrap_model(model).model_cfg.llm.num_experts // layout.ep_size
         local_name = f"{e.group(1)}{layout.ep_rank * per_rank + int(e.group(2))}{e.group(3)}"
     m = _LAYER.match(local_name)
     if m:
         return f"{m.group(1)}{int(m.group(2)) + layout.layer_offset}{m.group(3)}"
-    if local_name == "language_model.output_layer.weight" and _unwrap(model).share_embeddings_and_output_weights:
+    if local_name == "language_model.output_layer.weight" and unwrap_model(model).share_embeddings_and_output_weights:
         return "language_model.embedding.word_embeddings.weight"
     return local_name
 
 
-def _head_geometry(cfg: ModelConfig, rule: ShardRule, tp: int) -> tuple[int, int, int]:
-    real = cfg.vision.num_attention_heads
-    block = cfg.vision.head_dim * (3 if rule.block == "3d" else 1)
-    return real, padded_vision_heads(real, tp), block
-
-
-def shard(full: torch.Tensor, name: str, param: torch.nn.Parameter, cfg: ModelConfig, layout: Layout) -> torch.Tensor:
+def shard(full: torch.Tensor, name: str, param: torch.nn.Parameter, cfg: ModelConfig, layout: ShardPlacement) -> torch.Tensor:
     """This rank's piece of the canonical tensor `full` for the local parameter `param`."""
-    r, tp = layout.for_param(name)
     if not getattr(param, "tensor_model_parallel", False):
         return full
-    dim = param.partition_dim
-    rule = _rule(name)
-    if rule is not None and rule.kind == "heads":
-        real, padded, block = _head_geometry(cfg, rule, tp)
-        pad_shape = list(full.shape)
-        pad_shape[dim] = (padded - real) * block
-        full = torch.cat([full, full.new_zeros(pad_shape)], dim=dim)
-    elif rule is not None and rule.kind == "vocab":
-        rows = padded_vocab_size(full.shape[0], tp)
-        full = torch.cat([full, full.new_zeros((rows - full.shape[0],) + tuple(full.shape[1:]))], dim=0)
-    elif rule is not None and rule.kind == "gated":
-        gate, up = full.chunk(2, dim=dim)
-        return torch.cat([gate.chunk(tp, dim=dim)[r], up.chunk(tp, dim=dim)[r]], dim=dim)
-    return full.chunk(tp, dim=dim)[r]
+    rank, size = layout.for_param(name)
+    return rule_for(name).shard(full, param.partition_dim, rank, size, cfg)
 
 
-def canonical_shape(name: str, param: torch.nn.Parameter, cfg: ModelConfig, layout: Layout) -> tuple[int, ...]:
+def canonical_shape(name: str, param: torch.nn.Parameter, cfg: ModelConfig, layout: ShardPlacement) -> tuple[int, ...]:
     """Shape of the canonical tensor behind a local parameter (inverse of `shard` on shapes)."""
-    shape = list(param.shape)
     if not getattr(param, "tensor_model_parallel", False):
-        return tuple(shape)
-    dim = param.partition_dim
-    shape[dim] *= layout.for_param(name)[1]
-    rule = _rule(name)
-    if rule is not None and rule.kind == "heads":
-        real, padded, block = _head_geometry(cfg, rule, layout.tp_size)
-        shape[dim] -= (padded - real) * block
-    elif rule is not None and rule.kind == "vocab":
-        shape[0] = cfg.llm.vocab_size
-    return tuple(shape)
+        return tuple(param.shape)
+    return rule_for(name).canonical_shape(tuple(param.shape), param.partition_dim, layout.for_param(name)[1], cfg)
 
 
-def local_params(model: torch.nn.Module, layout: Layout) -> Iterator[tuple[str, str, torch.nn.Parameter]]:
+def local_params(model: torch.nn.Module, layout: ShardPlacement) -> Iterator[tuple[str, str, torch.nn.Parameter]]:
     """(local name, canonical name, parameter) for every parameter of this rank's model."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     for local, p in model.named_parameters():
         yield local, canonical_name(local, model, layout), p
 
@@ -205,7 +148,7 @@ def canonical_init(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: in
 def init_weights(model: torch.nn.Module, cfg: ModelConfig, seed: int,
                  pg_collection: ProcessGroupCollection | None = None) -> None:
     """Fill every parameter with its shard of `canonical_init` (fresh training)."""
-    layout = Layout.of(_unwrap(model), pg_collection)
+    layout = ShardPlacement.of(unwrap_model(model), pg_collection)
     for _, name, p in local_params(model, layout):
         full = canonical_init(name, canonical_shape(name, p, cfg, layout), cfg, seed, device=p.device)
         p.copy_(shard(full, name, p, cfg, layout).to(p.dtype))
@@ -215,7 +158,7 @@ def init_weights(model: torch.nn.Module, cfg: ModelConfig, seed: int,
 def load_canonical(model: torch.nn.Module, state: Mapping[str, torch.Tensor], cfg: ModelConfig,
                    pg_collection: ProcessGroupCollection | None = None, strict: bool = True) -> None:
     """Copy a canonical (TP1/PP1) state dict into this rank's shards; shape errors name the key."""
-    layout = Layout.of(_unwrap(model), pg_collection)
+    layout = ShardPlacement.of(unwrap_model(model), pg_collection)
     for local, name, p in local_params(model, layout):
         if name not in state:
             if strict:
@@ -230,5 +173,5 @@ def load_canonical(model: torch.nn.Module, state: Mapping[str, torch.Tensor], cf
 
 def canonical_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The canonical state dict of a single-process (TP1/PP1) model."""
-    layout = Layout(0, 1, 0)
+    layout = ShardPlacement(0, 1, 0)
     return {name: p.detach().clone() for _, name, p in local_params(model, layout)}

@@ -6,14 +6,17 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.process_groups_config import ProcessGroupCollection
 
 from . import cpu_compat
 from .device import resolve_device
 from ..config.model import ParallelConfig
 
 
-def init_distributed(par: ParallelConfig, seed: int, timeout_s: float = 600.0) -> None:
-    """Join the job (torchrun's env, or a 1-process world), then build megatron-core's groups.
+def init_distributed(par: ParallelConfig, seed: int, timeout_s: float = 600.0) -> ProcessGroupCollection:
+    """Join the job (torchrun's env, or a 1-process world), build megatron-core's groups and return
+    them; model construction, attention, sharding and checkpointing take them as an argument.
 
     gloo on CPU, nccl on GPU (`par.device`, parallel/device.py). Seeds: megatron-core's tracker
     ("model-parallel-rng" differs per TP rank, default state equal within a model-parallel group)."""
@@ -29,8 +32,6 @@ def init_distributed(par: ParallelConfig, seed: int, timeout_s: float = 600.0) -
         if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if on_gpu else "gloo", timeout=timedelta(seconds=timeout_s))
-    from megatron.core import parallel_state, tensor_parallel
-
     world = dist.get_world_size()
     mp = par.tensor_model_parallel_size * par.pipeline_model_parallel_size * par.context_parallel_size
     if world % mp:
@@ -47,6 +48,15 @@ def init_distributed(par: ParallelConfig, seed: int, timeout_s: float = 600.0) -
         )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return process_groups()
+
+
+def process_groups() -> ProcessGroupCollection:
+    """The process groups `init_distributed` built (for code that did not keep its return value:
+    scripts and tests; package code passes the collection along instead)."""
+    if not parallel_state.model_parallel_is_initialized():
+        raise RuntimeError("process groups asked for before init_distributed")
+    return ProcessGroupCollection.use_mpu_process_groups()
 
 
 def comm_device() -> torch.device:
@@ -58,8 +68,6 @@ def comm_device() -> torch.device:
 
 def destroy_distributed() -> None:
     """Tear down megatron-core's groups and the process group (tests run several worlds)."""
-    from megatron.core import parallel_state
-
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional
 
 from ..config.model import ModelConfig, ParallelConfig
 from .flops import forward_flops, pass_multipliers, train_step_flops
@@ -131,7 +131,7 @@ class StagePlan:
 
 
 @dataclass(frozen=True)
-class Plan:
+class LayoutPlan:
     """Memory of every stage and the step-time estimate of one layout."""
 
     model: ModelConfig
@@ -179,7 +179,7 @@ def _link(hw: Hardware, stride: int, size: int) -> float:
 
 def plan(model: ModelConfig, layout: Layout, workload: Workload, hardware: Hardware,
          budget_gib: Optional[float] = None, compute_efficiency: float = 0.7,
-         reserve_gib: float = 6.0) -> Plan:
+         reserve_gib: float = 6.0) -> LayoutPlan:
     """Memory per stage and estimated step time for one layout.
 
     compute_efficiency: fraction of the datasheet peak that large bf16 GEMMs and flash attention
@@ -190,28 +190,54 @@ def plan(model: ModelConfig, layout: Layout, workload: Workload, hardware: Hardw
     check_divisibility(model, par)
     w = workload
     budget = (hardware.memory_gib if budget_gib is None else budget_gib) - reserve_gib
+    microbatches = w.global_batch_size // (w.micro_batch_size * layout.dp)
+    stages = _stage_memory(model, layout, w, microbatches)
+    stage_times, stage_compute = _stage_times(model, layout, w, hardware, compute_efficiency)
+    pp = layout.pp
+    pipeline = (microbatches + pp - 1) * max(stage_times)
+    dp_time = _dp_comm_s(model, layout, w, hardware)
+    step = pipeline + dp_time
+    model_flops = train_step_flops(model, w.global_batch_size * w.seq_length,
+                                   int(round(w.tiles(model) * w.global_batch_size)),
+                                   attention_lengths=w.sample_lengths() * w.global_batch_size,
+                                   trainable=set(w.trainable))
+    compute_s = (microbatches + pp - 1) * max(stage_compute)
+    return LayoutPlan(model, layout, w, hardware, budget, stages, step, model_flops, compute_s=compute_s,
+                      comm_s=step - compute_s,
+                      breakdown={"pipeline_s": pipeline, "dp_comm_s": dp_time, "microbatches": microbatches,
+                                 "bubble": (pp - 1) / (microbatches + pp - 1)})
+
+
+def _stage_memory(model: ModelConfig, layout: Layout, w: Workload, microbatches: int) -> list[StagePlan]:
+    """State and activation bytes of every pipeline stage's worst rank."""
+    par = layout.parallel()
     e = 2 if w.bf16 else 4
     trainable = set(w.trainable)
-    dp_eff = layout.dp
-    microbatches = w.global_batch_size // (w.micro_batch_size * layout.dp)
     tiles_mb = w.tiles(model) * w.micro_batch_size
     lengths = w.sample_lengths() * w.micro_batch_size
     layers = decoder_layers_per_stage(model.llm.num_layers, par)
     stages = []
     for r in range(layout.pp):
-        st = state_bytes(model, par, r, dp_eff, trainable=trainable, param_bytes=e,
+        st = state_bytes(model, par, r, layout.dp, trainable=trainable, param_bytes=e,
                          use_distributed_optimizer=layout.distributed_optimizer, lora_rank=w.lora_rank)
         act = activation_bytes(model, par, r, w.seq_length, w.micro_batch_size, tiles_mb, microbatches,
                                param_bytes=e, sample_lengths=lengths, trainable=trainable)
         if w.reference_model:  # its weights (no gradients, no optimizer state); its forward keeps no activations
             st = dataclasses.replace(st, params=st.params + sum(s.numel for s in stage_params(model, par, r)) * e)
         stages.append(StagePlan(r, layers[r], st, act))
+    return stages
 
-    # --- time -------------------------------------------------------------------------------
-    hw = hardware
+
+def _stage_times(model: ModelConfig, layout: Layout, w: Workload, hw: Hardware,
+                 compute_efficiency: float) -> tuple[list[float], list[float]]:
+    """(compute + communication, compute) seconds of one microbatch on every pipeline stage."""
     tp, cp, pp, dp = layout.tp, layout.cp, layout.pp, layout.dp
+    e = 2 if w.bf16 else 4
+    trainable = set(w.trainable)
+    tiles_mb = w.tiles(model) * w.micro_batch_size
     eff = hw.peak_flops * compute_efficiency
-    fwd = forward_flops(model, w.seq_length * w.micro_batch_size, int(round(tiles_mb)), lengths * 1)
+    fwd = forward_flops(model, w.seq_length * w.micro_batch_size, int(round(tiles_mb)),
+                        w.sample_lengths() * w.micro_batch_size)
     vit_pad = padded_vision_heads(model.vision.num_attention_heads, tp) / model.vision.num_attention_heads
     m = model.llm
     tp_bw, cp_bw = _link(hw, 1, tp), _link(hw, tp, cp)
@@ -220,14 +246,12 @@ def plan(model: ModelConfig, layout: Layout, workload: Workload, hardware: Hardw
     act_bytes = tokens_rank * m.hidden_size * e
     vit_tokens = tiles_mb * (model.vision.num_patches + 1)
     k = pass_multipliers(trainable, layout.recompute)
-    llm_mult, vit_mult, proj_mult = k["llm"], k["vision"], k["projector"]
-    if w.reference_model:  # + the reference model's forward of every microbatch
-        llm_mult, vit_mult, proj_mult = llm_mult + 1, vit_mult + 1, proj_mult + 1
+    extra = 1 if w.reference_model else 0  # + the reference model's forward of every microbatch
+    llm_mult, vit_mult, proj_mult = k["llm"] + extra, k["vision"] + extra, k["projector"] + extra
     ar_per_layer = 6 if layout.recompute else 4
     stage_times, stage_compute = [], []
-    for r, n_layers in enumerate(layers):
-        llm_share = (fwd.llm_linear + fwd.llm_attention) * n_layers / m.num_layers
-        flops = llm_share * llm_mult / (tp * cp)
+    for r, n_layers in enumerate(decoder_layers_per_stage(m.num_layers, layout.parallel())):
+        flops = (fwd.llm_linear + fwd.llm_attention) * n_layers / m.num_layers * llm_mult / (tp * cp)
         comm = n_layers * ar_per_layer * _ring(tp, True) * act_bytes / tp_bw
         kv_bytes = tokens_rank * 2 * m.num_query_groups * m.head_dim * e / tp
         comm += n_layers * 3 * (cp - 1) * kv_bytes / cp_bw if cp > 1 else 0.0
@@ -245,12 +269,19 @@ def plan(model: ModelConfig, layout: Layout, workload: Workload, hardware: Hardw
             comm += 2 * act_bytes / (tp if layout.sequence_parallel else 1) / pp_bw
         stage_times.append(compute + comm)
         stage_compute.append(compute)
-    pipeline = (microbatches + pp - 1) * max(stage_times)
-    # data-parallel traffic of the largest stage's trainable parameters
+    return stage_times, stage_compute
+
+
+def _dp_comm_s(model: ModelConfig, layout: Layout, w: Workload, hw: Hardware) -> float:
+    """Data-parallel traffic of the largest stage's trainable parameters, in seconds."""
+    tp, cp, dp = layout.tp, layout.cp, layout.dp
+    e = 2 if w.bf16 else 4
+    par = layout.parallel()
     dp_bw = _link(hw, tp * cp, dp)
     dp_time = 0.0
-    for r in range(pp):
-        specs = [s for s in stage_params(model, par, r) + lora_params(model, par, r, w.lora_rank) if s.part in trainable]
+    for r in range(layout.pp):
+        specs = [s for s in stage_params(model, par, r) + lora_params(model, par, r, w.lora_rank)
+                 if s.part in w.trainable]
         t = 0.0  # dense weights over DP x CP; expert weights over the expert DP group (DP x CP / EP)
         for n, group in ((sum(s.numel for s in specs if not s.expert), dp * cp),
                          (sum(s.numel for s in specs if s.expert), dp * cp // layout.ep)):
@@ -259,16 +290,7 @@ def plan(model: ModelConfig, layout: Layout, workload: Workload, hardware: Hardw
             else:
                 t += _ring(group, True) * n * 4 / dp_bw
         dp_time = max(dp_time, t)
-    step = pipeline + dp_time
-    model_flops = train_step_flops(model, w.global_batch_size * w.seq_length,
-                                   int(round(w.tiles(model) * w.global_batch_size)),
-                                   attention_lengths=w.sample_lengths() * w.global_batch_size,
-                                   trainable=trainable)
-    compute_s = (microbatches + pp - 1) * max(stage_compute)
-    return Plan(model, layout, w, hardware, budget, stages, step, model_flops, compute_s=compute_s,
-                comm_s=step - compute_s,
-                breakdown={"pipeline_s": pipeline, "dp_comm_s": dp_time, "microbatches": microbatches,
-                           "bubble": (pp - 1) / (microbatches + pp - 1)})
+    return dp_time
 
 
 def _expert_all_to_all_s(model: ModelConfig, layout: Layout, hw: Hardware, tokens_rank: float, e: int,
@@ -342,9 +364,9 @@ def candidate_layouts(model: ModelConfig, gpus: int, workload: Workload, max_tp:
 def search(model: ModelConfig, gpus: int, workload: Workload, hardware: Hardware,
            budget_gib: Optional[float] = None, compute_efficiency: float = 0.7, reserve_gib: float = 6.0,
            distributed_optimizer: Optional[bool] = None, recompute: Optional[bool] = None,
-           fixed: Optional[dict] = None) -> list[Plan]:
+           fixed: Optional[dict] = None) -> list[LayoutPlan]:
     """Layouts that fit, fastest first; of the variants of one TP/PP/CP only the fastest is kept."""
-    best: dict[tuple, Plan] = {}
+    best: dict[tuple, LayoutPlan] = {}
     for lay in candidate_layouts(model, gpus, workload, distributed_optimizer=distributed_optimizer,
                                  recompute=recompute, fixed=fixed):
         p = plan(model, lay, workload, hardware, budget_gib, compute_efficiency, reserve_gib)

@@ -21,7 +21,7 @@ from functools import lru_cache
 from math import prod
 from typing import Iterable, Literal
 
-from ..config.model import ModelConfig, ParallelConfig, padded_vocab_size
+from ..config.model import ModelConfig, ParallelConfig, padded_vision_heads, padded_vocab_size
 
 Part = Literal["vision", "projector", "llm"]
 PARTS: tuple[Part, ...] = ("vision", "projector", "llm")
@@ -51,12 +51,6 @@ class ParamSpec:
     @property
     def numel(self) -> int:
         return prod(self.shape)
-
-
-def padded_vision_heads(num_heads: int, tp: int) -> int:
-    """InternViT heads rounded up to a multiple of TP (the rule of `config/megatron.py`, restated here
-    so planning needs no megatron-core import; tests/plan checks the two agree)."""
-    return -(-num_heads // tp) * tp
 
 
 def vision_layers_built(model: ModelConfig) -> int:

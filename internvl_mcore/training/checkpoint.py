@@ -25,48 +25,26 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.utils import unwrap_model
 
+from ..checkpoint_format import (RUN_INFO, TRACKER, CheckpointError, check_model, is_training_checkpoint, iter_dir,
+                                 latest_iteration)
 from ..config.model import ModelConfig, ParallelConfig
+from ..convert.canonical import CanonicalCheckpoint
+from ..convert.hf import HFAsCanonical
+from ..convert.hf_config import model_config_from_hf, read_hf_config
+from ..convert.safetensors_io import ConversionError, SafetensorsDir
+from ..convert.source import checkpoint_kind
+from ..models.checkpoint_weights import load_across_backends, load_training_weights
+from ..models.lora import adopt_checkpoint_lora, lora_info_of
+from ..models.weights import load_canonical
 
-TRACKER = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used, with the path and the reason."""
-
-
-def _iter_dir(root: str | Path, iteration: int) -> Path:
-    return Path(root) / f"iter_{iteration:07d}"
-
-
-def latest_iteration(root: str | Path) -> int:
-    """The iteration the `latest` pointer names; errors say what is missing."""
-    root = Path(root)
-    if not root.is_dir():
-        raise CheckpointError(f"--load {root}: no such directory")
-    tracker = root / TRACKER
-    if not tracker.exists():
-        raise CheckpointError(f"--load {root}: no {TRACKER} (no complete checkpoint was saved there)")
-    text = tracker.read_text().strip()
-    if not text.isdigit():
-        raise CheckpointError(f"{tracker}: expected an iteration number, found {text!r}")
-    iteration = int(text)
-    if not _iter_dir(root, iteration).is_dir():
-        raise CheckpointError(f"{tracker} names iteration {iteration} but {_iter_dir(root, iteration)} is missing")
-    return iteration
-
-
-def is_training_checkpoint(path: str | Path) -> bool:
-    """A directory written by `save` (a root with the tracker, or one iter_ directory)."""
-    path = Path(path)
-    return (path / TRACKER).exists() or (path / "run.json").exists()
 
 
 def rng_state() -> dict:
     """Every random stream a step draws from on this rank."""
-    from megatron.core import tensor_parallel
-
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -74,8 +52,6 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     """Restore `rng_state()`."""
-    from megatron.core import tensor_parallel
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -143,24 +119,18 @@ def _layout(par: ParallelConfig, dp: int) -> dict:
     return layout
 
 
-def _model_module(model_chunk: torch.nn.Module) -> torch.nn.Module:
-    return model_chunk.module if hasattr(model_chunk, "module") else model_chunk
-
-
 def save(root: str | Path, iteration: int, model_chunk: torch.nn.Module, optimizer: Any, scheduler: Any,
          model_cfg: ModelConfig, par: ParallelConfig, data_state: Any = None, extra: Optional[dict] = None) -> Path:
     """Write checkpoint `iteration` under `root` atomically (collective: every rank calls it)."""
-    from megatron.core import dist_checkpointing, parallel_state
-
     root = Path(root)
     rank = dist.get_rank()
-    tmp, final = root / f"tmp_iter_{iteration:07d}", _iter_dir(root, iteration)
+    tmp, final = iter_dir(root, iteration, tmp=True), iter_dir(root, iteration)
     if rank == 0:
         if tmp.exists():
             shutil.rmtree(tmp)  # left over from a save that was interrupted
         tmp.mkdir(parents=True)
     dist.barrier()
-    module = _model_module(model_chunk)
+    module = unwrap_model(model_chunk)
     model_sd = module.sharded_state_dict()
     state = {"model": model_sd}
     if optimizer is not None:
@@ -177,10 +147,10 @@ def save(root: str | Path, iteration: int, model_chunk: torch.nn.Module, optimiz
                 "model": dataclasses.asdict(model_cfg),
                 "layout": _layout(par, parallel_state.get_data_parallel_world_size()),
                 "world_size": dist.get_world_size(), **(extra or {})}
-        lora = _lora_info(module)
+        lora = lora_info_of(module)
         if lora is not None:  # LoRA run: its adapters are in the tensors; name the base they sit on
             info["lora"] = lora.to_dict()
-        (tmp / "run.json").write_text(json.dumps(info, indent=2, default=str))
+        (tmp / RUN_INFO).write_text(json.dumps(info, indent=2, default=str))
     dist.barrier()
     if rank == 0:
         if final.exists():
@@ -195,39 +165,16 @@ def save(root: str | Path, iteration: int, model_chunk: torch.nn.Module, optimiz
     return final
 
 
-def _check_model(info: dict, model_cfg: ModelConfig, where: Path) -> None:
-    saved = info.get("model", {})
-    mine = dataclasses.asdict(model_cfg)
-    diffs = []
-    for part, cls in (("vision", type(model_cfg.vision)), ("llm", type(model_cfg.llm))):
-        # a field the checkpoint predates takes its default (e.g. llm.qk_layernorm, llm.kv_channels)
-        defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
-        for key, value in mine[part].items():
-            if key in ("drop_path_rate", "layer_scale_init", "moe_aux_loss_coeff"):
-                continue  # training knobs, not shapes
-            theirs = saved.get(part, {}).get(key, defaults.get(key))
-            if theirs != value:
-                diffs.append(f"{part}.{key}: checkpoint {theirs!r}, model {value!r}")
-    for key in ("downsample_ratio", "img_context_token_id"):
-        if saved.get(key) != mine[key]:
-            diffs.append(f"{key}: checkpoint {saved.get(key)!r}, model {mine[key]!r}")
-    if diffs:
-        raise CheckpointError(f"{where} was saved for model {saved.get('name')!r}, not {model_cfg.name!r}:\n  "
-                              + "\n  ".join(diffs))
-
-
 def load(root: str | Path, model_chunk: torch.nn.Module, optimizer: Any, scheduler: Any, model_cfg: ModelConfig,
          par: ParallelConfig, load_optim: bool = True) -> tuple[int, Any]:
     """Resume from the latest checkpoint under `root`. Returns (iteration, this rank's data state, or
     None when the data-parallel size changed)."""
-    from megatron.core import dist_checkpointing, parallel_state
-
     iteration = latest_iteration(root)
-    path = _iter_dir(root, iteration)
-    info = json.loads((path / "run.json").read_text())
-    _check_model(info, model_cfg, path)
+    path = iter_dir(root, iteration)
+    info = json.loads((path / RUN_INFO).read_text())
+    check_model(info, model_cfg, path)
     same_layout = info["layout"] == _layout(par, parallel_state.get_data_parallel_world_size())
-    module = _model_module(model_chunk)
+    module = unwrap_model(model_chunk)
     _adopt_lora(info, module, path)
     model_sd = module.sharded_state_dict()
     state = {"model": model_sd}
@@ -235,7 +182,7 @@ def load(root: str | Path, model_chunk: torch.nn.Module, optimizer: Any, schedul
     if restore_all:
         _init_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIM_METADATA)
-    loaded = _load_across_backends(state, path, module)
+    loaded = load_across_backends(state, path, module)
     if scheduler is not None and info.get("scheduler") is not None:
         scheduler.load_state_dict(info["scheduler"])
     if restore_all:
@@ -254,45 +201,8 @@ def load(root: str | Path, model_chunk: torch.nn.Module, optimizer: Any, schedul
     return iteration, torch.load(data_file, weights_only=False)
 
 
-EXTRA_STATE = "_extra_state"
-
-
-def _load_across_backends(state: dict, path: Path, module: torch.nn.Module) -> dict:
-    """dist_checkpointing.load of `state` ({"model": ..., maybe "optimizer": ...}) from `path`, then
-    the model's tensors into `module`; returns what was loaded.
-
-    Checkpoints move between the layer-spec backends (models/specs.py) both ways: parameter names
-    are the same, but transformer-engine modules add `<module>._extra_state` entries (FP8 metadata,
-    empty in bf16 runs) that the local backend neither writes nor reads. A TE checkpoint loaded by
-    the local model: those entries are simply not asked for. A local checkpoint loaded by the TE
-    model: the entries it asks for are absent; they -- and only they -- may be, and the module keeps
-    its own (fresh) extra state. Any other absent tensor is an error naming the keys."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
-
-    loaded, _, absent = dist_checkpointing.load(state, str(path), strict=StrictHandling.RETURN_UNEXPECTED)
-    other = sorted(k for k in absent if EXTRA_STATE not in k)
-    if other:
-        raise CheckpointError(f"{path} lacks {len(other)} tensor(s) this model needs: {other[:5]}"
-                              f"{' ...' if len(other) > 5 else ''}")
-    model_sd = loaded["model"]
-    for key, value in module.state_dict().items():
-        if key.endswith(EXTRA_STATE) and key not in model_sd:
-            model_sd[key] = value
-    module.load_state_dict(model_sd, strict=True)
-    return loaded
-
-
-def _lora_info(module: torch.nn.Module) -> Any:
-    from ..models.lora import lora_info_of
-
-    return lora_info_of(module)
-
-
 def _adopt_lora(info: dict, module: torch.nn.Module, where: Path) -> None:
     """The run's LoRA flags must match the checkpoint's adapters; the run takes over the base they name."""
-    from ..models.lora import adopt_checkpoint_lora
-
     try:
         adopt_checkpoint_lora(info.get("lora"), module)
     except ValueError as exc:
@@ -313,49 +223,26 @@ def load_weights(path: str | Path, model_chunk: torch.nn.Module, model_cfg: Mode
     """Weights only (`--pretrained`): a training checkpoint (root or iter_ dir, any layout), a
     canonical checkpoint from tools/convert_from_hf.py, or an HF checkpoint directory (either layout,
     converted on the fly). Returns which kind was read."""
-    from megatron.core import dist_checkpointing
-
     path = Path(path)
-    module = _model_module(model_chunk)
+    module = unwrap_model(model_chunk)
     if is_training_checkpoint(path):
-        if (path / TRACKER).exists():
-            path = _iter_dir(path, latest_iteration(path))
-        info = json.loads((path / "run.json").read_text())
-        _check_model(info, model_cfg, path)
-        merge = info.get("lora") is not None and _lora_info(module) is None
-        if merge:  # a LoRA run's checkpoint as weights: load its adapters, then fold them in (models/lora.py)
-            from ..models.lora import LoRAInfo, add_lora
-
-            add_lora(module, LoRAInfo.from_dict(info["lora"]).config, model_cfg, seed=0)
-        _load_across_backends({"model": module.sharded_state_dict()}, path, module)
-        if merge:
-            from ..models.lora import merge_lora_
-
-            merge_lora_(module)
-            return "training checkpoint (LoRA adapters merged into the weights)"
-        return "training checkpoint"
-    from ..convert.checkpoint import CanonicalCheckpoint
-    from ..convert.source import checkpoint_kind
-
+        return load_training_weights(path, module, model_cfg)
     if not path.exists():
         raise CheckpointError(f"--pretrained {path}: no such file or directory")
     if checkpoint_kind(path) == "hf":
         return _load_hf_weights(path, module, model_cfg)
     ckpt = CanonicalCheckpoint.open(path)
-    _check_model({"model": dataclasses.asdict(ckpt.config), "name": ckpt.config.name}, model_cfg, path)
-    ckpt.load_into(module)
+    check_model({"model": dataclasses.asdict(ckpt.config), "name": ckpt.config.name}, model_cfg, path)
+    load_canonical(module, ckpt.tensors, ckpt.config)
     return "converted checkpoint"
 
 
 def _load_hf_weights(path: Path, module: torch.nn.Module, model_cfg: ModelConfig) -> str:
     """An HF checkpoint directory (either layout), converted tensor by tensor while each rank loads its
     shards: what tools/convert_from_hf.py would write, without the intermediate files."""
-    from ..convert.hf import ConversionError, HFAsCanonical, SafetensorsDir, model_config_from_hf, read_hf_config
-    from ..models.weights import load_canonical
-
     try:
         cfg, fmt = model_config_from_hf(read_hf_config(path), path)
-        _check_model({"model": dataclasses.asdict(cfg), "name": cfg.name}, model_cfg, path)
+        check_model({"model": dataclasses.asdict(cfg), "name": cfg.name}, model_cfg, path)
         load_canonical(module, HFAsCanonical(SafetensorsDir(path), cfg, fmt), model_cfg)
     except (ConversionError, FileNotFoundError) as exc:
         raise CheckpointError(f"--pretrained {path}: {exc}") from None

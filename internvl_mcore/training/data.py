@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Optional
 
 import torch
 
@@ -218,8 +217,3 @@ def loss_weights(batch: Batch, reduction: str) -> torch.Tensor:
     per_seg = {"sample": 1.0 / n.clamp_min(1.0), "square": n.clamp_min(1.0).rsqrt()}[reduction]
     return (per_seg[seg] * flat).reshape(mask.shape)
 
-
-def advance_to(batches: ShardBatches | MockBatches, state: Optional[dict]) -> None:
-    """Continue a stream where a checkpoint left it."""
-    if state is not None:
-        batches.load_state_dict(state)

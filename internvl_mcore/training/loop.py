@@ -12,10 +12,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from megatron.core.utils import unwrap_model
 
 from ..config.lora import lora_problems
 from ..config.training import RunConfig
-from ..parallel.context_thd import check_thd_layout
+from ..parallel.context_parallel_thd import check_thd_layout
 from ..parallel.device import resolve_device
 from ..parallel.state import comm_device, init_distributed
 from . import checkpoint, mpo
@@ -132,13 +133,13 @@ def setup(run: RunConfig) -> Trainer:
         model_cfg = model_cfg.replace(llm=dataclasses.replace(model_cfg.llm, moe_aux_loss_coeff=run.train.moe_aux_loss_coeff))
     run = dataclasses.replace(run, model=model_cfg)
     t = run.train
-    init_distributed(run.parallel, t.seed)
+    pg = init_distributed(run.parallel, t.seed)
     dp = parallel_state.get_data_parallel_world_size()
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
                           f"{t.micro_batch_size} x data-parallel size {dp}")
     dtype = torch.bfloat16 if t.bf16 else torch.float32
-    model = build_model(model_cfg, run.parallel, dtype=dtype)
+    model = build_model(model_cfg, run.parallel, pg, dtype=dtype)
     if resolve_device(run.parallel.device) == "cuda":  # DDP buffers and schedules live on the current GPU
         model.cuda(torch.cuda.current_device())
     if not run.checkpoint.pretrained:  # --pretrained overwrites every weight: drawing them first is waste
@@ -244,7 +245,7 @@ def train_step(trainer: Trainer) -> dict:
     batches, scale = _step_batches(trainer)
     ddp.zero_grad_buffer()
     trainer.optimizer.zero_grad()
-    step_func = functools.partial(forward_step, scale=scale)
+    step_func = functools.partial(forward_step, cp_split=unwrap_model(ddp).cp_split, scale=scale)
     if trainer.mpo is not None:  # reference log-probs first, then the policy consumes them
         mpo.run_reference(trainer.reference, batches, trainer.mpo, t.seq_length, t.micro_batch_size)
         step_func = functools.partial(mpo.mpo_forward_step, ctx=trainer.mpo)

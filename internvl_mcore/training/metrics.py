@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from ..config.training import RunConfig
+from ..plan.flops import train_step_flops
 
 
 def measure_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -47,10 +48,6 @@ def peak_memory_bytes(device: torch.device | str = "cpu") -> int:
 
 def step_flops(run: RunConfig, stats: dict) -> Optional[float]:
     """Model FLOPs of one optimizer step (forward + backward), from the capacity planner's count."""
-    try:
-        from ..plan.flops import train_step_flops
-    except ImportError:
-        return None
     t = run.train
     return float(train_step_flops(run.model, tokens_per_step=t.global_batch_size * t.seq_length,
                                   tiles_per_step=stats["tiles"], attention_lengths=stats.get("attention_lengths"),

@@ -26,6 +26,7 @@ megatron-core's pipeline schedule before the policy's forward/backward in the sa
 from __future__ import annotations
 
 import functools
+import json
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -33,8 +34,13 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import unwrap_model
 
+from ..models.internvl import build_model
 from ..parallel.state import comm_device
+from . import checkpoint
 from .batch import Batch
 
 METRICS = ("loss_preference", "loss_quality", "loss_generation", "rewards_chosen", "rewards_rejected",
@@ -163,7 +169,7 @@ def reference_forward_step(data_iterator: Iterator[Batch], model: torch.nn.Modul
     batch = source.to(torch.device("cuda", torch.cuda.current_device())) if torch.cuda.is_available() else source
     output = model(batch.tokens, batch.position_ids, pixel_values=batch.pixel_values, labels=batch.labels,
                    cu_seqlens=batch.cu_seqlens)
-    return output, functools.partial(reference_loss_func, source, batch, _unwrap(model), cp_group)
+    return output, functools.partial(reference_loss_func, source, batch, unwrap_model(model), cp_group)
 
 
 def mpo_forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module, ctx: MPOContext) -> tuple[torch.Tensor, Callable]:
@@ -173,7 +179,7 @@ def mpo_forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module, ctx
         batch = batch.to(torch.device("cuda", torch.cuda.current_device()))
     output = model(batch.tokens, batch.position_ids, pixel_values=batch.pixel_values, labels=batch.labels,
                    cu_seqlens=batch.cu_seqlens)
-    return output, functools.partial(mpo_loss_func, batch, _unwrap(model), ctx)
+    return output, functools.partial(mpo_loss_func, batch, unwrap_model(model), ctx)
 
 
 def reduce_metrics(losses: list[dict], is_last_stage: bool, dp_cp_group, pp_group) -> dict:
@@ -206,10 +212,7 @@ def build_reference(run, model_cfg, policy: torch.nn.Module) -> torch.nn.Module:
     """The frozen reference: this rank's stage built like the policy (same TP/PP/CP sharding) holding
     the policy's starting weights (--pretrained, else the seeded init). Call before LoRA is added and
     before a --load overwrites the policy; a resumed run reloads the weights the run started from."""
-    from ..models.internvl import build_model
-    from . import checkpoint
-
-    ref = build_model(model_cfg, run.parallel, dtype=next(policy.parameters()).dtype)
+    ref = build_model(model_cfg, run.parallel, policy.pg_collection, dtype=next(policy.parameters()).dtype)
     if torch.cuda.is_available():
         ref.cuda(torch.cuda.current_device())
     ref.load_state_dict(policy.state_dict(), strict=True)
@@ -231,26 +234,18 @@ def mirror_requires_grad(reference: torch.nn.Module, policy: torch.nn.Module) ->
 
 def saved_state(load_dir: str) -> dict:
     """The run.json of the latest checkpoint under `load_dir`."""
-    import json
-
-    from . import checkpoint
-
-    path = checkpoint._iter_dir(load_dir, checkpoint.latest_iteration(load_dir)) / "run.json"
+    path = checkpoint.iter_dir(load_dir, checkpoint.latest_iteration(load_dir)) / "run.json"
     return json.loads(path.read_text())
 
 
 def make_context(run) -> MPOContext:
     """MPOContext for this rank (megatron-core's parallel state must be initialized)."""
-    from megatron.core import parallel_state as ps
-
     w = run.train.mpo_loss_weights
     running = RunningMean()
     if run.checkpoint.load:
         state = saved_state(run.checkpoint.load).get("mpo")
         if state is None:
-            from .checkpoint import CheckpointError
-
-            raise CheckpointError(f"--load {run.checkpoint.load}: the checkpoint has no MPO state (not a --stage mpo run)")
+            raise checkpoint.CheckpointError(f"--load {run.checkpoint.load}: the checkpoint has no MPO state (not a --stage mpo run)")
         running.load_state_dict(state)
     return MPOContext(beta=run.train.mpo_beta, weights=(float(w[0]), float(w[1]), float(w[2])), running=running,
                       cp_group=ps.get_context_parallel_group(), dp_group=ps.get_data_parallel_group(),
@@ -261,8 +256,6 @@ def run_reference(reference: torch.nn.Module, batches: list[Batch], ctx: MPOCont
                   micro_batch_size: int) -> None:
     """Forward-only pass of the reference through megatron-core's schedule: sets `ref_logps` on the
     last stage's batches."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     with torch.no_grad():
         get_forward_backward_func()(
             forward_step_func=functools.partial(reference_forward_step, cp_group=ctx.cp_group),
@@ -276,9 +269,3 @@ def checkpoint_extra(run, ctx: MPOContext) -> dict:
     if run.checkpoint.load:
         start = saved_state(run.checkpoint.load).get("mpo_reference")
     return {"mpo": ctx.running.state_dict(), "mpo_reference": os.path.abspath(start) if start else None}
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):
-        model = model.module
-    return model

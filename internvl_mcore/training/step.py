@@ -23,20 +23,16 @@ def loss_func(weights: torch.Tensor, scale: float, per_token_loss: torch.Tensor)
     return out, count.to(torch.int), {"lm loss": torch.stack([weighted.detach(), w.sum()])}
 
 
-def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module, scale: float = 1.0) -> tuple[torch.Tensor, Callable]:
-    """Run one microbatch through this stage; the loss function runs on the last stage only."""
+def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module, cp_split: Callable,
+                 scale: float = 1.0) -> tuple[torch.Tensor, Callable]:
+    """Run one microbatch through this stage; the loss function runs on the last stage only.
+    `cp_split`: the model's `InternVLModel.cp_split` (this context-parallel rank's tokens)."""
     batch = next(data_iterator)
-    device = next(_unwrap(model).parameters()).device  # the batch follows the model (--device)
+    device = next(model.parameters()).device  # the batch follows the model (--device)
     if device.type != "cpu":
         batch = batch.to(device)
     output = model(batch.tokens, batch.position_ids, pixel_values=batch.pixel_values,
                    labels=batch.labels, cu_seqlens=batch.cu_seqlens)
     weights = batch.loss_weight if batch.loss_weight is not None else batch.loss_mask
-    weights = _unwrap(model).cp_split(weights, 1, batch.cu_seqlens)  # the losses are this CP rank's tokens
+    weights = cp_split(weights, 1, batch.cu_seqlens)  # the losses are this CP rank's tokens
     return output, functools.partial(loss_func, weights, scale)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):
-        model = model.module
-    return model

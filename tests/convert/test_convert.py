@@ -135,6 +135,8 @@ def test_internvl_layout_exports_to_transformers_with_same_logits(world, tmp_pat
     from transformers import InternVLForConditionalGeneration
 
     from internvl_mcore.models.internvl import build_model
+    from internvl_mcore.models.weights import load_canonical
+    from internvl_mcore.parallel.state import process_groups
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     original = tiny_transformers_model(text, vision, tie, seed=5)
@@ -145,8 +147,8 @@ def test_internvl_layout_exports_to_transformers_with_same_logits(world, tmp_pat
     exported = InternVLForConditionalGeneration.from_pretrained(str(tmp_path / "hf"), attn_implementation="eager").eval()
     ckpt = CanonicalCheckpoint.open(tmp_path / "ckpt")
     assert ckpt.config.llm.family == family
-    ours = build_model(ckpt.config, world).eval()
-    ckpt.load_into(ours)
+    ours = build_model(ckpt.config, world, process_groups()).eval()
+    load_canonical(ours, ckpt.tensors, ckpt.config)
 
     ids, pixels = tiny_batch(seed=4)
     pos = torch.arange(ids.shape[1], dtype=torch.float32).expand(ids.shape[0], -1)
@@ -157,11 +159,12 @@ def test_internvl_layout_exports_to_transformers_with_same_logits(world, tmp_pat
 
 def test_canonical_shapes_match_the_model(world) -> None:
     from internvl_mcore.models.internvl import build_model
+    from internvl_mcore.parallel.state import process_groups
     from internvl_mcore.models.weights import canonical_state_dict
 
     for name in ("debug", "debug-6b", "debug-qwen3"):
         cfg = PRESETS[name]
-        state = canonical_state_dict(build_model(cfg, world))
+        state = canonical_state_dict(build_model(cfg, world, process_groups()))
         shapes = canonical_shapes(cfg)
         assert sorted(state) == sorted(canonical_names(cfg))  # the key map places exactly the model's tensors
         for k, t in state.items():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from internvl_mcore.data import testing
+from tests import fixtures
 from internvl_mcore.data.image import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -83,7 +83,7 @@ def test_tie_rule_depends_on_area():
 @pytest.mark.parametrize("w,h,max_num", [(300, 60, 12), (64, 48, 12), (90, 30, 6), (50, 50, 12), (57, 200, 4)])
 def test_tile_pixels_equal_direct_resize_and_crop(w, h, max_num):
     size = 56
-    image = testing.digit_image(3, (w, h), seed=5)
+    image = fixtures.digit_image(3, (w, h), seed=5)
     tiles = dynamic_preprocess(image, 1, max_num, size, use_thumbnail=True)
     cols, rows = find_closest_aspect_ratio(
         w / h,
@@ -104,10 +104,10 @@ def test_tile_pixels_equal_direct_resize_and_crop(w, h, max_num):
 
 
 def test_no_thumbnail_and_min_num():
-    image = testing.digit_image(1, (300, 60))
+    image = fixtures.digit_image(1, (300, 60))
     assert len(dynamic_preprocess(image, 1, 12, 56, use_thumbnail=False)) == 5  # 5x1, no thumbnail
     # min_num forces at least 4 tiles even for a square image: 2x2 is the closest grid with >= 4
-    assert len(dynamic_preprocess(testing.digit_image(1, (50, 50)), 4, 12, 56, use_thumbnail=False)) == 4
+    assert len(dynamic_preprocess(fixtures.digit_image(1, (50, 50)), 4, 12, 56, use_thumbnail=False)) == 4
 
 
 def test_normalize_tiles():
@@ -123,7 +123,7 @@ def test_normalize_tiles():
 
 
 def test_jpeg_recompress():
-    tile = tiles_to_array([testing.digit_image(2, (64, 64))])[0]
+    tile = tiles_to_array([fixtures.digit_image(2, (64, 64))])[0]
     q100, q75 = jpeg_recompress(tile, 100), jpeg_recompress(tile, 75)
     assert q100.shape == tile.shape and q100.dtype == np.uint8
     err100 = np.abs(q100.astype(int) - tile).mean()
@@ -135,7 +135,7 @@ def test_jpeg_recompress():
 
 
 def test_random_jpeg_recompress_is_seeded():
-    tiles = tiles_to_array([testing.digit_image(k, (32, 32), seed=k) for k in range(6)])
+    tiles = tiles_to_array([fixtures.digit_image(k, (32, 32), seed=k) for k in range(6)])
     a, qa = random_jpeg_recompress(tiles, np.random.default_rng(7))
     b, qb = random_jpeg_recompress(tiles, np.random.default_rng(7))
     assert qa == qb and np.array_equal(a, b)
@@ -186,7 +186,7 @@ def _mean_colors(frames):
 
 
 def test_frame_folder_order_and_loading(tmp_path):
-    folder = testing.write_frame_folder(str(tmp_path / "frames"), n_frames=12)
+    folder = fixtures.write_frame_folder(str(tmp_path / "frames"), n_frames=12)
     (tmp_path / "frames" / "notes.txt").write_text("not a frame")
     files = list_frame_files(folder)
     assert [os.path.basename(f) for f in files] == [f"frame_{k}.jpg" for k in range(1, 13)]
@@ -198,7 +198,7 @@ def test_frame_folder_order_and_loading(tmp_path):
 
 
 def test_gif_frames(tmp_path):
-    path = testing.write_gif(str(tmp_path / "a.gif"), n_frames=6, size=(40, 30))
+    path = fixtures.write_gif(str(tmp_path / "a.gif"), n_frames=6, size=(40, 30))
     frames = load_frames_gif(path, 6, 6, np.random.default_rng(0))
     assert len(frames) == 6 and all(f.mode == "RGB" and f.size == (40, 30) for f in frames)
     with Image.open(path) as gif:
@@ -232,10 +232,10 @@ def test_video_file_decoding_or_missing_decoder(tmp_path):
     with pytest.raises(Exception) as e:
         load_video_frames(str(fake), 2, 4, np.random.default_rng(0))
     assert not isinstance(e.value, VideoDecoderMissing)
-    path = testing.write_video(str(tmp_path / "clip.mp4"), n_frames=12, size=(48, 32))
+    path = fixtures.write_video(str(tmp_path / "clip.mp4"), n_frames=12, size=(48, 32))
     frames = load_video_frames(path, 12, 12, np.random.default_rng(0))
     assert len(frames) == 12 and all(f.size == (48, 32) and f.mode == "RGB" for f in frames)
-    ref = [np.asarray(testing.digit_image(k, (48, 32), seed=300 + k), dtype=np.float64) for k in range(12)]
+    ref = [np.asarray(fixtures.digit_image(k, (48, 32), seed=300 + k), dtype=np.float64) for k in range(12)]
     for k, f in enumerate(frames):  # lossy codec: each frame is closest to its own source image
         errs = [np.abs(np.asarray(f, dtype=np.float64) - r).mean() for r in ref]
         assert int(np.argmin(errs)) == k
@@ -244,7 +244,7 @@ def test_video_file_decoding_or_missing_decoder(tmp_path):
 
 
 def test_frame_to_tile():
-    frame = testing.digit_image(4, (40, 30))
+    frame = fixtures.digit_image(4, (40, 30))
     tile = frame_to_tile(frame, 28)
     assert tile.size == (28, 28)
     np.testing.assert_array_equal(np.asarray(tile), np.asarray(frame.resize((28, 28), Image.Resampling.BICUBIC)))

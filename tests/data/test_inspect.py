@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from internvl_mcore.data.shards import ShardReader
-from internvl_mcore.data.testing import make_dataset_fixture, make_tokenizer_dir
+from tests.fixtures import make_dataset_fixture, make_tokenizer_dir
 from internvl_mcore.data.tokenizer import load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

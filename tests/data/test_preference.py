@@ -10,7 +10,7 @@ import pytest
 from internvl_mcore.data.loader import PackedDataLoader, collate
 from internvl_mcore.data.preference import prompt_length
 from internvl_mcore.data.shards import ShardReader, shard_files
-from internvl_mcore.data.testing import make_tokenizer_dir, write_image
+from tests.fixtures import make_tokenizer_dir, write_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(REPO, "tools"))

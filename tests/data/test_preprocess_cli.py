@@ -14,7 +14,7 @@ from internvl_mcore.data.packing import v2pe_position_ids
 from internvl_mcore.data.sample import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, Reject
 from internvl_mcore.data.shards import ShardReader, manifest_path, shard_files
 from internvl_mcore.data.sources import build_sample, iter_records, read_meta
-from internvl_mcore.data.testing import make_dataset_fixture, make_tokenizer_dir
+from tests.fixtures import make_dataset_fixture, make_tokenizer_dir
 from internvl_mcore.data.tokenizer import load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 
-from internvl_mcore.data import testing
+from tests import fixtures
 from internvl_mcore.data.image import find_closest_aspect_ratio
 from internvl_mcore.data.sample import Reject, TokenizedSample
 from internvl_mcore.data.sources import (
@@ -26,12 +26,12 @@ from internvl_mcore.data.tokenizer import load_tokenizer
 
 @pytest.fixture(scope="module")
 def fx(tmp_path_factory):
-    return testing.make_dataset_fixture(str(tmp_path_factory.mktemp("data")))
+    return fixtures.make_dataset_fixture(str(tmp_path_factory.mktemp("data")))
 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    return load_tokenizer(testing.make_tokenizer_dir(str(tmp_path_factory.mktemp("tok"))))
+    return load_tokenizer(fixtures.make_tokenizer_dir(str(tmp_path_factory.mktemp("tok"))))
 
 
 @pytest.fixture(scope="module")
@@ -342,7 +342,7 @@ def test_messages_to_conversations():
 
 
 def test_jsonl_messages_style_and_parquet_paths(tmp_path, tok, fx):
-    testing.write_image(str(tmp_path / "x.png"), (40, 40), seed=3)
+    fixtures.write_image(str(tmp_path / "x.png"), (40, 40), seed=3)
     spec = DatasetSpec(name="m", root=str(tmp_path), annotation=str(tmp_path / "m.jsonl"))
     payload = {"image": "x.png", "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]},
                                                {"role": "assistant", "content": "A"}]}
@@ -380,9 +380,9 @@ def test_bad_payloads_never_raise(fx, tok, specs, payload, reason):
 
 
 def test_tokenizer_without_image_tokens_rejects_image_samples(tmp_path, fx, specs):
-    from internvl_mcore.data.tokenizer import train_tiny_tokenizer
+    from internvl_mcore.data.synthetic import train_tiny_tokenizer
 
-    d = train_tiny_tokenizer(testing.tiny_corpus(300), str(tmp_path / "plain"), vocab_size=300)
+    d = train_tiny_tokenizer(fixtures.tiny_corpus(300), str(tmp_path / "plain"), vocab_size=300)
     # Rename <IMG_CONTEXT> (same id) so the tokenizer has no such token and would split the text.
     for name in ("tokenizer.json", "tokenizer_config.json"):
         path = os.path.join(d, name)

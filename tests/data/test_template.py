@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from internvl_mcore.data import testing
+from tests import fixtures
 from internvl_mcore.data.template import (
     INTERNVL2_5_SYSTEM_PROMPT,
     TemplateError,
@@ -94,8 +94,8 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def tokenizers(tmp_path_factory):
-    qwen = testing.make_tokenizer_dir(str(tmp_path_factory.mktemp("qwen")))
-    sp = testing.make_sentencepiece_dir(str(tmp_path_factory.mktemp("sp")))
+    qwen = fixtures.make_tokenizer_dir(str(tmp_path_factory.mktemp("qwen")))
+    sp = fixtures.make_sentencepiece_dir(str(tmp_path_factory.mktemp("sp")))
     return {
         "qwen2": (load_tokenizer(qwen), AutoTokenizer.from_pretrained(qwen)),
         "internlm_sp": (load_tokenizer(sp), AutoTokenizer.from_pretrained(sp)),

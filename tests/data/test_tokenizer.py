@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from internvl_mcore.data import testing
-from internvl_mcore.data.tokenizer import CHAT_SPECIAL_TOKENS, Tokenizer, load_tokenizer, train_tiny_tokenizer
+from tests import fixtures
+from internvl_mcore.data.synthetic import train_tiny_tokenizer
+from internvl_mcore.data.tokenizer import CHAT_SPECIAL_TOKENS, Tokenizer, load_tokenizer
 
 CHAT = (
     "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\n<img><IMG_CONTEXT><IMG_CONTEXT>"
@@ -38,7 +39,7 @@ EDGE = [
 
 
 def texts():
-    return testing.tiny_corpus(300, seed=7) + EDGE
+    return fixtures.tiny_corpus(300, seed=7) + EDGE
 
 
 def hf_ids(hf, text):
@@ -52,7 +53,7 @@ def assert_same_ids(ours, hf, items):
 
 @pytest.fixture(scope="module")
 def qwen_dir(tmp_path_factory):
-    return testing.make_tokenizer_dir(str(tmp_path_factory.mktemp("qwen_tok")))
+    return fixtures.make_tokenizer_dir(str(tmp_path_factory.mktemp("qwen_tok")))
 
 
 def test_tokenizer_json_matches_autotokenizer(qwen_dir):
@@ -70,7 +71,7 @@ def test_tokenizer_json_matches_autotokenizer(qwen_dir):
 
 
 def test_vocab_merges_matches_autotokenizer(qwen_dir, tmp_path):
-    d = testing.make_vocab_merges_dir(qwen_dir, str(tmp_path / "vm"))
+    d = fixtures.make_vocab_merges_dir(qwen_dir, str(tmp_path / "vm"))
     assert not os.path.exists(os.path.join(d, "tokenizer.json"))
     ours = load_tokenizer(d)
     hf = AutoTokenizer.from_pretrained(d)
@@ -92,7 +93,7 @@ def test_vocab_merges_matches_autotokenizer(qwen_dir, tmp_path):
     ],
 )
 def test_sentencepiece_matches_autotokenizer(tmp_path, add_dummy_prefix, normalization, add_prefix_space, legacy):
-    d = testing.make_sentencepiece_dir(
+    d = fixtures.make_sentencepiece_dir(
         str(tmp_path / "sp"), add_dummy_prefix=add_dummy_prefix, normalization=normalization,
         add_prefix_space=add_prefix_space, legacy=legacy,
     )
@@ -127,7 +128,7 @@ def _slow_reference(sp, added: dict, text: str) -> list:
 def test_sentencepiece_internlm_class_runs_sentencepiece_per_chunk(tmp_path, add_dummy_prefix, normalization):
     import sentencepiece as spm
 
-    d = testing.make_sentencepiece_dir(
+    d = fixtures.make_sentencepiece_dir(
         str(tmp_path / "internlm"), add_dummy_prefix=add_dummy_prefix, normalization=normalization,
         tokenizer_class="InternLM2Tokenizer",
     )
@@ -152,7 +153,7 @@ def test_sentencepiece_internlm_class_runs_sentencepiece_per_chunk(tmp_path, add
 
 @pytest.mark.parametrize("filename", ["tokenizer.model", "tiktoken.model"])
 def test_tiktoken_matches_autotokenizer(qwen_dir, tmp_path, filename):
-    d = testing.make_tiktoken_dir(qwen_dir, str(tmp_path / "tik"), filename=filename)
+    d = fixtures.make_tiktoken_dir(qwen_dir, str(tmp_path / "tik"), filename=filename)
     ours = load_tokenizer(d)
     hf = AutoTokenizer.from_pretrained(d)
     assert ours.kind == "tiktoken"
@@ -164,8 +165,8 @@ def test_tiktoken_matches_autotokenizer(qwen_dir, tmp_path, filename):
 
 def test_tiktoken_named_file_loads(qwen_dir, tmp_path):
     """`*.tiktoken` files (Qwen-1 style) load too; same ranks -> same ids as the tokenizer.model form."""
-    a = load_tokenizer(testing.make_tiktoken_dir(qwen_dir, str(tmp_path / "a"), filename="tokenizer.model"))
-    b = load_tokenizer(testing.make_tiktoken_dir(qwen_dir, str(tmp_path / "b"), filename="qwen.tiktoken"))
+    a = load_tokenizer(fixtures.make_tiktoken_dir(qwen_dir, str(tmp_path / "a"), filename="tokenizer.model"))
+    b = load_tokenizer(fixtures.make_tiktoken_dir(qwen_dir, str(tmp_path / "b"), filename="qwen.tiktoken"))
     assert all(a.encode(t) == b.encode(t) for t in texts())
 
 
@@ -177,14 +178,14 @@ def test_decode_round_trip(qwen_dir):
 
 
 def test_decode_keeps_special_tokens_sentencepiece(tmp_path):
-    tok = load_tokenizer(testing.make_sentencepiece_dir(str(tmp_path / "sp")))
+    tok = load_tokenizer(fixtures.make_sentencepiece_dir(str(tmp_path / "sp")))
     text = "<|im_start|>user\nhello world<|im_end|>\n"
     assert tok.decode(tok.encode(text)) == text
 
 
 def test_pickle_round_trip_rebuilds_backend(qwen_dir, tmp_path):
-    for d in (qwen_dir, testing.make_sentencepiece_dir(str(tmp_path / "sp")),
-              testing.make_tiktoken_dir(qwen_dir, str(tmp_path / "tik"))):
+    for d in (qwen_dir, fixtures.make_sentencepiece_dir(str(tmp_path / "sp")),
+              fixtures.make_tiktoken_dir(qwen_dir, str(tmp_path / "tik"))):
         tok = load_tokenizer(d)
         tok.encode("warm up the backend")
         blob = pickle.dumps(tok)
@@ -210,7 +211,7 @@ def test_sha256_identifies_files(qwen_dir, tmp_path):
 
 
 def test_train_tiny_tokenizer_layout(tmp_path):
-    d = train_tiny_tokenizer(testing.tiny_corpus(500), str(tmp_path / "t"), vocab_size=300)
+    d = train_tiny_tokenizer(fixtures.tiny_corpus(500), str(tmp_path / "t"), vocab_size=300)
     assert sorted(os.listdir(d)) == ["tokenizer.json", "tokenizer_config.json"]
     hf = AutoTokenizer.from_pretrained(d)
     base = len(hf) - len(CHAT_SPECIAL_TOKENS)
@@ -234,7 +235,7 @@ def test_missing_and_broken_dirs(tmp_path, qwen_dir):
         load_tokenizer(str(empty))
     # An added token whose stated id is taken by a vocab entry must fail loudly, not shift ids.
     bad = str(tmp_path / "bad")
-    testing.make_vocab_merges_dir(qwen_dir, bad)
+    fixtures.make_vocab_merges_dir(qwen_dir, bad)
     cfg_path = os.path.join(bad, "tokenizer_config.json")
     with open(cfg_path) as f:
         cfg = json.load(f)

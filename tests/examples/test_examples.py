@@ -383,7 +383,7 @@ def test_stage_trainable_parts_follow_the_stage_presets():
 # ------------------------------------------------------------------------------------------------
 # the example data
 def test_example_data_preprocesses_without_rejects(tmp_path):
-    from internvl_mcore.data.testing import make_tokenizer_dir
+    from tests.fixtures import make_tokenizer_dir
 
     prep = _load(REPO / "tools" / "preprocess_mm_data.py", "preprocess_mm_data_cli")
     tok = make_tokenizer_dir(str(tmp_path / "tok"))

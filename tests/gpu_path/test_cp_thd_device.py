@@ -1,11 +1,11 @@
-"""TE's 'thd' context-parallel split (parallel/context_thd.py): the rule, and CP2 training exactness on
+"""TE's 'thd' context-parallel split (parallel/context_parallel_thd.py): the rule, and CP2 training exactness on
 CPU through the reference attention (the GPU swaps in TE's kernel only)."""
 import json
 
 import pytest
 import torch
 
-from internvl_mcore.parallel.context_thd import ThdSplit, apply_rope, check_thd_layout, thd_padded_index
+from internvl_mcore.parallel.context_parallel_thd import ThdSplit, apply_rope, check_thd_layout, thd_padded_index
 from tests.launch import REPO, torchrun
 
 WORKER = REPO / "tests" / "gpu_path" / "thd_worker.py"

@@ -44,10 +44,11 @@ def test_foreign_device_every_tensor_follows_model_to(world):
     """`model.to(device)` must move every tensor the model uses (a plain-attribute tensor such as
     megatron-core's RotaryEmbedding.inv_freq stays behind and crashes the first GPU forward)."""
     from internvl_mcore.models.internvl import build_model
+    from internvl_mcore.parallel.state import process_groups
     from internvl_mcore.models.weights import init_weights
 
     cfg, par = world
-    model = build_model(cfg, par)
+    model = build_model(cfg, par, process_groups())
     init_weights(model, cfg, seed=0)
     held = dict(_tensors_held(model))
     assert any(p.endswith("rotary_pos_emb.inv_freq") for p in held)  # the sweep sees attributes
@@ -59,9 +60,10 @@ def test_foreign_device_every_tensor_follows_model_to(world):
 def test_foreign_device_rope_angles_on_the_positions_device(world):
     """The V2PE angles are computed on the device of the rotary buffer and the positions."""
     from internvl_mcore.models.internvl import build_model
+    from internvl_mcore.parallel.state import process_groups
 
     cfg, par = world
-    lm = build_model(cfg, par).language_model.to("meta")
+    lm = build_model(cfg, par, process_groups()).language_model.to("meta")
     rot = lm.rope(torch.zeros(2, 8, device="meta"))
     assert rot.device.type == "meta" and tuple(rot.shape) == (8, 2, 1, cfg.llm.head_dim)
 
@@ -187,11 +189,12 @@ def _te_doubles():
 def _build(world, backend, seed, monkeypatch):
     from internvl_mcore.models import specs
     from internvl_mcore.models.internvl import build_model
+    from internvl_mcore.parallel.state import process_groups
     from internvl_mcore.models.weights import init_weights
 
     monkeypatch.setattr(specs, "_te_modules", _te_doubles)
     cfg, par = world
-    model = build_model(cfg, par, backend=backend)
+    model = build_model(cfg, par, process_groups(), backend=backend)
     init_weights(model, cfg, seed=seed)
     return model
 
@@ -315,8 +318,9 @@ def test_bf16_model_is_bf16_throughout_on_every_device(world):
     """megatron-core's torch norm wrapper ignores params_dtype; fp32 norm weights in a bf16 model made
     the mixed-precision optimizer's checkpoint fail (--bf16 --save), on CPU and on GPU without TE."""
     from internvl_mcore.models.internvl import build_model
+    from internvl_mcore.parallel.state import process_groups
 
     cfg, par = world
-    model = build_model(cfg, par, dtype=torch.bfloat16)
+    model = build_model(cfg, par, process_groups(), dtype=torch.bfloat16)
     assert {n for n, p in model.named_parameters() if p.dtype != torch.bfloat16} == set()
     assert model.language_model.rotary_pos_emb.inv_freq.dtype == torch.float32

@@ -72,6 +72,7 @@ def test_gpu_check_cpu_reference_round_trip_on_device_cpu(gpu_check, tmp_path):
     """The CPU half of the cpu_ckpt_into_te check, and the load/compare half run on the CPU."""
     from internvl_mcore.config import ParallelConfig, get_preset
     from internvl_mcore.models.internvl import build_model
+    from internvl_mcore.parallel.state import process_groups
     from internvl_mcore.parallel.state import init_distributed
     from internvl_mcore.training.checkpoint import load_weights
 
@@ -80,7 +81,7 @@ def test_gpu_check_cpu_reference_round_trip_on_device_cpu(gpu_check, tmp_path):
                   env={"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
     init_distributed(ParallelConfig(), seed=0)
     cfg = get_preset("debug")
-    model = build_model(cfg, ParallelConfig()).eval()
+    model = build_model(cfg, ParallelConfig(), process_groups()).eval()
     load_weights(tmp_path / "ckpt", model, cfg)
     ids, pos, pixels, cu = gpu_check._probe(cfg)
     with torch.no_grad():

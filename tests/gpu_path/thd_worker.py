@@ -6,6 +6,7 @@ through the CPU reference attention, vs the single-process step (run under torch
 Positions are V2PE-like fractions (x 0.37), so a path that re-derived integer positions would fail.
 """
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -27,13 +28,14 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 
 from internvl_mcore.models.internvl import build_model  # noqa: E402
-from internvl_mcore.models.weights import Layout, init_weights, local_params  # noqa: E402
+from internvl_mcore.parallel.state import process_groups  # noqa: E402
+from internvl_mcore.models.weights import ShardPlacement, init_weights, local_params  # noqa: E402
 from internvl_mcore.training.mock import mock_batches  # noqa: E402
 from internvl_mcore.training.step import forward_step  # noqa: E402
 
 cfg = get_preset("debug")
 SEQ, MBS, GBS = 62, 2, 4  # 62: samples of odd lengths, padded per sample to multiples of 2C
-model = build_model(cfg, par)
+model = build_model(cfg, par, process_groups())
 assert model.cp_layout == ("thd" if a.cp > 1 else "none"), model.cp_layout
 init_weights(model, cfg, seed=11)
 ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
@@ -49,12 +51,12 @@ def v2pe(batches):
 batches = v2pe(mock_batches(cfg, seed=3, seq_length=SEQ, tiles=1, micro_batch_size=MBS, global_batch_size=GBS,
                             dp_rank=0, dp_size=1))
 ddp.zero_grad_buffer()
-losses = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=batches, model=[ddp],
+losses = get_forward_backward_func()(forward_step_func=functools.partial(forward_step, cp_split=model.cp_split), data_iterator=batches, model=[ddp],
                                      num_microbatches=GBS // MBS, seq_length=SEQ, micro_batch_size=MBS)
 tot = sum(x["lm loss"] for x in losses).double()
 dist.all_reduce(tot, group=ps.get_data_parallel_group(with_context_parallel=True))
 loss = float(tot[0] / tot[1])
-grads = {name: p.main_grad.detach().clone() for _, name, p in local_params(model, Layout.of(model))}
+grads = {name: p.main_grad.detach().clone() for _, name, p in local_params(model, ShardPlacement.of(model))}
 out = Path(a.out)
 if a.cp == 1:
     torch.save({"loss": loss, "grads": grads}, out / "ref.pt")

@@ -41,12 +41,13 @@ def base_ckpt(tmp_path_factory) -> Path:
     from internvl_mcore.config import ParallelConfig, get_preset
     from internvl_mcore.convert import save_canonical
     from internvl_mcore.models.internvl import build_model
+    from internvl_mcore.parallel.state import process_groups
     from internvl_mcore.models.weights import canonical_state_dict, init_weights
     from internvl_mcore.parallel.state import init_distributed
 
     init_distributed(ParallelConfig(), seed=0)
     cfg = get_preset("debug")
-    model = build_model(cfg, ParallelConfig())
+    model = build_model(cfg, ParallelConfig(), process_groups())
     init_weights(model, cfg, seed=77)
     path = tmp_path_factory.mktemp("base") / "canonical"
     save_canonical(path, cfg, canonical_state_dict(model), source={"format": "transformers", "dtype": "float32"})

@@ -47,10 +47,11 @@ def our_logits(ckpt, ids: torch.Tensor, pixels: torch.Tensor, with_adapters: boo
     """Our TP1 model on the checkpoint's base weights, with (or without) its adapters attached."""
     from internvl_mcore.config import ParallelConfig
     from internvl_mcore.models.internvl import build_model
+    from internvl_mcore.parallel.state import process_groups
     from internvl_mcore.models.lora import add_lora
     from internvl_mcore.models.weights import load_canonical
 
-    model = build_model(ckpt.config, ParallelConfig())
+    model = build_model(ckpt.config, ParallelConfig(), process_groups())
     load_canonical(model, ckpt.base, ckpt.config)
     if with_adapters:
         add_lora(model, ckpt.lora.config, ckpt.config, seed=0)

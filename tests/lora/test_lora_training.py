@@ -132,11 +132,12 @@ def test_pretrained_lora_checkpoint_loads_merged(ref_run) -> None:
     from internvl_mcore.config import ParallelConfig, get_preset
     from internvl_mcore.convert.lora_export import merge_adapters, read_lora_checkpoint
     from internvl_mcore.models.internvl import build_model
+    from internvl_mcore.parallel.state import process_groups
     from internvl_mcore.models.weights import canonical_state_dict
     from internvl_mcore.training.checkpoint import load_weights
 
     cfg = get_preset("debug")
-    model = build_model(cfg, ParallelConfig())
+    model = build_model(cfg, ParallelConfig(), process_groups())
     assert "merged" in load_weights(ref_run["save"], model, cfg)
     assert not any(".lora." in n for n, _ in model.named_parameters())
     ckpt = read_lora_checkpoint(ref_run["save"])

@@ -41,11 +41,13 @@ def world():
 def _ours(hf_dir: Path, ckpt: Path, par):
     from internvl_mcore.convert import CanonicalCheckpoint, convert_hf_to_checkpoint
     from internvl_mcore.models.internvl import build_model
+    from internvl_mcore.models.weights import load_canonical
+    from internvl_mcore.parallel.state import process_groups
 
     convert_hf_to_checkpoint(hf_dir, ckpt)
     loaded = CanonicalCheckpoint.open(ckpt)
-    model = build_model(loaded.config, par).eval()
-    loaded.load_into(model)
+    model = build_model(loaded.config, par, process_groups()).eval()
+    load_canonical(model, loaded.tensors, loaded.config)
     return model, loaded.config
 
 

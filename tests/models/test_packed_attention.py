@@ -10,10 +10,11 @@ def model():
 
     init_distributed(ParallelConfig(), seed=1)
     from internvl_mcore.models.internvl import build_model
+    from internvl_mcore.parallel.state import process_groups
     from internvl_mcore.models.weights import init_weights
 
     cfg = get_preset("debug")
-    m = build_model(cfg, ParallelConfig())
+    m = build_model(cfg, ParallelConfig(), process_groups())
     init_weights(m, cfg, seed=3)
     return m.eval(), cfg
 

@@ -14,6 +14,7 @@ re-imports __main__.
 """
 import argparse
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def canonical_grads(ddp: torch.nn.Module, cfg: ModelConfig) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
 
-    from internvl_mcore.models.weights import Layout, local_params
+    from internvl_mcore.models.weights import ShardPlacement, local_params
     from internvl_mcore.training.mock import mock_batches
     from internvl_mcore.training.step import forward_step
 
@@ -41,19 +42,20 @@ def canonical_grads(ddp: torch.nn.Module, cfg: ModelConfig) -> dict:
     batches = mock_batches(cfg, seed=3, seq_length=SEQ, tiles=1, micro_batch_size=1, global_batch_size=GBS,
                            dp_rank=ps.get_data_parallel_rank(), dp_size=dp)
     ddp.zero_grad_buffer()
-    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=batches, model=[ddp],
+    get_forward_backward_func()(forward_step_func=functools.partial(forward_step, cp_split=ddp.module.cp_split),
+                                data_iterator=batches, model=[ddp],
                                 num_microbatches=GBS // dp, seq_length=SEQ, micro_batch_size=1)
     clear_aux_losses_tracker()  # the training steps log their own aux losses
-    grads = {name: p.main_grad.detach().clone() for _, name, p in local_params(ddp.module, Layout.of(ddp.module))}
+    grads = {name: p.main_grad.detach().clone() for _, name, p in local_params(ddp.module, ShardPlacement.of(ddp.module))}
     ddp.zero_grad_buffer()
     return grads
 
 
 def compare_grads(ddp: torch.nn.Module, cfg: ModelConfig, grads: dict, ref: dict) -> dict:
     """Worst relative error of this rank's gradient shards against the canonical reference."""
-    from internvl_mcore.models.weights import Layout, local_params, shard
+    from internvl_mcore.models.weights import ShardPlacement, local_params, shard
 
-    layout = Layout.of(ddp.module)
+    layout = ShardPlacement.of(ddp.module)
     worst, worst_name, checked, experts = 0.0, "", 0, 0
     for _, name, p in local_params(ddp.module, layout):
         expect = shard(ref[name], name, p, cfg, layout)

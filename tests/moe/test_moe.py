@@ -86,8 +86,9 @@ def ep2_run(converted, reference, tmp_path_factory):
 
 def _ours(model_cfg, par, load):
     from internvl_mcore.models.internvl import build_model
+    from internvl_mcore.parallel.state import process_groups
 
-    model = build_model(model_cfg, par).eval()
+    model = build_model(model_cfg, par, process_groups()).eval()
     load(model)
     return model
 
@@ -96,6 +97,7 @@ def _ours(model_cfg, par, load):
 @torch.no_grad()
 def test_logits_match_transformers(world, hf_model, tmp_path, layout):
     from internvl_mcore.convert import CanonicalCheckpoint, convert_hf_to_checkpoint
+    from internvl_mcore.models.weights import load_canonical
 
     hf_dir = (save_transformers_dir(hf_model, tmp_path / "hf") if layout == "transformers"
               else write_internvl_dir(hf_model, tmp_path / "hf", family="qwen3_moe"))
@@ -106,7 +108,7 @@ def test_logits_match_transformers(world, hf_model, tmp_path, layout):
     # router_aux_loss_coef 0.01 x top-k 2 / 2 layers: megatron-core's per-layer coefficient
     assert m.moe_aux_loss_coeff == pytest.approx(0.01)
     ckpt = CanonicalCheckpoint.open(tmp_path / "ckpt")
-    ours = _ours(ckpt.config, world, ckpt.load_into)
+    ours = _ours(ckpt.config, world, lambda m: load_canonical(m, ckpt.tensors, ckpt.config))
 
     ids, pixels = tiny_batch(seed=3)
     want = hf_model(input_ids=ids, pixel_values=pixels).logits  # (B, S, V)

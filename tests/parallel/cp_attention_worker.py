@@ -32,7 +32,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_batch_on_this_cp_rank
 
 from internvl_mcore.models.attention import PackedSDPAttention, packed_seq_params_from_cu_seqlens
-from internvl_mcore.parallel.context import ContextParallelAttention, gather_from_cp, split_for_cp
+from internvl_mcore.parallel.context_parallel import ContextParallelAttention, gather_from_cp, split_for_cp
 
 C = a.cp
 ps.initialize_model_parallel(context_parallel_size=C, hierarchical_context_parallel_sizes=a.hcp)
@@ -71,13 +71,26 @@ CASES = {  # name: (B, hq, hkv, cu_seqlens or None, mask type, (query tile, key 
 }
 P2P_ONLY = {"gqa-1kv": (2, 4, 1, rows([0, 9, S], [0, 31, S]), AttnMaskType.causal, (6, 5))}
 
-# megatron-core passes pg_collection with tp/cp only (no hcp); the module falls back to parallel_state
-pg_modes = {"pg-none": None, "pg-tp-cp": ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])}
+# the groups are passed explicitly (no global fallback): the collection init_distributed returns
+# (every group, hcp included); a missing collection, or a2a+p2p without its hcp groups, is refused
+pg_modes = {"pg": ProcessGroupCollection.use_mpu_process_groups()}
+tp_cp_only = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
+
+
+def refusal(comm: str, pgc) -> str | None:
+    try:
+        ContextParallelAttention(config(4, 4, comm), 1, AttnMaskType.causal, cp_comm_type=comm, pg_collection=pgc)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
 
 report = {"rank": rank}
 for comm in a.comms:
     cases = {**CASES, **(P2P_ONLY if comm == "p2p" else {})}
-    got = report[comm] = {"cases": {}}
+    got = report[comm] = {"cases": {}, "no_groups": refusal(comm, None)}
+    if comm == "a2a+p2p":
+        got["no_hcp"] = refusal(comm, tp_cp_only)
     for case_no, (name, (B, hq, hkv, cu, mask_type, tile)) in enumerate(cases.items()):
         g = torch.Generator().manual_seed(case_no)  # same tensors on every rank
         q = torch.randn(S, B, hq, D, generator=g)
@@ -112,7 +125,8 @@ for comm in a.comms:
     if comm in ("a2a", "a2a+p2p"):
         size = C if comm == "a2a" else a.hcp[0]
         hq, hkv = 2 * size, 1  # kv heads not divisible by the all-to-all size
-        attn = ContextParallelAttention(config(hq, hkv, comm), 1, AttnMaskType.causal, cp_comm_type=comm)
+        attn = ContextParallelAttention(config(hq, hkv, comm), 1, AttnMaskType.causal, cp_comm_type=comm,
+                                        pg_collection=pg_modes["pg"])
         try:
             attn(*(torch.randn(S // C, 1, h, D) for h in (hq, hkv, hkv)), None)
             got["refused"] = None

@@ -4,6 +4,7 @@
 otherwise: load the reference, compare this rank's loss and gradient shards, write a JSON report.
 """
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -30,13 +31,14 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from internvl_mcore.models.internvl import build_model
-from internvl_mcore.models.weights import Layout, init_weights, local_params, shard
+from internvl_mcore.parallel.state import process_groups
+from internvl_mcore.models.weights import ShardPlacement, init_weights, local_params, shard
 from internvl_mcore.training.mock import mock_batches
 from internvl_mcore.training.step import forward_step
 
 cfg = get_preset(a.model)
 SEQ, GBS = 64, 4
-model = build_model(cfg, par)
+model = build_model(cfg, par, process_groups())
 init_weights(model, cfg, seed=11)
 ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
     grad_reduce_in_fp32=True, use_distributed_optimizer=a.dist_opt), model)
@@ -45,14 +47,14 @@ dp = ps.get_data_parallel_world_size()
 batches = mock_batches(cfg, seed=3, seq_length=SEQ, tiles=1, micro_batch_size=1, global_batch_size=GBS,
                        dp_rank=ps.get_data_parallel_rank(), dp_size=dp)
 ddp.zero_grad_buffer()
-losses = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=batches, model=[ddp],
+losses = get_forward_backward_func()(forward_step_func=functools.partial(forward_step, cp_split=model.cp_split), data_iterator=batches, model=[ddp],
                                      num_microbatches=GBS // dp, seq_length=SEQ, micro_batch_size=1)
 loss = None
 if ps.is_pipeline_last_stage():
     tot = sum(x["lm loss"] for x in losses).double()
     dist.all_reduce(tot, group=ps.get_data_parallel_group())
     loss = float(tot[0] / tot[1])
-layout = Layout.of(model)
+layout = ShardPlacement.of(model)
 grads = {name: p.main_grad.detach().clone() for _, name, p in local_params(model, layout)}
 out = Path(a.out)
 if a.ref:

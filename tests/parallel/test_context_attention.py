@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from internvl_mcore.parallel.context import (PackedRows, cp_chunk_starts, cp_token_indices, gather_from_cp,
+from internvl_mcore.parallel.context_parallel import (PackedRows, cp_chunk_starts, cp_token_indices, gather_from_cp,
                                              split_for_cp)
 from tests.launch import REPO, torchrun
 
@@ -50,7 +50,10 @@ def test_cp_attention_matches_full_attention(cp_reports, cp, comm):
         got = rep[comm]
         names = {key.split("/")[0] for key in got["cases"]}
         assert EXPECTED_CASES <= names, names
-        assert len(got["cases"]) == 2 * len(names)  # pg_collection=None and megatron's tp/cp collection
+        assert len(got["cases"]) == len(names)
+        assert "pg_collection" in got["no_groups"], got["no_groups"]  # no silent global fallback
+        if comm == "a2a+p2p":
+            assert "hierarchical" in got["no_hcp"], got["no_hcp"]
         for key, errs in got["cases"].items():
             assert errs["ref_grad_scale"] > 1e-2, (key, errs)  # the gradients compared are not trivially 0
             for what in ("out", "dq", "dk", "dv", "gathered"):
@@ -100,6 +103,6 @@ def test_packed_rows_follow_cu_seqlens():
 
 def test_whole_row_split_never_selects_te_attention():
     # TE's CP expects per-sample 'thd' splitting; split_for_cp's whole-row layout needs the local module
-    from internvl_mcore.parallel.context import ContextParallelAttention, cp_core_attention
+    from internvl_mcore.parallel.context_parallel import ContextParallelAttention, cp_core_attention
     assert cp_core_attention("local") is ContextParallelAttention
     assert cp_core_attention("te", "sbhd") is ContextParallelAttention

@@ -10,6 +10,7 @@ under torch.autograd.graph.saved_tensors_hooks, counting the distinct non-parame
 for backward.
 """
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # n
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 
 from internvl_mcore.models.internvl import build_model  # noqa: E402
+from internvl_mcore.parallel.state import process_groups  # noqa: E402
 from internvl_mcore.models.weights import init_weights  # noqa: E402
 from internvl_mcore.training.mock import mock_batches, mock_sample  # noqa: E402
 from internvl_mcore.training.batch import Batch  # noqa: E402
@@ -122,7 +124,7 @@ for case in cases:
     init_distributed(par, seed=1)
     cfg = get_preset(case["model"])
     dtype = torch.bfloat16 if case.get("bf16") else torch.float32
-    model = build_model(cfg, par, dtype=dtype)
+    model = build_model(cfg, par, process_groups(), dtype=dtype)
     init_weights(model, cfg, seed=3)
     for name, q in model.named_parameters():
         q.requires_grad_(PART_OF[name.split(".", 1)[0]] in case["trainable"])
@@ -139,7 +141,7 @@ for case in cases:
                            dp_rank=ps.get_data_parallel_rank(), dp_size=dp)
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
-    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=batches, model=[ddp],
+    get_forward_backward_func()(forward_step_func=functools.partial(forward_step, cp_split=model.cp_split), data_iterator=batches, model=[ddp],
                                 num_microbatches=2, seq_length=seq, micro_batch_size=1, forward_only=False)
     optimizer.step()
     params, grads, opt = held_bytes(model, ddp, optimizer)

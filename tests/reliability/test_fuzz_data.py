@@ -168,7 +168,8 @@ def parquet_input(draw):
 
 @pytest.fixture(scope="module")
 def context(tmp_path_factory):
-    from internvl_mcore.data.tokenizer import load_tokenizer, train_tiny_tokenizer
+    from internvl_mcore.data.synthetic import train_tiny_tokenizer
+    from internvl_mcore.data.tokenizer import load_tokenizer
 
     corpus = [f"Question {i}: what is {i} plus {i}? Answer: {2 * i}." for i in range(200)]
     tokenizer = load_tokenizer(train_tiny_tokenizer(corpus, str(tmp_path_factory.mktemp("tok")), vocab_size=300))

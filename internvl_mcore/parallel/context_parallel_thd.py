@@ -1,6 +1,6 @@
 """Context parallelism in transformer-engine's 'thd' layout: the per-sample load-balanced split.
 
-`parallel/context.py` splits whole packed rows (2C chunks per row). TE's context-parallel attention
+`parallel/context_parallel.py` splits whole packed rows (2C chunks per row). TE's context-parallel attention
 takes packed batches only as 'thd' (tokens of the whole microbatch in one stream, sample boundaries
 in cu_seqlens) and splits *every sample*: each sample is padded to a multiple of 2C
 (`cu_seqlens_padded`), cut into 2C chunks, and CP rank r keeps chunks r and 2C-1-r of every sample,
@@ -32,6 +32,16 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..models.attention import PackedSDPAttention, packed_seq_params_from_cu_seqlens
+
+
+def required_cp_group(pg_collection: Any) -> dist.ProcessGroup:
+    """The context-parallel group of the collection the model was built with (no global fallback:
+    a core attention built without it would silently use whatever world is current)."""
+    cp = getattr(pg_collection, "cp", None)
+    if cp is None:
+        raise ValueError("context-parallel attention needs pg_collection with a 'cp' group "
+                         "(build the model with the groups init_distributed returns)")
+    return cp
 
 
 @dataclass
@@ -74,7 +84,7 @@ class ThdSplit:
         cu = (torch.arange(0, total + 1, seq_len) if cu_seqlens is None
               else cu_seqlens.detach().to("cpu", torch.int64))
         if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
-            raise ValueError(f"parallel/context_thd.py: cu_seqlens must rise from 0 to B*S = {total}, "
+            raise ValueError(f"parallel/context_parallel_thd.py: cu_seqlens must rise from 0 to B*S = {total}, "
                              f"got {cu.tolist()[:8]}...")
         m = 2 * cp_size
         lengths = cu[1:] - cu[:-1]
@@ -147,12 +157,10 @@ class ThdContextParallelAttention(MegatronModule):
                  softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
                  pg_collection: Any = None, **kwargs: Any) -> None:
         super().__init__(config=config)
-        from megatron.core import parallel_state
-
-        cp = getattr(pg_collection, "cp", None) if pg_collection is not None else None
-        self.cp_group = cp if cp is not None else parallel_state.get_context_parallel_group()
+        self.cp_group = required_cp_group(pg_collection)
         self.kernel = None
         if self.use_te:
+            # transformer-engine is an optional GPU extra: imported only when its kernel is asked for
             from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
             self.kernel = TEDotProductAttention(config, layer_number, attn_mask_type, attention_type,
@@ -167,7 +175,7 @@ class ThdContextParallelAttention(MegatronModule):
                 packed_seq_params: Optional[PackedSeqParams] = None) -> torch.Tensor:
         freqs = getattr(packed_seq_params, "rotary_freqs", None)
         if packed_seq_params is None or packed_seq_params.qkv_format != "thd" or freqs is None:
-            raise ValueError("parallel/context_thd.py: this core attention takes 'thd' batches from "
+            raise ValueError("parallel/context_parallel_thd.py: this core attention takes 'thd' batches from "
                              "ThdSplit (ThdPackedSeqParams with rotary_freqs)")
         query, key = apply_rope(query, freqs), apply_rope(key, freqs)
         if self.kernel is not None:

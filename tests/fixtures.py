@@ -1,4 +1,6 @@
-"""Small, deterministic fixtures for tests and demos (no hub, no downloads).
+"""Small, deterministic fixtures for the tests (no hub, no downloads).
+
+The demo's tokenizer trainer and corpus live in internvl_mcore/data/synthetic.py (re-exported here).
 
 Tokenizers
     tiny_corpus(n, seed)                          -> list[str]   English/Chinese/emoji/digit/whitespace mix
@@ -34,35 +36,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from .tokenizer import CHAT_SPECIAL_TOKENS, train_tiny_tokenizer
+from internvl_mcore.data.sources import PreprocessOptions
+from internvl_mcore.data.synthetic import make_tokenizer_dir, tiny_corpus, train_tiny_tokenizer  # noqa: F401 (re-exported)
+from internvl_mcore.data.tokenizer import CHAT_SPECIAL_TOKENS
 
 # --------------------------------------------------------------------------------------------------
 # Text and tokenizers
 # --------------------------------------------------------------------------------------------------
-
-_WORDS = (
-    "the a an cat dog bird image picture photo shows red blue green yellow what is in this describe "
-    "color number digit zero one two three four five six seven eight nine answer question left right "
-    "top bottom frame video first second how many are there it's don't I'll we've "
-    "你好 世界 图片 中的 是什么 这是 一只 猫 naïve café über déjà résumé 😺 🚀 ½ №"
-).split()
-_ENDINGS = (".", "?", "!", "\n", "\n\n", "  ", " 123", " 4567.", ":\n- item", "\t", "")
-
-
-def tiny_corpus(n: int = 2000, seed: int = 0) -> list[str]:
-    """`n` short pseudo-sentences covering ASCII, accents, CJK, emoji, digits and whitespace runs."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        words = [rng.choice(_WORDS) for _ in range(rng.randint(2, 14))]
-        out.append(" ".join(words) + rng.choice(_ENDINGS))
-    return out
-
-
-def make_tokenizer_dir(out_dir: str, vocab_size: int = 600, seed: int = 0) -> str:
-    """A Qwen2-style HF tokenizer dir (tokenizer.json + tokenizer_config.json) with the chat special tokens."""
-    return train_tiny_tokenizer(tiny_corpus(3000, seed), out_dir, vocab_size=vocab_size)
-
 
 def make_vocab_merges_dir(src_dir: str, out_dir: str) -> str:
     """Rewrite a tokenizer.json dir (byte-level BPE) as vocab.json + merges.txt + tokenizer_config.json."""
@@ -305,8 +285,6 @@ class DataFixture:
     max_num_frames: int = 4
 
     def options(self, **overrides):
-        from .sources import PreprocessOptions
-
         kw = dict(
             image_size=self.image_size,
             num_image_token=self.num_image_token,

@@ -29,7 +29,7 @@ GPU / transformer-engine: this module also runs on CUDA (plain torch + torch.dis
 supports batch_isend_irecv and all_to_all_single) but is not tuned for it (fp32 tiles, host syncs
 per tile). With TE the default is TE's own CP (`--cp-split auto` -> 'thd'): TE takes packed rows
 only as 'thd', with *each sample* padded to a multiple of 2C and split into 2C chunks, so that path
-has its own split and core attention (parallel/context_thd.py); `cp_core_attention` picks.
+has its own split and core attention (parallel/context_parallel_thd.py); `cp_core_attention` picks.
 """
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..models.attention import PackedSDPAttention
+from .context_parallel_thd import ThdContextParallelAttention, check_thd_layout, required_cp_group
 
 CP_COMM_TYPES = ("p2p", "a2a", "a2a+p2p")
 
@@ -53,9 +54,9 @@ CP_COMM_TYPES = ("p2p", "a2a", "a2a+p2p")
 # load-balanced sequence split
 def _chunk_len(seq_len: int, cp_size: int) -> int:
     if cp_size < 1:
-        raise ValueError(f"parallel/context.py: cp_size must be >= 1, got {cp_size}")
+        raise ValueError(f"parallel/context_parallel.py: cp_size must be >= 1, got {cp_size}")
     if seq_len % (2 * cp_size):
-        raise ValueError(f"parallel/context.py: sequence length {seq_len} is not divisible by "
+        raise ValueError(f"parallel/context_parallel.py: sequence length {seq_len} is not divisible by "
                          f"2 x --context-parallel-size = {2 * cp_size}; pad the packs")
     return seq_len // (2 * cp_size)
 
@@ -64,7 +65,7 @@ def cp_chunk_starts(seq_len: int, cp_rank: int, cp_size: int) -> list[int]:
     """Global start positions of the two chunks CP rank `cp_rank` holds, in local order."""
     length = _chunk_len(seq_len, cp_size)
     if not 0 <= cp_rank < cp_size:
-        raise ValueError(f"parallel/context.py: cp_rank {cp_rank} outside [0, {cp_size})")
+        raise ValueError(f"parallel/context_parallel.py: cp_rank {cp_rank} outside [0, {cp_size})")
     return [cp_rank * length, (2 * cp_size - 1 - cp_rank) * length]
 
 
@@ -89,7 +90,7 @@ def gather_from_cp(parts: Sequence[torch.Tensor], seq_dim: int) -> torch.Tensor:
     seq_dim = seq_dim % parts[0].dim()
     local = parts[0].shape[seq_dim]
     if local % 2:
-        raise ValueError(f"parallel/context.py: a CP part holds two equal chunks, got length {local}")
+        raise ValueError(f"parallel/context_parallel.py: a CP part holds two equal chunks, got length {local}")
     chunks: list[Optional[torch.Tensor]] = [None] * (2 * cp_size)
     for r, part in enumerate(parts):
         first, second = part.split(local // 2, dim=seq_dim)
@@ -122,13 +123,13 @@ class PackedRows:
         else:
             bounds = cu.detach().to("cpu", torch.int64)
             if bounds.numel() < 2 or int(bounds[0]) != 0 or int(bounds[-1]) != total:
-                raise ValueError(f"parallel/context.py: cu_seqlens must run from 0 to B*S = {total} "
+                raise ValueError(f"parallel/context_parallel.py: cu_seqlens must run from 0 to B*S = {total} "
                                  f"(the GLOBAL, unsplit boundaries), got {bounds.tolist()[:8]}...")
             if bool((bounds[1:] < bounds[:-1]).any()):
-                raise ValueError("parallel/context.py: cu_seqlens must be non-decreasing")
+                raise ValueError("parallel/context_parallel.py: cu_seqlens must be non-decreasing")
             rows = torch.arange(0, total + 1, seq_len)
             if not bool(torch.isin(rows, bounds).all()):
-                raise ValueError(f"parallel/context.py: cu_seqlens {bounds.tolist()} lets a sample span two "
+                raise ValueError(f"parallel/context_parallel.py: cu_seqlens {bounds.tolist()} lets a sample span two "
                                  f"rows of length {seq_len}; every row start must be a boundary")
         flat = torch.arange(total)
         seg = torch.searchsorted(bounds[1:], flat, right=True)  # skips empty samples
@@ -445,38 +446,34 @@ class ContextParallelAttention(MegatronModule):
         attention_dropout: Optional[float] = None,
         softmax_scale: Optional[float] = None,
         cp_comm_type: Optional[str] = None,
-        pg_collection: Any = None,
+        pg_collection: Any = None,  # required; None only because megatron-core passes it by keyword
         query_tile: int = 256,
         key_tile: int = 1024,
         **kwargs: Any,
     ) -> None:
         super().__init__(config=config)
         if attention_type != "self":
-            raise ValueError(f"parallel/context.py: only self-attention is context-split, got {attention_type!r}")
+            raise ValueError(f"parallel/context_parallel.py: only self-attention is context-split, got {attention_type!r}")
         self.attn_mask_type = attn_mask_type
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.cp_comm_type = cp_comm_type or "p2p"  # megatron-core / TE default
         if self.cp_comm_type not in CP_COMM_TYPES:
-            raise ValueError(f"parallel/context.py: --cp-comm-type {self.cp_comm_type!r} is not supported "
+            raise ValueError(f"parallel/context_parallel.py: --cp-comm-type {self.cp_comm_type!r} is not supported "
                              f"by the local core attention; choose one of {CP_COMM_TYPES}")
         self.query_tile, self.key_tile = query_tile, key_tile
         # the whole-row packed attention for C = 1 and inside the a2a scheme (no parameters)
         self.local = PackedSDPAttention(config, layer_number, attn_mask_type, attention_type,
                                         attention_dropout, softmax_scale)
 
-        from megatron.core import parallel_state
-        cp = getattr(pg_collection, "cp", None) if pg_collection is not None else None
-        self.cp_group = cp if cp is not None else parallel_state.get_context_parallel_group(check_initialized=False)
-        self.cp_size = self.cp_group.size() if self.cp_group is not None else 1
-        self.cp_rank = self.cp_group.rank() if self.cp_group is not None else 0
+        self.cp_group = required_cp_group(pg_collection)
+        self.cp_size = self.cp_group.size()
+        self.cp_rank = self.cp_group.rank()
         self.a2a_group = self.p2p_group = None
         if self.cp_size > 1 and self.cp_comm_type == "a2a+p2p":
-            hcp = getattr(pg_collection, "hcp", None) if pg_collection is not None else None
-            if hcp is None:
-                hcp = parallel_state.get_hierarchical_context_parallel_groups(check_initialized=False)
+            hcp = getattr(pg_collection, "hcp", None)
             if hcp is None or len(hcp) != 2:
-                raise ValueError("parallel/context.py: --cp-comm-type a2a+p2p needs the two hierarchical CP "
+                raise ValueError("parallel/context_parallel.py: --cp-comm-type a2a+p2p needs the two hierarchical CP "
                                  "groups: initialize_model_parallel(..., hierarchical_context_parallel_sizes"
                                  "=[A, P]) (--hierarchical-context-parallel-sizes A P)")
             self.a2a_group, self.p2p_group = hcp
@@ -492,7 +489,7 @@ class ContextParallelAttention(MegatronModule):
         if (a * p != self.cp_size or self.cp_rank != j * a + i
                 or dist.get_process_group_ranks(self.a2a_group) != expect_a2a
                 or dist.get_process_group_ranks(self.p2p_group) != expect_p2p):
-            raise ValueError(f"parallel/context.py: hierarchical CP groups {dist.get_process_group_ranks(self.a2a_group)}"
+            raise ValueError(f"parallel/context_parallel.py: hierarchical CP groups {dist.get_process_group_ranks(self.a2a_group)}"
                              f" x {dist.get_process_group_ranks(self.p2p_group)} do not tile the CP group "
                              f"{cp_ranks} as [A consecutive ranks] x [stride-A ring]")
 
@@ -509,12 +506,12 @@ class ContextParallelAttention(MegatronModule):
         if self.cp_size == 1:
             return self.local(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
         if attention_bias is not None:
-            raise ValueError("parallel/context.py: attention bias is not supported")
+            raise ValueError("parallel/context_parallel.py: attention bias is not supported")
         n, b, hq, d = query.shape
         hkv = key.shape[2]
         c = self.cp_size
         if n % 2:
-            raise ValueError(f"parallel/context.py: {n} local tokens cannot be the two equal chunks of a CP rank")
+            raise ValueError(f"parallel/context_parallel.py: {n} local tokens cannot be the two equal chunks of a CP rank")
         seq_len = n * c
         cu = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
         mask_type = attn_mask_type or self.attn_mask_type
@@ -523,7 +520,7 @@ class ContextParallelAttention(MegatronModule):
             return self._forward_a2a(query, key, value, attention_mask, mask_type, packed_seq_params)
 
         if self.training and self.dropout_p > 0:
-            raise NotImplementedError("parallel/context.py: attention dropout is not implemented for the "
+            raise NotImplementedError("parallel/context_parallel.py: attention dropout is not implemented for the "
                                       f"ring (--cp-comm-type {self.cp_comm_type}); set --attention-dropout 0")
         rows = PackedRows.from_cu_seqlens(cu, b, seq_len)
         L = seq_len // (2 * c)
@@ -554,7 +551,7 @@ class ContextParallelAttention(MegatronModule):
     @staticmethod
     def _check_heads(hq: int, hkv: int, size: int, what: str) -> None:
         if hq % size or hkv % size:
-            raise ValueError(f"parallel/context.py: --cp-comm-type {what} splits heads over {size} ranks, but this "
+            raise ValueError(f"parallel/context_parallel.py: --cp-comm-type {what} splits heads over {size} ranks, but this "
                              f"rank has {hq} query and {hkv} key/value heads (after tensor parallelism); "
                              f"both must be divisible by {size} -- use p2p or a smaller all-to-all group")
 
@@ -590,11 +587,9 @@ def cp_core_attention(split: str = "row", backend: str = "local") -> type:
     """The core-attention class a layer spec uses with --context-parallel-size > 1.
 
     split "row" (whole packed rows, `split_for_cp`): `ContextParallelAttention` on every device.
-    split "thd" (per-sample, TE's layout; parallel/context_thd.py): `ThdContextParallelAttention`,
+    split "thd" (per-sample, TE's layout; parallel/context_parallel_thd.py): `ThdContextParallelAttention`,
     with TE's kernel for backend "te" and the exact all-gather reference otherwise."""
     if split == "thd":
-        from .context_thd import ThdContextParallelAttention
-
         if backend == "te":
             return type("ThdContextParallelAttentionTE", (ThdContextParallelAttention,), {"use_te": True})
         return ThdContextParallelAttention
@@ -604,10 +599,8 @@ def cp_core_attention(split: str = "row", backend: str = "local") -> type:
 def resolve_cp_split(split: str, backend: str, pipeline: int = 1, sequence_parallel: bool = False,
                      cp_comm_type: str = "p2p") -> str:
     """--cp-split auto: TE's per-sample 'thd' split with the TE backend where the layout allows it
-    (parallel/context_thd.py: check_thd_layout), whole rows otherwise."""
+    (parallel/context_parallel_thd.py: check_thd_layout), whole rows otherwise."""
     if split == "auto":
-        from .context_thd import check_thd_layout
-
         ok = backend == "te" and not check_thd_layout(pipeline, sequence_parallel, cp_comm_type)
         return "thd" if ok else "row"
     return split

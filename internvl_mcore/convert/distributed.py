@@ -1,123 +1,38 @@
-"""The training-checkpoint side of the converters, and the two end-to-end conversions.
+"""Conversions that need the model built in a parallel layout (spawned gloo worlds):
 
-Checkpoint format (one module, so it can be swapped for megatron-core dist_checkpointing later):
-a *canonical* directory, independent of the parallel layout:
-
-    CKPT/model_config.json   {"format_version", "model": ModelConfig, "source": {format, dtype,
-                               hf_config}, "layout": {tensor/pipeline parallel sizes it was made for}}
-    CKPT/model.safetensors   or model-0000k-of-0000n.safetensors + model.safetensors.index.json,
-                             holding the canonical state dict (models/weights.py names, TP1/PP1)
-
-Any rank of any TP/PP layout loads its shards from it with `weights.load_canonical` (reading only
-the tensors it needs; `--pretrained` in training/checkpoint.py does this); `gather_canonical_state`
-is the inverse, from a sharded model back to the canonical dict. `verify_layout` runs both in
-spawned gloo processes to prove a layout loads. Training checkpoints (megatron-core
-dist_checkpointing, written by training/checkpoint.py) are exported by loading them in the layout
-they were saved with and gathering (`training_checkpoint_to_canonical`).
+`gather_canonical_state` (a TP/PP-sharded model -> the canonical dict, inverse of
+`weights.load_canonical`), `verify_layout` (load + gather in a TP x PP world, compared bit for bit),
+`training_checkpoint_to_canonical` (a megatron-core dist_checkpointing training checkpoint, loaded in
+the layout it was saved with and gathered), and `convert_checkpoint_to_hf` (canonical or training
+checkpoint -> HF). The canonical directory itself: convert/canonical.py.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import re
 import socket
+import tempfile
+import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from megatron.core.utils import unwrap_model
 
-from ..config.model import LLMConfig, ModelConfig, ParallelConfig, VisionConfig
-from .hf import (DEFAULT_MAX_SHARD_BYTES, MODEL_TYPE_OF_FORMAT, ConversionError, SafetensorsDir, ShardedWriter,
-                 canonical_to_hf, copy_side_files, dtype_name, hf_config_for, hf_to_canonical,
-                 model_config_from_hf, parse_dtype, read_hf_config, source_dtype, write_hf_dir)
-
-META_NAME = "model_config.json"
-FORMAT_VERSION = 1
-
-
-def model_config_to_dict(cfg: ModelConfig) -> dict:
-    """ModelConfig -> plain JSON-able dict."""
-    return dataclasses.asdict(cfg)
-
-
-def model_config_from_dict(d: Mapping[str, Any]) -> ModelConfig:
-    """Inverse of `model_config_to_dict`; unknown keys are refused by name."""
-    d = dict(d)
-    try:
-        vision = VisionConfig(**d.pop("vision"))
-        llm = LLMConfig(**d.pop("llm"))
-        return ModelConfig(vision=vision, llm=llm, **d)
-    except TypeError as e:
-        raise ConversionError(f"{META_NAME}: {e}") from None
-
-
-@dataclass
-class CanonicalCheckpoint:
-    """An opened canonical checkpoint directory (tensors are read lazily)."""
-
-    path: Path
-    config: ModelConfig
-    meta: dict
-    tensors: SafetensorsDir
-
-    @staticmethod
-    def open(path: str | os.PathLike) -> "CanonicalCheckpoint":
-        path = Path(path)
-        meta_path = path / META_NAME
-        if not meta_path.exists():
-            raise FileNotFoundError(f"{meta_path}: not a canonical checkpoint (no {META_NAME})")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ConversionError(f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
-        return CanonicalCheckpoint(path, model_config_from_dict(meta["model"]), meta, SafetensorsDir(path))
-
-    @property
-    def source_dtype(self) -> torch.dtype:
-        """dtype of the HF checkpoint it came from (the default export dtype)."""
-        return parse_dtype(self.meta.get("source", {}).get("dtype", "float32"))
-
-    def load_into(self, model: torch.nn.Module) -> None:
-        """Fill this rank's shards of `model` (any TP/PP layout)."""
-        from ..models.weights import load_canonical
-
-        load_canonical(model, self.tensors, self.config)
-
-
-def save_canonical(out_dir: str | os.PathLike, cfg: ModelConfig, tensors: Any, source: Mapping[str, Any] | None = None,
-                   layout: ParallelConfig | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Write a canonical checkpoint from (name, tensor) pairs (an iterator is streamed)."""
-    out = Path(out_dir)
-    writer = ShardedWriter(out, max_shard_bytes)
-    items = tensors.items() if isinstance(tensors, Mapping) else tensors
-    for name, t in items:
-        writer.add(name, t)
-    writer.close()
-    layout = layout or ParallelConfig()
-    meta = {"format_version": FORMAT_VERSION, "model": model_config_to_dict(cfg), "source": dict(source or {}),
-            "layout": {"tensor_model_parallel_size": layout.tensor_model_parallel_size,
-                       "pipeline_model_parallel_size": layout.pipeline_model_parallel_size}}
-    (out / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-    return out
-
-
-# =============================================================================================
-# end-to-end conversions
-# =============================================================================================
-
-def convert_hf_to_checkpoint(hf_dir: str | os.PathLike, save: str | os.PathLike, layout: ParallelConfig | None = None,
-                             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = False) -> ModelConfig:
-    """Read an HF checkpoint (either layout; the format and model come from config.json) and write a
-    canonical checkpoint. Everything is validated before the first tensor is converted."""
-    hf_config = read_hf_config(hf_dir)
-    cfg, fmt = model_config_from_hf(hf_config, hf_dir)
-    src = SafetensorsDir(hf_dir)
-    dtype = source_dtype(src)
-    source = {"format": fmt, "dtype": dtype_name(dtype), "hf_config": hf_config, "hf_dir": str(Path(hf_dir).resolve())}
-    save_canonical(save, cfg, hf_to_canonical(src, cfg, fmt, progress=progress), source, layout, max_shard_bytes)
-    return cfg
+from ..checkpoint_format import is_training_checkpoint, resolve_iteration_dir
+from ..config.model import ModelConfig, ParallelConfig
+from ..models.checkpoint_weights import load_training_weights
+from ..models.internvl import build_model
+from ..models.sharding import rule_for
+from ..models.weights import ShardPlacement, is_expert_param, load_canonical, local_params
+from ..parallel.state import destroy_distributed, init_distributed
+from .canonical import CanonicalCheckpoint, model_config_from_dict, save_canonical
+from .hf import canonical_to_hf
+from .hf_config import MODEL_TYPE_OF_FORMAT, hf_config_for, read_hf_config
+from .safetensors_io import DEFAULT_MAX_SHARD_BYTES, ConversionError, copy_side_files, write_hf_dir
 
 
 def convert_checkpoint_to_hf(load: str | os.PathLike, save: str | os.PathLike, fmt: str,
@@ -129,11 +44,7 @@ def convert_checkpoint_to_hf(load: str | os.PathLike, save: str | os.PathLike, f
     config.json starts from the template dir's config.json, else the source's config.json (kept in the
     checkpoint) when the formats agree, so keys we do not model survive; side files (remote code,
     tokenizer) are copied from `template_dir`."""
-    from ..training.checkpoint import is_training_checkpoint
-
     if is_training_checkpoint(load):
-        import tempfile
-
         with tempfile.TemporaryDirectory(dir=Path(save).parent if Path(save).parent.exists() else None) as tmp:
             training_checkpoint_to_canonical(load, tmp)
             return convert_checkpoint_to_hf(tmp, save, fmt, template_dir, dtype, max_shard_bytes, progress)
@@ -164,27 +75,9 @@ def convert_checkpoint_to_hf(load: str | os.PathLike, save: str | os.PathLike, f
 # sharded model -> canonical (inverse of weights.shard)
 # =============================================================================================
 
-def _shard_rule(name: str) -> Any:
-    from ..models.weights import SHARD_RULES
-
-    return next((r for r in SHARD_RULES if re.search(r.pattern, name)), None)
-
-
 def unshard(parts: Sequence[torch.Tensor], name: str, param: torch.nn.Parameter, cfg: ModelConfig) -> torch.Tensor:
     """The canonical tensor from every TP rank's piece (in TP rank order); inverse of `weights.shard`."""
-    dim = param.partition_dim
-    rule = _shard_rule(name)
-    kind = rule.kind if rule is not None else None
-    if kind == "gated":
-        halves = [p.chunk(2, dim=dim) for p in parts]
-        return torch.cat([torch.cat([h[0] for h in halves], dim=dim), torch.cat([h[1] for h in halves], dim=dim)], dim=dim)
-    full = torch.cat(list(parts), dim=dim)
-    if kind == "heads":
-        block = cfg.vision.head_dim * (3 if rule.block == "3d" else 1)
-        return full.narrow(dim, 0, cfg.vision.num_attention_heads * block)
-    if kind == "vocab":
-        return full.narrow(0, 0, cfg.llm.vocab_size)
-    return full
+    return rule_for(name).unshard(list(parts), param.partition_dim, cfg)
 
 
 @torch.no_grad()
@@ -192,22 +85,17 @@ def gather_canonical_state(model: torch.nn.Module, cfg: ModelConfig) -> dict[str
     """The full canonical state dict of a TP/PP-sharded model on global rank 0 (None elsewhere).
 
     Tensors travel through gloo/pickle: meant for verification and small models, not for saving
-    large training checkpoints (that is megatron-core dist_checkpointing's job)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from ..models.weights import Layout, local_params
-
-    from ..models.weights import is_expert_param
-
-    layout = Layout.of(model)
+    large training checkpoints (that is megatron-core dist_checkpointing's job). The groups are the
+    ones the model was built with (`model.pg_collection`)."""
+    pg = unwrap_model(model).pg_collection
+    layout = ShardPlacement.of(model)
     local: dict[str, torch.Tensor] = {}
     for _, name, p in local_params(model, layout):
         t = p.detach().contiguous()
         expert = is_expert_param(name)
         size = layout.for_param(name)[1]
         if getattr(p, "tensor_model_parallel", False) and size > 1:
-            group = ps.get_expert_tensor_parallel_group() if expert else ps.get_tensor_model_parallel_group()
+            group = pg.expt_tp if expert else pg.tp
             parts = [torch.empty_like(t) for _ in range(size)]
             dist.all_gather(parts, t, group=group)
             t = unshard(parts, name, p, cfg)
@@ -215,15 +103,15 @@ def gather_canonical_state(model: torch.nn.Module, cfg: ModelConfig) -> dict[str
     if layout.ep_size > 1:  # every expert-parallel rank holds other experts: collect them all
         mine = {k: v for k, v in local.items() if is_expert_param(k)}
         expert_pieces: list[Any] = [None] * layout.ep_size
-        dist.all_gather_object(expert_pieces, mine, group=ps.get_expert_model_parallel_group())
+        dist.all_gather_object(expert_pieces, mine, group=pg.ep)
         for piece in expert_pieces:
             local.update(piece)
-    if ps.get_data_parallel_rank() != 0 or ps.get_tensor_model_parallel_rank() != 0:
+    if pg.dp.rank() != 0 or pg.tp.rank() != 0:
         return None
-    pp = ps.get_pipeline_model_parallel_world_size()
+    pp = pg.pp.size()
     if pp > 1:
-        pieces: list[Any] = [None] * pp if ps.get_pipeline_model_parallel_rank() == 0 else None
-        dist.gather_object(local, pieces, group=ps.get_pipeline_model_parallel_group(), group_dst=0)
+        pieces: list[Any] = [None] * pp if pg.pp.rank() == 0 else None
+        dist.gather_object(local, pieces, group=pg.pp, group_dst=0)
         if pieces is None:
             return None
         merged: dict[str, torch.Tensor] = {}
@@ -246,17 +134,14 @@ def _layout_worker(rank: int, world: int, port: int, tp: int, pp: int,
                    jobs: Sequence[tuple[str, str | None]], result_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    from ..models.internvl import build_model
-    from ..parallel.state import destroy_distributed, init_distributed
-
     par = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    init_distributed(par, seed=0)
+    pg = init_distributed(par, seed=0)
     report = []
     try:
         for ckpt_dir, out_dir in jobs:
             ckpt = CanonicalCheckpoint.open(ckpt_dir)
-            model = build_model(ckpt.config, par)
-            ckpt.load_into(model)
+            model = build_model(ckpt.config, par, pg)
+            load_canonical(model, ckpt.tensors, ckpt.config)
             state = gather_canonical_state(model, ckpt.config)
             if state is None:
                 continue
@@ -275,10 +160,6 @@ def _layout_worker(rank: int, world: int, port: int, tp: int, pp: int,
 
 def _spawn(fn: Any, nprocs: int, args: tuple, timeout_s: float, what: str) -> None:
     """Run fn(rank, nprocs, port, *args) in `nprocs` spawned processes (a gloo world) and wait."""
-    import time
-
-    import torch.multiprocessing as mp
-
     ctx = mp.start_processes(fn, args=(nprocs, _free_port(), *args), nprocs=nprocs, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=1.0):
@@ -294,8 +175,6 @@ def verify_layout(jobs: Sequence[tuple[str | os.PathLike, str | os.PathLike | No
     gather it back, and compare bit for bit with the file. `jobs`: (checkpoint dir, optional dir
     to write the gathered canonical checkpoint to). Returns one report per checkpoint; raises
     if any tensor differs."""
-    import tempfile
-
     jobs = [(str(c), None if o is None else str(o)) for c, o in jobs]
     with tempfile.TemporaryDirectory() as tmp:
         _spawn(_layout_worker, tp * pp, (tp, pp, jobs, tmp), timeout_s, f"verify_layout tp={tp} pp={pp}")
@@ -307,31 +186,19 @@ def verify_layout(jobs: Sequence[tuple[str | os.PathLike, str | os.PathLike | No
 
 
 # =============================================================================================
-# training checkpoints (megatron-core dist_checkpointing, internvl_mcore/training/checkpoint.py)
+# training checkpoints (megatron-core dist_checkpointing; format: internvl_mcore/checkpoint_format.py)
 # =============================================================================================
-
-def _training_run_info(path: Path) -> tuple[Path, dict]:
-    from ..training.checkpoint import TRACKER, latest_iteration
-
-    if (path / TRACKER).exists():
-        path = path / f"iter_{latest_iteration(path):07d}"
-    return path, json.loads((path / "run.json").read_text())
-
 
 def _export_worker(rank: int, world: int, port: int, tp: int, pp: int, ckpt: str, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    from ..models.internvl import build_model
-    from ..parallel.state import destroy_distributed, init_distributed
-    from ..training.checkpoint import load_weights
-
     par = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    init_distributed(par, seed=0)
+    pg = init_distributed(par, seed=0)
     try:
-        _, info = _training_run_info(Path(ckpt))
+        _, info = resolve_iteration_dir(Path(ckpt))
         cfg = model_config_from_dict(info["model"])
-        model = build_model(cfg, par)
-        load_weights(ckpt, model, cfg)
+        model = build_model(cfg, par, pg)
+        load_training_weights(ckpt, model, cfg)
         state = gather_canonical_state(model, cfg)
         if state is not None:
             source = info.get("source") or {"dtype": "float32"}
@@ -347,12 +214,10 @@ def training_checkpoint_to_canonical(path: str | os.PathLike, out_dir: str | os.
     The checkpoint is loaded in the TP x PP layout it was saved with (spawned gloo processes, data
     parallel size 1), so padded vision heads and vocabulary rows match whatever the saving layout
     had, then gathered and unpadded on rank 0: memory there is one full copy of the model."""
-    from ..training.checkpoint import is_training_checkpoint
-
     path = Path(path)
     if not is_training_checkpoint(path):
         raise ConversionError(f"{path}: not a training checkpoint (no run.json or latest_checkpointed_iteration.txt)")
-    _, info = _training_run_info(path)
+    _, info = resolve_iteration_dir(path)
     layout = info.get("layout", {})
     tp = int(layout.get("tensor_model_parallel_size", 1))
     pp = int(layout.get("pipeline_model_parallel_size", 1))

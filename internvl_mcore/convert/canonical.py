@@ -1,0 +1,109 @@
+"""The canonical checkpoint directory, independent of the parallel layout:
+
+    CKPT/model_config.json   {"format_version", "model": ModelConfig, "source": {format, dtype,
+                               hf_config}, "layout": {tensor/pipeline parallel sizes it was made for}}
+    CKPT/model.safetensors   or model-0000k-of-0000n.safetensors + model.safetensors.index.json,
+                             holding the canonical state dict (models/weights.py names, TP1/PP1)
+
+and `convert_hf_to_checkpoint` (HF -> canonical, streaming). Any rank of any TP/PP layout loads its
+shards from it with `models/weights.py: load_canonical` (reading only the tensors it needs). What
+needs a model built in a parallel layout (gathering, verifying a layout, exporting a training
+checkpoint, canonical -> HF) is in convert/distributed.py. This module imports no megatron-core, so
+the CLIs' flag parsing (convert/source.py) stays light.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..config.model import LLMConfig, ModelConfig, ParallelConfig, VisionConfig
+from .hf import hf_to_canonical
+from .hf_config import model_config_from_hf, read_hf_config
+from .safetensors_io import (DEFAULT_MAX_SHARD_BYTES, ConversionError, SafetensorsDir, ShardedWriter, dtype_name,
+                             parse_dtype, source_dtype)
+
+META_NAME = "model_config.json"
+FORMAT_VERSION = 1
+
+
+def model_config_to_dict(cfg: ModelConfig) -> dict:
+    """ModelConfig -> plain JSON-able dict."""
+    return dataclasses.asdict(cfg)
+
+
+def model_config_from_dict(d: Mapping[str, Any]) -> ModelConfig:
+    """Inverse of `model_config_to_dict`; unknown keys are refused by name."""
+    d = dict(d)
+    try:
+        vision = VisionConfig(**d.pop("vision"))
+        llm = LLMConfig(**d.pop("llm"))
+        return ModelConfig(vision=vision, llm=llm, **d)
+    except TypeError as e:
+        raise ConversionError(f"{META_NAME}: {e}") from None
+
+
+@dataclass
+class CanonicalCheckpoint:
+    """An opened canonical checkpoint directory (tensors are read lazily)."""
+
+    path: Path
+    config: ModelConfig
+    meta: dict
+    tensors: SafetensorsDir
+
+    @staticmethod
+    def open(path: str | os.PathLike) -> "CanonicalCheckpoint":
+        path = Path(path)
+        meta_path = path / META_NAME
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{meta_path}: not a canonical checkpoint (no {META_NAME})")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ConversionError(f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+        return CanonicalCheckpoint(path, model_config_from_dict(meta["model"]), meta, SafetensorsDir(path))
+
+    @property
+    def source_dtype(self) -> torch.dtype:
+        """dtype of the HF checkpoint it came from (the default export dtype)."""
+        return parse_dtype(self.meta.get("source", {}).get("dtype", "float32"))
+
+
+
+def save_canonical(out_dir: str | os.PathLike, cfg: ModelConfig, tensors: Any, source: Mapping[str, Any] | None = None,
+                   layout: ParallelConfig | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Write a canonical checkpoint from (name, tensor) pairs (an iterator is streamed)."""
+    out = Path(out_dir)
+    writer = ShardedWriter(out, max_shard_bytes)
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    for name, t in items:
+        writer.add(name, t)
+    writer.close()
+    layout = layout or ParallelConfig()
+    meta = {"format_version": FORMAT_VERSION, "model": model_config_to_dict(cfg), "source": dict(source or {}),
+            "layout": {"tensor_model_parallel_size": layout.tensor_model_parallel_size,
+                       "pipeline_model_parallel_size": layout.pipeline_model_parallel_size}}
+    (out / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+# =============================================================================================
+# end-to-end conversions
+# =============================================================================================
+
+def convert_hf_to_checkpoint(hf_dir: str | os.PathLike, save: str | os.PathLike, layout: ParallelConfig | None = None,
+                             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = False) -> ModelConfig:
+    """Read an HF checkpoint (either layout; the format and model come from config.json) and write a
+    canonical checkpoint. Everything is validated before the first tensor is converted."""
+    hf_config = read_hf_config(hf_dir)
+    cfg, fmt = model_config_from_hf(hf_config, hf_dir)
+    src = SafetensorsDir(hf_dir)
+    dtype = source_dtype(src)
+    source = {"format": fmt, "dtype": dtype_name(dtype), "hf_config": hf_config, "hf_dir": str(Path(hf_dir).resolve())}
+    save_canonical(save, cfg, hf_to_canonical(src, cfg, fmt, progress=progress), source, layout, max_shard_bytes)
+    return cfg

@@ -1,0 +1,309 @@
+"""HF checkpoint directories on disk: sharded safetensors read and written with plain file I/O
+(`SafetensorsDir`, `ShardedWriter`), dtype names, config.json + side files of an HF directory, and
+the converters' error type. No model knowledge here (config.json <-> ModelConfig: convert/hf_config.py;
+tensor conversion through the key maps: convert/hf.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import torch
+
+CONFIG_NAME = "config.json"
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024 ** 3
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+_ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+class ConversionError(ValueError):
+    """A checkpoint that does not fit its config or the key map (the message names the key)."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch dtype -> the name config.json uses ("bfloat16")."""
+    return _DTYPE_NAMES[dtype]
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """"bf16" / "bfloat16" / "fp32" / "float32" / "fp16" / "float16" -> torch dtype."""
+    aliases = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+    by_name = {v: k for k, v in _DTYPE_NAMES.items()}
+    key = aliases.get(name, name)
+    if key not in by_name:
+        raise ValueError(f"unknown dtype {name!r}; choose bf16, fp16 or fp32")
+    return by_name[key]
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB' / '500MB' / '64KB' / '1024' (bytes) -> bytes."""
+    if isinstance(text, int):
+        return text
+    units = {"KB": 1024, "MB": 1024 ** 2, "GB": 1024 ** 3}
+    upper = text.strip().upper()
+    for unit, mult in units.items():
+        if upper.endswith(unit):
+            return int(float(upper[: -len(unit)]) * mult)
+    return int(upper)
+
+
+# =============================================================================================
+# safetensors directories
+# =============================================================================================
+
+# safetensors files are read and written here with plain file I/O rather than the safetensors
+# library: its reader memory-maps files, so every byte read stays in the process's RSS until the
+# file is closed, and its writer serializes a whole shard to a second in-memory copy. The format is
+# an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}} padded to
+# 8 bytes, then the raw tensor bytes.
+
+@dataclass(frozen=True)
+class _TensorInfo:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    """Absolute byte offset of the data in the file."""
+    nbytes: int
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """(header dict, byte offset where the data starts) of a safetensors file."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ConversionError(f"{path}: not a safetensors file (too short)")
+        n = int.from_bytes(raw, "little")
+        try:
+            return json.loads(f.read(n)), 8 + n
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConversionError(f"{path}: unreadable safetensors header ({e})") from None
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """Write contiguous CPU tensors as one safetensors file, straight from their memory."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    names = sorted(tensors)
+    for name in names:
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name in names:
+            t = tensors[name]
+            if t.numel():
+                f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+class SafetensorsDir(Mapping[str, torch.Tensor]):
+    """Lazy read-only view of the tensors of a directory of (sharded) safetensors files.
+
+    Indexing reads one tensor from disk; shapes and dtypes come from the headers."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        index = self.path / INDEX_NAME
+        if index.exists():
+            files = sorted({self.path / f for f in json.loads(index.read_text())["weight_map"].values()})
+        else:
+            files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{self.path}: no *.safetensors files (and no {INDEX_NAME})")
+        self._info: dict[str, _TensorInfo] = {}
+        for f in files:
+            if not f.exists():
+                raise FileNotFoundError(f"{f}: listed in {index} but missing")
+            header, data_start = read_safetensors_header(f)
+            for name, h in header.items():
+                if name == "__metadata__":
+                    continue
+                if h["dtype"] not in _ST_DTYPES:
+                    raise ConversionError(f"{f}: tensor {name!r} has unsupported dtype {h['dtype']}")
+                begin, end = h["data_offsets"]
+                self._info[name] = _TensorInfo(f, _ST_DTYPES[h["dtype"]], tuple(h["shape"]), data_start + begin, end - begin)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        info = self._info.get(name)
+        if info is None:
+            raise KeyError(f"{self.path}: no tensor {name!r}")
+        buf = bytearray(info.nbytes)
+        with open(info.file, "rb") as f:
+            f.seek(info.start)
+            if f.readinto(buf) != info.nbytes:
+                raise ConversionError(f"{info.file}: truncated data for tensor {name!r}")
+        if not info.nbytes:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._info)
+
+    def __len__(self) -> int:
+        return len(self._info)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._info
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape from the file header."""
+        return self._info[name].shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        """dtype from the file header."""
+        return self._info[name].dtype
+
+    def where(self, name: str) -> str:
+        """The file holding `name` (for error messages)."""
+        return str(self._info[name].file)
+
+
+class Renamed(Mapping[str, torch.Tensor]):
+    """A view of `base` with key prefixes rewritten (`aliases`: (seen prefix, canonical prefix))."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor], aliases: Iterable[tuple[str, str]]) -> None:
+        self.base = base
+        self._orig: dict[str, str] = {}
+        aliases = tuple(aliases)
+        for k in base:
+            new = next((to + k[len(frm):] for frm, to in aliases if k.startswith(frm)), k)
+            if new in self._orig:
+                raise ConversionError(f"tensors {self._orig[new]!r} and {k!r} are the same weight under two names")
+            self._orig[new] = k
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.base[self._orig[name]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._orig)
+
+    def __len__(self) -> int:
+        return len(self._orig)
+
+    def original(self, name: str) -> str:
+        return self._orig[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tensor_shape(self.base, self._orig[name])
+
+
+def tensor_shape(src: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
+    shape = getattr(src, "shape", None)
+    return shape(name) if callable(shape) else tuple(src[name].shape)
+
+
+class ShardedWriter:
+    """Writes tensors into safetensors shards of at most `max_shard_bytes` as they arrive, then an
+    index (transformers' naming: `model.safetensors` alone, or `model-0000k-of-0000n.safetensors` +
+    `model.safetensors.index.json`). Holds at most one shard in memory."""
+
+    def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_shard_bytes
+        self._buf: dict[str, torch.Tensor] = {}
+        self._buf_bytes = 0
+        self._shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue one tensor (copied to a contiguous CPU tensor); flushes a full shard first."""
+        if name in self._buf or any(name in s for s in self._shards):
+            raise ConversionError(f"tensor {name!r} written twice")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._buf and self._buf_bytes + nbytes > self.max_bytes:
+            self._flush()
+        self._buf[name] = tensor.detach().to("cpu").contiguous()
+        self._buf_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _tmp(self, k: int) -> Path:
+        return self.out / f".shard-{k:05d}.safetensors.tmp"
+
+    def _flush(self) -> None:
+        if not self._buf:
+            return
+        write_safetensors(self._tmp(len(self._shards)), self._buf, metadata={"format": "pt"})
+        self._shards.append(list(self._buf))
+        self._buf, self._buf_bytes = {}, 0
+
+    def close(self) -> list[Path]:
+        """Write the last shard, name the files, write the index; returns the shard paths."""
+        self._flush()
+        n = len(self._shards)
+        if n == 0:
+            raise ConversionError("no tensors to write")
+        if n == 1:
+            final = [self.out / SINGLE_NAME]
+        else:
+            final = [self.out / f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        for k, path in enumerate(final):
+            os.replace(self._tmp(k), path)
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_bytes},
+                     "weight_map": {name: final[k].name for k, names in enumerate(self._shards) for name in sorted(names)}}
+            (self.out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return final
+
+
+# =============================================================================================
+# directories
+# =============================================================================================
+
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "model.safetensors.index.json",
+                 "pytorch_model.bin.index.json", CONFIG_NAME)
+
+
+def copy_side_files(template_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[str]:
+    """Copy everything but weights and config.json (remote-code .py files, tokenizer, processor and
+    generation configs) from the checkpoint the model started from."""
+    src, dst = Path(template_dir), Path(out_dir)
+    skip = {p.name for pattern in _WEIGHT_FILES for p in src.glob(pattern)}
+    copied = []
+    for p in sorted(src.iterdir()):
+        if p.name in skip or p.name.startswith("."):
+            continue
+        if p.is_dir():
+            shutil.copytree(p, dst / p.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(p, dst / p.name)
+        copied.append(p.name)
+    return copied
+
+
+def write_hf_dir(out_dir: str | os.PathLike, tensors: Iterable[tuple[str, torch.Tensor]], config: Mapping[str, Any],
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[Path]:
+    """Write config.json and the (sharded) safetensors of `tensors`, streaming."""
+    out = Path(out_dir)
+    writer = ShardedWriter(out, max_shard_bytes)
+    for name, t in tensors:
+        writer.add(name, t)
+    files = writer.close()
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return files
+
+
+def source_dtype(src: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """The dtype most of a checkpoint's floating-point tensors have (what an export reproduces)."""
+    counts: dict[torch.dtype, int] = {}
+    dtype_of = getattr(src, "dtype", None)
+    for name in src:
+        dt = dtype_of(name) if callable(dtype_of) else src[name].dtype
+        counts[dt] = counts.get(dt, 0) + 1
+    return max(counts, key=counts.get) if counts else torch.float32

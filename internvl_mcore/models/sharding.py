@@ -1,0 +1,121 @@
+"""Sharding rules: how a canonical (TP 1) tensor is cut into tensor-parallel pieces and put back.
+
+One rule object per kind of split, each owning its three operations, so that the model loader
+(models/weights.py: `shard`, `canonical_shape`), the converter (convert/canonical.py: `unshard`)
+and the planner's padding arithmetic (plan/params.py) cannot disagree:
+
+    even      plain column/row/expert split along the partition dim (megatron-core's own rule)
+    heads     InternViT attention: split by heads, zero heads padded up to a multiple of TP
+    gated     SwiGLU fc1 [gate; up]: each half split separately, a rank holds [gate_r; up_r]
+    vocab     embedding / output rows: zero rows padded to `padded_vocab_size` (lcm(128, TP))
+
+Which parameter follows which rule is data (`SHARD_RULES`, regexes on the canonical name); a
+parameter matching none is split evenly. Replicated parameters (no `tensor_model_parallel` tag)
+are not split at all; the callers check the tag. No megatron-core import: the planner uses this.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..config.model import ModelConfig, padded_vision_heads, padded_vocab_size
+
+
+@dataclass(frozen=True)
+class EvenSplit:
+    """Equal consecutive chunks along the partition dim (column, row and expert linears)."""
+
+    def shard(self, full: torch.Tensor, dim: int, rank: int, size: int, cfg: ModelConfig) -> torch.Tensor:
+        return self.pad(full, dim, size, cfg).chunk(size, dim=dim)[rank]
+
+    def unshard(self, parts: list[torch.Tensor], dim: int, cfg: ModelConfig) -> torch.Tensor:
+        return self.unpad(torch.cat(list(parts), dim=dim), dim, cfg)
+
+    def canonical_shape(self, local: tuple[int, ...], dim: int, size: int, cfg: ModelConfig) -> tuple[int, ...]:
+        shape = list(local)
+        shape[dim] = self.unpadded(local[dim] * size, size, cfg)
+        return tuple(shape)
+
+    # padding hooks: none for an even split
+    def pad(self, full: torch.Tensor, dim: int, size: int, cfg: ModelConfig) -> torch.Tensor:
+        return full
+
+    def unpad(self, full: torch.Tensor, dim: int, cfg: ModelConfig) -> torch.Tensor:
+        return full
+
+    def unpadded(self, padded_len: int, size: int, cfg: ModelConfig) -> int:
+        return padded_len
+
+
+@dataclass(frozen=True)
+class HeadSplit(EvenSplit):
+    """Split by InternViT heads; zero heads are appended until the head count divides by TP."""
+
+    heads_per_block: int = 1
+    """Head-sized blocks per head along the split dim: 3 for fused q,k,v, else 1."""
+
+    def _block(self, cfg: ModelConfig) -> int:
+        return cfg.vision.head_dim * self.heads_per_block
+
+    def pad(self, full: torch.Tensor, dim: int, size: int, cfg: ModelConfig) -> torch.Tensor:
+        real = cfg.vision.num_attention_heads
+        pad_shape = list(full.shape)
+        pad_shape[dim] = (padded_vision_heads(real, size) - real) * self._block(cfg)
+        return torch.cat([full, full.new_zeros(pad_shape)], dim=dim)
+
+    def unpad(self, full: torch.Tensor, dim: int, cfg: ModelConfig) -> torch.Tensor:
+        return full.narrow(dim, 0, cfg.vision.num_attention_heads * self._block(cfg))
+
+    def unpadded(self, padded_len: int, size: int, cfg: ModelConfig) -> int:
+        return cfg.vision.num_attention_heads * self._block(cfg)
+
+
+@dataclass(frozen=True)
+class VocabSplit(EvenSplit):
+    """Embedding / output rows, zero rows appended up to `padded_vocab_size` (dim 0)."""
+
+    def pad(self, full: torch.Tensor, dim: int, size: int, cfg: ModelConfig) -> torch.Tensor:
+        rows = padded_vocab_size(full.shape[0], size)
+        return torch.cat([full, full.new_zeros((rows - full.shape[0],) + tuple(full.shape[1:]))], dim=0)
+
+    def unpad(self, full: torch.Tensor, dim: int, cfg: ModelConfig) -> torch.Tensor:
+        return full.narrow(0, 0, cfg.llm.vocab_size)
+
+    def unpadded(self, padded_len: int, size: int, cfg: ModelConfig) -> int:
+        return cfg.llm.vocab_size
+
+
+@dataclass(frozen=True)
+class GatedSplit(EvenSplit):
+    """SwiGLU fc1 = [gate; up]: rank r holds [gate_r; up_r] (megatron-core's swiglu sharding)."""
+
+    def shard(self, full: torch.Tensor, dim: int, rank: int, size: int, cfg: ModelConfig) -> torch.Tensor:
+        gate, up = full.chunk(2, dim=dim)
+        return torch.cat([gate.chunk(size, dim=dim)[rank], up.chunk(size, dim=dim)[rank]], dim=dim)
+
+    def unshard(self, parts: list[torch.Tensor], dim: int, cfg: ModelConfig) -> torch.Tensor:
+        halves = [p.chunk(2, dim=dim) for p in parts]
+        return torch.cat([torch.cat([h[0] for h in halves], dim=dim), torch.cat([h[1] for h in halves], dim=dim)],
+                         dim=dim)
+
+
+EVEN = EvenSplit()
+
+_VIT_ATTN = r"vision_model\.encoder\.layers\.\d+\.self_attention\."
+SHARD_RULES: tuple[tuple[str, EvenSplit], ...] = (
+    (_VIT_ATTN + r"linear_qkv\.(weight|bias)$", HeadSplit(heads_per_block=3)),
+    (_VIT_ATTN + r"linear_proj\.weight$", HeadSplit()),
+    (_VIT_ATTN + r"[qk]_layernorm\.weight$", HeadSplit()),
+    (r"language_model\.decoder\.layers\.\d+\.mlp\.(experts\.local_experts\.\d+\.)?linear_fc1\.weight$", GatedSplit()),
+    (r"language_model\.(embedding\.word_embeddings|output_layer)\.weight$", VocabSplit()),
+)
+"""(regex on the canonical name, rule); first match wins, no match: EVEN."""
+
+_COMPILED = tuple((re.compile(pattern), rule) for pattern, rule in SHARD_RULES)
+
+
+def rule_for(name: str) -> EvenSplit:
+    """The sharding rule of the canonical parameter `name`."""
+    return next((rule for pattern, rule in _COMPILED if pattern.search(name)), EVEN)
