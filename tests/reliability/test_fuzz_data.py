@@ -8,7 +8,8 @@ preference record. Every resulting item must be either
     tile, one <IMG_CONTEXT> run of num_image_token x tiles per image), or
   - a Reject with a documented reason, its file and line, and never `internal_error` (the label of
     an exception we did not foresee, i.e. a bug).
-2,000 inputs per CI run (deterministic); FUZZ_EXAMPLES=10000 for a longer run. The count is printed.
+2,000 inputs per CI run (derandomized; hypothesis also mixes in constants it finds in the source, so the
+exact inputs move with the code); FUZZ_EXAMPLES=10000 for a longer run. The count is printed.
 """
 from __future__ import annotations
 
