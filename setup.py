@@ -36,6 +36,7 @@ setup(
             "matplotlib",
             "av",  # video files in the data pipeline's tests (optional at run time)
             "peft",  # LoRA export test: PeftModel.from_pretrained on the transformers export (no torchvision)
+            "hypothesis",  # tests/reliability/test_fuzz_data.py: generated records, conversations and image bytes
         ],
     },
 )

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             decode = tok.decode
             if tok_info.get("sha256") and tok.sha256 != tok_info["sha256"]:
                 print(f"warning: tokenizer at {tok_dir} differs from the one the shards were built with", file=sys.stderr)
-        except (FileNotFoundError, ValueError) as e:
+        except (OSError, ValueError) as e:
             print(f"warning: cannot load tokenizer ({e}); showing token ids", file=sys.stderr)
     print(describe_pack(reader, args.sample, decode))
     return 0
@@ -94,4 +94,6 @@ def print_summaries(prefixes: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from internvl_mcore.cli_errors import run_cli
+
+    sys.exit(run_cli(main, "inspect_shards"))

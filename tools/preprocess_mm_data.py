@@ -5,8 +5,11 @@ r"""Build packed, indexed training shards from InternVL meta JSON (JSONL / parqu
         --seq-length 16384 --workers 2
 
 Writes OUT_{tokens,loss_mask,position_ids,num_tiles,source,tiles}.{bin,idx}, OUT.manifest.json and
-OUT.rejects.jsonl, prints a summary, and exits 1 when the share of rejected inputs exceeds
---max-reject-ratio (the shards are still written, so the rejects can be inspected).
+OUT.rejects.jsonl and prints a summary. Everything is written beside OUT first and renamed into place
+only when the run succeeds: a failed, interrupted (Ctrl-C, exit 130) or killed run leaves an existing
+OUT as it was. When the share of rejected inputs exceeds --max-reject-ratio the run exits 1, OUT is
+left as it was and the rejects are kept in OUT.failed.rejects.jsonl for inspection. Bad flags or
+files: one line naming them, exit 2 (docs/errors.md).
 See internvl_mcore/data/preprocess.py for what happens in between.
 """
 from __future__ import annotations
@@ -63,6 +66,43 @@ def config_from_args(args: argparse.Namespace):
                            use_thumbnail=not args.no_thumbnail, progress=not args.no_progress)
 
 
+def check_output_prefix(prefix: str) -> None:
+    """A prefix names files (OUT_tokens.bin ...), not a folder: 'out/' would write hidden '_tokens.bin'."""
+    from internvl_mcore.staging import check_writable_dir
+
+    if prefix.endswith(("/", os.sep)) or os.path.basename(prefix) in ("", ".", ".."):
+        raise ValueError(f"--output-prefix {prefix!r} names a folder; give DIR/NAME (the files are "
+                         "DIR/NAME_tokens.bin ..., DIR/NAME.manifest.json)")
+    check_writable_dir(os.path.dirname(os.path.abspath(prefix)), "--output-prefix")
+
+
+def preprocess(args: argparse.Namespace) -> int:
+    """Build the shards under a staging name; install them only if the reject ratio is within limits."""
+    from internvl_mcore.data.preprocess import exit_code, format_summary, run_preprocess
+    from internvl_mcore.staging import staged_prefix
+
+    check_output_prefix(args.output_prefix)
+    cfg = config_from_args(args)
+    kept = cfg.output_prefix + ".failed.rejects.jsonl"
+    with staged_prefix(cfg.output_prefix) as stage:
+        result = run_preprocess(dataclasses.replace(cfg, output_prefix=str(stage)))
+        code = exit_code(cfg, result)
+        if code:  # keep the rejects for inspection, not the shards: OUT stays as it was
+            os.replace(str(stage) + ".rejects.jsonl", kept)
+            stage.abort()
+        elif os.path.exists(kept):  # from an earlier failed run: stale now
+            os.remove(kept)
+    summary = format_summary(cfg, result)
+    print(summary.rsplit("\n", 1)[0] if code else summary)
+    if code:
+        print(
+            f"preprocess_mm_data: error: {100 * result.reject_ratio:.2f}% of inputs rejected, above --max-reject-ratio "
+            f"{100 * cfg.max_reject_ratio:.2f}%: {cfg.output_prefix} left as it was; rejects in {kept}",
+            file=sys.stderr,
+        )
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.precompute_reference:
@@ -74,23 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # megatron-core warns at import about optional GPU libraries; irrelevant to preprocessing.
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
-    from internvl_mcore.data.preprocess import exit_code, format_summary, run_preprocess
+    from internvl_mcore.cli_errors import run_cli
 
-    try:
-        cfg = config_from_args(args)
-        result = run_preprocess(cfg)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_summary(cfg, result))
-    code = exit_code(cfg, result)
-    if code:
-        print(
-            f"error: {100 * result.reject_ratio:.2f}% of inputs rejected, above --max-reject-ratio "
-            f"{100 * cfg.max_reject_ratio:.2f}% (see {cfg.output_prefix}.rejects.jsonl)",
-            file=sys.stderr,
-        )
-    return code
+    return run_cli(lambda: preprocess(args), "preprocess_mm_data",
+                   interrupted=f"{args.output_prefix} left as it was")
 
 
 if __name__ == "__main__":

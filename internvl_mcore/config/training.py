@@ -158,6 +158,10 @@ class DataConfig:
     """Train on generated batches (images + tokens) that depend only on --seed."""
     data_path: list[str] = field(default_factory=list)
     """Shard prefixes from tools/preprocess_mm_data.py, optionally weighted: [W1] P1 [W2] P2 ..."""
+    no_verify_shards: bool = False
+    """Skip the start-up sha256 check of every shard file against its manifest (file sizes are still
+    checked). The hashing is split over the job's ranks; skip it only for sets too large to hash at
+    every start, after one `tools/inspect_shards.py PREFIX --verify`."""
     mock_tiles_per_sample: int = 2
     """Mock data: image tiles per sample."""
     num_workers: int = 1

@@ -8,6 +8,8 @@ caller's `on_death(item, attempts, why)` result stands in for it. Results come b
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
+import threading
 from collections import Counter, deque
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Iterator
@@ -26,7 +28,15 @@ class _Worker:
     def __init__(self, pool: "SupervisedPool"):
         self.conn, child = pool._mp.Pipe()
         self.proc = pool._mp.Process(target=_worker_main, args=(child, *pool._worker_args), daemon=True)
-        self.proc.start()
+        # Ctrl-C reaches the whole process group: the parent handles it (and terminates the pool); workers
+        # start with SIGINT ignored (inherited, also across spawn's exec) so they print no tracebacks.
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            self.proc.start()
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
         child.close()
         self.seq: int | None = None  # the input this worker holds
 
@@ -118,11 +128,12 @@ class SupervisedPool:
         self._workers[self._workers.index(w)] = _Worker(self)
         w.conn.close()
 
-    def close(self) -> None:
-        """Ask every worker to stop; kill those that do not within 10 s."""
+    def close(self, terminate: bool = False) -> None:
+        """Ask every worker to stop; kill those that do not within 10 s. `terminate` (after an error or
+        Ctrl-C): kill them at once, dropping the inputs they hold."""
         for w in self._workers:
             try:
-                w.conn.send(None)
+                w.conn.send(None) if not terminate else w.proc.terminate()
             except (BrokenPipeError, OSError):
                 pass
         for w in self._workers:

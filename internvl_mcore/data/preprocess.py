@@ -142,6 +142,8 @@ class PreprocessConfig:
         if not 1 <= self.min_num_frames <= self.max_num_frames:
             raise ValueError(f"need 1 <= --min-num-frames ({self.min_num_frames}) <= --max-num-frames ({self.max_num_frames})")
         for m in self.meta:
+            if os.path.isdir(m):
+                raise ValueError(f"--meta {m} is a directory, not a meta JSON file")
             if not os.path.isfile(m):
                 raise FileNotFoundError(f"--meta file not found: {m}")
 
@@ -438,15 +440,17 @@ def _pass1(cfg: PreprocessConfig, ctx: _WorkerContext, tmp_prefix: str, tile_sha
     state = _Pass1()
     tmp_writer = ShardWriter(tmp_prefix, tile_format=cfg.tile_format, tile_shape=tile_shape)
     pool = SupervisedPool(cfg.workers, _init_worker, ctx, _run_in_worker, _worker_died) if cfg.workers > 1 else None
+    clean = False
     try:
         with open(cfg.output_prefix + ".rejects.jsonl", "w") as rejects_file:
             results = (pool.imap(stream, window=16 * cfg.workers) if pool is not None
                        else (process_record(ctx, o, r) for o, r in stream))
             for res in tqdm(results, total=expected, desc="samples", unit="rec", disable=_quiet(cfg)):
                 state.add(res, tmp_writer, rejects_file)
+        clean = True
     finally:
-        if pool is not None:
-            pool.close()
+        if pool is not None:  # on an error or Ctrl-C, drop the queued records instead of finishing them
+            pool.close(terminate=not clean)
     tmp_writer.finalize(checksums=False)
     return state
 

@@ -38,6 +38,7 @@ import hashlib
 import io
 import json
 import os
+import struct
 from dataclasses import dataclass
 import struct
 from typing import Literal, Sequence, get_args
@@ -354,6 +355,16 @@ def _anchored(arr: np.ndarray, owner: object) -> np.ndarray:
     return np.asarray(_Anchor(arr, owner))
 
 
+def check_bin_size(bin_path: str, pointers: np.ndarray, lengths: np.ndarray, itemsize: int) -> None:
+    """The .bin must end exactly where its index's last sequence ends: a truncated (or overgrown)
+    file is refused when the set is opened, not when a pack past the cut is drawn."""
+    want = int(pointers[-1]) + int(lengths[-1]) * itemsize if len(lengths) else 0
+    got = os.path.getsize(bin_path)
+    if got != want:
+        raise ValueError(f"{bin_path}: {got} bytes, its index says {want} "
+                         f"({'truncated' if got < want else 'longer than indexed'}); re-run tools/preprocess_mm_data.py")
+
+
 class _Field:
     """One field's IndexedDataset, tolerating an empty `.bin` (e.g. tiles of a text-only set),
     which numpy refuses to mmap."""
@@ -366,14 +377,19 @@ class _Field:
             if not os.path.exists(p):
                 raise FileNotFoundError(f"shard file missing: {p}")
         self.dtype = np.dtype(dtype)
-        if os.path.getsize(bin_path) == 0:
-            from megatron.core.datasets.indexed_dataset import _IndexReader
+        try:
+            if os.path.getsize(bin_path) == 0:
+                from megatron.core.datasets.indexed_dataset import _IndexReader
 
-            self._ds = None
-            index = _IndexReader(idx_path, multimodal=False)
-        else:
-            self._ds = IndexedDataset(prefix, mmap=True)
-            index = self._ds.index
+                self._ds = None
+                index = _IndexReader(idx_path, multimodal=False)
+            else:
+                self._ds = IndexedDataset(prefix, mmap=True)
+                index = self._ds.index
+        except (AssertionError, ValueError, struct.error) as e:  # megatron-core's reader names no file
+            raise ValueError(f"{idx_path}: unreadable index ({e or type(e).__name__}): truncated or not a "
+                             "shard index; re-run tools/preprocess_mm_data.py") from None
+        check_bin_size(bin_path, index.sequence_pointers, index.sequence_lengths, index.dtype_size)
         if index.dtype != self.dtype.type:
             raise ValueError(f"{idx_path}: dtype {index.dtype.__name__}, expected {self.dtype.name}")
         self.lengths = index.sequence_lengths  # (n_seq,) int32
@@ -403,10 +419,14 @@ class ShardReader:
         path = manifest_path(prefix)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no shard manifest at {path} (is {prefix!r} a preprocessed output prefix?)")
-        with open(path) as f:
-            self.manifest = json.load(f)
-        if self.manifest.get("format") != SHARD_FORMAT:
-            raise ValueError(f"{path}: format {self.manifest.get('format')!r}, expected {SHARD_FORMAT!r}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                self.manifest = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{path}: unreadable shard manifest ({e})") from None
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != SHARD_FORMAT:
+            fmt = self.manifest.get("format") if isinstance(self.manifest, dict) else None
+            raise ValueError(f"{path}: format {fmt!r}, expected {SHARD_FORMAT!r}")
         self.prefix = prefix
         self.tile_format: str = self.manifest["tile_format"]
         self.tile_shape: tuple[int, int, int] = tuple(self.manifest["tile_shape"])
@@ -489,12 +509,19 @@ class ShardReader:
             tok_off, img_off, tile_off = tok_off + n, img_off + m, tile_off + t
         return out
 
+    def expected_sha256(self, name: str) -> str | None:
+        """The manifest's sha256 of field file `name` (e.g. "tokens.bin"), also when the set's files
+        were renamed to another prefix after preprocessing (the manifest keeps the original names)."""
+        files = self.manifest.get("files", {})
+        original = next((k[: -len("_tokens.bin")] for k in files if k.endswith("_tokens.bin")), None)
+        return files.get(f"{original}_{name}") if original is not None else None
+
     def verify(self) -> dict[str, str]:
         """Recompute each file's sha256 and compare with the manifest; returns mismatches."""
         bad = {}
         for p in shard_files(self.prefix):
             name = os.path.basename(p)
-            want = self.manifest["files"].get(name)
+            want = self.expected_sha256(name[len(os.path.basename(self.prefix)) + 1:])
             got = sha256_file(p)
             if want != got:
                 bad[name] = f"manifest {want}, file {got}"

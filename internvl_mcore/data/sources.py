@@ -108,6 +108,10 @@ def read_meta(path: str) -> list[DatasetSpec]:
             meta = json.load(f)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"meta file {path} does not exist") from e
+    except IsADirectoryError:
+        raise ValueError(f"meta file {path} is a directory, not a JSON file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"meta file {path}: not UTF-8 text at byte {e.start} (is it a meta JSON file?)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from e
     if not isinstance(meta, dict) or not meta:
@@ -147,8 +151,7 @@ def read_meta(path: str) -> list[DatasetSpec]:
             length=num("length", None, int, 0) if entry.get("length") is not None else None,
             min_dynamic_patch=num("min_dynamic_patch", 1, int, 1),
         )
-        if not os.path.isfile(spec.annotation):
-            raise FileNotFoundError(f"{where}: key 'annotation': file {entry['annotation']!r} not found")
+        _check_annotation(spec, entry["annotation"], where)
         if spec.repeat_time == 0:
             raise ValueError(f"{where}: key 'repeat_time' is 0 (the dataset would be empty)")
         specs.append(spec)
@@ -202,10 +205,43 @@ def _jsonl_line_numbers(path: str) -> list[int]:
     return out
 
 
+def _check_annotation(spec: DatasetSpec, given: str, where: str) -> None:
+    """The annotation is a file (not a folder, not missing) and, for JSONL, not one JSON array."""
+    if os.path.isdir(spec.annotation):
+        raise ValueError(f"{where}: key 'annotation': {given!r} is a directory, not a .jsonl / .parquet file")
+    if not os.path.isfile(spec.annotation):
+        raise FileNotFoundError(f"{where}: key 'annotation': file {given!r} not found")
+    if spec.format == "jsonl":
+        _check_jsonl_shape(spec.annotation)
+
+
+def _check_jsonl_shape(path: str) -> None:
+    """Refuse a JSON array file (LLaVA's `[{...}, {...}]`) given as a JSONL annotation: read as JSONL,
+    every line would be rejected one by one. A one-line array of non-objects stays a record (rejected)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if raw.strip():
+                break
+        else:
+            return
+    first = raw.lstrip(b"\xef\xbb\xbf").strip()
+    if not first.startswith(b"["):
+        return
+    try:
+        value = json.loads(first)
+    except (ValueError, UnicodeDecodeError):  # '[' opening a multi-line document
+        value = [{}]
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        raise ValueError(f"{path}:{lineno}: a JSON array, not JSON Lines (one record object per line)")
+
+
 def _count_parquet_rows(path: str) -> int:
     import pyarrow.parquet as pq
 
-    return pq.ParquetFile(path).metadata.num_rows
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception as e:  # pyarrow's ArrowInvalid / OSError name no file
+        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
 
 
 def _iter_jsonl(spec: DatasetSpec, wanted: set[int], repeat: int) -> Iterator[RawRecord | Reject]:
@@ -287,7 +323,7 @@ def messages_to_conversations(messages: list[dict]) -> list[dict]:
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict) or "role" not in msg:
             raise TemplateError("bad_record", f"message {i} has no 'role'")
-        role = _ROLE_MAP.get(msg["role"])
+        role = _ROLE_MAP.get(msg["role"]) if isinstance(msg["role"], str) else None
         if role is None:
             raise TemplateError("bad_record", f"message {i}: unknown role {msg['role']!r}")
         content = msg.get("content")
@@ -358,6 +394,8 @@ def record_rng(opts: PreprocessOptions, record: RawRecord) -> np.random.Generato
 def _read_image(source: str | bytes, what: str) -> tuple[Image.Image, bytes, str | None]:
     """(RGB image, encoded bytes, Pillow format) from a path or bytes; _RejectError('missing_image' |
     'corrupt_image'). The image is decoded from the same bytes the "source" tile format stores."""
+    if isinstance(source, str) and os.path.isdir(source):
+        raise _RejectError("missing_image", f"{what} is a directory, not an image file: {source}")
     if isinstance(source, str) and not os.path.isfile(source):
         raise _RejectError("missing_image", f"{what} not found: {source}")
     try:
@@ -420,8 +458,11 @@ def _copy_conversations(payload: dict) -> list[dict]:
         raise _RejectError("bad_record", f"'conversations' is {type(convs).__name__}, not a list")
     if not convs:
         raise _RejectError("empty_conversation", "'conversations' is empty")
+    for i, t in enumerate(convs):  # placeholders are counted / inserted before templating: check shape now
+        if not isinstance(t, dict):
+            raise _RejectError("bad_record", f"turn {i} is not a {{'from', 'value'}} object: {str(t)[:80]}")
     # Copies: the payload is shared between repeats and must stay untouched.
-    return [dict(t) if isinstance(t, dict) else t for t in convs]
+    return [dict(t) for t in convs]
 
 
 def _add_image_placeholders(convs: list[dict], n_images: int, multi: bool) -> None:
@@ -623,5 +664,5 @@ def build_sample(record: RawRecord, tokenizer: Tokenizer, opts: PreprocessOption
         return Reject(record.source_file, record.line, e.reason, e.detail)
     except KeyError as e:  # e.g. the tokenizer lacks <img>
         return Reject(record.source_file, record.line, "bad_record", f"KeyError: {e}")
-    except Exception as e:  # anything unforeseen costs this record only
-        return Reject(record.source_file, record.line, "bad_record", f"{type(e).__name__}: {e}")
+    except Exception as e:  # anything unforeseen costs this record only, and is flagged as our bug
+        return Reject(record.source_file, record.line, "internal_error", f"{type(e).__name__}: {e}")
