@@ -1,7 +1,8 @@
 """Guards of a long run through pretrain_internvl.py (issue 17): a diverging run stops naming the
 iteration, the value and the ranks and keeps the last good checkpoint; --skip-spike-factor skips
 and resumes exactly; a rank that stops answering ends the job within --distributed-timeout-minutes;
---log-straggler and --wandb-project (a stand-in module: wandb is not installed here) report."""
+--log-straggler and --wandb-project report (here through a stand-in module that records every call;
+test_wandb_offline.py runs the real package offline)."""
 import json
 import time
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""A stand-in for the wandb package (not installable here): records init/log/finish calls as JSON
+"""A stand-in for the wandb package: records init/log/finish calls as JSON
 lines in $FAKE_WANDB_LOG, so the --wandb-project code path runs through the real CLI."""
 import json
 import os
