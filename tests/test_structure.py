@@ -5,12 +5,15 @@
 - dependencies run training -> convert -> models: nothing under convert/ imports the training package;
 - model code holds no global process-group look-ups: the groups are passed in (parallel/state.py:
   init_distributed returns them), and the context-parallel attention has no fallback either;
+- the training package (loop, checkpointing, MPO, ...) reads no rank, size or group from megatron's
+  global parallel_state either: it uses the collection init_distributed returned;
 - no function-level import of a package module (such imports hide cycles), except the listed ones;
 - test fixtures live under tests/, not in the package.
 """
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -77,6 +80,25 @@ def test_no_global_process_group_lookups(area):
             for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module == "megatron.core"
             and any(a.name == "parallel_state" for a in node.names)]
     assert not bad, f"{area}: process groups must be passed in, not looked up: {bad}"
+
+
+# parallel_state's rank/size/stage look-ups (the group look-ups are GLOBAL_GROUP_LOOKUPS)
+GLOBAL_RANK_LOOKUP = re.compile(r"^(get_\w*parallel\w*_(rank|ranks|world_size)|is_pipeline_\w+)$")
+
+
+def _imports_parallel_state(node: ast.AST) -> bool:
+    if isinstance(node, ast.ImportFrom):
+        return node.module == "megatron.core.parallel_state" or (
+            node.module == "megatron.core" and any(a.name == "parallel_state" for a in node.names))
+    return isinstance(node, ast.Import) and any(a.name == "megatron.core.parallel_state" for a in node.names)
+
+
+def test_training_passes_process_groups():
+    bad = [(rel, node.lineno) for rel, tree in _modules() if rel.startswith("training/")
+           for node in ast.walk(tree)
+           if _imports_parallel_state(node) or (isinstance(node, ast.Attribute) and (
+               node.attr in GLOBAL_GROUP_LOOKUPS or GLOBAL_RANK_LOOKUP.match(node.attr)))]
+    assert not bad, f"training/: use the ProcessGroupCollection init_distributed returned, not parallel_state: {bad}"
 
 
 def test_no_function_level_package_imports():

@@ -1,8 +1,8 @@
 """Sharding rules: how a canonical (TP 1) tensor is cut into tensor-parallel pieces and put back.
 
-One rule object per kind of split, each owning its three operations, so that the model loader
-(models/weights.py: `shard`, `canonical_shape`), the converter (convert/canonical.py: `unshard`)
-and the planner's padding arithmetic (plan/params.py) cannot disagree:
+One rule object per kind of split, each owning its operations, so that the model loader
+(models/weights.py: `shard`, `canonical_shape`), the converter (convert/distributed.py: `unshard`)
+and the planner (plan/params.py: `local_shape`, with the padding) cannot disagree:
 
     even      plain column/row/expert split along the partition dim (megatron-core's own rule)
     heads     InternViT attention: split by heads, zero heads padded up to a multiple of TP
@@ -11,16 +11,26 @@ and the planner's padding arithmetic (plan/params.py) cannot disagree:
 
 Which parameter follows which rule is data (`SHARD_RULES`, regexes on the canonical name); a
 parameter matching none is split evenly. Replicated parameters (no `tensor_model_parallel` tag)
-are not split at all; the callers check the tag. No megatron-core import: the planner uses this.
+are not split at all; the callers check the tag. No megatron-core import, and torch only where
+tensors are cut: the planner (plan/, pure arithmetic, no torch import) uses the shape methods.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING, Sequence
 
 from ..config.model import ModelConfig, padded_vision_heads, padded_vocab_size
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _cat(parts: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+    """torch.cat, with torch imported on first use so that importing the rules needs no torch."""
+    import torch
+
+    return torch.cat(list(parts), dim=dim)
 
 
 @dataclass(frozen=True)
@@ -31,11 +41,17 @@ class EvenSplit:
         return self.pad(full, dim, size, cfg).chunk(size, dim=dim)[rank]
 
     def unshard(self, parts: list[torch.Tensor], dim: int, cfg: ModelConfig) -> torch.Tensor:
-        return self.unpad(torch.cat(list(parts), dim=dim), dim, cfg)
+        return self.unpad(_cat(parts, dim), dim, cfg)
 
     def canonical_shape(self, local: tuple[int, ...], dim: int, size: int, cfg: ModelConfig) -> tuple[int, ...]:
         shape = list(local)
         shape[dim] = self.unpadded(local[dim] * size, size, cfg)
+        return tuple(shape)
+
+    def local_shape(self, canonical: tuple[int, ...], dim: int, size: int, cfg: ModelConfig) -> tuple[int, ...]:
+        """The shape one of `size` ranks holds (the inverse of `canonical_shape`)."""
+        shape = list(canonical)
+        shape[dim] = self.padded(canonical[dim], size, cfg) // size
         return tuple(shape)
 
     # padding hooks: none for an even split
@@ -47,6 +63,9 @@ class EvenSplit:
 
     def unpadded(self, padded_len: int, size: int, cfg: ModelConfig) -> int:
         return padded_len
+
+    def padded(self, canonical_len: int, size: int, cfg: ModelConfig) -> int:
+        return canonical_len
 
 
 @dataclass(frozen=True)
@@ -63,13 +82,16 @@ class HeadSplit(EvenSplit):
         real = cfg.vision.num_attention_heads
         pad_shape = list(full.shape)
         pad_shape[dim] = (padded_vision_heads(real, size) - real) * self._block(cfg)
-        return torch.cat([full, full.new_zeros(pad_shape)], dim=dim)
+        return _cat([full, full.new_zeros(pad_shape)], dim)
 
     def unpad(self, full: torch.Tensor, dim: int, cfg: ModelConfig) -> torch.Tensor:
         return full.narrow(dim, 0, cfg.vision.num_attention_heads * self._block(cfg))
 
     def unpadded(self, padded_len: int, size: int, cfg: ModelConfig) -> int:
         return cfg.vision.num_attention_heads * self._block(cfg)
+
+    def padded(self, canonical_len: int, size: int, cfg: ModelConfig) -> int:
+        return padded_vision_heads(cfg.vision.num_attention_heads, size) * self._block(cfg)
 
 
 @dataclass(frozen=True)
@@ -78,13 +100,16 @@ class VocabSplit(EvenSplit):
 
     def pad(self, full: torch.Tensor, dim: int, size: int, cfg: ModelConfig) -> torch.Tensor:
         rows = padded_vocab_size(full.shape[0], size)
-        return torch.cat([full, full.new_zeros((rows - full.shape[0],) + tuple(full.shape[1:]))], dim=0)
+        return _cat([full, full.new_zeros((rows - full.shape[0],) + tuple(full.shape[1:]))], 0)
 
     def unpad(self, full: torch.Tensor, dim: int, cfg: ModelConfig) -> torch.Tensor:
         return full.narrow(0, 0, cfg.llm.vocab_size)
 
     def unpadded(self, padded_len: int, size: int, cfg: ModelConfig) -> int:
         return cfg.llm.vocab_size
+
+    def padded(self, canonical_len: int, size: int, cfg: ModelConfig) -> int:
+        return padded_vocab_size(canonical_len, size)
 
 
 @dataclass(frozen=True)
@@ -93,12 +118,11 @@ class GatedSplit(EvenSplit):
 
     def shard(self, full: torch.Tensor, dim: int, rank: int, size: int, cfg: ModelConfig) -> torch.Tensor:
         gate, up = full.chunk(2, dim=dim)
-        return torch.cat([gate.chunk(size, dim=dim)[rank], up.chunk(size, dim=dim)[rank]], dim=dim)
+        return _cat([gate.chunk(size, dim=dim)[rank], up.chunk(size, dim=dim)[rank]], dim)
 
     def unshard(self, parts: list[torch.Tensor], dim: int, cfg: ModelConfig) -> torch.Tensor:
         halves = [p.chunk(2, dim=dim) for p in parts]
-        return torch.cat([torch.cat([h[0] for h in halves], dim=dim), torch.cat([h[1] for h in halves], dim=dim)],
-                         dim=dim)
+        return _cat([_cat([h[0] for h in halves], dim), _cat([h[1] for h in halves], dim)], dim)
 
 
 EVEN = EvenSplit()

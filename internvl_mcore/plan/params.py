@@ -2,7 +2,9 @@
 
 `stage_params` lists the local parameters of one (pipeline stage, tensor-parallel rank) exactly as
 `models/internvl.py: build_model` creates them (names, local shapes, order), without building
-anything. Memory planning needs the order too: with the distributed optimizer megatron-core aligns
+anything. A tensor-parallel parameter is listed by its canonical (TP 1) shape and partition dim; its
+local shape, padding included, comes from its sharding rule (models/sharding.py), the one the model
+loader and the converter use. Memory planning needs the order too: with the distributed optimizer megatron-core aligns
 every parameter's start in its gradient buffer to 64 elements, so the padding depends on it
 (`plan/memory.py`). `tests/plan/test_state_bytes.py` checks the inventory against built models.
 
@@ -21,7 +23,9 @@ from functools import lru_cache
 from math import prod
 from typing import Iterable, Literal
 
-from ..config.model import ModelConfig, ParallelConfig, padded_vision_heads, padded_vocab_size
+# padded_vision_heads is read from here by memory.py and layouts.py
+from ..config.model import ModelConfig, ParallelConfig, padded_vision_heads, padded_vocab_size  # noqa: F401
+from ..models.sharding import rule_for
 
 Part = Literal["vision", "projector", "llm"]
 PARTS: tuple[Part, ...] = ("vision", "projector", "llm")
@@ -87,6 +91,13 @@ def decoder_layers_per_stage(num_layers: int, par: ParallelConfig) -> list[int]:
     return counts
 
 
+def _split(name: str, canonical: tuple[int, ...], dim: int, size: int, model: ModelConfig, part: Part,
+           **tags: bool) -> ParamSpec:
+    """A parameter split over `size` tensor-parallel ranks along `dim`: the local shape is its
+    sharding rule's (models/sharding.py: padded heads, padded vocabulary, even split)."""
+    return ParamSpec(name, rule_for(name).local_shape(canonical, dim, size, model), part, **tags)
+
+
 def _norm(prefix: str, width: int, kind: str, part: Part) -> list[ParamSpec]:
     specs = [ParamSpec(f"{prefix}.weight", (width,), part, torch_norm=True)]
     if kind == "LayerNorm":
@@ -97,8 +108,7 @@ def _norm(prefix: str, width: int, kind: str, part: Part) -> list[ParamSpec]:
 def vision_params(model: ModelConfig, tp: int) -> list[ParamSpec]:
     """InternViT on one TP rank: embeddings, then blocks (layer scale, norms, attention, MLP)."""
     v = model.vision
-    c, d = v.hidden_size, v.head_dim
-    heads = padded_vision_heads(v.num_attention_heads, tp) // tp  # local, incl. zero padding heads
+    c, hd, f = v.hidden_size, v.num_attention_heads * v.head_dim, v.ffn_hidden_size  # real heads: rules pad
     p = "vision_model"
     specs = [
         ParamSpec(f"{p}.embeddings.class_embedding", (1, 1, c), "vision"),
@@ -111,21 +121,19 @@ def vision_params(model: ModelConfig, tp: int) -> list[ParamSpec]:
         specs += [ParamSpec(f"{lp}.ls1", (c,), "vision"), ParamSpec(f"{lp}.ls2", (c,), "vision")]
         specs += _norm(f"{lp}.input_layernorm", c, v.normalization, "vision")
         specs += [
-            ParamSpec(f"{lp}.self_attention.linear_proj.weight", (c, heads * d), "vision"),
+            _split(f"{lp}.self_attention.linear_proj.weight", (c, hd), 1, tp, model, "vision"),
             ParamSpec(f"{lp}.self_attention.linear_proj.bias", (c,), "vision"),
-            ParamSpec(f"{lp}.self_attention.linear_qkv.weight", (3 * heads * d, c), "vision"),
+            _split(f"{lp}.self_attention.linear_qkv.weight", (3 * hd, c), 0, tp, model, "vision"),
         ]
         if v.qkv_bias:
-            specs.append(ParamSpec(f"{lp}.self_attention.linear_qkv.bias", (3 * heads * d,), "vision"))
+            specs.append(_split(f"{lp}.self_attention.linear_qkv.bias", (3 * hd,), 0, tp, model, "vision"))
         if v.qk_normalization:
-            specs += [ParamSpec(f"{lp}.self_attention.q_layernorm.weight", (heads * d,), "vision"),
-                      ParamSpec(f"{lp}.self_attention.k_layernorm.weight", (heads * d,), "vision")]
+            specs += [_split(f"{lp}.self_attention.{x}_layernorm.weight", (hd,), 0, tp, model, "vision") for x in "qk"]
         specs += _norm(f"{lp}.pre_mlp_layernorm", c, v.normalization, "vision")
-        f = v.ffn_hidden_size // tp
         specs += [
-            ParamSpec(f"{lp}.mlp.linear_fc1.weight", (f, c), "vision"),
-            ParamSpec(f"{lp}.mlp.linear_fc1.bias", (f,), "vision"),
-            ParamSpec(f"{lp}.mlp.linear_fc2.weight", (c, f), "vision"),
+            _split(f"{lp}.mlp.linear_fc1.weight", (f, c), 0, tp, model, "vision"),
+            _split(f"{lp}.mlp.linear_fc1.bias", (f,), 0, tp, model, "vision"),
+            _split(f"{lp}.mlp.linear_fc2.weight", (c, f), 1, tp, model, "vision"),
             ParamSpec(f"{lp}.mlp.linear_fc2.bias", (c,), "vision"),
         ]
     return specs
@@ -137,9 +145,9 @@ def projector_params(model: ModelConfig, tp: int) -> list[ParamSpec]:
     return [
         ParamSpec("projector.layer_norm.weight", (cin,), "projector"),
         ParamSpec("projector.layer_norm.bias", (cin,), "projector"),
-        ParamSpec("projector.mlp.linear_fc1.weight", (h // tp, cin), "projector"),
-        ParamSpec("projector.mlp.linear_fc1.bias", (h // tp,), "projector"),
-        ParamSpec("projector.mlp.linear_fc2.weight", (h, h // tp), "projector"),
+        _split("projector.mlp.linear_fc1.weight", (h, cin), 0, tp, model, "projector"),
+        _split("projector.mlp.linear_fc1.bias", (h,), 0, tp, model, "projector"),
+        _split("projector.mlp.linear_fc2.weight", (h, h), 1, tp, model, "projector"),
         ParamSpec("projector.mlp.linear_fc2.bias", (h,), "projector"),
     ]
 
@@ -154,34 +162,34 @@ def decoder_layer_params(model: ModelConfig, tp: int, index: int, ep: int = 1,
     """One pre-norm GQA + SwiGLU (or MoE) decoder layer on one TP rank and EP / expert-TP rank (+ per-head
     QK-norm; head_dim may be decoupled)."""
     m = model.llm
-    h, d = m.hidden_size, m.head_dim
-    q, kv, f = m.num_attention_heads // tp, m.num_query_groups // tp, m.ffn_hidden_size // tp
+    h, d, f = m.hidden_size, m.head_dim, m.ffn_hidden_size
+    qkv = (m.num_attention_heads + 2 * m.num_query_groups) * d
     lp = f"language_model.decoder.layers.{index}"
     specs = [
         ParamSpec(f"{lp}.input_layernorm.weight", (h,), "llm", torch_norm=True),
-        ParamSpec(f"{lp}.self_attention.linear_proj.weight", (h, q * d), "llm"),
-        ParamSpec(f"{lp}.self_attention.linear_qkv.weight", ((q + 2 * kv) * d, h), "llm"),
+        _split(f"{lp}.self_attention.linear_proj.weight", (h, m.num_attention_heads * d), 1, tp, model, "llm"),
+        _split(f"{lp}.self_attention.linear_qkv.weight", (qkv, h), 0, tp, model, "llm"),
     ]
     if m.qkv_bias:
-        specs.append(ParamSpec(f"{lp}.self_attention.linear_qkv.bias", ((q + 2 * kv) * d,), "llm"))
+        specs.append(_split(f"{lp}.self_attention.linear_qkv.bias", (qkv,), 0, tp, model, "llm"))
     if m.qk_layernorm:  # per-head, replicated over TP, in params_dtype (models/qk_norm.py)
         specs += [ParamSpec(f"{lp}.self_attention.{x}_layernorm.weight", (d,), "llm") for x in "qk"]
     specs.append(ParamSpec(f"{lp}.pre_mlp_layernorm.weight", (h,), "llm", torch_norm=True))
     if m.is_moe:
         return specs + moe_params(model, lp, ep, etp or tp)
-    return specs + [ParamSpec(f"{lp}.mlp.linear_fc1.weight", (2 * f, h), "llm"),
-                    ParamSpec(f"{lp}.mlp.linear_fc2.weight", (h, f), "llm")]
+    return specs + [_split(f"{lp}.mlp.linear_fc1.weight", (2 * f, h), 0, tp, model, "llm"),
+                    _split(f"{lp}.mlp.linear_fc2.weight", (h, f), 1, tp, model, "llm")]
 
 
 def moe_params(model: ModelConfig, lp: str, ep: int, etp: int) -> list[ParamSpec]:
     """megatron-core MoELayer: the router (replicated), then this EP rank's E/EP SwiGLU experts."""
     m = model.llm
-    h, fe = m.hidden_size, m.moe_ffn_hidden_size // etp
+    h, fe = m.hidden_size, m.moe_ffn_hidden_size
     specs = [ParamSpec(f"{lp}.mlp.router.weight", (m.num_experts, h), "llm")]
     for j in range(m.num_experts // ep):
         ex = f"{lp}.mlp.experts.local_experts.{j}"
-        specs += [ParamSpec(f"{ex}.linear_fc1.weight", (2 * fe, h), "llm", expert=True),
-                  ParamSpec(f"{ex}.linear_fc2.weight", (h, fe), "llm", expert=True)]
+        specs += [_split(f"{ex}.linear_fc1.weight", (2 * fe, h), 0, etp, model, "llm", expert=True),
+                  _split(f"{ex}.linear_fc2.weight", (h, fe), 1, etp, model, "llm", expert=True)]
     return specs
 
 
@@ -196,19 +204,19 @@ def _stage_params(model: ModelConfig, par: ParallelConfig, pp_rank: int) -> tupl
     check_divisibility(model, par)
     first, last = pp_rank == 0, pp_rank == pp - 1
     tied = model.llm.tie_word_embeddings
-    h, vocab = model.llm.hidden_size, padded_vocab(model, tp)
+    h, vocab = model.llm.hidden_size, model.llm.vocab_size  # the rule pads the vocabulary
     specs: list[ParamSpec] = []
     if first:
         specs += vision_params(model, tp) + projector_params(model, tp)
-        specs.append(ParamSpec("language_model.embedding.word_embeddings.weight", (vocab // tp, h), "llm",
-                               shared_embedding=tied and pp > 1))
+        specs.append(_split("language_model.embedding.word_embeddings.weight", (vocab, h), 0, tp, model, "llm",
+                            shared_embedding=tied and pp > 1))
     for i in range(decoder_layers_per_stage(model.llm.num_layers, par)[pp_rank]):
         specs += decoder_layer_params(model, tp, i, par.expert_model_parallel_size, par.expert_tensor_parallel_size)
     if last:
         specs.append(ParamSpec("language_model.decoder.final_layernorm.weight", (h,), "llm", torch_norm=True))
         if not (first and tied):  # PP1 + tied: the output layer reuses the embedding
-            specs.append(ParamSpec("language_model.output_layer.weight", (vocab // tp, h), "llm",
-                                   shared_embedding=tied and pp > 1))
+            specs.append(_split("language_model.output_layer.weight", (vocab, h), 0, tp, model, "llm",
+                                shared_embedding=tied and pp > 1))
     return tuple(specs)
 
 

@@ -29,7 +29,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import unwrap_model
 
 from ..checkpoint_format import (RUN_INFO, TRACKER, CheckpointError, check_model, is_training_checkpoint, iter_dir,
@@ -248,11 +249,17 @@ def _layout(par: ParallelConfig, dp: int) -> dict:
     return layout
 
 
+def _groups(pg: Optional[ProcessGroupCollection], module: torch.nn.Module) -> ProcessGroupCollection:
+    """The process groups a save/load runs in: the ones given, else the ones the model was built on."""
+    return pg if pg is not None else module.pg_collection
+
+
 def save(root: str | Path, iteration: int, model_chunk: torch.nn.Module, optimizer: Any, scheduler: Any,
-         model_cfg: ModelConfig, par: ParallelConfig, data_state: Any = None, extra: Optional[dict] = None,
-         keep: int = 0) -> Path:
+         model_cfg: ModelConfig, par: ParallelConfig, pg: Optional[ProcessGroupCollection] = None,
+         data_state: Any = None, extra: Optional[dict] = None, keep: int = 0) -> Path:
     """Write checkpoint `iteration` under `root` atomically (collective: every rank calls it); with
-    `keep` > 0 only the newest `keep` checkpoints stay."""
+    `keep` > 0 only the newest `keep` checkpoints stay. `pg`: the process groups init_distributed
+    returned (default: the model's own, `pg_collection`)."""
     root = Path(root)
     rank = dist.get_rank()
     tmp, final = iter_dir(root, iteration, tmp=True), iter_dir(root, iteration)
@@ -262,21 +269,21 @@ def save(root: str | Path, iteration: int, model_chunk: torch.nn.Module, optimiz
         tmp.mkdir(parents=True)
     dist.barrier()
     module = unwrap_model(model_chunk)
+    pg = _groups(pg, module)
     model_sd = module.sharded_state_dict()
     state = {"model": model_sd}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=_OPTIM_METADATA)
     dist_checkpointing.save(state, str(tmp))
     torch.save({"rng": rng_state()}, tmp / f"rank_{rank:05d}.pt")
-    if (parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_pipeline_model_parallel_rank() == 0
-            and parallel_state.get_context_parallel_rank() == 0):
-        torch.save(data_state, tmp / f"data_dp{parallel_state.get_data_parallel_rank():05d}.pt")
+    if pg.tp.rank() == 0 and pg.pp.rank() == 0 and pg.cp.rank() == 0:  # one data position per DP rank
+        torch.save(data_state, tmp / f"data_dp{pg.dp.rank():05d}.pt")
     fault_point("save", iteration)
     if rank == 0:
         info = {"format_version": FORMAT_VERSION, "iteration": iteration,
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "model": dataclasses.asdict(model_cfg),
-                "layout": _layout(par, parallel_state.get_data_parallel_world_size()),
+                "layout": _layout(par, pg.dp.size()),
                 "world_size": dist.get_world_size(), **(extra or {})}
         lora = lora_info_of(module)
         if lora is not None:  # LoRA run: its adapters are in the tensors; name the base they sit on
@@ -305,17 +312,21 @@ def _publish(root: Path, tmp: Path, final: Path, iteration: int) -> None:
 
 
 def load(root: str | Path, model_chunk: torch.nn.Module, optimizer: Any, scheduler: Any, model_cfg: ModelConfig,
-         par: ParallelConfig, load_optim: bool = True) -> tuple[int, Any, dict]:
+         par: ParallelConfig, pg: Optional[ProcessGroupCollection] = None,
+         load_optim: bool = True) -> tuple[int, Any, dict]:
     """Resume from `root`: a checkpoint directory (iter_NNNNNNN/, as `select` returns) or a --save
     root (its latest checkpoint). Returns (iteration, this rank's data state or None when the
     data-parallel size changed, the run.json). The scheduler state is left to the caller unless a
-    scheduler is given (training/schedule.py decides what a changed schedule means)."""
+    scheduler is given (training/schedule.py decides what a changed schedule means). `pg`: the process
+    groups init_distributed returned (default: the model's own, `pg_collection`)."""
     path = checkpoint_dir(root)
     info = read_run_json(path)
     iteration = int(info["iteration"])
     check_model(info, model_cfg, path)
-    same_layout = info["layout"] == _layout(par, parallel_state.get_data_parallel_world_size())
     module = unwrap_model(model_chunk)
+    pg = _groups(pg, module)
+    dp = pg.dp.size()
+    same_layout = info["layout"] == _layout(par, dp)
     _adopt_lora(info, module, path)
     model_sd = module.sharded_state_dict()
     state = {"model": model_sd}
@@ -335,10 +346,9 @@ def load(root: str | Path, model_chunk: torch.nn.Module, optimizer: Any, schedul
         print(f"checkpoint {path} was saved with layout {info['layout']}: restored model weights, schedule and "
               f"data position{'' if same_layout else ' (where the data-parallel size allows)'}; fresh optimizer "
               "state", flush=True)
-    dp = parallel_state.get_data_parallel_world_size()
     if info["layout"]["data_parallel_size"] != dp:
         return iteration, None, info
-    data_file = path / f"data_dp{parallel_state.get_data_parallel_rank():05d}.pt"
+    data_file = path / f"data_dp{pg.dp.rank():05d}.pt"
     return iteration, torch.load(data_file, weights_only=False), info
 
 

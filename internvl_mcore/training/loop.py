@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import unwrap_model
 
 from ..config.lora import lora_problems
@@ -141,6 +142,7 @@ class Trainer:
     batches: ShardBatches | MockBatches
     num_microbatches: int
     dp_size: int
+    pg: ProcessGroupCollection  # the groups init_distributed returned (the model was built on them)
     iteration: int = 0
     reference: Any = None  # --stage mpo: the frozen reference model (training/mpo.py)
     mpo: Any = None  # --stage mpo: mpo.MPOContext
@@ -209,13 +211,11 @@ def _wrap(model: torch.nn.Module, run: RunConfig, plan: Plan) -> tuple[Any, Any]
 def setup(run: RunConfig) -> Trainer:
     """Join the job, build this rank's model stage, freeze, load weights, wrap in DDP, build the
     optimizer and LR schedule, and resume from --load."""
-    from megatron.core import parallel_state
-
     plan = validate(run)
     run = _effective_run(run, plan)
     t = run.train
     pg = init_distributed(run.parallel, t.seed, timeout_s=t.distributed_timeout_minutes * 60)
-    dp = parallel_state.get_data_parallel_world_size()
+    dp = pg.dp.size()
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
                           f"{t.micro_batch_size} x data-parallel size {dp}")
@@ -225,13 +225,13 @@ def setup(run: RunConfig) -> Trainer:
     model, reference = _build_model(run, plan, pg)
     ddp, optimizer = _wrap(model, run, plan)
     scheduler = build_scheduler(optimizer, t, plan.lr, plan.lr_decay_style)
-    dp_rank, micro = parallel_state.get_data_parallel_rank(), t.global_batch_size // (t.micro_batch_size * dp)
-    trainer = Trainer(run, plan, [ddp], optimizer, scheduler, build_batches(run, dp_rank, dp), micro, dp)
+    dp_rank, micro = pg.dp.rank(), t.global_batch_size // (t.micro_batch_size * dp)
+    trainer = Trainer(run, plan, [ddp], optimizer, scheduler, build_batches(run, dp_rank, dp), micro, dp, pg)
     valid = build_valid_batches(run, dp_rank, dp)
     trainer.evaluator = Evaluator(valid, run, micro) if valid is not None else None
     trainer.spike = SpikeGuard(t.skip_spike_factor) if t.skip_spike_factor else None
     if reference is not None:
-        trainer.reference, trainer.mpo = reference, mpo.make_context(run)
+        trainer.reference, trainer.mpo = reference, mpo.make_context(run, pg)
     if run.checkpoint.load:
         _resume(trainer)
     return trainer
@@ -248,7 +248,7 @@ def _resume(trainer: Trainer) -> None:
     except ScheduleMismatch as exc:
         raise ConfigError(str(exc)) from None
     iteration, data_state, info = checkpoint.load(path, trainer.model[0], trainer.optimizer, None, run.model,
-                                                  run.parallel, load_optim=not run.checkpoint.no_load_optim)
+                                                  run.parallel, trainer.pg, load_optim=not run.checkpoint.no_load_optim)
     sync_param_groups(trainer.scheduler)  # after the optimizer state, which brings the checkpoint's max_lr
     trainer.iteration = iteration
     if data_state is not None:
@@ -264,8 +264,6 @@ def _resume(trainer: Trainer) -> None:
 def _step_batches(trainer: Trainer) -> tuple[list[Batch], float]:
     """This step's microbatches with their loss weights, and the T / W scale of `step.loss_func`
     (T target tokens and W total weight over the global batch)."""
-    from megatron.core import parallel_state
-
     batches = [next(trainer.batches) for _ in range(trainer.num_microbatches)]
     reduction = trainer.run.train.loss_reduction
     if reduction == "token":
@@ -277,7 +275,7 @@ def _step_batches(trainer: Trainer) -> tuple[list[Batch], float]:
         weight += float(b.loss_weight.sum())
     # a collective's tensor lives where the backend wants it (the current GPU under NCCL)
     totals = torch.tensor([targets, weight], dtype=torch.float64, device=comm_device())
-    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    dist.all_reduce(totals, group=trainer.pg.dp)
     totals = totals.cpu()
     return batches, float(totals[0] / totals[1]) if totals[1] > 0 else 1.0
 
@@ -316,6 +314,11 @@ def _update(trainer: Trainer, loss: float, losses: list[dict]) -> tuple[Optional
     return grad_norm, False
 
 
+def is_last_stage(pg: ProcessGroupCollection) -> bool:
+    """Whether this rank holds the last pipeline stage (the one that computes the loss)."""
+    return pg.pp.rank() == pg.pp.size() - 1
+
+
 def reduce_loss_totals(losses: list[dict], last_stage: bool, dp_cp_group: Any, pp_group: Any) -> torch.Tensor:
     """[sum of weighted losses, total weight] of the step, identical on every rank, on `comm_device()`.
 
@@ -336,24 +339,22 @@ def reduce_loss_totals(losses: list[dict], last_stage: bool, dp_cp_group: Any, p
 
 def train_step(trainer: Trainer) -> dict:
     """One optimizer step over `num_microbatches` microbatches; returns loss/grad-norm/lr."""
-    from megatron.core import parallel_state
-
     fault_point("step", trainer.iteration + 1)
     start = time.perf_counter()
     batches, scale = _step_batches(trainer)
     data_s = time.perf_counter() - start
     losses = _forward_backward(trainer, batches, scale)
     aux = reduced_aux_loss(trainer.num_microbatches) if trainer.run.model.llm.is_moe else None
-    last, dp_cp = parallel_state.is_pipeline_last_stage(), parallel_state.get_data_parallel_group(with_context_parallel=True)
-    pp_group = parallel_state.get_pipeline_model_parallel_group()
-    totals = reduce_loss_totals(losses, last, dp_cp, pp_group).cpu()
+    pg = trainer.pg
+    last = is_last_stage(pg)
+    totals = reduce_loss_totals(losses, last, pg.dp_cp, pg.pp).cpu()
     loss = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
     grad_norm, skipped = _update(trainer, loss, losses)
     trainer.iteration += 1
     extra = {}
     if trainer.mpo is not None:
-        extra = mpo.reduce_metrics(losses, last, dp_cp, pp_group)
-        mpo.sync_running(trainer.mpo.running, pp_group, parallel_state.get_pipeline_model_parallel_last_rank())
+        extra = mpo.reduce_metrics(losses, last, pg.dp_cp, pg.pp)
+        mpo.sync_running(trainer.mpo.running, pg.pp, dist.get_global_rank(pg.pp, pg.pp.size() - 1))
     if trainer.spike is not None:
         extra["skipped"] = skipped
     tokens = sum(int((b.tokens != trainer.run.model.pad_token_id).sum()) for b in batches)
@@ -377,7 +378,7 @@ def save(trainer: Trainer) -> None:
     if trainer.spike is not None:
         extra["spike_guard"] = trainer.spike.state_dict()
     checkpoint.save(run.checkpoint.save, trainer.iteration, trainer.model[0], trainer.optimizer,
-                    trainer.scheduler, run.model, run.parallel, data_state=trainer.batches.state_dict(),
+                    trainer.scheduler, run.model, run.parallel, trainer.pg, data_state=trainer.batches.state_dict(),
                     extra=extra, keep=run.checkpoint.keep_checkpoints)
     if dist.get_rank() == 0:
         print(f"saved checkpoint at iteration {trainer.iteration} to {run.checkpoint.save}", flush=True)
@@ -385,14 +386,10 @@ def save(trainer: Trainer) -> None:
 
 def evaluate(trainer: Trainer, reporter: Reporter, final: bool = False) -> None:
     """Validation loss of the current weights, reported (collective)."""
-    from megatron.core import parallel_state
-
-    start = time.perf_counter()
+    start, pg = time.perf_counter(), trainer.pg
     totals = torch.zeros(2, dtype=torch.float64)
     for losses in trainer.evaluator.forward(trainer.model):  # one list of microbatch losses per batch
-        totals += reduce_loss_totals(losses, parallel_state.is_pipeline_last_stage(),
-                                     parallel_state.get_data_parallel_group(with_context_parallel=True),
-                                     parallel_state.get_pipeline_model_parallel_group()).cpu()
+        totals += reduce_loss_totals(losses, is_last_stage(pg), pg.dp_cp, pg.pp).cpu()
     loss = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
     reporter.report_eval(trainer.iteration, loss, time.perf_counter() - start, final)
 

@@ -34,8 +34,8 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import unwrap_model
 
 from ..models.internvl import build_model
@@ -238,8 +238,8 @@ def saved_state(load_dir: str) -> dict:
     return json.loads(path.read_text())
 
 
-def make_context(run) -> MPOContext:
-    """MPOContext for this rank (megatron-core's parallel state must be initialized)."""
+def make_context(run, pg: ProcessGroupCollection) -> MPOContext:
+    """MPOContext for this rank, on the process groups `pg` init_distributed returned."""
     w = run.train.mpo_loss_weights
     running = RunningMean()
     if run.checkpoint.load:
@@ -248,8 +248,7 @@ def make_context(run) -> MPOContext:
             raise checkpoint.CheckpointError(f"--load {run.checkpoint.load}: the checkpoint has no MPO state (not a --stage mpo run)")
         running.load_state_dict(state)
     return MPOContext(beta=run.train.mpo_beta, weights=(float(w[0]), float(w[1]), float(w[2])), running=running,
-                      cp_group=ps.get_context_parallel_group(), dp_group=ps.get_data_parallel_group(),
-                      first_cp_rank=ps.get_context_parallel_rank() == 0)
+                      cp_group=pg.cp, dp_group=pg.dp, first_cp_rank=pg.cp.rank() == 0)
 
 
 def run_reference(reference: torch.nn.Module, batches: list[Batch], ctx: MPOContext, seq_length: int,
