@@ -17,6 +17,7 @@ from megatron.core.utils import unwrap_model
 from ..config.lora import lora_problems
 from ..config.training import RunConfig
 from ..parallel.context_parallel_thd import check_thd_layout
+from ..parallel.cpu_compat import fuse_cpu_adam
 from ..parallel.device import resolve_device
 from ..parallel.state import comm_device, init_distributed
 from . import checkpoint, mpo
@@ -193,6 +194,7 @@ def setup(run: RunConfig) -> Trainer:
             batches.load_state_dict(data_state)
         if dist.get_rank() == 0:
             print(f"resumed from {run.checkpoint.load} at iteration {iteration}", flush=True)
+    fuse_cpu_adam(optimizer)  # after any load: torch's load_state_dict restores the saved group flags
     return trainer
 
 
