@@ -70,7 +70,8 @@ class InternVLModel(MegatronModule):
             vocab_size=model_cfg.llm.vocab_size,
             max_sequence_length=model_cfg.llm.max_position_embeddings, rope_theta=model_cfg.llm.rope_theta,
             pre_process=pre_process, post_process=post_process,
-            share_embeddings_and_output_weights=self.share_embeddings_and_output_weights, pg_collection=pg)
+            share_embeddings_and_output_weights=self.share_embeddings_and_output_weights, pg_collection=pg,
+            cross_entropy_chunk_size=par.cross_entropy_chunk_size)
 
     # --- hooks megatron-core's schedules and finalize_model_grads look for -------------------
     def set_input_tensor(self, input_tensor: torch.Tensor | list) -> None:
