@@ -1,10 +1,13 @@
-"""Fused CPU AdamW (cpu_compat.fuse_cpu_adam) against torch's per-tensor AdamW, plain and distributed
-optimizer, in one torchrun world of 2 (DP2).
+"""The train step's faster kernels against the plain ones, in one torchrun world of 2 (DP2).
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/training/fused_adam_worker.py OUT
+    python -m torch.distributed.run --nproc_per_node 2 tests/training/step_kernels_worker.py OUT
 
-Each trainer trains 3 steps with the fused kernel, then is reset to its initial weights and empty
-optimizer state and trains the same 3 batches with the per-tensor loop. Rank 0 writes OUT (JSON).
+1. Fused CPU AdamW (cpu_compat.fuse_cpu_adam) against torch's per-tensor AdamW, plain and distributed
+   optimizer: each trainer trains 3 steps with the fused kernel, then is reset to its initial weights
+   and empty optimizer state and trains the same 3 batches with the per-tensor loop.
+2. --torch-compile (megatron-core's inductor-compiled SwiGLU / bias-dropout-add) against the
+   unfused modules: losses and gradient norms of 2 steps from the same seed.
+Rank 0 writes OUT (JSON).
 """
 from __future__ import annotations
 
@@ -55,8 +58,23 @@ def compare(extra: list[str]) -> dict:
             "max_update": max(float((a - s).abs().max()) for a, s in zip(loop_params, start))}
 
 
+def compiled_vs_eager() -> dict:
+    from megatron.core import parallel_state
+
+    flags = FLAGS + ["--train-iters", "2"]
+    out = {}
+    for name, extra in (("eager", []), ("compiled", ["--torch-compile"])):
+        trainer = setup(parse_run_config(flags + extra))
+        mlp = trainer.model[0].module.language_model.decoder.layers[0].mlp
+        out[name] = {"fused": bool(mlp.config.bias_activation_fusion),
+                     "steps": [train_step(trainer) for _ in range(2)]}
+        parallel_state.destroy_model_parallel()
+    return out
+
+
 def main() -> None:
-    out = {"plain": compare([]), "distributed": compare(["--use-distributed-optimizer"])}
+    out = {"plain": compare([]), "distributed": compare(["--use-distributed-optimizer"]),
+           "compile": compiled_vs_eager()}
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(out, f)
