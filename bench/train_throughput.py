@@ -6,6 +6,7 @@ against transformers' `InternVLForConditionalGeneration` on the same samples.
     python bench/train_throughput.py --quick    # tiny model, 512 tokens, < 1 min: checks that it runs
     python bench/train_throughput.py --profile  # then profile one more step of ours (torch.profiler)
     python bench/train_throughput.py --batches packer   # length-grouped batches (see make_steps)
+    python bench/train_throughput.py --ours-flags='--torch-compile'   # extra training flags for ours
 
 Prints, all measured in this run:
 1. the fp32 GEMM peak of this machine (a square matmul with all torch threads, measured the way
@@ -400,8 +401,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--peak-matrix", type=int, default=2048, help="side of the square fp32 matmul of the peak")
     p.add_argument("--profile", action="store_true", help="also profile one more step of ours (torch.profiler)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ours-flags", default="", help="extra training flags for ours, e.g. \"--torch-compile "
-                   "--cross-entropy-chunk-size 2048\"")
+    p.add_argument("--ours-flags", default="", help="extra training flags for ours, after '=': "
+                   "--ours-flags='--torch-compile --cross-entropy-chunk-size 2048'")
     args = p.parse_args(argv)
     model_name = args.model or ("debug" if args.quick else "debug-m")
     seq_length = args.seq_length or (512 if args.quick else 4096)
