@@ -74,6 +74,8 @@ def validate(run: RunConfig) -> Plan:
                                 f"by the all-to-all size {a}")
     if cp > 1 and p.cp_split == "thd":
         problems += check_thd_layout(p.pipeline_model_parallel_size, p.sequence_parallel, p.cp_comm_type)
+    if p.cross_entropy_chunk_size < 0:
+        problems.append(f"--cross-entropy-chunk-size must be >= 0 (0: no chunking), got {p.cross_entropy_chunk_size}")
     if p.hierarchical_context_parallel_sizes and p.cp_comm_type != "a2a+p2p":
         problems.append("--hierarchical-context-parallel-sizes only applies to --cp-comm-type a2a+p2p")
     if t.lr_warmup_iters > t.train_iters:
