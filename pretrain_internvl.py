@@ -12,6 +12,7 @@ Flags follow Megatron-LM's names; `--help` lists them with their defaults and me
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from internvl_mcore.config import ParallelConfig
@@ -55,16 +56,73 @@ def parse_run_config(argv: list[str]) -> RunConfig:
                      lora=build_dataclass(LoRAConfig, ns))
 
 
+def check_data(run: RunConfig) -> None:
+    """Refuse bad shard sets before any process group or model exists (one line, exit 2): every
+    rank checks the prefixes and sizes, and hashes its share of the files (training/data.py)."""
+    from internvl_mcore.training.data import check_shard_sets
+
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if run.data.data_path:
+        check_shard_sets(run.data.data_path, run, rank=rank, world=world)
+    if run.data.valid_data_path:
+        check_shard_sets(run.data.valid_data_path, run, flag="--valid-data-path", rank=rank, world=world)
+
+
+def _exit(code: int, message: str | None) -> None:
+    """Print the one line and leave. Once the process group exists, without interpreter shutdown:
+    gloo's threads abort a normal exit ("terminate called ...", exit -6) and a clean shutdown would
+    wait for peers that may be gone. The worker processes megatron-core's checkpoint writer spawned
+    are ended first: orphaned, they would keep the job's output pipes open."""
+    import multiprocessing
+
+    import torch.distributed as dist
+
+    if message:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    if dist.is_available() and dist.is_initialized():
+        for child in multiprocessing.active_children():
+            child.terminate()
+            child.join(timeout=10)
+        sys.stdout.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def _interrupted() -> None:
+    print("interrupted (Ctrl-C); checkpoints already saved are complete", file=sys.stderr, flush=True)
+    _exit(130, None)
+
+
 def main(argv: list[str] | None = None) -> None:
-    from internvl_mcore.training.loop import ConfigError, train
-    from internvl_mcore.training.checkpoint import CheckpointError
+    """Exit 2 with one line for a user error (flags, data, checkpoint); 1 with one line when the run
+    diverged (NaN / Inf) or lost a rank; 130 on Ctrl-C; other exceptions are bugs and keep their
+    traceback."""
+    from internvl_mcore.cli_errors import one_line, quiet_optional_gpu_libraries
+
+    quiet_optional_gpu_libraries()
+    from internvl_mcore.training.data import DataError
 
     try:
-        train(parse_run_config(sys.argv[1:] if argv is None else argv))
-    except (ConfigError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        run = parse_run_config(sys.argv[1:] if argv is None else argv)
+        check_data(run)  # before megatron-core's model code is imported: bad data fails in seconds
+    except DataError as exc:
+        _exit(2, one_line(exc))
+    except KeyboardInterrupt:
+        _interrupted()
+    from internvl_mcore.training.checkpoint import CheckpointError
+    from internvl_mcore.training.guards import PeerLost, TrainingDiverged
+    from internvl_mcore.training.loop import ConfigError, train
 
+    try:
+        train(run)
+    except (ConfigError, CheckpointError, DataError) as exc:
+        _exit(2, one_line(exc))
+    except TrainingDiverged as exc:  # every rank knows; one line from rank 0 says it
+        _exit(1, str(exc) if int(os.environ.get("RANK", "0")) == 0 else None)
+    except PeerLost as exc:
+        _exit(1, str(exc))
+    except KeyboardInterrupt:
+        _interrupted()
 
 if __name__ == "__main__":  # the guard matters: megatron-core's async checkpoint writer re-imports __main__
     main()

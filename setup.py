@@ -28,6 +28,7 @@ setup(
     extras_require={
         # megatron-core 0.16.1 supports transformer-engine >= 2.9.0a0, < 2.12.0 (its own pyproject)
         "gpu": ["transformer-engine[pytorch]>=2.9.0a0,<2.12.0", "flash-attn"],
+        "wandb": ["wandb"],  # --wandb-project (WANDB_MODE=offline works without a network)
         "dev": [
             "pytest>=8",
             "pytest-timeout",
@@ -36,6 +37,8 @@ setup(
             "matplotlib",
             "av",  # video files in the data pipeline's tests (optional at run time)
             "peft",  # LoRA export test: PeftModel.from_pretrained on the transformers export (no torchvision)
+            "hypothesis",  # tests/reliability/test_fuzz_data.py: generated records, conversations and image bytes
+            "wandb",  # tests/reliability/test_wandb_offline.py: --wandb-project in offline mode
         ],
     },
 )

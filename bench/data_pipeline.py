@@ -1,15 +1,18 @@
 #!/usr/bin/env python
-"""Data pipeline benchmark: pack fill, tile storage formats, loader vs on-the-fly decoding.
+"""Data pipeline benchmark: pack fill, bytes on disk per tile format, loader vs on-the-fly decoding.
 
-    python bench/data_pipeline.py            # default run, well under 2 minutes on 2 cores
-    python bench/data_pipeline.py --quick    # smaller sizes, a few seconds of work
+    python bench/data_pipeline.py            # default run, a few minutes on 2 cores
+    python bench/data_pipeline.py --quick    # smaller sizes, well under a minute
 
-Prints three sections, all measured in this run:
+Prints four sections, all measured in this run on the same photos:
 1. pack fill of `pack_lengths` on an InternVL-SFT-like length mix at --seq-length (goal >= 98%);
-2. per tile format (webp / png / raw / jpeg): bytes per 448x448 tile of real photos, encode time, and
-   load time (read from the shard + decode + ImageNet-normalize), from a real shard round trip;
-3. samples/s of PackedDataLoader over preprocessed shards against building the same samples on
-   the fly from JSONL + JPEG files (parse, decode, tile, template, tokenize, normalize), as a ratio.
+2. per tile format: bytes on disk per source image and per sample against the source JPEG files
+   (goal for "source": <= 1.1x the source bytes plus the token arrays), and preprocessing CPU;
+3. samples per CPU-second of PackedDataLoader (main process + its workers) against building the same
+   samples on the fly from JSONL + JPEG files (parse, decode, tile, template, tokenize, normalize),
+   as a ratio (goal >= 3x for the default format with 1 worker), and with 2 workers;
+4. CPU cores per GPU the loader needs for InternVL3-8B at 16k-token packs, from the measured CPU per
+   tile and the planner's step time (goal < 0.5 core).
 
 Photos: scikit-learn's two bundled sample photos (china.jpg, flower.jpg), cropped and resized to
 typical SFT image sizes and saved as JPEG like source data usually is. Falls back to synthetic
@@ -122,54 +125,42 @@ def make_photo_files(folder: str, n: int, seed: int) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------
-# 2. tile formats
+# 2. bytes on disk
 # ------------------------------------------------------------------------------------------------
 
 
-def bench_tile_formats(workdir: str, n_images: int) -> tuple[list[dict], str]:
-    from PIL import Image
+def disk_usage(prefix: str, photo_dir: str) -> dict:
+    """Bytes of a shard set against the source images its samples use."""
+    from internvl_mcore.data.shards import ShardReader, field_prefix, shard_files
 
-    from internvl_mcore.data.image import dynamic_preprocess, tiles_to_array
-    from internvl_mcore.data.loader import normalize_tiles_lut as normalize_tiles
-    from internvl_mcore.data.shards import TILE_FORMATS, EncodedSample, ShardReader, ShardWriter, encode_tiles
+    r = ShardReader(prefix)
+    c = r.manifest["counts"]
+    total = sum(os.path.getsize(p) for p in shard_files(prefix))
+    tiles = sum(os.path.getsize(field_prefix(prefix, "tiles") + ext) for ext in (".bin", ".idx"))
+    source = sum(os.path.getsize(os.path.join(photo_dir, f)) for f in os.listdir(photo_dir))
+    n_images = len(os.listdir(photo_dir))  # every photo is used by exactly one record
+    return {"images": c["images"], "samples": c["samples"], "tiles_bytes_per_image": tiles / c["images"],
+            "source_bytes_per_image": source / n_images, "bytes_per_sample": total / c["samples"],
+            "token_bytes_per_sample": (total - tiles) / c["samples"],
+            "ratio_vs_source_plus_tokens": total / (source + total - tiles)}
 
-    paths = make_photo_files(os.path.join(workdir, "fmt_photos"), n_images, seed=1)
-    per_image = []
-    for p in paths:
-        with Image.open(p) as im:
-            per_image.append(tiles_to_array(dynamic_preprocess(im.convert("RGB"), 1, 12, 448, True)))
-    n_tiles = sum(len(t) for t in per_image)
-    _, source = base_photos()
-    rows = []
-    for fmt in TILE_FORMATS:
-        prefix = os.path.join(workdir, f"fmt_{fmt}")
-        t = time.process_time()
-        encoded = [encode_tiles(tiles, fmt) for tiles in per_image]
-        enc_s = time.process_time() - t
-        w = ShardWriter(prefix, tile_format=fmt, tile_shape=(448, 448, 3))
-        for tiles, payloads in zip(per_image, encoded):
-            w.add_pack([EncodedSample(np.zeros(4, np.int32), np.zeros(4, np.uint8), np.zeros(4, np.float32),
-                                      np.array([len(tiles)], np.int32), payloads, 0, 1)])
-        w.finalize()
-        size = os.path.getsize(prefix + "_tiles.bin")
-        r = ShardReader(prefix)
-        # Load = what the loader does per pack: read, decode, normalize. Two passes; the second
-        # (page cache warm, as in steady-state training) is reported.
-        for _ in range(2):
-            t = time.process_time()
-            err = 0.0
-            for i in range(len(r)):
-                tiles = r.tiles(r.read(i))
-                normalize_tiles(tiles)
-                if fmt == "jpeg":
-                    err = max(err, float(np.abs(tiles.astype(np.int16) - per_image[i]).mean()))
-            load_s = time.process_time() - t
-        rows.append({
-            "format": fmt, "tiles": n_tiles, "bytes_per_tile": size / n_tiles, "ratio_vs_raw": size / (n_tiles * 448 * 448 * 3),
-            "encode_ms_per_tile": 1e3 * enc_s / n_tiles, "load_ms_per_tile": 1e3 * load_s / n_tiles,
-            "lossless": fmt != "jpeg", "mean_abs_err": err,
-        })
-    return rows, source
+
+_LUT: list[np.ndarray] = []  # (3, 256) float32, built on first use
+
+
+def normalize_tiles_lut(tiles: np.ndarray) -> np.ndarray:
+    """(T, H, W, 3) uint8 -> (T, 3, H, W) float32 ImageNet-normalized through a 256-entry table per channel:
+    the fastest CPU normalization we had, so the on-the-fly baseline is not slowed by a naive one."""
+    from internvl_mcore.data.image import IMAGENET_MEAN, IMAGENET_STD
+
+    if not _LUT:
+        v = np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0)
+        _LUT.append(((v - np.asarray(IMAGENET_MEAN, np.float32)[:, None]) / np.asarray(IMAGENET_STD, np.float32)[:, None]))
+    t, h, w, _ = tiles.shape
+    out = np.empty((t, 3, h, w), dtype=np.float32)
+    for c in range(3):
+        np.take(_LUT[0][c], tiles[..., c], out=out[:, c])
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,10 +214,9 @@ class _Clock:
         return time.process_time() - self.cpu0
 
 
-def on_the_fly_rate(meta: str, tok_dir: str, max_seconds: float) -> dict:
-    """Samples per second of building each sample from the JSONL + JPEG at load time."""
-    # the loader's (faster, bit-identical) normalization, so the ratio compares decoding, not that
-    from internvl_mcore.data.loader import normalize_tiles_lut as normalize_tiles
+def on_the_fly_rate(meta: str, tok_dir: str, max_seconds: float, normalize=None) -> dict:
+    """Samples per second of building each sample from the JSONL + JPEG at load time, normalized on the
+    CPU with `normalize` (default: the 256-entry table, the fastest we have)."""
     from internvl_mcore.data.sample import Reject
     from internvl_mcore.data.sources import PreprocessOptions, build_sample, iter_records, read_meta
     from internvl_mcore.data.tokenizer import load_tokenizer
@@ -240,37 +230,44 @@ def on_the_fly_rate(meta: str, tok_dir: str, max_seconds: float) -> dict:
             s = build_sample(rec, tok, opts)
             if isinstance(s, Reject):
                 continue
-            normalize_tiles(s.tiles)
+            (normalize or normalize_tiles_lut)(s.tiles)  # InternVL normalizes on the CPU
             n += 1
             if clock.wall > max_seconds:
                 break
     return {"samples": n, "per_cpu_s": n / clock.cpu, "per_wall_s": n / clock.wall}
 
 
-def loader_rate(prefix: str, max_seconds: float, threads: int = 0) -> dict:
-    """Samples and packs per second of PackedDataLoader over one shard set, one epoch at most."""
-    from internvl_mcore.data.loader import PackedDataLoader
+def loader_rate(prefix: str, max_seconds: float, seq_length: int, workers: int = 0) -> dict:
+    """Samples, packs and tiles per second of PackedDataLoader over one shard set: epochs over the set
+    until `max_seconds` (the page cache is warm after the first, as in steady-state training). CPU time
+    counts the loader's worker processes too (they are joined before it is read)."""
+    import resource
 
-    ld = PackedDataLoader([prefix], seed=0, num_threads=threads)
-    samples = packs = 0
+    from internvl_mcore.data.loader import PackedDataLoader, collate
+
+    ld = PackedDataLoader([prefix], seed=0, num_workers=workers)
+    samples = packs = tiles = 0
+    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     clock = _Clock()
-    for _ in range(len(ld.readers[0])):
+    while clock.wall < max_seconds:
         s = next(ld)
-        samples += len(s.cu_seqlens) - 1
-        packs += 1
-        if clock.wall > max_seconds:
-            break
-    cpu, wall = clock.cpu, clock.wall
+        collate([s], seq_length, 0)  # the batch as training gets it (touches every pixel)
+        samples, packs, tiles = samples + len(s.cu_seqlens) - 1, packs + 1, tiles + s.tiles.shape[0]
+    wall = clock.wall
     ld.close()
-    return {"samples": samples, "packs": packs, "per_cpu_s": samples / cpu, "per_wall_s": samples / wall,
-            "packs_per_cpu_s": packs / cpu, "packs_per_wall_s": packs / wall}
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = clock.cpu + (children.ru_utime - children0.ru_utime) + (children.ru_stime - children0.ru_stime)
+    return {"samples": samples, "packs": packs, "tiles": tiles, "cpu_s": cpu, "per_cpu_s": samples / cpu,
+            "per_wall_s": samples / wall, "packs_per_cpu_s": packs / cpu, "cpu_ms_per_tile": 1e3 * cpu / max(tiles, 1)}
 
 
 def bench_loader(workdir: str, n_records: int, seq_length: int, formats: list[str], max_seconds: float) -> tuple[dict, list[dict]]:
+    from internvl_mcore.data.image import normalize_tiles
     from internvl_mcore.data.preprocess import PreprocessConfig, run_preprocess
 
     meta, tok = make_jsonl_dataset(workdir, n_records)
     fly = on_the_fly_rate(meta, tok, max_seconds)
+    fly["float_normalize"] = on_the_fly_rate(meta, tok, max_seconds, normalize_tiles)
     rows = []
     for fmt in formats:
         prefix = os.path.join(workdir, f"shards_{fmt}", "data")
@@ -278,16 +275,62 @@ def bench_loader(workdir: str, n_records: int, seq_length: int, formats: list[st
         res = run_preprocess(PreprocessConfig(meta=[meta], tokenizer=tok, output_prefix=prefix, seq_length=seq_length,
                                               tile_format=fmt, workers=1, progress=False))
         prep_cpu = clock.cpu
-        for threads in ([0, 2] if fmt == formats[0] else [0]):
-            r = loader_rate(prefix, max_seconds, threads)
-            r.update({"format": fmt, "threads": threads, "preprocess_cpu_s": prep_cpu, "total_samples": res.samples,
-                      "total_packs": res.packs, "fill": res.fill,
-                      "ratio": (r["per_wall_s"] / fly["per_wall_s"]) if threads else (r["per_cpu_s"] / fly["per_cpu_s"])})
+        disk = disk_usage(prefix, os.path.join(workdir, "photos"))
+        for workers in ([0, 1, 2] if fmt == formats[0] else [0]):
+            r = loader_rate(prefix, max_seconds, seq_length, workers)
+            r.update(disk)
+            r.update({"format": fmt, "workers": workers, "preprocess_cpu_s": prep_cpu, "total_samples": res.samples,
+                      "total_packs": res.packs, "fill": res.fill, "ratio": r["per_cpu_s"] / fly["per_cpu_s"],
+                      "wall_ratio": r["per_wall_s"] / fly["per_wall_s"]})
             rows.append(r)
     return fly, rows
 
 
 # ------------------------------------------------------------------------------------------------
+# 4. CPU cores per GPU
+# ------------------------------------------------------------------------------------------------
+
+
+def cores_per_gpu(cpu_ms_per_tile: float, gpus: int = 64, hardware: str = "h100") -> dict:
+    """Loader cores per GPU for InternVL3-8B at 16k packs: CPU per pack (measured per tile x the
+    planner's tiles per pack) x packs per GPU-second (global batch / (planner step time x GPUs)).
+    `per_gpu`: each data-parallel replica decodes its packs once (the work the job needs);
+    `per_rank`: every rank decodes its data-parallel rank's packs (what the training loop does now)."""
+    from internvl_mcore.config import get_preset
+    from internvl_mcore.plan import HARDWARE, Workload, search
+
+    model, work = get_preset("internvl3-8b"), Workload(seq_length=16384)
+    best = search(model, gpus, work, HARDWARE[hardware])[0]
+    cpu_per_pack = cpu_ms_per_tile / 1e3 * work.tiles(model)
+    packs_per_s = work.global_batch_size / best.step_time_s
+    return {"model": "internvl3-8b", "gpus": gpus, "hardware": hardware, "layout": best.layout.describe(),
+            "step_time_s": best.step_time_s, "tiles_per_pack": work.tiles(model), "cpu_s_per_pack": cpu_per_pack,
+            "per_gpu": cpu_per_pack * packs_per_s / gpus,
+            "per_rank": cpu_per_pack * packs_per_s / best.layout.dp}
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def print_storage_and_speed(fly: dict, rows: list[dict], seq_length: int) -> None:
+    first = rows[0]
+    print(f"\n== 2. bytes on disk ({first['images']} JPEG photos, {first['source_bytes_per_image'] / 1024:.0f} KiB each on "
+          f"average, {first['total_samples']} samples)")
+    print(f"   {'format':<6} {'KiB/image':>10} {'KiB/sample':>11} {'tokens KiB':>11} {'vs source+tokens':>17} {'preprocess CPU-s':>17}")
+    for r in rows:
+        if r["workers"] == 0:
+            print(f"   {r['format']:<6} {r['tiles_bytes_per_image'] / 1024:>10.1f} {r['bytes_per_sample'] / 1024:>11.1f} "
+                  f"{r['token_bytes_per_sample'] / 1024:>11.2f} {r['ratio_vs_source_plus_tokens']:>16.2f}x {r['preprocess_cpu_s']:>17.1f}")
+    print(f"\n== 3. loader vs on-the-fly ({first['total_samples']} samples of JSONL + JPEG photos, 75% with an image, "
+          f"seq_length {seq_length}, {first['total_packs']} packs, fill {100 * first['fill']:.1f}%)")
+    print(f"   on the fly (parse + decode + tile + tokenize + normalize): {fly['per_cpu_s']:.1f} samples per CPU-s "
+          f"({fly['per_wall_s']:.1f}/s wall); {fly['float_normalize']['per_cpu_s']:.1f} per CPU-s with InternVL's float "
+          f"normalization (ToTensor + Normalize arithmetic) instead of the table")
+    for r in rows:
+        print(f"   loader, {r['format']:<6} {r['workers']} worker(s): {r['per_cpu_s']:6.1f} samples per CPU-s -> {r['ratio']:.2f}x "
+              f"on-the-fly ({r['per_cpu_s'] / fly['float_normalize']['per_cpu_s']:.2f}x the float one); "
+              f"{r['per_wall_s']:6.1f}/s wall -> {r['wall_ratio']:.2f}x; {r['cpu_ms_per_tile']:.2f} CPU-ms per tile")
+    print("   CPU-s: the loader process plus its workers; wall ratios depend on what else runs on the machine")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,30 +350,18 @@ def main(argv: list[str] | None = None) -> int:
           f"fill {100 * fill['fill']:.2f}% in {fill['seconds']:.2f}s   [{'OK' if fill['fill'] >= 0.98 else 'BELOW'} goal >= 98%]")
 
     with tempfile.TemporaryDirectory() as work:
-        rows, source = bench_tile_formats(work, 4 if quick else 12)
-        out["tile_formats"] = rows
-        print(f"\n== 2. tile formats ({rows[0]['tiles']} tiles of 448x448 from {source})")
-        print(f"   {'format':<6} {'KiB/tile':>9} {'vs raw':>7} {'encode ms':>10} {'load ms':>8}  lossless")
-        for r in rows:
-            print(f"   {r['format']:<6} {r['bytes_per_tile'] / 1024:>9.1f} {r['ratio_vs_raw']:>7.3f} {r['encode_ms_per_tile']:>10.2f} "
-                  f"{r['load_ms_per_tile']:>8.2f}  {'yes' if r['lossless'] else 'no (mean |err| %.2f)' % r['mean_abs_err']}")
-        print("   ms are process CPU time; load = read from shard + decode + ImageNet-normalize, warm page cache")
-
-        fly, lrows = bench_loader(work, 24 if quick else 80, args.seq_length, ["webp", "png", "raw", "jpeg"], 10 if quick else 20)
-        out["on_the_fly"], out["loader"] = fly, lrows
-        first = lrows[0]
-        print(f"\n== 3. loader vs on-the-fly ({first['total_samples']} samples of JSONL + JPEG photos, 75% with an image, "
-              f"seq_length {args.seq_length}, {first['total_packs']} packs, fill {100 * first['fill']:.1f}%)")
-        print(f"   on the fly (parse + decode + tile + tokenize + normalize): {fly['per_cpu_s']:.1f} samples per CPU-s "
-              f"({fly['per_wall_s']:.1f}/s wall)")
-        for r in lrows:
-            if r["threads"]:
-                print(f"   loader, {r['format']:<4} tiles, {r['threads']} threads: {r['per_wall_s']:6.1f} samples/s wall "
-                      f"({r['packs_per_wall_s']:.2f} packs/s) -> {r['ratio']:.2f}x on-the-fly wall (meaningful on an idle machine only)")
-            else:
-                print(f"   loader, {r['format']:<4} tiles, 1 thread : {r['per_cpu_s']:6.1f} samples per CPU-s "
-                      f"({r['packs_per_cpu_s']:.2f} packs) -> {r['ratio']:.2f}x on-the-fly   "
-                      f"[preprocessing: {r['preprocess_cpu_s']:.1f} CPU-s]")
+        formats = ["source", "webp", "raw"] if quick else ["source", "webp", "png", "raw", "jpeg"]
+        fly, rows = bench_loader(work, 24 if quick else 80, args.seq_length, formats, 5 if quick else 20)
+    out["on_the_fly"], out["loader"] = fly, rows
+    print_storage_and_speed(fly, rows, args.seq_length)
+    best = next(r for r in rows if r["format"] == rows[0]["format"] and r["workers"] == 1)
+    cores = cores_per_gpu(best["cpu_ms_per_tile"])
+    out["cores_per_gpu"] = cores
+    print(f"\n== 4. loader CPU for {cores['model']} at 16k packs ({cores['tiles_per_pack']:.0f} tiles per pack), "
+          f"{cores['gpus']} {cores['hardware']}, planner's fastest layout {cores['layout']}: step {cores['step_time_s']:.2f}s")
+    print(f"   {best['format']} tiles, {best['cpu_ms_per_tile']:.2f} CPU-ms per tile -> {cores['cpu_s_per_pack']:.2f} CPU-s per pack: "
+          f"{cores['per_gpu']:.3f} cores per GPU   [{'OK' if cores['per_gpu'] < 0.5 else 'ABOVE'} goal < 0.5]")
+    print(f"   ({cores['per_rank']:.3f} cores per GPU while every rank of a data-parallel group decodes its packs itself)")
     print(f"\ntotal {time.perf_counter() - t_all:.1f}s")
     if args.json:
         print(json.dumps(out, indent=1, default=float))

@@ -31,8 +31,9 @@ def iter_dir(root: str | Path, iteration: int, tmp: bool = False) -> Path:
     return Path(root) / f"{'tmp_' if tmp else ''}iter_{iteration:07d}"
 
 
-def latest_iteration(root: str | Path) -> int:
-    """The iteration the `latest` pointer names; errors say what is missing."""
+def tracked_iteration(root: str | Path) -> int:
+    """The number in the `latest` pointer, whether or not its directory exists (training/checkpoint.py
+    `select` falls back from a missing one); errors say what is missing."""
     root = Path(root)
     if not root.is_dir():
         raise CheckpointError(f"--load {root}: no such directory")
@@ -42,7 +43,14 @@ def latest_iteration(root: str | Path) -> int:
     text = tracker.read_text().strip()
     if not text.isdigit():
         raise CheckpointError(f"{tracker}: expected an iteration number, found {text!r}")
-    iteration = int(text)
+    return int(text)
+
+
+def latest_iteration(root: str | Path) -> int:
+    """The iteration the `latest` pointer names; errors say what is missing."""
+    root = Path(root)
+    tracker = root / TRACKER
+    iteration = tracked_iteration(root)
     if not iter_dir(root, iteration).is_dir():
         raise CheckpointError(f"{tracker} names iteration {iteration} but {iter_dir(root, iteration)} is missing")
     return iteration

@@ -9,7 +9,9 @@ DIR is either transformers' layout (config.json model_type "internvl", as
 "internvl_chat"); the model (vision, projector, LLM family and sizes, special tokens) is inferred
 from config.json and any tensor that does not fit it is refused, naming the key and shapes.
 
-CKPT is a canonical, layout-independent checkpoint (internvl_mcore/convert/canonical.py): every
+CKPT must be new or empty (--overwrite replaces our files in it); it is written beside CKPT and moved
+in only when complete, so a failed conversion leaves no CKPT. It is a canonical, layout-independent
+checkpoint (internvl_mcore/convert/canonical.py): every
 TP/PP layout loads its shards from it (`pretrain_internvl.py --pretrained CKPT`). With T x P > 1 the checkpoint is verified by loading it into
 that layout in T x P spawned gloo processes and gathering it back bit for bit (--no-verify skips).
 """
@@ -33,30 +35,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1, metavar="P")
     p.add_argument("--max-shard-size", type=parse_size, default="2GB", help="largest safetensors shard (default 2GB)")
     p.add_argument("--no-verify", action="store_true", help="do not load the result into the T x P layout")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --save directory "
+                   "(its *.safetensors, index and model_config.json are removed first, other files are kept)")
     return p
 
 
+def check_paths(args: argparse.Namespace) -> None:
+    from internvl_mcore.staging import is_inside, non_empty_dir
+
+    if os.path.isfile(args.hf_dir):
+        raise ValueError(f"--hf-dir {args.hf_dir} is a file; give the checkpoint directory (config.json + safetensors)")
+    if os.path.exists(args.hf_dir) and is_inside(args.save, args.hf_dir):
+        raise ValueError(f"--save {args.save} is inside --hf-dir {args.hf_dir}; choose another directory")
+    if os.path.exists(args.save) and not os.path.isdir(args.save):
+        raise ValueError(f"--save {args.save} exists and is not a directory")
+    if non_empty_dir(args.save) and not args.overwrite:
+        raise ValueError(f"--save {args.save} exists and is not empty; pass --overwrite to replace the checkpoint "
+                         "there")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from internvl_mcore.cli_errors import run_cli
+
     args = build_parser().parse_args(argv)
+    return run_cli(lambda: convert(args), "convert_from_hf", interrupted=f"{args.save} left as it was")
+
+
+def convert(args: argparse.Namespace) -> int:
     from internvl_mcore.config import ParallelConfig
-    from internvl_mcore.convert import ConversionError, convert_hf_to_checkpoint, verify_layout
+    from internvl_mcore.convert import convert_hf_to_checkpoint, verify_layout
+    from internvl_mcore.staging import CANONICAL_FILES, staged_dir
 
     layout = ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
                             pipeline_model_parallel_size=args.pipeline_model_parallel_size)
-    start = time.perf_counter()
-    try:
-        cfg = convert_hf_to_checkpoint(args.hf_dir, args.save, layout, args.max_shard_size, progress=True)
-    except (ConversionError, FileNotFoundError, KeyError) as e:
-        print(f"convert_from_hf: error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.save}: model {cfg.name} (vision {cfg.vision.num_layers}x{cfg.vision.hidden_size}, "
-          f"LLM {cfg.llm.family} {cfg.llm.num_layers}x{cfg.llm.hidden_size}) in {time.perf_counter() - start:.1f}s")
-    world = layout.tensor_model_parallel_size * layout.pipeline_model_parallel_size
-    if world > 1 and not args.no_verify:
+    check_paths(args)
+    # written beside --save and moved in only when converted (and verified): a failure leaves no --save
+    with staged_dir(args.save, clear=CANONICAL_FILES) as stage:
         start = time.perf_counter()
-        verify_layout([(args.save, None)], layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size)
-        print(f"verified: loads into TP{layout.tensor_model_parallel_size} x PP{layout.pipeline_model_parallel_size} "
-              f"and gathers back bit-exact ({time.perf_counter() - start:.1f}s)")
+        cfg = convert_hf_to_checkpoint(args.hf_dir, str(stage), layout, args.max_shard_size, progress=True)
+        print(f"converted {args.hf_dir}: model {cfg.name} (vision {cfg.vision.num_layers}x{cfg.vision.hidden_size}, "
+              f"LLM {cfg.llm.family} {cfg.llm.num_layers}x{cfg.llm.hidden_size}) in {time.perf_counter() - start:.1f}s")
+        world = layout.tensor_model_parallel_size * layout.pipeline_model_parallel_size
+        if world > 1 and not args.no_verify:
+            start = time.perf_counter()
+            verify_layout([(str(stage), None)], layout.tensor_model_parallel_size,
+                          layout.pipeline_model_parallel_size)
+            print(f"verified: loads into TP{layout.tensor_model_parallel_size} x PP{layout.pipeline_model_parallel_size} "
+                  f"and gathers back bit-exact ({time.perf_counter() - start:.1f}s)")
+    print(f"wrote {args.save}")
     return 0
 
 

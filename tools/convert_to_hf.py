@@ -4,6 +4,9 @@
     python tools/convert_to_hf.py --load CKPT --save DIR --format {internvl,transformers} \
         [--hf-template-dir ORIGINAL_HF_DIR] [--dtype bf16]
 
+DIR must be new or empty (--overwrite replaces our files in it) and not inside CKPT; the export is
+written beside DIR and moved in only when complete.
+
 CKPT is a training checkpoint written by pretrain_internvl.py --save (any TP/PP layout: it is loaded
 in the layout it was saved with, in spawned gloo processes, and gathered) or a converted checkpoint
 from tools/convert_from_hf.py.
@@ -46,31 +49,56 @@ def build_parser() -> argparse.ArgumentParser:
                    "adapters merged into the weights (either --format)")
     p.add_argument("--lora-only", action="store_true", help="LoRA checkpoint: write only a PEFT adapter "
                    "(adapter_config.json + adapter_model.safetensors) for the base's transformers export")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --save directory: "
+                   "its weight shards, index and config.json are removed first, other files are kept")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from internvl_mcore.convert import ConversionError, convert_checkpoint_to_hf
+def check_paths(args: argparse.Namespace) -> None:
+    """Refuse an export into the checkpoint itself, or over an existing export without --overwrite."""
+    from internvl_mcore.staging import is_inside, non_empty_dir
+
+    if not os.path.exists(args.load):
+        raise FileNotFoundError(f"--load {args.load}: no such checkpoint directory")
+    if is_inside(args.save, args.load):
+        raise ValueError(f"--save {args.save} is inside --load {args.load}: the export would write into the "
+                         "checkpoint; choose another directory")
+    if os.path.exists(args.save) and not os.path.isdir(args.save):
+        raise ValueError(f"--save {args.save} exists and is not a directory")
+    if non_empty_dir(args.save) and not args.overwrite:
+        raise ValueError(f"--save {args.save} exists and is not empty; pass --overwrite to replace the export "
+                         "there (its *.safetensors, index and config.json are removed first)")
+
+
+def export(args: argparse.Namespace, save: str) -> list:
+    from internvl_mcore.convert import convert_checkpoint_to_hf
     from internvl_mcore.convert.hf import parse_dtype
+    from internvl_mcore.convert.lora_export import export_lora, is_lora_checkpoint
 
-    start = time.perf_counter()
-    try:
-        from internvl_mcore.convert.lora_export import export_lora, is_lora_checkpoint
+    dtype = parse_dtype(args.dtype) if args.dtype else None
+    if args.merge_lora or args.lora_only or is_lora_checkpoint(args.load):
+        return export_lora(args.load, save, args.format, args.merge_lora, args.lora_only, args.hf_template_dir,
+                           dtype, args.max_shard_size, progress=True)
+    return convert_checkpoint_to_hf(args.load, save, args.format, args.hf_template_dir, dtype,
+                                    args.max_shard_size, progress=True)
 
-        if args.merge_lora or args.lora_only or is_lora_checkpoint(args.load):
-            files = export_lora(args.load, args.save, args.format, args.merge_lora, args.lora_only,
-                                args.hf_template_dir, parse_dtype(args.dtype) if args.dtype else None,
-                                args.max_shard_size, progress=True)
-        else:
-            files = convert_checkpoint_to_hf(args.load, args.save, args.format, args.hf_template_dir,
-                                             parse_dtype(args.dtype) if args.dtype else None, args.max_shard_size,
-                                             progress=True)
-    except (ConversionError, FileNotFoundError, KeyError) as e:
-        print(f"convert_to_hf: error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.save} ({args.format}, {len(files)} shard(s)) in {time.perf_counter() - start:.1f}s")
-    return 0
+
+def main(argv: list[str] | None = None) -> int:
+    from internvl_mcore.cli_errors import run_cli
+    from internvl_mcore.staging import HF_EXPORT_FILES, staged_dir
+
+    args = build_parser().parse_args(argv)
+
+    def run() -> int:
+        start = time.perf_counter()
+        check_paths(args)
+        # written beside --save and moved in only when complete: a failure leaves --save as it was
+        with staged_dir(args.save, clear=HF_EXPORT_FILES) as stage:
+            files = export(args, str(stage))
+        print(f"wrote {args.save} ({args.format}, {len(files)} shard(s)) in {time.perf_counter() - start:.1f}s")
+        return 0
+
+    return run_cli(run, "convert_to_hf", interrupted=f"{args.save} left as it was")
 
 
 if __name__ == "__main__":

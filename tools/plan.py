@@ -69,7 +69,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA on the LLM linears; the base LLM is frozen")
     p.add_argument("--fp32", action="store_true", help="fp32 parameters instead of bf16")
     p.add_argument("--top", type=int, default=15, help="layouts to list in search mode (default 15)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_ranges(args)
+    return args
+
+
+# flag -> (smallest allowed value, whether it may equal it); None values (unset) are not checked
+RANGES = {
+    "gpus": (1, True), "gpu_memory": (0, False), "reserve_gb": (0, True), "peak_tflops": (0, False),
+    "compute_efficiency": (0, False), "nvlink_gbps": (0, False), "network_gbps": (0, False),
+    "seq_length": (1, True), "global_batch_size": (1, True), "micro_batch_size": (1, True),
+    "tiles_per_sequence": (0, True), "sample_length": (1, True), "tensor_model_parallel_size": (1, True),
+    "pipeline_model_parallel_size": (1, True), "context_parallel_size": (1, True),
+    "expert_model_parallel_size": (1, True), "decoder_first_pipeline_num_layers": (1, True),
+    "lora_rank": (0, True), "top": (1, True),
+}
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    """Refuse counts and sizes that cannot be (--gpus 0, --gpu-memory -5) instead of planning with them."""
+    for name, (low, inclusive) in RANGES.items():
+        value = getattr(args, name)
+        if value is not None and (value < low if inclusive else value <= low):
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be {'>=' if inclusive else '>'} {low}")
+    if args.compute_efficiency > 1:
+        raise ValueError(f"--compute-efficiency {args.compute_efficiency}: must be <= 1")
+    if args.gpu_memory is not None and args.gpu_memory <= args.reserve_gb:
+        raise ValueError(f"--gpu-memory {args.gpu_memory} GiB leaves nothing after --reserve-gb {args.reserve_gb}")
 
 
 def gib(x: float) -> str:
@@ -82,13 +108,16 @@ def _model(spec: str):
         return get_preset(spec)
     from internvl_mcore.convert.source import resolve_model
 
-    try:
-        return resolve_model(spec)
-    except (ValueError, FileNotFoundError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+    return resolve_model(spec)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from internvl_mcore.cli_errors import run_cli
+
+    return run_cli(lambda: plan_cli(argv), "plan")
+
+
+def plan_cli(argv: list[str] | None) -> int:
     a = parse_args(argv)
     model = _model(a.model)
     hw = HARDWARE[a.gpu]

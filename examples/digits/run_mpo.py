@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def accuracy(name: str, ckpt: str) -> float:
         hf = os.path.join(out, f"hf_{name}")
-        demo._run([sys.executable, "tools/convert_to_hf.py", "--load", ckpt, "--save", hf, "--format", "transformers"],
+        demo._run([sys.executable, "tools/convert_to_hf.py", "--load", ckpt, "--save", hf, "--format", "transformers",
+                   "--overwrite"],  # a re-run replaces its own export
                   os.path.join(logs, f"export_{name}.log"))
         r = ev.evaluate(hf, data.heldout, data.tokenizer, "", batch_size=128, progress=False)
         print(f"{name}: held-out accuracy {r.accuracy:.2%} ({r.num_correct}/{r.num_questions})", flush=True)

@@ -1,6 +1,7 @@
 """Flags generated from the config dataclasses: one flag per field, help = the field's docstring.
 
-A field `tensor_model_parallel_size` becomes `--tensor-model-parallel-size`; bools become
+A field `tensor_model_parallel_size` becomes `--tensor-model-parallel-size` (or the spelling in its
+`metadata["flag"]`, where Megatron-LM's name is not regular); bools become
 store-true flags; `list[str]` fields take one or more values; Literal fields get choices. Defaults
 come from the dataclass, so they are written down exactly once.
 """
@@ -52,6 +53,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str,
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
         kwargs: dict[str, Any] = {"dest": f.name, "help": docs.get(f.name, ""), "default": default}
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            kwargs["required"] = True  # a field without a default is a flag without one
         origin, args = typing.get_origin(hint), typing.get_args(hint)
         optional = origin in (typing.Union, types.UnionType)  # Optional[X] / X | None
         if optional:
@@ -70,7 +73,10 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str,
             kwargs["type"] = hint
         if kwargs.get("help") and default not in (None, [], False):
             kwargs["help"] += f" (default: {default})"
-        group.add_argument(flag(f.name), **kwargs)
+        # a field may carry Megatron-LM's own spelling (--override-opt_param-scheduler); the generated
+        # name stays accepted as an alias
+        names = [f.metadata["flag"], flag(f.name)] if "flag" in f.metadata else [flag(f.name)]
+        group.add_argument(*names, **kwargs)
 
 
 def build_dataclass(cls: type, ns: argparse.Namespace, **overrides: Any) -> Any:

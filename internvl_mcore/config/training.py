@@ -74,6 +74,25 @@ class TrainConfig:
     (SFT on the chosen response) losses; InternVL's sigmoid_loss_weight, bco_pair_loss_weight, rpo_alpha."""
     peak_flops: Optional[float] = None
     """Peak FLOP/s per rank used for MFU (default: measured at start-up by a matmul in the training dtype: bf16 8192^2 on GPU, fp32 1024^2 on CPU)."""
+    eval_interval: int = 1000
+    """Evaluate the validation loss every N iterations when validation data is given (--valid-data-path
+    or --mock-valid-data); 0: only the held-out evaluation at the end of the run."""
+    eval_iters: int = 100
+    """Global batches per evaluation (the same batches every time, so evaluations compare); 0 disables
+    validation."""
+    skip_spike_factor: Optional[float] = None
+    """Skip the update of a step whose loss exceeds F x the mean loss of the last 20 updated steps (from
+    the 6th update on); logged, and resumed exactly from checkpoints (default: off)."""
+    override_opt_param_scheduler: bool = field(default=False, metadata={"flag": "--override-opt_param-scheduler"})
+    """On --load: take the LR schedule (--lr, --min-lr, --lr-warmup-iters, --train-iters,
+    --lr-decay-style, --weight-decay) from the flags, not from the checkpoint (Megatron-LM's flag)."""
+    use_checkpoint_opt_param_scheduler: bool = field(default=False,
+                                                     metadata={"flag": "--use-checkpoint-opt_param-scheduler"})
+    """On --load: keep the checkpoint's LR schedule even where the flags differ (Megatron-LM's flag).
+    Without either flag a resume whose schedule flags differ from the checkpoint's is refused."""
+    distributed_timeout_minutes: float = 10.0
+    """Timeout of every collective (Megatron-LM's flag): a rank that died or hangs makes the others
+    stop with an error after this long instead of waiting forever."""
 
 
 @dataclass(frozen=True)
@@ -112,7 +131,9 @@ class CheckpointConfig:
     save: Optional[str] = None
     """Directory to write checkpoints to (iter_NNNNNNN/ + latest_checkpointed_iteration.txt)."""
     load: Optional[str] = None
-    """Resume from the latest checkpoint in this directory (model, optimizer, schedule, RNG, data)."""
+    """Resume from the latest checkpoint in this directory (model, optimizer, schedule, RNG, data),
+    checked against its checksums (falling back to the previous one, see --no-fallback), or from
+    exactly the iter_NNNNNNN directory given."""
     save_interval: int = 0
     """Save every N iterations (0: only at the end when --save is given)."""
     exit_interval: int = 0
@@ -122,6 +143,11 @@ class CheckpointConfig:
     (tools/convert_from_hf.py) or an HF checkpoint directory in either layout (converted while loading)."""
     no_load_optim: bool = False
     """With --load: take model weights, iteration and data position, but fresh optimizer state."""
+    keep_checkpoints: int = 0
+    """Keep only the newest N checkpoints under --save, deleting older ones after each save (0: keep all)."""
+    no_fallback: bool = False
+    """With --load: refuse (naming the file) when the latest checkpoint fails its checksums, instead of
+    falling back to the newest complete one with a warning."""
 
 
 @dataclass
@@ -132,8 +158,19 @@ class DataConfig:
     """Train on generated batches (images + tokens) that depend only on --seed."""
     data_path: list[str] = field(default_factory=list)
     """Shard prefixes from tools/preprocess_mm_data.py, optionally weighted: [W1] P1 [W2] P2 ..."""
+    no_verify_shards: bool = False
+    """Skip the start-up sha256 check of every shard file against its manifest (file sizes are still
+    checked). The hashing is split over the job's ranks; skip it only for sets too large to hash at
+    every start, after one `tools/inspect_shards.py PREFIX --verify`."""
     mock_tiles_per_sample: int = 2
     """Mock data: image tiles per sample."""
+    num_workers: int = 1
+    """Processes that decode shard images ahead of the training step (0: decode in the training
+    process). The batches and the resume point do not depend on it."""
+    valid_data_path: list[str] = field(default_factory=list)
+    """Validation shard prefixes, weighted as --data-path: [W1] P1 [W2] P2 ..."""
+    mock_valid_data: bool = False
+    """With --mock-data: validate on generated batches of another seed than the training batches."""
 
 
 @dataclass
@@ -146,6 +183,15 @@ class LogConfig:
     """Append one JSON object per iteration (iteration, loss, lr, grad_norm, tokens_per_s, ...)."""
     tensorboard_dir: Optional[str] = None
     """Write tensorboard scalars here."""
+    log_straggler: bool = False
+    """Every --log-interval, print each rank's step and data-loading time (min / max and their ranks)."""
+    wandb_project: Optional[str] = None
+    """Log the same scalars to this Weights & Biases project (needs the wandb package; WANDB_MODE=offline
+    works without a network)."""
+    wandb_exp_name: Optional[str] = None
+    """Weights & Biases run name."""
+    wandb_save_dir: Optional[str] = None
+    """Directory for Weights & Biases' local files (default: wandb's)."""
 
 
 @dataclass

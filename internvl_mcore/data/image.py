@@ -1,6 +1,9 @@
 """Images and video frames the way InternVL prepares them, as pure functions.
 
 - `dynamic_preprocess`: InternVL's dynamic tiling (closest tile grid, resize, crop, thumbnail).
+- `plan_tiling` / `cut_tiles`: the same tiling split in two - the grid is chosen once (preprocessing, from
+  the image size) and the pixels are cut at load time (the "source" tile format), pixel-exact.
+- `stored_image_bytes`: the encoded bytes kept for an image (as given, or losslessly re-encoded).
 - `tiles_to_array` / `normalize_tiles`: uint8 storage layout and the float input of the vision tower.
 - `jpeg_recompress` / `random_jpeg_recompress`: InternVL's `data_augment` training augmentation.
 - `sample_frame_indices` and the frame loaders: InternVL's video frame sampling.
@@ -10,6 +13,7 @@ from __future__ import annotations
 import io
 import os
 import re
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -100,6 +104,73 @@ def dynamic_preprocess(
     if use_thumbnail and len(tiles) != 1:
         tiles.append(image.resize((image_size, image_size)))
     return tiles
+
+
+@dataclass(frozen=True)
+class ImageTiling:
+    """How one image becomes tiles: a cols x rows grid of the resized image, then maybe a thumbnail."""
+
+    cols: int
+    rows: int
+    thumbnail: bool
+
+    @property
+    def num_tiles(self) -> int:
+        return self.cols * self.rows + int(self.thumbnail)
+
+
+def plan_tiling(
+    width: int, height: int, min_num: int, max_num: int, image_size: int, use_thumbnail: bool
+) -> ImageTiling:
+    """The grid `dynamic_preprocess` picks for a width x height image (it needs only the size)."""
+    cols, rows = find_closest_aspect_ratio(
+        width / height, candidate_grids(min_num, max_num), width, height, image_size
+    )
+    return ImageTiling(cols, rows, bool(use_thumbnail and cols * rows != 1))
+
+
+def cut_tiles(image: Image.Image, tiling: ImageTiling, image_size: int, out: np.ndarray | None = None) -> np.ndarray:
+    """(T, S, S, 3) uint8 tiles of an RGB image, pixel-exact to tiles_to_array(dynamic_preprocess(...)).
+
+    Same Pillow calls as InternVL (resize with the default bicubic filter, the thumbnail resized from
+    the whole image); the row-major crops of the resized image are array slices, which copy the same
+    pixels as `Image.crop` without building one PIL image per tile. `out`: (T, S, S, 3) to write into.
+    """
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    s, cols, rows = image_size, tiling.cols, tiling.rows
+    if out is None:
+        out = np.empty((tiling.num_tiles, s, s, 3), dtype=np.uint8)
+    grid = np.asarray(image.resize((cols * s, rows * s)), dtype=np.uint8)  # (rows*S, cols*S, 3)
+    out[: rows * cols].reshape(rows, cols, s, s, 3)[...] = grid.reshape(rows, s, cols, s, 3).transpose(0, 2, 1, 3, 4)
+    if tiling.thumbnail:
+        out[-1] = np.asarray(image.resize((s, s)), dtype=np.uint8)  # (S, S, 3)
+    return out
+
+
+# Formats whose bytes decode to the same pixels every time (`Image.open(...).convert("RGB")`), so the
+# bytes the user gave are stored as they are. Anything else is re-encoded as lossless WebP.
+REDECODABLE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+def lossless_bytes(image: Image.Image) -> bytes:
+    """An RGB image as lossless WebP (least effort: encoding speed, decoding is the same)."""
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="WEBP", lossless=True, quality=0, method=0)
+    return buf.getvalue()
+
+
+def stored_image_bytes(data: bytes, image: Image.Image, source_format: str | None) -> bytes:
+    """What the "source" tile format keeps of an image: `data` itself when Pillow decodes that format
+    exactly again, else `image` (the decoded RGB pixels) losslessly re-encoded."""
+    return data if source_format in REDECODABLE_FORMATS else lossless_bytes(image)
+
+
+def decode_rgb(data: bytes | memoryview) -> Image.Image:
+    """Decode encoded image bytes to RGB exactly as preprocessing did (Image.open + convert("RGB"))."""
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return im.convert("RGB") if im.mode != "RGB" else im.copy()
 
 
 def tiles_to_array(tiles: Sequence[Image.Image]) -> np.ndarray:
@@ -219,16 +290,23 @@ def list_frame_files(folder: str) -> list[str]:
     return [os.path.join(folder, n) for n in sorted(names, key=_frame_sort_key)]
 
 
+def sample_frame_files(
+    folder: str, min_num_frames: int, max_num_frames: int, rng: np.random.Generator, sample: str = "rand"
+) -> list[str]:
+    """The sampled frame files of a folder of frame images, in frame order."""
+    files = list_frame_files(folder)
+    if not files:
+        raise FileNotFoundError(f"{folder}: no frame images ({', '.join(FRAME_EXTENSIONS)})")
+    return [files[k] for k in sample_frame_indices(len(files), min_num_frames, max_num_frames, rng, sample)]
+
+
 def load_frames_folder(
     folder: str, min_num_frames: int, max_num_frames: int, rng: np.random.Generator, sample: str = "rand"
 ) -> list[Image.Image]:
     """Sampled frames (RGB) of a folder of frame images."""
-    files = list_frame_files(folder)
-    if not files:
-        raise FileNotFoundError(f"{folder}: no frame images ({', '.join(FRAME_EXTENSIONS)})")
     frames = []
-    for k in sample_frame_indices(len(files), min_num_frames, max_num_frames, rng, sample):
-        with Image.open(files[k]) as im:
+    for path in sample_frame_files(folder, min_num_frames, max_num_frames, rng, sample):
+        with Image.open(path) as im:
             frames.append(im.convert("RGB"))
     return frames
 

@@ -12,18 +12,24 @@ so ranks are disjoint and together cover the stream, and resuming needs only (ho
 rank returned, the blend counters) -- a few integers in `state_dict()`, nothing is re-read.
 Augmentation (`data_augment: true` datasets: JPEG re-compression of each tile, as InternVL's
 training transform) draws from a generator keyed by (seed, g), so a resumed run sees the same.
+
+Packs are decoded in `num_workers` processes (Megatron's --num-workers) a few packs ahead; the
+draws are made in the calling process, so the stream and `state_dict()` do not depend on the
+number of workers. Tiles stay uint8: the model normalizes them on its device.
 """
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from .image import random_jpeg_recompress
 from .preference import expand_pair_tiles, pair_segments
 from .sample import PackedSample
 from .shards import ShardReader, manifest_path
@@ -93,38 +99,6 @@ def parse_data_path(data_path: Sequence[str]) -> list[tuple[float, str]]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Tile normalization
-# ------------------------------------------------------------------------------------------------
-
-_LUT: np.ndarray | None = None
-
-
-def normalize_tiles_lut(tiles: np.ndarray) -> np.ndarray:
-    """(T, H, W, 3) uint8 -> (T, 3, H, W) float32, bit-identical to `image.normalize_tiles`.
-
-    A uint8 has 256 values, so (v/255 - mean_c)/std_c is computed once per (channel, value) with
-    the same float32 operations and then gathered straight into the channel-first output: one pass
-    over memory instead of four full-size temporaries (~5x faster on a 50-tile pack, which made
-    normalization, not decoding, the loader's bottleneck).
-    """
-    global _LUT
-    if tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[-1] != 3:
-        raise ValueError(f"expected (T, H, W, 3) uint8 tiles, got {tiles.shape} {tiles.dtype}")
-    if _LUT is None:
-        from .image import IMAGENET_MEAN, IMAGENET_STD
-
-        mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)[:, None]
-        std = np.asarray(IMAGENET_STD, dtype=np.float32)[:, None]
-        v = np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0)
-        _LUT = ((v - mean) / std).astype(np.float32)  # (3, 256)
-    t, h, w, _ = tiles.shape
-    out = np.empty((t, 3, h, w), dtype=np.float32)
-    for c in range(3):
-        np.take(_LUT[c], tiles[..., c], out=out[:, c])
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
 # Loader
 # ------------------------------------------------------------------------------------------------
 
@@ -159,8 +133,9 @@ class PackedDataLoader:
         shuffle: permute each dataset's packs per epoch (the preprocessor already shuffled once;
             this avoids repeating the same order every epoch).
         augment: apply JPEG re-compression to tiles of `data_augment` datasets.
-        num_threads: >0 prepares that many packs ahead in threads (Pillow decodes with the GIL
-            released). The stream and `state_dict()` are the same with or without threads.
+        num_workers: >0 decodes packs in that many worker processes (forked, so they share the
+            mmapped shards), 2 packs per worker ahead. The stream and `state_dict()` are the same
+            for any number of workers.
     """
 
     def __init__(
@@ -172,7 +147,7 @@ class PackedDataLoader:
         seed: int = 0,
         shuffle: bool = True,
         augment: bool = True,
-        num_threads: int = 0,
+        num_workers: int = 0,
     ):
         if data_path and isinstance(data_path[0], (tuple, list)):
             blend = [(float(w), str(p)) for w, p in data_path]
@@ -193,8 +168,11 @@ class PackedDataLoader:
         self._state = _Cursor(0, 0, [0] * len(self.readers))
         self._plan_state = self._state.copy()
         self._ahead: deque[tuple[_Cursor, Future | PackedSample]] = deque()
-        self._pool = ThreadPoolExecutor(num_threads) if num_threads > 0 else None
-        self._lookahead = 2 * num_threads
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.num_workers = num_workers
+        self._pool: ProcessPoolExecutor | None = None
+        self._lookahead = 2 * num_workers
 
     # -- the stream ------------------------------------------------------------------------------
 
@@ -234,8 +212,6 @@ class PackedDataLoader:
 
     def load(self, dataset: int, pack: int, global_index: int) -> PackedSample:
         """Read and prepare one pack (pure given its arguments and the seed)."""
-        from .image import random_jpeg_recompress
-
         reader = self.readers[dataset]
         raw = reader.read(pack)
         tiles = reader.tiles(raw)  # (T, H, W, 3) uint8
@@ -257,9 +233,9 @@ class PackedDataLoader:
         return PackedSample(
             tokens=raw.tokens.astype(np.int64),
             loss_mask=raw.loss_mask.astype(np.float32),
-            position_ids=raw.position_ids,  # zero-copy, read-only float32 view
+            position_ids=np.array(raw.position_ids),  # a copy: views of the mmap do not cross processes
             cu_seqlens=raw.cu_seqlens,
-            tiles=normalize_tiles_lut(tiles),
+            tiles=np.ascontiguousarray(tiles),  # (T, H, W, 3) uint8
             num_tiles=num_tiles.astype(np.int32),
             pairs=pairs,
             source=[{"dataset": info.get("name", str(int(s))), "line": int(line)} for info, (s, line) in zip(names, raw.source)],
@@ -269,15 +245,18 @@ class PackedDataLoader:
         return self
 
     def __next__(self) -> PackedSample:
-        if self._pool is None:
+        if self.num_workers == 0:
             draw = self._advance(self._state)
             return self.load(draw.dataset, draw.pack, draw.global_index)
-        while len(self._ahead) < max(1, self._lookahead):
+        if self._pool is None:
+            self._pool = _worker_pool(self)
+        while len(self._ahead) < self._lookahead:
             draw = self._advance(self._plan_state)
-            fut = self._pool.submit(self.load, draw.dataset, draw.pack, draw.global_index)
+            fut = self._pool.submit(_load_in_worker, draw.dataset, draw.pack, draw.global_index)
             self._ahead.append((self._plan_state.copy(), fut))
         after, fut = self._ahead.popleft()
         sample = fut.result()  # type: ignore[union-attr]
+        sample.tiles = sample.tiles.numpy()  # a view of the shared memory the worker filled
         self._state = after
         return sample
 
@@ -318,14 +297,74 @@ class PackedDataLoader:
         self._ahead.clear()
 
     def close(self) -> None:
+        """Stop the worker processes (a later `next` starts new ones)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        self._ahead.clear()
+        self._plan_state = self._state.copy()
+
+    def __del__(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+_WORKER_LOADER: PackedDataLoader | None = None
+
+
+def _set_worker_loader(loader: PackedDataLoader) -> None:
+    global _WORKER_LOADER
+    _WORKER_LOADER = loader
+
+
+def _load_in_worker(dataset: int, pack: int, global_index: int) -> PackedSample:
+    """Load one pack in a worker; its tiles travel back in shared memory (a file descriptor is sent,
+    not the pixels: torch's reductions for multiprocessing, as torch's DataLoader does)."""
+    import torch
+
+    assert _WORKER_LOADER is not None, "loader worker not initialized"
+    sample = _WORKER_LOADER.load(dataset, pack, global_index)
+    sample.tiles = torch.from_numpy(sample.tiles).share_memory_()
+    return sample
+
+
+def _worker_pool(loader: PackedDataLoader) -> ProcessPoolExecutor:
+    """Worker processes holding a copy of `loader`, forked so they inherit it with its open mmaps
+    (nothing is pickled but the draws going in and the samples coming back)."""
+    return ProcessPoolExecutor(loader.num_workers, mp_context=mp.get_context("fork"),
+                               initializer=_set_worker_loader, initargs=(loader,))
 
 
 # ------------------------------------------------------------------------------------------------
 # Batching
 # ------------------------------------------------------------------------------------------------
+
+
+def _labels(s: PackedSample, cu: np.ndarray) -> np.ndarray:
+    """(n,) int64: the target of position i is token i+1 if it carries loss, never across sub-samples."""
+    n = int(s.tokens.shape[0])
+    target = np.zeros(n, dtype=bool)
+    target[:-1] = np.asarray(s.loss_mask[1:]) > 0
+    target[cu[1:] - 1] = False  # last token of each sub-sample predicts nothing
+    next_token = np.zeros(n, dtype=np.int64)
+    next_token[:-1] = s.tokens[1:]
+    return np.where(target, next_token, IGNORE_INDEX)
+
+
+def _fill_row(b: int, s: PackedSample, tokens: np.ndarray, labels: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    """Write pack `s` into row b of the (B, S) arrays (padding positions count 0, 1, ...); its cu_seqlens."""
+    n, S = int(s.tokens.shape[0]), tokens.shape[1]
+    if n > S:
+        raise ValueError(f"pack {b} has {n} tokens, more than seq_length={S}")
+    cu = np.asarray(s.cu_seqlens, dtype=np.int64)
+    if cu[0] != 0 or cu[-1] != n:
+        raise ValueError(f"pack {b}: cu_seqlens {cu.tolist()} do not cover its {n} tokens")
+    tokens[b, :n] = s.tokens
+    position_ids[b, :n] = s.position_ids
+    position_ids[b, n:] = np.arange(S - n, dtype=np.float32)
+    labels[b, :n] = _labels(s, cu)
+    return cu
 
 
 def collate(samples: Sequence[PackedSample], seq_length: int, pad_id: int) -> dict:
@@ -341,7 +380,8 @@ def collate(samples: Sequence[PackedSample], seq_length: int, pad_id: int) -> di
                                       (row b starts at b*S); each row's padding tail is its own
                                       segment, so every token belongs to exactly one segment
         max_seqlen    ()     int32    longest segment (for varlen attention kernels)
-        pixel_values  (T, 3, H, W) float32  normalized tiles of all packs, in token order
+        pixel_values  (T, H, W, 3) uint8    RGB tiles of all packs, in token order (the model
+                                            normalizes them on its device)
         num_tiles     (n_images,) int32     tiles per image, in token order
         num_segments  (B,)   int32    segments in each row (sub-samples + padding segment if any)
     """
@@ -356,31 +396,14 @@ def collate(samples: Sequence[PackedSample], seq_length: int, pad_id: int) -> di
     bounds: list[int] = [0]
     seg_per_row = []
     for b, s in enumerate(samples):
-        n = int(s.tokens.shape[0])
-        if n > S:
-            raise ValueError(f"pack {b} has {n} tokens, more than seq_length={S}")
-        cu = np.asarray(s.cu_seqlens, dtype=np.int64)
-        if cu[0] != 0 or cu[-1] != n:
-            raise ValueError(f"pack {b}: cu_seqlens {cu.tolist()} do not cover its {n} tokens")
-        tokens[b, :n] = s.tokens
-        position_ids[b, :n] = s.position_ids
-        position_ids[b, n:] = np.arange(S - n, dtype=np.float32)
-        # Target of position i is token i+1, if it carries loss; never across sub-samples.
-        target = np.zeros(n, dtype=bool)
-        target[:-1] = np.asarray(s.loss_mask[1:]) > 0
-        target[cu[1:] - 1] = False  # last token of each sub-sample predicts nothing
-        next_token = np.zeros(n, dtype=np.int64)
-        next_token[:-1] = s.tokens[1:]
-        labels[b, :n] = np.where(target, next_token, IGNORE_INDEX)
+        cu = _fill_row(b, s, tokens, labels, position_ids)
+        n = int(cu[-1])
         bounds.extend((b * S + cu[1:]).tolist())
-        segs = len(cu) - 1
-        if n < S:
+        if n < S:  # the padding tail is a segment of its own
             bounds.append((b + 1) * S)
-            segs += 1
-        seg_per_row.append(segs)
+        seg_per_row.append(len(cu) - 1 + int(n < S))
     cu_all = np.asarray(bounds, dtype=np.int32)
-    tiles = [np.asarray(s.tiles, dtype=np.float32) for s in samples]
-    pixel_values = np.concatenate(tiles) if tiles else np.zeros((0, 3, 0, 0), np.float32)
+    pixel_values = np.concatenate([np.asarray(s.tiles, dtype=np.uint8) for s in samples])  # (T, H, W, 3)
     num_tiles = np.concatenate([np.asarray(s.num_tiles, dtype=np.int32) for s in samples])
     return {
         "tokens": torch.from_numpy(tokens),

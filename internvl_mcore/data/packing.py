@@ -60,6 +60,18 @@ def pack_lengths(
     Raises:
         ValueError: a length is < 1 or > seq_length (callers reject those before packing).
     """
+    lengths = _checked_lengths(lengths, seq_length)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(lengths.size)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)  # position of each sample in the shuffled order
+    members = _best_fit_decreasing(order, lengths, seq_length, buffer_size)
+    packs = [np.array(sorted(m, key=lambda i: rank[i]), dtype=np.int64) for m in members]
+    return [packs[i] for i in rng.permutation(len(packs))]
+
+
+def _checked_lengths(lengths: Sequence[int] | np.ndarray, seq_length: int) -> np.ndarray:
+    """(N,) int64 lengths, each in [1, seq_length], or ValueError naming the first bad sample."""
     lengths = np.asarray(lengths, dtype=np.int64)
     if lengths.ndim != 1:
         raise ValueError(f"lengths must be 1-D, got shape {lengths.shape}")
@@ -71,17 +83,17 @@ def pack_lengths(
             f"sample {bad} has length {int(lengths[bad])}, outside [1, seq_length={seq_length}]; "
             "reject or truncate over-long samples before packing"
         )
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(lengths.size)
-    rank = np.empty_like(order)
-    rank[order] = np.arange(order.size)  # position of each sample in the shuffled order
+    return lengths
 
+
+def _best_fit_decreasing(order: np.ndarray, lengths: np.ndarray, seq_length: int, buffer_size: int) -> list[list[int]]:
+    """Sample indices of each pack: every buffer of `order`, longest first, goes into the open pack
+    with the least room that still fits it (a new pack when none does)."""
     # Open packs bucketed by remaining room, so "smallest room >= L" is one argmax over a bool
     # array of seq_length+1 entries (numpy stops at the first True) instead of a scan over packs.
     has_room = np.zeros(seq_length + 1, dtype=bool)
     by_room: dict[int, list[int]] = {}
     members: list[list[int]] = []
-
     for start in range(0, order.size, buffer_size):
         chunk = order[start : start + buffer_size]
         # Longest first; ties keep shuffled order (stable sort) so the result is seed-determined.
@@ -103,9 +115,7 @@ def pack_lengths(
             if left > 0:
                 by_room.setdefault(left, []).append(pack)
                 has_room[left] = True
-
-    packs = [np.array(sorted(m, key=lambda i: rank[i]), dtype=np.int64) for m in members]
-    return [packs[i] for i in rng.permutation(len(packs))]
+    return members
 
 
 def pack_fill(lengths: Sequence[int] | np.ndarray, packs: Sequence[np.ndarray], seq_length: int) -> float:

@@ -10,10 +10,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .image import ImageTiling
+
 # InternVL's special strings. Their ids come from the tokenizer, never from literals.
 IMG_START_TOKEN = "<img>"
 IMG_END_TOKEN = "</img>"
 IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+
+
+@dataclass
+class StoredImage:
+    """One image as the "source" tile format keeps it: its encoded bytes and the grid to cut at load time."""
+
+    data: bytes
+    """The image file's bytes as given, or lossless WebP when its format may not decode identically again."""
+    tiling: ImageTiling
+    """The grid (and thumbnail) InternVL's dynamic_preprocess picked for it; (1, 1) without thumbnail for a frame."""
 
 
 @dataclass
@@ -36,6 +48,8 @@ class TokenizedSample:
     """Path of the annotation/parquet file the sample came from."""
     data_augment: bool = False
     """The dataset asked for InternVL's training augmentation (applied by the loader, not stored)."""
+    images: list[StoredImage] = field(default_factory=list)
+    """Per image (aligned with num_tiles), filled instead of `tiles` when the options ask for source images."""
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -66,7 +80,7 @@ class PackedSample:
     cu_seqlens: np.ndarray
     """(n_samples+1,) int32 sub-sample boundaries: 0, len0, len0+len1, ..., S."""
     tiles: np.ndarray
-    """(T, 3, H, W) float32 tiles normalized with ImageNet mean/std, T = sum(num_tiles)."""
+    """(T, H, W, 3) uint8 RGB tiles, T = sum(num_tiles); the model normalizes them on its device."""
     num_tiles: np.ndarray
     """(n_images,) int32 tiles per image in order of appearance."""
     source: list[dict] = field(default_factory=list)

@@ -8,6 +8,7 @@ A shard set with prefix P is six megatron-core `IndexedDataset`s plus a manifest
     P_num_tiles.{bin,idx}     int32    one sequence per sub-sample   (tiles of each of its images)
     P_source.{bin,idx}        int64    one sequence per sub-sample   ([dataset index, line])
     P_tiles.{bin,idx}         uint8    one sequence per tile         (encoded tile bytes)
+                                       or per image ("source" format: header + image bytes)
     P.manifest.json
 
 In every one of them a megatron "document" is one pack, so `document_indices` gives the pack ->
@@ -15,24 +16,21 @@ sequence mapping and the sequence lengths of P_tokens give cu_seqlens directly. 
 per file keeps each file a single honest dtype (megatron-core's format has one dtype per file) and
 lets a reader touch only what it needs (inspect reads tokens without tiles).
 
-Tiles are stored one per sequence in `tile_format`. bench/data_pipeline.py measures the four on
-real photos (448x448 tiles; per tile, process CPU time on this 2-core machine; "load" = read +
-decode + ImageNet-normalize as the loader does):
+"source" stores each image once: a 9-byte header (b"SRC1", grid cols and rows as uint16, thumbnail
+flag as uint8) followed by the image's encoded bytes as the user gave them (re-encoded as lossless
+WebP only for formats Pillow may not decode identically again, and for frames of video files, which
+are stored as their one 448x448 tile). The loader decodes each image once and cuts its tiles with
+`image.cut_tiles`, pixel-exact to the tiles the other formats store (see docs/data.md for the
+measured size and speed).
 
-    format  bytes vs raw  encode   load     pixels
-    webp    0.26          ~10 ms   ~7 ms    exact        <- default
-    png     0.34          ~13 ms   ~8 ms    exact
-    raw     1.00          ~0 ms    ~1.5 ms  exact        (zero-copy mmap reads)
-    jpeg    0.095         ~1.5 ms  ~6 ms    lossy (q95 4:4:4, mean |error| ~1.2 grey levels)
+The other formats store tiles one per sequence in `tile_format`:
 
-- "webp" (default): lossless WebP at the least encoding effort. Bit-exact pixels (what InternVL's
-  own pipeline feeds the ViT) at ~1/4 of raw, the smallest lossless option. A 50-tile 16k pack
-  costs ~0.35 CPU-s to load, well under the GPU time of a 16k-token step, so one loader thread
-  per GPU keeps up; encoding runs once, in the preprocessing workers.
-- "raw": ~2x faster to load than decoding the source JPEGs on the fly (webp/png are not; see the
-  bench), for CPU-starved setups with disk to spare (~4x webp's bytes).
-- "png": lossless fallback for Pillow builds without libwebp.
-- "jpeg": smallest, but changes pixels.
+- "webp": lossless WebP at the least encoding effort (the default before "source").
+- "png": lossless, for Pillow builds without libwebp.
+- "raw": uncompressed; the fastest to load (no decode, no resize) at ~34x the source bytes.
+- "jpeg": lossy (q95 4:4:4), changes pixels.
+
+docs/data.md has bench/data_pipeline.py's numbers for all five (bytes, preprocessing and load CPU).
 """
 from __future__ import annotations
 
@@ -40,14 +38,24 @@ import hashlib
 import io
 import json
 import os
+import struct
 from dataclasses import dataclass
-from typing import Sequence
+import struct
+from typing import Literal, Sequence, get_args
 
 import numpy as np
 
+from .image import ImageTiling, cut_tiles, decode_rgb
+from .sample import StoredImage
+
 SHARD_FORMAT = "internvl-mcore-packed-v1"
-TILE_FORMATS = ("webp", "png", "raw", "jpeg")
-DEFAULT_TILE_FORMAT = "webp"
+TileFormat = Literal["source", "webp", "png", "raw", "jpeg"]
+TILE_FORMATS: tuple[str, ...] = get_args(TileFormat)
+TILE_CODECS = TILE_FORMATS[1:]  # formats storing one encoded payload per tile
+# "source" payload header: magic, grid cols, grid rows, thumbnail flag.
+SOURCE_HEADER = struct.Struct("<4sHHB")
+SOURCE_MAGIC = b"SRC1"
+DEFAULT_TILE_FORMAT = "source"
 
 # field name -> numpy dtype on disk
 FIELDS: dict[str, type] = {
@@ -109,9 +117,41 @@ def encode_tiles(tiles: np.ndarray, tile_format: str) -> list[bytes]:
         elif tile_format == "jpeg":
             Image.fromarray(t).save(buf, format="JPEG", quality=95, subsampling=0)
         else:
-            raise ValueError(f"unknown tile format {tile_format!r}; choose from {TILE_FORMATS}")
+            raise ValueError(f"unknown tile codec {tile_format!r}; choose from {TILE_CODECS} "
+                             "('source' stores images, see encode_source_images)")
         out.append(buf.getvalue())
     return out
+
+
+def encode_source_images(images: Sequence[StoredImage]) -> list[bytes]:
+    """One "source" payload per image: header (grid, thumbnail) + the stored encoded bytes."""
+    return [SOURCE_HEADER.pack(SOURCE_MAGIC, im.tiling.cols, im.tiling.rows, int(im.tiling.thumbnail)) + im.data
+            for im in images]
+
+
+def source_tiling(payload: np.ndarray | bytes) -> ImageTiling:
+    """The grid recorded in a "source" payload's header."""
+    magic, cols, rows, thumb = SOURCE_HEADER.unpack_from(memoryview(payload)[: SOURCE_HEADER.size])
+    if magic != SOURCE_MAGIC:
+        raise ValueError(f"not a 'source' image payload (header {bytes(magic)!r})")
+    return ImageTiling(int(cols), int(rows), bool(thumb))
+
+
+def decode_source_images(payloads: Sequence[np.ndarray | bytes], image_size: int) -> np.ndarray:
+    """"source" payloads -> (T, S, S, 3) uint8 tiles: each image decoded once, then cut like InternVL."""
+    tilings = [source_tiling(p) for p in payloads]
+    out = np.empty((sum(t.num_tiles for t in tilings), image_size, image_size, 3), dtype=np.uint8)
+    k = 0
+    for p, tiling in zip(payloads, tilings):
+        image = decode_rgb(memoryview(p)[SOURCE_HEADER.size :])
+        cut_tiles(image, tiling, image_size, out=out[k : k + tiling.num_tiles])
+        k += tiling.num_tiles
+    return out
+
+
+def payload_count(num_tiles: np.ndarray | Sequence[int], tile_format: str) -> int:
+    """Payloads stored for images with `num_tiles` tiles each: one per image ("source") or per tile."""
+    return len(num_tiles) if tile_format == "source" else int(np.sum(num_tiles, dtype=np.int64))
 
 
 def decode_tiles(payloads: Sequence[np.ndarray | bytes], tile_format: str, tile_shape: Sequence[int]) -> np.ndarray:
@@ -119,6 +159,8 @@ def decode_tiles(payloads: Sequence[np.ndarray | bytes], tile_format: str, tile_
     from PIL import Image
 
     h, w, c = (int(x) for x in tile_shape)
+    if tile_format == "source":
+        return decode_source_images(payloads, h)
     out = np.empty((len(payloads), h, w, c), dtype=np.uint8)
     for i, p in enumerate(payloads):
         if tile_format == "raw":
@@ -147,7 +189,7 @@ class EncodedSample:
     loss_mask: np.ndarray  # (S,) uint8
     position_ids: np.ndarray  # (S,) float32
     num_tiles: np.ndarray  # (n_images,) int32
-    tiles: list  # sum(num_tiles) payloads (bytes or uint8 arrays)
+    tiles: list  # payloads (bytes or uint8 arrays): one per tile, or one per image ("source" format)
     dataset_index: int  # index into the manifest's "datasets"
     line: int  # 1-based line / row in the source file
 
@@ -166,8 +208,8 @@ class RawPack:
     num_tiles: np.ndarray  # (n_images,) int32, all sub-samples concatenated
     images_per_sample: np.ndarray  # (n,) int32 images of each sub-sample
     source: np.ndarray  # (n, 2) int64 [dataset index, line]
-    tile_bytes: np.ndarray  # all encoded tiles of the pack back to back, uint8
-    tile_lengths: np.ndarray  # (T,) int32 bytes of each encoded tile
+    tile_bytes: np.ndarray  # all payloads of the pack back to back, uint8
+    tile_lengths: np.ndarray  # (P,) int32 bytes of each payload (P = tiles, or images for "source")
 
     @property
     def tile_payloads(self) -> list[np.ndarray]:
@@ -226,8 +268,9 @@ class ShardWriter:
         for s in samples:
             if not (s.loss_mask.shape[0] == s.position_ids.shape[0] == len(s)):
                 raise ValueError(f"sample (dataset {s.dataset_index}, line {s.line}): tokens, loss_mask, position_ids differ in length")
-            if int(np.sum(s.num_tiles)) != len(s.tiles):
-                raise ValueError(f"sample (dataset {s.dataset_index}, line {s.line}): num_tiles sums to {int(np.sum(s.num_tiles))} but {len(s.tiles)} tiles given")
+            if payload_count(s.num_tiles, self.tile_format) != len(s.tiles):
+                raise ValueError(f"sample (dataset {s.dataset_index}, line {s.line}): num_tiles {list(s.num_tiles)} needs "
+                                 f"{payload_count(s.num_tiles, self.tile_format)} {self.tile_format} payloads, {len(s.tiles)} given")
             if self.tile_format == "raw" and any(len(p) != raw_tile_bytes for p in s.tiles):
                 raise ValueError(f"sample (dataset {s.dataset_index}, line {s.line}): raw tile is not {self.tile_shape}")
         b = self._builders
@@ -250,7 +293,7 @@ class ShardWriter:
         c["samples"] += len(samples)
         c["tokens"] += sum(lengths)
         c["images"] += sum(len(s.num_tiles) for s in samples)
-        c["tiles"] += len(payloads)
+        c["tiles"] += int(sum(int(np.sum(s.num_tiles)) for s in samples))
         c["loss_tokens"] += int(sum(int(s.loss_mask.sum()) for s in samples))
 
     def finalize(self, extra: dict | None = None, checksums: bool = True) -> dict:
@@ -312,6 +355,16 @@ def _anchored(arr: np.ndarray, owner: object) -> np.ndarray:
     return np.asarray(_Anchor(arr, owner))
 
 
+def check_bin_size(bin_path: str, pointers: np.ndarray, lengths: np.ndarray, itemsize: int) -> None:
+    """The .bin must end exactly where its index's last sequence ends: a truncated (or overgrown)
+    file is refused when the set is opened, not when a pack past the cut is drawn."""
+    want = int(pointers[-1]) + int(lengths[-1]) * itemsize if len(lengths) else 0
+    got = os.path.getsize(bin_path)
+    if got != want:
+        raise ValueError(f"{bin_path}: {got} bytes, its index says {want} "
+                         f"({'truncated' if got < want else 'longer than indexed'}); re-run tools/preprocess_mm_data.py")
+
+
 class _Field:
     """One field's IndexedDataset, tolerating an empty `.bin` (e.g. tiles of a text-only set),
     which numpy refuses to mmap."""
@@ -324,14 +377,19 @@ class _Field:
             if not os.path.exists(p):
                 raise FileNotFoundError(f"shard file missing: {p}")
         self.dtype = np.dtype(dtype)
-        if os.path.getsize(bin_path) == 0:
-            from megatron.core.datasets.indexed_dataset import _IndexReader
+        try:
+            if os.path.getsize(bin_path) == 0:
+                from megatron.core.datasets.indexed_dataset import _IndexReader
 
-            self._ds = None
-            index = _IndexReader(idx_path, multimodal=False)
-        else:
-            self._ds = IndexedDataset(prefix, mmap=True)
-            index = self._ds.index
+                self._ds = None
+                index = _IndexReader(idx_path, multimodal=False)
+            else:
+                self._ds = IndexedDataset(prefix, mmap=True)
+                index = self._ds.index
+        except (AssertionError, ValueError, struct.error) as e:  # megatron-core's reader names no file
+            raise ValueError(f"{idx_path}: unreadable index ({e or type(e).__name__}): truncated or not a "
+                             "shard index; re-run tools/preprocess_mm_data.py") from None
+        check_bin_size(bin_path, index.sequence_pointers, index.sequence_lengths, index.dtype_size)
         if index.dtype != self.dtype.type:
             raise ValueError(f"{idx_path}: dtype {index.dtype.__name__}, expected {self.dtype.name}")
         self.lengths = index.sequence_lengths  # (n_seq,) int32
@@ -361,10 +419,14 @@ class ShardReader:
         path = manifest_path(prefix)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no shard manifest at {path} (is {prefix!r} a preprocessed output prefix?)")
-        with open(path) as f:
-            self.manifest = json.load(f)
-        if self.manifest.get("format") != SHARD_FORMAT:
-            raise ValueError(f"{path}: format {self.manifest.get('format')!r}, expected {SHARD_FORMAT!r}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                self.manifest = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{path}: unreadable shard manifest ({e})") from None
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != SHARD_FORMAT:
+            fmt = self.manifest.get("format") if isinstance(self.manifest, dict) else None
+            raise ValueError(f"{path}: format {fmt!r}, expected {SHARD_FORMAT!r}")
         self.prefix = prefix
         self.tile_format: str = self.manifest["tile_format"]
         self.tile_shape: tuple[int, int, int] = tuple(self.manifest["tile_shape"])
@@ -400,8 +462,9 @@ class ShardReader:
         tile_bytes, tile_lengths = np.zeros(0, np.uint8), np.zeros(0, np.int32)
         if with_tiles:
             tile_bytes, tile_lengths = f["tiles"].document(i)
-            if tile_lengths.shape[0] != int(num_tiles.sum()):
-                raise ValueError(f"{self.prefix} pack {i}: {tile_lengths.shape[0]} tiles stored, num_tiles says {int(num_tiles.sum())}")
+            want = payload_count(num_tiles, self.tile_format)
+            if tile_lengths.shape[0] != want:
+                raise ValueError(f"{self.prefix} pack {i}: {tile_lengths.shape[0]} payloads stored, num_tiles says {want}")
         return RawPack(
             tokens=tokens,
             loss_mask=loss_mask,
@@ -431,7 +494,7 @@ class ShardReader:
         for k in range(p.seq_lengths.shape[0]):
             n, m = int(p.seq_lengths[k]), int(p.images_per_sample[k])
             nt = p.num_tiles[img_off : img_off + m]
-            t = int(nt.sum())
+            t = payload_count(nt, self.tile_format)
             out.append(
                 EncodedSample(
                     tokens=p.tokens[tok_off : tok_off + n],
@@ -446,12 +509,19 @@ class ShardReader:
             tok_off, img_off, tile_off = tok_off + n, img_off + m, tile_off + t
         return out
 
+    def expected_sha256(self, name: str) -> str | None:
+        """The manifest's sha256 of field file `name` (e.g. "tokens.bin"), also when the set's files
+        were renamed to another prefix after preprocessing (the manifest keeps the original names)."""
+        files = self.manifest.get("files", {})
+        original = next((k[: -len("_tokens.bin")] for k in files if k.endswith("_tokens.bin")), None)
+        return files.get(f"{original}_{name}") if original is not None else None
+
     def verify(self) -> dict[str, str]:
         """Recompute each file's sha256 and compare with the manifest; returns mismatches."""
         bad = {}
         for p in shard_files(self.prefix):
             name = os.path.basename(p)
-            want = self.manifest["files"].get(name)
+            want = self.expected_sha256(name[len(os.path.basename(self.prefix)) + 1:])
             got = sha256_file(p)
             if want != got:
                 bad[name] = f"manifest {want}, file {got}"
@@ -463,6 +533,16 @@ class ShardReader:
 # ------------------------------------------------------------------------------------------------
 
 LOSS_OPEN, LOSS_CLOSE = "[[", "]]"
+
+
+def summary_line(reader: ShardReader) -> str:
+    """One line about a shard set: samples, packs, fill, tiles, bytes on disk, rejects (from its manifest)."""
+    m, c = reader.manifest, reader.manifest.get("counts", {})
+    size = sum(os.path.getsize(p) for p in shard_files(reader.prefix))
+    return (f"{reader.prefix}: samples {c.get('samples', '?')}, packs {c.get('packs', '?')}, "
+            f"fill {100 * float(m.get('fill_ratio', 0)):.2f}%, images {c.get('images', '?')}, "
+            f"tiles {c.get('tiles', '?')} ({reader.tile_format}), bytes {size} ({size / 2**20:.1f} MiB), "
+            f"rejects {c.get('rejects', '?')} of {c.get('inputs', '?')} inputs")
 
 
 def pack_json(reader: ShardReader, i: int) -> dict:
@@ -489,6 +569,44 @@ def pack_json(reader: ShardReader, i: int) -> dict:
 
 def _fmt_pos(x: float) -> str:
     return f"{x:g}"
+
+
+def _render_tokens(j: dict, a: int, b: int, img_k: int, start_id: int, end_id: int, decode) -> tuple[str, int]:
+    """Tokens [a, b) of pack_json `j` as text: loss runs in [[ ]], each image block collapsed to
+    `<img>×N tiles{...}` (img_k: index of the next image); returns the text and the next img_k."""
+    tokens, loss, pos = j["tokens"], j["loss_mask"], j["position_ids"]
+    out: list[str] = []
+    in_loss = False
+    t = a
+    while t < b:
+        want_loss = bool(loss[t])
+        if want_loss != in_loss:
+            out.append(LOSS_OPEN if want_loss else LOSS_CLOSE)
+            in_loss = want_loss
+        if tokens[t] == start_id:
+            e = t + 1
+            while e < b and tokens[e] != end_id:
+                e += 1
+            n_tiles = j["num_tiles"][img_k] if img_k < len(j["num_tiles"]) else "?"
+            img_k += 1
+            n_vis = e - t - 1
+            delta = (pos[t + 2] - pos[t + 1]) if n_vis > 1 else 1.0
+            end_pos = _fmt_pos(pos[e]) if e < b else "?"
+            out.append(
+                f"<img>×{n_tiles} tiles{{{n_vis} tokens, <img>@{_fmt_pos(pos[t])} "
+                f"visual {_fmt_pos(pos[t + 1])}..{_fmt_pos(pos[e - 1])} δ={delta:g} </img>@{end_pos}}}"
+            )
+            t = e + 1
+            continue
+        e = t
+        while e < b and bool(loss[e]) == want_loss and tokens[e] != start_id:
+            e += 1
+        run = tokens[t:e]
+        out.append(decode(run) if decode is not None else " ".join(str(x) for x in run) + " ")
+        t = e
+    if in_loss:
+        out.append(LOSS_CLOSE)
+    return "".join(out), img_k
 
 
 def describe_pack(reader: ShardReader, i: int, decode=None, img_ids: tuple[int, int, int] | None = None) -> str:
@@ -531,36 +649,6 @@ def describe_pack(reader: ShardReader, i: int, decode=None, img_ids: tuple[int, 
             f"── sub-sample {k}: dataset {src['dataset']!r}, {where}, tokens [{a}, {b}), "
             f"positions {_fmt_pos(pos[a])} → {_fmt_pos(pos[b - 1])}"
         )
-        out: list[str] = []
-        in_loss = False
-        t = a
-        while t < b:
-            want_loss = bool(loss[t])
-            if want_loss != in_loss:
-                out.append(LOSS_OPEN if want_loss else LOSS_CLOSE)
-                in_loss = want_loss
-            if tokens[t] == start_id:
-                e = t + 1
-                while e < b and tokens[e] != end_id:
-                    e += 1
-                n_tiles = j["num_tiles"][img_k] if img_k < len(j["num_tiles"]) else "?"
-                img_k += 1
-                n_vis = e - t - 1
-                delta = (pos[t + 2] - pos[t + 1]) if n_vis > 1 else 1.0
-                end_pos = _fmt_pos(pos[e]) if e < b else "?"
-                out.append(
-                    f"<img>×{n_tiles} tiles{{{n_vis} tokens, <img>@{_fmt_pos(pos[t])} "
-                    f"visual {_fmt_pos(pos[t + 1])}..{_fmt_pos(pos[e - 1])} δ={delta:g} </img>@{end_pos}}}"
-                )
-                t = e + 1
-                continue
-            e = t
-            while e < b and bool(loss[e]) == want_loss and tokens[e] != start_id:
-                e += 1
-            run = tokens[t:e]
-            out.append(decode(run) if decode is not None else " ".join(str(x) for x in run) + " ")
-            t = e
-        if in_loss:
-            out.append(LOSS_CLOSE)
-        lines.append("".join(out))
+        text, img_k = _render_tokens(j, a, b, img_k, start_id, end_id, decode)
+        lines.append(text)
     return "\n".join(lines)

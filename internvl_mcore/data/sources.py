@@ -16,19 +16,23 @@ import json
 import os
 import zlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
 
 from .image import (
+    ImageTiling,
     VideoDecoderMissing,
-    dynamic_preprocess,
+    cut_tiles,
     frame_to_tile,
+    lossless_bytes,
     load_video_frames,
-    tiles_to_array,
+    plan_tiling,
+    sample_frame_files,
+    stored_image_bytes,
 )
-from .sample import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, Reject, TokenizedSample
+from .sample import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, Reject, StoredImage, TokenizedSample
 from .template import (
     IMAGE_PLACEHOLDER,
     PROMPT_ROLES,
@@ -104,6 +108,10 @@ def read_meta(path: str) -> list[DatasetSpec]:
             meta = json.load(f)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"meta file {path} does not exist") from e
+    except IsADirectoryError:
+        raise ValueError(f"meta file {path} is a directory, not a JSON file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"meta file {path}: not UTF-8 text at byte {e.start} (is it a meta JSON file?)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from e
     if not isinstance(meta, dict) or not meta:
@@ -143,8 +151,7 @@ def read_meta(path: str) -> list[DatasetSpec]:
             length=num("length", None, int, 0) if entry.get("length") is not None else None,
             min_dynamic_patch=num("min_dynamic_patch", 1, int, 1),
         )
-        if not os.path.isfile(spec.annotation):
-            raise FileNotFoundError(f"{where}: key 'annotation': file {entry['annotation']!r} not found")
+        _check_annotation(spec, entry["annotation"], where)
         if spec.repeat_time == 0:
             raise ValueError(f"{where}: key 'repeat_time' is 0 (the dataset would be empty)")
         specs.append(spec)
@@ -198,10 +205,43 @@ def _jsonl_line_numbers(path: str) -> list[int]:
     return out
 
 
+def _check_annotation(spec: DatasetSpec, given: str, where: str) -> None:
+    """The annotation is a file (not a folder, not missing) and, for JSONL, not one JSON array."""
+    if os.path.isdir(spec.annotation):
+        raise ValueError(f"{where}: key 'annotation': {given!r} is a directory, not a .jsonl / .parquet file")
+    if not os.path.isfile(spec.annotation):
+        raise FileNotFoundError(f"{where}: key 'annotation': file {given!r} not found")
+    if spec.format == "jsonl":
+        _check_jsonl_shape(spec.annotation)
+
+
+def _check_jsonl_shape(path: str) -> None:
+    """Refuse a JSON array file (LLaVA's `[{...}, {...}]`) given as a JSONL annotation: read as JSONL,
+    every line would be rejected one by one. A one-line array of non-objects stays a record (rejected)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if raw.strip():
+                break
+        else:
+            return
+    first = raw.lstrip(b"\xef\xbb\xbf").strip()
+    if not first.startswith(b"["):
+        return
+    try:
+        value = json.loads(first)
+    except (ValueError, UnicodeDecodeError):  # '[' opening a multi-line document
+        value = [{}]
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        raise ValueError(f"{path}:{lineno}: a JSON array, not JSON Lines (one record object per line)")
+
+
 def _count_parquet_rows(path: str) -> int:
     import pyarrow.parquet as pq
 
-    return pq.ParquetFile(path).metadata.num_rows
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception as e:  # pyarrow's ArrowInvalid / OSError name no file
+        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
 
 
 def _iter_jsonl(spec: DatasetSpec, wanted: set[int], repeat: int) -> Iterator[RawRecord | Reject]:
@@ -283,7 +323,7 @@ def messages_to_conversations(messages: list[dict]) -> list[dict]:
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict) or "role" not in msg:
             raise TemplateError("bad_record", f"message {i} has no 'role'")
-        role = _ROLE_MAP.get(msg["role"])
+        role = _ROLE_MAP.get(msg["role"]) if isinstance(msg["role"], str) else None
         if role is None:
             raise TemplateError("bad_record", f"message {i}: unknown role {msg['role']!r}")
         content = msg.get("content")
@@ -334,6 +374,9 @@ class PreprocessOptions:
     """InternVL's video sampling_method: 'rand' (training default) or 'middle'."""
     template: str = "internvl2_5"
     """Chat template (data/template.py TEMPLATES), the model config's `template`."""
+    source_images: bool = False
+    """Keep each image's encoded bytes and tile grid (`TokenizedSample.images`, the "source" tile format)
+    instead of cutting its tiles (`TokenizedSample.tiles` is then empty)."""
 
 
 class _RejectError(Exception):
@@ -348,14 +391,20 @@ def record_rng(opts: PreprocessOptions, record: RawRecord) -> np.random.Generato
     return np.random.default_rng([opts.seed, _stable_hash(record.dataset.name), record.line, record.repeat])
 
 
-def _open_image(source: str | bytes, what: str) -> Image.Image:
-    """RGB image from a path or bytes; _RejectError('missing_image' | 'corrupt_image')."""
+def _read_image(source: str | bytes, what: str) -> tuple[Image.Image, bytes, str | None]:
+    """(RGB image, encoded bytes, Pillow format) from a path or bytes; _RejectError('missing_image' |
+    'corrupt_image'). The image is decoded from the same bytes the "source" tile format stores."""
+    if isinstance(source, str) and os.path.isdir(source):
+        raise _RejectError("missing_image", f"{what} is a directory, not an image file: {source}")
     if isinstance(source, str) and not os.path.isfile(source):
         raise _RejectError("missing_image", f"{what} not found: {source}")
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+        if isinstance(source, str):
+            with open(source, "rb") as f:
+                source = f.read()
+        with Image.open(io.BytesIO(source)) as im:
             im.load()  # decode now so truncated/corrupt files fail here, not later
-            return im.convert("RGB")
+            return im.convert("RGB"), source, im.format
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, DecompressionBombError...
         raise _RejectError("corrupt_image", f"{what}: {type(e).__name__}: {e}") from e
 
@@ -409,8 +458,11 @@ def _copy_conversations(payload: dict) -> list[dict]:
         raise _RejectError("bad_record", f"'conversations' is {type(convs).__name__}, not a list")
     if not convs:
         raise _RejectError("empty_conversation", "'conversations' is empty")
+    for i, t in enumerate(convs):  # placeholders are counted / inserted before templating: check shape now
+        if not isinstance(t, dict):
+            raise _RejectError("bad_record", f"turn {i} is not a {{'from', 'value'}} object: {str(t)[:80]}")
     # Copies: the payload is shared between repeats and must stay untouched.
-    return [dict(t) if isinstance(t, dict) else t for t in convs]
+    return [dict(t) for t in convs]
 
 
 def _add_image_placeholders(convs: list[dict], n_images: int, multi: bool) -> None:
@@ -465,105 +517,152 @@ def _truncate(tokens, loss_mask, num_tiles, limit, img_start, img_end):
     return tokens[:cut], loss_mask[:cut], kept
 
 
+class _Visuals:
+    """The images of one sample as they are loaded: tiles (cut now) or stored images (cut at load time)."""
+
+    def __init__(self, opts: PreprocessOptions):
+        self.opts = opts
+        self.tile_arrays: list[np.ndarray] = []
+        self.num_tiles: list[int] = []
+        self.images: list[StoredImage] = []
+
+    def add(self, image: Image.Image, tiling: ImageTiling, stored: Callable[[], bytes]) -> None:
+        """One image cut by `tiling`; `stored()` gives its bytes for the source format (called lazily)."""
+        if self.opts.source_images:
+            self.images.append(StoredImage(stored(), tiling))
+        else:
+            self.tile_arrays.append(cut_tiles(image, tiling, self.opts.image_size))
+        self.num_tiles.append(tiling.num_tiles)
+
+    def tiles(self) -> np.ndarray:
+        """(T, S, S, 3) uint8; empty when nothing was cut."""
+        size = self.opts.image_size
+        return np.concatenate(self.tile_arrays) if self.tile_arrays else np.zeros((0, size, size, 3), np.uint8)
+
+
+def _add_images(record: RawRecord, convs: list[dict], sources: list, visuals: _Visuals) -> None:
+    """InternVL's image branch: placeholders, the per-image tile cap of a list, dynamic tiling."""
+    spec, opts = record.dataset, visuals.opts
+    multi = isinstance(record.payload.get("image"), list) or "images" in record.payload
+    _add_image_placeholders(convs, len(sources), multi)
+    max_num = max(1, spec.max_dynamic_patch // len(sources)) if multi else spec.max_dynamic_patch
+    for src, what in sources:
+        image, data, fmt = _read_image(src, what)
+        tiling = plan_tiling(*image.size, spec.min_dynamic_patch, max_num, opts.image_size, opts.use_thumbnail)
+        visuals.add(image, tiling, lambda: stored_image_bytes(data, image, fmt))
+
+
+def _video_frames(record: RawRecord, path: str, visuals: _Visuals) -> None:
+    """Sampled frames of a video, one tile each (InternVL's transform: a bicubic resize to the tile size).
+    Frames of a folder keep their file bytes; frames of a GIF / video file are stored as their tile."""
+    opts, one = visuals.opts, ImageTiling(1, 1, False)
+    rng = record_rng(opts, record)
+    if path.endswith("/") or os.path.isdir(path):
+        for file in sample_frame_files(path, opts.min_num_frames, opts.max_num_frames, rng, opts.frame_sampling):
+            image, data, fmt = _read_image(file, f"frame {os.path.basename(file)!r}")
+            visuals.add(image, one, lambda: stored_image_bytes(data, image, fmt))
+        return
+    for frame in load_video_frames(path, opts.min_num_frames, opts.max_num_frames, rng, opts.frame_sampling):
+        tile = frame_to_tile(frame, opts.image_size)
+        visuals.add(tile, one, lambda: lossless_bytes(tile))
+
+
+def _add_video(record: RawRecord, convs: list[dict], video: str, visuals: _Visuals) -> None:
+    path = os.path.join(record.dataset.root, video)
+    if not os.path.exists(path.rstrip("/") or path):
+        raise _RejectError("missing_image", f"video not found: {path}")
+    try:
+        _video_frames(record, path, visuals)
+    except _RejectError:
+        raise
+    except VideoDecoderMissing as e:
+        raise _RejectError("video_decoder_missing", str(e)) from e
+    except FileNotFoundError as e:
+        raise _RejectError("missing_image", str(e)) from e
+    except Exception as e:
+        raise _RejectError("corrupt_image", f"video {path}: {type(e).__name__}: {e}") from e
+    _expand_video(convs, len(visuals.num_tiles))
+
+
+def _check_context_tokens(tokens: np.ndarray, tokenizer: Tokenizer, opts: PreprocessOptions, num_tiles: list[int]) -> None:
+    if not num_tiles:
+        return
+    n_context = int(np.count_nonzero(tokens == tokenizer.token_to_id(IMG_CONTEXT_TOKEN)))
+    if n_context != opts.num_image_token * sum(num_tiles):
+        raise _RejectError(
+            "bad_record",
+            f"{n_context} {IMG_CONTEXT_TOKEN} tokens for {sum(num_tiles)} tiles: the tokenizer does not "
+            f"keep {IMG_CONTEXT_TOKEN} as one token",
+        )
+
+
+def _fit_length(tokens, loss_mask, visuals: _Visuals, tokenizer: Tokenizer, opts: PreprocessOptions):
+    """Reject an over-long sample, or (--truncate) cut it and drop the images past the cut."""
+    if len(tokens) <= opts.max_seq_length:
+        return tokens, loss_mask, visuals.num_tiles, visuals.tiles(), visuals.images
+    if not opts.truncate:
+        raise _RejectError("too_long", f"{len(tokens)} tokens > max_seq_length {opts.max_seq_length}")
+    has_images = bool(visuals.num_tiles)
+    tokens, loss_mask, kept = _truncate(
+        tokens, loss_mask, visuals.num_tiles, opts.max_seq_length,
+        tokenizer.token_to_id(IMG_START_TOKEN) if has_images else -1,
+        tokenizer.token_to_id(IMG_END_TOKEN) if has_images else -1,
+    )
+    num_tiles = visuals.num_tiles[:kept]
+    if not loss_mask.any():
+        raise _RejectError("too_long", f"no loss tokens left after truncating to {opts.max_seq_length}")
+    return tokens, loss_mask, num_tiles, visuals.tiles()[: sum(num_tiles)], visuals.images[:kept]
+
+
+def _build(record: RawRecord, tokenizer: Tokenizer, opts: PreprocessOptions) -> TokenizedSample:
+    spec = record.dataset
+    convs = _copy_conversations(record.payload)
+    sources = _image_sources(record)
+    video = record.payload.get("video")
+    visuals = _Visuals(opts)
+    if sources is not None:
+        _add_images(record, convs, sources, visuals)
+    elif isinstance(video, str) and video:
+        _add_video(record, convs, video, visuals)
+    elif video is not None and not isinstance(video, str):
+        raise _RejectError("bad_record", f"'video' must be a path, got {type(video).__name__}")
+    tokens, loss_mask = tokenize_conversation(
+        convs, tokenizer, [opts.num_image_token * t for t in visuals.num_tiles], system_prompt=opts.system_prompt,
+        template=TEMPLATES[opts.template],
+    )
+    _check_context_tokens(tokens, tokenizer, opts, visuals.num_tiles)
+    tokens, loss_mask, num_tiles, tiles, images = _fit_length(tokens, loss_mask, visuals, tokenizer, opts)
+    return TokenizedSample(
+        tokens=np.ascontiguousarray(tokens, dtype=np.int32),
+        loss_mask=np.ascontiguousarray(loss_mask, dtype=np.uint8),
+        tiles=tiles,
+        num_tiles=[int(t) for t in num_tiles],
+        dataset=spec.name,
+        line=record.line,
+        source_file=record.source_file,
+        data_augment=spec.data_augment,
+        images=list(images),
+    )
+
+
 def build_sample(record: RawRecord, tokenizer: Tokenizer, opts: PreprocessOptions) -> TokenizedSample | Reject:
     """Decode, tile, template and tokenize one record. Pure and deterministic; never raises for bad input.
 
     Kinds (as InternVL's __getitem__): a non-empty `image` (str: single image, list: multi-image) or
     `images` (parquet bytes); else a non-empty `video`; else text. Each image of a list gets at most
-    max(1, max_dynamic_patch // n_images) tiles; video frames get one tile each.
+    max(1, max_dynamic_patch // n_images) tiles; video frames get one tile each. With
+    `opts.source_images` the images are kept encoded with their grid instead of being cut.
 
     Stricter than InternVL (which trains on such records with literal placeholder text or crashes and
     retries another record): `<image>` placeholders in user turns must match the images exactly
     ('image_count_mismatch', also for text-only records), and truncated/corrupt image files are rejected
     ('corrupt_image') rather than loaded partially.
     """
-    spec = record.dataset
-
-    def reject(reason: str, detail: str) -> Reject:
-        return Reject(record.source_file, record.line, reason, detail)
-
     try:
-        convs = _copy_conversations(record.payload)
-        sources = _image_sources(record)
-        video = record.payload.get("video")
-        size = opts.image_size
-
-        tile_arrays: list[np.ndarray] = []
-        num_tiles: list[int] = []
-        if sources is not None:
-            multi = isinstance(record.payload.get("image"), list) or "images" in record.payload
-            _add_image_placeholders(convs, len(sources), multi)
-            max_num = max(1, spec.max_dynamic_patch // len(sources)) if multi else spec.max_dynamic_patch
-            for src, what in sources:
-                image = _open_image(src, what)
-                tiles = dynamic_preprocess(image, spec.min_dynamic_patch, max_num, size, opts.use_thumbnail)
-                tile_arrays.append(tiles_to_array(tiles))
-                num_tiles.append(len(tiles))
-        elif isinstance(video, str) and video:
-            path = os.path.join(spec.root, video)
-            if not os.path.exists(path.rstrip("/") or path):
-                raise _RejectError("missing_image", f"video not found: {path}")
-            try:
-                frames = load_video_frames(
-                    path, opts.min_num_frames, opts.max_num_frames, record_rng(opts, record), opts.frame_sampling
-                )
-            except VideoDecoderMissing as e:
-                raise _RejectError("video_decoder_missing", str(e)) from e
-            except FileNotFoundError as e:
-                raise _RejectError("missing_image", str(e)) from e
-            except Exception as e:
-                raise _RejectError("corrupt_image", f"video {path}: {type(e).__name__}: {e}") from e
-            _expand_video(convs, len(frames))
-            tile_arrays.append(tiles_to_array([frame_to_tile(f, size) for f in frames]))
-            num_tiles.extend([1] * len(frames))
-        elif video is not None and not isinstance(video, str):
-            raise _RejectError("bad_record", f"'video' must be a path, got {type(video).__name__}")
-
-        tokens, loss_mask = tokenize_conversation(
-            convs, tokenizer, [opts.num_image_token * t for t in num_tiles], system_prompt=opts.system_prompt,
-            template=TEMPLATES[opts.template],
-        )
-        if num_tiles:
-            context_id = tokenizer.token_to_id(IMG_CONTEXT_TOKEN)
-            n_context = int(np.count_nonzero(tokens == context_id))
-            if n_context != opts.num_image_token * sum(num_tiles):
-                raise _RejectError(
-                    "bad_record",
-                    f"{n_context} {IMG_CONTEXT_TOKEN} tokens for {sum(num_tiles)} tiles: the tokenizer does not "
-                    f"keep {IMG_CONTEXT_TOKEN} as one token",
-                )
-        tiles = (
-            np.concatenate(tile_arrays) if tile_arrays else np.zeros((0, size, size, 3), dtype=np.uint8)
-        )
-
-        if len(tokens) > opts.max_seq_length:
-            if not opts.truncate:
-                raise _RejectError("too_long", f"{len(tokens)} tokens > max_seq_length {opts.max_seq_length}")
-            tokens, loss_mask, kept = _truncate(
-                tokens, loss_mask, num_tiles, opts.max_seq_length,
-                tokenizer.token_to_id(IMG_START_TOKEN) if num_tiles else -1,
-                tokenizer.token_to_id(IMG_END_TOKEN) if num_tiles else -1,
-            )
-            num_tiles = num_tiles[:kept]
-            tiles = tiles[: sum(num_tiles)]
-            if not loss_mask.any():
-                raise _RejectError("too_long", f"no loss tokens left after truncating to {opts.max_seq_length}")
-
-        return TokenizedSample(
-            tokens=np.ascontiguousarray(tokens, dtype=np.int32),
-            loss_mask=np.ascontiguousarray(loss_mask, dtype=np.uint8),
-            tiles=tiles,
-            num_tiles=[int(t) for t in num_tiles],
-            dataset=spec.name,
-            line=record.line,
-            source_file=record.source_file,
-            data_augment=spec.data_augment,
-        )
-    except _RejectError as e:
-        return reject(e.reason, e.detail)
-    except TemplateError as e:
-        return reject(e.reason, e.detail)
+        return _build(record, tokenizer, opts)
+    except (_RejectError, TemplateError) as e:
+        return Reject(record.source_file, record.line, e.reason, e.detail)
     except KeyError as e:  # e.g. the tokenizer lacks <img>
-        return reject("bad_record", f"KeyError: {e}")
-    except Exception as e:  # anything unforeseen costs this record only
-        return reject("bad_record", f"{type(e).__name__}: {e}")
+        return Reject(record.source_file, record.line, "bad_record", f"KeyError: {e}")
+    except Exception as e:  # anything unforeseen costs this record only, and is flagged as our bug
+        return Reject(record.source_file, record.line, "internal_error", f"{type(e).__name__}: {e}")

@@ -119,6 +119,8 @@ def render_turns(
             raise TemplateError("bad_record", f"turn {i} is not a {{'from', 'value'}} object: {str(turn)[:80]}")
         if not isinstance(turn["value"], str):
             raise TemplateError("bad_record", f"turn {i} value is {type(turn['value']).__name__}, not a string")
+        if not isinstance(turn["from"], str):
+            raise TemplateError("bad_record", f"turn {i} 'from' is {type(turn['from']).__name__}, not a role name")
 
     turns = list(conversations)
     if turns and turns[0]["from"] == "system":

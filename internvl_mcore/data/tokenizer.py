@@ -637,6 +637,8 @@ def load_tokenizer(directory: str, tiktoken_pattern: str | None = None) -> Token
 
     `tiktoken_pattern` overrides the pre-tokenization regex for tiktoken ranks files.
     """
+    if os.path.isfile(directory):
+        raise NotADirectoryError(f"tokenizer directory {directory!r} is a file; give the folder that holds it")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"tokenizer directory {directory!r} does not exist")
     files: dict[str, bytes] = {}

@@ -96,8 +96,8 @@ class InternVLModel(MegatronModule):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                 cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """input_ids (B, S) int; position_ids (B, S) float (V2PE); pixel_values (T, 3, H, W) tiles of
-        all images in batch order; labels (B, S) next-token targets; cu_seqlens: sample boundaries over
+        """input_ids (B, S) int; position_ids (B, S) float (V2PE); pixel_values (T, H, W, 3) uint8 or
+        (T, 3, H, W) normalized float tiles of all images in batch order; labels (B, S) next-token targets; cu_seqlens: sample boundaries over
         the batch-major flattened B*S tokens (None: one sample per row).
 
         Returns per-token losses (B, S) on the last stage when labels are given, logits (B, S, V/tp)

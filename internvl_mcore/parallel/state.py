@@ -45,6 +45,7 @@ def init_distributed(par: ParallelConfig, seed: int, timeout_s: float = 600.0) -
             hierarchical_context_parallel_sizes=par.hierarchical_context_parallel_sizes,
             expert_model_parallel_size=par.expert_model_parallel_size,
             expert_tensor_parallel_size=par.expert_tensor_parallel_size,
+            distributed_timeout_minutes=timeout_s / 60,  # megatron-core's groups get the same timeout
         )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

@@ -22,7 +22,8 @@ class Batch:
     cu_seqlens: torch.Tensor
     """(n+1,) int32 sample boundaries over the batch-major flattened B*S tokens."""
     pixel_values: torch.Tensor
-    """(T, 3, H, W) float32 normalized tiles of every image, in batch order."""
+    """Tiles of every image, in batch order: (T, H, W, 3) uint8 RGB from shards (the vision model
+    normalizes them on its device) or (T, 3, H, W) float32 already normalized (mock data)."""
     loss_weight: Optional[torch.Tensor] = None
     """(B, S) float32 per-token loss weights (set by the loop from --loss-reduction; None = loss_mask)."""
     pairs: Optional[torch.Tensor] = None
@@ -50,4 +51,4 @@ class Batch:
 
     def to(self, device: torch.device | str) -> "Batch":
         """The same batch on `device`."""
-        return Batch(**{k: None if v is None else v.to(device) for k, v in self.__dict__.items()})
+        return Batch(**{k: None if v is None else v.to(device, non_blocking=True) for k, v in self.__dict__.items()})

@@ -4,17 +4,21 @@
         run.json                  iteration, LR-schedule state, model config, layout, format version
         rank_00003.pt             per-rank RNG states
         data_dp00001.pt           data-loader position of data-parallel rank 1
+        checksums.json            size and sha256 of every other file, checked by --load
     SAVE/latest_checkpointed_iteration.txt
 
 A checkpoint is written into tmp_iter_NNNNNNN/ and renamed only when every rank has finished, then
 the `latest` pointer is replaced atomically, so a crash mid-save leaves the previous checkpoint as
-the one `--load` finds. Loading into another TP/PP/DP layout restores the model weights (megatron-core
+the one `--load` finds. `--load` verifies the checksums (the ranks share the files) and, when the
+latest checkpoint fails them, falls back to the newest older one that passes (a warning names the
+file that failed; --no-fallback refuses instead). --keep-checkpoints N deletes all but the newest N. Loading into another TP/PP/DP layout restores the model weights (megatron-core
 reshards them) and, when the data-parallel size is unchanged, the data position; optimizer state and
 RNG streams are restored only on the same layout.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -29,7 +33,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.utils import unwrap_model
 
 from ..checkpoint_format import (RUN_INFO, TRACKER, CheckpointError, check_model, is_training_checkpoint, iter_dir,
-                                 latest_iteration)
+                                 latest_iteration, tracked_iteration)
 from ..config.model import ModelConfig, ParallelConfig
 from ..convert.canonical import CanonicalCheckpoint
 from ..convert.hf import HFAsCanonical
@@ -39,8 +43,133 @@ from ..convert.source import checkpoint_kind
 from ..models.checkpoint_weights import load_across_backends, load_training_weights
 from ..models.lora import adopt_checkpoint_lora, lora_info_of
 from ..models.weights import load_canonical
+from .guards import fault_point
 
+CHECKSUMS = "checksums.json"
 FORMAT_VERSION = 1
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """The iter_NNNNNNN/ directory `path` means: itself, or the latest one of a --save root."""
+    path = Path(path)
+    return path if (path / RUN_INFO).exists() else iter_dir(path, latest_iteration(path))
+
+
+def read_run_json(path: Path) -> dict:
+    """run.json of checkpoint directory `path`; an unreadable one is an error naming it."""
+    try:
+        return json.loads((path / RUN_INFO).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path / RUN_INFO}: unreadable ({exc})") from None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+
+
+def _my_share(names: list[str]) -> list[str]:
+    """The files this rank hashes: every world-size-th, so a large checkpoint is hashed in parallel."""
+    return names[dist.get_rank()::dist.get_world_size()]
+
+
+def write_checksums(path: Path) -> None:
+    """Write checksums.json (size, sha256 of every file) into `path` (collective; the ranks share the files)."""
+    names = _files(path) if dist.get_rank() == 0 else None
+    box = [names]
+    dist.broadcast_object_list(box, src=0)
+    mine = {name: [(path / name).stat().st_size, _sha256(path / name)] for name in _my_share(box[0])}
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    if dist.get_rank() == 0:
+        table = {name: value for part in parts for name, value in part.items()}
+        (path / CHECKSUMS).write_text(json.dumps(dict(sorted(table.items())), indent=1))
+
+
+def _check_file(path: Path, name: str, size: int, sha: str) -> Optional[str]:
+    file = path / name
+    if not file.is_file():
+        return f"{file}: missing"
+    if file.stat().st_size != size:
+        return f"{file}: {file.stat().st_size} bytes, {size} when saved (truncated?)"
+    if _sha256(file) != sha:
+        return f"{file}: checksum mismatch (corrupt)"
+    return None
+
+
+def verify(path: Path) -> Optional[str]:
+    """The first problem of checkpoint directory `path` (collective), or None when every file matches
+    its checksum. A checkpoint saved before checksums were written is accepted unverified."""
+    problem = None
+    table: dict = {}
+    if not (path / RUN_INFO).is_file():
+        problem = f"{path / RUN_INFO}: missing (incomplete checkpoint)"
+    elif (path / CHECKSUMS).exists():
+        try:
+            table = json.loads((path / CHECKSUMS).read_text())
+        except (OSError, ValueError) as exc:
+            problem = f"{path / CHECKSUMS}: unreadable ({exc})"
+    names = sorted(table)
+    mine = [_check_file(path, n, *table[n]) for n in _my_share(names)] if problem is None else [problem]
+    found: list = [None] * dist.get_world_size()
+    dist.all_gather_object(found, [m for m in mine if m])
+    problems = sorted(p for part in found for p in part)
+    return problems[0] if problems else None
+
+
+def _complete_iterations(root: Path) -> list[int]:
+    """Iterations of the finished checkpoints under `root` (run.json present), newest first."""
+    its = [int(p.name[5:]) for p in root.glob("iter_*") if p.name[5:].isdigit() and (p / RUN_INFO).exists()]
+    return sorted(its, reverse=True)
+
+
+def select(root: str | Path, no_fallback: bool = False) -> Path:
+    """The checkpoint directory --load resumes from (collective): the latest if it verifies, else the
+    newest older one that does, with a warning naming what failed; with `no_fallback` a failing
+    latest checkpoint is an error naming the file."""
+    root = Path(root)
+    if (root / RUN_INFO).exists():  # one iter_ directory given: exactly that one
+        candidates = [root]
+    else:
+        latest = tracked_iteration(root)
+        candidates = [iter_dir(root, latest)] + [iter_dir(root, i) for i in _complete_iterations(root) if i < latest]
+    failed = []
+    for path in candidates:
+        problem = verify(path) if path.is_dir() else f"{path}: missing"
+        if problem is None:
+            if failed and dist.get_rank() == 0:
+                print(f"warning: {failed[0]}; falling back to the previous complete checkpoint {path}", flush=True)
+            return path
+        if no_fallback:
+            raise CheckpointError(f"{problem} (--no-fallback: not trying an older checkpoint)")
+        failed.append(problem)
+    raise CheckpointError(f"--load {root}: no usable checkpoint: " + "; ".join(failed))
+
+
+def remove_old_checkpoints(root: Path, keep: int) -> None:
+    """--keep-checkpoints: delete all but the newest `keep` complete checkpoints (rank 0, after a save)."""
+    for iteration in _complete_iterations(root)[keep:]:
+        shutil.rmtree(iter_dir(root, iteration), ignore_errors=True)
+
+
+def writable_problem(save: str) -> Optional[str]:
+    """Why --save DIR cannot take checkpoints (checked at start-up, before any training), or None."""
+    path = Path(save)
+    probe = path / f".write_test_{os.uname().nodename}_{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        return f"--save {save}: cannot write there ({exc.strerror or exc})"
+    return None
 
 
 def rng_state() -> dict:
@@ -120,8 +249,10 @@ def _layout(par: ParallelConfig, dp: int) -> dict:
 
 
 def save(root: str | Path, iteration: int, model_chunk: torch.nn.Module, optimizer: Any, scheduler: Any,
-         model_cfg: ModelConfig, par: ParallelConfig, data_state: Any = None, extra: Optional[dict] = None) -> Path:
-    """Write checkpoint `iteration` under `root` atomically (collective: every rank calls it)."""
+         model_cfg: ModelConfig, par: ParallelConfig, data_state: Any = None, extra: Optional[dict] = None,
+         keep: int = 0) -> Path:
+    """Write checkpoint `iteration` under `root` atomically (collective: every rank calls it); with
+    `keep` > 0 only the newest `keep` checkpoints stay."""
     root = Path(root)
     rank = dist.get_rank()
     tmp, final = iter_dir(root, iteration, tmp=True), iter_dir(root, iteration)
@@ -140,7 +271,7 @@ def save(root: str | Path, iteration: int, model_chunk: torch.nn.Module, optimiz
     if (parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_pipeline_model_parallel_rank() == 0
             and parallel_state.get_context_parallel_rank() == 0):
         torch.save(data_state, tmp / f"data_dp{parallel_state.get_data_parallel_rank():05d}.pt")
-    _fault_point("save", iteration)
+    fault_point("save", iteration)
     if rank == 0:
         info = {"format_version": FORMAT_VERSION, "iteration": iteration,
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -152,26 +283,36 @@ def save(root: str | Path, iteration: int, model_chunk: torch.nn.Module, optimiz
             info["lora"] = lora.to_dict()
         (tmp / RUN_INFO).write_text(json.dumps(info, indent=2, default=str))
     dist.barrier()
+    write_checksums(tmp)
     if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        pointer = root / (TRACKER + ".tmp")
-        pointer.write_text(str(iteration))
-        with open(pointer) as f:
-            os.fsync(f.fileno())
-        os.replace(pointer, root / TRACKER)
+        _publish(root, tmp, final, iteration)
+        if keep:
+            remove_old_checkpoints(root, keep)
     dist.barrier()
     return final
 
 
+def _publish(root: Path, tmp: Path, final: Path, iteration: int) -> None:
+    """Rename the finished checkpoint into place, then point `latest` at it (both atomic)."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer = root / (TRACKER + ".tmp")
+    pointer.write_text(str(iteration))
+    with open(pointer) as f:
+        os.fsync(f.fileno())
+    os.replace(pointer, root / TRACKER)
+
+
 def load(root: str | Path, model_chunk: torch.nn.Module, optimizer: Any, scheduler: Any, model_cfg: ModelConfig,
-         par: ParallelConfig, load_optim: bool = True) -> tuple[int, Any]:
-    """Resume from the latest checkpoint under `root`. Returns (iteration, this rank's data state, or
-    None when the data-parallel size changed)."""
-    iteration = latest_iteration(root)
-    path = iter_dir(root, iteration)
-    info = json.loads((path / RUN_INFO).read_text())
+         par: ParallelConfig, load_optim: bool = True) -> tuple[int, Any, dict]:
+    """Resume from `root`: a checkpoint directory (iter_NNNNNNN/, as `select` returns) or a --save
+    root (its latest checkpoint). Returns (iteration, this rank's data state or None when the
+    data-parallel size changed, the run.json). The scheduler state is left to the caller unless a
+    scheduler is given (training/schedule.py decides what a changed schedule means)."""
+    path = checkpoint_dir(root)
+    info = read_run_json(path)
+    iteration = int(info["iteration"])
     check_model(info, model_cfg, path)
     same_layout = info["layout"] == _layout(par, parallel_state.get_data_parallel_world_size())
     module = unwrap_model(model_chunk)
@@ -196,9 +337,9 @@ def load(root: str | Path, model_chunk: torch.nn.Module, optimizer: Any, schedul
               "state", flush=True)
     dp = parallel_state.get_data_parallel_world_size()
     if info["layout"]["data_parallel_size"] != dp:
-        return iteration, None
+        return iteration, None, info
     data_file = path / f"data_dp{parallel_state.get_data_parallel_rank():05d}.pt"
-    return iteration, torch.load(data_file, weights_only=False)
+    return iteration, torch.load(data_file, weights_only=False), info
 
 
 def _adopt_lora(info: dict, module: torch.nn.Module, where: Path) -> None:
@@ -207,16 +348,6 @@ def _adopt_lora(info: dict, module: torch.nn.Module, where: Path) -> None:
         adopt_checkpoint_lora(info.get("lora"), module)
     except ValueError as exc:
         raise CheckpointError(f"{where}: {exc}") from None
-
-
-def _fault_point(where: str, iteration: int) -> None:
-    """Fault injection for the crash tests: INTERNVL_MCORE_FAULT=save:ITER:RANK makes RANK SIGKILL
-    itself in the middle of saving ITER (tensors written, checkpoint not yet renamed)."""
-    spec = os.environ.get("INTERNVL_MCORE_FAULT", "")
-    if spec:
-        kind, it, rank = spec.split(":")
-        if kind == where and int(it) == iteration and int(rank) == dist.get_rank():
-            os.kill(os.getpid(), 9)
 
 
 def load_weights(path: str | Path, model_chunk: torch.nn.Module, model_cfg: ModelConfig) -> str:

@@ -1,38 +1,119 @@
 """Where a rank's microbatches come from: preprocessed shards or mock data, as `Batch`es."""
 from __future__ import annotations
 
+import glob
+import json
+import os
+
 import torch
+from tqdm import tqdm
 
 from ..config.training import RunConfig
+from ..data.loader import PackedDataLoader, collate, parse_data_path
+from ..data.shards import ShardReader, manifest_path, sha256_file, shard_files
 from .batch import Batch
 from .mock import mock_batches
+
+
+class DataError(ValueError):
+    """A --data-path problem found before training starts; the message names the flag and the file."""
+
+
+def _prefix_problem(prefix: str, flag: str) -> str | None:
+    """Why `prefix` is not a shard set (a folder, nothing there), or None."""
+    if os.path.isdir(prefix):
+        found = sorted(glob.glob(os.path.join(glob.escape(prefix), "*.manifest.json")))[:3]
+        hint = (": it holds " + ", ".join(f[: -len(".manifest.json")] for f in found)) if found else ""
+        return f"{flag} {prefix} is a directory; give a shard prefix DIR/NAME (of DIR/NAME.manifest.json){hint}"
+    if not os.path.isfile(manifest_path(prefix)):
+        return f"{flag} {prefix}: no shard set there ({manifest_path(prefix)} not found)"
+    return None
+
+
+def check_shard_sets(entries: list[str], run: RunConfig, flag: str = "--data-path", rank: int = 0,
+                     world: int = 1) -> None:
+    """Everything about the shard sets that can be known before training: the prefixes exist, the
+    blend parses, each manifest fits the model and --seq-length and has packs, each set opens (file
+    sizes match the indexes) and, unless --no-verify-shards, every file's sha256 matches its manifest.
+    The hashing is split over the job: rank r hashes files r, r + world, ... Raises DataError."""
+    prefixes = [e for e in entries if not _is_number(e)]
+    for prefix in prefixes:
+        if (problem := _prefix_problem(prefix, flag)) is not None:
+            raise DataError(problem)
+    try:
+        blend = parse_data_path(entries)
+    except (ValueError, OSError, KeyError) as exc:
+        raise DataError(str(exc) if str(exc).startswith(flag) else f"{flag}: {exc}") from None
+    for weight, prefix in blend:  # the manifests alone first: cheap, and megatron-core is not imported yet
+        try:
+            packs = check_manifest(prefix, run)
+        except ValueError as exc:
+            raise DataError(f"{flag} {prefix}: {exc}") from None
+        if weight > 0 and packs == 0:
+            raise DataError(f"{flag} {prefix}: the shard set is empty (0 packs; see {prefix}.rejects.jsonl)")
+    readers = []
+    for prefix in prefixes:
+        try:
+            readers.append(ShardReader(prefix))
+        except (ValueError, OSError, KeyError) as exc:
+            raise DataError(f"{flag} {prefix}: {exc}") from None
+    if not run.data.no_verify_shards:
+        verify_checksums(readers, rank, world, flag)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def verify_checksums(readers: list, rank: int, world: int, flag: str) -> None:
+    """sha256 of this rank's share of the shard files against the manifests (progress bar on rank 0)."""
+    files = [(r, path) for r in readers for path in shard_files(r.prefix)][rank::world]
+    total = sum(os.path.getsize(path) for _, path in files)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="verifying shards", disable=None if rank == 0 else True,
+              leave=False) as bar:
+        for reader, path in files:
+            want = reader.expected_sha256(os.path.basename(path)[len(os.path.basename(reader.prefix)) + 1:])
+            if want is None:
+                raise DataError(f"{flag}: {manifest_path(reader.prefix)} has no sha256 for {path} "
+                                "(--no-verify-shards to train on it unchecked)")
+            if sha256_file(path) != want:
+                raise DataError(f"{flag}: {path} does not match the sha256 in {manifest_path(reader.prefix)} "
+                                "(changed or corrupted since preprocessing; re-run tools/preprocess_mm_data.py, "
+                                "or --no-verify-shards to train on it anyway)")
+            bar.update(os.path.getsize(path))
 
 
 class ShardBatches:
     """Microbatches from `PackedDataLoader` for one data-parallel rank, resumable by `state_dict`."""
 
     def __init__(self, run: RunConfig, dp_rank: int, dp_size: int, decode_tiles: bool = True) -> None:
-        from ..data.loader import PackedDataLoader
-
         try:
             self.loader = PackedDataLoader(run.data.data_path, dp_rank=dp_rank, dp_size=dp_size,
-                                           seed=run.train.seed)
+                                           seed=run.train.seed, num_workers=run.data.num_workers)
         except (FileNotFoundError, ValueError) as exc:
-            raise ValueError(f"--data-path {' '.join(run.data.data_path)}: {exc}") from exc
+            raise DataError(f"--data-path {' '.join(run.data.data_path)}: {exc}") from exc
         self.cfg = run.model
         for prefix in self.loader.prefixes:
-            check_manifest(prefix, run)
+            try:
+                check_manifest(prefix, run)
+            except ValueError as exc:
+                raise DataError(str(exc)) from None
         self.seq_length = run.train.seq_length
         self.micro_batch_size = run.train.micro_batch_size
+        self.pin_memory = torch.cuda.is_available()  # page-locked tiles copy to the GPU asynchronously
 
     def __iter__(self) -> "ShardBatches":
         return self
 
     def __next__(self) -> Batch:
-        from ..data.loader import collate
-
         packs = [next(self.loader) for _ in range(self.micro_batch_size)]
         d = collate(packs, self.seq_length, self.cfg.pad_token_id)
+        if self.pin_memory:
+            d = {k: v.pin_memory() for k, v in d.items()}
         ignore = d["labels"] < 0
         return Batch(tokens=d["tokens"], labels=d["labels"].masked_fill(ignore, self.cfg.pad_token_id),
                      loss_mask=d["loss_mask"], position_ids=d["position_ids"], cu_seqlens=d["cu_seqlens"],
@@ -45,17 +126,18 @@ class ShardBatches:
         self.loader.load_state_dict(state)
 
 
-def check_manifest(prefix: str, run: RunConfig) -> None:
-    """Refuse shards made for another model: special-token ids, image tokens per tile, vocab, length."""
-    import json
-
-    from ..data.shards import manifest_path
-
+def check_manifest(prefix: str, run: RunConfig) -> int:
+    """Refuse shards made for another model: special-token ids, image tokens per tile, vocab, length.
+    Returns the number of packs the manifest records."""
     path = manifest_path(prefix)
     try:
-        manifest = json.loads(open(path).read())
+        manifest = json.loads(open(path, encoding="utf-8").read())
     except FileNotFoundError:
         raise ValueError(f"--data-path {prefix}: no manifest {path} (not made by tools/preprocess_mm_data.py?)") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable manifest ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: not a shard manifest (a JSON {type(manifest).__name__})")
     cfg, tok = run.model, manifest.get("tokenizer", {})
     expected = {"img_start_id": cfg.img_start_token_id, "img_end_id": cfg.img_end_token_id,
                 "img_context_id": cfg.img_context_token_id}
@@ -74,6 +156,7 @@ def check_manifest(prefix: str, run: RunConfig) -> None:
         problems.append(f"packs of up to {manifest.get('seq_length')} tokens > --seq-length {run.train.seq_length}")
     if problems:
         raise ValueError(f"{path} does not fit the model: " + "; ".join(problems))
+    return int(manifest.get("counts", {}).get("packs", 0))
 
 
 class MockBatches:

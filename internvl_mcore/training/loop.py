@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -16,6 +17,9 @@ from megatron.core.utils import unwrap_model
 
 from ..config.lora import lora_problems
 from ..config.training import RunConfig
+from ..models.internvl import build_model
+from ..models.lora import add_lora
+from ..models.weights import init_weights
 from ..parallel.context_parallel_thd import check_thd_layout
 from ..parallel.cpu_compat import fuse_cpu_adam
 from ..parallel.device import resolve_device
@@ -23,8 +27,12 @@ from ..parallel.state import comm_device, init_distributed
 from . import checkpoint, mpo
 from .batch import Batch
 from .data import MockBatches, ShardBatches, build_batches, loss_weights
+from .eval import Evaluator, build_valid_batches, eval_problems
+from .guards import SpikeGuard, TrainingDiverged, check_finite, fault_point, is_collective_failure, peer_lost
 from .metrics import Reporter
 from .moe import moe_problems, reduced_aux_loss
+from .schedule import ScheduleMismatch, build_scheduler, sync_param_groups
+from .schedule import restore as restore_schedule
 from .stages import Plan, apply_freeze, resolve
 from .step import forward_step
 
@@ -87,6 +95,7 @@ def validate(run: RunConfig) -> Plan:
     if run.data.mock_data and run.data.data_path:
         problems.append("--mock-data and --data-path exclude each other")
     problems += mpo_problems(run)
+    problems += eval_problems(run) + guard_problems(run)
     if t.micro_batch_size < 1 or t.global_batch_size < t.micro_batch_size:
         problems.append(f"--global-batch-size {t.global_batch_size} must be >= --micro-batch-size {t.micro_batch_size} >= 1")
     try:
@@ -97,9 +106,30 @@ def validate(run: RunConfig) -> Plan:
     problems += moe_problems(run.model, p)
     problems += lora_problems(run.lora, {"vit": t.freeze_vit, "llm": t.freeze_llm, "projector": t.freeze_projector},
                               t.unfreeze_vit_layers)
+    if len(problems) == 1:
+        raise ConfigError(f"refusing to start: {problems[0]}")
     if problems:
         raise ConfigError("refusing to start:\n  " + "\n  ".join(problems))
     return plan
+
+
+def guard_problems(run: RunConfig) -> list[str]:
+    """The long-run flags (training/guards.py, schedule.py, checkpoint retention, wandb) that cannot work."""
+    t, c, log = run.train, run.checkpoint, run.log
+    problems = []
+    if t.override_opt_param_scheduler and t.use_checkpoint_opt_param_scheduler:
+        problems.append("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each other")
+    if t.skip_spike_factor is not None and not t.skip_spike_factor > 0:
+        problems.append(f"--skip-spike-factor must be > 0, got {t.skip_spike_factor}")
+    if not t.distributed_timeout_minutes > 0:
+        problems.append(f"--distributed-timeout-minutes must be > 0, got {t.distributed_timeout_minutes}")
+    if c.keep_checkpoints < 0:
+        problems.append(f"--keep-checkpoints must be >= 0, got {c.keep_checkpoints}")
+    if c.save:  # found now, not at the first save after hours of training
+        problems += [p for p in [checkpoint.writable_problem(c.save)] if p]
+    if log.wandb_project and importlib.util.find_spec("wandb") is None:
+        problems.append("--wandb-project needs the wandb package (pip install wandb; WANDB_MODE=offline needs no network)")
+    return problems
 
 
 @dataclass
@@ -117,32 +147,23 @@ class Trainer:
     iteration: int = 0
     reference: Any = None  # --stage mpo: the frozen reference model (training/mpo.py)
     mpo: Any = None  # --stage mpo: mpo.MPOContext
+    evaluator: Optional[Evaluator] = None  # validation data given (training/eval.py)
+    spike: Optional[SpikeGuard] = None  # --skip-spike-factor (training/guards.py)
 
 
-def setup(run: RunConfig) -> Trainer:
-    """Join the job, build this rank's model stage, freeze, load weights, wrap in DDP, build the
-    optimizer and LR schedule, and resume from --load."""
-    from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    from ..models.internvl import build_model
-    from ..models.weights import init_weights
-
-    plan = validate(run)
+def _effective_run(run: RunConfig, plan: Plan) -> RunConfig:
+    """The run with the stage's drop path and the --moe-aux-loss-coeff override in the model config."""
     model_cfg = run.model.replace(vision=dataclasses.replace(run.model.vision, drop_path_rate=plan.drop_path_rate))
     if run.train.moe_aux_loss_coeff is not None:
         model_cfg = model_cfg.replace(llm=dataclasses.replace(model_cfg.llm, moe_aux_loss_coeff=run.train.moe_aux_loss_coeff))
-    run = dataclasses.replace(run, model=model_cfg)
-    t = run.train
-    pg = init_distributed(run.parallel, t.seed)
-    dp = parallel_state.get_data_parallel_world_size()
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        raise ConfigError(f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
-                          f"{t.micro_batch_size} x data-parallel size {dp}")
-    dtype = torch.bfloat16 if t.bf16 else torch.float32
-    model = build_model(model_cfg, run.parallel, pg, dtype=dtype)
+    return dataclasses.replace(run, model=model_cfg)
+
+
+def _build_model(run: RunConfig, plan: Plan, pg: Any) -> tuple[torch.nn.Module, Any]:
+    """This rank's model stage (on the process groups `pg` init_distributed returned) with its weights
+    (seeded init or --pretrained), frozen parts and LoRA, and the MPO reference when --stage mpo."""
+    t, model_cfg = run.train, run.model
+    model = build_model(model_cfg, run.parallel, pg, dtype=torch.bfloat16 if t.bf16 else torch.float32)
     if resolve_device(run.parallel.device) == "cuda":  # DDP buffers and schedules live on the current GPU
         model.cuda(torch.cuda.current_device())
     if not run.checkpoint.pretrained:  # --pretrained overwrites every weight: drawing them first is waste
@@ -154,8 +175,6 @@ def setup(run: RunConfig) -> Trainer:
     reference = mpo.build_reference(run, model_cfg, model) if t.stage == "mpo" else None
     apply_freeze(model, plan)
     if run.lora.enabled:  # LoRA (models/lora.py): every base weight frozen, only the adapters train
-        from ..models.lora import add_lora
-
         base = os.path.abspath(run.checkpoint.pretrained) if run.checkpoint.pretrained else None
         add_lora(model, run.lora, model_cfg, seed=t.seed, base=base)
         if dist.get_rank() == 0:
@@ -164,6 +183,15 @@ def setup(run: RunConfig) -> Trainer:
                   "this rank, base weights frozen", flush=True)
     if reference is not None:
         mpo.mirror_requires_grad(reference, model)
+    return model, reference
+
+
+def _wrap(model: torch.nn.Module, run: RunConfig, plan: Plan) -> tuple[Any, Any]:
+    """megatron-core DDP around the stage and its (distributed) optimizer."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    t = run.train
     config = model.config
     ddp = DistributedDataParallel(
         config=config,
@@ -173,31 +201,68 @@ def setup(run: RunConfig) -> Trainer:
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=plan.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
                         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
-                        clip_grad=t.clip_grad, bf16=t.bf16, params_dtype=dtype,
+                        clip_grad=t.clip_grad, bf16=t.bf16, params_dtype=next(model.parameters()).dtype,
                         use_distributed_optimizer=t.use_distributed_optimizer),
         [ddp])
-    g = t.global_batch_size
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=plan.lr, min_lr=t.min_lr, lr_warmup_steps=t.lr_warmup_iters * g,
-        lr_decay_steps=max(t.train_iters * g, 1), lr_decay_style=plan.lr_decay_style,
-        start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=max(t.train_iters * g, 1),
-        wd_incr_style="constant")
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp.no_sync
-    batches = build_batches(run, parallel_state.get_data_parallel_rank(), dp)
-    trainer = Trainer(run, plan, [ddp], optimizer, scheduler, batches, g // (t.micro_batch_size * dp), dp)
+    return ddp, optimizer
+
+
+def setup(run: RunConfig) -> Trainer:
+    """Join the job, build this rank's model stage, freeze, load weights, wrap in DDP, build the
+    optimizer and LR schedule, and resume from --load."""
+    from megatron.core import parallel_state
+
+    plan = validate(run)
+    run = _effective_run(run, plan)
+    t = run.train
+    pg = init_distributed(run.parallel, t.seed, timeout_s=t.distributed_timeout_minutes * 60)
+    dp = parallel_state.get_data_parallel_world_size()
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
+                          f"{t.micro_batch_size} x data-parallel size {dp}")
+    if run.checkpoint.load:  # a failing latest checkpoint falls back before anything reads it
+        chosen = checkpoint.select(run.checkpoint.load, no_fallback=run.checkpoint.no_fallback)
+        run = dataclasses.replace(run, checkpoint=dataclasses.replace(run.checkpoint, load=str(chosen)))
+    model, reference = _build_model(run, plan, pg)
+    ddp, optimizer = _wrap(model, run, plan)
+    scheduler = build_scheduler(optimizer, t, plan.lr, plan.lr_decay_style)
+    dp_rank, micro = parallel_state.get_data_parallel_rank(), t.global_batch_size // (t.micro_batch_size * dp)
+    trainer = Trainer(run, plan, [ddp], optimizer, scheduler, build_batches(run, dp_rank, dp), micro, dp)
+    valid = build_valid_batches(run, dp_rank, dp)
+    trainer.evaluator = Evaluator(valid, run, micro) if valid is not None else None
+    trainer.spike = SpikeGuard(t.skip_spike_factor) if t.skip_spike_factor else None
     if reference is not None:
         trainer.reference, trainer.mpo = reference, mpo.make_context(run)
     if run.checkpoint.load:
-        iteration, data_state = checkpoint.load(run.checkpoint.load, ddp, optimizer, scheduler, model_cfg,
-                                                run.parallel, load_optim=not run.checkpoint.no_load_optim)
-        trainer.iteration = iteration
-        if data_state is not None:
-            batches.load_state_dict(data_state)
-        if dist.get_rank() == 0:
-            print(f"resumed from {run.checkpoint.load} at iteration {iteration}", flush=True)
+        _resume(trainer)
     fuse_cpu_adam(optimizer)  # after any load: torch's load_state_dict restores the saved group flags
     return trainer
+
+
+def _resume(trainer: Trainer) -> None:
+    """Load --load (already chosen by `checkpoint.select`) into the trainer; the LR schedule follows
+    training/schedule.py's rule."""
+    run = trainer.run
+    path = checkpoint.checkpoint_dir(run.checkpoint.load)
+    info = checkpoint.read_run_json(path)
+    try:
+        note = restore_schedule(trainer.scheduler, info.get("scheduler"), run.train, str(path))
+    except ScheduleMismatch as exc:
+        raise ConfigError(str(exc)) from None
+    iteration, data_state, info = checkpoint.load(path, trainer.model[0], trainer.optimizer, None, run.model,
+                                                  run.parallel, load_optim=not run.checkpoint.no_load_optim)
+    sync_param_groups(trainer.scheduler)  # after the optimizer state, which brings the checkpoint's max_lr
+    trainer.iteration = iteration
+    if data_state is not None:
+        trainer.batches.load_state_dict(data_state)
+    if trainer.spike is not None and info.get("spike_guard"):
+        trainer.spike.load_state_dict(info["spike_guard"])
+    if dist.get_rank() == 0:
+        print(f"resumed from {path} at iteration {iteration}", flush=True)
+        if note:
+            print(note, flush=True)
 
 
 def _step_batches(trainer: Trainer) -> tuple[list[Batch], float]:
@@ -221,6 +286,40 @@ def _step_batches(trainer: Trainer) -> tuple[list[Batch], float]:
     return batches, float(totals[0] / totals[1]) if totals[1] > 0 else 1.0
 
 
+def _forward_backward(trainer: Trainer, batches: list[Batch], scale: float) -> list[dict]:
+    """megatron-core's schedule over the step's microbatches (gradients into the DDP buffers)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    t = trainer.run.train
+    trainer.model[0].zero_grad_buffer()
+    trainer.optimizer.zero_grad()
+    step_func = functools.partial(forward_step, cp_split=unwrap_model(trainer.model[0]).cp_split, scale=scale)
+    if trainer.mpo is not None:  # reference log-probs first, then the policy consumes them
+        mpo.run_reference(trainer.reference, batches, trainer.mpo, t.seq_length, t.micro_batch_size)
+        step_func = functools.partial(mpo.mpo_forward_step, ctx=trainer.mpo)
+    return get_forward_backward_func()(
+        forward_step_func=step_func, data_iterator=iter(batches),
+        model=trainer.model, num_microbatches=trainer.num_microbatches, seq_length=t.seq_length,
+        micro_batch_size=t.micro_batch_size, forward_only=False)
+
+
+def _update(trainer: Trainer, loss: float, losses: list[dict]) -> tuple[Optional[float], bool]:
+    """The optimizer and LR-schedule step, unless the loss is non-finite (stop: nothing is applied)
+    or a spike (--skip-spike-factor: skipped). Returns (grad norm, skipped)."""
+    iteration = trainer.iteration + 1
+    check_finite(iteration, loss, None, losses, trainer.model)
+    if trainer.spike is not None and trainer.spike.should_skip(loss):
+        if dist.get_rank() == 0:
+            print(f"iteration {iteration}: loss {loss:.6e} > {trainer.spike.factor:g} x running mean "
+                  f"{trainer.spike.mean():.6e}: update skipped (--skip-spike-factor)", flush=True)
+        return None, True
+    _, grad_norm, _ = trainer.optimizer.step()
+    grad_norm = float(grad_norm) if grad_norm is not None else None
+    check_finite(iteration, loss, grad_norm, losses, trainer.model)
+    trainer.scheduler.step(increment=trainer.run.train.global_batch_size)
+    return grad_norm, False
+
+
 def reduce_loss_totals(losses: list[dict], last_stage: bool, dp_cp_group: Any, pp_group: Any) -> torch.Tensor:
     """[sum of weighted losses, total weight] of the step, identical on every rank, on `comm_device()`.
 
@@ -242,43 +341,33 @@ def reduce_loss_totals(losses: list[dict], last_stage: bool, dp_cp_group: Any, p
 def train_step(trainer: Trainer) -> dict:
     """One optimizer step over `num_microbatches` microbatches; returns loss/grad-norm/lr."""
     from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    t = trainer.run.train
-    ddp = trainer.model[0]
+    fault_point("step", trainer.iteration + 1)
+    start = time.perf_counter()
     batches, scale = _step_batches(trainer)
-    ddp.zero_grad_buffer()
-    trainer.optimizer.zero_grad()
-    step_func = functools.partial(forward_step, cp_split=unwrap_model(ddp).cp_split, scale=scale)
-    if trainer.mpo is not None:  # reference log-probs first, then the policy consumes them
-        mpo.run_reference(trainer.reference, batches, trainer.mpo, t.seq_length, t.micro_batch_size)
-        step_func = functools.partial(mpo.mpo_forward_step, ctx=trainer.mpo)
-    losses = get_forward_backward_func()(
-        forward_step_func=step_func, data_iterator=iter(batches),
-        model=trainer.model, num_microbatches=trainer.num_microbatches, seq_length=t.seq_length,
-        micro_batch_size=t.micro_batch_size, forward_only=False)
+    data_s = time.perf_counter() - start
+    losses = _forward_backward(trainer, batches, scale)
     aux = reduced_aux_loss(trainer.num_microbatches) if trainer.run.model.llm.is_moe else None
-    _, grad_norm, _ = trainer.optimizer.step()
-    trainer.scheduler.step(increment=t.global_batch_size)
+    last, dp_cp = parallel_state.is_pipeline_last_stage(), parallel_state.get_data_parallel_group(with_context_parallel=True)
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    totals = reduce_loss_totals(losses, last, dp_cp, pp_group).cpu()
+    loss = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+    grad_norm, skipped = _update(trainer, loss, losses)
     trainer.iteration += 1
-    totals = reduce_loss_totals(losses, parallel_state.is_pipeline_last_stage(),
-                                parallel_state.get_data_parallel_group(with_context_parallel=True),
-                                parallel_state.get_pipeline_model_parallel_group()).cpu()
     extra = {}
     if trainer.mpo is not None:
-        pp_group = parallel_state.get_pipeline_model_parallel_group()
-        extra = mpo.reduce_metrics(losses, parallel_state.is_pipeline_last_stage(),
-                                   parallel_state.get_data_parallel_group(with_context_parallel=True), pp_group)
+        extra = mpo.reduce_metrics(losses, last, dp_cp, pp_group)
         mpo.sync_running(trainer.mpo.running, pp_group, parallel_state.get_pipeline_model_parallel_last_rank())
+    if trainer.spike is not None:
+        extra["skipped"] = skipped
     tokens = sum(int((b.tokens != trainer.run.model.pad_token_id).sum()) for b in batches)
     plan = trainer.plan
     trainable = [part for part, on in (("vision", plan.train_vit or plan.unfreeze_vit_layers > 0),
                                        ("projector", plan.train_projector), ("llm", plan.train_llm)) if on]
-    return {"loss": float(totals[0] / totals[1]) if totals[1] > 0 else float("nan"),
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+    return {"loss": loss, "grad_norm": grad_norm if grad_norm is not None else float("nan"),
             "lr": trainer.optimizer.param_groups[0]["lr"],
             "tiles": sum(int(b.pixel_values.shape[0]) for b in batches) * trainer.dp_size,
-            "nonpad_tokens": tokens * trainer.dp_size, "trainable": trainable,
+            "nonpad_tokens": tokens * trainer.dp_size, "trainable": trainable, "data_s": data_s,
             # this rank's packed sample lengths, scaled to the job (every DP rank sees a like mix)
             "attention_lengths": [int(n) for b in batches for n in (b.cu_seqlens[1:] - b.cu_seqlens[:-1])] * trainer.dp_size,
             "moe_aux_loss": aux, **extra}
@@ -287,31 +376,61 @@ def train_step(trainer: Trainer) -> dict:
 def save(trainer: Trainer) -> None:
     """Checkpoint the current iteration under --save."""
     run = trainer.run
+    extra = {"plan": dataclasses.asdict(trainer.plan),
+             **(mpo.checkpoint_extra(run, trainer.mpo) if trainer.mpo is not None else {})}
+    if trainer.spike is not None:
+        extra["spike_guard"] = trainer.spike.state_dict()
     checkpoint.save(run.checkpoint.save, trainer.iteration, trainer.model[0], trainer.optimizer,
                     trainer.scheduler, run.model, run.parallel, data_state=trainer.batches.state_dict(),
-                    extra={"plan": dataclasses.asdict(trainer.plan),
-                           **(mpo.checkpoint_extra(run, trainer.mpo) if trainer.mpo is not None else {})})
+                    extra=extra, keep=run.checkpoint.keep_checkpoints)
     if dist.get_rank() == 0:
         print(f"saved checkpoint at iteration {trainer.iteration} to {run.checkpoint.save}", flush=True)
 
 
+def evaluate(trainer: Trainer, reporter: Reporter, final: bool = False) -> None:
+    """Validation loss of the current weights, reported (collective)."""
+    from megatron.core import parallel_state
+
+    start = time.perf_counter()
+    totals = torch.zeros(2, dtype=torch.float64)
+    for losses in trainer.evaluator.forward(trainer.model):  # one list of microbatch losses per batch
+        totals += reduce_loss_totals(losses, parallel_state.is_pipeline_last_stage(),
+                                     parallel_state.get_data_parallel_group(with_context_parallel=True),
+                                     parallel_state.get_pipeline_model_parallel_group()).cpu()
+    loss = float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+    reporter.report_eval(trainer.iteration, loss, time.perf_counter() - start, final)
+
+
+def _after_step(trainer: Trainer, reporter: Reporter) -> bool:
+    """Evaluation and checkpoint due after this iteration; True when --exit-interval stops the run."""
+    t, c, it = trainer.run.train, trainer.run.checkpoint, trainer.iteration
+    if trainer.evaluator is not None and t.eval_interval and it % t.eval_interval == 0 and it < t.train_iters:
+        evaluate(trainer, reporter)
+    at_exit = bool(c.exit_interval) and it % c.exit_interval == 0
+    if c.save and ((c.save_interval and it % c.save_interval == 0) or at_exit or it == t.train_iters):
+        save(trainer)
+    return at_exit
+
+
 def train(run: RunConfig) -> list[dict]:
-    """Train until --train-iters (or --exit-interval); returns the logged records."""
+    """Train until --train-iters (or --exit-interval), evaluating on the validation data every
+    --eval-interval and once at the end (held out); returns the logged records."""
     trainer = setup(run)
     run = trainer.run
-    t, c = run.train, run.checkpoint
     reporter = Reporter(run, trainer)
     try:
-        while trainer.iteration < t.train_iters:
+        while trainer.iteration < run.train.train_iters:
             start = time.perf_counter()
             stats = train_step(trainer)
             reporter.report(trainer.iteration, stats, time.perf_counter() - start)
-            at_exit = bool(c.exit_interval) and trainer.iteration % c.exit_interval == 0
-            if c.save and ((c.save_interval and trainer.iteration % c.save_interval == 0)
-                           or at_exit or trainer.iteration == t.train_iters):
-                save(trainer)
-            if at_exit:
+            if _after_step(trainer, reporter):
                 break
+        if trainer.evaluator is not None:
+            evaluate(trainer, reporter, final=True)
+    except Exception as exc:
+        if not isinstance(exc, (TrainingDiverged, checkpoint.CheckpointError)) and is_collective_failure(exc):
+            raise peer_lost(exc, trainer.iteration, run.train.distributed_timeout_minutes) from exc
+        raise
     finally:
         reporter.close()
     return reporter.records

@@ -1,7 +1,9 @@
 """What a training run reports each --log-interval: stdout, --log-jsonl and tensorboard."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import resource
 import time
 from typing import Any, Optional
@@ -11,6 +13,7 @@ import torch.distributed as dist
 
 from ..config.training import RunConfig
 from ..plan.flops import train_step_flops
+from .guards import straggler_report
 
 
 def measure_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -69,6 +72,7 @@ class Reporter:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(log.tensorboard_dir)
+        self.wandb = _start_wandb(run) if (log.wandb_project and self.is_writer) else None
         model = trainer.model[0] if getattr(trainer, "model", None) else None
         self.device = next(model.parameters()).device if model is not None else torch.device("cpu")
         dtype = torch.bfloat16 if run.train.bf16 else torch.float32
@@ -85,22 +89,22 @@ class Reporter:
             record["moe_aux_loss"] = stats["moe_aux_loss"]
         # --stage mpo: the loss components, rewards and reward accuracy (training/mpo.py METRICS)
         record.update({k: v for k, v in stats.items() if k.startswith(("loss_", "reward"))})
+        if "skipped" in stats:  # --skip-spike-factor: was this step's update skipped
+            record["skipped"] = stats["skipped"]
         flops = step_flops(self.run, stats)
         if flops is not None:
             record["model_tflops_per_s_per_rank"] = flops / elapsed / self.world / 1e12
             record["mfu"] = flops / elapsed / self.world / self.peak_flops
             record["peak_flops_per_rank"] = self.peak_flops
         self.records.append(record)
+        due = iteration % self.run.log.log_interval == 0
+        if due and self.run.log.log_straggler:  # collective: every rank's times
+            line = straggler_report(iteration, elapsed, stats.get("data_s", 0.0))
+            if line:
+                print(line, flush=True)
         if self.is_writer:
-            if self.jsonl:
-                self.jsonl.write(json.dumps(record) + "\n")
-                self.jsonl.flush()
-            if self.tb:
-                for key, value in record.items():
-                    if key != "iteration":
-                        self.tb.add_scalar(f"train/{key}", value, iteration)
-                self.tb.flush()
-            if iteration % self.run.log.log_interval == 0:
+            self._write(record, "train")
+            if due:
                 mfu = f" | MFU {record['mfu'] * 100:.1f}%" if "mfu" in record else ""
                 mfu += f" | moe aux {record['moe_aux_loss']:.4f}" if "moe_aux_loss" in record else ""
                 print(f"iteration {iteration:6d}/{t.train_iters} | loss {record['loss']:.6e} | "
@@ -112,8 +116,48 @@ class Reporter:
                          f"{record['reward_margin']:.4f}" if "loss_preference" in record else ""), flush=True)
         return record
 
+    def _write(self, record: dict, section: str) -> None:
+        """One record to --log-jsonl, tensorboard (`section`/key) and wandb."""
+        iteration = record["iteration"]
+        scalars = {k: v for k, v in record.items() if k != "iteration" and isinstance(v, (int, float))}
+        if self.jsonl:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        if self.tb:
+            for key, value in scalars.items():
+                self.tb.add_scalar(f"{section}/{key}", value, iteration)
+            self.tb.flush()
+        if self.wandb:
+            self.wandb.log({f"{section}/{k}": v for k, v in scalars.items()}, step=iteration)
+
+    def report_eval(self, iteration: int, loss: float, elapsed: float, final: bool = False) -> dict:
+        """The validation loss (and perplexity) after `iteration`; `final`: the held-out evaluation at the end."""
+        record = {"iteration": iteration, "valid_loss": loss, "valid_ppl": math.exp(min(loss, 20.0)),
+                  "valid_time_s": elapsed, "final": final}
+        self.records.append(record)
+        if self.is_writer:
+            self._write(record, "valid")
+            what = "held-out evaluation at the end" if final else "validation"
+            print(f"{what} at iteration {iteration:6d} | valid loss {loss:.6e} | valid ppl {record['valid_ppl']:.4f} "
+                  f"| {elapsed:.2f} s", flush=True)
+        return record
+
     def close(self) -> None:
         if self.jsonl:
             self.jsonl.close()
         if self.tb:
             self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def _start_wandb(run: RunConfig) -> Any:
+    """A wandb run for --wandb-project (WANDB_MODE=offline: files only, no network)."""
+    import wandb  # optional: validate() refused --wandb-project without it
+
+    log = run.log
+    kwargs = {"project": log.wandb_project, "name": log.wandb_exp_name,
+              "config": json.loads(json.dumps(dataclasses.asdict(run), default=str))}
+    if log.wandb_save_dir:
+        kwargs["dir"] = log.wandb_save_dir
+    return wandb.init(**kwargs)

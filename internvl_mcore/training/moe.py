@@ -37,3 +37,10 @@ def reduced_aux_loss(num_microbatches: int) -> float:
     loss = float(values.sum()) / values.numel() / num_microbatches
     clear_aux_losses_tracker()
     return loss
+
+
+def clear_aux_losses() -> None:
+    """Forget the router losses recorded since the last step (forward-only passes record them too)."""
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+    clear_aux_losses_tracker()

@@ -233,8 +233,8 @@ def mirror_requires_grad(reference: torch.nn.Module, policy: torch.nn.Module) ->
 
 
 def saved_state(load_dir: str) -> dict:
-    """The run.json of the latest checkpoint under `load_dir`."""
-    path = checkpoint.iter_dir(load_dir, checkpoint.latest_iteration(load_dir)) / "run.json"
+    """The run.json of checkpoint `load_dir` (an iter_ directory, or the latest under a --save root)."""
+    path = checkpoint.checkpoint_dir(load_dir) / "run.json"  # a root or the iter_ dir --load resolved to
     return json.loads(path.read_text())
 
 

@@ -362,7 +362,8 @@ def test_cli_refuses_with_the_key(small_internvl: Path, tmp_path: Path, capsys) 
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     bad = _rewrite(small_internvl, tmp_path / "bad", lambda t: t.pop("mlp1.0.bias"))
-    assert tool.main(["--hf-dir", str(bad), "--save", str(tmp_path / "ckpt")]) == 1
+    assert tool.main(["--hf-dir", str(bad), "--save", str(tmp_path / "ckpt")]) == 2
+    assert not (tmp_path / "ckpt").exists()  # a failed conversion leaves no --save directory
     assert "mlp1.0.bias" in capsys.readouterr().err
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from internvl_mcore.data.image import IMAGENET_MEAN, IMAGENET_STD, JPEG_QUALITIES, jpeg_recompress, normalize_tiles
-from internvl_mcore.data.loader import IGNORE_INDEX, PackedDataLoader, collate, normalize_tiles_lut, parse_data_path
+from internvl_mcore.data.loader import IGNORE_INDEX, PackedDataLoader, collate, parse_data_path
+from internvl_mcore.models.vision import normalize_pixels
 from internvl_mcore.data.sample import PackedSample
 from internvl_mcore.data.shards import EncodedSample, ShardReader, ShardWriter, encode_tiles
 
@@ -122,9 +123,8 @@ def test_packed_sample_contents(two_sets):
     assert s.position_ids.dtype == np.float32 and s.cu_seqlens.tolist() == [0, 6, 13]
     assert s.num_tiles.tolist() == [1, 2]
     assert s.source == [{"dataset": "set1", "line": 1}, {"dataset": "set1", "line": 2}]
-    # tiles normalized with ImageNet mean/std from the stored uint8 (not augmented: set a has no data_augment)
-    want = (r.tiles(raw).astype(np.float32) / 255 - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
-    np.testing.assert_allclose(s.tiles, want.transpose(0, 3, 1, 2), atol=1e-5)
+    # the stored uint8 tiles as they are (not augmented: set a has no data_augment); the model normalizes
+    assert s.tiles.dtype == np.uint8 and np.array_equal(s.tiles, r.tiles(raw))
 
 
 # ----------------------------------------------------------------------------- resume
@@ -139,24 +139,25 @@ def samples_equal(x: PackedSample, y: PackedSample) -> bool:
     )
 
 
-@pytest.mark.parametrize("threads", [0, 2])
-def test_resume_continues_exactly_without_rereading(two_sets, threads, monkeypatch):
+@pytest.mark.parametrize("workers,resume_workers", [(0, 2), (2, 1), (1, 0)])
+def test_resume_continues_exactly_without_rereading(two_sets, workers, resume_workers, monkeypatch):
+    """Saved with one number of loader workers, resumed with another: the same packs, same pixels."""
     a, b = two_sets
     args = (["0.5", a, "0.5", b],)
-    first = PackedDataLoader(*args, seed=5, dp_rank=1, dp_size=2, num_threads=threads)
+    first = PackedDataLoader(*args, seed=5, dp_rank=1, dp_size=2, num_workers=workers)
     take(first, 13)
     state = json.loads(json.dumps(first.state_dict()))  # survives a checkpoint round trip
     expected = take(first, 9)
-    first.close()  # its prefetch threads must not show up in the read count below
+    first.close()  # its prefetching workers must not show up in the read count below
 
     reads = []
     orig = ShardReader.read
     monkeypatch.setattr(ShardReader, "read", lambda self, i, **kw: reads.append(i) or orig(self, i, **kw))
-    resumed = PackedDataLoader(*args, seed=5, dp_rank=1, dp_size=2, num_threads=threads)
+    resumed = PackedDataLoader(*args, seed=5, dp_rank=1, dp_size=2, num_workers=resume_workers)
     resumed.load_state_dict(state)
     assert reads == []  # restoring reads nothing
     got = take(resumed, 9)
-    if threads == 0:
+    if resume_workers == 0:
         assert len(reads) == 9  # exactly the packs returned, none of the 26 skipped
     assert all(samples_equal(x, y) for x, y in zip(expected, got))
     resumed.close()
@@ -183,10 +184,7 @@ def test_augmentation_seeded_and_reproducible_after_resume(two_sets):
     # ... and each tile is the stored tile re-compressed at some quality InternVL draws from.
     stored = ShardReader(b).tiles(ShardReader(b).read(0))
     for t in range(len(stored)):
-        assert any(
-            np.allclose(normalize_tiles(jpeg_recompress(stored[t : t + 1], q)), a0.tiles[t : t + 1], atol=1e-6)
-            for q in JPEG_QUALITIES
-        )
+        assert any(np.array_equal(jpeg_recompress(stored[t : t + 1], q), a0.tiles[t : t + 1]) for q in JPEG_QUALITIES)
     # Epoch 2 revisits pack 0 with a different draw.
     later = take(aug, 7)[-1]
     assert pack_id(later) == pack_id(a0) and not np.array_equal(later.tiles, a0.tiles)
@@ -201,7 +199,7 @@ def test_augmentation_seeded_and_reproducible_after_resume(two_sets):
     # Non-augmented sets are never touched.
     s = next(PackedDataLoader([a], seed=0, shuffle=False))
     raw = ShardReader(a)
-    assert np.allclose(s.tiles[0, 0, 0, 0], (raw.tiles(raw.read(0))[0, 0, 0, 0] / 255 - IMAGENET_MEAN[0]) / IMAGENET_STD[0], atol=1e-5)
+    assert np.array_equal(s.tiles, raw.tiles(raw.read(0)))
 
 
 def test_empty_weighted_set_refused(tmp_path):
@@ -219,7 +217,7 @@ def make_packed(tokens, loss_mask, cu, n_tiles):
     return PackedSample(
         tokens=np.array(tokens, np.int64), loss_mask=np.array(loss_mask, np.float32),
         position_ids=np.arange(n, dtype=np.float32), cu_seqlens=np.array(cu, np.int32),
-        tiles=np.ones((sum(n_tiles), 3, 4, 4), np.float32), num_tiles=np.array(n_tiles, np.int32),
+        tiles=np.ones((sum(n_tiles), 4, 4, 3), np.uint8), num_tiles=np.array(n_tiles, np.int32),
     )
 
 
@@ -237,25 +235,33 @@ def test_collate_shapes_labels_and_segments():
     assert b["num_segments"].tolist() == [3, 1]
     assert int(b["max_seqlen"]) == 8
     assert b["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 6, 0]  # padding restarts
-    assert b["pixel_values"].shape == (6, 3, 4, 4) and b["num_tiles"].tolist() == [2, 1, 3]
+    assert b["pixel_values"].shape == (6, 4, 4, 3) and b["pixel_values"].dtype == torch.uint8
+    assert b["num_tiles"].tolist() == [2, 1, 3]
     with pytest.raises(ValueError, match="seq_length"):
         collate([s2], seq_length=7, pad_id=0)
 
 
-def test_lut_normalization_bit_identical_to_reference():
+def test_device_normalization_matches_cpu_float_path():
+    """The model's on-device normalization of uint8 tiles equals the CPU float path (InternVL's
+    ToTensor + Normalize, data/image.py normalize_tiles) within 1e-6, on every available device."""
     tiles = np.random.default_rng(0).integers(0, 256, (3, 20, 24, 3), dtype=np.uint8)
     tiles[0, 0, :3] = [[0, 0, 0], [255, 255, 255], [128, 7, 250]]
-    got = normalize_tiles_lut(tiles)
-    assert got.shape == (3, 3, 20, 24) and got.dtype == np.float32
-    assert np.array_equal(got, normalize_tiles(tiles))
-    assert normalize_tiles_lut(np.zeros((0, 4, 4, 3), np.uint8)).shape == (0, 3, 4, 4)
+    want = torch.from_numpy(normalize_tiles(tiles))  # (T, 3, H, W) float32
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        got = normalize_pixels(torch.from_numpy(tiles).to(device)).cpu()
+        assert got.shape == (3, 3, 20, 24) and got.dtype == torch.float32
+        assert (got - want).abs().max().item() <= 1e-6, device
+    floats = torch.randn(2, 3, 4, 4)
+    assert normalize_pixels(floats) is floats  # float tiles are already normalized
+    assert normalize_pixels(torch.zeros(0, 4, 4, 3, dtype=torch.uint8)).shape == (0, 3, 4, 4)
 
 
-def test_threaded_prefetch_gives_the_same_stream(two_sets):
+def test_worker_processes_give_the_same_stream(two_sets):
     a, b = two_sets
     sync = PackedDataLoader(["0.5", a, "0.5", b], seed=2)
-    threaded = PackedDataLoader(["0.5", a, "0.5", b], seed=2, num_threads=2)
-    for x, y in zip(take(sync, 8), take(threaded, 8)):
+    workers = PackedDataLoader(["0.5", a, "0.5", b], seed=2, num_workers=2)
+    for x, y in zip(take(sync, 8), take(workers, 8)):
         assert samples_equal(x, y)
-    assert threaded.state_dict() == sync.state_dict()  # prefetched packs are not counted
-    threaded.close()
+    assert workers.state_dict() == sync.state_dict()  # prefetched packs are not counted
+    workers.close()

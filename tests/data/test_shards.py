@@ -7,7 +7,7 @@ import pytest
 
 from internvl_mcore.data.shards import (
     FIELDS,
-    TILE_FORMATS,
+    TILE_CODECS,
     EncodedSample,
     ShardReader,
     ShardWriter,
@@ -66,7 +66,7 @@ def write_random(prefix, fmt, n_packs=6, seed=0):
     return packs, manifest
 
 
-@pytest.mark.parametrize("fmt", TILE_FORMATS)
+@pytest.mark.parametrize("fmt", TILE_CODECS)
 def test_round_trip(tmp_path, fmt):
     prefix = str(tmp_path / "out")
     packs, manifest = write_random(prefix, fmt)

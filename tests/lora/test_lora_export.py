@@ -135,14 +135,14 @@ def test_merged_internvl_export_holds_the_merged_weights(tmp_path, exports, ref_
 
 def test_lora_checkpoint_needs_an_export_mode(tmp_path, ref_run, capsys) -> None:
     ckpt = str(ref_run["save"])
-    assert convert_to_hf("--load", ckpt, "--save", str(tmp_path / "x"), "--format", "transformers") == 1
+    assert convert_to_hf("--load", ckpt, "--save", str(tmp_path / "x"), "--format", "transformers") == 2
     assert "--merge-lora" in capsys.readouterr().err
-    assert convert_to_hf("--load", ckpt, "--save", str(tmp_path / "y"), "--format", "internvl", "--lora-only") == 1
+    assert convert_to_hf("--load", ckpt, "--save", str(tmp_path / "y"), "--format", "internvl", "--lora-only") == 2
     assert "--format transformers" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 def test_merge_lora_refuses_a_checkpoint_without_adapters(tmp_path, base_ckpt, capsys) -> None:
     assert convert_to_hf("--load", str(base_ckpt), "--save", str(tmp_path / "x"), "--format", "transformers",
-                         "--merge-lora") == 1
+                         "--merge-lora") == 2
     assert "LoRA" in capsys.readouterr().err

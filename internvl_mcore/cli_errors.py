@@ -1,0 +1,66 @@
+"""How the command-line tools end on a user's mistake: one line on stderr, no traceback.
+
+    exit 2    a user error: a missing / wrong / unwritable file or flag; the line names it
+    exit 130  Ctrl-C (SIGINT): one line saying what was left as it was
+    exit 1    the tool ran and reports a failed outcome (e.g. too many rejected records)
+
+`run_cli(main, prog)` wraps a tool's `main()`: the exception types below are user errors (their
+message already names the file, line or flag; we only flatten it to one line). Anything else is a
+bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Callable
+
+USER_ERROR = 2
+INTERRUPTED = 130
+
+
+class UserError(Exception):
+    """A problem with the user's input that the message names (file, line, key or flag)."""
+
+
+# Raised by our readers and validators with messages that name the file / flag: ConversionError
+# and ConfigError are ValueErrors, DataError too; OSError covers missing / unreadable / read-only
+# paths, a directory where a file was expected and a full disk.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, KeyError, OSError)
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception as one line: OSErrors as 'reason: path', others their message, newlines joined."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"{exc.strerror}: {exc.filename}"
+    elif isinstance(exc, KeyError) and len(exc.args) == 1:
+        text = str(exc.args[0])  # str(KeyError) adds quotes around the message
+    else:
+        text = str(exc) or type(exc).__name__
+    parts = [part.strip() for part in text.splitlines() if part.strip()]
+    # "refusing to start:\n  a\n  b" -> "refusing to start: a; b"
+    return "".join(p + ("" if i == len(parts) - 1 else " " if p.endswith(":") else "; ")
+                   for i, p in enumerate(parts))
+
+
+def quiet_optional_gpu_libraries() -> None:
+    """megatron-core warns at import that transformer-engine / apex are absent (always so on CPU); they
+    are used when importable (tools/gpu_check.py reports them), and the warnings would bury the line."""
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+
+
+def fail(prog: str, message: str, code: int = USER_ERROR) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def run_cli(main: Callable[[], int | None], prog: str, interrupted: str = "nothing was written",
+            errors: tuple[type[BaseException], ...] = USER_ERRORS) -> int:
+    """Run `main()`; user errors -> one line + exit 2, Ctrl-C -> one line + exit 130."""
+    quiet_optional_gpu_libraries()
+    try:
+        return int(main() or 0)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted (Ctrl-C); {interrupted}", file=sys.stderr, flush=True)
+        return INTERRUPTED
+    except errors as exc:
+        return fail(prog, one_line(exc))

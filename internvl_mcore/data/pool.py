@@ -1,0 +1,143 @@
+"""A process pool that survives workers that die (segfault, out-of-memory kill), for preprocessing.
+
+multiprocessing.Pool loses the task of a worker that dies and waits for its result forever. Here each
+worker gets one input at a time over its own pipe, so the parent always knows which input a worker
+holds: a dead worker is replaced, its input retried in a fresh worker, and after `retries` retries the
+caller's `on_death(item, attempts, why)` result stands in for it. Results come back in input order.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import signal
+import threading
+from collections import Counter, deque
+from multiprocessing.connection import Connection, wait
+from typing import Any, Callable, Iterator
+
+_SIGNALS = {9: "SIGKILL, e.g. the out-of-memory killer", 11: "SIGSEGV, a segmentation fault", 6: "SIGABRT"}
+
+
+def _worker_main(conn: Connection, initializer: Callable[[Any], None], initarg: Any, fn: Callable[[Any], Any]) -> None:
+    """One input in, one result out, until None arrives."""
+    initializer(initarg)
+    while (item := conn.recv()) is not None:
+        conn.send(fn(item))
+
+
+class _Worker:
+    def __init__(self, pool: "SupervisedPool"):
+        self.conn, child = pool._mp.Pipe()
+        self.proc = pool._mp.Process(target=_worker_main, args=(child, *pool._worker_args), daemon=True)
+        # Ctrl-C reaches the whole process group: the parent handles it (and terminates the pool); workers
+        # start with SIGINT ignored (inherited, also across spawn's exec) so they print no tracebacks.
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            self.proc.start()
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
+        child.close()
+        self.seq: int | None = None  # the input this worker holds
+
+    def death(self) -> str:
+        """How the worker ended, in words."""
+        self.proc.join(timeout=5)
+        code = self.proc.exitcode
+        if code is not None and code < 0:
+            return f"killed by {_SIGNALS.get(-code, f'signal {-code}')}"
+        return f"exit code {code}"
+
+
+class SupervisedPool:
+    """`workers` processes running `fn` on inputs after `initializer(initarg)`; see the module docstring.
+
+    fork where available: workers inherit the imported modules (megatron-core's import alone takes
+    seconds) and `initarg` without pickling it."""
+
+    def __init__(self, workers: int, initializer: Callable[[Any], None], initarg: Any, fn: Callable[[Any], Any],
+                 on_death: Callable[[Any, int, str], Any], retries: int = 1):
+        self._mp = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        self._worker_args = (initializer, initarg, fn)
+        self._on_death, self._retries = on_death, retries
+        self._workers = [_Worker(self) for _ in range(workers)]
+        self._items: dict[int, Any] = {}
+        self._attempts: Counter[int] = Counter()
+        self._todo: deque[int] = deque()
+        self._done: dict[int, Any] = {}
+
+    def imap(self, items: Iterator, window: int) -> Iterator:
+        """`fn(item)` for every item, in input order, with at most `window` inputs in flight (a parquet
+        row carries its image bytes: reading ahead of the workers must not pull the dataset into memory)."""
+        items, seq_in, seq_out, exhausted = iter(items), 0, 0, False
+        while not (exhausted and seq_out == seq_in):
+            while not exhausted and seq_in - seq_out < window:
+                item = next(items, None)
+                if item is None:
+                    exhausted = True
+                    break
+                self._items[seq_in] = item
+                self._todo.append(seq_in)
+                seq_in += 1
+            if seq_out in self._done:
+                self._items.pop(seq_out)
+                yield self._done.pop(seq_out)
+                seq_out += 1
+            elif seq_out < seq_in:
+                self._dispatch()
+                self._collect()
+
+    def _dispatch(self) -> None:
+        for i, w in enumerate(self._workers):
+            if w.seq is None and self._todo:
+                seq = self._todo.popleft()
+                try:
+                    w.conn.send(self._items[seq])
+                    w.seq = seq
+                except (BrokenPipeError, OSError):  # died while idle: the input was never its own
+                    self._todo.appendleft(seq)
+                    w.proc.join(timeout=5)
+                    w.conn.close()
+                    self._workers[i] = _Worker(self)
+
+    def _collect(self) -> None:
+        """Wait until some busy worker answers or dies; take its result or replace it."""
+        busy = [w for w in self._workers if w.seq is not None]
+        ready = set(wait([w.conn for w in busy] + [w.proc.sentinel for w in busy]))
+        for w in busy:
+            if w.conn not in ready and w.proc.sentinel not in ready:
+                continue
+            try:
+                if w.conn.poll():
+                    self._done[w.seq] = w.conn.recv()  # type: ignore[index]
+                    w.seq = None
+                    continue
+            except (EOFError, OSError):
+                pass
+            if not w.proc.is_alive():
+                self._replace(w)
+
+    def _replace(self, w: _Worker) -> None:
+        seq, why = w.seq, w.death()
+        assert seq is not None
+        self._attempts[seq] += 1
+        if self._attempts[seq] > self._retries:
+            self._done[seq] = self._on_death(self._items[seq], self._attempts[seq], why)
+        else:
+            self._todo.appendleft(seq)
+        self._workers[self._workers.index(w)] = _Worker(self)
+        w.conn.close()
+
+    def close(self, terminate: bool = False) -> None:
+        """Ask every worker to stop; kill those that do not within 10 s. `terminate` (after an error or
+        Ctrl-C): kill them at once, dropping the inputs they hold."""
+        for w in self._workers:
+            try:
+                w.conn.send(None) if not terminate else w.proc.terminate()
+            except (BrokenPipeError, OSError):
+                pass
+        for w in self._workers:
+            w.proc.join(timeout=10)
+            if w.proc.is_alive():
+                w.proc.kill()
+            w.conn.close()

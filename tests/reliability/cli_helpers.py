@@ -1,0 +1,141 @@
+"""Running the real command-line tools on careless input and checking how they fail.
+
+`run(tool, *args)` starts `python TOOL ARGS` in a subprocess (hard timeout) and `assert_user_error`
+checks the contract of docs/errors.md: exit code 2, exactly one line on stderr that names the file or
+flag, no Python traceback. The module-scoped fixtures build the small inputs the tests share once:
+a tokenizer + digits meta (data), a good shard set, and a converted tiny checkpoint.
+"""
+from __future__ import annotations
+
+import filecmp
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TOOLS = {name: REPO / "tools" / f"{name}.py" for name in ("preprocess_mm_data", "convert_to_hf", "convert_from_hf",
+                                                           "plan", "inspect_shards")}
+TOOLS["pretrain"] = REPO / "pretrain_internvl.py"
+SEQ = 256  # tokens per pack of the shared shard set (debug model, 56-px tiles, 4 tokens per tile)
+
+
+def cli(tool: str, *args: str) -> list[str]:
+    return [sys.executable, str(TOOLS[tool]), *map(str, args)]
+
+
+def env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run(tool: str, *args: str, timeout: float = 180, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run a tool to completion (stdout/stderr captured); a hang fails the test."""
+    cmd = [*prefix, *cli(tool, *args)]
+    try:
+        return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"{' '.join(cmd)} hung for {timeout}s") from exc
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.strip()]
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *needles: str, code: int = 2) -> str:
+    """Exit `code`, one stderr line containing every needle (file names, flags, line numbers), no
+    traceback. Returns the line."""
+    lines = error_lines(proc)
+    detail = f"exit {proc.returncode}, stderr:\n{proc.stderr[-3000:]}"
+    assert proc.returncode == code, detail
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, detail
+    assert len(lines) == 1, detail
+    for needle in needles:
+        assert str(needle) in lines[0], f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def interrupt_when(tool: str, *args: str, ready, delay: float = 0.0, sig: int = signal.SIGINT,
+                   timeout: float = 180) -> subprocess.CompletedProcess:
+    """Start a tool, send `sig` to its process group `delay` s after `ready()` is true, wait for it."""
+    proc = subprocess.Popen(cli(tool, *args), cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, f"{tool} ended (exit {proc.returncode}) before it could be interrupted"
+            assert time.monotonic() < deadline, f"{tool} not ready after {timeout}s"
+            time.sleep(0.05)
+        time.sleep(delay)
+        assert proc.poll() is None, f"{tool} ended (exit {proc.returncode}) before it could be interrupted"
+        os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C: the whole process group (workers too)
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def snapshot(prefix: str | Path) -> Path:
+    """Copy every file of an output prefix aside (to compare after a failed run)."""
+    prefix = Path(prefix)
+    keep = prefix.parent.parent / f"{prefix.parent.name}-snapshot"
+    shutil.rmtree(keep, ignore_errors=True)
+    keep.mkdir()
+    for p in prefix.parent.iterdir():
+        if p.is_file() and p.name.startswith(prefix.name):
+            shutil.copy2(p, keep / p.name)
+    return keep
+
+
+def assert_unchanged(prefix: str | Path, snap: Path) -> None:
+    """The prefix's files are exactly the snapshot's (same names, same bytes) and nothing was staged."""
+    prefix = Path(prefix)
+    now = sorted(p.name for p in prefix.parent.iterdir() if p.name.startswith(prefix.name))
+    assert now == sorted(p.name for p in snap.iterdir()), now
+    for name in now:
+        assert filecmp.cmp(prefix.parent / name, snap / name, shallow=False), name
+    staged = [p.name for p in prefix.parent.iterdir() if ".staging-" in p.name]
+    assert not staged, staged
+
+
+def preprocess_args(meta: str, tokenizer: str, out: str | Path, *extra: str) -> list[str]:
+    return ["--meta", meta, "--tokenizer", tokenizer, "--output-prefix", str(out), "--seq-length", str(SEQ),
+            "--model", "debug", "--workers", "1", "--no-progress", *extra]
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared inputs (module scope: each test file builds what it uses once)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """A tiny digits dataset (16 training records) and its tokenizer (the debug model's ids)."""
+    from internvl_mcore.data.digits import build_digits_dataset
+
+    return build_digits_dataset(str(tmp_path_factory.mktemp("digits")), multi_image=2, text_only=2, max_single=12)
+
+
+@pytest.fixture(scope="module")
+def good_prefix(digits, tmp_path_factory) -> str:
+    """A good shard set made by the real CLI."""
+    out = tmp_path_factory.mktemp("shards") / "dg"
+    proc = run("preprocess_mm_data", *preprocess_args(digits.meta, digits.tokenizer, out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return str(out)
+
+
+def copy_prefix(prefix: str, dst_dir: Path, name: str = "x") -> str:
+    """The shard set's files under another folder and prefix name (manifest names stay the original)."""
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    src = Path(prefix)
+    for p in src.parent.iterdir():
+        if p.is_file() and p.name.startswith(src.name):
+            shutil.copy2(p, dst_dir / (name + p.name[len(src.name):]))
+    return str(dst_dir / name)

@@ -1,0 +1,96 @@
+"""Checkpoints and resume through pretrain_internvl.py (issue 17): --keep-checkpoints, checksums
+verified on --load (a corrupt latest checkpoint falls back, --no-fallback refuses naming the file),
+a changed LR schedule is refused or applied as Megatron-LM's flags say, --save to a path that cannot
+be written fails at start-up. User errors run as one plain process: stderr is one line, exit 2."""
+import json
+import shutil
+
+import pytest
+
+from tests.reliability.common import MOCK, launch, ok, one_line_error, plain, train_records
+
+# a 6-step schedule stopped after step 4 (--exit-interval): the LR after step 4 is not yet 0
+ARGS = MOCK + ["--global-batch-size", "2", "--train-iters", "6", "--exit-interval", "4"]
+
+
+def _with(args, flag, value):
+    args = list(args)
+    args[args.index(flag) + 1] = value
+    return args
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """4 steps (of a 6-step schedule) saving every step, keeping the newest 2 checkpoints."""
+    d = tmp_path_factory.mktemp("straight")
+    ok(launch(1, ARGS + ["--save", str(d / "ckpt"), "--save-interval", "1", "--keep-checkpoints", "2",
+                         "--log-jsonl", str(d / "log.jsonl")]))
+    return d
+
+
+def test_keep_checkpoints_and_checksums(straight):
+    ckpt = straight / "ckpt"
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000003", "iter_0000004"]
+    table = json.loads((ckpt / "iter_0000004" / "checksums.json").read_text())
+    files = {str(p.relative_to(ckpt / "iter_0000004")) for p in (ckpt / "iter_0000004").rglob("*") if p.is_file()}
+    assert set(table) == files - {"checksums.json"} and "run.json" in table
+
+
+def _distcp(path):
+    return sorted(path.glob("*.distcp"))[0]
+
+
+def test_corrupt_latest_checkpoint_falls_back(straight, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(straight / "ckpt", ckpt)
+    bad = _distcp(ckpt / "iter_0000004")
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one flipped byte: only the checksum sees it
+    bad.write_bytes(bytes(data))
+    proc = ok(launch(1, ARGS + ["--load", str(ckpt), "--log-jsonl", str(tmp_path / "r.jsonl")]))
+    assert f"warning: {bad}: checksum mismatch" in proc.stdout and "falling back" in proc.stdout, proc.stdout[-2000:]
+    assert "resumed from" in proc.stdout and "iter_0000003 at iteration 3" in proc.stdout
+    ref, resumed = train_records(straight / "log.jsonl"), train_records(tmp_path / "r.jsonl")
+    assert sorted(resumed) == [4]
+    assert resumed[4]["loss"] == ref[4]["loss"]  # the same step 4 as the uninterrupted run, bit-exact
+
+
+def test_truncated_latest_checkpoint_with_no_fallback_is_refused(straight, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(straight / "ckpt", ckpt)
+    bad = _distcp(ckpt / "iter_0000004")
+    bad.write_bytes(bad.read_bytes()[:100])
+    line = one_line_error(plain(ARGS + ["--load", str(ckpt), "--no-fallback"]))
+    assert str(bad) in line and "truncated" in line and "--no-fallback" in line, line
+
+
+def test_changed_schedule_is_refused_without_a_flag(straight):
+    args = _with(_with(ARGS, "--lr", "2e-3"), "--train-iters", "8")
+    line = one_line_error(plain(args + ["--load", str(straight / "ckpt")]))
+    assert "--lr 0.002 (checkpoint: 0.001)" in line and "--train-iters 8 (checkpoint: 6)" in line, line
+    assert "--override-opt_param-scheduler" in line and "--use-checkpoint-opt_param-scheduler" in line
+
+
+@pytest.mark.parametrize("flag", ["--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"])
+def test_changed_lr_follows_the_flag(straight, tmp_path, flag):
+    """Resume at 3 with --lr doubled: override doubles step 4's LR (cosine to min-lr 0 scales with the
+    peak), use-checkpoint reproduces the uninterrupted run."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(straight / "ckpt", ckpt)
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("3")
+    log = tmp_path / "r.jsonl"
+    proc = ok(launch(1, _with(ARGS, "--lr", "2e-3") + ["--load", str(ckpt), "--log-jsonl", str(log), flag]))
+    assert f"LR schedule: {flag}" in proc.stdout and "--lr 0.002 (checkpoint: 0.001)" in proc.stdout
+    ref, got = train_records(straight / "log.jsonl"), train_records(log)
+    assert sorted(got) == [4] and got[4]["loss"] == ref[4]["loss"]  # step 4 runs at the LR step 3 set
+    if flag.startswith("--override"):
+        assert ref[4]["lr"] > 0 and got[4]["lr"] == pytest.approx(2 * ref[4]["lr"], rel=1e-12)
+    else:
+        assert got[4]["lr"] == ref[4]["lr"]
+
+
+def test_unwritable_save_fails_at_start_up(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    line = one_line_error(plain(ARGS + ["--save", str(blocker / "ckpt")]))
+    assert line.startswith(f"error: refusing to start: --save {blocker / 'ckpt'}: cannot write there"), line

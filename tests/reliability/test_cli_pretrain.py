@@ -1,0 +1,118 @@
+"""pretrain_internvl.py on careless --data-path input (issue 17, defects 5 and 8; docs/errors.md).
+
+Data problems are found before any process group or model exists: one line naming the flag and the
+file, exit 2. Shards are opened with their sizes checked against the indexes and (unless
+--no-verify-shards) their sha256 against the manifest, so a truncated or corrupted file never trains.
+"""
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.reliability.cli_helpers import (  # noqa: F401  (fixtures)
+    SEQ,
+    assert_user_error,
+    copy_prefix,
+    digits,
+    error_lines,
+    good_prefix,
+    interrupt_when,
+    run,
+)
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def train(*args: str, seq: int = SEQ, model: str = "debug"):
+    return run("pretrain", "--model", model, "--global-batch-size", "1", "--train-iters", "1",
+               "--seq-length", str(seq), *args)
+
+
+def test_missing_prefix_and_folder(good_prefix, tmp_path):
+    assert_user_error(train("--data-path", str(tmp_path / "nope")), "--data-path", "nope.manifest.json",
+                      "not found")
+    folder = str(Path(good_prefix).parent)
+    assert_user_error(train("--data-path", folder), "--data-path", folder, "is a directory", good_prefix)
+
+
+def test_shards_for_another_model_or_longer_packs(good_prefix):
+    manifest = good_prefix + ".manifest.json"
+    assert_user_error(train("--data-path", good_prefix, model="internvl3-1b"), manifest, "img_context_id")
+    assert_user_error(train("--data-path", good_prefix, seq=SEQ // 2), manifest, f"--seq-length {SEQ // 2}")
+
+
+def test_malformed_blend_weights(good_prefix):
+    assert_user_error(train("--data-path", "0.5", good_prefix, "0.5"), "--data-path", "pairs")
+
+
+def test_empty_shard_set(tmp_path):
+    from internvl_mcore.data.shards import ShardWriter
+
+    from internvl_mcore.config.presets import get_preset
+
+    debug = get_preset("debug")  # a set made for this model in which every input was rejected
+    prefix = str(tmp_path / "empty")
+    ShardWriter(prefix, tile_format="png", tile_shape=(56, 56, 3)).finalize(extra={
+        "tokenizer": {"img_start_id": debug.img_start_token_id, "img_end_id": debug.img_end_token_id,
+                      "img_context_id": debug.img_context_token_id, "vocab_size": 500},
+        "num_image_token": debug.num_image_token, "template": debug.template, "seq_length": SEQ})
+    assert_user_error(train("--data-path", prefix), "--data-path", prefix, "empty (0 packs")
+
+
+def test_truncated_and_corrupted_shards(good_prefix, tmp_path):
+    """A truncated .bin is refused at open (size vs index); a same-size corruption by its sha256 (the
+    manifest's names are the original prefix's: the set was copied under another name)."""
+    cut = copy_prefix(good_prefix, tmp_path / "cut")
+    tiles = Path(cut + "_tiles.bin")
+    with open(tiles, "r+b") as f:
+        f.truncate(tiles.stat().st_size // 2)
+    assert_user_error(train("--data-path", cut), str(tiles), "truncated")
+
+    flipped = copy_prefix(good_prefix, tmp_path / "flip")
+    tokens = Path(flipped + "_tokens.bin")
+    data = bytearray(tokens.read_bytes())
+    data[100] ^= 1
+    tokens.write_bytes(bytes(data))
+    assert_user_error(train("--data-path", flipped), str(tokens), "sha256", "--no-verify-shards")
+
+
+def test_batch_sizes_that_do_not_divide(good_prefix):
+    proc = run("pretrain", "--model", "debug", "--global-batch-size", "3", "--micro-batch-size", "2",
+               "--train-iters", "1", "--seq-length", str(SEQ), "--data-path", good_prefix)
+    assert_user_error(proc, "--global-batch-size 3", "--micro-batch-size 2")
+
+
+def test_ctrl_c_during_training(tmp_path):
+    """Ctrl-C mid-run: one line, exit 130 (no KeyboardInterrupt traceback)."""
+    log = tmp_path / "log.jsonl"
+    proc = interrupt_when("pretrain", "--model", "debug", "--mock-data", "--global-batch-size", "1",
+                          "--train-iters", "100000", "--seq-length", "64", "--log-jsonl", str(log),
+                          ready=lambda: log.exists() and log.stat().st_size > 0, sig=signal.SIGINT)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    # (megatron-core's own warnings may precede it on stderr)
+    assert error_lines(proc)[-1] == "interrupted (Ctrl-C); checkpoints already saved are complete"
+    assert "KeyboardInterrupt" not in proc.stderr
+
+
+@pytest.mark.parametrize("entries, says", [
+    (["-1", "P"], "weight -1"), (["0", "P"], "sum to 0"), (["nan", "P"], "finite"), (["P", "0.5"], "mixes"),
+])
+def test_blend_weight_errors_in_process(good_prefix, entries, says):
+    """The rest of the blend grammar's errors, through the same pre-flight the CLI runs."""
+    import sys
+
+    from tests.reliability.cli_helpers import REPO
+
+    sys.path.insert(0, str(REPO))
+    from pretrain_internvl import parse_run_config
+
+    from internvl_mcore.training.data import DataError, check_shard_sets
+
+    entries = [good_prefix if e == "P" else e for e in entries]
+    run_cfg = parse_run_config(["--model", "debug", "--seq-length", str(SEQ), "--data-path", *entries])
+    with pytest.raises(DataError, match="--data-path") as err:
+        check_shard_sets(entries, run_cfg)
+    assert says in str(err.value) and "\n" not in str(err.value)
