@@ -55,6 +55,7 @@ warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
 import torch  # noqa: E402
 
 from internvl_mcore.config import ModelConfig, get_preset  # noqa: E402
+from internvl_mcore.models.vision import normalize_pixels  # noqa: E402
 
 IGNORE_INDEX = -100
 
@@ -73,7 +74,7 @@ class Sample:
     loss_mask: np.ndarray
     """(L,) float32, 1 on the answer tokens."""
     tiles: np.ndarray
-    """(T, 3, H, W) float32 normalized tiles (random: pixel values do not change the work)."""
+    """(T, H, W, 3) uint8 RGB tiles, as the data loader ships them (random: pixel values do not change the work)."""
     num_tiles: list[int]
     """Tiles per image."""
 
@@ -117,7 +118,7 @@ def make_sample(cfg: ModelConfig, images: list[int], text: int, seed: int) -> Sa
     loss_mask = np.zeros(len(tokens), dtype=np.float32)
     loss_mask[len(tokens) - int(0.6 * text):] = 1.0
     size = cfg.vision.image_size
-    tiles = rng.standard_normal((sum(images), 3, size, size), dtype=np.float32)
+    tiles = rng.integers(0, 256, (sum(images), size, size, 3), dtype=np.uint8)
     return Sample(tokens, loss_mask, tiles, list(images))
 
 
@@ -200,7 +201,8 @@ def hf_batch(samples: list[Sample], cfg: ModelConfig) -> dict:
         mask[row, :n] = 1
         labels[row, :n] = torch.where(torch.from_numpy(s.loss_mask) > 0, torch.from_numpy(s.tokens), IGNORE_INDEX)
     tiles = np.concatenate([s.tiles for s in samples])
-    pixels = torch.from_numpy(tiles) if len(tiles) else None  # transformers wants None without images
+    # the same float32 normalization our model applies on its device; transformers wants None without images
+    pixels = normalize_pixels(torch.from_numpy(tiles)) if len(tiles) else None
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}
 
 
