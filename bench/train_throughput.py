@@ -6,6 +6,7 @@ against transformers' `InternVLForConditionalGeneration` on the same samples.
     python bench/train_throughput.py --quick    # tiny model, 512 tokens, < 1 min: checks that it runs
     python bench/train_throughput.py --profile  # then profile one more step of ours (torch.profiler)
     python bench/train_throughput.py --batches packer   # length-grouped batches (see make_steps)
+    python bench/train_throughput.py --ours-flags='--torch-compile'   # extra training flags for ours
 
 Prints, all measured in this run:
 1. the fp32 GEMM peak of this machine (a square matmul with all torch threads, measured the way
@@ -36,9 +37,12 @@ dynamic tiles + thumbnail, multi-image; log-normal text lengths), grouped into s
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import os
 import statistics
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -51,6 +55,7 @@ warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
 import torch  # noqa: E402
 
 from internvl_mcore.config import ModelConfig, get_preset  # noqa: E402
+from internvl_mcore.models.vision import normalize_pixels  # noqa: E402
 
 IGNORE_INDEX = -100
 
@@ -69,7 +74,7 @@ class Sample:
     loss_mask: np.ndarray
     """(L,) float32, 1 on the answer tokens."""
     tiles: np.ndarray
-    """(T, 3, H, W) float32 normalized tiles (random: pixel values do not change the work)."""
+    """(T, H, W, 3) uint8 RGB tiles, as the data loader ships them (random: pixel values do not change the work)."""
     num_tiles: list[int]
     """Tiles per image."""
 
@@ -113,7 +118,7 @@ def make_sample(cfg: ModelConfig, images: list[int], text: int, seed: int) -> Sa
     loss_mask = np.zeros(len(tokens), dtype=np.float32)
     loss_mask[len(tokens) - int(0.6 * text):] = 1.0
     size = cfg.vision.image_size
-    tiles = rng.standard_normal((sum(images), 3, size, size), dtype=np.float32)
+    tiles = rng.integers(0, 256, (sum(images), size, size, 3), dtype=np.uint8)
     return Sample(tokens, loss_mask, tiles, list(images))
 
 
@@ -196,7 +201,8 @@ def hf_batch(samples: list[Sample], cfg: ModelConfig) -> dict:
         mask[row, :n] = 1
         labels[row, :n] = torch.where(torch.from_numpy(s.loss_mask) > 0, torch.from_numpy(s.tokens), IGNORE_INDEX)
     tiles = np.concatenate([s.tiles for s in samples])
-    pixels = torch.from_numpy(tiles) if len(tiles) else None  # transformers wants None without images
+    # the same float32 normalization our model applies on its device; transformers wants None without images
+    pixels = normalize_pixels(torch.from_numpy(tiles)) if len(tiles) else None
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}
 
 
@@ -205,15 +211,16 @@ def hf_batch(samples: list[Sample], cfg: ModelConfig) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
-def build_ours(model: str, seq_length: int, seed: int, lr: float):
-    """Our trainer exactly as `pretrain_internvl.py` builds it (1 process, TP1, fp32)."""
+def build_ours(model: str, seq_length: int, seed: int, lr: float, extra: list[str] = ()):
+    """Our trainer exactly as `pretrain_internvl.py` builds it (1 process, TP1, fp32), with `extra`
+    training flags (--ours-flags)."""
     from pretrain_internvl import parse_run_config
     from internvl_mcore.training.loop import setup
 
     run = parse_run_config(["--model", model, "--mock-data", "--seq-length", str(seq_length),
                             "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "1000",
                             "--lr", str(lr), "--lr-decay-style", "constant", "--clip-grad", "1.0",
-                            "--seed", str(seed)])
+                            "--seed", str(seed), *extra])
     return setup(run)
 
 
@@ -270,6 +277,57 @@ class Timing:
 
     wall: float
     cpu: float
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Samples this process's resident memory every 2 ms on a thread while the block runs: with
+    `returning_malloc`, the peak above the start is the step's working memory (activations,
+    logits, gradients, optimizer temporaries)."""
+
+    def __enter__(self) -> "PeakRSS":
+        self.start = self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+    @property
+    def mib(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def returning_malloc() -> None:
+    """Make glibc's malloc serve blocks >= 64 KiB by mmap and return them on free (it otherwise
+    raises that threshold as big blocks come and go and keeps freed memory in its heap), and trim
+    the heap: resident memory then follows live memory. Only after the timed steps: fresh mmaps
+    fault their pages in on every step, which costs time."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD (a fixed value also stops its adjustment)
+    gc.collect()
+    libc.malloc_trim(0)
+
+
+def peak_memory(fn, *args) -> float:
+    """MiB of resident memory fn(*args) adds at its peak."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with PeakRSS() as mem:
+        fn(*args)
+    return mem.mib
 
 
 def timed(fn, *args):
@@ -345,6 +403,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--peak-matrix", type=int, default=2048, help="side of the square fp32 matmul of the peak")
     p.add_argument("--profile", action="store_true", help="also profile one more step of ours (torch.profiler)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ours-flags", default="", help="extra training flags for ours, after '=': "
+                   "--ours-flags='--torch-compile --cross-entropy-chunk-size 2048'")
     args = p.parse_args(argv)
     model_name = args.model or ("debug" if args.quick else "debug-m")
     seq_length = args.seq_length or (512 if args.quick else 4096)
@@ -363,13 +423,14 @@ def main(argv: list[str] | None = None) -> None:
     ours_batches = [our_batch(s, cfg, seq_length) for s in steps]
     hf_batches = [hf_batch(s, cfg) for s in steps]
     t1 = time.perf_counter()
-    trainer = build_ours(model_name, seq_length, args.seed, lr)
+    trainer = build_ours(model_name, seq_length, args.seed, lr, args.ours_flags.split())
     t2 = time.perf_counter()
     hf, hf_opt = build_hf(cfg, trainer, lr)
     t3 = time.perf_counter()
     n_params = sum(p.numel() for p in trainer.model[0].module.parameters())
     print(f"model {model_name}: {n_params / 1e6:.1f}M parameters ({n_params * 4 / 2**20:.0f} MiB fp32), "
-          f"{threads} torch threads, packs of {seq_length} tokens, {args.batches} batches")
+          f"{threads} torch threads, packs of {seq_length} tokens, {args.batches} batches; ours with "
+          f"{args.ours_flags or 'default flags'}")
     print(f"set-up: samples {t1 - t0:.1f} s, ours {t2 - t1:.1f} s, transformers {t3 - t2:.1f} s")
     real = [sum(len(x) for x in s) for s in steps]
     padded = [int(b["input_ids"].numel()) for b in hf_batches]
@@ -381,7 +442,8 @@ def main(argv: list[str] | None = None) -> None:
     # samples, from the same weights: the two losses must agree, or the comparison would compare
     # different work
     few = steps[0][:3]
-    trainer.batches = iter([our_batch(few, cfg, sum(len(x) for x in few))])  # PP=1: any length works
+    # padded to the timed packs' length: shape-specialized kernels (--torch-compile) compile here
+    trainer.batches = iter([our_batch(few, cfg, seq_length)])
     warm, t_ours_warm = timed(train_step, trainer)
     hf_loss, t_hf_warm = timed(hf_step, hf, hf_opt, hf_batch(few, cfg))
     rel = abs(warm["loss"] - hf_loss) / abs(hf_loss)
@@ -435,6 +497,13 @@ def main(argv: list[str] | None = None) -> None:
           f"(transformers computes {sum(padded[1:]) / sum(real[1:]):.2f}x the real tokens)")
     print(f"ratio ours / transformers: {med(ratio):.2f}x (per rep: {', '.join(f'{r:.2f}' for r in ratio)}); "
           f"by CPU time {med(ratio_cpu):.2f}x")
+    # one more step each on step 1's samples, untimed, with malloc returning freed blocks
+    returning_malloc()
+    trainer.batches = iter([ours_batches[1]])
+    mem_ours = peak_memory(train_step, trainer)
+    mem_hf = peak_memory(hf_step, hf, hf_opt, hf_batches[1])
+    print(f"peak memory per step above the resident model and optimizer state: ours {mem_ours:.0f} MiB, "
+          f"transformers {mem_hf:.0f} MiB (one more step each on step 1's samples, untimed)")
     print(f"total time {time.perf_counter() - t0:.0f} s")
 
     if args.profile:

@@ -24,8 +24,9 @@ class VisionTransformerConfig(TransformerConfig):
 
 
 def _fused(par: ParallelConfig) -> bool:
-    """CUDA fusion kernels in reach: the run is on CUDA and TE or apex is importable."""
-    return resolve_device(par.device) == "cuda" and have_fusion_kernels()
+    """megatron-core's jit-fused elementwise kernels (torch.compile'd; exact): on CUDA with TE or apex
+    importable, or with --torch-compile (inductor's CPU backend compiles them too)."""
+    return (resolve_device(par.device) == "cuda" and have_fusion_kernels()) or par.torch_compile
 
 
 def _common(par: ParallelConfig, dtype: torch.dtype) -> dict:

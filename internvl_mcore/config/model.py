@@ -204,6 +204,10 @@ class ParallelConfig:
     """--recompute-granularity: activation recomputation (full = whole layers)."""
     recompute_num_layers: int = 1
     """--recompute-num-layers: layers per recomputed chunk (with full/uniform)."""
+    torch_compile: bool = False
+    """--torch-compile: on CPU too, use megatron-core's torch.compile'd (inductor) elementwise fusions (SwiGLU, bias-dropout-add), as on GPUs with TE/apex; the first step compiles them (~1 min, then cached on disk)."""
+    cross_entropy_chunk_size: int = 0
+    """--cross-entropy-chunk-size: compute the output layer and loss N tokens at a time, never holding the full fp32 logits (the backward recomputes each chunk's logits); 0: megatron-core's full-logit loss."""
     expert_model_parallel_size: int = 1
     """--expert-model-parallel-size: ranks the experts of an MoE layer are split over (each holds
     num_experts / EP whole experts; tokens travel to them by all-to-all). Carved out of the

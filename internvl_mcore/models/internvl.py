@@ -23,6 +23,7 @@ from ..parallel.context_parallel import cp_core_attention, resolve_cp_split, spl
 from ..parallel.context_parallel_thd import ThdSplit
 from ..parallel.device import resolve_device
 from .attention import PackedSDPAttention, packed_seq_params_from_cu_seqlens
+from . import rope
 from .language import LanguageModel
 from .projector import Projector, pixel_shuffle_v2
 from .qk_norm import PerHeadRMSNorm
@@ -38,6 +39,8 @@ class InternVLModel(MegatronModule):
                  pre_process: bool, post_process: bool, dtype: torch.dtype = torch.float32,
                  backend: Optional[Backend] = None) -> None:
         llm_config = llm_transformer_config(model_cfg, par, dtype)
+        # RoPE without megatron-core's concatenations (models/rope.py) where TE's kernel is absent
+        llm_config.apply_rope_fusion = rope.install()
         super().__init__(config=llm_config)
         backend = backend or default_backend(resolve_device(par.device))
         pg = self.pg_collection = pg_collection  # every group this stage uses (also read by weights.ShardPlacement)
@@ -70,7 +73,8 @@ class InternVLModel(MegatronModule):
             vocab_size=model_cfg.llm.vocab_size,
             max_sequence_length=model_cfg.llm.max_position_embeddings, rope_theta=model_cfg.llm.rope_theta,
             pre_process=pre_process, post_process=post_process,
-            share_embeddings_and_output_weights=self.share_embeddings_and_output_weights, pg_collection=pg)
+            share_embeddings_and_output_weights=self.share_embeddings_and_output_weights, pg_collection=pg,
+            cross_entropy_chunk_size=par.cross_entropy_chunk_size)
 
     # --- hooks megatron-core's schedules and finalize_model_grads look for -------------------
     def set_input_tensor(self, input_tensor: torch.Tensor | list) -> None:

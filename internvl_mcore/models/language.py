@@ -22,6 +22,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock, Transf
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..config.model import padded_vocab_size
+from .chunked_loss import chunked_output_cross_entropy
 
 
 class LanguageModel(LanguageModule):
@@ -30,7 +31,7 @@ class LanguageModel(LanguageModule):
     def __init__(self, config: TransformerConfig, layer_spec: ModuleSpec | TransformerBlockSubmodules, vocab_size: int,
                  max_sequence_length: int, rope_theta: float, pre_process: bool = True,
                  post_process: bool = True, share_embeddings_and_output_weights: bool = False,
-                 *, pg_collection: ProcessGroupCollection) -> None:
+                 *, pg_collection: ProcessGroupCollection, cross_entropy_chunk_size: int = 0) -> None:
         super().__init__(config=config, pg_collection=pg_collection)
         self.pre_process = pre_process
         self.post_process = post_process
@@ -38,6 +39,7 @@ class LanguageModel(LanguageModule):
         self.model_type = ModelType.encoder_or_decoder
         self.vp_stage = None
         self.vocab_size = vocab_size
+        self.cross_entropy_chunk_size = cross_entropy_chunk_size  # 0: megatron-core's full-logit loss
         tp = self.pg_collection.tp.size()
         self.padded_vocab_size = padded_vocab_size(vocab_size, tp)
         if pre_process:
@@ -100,6 +102,10 @@ class LanguageModel(LanguageModule):
         if not self.post_process:
             return hidden
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        if labels is not None and self.cross_entropy_chunk_size:  # models/chunked_loss.py
+            return chunked_output_cross_entropy(
+                hidden, self.output_layer.weight if weight is None else weight, labels, self.cross_entropy_chunk_size,
+                self.vocab_size, self.pg_collection.tp, self.config.sequence_parallel)  # (B, S)
         logits, _ = self.output_layer(hidden, weight=weight)  # (S, B, V/tp)
         logits = self._mask_padded_vocab(logits)
         if labels is None:

@@ -35,6 +35,10 @@ megatron-core assumes CUDA in three ways, and each has one mechanism here:
    router-weight gradients at TP2+SP off by 57%). `_aux_loss_token_scale` multiplies the token
    count by the size of the tensor+context group the aux loss is reduced over, which makes every
    layout's gradient equal the single-process one (tests/moe).
+6. Not a patch but a setting (`fuse_cpu_adam`, called by `training.loop.setup`): megatron-core builds
+   torch's AdamW without `fused` / `foreach` when TE and apex are absent, which on CPU tensors is
+   torch's per-tensor loop; the already-built optimizer's param groups are switched to the fused
+   CPU kernel.
 
 Every entry names the megatron-core function(s) it covers; `check_symbols()` raises `CompatError`
 naming each one that is missing, so a megatron-core upgrade that moves code fails loudly instead of
@@ -456,3 +460,28 @@ def apply(force: bool = False) -> bool:
     logging.getLogger("megatron.core.tensor_parallel.random").addFilter(_DropRngNoise())
     _APPLIED = True
     return True
+
+
+def fuse_cpu_adam(optimizer: Any) -> int:
+    """Mechanism 6: switch the torch Adam/AdamW that megatron-core's `get_megatron_optimizer` builds
+    (without TE/apex it passes neither `foreach` nor `fused`, and torch then defaults CPU tensors to
+    the per-tensor Python loop) to torch's fused CPU kernel, for every param group whose tensors
+    all live on the CPU. Same update up to fp32 reordering (tests/training/test_fused_adam.py);
+    ~7-10x faster on debug-m (docs/performance.md).
+
+    `optimizer`: a megatron-core optimizer (chained or not). Call it again after loading an
+    optimizer checkpoint: torch's `load_state_dict` restores the saved param-group flags.
+    Returns the number of param groups switched."""
+    switched = 0
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(part, "optimizer", None)
+        if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            continue  # TE / apex FusedAdam, SGD, or no parameters on this rank
+        for group in inner.param_groups:
+            if group.get("differentiable") or any(p.device.type != "cpu" for p in group["params"]):
+                continue
+            group["foreach"], group["fused"] = False, True
+            switched += 1
+        if switched:
+            inner._step_supports_amp_scaling = True  # as torch's constructor sets it for fused=True
+    return switched

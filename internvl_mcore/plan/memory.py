@@ -337,6 +337,20 @@ class ActivationBytes:
         return self.in_flight * self.per_microbatch + self.recompute_buffer
 
 
+def _head_bytes(model: ModelConfig, par: ParallelConfig, tokens: float, e: int, kernels: Kernels,
+                llm_weights: bool) -> float:
+    """What the final norm, output layer and loss keep for the backward (last stage)."""
+    tp = par.tensor_model_parallel_size
+    sp = tp if par.sequence_parallel else 1
+    h = model.llm.hidden_size
+    head = _norm_bytes(tokens / sp, h, "RMSNorm", e, kernels, llm_weights)
+    if par.cross_entropy_chunk_size:  # models/chunked_loss.py keeps no logits
+        head += tokens * h * e  # the output layer input, gathered over sequence parallelism
+        return head + tokens * (4 + 8 + 1 + 1)  # fp32 log-sum-exp, labels, in-shard mask, loss mask
+    head += tokens / sp * h * e if llm_weights else 0.0  # output layer input
+    return head + tokens * (4 * (padded_vocab(model, tp) // tp) + 8 + 1)  # fp32 softmax of the loss, labels, mask
+
+
 def activation_bytes(model: ModelConfig, par: ParallelConfig, pp_rank: int, seq_length: int,
                      micro_batch_size: int = 1, tiles_per_microbatch: float = 0.0,
                      num_microbatches: int = 1, param_bytes: int = 2,
@@ -385,12 +399,7 @@ def activation_bytes(model: ModelConfig, par: ParallelConfig, pp_rank: int, seq_
         if "vision" in keep or "projector" in keep:
             vision += projector_bytes(model, par, tiles_per_microbatch, e)
 
-    head = 0.0
-    if last:
-        vocab_local = padded_vocab(model, tp) // tp
-        head = _norm_bytes(tokens / sp, h, "RMSNorm", e, kernels, llm_weights)
-        head += tokens / sp * h * e if llm_weights else 0.0  # output layer input
-        head += tokens * (4 * vocab_local + 8 + 1)  # fp32 softmax of the loss, labels, loss mask
+    head = _head_bytes(model, par, tokens, e, kernels, llm_weights) if last else 0.0
 
     in_flight = min(pp - pp_rank, num_microbatches) if pp > 1 else 1
     return ActivationBytes(vision=vision, llm=llm, head=head, in_flight=in_flight, recompute_buffer=buffer)

@@ -22,6 +22,7 @@ from ..models.internvl import build_model
 from ..models.lora import add_lora
 from ..models.weights import init_weights
 from ..parallel.context_parallel_thd import check_thd_layout
+from ..parallel.cpu_compat import fuse_cpu_adam
 from ..parallel.device import resolve_device
 from ..parallel.state import comm_device, init_distributed
 from . import checkpoint, mpo
@@ -82,6 +83,8 @@ def validate(run: RunConfig) -> Plan:
                                 f"by the all-to-all size {a}")
     if cp > 1 and p.cp_split == "thd":
         problems += check_thd_layout(p.pipeline_model_parallel_size, p.sequence_parallel, p.cp_comm_type)
+    if p.cross_entropy_chunk_size < 0:
+        problems.append(f"--cross-entropy-chunk-size must be >= 0 (0: no chunking), got {p.cross_entropy_chunk_size}")
     if p.hierarchical_context_parallel_sizes and p.cp_comm_type != "a2a+p2p":
         problems.append("--hierarchical-context-parallel-sizes only applies to --cp-comm-type a2a+p2p")
     if t.lr_warmup_iters > t.train_iters:
@@ -234,6 +237,7 @@ def setup(run: RunConfig) -> Trainer:
         trainer.reference, trainer.mpo = reference, mpo.make_context(run, pg)
     if run.checkpoint.load:
         _resume(trainer)
+    fuse_cpu_adam(optimizer)  # after any load: torch's load_state_dict restores the saved group flags
     return trainer
 
 

@@ -22,6 +22,9 @@ FIELDS = {  # printed label -> pattern of the number(s) after it
     "ratio": r"ratio ours / transformers: ([\d.]+)x",
     "warm-up losses": r"loss ours ([\d.]+), transformers ([\d.]+)",
 }
+# printed label -> pattern of numbers that may be 0 (a tiny model's step may fit in memory freed before)
+NONNEGATIVE = {"peak memory": r"peak memory per step above the resident model and optimizer state: ours (-?[\d.]+) "
+                              r"MiB, transformers (-?[\d.]+) MiB"}
 
 
 def test_quick_run_prints_every_field() -> None:
@@ -34,3 +37,7 @@ def test_quick_run_prints_every_field() -> None:
         assert m is not None, f"{name!r} missing from the output:\n{proc.stdout}"
         values = [float(v) for v in m.groups()]
         assert all(math.isfinite(v) and v > 0 for v in values), f"{name}: {values}"
+    for name, pattern in NONNEGATIVE.items():
+        m = re.search(pattern, proc.stdout)
+        assert m is not None, f"{name!r} missing from the output:\n{proc.stdout}"
+        assert all(math.isfinite(float(v)) and float(v) >= 0 for v in m.groups()), f"{name}: {m.groups()}"
