@@ -30,6 +30,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .image import random_jpeg_recompress
+from .pool import exit_with_parent
 from .preference import expand_pair_tiles, pair_segments
 from .sample import PackedSample
 from .shards import ShardReader, manifest_path
@@ -313,9 +314,10 @@ class PackedDataLoader:
 _WORKER_LOADER: PackedDataLoader | None = None
 
 
-def _set_worker_loader(loader: PackedDataLoader) -> None:
+def _set_worker_loader(loader: PackedDataLoader, parent_pid: int) -> None:
     global _WORKER_LOADER
     _WORKER_LOADER = loader
+    exit_with_parent(parent_pid)  # a SIGKILLed training rank must not leave its loader workers behind
 
 
 def _load_in_worker(dataset: int, pack: int, global_index: int) -> PackedSample:
@@ -333,7 +335,7 @@ def _worker_pool(loader: PackedDataLoader) -> ProcessPoolExecutor:
     """Worker processes holding a copy of `loader`, forked so they inherit it with its open mmaps
     (nothing is pickled but the draws going in and the samples coming back)."""
     return ProcessPoolExecutor(loader.num_workers, mp_context=mp.get_context("fork"),
-                               initializer=_set_worker_loader, initargs=(loader,))
+                               initializer=_set_worker_loader, initargs=(loader, os.getpid()))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,8 +8,10 @@ caller's `on_death(item, attempts, why)` result stands in for it. Results come b
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import signal
 import threading
+import time
 from collections import Counter, deque
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Iterator
@@ -17,8 +19,22 @@ from typing import Any, Callable, Iterator
 _SIGNALS = {9: "SIGKILL, e.g. the out-of-memory killer", 11: "SIGSEGV, a segmentation fault", 6: "SIGABRT"}
 
 
-def _worker_main(conn: Connection, initializer: Callable[[Any], None], initarg: Any, fn: Callable[[Any], Any]) -> None:
+def exit_with_parent(parent_pid: int, interval_s: float = 1.0) -> None:
+    """In a worker process: leave as soon as `parent_pid` is gone. A parent killed by SIGKILL (the
+    out-of-memory killer, torchrun ending a job) runs no clean-up, and its forked workers, which hold
+    copies of every pipe, would otherwise wait for work forever, keeping the job's output open."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _worker_main(conn: Connection, initializer: Callable[[Any], None], initarg: Any, fn: Callable[[Any], Any],
+                 parent_pid: int) -> None:
     """One input in, one result out, until None arrives."""
+    exit_with_parent(parent_pid)
     initializer(initarg)
     while (item := conn.recv()) is not None:
         conn.send(fn(item))
@@ -27,7 +43,7 @@ def _worker_main(conn: Connection, initializer: Callable[[Any], None], initarg: 
 class _Worker:
     def __init__(self, pool: "SupervisedPool"):
         self.conn, child = pool._mp.Pipe()
-        self.proc = pool._mp.Process(target=_worker_main, args=(child, *pool._worker_args), daemon=True)
+        self.proc = pool._mp.Process(target=_worker_main, args=(child, *pool._worker_args, os.getpid()), daemon=True)
         # Ctrl-C reaches the whole process group: the parent handles it (and terminates the pool); workers
         # start with SIGINT ignored (inherited, also across spawn's exec) so they print no tracebacks.
         main = threading.current_thread() is threading.main_thread()
