@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
 
 import torch
@@ -12,6 +13,13 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from . import cpu_compat
 from .device import resolve_device
 from ..config.model import ParallelConfig
+
+
+def _free_port() -> int:
+    """A TCP port nothing listens on now (a port derived from the pid can clash with another job)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def init_distributed(par: ParallelConfig, seed: int, timeout_s: float = 600.0) -> ProcessGroupCollection:
@@ -26,7 +34,8 @@ def init_distributed(par: ParallelConfig, seed: int, timeout_s: float = 600.0) -
     cpu_compat.apply_everywhere()
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        if "MASTER_PORT" not in os.environ:  # a 1-process world outside torchrun: any free port
+            os.environ["MASTER_PORT"] = str(_free_port())
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         if on_gpu:

@@ -29,8 +29,13 @@ def cli(tool: str, *args: str) -> list[str]:
     return [sys.executable, str(TOOLS[tool]), *map(str, args)]
 
 
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
 def env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
+    """A user's shell: without the distributed variables in-process tests leave in this process
+    (their MASTER_PORT is still held by it)."""
+    return {**{k: v for k, v in os.environ.items() if k not in DIST_ENV}, "OMP_NUM_THREADS": "1"}
 
 
 def run(tool: str, *args: str, timeout: float = 180, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:

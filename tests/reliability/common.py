@@ -33,9 +33,15 @@ def launch(nproc: int, args: list[str], timeout: float = 300, env: dict | None =
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
 def plain(args: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """One process without torchrun: its stderr is exactly what the user sees."""
-    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
+    # a user's shell, not this pytest process's: in-process tests of init_distributed leave
+    # MASTER_PORT / RANK / WORLD_SIZE behind, with that port still held by this process
+    clean = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    full_env = {**clean, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
 
