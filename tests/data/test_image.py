@@ -211,20 +211,10 @@ def test_gif_frames(tmp_path):
     assert 2 <= len(sub) <= 3
 
 
-def _have_video_decoder():
-    for mod in ("av", "decord"):
-        try:
-            __import__(mod)
-            return True
-        except ImportError:
-            pass
-    return False
-
-
 def test_video_file_decoding_or_missing_decoder(tmp_path):
     fake = tmp_path / "fake.mp4"
     fake.write_bytes(b"\x00\x00\x00\x18ftypmp42 not a real video")
-    if not _have_video_decoder():
+    if not fixtures._video_decoder_available():
         with pytest.raises(VideoDecoderMissing, match="av"):
             load_video_frames(str(fake), 2, 4, np.random.default_rng(0))
         return

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.reliability.common import DIST_ENV
+
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = {name: REPO / "tools" / f"{name}.py" for name in ("preprocess_mm_data", "convert_to_hf", "convert_from_hf",
                                                            "plan", "inspect_shards")}
@@ -27,9 +29,6 @@ SEQ = 256  # tokens per pack of the shared shard set (debug model, 56-px tiles, 
 
 def cli(tool: str, *args: str) -> list[str]:
     return [sys.executable, str(TOOLS[tool]), *map(str, args)]
-
-
-DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
 def env() -> dict:
