@@ -14,7 +14,8 @@ forward + backward, and the results' largest difference.
    (`--torch-compile`; the first call compiles, untimed);
 4. output layer + cross entropy over a 32000 vocabulary: megatron-core's full-logit
    `vocab_parallel_cross_entropy` vs `models/chunked_loss.py` (`--cross-entropy-chunk-size`), with
-   the peak memory each adds (resident-set peak, malloc returning freed blocks).
+   the peak memory each adds (resident-set peak, malloc returning freed blocks);
+5. the same over every token (`--all-token-logits`) vs only the tokens that carry loss (default).
 """
 from __future__ import annotations
 
@@ -134,11 +135,42 @@ def cross_entropy_case(s: int, hidden: int, vocab: int, chunk: int, reps: int) -
     print(f"{'  peak memory added':34s} {peak_memory(full):7.0f} MiB -> {peak_memory(chunked):7.0f} MiB")
 
 
+def target_token_case(s: int, hidden: int, vocab: int, fraction: float, reps: int) -> None:
+    """The output layer + loss over every token vs only the tokens that carry loss (the model's
+    default, `LanguageModel._target_token_loss` at TP1: pick the rows, same loss, scatter back)."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    g = torch.Generator().manual_seed(1)
+    h0, w0 = torch.randn(s, 1, hidden, generator=g), torch.randn(vocab, hidden, generator=g) * 0.02
+    labels = torch.randint(0, vocab, (1, s), generator=g)
+    keep = (torch.rand(s, 1, generator=g) < fraction)  # (S, B): which tokens carry loss
+    grad_out = torch.rand(1, s, generator=g) * keep.t()  # the loss function weighs the others by 0
+
+    def ce(h, w, t):  # megatron-core's vocab-parallel loss on (S, B, H) rows
+        return vocab_parallel_cross_entropy(h @ w.t(), t)
+
+    def run(loss_fn):
+        def go():
+            h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+            (loss_fn(h, w) * grad_out).sum().backward()
+            return [h.grad, w.grad]
+        return go
+
+    def targeted(h, w):
+        picked = ce(h[keep][:, None], w, labels.t()[keep][:, None])  # (N, 1)
+        return torch.zeros(keep.shape).masked_scatter(keep, picked.reshape(-1)).t()
+
+    full = run(lambda h, w: ce(h, w, labels.t().contiguous()).t())
+    compare(f"output layer + CE, {fraction:.0%} loss tokens", full, run(targeted), reps)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small shapes, 1 rep: checks that it runs")
     p.add_argument("--reps", type=int, default=None, help="interleaved reps per case (default 5; --quick 1)")
     p.add_argument("--chunk", type=int, default=1024, help="--cross-entropy-chunk-size to measure")
+    p.add_argument("--loss-fraction", type=float, default=0.3,
+                   help="share of the pack's tokens that carry loss (bench/train_throughput.py's packer steps: ~0.3)")
     args = p.parse_args(argv)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
@@ -153,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     rope_case(s, 8, 2, 64, reps)
     swiglu_case(s, 1536, reps)
     cross_entropy_case(s, 512, vocab, min(args.chunk, s), reps)
+    target_token_case(s, 512, vocab, args.loss_fraction, reps)
 
 
 if __name__ == "__main__":

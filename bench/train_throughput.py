@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> None:
                 t_ours.append(t)
                 flops.append(train_step_flops(cfg, tokens_per_step=seq_length, tiles_per_step=stats["tiles"],
                                               attention_lengths=stats["attention_lengths"], seq_length=seq_length,
-                                              trainable=stats["trainable"]))
+                                              trainable=stats["trainable"], lm_head_tokens=stats["logit_tokens"]))
             else:
                 _, t = timed(hf_step, hf, hf_opt, hf_batches[k])
                 t_hf.append(t)
@@ -483,7 +483,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"fp32 GEMM peak ({args.peak_matrix}^2 matmul, {threads} threads): {peak_wall / 1e9:.1f} GFLOP/s "
           f"(median of {len(peaks)} between the steps: {', '.join(f'{p[0] / 1e9:.1f}' for p in peaks)}); "
           f"per CPU-second per thread {peak_cpu / 1e9:.1f}")
-    print(f"model FLOPs per train step: {med(flops) / 1e12:.3f} TFLOP (plan.flops.train_step_flops)")
+    print(f"model FLOPs per train step: {med(flops) / 1e12:.3f} TFLOP (plan.flops.train_step_flops; the output "
+          f"layer over the {'loss-bearing' if stats['logit_tokens'] is not None else 'all'} tokens it computes logits for)")
     print(f"ours: step {med(t.wall for t in t_ours):.1f} s -> CPU-MFU {med(mfu):.1%} "
           f"(per rep: {', '.join(f'{m:.1%}' for m in mfu)}); by CPU time {med(mfu_cpu):.1%}")
     # transformers' work as it computes it: every padded row a full causal sequence (model FLOPs

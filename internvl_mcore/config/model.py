@@ -208,6 +208,8 @@ class ParallelConfig:
     """--torch-compile: on CPU too, use megatron-core's torch.compile'd (inductor) elementwise fusions (SwiGLU, bias-dropout-add), as on GPUs with TE/apex; the first step compiles them (~1 min, then cached on disk)."""
     cross_entropy_chunk_size: int = 0
     """--cross-entropy-chunk-size: compute the output layer and loss N tokens at a time, never holding the full fp32 logits (the backward recomputes each chunk's logits); 0: megatron-core's full-logit loss."""
+    all_token_logits: bool = False
+    """--all-token-logits: compute the output layer and loss for every token, as megatron-core does; by default the last stage computes them only at the tokens that carry loss (the others' losses are zero and never used), which skips the image and prompt tokens' share of the output-layer GEMMs and logit memory."""
     expert_model_parallel_size: int = 1
     """--expert-model-parallel-size: ranks the experts of an MoE layer are split over (each holds
     num_experts / EP whole experts; tokens travel to them by all-to-all). Carved out of the

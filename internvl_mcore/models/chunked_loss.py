@@ -86,13 +86,15 @@ class _ChunkedVocabParallelCE(torch.autograd.Function):
 
 
 def chunked_output_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
-                                 vocab_size: int, tp_group: Any, sequence_parallel: bool) -> torch.Tensor:
+                                 vocab_size: int, tp_group: Any, sequence_parallel: bool,
+                                 mapped: bool = False) -> torch.Tensor:
     """Per-token cross entropy (B, S) of hidden (S, B, H) (S/tp with sequence parallelism) against
     labels (B, S), through the vocab-parallel output weight (V/tp, H) in chunks of `chunk` tokens.
-    `vocab_size`: the real vocabulary (entries beyond it, TP padding, never win)."""
-    if sequence_parallel:
+    `vocab_size`: the real vocabulary (entries beyond it, TP padding, never win). `mapped`: the
+    caller already passed `hidden` through the tensor-parallel mapping below."""
+    if not mapped and sequence_parallel:
         hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True, group=tp_group)
-    else:
+    elif not mapped:
         hidden = copy_to_tensor_model_parallel_region(hidden, group=tp_group)
     s, b, h = hidden.shape
     vocab_start = tp_group.rank() * weight.shape[0] if tp_group is not None else 0

@@ -74,7 +74,7 @@ class InternVLModel(MegatronModule):
             max_sequence_length=model_cfg.llm.max_position_embeddings, rope_theta=model_cfg.llm.rope_theta,
             pre_process=pre_process, post_process=post_process,
             share_embeddings_and_output_weights=self.share_embeddings_and_output_weights, pg_collection=pg,
-            cross_entropy_chunk_size=par.cross_entropy_chunk_size)
+            cross_entropy_chunk_size=par.cross_entropy_chunk_size, all_token_logits=par.all_token_logits)
 
     # --- hooks megatron-core's schedules and finalize_model_grads look for -------------------
     def set_input_tensor(self, input_tensor: torch.Tensor | list) -> None:
@@ -95,10 +95,11 @@ class InternVLModel(MegatronModule):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+                cu_seqlens: Optional[torch.Tensor] = None, loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """input_ids (B, S) int; position_ids (B, S) float (V2PE); pixel_values (T, H, W, 3) uint8 or
         (T, 3, H, W) normalized float tiles of all images in batch order; labels (B, S) next-token targets; cu_seqlens: sample boundaries over
-        the batch-major flattened B*S tokens (None: one sample per row).
+        the batch-major flattened B*S tokens (None: one sample per row); loss_mask (B, S): the tokens whose
+        loss is used (nonzero), the only ones the last stage computes logits for (others' losses are 0).
 
         Returns per-token losses (B, S) on the last stage when labels are given, logits (B, S, V/tp)
         without labels, and hidden states (S, B, H) on other stages."""
@@ -118,7 +119,8 @@ class InternVLModel(MegatronModule):
         # cu_seqlens stay global: the context-parallel attention maps local tokens to their samples
         return self.language_model(decoder_input, self.cp_split(position_ids, 1, cu_seqlens),
                                    labels=None if labels is None else self.cp_split(labels, 1, cu_seqlens),
-                                   packed_seq_params=packed)
+                                   packed_seq_params=packed,
+                                   loss_mask=None if loss_mask is None else self.cp_split(loss_mask, 1, cu_seqlens))
 
     def cp_split(self, t: torch.Tensor, seq_dim: int, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """This context-parallel rank's tokens of a per-token tensor (identity without CP).

@@ -16,6 +16,10 @@ from megatron.core.models.common.language_module.language_module import Language
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import ColumnParallelLinear
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
@@ -31,7 +35,8 @@ class LanguageModel(LanguageModule):
     def __init__(self, config: TransformerConfig, layer_spec: ModuleSpec | TransformerBlockSubmodules, vocab_size: int,
                  max_sequence_length: int, rope_theta: float, pre_process: bool = True,
                  post_process: bool = True, share_embeddings_and_output_weights: bool = False,
-                 *, pg_collection: ProcessGroupCollection, cross_entropy_chunk_size: int = 0) -> None:
+                 *, pg_collection: ProcessGroupCollection, cross_entropy_chunk_size: int = 0,
+                 all_token_logits: bool = False) -> None:
         super().__init__(config=config, pg_collection=pg_collection)
         self.pre_process = pre_process
         self.post_process = post_process
@@ -40,6 +45,7 @@ class LanguageModel(LanguageModule):
         self.vp_stage = None
         self.vocab_size = vocab_size
         self.cross_entropy_chunk_size = cross_entropy_chunk_size  # 0: megatron-core's full-logit loss
+        self.all_token_logits = all_token_logits  # False: logits only where a loss_mask says the loss is used
         tp = self.pg_collection.tp.size()
         self.padded_vocab_size = padded_vocab_size(vocab_size, tp)
         if pre_process:
@@ -85,11 +91,14 @@ class LanguageModel(LanguageModule):
 
     def forward(self, decoder_input: Optional[torch.Tensor], position_ids: torch.Tensor,
                 labels: Optional[torch.Tensor] = None,
-                packed_seq_params: Optional[PackedSeqParams] = None) -> torch.Tensor:
+                packed_seq_params: Optional[PackedSeqParams] = None,
+                loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """decoder_input (S, B, H) on the first stage (None later: it comes from `set_input_tensor`).
 
         Returns the hidden states (S, B, H) on non-last stages; on the last stage the per-token
-        losses (B, S) if `labels` is given, else this rank's vocab shard of the logits (B, S, V/tp)."""
+        losses (B, S) if `labels` is given, else this rank's vocab shard of the logits (B, S, V/tp).
+        With `loss_mask` (B, S) (and not --all-token-logits) the losses are computed only where it is
+        nonzero and are 0 elsewhere."""
         # one tensor, not a (q, k) tuple: megatron-core's recompute saves it with save_for_backward
         rotary = self.rope(position_ids)
         if hasattr(packed_seq_params, "rotary_freqs"):
@@ -102,6 +111,9 @@ class LanguageModel(LanguageModule):
         if not self.post_process:
             return hidden
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        if labels is not None and loss_mask is not None and not self.all_token_logits:
+            return self._target_token_loss(hidden, self.output_layer.weight if weight is None else weight,
+                                           labels, loss_mask)  # (B, S)
         if labels is not None and self.cross_entropy_chunk_size:  # models/chunked_loss.py
             return chunked_output_cross_entropy(
                 hidden, self.output_layer.weight if weight is None else weight, labels, self.cross_entropy_chunk_size,
@@ -111,6 +123,33 @@ class LanguageModel(LanguageModule):
         if labels is None:
             return logits.transpose(0, 1).contiguous()
         return self.compute_language_model_loss(labels, logits)  # (B, S)
+
+    def _target_token_loss(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                           loss_mask: torch.Tensor) -> torch.Tensor:
+        """Per-token losses (B, S), computed only at the tokens `loss_mask` keeps (0 elsewhere).
+
+        In SFT data most tokens (image tokens, prompts) carry no loss, and their logits -- a GEMM
+        with the whole vocabulary and an fp32 (tokens x V/tp) tensor kept for the backward -- are
+        never used. The hidden states go through the same megatron-core mappings as the output
+        layer's (ColumnParallelLinear: copy with all-reduced gradient, or the sequence-parallel
+        all-gather with reduce-scattered gradient), so every TP rank picks the same rows, then
+        megatron-core's vocab-parallel loss runs on those rows only."""
+        tp = self.pg_collection.tp
+        if self.config.sequence_parallel:
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True, group=tp)
+        else:
+            hidden = copy_to_tensor_model_parallel_region(hidden, group=tp)
+        keep = (loss_mask != 0).transpose(0, 1)  # (S, B), the hidden states' order
+        picked = hidden[keep]  # (N, H)
+        targets = labels.transpose(0, 1)[keep]  # (N,)
+        if self.cross_entropy_chunk_size:
+            loss = chunked_output_cross_entropy(picked[:, None], weight, targets[None], self.cross_entropy_chunk_size,
+                                                self.vocab_size, tp, sequence_parallel=False, mapped=True)  # (1, N)
+        else:
+            logits = self._mask_padded_vocab(torch.matmul(picked, weight.t()))  # (N, V/tp)
+            loss = self.compute_language_model_loss(targets[None], logits[:, None])  # (1, N)
+        out = torch.zeros(keep.shape, dtype=loss.dtype, device=loss.device).masked_scatter(keep, loss.reshape(-1))
+        return out.transpose(0, 1).contiguous()  # (B, S)
 
     def _mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         if self.padded_vocab_size == self.vocab_size:

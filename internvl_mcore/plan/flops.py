@@ -75,13 +75,16 @@ def causal_pairs(lengths: Sequence[int]) -> int:
 
 
 def forward_flops(model: ModelConfig, tokens: int, tiles: int, attention_lengths: Optional[Sequence[int]] = None,
-                  seq_length: Optional[int] = None, causal: bool = True) -> FlopBreakdown:
+                  seq_length: Optional[int] = None, causal: bool = True,
+                  lm_head_tokens: Optional[int] = None) -> FlopBreakdown:
     """Forward FLOPs of `tokens` LLM tokens and `tiles` image tiles (see the module docstring).
 
     attention_lengths: lengths of the causally attending samples (packed samples; they must add up
     to `tokens`). Without them the tokens are `tokens / seq_length` whole sequences of seq_length.
     causal=False counts every (query, key) pair of each sample (what torch's FlopCounterMode
-    counts for scaled_dot_product_attention, which ignores the mask)."""
+    counts for scaled_dot_product_attention, which ignores the mask). lm_head_tokens: the tokens
+    whose logits are computed (default: all; the training step computes them only at the tokens that
+    carry loss unless --all-token-logits)."""
     v, m = model.vision, model.llm
     if attention_lengths is None:
         if seq_length is None:
@@ -109,7 +112,7 @@ def forward_flops(model: ModelConfig, tokens: int, tiles: int, attention_lengths
     llm_linear = tokens * m.num_layers * 2 * (h * (nq + 2 * nkv) * d + nq * d * h + mlp)
     pairs = causal_pairs(attention_lengths) if causal else sum(n_ * n_ for n_ in attention_lengths)
     llm_attention = m.num_layers * 2 * 2 * nq * d * pairs
-    lm_head = tokens * 2 * h * m.vocab_size
+    lm_head = (tokens if lm_head_tokens is None else lm_head_tokens) * 2 * h * m.vocab_size
     return FlopBreakdown(vit_linear=vit_linear, vit_attention=vit_attention, vit_patch_embed=patch_embed,
                          projector=projector, llm_linear=llm_linear, llm_attention=llm_attention,
                          lm_head=lm_head)
@@ -117,7 +120,8 @@ def forward_flops(model: ModelConfig, tokens: int, tiles: int, attention_lengths
 
 def train_step_flops(model: ModelConfig, tokens_per_step: int, tiles_per_step: int,
                      attention_lengths: Optional[Sequence[int]] = None,
-                     seq_length: Optional[int] = None, trainable: Optional[Iterable[str]] = None) -> float:
+                     seq_length: Optional[int] = None, trainable: Optional[Iterable[str]] = None,
+                     lm_head_tokens: Optional[int] = None) -> float:
     """Model FLOPs of one optimizer step (forward + backward = 3x forward), over the whole job.
 
     tokens_per_step: LLM tokens of the global batch (global batch size x sequence length, padding
@@ -126,6 +130,8 @@ def train_step_flops(model: ModelConfig, tokens_per_step: int, tiles_per_step: i
     seq_length to treat each sequence as one causal sample.
     trainable: the parts that train ('vision', 'projector', 'llm', 'lora'); None = all, i.e. the
     usual 3x forward. A frozen ViT counts its forward only, a frozen LLM forward + input gradient.
+    lm_head_tokens: tokens of the step whose logits are computed (None: all of them).
 
     MFU = train_step_flops / (step_time * peak FLOP/s per GPU * GPUs)."""
-    return forward_flops(model, tokens_per_step, tiles_per_step, attention_lengths, seq_length).step(trainable)
+    return forward_flops(model, tokens_per_step, tiles_per_step, attention_lengths, seq_length,
+                         lm_head_tokens=lm_head_tokens).step(trainable)

@@ -371,7 +371,13 @@ def train_step(trainer: Trainer) -> dict:
             "nonpad_tokens": tokens * trainer.dp_size, "trainable": trainable, "data_s": data_s,
             # this rank's packed sample lengths, scaled to the job (every DP rank sees a like mix)
             "attention_lengths": [int(n) for b in batches for n in (b.cu_seqlens[1:] - b.cu_seqlens[:-1])] * trainer.dp_size,
+            "logit_tokens": None if trainer.run.parallel.all_token_logits else _loss_tokens(batches) * trainer.dp_size,
             "moe_aux_loss": aux, **extra}
+
+
+def _loss_tokens(batches: list) -> int:
+    """Tokens of this rank's microbatches that carry loss: the ones the output layer computes logits for."""
+    return sum(int(((b.loss_weight if b.loss_weight is not None else b.loss_mask) != 0).sum()) for b in batches)
 
 
 def save(trainer: Trainer) -> None:

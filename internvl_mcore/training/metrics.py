@@ -54,7 +54,8 @@ def step_flops(run: RunConfig, stats: dict) -> Optional[float]:
     t = run.train
     return float(train_step_flops(run.model, tokens_per_step=t.global_batch_size * t.seq_length,
                                   tiles_per_step=stats["tiles"], attention_lengths=stats.get("attention_lengths"),
-                                  seq_length=t.seq_length, trainable=stats.get("trainable")))
+                                  seq_length=t.seq_length, trainable=stats.get("trainable"),
+                                  lm_head_tokens=stats.get("logit_tokens")))
 
 
 class Reporter:

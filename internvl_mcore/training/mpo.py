@@ -168,7 +168,7 @@ def reference_forward_step(data_iterator: Iterator[Batch], model: torch.nn.Modul
     source = next(data_iterator)
     batch = source.to(torch.device("cuda", torch.cuda.current_device())) if torch.cuda.is_available() else source
     output = model(batch.tokens, batch.position_ids, pixel_values=batch.pixel_values, labels=batch.labels,
-                   cu_seqlens=batch.cu_seqlens)
+                   cu_seqlens=batch.cu_seqlens, loss_mask=batch.loss_mask)
     return output, functools.partial(reference_loss_func, source, batch, unwrap_model(model), cp_group)
 
 
@@ -178,7 +178,7 @@ def mpo_forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module, ctx
     if torch.cuda.is_available():
         batch = batch.to(torch.device("cuda", torch.cuda.current_device()))
     output = model(batch.tokens, batch.position_ids, pixel_values=batch.pixel_values, labels=batch.labels,
-                   cu_seqlens=batch.cu_seqlens)
+                   cu_seqlens=batch.cu_seqlens, loss_mask=batch.loss_mask)
     return output, functools.partial(mpo_loss_func, batch, unwrap_model(model), ctx)
 
 

@@ -31,8 +31,8 @@ def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module, cp_spli
     device = next(model.parameters()).device  # the batch follows the model (--device)
     if device.type != "cpu":
         batch = batch.to(device)
-    output = model(batch.tokens, batch.position_ids, pixel_values=batch.pixel_values,
-                   labels=batch.labels, cu_seqlens=batch.cu_seqlens)
     weights = batch.loss_weight if batch.loss_weight is not None else batch.loss_mask
+    output = model(batch.tokens, batch.position_ids, pixel_values=batch.pixel_values,
+                   labels=batch.labels, cu_seqlens=batch.cu_seqlens, loss_mask=weights)
     weights = cp_split(weights, 1, batch.cu_seqlens)  # the losses are this CP rank's tokens
     return output, functools.partial(loss_func, weights, scale)
