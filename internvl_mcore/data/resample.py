@@ -120,7 +120,6 @@ def _clip8(acc: torch.Tensor) -> torch.Tensor:
 def _pass(image: torch.Tensor, dim: int, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """One resampling pass of an (H, W, 3) uint8 image along `dim` (0: vertical, 1: horizontal);
     `index` is relative to the image's first pixel along `dim`."""
-    src = image.to(torch.int32)
     out_len = index.shape[0]
     shape = [1, 1, 1]
     shape[dim] = out_len
@@ -128,7 +127,7 @@ def _pass(image: torch.Tensor, dim: int, index: torch.Tensor, weights: torch.Ten
     out_shape[dim] = out_len
     acc = torch.full(out_shape, 1 << (PRECISION_BITS - 1), dtype=torch.int32, device=image.device)
     for t in range(index.shape[1]):  # the taps; integer sums are exact in any order
-        acc += src.index_select(dim, index[:, t]) * weights[:, t].reshape(shape)
+        acc.addcmul_(image.index_select(dim, index[:, t]), weights[:, t].reshape(shape))  # uint8 * int32 -> int32
     return _clip8(acc)
 
 
