@@ -12,9 +12,9 @@ float64 with the same operations, in the same order, gives the same bytes on any
   weights of that pixel (when it is not 0);
 - `normalize_coeffs_8bpc`: each weight becomes the int32 (int)(k * 2^22 +- 0.5) (half away from zero);
 - a pass accumulates 2^21 + sum(pixel * weight) in int32 and keeps clip8(acc) = clamp(acc >> 22, 0, 255)
-  (Pillow's lookup table over acc >> 22 is exactly that clamp); the horizontal pass runs first, only if
-  the width changes, into an 8-bit image of the rows the vertical pass reads; the vertical pass runs
-  only if the height changes;
+  (Pillow's lookup table over acc >> 22 is exactly that clamp) into an 8-bit image; the horizontal pass
+  runs only if the width changes, the vertical pass only if the height changes, horizontal first (on the
+  rows the vertical pass reads) except where Pillow 13 runs the vertical pass first (`PASS_ORDERS`);
 - `Image.resize` itself returns a copy when the size does not change (also what the C does then).
 
 Integer sums do not depend on their order and Pillow's accumulator is int32 too (its 2 spare bits keep
