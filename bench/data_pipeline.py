@@ -10,9 +10,11 @@ Prints four sections, all measured in this run on the same photos:
    (goal for "source": <= 1.1x the source bytes plus the token arrays), and preprocessing CPU;
 3. samples per CPU-second of PackedDataLoader (main process + its workers) against building the same
    samples on the fly from JSONL + JPEG files (parse, decode, tile, template, tokenize, normalize),
-   as a ratio (goal >= 3x for the default format with 1 worker), and with 2 workers;
+   as a ratio (goal >= 3x for the default format with 1 worker), with 0, 1 and 2 workers, tiling in
+   the loader (Pillow) or decoding only (--image-tiling device); then what the device tiling costs:
+   measured with torch on this CPU (a stand-in, no GPU runs here) and estimated on paper for an H200;
 4. CPU cores per GPU the loader needs for InternVL3-8B at 16k-token packs, from the measured CPU per
-   tile and the planner's step time (goal < 0.5 core).
+   tile and the planner's step time (goal < 0.5 core), for both tilings.
 
 Photos: scikit-learn's two bundled sample photos (china.jpg, flower.jpg), cropped and resized to
 typical SFT image sizes and saved as JPEG like source data usually is. Falls back to synthetic
@@ -237,22 +239,23 @@ def on_the_fly_rate(meta: str, tok_dir: str, max_seconds: float, normalize=None)
     return {"samples": n, "per_cpu_s": n / clock.cpu, "per_wall_s": n / clock.wall}
 
 
-def loader_rate(prefix: str, max_seconds: float, seq_length: int, workers: int = 0) -> dict:
+def loader_rate(prefix: str, max_seconds: float, seq_length: int, workers: int = 0, image_tiling: str = "loader") -> dict:
     """Samples, packs and tiles per second of PackedDataLoader over one shard set: epochs over the set
     until `max_seconds` (the page cache is warm after the first, as in steady-state training). CPU time
-    counts the loader's worker processes too (they are joined before it is read)."""
+    counts the loader's worker processes too (they are joined before it is read). With
+    image_tiling="device" the loader only decodes; the tiling is measured apart (`device_tiling_cost`)."""
     import resource
 
     from internvl_mcore.data.loader import PackedDataLoader, collate
 
-    ld = PackedDataLoader([prefix], seed=0, num_workers=workers)
+    ld = PackedDataLoader([prefix], seed=0, num_workers=workers, image_tiling=image_tiling)
     samples = packs = tiles = 0
     children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     clock = _Clock()
     while clock.wall < max_seconds:
         s = next(ld)
         collate([s], seq_length, 0)  # the batch as training gets it (touches every pixel)
-        samples, packs, tiles = samples + len(s.cu_seqlens) - 1, packs + 1, tiles + s.tiles.shape[0]
+        samples, packs, tiles = samples + len(s.cu_seqlens) - 1, packs + 1, tiles + int(s.num_tiles.sum())
     wall = clock.wall
     ld.close()
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -276,14 +279,96 @@ def bench_loader(workdir: str, n_records: int, seq_length: int, formats: list[st
                                               tile_format=fmt, workers=1, progress=False))
         prep_cpu = clock.cpu
         disk = disk_usage(prefix, os.path.join(workdir, "photos"))
-        for workers in ([0, 1, 2] if fmt == formats[0] else [0]):
-            r = loader_rate(prefix, max_seconds, seq_length, workers)
+        runs = [(w, t) for t in ("loader", "device") for w in (0, 1, 2)] if fmt == formats[0] else [(0, "loader")]
+        for workers, tiling in runs:
+            r = loader_rate(prefix, max_seconds, seq_length, workers, tiling)
             r.update(disk)
-            r.update({"format": fmt, "workers": workers, "preprocess_cpu_s": prep_cpu, "total_samples": res.samples,
+            r.update({"format": fmt, "workers": workers, "image_tiling": tiling, "preprocess_cpu_s": prep_cpu, "total_samples": res.samples,
                       "total_packs": res.packs, "fill": res.fill, "ratio": r["per_cpu_s"] / fly["per_cpu_s"],
                       "wall_ratio": r["per_wall_s"] / fly["per_wall_s"]})
             rows.append(r)
+        if fmt == formats[0]:
+            fly["device_tiling"] = device_tiling_cost(prefix, seq_length, max_seconds)
     return fly, rows
+
+
+# H200 SXM (GH100: 132 SMs, 1.98 GHz boost), vendor figures: HBM3e bandwidth, and INT32 lanes x clock
+H200_BYTES_PER_S = 4.8e12
+H200_INT32_OPS_PER_S = 132 * 64 * 1.98e9  # 16.7 T int32 multiply-adds per second
+LAUNCH_S = 5e-6  # host time to launch one CUDA kernel (order of magnitude)
+_VIEWS = {"view", "_unsafe_view", "reshape", "slice", "select", "permute", "alias", "as_strided", "expand",
+          "detach", "t", "lift_fresh", "_to_copy_view"}
+
+
+def _count_kernels(fn) -> tuple[object, int]:
+    """fn()'s result and the number of aten operators it ran that compute (views excluded): on CUDA each
+    is one kernel launch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in _VIEWS:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        out = fn()
+    return out, Count.n
+
+
+def resize_work(in_w: int, in_h: int, out_w: int, out_h: int) -> tuple[int, int]:
+    """(int32 multiply-adds, bytes read + written) of resample.resize_rgb for one RGB image: per tap a
+    gather (uint8 read + write) and an addcmul (int32 accumulator read + write, the uint8 read again)."""
+    from internvl_mcore.data.resample import coefficients, read_span
+
+    if (in_w, in_h) == (out_w, out_h):
+        return 0, 2 * in_w * in_h * 3
+    macs = nbytes = 0
+    rows = read_span(in_h, out_h)[1] - read_span(in_h, out_h)[0] if out_h != in_h else in_h
+    if out_w != in_w:  # the horizontal pass first, as Pillow mostly does (the order changes little)
+        k = coefficients(in_w, out_w)[2].shape[1]
+        n = out_w * rows * 3
+        macs, nbytes = macs + k * n, nbytes + k * n * (1 + 1 + 1 + 8) + n * 25
+    if out_h != in_h:
+        k = coefficients(in_h, out_h)[2].shape[1]
+        n = out_w * out_h * 3
+        macs, nbytes = macs + k * n, nbytes + k * n * (1 + 1 + 1 + 8) + n * 25  # init, shift, clamp, to uint8
+    return macs, nbytes
+
+
+def device_tiling_cost(prefix: str, seq_length: int, max_seconds: float) -> dict:
+    """What `SourceImages.tiles()` costs: measured with torch on this CPU (1 thread, a stand-in: no GPU
+    ran), and estimated on paper for an H200 from the work it does (multiply-adds, bytes, kernels)."""
+    import torch
+
+    from internvl_mcore.data.loader import PackedDataLoader, collate
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ld = PackedDataLoader([prefix], seed=0, image_tiling="device")
+    tiles = packs = macs = nbytes = kernels = 0
+    clock = _Clock()
+    cpu = 0.0
+    while clock.wall < max_seconds or packs == 0:
+        pv = collate([next(ld)], seq_length, 0)["pixel_values"]
+        c0 = time.process_time()
+        pv.tiles()
+        cpu += time.process_time() - c0
+        _, n = _count_kernels(lambda: type(pv)(pv.pixels, pv.table, pv.tile_size).tiles())
+        kernels += n
+        for h, w, cols, rows, thumb, _ in pv.table.tolist():
+            for out in [(cols * pv.tile_size, rows * pv.tile_size)] + ([(pv.tile_size,) * 2] if thumb else []):
+                m, b = resize_work(w, h, *out)
+                macs, nbytes = macs + m, nbytes + b
+        tiles, packs = tiles + pv.shape[0], packs + 1
+        nbytes += pv.shape[0] * pv.tile_size ** 2 * 3 * 2  # the grid's crops copied into the tiles
+    torch.set_num_threads(threads)
+    per_tile = {"macs": macs / tiles, "bytes": nbytes / tiles, "kernels": kernels / tiles}
+    gpu_s = max(per_tile["bytes"] / H200_BYTES_PER_S, per_tile["macs"] / H200_INT32_OPS_PER_S)
+    return {"packs": packs, "tiles": tiles, "torch_cpu_ms_per_tile": 1e3 * cpu / tiles, **{f"{k}_per_tile": v for k, v in per_tile.items()},
+            "h200_us_per_tile_at_peak": 1e6 * gpu_s, "launch_host_us_per_tile": 1e6 * LAUNCH_S * per_tile["kernels"]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -318,7 +403,7 @@ def print_storage_and_speed(fly: dict, rows: list[dict], seq_length: int) -> Non
           f"average, {first['total_samples']} samples)")
     print(f"   {'format':<6} {'KiB/image':>10} {'KiB/sample':>11} {'tokens KiB':>11} {'vs source+tokens':>17} {'preprocess CPU-s':>17}")
     for r in rows:
-        if r["workers"] == 0:
+        if r["workers"] == 0 and r["image_tiling"] == "loader":
             print(f"   {r['format']:<6} {r['tiles_bytes_per_image'] / 1024:>10.1f} {r['bytes_per_sample'] / 1024:>11.1f} "
                   f"{r['token_bytes_per_sample'] / 1024:>11.2f} {r['ratio_vs_source_plus_tokens']:>16.2f}x {r['preprocess_cpu_s']:>17.1f}")
     print(f"\n== 3. loader vs on-the-fly ({first['total_samples']} samples of JSONL + JPEG photos, 75% with an image, "
@@ -327,10 +412,19 @@ def print_storage_and_speed(fly: dict, rows: list[dict], seq_length: int) -> Non
           f"({fly['per_wall_s']:.1f}/s wall); {fly['float_normalize']['per_cpu_s']:.1f} per CPU-s with InternVL's float "
           f"normalization (ToTensor + Normalize arithmetic) instead of the table")
     for r in rows:
-        print(f"   loader, {r['format']:<6} {r['workers']} worker(s): {r['per_cpu_s']:6.1f} samples per CPU-s -> {r['ratio']:.2f}x "
+        tiling = "decode only (--image-tiling device)" if r["image_tiling"] == "device" else ""
+        print(f"   loader, {r['format']:<6} {r['workers']} worker(s) {tiling}: {r['per_cpu_s']:6.1f} samples per CPU-s -> {r['ratio']:.2f}x "
               f"on-the-fly ({r['per_cpu_s'] / fly['float_normalize']['per_cpu_s']:.2f}x the float one); "
               f"{r['per_wall_s']:6.1f}/s wall -> {r['wall_ratio']:.2f}x; {r['cpu_ms_per_tile']:.2f} CPU-ms per tile")
     print("   CPU-s: the loader process plus its workers; wall ratios depend on what else runs on the machine")
+    d = fly["device_tiling"]
+    print(f"   device tiling (SourceImages.tiles(), {d['tiles']} tiles of {d['packs']} packs): no GPU ran here; with torch "
+          f"on this CPU (1 thread, a stand-in) {d['torch_cpu_ms_per_tile']:.2f} CPU-ms per tile")
+    print(f"   on paper for an H200: {d['macs_per_tile'] / 1e6:.1f} M int32 multiply-adds and {d['bytes_per_tile'] / 1e6:.1f} MB "
+          f"of memory traffic per tile -> {d['h200_us_per_tile_at_peak']:.1f} us per tile at peak "
+          f"({H200_BYTES_PER_S / 1e12:.1f} TB/s, {H200_INT32_OPS_PER_S / 1e12:.1f} T int32 ops/s); "
+          f"{d['kernels_per_tile']:.0f} kernels per tile, ~{d['launch_host_us_per_tile']:.0f} us of host launch time "
+          f"at {LAUNCH_S * 1e6:.0f} us each (an estimate, not a measurement)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     quick = args.quick
     t_all = time.perf_counter()
+    load0 = os.getloadavg()[0]
     out: dict = {}
 
     fill = bench_fill(5_000 if quick else 50_000, args.seq_length)
@@ -354,15 +449,20 @@ def main(argv: list[str] | None = None) -> int:
         fly, rows = bench_loader(work, 24 if quick else 80, args.seq_length, formats, 5 if quick else 20)
     out["on_the_fly"], out["loader"] = fly, rows
     print_storage_and_speed(fly, rows, args.seq_length)
-    best = next(r for r in rows if r["format"] == rows[0]["format"] and r["workers"] == 1)
-    cores = cores_per_gpu(best["cpu_ms_per_tile"])
-    out["cores_per_gpu"] = cores
-    print(f"\n== 4. loader CPU for {cores['model']} at 16k packs ({cores['tiles_per_pack']:.0f} tiles per pack), "
-          f"{cores['gpus']} {cores['hardware']}, planner's fastest layout {cores['layout']}: step {cores['step_time_s']:.2f}s")
-    print(f"   {best['format']} tiles, {best['cpu_ms_per_tile']:.2f} CPU-ms per tile -> {cores['cpu_s_per_pack']:.2f} CPU-s per pack: "
-          f"{cores['per_gpu']:.3f} cores per GPU   [{'OK' if cores['per_gpu'] < 0.5 else 'ABOVE'} goal < 0.5]")
-    print(f"   ({cores['per_rank']:.3f} cores per GPU while every rank of a data-parallel group decodes its packs itself)")
-    print(f"\ntotal {time.perf_counter() - t_all:.1f}s")
+    out["cores_per_gpu"] = {}
+    for tiling in ("loader", "device"):
+        best = next(r for r in rows if r["format"] == rows[0]["format"] and r["workers"] == 1 and r["image_tiling"] == tiling)
+        ms = best["cpu_ms_per_tile"] + (1e-3 * fly["device_tiling"]["launch_host_us_per_tile"] if tiling == "device" else 0)
+        cores = out["cores_per_gpu"][tiling] = cores_per_gpu(ms)
+        if tiling == "loader":
+            print(f"\n== 4. loader CPU for {cores['model']} at 16k packs ({cores['tiles_per_pack']:.0f} tiles per pack), "
+                  f"{cores['gpus']} {cores['hardware']}, planner's fastest layout {cores['layout']}: step {cores['step_time_s']:.2f}s")
+        what = "tiles in the loader" if tiling == "loader" else "decode only + the estimated kernel-launch time of the device tiling"
+        print(f"   {best['format']}, 1 worker, {what}: {ms:.2f} CPU-ms per tile -> {cores['cpu_s_per_pack']:.3f} CPU-s per pack: "
+              f"{cores['per_gpu']:.3f} cores per GPU   [{'OK' if cores['per_gpu'] < 0.5 else 'ABOVE'} goal < 0.5]; "
+              f"{cores['per_rank']:.3f} while every rank of a data-parallel group decodes its packs itself")
+    print(f"\ntotal {time.perf_counter() - t_all:.1f}s; load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+          f"on {os.cpu_count()} cores")
     if args.json:
         print(json.dumps(out, indent=1, default=float))
     return 0

@@ -12,6 +12,9 @@ Prints one `PASS name: detail` / `FAIL name: detail` line per check and exits 1 
   export_logits     the GPU run's checkpoint -> tools/convert_to_hf.py -> transformers on the GPU:
                     logits equal ours (fp32, TF32 off)
   speed             measured step time (median of steps 6-20) and bf16 MFU against the measured peak
+  device_tiling     --image-tiling device: tiles cut on the GPU (data/resample.py) == Pillow's tiles
+                    byte for byte (every grid of max_dynamic_patch 12, thumbnails, 1 px to 4032 px
+                    images), and the GPU time per tile
   tp2 / cp2         with 2+ GPUs: TP2, and CP2 (TE 'thd' context parallelism), vs TP1 losses (bf16 tol.)
 
 Run it on a CUDA machine with the Dockerfile's image; it needs no network (the data is generated).
@@ -28,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -310,6 +314,43 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''} ... {text[-1] if len(text) > 1 else ''}"
 
 
+def check_device_tiling(device: str = "cuda", image_size: int = 448, seed: int = 0) -> Result:
+    """SourceImages.tiles() on `device` against image.cut_tiles (Pillow) on random images of every grid."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from internvl_mcore.data.image import candidate_grids, cut_tiles, plan_tiling
+    from internvl_mcore.data.sample import DecodedImages
+    from internvl_mcore.data.source_images import SourceImages
+
+    rng = np.random.default_rng(seed)
+    sizes = [(c * 37 + k, r * 53 + 2 * k) if k % 2 else (c * image_size * 6 // 5 + k, r * image_size * 4 // 3)
+             for k, (c, r) in enumerate(candidate_grids(1, 12))]
+    sizes += [(1, 1), (9 * image_size, 7 * image_size), (3, 2 * image_size), (2 * image_size, 3)]
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for w, h in sizes]
+    tilings = [plan_tiling(w, h, 1, 12, image_size, True) for w, h in sizes]
+    want = np.concatenate([cut_tiles(Image.fromarray(a), t, image_size) for a, t in zip(images, tilings)])
+    offsets = np.cumsum([0] + [a.size for a in images])
+    table = np.array([[a.shape[0], a.shape[1], t.cols, t.rows, int(t.thumbnail), o]
+                      for a, t, o in zip(images, tilings, offsets)], dtype=np.int64)
+    batch = SourceImages.from_numpy(DecodedImages(np.concatenate([a.reshape(-1) for a in images]), table),
+                                    image_size).to(device)
+    got = batch.tiles().cpu().numpy()  # first call: coefficients made and cached
+    seconds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        type(batch)(batch.pixels, batch.table, image_size).tiles()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    same = got.shape == want.shape and bool((got == want).all())
+    bad = int((got != want).any(axis=(1, 2, 3)).sum()) if got.shape == want.shape else -1
+    return Result("device_tiling", same, f"{len(want)} tiles of {len(images)} images "
+                  f"{'byte-identical to Pillow' if same else f'DIFFER from Pillow ({bad} tiles)'}; "
+                  f"{1e6 * min(seconds) / len(want):.0f} us per tile on {device} (wall, launches included)")
+
+
 def _guarded(name: str, fn, *args) -> list[Result]:
     try:
         out = fn(*args)
@@ -353,6 +394,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except Exception as exc:  # noqa: BLE001
         report([Result("te_bf16_train", False, _short(exc))])
     report(_guarded("flash_vs_sdpa", check_flash_vs_sdpa))
+    report(_guarded("device_tiling", check_device_tiling))
     report(_guarded("cpu_ckpt_into_te", check_cpu_checkpoint_into_te, work))
     if ref:
         report(_guarded("export_logits", check_export, work, work / "ckpt"))

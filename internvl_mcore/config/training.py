@@ -167,6 +167,11 @@ class DataConfig:
     num_workers: int = 1
     """Processes that decode shard images ahead of the training step (0: decode in the training
     process). The batches and the resume point do not depend on it."""
+    image_tiling: Literal["auto", "loader", "device"] = "auto"
+    """Where images stored once ("source" shards) are resized and cut into tiles: 'loader' (Pillow, in
+    the loader workers), 'device' (the loader only decodes; the first pipeline stage tiles on its device
+    with an exact re-implementation of Pillow's bicubic resize: the same tiles, bytes and losses), 'auto'
+    (device when training on CUDA, else loader)."""
     valid_data_path: list[str] = field(default_factory=list)
     """Validation shard prefixes, weighted as --data-path: [W1] P1 [W2] P2 ..."""
     mock_valid_data: bool = False

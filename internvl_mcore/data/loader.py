@@ -29,11 +29,14 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .image import random_jpeg_recompress
+from .image import decode_rgb, random_jpeg_recompress
 from .pool import exit_with_parent
 from .preference import expand_pair_tiles, pair_segments
-from .sample import PackedSample
-from .shards import ShardReader, manifest_path
+from .sample import DecodedImages, PackedSample
+from .shards import SOURCE_HEADER, RawPack, ShardReader, decode_tiles, manifest_path, source_tiling
+from .source_images import source_images_of
+
+IMAGE_TILINGS = ("loader", "device")
 
 STATE_VERSION = 1
 IGNORE_INDEX = -100  # label of tokens that carry no loss (torch cross_entropy's ignore_index)
@@ -137,6 +140,9 @@ class PackedDataLoader:
         num_workers: >0 decodes packs in that many worker processes (forked, so they share the
             mmapped shards), 2 packs per worker ahead. The stream and `state_dict()` are the same
             for any number of workers.
+        image_tiling: "loader" returns tiles; "device" returns the decoded images with their grids
+            (`PackedSample.images`) for the model to tile on its device, byte-identical (see
+            `decoded_images`). The stream and `state_dict()` do not depend on it.
     """
 
     def __init__(
@@ -149,6 +155,7 @@ class PackedDataLoader:
         shuffle: bool = True,
         augment: bool = True,
         num_workers: int = 0,
+        image_tiling: str = "loader",
     ):
         if data_path and isinstance(data_path[0], (tuple, list)):
             blend = [(float(w), str(p)) for w, p in data_path]
@@ -172,6 +179,9 @@ class PackedDataLoader:
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.num_workers = num_workers
+        if image_tiling not in IMAGE_TILINGS:
+            raise ValueError(f"image_tiling must be one of {IMAGE_TILINGS}, got {image_tiling!r}")
+        self.image_tiling = image_tiling
         self._pool: ProcessPoolExecutor | None = None
         self._lookahead = 2 * num_workers
 
@@ -215,22 +225,17 @@ class PackedDataLoader:
         """Read and prepare one pack (pure given its arguments and the seed)."""
         reader = self.readers[dataset]
         raw = reader.read(pack)
-        tiles = reader.tiles(raw)  # (T, H, W, 3) uint8
         names = [reader.datasets[int(i)] if int(i) < len(reader.datasets) else {} for i in raw.source[:, 0]]
+        rng = None
         if self.augment and raw.tile_lengths.shape[0] and any(x.get("data_augment") for x in names):
             rng = np.random.default_rng([self.seed, global_index, 0xA06])
-            tiles = np.array(tiles)  # writable copy; the mmap view is read-only
-            tile_off = img_off = 0
-            for k, info in enumerate(names):
-                m = int(raw.images_per_sample[k])
-                t = int(raw.num_tiles[img_off : img_off + m].sum())
-                if info.get("data_augment") and t:
-                    tiles[tile_off : tile_off + t], _ = random_jpeg_recompress(tiles[tile_off : tile_off + t], rng)
-                tile_off, img_off = tile_off + t, img_off + m
-        num_tiles, pairs = raw.num_tiles, 0
-        if reader.manifest.get("preference"):  # tiles stored once per pair: repeat them for the rejected one
-            tiles, num_tiles = expand_pair_tiles(tiles, num_tiles, raw.images_per_sample)
-            pairs = int(raw.seq_lengths.shape[0]) // 2
+        images = None
+        if self.image_tiling == "device":
+            images, num_tiles = decoded_images(reader, raw, names, rng)
+            tiles = np.zeros((0, *reader.tile_shape), dtype=np.uint8)
+        else:
+            tiles, num_tiles = _tiles(reader, raw, names, rng)
+        pairs = int(raw.seq_lengths.shape[0]) // 2 if reader.manifest.get("preference") else 0
         return PackedSample(
             tokens=raw.tokens.astype(np.int64),
             loss_mask=raw.loss_mask.astype(np.float32),
@@ -240,6 +245,7 @@ class PackedDataLoader:
             num_tiles=num_tiles.astype(np.int32),
             pairs=pairs,
             source=[{"dataset": info.get("name", str(int(s))), "line": int(line)} for info, (s, line) in zip(names, raw.source)],
+            images=images,
         )
 
     def __iter__(self) -> Iterator[PackedSample]:
@@ -258,6 +264,8 @@ class PackedDataLoader:
         after, fut = self._ahead.popleft()
         sample = fut.result()  # type: ignore[union-attr]
         sample.tiles = sample.tiles.numpy()  # a view of the shared memory the worker filled
+        if sample.images is not None:
+            sample.images.pixels = sample.images.pixels.numpy()
         self._state = after
         return sample
 
@@ -311,6 +319,83 @@ class PackedDataLoader:
             pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _sub_samples(raw: RawPack):
+    """(sub-sample k, its images' slice, its tiles' slice) of a pack, in order."""
+    tile_off = img_off = 0
+    for k in range(raw.images_per_sample.shape[0]):
+        m = int(raw.images_per_sample[k])
+        t = int(raw.num_tiles[img_off: img_off + m].sum())
+        yield k, slice(img_off, img_off + m), slice(tile_off, tile_off + t)
+        tile_off, img_off = tile_off + t, img_off + m
+
+
+def _tiles(reader: ShardReader, raw: RawPack, names: list[dict], rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
+    """`--image-tiling loader`: the pack's (T, H, W, 3) uint8 tiles in token order and its tiles per image.
+    `rng` (None: no augmentation) re-compresses the tiles of `data_augment` datasets."""
+    tiles = reader.tiles(raw)  # (T, H, W, 3) uint8
+    if rng is not None:
+        tiles = np.array(tiles)  # writable copy; the mmap view is read-only
+        for k, _, tile_slice in _sub_samples(raw):
+            if names[k].get("data_augment") and tile_slice.stop > tile_slice.start:
+                tiles[tile_slice], _ = random_jpeg_recompress(tiles[tile_slice], rng)
+    if reader.manifest.get("preference"):  # tiles stored once per pair: repeat them for the rejected one
+        return expand_pair_tiles(tiles, raw.num_tiles, raw.images_per_sample)
+    return tiles, raw.num_tiles
+
+
+def _decoded_source(payload: np.ndarray) -> tuple[np.ndarray, int, int, int]:
+    """A "source" payload decoded: (H, W, 3) uint8 pixels, grid cols, rows, thumbnail."""
+    tiling = source_tiling(payload)
+    pixels = np.asarray(decode_rgb(memoryview(payload)[SOURCE_HEADER.size:]), dtype=np.uint8)
+    return pixels, tiling.cols, tiling.rows, int(tiling.thumbnail)
+
+
+def decoded_images(reader: ShardReader, raw: RawPack, names: list[dict],
+                   rng: np.random.Generator | None) -> tuple[DecodedImages, np.ndarray]:
+    """`--image-tiling device`: a pack's images decoded, not tiled, and its tiles per image.
+
+    "source" images are decoded once and keep their grid. Tiles that must be made on the CPU anyway
+    become 1 x 1 images: stored-tile formats (webp, png, raw, jpeg, video frames) and the images of
+    `data_augment` datasets (their JPEG re-compression works on tiles, drawn from `rng` in the same order
+    as `_tiles`). A preference pair's rejected sequence gets table rows pointing at the chosen one's
+    pixels (no second copy)."""
+    stored = reader.tiles(raw) if reader.tile_format != "source" else None
+    payloads = raw.tile_payloads if stored is None else []
+    groups: list[list[tuple[np.ndarray, int, int, int]]] = []
+    for k, image_slice, tile_slice in _sub_samples(raw):
+        augment = rng is not None and names[k].get("data_augment") and tile_slice.stop > tile_slice.start
+        if stored is None and not augment:
+            groups.append([_decoded_source(p) for p in payloads[image_slice]])
+            continue
+        tiles = stored[tile_slice] if stored is not None else decode_tiles(payloads[image_slice], "source", reader.tile_shape)
+        if augment:
+            tiles, _ = random_jpeg_recompress(tiles, rng)
+        groups.append([(tile, 1, 1, 0) for tile in tiles])
+    num_tiles = raw.num_tiles
+    if reader.manifest.get("preference"):
+        num_tiles = expand_pair_tiles(np.zeros((int(num_tiles.sum()), 0), np.uint8), num_tiles, raw.images_per_sample)[1]
+        groups = [groups[k - k % 2] for k in range(len(groups))]  # rejected k+1 shows chosen k's images
+    return _flatten(groups), num_tiles
+
+
+def _flatten(groups: list[list[tuple[np.ndarray, int, int, int]]]) -> DecodedImages:
+    """Entries (pixels, cols, rows, thumbnail) -> DecodedImages; an array met twice is stored once."""
+    entries = [e for g in groups for e in g]
+    offsets: dict[int, int] = {}
+    arrays, total = [], 0
+    for pixels, *_ in entries:
+        if id(pixels) not in offsets:
+            offsets[id(pixels)] = total
+            arrays.append(pixels)
+            total += pixels.size
+    flat = np.empty(total, dtype=np.uint8)
+    for pixels in arrays:
+        flat[offsets[id(pixels)]: offsets[id(pixels)] + pixels.size] = pixels.reshape(-1)
+    table = np.array([[p.shape[0], p.shape[1], c, r, th, offsets[id(p)]] for p, c, r, th in entries],
+                     dtype=np.int64).reshape(-1, 6)
+    return DecodedImages(flat, table)
+
+
 _WORKER_LOADER: PackedDataLoader | None = None
 
 
@@ -321,13 +406,15 @@ def _set_worker_loader(loader: PackedDataLoader, parent_pid: int) -> None:
 
 
 def _load_in_worker(dataset: int, pack: int, global_index: int) -> PackedSample:
-    """Load one pack in a worker; its tiles travel back in shared memory (a file descriptor is sent,
+    """Load one pack in a worker; its tiles (or decoded pixels) travel back in shared memory (a file descriptor is sent,
     not the pixels: torch's reductions for multiprocessing, as torch's DataLoader does)."""
     import torch
 
     assert _WORKER_LOADER is not None, "loader worker not initialized"
     sample = _WORKER_LOADER.load(dataset, pack, global_index)
     sample.tiles = torch.from_numpy(sample.tiles).share_memory_()
+    if sample.images is not None:  # --image-tiling device: the decoded pixels travel the same way
+        sample.images.pixels = torch.from_numpy(sample.images.pixels).share_memory_()
     return sample
 
 
@@ -383,7 +470,9 @@ def collate(samples: Sequence[PackedSample], seq_length: int, pad_id: int) -> di
                                       segment, so every token belongs to exactly one segment
         max_seqlen    ()     int32    longest segment (for varlen attention kernels)
         pixel_values  (T, H, W, 3) uint8    RGB tiles of all packs, in token order (the model
-                                            normalizes them on its device)
+                                            normalizes them on its device); a SourceImages that
+                                            makes them on the model's device when the packs carry
+                                            decoded images (--image-tiling device)
         num_tiles     (n_images,) int32     tiles per image, in token order
         num_segments  (B,)   int32    segments in each row (sub-samples + padding segment if any)
     """
@@ -405,7 +494,11 @@ def collate(samples: Sequence[PackedSample], seq_length: int, pad_id: int) -> di
             bounds.append((b + 1) * S)
         seg_per_row.append(len(cu) - 1 + int(n < S))
     cu_all = np.asarray(bounds, dtype=np.int32)
-    pixel_values = np.concatenate([np.asarray(s.tiles, dtype=np.uint8) for s in samples])  # (T, H, W, 3)
+    if any(s.images is not None for s in samples):
+        pixel_values = source_images_of([s.images if s.images is not None else DecodedImages.from_tiles(s.tiles)
+                                         for s in samples], int(samples[0].tiles.shape[1]))
+    else:
+        pixel_values = torch.from_numpy(np.concatenate([np.asarray(s.tiles, dtype=np.uint8) for s in samples]))
     num_tiles = np.concatenate([np.asarray(s.num_tiles, dtype=np.int32) for s in samples])
     return {
         "tokens": torch.from_numpy(tokens),
@@ -414,7 +507,7 @@ def collate(samples: Sequence[PackedSample], seq_length: int, pad_id: int) -> di
         "position_ids": torch.from_numpy(position_ids),
         "cu_seqlens": torch.from_numpy(cu_all),
         "max_seqlen": torch.tensor(int(np.diff(cu_all).max()), dtype=torch.int32),
-        "pixel_values": torch.from_numpy(pixel_values),
+        "pixel_values": pixel_values,  # (T, H, W, 3) uint8 or SourceImages
         "num_tiles": torch.from_numpy(num_tiles),
         "num_segments": torch.tensor(seg_per_row, dtype=torch.int32),
         # preference packs: (P, 2) [chosen, rejected] segment indices (empty for SFT packs)

@@ -67,6 +67,48 @@ class Reject:
     """Human-readable detail (exception text, offending value)."""
 
 
+# Columns of a `DecodedImages` table (one row per image to tile).
+IMAGE_TABLE_COLUMNS = ("height", "width", "cols", "rows", "thumbnail", "offset")
+
+
+@dataclass
+class DecodedImages:
+    """Decoded images and how to tile them, for tiling on the model's device (`--image-tiling device`).
+
+    Row i of `table` is [height, width, cols, rows, thumbnail, offset]: the (height, width, 3) uint8 RGB
+    pixels at pixels[offset : offset + height * width * 3] become the cols x rows grid of the image resized
+    to (cols * S, rows * S) plus, when thumbnail is 1, the image resized to (S, S), exactly as
+    `image.cut_tiles`. Tiles already cut on the CPU are rows of one S x S image with a 1 x 1 grid and no
+    thumbnail. Rows may share pixels (a preference pair's images). The rows' tiles in order are the
+    pack's tiles in token order."""
+
+    pixels: np.ndarray
+    """(N,) uint8: every image's (height, width, 3) bytes, back to back."""
+    table: np.ndarray
+    """(n, 6) int64, columns IMAGE_TABLE_COLUMNS."""
+
+    @property
+    def num_tiles(self) -> int:
+        return int((self.table[:, 2] * self.table[:, 3] + self.table[:, 4]).sum())
+
+    @staticmethod
+    def from_tiles(tiles: np.ndarray) -> "DecodedImages":
+        """(T, S, S, 3) uint8 tiles as T images of a 1 x 1 grid (a view, no copy when contiguous)."""
+        t, s = int(tiles.shape[0]), int(tiles.shape[1])
+        table = np.zeros((t, 6), dtype=np.int64)
+        table[:, 0:4] = (s, s, 1, 1)
+        table[:, 5] = np.arange(t, dtype=np.int64) * (s * s * 3)
+        return DecodedImages(np.ascontiguousarray(tiles).reshape(-1), table)
+
+    @staticmethod
+    def concat(parts: "list[DecodedImages]") -> "DecodedImages":
+        """All parts' images in order (offsets shifted to the concatenated pixels)."""
+        sizes = np.cumsum([0] + [int(p.pixels.shape[0]) for p in parts], dtype=np.int64)
+        tables = [p.table + np.array([0, 0, 0, 0, 0, int(off)], dtype=np.int64) for p, off in zip(parts, sizes)]
+        return DecodedImages(np.concatenate([p.pixels for p in parts]) if parts else np.zeros(0, np.uint8),
+                             np.concatenate(tables) if tables else np.zeros((0, 6), np.int64))
+
+
 @dataclass
 class PackedSample:
     """One training sequence as the loader returns it (numpy; the training step makes tensors)."""
@@ -80,10 +122,13 @@ class PackedSample:
     cu_seqlens: np.ndarray
     """(n_samples+1,) int32 sub-sample boundaries: 0, len0, len0+len1, ..., S."""
     tiles: np.ndarray
-    """(T, H, W, 3) uint8 RGB tiles, T = sum(num_tiles); the model normalizes them on its device."""
+    """(T, H, W, 3) uint8 RGB tiles, T = sum(num_tiles); the model normalizes them on its device.
+    (0, H, W, 3) when `images` carries them untiled."""
     num_tiles: np.ndarray
     """(n_images,) int32 tiles per image in order of appearance."""
     source: list[dict] = field(default_factory=list)
     """Per sub-sample {'dataset': str, 'line': int}."""
     pairs: int = 0
     """Preference packs: the sub-samples are `pairs` (chosen, rejected) pairs in order; 0 otherwise."""
+    images: DecodedImages | None = None
+    """`--image-tiling device`: the pack's images decoded but not tiled (then `tiles` is empty)."""

@@ -19,6 +19,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from ..config.megatron import llm_transformer_config, projector_transformer_config, vision_transformer_config
 from ..config.model import ModelConfig, ParallelConfig
+from ..data.source_images import SourceImages, tile_pixel_values
 from ..parallel.context_parallel import cp_core_attention, resolve_cp_split, split_for_cp
 from ..parallel.context_parallel_thd import ThdSplit
 from ..parallel.device import resolve_device
@@ -84,9 +85,11 @@ class InternVLModel(MegatronModule):
         return self.language_model.shared_embedding_or_output_weight()
 
     # --- forward -------------------------------------------------------------------------------
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(T, 3, H, W) normalized tiles -> (T * num_image_token, H_llm) LLM-space features."""
-        feats = self.vision_model(pixel_values)[:, 1:]  # (T, N, C), CLS dropped
+    def image_features(self, pixel_values: torch.Tensor | SourceImages) -> torch.Tensor:
+        """Tiles -> (T * num_image_token, H_llm) LLM-space features. `pixel_values`: (T, H, W, 3) uint8 or
+        (T, 3, H, W) normalized float tiles, or the decoded images of --image-tiling device, tiled here on
+        their device (byte-identical to the loader's tiles)."""
+        feats = self.vision_model(tile_pixel_values(pixel_values))[:, 1:]  # (T, N, C), CLS dropped
         t, n, c = feats.shape
         side = int(n ** 0.5)
         feats = pixel_shuffle_v2(feats.reshape(t, side, side, c), self.model_cfg.downsample_ratio)
@@ -94,10 +97,11 @@ class InternVLModel(MegatronModule):
         return feats.reshape(-1, feats.shape[-1])
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                pixel_values: Optional[torch.Tensor | SourceImages] = None, labels: Optional[torch.Tensor] = None,
                 cu_seqlens: Optional[torch.Tensor] = None, loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """input_ids (B, S) int; position_ids (B, S) float (V2PE); pixel_values (T, H, W, 3) uint8 or
-        (T, 3, H, W) normalized float tiles of all images in batch order; labels (B, S) next-token targets; cu_seqlens: sample boundaries over
+        (T, 3, H, W) normalized float tiles of all images in batch order (or a SourceImages that makes
+        the uint8 tiles, see image_features); labels (B, S) next-token targets; cu_seqlens: sample boundaries over
         the batch-major flattened B*S tokens (None: one sample per row); loss_mask (B, S): the tokens whose
         loss is used (nonzero), the only ones the last stage computes logits for (others' losses are 0).
 

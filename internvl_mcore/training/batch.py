@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+from ..data.source_images import SourceImages
+
 
 @dataclass
 class Batch:
@@ -21,9 +23,10 @@ class Batch:
     """(B, S) float32 V2PE positions."""
     cu_seqlens: torch.Tensor
     """(n+1,) int32 sample boundaries over the batch-major flattened B*S tokens."""
-    pixel_values: torch.Tensor
+    pixel_values: torch.Tensor | SourceImages
     """Tiles of every image, in batch order: (T, H, W, 3) uint8 RGB from shards (the vision model
-    normalizes them on its device) or (T, 3, H, W) float32 already normalized (mock data)."""
+    normalizes them on its device), (T, 3, H, W) float32 already normalized (mock data), or the decoded
+    images the first pipeline stage tiles on its device (--image-tiling device; `.shape` is the tiles')."""
     loss_weight: Optional[torch.Tensor] = None
     """(B, S) float32 per-token loss weights (set by the loop from --loss-reduction; None = loss_mask)."""
     pairs: Optional[torch.Tensor] = None

@@ -10,7 +10,9 @@ from tqdm import tqdm
 
 from ..config.training import RunConfig
 from ..data.loader import PackedDataLoader, collate, parse_data_path
+from ..data.resample import PillowMismatch, pass_order
 from ..data.shards import ShardReader, manifest_path, sha256_file, shard_files
+from ..parallel.device import resolve_device
 from .batch import Batch
 from .mock import mock_batches
 
@@ -87,13 +89,35 @@ def verify_checksums(readers: list, rank: int, world: int, flag: str) -> None:
             bar.update(os.path.getsize(path))
 
 
+def resolve_image_tiling(requested: str, device: str) -> str:
+    """'loader' or 'device' for --image-tiling on a run whose device is `device` ('cuda' / 'cpu').
+
+    'auto' tiles on the device on CUDA (on a CPU device the CPU does the work either way and Pillow is
+    faster there), and in the loader if the installed Pillow resizes differently from resample.py's
+    exact re-implementation (a newer Pillow that changed its arithmetic); 'device' then refuses to start."""
+    if requested not in ("auto", "loader", "device"):
+        raise DataError(f"--image-tiling {requested!r}: choose auto, loader or device")
+    if requested == "loader" or (requested == "auto" and device != "cuda"):
+        return "loader"
+    try:
+        pass_order()
+    except PillowMismatch as exc:
+        if requested == "device":
+            raise DataError(f"--image-tiling device: {exc}") from None
+        print(f"warning: --image-tiling auto: {exc}; tiling in the loader", flush=True)
+        return "loader"
+    return "device"
+
+
 class ShardBatches:
     """Microbatches from `PackedDataLoader` for one data-parallel rank, resumable by `state_dict`."""
 
     def __init__(self, run: RunConfig, dp_rank: int, dp_size: int, decode_tiles: bool = True) -> None:
+        self.image_tiling = resolve_image_tiling(run.data.image_tiling, resolve_device(run.parallel.device))
         try:
             self.loader = PackedDataLoader(run.data.data_path, dp_rank=dp_rank, dp_size=dp_size,
-                                           seed=run.train.seed, num_workers=run.data.num_workers)
+                                           seed=run.train.seed, num_workers=run.data.num_workers,
+                                           image_tiling=self.image_tiling)
         except (FileNotFoundError, ValueError) as exc:
             raise DataError(f"--data-path {' '.join(run.data.data_path)}: {exc}") from exc
         self.cfg = run.model
@@ -104,7 +128,7 @@ class ShardBatches:
                 raise DataError(str(exc)) from None
         self.seq_length = run.train.seq_length
         self.micro_batch_size = run.train.micro_batch_size
-        self.pin_memory = torch.cuda.is_available()  # page-locked tiles copy to the GPU asynchronously
+        self.pin_memory = torch.cuda.is_available()  # page-locked tiles (or pixels) copy to the GPU asynchronously
 
     def __iter__(self) -> "ShardBatches":
         return self

@@ -68,6 +68,12 @@ def test_gpu_check_flash_check_without_flash_attn_on_device_cpu(gpu_check):
     assert not r.ok and "flash-attn is not importable" in r.detail
 
 
+def test_gpu_check_device_tiling_on_device_cpu(gpu_check):
+    """The device_tiling check's comparison, run with the CPU as the device (small tiles)."""
+    r = gpu_check.check_device_tiling(device="cpu", image_size=28)
+    assert r.ok and "byte-identical to Pillow" in r.detail, r.detail
+
+
 def test_gpu_check_cpu_reference_round_trip_on_device_cpu(gpu_check, tmp_path):
     """The CPU half of the cpu_ckpt_into_te check, and the load/compare half run on the CPU."""
     from internvl_mcore.config import ParallelConfig, get_preset
