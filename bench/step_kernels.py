@@ -109,6 +109,15 @@ def swiglu_case(s: int, ffn: int, reps: int) -> None:
     compare("SwiGLU, fwd+bwd (compiled)", run(unfused), run(lambda y: bias_swiglu_impl(y, None)), reps)
 
 
+def head_step(loss_fn, h0: torch.Tensor, w0: torch.Tensor, grad_out: torch.Tensor):
+    """A callable: forward + backward of `loss_fn(hidden, weight)` weighted by grad_out; returns the grads."""
+    def go():
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        (loss_fn(h, w) * grad_out).sum().backward()
+        return [h.grad, w.grad]
+    return go
+
+
 def cross_entropy_case(s: int, hidden: int, vocab: int, chunk: int, reps: int) -> None:
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
@@ -121,15 +130,10 @@ def cross_entropy_case(s: int, hidden: int, vocab: int, chunk: int, reps: int) -
     h0, w0 = torch.randn(s, 1, hidden, generator=g), torch.randn(vocab, hidden, generator=g) * 0.02
     labels, grad_out = torch.randint(0, vocab, (1, s), generator=g), torch.rand(1, s, generator=g)
 
-    def run(loss_fn):
-        def go():
-            h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
-            (loss_fn(h, w) * grad_out).sum().backward()
-            return [h.grad, w.grad]
-        return go
-
-    full = run(lambda h, w: vocab_parallel_cross_entropy(h @ w.t(), labels.t().contiguous()).t())
-    chunked = run(lambda h, w: chunked_output_cross_entropy(h, w, labels, chunk, vocab, pg.tp, False))
+    full = head_step(lambda h, w: vocab_parallel_cross_entropy(h @ w.t(), labels.t().contiguous()).t(),
+                     h0, w0, grad_out)
+    chunked = head_step(lambda h, w: chunked_output_cross_entropy(h, w, labels, chunk, vocab, pg.tp, False),
+                        h0, w0, grad_out)
     compare(f"output layer + CE (chunks of {chunk})", full, chunked, reps)
     returning_malloc()
     print(f"{'  peak memory added':34s} {peak_memory(full):7.0f} MiB -> {peak_memory(chunked):7.0f} MiB")
@@ -149,19 +153,12 @@ def target_token_case(s: int, hidden: int, vocab: int, fraction: float, reps: in
     def ce(h, w, t):  # megatron-core's vocab-parallel loss on (S, B, H) rows
         return vocab_parallel_cross_entropy(h @ w.t(), t)
 
-    def run(loss_fn):
-        def go():
-            h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
-            (loss_fn(h, w) * grad_out).sum().backward()
-            return [h.grad, w.grad]
-        return go
-
     def targeted(h, w):
         picked = ce(h[keep][:, None], w, labels.t()[keep][:, None])  # (N, 1)
         return torch.zeros(keep.shape).masked_scatter(keep, picked.reshape(-1)).t()
 
-    full = run(lambda h, w: ce(h, w, labels.t().contiguous()).t())
-    compare(f"output layer + CE, {fraction:.0%} loss tokens", full, run(targeted), reps)
+    full = head_step(lambda h, w: ce(h, w, labels.t().contiguous()).t(), h0, w0, grad_out)
+    compare(f"output layer + CE, {fraction:.0%} loss tokens", full, head_step(targeted, h0, w0, grad_out), reps)
 
 
 def main(argv: list[str] | None = None) -> None:
