@@ -85,20 +85,31 @@ class _ChunkedVocabParallelCE(torch.autograd.Function):
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
 
 
-def chunked_output_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
-                                 vocab_size: int, tp_group: Any, sequence_parallel: bool,
-                                 mapped: bool = False) -> torch.Tensor:
-    """Per-token cross entropy (B, S) of hidden (S, B, H) (S/tp with sequence parallelism) against
-    labels (B, S), through the vocab-parallel output weight (V/tp, H) in chunks of `chunk` tokens.
-    `vocab_size`: the real vocabulary (entries beyond it, TP padding, never win). `mapped`: the
-    caller already passed `hidden` through the tensor-parallel mapping below."""
-    if not mapped and sequence_parallel:
-        hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True, group=tp_group)
-    elif not mapped:
-        hidden = copy_to_tensor_model_parallel_region(hidden, group=tp_group)
+def output_layer_input(hidden: torch.Tensor, tp_group: Any, sequence_parallel: bool) -> torch.Tensor:
+    """hidden (S, B, H) (S/tp with sequence parallelism) through the mapping ColumnParallelLinear
+    applies to its input: the sequence-parallel all-gather with reduce-scattered gradient, or a copy
+    with all-reduced gradient. Every TP rank then holds the whole (S, B, H)."""
+    if sequence_parallel:
+        return gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True, group=tp_group)
+    return copy_to_tensor_model_parallel_region(hidden, group=tp_group)
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
+                          vocab_size: int, tp_group: Any) -> torch.Tensor:
+    """Per-token cross entropy (B, S) of hidden (S, B, H), already through `output_layer_input`,
+    against labels (B, S), through the vocab-parallel output weight (V/tp, H) in chunks of `chunk`
+    tokens. `vocab_size`: the real vocabulary (entries beyond it, TP padding, never win)."""
     s, b, h = hidden.shape
     vocab_start = tp_group.rank() * weight.shape[0] if tp_group is not None else 0
     flat_labels = labels.transpose(0, 1).reshape(-1)  # (S*B,) in the hidden states' order
     loss = _ChunkedVocabParallelCE.apply(hidden.reshape(s * b, h), weight, flat_labels, chunk,
                                          vocab_start, vocab_size, tp_group)
     return loss.view(s, b).transpose(0, 1).contiguous()  # (B, S)
+
+
+def chunked_output_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
+                                 vocab_size: int, tp_group: Any, sequence_parallel: bool) -> torch.Tensor:
+    """`chunked_cross_entropy` of hidden (S, B, H) (S/tp with sequence parallelism) as the output
+    layer receives it."""
+    return chunked_cross_entropy(output_layer_input(hidden, tp_group, sequence_parallel), weight, labels, chunk,
+                                 vocab_size, tp_group)

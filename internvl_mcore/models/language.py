@@ -16,17 +16,13 @@ from megatron.core.models.common.language_module.language_module import Language
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import ColumnParallelLinear
-from megatron.core.tensor_parallel.mappings import (
-    copy_to_tensor_model_parallel_region,
-    gather_from_sequence_parallel_region,
-)
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..config.model import padded_vocab_size
-from .chunked_loss import chunked_output_cross_entropy
+from .chunked_loss import chunked_cross_entropy, chunked_output_cross_entropy, output_layer_input
 
 
 class LanguageModel(LanguageModule):
@@ -135,16 +131,13 @@ class LanguageModel(LanguageModule):
         all-gather with reduce-scattered gradient), so every TP rank picks the same rows, then
         megatron-core's vocab-parallel loss runs on those rows only."""
         tp = self.pg_collection.tp
-        if self.config.sequence_parallel:
-            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True, group=tp)
-        else:
-            hidden = copy_to_tensor_model_parallel_region(hidden, group=tp)
+        hidden = output_layer_input(hidden, tp, self.config.sequence_parallel)
         keep = (loss_mask != 0).transpose(0, 1)  # (S, B), the hidden states' order
         picked = hidden[keep]  # (N, H)
         targets = labels.transpose(0, 1)[keep]  # (N,)
         if self.cross_entropy_chunk_size:
-            loss = chunked_output_cross_entropy(picked[:, None], weight, targets[None], self.cross_entropy_chunk_size,
-                                                self.vocab_size, tp, sequence_parallel=False, mapped=True)  # (1, N)
+            loss = chunked_cross_entropy(picked[:, None], weight, targets[None], self.cross_entropy_chunk_size,
+                                         self.vocab_size, tp)  # (1, N)
         else:
             logits = self._mask_padded_vocab(torch.matmul(picked, weight.t()))  # (N, V/tp)
             loss = self.compute_language_model_loss(targets[None], logits[:, None])  # (1, N)

@@ -93,17 +93,18 @@ def function_checks() -> dict:
 def run_layout(flags: list[str]) -> dict:
     """The run's records, and how many forward passes took the chunked path."""
     calls = []
-    original = language.chunked_output_cross_entropy
+    # the model's default path (logits only at loss tokens) calls the chunked loss through this name
+    original = language.chunked_cross_entropy
 
     def counted(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    language.chunked_output_cross_entropy = counted
+    language.chunked_cross_entropy = counted
     try:
         records = train(parse_run_config(flags))
     finally:
-        language.chunked_output_cross_entropy = original
+        language.chunked_cross_entropy = original
     parallel_state.destroy_model_parallel()
     return {"records": records, "chunked_calls": len(calls)}
 
