@@ -1,11 +1,13 @@
 """Start a small gloo world with torchrun from a test, with a hard timeout so a hang fails."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,3 +31,20 @@ def torchrun(script: str | Path, nproc: int, args: list[str], timeout: float = 3
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+@contextlib.contextmanager
+def recording_calls(owner: object, name: str, record: Callable[..., None]) -> Iterator[None]:
+    """While inside, `owner.name(...)` first hands its arguments to `record`, then runs as before
+    (workers use it to see which code path a training run took)."""
+    original = getattr(owner, name)
+
+    def wrapped(*args, **kwargs):
+        record(*args, **kwargs)
+        return original(*args, **kwargs)
+
+    setattr(owner, name, wrapped)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)

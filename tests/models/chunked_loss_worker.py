@@ -29,6 +29,7 @@ from internvl_mcore.models import language  # noqa: E402
 from internvl_mcore.models.chunked_loss import chunked_output_cross_entropy  # noqa: E402
 from internvl_mcore.parallel.state import init_distributed  # noqa: E402
 from internvl_mcore.training.loop import train  # noqa: E402
+from tests.launch import recording_calls  # noqa: E402
 
 S, B, H, VOCAB, SHARD, CHUNK = 38, 2, 16, 49, 26, 16  # 2 x 26 = 52 padded entries: 3 of them padding
 
@@ -94,17 +95,8 @@ def run_layout(flags: list[str]) -> dict:
     """The run's records, and how many forward passes took the chunked path."""
     calls = []
     # the model's default path (logits only at loss tokens) calls the chunked loss through this name
-    original = language.chunked_cross_entropy
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    language.chunked_cross_entropy = counted
-    try:
+    with recording_calls(language, "chunked_cross_entropy", lambda *args, **kwargs: calls.append(1)):
         records = train(parse_run_config(flags))
-    finally:
-        language.chunked_cross_entropy = original
     parallel_state.destroy_model_parallel()
     return {"records": records, "chunked_calls": len(calls)}
 

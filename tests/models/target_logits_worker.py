@@ -20,6 +20,7 @@ from megatron.core import parallel_state  # noqa: E402
 from pretrain_internvl import parse_run_config  # noqa: E402
 from internvl_mcore.models.language import LanguageModel  # noqa: E402
 from internvl_mcore.training.loop import train  # noqa: E402
+from tests.launch import recording_calls  # noqa: E402
 
 MOCK = ["--model", "debug", "--mock-data", "--seq-length", "128", "--global-batch-size", "2",
         "--train-iters", "2", "--lr", "1e-3", "--seed", "3", "--peak-flops", "1"]
@@ -33,17 +34,9 @@ LAYOUTS = {
 
 def run(flags: list[str]) -> dict:
     rows = []
-    original = LanguageModel._mask_padded_vocab
-
-    def counted(self, logits):
-        rows.append(int(logits.shape[:-1].numel()))
-        return original(self, logits)
-
-    LanguageModel._mask_padded_vocab = counted
-    try:
+    with recording_calls(LanguageModel, "_mask_padded_vocab",
+                         lambda self, logits: rows.append(int(logits.shape[:-1].numel()))):
         records = train(parse_run_config(flags))
-    finally:
-        LanguageModel._mask_padded_vocab = original
     parallel_state.destroy_model_parallel()
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, rows)  # under PP only the last stage's rank computes logits
