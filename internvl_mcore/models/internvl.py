@@ -60,6 +60,7 @@ class InternVLModel(MegatronModule):
                                        projector_mlp_submodules(backend), model_cfg.projector_input_size,
                                        eps=model_cfg.projector_layernorm_epsilon, pg_collection=pg)
         self.cp_group = pg.cp
+        self._thd_cache: Optional[tuple] = None  # (cu_seqlens, (B, S), ThdSplit) of the last microbatch
         # how a CP rank's tokens are cut from the batch: whole rows or TE's per-sample 'thd' split
         self.cp_layout = (resolve_cp_split(par.cp_split, backend, par.pipeline_model_parallel_size,
                                            par.sequence_parallel, par.cp_comm_type)
@@ -140,7 +141,16 @@ class InternVLModel(MegatronModule):
         return split_for_cp(t, seq_dim, self.cp_group.rank(), size)
 
     def _thd_split(self, cu_seqlens: Optional[torch.Tensor], shape: tuple) -> ThdSplit:
-        return ThdSplit.build(cu_seqlens, shape[0], shape[1], self.cp_group.rank(), self.cp_group.size())
+        """The microbatch's 'thd' split, built once: forward, every per-token cp_split and the loss
+        function of the same microbatch pass the same cu_seqlens tensor, so the split (and its host
+        copy of cu_seqlens) is reused instead of rebuilt for each of them."""
+        key = (int(shape[0]), int(shape[1]))
+        cached = self._thd_cache
+        if cached is not None and cached[0] is cu_seqlens and cached[1] == key:
+            return cached[2]
+        split = ThdSplit.build(cu_seqlens, key[0], key[1], self.cp_group.rank(), self.cp_group.size())
+        self._thd_cache = (cu_seqlens, key, split)  # holds the tensor, so `is` cannot match a reused id
+        return split
 
     def _splice(self, emb: torch.Tensor, input_ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         """Replace the embeddings at <IMG_CONTEXT> positions with image features, in batch-major order."""

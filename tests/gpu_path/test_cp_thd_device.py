@@ -60,3 +60,4 @@ def test_cp2_thd_split_on_device_cpu_matches_single_process(thd_reports):
         assert r["params_checked"] > 0 and r["grad_scale"] > 1e-3
         assert abs(r["loss"] - r["ref_loss"]) <= 1e-5 * abs(r["ref_loss"]), r
         assert r["max_rel_grad_err"] < 1e-5, r
+        assert r["thd_builds"] == r["microbatches"] == 2, r  # the split is built once per microbatch
