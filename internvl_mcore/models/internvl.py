@@ -20,7 +20,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from ..config.megatron import llm_transformer_config, projector_transformer_config, vision_transformer_config
 from ..config.model import ModelConfig, ParallelConfig
 from ..data.source_images import SourceImages, tile_pixel_values
-from ..parallel.context_parallel import cp_core_attention, resolve_cp_split, split_for_cp
+from ..parallel.context_parallel import cp_core_attention, cp_path_line, cp_split_choice, split_for_cp
 from ..parallel.context_parallel_thd import ThdSplit
 from ..parallel.device import resolve_device
 from .attention import PackedSDPAttention, packed_seq_params_from_cu_seqlens
@@ -62,9 +62,11 @@ class InternVLModel(MegatronModule):
         self.cp_group = pg.cp
         self._thd_cache: Optional[tuple] = None  # (cu_seqlens, (B, S), ThdSplit) of the last microbatch
         # how a CP rank's tokens are cut from the batch: whole rows or TE's per-sample 'thd' split
-        self.cp_layout = (resolve_cp_split(par.cp_split, backend, par.pipeline_model_parallel_size,
-                                           par.sequence_parallel, par.cp_comm_type)
-                          if par.context_parallel_size > 1 else "none")
+        self.cp_layout, why = (cp_split_choice(par.cp_split, backend, par.pipeline_model_parallel_size,
+                                               par.sequence_parallel, par.cp_comm_type)
+                               if par.context_parallel_size > 1 else ("none", ""))
+        # which context-parallel attention runs and why: training/loop.py prints it once (None without CP)
+        self.cp_path = cp_path_line(self.cp_layout, why, backend, par.cp_comm_type) if why else None
         core_attention = (cp_core_attention(self.cp_layout, backend) if par.context_parallel_size > 1
                           else PackedSDPAttention)
         qk_norm = ModuleSpec(module=PerHeadRMSNorm, params={"tp_group": pg.tp}) if model_cfg.llm.qk_layernorm \
