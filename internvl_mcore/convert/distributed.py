@@ -130,11 +130,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def conversion_layout(tp: int = 1, pp: int = 1) -> ParallelConfig:
+    """The layout a conversion world runs in: always the CPU with gloo, even on a GPU host, so a
+    TP x PP larger than the visible GPUs converts, and NCCL / transformer-engine / `cuda:rank` play
+    no part in it (the local specs hold the same canonical tensors)."""
+    return ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, device="cpu")
+
+
 def _layout_worker(rank: int, world: int, port: int, tp: int, pp: int,
                    jobs: Sequence[tuple[str, str | None]], result_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    par = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    par = conversion_layout(tp, pp)
     pg = init_distributed(par, seed=0)
     report = []
     try:
@@ -192,7 +199,7 @@ def verify_layout(jobs: Sequence[tuple[str | os.PathLike, str | os.PathLike | No
 def _export_worker(rank: int, world: int, port: int, tp: int, pp: int, ckpt: str, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    par = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    par = conversion_layout(tp, pp)
     pg = init_distributed(par, seed=0)
     try:
         _, info = resolve_iteration_dir(Path(ckpt))

@@ -89,7 +89,7 @@ def _ensure_single_process_world() -> ProcessGroupCollection:
         if sizes != (1, 1):
             raise ConversionError(f"reading a checkpoint needs a TP1 x PP1 world; this process has TP{sizes[0]} x PP{sizes[1]}")
         return pg
-    return init_distributed(ParallelConfig(), seed=0)
+    return init_distributed(ParallelConfig(device="cpu"), seed=0)  # conversion: CPU + gloo anywhere
 
 
 def read_lora_checkpoint(path: str | os.PathLike, adapters_only: bool = False) -> LoRACheckpoint:
@@ -115,7 +115,7 @@ def read_lora_checkpoint(path: str | os.PathLike, adapters_only: bool = False) -
     if padded:
         raise ConversionError(f"{iter_dir}: {'; '.join(padded)}, so its tensors do not load at TP1; "
                               "see read_lora_checkpoint's docstring for the ways out")
-    model = build_model(cfg, ParallelConfig(), _ensure_single_process_world())
+    model = build_model(cfg, ParallelConfig(device="cpu"), _ensure_single_process_world())
     add_lora(model, lora.config, cfg, seed=lora.seed)
     sharded = model.sharded_state_dict()
     if adapters_only:

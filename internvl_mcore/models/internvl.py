@@ -20,7 +20,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from ..config.megatron import llm_transformer_config, projector_transformer_config, vision_transformer_config
 from ..config.model import ModelConfig, ParallelConfig
 from ..data.source_images import SourceImages, tile_pixel_values
-from ..parallel.context_parallel import cp_core_attention, resolve_cp_split, split_for_cp
+from ..parallel.context_parallel import cp_core_attention, cp_path_line, cp_split_choice, split_for_cp
 from ..parallel.context_parallel_thd import ThdSplit
 from ..parallel.device import resolve_device
 from .attention import PackedSDPAttention, packed_seq_params_from_cu_seqlens
@@ -60,10 +60,13 @@ class InternVLModel(MegatronModule):
                                        projector_mlp_submodules(backend), model_cfg.projector_input_size,
                                        eps=model_cfg.projector_layernorm_epsilon, pg_collection=pg)
         self.cp_group = pg.cp
+        self._thd_cache: Optional[tuple] = None  # (cu_seqlens, (B, S), ThdSplit) of the last microbatch
         # how a CP rank's tokens are cut from the batch: whole rows or TE's per-sample 'thd' split
-        self.cp_layout = (resolve_cp_split(par.cp_split, backend, par.pipeline_model_parallel_size,
-                                           par.sequence_parallel, par.cp_comm_type)
-                          if par.context_parallel_size > 1 else "none")
+        self.cp_layout, why = (cp_split_choice(par.cp_split, backend, par.pipeline_model_parallel_size,
+                                               par.sequence_parallel, par.cp_comm_type)
+                               if par.context_parallel_size > 1 else ("none", ""))
+        # which context-parallel attention runs and why: training/loop.py prints it once (None without CP)
+        self.cp_path = cp_path_line(self.cp_layout, why, backend, par.cp_comm_type) if why else None
         core_attention = (cp_core_attention(self.cp_layout, backend) if par.context_parallel_size > 1
                           else PackedSDPAttention)
         qk_norm = ModuleSpec(module=PerHeadRMSNorm, params={"tp_group": pg.tp}) if model_cfg.llm.qk_layernorm \
@@ -140,7 +143,16 @@ class InternVLModel(MegatronModule):
         return split_for_cp(t, seq_dim, self.cp_group.rank(), size)
 
     def _thd_split(self, cu_seqlens: Optional[torch.Tensor], shape: tuple) -> ThdSplit:
-        return ThdSplit.build(cu_seqlens, shape[0], shape[1], self.cp_group.rank(), self.cp_group.size())
+        """The microbatch's 'thd' split, built once: forward, every per-token cp_split and the loss
+        function of the same microbatch pass the same cu_seqlens tensor, so the split (and its host
+        copy of cu_seqlens) is reused instead of rebuilt for each of them."""
+        key = (int(shape[0]), int(shape[1]))
+        cached = self._thd_cache
+        if cached is not None and cached[0] is cu_seqlens and cached[1] == key:
+            return cached[2]
+        split = ThdSplit.build(cu_seqlens, key[0], key[1], self.cp_group.rank(), self.cp_group.size())
+        self._thd_cache = (cu_seqlens, key, split)  # holds the tensor, so `is` cannot match a reused id
+        return split
 
     def _splice(self, emb: torch.Tensor, input_ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         """Replace the embeddings at <IMG_CONTEXT> positions with image features, in batch-major order."""

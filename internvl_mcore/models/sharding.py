@@ -2,7 +2,8 @@
 
 One rule object per kind of split, each owning its operations, so that the model loader
 (models/weights.py: `shard`, `canonical_shape`), the converter (convert/distributed.py: `unshard`)
-and the planner (plan/params.py: `local_shape`, with the padding) cannot disagree:
+and the planner (plan/params.py: `local_shape`, with the padding) cannot disagree; `split_dim` says
+along which dim (models/weights.py tags the parameters with it):
 
     even      plain column/row/expert split along the partition dim (megatron-core's own rule)
     heads     InternViT attention: split by heads, zero heads padded up to a multiple of TP
@@ -137,7 +138,18 @@ SHARD_RULES: tuple[tuple[str, EvenSplit], ...] = (
 )
 """(regex on the canonical name, rule); first match wins, no match: EVEN."""
 
+ROW_PARALLEL = r"(^|\.)(linear_proj|linear_fc2)\.weight\d*$"
+"""Weights of row-parallel linears (attention output, MLP fc2; `weight{i}` of a grouped linear):
+split along their input, dim 1. Every other tensor-parallel weight splits along dim 0."""
+
+_ROW = re.compile(ROW_PARALLEL)
+
 _COMPILED = tuple((re.compile(pattern), rule) for pattern, rule in SHARD_RULES)
+
+
+def split_dim(name: str) -> int:
+    """The dim the tensor-parallel weight `name` (canonical or local name) is split along."""
+    return 1 if _ROW.search(name) else 0
 
 
 def rule_for(name: str) -> EvenSplit:

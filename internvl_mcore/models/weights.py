@@ -28,11 +28,13 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.utils import unwrap_model
 
 from ..config.model import ModelConfig
-from .sharding import rule_for
+from .sharding import rule_for, split_dim
 
 
 _LAYER = re.compile(r"^(language_model\.decoder\.layers\.)(\d+)(\..*)$")
 _EXPERT = re.compile(r"^(.*\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
+_WEIGHT = re.compile(r"^weight\d*$")  # a linear's weight; weight{i}: transformer-engine's grouped linears
+_PARALLEL_KINDS = ("ColumnParallelLinear", "RowParallelLinear", "ParallelGroupedLinear", "VocabParallelEmbedding")
 _ONES = re.compile(r"(norm|layernorm|layer_norm)\.weight$")
 
 
@@ -71,23 +73,34 @@ def is_expert_param(name: str) -> bool:
 
 
 def mark_tensor_parallel_params(model: torch.nn.Module) -> None:
-    """Tag TP-split weights the way megatron-core's own initializers do.
+    """Tag TP-split weights the way megatron-core's own initializers do, along `sharding.split_dim`.
 
     With `perform_initialization=False` (weights come from `init_weights` / a checkpoint instead)
-    megatron-core's linears skip tagging their weights; the grad-norm, optimizer and checkpoint
-    code read these tags, so they are set here: column-parallel and embedding weights split on
-    rows, row-parallel weights on columns."""
-    for module in model.modules():
+    megatron-core's linears skip tagging their weights; the grad-norm, optimizer, LoRA and checkpoint
+    code read these tags, so they are set here. transformer-engine tags its weights itself, but a
+    linear it builds with `parallel_mode=None` -- megatron-core's expert linears whenever expert-TP or
+    EP > 1 -- gets every weight tagged as split on dim 0, the row-parallel fc2 included; so the dim of
+    a tagged weight is corrected from the table too (else canonical shapes and exports go wrong)."""
+    for module_name, module in model.named_modules():
         kind = type(module).__name__
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.nn.Parameter) or hasattr(weight, "tensor_model_parallel"):
+        if not any(k in kind for k in _PARALLEL_KINDS):
             continue
-        if getattr(module, "is_expert", False) and module.tp_group.size() == 1:
-            continue  # an expert linear with expert-TP 1 is whole on every rank that holds it
-        if "ColumnParallelLinear" in kind or "VocabParallelEmbedding" in kind:
-            set_tensor_model_parallel_attributes(weight, True, 0, 1)
-        elif "RowParallelLinear" in kind:
-            set_tensor_model_parallel_attributes(weight, True, 1, 1)
+        for pname, weight in module.named_parameters(recurse=False):
+            if not _WEIGHT.match(pname):
+                continue
+            name = f"{module_name}.{pname}"
+            if getattr(weight, "tensor_model_parallel", False):
+                weight.partition_dim = split_dim(name)
+                continue
+            if hasattr(weight, "tensor_model_parallel"):
+                continue  # tagged as replicated
+            if getattr(module, "is_expert", False) and module.tp_group.size() == 1:
+                continue  # an expert linear with expert-TP 1 is whole on every rank that holds it
+            dim = split_dim(name)
+            if dim != (1 if "Row" in kind else 0):
+                raise ValueError(f"{name}: a {kind} whose name models/sharding.py's ROW_PARALLEL "
+                                 f"{'matches' if dim else 'does not match'}; extend the table")
+            set_tensor_model_parallel_attributes(weight, True, dim, 1)
 
 
 def canonical_name(local_name: str, model: torch.nn.Module, layout: ShardPlacement) -> str:

@@ -26,15 +26,18 @@ Masking is "same packed sample, and key position <= query position" (causal) or 
 sample" (AttnMaskType.no_mask), exactly `PackedSDPAttention` on the unsplit row.
 
 GPU / transformer-engine: this module also runs on CUDA (plain torch + torch.distributed; NCCL
-supports batch_isend_irecv and all_to_all_single) but is not tuned for it (fp32 tiles, host syncs
-per tile). With TE the default is TE's own CP (`--cp-split auto` -> 'thd'): TE takes packed rows
+supports batch_isend_irecv and all_to_all_single) but is not tuned for it (fp32 tiles). Its tile
+plan depends only on the sample boundaries: it is computed on the host once per microbatch (the
+boundaries are read once, not per layer) and reused by every layer, forward and backward, so the
+device runs the tiles without host syncs. With TE the default is TE's own CP (`--cp-split auto` -> 'thd'): TE takes packed rows
 only as 'thd', with *each sample* padded to a multiple of 2C and split into 2C chunks, so that path
 has its own split and core attention (parallel/context_parallel_thd.py); `cp_core_attention` picks.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
@@ -102,7 +105,8 @@ def gather_from_cp(parts: Sequence[torch.Tensor], seq_dim: int) -> torch.Tensor:
 # packed samples as per-token ids
 @dataclass(frozen=True)
 class PackedRows:
-    """Sample membership of every global position of the B unsplit rows."""
+    """Sample membership of every global position of the B unsplit rows (host tensors: the tile plan
+    is made from them without touching the device)."""
 
     seg: torch.Tensor
     """(B, S) int64 index of the packed sample each token belongs to."""
@@ -110,6 +114,8 @@ class PackedRows:
     """(B, S) int64 position (within the row) where that token's sample starts."""
     seg_end: torch.Tensor
     """(B, S) int64 position (within the row) one past the end of that sample."""
+    tiles: dict = field(default_factory=dict, compare=False, repr=False)
+    """Tile plans already made for these rows (`_tiles`), by block pair, tiling and device."""
 
     @staticmethod
     def from_cu_seqlens(cu: Optional[torch.Tensor], batch: int, seq_len: int) -> "PackedRows":
@@ -137,8 +143,26 @@ class PackedRows:
         seg_start = bounds[seg] - row_start
         seg_end = bounds[seg + 1] - row_start
         shape = (batch, seq_len)
-        dev = cu.device if cu is not None else torch.device("cpu")
-        return PackedRows(seg.view(shape).to(dev), seg_start.view(shape).to(dev), seg_end.view(shape).to(dev))
+        return PackedRows(seg.view(shape), seg_start.view(shape), seg_end.view(shape))
+
+    @staticmethod
+    def of_batch(packed: Optional[PackedSeqParams], batch: int, seq_len: int) -> "PackedRows":
+        """The rows of the microbatch `packed` describes, read from its cu_seqlens once: every layer
+        gets the same PackedSeqParams object, which keeps them (and so their tile plans)."""
+        if packed is None or packed.cu_seqlens_q is None:
+            return _uniform_rows(batch, seq_len)
+        cached = getattr(packed, "_cp_rows", None)
+        if cached is not None and cached[0] == (batch, seq_len):
+            return cached[1]
+        rows = PackedRows.from_cu_seqlens(packed.cu_seqlens_q, batch, seq_len)
+        packed._cp_rows = ((batch, seq_len), rows)  # type: ignore[attr-defined]
+        return rows
+
+
+@functools.lru_cache(maxsize=4)
+def _uniform_rows(batch: int, seq_len: int) -> PackedRows:
+    """One sample per row (no cu_seqlens)."""
+    return PackedRows.from_cu_seqlens(None, batch, seq_len)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,7 +232,17 @@ def _cut(pieces: list[tuple[int, int, int]], limit: int) -> Iterator[list[tuple[
         yield group
 
 
-def _tiles(q_starts: list[int], k_starts: list[int], plan: _RingPlan, device: torch.device) -> Iterator[_Tile]:
+def _tiles(q_starts: list[int], k_starts: list[int], plan: _RingPlan, device: torch.device) -> list[_Tile]:
+    """`_make_tiles`, made once per microbatch and (block pair, tiling, device): every layer's
+    forward and backward reuse the plan and its device masks."""
+    key = (tuple(q_starts), tuple(k_starts), plan.chunk, plan.causal, plan.tile, plan.key_tile, device)
+    tiles = plan.rows.tiles.get(key)
+    if tiles is None:
+        tiles = plan.rows.tiles[key] = list(_make_tiles(q_starts, k_starts, plan, device))
+    return tiles
+
+
+def _make_tiles(q_starts: list[int], k_starts: list[int], plan: _RingPlan, device: torch.device) -> Iterator[_Tile]:
     """(query tile, key tile) pairs of a (query block, key block) pair with at least one visible key.
 
     Keys are first cut to the window [first sample start, last causal/sample end) of the tile's
@@ -217,7 +251,8 @@ def _tiles(q_starts: list[int], k_starts: list[int], plan: _RingPlan, device: to
     `plan.key_tile` keys (partial softmaxes merge like ring steps), so score memory is bounded by
     query_tile x key_tile whatever the sequence length. The exact mask is built per key tile and
     trimmed to the columns that are not visible to every query (under a causal mask, the last few
-    keys), so most scores need no masking."""
+    keys), so most scores need no masking. All of it runs on the host rows; only the masks go to
+    `device`."""
     L, rows = plan.chunk, plan.rows
     for qi, qs in enumerate(q_starts):
         for t0 in range(0, L, plan.tile):
@@ -231,10 +266,10 @@ def _tiles(q_starts: list[int], k_starts: list[int], plan: _RingPlan, device: to
                 a, b = max(ks, lo), min(ks + L, hi)
                 if a < b:
                     window.append((ki * L + a - ks, a, b))
-            q_pos = torch.arange(qs + t0, qs + t1, device=device)
+            q_pos = torch.arange(qs + t0, qs + t1)
             q_rows = slice(qi * L + t0, qi * L + t1)
             for pieces in _cut(window, plan.key_tile):
-                k_pos = torch.cat([torch.arange(a, b) for _, a, b in pieces]).to(device)
+                k_pos = torch.cat([torch.arange(a, b) for _, a, b in pieces])
                 mask = rows.seg[:, q_pos][:, :, None] == rows.seg[:, k_pos][:, None, :]  # (B, T, M)
                 if plan.causal:
                     mask &= k_pos[None, None, :] <= q_pos[None, :, None]
@@ -247,7 +282,7 @@ def _tiles(q_starts: list[int], k_starts: list[int], plan: _RingPlan, device: to
                     continue
                 cols = partial.nonzero()
                 c0, c1 = int(cols[0]), int(cols[-1]) + 1
-                yield _Tile(q_rows, k_pieces, mask[:, None, None, :, c0:c1], slice(c0, c1))
+                yield _Tile(q_rows, k_pieces, mask[:, :, c0:c1].contiguous().to(device)[:, None, None], slice(c0, c1))
 
 
 def _tile_scores(qt: torch.Tensor, kt: torch.Tensor, tile: _Tile, g: int) -> torch.Tensor:
@@ -513,7 +548,6 @@ class ContextParallelAttention(MegatronModule):
         if n % 2:
             raise ValueError(f"parallel/context_parallel.py: {n} local tokens cannot be the two equal chunks of a CP rank")
         seq_len = n * c
-        cu = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
         mask_type = attn_mask_type or self.attn_mask_type
 
         if self.cp_comm_type == "a2a":
@@ -522,7 +556,7 @@ class ContextParallelAttention(MegatronModule):
         if self.training and self.dropout_p > 0:
             raise NotImplementedError("parallel/context_parallel.py: attention dropout is not implemented for the "
                                       f"ring (--cp-comm-type {self.cp_comm_type}); set --attention-dropout 0")
-        rows = PackedRows.from_cu_seqlens(cu, b, seq_len)
+        rows = PackedRows.of_batch(packed_seq_params, b, seq_len)
         L = seq_len // (2 * c)
         if self.cp_comm_type == "p2p":
             group, ring_rank, ring_size = self.cp_group, self.cp_rank, c
@@ -600,7 +634,33 @@ def resolve_cp_split(split: str, backend: str, pipeline: int = 1, sequence_paral
                      cp_comm_type: str = "p2p") -> str:
     """--cp-split auto: TE's per-sample 'thd' split with the TE backend where the layout allows it
     (parallel/context_parallel_thd.py: check_thd_layout), whole rows otherwise."""
-    if split == "auto":
-        ok = backend == "te" and not check_thd_layout(pipeline, sequence_parallel, cp_comm_type)
-        return "thd" if ok else "row"
-    return split
+    return cp_split_choice(split, backend, pipeline, sequence_parallel, cp_comm_type)[0]
+
+
+def cp_split_choice(split: str, backend: str, pipeline: int = 1, sequence_parallel: bool = False,
+                    cp_comm_type: str = "p2p") -> tuple[str, str]:
+    """(split, why): the split `resolve_cp_split` picks and the reason, for the start-up log line."""
+    if split != "auto":
+        return split, f"--cp-split {split} given"
+    blockers = []
+    if backend != "te":
+        blockers.append("no transformer-engine layer specs (local backend: --device cpu, or TE not installed)")
+    if pipeline > 1:
+        blockers.append(f"--pipeline-model-parallel-size {pipeline} > 1")
+    if sequence_parallel:
+        blockers.append("--sequence-parallel")
+    if cp_comm_type != "p2p":
+        blockers.append(f"--cp-comm-type {cp_comm_type} (TE's 'thd' path runs p2p only)")
+    if not blockers:
+        return "thd", "--cp-split auto: transformer-engine backend and a layout its 'thd' path carries"
+    return "row", "--cp-split auto fell back from TE's 'thd' path because of " + "; ".join(blockers)
+
+
+def cp_path_line(split: str, why: str, backend: str, cp_comm_type: str) -> str:
+    """The one start-up line saying which context-parallel attention runs, and why."""
+    if split == "thd":
+        kernel = "TE's attention" if backend == "te" else "the all-gather CPU reference"
+        return f"context parallelism: per-sample 'thd' split, {kernel} ({why})"
+    kernel = {"p2p": "our fp32 ring attention", "a2a": "our all-to-all (Ulysses) attention",
+              "a2a+p2p": "our all-to-all + ring attention"}.get(cp_comm_type, cp_comm_type)
+    return f"context parallelism: whole-row split, {kernel} (--cp-comm-type {cp_comm_type}; {why})"

@@ -21,7 +21,7 @@ core attention in `ThdPackedSeqParams.rotary_freqs`, which applies them (unfused
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -76,6 +76,8 @@ class ThdSplit:
     """(T,) int64 flattened-batch index of each local token; -1 for padding."""
     max_seqlen: int
     """Longest padded sample."""
+    _on_device: dict = field(default_factory=dict, compare=False, repr=False)
+    """`source` per device, copied there once (every per-token tensor of the microbatch indexes with it)."""
 
     @staticmethod
     def build(cu_seqlens: Optional[torch.Tensor], batch: int, seq_len: int, cp_rank: int, cp_size: int) -> "ThdSplit":
@@ -102,7 +104,9 @@ class ThdSplit:
         (S, B, ...) with seq_dim 0 -> (T, 1, ...). Padding tokens are zeros."""
         flat = t.transpose(0, 1) if seq_dim == 0 else t  # (B, S, ...)
         flat = flat.reshape(flat.shape[0] * flat.shape[1], *flat.shape[2:])  # batch-major tokens
-        src = self.source.to(t.device)
+        src = self._on_device.get(t.device)
+        if src is None:
+            src = self._on_device[t.device] = self.source.to(t.device)
         valid = src >= 0
         out = flat.index_select(0, src.clamp_min(0))  # (T, ...)
         out = out.masked_fill(~valid.view(-1, *[1] * (out.dim() - 1)), 0)

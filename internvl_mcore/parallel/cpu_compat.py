@@ -438,7 +438,8 @@ class _DropRngNoise(logging.Filter):
 def apply(force: bool = False) -> bool:
     """Patch megatron-core for CPU execution once; no-op (returns False) when CUDA is available.
 
-    `force=True` patches even with CUDA present (tests of this module only)."""
+    `force=True` patches even with CUDA present: a `--device cpu` run on a GPU host (init_distributed;
+    conversions always run so), where megatron-core must not place tensors on the GPU."""
     global _APPLIED
     if _APPLIED:
         return True

@@ -29,8 +29,8 @@ def init_distributed(par: ParallelConfig, seed: int, timeout_s: float = 600.0) -
     gloo on CPU, nccl on GPU (`par.device`, parallel/device.py). Seeds: megatron-core's tracker
     ("model-parallel-rng" differs per TP rank, default state equal within a model-parallel group)."""
     on_gpu = resolve_device(par.device) == "cuda"
-    if not on_gpu:
-        cpu_compat.apply()
+    if not on_gpu:  # forced: a --device cpu run (a conversion) on a GPU host must not reach torch.cuda either
+        cpu_compat.apply(force=True)
     cpu_compat.apply_everywhere()
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -174,6 +174,8 @@ def _build_model(run: RunConfig, plan: Plan, pg: Any) -> tuple[torch.nn.Module, 
         kind = checkpoint.load_weights(run.checkpoint.pretrained, model, model_cfg)
         if dist.get_rank() == 0:
             print(f"loaded weights from {kind} {run.checkpoint.pretrained}", flush=True)
+    if model.cp_path and dist.get_rank() == 0:  # which CP attention runs (a fallback is not silent)
+        print(model.cp_path, flush=True)
     reference = mpo.build_reference(run, model_cfg, model) if t.stage == "mpo" else None
     apply_freeze(model, plan)
     if run.lora.enabled:  # LoRA (models/lora.py): every base weight frozen, only the adapters train

@@ -42,6 +42,7 @@ from ..models.internvl import build_model
 from ..parallel.state import comm_device
 from . import checkpoint
 from .batch import Batch
+from .step import batch_for_stage
 
 METRICS = ("loss_preference", "loss_quality", "loss_generation", "rewards_chosen", "rewards_rejected",
            "reward_margin", "reward_accuracy")
@@ -128,7 +129,8 @@ def _pair_inputs(batch: Batch, per_token_loss: torch.Tensor, model: torch.nn.Mod
     seg = segment_ids(cu, batch.loss_mask.shape)
     n_tokens = torch.zeros(len(cu) - 1, device=per_token_loss.device).scatter_add(
         0, seg.reshape(-1), batch.loss_mask.reshape(-1).float().to(per_token_loss.device))
-    logps = segment_logps(per_token_loss, model.cp_split(batch.loss_mask, 1), model.cp_split(seg, 1),
+    logps = segment_logps(per_token_loss, model.cp_split(batch.loss_mask, 1, batch.cu_seqlens),
+                          model.cp_split(seg, 1, batch.cu_seqlens),
                           len(cu) - 1, cp_group)
     return logps, n_tokens
 
@@ -166,7 +168,7 @@ def mpo_loss_func(batch: Batch, model: torch.nn.Module, ctx: MPOContext,
 def reference_forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module, cp_group=None) -> tuple[torch.Tensor, Callable]:
     """The reference model's forward step (forward-only schedule)."""
     source = next(data_iterator)
-    batch = source.to(torch.device("cuda", torch.cuda.current_device())) if torch.cuda.is_available() else source
+    batch = batch_for_stage(source, model)  # ref_logps are recorded on `source`, which the policy reads
     output = model(batch.tokens, batch.position_ids, pixel_values=batch.pixel_values, labels=batch.labels,
                    cu_seqlens=batch.cu_seqlens, loss_mask=batch.loss_mask)
     return output, functools.partial(reference_loss_func, source, batch, unwrap_model(model), cp_group)
@@ -174,9 +176,7 @@ def reference_forward_step(data_iterator: Iterator[Batch], model: torch.nn.Modul
 
 def mpo_forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module, ctx: MPOContext) -> tuple[torch.Tensor, Callable]:
     """The policy's forward step under --stage mpo."""
-    batch = next(data_iterator)
-    if torch.cuda.is_available():
-        batch = batch.to(torch.device("cuda", torch.cuda.current_device()))
+    batch = batch_for_stage(next(data_iterator), model)
     output = model(batch.tokens, batch.position_ids, pixel_values=batch.pixel_values, labels=batch.labels,
                    cu_seqlens=batch.cu_seqlens, loss_mask=batch.loss_mask)
     return output, functools.partial(mpo_loss_func, batch, unwrap_model(model), ctx)
@@ -213,8 +213,7 @@ def build_reference(run, model_cfg, policy: torch.nn.Module) -> torch.nn.Module:
     the policy's starting weights (--pretrained, else the seeded init). Call before LoRA is added and
     before a --load overwrites the policy; a resumed run reloads the weights the run started from."""
     ref = build_model(model_cfg, run.parallel, policy.pg_collection, dtype=next(policy.parameters()).dtype)
-    if torch.cuda.is_available():
-        ref.cuda(torch.cuda.current_device())
+    ref.to(next(policy.parameters()).device)  # beside the policy (--device), not wherever CUDA is
     ref.load_state_dict(policy.state_dict(), strict=True)
     start = saved_state(run.checkpoint.load).get("mpo_reference") if run.checkpoint.load else None
     if start:

@@ -1,10 +1,12 @@
 """The forward step megatron-core's schedules call once per microbatch, and its loss."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable, Iterator
 
 import torch
+from megatron.core.utils import unwrap_model
 
 from .batch import Batch
 
@@ -23,14 +25,21 @@ def loss_func(weights: torch.Tensor, scale: float, per_token_loss: torch.Tensor)
     return out, count.to(torch.int), {"lm loss": torch.stack([weighted.detach(), w.sum()])}
 
 
+def batch_for_stage(batch: Batch, model: torch.nn.Module) -> Batch:
+    """The microbatch as this pipeline stage runs it: on the model's device (--device), and with the
+    image bytes only on the first stage (the only one that reads pixels; later stages would copy
+    every tile to the device for nothing)."""
+    if batch.pixel_values is not None and not getattr(unwrap_model(model), "pre_process", True):
+        batch = dataclasses.replace(batch, pixel_values=None)
+    device = next(model.parameters()).device
+    return batch.to(device) if device.type != "cpu" else batch
+
+
 def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module, cp_split: Callable,
                  scale: float = 1.0) -> tuple[torch.Tensor, Callable]:
     """Run one microbatch through this stage; the loss function runs on the last stage only.
     `cp_split`: the model's `InternVLModel.cp_split` (this context-parallel rank's tokens)."""
-    batch = next(data_iterator)
-    device = next(model.parameters()).device  # the batch follows the model (--device)
-    if device.type != "cpu":
-        batch = batch.to(device)
+    batch = batch_for_stage(next(data_iterator), model)
     weights = batch.loss_weight if batch.loss_weight is not None else batch.loss_mask
     output = model(batch.tokens, batch.position_ids, pixel_values=batch.pixel_values,
                    labels=batch.labels, cu_seqlens=batch.cu_seqlens, loss_mask=weights)

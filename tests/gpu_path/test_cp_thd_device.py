@@ -45,6 +45,25 @@ def test_thd_refuses_layouts_it_cannot_carry():
     assert len(msgs) == 3 and all("--cp-split" in m for m in msgs)
 
 
+@pytest.mark.parametrize("backend,pp,sp,comm,cause", [
+    ("local", 1, False, "p2p", "no transformer-engine layer specs"),
+    ("te", 2, False, "p2p", "--pipeline-model-parallel-size 2 > 1"),
+    ("te", 1, True, "p2p", "--sequence-parallel"),
+    ("te", 1, False, "a2a", "--cp-comm-type a2a"),
+])
+def test_cp_split_auto_says_which_path_runs_and_why(backend, pp, sp, comm, cause):
+    """--cp-split auto's fallback to our ring / all-to-all is named with its cause in the start-up line."""
+    from internvl_mcore.parallel.context_parallel import cp_path_line, cp_split_choice
+
+    split, why = cp_split_choice("auto", backend, pp, sp, comm)
+    line = cp_path_line(split, why, backend, comm)
+    assert split == "row" and cause in line and "fell back from TE's 'thd' path" in line, line
+    assert ("fp32 ring" if comm == "p2p" else "all-to-all") in line, line
+    split, why = cp_split_choice("auto", "te", 1, False, "p2p")
+    assert split == "thd" and "TE's attention" in cp_path_line(split, why, "te", "p2p")
+    assert cp_split_choice("row", "te") == ("row", "--cp-split row given")
+
+
 @pytest.fixture(scope="module")
 def thd_reports(tmp_path_factory):
     out = tmp_path_factory.mktemp("thd")
@@ -60,3 +79,4 @@ def test_cp2_thd_split_on_device_cpu_matches_single_process(thd_reports):
         assert r["params_checked"] > 0 and r["grad_scale"] > 1e-3
         assert abs(r["loss"] - r["ref_loss"]) <= 1e-5 * abs(r["ref_loss"]), r
         assert r["max_rel_grad_err"] < 1e-5, r
+        assert r["thd_builds"] == r["microbatches"] == 2, r  # the split is built once per microbatch

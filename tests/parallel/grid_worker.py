@@ -1,11 +1,13 @@
 """One forward/backward step of a debug model on one parallel layout (run under torchrun).
 
 --ref: save the loss and every gradient in the canonical layout (single process).
-otherwise: load the reference, compare this rank's loss and gradient shards, write a JSON report.
+otherwise: load the reference, compare this rank's loss and gradient shards, write a JSON report
+(with how many of this stage's forwards were handed image tensors).
 """
 import argparse
 import functools
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -47,8 +49,14 @@ dp = ps.get_data_parallel_world_size()
 batches = mock_batches(cfg, seed=3, seq_length=SEQ, tiles=1, micro_batch_size=1, global_batch_size=GBS,
                        dp_rank=ps.get_data_parallel_rank(), dp_size=dp)
 ddp.zero_grad_buffer()
-losses = get_forward_backward_func()(forward_step_func=functools.partial(forward_step, cp_split=model.cp_split), data_iterator=batches, model=[ddp],
-                                     num_microbatches=GBS // dp, seq_length=SEQ, micro_batch_size=1)
+sys.path.insert(0, ".")  # the repo root (torchrun runs from there)
+from tests.launch import recording_calls  # noqa: E402
+
+calls = []  # per forward: did image tensors reach this stage (only the first stage reads them)
+with recording_calls(type(model), "forward", lambda *args, **kw: calls.append(kw.get("pixel_values") is not None)):
+    losses = get_forward_backward_func()(forward_step_func=functools.partial(forward_step, cp_split=model.cp_split),
+                                         data_iterator=batches, model=[ddp], num_microbatches=GBS // dp,
+                                         seq_length=SEQ, micro_batch_size=1)
 loss = None
 if ps.is_pipeline_last_stage():
     tot = sum(x["lm loss"] for x in losses).double()
@@ -71,5 +79,6 @@ else:
         if err > worst:
             worst, worst_name = err, name
     report = {"rank": dist.get_rank(), "loss": loss, "ref_loss": ref["loss"], "max_rel_grad_err": worst,
-              "worst": worst_name, "params_checked": checked}
+              "worst": worst_name, "params_checked": checked,
+              "first_stage": ps.is_pipeline_first_stage(), "forwards": len(calls), "with_pixels": sum(calls)}
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(report))

@@ -44,3 +44,5 @@ def test_layout_matches_single_process(refs, tmp_path, model, tp, pp, extra, wor
         if r["loss"] is not None:
             assert abs(r["loss"] - r["ref_loss"]) <= TOL * abs(r["ref_loss"]), r
     assert any(r["loss"] is not None for r in reports)
+    for r in reports:  # image tensors go to the first pipeline stage only (no tile bytes copied to the others)
+        assert r["forwards"] > 0 and r["with_pixels"] == (r["forwards"] if r["first_stage"] else 0), r

@@ -11,8 +11,14 @@ def test_cp2_on_16k_packs_matches_cp1(tmp_path):
     runs = {}
     for cp in (1, 2):
         log = tmp_path / f"cp{cp}.jsonl"
-        torchrun(REPO / "pretrain_internvl.py", cp, ARGS + ["--context-parallel-size", str(cp), "--log-jsonl", str(log)],
-                 timeout=400)
+        proc = torchrun(REPO / "pretrain_internvl.py", cp, ARGS + ["--context-parallel-size", str(cp), "--log-jsonl", str(log)],
+                        timeout=400)
+        lines = [x for x in proc.stdout.splitlines() if x.startswith("context parallelism:")]
+        # said once, at start-up, with the reason --cp-split auto did not take TE's 'thd' path (none at CP1)
+        assert lines == ([] if cp == 1 else [
+            "context parallelism: whole-row split, our fp32 ring attention (--cp-comm-type p2p; --cp-split auto fell "
+            "back from TE's 'thd' path because of no transformer-engine layer specs (local backend: --device cpu, "
+            "or TE not installed))"]), proc.stdout[-2000:]
         runs[cp] = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
     assert len(runs[1]) == len(runs[2]) == 2
     for a, b in zip(runs[2], runs[1]):

@@ -1,0 +1,56 @@
+"""Conversions run on the CPU with gloo wherever they run: on a host where CUDA is available (here
+simulated by patching the probe), the conversion workers still build a CPU layout and a gloo world,
+so a TP x PP larger than the visible GPUs converts (issue 25, defect 3)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from internvl_mcore.convert import distributed as conv
+from internvl_mcore.convert import lora_export
+from internvl_mcore.parallel.device import resolve_device
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.fixture
+def cuda_host(monkeypatch):
+    """A "CUDA available" host; records the backend a world would start with and stops there."""
+    if dist.is_initialized():
+        pytest.skip("needs a process without a world")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    seen: dict = {}
+
+    def record(backend=None, **kw):
+        seen["backend"] = backend
+        raise _Stop
+    monkeypatch.setattr(dist, "init_process_group", record)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda *a: seen.setdefault("set_device", a))
+    return seen
+
+
+def test_conversion_layout_is_cpu_even_with_cuda(cuda_host) -> None:
+    assert resolve_device("auto") == "cuda"  # the probe says GPU ...
+    par = conv.conversion_layout(4, 2)
+    assert resolve_device(par.device) == "cpu"  # ... the conversion layout does not follow it
+    assert (par.tensor_model_parallel_size, par.pipeline_model_parallel_size) == (4, 2)
+
+
+@pytest.mark.parametrize("worker", ["layout", "export"])
+def test_conversion_workers_start_a_gloo_world_on_a_cuda_host(cuda_host, tmp_path, monkeypatch, worker) -> None:
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(_Stop):
+        if worker == "layout":
+            conv._layout_worker(0, 1, 29999, 1, 1, [], str(tmp_path))
+        else:
+            conv._export_worker(0, 1, 29999, 1, 1, str(tmp_path), str(tmp_path / "out"))
+    assert cuda_host == {"backend": "gloo"}  # no NCCL, no torch.cuda.set_device(rank)
+
+
+def test_lora_export_world_is_gloo_on_a_cuda_host(cuda_host) -> None:
+    with pytest.raises(_Stop):
+        lora_export._ensure_single_process_world()
+    assert cuda_host == {"backend": "gloo"}

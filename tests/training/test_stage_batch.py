@@ -1,0 +1,77 @@
+"""Where a microbatch goes (issue 25, defect 4): onto the model's device (--device) in the plain and
+the MPO forward steps -- not onto CUDA because CUDA exists -- and with image bytes only on the first
+pipeline stage. A stand-in stage with its weight on the meta device shows the placement: whatever
+reaches it was moved to the model's device."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from internvl_mcore.training import mpo
+from internvl_mcore.training.batch import Batch
+from internvl_mcore.training.step import forward_step
+
+
+class _Stage(torch.nn.Module):
+    """A pipeline stage that records what it is called with."""
+
+    def __init__(self, device: str, first: bool) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1, device=device))
+        self.pre_process, self.seen = first, {}
+
+    def forward(self, tokens, position_ids, pixel_values=None, labels=None, cu_seqlens=None, loss_mask=None):
+        self.seen = {"tokens": tokens, "pixel_values": pixel_values, "cu_seqlens": cu_seqlens}
+        return tokens.float()
+
+    def cp_split(self, t, seq_dim, cu_seqlens=None):
+        return t
+
+
+def _batch() -> Batch:
+    s = 8
+    return Batch(tokens=torch.zeros(1, s, dtype=torch.long), labels=torch.zeros(1, s, dtype=torch.long),
+                 loss_mask=torch.ones(1, s), position_ids=torch.arange(s, dtype=torch.float32)[None],
+                 cu_seqlens=torch.tensor([0, 4, 8], dtype=torch.int32), pixel_values=torch.zeros(2, 3, 4, 4),
+                 pairs=torch.tensor([[0, 1]]), ref_logps=torch.zeros(2))
+
+
+@pytest.mark.parametrize("step", ["plain", "mpo", "reference"])
+@pytest.mark.parametrize("first", [True, False])
+def test_batch_follows_the_model_device_and_pixels_stay_off_later_stages(step: str, first: bool) -> None:
+    model = _Stage("meta", first)
+    if step == "plain":
+        forward_step(iter([_batch()]), model, cp_split=model.cp_split)
+    elif step == "mpo":
+        mpo.mpo_forward_step(iter([_batch()]), model, ctx=None)
+    else:
+        mpo.reference_forward_step(iter([_batch()]), model)
+    assert model.seen["tokens"].device.type == "meta"  # moved to the model's device
+    if first:
+        assert model.seen["pixel_values"].device.type == "meta"
+    else:
+        assert model.seen["pixel_values"] is None  # no tile bytes copied to a later stage's device
+
+
+@pytest.mark.parametrize("step", ["mpo", "reference"])
+def test_mpo_on_device_cpu_ignores_a_present_gpu(step: str, monkeypatch) -> None:
+    """--device cpu on a CUDA host: the MPO steps keep the batch on the CPU (they used to move it to
+    torch.cuda.current_device() whenever CUDA was available)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: pytest.fail("asked for a CUDA device"))
+    model = _Stage("cpu", True)
+    fn = mpo.mpo_forward_step if step == "mpo" else mpo.reference_forward_step
+    fn(iter([_batch()]), model, **({"ctx": None} if step == "mpo" else {}))
+    assert model.seen["tokens"].device.type == "cpu"
+
+
+def test_mpo_reference_is_built_beside_the_policy(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(mpo, "build_model", lambda *a, **k: torch.nn.Linear(2, 2))
+    policy = torch.nn.Linear(2, 2, device="meta")
+    policy.pg_collection = None
+    run = SimpleNamespace(parallel=None, checkpoint=SimpleNamespace(load=None))
+    ref = mpo.build_reference(run, None, policy)
+    assert next(ref.parameters()).device.type == "meta"
