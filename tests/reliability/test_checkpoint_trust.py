@@ -122,12 +122,16 @@ def test_load_refuses_format_1_and_missing_checksums(saved, tmp_path):
             (path / f"{name}.json").unlink()
             torch.save({"rng": Payload(marker)}, path / f"{name}.pt")
 
-    old = _tampered(saved, tmp_path / "v1", format_1)
-    line = one_line_error(plain(ARGS + ["--load", str(old)]))
-    assert f"{old}: checkpoint format version 1" in line and f"--pretrained {old}" in line, line
-
-    bare = _tampered(saved, tmp_path / "bare", lambda path: None)
+    # one --save root: the latest (2) lacks checksums.json, the older one (1) is format 1; --load
+    # falls back from the first to the second and refuses both, naming each
+    root = tmp_path / "root"
+    bare = _tampered(saved, root / "x", lambda path: None)
     (bare / "checksums.json").unlink()
-    line = one_line_error(plain(ARGS + ["--load", str(bare), "--no-fallback"]))
+    old = _tampered(saved, root / "y", format_1)
+    bare = bare.rename(root / "iter_0000002")
+    old = old.rename(root / "iter_0000001")
+    (root / "latest_checkpointed_iteration.txt").write_text("2")
+    line = one_line_error(plain(ARGS + ["--load", str(root)]))
     assert f"{bare / 'checksums.json'}: missing, but format version 2" in line, line
+    assert f"{old}: checkpoint format version 1" in line and f"--pretrained {old}" in line, line
     assert not marker.exists()
