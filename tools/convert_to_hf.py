@@ -84,7 +84,8 @@ def export(args: argparse.Namespace, save: str) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from internvl_mcore.cli_errors import run_cli
+    from internvl_mcore.checkpoint_format import CheckpointError
+    from internvl_mcore.cli_errors import USER_ERRORS, run_cli
     from internvl_mcore.staging import HF_EXPORT_FILES, staged_dir
 
     args = build_parser().parse_args(argv)
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.save} ({args.format}, {len(files)} shard(s)) in {time.perf_counter() - start:.1f}s")
         return 0
 
-    return run_cli(run, "convert_to_hf", interrupted=f"{args.save} left as it was")
+    return run_cli(run, "convert_to_hf", interrupted=f"{args.save} left as it was",
+                   errors=(*USER_ERRORS, CheckpointError))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 from megatron.core.utils import unwrap_model
 
 from ..checkpoint_format import is_training_checkpoint, resolve_iteration_dir
+from ..checkpoint_trust import check_dist_checkpoint
 from ..config.model import ModelConfig, ParallelConfig
 from ..models.checkpoint_weights import load_training_weights
 from ..models.internvl import build_model
@@ -224,7 +225,8 @@ def training_checkpoint_to_canonical(path: str | os.PathLike, out_dir: str | os.
     path = Path(path)
     if not is_training_checkpoint(path):
         raise ConversionError(f"{path}: not a training checkpoint (no run.json or latest_checkpointed_iteration.txt)")
-    _, info = resolve_iteration_dir(path)
+    iteration_dir, info = resolve_iteration_dir(path)
+    check_dist_checkpoint(iteration_dir)  # here, for a one-line error: the workers check again
     layout = info.get("layout", {})
     tp = int(layout.get("tensor_model_parallel_size", 1))
     pp = int(layout.get("pipeline_model_parallel_size", 1))

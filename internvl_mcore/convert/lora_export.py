@@ -33,6 +33,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from ..checkpoint_format import RUN_INFO, TRACKER, is_training_checkpoint, resolve_iteration_dir
+from ..checkpoint_trust import check_dist_checkpoint
 from ..config.lora import LORA_TOWERS
 from ..config.megatron import padded_vision_heads
 from ..config.model import ModelConfig, ParallelConfig
@@ -120,6 +121,7 @@ def read_lora_checkpoint(path: str | os.PathLike, adapters_only: bool = False) -
     sharded = model.sharded_state_dict()
     if adapters_only:
         sharded = {k: v for k, v in sharded.items() if ".lora." in k}
+    check_dist_checkpoint(iter_dir)  # its pickled parts, before megatron-core unpickles them
     # nested under "model" as training/checkpoint.py saves it (the common state holds more keys)
     loaded = dist_checkpointing.load({"model": sharded}, str(iter_dir))["model"]
     model.load_state_dict(loaded, strict=not adapters_only)

@@ -11,6 +11,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from ..checkpoint_format import CheckpointError, check_model, resolve_iteration_dir
+from ..checkpoint_trust import check_dist_checkpoint
 from ..config.model import ModelConfig
 from .lora import LoRAInfo, add_lora, lora_info_of, merge_lora_
 
@@ -26,7 +27,9 @@ def load_across_backends(state: dict, path: Path, module: torch.nn.Module) -> di
     empty in bf16 runs) that the local backend neither writes nor reads. A TE checkpoint loaded by
     the local model: those entries are simply not asked for. A local checkpoint loaded by the TE
     model: the entries it asks for are absent; they -- and only they -- may be, and the module keeps
-    its own (fresh) extra state. Any other absent tensor is an error naming the keys."""
+    its own (fresh) extra state. Any other absent tensor is an error naming the keys. The pickled
+    parts of the directory are checked first (checkpoint_trust.py): a checkpoint may come from anyone."""
+    check_dist_checkpoint(path)
     loaded, _, absent = dist_checkpointing.load(state, str(path), strict=StrictHandling.RETURN_UNEXPECTED)
     other = sorted(k for k in absent if EXTRA_STATE not in k)
     if other:

@@ -2,9 +2,10 @@
 
     SAVE/iter_0000010/            one checkpoint (dist_checkpointing: layout-independent tensors)
         run.json                  iteration, LR-schedule state, model config, layout, format version
-        rank_00003.pt             per-rank RNG states
-        data_dp00001.pt           data-loader position of data-parallel rank 1
+        rank_00003.json           per-rank RNG states (python, numpy, torch, the TP RNG tracker, cuda)
+        data_dp00001.json         data-loader position of data-parallel rank 1
         checksums.json            size and sha256 of every other file, checked by --load
+        .metadata, *.distcp, common.pt, metadata.json   megatron-core's part
     SAVE/latest_checkpointed_iteration.txt
 
 A checkpoint is written into tmp_iter_NNNNNNN/ and renamed only when every rank has finished, then
@@ -14,9 +15,17 @@ latest checkpoint fails them, falls back to the newest older one that passes (a 
 file that failed; --no-fallback refuses instead). --keep-checkpoints N deletes all but the newest N. Loading into another TP/PP/DP layout restores the model weights (megatron-core
 reshards them) and, when the data-parallel size is unchanged, the data position; optimizer state and
 RNG streams are restored only on the same layout.
+
+Nothing in a checkpoint directory is trusted to be what we wrote (whoever wrote the directory wrote
+its checksums too): our files are JSON (byte tensors as base64), and megatron-core's pickled parts
+are checked by checkpoint_trust.py before it reads them. Format version 2 (this one) always has
+checksums.json: one without it is refused. Version 1 kept the RNG and data files as pickles; --load
+refuses such a checkpoint (its weights load with --pretrained or tools/convert_to_hf.py, which read
+only the megatron-core part).
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import json
@@ -47,7 +56,8 @@ from ..models.weights import load_canonical
 from .guards import fault_point
 
 CHECKSUMS = "checksums.json"
-FORMAT_VERSION = 1
+# 2: RNG and data files in JSON (1: pickles), checksums.json always written
+FORMAT_VERSION = 2
 
 
 def checkpoint_dir(path: str | Path) -> Path:
@@ -105,17 +115,38 @@ def _check_file(path: Path, name: str, size: int, sha: str) -> Optional[str]:
     return None
 
 
+def _format_problem(path: Path) -> Optional[str]:
+    """Why --load cannot take checkpoint `path` as its format version says, or None."""
+    try:
+        version = json.loads((path / RUN_INFO).read_text()).get("format_version")
+    except (OSError, ValueError, AttributeError) as exc:
+        return f"{path / RUN_INFO}: unreadable ({exc})"
+    if version == 1:
+        return (f"{path}: checkpoint format version 1 keeps its RNG and data-loader state in pickles, which "
+                f"could run code when loaded, so --load does not read them; --pretrained {path} starts from "
+                "its weights (fresh optimizer, RNG and data position)")
+    if version != FORMAT_VERSION:
+        return f"{path / RUN_INFO}: format_version {version!r}, this version reads {FORMAT_VERSION}"
+    if not (path / CHECKSUMS).is_file():
+        return (f"{path / CHECKSUMS}: missing, but format version {FORMAT_VERSION} checkpoints always have one "
+                "(an incomplete copy, or files removed): not loading it unverified")
+    return None
+
+
 def verify(path: Path) -> Optional[str]:
-    """The first problem of checkpoint directory `path` (collective), or None when every file matches
-    its checksum. A checkpoint saved before checksums were written is accepted unverified."""
+    """The first problem of checkpoint directory `path` (collective), or None when its format version
+    is one --load reads and every file matches its checksum."""
     problem = None
     table: dict = {}
     if not (path / RUN_INFO).is_file():
         problem = f"{path / RUN_INFO}: missing (incomplete checkpoint)"
-    elif (path / CHECKSUMS).exists():
+    else:
+        problem = _format_problem(path)
+    if problem is None:
         try:
             table = json.loads((path / CHECKSUMS).read_text())
-        except (OSError, ValueError) as exc:
+            assert isinstance(table, dict), "not a JSON object"
+        except (OSError, ValueError, AssertionError) as exc:
             problem = f"{path / CHECKSUMS}: unreadable ({exc})"
     names = sorted(table)
     mine = [_check_file(path, n, *table[n]) for n in _my_share(names)] if problem is None else [problem]
@@ -173,21 +204,52 @@ def writable_problem(save: str) -> Optional[str]:
     return None
 
 
+def _tensor_json(t: torch.Tensor) -> dict:
+    """An RNG-state tensor as JSON: dtype, shape and its bytes in base64."""
+    shape = list(t.shape)
+    t = t.detach().cpu().contiguous().reshape(-1)
+    return {"dtype": str(t.dtype).removeprefix("torch."), "shape": shape,
+            "base64": base64.b64encode(t.view(torch.uint8).numpy().tobytes()).decode()}
+
+
+def _json_tensor(d: dict) -> torch.Tensor:
+    dtype = getattr(torch, d["dtype"])
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {d['dtype']!r}")
+    raw = bytearray(base64.b64decode(d["base64"], validate=True))
+    return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(d["shape"]).clone()
+
+
 def rng_state() -> dict:
-    """Every random stream a step draws from on this rank."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    """Every random stream a step draws from on this rank, as JSON-serializable values."""
+    version, keys, gauss = random.getstate()
+    name, mt, pos, has_gauss, cached = np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return {"python": [version, list(keys), gauss],
+            "numpy": [name, [int(k) for k in mt], int(pos), int(has_gauss), float(cached)],
+            "torch": _tensor_json(torch.get_rng_state()),
+            "tracker": {k: _tensor_json(v) for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items()},
+            "cuda": None if cuda is None else [_tensor_json(t) for t in cuda]}
 
 
 def set_rng_state(state: dict) -> None:
     """Restore `rng_state()`."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    version, keys, gauss = state["python"]
+    random.setstate((int(version), tuple(int(k) for k in keys), None if gauss is None else float(gauss)))
+    name, mt, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((str(name), np.array(mt, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(_json_tensor(state["torch"]))
+    tensor_parallel.get_cuda_rng_tracker().set_states({k: _json_tensor(v) for k, v in state["tracker"].items()})
     if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([_json_tensor(t) for t in state["cuda"]])
+
+
+def _read_state(file: Path, use: Any) -> Any:
+    """`use(state)` of JSON file `file`; a malformed one is an error naming it."""
+    try:
+        return use(json.loads(file.read_text()))
+    except (OSError, ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
+        raise CheckpointError(f"{file}: unusable ({type(exc).__name__}: {exc})") from None
 
 
 # The distributed optimizer's default checkpoint format in megatron-core 0.16 uses flattened ranges,
@@ -275,9 +337,9 @@ def save(root: str | Path, iteration: int, model_chunk: torch.nn.Module, optimiz
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=_OPTIM_METADATA)
     dist_checkpointing.save(state, str(tmp))
-    torch.save({"rng": rng_state()}, tmp / f"rank_{rank:05d}.pt")
+    (tmp / f"rank_{rank:05d}.json").write_text(json.dumps({"rng": rng_state()}))
     if pg.tp.rank() == 0 and pg.pp.rank() == 0 and pg.cp.rank() == 0:  # one data position per DP rank
-        torch.save(data_state, tmp / f"data_dp{pg.dp.rank():05d}.pt")
+        (tmp / f"data_dp{pg.dp.rank():05d}.json").write_text(json.dumps(data_state))
     fault_point("save", iteration)
     if rank == 0:
         info = {"format_version": FORMAT_VERSION, "iteration": iteration,
@@ -341,15 +403,14 @@ def load(root: str | Path, model_chunk: torch.nn.Module, optimizer: Any, schedul
         with torch.no_grad():  # the distributed optimizer copies into leaf parameters
             optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_step(optimizer, loaded["optimizer"])
-        set_rng_state(torch.load(path / f"rank_{dist.get_rank():05d}.pt", weights_only=False)["rng"])
+        _read_state(path / f"rank_{dist.get_rank():05d}.json", lambda state: set_rng_state(state["rng"]))
     elif dist.get_rank() == 0:
         print(f"checkpoint {path} was saved with layout {info['layout']}: restored model weights, schedule and "
               f"data position{'' if same_layout else ' (where the data-parallel size allows)'}; fresh optimizer "
               "state", flush=True)
     if info["layout"]["data_parallel_size"] != dp:
         return iteration, None, info
-    data_file = path / f"data_dp{pg.dp.rank():05d}.pt"
-    return iteration, torch.load(data_file, weights_only=False), info
+    return iteration, _read_state(path / f"data_dp{pg.dp.rank():05d}.json", lambda state: state), info
 
 
 def _adopt_lora(info: dict, module: torch.nn.Module, where: Path) -> None:

@@ -1,0 +1,138 @@
+"""Reading a training checkpoint directory that someone else may have written, without running its code.
+
+A checkpoint directory comes from wherever the user got it, and `checksums.json` proves nothing
+against whoever wrote the directory (they write the checksums too). Our own files (run.json, the
+RNG and data-position files of training/checkpoint.py) are JSON; megatron-core's dist_checkpointing
+part still holds pickles, which `check_dist_checkpoint` inspects before megatron-core or torch
+read the directory:
+
+    .metadata         torch.distributed.checkpoint's index, a plain pickle (FileSystemReader.read_metadata):
+                      unpickled here by `_MetadataUnpickler`, which resolves only the classes listed in
+                      `_METADATA_GLOBALS` (plus torch dtypes); anything else refuses the checkpoint
+    __*.distcp        tensors (torch reads them with weights_only=True) and, for megatron-core's
+                      ShardedObjects (the modules' `_extra_state`), byte items that torch's load planner
+                      unpickles with weights_only=False: each one is read here with weights_only=True
+    common.pt         megatron-core's common state: read here with weights_only=True
+    metadata.json     JSON; only the torch_dist / torch backends we write are accepted (another backend
+                      would send megatron-core to other readers)
+
+A file that passes is then read by megatron-core / torch as it is: the same bytes resolve the same
+(allowed) classes. This does not guard against the directory being rewritten between the check and
+the load (whoever can do that can also replace the program being run).
+"""
+from __future__ import annotations
+
+import collections
+import io
+import json
+import pickle
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import filesystem as dcp_filesystem
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint import planner as dcp_planner
+
+from .checkpoint_format import CheckpointError
+
+METADATA = ".metadata"
+COMMON = "common.pt"
+MEGATRON_METADATA = "metadata.json"
+
+# what torch's DCP writes into .metadata (torch 2.x): its dataclasses and enums, torch.Size, and the
+# layout helper; dtypes are allowed by `_allowed`. Calling or building any of these runs no user code.
+_METADATA_GLOBALS: dict[tuple[str, str], Any] = {
+    ("torch.distributed.checkpoint.metadata", name): getattr(dcp_metadata, name)
+    for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+                 "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.planner", name): getattr(dcp_planner, name)
+    for name in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): dcp_filesystem._StorageInfo,
+    ("torch", "Size"): torch.Size,
+    ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+}
+
+
+def _allowed(module: str, name: str) -> Any:
+    if (module, name) in _METADATA_GLOBALS:
+        return _METADATA_GLOBALS[(module, name)]
+    if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+        return getattr(torch, name)
+    raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a checkpoint index never holds")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """A pickle reader that resolves only `_allowed` globals (no persistent ids: the default refuses them)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        return _allowed(module, name)
+
+
+def read_dist_metadata(path: Path) -> dcp_metadata.Metadata:
+    """The .metadata of dist-checkpoint directory `path`, read through the allow-list."""
+    file = path / METADATA
+    try:
+        with open(file, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except OSError as exc:
+        raise CheckpointError(f"{file}: unreadable ({exc.strerror or exc})") from None
+    except Exception as exc:  # noqa: BLE001 -- any malformed pickle is the same refusal
+        raise CheckpointError(f"{file}: not a checkpoint index we load ({exc}); refusing the checkpoint") from None
+    if not isinstance(metadata, dcp_metadata.Metadata):
+        raise CheckpointError(f"{file}: holds a {type(metadata).__name__}, not a checkpoint index")
+    return metadata
+
+
+def _weights_only(data: Any, what: str) -> None:
+    """torch.load(weights_only=True) of `data` (a path or bytes stream); `what` names it in the error."""
+    try:
+        torch.load(data, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 -- UnpicklingError, RuntimeError of a bad zip, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{what}: holds more than tensors and plain data ({first}); refusing the "
+                              "checkpoint (loading it could run code)") from None
+
+
+def _check_byte_items(path: Path, metadata: dcp_metadata.Metadata) -> None:
+    """Every non-tensor item of the .distcp files must load with weights_only=True."""
+    for index, where in metadata.storage_data.items():
+        if not isinstance(metadata.state_dict_metadata.get(index.fqn), dcp_metadata.BytesStorageMetadata):
+            continue
+        rel = PurePosixPath(str(where.relative_path))
+        if rel.is_absolute() or ".." in rel.parts or where.transform_descriptors:
+            raise CheckpointError(f"{path / METADATA}: item {index.fqn!r} is stored at {rel} with transforms "
+                                  f"{where.transform_descriptors}; refusing the checkpoint")
+        try:
+            with open(path / rel, "rb") as f:
+                f.seek(int(where.offset))
+                data = f.read(int(where.length))
+        except OSError as exc:
+            raise CheckpointError(f"{path / rel}: unreadable ({exc.strerror or exc})") from None
+        _weights_only(io.BytesIO(data), f"{path / rel} (item {index.fqn!r})")
+
+
+def _check_backends(path: Path) -> None:
+    file = path / MEGATRON_METADATA
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{file}: unreadable ({exc})") from None
+    backends = (meta.get("sharded_backend"), meta.get("common_backend")) if isinstance(meta, dict) else None
+    if backends != ("torch_dist", "torch"):
+        raise CheckpointError(f"{file}: backends {backends}, expected ('torch_dist', 'torch') (what "
+                              "pretrain_internvl.py --save writes)")
+
+
+def check_dist_checkpoint(path: str | Path) -> None:
+    """Refuse (CheckpointError naming the file) a dist-checkpoint directory whose pickled parts hold
+    anything but what megatron-core / torch write there; call before dist_checkpointing.load."""
+    path = Path(path)
+    _check_backends(path)
+    metadata = read_dist_metadata(path)
+    if (path / COMMON).exists():
+        _weights_only(path / COMMON, str(path / COMMON))
+    _check_byte_items(path, metadata)
