@@ -17,6 +17,7 @@ import sys
 
 from internvl_mcore.config import ParallelConfig
 from internvl_mcore.config.cli import add_dataclass_flags, build_dataclass
+from internvl_mcore.config.domains import OneLineParser, declare_domains
 from internvl_mcore.config.presets import PRESETS
 from internvl_mcore.config.lora import LoRAConfig
 from internvl_mcore.config.training import CheckpointConfig, DataConfig, LogConfig, RunConfig, TrainConfig
@@ -25,7 +26,7 @@ from internvl_mcore.convert.source import resolve_model
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="debug", metavar="PRESET|DIR",
                         help="The model: a preset name (" + ", ".join(PRESETS) + ") or a checkpoint directory "
                         "whose config it carries: an HF checkpoint (transformers' or InternVL's layout, read "
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(parser, LogConfig, "logging")
     add_dataclass_flags(parser, CheckpointConfig, "checkpointing")
     add_dataclass_flags(parser, LoRAConfig, "LoRA")
-    return parser
+    return declare_domains(parser)  # every number checked against its domain as it is parsed
 
 
 def parse_run_config(argv: list[str]) -> RunConfig:
