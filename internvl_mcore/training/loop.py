@@ -248,7 +248,8 @@ def _resume(trainer: Trainer) -> None:
     path = checkpoint.checkpoint_dir(run.checkpoint.load)
     info = checkpoint.read_run_json(path)
     try:
-        note = restore_schedule(trainer.scheduler, info.get("scheduler"), run.train, str(path))
+        note = restore_schedule(trainer.scheduler, info.get("scheduler"), run.train, str(path),
+                                info.get("global_batch_size"))
     except ScheduleMismatch as exc:
         raise ConfigError(str(exc)) from None
     iteration, data_state, info = checkpoint.load(path, trainer.model[0], trainer.optimizer, None, run.model,
@@ -383,7 +384,7 @@ def _loss_tokens(batches: list) -> int:
 def save(trainer: Trainer) -> None:
     """Checkpoint the current iteration under --save."""
     run = trainer.run
-    extra = {"plan": dataclasses.asdict(trainer.plan),
+    extra = {"plan": dataclasses.asdict(trainer.plan), "global_batch_size": run.train.global_batch_size,
              **(mpo.checkpoint_extra(run, trainer.mpo) if trainer.mpo is not None else {})}
     if trainer.spike is not None:
         extra["spike_guard"] = trainer.spike.state_dict()

@@ -141,3 +141,11 @@ def test_write_failure_reasons():
     assert write_failure(RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"))
     assert write_failure(ConnectionResetError(errno.ECONNRESET, "reset")) is None  # a lost peer
     assert write_failure(RuntimeError("a bug")) is None
+
+
+def test_changed_global_batch_size_is_named(straight):
+    """The schedule counts samples: a resume with another --global-batch-size is refused naming it (not
+    as a changed --train-iters, which is the same)."""
+    line = one_line_error(plain(_with(ARGS, "--global-batch-size", "1") + ["--load", str(straight / "ckpt")]))
+    assert "--global-batch-size 1 (checkpoint: 2)" in line and "--train-iters" not in line, line
+    assert "--override-opt_param-scheduler" in line, line
