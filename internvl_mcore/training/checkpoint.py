@@ -11,7 +11,9 @@ A checkpoint is written into tmp_iter_NNNNNNN/ and renamed only when every rank 
 the `latest` pointer is replaced atomically, so a crash mid-save leaves the previous checkpoint as
 the one `--load` finds. `--load` verifies the checksums (the ranks share the files) and, when the
 latest checkpoint fails them, falls back to the newest older one that passes (a warning names the
-file that failed; --no-fallback refuses instead). --keep-checkpoints N deletes all but the newest N. Loading into another TP/PP/DP layout restores the model weights (megatron-core
+file that failed; --no-fallback refuses instead); a root whose tracker is gone resumes from its newest
+complete checkpoint with a warning. --keep-checkpoints N deletes all but the newest N. A save that
+fails (a full disk on any rank) removes its tmp_iter_ directory and stops every rank with one line. Loading into another TP/PP/DP layout restores the model weights (megatron-core
 reshards them) and, when the data-parallel size is unchanged, the data position; optimizer state and
 RNG streams are restored only on the same layout.
 """
@@ -140,6 +142,8 @@ def select(root: str | Path, no_fallback: bool = False) -> Path:
     root = Path(root)
     if (root / RUN_INFO).exists():  # one iter_ directory given: exactly that one
         candidates = [root]
+    elif root.is_dir() and not (root / TRACKER).exists() and _complete_iterations(root):
+        candidates = _untracked(root)
     else:
         latest = tracked_iteration(root)
         candidates = [iter_dir(root, latest)] + [iter_dir(root, i) for i in _complete_iterations(root) if i < latest]
@@ -154,6 +158,17 @@ def select(root: str | Path, no_fallback: bool = False) -> Path:
             raise CheckpointError(f"{problem} (--no-fallback: not trying an older checkpoint)")
         failed.append(problem)
     raise CheckpointError(f"--load {root}: no usable checkpoint: " + "; ".join(failed))
+
+
+def _untracked(root: Path) -> list[Path]:
+    """A --save root whose tracker is gone (deleted by hand, a copy without it): its complete checkpoints,
+    newest first. They are safe to take: an iter_ directory exists only once its save finished (a save
+    writes tmp_iter_ and renames it last), and `select` still verifies their checksums."""
+    found = [iter_dir(root, i) for i in _complete_iterations(root)]
+    if dist.get_rank() == 0:
+        print(f"warning: --load {root}: no {TRACKER}; taking the newest complete checkpoint {found[0].name} "
+              f"(found: {', '.join(p.name for p in found)})", flush=True)
+    return found
 
 
 def remove_old_checkpoints(root: Path, keep: int) -> None:

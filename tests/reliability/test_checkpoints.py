@@ -149,3 +149,13 @@ def test_changed_global_batch_size_is_named(straight):
     line = one_line_error(plain(_with(ARGS, "--global-batch-size", "1") + ["--load", str(straight / "ckpt")]))
     assert "--global-batch-size 1 (checkpoint: 2)" in line and "--train-iters" not in line, line
     assert "--override-opt_param-scheduler" in line, line
+
+
+def test_deleted_tracker_resumes_from_the_newest_complete_checkpoint(straight, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(straight / "ckpt", ckpt)
+    (ckpt / "latest_checkpointed_iteration.txt").unlink()
+    proc = ok(launch(1, _with(ARGS, "--exit-interval", "5") + ["--load", str(ckpt)]))
+    assert (f"warning: --load {ckpt}: no latest_checkpointed_iteration.txt; taking the newest complete checkpoint "
+            "iter_0000004 (found: iter_0000004, iter_0000003)") in proc.stdout, proc.stdout[-2000:]
+    assert f"resumed from {ckpt / 'iter_0000004'} at iteration 4" in proc.stdout
