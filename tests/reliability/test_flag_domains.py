@@ -101,3 +101,34 @@ def test_parser_errors_are_one_line():
     """Any argparse error (a missing value, an unknown flag) is one line too, not the usage block."""
     assert_user_error(run("pretrain", "--mock-data", "--no-such-flag"), "--no-such-flag")
     assert_user_error(run("plan", "--model", "debug"), "--gpus")
+
+
+def test_flags_that_do_nothing_alone_are_refused(capsys):
+    """Each flag of config/needs.py NEEDS, given without its partner, is refused naming both (parse
+    level, through pretrain_internvl.py's parse_run_config; the --eval-interval case also runs as a
+    CLI in test_validation.py)."""
+    import pretrain_internvl
+
+    from internvl_mcore.config.domains import Domain
+    from internvl_mcore.config.needs import NEEDS
+
+    parser = pretrain_internvl.build_parser()
+    actions = {a.dest: a for a in parser._actions}
+    for dest, (_, partner) in NEEDS.items():
+        action = actions[dest]
+        if action.nargs == 0:
+            value = []
+        elif action.choices:
+            value = [str(action.choices[-1])]
+        elif isinstance(action.type, Domain):
+            value = ["2" if action.type.kind is int else "0.5"]
+        else:
+            value = [str(action.default[0])] if isinstance(action.default, list) else ["x"]
+        with pytest.raises(SystemExit) as exc:
+            # (shards are only opened after parsing: a made-up prefix parses)
+            pretrain_internvl.parse_run_config(["--data-path", "P", action.option_strings[0], *value])
+        line = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and "\n" not in line, (dest, line)
+        assert f"{action.option_strings[0]} does nothing without {partner}" in line, line
+    # given with its partner, or as the default, nothing is said
+    pretrain_internvl.parse_run_config(["--mock-data", "--eval-iters", "0", "--lora-rank", "2", "--lora-alpha", "4"])
