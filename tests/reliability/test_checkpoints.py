@@ -159,3 +159,15 @@ def test_deleted_tracker_resumes_from_the_newest_complete_checkpoint(straight, t
     assert (f"warning: --load {ckpt}: no latest_checkpointed_iteration.txt; taking the newest complete checkpoint "
             "iter_0000004 (found: iter_0000004, iter_0000003)") in proc.stdout, proc.stdout[-2000:]
     assert f"resumed from {ckpt / 'iter_0000004'} at iteration 4" in proc.stdout
+
+
+def test_resume_with_other_data_flags_is_one_line(digits_shards, tmp_path):
+    """The data position of a shard run fits only the same --data-path and --seed: another one is
+    refused naming the flags (was a ValueError traceback from the loader)."""
+    from tests.training.conftest import SEQ
+
+    args = ["--model", "debug", "--data-path", digits_shards, "--seq-length", str(SEQ), "--train-iters", "1",
+            "--global-batch-size", "1", "--seed", "5"]
+    ok(plain(args + ["--save", str(tmp_path / "ckpt")]))
+    line = one_line_error(plain(_with(args, "--seed", "6") + ["--load", str(tmp_path / "ckpt")]))
+    assert "seed" in line and "--data-path" in line and "--seed" in line and str(tmp_path / "ckpt") in line, line
