@@ -90,9 +90,15 @@ def write_checksums(path: Path) -> None:
     names = _files(path) if dist.get_rank() == 0 else None
     box = [names]
     dist.broadcast_object_list(box, src=0)
-    mine = {name: [(path / name).stat().st_size, _sha256(path / name)] for name in _my_share(box[0])}
+    error = None
+    try:
+        mine = {name: [(path / name).stat().st_size, _sha256(path / name)] for name in _my_share(box[0])}
+    except OSError as exc:  # still join the gather below: a rank that left it would stall the others
+        mine, error = {}, exc
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, mine)
+    if error is not None:
+        raise error
     if dist.get_rank() == 0:
         table = {name: value for part in parts for name, value in part.items()}
         (path / CHECKSUMS).write_text(json.dumps(dict(sorted(table.items())), indent=1))

@@ -118,8 +118,10 @@ def test_full_disk_during_save_fails_cleanly(straight, tmp_path):
     proc = launch(2, args, timeout=300, env={"INTERNVL_MCORE_FAULT": "save:6:1:enospc"})
     assert proc.returncode != 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout and "saved checkpoint at iteration 5" in proc.stdout, proc.stdout[-3000:]
+    # both ranks stop with the same line (torchrun may end the second before it prints); a rank left
+    # waiting would hold the job for --distributed-timeout-minutes (10), past launch's timeout
     errors = [s for s in proc.stderr.splitlines() if s.startswith("error: --save")]
-    assert len(errors) == 2 and errors[0] == errors[1], proc.stderr[-3000:]  # rank 0 stopped too, same line
+    assert 1 <= len(errors) <= 2 and len(set(errors)) == 1, proc.stderr[-3000:]
     assert "iteration 6 failed (rank 1: No space left on device)" in errors[0], errors[0]
     assert _iters(ckpt) == ["iter_0000003", "iter_0000004", "iter_0000005"] and tracker.read_text() == "5"
 
