@@ -16,16 +16,18 @@ import os
 import sys
 
 from internvl_mcore.config import ParallelConfig
-from internvl_mcore.config.cli import add_dataclass_flags, build_dataclass
+from internvl_mcore.config.cli import add_dataclass_flags, build_dataclass, explicit_dests
+from internvl_mcore.config.domains import OneLineParser, declare_domains
 from internvl_mcore.config.presets import PRESETS
 from internvl_mcore.config.lora import LoRAConfig
+from internvl_mcore.config.needs import ignored_flags
 from internvl_mcore.config.training import CheckpointConfig, DataConfig, LogConfig, RunConfig, TrainConfig
 from internvl_mcore.convert.hf import ConversionError
 from internvl_mcore.convert.source import resolve_model
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="debug", metavar="PRESET|DIR",
                         help="The model: a preset name (" + ", ".join(PRESETS) + ") or a checkpoint directory "
                         "whose config it carries: an HF checkpoint (transformers' or InternVL's layout, read "
@@ -37,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(parser, LogConfig, "logging")
     add_dataclass_flags(parser, CheckpointConfig, "checkpointing")
     add_dataclass_flags(parser, LoRAConfig, "LoRA")
-    return parser
+    return declare_domains(parser)  # every number checked against its domain as it is parsed
 
 
 def parse_run_config(argv: list[str]) -> RunConfig:
@@ -46,6 +48,9 @@ def parse_run_config(argv: list[str]) -> RunConfig:
     ns = parser.parse_args(argv)
     if not ns.mock_data and not ns.data_path:
         parser.error("give --data-path PREFIX [...] or --mock-data")
+    ignored = ignored_flags(parser, ns, explicit_dests(parser, argv))
+    if ignored:  # a flag that would silently change nothing (config/needs.py)
+        parser.error("refusing to start: " + "; ".join(ignored))
     try:
         model = resolve_model(ns.model)
     except (ConversionError, FileNotFoundError) as exc:

@@ -24,6 +24,7 @@ from typing import Callable
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from internvl_mcore.config.domains import Domain  # noqa: E402
 from internvl_mcore.config.presets import PRESETS  # noqa: E402
 from internvl_mcore.config.training import STAGES  # noqa: E402
 
@@ -72,7 +73,8 @@ def parser_flags() -> set[str]:
 def flags_table() -> str:
     """flag | default | meaning for every flag, grouped as --help groups them (one group per config
     dataclass: ParallelConfig, TrainConfig, DataConfig, LogConfig, CheckpointConfig, ...). The
-    meaning is the field's docstring, which config/cli.py made the flag's help."""
+    meaning is the field's docstring, which config/cli.py made the flag's help, and for a number the
+    values its domain (config/domains.py) accepts."""
     lines = ["| flag | default | meaning |", "|---|---|---|"]
     for group in pretrain_parser()._action_groups:
         actions = [a for a in group._group_actions if a.option_strings and a.dest != "help"]
@@ -93,6 +95,8 @@ def flags_table() -> str:
                 text += "."
             if a.choices:
                 text += f" One of {', '.join(f'`{c}`' for c in a.choices)}."
+            if isinstance(a.type, Domain):  # config/domains.py: what the parser accepts
+                text += f" Takes {a.type.describe()}."
             lines.append(f"| {shown} | {_default(a.default)} | {_cell(text)} |")
     return "\n".join(lines)
 

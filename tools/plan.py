@@ -17,6 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from internvl_mcore.config import PRESETS, get_preset  # noqa: E402
+from internvl_mcore.config.domains import OneLineParser, declare_domains  # noqa: E402
 from internvl_mcore.plan import HARDWARE, Layout, Workload, count_params, plan, search  # noqa: E402
 from internvl_mcore.plan.params import active_params  # noqa: E402
 from internvl_mcore.plan.memory import GiB  # noqa: E402
@@ -31,8 +32,10 @@ STAGE_PARTS = {
 }
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """The planner's flags; each number is checked against its domain (config/domains.py) as it is
+    parsed: --gpus 0, --gpu-memory nan or --compute-efficiency 1.5 stop there with one line."""
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, metavar="PRESET|DIR",
                    help="model preset (" + ", ".join(PRESETS) + ") or a checkpoint directory (HF in either "
                    "layout, converted or training) whose config it carries")
@@ -69,31 +72,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA on the LLM linears; the base LLM is frozen")
     p.add_argument("--fp32", action="store_true", help="fp32 parameters instead of bf16")
     p.add_argument("--top", type=int, default=15, help="layouts to list in search mode (default 15)")
-    args = p.parse_args(argv)
+    return declare_domains(p)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     check_ranges(args)
     return args
 
 
-# flag -> (smallest allowed value, whether it may equal it); None values (unset) are not checked
-RANGES = {
-    "gpus": (1, True), "gpu_memory": (0, False), "reserve_gb": (0, True), "peak_tflops": (0, False),
-    "compute_efficiency": (0, False), "nvlink_gbps": (0, False), "network_gbps": (0, False),
-    "seq_length": (1, True), "global_batch_size": (1, True), "micro_batch_size": (1, True),
-    "tiles_per_sequence": (0, True), "sample_length": (1, True), "tensor_model_parallel_size": (1, True),
-    "pipeline_model_parallel_size": (1, True), "context_parallel_size": (1, True),
-    "expert_model_parallel_size": (1, True), "decoder_first_pipeline_num_layers": (1, True),
-    "lora_rank": (0, True), "top": (1, True),
-}
-
-
 def check_ranges(args: argparse.Namespace) -> None:
-    """Refuse counts and sizes that cannot be (--gpus 0, --gpu-memory -5) instead of planning with them."""
-    for name, (low, inclusive) in RANGES.items():
-        value = getattr(args, name)
-        if value is not None and (value < low if inclusive else value <= low):
-            raise ValueError(f"--{name.replace('_', '-')} {value}: must be {'>=' if inclusive else '>'} {low}")
-    if args.compute_efficiency > 1:
-        raise ValueError(f"--compute-efficiency {args.compute_efficiency}: must be <= 1")
+    """Refuse what no single flag's domain can say: a memory budget the reserve eats up."""
     if args.gpu_memory is not None and args.gpu_memory <= args.reserve_gb:
         raise ValueError(f"--gpu-memory {args.gpu_memory} GiB leaves nothing after --reserve-gb {args.reserve_gb}")
 

@@ -84,3 +84,12 @@ def build_dataclass(cls: type, ns: argparse.Namespace, **overrides: Any) -> Any:
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)}
     values.update(overrides)
     return cls(**values)
+
+
+def explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the flags `argv` gives, as opposed to those left at their defaults (a flag
+    given with its default value counts as given). `argv` must already parse."""
+    unset = object()
+    ns = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
+    parser.parse_args(argv, namespace=ns)
+    return {name for name, value in vars(ns).items() if value is not unset}

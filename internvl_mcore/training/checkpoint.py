@@ -12,7 +12,9 @@ A checkpoint is written into tmp_iter_NNNNNNN/ and renamed only when every rank 
 the `latest` pointer is replaced atomically, so a crash mid-save leaves the previous checkpoint as
 the one `--load` finds. `--load` verifies the checksums (the ranks share the files) and, when the
 latest checkpoint fails them, falls back to the newest older one that passes (a warning names the
-file that failed; --no-fallback refuses instead). --keep-checkpoints N deletes all but the newest N. Loading into another TP/PP/DP layout restores the model weights (megatron-core
+file that failed; --no-fallback refuses instead); a root whose tracker is gone resumes from its newest
+complete checkpoint with a warning. --keep-checkpoints N deletes all but the newest N. A save that
+fails (a full disk on any rank) removes its tmp_iter_ directory and stops every rank with one line. Loading into another TP/PP/DP layout restores the model weights (megatron-core
 reshards them) and, when the data-parallel size is unchanged, the data position; optimizer state and
 RNG streams are restored only on the same layout.
 
@@ -41,6 +43,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import unwrap_model
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ..checkpoint_format import (RUN_INFO, TRACKER, CheckpointError, check_model, is_training_checkpoint, iter_dir,
                                  latest_iteration, tracked_iteration)
@@ -96,9 +99,15 @@ def write_checksums(path: Path) -> None:
     names = _files(path) if dist.get_rank() == 0 else None
     box = [names]
     dist.broadcast_object_list(box, src=0)
-    mine = {name: [(path / name).stat().st_size, _sha256(path / name)] for name in _my_share(box[0])}
+    error = None
+    try:
+        mine = {name: [(path / name).stat().st_size, _sha256(path / name)] for name in _my_share(box[0])}
+    except OSError as exc:  # still join the gather below: a rank that left it would stall the others
+        mine, error = {}, exc
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, mine)
+    if error is not None:
+        raise error
     if dist.get_rank() == 0:
         table = {name: value for part in parts for name, value in part.items()}
         (path / CHECKSUMS).write_text(json.dumps(dict(sorted(table.items())), indent=1))
@@ -169,6 +178,8 @@ def select(root: str | Path, no_fallback: bool = False) -> Path:
     root = Path(root)
     if (root / RUN_INFO).exists():  # one iter_ directory given: exactly that one
         candidates = [root]
+    elif root.is_dir() and not (root / TRACKER).exists() and _complete_iterations(root):
+        candidates = _untracked(root)
     else:
         latest = tracked_iteration(root)
         candidates = [iter_dir(root, latest)] + [iter_dir(root, i) for i in _complete_iterations(root) if i < latest]
@@ -183,6 +194,17 @@ def select(root: str | Path, no_fallback: bool = False) -> Path:
             raise CheckpointError(f"{problem} (--no-fallback: not trying an older checkpoint)")
         failed.append(problem)
     raise CheckpointError(f"--load {root}: no usable checkpoint: " + "; ".join(failed))
+
+
+def _untracked(root: Path) -> list[Path]:
+    """A --save root whose tracker is gone (deleted by hand, a copy without it): its complete checkpoints,
+    newest first. They are safe to take: an iter_ directory exists only once its save finished (a save
+    writes tmp_iter_ and renames it last), and `select` still verifies their checksums."""
+    found = [iter_dir(root, i) for i in _complete_iterations(root)]
+    if dist.get_rank() == 0:
+        print(f"warning: --load {root}: no {TRACKER}; taking the newest complete checkpoint {found[0].name} "
+              f"(found: {', '.join(p.name for p in found)})", flush=True)
+    return found
 
 
 def remove_old_checkpoints(root: Path, keep: int) -> None:
@@ -321,55 +343,141 @@ def save(root: str | Path, iteration: int, model_chunk: torch.nn.Module, optimiz
          data_state: Any = None, extra: Optional[dict] = None, keep: int = 0) -> Path:
     """Write checkpoint `iteration` under `root` atomically (collective: every rank calls it); with
     `keep` > 0 only the newest `keep` checkpoints stay. `pg`: the process groups init_distributed
-    returned (default: the model's own, `pg_collection`)."""
+    returned (default: the model's own, `pg_collection`).
+
+    The save runs in phases (prepare, write, checksums, publish); after each one the ranks agree
+    whether every rank's writes succeeded (an all-gather, bounded by the process group's timeout), so
+    a write that fails on one rank (a full disk, a quota, EIO) stops all of them together: the partial
+    tmp_iter_ directory is removed by every rank and CheckpointError names --save and the reason;
+    the earlier checkpoints and the tracker are untouched."""
     root = Path(root)
     rank = dist.get_rank()
     tmp, final = iter_dir(root, iteration, tmp=True), iter_dir(root, iteration)
-    if rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left over from a save that was interrupted
-        tmp.mkdir(parents=True)
-    dist.barrier()
     module = unwrap_model(model_chunk)
     pg = _groups(pg, module)
+
+    def write() -> None:
+        _write_state(tmp, iteration, module, optimizer, pg, data_state)
+        if rank == 0:
+            (tmp / RUN_INFO).write_text(json.dumps(_run_info(iteration, scheduler, model_cfg, par, pg, module, extra),
+                                                   indent=2, default=str))
+
+    phases = [lambda: _prepare(tmp) if rank == 0 else None, write, lambda: write_checksums(tmp),
+              lambda: _publish(root, tmp, final, iteration) if rank == 0 else None]
+    for phase in phases:
+        failed = _agree(_attempt(phase))
+        if failed:
+            _abandon(root, tmp, iteration, failed)
+    if rank == 0 and keep:
+        remove_old_checkpoints(root, keep)
+    dist.barrier()
+    return final
+
+
+def _prepare(tmp: Path) -> None:
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left over from a save that was interrupted
+    tmp.mkdir(parents=True)
+
+
+def _write_state(tmp: Path, iteration: int, module: torch.nn.Module, optimizer: Any, pg: ProcessGroupCollection,
+                 data_state: Any) -> None:
+    """This rank's part of the checkpoint: its tensor shards (collective), RNG states, data position."""
     model_sd = module.sharded_state_dict()
     state = {"model": model_sd}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=_OPTIM_METADATA)
     dist_checkpointing.save(state, str(tmp))
-    (tmp / f"rank_{rank:05d}.json").write_text(json.dumps({"rng": rng_state()}))
+    (tmp / f"rank_{dist.get_rank():05d}.json").write_text(json.dumps({"rng": rng_state()}))
     if pg.tp.rank() == 0 and pg.pp.rank() == 0 and pg.cp.rank() == 0:  # one data position per DP rank
         (tmp / f"data_dp{pg.dp.rank():05d}.json").write_text(json.dumps(data_state))
     fault_point("save", iteration)
-    if rank == 0:
-        info = {"format_version": FORMAT_VERSION, "iteration": iteration,
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "model": dataclasses.asdict(model_cfg),
-                "layout": _layout(par, pg.dp.size()),
-                "world_size": dist.get_world_size(), **(extra or {})}
-        lora = lora_info_of(module)
-        if lora is not None:  # LoRA run: its adapters are in the tensors; name the base they sit on
-            info["lora"] = lora.to_dict()
-        (tmp / RUN_INFO).write_text(json.dumps(info, indent=2, default=str))
+
+
+def _run_info(iteration: int, scheduler: Any, model_cfg: ModelConfig, par: ParallelConfig,
+              pg: ProcessGroupCollection, module: torch.nn.Module, extra: Optional[dict]) -> dict:
+    """run.json's content."""
+    info = {"format_version": FORMAT_VERSION, "iteration": iteration,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "model": dataclasses.asdict(model_cfg),
+            "layout": _layout(par, pg.dp.size()),
+            "world_size": dist.get_world_size(), **(extra or {})}
+    lora = lora_info_of(module)
+    if lora is not None:  # LoRA run: its adapters are in the tensors; name the base they sit on
+        info["lora"] = lora.to_dict()
+    return info
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """`exc`, what it was raised from, and (dist-checkpoint's CheckpointException) every rank's failure."""
+    out: list[BaseException] = []
+    todo = [exc]
+    while todo and len(out) < 20:
+        e = todo.pop(0)
+        if e is None or any(e is o for o in out):
+            continue
+        out.append(e)
+        todo += [e.__cause__, e.__context__]
+        if isinstance(e, CheckpointException):
+            todo += [pair[0] for pair in e.failures.values()]
+    return [e for e in out if e is not None]
+
+
+def write_failure(exc: BaseException) -> Optional[str]:
+    """Why a checkpoint write failed ('No space left on device: FILE'), or None when `exc` is not a
+    failed write (a lost peer or a bug, which keep their own handling)."""
+    for e in _causes(exc):
+        if isinstance(e, OSError) and not isinstance(e, ConnectionError):
+            reason = e.strerror or str(e) or type(e).__name__
+            return f"{reason}: {e.filename}" if e.filename else reason
+    text = str(exc)
+    if isinstance(exc, (RuntimeError, CheckpointException)) and any(
+            marker in text for marker in ("file write failed", "unexpected pos", "Worker failure")):
+        return " ".join(text.split())[:300]
+    return None
+
+
+def _attempt(phase: Any) -> Optional[str]:
+    """Run one phase of a save on this rank: None, or why its writes failed."""
+    try:
+        phase()
+    except (OSError, RuntimeError, CheckpointException) as exc:
+        reason = write_failure(exc)
+        if reason is None:
+            raise
+        return reason
+    return None
+
+
+def _agree(reason: Optional[str]) -> list[str]:
+    """Every rank's failure of this phase ('rank R: reason'), the same list on every rank (collective,
+    bounded by the process group's timeout, --distributed-timeout-minutes)."""
+    reasons: list = [None] * dist.get_world_size()
+    dist.all_gather_object(reasons, reason)
+    return [f"rank {r}: {text}" for r, text in enumerate(reasons) if text]
+
+
+def _abandon(root: Path, tmp: Path, iteration: int, failed: list[str]) -> None:
+    """Every rank removes the partial checkpoint (its node's part, when --save is node-local), then the
+    save fails on all of them with the same line."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    if dist.get_rank() == 0:
+        (root / (TRACKER + ".tmp")).unlink(missing_ok=True)
     dist.barrier()
-    write_checksums(tmp)
-    if rank == 0:
-        _publish(root, tmp, final, iteration)
-        if keep:
-            remove_old_checkpoints(root, keep)
-    dist.barrier()
-    return final
+    raise CheckpointError(f"--save {root}: writing checkpoint iteration {iteration} failed ({'; '.join(failed)}); "
+                          f"removed the partial {tmp.name}, the earlier checkpoints and {TRACKER} are unchanged")
 
 
 def _publish(root: Path, tmp: Path, final: Path, iteration: int) -> None:
-    """Rename the finished checkpoint into place, then point `latest` at it (both atomic)."""
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    """Rename the finished checkpoint into place, then point `latest` at it (both atomic). The new
+    pointer is written before anything is renamed, so a full disk leaves the old state as it was."""
     pointer = root / (TRACKER + ".tmp")
     pointer.write_text(str(iteration))
     with open(pointer) as f:
         os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
     os.replace(pointer, root / TRACKER)
 
 

@@ -6,6 +6,7 @@ that say *which* rank went non-finite run only once the run is already stopping.
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
 import time
@@ -136,7 +137,8 @@ def peer_lost(exc: BaseException, iteration: int, timeout_minutes: float) -> Pee
 def fault_point(where: str, iteration: int) -> None:
     """Fault injection for the crash tests: INTERNVL_MCORE_FAULT=WHERE:ITER:RANK[:ACTION] makes RANK,
     at WHERE ("save": tensors of ITER written, checkpoint not yet renamed; "step": before step ITER),
-    SIGKILL itself (ACTION kill, the default), exit at once (exit) or stop answering (hang)."""
+    SIGKILL itself (ACTION kill, the default), exit at once (exit), stop answering (hang) or fail as a
+    full disk does (enospc: OSError ENOSPC, as a write would raise it)."""
     spec = os.environ.get("INTERNVL_MCORE_FAULT", "")
     if not spec:
         return
@@ -149,4 +151,6 @@ def fault_point(where: str, iteration: int) -> None:
             time.sleep(60)
     if action == "exit":
         os._exit(1)
+    if action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     os.kill(os.getpid(), 9)

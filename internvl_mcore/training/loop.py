@@ -250,7 +250,8 @@ def _resume(trainer: Trainer) -> None:
     path = checkpoint.checkpoint_dir(run.checkpoint.load)
     info = checkpoint.read_run_json(path)
     try:
-        note = restore_schedule(trainer.scheduler, info.get("scheduler"), run.train, str(path))
+        note = restore_schedule(trainer.scheduler, info.get("scheduler"), run.train, str(path),
+                                info.get("global_batch_size"))
     except ScheduleMismatch as exc:
         raise ConfigError(str(exc)) from None
     iteration, data_state, info = checkpoint.load(path, trainer.model[0], trainer.optimizer, None, run.model,
@@ -258,7 +259,11 @@ def _resume(trainer: Trainer) -> None:
     sync_param_groups(trainer.scheduler)  # after the optimizer state, which brings the checkpoint's max_lr
     trainer.iteration = iteration
     if data_state is not None:
-        trainer.batches.load_state_dict(data_state)
+        try:
+            trainer.batches.load_state_dict(data_state)
+        except (ValueError, KeyError) as exc:  # the loader names what differs; the line names the flags
+            raise ConfigError(f"--load {path}: its data position does not fit this run ({exc}): resume with the "
+                              "checkpoint's --data-path (prefixes and weights) and --seed") from None
     if trainer.spike is not None and info.get("spike_guard"):
         trainer.spike.load_state_dict(info["spike_guard"])
     if dist.get_rank() == 0:
@@ -385,7 +390,7 @@ def _loss_tokens(batches: list) -> int:
 def save(trainer: Trainer) -> None:
     """Checkpoint the current iteration under --save."""
     run = trainer.run
-    extra = {"plan": dataclasses.asdict(trainer.plan),
+    extra = {"plan": dataclasses.asdict(trainer.plan), "global_batch_size": run.train.global_batch_size,
              **(mpo.checkpoint_extra(run, trainer.mpo) if trainer.mpo is not None else {})}
     if trainer.spike is not None:
         extra["spike_guard"] = trainer.spike.state_dict()

@@ -42,26 +42,37 @@ def build_scheduler(optimizer: Any, t: TrainConfig, lr: float, decay_style: str)
         override_opt_param_scheduler=t.override_opt_param_scheduler)
 
 
-def differences(scheduler: Any, saved: dict, global_batch_size: int) -> list[str]:
-    """'--flag NEW (checkpoint: OLD)' for each schedule value the flags change."""
+def differences(scheduler: Any, saved: dict, global_batch_size: int,
+                saved_global_batch_size: Optional[int] = None) -> list[str]:
+    """'--flag NEW (checkpoint: OLD)' for each schedule value the flags change. The scheduler counts
+    samples (steps x --global-batch-size), so each side is read back with its own batch size: a changed
+    --global-batch-size is named as such, not as a changed --train-iters / --lr-warmup-iters."""
+    old_g = saved_global_batch_size or global_batch_size
     mine = scheduler.state_dict()
-    out = []
+    out = [f"--global-batch-size {global_batch_size} (checkpoint: {old_g})"] if old_g != global_batch_size else []
     for key, (flag, as_flag) in SCHEDULE_FLAGS.items():
-        if key in saved and saved[key] != mine[key]:
-            out.append(f"{flag} {as_flag(mine[key], global_batch_size)} "
-                       f"(checkpoint: {as_flag(saved[key], global_batch_size)})")
+        if key not in saved:
+            continue
+        new, old = as_flag(mine[key], global_batch_size), as_flag(saved[key], old_g)
+        if new != old:
+            out.append(f"{flag} {new} (checkpoint: {old})")
     return out
 
 
-def restore(scheduler: Any, saved: Optional[dict], t: TrainConfig, where: str) -> Optional[str]:
+def restore(scheduler: Any, saved: Optional[dict], t: TrainConfig, where: str,
+            saved_global_batch_size: Optional[int] = None) -> Optional[str]:
     """Load the checkpoint's schedule state under Megatron-LM's rule; returns the line saying what
-    happened (None when nothing differed), raises ScheduleMismatch naming both values otherwise."""
+    happened (None when nothing differed), raises ScheduleMismatch naming both values otherwise.
+    `saved_global_batch_size`: the checkpoint's (run.json; None for checkpoints that predate it)."""
     if saved is None:
         return None
-    diffs = differences(scheduler, saved, t.global_batch_size)
+    diffs = differences(scheduler, saved, t.global_batch_size, saved_global_batch_size)
     if diffs and not (t.override_opt_param_scheduler or t.use_checkpoint_opt_param_scheduler):
+        steps = any(d.startswith(("--train-iters", "--lr-warmup-iters")) for d in diffs)
+        hint = (" (or --global-batch-size changed: this checkpoint predates its record of it, and the schedule "
+                "counts samples)") if steps and saved_global_batch_size is None else ""
         raise ScheduleMismatch(
-            f"--load {where}: {', '.join(diffs)} differ from the checkpoint's schedule; give "
+            f"--load {where}: {', '.join(diffs)} differ from the checkpoint's schedule{hint}; give "
             "--override-opt_param-scheduler to use the flags' or --use-checkpoint-opt_param-scheduler to keep "
             "the checkpoint's")
     scheduler.load_state_dict(saved)

@@ -94,3 +94,82 @@ def test_unwritable_save_fails_at_start_up(tmp_path):
     blocker.write_text("not a directory")
     line = one_line_error(plain(ARGS + ["--save", str(blocker / "ckpt")]))
     assert line.startswith(f"error: refusing to start: --save {blocker / 'ckpt'}: cannot write there"), line
+
+
+def _iters(ckpt):
+    return sorted(p.name for p in ckpt.iterdir() if "iter_" in p.name)
+
+
+def test_full_disk_during_save_fails_cleanly(straight, tmp_path):
+    """ENOSPC inside a save (fault hook: after the tensors are written): one line naming --save and the
+    reason, exit 2, the partial tmp_iter_ removed, the earlier checkpoints and tracker untouched; then
+    the same directory resumes, and a failure on one rank of two stops both (no hang) the same way."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(straight / "ckpt", ckpt)
+    tracker = ckpt / "latest_checkpointed_iteration.txt"
+    args = _with(ARGS, "--exit-interval", "0") + ["--load", str(ckpt), "--save", str(ckpt), "--save-interval", "1"]
+    line = one_line_error(plain(args, env={"INTERNVL_MCORE_FAULT": "save:5:0:enospc"}))
+    assert line.startswith(f"error: --save {ckpt}: writing checkpoint iteration 5 failed (rank 0: No space left "
+                           "on device)"), line
+    assert "removed the partial tmp_iter_0000005" in line, line
+    assert _iters(ckpt) == ["iter_0000003", "iter_0000004"] and tracker.read_text() == "4"
+
+    # two ranks, rank 1 alone fails at iteration 6: the resume from 4 works, 5 is saved, both ranks stop
+    proc = launch(2, args, timeout=300, env={"INTERNVL_MCORE_FAULT": "save:6:1:enospc"})
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "saved checkpoint at iteration 5" in proc.stdout, proc.stdout[-3000:]
+    # both ranks stop with the same line (torchrun may end the second before it prints); a rank left
+    # waiting would hold the job for --distributed-timeout-minutes (10), past launch's timeout
+    errors = [s for s in proc.stderr.splitlines() if s.startswith("error: --save")]
+    assert 1 <= len(errors) <= 2 and len(set(errors)) == 1, proc.stderr[-3000:]
+    assert "iteration 6 failed (rank 1: No space left on device)" in errors[0], errors[0]
+    assert _iters(ckpt) == ["iter_0000003", "iter_0000004", "iter_0000005"] and tracker.read_text() == "5"
+
+
+def test_write_failure_reasons():
+    """What counts as a failed write (its reason) and what is left to its own handling."""
+    import errno
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from internvl_mcore.training.checkpoint import write_failure
+
+    disk = OSError(errno.ENOSPC, "No space left on device", "/ckpt/tmp_iter_0000001/__0_0.distcp")
+    assert write_failure(disk) == "No space left on device: /ckpt/tmp_iter_0000001/__0_0.distcp"
+    try:  # megatron-core's writer re-raises a worker's error from it; dist-checkpointing gathers it per rank
+        raise RuntimeError("Worker failure: boom") from disk
+    except RuntimeError as wrapped:
+        assert write_failure(CheckpointException("save failed", {1: (wrapped, None)})).startswith("No space left")
+    assert write_failure(RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"))
+    assert write_failure(ConnectionResetError(errno.ECONNRESET, "reset")) is None  # a lost peer
+    assert write_failure(RuntimeError("a bug")) is None
+
+
+def test_changed_global_batch_size_is_named(straight):
+    """The schedule counts samples: a resume with another --global-batch-size is refused naming it (not
+    as a changed --train-iters, which is the same)."""
+    line = one_line_error(plain(_with(ARGS, "--global-batch-size", "1") + ["--load", str(straight / "ckpt")]))
+    assert "--global-batch-size 1 (checkpoint: 2)" in line and "--train-iters" not in line, line
+    assert "--override-opt_param-scheduler" in line, line
+
+
+def test_deleted_tracker_resumes_from_the_newest_complete_checkpoint(straight, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(straight / "ckpt", ckpt)
+    (ckpt / "latest_checkpointed_iteration.txt").unlink()
+    proc = ok(launch(1, _with(ARGS, "--exit-interval", "5") + ["--load", str(ckpt)]))
+    assert (f"warning: --load {ckpt}: no latest_checkpointed_iteration.txt; taking the newest complete checkpoint "
+            "iter_0000004 (found: iter_0000004, iter_0000003)") in proc.stdout, proc.stdout[-2000:]
+    assert f"resumed from {ckpt / 'iter_0000004'} at iteration 4" in proc.stdout
+
+
+def test_resume_with_other_data_flags_is_one_line(digits_shards, tmp_path):
+    """The data position of a shard run fits only the same --data-path and --seed: another one is
+    refused naming the flags (was a ValueError traceback from the loader)."""
+    from tests.training.conftest import SEQ
+
+    args = ["--model", "debug", "--data-path", digits_shards, "--seq-length", str(SEQ), "--train-iters", "1",
+            "--global-batch-size", "1", "--seed", "5"]
+    ok(plain(args + ["--save", str(tmp_path / "ckpt")]))
+    line = one_line_error(plain(_with(args, "--seed", "6") + ["--load", str(tmp_path / "ckpt")]))
+    assert "seed" in line and "--data-path" in line and "--seed" in line and str(tmp_path / "ckpt") in line, line

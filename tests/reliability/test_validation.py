@@ -64,3 +64,15 @@ def test_valid_data_path_reads_shards(digits_shards, tmp_path):
     train, valid = train_records(log)[1], valid_records(log)
     assert [(r["iteration"], r["final"]) for r in valid] == [(1, True)]
     assert abs(valid[0]["valid_loss"] - train["loss"]) <= 1e-6 * train["loss"], (valid, train)
+
+
+def test_eval_flags_without_validation_data_are_refused():
+    """--eval-interval / --eval-iters given without validation data would evaluate nothing, silently:
+    refused by name (one line, exit 2) before anything starts; --eval-iters 0 (no validation) is fine."""
+    from tests.reliability.common import plain
+
+    proc = plain(MOCK + ["--eval-interval", "5", "--eval-iters", "3"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [s for s in proc.stderr.splitlines() if s.strip()]
+    assert len(lines) == 1 and "--eval-interval does nothing without validation data (--valid-data-path" in lines[0]
+    assert "--eval-iters does nothing without validation data" in lines[0], lines[0]
