@@ -134,9 +134,11 @@ def peer_lost(exc: BaseException, iteration: int, timeout_minutes: float) -> Pee
 
 
 def fault_point(where: str, iteration: int) -> None:
-    """Fault injection for the crash tests: INTERNVL_MCORE_FAULT=WHERE:ITER:RANK[:ACTION] makes RANK,
-    at WHERE ("save": tensors of ITER written, checkpoint not yet renamed; "step": before step ITER),
-    SIGKILL itself (ACTION kill, the default), exit at once (exit) or stop answering (hang)."""
+    """Fault injection for the crash and signal tests: INTERNVL_MCORE_FAULT=WHERE:ITER:RANK[:ACTION]
+    makes RANK, at WHERE ("save": tensors of ITER written, checkpoint not yet renamed; "step": before
+    step ITER), SIGKILL itself (ACTION kill, the default), exit at once (exit), stop answering (hang)
+    or print `fault point WHERE ITER: waiting for a signal` and wait for one (wait), so a test sends
+    its signal at a known point instead of after a sleep."""
     spec = os.environ.get("INTERNVL_MCORE_FAULT", "")
     if not spec:
         return
@@ -147,6 +149,24 @@ def fault_point(where: str, iteration: int) -> None:
     if action == "hang":
         while True:
             time.sleep(60)
+    if action == "wait":
+        wait_for_signal(f"fault point {where} {iteration}")
+        return
     if action == "exit":
         os._exit(1)
     os.kill(os.getpid(), 9)
+
+
+def wait_for_signal(marker: str, deadline_s: float = 120.0) -> None:
+    """Print `MARKER: waiting for a signal` and wait until one arrives: a signal whose handler raises
+    (Ctrl-C, SIGTERM) ends the wait with its exception; SIGTERM under --exit-signal-handler, whose
+    handler only records it, ends the wait when recorded. No signal within `deadline_s`: exit 1."""
+    from .preemption import stop_requested
+
+    print(f"{marker}: waiting for a signal", flush=True)
+    start = time.monotonic()
+    while not stop_requested():
+        if time.monotonic() - start > deadline_s:
+            print(f"{marker}: no signal within {deadline_s:g} s", flush=True)
+            os._exit(1)
+        time.sleep(0.02)  # a raising handler runs here, at the latest when the sleep returns
