@@ -15,7 +15,9 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from ..faults import wait_for_signal
 from ..parallel.state import comm_device
+from .preemption import stop_requested
 
 SPIKE_WINDOW = 20  # updated steps the running mean covers
 SPIKE_WARMUP = 5  # updated steps seen before any step is skipped (the first losses fall fast)
@@ -150,23 +152,17 @@ def fault_point(where: str, iteration: int) -> None:
         while True:
             time.sleep(60)
     if action == "wait":
-        wait_for_signal(f"fault point {where} {iteration}")
+        wait_for_signal(f"fault point {where} {iteration}", recorded=stop_requested)
         return
     if action == "exit":
         os._exit(1)
     os.kill(os.getpid(), 9)
 
 
-def wait_for_signal(marker: str, deadline_s: float = 120.0) -> None:
-    """Print `MARKER: waiting for a signal` and wait until one arrives: a signal whose handler raises
-    (Ctrl-C, SIGTERM) ends the wait with its exception; SIGTERM under --exit-signal-handler, whose
-    handler only records it, ends the wait when recorded. No signal within `deadline_s`: exit 1."""
-    from .preemption import stop_requested
 
-    print(f"{marker}: waiting for a signal", flush=True)
-    start = time.monotonic()
-    while not stop_requested():
-        if time.monotonic() - start > deadline_s:
-            print(f"{marker}: no signal within {deadline_s:g} s", flush=True)
-            os._exit(1)
-        time.sleep(0.02)  # a raising handler runs here, at the latest when the sleep returns
+def agreed_stop() -> bool:
+    """Whether any rank got SIGTERM under --exit-signal-handler (training/preemption.py; collective
+    over every rank): all ranks get the same answer after the same step, so they save and stop together."""
+    flag = torch.tensor([1 if stop_requested() else 0], dtype=torch.int32, device=comm_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())

@@ -25,11 +25,12 @@ from ..parallel.context_parallel_thd import check_thd_layout
 from ..parallel.cpu_compat import fuse_cpu_adam
 from ..parallel.device import resolve_device
 from ..parallel.state import comm_device, init_distributed
-from . import checkpoint, mpo, preemption, save_dir
+from . import checkpoint, mpo, save_dir
 from .batch import Batch
 from .data import MockBatches, ShardBatches, build_batches, loss_weights
 from .eval import Evaluator, build_valid_batches, eval_problems
-from .guards import SpikeGuard, TrainingDiverged, check_finite, fault_point, is_collective_failure, peer_lost
+from .guards import (SpikeGuard, TrainingDiverged, agreed_stop, check_finite, fault_point, is_collective_failure,
+                     peer_lost)
 from .metrics import Reporter
 from .moe import moe_problems, reduced_aux_loss
 from .schedule import ScheduleMismatch, build_scheduler, sync_param_groups
@@ -431,7 +432,7 @@ def _after_step(trainer: Trainer, reporter: Reporter) -> bool:
     if trainer.evaluator is not None and t.eval_interval and it % t.eval_interval == 0 and it < t.train_iters:
         evaluate(trainer, reporter)
     at_exit = bool(c.exit_interval) and it % c.exit_interval == 0
-    signalled = trainer.signalled = c.exit_signal_handler and preemption.agreed_stop()
+    signalled = trainer.signalled = c.exit_signal_handler and agreed_stop()
     if c.save and ((c.save_interval and it % c.save_interval == 0) or at_exit or signalled or it == t.train_iters):
         save(trainer)
     if signalled and dist.get_rank() == 0:

@@ -81,15 +81,3 @@ def stop_requested() -> bool:
     """Whether this process got SIGTERM under --exit-signal-handler."""
     return _state["requested"]
 
-
-def agreed_stop(group: object = None) -> bool:
-    """Whether any rank got SIGTERM (collective over `group`, default: every rank): all ranks get the
-    same answer at the same step, so they save and stop together."""
-    import torch
-    import torch.distributed as dist
-
-    from ..parallel.state import comm_device
-
-    flag = torch.tensor([1 if _state["requested"] else 0], dtype=torch.int32, device=comm_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    return bool(flag.item())
