@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from tests.launch import free_port
+from tests.reliability.cli_helpers import SEQ, digits, good_prefix  # noqa: F401  (fixtures)
 from tests.reliability.common import DIST_ENV, MOCK, SCRIPT, launch, ok, one_line_error, plain, train_records
 
 pytestmark = pytest.mark.timeout(420)
@@ -131,17 +132,21 @@ def test_sigterm_with_exit_signal_handler_saves_and_resumes_exactly(tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_sigterm_or_kill_without_the_flag_leaves_no_process(tmp_path, sig):
-    """One process with --save (megatron-core's helpers exist after its first save): SIGTERM ends it
-    with one line and exit 143, SIGKILL at once; either way every helper dies with it, and a kill -9's
-    lock is taken over by the next run with a warning naming the dead pid."""
+def test_sigterm_or_kill_without_the_flag_leaves_no_process(good_prefix, tmp_path, sig):
+    """One process on shards with 2 loader workers and --save (megatron-core's helpers exist after its
+    first save): SIGTERM ends it with one line and exit 143, SIGKILL at once; either way every helper
+    dies with it, and a kill -9's lock is taken over by the next run with a warning naming the dead pid."""
     ckpt = tmp_path / "ckpt"
-    cmd = [sys.executable, str(SCRIPT), *ARGS, "--save", str(ckpt), "--save-interval", "1"]
+    args = ["--model", "debug", "--data-path", good_prefix, "--seq-length", str(SEQ), "--num-workers", "2",
+            "--global-batch-size", "2", "--train-iters", str(ITERS), "--seed", "5"]
+    cmd = [sys.executable, str(SCRIPT), *args, "--save", str(ckpt), "--save-interval", "1"]
     job = Job(cmd, _env(f"step:{STOP_AT}:0:wait"), tmp_path / "job.txt")
     try:
         job.wait_for(MARKER)
         helpers = job.helpers()
-        assert helpers, "no helper processes to check"
+        kinds = [" ".join(p.cmdline()) for p in helpers]
+        assert sum("pretrain_internvl" in k for k in kinds) >= 2, kinds  # the loader's workers (forked)
+        assert any("spawn_main" in k for k in kinds), kinds  # megatron-core's Manager (spawned at the first save)
         job.proc.send_signal(sig)
         code = job.finish()
     finally:
@@ -155,6 +160,6 @@ def test_sigterm_or_kill_without_the_flag_leaves_no_process(tmp_path, sig):
                                         "(--exit-signal-handler saves one first)"), out
         return
     assert code == -signal.SIGKILL
-    proc = ok(plain(ARGS + ["--load", str(ckpt), "--save", str(ckpt), "--exit-interval", str(STOP_AT)]))
+    proc = ok(plain(args + ["--load", str(ckpt), "--save", str(ckpt), "--exit-interval", str(STOP_AT)]))
     assert (f"warning: --save {ckpt}: taking over the lock of pid {job.proc.pid} on host {socket.gethostname()}"
             in proc.stdout), proc.stdout[-3000:]
