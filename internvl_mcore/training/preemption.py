@@ -3,8 +3,8 @@
 Without --exit-signal-handler, SIGTERM ends a rank at once, as Ctrl-C does: `Terminated` is raised
 where the rank is, and pretrain_internvl.py prints one line and exits 143 after ending the rank's
 helper processes. With --exit-signal-handler (Megatron-LM's flag) the signal only sets a flag; at
-the end of every step the ranks all-reduce their flags (one tiny collective), so all of them stop
-after the same step: they save a checkpoint (with --save) and exit 0 with one line naming it.
+the end of every step the ranks all-reduce their flags (guards.py `agreed_stop`: one tiny
+collective), so all of them stop after the same step: they save a checkpoint (with --save) and exit 0 with one line naming it.
 
 A rank's helpers (megatron-core's checkpoint writer processes and its multiprocessing Manager, the
 data loader's workers) die with the rank however it dies: every child multiprocessing forks or
