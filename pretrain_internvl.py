@@ -86,7 +86,7 @@ def _exit(code: int, message: str | None) -> None:
         print(f"error: {message}", file=sys.stderr, flush=True)
     if dist.is_available() and dist.is_initialized():
         for child in multiprocessing.active_children():
-            child.terminate()
+            child.kill()  # not terminate(): under --exit-signal-handler the helpers ignore SIGTERM
             child.join(timeout=10)
         sys.stdout.flush()
         os._exit(code)
@@ -98,12 +98,20 @@ def _interrupted() -> None:
     _exit(130, None)
 
 
+def _terminated() -> None:
+    print("terminated (SIGTERM); checkpoints already saved are complete (--exit-signal-handler saves one first)",
+          file=sys.stderr, flush=True)
+    _exit(143, None)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Exit 2 with one line for a user error (flags, data, checkpoint); 1 with one line when the run
-    diverged (NaN / Inf) or lost a rank; 130 on Ctrl-C; other exceptions are bugs and keep their
-    traceback."""
+    diverged (NaN / Inf) or lost a rank; 130 on Ctrl-C; 143 on SIGTERM (0 after the checkpoint
+    --exit-signal-handler saves); other exceptions are bugs and keep their traceback."""
     from internvl_mcore.cli_errors import one_line, quiet_optional_gpu_libraries
+    from internvl_mcore.training import preemption
 
+    preemption.install(exit_signal_handler=False)
     quiet_optional_gpu_libraries()
     from internvl_mcore.training.data import DataError
 
@@ -114,12 +122,18 @@ def main(argv: list[str] | None = None) -> None:
         _exit(2, one_line(exc))
     except KeyboardInterrupt:
         _interrupted()
+    except preemption.Terminated:
+        _terminated()
+    preemption.install(exit_signal_handler=run.checkpoint.exit_signal_handler)
     from internvl_mcore.training.checkpoint import CheckpointError
     from internvl_mcore.training.guards import PeerLost, TrainingDiverged
     from internvl_mcore.training.loop import ConfigError, train
+    from internvl_mcore.training.save_dir import SaveDirRefused
 
     try:
         train(run)
+    except SaveDirRefused as exc:  # every rank knows; one line from rank 0 says it
+        _exit(2, one_line(exc) if int(os.environ.get("RANK", "0")) == 0 else None)
     except (ConfigError, CheckpointError, DataError) as exc:
         _exit(2, one_line(exc))
     except TrainingDiverged as exc:  # every rank knows; one line from rank 0 says it
@@ -128,6 +142,13 @@ def main(argv: list[str] | None = None) -> None:
         _exit(1, str(exc))
     except KeyboardInterrupt:
         _interrupted()
+    except preemption.Terminated:
+        _terminated()
 
+
+if __name__ == "__mp_main__":  # a helper process a rank spawned (this file is its __main__): die with the rank
+    from internvl_mcore.training.preemption import child_of_run
+
+    child_of_run()
 if __name__ == "__main__":  # the guard matters: megatron-core's async checkpoint writer re-imports __main__
     main()

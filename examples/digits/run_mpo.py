@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                "--pipeline-model-parallel-size", "2", "--data-path", data_path, "--stage", stage,
                "--train-iters", str(iters), "--lr", str(lr), "--seq-length", str(a.seq_length),
                "--global-batch-size", "2", "--seed", str(a.seed), "--weight-decay", "0.1", "--drop-path-rate", "0",
-               "--log-interval", "10", "--log-jsonl", os.path.join(logs, f"{name}.jsonl"), "--save", save, *extra]
+               "--log-interval", "10", "--log-jsonl", os.path.join(logs, f"{name}.jsonl"), "--save", save,
+               "--overwrite-checkpoints", *extra]  # a re-run replaces its own checkpoints
         demo._run(cmd, os.path.join(logs, f"{name}.log"), show=lambda line: line.startswith(("iteration", "error")))
         return save
 

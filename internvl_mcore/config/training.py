@@ -138,6 +138,9 @@ class CheckpointConfig:
     """Save every N iterations (0: only at the end when --save is given)."""
     exit_interval: int = 0
     """Stop after an iteration divisible by N (saving first when --save is given)."""
+    exit_signal_handler: bool = False
+    """On SIGTERM (a scheduler's preemption or time limit), finish the current step on every rank,
+    save a checkpoint (with --save) and exit 0; without it SIGTERM stops the run at once (exit 143)."""
     pretrained: Optional[str] = None
     """Start from these weights only: a training checkpoint directory, a converted checkpoint
     (tools/convert_from_hf.py) or an HF checkpoint directory in either layout (converted while loading)."""
@@ -148,6 +151,9 @@ class CheckpointConfig:
     no_fallback: bool = False
     """With --load: refuse (naming the file) when the latest checkpoint fails its checksums, instead of
     falling back to the newest complete one with a warning."""
+    overwrite_checkpoints: bool = False
+    """Let a new run write into a --save that holds another run's checkpoints: they are deleted at
+    start-up (without it such a --save is refused unless --load resumes from it)."""
 
 
 @dataclass

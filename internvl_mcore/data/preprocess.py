@@ -31,6 +31,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from ..faults import wait_for_signal
 from .packing import pack_fill, pack_lengths, v2pe_position_ids, v2pe_random_deltas
 from .pool import SupervisedPool
 from .preference import check_same_prompt, split_preference_record
@@ -447,12 +448,21 @@ def _pass1(cfg: PreprocessConfig, ctx: _WorkerContext, tmp_prefix: str, tile_sha
                        else (process_record(ctx, o, r) for o, r in stream))
             for res in tqdm(results, total=expected, desc="samples", unit="rec", disable=_quiet(cfg)):
                 state.add(res, tmp_writer, rejects_file)
+                _fault_point(state.inputs)
         clean = True
     finally:
         if pool is not None:  # on an error or Ctrl-C, drop the queued records instead of finishing them
             pool.close(terminate=not clean)
     tmp_writer.finalize(checksums=False)
     return state
+
+
+def _fault_point(inputs: int) -> None:
+    """For the signal tests: INTERNVL_MCORE_FAULT=preprocess:N:wait makes pass 1 stop after N records
+    (staging folder made, the old output untouched), say so and wait for the signal (faults.py)."""
+    spec = os.environ.get("INTERNVL_MCORE_FAULT", "")
+    if spec.startswith("preprocess:") and spec.split(":")[1:] == [str(inputs), "wait"]:
+        wait_for_signal(f"preprocess: {inputs} records read")
 
 
 def _quiet(cfg: PreprocessConfig) -> bool | None:

@@ -16,19 +16,18 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from ..faults import wait_for_signal
 from ..parallel.state import comm_device
+from .preemption import stop_requested
 
 SPIKE_WINDOW = 20  # updated steps the running mean covers
 SPIKE_WARMUP = 5  # updated steps seen before any step is skipped (the first losses fall fast)
 
-
 class TrainingDiverged(RuntimeError):
     """The loss or gradient norm became NaN / Inf; the message names the iteration, the value and the ranks."""
 
-
 class PeerLost(RuntimeError):
     """A collective failed or timed out: another rank died or stalled."""
-
 
 def _local_nonfinite(losses: Iterable[dict], model: list) -> list[bool]:
     """[this rank's microbatch losses non-finite, this rank's gradients non-finite]."""
@@ -43,7 +42,6 @@ def _local_nonfinite(losses: Iterable[dict], model: list) -> list[bool]:
                 break
     return [bad_loss, bad_grad]
 
-
 def _ranks_with(flags: list[bool]) -> tuple[list[int], list[int]]:
     """All-gather the per-rank flags (collective): (ranks with a non-finite loss, ... gradient)."""
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -52,7 +50,6 @@ def _ranks_with(flags: list[bool]) -> tuple[list[int], list[int]]:
     dist.all_reduce(table)
     table = table.cpu()
     return [r for r in range(world) if table[r, 0]], [r for r in range(world) if table[r, 1]]
-
 
 def check_finite(iteration: int, loss: float, grad_norm: Optional[float], losses: list, model: list) -> None:
     """Raise TrainingDiverged (on every rank) when the step's loss or gradient norm is not finite.
@@ -71,7 +68,6 @@ def check_finite(iteration: int, loss: float, grad_norm: Optional[float], losses
     raise TrainingDiverged(
         f"iteration {iteration}: {' and '.join(bad)} ({'; '.join(where) or 'no rank holds a non-finite value itself'}); "
         "stopping without saving: the latest checkpoint is the last good one (lower --lr, or resume from it)")
-
 
 class SpikeGuard:
     """--skip-spike-factor F: a step whose loss exceeds F x the mean loss of the last SPIKE_WINDOW
@@ -101,7 +97,6 @@ class SpikeGuard:
         self.history = deque(state["history"], maxlen=SPIKE_WINDOW)
         self.skipped = int(state["skipped"])
 
-
 def straggler_report(iteration: int, step_s: float, data_s: float) -> Optional[str]:
     """--log-straggler: every rank's step and data-loading time of this iteration (collective); the
     line (for rank 0 to print) names the fastest and slowest rank of each."""
@@ -116,7 +111,6 @@ def straggler_report(iteration: int, step_s: float, data_s: float) -> Optional[s
         parts.append(f"{name} min {times[lo, col]:.3f} s (rank {lo}) max {times[hi, col]:.3f} s (rank {hi})")
     return f"straggler iteration {iteration}: " + " | ".join(parts) if rank == 0 else None
 
-
 def is_collective_failure(exc: BaseException) -> bool:
     """Does this exception come from a collective whose peer died or timed out (gloo / NCCL)?"""
     if isinstance(exc, getattr(dist, "DistError", ())):
@@ -126,19 +120,19 @@ def is_collective_failure(exc: BaseException) -> bool:
         s in text for s in ("gloo", "Gloo", "NCCL", "Timed out", "timed out", "Connection closed", "Connection reset",
                             "Broken pipe"))
 
-
 def peer_lost(exc: BaseException, iteration: int, timeout_minutes: float) -> PeerLost:
     """The one-line message of a rank that gave up on its peers."""
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
     return PeerLost(f"rank {dist.get_rank()}: a collective failed during iteration {iteration + 1} ({first}): "
                     f"another rank died or stalled (--distributed-timeout-minutes {timeout_minutes:g}); stopping")
 
-
 def fault_point(where: str, iteration: int) -> None:
-    """Fault injection for the crash tests: INTERNVL_MCORE_FAULT=WHERE:ITER:RANK[:ACTION] makes RANK,
-    at WHERE ("save": tensors of ITER written, checkpoint not yet renamed; "step": before step ITER),
-    SIGKILL itself (ACTION kill, the default), exit at once (exit), stop answering (hang) or fail as a
-    full disk does (enospc: OSError ENOSPC, as a write would raise it)."""
+    """Fault injection for the crash and signal tests: INTERNVL_MCORE_FAULT=WHERE:ITER:RANK[:ACTION]
+    makes RANK, at WHERE ("save": tensors of ITER written, checkpoint not yet renamed; "step": before
+    step ITER), SIGKILL itself (ACTION kill, the default), exit at once (exit), stop answering (hang),
+    fail as a full disk does (enospc: OSError ENOSPC, as a write would raise it) or print
+    `fault point WHERE ITER: waiting for a signal` and wait for one (wait), so a test sends its signal
+    at a known point instead of after a sleep."""
     spec = os.environ.get("INTERNVL_MCORE_FAULT", "")
     if not spec:
         return
@@ -149,8 +143,18 @@ def fault_point(where: str, iteration: int) -> None:
     if action == "hang":
         while True:
             time.sleep(60)
+    if action == "wait":
+        wait_for_signal(f"fault point {where} {iteration}", recorded=stop_requested)
+        return
     if action == "exit":
         os._exit(1)
     if action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     os.kill(os.getpid(), 9)
+
+def agreed_stop() -> bool:
+    """Whether any rank got SIGTERM under --exit-signal-handler (training/preemption.py; collective
+    over every rank): all ranks get the same answer after the same step, so they save and stop together."""
+    flag = torch.tensor([1 if stop_requested() else 0], dtype=torch.int32, device=comm_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())

@@ -25,11 +25,12 @@ from ..parallel.context_parallel_thd import check_thd_layout
 from ..parallel.cpu_compat import fuse_cpu_adam
 from ..parallel.device import resolve_device
 from ..parallel.state import comm_device, init_distributed
-from . import checkpoint, mpo
+from . import checkpoint, mpo, save_dir
 from .batch import Batch
 from .data import MockBatches, ShardBatches, build_batches, loss_weights
 from .eval import Evaluator, build_valid_batches, eval_problems
-from .guards import SpikeGuard, TrainingDiverged, check_finite, fault_point, is_collective_failure, peer_lost
+from .guards import (SpikeGuard, TrainingDiverged, agreed_stop, check_finite, fault_point, is_collective_failure,
+                     peer_lost)
 from .metrics import Reporter
 from .moe import moe_problems, reduced_aux_loss
 from .schedule import ScheduleMismatch, build_scheduler, sync_param_groups
@@ -151,6 +152,7 @@ class Trainer:
     mpo: Any = None  # --stage mpo: mpo.MPOContext
     evaluator: Optional[Evaluator] = None  # validation data given (training/eval.py)
     spike: Optional[SpikeGuard] = None  # --skip-spike-factor (training/guards.py)
+    signalled: bool = False  # stopping on SIGTERM (--exit-signal-handler): no final evaluation
 
 
 def _effective_run(run: RunConfig, plan: Plan) -> RunConfig:
@@ -224,6 +226,7 @@ def setup(run: RunConfig) -> Trainer:
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
                           f"{t.micro_batch_size} x data-parallel size {dp}")
+    _claim_save_dir(run)
     if run.checkpoint.load:  # a failing latest checkpoint falls back before anything reads it
         chosen = checkpoint.select(run.checkpoint.load, no_fallback=run.checkpoint.no_fallback)
         run = dataclasses.replace(run, checkpoint=dataclasses.replace(run.checkpoint, load=str(chosen)))
@@ -241,6 +244,24 @@ def setup(run: RunConfig) -> Trainer:
         _resume(trainer)
     fuse_cpu_adam(optimizer)  # after any load: torch's load_state_dict restores the saved group flags
     return trainer
+
+
+def _claim_save_dir(run: RunConfig) -> None:
+    """Rank 0 locks --save for the run's lifetime and refuses another run's checkpoints there
+    (training/save_dir.py); every rank learns the verdict, so all stop alike (collective)."""
+    c = run.checkpoint
+    if not c.save:
+        return
+    verdict: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            for note in save_dir.claim(c.save, c.load, c.overwrite_checkpoints):
+                print(note, flush=True)
+        except save_dir.SaveDirRefused as exc:
+            verdict[0] = str(exc)
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise save_dir.SaveDirRefused(verdict[0])
 
 
 def _resume(trainer: Trainer) -> None:
@@ -412,20 +433,29 @@ def evaluate(trainer: Trainer, reporter: Reporter, final: bool = False) -> None:
 
 
 def _after_step(trainer: Trainer, reporter: Reporter) -> bool:
-    """Evaluation and checkpoint due after this iteration; True when --exit-interval stops the run."""
+    """Evaluation and checkpoint due after this iteration; True when --exit-interval or a SIGTERM
+    under --exit-signal-handler (preemption.py: all ranks agree after the same step) stops the run."""
     t, c, it = trainer.run.train, trainer.run.checkpoint, trainer.iteration
     if trainer.evaluator is not None and t.eval_interval and it % t.eval_interval == 0 and it < t.train_iters:
         evaluate(trainer, reporter)
     at_exit = bool(c.exit_interval) and it % c.exit_interval == 0
-    if c.save and ((c.save_interval and it % c.save_interval == 0) or at_exit or it == t.train_iters):
+    signalled = trainer.signalled = c.exit_signal_handler and agreed_stop()
+    if c.save and ((c.save_interval and it % c.save_interval == 0) or at_exit or signalled or it == t.train_iters):
         save(trainer)
-    return at_exit
+    if signalled and dist.get_rank() == 0:
+        where = f"saved checkpoint at iteration {it} to {c.save}" if c.save else "nothing saved (no --save)"
+        print(f"exiting on SIGTERM after iteration {it} (--exit-signal-handler): {where}", flush=True)
+    return at_exit or signalled
 
 
 def train(run: RunConfig) -> list[dict]:
     """Train until --train-iters (or --exit-interval), evaluating on the validation data every
     --eval-interval and once at the end (held out); returns the logged records."""
-    trainer = setup(run)
+    try:
+        trainer = setup(run)
+    except BaseException:
+        save_dir.release_all()
+        raise
     run = trainer.run
     reporter = Reporter(run, trainer)
     try:
@@ -435,7 +465,7 @@ def train(run: RunConfig) -> list[dict]:
             reporter.report(trainer.iteration, stats, time.perf_counter() - start)
             if _after_step(trainer, reporter):
                 break
-        if trainer.evaluator is not None:
+        if trainer.evaluator is not None and not trainer.signalled:
             evaluate(trainer, reporter, final=True)
     except Exception as exc:
         if not isinstance(exc, (TrainingDiverged, checkpoint.CheckpointError)) and is_collective_failure(exc):
@@ -443,4 +473,5 @@ def train(run: RunConfig) -> list[dict]:
         raise
     finally:
         reporter.close()
+        save_dir.release_all()
     return reporter.records

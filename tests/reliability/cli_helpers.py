@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,26 +64,31 @@ def assert_user_error(proc: subprocess.CompletedProcess, *needles: str, code: in
     return lines[0]
 
 
-def interrupt_when(tool: str, *args: str, ready, delay: float = 0.0, sig: int = signal.SIGINT,
+def interrupt_when(tool: str, *args: str, fault: str, sig: int = signal.SIGINT,
                    timeout: float = 180) -> subprocess.CompletedProcess:
-    """Start a tool, send `sig` to its process group `delay` s after `ready()` is true, wait for it."""
-    proc = subprocess.Popen(cli(tool, *args), cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    try:
-        while not ready():
-            assert proc.poll() is None, f"{tool} ended (exit {proc.returncode}) before it could be interrupted"
-            assert time.monotonic() < deadline, f"{tool} not ready after {timeout}s"
-            time.sleep(0.05)
-        time.sleep(delay)
-        assert proc.poll() is None, f"{tool} ended (exit {proc.returncode}) before it could be interrupted"
-        os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C: the whole process group (workers too)
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    """Start a tool with INTERNVL_MCORE_FAULT=`fault` (a known point where it prints `...: waiting for
+    a signal` and waits: internvl_mcore/faults.py), send `sig` to its process group once that line is
+    on its stdout, and wait for it. No sleep decides when the signal comes."""
+    with tempfile.TemporaryFile("w+") as out_file:
+        proc = subprocess.Popen(cli(tool, *args), cwd=REPO, env={**env(), "INTERNVL_MCORE_FAULT": fault},
+                                stdout=out_file, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                out_file.seek(0)
+                if "waiting for a signal" in out_file.read():
+                    break
+                assert proc.poll() is None, f"{tool} ended (exit {proc.returncode}) before it reached {fault}"
+                assert time.monotonic() < deadline, f"{tool} did not reach {fault} in {timeout}s"
+                time.sleep(0.05)
+            os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C: the whole process group (workers too)
+            _, err = proc.communicate(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        out_file.seek(0)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out_file.read(), err)
 
 
 def snapshot(prefix: str | Path) -> Path:

@@ -173,3 +173,17 @@ def test_resume_with_other_data_flags_is_one_line(digits_shards, tmp_path):
     ok(plain(args + ["--save", str(tmp_path / "ckpt")]))
     line = one_line_error(plain(_with(args, "--seed", "6") + ["--load", str(tmp_path / "ckpt")]))
     assert "seed" in line and "--data-path" in line and "--seed" in line and str(tmp_path / "ckpt") in line, line
+def test_save_holding_another_runs_checkpoints(straight, tmp_path):
+    """A new run (no --load) into a --save with checkpoints 3 and 4 is refused before training, the
+    directory untouched; --overwrite-checkpoints deletes them first, so the pointer never rewinds onto
+    a mix of two runs. (A --save held by a running job: tests/reliability/test_preemption.py.)"""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(straight / "ckpt", ckpt)
+    line = one_line_error(plain(ARGS + ["--save", str(ckpt)]))
+    assert line == (f"error: --save {ckpt} holds another run's checkpoints (iter_0000003, iter_0000004, "
+                    f"latest_checkpointed_iteration.txt): resume with --load {ckpt}, give an empty --save, or "
+                    "pass --overwrite-checkpoints to delete them"), line
+    assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000003", "iter_0000004", "latest_checkpointed_iteration.txt"]
+    proc = ok(plain(_with(ARGS, "--exit-interval", "2") + ["--save", str(ckpt), "--overwrite-checkpoints"]))
+    assert f"--overwrite-checkpoints: deleted 3 checkpoint file(s) of an earlier run from {ckpt}" in proc.stdout
+    assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000002", "latest_checkpointed_iteration.txt"]

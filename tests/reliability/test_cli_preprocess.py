@@ -123,19 +123,19 @@ def test_ctrl_c_and_kill_leave_the_old_prefix(digits, good_prefix, tmp_path):
     leaves only a hidden staging folder, which the next run removes."""
     snap = snapshot(good_prefix)
     staging = lambda: [p for p in Path(good_prefix).parent.iterdir() if ".staging-" in p.name]  # noqa: E731
-    # enough records that the run is still in pass 1 when the signal comes
+    # the signal comes while pass 1 waits after its 2nd record (a fault point the tool offers)
     big = tmp_path / "big.jsonl"
     rec = {"image": "", "conversations": [{"from": "human", "value": "Say it"}, {"from": "gpt", "value": "It."}]}
-    big.write_text("".join(json.dumps(rec) + "\n" for _ in range(20000)))
+    big.write_text("".join(json.dumps(rec) + "\n" for _ in range(200)))
     meta = _meta(tmp_path / "meta.json", str(big))
     args = preprocess_args(meta, digits.tokenizer, good_prefix, "--workers", "2")
-    proc = interrupt_when("preprocess_mm_data", *args, ready=lambda: bool(staging()), delay=2.0)
+    proc = interrupt_when("preprocess_mm_data", *args, fault="preprocess:2:wait")
     assert proc.returncode == 130, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert error_lines(proc) == [f"preprocess_mm_data: interrupted (Ctrl-C); {good_prefix} left as it was"]
     assert_unchanged(good_prefix, snap)
 
-    proc = interrupt_when("preprocess_mm_data", *args, ready=lambda: bool(staging()), delay=2.0, sig=signal.SIGKILL)
+    proc = interrupt_when("preprocess_mm_data", *args, fault="preprocess:2:wait", sig=signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     left = staging()
     assert len(left) == 1 and left[0].name.startswith(f".{Path(good_prefix).name}.staging-")

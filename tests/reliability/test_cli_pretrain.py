@@ -84,14 +84,14 @@ def test_batch_sizes_that_do_not_divide(good_prefix):
     assert_user_error(proc, "--global-batch-size 3", "--micro-batch-size 2")
 
 
-def test_ctrl_c_during_training(tmp_path):
-    """Ctrl-C mid-run: one line, exit 130 (no KeyboardInterrupt traceback)."""
-    log = tmp_path / "log.jsonl"
+def test_ctrl_c_during_training():
+    """Ctrl-C mid-run (while step 2 waits at a fault point): one line, exit 130 (no KeyboardInterrupt
+    traceback)."""
     proc = interrupt_when("pretrain", "--model", "debug", "--mock-data", "--global-batch-size", "1",
-                          "--train-iters", "100000", "--seq-length", "64", "--log-jsonl", str(log),
-                          ready=lambda: log.exists() and log.stat().st_size > 0, sig=signal.SIGINT)
+                          "--train-iters", "3", "--seq-length", "64", fault="step:2:0:wait", sig=signal.SIGINT)
     assert proc.returncode == 130, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "iteration      1/3" in proc.stdout and "iteration      2/3" not in proc.stdout, proc.stdout[-3000:]
     # (megatron-core's own warnings may precede it on stderr)
     assert error_lines(proc)[-1] == "interrupted (Ctrl-C); checkpoints already saved are complete"
     assert "KeyboardInterrupt" not in proc.stderr
