@@ -207,6 +207,13 @@ def _untracked(root: Path) -> list[Path]:
     return found
 
 
+def holds_checkpoint(root: str | Path) -> bool:
+    """Whether `root` (a --save root or one iter_ directory) holds any checkpoint, complete or not:
+    a tracker, a finished iter_ directory or run.json itself."""
+    root = Path(root)
+    return (root / RUN_INFO).exists() or (root / TRACKER).exists() or bool(_complete_iterations(root))
+
+
 def remove_old_checkpoints(root: Path, keep: int) -> None:
     """--keep-checkpoints: delete all but the newest `keep` complete checkpoints (rank 0, after a save)."""
     for iteration in _complete_iterations(root)[keep:]:

@@ -9,6 +9,7 @@ import importlib.util
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -227,6 +228,7 @@ def setup(run: RunConfig) -> Trainer:
         raise ConfigError(f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
                           f"{t.micro_batch_size} x data-parallel size {dp}")
     _claim_save_dir(run)
+    run = _first_start(run)
     if run.checkpoint.load:  # a failing latest checkpoint falls back before anything reads it
         chosen = checkpoint.select(run.checkpoint.load, no_fallback=run.checkpoint.no_fallback)
         run = dataclasses.replace(run, checkpoint=dataclasses.replace(run.checkpoint, load=str(chosen)))
@@ -262,6 +264,20 @@ def _claim_save_dir(run: RunConfig) -> None:
     dist.broadcast_object_list(verdict, src=0)
     if verdict[0] is not None:
         raise save_dir.SaveDirRefused(verdict[0])
+
+
+def _first_start(run: RunConfig) -> RunConfig:
+    """`--load DIR --save DIR` with no checkpoint in DIR yet is the first start of a job that a
+    scheduler requeues with the same command: start from scratch, as Megatron-LM does, and say so.
+    Only for --load equal to --save: a --load elsewhere that holds nothing is a mistake (an error)."""
+    c = run.checkpoint
+    if not (c.load and c.save) or Path(c.load).resolve() != Path(c.save).resolve():
+        return run
+    if checkpoint.holds_checkpoint(c.load):
+        return run
+    if dist.get_rank() == 0:
+        print(f"--load {c.load}: no checkpoint there yet (it is also --save): starting from scratch", flush=True)
+    return dataclasses.replace(run, checkpoint=dataclasses.replace(c, load=None))
 
 
 def _resume(trainer: Trainer) -> None:

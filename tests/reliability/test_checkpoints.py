@@ -187,3 +187,17 @@ def test_save_holding_another_runs_checkpoints(straight, tmp_path):
     proc = ok(plain(_with(ARGS, "--exit-interval", "2") + ["--save", str(ckpt), "--overwrite-checkpoints"]))
     assert f"--overwrite-checkpoints: deleted 3 checkpoint file(s) of an earlier run from {ckpt}" in proc.stdout
     assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
+
+
+def test_same_load_and_save_starts_fresh_then_resumes(tmp_path):
+    """The requeue pattern (Megatron-LM's): one command, `--load DIR --save DIR`, for the first start
+    (DIR has no checkpoint yet: start from scratch, saying so) and every restart (resume)."""
+    ckpt = tmp_path / "ckpt"
+    args = _with(ARGS, "--exit-interval", "2") + ["--load", str(ckpt), "--save", str(ckpt), "--save-interval", "2"]
+    first = ok(plain(args))
+    assert f"--load {ckpt}: no checkpoint there yet (it is also --save): starting from scratch" in first.stdout
+    again = ok(plain(_with(args, "--exit-interval", "4")))
+    assert f"resumed from {ckpt / 'iter_0000002'} at iteration 2" in again.stdout, again.stdout[-2000:]
+    # a --load elsewhere that holds nothing stays an error: a typo must not start from scratch
+    line = one_line_error(plain(ARGS + ["--load", str(tmp_path / "nothing")]))
+    assert str(tmp_path / "nothing") in line, line
