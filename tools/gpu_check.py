@@ -634,6 +634,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--data", default=None, help="carried data from scripts/gpu_wheels.sh (default: made here)")
     p.add_argument("--only", nargs="+", choices=[c[0] for c in CHECKS], help="run these checks only")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help=argparse.SUPPRESS)  # cpu: tests
+    p.add_argument("--time-scale", type=float, default=1.0, help=argparse.SUPPRESS)  # tests: CPU is slower
     p.add_argument("--run-check", help=argparse.SUPPRESS)  # internal: one check, in a child process
     p.add_argument("--write-cpu-checkpoint", metavar="DIR", help=argparse.SUPPRESS)  # internal, CUDA hidden
     p.add_argument("--model", default="debug", help=argparse.SUPPRESS)
@@ -655,11 +656,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         for r in run_check_here(args.run_check, ctx):
             print(MARK + json.dumps(asdict(r)), flush=True)
     else:
-        return run_all(ctx, args.only or [c[0] for c in CHECKS], remove=args.work is None)
+        return run_all(ctx, args.only or [c[0] for c in CHECKS], remove=args.work is None, time_scale=args.time_scale)
     return 0
 
 
-def run_all(ctx: Ctx, names: Sequence[str], remove: bool) -> int:
+def run_all(ctx: Ctx, names: Sequence[str], remove: bool, time_scale: float = 1.0) -> int:
     """Every check named, each in its own process; one line each and the summary."""
     import torch
 
@@ -672,7 +673,7 @@ def run_all(ctx: Ctx, names: Sequence[str], remove: bool) -> int:
     for name, limit, _, _ in CHECKS:
         if name in names:
             start = time.perf_counter()
-            for r in run_check_child(name, limit, ctx):
+            for r in run_check_child(name, int(limit * time_scale), ctx):
                 print(f"{r.line()} ({time.perf_counter() - start:.0f} s)", flush=True)
                 results.append(r)
     if remove:
