@@ -357,25 +357,35 @@ def _set_flag(flags: list[str], flag: str, value: Optional[str]) -> list[str]:
     return flags[:i] + ([flag, value] if value is not None else []) + flags[i + 2:]
 
 
-def check_speed(ctx: Ctx) -> Result:
-    """InternVL3-1B, bf16, mock data at 4k and 16k packs (half of the tokens image tokens)."""
-    import torch
+SPEED_RUNS = ((4096, 4), (16384, 2))  # (--seq-length, --global-batch-size)
 
+
+def speed_setup(seq: int, gbs: int, device: str, gpu_name: str) -> tuple[list[str], float]:
+    """The speed run's flags (InternVL3-1B, bf16, mock packs of two samples, half of the tokens image
+    tokens) and the planner's peak-memory prediction for that layout (TP1 PP1 CP1 DP1) in bytes."""
     from internvl_mcore.config import get_preset
     from internvl_mcore.plan import HARDWARE, Layout, Workload, plan
 
+    cfg = get_preset("internvl3-1b")
+    tiles = seq // 2 // cfg.num_image_token // 2  # per sample
+    flags = ["--model", "internvl3-1b", "--mock-data", "--mock-tiles-per-sample", str(tiles), "--bf16",
+             "--seq-length", str(seq), "--global-batch-size", str(gbs), "--train-iters", "8", "--lr", "1e-5",
+             "--device", device, "--log-interval", "100"]
+    work = Workload(seq_length=seq, global_batch_size=gbs, tiles_per_sequence=2 * tiles, sample_length=seq // 2)
+    hw = HARDWARE["h200" if "H200" in gpu_name else "h100"]
+    return flags, plan(cfg, Layout(1, 1, 1, 1, False, False, False), work, hw).stages[0].total
+
+
+def check_speed(ctx: Ctx) -> Result:
+    """SPEED_RUNS on the device: tokens/s, MFU (spec and measured peak), memory against the planner."""
+    import torch
+
     name = torch.cuda.get_device_name(0) if ctx.device == "cuda" else "cpu"
     spec = next((v for k, v in SPEC_BF16_PEAK.items() if k in name), None)
-    hw = HARDWARE["h200" if "H200" in name else "h100"]
-    cfg, parts = get_preset("internvl3-1b"), []
-    for seq, gbs in ((4096, 4), (16384, 2)):
-        tiles = seq // 2 // cfg.num_image_token // 2  # per sample, two samples per mock pack
-        flags = ["--model", "internvl3-1b", "--mock-data", "--mock-tiles-per-sample", str(tiles), "--bf16",
-                 "--seq-length", str(seq), "--global-batch-size", str(gbs), "--train-iters", "8", "--lr", "1e-5",
-                 "--device", ctx.device, "--log-interval", "100"]
+    parts = []
+    for seq, gbs in SPEED_RUNS:
+        flags, predicted = speed_setup(seq, gbs, ctx.device, name)
         records = train(ctx.work / f"speed_{seq}.jsonl", flags, timeout=240)
-        work = Workload(seq_length=seq, global_batch_size=gbs, tiles_per_sequence=2 * tiles, sample_length=seq // 2)
-        predicted = plan(cfg, Layout(1, 1, 1, 1, False, False, False), work, hw).stages[0].total
         parts.append(describe_speed(seq, speed_numbers(records, spec, predicted)))
     return verdict("speed", True, f"{name}: " + "; ".join(parts), backends(ctx.device, True))
 

@@ -130,3 +130,14 @@ def test_gpu_check_wheels_and_data_are_git_ignored():
         proc = subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO)
         assert proc.returncode == 0, f"{path} is not git-ignored"
     assert Path(REPO / "scripts" / "gpu_wheels.sh").read_text().count("LIMIT=$((64 * 1024 * 1024))") == 1
+
+
+def test_speed_runs_parse_and_the_planner_predicts_their_memory(gpu_check):
+    """The speed check's flags are valid CLI flags and the planner predicts a plausible peak (no GPU run)."""
+    from pretrain_internvl import parse_run_config
+
+    for seq, gbs in gpu_check.SPEED_RUNS:
+        flags, predicted = gpu_check.speed_setup(seq, gbs, "cpu", "NVIDIA H100 80GB HBM3")
+        run = parse_run_config(flags)
+        assert run.model.name == "internvl3-1b" and run.data.mock_data and run.data.mock_tiles_per_sample >= 4
+        assert 4 * 2**30 < predicted < 78 * 2**30, predicted / 2**30  # fits one H100, above the weights' size
