@@ -310,9 +310,9 @@ class Ctx:
 
 
 def _ensure_data(ctx: Ctx) -> str:
-    """The carried data when READY, else made here; says which."""
+    """The data in ctx.data when READY (carried, or made by an earlier check), else made here; says which."""
     if (ctx.data / "READY").exists():
-        return "carried data"
+        return "prepared data"
     prepare_data(ctx.data)
     return "data made here"
 

@@ -37,7 +37,9 @@ def test_committed_reference_numbers_are_what_the_cpu_computes(cpu_runs):
     _, results = cpu_runs
     for name, got in results.items():
         assert len(got) == 1 and got[0].status == "PASS", got[0].line()
-        assert got[0].backends == "local specs, SDPA" and "data made here" in got[0].detail
+        assert got[0].backends == "local specs, SDPA"
+    assert "data made here" in results["fp32_vs_cpu"][0].detail  # the first check made it, the others reuse it
+    assert "prepared data" in results["mpo_vs_cpu"][0].detail
 
 
 def test_every_compared_number_can_fail(gpu_check, cpu_runs):
