@@ -141,3 +141,10 @@ def test_speed_runs_parse_and_the_planner_predicts_their_memory(gpu_check):
         run = parse_run_config(flags)
         assert run.model.name == "internvl3-1b" and run.data.mock_data and run.data.mock_tiles_per_sample >= 4
         assert 4 * 2**30 < predicted < 78 * 2**30, predicted / 2**30  # fits one H100, above the weights' size
+
+
+def test_a_check_that_could_outrun_the_budget_is_skipped_not_started(gpu_check, tmp_path, capsys):
+    code = gpu_check.main(["--device", "cpu", "--only", "parallel", "--budget", "5", "--work", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0 and "SKIP tp2 (5 s left of the 5 s budget, its limit is 120 s)" in out
+    assert "0 passed, 0 failed , 2 skipped" in out
