@@ -223,9 +223,18 @@ def train_cmd(nproc: int, *args: str) -> list[str]:
 
 
 def train(log: Path, flags: Sequence[str], timeout: float, nproc: int = 1) -> dict[int, dict]:
-    """One pretrain_internvl.py run (TF32 off); its logged records."""
-    run(train_cmd(nproc, *flags, "--log-jsonl", str(log)), timeout=timeout, env={**NO_TF32, "OMP_NUM_THREADS": "4"})
-    return read_log(log)
+    """One pretrain_internvl.py run (TF32 off); its logged records. Retried once, on a new port, when
+    the free port found was taken before torchrun bound it."""
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    for attempt in (1, 2):
+        try:
+            run(train_cmd(nproc, *flags, "--log-jsonl", str(log)), timeout=timeout,
+                env={**NO_TF32, "OMP_NUM_THREADS": "4"})
+            return read_log(log)
+        except RuntimeError as exc:
+            if attempt == 2 or "address already in use" not in str(exc).lower():
+                raise
+    raise AssertionError("unreachable")
 
 
 def reference_flags(kind: str, data: Path, device: str, bf16: bool = False) -> list[str]:
@@ -599,9 +608,19 @@ CHECKS: list[tuple[str, int, Callable[[Ctx], object], tuple[str, ...]]] = [
 ]
 
 
+BF16_CHECKS = {"bf16_vs_cpu", "speed", "te_bf16_train", "flash_vs_sdpa", "parallel"}
+
+
+def _check_backends(name: str, ctx: Ctx) -> str:
+    """The backends check `name` would run on (for the lines of a check that crashed or timed out)."""
+    return backends(ctx.device, name in BF16_CHECKS)
+
+
 def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''} ... {text[-1] if len(text) > 1 else ''}"
+    """One line: the exception's type and its last line that names an error (else its last line)."""
+    text = [x.strip() for x in str(exc).strip().splitlines() if x.strip().strip("=")]
+    named = [x for x in text if "error" in x.lower() or "exception" in x.lower()]
+    return f"{type(exc).__name__}: {(named or text or [''])[-1][:300]}"
 
 
 def run_check_here(name: str, ctx: Ctx) -> list[Result]:
@@ -611,7 +630,7 @@ def run_check_here(name: str, ctx: Ctx) -> list[Result]:
         out = fn(ctx)
         return out if isinstance(out, list) else [out]
     except Exception as exc:  # noqa: BLE001 - one failed check must not hide the others
-        return [verdict(line, False, _short(exc)) for line in lines]
+        return [verdict(line, False, _short(exc), _check_backends(name, ctx)) for line in lines]
 
 
 def run_check_child(name: str, limit: int, ctx: Ctx) -> list[Result]:
@@ -622,11 +641,13 @@ def run_check_child(name: str, limit: int, ctx: Ctx) -> list[Result]:
     try:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=limit)
     except subprocess.TimeoutExpired:
-        return [verdict(line, False, f"timed out after its limit of {limit} s") for line in lines]
+        return [verdict(line, False, f"timed out after its limit of {limit} s", _check_backends(name, ctx))
+                for line in lines]
     found = [Result(**json.loads(x[len(MARK):])) for x in proc.stdout.splitlines() if x.startswith(MARK)]
     if not found:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return [verdict(line, False, f"check process exited {proc.returncode}: {' | '.join(tail)}") for line in lines]
+        return [verdict(line, False, f"check process exited {proc.returncode}: {' | '.join(tail)}",
+                        _check_backends(name, ctx)) for line in lines]
     return found
 
 
@@ -656,6 +677,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--prepare", metavar="DIR", help="make the data (shards, CPU checkpoints) in DIR on CPU, to carry")
     args = p.parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check_"))
+    work.mkdir(parents=True, exist_ok=True)
     ctx = Ctx(work, Path(args.data) if args.data else work / "data", args.device)
     if args.write_cpu_checkpoint:
         write_cpu_checkpoint(Path(args.write_cpu_checkpoint), args.model)
