@@ -26,8 +26,12 @@ setup(
         "protobuf",  # sentencepiece-backed tokenizers (transformers v5 behaviour) need it
     ],
     extras_require={
-        # megatron-core 0.16.1 supports transformer-engine >= 2.9.0a0, < 2.12.0 (its own pyproject)
-        "gpu": ["transformer-engine[pytorch]>=2.9.0a0,<2.12.0", "flash-attn"],
+        # Both compile CUDA extensions against the torch already installed: install with nvcc on the
+        # PATH (CUDA_HOME set) and WITHOUT build isolation, else pip builds them against a fresh torch
+        # in a throw-away environment (or fails):  pip install --no-build-isolation -e ".[gpu]"
+        # (docs/gpu.md). megatron-core 0.16.1 supports transformer-engine >= 2.9.0a0, < 2.12.0 (its
+        # pyproject); TE 2.9 accepts flash-attn <= 2.8.1 (TE 2.10/2.11: <= 2.8.3), so 2.8.1 fits all.
+        "gpu": ["transformer-engine[pytorch]>=2.9.0a0,<2.12.0", "flash-attn==2.8.1"],
         "wandb": ["wandb"],  # --wandb-project (WANDB_MODE=offline works without a network)
         "dev": [
             "pytest>=8",

@@ -1,0 +1,71 @@
+"""tools/gpu_reference.json: the CPU numbers the GPU check compares against. Here the reference checks
+of tools/gpu_check.py run with the CPU as their device: they must PASS against the committed numbers
+(numbers that drift from what this code computes fail here), and every compared number, perturbed
+beyond its tolerance, must make the comparison FAIL. Remake the file with
+`python tools/gpu_check.py --write-reference` when a change of the numbers is intended."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import sys
+
+import pytest
+
+from tests.launch import REPO
+
+CHECKS = {"fp32_vs_cpu": "dense", "moe_vs_cpu": "moe", "mpo_vs_cpu": "mpo"}
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "tools" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def cpu_runs(gpu_check, tmp_path_factory):
+    """The data made as on a machine without carried data, and the three reference checks on the CPU."""
+    work = tmp_path_factory.mktemp("gpu_reference")
+    ctx = gpu_check.Ctx(work, work / "data", "cpu")
+    return ctx, {name: gpu_check.run_check_here(name, ctx) for name in CHECKS}
+
+
+def test_committed_reference_numbers_are_what_the_cpu_computes(cpu_runs):
+    _, results = cpu_runs
+    for name, got in results.items():
+        assert len(got) == 1 and got[0].status == "PASS", got[0].line()
+        assert got[0].backends == "local specs, SDPA"
+    assert "data made here" in results["fp32_vs_cpu"][0].detail  # the first check made it, the others reuse it
+    assert "prepared data" in results["mpo_vs_cpu"][0].detail
+
+
+def test_every_compared_number_can_fail(gpu_check, cpu_runs):
+    ctx, _ = cpu_runs
+    reference = gpu_check.load_reference()
+    for name, kind in CHECKS.items():
+        records = gpu_check.read_log(ctx.work / f"{name}.jsonl")
+        want = reference[kind]
+        assert len(want["loss"]) == len(want["grad_norm"]) == gpu_check.RUNS[kind]["iters"]
+        assert gpu_check.judge_reference(name, records, want, gpu_check.FP32_RTOL).ok
+        for key in ("loss", "grad_norm"):
+            for i in range(len(want[key])):
+                for rtol, factor in ((gpu_check.FP32_RTOL, 3.0), (gpu_check.BF16_RTOL, 3.0)):
+                    bad = copy.deepcopy(want)
+                    bad[key][i] *= 1 + factor * rtol
+                    r = gpu_check.judge_reference(name, records, bad, rtol)
+                    assert r.status == "FAIL" and f"{key} {i + 1}" in r.detail, (name, key, i, r.line())
+        shorter = {k: v for k, v in records.items() if k < len(want["loss"])}
+        assert not gpu_check.judge_reference(name, shorter, want, gpu_check.FP32_RTOL).ok  # a step missing
+
+
+def test_shards_other_than_the_references_fail(gpu_check, cpu_runs, monkeypatch):
+    ctx, _ = cpu_runs
+    reference = copy.deepcopy(gpu_check.load_reference())
+    first = sorted(reference["moe"]["shards"])[0]
+    reference["moe"]["shards"][first] = "0" * 64
+    monkeypatch.setattr(gpu_check, "load_reference", lambda: reference)
+    r = gpu_check.check_vs_cpu(ctx, "moe_vs_cpu", "moe", False)
+    assert r.status == "FAIL" and "shards differ" in r.detail
