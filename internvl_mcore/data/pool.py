@@ -31,6 +31,15 @@ def exit_with_parent(parent_pid: int, interval_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+def describe_exit(proc: Any) -> str:
+    """How a (dead) multiprocessing.Process ended, in words."""
+    proc.join(timeout=5)
+    code = proc.exitcode
+    if code is not None and code < 0:
+        return f"killed by {_SIGNALS.get(-code, f'signal {-code}')}"
+    return f"exit code {code}"
+
+
 def _worker_main(conn: Connection, initializer: Callable[[Any], None], initarg: Any, fn: Callable[[Any], Any],
                  parent_pid: int) -> None:
     """One input in, one result out, until None arrives."""
@@ -58,11 +67,7 @@ class _Worker:
 
     def death(self) -> str:
         """How the worker ended, in words."""
-        self.proc.join(timeout=5)
-        code = self.proc.exitcode
-        if code is not None and code < 0:
-            return f"killed by {_SIGNALS.get(-code, f'signal {-code}')}"
-        return f"exit code {code}"
+        return describe_exit(self.proc)
 
 
 class SupervisedPool:
