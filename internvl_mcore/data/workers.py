@@ -27,6 +27,7 @@ from typing import Any, Callable
 from .pool import describe_exit, exit_with_parent
 
 _READY = "ready"
+STARTUP_MIN_S = 120.0  # a spawned worker's imports take seconds, more on a loaded node: not a stall
 
 
 class WorkerError(RuntimeError):
@@ -74,7 +75,8 @@ class WorkerPool:
 
     `submit(w, item, what)` queues an input on worker w; `result(w)` returns w's oldest unanswered
     result (or re-raises the exception `fn` raised on it). `what` describes the input for the errors
-    ("pack 3 of shard set P"); `flag` names the setting that bounds the waits."""
+    ("pack 3 of shard set P"); `flag` names the setting that bounds the waits: `timeout_s` for each
+    result, max(timeout_s, STARTUP_MIN_S) for a worker's start-up."""
 
     def __init__(self, workers: int, initializer: Callable[[Any], None], initarg: Any, fn: Callable[[Any], Any],
                  timeout_s: float, flag: str = "--data-worker-timeout") -> None:
@@ -95,19 +97,19 @@ class WorkerPool:
     def result(self, w: int) -> Any:
         worker = self._workers[w]
         if not worker.ready:
-            if self._receive(worker, "start (importing its modules)") != _READY:
+            if self._receive(worker, "start (importing its modules)", max(self.timeout_s, STARTUP_MIN_S)) != _READY:
                 raise RuntimeError(f"loader worker {w}: unexpected first message")
             worker.ready = True
         what = worker.pending.popleft()
-        ok, value = self._receive(worker, f"return {what}")
+        ok, value = self._receive(worker, f"return {what}", self.timeout_s)
         if not ok:
             raise value
         return value
 
-    def _receive(self, worker: _Worker, doing: str) -> Any:
-        """The worker's next message within the deadline, or a WorkerError (all workers stopped)."""
+    def _receive(self, worker: _Worker, doing: str, timeout_s: float) -> Any:
+        """The worker's next message within `timeout_s`, or a WorkerError (all workers stopped)."""
         who = f"loader worker {worker.index} (pid {worker.proc.pid})"
-        ready = wait([worker.conn, worker.proc.sentinel], timeout=self.timeout_s)
+        ready = wait([worker.conn, worker.proc.sentinel], timeout=timeout_s)
         if worker.conn in ready:
             try:
                 return worker.conn.recv()
@@ -115,12 +117,12 @@ class WorkerPool:
                 pass
         if not ready:
             self.close(terminate=True)
-            raise WorkerError(f"{self.flag} {self.timeout_s:g}: {who} did not {doing} within {self.timeout_s:g} s "
+            raise WorkerError(f"{self.flag} {self.timeout_s:g}: {who} did not {doing} within {timeout_s:g} s "
                               f"and was stopped (stalled; raise {self.flag} if a pack really takes that long)")
         why = describe_exit(worker.proc)
         self.close(terminate=True)
-        raise WorkerError(f"--num-workers: {who} died ({why}) before it could {doing}; with SIGKILL, check the "
-                          f"job's memory (fewer --num-workers or a larger limit)")
+        raise WorkerError(f"--num-workers: {who} died ({why}) while the training process waited for it to {doing}; "
+                          f"if it was killed for memory, use fewer --num-workers or give the job more memory")
 
     def close(self, terminate: bool = False) -> None:
         """Ask every worker to stop (kill them at once with `terminate`); kill those still alive after 10 s."""
