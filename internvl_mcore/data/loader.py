@@ -39,6 +39,8 @@ from .workers import WorkerError, WorkerPool
 
 IMAGE_TILINGS = ("loader", "device")
 DEFAULT_WORKER_TIMEOUT_S = 300.0  # --data-worker-timeout: well inside the 10 min default collective timeout
+# imported once by the workers' fork server: what a worker's first pack would otherwise import (10 s under load)
+WORKER_PRELOAD = ("internvl_mcore.data.loader", "megatron.core.datasets.indexed_dataset", "PIL.Image")
 LOADER_FAULT_ENV = "INTERNVL_MCORE_LOADER_FAULT"  # tests: GLOBAL_INDEX:kill|hang (see _load_in_worker)
 
 STATE_VERSION = 1
@@ -290,7 +292,7 @@ class PackedDataLoader:
         overlap whatever the caller does meanwhile (building the model)."""
         if self._pool is None:
             self._pool = WorkerPool(self.num_workers, _set_worker_loader, self._worker_spec(), _load_in_worker,
-                                    self.worker_timeout)
+                                    self.worker_timeout, preload=WORKER_PRELOAD)
             self._submitted = 0
         return self._pool
 

@@ -1,13 +1,16 @@
-"""The loader's worker processes: spawned, never forked; one pipe each; every wait has a deadline.
+"""The loader's worker processes: never forked from the training process; one pipe each; every wait has
+a deadline.
 
-Why spawn: by the time the first batch is drawn the training process runs torch's OpenMP thread pool
-(and has initialized CUDA on a GPU node). A fork copies the pool's state but not its threads, and the
-child deadlocks in its first parallel region: with OMP_NUM_THREADS unset, `Tensor.share_memory_` waited
-in `gomp_team_barrier_wait_end` forever (issue 23). A spawned worker is a fresh interpreter that
-rebuilds its state from a small picklable argument (the loader reopens the shard mmaps itself: a few
-milliseconds), as PyTorch's DataLoader with the spawn start method does. Its cost is the start-up
-imports (seconds, once per run), which overlap the model's construction when the workers are started
-early (`start`).
+Why: by the time the first batch is drawn the training process runs torch's OpenMP thread pool (and has
+initialized CUDA on a GPU node). A fork copies the pool's state but not its threads, and the child
+deadlocks in its first parallel region: with OMP_NUM_THREADS unset, `Tensor.share_memory_` waited in
+`gomp_team_barrier_wait_end` forever (issue 23). Workers come from multiprocessing's forkserver: a fresh
+interpreter (started by fork + exec, so it inherits no threads) that imports the modules the workers
+need once (`preload`: for the loader, torch and megatron-core's indexed dataset), runs
+nothing else, and forks each worker from that clean state in milliseconds. A worker rebuilds its state
+from a small picklable argument (the loader reopens the shard mmaps itself: a few milliseconds). The
+cost is the server's imports, once per process (~3-4 s on a loaded 2-core machine), which overlap the
+caller's work when the workers are started early (`PackedDataLoader.start_workers`).
 
 Why not ProcessPoolExecutor: it cannot say which worker died or which input it held, and its
 `BrokenProcessPool` is a traceback. Here input k of a worker is its k-th result (each worker answers
@@ -34,11 +37,12 @@ class WorkerError(RuntimeError):
     """A worker died or stalled; the message is one line naming the worker, its pid and its input."""
 
 
-def _worker_main(conn: Connection, initializer: Callable[[Any], None], initarg: Any, fn: Callable[[Any], Any],
-                 parent_pid: int) -> None:
+def _worker_main(conn: Connection, initializer: Callable[[Any], None], initarg: Any, fn: Callable[[Any], Any]) -> None:
     """Initialize, say so, then one input in, one (ok, result or exception) out, until None arrives."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle
-    exit_with_parent(parent_pid)  # a SIGKILLed training rank must not leave its workers behind
+    # A SIGKILLed training rank must not leave its workers behind: its fork server (this process's parent)
+    # exits when the rank's end closes its pipe, and then this worker leaves.
+    exit_with_parent(os.getppid())
     initializer(initarg)
     conn.send(_READY)
     while (item := conn.recv()) is not None:
@@ -56,7 +60,7 @@ class _Worker:
     def __init__(self, ctx: Any, index: int, args: tuple) -> None:
         self.index = index
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, *args, os.getpid()), daemon=True,
+        self.proc = ctx.Process(target=_worker_main, args=(child, *args), daemon=True,
                                 name=f"loader-worker-{index}")
         main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None  # inherited until it sets its own
@@ -71,7 +75,7 @@ class _Worker:
 
 
 class WorkerPool:
-    """`workers` spawned processes running `fn(item)` after `initializer(initarg)`.
+    """`workers` processes (forked by the fork server) running `fn(item)` after `initializer(initarg)`.
 
     `submit(w, item, what)` queues an input on worker w; `result(w)` returns w's oldest unanswered
     result (or re-raises the exception `fn` raised on it). `what` describes the input for the errors
@@ -79,10 +83,11 @@ class WorkerPool:
     result, max(timeout_s, STARTUP_MIN_S) for a worker's start-up."""
 
     def __init__(self, workers: int, initializer: Callable[[Any], None], initarg: Any, fn: Callable[[Any], Any],
-                 timeout_s: float, flag: str = "--data-worker-timeout") -> None:
+                 timeout_s: float, flag: str = "--data-worker-timeout", preload: tuple[str, ...] = ()) -> None:
         if not timeout_s > 0:
             raise ValueError(f"{flag} must be > 0 seconds, got {timeout_s}")
-        ctx = mp.get_context("spawn")
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(list(preload))  # (no effect once this process's fork server runs)
         self.timeout_s, self.flag = float(timeout_s), flag
         self._workers = [_Worker(ctx, i, (initializer, initarg, fn)) for i in range(workers)]
 
