@@ -22,7 +22,9 @@ _SIGNALS = {9: "SIGKILL, e.g. the out-of-memory killer", 11: "SIGSEGV, a segment
 def exit_with_parent(parent_pid: int, interval_s: float = 1.0) -> None:
     """In a worker process: leave as soon as `parent_pid` is gone. A parent killed by SIGKILL (the
     out-of-memory killer, torchrun ending a job) runs no clean-up, and its forked workers, which hold
-    copies of every pipe, would otherwise wait for work forever, keeping the job's output open."""
+    copies of the job's output pipes, would otherwise wait for work forever, keeping the job's output open.
+    Workers forked by a fork server pass its pid: the server leaves when the process that started it is
+    gone, and the worker follows."""
     def watch() -> None:
         while os.getppid() == parent_pid:
             time.sleep(interval_s)
@@ -40,10 +42,10 @@ def describe_exit(proc: Any) -> str:
     return f"exit code {code}"
 
 
-def _worker_main(conn: Connection, initializer: Callable[[Any], None], initarg: Any, fn: Callable[[Any], Any],
-                 parent_pid: int) -> None:
+def _worker_main(conn: Connection, initializer: Callable[[Any], None], initarg: Any, fn: Callable[[Any], Any]) -> None:
     """One input in, one result out, until None arrives."""
-    exit_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group: the parent handles it
+    exit_with_parent(os.getppid())  # the fork server, which leaves when the pool's process is gone
     initializer(initarg)
     while (item := conn.recv()) is not None:
         conn.send(fn(item))
@@ -52,7 +54,7 @@ def _worker_main(conn: Connection, initializer: Callable[[Any], None], initarg: 
 class _Worker:
     def __init__(self, pool: "SupervisedPool"):
         self.conn, child = pool._mp.Pipe()
-        self.proc = pool._mp.Process(target=_worker_main, args=(child, *pool._worker_args, os.getpid()), daemon=True)
+        self.proc = pool._mp.Process(target=_worker_main, args=(child, *pool._worker_args), daemon=True)
         # Ctrl-C reaches the whole process group: the parent handles it (and terminates the pool); workers
         # start with SIGINT ignored (inherited, also across spawn's exec) so they print no tracebacks.
         main = threading.current_thread() is threading.main_thread()
@@ -73,12 +75,16 @@ class _Worker:
 class SupervisedPool:
     """`workers` processes running `fn` on inputs after `initializer(initarg)`; see the module docstring.
 
-    fork where available: workers inherit the imported modules (megatron-core's import alone takes
-    seconds) and `initarg` without pickling it."""
+    Workers come from multiprocessing's fork server, never from a fork of the calling process: that
+    process may run threads (torch's OpenMP pool, a tokenizer's) whose locks a fork copies without
+    their owners, and the child then deadlocks (issue 23; data/workers.py). The server imports `preload`
+    once (megatron-core's import alone takes seconds), so a worker, also a replacement, starts in
+    milliseconds; `initarg` is pickled to each worker."""
 
     def __init__(self, workers: int, initializer: Callable[[Any], None], initarg: Any, fn: Callable[[Any], Any],
-                 on_death: Callable[[Any, int, str], Any], retries: int = 1):
-        self._mp = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+                 on_death: Callable[[Any, int, str], Any], retries: int = 1, preload: tuple[str, ...] = ()):
+        self._mp = mp.get_context("forkserver")
+        self._mp.set_forkserver_preload(list(preload))  # (no effect once this process's fork server runs)
         self._worker_args = (initializer, initarg, fn)
         self._on_death, self._retries = on_death, retries
         self._workers = [_Worker(self) for _ in range(workers)]

@@ -196,6 +196,7 @@ class _WorkerContext:
 
 
 _CTX: _WorkerContext | None = None
+_WORKER_PRELOAD = ("internvl_mcore.data.preprocess", "PIL.Image")  # imported once by the fork server
 
 
 def _init_worker(ctx: _WorkerContext) -> None:
@@ -439,7 +440,8 @@ def _pass1(cfg: PreprocessConfig, ctx: _WorkerContext, tmp_prefix: str, tile_sha
     stream, expected = _records(cfg)
     state = _Pass1()
     tmp_writer = ShardWriter(tmp_prefix, tile_format=cfg.tile_format, tile_shape=tile_shape)
-    pool = SupervisedPool(cfg.workers, _init_worker, ctx, _run_in_worker, _worker_died) if cfg.workers > 1 else None
+    pool = (SupervisedPool(cfg.workers, _init_worker, ctx, _run_in_worker, _worker_died, preload=_WORKER_PRELOAD)
+            if cfg.workers > 1 else None)
     clean = False
     try:
         with open(cfg.output_prefix + ".rejects.jsonl", "w") as rejects_file:
