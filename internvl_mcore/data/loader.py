@@ -15,7 +15,7 @@ training transform) draws from a generator keyed by (seed, g), so a resumed run 
 
 Packs are decoded in `num_workers` processes (Megatron's --num-workers) a few packs ahead; the
 draws are made in the calling process, so the stream and `state_dict()` do not depend on the
-number of workers. The workers are spawned, not forked (workers.py says why), and every wait for
+number of workers. The workers are never forked from this process (workers.py says why), and every wait for
 one has a deadline (`worker_timeout`, --data-worker-timeout). Tiles stay uint8: the model
 normalizes them on its device.
 """
@@ -142,7 +142,7 @@ class PackedDataLoader:
         shuffle: permute each dataset's packs per epoch (the preprocessor already shuffled once;
             this avoids repeating the same order every epoch).
         augment: apply JPEG re-compression to tiles of `data_augment` datasets.
-        num_workers: >0 decodes packs in that many spawned worker processes (each reopens the
+        num_workers: >0 decodes packs in that many worker processes (from a fork server; each reopens the
             mmapped shards), 2 packs per worker ahead. The stream and `state_dict()` are the same
             for any number of workers.
         worker_timeout: seconds a worker may take to start and then to return each pack; past it,
@@ -288,8 +288,7 @@ class PackedDataLoader:
         return sample
 
     def start_workers(self) -> WorkerPool:
-        """Start the worker processes now (else at the first `next`): their start-up imports then
-        overlap whatever the caller does meanwhile (building the model)."""
+        """The worker processes, started at the first call (the first `next`)."""
         if self._pool is None:
             self._pool = WorkerPool(self.num_workers, _set_worker_loader, self._worker_spec(), _load_in_worker,
                                     self.worker_timeout, preload=WORKER_PRELOAD)
@@ -435,7 +434,7 @@ _WORKER_LOADER: PackedDataLoader | None = None
 
 
 def _set_worker_loader(spec: dict) -> None:
-    """In a spawned worker: the loader rebuilt from `PackedDataLoader._worker_spec` (no workers of its own)."""
+    """In a worker: the loader rebuilt from `PackedDataLoader._worker_spec` (no workers of its own)."""
     global _WORKER_LOADER
     _WORKER_LOADER = PackedDataLoader(spec["blend"], seed=spec["seed"], shuffle=spec["shuffle"],
                                       augment=spec["augment"], image_tiling=spec["image_tiling"])

@@ -9,8 +9,7 @@ interpreter (started by fork + exec, so it inherits no threads) that imports the
 need once (`preload`: for the loader, torch and megatron-core's indexed dataset), runs
 nothing else, and forks each worker from that clean state in milliseconds. A worker rebuilds its state
 from a small picklable argument (the loader reopens the shard mmaps itself: a few milliseconds). The
-cost is the server's imports, once per process (~3-4 s on a loaded 2-core machine), which overlap the
-caller's work when the workers are started early (`PackedDataLoader.start_workers`).
+cost is the server's imports, once per process (seconds; the first `Process.start` waits for them).
 
 Why not ProcessPoolExecutor: it cannot say which worker died or which input it held, and its
 `BrokenProcessPool` is a traceback. Here input k of a worker is its k-th result (each worker answers
@@ -30,7 +29,7 @@ from typing import Any, Callable
 from .pool import describe_exit, exit_with_parent
 
 _READY = "ready"
-STARTUP_MIN_S = 120.0  # a spawned worker's imports take seconds, more on a loaded node: not a stall
+STARTUP_MIN_S = 120.0  # a new worker (its fork server importing torch) takes seconds, more on a loaded node
 
 
 class WorkerError(RuntimeError):

@@ -135,8 +135,6 @@ class ShardBatches:
         self.seq_length = run.train.seq_length
         self.micro_batch_size = run.train.micro_batch_size
         self.pin_memory = torch.cuda.is_available()  # page-locked tiles (or pixels) copy to the GPU asynchronously
-        if self.loader.num_workers:
-            self.loader.start_workers()  # their start-up imports overlap the checkpoint loading
 
     def __iter__(self) -> "ShardBatches":
         return self
