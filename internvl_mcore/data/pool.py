@@ -3,7 +3,9 @@
 multiprocessing.Pool loses the task of a worker that dies and waits for its result forever. Here each
 worker gets one input at a time over its own pipe, so the parent always knows which input a worker
 holds: a dead worker is replaced, its input retried in a fresh worker, and after `retries` retries the
-caller's `on_death(item, attempts, why)` result stands in for it. Results come back in input order.
+caller's `on_death(item, attempts, why)` result stands in for it. A worker that holds one input longer
+than `timeout_s` counts as dead (it is killed: a decoder stuck on one file must not stall the run
+forever). Results come back in input order.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from collections import Counter, deque
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Iterator
 
+RECORD_TIMEOUT_S = 600.0  # one record's processing; minutes even for a long video
 _SIGNALS = {9: "SIGKILL, e.g. the out-of-memory killer", 11: "SIGSEGV, a segmentation fault", 6: "SIGABRT"}
 
 
@@ -66,10 +69,12 @@ class _Worker:
                 signal.signal(signal.SIGINT, previous)
         child.close()
         self.seq: int | None = None  # the input this worker holds
+        self.since = 0.0  # when it got it (time.monotonic)
+        self.stalled: str | None = None  # why it was killed, when for holding its input too long
 
     def death(self) -> str:
         """How the worker ended, in words."""
-        return describe_exit(self.proc)
+        return self.stalled or describe_exit(self.proc)
 
 
 class SupervisedPool:
@@ -82,11 +87,12 @@ class SupervisedPool:
     milliseconds; `initarg` is pickled to each worker."""
 
     def __init__(self, workers: int, initializer: Callable[[Any], None], initarg: Any, fn: Callable[[Any], Any],
-                 on_death: Callable[[Any, int, str], Any], retries: int = 1, preload: tuple[str, ...] = ()):
+                 on_death: Callable[[Any, int, str], Any], retries: int = 1, preload: tuple[str, ...] = (),
+                 timeout_s: float = RECORD_TIMEOUT_S):
         self._mp = mp.get_context("forkserver")
         self._mp.set_forkserver_preload(list(preload))  # (no effect once this process's fork server runs)
         self._worker_args = (initializer, initarg, fn)
-        self._on_death, self._retries = on_death, retries
+        self._on_death, self._retries, self._timeout_s = on_death, retries, timeout_s
         self._workers = [_Worker(self) for _ in range(workers)]
         self._items: dict[int, Any] = {}
         self._attempts: Counter[int] = Counter()
@@ -120,7 +126,7 @@ class SupervisedPool:
                 seq = self._todo.popleft()
                 try:
                     w.conn.send(self._items[seq])
-                    w.seq = seq
+                    w.seq, w.since = seq, time.monotonic()
                 except (BrokenPipeError, OSError):  # died while idle: the input was never its own
                     self._todo.appendleft(seq)
                     w.proc.join(timeout=5)
@@ -130,9 +136,17 @@ class SupervisedPool:
     def _collect(self) -> None:
         """Wait until some busy worker answers or dies; take its result or replace it."""
         busy = [w for w in self._workers if w.seq is not None]
-        ready = set(wait([w.conn for w in busy] + [w.proc.sentinel for w in busy]))
+        if not busy:
+            return
+        left = min(w.since for w in busy) + self._timeout_s - time.monotonic()
+        ready = set(wait([w.conn for w in busy] + [w.proc.sentinel for w in busy], timeout=max(left, 0.0)))
         for w in busy:
             if w.conn not in ready and w.proc.sentinel not in ready:
+                if time.monotonic() - w.since >= self._timeout_s:  # stalled: counts as dead
+                    w.stalled = f"no result within {self._timeout_s:g} s, killed"
+                    w.proc.kill()
+                    w.proc.join(timeout=5)
+                    self._replace(w)
                 continue
             try:
                 if w.conn.poll():
