@@ -84,7 +84,7 @@ DOMAINS: dict[str, Domain] = {
     "clip_grad": NON_NEGATIVE, "seed": COUNT, "moe_aux_loss_coeff": NON_NEGATIVE, "unfreeze_vit_layers": COUNT,
     "drop_path_rate": PROBABILITY, "mpo_beta": POSITIVE, "mpo_loss_weights": NON_NEGATIVE, "peak_flops": POSITIVE,
     "eval_interval": COUNT, "eval_iters": COUNT, "skip_spike_factor": POSITIVE,
-    "distributed_timeout_minutes": POSITIVE,
+    "distributed_timeout_minutes": POSITIVE, "data_worker_timeout": POSITIVE,
     # checkpoints, data, logging, LoRA
     "save_interval": COUNT, "exit_interval": COUNT, "keep_checkpoints": COUNT,
     "mock_tiles_per_sample": POSITIVE_INT, "num_workers": COUNT, "log_interval": POSITIVE_INT,

@@ -173,6 +173,10 @@ class DataConfig:
     num_workers: int = 1
     """Processes that decode shard images ahead of the training step (0: decode in the training
     process). The batches and the resume point do not depend on it."""
+    data_worker_timeout: float = 300.0
+    """Seconds a loader worker may take to start, and then to return each pack; past it, or when a worker
+    dies (e.g. killed for memory), training stops with one line naming the worker and the pack instead
+    of waiting forever (the default stays well inside --distributed-timeout-minutes' 10)."""
     image_tiling: Literal["auto", "loader", "device"] = "auto"
     """Where images stored once ("source" shards) are resized and cut into tiles: 'loader' (Pillow, in
     the loader workers), 'device' (the loader only decodes; the first pipeline stage tiles on its device

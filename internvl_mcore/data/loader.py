@@ -15,28 +15,33 @@ training transform) draws from a generator keyed by (seed, g), so a resumed run 
 
 Packs are decoded in `num_workers` processes (Megatron's --num-workers) a few packs ahead; the
 draws are made in the calling process, so the stream and `state_dict()` do not depend on the
-number of workers. Tiles stay uint8: the model normalizes them on its device.
+number of workers. The workers are never forked from this process (workers.py says why), and every wait for
+one has a deadline (`worker_timeout`, --data-worker-timeout). Tiles stay uint8: the model
+normalizes them on its device.
 """
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
+import signal
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from .image import decode_rgb, random_jpeg_recompress
-from .pool import exit_with_parent
 from .preference import expand_pair_tiles, pair_segments
 from .sample import DecodedImages, PackedSample
 from .shards import SOURCE_HEADER, RawPack, ShardReader, decode_tiles, manifest_path, source_tiling
 from .source_images import source_images_of
+from .workers import WorkerError, WorkerPool
 
 IMAGE_TILINGS = ("loader", "device")
+DEFAULT_WORKER_TIMEOUT_S = 300.0  # --data-worker-timeout: well inside the 10 min default collective timeout
+# imported once by the workers' fork server: what a worker's first pack would otherwise import (10 s under load)
+WORKER_PRELOAD = ("internvl_mcore.data.loader", "megatron.core.datasets.indexed_dataset", "PIL.Image")
+LOADER_FAULT_ENV = "INTERNVL_MCORE_LOADER_FAULT"  # tests: GLOBAL_INDEX:kill|hang (see _load_in_worker)
 
 STATE_VERSION = 1
 IGNORE_INDEX = -100  # label of tokens that carry no loss (torch cross_entropy's ignore_index)
@@ -137,9 +142,11 @@ class PackedDataLoader:
         shuffle: permute each dataset's packs per epoch (the preprocessor already shuffled once;
             this avoids repeating the same order every epoch).
         augment: apply JPEG re-compression to tiles of `data_augment` datasets.
-        num_workers: >0 decodes packs in that many worker processes (forked, so they share the
+        num_workers: >0 decodes packs in that many worker processes (from a fork server; each reopens the
             mmapped shards), 2 packs per worker ahead. The stream and `state_dict()` are the same
             for any number of workers.
+        worker_timeout: seconds a worker may take to start and then to return each pack; past it,
+            or when a worker dies, `next` raises a one-line `WorkerError` naming worker and pack.
         image_tiling: "loader" returns tiles; "device" returns the decoded images with their grids
             (`PackedSample.images`) for the model to tile on its device, byte-identical (see
             `decoded_images`). The stream and `state_dict()` do not depend on it.
@@ -156,6 +163,7 @@ class PackedDataLoader:
         augment: bool = True,
         num_workers: int = 0,
         image_tiling: str = "loader",
+        worker_timeout: float = DEFAULT_WORKER_TIMEOUT_S,
     ):
         if data_path and isinstance(data_path[0], (tuple, list)):
             blend = [(float(w), str(p)) for w, p in data_path]
@@ -175,15 +183,19 @@ class PackedDataLoader:
         self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
         self._state = _Cursor(0, 0, [0] * len(self.readers))
         self._plan_state = self._state.copy()
-        self._ahead: deque[tuple[_Cursor, Future | PackedSample]] = deque()
+        self._ahead: deque[tuple[_Cursor, _Draw, int]] = deque()  # (cursor after it, draw, its worker)
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.num_workers = num_workers
         if image_tiling not in IMAGE_TILINGS:
             raise ValueError(f"image_tiling must be one of {IMAGE_TILINGS}, got {image_tiling!r}")
         self.image_tiling = image_tiling
-        self._pool: ProcessPoolExecutor | None = None
+        if not worker_timeout > 0:
+            raise ValueError(f"worker_timeout must be > 0 seconds, got {worker_timeout}")
+        self.worker_timeout = float(worker_timeout)
+        self._pool: WorkerPool | None = None
         self._lookahead = 2 * num_workers
+        self._submitted = 0
 
     # -- the stream ------------------------------------------------------------------------------
 
@@ -255,19 +267,41 @@ class PackedDataLoader:
         if self.num_workers == 0:
             draw = self._advance(self._state)
             return self.load(draw.dataset, draw.pack, draw.global_index)
-        if self._pool is None:
-            self._pool = _worker_pool(self)
+        pool = self.start_workers()
         while len(self._ahead) < self._lookahead:
             draw = self._advance(self._plan_state)
-            fut = self._pool.submit(_load_in_worker, draw.dataset, draw.pack, draw.global_index)
-            self._ahead.append((self._plan_state.copy(), fut))
-        after, fut = self._ahead.popleft()
-        sample = fut.result()  # type: ignore[union-attr]
+            w = self._submitted % self.num_workers  # round robin: worker w answers its inputs in order
+            pool.submit(w, (draw.dataset, draw.pack, draw.global_index), self._describe(draw))
+            self._submitted += 1
+            self._ahead.append((self._plan_state.copy(), draw, w))
+        after, _, w = self._ahead.popleft()
+        try:
+            sample = pool.result(w)
+        except WorkerError:
+            self._pool = None  # it stopped its workers
+            self._ahead.clear()
+            raise
         sample.tiles = sample.tiles.numpy()  # a view of the shared memory the worker filled
         if sample.images is not None:
             sample.images.pixels = sample.images.pixels.numpy()
         self._state = after
         return sample
+
+    def start_workers(self) -> WorkerPool:
+        """The worker processes, started at the first call (the first `next`)."""
+        if self._pool is None:
+            self._pool = WorkerPool(self.num_workers, _set_worker_loader, self._worker_spec(), _load_in_worker,
+                                    self.worker_timeout, preload=WORKER_PRELOAD)
+            self._submitted = 0
+        return self._pool
+
+    def _worker_spec(self) -> dict:
+        """What a worker needs to rebuild this loader's `load` (picklable, a few strings and numbers)."""
+        return {"blend": [(float(w), p) for w, p in zip(self.weights, self.prefixes)], "seed": self.seed,
+                "shuffle": self.shuffle, "augment": self.augment, "image_tiling": self.image_tiling}
+
+    def _describe(self, draw: _Draw) -> str:
+        return f"pack {draw.pack} of shard set {self.prefixes[draw.dataset]} (global index {draw.global_index})"
 
     # -- resume ----------------------------------------------------------------------------------
 
@@ -300,15 +334,15 @@ class PackedDataLoader:
             raise ValueError(f"loader state has blend weights {state['weights']}, this loader {list(self.weights)}")
         self._state = _Cursor(int(state["consumed"]), int(state["blend_index"]), [int(c) for c in state["blend_counts"]])
         self._plan_state = self._state.copy()
-        for _, fut in self._ahead:
-            if isinstance(fut, Future):
-                fut.cancel()
-        self._ahead.clear()
+        if self._ahead:  # packs decoded for the old position: drop them (a worker answers in order)
+            for _, _, w in self._ahead:
+                self._pool.result(w)  # type: ignore[union-attr]
+            self._ahead.clear()
 
     def close(self) -> None:
         """Stop the worker processes (a later `next` starts new ones)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.close(terminate=bool(self._ahead))  # packs in flight are not waited for
             self._pool = None
         self._ahead.clear()
         self._plan_state = self._state.copy()
@@ -316,7 +350,7 @@ class PackedDataLoader:
     def __del__(self) -> None:
         pool = getattr(self, "_pool", None)
         if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.close(terminate=True)
 
 
 def _sub_samples(raw: RawPack):
@@ -399,30 +433,38 @@ def _flatten(groups: list[list[tuple[np.ndarray, int, int, int]]]) -> DecodedIma
 _WORKER_LOADER: PackedDataLoader | None = None
 
 
-def _set_worker_loader(loader: PackedDataLoader, parent_pid: int) -> None:
+def _set_worker_loader(spec: dict) -> None:
+    """In a worker: the loader rebuilt from `PackedDataLoader._worker_spec` (no workers of its own)."""
     global _WORKER_LOADER
-    _WORKER_LOADER = loader
-    exit_with_parent(parent_pid)  # a SIGKILLed training rank must not leave its loader workers behind
+    _WORKER_LOADER = PackedDataLoader(spec["blend"], seed=spec["seed"], shuffle=spec["shuffle"],
+                                      augment=spec["augment"], image_tiling=spec["image_tiling"])
 
 
-def _load_in_worker(dataset: int, pack: int, global_index: int) -> PackedSample:
+def _fault(global_index: int) -> None:
+    """Test hook, LOADER_FAULT_ENV=G:ACTION: the worker loading global index G kills itself with SIGKILL
+    (ACTION kill, as the out-of-memory killer would) or stops answering (hang), deterministically."""
+    spec = os.environ.get(LOADER_FAULT_ENV, "")
+    if not spec or int(spec.split(":")[0]) != global_index:
+        return
+    if spec.split(":")[1] == "hang":
+        while True:
+            signal.pause()  # nothing sends the worker a signal it handles: it waits until it is killed
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _load_in_worker(item: tuple[int, int, int]) -> PackedSample:
     """Load one pack in a worker; its tiles (or decoded pixels) travel back in shared memory (a file descriptor is sent,
     not the pixels: torch's reductions for multiprocessing, as torch's DataLoader does)."""
     import torch
 
     assert _WORKER_LOADER is not None, "loader worker not initialized"
+    dataset, pack, global_index = item
+    _fault(global_index)
     sample = _WORKER_LOADER.load(dataset, pack, global_index)
     sample.tiles = torch.from_numpy(sample.tiles).share_memory_()
     if sample.images is not None:  # --image-tiling device: the decoded pixels travel the same way
         sample.images.pixels = torch.from_numpy(sample.images.pixels).share_memory_()
     return sample
-
-
-def _worker_pool(loader: PackedDataLoader) -> ProcessPoolExecutor:
-    """Worker processes holding a copy of `loader`, forked so they inherit it with its open mmaps
-    (nothing is pickled but the draws going in and the samples coming back)."""
-    return ProcessPoolExecutor(loader.num_workers, mp_context=mp.get_context("fork"),
-                               initializer=_set_worker_loader, initargs=(loader, os.getpid()))
 
 
 # ------------------------------------------------------------------------------------------------

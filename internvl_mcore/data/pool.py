@@ -3,7 +3,9 @@
 multiprocessing.Pool loses the task of a worker that dies and waits for its result forever. Here each
 worker gets one input at a time over its own pipe, so the parent always knows which input a worker
 holds: a dead worker is replaced, its input retried in a fresh worker, and after `retries` retries the
-caller's `on_death(item, attempts, why)` result stands in for it. Results come back in input order.
+caller's `on_death(item, attempts, why)` result stands in for it. A worker that holds one input longer
+than `timeout_s` counts as dead (it is killed: a decoder stuck on one file must not stall the run
+forever). Results come back in input order.
 """
 from __future__ import annotations
 
@@ -16,13 +18,16 @@ from collections import Counter, deque
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Iterator
 
+RECORD_TIMEOUT_S = 600.0  # one record's processing; minutes even for a long video
 _SIGNALS = {9: "SIGKILL, e.g. the out-of-memory killer", 11: "SIGSEGV, a segmentation fault", 6: "SIGABRT"}
 
 
 def exit_with_parent(parent_pid: int, interval_s: float = 1.0) -> None:
     """In a worker process: leave as soon as `parent_pid` is gone. A parent killed by SIGKILL (the
     out-of-memory killer, torchrun ending a job) runs no clean-up, and its forked workers, which hold
-    copies of every pipe, would otherwise wait for work forever, keeping the job's output open."""
+    copies of the job's output pipes, would otherwise wait for work forever, keeping the job's output open.
+    Workers forked by a fork server pass its pid: the server leaves when the process that started it is
+    gone, and the worker follows."""
     def watch() -> None:
         while os.getppid() == parent_pid:
             time.sleep(interval_s)
@@ -31,10 +36,19 @@ def exit_with_parent(parent_pid: int, interval_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def _worker_main(conn: Connection, initializer: Callable[[Any], None], initarg: Any, fn: Callable[[Any], Any],
-                 parent_pid: int) -> None:
+def describe_exit(proc: Any) -> str:
+    """How a (dead) multiprocessing.Process ended, in words."""
+    proc.join(timeout=5)
+    code = proc.exitcode
+    if code is not None and code < 0:
+        return f"killed by {_SIGNALS.get(-code, f'signal {-code}')}"
+    return f"exit code {code}"
+
+
+def _worker_main(conn: Connection, initializer: Callable[[Any], None], initarg: Any, fn: Callable[[Any], Any]) -> None:
     """One input in, one result out, until None arrives."""
-    exit_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group: the parent handles it
+    exit_with_parent(os.getppid())  # the fork server, which leaves when the pool's process is gone
     initializer(initarg)
     while (item := conn.recv()) is not None:
         conn.send(fn(item))
@@ -43,7 +57,7 @@ def _worker_main(conn: Connection, initializer: Callable[[Any], None], initarg: 
 class _Worker:
     def __init__(self, pool: "SupervisedPool"):
         self.conn, child = pool._mp.Pipe()
-        self.proc = pool._mp.Process(target=_worker_main, args=(child, *pool._worker_args, os.getpid()), daemon=True)
+        self.proc = pool._mp.Process(target=_worker_main, args=(child, *pool._worker_args), daemon=True)
         # Ctrl-C reaches the whole process group: the parent handles it (and terminates the pool); workers
         # start with SIGINT ignored (inherited, also across spawn's exec) so they print no tracebacks.
         main = threading.current_thread() is threading.main_thread()
@@ -55,27 +69,30 @@ class _Worker:
                 signal.signal(signal.SIGINT, previous)
         child.close()
         self.seq: int | None = None  # the input this worker holds
+        self.since = 0.0  # when it got it (time.monotonic)
+        self.stalled: str | None = None  # why it was killed, when for holding its input too long
 
     def death(self) -> str:
         """How the worker ended, in words."""
-        self.proc.join(timeout=5)
-        code = self.proc.exitcode
-        if code is not None and code < 0:
-            return f"killed by {_SIGNALS.get(-code, f'signal {-code}')}"
-        return f"exit code {code}"
+        return self.stalled or describe_exit(self.proc)
 
 
 class SupervisedPool:
     """`workers` processes running `fn` on inputs after `initializer(initarg)`; see the module docstring.
 
-    fork where available: workers inherit the imported modules (megatron-core's import alone takes
-    seconds) and `initarg` without pickling it."""
+    Workers come from multiprocessing's fork server, never from a fork of the calling process: that
+    process may run threads (torch's OpenMP pool, a tokenizer's) whose locks a fork copies without
+    their owners, and the child then deadlocks (issue 23; data/workers.py). The server imports `preload`
+    once (megatron-core's import alone takes seconds), so a worker, also a replacement, starts in
+    milliseconds; `initarg` is pickled to each worker."""
 
     def __init__(self, workers: int, initializer: Callable[[Any], None], initarg: Any, fn: Callable[[Any], Any],
-                 on_death: Callable[[Any, int, str], Any], retries: int = 1):
-        self._mp = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+                 on_death: Callable[[Any, int, str], Any], retries: int = 1, preload: tuple[str, ...] = (),
+                 timeout_s: float = RECORD_TIMEOUT_S):
+        self._mp = mp.get_context("forkserver")
+        self._mp.set_forkserver_preload(list(preload))  # (no effect once this process's fork server runs)
         self._worker_args = (initializer, initarg, fn)
-        self._on_death, self._retries = on_death, retries
+        self._on_death, self._retries, self._timeout_s = on_death, retries, timeout_s
         self._workers = [_Worker(self) for _ in range(workers)]
         self._items: dict[int, Any] = {}
         self._attempts: Counter[int] = Counter()
@@ -109,7 +126,7 @@ class SupervisedPool:
                 seq = self._todo.popleft()
                 try:
                     w.conn.send(self._items[seq])
-                    w.seq = seq
+                    w.seq, w.since = seq, time.monotonic()
                 except (BrokenPipeError, OSError):  # died while idle: the input was never its own
                     self._todo.appendleft(seq)
                     w.proc.join(timeout=5)
@@ -119,9 +136,17 @@ class SupervisedPool:
     def _collect(self) -> None:
         """Wait until some busy worker answers or dies; take its result or replace it."""
         busy = [w for w in self._workers if w.seq is not None]
-        ready = set(wait([w.conn for w in busy] + [w.proc.sentinel for w in busy]))
+        if not busy:
+            return
+        left = min(w.since for w in busy) + self._timeout_s - time.monotonic()
+        ready = set(wait([w.conn for w in busy] + [w.proc.sentinel for w in busy], timeout=max(left, 0.0)))
         for w in busy:
             if w.conn not in ready and w.proc.sentinel not in ready:
+                if time.monotonic() - w.since >= self._timeout_s:  # stalled: counts as dead
+                    w.stalled = f"no result within {self._timeout_s:g} s, killed"
+                    w.proc.kill()
+                    w.proc.join(timeout=5)
+                    self._replace(w)
                 continue
             try:
                 if w.conn.poll():

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..faults import wait_for_signal
 from .packing import pack_fill, pack_lengths, v2pe_position_ids, v2pe_random_deltas
-from .pool import SupervisedPool
+from .pool import RECORD_TIMEOUT_S, SupervisedPool
 from .preference import check_same_prompt, split_preference_record
 from .sample import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, Reject, TokenizedSample
 from .shards import (
@@ -197,6 +197,8 @@ class _WorkerContext:
 
 
 _CTX: _WorkerContext | None = None
+_RECORD_TIMEOUT_S = RECORD_TIMEOUT_S  # (a test shortens it)
+_WORKER_PRELOAD = ("internvl_mcore.data.preprocess", "PIL.Image")  # imported once by the fork server
 
 
 def _init_worker(ctx: _WorkerContext) -> None:
@@ -440,7 +442,8 @@ def _pass1(cfg: PreprocessConfig, ctx: _WorkerContext, tmp_prefix: str, tile_sha
     stream, expected = _records(cfg)
     state = _Pass1()
     tmp_writer = ShardWriter(tmp_prefix, tile_format=cfg.tile_format, tile_shape=tile_shape)
-    pool = SupervisedPool(cfg.workers, _init_worker, ctx, _run_in_worker, _worker_died) if cfg.workers > 1 else None
+    pool = (SupervisedPool(cfg.workers, _init_worker, ctx, _run_in_worker, _worker_died, preload=_WORKER_PRELOAD,
+                           timeout_s=_RECORD_TIMEOUT_S) if cfg.workers > 1 else None)
     clean = False
     try:
         with open(cfg.output_prefix + ".rejects.jsonl", "w") as rejects_file:

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from ..config.training import RunConfig
 from ..data.loader import PackedDataLoader, collate, parse_data_path
+from ..data.workers import WorkerError
 from ..data.resample import PillowMismatch, pass_order
 from ..data.shards import ShardReader, manifest_path, sha256_file, shard_files
 from ..parallel.device import resolve_device
@@ -38,6 +39,10 @@ def check_shard_sets(entries: list[str], run: RunConfig, flag: str = "--data-pat
     blend parses, each manifest fits the model and --seq-length and has packs, each set opens (file
     sizes match the indexes) and, unless --no-verify-shards, every file's sha256 matches its manifest.
     The hashing is split over the job: rank r hashes files r, r + world, ... Raises DataError."""
+    if not run.data.data_worker_timeout > 0:  # (nan too)
+        raise DataError(f"--data-worker-timeout must be a number of seconds > 0, got {run.data.data_worker_timeout}")
+    if run.data.num_workers < 0:
+        raise DataError(f"--num-workers must be >= 0, got {run.data.num_workers}")
     prefixes = [e for e in entries if not _is_number(e)]
     for prefix in prefixes:
         if (problem := _prefix_problem(prefix, flag)) is not None:
@@ -117,7 +122,8 @@ class ShardBatches:
         try:
             self.loader = PackedDataLoader(run.data.data_path, dp_rank=dp_rank, dp_size=dp_size,
                                            seed=run.train.seed, num_workers=run.data.num_workers,
-                                           image_tiling=self.image_tiling)
+                                           image_tiling=self.image_tiling,
+                                           worker_timeout=run.data.data_worker_timeout)
         except (FileNotFoundError, ValueError) as exc:
             raise DataError(f"--data-path {' '.join(run.data.data_path)}: {exc}") from exc
         self.cfg = run.model
@@ -134,7 +140,10 @@ class ShardBatches:
         return self
 
     def __next__(self) -> Batch:
-        packs = [next(self.loader) for _ in range(self.micro_batch_size)]
+        try:
+            packs = [next(self.loader) for _ in range(self.micro_batch_size)]
+        except WorkerError as exc:  # a worker died or stalled: one line naming it and its pack, exit 2
+            raise DataError(str(exc)) from None
         d = collate(packs, self.seq_length, self.cfg.pad_token_id)
         if self.pin_memory:
             d = {k: v.pin_memory() for k, v in d.items()}

@@ -176,20 +176,21 @@ def test_truncate_turns_overlong_into_sample(data, tmp_path):
 
 
 def test_worker_exception_costs_one_sample(data, tmp_path, monkeypatch):
-    """An unexpected crash inside one sample's processing is a reject; its neighbours survive."""
-    from internvl_mcore.data import sources
+    """An unexpected crash inside one sample's processing is a reject; its neighbours survive. The
+    workers' fork server preloads a module that makes the sample builder raise on one record; it is
+    restarted around the run, so no other test's workers see that."""
+    from multiprocessing import forkserver
+
+    from internvl_mcore.data import preprocess
 
     fx, tok, root = data
-    real = sources.build_sample
-
-    def flaky(record, tokenizer, opts):
-        if record.dataset.name == "single" and record.line == 2:
-            raise RuntimeError("boom")
-        return real(record, tokenizer, opts)
-
-    monkeypatch.setattr(sources, "build_sample", flaky)
+    monkeypatch.setattr(preprocess, "_WORKER_PRELOAD", (*preprocess._WORKER_PRELOAD, "tests.data.flaky_build_sample"))
     out = tmp_path / "x"
-    assert preprocess_mm_data.main(small_args(fx, tok, out, "--max-reject-ratio", "1", "--workers", "2")) == 0
+    forkserver._forkserver._stop()  # (private, the standard library's own tests use it)
+    try:
+        assert preprocess_mm_data.main(small_args(fx, tok, out, "--max-reject-ratio", "1", "--workers", "2")) == 0
+    finally:
+        forkserver._forkserver._stop()
     rejects = [json.loads(l) for l in open(str(out) + ".rejects.jsonl")]
     boom = [r for r in rejects if r["reason"] == "internal_error"]
     assert len(boom) == 1 and boom[0]["line"] == 2 and "boom" in boom[0]["detail"]

@@ -1,7 +1,6 @@
 """Preprocessing at scale: split across machines (--num-shards), a worker pool that survives dying workers."""
 import json
 import os
-import signal
 import sys
 
 import numpy as np
@@ -93,30 +92,31 @@ def test_shards_cover_every_good_sample_exactly_once(data, whole, capsys):
 
 
 def test_dead_workers_are_retried_once_then_rejected(data, whole, monkeypatch):
-    """A worker SIGKILLed on one record every time and another that os._exit()s on a record once: the run
-    finishes, the first record is rejected as worker_died with its file:line, the second is retried and
+    """A worker SIGKILLed on one record every time, another that os._exit()s on a record once and one that
+    never finishes a record: the run finishes, the first and third records are rejected as worker_died
+    with their file:line (the third after the pool's per-record deadline), the second is retried and
     kept, and every other sample is there, byte for byte."""
+    from multiprocessing import forkserver
+
     fx, tok, root = data
     marker = root / "crashed_once"
-    real = preprocess.process_record
-
-    def crashing(ctx, ordinal, record):
-        name, line = getattr(getattr(record, "dataset", None), "name", None), getattr(record, "line", None)
-        if (name, line) == ("single", 2):
-            os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer does
-        if (name, line) == ("multi", 1) and not marker.exists():
-            marker.touch()
-            os._exit(3)  # as a segfault in a decoder would, once
-        return real(ctx, ordinal, record)
-
-    monkeypatch.setattr(preprocess, "process_record", crashing)  # inherited by the forked workers
+    monkeypatch.setenv("CRASH_ONCE_MARKER", str(marker))
+    monkeypatch.setattr(preprocess, "_RECORD_TIMEOUT_S", 8.0)  # a record takes milliseconds
+    monkeypatch.setattr(preprocess, "_WORKER_PRELOAD",
+                        (*preprocess._WORKER_PRELOAD, "tests.data.crashing_process_record"))
     out = root / "crash" / "data"
-    assert run(fx, tok, out, "--workers", "2") == 0
+    forkserver._forkserver._stop()  # a fresh server preloads the crashes (private; the stdlib's tests use it)
+    try:
+        assert run(fx, tok, out, "--workers", "2") == 0
+    finally:
+        forkserver._forkserver._stop()  # no other test's workers crash
     assert marker.exists()
     got = samples_by_source(str(out))
     want = samples_by_source(whole)
-    del want[("single", 2)]
+    del want[("single", 2)], want[("single", 6)]
     assert got == want
-    died = [r for r in map(json.loads, open(f"{out}.rejects.jsonl")) if r["reason"] == "worker_died"]
-    assert len(died) == 1 and died[0]["location"].endswith("single.jsonl:2") and "SIGKILL" in died[0]["detail"]
-    assert rejects(str(out)) - rejects(whole) == {("single.jsonl", 2, "worker_died")}
+    died = sorted((r["location"], r["detail"]) for r in map(json.loads, open(f"{out}.rejects.jsonl"))
+                  if r["reason"] == "worker_died")
+    assert len(died) == 2 and died[0][0].endswith("single.jsonl:2") and "SIGKILL" in died[0][1]
+    assert died[1][0].endswith("single.jsonl:6") and "no result within 8 s" in died[1][1]
+    assert rejects(str(out)) - rejects(whole) == {("single.jsonl", 2, "worker_died"), ("single.jsonl", 6, "worker_died")}

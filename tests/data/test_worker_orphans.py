@@ -1,5 +1,5 @@
 """Worker processes (the loader's and the preprocessing pool's) leave when their parent is SIGKILLed:
-forked workers hold copies of every pipe and would otherwise wait for work forever, keeping a killed
+workers hold copies of the job's output pipes and would otherwise wait for work forever, keeping a killed
 job's output open (a torchrun job whose rank was killed then never ends)."""
 import os
 import signal
@@ -9,16 +9,13 @@ import textwrap
 import time
 
 CHILD = textwrap.dedent("""
-    import multiprocessing as mp, os, time
-    from concurrent.futures import ProcessPoolExecutor
-    from internvl_mcore.data import loader
+    import time
+    from internvl_mcore.data.workers import WorkerPool
 
-    def pid(_):
-        return os.getpid()
-
-    ex = ProcessPoolExecutor(1, mp_context=mp.get_context("fork"), initializer=loader._set_worker_loader,
-                             initargs=(None, os.getpid()))
-    print(ex.submit(pid, 0).result(), flush=True)
+    pool = WorkerPool(1, len, "", abs, timeout_s=60)  # the loader's pool, with trivial work
+    pool.submit(0, -1, "a number")
+    assert pool.result(0) == 1
+    print(pool._workers[0].proc.pid, flush=True)
     time.sleep(120)
 """)
 

@@ -32,17 +32,22 @@ def cli(tool: str, *args: str) -> list[str]:
     return [sys.executable, str(TOOLS[tool]), *map(str, args)]
 
 
-def env() -> dict:
+def env(**overrides: str) -> dict:
     """A user's shell: without the distributed variables in-process tests leave in this process
-    (their MASTER_PORT is still held by it)."""
-    return {**{k: v for k, v in os.environ.items() if k not in DIST_ENV}, "OMP_NUM_THREADS": "1"}
+    (their MASTER_PORT is still held by it) and without OMP_NUM_THREADS, which a user's shell does not set
+    (scripts/test.sh sets it for the compute-heavy tests): a run with torch's default thread pool once
+    hung here where OMP_NUM_THREADS=1 hid it (issue 23). `overrides` add or replace variables."""
+    drop = (*DIST_ENV, "OMP_NUM_THREADS")
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, **overrides}
 
 
-def run(tool: str, *args: str, timeout: float = 180, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """Run a tool to completion (stdout/stderr captured); a hang fails the test."""
+def run(tool: str, *args: str, timeout: float = 180, prefix: tuple[str, ...] = (),
+        environ: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a tool to completion (stdout/stderr captured) in `environ` (default `env()`); a hang fails the test."""
     cmd = [*prefix, *cli(tool, *args)]
     try:
-        return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(cmd, cwd=REPO, env=env() if environ is None else environ, capture_output=True,
+                              text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         raise AssertionError(f"{' '.join(cmd)} hung for {timeout}s") from exc
 

@@ -26,7 +26,10 @@ def valid_records(path: Path) -> list[dict]:
 
 
 def launch(nproc: int, args: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """torchrun with `nproc` CPU ranks; returns the finished process whatever its exit code."""
+    """torchrun with `nproc` CPU ranks; returns the finished process whatever its exit code. These are
+    compute-heavy mock-data runs: OMP_NUM_THREADS=1 keeps ranks from oversubscribing the cores (torchrun
+    sets it too when nproc > 1); the runs with a user's unset OMP_NUM_THREADS are `plain` and
+    tests/reliability/test_cli_loader.py."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(free_port()), str(SCRIPT), *args]
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
@@ -39,9 +42,10 @@ DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "L
 def plain(args: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """One process without torchrun: its stderr is exactly what the user sees."""
     # a user's shell, not this pytest process's: in-process tests of init_distributed leave
-    # MASTER_PORT / RANK / WORLD_SIZE behind, with that port still held by this process
-    clean = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    full_env = {**clean, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
+    # MASTER_PORT / RANK / WORLD_SIZE behind, with that port still held by this process; and no
+    # OMP_NUM_THREADS, which a user's shell does not set either
+    clean = {k: v for k, v in os.environ.items() if k not in (*DIST_ENV, "OMP_NUM_THREADS")}
+    full_env = {**clean, "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
 
