@@ -59,12 +59,12 @@ def naming(path: str | os.PathLike) -> Iterator[None]:
 
 @contextmanager
 def disk_full_names(flag: str, target: str | os.PathLike) -> Iterator[None]:
-    """A full disk (ENOSPC) or exhausted quota (EDQUOT) while writing `flag TARGET` as one UserError
+    """A full disk (ENOSPC), an exhausted quota (EDQUOT) or a file-size limit (EFBIG) while writing `flag TARGET` as one UserError
     naming the flag, the output and the file being written (what a staged write leaves: nothing)."""
     try:
         yield
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise
         raise UserError(f"{flag} {target}: {exc.strerror or os.strerror(exc.errno)} while writing "
                         f"{exc.filename or target}; free space (or choose another {flag}) and run again; "
