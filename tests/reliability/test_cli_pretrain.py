@@ -35,6 +35,11 @@ def test_missing_prefix_and_folder(good_prefix, tmp_path):
                       "not found")
     folder = str(Path(good_prefix).parent)
     assert_user_error(train("--data-path", folder), "--data-path", folder, "is a directory", good_prefix)
+    broken = copy_prefix(good_prefix, tmp_path / "broken")
+    Path(broken + ".manifest.json").write_text('{"counts": ')  # issue 23: the line names the file
+    assert_user_error(train("--data-path", broken), broken + ".manifest.json", "line 1 column")
+    proc = train("--data-path", good_prefix, broken)  # a blend: its sizes come from the manifests too
+    assert_user_error(proc, broken + ".manifest.json", "line 1 column")
 
 
 def test_shards_for_another_model_or_longer_packs(good_prefix):
