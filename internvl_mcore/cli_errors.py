@@ -43,6 +43,8 @@ def read_json(path: str | os.PathLike, error: type[ValueError] = ValueError) -> 
         raise error(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno} ({exc.msg})") from None
     except UnicodeDecodeError as exc:
         raise error(f"{path}: not UTF-8 text (byte {exc.start}); expected a JSON file") from None
+    except RecursionError:
+        raise error(f"{path}: invalid JSON (nested too deeply)") from None
 
 
 @contextmanager

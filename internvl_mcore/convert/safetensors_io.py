@@ -98,8 +98,8 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
             raise ConversionError(f"{path}: damaged safetensors file (header length {n} bytes, file {size} bytes)")
         try:
             header = json.loads(f.read(n))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ConversionError(f"{path}: unreadable safetensors header ({e})") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: absurdly nested JSON
+            raise ConversionError(f"{path}: unreadable safetensors header ({type(e).__name__}: {e})") from None
     if not isinstance(header, dict):
         raise ConversionError(f"{path}: damaged safetensors file (header is not a JSON object)")
     for name, entry in header.items():
@@ -113,8 +113,9 @@ def _check_entry(path: str | os.PathLike, name: str, entry: Any, data_bytes: int
     length is the shape's."""
     try:
         dtype = _ST_DTYPES[entry["dtype"]]
-        shape = [int(d) for d in entry["shape"]]
-        begin, end = (int(x) for x in entry["data_offsets"])
+        shape, (begin, end) = list(entry["shape"]), entry["data_offsets"]
+        if not all(type(x) is int for x in (*shape, begin, end)):
+            raise TypeError
     except (KeyError, TypeError, ValueError):
         dtype = entry.get("dtype") if isinstance(entry, dict) else None
         if isinstance(dtype, str) and dtype not in _ST_DTYPES:

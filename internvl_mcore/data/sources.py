@@ -125,6 +125,8 @@ def read_meta(path: str) -> list[DatasetSpec]:
         raise ValueError(f"meta file {path}: not UTF-8 text at byte {e.start} (is it a meta JSON file?)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from e
+    except RecursionError:
+        raise ValueError(f"{path}: invalid JSON (nested too deeply)") from None
     if not isinstance(meta, dict) or not meta:
         raise ValueError(f"{path}: expected a non-empty JSON object {{dataset_name: {{root, annotation, ...}}}}")
     meta_dir = os.path.dirname(os.path.abspath(path))
@@ -310,6 +312,9 @@ def _iter_jsonl(spec: DatasetSpec, wanted: set[int], repeat: int,
                 payload = json.loads(text)
             except json.JSONDecodeError as e:
                 yield Reject(path, lineno, "bad_json", f"{e.msg} at column {e.colno}")
+                continue
+            except RecursionError:
+                yield Reject(path, lineno, "bad_json", "nested too deeply")
                 continue
             if not isinstance(payload, dict):
                 yield Reject(path, lineno, "bad_record", f"line is a JSON {type(payload).__name__}, not an object")

@@ -174,6 +174,7 @@ def test_bad_records_are_rejected_with_file_and_line(digits, tmp_path):
     lines.append(json.dumps({"video": "../frames/", "conversations": turns}).encode())
     lines.append(json.dumps({"conversations": turns, "pad": "x" * 5_000_000}).encode())
     lines.append(json.dumps({"image": "ok.png", "question": "Which?", "chosen": "A.", "rejected": "B."}).encode())
+    lines.append(b"[" * 30000 + b"]" * 30000)  # within the line bound, too deep for json: bad_json, no traceback
     (tmp_path / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     (tmp_path / "b.jsonl").write_text(json.dumps({"image": "../outside.png", "conversations": turns}) + "\n")
     import pyarrow as pa
@@ -194,7 +195,8 @@ def test_bad_records_are_rejected_with_file_and_line(digits, tmp_path):
     assert got == {("a.jsonl", 2): "missing_image", ("a.jsonl", 3): "corrupt_image", ("a.jsonl", 4): "corrupt_image",
                    ("a.jsonl", 8): "undecodable_text", ("types.parquet", 1): "bad_record",
                    ("types.parquet", 2): "bad_record", **{("a.jsonl", k): "outside_root" for k in range(9, 14)},
-                   ("a.jsonl", 14): "too_long", ("a.jsonl", 15): "bad_record"}  # b.jsonl's ../ is allowed
+                   ("a.jsonl", 14): "too_long", ("a.jsonl", 15): "bad_record",
+                   ("a.jsonl", 16): "bad_json"}  # b.jsonl's ../ is allowed
     detail = {r["line"]: r["detail"] for r in rejects if r["file"].endswith("a.jsonl")}
     assert "outside the dataset root" in detail[11] and "allow_outside_root" in detail[11]
     assert "not parsed" in detail[14] and "--preference" in detail[15]
