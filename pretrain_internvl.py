@@ -62,10 +62,12 @@ def parse_run_config(argv: list[str]) -> RunConfig:
 
 
 def check_data(run: RunConfig) -> None:
-    """Refuse bad shard sets before any process group or model exists (one line, exit 2): every
-    rank checks the prefixes and sizes, and hashes its share of the files (training/data.py)."""
-    from internvl_mcore.training.data import check_shard_sets
+    """Refuse bad shard sets, and special-token ids the model's vocabulary lacks, before any process
+    group or model exists (one line, exit 2): every rank checks the prefixes, sizes and token ids, and
+    hashes its share of the files (training/data.py)."""
+    from internvl_mcore.training.data import check_model_ids, check_shard_sets
 
+    check_model_ids(run)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if run.data.data_path:
         check_shard_sets(run.data.data_path, run, rank=rank, world=world)

@@ -10,9 +10,13 @@ bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import errno
+import json
+import os
 import sys
 import warnings
-from typing import Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 USER_ERROR = 2
 INTERRUPTED = 130
@@ -26,6 +30,47 @@ class UserError(Exception):
 # and ConfigError are ValueErrors, DataError too; OSError covers missing / unreadable / read-only
 # paths, a directory where a file was expected and a full disk.
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, KeyError, OSError)
+
+
+def read_json(path: str | os.PathLike, error: type[ValueError] = ValueError) -> Any:
+    """A JSON file's contents; invalid JSON (or text that is not UTF-8) raises `error` naming the file,
+    line and column (json's own message names neither the file nor what was being read)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno} ({exc.msg})") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text (byte {exc.start}); expected a JSON file") from None
+    except RecursionError:
+        raise error(f"{path}: invalid JSON (nested too deeply)") from None
+
+
+@contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """OSErrors raised inside name `path`: a write that fails on a full disk (ENOSPC) or a quota says
+    only "[Errno 28] No space left on device", without the file it was writing."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from None
+
+
+@contextmanager
+def disk_full_names(flag: str, target: str | os.PathLike) -> Iterator[None]:
+    """A full disk (ENOSPC), an exhausted quota (EDQUOT) or a file-size limit (EFBIG) while writing `flag TARGET` as one UserError
+    naming the flag, the output and the file being written (what a staged write leaves: nothing)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        raise UserError(f"{flag} {target}: {exc.strerror or os.strerror(exc.errno)} while writing "
+                        f"{exc.filename or target}; free space (or choose another {flag}) and run again; "
+                        f"{target} was left as it was") from None
 
 
 def one_line(exc: BaseException) -> str:

@@ -331,7 +331,8 @@ def make_dataset_fixture(root: str) -> DataFixture:
                5 two placeholders for one image, 6 system turn + no placeholder, 7 wide image (many
                tiles), 8 JPEG image, 9 placeholder in the second user turn
       multi    (max_dynamic_patch 6) 1 two images in two turns, 2 three images without placeholders,
-               3 two images one placeholder, 4 one image missing
+               3 two images one placeholder, 4 one image missing, 5 an image '../outside.png' and
+               6 a symlink in the root to it (both 'outside_root': neither file is read)
       video    1 frame folder + '<video>', 2 GIF without placeholder, 3 video file (no decoder ->
                'video_decoder_missing'; with one, the fake file is 'corrupt_image'), 4 missing folder,
                5 GIF with the placeholder mid-sentence, 6 a real MPEG-4 file (written and decoded with
@@ -413,12 +414,18 @@ def make_dataset_fixture(root: str) -> DataFixture:
         {"image": ["a.png", "b.png", "c.jpg"], "conversations": _turns("Compare the three.", "They differ.")},
         {"image": ["a.png", "b.png"], "conversations": _turns("Only <image> here", "Hmm.")},
         {"image": ["a.png", "missing.png"], "conversations": _turns("<image><image>", "One is missing.")},
+        {"image": ["a.png", "../outside.png"], "conversations": _turns("<image><image>", "Left the root.")},
+        {"image": ["link.png"], "conversations": _turns("<image>", "A link out of the root.")},
     ]
+    write_image(os.path.join(root, "outside.png"), (32, 32), seed=5)  # beside images/, not in it
+    os.symlink(os.path.join(root, "outside.png"), os.path.join(img_dir, "link.png"))
     _write_jsonl(os.path.join(root, "multi.jsonl"), multi_lines)
     put("multi", 1, None, "multi_image", 2)
     put("multi", 2, None, "multi_image", 3)
     put("multi", 3, "image_count_mismatch")
     put("multi", 4, "missing_image")
+    put("multi", 5, "outside_root")
+    put("multi", 6, "outside_root")
 
     # -- video -------------------------------------------------------------------------------------
     video_lines = [

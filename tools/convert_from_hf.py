@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def convert(args: argparse.Namespace) -> int:
+    from internvl_mcore.cli_errors import disk_full_names
     from internvl_mcore.config import ParallelConfig
     from internvl_mcore.convert import convert_hf_to_checkpoint, verify_layout
     from internvl_mcore.staging import CANONICAL_FILES, staged_dir
@@ -70,7 +71,7 @@ def convert(args: argparse.Namespace) -> int:
                             pipeline_model_parallel_size=args.pipeline_model_parallel_size)
     check_paths(args)
     # written beside --save and moved in only when converted (and verified): a failure leaves no --save
-    with staged_dir(args.save, clear=CANONICAL_FILES) as stage:
+    with disk_full_names("--save", args.save), staged_dir(args.save, clear=CANONICAL_FILES) as stage:
         start = time.perf_counter()
         cfg = convert_hf_to_checkpoint(args.hf_dir, str(stage), layout, args.max_shard_size, progress=True)
         print(f"converted {args.hf_dir}: model {cfg.name} (vision {cfg.vision.num_layers}x{cfg.vision.hidden_size}, "

@@ -85,7 +85,7 @@ def export(args: argparse.Namespace, save: str) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     from internvl_mcore.checkpoint_format import CheckpointError
-    from internvl_mcore.cli_errors import USER_ERRORS, run_cli
+    from internvl_mcore.cli_errors import USER_ERRORS, disk_full_names, run_cli
     from internvl_mcore.staging import HF_EXPORT_FILES, staged_dir
 
     args = build_parser().parse_args(argv)
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         check_paths(args)
         # written beside --save and moved in only when complete: a failure leaves --save as it was
-        with staged_dir(args.save, clear=HF_EXPORT_FILES) as stage:
+        with disk_full_names("--save", args.save), staged_dir(args.save, clear=HF_EXPORT_FILES) as stage:
             files = export(args, str(stage))
         print(f"wrote {args.save} ({args.format}, {len(files)} shard(s)) in {time.perf_counter() - start:.1f}s")
         return 0

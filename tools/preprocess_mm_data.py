@@ -78,13 +78,14 @@ def check_output_prefix(prefix: str) -> None:
 
 def preprocess(args: argparse.Namespace) -> int:
     """Build the shards under a staging name; install them only if the reject ratio is within limits."""
+    from internvl_mcore.cli_errors import disk_full_names
     from internvl_mcore.data.preprocess import exit_code, format_summary, run_preprocess
     from internvl_mcore.staging import staged_prefix
 
     check_output_prefix(args.output_prefix)
     cfg = config_from_args(args)
     kept = cfg.output_prefix + ".failed.rejects.jsonl"
-    with staged_prefix(cfg.output_prefix) as stage:
+    with disk_full_names("--output-prefix", cfg.output_prefix), staged_prefix(cfg.output_prefix) as stage:
         result = run_preprocess(dataclasses.replace(cfg, output_prefix=str(stage)))
         code = exit_code(cfg, result)
         if code:  # keep the rejects for inspection, not the shards: OUT stays as it was

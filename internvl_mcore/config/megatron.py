@@ -57,6 +57,9 @@ def _common(par: ParallelConfig, dtype: torch.dtype) -> dict:
         perform_initialization=False,
         use_cpu_initialization=not on_cuda,
         calculate_per_token_loss=True,
+        # megatron-core 0.16's default "full" is deprecated and warns on every build (a second stderr
+        # line under a one-line error); [] is the same scope (the whole layer) under its new spelling
+        cuda_graph_scope=[],
     )
 
 

@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 import torch
 
+from internvl_mcore.cli_errors import naming, read_json
 from ..config.model import LLMConfig, ModelConfig, ParallelConfig, VisionConfig
 from .hf import hf_to_canonical
 from .hf_config import model_config_from_hf, read_hf_config
@@ -63,7 +64,7 @@ class CanonicalCheckpoint:
         meta_path = path / META_NAME
         if not meta_path.exists():
             raise FileNotFoundError(f"{meta_path}: not a canonical checkpoint (no {META_NAME})")
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path, ConversionError)
         if meta.get("format_version") != FORMAT_VERSION:
             raise ConversionError(f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
         return CanonicalCheckpoint(path, model_config_from_dict(meta["model"]), meta, SafetensorsDir(path))
@@ -88,7 +89,8 @@ def save_canonical(out_dir: str | os.PathLike, cfg: ModelConfig, tensors: Any, s
     meta = {"format_version": FORMAT_VERSION, "model": model_config_to_dict(cfg), "source": dict(source or {}),
             "layout": {"tensor_model_parallel_size": layout.tensor_model_parallel_size,
                        "pipeline_model_parallel_size": layout.pipeline_model_parallel_size}}
-    (out / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    with naming(out / META_NAME):
+        (out / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
 

@@ -92,7 +92,7 @@ def hf_to_canonical(src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str,
     tensor is read. Tensors keep their dtype."""
     src = _normalize(src, fmt)
     entries = [e for e in check_hf_tensors(src, cfg, fmt) if e.present]
-    for e in tqdm(entries, desc="HF -> canonical", unit="tensor", disable=not progress):
+    for e in tqdm(entries, desc="HF -> canonical", unit="tensor", disable=None if progress else True):  # a bar on a terminal only
         yield e.canonical, e.transform.to_canonical([src[h] for h in e.hf], cfg).contiguous()
 
 
@@ -137,7 +137,7 @@ def canonical_to_hf(src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str,
         got = tensor_shape(src, name)
         if got != shapes[name]:
             raise ConversionError(f"canonical tensor {name!r} has shape {got}, the config implies {shapes[name]}")
-    for e in tqdm(entries, desc=f"canonical -> {fmt}", unit="tensor", disable=not progress):
+    for e in tqdm(entries, desc=f"canonical -> {fmt}", unit="tensor", disable=None if progress else True):  # a bar on a terminal only
         t = src[e.canonical]
         for h, out in zip(e.hf, e.transform.to_hf(t, cfg)):
             yield h, (out if dtype is None else out.to(dtype)).contiguous()

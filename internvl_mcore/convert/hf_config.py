@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from internvl_mcore.cli_errors import read_json
 from ..config.model import LLMConfig, ModelConfig, VisionConfig
 from ..config.presets import PRESETS
 from .safetensors_io import CONFIG_NAME, ConversionError, dtype_name
@@ -331,12 +332,12 @@ def _tokenizer_ids(hf_dir: Path | None) -> dict[str, int]:
     vocab: dict[str, int] = {}
     tok_json = hf_dir / "tokenizer.json"
     if tok_json.exists():
-        vocab.update({t["content"]: int(t["id"]) for t in json.loads(tok_json.read_text()).get("added_tokens", [])})
+        vocab.update({t["content"]: int(t["id"]) for t in read_json(tok_json, ConversionError).get("added_tokens", [])})
     added = hf_dir / "added_tokens.json"
     if added.exists():
-        vocab.update({k: int(v) for k, v in json.loads(added.read_text()).items()})
+        vocab.update({k: int(v) for k, v in read_json(added, ConversionError).items()})
     tok_cfg_path = hf_dir / "tokenizer_config.json"
-    tok_cfg = json.loads(tok_cfg_path.read_text()) if tok_cfg_path.exists() else {}
+    tok_cfg = read_json(tok_cfg_path, ConversionError) if tok_cfg_path.exists() else {}
     vocab.update({v["content"]: int(k) for k, v in tok_cfg.get("added_tokens_decoder", {}).items()})
     ids = {field: vocab[tok] for tok, field in _TOKEN_FIELDS.items() if tok in vocab}
     pad = tok_cfg.get("pad_token")
@@ -357,30 +358,58 @@ def matching_preset(cfg: ModelConfig) -> ModelConfig | None:
     return next((p for p in PRESETS.values() if _structure(p) == _structure(cfg)), None)
 
 
+_ID_FIELDS = ("img_context_token_id", "img_start_token_id", "img_end_token_id", "pad_token_id")
+_TOKENIZER_FILES = "tokenizer.json / tokenizer_config.json / added_tokens.json"
+
+
+def _config_pad_id(config: Mapping[str, Any]) -> dict[str, int]:
+    """The pad id config.json states (transformers' text_config, InternVL's llm_config, or the top level)."""
+    sub = config.get("text_config") or config.get("llm_config") or {}
+    pad = sub.get("pad_token_id", config.get("pad_token_id")) if isinstance(sub, Mapping) else None
+    return {"pad_token_id": int(pad)} if isinstance(pad, int) and not isinstance(pad, bool) else {}
+
+
+def _special_ids(config: Mapping[str, Any], cfg: ModelConfig, stated: dict, preset: ModelConfig | None,
+                 hf_dir: Path | None, where: str) -> dict[str, int]:
+    """Special-token ids from the tokenizer files, else config.json (`stated`: image_token_id /
+    img_context_token_id, the LLM config's pad_token_id), else the preset of the same architecture.
+    An id nothing states, or one outside the LLM's vocabulary, is refused: training would index past
+    the embedding."""
+    ids = {f: getattr(preset, f) for f in _ID_FIELDS} if preset else {}
+    ids.update(_config_pad_id(config))
+    ids.update(stated)
+    ids.update(_tokenizer_ids(hf_dir))
+    missing = [f for f in _ID_FIELDS if f not in ids]
+    if missing:
+        place = f"{hf_dir} has no tokenizer files ({_TOKENIZER_FILES}) naming them" if hf_dir else "no tokenizer files"
+        raise ConversionError(f"{where}: special-token ids {', '.join(missing)} are unknown: no preset has this "
+                              f"architecture, config.json does not state them and {place}; put the model's "
+                              "tokenizer files next to config.json")
+    vocab = cfg.llm.vocab_size
+    outside = [f"{f}={ids[f]}" for f in _ID_FIELDS if not 0 <= ids[f] < vocab]
+    if outside:
+        raise ConversionError(f"{where}: special-token ids {', '.join(outside)} are outside the LLM's vocabulary "
+                              f"of {vocab} rows (vocab_size); the tokenizer files do not belong to this model")
+    return {f: ids[f] for f in _ID_FIELDS}
+
+
 def model_config_from_hf(config: Mapping[str, Any], hf_dir: str | os.PathLike | None = None) -> tuple[ModelConfig, str]:
     """config.json contents -> (ModelConfig, format). Special-token ids come from the tokenizer
-    files in `hf_dir`, else config.json, else the preset of the same architecture, else defaults;
-    the name is the matching preset's, else "hf:<dir name>"."""
+    files in `hf_dir`, else config.json, else the preset of the same architecture; one that none of
+    them states is refused (`_special_ids`). The name is the matching preset's, else "hf:<dir name>"."""
     where = f"{Path(hf_dir) / CONFIG_NAME}" if hf_dir is not None else CONFIG_NAME
     model_type = config.get("model_type")
     if model_type not in FORMAT_OF_MODEL_TYPE:
         raise ConversionError(f"{where}: unknown model_type {model_type!r} (supported: "
                               f"{', '.join(FORMAT_OF_MODEL_TYPE)})")
     fmt, reader = FORMAT_OF_MODEL_TYPE[model_type]
-    cfg, ids = reader(config, where)
+    cfg, stated = reader(config, where)
     preset = matching_preset(cfg)
-    base = {f: getattr(preset, f) for f in ("img_context_token_id", "img_start_token_id", "img_end_token_id",
-                                            "pad_token_id")} if preset else {}
-    tokenizer_ids = _tokenizer_ids(Path(hf_dir) if hf_dir else None)
-    if preset is None and not tokenizer_ids:
-        warnings.warn(f"{where}: no preset has this architecture and no tokenizer files were found: "
-                      f"special-token ids other than those in config.json take ModelConfig's defaults")
-    base.update(ids)
-    base.update(tokenizer_ids)
+    ids: dict[str, Any] = _special_ids(config, cfg, stated, preset, Path(hf_dir) if hf_dir else None, where)
     name = preset.name if preset else f"hf:{Path(hf_dir).name if hf_dir else 'model'}"
     if preset is not None and "template" not in config:
-        base["template"] = preset.template
-    return cfg.replace(name=name, **base), fmt
+        ids["template"] = preset.template
+    return cfg.replace(name=name, **ids), fmt
 
 
 def read_hf_config(hf_dir: str | os.PathLike) -> dict:
@@ -388,7 +417,10 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict:
     path = Path(hf_dir) / CONFIG_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path}: no config.json (is {hf_dir} an HF checkpoint directory?)")
-    return json.loads(path.read_text())
+    config = read_json(path, ConversionError)
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path}: not a model config (a JSON {type(config).__name__}, not an object)")
+    return config
 
 
 def _llm_config_dicts(cfg: ModelConfig, fmt: str, dtype: torch.dtype, arch: str | None) -> tuple[dict, dict]:

@@ -32,6 +32,7 @@ from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.process_groups_config import ProcessGroupCollection
 
+from internvl_mcore.cli_errors import naming, read_json
 from ..checkpoint_format import RUN_INFO, TRACKER, is_training_checkpoint, resolve_iteration_dir
 from ..checkpoint_trust import check_dist_checkpoint
 from ..config.lora import LORA_TOWERS
@@ -167,7 +168,7 @@ def _source_meta(base: Optional[str]) -> dict:
     """The `source` record (HF format, dtype, config.json) of the canonical checkpoint the run started
     from, when it still exists: the merged export then keeps its dtype and config keys."""
     if base and (Path(base) / META_NAME).exists():
-        return json.loads((Path(base) / META_NAME).read_text()).get("source", {})
+        return read_json(Path(base) / META_NAME, ConversionError).get("source", {})
     return {}
 
 
@@ -191,7 +192,7 @@ def export_merged(load: str | os.PathLike, save: str | os.PathLike, fmt: str,
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".merged-canonical-") as tmp:
         training_checkpoint_to_canonical(iter_dir, tmp)
         if source:
-            meta = json.loads((Path(tmp) / META_NAME).read_text())
+            meta = read_json(Path(tmp) / META_NAME, ConversionError)
             meta["source"] = source
             (Path(tmp) / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         return convert_checkpoint_to_hf(tmp, out, fmt, template_dir, dtype,
@@ -268,7 +269,8 @@ def export_peft_adapter(load: str | os.PathLike, save: str | os.PathLike, dtype:
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(out / ADAPTER_WEIGHTS, tensors, metadata={"format": "pt"})
     config = peft_adapter_config(modules, ckpt.lora, base_name_or_path)
-    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    with naming(out / ADAPTER_CONFIG):
+        (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out / ADAPTER_WEIGHTS
 
 

@@ -14,6 +14,8 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
+from internvl_mcore.cli_errors import naming, read_json
+
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -77,17 +79,54 @@ class _TensorInfo:
     nbytes: int
 
 
+# the safetensors library's own bound on the JSON header; a larger length is a damaged file
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
-    """(header dict, byte offset where the data starts) of a safetensors file."""
+    """(header dict, byte offset where the data starts) of a safetensors file. The one reader of
+    safetensors headers: a length past the file or the format's bound, a header that is not a JSON
+    object, or an entry whose dtype / shape / offsets do not fit the file is a ConversionError
+    naming the file (and tensor), before anything is allocated for it."""
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         raw = f.read(8)
         if len(raw) != 8:
             raise ConversionError(f"{path}: not a safetensors file (too short)")
         n = int.from_bytes(raw, "little")
+        if n > min(MAX_HEADER_BYTES, size - 8):
+            raise ConversionError(f"{path}: damaged safetensors file (header length {n} bytes, file {size} bytes)")
         try:
-            return json.loads(f.read(n)), 8 + n
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ConversionError(f"{path}: unreadable safetensors header ({e})") from None
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: absurdly nested JSON
+            raise ConversionError(f"{path}: unreadable safetensors header ({type(e).__name__}: {e})") from None
+    if not isinstance(header, dict):
+        raise ConversionError(f"{path}: damaged safetensors file (header is not a JSON object)")
+    for name, entry in header.items():
+        if name != "__metadata__":
+            _check_entry(path, name, entry, size - 8 - n)
+    return header, 8 + n
+
+
+def _check_entry(path: str | os.PathLike, name: str, entry: Any, data_bytes: int) -> None:
+    """One header entry: a known dtype, a shape of non-negative ints, offsets inside the data whose
+    length is the shape's."""
+    try:
+        dtype = _ST_DTYPES[entry["dtype"]]
+        shape, (begin, end) = list(entry["shape"]), entry["data_offsets"]
+        if not all(type(x) is int for x in (*shape, begin, end)):
+            raise TypeError
+    except (KeyError, TypeError, ValueError):
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if isinstance(dtype, str) and dtype not in _ST_DTYPES:
+            raise ConversionError(f"{path}: tensor {name!r} has unsupported dtype {dtype}") from None
+        raise ConversionError(f"{path}: damaged safetensors header entry for tensor {name!r}") from None
+    numel = 1
+    for d in shape:
+        numel *= d
+    if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_bytes or end - begin != numel * dtype.itemsize:
+        raise ConversionError(f"{path}: damaged safetensors header: tensor {name!r} (shape {shape}, offsets "
+                              f"{begin}..{end}) does not fit the file's {data_bytes} data bytes")
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
@@ -103,7 +142,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
+    with naming(path), open(path, "wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
         for name in names:
@@ -121,7 +160,13 @@ class SafetensorsDir(Mapping[str, torch.Tensor]):
         self.path = Path(path)
         index = self.path / INDEX_NAME
         if index.exists():
-            files = sorted({self.path / f for f in json.loads(index.read_text())["weight_map"].values()})
+            content = read_json(index, ConversionError)
+            weight_map = content.get("weight_map") if isinstance(content, dict) else None
+            # plain file names only: an index must not send the reader outside the checkpoint directory
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) and f == Path(f).name and f not in
+                                                           ("", ".", "..") for f in weight_map.values()):
+                raise ConversionError(f"{index}: weight_map must map tensor names to file names in {self.path}")
+            files = sorted({self.path / f for f in weight_map.values()})
         else:
             files = sorted(self.path.glob("*.safetensors"))
         if not files:
@@ -134,8 +179,6 @@ class SafetensorsDir(Mapping[str, torch.Tensor]):
             for name, h in header.items():
                 if name == "__metadata__":
                     continue
-                if h["dtype"] not in _ST_DTYPES:
-                    raise ConversionError(f"{f}: tensor {name!r} has unsupported dtype {h['dtype']}")
                 begin, end = h["data_offsets"]
                 self._info[name] = _TensorInfo(f, _ST_DTYPES[h["dtype"]], tuple(h["shape"]), data_start + begin, end - begin)
 
@@ -258,7 +301,8 @@ class ShardedWriter:
         if n > 1:
             index = {"metadata": {"total_size": self.total_bytes},
                      "weight_map": {name: final[k].name for k, names in enumerate(self._shards) for name in sorted(names)}}
-            (self.out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            with naming(self.out / INDEX_NAME):
+                (self.out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         return final
 
 
@@ -295,7 +339,8 @@ def write_hf_dir(out_dir: str | os.PathLike, tensors: Iterable[tuple[str, torch.
     for name, t in tensors:
         writer.add(name, t)
     files = writer.close()
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    with naming(out / CONFIG_NAME):
+        (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return files
 
 

@@ -12,10 +12,10 @@ naming its shape anywhere.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
+from internvl_mcore.cli_errors import read_json
 from ..config.model import ModelConfig
 from ..config.presets import PRESETS
 from ..checkpoint_format import RUN_INFO, iter_dir
@@ -46,7 +46,7 @@ def _training_run_info(path: Path) -> tuple[dict, Path]:
     info_path = path / RUN_INFO
     if not info_path.exists():
         raise ConversionError(f"{info_path}: missing (the latest checkpoint of {path.parent} is incomplete)")
-    return json.loads(info_path.read_text()), info_path
+    return read_json(info_path, ConversionError), info_path
 
 
 def model_config_from_path(path: str | os.PathLike) -> ModelConfig:
@@ -59,7 +59,7 @@ def model_config_from_path(path: str | os.PathLike) -> ModelConfig:
             raise ConversionError(f"{where}: no 'model' entry")
         return model_config_from_dict(info["model"])
     if kind == "canonical":
-        return model_config_from_dict(json.loads((p / META_NAME).read_text())["model"])
+        return model_config_from_dict(read_json(p / META_NAME, ConversionError)["model"])
     if kind == "hf":
         return model_config_from_hf(read_hf_config(p), p)[0]
     raise ConversionError(f"{p}: not a checkpoint directory (no {CONFIG_NAME}, {META_NAME}, {RUN_INFO} or "

@@ -21,7 +21,6 @@ normalizes them on its device.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 from collections import deque
@@ -30,6 +29,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ..cli_errors import read_json
 from .image import decode_rgb, random_jpeg_recompress
 from .preference import expand_pair_tiles, pair_segments
 from .sample import DecodedImages, PackedSample
@@ -83,8 +83,11 @@ def parse_data_path(data_path: Sequence[str]) -> list[tuple[float, str]]:
             mp = manifest_path(p)
             if not os.path.exists(mp):
                 raise FileNotFoundError(f"--data-path entry {p!r}: no shard manifest at {mp}")
-            with open(mp) as f:
-                sizes.append(int(json.load(f)["counts"]["packs"]))
+            manifest = read_json(mp)
+            try:
+                sizes.append(int(manifest["counts"]["packs"]))
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{mp}: not a shard manifest (no counts.packs)") from None
         total = sum(sizes)
         if total == 0:
             raise ValueError(f"--data-path {items}: all shard sets are empty")

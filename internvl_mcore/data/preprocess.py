@@ -329,7 +329,28 @@ def _worker_died(item: tuple[int, Any], attempts: int, why: str) -> Reject:
 # ------------------------------------------------------------------------------------------------
 
 
-def _records(cfg: PreprocessConfig) -> tuple[Iterator[tuple[int, Any]], int | None]:
+# JSON may spell one byte of UTF-8 text in up to six ("\u0001"); keys, ids, paths and other fields of a
+# record get this allowance on top of its text
+JSON_BYTES_PER_TEXT_BYTE = 6
+LINE_ALLOWANCE = 64 * 1024
+
+
+def max_line_bytes(tokenizer: Any, seq_length: int, preference: bool = False) -> int:
+    """The longest JSONL line whose record could still fit `seq_length` tokens (per sequence: a
+    preference record makes two): no token stands for more text than the tokenizer's longest token, so
+    a record's text is at most seq_length x that many bytes, JSON-escaped at most 6 bytes a byte, plus
+    LINE_ALLOWANCE. Longer lines are rejected as too_long before they are parsed (docs/data.md)."""
+    longest = 16  # a floor; id_to_token also counts the added tokens a decoder may leave out
+    for i in range(tokenizer.vocab_size):
+        try:
+            longest = max(longest, len(tokenizer.decode([i]).encode("utf-8")), len(tokenizer.id_to_token(i) or ""))
+        except (KeyError, IndexError, ValueError, TypeError, OverflowError):  # ids the vocabulary skips
+            continue
+    sequences = 2 if preference else 1
+    return sequences * seq_length * longest * JSON_BYTES_PER_TEXT_BYTE + LINE_ALLOWANCE
+
+
+def _records(cfg: PreprocessConfig, line_limit: int | None = None) -> tuple[Iterator[tuple[int, Any]], int | None]:
     """((ordinal, record) stream over all datasets in order, expected count for the progress bar).
 
     With --num-shards N, this run keeps the records whose index within their dataset is
@@ -350,7 +371,7 @@ def _records(cfg: PreprocessConfig) -> tuple[Iterator[tuple[int, Any]], int | No
     def gen() -> Iterator[tuple[int, Any]]:
         ordinal = 0
         for spec in specs:
-            for k, rec in enumerate(iter_records(spec, cfg.seed)):
+            for k, rec in enumerate(iter_records(spec, cfg.seed, line_limit)):
                 if k % cfg.num_shards == cfg.shard_index:
                     yield ordinal, rec
                 ordinal += 1
@@ -439,7 +460,7 @@ def _pass1(cfg: PreprocessConfig, ctx: _WorkerContext, tmp_prefix: str, tile_sha
     """Every record -> a sample (one per "pack") in the temporary shard set, or a line in the rejects file."""
     from tqdm import tqdm
 
-    stream, expected = _records(cfg)
+    stream, expected = _records(cfg, max_line_bytes(ctx.tokenizer, cfg.seq_length, cfg.preference))
     state = _Pass1()
     tmp_writer = ShardWriter(tmp_prefix, tile_format=cfg.tile_format, tile_shape=tile_shape)
     pool = (SupervisedPool(cfg.workers, _init_worker, ctx, _run_in_worker, _worker_died, preload=_WORKER_PRELOAD,

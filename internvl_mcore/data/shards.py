@@ -40,7 +40,6 @@ import json
 import os
 import struct
 from dataclasses import dataclass
-import struct
 from typing import Literal, Sequence, get_args
 
 import numpy as np
@@ -80,6 +79,19 @@ def manifest_path(prefix: str) -> str:
 def shard_files(prefix: str) -> list[str]:
     """All data files of a shard set (not the manifest), in a fixed order."""
     return [field_prefix(prefix, n) + ext for n in FIELDS for ext in (".bin", ".idx")]
+
+
+def max_token_id(prefix: str, manifest: dict) -> int:
+    """The largest token id of a shard set: the manifest's (written since it records it), else one
+    pass over the tokens' .bin (megatron-core's .bin is the bare int32 array; ~4 bytes a token, no
+    tiles read), so older shard sets are checked as exactly."""
+    recorded = manifest.get("counts", {}).get("max_token_id")
+    if isinstance(recorded, int):
+        return recorded
+    path = field_prefix(prefix, "tokens") + ".bin"
+    if not os.path.getsize(path):
+        return -1
+    return int(np.memmap(path, dtype=FIELDS["tokens"], mode="r").max())
 
 
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:
@@ -256,7 +268,9 @@ class ShardWriter:
             name: IndexedDatasetBuilder(get_bin_path(field_prefix(prefix, name)), dtype=dtype)
             for name, dtype in FIELDS.items()
         }
-        self.counts = {"packs": 0, "samples": 0, "tokens": 0, "images": 0, "tiles": 0, "loss_tokens": 0}
+        # max_token_id: what training checks against the model's vocabulary without reading the tokens
+        self.counts = {"packs": 0, "samples": 0, "tokens": 0, "images": 0, "tiles": 0, "loss_tokens": 0,
+                       "max_token_id": -1}
         self._finalized = False
 
     def add_pack(self, samples: Sequence[EncodedSample]) -> None:
@@ -295,6 +309,7 @@ class ShardWriter:
         c["images"] += sum(len(s.num_tiles) for s in samples)
         c["tiles"] += int(sum(int(np.sum(s.num_tiles)) for s in samples))
         c["loss_tokens"] += int(sum(int(s.loss_mask.sum()) for s in samples))
+        c["max_token_id"] = max(c["max_token_id"], *(int(s.tokens.max()) for s in samples if len(s)))
 
     def finalize(self, extra: dict | None = None, checksums: bool = True) -> dict:
         """Close the files, write the `.idx` files and the manifest; returns the manifest.

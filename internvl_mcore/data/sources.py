@@ -55,6 +55,7 @@ REJECT_REASONS = (
     "undecodable_text",
     "video_decoder_missing",
     "bad_record",
+    "outside_root",
 )
 
 
@@ -80,6 +81,9 @@ class DatasetSpec:
     length: int | None = None
     """Informational record count from the meta file (InternVL uses it for weighting)."""
     min_dynamic_patch: int = 1
+    allow_outside_root: bool = False
+    """The meta file's explicit permission for image / video paths that resolve (symlinks followed)
+    outside `root`; without it such a record is rejected as 'outside_root' and the file is not opened."""
 
     @property
     def format(self) -> str:
@@ -101,6 +105,13 @@ def _resolve(path: str, meta_dir: str) -> str:
     return os.path.abspath(alt) if os.path.exists(alt) else os.path.abspath(path)
 
 
+def _flag(entry: dict, key: str, where: str) -> bool:
+    value = entry.get(key, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}: key {key!r} must be true or false, got {value!r}")
+    return value
+
+
 def read_meta(path: str) -> list[DatasetSpec]:
     """Parse an InternVL meta JSON; errors name the file and the offending key."""
     try:
@@ -114,6 +125,8 @@ def read_meta(path: str) -> list[DatasetSpec]:
         raise ValueError(f"meta file {path}: not UTF-8 text at byte {e.start} (is it a meta JSON file?)") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from e
+    except RecursionError:
+        raise ValueError(f"{path}: invalid JSON (nested too deeply)") from None
     if not isinstance(meta, dict) or not meta:
         raise ValueError(f"{path}: expected a non-empty JSON object {{dataset_name: {{root, annotation, ...}}}}")
     meta_dir = os.path.dirname(os.path.abspath(path))
@@ -150,6 +163,7 @@ def read_meta(path: str) -> list[DatasetSpec]:
             repeat_time=num("repeat_time", 1.0, float, 0),
             length=num("length", None, int, 0) if entry.get("length") is not None else None,
             min_dynamic_patch=num("min_dynamic_patch", 1, int, 1),
+            allow_outside_root=_flag(entry, "allow_outside_root", where),
         )
         _check_annotation(spec, entry["annotation"], where)
         if spec.repeat_time == 0:
@@ -195,14 +209,37 @@ def _selected_indices(n: int, repeat_time: float, seed: int, name: str) -> np.nd
     return np.sort(rng.choice(n, size=k, replace=False))
 
 
+# A line is blank (not a record) when it is at most this long and only whitespace; longer lines are
+# read in pieces of this size and never held whole when they exceed the line limit.
+_PROBE = 1 << 16
+
+
+def _jsonl_lines(f, limit: int | None = None) -> Iterator[tuple[int, bytes | None, int]]:
+    """(1-based line number, the line's bytes, its length) of each non-blank line of a binary file; the
+    bytes are None for a line longer than `limit` bytes, which is skipped in pieces, never read whole."""
+    cap = max(limit, _PROBE) if limit is not None else None
+    lineno = 0
+    while True:
+        head = f.readline(cap + 1) if cap is not None else f.readline()
+        if not head:
+            return
+        lineno += 1
+        size = len(head)
+        if cap is not None and size > cap and not head.endswith(b"\n"):  # longer than the cap: skip the rest
+            while not head.endswith(b"\n") and (head := f.readline(_PROBE)):
+                size += len(head)
+            yield lineno, None, len(head.rstrip(b"\r\n")) - len(head) + size
+            continue
+        if size <= _PROBE + 1 and not head.strip():
+            continue
+        body = len(head.rstrip(b"\r\n"))
+        yield lineno, (head if limit is None or body <= limit else None), body
+
+
 def _jsonl_line_numbers(path: str) -> list[int]:
     """1-based numbers of the non-blank lines (blank lines are not records)."""
-    out = []
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if raw.strip():
-                out.append(lineno)
-    return out
+        return [lineno for lineno, _, _ in _jsonl_lines(f, 0)]
 
 
 def _check_annotation(spec: DatasetSpec, given: str, where: str) -> None:
@@ -213,17 +250,24 @@ def _check_annotation(spec: DatasetSpec, given: str, where: str) -> None:
         raise FileNotFoundError(f"{where}: key 'annotation': file {given!r} not found")
     if spec.format == "jsonl":
         _check_jsonl_shape(spec.annotation)
+    # as repeat_time 0: a dataset that can give no sample is a mistake in the meta file, not a quiet no-op
+    if not (_count_parquet_rows(spec.annotation) if spec.format == "parquet" else _has_record(spec.annotation)):
+        raise ValueError(f"{where}: key 'annotation': {given!r} has no records (an empty file); fill it or "
+                         "remove the dataset from the meta file")
+
+
+def _has_record(path: str) -> bool:
+    with open(path, "rb") as f:
+        return next(_jsonl_lines(f, 0), None) is not None
 
 
 def _check_jsonl_shape(path: str) -> None:
     """Refuse a JSON array file (LLaVA's `[{...}, {...}]`) given as a JSONL annotation: read as JSONL,
     every line would be rejected one by one. A one-line array of non-objects stays a record (rejected)."""
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if raw.strip():
-                break
-        else:
-            return
+        lineno, raw, _ = next(_jsonl_lines(f, 16 * _PROBE), (0, None, 0))
+    if raw is None:  # empty, or a first line too long to be worth parsing here (it is a too_long record)
+        return
     first = raw.lstrip(b"\xef\xbb\xbf").strip()
     if not first.startswith(b"["):
         return
@@ -244,15 +288,18 @@ def _count_parquet_rows(path: str) -> int:
         raise ValueError(f"{path}: not a readable parquet file ({e})") from None
 
 
-def _iter_jsonl(spec: DatasetSpec, wanted: set[int], repeat: int) -> Iterator[RawRecord | Reject]:
+def _iter_jsonl(spec: DatasetSpec, wanted: set[int], repeat: int,
+                max_line_bytes: int | None = None) -> Iterator[RawRecord | Reject]:
     path = spec.annotation
     index = -1
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
+        for lineno, raw, size in _jsonl_lines(f, max_line_bytes):
             index += 1
             if index not in wanted:
+                continue
+            if raw is None:  # rejected unparsed: no record of that size can fit (docs/data.md)
+                yield Reject(path, lineno, "too_long", f"line of {size} bytes > {max_line_bytes} bytes, the most "
+                             "a record within the sequence length can take; not parsed")
                 continue
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # UTF-8 byte order mark
@@ -266,13 +313,17 @@ def _iter_jsonl(spec: DatasetSpec, wanted: set[int], repeat: int) -> Iterator[Ra
             except json.JSONDecodeError as e:
                 yield Reject(path, lineno, "bad_json", f"{e.msg} at column {e.colno}")
                 continue
+            except RecursionError:
+                yield Reject(path, lineno, "bad_json", "nested too deeply")
+                continue
             if not isinstance(payload, dict):
                 yield Reject(path, lineno, "bad_record", f"line is a JSON {type(payload).__name__}, not an object")
                 continue
             yield RawRecord(spec, path, lineno, payload, repeat)
 
 
-def _iter_parquet(spec: DatasetSpec, wanted: set[int], repeat: int) -> Iterator[RawRecord | Reject]:
+def _iter_parquet(spec: DatasetSpec, wanted: set[int], repeat: int,
+                  max_line_bytes: int | None = None) -> Iterator[RawRecord | Reject]:
     import pyarrow.parquet as pq
 
     path = spec.annotation
@@ -288,19 +339,20 @@ def _iter_parquet(spec: DatasetSpec, wanted: set[int], repeat: int) -> Iterator[
             index += 1
 
 
-def iter_records(spec: DatasetSpec, seed: int) -> Iterator[RawRecord | Reject]:
+def iter_records(spec: DatasetSpec, seed: int, max_line_bytes: int | None = None) -> Iterator[RawRecord | Reject]:
     """Records of one dataset in file order, with `repeat_time` applied deterministically from `seed`.
 
     JSONL: one record per non-blank line; a line that is not UTF-8, not JSON or not a JSON object becomes a
     Reject ('undecodable_text', 'bad_json', 'bad_record') with its line number. Parquet: one record per row.
     repeat_time r < 1 keeps a seeded subset of int(n * r) records; r >= 1 yields int(r) passes over the
-    file (InternVL's rule: the fraction of r > 1 is dropped).
+    file (InternVL's rule: the fraction of r > 1 is dropped). A JSONL line longer than `max_line_bytes`
+    is a 'too_long' Reject without being parsed (or held in memory whole).
     """
     n = _count_parquet_rows(spec.annotation) if spec.format == "parquet" else len(_jsonl_line_numbers(spec.annotation))
     wanted = set(_selected_indices(n, spec.repeat_time, seed, spec.name).tolist())
     reader = _iter_parquet if spec.format == "parquet" else _iter_jsonl
     for repeat in range(_passes(spec.repeat_time)):
-        yield from reader(spec, wanted, repeat)
+        yield from reader(spec, wanted, repeat, max_line_bytes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -411,7 +463,7 @@ def _read_image(source: str | bytes, what: str) -> tuple[Image.Image, bytes, str
 
 def _image_sources(record: RawRecord) -> list[tuple[str | bytes, str]] | None:
     """(path-or-bytes, description) of each image of the record, None if it has no image field."""
-    payload, root = record.payload, record.dataset.root
+    payload = record.payload
     if "images" in payload and payload["images"] is not None and "image" not in payload:
         images = payload["images"]  # HF datasets: list of bytes or {"bytes", "path"} structs
         if not isinstance(images, list):
@@ -427,7 +479,7 @@ def _image_sources(record: RawRecord) -> list[tuple[str | bytes, str]] | None:
             if isinstance(data, (bytes, bytearray)):
                 out.append((bytes(data), f"image {k} (bytes)"))
             elif isinstance(rel, str) and rel:
-                out.append((os.path.join(root, rel), f"image {k}"))
+                out.append((media_path(record.dataset, rel, f"image {k}"), f"image {k}"))
             else:
                 raise _RejectError("bad_record", f"image {k} has neither bytes nor a path")
         return out or None
@@ -437,7 +489,24 @@ def _image_sources(record: RawRecord) -> list[tuple[str | bytes, str]] | None:
     paths = image if isinstance(image, list) else [image]
     if not all(isinstance(p, str) and p for p in paths):
         raise _RejectError("bad_record", f"'image' must be a path or a list of paths, got {str(image)[:80]}")
-    return [(os.path.join(root, p), f"image {p!r}") for p in paths]
+    return [(media_path(record.dataset, p, f"image {p!r}"), f"image {p!r}") for p in paths]
+
+
+def media_path(spec: DatasetSpec, rel: str, what: str) -> str:
+    """The one resolution of an image / video / frame path: joined to the dataset's root (the working
+    directory when the meta file gives none, as InternVL's os.path.join), and refused as 'outside_root'
+    when it resolves, symlinks followed, outside that root ('../', an absolute path, a link out) unless
+    the meta file sets "allow_outside_root": true for the dataset. Nothing outside is opened or stat'ed
+    beyond the resolution itself."""
+    root = spec.root or os.getcwd()
+    path = os.path.join(root, rel)
+    if spec.allow_outside_root:
+        return path
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise _RejectError("outside_root", f"{what} resolves to {real}, outside the dataset root {real_root} "
+                           f"(dataset {spec.name!r}: set \"allow_outside_root\": true in the meta file to allow it)")
+    return path
 
 
 def _first_turn_index(conversations: list[dict], roles=PROMPT_ROLES) -> int:
@@ -453,7 +522,9 @@ def _copy_conversations(payload: dict) -> list[dict]:
     elif "messages" in payload:
         convs = messages_to_conversations(payload["messages"])
     else:
-        raise _RejectError("bad_record", "record has neither 'conversations' nor 'messages'")
+        hint = ("; it has 'chosen' and 'rejected': a preference (MMPR) record, preprocess it with --preference"
+                if "chosen" in payload and "rejected" in payload else "")
+        raise _RejectError("bad_record", "record has neither 'conversations' nor 'messages'" + hint)
     if not isinstance(convs, list):
         raise _RejectError("bad_record", f"'conversations' is {type(convs).__name__}, not a list")
     if not convs:
@@ -559,7 +630,8 @@ def _video_frames(record: RawRecord, path: str, visuals: _Visuals) -> None:
     rng = record_rng(opts, record)
     if path.endswith("/") or os.path.isdir(path):
         for file in sample_frame_files(path, opts.min_num_frames, opts.max_num_frames, rng, opts.frame_sampling):
-            image, data, fmt = _read_image(file, f"frame {os.path.basename(file)!r}")
+            what = f"frame {os.path.basename(file)!r}"
+            image, data, fmt = _read_image(media_path(record.dataset, file, what), what)
             visuals.add(image, one, lambda: stored_image_bytes(data, image, fmt))
         return
     for frame in load_video_frames(path, opts.min_num_frames, opts.max_num_frames, rng, opts.frame_sampling):
@@ -568,7 +640,7 @@ def _video_frames(record: RawRecord, path: str, visuals: _Visuals) -> None:
 
 
 def _add_video(record: RawRecord, convs: list[dict], video: str, visuals: _Visuals) -> None:
-    path = os.path.join(record.dataset.root, video)
+    path = media_path(record.dataset, video, f"video {video!r}")
     if not os.path.exists(path.rstrip("/") or path):
         raise _RejectError("missing_image", f"video not found: {path}")
     try:

@@ -548,7 +548,10 @@ def load_weights(path: str | Path, model_chunk: torch.nn.Module, model_cfg: Mode
         raise CheckpointError(f"--pretrained {path}: no such file or directory")
     if checkpoint_kind(path) == "hf":
         return _load_hf_weights(path, module, model_cfg)
-    ckpt = CanonicalCheckpoint.open(path)
+    try:
+        ckpt = CanonicalCheckpoint.open(path)
+    except ConversionError as exc:  # a damaged model_config.json or safetensors header, named by the reader
+        raise CheckpointError(f"--pretrained {path}: {exc}") from None
     check_model({"model": dataclasses.asdict(ckpt.config), "name": ckpt.config.name}, model_cfg, path)
     load_canonical(module, ckpt.tensors, ckpt.config)
     return "converted checkpoint"

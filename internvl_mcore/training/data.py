@@ -8,11 +8,12 @@ import os
 import torch
 from tqdm import tqdm
 
+from ..config.model import ModelConfig
 from ..config.training import RunConfig
 from ..data.loader import PackedDataLoader, collate, parse_data_path
 from ..data.workers import WorkerError
 from ..data.resample import PillowMismatch, pass_order
-from ..data.shards import ShardReader, manifest_path, sha256_file, shard_files
+from ..data.shards import ShardReader, manifest_path, max_token_id, sha256_file, shard_files
 from ..parallel.device import resolve_device
 from .batch import Batch
 from .mock import mock_batches
@@ -54,7 +55,8 @@ def check_shard_sets(entries: list[str], run: RunConfig, flag: str = "--data-pat
     for weight, prefix in blend:  # the manifests alone first: cheap, and megatron-core is not imported yet
         try:
             packs = check_manifest(prefix, run)
-        except ValueError as exc:
+            check_token_range(prefix, run.model)
+        except (ValueError, OSError) as exc:
             raise DataError(f"{flag} {prefix}: {exc}") from None
         if weight > 0 and packs == 0:
             raise DataError(f"{flag} {prefix}: the shard set is empty (0 packs; see {prefix}.rejects.jsonl)")
@@ -66,6 +68,32 @@ def check_shard_sets(entries: list[str], run: RunConfig, flag: str = "--data-pat
             raise DataError(f"{flag} {prefix}: {exc}") from None
     if not run.data.no_verify_shards:
         verify_checksums(readers, rank, world, flag)
+
+
+def special_id_problems(cfg: ModelConfig) -> list[str]:
+    """The model's special-token ids outside its vocabulary: the embedding would be indexed past its
+    rows (an IndexError deep in the first step) by the packs' padding and image tokens."""
+    vocab = cfg.llm.vocab_size
+    return [f"{field}={getattr(cfg, field)} is outside the vocabulary of {vocab} rows (model --model {cfg.name})"
+            for field in ("img_context_token_id", "img_start_token_id", "img_end_token_id", "pad_token_id")
+            if not 0 <= getattr(cfg, field) < vocab]
+
+
+def check_model_ids(run: RunConfig) -> None:
+    """Refuse a model whose special-token ids do not fit its vocabulary (mock data uses them too)."""
+    if problems := special_id_problems(run.model):
+        raise DataError("--model: special-token id " + "; ".join(problems))
+
+
+def check_token_range(prefix: str, cfg: ModelConfig) -> None:
+    """Every token id of the shard set indexes the model's embedding (the manifest's recorded largest
+    id; older manifests: a pass over the tokens file)."""
+    path = manifest_path(prefix)
+    with open(path, encoding="utf-8") as f:
+        top = max_token_id(prefix, json.load(f))
+    if top >= cfg.llm.vocab_size:
+        raise ValueError(f"{path}: token id {top} is outside the model's vocabulary of {cfg.llm.vocab_size} rows "
+                         f"(--model {cfg.name}); the shards were made with another tokenizer")
 
 
 def _is_number(text: str) -> bool:
@@ -145,6 +173,12 @@ class ShardBatches:
         except WorkerError as exc:  # a worker died or stalled: one line naming it and its pack, exit 2
             raise DataError(str(exc)) from None
         d = collate(packs, self.seq_length, self.cfg.pad_token_id)
+        # shards changed after the start-up check (--no-verify-shards trusts them): one line, not an
+        # IndexError in the embedding
+        if d["tokens"].numel() and not 0 <= int(d["tokens"].min()) <= int(d["tokens"].max()) < self.cfg.llm.vocab_size:
+            raise DataError(f"shard set {' '.join(self.loader.prefixes)}: a pack holds token id "
+                            f"{int(d['tokens'].max())} (min {int(d['tokens'].min())}) outside the model's vocabulary of "
+                            f"{self.cfg.llm.vocab_size} rows; re-run tools/preprocess_mm_data.py")
         if self.pin_memory:
             d = {k: v.pin_memory() for k, v in d.items()}
         ignore = d["labels"] < 0

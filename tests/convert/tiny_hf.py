@@ -106,10 +106,19 @@ def tiny_batch(seed: int = 0, image_size: int = 56) -> tuple[torch.Tensor, torch
 
 
 def save_transformers_dir(model, path: Path, dtype: torch.dtype = torch.float32) -> Path:
-    """`save_pretrained` in `dtype` (transformers' own on-disk layout)."""
+    """`save_pretrained` in `dtype` (transformers' own on-disk layout), with the tokenizer_config.json
+    that names the special tokens (a real checkpoint directory has its processor's files)."""
     model.to(dtype).save_pretrained(str(path))
     model.to(torch.float32)
+    write_tokenizer_config(path, PRESETS["debug"].pad_token_id)
     return path
+
+
+def write_tokenizer_config(path: Path, pad_id: int = 0) -> None:
+    """The special tokens' ids as a tokenizer_config.json states them (what conversion reads)."""
+    (path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {
+        str(IMG_START): {"content": "<img>"}, str(IMG_END): {"content": "</img>"},
+        str(IMG_CONTEXT): {"content": "<IMG_CONTEXT>"}, str(pad_id): {"content": "<pad>"}}, "pad_token": "<pad>"}))
 
 
 # --- InternVL's own layout, restated independently ------------------------------------------------
@@ -258,7 +267,5 @@ def write_internvl_dir(model, path: Path, family: str = "qwen2", dtype: torch.dt
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (path / "config.json").write_text(json.dumps(internvl_config(cfg, family, tie, dtype), indent=2))
     (path / "modeling_internvl_chat.py").write_text("# stand-in for InternVL's remote code\n")
-    (path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {
-        str(IMG_START): {"content": "<img>"}, str(IMG_END): {"content": "</img>"},
-        str(IMG_CONTEXT): {"content": "<IMG_CONTEXT>"}, "0": {"content": "<pad>"}}, "pad_token": "<pad>"}))
+    write_tokenizer_config(path)
     return path

@@ -14,6 +14,7 @@ from internvl_mcore.data.shards import (
     decode_tiles,
     encode_tiles,
     manifest_path,
+    max_token_id,
     shard_files,
 )
 
@@ -98,6 +99,9 @@ def test_round_trip(tmp_path, fmt):
     assert r.verify() == {}
     assert manifest["counts"]["rejects"] == 3
     assert manifest["counts"]["samples"] == sum(len(p) for p in packs)
+    # the largest token id: recorded, and found again from the tokens file for a manifest without it
+    top = max(int(s.tokens.max()) for pack in packs for s, _ in pack if len(s))
+    assert manifest["counts"]["max_token_id"] == top == max_token_id(prefix, {"counts": {}})
     assert manifest["counts"]["tiles"] == sum(int(s.num_tiles.sum()) for p in packs for s, _ in p)
     assert np.array_equal(r.pack_lengths, [sum(len(s) for s, _ in p) for p in packs])
 

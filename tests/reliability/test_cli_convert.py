@@ -113,3 +113,103 @@ def test_cli_wrapper_turns_ctrl_c_and_user_errors_into_one_line(capsys):
     assert capsys.readouterr().err == "tool: error: refusing to start: --a; --b\n"
     with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
         run_cli(lambda: 1 // 0, "tool")
+
+
+def _copy_hf(ckpt: Path, dst: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(ckpt.parent / "hf", dst))
+
+
+def _damage_header(path: Path) -> None:
+    """A header length of 2^64 - 1 (what made int -> read() overflow), the file's size unchanged."""
+    data = bytearray(path.read_bytes())
+    data[:8] = b"\xff" * 8
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_safetensors_header_and_invalid_json(ckpt, tmp_path):
+    """Issue 23 item 7: a header overwritten on either side of a conversion, and config.json / an index /
+    model_config.json that is not JSON, are one line naming the file (no OverflowError traceback)."""
+    import shutil
+
+    hf = _copy_hf(ckpt, tmp_path / "hf")
+    _damage_header(hf / "model.safetensors")
+    assert_user_error(run("convert_from_hf", "--hf-dir", hf, "--save", tmp_path / "out"),
+                      str(hf / "model.safetensors"), "damaged safetensors")
+    canonical = Path(shutil.copytree(ckpt, tmp_path / "canonical"))
+    _damage_header(canonical / "model.safetensors")
+    assert_user_error(run("convert_to_hf", "--load", canonical, "--save", tmp_path / "out", "--format", "internvl"),
+                      str(canonical / "model.safetensors"), "damaged safetensors")
+
+    bad_json = _copy_hf(ckpt, tmp_path / "json")
+    (bad_json / "config.json").write_text('{"model_type": "internvl",\n  "text_config": }')
+    assert_user_error(run("convert_from_hf", "--hf-dir", bad_json, "--save", tmp_path / "out"),
+                      str(bad_json / "config.json"), "invalid JSON at line 2")
+    from internvl_mcore.convert import CanonicalCheckpoint, ConversionError  # the same reader, in-process
+
+    (canonical / "model_config.json").write_text("{")
+    with pytest.raises(ConversionError, match=f"{canonical / 'model_config.json'}: invalid JSON at line 1"):
+        CanonicalCheckpoint.open(canonical)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["canonical", "hf", "json"]  # no out/, no staging
+
+
+def test_special_token_ids_the_model_cannot_use(ckpt, tmp_path):
+    """Issue 23 item 4: a model no preset has, without tokenizer files, does not convert with ids from
+    another vocabulary; the ids come from the tokenizer files when present and must fit vocab_size."""
+    import json
+
+    hf = _copy_hf(ckpt, tmp_path / "hf")
+    config = json.loads((hf / "config.json").read_text())
+    config["text_config"]["rms_norm_eps"] = 1e-5  # no preset has this model any more; tensors unchanged
+    (hf / "config.json").write_text(json.dumps(config))
+    tokenizer_config = (hf / "tokenizer_config.json").read_text()
+    (hf / "tokenizer_config.json").unlink()
+    line = assert_user_error(run("convert_from_hf", "--hf-dir", hf, "--save", tmp_path / "out"),
+                             str(hf / "config.json"), "img_start_token_id", "tokenizer files")
+    assert "img_context_token_id" not in line  # config.json states it (image_token_id)
+
+    tok = json.loads(tokenizer_config)
+    tok["added_tokens_decoder"]["151665"] = tok["added_tokens_decoder"].pop(next(iter(tok["added_tokens_decoder"])))
+    (hf / "tokenizer_config.json").write_text(json.dumps(tok))
+    assert_user_error(run("convert_from_hf", "--hf-dir", hf, "--save", tmp_path / "out"),
+                      "151665", "outside the LLM's vocabulary of 512 rows")
+
+    (hf / "tokenizer_config.json").write_text(tokenizer_config)
+    proc = run("convert_from_hf", "--hf-dir", hf, "--save", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = json.loads((tmp_path / "out" / "model_config.json").read_text())["model"]
+    assert model["name"] == "hf:hf" and all(model[f] < 512 for f in ("img_start_token_id", "pad_token_id"))
+
+
+def test_export_onto_a_full_disk(ckpt, tmp_path, monkeypatch, capsys):
+    """Issue 23 item 7: ENOSPC while writing a shard (in-process: the write path raises it) and EFBIG
+    from a file-size limit (the real CLI under RLIMIT_FSIZE): one line naming --save and the file,
+    nothing left behind."""
+    import errno
+    import io
+    import sys
+
+    from tests.reliability.cli_helpers import REPO
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import convert_to_hf
+
+    from internvl_mcore.convert import safetensors_io
+
+    class Full(io.FileIO):
+        def write(self, data):  # as a full disk answers write(2): no file name in the error
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors_io, "open", lambda path, mode="r": Full(path, mode), raising=False)
+    out = tmp_path / "export"
+    assert convert_to_hf.main(["--load", str(ckpt), "--save", str(out), "--format", "transformers"]) == 2
+    err = capsys.readouterr().err  # (after the progress bar)
+    assert "Traceback" not in err and f"--save {out}: No space left on device while writing" in err.splitlines()[-1]
+    assert ".shard-00000.safetensors.tmp" in err.splitlines()[-1] and not list(tmp_path.iterdir())
+
+    limit = ("python3", "-c", "import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (100000, 100000)); "
+             "os.execv(sys.argv[1], sys.argv[1:])")
+    proc = run("convert_to_hf", "--load", ckpt, "--save", out, "--format", "transformers", prefix=limit)
+    assert_user_error(proc, f"--save {out}", "File too large while writing", ".safetensors")
+    assert not list(tmp_path.iterdir())

@@ -59,7 +59,9 @@ def test_missing_and_wrong_annotation_files(digits, tmp_path):
     (tmp_path / "fake.parquet").write_text("not a parquet file")
     (tmp_path / "array.jsonl").write_text(json.dumps([{"conversations": []}], indent=1))
     (tmp_path / "folder").mkdir()
+    (tmp_path / "empty.jsonl").write_text("\n \n")  # as repeat_time 0: a dataset that gives nothing is refused
     cases = {
+        "empty.jsonl": ("empty.jsonl", "has no records"),
         "missing.jsonl": ("missing.jsonl", "not found"),
         "folder": ("folder", "is a directory"),
         "fake.parquet": ("fake.parquet", "not a readable parquet file"),
@@ -160,14 +162,30 @@ def test_bad_records_are_rejected_with_file_and_line(digits, tmp_path):
     lines = [json.dumps({"image": n, "conversations": turns}).encode()
              for n in ("ok.png", "folder.png", "empty.png", "cut.png", "one.png", "wide.png", "tall.png")]
     lines.append(b'{"conversations": [{"from": "human", "value": "caf\xe9"}]}')
+    # issue 23: paths that leave the root (relative, absolute, a symlink, a video folder) are refused
+    # unread; a line longer than any record of --seq-length tokens is refused unparsed; an MMPR record
+    # without --preference says so
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "outside.png")
+    (img / "link.png").symlink_to(tmp_path / "outside.png")
+    (tmp_path / "frames").mkdir()
+    shutil.copy(tmp_path / "outside.png", tmp_path / "frames" / "0.png")
+    lines += [json.dumps({"image": n, "conversations": turns}).encode()
+              for n in ("../outside.png", str(tmp_path / "outside.png"), "/etc/shadow", "link.png")]
+    lines.append(json.dumps({"video": "../frames/", "conversations": turns}).encode())
+    lines.append(json.dumps({"conversations": turns, "pad": "x" * 5_000_000}).encode())
+    lines.append(json.dumps({"image": "ok.png", "question": "Which?", "chosen": "A.", "rejected": "B."}).encode())
+    lines.append(b"[" * 30000 + b"]" * 30000)  # within the line bound, too deep for json: bad_json, no traceback
     (tmp_path / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"image": "../outside.png", "conversations": turns}) + "\n")
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"messages": [1, 2], "images": ["x", "y"]}), tmp_path / "types.parquet")
     meta = tmp_path / "meta.json"
     meta.write_text(json.dumps({"a": {"root": str(img), "annotation": str(tmp_path / "a.jsonl"), "max_dynamic_patch": 6},
-                                "p": {"root": str(img), "annotation": str(tmp_path / "types.parquet")}}))
+                                "p": {"root": str(img), "annotation": str(tmp_path / "types.parquet")},
+                                "b": {"root": str(img), "annotation": str(tmp_path / "b.jsonl"),
+                                      "allow_outside_root": True}}))
     out = tmp_path / "out" / "x"
     proc = run("preprocess_mm_data", *preprocess_args(str(meta), digits.tokenizer, out, "--max-reject-ratio", "1"))
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -176,17 +194,23 @@ def test_bad_records_are_rejected_with_file_and_line(digits, tmp_path):
     assert "is a directory" in rejects[0]["detail"]
     assert got == {("a.jsonl", 2): "missing_image", ("a.jsonl", 3): "corrupt_image", ("a.jsonl", 4): "corrupt_image",
                    ("a.jsonl", 8): "undecodable_text", ("types.parquet", 1): "bad_record",
-                   ("types.parquet", 2): "bad_record"}
+                   ("types.parquet", 2): "bad_record", **{("a.jsonl", k): "outside_root" for k in range(9, 14)},
+                   ("a.jsonl", 14): "too_long", ("a.jsonl", 15): "bad_record",
+                   ("a.jsonl", 16): "bad_json"}  # b.jsonl's ../ is allowed
+    detail = {r["line"]: r["detail"] for r in rejects if r["file"].endswith("a.jsonl")}
+    assert "outside the dataset root" in detail[11] and "allow_outside_root" in detail[11]
+    assert "not parsed" in detail[14] and "--preference" in detail[15]
     from internvl_mcore.data.shards import ShardReader
 
     reader = ShardReader(str(out))
     tiles = {}
+    names = [d["name"] for d in reader.manifest["datasets"]]
     for i in range(len(reader)):
         p = reader.read(i, with_tiles=False)
-        for (_, line), n in zip(p.source.tolist(), np.split(p.num_tiles, np.cumsum(p.images_per_sample)[:-1])):
-            tiles[line] = n.tolist()
+        for (d, line), n in zip(p.source.tolist(), np.split(p.num_tiles, np.cumsum(p.images_per_sample)[:-1])):
+            tiles[names[d], line] = n.tolist()
     # InternVL: 1x1 -> one tile (no thumbnail for a single tile); 1000:1 -> the widest grid (6x1) + thumbnail
-    assert tiles == {1: [1], 5: [1], 6: [7], 7: [7]}
+    assert tiles == {("a", 1): [1], ("a", 5): [1], ("a", 6): [7], ("a", 7): [7], ("b", 1): [1]}
 
 
 def test_tokenizer_that_is_a_file_or_empty(digits, tmp_path):

@@ -35,6 +35,11 @@ def test_missing_prefix_and_folder(good_prefix, tmp_path):
                       "not found")
     folder = str(Path(good_prefix).parent)
     assert_user_error(train("--data-path", folder), "--data-path", folder, "is a directory", good_prefix)
+    broken = copy_prefix(good_prefix, tmp_path / "broken")
+    Path(broken + ".manifest.json").write_text('{"counts": ')  # issue 23: the line names the file
+    assert_user_error(train("--data-path", broken), broken + ".manifest.json", "line 1 column")
+    proc = train("--data-path", good_prefix, broken)  # a blend: its sizes come from the manifests too
+    assert_user_error(proc, broken + ".manifest.json", "line 1 column")
 
 
 def test_shards_for_another_model_or_longer_packs(good_prefix):
@@ -116,3 +121,54 @@ def test_blend_weight_errors_in_process(good_prefix, entries, says):
     with pytest.raises(DataError, match="--data-path") as err:
         check_shard_sets(entries, run_cfg)
     assert says in str(err.value) and "\n" not in str(err.value)
+
+
+def test_token_ids_outside_the_vocabulary(good_prefix, tmp_path):
+    """Issue 23 item 4: ids the embedding does not have are one line before (or, for shards changed
+    after the check with --no-verify-shards, at) the first step, never an IndexError: the manifest's
+    recorded largest id, an older manifest's scanned one, a batch's, the model's special ids."""
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    from internvl_mcore.config.presets import get_preset
+    from internvl_mcore.convert.canonical import model_config_to_dict
+
+    manifest = json.loads(Path(good_prefix + ".manifest.json").read_text())
+    assert 0 < manifest["counts"]["max_token_id"] < 512  # recorded at preprocessing (debug: 512 rows)
+
+    old = copy_prefix(good_prefix, tmp_path / "old")  # an older manifest without it, a token changed after
+    tokens = np.fromfile(old + "_tokens.bin", dtype=np.int32)
+    tokens[tokens == tokens[0]] = 9999  # the first token of every sample
+    tokens.tofile(old + "_tokens.bin")
+    stale = json.loads(Path(old + ".manifest.json").read_text())
+    del stale["counts"]["max_token_id"]
+    Path(old + ".manifest.json").write_text(json.dumps(stale))
+    assert_user_error(train("--data-path", old, "--no-verify-shards"), old + ".manifest.json", "token id 9999",
+                      "vocabulary of 512")
+
+    stale["counts"]["max_token_id"] = manifest["counts"]["max_token_id"]  # the manifest no longer tells the truth
+    Path(old + ".manifest.json").write_text(json.dumps(stale))
+    line = assert_user_error(train("--data-path", old, "--no-verify-shards"), "token id 9999", "vocabulary of 512")
+    assert "IndexError" not in line
+
+    model = tmp_path / "model"
+    model.mkdir()
+    cfg = dataclasses.replace(get_preset("debug"), pad_token_id=9999)
+    (model / "model_config.json").write_text(json.dumps({"model": model_config_to_dict(cfg)}))
+    assert_user_error(train("--mock-data", model=str(model)), "--model", "pad_token_id=9999", "vocabulary of 512")
+
+
+def test_pretrained_hf_dir_with_a_damaged_header(tmp_path):
+    """Issue 23 item 7: --pretrained HF_DIR whose safetensors header was overwritten: one line naming
+    the file (was an OverflowError traceback)."""
+    from tests.convert.tiny_hf import save_transformers_dir, tiny_transformers_model
+
+    hf = save_transformers_dir(tiny_transformers_model(seed=3), tmp_path / "hf")
+    weights = hf / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[:8] = b"\xff" * 8
+    weights.write_bytes(bytes(data))
+    assert_user_error(train("--mock-data", "--pretrained", str(hf), seq=64), "--pretrained", str(weights),
+                      "damaged safetensors")
