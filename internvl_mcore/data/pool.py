@@ -54,19 +54,24 @@ def _worker_main(conn: Connection, initializer: Callable[[Any], None], initarg: 
         conn.send(fn(item))
 
 
+def start_ignoring_sigint(proc: Any) -> None:
+    """Start worker process `proc` with SIGINT ignored. Ctrl-C reaches the whole process group: the
+    parent handles it (and stops its workers); a worker that inherits SIG_IGN (also across the fork
+    server's fork) prints no traceback of its own."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None  # only the main thread may
+    try:
+        proc.start()
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+
+
 class _Worker:
     def __init__(self, pool: "SupervisedPool"):
         self.conn, child = pool._mp.Pipe()
         self.proc = pool._mp.Process(target=_worker_main, args=(child, *pool._worker_args), daemon=True)
-        # Ctrl-C reaches the whole process group: the parent handles it (and terminates the pool); workers
-        # start with SIGINT ignored (inherited, also across spawn's exec) so they print no tracebacks.
-        main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
-        try:
-            self.proc.start()
-        finally:
-            if main:
-                signal.signal(signal.SIGINT, previous)
+        start_ignoring_sigint(self.proc)
         child.close()
         self.seq: int | None = None  # the input this worker holds
         self.since = 0.0  # when it got it (time.monotonic)

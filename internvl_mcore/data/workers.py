@@ -21,12 +21,11 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
-import threading
 from collections import deque
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable
 
-from .pool import describe_exit, exit_with_parent
+from .pool import describe_exit, exit_with_parent, start_ignoring_sigint
 
 _READY = "ready"
 STARTUP_MIN_S = 120.0  # a new worker (its fork server importing torch) takes seconds, more on a loaded node
@@ -61,13 +60,7 @@ class _Worker:
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_worker_main, args=(child, *args), daemon=True,
                                 name=f"loader-worker-{index}")
-        main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None  # inherited until it sets its own
-        try:
-            self.proc.start()
-        finally:
-            if main:
-                signal.signal(signal.SIGINT, previous)
+        start_ignoring_sigint(self.proc)
         child.close()
         self.ready = False
         self.pending: deque[str] = deque()  # what each input in flight is, in order

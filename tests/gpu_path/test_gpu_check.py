@@ -2,7 +2,6 @@
 the check's judging logic (tools/gpu_check.py) on made-up logs."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,15 +12,6 @@ import pytest
 import torch
 
 from tests.launch import REPO
-
-
-@pytest.fixture(scope="module")
-def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "tools" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def _script(env: dict) -> subprocess.CompletedProcess:

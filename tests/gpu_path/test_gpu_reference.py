@@ -6,23 +6,11 @@ beyond its tolerance, must make the comparison FAIL. Remake the file with
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
 
 import pytest
 
-from tests.launch import REPO
 
 CHECKS = {"fp32_vs_cpu": "dense", "moe_vs_cpu": "moe", "mpo_vs_cpu": "mpo"}
-
-
-@pytest.fixture(scope="module")
-def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "tools" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
