@@ -323,11 +323,11 @@ class PackedDataLoader:
             "weights": [float(w) for w in self.weights],
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue exactly after the pack the saved loader returned last."""
+    def _check_state(self, state: dict, dp_rank: int, dp_size: int) -> None:
+        """`state` is a position in this loader's stream, saved by rank `dp_rank` of `dp_size`."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')}, expected {STATE_VERSION}")
-        mine = self.state_dict()
+        mine = {**self.state_dict(), "dp_rank": dp_rank, "dp_size": dp_size}
         for key in ("dp_rank", "dp_size", "seed", "shuffle"):
             if state[key] != mine[key]:
                 raise ValueError(f"loader state was saved with {key}={state[key]}, this loader has {mine[key]}")
@@ -335,7 +335,33 @@ class PackedDataLoader:
             raise ValueError(f"loader state is for data {state['prefixes']}, this loader reads {self.prefixes}")
         if not np.allclose(state["weights"], self.weights, rtol=0, atol=1e-12):
             raise ValueError(f"loader state has blend weights {state['weights']}, this loader {list(self.weights)}")
-        self._state = _Cursor(int(state["consumed"]), int(state["blend_index"]), [int(c) for c in state["blend_counts"]])
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly after the pack the saved loader returned last."""
+        self._check_state(state, self.dp_rank, self.dp_size)
+        self._set_cursor(_Cursor(int(state["consumed"]), int(state["blend_index"]), [int(c) for c in state["blend_counts"]]))
+
+    def load_resharded_state(self, states: list[dict]) -> None:
+        """Continue the stream that `states` (every rank's `state_dict()` of a loader group of another
+        data-parallel size, in rank order, saved after the same number of packs each) left off: this
+        rank's next pack is the first global index none of them returned that belongs to it.
+
+        The saved ranks together returned global indices [0, total); the last rank's blend counters
+        stand exactly at `total`, so this rank continues from them with total / dp_size packs taken."""
+        for r, state in enumerate(states):
+            self._check_state(state, r, len(states))
+        consumed = {int(s["consumed"]) for s in states}
+        if len(consumed) != 1:
+            raise ValueError(f"the saved data-parallel ranks stopped after different numbers of packs {sorted(consumed)}")
+        total = len(states) * consumed.pop()
+        last = states[-1]
+        if total % self.dp_size or int(last["blend_index"]) != total:
+            raise ValueError(f"the saved position ({total} packs over {len(states)} data-parallel ranks) does not "
+                             f"split over {self.dp_size} data-parallel ranks")
+        self._set_cursor(_Cursor(total // self.dp_size, total, [int(c) for c in last["blend_counts"]]))
+
+    def _set_cursor(self, cursor: _Cursor) -> None:
+        self._state = cursor
         self._plan_state = self._state.copy()
         if self._ahead:  # packs decoded for the old position: drop them (a worker answers in order)
             for _, _, w in self._ahead:

@@ -35,6 +35,11 @@ megatron-core assumes CUDA in three ways, and each has one mechanism here:
    router-weight gradients at TP2+SP off by 57%). `_aux_loss_token_scale` multiplies the token
    count by the size of the tensor+context group the aux loss is reduced over, which makes every
    layout's gradient equal the single-process one (tests/moe).
+   And a resharding bug: loading the distributed optimizer's `fully_reshardable` checkpoint format
+   (the one that reshards across layouts, training/checkpoint.py) copies every state entry of
+   torch's Adam (used without TE and apex) from the loaded tensors, which have no per-parameter
+   'step' (megatron-core sets it from the param groups first), so it raised KeyError 'step';
+   `_keep_adam_step` copies the param and the moments and leaves the step as set.
 6. Not a patch but a setting (`fuse_cpu_adam`, called by `training.loop.setup`): megatron-core builds
    torch's AdamW without `fused` / `foreach` when TE and apex are absent, which on CPU tensors is
    torch's per-tensor loop; the already-built optimizer's param groups are switched to the fused
@@ -84,7 +89,9 @@ TORCH_PROXY_MODULES: dict[str, tuple[str, ...]] = {
     "megatron.core.distributed.param_and_grad_buffer": ("_ParamAndGradBuffer.__init__",),
     "megatron.core.distributed.finalize_model_grads": ("finalize_model_grads",),
     "megatron.core.optimizer.optimizer": ("MegatronOptimizer", "FP32Optimizer.__init__"),
-    "megatron.core.optimizer.distrib_optimizer": ("DistributedOptimizer.__init__",),
+    # get_parameter_state_dp_zero: the fully_reshardable checkpoint format gathers the DP shards
+    "megatron.core.optimizer.distrib_optimizer": ("DistributedOptimizer.__init__",
+                                                  "DistributedOptimizer.get_parameter_state_dp_zero"),
     "megatron.core.optimizer.clip_grads": ("get_grad_norm_fp32", "clip_grad_by_total_norm_fp32", "count_zeros_fp32"),
     "megatron.core.optimizer.grad_scaler": ("ConstantGradScaler", "DynamicGradScaler"),
     "megatron.core.utils": ("get_model_config",),
@@ -112,6 +119,7 @@ CUDA_TENSOR_METHOD_FUNCTIONS: tuple[tuple[str, str], ...] = (
     ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__"),
     ("megatron.core.optimizer.optimizer", "MixedPrecisionOptimizer._unscale_main_grads_and_check_for_nan"),
     ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer._build_model_and_main_param_groups"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.get_parameter_state_dp_zero"),
     ("megatron.core.optimizer.grad_scaler", "DynamicGradScaler.load_state_dict"),
     ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"),
     ("megatron.core.dist_checkpointing.exchange_utils", "exchange_loaded_tensors_gather_object"),
@@ -388,8 +396,31 @@ def _aux_loss_token_scale(original: Callable) -> Callable:
     return attach_and_log_load_balancing_loss
 
 
+def _keep_adam_step(original: Callable) -> Callable:
+    """DistributedOptimizer._set_main_param_and_optimizer_states without copying torch Adam's 'step'
+    (mechanism 5 in the module docstring)."""
+
+    @functools.wraps(original)
+    def _set_main_param_and_optimizer_states(self: Any, model_param: Any, tensors: dict) -> Any:
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state.get(main_param, {})
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8 or "step" not in state or "step" in tensors:
+            return original(self, model_param, tensors)
+        main_param.detach().copy_(tensors["param"])
+        for key, value in state.items():
+            if key != "step":  # already set from the checkpoint's param groups by load_state_dict
+                value.copy_(tensors[key])
+        return None
+
+    _set_main_param_and_optimizer_states.__cpu_compat__ = True  # type: ignore[attr-defined]
+    return _set_main_param_and_optimizer_states
+
+
 LAYOUT_FIXES: tuple[tuple[str, str, Callable], ...] = (
     ("megatron.core.transformer.moe.router", "TopKRouter.attach_and_log_load_balancing_loss", _aux_loss_token_scale),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer._set_main_param_and_optimizer_states",
+     _keep_adam_step),
 )
 
 

@@ -281,9 +281,32 @@ def _read_state(file: Path, use: Any) -> Any:
         raise CheckpointError(f"{file}: unusable ({type(exc).__name__}: {exc})") from None
 
 
-# The distributed optimizer's default checkpoint format in megatron-core 0.16 uses flattened ranges,
-# which its torch_dist backend refuses; "dp_reshardable" stores each DP rank's flat shard instead.
-_OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+# How the optimizer state is laid out in the files (run.json's "optimizer_format"). megatron-core's
+# "fully_reshardable" stores every state tensor (Adam's moments, the distributed optimizer's fp32 main
+# params) in model space, sharded like its parameter, so it loads into any TP/PP/DP/EP/CP layout:
+# the distributed optimizer gathers its DP shards at save and slices them at load. Checkpoints
+# without the key were written with "dp_reshardable" (each DP rank's flat buffer shard: tied to
+# the saving layout) and still load, on their own layout only. (0.16's default for the distributed
+# optimizer, "fully_sharded_model_space", uses flattened ranges, which torch_dist refuses.)
+OPTIMIZER_FORMAT = "fully_reshardable"
+_LEGACY_OPTIMIZER_FORMAT = "dp_reshardable"
+
+
+def _optim_metadata(fmt: str) -> dict:
+    """The `metadata` megatron-core's optimizer sharded_state_dict takes for format `fmt` (the
+    non-distributed optimizer reads it too: a chained one prefixes its keys for dp_reshardable)."""
+    return {"distrib_optim_sharding_type": fmt}
+
+
+def optimizer_kind(optimizer: Any) -> Optional[str]:
+    """"distributed" (--use-distributed-optimizer), "plain" or None (no optimizer): their files differ
+    (the distributed one also stores fp32 main params), so one cannot load the other's state."""
+    if optimizer is None:
+        return None
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return "distributed" if any(isinstance(p, DistributedOptimizer) for p in parts) else "plain"
 
 
 def _init_optimizer_state(optimizer: Any) -> None:
@@ -366,7 +389,7 @@ def save(root: str | Path, iteration: int, model_chunk: torch.nn.Module, optimiz
     def write() -> None:
         _write_state(tmp, iteration, module, optimizer, pg, data_state)
         if rank == 0:
-            (tmp / RUN_INFO).write_text(json.dumps(_run_info(iteration, scheduler, model_cfg, par, pg, module, extra),
+            (tmp / RUN_INFO).write_text(json.dumps(_run_info(iteration, scheduler, model_cfg, par, pg, module, extra, optimizer),
                                                    indent=2, default=str))
 
     phases = [lambda: _prepare(tmp) if rank == 0 else None, write, lambda: write_checksums(tmp),
@@ -393,7 +416,7 @@ def _write_state(tmp: Path, iteration: int, module: torch.nn.Module, optimizer: 
     model_sd = module.sharded_state_dict()
     state = {"model": model_sd}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=_OPTIM_METADATA)
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=_optim_metadata(OPTIMIZER_FORMAT))
     dist_checkpointing.save(state, str(tmp))
     (tmp / f"rank_{dist.get_rank():05d}.json").write_text(json.dumps({"rng": rng_state()}))
     if pg.tp.rank() == 0 and pg.pp.rank() == 0 and pg.cp.rank() == 0:  # one data position per DP rank
@@ -402,13 +425,16 @@ def _write_state(tmp: Path, iteration: int, module: torch.nn.Module, optimizer: 
 
 
 def _run_info(iteration: int, scheduler: Any, model_cfg: ModelConfig, par: ParallelConfig,
-              pg: ProcessGroupCollection, module: torch.nn.Module, extra: Optional[dict]) -> dict:
+              pg: ProcessGroupCollection, module: torch.nn.Module, extra: Optional[dict],
+              optimizer: Any = None) -> dict:
     """run.json's content."""
     info = {"format_version": FORMAT_VERSION, "iteration": iteration,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "model": dataclasses.asdict(model_cfg),
             "layout": _layout(par, pg.dp.size()),
             "world_size": dist.get_world_size(), **(extra or {})}
+    if optimizer_kind(optimizer) is not None:  # what `load` needs to read the optimizer state back
+        info.update(optimizer=optimizer_kind(optimizer), optimizer_format=OPTIMIZER_FORMAT)
     lora = lora_info_of(module)
     if lora is not None:  # LoRA run: its adapters are in the tensors; name the base they sit on
         info["lora"] = lora.to_dict()
@@ -493,9 +519,16 @@ def load(root: str | Path, model_chunk: torch.nn.Module, optimizer: Any, schedul
          load_optim: bool = True) -> tuple[int, Any, dict]:
     """Resume from `root`: a checkpoint directory (iter_NNNNNNN/, as `select` returns) or a --save
     root (its latest checkpoint). Returns (iteration, this rank's data state or None when the
-    data-parallel size changed, the run.json). The scheduler state is left to the caller unless a
-    scheduler is given (training/schedule.py decides what a changed schedule means). `pg`: the process
-    groups init_distributed returned (default: the model's own, `pg_collection`)."""
+    data-parallel size changed (`data_states` then has every saved rank's), the run.json). The
+    scheduler state is left to the caller unless a scheduler is given (training/schedule.py decides
+    what a changed schedule means). `pg`: the process groups init_distributed returned (default: the
+    model's own, `pg_collection`).
+
+    The weights load into any layout (megatron-core reshards them), and so does the optimizer state
+    of a checkpoint in OPTIMIZER_FORMAT; one of the legacy format only on its own layout, and neither
+    across --use-distributed-optimizer on/off (CheckpointError naming --no-load-optim, which takes
+    the weights alone). RNG streams are restored only on the same layout: another layout's ranks
+    draw from other streams (a fresh start at that layout seeds them)."""
     path = checkpoint_dir(root)
     info = read_run_json(path)
     iteration = int(info["iteration"])
@@ -504,28 +537,54 @@ def load(root: str | Path, model_chunk: torch.nn.Module, optimizer: Any, schedul
     pg = _groups(pg, module)
     dp = pg.dp.size()
     same_layout = info["layout"] == _layout(par, dp)
+    fmt = _optimizer_format(info, path, optimizer, same_layout) if load_optim and optimizer is not None else None
     _adopt_lora(info, module, path)
     model_sd = module.sharded_state_dict()
     state = {"model": model_sd}
-    restore_all = same_layout and load_optim and optimizer is not None
-    if restore_all:
+    if fmt is not None:
         _init_optimizer_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIM_METADATA)
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_optim_metadata(fmt))
     loaded = load_across_backends(state, path, module)
     if scheduler is not None and info.get("scheduler") is not None:
         scheduler.load_state_dict(info["scheduler"])
-    if restore_all:
+    if fmt is not None:
         with torch.no_grad():  # the distributed optimizer copies into leaf parameters
             optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_step(optimizer, loaded["optimizer"])
+    if same_layout:
         _read_state(path / f"rank_{dist.get_rank():05d}.json", lambda state: set_rng_state(state["rng"]))
-    elif dist.get_rank() == 0:
-        print(f"checkpoint {path} was saved with layout {info['layout']}: restored model weights, schedule and "
-              f"data position{'' if same_layout else ' (where the data-parallel size allows)'}; fresh optimizer "
-              "state", flush=True)
+    if dist.get_rank() == 0 and not (same_layout and fmt is not None):
+        print(f"checkpoint {path} was saved with layout {info['layout']}: restored model weights, schedule, "
+              f"data position and {'optimizer state' if fmt is not None else 'no optimizer state (fresh)'}"
+              f"{'' if same_layout else '; RNG streams start fresh at this layout'}", flush=True)
     if info["layout"]["data_parallel_size"] != dp:
         return iteration, None, info
     return iteration, _read_state(path / f"data_dp{pg.dp.rank():05d}.json", lambda state: state), info
+
+
+def _optimizer_format(info: dict, path: Path, optimizer: Any, same_layout: bool) -> str:
+    """The format checkpoint `path` keeps its optimizer state in, when this run can load it; else
+    CheckpointError naming --no-load-optim."""
+    fmt = info.get("optimizer_format", _LEGACY_OPTIMIZER_FORMAT)
+    saved, mine = info.get("optimizer"), optimizer_kind(optimizer)
+    if saved is not None and saved != mine:
+        why = (f"its optimizer state is the {saved} optimizer's, this run uses the {mine} one "
+               f"({'with' if mine == 'distributed' else 'without'} --use-distributed-optimizer)")
+    elif not same_layout and fmt != OPTIMIZER_FORMAT:
+        why = (f"it was saved with layout {info['layout']} by an older version, whose optimizer state "
+               f"({fmt}) loads only into that layout")
+    else:
+        return fmt
+    raise CheckpointError(f"--load {path}: {why}; --no-load-optim loads its weights, schedule and data position "
+                          "with a fresh optimizer")
+
+
+def data_states(root: str | Path) -> list[dict]:
+    """Every data-parallel rank's saved data position of checkpoint `root`, in DP-rank order (for a
+    run whose data-parallel size differs: the loader derives its own position from them)."""
+    path = checkpoint_dir(root)
+    saved_dp = int(read_run_json(path)["layout"]["data_parallel_size"])
+    return [_read_state(path / f"data_dp{r:05d}.json", lambda state: state) for r in range(saved_dp)]
 
 
 def _adopt_lora(info: dict, module: torch.nn.Module, where: Path) -> None:

@@ -192,6 +192,10 @@ class ShardBatches:
     def load_state_dict(self, state: dict) -> None:
         self.loader.load_state_dict(state)
 
+    def load_resharded_state(self, states: list[dict]) -> None:
+        """The position of a run with another data-parallel size (every saved rank's state, in order)."""
+        self.loader.load_resharded_state(states)
+
 
 def check_manifest(prefix: str, run: RunConfig) -> int:
     """Refuse shards made for another model: special-token ids, image tokens per tile, vocab, length.
@@ -252,6 +256,12 @@ class MockBatches:
 
     def load_state_dict(self, state: dict) -> None:
         self.start(state["mock_iteration"])
+
+    def load_resharded_state(self, states: list[dict]) -> None:
+        """Mock samples are numbered per iteration, whatever the data-parallel size: any rank's state."""
+        if len({s["mock_iteration"] for s in states}) != 1:
+            raise ValueError(f"the saved ranks stopped at different iterations {[s['mock_iteration'] for s in states]}")
+        self.load_state_dict(states[0])
 
 
 def build_batches(run: RunConfig, dp_rank: int, dp_size: int) -> ShardBatches | MockBatches:

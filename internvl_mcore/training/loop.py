@@ -295,12 +295,14 @@ def _resume(trainer: Trainer) -> None:
                                                   run.parallel, trainer.pg, load_optim=not run.checkpoint.no_load_optim)
     sync_param_groups(trainer.scheduler)  # after the optimizer state, which brings the checkpoint's max_lr
     trainer.iteration = iteration
-    if data_state is not None:
-        try:
+    try:
+        if data_state is not None:
             trainer.batches.load_state_dict(data_state)
-        except (ValueError, KeyError) as exc:  # the loader names what differs; the line names the flags
-            raise ConfigError(f"--load {path}: its data position does not fit this run ({exc}): resume with the "
-                              "checkpoint's --data-path (prefixes and weights) and --seed") from None
+        else:  # another data-parallel size: the same global batches continue, split over this run's ranks
+            trainer.batches.load_resharded_state(checkpoint.data_states(path))
+    except (ValueError, KeyError) as exc:  # the loader names what differs; the line names the flags
+        raise ConfigError(f"--load {path}: its data position does not fit this run ({exc}): resume with the "
+                          "checkpoint's --data-path (prefixes and weights) and --seed") from None
     if trainer.spike is not None and info.get("spike_guard"):
         trainer.spike.load_state_dict(info["spike_guard"])
     if dist.get_rank() == 0:
