@@ -14,9 +14,16 @@ the one `--load` finds. `--load` verifies the checksums (the ranks share the fil
 latest checkpoint fails them, falls back to the newest older one that passes (a warning names the
 file that failed; --no-fallback refuses instead); a root whose tracker is gone resumes from its newest
 complete checkpoint with a warning. --keep-checkpoints N deletes all but the newest N. A save that
-fails (a full disk on any rank) removes its tmp_iter_ directory and stops every rank with one line. Loading into another TP/PP/DP layout restores the model weights (megatron-core
-reshards them) and, when the data-parallel size is unchanged, the data position; optimizer state and
-RNG streams are restored only on the same layout.
+fails (a full disk on any rank) removes its tmp_iter_ directory and stops every rank with one line.
+
+Loading into another TP/PP/DP/EP/CP layout restores the model weights and the optimizer state
+(distributed or not: megatron-core reshards both, the optimizer state being saved in its
+model-space "fully_reshardable" format, OPTIMIZER_FORMAT) and the data position (with another
+data-parallel size the loader splits the same global batches over the new ranks:
+`data_states`). RNG streams are restored only on the same layout. A change the optimizer state
+cannot follow (--use-distributed-optimizer switched on or off, or a checkpoint of the older
+dp_reshardable format into another layout) is refused naming --no-load-optim, which loads the
+rest with a fresh optimizer.
 
 Nothing in a checkpoint directory is trusted to be what we wrote (whoever wrote the directory wrote
 its checksums too): our files are JSON (byte tensors as base64), and megatron-core's pickled parts
@@ -28,6 +35,7 @@ only the megatron-core part).
 from __future__ import annotations
 
 import base64
+import copy
 import dataclasses
 import hashlib
 import json
@@ -293,9 +301,13 @@ _LEGACY_OPTIMIZER_FORMAT = "dp_reshardable"
 
 
 def _optim_metadata(fmt: str) -> dict:
-    """The `metadata` megatron-core's optimizer sharded_state_dict takes for format `fmt` (the
-    non-distributed optimizer reads it too: a chained one prefixes its keys for dp_reshardable)."""
-    return {"distrib_optim_sharding_type": fmt}
+    """The `metadata` megatron-core's optimizer sharded_state_dict takes for format `fmt`. A chained
+    optimizer (one per parameter kind: dense and expert-parallel parameters) prefixes its tensors'
+    keys with its index unless told not to; in the reshardable format they must not depend on how
+    the parameters are grouped (EP1 has one optimizer, EP2 two)."""
+    if fmt == _LEGACY_OPTIMIZER_FORMAT:
+        return {"distrib_optim_sharding_type": fmt}
+    return {"distrib_optim_sharding_type": fmt, "chained_optim_avoid_prefix": True}
 
 
 def optimizer_kind(optimizer: Any) -> Optional[str]:
@@ -334,22 +346,85 @@ def _init_optimizer_state(optimizer: Any) -> None:
                         state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def _restore_adam_step(optimizer: Any, loaded: dict) -> None:
-    """megatron-core 0.16's distributed optimizer keeps torch Adam's step in its param groups but then
-    overwrites the per-parameter step with the value in its dp_reshardable buffer state, which is
-    the pre-load zero; put the saved step back (a no-op for the plain optimizer, whose state round
-    trips as is)."""
-    saved = loaded.get("optimizer") if isinstance(loaded, dict) else None
-    if not isinstance(saved, dict) or "param_groups" not in saved:
+# Where a changed layout loads the optimizer state: under its own key, because the non-tensor part
+# the files hold under "optimizer" (param groups, the chained optimizers' nesting) is the saving
+# layout's and need not fit this one's (EP1 has one optimizer where EP2 has two, a pipeline stage
+# other param groups); this run's own non-tensor part goes around the tensors instead.
+_RESHARDED = "optimizer (resharded)"
+
+
+def _not_loaded_part(sharded: Any) -> Any:
+    """A copy of the parts of an optimizer's sharded state dict that dist_checkpointing takes from
+    the files' common state rather than loads (param groups, flags): everything but its tensors
+    and the local objects it fills in itself."""
+    from megatron.core.dist_checkpointing.dict_utils import extract_matching_values
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
+
+    _, rest = extract_matching_values(sharded, lambda v: isinstance(v, (ShardedBase, LocalNonpersistentObject)))
+    return copy.deepcopy(rest)
+
+
+def _merge_missing(into: Any, part: Any) -> None:
+    """Put the entries of nested dicts/lists `part` into `into` where it lacks them."""
+    if isinstance(into, dict) and isinstance(part, dict):
+        for k, v in part.items():
+            if k in into:
+                _merge_missing(into[k], v)
+            else:
+                into[k] = v
+    elif isinstance(into, list) and isinstance(part, list):
+        for a, b in zip(into, part):
+            _merge_missing(a, b)
+
+
+def _saved_steps(tree: Any) -> set[float]:
+    """Adam's step counts in a loaded optimizer state: param groups' 'step', a chained optimizer's
+    'common_step'."""
+    found: set[float] = set()
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            if k in ("step", "common_step") and isinstance(v, (int, float, torch.Tensor)):
+                found.add(float(v))
+            else:
+                found |= _saved_steps(v)
+    elif isinstance(tree, list):
+        for v in tree:
+            found |= _saved_steps(v)
+    return found
+
+
+def _put_common_step(tree: Any, steps: set[float]) -> None:
+    """Give every torch optimizer state dict in `tree` (a plain optimizer's, as this run's fresh one
+    has it: without 'common_step' before its first step) the saved step, which megatron-core's
+    load_state_dict hands to each parameter's state."""
+    if isinstance(tree, list):
+        for v in tree:
+            _put_common_step(v, steps)
+    if not isinstance(tree, dict):
         return
-    steps = {g["step"] for g in saved["param_groups"] if "step" in g}
+    if isinstance(tree.get("state"), dict) and "param_groups" in tree and len(steps) == 1:
+        tree["state"]["common_step"] = torch.tensor(next(iter(steps)))
+    for k, v in tree.items():
+        if k != "state":
+            _put_common_step(v, steps)
+
+
+def _restore_adam_step(optimizer: Any, saved: Any) -> None:
+    """Torch Adam's per-parameter step from the files' optimizer state `saved` (the common part,
+    loaded under "optimizer" whatever the layout). megatron-core 0.16's distributed optimizer keeps
+    it in its param groups but its dp_reshardable load overwrites it with the pre-load zero, and a
+    changed layout loads this run's fresh param groups; the saved step goes back in both cases (for
+    the plain optimizer on its own layout it is already right). Steps are synchronized over the
+    chained optimizers, so there is one value, or none before the first step."""
+    steps = _saved_steps(saved)
     if len(steps) != 1:
         return
-    step = float(steps.pop())
-    inner = getattr(optimizer, "optimizer", None)
-    for state in (inner.state.values() if inner is not None else []):
-        if "step" in state:
-            state["step"] = torch.tensor(step)
+    step = steps.pop()
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(part, "optimizer", None)
+        for state in (inner.state.values() if inner is not None else []):
+            if "step" in state:
+                state["step"] = torch.tensor(step)
 
 
 def _layout(par: ParallelConfig, dp: int) -> dict:
@@ -541,16 +616,21 @@ def load(root: str | Path, model_chunk: torch.nn.Module, optimizer: Any, schedul
     _adopt_lora(info, module, path)
     model_sd = module.sharded_state_dict()
     state = {"model": model_sd}
+    key = "optimizer" if same_layout else _RESHARDED
     if fmt is not None:
         _init_optimizer_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_optim_metadata(fmt))
+        state[key] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_optim_metadata(fmt))
+        own = _not_loaded_part(state[key])
     loaded = load_across_backends(state, path, module)
     if scheduler is not None and info.get("scheduler") is not None:
         scheduler.load_state_dict(info["scheduler"])
     if fmt is not None:
+        if not same_layout:  # this run's own structure around the tensors read from the files
+            _merge_missing(loaded[key], own)
+            _put_common_step(loaded[key], _saved_steps(loaded.get("optimizer")))
         with torch.no_grad():  # the distributed optimizer copies into leaf parameters
-            optimizer.load_state_dict(loaded["optimizer"])
-        _restore_adam_step(optimizer, loaded["optimizer"])
+            optimizer.load_state_dict(loaded[key])
+        _restore_adam_step(optimizer, loaded.get("optimizer"))
     if same_layout:
         _read_state(path / f"rank_{dist.get_rank():05d}.json", lambda state: set_rng_state(state["rng"]))
     if dist.get_rank() == 0 and not (same_layout and fmt is not None):

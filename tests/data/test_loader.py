@@ -163,6 +163,28 @@ def test_resume_continues_exactly_without_rereading(two_sets, workers, resume_wo
     resumed.close()
 
 
+@pytest.mark.parametrize("old_dp,new_dp", [(2, 1), (2, 4), (1, 2), (3, 2)])
+def test_resume_into_another_data_parallel_size(two_sets, old_dp, new_dp):
+    """Saved at one data-parallel size after 6 global batches of 12 packs, resumed at another: the new
+    ranks continue the same stream, so every later global batch holds the same packs as uninterrupted."""
+    blend = ["0.6", two_sets[0], "0.4", two_sets[1]]
+    old = [PackedDataLoader(blend, seed=3, dp_rank=r, dp_size=old_dp) for r in range(old_dp)]
+    for ld in old:
+        take(ld, 6 * 12 // old_dp)
+    states = [json.loads(json.dumps(ld.state_dict())) for ld in old]
+    stream = PackedDataLoader(blend, seed=3).peek_draws(6 * 12 + 24)
+    new = [PackedDataLoader(blend, seed=3, dp_rank=r, dp_size=new_dp) for r in range(new_dp)]
+    for ld in new:
+        ld.load_resharded_state(states)
+    got = sorted(x for ld in new for x in ld.peek_draws(24 // new_dp))
+    assert got == stream[6 * 12:]
+    if (6 * 12) % 5:  # a position the new ranks cannot share evenly is refused, naming it
+        with pytest.raises(ValueError, match="does not split over 5"):
+            PackedDataLoader(blend, seed=3, dp_rank=0, dp_size=5).load_resharded_state(states)
+    with pytest.raises(ValueError, match="seed"):
+        PackedDataLoader(blend, seed=4, dp_rank=0, dp_size=new_dp).load_resharded_state(states)
+
+
 def test_resume_refuses_other_configuration(two_sets):
     a, b = two_sets
     st = PackedDataLoader([a], seed=1).state_dict()

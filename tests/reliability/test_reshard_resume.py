@@ -1,0 +1,94 @@
+"""Resuming a training checkpoint in another layout through the CLI: weights, optimizer state (plain
+and distributed) and data position carry over, so the losses after the resume equal an uninterrupted
+run's (fp32, 1e-5). Cases: TP2 x PP2 -> TP1, TP1 -> TP2, DP1 -> DP2 with the distributed optimizer
+(the real shard loader splits the same global batches over the new ranks), EP2 -> EP1 (debug-moe);
+and the change it cannot carry (--use-distributed-optimizer switched) refused naming --no-load-optim.
+
+One single-process run is the reference of the dense cases and the checkpoint of two of them (every
+layout trains like one process within 1e-5: tests/reliability/test_validation.py, tests/moe), and
+the EP2 run is both reference and checkpoint of the MoE case. ITERS steps, resumed after SAVE_AT.
+"""
+from __future__ import annotations
+
+import pytest
+
+from tests.reliability.cli_helpers import SEQ, assert_user_error, digits, good_prefix, run  # noqa: F401  (fixtures)
+from tests.reliability.common import launch, train_records
+
+ITERS, SAVE_AT = 4, 2
+DISTOPT = ["--use-distributed-optimizer"]
+RESTORED = "restored model weights, schedule, data position and optimizer state"
+
+
+def _args(data: list[str], log, *extra: str) -> list[str]:
+    return ["--global-batch-size", "4", "--train-iters", str(ITERS), "--lr", "2e-3", "--seed", "9",
+            "--log-jsonl", str(log), *data, *extra]
+
+
+def _shards(prefix: str) -> list[str]:
+    return ["--model", "debug", "--data-path", prefix, "--seq-length", str(SEQ)]
+
+
+def _ok(proc) -> str:
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc.stdout
+
+
+def _losses(log) -> dict[int, float]:
+    return {it: r["loss"] for it, r in train_records(log).items()}
+
+
+def _assert_continues(log, reference: dict[int, float]) -> None:
+    resumed = _losses(log)
+    assert sorted(resumed) == list(range(SAVE_AT + 1, ITERS + 1)), resumed
+    for it, loss in resumed.items():
+        assert abs(loss - reference[it]) <= 1e-5, (it, loss, reference[it])
+
+
+@pytest.fixture(scope="module")
+def reference(good_prefix, tmp_path_factory):
+    """ITERS steps on one process with the distributed optimizer (a TP1 DP1 checkpoint at SAVE_AT)."""
+    d = tmp_path_factory.mktemp("reference")
+    _ok(launch(1, _args(_shards(good_prefix), d / "log.jsonl", *DISTOPT, "--save", str(d / "ckpt"),
+                        "--save-interval", str(SAVE_AT)), timeout=300))
+    return _losses(d / "log.jsonl"), d / "ckpt" / f"iter_{SAVE_AT:07d}"
+
+
+CASES = {  # name: (ranks and flags of the run that resumes, where its checkpoint comes from)
+    "tp2pp2-to-tp1": (1, [], "tp2pp2"),
+    "tp1-to-tp2": (2, ["--tensor-model-parallel-size", "2", *DISTOPT], "reference"),
+    "dp1-to-dp2": (2, DISTOPT, "reference"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_resume_in_another_layout(good_prefix, reference, tmp_path, case):
+    losses, ref_ckpt = reference
+    nproc, flags, source = CASES[case]
+    ckpt = ref_ckpt
+    if source == "tp2pp2":  # saved by TP2 x PP2 with the plain optimizer
+        ckpt = tmp_path / "ckpt"
+        _ok(launch(4, _args(_shards(good_prefix), tmp_path / "a.jsonl", "--tensor-model-parallel-size", "2",
+                            "--pipeline-model-parallel-size", "2", "--save", str(ckpt), "--save-interval",
+                            str(SAVE_AT), "--exit-interval", str(SAVE_AT)), timeout=300))
+    out = _ok(launch(nproc, _args(_shards(good_prefix), tmp_path / "b.jsonl", "--load", str(ckpt), *flags),
+                     timeout=300))
+    assert RESTORED in out, out[-3000:]
+    _assert_continues(tmp_path / "b.jsonl", losses)
+
+
+def test_ep2_checkpoint_resumes_at_ep1(tmp_path):
+    """debug-moe: EP2 has a dense and an expert-parallel optimizer, EP1 one for all parameters."""
+    moe = ["--model", "debug-moe", "--mock-data", "--seq-length", "128"]
+    _ok(launch(2, _args(moe, tmp_path / "ep2.jsonl", "--expert-model-parallel-size", "2", "--save",
+                        str(tmp_path / "ckpt"), "--save-interval", str(SAVE_AT)), timeout=300))
+    out = _ok(launch(1, _args(moe, tmp_path / "ep1.jsonl", "--load", str(tmp_path / "ckpt" / f"iter_{SAVE_AT:07d}")),
+                     timeout=300))
+    assert RESTORED in out, out[-3000:]
+    _assert_continues(tmp_path / "ep1.jsonl", _losses(tmp_path / "ep2.jsonl"))
+
+
+def test_switching_the_distributed_optimizer_is_refused(good_prefix, reference, tmp_path):
+    proc = run("pretrain", *_args(_shards(good_prefix), tmp_path / "log.jsonl", "--load", str(reference[1])),
+               timeout=300)
+    assert_user_error(proc, "--no-load-optim", "--use-distributed-optimizer", str(reference[1]))
