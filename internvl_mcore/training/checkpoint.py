@@ -634,8 +634,9 @@ def load(root: str | Path, model_chunk: torch.nn.Module, optimizer: Any, schedul
     if same_layout:
         _read_state(path / f"rank_{dist.get_rank():05d}.json", lambda state: set_rng_state(state["rng"]))
     if dist.get_rank() == 0 and not (same_layout and fmt is not None):
-        print(f"checkpoint {path} was saved with layout {info['layout']}: restored model weights, schedule, "
-              f"data position and {'optimizer state' if fmt is not None else 'no optimizer state (fresh)'}"
+        what = ("schedule, data position and optimizer state" if fmt is not None else
+                "schedule and data position; fresh optimizer state (--no-load-optim)")
+        print(f"checkpoint {path} was saved with layout {info['layout']}: restored model weights, {what}"
               f"{'' if same_layout else '; RNG streams start fresh at this layout'}", flush=True)
     if info["layout"]["data_parallel_size"] != dp:
         return iteration, None, info
