@@ -377,14 +377,17 @@ def _merge_missing(into: Any, part: Any) -> None:
             _merge_missing(a, b)
 
 
-def _saved_steps(tree: Any) -> set[float]:
-    """Adam's step counts in a loaded optimizer state: param groups' 'step', a chained optimizer's
-    'common_step'."""
+def _saved_steps(tree: Any, group: bool = False) -> set[float]:
+    """Adam's step counts in a loaded optimizer state: param groups' 'step' (the distributed
+    optimizer's), a plain optimizer's 'common_step'; not the 'step' entries of dp_reshardable
+    buffer state, which hold the pre-load zero. `group`: `tree` is a param group."""
     found: set[float] = set()
     if isinstance(tree, dict):
         for k, v in tree.items():
-            if k in ("step", "common_step") and isinstance(v, (int, float, torch.Tensor)):
+            if (k == "common_step" or (k == "step" and group)) and isinstance(v, (int, float, torch.Tensor)):
                 found.add(float(v))
+            elif k == "param_groups" and isinstance(v, list):
+                found |= set().union(*(_saved_steps(g, group=True) for g in v))
             else:
                 found |= _saved_steps(v)
     elif isinstance(tree, list):
