@@ -129,3 +129,24 @@ def test_distributed_optimizer_resume_is_bit_exact(tmp_path):
     straight, resumed = _losses(tmp_path / "a.jsonl"), _losses(tmp_path / "b.jsonl")
     assert sorted(resumed) == [3, 4]
     assert all(resumed[i] == straight[i] for i in (3, 4)), (straight, resumed)
+
+
+def test_saved_adam_step_is_found_in_every_optimizer_layout():
+    """The Adam step a resume puts back: the distributed optimizer's param groups (not the zero its
+    dp_reshardable buffer state holds), a plain optimizer's common_step, a chained optimizer's parts
+    (synchronized: one value); this run's fresh plain state dicts get it as common_step."""
+    import torch
+
+    from internvl_mcore.training.checkpoint import _put_common_step, _saved_steps
+
+    legacy_distributed = {"optimizer": {"param_groups": [{"step": 4, "lr": 1e-3}, {"step": 4}]},
+                          "param_state": {0: {"step": torch.tensor(0.0), "exp_avg": torch.zeros(2)}},
+                          "param_state_sharding_type": "dp_reshardable"}
+    chained_plain = {0: {"state": {"common_step": torch.tensor(4.0)}, "param_groups": [{"lr": 1e-3}]},
+                     1: {"state": {"common_step": torch.tensor(4.0)}, "param_groups": [{"lr": 1e-3}]}}
+    assert _saved_steps(legacy_distributed) == {4.0}
+    assert _saved_steps(chained_plain) == {4.0}
+    assert _saved_steps({"optimizer": {"param_groups": [{"lr": 1e-3}]}}) == set()  # before the first step
+    fresh = {"state": {0: {"exp_avg": torch.zeros(2)}}, "param_groups": [{"lr": 1e-3, "params": [0]}]}
+    _put_common_step(fresh, {4.0})
+    assert float(fresh["state"]["common_step"]) == 4.0 and "common_step" not in fresh["state"][0]
