@@ -22,7 +22,7 @@ from internvl_mcore.config.presets import PRESETS
 from internvl_mcore.config.lora import LoRAConfig
 from internvl_mcore.config.needs import ignored_flags
 from internvl_mcore.config.training import CheckpointConfig, DataConfig, LogConfig, RunConfig, TrainConfig
-from internvl_mcore.convert.hf import ConversionError
+from internvl_mcore.checkpoint.safetensors_io import ConversionError
 from internvl_mcore.convert.source import resolve_model
 
 
