@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     except preemption.Terminated:
         _terminated()
     preemption.install(exit_signal_handler=run.checkpoint.exit_signal_handler)
-    from internvl_mcore.training.checkpoint import CheckpointError
+    from internvl_mcore.checkpoint.format import CheckpointError
     from internvl_mcore.training.guards import PeerLost, TrainingDiverged
     from internvl_mcore.training.loop import ConfigError, train
     from internvl_mcore.training.save_dir import SaveDirRefused

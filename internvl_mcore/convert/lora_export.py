@@ -179,8 +179,8 @@ def export_merged(load: str | os.PathLike, save: str | os.PathLike, fmt: str,
     with the adapters merged into the weights.
 
     The converter's training-checkpoint path does the work: it loads the checkpoint in the layout
-    that saved it (so padded heads / vocabulary are no obstacle), where `training.checkpoint.
-    load_weights` folds each rank's adapter shards into its weight shards (`models.lora.merge_lora_`),
+    that saved it (so padded heads / vocabulary are no obstacle), where `checkpoint/weights.py:
+    load_training_weights` folds each rank's adapter shards into its weight shards (`models.lora.merge_lora_`),
     and gathers the merged canonical weights. The canonical source record (dtype, original
     config.json) of the base the run started from is carried over, so the export keeps them."""
     iter_dir, info = _iter_dir_and_info(Path(load))

@@ -177,7 +177,7 @@ def _without_lora(argv: list[str]) -> list[str]:
     (["--lora-rank", "8"], "--lora-rank: checkpoint 4, run 8"),
 ])
 def test_resume_with_other_lora_settings_is_refused(ref_run, flags, message) -> None:
-    from internvl_mcore.training.checkpoint import CheckpointError
+    from internvl_mcore.checkpoint.format import CheckpointError
 
     argv = _without_lora(lora_flags()) if flags is None else lora_flags() + flags
     with pytest.raises(CheckpointError, match=message):
