@@ -28,6 +28,11 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.multiprocessing as mp
+from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+from ..data.pool import describe_exit, start_ignoring_sigint
+from .guards import fault_point
+from .preemption import child_of_run
 
 _ALIGN = 64  # bytes: every tensor of the snapshot starts aligned, so its dtype view is valid
 
@@ -81,10 +86,6 @@ def _views(flat: torch.Tensor, layout: list) -> list[torch.Tensor]:
 
 def _write(message: tuple) -> dict:
     """Write one checkpoint's buckets (in the writer process): {bucket index: its write results}."""
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
-
-    from .guards import fault_point
-
     iteration, rank, transforms, flat, layout, buckets = message
     tensors = _views(flat, layout)
     results = {}
@@ -106,10 +107,6 @@ def _write(message: tuple) -> dict:
 
 def _writer_main(conn: Any) -> None:
     """The writer process: one checkpoint in, (True, write results) or (False, exception) out."""
-    from ..cli_errors import quiet_optional_gpu_libraries
-    from .preemption import child_of_run
-
-    quiet_optional_gpu_libraries()  # its imports would repeat the rank's warnings about TE and apex
     child_of_run()  # dies with its rank, even a kill -9 of it: no half-written save outlives the run
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group: the rank handles it
     while (message := conn.recv()) is not None:
@@ -140,8 +137,6 @@ class AsyncWriter:
         """Start the writer process now (its imports take seconds; they overlap the first steps)."""
         if self.proc is not None:
             return
-        from ..data.pool import start_ignoring_sigint
-
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_writer_main, args=(child,), daemon=True, name="checkpoint-writer")
@@ -161,8 +156,9 @@ class AsyncWriter:
         self.start()
         self.conn.send((iteration, rank, transforms, flat, layout, stripped))
 
-    def status(self) -> Optional[str]:
-        """This rank's part of the pending write: None while it runs, '' when done, else why it failed."""
+    def status(self, describe: Callable[[BaseException], Optional[str]] = lambda exc: None) -> Optional[str]:
+        """This rank's part of the pending write: None while it runs, '' when done, else why it failed
+        (`describe`: the reason of a failed write, checkpoint.write_failure; None: its type and text)."""
         pending = self.pending
         if pending.reply is None and self.conn.poll():
             try:
@@ -171,10 +167,8 @@ class AsyncWriter:
                 pass
         if pending.reply is not None:
             ok, out = pending.reply
-            return "" if ok else _reason(out)
+            return "" if ok else _reason(out, describe)
         if not self.proc.is_alive():
-            from ..data.pool import describe_exit
-
             return f"the checkpoint writer (pid {self.proc.pid}) died ({describe_exit(self.proc)})"
         if time.monotonic() - pending.started > self.timeout_s:
             return (f"the checkpoint writer (pid {self.proc.pid}) did not finish within {self.timeout_s:g} s "
@@ -210,11 +204,9 @@ class AsyncWriter:
             pending.remove()
 
 
-def _reason(exc: BaseException) -> str:
+def _reason(exc: BaseException, describe: Callable[[BaseException], Optional[str]]) -> str:
     """Why the writer failed, in one line."""
-    from .checkpoint import write_failure
-
-    reason = write_failure(exc)
+    reason = describe(exc)
     if reason is None:
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
     return f"in the checkpoint writer: {reason}"

@@ -14,7 +14,11 @@ the one `--load` finds. `--load` verifies the checksums (the ranks share the fil
 latest checkpoint fails them, falls back to the newest older one that passes (a warning names the
 file that failed; --no-fallback refuses instead); a root whose tracker is gone resumes from its newest
 complete checkpoint with a warning. --keep-checkpoints N deletes all but the newest N. A save that
-fails (a full disk on any rank) removes its tmp_iter_ directory and stops every rank with one line. Loading into another TP/PP/DP layout restores the model weights (megatron-core
+fails (a full disk on any rank) removes its tmp_iter_ directory and stops every rank with one line.
+With --async-save (training/async_save.py) the tensor files are written by a writer process per rank
+while training goes on; `finish_pending` runs the last phases (megatron-core's finalize, checksums,
+publish, retention) once every rank's writer is done, so the rename and the tracker still come last
+and a failed, dead or overdue writer on any rank stops every rank with the same line. Loading into another TP/PP/DP layout restores the model weights (megatron-core
 reshards them) and, when the data-parallel size is unchanged, the data position; optimizer state and
 RNG streams are restored only on the same layout.
 
@@ -427,7 +431,7 @@ def finish_pending(writer: Optional[AsyncWriter], blocking: bool) -> Optional[in
     if writer is None or writer.pending is None:
         return None
     while True:
-        reason = writer.status()
+        reason = writer.status(write_failure)
         flags = torch.tensor([int(reason is None), int(bool(reason))], dtype=torch.int32, device=comm_device())
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         running, failed = (bool(v) for v in flags.tolist())
