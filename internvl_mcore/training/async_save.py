@@ -143,16 +143,19 @@ class AsyncWriter:
         start_ignoring_sigint(self.proc)
         child.close()
 
-    def submit(self, request: Any, iteration: int, pending: Pending) -> None:
-        """Hand megatron-core's AsyncRequest to the writer (after a snapshot of its tensors)."""
+    def submit(self, request: Any, iteration: int, pending: Pending, rank: int) -> None:
+        """Hand megatron-core's AsyncRequest to the writer (after a snapshot of its tensors). A rank
+        with nothing to write (its tensors are other ranks' replicas) sends an empty one: its writer
+        still answers, so every rank's save passes the same points."""
         self.pending = pending
-        if request.async_fn is None:  # nothing to write on this rank
-            pending.reply = (True, {})
-            return
-        transforms, use_msc = request.async_fn.args
-        assert not use_msc, "--async-save writes to a file system, not through multi-storage-client"
-        rank, buckets, pending.results_queue = request.async_fn_args
+        transforms, buckets = None, []
+        if request.async_fn is not None:
+            transforms, use_msc = request.async_fn.args
+            assert not use_msc, "--async-save writes to a file system, not through multi-storage-client"
+            _, buckets, pending.results_queue = request.async_fn_args
         flat, layout, stripped = _snapshot(buckets)
+        if self.proc is not None and not self.proc.is_alive():  # died while idle (killed for memory?): a new one
+            self.stop(abort=True)
         self.start()
         self.conn.send((iteration, rank, transforms, flat, layout, stripped))
 

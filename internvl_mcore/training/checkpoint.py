@@ -14,11 +14,7 @@ the one `--load` finds. `--load` verifies the checksums (the ranks share the fil
 latest checkpoint fails them, falls back to the newest older one that passes (a warning names the
 file that failed; --no-fallback refuses instead); a root whose tracker is gone resumes from its newest
 complete checkpoint with a warning. --keep-checkpoints N deletes all but the newest N. A save that
-fails (a full disk on any rank) removes its tmp_iter_ directory and stops every rank with one line.
-With --async-save (training/async_save.py) the tensor files are written by a writer process per rank
-while training goes on; `finish_pending` runs the last phases (megatron-core's finalize, checksums,
-publish, retention) once every rank's writer is done, so the rename and the tracker still come last
-and a failed, dead or overdue writer on any rank stops every rank with the same line. Loading into another TP/PP/DP layout restores the model weights (megatron-core
+fails (a full disk on any rank) removes its tmp_iter_ directory and stops every rank with one line. Loading into another TP/PP/DP layout restores the model weights (megatron-core
 reshards them) and, when the data-parallel size is unchanged, the data position; optimizer state and
 RNG streams are restored only on the same layout.
 
@@ -28,6 +24,11 @@ are checked by checkpoint_trust.py before it reads them. Format version 2 (this 
 checksums.json: one without it is refused. Version 1 kept the RNG and data files as pickles; --load
 refuses such a checkpoint (its weights load with --pretrained or tools/convert_to_hf.py, which read
 only the megatron-core part).
+
+With --async-save (training/async_save.py) the tensor files are written by a writer process per rank
+while training goes on; `finish_pending` runs the last phases (megatron-core's finalize, checksums,
+publish, retention) once every rank's writer is done, so the rename and the tracker still come last
+and a failed, dead or overdue writer on any rank stops every rank with the same line.
 """
 from __future__ import annotations
 
@@ -468,7 +469,7 @@ def _write_state(tmp: Path, iteration: int, module: torch.nn.Module, optimizer: 
     else:
         request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
         pending.finalize_fns = list(request.finalize_fns)
-        writer.submit(request, iteration, pending)
+        writer.submit(request, iteration, pending, dist.get_rank())
     (tmp / f"rank_{dist.get_rank():05d}.json").write_text(json.dumps({"rng": rng_state()}))
     if pg.tp.rank() == 0 and pg.pp.rank() == 0 and pg.cp.rank() == 0:  # one data position per DP rank
         (tmp / f"data_dp{pg.dp.rank():05d}.json").write_text(json.dumps(data_state))
