@@ -51,9 +51,10 @@ class Pending:
     reply: Optional[tuple] = None  # (ok, write results | exception) once the writer answered
 
 
-def _snapshot(buckets: list) -> tuple[torch.Tensor, list, list]:
-    """The buckets' tensors copied into one shared-memory buffer; the buckets with each tensor
-    replaced by its index into the layout [(offset, dtype, shape)]."""
+def _snapshot(buckets: list, buffer: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list, list]:
+    """The buckets' tensors copied into one shared-memory buffer (`buffer` when it is large enough:
+    the previous save's, whose pages are already mapped, so a save costs a memcpy and no page
+    faults); the buckets with each tensor replaced by its index into the layout [(offset, dtype, shape)]."""
     tensors = [t for _, _, (_, tensor_data) in buckets for _, t in tensor_data]
     layout, total = [], 0
     for t in tensors:
@@ -61,7 +62,8 @@ def _snapshot(buckets: list) -> tuple[torch.Tensor, list, list]:
         layout.append((total, t.dtype, tuple(t.shape)))
         total += t.numel() * t.element_size()
     try:
-        flat = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(total, 1)))
+        flat = buffer if buffer is not None and buffer.numel() >= total else \
+            torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(total, 1)))
     except RuntimeError as exc:  # /dev/shm too small: a write failure with its reason (one line)
         raise OSError(f"--async-save: cannot hold the checkpoint tensors ({total} bytes) in shared memory "
                       f"(/dev/shm): {' '.join(str(exc).split())[:200]}") from None
@@ -132,6 +134,7 @@ class AsyncWriter:
         self.proc: Any = None
         self.conn: Any = None
         self.pending: Optional[Pending] = None
+        self.buffer: Optional[torch.Tensor] = None  # the snapshot's shared memory, kept for the next save
 
     def start(self) -> None:
         """Start the writer process now (its imports take seconds; they overlap the first steps)."""
@@ -153,9 +156,11 @@ class AsyncWriter:
             transforms, use_msc = request.async_fn.args
             assert not use_msc, "--async-save writes to a file system, not through multi-storage-client"
             _, buckets, pending.results_queue = request.async_fn_args
-        flat, layout, stripped = _snapshot(buckets)
         if self.proc is not None and not self.proc.is_alive():  # died while idle (killed for memory?): a new one
             self.stop(abort=True)
+        # the buffer is free again: the previous write finished (or its writer was stopped) before this save
+        flat, layout, stripped = _snapshot(buckets, self.buffer)
+        self.buffer = flat
         self.start()
         self.conn.send((iteration, rank, transforms, flat, layout, stripped))
 
@@ -196,7 +201,7 @@ class AsyncWriter:
             self.proc.kill()
             self.proc.join(timeout=30)
         self.conn.close()
-        self.proc = self.conn = None
+        self.proc = self.conn = self.buffer = None
 
     def abandon(self) -> None:
         """The run is ending with a save in flight (an error, SIGTERM without --exit-signal-handler):

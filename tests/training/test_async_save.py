@@ -52,3 +52,12 @@ def test_writer_deadline_and_death_are_failures():
     failed.pending.reply = (False, OSError(28, "No space left on device"))
     assert failed.status(write_failure) == "in the checkpoint writer: No space left on device"
     assert failed.status() == "in the checkpoint writer: OSError: [Errno 28] No space left on device"
+
+
+def test_snapshot_reuses_a_large_enough_buffer():
+    """The next save copies into the previous save's shared memory (no new pages), a larger one gets a new buffer."""
+    first, _, _ = _snapshot([("f", "k", ([], [("a", torch.ones(100))]))])
+    again, layout, _ = _snapshot([("f", "k", ([], [("a", torch.full((50,), 2.0))]))], first)
+    assert again is first and torch.equal(_views(again, layout)[0], torch.full((50,), 2.0))
+    larger, _, _ = _snapshot([("f", "k", ([], [("a", torch.ones(200))]))], first)
+    assert larger is not first and larger.is_shared()
