@@ -61,3 +61,14 @@ def test_snapshot_reuses_a_large_enough_buffer():
     assert again is first and torch.equal(_views(again, layout)[0], torch.full((50,), 2.0))
     larger, _, _ = _snapshot([("f", "k", ([], [("a", torch.ones(200))]))], first)
     assert larger is not first and larger.is_shared()
+
+
+def test_abandon_stops_the_writer_and_removes_the_partial_checkpoint():
+    """An error or a signal with a save in flight: the writer is killed, this rank's tmp_iter_ part removed."""
+    removed, killed = [], []
+    proc = SimpleNamespace(is_alive=lambda: not killed, kill=lambda: killed.append(1), join=lambda timeout=None: None)
+    writer = _writer(proc, time.monotonic())
+    writer.conn = SimpleNamespace(close=lambda: None)
+    writer.pending.remove = lambda: removed.append(1)
+    writer.abandon()
+    assert killed == [1] and removed == [1] and writer.pending is None and writer.proc is None
