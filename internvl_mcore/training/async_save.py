@@ -20,6 +20,7 @@ sends back the write results or the exception, and every wait on it has a deadli
 """
 from __future__ import annotations
 
+import os
 import queue
 import signal
 import time
@@ -31,6 +32,7 @@ import torch.multiprocessing as mp
 from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
 from ..data.pool import describe_exit, start_ignoring_sigint
+from ..data.shards import sha256_file
 from .guards import fault_point
 from .preemption import child_of_run
 
@@ -87,10 +89,12 @@ def _views(flat: torch.Tensor, layout: list) -> list[torch.Tensor]:
 
 
 def _write(message: tuple) -> dict:
-    """Write one checkpoint's buckets (in the writer process): {bucket index: its write results}."""
+    """Write one checkpoint's buckets (in the writer process): {"results": {bucket index: its write
+    results}, "checksums": {file: [size, sha256]}}. The files are hashed here, while still in the
+    page cache, so publishing the checkpoint later hashes only the small files in the training process."""
     iteration, rank, transforms, flat, layout, buckets = message
     tensors = _views(flat, layout)
-    results = {}
+    results, checksums = {}, {}
     for i, (name, key, (bytes_data, tensor_data)) in enumerate(buckets):
         # each tensor in a storage of its own, as megatron-core's `_clone_if_needed` makes them: torch.save
         # writes a view's whole storage, here the whole snapshot
@@ -103,8 +107,10 @@ def _write(message: tuple) -> dict:
         if isinstance(out, Exception):
             raise out
         results[i] = out
+        del bucket  # its clones
+        checksums[key] = [os.path.getsize(name), sha256_file(name)]
     fault_point("save", iteration, rank=rank)  # tensors written, checkpoint not yet finalized or renamed
-    return results
+    return {"results": results, "checksums": checksums}
 
 
 def _writer_main(conn: Any) -> None:
@@ -184,7 +190,7 @@ class AsyncWriter:
         return None
 
     def results(self) -> dict:
-        """The pending write's results (after `status` said done)."""
+        """The pending write's answer (after `status` said done): {"results": ..., "checksums": ...}."""
         return self.pending.reply[1]
 
     def stop(self, abort: bool = False) -> None:

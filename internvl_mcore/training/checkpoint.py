@@ -413,7 +413,7 @@ def _pending(root: Path, tmp: Path, final: Path, iteration: int, keep: int) -> P
     """The record of an async save that `finish_pending` completes or abandons."""
     def finalize() -> None:  # megatron-core's: gather the write results, write .metadata and metadata.json
         if pending.results_queue is not None:
-            pending.results_queue.put(pending.reply[1])
+            pending.results_queue.put(pending.reply[1]["results"])
         for fn in pending.finalize_fns:
             fn()
 

@@ -46,8 +46,8 @@ def test_writer_deadline_and_death_are_failures():
     dead = SimpleNamespace(is_alive=lambda: False, pid=12, exitcode=-9, join=lambda timeout=None: None)
     assert _writer(dead, time.monotonic()).status() == "the checkpoint writer (pid 12) died (killed by SIGKILL, e.g. the out-of-memory killer)"
     done = _writer(dead, time.monotonic())
-    done.pending.reply = (True, {0: []})
-    assert done.status() == "" and done.results() == {0: []}
+    done.pending.reply = (True, {"results": {0: []}, "checksums": {}})
+    assert done.status() == "" and done.results()["results"] == {0: []}
     failed = _writer(alive, time.monotonic())
     failed.pending.reply = (False, OSError(28, "No space left on device"))
     assert failed.status(write_failure) == "in the checkpoint writer: No space left on device"
