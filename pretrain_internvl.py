@@ -149,8 +149,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__mp_main__":  # a helper process a rank spawned (this file is its __main__): die with the rank
+    from internvl_mcore.cli_errors import quiet_optional_gpu_libraries
     from internvl_mcore.training.preemption import child_of_run
 
     child_of_run()
+    quiet_optional_gpu_libraries()  # before its target's imports (the --async-save writer imports megatron-core)
 if __name__ == "__main__":  # the guard matters: megatron-core's async checkpoint writer re-imports __main__
     main()

@@ -34,14 +34,22 @@ def _my_share(names: list[str]) -> list[str]:
     return names[dist.get_rank()::dist.get_world_size()]
 
 
-def write_checksums(path: Path) -> None:
-    """Write checksums.json (size, sha256 of every file) into `path` (collective; the ranks share the files)."""
+def write_checksums(path: Path, known: Optional[dict] = None) -> None:
+    """Write checksums.json (size, sha256 of every file) into `path` (collective; the ranks share the files).
+    `known`: {file: [size, sha256]} this rank has already hashed (--async-save: its writer process hashed
+    the files it wrote); the ranks hash only the other files. Every rank passes `known` or none does."""
     names = _files(path) if dist.get_rank() == 0 else None
     box = [names]
     dist.broadcast_object_list(box, src=0)
+    done: dict = {}
+    if known is not None:
+        given: list = [None] * dist.get_world_size()
+        dist.all_gather_object(given, known)
+        done = {name: value for part in given for name, value in part.items() if name in box[0]}
     error = None
     try:
-        mine = {name: [(path / name).stat().st_size, _sha256(path / name)] for name in _my_share(box[0])}
+        todo = [name for name in box[0] if name not in done]
+        mine = {name: [(path / name).stat().st_size, _sha256(path / name)] for name in _my_share(todo)}
     except OSError as exc:  # still join the gather below: a rank that left it would stall the others
         mine, error = {}, exc
     parts: list = [None] * dist.get_world_size()
@@ -49,7 +57,7 @@ def write_checksums(path: Path) -> None:
     if error is not None:
         raise error
     if dist.get_rank() == 0:
-        table = {name: value for part in parts for name, value in part.items()}
+        table = {**done, **{name: value for part in parts for name, value in part.items()}}
         (path / CHECKSUMS).write_text(json.dumps(dict(sorted(table.items())), indent=1))
 
 

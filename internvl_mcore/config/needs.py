@@ -24,6 +24,7 @@ NEEDS: dict[str, tuple[Callable[[argparse.Namespace], bool], str]] = {
     # --eval-iters 0 says "no validation": consistent without validation data
     "eval_iters": (lambda ns: _has_validation(ns) or ns.eval_iters == 0, _VALIDATION),
     "keep_checkpoints": (lambda ns: bool(ns.save), "--save DIR"),
+    "async_save": (lambda ns: bool(ns.save), "--save DIR"),
     "no_fallback": (lambda ns: bool(ns.load), "--load DIR"),
     "no_load_optim": (lambda ns: bool(ns.load), "--load DIR"),
     "override_opt_param_scheduler": (lambda ns: bool(ns.load), "--load DIR"),

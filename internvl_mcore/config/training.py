@@ -141,6 +141,13 @@ class CheckpointConfig:
     exit_signal_handler: bool = False
     """On SIGTERM (a scheduler's preemption or time limit), finish the current step on every rank,
     save a checkpoint (with --save) and exit 0; without it SIGTERM stops the run at once (exit 143)."""
+    async_save: bool = False
+    """Write checkpoints in the background (megatron-core's async torch_dist save): the saving step
+    only copies this rank's tensors into shared memory and hands them to its writer process (spawned,
+    one per rank), and training goes on. A checkpoint is checksummed and published (tmp_iter_ renamed,
+    the tracker advanced) once every rank's writer has finished: at a later step, at the latest before
+    the next save and before the run ends. The same files as a synchronous save; a write that fails or
+    does not finish within --distributed-timeout-minutes stops every rank with one line."""
     pretrained: Optional[str] = None
     """Start from these weights only: a training checkpoint directory, a converted checkpoint
     (tools/convert_from_hf.py) or an HF checkpoint directory in either layout (converted while loading)."""

@@ -36,6 +36,11 @@ This module saves and resumes a training run (model, optimizer, RNG, data positi
 directory format and tracker (checkpoint/format.py), checksums (checkpoint/checksums.py), the choice
 of the checkpoint --load takes (checkpoint/selection.py) and reading a checkpoint's model weights
 (checkpoint/weights.py) are in internvl_mcore/checkpoint/, shared with convert/.
+
+With --async-save (training/async_save.py) the tensor files are written by a writer process per rank
+while training goes on; `finish_pending` runs the last phases (megatron-core's finalize, checksums,
+publish, retention) once every rank's writer is done, so the rename and the tracker still come last
+and a failed, dead or overdue writer on any rank stops every rank with the same line.
 """
 from __future__ import annotations
 
@@ -46,6 +51,7 @@ import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -70,6 +76,8 @@ from ..convert.hf_config import model_config_from_hf, read_hf_config
 from ..convert.source import checkpoint_kind
 from ..models.lora import adopt_checkpoint_lora, lora_info_of
 from ..models.weights import load_canonical
+from ..parallel.state import comm_device
+from .async_save import AsyncWriter, Pending
 from .guards import fault_point
 
 
@@ -293,7 +301,8 @@ def _groups(pg: Optional[ProcessGroupCollection], module: torch.nn.Module) -> Pr
 
 def save(root: str | Path, iteration: int, model_chunk: torch.nn.Module, optimizer: Any, scheduler: Any,
          model_cfg: ModelConfig, par: ParallelConfig, pg: Optional[ProcessGroupCollection] = None,
-         data_state: Any = None, extra: Optional[dict] = None, keep: int = 0) -> Path:
+         data_state: Any = None, extra: Optional[dict] = None, keep: int = 0,
+         writer: Optional[AsyncWriter] = None) -> Path:
     """Write checkpoint `iteration` under `root` atomically (collective: every rank calls it); with
     `keep` > 0 only the newest `keep` checkpoints stay. `pg`: the process groups init_distributed
     returned (default: the model's own, `pg_collection`).
@@ -302,29 +311,91 @@ def save(root: str | Path, iteration: int, model_chunk: torch.nn.Module, optimiz
     whether every rank's writes succeeded (an all-gather, bounded by the process group's timeout), so
     a write that fails on one rank (a full disk, a quota, EIO) stops all of them together: the partial
     tmp_iter_ directory is removed by every rank and CheckpointError names --save and the reason;
-    the earlier checkpoints and the tracker are untouched."""
+    the earlier checkpoints and the tracker are untouched.
+
+    With `writer` (--async-save, training/async_save.py; it must hold no pending save) the tensors
+    are written by the writer process: `save` returns once they are handed over (our JSON files are
+    written by then), and `finish_pending` runs the remaining phases (megatron-core's finalize,
+    checksums, publish, retention) once every rank's writer is done."""
     root = Path(root)
     rank = dist.get_rank()
     tmp, final = iter_dir(root, iteration, tmp=True), iter_dir(root, iteration)
     module = unwrap_model(model_chunk)
     pg = _groups(pg, module)
+    assert writer is None or writer.pending is None, "finish_pending first: one checkpoint in flight at a time"
+    pending = None if writer is None else _pending(root, tmp, final, iteration, keep)
 
     def write() -> None:
-        _write_state(tmp, iteration, module, optimizer, pg, data_state)
+        _write_state(tmp, iteration, module, optimizer, pg, data_state, writer, pending)
         if rank == 0:
             (tmp / RUN_INFO).write_text(json.dumps(_run_info(iteration, scheduler, model_cfg, par, pg, module, extra, optimizer),
                                                    indent=2, default=str))
 
-    phases = [lambda: _prepare(tmp) if rank == 0 else None, write, lambda: write_checksums(tmp),
-              lambda: _publish(root, tmp, final, iteration) if rank == 0 else None]
+    _run_phases(root, tmp, iteration, [lambda: _prepare(tmp) if rank == 0 else None, write])
+    if pending is None:
+        _finish(root, tmp, final, iteration, keep, [])
+    return final
+
+
+def _run_phases(root: Path, tmp: Path, iteration: int, phases: list) -> None:
     for phase in phases:
         failed = _agree(_attempt(phase))
         if failed:
             _abandon(root, tmp, iteration, failed)
+
+
+def _finish(root: Path, tmp: Path, final: Path, iteration: int, keep: int, first: list,
+            known: Optional[dict] = None) -> None:
+    """The phases after the writes (collective): `first` (the async finalize), checksums (`known`: the
+    ones the async writer computed), publish; then retention."""
+    rank = dist.get_rank()
+    _run_phases(root, tmp, iteration, [*first, lambda: write_checksums(tmp, known),
+                                       lambda: _publish(root, tmp, final, iteration) if rank == 0 else None])
     if rank == 0 and keep:
         remove_old_checkpoints(root, keep)
     dist.barrier()
-    return final
+
+
+def _pending(root: Path, tmp: Path, final: Path, iteration: int, keep: int) -> Pending:
+    """The record of an async save that `finish_pending` completes or abandons."""
+    def finalize() -> None:  # megatron-core's: gather the write results, write .metadata and metadata.json
+        if pending.results_queue is not None:
+            pending.results_queue.put(pending.reply[1]["results"])
+        for fn in pending.finalize_fns:
+            fn()
+
+    pending = Pending(iteration, finish=lambda: _finish(root, tmp, final, iteration, keep, [finalize],
+                                                        pending.reply[1]["checksums"]),
+                      abandon=lambda failed: _abandon(root, tmp, iteration, failed),
+                      remove=lambda: shutil.rmtree(tmp, ignore_errors=True))
+    return pending
+
+
+def finish_pending(writer: Optional[AsyncWriter], blocking: bool) -> Optional[int]:
+    """Publish the checkpoint `writer` is writing once every rank's writer is done (collective; a
+    no-op without one). Not `blocking`: one tiny all-reduce, and it returns None while any rank still
+    writes. Blocking: polls (all ranks together) until done or a rank's deadline passes. A failed or
+    overdue write on any rank stops every rank with one line (CheckpointError naming --save); the
+    tracker and earlier checkpoints are untouched. Returns the iteration published."""
+    if writer is None or writer.pending is None:
+        return None
+    while True:
+        reason = writer.status(write_failure)
+        flags = torch.tensor([int(reason is None), int(bool(reason))], dtype=torch.int32, device=comm_device())
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        running, failed = (bool(v) for v in flags.tolist())
+        if failed:
+            pending, writer.pending = writer.pending, None
+            writer.stop(abort=True)  # before its directory is removed: it may still be writing there
+            pending.abandon(_agree(reason or None))
+        if not running:
+            break
+        if not blocking:
+            return None
+        time.sleep(0.05)
+    pending, writer.pending = writer.pending, None
+    pending.finish()
+    return pending.iteration
 
 
 def _prepare(tmp: Path) -> None:
@@ -334,17 +405,24 @@ def _prepare(tmp: Path) -> None:
 
 
 def _write_state(tmp: Path, iteration: int, module: torch.nn.Module, optimizer: Any, pg: ProcessGroupCollection,
-                 data_state: Any) -> None:
-    """This rank's part of the checkpoint: its tensor shards (collective), RNG states, data position."""
+                 data_state: Any, writer: Optional[AsyncWriter] = None, pending: Optional[Pending] = None) -> None:
+    """This rank's part of the checkpoint: its tensor shards (collective; handed to `writer` under
+    --async-save), RNG states, data position."""
     model_sd = module.sharded_state_dict()
     state = {"model": model_sd}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=_optim_metadata(OPTIMIZER_FORMAT))
-    dist_checkpointing.save(state, str(tmp))
+    if writer is None:
+        dist_checkpointing.save(state, str(tmp))
+    else:
+        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+        pending.finalize_fns = list(request.finalize_fns)
+        writer.submit(request, iteration, pending, dist.get_rank())
     (tmp / f"rank_{dist.get_rank():05d}.json").write_text(json.dumps({"rng": rng_state()}))
     if pg.tp.rank() == 0 and pg.pp.rank() == 0 and pg.cp.rank() == 0:  # one data position per DP rank
         (tmp / f"data_dp{pg.dp.rank():05d}.json").write_text(json.dumps(data_state))
-    fault_point("save", iteration)
+    if writer is None:  # under --async-save the writer process passes this point (async_save.py)
+        fault_point("save", iteration)
 
 
 def _run_info(iteration: int, scheduler: Any, model_cfg: ModelConfig, par: ParallelConfig,

@@ -126,18 +126,19 @@ def peer_lost(exc: BaseException, iteration: int, timeout_minutes: float) -> Pee
     return PeerLost(f"rank {dist.get_rank()}: a collective failed during iteration {iteration + 1} ({first}): "
                     f"another rank died or stalled (--distributed-timeout-minutes {timeout_minutes:g}); stopping")
 
-def fault_point(where: str, iteration: int) -> None:
+def fault_point(where: str, iteration: int, rank: Optional[int] = None) -> None:
     """Fault injection for the crash and signal tests: INTERNVL_MCORE_FAULT=WHERE:ITER:RANK[:ACTION]
-    makes RANK, at WHERE ("save": tensors of ITER written, checkpoint not yet renamed; "step": before
-    step ITER), SIGKILL itself (ACTION kill, the default), exit at once (exit), stop answering (hang),
+    makes RANK, at WHERE ("save": tensors of ITER written, checkpoint not yet renamed, which under
+    --async-save is in RANK's checkpoint writer process (`rank` given: it has no process group), so
+    kill ends the writer and wait holds the write open; "step": before step ITER), SIGKILL itself (ACTION kill, the default), exit at once (exit), stop answering (hang),
     fail as a full disk does (enospc: OSError ENOSPC, as a write would raise it) or print
     `fault point WHERE ITER: waiting for a signal` and wait for one (wait), so a test sends its signal
     at a known point instead of after a sleep."""
     spec = os.environ.get("INTERNVL_MCORE_FAULT", "")
     if not spec:
         return
-    kind, it, rank, *action = spec.split(":")
-    if kind != where or int(it) != iteration or int(rank) != dist.get_rank():
+    kind, it, rank_, *action = spec.split(":")
+    if kind != where or int(it) != iteration or int(rank_) != (dist.get_rank() if rank is None else rank):
         return
     action = action[0] if action else "kill"
     if action == "hang":

@@ -29,6 +29,7 @@ from ..parallel.cpu_compat import fuse_cpu_adam
 from ..parallel.device import resolve_device
 from ..parallel.state import comm_device, init_distributed
 from . import checkpoint, mpo, save_dir
+from .async_save import AsyncWriter
 from .batch import Batch
 from .data import MockBatches, ShardBatches, build_batches, loss_weights
 from .eval import Evaluator, build_valid_batches, eval_problems
@@ -156,6 +157,7 @@ class Trainer:
     evaluator: Optional[Evaluator] = None  # validation data given (training/eval.py)
     spike: Optional[SpikeGuard] = None  # --skip-spike-factor (training/guards.py)
     signalled: bool = False  # stopping on SIGTERM (--exit-signal-handler): no final evaluation
+    writer: Optional[AsyncWriter] = None  # --async-save: this rank's checkpoint writer process
 
 
 def _effective_run(run: RunConfig, plan: Plan) -> RunConfig:
@@ -246,6 +248,9 @@ def setup(run: RunConfig) -> Trainer:
         trainer.reference, trainer.mpo = reference, mpo.make_context(run, pg)
     if run.checkpoint.load:
         _resume(trainer)
+    if run.checkpoint.async_save:  # started now: its imports overlap the first steps
+        trainer.writer = AsyncWriter(timeout_s=t.distributed_timeout_minutes * 60)
+        trainer.writer.start()
     fuse_cpu_adam(optimizer)  # after any load: torch's load_state_dict restores the saved group flags
     return trainer
 
@@ -428,18 +433,33 @@ def _loss_tokens(batches: list) -> int:
     return sum(int(((b.loss_weight if b.loss_weight is not None else b.loss_mask) != 0).sum()) for b in batches)
 
 
-def save(trainer: Trainer) -> None:
-    """Checkpoint the current iteration under --save."""
+def save(trainer: Trainer, final: bool = False) -> None:
+    """Checkpoint the current iteration under --save. With --async-save the previous checkpoint is
+    published first (waiting for its writers), this one is handed to the writer, and a `final` one
+    (the run stops after it) is waited for."""
     run = trainer.run
     extra = {"plan": dataclasses.asdict(trainer.plan), "global_batch_size": run.train.global_batch_size,
              **(mpo.checkpoint_extra(run, trainer.mpo) if trainer.mpo is not None else {})}
     if trainer.spike is not None:
         extra["spike_guard"] = trainer.spike.state_dict()
+    finish_saves(trainer, blocking=True)
     checkpoint.save(run.checkpoint.save, trainer.iteration, trainer.model[0], trainer.optimizer,
                     trainer.scheduler, run.model, run.parallel, trainer.pg, data_state=trainer.batches.state_dict(),
-                    extra=extra, keep=run.checkpoint.keep_checkpoints)
-    if dist.get_rank() == 0:
+                    extra=extra, keep=run.checkpoint.keep_checkpoints, writer=trainer.writer)
+    if trainer.writer is not None and final:
+        finish_saves(trainer, blocking=True)
+    elif dist.get_rank() == 0 and trainer.writer is not None:
+        print(f"checkpoint at iteration {trainer.iteration}: writing to {run.checkpoint.save} in the background "
+              "(--async-save)", flush=True)
+    elif dist.get_rank() == 0:
         print(f"saved checkpoint at iteration {trainer.iteration} to {run.checkpoint.save}", flush=True)
+
+
+def finish_saves(trainer: Trainer, blocking: bool) -> None:
+    """--async-save: publish the checkpoint in flight once every rank has written it (collective)."""
+    done = checkpoint.finish_pending(trainer.writer, blocking)
+    if done is not None and dist.get_rank() == 0:
+        print(f"saved checkpoint at iteration {done} to {trainer.run.checkpoint.save}", flush=True)
 
 
 def evaluate(trainer: Trainer, reporter: Reporter, final: bool = False) -> None:
@@ -456,12 +476,14 @@ def _after_step(trainer: Trainer, reporter: Reporter) -> bool:
     """Evaluation and checkpoint due after this iteration; True when --exit-interval or a SIGTERM
     under --exit-signal-handler (preemption.py: all ranks agree after the same step) stops the run."""
     t, c, it = trainer.run.train, trainer.run.checkpoint, trainer.iteration
+    finish_saves(trainer, blocking=False)  # --async-save: publish a finished checkpoint without waiting
     if trainer.evaluator is not None and t.eval_interval and it % t.eval_interval == 0 and it < t.train_iters:
         evaluate(trainer, reporter)
     at_exit = bool(c.exit_interval) and it % c.exit_interval == 0
     signalled = trainer.signalled = c.exit_signal_handler and agreed_stop()
-    if c.save and ((c.save_interval and it % c.save_interval == 0) or at_exit or signalled or it == t.train_iters):
-        save(trainer)
+    last = at_exit or signalled or it == t.train_iters
+    if c.save and ((c.save_interval and it % c.save_interval == 0) or last):
+        save(trainer, final=last)
     if signalled and dist.get_rank() == 0:
         where = f"saved checkpoint at iteration {it} to {c.save}" if c.save else "nothing saved (no --save)"
         print(f"exiting on SIGTERM after iteration {it} (--exit-signal-handler): {where}", flush=True)
@@ -485,13 +507,20 @@ def train(run: RunConfig) -> list[dict]:
             reporter.report(trainer.iteration, stats, time.perf_counter() - start)
             if _after_step(trainer, reporter):
                 break
+        finish_saves(trainer, blocking=True)
         if trainer.evaluator is not None and not trainer.signalled:
             evaluate(trainer, reporter, final=True)
-    except Exception as exc:
+    except BaseException as exc:
+        if trainer.writer is not None:  # an error or a signal: a save in flight is abandoned, never published
+            trainer.writer.abandon()
+        if not isinstance(exc, Exception):
+            raise
         if not isinstance(exc, (TrainingDiverged, CheckpointError)) and is_collective_failure(exc):
             raise peer_lost(exc, trainer.iteration, run.train.distributed_timeout_minutes) from exc
         raise
     finally:
+        if trainer.writer is not None:
+            trainer.writer.stop()
         reporter.close()
         save_dir.release_all()
     return reporter.records

@@ -1,0 +1,74 @@
+"""training/async_save.py in-process: the snapshot a rank hands to its writer, and the deadline and
+death of a writer (the CLI runs: tests/reliability/test_checkpoints.py, `async`)."""
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import torch
+
+from internvl_mcore.training.async_save import AsyncWriter, Pending, _snapshot, _views
+from internvl_mcore.training.checkpoint import write_failure
+
+
+def test_snapshot_is_a_copy_in_shared_memory():
+    """Every tensor (dtypes, a scalar, an empty one, a non-contiguous view) comes back equal, aligned,
+    from one shared buffer, and unchanged when the training step then changes the originals."""
+    w = torch.randn(5, 3)
+    tensors = [w, torch.tensor(7, dtype=torch.int64), torch.zeros(0), w.t(), torch.ones(3, dtype=torch.bfloat16)]
+    buckets = [("f0", "k", ([("bytes", b"x")], [(f"i{i}", t) for i, t in enumerate(tensors[:3])])),
+               ("f1", "k", ([], [(f"i{i}", t) for i, t in enumerate(tensors[3:], 3)]))]
+    expected = [t.clone() for t in tensors]
+    flat, layout, stripped = _snapshot(buckets)
+    w.add_(1.0)  # the next optimizer step
+    assert flat.is_shared() and all(offset % 64 == 0 for offset, _, _ in layout)
+    got = _views(flat, layout)
+    assert all(g.dtype == e.dtype and g.shape == e.shape and torch.equal(g, e) for g, e in zip(got, expected))
+    assert [t for _, _, (_, data) in stripped for _, t in data] == list(range(5))
+    assert stripped[0][2][0] == [("bytes", b"x")]
+
+
+def _writer(proc, started: float) -> AsyncWriter:
+    writer = AsyncWriter(timeout_s=5.0)
+    writer.proc = proc
+    writer.conn = SimpleNamespace(poll=lambda: False)
+    writer.pending = Pending(3, finish=None, abandon=None, remove=None, started=started)
+    return writer
+
+
+def test_writer_deadline_and_death_are_failures():
+    """A write still running past the deadline, or a writer that died, is a failure with its reason;
+    a running one within the deadline is None (still running); an answered one is ''."""
+    alive = SimpleNamespace(is_alive=lambda: True, pid=11)
+    assert _writer(alive, time.monotonic()).status() is None
+    late = _writer(alive, time.monotonic() - 6).status()
+    assert late == "the checkpoint writer (pid 11) did not finish within 5 s (--distributed-timeout-minutes)"
+    dead = SimpleNamespace(is_alive=lambda: False, pid=12, exitcode=-9, join=lambda timeout=None: None)
+    assert _writer(dead, time.monotonic()).status() == "the checkpoint writer (pid 12) died (killed by SIGKILL, e.g. the out-of-memory killer)"
+    done = _writer(dead, time.monotonic())
+    done.pending.reply = (True, {"results": {0: []}, "checksums": {}})
+    assert done.status() == "" and done.results()["results"] == {0: []}
+    failed = _writer(alive, time.monotonic())
+    failed.pending.reply = (False, OSError(28, "No space left on device"))
+    assert failed.status(write_failure) == "in the checkpoint writer: No space left on device"
+    assert failed.status() == "in the checkpoint writer: OSError: [Errno 28] No space left on device"
+
+
+def test_snapshot_reuses_a_large_enough_buffer():
+    """The next save copies into the previous save's shared memory (no new pages), a larger one gets a new buffer."""
+    first, _, _ = _snapshot([("f", "k", ([], [("a", torch.ones(100))]))])
+    again, layout, _ = _snapshot([("f", "k", ([], [("a", torch.full((50,), 2.0))]))], first)
+    assert again is first and torch.equal(_views(again, layout)[0], torch.full((50,), 2.0))
+    larger, _, _ = _snapshot([("f", "k", ([], [("a", torch.ones(200))]))], first)
+    assert larger is not first and larger.is_shared()
+
+
+def test_abandon_stops_the_writer_and_removes_the_partial_checkpoint():
+    """An error or a signal with a save in flight: the writer is killed, this rank's tmp_iter_ part removed."""
+    removed, killed = [], []
+    proc = SimpleNamespace(is_alive=lambda: not killed, kill=lambda: killed.append(1), join=lambda timeout=None: None)
+    writer = _writer(proc, time.monotonic())
+    writer.conn = SimpleNamespace(close=lambda: None)
+    writer.pending.remove = lambda: removed.append(1)
+    writer.abandon()
+    assert killed == [1] and removed == [1] and writer.pending is None and writer.proc is None
