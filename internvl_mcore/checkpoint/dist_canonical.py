@@ -17,7 +17,7 @@ models/sharding.py (`unpad` along `split_dim`). So a canonical name maps to (key
 
 Both layer-spec backends write the same keys (models/specs.py; transformer-engine's `_extra_state`
 items are not tensors). Tied embeddings are saved once, under the embedding's key. Optimizer
-state (`optimizer.*` keys) is left out unless `include` asks for it.
+state (`optimizer.*`, `chained_<k>.optimizer.*` keys) is left out unless `include` asks for it.
 """
 from __future__ import annotations
 
@@ -33,12 +33,14 @@ from .dist_reader import DistCheckpointReader
 
 _LAYERS = re.compile(r"^(?P<pre>(?:vision_model\.encoder|language_model\.decoder)\.layers\.)(?P<i>\d+\.)?(?P<rest>.+)$")
 _EXPERTS = re.compile(r"^mlp\.experts\.experts\.(?P<e>\d+\.)?(?P<rest>.+)$")
-OPTIMIZER_PREFIX = "optimizer."
+_OPTIMIZER = re.compile(r"^(chained_\d+\.)?optimizer\.")
+"""Optimizer state: `optimizer.state.<exp_avg|...>.<model key>`, `chained_<k>.optimizer...` when
+megatron-core chains optimizers (MoE: one for the experts, one for the rest)."""
 
 
 def is_model_key(key: str) -> bool:
     """A model tensor (not optimizer state)."""
-    return not key.startswith(OPTIMIZER_PREFIX)
+    return _OPTIMIZER.match(key) is None
 
 
 @dataclass(frozen=True)

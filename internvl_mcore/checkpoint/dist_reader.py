@@ -15,7 +15,8 @@ experts) are stacked: megatron-core prepends a layer axis (an expert axis) to ev
 pipeline stage's layers are their own chunks. TP pieces are chunks along the split dim (SwiGLU's
 gate and up halves each: the global fc1 is [gate; up]); vocabulary rows and InternViT heads keep the
 padding of the saving layout (checkpoint/dist_canonical.py removes it). Optimizer state is under
-`optimizer.state.<exp_avg|exp_avg_sq|fp32_param>.<model key>` with the model key's shape and chunks
+`optimizer.state.<exp_avg|exp_avg_sq|fp32_param>.<model key>` (prefixed `chained_<k>.` when
+megatron-core chains an MoE model's expert and dense optimizers) with the model key's shape and chunks
 (the distributed optimizer's `dp_reshardable` format stores per-rank flat buffers as non-tensor
 items instead, which `keys()` does not list). Non-tensor items (the modules' `_extra_state`) are
 never read here.
