@@ -14,12 +14,16 @@ experts) are stacked: megatron-core prepends a layer axis (an expert axis) to ev
 `language_model.decoder.layers.mlp.linear_fc1.weight` has shape (layers, 2 * ffn, hidden) and each
 pipeline stage's layers are their own chunks. TP pieces are chunks along the split dim (SwiGLU's
 gate and up halves each: the global fc1 is [gate; up]); vocabulary rows and InternViT heads keep the
-padding of the saving layout (checkpoint/dist_canonical.py removes it). Optimizer state is under
-`optimizer.state.<exp_avg|exp_avg_sq|fp32_param>.<model key>` (prefixed `chained_<k>.` when
-megatron-core chains an MoE model's expert and dense optimizers) with the model key's shape and chunks
-(the distributed optimizer's `dp_reshardable` format stores per-rank flat buffers as non-tensor
-items instead, which `keys()` does not list). Non-tensor items (the modules' `_extra_state`) are
-never read here.
+padding of the saving layout (checkpoint/dist_canonical.py removes it). Optimizer state is keys too:
+the plain optimizer's under `optimizer.state.<exp_avg|exp_avg_sq|fp32_param>.<model key>` (prefixed
+`chained_<k>.` when megatron-core chains an MoE model's expert and dense optimizers) with the model
+key's shape and chunks; the distributed optimizer's (`dp_reshardable`, training/checkpoint.py) as one
+flat 1-D tensor per gradient bucket, `optimizer.distributed.dp_group_idx_G.gbuf_idx_B.dtype_(...).
+bucket_idx_K.<param|exp_avg|exp_avg_sq>`, chunked per DP rank and parameter (replicas are not
+written twice: each chunk is stored once, by the replica megatron-core marks as the main one).
+Megatron-core < 0.14's "N-D flattened" entries would appear with the global shape they were saved
+with ([X // x, ..., x * y * z]); we never write them. Non-tensor items (the modules' `_extra_state`,
+the buckets' sizes) are not listed and never read here.
 
 `DistCheckpointReader.read(key, index)` assembles one box of a global tensor (e.g. `(layer,)` of a
 layer-stacked one) from only the chunks that intersect it, each read from its byte range with
