@@ -29,7 +29,7 @@ the buckets' sizes) are not listed and never read here.
 layer-stacked one) from only the chunks that intersect it, each read from its byte range with
 `torch.load(weights_only=True)` through a window onto the file (what torch's FileSystemReader.read_data
 does): memory is the box plus one chunk, whatever the checkpoint's size. The index is unpickled only
-by checkpoint_trust.py's allow-listed reader.
+by checkpoint/trust.py's allow-listed reader.
 """
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ from typing import Any, BinaryIO
 import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from ..checkpoint_format import CheckpointError
-from ..checkpoint_trust import read_dist_metadata
+from .format import CheckpointError
+from .trust import read_dist_metadata
 
 Box = tuple[tuple[int, int], ...]
 """[start, stop) per dim of a global tensor."""

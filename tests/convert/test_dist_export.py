@@ -31,8 +31,9 @@ import torch
 
 from internvl_mcore.checkpoint.dist_canonical import DistCanonicalView, is_model_key
 from internvl_mcore.checkpoint.dist_reader import DistCheckpointReader
-from internvl_mcore.checkpoint_format import CheckpointError, resolve_iteration_dir
-from internvl_mcore.convert import CanonicalCheckpoint, SafetensorsDir, model_config_from_dict
+from internvl_mcore.checkpoint.canonical import CanonicalCheckpoint, model_config_from_dict
+from internvl_mcore.checkpoint.format import CheckpointError, resolve_iteration_dir
+from internvl_mcore.checkpoint.safetensors_io import SafetensorsDir
 from tests.convert.tiny_hf import save_transformers_dir, tiny_transformers_model
 from tests.launch import REPO, free_port
 
@@ -208,7 +209,7 @@ def _new_tensor_bytes() -> int:
 
 def test_cli_exports_both_formats_bit_exact_in_bounded_memory(run, tmp_path, monkeypatch) -> None:
     from internvl_mcore.convert import convert_checkpoint_to_hf
-    from internvl_mcore.convert.safetensors_io import ShardedWriter
+    from internvl_mcore.checkpoint.safetensors_io import ShardedWriter
 
     main = _tool("convert_to_hf")
     # transformers: the original files' tensors, from the training checkpoint, in several shards
