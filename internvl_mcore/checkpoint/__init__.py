@@ -9,6 +9,9 @@
 - safetensors_io.py: sharded safetensors directories read and written with plain file I/O, dtype
   names, HF side files, and the converters' error type `ConversionError`.
 - canonical.py: the canonical (layout-independent) checkpoint directory.
+- dist_reader.py: any box of a global tensor of a megatron-core torch_dist checkpoint (any layout),
+  read from the chunks' byte ranges: no model, no process group.
+- dist_canonical.py: those tensors under canonical names, with the saving layout's padding undone.
 
 Dependencies run training -> convert -> checkpoint -> models: nothing here imports training/ or
 convert/, and models/ does not import this package.

@@ -4,9 +4,10 @@
 - hf_config.py: config.json <-> ModelConfig for both HF layouts.
 - hf.py: streaming conversion between HF and canonical tensors through the key maps, and
   `convert_hf_to_checkpoint` (no megatron-core).
+- export.py: `convert_checkpoint_to_hf` (tools/convert_to_hf.py): a training checkpoint of any layout
+  (read without a model: internvl_mcore/checkpoint/dist_reader.py) or a canonical one -> HF, streaming.
 - distributed.py: what needs a model built in a parallel layout: sharded model -> canonical, layout
-  verification, training checkpoints (format: internvl_mcore/checkpoint/format.py) -> canonical, and
-  `convert_checkpoint_to_hf` (tools/convert_to_hf.py).
+  verification, training checkpoints -> canonical by loading and gathering (LoRA merge).
 
 The checkpoint files themselves (safetensors directories, the canonical directory, the training
 checkpoint's format) are in internvl_mcore/checkpoint/.
@@ -14,6 +15,7 @@ Dependencies run training -> convert -> checkpoint -> models: nothing here impor
 """
 import importlib
 
+from .export import convert_checkpoint_to_hf
 from .hf import canonical_to_hf, convert_hf_to_checkpoint, hf_to_canonical
 from .hf_config import hf_config_for, model_config_from_hf, read_hf_config
 from .keymaps import FORMATS, canonical_shapes, keymap
@@ -26,7 +28,7 @@ __all__ = [
 
 # distributed.py builds models (megatron-core); importing it here would make every `internvl_mcore.convert.*`
 # import -- the CLIs' flag parsing included -- pay for megatron-core, so its names resolve on first use
-_DISTRIBUTED = ("convert_checkpoint_to_hf", "gather_canonical_state", "training_checkpoint_to_canonical", "unshard",
+_DISTRIBUTED = ("gather_canonical_state", "training_checkpoint_to_canonical", "unshard",
                 "verify_layout")
 
 

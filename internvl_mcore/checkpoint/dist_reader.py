@@ -1,0 +1,213 @@
+"""The global tensors of a megatron-core torch_dist checkpoint, read without a model, a process group
+or the layout it was saved in.
+
+A torch_dist directory (what `dist_checkpointing.save` writes, training/checkpoint.py) holds:
+
+    .metadata       torch.distributed.checkpoint's index: for every global tensor key its shape, dtype
+                    and chunks (offsets + sizes in the global tensor), and where each chunk's bytes are
+                    (`_StorageInfo`: .distcp file, byte offset, length)
+    __R_K.distcp    the chunks, each one a `torch.save` record at its byte range
+
+Megatron-core names each global tensor by its layout-free key and writes each chunk once (replicas
+are deduplicated when saving), so the chunks of a key tile its global shape. Decoder layers (and MoE
+experts) are stacked: megatron-core prepends a layer axis (an expert axis) to every per-layer tensor,
+`language_model.decoder.layers.mlp.linear_fc1.weight` has shape (layers, 2 * ffn, hidden) and each
+pipeline stage's layers are their own chunks. TP pieces are chunks along the split dim (SwiGLU's
+gate and up halves each: the global fc1 is [gate; up]); vocabulary rows and InternViT heads keep the
+padding of the saving layout (checkpoint/dist_canonical.py removes it). Optimizer state is keys too:
+the plain optimizer's under `optimizer.state.<exp_avg|exp_avg_sq|fp32_param>.<model key>` (prefixed
+`chained_<k>.` when megatron-core chains an MoE model's expert and dense optimizers) with the model
+key's shape and chunks; the distributed optimizer's (`dp_reshardable`, training/checkpoint.py) as one
+flat 1-D tensor per gradient bucket, `optimizer.distributed.dp_group_idx_G.gbuf_idx_B.dtype_(...).
+bucket_idx_K.<param|exp_avg|exp_avg_sq>`, chunked per DP rank and parameter (replicas are not
+written twice: each chunk is stored once, by the replica megatron-core marks as the main one).
+Megatron-core < 0.14's "N-D flattened" entries would appear with the global shape they were saved
+with ([X // x, ..., x * y * z]); we never write them. Non-tensor items (the modules' `_extra_state`,
+the buckets' sizes) are not listed and never read here.
+
+`DistCheckpointReader.read(key, index)` assembles one box of a global tensor (e.g. `(layer,)` of a
+layer-stacked one) from only the chunks that intersect it, each read from its byte range with
+`torch.load(weights_only=True)` through a window onto the file (what torch's FileSystemReader.read_data
+does): memory is the box plus one chunk, whatever the checkpoint's size. The index is unpickled only
+by checkpoint/trust.py's allow-listed reader.
+"""
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
+
+import torch
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from .format import CheckpointError
+from .trust import read_dist_metadata
+
+Box = tuple[tuple[int, int], ...]
+"""[start, stop) per dim of a global tensor."""
+
+
+class _FileWindow(io.RawIOBase):
+    """A seekable read-only view of bytes [start, start + length) of an open file, so that torch.load
+    reads one chunk's record in place (no copy of the record in memory)."""
+
+    def __init__(self, f: BinaryIO, start: int, length: int) -> None:
+        super().__init__()
+        self._f, self._start, self._len, self._pos = f, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._len}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buf: Any) -> int:
+        n = min(len(buf), self._len - self._pos)
+        if n <= 0:
+            return 0
+        self._f.seek(self._start + self._pos)
+        got = self._f.readinto(memoryview(buf)[:n]) or 0
+        self._pos += got
+        return got
+
+
+def _box_of(index: tuple, shape: tuple[int, ...], key: str) -> tuple[Box, list[int]]:
+    """The box `index` (ints / step-1 slices on leading dims) selects, and the dims ints drop."""
+    if not isinstance(index, tuple):
+        index = (index,)
+    if len(index) > len(shape):
+        raise IndexError(f"{key}: index {index} has more dims than the tensor's shape {shape}")
+    box, squeeze = [], []
+    for dim, (ix, size) in enumerate(zip(index, shape)):
+        if isinstance(ix, slice):
+            start, stop, step = ix.indices(size)
+            if step != 1:
+                raise IndexError(f"{key}: only step-1 slices are read (dim {dim}: {ix})")
+            box.append((start, max(start, stop)))
+        else:
+            i = int(ix)
+            if not -size <= i < size:
+                raise IndexError(f"{key}: index {i} out of range for dim {dim} of size {size}")
+            i %= size
+            box.append((i, i + 1))
+            squeeze.append(dim)
+    box.extend((0, size) for size in shape[len(index):])
+    return tuple(box), squeeze
+
+
+def _intersect(offsets: Any, sizes: Any, box: Box) -> Box | None:
+    out = []
+    for o, s, (lo, hi) in zip(offsets, sizes, box):
+        a, b = max(int(o), lo), min(int(o) + int(s), hi)
+        if a >= b:
+            return None
+        out.append((a, b))
+    return tuple(out)
+
+
+class DistCheckpointReader:
+    """The global tensors of one torch_dist checkpoint directory (an `iter_NNNNNNN/`), box by box.
+
+    `peak_bytes` records the most tensor bytes one `read` held at once (the box plus the chunk being
+    copied into it): tests bound the exporters' memory with it."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        metadata = read_dist_metadata(self.path)
+        self._meta: dict[str, TensorStorageMetadata] = {
+            k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+        self._where: dict[tuple[str, tuple[int, ...]], Any] = {
+            (index.fqn, tuple(index.offset)): info for index, info in metadata.storage_data.items()
+            if index.fqn in self._meta and index.offset is not None}
+        self.peak_bytes = 0
+
+    def keys(self) -> list[str]:
+        """The global tensor keys (model and optimizer tensors alike), sorted."""
+        return sorted(self._meta)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._meta
+
+    def _md(self, key: str) -> TensorStorageMetadata:
+        md = self._meta.get(key)
+        if md is None:
+            raise KeyError(f"{self.path}: no tensor {key!r} in the checkpoint")
+        return md
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The global shape of `key` (with its stacked layer / expert axes)."""
+        return tuple(self._md(key).size)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._md(key).properties.dtype
+
+    def read(self, key: str, index: tuple = ()) -> torch.Tensor:
+        """The global tensor `key`, or the box `index` selects (ints drop their dim, slices keep it),
+        assembled from the chunks that intersect it."""
+        md = self._md(key)
+        box, squeeze = _box_of(index, tuple(md.size), key)
+        out = self._assemble(key, md, box)
+        for dim in reversed(squeeze):
+            out = out.squeeze(dim)
+        return out
+
+    def _assemble(self, key: str, md: TensorStorageMetadata, box: Box) -> torch.Tensor:
+        dtype = md.properties.dtype
+        starts, sizes = tuple(lo for lo, _ in box), tuple(hi - lo for lo, hi in box)
+        for chunk in md.chunks:  # a box that is one whole chunk (a layer's tensor at TP1): no copy
+            if tuple(int(o) for o in chunk.offsets) == starts and tuple(chunk.sizes) == sizes:
+                out = self._load_chunk(key, starts, sizes, dtype)
+                self.peak_bytes = max(self.peak_bytes, out.untyped_storage().nbytes())
+                return out
+        out = torch.empty(sizes, dtype=dtype)
+        covered = 0
+        for chunk in md.chunks:
+            part = _intersect(chunk.offsets, chunk.sizes, box)
+            if part is None:
+                continue
+            src = self._load_chunk(key, tuple(int(o) for o in chunk.offsets), tuple(chunk.sizes), dtype)
+            self.peak_bytes = max(self.peak_bytes, out.nbytes + src.untyped_storage().nbytes())
+            src_ix = tuple(slice(a - int(o), b - int(o)) for (a, b), o in zip(part, chunk.offsets))
+            out_ix = tuple(slice(a - lo, b - lo) for (a, b), (lo, _) in zip(part, box))
+            out[out_ix] = src[src_ix]
+            covered += math.prod(b - a for a, b in part)
+            del src
+        if covered != out.numel():
+            raise CheckpointError(f"{self.path}: the chunks of {key!r} cover {covered} of the {out.numel()} "
+                                  f"elements of box {box}; the checkpoint is incomplete")
+        return out
+
+    def _load_chunk(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...],
+                    dtype: torch.dtype) -> torch.Tensor:
+        """One chunk from its byte range, checked against the index's shape and dtype."""
+        info = self._where.get((key, offsets))
+        if info is None:
+            raise CheckpointError(f"{self.path / '.metadata'}: no storage entry for chunk {offsets} of {key!r}")
+        rel = PurePosixPath(str(info.relative_path))
+        if rel.is_absolute() or ".." in rel.parts or info.transform_descriptors:
+            raise CheckpointError(f"{self.path / '.metadata'}: chunk {offsets} of {key!r} is stored at {rel} "
+                                  f"with transforms {info.transform_descriptors}; refusing the checkpoint")
+        file = self.path / rel
+        try:
+            with open(file, "rb") as f:
+                t = torch.load(_FileWindow(f, int(info.offset), int(info.length)), map_location="cpu",
+                               weights_only=True)
+        except OSError as exc:
+            raise CheckpointError(f"{file}: unreadable ({exc.strerror or exc})") from None
+        except Exception as exc:  # noqa: BLE001 -- a damaged record or one holding more than a tensor
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CheckpointError(f"{file}: chunk {offsets} of {key!r} is not a tensor record ({first})") from None
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != sizes or t.dtype != dtype:
+            got = (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise CheckpointError(f"{file}: chunk {offsets} of {key!r} holds {got}, the index says "
+                                  f"{(sizes, dtype)}")
+        return t
