@@ -6,9 +6,11 @@ PEFT's PeftModel on the transformers export of the base plus the adapter, must g
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -62,16 +64,38 @@ def our_logits(ckpt, ids: torch.Tensor, pixels: torch.Tensor, with_adapters: boo
     return model.eval()(ids, pos, pixels)
 
 
+@contextlib.contextmanager
+def no_model_no_world() -> Iterator[None]:
+    """Inside, building a megatron-core module, starting a process group or processes, or loading
+    through dist_checkpointing fails: the LoRA export reads the checkpoint's files directly."""
+    import megatron.core.dist_checkpointing as dcp
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    from megatron.core.transformer.module import MegatronModule
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the LoRA export built a model, a process group or processes")
+
+    with pytest.MonkeyPatch.context() as mpatch:
+        for owner, name in ((MegatronModule, "__init__"), (dist, "init_process_group"), (dist, "new_group"),
+                            (mp, "start_processes"), (dcp, "load")):
+            mpatch.setattr(owner, name, refuse)
+        yield
+
+
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory, ref_run, tp2pp2_run, base_ckpt) -> dict:
     from internvl_mcore.convert import convert_checkpoint_to_hf
 
     out = tmp_path_factory.mktemp("exports")
     ckpt = str(tp2pp2_run["save"])
-    assert convert_to_hf("--load", ckpt, "--save", str(out / "merged_tf"), "--format", "transformers", "--merge-lora") == 0
-    assert convert_to_hf("--load", str(ref_run["save"]), "--save", str(out / "merged_ivl"), "--format", "internvl",
-                         "--merge-lora") == 0
-    assert convert_to_hf("--load", ckpt, "--save", str(out / "adapter"), "--format", "transformers", "--lora-only") == 0
+    with no_model_no_world():
+        assert convert_to_hf("--load", ckpt, "--save", str(out / "merged_tf"), "--format", "transformers",
+                             "--merge-lora") == 0
+        assert convert_to_hf("--load", str(ref_run["save"]), "--save", str(out / "merged_ivl"), "--format",
+                             "internvl", "--merge-lora") == 0
+        assert convert_to_hf("--load", ckpt, "--save", str(out / "adapter"), "--format", "transformers",
+                             "--lora-only") == 0
     convert_checkpoint_to_hf(base_ckpt, out / "base_tf", "transformers")
     return {k: out / k for k in ("merged_tf", "merged_ivl", "adapter", "base_tf")}
 
