@@ -37,7 +37,7 @@ from internvl_mcore.cli_errors import naming, read_json
 from ..checkpoint.dist_reader import DistCheckpointReader
 from ..checkpoint_format import RUN_INFO, TRACKER, is_training_checkpoint, resolve_iteration_dir
 from ..config.model import ModelConfig
-from ..models.lora import LoRAInfo, base_weight_name, is_lora_name
+from ..config.lora import LoRAInfo, base_weight_name, is_lora_name
 from ..models.sharding import rule_for, split_dim
 from .canonical import META_NAME, model_config_from_dict
 from .hf import canonical_to_hf
