@@ -7,9 +7,9 @@
 DIR must be new or empty (--overwrite replaces our files in it) and not inside CKPT; the export is
 written beside DIR and moved in only when complete.
 
-CKPT is a training checkpoint written by pretrain_internvl.py --save (any TP/PP layout: it is loaded
-in the layout it was saved with, in spawned gloo processes, and gathered) or a converted checkpoint
-from tools/convert_from_hf.py.
+CKPT is a training checkpoint written by pretrain_internvl.py --save (any TP/PP/EP layout: its files
+are read tensor by tensor, per layer and expert, without building the model or starting processes;
+memory stays a few of the largest tensors) or a converted checkpoint from tools/convert_from_hf.py.
 
 --format internvl      InternVL's own layout (InternVLChatModel: vision_model.*, mlp1.*, language_model.*),
                        config.json with vision_config / llm_config, template, downsample_ratio, ps_version.

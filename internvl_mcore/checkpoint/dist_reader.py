@@ -1,77 +1,199 @@
-"""Read tensors of a megatron-core torch_dist checkpoint directly from its files: no model, no
-process group, and only the chunks a request touches.
+"""The global tensors of a megatron-core torch_dist checkpoint, read without a model, a process group
+or the layout it was saved in.
 
-The directory's `.metadata` (read through checkpoint_trust's allow-listed unpickler) lists, for
-every global tensor, its shape, dtype and chunks (offsets + sizes in the global tensor); each chunk
-is one `torch.save`d tensor at a byte range of a `__*.distcp` file, loaded with weights_only=True.
+A torch_dist directory (what `dist_checkpointing.save` writes, training/checkpoint.py) holds:
 
-(Minimal stand-in written on issue-24-lora until issue-24-export's reader lands; same API.)
+    .metadata       torch.distributed.checkpoint's index: for every global tensor key its shape, dtype
+                    and chunks (offsets + sizes in the global tensor), and where each chunk's bytes are
+                    (`_StorageInfo`: .distcp file, byte offset, length)
+    __R_K.distcp    the chunks, each one a `torch.save` record at its byte range
+
+Megatron-core names each global tensor by its layout-free key and writes each chunk once (replicas
+are deduplicated when saving), so the chunks of a key tile its global shape. Decoder layers (and MoE
+experts) are stacked: megatron-core prepends a layer axis (an expert axis) to every per-layer tensor,
+`language_model.decoder.layers.mlp.linear_fc1.weight` has shape (layers, 2 * ffn, hidden) and each
+pipeline stage's layers are their own chunks. TP pieces are chunks along the split dim (SwiGLU's
+gate and up halves each: the global fc1 is [gate; up]); vocabulary rows and InternViT heads keep the
+padding of the saving layout (checkpoint/dist_canonical.py removes it). Optimizer state is under
+`optimizer.state.<exp_avg|exp_avg_sq|fp32_param>.<model key>` (prefixed `chained_<k>.` when
+megatron-core chains an MoE model's expert and dense optimizers) with the model key's shape and chunks
+(the distributed optimizer's `dp_reshardable` format stores per-rank flat buffers as non-tensor
+items instead, which `keys()` does not list). Non-tensor items (the modules' `_extra_state`) are
+never read here.
+
+`DistCheckpointReader.read(key, index)` assembles one box of a global tensor (e.g. `(layer,)` of a
+layer-stacked one) from only the chunks that intersect it, each read from its byte range with
+`torch.load(weights_only=True)` through a window onto the file (what torch's FileSystemReader.read_data
+does): memory is the box plus one chunk, whatever the checkpoint's size. The index is unpickled only
+by checkpoint_trust.py's allow-listed reader.
 """
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
 
 import torch
-from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ..checkpoint_format import CheckpointError
 from ..checkpoint_trust import read_dist_metadata
 
+Box = tuple[tuple[int, int], ...]
+"""[start, stop) per dim of a global tensor."""
+
+
+class _FileWindow(io.RawIOBase):
+    """A seekable read-only view of bytes [start, start + length) of an open file, so that torch.load
+    reads one chunk's record in place (no copy of the record in memory)."""
+
+    def __init__(self, f: BinaryIO, start: int, length: int) -> None:
+        super().__init__()
+        self._f, self._start, self._len, self._pos = f, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._len}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buf: Any) -> int:
+        n = min(len(buf), self._len - self._pos)
+        if n <= 0:
+            return 0
+        self._f.seek(self._start + self._pos)
+        got = self._f.readinto(memoryview(buf)[:n]) or 0
+        self._pos += got
+        return got
+
+
+def _box_of(index: tuple, shape: tuple[int, ...], key: str) -> tuple[Box, list[int]]:
+    """The box `index` (ints / step-1 slices on leading dims) selects, and the dims ints drop."""
+    if not isinstance(index, tuple):
+        index = (index,)
+    if len(index) > len(shape):
+        raise IndexError(f"{key}: index {index} has more dims than the tensor's shape {shape}")
+    box, squeeze = [], []
+    for dim, (ix, size) in enumerate(zip(index, shape)):
+        if isinstance(ix, slice):
+            start, stop, step = ix.indices(size)
+            if step != 1:
+                raise IndexError(f"{key}: only step-1 slices are read (dim {dim}: {ix})")
+            box.append((start, max(start, stop)))
+        else:
+            i = int(ix)
+            if not -size <= i < size:
+                raise IndexError(f"{key}: index {i} out of range for dim {dim} of size {size}")
+            i %= size
+            box.append((i, i + 1))
+            squeeze.append(dim)
+    box.extend((0, size) for size in shape[len(index):])
+    return tuple(box), squeeze
+
+
+def _intersect(offsets: Any, sizes: Any, box: Box) -> Box | None:
+    out = []
+    for o, s, (lo, hi) in zip(offsets, sizes, box):
+        a, b = max(int(o), lo), min(int(o) + int(s), hi)
+        if a >= b:
+            return None
+        out.append((a, b))
+    return tuple(out)
+
 
 class DistCheckpointReader:
-    """The tensors of one iter_ directory (torch_dist), read chunk by chunk."""
+    """The global tensors of one torch_dist checkpoint directory (an `iter_NNNNNNN/`), box by box.
+
+    `peak_bytes` records the most tensor bytes one `read` held at once (the box plus the chunk being
+    copied into it): tests bound the exporters' memory with it."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._meta = read_dist_metadata(self.path)
-        self._tensors = {k: v for k, v in self._meta.state_dict_metadata.items()
-                         if isinstance(v, dcp_metadata.TensorStorageMetadata)}
+        metadata = read_dist_metadata(self.path)
+        self._meta: dict[str, TensorStorageMetadata] = {
+            k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+        self._where: dict[tuple[str, tuple[int, ...]], Any] = {
+            (index.fqn, tuple(index.offset)): info for index, info in metadata.storage_data.items()
+            if index.fqn in self._meta and index.offset is not None}
+        self.peak_bytes = 0
 
     def keys(self) -> list[str]:
-        """Every tensor key (megatron-core's sharded keys: layers stacked along a leading dim)."""
-        return sorted(self._tensors)
+        """The global tensor keys (model and optimizer tensors alike), sorted."""
+        return sorted(self._meta)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._meta
+
+    def _md(self, key: str) -> TensorStorageMetadata:
+        md = self._meta.get(key)
+        if md is None:
+            raise KeyError(f"{self.path}: no tensor {key!r} in the checkpoint")
+        return md
 
     def shape(self, key: str) -> tuple[int, ...]:
-        """Global shape of tensor `key`."""
-        return tuple(self._tensors[key].size)
+        """The global shape of `key` (with its stacked layer / expert axes)."""
+        return tuple(self._md(key).size)
 
     def dtype(self, key: str) -> torch.dtype:
-        """dtype of tensor `key`."""
-        return self._tensors[key].properties.dtype
+        return self._md(key).properties.dtype
 
-    def _chunk(self, key: str, chunk: dcp_metadata.ChunkStorageMetadata) -> torch.Tensor:
-        where = self._meta.storage_data[dcp_metadata.MetadataIndex(key, chunk.offsets)]
-        rel = PurePosixPath(str(where.relative_path))
-        if rel.is_absolute() or ".." in rel.parts or where.transform_descriptors:
-            raise CheckpointError(f"{self.path}/.metadata: {key!r} is stored at {rel}; refusing the checkpoint")
-        with open(self.path / rel, "rb") as f:
-            f.seek(int(where.offset))
-            data = f.read(int(where.length))
-        t = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(chunk.sizes):
-            raise CheckpointError(f"{self.path / rel}: chunk of {key!r} at {tuple(chunk.offsets)} is not a "
-                                  f"tensor of shape {tuple(chunk.sizes)}")
-        return t
-
-    def read(self, key: str, index: tuple[int, ...] = ()) -> torch.Tensor:
-        """Global tensor `key`, or its sub-tensor at leading indices `index` (e.g. (layer,)),
+    def read(self, key: str, index: tuple = ()) -> torch.Tensor:
+        """The global tensor `key`, or the box `index` selects (ints drop their dim, slices keep it),
         assembled from the chunks that intersect it."""
-        if key not in self._tensors:
-            raise KeyError(f"{self.path}: no tensor {key!r}")
-        md = self._tensors[key]
+        md = self._md(key)
         shape = tuple(md.size)
-        out = torch.empty(shape[len(index):], dtype=md.properties.dtype)
+        box, squeeze = _box_of(index, shape, key)
+        out = torch.empty([hi - lo for lo, hi in box], dtype=md.properties.dtype)
         covered = 0
         for chunk in md.chunks:
-            lo, sz = tuple(chunk.offsets), tuple(chunk.sizes)
-            if any(not (o <= i < o + s) for i, o, s in zip(index, lo, sz)):
+            part = _intersect(chunk.offsets, chunk.sizes, box)
+            if part is None:
                 continue
-            t = self._chunk(key, chunk)[tuple(i - o for i, o in zip(index, lo))]
-            dst = tuple(slice(o, o + s) for o, s in zip(lo[len(index):], sz[len(index):]))
-            out[dst] = t
-            covered += t.numel()
+            src = self._load_chunk(key, tuple(int(o) for o in chunk.offsets), tuple(chunk.sizes), md.properties.dtype)
+            self.peak_bytes = max(self.peak_bytes, out.nbytes + src.untyped_storage().nbytes())
+            src_ix = tuple(slice(a - int(o), b - int(o)) for (a, b), o in zip(part, chunk.offsets))
+            out_ix = tuple(slice(a - lo, b - lo) for (a, b), (lo, _) in zip(part, box))
+            out[out_ix] = src[src_ix]
+            covered += math.prod(b - a for a, b in part)
+            del src
         if covered != out.numel():
-            raise CheckpointError(f"{self.path}: the chunks of {key!r}{list(index) or ''} cover {covered} of "
-                                  f"{out.numel()} elements")
+            raise CheckpointError(f"{self.path}: the chunks of {key!r} cover {covered} of the {out.numel()} "
+                                  f"elements of box {box}; the checkpoint is incomplete")
+        for dim in reversed(squeeze):
+            out = out.squeeze(dim)
         return out
+
+    def _load_chunk(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...],
+                    dtype: torch.dtype) -> torch.Tensor:
+        """One chunk from its byte range, checked against the index's shape and dtype."""
+        info = self._where.get((key, offsets))
+        if info is None:
+            raise CheckpointError(f"{self.path / '.metadata'}: no storage entry for chunk {offsets} of {key!r}")
+        rel = PurePosixPath(str(info.relative_path))
+        if rel.is_absolute() or ".." in rel.parts or info.transform_descriptors:
+            raise CheckpointError(f"{self.path / '.metadata'}: chunk {offsets} of {key!r} is stored at {rel} "
+                                  f"with transforms {info.transform_descriptors}; refusing the checkpoint")
+        file = self.path / rel
+        try:
+            with open(file, "rb") as f:
+                t = torch.load(_FileWindow(f, int(info.offset), int(info.length)), map_location="cpu",
+                               weights_only=True)
+        except OSError as exc:
+            raise CheckpointError(f"{file}: unreadable ({exc.strerror or exc})") from None
+        except Exception as exc:  # noqa: BLE001 -- a damaged record or one holding more than a tensor
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CheckpointError(f"{file}: chunk {offsets} of {key!r} is not a tensor record ({first})") from None
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != sizes or t.dtype != dtype:
+            got = (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise CheckpointError(f"{file}: chunk {offsets} of {key!r} holds {got}, the index says "
+                                  f"{(sizes, dtype)}")
+        return t

@@ -5,14 +5,16 @@
 - hf_config.py: config.json <-> ModelConfig for both HF layouts.
 - hf.py: streaming conversion between HF and canonical tensors through the key maps.
 - canonical.py: the canonical checkpoint directory and `convert_hf_to_checkpoint` (no megatron-core).
+- export.py: `convert_checkpoint_to_hf` (tools/convert_to_hf.py): a training checkpoint of any layout
+  (read without a model: internvl_mcore/checkpoint/) or a canonical one -> HF, streaming.
 - distributed.py: what needs a model built in a parallel layout: sharded model -> canonical, layout
-  verification, training checkpoints (format: internvl_mcore/checkpoint_format.py) -> canonical, and
-  `convert_checkpoint_to_hf` (tools/convert_to_hf.py).
+  verification, training checkpoints -> canonical by loading and gathering (LoRA merge).
 
 Dependencies run training -> convert -> models: nothing here imports the training package.
 """
 import importlib
 
+from .export import convert_checkpoint_to_hf
 from .canonical import (CanonicalCheckpoint, convert_hf_to_checkpoint, model_config_from_dict, model_config_to_dict,
                         save_canonical)
 from .hf import canonical_to_hf, hf_to_canonical
@@ -30,7 +32,7 @@ __all__ = [
 
 # distributed.py builds models (megatron-core); importing it here would make every `internvl_mcore.convert.*`
 # import -- the CLIs' flag parsing included -- pay for megatron-core, so its names resolve on first use
-_DISTRIBUTED = ("convert_checkpoint_to_hf", "gather_canonical_state", "training_checkpoint_to_canonical", "unshard",
+_DISTRIBUTED = ("gather_canonical_state", "training_checkpoint_to_canonical", "unshard",
                 "verify_layout")
 
 

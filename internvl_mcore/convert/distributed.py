@@ -1,10 +1,12 @@
-"""Conversions that need the model built in a parallel layout (spawned gloo worlds):
+"""Conversions that need the model built in a parallel layout (spawned gloo worlds), for
+verification and small models -- the HF export does not use them (convert/export.py streams from
+the checkpoint files without a model):
 
 `gather_canonical_state` (a TP/PP-sharded model -> the canonical dict, inverse of
 `weights.load_canonical`), `verify_layout` (load + gather in a TP x PP world, compared bit for bit),
-`training_checkpoint_to_canonical` (a megatron-core dist_checkpointing training checkpoint, loaded in
-the layout it was saved with and gathered), and `convert_checkpoint_to_hf` (canonical or training
-checkpoint -> HF). The canonical directory itself: convert/canonical.py.
+and `training_checkpoint_to_canonical` (a training checkpoint loaded in the layout it was saved with
+and gathered: one full copy of the model on rank 0; what convert/lora_export.py's merge still uses,
+since it folds LoRA adapters in while loading). The canonical directory itself: convert/canonical.py.
 """
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ import os
 import socket
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,45 +32,8 @@ from ..models.sharding import rule_for
 from ..models.weights import ShardPlacement, is_expert_param, load_canonical, local_params
 from ..parallel.state import destroy_distributed, init_distributed
 from .canonical import CanonicalCheckpoint, model_config_from_dict, save_canonical
-from .hf import canonical_to_hf
-from .hf_config import MODEL_TYPE_OF_FORMAT, hf_config_for, read_hf_config
-from .safetensors_io import DEFAULT_MAX_SHARD_BYTES, ConversionError, copy_side_files, write_hf_dir
-
-
-def convert_checkpoint_to_hf(load: str | os.PathLike, save: str | os.PathLike, fmt: str,
-                             template_dir: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
-                             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = False) -> list[Path]:
-    """Write an HF checkpoint in format `fmt` ("internvl" | "transformers") from a canonical
-    checkpoint or a training checkpoint (`training_checkpoint_to_canonical` first).
-
-    config.json starts from the template dir's config.json, else the source's config.json (kept in the
-    checkpoint) when the formats agree, so keys we do not model survive; side files (remote code,
-    tokenizer) are copied from `template_dir`."""
-    if is_training_checkpoint(load):
-        with tempfile.TemporaryDirectory(dir=Path(save).parent if Path(save).parent.exists() else None) as tmp:
-            training_checkpoint_to_canonical(load, tmp)
-            return convert_checkpoint_to_hf(tmp, save, fmt, template_dir, dtype, max_shard_bytes, progress)
-    ckpt = CanonicalCheckpoint.open(load)
-    out_dtype = dtype or ckpt.source_dtype
-    source = ckpt.meta.get("source", {})
-    template = None
-    if template_dir is not None:
-        template = read_hf_config(template_dir)
-    elif source.get("format") == fmt:
-        template = source.get("hf_config")
-    if template is not None and template.get("model_type") != MODEL_TYPE_OF_FORMAT.get(fmt):
-        template = None  # a template of the other format only supplies side files
-    config = hf_config_for(ckpt.config, fmt, out_dtype, template)
-    out = Path(save)
-    out.mkdir(parents=True, exist_ok=True)
-    files = write_hf_dir(out, canonical_to_hf(ckpt.tensors, ckpt.config, fmt, out_dtype, progress), config,
-                         max_shard_bytes)
-    if template_dir is not None:
-        copy_side_files(template_dir, out)
-    elif fmt == "internvl":
-        warnings.warn(f"{out}: no --hf-template-dir given: the export has no remote-code .py files or "
-                      f"tokenizer, which InternVL's tooling needs; copy them from the original checkpoint")
-    return files
+from .export import convert_checkpoint_to_hf  # noqa: F401 -- convert/lora_export.py imports it from here
+from .safetensors_io import ConversionError
 
 
 # =============================================================================================

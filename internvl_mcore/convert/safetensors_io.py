@@ -129,26 +129,56 @@ def _check_entry(path: str | os.PathLike, name: str, entry: Any, data_bytes: int
                               f"{begin}..{end}) does not fit the file's {data_bytes} data bytes")
 
 
+def _header_bytes(entries: Mapping[str, Any], metadata: Mapping[str, str] | None) -> bytes:
+    """The length-prefixed JSON header of a safetensors file, padded to 8 bytes."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    header.update((name, entries[name]) for name in sorted(entries))
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return len(blob).to_bytes(8, "little") + blob
+
+
+def _entry(t: torch.Tensor, offset: int) -> dict[str, Any]:
+    nbytes = t.numel() * t.element_size()
+    return {"dtype": _ST_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+
+
+def _write_bytes(f: Any, t: torch.Tensor) -> None:
+    if t.numel():
+        f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                       metadata: Mapping[str, str] | None = None) -> None:
     """Write contiguous CPU tensors as one safetensors file, straight from their memory."""
-    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
     names = sorted(tensors)
+    entries, offset = {}, 0
     for name in names:
-        t = tensors[name]
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
+        entries[name] = _entry(tensors[name], offset)
+        offset = entries[name]["data_offsets"][1]
     with naming(path), open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
+        f.write(_header_bytes(entries, metadata))
         for name in names:
-            t = tensors[name]
-            if t.numel():
-                f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            _write_bytes(f, tensors[name])
+
+
+def _append_file(dst: Any, src_path: Path) -> None:
+    """Append file `src_path` to the open file `dst` in the kernel where it can (no copy in memory)."""
+    dst.flush()
+    with open(src_path, "rb") as src:
+        size, done = os.fstat(src.fileno()).st_size, 0
+        try:
+            while done < size:
+                sent = os.sendfile(dst.fileno(), src.fileno(), done, size - done)
+                if sent == 0:
+                    break
+                done += sent
+        except OSError:
+            pass  # no sendfile between these files: copy the rest through a bounded buffer
+        if done < size:
+            src.seek(done)
+            dst.seek(0, os.SEEK_END)
+            shutil.copyfileobj(src, dst, 16 * 1024 ** 2)
 
 
 class SafetensorsDir(Mapping[str, torch.Tensor]):
@@ -254,37 +284,58 @@ def tensor_shape(src: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
 class ShardedWriter:
     """Writes tensors into safetensors shards of at most `max_shard_bytes` as they arrive, then an
     index (transformers' naming: `model.safetensors` alone, or `model-0000k-of-0000n.safetensors` +
-    `model.safetensors.index.json`). Holds at most one shard in memory."""
+    `model.safetensors.index.json`). Each tensor's bytes go to disk when it is added (a shard's data
+    to a side file, put behind the shard's header when the shard is full), so the writer holds no
+    tensor: memory is the caller's one tensor whatever the shard size. `peak_tensor_bytes`: the
+    largest tensor added (tests bound the exporters' memory with it)."""
 
     def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_shard_bytes
-        self._buf: dict[str, torch.Tensor] = {}
-        self._buf_bytes = 0
+        self._entries: dict[str, dict] = {}
+        self._data: Any = None
+        self._data_bytes = 0
         self._shards: list[list[str]] = []
+        self._written: set[str] = set()
         self.total_bytes = 0
+        self.peak_tensor_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor (copied to a contiguous CPU tensor); flushes a full shard first."""
-        if name in self._buf or any(name in s for s in self._shards):
+        """Write one tensor's bytes into the current shard; a full shard is finished first."""
+        if name in self._written:
             raise ConversionError(f"tensor {name!r} written twice")
         nbytes = tensor.numel() * tensor.element_size()
-        if self._buf and self._buf_bytes + nbytes > self.max_bytes:
+        if self._entries and self._data_bytes + nbytes > self.max_bytes:
             self._flush()
-        self._buf[name] = tensor.detach().to("cpu").contiguous()
-        self._buf_bytes += nbytes
+        if self._data is None:
+            with naming(self._data_path()):
+                self._data = open(self._data_path(), "wb")
+        self._entries[name] = _entry(tensor, self._data_bytes)
+        with naming(self._data_path()):
+            _write_bytes(self._data, tensor)
+        self._written.add(name)
+        self._data_bytes += nbytes
         self.total_bytes += nbytes
+        self.peak_tensor_bytes = max(self.peak_tensor_bytes, nbytes)
 
     def _tmp(self, k: int) -> Path:
         return self.out / f".shard-{k:05d}.safetensors.tmp"
 
+    def _data_path(self) -> Path:
+        return self.out / ".shard-data.tmp"
+
     def _flush(self) -> None:
-        if not self._buf:
+        if not self._entries:
             return
-        write_safetensors(self._tmp(len(self._shards)), self._buf, metadata={"format": "pt"})
-        self._shards.append(list(self._buf))
-        self._buf, self._buf_bytes = {}, 0
+        self._data.close()
+        self._data = None
+        with naming(self._tmp(len(self._shards))), open(self._tmp(len(self._shards)), "wb") as f:
+            f.write(_header_bytes(self._entries, {"format": "pt"}))
+            _append_file(f, self._data_path())
+        os.remove(self._data_path())
+        self._shards.append(list(self._entries))
+        self._entries, self._data_bytes = {}, 0
 
     def close(self) -> list[Path]:
         """Write the last shard, name the files, write the index; returns the shard paths."""

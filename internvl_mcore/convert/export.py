@@ -1,0 +1,102 @@
+"""Export to HF by streaming (tools/convert_to_hf.py): a training checkpoint (megatron-core torch_dist,
+any TP/PP/EP layout) or a canonical checkpoint -> an HF directory in either format.
+
+No model is built and no process group started: the canonical tensors come one at a time from the
+checkpoint files (training: checkpoint/dist_canonical.py over checkpoint/dist_reader.py, which reads
+each tensor's chunks from their byte ranges and removes the saving layout's padding; canonical: the
+safetensors files), go through the key maps (convert/hf.py `canonical_to_hf`) and are written
+straight into the safetensors shards (`write_hf_dir`'s ShardedWriter holds no tensor). Peak memory is a few
+times the largest tensor, whatever the model's size; nothing is written but the export.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from ..checkpoint.dist_canonical import DistCanonicalView
+from ..checkpoint.dist_reader import DistCheckpointReader
+from ..checkpoint_format import CheckpointError, is_training_checkpoint, resolve_iteration_dir
+from ..checkpoint_trust import check_dist_checkpoint
+from ..config.model import ModelConfig
+from .canonical import CanonicalCheckpoint, model_config_from_dict
+from .hf import canonical_to_hf
+from .hf_config import MODEL_TYPE_OF_FORMAT, hf_config_for, read_hf_config
+from .safetensors_io import DEFAULT_MAX_SHARD_BYTES, copy_side_files, parse_dtype, write_hf_dir
+
+
+@dataclass
+class ExportSource:
+    """The canonical tensors of a checkpoint (read lazily), its model config and the record of the HF
+    checkpoint it came from ({"format", "dtype", "hf_config"}, as far as known)."""
+
+    tensors: Mapping[str, torch.Tensor]
+    config: ModelConfig
+    source: dict = field(default_factory=dict)
+
+    @property
+    def source_dtype(self) -> torch.dtype:
+        """dtype of the HF checkpoint it came from (the default export dtype)."""
+        return parse_dtype(self.source.get("dtype", "float32"))
+
+
+def open_training_checkpoint(path: str | os.PathLike) -> tuple[ExportSource, dict]:
+    """A training checkpoint (root with the `latest` pointer, or one iter_ dir) as canonical tensors,
+    and its run.json. The directory's pickled parts are checked first (checkpoint_trust.py)."""
+    iteration_dir, info = resolve_iteration_dir(Path(path))
+    check_dist_checkpoint(iteration_dir)
+    cfg = model_config_from_dict(info["model"])
+    view = DistCanonicalView(DistCheckpointReader(iteration_dir), cfg)
+    return ExportSource(view, cfg, dict(info.get("source") or {"dtype": "float32"})), info
+
+
+def open_export_source(path: str | os.PathLike) -> ExportSource:
+    """A training checkpoint (not a LoRA run's: convert/lora_export.py) or a canonical checkpoint."""
+    if not is_training_checkpoint(path):
+        ckpt = CanonicalCheckpoint.open(path)
+        return ExportSource(ckpt.tensors, ckpt.config, dict(ckpt.meta.get("source", {})))
+    src, info = open_training_checkpoint(path)
+    if info.get("lora") is not None:
+        raise CheckpointError(f"{path} is a LoRA run's checkpoint: export it with --merge-lora or --lora-only "
+                              "(tools/convert_to_hf.py)")
+    return src
+
+
+def write_hf_export(src: ExportSource, save: str | os.PathLike, fmt: str, template_dir: str | os.PathLike | None = None,
+                    dtype: torch.dtype | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                    progress: bool = False) -> list[Path]:
+    """Stream `src`'s tensors into an HF directory of format `fmt`; returns the shard files.
+
+    config.json starts from the template dir's config.json, else the source's config.json (kept in the
+    checkpoint) when the formats agree, so keys we do not model survive; side files (remote code,
+    tokenizer) are copied from `template_dir`."""
+    out_dtype = dtype or src.source_dtype
+    template = None
+    if template_dir is not None:
+        template = read_hf_config(template_dir)
+    elif src.source.get("format") == fmt:
+        template = src.source.get("hf_config")
+    if template is not None and template.get("model_type") != MODEL_TYPE_OF_FORMAT.get(fmt):
+        template = None  # a template of the other format only supplies side files
+    config = hf_config_for(src.config, fmt, out_dtype, template)
+    out = Path(save)
+    files = write_hf_dir(out, canonical_to_hf(src.tensors, src.config, fmt, out_dtype, progress), config,
+                         max_shard_bytes)
+    if template_dir is not None:
+        copy_side_files(template_dir, out)
+    elif fmt == "internvl":
+        warnings.warn(f"{out}: no --hf-template-dir given: the export has no remote-code .py files or "
+                      f"tokenizer, which InternVL's tooling needs; copy them from the original checkpoint")
+    return files
+
+
+def convert_checkpoint_to_hf(load: str | os.PathLike, save: str | os.PathLike, fmt: str,
+                             template_dir: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
+                             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = False) -> list[Path]:
+    """Write an HF checkpoint in format `fmt` ("internvl" | "transformers") from a canonical checkpoint
+    or a training checkpoint of any layout, streaming (`write_hf_export`)."""
+    return write_hf_export(open_export_source(load), save, fmt, template_dir, dtype, max_shard_bytes, progress)
