@@ -6,14 +6,15 @@
              `InternVLForConditionalGeneration`, loadable with `peft.PeftModel.from_pretrained` on top
              of the transformers export of the base.
 
-Both read the checkpoint's torch_dist files directly (checkpoint/dist_reader.py): no model is built
-and no process group is needed, whatever TP / PP layout saved it. A tensor is read as its global
-(TP1) tensor, one layer at a time, and padding is undone with the sharding rules of
-models/sharding.py (an adapter's split factor is padded like its base weight: a column layer's B
-rows, a row layer's A columns), so layouts that pad vision heads or vocabulary rows export too.
-The merged export streams: each HF tensor is computed from one canonical weight and its A and B
-(memory: a few of the largest tensors plus the writer's shard buffer); the PEFT adapter is held
-whole (it is the size of the adapters).
+Both read the checkpoint's torch_dist files directly (convert/export.py's `open_training_checkpoint`:
+checkpoint/dist_reader.py + dist_canonical.py): no model is built and no process group is needed,
+whatever TP / PP layout saved it. A tensor is read as its global (TP1) tensor, one layer at a time,
+and padding is undone with the sharding rules of models/sharding.py: the canonical view unpads the
+weights, `CheckpointTensors` the adapters (an adapter's split factor is padded like its base weight:
+a column layer's B rows, a row layer's A columns), so layouts that pad vision heads or vocabulary
+rows export too. The merged export streams through `write_hf_export`: each HF tensor is computed
+from one canonical weight and its A and B (memory: a few of the largest tensors); the PEFT adapter
+is held whole (it is the size of the adapters).
 
 Our fused linears become several PEFT modules. The key map's reshape function for the base weight
 (`keymaps.TRANSFORMS`, which only rearranges rows) is applied to B, and every resulting module gets
@@ -26,25 +27,21 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 import torch
 
 from internvl_mcore.cli_errors import naming, read_json
-from ..checkpoint.dist_reader import DistCheckpointReader
 from ..checkpoint_format import RUN_INFO, TRACKER, is_training_checkpoint, resolve_iteration_dir
-from ..config.model import ModelConfig
 from ..config.lora import LoRAInfo, base_weight_name, is_lora_name
+from ..config.model import ModelConfig
 from ..models.sharding import rule_for, split_dim
-from .canonical import META_NAME, model_config_from_dict
-from .hf import canonical_to_hf
-from .hf_config import MODEL_TYPE_OF_FORMAT, hf_config_for, read_hf_config
-from .keymaps import TRANSFORMERS_READ_ALIASES, canonical_names, canonical_shapes, expand, keymap
-from .safetensors_io import (DEFAULT_MAX_SHARD_BYTES, ConversionError, copy_side_files, parse_dtype, write_hf_dir,
-                             write_safetensors)
+from .canonical import META_NAME
+from .export import ExportSource, open_training_checkpoint, write_hf_export
+from .keymaps import TRANSFORMERS_READ_ALIASES, expand, keymap
+from .safetensors_io import DEFAULT_MAX_SHARD_BYTES, ConversionError, write_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -85,90 +82,77 @@ def is_lora_checkpoint(path: str | os.PathLike) -> bool:
 # canonical tensors of a training checkpoint, read from its files
 # =============================================================================================
 
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
-
-
-def _dist_location(name: str) -> tuple[str, tuple[int, ...]]:
-    """Canonical name -> (dist-checkpoint key, leading index): megatron-core stacks a block's layers
-    along a leading dim of one tensor (`...layers.3.mlp.linear_fc1.weight` is row 3 of
-    `...layers.mlp.linear_fc1.weight`)."""
-    m = _LAYER.search(name)
-    if m is None:
-        return name, ()
-    return f"{name[:m.start()]}.layers.{name[m.end():]}", (int(m.group(1)),)
-
-
-def _adapter_shape(name: str, shapes: Mapping[str, tuple[int, ...]], rank: int) -> tuple[int, int]:
-    out_dim, in_dim = shapes[base_weight_name(name)]
-    return (rank, in_dim) if name.endswith(".lora.a") else (out_dim, rank)
-
-
-def _unpad(name: str, t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """A global tensor as saved at some TP size -> its canonical tensor. The padded dim of a weight is
-    its split dim; an adapter's split factor (column B rows, row A columns) is padded like its base."""
-    if not is_lora_name(name):
-        return rule_for(name).unpad(t, split_dim(name), cfg)
+def _unpad_adapter(name: str, t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """An adapter's split factor is padded like its base weight along the weight's split dim (a column
+    layer's B rows, a row layer's A columns); the replicated factor is never padded."""
     base = base_weight_name(name)
     dim = split_dim(base)
-    if (dim == 0) == name.endswith(".lora.b"):
-        return rule_for(base).unpad(t, dim, cfg)
-    return t
+    if (dim == 0) != name.endswith(".lora.b"):
+        return t
+    rule = rule_for(base)
+    return t if rule.unpadded(t.shape[dim], 1, cfg) == t.shape[dim] else rule.unpad(t, dim, cfg)
 
 
 class CheckpointTensors(Mapping[str, torch.Tensor]):
-    """The canonical tensors (base weights and adapters) of a training checkpoint, each read from
-    the checkpoint's files when indexed: its global tensor (this layer's slice), unpadded."""
+    """The canonical tensors (base weights and adapters) of a LoRA training checkpoint, read when
+    indexed: the checkpoint's canonical view (checkpoint/dist_canonical.py, which unpads weights by
+    their sharding rules) with the adapters unpadded like their base weights."""
 
-    def __init__(self, iter_dir: Path, cfg: ModelConfig, lora: LoRAInfo) -> None:
-        self.reader = DistCheckpointReader(iter_dir)
-        self.cfg = cfg
-        present = set(self.reader.keys())
-        shapes = canonical_shapes(cfg)
-        self._shapes = {n: shapes[n] for n in canonical_names(cfg)}
-        for w in list(self._shapes):
-            for ab in ("a", "b"):
-                name = f"{w[:-len('weight')]}lora.{ab}"
-                if w.endswith(".weight") and _dist_location(name)[0] in present:
-                    self._shapes[name] = _adapter_shape(name, shapes, lora.config.lora_rank)
+    def __init__(self, view: Mapping[str, torch.Tensor], cfg: ModelConfig, where: Path) -> None:
+        self.view, self.cfg, self.where = view, cfg, where
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        want = self._shapes[name]
-        key, index = _dist_location(name)
-        try:
-            t = _unpad(name, self.reader.read(key, index), self.cfg)
-        except KeyError:
-            raise ConversionError(f"{self.reader.path}: no tensor {key!r} (for {name})") from None
-        if tuple(t.shape) != want:
-            raise ConversionError(f"{self.reader.path}: {key!r}{list(index) or ''} has shape {tuple(t.shape)}, "
-                                  f"the model config implies {want} for {name}")
+        t = self.view[name]
+        if not is_lora_name(name):
+            return t
+        t = _unpad_adapter(name, t, self.cfg)
+        if tuple(t.shape) != self.shape(name):
+            raise ConversionError(f"{self.where}: adapter {name} has shape {tuple(t.shape)}, but its weight "
+                                  f"{base_weight_name(name)} is {tuple(self.view.shape(base_weight_name(name)))}")
         return t
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._shapes)
+        return iter(self.view)
 
     def __len__(self) -> int:
-        return len(self._shapes)
+        return len(self.view)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.view
 
     def shape(self, name: str) -> tuple[int, ...]:
-        """Canonical shape, without reading the tensor."""
-        return self._shapes[name]
+        """Canonical shape, from the checkpoint's index alone (an adapter's from its weight's)."""
+        if not is_lora_name(name):
+            return tuple(self.view.shape(name))
+        base = base_weight_name(name)
+        if base not in self.view:
+            raise ConversionError(f"{self.where}: adapter {name} without its weight {base}")
+        out_dim, in_dim = self.view.shape(base)
+        saved = self.view.shape(name)
+        return (saved[0], in_dim) if name.endswith(".lora.a") else (out_dim, saved[1])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.view.dtype(name)
 
 
-def _open(path: str | os.PathLike) -> tuple[Path, dict, ModelConfig, LoRAInfo]:
+def _open(path: str | os.PathLike) -> tuple[Path, ExportSource, dict, LoRAInfo]:
+    """(iter_ dir, its canonical tensors as an ExportSource, run.json, LoRA record) of a LoRA checkpoint."""
     iter_dir, info = _iter_dir_and_info(Path(path))
     if info.get("lora") is None:
         raise ConversionError(f"{iter_dir}/run.json: not a LoRA checkpoint (no 'lora' record)")
-    return iter_dir, info, model_config_from_dict(info["model"]), LoRAInfo.from_dict(info["lora"])
+    src, _ = open_training_checkpoint(iter_dir)
+    src.tensors = CheckpointTensors(src.tensors, src.config, iter_dir)
+    return iter_dir, src, info, LoRAInfo.from_dict(info["lora"])
 
 
 def read_lora_checkpoint(path: str | os.PathLike, adapters_only: bool = False) -> LoRACheckpoint:
     """Every canonical tensor of a LoRA training checkpoint (root or iter_ dir, any TP/PP layout),
     read into memory (for tests and small models; the exports below stream)."""
-    iter_dir, _, cfg, lora = _open(path)
-    src = CheckpointTensors(iter_dir, cfg, lora)
-    adapters = {k: src[k] for k in src if is_lora_name(k)}
-    base = {} if adapters_only else {k: src[k] for k in src if not is_lora_name(k)}
-    return LoRACheckpoint(iter_dir, cfg, lora, base, adapters)
+    iter_dir, src, _, lora = _open(path)
+    tensors = src.tensors
+    adapters = {k: tensors[k] for k in tensors if is_lora_name(k)}
+    base = {} if adapters_only else {k: tensors[k] for k in tensors if not is_lora_name(k)}
+    return LoRACheckpoint(iter_dir, src.config, lora, base, adapters)
 
 
 # =============================================================================================
@@ -234,7 +218,7 @@ class MergedWeights(Mapping[str, torch.Tensor]):
 class _Only(Mapping[str, torch.Tensor]):
     """The names of `src` that `keep` accepts (a lazy view)."""
 
-    def __init__(self, src: Mapping[str, torch.Tensor], keep) -> None:
+    def __init__(self, src: Mapping[str, torch.Tensor], keep: Callable[[str], bool]) -> None:
         self.src, self._names = src, [n for n in src if keep(n)]
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -261,31 +245,6 @@ def _source_meta(base: Optional[str], info: dict) -> dict:
     return info.get("source") or {"dtype": "float32"}
 
 
-def _write_hf(tensors: Mapping[str, torch.Tensor], cfg: ModelConfig, source: dict, save: Path, fmt: str,
-              template_dir: str | os.PathLike | None, dtype: torch.dtype | None, max_shard_bytes: int,
-              progress: bool) -> list[Path]:
-    """Canonical tensors -> an HF directory of format `fmt`, streamed (what the dense export does with
-    a canonical checkpoint: config.json from the template dir, else the source's own when the
-    formats agree; side files from the template dir)."""
-    out_dtype = dtype or parse_dtype(source.get("dtype", "float32"))
-    template = None
-    if template_dir is not None:
-        template = read_hf_config(template_dir)
-    elif source.get("format") == fmt:
-        template = source.get("hf_config")
-    if template is not None and template.get("model_type") != MODEL_TYPE_OF_FORMAT.get(fmt):
-        template = None  # a template of the other format only supplies side files
-    config = hf_config_for(cfg, fmt, out_dtype, template)
-    save.mkdir(parents=True, exist_ok=True)
-    files = write_hf_dir(save, canonical_to_hf(tensors, cfg, fmt, out_dtype, progress), config, max_shard_bytes)
-    if template_dir is not None:
-        copy_side_files(template_dir, save)
-    elif fmt == "internvl":
-        warnings.warn(f"{save}: no --hf-template-dir given: the export has no remote-code .py files or "
-                      f"tokenizer, which InternVL's tooling needs; copy them from the original checkpoint")
-    return files
-
-
 def export_merged(load: str | os.PathLike, save: str | os.PathLike, fmt: str,
                   template_dir: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
                   max_shard_bytes: Optional[int] = None, progress: bool = False) -> list[Path]:
@@ -293,11 +252,12 @@ def export_merged(load: str | os.PathLike, save: str | os.PathLike, fmt: str,
     with the adapters merged into the weights, streamed from the checkpoint's files (each weight
     merged when its HF tensors are written). The canonical source record (dtype, original
     config.json) of the base the run started from is carried over, so the export keeps them."""
-    iter_dir, info, cfg, lora = _open(load)
-    src = CheckpointTensors(iter_dir, cfg, lora)
-    merged = MergedWeights(_Only(src, lambda n: not is_lora_name(n)), _Only(src, is_lora_name), lora.config.scaling)
-    return _write_hf(merged, cfg, _source_meta(lora.base, info), Path(save), fmt, template_dir, dtype,
-                     max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, progress)
+    _, src, info, lora = _open(load)
+    tensors = src.tensors
+    merged = MergedWeights(_Only(tensors, lambda n: not is_lora_name(n)), _Only(tensors, is_lora_name),
+                           lora.config.scaling)
+    return write_hf_export(ExportSource(merged, src.config, _source_meta(lora.base, info)), save, fmt, template_dir,
+                           dtype, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, progress)
 
 
 # =============================================================================================

@@ -92,11 +92,12 @@ def check_padded_checkpoint_exports(padded: Path, ref: Path, tmp: Path) -> None:
     """The TP2 checkpoint holds padded ViT heads (4 instead of 3: extra B rows of qkv, A columns of
     proj); read and exported from its files, the padding is gone and everything equals the TP1 run's."""
     from internvl_mcore.convert import CanonicalCheckpoint, convert_hf_to_checkpoint
-    from internvl_mcore.convert.lora_export import (CheckpointTensors, export_lora, merge_adapters,
-                                                    read_lora_checkpoint)
+    from internvl_mcore.checkpoint.dist_reader import DistCheckpointReader
+    from internvl_mcore.convert.hf import SafetensorsDir
+    from internvl_mcore.convert.lora_export import export_lora, merge_adapters, read_lora_checkpoint
 
     ckpt, want = read_lora_checkpoint(padded), read_lora_checkpoint(ref)
-    reader = CheckpointTensors(ckpt.path, ckpt.config, ckpt.lora).reader
+    reader = DistCheckpointReader(ckpt.path)
     vit = "vision_model.encoder.layers.self_attention."
     assert reader.shape(vit + "linear_qkv.lora.b")[1:] == (4 * 3 * 16, 4)  # saved padded: 4 heads of (q, k, v)
     assert reader.shape(vit + "linear_proj.lora.a")[1:] == (4, 4 * 16)
@@ -113,8 +114,6 @@ def check_padded_checkpoint_exports(padded: Path, ref: Path, tmp: Path) -> None:
     for name, t in merged.items():
         torch.testing.assert_close(back[name], t, rtol=1e-4, atol=1e-5, msg=name)
     (adapter,) = export_lora(padded, tmp / "adapter", "transformers", merge=False, lora_only=True)
-    from internvl_mcore.convert.hf import SafetensorsDir
-
     peft = SafetensorsDir(adapter.parent)
     assert len(peft) == 2 * (4 * 7 + 2 * 6)  # every adapted module of both towers, A and B
     assert peft.shape("base_model.model.model.vision_tower.encoder.layer.0.attention.q_proj.lora_B.weight") == (48, 4)
