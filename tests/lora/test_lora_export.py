@@ -170,3 +170,24 @@ def test_merge_lora_refuses_a_checkpoint_without_adapters(tmp_path, base_ckpt, c
     assert convert_to_hf("--load", str(base_ckpt), "--save", str(tmp_path / "x"), "--format", "transformers",
                          "--merge-lora") == 2
     assert "LoRA" in capsys.readouterr().err
+
+
+class _FakeView(dict):
+    """A canonical view (name -> tensor, with `shape`) standing in for a checkpoint's."""
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self[name].shape)
+
+
+def test_an_adapter_that_does_not_fit_its_weight_is_named(tmp_path) -> None:
+    from internvl_mcore.config import get_preset
+    from internvl_mcore.convert.hf import ConversionError
+    from internvl_mcore.convert.lora_export import CheckpointTensors
+
+    w = "language_model.decoder.layers.0.mlp.linear_fc2.weight"
+    base = w[:-len("weight")]
+    view = _FakeView({w: torch.zeros(64, 128), base + "lora.a": torch.zeros(4, 128), base + "lora.b": torch.zeros(32, 4)})
+    src = CheckpointTensors(view, get_preset("debug"), tmp_path)
+    assert src[base + "lora.a"].shape == (4, 128)
+    with pytest.raises(ConversionError, match=r"adapter .*linear_fc2\.lora\.b has shape \(32, 4\), but its weight"):
+        src[base + "lora.b"]
