@@ -176,7 +176,9 @@ def merge_weight(name: str, weight: torch.Tensor, a: torch.Tensor, b: torch.Tens
     if (b.shape[0], a.shape[1]) != tuple(weight.shape) or a.shape[0] != b.shape[1]:
         raise ConversionError(f"adapter of {name}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit the weight "
                               f"{tuple(weight.shape)}")
-    return (weight.float() + scaling * (b.float() @ a.float())).to(weight.dtype)
+    delta = b.float() @ a.float()
+    # in place: one (out, in) fp32 temporary; fp32 addition commutes, so this is W.float() + s * B A exactly
+    return delta.mul_(scaling).add_(weight).to(weight.dtype)
 
 
 def merge_adapters(base: Mapping[str, torch.Tensor], adapters: Mapping[str, torch.Tensor],

@@ -7,6 +7,7 @@ PEFT's PeftModel on the transformers export of the base plus the adapter, must g
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import json
 from pathlib import Path
@@ -83,21 +84,54 @@ def no_model_no_world() -> Iterator[None]:
         yield
 
 
+def _new_tensor_bytes() -> int:
+    """Bytes of the distinct storages of the CPU tensors created since the collector last ran (with
+    the collector off, every object made since stays in generation 0; freed ones leave it at once)."""
+    seen: dict[int, int] = {}
+    for obj in gc.get_objects(generation=0):
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+            seen[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+@contextlib.contextmanager
+def recording_live_tensors(peaks: list[int]) -> Iterator[None]:
+    """Inside, the live tensor bytes are appended to `peaks` whenever the HF writer gets a tensor."""
+    from internvl_mcore.convert.safetensors_io import ShardedWriter
+
+    add = ShardedWriter.add
+
+    def recording_add(self, name, tensor):
+        peaks.append(_new_tensor_bytes())
+        add(self, name, tensor)
+
+    gc.collect()
+    gc.disable()
+    try:
+        with pytest.MonkeyPatch.context() as mpatch:
+            mpatch.setattr(ShardedWriter, "add", recording_add)
+            yield
+    finally:
+        gc.enable()
+
+
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory, ref_run, tp2pp2_run, base_ckpt) -> dict:
     from internvl_mcore.convert import convert_checkpoint_to_hf
 
     out = tmp_path_factory.mktemp("exports")
     ckpt = str(tp2pp2_run["save"])
+    peaks: list[int] = []
     with no_model_no_world():
-        assert convert_to_hf("--load", ckpt, "--save", str(out / "merged_tf"), "--format", "transformers",
-                             "--merge-lora") == 0
+        with recording_live_tensors(peaks):
+            assert convert_to_hf("--load", ckpt, "--save", str(out / "merged_tf"), "--format", "transformers",
+                                 "--merge-lora") == 0
         assert convert_to_hf("--load", str(ref_run["save"]), "--save", str(out / "merged_ivl"), "--format",
                              "internvl", "--merge-lora") == 0
         assert convert_to_hf("--load", ckpt, "--save", str(out / "adapter"), "--format", "transformers",
                              "--lora-only") == 0
     convert_checkpoint_to_hf(base_ckpt, out / "base_tf", "transformers")
-    return {k: out / k for k in ("merged_tf", "merged_ivl", "adapter", "base_tf")}
+    return {"peaks": peaks, **{k: out / k for k in ("merged_tf", "merged_ivl", "adapter", "base_tf")}}
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +172,18 @@ def test_peft_adapter_on_the_transformers_base_gives_the_adapted_logits(exports,
     assert len(lora_modules) == 4 * 7 + 2 * 6
     got = model(input_ids=adapted["ids"], pixel_values=adapted["pixels"]).logits
     torch.testing.assert_close(got, adapted["logits"], atol=ATOL, rtol=ATOL)
+
+
+def test_merged_export_streams_in_bounded_memory(exports) -> None:
+    """Each weight is merged just before it is written: live tensors stay under 3x the largest
+    tensor while the model is many times larger."""
+    from internvl_mcore.convert.hf import SafetensorsDir
+
+    out = SafetensorsDir(exports["merged_tf"])
+    largest = max(out[k].nbytes for k in out)
+    model = sum(out[k].nbytes for k in out)
+    assert model > 5 * largest, (model, largest)
+    assert len(exports["peaks"]) == len(out) and max(exports["peaks"]) < 3 * largest, (max(exports["peaks"]), largest)
 
 
 @pytest.mark.timeout(900)
