@@ -150,15 +150,27 @@ class DistCheckpointReader:
         """The global tensor `key`, or the box `index` selects (ints drop their dim, slices keep it),
         assembled from the chunks that intersect it."""
         md = self._md(key)
-        shape = tuple(md.size)
-        box, squeeze = _box_of(index, shape, key)
-        out = torch.empty([hi - lo for lo, hi in box], dtype=md.properties.dtype)
+        box, squeeze = _box_of(index, tuple(md.size), key)
+        out = self._assemble(key, md, box)
+        for dim in reversed(squeeze):
+            out = out.squeeze(dim)
+        return out
+
+    def _assemble(self, key: str, md: TensorStorageMetadata, box: Box) -> torch.Tensor:
+        dtype = md.properties.dtype
+        starts, sizes = tuple(lo for lo, _ in box), tuple(hi - lo for lo, hi in box)
+        for chunk in md.chunks:  # a box that is one whole chunk (a layer's tensor at TP1): no copy
+            if tuple(int(o) for o in chunk.offsets) == starts and tuple(chunk.sizes) == sizes:
+                out = self._load_chunk(key, starts, sizes, dtype)
+                self.peak_bytes = max(self.peak_bytes, out.untyped_storage().nbytes())
+                return out
+        out = torch.empty(sizes, dtype=dtype)
         covered = 0
         for chunk in md.chunks:
             part = _intersect(chunk.offsets, chunk.sizes, box)
             if part is None:
                 continue
-            src = self._load_chunk(key, tuple(int(o) for o in chunk.offsets), tuple(chunk.sizes), md.properties.dtype)
+            src = self._load_chunk(key, tuple(int(o) for o in chunk.offsets), tuple(chunk.sizes), dtype)
             self.peak_bytes = max(self.peak_bytes, out.nbytes + src.untyped_storage().nbytes())
             src_ix = tuple(slice(a - int(o), b - int(o)) for (a, b), o in zip(part, chunk.offsets))
             out_ix = tuple(slice(a - lo, b - lo) for (a, b), (lo, _) in zip(part, box))
@@ -168,8 +180,6 @@ class DistCheckpointReader:
         if covered != out.numel():
             raise CheckpointError(f"{self.path}: the chunks of {key!r} cover {covered} of the {out.numel()} "
                                   f"elements of box {box}; the checkpoint is incomplete")
-        for dim in reversed(squeeze):
-            out = out.squeeze(dim)
         return out
 
     def _load_chunk(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...],

@@ -138,8 +138,12 @@ def canonical_to_hf(src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str,
         if got != shapes[name]:
             raise ConversionError(f"canonical tensor {name!r} has shape {got}, the config implies {shapes[name]}")
     for e in tqdm(entries, desc=f"canonical -> {fmt}", unit="tensor", disable=None if progress else True):  # a bar on a terminal only
-        t = src[e.canonical]
-        for h, out in zip(e.hf, e.transform.to_hf(t, cfg)):
-            yield h, (out if dtype is None else out.to(dtype)).contiguous()
+        # in a function of its own, so that nothing of this tensor is alive while the next one is read
+        yield from _hf_tensors(e, src[e.canonical], cfg, dtype)
+
+
+def _hf_tensors(e: Entry, t: torch.Tensor, cfg: ModelConfig, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+    for h, out in zip(e.hf, e.transform.to_hf(t, cfg)):
+        yield h, (out if dtype is None else out.to(dtype)).contiguous()
 
 

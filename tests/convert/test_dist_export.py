@@ -1,7 +1,7 @@
 """Training checkpoints read without a model (internvl_mcore/checkpoint/dist_reader.py, dist_canonical.py)
 and exported to HF by streaming (tools/convert_to_hf.py --load TRAINING_CKPT).
 
-One CLI world per model: a tiny transformers checkpoint -> convert_from_hf -> pretrain_internvl.py
+One CLI world per model: a tiny transformers checkpoint -> convert_from_hf.py (sharded) -> pretrain_internvl.py
 --pretrained (one step at lr 0, --save) at TP2 x PP2 (dense debug-6b: padded InternViT heads, padded
 vocabulary, tied embeddings) and at TP2 x EP2 (debug-moe: experts split over expert-TP too). On each:
 
@@ -14,9 +14,11 @@ vocabulary, tied embeddings) and at TP2 x EP2 (debug-moe: experts split over exp
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.util
 import io
+import os
 import pickle
 import shutil
 import subprocess
@@ -29,7 +31,7 @@ import torch
 from internvl_mcore.checkpoint.dist_canonical import DistCanonicalView
 from internvl_mcore.checkpoint.dist_reader import DistCheckpointReader
 from internvl_mcore.checkpoint_format import CheckpointError, resolve_iteration_dir
-from internvl_mcore.convert import CanonicalCheckpoint, SafetensorsDir, convert_hf_to_checkpoint, model_config_from_dict
+from internvl_mcore.convert import CanonicalCheckpoint, SafetensorsDir, model_config_from_dict
 from tests.convert.tiny_hf import save_transformers_dir, tiny_transformers_model
 from tests.launch import REPO, free_port
 
@@ -44,13 +46,21 @@ RUNS = {  # name: (tiny HF model (text, vision, tied), preset, pretrain layout f
 }
 
 
+def _tool(name: str):
+    """`main` of tools/NAME.py."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool.main
+
+
 def _pretrain_at_lr0(preset: str, canonical: Path, save: Path, layout: list[str]) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "pretrain_internvl.py", "--model", preset, "--mock-data",
            "--seq-length", "64", *layout, "--micro-batch-size", "1", "--global-batch-size", "2",
            "--train-iters", "1", "--lr", "0", "--pretrained", str(canonical), "--save", str(save)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -60,7 +70,12 @@ def run(request, tmp_path_factory) -> dict:
     (text, vision, tie), preset, layout = RUNS[request.param]
     root = tmp_path_factory.mktemp(request.param)
     hf = save_transformers_dir(tiny_transformers_model(text, vision, tie, seed=13), root / "hf")
-    convert_hf_to_checkpoint(hf, root / "canonical")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):  # the import CLI, in this process
+        assert _tool("convert_from_hf")(["--hf-dir", str(hf), "--save", str(root / "canonical"),
+                                         "--max-shard-size", "20KB"]) == 0
+    assert f"model {preset}" in out.getvalue()  # the architecture and ids are the preset's
+    assert len(list((root / "canonical").glob("model-*.safetensors"))) > 1
     _pretrain_at_lr0(preset, root / "canonical", root / "train", layout)
     iteration_dir, info = resolve_iteration_dir(root / "train")
     return dict(name=request.param, hf=hf, canonical=root / "canonical", train=root / "train",
@@ -166,13 +181,6 @@ def test_reader_refuses_a_chunk_that_is_not_a_tensor(run, tmp_path) -> None:
 
 # --- the streaming export ------------------------------------------------------------------------
 
-def _convert_to_hf():
-    spec = importlib.util.spec_from_file_location("convert_to_hf", REPO / "tools" / "convert_to_hf.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool.main
-
-
 def _same_tensors(a: Path, b: Path) -> None:
     x, y = SafetensorsDir(a), SafetensorsDir(b)
     assert sorted(x) == sorted(y)
@@ -195,7 +203,7 @@ def test_cli_exports_both_formats_bit_exact_in_bounded_memory(run, tmp_path, mon
     from internvl_mcore.convert import convert_checkpoint_to_hf
     from internvl_mcore.convert.safetensors_io import ShardedWriter
 
-    main = _convert_to_hf()
+    main = _tool("convert_to_hf")
     # transformers: the original files' tensors, from the training checkpoint, in several shards
     assert main(["--load", str(run["train"]), "--save", str(tmp_path / "tf"), "--format", "transformers",
                  "--hf-template-dir", str(run["hf"]), "--max-shard-size", "64KB"]) == 0
@@ -210,6 +218,14 @@ def test_cli_exports_both_formats_bit_exact_in_bounded_memory(run, tmp_path, mon
         add(self, name, tensor)
 
     monkeypatch.setattr(ShardedWriter, "add", recording_add)
+    load_chunk = DistCheckpointReader._load_chunk
+
+    def recording_load(self, *args):
+        chunk = load_chunk(self, *args)
+        peaks.append(_new_tensor_bytes())  # the box being assembled, this chunk and whatever else is alive
+        return chunk
+
+    monkeypatch.setattr(DistCheckpointReader, "_load_chunk", recording_load)
     readers: list[DistCheckpointReader] = []
     monkeypatch.setattr(DistCheckpointReader, "__init__", _recording_init(readers))
     gc.collect()
@@ -224,6 +240,8 @@ def test_cli_exports_both_formats_bit_exact_in_bounded_memory(run, tmp_path, mon
     model = sum(out[k].nbytes for k in out)
     assert model > 5 * largest, (model, largest)
     assert max(peaks) < 3 * largest and readers[0].peak_bytes < 3 * largest, (max(peaks), readers[0].peak_bytes, largest)
+    print(f"{run['name']}: model {model} B, largest tensor {largest} B, export peak {max(peaks)} B, reader "
+          f"peak {readers[0].peak_bytes} B")
 
 
 def _recording_init(readers: list):

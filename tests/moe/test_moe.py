@@ -9,8 +9,9 @@ top-2, renormalized top-k probabilities, per-head QK-norm), built offline from i
   all but the PP2 run, whose distributed optimizer leaves only shards of the gradients), and
   the first 10 losses equal the single-process run within 1e-5 (the logged aux losses within 5e-5);
 - EP2 resumes exactly from a checkpoint (expert weights and their optimizer state);
-- the EP2 training checkpoint exports to transformers (dist-checkpointing reshards the experts to
-  EP1) and transformers' logits equal ours.
+- the EP2 training checkpoint exports to transformers (read without a model, checkpoint/dist_reader.py)
+  and transformers' logits equal ours loaded at EP1 (dist-checkpointing reshards the experts), whose
+  weights equal the reader's canonical tensors bit for bit.
 
 One torchrun world per layout runs all of that layout's checks (tests/moe/moe_worker.py).
 """
@@ -159,7 +160,10 @@ def test_layout_matches_single_process(converted, reference, tmp_path, name):
 def test_ep2_checkpoint_exports_to_transformers(world, ep2_run, tmp_path):
     from transformers import InternVLForConditionalGeneration
 
+    from internvl_mcore.checkpoint.dist_canonical import DistCanonicalView
+    from internvl_mcore.checkpoint.dist_reader import DistCheckpointReader
     from internvl_mcore.convert import convert_checkpoint_to_hf, model_config_from_dict
+    from internvl_mcore.models.weights import canonical_state_dict
     from internvl_mcore.training.checkpoint import load_weights
 
     save = ep2_run / "save"
@@ -169,6 +173,10 @@ def test_ep2_checkpoint_exports_to_transformers(world, ep2_run, tmp_path):
     assert info["layout"]["expert_model_parallel_size"] == 2
     cfg = model_config_from_dict(info["model"])
     ours = _ours(cfg, world, lambda m: load_weights(save, m, cfg))  # EP2 checkpoint -> EP1 model
+    # the export read the experts without a model: the same tensors megatron-core's resharding loads
+    state = canonical_state_dict(ours)
+    view = DistCanonicalView(DistCheckpointReader(save / "iter_0000010"), cfg)
+    assert sorted(view) == sorted(state) and all(torch.equal(view[k], state[k]) for k in state)
     ids, pixels = tiny_batch(seed=5)
     pos = torch.arange(ids.shape[1], dtype=torch.float32).expand(ids.shape[0], -1)
     torch.testing.assert_close(ours(ids, pos, pixels), hf(input_ids=ids, pixel_values=pixels).logits,
