@@ -48,11 +48,13 @@ from torch import nn
 
 # the adapter names and the run.json record are plain data (config/lora.py: the exports read them
 # without megatron-core); re-exported here where the adapters live
-from ..config.lora import LORA_INFIX, LORA_TOWERS, LoRAConfig, LoRAInfo, base_weight_name, is_lora_name  # noqa: F401
+from ..config.lora import LORA_TOWERS, LoRAConfig, LoRAInfo, base_weight_name, is_lora_name
 from ..config.model import ModelConfig
 from .weights import ShardPlacement, canonical_shape, local_params, shard
 
 Parallel = Literal["column", "row"]
+
+
 class LoRAAdapter(nn.Module):
     """The low-rank update s * B A x of one parallel linear (this rank's shard of A and B)."""
 
