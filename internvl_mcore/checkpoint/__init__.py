@@ -1,6 +1,18 @@
-"""Checkpoints: the training-checkpoint directory format and reading it without a model or a process
-group. `dist_reader.py` reads the global tensors of a megatron-core torch_dist checkpoint (any
-layout) box by box from the .distcp files; `dist_canonical.py` names them as the canonical layout
-(models/weights.py) with the padding of models/sharding.py undone. Dependencies: this package may
-import models/ and config/, never convert/ or training/ (both of which read checkpoints through it).
+"""Checkpoint files, below both training/ and convert/ (which import it; it imports neither):
+
+- format.py: the training-checkpoint directory (tracker, iter_NNNNNNN/, run.json, format version),
+  `CheckpointError`, and the check that a checkpoint was saved for a given model.
+- checksums.py: checksums.json (written by a save, verified before --load takes a checkpoint).
+- selection.py: which checkpoint --load takes (fallback to older complete ones), --keep-checkpoints.
+- trust.py: megatron-core's pickled parts checked against an allow-list before anything reads them.
+- weights.py: a training checkpoint's model weights into a model of any layout and either backend.
+- safetensors_io.py: sharded safetensors directories read and written with plain file I/O, dtype
+  names, HF side files, and the converters' error type `ConversionError`.
+- canonical.py: the canonical (layout-independent) checkpoint directory.
+- dist_reader.py: any box of a global tensor of a megatron-core torch_dist checkpoint (any layout),
+  read from the chunks' byte ranges: no model, no process group.
+- dist_canonical.py: those tensors under canonical names, with the saving layout's padding undone.
+
+Dependencies run training -> convert -> checkpoint -> models: nothing here imports training/ or
+convert/, and models/ does not import this package.
 """

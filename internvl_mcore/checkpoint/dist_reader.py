@@ -14,18 +14,22 @@ experts) are stacked: megatron-core prepends a layer axis (an expert axis) to ev
 `language_model.decoder.layers.mlp.linear_fc1.weight` has shape (layers, 2 * ffn, hidden) and each
 pipeline stage's layers are their own chunks. TP pieces are chunks along the split dim (SwiGLU's
 gate and up halves each: the global fc1 is [gate; up]); vocabulary rows and InternViT heads keep the
-padding of the saving layout (checkpoint/dist_canonical.py removes it). Optimizer state is under
-`optimizer.state.<exp_avg|exp_avg_sq|fp32_param>.<model key>` (prefixed `chained_<k>.` when
-megatron-core chains an MoE model's expert and dense optimizers) with the model key's shape and chunks
-(the distributed optimizer's `dp_reshardable` format stores per-rank flat buffers as non-tensor
-items instead, which `keys()` does not list). Non-tensor items (the modules' `_extra_state`) are
-never read here.
+padding of the saving layout (checkpoint/dist_canonical.py removes it). Optimizer state is keys too:
+the plain optimizer's under `optimizer.state.<exp_avg|exp_avg_sq|fp32_param>.<model key>` (prefixed
+`chained_<k>.` when megatron-core chains an MoE model's expert and dense optimizers) with the model
+key's shape and chunks; the distributed optimizer's (`dp_reshardable`, training/checkpoint.py) as one
+flat 1-D tensor per gradient bucket, `optimizer.distributed.dp_group_idx_G.gbuf_idx_B.dtype_(...).
+bucket_idx_K.<param|exp_avg|exp_avg_sq>`, chunked per DP rank and parameter (replicas are not
+written twice: each chunk is stored once, by the replica megatron-core marks as the main one).
+Megatron-core < 0.14's "N-D flattened" entries would appear with the global shape they were saved
+with ([X // x, ..., x * y * z]); we never write them. Non-tensor items (the modules' `_extra_state`,
+the buckets' sizes) are not listed and never read here.
 
 `DistCheckpointReader.read(key, index)` assembles one box of a global tensor (e.g. `(layer,)` of a
 layer-stacked one) from only the chunks that intersect it, each read from its byte range with
 `torch.load(weights_only=True)` through a window onto the file (what torch's FileSystemReader.read_data
 does): memory is the box plus one chunk, whatever the checkpoint's size. The index is unpickled only
-by checkpoint_trust.py's allow-listed reader.
+by checkpoint/trust.py's allow-listed reader.
 """
 from __future__ import annotations
 
@@ -37,8 +41,8 @@ from typing import Any, BinaryIO
 import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from ..checkpoint_format import CheckpointError
-from ..checkpoint_trust import read_dist_metadata
+from .format import CheckpointError
+from .trust import read_dist_metadata
 
 Box = tuple[tuple[int, int], ...]
 """[start, stop) per dim of a global tensor."""

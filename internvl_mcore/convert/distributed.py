@@ -6,7 +6,7 @@ the checkpoint files without a model):
 `weights.load_canonical`), `verify_layout` (load + gather in a TP x PP world, compared bit for bit),
 and `training_checkpoint_to_canonical` (a training checkpoint loaded in the layout it was saved with
 and gathered: one full copy of the model on rank 0; the exports no longer use it, convert/lora_export.py
-merges LoRA adapters from the files too). The canonical directory itself: convert/canonical.py.
+merges LoRA adapters from the files too). The canonical directory itself: checkpoint/canonical.py.
 """
 from __future__ import annotations
 
@@ -23,17 +23,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from megatron.core.utils import unwrap_model
 
-from ..checkpoint_format import is_training_checkpoint, resolve_iteration_dir
-from ..checkpoint_trust import check_dist_checkpoint
+from ..checkpoint.canonical import CanonicalCheckpoint, model_config_from_dict, save_canonical
+from ..checkpoint.format import is_training_checkpoint, resolve_iteration_dir
+from ..checkpoint.safetensors_io import ConversionError
+from ..checkpoint.trust import check_dist_checkpoint
+from ..checkpoint.weights import load_training_weights
 from ..config.model import ModelConfig, ParallelConfig
-from ..models.checkpoint_weights import load_training_weights
 from ..models.internvl import build_model
 from ..models.sharding import rule_for
 from ..models.weights import ShardPlacement, is_expert_param, load_canonical, local_params
 from ..parallel.state import destroy_distributed, init_distributed
-from .canonical import CanonicalCheckpoint, model_config_from_dict, save_canonical
 from .export import convert_checkpoint_to_hf  # noqa: F401 -- convert/lora_export.py imports it from here
-from .safetensors_io import ConversionError
 
 
 # =============================================================================================
@@ -158,7 +158,7 @@ def verify_layout(jobs: Sequence[tuple[str | os.PathLike, str | os.PathLike | No
 
 
 # =============================================================================================
-# training checkpoints (megatron-core dist_checkpointing; format: internvl_mcore/checkpoint_format.py)
+# training checkpoints (megatron-core dist_checkpointing; format: internvl_mcore/checkpoint/format.py)
 # =============================================================================================
 
 def _export_worker(rank: int, world: int, port: int, tp: int, pp: int, ckpt: str, out_dir: str) -> None:

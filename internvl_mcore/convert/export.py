@@ -20,13 +20,13 @@ import torch
 
 from ..checkpoint.dist_canonical import DistCanonicalView
 from ..checkpoint.dist_reader import DistCheckpointReader
-from ..checkpoint_format import CheckpointError, is_training_checkpoint, resolve_iteration_dir
-from ..checkpoint_trust import check_dist_checkpoint
+from ..checkpoint.canonical import CanonicalCheckpoint, model_config_from_dict
+from ..checkpoint.format import CheckpointError, is_training_checkpoint, resolve_iteration_dir
+from ..checkpoint.safetensors_io import DEFAULT_MAX_SHARD_BYTES, copy_side_files, parse_dtype, write_hf_dir
+from ..checkpoint.trust import check_dist_checkpoint
 from ..config.model import ModelConfig
-from .canonical import CanonicalCheckpoint, model_config_from_dict
 from .hf import canonical_to_hf
 from .hf_config import MODEL_TYPE_OF_FORMAT, hf_config_for, read_hf_config
-from .safetensors_io import DEFAULT_MAX_SHARD_BYTES, copy_side_files, parse_dtype, write_hf_dir
 
 
 @dataclass
@@ -46,7 +46,7 @@ class ExportSource:
 
 def open_training_checkpoint(path: str | os.PathLike) -> tuple[ExportSource, dict]:
     """A training checkpoint (root with the `latest` pointer, or one iter_ dir) as canonical tensors,
-    and its run.json. The directory's pickled parts are checked first (checkpoint_trust.py)."""
+    and its run.json. The directory's pickled parts are checked first (checkpoint/trust.py)."""
     iteration_dir, info = resolve_iteration_dir(Path(path))
     check_dist_checkpoint(iteration_dir)
     cfg = model_config_from_dict(info["model"])

@@ -34,14 +34,14 @@ from typing import Callable, Iterator, Mapping, Optional
 import torch
 
 from internvl_mcore.cli_errors import naming, read_json
-from ..checkpoint_format import RUN_INFO, TRACKER, is_training_checkpoint, resolve_iteration_dir
+from ..checkpoint.canonical import META_NAME
+from ..checkpoint.format import RUN_INFO, TRACKER, is_training_checkpoint, resolve_iteration_dir
+from ..checkpoint.safetensors_io import DEFAULT_MAX_SHARD_BYTES, ConversionError, write_safetensors
 from ..config.lora import LoRAInfo, base_weight_name, is_lora_name
 from ..config.model import ModelConfig
 from ..models.sharding import rule_for, split_dim
-from .canonical import META_NAME
 from .export import ExportSource, open_training_checkpoint, write_hf_export
 from .keymaps import TRANSFORMERS_READ_ALIASES, expand, keymap
-from .safetensors_io import DEFAULT_MAX_SHARD_BYTES, ConversionError, write_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

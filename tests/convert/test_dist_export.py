@@ -1,9 +1,10 @@
 """Training checkpoints read without a model (internvl_mcore/checkpoint/dist_reader.py, dist_canonical.py)
 and exported to HF by streaming (tools/convert_to_hf.py --load TRAINING_CKPT).
 
-One CLI world per model: a tiny transformers checkpoint -> convert_from_hf.py (sharded) -> pretrain_internvl.py
---pretrained (one step at lr 0, --save) at TP2 x PP2 (dense debug-6b: padded InternViT heads, padded
-vocabulary, tied embeddings) and at TP2 x EP2 (debug-moe: experts split over expert-TP too). On each:
+One CLI world per model: a tiny transformers checkpoint -> convert_from_hf.py (sharded) ->
+pretrain_internvl.py --pretrained (one step at lr 0, --save) at TP2 x PP2 (dense debug-6b: padded
+InternViT heads, padded vocabulary, tied embeddings, distributed optimizer) and at TP2 x EP2 + SP
+(debug-moe: experts split over expert-TP too, chained optimizers). On each:
 
 - the reader's canonical view equals the canonical checkpoint the run started from, bit for bit (the
   model that saved it held exactly those weights), and box reads equal slices of whole reads;
@@ -28,10 +29,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from internvl_mcore.checkpoint.dist_canonical import DistCanonicalView
+from internvl_mcore.checkpoint.dist_canonical import DistCanonicalView, is_model_key
 from internvl_mcore.checkpoint.dist_reader import DistCheckpointReader
-from internvl_mcore.checkpoint_format import CheckpointError, resolve_iteration_dir
-from internvl_mcore.convert import CanonicalCheckpoint, SafetensorsDir, model_config_from_dict
+from internvl_mcore.checkpoint.canonical import CanonicalCheckpoint, model_config_from_dict
+from internvl_mcore.checkpoint.format import CheckpointError, resolve_iteration_dir
+from internvl_mcore.checkpoint.safetensors_io import SafetensorsDir
 from tests.convert.tiny_hf import save_transformers_dir, tiny_transformers_model
 from tests.launch import REPO, free_port
 
@@ -40,7 +42,8 @@ pytestmark = pytest.mark.timeout(400)
 
 RUNS = {  # name: (tiny HF model (text, vision, tied), preset, pretrain layout flags)
     "dense": (("llama", "6b", True), "debug-6b", ["--tensor-model-parallel-size", "2",
-                                                  "--pipeline-model-parallel-size", "2"]),
+                                                  "--pipeline-model-parallel-size", "2",
+                                                  "--use-distributed-optimizer"]),
     "moe": (("qwen3_moe", "300m", False), "debug-moe", ["--tensor-model-parallel-size", "2",
                                                         "--expert-model-parallel-size", "2", "--sequence-parallel"]),
 }
@@ -106,7 +109,12 @@ def test_box_reads_assemble_only_what_intersects(run) -> None:
     assert torch.equal(reader.read(key, (slice(1, 3), 0)), whole[1:3, 0])
     assert torch.equal(reader.read(key, (-1, slice(2, 5))), whole[-1, 2:5])
     assert not any(k.startswith("optimizer.") for k in DistCanonicalView(reader, run["cfg"]))
-    assert any(f".{k}".find(".optimizer.state.exp_avg.") >= 0 for k in reader.keys())  # optimizer state is keys too
+    # optimizer state is keys too, whose chunks tile them as well: the distributed optimizer's flat
+    # buckets (dense run), the chained expert / dense optimizers' per-parameter state (MoE run)
+    optimizer = [k for k in reader.keys() if not is_model_key(k)]
+    form = "optimizer.distributed." if run["name"] == "dense" else "chained_1.optimizer.state.exp_avg."
+    assert any(k.startswith(form) for k in optimizer), optimizer[:5]
+    assert all(reader.read(k).shape == reader.shape(k) for k in optimizer)  # optimizer state is keys too
 
 
 def test_reader_unpickles_nothing_plainly(run, monkeypatch) -> None:
@@ -201,7 +209,7 @@ def _new_tensor_bytes() -> int:
 
 def test_cli_exports_both_formats_bit_exact_in_bounded_memory(run, tmp_path, monkeypatch) -> None:
     from internvl_mcore.convert import convert_checkpoint_to_hf
-    from internvl_mcore.convert.safetensors_io import ShardedWriter
+    from internvl_mcore.checkpoint.safetensors_io import ShardedWriter
 
     main = _tool("convert_to_hf")
     # transformers: the original files' tensors, from the training checkpoint, in several shards

@@ -97,7 +97,7 @@ def _new_tensor_bytes() -> int:
 @contextlib.contextmanager
 def recording_live_tensors(peaks: list[int]) -> Iterator[None]:
     """Inside, the live tensor bytes are appended to `peaks` whenever the HF writer gets a tensor."""
-    from internvl_mcore.convert.safetensors_io import ShardedWriter
+    from internvl_mcore.checkpoint.safetensors_io import ShardedWriter
 
     add = ShardedWriter.add
 
@@ -177,7 +177,7 @@ def test_peft_adapter_on_the_transformers_base_gives_the_adapted_logits(exports,
 def test_merged_export_streams_in_bounded_memory(exports) -> None:
     """Each weight is merged just before it is written: live tensors stay under 3x the largest
     tensor while the model is many times larger."""
-    from internvl_mcore.convert.hf import SafetensorsDir
+    from internvl_mcore.checkpoint.safetensors_io import SafetensorsDir
 
     out = SafetensorsDir(exports["merged_tf"])
     largest = max(out[k].nbytes for k in out)
@@ -189,7 +189,8 @@ def test_merged_export_streams_in_bounded_memory(exports) -> None:
 @pytest.mark.timeout(900)
 def test_merged_internvl_export_holds_the_merged_weights(tmp_path, exports, ref_run) -> None:
     """InternVL's own layout: imported back it is exactly base + s * B A (merged on the TP1 run)."""
-    from internvl_mcore.convert import CanonicalCheckpoint, convert_hf_to_checkpoint
+    from internvl_mcore.checkpoint.canonical import CanonicalCheckpoint
+    from internvl_mcore.convert import convert_hf_to_checkpoint
     from internvl_mcore.convert.lora_export import merge_adapters, read_lora_checkpoint
 
     config = json.loads((exports["merged_ivl"] / "config.json").read_text())
@@ -227,7 +228,7 @@ class _FakeView(dict):
 
 def test_an_adapter_that_does_not_fit_its_weight_is_named(tmp_path) -> None:
     from internvl_mcore.config import get_preset
-    from internvl_mcore.convert.hf import ConversionError
+    from internvl_mcore.checkpoint.safetensors_io import ConversionError
     from internvl_mcore.convert.lora_export import CheckpointTensors
 
     w = "language_model.decoder.layers.0.mlp.linear_fc2.weight"

@@ -91,9 +91,10 @@ def test_tp2_sequence_parallel_with_padded_heads_matches_single_process(tmp_path
 def check_padded_checkpoint_exports(padded: Path, ref: Path, tmp: Path) -> None:
     """The TP2 checkpoint holds padded ViT heads (4 instead of 3: extra B rows of qkv, A columns of
     proj); read and exported from its files, the padding is gone and everything equals the TP1 run's."""
-    from internvl_mcore.convert import CanonicalCheckpoint, convert_hf_to_checkpoint
+    from internvl_mcore.checkpoint.canonical import CanonicalCheckpoint
     from internvl_mcore.checkpoint.dist_reader import DistCheckpointReader
-    from internvl_mcore.convert.hf import SafetensorsDir
+    from internvl_mcore.checkpoint.safetensors_io import SafetensorsDir
+    from internvl_mcore.convert import convert_hf_to_checkpoint
     from internvl_mcore.convert.lora_export import export_lora, merge_adapters, read_lora_checkpoint
 
     ckpt, want = read_lora_checkpoint(padded), read_lora_checkpoint(ref)
@@ -150,7 +151,7 @@ def test_resume_is_exact_and_keeps_the_base(tmp_path, ref_run, base_ckpt) -> Non
 def test_tp2_pp2_checkpoint_reshards_to_tp1(ref_run, tp2pp2_run, base_ckpt) -> None:
     """dist_checkpointing puts every adapter shard at its place in the global tensor (B rows of fused
     qkv / gated fc1, A columns of row-parallel layers): read at TP1 they equal the TP1 run's."""
-    from internvl_mcore.convert import CanonicalCheckpoint
+    from internvl_mcore.checkpoint.canonical import CanonicalCheckpoint
     from internvl_mcore.convert.lora_export import read_lora_checkpoint
 
     ckpt = read_lora_checkpoint(tp2pp2_run["save"])
@@ -211,7 +212,7 @@ def _without_lora(argv: list[str]) -> list[str]:
     (["--lora-rank", "8"], "--lora-rank: checkpoint 4, run 8"),
 ])
 def test_resume_with_other_lora_settings_is_refused(ref_run, flags, message) -> None:
-    from internvl_mcore.training.checkpoint import CheckpointError
+    from internvl_mcore.checkpoint.format import CheckpointError
 
     argv = _without_lora(lora_flags()) if flags is None else lora_flags() + flags
     with pytest.raises(CheckpointError, match=message):

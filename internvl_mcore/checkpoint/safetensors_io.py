@@ -323,7 +323,8 @@ class ShardedWriter:
         return self.out / f".shard-{k:05d}.safetensors.tmp"
 
     def _data_path(self) -> Path:
-        return self.out / ".shard-data.tmp"
+        """Where the current shard's tensor bytes go until its header is known."""
+        return self._tmp(len(self._shards)).with_suffix(".tmp.data")
 
     def _flush(self) -> None:
         if not self._entries:
