@@ -1,7 +1,9 @@
 """LoRA configuration: which parallel linears get low-rank adapters, of which rank and scale.
 
 Every field becomes a flag through `config/cli.py` (`--lora-rank 16 --lora-target all ...`); the
-adapters themselves live in `models/lora.py`, their export in `convert/lora_export.py`.
+adapters themselves live in `models/lora.py`, their export in `convert/lora_export.py`. The adapter
+parameter names (`<linear>.lora.a` / `.lora.b`) and the run.json record (`LoRAInfo`) are here, plain
+data, so that the export reads them without importing megatron-core.
 
 Module names are megatron-core's, the same in the LLM and the ViT:
 
@@ -98,3 +100,43 @@ def lora_problems(lora: LoRAConfig, freeze_overrides: Mapping[str, Optional[bool
         problems.append(f"{', '.join(trained)} would train base weights, but with --lora-rank every base "
                         "weight is frozen and only the adapters train")
     return problems
+
+
+LORA_INFIX = ".lora."
+
+
+def is_lora_name(name: str) -> bool:
+    """A LoRA adapter parameter (`...linear_qkv.lora.a`)."""
+    return LORA_INFIX in name
+
+
+def base_weight_name(name: str) -> str:
+    """`x.lora.a` / `x.lora.b` -> `x.weight`: the base weight whose sharding rule the adapter follows."""
+    return name.split(LORA_INFIX, 1)[0] + ".weight"
+
+
+@dataclass
+class LoRAInfo:
+    """What a model's adapters are and what they sit on (recorded in checkpoints' run.json)."""
+
+    config: LoRAConfig
+    """Rank, alpha, dropout, target towers and modules."""
+    base: Optional[str] = None
+    """The base weights: the --pretrained path the run started from (None: fresh init from `seed`)."""
+    seed: int = 0
+    """Seed of the adapter init (and of the base init when `base` is None)."""
+    requires_grad_before: dict = dataclasses.field(default_factory=dict, repr=False)
+    """Each base parameter's requires_grad before `add_lora` froze it (restored by `merge_lora_`)."""
+    hooks: list = dataclasses.field(default_factory=list, repr=False)
+    """Forward-hook handles of `_make_inputs_require_grad` (removed by `merge_lora_`)."""
+
+    def to_dict(self) -> dict:
+        """JSON-able form."""
+        return {**self.config.to_dict(), "base": self.base, "seed": self.seed}
+
+    @staticmethod
+    def from_dict(d: dict) -> "LoRAInfo":
+        """Inverse of `to_dict`."""
+        d = dict(d)
+        base, seed = d.pop("base", None), d.pop("seed", 0)
+        return LoRAInfo(LoRAConfig.from_dict(d), base, seed)

@@ -5,8 +5,8 @@ the checkpoint files without a model):
 `gather_canonical_state` (a TP/PP-sharded model -> the canonical dict, inverse of
 `weights.load_canonical`), `verify_layout` (load + gather in a TP x PP world, compared bit for bit),
 and `training_checkpoint_to_canonical` (a training checkpoint loaded in the layout it was saved with
-and gathered: one full copy of the model on rank 0; what convert/lora_export.py's merge still uses,
-since it folds LoRA adapters in while loading). The canonical directory itself: checkpoint/canonical.py.
+and gathered: one full copy of the model on rank 0; the exports no longer use it, convert/lora_export.py
+merges LoRA adapters from the files too). The canonical directory itself: checkpoint/canonical.py.
 """
 from __future__ import annotations
 

@@ -1,51 +1,46 @@
 """Export a LoRA training checkpoint: adapters merged into a full HF model, or a PEFT adapter.
 
-    merged:  W' = W + (alpha / r) * B A for every adapted linear (each rank's shards, in the layout
-             that saved the checkpoint), then the ordinary conversion to either HF layout.
+    merged:  W' = W + (alpha / r) * B A for every adapted linear, then the ordinary key map to
+             either HF layout.
     PEFT:    adapter_config.json + adapter_model.safetensors for transformers'
              `InternVLForConditionalGeneration`, loadable with `peft.PeftModel.from_pretrained` on top
              of the transformers export of the base.
+
+Both read the checkpoint's torch_dist files directly (convert/export.py's `open_training_checkpoint`:
+checkpoint/dist_reader.py + dist_canonical.py): no model is built and no process group is needed,
+whatever TP / PP layout saved it. A tensor is read as its global (TP1) tensor, one layer at a time,
+and padding is undone with the sharding rules of models/sharding.py: the canonical view unpads the
+weights, `CheckpointTensors` the adapters (an adapter's split factor is padded like its base weight:
+a column layer's B rows, a row layer's A columns), so layouts that pad vision heads or vocabulary
+rows export too. The merged export streams through `write_hf_export`: each HF tensor is computed
+from one canonical weight and its A and B (memory: a few of the largest tensors); the PEFT adapter
+is held whole (it is the size of the adapters).
 
 Our fused linears become several PEFT modules. The key map's reshape function for the base weight
 (`keymaps.TRANSFORMS`, which only rearranges rows) is applied to B, and every resulting module gets
 the same A: for linear_qkv -> q/k/v_proj that is B's rows split like the weight's (group-interleaved
 -> q, k, v), for a SwiGLU fc1 -> gate_proj/up_proj the two halves. Since delta_W = B A row by row,
 each module's B_part A is exactly its rows of delta_W.
-
-For the PEFT adapter (and `read_lora_checkpoint`) a training checkpoint is read in this process at
-TP1 x PP1 (megatron-core dist_checkpointing reshards whatever layout saved it); layouts whose padded
-vision heads or vocabulary rows change tensor shapes are refused (see its docstring).
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 import torch
-import torch.distributed as dist
-from megatron.core import dist_checkpointing
-from megatron.core import parallel_state as ps
-from megatron.core.process_groups_config import ProcessGroupCollection
 
 from internvl_mcore.cli_errors import naming, read_json
-from ..checkpoint.canonical import META_NAME, model_config_from_dict
+from ..checkpoint.canonical import META_NAME
 from ..checkpoint.format import RUN_INFO, TRACKER, is_training_checkpoint, resolve_iteration_dir
 from ..checkpoint.safetensors_io import DEFAULT_MAX_SHARD_BYTES, ConversionError, write_safetensors
-from ..checkpoint.trust import check_dist_checkpoint
-from ..config.lora import LORA_TOWERS
-from ..config.megatron import padded_vision_heads
-from ..config.model import ModelConfig, ParallelConfig
-from ..models.internvl import build_model
-from ..models.language import padded_vocab_size
-from ..models.lora import LoRAInfo, add_lora, base_weight_name, is_lora_name
-from ..models.weights import canonical_state_dict
-from ..parallel.state import init_distributed, process_groups
-from .distributed import convert_checkpoint_to_hf, training_checkpoint_to_canonical
+from ..config.lora import LoRAInfo, base_weight_name, is_lora_name
+from ..config.model import ModelConfig
+from ..models.sharding import rule_for, split_dim
+from .export import ExportSource, open_training_checkpoint, write_hf_export
 from .keymaps import TRANSFORMERS_READ_ALIASES, expand, keymap
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -83,64 +78,92 @@ def is_lora_checkpoint(path: str | os.PathLike) -> bool:
     return _iter_dir_and_info(path)[1].get("lora") is not None
 
 
-def _ensure_single_process_world() -> ProcessGroupCollection:
-    """The groups of this process's TP1 x PP1 world (joined here when there is none yet)."""
-    if dist.is_initialized() and ps.model_parallel_is_initialized():
-        pg = process_groups()
-        sizes = (pg.tp.size(), pg.pp.size())
-        if sizes != (1, 1):
-            raise ConversionError(f"reading a checkpoint needs a TP1 x PP1 world; this process has TP{sizes[0]} x PP{sizes[1]}")
-        return pg
-    return init_distributed(ParallelConfig(device="cpu"), seed=0)  # conversion: CPU + gloo anywhere
+# =============================================================================================
+# canonical tensors of a training checkpoint, read from its files
+# =============================================================================================
+
+def _unpad_adapter(name: str, t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """An adapter's split factor is padded like its base weight along the weight's split dim (a column
+    layer's B rows, a row layer's A columns); the replicated factor is never padded."""
+    base = base_weight_name(name)
+    dim = split_dim(base)
+    if (dim == 0) != name.endswith(".lora.b"):
+        return t
+    rule = rule_for(base)
+    return t if rule.unpadded(t.shape[dim], 1, cfg) == t.shape[dim] else rule.unpad(t, dim, cfg)
 
 
-def read_lora_checkpoint(path: str | os.PathLike, adapters_only: bool = False) -> LoRACheckpoint:
-    """Load a LoRA training checkpoint (root or iter_ dir, any TP/PP layout) into a TP1 model in this
-    process and return its canonical tensors.
+class CheckpointTensors(Mapping[str, torch.Tensor]):
+    """The canonical tensors (base weights and adapters) of a LoRA training checkpoint, read when
+    indexed: the checkpoint's canonical view (checkpoint/dist_canonical.py, which unpads weights by
+    their sharding rules) with the adapters unpadded like their base weights."""
 
-    A layout whose TP size pads tensors (vision heads not divisible by TP, as InternViT-6B's 25;
-    vocabulary rows) saved them with other global shapes than TP1 has, and is refused: export such a
-    run's adapters with `adapters_only` when they are not on the padded tensors (LLM-only LoRA
-    pads nothing), or merge them (`export_merged` loads at the saved layout)."""
+    def __init__(self, view: Mapping[str, torch.Tensor], cfg: ModelConfig, where: Path) -> None:
+        self.view, self.cfg, self.where = view, cfg, where
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        t = self.view[name]
+        if not is_lora_name(name):
+            return t
+        t = _unpad_adapter(name, t, self.cfg)
+        if tuple(t.shape) != self.shape(name):
+            raise ConversionError(f"{self.where}: adapter {name} has shape {tuple(t.shape)}, but its weight "
+                                  f"{base_weight_name(name)} is {tuple(self.view.shape(base_weight_name(name)))}")
+        return t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.view)
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.view
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Canonical shape, from the checkpoint's index alone (an adapter's from its weight's)."""
+        if not is_lora_name(name):
+            return tuple(self.view.shape(name))
+        base = base_weight_name(name)
+        if base not in self.view:
+            raise ConversionError(f"{self.where}: adapter {name} without its weight {base}")
+        out_dim, in_dim = self.view.shape(base)
+        saved = self.view.shape(name)
+        return (saved[0], in_dim) if name.endswith(".lora.a") else (out_dim, saved[1])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.view.dtype(name)
+
+
+def _open(path: str | os.PathLike) -> tuple[Path, ExportSource, dict, LoRAInfo]:
+    """(iter_ dir, its canonical tensors as an ExportSource, run.json, LoRA record) of a LoRA checkpoint."""
     iter_dir, info = _iter_dir_and_info(Path(path))
     if info.get("lora") is None:
         raise ConversionError(f"{iter_dir}/run.json: not a LoRA checkpoint (no 'lora' record)")
-    cfg = model_config_from_dict(info["model"])
-    lora = LoRAInfo.from_dict(info["lora"])
-    tp = int(info.get("layout", {}).get("tensor_model_parallel_size", 1))
-    padded = []
-    if padded_vision_heads(cfg.vision.num_attention_heads, tp) != cfg.vision.num_attention_heads and (
-            not adapters_only or "vision_model" in _towers(lora)):
-        padded.append(f"{cfg.vision.num_attention_heads} vision heads are padded at TP{tp}")
-    if padded_vocab_size(cfg.llm.vocab_size, tp) != cfg.llm.vocab_size and not adapters_only:
-        padded.append(f"vocabulary {cfg.llm.vocab_size} is padded at TP{tp}")
-    if padded:
-        raise ConversionError(f"{iter_dir}: {'; '.join(padded)}, so its tensors do not load at TP1; "
-                              "see read_lora_checkpoint's docstring for the ways out")
-    model = build_model(cfg, ParallelConfig(device="cpu"), _ensure_single_process_world())
-    add_lora(model, lora.config, cfg, seed=lora.seed)
-    sharded = model.sharded_state_dict()
-    if adapters_only:
-        sharded = {k: v for k, v in sharded.items() if ".lora." in k}
-    check_dist_checkpoint(iter_dir)  # its pickled parts, before megatron-core unpickles them
-    # nested under "model" as training/checkpoint.py saves it (the common state holds more keys)
-    loaded = dist_checkpointing.load({"model": sharded}, str(iter_dir))["model"]
-    model.load_state_dict(loaded, strict=not adapters_only)
-    state = canonical_state_dict(model)
-    adapters = {k: v for k, v in state.items() if is_lora_name(k)}
-    base = {} if adapters_only else {k: v for k, v in state.items() if not is_lora_name(k)}
-    return LoRACheckpoint(iter_dir, cfg, lora, base, adapters)
+    src, _ = open_training_checkpoint(iter_dir)
+    src.tensors = CheckpointTensors(src.tensors, src.config, iter_dir)
+    return iter_dir, src, info, LoRAInfo.from_dict(info["lora"])
 
 
-def _towers(lora: LoRAInfo) -> tuple[str, ...]:
-    return LORA_TOWERS[lora.config.lora_target]
+def read_lora_checkpoint(path: str | os.PathLike, adapters_only: bool = False) -> LoRACheckpoint:
+    """Every canonical tensor of a LoRA training checkpoint (root or iter_ dir, any TP/PP layout),
+    read into memory (for tests and small models; the exports below stream)."""
+    iter_dir, src, _, lora = _open(path)
+    tensors = src.tensors
+    adapters = {k: tensors[k] for k in tensors if is_lora_name(k)}
+    base = {} if adapters_only else {k: tensors[k] for k in tensors if not is_lora_name(k)}
+    return LoRACheckpoint(iter_dir, src.config, lora, base, adapters)
 
 
-def adapter_pairs(adapters: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Canonical base weight name -> (A, B) of its adapter; a lone A or B is an error naming it."""
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for name, t in adapters.items():
-        pairs.setdefault(base_weight_name(name), {})[name.rsplit(".", 1)[1]] = t
+# =============================================================================================
+# merged export
+# =============================================================================================
+
+def adapter_pairs(adapters: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, str]]:
+    """Canonical base weight name -> (name of its A, name of its B); a lone A or B is an error naming it."""
+    pairs: dict[str, dict[str, str]] = {}
+    for name in adapters:
+        pairs.setdefault(base_weight_name(name), {})[name.rsplit(".", 1)[1]] = name
     for w, ab in pairs.items():
         if set(ab) != {"a", "b"}:
             raise ConversionError(f"adapter of {w} has {sorted(ab)} but needs both lora.a and lora.b")
@@ -148,56 +171,100 @@ def adapter_pairs(adapters: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch
 
 
 @torch.no_grad()
+def merge_weight(name: str, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W + scaling * B A (computed in fp32, stored in W's dtype); `name` names W in the error."""
+    if (b.shape[0], a.shape[1]) != tuple(weight.shape) or a.shape[0] != b.shape[1]:
+        raise ConversionError(f"adapter of {name}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit the weight "
+                              f"{tuple(weight.shape)}")
+    delta = b.float() @ a.float()
+    # in place: one (out, in) fp32 temporary; fp32 addition commutes, so this is W.float() + s * B A exactly
+    return delta.mul_(scaling).add_(weight).to(weight.dtype)
+
+
 def merge_adapters(base: Mapping[str, torch.Tensor], adapters: Mapping[str, torch.Tensor],
                    scaling: float) -> dict[str, torch.Tensor]:
-    """Canonical base + adapters -> canonical merged weights: W + scaling * B A (computed in fp32,
-    stored in W's dtype)."""
-    merged = dict(base)
-    for w, (a, b) in adapter_pairs(adapters).items():
-        if w not in base:
-            raise ConversionError(f"adapter for {w!r}, but the base has no such weight")
-        weight = base[w]
-        if (b.shape[0], a.shape[1]) != tuple(weight.shape) or a.shape[0] != b.shape[1]:
-            raise ConversionError(f"adapter of {w}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit the weight "
-                                  f"{tuple(weight.shape)}")
-        merged[w] = (weight.float() + scaling * (b.float() @ a.float())).to(weight.dtype)
-    return merged
+    """Canonical base + adapters -> canonical merged weights (in memory; see `MergedWeights`)."""
+    merged = MergedWeights(base, adapters, scaling)
+    return {name: merged[name] for name in merged}
 
 
-def _source_meta(base: Optional[str]) -> dict:
+class MergedWeights(Mapping[str, torch.Tensor]):
+    """Canonical merged weights, each computed when indexed from its base weight and adapter."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor], adapters: Mapping[str, torch.Tensor],
+                 scaling: float) -> None:
+        self.base, self.adapters, self.scaling = base, adapters, scaling
+        self.pairs = adapter_pairs(adapters)
+        missing = sorted(w for w in self.pairs if w not in base)
+        if missing:
+            raise ConversionError(f"adapter for {missing[0]!r}, but the base has no such weight")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.pairs:
+            return self.base[name]
+        a, b = self.pairs[name]
+        return merge_weight(name, self.base[name], self.adapters[a], self.adapters[b], self.scaling)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The base weight's shape (merging keeps it)."""
+        shape = getattr(self.base, "shape", None)
+        return shape(name) if callable(shape) else tuple(self.base[name].shape)
+
+
+class _Only(Mapping[str, torch.Tensor]):
+    """The names of `src` that `keep` accepts (a lazy view)."""
+
+    def __init__(self, src: Mapping[str, torch.Tensor], keep: Callable[[str], bool]) -> None:
+        self.src, self._names = src, [n for n in src if keep(n)]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.src[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.src.shape(name)
+
+
+def _source_meta(base: Optional[str], info: dict) -> dict:
     """The `source` record (HF format, dtype, config.json) of the canonical checkpoint the run started
-    from, when it still exists: the merged export then keeps its dtype and config keys."""
+    from, when it still exists: the merged export then keeps its dtype and config keys; else the
+    training checkpoint's own."""
     if base and (Path(base) / META_NAME).exists():
-        return read_json(Path(base) / META_NAME, ConversionError).get("source", {})
-    return {}
+        source = read_json(Path(base) / META_NAME, ConversionError).get("source", {})
+        if source:
+            return source
+    return info.get("source") or {"dtype": "float32"}
 
 
 def export_merged(load: str | os.PathLike, save: str | os.PathLike, fmt: str,
                   template_dir: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
                   max_shard_bytes: Optional[int] = None, progress: bool = False) -> list[Path]:
     """`tools/convert_to_hf.py --merge-lora`: a full HF model (format "internvl" or "transformers")
-    with the adapters merged into the weights.
-
-    The converter's training-checkpoint path does the work: it loads the checkpoint in the layout
-    that saved it (so padded heads / vocabulary are no obstacle), where `checkpoint/weights.py:
-    load_training_weights` folds each rank's adapter shards into its weight shards (`models.lora.merge_lora_`),
-    and gathers the merged canonical weights. The canonical source record (dtype, original
+    with the adapters merged into the weights, streamed from the checkpoint's files (each weight
+    merged when its HF tensors are written). The canonical source record (dtype, original
     config.json) of the base the run started from is carried over, so the export keeps them."""
-    iter_dir, info = _iter_dir_and_info(Path(load))
-    if info.get("lora") is None:
-        raise ConversionError(f"{iter_dir}/run.json: not a LoRA checkpoint (no 'lora' record)")
-    source = _source_meta(info["lora"].get("base"))
-    out = Path(save)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".merged-canonical-") as tmp:
-        training_checkpoint_to_canonical(iter_dir, tmp)
-        if source:
-            meta = read_json(Path(tmp) / META_NAME, ConversionError)
-            meta["source"] = source
-            (Path(tmp) / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        return convert_checkpoint_to_hf(tmp, out, fmt, template_dir, dtype,
-                                        max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, progress)
+    _, src, info, lora = _open(load)
+    tensors = src.tensors
+    merged = MergedWeights(_Only(tensors, lambda n: not is_lora_name(n)), _Only(tensors, is_lora_name),
+                           lora.config.scaling)
+    return write_hf_export(ExportSource(merged, src.config, _source_meta(lora.base, info)), save, fmt, template_dir,
+                           dtype, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, progress)
 
+
+# =============================================================================================
+# PEFT adapter
+# =============================================================================================
 
 def _module_name(hf_weight: str) -> str:
     """On-disk transformers weight name -> the module's name in the loaded model (what PEFT targets)."""
@@ -215,7 +282,8 @@ def peft_adapter_tensors(adapters: Mapping[str, torch.Tensor], cfg: ModelConfig)
     `base_model.model.<module>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r)."""
     entries = {e.canonical: e for e in expand(keymap("transformers", cfg.llm.family), cfg) if e.present}
     out: dict[str, torch.Tensor] = {}
-    for w, (a, b) in sorted(adapter_pairs(adapters).items()):
+    for w, (a_name, b_name) in sorted(adapter_pairs(adapters).items()):
+        a, b = adapters[a_name], adapters[b_name]
         if w not in entries:
             raise ConversionError(f"adapter of {w!r}: the transformers layout has no weight for it")
         e = entries[w]

@@ -35,7 +35,6 @@ import dataclasses
 import functools
 import math
 import zlib
-from dataclasses import dataclass
 from typing import Any, Iterator, Literal, Optional
 
 import torch
@@ -47,22 +46,13 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, mak
 from megatron.core.utils import unwrap_model
 from torch import nn
 
-from ..config.lora import LORA_TOWERS, LoRAConfig
+# the adapter names and the run.json record are plain data (config/lora.py: the exports read them
+# without megatron-core); re-exported here where the adapters live
+from ..config.lora import LORA_TOWERS, LoRAConfig, LoRAInfo, base_weight_name, is_lora_name
 from ..config.model import ModelConfig
 from .weights import ShardPlacement, canonical_shape, local_params, shard
 
 Parallel = Literal["column", "row"]
-LORA_INFIX = ".lora."
-
-
-def is_lora_name(name: str) -> bool:
-    """A LoRA adapter parameter (`...linear_qkv.lora.a`)."""
-    return LORA_INFIX in name
-
-
-def base_weight_name(name: str) -> str:
-    """`x.lora.a` / `x.lora.b` -> `x.weight`: the base weight whose sharding rule the adapter follows."""
-    return name.split(LORA_INFIX, 1)[0] + ".weight"
 
 
 class LoRAAdapter(nn.Module):
@@ -147,33 +137,6 @@ class _LoRALinear:
 def _with_lora(cls: type) -> type:
     """`cls` (any column/row-parallel linear class: local, TE, or a spec's subclass) with LoRA."""
     return type(f"LoRA{cls.__name__}", (_LoRALinear, cls), {"__module__": __name__})
-
-
-@dataclass
-class LoRAInfo:
-    """What a model's adapters are and what they sit on (recorded in checkpoints' run.json)."""
-
-    config: LoRAConfig
-    """Rank, alpha, dropout, target towers and modules."""
-    base: Optional[str] = None
-    """The base weights: the --pretrained path the run started from (None: fresh init from `seed`)."""
-    seed: int = 0
-    """Seed of the adapter init (and of the base init when `base` is None)."""
-    requires_grad_before: dict = dataclasses.field(default_factory=dict, repr=False)
-    """Each base parameter's requires_grad before `add_lora` froze it (restored by `merge_lora_`)."""
-    hooks: list = dataclasses.field(default_factory=list, repr=False)
-    """Forward-hook handles of `_make_inputs_require_grad` (removed by `merge_lora_`)."""
-
-    def to_dict(self) -> dict:
-        """JSON-able form."""
-        return {**self.config.to_dict(), "base": self.base, "seed": self.seed}
-
-    @staticmethod
-    def from_dict(d: dict) -> "LoRAInfo":
-        """Inverse of `to_dict`."""
-        d = dict(d)
-        base, seed = d.pop("base", None), d.pop("seed", 0)
-        return LoRAInfo(LoRAConfig.from_dict(d), base, seed)
 
 
 def lora_info_of(model: nn.Module) -> Optional[LoRAInfo]:

@@ -8,7 +8,6 @@ import torch
 import torch.distributed as dist
 
 from internvl_mcore.convert import distributed as conv
-from internvl_mcore.convert import lora_export
 from internvl_mcore.parallel.device import resolve_device
 
 
@@ -49,8 +48,3 @@ def test_conversion_workers_start_a_gloo_world_on_a_cuda_host(cuda_host, tmp_pat
             conv._export_worker(0, 1, 29999, 1, 1, str(tmp_path), str(tmp_path / "out"))
     assert cuda_host == {"backend": "gloo"}  # no NCCL, no torch.cuda.set_device(rank)
 
-
-def test_lora_export_world_is_gloo_on_a_cuda_host(cuda_host) -> None:
-    with pytest.raises(_Stop):
-        lora_export._ensure_single_process_world()
-    assert cuda_host == {"backend": "gloo"}

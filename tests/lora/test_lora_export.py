@@ -6,9 +6,12 @@ PEFT's PeftModel on the transformers export of the base plus the adapter, must g
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import importlib.util
 import json
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -62,18 +65,73 @@ def our_logits(ckpt, ids: torch.Tensor, pixels: torch.Tensor, with_adapters: boo
     return model.eval()(ids, pos, pixels)
 
 
+@contextlib.contextmanager
+def no_model_no_world() -> Iterator[None]:
+    """Inside, building a megatron-core module, starting a process group or processes, or loading
+    through dist_checkpointing fails: the LoRA export reads the checkpoint's files directly."""
+    import megatron.core.dist_checkpointing as dcp
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    from megatron.core.transformer.module import MegatronModule
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the LoRA export built a model, a process group or processes")
+
+    with pytest.MonkeyPatch.context() as mpatch:
+        for owner, name in ((MegatronModule, "__init__"), (dist, "init_process_group"), (dist, "new_group"),
+                            (mp, "start_processes"), (dcp, "load")):
+            mpatch.setattr(owner, name, refuse)
+        yield
+
+
+def _new_tensor_bytes() -> int:
+    """Bytes of the distinct storages of the CPU tensors created since the collector last ran (with
+    the collector off, every object made since stays in generation 0; freed ones leave it at once)."""
+    seen: dict[int, int] = {}
+    for obj in gc.get_objects(generation=0):
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+            seen[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+@contextlib.contextmanager
+def recording_live_tensors(peaks: list[int]) -> Iterator[None]:
+    """Inside, the live tensor bytes are appended to `peaks` whenever the HF writer gets a tensor."""
+    from internvl_mcore.checkpoint.safetensors_io import ShardedWriter
+
+    add = ShardedWriter.add
+
+    def recording_add(self, name, tensor):
+        peaks.append(_new_tensor_bytes())
+        add(self, name, tensor)
+
+    gc.collect()
+    gc.disable()
+    try:
+        with pytest.MonkeyPatch.context() as mpatch:
+            mpatch.setattr(ShardedWriter, "add", recording_add)
+            yield
+    finally:
+        gc.enable()
+
+
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory, ref_run, tp2pp2_run, base_ckpt) -> dict:
     from internvl_mcore.convert import convert_checkpoint_to_hf
 
     out = tmp_path_factory.mktemp("exports")
     ckpt = str(tp2pp2_run["save"])
-    assert convert_to_hf("--load", ckpt, "--save", str(out / "merged_tf"), "--format", "transformers", "--merge-lora") == 0
-    assert convert_to_hf("--load", str(ref_run["save"]), "--save", str(out / "merged_ivl"), "--format", "internvl",
-                         "--merge-lora") == 0
-    assert convert_to_hf("--load", ckpt, "--save", str(out / "adapter"), "--format", "transformers", "--lora-only") == 0
+    peaks: list[int] = []
+    with no_model_no_world():
+        with recording_live_tensors(peaks):
+            assert convert_to_hf("--load", ckpt, "--save", str(out / "merged_tf"), "--format", "transformers",
+                                 "--merge-lora") == 0
+        assert convert_to_hf("--load", str(ref_run["save"]), "--save", str(out / "merged_ivl"), "--format",
+                             "internvl", "--merge-lora") == 0
+        assert convert_to_hf("--load", ckpt, "--save", str(out / "adapter"), "--format", "transformers",
+                             "--lora-only") == 0
     convert_checkpoint_to_hf(base_ckpt, out / "base_tf", "transformers")
-    return {k: out / k for k in ("merged_tf", "merged_ivl", "adapter", "base_tf")}
+    return {"peaks": peaks, **{k: out / k for k in ("merged_tf", "merged_ivl", "adapter", "base_tf")}}
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +174,18 @@ def test_peft_adapter_on_the_transformers_base_gives_the_adapted_logits(exports,
     torch.testing.assert_close(got, adapted["logits"], atol=ATOL, rtol=ATOL)
 
 
+def test_merged_export_streams_in_bounded_memory(exports) -> None:
+    """Each weight is merged just before it is written: live tensors stay under 3x the largest
+    tensor while the model is many times larger."""
+    from internvl_mcore.checkpoint.safetensors_io import SafetensorsDir
+
+    out = SafetensorsDir(exports["merged_tf"])
+    largest = max(out[k].nbytes for k in out)
+    model = sum(out[k].nbytes for k in out)
+    assert model > 5 * largest, (model, largest)
+    assert len(exports["peaks"]) == len(out) and max(exports["peaks"]) < 3 * largest, (max(exports["peaks"]), largest)
+
+
 @pytest.mark.timeout(900)
 def test_merged_internvl_export_holds_the_merged_weights(tmp_path, exports, ref_run) -> None:
     """InternVL's own layout: imported back it is exactly base + s * B A (merged on the TP1 run)."""
@@ -147,3 +217,24 @@ def test_merge_lora_refuses_a_checkpoint_without_adapters(tmp_path, base_ckpt, c
     assert convert_to_hf("--load", str(base_ckpt), "--save", str(tmp_path / "x"), "--format", "transformers",
                          "--merge-lora") == 2
     assert "LoRA" in capsys.readouterr().err
+
+
+class _FakeView(dict):
+    """A canonical view (name -> tensor, with `shape`) standing in for a checkpoint's."""
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self[name].shape)
+
+
+def test_an_adapter_that_does_not_fit_its_weight_is_named(tmp_path) -> None:
+    from internvl_mcore.config import get_preset
+    from internvl_mcore.checkpoint.safetensors_io import ConversionError
+    from internvl_mcore.convert.lora_export import CheckpointTensors
+
+    w = "language_model.decoder.layers.0.mlp.linear_fc2.weight"
+    base = w[:-len("weight")]
+    view = _FakeView({w: torch.zeros(64, 128), base + "lora.a": torch.zeros(4, 128), base + "lora.b": torch.zeros(32, 4)})
+    src = CheckpointTensors(view, get_preset("debug"), tmp_path)
+    assert src[base + "lora.a"].shape == (4, 128)
+    with pytest.raises(ConversionError, match=r"adapter .*linear_fc2\.lora\.b has shape \(32, 4\), but its weight"):
+        src[base + "lora.b"]

@@ -61,10 +61,11 @@ def test_full_recompute_gives_the_same_training(ref_run, base_ckpt) -> None:
 
 
 @pytest.fixture(scope="module")
-def ref_6b() -> dict:
+def ref_6b(tmp_path_factory) -> dict:
     """Single-process reference on debug-6b: 3 ViT heads (padded to 4 at TP2: zero B rows / A
-    columns), QK-norm, no qkv bias, tied embeddings, fresh weights from --seed."""
-    return run_inprocess(lora_flags("debug-6b"))
+    columns), QK-norm, no qkv bias, tied embeddings, fresh weights from --seed; checkpoint at the end."""
+    save = tmp_path_factory.mktemp("ref_6b") / "ckpt"
+    return {**run_inprocess(lora_flags("debug-6b") + ["--save", str(save)]), "save": save}
 
 
 @pytest.mark.timeout(600)
@@ -79,10 +80,44 @@ def test_pp2_matches_single_process(tmp_path, base_ckpt, ref_run) -> None:
 @pytest.mark.timeout(600)
 def test_tp2_sequence_parallel_with_padded_heads_matches_single_process(tmp_path, ref_6b) -> None:
     reports = run_torchrun(tmp_path, 2, lora_flags("debug-6b") + ["--tensor-model-parallel-size", "2",
-                                                                  "--sequence-parallel"])
+                                                                  "--sequence-parallel", "--save",
+                                                                  str(tmp_path / "ckpt")])
     for r in reports:
         assert_only_adapters_train(r)
     assert_close_losses(ref_6b["losses"], reports[0]["losses"], "debug-6b TP2 + sequence parallel")
+    check_padded_checkpoint_exports(tmp_path / "ckpt", ref_6b["save"], tmp_path)
+
+
+def check_padded_checkpoint_exports(padded: Path, ref: Path, tmp: Path) -> None:
+    """The TP2 checkpoint holds padded ViT heads (4 instead of 3: extra B rows of qkv, A columns of
+    proj); read and exported from its files, the padding is gone and everything equals the TP1 run's."""
+    from internvl_mcore.checkpoint.canonical import CanonicalCheckpoint
+    from internvl_mcore.checkpoint.dist_reader import DistCheckpointReader
+    from internvl_mcore.checkpoint.safetensors_io import SafetensorsDir
+    from internvl_mcore.convert import convert_hf_to_checkpoint
+    from internvl_mcore.convert.lora_export import export_lora, merge_adapters, read_lora_checkpoint
+
+    ckpt, want = read_lora_checkpoint(padded), read_lora_checkpoint(ref)
+    reader = DistCheckpointReader(ckpt.path)
+    vit = "vision_model.encoder.layers.self_attention."
+    assert reader.shape(vit + "linear_qkv.lora.b")[1:] == (4 * 3 * 16, 4)  # saved padded: 4 heads of (q, k, v)
+    assert reader.shape(vit + "linear_proj.lora.a")[1:] == (4, 4 * 16)
+    assert sorted(ckpt.base) == sorted(want.base) and sorted(ckpt.adapters) == sorted(want.adapters)
+    for name, t in ckpt.base.items():
+        assert torch.equal(t, want.base[name]), name
+    for name, t in ckpt.adapters.items():
+        torch.testing.assert_close(t, want.adapters[name], rtol=1e-4, atol=1e-6, msg=name)
+    export_lora(padded, tmp / "merged", "internvl", merge=True, lora_only=False)
+    convert_hf_to_checkpoint(tmp / "merged", tmp / "back")
+    back = CanonicalCheckpoint.open(tmp / "back").tensors
+    merged = merge_adapters(want.base, want.adapters, want.lora.config.scaling)
+    assert sorted(back) == sorted(merged)
+    for name, t in merged.items():
+        torch.testing.assert_close(back[name], t, rtol=1e-4, atol=1e-5, msg=name)
+    (adapter,) = export_lora(padded, tmp / "adapter", "transformers", merge=False, lora_only=True)
+    peft = SafetensorsDir(adapter.parent)
+    assert len(peft) == 2 * (4 * 7 + 2 * 6)  # every adapted module of both towers, A and B
+    assert peft.shape("base_model.model.model.vision_tower.encoder.layer.0.attention.q_proj.lora_B.weight") == (48, 4)
 
 
 # --- checkpoints ------------------------------------------------------------------------------
