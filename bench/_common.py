@@ -48,8 +48,11 @@ class Child:
         """None when it succeeded, else a short reason with its last lines of output."""
         if self.rc == 0 and self.killed is None:
             return None
-        tail = [line for _, line in self.lines if line.strip() and not line.startswith(("W1", "I1"))][-last:]
-        return f"{self.killed or f'exit {self.rc}'}: " + " | ".join(tail)
+        said = [line for _, line in self.lines if line.strip() and not line.startswith(("W1", "I1"))]
+        # a rank's own error line, not the launcher's summary that follows it
+        errors = [line for line in said if re.search(r"^error:|Error\b|Exception\b|^Killed", line)
+                  and "ChildFailedError" not in line and "elastic" not in line]
+        return f"{self.killed or f'exit {self.rc}'}: " + " | ".join((errors or said)[-last:])
 
     def stamps(self, pattern: str) -> dict[int, float]:
         """{the number the pattern's first group matched: seconds when that line arrived}."""
