@@ -6,6 +6,7 @@ the child inherited at fork time, and the parent's memory would blur a converter
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -34,8 +35,8 @@ class Child:
     """Bytes: the largest resident set of any one process of the command (wait4's ru_maxrss: the
     child and every descendant it waited for, e.g. each torchrun rank)."""
     tree_rss: int
-    """Bytes: the largest sum of the resident sets of all its processes, sampled every 0.5 s (a
-    short spike between samples is missed)."""
+    """Bytes: the largest sum of the resident sets of it and all its descendants, sampled every
+    0.5 s (a short spike between samples is missed)."""
     lines: list[tuple[float, str]] = field(default_factory=list)
     """(seconds since the start, line) of stdout and stderr, stamped as they arrived."""
     killed: Optional[str] = None
@@ -64,10 +65,11 @@ class Child:
         return found
 
 
-def _tree_rss(session: int, page: int = os.sysconf("SC_PAGE_SIZE")) -> int:
-    """Resident bytes of every process in `session` (the child was started as a session leader, so
-    all its descendants are in it unless one starts its own)."""
-    total = 0
+def _tree(root: int, page: int = os.sysconf("SC_PAGE_SIZE")) -> dict[int, int]:
+    """{pid: resident bytes} of process `root` and all its descendants (by parent links: torchrun
+    starts each rank in a session of its own, so a process group or session would miss them)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -76,19 +78,23 @@ def _tree_rss(session: int, page: int = os.sysconf("SC_PAGE_SIZE")) -> int:
                 after = f.read().rsplit(b")", 1)[1].split()
         except (OSError, IndexError):
             continue  # exited while we looked
-        if int(after[3]) == session:  # fields 6 (session) and 24 (rss, pages) of proc(5)
-            total += int(after[21]) * page
-    return total
+        children.setdefault(int(after[1]), []).append(int(pid))  # fields 4 (ppid) and 24 (rss, pages) of proc(5)
+        rss[int(pid)] = int(after[21]) * page
+    tree, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        tree[pid] = rss.get(pid, 0)
+        todo += children.get(pid, [])
+    return tree
 
 
 def run_child(cmd: list[str], label: str = "", env: Optional[dict] = None, mem_limit: Optional[int] = None,
               deadline_s: float = 3600.0, heartbeat_s: float = 30.0, cwd: Path = REPO) -> Child:
     """Run `cmd` to completion, measuring it; every `heartbeat_s` a progress line (the last line the
     child printed) goes to stdout. A child whose processes together exceed `mem_limit` bytes, or that
-    runs past `deadline_s`, is killed (its whole session) and reported as such."""
+    runs past `deadline_s`, is killed (it and every process it started) and reported as such."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     child = Child(cmd, -1, 0.0, 0, 0)
 
     def read() -> None:
@@ -98,7 +104,8 @@ def run_child(cmd: list[str], label: str = "", env: Optional[dict] = None, mem_l
     def watch(done: threading.Event) -> None:
         beat = start
         while not done.wait(0.5):
-            child.tree_rss = max(child.tree_rss, _tree_rss(proc.pid))
+            tree = _tree(proc.pid)
+            child.tree_rss = max(child.tree_rss, sum(tree.values()))
             now = time.perf_counter()
             reason = None
             if mem_limit is not None and child.tree_rss > mem_limit:
@@ -107,7 +114,9 @@ def run_child(cmd: list[str], label: str = "", env: Optional[dict] = None, mem_l
                 reason = f"killed by the bench: still running after {deadline_s:.0f}s"
             if reason and child.killed is None:
                 child.killed = reason
-                os.killpg(proc.pid, signal.SIGKILL)  # our child's own session
+                for pid in tree:  # our child and the processes it started, by id
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
             if heartbeat_s and now - beat >= heartbeat_s:
                 beat = now
                 last = next((line for _, line in reversed(child.lines) if line.strip()), "")

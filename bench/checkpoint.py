@@ -288,22 +288,34 @@ def print_table(bench: Bench) -> None:
     sys.stdout.flush()
 
 
-def has_async_save() -> bool:
+def has_async_save(dry_run: bool) -> bool:
     """Whether this tree's pretrain_internvl.py takes --async-save (issue #24 adds it)."""
+    if dry_run:  # torch is imported anyway to check the flags
+        return "--async-save" in _script("pretrain_internvl.py").build_parser()._option_string_actions
     out = subprocess.run([sys.executable, "pretrain_internvl.py", "--help"], cwd=REPO, capture_output=True,
                          text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     return "--async-save" in out.stdout
 
 
-def check_flags(cmds: dict[str, Cmd]) -> list[str]:
-    """Parse every command's flags with the parser of the script it runs (dry run): the problems."""
+_SCRIPTS: dict = {}
+
+
+def _script(path: str):
+    """The script of this repository at `path`, imported as a module (once)."""
     import importlib.util
 
+    if path not in _SCRIPTS:
+        spec = importlib.util.spec_from_file_location(f"_bench_{Path(path).stem}", REPO / path)
+        _SCRIPTS[path] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_SCRIPTS[path])
+    return _SCRIPTS[path]
+
+
+def check_flags(cmds: dict[str, Cmd]) -> list[str]:
+    """Parse every command's flags with the parser of the script it runs (dry run): the problems."""
     problems = []
     for name, cmd in cmds.items():
-        spec = importlib.util.spec_from_file_location(f"_bench_{Path(cmd.script).stem}", REPO / cmd.script)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = _script(cmd.script)
         parse = getattr(module, "parse_run_config", None) or module.build_parser().parse_args
         try:
             parse(cmd.argv)
@@ -340,7 +352,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         print(make_random_hf_dir(get_preset(args.preset), args.make_hf, "internvl", "fp32", "2GB"))
         return 0
-    async_save = has_async_save()
+    async_save = has_async_save(args.dry_run)
     print(f"--async-save {'found' if async_save else 'NOT found'} in pretrain_internvl.py; sizes {args.sizes}; "
           f"memory guard {args.mem_limit_gib} GiB", flush=True)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench_checkpoint_"))
