@@ -37,11 +37,13 @@ def test_dry_run_commands_pass_the_scripts_parsers(tmp_path: Path, capsys) -> No
 
 def test_save_stall_from_line_stamps_and_step_times(tmp_path: Path) -> None:
     bench = _bench_module()
-    stamps = {1: 10.0, 2: 12.0, 3: 20.0, 4: 22.0, 5: 31.0}
-    child = bench.Child([], 0, 31.0, 0, 0, [(t, f"iteration {k:6d}/5 | loss 1.0") for k, t in stamps.items()])
+    stamps = {1: 10.0, 2: 12.0, 3: 20.0, 4: 23.0, 5: 30.0, 6: 33.0}
+    child = bench.Child([], 0, 33.0, 0, 0, [(t, f"iteration {k:6d}/6 | loss 1.0") for k, t in stamps.items()])
     jsonl = tmp_path / "run.jsonl"
     jsonl.write_text("".join(json.dumps({"iteration": k, "step_time_s": 1.4 + k / 10}) + "\n" for k in stamps))
     stalls = bench.save_stalls(child, jsonl)
-    # gap after iteration k, less step k+1, less the same after iteration 1 (12 - 10 - 1.6 = 0.4)
+    # each step j from the save to the next one: gap to j+1 less step j+1, less the same after
+    # iteration 1 (12 - 10 - 1.6 = 0.4)
     assert stalls.keys() == {2, 4}
-    assert abs(stalls[2] - (20 - 12 - 1.7 - 0.4)) < 1e-9 and abs(stalls[4] - (31 - 22 - 1.9 - 0.4)) < 1e-9
+    assert abs(stalls[2] - ((20 - 12 - 1.7 - 0.4) + (23 - 20 - 1.8 - 0.4))) < 1e-9
+    assert abs(stalls[4] - ((30 - 23 - 1.9 - 0.4) + (33 - 30 - 2.0 - 0.4))) < 1e-9
