@@ -35,8 +35,8 @@ class Child:
     """Bytes: the largest resident set of any one process of the command (wait4's ru_maxrss: the
     child and every descendant it waited for, e.g. each torchrun rank)."""
     tree_rss: int
-    """Bytes: the largest sum of the resident sets of it and all its descendants, sampled every
-    0.5 s (a short spike between samples is missed)."""
+    """Bytes: the largest sum of the proportional set sizes (resident memory, shared pages counted
+    once) of it and all its descendants, sampled every 0.5 s (a short spike between samples is missed)."""
     lines: list[tuple[float, str]] = field(default_factory=list)
     """(seconds since the start, line) of stdout and stderr, stamped as they arrived."""
     killed: Optional[str] = None
@@ -66,7 +66,7 @@ class Child:
 
 
 def _tree(root: int, page: int = os.sysconf("SC_PAGE_SIZE")) -> dict[int, int]:
-    """{pid: resident bytes} of process `root` and all its descendants (by parent links: torchrun
+    """{pid: resident bytes (PSS)} of process `root` and all its descendants (by parent links: torchrun
     starts each rank in a session of its own, so a process group or session would miss them)."""
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
@@ -83,9 +83,23 @@ def _tree(root: int, page: int = os.sysconf("SC_PAGE_SIZE")) -> dict[int, int]:
     tree, todo = {}, [root]
     while todo:
         pid = todo.pop()
-        tree[pid] = rss.get(pid, 0)
+        tree[pid] = _pss(pid, rss.get(pid, 0))
         todo += children.get(pid, [])
     return tree
+
+
+def _pss(pid: int, rss: int) -> int:
+    """Proportional set size of `pid` (its private pages plus its share of pages shared with other
+    processes, such as torch's libraries), so that a sum over processes counts each page once;
+    its RSS where the kernel does not say."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return rss
 
 
 def run_child(cmd: list[str], label: str = "", env: Optional[dict] = None, mem_limit: Optional[int] = None,
@@ -134,7 +148,6 @@ def run_child(cmd: list[str], label: str = "", env: Optional[dict] = None, mem_l
     reader.join(timeout=30)
     watcher.join(timeout=30)
     child.peak_rss = usage.ru_maxrss * 1024
-    child.tree_rss = max(child.tree_rss, child.peak_rss)
     return child
 
 

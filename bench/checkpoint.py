@@ -284,11 +284,11 @@ class Bench:
 def print_table(bench: Bench) -> None:
     gib = lambda b: f"{b / GIB:.2f}" if b is not None else ""  # noqa: E731
     print(f"\n{bench.size} ({bench.preset}, TP{TP} x PP{PP}, stage 1, fp32):")
-    print(f"{'step':<44}{'wall s':>9}{'x cp':>7}{'peak RSS/proc GiB':>19}{'all procs GiB':>15}  note")
+    print(f"{'step':<44} {'wall s':>9} {'x cp':>8} {'peak RSS/proc GiB':>18} {'all procs GiB':>14}  note")
     for r in bench.rows:
         wall = f"{r.wall:.2f}" if r.wall is not None else "-"
         ratio = f"{r.wall / r.base:.1f}" if r.wall is not None and r.base else ""
-        print(f"{r.step:<44}{wall:>9}{ratio:>7}{gib(r.rss):>19}{gib(r.tree):>15}  {r.note}")
+        print(f"{r.step:<44} {wall:>9} {ratio:>8} {gib(r.rss):>18} {gib(r.tree):>14}  {r.note}")
     sys.stdout.flush()
 
 
