@@ -216,16 +216,20 @@ class Bench:
             return
         load = self.run("load", "--load resume (model, optimizer, RNG, data position; no step)")
         if load is not None:
-            self.rows.append(self._above_base("load: --load resume", load.wall - self.base_start, self.cp_ck, load))
+            self.rows.append(self._above_base("load: --load resume, start-up", load.wall, self.cp_ck, load))
         pre = self.run("pretrained", "--pretrained training checkpoint + 1 step")
         if pre is not None:
-            spent = pre.wall - step_times(self.work / "pretrained.jsonl").get(1, 0.0) - self.base_start
-            self.rows.append(self._above_base("load: --pretrained CKPT", spent, self.cp_ck, pre))
+            start = pre.wall - step_times(self.work / "pretrained.jsonl").get(1, 0.0)
+            self.rows.append(self._above_base("load: --pretrained CKPT, start-up", start, self.cp_ck, pre))
 
-    def _above_base(self, step: str, seconds: float, cp: float, child: Child) -> Row:
-        extra = (child.peak_rss - self.base.peak_rss) / GIB
-        return Row(step, seconds, cp, child.peak_rss, child.tree_rss,
-                   f"peak per process {extra:+.2f} GiB vs the run from random weights")
+    def _above_base(self, step: str, start: float, cp: float, child: Child) -> Row:
+        """A load's row: its run's start-up (wall less its step) in the wall column; the note has
+        the difference from the baseline's start-up (which initializes random weights, a cost a load
+        may skip: it can be negative) in seconds and in cp -r's, and the memory above the baseline."""
+        extra, more = start - self.base_start, (child.peak_rss - self.base.peak_rss) / GIB
+        return Row(step, start, None, child.peak_rss, child.tree_rss,
+                   f"{extra:+.1f}s vs the baseline's start-up ({extra / cp:+.1f}x cp); peak per process "
+                   f"{more:+.2f} GiB vs the baseline")
 
     def exports(self) -> None:
         if not hasattr(self, "cp_ck"):
@@ -249,8 +253,8 @@ class Bench:
                                  "goal: wall <= 5x cp"))
         pre = self.run("pretrained_hf", "import: --pretrained HF_DIR + 1 step")
         if pre is not None and hasattr(self, "base"):
-            spent = pre.wall - step_times(self.work / "pretrained_hf.jsonl").get(1, 0.0) - self.base_start
-            row = self._above_base("import --pretrained HF_DIR", spent, cp, pre)
+            start = pre.wall - step_times(self.work / "pretrained_hf.jsonl").get(1, 0.0)
+            row = self._above_base("import --pretrained HF_DIR, start-up", start, cp, pre)
             row.note += " (goal: <= +1 GiB)"
             self.rows.append(row)
 
