@@ -173,7 +173,9 @@ def make_random_hf_dir(cfg, out: str, fmt: str, dtype_name: str, max_shard_size:
     it imports torch). Tensors are made one at a time, seeded by name. Returns the parameter count."""
     import torch
 
-    from internvl_mcore.convert.hf import canonical_to_hf, hf_config_for, parse_size, write_hf_dir
+    from internvl_mcore.checkpoint.safetensors_io import parse_size, write_hf_dir
+    from internvl_mcore.convert.hf import canonical_to_hf
+    from internvl_mcore.convert.hf_config import hf_config_for
     from internvl_mcore.convert.keymaps import canonical_names, canonical_shapes
 
     shapes = canonical_shapes(cfg)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from internvl_mcore.config import ModelConfig, ParallelConfig
 from internvl_mcore.config.training import CheckpointConfig, DataConfig, LogConfig, RunConfig, TrainConfig
-from internvl_mcore.convert import CanonicalCheckpoint
+from internvl_mcore.checkpoint.canonical import CanonicalCheckpoint
 
 ITERS, RESUME_AT, SEQ, GBS = 10, 5, 64, 4
 
