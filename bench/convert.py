@@ -14,22 +14,17 @@ were just written, so every step reads from a warm page cache.
 from __future__ import annotations
 
 import argparse
-import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import math
-import re
-import zlib
 from pathlib import Path
-from collections.abc import Iterator, Mapping
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-# This process only orchestrates and stays small (no torch): a child's peak RSS as reported by
-# wait4 includes whatever it inherited from the parent at fork time.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# This process only orchestrates and stays small (no torch): see bench/_common.py.
+from _common import dir_bytes, make_random_hf_dir, run_child  # noqa: E402
 
 
 def make_hf_dir(size: str, out: str, max_shard_size: str) -> None:
@@ -37,58 +32,24 @@ def make_hf_dir(size: str, out: str, max_shard_size: str) -> None:
     InternVL3-1B, or for "small" the same widths with 4 ViT blocks, 4 decoder layers, 32k vocab."""
     import dataclasses
 
-    import torch
-
-    from internvl_mcore.checkpoint.safetensors_io import parse_size, write_hf_dir
     from internvl_mcore.config import get_preset
-    from internvl_mcore.convert.hf import canonical_to_hf
-    from internvl_mcore.convert.hf_config import hf_config_for
-    from internvl_mcore.convert.keymaps import canonical_names, canonical_shapes
 
     cfg = get_preset("internvl3-1b")
     if size == "small":
         cfg = cfg.replace(name="internvl3-1b-small", vision=dataclasses.replace(cfg.vision, num_layers=4),
                           llm=dataclasses.replace(cfg.llm, num_layers=4, vocab_size=32768))
-    shapes = canonical_shapes(cfg)
-
-    class RandomCanonical(Mapping):
-        """Random canonical tensors made on access (never all in memory at once)."""
-
-        def __getitem__(self, name: str) -> torch.Tensor:
-            g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-            return torch.empty(shapes[name], dtype=torch.bfloat16).uniform_(-0.03, 0.03, generator=g)
-
-        def __iter__(self) -> Iterator[str]:
-            return iter(canonical_names(cfg))
-
-        def __len__(self) -> int:
-            return len(canonical_names(cfg))
-
-    write_hf_dir(out, canonical_to_hf(RandomCanonical(), cfg, "internvl"),
-                 hf_config_for(cfg, "internvl", torch.bfloat16), parse_size(max_shard_size))
-    n = sum(math.prod(s) for k, s in shapes.items()
-            if not (cfg.llm.tie_word_embeddings and k == "language_model.output_layer.weight"))
+    n = make_random_hf_dir(cfg, out, "internvl", "bf16", max_shard_size)
     print(f"{cfg.name}: {n / 1e6:.0f}M params")
 
 
 def timed(cmd: list[str]) -> tuple[float, float, float | None]:
     """Run `cmd`; (wall seconds, child's peak RSS in MiB, the seconds the tool itself reports
     for the conversion without interpreter start-up and imports, if it prints "in N.Ns")."""
-    start = time.perf_counter()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        out.seek(0)
-        err.seek(0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{err.read().decode()}")
-        inner = re.search(r" in (\d+\.\d+)s", out.read().decode())
-    return wall, usage.ru_maxrss / 1024, float(inner.group(1)) if inner else None
-
-
-def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    child = run_child(cmd, heartbeat_s=0)
+    if child.failure():
+        raise RuntimeError(f"{' '.join(cmd)} failed: {child.failure()}")
+    inner = re.search(r" in (\d+\.\d+)s", child.text())
+    return child.wall, child.peak_rss / 2 ** 20, float(inner.group(1)) if inner else None
 
 
 def main() -> None:
