@@ -6,6 +6,7 @@ tensor conversion through the key maps: convert/hf.py).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -172,6 +173,8 @@ class SafetensorsDir(Mapping[str, torch.Tensor]):
         if not files:
             raise FileNotFoundError(f"{self.path}: no *.safetensors files (and no {INDEX_NAME})")
         self._info: dict[str, _TensorInfo] = {}
+        self.bytes_read = 0
+        """Tensor bytes read from disk so far (tests check that a rank reads only its shards)."""
         for f in files:
             if not f.exists():
                 raise FileNotFoundError(f"{f}: listed in {index} but missing")
@@ -191,9 +194,36 @@ class SafetensorsDir(Mapping[str, torch.Tensor]):
             f.seek(info.start)
             if f.readinto(buf) != info.nbytes:
                 raise ConversionError(f"{info.file}: truncated data for tensor {name!r}")
+        self.bytes_read += info.nbytes
         if not info.nbytes:
             return torch.empty(info.shape, dtype=info.dtype)
         return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+    def read_index(self, name: str, dim: int, index: torch.Tensor) -> torch.Tensor:
+        """`self[name].index_select(dim, index)` with zeros where `index` is -1, reading from disk only
+        the selected slices: each run of consecutive indices is one read per element of the dims
+        before `dim` (one read in all along dim 0), straight into the result."""
+        info = self._info.get(name)
+        if info is None:
+            raise KeyError(f"{self.path}: no tensor {name!r}")
+        shape = list(info.shape)
+        length, shape[dim] = shape[dim], len(index)
+        out = torch.zeros(shape, dtype=info.dtype)
+        inner = info.dtype.itemsize * math.prod(info.shape[dim + 1:])
+        outer = math.prod(info.shape[:dim])
+        dst = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.numel() else None
+        with open(info.file, "rb") as f:
+            fd = f.fileno()
+            for pos, first, n in index_runs(index):
+                if not 0 <= first <= first + n <= length:
+                    raise IndexError(f"{name}: rows {first}..{first + n} of {length} along dim {dim}")
+                for o in range(outer):
+                    at = (o * len(index) + pos) * inner
+                    want = n * inner
+                    if os.preadv(fd, [dst[at:at + want]], info.start + (o * length + first) * inner) != want:
+                        raise ConversionError(f"{info.file}: truncated data for tensor {name!r}")
+                    self.bytes_read += want
+        return out
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._info)
@@ -242,8 +272,43 @@ class Renamed(Mapping[str, torch.Tensor]):
     def original(self, name: str) -> str:
         return self._orig[name]
 
+    def read_index(self, name: str, dim: int, index: torch.Tensor) -> torch.Tensor:
+        return read_index(self.base, self._orig[name], dim, index)
+
     def shape(self, name: str) -> tuple[int, ...]:
         return tensor_shape(self.base, self._orig[name])
+
+    def dtype(self, name: str) -> torch.dtype:
+        dtype = getattr(self.base, "dtype", None)
+        return dtype(self._orig[name]) if callable(dtype) else self.base[self._orig[name]].dtype
+
+
+def index_runs(index: torch.Tensor) -> Iterator[tuple[int, int, int]]:
+    """(position in `index`, first source index, length) of every run of consecutive indices >= 0."""
+    idx = index.tolist()
+    pos = 0
+    while pos < len(idx):
+        if idx[pos] < 0:
+            pos += 1
+            continue
+        end = pos + 1
+        while end < len(idx) and idx[end] == idx[end - 1] + 1:
+            end += 1
+        yield pos, idx[pos], end - pos
+        pos = end
+
+
+def read_index(src: Mapping[str, torch.Tensor], name: str, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """`src[name]` at positions `index` along `dim` (-1: a zero slice). Through the source's own
+    `read_index` when it has one (only those slices are read), else cut from the whole tensor."""
+    reader = getattr(src, "read_index", None)
+    if callable(reader):
+        return reader(name, dim, index)
+    full = src[name]
+    out = full.index_select(dim, index.clamp(min=0))
+    if bool((index < 0).any()):
+        out.index_fill_(dim, (index < 0).nonzero().flatten(), 0)
+    return out
 
 
 def tensor_shape(src: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
