@@ -18,16 +18,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from internvl_mcore.cli_errors import naming, read_json
 from ..config.model import LLMConfig, ModelConfig, ParallelConfig, VisionConfig
-from .hf import hf_to_canonical
+from .hf import canonical_plan, hf_to_canonical
 from .hf_config import model_config_from_hf, read_hf_config
-from .safetensors_io import (DEFAULT_MAX_SHARD_BYTES, ConversionError, SafetensorsDir, ShardedWriter, dtype_name,
-                             parse_dtype, source_dtype)
+from .safetensors_io import (DEFAULT_MAX_SHARD_BYTES, ConversionError, SafetensorsDir, ShardedWriter, StreamingWriter,
+                             dtype_name, parse_dtype, source_dtype)
 
 META_NAME = "model_config.json"
 FORMAT_VERSION = 1
@@ -77,10 +77,13 @@ class CanonicalCheckpoint:
 
 
 def save_canonical(out_dir: str | os.PathLike, cfg: ModelConfig, tensors: Any, source: Mapping[str, Any] | None = None,
-                   layout: ParallelConfig | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Write a canonical checkpoint from (name, tensor) pairs (an iterator is streamed)."""
+                   layout: ParallelConfig | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                   plan: Sequence[tuple[str, torch.dtype, tuple[int, ...]]] | None = None) -> Path:
+    """Write a canonical checkpoint from (name, tensor) pairs (an iterator is streamed). With `plan`
+    ((name, dtype, shape) of every tensor, in order) each tensor goes to disk as it arrives
+    (StreamingWriter); without, up to one output shard is held in memory (ShardedWriter)."""
     out = Path(out_dir)
-    writer = ShardedWriter(out, max_shard_bytes)
+    writer = ShardedWriter(out, max_shard_bytes) if plan is None else StreamingWriter(out, plan, max_shard_bytes)
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     for name, t in items:
         writer.add(name, t)
@@ -101,11 +104,15 @@ def save_canonical(out_dir: str | os.PathLike, cfg: ModelConfig, tensors: Any, s
 def convert_hf_to_checkpoint(hf_dir: str | os.PathLike, save: str | os.PathLike, layout: ParallelConfig | None = None,
                              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = False) -> ModelConfig:
     """Read an HF checkpoint (either layout; the format and model come from config.json) and write a
-    canonical checkpoint. Everything is validated before the first tensor is converted."""
+    canonical checkpoint. Everything is validated before the first tensor is converted.
+
+    Streams tensor by tensor: each HF tensor is read, converted and written to its place in the
+    output shard, so memory holds one tensor's HF pieces and its canonical form, never the model."""
     hf_config = read_hf_config(hf_dir)
     cfg, fmt = model_config_from_hf(hf_config, hf_dir)
     src = SafetensorsDir(hf_dir)
     dtype = source_dtype(src)
     source = {"format": fmt, "dtype": dtype_name(dtype), "hf_config": hf_config, "hf_dir": str(Path(hf_dir).resolve())}
-    save_canonical(save, cfg, hf_to_canonical(src, cfg, fmt, progress=progress), source, layout, max_shard_bytes)
+    save_canonical(save, cfg, hf_to_canonical(src, cfg, fmt, progress=progress), source, layout, max_shard_bytes,
+                   plan=canonical_plan(src, cfg, fmt))
     return cfg

@@ -28,7 +28,7 @@ _ROW_STRIDE = 1 << 40
 __all__ = [
     "CONFIG_NAME", "DEFAULT_MAX_SHARD_BYTES", "FORMAT_OF_MODEL_TYPE", "INDEX_NAME", "MODEL_TYPE_OF_FORMAT",
     "SINGLE_NAME", "ConversionError", "HFAsCanonical", "Renamed", "SafetensorsDir", "ShardedWriter",
-    "canonical_to_hf", "check_hf_tensors", "copy_side_files", "dtype_name", "hf_config_for", "hf_to_canonical",
+    "canonical_plan", "canonical_to_hf", "check_hf_tensors", "copy_side_files", "dtype_name", "hf_config_for", "hf_to_canonical",
     "matching_preset", "model_config_from_hf", "parse_dtype", "parse_size", "read_hf_config",
     "read_safetensors_header", "source_dtype", "tensor_shape", "write_hf_dir", "write_safetensors",
 ]
@@ -97,6 +97,17 @@ def hf_to_canonical(src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str,
     entries = [e for e in check_hf_tensors(src, cfg, fmt) if e.present]
     for e in tqdm(entries, desc="HF -> canonical", unit="tensor", disable=None if progress else True):  # a bar on a terminal only
         yield e.canonical, e.transform.to_canonical([src[h] for h in e.hf], cfg).contiguous()
+
+
+def canonical_plan(src: Mapping[str, torch.Tensor], cfg: ModelConfig,
+                   fmt: str) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(canonical name, dtype, shape) of every tensor `hf_to_canonical` will yield, in its order, from
+    the headers alone (validates like it): what a StreamingWriter lays its shards out from."""
+    src = _normalize(src, fmt)
+    dtype = getattr(src, "dtype", None)
+    shapes = canonical_shapes(cfg)
+    return [(e.canonical, dtype(e.hf[0]) if callable(dtype) else src[e.hf[0]].dtype, shapes[e.canonical])
+            for e in check_hf_tensors(src, cfg, fmt) if e.present]
 
 
 class HFAsCanonical(Mapping[str, torch.Tensor]):

@@ -130,26 +130,38 @@ def _check_entry(path: str | os.PathLike, name: str, entry: Any, data_bytes: int
                               f"{begin}..{end}) does not fit the file's {data_bytes} data bytes")
 
 
-def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
-                      metadata: Mapping[str, str] | None = None) -> None:
-    """Write contiguous CPU tensors as one safetensors file, straight from their memory."""
+def _header(specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+            metadata: Mapping[str, str] | None) -> tuple[bytes, dict[str, int]]:
+    """The header block (length, JSON padded to 8 bytes) of a safetensors file holding tensors of
+    these (dtype, shape), laid out in name order, and each tensor's offset from the start of the file."""
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    names = sorted(tensors)
-    for name in names:
-        t = tensors[name]
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+    offset, starts = 0, {}
+    for name in sorted(specs):
+        dtype, shape = specs[name]
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _ST_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        starts[name] = offset
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
+    block = len(blob).to_bytes(8, "little") + blob
+    return block, {name: len(block) + start for name, start in starts.items()}
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    return memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """Write contiguous CPU tensors as one safetensors file, straight from their memory."""
+    block, _ = _header({k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}, metadata)
     with naming(path), open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for name in names:
+        f.write(block)
+        for name in sorted(tensors):
             t = tensors[name]
             if t.numel():
-                f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                f.write(_bytes_of(t))
 
 
 class SafetensorsDir(Mapping[str, torch.Tensor]):
@@ -369,6 +381,54 @@ class ShardedWriter:
             with naming(self.out / INDEX_NAME):
                 (self.out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         return final
+
+
+class StreamingWriter(ShardedWriter):
+    """A ShardedWriter that holds no tensor: the names, dtypes and shapes to come are known up front
+    (`plan`, in arrival order), so the shards and their headers are laid out first and each tensor is
+    written at its place the moment it arrives. Same files as ShardedWriter for the same tensors."""
+
+    def __init__(self, out_dir: str | os.PathLike, plan: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+        super().__init__(out_dir, max_shard_bytes)
+        shards: list[dict[str, tuple[torch.dtype, tuple[int, ...]]]] = []
+        size = 0
+        for name, dtype, shape in plan:  # ShardedWriter's rule: a tensor that overflows starts a new shard
+            nbytes = math.prod(shape) * dtype.itemsize
+            if not shards or (shards[-1] and size + nbytes > max_shard_bytes):
+                shards.append({})
+                size = 0
+            if any(name in sh for sh in shards):
+                raise ConversionError(f"tensor {name!r} written twice")
+            shards[-1][name] = (dtype, tuple(shape))
+            size += nbytes
+            self.total_bytes += nbytes
+        self._place: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}
+        for k, specs in enumerate(shards):
+            block, starts = _header(specs, {"format": "pt"})
+            with naming(self._tmp(k)), open(self._tmp(k), "wb") as f:
+                f.write(block)
+                f.truncate(len(block) + sum(math.prod(sh) * dt.itemsize for dt, sh in specs.values()))
+            self._place.update({n: (k, starts[n], *specs[n]) for n in specs})
+        self._shards = [list(specs) for specs in shards]
+        self._pending = set(self._place)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one planned tensor into its shard file."""
+        if name not in self._pending:
+            raise ConversionError(f"tensor {name!r} {'written twice' if name in self._place else 'not planned'}")
+        k, start, dtype, shape = self._place[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ConversionError(f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, planned {dtype} {shape}")
+        if tensor.numel():
+            with naming(self._tmp(k)), open(self._tmp(k), "r+b") as f:
+                f.seek(start)
+                f.write(_bytes_of(tensor))
+        self._pending.discard(name)
+
+    def _flush(self) -> None:
+        if self._pending:
+            raise ConversionError(f"tensor(s) {sorted(self._pending)[:5]} planned but never written")
 
 
 # =============================================================================================

@@ -91,3 +91,26 @@ def test_slice_reads_equal_whole_tensor_shards(sources, tmp_path, name):
         read = _check_equal(src, full, cfg, 2)
         # each rank reads about half: its slices plus the (small) replicated tensors, never the model
         assert all(0.45 * total < r < 0.62 * total for r in read), (name, read, total)
+
+
+def test_streaming_writer_writes_the_sharded_writers_files(tmp_path):
+    """convert_from_hf's writer (tensors to disk as they arrive, shards laid out from the plan) gives
+    byte for byte the files of the writer that buffers a shard, across several shards."""
+    from internvl_mcore.convert.safetensors_io import ShardedWriter, StreamingWriter
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = [(f"t{i}", torch.randn(3 + i, 5, generator=gen).to(dt))
+               for i, dt in enumerate([torch.float32, torch.bfloat16, torch.float32, torch.float16, torch.float32])]
+    tensors.insert(2, ("empty", torch.empty(0, 4)))
+    plan = [(k, t.dtype, tuple(t.shape)) for k, t in tensors]
+    for cls, out in ((ShardedWriter, tmp_path / "a"), (StreamingWriter, tmp_path / "b")):
+        w = cls(out, 150) if cls is ShardedWriter else cls(out, plan, 150)
+        for k, t in tensors:
+            w.add(k, t)
+        w.close()
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert len(files) > 3 and files == sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    w = StreamingWriter(tmp_path / "c", plan, 150)
+    with pytest.raises(ValueError, match="planned"):
+        w.add("t0", tensors[0][1].double())
