@@ -195,11 +195,6 @@ def read_shard(state: Mapping[str, torch.Tensor], name: str, param: torch.nn.Par
     return reader(name, param.partition_dim, index)
 
 
-def _canonical_shape_in(state: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
-    shape = getattr(state, "shape", None)  # lazy sources know shapes without reading the tensor
-    return tuple(shape(name)) if callable(shape) else tuple(state[name].shape)
-
-
 @torch.no_grad()
 def load_canonical(model: torch.nn.Module, state: Mapping[str, torch.Tensor], cfg: ModelConfig,
                    pg_collection: ProcessGroupCollection | None = None, strict: bool = True) -> None:
@@ -214,10 +209,15 @@ def load_canonical(model: torch.nn.Module, state: Mapping[str, torch.Tensor], cf
             if strict:
                 raise KeyError(f"canonical state dict has no {name!r} (for local parameter {local!r})")
             continue
-        got, want = _canonical_shape_in(state, name), canonical_shape(name, p, cfg, layout)
+        lazy = callable(getattr(state, "shape", None))  # knows shapes without reading the tensor
+        full = None if lazy else state[name]
+        got = tuple(state.shape(name)) if lazy else tuple(full.shape)
+        want = canonical_shape(name, p, cfg, layout)
         if got != want:
             raise ValueError(f"{name}: canonical tensor has shape {got}, model expects {want}")
-        p.copy_(read_shard(state, name, p, cfg, layout).to(p.dtype))
+        piece = read_shard(state, name, p, cfg, layout) if lazy else shard(full, name, p, cfg, layout)
+        p.copy_(piece.to(p.dtype))
+        del full, piece  # before the next read: at most one tensor besides the model at a time
 
 
 def canonical_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
