@@ -6,7 +6,7 @@
                              holding the canonical state dict (models/weights.py names, TP1/PP1)
 
 and `convert_hf_to_checkpoint` (HF -> canonical, streaming). Any rank of any TP/PP layout loads its
-shards from it with `models/weights.py: load_canonical` (reading only the tensors it needs). What
+shards from it with `models/weights.py: load_canonical` (reading only the slices it holds). What
 needs a model built in a parallel layout (gathering, verifying a layout, exporting a training
 checkpoint, canonical -> HF) is in convert/distributed.py. This module imports no megatron-core, so
 the CLIs' flag parsing (convert/source.py) stays light.
