@@ -15,7 +15,7 @@ from tqdm import tqdm
 from ..config.model import ModelConfig
 from .hf_config import (FORMAT_OF_MODEL_TYPE, MODEL_TYPE_OF_FORMAT, hf_config_for, matching_preset,
                         model_config_from_hf, read_hf_config)
-from .keymaps import READ_ALIASES, Entry, canonical_shapes, expand, keymap
+from .keymaps import READ_ALIASES, Entry, canonical_shapes, copy_to_canonical, expand, keymap
 from .safetensors_io import (CONFIG_NAME, DEFAULT_MAX_SHARD_BYTES, INDEX_NAME, SINGLE_NAME,
                              ConversionError, Renamed, SafetensorsDir, ShardedWriter, copy_side_files, dtype_name,
                              parse_dtype, parse_size, read_index, read_safetensors_header, source_dtype,
@@ -144,9 +144,12 @@ class HFAsCanonical(Mapping[str, torch.Tensor]):
         self._entries[name]  # KeyError for an unknown name
         return self._shapes[name]
 
-    def read_index(self, name: str, dim: int, index: torch.Tensor) -> torch.Tensor:
-        """`self[name].index_select(dim, index)`, zeros where `index` is -1, reading only those slices."""
+    def read_index(self, name: str, dim: int, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`self[name].index_select(dim, index)`, zeros where `index` is -1, reading only those slices
+        (for a tensor stored as is, e.g. embeddings, output layer, proj, fc2: into `out` where it fits)."""
         e = self._entries[name]
+        if e.transform.to_canonical is copy_to_canonical:
+            return read_index(self.src, e.hf[0], dim, index, out)
         if dim != 0:  # the transform moves rows only: pick the columns first
             parts = [read_index(self.src, h, dim, index) for h in e.hf]
             return e.transform.to_canonical(parts, self.cfg).contiguous()

@@ -211,16 +211,20 @@ class SafetensorsDir(Mapping[str, torch.Tensor]):
             return torch.empty(info.shape, dtype=info.dtype)
         return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
 
-    def read_index(self, name: str, dim: int, index: torch.Tensor) -> torch.Tensor:
+    def read_index(self, name: str, dim: int, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """`self[name].index_select(dim, index)` with zeros where `index` is -1, reading from disk only
         the selected slices: each run of consecutive indices is one read per element of the dims
-        before `dim` (one read in all along dim 0), straight into the result."""
+        before `dim` (one read in all along dim 0), straight into the result -- into `out` when it
+        is a contiguous tensor of the result's dtype and shape (a parameter: no copy at all)."""
         info = self._info.get(name)
         if info is None:
             raise KeyError(f"{self.path}: no tensor {name!r}")
         shape = list(info.shape)
         length, shape[dim] = shape[dim], len(index)
-        out = torch.zeros(shape, dtype=info.dtype)
+        if out is None or out.dtype != info.dtype or list(out.shape) != shape or not out.is_contiguous():
+            out = torch.zeros(shape, dtype=info.dtype)
+        elif bool((index < 0).any()):
+            out.index_fill_(dim, (index < 0).nonzero().flatten(), 0)
         inner = info.dtype.itemsize * math.prod(info.shape[dim + 1:])
         outer = math.prod(info.shape[:dim])
         dst = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.numel() else None
@@ -284,8 +288,8 @@ class Renamed(Mapping[str, torch.Tensor]):
     def original(self, name: str) -> str:
         return self._orig[name]
 
-    def read_index(self, name: str, dim: int, index: torch.Tensor) -> torch.Tensor:
-        return read_index(self.base, self._orig[name], dim, index)
+    def read_index(self, name: str, dim: int, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return read_index(self.base, self._orig[name], dim, index, out)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tensor_shape(self.base, self._orig[name])
@@ -310,12 +314,14 @@ def index_runs(index: torch.Tensor) -> Iterator[tuple[int, int, int]]:
         pos = end
 
 
-def read_index(src: Mapping[str, torch.Tensor], name: str, dim: int, index: torch.Tensor) -> torch.Tensor:
+def read_index(src: Mapping[str, torch.Tensor], name: str, dim: int, index: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """`src[name]` at positions `index` along `dim` (-1: a zero slice). Through the source's own
-    `read_index` when it has one (only those slices are read), else cut from the whole tensor."""
+    `read_index` when it has one (only those slices are read, into `out` where it fits), else cut
+    from the whole tensor."""
     reader = getattr(src, "read_index", None)
     if callable(reader):
-        return reader(name, dim, index)
+        return reader(name, dim, index, out)
     full = src[name]
     out = full.index_select(dim, index.clamp(min=0))
     if bool((index < 0).any()):

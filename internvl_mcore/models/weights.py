@@ -182,17 +182,19 @@ def shard_index(name: str, param: torch.nn.Parameter, cfg: ModelConfig, layout: 
 
 
 def read_shard(state: Mapping[str, torch.Tensor], name: str, param: torch.nn.Parameter, cfg: ModelConfig,
-               layout: ShardPlacement) -> torch.Tensor:
+               layout: ShardPlacement, into_param: bool = False) -> torch.Tensor:
     """This rank's shard of the canonical tensor `state[name]` for the local parameter `param`.
 
-    A source with `read_index(name, dim, index)` (convert/: SafetensorsDir for canonical checkpoints,
-    HFAsCanonical for HF directories) reads only the shard's slices, so a rank holds its shard and
-    never the whole tensor; any other mapping is indexed whole and cut with `shard`."""
+    A source with `read_index(name, dim, index, out)` (convert/: SafetensorsDir for canonical
+    checkpoints, HFAsCanonical for HF directories) reads only the shard's slices, so a rank holds its
+    shard and never the whole tensor -- with `into_param`, straight into the parameter's memory where
+    the dtypes agree (then the result is `param.data`); any other mapping is indexed whole and cut
+    with `shard`."""
     index = shard_index(name, param, cfg, layout)
     reader = getattr(state, "read_index", None)
     if index is None or not callable(reader):
         return shard(state[name], name, param, cfg, layout)
-    return reader(name, param.partition_dim, index)
+    return reader(name, param.partition_dim, index, param.data if into_param else None)
 
 
 @torch.no_grad()
@@ -201,8 +203,8 @@ def load_canonical(model: torch.nn.Module, state: Mapping[str, torch.Tensor], cf
     """Copy a canonical (TP1/PP1) state dict into this rank's shards; shape errors name the key.
 
     Tensor by tensor through `read_shard`: from a lazy source a rank reads only its own slices, so
-    its peak host memory is its model shard plus one local tensor (replicated tensors are read whole:
-    the rank holds them whole)."""
+    its peak host memory is its model shard plus one local tensor (none where the slices go straight
+    into the parameter; replicated tensors are read whole: the rank holds them whole)."""
     layout = ShardPlacement.of(unwrap_model(model), pg_collection)
     for local, name, p in local_params(model, layout):
         if name not in state:
@@ -215,8 +217,9 @@ def load_canonical(model: torch.nn.Module, state: Mapping[str, torch.Tensor], cf
         want = canonical_shape(name, p, cfg, layout)
         if got != want:
             raise ValueError(f"{name}: canonical tensor has shape {got}, model expects {want}")
-        piece = read_shard(state, name, p, cfg, layout) if lazy else shard(full, name, p, cfg, layout)
-        p.copy_(piece.to(p.dtype))
+        piece = read_shard(state, name, p, cfg, layout, into_param=True) if lazy else shard(full, name, p, cfg, layout)
+        if piece.data_ptr() != p.data_ptr():  # else read straight into the parameter
+            p.copy_(piece.to(p.dtype))
         del full, piece  # before the next read: at most one tensor besides the model at a time
 
 

@@ -45,14 +45,14 @@ def sources(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def rank_params(cfg, tp: int, rank: int) -> list[tuple[str, torch.nn.Parameter, ShardPlacement]]:
-    """(canonical name, an empty parameter tagged like megatron-core's, placement) on TP rank `rank` of
+def rank_params(cfg, tp: int, rank: int, dtype: torch.dtype) -> list[tuple[str, torch.nn.Parameter, ShardPlacement]]:
+    """(canonical name, a NaN parameter tagged like megatron-core's, placement) on TP rank `rank` of
     a TP `tp` x PP1 x EP1 layout (expert-TP = TP): at PP1 / EP1 local names are canonical names."""
     shapes = canonical_shapes(cfg)
     layout = ShardPlacement(rank, tp, 0, etp_rank=rank, etp_size=tp)
     out = []
     for spec in stage_params(cfg, ParallelConfig(tensor_model_parallel_size=tp), 0):
-        p = torch.nn.Parameter(torch.empty(spec.shape), requires_grad=False)
+        p = torch.nn.Parameter(torch.full(spec.shape, float("nan"), dtype=dtype), requires_grad=False)
         if spec.shape != shapes[spec.name]:  # split over TP (at TP > 1 every split tensor changes shape)
             p.tensor_model_parallel, p.partition_dim = True, split_dim(spec.name)
         out.append((spec.name, p, layout))
@@ -61,15 +61,18 @@ def rank_params(cfg, tp: int, rank: int) -> list[tuple[str, torch.nn.Parameter, 
 
 def _check_equal(src, full, cfg, tp: int) -> list[int]:
     """Compare every rank's slice-read shards with shards cut from `full`; the bytes each rank read."""
-    read = []
+    read, direct = [], 0
     for rank in range(tp):
         before = src_bytes(src)
-        for name, p, layout in rank_params(cfg, tp, rank):
-            got = read_shard(src, name, p, cfg, layout)
+        for name, p, layout in rank_params(cfg, tp, rank, next(iter(full.values())).dtype):
             want = shard(full[name], name, p, cfg, layout)
-            assert got.dtype == want.dtype and got.shape == p.shape == want.shape, (name, rank)
-            assert torch.equal(got, want), (name, tp, rank)
-        read.append(src_bytes(src) - before)
+            for into_param in (False, True):  # a new tensor, or (tensors stored as is) the parameter itself
+                got = read_shard(src, name, p, cfg, layout, into_param=into_param)
+                assert got.dtype == want.dtype and got.shape == p.shape == want.shape, (name, rank)
+                assert torch.equal(got, want), (name, tp, rank, into_param)
+                direct += into_param and got.data_ptr() == p.data_ptr()
+        read.append((src_bytes(src) - before) // 2)
+    assert direct > 0  # the padded embedding and the vision proj at least went straight into the parameter
     return read
 
 
