@@ -22,7 +22,7 @@ from internvl_mcore.config.presets import PRESETS
 from internvl_mcore.config.lora import LoRAConfig
 from internvl_mcore.config.needs import ignored_flags
 from internvl_mcore.config.training import CheckpointConfig, DataConfig, LogConfig, RunConfig, TrainConfig
-from internvl_mcore.convert.hf import ConversionError
+from internvl_mcore.checkpoint.safetensors_io import ConversionError
 from internvl_mcore.convert.source import resolve_model
 
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     except preemption.Terminated:
         _terminated()
     preemption.install(exit_signal_handler=run.checkpoint.exit_signal_handler)
-    from internvl_mcore.training.checkpoint import CheckpointError
+    from internvl_mcore.checkpoint.format import CheckpointError
     from internvl_mcore.training.guards import PeerLost, TrainingDiverged
     from internvl_mcore.training.loop import ConfigError, train
     from internvl_mcore.training.save_dir import SaveDirRefused

@@ -39,8 +39,10 @@ def make_hf_dir(size: str, out: str, max_shard_size: str) -> None:
 
     import torch
 
+    from internvl_mcore.checkpoint.safetensors_io import parse_size, write_hf_dir
     from internvl_mcore.config import get_preset
-    from internvl_mcore.convert.hf import canonical_to_hf, hf_config_for, parse_size, write_hf_dir
+    from internvl_mcore.convert.hf import canonical_to_hf
+    from internvl_mcore.convert.hf_config import hf_config_for
     from internvl_mcore.convert.keymaps import canonical_names, canonical_shapes
 
     cfg = get_preset("internvl3-1b")

@@ -231,7 +231,8 @@ def build_hf(cfg: ModelConfig, ours, lr: float):
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
     from internvl_mcore.convert.distributed import gather_canonical_state
-    from internvl_mcore.convert.hf import canonical_to_hf, hf_config_for
+    from internvl_mcore.convert.hf import canonical_to_hf
+    from internvl_mcore.convert.hf_config import hf_config_for
     from internvl_mcore.convert.keymaps import TRANSFORMERS_READ_ALIASES
 
     config = InternVLConfig.from_dict(hf_config_for(cfg, "transformers", torch.float32))

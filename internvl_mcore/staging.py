@@ -31,7 +31,7 @@ from typing import Iterable, Iterator
 # What tools/convert_to_hf.py writes (weights, index, config, PEFT adapter): removed from an existing
 # export directory under --overwrite before the new files move in. Anything else there is kept.
 HF_EXPORT_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", "adapter_config.json")
-# What tools/convert_from_hf.py writes (internvl_mcore/convert/canonical.py: save_canonical).
+# What tools/convert_from_hf.py writes (internvl_mcore/checkpoint/canonical.py: save_canonical).
 CANONICAL_FILES = ("*.safetensors", "*.safetensors.index.json", "model_config.json")
 
 _STAGING = ".staging-"

@@ -2,7 +2,9 @@
 
 - no function longer than MAX_LINES, except the ones listed in LONG_FUNCTIONS_OWNED_ELSEWHERE
   (the training loop, which its own issue splits);
-- dependencies run training -> convert -> models: nothing under convert/ imports the training package;
+- dependencies run training -> convert -> checkpoint -> models: nothing under convert/ imports the
+  training package, nothing under checkpoint/ imports training/ or convert/, nothing under models/
+  imports checkpoint/;
 - model code holds no global process-group look-ups: the groups are passed in (parallel/state.py:
   init_distributed returns them), and the context-parallel attention has no fallback either;
 - the training package (loop, checkpointing, MPO, ...) reads no rank, size or group from megatron's
@@ -65,11 +67,17 @@ def test_no_long_functions():
     assert not fixed, f"no longer too long, drop from LONG_FUNCTIONS_OWNED_ELSEWHERE: {fixed}"
 
 
-def test_convert_does_not_import_training():
-    bad = [(rel, node.lineno) for rel, tree in _modules() if rel.startswith("convert/")
+# area -> the packages it must not import (training -> convert -> checkpoint -> models)
+LOWER_LAYERS = {"convert/": ("training",), "checkpoint/": ("training", "convert"), "models/": ("checkpoint",)}
+
+
+@pytest.mark.parametrize("area", sorted(LOWER_LAYERS))
+def test_dependencies_run_one_way(area):
+    forbidden = tuple(f"internvl_mcore.{name}" for name in LOWER_LAYERS[area])
+    bad = [(rel, node.lineno, mod) for rel, tree in _modules() if rel.startswith(area)
            for node in ast.walk(tree) for mod in _imported_modules(node, rel)
-           if mod.startswith("internvl_mcore.training")]
-    assert not bad, f"convert/ must not import the training package (training -> convert -> models): {bad}"
+           if mod in forbidden or mod.startswith(tuple(f + "." for f in forbidden))]
+    assert not bad, f"{area} must not import {LOWER_LAYERS[area]} (training -> convert -> checkpoint -> models): {bad}"
 
 
 @pytest.mark.parametrize("area", ["models/", "parallel/context_parallel"])

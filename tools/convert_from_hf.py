@@ -11,7 +11,7 @@ from config.json and any tensor that does not fit it is refused, naming the key 
 
 CKPT must be new or empty (--overwrite replaces our files in it); it is written beside CKPT and moved
 in only when complete, so a failed conversion leaves no CKPT. It is a canonical, layout-independent
-checkpoint (internvl_mcore/convert/canonical.py): every TP/PP layout loads its shards from it
+checkpoint (internvl_mcore/checkpoint/canonical.py): every TP/PP layout loads its shards from it
 (`pretrain_internvl.py --pretrained CKPT`, each rank reading only its own slices).
 
 The conversion streams: one tensor at a time is read, converted and written to its place in the
@@ -29,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from internvl_mcore.convert.hf import parse_size  # noqa: E402
+from internvl_mcore.checkpoint.safetensors_io import parse_size  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,7 +32,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from internvl_mcore.convert.hf import parse_size  # noqa: E402
+from internvl_mcore.checkpoint.safetensors_io import parse_size  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +72,7 @@ def check_paths(args: argparse.Namespace) -> None:
 
 def export(args: argparse.Namespace, save: str) -> list:
     from internvl_mcore.convert import convert_checkpoint_to_hf
-    from internvl_mcore.convert.hf import parse_dtype
+    from internvl_mcore.checkpoint.safetensors_io import parse_dtype
     from internvl_mcore.convert.lora_export import export_lora, is_lora_checkpoint
 
     dtype = parse_dtype(args.dtype) if args.dtype else None
@@ -84,7 +84,7 @@ def export(args: argparse.Namespace, save: str) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from internvl_mcore.checkpoint_format import CheckpointError
+    from internvl_mcore.checkpoint.format import CheckpointError
     from internvl_mcore.cli_errors import USER_ERRORS, disk_full_names, run_cli
     from internvl_mcore.staging import HF_EXPORT_FILES, staged_dir
 

@@ -1,31 +1,27 @@
 """Checkpoint converters between HF layouts and our canonical (layout-independent) checkpoints.
 
 - keymaps.py: the key maps as data (rules + named reshape functions), and canonical shapes.
-- safetensors_io.py: HF directories on disk: sharded safetensors read/write, config.json and side files.
 - hf_config.py: config.json <-> ModelConfig for both HF layouts.
-- hf.py: streaming conversion between HF and canonical tensors through the key maps.
-- canonical.py: the canonical checkpoint directory and `convert_hf_to_checkpoint` (no megatron-core).
+- hf.py: streaming conversion between HF and canonical tensors through the key maps, and
+  `convert_hf_to_checkpoint` (no megatron-core).
 - distributed.py: what needs a model built in a parallel layout: sharded model -> canonical, layout
-  verification, training checkpoints (format: internvl_mcore/checkpoint_format.py) -> canonical, and
+  verification, training checkpoints (format: internvl_mcore/checkpoint/format.py) -> canonical, and
   `convert_checkpoint_to_hf` (tools/convert_to_hf.py).
 
-Dependencies run training -> convert -> models: nothing here imports the training package.
+The checkpoint files themselves (safetensors directories, the canonical directory, the training
+checkpoint's format) are in internvl_mcore/checkpoint/.
+Dependencies run training -> convert -> checkpoint -> models: nothing here imports the training package.
 """
 import importlib
 
-from .canonical import (CanonicalCheckpoint, convert_hf_to_checkpoint, model_config_from_dict, model_config_to_dict,
-                        save_canonical)
-from .hf import canonical_to_hf, hf_to_canonical
+from .hf import canonical_to_hf, convert_hf_to_checkpoint, hf_to_canonical
 from .hf_config import hf_config_for, model_config_from_hf, read_hf_config
-from .safetensors_io import ConversionError, SafetensorsDir, write_hf_dir
 from .keymaps import FORMATS, canonical_shapes, keymap
 
 __all__ = [
-    "CanonicalCheckpoint", "ConversionError", "FORMATS", "SafetensorsDir", "canonical_shapes", "canonical_to_hf",
-    "convert_checkpoint_to_hf", "convert_hf_to_checkpoint", "gather_canonical_state", "hf_config_for",
-    "hf_to_canonical", "keymap", "model_config_from_dict", "model_config_from_hf", "model_config_to_dict",
-    "read_hf_config", "save_canonical", "training_checkpoint_to_canonical", "unshard", "verify_layout",
-    "write_hf_dir",
+    "FORMATS", "canonical_shapes", "canonical_to_hf", "convert_checkpoint_to_hf", "convert_hf_to_checkpoint",
+    "gather_canonical_state", "hf_config_for", "hf_to_canonical", "keymap", "model_config_from_hf", "read_hf_config",
+    "training_checkpoint_to_canonical", "unshard", "verify_layout",
 ]
 
 # distributed.py builds models (megatron-core); importing it here would make every `internvl_mcore.convert.*`

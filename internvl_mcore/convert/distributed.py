@@ -4,7 +4,7 @@
 `weights.load_canonical`), `verify_layout` (load + gather in a TP x PP world, compared bit for bit),
 `training_checkpoint_to_canonical` (a megatron-core dist_checkpointing training checkpoint, loaded in
 the layout it was saved with and gathered), and `convert_checkpoint_to_hf` (canonical or training
-checkpoint -> HF). The canonical directory itself: convert/canonical.py.
+checkpoint -> HF). The canonical directory itself: checkpoint/canonical.py.
 """
 from __future__ import annotations
 
@@ -22,18 +22,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from megatron.core.utils import unwrap_model
 
-from ..checkpoint_format import is_training_checkpoint, resolve_iteration_dir
-from ..checkpoint_trust import check_dist_checkpoint
+from ..checkpoint.canonical import CanonicalCheckpoint, model_config_from_dict, save_canonical
+from ..checkpoint.format import is_training_checkpoint, resolve_iteration_dir
+from ..checkpoint.safetensors_io import DEFAULT_MAX_SHARD_BYTES, ConversionError, copy_side_files, write_hf_dir
+from ..checkpoint.trust import check_dist_checkpoint
+from ..checkpoint.weights import load_training_weights
 from ..config.model import ModelConfig, ParallelConfig
-from ..models.checkpoint_weights import load_training_weights
 from ..models.internvl import build_model
 from ..models.sharding import rule_for
 from ..models.weights import ShardPlacement, is_expert_param, load_canonical, local_params
 from ..parallel.state import destroy_distributed, init_distributed
-from .canonical import CanonicalCheckpoint, model_config_from_dict, save_canonical
 from .hf import canonical_to_hf
 from .hf_config import MODEL_TYPE_OF_FORMAT, hf_config_for, read_hf_config
-from .safetensors_io import DEFAULT_MAX_SHARD_BYTES, ConversionError, copy_side_files, write_hf_dir
 
 
 def convert_checkpoint_to_hf(load: str | os.PathLike, save: str | os.PathLike, fmt: str,
@@ -194,7 +194,7 @@ def verify_layout(jobs: Sequence[tuple[str | os.PathLike, str | os.PathLike | No
 
 
 # =============================================================================================
-# training checkpoints (megatron-core dist_checkpointing; format: internvl_mcore/checkpoint_format.py)
+# training checkpoints (megatron-core dist_checkpointing; format: internvl_mcore/checkpoint/format.py)
 # =============================================================================================
 
 def _export_worker(rank: int, world: int, port: int, tp: int, pp: int, ckpt: str, out_dir: str) -> None:

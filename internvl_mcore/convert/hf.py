@@ -1,37 +1,29 @@
 """Streaming conversion between HF tensors and canonical tensors through the key maps
-(convert/keymaps.py), for both HF layouts.
+(convert/keymaps.py), for both HF layouts, and `convert_hf_to_checkpoint` (an HF directory -> a
+canonical checkpoint, tensor by tensor).
 
-The HF directory's pieces live beside it: safetensors I/O and the directory files in
-convert/safetensors_io.py, config.json <-> ModelConfig in convert/hf_config.py. Their public names
-are re-exported here, so `from internvl_mcore.convert.hf import ...` keeps working.
+The HF directory's pieces live elsewhere: safetensors I/O and the directory files in
+checkpoint/safetensors_io.py, config.json <-> ModelConfig in convert/hf_config.py, the canonical
+directory in checkpoint/canonical.py.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch
 from tqdm import tqdm
 
-from ..config.model import ModelConfig
-from .hf_config import (FORMAT_OF_MODEL_TYPE, MODEL_TYPE_OF_FORMAT, hf_config_for, matching_preset,
-                        model_config_from_hf, read_hf_config)
+from ..checkpoint.canonical import save_canonical
+from ..checkpoint.safetensors_io import (DEFAULT_MAX_SHARD_BYTES, ConversionError, Renamed, SafetensorsDir, dtype_name,
+                                         read_index, source_dtype, tensor_shape)
+from ..config.model import ModelConfig, ParallelConfig
+from .hf_config import model_config_from_hf, read_hf_config
 from .keymaps import READ_ALIASES, Entry, canonical_shapes, copy_to_canonical, expand, keymap
-from .safetensors_io import (CONFIG_NAME, DEFAULT_MAX_SHARD_BYTES, INDEX_NAME, SINGLE_NAME,
-                             ConversionError, Renamed, SafetensorsDir, ShardedWriter, copy_side_files, dtype_name,
-                             parse_dtype, parse_size, read_index, read_safetensors_header, source_dtype,
-                             tensor_shape, write_hf_dir, write_safetensors)
 
 _ROW_STRIDE = 1 << 40
 """Row numbers of HF tensor k are encoded as k * _ROW_STRIDE + row (no tensor has 2**40 rows)."""
-
-# re-exported so that `from internvl_mcore.convert.hf import X` keeps working after the split
-__all__ = [
-    "CONFIG_NAME", "DEFAULT_MAX_SHARD_BYTES", "FORMAT_OF_MODEL_TYPE", "INDEX_NAME", "MODEL_TYPE_OF_FORMAT",
-    "SINGLE_NAME", "ConversionError", "HFAsCanonical", "Renamed", "SafetensorsDir", "ShardedWriter",
-    "canonical_plan", "canonical_to_hf", "check_hf_tensors", "copy_side_files", "dtype_name", "hf_config_for", "hf_to_canonical",
-    "matching_preset", "model_config_from_hf", "parse_dtype", "parse_size", "read_hf_config",
-    "read_safetensors_header", "source_dtype", "tensor_shape", "write_hf_dir", "write_safetensors",
-]
 
 # =============================================================================================
 # streaming tensor conversion
@@ -208,3 +200,22 @@ def canonical_to_hf(src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str,
             yield h, (out if dtype is None else out.to(dtype)).contiguous()
 
 
+# =============================================================================================
+# end-to-end conversion
+# =============================================================================================
+
+def convert_hf_to_checkpoint(hf_dir: str | os.PathLike, save: str | os.PathLike, layout: ParallelConfig | None = None,
+                             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = False) -> ModelConfig:
+    """Read an HF checkpoint (either layout; the format and model come from config.json) and write a
+    canonical checkpoint. Everything is validated before the first tensor is converted.
+
+    Streams tensor by tensor: each HF tensor is read, converted and written to its place in the
+    output shard, so memory holds one tensor's HF pieces and its canonical form, never the model."""
+    hf_config = read_hf_config(hf_dir)
+    cfg, fmt = model_config_from_hf(hf_config, hf_dir)
+    src = SafetensorsDir(hf_dir)
+    dtype = source_dtype(src)
+    source = {"format": fmt, "dtype": dtype_name(dtype), "hf_config": hf_config, "hf_dir": str(Path(hf_dir).resolve())}
+    save_canonical(save, cfg, hf_to_canonical(src, cfg, fmt, progress=progress), source, layout, max_shard_bytes,
+                   plan=canonical_plan(src, cfg, fmt))
+    return cfg

@@ -18,9 +18,9 @@ from typing import Any, Callable, Mapping
 import torch
 
 from internvl_mcore.cli_errors import read_json
+from ..checkpoint.safetensors_io import CONFIG_NAME, ConversionError, dtype_name
 from ..config.model import LLMConfig, ModelConfig, VisionConfig
 from ..config.presets import PRESETS
-from .safetensors_io import CONFIG_NAME, ConversionError, dtype_name
 
 # =============================================================================================
 # config.json <-> ModelConfig

@@ -33,8 +33,10 @@ from megatron.core import parallel_state as ps
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from internvl_mcore.cli_errors import naming, read_json
-from ..checkpoint_format import RUN_INFO, TRACKER, is_training_checkpoint, resolve_iteration_dir
-from ..checkpoint_trust import check_dist_checkpoint
+from ..checkpoint.canonical import META_NAME, model_config_from_dict
+from ..checkpoint.format import RUN_INFO, TRACKER, is_training_checkpoint, resolve_iteration_dir
+from ..checkpoint.safetensors_io import DEFAULT_MAX_SHARD_BYTES, ConversionError, write_safetensors
+from ..checkpoint.trust import check_dist_checkpoint
 from ..config.lora import LORA_TOWERS
 from ..config.megatron import padded_vision_heads
 from ..config.model import ModelConfig, ParallelConfig
@@ -43,9 +45,7 @@ from ..models.language import padded_vocab_size
 from ..models.lora import LoRAInfo, add_lora, base_weight_name, is_lora_name
 from ..models.weights import canonical_state_dict
 from ..parallel.state import init_distributed, process_groups
-from .canonical import META_NAME, model_config_from_dict
 from .distributed import convert_checkpoint_to_hf, training_checkpoint_to_canonical
-from .safetensors_io import DEFAULT_MAX_SHARD_BYTES, ConversionError, write_safetensors
 from .keymaps import TRANSFORMERS_READ_ALIASES, expand, keymap
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -179,8 +179,8 @@ def export_merged(load: str | os.PathLike, save: str | os.PathLike, fmt: str,
     with the adapters merged into the weights.
 
     The converter's training-checkpoint path does the work: it loads the checkpoint in the layout
-    that saved it (so padded heads / vocabulary are no obstacle), where `training.checkpoint.
-    load_weights` folds each rank's adapter shards into its weight shards (`models.lora.merge_lora_`),
+    that saved it (so padded heads / vocabulary are no obstacle), where `checkpoint/weights.py:
+    load_training_weights` folds each rank's adapter shards into its weight shards (`models.lora.merge_lora_`),
     and gathers the merged canonical weights. The canonical source record (dtype, original
     config.json) of the base the run started from is carried over, so the export keeps them."""
     iter_dir, info = _iter_dir_and_info(Path(load))

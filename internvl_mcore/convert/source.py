@@ -18,11 +18,11 @@ from pathlib import Path
 from internvl_mcore.cli_errors import read_json
 from ..config.model import ModelConfig
 from ..config.presets import PRESETS
-from ..checkpoint_format import RUN_INFO, iter_dir
-from ..checkpoint_format import TRACKER as TRAINING_TRACKER
-from .canonical import META_NAME, model_config_from_dict
+from ..checkpoint.canonical import META_NAME, model_config_from_dict
+from ..checkpoint.format import RUN_INFO, iter_dir
+from ..checkpoint.format import TRACKER as TRAINING_TRACKER
+from ..checkpoint.safetensors_io import CONFIG_NAME, ConversionError
 from .hf_config import model_config_from_hf, read_hf_config
-from .safetensors_io import CONFIG_NAME, ConversionError
 
 
 def checkpoint_kind(path: str | os.PathLike) -> str | None:

@@ -47,7 +47,7 @@ def have_transformer_engine() -> bool:
 def default_backend(device: str = "cuda") -> Backend:
     """'te' for a CUDA run where transformer-engine is importable, else 'local' (TE modules have no
     CPU kernels, so `--device cpu` on a TE machine -- e.g. writing a checkpoint on the CPU -- builds
-    the local specs; checkpoints move between the two, training/checkpoint.py)."""
+    the local specs; checkpoints move between the two, checkpoint/weights.py)."""
     return "te" if device == "cuda" and have_transformer_engine() else "local"
 
 

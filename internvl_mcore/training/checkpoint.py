@@ -20,16 +20,20 @@ RNG streams are restored only on the same layout.
 
 Nothing in a checkpoint directory is trusted to be what we wrote (whoever wrote the directory wrote
 its checksums too): our files are JSON (byte tensors as base64), and megatron-core's pickled parts
-are checked by checkpoint_trust.py before it reads them. Format version 2 (this one) always has
+are checked by checkpoint/trust.py before it reads them. Format version 2 (this one) always has
 checksums.json: one without it is refused. Version 1 kept the RNG and data files as pickles; --load
 refuses such a checkpoint (its weights load with --pretrained or tools/convert_to_hf.py, which read
 only the megatron-core part).
+
+This module saves and resumes a training run (model, optimizer, RNG, data position, schedule); the
+directory format and tracker (checkpoint/format.py), checksums (checkpoint/checksums.py), the choice
+of the checkpoint --load takes (checkpoint/selection.py) and reading a checkpoint's model weights
+(checkpoint/weights.py) are in internvl_mcore/checkpoint/, shared with convert/.
 """
 from __future__ import annotations
 
 import base64
 import dataclasses
-import hashlib
 import json
 import os
 import random
@@ -45,179 +49,20 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import unwrap_model
 from torch.distributed.checkpoint.api import CheckpointException
 
-from ..checkpoint_format import (RUN_INFO, TRACKER, CheckpointError, check_model, is_training_checkpoint, iter_dir,
-                                 latest_iteration, tracked_iteration)
+from ..checkpoint.canonical import CanonicalCheckpoint
+from ..checkpoint.checksums import write_checksums
+from ..checkpoint.format import (FORMAT_VERSION, RUN_INFO, TRACKER, CheckpointError, check_model, checkpoint_dir,
+                                 is_training_checkpoint, iter_dir, read_run_json)
+from ..checkpoint.safetensors_io import ConversionError, SafetensorsDir
+from ..checkpoint.selection import remove_old_checkpoints
+from ..checkpoint.weights import load_across_backends, load_training_weights
 from ..config.model import ModelConfig, ParallelConfig
-from ..convert.canonical import CanonicalCheckpoint
 from ..convert.hf import HFAsCanonical
 from ..convert.hf_config import model_config_from_hf, read_hf_config
-from ..convert.safetensors_io import ConversionError, SafetensorsDir
 from ..convert.source import checkpoint_kind
-from ..models.checkpoint_weights import load_across_backends, load_training_weights
 from ..models.lora import adopt_checkpoint_lora, lora_info_of
 from ..models.weights import load_canonical
 from .guards import fault_point
-
-CHECKSUMS = "checksums.json"
-# 2: RNG and data files in JSON (1: pickles), checksums.json always written
-FORMAT_VERSION = 2
-
-
-def checkpoint_dir(path: str | Path) -> Path:
-    """The iter_NNNNNNN/ directory `path` means: itself, or the latest one of a --save root."""
-    path = Path(path)
-    return path if (path / RUN_INFO).exists() else iter_dir(path, latest_iteration(path))
-
-
-def read_run_json(path: Path) -> dict:
-    """run.json of checkpoint directory `path`; an unreadable one is an error naming it."""
-    try:
-        return json.loads((path / RUN_INFO).read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path / RUN_INFO}: unreadable ({exc})") from None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _files(path: Path) -> list[str]:
-    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != CHECKSUMS)
-
-
-def _my_share(names: list[str]) -> list[str]:
-    """The files this rank hashes: every world-size-th, so a large checkpoint is hashed in parallel."""
-    return names[dist.get_rank()::dist.get_world_size()]
-
-
-def write_checksums(path: Path) -> None:
-    """Write checksums.json (size, sha256 of every file) into `path` (collective; the ranks share the files)."""
-    names = _files(path) if dist.get_rank() == 0 else None
-    box = [names]
-    dist.broadcast_object_list(box, src=0)
-    error = None
-    try:
-        mine = {name: [(path / name).stat().st_size, _sha256(path / name)] for name in _my_share(box[0])}
-    except OSError as exc:  # still join the gather below: a rank that left it would stall the others
-        mine, error = {}, exc
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, mine)
-    if error is not None:
-        raise error
-    if dist.get_rank() == 0:
-        table = {name: value for part in parts for name, value in part.items()}
-        (path / CHECKSUMS).write_text(json.dumps(dict(sorted(table.items())), indent=1))
-
-
-def _check_file(path: Path, name: str, size: int, sha: str) -> Optional[str]:
-    file = path / name
-    if not file.is_file():
-        return f"{file}: missing"
-    if file.stat().st_size != size:
-        return f"{file}: {file.stat().st_size} bytes, {size} when saved (truncated?)"
-    if _sha256(file) != sha:
-        return f"{file}: checksum mismatch (corrupt)"
-    return None
-
-
-def _format_problem(path: Path) -> Optional[str]:
-    """Why --load cannot take checkpoint `path` as its format version says, or None."""
-    try:
-        version = json.loads((path / RUN_INFO).read_text()).get("format_version")
-    except (OSError, ValueError, AttributeError) as exc:
-        return f"{path / RUN_INFO}: unreadable ({exc})"
-    if version == 1:
-        return (f"{path}: checkpoint format version 1 keeps its RNG and data-loader state in pickles, which "
-                f"could run code when loaded, so --load does not read them; --pretrained {path} starts from "
-                "its weights (fresh optimizer, RNG and data position)")
-    if version != FORMAT_VERSION:
-        return f"{path / RUN_INFO}: format_version {version!r}, this version reads {FORMAT_VERSION}"
-    if not (path / CHECKSUMS).is_file():
-        return (f"{path / CHECKSUMS}: missing, but format version {FORMAT_VERSION} checkpoints always have one "
-                "(an incomplete copy, or files removed): not loading it unverified")
-    return None
-
-
-def verify(path: Path) -> Optional[str]:
-    """The first problem of checkpoint directory `path` (collective), or None when its format version
-    is one --load reads and every file matches its checksum."""
-    problem = None
-    table: dict = {}
-    if not (path / RUN_INFO).is_file():
-        problem = f"{path / RUN_INFO}: missing (incomplete checkpoint)"
-    else:
-        problem = _format_problem(path)
-    if problem is None:
-        try:
-            table = json.loads((path / CHECKSUMS).read_text())
-            assert isinstance(table, dict), "not a JSON object"
-        except (OSError, ValueError, AssertionError) as exc:
-            problem = f"{path / CHECKSUMS}: unreadable ({exc})"
-    names = sorted(table)
-    mine = [_check_file(path, n, *table[n]) for n in _my_share(names)] if problem is None else [problem]
-    found: list = [None] * dist.get_world_size()
-    dist.all_gather_object(found, [m for m in mine if m])
-    problems = sorted(p for part in found for p in part)
-    return problems[0] if problems else None
-
-
-def _complete_iterations(root: Path) -> list[int]:
-    """Iterations of the finished checkpoints under `root` (run.json present), newest first."""
-    its = [int(p.name[5:]) for p in root.glob("iter_*") if p.name[5:].isdigit() and (p / RUN_INFO).exists()]
-    return sorted(its, reverse=True)
-
-
-def select(root: str | Path, no_fallback: bool = False) -> Path:
-    """The checkpoint directory --load resumes from (collective): the latest if it verifies, else the
-    newest older one that does, with a warning naming what failed; with `no_fallback` a failing
-    latest checkpoint is an error naming the file."""
-    root = Path(root)
-    if (root / RUN_INFO).exists():  # one iter_ directory given: exactly that one
-        candidates = [root]
-    elif root.is_dir() and not (root / TRACKER).exists() and _complete_iterations(root):
-        candidates = _untracked(root)
-    else:
-        latest = tracked_iteration(root)
-        candidates = [iter_dir(root, latest)] + [iter_dir(root, i) for i in _complete_iterations(root) if i < latest]
-    failed = []
-    for path in candidates:
-        problem = verify(path) if path.is_dir() else f"{path}: missing"
-        if problem is None:
-            if failed and dist.get_rank() == 0:
-                print(f"warning: {failed[0]}; falling back to the previous complete checkpoint {path}", flush=True)
-            return path
-        if no_fallback:
-            raise CheckpointError(f"{problem} (--no-fallback: not trying an older checkpoint)")
-        failed.append(problem)
-    raise CheckpointError(f"--load {root}: no usable checkpoint: " + "; ".join(failed))
-
-
-def _untracked(root: Path) -> list[Path]:
-    """A --save root whose tracker is gone (deleted by hand, a copy without it): its complete checkpoints,
-    newest first. They are safe to take: an iter_ directory exists only once its save finished (a save
-    writes tmp_iter_ and renames it last), and `select` still verifies their checksums."""
-    found = [iter_dir(root, i) for i in _complete_iterations(root)]
-    if dist.get_rank() == 0:
-        print(f"warning: --load {root}: no {TRACKER}; taking the newest complete checkpoint {found[0].name} "
-              f"(found: {', '.join(p.name for p in found)})", flush=True)
-    return found
-
-
-def holds_checkpoint(root: str | Path) -> bool:
-    """Whether `root` (a --save root or one iter_ directory) holds any checkpoint, complete or not:
-    a tracker, a finished iter_ directory or run.json itself."""
-    root = Path(root)
-    return (root / RUN_INFO).exists() or (root / TRACKER).exists() or bool(_complete_iterations(root))
-
-
-def remove_old_checkpoints(root: Path, keep: int) -> None:
-    """--keep-checkpoints: delete all but the newest `keep` complete checkpoints (rank 0, after a save)."""
-    for iteration in _complete_iterations(root)[keep:]:
-        shutil.rmtree(iter_dir(root, iteration), ignore_errors=True)
 
 
 def writable_problem(save: str) -> Optional[str]:

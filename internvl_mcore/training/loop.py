@@ -17,6 +17,8 @@ import torch.distributed as dist
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import unwrap_model
 
+from ..checkpoint import selection
+from ..checkpoint.format import CheckpointError, checkpoint_dir, read_run_json
 from ..config.lora import lora_problems
 from ..config.training import RunConfig
 from ..models.internvl import build_model
@@ -230,7 +232,7 @@ def setup(run: RunConfig) -> Trainer:
     _claim_save_dir(run)
     run = _first_start(run)
     if run.checkpoint.load:  # a failing latest checkpoint falls back before anything reads it
-        chosen = checkpoint.select(run.checkpoint.load, no_fallback=run.checkpoint.no_fallback)
+        chosen = selection.select(run.checkpoint.load, no_fallback=run.checkpoint.no_fallback)
         run = dataclasses.replace(run, checkpoint=dataclasses.replace(run.checkpoint, load=str(chosen)))
     model, reference = _build_model(run, plan, pg)
     ddp, optimizer = _wrap(model, run, plan)
@@ -273,7 +275,7 @@ def _first_start(run: RunConfig) -> RunConfig:
     c = run.checkpoint
     if not (c.load and c.save) or Path(c.load).resolve() != Path(c.save).resolve():
         return run
-    if checkpoint.holds_checkpoint(c.load):
+    if selection.holds_checkpoint(c.load):
         return run
     if dist.get_rank() == 0:
         print(f"--load {c.load}: no checkpoint there yet (it is also --save): starting from scratch", flush=True)
@@ -281,11 +283,11 @@ def _first_start(run: RunConfig) -> RunConfig:
 
 
 def _resume(trainer: Trainer) -> None:
-    """Load --load (already chosen by `checkpoint.select`) into the trainer; the LR schedule follows
+    """Load --load (already chosen by `checkpoint/selection.py: select`) into the trainer; the LR schedule follows
     training/schedule.py's rule."""
     run = trainer.run
-    path = checkpoint.checkpoint_dir(run.checkpoint.load)
-    info = checkpoint.read_run_json(path)
+    path = checkpoint_dir(run.checkpoint.load)
+    info = read_run_json(path)
     try:
         note = restore_schedule(trainer.scheduler, info.get("scheduler"), run.train, str(path),
                                 info.get("global_batch_size"))
@@ -484,7 +486,7 @@ def train(run: RunConfig) -> list[dict]:
         if trainer.evaluator is not None and not trainer.signalled:
             evaluate(trainer, reporter, final=True)
     except Exception as exc:
-        if not isinstance(exc, (TrainingDiverged, checkpoint.CheckpointError)) and is_collective_failure(exc):
+        if not isinstance(exc, (TrainingDiverged, CheckpointError)) and is_collective_failure(exc):
             raise peer_lost(exc, trainer.iteration, run.train.distributed_timeout_minutes) from exc
         raise
     finally:

@@ -38,6 +38,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import unwrap_model
 
+from ..checkpoint.format import CheckpointError, checkpoint_dir
 from ..models.internvl import build_model
 from ..parallel.state import comm_device
 from . import checkpoint
@@ -233,7 +234,7 @@ def mirror_requires_grad(reference: torch.nn.Module, policy: torch.nn.Module) ->
 
 def saved_state(load_dir: str) -> dict:
     """The run.json of checkpoint `load_dir` (an iter_ directory, or the latest under a --save root)."""
-    path = checkpoint.checkpoint_dir(load_dir) / "run.json"  # a root or the iter_ dir --load resolved to
+    path = checkpoint_dir(load_dir) / "run.json"  # a root or the iter_ dir --load resolved to
     return json.loads(path.read_text())
 
 
@@ -244,7 +245,7 @@ def make_context(run, pg: ProcessGroupCollection) -> MPOContext:
     if run.checkpoint.load:
         state = saved_state(run.checkpoint.load).get("mpo")
         if state is None:
-            raise checkpoint.CheckpointError(f"--load {run.checkpoint.load}: the checkpoint has no MPO state (not a --stage mpo run)")
+            raise CheckpointError(f"--load {run.checkpoint.load}: the checkpoint has no MPO state (not a --stage mpo run)")
         running.load_state_dict(state)
     return MPOContext(beta=run.train.mpo_beta, weights=(float(w[0]), float(w[1]), float(w[2])), running=running,
                       cp_group=pg.cp, dp_group=pg.dp, first_cp_rank=pg.cp.rank() == 0)

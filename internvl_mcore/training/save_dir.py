@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ..checkpoint_format import TRACKER, CheckpointError
+from ..checkpoint.format import TRACKER, CheckpointError
 
 LOCK_NAME = ".internvl_mcore.lock"
 

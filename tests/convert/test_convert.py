@@ -22,11 +22,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from internvl_mcore.checkpoint.canonical import CanonicalCheckpoint
+from internvl_mcore.checkpoint.safetensors_io import ConversionError, SafetensorsDir, ShardedWriter
 from internvl_mcore.config import PRESETS, ParallelConfig
-from internvl_mcore.convert import (CanonicalCheckpoint, ConversionError, SafetensorsDir, canonical_shapes,
-                                    convert_checkpoint_to_hf, convert_hf_to_checkpoint, hf_config_for,
+from internvl_mcore.convert import (canonical_shapes, convert_checkpoint_to_hf, convert_hf_to_checkpoint, hf_config_for,
                                     model_config_from_hf, verify_layout)
-from internvl_mcore.convert.hf import ShardedWriter
 from internvl_mcore.convert.keymaps import canonical_names
 
 from .tiny_hf import (IMG_END, IMG_START, save_transformers_dir, tiny_batch, tiny_transformers_model,

@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from internvl_mcore.config import ParallelConfig
-from internvl_mcore.convert import CanonicalCheckpoint, SafetensorsDir, canonical_shapes, convert_hf_to_checkpoint
+from internvl_mcore.checkpoint.canonical import CanonicalCheckpoint
+from internvl_mcore.checkpoint.safetensors_io import SafetensorsDir, ShardedWriter, StreamingWriter
+from internvl_mcore.convert import canonical_shapes, convert_hf_to_checkpoint
 from internvl_mcore.convert.hf import HFAsCanonical, model_config_from_hf, read_hf_config
 from internvl_mcore.models.sharding import split_dim
 from internvl_mcore.models.weights import ShardPlacement, read_shard, shard
@@ -99,8 +101,6 @@ def test_slice_reads_equal_whole_tensor_shards(sources, tmp_path, name):
 def test_streaming_writer_writes_the_sharded_writers_files(tmp_path):
     """convert_from_hf's writer (tensors to disk as they arrive, shards laid out from the plan) gives
     byte for byte the files of the writer that buffers a shard, across several shards."""
-    from internvl_mcore.convert.safetensors_io import ShardedWriter, StreamingWriter
-
     gen = torch.Generator().manual_seed(0)
     tensors = [(f"t{i}", torch.randn(3 + i, 5, generator=gen).to(dt))
                for i, dt in enumerate([torch.float32, torch.bfloat16, torch.float32, torch.float16, torch.float32])]

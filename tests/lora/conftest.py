@@ -39,7 +39,7 @@ def run_torchrun(tmp: Path, nproc: int, argv: list[str], b_std: float = B_STD) -
 def base_ckpt(tmp_path_factory) -> Path:
     """A canonical checkpoint of the debug model (what tools/convert_from_hf.py writes) to start from."""
     from internvl_mcore.config import ParallelConfig, get_preset
-    from internvl_mcore.convert import save_canonical
+    from internvl_mcore.checkpoint.canonical import save_canonical
     from internvl_mcore.models.internvl import build_model
     from internvl_mcore.parallel.state import process_groups
     from internvl_mcore.models.weights import canonical_state_dict, init_weights

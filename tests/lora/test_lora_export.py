@@ -119,7 +119,8 @@ def test_peft_adapter_on_the_transformers_base_gives_the_adapted_logits(exports,
 @pytest.mark.timeout(900)
 def test_merged_internvl_export_holds_the_merged_weights(tmp_path, exports, ref_run) -> None:
     """InternVL's own layout: imported back it is exactly base + s * B A (merged on the TP1 run)."""
-    from internvl_mcore.convert import CanonicalCheckpoint, convert_hf_to_checkpoint
+    from internvl_mcore.checkpoint.canonical import CanonicalCheckpoint
+    from internvl_mcore.convert import convert_hf_to_checkpoint
     from internvl_mcore.convert.lora_export import merge_adapters, read_lora_checkpoint
 
     config = json.loads((exports["merged_ivl"] / "config.json").read_text())

@@ -116,7 +116,7 @@ def test_resume_is_exact_and_keeps_the_base(tmp_path, ref_run, base_ckpt) -> Non
 def test_tp2_pp2_checkpoint_reshards_to_tp1(ref_run, tp2pp2_run, base_ckpt) -> None:
     """dist_checkpointing puts every adapter shard at its place in the global tensor (B rows of fused
     qkv / gated fc1, A columns of row-parallel layers): read at TP1 they equal the TP1 run's."""
-    from internvl_mcore.convert import CanonicalCheckpoint
+    from internvl_mcore.checkpoint.canonical import CanonicalCheckpoint
     from internvl_mcore.convert.lora_export import read_lora_checkpoint
 
     ckpt = read_lora_checkpoint(tp2pp2_run["save"])
@@ -177,7 +177,7 @@ def _without_lora(argv: list[str]) -> list[str]:
     (["--lora-rank", "8"], "--lora-rank: checkpoint 4, run 8"),
 ])
 def test_resume_with_other_lora_settings_is_refused(ref_run, flags, message) -> None:
-    from internvl_mcore.training.checkpoint import CheckpointError
+    from internvl_mcore.checkpoint.format import CheckpointError
 
     argv = _without_lora(lora_flags()) if flags is None else lora_flags() + flags
     with pytest.raises(CheckpointError, match=message):

@@ -39,7 +39,8 @@ def world():
 
 
 def _ours(hf_dir: Path, ckpt: Path, par):
-    from internvl_mcore.convert import CanonicalCheckpoint, convert_hf_to_checkpoint
+    from internvl_mcore.checkpoint.canonical import CanonicalCheckpoint
+    from internvl_mcore.convert import convert_hf_to_checkpoint
     from internvl_mcore.models.internvl import build_model
     from internvl_mcore.models.weights import load_canonical
     from internvl_mcore.parallel.state import process_groups

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from internvl_mcore.config import ModelConfig, ParallelConfig
 from internvl_mcore.config.training import CheckpointConfig, DataConfig, LogConfig, RunConfig, TrainConfig
-from internvl_mcore.convert import CanonicalCheckpoint
+from internvl_mcore.checkpoint.canonical import CanonicalCheckpoint
 
 ITERS, RESUME_AT, SEQ, GBS = 10, 5, 64, 4
 
@@ -58,7 +58,7 @@ def check_slice_reads(model: torch.nn.Module, ckpt: Path) -> dict:
     """The weights --pretrained put in this rank's shards (read through slices of the canonical
     checkpoint) equal the shards cut from the whole tensors bit for bit; so do the slices read from
     the transformers-layout HF directory it was converted from (`ckpt/../hf`, when there)."""
-    from internvl_mcore.convert import SafetensorsDir
+    from internvl_mcore.checkpoint.safetensors_io import SafetensorsDir
     from internvl_mcore.convert.hf import HFAsCanonical, model_config_from_hf, read_hf_config
     from internvl_mcore.models.weights import ShardPlacement, local_params, read_shard, shard
 

@@ -98,7 +98,8 @@ def _ours(model_cfg, par, load):
 @pytest.mark.parametrize("layout", ["transformers", "internvl"])
 @torch.no_grad()
 def test_logits_match_transformers(world, hf_model, tmp_path, layout):
-    from internvl_mcore.convert import CanonicalCheckpoint, convert_hf_to_checkpoint
+    from internvl_mcore.checkpoint.canonical import CanonicalCheckpoint
+    from internvl_mcore.convert import convert_hf_to_checkpoint
     from internvl_mcore.models.weights import load_canonical
 
     hf_dir = (save_transformers_dir(hf_model, tmp_path / "hf") if layout == "transformers"
@@ -162,7 +163,8 @@ def test_layout_matches_single_process(converted, reference, tmp_path, name):
 def test_ep2_checkpoint_exports_to_transformers(world, ep2_run, tmp_path):
     from transformers import InternVLForConditionalGeneration
 
-    from internvl_mcore.convert import convert_checkpoint_to_hf, model_config_from_dict
+    from internvl_mcore.checkpoint.canonical import model_config_from_dict
+    from internvl_mcore.convert import convert_checkpoint_to_hf
     from internvl_mcore.training.checkpoint import load_weights
 
     save = ep2_run / "save"

@@ -25,7 +25,7 @@ def ckpt(tmp_path_factory) -> Path:
 
 
 def _tensors(directory: Path) -> dict[str, torch.Tensor]:
-    from internvl_mcore.convert.hf import SafetensorsDir
+    from internvl_mcore.checkpoint.safetensors_io import SafetensorsDir
 
     src = SafetensorsDir(directory)
     return {k: src[k] for k in src}
@@ -146,7 +146,8 @@ def test_damaged_safetensors_header_and_invalid_json(ckpt, tmp_path):
     (bad_json / "config.json").write_text('{"model_type": "internvl",\n  "text_config": }')
     assert_user_error(run("convert_from_hf", "--hf-dir", bad_json, "--save", tmp_path / "out"),
                       str(bad_json / "config.json"), "invalid JSON at line 2")
-    from internvl_mcore.convert import CanonicalCheckpoint, ConversionError  # the same reader, in-process
+    from internvl_mcore.checkpoint.canonical import CanonicalCheckpoint  # the same reader, in-process
+    from internvl_mcore.checkpoint.safetensors_io import ConversionError
 
     (canonical / "model_config.json").write_text("{")
     with pytest.raises(ConversionError, match=f"{canonical / 'model_config.json'}: invalid JSON at line 1"):
@@ -195,7 +196,7 @@ def test_export_onto_a_full_disk(ckpt, tmp_path, monkeypatch, capsys):
     sys.path.insert(0, str(REPO / "tools"))
     import convert_to_hf
 
-    from internvl_mcore.convert import safetensors_io
+    from internvl_mcore.checkpoint import safetensors_io
 
     class Full(io.FileIO):
         def write(self, data):  # as a full disk answers write(2): no file name in the error

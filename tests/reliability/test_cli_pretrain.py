@@ -133,7 +133,7 @@ def test_token_ids_outside_the_vocabulary(good_prefix, tmp_path):
     import numpy as np
 
     from internvl_mcore.config.presets import get_preset
-    from internvl_mcore.convert.canonical import model_config_to_dict
+    from internvl_mcore.checkpoint.canonical import model_config_to_dict
 
     manifest = json.loads(Path(good_prefix + ".manifest.json").read_text())
     assert 0 < manifest["counts"]["max_token_id"] < 512  # recorded at preprocessing (debug: 512 rows)

@@ -1,5 +1,5 @@
 """The model weights of a training checkpoint (megatron-core dist_checkpointing; directory format:
-internvl_mcore/checkpoint_format.py), read into a model of any layout and either layer-spec backend.
+checkpoint/format.py), read into a model of any layout and either layer-spec backend.
 Used by `--pretrained` (training/checkpoint.py) and the HF export (convert/distributed.py).
 """
 from __future__ import annotations
@@ -10,10 +10,10 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
-from ..checkpoint_format import CheckpointError, check_model, resolve_iteration_dir
-from ..checkpoint_trust import check_dist_checkpoint
 from ..config.model import ModelConfig
-from .lora import LoRAInfo, add_lora, lora_info_of, merge_lora_
+from ..models.lora import LoRAInfo, add_lora, lora_info_of, merge_lora_
+from .format import CheckpointError, check_model, resolve_iteration_dir
+from .trust import check_dist_checkpoint
 
 EXTRA_STATE = "_extra_state"
 
@@ -28,7 +28,7 @@ def load_across_backends(state: dict, path: Path, module: torch.nn.Module) -> di
     the local model: those entries are simply not asked for. A local checkpoint loaded by the TE
     model: the entries it asks for are absent; they -- and only they -- may be, and the module keeps
     its own (fresh) extra state. Any other absent tensor is an error naming the keys. The pickled
-    parts of the directory are checked first (checkpoint_trust.py): a checkpoint may come from anyone."""
+    parts of the directory are checked first (checkpoint/trust.py): a checkpoint may come from anyone."""
     check_dist_checkpoint(path)
     loaded, _, absent = dist_checkpointing.load(state, str(path), strict=StrictHandling.RETURN_UNEXPECTED)
     other = sorted(k for k in absent if EXTRA_STATE not in k)

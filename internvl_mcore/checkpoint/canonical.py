@@ -5,11 +5,11 @@
     CKPT/model.safetensors   or model-0000k-of-0000n.safetensors + model.safetensors.index.json,
                              holding the canonical state dict (models/weights.py names, TP1/PP1)
 
-and `convert_hf_to_checkpoint` (HF -> canonical, streaming). Any rank of any TP/PP layout loads its
-shards from it with `models/weights.py: load_canonical` (reading only the slices it holds). What
-needs a model built in a parallel layout (gathering, verifying a layout, exporting a training
-checkpoint, canonical -> HF) is in convert/distributed.py. This module imports no megatron-core, so
-the CLIs' flag parsing (convert/source.py) stays light.
+HF -> canonical (`convert_hf_to_checkpoint`, streaming) is convert/hf.py. Any rank of any TP/PP
+layout loads its shards from it with `models/weights.py: load_canonical` (reading only the slices
+it holds). What needs a model built in a parallel layout (gathering, verifying a layout, exporting a
+training checkpoint, canonical -> HF) is in convert/distributed.py. This module imports no
+megatron-core, so the CLIs' flag parsing (convert/source.py) stays light.
 """
 from __future__ import annotations
 
@@ -24,10 +24,8 @@ import torch
 
 from internvl_mcore.cli_errors import naming, read_json
 from ..config.model import LLMConfig, ModelConfig, ParallelConfig, VisionConfig
-from .hf import canonical_plan, hf_to_canonical
-from .hf_config import model_config_from_hf, read_hf_config
 from .safetensors_io import (DEFAULT_MAX_SHARD_BYTES, ConversionError, SafetensorsDir, ShardedWriter, StreamingWriter,
-                             dtype_name, parse_dtype, source_dtype)
+                             parse_dtype)
 
 META_NAME = "model_config.json"
 FORMAT_VERSION = 1
@@ -96,23 +94,3 @@ def save_canonical(out_dir: str | os.PathLike, cfg: ModelConfig, tensors: Any, s
         (out / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
-
-# =============================================================================================
-# end-to-end conversions
-# =============================================================================================
-
-def convert_hf_to_checkpoint(hf_dir: str | os.PathLike, save: str | os.PathLike, layout: ParallelConfig | None = None,
-                             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = False) -> ModelConfig:
-    """Read an HF checkpoint (either layout; the format and model come from config.json) and write a
-    canonical checkpoint. Everything is validated before the first tensor is converted.
-
-    Streams tensor by tensor: each HF tensor is read, converted and written to its place in the
-    output shard, so memory holds one tensor's HF pieces and its canonical form, never the model."""
-    hf_config = read_hf_config(hf_dir)
-    cfg, fmt = model_config_from_hf(hf_config, hf_dir)
-    src = SafetensorsDir(hf_dir)
-    dtype = source_dtype(src)
-    source = {"format": fmt, "dtype": dtype_name(dtype), "hf_config": hf_config, "hf_dir": str(Path(hf_dir).resolve())}
-    save_canonical(save, cfg, hf_to_canonical(src, cfg, fmt, progress=progress), source, layout, max_shard_bytes,
-                   plan=canonical_plan(src, cfg, fmt))
-    return cfg

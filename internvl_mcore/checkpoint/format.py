@@ -5,10 +5,11 @@ convert/ (which exports it), so that neither imports the other's internals:
     SAVE/iter_0000010/                       one checkpoint (megatron-core dist_checkpointing tensors)
         run.json                             iteration, schedule, model config, layout, LoRA record
 
-Dependencies run training -> convert -> models; this module sits beside them and imports only
-config/ (no megatron-core: the CLIs' flag parsing reads it). Writing and resuming (optimizer, RNG,
-data position) stay in training/checkpoint.py; reading the model weights of a checkpoint
-(`load_training_weights`, needed by `--pretrained` and the HF export) is models/checkpoint_weights.py.
+Dependencies run training -> convert -> checkpoint -> models; this module imports only config/ (no
+megatron-core: the CLIs' flag parsing reads it). Writing and resuming (optimizer, RNG, data
+position) stay in training/checkpoint.py; checksums.json is checkpoint/checksums.py, the choice of
+the checkpoint --load takes checkpoint/selection.py, and reading the model weights of a checkpoint
+(`load_training_weights`, needed by `--pretrained` and the HF export) checkpoint/weights.py.
 """
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .config.model import ModelConfig
+from ..config.model import ModelConfig
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RUN_INFO = "run.json"
+# 2: RNG and data files in JSON (1: pickles), checksums.json always written
+FORMAT_VERSION = 2
 
 
 class CheckpointError(RuntimeError):
@@ -32,7 +35,7 @@ def iter_dir(root: str | Path, iteration: int, tmp: bool = False) -> Path:
 
 
 def tracked_iteration(root: str | Path) -> int:
-    """The number in the `latest` pointer, whether or not its directory exists (training/checkpoint.py
+    """The number in the `latest` pointer, whether or not its directory exists (checkpoint/selection.py
     `select` falls back from a missing one); errors say what is missing."""
     root = Path(root)
     if not root.is_dir():
@@ -90,3 +93,17 @@ def check_model(info: dict, model_cfg: ModelConfig, where: Path) -> None:
     if diffs:
         raise CheckpointError(f"{where} was saved for model {saved.get('name')!r}, not {model_cfg.name!r}:\n  "
                               + "\n  ".join(diffs))
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """The iter_NNNNNNN/ directory `path` means: itself, or the latest one of a --save root."""
+    path = Path(path)
+    return path if (path / RUN_INFO).exists() else iter_dir(path, latest_iteration(path))
+
+
+def read_run_json(path: Path) -> dict:
+    """run.json of checkpoint directory `path`; an unreadable one is an error naming it."""
+    try:
+        return json.loads((path / RUN_INFO).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path / RUN_INFO}: unreadable ({exc})") from None
