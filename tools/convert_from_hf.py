@@ -11,9 +11,14 @@ from config.json and any tensor that does not fit it is refused, naming the key 
 
 CKPT must be new or empty (--overwrite replaces our files in it); it is written beside CKPT and moved
 in only when complete, so a failed conversion leaves no CKPT. It is a canonical, layout-independent
-checkpoint (internvl_mcore/checkpoint/canonical.py): every
-TP/PP layout loads its shards from it (`pretrain_internvl.py --pretrained CKPT`). With T x P > 1 the checkpoint is verified by loading it into
-that layout in T x P spawned gloo processes and gathering it back bit for bit (--no-verify skips).
+checkpoint (internvl_mcore/checkpoint/canonical.py): every TP/PP layout loads its shards from it
+(`pretrain_internvl.py --pretrained CKPT`, each rank reading only its own slices).
+
+The conversion streams: one tensor at a time is read, converted and written to its place in the
+output shards (laid out first from the safetensors headers), so memory holds about one tensor, never
+the model, and no process group or model is built. T x P is checked against the model before
+anything is converted (TP divides the heads and widths, PP the decoder layers; --no-verify skips
+the check) and recorded in model_config.json.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-model-parallel-size", type=int, default=1, metavar="T")
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1, metavar="P")
     p.add_argument("--max-shard-size", type=parse_size, default="2GB", help="largest safetensors shard (default 2GB)")
-    p.add_argument("--no-verify", action="store_true", help="do not load the result into the T x P layout")
+    p.add_argument("--no-verify", action="store_true", help="do not check that T x P divides the model")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --save directory "
                    "(its *.safetensors, index and model_config.json are removed first, other files are kept)")
     return p
@@ -64,25 +69,23 @@ def main(argv: list[str] | None = None) -> int:
 def convert(args: argparse.Namespace) -> int:
     from internvl_mcore.cli_errors import disk_full_names
     from internvl_mcore.config import ParallelConfig
-    from internvl_mcore.convert import convert_hf_to_checkpoint, verify_layout
+    from internvl_mcore.convert import convert_hf_to_checkpoint, model_config_from_hf, read_hf_config
+    from internvl_mcore.plan.params import stage_params
     from internvl_mcore.staging import CANONICAL_FILES, staged_dir
 
     layout = ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
                             pipeline_model_parallel_size=args.pipeline_model_parallel_size)
     check_paths(args)
-    # written beside --save and moved in only when converted (and verified): a failure leaves no --save
-    with disk_full_names("--save", args.save), staged_dir(args.save, clear=CANONICAL_FILES) as stage:
+    if not args.no_verify and os.path.isdir(args.hf_dir):
+        cfg, _ = model_config_from_hf(read_hf_config(args.hf_dir), args.hf_dir)
+        for stage in range(layout.pipeline_model_parallel_size):  # every rank's parameters exist in this layout
+            stage_params(cfg, layout, stage)
+    # written beside --save and moved in only when converted: a failure leaves no --save
+    with disk_full_names("--save", args.save), staged_dir(args.save, clear=CANONICAL_FILES) as stage_dir:
         start = time.perf_counter()
-        cfg = convert_hf_to_checkpoint(args.hf_dir, str(stage), layout, args.max_shard_size, progress=True)
+        cfg = convert_hf_to_checkpoint(args.hf_dir, str(stage_dir), layout, args.max_shard_size, progress=True)
         print(f"converted {args.hf_dir}: model {cfg.name} (vision {cfg.vision.num_layers}x{cfg.vision.hidden_size}, "
               f"LLM {cfg.llm.family} {cfg.llm.num_layers}x{cfg.llm.hidden_size}) in {time.perf_counter() - start:.1f}s")
-        world = layout.tensor_model_parallel_size * layout.pipeline_model_parallel_size
-        if world > 1 and not args.no_verify:
-            start = time.perf_counter()
-            verify_layout([(str(stage), None)], layout.tensor_model_parallel_size,
-                          layout.pipeline_model_parallel_size)
-            print(f"verified: loads into TP{layout.tensor_model_parallel_size} x PP{layout.pipeline_model_parallel_size} "
-                  f"and gathers back bit-exact ({time.perf_counter() - start:.1f}s)")
     print(f"wrote {args.save}")
     return 0
 

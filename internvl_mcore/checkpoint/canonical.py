@@ -6,8 +6,8 @@
                              holding the canonical state dict (models/weights.py names, TP1/PP1)
 
 HF -> canonical (`convert_hf_to_checkpoint`, streaming) is convert/hf.py. Any rank of any TP/PP
-layout loads its shards from it with `models/weights.py: load_canonical` (reading only the tensors it
-needs). What needs a model built in a parallel layout (gathering, verifying a layout, exporting a
+layout loads its shards from it with `models/weights.py: load_canonical` (reading only the slices
+it holds). What needs a model built in a parallel layout (gathering, verifying a layout, exporting a
 training checkpoint, canonical -> HF) is in convert/distributed.py. This module imports no
 megatron-core, so the CLIs' flag parsing (convert/source.py) stays light.
 """
@@ -18,13 +18,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from internvl_mcore.cli_errors import naming, read_json
 from ..config.model import LLMConfig, ModelConfig, ParallelConfig, VisionConfig
-from .safetensors_io import DEFAULT_MAX_SHARD_BYTES, ConversionError, SafetensorsDir, ShardedWriter, parse_dtype
+from .safetensors_io import (DEFAULT_MAX_SHARD_BYTES, ConversionError, SafetensorsDir, ShardedWriter, StreamingWriter,
+                             parse_dtype)
 
 META_NAME = "model_config.json"
 FORMAT_VERSION = 1
@@ -74,10 +75,13 @@ class CanonicalCheckpoint:
 
 
 def save_canonical(out_dir: str | os.PathLike, cfg: ModelConfig, tensors: Any, source: Mapping[str, Any] | None = None,
-                   layout: ParallelConfig | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Write a canonical checkpoint from (name, tensor) pairs (an iterator is streamed)."""
+                   layout: ParallelConfig | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                   plan: Sequence[tuple[str, torch.dtype, tuple[int, ...]]] | None = None) -> Path:
+    """Write a canonical checkpoint from (name, tensor) pairs (an iterator is streamed). With `plan`
+    ((name, dtype, shape) of every tensor, in order) each tensor goes to disk as it arrives
+    (StreamingWriter); without, up to one output shard is held in memory (ShardedWriter)."""
     out = Path(out_dir)
-    writer = ShardedWriter(out, max_shard_bytes)
+    writer = ShardedWriter(out, max_shard_bytes) if plan is None else StreamingWriter(out, plan, max_shard_bytes)
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     for name, t in items:
         writer.add(name, t)

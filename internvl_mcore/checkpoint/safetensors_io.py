@@ -6,6 +6,7 @@ tensor conversion through the key maps: convert/hf.py).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -145,7 +146,25 @@ def _entry(t: torch.Tensor, offset: int) -> dict[str, Any]:
 
 def _write_bytes(f: Any, t: torch.Tensor) -> None:
     if t.numel():
-        f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        f.write(_bytes_of(t))
+
+
+def _header(specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+            metadata: Mapping[str, str] | None) -> tuple[bytes, dict[str, int]]:
+    """The header block of a safetensors file holding tensors of these (dtype, shape), laid out in
+    name order, and each tensor's offset from the start of the file (StreamingWriter writes in place)."""
+    entries, offset = {}, 0
+    for name in sorted(specs):
+        dtype, shape = specs[name]
+        nbytes = math.prod(shape) * dtype.itemsize
+        entries[name] = {"dtype": _ST_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    block = _header_bytes(entries, metadata)
+    return block, {name: len(block) + e["data_offsets"][0] for name, e in entries.items()}
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    return memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
@@ -202,6 +221,8 @@ class SafetensorsDir(Mapping[str, torch.Tensor]):
         if not files:
             raise FileNotFoundError(f"{self.path}: no *.safetensors files (and no {INDEX_NAME})")
         self._info: dict[str, _TensorInfo] = {}
+        self.bytes_read = 0
+        """Tensor bytes read from disk so far (tests check that a rank reads only its shards)."""
         for f in files:
             if not f.exists():
                 raise FileNotFoundError(f"{f}: listed in {index} but missing")
@@ -221,9 +242,40 @@ class SafetensorsDir(Mapping[str, torch.Tensor]):
             f.seek(info.start)
             if f.readinto(buf) != info.nbytes:
                 raise ConversionError(f"{info.file}: truncated data for tensor {name!r}")
+        self.bytes_read += info.nbytes
         if not info.nbytes:
             return torch.empty(info.shape, dtype=info.dtype)
         return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+    def read_index(self, name: str, dim: int, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`self[name].index_select(dim, index)` with zeros where `index` is -1, reading from disk only
+        the selected slices: each run of consecutive indices is one read per element of the dims
+        before `dim` (one read in all along dim 0), straight into the result -- into `out` when it
+        is a contiguous tensor of the result's dtype and shape (a parameter: no copy at all)."""
+        info = self._info.get(name)
+        if info is None:
+            raise KeyError(f"{self.path}: no tensor {name!r}")
+        shape = list(info.shape)
+        length, shape[dim] = shape[dim], len(index)
+        if out is None or out.dtype != info.dtype or list(out.shape) != shape or not out.is_contiguous():
+            out = torch.zeros(shape, dtype=info.dtype)
+        elif bool((index < 0).any()):
+            out.index_fill_(dim, (index < 0).nonzero().flatten(), 0)
+        inner = info.dtype.itemsize * math.prod(info.shape[dim + 1:])
+        outer = math.prod(info.shape[:dim])
+        dst = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.numel() else None
+        with open(info.file, "rb") as f:
+            fd = f.fileno()
+            for pos, first, n in index_runs(index):
+                if not 0 <= first <= first + n <= length:
+                    raise IndexError(f"{name}: rows {first}..{first + n} of {length} along dim {dim}")
+                for o in range(outer):
+                    at = (o * len(index) + pos) * inner
+                    want = n * inner
+                    if os.preadv(fd, [dst[at:at + want]], info.start + (o * length + first) * inner) != want:
+                        raise ConversionError(f"{info.file}: truncated data for tensor {name!r}")
+                    self.bytes_read += want
+        return out
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._info)
@@ -272,8 +324,45 @@ class Renamed(Mapping[str, torch.Tensor]):
     def original(self, name: str) -> str:
         return self._orig[name]
 
+    def read_index(self, name: str, dim: int, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return read_index(self.base, self._orig[name], dim, index, out)
+
     def shape(self, name: str) -> tuple[int, ...]:
         return tensor_shape(self.base, self._orig[name])
+
+    def dtype(self, name: str) -> torch.dtype:
+        dtype = getattr(self.base, "dtype", None)
+        return dtype(self._orig[name]) if callable(dtype) else self.base[self._orig[name]].dtype
+
+
+def index_runs(index: torch.Tensor) -> Iterator[tuple[int, int, int]]:
+    """(position in `index`, first source index, length) of every run of consecutive indices >= 0."""
+    idx = index.tolist()
+    pos = 0
+    while pos < len(idx):
+        if idx[pos] < 0:
+            pos += 1
+            continue
+        end = pos + 1
+        while end < len(idx) and idx[end] == idx[end - 1] + 1:
+            end += 1
+        yield pos, idx[pos], end - pos
+        pos = end
+
+
+def read_index(src: Mapping[str, torch.Tensor], name: str, dim: int, index: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """`src[name]` at positions `index` along `dim` (-1: a zero slice). Through the source's own
+    `read_index` when it has one (only those slices are read, into `out` where it fits), else cut
+    from the whole tensor."""
+    reader = getattr(src, "read_index", None)
+    if callable(reader):
+        return reader(name, dim, index, out)
+    full = src[name]
+    out = full.index_select(dim, index.clamp(min=0))
+    if bool((index < 0).any()):
+        out.index_fill_(dim, (index < 0).nonzero().flatten(), 0)
+    return out
 
 
 def tensor_shape(src: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
@@ -356,6 +445,54 @@ class ShardedWriter:
             with naming(self.out / INDEX_NAME):
                 (self.out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         return final
+
+
+class StreamingWriter(ShardedWriter):
+    """A ShardedWriter that holds no tensor: the names, dtypes and shapes to come are known up front
+    (`plan`, in arrival order), so the shards and their headers are laid out first and each tensor is
+    written at its place the moment it arrives. Same files as ShardedWriter for the same tensors."""
+
+    def __init__(self, out_dir: str | os.PathLike, plan: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+        super().__init__(out_dir, max_shard_bytes)
+        shards: list[dict[str, tuple[torch.dtype, tuple[int, ...]]]] = []
+        size = 0
+        for name, dtype, shape in plan:  # ShardedWriter's rule: a tensor that overflows starts a new shard
+            nbytes = math.prod(shape) * dtype.itemsize
+            if not shards or (shards[-1] and size + nbytes > max_shard_bytes):
+                shards.append({})
+                size = 0
+            if any(name in sh for sh in shards):
+                raise ConversionError(f"tensor {name!r} written twice")
+            shards[-1][name] = (dtype, tuple(shape))
+            size += nbytes
+            self.total_bytes += nbytes
+        self._place: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}
+        for k, specs in enumerate(shards):
+            block, starts = _header(specs, {"format": "pt"})
+            with naming(self._tmp(k)), open(self._tmp(k), "wb") as f:
+                f.write(block)
+                f.truncate(len(block) + sum(math.prod(sh) * dt.itemsize for dt, sh in specs.values()))
+            self._place.update({n: (k, starts[n], *specs[n]) for n in specs})
+        self._shards = [list(specs) for specs in shards]
+        self._pending = set(self._place)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one planned tensor into its shard file."""
+        if name not in self._pending:
+            raise ConversionError(f"tensor {name!r} {'written twice' if name in self._place else 'not planned'}")
+        k, start, dtype, shape = self._place[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ConversionError(f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, planned {dtype} {shape}")
+        if tensor.numel():
+            with naming(self._tmp(k)), open(self._tmp(k), "r+b") as f:
+                f.seek(start)
+                f.write(_bytes_of(tensor))
+        self._pending.discard(name)
+
+    def _flush(self) -> None:
+        if self._pending:
+            raise ConversionError(f"tensor(s) {sorted(self._pending)[:5]} planned but never written")
 
 
 # =============================================================================================

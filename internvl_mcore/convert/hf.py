@@ -17,10 +17,13 @@ from tqdm import tqdm
 
 from ..checkpoint.canonical import save_canonical
 from ..checkpoint.safetensors_io import (DEFAULT_MAX_SHARD_BYTES, ConversionError, Renamed, SafetensorsDir, dtype_name,
-                                         source_dtype, tensor_shape)
+                                         read_index, source_dtype, tensor_shape)
 from ..config.model import ModelConfig, ParallelConfig
 from .hf_config import model_config_from_hf, read_hf_config
-from .keymaps import READ_ALIASES, Entry, canonical_shapes, expand, keymap
+from .keymaps import READ_ALIASES, Entry, canonical_shapes, copy_to_canonical, expand, keymap
+
+_ROW_STRIDE = 1 << 40
+"""Row numbers of HF tensor k are encoded as k * _ROW_STRIDE + row (no tensor has 2**40 rows)."""
 
 # =============================================================================================
 # streaming tensor conversion
@@ -88,18 +91,80 @@ def hf_to_canonical(src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str,
         yield e.canonical, e.transform.to_canonical([src[h] for h in e.hf], cfg).contiguous()
 
 
+def canonical_plan(src: Mapping[str, torch.Tensor], cfg: ModelConfig,
+                   fmt: str) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(canonical name, dtype, shape) of every tensor `hf_to_canonical` will yield, in its order, from
+    the headers alone (validates like it): what a StreamingWriter lays its shards out from."""
+    src = _normalize(src, fmt)
+    dtype = getattr(src, "dtype", None)
+    shapes = canonical_shapes(cfg)
+    return [(e.canonical, dtype(e.hf[0]) if callable(dtype) else src[e.hf[0]].dtype, shapes[e.canonical])
+            for e in check_hf_tensors(src, cfg, fmt) if e.present]
+
+
 class HFAsCanonical(Mapping[str, torch.Tensor]):
-    """The canonical tensors of an HF checkpoint, each converted when it is read (so a rank loading
-    its shards reads only the HF tensors it needs). Names, shapes and the layout are validated first."""
+    """The canonical tensors of an HF checkpoint, each converted when it is read. Names, shapes and
+    the layout are validated first (from the safetensors headers: no tensor data is read).
+
+    `read_index` gives a rank its shard of a canonical tensor while reading only the HF slices that
+    shard is made of (`models/weights.py: load_canonical` calls it). Every key-map transform
+    (convert/keymaps.py) rearranges rows (dim 0) only, so:
+
+    - a shard along dim 0 (column-parallel weights, biases, vocabulary rows, the group-interleaved
+      q/k/v of `linear_qkv`, the [gate; up] halves of `linear_fc1`): the transform is run once on
+      *row numbers* instead of tensors, which says for every canonical row the HF tensor and row it
+      comes from; the shard's rows are then read from those HF tensors, consecutive rows in one read;
+    - a shard along another dim (row-parallel `linear_proj` / `linear_fc2`): the same columns of
+      every HF tensor are read and the transform applied to them.
+
+    Padding (zero vision heads, zero vocabulary rows) is never read. Nothing here reads a whole
+    tensor to cut a shard from it; `check_hf_tensors` does read two whole tensors in one case: an
+    untied-looking `lm_head` beside the embedding of a config that ties them (compared once)."""
 
     def __init__(self, src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str) -> None:
         self.src = _normalize(src, fmt)
         self.cfg = cfg
         self._entries = {e.canonical: e for e in check_hf_tensors(self.src, cfg, fmt) if e.present}
+        self._shapes = canonical_shapes(cfg)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         e = self._entries[name]
         return e.transform.to_canonical([self.src[h] for h in e.hf], self.cfg).contiguous()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Canonical shape (the HF shapes were checked against it)."""
+        self._entries[name]  # KeyError for an unknown name
+        return self._shapes[name]
+
+    def read_index(self, name: str, dim: int, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`self[name].index_select(dim, index)`, zeros where `index` is -1, reading only those slices
+        (for a tensor stored as is, e.g. embeddings, output layer, proj, fc2: into `out` where it fits)."""
+        e = self._entries[name]
+        if e.transform.to_canonical is copy_to_canonical:
+            return read_index(self.src, e.hf[0], dim, index, out)
+        if dim != 0:  # the transform moves rows only: pick the columns first
+            parts = [read_index(self.src, h, dim, index) for h in e.hf]
+            return e.transform.to_canonical(parts, self.cfg).contiguous()
+        source = self._row_sources(e)[index.clamp(min=0)]
+        source[index < 0] = -1
+        shape = list(self._shapes[name])
+        shape[0] = len(index)
+        out = torch.zeros(shape, dtype=self._dtype(e.hf[0]))
+        for k, h in enumerate(e.hf):
+            rows = ((source >= 0) & (source // _ROW_STRIDE == k)).nonzero().flatten()
+            if len(rows):
+                out.index_copy_(0, rows, read_index(self.src, h, 0, source[rows] % _ROW_STRIDE))
+        return out
+
+    def _row_sources(self, e: Entry) -> torch.Tensor:
+        """For every canonical row of entry `e`: k * _ROW_STRIDE + the row of HF tensor e.hf[k] it is."""
+        probes = [torch.arange(tensor_shape(self.src, h)[0], dtype=torch.int64) + k * _ROW_STRIDE
+                  for k, h in enumerate(e.hf)]
+        return e.transform.to_canonical(probes, self.cfg)
+
+    def _dtype(self, hf_name: str) -> torch.dtype:
+        dtype = getattr(self.src, "dtype", None)
+        return dtype(hf_name) if callable(dtype) else self.src[hf_name].dtype
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
@@ -146,11 +211,15 @@ def _hf_tensors(e: Entry, t: torch.Tensor, cfg: ModelConfig, dtype: torch.dtype 
 def convert_hf_to_checkpoint(hf_dir: str | os.PathLike, save: str | os.PathLike, layout: ParallelConfig | None = None,
                              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = False) -> ModelConfig:
     """Read an HF checkpoint (either layout; the format and model come from config.json) and write a
-    canonical checkpoint. Everything is validated before the first tensor is converted."""
+    canonical checkpoint. Everything is validated before the first tensor is converted.
+
+    Streams tensor by tensor: each HF tensor is read, converted and written to its place in the
+    output shard, so memory holds one tensor's HF pieces and its canonical form, never the model."""
     hf_config = read_hf_config(hf_dir)
     cfg, fmt = model_config_from_hf(hf_config, hf_dir)
     src = SafetensorsDir(hf_dir)
     dtype = source_dtype(src)
     source = {"format": fmt, "dtype": dtype_name(dtype), "hf_config": hf_config, "hf_dir": str(Path(hf_dir).resolve())}
-    save_canonical(save, cfg, hf_to_canonical(src, cfg, fmt, progress=progress), source, layout, max_shard_bytes)
+    save_canonical(save, cfg, hf_to_canonical(src, cfg, fmt, progress=progress), source, layout, max_shard_bytes,
+                   plan=canonical_plan(src, cfg, fmt))
     return cfg

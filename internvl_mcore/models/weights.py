@@ -167,21 +167,60 @@ def init_weights(model: torch.nn.Module, cfg: ModelConfig, seed: int,
         p.copy_(shard(full, name, p, cfg, layout).to(p.dtype))
 
 
+def shard_index(name: str, param: torch.nn.Parameter, cfg: ModelConfig, layout: ShardPlacement) -> torch.Tensor | None:
+    """The canonical positions along the partition dim that this rank's shard of `name` holds, in
+    order, -1 for padding; None for a replicated parameter (the shard is the whole tensor).
+
+    Found by sharding the positions themselves with the parameter's rule (models/sharding.py), so the
+    slices a reader fetches are by construction the ones `shard` would cut."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return None
+    rank, size = layout.for_param(name)
+    length = canonical_shape(name, param, cfg, layout)[param.partition_dim]
+    positions = torch.arange(1, length + 1, dtype=torch.int64)  # 0: the zeros a rule pads with
+    return rule_for(name).shard(positions, 0, rank, size, cfg) - 1
+
+
+def read_shard(state: Mapping[str, torch.Tensor], name: str, param: torch.nn.Parameter, cfg: ModelConfig,
+               layout: ShardPlacement, into_param: bool = False) -> torch.Tensor:
+    """This rank's shard of the canonical tensor `state[name]` for the local parameter `param`.
+
+    A source with `read_index(name, dim, index, out)` (convert/: SafetensorsDir for canonical
+    checkpoints, HFAsCanonical for HF directories) reads only the shard's slices, so a rank holds its
+    shard and never the whole tensor -- with `into_param`, straight into the parameter's memory where
+    the dtypes agree (then the result is `param.data`); any other mapping is indexed whole and cut
+    with `shard`."""
+    index = shard_index(name, param, cfg, layout)
+    reader = getattr(state, "read_index", None)
+    if index is None or not callable(reader):
+        return shard(state[name], name, param, cfg, layout)
+    return reader(name, param.partition_dim, index, param.data if into_param else None)
+
+
 @torch.no_grad()
 def load_canonical(model: torch.nn.Module, state: Mapping[str, torch.Tensor], cfg: ModelConfig,
                    pg_collection: ProcessGroupCollection | None = None, strict: bool = True) -> None:
-    """Copy a canonical (TP1/PP1) state dict into this rank's shards; shape errors name the key."""
+    """Copy a canonical (TP1/PP1) state dict into this rank's shards; shape errors name the key.
+
+    Tensor by tensor through `read_shard`: from a lazy source a rank reads only its own slices, so
+    its peak host memory is its model shard plus one local tensor (none where the slices go straight
+    into the parameter; replicated tensors are read whole: the rank holds them whole)."""
     layout = ShardPlacement.of(unwrap_model(model), pg_collection)
     for local, name, p in local_params(model, layout):
         if name not in state:
             if strict:
                 raise KeyError(f"canonical state dict has no {name!r} (for local parameter {local!r})")
             continue
-        full = state[name]
+        lazy = callable(getattr(state, "shape", None))  # knows shapes without reading the tensor
+        full = None if lazy else state[name]
+        got = tuple(state.shape(name)) if lazy else tuple(full.shape)
         want = canonical_shape(name, p, cfg, layout)
-        if tuple(full.shape) != want:
-            raise ValueError(f"{name}: canonical tensor has shape {tuple(full.shape)}, model expects {want}")
-        p.copy_(shard(full, name, p, cfg, layout).to(p.dtype))
+        if got != want:
+            raise ValueError(f"{name}: canonical tensor has shape {got}, model expects {want}")
+        piece = read_shard(state, name, p, cfg, layout, into_param=True) if lazy else shard(full, name, p, cfg, layout)
+        if piece.data_ptr() != p.data_ptr():  # else read straight into the parameter
+            p.copy_(piece.to(p.dtype))
+        del full, piece  # before the next read: at most one tensor besides the model at a time
 
 
 def canonical_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

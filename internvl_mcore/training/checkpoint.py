@@ -605,7 +605,9 @@ def _adopt_lora(info: dict, module: torch.nn.Module, where: Path) -> None:
 def load_weights(path: str | Path, model_chunk: torch.nn.Module, model_cfg: ModelConfig) -> str:
     """Weights only (`--pretrained`): a training checkpoint (root or iter_ dir, any layout), a
     canonical checkpoint from tools/convert_from_hf.py, or an HF checkpoint directory (either layout,
-    converted on the fly). Returns which kind was read."""
+    converted on the fly). From the latter two each rank reads only the slices of its own shards
+    (models/weights.py: load_canonical), so its peak host memory is its shard plus one local tensor.
+    Returns which kind was read."""
     path = Path(path)
     module = unwrap_model(model_chunk)
     if is_training_checkpoint(path):
@@ -625,7 +627,8 @@ def load_weights(path: str | Path, model_chunk: torch.nn.Module, model_cfg: Mode
 
 def _load_hf_weights(path: Path, module: torch.nn.Module, model_cfg: ModelConfig) -> str:
     """An HF checkpoint directory (either layout), converted tensor by tensor while each rank loads its
-    shards: what tools/convert_from_hf.py would write, without the intermediate files."""
+    shards: what tools/convert_from_hf.py would write, without the intermediate files. Each rank
+    reads only the HF slices its shards are made of (convert/hf.py: HFAsCanonical.read_index)."""
     try:
         cfg, fmt = model_config_from_hf(read_hf_config(path), path)
         check_model({"model": dataclasses.asdict(cfg), "name": cfg.name}, model_cfg, path)

@@ -353,3 +353,9 @@ def test_cli_refuses_with_the_key(small_internvl: Path, tmp_path: Path, capsys) 
     assert tool.main(["--hf-dir", str(bad), "--save", str(tmp_path / "ckpt")]) == 2
     assert not (tmp_path / "ckpt").exists()  # a failed conversion leaves no --save directory
     assert "mlp1.0.bias" in capsys.readouterr().err
+    # the recorded layout is checked against the model before converting (no process is spawned)
+    assert tool.main(["--hf-dir", str(small_internvl), "--save", str(tmp_path / "ckpt"),
+                      "--tensor-model-parallel-size", "3"]) == 2
+    assert not (tmp_path / "ckpt").exists()
+    assert "--tensor-model-parallel-size 3 does not divide" in capsys.readouterr().err
+

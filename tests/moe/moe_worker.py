@@ -8,6 +8,9 @@ loop (training/loop.py: setup, train_step, save, --load):
 3. with --save DIR: a checkpoint at iteration RESUME_AT, then a fresh trainer resumed from it
    (--load) replays iterations RESUME_AT+1 .. ITERS, and the final weights are saved.
 
+0. the --pretrained weights in this rank's shards (read through per-rank slices) equal the shards
+   cut from whole tensors, and so do the slices read from the HF directory (issue 24);
+
 Each rank writes rank{r}.json with what it measured; the test asserts on them. Everything runs
 under `main()`: megatron-core's checkpoint writer starts a multiprocessing Manager, which
 re-imports __main__.
@@ -49,6 +52,28 @@ def canonical_grads(ddp: torch.nn.Module, cfg: ModelConfig) -> dict:
     grads = {name: p.main_grad.detach().clone() for _, name, p in local_params(ddp.module, ShardPlacement.of(ddp.module))}
     ddp.zero_grad_buffer()
     return grads
+
+
+def check_slice_reads(model: torch.nn.Module, ckpt: Path) -> dict:
+    """The weights --pretrained put in this rank's shards (read through slices of the canonical
+    checkpoint) equal the shards cut from the whole tensors bit for bit; so do the slices read from
+    the transformers-layout HF directory it was converted from (`ckpt/../hf`, when there)."""
+    from internvl_mcore.checkpoint.safetensors_io import SafetensorsDir
+    from internvl_mcore.convert.hf import HFAsCanonical, model_config_from_hf, read_hf_config
+    from internvl_mcore.models.weights import ShardPlacement, local_params, read_shard, shard
+
+    full = CanonicalCheckpoint.open(ckpt)
+    hf_dir = ckpt.parent / "hf"
+    hf = HFAsCanonical(SafetensorsDir(hf_dir), *model_config_from_hf(read_hf_config(hf_dir), hf_dir)) \
+        if hf_dir.is_dir() else None
+    layout = ShardPlacement.of(model)
+    bad, checked = [], 0
+    for _, name, p in local_params(model, layout):
+        want = shard(full.tensors[name], name, p, full.config, layout).to(p.dtype)
+        got = [p.detach()] + ([read_shard(hf, name, p, full.config, layout).to(p.dtype)] if hf else [])
+        bad += [name for g in got if not torch.equal(g, want)]
+        checked += len(got)
+    return {"slice_checked": checked, "slice_mismatch": bad[:5]}
 
 
 def compare_grads(ddp: torch.nn.Module, cfg: ModelConfig, grads: dict, ref: dict) -> dict:
@@ -96,7 +121,7 @@ def main() -> None:
                     checkpoint=CheckpointConfig(pretrained=a.ckpt, save=a.save))
     trainer = loop.setup(run)
     out = Path(a.out)
-    report: dict = {"rank": dist.get_rank()}
+    report: dict = {"rank": dist.get_rank(), **check_slice_reads(trainer.model[0].module, Path(a.ckpt))}
     if a.ref or a.grads:
         grads = canonical_grads(trainer.model[0], cfg)
         if a.ref:

@@ -8,6 +8,8 @@ top-2, renormalized top-k probabilities, per-head QK-norm), built offline from i
   optimizer): every gradient of one global batch equals the single-process one (aux loss included;
   all but the PP2 run, whose distributed optimizer leaves only shards of the gradients), and
   the first 10 losses equal the single-process run within 1e-5 (the logged aux losses within 5e-5);
+- at every layout, the --pretrained shards each rank read through slices (canonical and HF) equal
+  the shards cut from the whole tensors bit for bit;
 - EP2 resumes exactly from a checkpoint (expert weights and their optimizer state);
 - the EP2 training checkpoint exports to transformers (read without a model, checkpoint/dist_reader.py)
   and transformers' logits equal ours loaded at EP1 (dist-checkpointing reshards the experts), whose
@@ -129,6 +131,7 @@ def _reports(out: Path, world: int) -> list[dict]:
 
 def _check_layout(name: str, reports: list[dict], ref: dict) -> None:
     for r in reports:
+        assert r["slice_checked"] > 0 and not r["slice_mismatch"], (name, r["rank"], r["slice_mismatch"])
         if "max_rel_grad_err" in r:
             assert r["params_checked"] > 0 and r["expert_params"] > 0, r
             assert r["max_rel_grad_err"] < TOL, (name, r["rank"], r["worst"], r["max_rel_grad_err"])
