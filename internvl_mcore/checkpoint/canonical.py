@@ -78,8 +78,9 @@ def save_canonical(out_dir: str | os.PathLike, cfg: ModelConfig, tensors: Any, s
                    layout: ParallelConfig | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                    plan: Sequence[tuple[str, torch.dtype, tuple[int, ...]]] | None = None) -> Path:
     """Write a canonical checkpoint from (name, tensor) pairs (an iterator is streamed). With `plan`
-    ((name, dtype, shape) of every tensor, in order) each tensor goes to disk as it arrives
-    (StreamingWriter); without, up to one output shard is held in memory (ShardedWriter)."""
+    ((name, dtype, shape) of every tensor, in order) each tensor is written in place in its shard
+    (StreamingWriter); without, into a side file appended behind the shard's header when the shard
+    is full (ShardedWriter). Either way the writer holds no tensor."""
     out = Path(out_dir)
     writer = ShardedWriter(out, max_shard_bytes) if plan is None else StreamingWriter(out, plan, max_shard_bytes)
     items = tensors.items() if isinstance(tensors, Mapping) else tensors

@@ -15,12 +15,14 @@ experts) are stacked: megatron-core prepends a layer axis (an expert axis) to ev
 pipeline stage's layers are their own chunks. TP pieces are chunks along the split dim (SwiGLU's
 gate and up halves each: the global fc1 is [gate; up]); vocabulary rows and InternViT heads keep the
 padding of the saving layout (checkpoint/dist_canonical.py removes it). Optimizer state is keys too:
-the plain optimizer's under `optimizer.state.<exp_avg|exp_avg_sq|fp32_param>.<model key>` (prefixed
-`chained_<k>.` when megatron-core chains an MoE model's expert and dense optimizers) with the model
-key's shape and chunks; the distributed optimizer's (`dp_reshardable`, training/checkpoint.py) as one
-flat 1-D tensor per gradient bucket, `optimizer.distributed.dp_group_idx_G.gbuf_idx_B.dtype_(...).
-bucket_idx_K.<param|exp_avg|exp_avg_sq>`, chunked per DP rank and parameter (replicas are not
-written twice: each chunk is stored once, by the replica megatron-core marks as the main one).
+plain and distributed optimizers alike (training/checkpoint.py saves megatron-core's model-space
+`fully_reshardable` form, MoE's chained optimizers without their `chained_<k>.` prefix) under
+`optimizer.state.<param|exp_avg|exp_avg_sq>.<model key>` with the model key's shape and chunks.
+Checkpoints written before that format hold the distributed optimizer's state (`dp_reshardable`) as
+one flat 1-D tensor per gradient bucket, `optimizer.distributed.dp_group_idx_G.gbuf_idx_B.dtype_(...).
+bucket_idx_K.<param|exp_avg|exp_avg_sq>`, chunked per DP rank and parameter, and MoE's under the
+`chained_<k>.` prefix (replicas are never written twice: each chunk is stored once, by the replica
+megatron-core marks as the main one).
 Megatron-core < 0.14's "N-D flattened" entries would appear with the global shape they were saved
 with ([X // x, ..., x * y * z]); we never write them. Non-tensor items (the modules' `_extra_state`,
 the buckets' sizes) are not listed and never read here.

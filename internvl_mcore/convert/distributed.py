@@ -1,12 +1,10 @@
-"""Conversions that need the model built in a parallel layout (spawned gloo worlds), for
-verification and small models -- the HF export does not use them (convert/export.py streams from
-the checkpoint files without a model):
+"""What needs the model built in a parallel layout (spawned gloo worlds), for verification and small
+models; no conversion uses it (convert/export.py and convert/lora_export.py stream from the checkpoint
+files without a model):
 
 `gather_canonical_state` (a TP/PP-sharded model -> the canonical dict, inverse of
-`weights.load_canonical`), `verify_layout` (load + gather in a TP x PP world, compared bit for bit),
-and `training_checkpoint_to_canonical` (a training checkpoint loaded in the layout it was saved with
-and gathered: one full copy of the model on rank 0; the exports no longer use it, convert/lora_export.py
-merges LoRA adapters from the files too). The canonical directory itself: checkpoint/canonical.py.
+`weights.load_canonical`: one full copy of the model on rank 0) and `verify_layout` (load + gather in
+a TP x PP world, compared bit for bit). The canonical directory itself: checkpoint/canonical.py.
 """
 from __future__ import annotations
 
@@ -23,17 +21,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from megatron.core.utils import unwrap_model
 
-from ..checkpoint.canonical import CanonicalCheckpoint, model_config_from_dict, save_canonical
-from ..checkpoint.format import is_training_checkpoint, resolve_iteration_dir
+from ..checkpoint.canonical import CanonicalCheckpoint, save_canonical
 from ..checkpoint.safetensors_io import ConversionError
-from ..checkpoint.trust import check_dist_checkpoint
-from ..checkpoint.weights import load_training_weights
 from ..config.model import ModelConfig, ParallelConfig
 from ..models.internvl import build_model
 from ..models.sharding import rule_for
 from ..models.weights import ShardPlacement, is_expert_param, load_canonical, local_params
 from ..parallel.state import destroy_distributed, init_distributed
-from .export import convert_checkpoint_to_hf  # noqa: F401 -- convert/lora_export.py imports it from here
 
 
 # =============================================================================================
@@ -155,45 +149,3 @@ def verify_layout(jobs: Sequence[tuple[str | os.PathLike, str | os.PathLike | No
     if bad:
         raise ConversionError(f"TP{tp}xPP{pp} load/gather changed tensors: {bad}")
     return report
-
-
-# =============================================================================================
-# training checkpoints (megatron-core dist_checkpointing; format: internvl_mcore/checkpoint/format.py)
-# =============================================================================================
-
-def _export_worker(rank: int, world: int, port: int, tp: int, pp: int, ckpt: str, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    par = conversion_layout(tp, pp)
-    pg = init_distributed(par, seed=0)
-    try:
-        _, info = resolve_iteration_dir(Path(ckpt))
-        cfg = model_config_from_dict(info["model"])
-        model = build_model(cfg, par, pg)
-        load_training_weights(ckpt, model, cfg)
-        state = gather_canonical_state(model, cfg)
-        if state is not None:
-            source = info.get("source") or {"dtype": "float32"}
-            save_canonical(out_dir, cfg, state, source, par)
-    finally:
-        destroy_distributed()
-
-
-def training_checkpoint_to_canonical(path: str | os.PathLike, out_dir: str | os.PathLike,
-                                     timeout_s: float = 3600.0) -> ModelConfig:
-    """A training checkpoint (root with the `latest` pointer, or one iter_ directory) -> canonical dir.
-
-    The checkpoint is loaded in the TP x PP layout it was saved with (spawned gloo processes, data
-    parallel size 1), so padded vision heads and vocabulary rows match whatever the saving layout
-    had, then gathered and unpadded on rank 0: memory there is one full copy of the model."""
-    path = Path(path)
-    if not is_training_checkpoint(path):
-        raise ConversionError(f"{path}: not a training checkpoint (no run.json or latest_checkpointed_iteration.txt)")
-    iteration_dir, info = resolve_iteration_dir(path)
-    check_dist_checkpoint(iteration_dir)  # here, for a one-line error: the workers check again
-    layout = info.get("layout", {})
-    tp = int(layout.get("tensor_model_parallel_size", 1))
-    pp = int(layout.get("pipeline_model_parallel_size", 1))
-    _spawn(_export_worker, tp * pp, (tp, pp, str(path), str(out_dir)), timeout_s,
-           f"loading {path} (TP{tp} x PP{pp})")
-    return model_config_from_dict(info["model"])

@@ -20,8 +20,8 @@ import torch
 
 from ..checkpoint.dist_canonical import DistCanonicalView
 from ..checkpoint.dist_reader import DistCheckpointReader
-from ..checkpoint.canonical import CanonicalCheckpoint, model_config_from_dict
-from ..checkpoint.format import CheckpointError, is_training_checkpoint, resolve_iteration_dir
+from ..checkpoint.canonical import CanonicalCheckpoint, model_config_from_dict, save_canonical
+from ..checkpoint.format import TRACKER, CheckpointError, is_training_checkpoint, resolve_iteration_dir
 from ..checkpoint.safetensors_io import DEFAULT_MAX_SHARD_BYTES, copy_side_files, parse_dtype, write_hf_dir
 from ..checkpoint.trust import check_dist_checkpoint
 from ..config.model import ModelConfig
@@ -100,3 +100,14 @@ def convert_checkpoint_to_hf(load: str | os.PathLike, save: str | os.PathLike, f
     """Write an HF checkpoint in format `fmt` ("internvl" | "transformers") from a canonical checkpoint
     or a training checkpoint of any layout, streaming (`write_hf_export`)."""
     return write_hf_export(open_export_source(load), save, fmt, template_dir, dtype, max_shard_bytes, progress)
+
+
+def training_checkpoint_to_canonical(path: str | os.PathLike, out_dir: str | os.PathLike,
+                                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> ModelConfig:
+    """A training checkpoint of any layout (not a LoRA run's) -> a canonical checkpoint, streaming:
+    the same view of the files as the HF export, each tensor written as it is read."""
+    if not is_training_checkpoint(path):
+        raise CheckpointError(f"{path}: not a training checkpoint (no run.json or {TRACKER})")
+    src = open_export_source(path)
+    save_canonical(out_dir, src.config, src.tensors.items(), src.source, max_shard_bytes=max_shard_bytes)
+    return src.config

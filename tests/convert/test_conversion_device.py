@@ -38,13 +38,9 @@ def test_conversion_layout_is_cpu_even_with_cuda(cuda_host) -> None:
     assert (par.tensor_model_parallel_size, par.pipeline_model_parallel_size) == (4, 2)
 
 
-@pytest.mark.parametrize("worker", ["layout", "export"])
-def test_conversion_workers_start_a_gloo_world_on_a_cuda_host(cuda_host, tmp_path, monkeypatch, worker) -> None:
+def test_conversion_workers_start_a_gloo_world_on_a_cuda_host(cuda_host, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("LOCAL_RANK", "0")
     with pytest.raises(_Stop):
-        if worker == "layout":
-            conv._layout_worker(0, 1, 29999, 1, 1, [], str(tmp_path))
-        else:
-            conv._export_worker(0, 1, 29999, 1, 1, str(tmp_path), str(tmp_path / "out"))
+        conv._layout_worker(0, 1, 29999, 1, 1, [], str(tmp_path))
     assert cuda_host == {"backend": "gloo"}  # no NCCL, no torch.cuda.set_device(rank)
 
