@@ -152,9 +152,10 @@ def _write_bytes(f: Any, t: torch.Tensor) -> None:
 def _header(specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
             metadata: Mapping[str, str] | None) -> tuple[bytes, dict[str, int]]:
     """The header block of a safetensors file holding tensors of these (dtype, shape), laid out in
-    name order, and each tensor's offset from the start of the file (StreamingWriter writes in place)."""
+    the order given (ShardedWriter's arrival order, so both writers give the same bytes), and each
+    tensor's offset from the start of the file (StreamingWriter writes in place)."""
     entries, offset = {}, 0
-    for name in sorted(specs):
+    for name in specs:
         dtype, shape = specs[name]
         nbytes = math.prod(shape) * dtype.itemsize
         entries[name] = {"dtype": _ST_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}

@@ -39,7 +39,8 @@ def test_conversion_layout_is_cpu_even_with_cuda(cuda_host) -> None:
 
 
 def test_conversion_workers_start_a_gloo_world_on_a_cuda_host(cuda_host, tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("LOCAL_RANK", "0")
+    for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):  # the worker sets them:
+        monkeypatch.setenv(var, "0")  # restored afterwards, so no later test inherits port 29999
     with pytest.raises(_Stop):
         conv._layout_worker(0, 1, 29999, 1, 1, [], str(tmp_path))
     assert cuda_host == {"backend": "gloo"}  # no NCCL, no torch.cuda.set_device(rank)
