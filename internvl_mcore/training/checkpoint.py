@@ -174,6 +174,17 @@ def optimizer_kind(optimizer: Any) -> Optional[str]:
     return "distributed" if any(isinstance(p, DistributedOptimizer) for p in parts) else "plain"
 
 
+def trains(module: torch.nn.Module) -> bool:
+    """Whether this rank's model stage has a trainable parameter. A stage whose parameters are all
+    frozen (`--stage 1` at PP2: a stage of LLM layers only) has an optimizer without parameters or
+    state, which megatron-core 0.16 can neither save (the distributed optimizer, without TE/apex,
+    asserts on the Adam step it finds in no parameter's state) nor load (the bf16 optimizer looks for
+    its empty list of fp32 master weights in the common state, which only rank 0 writes and whose
+    optimizer has them as tensors). Such a rank saves and loads no optimizer state: there is none.
+    The same on every rank of a data-parallel group, so their collectives still match."""
+    return any(p.requires_grad for p in module.parameters())
+
+
 def _init_optimizer_state(optimizer: Any) -> None:
     """Create Adam's state tensors before loading into them.
 
@@ -410,7 +421,7 @@ def _write_state(tmp: Path, iteration: int, module: torch.nn.Module, optimizer: 
     --async-save), RNG states, data position."""
     model_sd = module.sharded_state_dict()
     state = {"model": model_sd}
-    if optimizer is not None:
+    if optimizer is not None and trains(module):
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=_optim_metadata(OPTIMIZER_FORMAT))
     if writer is None:
         dist_checkpointing.save(state, str(tmp))
@@ -543,14 +554,15 @@ def load(root: str | Path, model_chunk: torch.nn.Module, optimizer: Any, schedul
     model_sd = module.sharded_state_dict()
     state = {"model": model_sd}
     key = "optimizer" if same_layout else _RESHARDED
-    if fmt is not None:
+    mine = fmt is not None and trains(module)  # a frozen stage's optimizer has no state to load
+    if mine:
         _init_optimizer_state(optimizer)
         state[key] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_optim_metadata(fmt))
         own = _not_loaded_part(state[key])
     loaded = load_across_backends(state, path, module)
     if scheduler is not None and info.get("scheduler") is not None:
         scheduler.load_state_dict(info["scheduler"])
-    if fmt is not None:
+    if mine:
         if not same_layout:  # this run's own structure around the tensors read from the files
             _merge_missing(loaded[key], own)
             _put_common_step(loaded[key], _saved_steps(loaded.get("optimizer")))
