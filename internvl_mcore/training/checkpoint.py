@@ -23,7 +23,8 @@ data-parallel size the loader splits the same global batches over the new ranks:
 `data_states`). RNG streams are restored only on the same layout. A change the optimizer state
 cannot follow (--use-distributed-optimizer switched on or off, or a checkpoint of the older
 dp_reshardable format into another layout) is refused naming --no-load-optim, which loads the
-rest with a fresh optimizer.
+rest with a fresh optimizer. A pipeline stage whose parameters are all frozen (`--stage 1` at PP2)
+has no optimizer state, and its ranks save and load none (`trains`).
 
 Nothing in a checkpoint directory is trusted to be what we wrote (whoever wrote the directory wrote
 its checksums too): our files are JSON (byte tensors as base64), and megatron-core's pickled parts
