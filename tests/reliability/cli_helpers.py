@@ -75,8 +75,11 @@ def interrupt_when(tool: str, *args: str, fault: str, sig: int = signal.SIGINT,
     a signal` and waits: internvl_mcore/faults.py), send `sig` to its process group once that line is
     on its stdout, and wait for it. No sleep decides when the signal comes."""
     with tempfile.TemporaryFile("w+") as out_file:
+        # SIGINT at its default, as a terminal starts a program: a suite run in the background of a
+        # non-interactive shell (`.ci/run &`) ignores SIGINT, and an ignored SIGINT is inherited
         proc = subprocess.Popen(cli(tool, *args), cwd=REPO, env={**env(), "INTERNVL_MCORE_FAULT": fault},
-                                stdout=out_file, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                stdout=out_file, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + timeout
         try:
             while True:
