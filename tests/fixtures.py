@@ -34,6 +34,7 @@ import random
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from PIL import Image
 
 from internvl_mcore.data.sources import PreprocessOptions
@@ -499,3 +500,17 @@ def make_dataset_fixture(root: str) -> DataFixture:
     with open(fx.meta_path, "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
     return fx
+
+
+def new_tensor_bytes() -> int:
+    """Bytes of the distinct storages of the CPU tensors created since the garbage collector last ran
+    (with the collector off, every object made since stays in generation 0; freed ones leave it at
+    once): the exporters' memory-bound tests sample it while the HF writer receives tensors."""
+    import gc
+
+    seen: dict[int, int] = {}
+    for obj in gc.get_objects(generation=0):
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+            storage = obj.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())

@@ -11,7 +11,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -139,9 +139,10 @@ def _header_bytes(entries: Mapping[str, Any], metadata: Mapping[str, str] | None
     return len(blob).to_bytes(8, "little") + blob
 
 
-def _entry(t: torch.Tensor, offset: int) -> dict[str, Any]:
-    nbytes = t.numel() * t.element_size()
-    return {"dtype": _ST_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+def _entry(dtype: torch.dtype, shape: Sequence[int], offset: int) -> dict[str, Any]:
+    """A tensor's header entry, its bytes starting at `offset` of the data block."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    return {"dtype": _ST_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
 
 
 def _write_bytes(f: Any, t: torch.Tensor) -> None:
@@ -155,11 +156,9 @@ def _header(specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
     the order given (ShardedWriter's arrival order, so both writers give the same bytes), and each
     tensor's offset from the start of the file (StreamingWriter writes in place)."""
     entries, offset = {}, 0
-    for name in specs:
-        dtype, shape = specs[name]
-        nbytes = math.prod(shape) * dtype.itemsize
-        entries[name] = {"dtype": _ST_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+    for name, (dtype, shape) in specs.items():
+        entries[name] = _entry(dtype, shape, offset)
+        offset = entries[name]["data_offsets"][1]
     block = _header_bytes(entries, metadata)
     return block, {name: len(block) + e["data_offsets"][0] for name, e in entries.items()}
 
@@ -174,7 +173,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
     names = sorted(tensors)
     entries, offset = {}, 0
     for name in names:
-        entries[name] = _entry(tensors[name], offset)
+        entries[name] = _entry(tensors[name].dtype, tensors[name].shape, offset)
         offset = entries[name]["data_offsets"][1]
     with naming(path), open(path, "wb") as f:
         f.write(_header_bytes(entries, metadata))
@@ -401,7 +400,7 @@ class ShardedWriter:
         if self._data is None:
             with naming(self._data_path()):
                 self._data = open(self._data_path(), "wb")
-        self._entries[name] = _entry(tensor, self._data_bytes)
+        self._entries[name] = _entry(tensor.dtype, tensor.shape, self._data_bytes)
         with naming(self._data_path()):
             _write_bytes(self._data, tensor)
         self._written.add(name)

@@ -35,6 +35,7 @@ from internvl_mcore.checkpoint.canonical import CanonicalCheckpoint, model_confi
 from internvl_mcore.checkpoint.format import CheckpointError, resolve_iteration_dir
 from internvl_mcore.checkpoint.safetensors_io import SafetensorsDir
 from tests.convert.tiny_hf import save_transformers_dir, tiny_transformers_model
+from tests.fixtures import new_tensor_bytes
 from tests.launch import REPO, free_port
 
 pytest.importorskip("transformers")
@@ -206,17 +207,6 @@ def _same_tensors(a: Path, b: Path) -> None:
         assert x.dtype(k) == y.dtype(k) and torch.equal(x[k], y[k]), k
 
 
-def _new_tensor_bytes() -> int:
-    """Bytes of the distinct storages of the tensors created since the collector last ran (with the
-    collector off, every object made since stays in generation 0; freed ones leave it at once)."""
-    seen: dict[int, int] = {}
-    for obj in gc.get_objects(generation=0):
-        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
-            storage = obj.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
-
-
 def test_cli_exports_both_formats_bit_exact_in_bounded_memory(run, tmp_path, monkeypatch) -> None:
     from internvl_mcore.convert import convert_checkpoint_to_hf
     from internvl_mcore.checkpoint.safetensors_io import ShardedWriter
@@ -232,7 +222,7 @@ def test_cli_exports_both_formats_bit_exact_in_bounded_memory(run, tmp_path, mon
     peaks, add = [], ShardedWriter.add
 
     def recording_add(self, name, tensor):
-        peaks.append(_new_tensor_bytes())
+        peaks.append(new_tensor_bytes())
         add(self, name, tensor)
 
     monkeypatch.setattr(ShardedWriter, "add", recording_add)
@@ -240,7 +230,7 @@ def test_cli_exports_both_formats_bit_exact_in_bounded_memory(run, tmp_path, mon
 
     def recording_load(self, *args):
         chunk = load_chunk(self, *args)
-        peaks.append(_new_tensor_bytes())  # the box being assembled, this chunk and whatever else is alive
+        peaks.append(new_tensor_bytes())  # the box being assembled, this chunk and whatever else is alive
         return chunk
 
     monkeypatch.setattr(DistCheckpointReader, "_load_chunk", recording_load)

@@ -16,6 +16,7 @@ from typing import Iterator
 import pytest
 import torch
 
+from tests.fixtures import new_tensor_bytes
 from tests.launch import REPO
 
 pytest.importorskip("transformers")
@@ -84,16 +85,6 @@ def no_model_no_world() -> Iterator[None]:
         yield
 
 
-def _new_tensor_bytes() -> int:
-    """Bytes of the distinct storages of the CPU tensors created since the collector last ran (with
-    the collector off, every object made since stays in generation 0; freed ones leave it at once)."""
-    seen: dict[int, int] = {}
-    for obj in gc.get_objects(generation=0):
-        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
-            seen[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
-    return sum(seen.values())
-
-
 @contextlib.contextmanager
 def recording_live_tensors(peaks: list[int]) -> Iterator[None]:
     """Inside, the live tensor bytes are appended to `peaks` whenever the HF writer gets a tensor."""
@@ -102,7 +93,7 @@ def recording_live_tensors(peaks: list[int]) -> Iterator[None]:
     add = ShardedWriter.add
 
     def recording_add(self, name, tensor):
-        peaks.append(_new_tensor_bytes())
+        peaks.append(new_tensor_bytes())
         add(self, name, tensor)
 
     gc.collect()
