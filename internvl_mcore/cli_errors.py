@@ -18,12 +18,10 @@ import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
+from .errors import UserError
+
 USER_ERROR = 2
 INTERRUPTED = 130
-
-
-class UserError(Exception):
-    """A problem with the user's input that the message names (file, line, key or flag)."""
 
 
 # Raised by our readers and validators with messages that name the file / flag: ConversionError

@@ -1,0 +1,27 @@
+"""The project's error classes: one `UserError` for every mistake in a user's input, by area.
+
+A tool ends on a `UserError` with one line naming the file, line, key or flag (exit 2,
+internvl_mcore/cli_errors.py); anything else is a bug and keeps its traceback. Raise the class of
+the area whose input is wrong; its message already says what to change.
+"""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem with the user's input that the message names (file, line, key or flag)."""
+
+
+class ConfigError(UserError):
+    """A flag, or a combination of flags, that cannot run (names the flag)."""
+
+
+class DataError(UserError):
+    """Input data that cannot be read or does not fit the run (names the file and line or record)."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, damaged, untrusted or does not fit the run (names the directory)."""
+
+
+class ConversionError(UserError):
+    """Weights that cannot be converted between formats or layouts (names the file and tensor)."""
