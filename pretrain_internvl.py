@@ -19,11 +19,13 @@ from internvl_mcore.config import ParallelConfig
 from internvl_mcore.config.cli import add_dataclass_flags, build_dataclass, explicit_dests
 from internvl_mcore.config.domains import OneLineParser, declare_domains
 from internvl_mcore.config.presets import PRESETS
+from internvl_mcore.config.problems import check as check_config
 from internvl_mcore.config.lora import LoRAConfig
 from internvl_mcore.config.needs import ignored_flags
 from internvl_mcore.config.training import CheckpointConfig, DataConfig, LogConfig, RunConfig, TrainConfig
 from internvl_mcore.checkpoint.safetensors_io import ConversionError
 from internvl_mcore.convert.source import resolve_model
+from internvl_mcore.errors import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,12 +64,10 @@ def parse_run_config(argv: list[str]) -> RunConfig:
 
 
 def check_data(run: RunConfig) -> None:
-    """Refuse bad shard sets, and special-token ids the model's vocabulary lacks, before any process
-    group or model exists (one line, exit 2): every rank checks the prefixes, sizes and token ids, and
-    hashes its share of the files (training/data.py)."""
-    from internvl_mcore.training.data import check_model_ids, check_shard_sets
+    """Refuse bad shard sets before any process group or model exists (one line, exit 2): every rank
+    checks the prefixes, sizes and token ids, and hashes its share of the files (training/data.py)."""
+    from internvl_mcore.training.data import check_shard_sets
 
-    check_model_ids(run)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if run.data.data_path:
         check_shard_sets(run.data.data_path, run, rank=rank, world=world)
@@ -119,8 +119,9 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         run = parse_run_config(sys.argv[1:] if argv is None else argv)
+        check_config(run)  # every problem of the flags at once (config/problems.py), before the data's hashing
         check_data(run)  # before megatron-core's model code is imported: bad data fails in seconds
-    except DataError as exc:
+    except (ConfigError, DataError) as exc:
         _exit(2, one_line(exc))
     except KeyboardInterrupt:
         _interrupted()
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     preemption.install(exit_signal_handler=run.checkpoint.exit_signal_handler)
     from internvl_mcore.checkpoint.format import CheckpointError
     from internvl_mcore.training.guards import PeerLost, TrainingDiverged
-    from internvl_mcore.training.loop import ConfigError, train
+    from internvl_mcore.training.loop import train
     from internvl_mcore.training.save_dir import SaveDirRefused
 
     try:

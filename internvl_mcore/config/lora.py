@@ -75,33 +75,6 @@ class LoRAConfig:
         return LoRAConfig(**dict(d))
 
 
-def lora_problems(lora: LoRAConfig, freeze_overrides: Mapping[str, Optional[bool]],
-                  unfreeze_vit_layers: int) -> list[str]:
-    """Why these LoRA flags cannot work (empty: fine). `freeze_overrides`: the explicit
-    --freeze-vit/--freeze-llm/--freeze-projector values (None where not given)."""
-    problems = []
-    if lora.lora_rank < 0:
-        problems.append(f"--lora-rank {lora.lora_rank} must be >= 0")
-    if not lora.enabled:
-        return problems
-    if not 0.0 <= lora.lora_dropout < 1.0:
-        problems.append(f"--lora-dropout {lora.lora_dropout} must be in [0, 1)")
-    if lora.lora_alpha is not None and lora.lora_alpha <= 0:
-        problems.append(f"--lora-alpha {lora.lora_alpha} must be > 0")
-    unknown = [m for m in lora.lora_modules if m not in LORA_MODULES]
-    if unknown or not lora.lora_modules:
-        problems.append(f"--lora-modules {' '.join(lora.lora_modules)}: choose from {' '.join(LORA_MODULES)}")
-    # LoRA trains adapters only; a base part trained in full alongside would be lost by --lora-only
-    # exports and makes "only adapters change" false, so it is refused rather than half-supported
-    trained = [f"--no-freeze-{part}" for part, frozen in freeze_overrides.items() if frozen is False]
-    if unfreeze_vit_layers:
-        trained.append(f"--unfreeze-vit-layers {unfreeze_vit_layers}")
-    if trained:
-        problems.append(f"{', '.join(trained)} would train base weights, but with --lora-rank every base "
-                        "weight is frozen and only the adapters train")
-    return problems
-
-
 LORA_INFIX = ".lora."
 
 

@@ -124,6 +124,50 @@ STAGES: dict[str, StagePreset] = {
 }
 
 
+DEFAULT_LR = 1e-4
+"""Peak learning rate without --lr and --stage."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What this run trains and with which schedule, after --stage and the explicit flags."""
+
+    train_vit: bool
+    train_projector: bool
+    train_llm: bool
+    unfreeze_vit_layers: int
+    lr: float
+    lr_decay_style: str
+    drop_path_rate: float
+
+
+def trained_parts(train: TrainConfig) -> tuple[bool, bool, bool, float]:
+    """(ViT, projector, LLM trained, drop-path rate): --stage's, each overridden by an explicit flag."""
+    stage = STAGES[train.stage] if train.stage else None
+
+    def trains(frozen_flag: Optional[bool], stage_trains: bool) -> bool:  # --freeze-X / --no-freeze-X wins
+        if frozen_flag is not None:
+            return not frozen_flag
+        return stage_trains if stage is not None else True
+
+    drop_path = train.drop_path_rate if train.drop_path_rate is not None else (
+        stage.drop_path_rate if stage is not None else 0.0)
+    return (trains(train.freeze_vit, stage is not None and stage.train_vit),
+            trains(train.freeze_projector, stage is not None and stage.train_projector),
+            trains(train.freeze_llm, stage is not None and stage.train_llm), drop_path)
+
+
+def resolve_stage(train: TrainConfig) -> Plan:
+    """Combine --stage with the explicit flags (their contradictions: config/problems.py)."""
+    stage = STAGES[train.stage] if train.stage else None
+    train_vit, train_projector, train_llm, drop_path = trained_parts(train)
+    lr = train.lr if train.lr is not None else (stage.lr if stage is not None else DEFAULT_LR)
+    decay = train.lr_decay_style or (stage.lr_decay_style if stage is not None else "cosine")
+    return Plan(train_vit=train_vit, train_projector=train_projector, train_llm=train_llm,
+                unfreeze_vit_layers=train.unfreeze_vit_layers, lr=lr, lr_decay_style=decay,
+                drop_path_rate=drop_path)
+
+
 @dataclass
 class CheckpointConfig:
     """Saving and resuming."""
@@ -234,3 +278,8 @@ class RunConfig:
     """Saving and resuming."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """LoRA adapters (off unless --lora-rank > 0; config/lora.py)."""
+
+
+def has_validation(run: RunConfig) -> bool:
+    """Validation data given and --eval-iters > 0."""
+    return run.train.eval_iters > 0 and bool(run.data.valid_data_path or run.data.mock_valid_data)

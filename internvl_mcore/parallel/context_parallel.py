@@ -48,7 +48,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..models.attention import PackedSDPAttention
-from .context_parallel_thd import ThdContextParallelAttention, check_thd_layout, required_cp_group
+from .context_parallel_thd import ThdContextParallelAttention, required_cp_group
 
 CP_COMM_TYPES = ("p2p", "a2a", "a2a+p2p")
 
@@ -633,7 +633,7 @@ def cp_core_attention(split: str = "row", backend: str = "local") -> type:
 def resolve_cp_split(split: str, backend: str, pipeline: int = 1, sequence_parallel: bool = False,
                      cp_comm_type: str = "p2p") -> str:
     """--cp-split auto: TE's per-sample 'thd' split with the TE backend where the layout allows it
-    (parallel/context_parallel_thd.py: check_thd_layout), whole rows otherwise."""
+    (config/problems.py: thd_problems), whole rows otherwise."""
     return cp_split_choice(split, backend, pipeline, sequence_parallel, cp_comm_type)[0]
 
 

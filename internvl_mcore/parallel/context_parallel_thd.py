@@ -202,19 +202,3 @@ class ThdContextParallelAttention(MegatronModule):
                          packed_seq_params=packed_seq_params_from_cu_seqlens(packed.cu_seqlens_q_padded))
         mine = thd_padded_index(cu_pad, me, c).to(q.device)
         return out.index_select(0, mine).reshape(n, hq * d)  # (T, hq*d)
-
-
-def check_thd_layout(pipeline: int, sequence_parallel: bool, cp_comm_type: str) -> list[str]:
-    """Flag combinations the 'thd' CP split does not support (messages name the flags)."""
-    problems = []
-    if pipeline > 1:
-        problems.append("--cp-split thd: the local token count varies per microbatch (per-sample padding), "
-                        "which pipeline parallelism's fixed activation shapes cannot carry; use "
-                        "--pipeline-model-parallel-size 1 or --cp-split row")
-    if sequence_parallel:
-        problems.append("--cp-split thd does not combine with --sequence-parallel (the local token count "
-                        "need not divide by the TP size); use --cp-split row")
-    if cp_comm_type != "p2p":
-        problems.append(f"--cp-split thd runs TE's context parallelism with --cp-comm-type p2p only, got "
-                        f"{cp_comm_type!r}")
-    return problems

@@ -40,10 +40,6 @@ def check_shard_sets(entries: list[str], run: RunConfig, flag: str = "--data-pat
     blend parses, each manifest fits the model and --seq-length and has packs, each set opens (file
     sizes match the indexes) and, unless --no-verify-shards, every file's sha256 matches its manifest.
     The hashing is split over the job: rank r hashes files r, r + world, ... Raises DataError."""
-    if not run.data.data_worker_timeout > 0:  # (nan too)
-        raise DataError(f"--data-worker-timeout must be a number of seconds > 0, got {run.data.data_worker_timeout}")
-    if run.data.num_workers < 0:
-        raise DataError(f"--num-workers must be >= 0, got {run.data.num_workers}")
     prefixes = [e for e in entries if not _is_number(e)]
     for prefix in prefixes:
         if (problem := _prefix_problem(prefix, flag)) is not None:
@@ -68,21 +64,6 @@ def check_shard_sets(entries: list[str], run: RunConfig, flag: str = "--data-pat
             raise DataError(f"{flag} {prefix}: {exc}") from None
     if not run.data.no_verify_shards:
         verify_checksums(readers, rank, world, flag)
-
-
-def special_id_problems(cfg: ModelConfig) -> list[str]:
-    """The model's special-token ids outside its vocabulary: the embedding would be indexed past its
-    rows (an IndexError deep in the first step) by the packs' padding and image tokens."""
-    vocab = cfg.llm.vocab_size
-    return [f"{field}={getattr(cfg, field)} is outside the vocabulary of {vocab} rows (model --model {cfg.name})"
-            for field in ("img_context_token_id", "img_start_token_id", "img_end_token_id", "pad_token_id")
-            if not 0 <= getattr(cfg, field) < vocab]
-
-
-def check_model_ids(run: RunConfig) -> None:
-    """Refuse a model whose special-token ids do not fit its vocabulary (mock data uses them too)."""
-    if problems := special_id_problems(run.model):
-        raise DataError("--model: special-token id " + "; ".join(problems))
 
 
 def check_token_range(prefix: str, cfg: ModelConfig) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 from megatron.core.utils import unwrap_model
 
-from ..config.training import RunConfig
+from ..config.training import RunConfig, has_validation
 from .batch import Batch
 from .checkpoint import rng_state, set_rng_state
 from .data import MockBatches, ShardBatches, loss_weights
@@ -26,26 +26,6 @@ from .step import forward_step
 # mock validation samples are drawn with seed + this: mock_sample keys its generator by
 # seed * 7919 + index, so the two streams share no sample for any realistic run length
 MOCK_VALID_SEED_OFFSET = 1_000_003
-
-
-def has_validation(run: RunConfig) -> bool:
-    """Validation data given and --eval-iters > 0."""
-    return run.train.eval_iters > 0 and bool(run.data.valid_data_path or run.data.mock_valid_data)
-
-
-def eval_problems(run: RunConfig) -> list[str]:
-    """Validation flags that cannot work together, each naming the flags."""
-    d, t = run.data, run.train
-    problems = []
-    if d.mock_valid_data and not d.mock_data:
-        problems.append("--mock-valid-data needs --mock-data (use --valid-data-path for shards)")
-    if d.mock_valid_data and d.valid_data_path:
-        problems.append("--mock-valid-data and --valid-data-path exclude each other")
-    if t.eval_interval < 0 or t.eval_iters < 0:
-        problems.append(f"--eval-interval {t.eval_interval} and --eval-iters {t.eval_iters} must be >= 0")
-    if has_validation(run) and t.stage == "mpo":
-        problems.append("validation (--valid-data-path / --mock-valid-data) is not implemented for --stage mpo")
-    return problems
 
 
 def build_valid_batches(run: RunConfig, dp_rank: int, dp_size: int) -> Optional[ShardBatches | MockBatches]:

@@ -19,12 +19,12 @@ from megatron.core.utils import unwrap_model
 
 from ..checkpoint import selection
 from ..checkpoint.format import CheckpointError, checkpoint_dir, read_run_json
-from ..config.lora import lora_problems
+from ..config.problems import problems, refusal
 from ..config.training import RunConfig
+from ..errors import ConfigError
 from ..models.internvl import build_model
 from ..models.lora import add_lora
 from ..models.weights import init_weights
-from ..parallel.context_parallel_thd import check_thd_layout
 from ..parallel.cpu_compat import fuse_cpu_adam
 from ..parallel.device import resolve_device
 from ..parallel.state import comm_device, init_distributed
@@ -32,110 +32,35 @@ from . import checkpoint, mpo, save_dir
 from .async_save import AsyncWriter
 from .batch import Batch
 from .data import MockBatches, ShardBatches, build_batches, loss_weights
-from .eval import Evaluator, build_valid_batches, eval_problems
+from .eval import Evaluator, build_valid_batches
 from .guards import (SpikeGuard, TrainingDiverged, agreed_stop, check_finite, fault_point, is_collective_failure,
                      peer_lost)
 from .metrics import Reporter
-from .moe import moe_problems, reduced_aux_loss
+from .moe import reduced_aux_loss
 from .schedule import ScheduleMismatch, build_scheduler, sync_param_groups
 from .schedule import restore as restore_schedule
-from .stages import Plan, apply_freeze, resolve
+from .stages import Plan, apply_freeze, resolve_stage
 from .step import forward_step
 
 
-class ConfigError(ValueError):
-    """A flag combination that cannot work; the message names the flags."""
-
-
-def mpo_problems(run: RunConfig) -> list[str]:
-    """Flags --stage mpo cannot work with (and MPO flags without it)."""
-    t = run.train
-    if t.stage != "mpo":
-        changed = t.mpo_beta != 0.1 or list(t.mpo_loss_weights) != [0.8, 0.2, 1.0]
-        return ["--mpo-beta / --mpo-loss-weights apply to --stage mpo only"] if changed else []
-    problems = []
-    if len(t.mpo_loss_weights) != 3 or min(t.mpo_loss_weights) < 0:
-        problems.append(f"--mpo-loss-weights takes three weights P Q G >= 0, got {t.mpo_loss_weights}")
-    if not t.mpo_beta > 0:
-        problems.append(f"--mpo-beta must be > 0, got {t.mpo_beta}")
-    if t.loss_reduction != "token":
-        problems.append("--loss-reduction does not apply to --stage mpo (its loss is a mean over pairs)")
-    if run.data.mock_data:
-        problems.append("--stage mpo needs preference shards (--data-path from tools/preprocess_mm_data.py "
-                        "--preference); --mock-data has no pairs")
-    return problems
-
-
 def validate(run: RunConfig) -> Plan:
-    """Refuse contradictory flags before any process group is created."""
-    t, p, c = run.train, run.parallel, run.checkpoint
-    problems = []
-    if p.sequence_parallel and p.tensor_model_parallel_size == 1:
-        problems.append("--sequence-parallel needs --tensor-model-parallel-size > 1")
-    cp = p.context_parallel_size
-    if cp > 1 and t.seq_length % (2 * cp):
-        problems.append(f"--seq-length {t.seq_length} must be divisible by 2 x --context-parallel-size = {2 * cp}")
-    if cp > 1 and p.cp_comm_type == "a2a+p2p":
-        sizes = p.hierarchical_context_parallel_sizes
-        if not sizes or len(sizes) != 2 or sizes[0] * sizes[1] != cp:
-            problems.append(f"--cp-comm-type a2a+p2p needs --hierarchical-context-parallel-sizes A P with A x P = {cp}")
-    if cp > 1 and p.cp_comm_type in ("a2a", "a2a+p2p"):
-        a = cp if p.cp_comm_type == "a2a" else (p.hierarchical_context_parallel_sizes or [cp])[0]
-        tp = p.tensor_model_parallel_size
-        for flag, heads in (("heads", run.model.llm.num_attention_heads), ("kv heads", run.model.llm.num_query_groups)):
-            if (heads // tp) % a:
-                problems.append(f"--cp-comm-type {p.cp_comm_type}: {flag} per TP rank ({heads // tp}) not divisible "
-                                f"by the all-to-all size {a}")
-    if cp > 1 and p.cp_split == "thd":
-        problems += check_thd_layout(p.pipeline_model_parallel_size, p.sequence_parallel, p.cp_comm_type)
-    if p.cross_entropy_chunk_size < 0:
-        problems.append(f"--cross-entropy-chunk-size must be >= 0 (0: no chunking), got {p.cross_entropy_chunk_size}")
-    if p.hierarchical_context_parallel_sizes and p.cp_comm_type != "a2a+p2p":
-        problems.append("--hierarchical-context-parallel-sizes only applies to --cp-comm-type a2a+p2p")
-    if t.lr_warmup_iters > t.train_iters:
-        problems.append(f"--lr-warmup-iters {t.lr_warmup_iters} exceeds --train-iters {t.train_iters}")
-    if c.load and c.pretrained:
-        problems.append("--load resumes a run and --pretrained starts one: give one of them")
-    if c.save_interval and not c.save:
-        problems.append("--save-interval needs --save DIR")
-    if run.data.mock_data and run.data.data_path:
-        problems.append("--mock-data and --data-path exclude each other")
-    problems += mpo_problems(run)
-    problems += eval_problems(run) + guard_problems(run)
-    if t.micro_batch_size < 1 or t.global_batch_size < t.micro_batch_size:
-        problems.append(f"--global-batch-size {t.global_batch_size} must be >= --micro-batch-size {t.micro_batch_size} >= 1")
-    try:
-        plan = resolve(t, run.model.vision.num_layers)
-    except ValueError as exc:
-        problems.append(str(exc))
-        plan = None
-    problems += moe_problems(run.model, p)
-    problems += lora_problems(run.lora, {"vit": t.freeze_vit, "llm": t.freeze_llm, "projector": t.freeze_projector},
-                              t.unfreeze_vit_layers)
-    if len(problems) == 1:
-        raise ConfigError(f"refusing to start: {problems[0]}")
-    if problems:
-        raise ConfigError("refusing to start:\n  " + "\n  ".join(problems))
-    return plan
+    """Refuse the run before any process group is created: every problem of its flags
+    (config/problems.py) and of what they name in this environment; the stage plan it trains."""
+    found = problems(run) + environment_problems(run)
+    if found:
+        raise ConfigError(refusal(found))
+    return resolve_stage(run.train)
 
 
-def guard_problems(run: RunConfig) -> list[str]:
-    """The long-run flags (training/guards.py, schedule.py, checkpoint retention, wandb) that cannot work."""
-    t, c, log = run.train, run.checkpoint, run.log
-    problems = []
-    if t.override_opt_param_scheduler and t.use_checkpoint_opt_param_scheduler:
-        problems.append("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each other")
-    if t.skip_spike_factor is not None and not t.skip_spike_factor > 0:
-        problems.append(f"--skip-spike-factor must be > 0, got {t.skip_spike_factor}")
-    if not t.distributed_timeout_minutes > 0:
-        problems.append(f"--distributed-timeout-minutes must be > 0, got {t.distributed_timeout_minutes}")
-    if c.keep_checkpoints < 0:
-        problems.append(f"--keep-checkpoints must be >= 0, got {c.keep_checkpoints}")
+def environment_problems(run: RunConfig) -> list[str]:
+    """What the flags name that this machine lacks: a writable --save, the wandb package."""
+    c, log = run.checkpoint, run.log
+    found = []
     if c.save:  # found now, not at the first save after hours of training
-        problems += [p for p in [checkpoint.writable_problem(c.save)] if p]
+        found += [p for p in [checkpoint.writable_problem(c.save)] if p]
     if log.wandb_project and importlib.util.find_spec("wandb") is None:
-        problems.append("--wandb-project needs the wandb package (pip install wandb; WANDB_MODE=offline needs no network)")
-    return problems
+        found.append("--wandb-project needs the wandb package (pip install wandb; WANDB_MODE=offline needs no network)")
+    return found
 
 
 @dataclass

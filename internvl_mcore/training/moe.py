@@ -1,25 +1,8 @@
 """Mixture-of-experts bookkeeping for the training loop: the load-balancing loss megatron-core's
-routers record each step, reduced over ranks for logging, and the MoE flag checks."""
+routers record each step, reduced over ranks for logging (the MoE flag checks: config/problems.py)."""
 from __future__ import annotations
 
-from ..config.model import ModelConfig, ParallelConfig
-
 AUX_LOSS_NAME = "load_balancing_loss"  # the tracker key megatron-core's Router uses for aux_loss
-
-
-def moe_problems(model: ModelConfig, par: ParallelConfig) -> list[str]:
-    """Flag combinations an MoE (or expert-parallel) run cannot use, each naming the flags."""
-    m, ep, etp = model.llm, par.expert_model_parallel_size, par.expert_tensor_parallel_size
-    problems = []
-    if (ep > 1 or etp not in (None, par.tensor_model_parallel_size)) and not m.is_moe:
-        problems.append(f"--expert-model-parallel-size / --expert-tensor-parallel-size need an MoE model; "
-                        f"{model.name} is dense")
-    if m.is_moe and m.num_experts % ep:
-        problems.append(f"--expert-model-parallel-size {ep} does not divide the {m.num_experts} experts of {model.name}")
-    if m.is_moe and par.tensor_model_parallel_size > 1 and not par.sequence_parallel:
-        problems.append("an MoE model with --tensor-model-parallel-size > 1 needs --sequence-parallel "
-                        "(megatron-core's MoE layer refuses TP without it)")
-    return problems
 
 
 def reduced_aux_loss(num_microbatches: int) -> float:

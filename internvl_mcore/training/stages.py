@@ -1,64 +1,12 @@
-"""Stage presets resolved against explicit flags, and freezing the parts a stage does not train."""
+"""Freezing the parts a stage does not train. The stage presets, their resolution against the explicit
+flags (`Plan`, `resolve_stage`) and its checks are plain config: config/training.py, config/problems.py."""
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
-from ..config.training import STAGES, TrainConfig
+from ..config.training import Plan, resolve_stage
 
-DEFAULT_LR = 1e-4
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What this run trains and with which schedule, after stage + overrides."""
-
-    train_vit: bool
-    train_projector: bool
-    train_llm: bool
-    unfreeze_vit_layers: int
-    lr: float
-    lr_decay_style: str
-    drop_path_rate: float
-
-
-def resolve(train: TrainConfig, vit_layers: int) -> Plan:
-    """Combine --stage with explicit flags; contradictions raise ValueError naming the flags."""
-    stage = STAGES[train.stage] if train.stage else None
-
-    def trains(frozen_flag, stage_trains):  # an explicit --freeze-X / --no-freeze-X wins
-        if frozen_flag is not None:
-            return not frozen_flag
-        return stage_trains if stage is not None else True
-
-    def value(flag_value, stage_value, default):
-        if flag_value is not None:
-            return flag_value
-        return stage_value if stage is not None else default
-
-    train_vit = trains(train.freeze_vit, stage and stage.train_vit)
-    train_projector = trains(train.freeze_projector, stage and stage.train_projector)
-    train_llm = trains(train.freeze_llm, stage and stage.train_llm)
-    drop_path = value(train.drop_path_rate, stage and stage.drop_path_rate, 0.0)
-    plan = Plan(
-        train_vit=train_vit, train_projector=train_projector, train_llm=train_llm,
-        unfreeze_vit_layers=train.unfreeze_vit_layers,
-        lr=value(train.lr, stage and stage.lr, DEFAULT_LR),
-        lr_decay_style=value(train.lr_decay_style, stage and stage.lr_decay_style, "cosine"),
-        drop_path_rate=drop_path)
-    if train.unfreeze_vit_layers < 0 or train.unfreeze_vit_layers > vit_layers:
-        raise ValueError(f"--unfreeze-vit-layers {train.unfreeze_vit_layers} must be in [0, {vit_layers}]")
-    if train.unfreeze_vit_layers and train_vit:
-        raise ValueError("--unfreeze-vit-layers only makes sense with a frozen ViT "
-                         "(--freeze-vit or a stage that freezes it)")
-    if not (train_vit or train_projector or train_llm or train.unfreeze_vit_layers):
-        raise ValueError("nothing to train: --freeze-vit, --freeze-projector and --freeze-llm (or the "
-                         "stage) freeze every part")
-    if drop_path > 0 and not (train_vit or train.unfreeze_vit_layers):
-        raise ValueError(f"--drop-path-rate {drop_path} (or the stage's) is for training the ViT, but the "
-                         "ViT is frozen; drop it or unfreeze the ViT")
-    return plan
+__all__ = ["Plan", "apply_freeze", "resolve_stage"]
 
 
 def apply_freeze(model: torch.nn.Module, plan: Plan) -> None:

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from internvl_mcore.parallel.context_parallel_thd import ThdSplit, apply_rope, check_thd_layout, thd_padded_index
+from internvl_mcore.config.problems import thd_problems
+from internvl_mcore.parallel.context_parallel_thd import ThdSplit, apply_rope, thd_padded_index
 from tests.launch import REPO, torchrun
 
 WORKER = REPO / "tests" / "gpu_path" / "thd_worker.py"
@@ -40,8 +41,8 @@ def test_thd_rope_is_megatrons_rotate_half():
 
 
 def test_thd_refuses_layouts_it_cannot_carry():
-    assert not check_thd_layout(1, False, "p2p")
-    msgs = check_thd_layout(2, True, "a2a")
+    assert not thd_problems(1, False, "p2p")
+    msgs = thd_problems(2, True, "a2a")
     assert len(msgs) == 3 and all("--cp-split" in m for m in msgs)
 
 
