@@ -18,18 +18,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from internvl_mcore.config import PRESETS, get_preset  # noqa: E402
 from internvl_mcore.config.domains import OneLineParser, declare_domains  # noqa: E402
+from internvl_mcore.config.lora import LORA_MODULES, LORA_TOWERS  # noqa: E402
+from internvl_mcore.config.training import STAGES, TrainConfig, trained_parts  # noqa: E402
 from internvl_mcore.plan import HARDWARE, Layout, Workload, count_params, plan, search  # noqa: E402
 from internvl_mcore.plan.params import active_params  # noqa: E402
 from internvl_mcore.plan.memory import GiB  # noqa: E402
 
-# What each --stage trains (InternVL's recipe; the same table the training loop applies).
-STAGE_PARTS = {
-    "1": frozenset({"projector"}),
-    "1.5": frozenset({"vision", "projector", "llm"}),
-    "2": frozenset({"vision", "projector", "llm"}),
-    "finetune": frozenset({"projector", "llm"}),
-    "mpo": frozenset({"vision", "projector", "llm"}),  # + the frozen reference model (Workload.reference_model)
-}
+
+
+def stage_parts(stage: str | None) -> frozenset[str]:
+    """The parts --stage trains: config/training.py's STAGES, resolved as the training loop resolves
+    them (--stage mpo adds the frozen reference model: Workload.reference_model)."""
+    vit, projector, llm, _ = trained_parts(TrainConfig(stage=stage))  # type: ignore[arg-type]
+    return frozenset(part for part, on in (("vision", vit), ("projector", projector), ("llm", llm)) if on)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,9 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequence-parallel", action="store_true", help="(implied for TP > 1 in the search)")
     p.add_argument("--use-distributed-optimizer", action="store_true")
     p.add_argument("--recompute-granularity", choices=["full"], default=None)
-    p.add_argument("--stage", choices=sorted(STAGE_PARTS), default=None,
+    p.add_argument("--stage", choices=sorted(STAGES), default=None,
                    help="training stage: which parts train (default: everything)")
-    p.add_argument("--lora-rank", type=int, default=0, help="LoRA on the LLM linears; the base LLM is frozen")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="LoRA adapters of this rank; every base weight is frozen, only the adapters train")
+    p.add_argument("--lora-target", choices=sorted(LORA_TOWERS), default="llm",
+                   help="with --lora-rank: the towers whose layers get adapters (default llm)")
+    p.add_argument("--lora-modules", nargs="+", choices=LORA_MODULES, default=list(LORA_MODULES),
+                   help="with --lora-rank: the adapted linears of each layer (default: all four)")
     p.add_argument("--fp32", action="store_true", help="fp32 parameters instead of bf16")
     p.add_argument("--top", type=int, default=15, help="layouts to list in search mode (default 15)")
     return declare_domains(p)
@@ -114,12 +120,12 @@ def plan_cli(argv: list[str] | None) -> int:
                   a.gpu_memory or hw.memory_gib,
                   a.nvlink_gbps * 1e9 if a.nvlink_gbps else hw.nvlink_bytes_per_s,
                   a.network_gbps * 1e9 if a.network_gbps else hw.network_bytes_per_s, hw.gpus_per_node)
-    trainable = set(STAGE_PARTS[a.stage]) if a.stage else {"vision", "projector", "llm"}
-    if a.lora_rank:
-        trainable = (trainable - {"llm"}) | {"lora"}
+    # under LoRA every base weight is frozen (models/lora.py: add_lora), the projector too
+    trainable = {"lora"} if a.lora_rank else set(stage_parts(a.stage))
     work = Workload(seq_length=a.seq_length, global_batch_size=a.global_batch_size,
                     micro_batch_size=a.micro_batch_size, tiles_per_sequence=a.tiles_per_sequence,
                     sample_length=a.sample_length, trainable=frozenset(trainable), lora_rank=a.lora_rank,
+                    lora_target=a.lora_target, lora_modules=tuple(a.lora_modules),
                     bf16=not a.fp32, reference_model=a.stage == "mpo")
     counts = count_params(model)
     print(f"{model.name}: {counts.total / 1e9:.2f}B parameters (ViT {counts.vision / 1e9:.2f}B, projector "

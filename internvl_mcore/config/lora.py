@@ -78,6 +78,14 @@ class LoRAConfig:
 LORA_INFIX = ".lora."
 
 
+def adapts(lora: LoRAConfig, module: str) -> bool:
+    """Whether the linear named `module` gets an adapter: one of `lora_modules` in a layer of the
+    `lora_target` towers (the projector and the output layer never). models/lora.py attaches the
+    adapters by it; the planner (plan/params.py) lists them by it."""
+    return (module.split(".", 1)[0] in LORA_TOWERS[lora.lora_target] and ".layers." in module
+            and module.rsplit(".", 1)[-1] in lora.lora_modules)
+
+
 def is_lora_name(name: str) -> bool:
     """A LoRA adapter parameter (`...linear_qkv.lora.a`)."""
     return LORA_INFIX in name

@@ -37,6 +37,7 @@ from typing import Callable, Literal, Sequence
 import torch
 
 from ..config.model import ModelConfig
+from ..models.parameters import model_parameters, output_layer
 
 Tower = Literal["vision", "llm", "llm_expert"]
 
@@ -354,53 +355,12 @@ def expand(rules: Sequence[Rule], cfg: ModelConfig) -> list[Entry]:
 # --- canonical shapes from the config (checked against the real model in tests) -------------------
 
 def canonical_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Shape of every canonical tensor of `cfg` (the model's TP1 shapes; all vision layers of the
-    checkpoint, including any past `select_layer` that the model does not build)."""
-    v, m = cfg.vision, cfg.llm
-    c, f = v.hidden_size, v.ffn_hidden_size
-    h, d = m.hidden_size, m.head_dim
-    qkv_rows = (m.num_attention_heads + 2 * m.num_query_groups) * d
-    pin = cfg.projector_input_size
-    shapes: dict[str, tuple[int, ...]] = {
-        "vision_model.embeddings.class_embedding": (1, 1, c),
-        "vision_model.embeddings.patch_embedding.weight": (c, 3, v.patch_size, v.patch_size),
-        "vision_model.embeddings.patch_embedding.bias": (c,),
-        "vision_model.embeddings.position_embedding": (1, v.num_patches + 1, c),
-        "projector.layer_norm.weight": (pin,), "projector.layer_norm.bias": (pin,),
-        "projector.mlp.linear_fc1.weight": (h, pin), "projector.mlp.linear_fc1.bias": (h,),
-        "projector.mlp.linear_fc2.weight": (h, h), "projector.mlp.linear_fc2.bias": (h,),
-        "language_model.embedding.word_embeddings.weight": (m.vocab_size, h),
-        "language_model.decoder.final_layernorm.weight": (h,),
-        "language_model.output_layer.weight": (m.vocab_size, h),
-    }
-    vision_layer = {
-        "ls1": (c,), "ls2": (c,), "input_layernorm.weight": (c,), "input_layernorm.bias": (c,),
-        "self_attention.linear_qkv.weight": (3 * c, c), "self_attention.linear_qkv.bias": (3 * c,),
-        "self_attention.q_layernorm.weight": (c,), "self_attention.k_layernorm.weight": (c,),
-        "self_attention.linear_proj.weight": (c, c), "self_attention.linear_proj.bias": (c,),
-        "pre_mlp_layernorm.weight": (c,), "pre_mlp_layernorm.bias": (c,),
-        "mlp.linear_fc1.weight": (f, c), "mlp.linear_fc1.bias": (f,),
-        "mlp.linear_fc2.weight": (c, f), "mlp.linear_fc2.bias": (c,),
-    }
-    llm_layer = {
-        "input_layernorm.weight": (h,), "self_attention.linear_qkv.weight": (qkv_rows, h),
-        "self_attention.linear_qkv.bias": (qkv_rows,),
-        "self_attention.linear_proj.weight": (h, m.num_attention_heads * d),
-        "self_attention.q_layernorm.weight": (d,), "self_attention.k_layernorm.weight": (d,),
-        "pre_mlp_layernorm.weight": (h,), "mlp.linear_fc1.weight": (2 * m.ffn_hidden_size, h),
-        "mlp.linear_fc2.weight": (h, m.ffn_hidden_size),
-    }
-    for i in range(v.num_layers):
-        shapes.update({_V.format(i=i) + k: s for k, s in vision_layer.items()})
-    if m.is_moe:  # the dense MLP is replaced by a router and per-expert SwiGLUs
-        del llm_layer["mlp.linear_fc1.weight"], llm_layer["mlp.linear_fc2.weight"]
-        llm_layer["mlp.router.weight"] = (m.num_experts, h)
-    expert = {"linear_fc1.weight": (2 * m.moe_ffn_hidden_size, h), "linear_fc2.weight": (h, m.moe_ffn_hidden_size)}
-    for i in range(m.num_layers):
-        shapes.update({_L.format(i=i) + k: s for k, s in llm_layer.items()})
-        for e in range(m.num_experts):
-            shapes.update({_E.format(i=i, e=e) + k: s for k, s in expert.items()})
-    return shapes
+    """Shape of every canonical tensor of `cfg`: the model's parameter list (models/parameters.py),
+    with all vision layers of the checkpoint, including any past `select_layer` that the model does
+    not build, and the output layer whether or not the embeddings are tied (the key map's
+    `untied_output` says whether a checkpoint holds it)."""
+    params = model_parameters(cfg, all_vision_layers=True) + [output_layer(cfg)]
+    return {p.name: p.shape for p in params}
 
 
 def canonical_names(cfg: ModelConfig) -> list[str]:

@@ -48,7 +48,7 @@ from torch import nn
 
 # the adapter names and the run.json record are plain data (config/lora.py: the exports read them
 # without megatron-core); re-exported here where the adapters live
-from ..config.lora import LORA_TOWERS, LoRAConfig, LoRAInfo, base_weight_name, is_lora_name
+from ..config.lora import LORA_TOWERS, LoRAConfig, LoRAInfo, adapts, base_weight_name, is_lora_name
 from ..config.model import ModelConfig
 from .weights import ShardPlacement, canonical_shape, local_params, shard
 
@@ -160,10 +160,7 @@ def _parallel_kind(name: str, linear: nn.Module) -> Parallel:
 def lora_targets(model: nn.Module, lora: LoRAConfig) -> list[tuple[str, nn.Module]]:
     """(name, module) of every linear this rank's model adapts: the `lora_modules` of every layer of
     the `lora_target` towers (projector and output layer never)."""
-    towers = LORA_TOWERS[lora.lora_target]
-    modules = set(lora.lora_modules)
-    return [(name, m) for name, m in unwrap_model(model).named_modules()
-            if name.split(".", 1)[0] in towers and ".layers." in name and name.rsplit(".", 1)[-1] in modules]
+    return [(name, m) for name, m in unwrap_model(model).named_modules() if adapts(lora, name)]
 
 
 def lora_parameters(model: nn.Module, layout: Optional[ShardPlacement] = None) -> Iterator[tuple[str, str, nn.Parameter]]:

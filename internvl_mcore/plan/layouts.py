@@ -21,9 +21,10 @@ import itertools
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Optional
 
+from ..config.lora import LORA_MODULES, LoRAConfig
 from ..config.model import ModelConfig, ParallelConfig
 from .flops import forward_flops, pass_multipliers, train_step_flops
-from .memory import GiB, ActivationBytes, StateBytes, activation_bytes, lora_params, state_bytes
+from .memory import GiB, ActivationBytes, StateBytes, activation_bytes, state_bytes
 from .params import PARTS, check_divisibility, decoder_layers_per_stage, padded_vision_heads, stage_params
 
 
@@ -68,11 +69,22 @@ class Workload:
     trainable: frozenset = frozenset(PARTS)
     """Parts that train ('vision', 'projector', 'llm', 'lora')."""
     lora_rank: int = 0
-    """LoRA rank on the LLM's linears (0: none)."""
+    """LoRA rank (0: none); the adapters sit on `lora_modules` of the `lora_target` towers."""
+    lora_target: str = "llm"
+    """--lora-target: llm, vit or all."""
+    lora_modules: tuple[str, ...] = LORA_MODULES
+    """--lora-modules: the adapted linears of each layer."""
     bf16: bool = True
     """bf16 parameters with fp32 master weights (else fp32)."""
     reference_model: bool = False
     """--stage mpo: a frozen reference copy of the model, sharded like it, runs one forward per microbatch."""
+
+    def lora(self) -> Optional[LoRAConfig]:
+        """The adapters as training builds them (None without LoRA)."""
+        if not self.lora_rank:
+            return None
+        return LoRAConfig(lora_rank=self.lora_rank, lora_target=self.lora_target,  # type: ignore[arg-type]
+                          lora_modules=list(self.lora_modules))
 
     def tiles(self, model: ModelConfig) -> float:
         if self.tiles_per_sequence is not None:
@@ -219,7 +231,7 @@ def _stage_memory(model: ModelConfig, layout: Layout, w: Workload, microbatches:
     stages = []
     for r in range(layout.pp):
         st = state_bytes(model, par, r, layout.dp, trainable=trainable, param_bytes=e,
-                         use_distributed_optimizer=layout.distributed_optimizer, lora_rank=w.lora_rank)
+                         use_distributed_optimizer=layout.distributed_optimizer, lora=w.lora())
         act = activation_bytes(model, par, r, w.seq_length, w.micro_batch_size, tiles_mb, microbatches,
                                param_bytes=e, sample_lengths=lengths, trainable=trainable)
         if w.reference_model:  # its weights (no gradients, no optimizer state); its forward keeps no activations
@@ -280,7 +292,7 @@ def _dp_comm_s(model: ModelConfig, layout: Layout, w: Workload, hw: Hardware) ->
     dp_bw = _link(hw, tp * cp, dp)
     dp_time = 0.0
     for r in range(layout.pp):
-        specs = [s for s in stage_params(model, par, r) + lora_params(model, par, r, w.lora_rank)
+        specs = [s for s in stage_params(model, par, r, w.lora())
                  if s.part in w.trainable]
         t = 0.0  # dense weights over DP x CP; expert weights over the expert DP group (DP x CP / EP)
         for n, group in ((sum(s.numel for s in specs if not s.expert), dp * cp),

@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, Literal, Optional, Sequence
 
+from ..config.lora import LoRAConfig
 from ..config.model import ModelConfig, ParallelConfig
 from .params import (PARTS, ParamSpec, decoder_layers_per_stage, padded_vision_heads, padded_vocab, stage_params,
                      vision_layers_built)
@@ -137,29 +138,6 @@ def _max_shard(buf: GradBuffer, dp: int, bytes_per_element: int, bytes_per_tenso
     return best
 
 
-def lora_params(model: ModelConfig, par: ParallelConfig, pp_rank: int, rank: int) -> list[ParamSpec]:
-    """LoRA adapters (A: r x in, B: out x r) on every LLM decoder linear of the stage.
-
-    Sharded like the base layer: a column-parallel layer splits B's rows, a row-parallel layer
-    splits A's columns; the other factor is replicated. Part 'lora' (the base LLM is frozen)."""
-    if rank <= 0:
-        return []
-    tp = par.tensor_model_parallel_size
-    m = model.llm
-    h, d = m.hidden_size, m.head_dim
-    qkv_out = (m.num_attention_heads + 2 * m.num_query_groups) * d // tp
-    proj_in, fc1_out, fc2_in = m.num_attention_heads * d // tp, 2 * m.ffn_hidden_size // tp, m.ffn_hidden_size // tp
-    specs: list[ParamSpec] = []
-    for i in range(decoder_layers_per_stage(m.num_layers, par)[pp_rank]):
-        lp = f"language_model.decoder.layers.{i}"
-        for name, a, b in (("self_attention.linear_qkv", (rank, h), (qkv_out, rank)),
-                           ("self_attention.linear_proj", (rank, proj_in), (h, rank)),
-                           ("mlp.linear_fc1", (rank, h), (fc1_out, rank)),
-                           ("mlp.linear_fc2", (rank, fc2_in), (h, rank))):
-            specs += [ParamSpec(f"{lp}.{name}.lora_a", a, "lora"), ParamSpec(f"{lp}.{name}.lora_b", b, "lora")]
-    return specs
-
-
 @dataclass(frozen=True)
 class StateBytes:
     """Model-state bytes of one rank."""
@@ -176,11 +154,11 @@ class StateBytes:
 def state_bytes(model: ModelConfig, par: ParallelConfig, pp_rank: int, data_parallel_size: int,
                 trainable: Iterable[str] = PARTS, param_bytes: int = 2, use_distributed_optimizer: bool = False,
                 dp_rank: Optional[int] = None, grad_reduce_in_fp32: bool = True, adam_step_bytes: int = 0,
-                lora_rank: int = 0, bucket_size: Optional[int] = None, norms_fp32: bool = False,
+                lora: Optional[LoRAConfig] = None, bucket_size: Optional[int] = None, norms_fp32: bool = False,
                 expert_dp_rank: Optional[int] = None) -> StateBytes:
     """Parameter, gradient and Adam-state bytes on one rank of stage `pp_rank`.
 
-    trainable: parts that get gradients ('vision', 'projector', 'llm', and 'lora' with lora_rank).
+    trainable: parts that get gradients ('vision', 'projector', 'llm', and 'lora' for the adapters of `lora`).
     param_bytes: 2 for bf16 training (fp32 master weights live in the optimizer), 4 for fp32.
     dp_rank: the distributed optimizer's shards differ by a few elements between DP ranks (padding);
         None gives the largest over the DP group (what a plan needs), an int that rank exactly.
@@ -191,7 +169,7 @@ def state_bytes(model: ModelConfig, par: ParallelConfig, pp_rank: int, data_para
     The DP group megatron shards over is data x context parallel; MoE expert weights have buffers of
     their own over the expert data-parallel group (TP x CP x DP / (EP x expert-TP) ranks)."""
     keep = set(trainable)
-    specs = stage_params(model, par, pp_rank) + lora_params(model, par, pp_rank, lora_rank)
+    specs = stage_params(model, par, pp_rank, lora)
     tp, ep = par.tensor_model_parallel_size, par.expert_model_parallel_size
     dense_dp = data_parallel_size * par.context_parallel_size
     expert_dp = dense_dp * tp // (ep * (par.expert_tensor_parallel_size or tp))

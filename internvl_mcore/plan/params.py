@@ -2,9 +2,10 @@
 
 `stage_params` lists the local parameters of one (pipeline stage, tensor-parallel rank) exactly as
 `models/internvl.py: build_model` creates them (names, local shapes, order), without building
-anything. A tensor-parallel parameter is listed by its canonical (TP 1) shape and partition dim; its
-local shape, padding included, comes from its sharding rule (models/sharding.py), the one the model
-loader and the converter use. Memory planning needs the order too: with the distributed optimizer megatron-core aligns
+anything: the model's parameter list (models/parameters.py, which the converter's canonical shapes
+come from too) cut to the stage's layers and experts, each tensor-parallel parameter at the local
+shape of its sharding rule (models/sharding.py: padding included), the LoRA adapters of
+`--lora-target` / `--lora-modules` (config/lora.py: adapts) after the linears they adapt. Memory planning needs the order too: with the distributed optimizer megatron-core aligns
 every parameter's start in its gradient buffer to 64 elements, so the padding depends on it
 (`plan/memory.py`). `tests/plan/test_state_bytes.py` checks the inventory against built models.
 
@@ -21,13 +22,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from math import prod
-from typing import Iterable, Literal
+from typing import Iterable, Literal, Optional
 
+from ..config.lora import LORA_INFIX, LoRAConfig, adapts
 # padded_vision_heads is read from here by memory.py and layouts.py
 from ..config.model import ModelConfig, ParallelConfig, padded_vision_heads, padded_vocab_size  # noqa: F401
-from ..models.sharding import rule_for
-
-Part = Literal["vision", "projector", "llm"]
+from ..models.parameters import (Param, Part, decoder_layer, final_norm, output_layer, projector, vision_embeddings,
+                                 vision_layer, vision_layers_built, word_embeddings)
+from ..models.sharding import rule_for, split_dim
 PARTS: tuple[Part, ...] = ("vision", "projector", "llm")
 
 
@@ -39,8 +41,8 @@ class ParamSpec:
     """Name as `model.named_parameters()` reports it (layer numbers are local to the stage)."""
     shape: tuple[int, ...]
     """Local shape on this TP rank."""
-    part: Part
-    """Which part of the model it belongs to (what `--freeze-*` / stages switch)."""
+    part: Part | Literal["lora"]
+    """Which part of the model it belongs to (what `--freeze-*` / stages switch; 'lora': an adapter)."""
     shared_embedding: bool = False
     """megatron-core's `shared_embedding` tag (tied embedding split over pipeline stages)."""
     torch_norm: bool = False
@@ -55,12 +57,6 @@ class ParamSpec:
     @property
     def numel(self) -> int:
         return prod(self.shape)
-
-
-def vision_layers_built(model: ModelConfig) -> int:
-    """InternViT blocks built: all, or up to `select_layer` (blocks after it never run)."""
-    v = model.vision
-    return v.num_layers if v.select_layer == -1 else v.num_layers + v.select_layer + 1
 
 
 def decoder_layers_per_stage(num_layers: int, par: ParallelConfig) -> list[int]:
@@ -91,111 +87,26 @@ def decoder_layers_per_stage(num_layers: int, par: ParallelConfig) -> list[int]:
     return counts
 
 
-def _split(name: str, canonical: tuple[int, ...], dim: int, size: int, model: ModelConfig, part: Part,
-           **tags: bool) -> ParamSpec:
-    """A parameter split over `size` tensor-parallel ranks along `dim`: the local shape is its
-    sharding rule's (models/sharding.py: padded heads, padded vocabulary, even split)."""
-    return ParamSpec(name, rule_for(name).local_shape(canonical, dim, size, model), part, **tags)
-
-
-def _norm(prefix: str, width: int, kind: str, part: Part) -> list[ParamSpec]:
-    specs = [ParamSpec(f"{prefix}.weight", (width,), part, torch_norm=True)]
-    if kind == "LayerNorm":
-        specs.append(ParamSpec(f"{prefix}.bias", (width,), part, torch_norm=True))
-    return specs
-
-
-def vision_params(model: ModelConfig, tp: int) -> list[ParamSpec]:
-    """InternViT on one TP rank: embeddings, then blocks (layer scale, norms, attention, MLP)."""
-    v = model.vision
-    c, hd, f = v.hidden_size, v.num_attention_heads * v.head_dim, v.ffn_hidden_size  # real heads: rules pad
-    p = "vision_model"
-    specs = [
-        ParamSpec(f"{p}.embeddings.class_embedding", (1, 1, c), "vision"),
-        ParamSpec(f"{p}.embeddings.position_embedding", (1, v.num_patches + 1, c), "vision"),
-        ParamSpec(f"{p}.embeddings.patch_embedding.weight", (c, 3, v.patch_size, v.patch_size), "vision"),
-        ParamSpec(f"{p}.embeddings.patch_embedding.bias", (c,), "vision"),
-    ]
-    for i in range(vision_layers_built(model)):
-        lp = f"{p}.encoder.layers.{i}"
-        specs += [ParamSpec(f"{lp}.ls1", (c,), "vision"), ParamSpec(f"{lp}.ls2", (c,), "vision")]
-        specs += _norm(f"{lp}.input_layernorm", c, v.normalization, "vision")
-        specs += [
-            _split(f"{lp}.self_attention.linear_proj.weight", (c, hd), 1, tp, model, "vision"),
-            ParamSpec(f"{lp}.self_attention.linear_proj.bias", (c,), "vision"),
-            _split(f"{lp}.self_attention.linear_qkv.weight", (3 * hd, c), 0, tp, model, "vision"),
-        ]
-        if v.qkv_bias:
-            specs.append(_split(f"{lp}.self_attention.linear_qkv.bias", (3 * hd,), 0, tp, model, "vision"))
-        if v.qk_normalization:
-            specs += [_split(f"{lp}.self_attention.{x}_layernorm.weight", (hd,), 0, tp, model, "vision") for x in "qk"]
-        specs += _norm(f"{lp}.pre_mlp_layernorm", c, v.normalization, "vision")
-        specs += [
-            _split(f"{lp}.mlp.linear_fc1.weight", (f, c), 0, tp, model, "vision"),
-            _split(f"{lp}.mlp.linear_fc1.bias", (f,), 0, tp, model, "vision"),
-            _split(f"{lp}.mlp.linear_fc2.weight", (c, f), 1, tp, model, "vision"),
-            ParamSpec(f"{lp}.mlp.linear_fc2.bias", (c,), "vision"),
-        ]
-    return specs
-
-
-def projector_params(model: ModelConfig, tp: int) -> list[ParamSpec]:
-    """LayerNorm(4C) -> column-parallel Linear(4C, H) -> GELU -> row-parallel Linear(H, H)."""
-    cin, h = model.projector_input_size, model.llm.hidden_size
-    return [
-        ParamSpec("projector.layer_norm.weight", (cin,), "projector"),
-        ParamSpec("projector.layer_norm.bias", (cin,), "projector"),
-        _split("projector.mlp.linear_fc1.weight", (h, cin), 0, tp, model, "projector"),
-        _split("projector.mlp.linear_fc1.bias", (h,), 0, tp, model, "projector"),
-        _split("projector.mlp.linear_fc2.weight", (h, h), 1, tp, model, "projector"),
-        ParamSpec("projector.mlp.linear_fc2.bias", (h,), "projector"),
-    ]
-
-
 def padded_vocab(model: ModelConfig, tp: int) -> int:
     """Embedding/output rows: `config.model.padded_vocab_size` (a multiple of lcm(128, TP))."""
     return padded_vocab_size(model.llm.vocab_size, tp)
 
 
-def decoder_layer_params(model: ModelConfig, tp: int, index: int, ep: int = 1,
-                         etp: int | None = None) -> list[ParamSpec]:
-    """One pre-norm GQA + SwiGLU (or MoE) decoder layer on one TP rank and EP / expert-TP rank (+ per-head
-    QK-norm; head_dim may be decoupled)."""
-    m = model.llm
-    h, d, f = m.hidden_size, m.head_dim, m.ffn_hidden_size
-    qkv = (m.num_attention_heads + 2 * m.num_query_groups) * d
-    lp = f"language_model.decoder.layers.{index}"
-    specs = [
-        ParamSpec(f"{lp}.input_layernorm.weight", (h,), "llm", torch_norm=True),
-        _split(f"{lp}.self_attention.linear_proj.weight", (h, m.num_attention_heads * d), 1, tp, model, "llm"),
-        _split(f"{lp}.self_attention.linear_qkv.weight", (qkv, h), 0, tp, model, "llm"),
-    ]
-    if m.qkv_bias:
-        specs.append(_split(f"{lp}.self_attention.linear_qkv.bias", (qkv,), 0, tp, model, "llm"))
-    if m.qk_layernorm:  # per-head, replicated over TP, in params_dtype (models/qk_norm.py)
-        specs += [ParamSpec(f"{lp}.self_attention.{x}_layernorm.weight", (d,), "llm") for x in "qk"]
-    specs.append(ParamSpec(f"{lp}.pre_mlp_layernorm.weight", (h,), "llm", torch_norm=True))
-    if m.is_moe:
-        return specs + moe_params(model, lp, ep, etp or tp)
-    return specs + [_split(f"{lp}.mlp.linear_fc1.weight", (2 * f, h), 0, tp, model, "llm"),
-                    _split(f"{lp}.mlp.linear_fc2.weight", (h, f), 1, tp, model, "llm")]
+def local(p: Param, size: int, model: ModelConfig, name: str | None = None, **tags: bool) -> ParamSpec:
+    """`p` on one of `size` tensor-parallel (expert-TP for an expert) ranks, named `name` (its local
+    name; default: the canonical one): a split parameter's local shape is its sharding rule's
+    (models/sharding.py: padded heads, padded vocabulary, even split)."""
+    name = name or p.name
+    shape = rule_for(p.name).local_shape(p.shape, split_dim(p.name), size, model) if p.split else p.shape
+    return ParamSpec(name, shape, p.part, torch_norm=p.torch_norm, expert=p.expert, **tags)
 
 
-def moe_params(model: ModelConfig, lp: str, ep: int, etp: int) -> list[ParamSpec]:
-    """megatron-core MoELayer: the router (replicated), then this EP rank's E/EP SwiGLU experts."""
-    m = model.llm
-    h, fe = m.hidden_size, m.moe_ffn_hidden_size
-    specs = [ParamSpec(f"{lp}.mlp.router.weight", (m.num_experts, h), "llm")]
-    for j in range(m.num_experts // ep):
-        ex = f"{lp}.mlp.experts.local_experts.{j}"
-        specs += [_split(f"{ex}.linear_fc1.weight", (2 * fe, h), 0, etp, model, "llm", expert=True),
-                  _split(f"{ex}.linear_fc2.weight", (h, fe), 1, etp, model, "llm", expert=True)]
-    return specs
-
-
-def stage_params(model: ModelConfig, par: ParallelConfig, pp_rank: int) -> list[ParamSpec]:
-    """Every local parameter of pipeline stage `pp_rank` on one TP rank, in build order."""
-    return list(_stage_params(model, par, pp_rank))
+def stage_params(model: ModelConfig, par: ParallelConfig, pp_rank: int,
+                 lora: Optional[LoRAConfig] = None) -> list[ParamSpec]:
+    """Every local parameter of pipeline stage `pp_rank` on one TP rank, in build order (the
+    adapters of `lora` after the linear they adapt, as `models/lora.py: add_lora` registers them)."""
+    specs = list(_stage_params(model, par, pp_rank))
+    return with_lora(specs, lora) if lora is not None and lora.enabled else specs
 
 
 @lru_cache(maxsize=256)
@@ -204,20 +115,43 @@ def _stage_params(model: ModelConfig, par: ParallelConfig, pp_rank: int) -> tupl
     check_divisibility(model, par)
     first, last = pp_rank == 0, pp_rank == pp - 1
     tied = model.llm.tie_word_embeddings
-    h, vocab = model.llm.hidden_size, model.llm.vocab_size  # the rule pads the vocabulary
-    specs: list[ParamSpec] = []
+    base: list[Param] = []
     if first:
-        specs += vision_params(model, tp) + projector_params(model, tp)
-        specs.append(_split("language_model.embedding.word_embeddings.weight", (vocab, h), 0, tp, model, "llm",
-                            shared_embedding=tied and pp > 1))
-    for i in range(decoder_layers_per_stage(model.llm.num_layers, par)[pp_rank]):
-        specs += decoder_layer_params(model, tp, i, par.expert_model_parallel_size, par.expert_tensor_parallel_size)
+        base += vision_embeddings(model)
+        for i in range(vision_layers_built(model)):
+            base += vision_layer(model, i)
+        base += projector(model)
+    specs = [local(p, tp, model) for p in base]
+    if first:
+        specs.append(local(word_embeddings(model), tp, model, shared_embedding=tied and pp > 1))
+    experts = range(model.llm.num_experts // par.expert_model_parallel_size)  # local experts 0 .. E/EP - 1
+    etp = par.expert_tensor_parallel_size or tp
+    for i in range(decoder_layers_per_stage(model.llm.num_layers, par)[pp_rank]):  # local layer numbers
+        specs += [local(p, etp if p.expert else tp, model) for p in decoder_layer(model, i, experts)]
     if last:
-        specs.append(ParamSpec("language_model.decoder.final_layernorm.weight", (h,), "llm", torch_norm=True))
+        specs.append(local(final_norm(model), tp, model))
         if not (first and tied):  # PP1 + tied: the output layer reuses the embedding
-            specs.append(_split("language_model.output_layer.weight", (vocab, h), 0, tp, model, "llm",
-                                shared_embedding=tied and pp > 1))
+            specs.append(local(output_layer(model), tp, model, shared_embedding=tied and pp > 1))
     return tuple(specs)
+
+
+def with_lora(specs: list[ParamSpec], lora: LoRAConfig) -> list[ParamSpec]:
+    """`specs` with the LoRA adapters of `lora` (part 'lora') after each adapted linear's own
+    parameters. Their shapes follow the base weight's local shape (out x in): A is r x in, B out x r
+    (models/lora.py: a column-parallel layer's B is split like its rows, a row-parallel layer's A
+    like its columns, the other factor replicated; padded heads included)."""
+    out: list[ParamSpec] = []
+    for k, s in enumerate(specs):
+        out.append(s)
+        module = s.name.rsplit(".", 1)[0]
+        nxt = specs[k + 1].name.rsplit(".", 1)[0] if k + 1 < len(specs) else None
+        if nxt == module or not adapts(lora, module):
+            continue
+        weight = next(w for w in specs[max(0, k - 1):k + 1] if w.name == module + ".weight")
+        rows, cols = weight.shape
+        out += [ParamSpec(f"{module}{LORA_INFIX}a", (lora.lora_rank, cols), "lora"),
+                ParamSpec(f"{module}{LORA_INFIX}b", (rows, lora.lora_rank), "lora")]
+    return out
 
 
 def check_divisibility(model: ModelConfig, par: ParallelConfig) -> None:

@@ -32,7 +32,9 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 
+from internvl_mcore.config.lora import LoRAConfig  # noqa: E402
 from internvl_mcore.models.internvl import build_model  # noqa: E402
+from internvl_mcore.models.lora import add_lora  # noqa: E402
 from internvl_mcore.parallel.state import process_groups  # noqa: E402
 from internvl_mcore.models.weights import init_weights  # noqa: E402
 from internvl_mcore.training.mock import mock_batches, mock_sample  # noqa: E402
@@ -128,6 +130,8 @@ for case in cases:
     init_weights(model, cfg, seed=3)
     for name, q in model.named_parameters():
         q.requires_grad_(PART_OF[name.split(".", 1)[0]] in case["trainable"])
+    if case.get("lora"):  # adapters as training adds them: every base weight frozen
+        add_lora(model, LoRAConfig(**case["lora"]), cfg, seed=3)
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=case["dist_opt"]), model)
     optimizer = get_megatron_optimizer(

@@ -1,7 +1,8 @@
 """The planner against real models: one 4-process gloo world builds every case (tests/plan/state_worker.py)
 and each rank reports what it holds; the predictions must match.
 
-- parameter inventory (names and local shapes, in build order) == model.named_parameters()
+- parameter inventory (names and local shapes, in build order) == model.named_parameters(), for dense,
+  MoE and LoRA models (adapters on both towers: --lora-target all, padded ViT heads at TP2)
 - parameter, gradient-buffer and optimizer bytes per rank == the distinct storages the rank holds
   after DDP + optimizer + one step, exactly (fp32 and bf16, plain and distributed optimizer,
   TP1 / TP2 / PP2 / TP2xPP2, tied embeddings over stages, padded ViT heads, frozen parts)
@@ -14,6 +15,7 @@ import json
 import pytest
 
 from internvl_mcore.config import ParallelConfig, get_preset
+from internvl_mcore.config.lora import LoRAConfig
 from internvl_mcore.plan.flops import forward_flops
 from internvl_mcore.plan.memory import activation_bytes, state_bytes
 from internvl_mcore.plan.params import count_params, stage_params
@@ -46,7 +48,15 @@ CASES = [
     # distributed-optimizer-sharded over the expert data-parallel group of 4 / 2 = 2 ranks)
     dict(model="debug-moe", tp=1, pp=1, ep=2, dist_opt=True, trainable=ALL, act_seqs=[256]),
     dict(model="debug-moe", tp=2, pp=1, sp=True, ep=2, dist_opt=False, trainable=ALL, act_seqs=[256]),
+    # LoRA on both towers (a non-default --lora-target) and three of the four linears: the planner
+    # lists the adapters by config/lora.py's rule with the shapes of the base weights' shards
+    dict(model="debug-6b", tp=2, pp=1, dist_opt=True, trainable=["lora"],
+         lora=dict(lora_rank=4, lora_target="all", lora_modules=["linear_qkv", "linear_proj", "linear_fc2"])),
 ]
+
+
+def _lora(case):
+    return LoRAConfig(**case["lora"]) if case.get("lora") else None
 
 
 def _par(case):
@@ -72,8 +82,12 @@ def _id(rep):
 def test_inventory_matches_built_model(reports):
     for rep in reports:
         c = rep["case"]
-        want = [[s.name, list(s.shape)] for s in stage_params(get_preset(c["model"]), _par(c), rep["pp_rank"])]
+        want = [[s.name, list(s.shape)] for s in stage_params(get_preset(c["model"]), _par(c), rep["pp_rank"],
+                                                              _lora(c))]
         assert want == rep["names"], _id(rep)
+    lora = [rep["names"] for rep in reports if rep["case"].get("lora")]
+    assert lora and all(any(".lora." in n and n.startswith(tower) for n, _ in names)
+                        for names in lora for tower in ("vision_model.", "language_model."))
 
 
 def test_state_bytes_exact(reports):
@@ -83,7 +97,7 @@ def test_state_bytes_exact(reports):
         pred = state_bytes(get_preset(c["model"]), _par(c), rep["pp_rank"], rep["dp"], trainable=c["trainable"],
                            param_bytes=2 if c.get("bf16") else 4, use_distributed_optimizer=c["dist_opt"],
                            dp_rank=rep["dp_rank"], adam_step_bytes=4,
-                           expert_dp_rank=rep["expert_dp_rank"])
+                           expert_dp_rank=rep["expert_dp_rank"], lora=_lora(c))
         got = (rep["params"], rep["grads"], rep["optimizer"])
         assert (pred.params, pred.grads, pred.optimizer) == got, _id(rep)
         checked.add((c["model"], c["tp"], c["pp"], c["dist_opt"]))
