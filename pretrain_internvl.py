@@ -22,7 +22,8 @@ from internvl_mcore.config.presets import PRESETS
 from internvl_mcore.config.problems import check as check_config
 from internvl_mcore.config.lora import LoRAConfig
 from internvl_mcore.config.needs import ignored_flags
-from internvl_mcore.config.training import CheckpointConfig, DataConfig, LogConfig, RunConfig, TrainConfig
+from internvl_mcore.config.training import (CheckpointConfig, ComputeConfig, DataConfig, LogConfig, RunConfig,
+                                           TrainConfig)
 from internvl_mcore.checkpoint.safetensors_io import ConversionError
 from internvl_mcore.convert.source import resolve_model
 from internvl_mcore.errors import ConfigError
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "as tools/convert_from_hf.py reads it), a converted checkpoint or a training "
                         "checkpoint (default: debug)")
     add_dataclass_flags(parser, ParallelConfig, "parallelism")
+    add_dataclass_flags(parser, ComputeConfig, "device and kernels")
     add_dataclass_flags(parser, TrainConfig, "training")
     add_dataclass_flags(parser, DataConfig, "data")
     add_dataclass_flags(parser, LogConfig, "logging")
@@ -60,7 +62,7 @@ def parse_run_config(argv: list[str]) -> RunConfig:
     return RunConfig(model=model, parallel=build_dataclass(ParallelConfig, ns),
                      train=build_dataclass(TrainConfig, ns), data=build_dataclass(DataConfig, ns),
                      log=build_dataclass(LogConfig, ns), checkpoint=build_dataclass(CheckpointConfig, ns),
-                     lora=build_dataclass(LoRAConfig, ns))
+                     lora=build_dataclass(LoRAConfig, ns), compute=build_dataclass(ComputeConfig, ns))
 
 
 def check_data(run: RunConfig) -> None:

@@ -256,10 +256,12 @@ def write_cpu_checkpoint(out: Path, model_name: str) -> None:
     from internvl_mcore.parallel.state import init_distributed, process_groups
     from internvl_mcore.training import checkpoint
 
-    par = ParallelConfig(device="cpu")
-    init_distributed(par, seed=0)
+    from internvl_mcore.config.training import ComputeConfig
+
+    par = ParallelConfig()
+    init_distributed(par, seed=0, device="cpu")
     cfg = get_preset(model_name)
-    model = build_model(cfg, par, process_groups()).eval()
+    model = build_model(cfg, par, process_groups(), compute=ComputeConfig(device="cpu")).eval()
     init_weights(model, cfg, seed=21)
     checkpoint.save(out, 1, model, None, None, cfg, par)
 
@@ -465,10 +467,12 @@ def _model_on(ctx: Ctx, ckpt: Path):
     from internvl_mcore.training.checkpoint import load_weights
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    par = ParallelConfig(device=ctx.device)
-    init_distributed(par, seed=0)
+    from internvl_mcore.config.training import ComputeConfig
+
+    par = ParallelConfig()
+    init_distributed(par, seed=0, device=ctx.device)
     cfg = get_preset("debug")
-    model = build_model(cfg, par, process_groups()).to(ctx.device).eval()
+    model = build_model(cfg, par, process_groups(), compute=ComputeConfig(device=ctx.device)).to(ctx.device).eval()
     load_weights(ckpt, model, cfg)
     return model, cfg
 

@@ -75,7 +75,7 @@ DOMAINS: dict[str, Domain] = {
     "tensor_model_parallel_size": POSITIVE_INT, "pipeline_model_parallel_size": POSITIVE_INT,
     "context_parallel_size": POSITIVE_INT, "hierarchical_context_parallel_sizes": POSITIVE_INT,
     "decoder_first_pipeline_num_layers": POSITIVE_INT, "decoder_last_pipeline_num_layers": POSITIVE_INT,
-    "recompute_num_layers": POSITIVE_INT, "cross_entropy_chunk_size": COUNT,
+    "recompute_num_layers": POSITIVE_INT,
     "expert_model_parallel_size": POSITIVE_INT, "expert_tensor_parallel_size": POSITIVE_INT,
     # optimization and batch geometry (TrainConfig)
     "micro_batch_size": POSITIVE_INT, "global_batch_size": POSITIVE_INT, "seq_length": POSITIVE_INT,
@@ -85,6 +85,8 @@ DOMAINS: dict[str, Domain] = {
     "drop_path_rate": PROBABILITY, "mpo_beta": POSITIVE, "mpo_loss_weights": NON_NEGATIVE, "peak_flops": POSITIVE,
     "eval_interval": COUNT, "eval_iters": COUNT, "skip_spike_factor": POSITIVE,
     "distributed_timeout_minutes": POSITIVE, "data_worker_timeout": POSITIVE,
+    # device and kernels (ComputeConfig)
+    "cross_entropy_chunk_size": COUNT,
     # checkpoints, data, logging, LoRA
     "save_interval": COUNT, "exit_interval": COUNT, "keep_checkpoints": COUNT,
     "mock_tiles_per_sample": POSITIVE_INT, "num_workers": COUNT, "log_interval": POSITIVE_INT,

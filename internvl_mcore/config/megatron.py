@@ -9,6 +9,7 @@ from megatron.core.transformer import TransformerConfig
 
 from ..parallel.device import have_apex_wgrad_fusion, have_fusion_kernels, resolve_device
 from .model import ModelConfig, ParallelConfig, padded_vision_heads
+from .training import DEFAULT_COMPUTE, ComputeConfig
 
 
 @dataclass
@@ -23,14 +24,14 @@ class VisionTransformerConfig(TransformerConfig):
     """Heads before padding to a multiple of TP; the padded ones are zero (models/vision.py)."""
 
 
-def _fused(par: ParallelConfig) -> bool:
+def _fused(compute: ComputeConfig) -> bool:
     """megatron-core's jit-fused elementwise kernels (torch.compile'd; exact): on CUDA with TE or apex
     importable, or with --torch-compile (inductor's CPU backend compiles them too)."""
-    return (resolve_device(par.device) == "cuda" and have_fusion_kernels()) or par.torch_compile
+    return (resolve_device(compute.device) == "cuda" and have_fusion_kernels()) or compute.torch_compile
 
 
-def _common(par: ParallelConfig, dtype: torch.dtype) -> dict:
-    on_cuda = resolve_device(par.device) == "cuda"
+def _common(par: ParallelConfig, dtype: torch.dtype, compute: ComputeConfig) -> dict:
+    on_cuda = resolve_device(compute.device) == "cuda"
     return dict(
         tensor_model_parallel_size=par.tensor_model_parallel_size,
         pipeline_dtype=dtype,
@@ -43,7 +44,7 @@ def _common(par: ParallelConfig, dtype: torch.dtype) -> dict:
         # Bias-activation: the LLM's SwiGLU sets it below; megatron's bias-GELU fusion is the tanh
         # approximation, not InternViT's / the projector's erf GELU, so it stays off for them.
         bias_activation_fusion=False,
-        bias_dropout_fusion=_fused(par),
+        bias_dropout_fusion=_fused(compute),
         masked_softmax_fusion=False,  # our core attention never uses megatron's masked softmax
         # TE's fused RoPE takes one (S, 1, 1, D) angle table for the whole batch; V2PE's per-token
         # float positions need per-row angles (S, B, 1, D), so RoPE stays unfused (models/language.py)
@@ -63,13 +64,13 @@ def _common(par: ParallelConfig, dtype: torch.dtype) -> dict:
     )
 
 
-def vision_transformer_config(model: ModelConfig, par: ParallelConfig,
-                              dtype: torch.dtype = torch.float32) -> VisionTransformerConfig:
+def vision_transformer_config(model: ModelConfig, par: ParallelConfig, dtype: torch.dtype = torch.float32,
+                              compute: ComputeConfig = DEFAULT_COMPUTE) -> VisionTransformerConfig:
     """InternViT blocks; all on the first pipeline stage, never context- or sequence-split."""
     v = model.vision
     heads = padded_vision_heads(v.num_attention_heads, par.tensor_model_parallel_size)
     num_layers = v.num_layers if v.select_layer == -1 else v.num_layers + v.select_layer + 1
-    cfg = _common(par, dtype)
+    cfg = _common(par, dtype, compute)
     return VisionTransformerConfig(
         num_layers=num_layers,
         hidden_size=v.hidden_size,
@@ -95,8 +96,8 @@ def vision_transformer_config(model: ModelConfig, par: ParallelConfig,
     )
 
 
-def projector_transformer_config(model: ModelConfig, par: ParallelConfig,
-                                 dtype: torch.dtype = torch.float32) -> TransformerConfig:
+def projector_transformer_config(model: ModelConfig, par: ParallelConfig, dtype: torch.dtype = torch.float32,
+                                 compute: ComputeConfig = DEFAULT_COMPUTE) -> TransformerConfig:
     """The projector MLP: Linear(4C -> H) -> GELU -> Linear(H -> H), column- then row-parallel."""
     h = model.llm.hidden_size
     return TransformerConfig(
@@ -109,12 +110,12 @@ def projector_transformer_config(model: ModelConfig, par: ParallelConfig,
         activation_func=F.gelu,
         pipeline_model_parallel_size=1,
         sequence_parallel=False,
-        **_common(par, dtype),
+        **_common(par, dtype, compute),
     )
 
 
-def llm_transformer_config(model: ModelConfig, par: ParallelConfig,
-                           dtype: torch.dtype = torch.float32) -> TransformerConfig:
+def llm_transformer_config(model: ModelConfig, par: ParallelConfig, dtype: torch.dtype = torch.float32,
+                           compute: ComputeConfig = DEFAULT_COMPUTE) -> TransformerConfig:
     """The decoder, split over pipeline stages (optionally fewer layers on stage 0)."""
     m = model.llm
     return TransformerConfig(
@@ -142,7 +143,7 @@ def llm_transformer_config(model: ModelConfig, par: ParallelConfig,
         recompute_num_layers=par.recompute_num_layers if par.recompute_granularity == "full" else None,
         **_moe(model, par),
         # bias-free SwiGLU: megatron's fused swiglu is exact
-        **{**_common(par, dtype), "bias_activation_fusion": _fused(par)},
+        **{**_common(par, dtype, compute), "bias_activation_fusion": _fused(compute)},
     )
 
 

@@ -204,12 +204,6 @@ class ParallelConfig:
     """--recompute-granularity: activation recomputation (full = whole layers)."""
     recompute_num_layers: int = 1
     """--recompute-num-layers: layers per recomputed chunk (with full/uniform)."""
-    torch_compile: bool = False
-    """--torch-compile: on CPU too, use megatron-core's torch.compile'd (inductor) elementwise fusions (SwiGLU, bias-dropout-add), as on GPUs with TE/apex; the first step compiles them (~1 min, then cached on disk)."""
-    cross_entropy_chunk_size: int = 0
-    """--cross-entropy-chunk-size: compute the output layer and loss N tokens at a time, never holding the full fp32 logits (the backward recomputes each chunk's logits); 0: megatron-core's full-logit loss."""
-    all_token_logits: bool = False
-    """--all-token-logits: compute the output layer and loss for every token, as megatron-core does; by default the last stage computes them only at the tokens that carry loss (the others' losses are zero and never used), which skips the image and prompt tokens' share of the output-layer GEMMs and logit memory."""
     expert_model_parallel_size: int = 1
     """--expert-model-parallel-size: ranks the experts of an MoE layer are split over (each holds
     num_experts / EP whole experts; tokens travel to them by all-to-all). Carved out of the
@@ -217,5 +211,3 @@ class ParallelConfig:
     expert_tensor_parallel_size: int | None = None
     """--expert-tensor-parallel-size: ranks each expert's weights are split over (default: the
     tensor-parallel size, megatron-core's default)."""
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    """--device: cuda when available; auto refuses a GPU-looking machine without CUDA (use cpu to force the CPU path; docs/gpu.md)."""

@@ -74,8 +74,6 @@ def layout_problems(model: ModelConfig, p: ParallelConfig, seq_length: int) -> l
                              f"by the all-to-all size {a}")
     if cp > 1 and p.cp_split == "thd":
         found += thd_problems(p.pipeline_model_parallel_size, p.sequence_parallel, p.cp_comm_type)
-    if p.cross_entropy_chunk_size < 0:
-        found.append(f"--cross-entropy-chunk-size must be >= 0 (0: no chunking), got {p.cross_entropy_chunk_size}")
     if p.hierarchical_context_parallel_sizes and p.cp_comm_type != "a2a+p2p":
         found.append("--hierarchical-context-parallel-sizes only applies to --cp-comm-type a2a+p2p")
     return found
@@ -98,7 +96,7 @@ def thd_problems(pipeline: int, sequence_parallel: bool, cp_comm_type: str) -> l
 
 
 def run_problems(run: RunConfig) -> list[str]:
-    """Schedule, batch, checkpoint and data-source flags that contradict each other."""
+    """Schedule, batch, loss, checkpoint and data-source flags that contradict each other."""
     t, c = run.train, run.checkpoint
     found = []
     if t.lr_warmup_iters > t.train_iters:
@@ -109,6 +107,9 @@ def run_problems(run: RunConfig) -> list[str]:
         found.append("--save-interval needs --save DIR")
     if run.data.mock_data and run.data.data_path:
         found.append("--mock-data and --data-path exclude each other")
+    if run.compute.cross_entropy_chunk_size < 0:
+        found.append("--cross-entropy-chunk-size must be >= 0 (0: no chunking), got "
+                     f"{run.compute.cross_entropy_chunk_size}")
     if t.micro_batch_size < 1 or t.global_batch_size < t.micro_batch_size:
         found.append(f"--global-batch-size {t.global_batch_size} must be >= --micro-batch-size {t.micro_batch_size} >= 1")
     return found

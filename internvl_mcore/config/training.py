@@ -260,6 +260,26 @@ class LogConfig:
     """Directory for Weights & Biases' local files (default: wandb's)."""
 
 
+@dataclass(frozen=True)
+class ComputeConfig:
+    """Device, kernels and loss chunking: where and how each rank computes.
+
+    None of them changes the parallel layout or a result beyond rounding."""
+
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """--device: cuda when available; auto refuses a GPU-looking machine without CUDA (use cpu to force the CPU path; docs/gpu.md)."""
+    torch_compile: bool = False
+    """--torch-compile: on CPU too, use megatron-core's torch.compile'd (inductor) elementwise fusions (SwiGLU, bias-dropout-add), as on GPUs with TE/apex; the first step compiles them (~1 min, then cached on disk)."""
+    cross_entropy_chunk_size: int = 0
+    """--cross-entropy-chunk-size: compute the output layer and loss N tokens at a time, never holding the full fp32 logits (the backward recomputes each chunk's logits); 0: megatron-core's full-logit loss."""
+    all_token_logits: bool = False
+    """--all-token-logits: compute the output layer and loss for every token, as megatron-core does; by default the last stage computes them only at the tokens that carry loss (the others' losses are zero and never used), which skips the image and prompt tokens' share of the output-layer GEMMs and logit memory."""
+
+
+DEFAULT_COMPUTE = ComputeConfig()
+"""The defaults (model code built outside a run: tests, conversions on the CPU give device="cpu")."""
+
+
 @dataclass
 class RunConfig:
     """Everything one training run needs."""
@@ -278,6 +298,8 @@ class RunConfig:
     """Saving and resuming."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """LoRA adapters (off unless --lora-rank > 0; config/lora.py)."""
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    """Device, kernels and the loss's chunking."""
 
 
 def has_validation(run: RunConfig) -> bool:

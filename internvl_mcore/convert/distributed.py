@@ -24,6 +24,7 @@ from megatron.core.utils import unwrap_model
 from ..checkpoint.canonical import CanonicalCheckpoint, save_canonical
 from ..checkpoint.safetensors_io import ConversionError
 from ..config.model import ModelConfig, ParallelConfig
+from ..config.training import ComputeConfig
 from ..models.internvl import build_model
 from ..models.sharding import rule_for
 from ..models.weights import ShardPlacement, is_expert_param, load_canonical, local_params
@@ -89,11 +90,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+CONVERSION_COMPUTE = ComputeConfig(device="cpu")
+"""A conversion world always runs on the CPU with gloo, even on a GPU host, so a TP x PP larger than
+the visible GPUs converts, and NCCL / transformer-engine / `cuda:rank` play no part in it (the local
+specs hold the same canonical tensors)."""
+
+
 def conversion_layout(tp: int = 1, pp: int = 1) -> ParallelConfig:
-    """The layout a conversion world runs in: always the CPU with gloo, even on a GPU host, so a
-    TP x PP larger than the visible GPUs converts, and NCCL / transformer-engine / `cuda:rank` play
-    no part in it (the local specs hold the same canonical tensors)."""
-    return ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, device="cpu")
+    """The layout a conversion world runs in (on the CPU: `CONVERSION_COMPUTE`)."""
+    return ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
 
 
 def _layout_worker(rank: int, world: int, port: int, tp: int, pp: int,
@@ -101,12 +106,12 @@ def _layout_worker(rank: int, world: int, port: int, tp: int, pp: int,
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     par = conversion_layout(tp, pp)
-    pg = init_distributed(par, seed=0)
+    pg = init_distributed(par, seed=0, device=CONVERSION_COMPUTE.device)
     report = []
     try:
         for ckpt_dir, out_dir in jobs:
             ckpt = CanonicalCheckpoint.open(ckpt_dir)
-            model = build_model(ckpt.config, par, pg)
+            model = build_model(ckpt.config, par, pg, compute=CONVERSION_COMPUTE)
             load_canonical(model, ckpt.tensors, ckpt.config)
             state = gather_canonical_state(model, ckpt.config)
             if state is None:

@@ -19,6 +19,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from ..config.megatron import llm_transformer_config, projector_transformer_config, vision_transformer_config
 from ..config.model import ModelConfig, ParallelConfig
+from ..config.training import DEFAULT_COMPUTE, ComputeConfig
 from ..data.source_images import SourceImages, tile_pixel_values
 from ..parallel.context_parallel import cp_core_attention, cp_path_line, cp_split_choice, split_for_cp
 from ..parallel.context_parallel_thd import ThdSplit
@@ -38,12 +39,12 @@ class InternVLModel(MegatronModule):
 
     def __init__(self, model_cfg: ModelConfig, par: ParallelConfig, pg_collection: ProcessGroupCollection,
                  pre_process: bool, post_process: bool, dtype: torch.dtype = torch.float32,
-                 backend: Optional[Backend] = None) -> None:
-        llm_config = llm_transformer_config(model_cfg, par, dtype)
+                 backend: Optional[Backend] = None, compute: ComputeConfig = DEFAULT_COMPUTE) -> None:
+        llm_config = llm_transformer_config(model_cfg, par, dtype, compute)
         # RoPE without megatron-core's concatenations (models/rope.py) where TE's kernel is absent
         llm_config.apply_rope_fusion = rope.install()
         super().__init__(config=llm_config)
-        backend = backend or default_backend(resolve_device(par.device))
+        backend = backend or default_backend(resolve_device(compute.device))
         pg = self.pg_collection = pg_collection  # every group this stage uses (also read by weights.ShardPlacement)
         self.model_cfg = model_cfg
         self.model_type = ModelType.encoder_or_decoder
@@ -52,11 +53,11 @@ class InternVLModel(MegatronModule):
         self.add_encoder = pre_process  # ViT and projector live with the embedding on stage 0
         self.share_embeddings_and_output_weights = model_cfg.llm.tie_word_embeddings
         if self.add_encoder:
-            vit_config = vision_transformer_config(model_cfg, par, dtype)
+            vit_config = vision_transformer_config(model_cfg, par, dtype, compute)
             self.vision_model = InternViT(vit_config, model_cfg.vision,
                                           vision_layer_spec(model_cfg.vision.qk_normalization,
                                                             model_cfg.vision.qkv_bias, backend, pg.tp), pg)
-            self.projector = Projector(projector_transformer_config(model_cfg, par, dtype),
+            self.projector = Projector(projector_transformer_config(model_cfg, par, dtype, compute),
                                        projector_mlp_submodules(backend), model_cfg.projector_input_size,
                                        eps=model_cfg.projector_layernorm_epsilon, pg_collection=pg)
         self.cp_group = pg.cp
@@ -78,7 +79,7 @@ class InternVLModel(MegatronModule):
             max_sequence_length=model_cfg.llm.max_position_embeddings, rope_theta=model_cfg.llm.rope_theta,
             pre_process=pre_process, post_process=post_process,
             share_embeddings_and_output_weights=self.share_embeddings_and_output_weights, pg_collection=pg,
-            cross_entropy_chunk_size=par.cross_entropy_chunk_size, all_token_logits=par.all_token_logits)
+            cross_entropy_chunk_size=compute.cross_entropy_chunk_size, all_token_logits=compute.all_token_logits)
 
     # --- hooks megatron-core's schedules and finalize_model_grads look for -------------------
     def set_input_tensor(self, input_tensor: torch.Tensor | list) -> None:
@@ -167,14 +168,16 @@ class InternVLModel(MegatronModule):
 
 
 def build_model(model_cfg: ModelConfig, par: ParallelConfig, pg_collection: ProcessGroupCollection,
-                dtype: torch.dtype = torch.float32, backend: Optional[Backend] = None) -> InternVLModel:
+                dtype: torch.dtype = torch.float32, backend: Optional[Backend] = None,
+                compute: ComputeConfig = DEFAULT_COMPUTE) -> InternVLModel:
     """This rank's stage of the model, in the process groups `pg_collection` (what
-    parallel/state.py: init_distributed returns); the pipeline stage is this rank's in `pg_collection.pp`.
+    parallel/state.py: init_distributed returns); the pipeline stage is this rank's in `pg_collection.pp`;
+    `compute`: the device, kernels and loss chunking (--device, --torch-compile, ...).
 
     Weights are uninitialized: call `weights.init_weights` or load a checkpoint."""
     pp_rank, pp_size = pg_collection.pp.rank(), pg_collection.pp.size()
     model = InternVLModel(model_cfg, par, pg_collection, pre_process=pp_rank == 0, post_process=pp_rank == pp_size - 1,
-                          dtype=dtype, backend=backend)
+                          dtype=dtype, backend=backend, compute=compute)
     if dtype != torch.float32:
         # megatron-core's WrappedTorchNorm ignores params_dtype (TE's norms honour it); fp32 norm
         # weights in a bf16 model break the mixed-precision optimizer's checkpoint (it maps only the

@@ -22,13 +22,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed(par: ParallelConfig, seed: int, timeout_s: float = 600.0) -> ProcessGroupCollection:
+def init_distributed(par: ParallelConfig, seed: int, timeout_s: float = 600.0,
+                     device: str = "auto") -> ProcessGroupCollection:
     """Join the job (torchrun's env, or a 1-process world), build megatron-core's groups and return
     them; model construction, attention, sharding and checkpointing take them as an argument.
 
-    gloo on CPU, nccl on GPU (`par.device`, parallel/device.py). Seeds: megatron-core's tracker
+    gloo on CPU, nccl on GPU (`device`: --device, parallel/device.py). Seeds: megatron-core's tracker
     ("model-parallel-rng" differs per TP rank, default state equal within a model-parallel group)."""
-    on_gpu = resolve_device(par.device) == "cuda"
+    on_gpu = resolve_device(device) == "cuda"
     if not on_gpu:  # forced: a --device cpu run (a conversion) on a GPU host must not reach torch.cuda either
         cpu_compat.apply(force=True)
     cpu_compat.apply_everywhere()

@@ -316,13 +316,13 @@ class ActivationBytes:
 
 
 def _head_bytes(model: ModelConfig, par: ParallelConfig, tokens: float, e: int, kernels: Kernels,
-                llm_weights: bool) -> float:
+                llm_weights: bool, cross_entropy_chunk_size: int = 0) -> float:
     """What the final norm, output layer and loss keep for the backward (last stage)."""
     tp = par.tensor_model_parallel_size
     sp = tp if par.sequence_parallel else 1
     h = model.llm.hidden_size
     head = _norm_bytes(tokens / sp, h, "RMSNorm", e, kernels, llm_weights)
-    if par.cross_entropy_chunk_size:  # models/chunked_loss.py keeps no logits
+    if cross_entropy_chunk_size:  # models/chunked_loss.py keeps no logits
         head += tokens * h * e  # the output layer input, gathered over sequence parallelism
         return head + tokens * (4 + 8 + 1 + 1)  # fp32 log-sum-exp, labels, in-shard mask, loss mask
     head += tokens / sp * h * e if llm_weights else 0.0  # output layer input
@@ -333,7 +333,7 @@ def activation_bytes(model: ModelConfig, par: ParallelConfig, pp_rank: int, seq_
                      micro_batch_size: int = 1, tiles_per_microbatch: float = 0.0,
                      num_microbatches: int = 1, param_bytes: int = 2,
                      sample_lengths: Optional[Sequence[int]] = None, trainable: Iterable[str] = PARTS,
-                     kernels: Kernels = "gpu") -> ActivationBytes:
+                     kernels: Kernels = "gpu", cross_entropy_chunk_size: int = 0) -> ActivationBytes:
     """Activation memory of one rank of stage `pp_rank` during a 1F1B training step.
 
     seq_length x micro_batch_size tokens per microbatch, split over CP ranks; tiles_per_microbatch
@@ -342,7 +342,8 @@ def activation_bytes(model: ModelConfig, par: ParallelConfig, pp_rank: int, seq_
     default: one sample per sequence). A frozen ViT saves nothing (no input needs a gradient); a
     frozen LLM keeps what passing gradients back to the projector needs, but no linear inputs.
     With --recompute-granularity full each layer keeps only its input, plus one layer's full
-    activations during its recomputation."""
+    activations during its recomputation. cross_entropy_chunk_size: --cross-entropy-chunk-size (the
+    chunked loss keeps no logits)."""
     e = param_bytes
     keep = set(trainable)
     tp, pp, cp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.context_parallel_size
@@ -377,7 +378,7 @@ def activation_bytes(model: ModelConfig, par: ParallelConfig, pp_rank: int, seq_
         if "vision" in keep or "projector" in keep:
             vision += projector_bytes(model, par, tiles_per_microbatch, e)
 
-    head = _head_bytes(model, par, tokens, e, kernels, llm_weights) if last else 0.0
+    head = _head_bytes(model, par, tokens, e, kernels, llm_weights, cross_entropy_chunk_size) if last else 0.0
 
     in_flight = min(pp - pp_rank, num_microbatches) if pp > 1 else 1
     return ActivationBytes(vision=vision, llm=llm, head=head, in_flight=in_flight, recompute_buffer=buffer)

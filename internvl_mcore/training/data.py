@@ -127,7 +127,7 @@ class ShardBatches:
     """Microbatches from `PackedDataLoader` for one data-parallel rank, resumable by `state_dict`."""
 
     def __init__(self, run: RunConfig, dp_rank: int, dp_size: int, decode_tiles: bool = True) -> None:
-        self.image_tiling = resolve_image_tiling(run.data.image_tiling, resolve_device(run.parallel.device))
+        self.image_tiling = resolve_image_tiling(run.data.image_tiling, resolve_device(run.compute.device))
         try:
             self.loader = PackedDataLoader(run.data.data_path, dp_rank=dp_rank, dp_size=dp_size,
                                            seed=run.train.seed, num_workers=run.data.num_workers,

@@ -97,8 +97,9 @@ def _build_model(run: RunConfig, plan: Plan, pg: Any) -> tuple[torch.nn.Module, 
     """This rank's model stage (on the process groups `pg` init_distributed returned) with its weights
     (seeded init or --pretrained), frozen parts and LoRA, and the MPO reference when --stage mpo."""
     t, model_cfg = run.train, run.model
-    model = build_model(model_cfg, run.parallel, pg, dtype=torch.bfloat16 if t.bf16 else torch.float32)
-    if resolve_device(run.parallel.device) == "cuda":  # DDP buffers and schedules live on the current GPU
+    model = build_model(model_cfg, run.parallel, pg, dtype=torch.bfloat16 if t.bf16 else torch.float32,
+                        compute=run.compute)
+    if resolve_device(run.compute.device) == "cuda":  # DDP buffers and schedules live on the current GPU
         model.cuda(torch.cuda.current_device())
     if not run.checkpoint.pretrained:  # --pretrained overwrites every weight: drawing them first is waste
         init_weights(model, model_cfg, seed=t.seed)
@@ -151,7 +152,7 @@ def setup(run: RunConfig) -> Trainer:
     plan = validate(run)
     run = _effective_run(run, plan)
     t = run.train
-    pg = init_distributed(run.parallel, t.seed, timeout_s=t.distributed_timeout_minutes * 60)
+    pg = init_distributed(run.parallel, t.seed, timeout_s=t.distributed_timeout_minutes * 60, device=run.compute.device)
     dp = pg.dp.size()
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
@@ -349,7 +350,7 @@ def train_step(trainer: Trainer) -> dict:
             "nonpad_tokens": tokens * trainer.dp_size, "trainable": trainable, "data_s": data_s,
             # this rank's packed sample lengths, scaled to the job (every DP rank sees a like mix)
             "attention_lengths": [int(n) for b in batches for n in (b.cu_seqlens[1:] - b.cu_seqlens[:-1])] * trainer.dp_size,
-            "logit_tokens": None if trainer.run.parallel.all_token_logits else _loss_tokens(batches) * trainer.dp_size,
+            "logit_tokens": None if trainer.run.compute.all_token_logits else _loss_tokens(batches) * trainer.dp_size,
             "moe_aux_loss": aux, **extra}
 
 

@@ -213,7 +213,8 @@ def build_reference(run, model_cfg, policy: torch.nn.Module) -> torch.nn.Module:
     """The frozen reference: this rank's stage built like the policy (same TP/PP/CP sharding) holding
     the policy's starting weights (--pretrained, else the seeded init). Call before LoRA is added and
     before a --load overwrites the policy; a resumed run reloads the weights the run started from."""
-    ref = build_model(model_cfg, run.parallel, policy.pg_collection, dtype=next(policy.parameters()).dtype)
+    ref = build_model(model_cfg, run.parallel, policy.pg_collection, dtype=next(policy.parameters()).dtype,
+                      compute=run.compute)
     ref.to(next(policy.parameters()).device)  # beside the policy (--device), not wherever CUDA is
     ref.load_state_dict(policy.state_dict(), strict=True)
     start = saved_state(run.checkpoint.load).get("mpo_reference") if run.checkpoint.load else None

@@ -34,7 +34,7 @@ def cuda_host(monkeypatch):
 def test_conversion_layout_is_cpu_even_with_cuda(cuda_host) -> None:
     assert resolve_device("auto") == "cuda"  # the probe says GPU ...
     par = conv.conversion_layout(4, 2)
-    assert resolve_device(par.device) == "cpu"  # ... the conversion layout does not follow it
+    assert resolve_device(conv.CONVERSION_COMPUTE.device) == "cpu"  # ... a conversion does not follow it
     assert (par.tensor_model_parallel_size, par.pipeline_model_parallel_size) == (4, 2)
 
 

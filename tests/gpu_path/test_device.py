@@ -299,15 +299,16 @@ def test_device_decides_fusions_and_init_placement(monkeypatch):
     """Fusions and GPU-side parameter allocation only on CUDA with TE/apex; all off on CPU."""
     from internvl_mcore.config import ParallelConfig, get_preset
     from internvl_mcore.config import megatron as mc
+    from internvl_mcore.config.training import DEFAULT_COMPUTE, ComputeConfig
 
     cfg = get_preset("debug")
-    cpu = mc.llm_transformer_config(cfg, ParallelConfig(device="cpu"))
+    cpu = mc.llm_transformer_config(cfg, ParallelConfig(), compute=ComputeConfig(device="cpu"))
     assert cpu.use_cpu_initialization and not (cpu.bias_activation_fusion or cpu.bias_dropout_fusion
                                                or cpu.gradient_accumulation_fusion)
     monkeypatch.setattr(mc, "resolve_device", lambda requested: "cuda")
     monkeypatch.setattr(mc, "have_fusion_kernels", lambda: True)
     monkeypatch.setattr(mc, "have_apex_wgrad_fusion", lambda: True)
-    kw = mc._common(ParallelConfig(), torch.bfloat16)
+    kw = mc._common(ParallelConfig(), torch.bfloat16, DEFAULT_COMPUTE)
     assert not kw["use_cpu_initialization"] and kw["bias_dropout_fusion"] and kw["gradient_accumulation_fusion"]
     assert not kw["apply_rope_fusion"]  # V2PE's per-row float positions: RoPE stays unfused
     vit = mc.vision_transformer_config(cfg, ParallelConfig(), torch.bfloat16)
