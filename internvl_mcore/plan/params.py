@@ -5,8 +5,9 @@
 anything: the model's parameter list (models/parameters.py, which the converter's canonical shapes
 come from too) cut to the stage's layers and experts, each tensor-parallel parameter at the local
 shape of its sharding rule (models/sharding.py: padding included), the LoRA adapters of
-`--lora-target` / `--lora-modules` (config/lora.py: adapts) after the linears they adapt. Memory planning needs the order too: with the distributed optimizer megatron-core aligns
-every parameter's start in its gradient buffer to 64 elements, so the padding depends on it
+`--lora-target` / `--lora-modules` (config/lora.py: adapts) after the linears they adapt.
+Memory planning needs the order too: with the distributed optimizer megatron-core aligns every
+parameter's start in its gradient buffer to 64 elements, so the padding depends on it
 (`plan/memory.py`). `tests/plan/test_state_bytes.py` checks the inventory against built models.
 
 `count_params` gives the size of the released model (the HF checkpoint): real vision heads, real
