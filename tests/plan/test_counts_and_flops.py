@@ -147,3 +147,23 @@ def test_frozen_parts_count_only_the_passes_they_run():
     stage1 = train_step_flops(cfg, 2048, 4, seq_length=2048, trainable=["projector"])
     assert all_parts - finetune == pytest.approx(2 * vit)            # frozen ViT: forward only
     assert finetune - stage1 == pytest.approx(llm)                   # frozen LLM: no weight gradients
+
+
+def test_planner_lists_the_adapters_lora_target_names():
+    """--lora-target / --lora-modules decide which linears the planner gives adapters (config/lora.py:
+    adapts, as models/lora.py attaches them), each pair shaped by its base weight's shard."""
+    from internvl_mcore.config.lora import LoRAConfig
+    from internvl_mcore.plan.params import stage_params
+
+    cfg, par = get_preset("debug"), ParallelConfig(tensor_model_parallel_size=2)
+    towers = {}
+    for target in ("llm", "vit", "all"):
+        specs = stage_params(cfg, par, 0, LoRAConfig(lora_rank=4, lora_target=target, lora_modules=["linear_qkv"]))
+        adapters = [s for s in specs if s.part == "lora"]
+        towers[target] = {s.name.split(".", 1)[0] for s in adapters}
+        shapes = {s.name: s.shape for s in specs}
+        for a in adapters[::2]:  # A: r x (the base shard's input), B: (the base shard's output) x r
+            base = shapes[a.name.rsplit(".lora.", 1)[0] + ".weight"]
+            assert a.shape == (4, base[1]) and shapes[a.name[:-1] + "b"] == (base[0], 4)
+        assert all(s.name.rsplit(".lora.", 1)[0].endswith("linear_qkv") for s in adapters)
+    assert towers == {"llm": {"language_model"}, "vit": {"vision_model"}, "all": {"language_model", "vision_model"}}
