@@ -15,7 +15,6 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.utils import unwrap_model
 
 from ..checkpoint import selection
 from ..checkpoint.format import CheckpointError, checkpoint_dir, read_run_json
@@ -344,7 +343,7 @@ def _forward_backward(trainer: Trainer, batches: list[Batch], scale: float) -> l
     t = trainer.run.train
     trainer.model[0].zero_grad_buffer()
     trainer.optimizer.zero_grad()
-    step_func = functools.partial(forward_step, cp_split=unwrap_model(trainer.model[0]).cp_split, scale=scale)
+    step_func = functools.partial(forward_step, scale=scale)
     if trainer.mpo is not None:  # reference log-probs first, then the policy consumes them
         mpo.run_reference(trainer.reference, batches, trainer.mpo, t.seq_length, t.micro_batch_size)
         step_func = functools.partial(mpo.mpo_forward_step, ctx=trainer.mpo)

@@ -10,7 +10,6 @@ under torch.autograd.graph.saved_tensors_hooks, counting the distinct non-parame
 for backward.
 """
 import argparse
-import functools
 import json
 from pathlib import Path
 
@@ -141,7 +140,7 @@ for case in cases:
                            dp_rank=ps.get_data_parallel_rank(), dp_size=dp)
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
-    get_forward_backward_func()(forward_step_func=functools.partial(forward_step, cp_split=model.cp_split), data_iterator=batches, model=[ddp],
+    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=batches, model=[ddp],
                                 num_microbatches=2, seq_length=seq, micro_batch_size=1, forward_only=False)
     optimizer.step()
     params, grads, opt = held_bytes(model, ddp, optimizer)

@@ -3,7 +3,8 @@ plain PyTorch on the model's logits.
 
     python -m torch.distributed.run --nproc_per_node N tests/training/mpo_worker.py OUT SHARDS CKPT_DIR
 
-World 1: the single-process run, then `formula_check`. World 4: TP2 (+ sequence parallel, distributed
+World 1: the single-process run, then `formula_check`. World 2: CP2 with TE's per-sample 'thd' split
+(its exact all-gather CPU attention), the single process's microbatches. World 4: TP2 (+ sequence parallel, distributed
 optimizer), PP2, CP2 (each with DP2), a PP2 run from the PP2 run's checkpoint, the same stopped after 2
 steps and resumed, and a LoRA run. Rank 0 writes OUT (JSON).
 """
@@ -123,6 +124,14 @@ def main() -> None:
         from megatron.core import parallel_state
         result["formula"] = formula_check(shards)
         parallel_state.destroy_model_parallel()
+    elif world == 2:
+        from internvl_mcore.parallel.context_parallel_thd import ThdSplit
+        from tests.launch import recording_calls
+
+        builds: list = []  # one split per forward step (reference and policy)
+        with recording_calls(ThdSplit, "build", lambda *a, **k: builds.append(1)):
+            result["cp2-thd"] = run_layout(base_flags(shards, 2) + ["--context-parallel-size", "2", "--cp-split", "thd"])
+        result["thd_builds"] = len(builds)
     else:
         flags = base_flags(shards, 1)
         result["tp2-sp-distopt"] = run_layout(flags + ["--tensor-model-parallel-size", "2", "--sequence-parallel",

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from internvl_mcore.parallel.context_parallel import TokenSplit
 from internvl_mcore.training import mpo
 from internvl_mcore.training.batch import Batch
 from internvl_mcore.training.step import forward_step
@@ -22,12 +23,13 @@ class _Stage(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.zeros(1, device=device))
         self.pre_process, self.seen = first, {}
 
-    def forward(self, tokens, position_ids, pixel_values=None, labels=None, cu_seqlens=None, loss_mask=None):
+    def forward(self, tokens, position_ids, pixel_values=None, labels=None, cu_seqlens=None, loss_mask=None,
+                split=None):
         self.seen = {"tokens": tokens, "pixel_values": pixel_values, "cu_seqlens": cu_seqlens}
         return tokens.float()
 
-    def cp_split(self, t, seq_dim, cu_seqlens=None):
-        return t
+    def token_split(self, cu_seqlens, shape):
+        return TokenSplit("none", 0, 1)
 
 
 def _batch() -> Batch:
@@ -43,7 +45,7 @@ def _batch() -> Batch:
 def test_batch_follows_the_model_device_and_pixels_stay_off_later_stages(step: str, first: bool) -> None:
     model = _Stage("meta", first)
     if step == "plain":
-        forward_step(iter([_batch()]), model, cp_split=model.cp_split)
+        forward_step(iter([_batch()]), model)
     elif step == "mpo":
         mpo.mpo_forward_step(iter([_batch()]), model, ctx=None)
     else:
