@@ -85,8 +85,9 @@ def formula_check(shards: str) -> dict:
         mpo.run_reference(ref, [batch], ctx, 800, 2)
         per_token = policy(batch.tokens, batch.position_ids, pixel_values=batch.pixel_values, labels=batch.labels,
                            cu_seqlens=batch.cu_seqlens)
-        total, count, logged = mpo.mpo_loss_func(batch, policy, ctx, per_token)
-        logps, n_tok = mpo._pair_inputs(batch, per_token, policy, None)
+        split = policy.token_split(batch.cu_seqlens, batch.tokens.shape)  # one process: every token
+        total, count, logged = mpo.mpo_loss_func(batch, split, ctx, per_token)
+        logps, n_tok = mpo._pair_inputs(batch, split, per_token, None)
         c, r = batch.pairs[:, 0], batch.pairs[:, 1]
         ours = mpo.pair_losses(logps[c], logps[r], batch.ref_logps[c], batch.ref_logps[r], n_tok[c], ctx.beta,
                                ctx.weights, ctx.running.mean)
