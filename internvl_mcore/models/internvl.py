@@ -104,7 +104,7 @@ class InternVLModel(MegatronModule):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 pixel_values: Optional[torch.Tensor | SourceImages] = None, labels: Optional[torch.Tensor] = None,
-                cu_seqlens: Optional[torch.Tensor] = None, loss_mask: Optional[torch.Tensor] = None,
+                cu_seqlens: Optional[torch.Tensor] = None, loss_weight: Optional[torch.Tensor] = None,
                 split: Optional[TokenSplit] = None) -> torch.Tensor:
         """input_ids (B, S) int of the whole microbatch (the image features are spliced into the full
         sequence, then the embeddings are split); pixel_values (T, H, W, 3) uint8 or (T, 3, H, W)
@@ -112,7 +112,7 @@ class InternVLModel(MegatronModule):
         tiles, see image_features); cu_seqlens: global sample boundaries over the batch-major flattened
         B*S tokens (None: one sample per row); split: the microbatch's `token_split` (may be omitted
         without CP). This CP rank's tokens (`split.split(t)`; the whole (B, S) tensors without CP):
-        position_ids float (V2PE); labels next-token targets; loss_mask: the tokens whose loss is used
+        position_ids float (V2PE); labels next-token targets; loss_weight: the tokens whose loss is used
         (nonzero), the only ones the last stage computes logits for (others' losses are 0).
 
         Returns per-token losses (B, S) on the last stage when labels are given, logits (B, S, V/tp)
@@ -120,7 +120,7 @@ class InternVLModel(MegatronModule):
         if split is None:
             if self.cp_group.size() > 1:
                 raise ValueError("InternVLModel.forward under context parallelism needs split=model.token_split(...) "
-                                 "and this rank's position ids, labels and loss mask")
+                                 "and this rank's position ids, labels and loss weights")
             split = TokenSplit("none", 0, 1)
         if split.thd is not None:  # boundaries for TE's 'thd' attention (global, real and padded)
             packed = split.thd.packed_seq_params(input_ids.device)
@@ -136,7 +136,7 @@ class InternVLModel(MegatronModule):
                 emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
             decoder_input = emb
         return self.language_model(decoder_input, position_ids, labels=labels, packed_seq_params=packed,
-                                   loss_mask=loss_mask)
+                                   loss_weight=loss_weight)
 
     def _splice(self, emb: torch.Tensor, input_ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         """Replace the embeddings at <IMG_CONTEXT> positions with image features, in batch-major order."""

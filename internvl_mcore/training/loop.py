@@ -327,7 +327,7 @@ def _step_batches(trainer: Trainer) -> tuple[list[Batch], float]:
     targets = weight = 0.0
     for b in batches:
         b.loss_weight = loss_weights(b, reduction)
-        targets += float(b.loss_mask.sum())
+        targets += float(b.targets().sum())
         weight += float(b.loss_weight.sum())
     # a collective's tensor lives where the backend wants it (the current GPU under NCCL)
     totals = torch.tensor([targets, weight], dtype=torch.float64, device=comm_device())
@@ -429,7 +429,7 @@ def train_step(trainer: Trainer) -> dict:
 
 def _loss_tokens(batches: list) -> int:
     """Tokens of this rank's microbatches that carry loss: the ones the output layer computes logits for."""
-    return sum(int(((b.loss_weight if b.loss_weight is not None else b.loss_mask) != 0).sum()) for b in batches)
+    return sum(int((b.loss_weight != 0).sum()) for b in batches)
 
 
 def save(trainer: Trainer, final: bool = False) -> None:

@@ -128,10 +128,11 @@ def _pair_inputs(batch: Batch, split: TokenSplit, per_token_loss: torch.Tensor,
     """(N,) per-segment log-prob sums of this output (this CP rank's tokens, cut by `split`), and (N,)
     target tokens per segment."""
     cu = batch.cu_seqlens.to(per_token_loss.device)
-    seg = segment_ids(cu, batch.loss_mask.shape)
+    mask = batch.targets()
+    seg = segment_ids(cu, mask.shape)
     n_tokens = torch.zeros(len(cu) - 1, device=per_token_loss.device).scatter_add(
-        0, seg.reshape(-1), batch.loss_mask.reshape(-1).float().to(per_token_loss.device))
-    logps = segment_logps(per_token_loss, split.split(batch.loss_mask), split.split(seg), len(cu) - 1, cp_group)
+        0, seg.reshape(-1), mask.reshape(-1).to(per_token_loss.device))
+    logps = segment_logps(per_token_loss, split.split(mask), split.split(seg), len(cu) - 1, cp_group)
     return logps, n_tokens
 
 
@@ -169,14 +170,14 @@ def reference_forward_step(data_iterator: Iterator[Batch], model: torch.nn.Modul
     """The reference model's forward step (forward-only schedule)."""
     source = next(data_iterator)
     batch = batch_for_stage(source, model)  # ref_logps are recorded on `source`, which the policy reads
-    output, split = run_model(model, batch, batch.loss_mask)
+    output, split = run_model(model, batch)
     return output, functools.partial(reference_loss_func, source, batch, split, cp_group)
 
 
 def mpo_forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module, ctx: MPOContext) -> tuple[torch.Tensor, Callable]:
     """The policy's forward step under --stage mpo."""
     batch = batch_for_stage(next(data_iterator), model)
-    output, split = run_model(model, batch, batch.loss_mask)
+    output, split = run_model(model, batch)
     return output, functools.partial(mpo_loss_func, batch, split, ctx)
 
 

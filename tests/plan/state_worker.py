@@ -67,7 +67,7 @@ def held_bytes(model, ddp, optimizer):
 def saved_activation_bytes(model, cfg, par, seq, tiles, dtype):
     """Distinct storages saved for backward by one forward of a microbatch through this stage."""
     sample = mock_sample(12345, 9, cfg, seq, tiles)
-    batch = Batch.collate([sample], seq)
+    batch = Batch.from_packs([sample], seq, cfg.pad_token_id)
     param_ptrs = {q.untyped_storage().data_ptr() for q in model.parameters()}
     seen = {}
 
@@ -103,7 +103,7 @@ def measured_flops(model, cfg, seq=128):
         aten._scaled_dot_product_flash_attention_for_cpu_backward:
             lambda grad_out, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(grad_out, q, k, v),
     }
-    batch = Batch.collate([mock_sample(7, 9, cfg, seq, 1), mock_sample(8, 9, cfg, seq, 1)], seq)
+    batch = Batch.from_packs([mock_sample(7, 9, cfg, seq, 1), mock_sample(8, 9, cfg, seq, 1)], seq, cfg.pad_token_id)
     args = (batch.tokens, batch.position_ids)
     kw = dict(pixel_values=batch.pixel_values, labels=batch.labels, cu_seqlens=batch.cu_seqlens)
     with FlopCounterMode(display=False, custom_mapping=mapping) as fwd:

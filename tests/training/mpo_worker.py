@@ -95,7 +95,7 @@ def formula_check(shards: str) -> dict:
         lp = policy(batch.tokens, batch.position_ids, pixel_values=batch.pixel_values, cu_seqlens=batch.cu_seqlens)
         lr = ref(batch.tokens, batch.position_ids, pixel_values=batch.pixel_values, cu_seqlens=batch.cu_seqlens)
         flat_pi, flat_ref = lp.reshape(-1, lp.shape[-1]), lr.reshape(-1, lr.shape[-1])
-        flat_lab = batch.labels.masked_fill(batch.loss_mask == 0, -100).reshape(-1)
+        flat_lab = batch.labels.masked_fill(batch.loss_weight == 0, -100).reshape(-1)
         cu = batch.cu_seqlens.long()
         segs = [int(s) for s in torch.cat([c, r])]
         width = max(int(cu[s + 1] - cu[s]) for s in segs)

@@ -23,7 +23,7 @@ class _Stage(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.zeros(1, device=device))
         self.pre_process, self.seen = first, {}
 
-    def forward(self, tokens, position_ids, pixel_values=None, labels=None, cu_seqlens=None, loss_mask=None,
+    def forward(self, tokens, position_ids, pixel_values=None, labels=None, cu_seqlens=None, loss_weight=None,
                 split=None):
         self.seen = {"tokens": tokens, "pixel_values": pixel_values, "cu_seqlens": cu_seqlens}
         return tokens.float()
@@ -35,7 +35,7 @@ class _Stage(torch.nn.Module):
 def _batch() -> Batch:
     s = 8
     return Batch(tokens=torch.zeros(1, s, dtype=torch.long), labels=torch.zeros(1, s, dtype=torch.long),
-                 loss_mask=torch.ones(1, s), position_ids=torch.arange(s, dtype=torch.float32)[None],
+                 loss_weight=torch.ones(1, s), position_ids=torch.arange(s, dtype=torch.float32)[None],
                  cu_seqlens=torch.tensor([0, 4, 8], dtype=torch.int32), pixel_values=torch.zeros(2, 3, 4, 4),
                  pairs=torch.tensor([[0, 1]]), ref_logps=torch.zeros(2))
 
