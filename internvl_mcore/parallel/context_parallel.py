@@ -3,7 +3,8 @@
 A packed row of S tokens is cut into 2*C equal chunks and CP rank r keeps chunks r and 2C-1-r
 (megatron-core's load balancing: under a causal mask, an early chunk is cheap and a late one
 expensive, so every rank gets one of each). Everything per token -- hidden states, V2PE position
-ids, labels, loss mask -- is split with `split_for_cp`; `cu_seqlens` is NOT split: it keeps the
+ids, labels, loss weights -- is split with `split_for_cp`, through the microbatch's `TokenSplit`
+(built once in the forward step, training/step.py); `cu_seqlens` is NOT split: it keeps the
 global, batch-major sample boundaries and the attention turns them into per-token sample ids.
 
 `ContextParallelAttention` is a drop-in `core_attention` (same constructor/forward as
