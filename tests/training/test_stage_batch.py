@@ -77,3 +77,33 @@ def test_mpo_reference_is_built_beside_the_policy(monkeypatch) -> None:
     run = SimpleNamespace(parallel=None, checkpoint=SimpleNamespace(load=None))
     ref = mpo.build_reference(run, None, policy)
     assert next(ref.parameters()).device.type == "meta"
+
+
+def test_forward_step_splits_the_batch_once_and_hands_the_model_this_cp_ranks_tokens() -> None:
+    """One TokenSplit per microbatch (issue 26 item 3): the model gets the whole token ids (for the image
+    splice) but this CP rank's positions, labels and loss weights, and the loss the same rank's weights."""
+    from internvl_mcore.parallel.context_parallel import split_for_cp
+
+    class _CPStage(_Stage):
+        def __init__(self) -> None:
+            super().__init__("cpu", True)
+            self.splits = 0
+
+        def forward(self, tokens, position_ids, pixel_values=None, labels=None, cu_seqlens=None, loss_weight=None,
+                    split=None):
+            self.seen = {"tokens": tokens, "position_ids": position_ids, "loss_weight": loss_weight, "split": split}
+            return torch.ones_like(position_ids)
+
+        def token_split(self, cu_seqlens, shape):
+            self.splits += 1
+            return TokenSplit.build("row", cu_seqlens, shape, SimpleNamespace(size=lambda: 2, rank=lambda: 1))
+
+    model, batch = _CPStage(), _batch()
+    batch.loss_weight = torch.arange(8, dtype=torch.float32)[None]
+    out, loss = forward_step(iter([batch]), model)
+    assert model.splits == 1 and model.seen["split"].layout == "row"
+    assert torch.equal(model.seen["tokens"], batch.tokens)  # whole rows: images are spliced before the split
+    assert torch.equal(model.seen["position_ids"], split_for_cp(batch.position_ids, 1, 1, 2))
+    assert model.seen["position_ids"].tolist() == [[2.0, 3.0, 4.0, 5.0]]  # chunks 1 and 2 of 4
+    total, count, logged = loss(out)
+    assert float(total) == 2 + 3 + 4 + 5 and int(count) == 4  # this rank's weights, not the whole row's
