@@ -43,8 +43,8 @@ def run_model(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, Token
     labels and loss weights (whose nonzero entries pick the tokens the last stage computes losses for)."""
     split = unwrap_model(model).token_split(batch.cu_seqlens, batch.tokens.shape)
     output = model(batch.tokens, split.split(batch.position_ids), pixel_values=batch.pixel_values,
-                   labels=split.split(batch.labels), cu_seqlens=batch.cu_seqlens, loss_weight=split.split(batch.loss_weight),
-                   split=split)
+                   labels=split.split(batch.labels), cu_seqlens=batch.cu_seqlens,
+                   loss_weight=split.split(batch.loss_weight), split=split)
     return output, split
 
 

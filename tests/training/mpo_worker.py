@@ -131,7 +131,8 @@ def main() -> None:
 
         builds: list = []  # one split per forward step (reference and policy)
         with recording_calls(ThdSplit, "build", lambda *a, **k: builds.append(1)):
-            result["cp2-thd"] = run_layout(base_flags(shards, 2) + ["--context-parallel-size", "2", "--cp-split", "thd"])
+            thd = ["--context-parallel-size", "2", "--cp-split", "thd"]
+            result["cp2-thd"] = run_layout(base_flags(shards, 2) + thd)
         result["thd_builds"] = len(builds)
     else:
         flags = base_flags(shards, 1)
