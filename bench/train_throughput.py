@@ -31,8 +31,8 @@ suffer from shared caches and memory bandwidth, so they read low under load too.
 
 The samples are drawn from a scaled-down InternVL-SFT-like mix (text-only, single image with
 dynamic tiles + thumbnail, multi-image; log-normal text lengths), grouped into steps of at most
---seq-length tokens (`make_steps`: a random draw by default), and collated by the data loader's
-`collate` exactly as training batches are.
+--seq-length tokens (`make_steps`: a random draw by default), and collated by `Batch.from_packs`
+(the data loader's `collate`) exactly as training batches are.
 """
 from __future__ import annotations
 
@@ -166,9 +166,7 @@ def make_steps(cfg: ModelConfig, seq_length: int, n_steps: int, seed: int,
 
 
 def our_batch(samples: list[Sample], cfg: ModelConfig, seq_length: int):
-    """One packed row, collated by the loader's `collate` and turned into a `Batch` as
-    `training.data.ShardBatches` does."""
-    from internvl_mcore.data.loader import collate
+    """One packed row, collated into a `Batch` as `training.data.ShardBatches` does."""
     from internvl_mcore.data.packing import cu_seqlens_from_lengths
     from internvl_mcore.data.sample import PackedSample
     from internvl_mcore.training.batch import Batch
@@ -181,11 +179,7 @@ def our_batch(samples: list[Sample], cfg: ModelConfig, seq_length: int):
         cu_seqlens=cu_seqlens_from_lengths(lengths),
         tiles=np.concatenate([s.tiles for s in samples]),
         num_tiles=np.asarray([t for s in samples for t in s.num_tiles], dtype=np.int32))
-    d = collate([pack], seq_length, cfg.pad_token_id)
-    ignore = d["labels"] < 0
-    return Batch(tokens=d["tokens"], labels=d["labels"].masked_fill(ignore, cfg.pad_token_id),
-                 loss_mask=d["loss_mask"], position_ids=d["position_ids"], cu_seqlens=d["cu_seqlens"],
-                 pixel_values=d["pixel_values"])
+    return Batch.from_packs([pack], seq_length, cfg.pad_token_id)
 
 
 def hf_batch(samples: list[Sample], cfg: ModelConfig) -> dict:

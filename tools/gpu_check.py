@@ -451,10 +451,11 @@ def _core_attention(hq: int, hkv: int, d: int):
 
 def _probe(cfg):
     """One packed mock row (two samples, one tile each): ids, positions, tiles, cu_seqlens."""
+    from internvl_mcore.training.batch import Batch
     from internvl_mcore.training.mock import mock_sample
 
-    s = mock_sample(0, seed=5, cfg=cfg, seq_length=256, tiles=1)
-    return s["tokens"][None], s["position_ids"][None], s["pixel_values"], s["cu_seqlens"]
+    b = Batch.from_packs([mock_sample(0, seed=5, cfg=cfg, seq_length=256, tiles=1)], 256, cfg.pad_token_id)
+    return b.tokens, b.position_ids, b.pixel_values, b.cu_seqlens
 
 
 def _model_on(ctx: Ctx, ckpt: Path):
@@ -517,6 +518,7 @@ def check_export(ctx: Ctx) -> Result:
     import torch
     from transformers import InternVLForConditionalGeneration
 
+    from internvl_mcore.training.batch import Batch
     from internvl_mcore.training.mock import mock_sample
 
     ckpt = ctx.work / "gpu_ckpt"
@@ -525,10 +527,10 @@ def check_export(ctx: Ctx) -> Result:
     run([sys.executable, "tools/convert_to_hf.py", "--load", str(ckpt), "--save", str(ctx.work / "hf"),
          "--format", "transformers", "--dtype", "fp32"], timeout=300)
     ours, cfg = _model_on(ctx, ckpt)
-    sample = mock_sample(0, seed=5, cfg=cfg, seq_length=256, tiles=1)
-    n = int(sample["cu_seqlens"][1])  # the first sample of the pack: transformers takes no packs
-    ids = sample["tokens"][None, :n].to(ctx.device)
-    pixels = sample["pixel_values"][:1].to(ctx.device)
+    sample = Batch.from_packs([mock_sample(0, seed=5, cfg=cfg, seq_length=256, tiles=1)], 256, cfg.pad_token_id)
+    n = int(sample.cu_seqlens[1])  # the first sample of the pack: transformers takes no packs
+    ids = sample.tokens[:, :n].to(ctx.device)
+    pixels = sample.pixel_values[:1].to(ctx.device)
     pos = torch.arange(n, dtype=torch.float32, device=ctx.device)[None]
     hf = InternVLForConditionalGeneration.from_pretrained(str(ctx.work / "hf"), dtype=torch.float32)
     hf = hf.to(ctx.device).eval()

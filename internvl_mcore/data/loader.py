@@ -44,7 +44,6 @@ WORKER_PRELOAD = ("internvl_mcore.data.loader", "megatron.core.datasets.indexed_
 LOADER_FAULT_ENV = "INTERNVL_MCORE_LOADER_FAULT"  # tests: GLOBAL_INDEX:kill|hang (see _load_in_worker)
 
 STATE_VERSION = 1
-IGNORE_INDEX = -100  # label of tokens that carry no loss (torch cross_entropy's ignore_index)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -501,18 +500,17 @@ def _load_in_worker(item: tuple[int, int, int]) -> PackedSample:
 # ------------------------------------------------------------------------------------------------
 
 
-def _labels(s: PackedSample, cu: np.ndarray) -> np.ndarray:
-    """(n,) int64: the target of position i is token i+1 if it carries loss, never across sub-samples."""
+def _targets(s: PackedSample, cu: np.ndarray) -> np.ndarray:
+    """(n,) bool: position i predicts token i+1, which carries loss, never across sub-samples."""
     n = int(s.tokens.shape[0])
     target = np.zeros(n, dtype=bool)
     target[:-1] = np.asarray(s.loss_mask[1:]) > 0
     target[cu[1:] - 1] = False  # last token of each sub-sample predicts nothing
-    next_token = np.zeros(n, dtype=np.int64)
-    next_token[:-1] = s.tokens[1:]
-    return np.where(target, next_token, IGNORE_INDEX)
+    return target
 
 
-def _fill_row(b: int, s: PackedSample, tokens: np.ndarray, labels: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+def _fill_row(b: int, s: PackedSample, tokens: np.ndarray, labels: np.ndarray, weight: np.ndarray,
+              position_ids: np.ndarray) -> np.ndarray:
     """Write pack `s` into row b of the (B, S) arrays (padding positions count 0, 1, ...); its cu_seqlens."""
     n, S = int(s.tokens.shape[0]), tokens.shape[1]
     if n > S:
@@ -523,29 +521,35 @@ def _fill_row(b: int, s: PackedSample, tokens: np.ndarray, labels: np.ndarray, p
     tokens[b, :n] = s.tokens
     position_ids[b, :n] = s.position_ids
     position_ids[b, n:] = np.arange(S - n, dtype=np.float32)
-    labels[b, :n] = _labels(s, cu)
+    target = _targets(s, cu)
+    next_token = np.zeros(n, dtype=np.int64)
+    next_token[:-1] = s.tokens[1:]
+    labels[b, :n] = np.where(target, next_token, labels[b, :n])
+    weight[b, :n] = target
     return cu
 
 
 def collate(samples: Sequence[PackedSample], seq_length: int, pad_id: int) -> dict:
-    """Pad packs to seq_length and stack them into torch tensors for a training step.
+    """Pad packs to seq_length and stack them into torch tensors for a training step: the fields of
+    training/batch.py: Batch (`Batch.from_packs`), the one way training and mock packs become a batch.
 
     Returns (B = len(samples), S = seq_length, T = all tiles of the batch, N = segments):
         tokens        (B, S) int64    input ids; pad_id after each pack's end
-        labels        (B, S) int64    labels[b, i] = tokens[b, i+1] if that token carries loss and
-                                      belongs to the same sub-sample, else -100 (already shifted)
-        loss_mask     (B, S) float32  1.0 where labels != -100 (aligned with labels)
+        labels        (B, S) int64    labels[b, i] = tokens[b, i+1] where position i is a target (it
+                                      carries loss and the next token is in the same sub-sample),
+                                      else pad_id (any valid id: its loss weight is 0)
+        loss_weight   (B, S) float32  1.0 at the targets, 0.0 elsewhere
         position_ids  (B, S) float32  V2PE positions; the padding tail counts 0, 1, 2, ...
         cu_seqlens    (N+1,) int32    segment boundaries over the B*S tokens flattened row-major
                                       (row b starts at b*S); each row's padding tail is its own
                                       segment, so every token belongs to exactly one segment
-        max_seqlen    ()     int32    longest segment (for varlen attention kernels)
         pixel_values  (T, H, W, 3) uint8    RGB tiles of all packs, in token order (the model
-                                            normalizes them on its device); a SourceImages that
-                                            makes them on the model's device when the packs carry
-                                            decoded images (--image-tiling device)
+                                            normalizes them on its device; mock packs: (T, 3, H, W)
+                                            normalized floats); a SourceImages that makes them on the
+                                            model's device when the packs carry decoded images
+                                            (--image-tiling device)
         num_tiles     (n_images,) int32     tiles per image, in token order
-        num_segments  (B,)   int32    segments in each row (sub-samples + padding segment if any)
+        pairs         (P, 2) int64    preference packs: [chosen, rejected] segment indices (empty otherwise)
     """
     import torch
 
@@ -553,34 +557,31 @@ def collate(samples: Sequence[PackedSample], seq_length: int, pad_id: int) -> di
         raise ValueError("collate needs at least one sample")
     B, S = len(samples), int(seq_length)
     tokens = np.full((B, S), pad_id, dtype=np.int64)
-    labels = np.full((B, S), IGNORE_INDEX, dtype=np.int64)
+    labels = np.full((B, S), pad_id, dtype=np.int64)
+    weight = np.zeros((B, S), dtype=np.float32)
     position_ids = np.zeros((B, S), dtype=np.float32)
     bounds: list[int] = [0]
     seg_per_row = []
     for b, s in enumerate(samples):
-        cu = _fill_row(b, s, tokens, labels, position_ids)
+        cu = _fill_row(b, s, tokens, labels, weight, position_ids)
         n = int(cu[-1])
         bounds.extend((b * S + cu[1:]).tolist())
         if n < S:  # the padding tail is a segment of its own
             bounds.append((b + 1) * S)
         seg_per_row.append(len(cu) - 1 + int(n < S))
-    cu_all = np.asarray(bounds, dtype=np.int32)
     if any(s.images is not None for s in samples):
         pixel_values = source_images_of([s.images if s.images is not None else DecodedImages.from_tiles(s.tiles)
                                          for s in samples], int(samples[0].tiles.shape[1]))
-    else:
-        pixel_values = torch.from_numpy(np.concatenate([np.asarray(s.tiles, dtype=np.uint8) for s in samples]))
+    else:  # uint8 tiles (numpy, or shared-memory tensors from the workers); mock packs' float tiles
+        pixel_values = torch.cat([torch.as_tensor(s.tiles) for s in samples])
     num_tiles = np.concatenate([np.asarray(s.num_tiles, dtype=np.int32) for s in samples])
     return {
         "tokens": torch.from_numpy(tokens),
         "labels": torch.from_numpy(labels),
-        "loss_mask": torch.from_numpy((labels != IGNORE_INDEX).astype(np.float32)),
+        "loss_weight": torch.from_numpy(weight),
         "position_ids": torch.from_numpy(position_ids),
-        "cu_seqlens": torch.from_numpy(cu_all),
-        "max_seqlen": torch.tensor(int(np.diff(cu_all).max()), dtype=torch.int32),
+        "cu_seqlens": torch.from_numpy(np.asarray(bounds, dtype=np.int32)),
         "pixel_values": pixel_values,  # (T, H, W, 3) uint8 or SourceImages
         "num_tiles": torch.from_numpy(num_tiles),
-        "num_segments": torch.tensor(seg_per_row, dtype=torch.int32),
-        # preference packs: (P, 2) [chosen, rejected] segment indices (empty for SFT packs)
         "pairs": torch.from_numpy(pair_segments(seg_per_row, [s.pairs for s in samples])),
     }

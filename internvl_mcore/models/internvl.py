@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from megatron.core import tensor_parallel
@@ -21,8 +21,7 @@ from ..config.megatron import llm_transformer_config, projector_transformer_conf
 from ..config.model import ModelConfig, ParallelConfig
 from ..config.training import DEFAULT_COMPUTE, ComputeConfig
 from ..data.source_images import SourceImages, tile_pixel_values
-from ..parallel.context_parallel import cp_core_attention, cp_path_line, cp_split_choice, split_for_cp
-from ..parallel.context_parallel_thd import ThdSplit
+from ..parallel.context_parallel import TokenSplit, cp_core_attention, cp_path_line, cp_split_choice
 from ..parallel.device import resolve_device
 from .attention import PackedSDPAttention, packed_seq_params_from_cu_seqlens
 from . import rope
@@ -61,7 +60,6 @@ class InternVLModel(MegatronModule):
                                        projector_mlp_submodules(backend), model_cfg.projector_input_size,
                                        eps=model_cfg.projector_layernorm_epsilon, pg_collection=pg)
         self.cp_group = pg.cp
-        self._thd_cache: Optional[tuple] = None  # (cu_seqlens, (B, S), ThdSplit) of the last microbatch
         # how a CP rank's tokens are cut from the batch: whole rows or TE's per-sample 'thd' split
         self.cp_layout, why = (cp_split_choice(par.cp_split, backend, par.pipeline_model_parallel_size,
                                                par.sequence_parallel, par.cp_comm_type)
@@ -100,60 +98,46 @@ class InternVLModel(MegatronModule):
         feats = self.projector(feats.reshape(t, -1, feats.shape[-1]))  # (T, N', H)
         return feats.reshape(-1, feats.shape[-1])
 
+    def token_split(self, cu_seqlens: Optional[torch.Tensor], shape: Sequence[int]) -> TokenSplit:
+        """Which tokens of a (B, S) microbatch this context-parallel rank holds (identity without CP);
+        the forward step builds it once per microbatch and passes it to `forward` and the loss."""
+        return TokenSplit.build(self.cp_layout, cu_seqlens, shape, self.cp_group)
+
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 pixel_values: Optional[torch.Tensor | SourceImages] = None, labels: Optional[torch.Tensor] = None,
-                cu_seqlens: Optional[torch.Tensor] = None, loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """input_ids (B, S) int; position_ids (B, S) float (V2PE); pixel_values (T, H, W, 3) uint8 or
-        (T, 3, H, W) normalized float tiles of all images in batch order (or a SourceImages that makes
-        the uint8 tiles, see image_features); labels (B, S) next-token targets; cu_seqlens: sample boundaries over
-        the batch-major flattened B*S tokens (None: one sample per row); loss_mask (B, S): the tokens whose
-        loss is used (nonzero), the only ones the last stage computes logits for (others' losses are 0).
+                cu_seqlens: Optional[torch.Tensor] = None, loss_weight: Optional[torch.Tensor] = None,
+                split: Optional[TokenSplit] = None) -> torch.Tensor:
+        """input_ids (B, S) int of the whole microbatch (the image features are spliced into the full
+        sequence, then the embeddings are split); pixel_values (T, H, W, 3) uint8 or (T, 3, H, W)
+        normalized float tiles of all images in batch order (or a SourceImages that makes the uint8
+        tiles, see image_features); cu_seqlens: global sample boundaries over the batch-major flattened
+        B*S tokens (None: one sample per row); split: the microbatch's `token_split` (may be omitted
+        without CP). This CP rank's tokens (`split.split(t)`; the whole (B, S) tensors without CP):
+        position_ids float (V2PE); labels next-token targets; loss_weight: the tokens whose loss is used
+        (nonzero), the only ones the last stage computes logits for (others' losses are 0).
 
         Returns per-token losses (B, S) on the last stage when labels are given, logits (B, S, V/tp)
-        without labels, and hidden states (S, B, H) on other stages."""
-        if self.cp_layout == "thd":  # boundaries for TE's 'thd' attention (global, real and padded)
-            packed = self._thd_split(cu_seqlens, input_ids.shape).packed_seq_params(input_ids.device)
-        else:
+        without labels, and hidden states (S, B, H) on other stages ('thd': B = 1, S = local tokens)."""
+        if split is None:
+            if self.cp_group.size() > 1:
+                raise ValueError("InternVLModel.forward under context parallelism needs split=model.token_split(...) "
+                                 "and this rank's position ids, labels and loss weights")
+            split = TokenSplit("none", 0, 1)
+        if split.thd is not None:  # boundaries for TE's 'thd' attention (global, real and padded)
+            packed = split.thd.packed_seq_params(input_ids.device)
+        else:  # cu_seqlens stay global: the context-parallel attention maps local tokens to their samples
             packed = packed_seq_params_from_cu_seqlens(cu_seqlens) if cu_seqlens is not None else None
         decoder_input = None
         if self.pre_process:
             emb = self.language_model.embed(input_ids)  # (S, B, H)
             if pixel_values is not None and pixel_values.shape[0] > 0:
                 emb = self._splice(emb, input_ids, self.image_features(pixel_values))
-            emb = self.cp_split(emb, 0, cu_seqlens)  # (S/C, B, H) this CP rank's two chunks ('thd': (T, 1, H))
+            emb = split.split(emb, 0)  # (S/C, B, H) this CP rank's two chunks ('thd': (T, 1, H))
             if self.config.sequence_parallel:
                 emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
             decoder_input = emb
-        # cu_seqlens stay global: the context-parallel attention maps local tokens to their samples
-        return self.language_model(decoder_input, self.cp_split(position_ids, 1, cu_seqlens),
-                                   labels=None if labels is None else self.cp_split(labels, 1, cu_seqlens),
-                                   packed_seq_params=packed,
-                                   loss_mask=None if loss_mask is None else self.cp_split(loss_mask, 1, cu_seqlens))
-
-    def cp_split(self, t: torch.Tensor, seq_dim: int, cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """This context-parallel rank's tokens of a per-token tensor (identity without CP).
-
-        (B, S, ...) tensors split along seq_dim 1, (S, B, ...) along 0. The 'thd' split needs the
-        batch's cu_seqlens (None: one sample per row) and returns (1, T, ...) / (T, 1, ...)."""
-        size = self.cp_group.size()
-        if size == 1:
-            return t
-        if self.cp_layout == "thd":
-            rows, seq = (t.shape[1], t.shape[0]) if seq_dim == 0 else (t.shape[0], t.shape[1])
-            return self._thd_split(cu_seqlens, (rows, seq)).split(t, seq_dim)
-        return split_for_cp(t, seq_dim, self.cp_group.rank(), size)
-
-    def _thd_split(self, cu_seqlens: Optional[torch.Tensor], shape: tuple) -> ThdSplit:
-        """The microbatch's 'thd' split, built once: forward, every per-token cp_split and the loss
-        function of the same microbatch pass the same cu_seqlens tensor, so the split (and its host
-        copy of cu_seqlens) is reused instead of rebuilt for each of them."""
-        key = (int(shape[0]), int(shape[1]))
-        cached = self._thd_cache
-        if cached is not None and cached[0] is cu_seqlens and cached[1] == key:
-            return cached[2]
-        split = ThdSplit.build(cu_seqlens, key[0], key[1], self.cp_group.rank(), self.cp_group.size())
-        self._thd_cache = (cu_seqlens, key, split)  # holds the tensor, so `is` cannot match a reused id
-        return split
+        return self.language_model(decoder_input, position_ids, labels=labels, packed_seq_params=packed,
+                                   loss_weight=loss_weight)
 
     def _splice(self, emb: torch.Tensor, input_ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         """Replace the embeddings at <IMG_CONTEXT> positions with image features, in batch-major order."""

@@ -41,7 +41,7 @@ class LanguageModel(LanguageModule):
         self.vp_stage = None
         self.vocab_size = vocab_size
         self.cross_entropy_chunk_size = cross_entropy_chunk_size  # 0: megatron-core's full-logit loss
-        self.all_token_logits = all_token_logits  # False: logits only where a loss_mask says the loss is used
+        self.all_token_logits = all_token_logits  # False: logits only where a loss weight says the loss is used
         tp = self.pg_collection.tp.size()
         self.padded_vocab_size = padded_vocab_size(vocab_size, tp)
         if pre_process:
@@ -88,12 +88,12 @@ class LanguageModel(LanguageModule):
     def forward(self, decoder_input: Optional[torch.Tensor], position_ids: torch.Tensor,
                 labels: Optional[torch.Tensor] = None,
                 packed_seq_params: Optional[PackedSeqParams] = None,
-                loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                loss_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """decoder_input (S, B, H) on the first stage (None later: it comes from `set_input_tensor`).
 
         Returns the hidden states (S, B, H) on non-last stages; on the last stage the per-token
         losses (B, S) if `labels` is given, else this rank's vocab shard of the logits (B, S, V/tp).
-        With `loss_mask` (B, S) (and not --all-token-logits) the losses are computed only where it is
+        With `loss_weight` (B, S) (and not --all-token-logits) the losses are computed only where it is
         nonzero and are 0 elsewhere."""
         # one tensor, not a (q, k) tuple: megatron-core's recompute saves it with save_for_backward
         rotary = self.rope(position_ids)
@@ -107,9 +107,9 @@ class LanguageModel(LanguageModule):
         if not self.post_process:
             return hidden
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
-        if labels is not None and loss_mask is not None and not self.all_token_logits:
+        if labels is not None and loss_weight is not None and not self.all_token_logits:
             return self._target_token_loss(hidden, self.output_layer.weight if weight is None else weight,
-                                           labels, loss_mask)  # (B, S)
+                                           labels, loss_weight)  # (B, S)
         if labels is not None and self.cross_entropy_chunk_size:  # models/chunked_loss.py
             return chunked_output_cross_entropy(
                 hidden, self.output_layer.weight if weight is None else weight, labels, self.cross_entropy_chunk_size,
@@ -121,8 +121,8 @@ class LanguageModel(LanguageModule):
         return self.compute_language_model_loss(labels, logits)  # (B, S)
 
     def _target_token_loss(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                           loss_mask: torch.Tensor) -> torch.Tensor:
-        """Per-token losses (B, S), computed only at the tokens `loss_mask` keeps (0 elsewhere).
+                           loss_weight: torch.Tensor) -> torch.Tensor:
+        """Per-token losses (B, S), computed only at the tokens `loss_weight` keeps (nonzero; 0 elsewhere).
 
         In SFT data most tokens (image tokens, prompts) carry no loss, and their logits -- a GEMM
         with the whole vocabulary and an fp32 (tokens x V/tp) tensor kept for the backward -- are
@@ -132,7 +132,7 @@ class LanguageModel(LanguageModule):
         megatron-core's vocab-parallel loss runs on those rows only."""
         tp = self.pg_collection.tp
         hidden = output_layer_input(hidden, tp, self.config.sequence_parallel)
-        keep = (loss_mask != 0).transpose(0, 1)  # (S, B), the hidden states' order
+        keep = (loss_weight != 0).transpose(0, 1)  # (S, B), the hidden states' order
         picked = hidden[keep]  # (N, H)
         targets = labels.transpose(0, 1)[keep]  # (N,)
         if self.cross_entropy_chunk_size:

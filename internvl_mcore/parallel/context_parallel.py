@@ -3,7 +3,8 @@
 A packed row of S tokens is cut into 2*C equal chunks and CP rank r keeps chunks r and 2C-1-r
 (megatron-core's load balancing: under a causal mask, an early chunk is cheap and a late one
 expensive, so every rank gets one of each). Everything per token -- hidden states, V2PE position
-ids, labels, loss mask -- is split with `split_for_cp`; `cu_seqlens` is NOT split: it keeps the
+ids, labels, loss weights -- is split with `split_for_cp`, through the microbatch's `TokenSplit`
+(built once in the forward step, training/step.py); `cu_seqlens` is NOT split: it keeps the
 global, batch-major sample boundaries and the attention turns them into per-token sample ids.
 
 `ContextParallelAttention` is a drop-in `core_attention` (same constructor/forward as
@@ -48,7 +49,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..models.attention import PackedSDPAttention
-from .context_parallel_thd import ThdContextParallelAttention, required_cp_group
+from .context_parallel_thd import ThdContextParallelAttention, ThdSplit, required_cp_group
 
 CP_COMM_TYPES = ("p2p", "a2a", "a2a+p2p")
 
@@ -99,6 +100,39 @@ def gather_from_cp(parts: Sequence[torch.Tensor], seq_dim: int) -> torch.Tensor:
         first, second = part.split(local // 2, dim=seq_dim)
         chunks[r], chunks[2 * cp_size - 1 - r] = first, second
     return torch.cat(chunks, dim=seq_dim)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class TokenSplit:
+    """Which tokens of one microbatch this context-parallel rank holds, decided once per microbatch
+    (training/step.py builds it; the model splits the spliced embeddings with it, the forward step
+    the positions, labels and loss weights, a loss function whatever per-token tensor it reads).
+
+    layout "none" (no CP): every token; "row": chunks r and 2C-1-r of every packed row
+    (`split_for_cp`); "thd": TE's per-sample split (`ThdSplit`, which needs the batch's cu_seqlens)."""
+
+    layout: str
+    cp_rank: int
+    cp_size: int
+    thd: Optional[ThdSplit] = None
+
+    @staticmethod
+    def build(layout: str, cu_seqlens: Optional[torch.Tensor], shape: Sequence[int], cp_group: Any) -> "TokenSplit":
+        """The split of a (B, S) microbatch with global boundaries `cu_seqlens` (None: one sample per row)."""
+        size = cp_group.size() if cp_group is not None else 1
+        if size == 1:
+            return TokenSplit("none", 0, 1)
+        rank = cp_group.rank()
+        if layout == "thd":
+            return TokenSplit("thd", rank, size, ThdSplit.build(cu_seqlens, int(shape[0]), int(shape[1]), rank, size))
+        return TokenSplit("row", rank, size)
+
+    def split(self, t: torch.Tensor, seq_dim: int = 1) -> torch.Tensor:
+        """This rank's tokens of a per-token tensor: (B, S, ...) along seq_dim 1, (S, B, ...) along 0
+        ('thd': (1, T, ...) / (T, 1, ...), padding tokens zero)."""
+        if self.thd is not None:
+            return self.thd.split(t, seq_dim)
+        return split_for_cp(t, seq_dim, self.cp_rank, self.cp_size)
 
 
 # ----------------------------------------------------------------------------------------------

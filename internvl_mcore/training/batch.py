@@ -1,11 +1,14 @@
-"""The microbatch the forward step consumes, whatever the data source."""
+"""The microbatch the forward step consumes, whatever the data source: shards and mock data go
+through the same collate (data/loader.py: collate, via `Batch.from_packs`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
+from ..data.loader import collate
+from ..data.sample import PackedSample
 from ..data.source_images import SourceImages
 
 
@@ -16,9 +19,10 @@ class Batch:
     tokens: torch.Tensor
     """(B, S) int64 input ids."""
     labels: torch.Tensor
-    """(B, S) int64 next-token targets (any valid id where loss_mask is 0)."""
-    loss_mask: torch.Tensor
-    """(B, S) float32, 1 where the target counts."""
+    """(B, S) int64 next-token targets (the pad id where loss_weight is 0)."""
+    loss_weight: torch.Tensor
+    """(B, S) float32 weight of each token's loss, 0 where the token is no target: 1 at the targets
+    from the collate; the loop replaces it with --loss-reduction's weights (training/data.py: loss_weights)."""
     position_ids: torch.Tensor
     """(B, S) float32 V2PE positions."""
     cu_seqlens: torch.Tensor
@@ -27,31 +31,28 @@ class Batch:
     """Tiles of every image, in batch order: (T, H, W, 3) uint8 RGB from shards (the vision model
     normalizes them on its device), (T, 3, H, W) float32 already normalized (mock data), or the decoded
     images the first pipeline stage tiles on its device (--image-tiling device; `.shape` is the tiles')."""
-    loss_weight: Optional[torch.Tensor] = None
-    """(B, S) float32 per-token loss weights (set by the loop from --loss-reduction; None = loss_mask)."""
     pairs: Optional[torch.Tensor] = None
     """(P, 2) int64 [chosen, rejected] segment indices (cu_seqlens segments) of preference data (--stage mpo)."""
     ref_logps: Optional[torch.Tensor] = None
     """(N,) float32 per-segment response log-prob sums of the frozen reference model (last stage, --stage mpo)."""
 
     @staticmethod
-    def collate(samples: list[dict], seq_length: int) -> "Batch":
-        """Stack per-sequence dicts (tokens, labels, loss_mask, position_ids, cu_seqlens, pixel_values);
-        each sequence's boundaries are offset by its row's start in the flattened batch."""
-        cu = [torch.zeros(1, dtype=torch.int32)]
-        for row, s in enumerate(samples):
-            if s["tokens"].shape[0] != seq_length:
-                raise ValueError(f"sequence {row} has {s['tokens'].shape[0]} tokens, expected {seq_length}")
-            cu.append(s["cu_seqlens"][1:].to(torch.int32) + row * seq_length)
-        return Batch(
-            tokens=torch.stack([s["tokens"] for s in samples]).long(),
-            labels=torch.stack([s["labels"] for s in samples]).long(),
-            loss_mask=torch.stack([s["loss_mask"] for s in samples]).float(),
-            position_ids=torch.stack([s["position_ids"] for s in samples]).float(),
-            cu_seqlens=torch.cat(cu),
-            pixel_values=torch.cat([s["pixel_values"] for s in samples]).float(),
-        )
+    def from_packs(packs: Sequence[PackedSample], seq_length: int, pad_id: int) -> "Batch":
+        """The batch of `packs` (data/loader.py: collate pads and stacks them)."""
+        d = collate(packs, seq_length, pad_id)
+        return Batch(tokens=d["tokens"], labels=d["labels"], loss_weight=d["loss_weight"],
+                     position_ids=d["position_ids"], cu_seqlens=d["cu_seqlens"], pixel_values=d["pixel_values"],
+                     pairs=d["pairs"] if d["pairs"].shape[0] else None)
+
+    def targets(self) -> torch.Tensor:
+        """(B, S) float32 1 at the tokens that carry loss (whatever their weight), 0 elsewhere."""
+        return (self.loss_weight != 0).float()
 
     def to(self, device: torch.device | str) -> "Batch":
         """The same batch on `device`."""
         return Batch(**{k: None if v is None else v.to(device, non_blocking=True) for k, v in self.__dict__.items()})
+
+    def pin_memory(self) -> "Batch":
+        """The same batch in page-locked memory (copies to a GPU asynchronously)."""
+        return Batch(**{k: None if v is None else v.pin_memory() for k, v in self.__dict__.items()})
+

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from ..config.model import ModelConfig
 from ..config.training import RunConfig
-from ..data.loader import PackedDataLoader, collate, parse_data_path
+from ..data.loader import PackedDataLoader, parse_data_path
 from ..data.workers import WorkerError
 from ..data.resample import PillowMismatch, pass_order
 from ..data.shards import ShardReader, manifest_path, max_token_id, sha256_file, shard_files
@@ -153,19 +153,15 @@ class ShardBatches:
             packs = [next(self.loader) for _ in range(self.micro_batch_size)]
         except WorkerError as exc:  # a worker died or stalled: one line naming it and its pack, exit 2
             raise DataError(str(exc)) from None
-        d = collate(packs, self.seq_length, self.cfg.pad_token_id)
+        batch = Batch.from_packs(packs, self.seq_length, self.cfg.pad_token_id)
+        tokens = batch.tokens
         # shards changed after the start-up check (--no-verify-shards trusts them): one line, not an
         # IndexError in the embedding
-        if d["tokens"].numel() and not 0 <= int(d["tokens"].min()) <= int(d["tokens"].max()) < self.cfg.llm.vocab_size:
+        if tokens.numel() and not 0 <= int(tokens.min()) <= int(tokens.max()) < self.cfg.llm.vocab_size:
             raise DataError(f"shard set {' '.join(self.loader.prefixes)}: a pack holds token id "
-                            f"{int(d['tokens'].max())} (min {int(d['tokens'].min())}) outside the model's vocabulary of "
+                            f"{int(tokens.max())} (min {int(tokens.min())}) outside the model's vocabulary of "
                             f"{self.cfg.llm.vocab_size} rows; re-run tools/preprocess_mm_data.py")
-        if self.pin_memory:
-            d = {k: v.pin_memory() for k, v in d.items()}
-        ignore = d["labels"] < 0
-        return Batch(tokens=d["tokens"], labels=d["labels"].masked_fill(ignore, self.cfg.pad_token_id),
-                     loss_mask=d["loss_mask"], position_ids=d["position_ids"], cu_seqlens=d["cu_seqlens"],
-                     pixel_values=d["pixel_values"], pairs=d["pairs"] if d["pairs"].shape[0] else None)
+        return batch.pin_memory() if self.pin_memory else batch
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()
@@ -255,7 +251,7 @@ def build_batches(run: RunConfig, dp_rank: int, dp_size: int) -> ShardBatches | 
 def loss_weights(batch: Batch, reduction: str) -> torch.Tensor:
     """(B, S) per-token weights: InternVL's len2weight of each sample's number of target tokens n:
     1 (token), 1/n (sample), 1/sqrt(n) (square); 0 where no loss."""
-    mask = batch.loss_mask
+    mask = batch.targets()
     if reduction == "token":
         return mask
     flat = mask.reshape(-1)
@@ -264,4 +260,3 @@ def loss_weights(batch: Batch, reduction: str) -> torch.Tensor:
     n = torch.zeros(len(cu) - 1).scatter_add_(0, seg, flat)
     per_seg = {"sample": 1.0 / n.clamp_min(1.0), "square": n.clamp_min(1.0).rsqrt()}[reduction]
     return (per_seg[seg] * flat).reshape(mask.shape)
-

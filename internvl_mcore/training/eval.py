@@ -10,11 +10,9 @@ eval mode (no drop path) and every random stream is put back afterwards, so trai
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Optional
 
 import torch
-from megatron.core.utils import unwrap_model
 
 from ..config.training import RunConfig, has_validation
 from .batch import Batch
@@ -58,7 +56,7 @@ class Evaluator:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         t = self.run.train
-        step_func = functools.partial(forward_step, cp_split=unwrap_model(model[0]).cp_split)
+        step_func = forward_step
         self.batches.load_state_dict(self.start)
         rng = rng_state()
         for chunk in model:

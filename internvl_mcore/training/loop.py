@@ -15,7 +15,6 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.utils import unwrap_model
 
 from ..checkpoint import selection
 from ..checkpoint.format import CheckpointError, checkpoint_dir, read_run_json
@@ -254,7 +253,7 @@ def _step_batches(trainer: Trainer) -> tuple[list[Batch], float]:
     targets = weight = 0.0
     for b in batches:
         b.loss_weight = loss_weights(b, reduction)
-        targets += float(b.loss_mask.sum())
+        targets += float(b.targets().sum())
         weight += float(b.loss_weight.sum())
     # a collective's tensor lives where the backend wants it (the current GPU under NCCL)
     totals = torch.tensor([targets, weight], dtype=torch.float64, device=comm_device())
@@ -270,7 +269,7 @@ def _forward_backward(trainer: Trainer, batches: list[Batch], scale: float) -> l
     t = trainer.run.train
     trainer.model[0].zero_grad_buffer()
     trainer.optimizer.zero_grad()
-    step_func = functools.partial(forward_step, cp_split=unwrap_model(trainer.model[0]).cp_split, scale=scale)
+    step_func = functools.partial(forward_step, scale=scale)
     if trainer.mpo is not None:  # reference log-probs first, then the policy consumes them
         mpo.run_reference(trainer.reference, batches, trainer.mpo, t.seq_length, t.micro_batch_size)
         step_func = functools.partial(mpo.mpo_forward_step, ctx=trainer.mpo)
@@ -356,7 +355,7 @@ def train_step(trainer: Trainer) -> dict:
 
 def _loss_tokens(batches: list) -> int:
     """Tokens of this rank's microbatches that carry loss: the ones the output layer computes logits for."""
-    return sum(int(((b.loss_weight if b.loss_weight is not None else b.loss_mask) != 0).sum()) for b in batches)
+    return sum(int((b.loss_weight != 0).sum()) for b in batches)
 
 
 def save(trainer: Trainer, final: bool = False) -> None:

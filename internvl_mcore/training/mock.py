@@ -8,14 +8,16 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from ..config.model import ModelConfig
+from ..data.sample import PackedSample
 from .batch import Batch
 
 
-def mock_sample(index: int, seed: int, cfg: ModelConfig, seq_length: int, tiles: int) -> dict:
-    """One packed sequence of two samples, as numpy-free tensors (B dim absent)."""
+def mock_sample(index: int, seed: int, cfg: ModelConfig, seq_length: int, tiles: int) -> PackedSample:
+    """One packed sequence of two samples, as the loader returns packs (tiles: normalized floats)."""
     g = torch.Generator().manual_seed(seed * 7_919 + index)
     n_img = tiles * cfg.num_image_token
     first = seq_length // 2 + int(torch.randint(-seq_length // 8, seq_length // 8 + 1, (1,), generator=g))
@@ -30,20 +32,16 @@ def mock_sample(index: int, seed: int, cfg: ModelConfig, seq_length: int, tiles:
         ids = torch.cat([torch.tensor([cfg.img_start_token_id]), torch.full((n_img,), cfg.img_context_token_id),
                          torch.tensor([cfg.img_end_token_id]), text])
         mask = torch.zeros(length)
-        mask[n_img + 2:length - 1] = 1.0  # predict the text; nothing across the sample boundary
+        mask[n_img + 3:] = 1.0  # the text after its first token is predicted (the collate shifts)
         tokens.append(ids)
         loss_mask.append(mask)
         positions.append(torch.arange(length, dtype=torch.float32))
-    tokens_t = torch.cat(tokens)
     image_size = cfg.vision.image_size
-    return dict(
-        tokens=tokens_t,
-        labels=torch.cat([tokens_t[1:], torch.tensor([cfg.pad_token_id])]),
-        loss_mask=torch.cat(loss_mask),
-        position_ids=torch.cat(positions),
-        cu_seqlens=torch.tensor([0, lengths[0], seq_length], dtype=torch.int32),
-        pixel_values=torch.randn(2 * tiles, 3, image_size, image_size, generator=g),
-    )
+    return PackedSample(tokens=torch.cat(tokens).numpy(), loss_mask=torch.cat(loss_mask).numpy(),
+                        position_ids=torch.cat(positions).numpy(),
+                        cu_seqlens=np.array([0, lengths[0], seq_length], dtype=np.int32),
+                        tiles=torch.randn(2 * tiles, 3, image_size, image_size, generator=g),
+                        num_tiles=np.array([tiles, tiles], dtype=np.int32))
 
 
 def mock_batches(cfg: ModelConfig, seed: int, seq_length: int, tiles: int, micro_batch_size: int,
@@ -56,5 +54,5 @@ def mock_batches(cfg: ModelConfig, seed: int, seq_length: int, tiles: int, micro
         for m in range(per_step):
             first = it * global_batch_size + (m * dp_size + dp_rank) * micro_batch_size
             samples = [mock_sample(first + j, seed, cfg, seq_length, tiles) for j in range(micro_batch_size)]
-            yield Batch.collate(samples, seq_length)
+            yield Batch.from_packs(samples, seq_length, cfg.pad_token_id)
         it += 1

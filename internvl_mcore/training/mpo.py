@@ -36,14 +36,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.utils import unwrap_model
 
 from ..checkpoint.format import CheckpointError, checkpoint_dir
 from ..models.internvl import build_model
+from ..parallel.context_parallel import TokenSplit
 from ..parallel.state import comm_device
 from . import checkpoint
 from .batch import Batch
-from .step import batch_for_stage
+from .step import batch_for_stage, run_model
 
 METRICS = ("loss_preference", "loss_quality", "loss_generation", "rewards_chosen", "rewards_rejected",
            "reward_margin", "reward_accuracy")
@@ -123,34 +123,34 @@ class MPOContext:
     first_cp_rank: bool = True
 
 
-def _pair_inputs(batch: Batch, per_token_loss: torch.Tensor, model: torch.nn.Module,
+def _pair_inputs(batch: Batch, split: TokenSplit, per_token_loss: torch.Tensor,
                  cp_group) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N,) per-segment log-prob sums of this output, and (N,) target tokens per segment."""
+    """(N,) per-segment log-prob sums of this output (this CP rank's tokens, cut by `split`), and (N,)
+    target tokens per segment."""
     cu = batch.cu_seqlens.to(per_token_loss.device)
-    seg = segment_ids(cu, batch.loss_mask.shape)
+    mask = batch.targets()
+    seg = segment_ids(cu, mask.shape)
     n_tokens = torch.zeros(len(cu) - 1, device=per_token_loss.device).scatter_add(
-        0, seg.reshape(-1), batch.loss_mask.reshape(-1).float().to(per_token_loss.device))
-    logps = segment_logps(per_token_loss, model.cp_split(batch.loss_mask, 1, batch.cu_seqlens),
-                          model.cp_split(seg, 1, batch.cu_seqlens),
-                          len(cu) - 1, cp_group)
+        0, seg.reshape(-1), mask.reshape(-1).to(per_token_loss.device))
+    logps = segment_logps(per_token_loss, split.split(mask), split.split(seg), len(cu) - 1, cp_group)
     return logps, n_tokens
 
 
-def reference_loss_func(source: Batch, batch: Batch, model: torch.nn.Module, cp_group,
+def reference_loss_func(source: Batch, batch: Batch, split: TokenSplit, cp_group,
                         per_token_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Record the reference log-prob sums on the batch the policy step will read; no loss."""
-    logps, _ = _pair_inputs(batch, per_token_loss, model, cp_group)
+    logps, _ = _pair_inputs(batch, split, per_token_loss, cp_group)
     source.ref_logps = logps.detach()
     return torch.zeros((), device=per_token_loss.device), torch.tensor(0, dtype=torch.int, device=per_token_loss.device), {}
 
 
-def mpo_loss_func(batch: Batch, model: torch.nn.Module, ctx: MPOContext,
+def mpo_loss_func(batch: Batch, split: TokenSplit, ctx: MPOContext,
                   per_token_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The summed MPO loss of this microbatch's pairs and their count (megatron-core divides the
     gradients by the pair count of the global batch); the count and logged sums are on CP rank 0."""
     if batch.pairs is None or batch.ref_logps is None:
         raise RuntimeError("--stage mpo: microbatch without preference pairs or reference log-probs")
-    logps, n_tokens = _pair_inputs(batch, per_token_loss, model, ctx.cp_group)
+    logps, n_tokens = _pair_inputs(batch, split, per_token_loss, ctx.cp_group)
     ref = batch.ref_logps.to(logps.device)
     c, r = batch.pairs[:, 0].to(logps.device), batch.pairs[:, 1].to(logps.device)
     x_sum = ctx.beta * ((logps[c] - ref[c]) + (logps[r] - ref[r])).detach().double() / 2
@@ -170,17 +170,15 @@ def reference_forward_step(data_iterator: Iterator[Batch], model: torch.nn.Modul
     """The reference model's forward step (forward-only schedule)."""
     source = next(data_iterator)
     batch = batch_for_stage(source, model)  # ref_logps are recorded on `source`, which the policy reads
-    output = model(batch.tokens, batch.position_ids, pixel_values=batch.pixel_values, labels=batch.labels,
-                   cu_seqlens=batch.cu_seqlens, loss_mask=batch.loss_mask)
-    return output, functools.partial(reference_loss_func, source, batch, unwrap_model(model), cp_group)
+    output, split = run_model(model, batch)
+    return output, functools.partial(reference_loss_func, source, batch, split, cp_group)
 
 
 def mpo_forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module, ctx: MPOContext) -> tuple[torch.Tensor, Callable]:
     """The policy's forward step under --stage mpo."""
     batch = batch_for_stage(next(data_iterator), model)
-    output = model(batch.tokens, batch.position_ids, pixel_values=batch.pixel_values, labels=batch.labels,
-                   cu_seqlens=batch.cu_seqlens, loss_mask=batch.loss_mask)
-    return output, functools.partial(mpo_loss_func, batch, unwrap_model(model), ctx)
+    output, split = run_model(model, batch)
+    return output, functools.partial(mpo_loss_func, batch, split, ctx)
 
 
 def reduce_metrics(losses: list[dict], is_last_stage: bool, dp_cp_group, pp_group) -> dict:

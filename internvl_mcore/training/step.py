@@ -8,6 +8,7 @@ from typing import Callable, Iterator
 import torch
 from megatron.core.utils import unwrap_model
 
+from ..parallel.context_parallel import TokenSplit
 from .batch import Batch
 
 
@@ -35,13 +36,21 @@ def batch_for_stage(batch: Batch, model: torch.nn.Module) -> Batch:
     return batch.to(device) if device.type != "cpu" else batch
 
 
-def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module, cp_split: Callable,
+def run_model(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, TokenSplit]:
+    """The stage's output for a microbatch, and the microbatch's context-parallel split: built once
+    here, for every stage (training, MPO and its reference, evaluation); the model splices images into
+    the whole sequence, then splits the embeddings with it, and it gets this CP rank's positions,
+    labels and loss weights (whose nonzero entries pick the tokens the last stage computes losses for)."""
+    split = unwrap_model(model).token_split(batch.cu_seqlens, batch.tokens.shape)
+    output = model(batch.tokens, split.split(batch.position_ids), pixel_values=batch.pixel_values,
+                   labels=split.split(batch.labels), cu_seqlens=batch.cu_seqlens,
+                   loss_weight=split.split(batch.loss_weight), split=split)
+    return output, split
+
+
+def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module,
                  scale: float = 1.0) -> tuple[torch.Tensor, Callable]:
-    """Run one microbatch through this stage; the loss function runs on the last stage only.
-    `cp_split`: the model's `InternVLModel.cp_split` (this context-parallel rank's tokens)."""
+    """Run one microbatch through this stage; the loss function runs on the last stage only."""
     batch = batch_for_stage(next(data_iterator), model)
-    weights = batch.loss_weight if batch.loss_weight is not None else batch.loss_mask
-    output = model(batch.tokens, batch.position_ids, pixel_values=batch.pixel_values,
-                   labels=batch.labels, cu_seqlens=batch.cu_seqlens, loss_mask=weights)
-    weights = cp_split(weights, 1, batch.cu_seqlens)  # the losses are this CP rank's tokens
-    return output, functools.partial(loss_func, weights, scale)
+    output, split = run_model(model, batch)
+    return output, functools.partial(loss_func, split.split(batch.loss_weight), scale)  # this rank's tokens' losses

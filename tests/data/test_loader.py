@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from internvl_mcore.data.image import IMAGENET_MEAN, IMAGENET_STD, JPEG_QUALITIES, jpeg_recompress, normalize_tiles
-from internvl_mcore.data.loader import IGNORE_INDEX, PackedDataLoader, collate, parse_data_path
+from internvl_mcore.data.loader import PackedDataLoader, collate, parse_data_path
 from internvl_mcore.models.vision import normalize_pixels
 from internvl_mcore.data.sample import PackedSample
 from internvl_mcore.data.shards import EncodedSample, ShardReader, ShardWriter, encode_tiles
@@ -249,13 +249,13 @@ def test_collate_shapes_labels_and_segments():
     b = collate([s1, s2], seq_length=8, pad_id=0)
     assert b["tokens"].shape == (2, 8) and b["tokens"].dtype == torch.int64
     assert b["tokens"][0].tolist() == [10, 11, 12, 13, 20, 21, 22, 0]
-    # label of i = token i+1 where token i+1 carries loss and is in the same sub-sample
-    assert b["labels"][0].tolist() == [IGNORE_INDEX, 12, 13, IGNORE_INDEX, 21, 22, IGNORE_INDEX, IGNORE_INDEX]
-    assert b["labels"][1].tolist() == [31, 32, 33, 34, 35, 36, 37, IGNORE_INDEX]
-    assert torch.equal(b["loss_mask"], (b["labels"] != IGNORE_INDEX).float())
+    # label of i = token i+1 where token i+1 carries loss and is in the same sub-sample (else the pad id,
+    # weight 0: no -100 to turn back into a valid id)
+    assert b["loss_weight"].tolist() == [[0, 1, 1, 0, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0]]
+    assert b["loss_weight"].dtype == torch.float32
+    assert b["labels"][0].tolist() == [0, 12, 13, 0, 21, 22, 0, 0]
+    assert b["labels"][1].tolist() == [31, 32, 33, 34, 35, 36, 37, 0]
     assert b["cu_seqlens"].tolist() == [0, 4, 7, 8, 16] and b["cu_seqlens"].dtype == torch.int32
-    assert b["num_segments"].tolist() == [3, 1]
-    assert int(b["max_seqlen"]) == 8
     assert b["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 6, 0]  # padding restarts
     assert b["pixel_values"].shape == (6, 4, 4, 3) and b["pixel_values"].dtype == torch.uint8
     assert b["num_tiles"].tolist() == [2, 1, 3]

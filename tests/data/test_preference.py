@@ -120,12 +120,12 @@ def test_data_parallel_ranks_get_whole_pairs(pref):
         loader = PackedDataLoader([outs[1]], dp_rank=rank, dp_size=2, seed=3)
         packs = [next(loader) for _ in range(len(r) // 2)]
         d = collate(packs, 1200, pad_id=0)
-        pairs, cu, labels = d["pairs"].numpy(), d["cu_seqlens"].numpy(), d["labels"].numpy().reshape(-1)
+        pairs, cu, targets = d["pairs"].numpy(), d["cu_seqlens"].numpy(), d["loss_weight"].numpy().reshape(-1) > 0
         tokens = d["tokens"].numpy().reshape(-1)
         assert pairs.shape[0] == sum(p.pairs for p in packs) == sum(len(p.source) for p in packs) // 2
         for c, rj in pairs:
-            assert rj == c + 1 and (labels[cu[c]:cu[c + 1]] >= 0).any() and (labels[cu[rj]:cu[rj + 1]] >= 0).any()
-            n = int(np.flatnonzero(labels[cu[c]:cu[c + 1]] >= 0)[0])
+            assert rj == c + 1 and targets[cu[c]:cu[c + 1]].any() and targets[cu[rj]:cu[rj + 1]].any()
+            n = int(np.flatnonzero(targets[cu[c]:cu[c + 1]])[0])
             assert np.array_equal(tokens[cu[c]:cu[c] + n], tokens[cu[rj]:cu[rj] + n])
         # the rejected sequences get their pair's tiles again: one image per <img> block in the tokens
         assert d["pixel_values"].shape[0] == int(d["num_tiles"].sum())

@@ -7,7 +7,6 @@ Counts the 'thd' splits built (one per microbatch expected).
 Positions are V2PE-like fractions (x 0.37), so a path that re-derived integer positions would fail.
 """
 import argparse
-import functools
 import sys
 import json
 from pathlib import Path
@@ -59,7 +58,7 @@ from tests.launch import recording_calls  # noqa: E402
 
 builds = []  # one 'thd' split per microbatch: forward, its cp_splits and the loss weights share it
 with recording_calls(ThdSplit, "build", lambda *a, **k: builds.append(1)):
-    losses = get_forward_backward_func()(forward_step_func=functools.partial(forward_step, cp_split=model.cp_split),
+    losses = get_forward_backward_func()(forward_step_func=forward_step,
                                          data_iterator=batches, model=[ddp], num_microbatches=GBS // MBS,
                                          seq_length=SEQ, micro_batch_size=MBS)
 tot = sum(x["lm loss"] for x in losses).double()

@@ -17,7 +17,6 @@ re-imports __main__.
 """
 import argparse
 import dataclasses
-import functools
 import json
 from pathlib import Path
 
@@ -45,7 +44,7 @@ def canonical_grads(ddp: torch.nn.Module, cfg: ModelConfig) -> dict:
     batches = mock_batches(cfg, seed=3, seq_length=SEQ, tiles=1, micro_batch_size=1, global_batch_size=GBS,
                            dp_rank=ps.get_data_parallel_rank(), dp_size=dp)
     ddp.zero_grad_buffer()
-    get_forward_backward_func()(forward_step_func=functools.partial(forward_step, cp_split=ddp.module.cp_split),
+    get_forward_backward_func()(forward_step_func=forward_step,
                                 data_iterator=batches, model=[ddp],
                                 num_microbatches=GBS // dp, seq_length=SEQ, micro_batch_size=1)
     clear_aux_losses_tracker()  # the training steps log their own aux losses

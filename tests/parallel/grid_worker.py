@@ -5,7 +5,6 @@ otherwise: load the reference, compare this rank's loss and gradient shards, wri
 (with how many of this stage's forwards were handed image tensors).
 """
 import argparse
-import functools
 import json
 import sys
 from pathlib import Path
@@ -54,7 +53,7 @@ from tests.launch import recording_calls  # noqa: E402
 
 calls = []  # per forward: did image tensors reach this stage (only the first stage reads them)
 with recording_calls(type(model), "forward", lambda *args, **kw: calls.append(kw.get("pixel_values") is not None)):
-    losses = get_forward_backward_func()(forward_step_func=functools.partial(forward_step, cp_split=model.cp_split),
+    losses = get_forward_backward_func()(forward_step_func=forward_step,
                                          data_iterator=batches, model=[ddp], num_microbatches=GBS // dp,
                                          seq_length=SEQ, micro_batch_size=1)
 loss = None

@@ -10,7 +10,6 @@ under torch.autograd.graph.saved_tensors_hooks, counting the distinct non-parame
 for backward.
 """
 import argparse
-import functools
 import json
 from pathlib import Path
 
@@ -70,7 +69,7 @@ def held_bytes(model, ddp, optimizer):
 def saved_activation_bytes(model, cfg, par, seq, tiles, dtype):
     """Distinct storages saved for backward by one forward of a microbatch through this stage."""
     sample = mock_sample(12345, 9, cfg, seq, tiles)
-    batch = Batch.collate([sample], seq)
+    batch = Batch.from_packs([sample], seq, cfg.pad_token_id)
     param_ptrs = {q.untyped_storage().data_ptr() for q in model.parameters()}
     seen = {}
 
@@ -106,7 +105,7 @@ def measured_flops(model, cfg, seq=128):
         aten._scaled_dot_product_flash_attention_for_cpu_backward:
             lambda grad_out, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(grad_out, q, k, v),
     }
-    batch = Batch.collate([mock_sample(7, 9, cfg, seq, 1), mock_sample(8, 9, cfg, seq, 1)], seq)
+    batch = Batch.from_packs([mock_sample(7, 9, cfg, seq, 1), mock_sample(8, 9, cfg, seq, 1)], seq, cfg.pad_token_id)
     args = (batch.tokens, batch.position_ids)
     kw = dict(pixel_values=batch.pixel_values, labels=batch.labels, cu_seqlens=batch.cu_seqlens)
     with FlopCounterMode(display=False, custom_mapping=mapping) as fwd:
@@ -145,7 +144,7 @@ for case in cases:
                            dp_rank=ps.get_data_parallel_rank(), dp_size=dp)
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
-    get_forward_backward_func()(forward_step_func=functools.partial(forward_step, cp_split=model.cp_split), data_iterator=batches, model=[ddp],
+    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=batches, model=[ddp],
                                 num_microbatches=2, seq_length=seq, micro_batch_size=1, forward_only=False)
     optimizer.step()
     params, grads, opt = held_bytes(model, ddp, optimizer)

@@ -3,7 +3,8 @@ plain PyTorch on the model's logits.
 
     python -m torch.distributed.run --nproc_per_node N tests/training/mpo_worker.py OUT SHARDS CKPT_DIR
 
-World 1: the single-process run, then `formula_check`. World 4: TP2 (+ sequence parallel, distributed
+World 1: the single-process run, then `formula_check`. World 2: CP2 with TE's per-sample 'thd' split
+(its exact all-gather CPU attention), the single process's microbatches. World 4: TP2 (+ sequence parallel, distributed
 optimizer), PP2, CP2 (each with DP2), a PP2 run from the PP2 run's checkpoint, the same stopped after 2
 steps and resumed, and a LoRA run. Rank 0 writes OUT (JSON).
 """
@@ -84,8 +85,9 @@ def formula_check(shards: str) -> dict:
         mpo.run_reference(ref, [batch], ctx, 800, 2)
         per_token = policy(batch.tokens, batch.position_ids, pixel_values=batch.pixel_values, labels=batch.labels,
                            cu_seqlens=batch.cu_seqlens)
-        total, count, logged = mpo.mpo_loss_func(batch, policy, ctx, per_token)
-        logps, n_tok = mpo._pair_inputs(batch, per_token, policy, None)
+        split = policy.token_split(batch.cu_seqlens, batch.tokens.shape)  # one process: every token
+        total, count, logged = mpo.mpo_loss_func(batch, split, ctx, per_token)
+        logps, n_tok = mpo._pair_inputs(batch, split, per_token, None)
         c, r = batch.pairs[:, 0], batch.pairs[:, 1]
         ours = mpo.pair_losses(logps[c], logps[r], batch.ref_logps[c], batch.ref_logps[r], n_tok[c], ctx.beta,
                                ctx.weights, ctx.running.mean)
@@ -93,7 +95,7 @@ def formula_check(shards: str) -> dict:
         lp = policy(batch.tokens, batch.position_ids, pixel_values=batch.pixel_values, cu_seqlens=batch.cu_seqlens)
         lr = ref(batch.tokens, batch.position_ids, pixel_values=batch.pixel_values, cu_seqlens=batch.cu_seqlens)
         flat_pi, flat_ref = lp.reshape(-1, lp.shape[-1]), lr.reshape(-1, lr.shape[-1])
-        flat_lab = batch.labels.masked_fill(batch.loss_mask == 0, -100).reshape(-1)
+        flat_lab = batch.labels.masked_fill(batch.loss_weight == 0, -100).reshape(-1)
         cu = batch.cu_seqlens.long()
         segs = [int(s) for s in torch.cat([c, r])]
         width = max(int(cu[s + 1] - cu[s]) for s in segs)
@@ -123,6 +125,15 @@ def main() -> None:
         from megatron.core import parallel_state
         result["formula"] = formula_check(shards)
         parallel_state.destroy_model_parallel()
+    elif world == 2:
+        from internvl_mcore.parallel.context_parallel_thd import ThdSplit
+        from tests.launch import recording_calls
+
+        builds: list = []  # one split per forward step (reference and policy)
+        with recording_calls(ThdSplit, "build", lambda *a, **k: builds.append(1)):
+            thd = ["--context-parallel-size", "2", "--cp-split", "thd"]
+            result["cp2-thd"] = run_layout(base_flags(shards, 2) + thd)
+        result["thd_builds"] = len(builds)
     else:
         flags = base_flags(shards, 1)
         result["tp2-sp-distopt"] = run_layout(flags + ["--tensor-model-parallel-size", "2", "--sequence-parallel",

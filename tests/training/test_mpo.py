@@ -26,6 +26,13 @@ def layouts(preference_shards, tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.fixture(scope="module")
+def thd(preference_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mpo2") / "thd.json"
+    torchrun(WORKER, 2, [str(out), preference_shards, str(out.parent / "ckpt")], timeout=300)
+    return json.loads(out.read_text())
+
+
 def _close(a: dict, b: dict, where: str, rel: float = 1e-5) -> None:
     """Losses to 1e-5 relative; rewards (beta x log-ratios, 0 at step 1) to 1e-5 absolute."""
     for k in KEYS[:4]:
@@ -65,6 +72,17 @@ def test_layouts_match_single_process(single, layouts, name):
     assert len(runs) == len(single["single"]) == 5
     for i, (a, b) in enumerate(zip(runs, single["single"])):
         _close(a, b, f"{name} (x DP2) iteration {i + 1}")
+
+
+def test_cp2_per_sample_thd_split_matches_single_process(single, thd):
+    """MPO's per-segment sums under TE's per-sample split: every sample padded to a multiple of 2C and
+    cut per sample (cu_seqlens), not per row; the split is built once per microbatch in the forward step."""
+    runs = thd["cp2-thd"]
+    assert thd["thd_builds"] == 2 * 2 * len(runs)  # 2 microbatches (GBS 4 / MBS 2) x (reference, policy) per step
+    assert runs[0]["loss_preference"] == LN2_F32 and runs[0]["reward_margin"] == 0.0
+    assert len(runs) == len(single["single"]) == 5
+    for i, (a, b) in enumerate(zip(runs, single["single"])):
+        _close(a, b, f"cp2 --cp-split thd iteration {i + 1}")
 
 
 def test_resume_is_exact(layouts):
