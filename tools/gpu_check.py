@@ -185,7 +185,7 @@ def judge_close(name: str, got, want, atol: float, rtol: float, backends: str = 
 def backends(device: str, bf16: bool, cp_ring: bool = False) -> str:
     """What a run on `device` uses: layer specs (TE or local) and core attention (flash-attn varlen
     for bf16 on CUDA when importable, else torch SDPA; our ring for the row CP split)."""
-    from internvl_mcore.models import attention
+    from internvl_mcore.parallel import attention
     from internvl_mcore.models.specs import default_backend
 
     linears = "TE" if default_backend(device) == "te" else "local specs"
@@ -415,7 +415,7 @@ def check_flash_vs_sdpa(ctx: Ctx, seed: int = 0) -> Result:
     """flash-attn's varlen kernel and the per-sample SDPA path on one packed bf16 batch."""
     import torch
 
-    from internvl_mcore.models import attention as attn
+    from internvl_mcore.parallel import attention as attn
 
     if attn.flash_attn_varlen_func is None:
         return skip("flash_vs_sdpa", "flash-attn not installed", backends(ctx.device, True))
@@ -440,7 +440,7 @@ def _core_attention(hq: int, hkv: int, d: int):
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from internvl_mcore.models.attention import PackedSDPAttention
+    from internvl_mcore.parallel.attention import PackedSDPAttention
 
     cfg = TransformerConfig(num_layers=1, hidden_size=hq * d, num_attention_heads=hq, num_query_groups=hkv,
                             kv_channels=d, use_cpu_initialization=True)

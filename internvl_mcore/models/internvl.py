@@ -17,13 +17,13 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from ..config.device import resolve_device
 from ..config.megatron import llm_transformer_config, projector_transformer_config, vision_transformer_config
 from ..config.model import ModelConfig, ParallelConfig
 from ..data.source_images import SourceImages, tile_pixel_values
+from ..parallel.attention import PackedSDPAttention, packed_seq_params_from_cu_seqlens
 from ..parallel.context_parallel import cp_core_attention, cp_path_line, cp_split_choice, split_for_cp
 from ..parallel.context_parallel_thd import ThdSplit
-from ..parallel.device import resolve_device
-from .attention import PackedSDPAttention, packed_seq_params_from_cu_seqlens
 from . import rope
 from .language import LanguageModel
 from .projector import Projector, pixel_shuffle_v2

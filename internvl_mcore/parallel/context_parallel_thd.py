@@ -31,7 +31,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from ..models.attention import PackedSDPAttention, packed_seq_params_from_cu_seqlens
+from .attention import PackedSDPAttention, packed_seq_params_from_cu_seqlens
 
 
 def required_cp_group(pg_collection: Any) -> dist.ProcessGroup:

@@ -11,7 +11,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from . import cpu_compat
-from .device import resolve_device
+from ..config.device import resolve_device
 from ..config.model import ParallelConfig
 
 
@@ -26,7 +26,7 @@ def init_distributed(par: ParallelConfig, seed: int, timeout_s: float = 600.0) -
     """Join the job (torchrun's env, or a 1-process world), build megatron-core's groups and return
     them; model construction, attention, sharding and checkpointing take them as an argument.
 
-    gloo on CPU, nccl on GPU (`par.device`, parallel/device.py). Seeds: megatron-core's tracker
+    gloo on CPU, nccl on GPU (`par.device`, config/device.py). Seeds: megatron-core's tracker
     ("model-parallel-rng" differs per TP rank, default state equal within a model-parallel group)."""
     on_gpu = resolve_device(par.device) == "cuda"
     if not on_gpu:  # forced: a --device cpu run (a conversion) on a GPU host must not reach torch.cuda either

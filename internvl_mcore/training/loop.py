@@ -19,6 +19,7 @@ from megatron.core.utils import unwrap_model
 
 from ..checkpoint import selection
 from ..checkpoint.format import CheckpointError, checkpoint_dir, read_run_json
+from ..config.device import resolve_device
 from ..config.lora import lora_problems
 from ..config.training import RunConfig
 from ..models.internvl import build_model
@@ -26,7 +27,6 @@ from ..models.lora import add_lora
 from ..models.weights import init_weights
 from ..parallel.context_parallel_thd import check_thd_layout
 from ..parallel.cpu_compat import fuse_cpu_adam
-from ..parallel.device import resolve_device
 from ..parallel.state import comm_device, init_distributed
 from . import checkpoint, mpo, save_dir
 from .async_save import AsyncWriter
