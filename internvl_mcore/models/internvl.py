@@ -59,7 +59,7 @@ class InternVLModel(MegatronModule):
             self.projector = Projector(projector_transformer_config(model_cfg, par, dtype),
                                        projector_mlp_submodules(backend), model_cfg.projector_input_size,
                                        eps=model_cfg.projector_layernorm_epsilon, pg_collection=pg)
-        self.cp_group = pg.cp
+        self.cp_group, self.tp_group = pg.cp, pg.tp  # tp_group: megatron-core's sharded_state_dict reads it
         self._thd_cache: Optional[tuple] = None  # (cu_seqlens, (B, S), ThdSplit) of the last microbatch
         # how a CP rank's tokens are cut from the batch: whole rows or TE's per-sample 'thd' split
         self.cp_layout, why = (cp_split_choice(par.cp_split, backend, par.pipeline_model_parallel_size,
@@ -86,6 +86,12 @@ class InternVLModel(MegatronModule):
 
     def shared_embedding_or_output_weight(self) -> torch.Tensor:
         return self.language_model.shared_embedding_or_output_weight()
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None) -> dict:
+        """megatron-core's, with this stage's DP x CP group in `metadata` (every submodule reads it from
+        there; without it megatron-core would take its global one)."""
+        metadata = {"dp_cp_group": self.pg_collection.dp_cp, **(metadata or {})}
+        return super().sharded_state_dict(prefix, sharded_offsets, metadata)
 
     # --- forward -------------------------------------------------------------------------------
     def image_features(self, pixel_values: torch.Tensor | SourceImages) -> torch.Tensor:
@@ -121,7 +127,7 @@ class InternVLModel(MegatronModule):
                 emb = self._splice(emb, input_ids, self.image_features(pixel_values))
             emb = self.cp_split(emb, 0, cu_seqlens)  # (S/C, B, H) this CP rank's two chunks ('thd': (T, 1, H))
             if self.config.sequence_parallel:
-                emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
+                emb = tensor_parallel.scatter_to_sequence_parallel_region(emb, group=self.tp_group)
             decoder_input = emb
         # cu_seqlens stay global: the context-parallel attention maps local tokens to their samples
         return self.language_model(decoder_input, self.cp_split(position_ids, 1, cu_seqlens),

@@ -499,9 +499,10 @@ class ContextParallelAttention(MegatronModule):
         self.query_tile, self.key_tile = query_tile, key_tile
         # the whole-row packed attention for C = 1 and inside the a2a scheme (no parameters)
         self.local = PackedSDPAttention(config, layer_number, attn_mask_type, attention_type,
-                                        attention_dropout, softmax_scale)
+                                        attention_dropout, softmax_scale, pg_collection=pg_collection)
 
         self.cp_group = required_cp_group(pg_collection)
+        self.tp_group = getattr(pg_collection, "tp", None)  # read by megatron-core's sharded_state_dict (else: its global group)
         self.cp_size = self.cp_group.size()
         self.cp_rank = self.cp_group.rank()
         self.a2a_group = self.p2p_group = None

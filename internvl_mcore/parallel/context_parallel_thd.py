@@ -162,6 +162,7 @@ class ThdContextParallelAttention(MegatronModule):
                  pg_collection: Any = None, **kwargs: Any) -> None:
         super().__init__(config=config)
         self.cp_group = required_cp_group(pg_collection)
+        self.tp_group = getattr(pg_collection, "tp", None)  # read by megatron-core's sharded_state_dict (else: its global group)
         self.kernel = None
         if self.use_te:
             # transformer-engine is an optional GPU extra: imported only when its kernel is asked for
@@ -171,7 +172,7 @@ class ThdContextParallelAttention(MegatronModule):
                                                 attention_dropout, softmax_scale, cp_comm_type=cp_comm_type,
                                                 pg_collection=pg_collection)
         self.local = PackedSDPAttention(config, layer_number, attn_mask_type, attention_type,
-                                        attention_dropout, softmax_scale)
+                                        attention_dropout, softmax_scale, pg_collection=pg_collection)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: Optional[torch.Tensor], attn_mask_type: Optional[AttnMaskType] = None,

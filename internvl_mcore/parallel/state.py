@@ -56,9 +56,11 @@ def init_distributed(par: ParallelConfig, seed: int, timeout_s: float = 600.0) -
             expert_tensor_parallel_size=par.expert_tensor_parallel_size,
             distributed_timeout_minutes=timeout_s / 60,  # megatron-core's groups get the same timeout
         )
+    pg = process_groups()
     torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    return process_groups()
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, tp_rank=pg.tp.rank(), ep_rank=pg.ep.rank(),
+                                                    etp_rank=pg.expt_tp.rank())
+    return pg
 
 
 def process_groups() -> ProcessGroupCollection:
