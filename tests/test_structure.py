@@ -5,10 +5,11 @@
 - the packages form one order (PACKAGE_ORDER, as README states it): training -> plan -> convert ->
   checkpoint -> models -> data -> parallel -> config -> the top-level modules; no import, at module
   level or inside a function, reaches a package above its own;
-- model code holds no global process-group look-ups: the groups are passed in (parallel/state.py:
-  init_distributed returns them), and the context-parallel attention has no fallback either;
-- the training package (loop, checkpointing, MPO, ...) reads no rank, size or group from megatron's
-  global parallel_state either: it uses the collection init_distributed returned;
+- only parallel/state.py (and cpu_compat) reads megatron-core's global parallel_state: model code,
+  the context-parallel attention, training, conversion, the tools and pretrain_internvl.py use the
+  ProcessGroupCollection init_distributed returned;
+- every call to a megatron-core function that would otherwise fall back to that global state (DDP,
+  optimizer, schedules, finalize_model_grads, MoE aux-loss reduction, ...) passes the groups;
 - no function-level import of a package module (such imports hide cycles), except the listed ones;
 - test fixtures live under tests/, not in the package.
 """
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "internvl_mcore"
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "internvl_mcore"
 MAX_LINES = 60
 
 # function -> owner; each entry must still be too long (so the list shrinks as they are split)
@@ -131,18 +133,18 @@ def test_dependencies_run_one_way():
     assert not bad, f"imports against the package order {' -> '.join(a or 'top-level' for a in PACKAGE_ORDER)}: {bad}"
 
 
-@pytest.mark.parametrize("area", ["models/", "parallel/context_parallel"])
-def test_no_global_process_group_lookups(area):
-    bad = [(rel, node.lineno, node.attr) for rel, tree in _modules() if rel.startswith(area)
-           for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr in GLOBAL_GROUP_LOOKUPS]
-    bad += [(rel, node.lineno, node.module) for rel, tree in _modules() if rel.startswith(area)
-            for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module == "megatron.core"
-            and any(a.name == "parallel_state" for a in node.names)]
-    assert not bad, f"{area}: process groups must be passed in, not looked up: {bad}"
-
-
 # parallel_state's rank/size/stage look-ups (the group look-ups are GLOBAL_GROUP_LOOKUPS)
 GLOBAL_RANK_LOOKUP = re.compile(r"^(get_\w*parallel\w*_(rank|ranks|world_size)|is_pipeline_\w+)$")
+
+# what builds megatron-core's global state and its collection (init_distributed, process_groups) and
+# the CPU patches of megatron-core; everything else gets the collection passed in
+PARALLEL_STATE_OWNERS = {"internvl_mcore/parallel/state.py", "internvl_mcore/parallel/cpu_compat.py"}
+
+
+def _code() -> list[tuple[str, ast.Module]]:
+    """The package, the tools and the training entry point, by path from the repository root."""
+    files = [*sorted(PACKAGE.rglob("*.py")), *sorted((REPO / "tools").glob("*.py")), REPO / "pretrain_internvl.py"]
+    return [(p.relative_to(REPO).as_posix(), ast.parse(p.read_text(), str(p))) for p in files]
 
 
 def _imports_parallel_state(node: ast.AST) -> bool:
@@ -152,12 +154,89 @@ def _imports_parallel_state(node: ast.AST) -> bool:
     return isinstance(node, ast.Import) and any(a.name == "megatron.core.parallel_state" for a in node.names)
 
 
-def test_training_passes_process_groups():
-    bad = [(rel, node.lineno) for rel, tree in _modules() if rel.startswith("training/")
-           for node in ast.walk(tree)
-           if _imports_parallel_state(node) or (isinstance(node, ast.Attribute) and (
-               node.attr in GLOBAL_GROUP_LOOKUPS or GLOBAL_RANK_LOOKUP.match(node.attr)))]
-    assert not bad, f"training/: use the ProcessGroupCollection init_distributed returned, not parallel_state: {bad}"
+def _global_lookups(tree: ast.AST) -> list[tuple[int, str]]:
+    return [(node.lineno, "parallel_state") if _imports_parallel_state(node) else (node.lineno, node.attr)
+            for node in ast.walk(tree)
+            if _imports_parallel_state(node) or (isinstance(node, ast.Attribute) and (
+                node.attr in GLOBAL_GROUP_LOOKUPS or GLOBAL_RANK_LOOKUP.match(node.attr)))]
+
+
+def test_process_groups_are_passed_in():
+    """No module but parallel/state.py (and cpu_compat) reads megatron-core's global parallel_state:
+    model code, the context-parallel attention, training, conversion and the tools use the
+    ProcessGroupCollection init_distributed returned."""
+    bad = [(rel, line, name) for rel, tree in _code() if rel not in PARALLEL_STATE_OWNERS
+           for line, name in _global_lookups(tree)]
+    assert not bad, f"use the ProcessGroupCollection init_distributed returned, not parallel_state: {bad}"
+
+
+# megatron-core functions that fall back to its global parallel_state unless given the groups:
+# name -> the keywords every call must pass
+GROUP_KEYWORDS: dict[str, tuple[str, ...]] = {
+    "DistributedDataParallel": ("pg_collection",),
+    "get_megatron_optimizer": ("pg_collection",),
+    "finalize_model_grads": ("pg_collection",),
+    "forward_backward_no_pipelining": ("pg_collection",),
+    "forward_backward_pipelining_without_interleaving": ("pg_collection", "p2p_communicator"),
+    "forward_backward_pipelining_with_interleaving": ("pg_collection", "p2p_communicator"),
+    "get_forward_backward_func": ("pp_size", "vp_size"),
+    "P2PCommunicator": ("pp_group",),
+    "reduce_aux_losses_tracker_across_ranks": ("pg_collection",),
+    "track_moe_metrics": ("pg_collection",),
+    "make_sharded_tensors_for_checkpoint": ("tp_group", "dp_cp_group"),
+    "model_parallel_cuda_manual_seed": ("tp_rank", "ep_rank", "etp_rank"),
+    "scatter_to_sequence_parallel_region": ("group",),
+    "gather_from_sequence_parallel_region": ("group",),
+    "reduce_scatter_to_sequence_parallel_region": ("group",),
+    "copy_to_tensor_model_parallel_region": ("group",),
+    "reduce_from_tensor_model_parallel_region": ("group",),
+    "gather_from_tensor_model_parallel_region": ("group",),
+    "scatter_to_tensor_model_parallel_region": ("group",),
+}
+
+
+def _called_name(call: ast.Call) -> str | None:
+    return call.func.id if isinstance(call.func, ast.Name) else getattr(call.func, "attr", None)
+
+
+def _calls_without_groups(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, name) of each call to a GROUP_KEYWORDS function missing one of its keywords; the
+    schedule get_forward_backward_func returns must be called on the spot, with pg_collection."""
+    bad = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        given = {k.arg for k in node.keywords}
+        name = _called_name(node)
+        if name in GROUP_KEYWORDS and not set(GROUP_KEYWORDS[name]) <= given:
+            bad.append((node.lineno, name))
+        if isinstance(node.func, ast.Call) and _called_name(node.func) == "get_forward_backward_func" \
+                and "pg_collection" not in given:
+            bad.append((node.lineno, "get_forward_backward_func(...)(...) without pg_collection"))
+    called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    bad += [(n.lineno, "get_forward_backward_func(...) not called on the spot") for n in ast.walk(tree)
+            if isinstance(n, ast.Call) and _called_name(n) == "get_forward_backward_func" and id(n) not in called]
+    return bad
+
+
+def test_group_check_sees_calls():
+    """The check below flags a call without its groups however the function is reached."""
+    src = ("DistributedDataParallel(config=c, ddp_config=d, module=m)\n"
+           "optimizer.get_megatron_optimizer(cfg, [m], use_gloo_process_groups=False)\n"
+           "fb = get_forward_backward_func()\n"
+           "get_forward_backward_func(pp_size=2, vp_size=None)(model=[m])\n"
+           "tensor_parallel.scatter_to_sequence_parallel_region(x)\n"
+           "DistributedDataParallel(config=c, ddp_config=d, module=m, pg_collection=pg)\n"
+           "get_forward_backward_func(pp_size=2, vp_size=None)(model=[m], pg_collection=pg, p2p_communicator=p)\n")
+    assert sorted(line for line, _ in _calls_without_groups(ast.parse(src))) == [1, 2, 3, 3, 4, 5]
+
+
+def test_megatron_core_gets_the_groups():
+    """Every call to a megatron-core function that would otherwise use its global parallel_state
+    (DDP, the optimizer, the schedules, finalize_model_grads, the MoE aux-loss reduction, sharded
+    checkpoint tensors, the TP mappings, the RNG seeding) passes the groups."""
+    bad = [(rel, line, name) for rel, tree in _code() for line, name in _calls_without_groups(tree)]
+    assert not bad, f"pass the ProcessGroupCollection (or its group) to megatron-core: {bad}"
 
 
 def test_no_function_level_package_imports():

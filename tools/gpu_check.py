@@ -253,13 +253,13 @@ def write_cpu_checkpoint(out: Path, model_name: str) -> None:
     from internvl_mcore.config import ParallelConfig, get_preset
     from internvl_mcore.models.internvl import build_model
     from internvl_mcore.models.weights import init_weights
-    from internvl_mcore.parallel.state import init_distributed, process_groups
+    from internvl_mcore.parallel.state import init_distributed
     from internvl_mcore.training import checkpoint
 
     par = ParallelConfig(device="cpu")
-    init_distributed(par, seed=0)
+    pg = init_distributed(par, seed=0)
     cfg = get_preset(model_name)
-    model = build_model(cfg, par, process_groups()).eval()
+    model = build_model(cfg, par, pg).eval()
     init_weights(model, cfg, seed=21)
     checkpoint.save(out, 1, model, None, None, cfg, par)
 
@@ -461,14 +461,14 @@ def _model_on(ctx: Ctx, ckpt: Path):
 
     from internvl_mcore.config import ParallelConfig, get_preset
     from internvl_mcore.models.internvl import build_model
-    from internvl_mcore.parallel.state import init_distributed, process_groups
+    from internvl_mcore.parallel.state import init_distributed
     from internvl_mcore.training.checkpoint import load_weights
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     par = ParallelConfig(device=ctx.device)
-    init_distributed(par, seed=0)
+    pg = init_distributed(par, seed=0)
     cfg = get_preset("debug")
-    model = build_model(cfg, par, process_groups()).to(ctx.device).eval()
+    model = build_model(cfg, par, pg).to(ctx.device).eval()
     load_weights(ckpt, model, cfg)
     return model, cfg
 
