@@ -87,7 +87,8 @@ class InternVLModel(MegatronModule):
     def shared_embedding_or_output_weight(self) -> torch.Tensor:
         return self.language_model.shared_embedding_or_output_weight()
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None) -> dict:
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: Optional[dict] = None) -> dict:
         """megatron-core's, with this stage's DP x CP group in `metadata` (every submodule reads it from
         there; without it megatron-core would take its global one)."""
         metadata = {"dp_cp_group": self.pg_collection.dp_cp, **(metadata or {})}

@@ -56,8 +56,9 @@ class FullWidthQKNorm(nn.Module):
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Any = None) -> dict:
         """Checkpoint the weight as split over TP along dim 0 (megatron-core would call it replicated)."""
         state = self.state_dict(prefix="", keep_vars=True)
-        return make_sharded_tensors_for_checkpoint(state, prefix, {"weight": 0}, sharded_offsets, tp_group=self.tp_group,
-                                                   dp_cp_group=ensure_metadata_has_dp_cp_group(metadata)["dp_cp_group"])
+        dp_cp_group = ensure_metadata_has_dp_cp_group(metadata)["dp_cp_group"]
+        return make_sharded_tensors_for_checkpoint(state, prefix, {"weight": 0}, sharded_offsets,
+                                                   tp_group=self.tp_group, dp_cp_group=dp_cp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (S, B, heads_local, head_dim)
         xf = x.float()

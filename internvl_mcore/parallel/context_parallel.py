@@ -502,7 +502,7 @@ class ContextParallelAttention(MegatronModule):
                                         attention_dropout, softmax_scale, pg_collection=pg_collection)
 
         self.cp_group = required_cp_group(pg_collection)
-        self.tp_group = getattr(pg_collection, "tp", None)  # read by megatron-core's sharded_state_dict (else: its global group)
+        self.tp_group = getattr(pg_collection, "tp", None)  # megatron-core's sharded_state_dict reads it
         self.cp_size = self.cp_group.size()
         self.cp_rank = self.cp_group.rank()
         self.a2a_group = self.p2p_group = None

@@ -162,7 +162,7 @@ class ThdContextParallelAttention(MegatronModule):
                  pg_collection: Any = None, **kwargs: Any) -> None:
         super().__init__(config=config)
         self.cp_group = required_cp_group(pg_collection)
-        self.tp_group = getattr(pg_collection, "tp", None)  # read by megatron-core's sharded_state_dict (else: its global group)
+        self.tp_group = getattr(pg_collection, "tp", None)  # megatron-core's sharded_state_dict reads it
         self.kernel = None
         if self.use_te:
             # transformer-engine is an optional GPU extra: imported only when its kernel is asked for

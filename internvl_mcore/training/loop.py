@@ -215,7 +215,7 @@ def _wrap(model: torch.nn.Module, run: RunConfig, plan: Plan, pg: ProcessGroupCo
                         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
                         clip_grad=t.clip_grad, bf16=t.bf16, params_dtype=next(model.parameters()).dtype,
                         use_distributed_optimizer=t.use_distributed_optimizer),
-        [ddp], use_gloo_process_groups=False, pg_collection=pg)  # gloo groups: only legacy optimizer formats use them
+        [ddp], use_gloo_process_groups=False, pg_collection=pg)  # gloo groups: only legacy formats use them
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp.no_sync
     return ddp, optimizer
