@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -38,6 +39,7 @@ GLOBAL_GROUP_LOOKUPS = ("use_mpu_process_groups", "get_tensor_model_parallel_gro
                         "get_hierarchical_context_parallel_groups", "get_model_parallel_group")
 
 
+@functools.cache  # parsed once for all the tests below (none changes a tree)
 def _modules() -> list[tuple[str, ast.Module]]:
     return [(p.relative_to(PACKAGE).as_posix(), ast.parse(p.read_text(), str(p))) for p in sorted(PACKAGE.rglob("*.py"))]
 
@@ -74,8 +76,9 @@ def test_no_long_functions():
 PACKAGE_ORDER = ("training", "plan", "convert", "checkpoint", "models", "data", "parallel", "config", "")
 
 
-def _subpackages() -> set[str]:
-    return {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+@functools.cache
+def _subpackages() -> frozenset[str]:
+    return frozenset(p.parent.name for p in PACKAGE.glob("*/__init__.py"))
 
 
 def _area(dotted: str) -> str | None:
@@ -143,8 +146,9 @@ PARALLEL_STATE_OWNERS = {"internvl_mcore/parallel/state.py", "internvl_mcore/par
 
 def _code() -> list[tuple[str, ast.Module]]:
     """The package, the tools and the training entry point, by path from the repository root."""
-    files = [*sorted(PACKAGE.rglob("*.py")), *sorted((REPO / "tools").glob("*.py")), REPO / "pretrain_internvl.py"]
-    return [(p.relative_to(REPO).as_posix(), ast.parse(p.read_text(), str(p))) for p in files]
+    tools = [*sorted((REPO / "tools").glob("*.py")), REPO / "pretrain_internvl.py"]
+    return [(f"internvl_mcore/{rel}", tree) for rel, tree in _modules()] + [
+        (p.relative_to(REPO).as_posix(), ast.parse(p.read_text(), str(p))) for p in tools]
 
 
 def _imports_parallel_state(node: ast.AST) -> bool:
@@ -202,20 +206,19 @@ def _called_name(call: ast.Call) -> str | None:
 def _calls_without_groups(tree: ast.AST) -> list[tuple[int, str]]:
     """(line, name) of each call to a GROUP_KEYWORDS function missing one of its keywords; the
     schedule get_forward_backward_func returns must be called on the spot, with pg_collection."""
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)]
+    called_on_the_spot = {id(node.func): node for node in calls if isinstance(node.func, ast.Call)}
     bad = []
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.Call):
-            continue
-        given = {k.arg for k in node.keywords}
+    for node in calls:
         name = _called_name(node)
-        if name in GROUP_KEYWORDS and not set(GROUP_KEYWORDS[name]) <= given:
+        if name in GROUP_KEYWORDS and not set(GROUP_KEYWORDS[name]) <= {k.arg for k in node.keywords}:
             bad.append((node.lineno, name))
-        if isinstance(node.func, ast.Call) and _called_name(node.func) == "get_forward_backward_func" \
-                and "pg_collection" not in given:
-            bad.append((node.lineno, "get_forward_backward_func(...)(...) without pg_collection"))
-    called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
-    bad += [(n.lineno, "get_forward_backward_func(...) not called on the spot") for n in ast.walk(tree)
-            if isinstance(n, ast.Call) and _called_name(n) == "get_forward_backward_func" and id(n) not in called]
+        if name == "get_forward_backward_func":
+            outer = called_on_the_spot.get(id(node))
+            if outer is None:
+                bad.append((node.lineno, "get_forward_backward_func(...) not called on the spot"))
+            elif "pg_collection" not in {k.arg for k in outer.keywords}:
+                bad.append((outer.lineno, "get_forward_backward_func(...)(...) without pg_collection"))
     return bad
 
 
