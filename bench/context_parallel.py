@@ -8,7 +8,7 @@
 One gloo world per CP size is started with torchrun (1 thread per rank); it measures every
 implementation at every length, and the parent prints them all with ratios against CP1 in this run:
 
-- CP1 `sdpa`: `models.attention.PackedSDPAttention` on the whole row -- what the model runs without
+- CP1 `sdpa`: `parallel.attention.PackedSDPAttention` on the whole row -- what the model runs without
   CP (torch SDPA per packed sample; the CPU flash kernel). The ratio baseline.
 - CP1 `ring-kernel`: this repo's blockwise ring kernel on one rank (no communication), to separate
   "CP" from "different kernel" in the ratios.
@@ -139,7 +139,7 @@ def worker(a: argparse.Namespace) -> None:
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from internvl_mcore.models.attention import PackedSDPAttention, packed_seq_params_from_cu_seqlens
+    from internvl_mcore.parallel.attention import PackedSDPAttention, packed_seq_params_from_cu_seqlens
     from internvl_mcore.parallel import context_parallel as cx
 
     world = dist.get_world_size()

@@ -2,25 +2,28 @@
 
 - no function longer than MAX_LINES, except the ones listed in LONG_FUNCTIONS_OWNED_ELSEWHERE
   (the training loop, which its own issue splits);
-- dependencies run training -> convert -> checkpoint -> models: nothing under convert/ imports the
-  training package, nothing under checkpoint/ imports training/ or convert/, nothing under models/
-  imports checkpoint/;
-- model code holds no global process-group look-ups: the groups are passed in (parallel/state.py:
-  init_distributed returns them), and the context-parallel attention has no fallback either;
-- the training package (loop, checkpointing, MPO, ...) reads no rank, size or group from megatron's
-  global parallel_state either: it uses the collection init_distributed returned;
+- the packages form one order (PACKAGE_ORDER, as README states it): training -> plan -> convert ->
+  checkpoint -> models -> data -> parallel -> config -> the top-level modules; no import, at module
+  level or inside a function, reaches a package above its own;
+- only parallel/state.py (and cpu_compat) reads megatron-core's global parallel_state: model code,
+  the context-parallel attention, training, conversion, the tools and pretrain_internvl.py use the
+  ProcessGroupCollection init_distributed returned;
+- every call to a megatron-core function that would otherwise fall back to that global state (DDP,
+  optimizer, schedules, finalize_model_grads, MoE aux-loss reduction, ...) passes the groups;
 - no function-level import of a package module (such imports hide cycles), except the listed ones;
 - test fixtures live under tests/, not in the package.
 """
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "internvl_mcore"
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "internvl_mcore"
 MAX_LINES = 60
 
 # function -> owner; each entry must still be too long (so the list shrinks as they are split)
@@ -36,6 +39,7 @@ GLOBAL_GROUP_LOOKUPS = ("use_mpu_process_groups", "get_tensor_model_parallel_gro
                         "get_hierarchical_context_parallel_groups", "get_model_parallel_group")
 
 
+@functools.cache  # parsed once for all the tests below (none changes a tree)
 def _modules() -> list[tuple[str, ast.Module]]:
     return [(p.relative_to(PACKAGE).as_posix(), ast.parse(p.read_text(), str(p))) for p in sorted(PACKAGE.rglob("*.py"))]
 
@@ -67,31 +71,84 @@ def test_no_long_functions():
     assert not fixed, f"no longer too long, drop from LONG_FUNCTIONS_OWNED_ELSEWHERE: {fixed}"
 
 
-# area -> the packages it must not import (training -> convert -> checkpoint -> models)
-LOWER_LAYERS = {"convert/": ("training",), "checkpoint/": ("training", "convert"), "models/": ("checkpoint",)}
+# the packages, highest first: each imports only packages after it ("" = the top-level modules,
+# errors.py, cli_errors.py, faults.py, staging.py). README's Architecture section states this order.
+PACKAGE_ORDER = ("training", "plan", "convert", "checkpoint", "models", "data", "parallel", "config", "")
 
 
-@pytest.mark.parametrize("area", sorted(LOWER_LAYERS))
-def test_dependencies_run_one_way(area):
-    forbidden = tuple(f"internvl_mcore.{name}" for name in LOWER_LAYERS[area])
-    bad = [(rel, node.lineno, mod) for rel, tree in _modules() if rel.startswith(area)
-           for node in ast.walk(tree) for mod in _imported_modules(node, rel)
-           if mod in forbidden or mod.startswith(tuple(f + "." for f in forbidden))]
-    assert not bad, f"{area} must not import {LOWER_LAYERS[area]} (training -> convert -> checkpoint -> models): {bad}"
+@functools.cache
+def _subpackages() -> frozenset[str]:
+    return frozenset(p.parent.name for p in PACKAGE.glob("*/__init__.py"))
 
 
-@pytest.mark.parametrize("area", ["models/", "parallel/context_parallel"])
-def test_no_global_process_group_lookups(area):
-    bad = [(rel, node.lineno, node.attr) for rel, tree in _modules() if rel.startswith(area)
-           for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr in GLOBAL_GROUP_LOOKUPS]
-    bad += [(rel, node.lineno, node.module) for rel, tree in _modules() if rel.startswith(area)
-            for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module == "megatron.core"
-            and any(a.name == "parallel_state" for a in node.names)]
-    assert not bad, f"{area}: process groups must be passed in, not looked up: {bad}"
+def _area(dotted: str) -> str | None:
+    """The package a dotted module name belongs to ("" for a top-level module), None outside ours."""
+    parts = dotted.split(".")
+    if parts[0] != "internvl_mcore" or len(parts) < 2:
+        return None
+    return parts[1] if parts[1] in _subpackages() else ""
+
+
+def _import_targets(tree: ast.AST, rel: str) -> list[tuple[int, str]]:
+    """(line, dotted name) of every import anywhere in `tree`: module level, inside functions and
+    `if TYPE_CHECKING:` blocks, and `importlib.import_module("...")` with a literal name."""
+    package = ".".join(["internvl_mcore", *rel.split("/")[:-1]])
+    out = [(node.lineno, mod) for node in ast.walk(tree) for mod in _imported_modules(node, rel)]
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+                and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            name = node.args[0].value
+            out.append((node.lineno, package + name if name.startswith(".") else name))
+    return out
+
+
+def _back_edges(tree: ast.AST, rel: str) -> list[tuple[str, int, str]]:
+    rank = {area: i for i, area in enumerate(PACKAGE_ORDER)}
+    src = rel.split("/")[0] if "/" in rel else ""
+    return [(rel, line, mod) for line, mod in _import_targets(tree, rel)
+            if (dst := _area(mod)) is not None and rank[dst] < rank[src]]
+
+
+def test_package_order_names_every_package():
+    assert set(PACKAGE_ORDER) - {""} == _subpackages(), "place every package in PACKAGE_ORDER (and README)"
+    readme = (PACKAGE.parent / "README.md").read_text()
+    line = " → ".join(f"`{area}/`" for area in PACKAGE_ORDER if area)
+    assert line in readme, f"README's dependency line must read: {line}"
+
+
+def test_back_edge_detection_sees_every_import():
+    """The check below catches a back-edge however it is written (so a hidden one cannot pass)."""
+    src = ("import internvl_mcore.training\n"
+           "from typing import TYPE_CHECKING\n"
+           "if TYPE_CHECKING:\n    from ..convert import export\n"
+           "def f():\n    from ..models.internvl import build_model\n"
+           "    importlib.import_module('internvl_mcore.plan')\n"
+           "    from .. import checkpoint\n"
+           "    from . import device\n")
+    found = {mod for _, _, mod in _back_edges(ast.parse(src), "config/x.py")}
+    assert {"internvl_mcore.training", "internvl_mcore.convert", "internvl_mcore.models.internvl",
+            "internvl_mcore.plan", "internvl_mcore.checkpoint"} <= found
+    assert not any(m.startswith("internvl_mcore.config") for m in found)
+
+
+def test_dependencies_run_one_way():
+    bad = [edge for rel, tree in _modules() for edge in _back_edges(tree, rel)]
+    assert not bad, f"imports against the package order {' -> '.join(a or 'top-level' for a in PACKAGE_ORDER)}: {bad}"
 
 
 # parallel_state's rank/size/stage look-ups (the group look-ups are GLOBAL_GROUP_LOOKUPS)
 GLOBAL_RANK_LOOKUP = re.compile(r"^(get_\w*parallel\w*_(rank|ranks|world_size)|is_pipeline_\w+)$")
+
+# what builds megatron-core's global state and its collection (init_distributed, process_groups) and
+# the CPU patches of megatron-core; everything else gets the collection passed in
+PARALLEL_STATE_OWNERS = {"internvl_mcore/parallel/state.py", "internvl_mcore/parallel/cpu_compat.py"}
+
+
+def _code() -> list[tuple[str, ast.Module]]:
+    """The package, the tools and the training entry point, by path from the repository root."""
+    tools = [*sorted((REPO / "tools").glob("*.py")), REPO / "pretrain_internvl.py"]
+    return [(f"internvl_mcore/{rel}", tree) for rel, tree in _modules()] + [
+        (p.relative_to(REPO).as_posix(), ast.parse(p.read_text(), str(p))) for p in tools]
 
 
 def _imports_parallel_state(node: ast.AST) -> bool:
@@ -101,12 +158,88 @@ def _imports_parallel_state(node: ast.AST) -> bool:
     return isinstance(node, ast.Import) and any(a.name == "megatron.core.parallel_state" for a in node.names)
 
 
-def test_training_passes_process_groups():
-    bad = [(rel, node.lineno) for rel, tree in _modules() if rel.startswith("training/")
-           for node in ast.walk(tree)
-           if _imports_parallel_state(node) or (isinstance(node, ast.Attribute) and (
-               node.attr in GLOBAL_GROUP_LOOKUPS or GLOBAL_RANK_LOOKUP.match(node.attr)))]
-    assert not bad, f"training/: use the ProcessGroupCollection init_distributed returned, not parallel_state: {bad}"
+def _global_lookups(tree: ast.AST) -> list[tuple[int, str]]:
+    return [(node.lineno, "parallel_state") if _imports_parallel_state(node) else (node.lineno, node.attr)
+            for node in ast.walk(tree)
+            if _imports_parallel_state(node) or (isinstance(node, ast.Attribute) and (
+                node.attr in GLOBAL_GROUP_LOOKUPS or GLOBAL_RANK_LOOKUP.match(node.attr)))]
+
+
+def test_process_groups_are_passed_in():
+    """No module but parallel/state.py (and cpu_compat) reads megatron-core's global parallel_state:
+    model code, the context-parallel attention, training, conversion and the tools use the
+    ProcessGroupCollection init_distributed returned."""
+    bad = [(rel, line, name) for rel, tree in _code() if rel not in PARALLEL_STATE_OWNERS
+           for line, name in _global_lookups(tree)]
+    assert not bad, f"use the ProcessGroupCollection init_distributed returned, not parallel_state: {bad}"
+
+
+# megatron-core functions that fall back to its global parallel_state unless given the groups:
+# name -> the keywords every call must pass
+GROUP_KEYWORDS: dict[str, tuple[str, ...]] = {
+    "DistributedDataParallel": ("pg_collection",),
+    "get_megatron_optimizer": ("pg_collection",),
+    "finalize_model_grads": ("pg_collection",),
+    "forward_backward_no_pipelining": ("pg_collection",),
+    "forward_backward_pipelining_without_interleaving": ("pg_collection", "p2p_communicator"),
+    "forward_backward_pipelining_with_interleaving": ("pg_collection", "p2p_communicator"),
+    "get_forward_backward_func": ("pp_size", "vp_size"),
+    "P2PCommunicator": ("pp_group",),
+    "reduce_aux_losses_tracker_across_ranks": ("pg_collection",),
+    "track_moe_metrics": ("pg_collection",),
+    "make_sharded_tensors_for_checkpoint": ("tp_group", "dp_cp_group"),
+    "model_parallel_cuda_manual_seed": ("tp_rank", "ep_rank", "etp_rank"),
+    "scatter_to_sequence_parallel_region": ("group",),
+    "gather_from_sequence_parallel_region": ("group",),
+    "reduce_scatter_to_sequence_parallel_region": ("group",),
+    "copy_to_tensor_model_parallel_region": ("group",),
+    "reduce_from_tensor_model_parallel_region": ("group",),
+    "gather_from_tensor_model_parallel_region": ("group",),
+    "scatter_to_tensor_model_parallel_region": ("group",),
+}
+
+
+def _called_name(call: ast.Call) -> str | None:
+    return call.func.id if isinstance(call.func, ast.Name) else getattr(call.func, "attr", None)
+
+
+def _calls_without_groups(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, name) of each call to a GROUP_KEYWORDS function missing one of its keywords; the
+    schedule get_forward_backward_func returns must be called on the spot, with pg_collection."""
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)]
+    called_on_the_spot = {id(node.func): node for node in calls if isinstance(node.func, ast.Call)}
+    bad = []
+    for node in calls:
+        name = _called_name(node)
+        if name in GROUP_KEYWORDS and not set(GROUP_KEYWORDS[name]) <= {k.arg for k in node.keywords}:
+            bad.append((node.lineno, name))
+        if name == "get_forward_backward_func":
+            outer = called_on_the_spot.get(id(node))
+            if outer is None:
+                bad.append((node.lineno, "get_forward_backward_func(...) not called on the spot"))
+            elif "pg_collection" not in {k.arg for k in outer.keywords}:
+                bad.append((outer.lineno, "get_forward_backward_func(...)(...) without pg_collection"))
+    return bad
+
+
+def test_group_check_sees_calls():
+    """The check below flags a call without its groups however the function is reached."""
+    src = ("DistributedDataParallel(config=c, ddp_config=d, module=m)\n"
+           "optimizer.get_megatron_optimizer(cfg, [m], use_gloo_process_groups=False)\n"
+           "fb = get_forward_backward_func()\n"
+           "get_forward_backward_func(pp_size=2, vp_size=None)(model=[m])\n"
+           "tensor_parallel.scatter_to_sequence_parallel_region(x)\n"
+           "DistributedDataParallel(config=c, ddp_config=d, module=m, pg_collection=pg)\n"
+           "get_forward_backward_func(pp_size=2, vp_size=None)(model=[m], pg_collection=pg, p2p_communicator=p)\n")
+    assert sorted(line for line, _ in _calls_without_groups(ast.parse(src))) == [1, 2, 3, 3, 4, 5]
+
+
+def test_megatron_core_gets_the_groups():
+    """Every call to a megatron-core function that would otherwise use its global parallel_state
+    (DDP, the optimizer, the schedules, finalize_model_grads, the MoE aux-loss reduction, sharded
+    checkpoint tensors, the TP mappings, the RNG seeding) passes the groups."""
+    bad = [(rel, line, name) for rel, tree in _code() for line, name in _calls_without_groups(tree)]
+    assert not bad, f"pass the ProcessGroupCollection (or its group) to megatron-core: {bad}"
 
 
 def test_no_function_level_package_imports():

@@ -185,7 +185,7 @@ def judge_close(name: str, got, want, atol: float, rtol: float, backends: str = 
 def backends(device: str, bf16: bool, cp_ring: bool = False) -> str:
     """What a run on `device` uses: layer specs (TE or local) and core attention (flash-attn varlen
     for bf16 on CUDA when importable, else torch SDPA; our ring for the row CP split)."""
-    from internvl_mcore.models import attention
+    from internvl_mcore.parallel import attention
     from internvl_mcore.models.specs import default_backend
 
     linears = "TE" if default_backend(device) == "te" else "local specs"
@@ -253,15 +253,15 @@ def write_cpu_checkpoint(out: Path, model_name: str) -> None:
     from internvl_mcore.config import ParallelConfig, get_preset
     from internvl_mcore.models.internvl import build_model
     from internvl_mcore.models.weights import init_weights
-    from internvl_mcore.parallel.state import init_distributed, process_groups
+    from internvl_mcore.parallel.state import init_distributed
     from internvl_mcore.training import checkpoint
 
     from internvl_mcore.config.training import ComputeConfig
 
     par = ParallelConfig()
-    init_distributed(par, seed=0, device="cpu")
+    pg = init_distributed(par, seed=0, device="cpu")
     cfg = get_preset(model_name)
-    model = build_model(cfg, par, process_groups(), compute=ComputeConfig(device="cpu")).eval()
+    model = build_model(cfg, par, pg, compute=ComputeConfig(device="cpu")).eval()
     init_weights(model, cfg, seed=21)
     checkpoint.save(out, 1, model, None, None, cfg, par)
 
@@ -417,7 +417,7 @@ def check_flash_vs_sdpa(ctx: Ctx, seed: int = 0) -> Result:
     """flash-attn's varlen kernel and the per-sample SDPA path on one packed bf16 batch."""
     import torch
 
-    from internvl_mcore.models import attention as attn
+    from internvl_mcore.parallel import attention as attn
 
     if attn.flash_attn_varlen_func is None:
         return skip("flash_vs_sdpa", "flash-attn not installed", backends(ctx.device, True))
@@ -442,7 +442,7 @@ def _core_attention(hq: int, hkv: int, d: int):
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from internvl_mcore.models.attention import PackedSDPAttention
+    from internvl_mcore.parallel.attention import PackedSDPAttention
 
     cfg = TransformerConfig(num_layers=1, hidden_size=hq * d, num_attention_heads=hq, num_query_groups=hkv,
                             kv_channels=d, use_cpu_initialization=True)
@@ -464,16 +464,16 @@ def _model_on(ctx: Ctx, ckpt: Path):
 
     from internvl_mcore.config import ParallelConfig, get_preset
     from internvl_mcore.models.internvl import build_model
-    from internvl_mcore.parallel.state import init_distributed, process_groups
+    from internvl_mcore.parallel.state import init_distributed
     from internvl_mcore.training.checkpoint import load_weights
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     from internvl_mcore.config.training import ComputeConfig
 
     par = ParallelConfig()
-    init_distributed(par, seed=0, device=ctx.device)
+    pg = init_distributed(par, seed=0, device=ctx.device)
     cfg = get_preset("debug")
-    model = build_model(cfg, par, process_groups(), compute=ComputeConfig(device=ctx.device)).to(ctx.device).eval()
+    model = build_model(cfg, par, pg, compute=ComputeConfig(device=ctx.device)).to(ctx.device).eval()
     load_weights(ckpt, model, cfg)
     return model, cfg
 

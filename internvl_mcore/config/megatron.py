@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
-from ..parallel.device import have_apex_wgrad_fusion, have_fusion_kernels, resolve_device
+from .device import have_apex_wgrad_fusion, have_fusion_kernels, resolve_device
 from .model import ModelConfig, ParallelConfig, padded_vision_heads
 from .training import DEFAULT_COMPUTE, ComputeConfig
 

@@ -17,13 +17,13 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from ..config.device import resolve_device
 from ..config.megatron import llm_transformer_config, projector_transformer_config, vision_transformer_config
 from ..config.model import ModelConfig, ParallelConfig
 from ..config.training import DEFAULT_COMPUTE, ComputeConfig
 from ..data.source_images import SourceImages, tile_pixel_values
+from ..parallel.attention import PackedSDPAttention, packed_seq_params_from_cu_seqlens
 from ..parallel.context_parallel import TokenSplit, cp_core_attention, cp_path_line, cp_split_choice
-from ..parallel.device import resolve_device
-from .attention import PackedSDPAttention, packed_seq_params_from_cu_seqlens
 from . import rope
 from .language import LanguageModel
 from .projector import Projector, pixel_shuffle_v2
@@ -59,7 +59,7 @@ class InternVLModel(MegatronModule):
             self.projector = Projector(projector_transformer_config(model_cfg, par, dtype, compute),
                                        projector_mlp_submodules(backend), model_cfg.projector_input_size,
                                        eps=model_cfg.projector_layernorm_epsilon, pg_collection=pg)
-        self.cp_group = pg.cp
+        self.cp_group, self.tp_group = pg.cp, pg.tp  # tp_group: megatron-core's sharded_state_dict reads it
         # how a CP rank's tokens are cut from the batch: whole rows or TE's per-sample 'thd' split
         self.cp_layout, why = (cp_split_choice(par.cp_split, backend, par.pipeline_model_parallel_size,
                                                par.sequence_parallel, par.cp_comm_type)
@@ -85,6 +85,13 @@ class InternVLModel(MegatronModule):
 
     def shared_embedding_or_output_weight(self) -> torch.Tensor:
         return self.language_model.shared_embedding_or_output_weight()
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: Optional[dict] = None) -> dict:
+        """megatron-core's, with this stage's DP x CP group in `metadata` (every submodule reads it from
+        there; without it megatron-core would take its global one)."""
+        metadata = {"dp_cp_group": self.pg_collection.dp_cp, **(metadata or {})}
+        return super().sharded_state_dict(prefix, sharded_offsets, metadata)
 
     # --- forward -------------------------------------------------------------------------------
     def image_features(self, pixel_values: torch.Tensor | SourceImages) -> torch.Tensor:
@@ -134,7 +141,7 @@ class InternVLModel(MegatronModule):
                 emb = self._splice(emb, input_ids, self.image_features(pixel_values))
             emb = split.split(emb, 0)  # (S/C, B, H) this CP rank's two chunks ('thd': (T, 1, H))
             if self.config.sequence_parallel:
-                emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
+                emb = tensor_parallel.scatter_to_sequence_parallel_region(emb, group=self.tp_group)
             decoder_input = emb
         return self.language_model(decoder_input, position_ids, labels=labels, packed_seq_params=packed,
                                    loss_weight=loss_weight)

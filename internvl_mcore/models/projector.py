@@ -19,6 +19,7 @@ class Projector(MegatronModule):
     def __init__(self, config: Any, submodules: MLPSubmodules, input_size: int, eps: float = 1e-5,
                  *, pg_collection: ProcessGroupCollection) -> None:
         super().__init__(config=config)
+        self.tp_group = pg_collection.tp  # read by megatron-core's sharded_state_dict (else: its global group)
         self.layer_norm = nn.LayerNorm(input_size, eps=eps, dtype=config.params_dtype)
         self.mlp = MLP(config=config, submodules=submodules, input_size=input_size, tp_group=pg_collection.tp)
 

@@ -26,7 +26,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from .attention import PackedSDPAttention
+from ..parallel.attention import PackedSDPAttention
 from .vision import FullWidthQKNorm, InternViTLayer
 
 Backend = Literal["local", "te"]

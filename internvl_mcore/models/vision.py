@@ -22,7 +22,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
-from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 from torch import nn
 
 from ..config.model import VisionConfig
@@ -56,7 +56,9 @@ class FullWidthQKNorm(nn.Module):
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Any = None) -> dict:
         """Checkpoint the weight as split over TP along dim 0 (megatron-core would call it replicated)."""
         state = self.state_dict(prefix="", keep_vars=True)
-        return make_sharded_tensors_for_checkpoint(state, prefix, {"weight": 0}, sharded_offsets)
+        dp_cp_group = ensure_metadata_has_dp_cp_group(metadata)["dp_cp_group"]
+        return make_sharded_tensors_for_checkpoint(state, prefix, {"weight": 0}, sharded_offsets,
+                                                   tp_group=self.tp_group, dp_cp_group=dp_cp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (S, B, heads_local, head_dim)
         xf = x.float()
@@ -154,6 +156,7 @@ class InternViT(MegatronModule):
     def __init__(self, config: Any, vision: VisionConfig, layer_spec: ModuleSpec,
                  pg_collection: ProcessGroupCollection) -> None:
         super().__init__(config=config)
+        self.tp_group = pg_collection.tp  # read by megatron-core's sharded_state_dict (else: its global group)
         self.embeddings = InternViTEmbeddings(vision, config.params_dtype)
         self.encoder = TransformerBlock(config, layer_spec, post_layer_norm=False, pre_process=True,
                                         post_process=False, pg_collection=pg_collection)

@@ -48,7 +48,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from ..models.attention import PackedSDPAttention
+from .attention import PackedSDPAttention
 from .context_parallel_thd import ThdContextParallelAttention, ThdSplit, required_cp_group
 
 CP_COMM_TYPES = ("p2p", "a2a", "a2a+p2p")
@@ -533,9 +533,10 @@ class ContextParallelAttention(MegatronModule):
         self.query_tile, self.key_tile = query_tile, key_tile
         # the whole-row packed attention for C = 1 and inside the a2a scheme (no parameters)
         self.local = PackedSDPAttention(config, layer_number, attn_mask_type, attention_type,
-                                        attention_dropout, softmax_scale)
+                                        attention_dropout, softmax_scale, pg_collection=pg_collection)
 
         self.cp_group = required_cp_group(pg_collection)
+        self.tp_group = getattr(pg_collection, "tp", None)  # megatron-core's sharded_state_dict reads it
         self.cp_size = self.cp_group.size()
         self.cp_rank = self.cp_group.rank()
         self.a2a_group = self.p2p_group = None

@@ -31,7 +31,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from ..models.attention import PackedSDPAttention, packed_seq_params_from_cu_seqlens
+from .attention import PackedSDPAttention, packed_seq_params_from_cu_seqlens
 
 
 def required_cp_group(pg_collection: Any) -> dist.ProcessGroup:
@@ -162,6 +162,7 @@ class ThdContextParallelAttention(MegatronModule):
                  pg_collection: Any = None, **kwargs: Any) -> None:
         super().__init__(config=config)
         self.cp_group = required_cp_group(pg_collection)
+        self.tp_group = getattr(pg_collection, "tp", None)  # megatron-core's sharded_state_dict reads it
         self.kernel = None
         if self.use_te:
             # transformer-engine is an optional GPU extra: imported only when its kernel is asked for
@@ -171,7 +172,7 @@ class ThdContextParallelAttention(MegatronModule):
                                                 attention_dropout, softmax_scale, cp_comm_type=cp_comm_type,
                                                 pg_collection=pg_collection)
         self.local = PackedSDPAttention(config, layer_number, attn_mask_type, attention_type,
-                                        attention_dropout, softmax_scale)
+                                        attention_dropout, softmax_scale, pg_collection=pg_collection)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: Optional[torch.Tensor], attn_mask_type: Optional[AttnMaskType] = None,

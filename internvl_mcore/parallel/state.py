@@ -11,7 +11,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from . import cpu_compat
-from .device import resolve_device
+from ..config.device import resolve_device
 from ..config.model import ParallelConfig
 
 
@@ -27,7 +27,7 @@ def init_distributed(par: ParallelConfig, seed: int, timeout_s: float = 600.0,
     """Join the job (torchrun's env, or a 1-process world), build megatron-core's groups and return
     them; model construction, attention, sharding and checkpointing take them as an argument.
 
-    gloo on CPU, nccl on GPU (`device`: --device, parallel/device.py). Seeds: megatron-core's tracker
+    gloo on CPU, nccl on GPU (`device`: --device, config/device.py). Seeds: megatron-core's tracker
     ("model-parallel-rng" differs per TP rank, default state equal within a model-parallel group)."""
     on_gpu = resolve_device(device) == "cuda"
     if not on_gpu:  # forced: a --device cpu run (a conversion) on a GPU host must not reach torch.cuda either
@@ -57,9 +57,11 @@ def init_distributed(par: ParallelConfig, seed: int, timeout_s: float = 600.0,
             expert_tensor_parallel_size=par.expert_tensor_parallel_size,
             distributed_timeout_minutes=timeout_s / 60,  # megatron-core's groups get the same timeout
         )
+    pg = process_groups()
     torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    return process_groups()
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, tp_rank=pg.tp.rank(), ep_rank=pg.ep.rank(),
+                                                    etp_rank=pg.expt_tp.rank())
+    return pg
 
 
 def process_groups() -> ProcessGroupCollection:

@@ -219,7 +219,7 @@ def _norm_bytes(tokens: float, width: int, kind: str, e: int, kernels: Kernels,
 def _attention_bytes(tokens: float, seg_sq: float, heads_q: int, heads_kv: int, d: int, e: int,
                      kernels: Kernels) -> float:
     """Core attention's saved tensors for `tokens` tokens: q, k, v, out and the fp32 log-sum-exp.
-    Both kernels are flash-style here: models/attention.py hands torch's SDPA 4-D inputs, which on
+    Both kernels are flash-style here: parallel/attention.py hands torch's SDPA 4-D inputs, which on
     CPU take its flash kernel (no L x L matrix), as flash-attn / TE do on GPU. `seg_sq` (sum of the
     segments' squared lengths) is kept for kernels that would materialize the scores."""
     return tokens * ((2 * heads_q + 2 * heads_kv) * d * e + 4 * heads_q)

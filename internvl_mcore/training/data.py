@@ -9,12 +9,12 @@ import torch
 from tqdm import tqdm
 
 from ..config.model import ModelConfig
+from ..config.device import resolve_device
 from ..config.training import RunConfig
 from ..data.loader import PackedDataLoader, parse_data_path
 from ..data.workers import WorkerError
 from ..data.resample import PillowMismatch, pass_order
 from ..data.shards import ShardReader, manifest_path, max_token_id, sha256_file, shard_files
-from ..parallel.device import resolve_device
 from .batch import Batch
 from .mock import mock_batches
 

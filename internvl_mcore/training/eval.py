@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 
 from ..config.training import RunConfig, has_validation
+from ..parallel.schedules import forward_backward
 from .batch import Batch
 from .checkpoint import rng_state, set_rng_state
 from .data import MockBatches, ShardBatches, loss_weights
@@ -53,8 +54,6 @@ class Evaluator:
         """The microbatch losses ({"lm loss": [sum(w * loss), sum(w)]}, last pipeline stage) of each of
         the `--eval-iters` batches, from forward-only passes in eval mode (collective); the caller
         reduces them like the training loss (loop.reduce_loss_totals)."""
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         t = self.run.train
         step_func = forward_step
         self.batches.load_state_dict(self.start)
@@ -66,8 +65,8 @@ class Evaluator:
             with torch.no_grad():
                 for _ in range(t.eval_iters):
                     batches = self._weighted(next(self.batches) for _ in range(self.num_microbatches))
-                    out.append(get_forward_backward_func()(
-                        forward_step_func=step_func, data_iterator=iter(batches),
+                    out.append(forward_backward(
+                        unwrap_model(model[0]).pg_collection, forward_step_func=step_func, data_iterator=iter(batches),
                         model=model, num_microbatches=self.num_microbatches, seq_length=t.seq_length,
                         micro_batch_size=t.micro_batch_size, forward_only=True))
         finally:

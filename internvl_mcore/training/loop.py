@@ -18,6 +18,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 
 from ..checkpoint import selection
 from ..checkpoint.format import CheckpointError, checkpoint_dir, read_run_json
+from ..config.device import resolve_device
 from ..config.problems import problems, refusal
 from ..config.training import RunConfig
 from ..errors import ConfigError
@@ -25,7 +26,7 @@ from ..models.internvl import build_model
 from ..models.lora import add_lora
 from ..models.weights import init_weights
 from ..parallel.cpu_compat import fuse_cpu_adam
-from ..parallel.device import resolve_device
+from ..parallel.schedules import forward_backward
 from ..parallel.state import comm_device, init_distributed
 from . import checkpoint, mpo, save_dir
 from .async_save import AsyncWriter
@@ -122,8 +123,8 @@ def _build_model(run: RunConfig, plan: Plan, pg: Any) -> tuple[torch.nn.Module, 
     return model, reference
 
 
-def _wrap(model: torch.nn.Module, run: RunConfig, plan: Plan) -> tuple[Any, Any]:
-    """megatron-core DDP around the stage and its (distributed) optimizer."""
+def _wrap(model: torch.nn.Module, run: RunConfig, plan: Plan, pg: ProcessGroupCollection) -> tuple[Any, Any]:
+    """megatron-core DDP around the stage and its (distributed) optimizer, in the groups `pg`."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
@@ -133,13 +134,13 @@ def _wrap(model: torch.nn.Module, run: RunConfig, plan: Plan) -> tuple[Any, Any]
         config=config,
         ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
                                                  use_distributed_optimizer=t.use_distributed_optimizer),
-        module=model)
+        module=model, pg_collection=pg)
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=plan.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
                         adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
                         clip_grad=t.clip_grad, bf16=t.bf16, params_dtype=next(model.parameters()).dtype,
                         use_distributed_optimizer=t.use_distributed_optimizer),
-        [ddp])
+        [ddp], use_gloo_process_groups=False, pg_collection=pg)  # gloo groups: only legacy formats use them
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp.no_sync
     return ddp, optimizer
@@ -162,7 +163,7 @@ def setup(run: RunConfig) -> Trainer:
         chosen = selection.select(run.checkpoint.load, no_fallback=run.checkpoint.no_fallback)
         run = dataclasses.replace(run, checkpoint=dataclasses.replace(run.checkpoint, load=str(chosen)))
     model, reference = _build_model(run, plan, pg)
-    ddp, optimizer = _wrap(model, run, plan)
+    ddp, optimizer = _wrap(model, run, plan, pg)
     scheduler = build_scheduler(optimizer, t, plan.lr, plan.lr_decay_style)
     dp_rank, micro = pg.dp.rank(), t.global_batch_size // (t.micro_batch_size * dp)
     trainer = Trainer(run, plan, [ddp], optimizer, scheduler, build_batches(run, dp_rank, dp), micro, dp, pg)
@@ -264,8 +265,6 @@ def _step_batches(trainer: Trainer) -> tuple[list[Batch], float]:
 
 def _forward_backward(trainer: Trainer, batches: list[Batch], scale: float) -> list[dict]:
     """megatron-core's schedule over the step's microbatches (gradients into the DDP buffers)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     t = trainer.run.train
     trainer.model[0].zero_grad_buffer()
     trainer.optimizer.zero_grad()
@@ -273,8 +272,8 @@ def _forward_backward(trainer: Trainer, batches: list[Batch], scale: float) -> l
     if trainer.mpo is not None:  # reference log-probs first, then the policy consumes them
         mpo.run_reference(trainer.reference, batches, trainer.mpo, t.seq_length, t.micro_batch_size)
         step_func = functools.partial(mpo.mpo_forward_step, ctx=trainer.mpo)
-    return get_forward_backward_func()(
-        forward_step_func=step_func, data_iterator=iter(batches),
+    return forward_backward(
+        trainer.pg, forward_step_func=step_func, data_iterator=iter(batches),
         model=trainer.model, num_microbatches=trainer.num_microbatches, seq_length=t.seq_length,
         micro_batch_size=t.micro_batch_size, forward_only=False)
 
@@ -326,7 +325,7 @@ def train_step(trainer: Trainer) -> dict:
     batches, scale = _step_batches(trainer)
     data_s = time.perf_counter() - start
     losses = _forward_backward(trainer, batches, scale)
-    aux = reduced_aux_loss(trainer.num_microbatches) if trainer.run.model.llm.is_moe else None
+    aux = reduced_aux_loss(trainer.num_microbatches, trainer.pg) if trainer.run.model.llm.is_moe else None
     pg = trainer.pg
     last = is_last_stage(pg)
     totals = reduce_loss_totals(losses, last, pg.dp_cp, pg.pp).cpu()

@@ -34,12 +34,12 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from ..checkpoint.format import CheckpointError, checkpoint_dir
 from ..models.internvl import build_model
 from ..parallel.context_parallel import TokenSplit
+from ..parallel.schedules import forward_backward
 from ..parallel.state import comm_device
 from . import checkpoint
 from .batch import Batch
@@ -255,8 +255,8 @@ def run_reference(reference: torch.nn.Module, batches: list[Batch], ctx: MPOCont
     """Forward-only pass of the reference through megatron-core's schedule: sets `ref_logps` on the
     last stage's batches."""
     with torch.no_grad():
-        get_forward_backward_func()(
-            forward_step_func=functools.partial(reference_forward_step, cp_group=ctx.cp_group),
+        forward_backward(
+            reference.pg_collection, forward_step_func=functools.partial(reference_forward_step, cp_group=ctx.cp_group),
             data_iterator=iter(batches), model=[reference], num_microbatches=len(batches),
             seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=True)
 

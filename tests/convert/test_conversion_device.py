@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from internvl_mcore.convert import distributed as conv
-from internvl_mcore.parallel.device import resolve_device
+from internvl_mcore.config.device import resolve_device
 
 
 class _Stop(Exception):

@@ -277,7 +277,7 @@ def test_checkpoint_missing_weights_still_an_error_on_device_change(world, tmp_p
 
 # ---------------------------------------------------------------------------------------- --device
 def test_device_flag_semantics(monkeypatch):
-    from internvl_mcore.parallel import device
+    from internvl_mcore.config import device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("NVIDIA_VISIBLE_DEVICES", raising=False)

@@ -93,7 +93,7 @@ def test_summary_counts_skips_apart_and_fails_on_any_fail(gpu_check):
 def test_checks_without_te_flash_or_second_gpu_skip_in_their_own_processes(gpu_check, tmp_path):
     """The runner on the CPU: each check a child process; the TE / flash / 2-GPU checks SKIP with the
     reason and the backends; a check over its time limit FAILs."""
-    from internvl_mcore.models import attention
+    from internvl_mcore.parallel import attention
     from internvl_mcore.models.specs import have_transformer_engine
 
     if have_transformer_engine() or attention.flash_attn_varlen_func is not None:

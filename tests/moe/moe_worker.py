@@ -10,6 +10,9 @@ loop (training/loop.py: setup, train_step, save, --load):
 
 0. the --pretrained weights in this rank's shards (read through per-rank slices) equal the shards
    cut from whole tensors, and so do the slices read from the HF directory (issue 24);
+4. megatron-core, called by the package (DDP, optimizer, schedules, aux-loss reduction, checkpoint
+   tensors), reads no group, rank or size from its global parallel_state: the package passes the
+   groups init_distributed returned (the look-ups it makes anyway are listed for the test).
 
 Each rank writes rank{r}.json with what it measured; the test asserts on them. Everything runs
 under `main()`: megatron-core's checkpoint writer starts a multiprocessing Manager, which
@@ -18,6 +21,8 @@ re-imports __main__.
 import argparse
 import dataclasses
 import json
+import re
+import sys
 from pathlib import Path
 
 import torch
@@ -93,6 +98,46 @@ def compare_grads(ddp: torch.nn.Module, cfg: ModelConfig, grads: dict, ref: dict
     return {"max_rel_grad_err": worst, "worst": worst_name, "params_checked": checked, "expert_params": experts}
 
 
+# global look-ups megatron-core 0.16.1 makes however it is called: RowParallelLinear.forward passes
+# tp_group=None to its own linear function, and vocab_parallel_cross_entropy takes no group
+UNAVOIDABLE_LOOKUPS = {("tensor_parallel/layers.py", "linear_with_frozen_weight"),
+                       ("tensor_parallel/layers.py", "linear_with_grad_accumulation_and_async_allreduce"),
+                       ("tensor_parallel/cross_entropy.py", "forward")}
+
+
+def record_global_lookups() -> set:
+    """From now on, megatron-core functions that read a group, rank or size from parallel_state
+    while the package (outside parallel/state.py) is calling them, as (file, function)."""
+    from megatron.core import parallel_state as ps
+
+    seen: set = set()
+
+    def caller() -> tuple | None:
+        frame, inner = sys._getframe(2), None
+        while frame is not None and "megatron/core/" in frame.f_code.co_filename:
+            path, name = frame.f_code.co_filename.split("megatron/core/")[-1], frame.f_code.co_name
+            if inner is None and path != "parallel_state.py" and name != "get_tensor_model_parallel_group_if_none":
+                inner = (path, name)
+            frame = frame.f_back
+        if frame is None or "internvl_mcore" not in frame.f_code.co_filename \
+                or frame.f_code.co_filename.endswith("parallel/state.py"):
+            return None  # the worker's own look-ups, or start-up
+        return inner
+
+    def wrap(fn):
+        def wrapped(*args, **kwargs):
+            where = caller()
+            if where is not None and where not in UNAVOIDABLE_LOOKUPS:
+                seen.add(where)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    for name in dir(ps):
+        if re.match(r"^(get_\w*(group|groups|rank|world_size)|is_pipeline_\w+_stage)$", name):
+            setattr(ps, name, wrap(getattr(ps, name)))
+    return seen
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--ckpt", required=True)
@@ -118,6 +163,7 @@ def main() -> None:
                                       lr_warmup_iters=2, seed=5, use_distributed_optimizer=a.dist_opt),
                     data=DataConfig(mock_data=True, mock_tiles_per_sample=1), log=LogConfig(),
                     checkpoint=CheckpointConfig(pretrained=a.ckpt, save=a.save))
+    lookups = record_global_lookups()
     trainer = loop.setup(run)
     out = Path(a.out)
     report: dict = {"rank": dist.get_rank(), **check_slice_reads(trainer.model[0].module, Path(a.ckpt))}
@@ -141,6 +187,7 @@ def main() -> None:
         report["resumed_at"] = resumed.iteration
         report["resumed_losses"] = [loop.train_step(resumed)["loss"] for _ in range(ITERS - RESUME_AT)]
         loop.save(resumed)  # the final weights, for the export check
+    report["global_lookups"] = sorted(lookups)
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(report))
 
 

@@ -132,6 +132,7 @@ def _reports(out: Path, world: int) -> list[dict]:
 def _check_layout(name: str, reports: list[dict], ref: dict) -> None:
     for r in reports:
         assert r["slice_checked"] > 0 and not r["slice_mismatch"], (name, r["rank"], r["slice_mismatch"])
+        assert not r["global_lookups"], f"{name}: megatron-core used its global groups in {r['global_lookups']}"
         if "max_rel_grad_err" in r:
             assert r["params_checked"] > 0 and r["expert_params"] > 0, r
             assert r["max_rel_grad_err"] < TOL, (name, r["rank"], r["worst"], r["max_rel_grad_err"])

@@ -31,7 +31,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_batch_on_this_cp_rank
 
-from internvl_mcore.models.attention import PackedSDPAttention, packed_seq_params_from_cu_seqlens
+from internvl_mcore.parallel.attention import PackedSDPAttention, packed_seq_params_from_cu_seqlens
 from internvl_mcore.parallel.context_parallel import ContextParallelAttention, gather_from_cp, split_for_cp
 
 C = a.cp

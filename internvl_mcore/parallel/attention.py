@@ -47,6 +47,8 @@ class PackedSDPAttention(MegatronModule):
         self.attn_mask_type = attn_mask_type
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        # megatron-core's sharded_state_dict reads it (else: its global group), though nothing here is sharded
+        self.tp_group = getattr(pg_collection, "tp", None)
 
     def forward(
         self,
