@@ -74,7 +74,7 @@ def test_mpo_reference_is_built_beside_the_policy(monkeypatch) -> None:
     monkeypatch.setattr(mpo, "build_model", lambda *a, **k: torch.nn.Linear(2, 2))
     policy = torch.nn.Linear(2, 2, device="meta")
     policy.pg_collection = None
-    run = SimpleNamespace(parallel=None, checkpoint=SimpleNamespace(load=None))
+    run = SimpleNamespace(parallel=None, compute=None, checkpoint=SimpleNamespace(load=None))
     ref = mpo.build_reference(run, None, policy)
     assert next(ref.parameters()).device.type == "meta"
 
