@@ -174,7 +174,7 @@ def make_random_hf_dir(cfg, out: str, fmt: str, dtype_name: str, max_shard_size:
     import torch
 
     from internvl_mcore.checkpoint.safetensors_io import parse_size, write_hf_dir
-    from internvl_mcore.convert.hf import canonical_to_hf
+    from internvl_mcore.convert.hf import canonical_to_hf, hf_plan
     from internvl_mcore.convert.hf_config import hf_config_for
     from internvl_mcore.convert.keymaps import canonical_names, canonical_shapes
 
@@ -194,8 +194,12 @@ def make_random_hf_dir(cfg, out: str, fmt: str, dtype_name: str, max_shard_size:
         def __len__(self) -> int:
             return len(canonical_names(cfg))
 
-    write_hf_dir(out, canonical_to_hf(RandomCanonical(), cfg, fmt), hf_config_for(cfg, fmt, dtype),
-                 parse_size(max_shard_size))
+        def shape(self, name: str) -> tuple[int, ...]:  # the shapes without making the tensors
+            return tuple(shapes[name])
+
+    src = RandomCanonical()
+    write_hf_dir(out, canonical_to_hf(src, cfg, fmt, dtype), hf_config_for(cfg, fmt, dtype),
+                 hf_plan(src, cfg, fmt, dtype), parse_size(max_shard_size))
     return sum(math.prod(s) for k, s in shapes.items()
                if not (cfg.llm.tie_word_embeddings and k == "language_model.output_layer.weight"))
 

@@ -14,9 +14,10 @@ in only when complete, so a failed conversion leaves no CKPT. It is a canonical,
 checkpoint (internvl_mcore/checkpoint/canonical.py): every TP/PP layout loads its shards from it
 (`pretrain_internvl.py --pretrained CKPT`, each rank reading only its own slices).
 
-The conversion streams: one tensor at a time is read, converted and written to its place in the
-output shards (laid out first from the safetensors headers), so memory holds about one tensor, never
-the model, and no process group or model is built. T x P is checked against the model before
+The conversion streams: the output shards are laid out first from the safetensors headers, then
+each canonical tensor is copied to its place from the byte ranges of the HF files it is made of (the
+key maps only move whole rows; the copy runs in the kernel, as `cp` copies), so no tensor is read into
+memory and no process group or model is built. T x P is checked against the model before
 anything is converted (TP divides the heads and widths, PP the decoder layers; --no-verify skips
 the check) and recorded in model_config.json.
 """

@@ -24,8 +24,8 @@ import torch
 
 from internvl_mcore.cli_errors import naming, read_json
 from ..config.model import LLMConfig, ModelConfig, ParallelConfig, VisionConfig
-from .safetensors_io import (DEFAULT_MAX_SHARD_BYTES, ConversionError, SafetensorsDir, ShardedWriter, StreamingWriter,
-                             parse_dtype)
+from .safetensors_io import (DEFAULT_MAX_SHARD_BYTES, ConversionError, PlanItem, SafetensorsDir, ShardedWriter,
+                             parse_dtype, plan_of)
 
 META_NAME = "model_config.json"
 FORMAT_VERSION = 1
@@ -76,17 +76,20 @@ class CanonicalCheckpoint:
 
 def save_canonical(out_dir: str | os.PathLike, cfg: ModelConfig, tensors: Any, source: Mapping[str, Any] | None = None,
                    layout: ParallelConfig | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                   plan: Sequence[tuple[str, torch.dtype, tuple[int, ...]]] | None = None) -> Path:
-    """Write a canonical checkpoint from (name, tensor) pairs (an iterator is streamed). With `plan`
-    ((name, dtype, shape) of every tensor, in order) each tensor is written in place in its shard
-    (StreamingWriter); without, into a side file appended behind the shard's header when the shard
-    is full (ShardedWriter). Either way the writer holds no tensor."""
+                   plan: Sequence[PlanItem] | None = None) -> Path:
+    """Write a canonical checkpoint from (name, tensor or StoredBytes) pairs (an iterator is
+    streamed), each written in place in its shard (ShardedWriter: the writer holds no tensor).
+    `plan`: (name, dtype, shape) of every tensor, in order; taken from `tensors` when it is a mapping."""
     out = Path(out_dir)
-    writer = ShardedWriter(out, max_shard_bytes) if plan is None else StreamingWriter(out, plan, max_shard_bytes)
+    if plan is None:
+        if not isinstance(tensors, Mapping):
+            raise TypeError("save_canonical: give the plan of an iterator of tensors")
+        plan = plan_of(tensors)
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
-    for name, t in items:
-        writer.add(name, t)
-    writer.close()
+    with ShardedWriter(out, plan, max_shard_bytes) as writer:
+        for name, t in items:
+            writer.add(name, t)
+        writer.close()
     layout = layout or ParallelConfig()
     meta = {"format_version": FORMAT_VERSION, "model": model_config_to_dict(cfg), "source": dict(source or {}),
             "layout": {"tensor_model_parallel_size": layout.tensor_model_parallel_size,

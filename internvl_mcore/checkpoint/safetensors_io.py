@@ -1,10 +1,11 @@
 """HF checkpoint directories on disk: sharded safetensors read and written with plain file I/O
-(`SafetensorsDir`, `ShardedWriter`), dtype names, config.json + side files of an HF directory, and
+(`SafetensorsDir`; `ShardedWriter`, the one writer: shards laid out from a plan, tensors written in place), dtype names, config.json + side files of an HF directory, and
 the converters' error type. No model knowledge here (config.json <-> ModelConfig: convert/hf_config.py;
 tensor conversion through the key maps: convert/hf.py).
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -153,8 +154,8 @@ def _write_bytes(f: Any, t: torch.Tensor) -> None:
 def _header(specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
             metadata: Mapping[str, str] | None) -> tuple[bytes, dict[str, int]]:
     """The header block of a safetensors file holding tensors of these (dtype, shape), laid out in
-    the order given (ShardedWriter's arrival order, so both writers give the same bytes), and each
-    tensor's offset from the start of the file (StreamingWriter writes in place)."""
+    the order given (the writer's plan order), and each tensor's offset from the start of the file
+    (ShardedWriter writes each tensor there)."""
     entries, offset = {}, 0
     for name, (dtype, shape) in specs.items():
         entries[name] = _entry(dtype, shape, offset)
@@ -179,25 +180,6 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
         f.write(_header_bytes(entries, metadata))
         for name in names:
             _write_bytes(f, tensors[name])
-
-
-def _append_file(dst: Any, src_path: Path) -> None:
-    """Append file `src_path` to the open file `dst` in the kernel where it can (no copy in memory)."""
-    dst.flush()
-    with open(src_path, "rb") as src:
-        size, done = os.fstat(src.fileno()).st_size, 0
-        try:
-            while done < size:
-                sent = os.sendfile(dst.fileno(), src.fileno(), done, size - done)
-                if sent == 0:
-                    break
-                done += sent
-        except OSError:
-            pass  # no sendfile between these files: copy the rest through a bounded buffer
-        if done < size:
-            src.seek(done)
-            dst.seek(0, os.SEEK_END)
-            shutil.copyfileobj(src, dst, 16 * 1024 ** 2)
 
 
 class SafetensorsDir(Mapping[str, torch.Tensor]):
@@ -246,6 +228,19 @@ class SafetensorsDir(Mapping[str, torch.Tensor]):
         if not info.nbytes:
             return torch.empty(info.shape, dtype=info.dtype)
         return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+    def stored(self, name: str, first: int = 0, rows: int | None = None) -> tuple[Path, int, int]:
+        """Where rows `first` .. `first + rows` (dim 0; default: to the end) of tensor `name` lie:
+        (file, offset, bytes), for a writer that copies them file to file (`StoredBytes`)."""
+        info = self._info.get(name)
+        if info is None:
+            raise KeyError(f"{self.path}: no tensor {name!r}")
+        length = info.shape[0] if info.shape else 1
+        rows = length - first if rows is None else rows
+        if not 0 <= first <= first + rows <= length:
+            raise IndexError(f"{name}: rows {first}..{first + rows} of {length}")
+        row_bytes = info.nbytes // length if length else 0
+        return info.file, info.start + first * row_bytes, rows * row_bytes
 
     def read_index(self, name: str, dim: int, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """`self[name].index_select(dim, index)` with zeros where `index` is -1, reading from disk only
@@ -330,6 +325,9 @@ class Renamed(Mapping[str, torch.Tensor]):
     def shape(self, name: str) -> tuple[int, ...]:
         return tensor_shape(self.base, self._orig[name])
 
+    def stored(self, name: str, first: int = 0, rows: int | None = None) -> tuple[Path, int, int]:
+        return self.base.stored(self._orig[name], first, rows)
+
     def dtype(self, name: str) -> torch.dtype:
         dtype = getattr(self.base, "dtype", None)
         return dtype(self._orig[name]) if callable(dtype) else self.base[self._orig[name]].dtype
@@ -370,66 +368,189 @@ def tensor_shape(src: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
     return shape(name) if callable(shape) else tuple(src[name].shape)
 
 
-class ShardedWriter:
-    """Writes tensors into safetensors shards of at most `max_shard_bytes` as they arrive, then an
-    index (transformers' naming: `model.safetensors` alone, or `model-0000k-of-0000n.safetensors` +
-    `model.safetensors.index.json`). Each tensor's bytes go to disk when it is added (a shard's data
-    to a side file, put behind the shard's header when the shard is full), so the writer holds no
-    tensor: memory is the caller's one tensor whatever the shard size. `peak_tensor_bytes`: the
-    largest tensor added (tests bound the exporters' memory with it)."""
+PlanItem = tuple[str, torch.dtype, tuple[int, ...]]
+"""(name, dtype, shape) of a tensor to be written."""
 
-    def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+
+def tensor_dtype(src: Mapping[str, torch.Tensor], name: str) -> torch.dtype:
+    dtype = getattr(src, "dtype", None)
+    return dtype(name) if callable(dtype) else src[name].dtype
+
+
+def plan_of(tensors: Mapping[str, torch.Tensor]) -> list[PlanItem]:
+    """The writer's plan for every tensor of a mapping, in its order: from its `shape` / `dtype`
+    methods where it has them (lazy views: nothing is read), else from the tensors."""
+    return [(name, tensor_dtype(tensors, name), tuple(tensor_shape(tensors, name))) for name in tensors]
+
+
+@dataclass(frozen=True)
+class StoredBytes:
+    """A tensor given by where its bytes lie in files: (file, offset, length) ranges, in order. The
+    writer copies them file to file in the kernel (`os.copy_file_range`, as `cp` does), so they are
+    never read into this process."""
+
+    ranges: tuple[tuple[Path, int, int], ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(n for _, _, n in self.ranges)
+
+    @staticmethod
+    def of(ranges: Iterable[tuple[Path, int, int]]) -> "StoredBytes":
+        """Ranges that continue each other in one file merged into one (one copy instead of several)."""
+        merged: list[tuple[Path, int, int]] = []
+        for path, offset, n in ranges:
+            if merged and merged[-1][0] == path and merged[-1][1] + merged[-1][2] == offset:
+                merged[-1] = (path, merged[-1][1], merged[-1][2] + n)
+            elif n:
+                merged.append((path, offset, n))
+        return StoredBytes(tuple(merged))
+
+
+_COPY_CHUNK = 16 * 1024 ** 2
+# errors of a copy_file_range the kernel or file system does not offer for these files (older
+# kernels across file systems, some network / FUSE file systems): copied through a buffer instead
+_NO_KERNEL_COPY = {getattr(errno, n) for n in ("EXDEV", "ENOSYS", "EOPNOTSUPP", "ENOTSUP", "EINVAL", "EBADF")
+                   if hasattr(errno, n)}
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """All of `data` at `offset` (one pwrite writes at most ~2 GiB on Linux)."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+def _copy_range(src: int, src_offset: int, dst: int, dst_offset: int, n: int, what: str) -> None:
+    """`n` bytes from `src` at `src_offset` to `dst` at `dst_offset`: in the kernel where it can,
+    else through a bounded buffer. A source that ends early is a ConversionError naming `what`."""
+    kernel_copy = getattr(os, "copy_file_range", None)
+    while n and kernel_copy is not None:
+        try:
+            done = kernel_copy(src, dst, n, src_offset, dst_offset)
+        except OSError as e:
+            if e.errno not in _NO_KERNEL_COPY:
+                raise
+            break
+        if done == 0:  # end of the source file: the buffered copy below says so
+            break
+        n, src_offset, dst_offset = n - done, src_offset + done, dst_offset + done
+    buf = memoryview(bytearray(min(n, _COPY_CHUNK))) if n else None
+    while n:
+        got = os.preadv(src, [buf[:min(n, _COPY_CHUNK)]], src_offset)
+        if got == 0:
+            raise ConversionError(f"{what}: truncated data")
+        _pwrite_all(dst, buf[:got], dst_offset)
+        n, src_offset, dst_offset = n - got, src_offset + got, dst_offset + got
+
+
+def _layout(plan: Iterable[PlanItem], max_shard_bytes: int) -> list[dict[str, tuple[torch.dtype, tuple[int, ...]]]]:
+    """The tensors of each shard, in plan order: a tensor that would overflow a non-empty shard
+    starts the next one (so a tensor larger than the limit has a shard of its own)."""
+    shards: list[dict[str, tuple[torch.dtype, tuple[int, ...]]]] = []
+    seen: set[str] = set()
+    size = 0
+    for name, dtype, shape in plan:
+        nbytes = math.prod(shape) * dtype.itemsize
+        if not shards or (shards[-1] and size + nbytes > max_shard_bytes):
+            shards.append({})
+            size = 0
+        if name in seen:
+            raise ConversionError(f"tensor {name!r} written twice")
+        seen.add(name)
+        shards[-1][name] = (dtype, tuple(shape))
+        size += nbytes
+    return shards
+
+
+class ShardedWriter:
+    """The one safetensors writer: shards of at most `max_shard_bytes` and an index (transformers'
+    naming: `model.safetensors` alone, or `model-0000k-of-0000n.safetensors` +
+    `model.safetensors.index.json`), laid out from `plan` -- (name, dtype, shape) of every tensor,
+    in the order they will be added (`plan_of` a mapping). The shards and their headers are written
+    first; each tensor is written at its place when it is added, from its memory (`os.pwrite`) or,
+    given as `StoredBytes`, file to file in the kernel. So the writer holds no tensor and writes each
+    byte once: memory is the caller's one tensor whatever the shard size. `peak_tensor_bytes`: the
+    largest tensor added (tests bound the exporters' memory with it). Use it as a context manager
+    (or call `release` on failure) so its open file is closed whatever happens."""
+
+    def __init__(self, out_dir: str | os.PathLike, plan: Iterable[PlanItem],
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_shard_bytes
-        self._entries: dict[str, dict] = {}
-        self._data: Any = None
-        self._data_bytes = 0
-        self._shards: list[list[str]] = []
-        self._written: set[str] = set()
-        self.total_bytes = 0
+        shards = _layout(plan, max_shard_bytes)
+        self.total_bytes = sum(math.prod(sh) * dt.itemsize for specs in shards for dt, sh in specs.values())
         self.peak_tensor_bytes = 0
+        self._place: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}
+        for k, specs in enumerate(shards):
+            block, starts = _header(specs, {"format": "pt"})
+            with naming(self._tmp(k)), open(self._tmp(k), "wb") as f:
+                f.write(block)
+                f.truncate(len(block) + sum(math.prod(sh) * dt.itemsize for dt, sh in specs.values()))
+            self._place.update({n: (k, starts[n], *specs[n]) for n in specs})
+        self._shards = [list(specs) for specs in shards]
+        self._pending = set(self._place)
+        self._fd: tuple[int, int] | None = None
+        """(shard, descriptor) of the shard written last: tensors arrive in plan order, shard by shard."""
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Write one tensor's bytes into the current shard; a full shard is finished first."""
-        if name in self._written:
-            raise ConversionError(f"tensor {name!r} written twice")
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._entries and self._data_bytes + nbytes > self.max_bytes:
-            self._flush()
-        if self._data is None:
-            with naming(self._data_path()):
-                self._data = open(self._data_path(), "wb")
-        self._entries[name] = _entry(tensor.dtype, tensor.shape, self._data_bytes)
-        with naming(self._data_path()):
-            _write_bytes(self._data, tensor)
-        self._written.add(name)
-        self._data_bytes += nbytes
-        self.total_bytes += nbytes
-        self.peak_tensor_bytes = max(self.peak_tensor_bytes, nbytes)
+    def __enter__(self) -> "ShardedWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
     def _tmp(self, k: int) -> Path:
         return self.out / f".shard-{k:05d}.safetensors.tmp"
 
-    def _data_path(self) -> Path:
-        """Where the current shard's tensor bytes go until its header is known."""
-        return self._tmp(len(self._shards)).with_suffix(".tmp.data")
+    def _shard_fd(self, k: int) -> int:
+        if self._fd is None or self._fd[0] != k:
+            self.release()
+            self._fd = (k, os.open(self._tmp(k), os.O_WRONLY))
+        return self._fd[1]
 
-    def _flush(self) -> None:
-        if not self._entries:
-            return
-        self._data.close()
-        self._data = None
-        with naming(self._tmp(len(self._shards))), open(self._tmp(len(self._shards)), "wb") as f:
-            f.write(_header_bytes(self._entries, {"format": "pt"}))
-            _append_file(f, self._data_path())
-        os.remove(self._data_path())
-        self._shards.append(list(self._entries))
-        self._entries, self._data_bytes = {}, 0
+    def release(self) -> None:
+        """Close the open shard file (the files stay; `close` finishes them)."""
+        if self._fd is not None:
+            os.close(self._fd[1])
+            self._fd = None
+
+    def add(self, name: str, tensor: torch.Tensor | StoredBytes) -> None:
+        """Write one planned tensor (or its stored bytes) at its place in its shard."""
+        if name not in self._pending:
+            raise ConversionError(f"tensor {name!r} {'written twice' if name in self._place else 'not planned'}")
+        k, start, dtype, shape = self._place[name]
+        nbytes = math.prod(shape) * dtype.itemsize
+        if isinstance(tensor, StoredBytes):
+            if tensor.nbytes != nbytes:
+                raise ConversionError(f"tensor {name!r}: {tensor.nbytes} stored bytes, planned {dtype} {shape}")
+            with naming(self._tmp(k)):
+                self._copy(name, tensor, self._shard_fd(k), start)
+        else:
+            if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+                raise ConversionError(f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, planned {dtype} {shape}")
+            if tensor.numel():
+                with naming(self._tmp(k)):
+                    _pwrite_all(self._shard_fd(k), _bytes_of(tensor), start)
+        self._pending.discard(name)
+        self.peak_tensor_bytes = max(self.peak_tensor_bytes, nbytes)
+
+    @staticmethod
+    def _copy(name: str, stored: StoredBytes, fd: int, at: int) -> None:
+        for path, offset, n in stored.ranges:
+            with naming(path):
+                src = os.open(path, os.O_RDONLY)
+            try:
+                _copy_range(src, offset, fd, at, n, f"{path}: tensor bytes for {name!r}")
+            finally:
+                os.close(src)
+            at += n
 
     def close(self) -> list[Path]:
-        """Write the last shard, name the files, write the index; returns the shard paths."""
-        self._flush()
+        """Check every planned tensor was written, name the files, write the index; returns the shard paths."""
+        self.release()
+        if self._pending:
+            raise ConversionError(f"tensor(s) {sorted(self._pending)[:5]} planned but never written")
         n = len(self._shards)
         if n == 0:
             raise ConversionError("no tensors to write")
@@ -445,54 +566,6 @@ class ShardedWriter:
             with naming(self.out / INDEX_NAME):
                 (self.out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         return final
-
-
-class StreamingWriter(ShardedWriter):
-    """A ShardedWriter that holds no tensor: the names, dtypes and shapes to come are known up front
-    (`plan`, in arrival order), so the shards and their headers are laid out first and each tensor is
-    written at its place the moment it arrives. Same files as ShardedWriter for the same tensors."""
-
-    def __init__(self, out_dir: str | os.PathLike, plan: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
-        super().__init__(out_dir, max_shard_bytes)
-        shards: list[dict[str, tuple[torch.dtype, tuple[int, ...]]]] = []
-        size = 0
-        for name, dtype, shape in plan:  # ShardedWriter's rule: a tensor that overflows starts a new shard
-            nbytes = math.prod(shape) * dtype.itemsize
-            if not shards or (shards[-1] and size + nbytes > max_shard_bytes):
-                shards.append({})
-                size = 0
-            if any(name in sh for sh in shards):
-                raise ConversionError(f"tensor {name!r} written twice")
-            shards[-1][name] = (dtype, tuple(shape))
-            size += nbytes
-            self.total_bytes += nbytes
-        self._place: dict[str, tuple[int, int, torch.dtype, tuple[int, ...]]] = {}
-        for k, specs in enumerate(shards):
-            block, starts = _header(specs, {"format": "pt"})
-            with naming(self._tmp(k)), open(self._tmp(k), "wb") as f:
-                f.write(block)
-                f.truncate(len(block) + sum(math.prod(sh) * dt.itemsize for dt, sh in specs.values()))
-            self._place.update({n: (k, starts[n], *specs[n]) for n in specs})
-        self._shards = [list(specs) for specs in shards]
-        self._pending = set(self._place)
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Write one planned tensor into its shard file."""
-        if name not in self._pending:
-            raise ConversionError(f"tensor {name!r} {'written twice' if name in self._place else 'not planned'}")
-        k, start, dtype, shape = self._place[name]
-        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise ConversionError(f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, planned {dtype} {shape}")
-        if tensor.numel():
-            with naming(self._tmp(k)), open(self._tmp(k), "r+b") as f:
-                f.seek(start)
-                f.write(_bytes_of(tensor))
-        self._pending.discard(name)
-
-    def _flush(self) -> None:
-        if self._pending:
-            raise ConversionError(f"tensor(s) {sorted(self._pending)[:5]} planned but never written")
 
 
 # =============================================================================================
@@ -521,13 +594,14 @@ def copy_side_files(template_dir: str | os.PathLike, out_dir: str | os.PathLike)
 
 
 def write_hf_dir(out_dir: str | os.PathLike, tensors: Iterable[tuple[str, torch.Tensor]], config: Mapping[str, Any],
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[Path]:
-    """Write config.json and the (sharded) safetensors of `tensors`, streaming."""
+                 plan: Iterable[PlanItem], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[Path]:
+    """Write config.json and the (sharded) safetensors of `tensors`, streaming: `plan` is
+    (name, dtype, shape) of every tensor `tensors` yields, in its order (ShardedWriter)."""
     out = Path(out_dir)
-    writer = ShardedWriter(out, max_shard_bytes)
-    for name, t in tensors:
-        writer.add(name, t)
-    files = writer.close()
+    with ShardedWriter(out, plan, max_shard_bytes) as writer:
+        for name, t in tensors:
+            writer.add(name, t)
+        files = writer.close()
     with naming(out / CONFIG_NAME):
         (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return files

@@ -16,7 +16,6 @@ Dependencies run training -> convert -> checkpoint -> models: nothing here impor
 """
 import importlib
 
-from .export import convert_checkpoint_to_hf, training_checkpoint_to_canonical
 from .hf import canonical_to_hf, convert_hf_to_checkpoint, hf_to_canonical
 from .hf_config import hf_config_for, model_config_from_hf, read_hf_config
 from .keymaps import FORMATS, canonical_shapes, keymap
@@ -27,12 +26,15 @@ __all__ = [
     "training_checkpoint_to_canonical", "unshard", "verify_layout",
 ]
 
-# distributed.py builds models (megatron-core); importing it here would make every `internvl_mcore.convert.*`
-# import -- the CLIs' flag parsing included -- pay for megatron-core, so its names resolve on first use
-_DISTRIBUTED = ("gather_canonical_state", "unshard", "verify_layout")
+# Their names resolve on first use, so that importing `internvl_mcore.convert.*` does not pay for
+# them: distributed.py builds models (megatron-core), export.py reads torch_dist checkpoints
+# (torch.distributed.checkpoint, seconds to import: most of what tools/convert_from_hf.py would spend
+# before its first byte)
+_LAZY = {"gather_canonical_state": ".distributed", "unshard": ".distributed", "verify_layout": ".distributed",
+         "convert_checkpoint_to_hf": ".export", "training_checkpoint_to_canonical": ".export"}
 
 
 def __getattr__(name: str):
-    if name in _DISTRIBUTED:
-        return getattr(importlib.import_module(".distributed", __name__), name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -121,8 +121,9 @@ def _layout_worker(rank: int, world: int, port: int, tp: int, pp: int,
             if out_dir is not None:
                 layout_par = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
                 dtypes = {k: ckpt.tensors.dtype(k) for k in ckpt.tensors}
+                plan = [(k, dtypes.get(k, v.dtype), tuple(v.shape)) for k, v in state.items()]
                 save_canonical(out_dir, ckpt.config, ((k, v.to(dtypes.get(k, v.dtype))) for k, v in state.items()),
-                               ckpt.meta.get("source"), layout_par)
+                               ckpt.meta.get("source"), layout_par, plan=plan)
     finally:
         if rank == 0:
             Path(result_dir, "report.json").write_text(json.dumps(report))

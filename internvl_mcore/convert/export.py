@@ -5,8 +5,10 @@ No model is built and no process group started: the canonical tensors come one a
 checkpoint files (training: checkpoint/dist_canonical.py over checkpoint/dist_reader.py, which reads
 each tensor's chunks from their byte ranges and removes the saving layout's padding; canonical: the
 safetensors files), go through the key maps (convert/hf.py `canonical_to_hf`) and are written
-straight into the safetensors shards (`write_hf_dir`'s ShardedWriter holds no tensor). Peak memory is a few
-times the largest tensor, whatever the model's size; nothing is written but the export.
+straight into their places in the safetensors shards, which `write_hf_dir`'s ShardedWriter lays out
+first from the shapes and dtypes the checkpoint's index gives (`hf_plan`): the writer holds no tensor
+and writes each byte once. Peak memory is a few times the largest tensor, whatever the model's size;
+nothing is written but the export.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from ..checkpoint.format import TRACKER, CheckpointError, is_training_checkpoint
 from ..checkpoint.safetensors_io import DEFAULT_MAX_SHARD_BYTES, copy_side_files, parse_dtype, write_hf_dir
 from ..checkpoint.trust import check_dist_checkpoint
 from ..config.model import ModelConfig
-from .hf import canonical_to_hf
+from .hf import canonical_to_hf, hf_plan
 from .hf_config import MODEL_TYPE_OF_FORMAT, hf_config_for, read_hf_config
 
 
@@ -85,7 +87,7 @@ def write_hf_export(src: ExportSource, save: str | os.PathLike, fmt: str, templa
     config = hf_config_for(src.config, fmt, out_dtype, template)
     out = Path(save)
     files = write_hf_dir(out, canonical_to_hf(src.tensors, src.config, fmt, out_dtype, progress), config,
-                         max_shard_bytes)
+                         hf_plan(src.tensors, src.config, fmt, out_dtype), max_shard_bytes)
     if template_dir is not None:
         copy_side_files(template_dir, out)
     elif fmt == "internvl":
@@ -109,5 +111,5 @@ def training_checkpoint_to_canonical(path: str | os.PathLike, out_dir: str | os.
     if not is_training_checkpoint(path):
         raise CheckpointError(f"{path}: not a training checkpoint (no run.json or {TRACKER})")
     src = open_export_source(path)
-    save_canonical(out_dir, src.config, src.tensors.items(), src.source, max_shard_bytes=max_shard_bytes)
+    save_canonical(out_dir, src.config, src.tensors, src.source, max_shard_bytes=max_shard_bytes)
     return src.config

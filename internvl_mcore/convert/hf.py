@@ -16,8 +16,8 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoint.canonical import save_canonical
-from ..checkpoint.safetensors_io import (DEFAULT_MAX_SHARD_BYTES, ConversionError, Renamed, SafetensorsDir, dtype_name,
-                                         read_index, source_dtype, tensor_shape)
+from ..checkpoint.safetensors_io import (DEFAULT_MAX_SHARD_BYTES, ConversionError, PlanItem, Renamed, SafetensorsDir,
+                                         StoredBytes, dtype_name, read_index, source_dtype, tensor_dtype, tensor_shape)
 from ..config.model import ModelConfig, ParallelConfig
 from .hf_config import model_config_from_hf, read_hf_config
 from .keymaps import READ_ALIASES, Entry, canonical_shapes, copy_to_canonical, expand, keymap
@@ -94,12 +94,49 @@ def hf_to_canonical(src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str,
 def canonical_plan(src: Mapping[str, torch.Tensor], cfg: ModelConfig,
                    fmt: str) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     """(canonical name, dtype, shape) of every tensor `hf_to_canonical` will yield, in its order, from
-    the headers alone (validates like it): what a StreamingWriter lays its shards out from."""
+    the headers alone (validates like it): what the ShardedWriter lays its shards out from."""
     src = _normalize(src, fmt)
-    dtype = getattr(src, "dtype", None)
     shapes = canonical_shapes(cfg)
-    return [(e.canonical, dtype(e.hf[0]) if callable(dtype) else src[e.hf[0]].dtype, shapes[e.canonical])
+    return [(e.canonical, tensor_dtype(src, e.hf[0]), shapes[e.canonical])
             for e in check_hf_tensors(src, cfg, fmt) if e.present]
+
+
+def _row_sources(src: Mapping[str, torch.Tensor], e: Entry, cfg: ModelConfig) -> torch.Tensor:
+    """For every canonical row of entry `e`: k * _ROW_STRIDE + the row of HF tensor e.hf[k] it is
+    (the transform run on row numbers instead of tensors)."""
+    probes = [torch.arange(tensor_shape(src, h)[0], dtype=torch.int64) + k * _ROW_STRIDE for k, h in enumerate(e.hf)]
+    return e.transform.to_canonical(probes, cfg)
+
+
+def _stored_canonical(src: Mapping[str, torch.Tensor], e: Entry, cfg: ModelConfig) -> StoredBytes | None:
+    """Entry `e`'s canonical tensor as byte ranges of the HF files: every transform moves whole rows
+    (dim 0), so each run of consecutive rows of one HF tensor is one range. None where the source
+    cannot say where its bytes lie, or the HF pieces differ in dtype (the tensor path refuses it)."""
+    base = src.base if isinstance(src, Renamed) else src
+    if not callable(getattr(base, "stored", None)) or len({tensor_dtype(src, h) for h in e.hf}) > 1:
+        return None
+    if e.transform.to_canonical is copy_to_canonical or not tensor_shape(src, e.hf[0]):
+        return StoredBytes.of(src.stored(h) for h in e.hf) if len(e.hf) == 1 else None
+    rows = _row_sources(src, e, cfg)
+    if not len(rows):
+        return StoredBytes(())
+    starts = (torch.diff(rows) != 1).nonzero().flatten() + 1
+    bounds = [0, *starts.tolist(), len(rows)]
+    firsts = rows[bounds[:-1]].tolist()
+    return StoredBytes.of(src.stored(e.hf[code // _ROW_STRIDE], code % _ROW_STRIDE, end - begin)
+                          for code, begin, end in zip(firsts, bounds[:-1], bounds[1:]))
+
+
+def _stored_to_canonical(src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str,
+                         progress: bool = False) -> Iterator[tuple[str, torch.Tensor | StoredBytes]]:
+    """`hf_to_canonical`, but yielding where the canonical tensor's bytes lie in the HF files
+    (`StoredBytes`: the writer copies them file to file in the kernel, the way `cp` does; nothing
+    is read into memory, no tensor is built) wherever the source can say so; tensors elsewhere."""
+    src = _normalize(src, fmt)
+    entries = [e for e in check_hf_tensors(src, cfg, fmt) if e.present]
+    for e in tqdm(entries, desc="HF -> canonical", unit="tensor", disable=None if progress else True):  # a bar on a terminal only
+        stored = _stored_canonical(src, e, cfg)
+        yield e.canonical, stored if stored is not None else e.transform.to_canonical([src[h] for h in e.hf], cfg).contiguous()
 
 
 class HFAsCanonical(Mapping[str, torch.Tensor]):
@@ -157,14 +194,10 @@ class HFAsCanonical(Mapping[str, torch.Tensor]):
         return out
 
     def _row_sources(self, e: Entry) -> torch.Tensor:
-        """For every canonical row of entry `e`: k * _ROW_STRIDE + the row of HF tensor e.hf[k] it is."""
-        probes = [torch.arange(tensor_shape(self.src, h)[0], dtype=torch.int64) + k * _ROW_STRIDE
-                  for k, h in enumerate(e.hf)]
-        return e.transform.to_canonical(probes, self.cfg)
+        return _row_sources(self.src, e, self.cfg)
 
     def _dtype(self, hf_name: str) -> torch.dtype:
-        dtype = getattr(self.src, "dtype", None)
-        return dtype(hf_name) if callable(dtype) else self.src[hf_name].dtype
+        return tensor_dtype(self.src, hf_name)
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
@@ -176,10 +209,8 @@ class HFAsCanonical(Mapping[str, torch.Tensor]):
         return len(self._entries)
 
 
-def canonical_to_hf(src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str,
-                    dtype: torch.dtype | None = None, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stream (HF name, tensor) pairs in format `fmt` from canonical tensors (cast to `dtype` if
-    given). Refuses missing, unexpected or mis-shaped canonical tensors before writing anything."""
+def _check_canonical(src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str) -> list[Entry]:
+    """The present entries of format `fmt`; refuses missing, unexpected or mis-shaped canonical tensors."""
     entries = [e for e in expand(keymap(fmt, cfg.llm.family), cfg) if e.present]
     shapes = canonical_shapes(cfg)
     known = {e.canonical for e in entries}
@@ -194,9 +225,29 @@ def canonical_to_hf(src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str,
         got = tensor_shape(src, name)
         if got != shapes[name]:
             raise ConversionError(f"canonical tensor {name!r} has shape {got}, the config implies {shapes[name]}")
+    return entries
+
+
+def canonical_to_hf(src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str,
+                    dtype: torch.dtype | None = None, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream (HF name, tensor) pairs in format `fmt` from canonical tensors (cast to `dtype` if
+    given). Refuses missing, unexpected or mis-shaped canonical tensors before writing anything."""
+    entries = _check_canonical(src, cfg, fmt)
     for e in tqdm(entries, desc=f"canonical -> {fmt}", unit="tensor", disable=None if progress else True):  # a bar on a terminal only
         # in a function of its own, so that nothing of this tensor is alive while the next one is read
         yield from _hf_tensors(e, src[e.canonical], cfg, dtype)
+
+
+def hf_plan(src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str,
+            dtype: torch.dtype | None = None) -> list[PlanItem]:
+    """(HF name, dtype, shape) of every tensor `canonical_to_hf` will yield, in its order, from the
+    canonical shapes and dtypes alone (a checkpoint's index: nothing is read; validates like it):
+    what the ShardedWriter lays the HF shards out from."""
+    plan = []
+    for e in _check_canonical(src, cfg, fmt):
+        out_dtype = dtype or tensor_dtype(src, e.canonical)
+        plan += [(h, out_dtype, shape) for h, shape in zip(e.hf, _expected_hf_shapes(e, cfg, tensor_shape(src, e.canonical)))]
+    return plan
 
 
 def _hf_tensors(e: Entry, t: torch.Tensor, cfg: ModelConfig, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -213,13 +264,15 @@ def convert_hf_to_checkpoint(hf_dir: str | os.PathLike, save: str | os.PathLike,
     """Read an HF checkpoint (either layout; the format and model come from config.json) and write a
     canonical checkpoint. Everything is validated before the first tensor is converted.
 
-    Streams tensor by tensor: each HF tensor is read, converted and written to its place in the
-    output shard, so memory holds one tensor's HF pieces and its canonical form, never the model."""
+    Streams tensor by tensor: each canonical tensor is written to its place in the output shard,
+    copied in the kernel from the byte ranges of the HF files it is made of (the key maps only move
+    whole rows), so no tensor passes through this process's memory: the import costs about a `cp`
+    of the checkpoint plus Python's start-up."""
     hf_config = read_hf_config(hf_dir)
     cfg, fmt = model_config_from_hf(hf_config, hf_dir)
     src = SafetensorsDir(hf_dir)
     dtype = source_dtype(src)
     source = {"format": fmt, "dtype": dtype_name(dtype), "hf_config": hf_config, "hf_dir": str(Path(hf_dir).resolve())}
-    save_canonical(save, cfg, hf_to_canonical(src, cfg, fmt, progress=progress), source, layout, max_shard_bytes,
+    save_canonical(save, cfg, _stored_to_canonical(src, cfg, fmt, progress=progress), source, layout, max_shard_bytes,
                    plan=canonical_plan(src, cfg, fmt))
     return cfg

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from internvl_mcore.checkpoint.canonical import CanonicalCheckpoint
-from internvl_mcore.checkpoint.safetensors_io import ConversionError, SafetensorsDir, ShardedWriter
+from internvl_mcore.checkpoint.safetensors_io import ConversionError, SafetensorsDir, ShardedWriter, plan_of
 from internvl_mcore.config import PRESETS, ParallelConfig
 from internvl_mcore.convert import (canonical_shapes, convert_checkpoint_to_hf, convert_hf_to_checkpoint, hf_config_for,
                                     model_config_from_hf, verify_layout)
@@ -327,7 +327,7 @@ def test_sharded_writer_respects_shard_size_and_indexes(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(0)
     tensors = {f"t{i}": torch.randn(100 + 37 * i, generator=g) for i in range(12)}
     limit = 2000
-    writer = ShardedWriter(tmp_path, max_shard_bytes=limit)
+    writer = ShardedWriter(tmp_path, plan_of(tensors), max_shard_bytes=limit)
     for k, v in tensors.items():
         writer.add(k, v)
     files = writer.close()

@@ -16,7 +16,7 @@ import torch
 
 from internvl_mcore.config import ParallelConfig
 from internvl_mcore.checkpoint.canonical import CanonicalCheckpoint
-from internvl_mcore.checkpoint.safetensors_io import SafetensorsDir, ShardedWriter, StreamingWriter
+from internvl_mcore.checkpoint.safetensors_io import SafetensorsDir, ShardedWriter
 from internvl_mcore.convert import canonical_shapes, convert_hf_to_checkpoint
 from internvl_mcore.convert.hf import HFAsCanonical, model_config_from_hf, read_hf_config
 from internvl_mcore.models.sharding import split_dim
@@ -98,22 +98,51 @@ def test_slice_reads_equal_whole_tensor_shards(sources, tmp_path, name):
         assert all(0.45 * total < r < 0.62 * total for r in read), (name, read, total)
 
 
-def test_streaming_writer_writes_the_sharded_writers_files(tmp_path):
-    """convert_from_hf's writer (tensors to disk as they arrive, shards laid out from the plan) gives
-    byte for byte the files of the writer that buffers a shard, across several shards."""
-    gen = torch.Generator().manual_seed(0)
-    tensors = [(f"t{i}", torch.randn(3 + i, 5, generator=gen).to(dt))
-               for i, dt in enumerate([torch.float32, torch.bfloat16, torch.float32, torch.float16, torch.float32])]
+# sha256 (first 16 hex digits) and size of the files the writers wrote for these tensors at commit 984f5f4,
+# before the side-file writer and the plan-based one became one: the files must not change
+_WRITER_FILES = {"model-00001-of-00004.safetensors": ("41b0dceb4c23ca61", 324),
+                 "model-00002-of-00004.safetensors": ("70d1bb1031746e8f", 204),
+                 "model-00003-of-00004.safetensors": ("4767773c220facc1", 164),
+                 "model-00004-of-00004.safetensors": ("740e195052eb293e", 244),
+                 "model.safetensors.index.json": ("af691082112526a4", 347)}
+
+
+def test_writer_files_unchanged_from_tensors_and_from_stored_bytes(tmp_path, monkeypatch):
+    """The one writer (shards laid out from the plan, each tensor written in place) gives byte for byte
+    the files of the former writers, across several shards, whether a tensor comes from memory or as
+    byte ranges of another file (copied in the kernel, or through a buffer where the kernel cannot)."""
+    import errno
+    import hashlib
+
+    from internvl_mcore.checkpoint.safetensors_io import StoredBytes
+
+    dts = [torch.float32, torch.bfloat16, torch.float32, torch.float16, torch.float32]
+    tensors = [(f"t{i}", (torch.arange((3 + i) * 5, dtype=torch.float32) / 7 - i).reshape(3 + i, 5).to(dt))
+               for i, dt in enumerate(dts)]
     tensors.insert(2, ("empty", torch.empty(0, 4)))
     plan = [(k, t.dtype, tuple(t.shape)) for k, t in tensors]
-    for cls, out in ((ShardedWriter, tmp_path / "a"), (StreamingWriter, tmp_path / "b")):
-        w = cls(out, 150) if cls is ShardedWriter else cls(out, plan, 150)
+    with ShardedWriter(tmp_path / "a", plan, 150) as w:
         for k, t in tensors:
             w.add(k, t)
         w.close()
-    files = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert len(files) > 3 and files == sorted(p.name for p in (tmp_path / "b").iterdir())
-    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
-    w = StreamingWriter(tmp_path / "c", plan, 150)
-    with pytest.raises(ValueError, match="planned"):
-        w.add("t0", tensors[0][1].double())
+    got = {p.name: (hashlib.sha256(p.read_bytes()).hexdigest()[:16], p.stat().st_size) for p in (tmp_path / "a").iterdir()}
+    assert got == _WRITER_FILES
+    src = SafetensorsDir(tmp_path / "a")
+    for out in ("b", "c"):
+        with ShardedWriter(tmp_path / out, plan, 150) as w:
+            for k, _ in tensors:  # in two ranges, copied one after the other
+                rows = src.shape(k)[0]
+                w.add(k, StoredBytes((src.stored(k, 0, rows // 2), src.stored(k, rows // 2))))
+            w.close()
+        assert all((tmp_path / out / f).read_bytes() == (tmp_path / "a" / f).read_bytes() for f in _WRITER_FILES)
+
+        def no_kernel_copy(*args):
+            raise OSError(errno.EXDEV, "cross-device")
+        monkeypatch.setattr("os.copy_file_range", no_kernel_copy)
+    with ShardedWriter(tmp_path / "d", plan, 150) as w:
+        with pytest.raises(ValueError, match="planned"):
+            w.add("t0", tensors[0][1].double())
+        with pytest.raises(ValueError, match="stored bytes"):
+            w.add("t0", StoredBytes((src.stored("t1"),)))
+        with pytest.raises(ValueError, match="never written"):
+            w.close()
