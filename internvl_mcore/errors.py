@@ -25,3 +25,21 @@ class CheckpointError(UserError):
 
 class ConversionError(UserError):
     """Weights that cannot be converted between formats or layouts (names the file and tensor)."""
+
+
+class ScheduleMismatch(ConfigError):
+    """A resume whose schedule flags differ from the checkpoint's, without a flag saying which wins."""
+
+
+class TemplateError(DataError):
+    """A conversation the template cannot render; `reason` is a Reject reason key (one record's fault:
+    the preprocessor rejects the record, the run goes on)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class SaveDirRefused(CheckpointError):
+    """--save is held by another run or holds another run's checkpoints; the message says which."""

@@ -28,6 +28,8 @@ import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from .errors import ConfigError
+
 # What tools/convert_to_hf.py writes (weights, index, config, PEFT adapter): removed from an existing
 # export directory under --overwrite before the new files move in. Anything else there is kept.
 HF_EXPORT_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", "adapter_config.json")
@@ -78,15 +80,15 @@ def check_writable_dir(path: str | os.PathLike, what: str) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise NotADirectoryError(f"{what}: {path} exists and is not a directory") from None
+        raise ConfigError(f"{what}: {path} exists and is not a directory") from None
     except OSError as e:
-        raise PermissionError(f"{what}: cannot create directory {path} ({e.strerror})") from None
+        raise ConfigError(f"{what}: cannot create directory {path} ({e.strerror})") from None
     probe = path / f".write-test-{os.getpid()}"
     try:
         probe.touch()
         probe.unlink()
     except OSError as e:
-        raise PermissionError(f"{what}: directory {path} is not writable ({e.strerror})") from None
+        raise ConfigError(f"{what}: directory {path} is not writable ({e.strerror})") from None
 
 
 @contextlib.contextmanager

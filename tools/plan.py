@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from internvl_mcore.config import PRESETS, get_preset  # noqa: E402
 from internvl_mcore.config.domains import OneLineParser, declare_domains  # noqa: E402
+from internvl_mcore.errors import ConfigError  # noqa: E402
 from internvl_mcore.plan import HARDWARE, Layout, Workload, count_params, plan, search  # noqa: E402
 from internvl_mcore.plan.params import active_params  # noqa: E402
 from internvl_mcore.plan.memory import GiB  # noqa: E402
@@ -84,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_ranges(args: argparse.Namespace) -> None:
     """Refuse what no single flag's domain can say: a memory budget the reserve eats up."""
     if args.gpu_memory is not None and args.gpu_memory <= args.reserve_gb:
-        raise ValueError(f"--gpu-memory {args.gpu_memory} GiB leaves nothing after --reserve-gb {args.reserve_gb}")
+        raise ConfigError(f"--gpu-memory {args.gpu_memory} GiB leaves nothing after --reserve-gb {args.reserve_gb}")
 
 
 def gib(x: float) -> str:
@@ -150,7 +151,7 @@ def plan_cli(argv: list[str] | None) -> int:
                      ep=a.expert_model_parallel_size or 1)
         try:
             p = plan(model, lay, work, hw, **kw)
-        except ValueError as exc:
+        except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         print(f"\nlayout {lay.describe()}, {p.breakdown['microbatches']} microbatches per step\n")

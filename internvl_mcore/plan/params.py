@@ -24,6 +24,7 @@ from math import prod
 from typing import Iterable, Literal
 
 # padded_vision_heads is read from here by memory.py and layouts.py
+from ..errors import ConfigError
 from ..config.model import ModelConfig, ParallelConfig, padded_vision_heads, padded_vocab_size  # noqa: F401
 from ..models.sharding import rule_for
 
@@ -71,7 +72,7 @@ def decoder_layers_per_stage(num_layers: int, par: ParallelConfig) -> list[int]:
         return [num_layers]
     if first is None and last is None:
         if num_layers % pp:
-            raise ValueError(f"{num_layers} decoder layers are not divisible by "
+            raise ConfigError(f"{num_layers} decoder layers are not divisible by "
                              f"--pipeline-model-parallel-size {pp}")
         return [num_layers // pp] * pp
     rest, stages_left = num_layers, pp
@@ -80,7 +81,7 @@ def decoder_layers_per_stage(num_layers: int, par: ParallelConfig) -> list[int]:
     if last is not None:
         rest, stages_left = rest - last, stages_left - 1
     if rest < 0 or (stages_left > 0 and rest % stages_left):
-        raise ValueError(f"{num_layers} decoder layers cannot be split as first={first}, last={last} over "
+        raise ConfigError(f"{num_layers} decoder layers cannot be split as first={first}, last={last} over "
                          f"{pp} stages (the middle stages need an equal share)")
     middle = rest // stages_left if stages_left else 0
     counts = [middle] * pp
@@ -233,14 +234,14 @@ def check_divisibility(model: ModelConfig, par: ParallelConfig) -> None:
         del need["LLM ffn_hidden_size"]
         ep, etp = par.expert_model_parallel_size, par.expert_tensor_parallel_size or tp
         if m.num_experts % ep:
-            raise ValueError(f"--expert-model-parallel-size {ep} does not divide the {m.num_experts} experts of "
+            raise ConfigError(f"--expert-model-parallel-size {ep} does not divide the {m.num_experts} experts of "
                              f"{model.name}")
         if m.moe_ffn_hidden_size % etp:
-            raise ValueError(f"expert tensor parallel size {etp} does not divide the expert width "
+            raise ConfigError(f"expert tensor parallel size {etp} does not divide the expert width "
                              f"({m.moe_ffn_hidden_size}) of {model.name}")
     for what, n in need.items():
         if n % tp:
-            raise ValueError(f"--tensor-model-parallel-size {tp} does not divide the {what} ({n}) of "
+            raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide the {what} ({n}) of "
                              f"{model.name}")
 
 

@@ -38,7 +38,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import unwrap_model
 
-from ..checkpoint.format import CheckpointError, checkpoint_dir
+from ..checkpoint.format import checkpoint_dir
+from ..errors import CheckpointError
 from ..models.internvl import build_model
 from ..parallel.state import comm_device
 from . import checkpoint

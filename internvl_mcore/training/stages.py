@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
 from ..config.training import STAGES, TrainConfig
 
 DEFAULT_LR = 1e-4
@@ -48,15 +49,15 @@ def resolve(train: TrainConfig, vit_layers: int) -> Plan:
         lr_decay_style=value(train.lr_decay_style, stage and stage.lr_decay_style, "cosine"),
         drop_path_rate=drop_path)
     if train.unfreeze_vit_layers < 0 or train.unfreeze_vit_layers > vit_layers:
-        raise ValueError(f"--unfreeze-vit-layers {train.unfreeze_vit_layers} must be in [0, {vit_layers}]")
+        raise ConfigError(f"--unfreeze-vit-layers {train.unfreeze_vit_layers} must be in [0, {vit_layers}]")
     if train.unfreeze_vit_layers and train_vit:
-        raise ValueError("--unfreeze-vit-layers only makes sense with a frozen ViT "
+        raise ConfigError("--unfreeze-vit-layers only makes sense with a frozen ViT "
                          "(--freeze-vit or a stage that freezes it)")
     if not (train_vit or train_projector or train_llm or train.unfreeze_vit_layers):
-        raise ValueError("nothing to train: --freeze-vit, --freeze-projector and --freeze-llm (or the "
+        raise ConfigError("nothing to train: --freeze-vit, --freeze-projector and --freeze-llm (or the "
                          "stage) freeze every part")
     if drop_path > 0 and not (train_vit or train.unfreeze_vit_layers):
-        raise ValueError(f"--drop-path-rate {drop_path} (or the stage's) is for training the ViT, but the "
+        raise ConfigError(f"--drop-path-rate {drop_path} (or the stage's) is for training the ViT, but the "
                          "ViT is frozen; drop it or unfreeze the ViT")
     return plan
 

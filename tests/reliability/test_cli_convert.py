@@ -147,7 +147,7 @@ def test_damaged_safetensors_header_and_invalid_json(ckpt, tmp_path):
     assert_user_error(run("convert_from_hf", "--hf-dir", bad_json, "--save", tmp_path / "out"),
                       str(bad_json / "config.json"), "invalid JSON at line 2")
     from internvl_mcore.checkpoint.canonical import CanonicalCheckpoint  # the same reader, in-process
-    from internvl_mcore.checkpoint.safetensors_io import ConversionError
+    from internvl_mcore.errors import ConversionError
 
     (canonical / "model_config.json").write_text("{")
     with pytest.raises(ConversionError, match=f"{canonical / 'model_config.json'}: invalid JSON at line 1"):
