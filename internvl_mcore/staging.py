@@ -28,6 +28,7 @@ import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from .cli_errors import user_path
 from .errors import ConfigError
 
 # What tools/convert_to_hf.py writes (weights, index, config, PEFT adapter): removed from an existing
@@ -157,7 +158,8 @@ def staged_prefix(prefix: str | os.PathLike, commit_on_exit: bool = True) -> Ite
     remove_stale_staging(target)
     stage_dir = _staging_path(target)
     shutil.rmtree(stage_dir, ignore_errors=True)
-    stage_dir.mkdir(parents=True)
+    with user_path(ConfigError):  # beside the output the user named: a read-only or missing parent
+        stage_dir.mkdir(parents=True)
     stage = _Stage(stage_dir / target.name, target, lambda: _commit_prefix(stage_dir, target))
     try:
         yield stage
@@ -199,7 +201,8 @@ def staged_dir(target: str | os.PathLike, clear: Iterable[str] = ()) -> Iterator
     remove_stale_staging(target)
     stage_dir = _staging_path(target)
     shutil.rmtree(stage_dir, ignore_errors=True)
-    stage_dir.mkdir(parents=True)
+    with user_path(ConfigError):  # beside the output the user named: a read-only or missing parent
+        stage_dir.mkdir(parents=True)
     stage = _Stage(stage_dir, target, lambda: _commit_dir(stage_dir, target, tuple(clear)))
     try:
         yield stage

@@ -57,7 +57,7 @@ def check_paths(args: argparse.Namespace) -> None:
         raise ConfigError(f"--save {args.save} exists and is not a directory")
     if non_empty_dir(args.save) and not args.overwrite:
         raise ConfigError(f"--save {args.save} exists and is not empty; pass --overwrite to replace the checkpoint "
-                         "there")
+                          "there")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,12 +63,12 @@ def check_paths(args: argparse.Namespace) -> None:
         raise CheckpointError(f"--load {args.load}: no such checkpoint directory")
     if is_inside(args.save, args.load):
         raise ConfigError(f"--save {args.save} is inside --load {args.load}: the export would write into the "
-                         "checkpoint; choose another directory")
+                          "checkpoint; choose another directory")
     if os.path.exists(args.save) and not os.path.isdir(args.save):
         raise ConfigError(f"--save {args.save} exists and is not a directory")
     if non_empty_dir(args.save) and not args.overwrite:
         raise ConfigError(f"--save {args.save} exists and is not empty; pass --overwrite to replace the export "
-                         "there (its *.safetensors, index and config.json are removed first)")
+                          "there (its *.safetensors, index and config.json are removed first)")
 
 
 def export(args: argparse.Namespace, save: str) -> list:

@@ -73,7 +73,7 @@ def check_output_prefix(prefix: str) -> None:
 
     if prefix.endswith(("/", os.sep)) or os.path.basename(prefix) in ("", ".", ".."):
         raise ConfigError(f"--output-prefix {prefix!r} names a folder; give DIR/NAME (the files are "
-                         "DIR/NAME_tokens.bin ..., DIR/NAME.manifest.json)")
+                          "DIR/NAME_tokens.bin ..., DIR/NAME.manifest.json)")
     check_writable_dir(os.path.dirname(os.path.abspath(prefix)), "--output-prefix")
 
 

@@ -358,7 +358,7 @@ class PackedDataLoader:
         last = states[-1]
         if total % self.dp_size or int(last["blend_index"]) != total:
             raise DataError(f"the saved position ({total} packs over {len(states)} data-parallel ranks) does not "
-                             f"split over {self.dp_size} data-parallel ranks")
+                            f"split over {self.dp_size} data-parallel ranks")
         self._set_cursor(_Cursor(total // self.dp_size, total, [int(c) for c in last["blend_counts"]]))
 
     def _set_cursor(self, cursor: _Cursor) -> None:

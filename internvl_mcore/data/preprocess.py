@@ -127,7 +127,7 @@ class PreprocessConfig:
             raise ConfigError(f"--workers must be >= 1, got {self.workers}")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
             raise ConfigError(f"need --num-shards >= 1 and 0 <= --shard-index < --num-shards, "
-                             f"got {self.num_shards} and {self.shard_index}")
+                              f"got {self.num_shards} and {self.shard_index}")
         if self.v2pe_random and self.v2pe_delta != 1.0:
             raise ConfigError("--v2pe-random draws each image's delta; do not give --v2pe-delta with it")
         if not 0 < self.v2pe_delta <= 1:
@@ -136,7 +136,7 @@ class PreprocessConfig:
             raise ConfigError(f"--max-reject-ratio must be in [0, 1], got {self.max_reject_ratio}")
         if self.template not in TEMPLATES:
             raise ConfigError(f"chat template {self.template!r} (the model config's 'template') is not implemented; "
-                             f"implemented: {', '.join(TEMPLATES)}")
+                              f"implemented: {', '.join(TEMPLATES)}")
         if self.tile_format not in TILE_FORMATS:
             raise ConfigError(f"--tile-format must be one of {TILE_FORMATS}, got {self.tile_format!r}")
         if self.seed < 0:

@@ -378,7 +378,7 @@ def check_bin_size(bin_path: str, pointers: np.ndarray, lengths: np.ndarray, ite
     got = os.path.getsize(bin_path)
     if got != want:
         raise DataError(f"{bin_path}: {got} bytes, its index says {want} "
-                         f"({'truncated' if got < want else 'longer than indexed'}); re-run tools/preprocess_mm_data.py")
+                        f"({'truncated' if got < want else 'longer than indexed'}); re-run tools/preprocess_mm_data.py")
 
 
 class _Field:
@@ -404,7 +404,7 @@ class _Field:
                 index = self._ds.index
         except (AssertionError, ValueError, struct.error) as e:  # megatron-core's reader names no file
             raise DataError(f"{idx_path}: unreadable index ({e or type(e).__name__}): truncated or not a "
-                             "shard index; re-run tools/preprocess_mm_data.py") from None
+                            "shard index; re-run tools/preprocess_mm_data.py") from None
         check_bin_size(bin_path, index.sequence_pointers, index.sequence_lengths, index.dtype_size)
         if index.dtype != self.dtype.type:
             raise DataError(f"{idx_path}: dtype {index.dtype.__name__}, expected {self.dtype.name}")

@@ -254,7 +254,7 @@ def _check_annotation(spec: DatasetSpec, given: str, where: str) -> None:
     # as repeat_time 0: a dataset that can give no sample is a mistake in the meta file, not a quiet no-op
     if not (_count_parquet_rows(spec.annotation) if spec.format == "parquet" else _has_record(spec.annotation)):
         raise DataError(f"{where}: key 'annotation': {given!r} has no records (an empty file); fill it or "
-                         "remove the dataset from the meta file")
+                        "remove the dataset from the meta file")
 
 
 def _has_record(path: str) -> bool:

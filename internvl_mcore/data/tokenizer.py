@@ -441,7 +441,7 @@ def _build_from_vocab_merges(
     for spec in added:
         owner = used.get(spec.id)
         if owner is not None and owner != spec.content:
-            raise ValueError(
+            raise DataError(
                 f"{name}: added token {spec.content!r} wants id {spec.id}, which vocab.json gives to {owner!r}"
             )
         vocab.setdefault(spec.content, spec.id)
@@ -463,7 +463,7 @@ def _build_from_vocab_merges(
     elif tok_class == "GPT2Tokenizer":
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
     else:
-        raise ValueError(
+        raise DataError(
             f"{name}: vocab.json+merges.txt with tokenizer_class {tok_class!r} is not supported "
             "(Qwen2Tokenizer and GPT2Tokenizer are); ship a tokenizer.json instead"
         )

@@ -281,11 +281,11 @@ def adopt_checkpoint_lora(saved: Optional[dict], model: nn.Module) -> None:
         return
     if saved is None:
         raise CheckpointError("the checkpoint has no LoRA adapters but --lora-rank is set; to start LoRA from a "
-                         "fully trained checkpoint use --pretrained instead of --load")
+                              "fully trained checkpoint use --pretrained instead of --load")
     theirs = LoRAInfo.from_dict(saved)
     if mine is None:
         raise CheckpointError(f"the checkpoint holds LoRA adapters (rank {theirs.config.lora_rank}, target "
-                         f"{theirs.config.lora_target}); resume with the same --lora-* flags")
+                              f"{theirs.config.lora_target}); resume with the same --lora-* flags")
     a, b = theirs.config, mine.config
     diffs = [f"{flag}: checkpoint {x!r}, run {y!r}" for flag, x, y in (
         ("--lora-rank", a.lora_rank, b.lora_rank), ("--lora-alpha", a.alpha, b.alpha),

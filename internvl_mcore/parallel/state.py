@@ -46,7 +46,7 @@ def init_distributed(par: ParallelConfig, seed: int, timeout_s: float = 600.0) -
     mp = par.tensor_model_parallel_size * par.pipeline_model_parallel_size * par.context_parallel_size
     if world % mp:
         raise ConfigError(f"world size {world} is not divisible by --tensor-model-parallel-size x "
-                         f"--pipeline-model-parallel-size x --context-parallel-size = {mp}")
+                          f"--pipeline-model-parallel-size x --context-parallel-size = {mp}")
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=par.tensor_model_parallel_size,

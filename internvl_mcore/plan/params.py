@@ -73,7 +73,7 @@ def decoder_layers_per_stage(num_layers: int, par: ParallelConfig) -> list[int]:
     if first is None and last is None:
         if num_layers % pp:
             raise ConfigError(f"{num_layers} decoder layers are not divisible by "
-                             f"--pipeline-model-parallel-size {pp}")
+                              f"--pipeline-model-parallel-size {pp}")
         return [num_layers // pp] * pp
     rest, stages_left = num_layers, pp
     if first is not None:
@@ -82,7 +82,7 @@ def decoder_layers_per_stage(num_layers: int, par: ParallelConfig) -> list[int]:
         rest, stages_left = rest - last, stages_left - 1
     if rest < 0 or (stages_left > 0 and rest % stages_left):
         raise ConfigError(f"{num_layers} decoder layers cannot be split as first={first}, last={last} over "
-                         f"{pp} stages (the middle stages need an equal share)")
+                          f"{pp} stages (the middle stages need an equal share)")
     middle = rest // stages_left if stages_left else 0
     counts = [middle] * pp
     if first is not None:
@@ -235,14 +235,14 @@ def check_divisibility(model: ModelConfig, par: ParallelConfig) -> None:
         ep, etp = par.expert_model_parallel_size, par.expert_tensor_parallel_size or tp
         if m.num_experts % ep:
             raise ConfigError(f"--expert-model-parallel-size {ep} does not divide the {m.num_experts} experts of "
-                             f"{model.name}")
+                              f"{model.name}")
         if m.moe_ffn_hidden_size % etp:
             raise ConfigError(f"expert tensor parallel size {etp} does not divide the expert width "
-                             f"({m.moe_ffn_hidden_size}) of {model.name}")
+                              f"({m.moe_ffn_hidden_size}) of {model.name}")
     for what, n in need.items():
         if n % tp:
             raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide the {what} ({n}) of "
-                             f"{model.name}")
+                              f"{model.name}")
 
 
 @dataclass(frozen=True)

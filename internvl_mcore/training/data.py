@@ -92,7 +92,7 @@ def check_token_range(prefix: str, cfg: ModelConfig) -> None:
         top = max_token_id(prefix, read_json(path, DataError))
     if top >= cfg.llm.vocab_size:
         raise DataError(f"{path}: token id {top} is outside the model's vocabulary of {cfg.llm.vocab_size} rows "
-                         f"(--model {cfg.name}); the shards were made with another tokenizer")
+                        f"(--model {cfg.name}); the shards were made with another tokenizer")
 
 
 def _is_number(text: str) -> bool:

@@ -25,7 +25,7 @@ class Plan:
 
 
 def resolve(train: TrainConfig, vit_layers: int) -> Plan:
-    """Combine --stage with explicit flags; contradictions raise ValueError naming the flags."""
+    """Combine --stage with explicit flags; contradictions raise ConfigError naming the flags."""
     stage = STAGES[train.stage] if train.stage else None
 
     def trains(frozen_flag, stage_trains):  # an explicit --freeze-X / --no-freeze-X wins
@@ -52,13 +52,13 @@ def resolve(train: TrainConfig, vit_layers: int) -> Plan:
         raise ConfigError(f"--unfreeze-vit-layers {train.unfreeze_vit_layers} must be in [0, {vit_layers}]")
     if train.unfreeze_vit_layers and train_vit:
         raise ConfigError("--unfreeze-vit-layers only makes sense with a frozen ViT "
-                         "(--freeze-vit or a stage that freezes it)")
+                          "(--freeze-vit or a stage that freezes it)")
     if not (train_vit or train_projector or train_llm or train.unfreeze_vit_layers):
         raise ConfigError("nothing to train: --freeze-vit, --freeze-projector and --freeze-llm (or the "
-                         "stage) freeze every part")
+                          "stage) freeze every part")
     if drop_path > 0 and not (train_vit or train.unfreeze_vit_layers):
         raise ConfigError(f"--drop-path-rate {drop_path} (or the stage's) is for training the ViT, but the "
-                         "ViT is frozen; drop it or unfreeze the ViT")
+                          "ViT is frozen; drop it or unfreeze the ViT")
     return plan
 
 
@@ -80,5 +80,5 @@ def apply_freeze(model: torch.nn.Module, plan: Plan) -> None:
         elif part == "language_model":
             train = plan.train_llm
         else:
-            raise ValueError(f"parameter {name} belongs to no known part")
+            raise RuntimeError(f"parameter {name} belongs to no known part")  # a model this module lacks: a bug
         p.requires_grad_(train)
