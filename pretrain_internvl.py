@@ -53,7 +53,7 @@ def parse_run_config(argv: list[str]) -> RunConfig:
         parser.error("refusing to start: " + "; ".join(ignored))
     try:
         model = resolve_model(ns.model)
-    except (ConversionError, FileNotFoundError) as exc:
+    except ConversionError as exc:
         parser.error(str(exc))
     return RunConfig(model=model, parallel=build_dataclass(ParallelConfig, ns),
                      train=build_dataclass(TrainConfig, ns), data=build_dataclass(DataConfig, ns),

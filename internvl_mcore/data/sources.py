@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
+from ..cli_errors import user_path
 from ..errors import DataError
 from .image import (
     ImageTiling,
@@ -122,6 +123,8 @@ def read_meta(path: str) -> list[DatasetSpec]:
         raise DataError(f"meta file {path} does not exist") from e
     except IsADirectoryError:
         raise DataError(f"meta file {path} is a directory, not a JSON file") from None
+    except OSError as e:  # unreadable (permissions): the line a user error has always had
+        raise DataError(f"{e.strerror}: {path}") from e
     except UnicodeDecodeError as e:
         raise DataError(f"meta file {path}: not UTF-8 text at byte {e.start} (is it a meta JSON file?)") from None
     except json.JSONDecodeError as e:
@@ -249,10 +252,12 @@ def _check_annotation(spec: DatasetSpec, given: str, where: str) -> None:
         raise DataError(f"{where}: key 'annotation': {given!r} is a directory, not a .jsonl / .parquet file")
     if not os.path.isfile(spec.annotation):
         raise DataError(f"{where}: key 'annotation': file {given!r} not found")
-    if spec.format == "jsonl":
-        _check_jsonl_shape(spec.annotation)
-    # as repeat_time 0: a dataset that can give no sample is a mistake in the meta file, not a quiet no-op
-    if not (_count_parquet_rows(spec.annotation) if spec.format == "parquet" else _has_record(spec.annotation)):
+    with user_path(DataError):  # an annotation that cannot be read (permissions)
+        if spec.format == "jsonl":
+            _check_jsonl_shape(spec.annotation)
+        # as repeat_time 0: a dataset that can give no sample is a mistake in the meta file, not a quiet no-op
+        has_records = _count_parquet_rows(spec.annotation) if spec.format == "parquet" else _has_record(spec.annotation)
+    if not has_records:
         raise DataError(f"{where}: key 'annotation': {given!r} has no records (an empty file); fill it or "
                         "remove the dataset from the meta file")
 
