@@ -443,6 +443,11 @@ class ShardReader:
         if not isinstance(self.manifest, dict) or self.manifest.get("format") != SHARD_FORMAT:
             fmt = self.manifest.get("format") if isinstance(self.manifest, dict) else None
             raise DataError(f"{path}: format {fmt!r}, expected {SHARD_FORMAT!r}")
+        counts = self.manifest.get("counts")
+        missing = [k for k in ("tile_format", "tile_shape") if k not in self.manifest]
+        missing += [] if isinstance(counts, dict) and "packs" in counts else ["counts.packs"]
+        if missing:  # a hand-edited manifest: a user error naming it, not a KeyError
+            raise DataError(f"{path}: unreadable shard manifest (no {', '.join(missing)})")
         self.prefix = prefix
         self.tile_format: str = self.manifest["tile_format"]
         self.tile_shape: tuple[int, int, int] = tuple(self.manifest["tile_shape"])
