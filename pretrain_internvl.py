@@ -24,9 +24,8 @@ from internvl_mcore.config.lora import LoRAConfig
 from internvl_mcore.config.needs import ignored_flags
 from internvl_mcore.config.training import (CheckpointConfig, ComputeConfig, DataConfig, LogConfig, RunConfig,
                                            TrainConfig)
-from internvl_mcore.checkpoint.safetensors_io import ConversionError
 from internvl_mcore.convert.source import resolve_model
-from internvl_mcore.errors import ConfigError
+from internvl_mcore.errors import ConfigError, ConversionError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +56,7 @@ def parse_run_config(argv: list[str]) -> RunConfig:
         parser.error("refusing to start: " + "; ".join(ignored))
     try:
         model = resolve_model(ns.model)
-    except (ConversionError, FileNotFoundError) as exc:
+    except ConversionError as exc:
         parser.error(str(exc))
     return RunConfig(model=model, parallel=build_dataclass(ParallelConfig, ns),
                      train=build_dataclass(TrainConfig, ns), data=build_dataclass(DataConfig, ns),
@@ -109,38 +108,37 @@ def _terminated() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Exit 2 with one line for a user error (flags, data, checkpoint); 1 with one line when the run
-    diverged (NaN / Inf) or lost a rank; 130 on Ctrl-C; 143 on SIGTERM (0 after the checkpoint
-    --exit-signal-handler saves); other exceptions are bugs and keep their traceback."""
-    from internvl_mcore.cli_errors import one_line, quiet_optional_gpu_libraries
+    """Exit 2 with one line for a user error (a UserError: flags, data, checkpoint); 1 with one line
+    when the run diverged (NaN / Inf) or lost a rank; 130 on Ctrl-C; 143 on SIGTERM (0 after the
+    checkpoint --exit-signal-handler saves); other exceptions are bugs and keep their traceback
+    (INTERNVL_MCORE_TRACEBACK=1: a user error's too)."""
+    from internvl_mcore.cli_errors import quiet_optional_gpu_libraries, user_error_line
+    from internvl_mcore.errors import SaveDirRefused, UserError
     from internvl_mcore.training import preemption
 
     preemption.install(exit_signal_handler=False)
     quiet_optional_gpu_libraries()
-    from internvl_mcore.training.data import DataError
-
     try:
         run = parse_run_config(sys.argv[1:] if argv is None else argv)
         check_config(run)  # every problem of the flags at once (config/problems.py), before the data's hashing
         check_data(run)  # before megatron-core's model code is imported: bad data fails in seconds
-    except (ConfigError, DataError) as exc:
-        _exit(2, one_line(exc))
+    except UserError as exc:
+        _exit(2, user_error_line(exc))
     except KeyboardInterrupt:
         _interrupted()
     except preemption.Terminated:
         _terminated()
     preemption.install(exit_signal_handler=run.checkpoint.exit_signal_handler)
-    from internvl_mcore.checkpoint.format import CheckpointError
     from internvl_mcore.training.guards import PeerLost, TrainingDiverged
     from internvl_mcore.training.loop import train
-    from internvl_mcore.training.save_dir import SaveDirRefused
+
 
     try:
         train(run)
     except SaveDirRefused as exc:  # every rank knows; one line from rank 0 says it
-        _exit(2, one_line(exc) if int(os.environ.get("RANK", "0")) == 0 else None)
-    except (ConfigError, CheckpointError, DataError) as exc:
-        _exit(2, one_line(exc))
+        _exit(2, user_error_line(exc) if int(os.environ.get("RANK", "0")) == 0 else None)
+    except UserError as exc:
+        _exit(2, user_error_line(exc))
     except TrainingDiverged as exc:  # every rank knows; one line from rank 0 says it
         _exit(1, str(exc) if int(os.environ.get("RANK", "0")) == 0 else None)
     except PeerLost as exc:

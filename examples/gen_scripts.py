@@ -126,7 +126,8 @@ def training_supports_cp() -> bool:
     """Whether the training loop accepts --context-parallel-size 2 (it refused it while issue 6 was open)."""
     from internvl_mcore.config import ParallelConfig, get_preset
     from internvl_mcore.config.training import DataConfig, LogConfig, RunConfig, TrainConfig
-    from internvl_mcore.training.loop import ConfigError, validate
+    from internvl_mcore.training.loop import validate
+    from internvl_mcore.errors import ConfigError
 
     run = RunConfig(model=get_preset("debug"), parallel=ParallelConfig(context_parallel_size=2),
                     train=TrainConfig(), data=DataConfig(mock_data=True), log=LogConfig())

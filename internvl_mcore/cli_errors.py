@@ -4,9 +4,10 @@
     exit 130  Ctrl-C (SIGINT): one line saying what was left as it was
     exit 1    the tool ran and reports a failed outcome (e.g. too many rejected records)
 
-`run_cli(main, prog)` wraps a tool's `main()`: the exception types below are user errors (their
-message already names the file, line or flag; we only flatten it to one line). Anything else is a
-bug and keeps its traceback.
+`run_cli(main, prog)` wraps a tool's `main()`: a `UserError` (internvl_mcore/errors.py) is a user
+error (its message already names the file, line or flag; we only flatten it to one line). Anything
+else, a ValueError / KeyError / OSError included, is a bug and keeps its traceback (exit 1).
+INTERNVL_MCORE_TRACEBACK=1 prints the traceback of a user error too (before its one line).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import errno
 import json
 import os
 import sys
+import traceback
 import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -24,16 +26,36 @@ USER_ERROR = 2
 INTERRUPTED = 130
 
 
-# Raised by our readers and validators with messages that name the file / flag: ConversionError
-# and ConfigError are ValueErrors, DataError too; OSError covers missing / unreadable / read-only
-# paths, a directory where a file was expected and a full disk.
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, KeyError, OSError)
+# Only UserError: readers turn an OSError on a path the user named into one where they open it
+# (`user_path`, `read_json`), writers a full disk (`disk_full_names`); a ValueError, KeyError or
+# OSError that reaches the boundary is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError,)
+TRACEBACK_ENV = "INTERNVL_MCORE_TRACEBACK"
 
 
-def read_json(path: str | os.PathLike, error: type[ValueError] = ValueError) -> Any:
-    """A JSON file's contents; invalid JSON (or text that is not UTF-8) raises `error` naming the file,
-    line and column (json's own message names neither the file nor what was being read)."""
-    with open(path, "rb") as f:
+def show_traceback() -> bool:
+    """INTERNVL_MCORE_TRACEBACK=1: a user error prints its traceback before its one line."""
+    return os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+
+
+@contextmanager
+def user_path(error: type[UserError] = UserError) -> Iterator[None]:
+    """An OSError naming a file (missing, unreadable, a directory) raised inside becomes `error` with the
+    line it always had ('reason: path'). Wrap only the opening of a path the user named: elsewhere
+    an OSError is a bug."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None or not exc.strerror:
+            raise
+        raise error(f"{exc.strerror}: {exc.filename}") from exc
+
+
+def read_json(path: str | os.PathLike, error: type[UserError] = UserError) -> Any:
+    """A JSON file's contents; invalid JSON (or text that is not UTF-8), or a file that cannot be read
+    (missing, a directory), raises `error` naming the file (and line and column: json's own message
+    names neither the file nor what was being read)."""
+    with user_path(error), open(path, "rb") as f:
         raw = f.read()
     try:
         return json.loads(raw.decode("utf-8"))
@@ -96,14 +118,21 @@ def fail(prog: str, message: str, code: int = USER_ERROR) -> int:
     return code
 
 
-def run_cli(main: Callable[[], int | None], prog: str, interrupted: str = "nothing was written",
-            errors: tuple[type[BaseException], ...] = USER_ERRORS) -> int:
-    """Run `main()`; user errors -> one line + exit 2, Ctrl-C -> one line + exit 130."""
+def user_error_line(exc: UserError) -> str:
+    """The one line of a user error; with INTERNVL_MCORE_TRACEBACK=1 its traceback is printed first."""
+    if show_traceback():
+        traceback.print_exception(exc, file=sys.stderr)
+    return one_line(exc)
+
+
+def run_cli(main: Callable[[], int | None], prog: str, interrupted: str = "nothing was written") -> int:
+    """Run `main()`; a UserError -> one line + exit 2, Ctrl-C -> one line + exit 130; anything else
+    propagates (a traceback, exit 1)."""
     quiet_optional_gpu_libraries()
     try:
         return int(main() or 0)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted (Ctrl-C); {interrupted}", file=sys.stderr, flush=True)
         return INTERRUPTED
-    except errors as exc:
-        return fail(prog, one_line(exc))
+    except UserError as exc:
+        return fail(prog, user_error_line(exc))

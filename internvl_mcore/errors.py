@@ -1,8 +1,11 @@
 """The project's error classes: one `UserError` for every mistake in a user's input, by area.
 
 A tool ends on a `UserError` with one line naming the file, line, key or flag (exit 2,
-internvl_mcore/cli_errors.py); anything else is a bug and keeps its traceback. Raise the class of
-the area whose input is wrong; its message already says what to change.
+internvl_mcore/cli_errors.py; INTERNVL_MCORE_TRACEBACK=1 adds its traceback); anything else, a
+ValueError / KeyError / OSError included, is a bug and keeps its traceback (exit 1). Raise the class
+of the area whose input is wrong; its message already says what to change. Every such class is
+defined here (tests/test_structure.py checks it); an OSError on a path the user named becomes one
+where the path is opened (cli_errors.py: user_path, read_json).
 """
 from __future__ import annotations
 
@@ -25,3 +28,21 @@ class CheckpointError(UserError):
 
 class ConversionError(UserError):
     """Weights that cannot be converted between formats or layouts (names the file and tensor)."""
+
+
+class ScheduleMismatch(ConfigError):
+    """A resume whose schedule flags differ from the checkpoint's, without a flag saying which wins."""
+
+
+class TemplateError(DataError):
+    """A conversation the template cannot render; `reason` is a Reject reason key (one record's fault:
+    the preprocessor rejects the record, the run goes on)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class SaveDirRefused(CheckpointError):
+    """--save is held by another run or holds another run's checkpoints; the message says which."""

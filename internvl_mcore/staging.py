@@ -28,6 +28,9 @@ import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from .cli_errors import user_path
+from .errors import ConfigError
+
 # What tools/convert_to_hf.py writes (weights, index, config, PEFT adapter): removed from an existing
 # export directory under --overwrite before the new files move in. Anything else there is kept.
 HF_EXPORT_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", "adapter_config.json")
@@ -78,15 +81,15 @@ def check_writable_dir(path: str | os.PathLike, what: str) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise NotADirectoryError(f"{what}: {path} exists and is not a directory") from None
+        raise ConfigError(f"{what}: {path} exists and is not a directory") from None
     except OSError as e:
-        raise PermissionError(f"{what}: cannot create directory {path} ({e.strerror})") from None
+        raise ConfigError(f"{what}: cannot create directory {path} ({e.strerror})") from None
     probe = path / f".write-test-{os.getpid()}"
     try:
         probe.touch()
         probe.unlink()
     except OSError as e:
-        raise PermissionError(f"{what}: directory {path} is not writable ({e.strerror})") from None
+        raise ConfigError(f"{what}: directory {path} is not writable ({e.strerror})") from None
 
 
 @contextlib.contextmanager
@@ -155,7 +158,8 @@ def staged_prefix(prefix: str | os.PathLike, commit_on_exit: bool = True) -> Ite
     remove_stale_staging(target)
     stage_dir = _staging_path(target)
     shutil.rmtree(stage_dir, ignore_errors=True)
-    stage_dir.mkdir(parents=True)
+    with user_path(ConfigError):  # beside the output the user named: a read-only or missing parent
+        stage_dir.mkdir(parents=True)
     stage = _Stage(stage_dir / target.name, target, lambda: _commit_prefix(stage_dir, target))
     try:
         yield stage
@@ -197,7 +201,8 @@ def staged_dir(target: str | os.PathLike, clear: Iterable[str] = ()) -> Iterator
     remove_stale_staging(target)
     stage_dir = _staging_path(target)
     shutil.rmtree(stage_dir, ignore_errors=True)
-    stage_dir.mkdir(parents=True)
+    with user_path(ConfigError):  # beside the output the user named: a read-only or missing parent
+        stage_dir.mkdir(parents=True)
     stage = _Stage(stage_dir, target, lambda: _commit_dir(stage_dir, target, tuple(clear)))
     try:
         yield stage

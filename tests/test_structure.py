@@ -11,7 +11,10 @@
 - every call to a megatron-core function that would otherwise fall back to that global state (DDP,
   optimizer, schedules, finalize_model_grads, MoE aux-loss reduction, ...) passes the groups;
 - no function-level import of a package module (such imports hide cycles), except the listed ones;
-- test fixtures live under tests/, not in the package.
+- test fixtures live under tests/, not in the package;
+- a user's mistake is a UserError (internvl_mcore/errors.py, the only place such classes are defined):
+  outside the modules of BUILTIN_RAISES (code that checks its own callers, whose errors are bugs),
+  nothing in the package, tools/ or pretrain_internvl.py raises ValueError, KeyError or OSError.
 """
 from __future__ import annotations
 
@@ -257,3 +260,77 @@ def test_no_function_level_package_imports():
 def test_fixtures_are_not_in_the_package():
     assert not (PACKAGE / "data" / "testing.py").exists()
     assert (Path(__file__).parent / "fixtures.py").exists()
+
+
+# ValueError / KeyError / OSError (and their subclasses) a module may raise, with why they are not a
+# user's mistake there. Everywhere else a wrong input raises errors.py's class (CLI boundary: only a
+# UserError is one line; these are bugs and keep their traceback).
+BUILTIN_ERRORS = {"ValueError", "KeyError", "LookupError", "OSError", "IOError", "EnvironmentError",
+                  "FileNotFoundError", "FileExistsError", "IsADirectoryError", "NotADirectoryError",
+                  "PermissionError"}
+BUILTIN_RAISES = {
+    "internvl_mcore/cli_errors.py": "naming() re-raises an OSError with the file it was writing",
+    "internvl_mcore/training/async_save.py": "a /dev/shm failure, reported by the save as a CheckpointError",
+    "internvl_mcore/training/guards.py": "the injected ENOSPC of the fault-injection hook",
+    "internvl_mcore/training/batch.py": "batch shapes from our own collate",
+    "internvl_mcore/training/checkpoint.py": "inside a state reader whose caller names the file (CheckpointError)",
+    "internvl_mcore/plan/flops.py": "arguments from the planner's own code",
+    "internvl_mcore/parallel/context_parallel.py": "shapes and groups our code passes (flags: training/loop.py)",
+    "internvl_mcore/parallel/context_parallel_thd.py": "shapes and groups our code passes",
+    "internvl_mcore/models/internvl.py": "batch/feature shapes our code passes",
+    "internvl_mcore/models/attention.py": "cu_seqlens our collate builds",
+    "internvl_mcore/models/weights.py": "canonical tensors checked by the converters first",
+    "internvl_mcore/models/vision.py": "the model spec's wiring",
+    "internvl_mcore/models/lora.py": "LoRA wiring our code does (checkpoint mismatches: CheckpointError)",
+    "internvl_mcore/data/image.py": "one record's media: the preprocessor rejects the record",
+    "internvl_mcore/data/packing.py": "one record's tokens: the preprocessor rejects the record",
+    "internvl_mcore/data/preference.py": "packs our preprocessor wrote",
+    "internvl_mcore/data/synthetic.py": "test-data generator arguments",
+    "internvl_mcore/data/resample.py": "image shapes our code passes",
+    "internvl_mcore/data/tokenizer.py": "KeyError: a token the vocabulary lacks (a reject); an unknown kind is a bug",
+    "internvl_mcore/data/loader.py": "arguments checked before (training/data.py) and packs our collate builds",
+    "internvl_mcore/data/workers.py": "arguments our loader passes",
+    "internvl_mcore/data/shards.py": "the writer's own arguments and payloads; IndexError of a pack index",
+    "internvl_mcore/checkpoint/safetensors_io.py": "KeyError: the mapping protocol of a tensor look-up",
+    "internvl_mcore/checkpoint/dist_reader.py": "KeyError: the mapping protocol of a tensor look-up",
+    "tools/gen_flag_docs.py": "a developer tool (the docs' generated blocks)",
+    "tools/gpu_check.py": "a developer check on a GPU machine",
+}
+ERROR_ROOTS = Path(__file__).resolve().parents[1]
+
+
+def _sources() -> list[tuple[str, ast.Module]]:
+    paths = [*sorted(PACKAGE.rglob("*.py")), *sorted((ERROR_ROOTS / "tools").glob("*.py")),
+             ERROR_ROOTS / "pretrain_internvl.py"]
+    return [(p.relative_to(ERROR_ROOTS).as_posix(), ast.parse(p.read_text(), str(p))) for p in paths]
+
+
+def _raised_name(node: ast.Raise) -> str | None:
+    exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+    return exc.id if isinstance(exc, ast.Name) else exc.attr if isinstance(exc, ast.Attribute) else None
+
+
+def test_user_error_classes_live_in_errors_py():
+    """No exception class outside errors.py derives from a user-error class or from ValueError /
+    KeyError / OSError (what the CLI boundary used to take for a user's mistake)."""
+    errors_tree = ast.parse((PACKAGE / "errors.py").read_text())
+    user_classes = {n.name for n in ast.walk(errors_tree) if isinstance(n, ast.ClassDef)}
+    assert {"UserError", "ConfigError", "DataError", "CheckpointError", "ConversionError"} <= user_classes
+    bad = [(rel, node.name) for rel, tree in _sources() if rel != "internvl_mcore/errors.py"
+           for node in ast.walk(tree) if isinstance(node, ast.ClassDef)
+           for base in node.bases
+           if (base.id if isinstance(base, ast.Name) else getattr(base, "attr", None)) in user_classes | BUILTIN_ERRORS]
+    assert not bad, f"define user-error classes in internvl_mcore/errors.py: {bad}"
+
+
+def test_user_input_errors_are_user_errors():
+    """A wrong input raises an errors.py class; bare ValueError / KeyError / OSError only in BUILTIN_RAISES."""
+    raising = {}
+    for rel, tree in _sources():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Raise) and node.exc is not None and _raised_name(node) in BUILTIN_ERRORS:
+                raising.setdefault(rel, []).append(node.lineno)
+    bad = {rel: lines for rel, lines in raising.items() if rel not in BUILTIN_RAISES}
+    assert not bad, f"raise a class of internvl_mcore/errors.py for a user's mistake (else list the module): {bad}"
+    stale = sorted(set(BUILTIN_RAISES) - set(raising))
+    assert not stale, f"BUILTIN_RAISES lists modules that no longer raise those: {stale}"

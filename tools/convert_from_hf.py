@@ -47,17 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_paths(args: argparse.Namespace) -> None:
+    from internvl_mcore.errors import ConfigError
     from internvl_mcore.staging import is_inside, non_empty_dir
 
     if os.path.isfile(args.hf_dir):
-        raise ValueError(f"--hf-dir {args.hf_dir} is a file; give the checkpoint directory (config.json + safetensors)")
+        raise ConfigError(f"--hf-dir {args.hf_dir} is a file; give the checkpoint directory (config.json + safetensors)")
     if os.path.exists(args.hf_dir) and is_inside(args.save, args.hf_dir):
-        raise ValueError(f"--save {args.save} is inside --hf-dir {args.hf_dir}; choose another directory")
+        raise ConfigError(f"--save {args.save} is inside --hf-dir {args.hf_dir}; choose another directory")
     if os.path.exists(args.save) and not os.path.isdir(args.save):
-        raise ValueError(f"--save {args.save} exists and is not a directory")
+        raise ConfigError(f"--save {args.save} exists and is not a directory")
     if non_empty_dir(args.save) and not args.overwrite:
-        raise ValueError(f"--save {args.save} exists and is not empty; pass --overwrite to replace the checkpoint "
-                         "there")
+        raise ConfigError(f"--save {args.save} exists and is not empty; pass --overwrite to replace the checkpoint "
+                          "there")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,18 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_paths(args: argparse.Namespace) -> None:
     """Refuse an export into the checkpoint itself, or over an existing export without --overwrite."""
+    from internvl_mcore.errors import CheckpointError, ConfigError
     from internvl_mcore.staging import is_inside, non_empty_dir
 
     if not os.path.exists(args.load):
-        raise FileNotFoundError(f"--load {args.load}: no such checkpoint directory")
+        raise CheckpointError(f"--load {args.load}: no such checkpoint directory")
     if is_inside(args.save, args.load):
-        raise ValueError(f"--save {args.save} is inside --load {args.load}: the export would write into the "
-                         "checkpoint; choose another directory")
+        raise ConfigError(f"--save {args.save} is inside --load {args.load}: the export would write into the "
+                          "checkpoint; choose another directory")
     if os.path.exists(args.save) and not os.path.isdir(args.save):
-        raise ValueError(f"--save {args.save} exists and is not a directory")
+        raise ConfigError(f"--save {args.save} exists and is not a directory")
     if non_empty_dir(args.save) and not args.overwrite:
-        raise ValueError(f"--save {args.save} exists and is not empty; pass --overwrite to replace the export "
-                         "there (its *.safetensors, index and config.json are removed first)")
+        raise ConfigError(f"--save {args.save} exists and is not empty; pass --overwrite to replace the export "
+                          "there (its *.safetensors, index and config.json are removed first)")
 
 
 def export(args: argparse.Namespace, save: str) -> list:
@@ -84,8 +85,7 @@ def export(args: argparse.Namespace, save: str) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from internvl_mcore.checkpoint.format import CheckpointError
-    from internvl_mcore.cli_errors import USER_ERRORS, disk_full_names, run_cli
+    from internvl_mcore.cli_errors import disk_full_names, run_cli
     from internvl_mcore.staging import HF_EXPORT_FILES, staged_dir
 
     args = build_parser().parse_args(argv)
@@ -99,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.save} ({args.format}, {len(files)} shard(s)) in {time.perf_counter() - start:.1f}s")
         return 0
 
-    return run_cli(run, "convert_to_hf", interrupted=f"{args.save} left as it was",
-                   errors=(*USER_ERRORS, CheckpointError))
+    return run_cli(run, "convert_to_hf", interrupted=f"{args.save} left as it was")
 
 
 if __name__ == "__main__":

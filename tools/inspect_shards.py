@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     from internvl_mcore.data.shards import ShardReader, describe_pack, pack_json
+    from internvl_mcore.errors import DataError
 
     if args.summary:
         return print_summaries(args.summary)
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         reader = ShardReader(args.prefix)
-    except (FileNotFoundError, ValueError) as e:
+    except (DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not 0 <= args.sample < len(reader):
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             decode = tok.decode
             if tok_info.get("sha256") and tok.sha256 != tok_info["sha256"]:
                 print(f"warning: tokenizer at {tok_dir} differs from the one the shards were built with", file=sys.stderr)
-        except (OSError, ValueError) as e:
+        except (OSError, DataError) as e:
             print(f"warning: cannot load tokenizer ({e}); showing token ids", file=sys.stderr)
     print(describe_pack(reader, args.sample, decode))
     return 0
@@ -82,12 +83,13 @@ def main(argv: list[str] | None = None) -> int:
 def print_summaries(prefixes: list[str]) -> int:
     """One line per prefix; a prefix that is not a shard set is reported and the others still printed."""
     from internvl_mcore.data.shards import ShardReader, summary_line
+    from internvl_mcore.errors import DataError
 
     code = 0
     for prefix in prefixes:
         try:
             print(summary_line(ShardReader(prefix)))
-        except (FileNotFoundError, ValueError) as e:
+        except (DataError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             code = 2
     return code

@@ -20,6 +20,7 @@ from internvl_mcore.config import PRESETS, get_preset  # noqa: E402
 from internvl_mcore.config.domains import OneLineParser, declare_domains  # noqa: E402
 from internvl_mcore.config.lora import LORA_MODULES, LORA_TOWERS  # noqa: E402
 from internvl_mcore.config.training import STAGES, TrainConfig, trained_parts  # noqa: E402
+from internvl_mcore.errors import ConfigError  # noqa: E402
 from internvl_mcore.plan import HARDWARE, Layout, Workload, count_params, plan, search  # noqa: E402
 from internvl_mcore.plan.params import active_params  # noqa: E402
 from internvl_mcore.plan.memory import GiB  # noqa: E402
@@ -90,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_ranges(args: argparse.Namespace) -> None:
     """Refuse what no single flag's domain can say: a memory budget the reserve eats up."""
     if args.gpu_memory is not None and args.gpu_memory <= args.reserve_gb:
-        raise ValueError(f"--gpu-memory {args.gpu_memory} GiB leaves nothing after --reserve-gb {args.reserve_gb}")
+        raise ConfigError(f"--gpu-memory {args.gpu_memory} GiB leaves nothing after --reserve-gb {args.reserve_gb}")
 
 
 def gib(x: float) -> str:
@@ -156,7 +157,7 @@ def plan_cli(argv: list[str] | None) -> int:
                      ep=a.expert_model_parallel_size or 1)
         try:
             p = plan(model, lay, work, hw, **kw)
-        except ValueError as exc:
+        except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         print(f"\nlayout {lay.describe()}, {p.breakdown['microbatches']} microbatches per step\n")

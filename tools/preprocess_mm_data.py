@@ -68,11 +68,12 @@ def config_from_args(args: argparse.Namespace):
 
 def check_output_prefix(prefix: str) -> None:
     """A prefix names files (OUT_tokens.bin ...), not a folder: 'out/' would write hidden '_tokens.bin'."""
+    from internvl_mcore.errors import ConfigError
     from internvl_mcore.staging import check_writable_dir
 
     if prefix.endswith(("/", os.sep)) or os.path.basename(prefix) in ("", ".", ".."):
-        raise ValueError(f"--output-prefix {prefix!r} names a folder; give DIR/NAME (the files are "
-                         "DIR/NAME_tokens.bin ..., DIR/NAME.manifest.json)")
+        raise ConfigError(f"--output-prefix {prefix!r} names a folder; give DIR/NAME (the files are "
+                          "DIR/NAME_tokens.bin ..., DIR/NAME.manifest.json)")
     check_writable_dir(os.path.dirname(os.path.abspath(prefix)), "--output-prefix")
 
 

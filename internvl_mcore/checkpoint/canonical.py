@@ -24,8 +24,8 @@ import torch
 
 from internvl_mcore.cli_errors import naming, read_json
 from ..config.model import LLMConfig, ModelConfig, ParallelConfig, VisionConfig
-from .safetensors_io import (DEFAULT_MAX_SHARD_BYTES, ConversionError, PlanItem, SafetensorsDir, ShardedWriter,
-                             parse_dtype, plan_of)
+from ..errors import ConversionError
+from .safetensors_io import DEFAULT_MAX_SHARD_BYTES, PlanItem, SafetensorsDir, ShardedWriter, parse_dtype, plan_of
 
 META_NAME = "model_config.json"
 FORMAT_VERSION = 1
@@ -61,7 +61,7 @@ class CanonicalCheckpoint:
         path = Path(path)
         meta_path = path / META_NAME
         if not meta_path.exists():
-            raise FileNotFoundError(f"{meta_path}: not a canonical checkpoint (no {META_NAME})")
+            raise ConversionError(f"{meta_path}: not a canonical checkpoint (no {META_NAME})")
         meta = read_json(meta_path, ConversionError)
         if meta.get("format_version") != FORMAT_VERSION:
             raise ConversionError(f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")

@@ -43,7 +43,7 @@ from typing import Any, BinaryIO
 import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from .format import CheckpointError
+from ..errors import CheckpointError
 from .trust import read_dist_metadata
 
 Box = tuple[tuple[int, int], ...]

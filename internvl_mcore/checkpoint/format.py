@@ -18,15 +18,12 @@ import json
 from pathlib import Path
 
 from ..config.model import ModelConfig
+from ..errors import CheckpointError
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RUN_INFO = "run.json"
 # 2: RNG and data files in JSON (1: pickles), checksums.json always written
 FORMAT_VERSION = 2
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used, with the path and the reason."""
 
 
 def iter_dir(root: str | Path, iteration: int, tmp: bool = False) -> Path:

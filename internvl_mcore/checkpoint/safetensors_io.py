@@ -17,6 +17,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 
 from internvl_mcore.cli_errors import naming, read_json
+from internvl_mcore.errors import ConfigError, ConversionError
 
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -30,10 +31,6 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16
 _ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
 
 
-class ConversionError(ValueError):
-    """A checkpoint that does not fit its config or the key map (the message names the key)."""
-
-
 def dtype_name(dtype: torch.dtype) -> str:
     """torch dtype -> the name config.json uses ("bfloat16")."""
     return _DTYPE_NAMES[dtype]
@@ -45,7 +42,7 @@ def parse_dtype(name: str) -> torch.dtype:
     by_name = {v: k for k, v in _DTYPE_NAMES.items()}
     key = aliases.get(name, name)
     if key not in by_name:
-        raise ValueError(f"unknown dtype {name!r}; choose bf16, fp16 or fp32")
+        raise ConfigError(f"unknown dtype {name!r}; choose bf16, fp16 or fp32")
     return by_name[key]
 
 
@@ -201,13 +198,13 @@ class SafetensorsDir(Mapping[str, torch.Tensor]):
         else:
             files = sorted(self.path.glob("*.safetensors"))
         if not files:
-            raise FileNotFoundError(f"{self.path}: no *.safetensors files (and no {INDEX_NAME})")
+            raise ConversionError(f"{self.path}: no *.safetensors files (and no {INDEX_NAME})")
         self._info: dict[str, _TensorInfo] = {}
         self.bytes_read = 0
         """Tensor bytes read from disk so far (tests check that a rank reads only its shards)."""
         for f in files:
             if not f.exists():
-                raise FileNotFoundError(f"{f}: listed in {index} but missing")
+                raise ConversionError(f"{f}: listed in {index} but missing")
             header, data_start = read_safetensors_header(f)
             for name, h in header.items():
                 if name == "__metadata__":

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch.distributed as dist
 
 from .checksums import verify
-from .format import RUN_INFO, TRACKER, CheckpointError, iter_dir, tracked_iteration
+from ..errors import CheckpointError
+from .format import RUN_INFO, TRACKER, iter_dir, tracked_iteration
 
 
 def _complete_iterations(root: Path) -> list[int]:

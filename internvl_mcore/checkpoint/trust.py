@@ -34,7 +34,7 @@ from torch.distributed.checkpoint import filesystem as dcp_filesystem
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint import planner as dcp_planner
 
-from .format import CheckpointError
+from ..errors import CheckpointError
 
 METADATA = ".metadata"
 COMMON = "common.pt"

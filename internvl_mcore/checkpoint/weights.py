@@ -12,7 +12,8 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from ..config.model import ModelConfig
 from ..models.lora import LoRAInfo, add_lora, lora_info_of, merge_lora_
-from .format import CheckpointError, check_model, resolve_iteration_dir
+from ..errors import CheckpointError
+from .format import check_model, resolve_iteration_dir
 from .trust import check_dist_checkpoint
 
 EXTRA_STATE = "_extra_state"

@@ -18,6 +18,7 @@ import os
 from typing import Optional
 
 import torch
+from ..errors import ConfigError
 
 DEVICES = ("auto", "cuda", "cpu")
 
@@ -35,21 +36,21 @@ def gpu_expected() -> Optional[str]:
 
 
 def resolve_device(requested: str = "auto") -> str:
-    """'cuda' or 'cpu' for a --device value; refuses (RuntimeError naming the flag) as described above."""
+    """'cuda' or 'cpu' for a --device value; refuses (ConfigError naming the flag) as described above."""
     if requested not in DEVICES:
-        raise ValueError(f"--device {requested!r}: choose one of {DEVICES}")
+        raise ConfigError(f"--device {requested!r}: choose one of {DEVICES}")
     if requested == "cpu":
         return "cpu"
     if torch.cuda.is_available():
         return "cuda"
     if requested == "cuda":
-        raise RuntimeError("--device cuda: torch.cuda.is_available() is False (no GPU visible to this "
-                           "process: driver, CUDA_VISIBLE_DEVICES, or a container started without --gpus)")
+        raise ConfigError("--device cuda: torch.cuda.is_available() is False (no GPU visible to this "
+                          "process: driver, CUDA_VISIBLE_DEVICES, or a container started without --gpus)")
     why = gpu_expected()
     if why is not None:
-        raise RuntimeError(f"--device auto: no CUDA device is visible, but a GPU is expected here ({why}). "
-                           "Refusing to train silently on the CPU with gloo; fix the GPU setup (e.g. "
-                           "`docker run --gpus all`), or pass --device cpu to use the CPU deliberately")
+        raise ConfigError(f"--device auto: no CUDA device is visible, but a GPU is expected here ({why}). "
+                          "Refusing to train silently on the CPU with gloo; fix the GPU setup (e.g. "
+                          "`docker run --gpus all`), or pass --device cpu to use the CPU deliberately")
     return "cpu"
 
 

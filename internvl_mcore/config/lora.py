@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional
+from ..errors import CheckpointError
 
 LORA_MODULES: tuple[str, ...] = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 """Every module name `--lora-modules` accepts."""
@@ -71,7 +72,7 @@ class LoRAConfig:
         names = {f.name for f in dataclasses.fields(LoRAConfig)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown LoRA setting(s) {', '.join(unknown)}")
+            raise CheckpointError(f"unknown LoRA setting(s) {', '.join(unknown)}")
         return LoRAConfig(**dict(d))
 
 

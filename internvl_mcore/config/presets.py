@@ -7,6 +7,7 @@ preset is a shortcut: `--model DIR` reads the same from any checkpoint directory
 """
 from __future__ import annotations
 
+from ..errors import ConfigError
 from .model import LLMConfig, ModelConfig, VisionConfig
 
 INTERNVIT_300M = VisionConfig(
@@ -192,4 +193,4 @@ def get_preset(name: str) -> ModelConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise KeyError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+        raise ConfigError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}") from None

@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from megatron.core.utils import unwrap_model
 
 from ..checkpoint.canonical import CanonicalCheckpoint, save_canonical
-from ..checkpoint.safetensors_io import ConversionError
+from ..errors import ConversionError
 from ..config.model import ModelConfig, ParallelConfig
 from ..config.training import ComputeConfig
 from ..models.internvl import build_model

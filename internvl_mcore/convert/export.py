@@ -23,7 +23,8 @@ import torch
 from ..checkpoint.dist_canonical import DistCanonicalView
 from ..checkpoint.dist_reader import DistCheckpointReader
 from ..checkpoint.canonical import CanonicalCheckpoint, model_config_from_dict, save_canonical
-from ..checkpoint.format import TRACKER, CheckpointError, is_training_checkpoint, resolve_iteration_dir
+from ..checkpoint.format import TRACKER, is_training_checkpoint, resolve_iteration_dir
+from ..errors import CheckpointError
 from ..checkpoint.safetensors_io import DEFAULT_MAX_SHARD_BYTES, copy_side_files, parse_dtype, write_hf_dir
 from ..checkpoint.trust import check_dist_checkpoint
 from ..config.model import ModelConfig

@@ -16,8 +16,9 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoint.canonical import save_canonical
-from ..checkpoint.safetensors_io import (DEFAULT_MAX_SHARD_BYTES, ConversionError, PlanItem, Renamed, SafetensorsDir,
-                                         StoredBytes, dtype_name, read_index, source_dtype, tensor_dtype, tensor_shape)
+from ..checkpoint.safetensors_io import (DEFAULT_MAX_SHARD_BYTES, PlanItem, Renamed, SafetensorsDir, StoredBytes,
+                                         dtype_name, read_index, source_dtype, tensor_dtype, tensor_shape)
+from ..errors import ConversionError
 from ..config.model import ModelConfig, ParallelConfig
 from .hf_config import model_config_from_hf, read_hf_config
 from .keymaps import READ_ALIASES, Entry, canonical_shapes, copy_to_canonical, expand, keymap

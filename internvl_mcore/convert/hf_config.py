@@ -18,7 +18,8 @@ from typing import Any, Callable, Mapping
 import torch
 
 from internvl_mcore.cli_errors import read_json
-from ..checkpoint.safetensors_io import CONFIG_NAME, ConversionError, dtype_name
+from ..checkpoint.safetensors_io import CONFIG_NAME, dtype_name
+from ..errors import ConversionError
 from ..config.model import LLMConfig, ModelConfig, VisionConfig
 from ..config.presets import PRESETS
 
@@ -416,7 +417,7 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict:
     """The config.json of an HF checkpoint directory."""
     path = Path(hf_dir) / CONFIG_NAME
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no config.json (is {hf_dir} an HF checkpoint directory?)")
+        raise ConversionError(f"{path}: no config.json (is {hf_dir} an HF checkpoint directory?)")
     config = read_json(path, ConversionError)
     if not isinstance(config, dict):
         raise ConversionError(f"{path}: not a model config (a JSON {type(config).__name__}, not an object)")

@@ -36,6 +36,7 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
+from ..errors import ConversionError
 from ..config.model import ModelConfig
 from ..models.parameters import model_parameters, output_layer
 
@@ -115,7 +116,7 @@ def vit_qkv_fused_to_canonical(ts: Sequence[torch.Tensor], cfg: ModelConfig) -> 
     """InternViT attn.qkv [Q; K; V] -> per-head [q_h, k_h, v_h] linear_qkv."""
     (qkv,) = ts
     if qkv.shape[0] % 3:
-        raise ValueError(f"fused qkv has {qkv.shape[0]} rows, not a multiple of 3")
+        raise ConversionError(f"fused qkv has {qkv.shape[0]} rows, not a multiple of 3")
     return vit_qkv_split_to_canonical(qkv.chunk(3, dim=0), cfg)
 
 
@@ -128,7 +129,7 @@ def gate_up_to_canonical(ts: Sequence[torch.Tensor], cfg: ModelConfig) -> torch.
     """gate_proj (w1), up_proj (w3) -> SwiGLU linear_fc1 [gate; up]."""
     gate, up = ts
     if gate.shape != up.shape:
-        raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} projections differ in shape")
+        raise ConversionError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} projections differ in shape")
     return torch.cat([gate, up], dim=0)
 
 
@@ -320,10 +321,10 @@ READ_ALIASES: dict[str, tuple[tuple[str, str], ...]] = {"transformers": TRANSFOR
 def keymap(fmt: str, family: str) -> tuple[Rule, ...]:
     """The rule table of HF format `fmt` ("transformers" | "internvl") for an LLM `family`."""
     if fmt not in LLM_NAMING:
-        raise ValueError(f"unknown HF format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        raise ConversionError(f"unknown HF format {fmt!r}; choose one of {', '.join(FORMATS)}")
     naming = LLM_NAMING[fmt].get(family)
     if naming is None:
-        raise ValueError(f"no {fmt} key map for LLM family {family!r}; known: {', '.join(LLM_NAMING[fmt])}")
+        raise ConversionError(f"no {fmt} key map for LLM family {family!r}; known: {', '.join(LLM_NAMING[fmt])}")
     return VISION_TABLES[fmt] + PROJECTOR_TABLES[fmt] + LLM_TABLES[naming]
 
 

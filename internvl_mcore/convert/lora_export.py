@@ -36,7 +36,8 @@ import torch
 from internvl_mcore.cli_errors import naming, read_json
 from ..checkpoint.canonical import META_NAME
 from ..checkpoint.format import RUN_INFO, TRACKER, is_training_checkpoint, resolve_iteration_dir
-from ..checkpoint.safetensors_io import DEFAULT_MAX_SHARD_BYTES, ConversionError, write_safetensors
+from ..checkpoint.safetensors_io import DEFAULT_MAX_SHARD_BYTES, write_safetensors
+from ..errors import ConversionError
 from ..config.lora import LoRAInfo, base_weight_name, is_lora_name
 from ..config.model import ModelConfig
 from ..models.sharding import rule_for, split_dim

@@ -21,7 +21,8 @@ from ..config.presets import PRESETS
 from ..checkpoint.canonical import META_NAME, model_config_from_dict
 from ..checkpoint.format import RUN_INFO, iter_dir
 from ..checkpoint.format import TRACKER as TRAINING_TRACKER
-from ..checkpoint.safetensors_io import CONFIG_NAME, ConversionError
+from ..checkpoint.safetensors_io import CONFIG_NAME
+from ..errors import ConversionError
 from .hf_config import model_config_from_hf, read_hf_config
 
 

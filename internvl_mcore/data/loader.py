@@ -29,6 +29,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ..errors import DataError
 from ..cli_errors import read_json
 from .image import decode_rgb, random_jpeg_recompress
 from .preference import expand_pair_tiles, pair_segments
@@ -62,7 +63,7 @@ def parse_data_path(data_path: Sequence[str]) -> list[tuple[float, str]]:
     """
     items = [str(x) for x in data_path]
     if not items:
-        raise ValueError("--data-path is empty")
+        raise DataError("--data-path is empty")
 
     def as_weight(s: str) -> float | None:
         try:
@@ -76,36 +77,36 @@ def parse_data_path(data_path: Sequence[str]) -> list[tuple[float, str]]:
         # No weights at all: each entry must be a prefix.
         for s in items:
             if as_weight(s) is not None:
-                raise ValueError(f"--data-path mixes weights and prefixes: {items} (use 'W1 P1 W2 P2 ...')")
+                raise DataError(f"--data-path mixes weights and prefixes: {items} (use 'W1 P1 W2 P2 ...')")
         sizes = []
         for p in items:
             mp = manifest_path(p)
             if not os.path.exists(mp):
-                raise FileNotFoundError(f"--data-path entry {p!r}: no shard manifest at {mp}")
-            manifest = read_json(mp)
+                raise DataError(f"--data-path entry {p!r}: no shard manifest at {mp}")
+            manifest = read_json(mp, DataError)
             try:
                 sizes.append(int(manifest["counts"]["packs"]))
             except (KeyError, TypeError, ValueError):
-                raise ValueError(f"{mp}: not a shard manifest (no counts.packs)") from None
+                raise DataError(f"{mp}: not a shard manifest (no counts.packs)") from None
         total = sum(sizes)
         if total == 0:
-            raise ValueError(f"--data-path {items}: all shard sets are empty")
+            raise DataError(f"--data-path {items}: all shard sets are empty")
         return [(n / total, p) for n, p in zip(sizes, items)]
     if len(items) % 2:
-        raise ValueError(f"--data-path with weights needs 'W1 P1 W2 P2 ...' pairs, got {len(items)} entries: {items}")
+        raise DataError(f"--data-path with weights needs 'W1 P1 W2 P2 ...' pairs, got {len(items)} entries: {items}")
     pairs = []
     for w_s, p in zip(items[0::2], items[1::2]):
         w = as_weight(w_s)
         if w is None:
-            raise ValueError(f"--data-path: expected a weight before {p!r}, got {w_s!r}")
+            raise DataError(f"--data-path: expected a weight before {p!r}, got {w_s!r}")
         if as_weight(p) is not None:
-            raise ValueError(f"--data-path: expected a shard prefix after weight {w_s}, got another number {p!r}")
+            raise DataError(f"--data-path: expected a shard prefix after weight {w_s}, got another number {p!r}")
         if not (w >= 0 and np.isfinite(w)):
-            raise ValueError(f"--data-path: weight {w_s} of {p!r} must be a finite number >= 0")
+            raise DataError(f"--data-path: weight {w_s} of {p!r} must be a finite number >= 0")
         pairs.append((w, p))
     total = sum(w for w, _ in pairs)
     if total <= 0:
-        raise ValueError(f"--data-path weights sum to {total}; at least one must be > 0")
+        raise DataError(f"--data-path weights sum to {total}; at least one must be > 0")
     return [(w / total, p) for w, p in pairs]
 
 
@@ -179,7 +180,7 @@ class PackedDataLoader:
         self.readers = [ShardReader(p) for p in self.prefixes]
         for w, r in zip(self.weights, self.readers):
             if w > 0 and len(r) == 0:
-                raise ValueError(f"shard set {r.prefix} has weight {w:.3f} but no packs")
+                raise DataError(f"shard set {r.prefix} has weight {w:.3f} but no packs")
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seed, self.shuffle, self.augment = seed, shuffle, augment
         self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
@@ -325,15 +326,15 @@ class PackedDataLoader:
     def _check_state(self, state: dict, dp_rank: int, dp_size: int) -> None:
         """`state` is a position in this loader's stream, saved by rank `dp_rank` of `dp_size`."""
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')}, expected {STATE_VERSION}")
+            raise DataError(f"loader state version {state.get('version')}, expected {STATE_VERSION}")
         mine = {**self.state_dict(), "dp_rank": dp_rank, "dp_size": dp_size}
         for key in ("dp_rank", "dp_size", "seed", "shuffle"):
             if state[key] != mine[key]:
-                raise ValueError(f"loader state was saved with {key}={state[key]}, this loader has {mine[key]}")
+                raise DataError(f"loader state was saved with {key}={state[key]}, this loader has {mine[key]}")
         if [os.path.basename(p) for p in state["prefixes"]] != [os.path.basename(p) for p in self.prefixes]:
-            raise ValueError(f"loader state is for data {state['prefixes']}, this loader reads {self.prefixes}")
+            raise DataError(f"loader state is for data {state['prefixes']}, this loader reads {self.prefixes}")
         if not np.allclose(state["weights"], self.weights, rtol=0, atol=1e-12):
-            raise ValueError(f"loader state has blend weights {state['weights']}, this loader {list(self.weights)}")
+            raise DataError(f"loader state has blend weights {state['weights']}, this loader {list(self.weights)}")
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly after the pack the saved loader returned last."""
@@ -351,12 +352,12 @@ class PackedDataLoader:
             self._check_state(state, r, len(states))
         consumed = {int(s["consumed"]) for s in states}
         if len(consumed) != 1:
-            raise ValueError(f"the saved data-parallel ranks stopped after different numbers of packs {sorted(consumed)}")
+            raise DataError(f"the saved data-parallel ranks stopped after different numbers of packs {sorted(consumed)}")
         total = len(states) * consumed.pop()
         last = states[-1]
         if total % self.dp_size or int(last["blend_index"]) != total:
-            raise ValueError(f"the saved position ({total} packs over {len(states)} data-parallel ranks) does not "
-                             f"split over {self.dp_size} data-parallel ranks")
+            raise DataError(f"the saved position ({total} packs over {len(states)} data-parallel ranks) does not "
+                            f"split over {self.dp_size} data-parallel ranks")
         self._set_cursor(_Cursor(total // self.dp_size, total, [int(c) for c in last["blend_counts"]]))
 
     def _set_cursor(self, cursor: _Cursor) -> None:

@@ -31,6 +31,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from ..errors import ConfigError, DataError
 from ..faults import wait_for_signal
 from .packing import pack_fill, pack_lengths, v2pe_position_ids, v2pe_random_deltas
 from .pool import RECORD_TIMEOUT_S, SupervisedPool
@@ -121,32 +122,32 @@ class PreprocessConfig:
 
     def validate(self) -> None:
         if self.seq_length < 1:
-            raise ValueError(f"--seq-length must be >= 1, got {self.seq_length}")
+            raise ConfigError(f"--seq-length must be >= 1, got {self.seq_length}")
         if self.workers < 1:
-            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+            raise ConfigError(f"--workers must be >= 1, got {self.workers}")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
-            raise ValueError(f"need --num-shards >= 1 and 0 <= --shard-index < --num-shards, "
-                             f"got {self.num_shards} and {self.shard_index}")
+            raise ConfigError(f"need --num-shards >= 1 and 0 <= --shard-index < --num-shards, "
+                              f"got {self.num_shards} and {self.shard_index}")
         if self.v2pe_random and self.v2pe_delta != 1.0:
-            raise ValueError("--v2pe-random draws each image's delta; do not give --v2pe-delta with it")
+            raise ConfigError("--v2pe-random draws each image's delta; do not give --v2pe-delta with it")
         if not 0 < self.v2pe_delta <= 1:
-            raise ValueError(f"--v2pe-delta must be in (0, 1], got {self.v2pe_delta}")
+            raise ConfigError(f"--v2pe-delta must be in (0, 1], got {self.v2pe_delta}")
         if not 0 <= self.max_reject_ratio <= 1:
-            raise ValueError(f"--max-reject-ratio must be in [0, 1], got {self.max_reject_ratio}")
+            raise ConfigError(f"--max-reject-ratio must be in [0, 1], got {self.max_reject_ratio}")
         if self.template not in TEMPLATES:
-            raise ValueError(f"chat template {self.template!r} (the model config's 'template') is not implemented; "
-                             f"implemented: {', '.join(TEMPLATES)}")
+            raise ConfigError(f"chat template {self.template!r} (the model config's 'template') is not implemented; "
+                              f"implemented: {', '.join(TEMPLATES)}")
         if self.tile_format not in TILE_FORMATS:
-            raise ValueError(f"--tile-format must be one of {TILE_FORMATS}, got {self.tile_format!r}")
+            raise ConfigError(f"--tile-format must be one of {TILE_FORMATS}, got {self.tile_format!r}")
         if self.seed < 0:
-            raise ValueError(f"--seed must be >= 0, got {self.seed}")
+            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
         if not 1 <= self.min_num_frames <= self.max_num_frames:
-            raise ValueError(f"need 1 <= --min-num-frames ({self.min_num_frames}) <= --max-num-frames ({self.max_num_frames})")
+            raise ConfigError(f"need 1 <= --min-num-frames ({self.min_num_frames}) <= --max-num-frames ({self.max_num_frames})")
         for m in self.meta:
             if os.path.isdir(m):
-                raise ValueError(f"--meta {m} is a directory, not a meta JSON file")
+                raise DataError(f"--meta {m} is a directory, not a meta JSON file")
             if not os.path.isfile(m):
-                raise FileNotFoundError(f"--meta file not found: {m}")
+                raise DataError(f"--meta file not found: {m}")
 
 
 @dataclass
@@ -361,7 +362,7 @@ def _records(cfg: PreprocessConfig, line_limit: int | None = None) -> tuple[Iter
     names = [getattr(s, "name", None) for s in specs]
     dup = sorted({n for n in names if n is not None and names.count(n) > 1})
     if dup:
-        raise ValueError(f"dataset names appear twice across --meta files: {dup}")
+        raise DataError(f"dataset names appear twice across --meta files: {dup}")
     expected = None
     lens = [getattr(s, "expected_records", None) for s in specs]
     if all(isinstance(x, int) for x in lens):

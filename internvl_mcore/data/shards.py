@@ -44,6 +44,7 @@ from typing import Literal, Sequence, get_args
 
 import numpy as np
 
+from ..errors import ConfigError, DataError
 from .image import ImageTiling, cut_tiles, decode_rgb
 from .sample import StoredImage
 
@@ -259,7 +260,7 @@ class ShardWriter:
             from PIL import features
 
             if not features.check("webp"):
-                raise RuntimeError("this Pillow build has no WebP support; use --tile-format png (also lossless)")
+                raise ConfigError("this Pillow build has no WebP support; use --tile-format png (also lossless)")
         self.prefix = prefix
         self.tile_format = tile_format
         self.tile_shape = [int(x) for x in tile_shape]
@@ -376,8 +377,8 @@ def check_bin_size(bin_path: str, pointers: np.ndarray, lengths: np.ndarray, ite
     want = int(pointers[-1]) + int(lengths[-1]) * itemsize if len(lengths) else 0
     got = os.path.getsize(bin_path)
     if got != want:
-        raise ValueError(f"{bin_path}: {got} bytes, its index says {want} "
-                         f"({'truncated' if got < want else 'longer than indexed'}); re-run tools/preprocess_mm_data.py")
+        raise DataError(f"{bin_path}: {got} bytes, its index says {want} "
+                        f"({'truncated' if got < want else 'longer than indexed'}); re-run tools/preprocess_mm_data.py")
 
 
 class _Field:
@@ -390,7 +391,7 @@ class _Field:
         bin_path, idx_path = get_bin_path(prefix), get_idx_path(prefix)
         for p in (bin_path, idx_path):
             if not os.path.exists(p):
-                raise FileNotFoundError(f"shard file missing: {p}")
+                raise DataError(f"shard file missing: {p}")
         self.dtype = np.dtype(dtype)
         try:
             if os.path.getsize(bin_path) == 0:
@@ -402,11 +403,11 @@ class _Field:
                 self._ds = IndexedDataset(prefix, mmap=True)
                 index = self._ds.index
         except (AssertionError, ValueError, struct.error) as e:  # megatron-core's reader names no file
-            raise ValueError(f"{idx_path}: unreadable index ({e or type(e).__name__}): truncated or not a "
-                             "shard index; re-run tools/preprocess_mm_data.py") from None
+            raise DataError(f"{idx_path}: unreadable index ({e or type(e).__name__}): truncated or not a "
+                            "shard index; re-run tools/preprocess_mm_data.py") from None
         check_bin_size(bin_path, index.sequence_pointers, index.sequence_lengths, index.dtype_size)
         if index.dtype != self.dtype.type:
-            raise ValueError(f"{idx_path}: dtype {index.dtype.__name__}, expected {self.dtype.name}")
+            raise DataError(f"{idx_path}: dtype {index.dtype.__name__}, expected {self.dtype.name}")
         self.lengths = index.sequence_lengths  # (n_seq,) int32
         self.pointers = index.sequence_pointers  # (n_seq,) int64 byte offsets
         self.doc_index = index.document_indices  # (n_docs+1,) int64
@@ -433,15 +434,20 @@ class ShardReader:
     def __init__(self, prefix: str):
         path = manifest_path(prefix)
         if not os.path.exists(path):
-            raise FileNotFoundError(f"no shard manifest at {path} (is {prefix!r} a preprocessed output prefix?)")
+            raise DataError(f"no shard manifest at {path} (is {prefix!r} a preprocessed output prefix?)")
         try:
             with open(path, encoding="utf-8") as f:
                 self.manifest = json.load(f)
         except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-            raise ValueError(f"{path}: unreadable shard manifest ({e})") from None
+            raise DataError(f"{path}: unreadable shard manifest ({e})") from None
         if not isinstance(self.manifest, dict) or self.manifest.get("format") != SHARD_FORMAT:
             fmt = self.manifest.get("format") if isinstance(self.manifest, dict) else None
-            raise ValueError(f"{path}: format {fmt!r}, expected {SHARD_FORMAT!r}")
+            raise DataError(f"{path}: format {fmt!r}, expected {SHARD_FORMAT!r}")
+        counts = self.manifest.get("counts")
+        missing = [k for k in ("tile_format", "tile_shape") if k not in self.manifest]
+        missing += [] if isinstance(counts, dict) and "packs" in counts else ["counts.packs"]
+        if missing:  # a hand-edited manifest: a user error naming it, not a KeyError
+            raise DataError(f"{path}: unreadable shard manifest (no {', '.join(missing)})")
         self.prefix = prefix
         self.tile_format: str = self.manifest["tile_format"]
         self.tile_shape: tuple[int, int, int] = tuple(self.manifest["tile_shape"])
@@ -449,10 +455,10 @@ class ShardReader:
         self._fields = {name: _Field(field_prefix(prefix, name), dtype) for name, dtype in FIELDS.items()}
         n = {name: f.num_documents for name, f in self._fields.items()}
         if len(set(n.values())) != 1:
-            raise ValueError(f"shard set {prefix}: fields disagree on the number of packs: {n}")
+            raise DataError(f"shard set {prefix}: fields disagree on the number of packs: {n}")
         self._len = n["tokens"]
         if self._len != self.manifest["counts"]["packs"]:
-            raise ValueError(f"shard set {prefix}: {self._len} packs on disk, manifest says {self.manifest['counts']['packs']}")
+            raise DataError(f"shard set {prefix}: {self._len} packs on disk, manifest says {self.manifest['counts']['packs']}")
 
     def __len__(self) -> int:
         return self._len
@@ -479,7 +485,7 @@ class ShardReader:
             tile_bytes, tile_lengths = f["tiles"].document(i)
             want = payload_count(num_tiles, self.tile_format)
             if tile_lengths.shape[0] != want:
-                raise ValueError(f"{self.prefix} pack {i}: {tile_lengths.shape[0]} payloads stored, num_tiles says {want}")
+                raise DataError(f"{self.prefix} pack {i}: {tile_lengths.shape[0]} payloads stored, num_tiles says {want}")
         return RawPack(
             tokens=tokens,
             loss_mask=loss_mask,

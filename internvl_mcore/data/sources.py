@@ -21,6 +21,8 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
+from ..cli_errors import user_path
+from ..errors import DataError
 from .image import (
     ImageTiling,
     VideoDecoderMissing,
@@ -108,7 +110,7 @@ def _resolve(path: str, meta_dir: str) -> str:
 def _flag(entry: dict, key: str, where: str) -> bool:
     value = entry.get(key, False)
     if not isinstance(value, bool):
-        raise ValueError(f"{where}: key {key!r} must be true or false, got {value!r}")
+        raise DataError(f"{where}: key {key!r} must be true or false, got {value!r}")
     return value
 
 
@@ -118,40 +120,42 @@ def read_meta(path: str) -> list[DatasetSpec]:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"meta file {path} does not exist") from e
+        raise DataError(f"meta file {path} does not exist") from e
     except IsADirectoryError:
-        raise ValueError(f"meta file {path} is a directory, not a JSON file") from None
+        raise DataError(f"meta file {path} is a directory, not a JSON file") from None
+    except OSError as e:  # unreadable (permissions): the line a user error has always had
+        raise DataError(f"{e.strerror}: {path}") from e
     except UnicodeDecodeError as e:
-        raise ValueError(f"meta file {path}: not UTF-8 text at byte {e.start} (is it a meta JSON file?)") from None
+        raise DataError(f"meta file {path}: not UTF-8 text at byte {e.start} (is it a meta JSON file?)") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from e
+        raise DataError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from e
     except RecursionError:
-        raise ValueError(f"{path}: invalid JSON (nested too deeply)") from None
+        raise DataError(f"{path}: invalid JSON (nested too deeply)") from None
     if not isinstance(meta, dict) or not meta:
-        raise ValueError(f"{path}: expected a non-empty JSON object {{dataset_name: {{root, annotation, ...}}}}")
+        raise DataError(f"{path}: expected a non-empty JSON object {{dataset_name: {{root, annotation, ...}}}}")
     meta_dir = os.path.dirname(os.path.abspath(path))
     specs = []
     for name, entry in meta.items():
         where = f"{path}: dataset {name!r}"
         if not isinstance(entry, dict):
-            raise ValueError(f"{where}: expected an object, got {type(entry).__name__}")
+            raise DataError(f"{where}: expected an object, got {type(entry).__name__}")
         for key in ("annotation",):
             if key not in entry:
-                raise ValueError(f"{where}: missing key {key!r}")
+                raise DataError(f"{where}: missing key {key!r}")
         if not isinstance(entry["annotation"], str):
-            raise ValueError(f"{where}: key 'annotation' must be a path string")
+            raise DataError(f"{where}: key 'annotation' must be a path string")
         root = entry.get("root", "")
         if not isinstance(root, str):
-            raise ValueError(f"{where}: key 'root' must be a path string")
+            raise DataError(f"{where}: key 'root' must be a path string")
 
         def num(key: str, default, kind=float, minimum=0):
             value = entry.get(key, default)
             if value is None:
                 return default
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-                raise ValueError(f"{where}: key {key!r} must be a number >= {minimum}, got {value!r}")
+                raise DataError(f"{where}: key {key!r} must be a number >= {minimum}, got {value!r}")
             if kind is int and value != int(value):
-                raise ValueError(f"{where}: key {key!r} must be an integer, got {value!r}")
+                raise DataError(f"{where}: key {key!r} must be an integer, got {value!r}")
             return kind(value)
 
         spec = DatasetSpec(
@@ -167,7 +171,7 @@ def read_meta(path: str) -> list[DatasetSpec]:
         )
         _check_annotation(spec, entry["annotation"], where)
         if spec.repeat_time == 0:
-            raise ValueError(f"{where}: key 'repeat_time' is 0 (the dataset would be empty)")
+            raise DataError(f"{where}: key 'repeat_time' is 0 (the dataset would be empty)")
         specs.append(spec)
     return specs
 
@@ -245,15 +249,17 @@ def _jsonl_line_numbers(path: str) -> list[int]:
 def _check_annotation(spec: DatasetSpec, given: str, where: str) -> None:
     """The annotation is a file (not a folder, not missing) and, for JSONL, not one JSON array."""
     if os.path.isdir(spec.annotation):
-        raise ValueError(f"{where}: key 'annotation': {given!r} is a directory, not a .jsonl / .parquet file")
+        raise DataError(f"{where}: key 'annotation': {given!r} is a directory, not a .jsonl / .parquet file")
     if not os.path.isfile(spec.annotation):
-        raise FileNotFoundError(f"{where}: key 'annotation': file {given!r} not found")
-    if spec.format == "jsonl":
-        _check_jsonl_shape(spec.annotation)
-    # as repeat_time 0: a dataset that can give no sample is a mistake in the meta file, not a quiet no-op
-    if not (_count_parquet_rows(spec.annotation) if spec.format == "parquet" else _has_record(spec.annotation)):
-        raise ValueError(f"{where}: key 'annotation': {given!r} has no records (an empty file); fill it or "
-                         "remove the dataset from the meta file")
+        raise DataError(f"{where}: key 'annotation': file {given!r} not found")
+    with user_path(DataError):  # an annotation that cannot be read (permissions)
+        if spec.format == "jsonl":
+            _check_jsonl_shape(spec.annotation)
+        # as repeat_time 0: a dataset that can give no sample is a mistake in the meta file, not a quiet no-op
+        has_records = _count_parquet_rows(spec.annotation) if spec.format == "parquet" else _has_record(spec.annotation)
+    if not has_records:
+        raise DataError(f"{where}: key 'annotation': {given!r} has no records (an empty file); fill it or "
+                        "remove the dataset from the meta file")
 
 
 def _has_record(path: str) -> bool:
@@ -276,7 +282,7 @@ def _check_jsonl_shape(path: str) -> None:
     except (ValueError, UnicodeDecodeError):  # '[' opening a multi-line document
         value = [{}]
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-        raise ValueError(f"{path}:{lineno}: a JSON array, not JSON Lines (one record object per line)")
+        raise DataError(f"{path}:{lineno}: a JSON array, not JSON Lines (one record object per line)")
 
 
 def _count_parquet_rows(path: str) -> int:
@@ -285,7 +291,7 @@ def _count_parquet_rows(path: str) -> int:
     try:
         return pq.ParquetFile(path).metadata.num_rows
     except Exception as e:  # pyarrow's ArrowInvalid / OSError name no file
-        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
 
 
 def _iter_jsonl(spec: DatasetSpec, wanted: set[int], repeat: int,
@@ -330,7 +336,7 @@ def _iter_parquet(spec: DatasetSpec, wanted: set[int], repeat: int,
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:
-        raise ValueError(f"{path}: cannot read parquet file ({e})") from e
+        raise DataError(f"{path}: cannot read parquet file ({e})") from e
     index = 0
     for batch in pf.iter_batches(batch_size=64):
         for row in batch.to_pylist():

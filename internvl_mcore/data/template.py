@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import TemplateError
 from .sample import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from .tokenizer import Tokenizer
 
@@ -69,14 +70,6 @@ INTERNVL2_5 = ChatTemplate(
 
 TEMPLATES = {INTERNVL2_5.name: INTERNVL2_5}
 
-
-class TemplateError(ValueError):
-    """A conversation the template cannot render; `reason` is a Reject reason key."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 def image_token_string(num_tokens: int) -> str:

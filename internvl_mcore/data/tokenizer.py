@@ -30,6 +30,7 @@ import os
 import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
+from ..errors import DataError
 
 # HF Qwen2Tokenizer's pre-tokenization regex (single digits, unlike GPT-4's \p{N}{1,3}).
 QWEN2_PRETOKENIZE_REGEX = (
@@ -94,11 +95,11 @@ def _added_tokens(config: dict, added_tokens_json: dict | None, source: str) -> 
         try:
             tok_id = int(key)
         except ValueError as e:
-            raise ValueError(f"{source}: added_tokens_decoder key {key!r} is not an integer id") from e
+            raise DataError(f"{source}: added_tokens_decoder key {key!r} is not an integer id") from e
         if isinstance(entry, str):
             entry = {"content": entry}
         if "content" not in entry:
-            raise ValueError(f"{source}: added_tokens_decoder[{key}] has no 'content'")
+            raise DataError(f"{source}: added_tokens_decoder[{key}] has no 'content'")
         by_id[tok_id] = AddedTokenSpec(
             content=entry["content"],
             id=tok_id,
@@ -121,7 +122,7 @@ def _read_json_bytes(blob: bytes | None, name: str) -> dict:
     try:
         return json.loads(blob.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{name}: not valid JSON ({e})") from e
+        raise DataError(f"{name}: not valid JSON ({e})") from e
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,13 +339,13 @@ def parse_tiktoken_ranks(blob: bytes, name: str = "<ranks>") -> dict[bytes, int]
             continue
         parts = line.split()
         if len(parts) != 2:
-            raise ValueError(f"{name}:{lineno}: expected 'base64 rank', got {line[:60]!r}")
+            raise DataError(f"{name}:{lineno}: expected 'base64 rank', got {line[:60]!r}")
         try:
             ranks[base64.b64decode(parts[0], validate=True)] = int(parts[1])
         except (ValueError, base64.binascii.Error) as e:
-            raise ValueError(f"{name}:{lineno}: not a tiktoken ranks line ({e})") from e
+            raise DataError(f"{name}:{lineno}: not a tiktoken ranks line ({e})") from e
     if not ranks:
-        raise ValueError(f"{name}: empty tiktoken ranks file")
+        raise DataError(f"{name}: empty tiktoken ranks file")
     return ranks
 
 
@@ -405,7 +406,7 @@ def _build_from_tokenizer_json(blob: bytes, added: Sequence[AddedTokenSpec], nam
     if missing:
         vocab = data.get("model", {}).get("vocab")
         if not isinstance(vocab, dict):
-            raise ValueError(f"{name}: cannot add {missing[0].content!r} to a non-BPE/WordPiece tokenizer.json")
+            raise DataError(f"{name}: cannot add {missing[0].content!r} to a non-BPE/WordPiece tokenizer.json")
         # The tokenizers library gives an added token its model-vocab id when it has one, else the next
         # free id after the vocab: putting every added token in the vocab pins the ids the config states.
         for spec in added:
@@ -434,13 +435,13 @@ def _build_from_vocab_merges(
             continue
         parts = line.split(" ")
         if len(parts) != 2:
-            raise ValueError(f"{name}/merges.txt:{lineno}: expected two space-separated symbols")
+            raise DataError(f"{name}/merges.txt:{lineno}: expected two space-separated symbols")
         merges.append((parts[0], parts[1]))
     used = {v: k for k, v in vocab.items()}
     for spec in added:
         owner = used.get(spec.id)
         if owner is not None and owner != spec.content:
-            raise ValueError(
+            raise DataError(
                 f"{name}: added token {spec.content!r} wants id {spec.id}, which vocab.json gives to {owner!r}"
             )
         vocab.setdefault(spec.content, spec.id)
@@ -462,7 +463,7 @@ def _build_from_vocab_merges(
     elif tok_class == "GPT2Tokenizer":
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
     else:
-        raise ValueError(
+        raise DataError(
             f"{name}: vocab.json+merges.txt with tokenizer_class {tok_class!r} is not supported "
             "(Qwen2Tokenizer and GPT2Tokenizer are); ship a tokenizer.json instead"
         )
@@ -533,7 +534,7 @@ class Tokenizer:
         for spec in self._added():
             got = self._backend_obj().token_to_id(spec.content)
             if got != spec.id:
-                raise ValueError(
+                raise DataError(
                     f"{self.directory}: added token {spec.content!r} should have id {spec.id} "
                     f"(tokenizer_config.json) but the tokenizer gives {got}"
                 )
@@ -638,9 +639,9 @@ def load_tokenizer(directory: str, tiktoken_pattern: str | None = None) -> Token
     `tiktoken_pattern` overrides the pre-tokenization regex for tiktoken ranks files.
     """
     if os.path.isfile(directory):
-        raise NotADirectoryError(f"tokenizer directory {directory!r} is a file; give the folder that holds it")
+        raise DataError(f"tokenizer directory {directory!r} is a file; give the folder that holds it")
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"tokenizer directory {directory!r} does not exist")
+        raise DataError(f"tokenizer directory {directory!r} does not exist")
     files: dict[str, bytes] = {}
     for name in _CONFIG_FILES:
         p = os.path.join(directory, name)
@@ -666,7 +667,7 @@ def load_tokenizer(directory: str, tiktoken_pattern: str | None = None) -> Token
     if ranks:
         files[ranks[0]] = _read(os.path.join(directory, ranks[0]))
         return Tokenizer("tiktoken", files, directory, pattern=tiktoken_pattern)
-    raise FileNotFoundError(
+    raise DataError(
         f"{directory}: no tokenizer found (looked for tokenizer.json, vocab.json+merges.txt, "
         "tokenizer.model, tiktoken.model, *.tiktoken)"
     )

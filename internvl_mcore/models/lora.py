@@ -49,6 +49,7 @@ from torch import nn
 # the adapter names and the run.json record are plain data (config/lora.py: the exports read them
 # without megatron-core); re-exported here where the adapters live
 from ..config.lora import LORA_TOWERS, LoRAConfig, LoRAInfo, adapts, base_weight_name, is_lora_name
+from ..errors import CheckpointError
 from ..config.model import ModelConfig
 from .weights import ShardPlacement, canonical_shape, local_params, shard
 
@@ -276,18 +277,18 @@ def adopt_checkpoint_lora(saved: Optional[dict], model: nn.Module) -> None:
     if saved is None and mine is None:
         return
     if saved is None:
-        raise ValueError("the checkpoint has no LoRA adapters but --lora-rank is set; to start LoRA from a "
-                         "fully trained checkpoint use --pretrained instead of --load")
+        raise CheckpointError("the checkpoint has no LoRA adapters but --lora-rank is set; to start LoRA from a "
+                              "fully trained checkpoint use --pretrained instead of --load")
     theirs = LoRAInfo.from_dict(saved)
     if mine is None:
-        raise ValueError(f"the checkpoint holds LoRA adapters (rank {theirs.config.lora_rank}, target "
-                         f"{theirs.config.lora_target}); resume with the same --lora-* flags")
+        raise CheckpointError(f"the checkpoint holds LoRA adapters (rank {theirs.config.lora_rank}, target "
+                              f"{theirs.config.lora_target}); resume with the same --lora-* flags")
     a, b = theirs.config, mine.config
     diffs = [f"{flag}: checkpoint {x!r}, run {y!r}" for flag, x, y in (
         ("--lora-rank", a.lora_rank, b.lora_rank), ("--lora-alpha", a.alpha, b.alpha),
         ("--lora-target", a.lora_target, b.lora_target),
         ("--lora-modules", sorted(a.lora_modules), sorted(b.lora_modules))) if x != y]
     if diffs:
-        raise ValueError("LoRA settings differ from the checkpoint's:\n  " + "\n  ".join(diffs))
+        raise CheckpointError("LoRA settings differ from the checkpoint's:\n  " + "\n  ".join(diffs))
     if mine.base is None:
         mine.base, mine.seed = theirs.base, theirs.seed

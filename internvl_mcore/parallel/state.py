@@ -10,6 +10,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
 
+from ..errors import ConfigError
 from . import cpu_compat
 from ..config.device import resolve_device
 from ..config.model import ParallelConfig
@@ -45,8 +46,8 @@ def init_distributed(par: ParallelConfig, seed: int, timeout_s: float = 600.0,
     world = dist.get_world_size()
     mp = par.tensor_model_parallel_size * par.pipeline_model_parallel_size * par.context_parallel_size
     if world % mp:
-        raise ValueError(f"world size {world} is not divisible by --tensor-model-parallel-size x "
-                         f"--pipeline-model-parallel-size x --context-parallel-size = {mp}")
+        raise ConfigError(f"world size {world} is not divisible by --tensor-model-parallel-size x "
+                          f"--pipeline-model-parallel-size x --context-parallel-size = {mp}")
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=par.tensor_model_parallel_size,

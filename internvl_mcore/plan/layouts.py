@@ -23,6 +23,7 @@ from typing import Iterable, Optional
 
 from ..config.lora import LORA_MODULES, LoRAConfig
 from ..config.model import ModelConfig, ParallelConfig
+from ..errors import ConfigError
 from .flops import forward_flops, pass_multipliers, train_step_flops
 from .memory import GiB, ActivationBytes, StateBytes, activation_bytes, state_bytes
 from .params import PARTS, check_divisibility, decoder_layers_per_stage, padded_vision_heads, stage_params
@@ -357,7 +358,7 @@ def candidate_layouts(model: ModelConfig, gpus: int, workload: Workload, max_tp:
             continue
         try:
             check_divisibility(model, ParallelConfig(tensor_model_parallel_size=tp))
-        except ValueError:
+        except ConfigError:
             continue
         for pp in _divisors(gpus // (tp * cp)):
             if fixed.get("pp", pp) != pp or pp > model.llm.num_layers:

@@ -27,6 +27,7 @@ from typing import Iterable, Literal, Optional
 
 from ..config.lora import LORA_INFIX, LoRAConfig, adapts
 # padded_vision_heads is read from here by memory.py and layouts.py
+from ..errors import ConfigError
 from ..config.model import ModelConfig, ParallelConfig, padded_vision_heads, padded_vocab_size  # noqa: F401
 from ..models.parameters import (Param, Part, decoder_layer, final_norm, output_layer, projector, vision_embeddings,
                                  vision_layer, vision_layers_built, word_embeddings)
@@ -68,8 +69,8 @@ def decoder_layers_per_stage(num_layers: int, par: ParallelConfig) -> list[int]:
         return [num_layers]
     if first is None and last is None:
         if num_layers % pp:
-            raise ValueError(f"{num_layers} decoder layers are not divisible by "
-                             f"--pipeline-model-parallel-size {pp}")
+            raise ConfigError(f"{num_layers} decoder layers are not divisible by "
+                              f"--pipeline-model-parallel-size {pp}")
         return [num_layers // pp] * pp
     rest, stages_left = num_layers, pp
     if first is not None:
@@ -77,8 +78,8 @@ def decoder_layers_per_stage(num_layers: int, par: ParallelConfig) -> list[int]:
     if last is not None:
         rest, stages_left = rest - last, stages_left - 1
     if rest < 0 or (stages_left > 0 and rest % stages_left):
-        raise ValueError(f"{num_layers} decoder layers cannot be split as first={first}, last={last} over "
-                         f"{pp} stages (the middle stages need an equal share)")
+        raise ConfigError(f"{num_layers} decoder layers cannot be split as first={first}, last={last} over "
+                          f"{pp} stages (the middle stages need an equal share)")
     middle = rest // stages_left if stages_left else 0
     counts = [middle] * pp
     if first is not None:
@@ -168,15 +169,15 @@ def check_divisibility(model: ModelConfig, par: ParallelConfig) -> None:
         del need["LLM ffn_hidden_size"]
         ep, etp = par.expert_model_parallel_size, par.expert_tensor_parallel_size or tp
         if m.num_experts % ep:
-            raise ValueError(f"--expert-model-parallel-size {ep} does not divide the {m.num_experts} experts of "
-                             f"{model.name}")
+            raise ConfigError(f"--expert-model-parallel-size {ep} does not divide the {m.num_experts} experts of "
+                              f"{model.name}")
         if m.moe_ffn_hidden_size % etp:
-            raise ValueError(f"expert tensor parallel size {etp} does not divide the expert width "
-                             f"({m.moe_ffn_hidden_size}) of {model.name}")
+            raise ConfigError(f"expert tensor parallel size {etp} does not divide the expert width "
+                              f"({m.moe_ffn_hidden_size}) of {model.name}")
     for what, n in need.items():
         if n % tp:
-            raise ValueError(f"--tensor-model-parallel-size {tp} does not divide the {what} ({n}) of "
-                             f"{model.name}")
+            raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide the {what} ({n}) of "
+                              f"{model.name}")
 
 
 @dataclass(frozen=True)

@@ -66,9 +66,11 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from ..checkpoint.canonical import CanonicalCheckpoint
 from ..checkpoint.checksums import write_checksums
-from ..checkpoint.format import (FORMAT_VERSION, RUN_INFO, TRACKER, CheckpointError, check_model, checkpoint_dir,
-                                 is_training_checkpoint, iter_dir, read_run_json)
-from ..checkpoint.safetensors_io import ConversionError, SafetensorsDir
+from ..checkpoint.format import (FORMAT_VERSION, RUN_INFO, TRACKER, check_model, checkpoint_dir, is_training_checkpoint,
+                                 iter_dir, read_run_json)
+from ..errors import CheckpointError
+from ..checkpoint.safetensors_io import SafetensorsDir
+from ..errors import ConversionError
 from ..checkpoint.selection import remove_old_checkpoints
 from ..checkpoint.weights import load_across_backends, load_training_weights
 from ..config.model import ModelConfig, ParallelConfig
@@ -611,7 +613,7 @@ def _adopt_lora(info: dict, module: torch.nn.Module, where: Path) -> None:
     """The run's LoRA flags must match the checkpoint's adapters; the run takes over the base they name."""
     try:
         adopt_checkpoint_lora(info.get("lora"), module)
-    except ValueError as exc:
+    except CheckpointError as exc:
         raise CheckpointError(f"{where}: {exc}") from None
 
 

@@ -15,12 +15,10 @@ from ..data.loader import PackedDataLoader, parse_data_path
 from ..data.workers import WorkerError
 from ..data.resample import PillowMismatch, pass_order
 from ..data.shards import ShardReader, manifest_path, max_token_id, sha256_file, shard_files
+from ..cli_errors import read_json, user_path
+from ..errors import DataError
 from .batch import Batch
 from .mock import mock_batches
-
-
-class DataError(ValueError):
-    """A --data-path problem found before training starts; the message names the flag and the file."""
 
 
 def _prefix_problem(prefix: str, flag: str) -> str | None:
@@ -46,21 +44,22 @@ def check_shard_sets(entries: list[str], run: RunConfig, flag: str = "--data-pat
             raise DataError(problem)
     try:
         blend = parse_data_path(entries)
-    except (ValueError, OSError, KeyError) as exc:
+    except DataError as exc:
         raise DataError(str(exc) if str(exc).startswith(flag) else f"{flag}: {exc}") from None
     for weight, prefix in blend:  # the manifests alone first: cheap, and megatron-core is not imported yet
         try:
             packs = check_manifest(prefix, run)
             check_token_range(prefix, run.model)
-        except (ValueError, OSError) as exc:
+        except DataError as exc:
             raise DataError(f"{flag} {prefix}: {exc}") from None
         if weight > 0 and packs == 0:
             raise DataError(f"{flag} {prefix}: the shard set is empty (0 packs; see {prefix}.rejects.jsonl)")
     readers = []
     for prefix in prefixes:
         try:
-            readers.append(ShardReader(prefix))
-        except (ValueError, OSError, KeyError) as exc:
+            with user_path(DataError):  # a shard file that cannot be opened (permissions)
+                readers.append(ShardReader(prefix))
+        except DataError as exc:
             raise DataError(f"{flag} {prefix}: {exc}") from None
     if not run.data.no_verify_shards:
         verify_checksums(readers, rank, world, flag)
@@ -70,11 +69,11 @@ def check_token_range(prefix: str, cfg: ModelConfig) -> None:
     """Every token id of the shard set indexes the model's embedding (the manifest's recorded largest
     id; older manifests: a pass over the tokens file)."""
     path = manifest_path(prefix)
-    with open(path, encoding="utf-8") as f:
-        top = max_token_id(prefix, json.load(f))
+    with user_path(DataError):  # the pass over the tokens file of an older manifest
+        top = max_token_id(prefix, read_json(path, DataError))
     if top >= cfg.llm.vocab_size:
-        raise ValueError(f"{path}: token id {top} is outside the model's vocabulary of {cfg.llm.vocab_size} rows "
-                         f"(--model {cfg.name}); the shards were made with another tokenizer")
+        raise DataError(f"{path}: token id {top} is outside the model's vocabulary of {cfg.llm.vocab_size} rows "
+                        f"(--model {cfg.name}); the shards were made with another tokenizer")
 
 
 def _is_number(text: str) -> bool:
@@ -133,13 +132,13 @@ class ShardBatches:
                                            seed=run.train.seed, num_workers=run.data.num_workers,
                                            image_tiling=self.image_tiling,
                                            worker_timeout=run.data.data_worker_timeout)
-        except (FileNotFoundError, ValueError) as exc:
+        except DataError as exc:
             raise DataError(f"--data-path {' '.join(run.data.data_path)}: {exc}") from exc
         self.cfg = run.model
         for prefix in self.loader.prefixes:
             try:
                 check_manifest(prefix, run)
-            except ValueError as exc:
+            except DataError as exc:
                 raise DataError(str(exc)) from None
         self.seq_length = run.train.seq_length
         self.micro_batch_size = run.train.micro_batch_size
@@ -181,11 +180,11 @@ def check_manifest(prefix: str, run: RunConfig) -> int:
     try:
         manifest = json.loads(open(path, encoding="utf-8").read())
     except FileNotFoundError:
-        raise ValueError(f"--data-path {prefix}: no manifest {path} (not made by tools/preprocess_mm_data.py?)") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: unreadable manifest ({exc})") from None
+        raise DataError(f"--data-path {prefix}: no manifest {path} (not made by tools/preprocess_mm_data.py?)") from None
+    except (ValueError, UnicodeDecodeError, OSError) as exc:  # OSError: a directory, no permission
+        raise DataError(f"{path}: unreadable manifest ({exc})") from None
     if not isinstance(manifest, dict):
-        raise ValueError(f"{path}: not a shard manifest (a JSON {type(manifest).__name__})")
+        raise DataError(f"{path}: not a shard manifest (a JSON {type(manifest).__name__})")
     cfg, tok = run.model, manifest.get("tokenizer", {})
     expected = {"img_start_id": cfg.img_start_token_id, "img_end_id": cfg.img_end_token_id,
                 "img_context_id": cfg.img_context_token_id}
@@ -203,7 +202,7 @@ def check_manifest(prefix: str, run: RunConfig) -> int:
     if manifest.get("seq_length", 0) > run.train.seq_length:
         problems.append(f"packs of up to {manifest.get('seq_length')} tokens > --seq-length {run.train.seq_length}")
     if problems:
-        raise ValueError(f"{path} does not fit the model: " + "; ".join(problems))
+        raise DataError(f"{path} does not fit the model: " + "; ".join(problems))
     return int(manifest.get("counts", {}).get("packs", 0))
 
 
@@ -237,7 +236,7 @@ class MockBatches:
     def load_resharded_state(self, states: list[dict]) -> None:
         """Mock samples are numbered per iteration, whatever the data-parallel size: any rank's state."""
         if len({s["mock_iteration"] for s in states}) != 1:
-            raise ValueError(f"the saved ranks stopped at different iterations {[s['mock_iteration'] for s in states]}")
+            raise DataError(f"the saved ranks stopped at different iterations {[s['mock_iteration'] for s in states]}")
         self.load_state_dict(states[0])
 
 

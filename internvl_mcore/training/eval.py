@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 
 from ..config.training import RunConfig, has_validation
+from ..errors import DataError
 from ..parallel.schedules import forward_backward
 from .batch import Batch
 from .checkpoint import rng_state, set_rng_state
@@ -37,8 +38,8 @@ def build_valid_batches(run: RunConfig, dp_rank: int, dp_size: int) -> Optional[
     data = dataclasses.replace(run.data, data_path=list(run.data.valid_data_path))
     try:
         batches = ShardBatches(dataclasses.replace(run, data=data), dp_rank, dp_size)
-    except ValueError as exc:  # the message names --data-path: say which flag it really was
-        raise ValueError(str(exc).replace("--data-path", "--valid-data-path", 1)) from None
+    except DataError as exc:  # the message names --data-path: say which flag it really was
+        raise DataError(str(exc).replace("--data-path", "--valid-data-path", 1)) from None
     batches.loader.augment = False  # validation measures the data as it is
     return batches
 

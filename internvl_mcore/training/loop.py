@@ -17,11 +17,11 @@ import torch.distributed as dist
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from ..checkpoint import selection
-from ..checkpoint.format import CheckpointError, checkpoint_dir, read_run_json
+from ..checkpoint.format import checkpoint_dir, read_run_json
 from ..config.device import resolve_device
 from ..config.problems import problems, refusal
+from ..errors import CheckpointError, ConfigError, DataError, SaveDirRefused
 from ..config.training import RunConfig
-from ..errors import ConfigError
 from ..models.internvl import build_model
 from ..models.lora import add_lora
 from ..models.weights import init_weights
@@ -37,7 +37,7 @@ from .guards import (SpikeGuard, TrainingDiverged, agreed_stop, check_finite, fa
                      peer_lost)
 from .metrics import Reporter
 from .moe import reduced_aux_loss
-from .schedule import ScheduleMismatch, build_scheduler, sync_param_groups
+from .schedule import build_scheduler, sync_param_groups
 from .schedule import restore as restore_schedule
 from .stages import Plan, apply_freeze, resolve_stage
 from .step import forward_step
@@ -192,11 +192,11 @@ def _claim_save_dir(run: RunConfig) -> None:
         try:
             for note in save_dir.claim(c.save, c.load, c.overwrite_checkpoints):
                 print(note, flush=True)
-        except save_dir.SaveDirRefused as exc:
+        except SaveDirRefused as exc:
             verdict[0] = str(exc)
     dist.broadcast_object_list(verdict, src=0)
     if verdict[0] is not None:
-        raise save_dir.SaveDirRefused(verdict[0])
+        raise SaveDirRefused(verdict[0])
 
 
 def _first_start(run: RunConfig) -> RunConfig:
@@ -219,11 +219,8 @@ def _resume(trainer: Trainer) -> None:
     run = trainer.run
     path = checkpoint_dir(run.checkpoint.load)
     info = read_run_json(path)
-    try:
-        note = restore_schedule(trainer.scheduler, info.get("scheduler"), run.train, str(path),
-                                info.get("global_batch_size"))
-    except ScheduleMismatch as exc:
-        raise ConfigError(str(exc)) from None
+    note = restore_schedule(trainer.scheduler, info.get("scheduler"), run.train, str(path),  # ScheduleMismatch: a ConfigError
+                            info.get("global_batch_size"))
     iteration, data_state, info = checkpoint.load(path, trainer.model[0], trainer.optimizer, None, run.model,
                                                   run.parallel, trainer.pg, load_optim=not run.checkpoint.no_load_optim)
     sync_param_groups(trainer.scheduler)  # after the optimizer state, which brings the checkpoint's max_lr
@@ -233,7 +230,7 @@ def _resume(trainer: Trainer) -> None:
             trainer.batches.load_state_dict(data_state)
         else:  # another data-parallel size: the same global batches continue, split over this run's ranks
             trainer.batches.load_resharded_state(checkpoint.data_states(path))
-    except (ValueError, KeyError) as exc:  # the loader names what differs; the line names the flags
+    except (DataError, KeyError) as exc:  # the loader names what differs (KeyError: a state of another layout)
         raise ConfigError(f"--load {path}: its data position does not fit this run ({exc}): resume with the "
                           "checkpoint's --data-path (prefixes and weights) and --seed") from None
     if trainer.spike is not None and info.get("spike_guard"):

@@ -11,6 +11,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from ..config.model import ModelConfig
 from ..data.sample import PackedSample
 from .batch import Batch
@@ -26,7 +27,7 @@ def mock_sample(index: int, seed: int, cfg: ModelConfig, seq_length: int, tiles:
     tokens, loss_mask, positions = [], [], []
     for length in lengths:
         if length < n_img + 4:
-            raise ValueError(f"--seq-length {seq_length} too short for {tiles} mock tiles per sample")
+            raise ConfigError(f"--seq-length {seq_length} too short for {tiles} mock tiles per sample")
         text = torch.randint(1, min(cfg.llm.vocab_size, 500), (length - n_img - 2,), generator=g)
         text = torch.where(torch.isin(text, torch.tensor(sorted(reserved))), torch.ones_like(text), text)
         ids = torch.cat([torch.tensor([cfg.img_start_token_id]), torch.full((n_img,), cfg.img_context_token_id),

@@ -36,7 +36,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from ..checkpoint.format import CheckpointError, checkpoint_dir
+from ..checkpoint.format import checkpoint_dir
+from ..errors import CheckpointError
 from ..models.internvl import build_model
 from ..parallel.context_parallel import TokenSplit
 from ..parallel.schedules import forward_backward

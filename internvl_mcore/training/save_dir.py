@@ -26,13 +26,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ..checkpoint.format import TRACKER, CheckpointError
+from ..checkpoint.format import TRACKER
+from ..errors import SaveDirRefused
 
 LOCK_NAME = ".internvl_mcore.lock"
-
-
-class SaveDirRefused(CheckpointError):
-    """--save is held by another run or holds another run's checkpoints; the message says which."""
 
 
 def _pid_alive(pid: int) -> bool:

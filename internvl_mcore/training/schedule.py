@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ..config.training import TrainConfig
+from ..errors import ScheduleMismatch
 
 # scheduler state key -> (the flag it comes from, how a state value reads as that flag's value)
 SCHEDULE_FLAGS = {
@@ -21,10 +22,6 @@ SCHEDULE_FLAGS = {
     "lr_decay_style": ("--lr-decay-style", lambda v, g: v),
     "start_wd": ("--weight-decay", lambda v, g: v),
 }
-
-
-class ScheduleMismatch(ValueError):
-    """A resume whose schedule flags differ from the checkpoint's, without a flag saying which wins."""
 
 
 def build_scheduler(optimizer: Any, t: TrainConfig, lr: float, decay_style: str) -> Any:

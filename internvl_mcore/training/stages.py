@@ -27,5 +27,5 @@ def apply_freeze(model: torch.nn.Module, plan: Plan) -> None:
         elif part == "language_model":
             train = plan.train_llm
         else:
-            raise ValueError(f"parameter {name} belongs to no known part")
+            raise RuntimeError(f"parameter {name} belongs to no known part")  # a model this module lacks: a bug
         p.requires_grad_(train)

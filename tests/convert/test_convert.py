@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import save_file
 
 from internvl_mcore.checkpoint.canonical import CanonicalCheckpoint
-from internvl_mcore.checkpoint.safetensors_io import ConversionError, SafetensorsDir, ShardedWriter, plan_of
+from internvl_mcore.checkpoint.safetensors_io import SafetensorsDir, ShardedWriter, plan_of
+from internvl_mcore.errors import ConversionError
 from internvl_mcore.config import PRESETS, ParallelConfig
 from internvl_mcore.convert import (canonical_shapes, convert_checkpoint_to_hf, convert_hf_to_checkpoint, hf_config_for,
                                     model_config_from_hf, verify_layout)

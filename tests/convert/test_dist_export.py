@@ -32,7 +32,8 @@ import torch
 from internvl_mcore.checkpoint.dist_canonical import DistCanonicalView, is_model_key
 from internvl_mcore.checkpoint.dist_reader import DistCheckpointReader
 from internvl_mcore.checkpoint.canonical import CanonicalCheckpoint, model_config_from_dict
-from internvl_mcore.checkpoint.format import CheckpointError, resolve_iteration_dir
+from internvl_mcore.checkpoint.format import resolve_iteration_dir
+from internvl_mcore.errors import CheckpointError
 from internvl_mcore.checkpoint.safetensors_io import SafetensorsDir
 from tests.convert.tiny_hf import save_transformers_dir, tiny_transformers_model
 from tests.fixtures import new_tensor_bytes

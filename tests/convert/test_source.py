@@ -11,7 +11,7 @@ import torch
 
 from internvl_mcore.config import PRESETS
 from internvl_mcore.convert import convert_hf_to_checkpoint, model_config_from_hf, read_hf_config
-from internvl_mcore.checkpoint.safetensors_io import ConversionError
+from internvl_mcore.errors import ConversionError
 from internvl_mcore.convert.source import checkpoint_kind, resolve_model
 
 from .tiny_hf import save_transformers_dir, tiny_transformers_model, write_internvl_dir

@@ -15,7 +15,8 @@ from internvl_mcore.data.resample import DEVICE_COEFFICIENTS, PASS_ORDERS, pass_
 from internvl_mcore.data import resample
 from internvl_mcore.data.sample import DecodedImages
 from internvl_mcore.data.source_images import SourceImages, cut_tiles_on_device
-from internvl_mcore.training.data import DataError, resolve_image_tiling
+from internvl_mcore.training.data import resolve_image_tiling
+from internvl_mcore.errors import DataError
 from tests.fixtures import make_dataset_fixture, make_tokenizer_dir, write_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

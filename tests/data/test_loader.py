@@ -10,6 +10,7 @@ from internvl_mcore.data.loader import PackedDataLoader, collate, parse_data_pat
 from internvl_mcore.models.vision import normalize_pixels
 from internvl_mcore.data.sample import PackedSample
 from internvl_mcore.data.shards import EncodedSample, ShardReader, ShardWriter, encode_tiles
+from internvl_mcore.errors import DataError
 
 TILE = (16, 16, 3)
 
@@ -62,9 +63,9 @@ def test_parse_data_path_forms(two_sets):
     got = parse_data_path([a, b])
     assert got[0][1] == a and got[0][0] == pytest.approx(10 / 17)
     for bad in (["0.5", a, "0.5"], ["x", a, "0.5", b], ["-1", a, "1", b], ["0", a, "0", b], [a, "0.5"]):
-        with pytest.raises(ValueError):
+        with pytest.raises(DataError):
             parse_data_path(bad)
-    with pytest.raises(FileNotFoundError, match="nope"):
+    with pytest.raises(DataError, match="nope"):
         parse_data_path([a, "nope"])
 
 
@@ -179,20 +180,20 @@ def test_resume_into_another_data_parallel_size(two_sets, old_dp, new_dp):
     got = sorted(x for ld in new for x in ld.peek_draws(24 // new_dp))
     assert got == stream[6 * 12:]
     if (6 * 12) % 5:  # a position the new ranks cannot share evenly is refused, naming it
-        with pytest.raises(ValueError, match="does not split over 5"):
+        with pytest.raises(DataError, match="does not split over 5"):
             PackedDataLoader(blend, seed=3, dp_rank=0, dp_size=5).load_resharded_state(states)
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(DataError, match="seed"):
         PackedDataLoader(blend, seed=4, dp_rank=0, dp_size=new_dp).load_resharded_state(states)
 
 
 def test_resume_refuses_other_configuration(two_sets):
     a, b = two_sets
     st = PackedDataLoader([a], seed=1).state_dict()
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(DataError, match="seed"):
         PackedDataLoader([a], seed=2).load_state_dict(st)
-    with pytest.raises(ValueError, match="dp_size"):
+    with pytest.raises(DataError, match="dp_size"):
         PackedDataLoader([a], seed=1, dp_rank=0, dp_size=2).load_state_dict(st)
-    with pytest.raises(ValueError, match="data"):
+    with pytest.raises(DataError, match="data"):
         PackedDataLoader([b], seed=1).load_state_dict(st)
 
 
@@ -227,7 +228,7 @@ def test_augmentation_seeded_and_reproducible_after_resume(two_sets):
 def test_empty_weighted_set_refused(tmp_path):
     w = ShardWriter(str(tmp_path / "e"), tile_format="raw", tile_shape=TILE)
     w.finalize()
-    with pytest.raises(ValueError, match="no packs"):
+    with pytest.raises(DataError, match="no packs"):
         PackedDataLoader([str(tmp_path / "e")])
 
 

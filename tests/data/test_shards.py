@@ -17,6 +17,7 @@ from internvl_mcore.data.shards import (
     max_token_id,
     shard_files,
 )
+from internvl_mcore.errors import DataError
 
 TILE = (28, 28, 3)
 
@@ -153,12 +154,12 @@ def test_manifest_checksums_catch_corruption(tmp_path):
 
 
 def test_reader_errors_name_the_problem(tmp_path):
-    with pytest.raises(FileNotFoundError, match="manifest"):
+    with pytest.raises(DataError, match="manifest"):
         ShardReader(str(tmp_path / "nothing"))
     prefix = str(tmp_path / "out")
     write_random(prefix, "png")
     os.remove(prefix + "_tiles.idx")
-    with pytest.raises(FileNotFoundError, match="_tiles.idx"):
+    with pytest.raises(DataError, match="_tiles.idx"):
         ShardReader(prefix)
 
 

@@ -22,6 +22,7 @@ from internvl_mcore.data.sources import (
 )
 from internvl_mcore.data.template import INTERNVL2_5_SYSTEM_PROMPT, tokenize_conversation
 from internvl_mcore.data.tokenizer import load_tokenizer
+from internvl_mcore.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +91,11 @@ def test_read_meta_errors_name_file_and_key(tmp_path):
     ]
     for meta, key in cases:
         path = _write_meta(tmp_path, meta)
-        with pytest.raises((ValueError, FileNotFoundError)) as e:
+        with pytest.raises(DataError) as e:
             read_meta(path)
         assert path in str(e.value) and key in str(e.value), (meta, str(e.value))
     path = _write_meta(tmp_path, '{"ds": {"annotation": "a.jsonl",\n "root": }}')
-    with pytest.raises(ValueError, match=r"meta.json:2:"):
+    with pytest.raises(DataError, match=r"meta.json:2:"):
         read_meta(path)
 
 

@@ -11,12 +11,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests import fixtures
-from internvl_mcore.data.template import (
-    INTERNVL2_5_SYSTEM_PROMPT,
-    TemplateError,
-    image_token_string,
-    tokenize_conversation,
-)
+from internvl_mcore.data.template import INTERNVL2_5_SYSTEM_PROMPT, image_token_string, tokenize_conversation
+from internvl_mcore.errors import TemplateError
 from internvl_mcore.data.tokenizer import load_tokenizer
 
 IGNORE = -100

@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 from tests import fixtures
 from internvl_mcore.data.synthetic import train_tiny_tokenizer
 from internvl_mcore.data.tokenizer import CHAT_SPECIAL_TOKENS, Tokenizer, load_tokenizer
+from internvl_mcore.errors import DataError
 
 CHAT = (
     "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\n<img><IMG_CONTEXT><IMG_CONTEXT>"
@@ -227,11 +228,11 @@ def test_train_tiny_tokenizer_layout(tmp_path):
 
 
 def test_missing_and_broken_dirs(tmp_path, qwen_dir):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         load_tokenizer(str(tmp_path / "nope"))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match="tokenizer.json, vocab.json"):
+    with pytest.raises(DataError, match="tokenizer.json, vocab.json"):
         load_tokenizer(str(empty))
     # An added token whose stated id is taken by a vocab entry must fail loudly, not shift ids.
     bad = str(tmp_path / "bad")
@@ -242,7 +243,7 @@ def test_missing_and_broken_dirs(tmp_path, qwen_dir):
     cfg["added_tokens_decoder"]["5"] = {"content": "<extra>", "special": True}
     with open(cfg_path, "w") as f:
         json.dump(cfg, f)
-    with pytest.raises(ValueError, match="<extra>"):
+    with pytest.raises(DataError, match="<extra>"):
         load_tokenizer(bad)
     with pytest.raises(KeyError, match="<nope>"):
         load_tokenizer(qwen_dir).token_to_id("<nope>")

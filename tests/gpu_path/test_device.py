@@ -278,24 +278,25 @@ def test_checkpoint_missing_weights_still_an_error_on_device_change(world, tmp_p
 # ---------------------------------------------------------------------------------------- --device
 def test_device_flag_semantics(monkeypatch):
     from internvl_mcore.config import device
+    from internvl_mcore.errors import ConfigError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("NVIDIA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(device, "gpu_expected", lambda: None)
     assert device.resolve_device("auto") == "cpu" and device.resolve_device("cpu") == "cpu"
-    with pytest.raises(RuntimeError, match="--device cuda"):
+    with pytest.raises(ConfigError, match="--device cuda"):
         device.resolve_device("cuda")
     monkeypatch.undo()
     # a container started without --gpus: NVIDIA's images set NVIDIA_VISIBLE_DEVICES
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("NVIDIA_VISIBLE_DEVICES", "all")
     assert "NVIDIA_VISIBLE_DEVICES" in device.gpu_expected()
-    with pytest.raises(RuntimeError, match="--device cpu"):
+    with pytest.raises(ConfigError, match="--device cpu"):
         device.resolve_device("auto")
     assert device.resolve_device("cpu") == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert device.resolve_device("auto") == "cuda"
-    with pytest.raises(ValueError, match="--device 'gpu'"):
+    with pytest.raises(ConfigError, match="--device 'gpu'"):
         device.resolve_device("gpu")
 
 

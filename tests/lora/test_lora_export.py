@@ -219,7 +219,7 @@ class _FakeView(dict):
 
 def test_an_adapter_that_does_not_fit_its_weight_is_named(tmp_path) -> None:
     from internvl_mcore.config import get_preset
-    from internvl_mcore.checkpoint.safetensors_io import ConversionError
+    from internvl_mcore.errors import ConversionError
     from internvl_mcore.convert.lora_export import CheckpointTensors
 
     w = "language_model.decoder.layers.0.mlp.linear_fc2.weight"

@@ -192,7 +192,8 @@ def test_pretrained_lora_checkpoint_loads_merged(ref_run) -> None:
 ])  # (--lora-dropout 1.5 stops at parse time: tests/reliability/test_flag_domains.py)
 def test_contradictory_lora_flags_are_refused(extra, message) -> None:
     from pretrain_internvl import parse_run_config
-    from internvl_mcore.training.loop import ConfigError, validate
+    from internvl_mcore.training.loop import validate
+    from internvl_mcore.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message.replace("-", r"\-")):
         validate(parse_run_config(lora_flags() + extra))
@@ -212,7 +213,7 @@ def _without_lora(argv: list[str]) -> list[str]:
     (["--lora-rank", "8"], "--lora-rank: checkpoint 4, run 8"),
 ])
 def test_resume_with_other_lora_settings_is_refused(ref_run, flags, message) -> None:
-    from internvl_mcore.checkpoint.format import CheckpointError
+    from internvl_mcore.errors import CheckpointError
 
     argv = _without_lora(lora_flags()) if flags is None else lora_flags() + flags
     with pytest.raises(CheckpointError, match=message):

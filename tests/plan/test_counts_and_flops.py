@@ -9,6 +9,7 @@ from internvl_mcore.plan.flops import causal_pairs, forward_flops, train_step_fl
 from internvl_mcore.plan.memory import grad_buffer, owned_elements, state_bytes
 from internvl_mcore.plan.params import (ParamSpec, count_params, decoder_layers_per_stage, padded_vision_heads,
                                         stage_params)
+from internvl_mcore.errors import ConfigError
 
 # Published sizes of the released checkpoints (the Hugging Face model pages' safetensors counts,
 # as quoted in third-party model tables: InternVL3-1B 0.94B, InternVL3-2B 2.09B; the technical
@@ -69,7 +70,7 @@ def test_tp_shards_add_up_to_padded_model():
 def test_uneven_pipeline_split():
     par = ParallelConfig(pipeline_model_parallel_size=4, decoder_first_pipeline_num_layers=14)
     assert decoder_layers_per_stage(80, par) == [14, 22, 22, 22]
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         decoder_layers_per_stage(80, ParallelConfig(pipeline_model_parallel_size=3))
 
 

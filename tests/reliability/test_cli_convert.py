@@ -94,27 +94,6 @@ def test_plan_unknown_model_directory(tmp_path):
     assert_user_error(run("plan", "--model", str(tmp_path / "nope"), "--gpus", "8"), str(tmp_path / "nope"))
 
 
-def test_cli_wrapper_turns_ctrl_c_and_user_errors_into_one_line(capsys):
-    """What every tool's main() goes through (the convert tools finish too fast to interrupt)."""
-    from internvl_mcore.cli_errors import run_cli
-
-    def interrupted() -> int:
-        raise KeyboardInterrupt
-
-    assert run_cli(interrupted, "tool", interrupted="OUT left as it was") == 130
-    assert capsys.readouterr().err == "tool: interrupted (Ctrl-C); OUT left as it was\n"
-    assert run_cli(lambda: open("/nonexistent/x.json"), "tool") == 2
-    assert capsys.readouterr().err == "tool: error: No such file or directory: /nonexistent/x.json\n"
-
-    def multiline() -> int:
-        raise ValueError("refusing to start:\n  --a\n  --b")
-
-    assert run_cli(multiline, "tool") == 2
-    assert capsys.readouterr().err == "tool: error: refusing to start: --a; --b\n"
-    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
-        run_cli(lambda: 1 // 0, "tool")
-
-
 def _copy_hf(ckpt: Path, dst: Path) -> Path:
     import shutil
 
@@ -147,7 +126,7 @@ def test_damaged_safetensors_header_and_invalid_json(ckpt, tmp_path):
     assert_user_error(run("convert_from_hf", "--hf-dir", bad_json, "--save", tmp_path / "out"),
                       str(bad_json / "config.json"), "invalid JSON at line 2")
     from internvl_mcore.checkpoint.canonical import CanonicalCheckpoint  # the same reader, in-process
-    from internvl_mcore.checkpoint.safetensors_io import ConversionError
+    from internvl_mcore.errors import ConversionError
 
     (canonical / "model_config.json").write_text("{")
     with pytest.raises(ConversionError, match=f"{canonical / 'model_config.json'}: invalid JSON at line 1"):
