@@ -364,6 +364,8 @@ def _update(trainer: Trainer, loss: float, losses: list[dict]) -> tuple[Optional
             print(f"iteration {iteration}: loss {loss:.6e} > {trainer.spike.factor:g} x running mean "
                   f"{trainer.spike.mean():.6e}: update skipped (--skip-spike-factor)", flush=True)
         return None, True
+    if trainer.writer is not None:  # --async-save: the snapshot of a save in flight is copied before the step
+        trainer.writer.join_snapshot()
     _, grad_norm, _ = trainer.optimizer.step()
     grad_norm = float(grad_norm) if grad_norm is not None else None
     check_finite(iteration, loss, grad_norm, losses, trainer.model)
