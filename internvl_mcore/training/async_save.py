@@ -45,12 +45,14 @@ from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
+from ..checkpoint.format import CheckpointError
 from ..data.pool import describe_exit, start_ignoring_sigint
 from ..data.shards import sha256_file
 from .guards import fault_point
 from .preemption import child_of_run
 
 _ALIGN = 64  # bytes: every tensor of the snapshot starts aligned, so its dtype view is valid
+_READY = "ready"  # the writer's first message: started and imported
 
 
 @dataclass
@@ -142,6 +144,7 @@ def _writer_main(conn: Any) -> None:
     """The writer process: one checkpoint in, (True, write results) or (False, exception) out."""
     child_of_run()  # dies with its rank, even a kill -9 of it: no half-written save outlives the run
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group: the rank handles it
+    conn.send(_READY)  # imports done: the rank's first save does not wait for them
     while (message := conn.recv()) is not None:
         try:
             out = (True, _write(message))
@@ -187,6 +190,7 @@ class AsyncWriter:
         self.saves = 0  # handed over so far: the first one validates the sharding (collective)
         self.copier: Optional[threading.Thread] = None  # the snapshot copy of `pending`
         self.copy_failure: Optional[str] = None
+        self.ready = False  # the writer process sent _READY
 
     def start(self) -> None:
         """Start the writer process now (its imports take seconds; they overlap the first steps)."""
@@ -198,6 +202,19 @@ class AsyncWriter:
         self.proc = ctx.Process(target=_writer_main, args=(child,), daemon=True, name="checkpoint-writer")
         start_ignoring_sigint(self.proc)
         child.close()
+        self.ready = False
+
+    def wait_ready(self) -> None:
+        """Wait until the writer process has started (its imports: seconds), at most `timeout_s`; one
+        that does not start is a CheckpointError naming --async-save."""
+        deadline = time.monotonic() + self.timeout_s
+        while not self.ready and self.proc.is_alive() and time.monotonic() < deadline:
+            if self.conn.poll(0.1):
+                self.ready = self.conn.recv() == _READY
+        if not self.ready:
+            why = f"died ({describe_exit(self.proc)})" if not self.proc.is_alive() else \
+                f"did not start within {self.timeout_s:g} s (--distributed-timeout-minutes)"
+            raise CheckpointError(f"--async-save: the checkpoint writer process (pid {self.proc.pid}) {why}")
 
     def submit(self, request: Any, iteration: int, pending: Pending, rank: int) -> None:
         """Hand megatron-core's AsyncRequest to the writer: the snapshot buffer is allocated here, its
@@ -257,9 +274,13 @@ class AsyncWriter:
             return self.copy_failure
         if pending.reply is None and self.conn.poll():
             try:
-                pending.reply = self.conn.recv()
+                reply = self.conn.recv()
             except (EOFError, OSError):
-                pass
+                reply = None
+            if reply == _READY:  # a writer restarted by `submit`: its answer comes next
+                self.ready = True
+            elif reply is not None:
+                pending.reply = reply
         if pending.reply is not None:
             ok, out = pending.reply
             return "" if ok else _reason(out, describe)

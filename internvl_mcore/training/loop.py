@@ -236,6 +236,10 @@ def setup(run: RunConfig) -> Trainer:
     if run.checkpoint.load:  # a failing latest checkpoint falls back before anything reads it
         chosen = selection.select(run.checkpoint.load, no_fallback=run.checkpoint.no_fallback)
         run = dataclasses.replace(run, checkpoint=dataclasses.replace(run.checkpoint, load=str(chosen)))
+    # --async-save: the writer process starts before the model is built, so its imports overlap that
+    writer = AsyncWriter(timeout_s=t.distributed_timeout_minutes * 60) if run.checkpoint.async_save else None
+    if writer is not None:
+        writer.start()
     model, reference = _build_model(run, plan, pg)
     ddp, optimizer = _wrap(model, run, plan)
     scheduler = build_scheduler(optimizer, t, plan.lr, plan.lr_decay_style)
@@ -248,9 +252,9 @@ def setup(run: RunConfig) -> Trainer:
         trainer.reference, trainer.mpo = reference, mpo.make_context(run, pg)
     if run.checkpoint.load:
         _resume(trainer)
-    if run.checkpoint.async_save:  # started now: its imports overlap the first steps
-        trainer.writer = AsyncWriter(timeout_s=t.distributed_timeout_minutes * 60)
-        trainer.writer.start()
+    if writer is not None:  # ready before the first step: its start-up is not a save's stall
+        trainer.writer = writer
+        writer.wait_ready()
     fuse_cpu_adam(optimizer)  # after any load: torch's load_state_dict restores the saved group flags
     return trainer
 
