@@ -53,6 +53,7 @@ from .preemption import child_of_run
 
 _ALIGN = 64  # bytes: every tensor of the snapshot starts aligned, so its dtype view is valid
 _READY = "ready"  # the writer's first message: started and imported
+_START_S = 300.0  # at least this long for the writer's start (imports; slow on a loaded node) at start-up
 
 
 @dataclass
@@ -205,15 +206,17 @@ class AsyncWriter:
         self.ready = False
 
     def wait_ready(self) -> None:
-        """Wait until the writer process has started (its imports: seconds), at most `timeout_s`; one
-        that does not start is a CheckpointError naming --async-save."""
-        deadline = time.monotonic() + self.timeout_s
+        """Wait until the writer process has started (its imports: seconds), at most `timeout_s` (and
+        no less than _START_S: a short write deadline need not fit a loaded node's imports); one that
+        does not start is a CheckpointError naming --async-save."""
+        limit = max(self.timeout_s, _START_S)
+        deadline = time.monotonic() + limit
         while not self.ready and self.proc.is_alive() and time.monotonic() < deadline:
             if self.conn.poll(0.1):
                 self.ready = self.conn.recv() == _READY
         if not self.ready:
             why = f"died ({describe_exit(self.proc)})" if not self.proc.is_alive() else \
-                f"did not start within {self.timeout_s:g} s (--distributed-timeout-minutes)"
+                f"did not start within {limit:g} s (--distributed-timeout-minutes)"
             raise CheckpointError(f"--async-save: the checkpoint writer process (pid {self.proc.pid}) {why}")
 
     def submit(self, request: Any, iteration: int, pending: Pending, rank: int) -> None:
