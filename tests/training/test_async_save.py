@@ -77,6 +77,7 @@ def test_abandon_stops_the_writer_and_removes_the_partial_checkpoint():
 def test_snapshot_copy_in_a_thread_and_its_failure():
     """submit returns before the copy (a thread that then hands the snapshot over); join_snapshot waits
     for it, and a failed hand-over is this rank's write failure, with its reason (status)."""
+    import pickle
     import threading
 
     sent, gate = [], threading.Event()
@@ -85,11 +86,11 @@ def test_snapshot_copy_in_a_thread_and_its_failure():
         gate.wait(timeout=30)  # the copy is held until the test has seen `submit` return
         if sent:
             raise BrokenPipeError(32, "Broken pipe")
-        sent.append(message)
+        sent.append(pickle.loads(message))  # what the writer's conn.recv() does
 
     alive = SimpleNamespace(is_alive=lambda: True, pid=11)
     writer = AsyncWriter(timeout_s=30.0)
-    writer.proc, writer.conn = alive, SimpleNamespace(send=send, poll=lambda: False)
+    writer.proc, writer.conn = alive, SimpleNamespace(send_bytes=send, poll=lambda: False)
     w = torch.randn(4, 4)
     bucket = ("f0", "k", ([], [("i0", w)]))
     request = SimpleNamespace(async_fn=SimpleNamespace(args=(None, False)), async_fn_args=(None, [bucket], None))
