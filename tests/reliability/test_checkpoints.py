@@ -312,7 +312,8 @@ def _checksums_pass(path):
     import hashlib
 
     table = json.loads((path / "checksums.json").read_text())
-    assert table and set(table) == {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()} - {"checksums.json"}
+    files = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
+    assert table and set(table) == files - {"checksums.json"}
     for name, (size, sha) in table.items():
         data = (path / name).read_bytes()
         assert len(data) == size and hashlib.sha256(data).hexdigest() == sha, name
