@@ -188,8 +188,13 @@ class Bench:
         shutil.rmtree(self.work / "ckpt_async", ignore_errors=True)
         if child is None:
             return
+        # the snapshot copy overlaps the next step (async_save.py), which it may slow on a CPU: not a
+        # stall (the step computes meanwhile) but shown, step k+1's time against the sync run's
+        sync_steps, async_steps = step_times(self.work / "sync.jsonl"), step_times(self.work / "async.jsonl")
         for k, s in save_stalls(child, self.work / "async.jsonl").items():
             ratio = f"{s / sync_stalls[k]:.1%} of the sync save (goal <= 10%)" if sync_stalls.get(k) else ""
+            if k + 1 in sync_steps and k + 1 in async_steps:
+                ratio += f"; step {k + 1}: {async_steps[k + 1]:.2f}s (sync run: {sync_steps[k + 1]:.2f}s)"
             self.rows.append(Row(f"async-save stall after it {k}", s, self.cp_ck, child.peak_rss, child.tree_rss,
                                  ratio))
 

@@ -51,6 +51,9 @@ _METADATA_GLOBALS: dict[tuple[str, str], Any] = {
     for name in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")
 } | {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): dcp_filesystem._StorageInfo,
+    # a file-name prefix (one str): in the ranks' save plans that megatron-core's cached save structure
+    # (--async-save, training/async_save.py) keeps in the index from a run's second save on
+    ("torch.distributed.checkpoint.filesystem", "_StoragePrefix"): dcp_filesystem._StoragePrefix,
     ("torch", "Size"): torch.Size,
     ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
     ("collections", "OrderedDict"): collections.OrderedDict,

@@ -3,11 +3,22 @@
 `dist_checkpointing.save(..., async_sharded_save=True)` plans the save (collective) and returns an
 `AsyncRequest`: write buckets (file, tensors, bytes) and finalize functions that must run on every
 rank once the writes are done (gather the write results, write `.metadata` and metadata.json). The
-rank copies the bucket tensors into one shared-memory buffer (the snapshot: a device-to-host copy on
-a GPU, a memcpy on the CPU, where megatron-core's preload is a no-op and would hand the live
-parameters to the writer while the next steps change them), sends it to its writer process and goes
-on training; training/checkpoint.py `finish_pending` agrees over all ranks that every writer is done
-and only then finalizes, checksums and publishes (renames tmp_iter_, advances the tracker).
+bucket tensors are copied into one shared-memory buffer (the snapshot: a device-to-host copy on a
+GPU, a memcpy on the CPU, where megatron-core's preload is a no-op and would hand the live
+parameters to the writer while the next steps change them) and sent to the rank's writer process;
+training/checkpoint.py `finish_pending` agrees over all ranks that every writer is done and only
+then finalizes, checksums and publishes (renames tmp_iter_, advances the tracker).
+
+What a save stalls training for is kept small (issue 24; docs/checkpoints.md, "async-save stall"):
+- the writer process is started with the run, not at the first save, and megatron-core's results
+  queue is an in-process one (`_in_process_results_queue`: no Manager process spawned mid-save);
+- the snapshot buffer and megatron-core's save strategy live as long as the run: the buffer's pages
+  are mapped once, the strategy caches the save plan and global metadata (Megatron-LM's
+  --ckpt-assume-constant-structure: the structure never changes within a run), and the sharding is
+  validated at the first save only;
+- the snapshot copy runs in a thread while the next step's forward and backward compute, which
+  only read the parameters and optimizer state; the loop joins it (with the save's deadline) before
+  the optimizer step, the first thing that changes them.
 
 Why not megatron-core's callers (strategies/async_utils.py): `TemporalAsyncCaller` forks the training
 process (`mp.get_context('fork')`), which deadlocks once torch's OpenMP pool or CUDA runs (issue 23),
@@ -23,20 +34,27 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, Optional
 
 import torch
 import torch.multiprocessing as mp
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
+from ..checkpoint.format import CheckpointError
 from ..data.pool import describe_exit, start_ignoring_sigint
 from ..data.shards import sha256_file
 from .guards import fault_point
 from .preemption import child_of_run
 
 _ALIGN = 64  # bytes: every tensor of the snapshot starts aligned, so its dtype view is valid
+_READY = "ready"  # the writer's first message: started and imported
+_START_S = 300.0  # at least this long for the writer's start (imports; slow on a loaded node) at start-up
 
 
 @dataclass
@@ -57,6 +75,13 @@ def _snapshot(buckets: list, buffer: Optional[torch.Tensor] = None) -> tuple[tor
     """The buckets' tensors copied into one shared-memory buffer (`buffer` when it is large enough:
     the previous save's, whose pages are already mapped, so a save costs a memcpy and no page
     faults); the buckets with each tensor replaced by its index into the layout [(offset, dtype, shape)]."""
+    flat, layout, stripped, tensors = _allocate(buckets, buffer)
+    _copy(tensors, flat, layout)
+    return flat, layout, stripped
+
+
+def _allocate(buckets: list, buffer: Optional[torch.Tensor]) -> tuple[torch.Tensor, list, list, list]:
+    """`_snapshot` without the copy: the buffer, layout, stripped buckets and the tensors to copy."""
     tensors = [t for _, _, (_, tensor_data) in buckets for _, t in tensor_data]
     layout, total = [], 0
     for t in tensors:
@@ -69,12 +94,23 @@ def _snapshot(buckets: list, buffer: Optional[torch.Tensor] = None) -> tuple[tor
     except RuntimeError as exc:  # /dev/shm too small: a write failure with its reason (one line)
         raise OSError(f"--async-save: cannot hold the checkpoint tensors ({total} bytes) in shared memory "
                       f"(/dev/shm): {' '.join(str(exc).split())[:200]}") from None
-    for t, view in zip(tensors, _views(flat, layout)):
-        view.copy_(t.detach())
     index = iter(range(len(tensors)))
     stripped = [(name, key, (bytes_data, [(item, next(index)) for item, _ in tensor_data]))
                 for name, key, (bytes_data, tensor_data) in buckets]
-    return flat, layout, stripped
+    return flat, layout, stripped, tensors
+
+
+def _copy(tensors: list, flat: torch.Tensor, layout: list) -> None:
+    _copy_views([t.detach() for t in tensors], _views(flat, layout))
+
+
+def _copy_views(sources: list, views: list) -> None:
+    """One foreach call, not one per tensor: in the snapshot thread each Python-level op waits for the
+    GIL the training step holds (up to its 5 ms switch interval), which for a model of many small
+    tensors made the copy, and the optimizer step waiting for it, hundreds of ms slower."""
+    if views:
+        with torch.no_grad():
+            torch._foreach_copy_(views, sources)
 
 
 def _views(flat: torch.Tensor, layout: list) -> list[torch.Tensor]:
@@ -117,6 +153,7 @@ def _writer_main(conn: Any) -> None:
     """The writer process: one checkpoint in, (True, write results) or (False, exception) out."""
     child_of_run()  # dies with its rank, even a kill -9 of it: no half-written save outlives the run
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group: the rank handles it
+    conn.send(_READY)  # imports done: the rank's first save does not wait for them
     while (message := conn.recv()) is not None:
         try:
             out = (True, _write(message))
@@ -129,11 +166,28 @@ def _writer_main(conn: Any) -> None:
             conn.send((False, RuntimeError(f"{type(exc).__name__}: {exc}")))
 
 
-class AsyncWriter:
-    """This rank's writer process and the one checkpoint it may be writing (`pending`).
+def _in_process_results_queue() -> None:
+    """megatron-core's FileSystemWriterAsync hands each save a queue for its write results, made at the
+    first save as `mp.get_context("spawn").Manager().Queue()`: a manager server process spawned (it
+    re-imports the training script: torch, megatron-core) in the middle of the first save, which was
+    most of that save's stall (seconds; 30 s on a loaded machine), and one more resident process per
+    rank. Here the write results come back over the writer's pipe and megatron-core's finalize reads
+    them in the rank's own process (`Pending.results_queue`), so an in-process queue serves. Only
+    the first call's queue is kept by megatron-core: set before the first save."""
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
 
-    `timeout_s` bounds the wait for a write, from the moment it was handed over; past it the save
-    fails on every rank with one line (checkpoint.finish_pending)."""
+
+class AsyncWriter:
+    """This rank's writer process, the one checkpoint it may be writing (`pending`) and what each
+    save reuses: the snapshot's shared memory and megatron-core's save strategy, whose cached plan
+    and metadata skip the planning collectives from the third save on (the structure of the model
+    and optimizer state never changes within a run: Megatron-LM's --ckpt-assume-constant-structure).
+
+    The snapshot copy runs in a thread while the next step's forward and backward compute (they
+    only read the parameters and optimizer state; `join_snapshot` makes the optimizer step wait for
+    it). `timeout_s` bounds the copy and the write, from the moment the save was handed over; past
+    it the save fails on every rank with one line (checkpoint.finish_pending)."""
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
@@ -141,9 +195,15 @@ class AsyncWriter:
         self.conn: Any = None
         self.pending: Optional[Pending] = None
         self.buffer: Optional[torch.Tensor] = None  # the snapshot's shared memory, kept for the next save
+        self.strategy = TorchDistSaveShardedStrategy("torch_dist", 1, cached_metadata=True)
+        self.saves = 0  # handed over so far: the first one validates the sharding (collective)
+        self.copier: Optional[threading.Thread] = None  # the snapshot copy of `pending`
+        self.copy_failure: Optional[str] = None
+        self.ready = False  # the writer process sent _READY
 
     def start(self) -> None:
         """Start the writer process now (its imports take seconds; they overlap the first steps)."""
+        _in_process_results_queue()
         if self.proc is not None:
             return
         ctx = mp.get_context("spawn")
@@ -151,12 +211,29 @@ class AsyncWriter:
         self.proc = ctx.Process(target=_writer_main, args=(child,), daemon=True, name="checkpoint-writer")
         start_ignoring_sigint(self.proc)
         child.close()
+        self.ready = False
+
+    def wait_ready(self) -> None:
+        """Wait until the writer process has started (its imports: seconds), at most `timeout_s` (and
+        no less than _START_S: a short write deadline need not fit a loaded node's imports); one that
+        does not start is a CheckpointError naming --async-save."""
+        limit = max(self.timeout_s, _START_S)
+        deadline = time.monotonic() + limit
+        while not self.ready and self.proc.is_alive() and time.monotonic() < deadline:
+            if self.conn.poll(0.1):
+                self.ready = self.conn.recv() == _READY
+        if not self.ready:
+            why = f"died ({describe_exit(self.proc)})" if not self.proc.is_alive() else \
+                f"did not start within {limit:g} s (--distributed-timeout-minutes)"
+            raise CheckpointError(f"--async-save: the checkpoint writer process (pid {self.proc.pid}) {why}")
 
     def submit(self, request: Any, iteration: int, pending: Pending, rank: int) -> None:
-        """Hand megatron-core's AsyncRequest to the writer (after a snapshot of its tensors). A rank
-        with nothing to write (its tensors are other ranks' replicas) sends an empty one: its writer
-        still answers, so every rank's save passes the same points."""
+        """Hand megatron-core's AsyncRequest to the writer: the snapshot buffer is allocated here, its
+        copy and the hand-over run in a thread (`join_snapshot`). A rank with nothing to write (its
+        tensors are other ranks' replicas) sends an empty one: its writer still answers, so every
+        rank's save passes the same points."""
         self.pending = pending
+        self.saves += 1
         transforms, buckets = None, []
         if request.async_fn is not None:
             transforms, use_msc = request.async_fn.args
@@ -165,20 +242,59 @@ class AsyncWriter:
         if self.proc is not None and not self.proc.is_alive():  # died while idle (killed for memory?): a new one
             self.stop(abort=True)
         # the buffer is free again: the previous write finished (or its writer was stopped) before this save
-        flat, layout, stripped = _snapshot(buckets, self.buffer)
+        flat, layout, stripped, tensors = _allocate(buckets, self.buffer)
         self.buffer = flat
         self.start()
-        self.conn.send((iteration, rank, transforms, flat, layout, stripped))
+        self.copy_failure = None
+        # the Python work here (it is cheap; in the thread it would wait for the GIL): the views and the
+        # pickled message, which holds a handle of the shared memory, not its bytes
+        message = ForkingPickler.dumps((iteration, rank, transforms, flat, layout, stripped))
+        sources, views = [t.detach() for t in tensors], _views(flat, layout)
+        self.copier = threading.Thread(target=self._copy_and_send, args=(sources, views, message),
+                                       daemon=True, name="checkpoint-snapshot")
+        self.copier.start()
+
+    def _copy_and_send(self, sources: list, views: list, message: Any) -> None:
+        try:
+            _copy_views(sources, views)
+            self.conn.send_bytes(message)  # what the writer's conn.recv() unpickles
+        except Exception as exc:  # reported by `status` on this rank, agreed on by all (finish_pending)
+            self.copy_failure = f"copying the tensors for the checkpoint writer: {type(exc).__name__}: {exc}"
+
+    def join_snapshot(self) -> None:
+        """Wait until the snapshot of the save in flight is copied (before the optimizer step changes
+        what it copies), at most until the save's deadline; a copy still running then makes the save
+        fail (`status`), whose tensors are then never published."""
+        copier = self.copier
+        if copier is None:
+            return
+        left = self.timeout_s - (time.monotonic() - self.pending.started) if self.pending is not None else 0.0
+        copier.join(timeout=max(left, 0.0))
+        if copier.is_alive():
+            self.copy_failure = (f"copying the tensors for the checkpoint writer did not finish within "
+                                 f"{self.timeout_s:g} s (--distributed-timeout-minutes)")
+            return
+        self.copier = None
 
     def status(self, describe: Callable[[BaseException], Optional[str]] = lambda exc: None) -> Optional[str]:
         """This rank's part of the pending write: None while it runs, '' when done, else why it failed
         (`describe`: the reason of a failed write, checkpoint.write_failure; None: its type and text)."""
         pending = self.pending
+        if self.copier is not None and self.copy_failure is None:
+            if self.copier.is_alive() and time.monotonic() - pending.started <= self.timeout_s:
+                return None  # the pipe is the copier's until it is done
+            self.join_snapshot()
+        if self.copy_failure is not None:
+            return self.copy_failure
         if pending.reply is None and self.conn.poll():
             try:
-                pending.reply = self.conn.recv()
+                reply = self.conn.recv()
             except (EOFError, OSError):
-                pass
+                reply = None
+            if reply == _READY:  # a writer restarted by `submit`: its answer comes next
+                self.ready = True
+            elif reply is not None:
+                pending.reply = reply
         if pending.reply is not None:
             ok, out = pending.reply
             return "" if ok else _reason(out, describe)
@@ -197,6 +313,7 @@ class AsyncWriter:
         """End the writer process: at once (`abort`: its write is abandoned), else after its current write."""
         if self.proc is None:
             return
+        self.join_snapshot()  # the copier sends on the pipe: done (or past its deadline) before it closes
         if not abort and self.proc.is_alive():
             try:
                 self.conn.send(None)
@@ -207,13 +324,13 @@ class AsyncWriter:
             self.proc.kill()
             self.proc.join(timeout=30)
         self.conn.close()
-        self.proc = self.conn = self.buffer = None
+        self.proc = self.conn = self.buffer = self.copier = None
 
     def abandon(self) -> None:
         """The run is ending with a save in flight (an error, SIGTERM without --exit-signal-handler):
         stop the writer and remove this rank's part of the unfinished checkpoint; nothing was published."""
-        pending, self.pending = self.pending, None
         self.stop(abort=True)
+        pending, self.pending = self.pending, None
         if pending is not None:
             pending.remove()
 

@@ -429,7 +429,10 @@ def _write_state(tmp: Path, iteration: int, module: torch.nn.Module, optimizer: 
     if writer is None:
         dist_checkpointing.save(state, str(tmp))
     else:
-        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+        # the writer's strategy caches the save plan; the sharding, constant within a run, is validated
+        # (a collective over every shard's metadata) at the first save only, as Megatron-LM does
+        request = dist_checkpointing.save(state, str(tmp), sharded_strategy=writer.strategy, async_sharded_save=True,
+                                          validate_access_integrity=writer.saves == 0)
         pending.finalize_fns = list(request.finalize_fns)
         writer.submit(request, iteration, pending, dist.get_rank())
     (tmp / f"rank_{dist.get_rank():05d}.json").write_text(json.dumps({"rng": rng_state()}))

@@ -162,6 +162,10 @@ def setup(run: RunConfig) -> Trainer:
     if run.checkpoint.load:  # a failing latest checkpoint falls back before anything reads it
         chosen = selection.select(run.checkpoint.load, no_fallback=run.checkpoint.no_fallback)
         run = dataclasses.replace(run, checkpoint=dataclasses.replace(run.checkpoint, load=str(chosen)))
+    # --async-save: the writer process starts before the model is built, so its imports overlap that
+    writer = AsyncWriter(timeout_s=t.distributed_timeout_minutes * 60) if run.checkpoint.async_save else None
+    if writer is not None:
+        writer.start()
     model, reference = _build_model(run, plan, pg)
     ddp, optimizer = _wrap(model, run, plan, pg)
     scheduler = build_scheduler(optimizer, t, plan.lr, plan.lr_decay_style)
@@ -174,9 +178,9 @@ def setup(run: RunConfig) -> Trainer:
         trainer.reference, trainer.mpo = reference, mpo.make_context(run, pg)
     if run.checkpoint.load:
         _resume(trainer)
-    if run.checkpoint.async_save:  # started now: its imports overlap the first steps
-        trainer.writer = AsyncWriter(timeout_s=t.distributed_timeout_minutes * 60)
-        trainer.writer.start()
+    if writer is not None:  # ready before the first step: its start-up is not a save's stall
+        trainer.writer = writer
+        writer.wait_ready()
     fuse_cpu_adam(optimizer)  # after any load: torch's load_state_dict restores the saved group flags
     return trainer
 
@@ -285,6 +289,8 @@ def _update(trainer: Trainer, loss: float, losses: list[dict]) -> tuple[Optional
             print(f"iteration {iteration}: loss {loss:.6e} > {trainer.spike.factor:g} x running mean "
                   f"{trainer.spike.mean():.6e}: update skipped (--skip-spike-factor)", flush=True)
         return None, True
+    if trainer.writer is not None:  # --async-save: the snapshot of a save in flight is copied before the step
+        trainer.writer.join_snapshot()
     _, grad_norm, _ = trainer.optimizer.step()
     grad_norm = float(grad_norm) if grad_norm is not None else None
     check_finite(iteration, loss, grad_norm, losses, trainer.model)

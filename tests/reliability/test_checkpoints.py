@@ -208,9 +208,9 @@ def test_same_load_and_save_starts_fresh_then_resumes(tmp_path):
 ASYNC = _with(ARGS, "--exit-interval", "4") + ["--save-interval", "1", "--keep-checkpoints", "2", "--async-save"]
 
 
-def _kill_during_async_write(args, out, fault, markers, timeout=240):
-    """Start a plain run with INTERNVL_MCORE_FAULT=`fault`, kill -9 its rank once every marker is on its
-    stdout; returns (its output, the helper processes it had)."""
+def _kill_during_async_write(args, out, fault, markers, timeout=240, sig=9):
+    """Start a plain run with INTERNVL_MCORE_FAULT=`fault` (None: no fault), send its rank `sig` (kill -9)
+    once every marker is on its stdout; returns (its output, the helper processes it had left, its exit code)."""
     import os
     import signal
     import subprocess
@@ -223,7 +223,7 @@ def _kill_during_async_write(args, out, fault, markers, timeout=240):
 
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     # one thread, as `launch` (and `straight`) runs: the losses compared below are bit-exact only so
-    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", INTERNVL_MCORE_FAULT=fault)
+    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", INTERNVL_MCORE_FAULT=fault or "")
     with open(out, "w") as log:
         proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, cwd=SCRIPT.parent)
@@ -233,14 +233,14 @@ def _kill_during_async_write(args, out, fault, markers, timeout=240):
             assert proc.poll() is None and time.monotonic() < deadline, out.read_text()[-4000:]
             time.sleep(0.05)
         helpers = psutil.Process(proc.pid).children(recursive=True)
-        os.kill(proc.pid, signal.SIGKILL)  # the rank only: its writer must die with it (PDEATHSIG)
-        assert proc.wait(timeout=60) == -signal.SIGKILL
+        os.kill(proc.pid, sig)  # the rank only: its writer must die with it (PDEATHSIG) or be ended by it
+        code = proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     psutil.wait_procs(helpers, timeout=30)
-    return out.read_text(), [p for p in helpers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    return out.read_text(), [p for p in helpers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], code
 
 
 def _same_checkpoint(a, b):
@@ -272,9 +272,9 @@ def test_async_save_killed_during_a_write_then_resumed(straight, tmp_path):
     not tracked and no helper survives; the resumed --async-save run repeats steps 3-4 of the
     synchronous run bit for bit and writes the same checkpoints 3 and 4."""
     ckpt, out = tmp_path / "ckpt", tmp_path / "killed.txt"
-    text, left = _kill_during_async_write(ASYNC + ["--save", str(ckpt)], out, "save:3:0:wait",
-                                          ["fault point save 3: waiting for a signal", "iteration      4/6"])
-    assert not left, left
+    text, left, code = _kill_during_async_write(ASYNC + ["--save", str(ckpt)], out, "save:3:0:wait",
+                                                ["fault point save 3: waiting for a signal", "iteration      4/6"])
+    assert code == -9 and not left, (code, left)
     assert "checkpoint at iteration 3: writing to" in text and "saved checkpoint at iteration 2" in text, text[-3000:]
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "2"
     assert _iters(ckpt) == ["iter_0000001", "iter_0000002", "tmp_iter_0000003"]
@@ -305,3 +305,65 @@ def test_async_write_failure_stops_every_rank(straight, tmp_path):
             and "removed the partial tmp_iter_0000006" in errors[0]), errors[0]
     assert _iters(ckpt) == ["iter_0000004", "iter_0000005"]
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "5"
+
+
+def _checksums_pass(path):
+    """Every file checksums.json lists has its size and sha256 (what --load verifies)."""
+    import hashlib
+
+    table = json.loads((path / "checksums.json").read_text())
+    files = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
+    assert table and set(table) == files - {"checksums.json"}
+    for name, (size, sha) in table.items():
+        data = (path / name).read_bytes()
+        assert len(data) == size and hashlib.sha256(data).hexdigest() == sha, name
+
+
+def test_async_sigterm_abandons_the_write_in_flight(tmp_path):
+    """SIGTERM (no --exit-signal-handler) while rank 0's writer holds checkpoint 3 open and training has
+    gone on: the rank stops with its one line (exit 143), its writer is ended, the unfinished
+    tmp_iter_0000003 is removed (abandoned, never published) and the tracker stays at checkpoint 2,
+    whose checksums pass."""
+    import signal
+
+    ckpt = tmp_path / "ckpt"
+    text, left, code = _kill_during_async_write(ASYNC + ["--save", str(ckpt)], tmp_path / "out.txt", "save:3:0:wait",
+                                                ["fault point save 3: waiting for a signal", "iteration      4/6"],
+                                                sig=signal.SIGTERM)
+    assert code == 143 and not left and "terminated (SIGTERM)" in text, (code, left, text[-3000:])
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "2"
+    assert _iters(ckpt) == ["iter_0000001", "iter_0000002"]
+    _checksums_pass(ckpt / "iter_0000002")
+
+
+def test_async_sigterm_with_exit_signal_handler_finishes_the_write(tmp_path):
+    """--exit-signal-handler, SIGTERM once checkpoint 3 was handed to the writer: the ranks stop after the
+    step they agree on, the write in flight is finished and published first, then the final checkpoint;
+    the tracker names the last one, nothing unfinished is left and every kept checkpoint's checksums pass."""
+    import re
+    import signal
+
+    ckpt = tmp_path / "ckpt"
+    args = _with(ASYNC, "--exit-interval", "0") + ["--save", str(ckpt), "--exit-signal-handler"]
+    text, left, code = _kill_during_async_write(args, tmp_path / "out.txt", None,
+                                                ["checkpoint at iteration 3: writing to"], sig=signal.SIGTERM)
+    assert code == 0 and not left, (code, left, text[-3000:])
+    stop = re.search(r"exiting on SIGTERM after iteration (\d+) \(--exit-signal-handler\): saved checkpoint", text)
+    assert stop and "saved checkpoint at iteration 3 " in text, text[-3000:]
+    last = int(stop.group(1))
+    assert last >= 3 and (ckpt / "latest_checkpointed_iteration.txt").read_text() == str(last)
+    assert _iters(ckpt) == [f"iter_{i:07d}" for i in (last - 1, last)]
+    for it in _iters(ckpt):
+        _checksums_pass(ckpt / it)
+
+
+def test_async_writer_deadline_is_one_line(tmp_path):
+    """A writer that hangs (fault) past --distributed-timeout-minutes: the run stops with one line naming
+    --save and the flag, the writer is ended, the unfinished checkpoint removed, nothing tracked."""
+    ckpt = tmp_path / "ckpt"
+    args = _with(ASYNC, "--exit-interval", "0") + ["--save", str(ckpt), "--distributed-timeout-minutes", "0.1"]
+    line = one_line_error(plain(args, timeout=240, env={"INTERNVL_MCORE_FAULT": "save:1:0:hang"}))
+    assert line.startswith(f"error: --save {ckpt}: writing checkpoint iteration 1 failed (rank 0: the checkpoint "
+                           "writer (pid ") and "did not finish within 6 s (--distributed-timeout-minutes)" in line, line
+    assert "removed the partial tmp_iter_0000001" in line, line
+    assert sorted(p.name for p in ckpt.iterdir()) == []

@@ -72,3 +72,35 @@ def test_abandon_stops_the_writer_and_removes_the_partial_checkpoint():
     writer.pending.remove = lambda: removed.append(1)
     writer.abandon()
     assert killed == [1] and removed == [1] and writer.pending is None and writer.proc is None
+
+
+def test_snapshot_copy_in_a_thread_and_its_failure():
+    """submit returns before the copy (a thread that then hands the snapshot over); join_snapshot waits
+    for it, and a failed hand-over is this rank's write failure, with its reason (status)."""
+    import pickle
+    import threading
+
+    sent, gate = [], threading.Event()
+
+    def send(message):
+        gate.wait(timeout=30)  # the copy is held until the test has seen `submit` return
+        if sent:
+            raise BrokenPipeError(32, "Broken pipe")
+        sent.append(pickle.loads(message))  # what the writer's conn.recv() does
+
+    alive = SimpleNamespace(is_alive=lambda: True, pid=11)
+    writer = AsyncWriter(timeout_s=30.0)
+    writer.proc, writer.conn = alive, SimpleNamespace(send_bytes=send, poll=lambda: False)
+    w = torch.randn(4, 4)
+    bucket = ("f0", "k", ([], [("i0", w)]))
+    request = SimpleNamespace(async_fn=SimpleNamespace(args=(None, False)), async_fn_args=(None, [bucket], None))
+    writer.submit(request, 2, Pending(2, finish=None, abandon=None, remove=None), rank=0)
+    assert writer.copier.is_alive() and writer.status() is None and not sent
+    gate.set()
+    writer.join_snapshot()
+    (iteration, _, _, flat, layout, _), = sent
+    assert iteration == 2 and torch.equal(_views(flat, layout)[0], w) and writer.status() is None
+    writer.pending = Pending(3, finish=None, abandon=None, remove=None)
+    writer.submit(request, 3, writer.pending, rank=0)
+    writer.join_snapshot()
+    assert writer.status() == "copying the tensors for the checkpoint writer: BrokenPipeError: [Errno 32] Broken pipe"
