@@ -46,7 +46,7 @@ from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
-from ..checkpoint.format import CheckpointError
+from ..errors import CheckpointError
 from ..data.pool import describe_exit, start_ignoring_sigint
 from ..data.shards import sha256_file
 from .guards import fault_point
