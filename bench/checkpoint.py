@@ -202,13 +202,15 @@ class Bench:
         for k, s in stalls.items():
             self.rows.append(Row(f"save (sync) after it {k}: time added", s, self.cp_ck, sync.peak_rss,
                                  sync.tree_rss, "first save: one-time set-up included" if k == SAVE_INTERVAL else ""))
+        self.sync_stalls = stalls
+
+    def async_save(self) -> None:
+        """The same run with --async-save: what each save still adds, against the synchronous one."""
         if "async" not in self.cmds:
             self.rows.append(Row("async-save stall", None, note="not measured: this tree's pretrain_internvl.py "
                                  "has no --async-save"))
-        elif "async" in self.args.steps:
-            self._async(stalls)
-
-    def _async(self, sync_stalls: dict[int, float]) -> None:
+            return
+        sync_stalls = getattr(self, "sync_stalls", {})
         child = self.run("async", f"async save: {SAVE_ITERS} steps, --async-save every {SAVE_INTERVAL}")
         shutil.rmtree(self.work / "ckpt_async", ignore_errors=True)
         if child is None:
@@ -267,8 +269,7 @@ class Bench:
                                      child.tree_rss, "goal: wall <= 5x cp; peak <= 2 GiB (1b), not growing to 2b"))
 
     def imports(self) -> None:
-        """convert_from_hf.py of a random HF dir (InternVL's layout, the shape's dtype), and
-        --pretrained HF_DIR."""
+        """convert_from_hf.py of a random HF dir (InternVL's layout, the shape's dtype)."""
         hf = self.work / "hf"
         cp = cp_time(hf, self.work / "cp")
         self.rows.append(Row(f"cp -r HF dir ({dir_bytes(hf) / GIB:.2f} GiB)", cp, cp))
@@ -277,10 +278,15 @@ class Bench:
         if child is not None:
             self.rows.append(Row("import convert_from_hf", child.wall, cp, child.peak_rss, child.tree_rss,
                                  "goal: wall <= 5x cp"))
+        self.cp_hf = cp
+
+    def pretrained_hf(self) -> None:
+        """--pretrained HF_DIR into the training run (after the baseline its note is against)."""
+        cp = getattr(self, "cp_hf", None)
         pre = self.run("pretrained_hf", "import: --pretrained HF_DIR + 1 step")
         if pre is not None and hasattr(self, "base"):
             start = pre.wall - step_times(self.work / "pretrained_hf.jsonl").get(1, 0.0)
-            row = self._above_base("import --pretrained HF_DIR, start-up", start, cp, pre)
+            row = self._above_base("import --pretrained HF_DIR, start-up", start, cp or 1.0, pre)
             row.note += " (goal: <= +1 GiB)"
             self.rows.append(row)
 
@@ -300,17 +306,25 @@ class Bench:
         return True
 
     def measure(self, steps: set[str]) -> None:
-        """Every selected step; a step the selected ones need (the checkpoint, the baseline) runs too."""
+        """Every selected step; a step the selected ones need (the checkpoint, the baseline) runs too.
+        The converters run right after the checkpoint is written and before the other training runs:
+        on a loaded machine a 2b training run takes many minutes, and the export is the figure the
+        shapes are compared by."""
         if steps & {"save", "async", "load", "export"}:
             self.saves()
+        if "export" in steps:
+            self.exports()
+        hf = "import" in steps and self.make_hf()
+        if hf:
+            self.imports()
+        if "async" in steps:
+            self.async_save()
         if steps & {"load", "import"}:
             self.baseline()
         if "load" in steps:
             self.loads()
-        if "export" in steps:
-            self.exports()
-        if "import" in steps and self.make_hf():
-            self.imports()
+        if hf:
+            self.pretrained_hf()
 
 
 def print_table(bench: Bench) -> None:
