@@ -13,7 +13,7 @@ depends only on flags. What each number means: docs/checkpoints.md.
 
 The training checkpoint is a stage-1 one (--stage 1, TP2 x PP2, 4 ranks): the weights of the whole
 model and Adam state for the projector only. debug and 1b train in fp32; 2b in bf16 with full
-activation recomputation, so its whole run stays under 10 GiB on a machine it shares (its fp32 run
+activation recomputation, to keep its whole run under 10 GiB on a machine it shares (its fp32 run
 held 23.9 GiB: fp32 weights, stage 0's activations, and megatron-core's save holding a copy of every
 tensor that is a view, see docs/checkpoints.md); each shape has its own memory guard and waits for
 enough available memory before it starts. A full-training checkpoint carries 8 more bytes per
