@@ -11,12 +11,14 @@ parameters); 2b = InternVL3-2B (InternViT-300M + Qwen2.5-1.5B, ~2.1B). Every mea
 subprocess, run the way users run it (torchrun for training, the tools for conversions), so the bench
 depends only on flags. What each number means: docs/checkpoints.md.
 
-The training checkpoint is a stage-1 one (--stage 1, fp32, TP2 x PP2, 4 ranks): the fp32 weights
-of the whole model and Adam state for the projector only. A full-training checkpoint carries 8 more
-bytes per trainable parameter (Adam's two moments); a 2B model with gradients and Adam state for every
-weight does not fit 4 CPU ranks in 24 GiB, so the bench measures what fits and docs/checkpoints.md
-scales it on paper. (--bf16 is not used: a bf16 stage-1 checkpoint at PP2 does not resume, see
-docs/checkpoints.md.)
+The training checkpoint is a stage-1 one (--stage 1, TP2 x PP2, 4 ranks): the weights of the whole
+model and Adam state for the projector only. debug and 1b train in fp32; 2b in bf16 with full
+activation recomputation, to keep its whole run under 10 GiB on a machine it shares (its fp32 run
+held 23.9 GiB: fp32 weights, stage 0's activations, and megatron-core's save holding a copy of every
+tensor that is a view, see docs/checkpoints.md); each shape has its own memory guard and waits for
+enough available memory before it starts. A full-training checkpoint carries 8 more bytes per
+trainable parameter (Adam's two moments); the bench measures what fits and docs/checkpoints.md
+scales it on paper.
 """
 from __future__ import annotations
 
@@ -36,9 +38,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # This process only orchestrates and imports no torch: see bench/_common.py.
 from _common import GIB, REPO, Child, cp_time, dir_bytes, make_random_hf_dir, run_child  # noqa: E402
 
-SIZES = {"debug": "debug", "1b": "internvl3-1b", "2b": "internvl3-2b"}
-PARAMS = {"debug": 1e6, "1b": 0.94e9, "2b": 2.1e9}  # for the disk-space check only (measured ones are printed)
-DISK_COPIES = 4.5  # model-sized fp32 copies on disk at once, at most (the kept checkpoint + the async run's 3)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One model shape of the bench: its preset, how it trains, and the memory it may use."""
+
+    preset: str
+    params: float  # for the disk-space check only (measured ones are printed)
+    dtype: str = "fp32"  # of the training run's weights and of the random HF dir
+    flags: tuple[str, ...] = ()  # the training runs' extra flags
+    mem_limit_gib: Optional[float] = None  # this shape's memory guard (None: --mem-limit-gib)
+    min_available_gib: float = 0.0  # MemAvailable the shape waits for before it starts
+
+
+SHAPES = {"debug": Shape("debug", 1e6),
+          "1b": Shape("internvl3-1b", 0.94e9, min_available_gib=12.0),  # fp32: 10-16 GiB in all
+          "2b": Shape("internvl3-2b", 2.1e9, "bf16", ("--bf16", "--recompute-granularity", "full"), 10.0, 12.0)}
+SIZES = {size: shape.preset for size, shape in SHAPES.items()}
+DISK_COPIES = 4.5  # model-sized copies on disk at once, at most (the kept checkpoint + the async run's 3)
+BYTES = {"fp32": 4, "bf16": 2}
 STEPS = ("save", "async", "load", "export", "import")
 TP, PP = 2, 2
 SAVE_INTERVAL = 2
@@ -82,8 +101,9 @@ def seq_length(preset: str) -> int:
     return -(-need // 64) * 64
 
 
-def train(preset: str, *extra: str) -> Cmd:
-    """pretrain_internvl.py at TP2 x PP2 on mock data with one image tile per sample (stage 1, fp32)."""
+def _train(preset: str, *extra: str) -> Cmd:
+    """pretrain_internvl.py at TP2 x PP2 on mock data with one image tile per sample (stage 1; fp32
+    unless `extra` says --bf16)."""
     return Cmd("pretrain_internvl.py", ["--model", preset, "--mock-data", "--mock-tiles-per-sample", "1",
                                         "--seq-length", str(seq_length(preset)), "--global-batch-size", "1",
                                         "--tensor-model-parallel-size", str(TP),
@@ -92,21 +112,23 @@ def train(preset: str, *extra: str) -> Cmd:
                ranks=TP * PP)
 
 
-def commands(preset: str, work: Path, async_save: bool, formats: list[str]) -> dict[str, Cmd]:
-    """Every measured command of one size, by name."""
+def commands(preset: str, work: Path, async_save: bool, formats: list[str],
+             flags: tuple[str, ...] = ()) -> dict[str, Cmd]:
+    """Every measured command of one size, by name; `flags` go to every training run."""
     ck, hf = work / "ckpt", work / "hf"
     saving = ["--train-iters", str(SAVE_ITERS), "--save-interval", str(SAVE_INTERVAL)]
-    cmds = {"save": train(preset, *saving, "--save", str(ck), "--log-jsonl", str(work / "sync.jsonl")),
-            "base": train(preset, "--train-iters", "1", "--log-jsonl", str(work / "base.jsonl")),
-            "base2": train(preset, "--train-iters", "1", "--log-jsonl", str(work / "base2.jsonl")),
-            "load": train(preset, "--train-iters", str(SAVE_ITERS), "--load", str(ck)),
-            "pretrained": train(preset, "--train-iters", "1", "--pretrained", str(ck),
+    train = lambda *extra: _train(preset, *flags, *extra)  # noqa: E731
+    cmds = {"save": train(*saving, "--save", str(ck), "--log-jsonl", str(work / "sync.jsonl")),
+            "base": train("--train-iters", "1", "--log-jsonl", str(work / "base.jsonl")),
+            "base2": train("--train-iters", "1", "--log-jsonl", str(work / "base2.jsonl")),
+            "load": train("--train-iters", str(SAVE_ITERS), "--load", str(ck)),
+            "pretrained": train("--train-iters", "1", "--pretrained", str(ck),
                                 "--log-jsonl", str(work / "pretrained.jsonl")),
             "import": Cmd("tools/convert_from_hf.py", ["--hf-dir", str(hf), "--save", str(work / "canonical")]),
-            "pretrained_hf": train(preset, "--train-iters", "1", "--pretrained", str(hf),
+            "pretrained_hf": train("--train-iters", "1", "--pretrained", str(hf),
                                    "--log-jsonl", str(work / "pretrained_hf.jsonl"))}
     if async_save:
-        cmds["async"] = train(preset, *saving, "--save", str(work / "ckpt_async"), "--async-save",
+        cmds["async"] = train(*saving, "--save", str(work / "ckpt_async"), "--async-save",
                               "--log-jsonl", str(work / "async.jsonl"))
     for fmt in formats:
         cmds[f"export_{fmt}"] = Cmd("tools/convert_to_hf.py", ["--load", str(ck), "--save", str(work / f"hf_{fmt}"),
@@ -140,8 +162,11 @@ class Bench:
     """The measurements of one model size, in a work directory of its own."""
 
     def __init__(self, size: str, work: Path, args: argparse.Namespace, async_save: bool) -> None:
-        self.size, self.preset, self.work, self.args = size, SIZES[size], work, args
-        self.cmds = commands(self.preset, work, async_save, args.formats)
+        self.size, self.shape, self.work, self.args = size, SHAPES[size], work, args
+        self.preset = self.shape.preset
+        self.cmds = commands(self.preset, work, async_save, args.formats, self.shape.flags)
+        limit = self.shape.mem_limit_gib
+        self.mem_limit_gib = min(args.mem_limit_gib, limit) if limit else args.mem_limit_gib
         self.rows: list[Row] = []
         self.children: dict[str, Child] = {}
 
@@ -151,7 +176,7 @@ class Bench:
         print(f"  [{self.size}] {what} ...", flush=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
         child = run_child(cmd.line(), label=f"{self.size} {name}", env=env,
-                          mem_limit=int(self.args.mem_limit_gib * GIB), deadline_s=self.args.step_deadline)
+                          mem_limit=int(self.mem_limit_gib * GIB), deadline_s=self.args.step_deadline)
         print(f"  [{self.size}] {what}: {child.wall:.1f}s, peak {child.peak_rss / GIB:.2f} GiB per process"
               + (f"; FAILED {child.failure()}" if child.failure() else ""), flush=True)
         if child.failure():
@@ -177,13 +202,15 @@ class Bench:
         for k, s in stalls.items():
             self.rows.append(Row(f"save (sync) after it {k}: time added", s, self.cp_ck, sync.peak_rss,
                                  sync.tree_rss, "first save: one-time set-up included" if k == SAVE_INTERVAL else ""))
+        self.sync_stalls = stalls
+
+    def async_save(self) -> None:
+        """The same run with --async-save: what each save still adds, against the synchronous one."""
         if "async" not in self.cmds:
             self.rows.append(Row("async-save stall", None, note="not measured: this tree's pretrain_internvl.py "
                                  "has no --async-save"))
-        elif "async" in self.args.steps:
-            self._async(stalls)
-
-    def _async(self, sync_stalls: dict[int, float]) -> None:
+            return
+        sync_stalls = getattr(self, "sync_stalls", {})
         child = self.run("async", f"async save: {SAVE_ITERS} steps, --async-save every {SAVE_INTERVAL}")
         shutil.rmtree(self.work / "ckpt_async", ignore_errors=True)
         if child is None:
@@ -247,7 +274,7 @@ class Bench:
                                      child.tree_rss, "goal: wall <= 5x cp; peak <= 2 GiB (1b), not growing to 2b"))
 
     def imports(self) -> None:
-        """convert_from_hf.py of a random HF dir (InternVL's layout, fp32), and --pretrained HF_DIR."""
+        """convert_from_hf.py of a random HF dir (InternVL's layout, the shape's dtype)."""
         hf = self.work / "hf"
         cp = cp_time(hf, self.work / "cp")
         self.rows.append(Row(f"cp -r HF dir ({dir_bytes(hf) / GIB:.2f} GiB)", cp, cp))
@@ -256,18 +283,25 @@ class Bench:
         if child is not None:
             self.rows.append(Row("import convert_from_hf", child.wall, cp, child.peak_rss, child.tree_rss,
                                  "goal: wall <= 5x cp"))
+        self.cp_hf = cp
+
+    def pretrained_hf(self) -> None:
+        """--pretrained HF_DIR into the training run (after the baseline its note is against)."""
+        cp = getattr(self, "cp_hf", None)
         pre = self.run("pretrained_hf", "import: --pretrained HF_DIR + 1 step")
         if pre is not None and hasattr(self, "base"):
             start = pre.wall - step_times(self.work / "pretrained_hf.jsonl").get(1, 0.0)
-            row = self._above_base("import --pretrained HF_DIR, start-up", start, cp, pre)
+            row = self._above_base("import --pretrained HF_DIR, start-up", start, cp or 1.0, pre)
             row.note += " (goal: <= +1 GiB)"
             self.rows.append(row)
 
     def make_hf(self) -> bool:
-        """A random-weight HF checkpoint of this shape (InternVL's own layout, fp32) for the imports."""
+        """A random-weight HF checkpoint of this shape (InternVL's own layout, the shape's dtype) for
+        the imports."""
         start = time.perf_counter()
         print(f"  [{self.size}] writing a random-weight HF dir ...", flush=True)
-        made = subprocess.run([sys.executable, __file__, "--make-hf", str(self.work / "hf"), "--preset", self.preset],
+        made = subprocess.run([sys.executable, __file__, "--make-hf", str(self.work / "hf"), "--preset", self.preset,
+                               "--dtype", self.shape.dtype],
                               capture_output=True, text=True, timeout=self.args.step_deadline)
         if made.returncode != 0:
             self.rows.append(Row("import", None, note=f"failed to write the HF dir: {made.stderr.strip()[-300:]}"))
@@ -277,22 +311,32 @@ class Bench:
         return True
 
     def measure(self, steps: set[str]) -> None:
-        """Every selected step; a step the selected ones need (the checkpoint, the baseline) runs too."""
+        """Every selected step; a step the selected ones need (the checkpoint, the baseline) runs too.
+        The converters run right after the checkpoint is written and before the other training runs:
+        on a loaded machine a 2b training run takes many minutes, and the export is the figure the
+        shapes are compared by."""
         if steps & {"save", "async", "load", "export"}:
             self.saves()
+        if "export" in steps:
+            self.exports()
+        hf = "import" in steps and self.make_hf()
+        if hf:
+            self.imports()
+        if "async" in steps:
+            self.async_save()
         if steps & {"load", "import"}:
             self.baseline()
         if "load" in steps:
             self.loads()
-        if "export" in steps:
-            self.exports()
-        if "import" in steps and self.make_hf():
-            self.imports()
+        if hf:
+            self.pretrained_hf()
 
 
 def print_table(bench: Bench) -> None:
     gib = lambda b: f"{b / GIB:.2f}" if b is not None else ""  # noqa: E731
-    print(f"\n{bench.size} ({bench.preset}, TP{TP} x PP{PP}, stage 1, fp32):")
+    flags = " ".join(f for f in bench.shape.flags if f != "--bf16")
+    print(f"\n{bench.size} ({bench.preset}, TP{TP} x PP{PP}, stage 1, {bench.shape.dtype}{', ' + flags if flags else ''}; "
+          f"memory guard {bench.mem_limit_gib:.1f} GiB):")
     print(f"{'step':<44} {'wall s':>9} {'x cp':>8} {'peak RSS/proc GiB':>18} {'all procs GiB':>14}  note")
     for r in bench.rows:
         wall = f"{r.wall:.2f}" if r.wall is not None else "-"
@@ -345,10 +389,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--workdir", help="where to write (default: a temporary directory; removed after each size)")
     p.add_argument("--mem-limit-gib", type=float, default=round(os.sysconf("SC_PHYS_PAGES") * os.sysconf(
         "SC_PAGE_SIZE") * 0.85 / GIB, 1), help="kill a step whose processes together hold more (default: 85%% of RAM)")
+    p.add_argument("--memory-wait", type=float, default=1800.0,
+                   help="seconds a shape waits for the available memory it needs before it is skipped")
     p.add_argument("--step-deadline", type=float, default=3600.0, help="kill a step running longer (seconds)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, check their flags, run nothing")
     p.add_argument("--make-hf", metavar="DIR", help=argparse.SUPPRESS)  # internal: the HF-dir writer child
     p.add_argument("--preset", help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.sizes, args.steps, args.formats = (args.sizes.split(","), set(args.steps.split(",")),
                                             args.formats.split(",") if args.formats else [])
@@ -363,11 +410,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.make_hf:  # the child that writes a random HF dir (imports torch)
         from internvl_mcore.config import get_preset
 
-        print(make_random_hf_dir(get_preset(args.preset), args.make_hf, "internvl", "fp32", "2GB"))
+        print(make_random_hf_dir(get_preset(args.preset), args.make_hf, "internvl", args.dtype, "2GB"))
         return 0
     async_save = has_async_save(args.dry_run)
     print(f"--async-save {'found' if async_save else 'NOT found'} in pretrain_internvl.py; sizes {args.sizes}; "
-          f"memory guard {args.mem_limit_gib} GiB", flush=True)
+          f"memory guard {args.mem_limit_gib} GiB (a shape may set a lower one)", flush=True)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench_checkpoint_"))
     failed = []
     for size in args.sizes:
@@ -375,13 +422,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         bench = Bench(size, work, args, async_save)
-        free, need = shutil.disk_usage(work).free, DISK_COPIES * PARAMS[size] * 4
+        free, need = shutil.disk_usage(work).free, DISK_COPIES * bench.shape.params * BYTES[bench.shape.dtype]
         if not args.dry_run and free < need:
             print(f"[{size}] skipped: {work} has {free / GIB:.0f} GiB free, the {size} steps need ~{need / GIB:.0f}")
             failed.append(size)
             continue
         if args.dry_run:
             failed += dry_run(bench)
+            continue
+        if not wait_for_memory(size, bench.shape.min_available_gib, args.memory_wait):
+            failed.append(size)
             continue
         start = time.perf_counter()
         try:
@@ -394,6 +444,29 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.workdir is None:
         shutil.rmtree(root, ignore_errors=True)
     return 1 if failed else 0
+
+
+def available_gib() -> float:
+    """MemAvailable of /proc/meminfo (what `free` shows as available), in GiB."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024 / GIB
+    return 0.0
+
+
+def wait_for_memory(size: str, need_gib: float, deadline_s: float) -> bool:
+    """Wait (up to `deadline_s`) until this shared machine has `need_gib` available, printing it as
+    `free -g` would; False when it never had."""
+    end = time.monotonic() + deadline_s
+    while True:
+        have = available_gib()
+        print(f"[{size}] available memory {have:.1f} GiB (needs >= {need_gib:.0f} to start)", flush=True)
+        if have >= need_gib:
+            return True
+        if time.monotonic() > end:
+            print(f"[{size}] skipped: less than {need_gib:.0f} GiB available for {deadline_s:.0f}s", flush=True)
+            return False
+        time.sleep(30)
 
 
 def dry_run(bench: Bench) -> list[str]:

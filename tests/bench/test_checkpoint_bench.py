@@ -29,6 +29,9 @@ def test_dry_run_commands_pass_the_scripts_parsers(tmp_path: Path, capsys) -> No
         m = re.search(rf"\[{size}\] flags of (\d+) commands accepted by their scripts", out)
         assert m and int(m.group(1)) >= 9, out
     assert "--model internvl3-2b" in out and "--seq-length 704" in out
+    # the 2b shape trains in bf16 with recomputation (its fp32 run does not fit a shared 24 GiB machine)
+    trains = {size: [line for line in out.splitlines() if line.startswith(f"[{size}] save:")] for size in ("debug", "2b")}
+    assert "--bf16 --recompute-granularity full" in trains["2b"][0] and "--bf16" not in trains["debug"][0], trains
     # the check is real: a flag no script knows is reported
     problems = bench.check_flags({"bad": bench.Cmd("pretrain_internvl.py", ["--mock-data", "--no-such-flag"], 4),
                                   "good": bench.commands("debug", tmp_path, False, ["transformers"])["export_transformers"]})

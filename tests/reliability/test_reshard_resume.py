@@ -1,7 +1,8 @@
 """Resuming a training checkpoint in another layout through the CLI: weights, optimizer state (plain
 and distributed) and data position carry over, so the losses after the resume equal an uninterrupted
 run's (fp32, 1e-5). Cases: TP2 x PP2 -> TP1, TP1 -> TP2, DP1 -> DP2 with the distributed optimizer
-(the real shard loader splits the same global batches over the new ranks), EP2 -> EP1 (debug-moe);
+(the real shard loader splits the same global batches over the new ranks), CP2 -> CP1 with the
+distributed optimizer (its state was sharded over the two context-parallel ranks), EP2 -> EP1 (debug-moe);
 and the change it cannot carry (--use-distributed-optimizer switched) refused naming --no-load-optim.
 
 One single-process run is the reference of the dense cases and the checkpoint of two of them (every
@@ -58,6 +59,11 @@ CASES = {  # name: (ranks and flags of the run that resumes, where its checkpoin
     "tp2pp2-to-tp1": (1, [], "tp2pp2"),
     "tp1-to-tp2": (2, ["--tensor-model-parallel-size", "2", *DISTOPT], "reference"),
     "dp1-to-dp2": (2, DISTOPT, "reference"),
+    "cp2-to-cp1": (1, DISTOPT, "cp2"),
+}
+SOURCES = {  # ranks and flags of the run that writes the checkpoint, where it is not the reference
+    "tp2pp2": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),  # plain optimizer
+    "cp2": (2, ["--context-parallel-size", "2", *DISTOPT]),
 }
 
 
@@ -66,11 +72,10 @@ def test_resume_in_another_layout(good_prefix, reference, tmp_path, case):
     losses, ref_ckpt = reference
     nproc, flags, source = CASES[case]
     ckpt = ref_ckpt
-    if source == "tp2pp2":  # saved by TP2 x PP2 with the plain optimizer
-        ckpt = tmp_path / "ckpt"
-        _ok(launch(4, _args(_shards(good_prefix), tmp_path / "a.jsonl", "--tensor-model-parallel-size", "2",
-                            "--pipeline-model-parallel-size", "2", "--save", str(ckpt), "--save-interval",
-                            str(SAVE_AT), "--exit-interval", str(SAVE_AT)), timeout=300))
+    if source in SOURCES:  # a run of SAVE_AT steps in the source layout writes the checkpoint
+        ckpt, (ranks, layout) = tmp_path / "ckpt", SOURCES[source]
+        _ok(launch(ranks, _args(_shards(good_prefix), tmp_path / "a.jsonl", *layout, "--save", str(ckpt),
+                                "--save-interval", str(SAVE_AT), "--exit-interval", str(SAVE_AT)), timeout=300))
     out = _ok(launch(nproc, _args(_shards(good_prefix), tmp_path / "b.jsonl", "--load", str(ckpt), *flags),
                      timeout=300))
     assert RESTORED in out, out[-3000:]
