@@ -3,19 +3,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
+from internvl_mcore.parallel.state import free_port  # noqa: F401  (the one free-port helper; tests import it from here)
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(script: str | Path, nproc: int, args: list[str], timeout: float = 300.0,
