@@ -12,13 +12,11 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="module")
-def world():
-    from internvl_mcore.config import ParallelConfig, get_preset
-    from internvl_mcore.parallel.state import init_distributed
+def _debug():
+    """The debug preset (the in-process tests run it in the 1-rank `world` of tests/conftest.py)."""
+    from internvl_mcore.config import get_preset
 
-    init_distributed(ParallelConfig(), seed=1)
-    return get_preset("debug"), ParallelConfig()
+    return get_preset("debug")
 
 
 def _tensors_held(module: torch.nn.Module):
@@ -47,7 +45,7 @@ def test_foreign_device_every_tensor_follows_model_to(world):
     from internvl_mcore.parallel.state import process_groups
     from internvl_mcore.models.weights import init_weights
 
-    cfg, par = world
+    cfg, par = _debug(), world
     model = build_model(cfg, par, process_groups())
     init_weights(model, cfg, seed=0)
     held = dict(_tensors_held(model))
@@ -62,7 +60,7 @@ def test_foreign_device_rope_angles_on_the_positions_device(world):
     from internvl_mcore.models.internvl import build_model
     from internvl_mcore.parallel.state import process_groups
 
-    cfg, par = world
+    cfg, par = _debug(), world
     lm = build_model(cfg, par, process_groups()).language_model.to("meta")
     rot = lm.rope(torch.zeros(2, 8, device="meta"))
     assert rot.device.type == "meta" and tuple(rot.shape) == (8, 2, 1, cfg.llm.head_dim)
@@ -193,7 +191,7 @@ def _build(world, backend, seed, monkeypatch):
     from internvl_mcore.models.weights import init_weights
 
     monkeypatch.setattr(specs, "_te_modules", _te_doubles)
-    cfg, par = world
+    cfg, par = _debug(), world
     model = build_model(cfg, par, process_groups(), backend=backend)
     init_weights(model, cfg, seed=seed)
     return model
@@ -208,7 +206,7 @@ def test_checkpoint_moves_between_layer_spec_backends_on_device_change(world, tm
 
     from internvl_mcore.training import checkpoint
 
-    cfg, par = world
+    cfg, par = _debug(), world
     local = _build(world, "local", 1, monkeypatch)
     te = _build(world, "te", 2, monkeypatch)
     # megatron-core's local linears carry an (empty) `_extra_state` too; TE's norms add theirs
@@ -249,7 +247,7 @@ def test_checkpoint_missing_weights_still_an_error_on_device_change(world, tmp_p
 
     from internvl_mcore.training import checkpoint
 
-    cfg, par = world
+    cfg, par = _debug(), world
     model = _build(world, "local", 1, monkeypatch)
     checkpoint.save(tmp_path / "c", 1, model, None, None, cfg, par)
     # another model whose sharded state asks for one tensor the checkpoint lacks
@@ -320,7 +318,7 @@ def test_bf16_model_is_bf16_throughout_on_every_device(world):
     from internvl_mcore.models.internvl import build_model
     from internvl_mcore.parallel.state import process_groups
 
-    cfg, par = world
+    cfg, par = _debug(), world
     model = build_model(cfg, par, process_groups(), dtype=torch.bfloat16)
     assert {n for n, p in model.named_parameters() if p.dtype != torch.bfloat16} == set()
     assert model.language_model.rotary_pos_emb.inv_freq.dtype == torch.float32

@@ -29,15 +29,6 @@ CASES = [  # (text, vision, tied embeddings)
 ]
 
 
-@pytest.fixture(scope="session")
-def world():
-    from internvl_mcore.config import ParallelConfig
-    from internvl_mcore.parallel.state import init_distributed
-
-    init_distributed(ParallelConfig(), seed=1)
-    return ParallelConfig()
-
-
 def _ours(hf_dir: Path, ckpt: Path, par):
     from internvl_mcore.checkpoint.canonical import CanonicalCheckpoint
     from internvl_mcore.convert import convert_hf_to_checkpoint

@@ -45,15 +45,6 @@ LAYOUTS = {  # name: (processes, worker flags)
 
 
 @pytest.fixture(scope="module")
-def world():
-    from internvl_mcore.config import ParallelConfig
-    from internvl_mcore.parallel.state import init_distributed
-
-    init_distributed(ParallelConfig(), seed=1)
-    return ParallelConfig()
-
-
-@pytest.fixture(scope="module")
 def hf_model():
     return tiny_transformers_model("qwen3_moe", "300m", False, seed=7)
 

@@ -166,7 +166,7 @@ def test_deleted_tracker_resumes_from_the_newest_complete_checkpoint(straight, t
 def test_resume_with_other_data_flags_is_one_line(digits_shards, tmp_path):
     """The data position of a shard run fits only the same --data-path and --seed: another one is
     refused naming the flags (was a ValueError traceback from the loader)."""
-    from tests.training.conftest import SEQ
+    from tests.conftest import SEQ
 
     args = ["--model", "debug", "--data-path", digits_shards, "--seq-length", str(SEQ), "--train-iters", "1",
             "--global-batch-size", "1", "--seed", "5"]

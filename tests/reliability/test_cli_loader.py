@@ -14,11 +14,10 @@ import sys
 import pytest
 
 from tests.launch import free_port
-from tests.reliability.cli_helpers import (  # noqa: F401  (fixtures)
+from tests.reliability.cli_helpers import (
     REPO,
     assert_user_error,
     cli,
-    digits,
     env,
     preprocess_args,
     run,

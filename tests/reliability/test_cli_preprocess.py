@@ -9,19 +9,16 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.reliability.cli_helpers import (  # noqa: F401  (fixtures)
+from tests.reliability.cli_helpers import (
     assert_unchanged,
     assert_user_error,
-    digits,
     error_lines,
-    good_prefix,
     interrupt_when,
     preprocess_args,
     run,

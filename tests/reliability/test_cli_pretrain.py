@@ -11,13 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.cli_helpers import (  # noqa: F401  (fixtures)
+from tests.reliability.cli_helpers import (
     SEQ,
     assert_user_error,
     copy_prefix,
-    digits,
     error_lines,
-    good_prefix,
     interrupt_when,
     run,
 )

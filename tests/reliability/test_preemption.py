@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from tests.launch import free_port
-from tests.reliability.cli_helpers import SEQ, digits, good_prefix  # noqa: F401  (fixtures)
+from tests.reliability.cli_helpers import SEQ
 from tests.reliability.common import DIST_ENV, MOCK, SCRIPT, launch, ok, one_line_error, plain, train_records
 
 pytestmark = pytest.mark.timeout(420)

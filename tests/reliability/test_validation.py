@@ -4,7 +4,7 @@ result, it reaches --log-jsonl and tensorboard, and --valid-data-path reads shar
 import pytest
 
 from tests.reliability.common import MOCK, launch, ok, train_records, valid_records
-from tests.training.conftest import SEQ
+from tests.conftest import SEQ
 
 ITERS = 4
 EVAL = ["--mock-valid-data", "--eval-interval", "2", "--eval-iters", "2"]
