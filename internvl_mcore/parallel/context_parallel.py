@@ -48,7 +48,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ..models.attention import PackedSDPAttention
-from .context_parallel_thd import ThdContextParallelAttention, check_thd_layout, required_cp_group
+from .context_parallel_thd import ThdContextParallelAttention, required_cp_group
 
 CP_COMM_TYPES = ("p2p", "a2a", "a2a+p2p")
 

@@ -6,7 +6,6 @@ small recorders, so the tests see exactly what the scripts would launch.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import math
@@ -89,7 +88,6 @@ def values(argv: list[str], name: str) -> list[str]:
 def recorder(tmp_path_factory) -> Path:
     """A fake torchrun (and srun / scontrol / ssh) that append their argv and env as JSON lines."""
     d = tmp_path_factory.mktemp("bin")
-    log = d / "calls.jsonl"
     record = d / "record.py"
     record.write_text(
         "import json, os, sys\n"
