@@ -211,8 +211,8 @@ def test_bad_arguments_are_clear(data, tmp_path, capsys):
         preprocess_mm_data.main(["--tokenizer", tok, "--output-prefix", str(tmp_path / "o")])
 
 
-def test_done_when_command_at_16384(data, tmp_path):
-    """The issue's command, as a separate process, at --seq-length 16384 with 2 workers; the loader
+def test_usage_command_at_16384(data, tmp_path):
+    """The preprocessing command of docs/usage.md, as a separate process, at --seq-length 16384 with 2 workers; the loader
     and collate then read the result."""
     fx, tok, root = data
     out = tmp_path / "big" / "data"

@@ -1,4 +1,4 @@
-"""CPU tests for bugs that only a GPU run would otherwise show (issue 12, defects 1-4).
+"""CPU tests for bugs that only a GPU run would otherwise show (one section each), and --device.
 
 All names contain 'device' so `pytest -k device` selects them. They run in one in-process 1-rank
 gloo world (tiny debug model, fp32)."""
@@ -37,7 +37,7 @@ def _tensors_held(module: torch.nn.Module):
                 stack += [(f"{path}[{k!r}]", v) for k, v in value.items()]
 
 
-# ---------------------------------------------------------------------------------------- defect 1
+# --------------------------------------------- every tensor on the model's device after model.to()
 def test_foreign_device_every_tensor_follows_model_to(world):
     """`model.to(device)` must move every tensor the model uses (a plain-attribute tensor such as
     megatron-core's RotaryEmbedding.inv_freq stays behind and crashes the first GPU forward)."""
@@ -66,7 +66,7 @@ def test_foreign_device_rope_angles_on_the_positions_device(world):
     assert rot.device.type == "meta" and tuple(rot.shape) == (8, 2, 1, cfg.llm.head_dim)
 
 
-# ---------------------------------------------------------------------------------------- defect 2
+# ------------------------------------------------------ loss reductions on the communication device
 class _Checked(Exception):
     pass
 
@@ -112,7 +112,7 @@ def test_loop_reduction_values_on_device_cpu(world):
     assert totals.tolist() == [4.0, 6.0] and totals.dtype == torch.float64
 
 
-# ---------------------------------------------------------------------------------------- defect 3
+# -------------------------------------------- optimizer-state pre-fill with a FusedAdam-like optimizer
 class FusedAdamLike(torch.optim.Optimizer):
     """TE's FusedAdam's state layout: state_dict() unscales every state entry through a dtype map
     that has no 'step' (a per-parameter 'step' -> KeyError)."""
@@ -150,7 +150,7 @@ def test_optimizer_state_prefill_on_device_optimizers_without_step():
     assert float(adam.state[q]["step"]) == 0.0 and adam.state[q]["exp_avg"].shape == (3,)
 
 
-# ---------------------------------------------------------------------------------------- defect 4
+# ------------------------------------------------- checkpoints across the local and TE layer specs
 class _TEExtraState:
     """What transformer-engine modules add to a state dict: `<module>._extra_state`, a uint8 tensor
     (pickled FP8 metadata; megatron-core's checkpoint helpers turn it into a ShardedObject)."""

@@ -9,7 +9,7 @@ loop (training/loop.py: setup, train_step, save, --load):
    (--load) replays iterations RESUME_AT+1 .. ITERS, and the final weights are saved.
 
 0. the --pretrained weights in this rank's shards (read through per-rank slices) equal the shards
-   cut from whole tensors, and so do the slices read from the HF directory (issue 24);
+   cut from whole tensors, and so do the slices read from the HF directory;
 
 Each rank writes rank{r}.json with what it measured; the test asserts on them. Everything runs
 under `main()`: megatron-core's checkpoint writer starts a multiprocessing Manager, which

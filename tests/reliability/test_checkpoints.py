@@ -1,4 +1,4 @@
-"""Checkpoints and resume through pretrain_internvl.py (issue 17): --keep-checkpoints, checksums
+"""Checkpoints and resume through pretrain_internvl.py: --keep-checkpoints, checksums
 verified on --load (a corrupt latest checkpoint falls back, --no-fallback refuses naming the file),
 a changed LR schedule is refused or applied as Megatron-LM's flags say, --save to a path that cannot
 be written fails at start-up. User errors run as one plain process: stderr is one line, exit 2."""
@@ -203,7 +203,7 @@ def test_same_load_and_save_starts_fresh_then_resumes(tmp_path):
     assert str(tmp_path / "nothing") in line, line
 
 
-# --async-save (issue 24): the writer process of a rank waits at the fault point `save` (tensors of the
+# --async-save: the writer process of a rank waits at the fault point `save` (tensors of the
 # iteration written, nothing finalized or renamed) so the trainer is killed during a write, not after a sleep
 ASYNC = _with(ARGS, "--exit-interval", "4") + ["--save-interval", "1", "--keep-checkpoints", "2", "--async-save"]
 

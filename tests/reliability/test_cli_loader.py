@@ -1,4 +1,4 @@
-"""pretrain_internvl.py's loader workers through the real CLI, in a user's environment (issue 23, item 1).
+"""pretrain_internvl.py's loader workers through the real CLI, in a user's environment.
 
 Packs of 1024 tokens from the digits set, the default --num-workers, OMP_NUM_THREADS unset or 2: with
 these, the forked loader worker deadlocked in `Tensor.share_memory_` (6 of 6 runs hung; never with

@@ -1,4 +1,4 @@
-"""SIGTERM and SIGKILL through pretrain_internvl.py (issue 23, items 3 and 6): --exit-signal-handler
+"""SIGTERM and SIGKILL through pretrain_internvl.py: --exit-signal-handler
 saves after the step every rank agrees on and exits 0, and the resumed run continues the uninterrupted
 run's losses; without it SIGTERM exits 143 with one line; a --save held by a running job is refused
 naming it; no helper process (megatron-core's checkpoint writer and Manager, loader workers, the

@@ -1,4 +1,4 @@
-"""Validation during training through pretrain_internvl.py (issue 17): the validation loss is the
+"""Validation during training through pretrain_internvl.py: the validation loss is the
 same number in every layout (TP2 x PP2, CP2 x DP2 vs one process), evaluation changes no training
 result, it reaches --log-jsonl and tensorboard, and --valid-data-path reads shards."""
 import pytest
