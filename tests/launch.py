@@ -8,9 +8,15 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
-from internvl_mcore.parallel.state import free_port  # noqa: F401  (the one free-port helper; tests import it from here)
-
 REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """parallel/state.py's `free_port` (the one helper), imported when called: importing this module
+    must not import torch and megatron-core (every test session imports it through tests/conftest.py)."""
+    from internvl_mcore.parallel.state import free_port as state_free_port
+
+    return state_free_port()
 
 
 def torchrun(script: str | Path, nproc: int, args: list[str], timeout: float = 300.0,
