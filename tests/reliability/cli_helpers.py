@@ -17,7 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from tests.reliability.common import DIST_ENV
 
 REPO = Path(__file__).resolve().parents[2]
