@@ -8,15 +8,12 @@ config.json by the converter.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests.convert helpers without conftest
-
-from tests.convert.tiny_hf import save_transformers_dir, tiny_batch, tiny_transformers_model  # noqa: E402
+from tests.convert.tiny_hf import save_transformers_dir, tiny_batch, tiny_transformers_model
 
 pytest.importorskip("transformers")
 
