@@ -243,6 +243,7 @@ def _repo_files() -> dict[str, Path]:
     return files
 
 
+@functools.lru_cache(maxsize=None)
 def _defined_names(path: Path) -> set[str]:
     """Names a Python file defines (functions, classes, assigned names and attributes, imports) and
     the strings it names things by (a check's or a fault point's name)."""
