@@ -25,7 +25,7 @@ from internvl_mcore.config.needs import ignored_flags
 from internvl_mcore.config.training import (CheckpointConfig, ComputeConfig, DataConfig, LogConfig, RunConfig,
                                            TrainConfig)
 from internvl_mcore.convert.source import resolve_model
-from internvl_mcore.errors import ConfigError, ConversionError
+from internvl_mcore.errors import ConversionError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,6 +43,7 @@ setup(
             "peft",  # LoRA export test: PeftModel.from_pretrained on the transformers export (no torchvision)
             "hypothesis",  # tests/reliability/test_fuzz_data.py: generated records, conversations and image bytes
             "wandb",  # tests/reliability/test_wandb_offline.py: --wandb-project in offline mode
+            "ruff==0.17.6",  # lint and format check (ruff.toml), run by .ci/run; pinned: formatting changes between versions
         ],
     },
 )

@@ -248,13 +248,10 @@ def _worlds(a: argparse.Namespace) -> list[tuple[int, list[str]]]:
 
 
 def _launch(a: argparse.Namespace, c: int, impls: list[str], out: str) -> None:
-    import socket
+    from internvl_mcore.parallel.state import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(c), "--master_addr",
-            "127.0.0.1", "--master_port", str(port), os.path.abspath(__file__), "--worker", "--impls", *impls,
+            "127.0.0.1", "--master_port", str(free_port()), os.path.abspath(__file__), "--worker", "--impls", *impls,
             "--out", out, "--seq-lengths", *map(str, a.seq_lengths), "--reps", str(a.reps),
             "--hierarchical-context-parallel-sizes", *map(str, a.hierarchical_context_parallel_sizes),
             "--num-attention-heads", str(a.num_attention_heads), "--num-query-groups", str(a.num_query_groups),

@@ -169,10 +169,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--loss-fraction", type=float, default=0.3,
                    help="share of the pack's tokens that carry loss (bench/train_throughput.py's packer steps: ~0.3)")
     args = p.parse_args(argv)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
     reps = args.reps or (1 if args.quick else 5)
     s, vocab = (512, 4000) if args.quick else (4096, 32000)
     llm = [(vocab, 512), (vocab, 512)] + [(3072, 512), (512, 1536), (768, 512), (512, 512), (512,), (512,)] * 8

@@ -91,7 +91,7 @@ class Row:
     step_s: float
     mfu: float
     fastest_any_cp: str
-    """The planner's fastest layout when CP > 1 is allowed (equal to this row's when training supports CP)."""
+    """The planner's fastest layout with any CP size: this row's layout (training accepts CP > 1)."""
 
     def describe(self) -> str:
         flags = ["SP"] * self.sequence_parallel + ["dist-opt"] * self.distributed_optimizer + \
@@ -122,24 +122,6 @@ def trainable_parts(stage: str) -> frozenset[str]:
                                            ("llm", s.train_llm)) if on)
 
 
-def training_supports_cp() -> bool:
-    """Whether the training loop accepts --context-parallel-size 2 (it refused it while issue 6 was open)."""
-    from internvl_mcore.config import ParallelConfig, get_preset
-    from internvl_mcore.config.training import DataConfig, LogConfig, RunConfig, TrainConfig
-    from internvl_mcore.training.loop import validate
-    from internvl_mcore.errors import ConfigError
-
-    run = RunConfig(model=get_preset("debug"), parallel=ParallelConfig(context_parallel_size=2),
-                    train=TrainConfig(), data=DataConfig(mock_data=True), log=LogConfig())
-    try:
-        validate(run)
-    except ConfigError as exc:
-        if "context-parallel" in str(exc):
-            return False
-        raise
-    return True
-
-
 def workload(stage: str):
     """The planner's Workload for a stage."""
     from internvl_mcore.plan import Workload
@@ -155,7 +137,7 @@ def row_from_plan(model: str, stage: str, p, fastest_any: str) -> Row:
                round(p.step_time_s, 1), round(p.mfu, 3), fastest_any)
 
 
-def plan_row(model: str, stage: str, allow_cp: bool) -> Row:
+def plan_row(model: str, stage: str) -> Row:
     """The fastest fitting layout of `model` at `stage`, from the model's natural GPU count up."""
     from internvl_mcore.config import get_preset
     from internvl_mcore.plan import HARDWARE, search
@@ -164,9 +146,8 @@ def plan_row(model: str, stage: str, allow_cp: bool) -> Row:
     gpus = SIZES[model]
     while gpus <= 1024:
         plans = search(cfg, gpus, workload(stage), hw)
-        usable = [p for p in plans if allow_cp or p.layout.cp == 1]
-        if usable:
-            return row_from_plan(model, stage, usable[0], plans[0].layout.describe())
+        if plans:
+            return row_from_plan(model, stage, plans[0], plans[0].layout.describe())
         gpus *= 2
     raise RuntimeError(f"no layout of {model} stage {stage} fits on up to 1024 x {GPU}")
 
@@ -189,11 +170,12 @@ TSV_HEADER = f"""\
 # {SEQ_LENGTH}-token packs, {GLOBAL_BATCH_SIZE} packs per step, micro batch {MICRO_BATCH_SIZE}, bf16.
 # peak_gib / step_s / mfu are planner estimates, never measured on a GPU.
 # Regenerate: python examples/gen_scripts.py --plan
+# CP > 1 allowed: pretrain_internvl.py accepts --context-parallel-size
 """
 
 
-def format_tsv(rows: list[Row], cp_note: str) -> str:
-    lines = [TSV_HEADER.rstrip("\n"), f"# {cp_note}", "\t".join(COLUMNS)]
+def format_tsv(rows: list[Row]) -> str:
+    lines = [TSV_HEADER.rstrip("\n"), "\t".join(COLUMNS)]
     for r in rows:
         values = dataclasses.astuple(r)
         lines.append("\t".join("" if v is None else str(int(v)) if isinstance(v, bool) else str(v) for v in values))
@@ -229,17 +211,12 @@ def read_tsv(path: str = LAYOUTS_TSV) -> list[Row]:
     return rows
 
 
-def plan_all() -> tuple[list[Row], str]:
-    """Every (model, stage) row, and the note on CP that goes into the file."""
+def plan_all() -> list[Row]:
+    """Every (model, stage) row."""
     from tqdm import tqdm
 
-    allow_cp = training_supports_cp()
-    note = ("CP > 1 allowed: pretrain_internvl.py accepts --context-parallel-size" if allow_cp else
-            "CP fixed to 1: pretrain_internvl.py still refuses --context-parallel-size > 1; "
-            "fastest_any_cp is the planner's pick with CP")
     jobs = [(m, s.stage) for m in SIZES for s in STAGE_SCRIPTS]
-    rows = [plan_row(m, st, allow_cp) for m, st in tqdm(jobs, desc="planning", unit="layout")]
-    return rows, note
+    return [plan_row(m, st) for m, st in tqdm(jobs, desc="planning", unit="layout")]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,8 +231,6 @@ def render_script(row: Row, script: StageScript) -> str:
     size = row.model.split("-")[1].upper()
     first = "" if row.first_stage_layers is None else str(row.first_stage_layers)
     dp = row.gpus // (row.tp * row.pp * row.cp)
-    cp_line = "" if row.fastest_any_cp == row.describe() else (
-        f"# (with context parallelism, once training accepts it, the planner would pick {row.fastest_any_cp})\n")
     return f"""\
 #!/usr/bin/env bash
 # InternVL3-{size}, {script.title} (--stage {script.stage}).
@@ -266,7 +241,7 @@ def render_script(row: Row, script: StageScript) -> str:
 #   {row.plan_command()}
 #   -> {row.describe()}: {row.peak_gib} GiB peak per GPU, ~{row.step_s} s per step, MFU {row.mfu:.0%}
 #      (planner estimates, not measured on a GPU)
-{cp_line}#
+#
 # GPUS is the total over all nodes; DP = GPUS / (TP x PP x CP) = {dp} by default.
 #   GPUS={row.gpus} PER_DEVICE_BATCH_SIZE=1 bash {rel} [more pretrain_internvl.py flags]
 #   DRY_RUN=1 bash {rel}        # print the torchrun command, run nothing
@@ -326,9 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--check", action="store_true", help="exit 1 when a script differs from layouts.tsv")
     a = p.parse_args(argv)
     if a.plan:
-        rows, note = plan_all()
+        rows = plan_all()
         with open(LAYOUTS_TSV, "w", encoding="utf-8") as f:
-            f.write(format_tsv(rows, note))
+            f.write(format_tsv(rows))
     rows = read_tsv()
     if a.check:
         stale = stale_files(rows)

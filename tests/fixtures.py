@@ -30,7 +30,6 @@ import base64
 import io
 import json
 import os
-import random
 from dataclasses import dataclass, field
 
 import numpy as np

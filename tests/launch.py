@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +12,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """parallel/state.py's `free_port` (the one helper), imported when called: importing this module
+    must not import torch and megatron-core (every test session imports it through tests/conftest.py)."""
+    from internvl_mcore.parallel.state import free_port as state_free_port
+
+    return state_free_port()
 
 
 def torchrun(script: str | Path, nproc: int, args: list[str], timeout: float = 300.0,

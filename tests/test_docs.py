@@ -1,8 +1,10 @@
 """The documentation matches the code: every CLI's --help runs, every flag the docs use exists in
 the --help of the program it is given to, the generated tables are current, the documented data
-examples are the shipped files."""
+examples are the shipped files, every file, folder and `file.py: name` a page names exists."""
 from __future__ import annotations
 
+import ast
+import functools
 import importlib.util
 import json
 import os
@@ -204,3 +206,84 @@ def test_links_in_our_docs_resolve():
         for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", doc.read_text(encoding="utf-8")):
             if not target.startswith("http"):
                 assert (doc.parent / target).exists(), f"{doc.name}: broken link {target}"
+
+
+# --- file references: every `path.py`, `path.py: name` and `dir/` a page names exists ----------
+REFERENCE_DOCS = ALL_DOCS
+# where a relative path may start: the repo, the package (docs say `models/weights.py`), the page's folder
+REFERENCE_ROOTS = [REPO, REPO / "internvl_mcore"]
+# files of other projects the pages name (InternVL's training scripts and the like)
+OTHER_PROJECTS = {"internvl_chat_mpo.py"}
+PATH = r"((?:[\w.-]+/)*[\w-]+\.(?:py|sh))"
+NAME = r"([A-Za-z_]\w*(?:\.\w+)*)"
+# in one code span: `path.py`, `path.py: name`, `path.py::test_name` (`x.py: error: ...` is a message)
+FILE_REF = re.compile(rf"(?<![\w./$-]){PATH}(?![\w/])(?:(?::\s*|::){NAME}(?![\w:]))?")
+OWNED_NAME = re.compile(rf"`{PATH}`'s `{NAME}`")  # `tools/gpu_check.py`'s `device_tiling`
+DIR_REF = re.compile(r"`((?:[a-z_][\w-]*/)+)`")
+PLACEHOLDER = re.compile(r"[A-Z]{2,}[A-Z_]*")  # `tools/NAME.py`, `examples/internvl3_SIZE/stage1.sh`
+
+
+def _resolve(ref: str, doc: Path) -> Path | None:
+    for root in (*REFERENCE_ROOTS, doc.parent):
+        found = sorted(root.glob(PLACEHOLDER.sub("*", ref)))
+        if found:
+            return found[0]
+    if "/" not in ref:  # a bare file name: a module table's row (`keymaps.py`) names its folder elsewhere
+        return _repo_files().get(ref)
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _repo_files() -> dict[str, Path]:
+    """File name -> a file of that name in the repo (hidden folders, .venv and caches left out)."""
+    files = {}
+    for folder, dirs, names in os.walk(REPO):
+        dirs[:] = [d for d in dirs if not d.startswith((".", "__")) and not d.endswith(".egg-info")]
+        files.update({n: Path(folder, n) for n in names if n not in files})
+    return files
+
+
+@functools.lru_cache(maxsize=None)
+def _defined_names(path: Path) -> set[str]:
+    """Names a Python file defines (functions, classes, assigned names and attributes, imports) and
+    the strings it names things by (a check's or a fault point's name)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in getattr(node, "targets", [getattr(node, "target", None)]):
+                names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+                names.update(n.attr for n in ast.walk(target) if isinstance(n, ast.Attribute))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.isidentifier():
+            names.add(node.value)
+    return names
+
+
+def reference_problems(doc: Path) -> list[str]:
+    text = doc.read_text(encoding="utf-8")
+    refs = [m for span in re.findall(r"`([^`\n]+)`", text) for m in FILE_REF.findall(span)]
+    refs += OWNED_NAME.findall(text)
+    refs += [(ref, "") for ref, _ in FILE_REF.findall(text)]  # outside code spans too: links, commands, prose
+    problems = []
+    for ref, name in refs:
+        if ref in OTHER_PROJECTS:
+            continue
+        path = _resolve(ref, doc)
+        if path is None:
+            problems.append(f"{doc.name}: {ref} does not exist")
+        elif name and path.suffix == ".py" and not set(name.split(".")) <= _defined_names(path):
+            problems.append(f"{doc.name}: {ref} defines no {name}")
+    for ref in DIR_REF.findall(text):
+        # a folder of the repo or the package (`training/`); run-time folders (`iter_N/`) are not checked
+        if any((root / ref.split("/")[0]).is_dir() for root in REFERENCE_ROOTS) and _resolve(ref, doc) is None:
+            problems.append(f"{doc.name}: folder {ref} does not exist")
+    return sorted(set(problems))
+
+
+@pytest.mark.parametrize("doc", REFERENCE_DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_file_references_in_docs_resolve(doc):
+    problems = reference_problems(doc)
+    assert not problems, "\n".join(problems)

@@ -23,7 +23,6 @@ import functools
 import re
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "internvl_mcore"

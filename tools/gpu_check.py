@@ -209,17 +209,11 @@ def run(cmd: list[str], timeout: float, env: Optional[dict] = None) -> subproces
     return proc
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def train_cmd(nproc: int, *args: str) -> list[str]:
+    from internvl_mcore.parallel.state import free_port
+
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-            "127.0.0.1", "--master_port", str(_free_port()), str(REPO / "pretrain_internvl.py"), *args]
+            "127.0.0.1", "--master_port", str(free_port()), str(REPO / "pretrain_internvl.py"), *args]
 
 
 def train(log: Path, flags: Sequence[str], timeout: float, nproc: int = 1) -> dict[int, dict]:

@@ -27,7 +27,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -130,12 +129,6 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(cmd: list[str], log_path: str, show: Callable[[str], bool] = lambda line: False) -> None:
     """Run `cmd` from the repo root, keep its full output in `log_path`, echo the lines `show` picks,
     and raise with the output's tail when it fails."""
@@ -177,6 +170,7 @@ def run_demo(out: str, recipe: Recipe, log_every: int = 20) -> DemoResult:
     """Run every phase into `out` (replacing an earlier demo output there) and return the result."""
     from internvl_mcore.config import get_preset
     from internvl_mcore.data.digits import build_digits_dataset
+    from internvl_mcore.parallel.state import free_port
 
     evaluate, plot_loss = _sibling("evaluate").evaluate, _sibling("plot_loss").plot_loss
 
@@ -233,7 +227,7 @@ def run_demo(out: str, recipe: Recipe, log_every: int = 20) -> DemoResult:
         what = "projector only" if stage == "1" else "vision, projector and LLM"
         t = phase(k, f"stage {stage}", f"{what}, {iters} steps on 2 CPU processes ({recipe.layout})")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                "pretrain_internvl.py", "--model", recipe.model, *LAYOUTS[recipe.layout],
                "--data-path", prefix, "--stage", stage, "--train-iters", str(iters), "--lr", str(lr),
                "--seq-length", str(recipe.seq_length), "--global-batch-size", str(recipe.global_batch_size),

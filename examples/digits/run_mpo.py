@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     demo, ev = _load("run_demo"), _load("evaluate")
     from internvl_mcore.config import get_preset
     from internvl_mcore.data.digits import build_digits_dataset
+    from internvl_mcore.parallel.state import free_port
 
     out = os.path.abspath(a.out)
     logs = os.path.join(out, "logs")
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     def train(name: str, stage: str, data_path: str, iters: int, lr: float, extra: list[str]) -> str:
         save = os.path.join(out, name)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(demo._free_port()), "pretrain_internvl.py", "--model", "debug",
+               "--master_port", str(free_port()), "pretrain_internvl.py", "--model", "debug",
                "--pipeline-model-parallel-size", "2", "--data-path", data_path, "--stage", stage,
                "--train-iters", str(iters), "--lr", str(lr), "--seq-length", str(a.seq_length),
                "--global-batch-size", "2", "--seed", str(a.seed), "--weight-decay", "0.1", "--drop-path-rate", "0",

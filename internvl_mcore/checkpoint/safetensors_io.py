@@ -1,6 +1,6 @@
 """HF checkpoint directories on disk: sharded safetensors read and written with plain file I/O
-(`SafetensorsDir`; `ShardedWriter`, the one writer: shards laid out from a plan, tensors written in place), dtype names, config.json + side files of an HF directory, and
-the converters' error type. No model knowledge here (config.json <-> ModelConfig: convert/hf_config.py;
+(`SafetensorsDir`; `ShardedWriter`, the one writer: shards laid out from a plan, tensors written in
+place), dtype names, config.json + side files of an HF directory. No model knowledge here (config.json <-> ModelConfig: convert/hf_config.py;
 tensor conversion through the key maps: convert/hf.py).
 """
 from __future__ import annotations

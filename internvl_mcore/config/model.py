@@ -191,7 +191,8 @@ class ParallelConfig:
     cp_comm_type: Literal["p2p", "a2a", "a2a+p2p"] = "p2p"
     """--cp-comm-type: ring attention (p2p), head-parallel all-to-all (a2a), or both in 2D (a2a+p2p)."""
     cp_split: Literal["auto", "row", "thd"] = "auto"
-    """--cp-split: how CP splits a packed batch: whole rows (row; our ring/a2a kernels) or per sample padded to 2C (thd; TE's CP on GPU); auto: thd with TE on CUDA, else row."""
+    """--cp-split: how CP splits a packed batch: whole rows (row; our ring/a2a kernels) or per sample padded to 2C
+    (thd; TE's CP on GPU); auto: thd with TE on CUDA, else row."""
     hierarchical_context_parallel_sizes: Optional[list[int]] = None
     """--hierarchical-context-parallel-sizes A P: with a2a+p2p, all-to-all inside groups of A, ring over P."""
     sequence_parallel: bool = False

@@ -77,7 +77,7 @@ def _qwen3_moe(layers: int, hidden: int, heads: int, ffn: int, moe_ffn: int) -> 
     """A Qwen3-MoE LLM as InternVL3.5-30B-A3B / 241B-A28B ship it (Qwen3-30B-A3B / 235B-A22B's
     config.json): Qwen3 attention with 4 KV heads of 128 channels, every layer MoE with 128 experts,
     top-8 with renormalized probabilities, router_aux_loss_coef 0.001 (-> 0.001 x 8 / layers per
-    layer in megatron-core's convention, convert/hf.py: _moe_from)."""
+    layer in megatron-core's convention, convert/hf_config.py: _moe_from)."""
     return LLMConfig(family="qwen3_moe", num_layers=layers, hidden_size=hidden, num_attention_heads=heads,
                      num_query_groups=4, ffn_hidden_size=ffn, vocab_size=151936, qkv_bias=False,
                      qk_layernorm=True, kv_channels=128, max_position_embeddings=40960, num_experts=128,

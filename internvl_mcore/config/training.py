@@ -73,7 +73,8 @@ class TrainConfig:
     """--stage mpo: weights P Q G of the preference (DPO sigmoid), quality (BCO pair) and generation
     (SFT on the chosen response) losses; InternVL's sigmoid_loss_weight, bco_pair_loss_weight, rpo_alpha."""
     peak_flops: Optional[float] = None
-    """Peak FLOP/s per rank used for MFU (default: measured at start-up by a matmul in the training dtype: bf16 8192^2 on GPU, fp32 1024^2 on CPU)."""
+    """Peak FLOP/s per rank used for MFU (default: measured at start-up by a matmul in the training dtype: bf16
+    8192^2 on GPU, fp32 1024^2 on CPU)."""
     eval_interval: int = 1000
     """Evaluate the validation loss every N iterations when validation data is given (--valid-data-path
     or --mock-valid-data); 0: only the held-out evaluation at the end of the run."""
@@ -267,13 +268,18 @@ class ComputeConfig:
     None of them changes the parallel layout or a result beyond rounding."""
 
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    """--device: cuda when available; auto refuses a GPU-looking machine without CUDA (use cpu to force the CPU path; docs/gpu.md)."""
+    """--device: cuda when available; auto refuses a GPU-looking machine without CUDA (use cpu to force the CPU
+    path; docs/gpu.md)."""
     torch_compile: bool = False
-    """--torch-compile: on CPU too, use megatron-core's torch.compile'd (inductor) elementwise fusions (SwiGLU, bias-dropout-add), as on GPUs with TE/apex; the first step compiles them (~1 min, then cached on disk)."""
+    """--torch-compile: on CPU too, use megatron-core's torch.compile'd (inductor) elementwise fusions (SwiGLU,
+    bias-dropout-add), as on GPUs with TE/apex; the first step compiles them (~1 min, then cached on disk)."""
     cross_entropy_chunk_size: int = 0
-    """--cross-entropy-chunk-size: compute the output layer and loss N tokens at a time, never holding the full fp32 logits (the backward recomputes each chunk's logits); 0: megatron-core's full-logit loss."""
+    """--cross-entropy-chunk-size: compute the output layer and loss N tokens at a time, never holding the full fp32
+    logits (the backward recomputes each chunk's logits); 0: megatron-core's full-logit loss."""
     all_token_logits: bool = False
-    """--all-token-logits: compute the output layer and loss for every token, as megatron-core does; by default the last stage computes them only at the tokens that carry loss (the others' losses are zero and never used), which skips the image and prompt tokens' share of the output-layer GEMMs and logit memory."""
+    """--all-token-logits: compute the output layer and loss for every token, as megatron-core does; by default the
+    last stage computes them only at the tokens that carry loss (the others' losses are zero and never used), which
+    skips the image and prompt tokens' share of the output-layer GEMMs and logit memory."""
 
 
 DEFAULT_COMPUTE = ComputeConfig()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from ..config.training import ComputeConfig
 from ..models.internvl import build_model
 from ..models.sharding import rule_for
 from ..models.weights import ShardPlacement, is_expert_param, load_canonical, local_params
-from ..parallel.state import destroy_distributed, init_distributed
+from ..parallel.state import destroy_distributed, free_port, init_distributed
 
 
 # =============================================================================================
@@ -84,12 +83,6 @@ def gather_canonical_state(model: torch.nn.Module, cfg: ModelConfig) -> dict[str
     return local if dist.get_rank() == 0 else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 CONVERSION_COMPUTE = ComputeConfig(device="cpu")
 """A conversion world always runs on the CPU with gloo, even on a GPU host, so a TP x PP larger than
 the visible GPUs converts, and NCCL / transformer-engine / `cuda:rank` play no part in it (the local
@@ -132,7 +125,7 @@ def _layout_worker(rank: int, world: int, port: int, tp: int, pp: int,
 
 def _spawn(fn: Any, nprocs: int, args: tuple, timeout_s: float, what: str) -> None:
     """Run fn(rank, nprocs, port, *args) in `nprocs` spawned processes (a gloo world) and wait."""
-    ctx = mp.start_processes(fn, args=(nprocs, _free_port(), *args), nprocs=nprocs, join=False, start_method="spawn")
+    ctx = mp.start_processes(fn, args=(nprocs, free_port(), *args), nprocs=nprocs, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=1.0):
         if time.monotonic() > deadline:

@@ -87,7 +87,7 @@ class SupervisedPool:
 
     Workers come from multiprocessing's fork server, never from a fork of the calling process: that
     process may run threads (torch's OpenMP pool, a tokenizer's) whose locks a fork copies without
-    their owners, and the child then deadlocks (issue 23; data/workers.py). The server imports `preload`
+    their owners, and the child then deadlocks (data/workers.py). The server imports `preload`
     once (megatron-core's import alone takes seconds), so a worker, also a replacement, starts in
     milliseconds; `initarg` is pickled to each worker."""
 

@@ -579,7 +579,8 @@ def _reject_json(r: Reject) -> dict:
 def format_summary(cfg: PreprocessConfig, r: PreprocessResult) -> str:
     """The human summary the CLI prints."""
     lines = [
-        f"inputs {r.inputs}: {r.samples} {'pairs' if cfg.preference else 'samples'}, {r.rejects} rejected ({100 * r.reject_ratio:.2f}%, limit {100 * cfg.max_reject_ratio:.2f}%)",
+        f"inputs {r.inputs}: {r.samples} {'pairs' if cfg.preference else 'samples'}, {r.rejects} rejected "
+        f"({100 * r.reject_ratio:.2f}%, limit {100 * cfg.max_reject_ratio:.2f}%)",
     ]
     for reason, n in r.rejects_by_reason.items():
         lines.append(f"  reject {reason:<24} {n}")

@@ -4,7 +4,7 @@ a deadline.
 Why: by the time the first batch is drawn the training process runs torch's OpenMP thread pool (and has
 initialized CUDA on a GPU node). A fork copies the pool's state but not its threads, and the child
 deadlocks in its first parallel region: with OMP_NUM_THREADS unset, `Tensor.share_memory_` waited in
-`gomp_team_barrier_wait_end` forever (issue 23). Workers come from multiprocessing's forkserver: a fresh
+`gomp_team_barrier_wait_end` forever. Workers come from multiprocessing's forkserver: a fresh
 interpreter (started by fork + exec, so it inherits no threads) that imports the modules the workers
 need once (`preload`: for the loader, torch and megatron-core's indexed dataset), runs
 nothing else, and forks each worker from that clean state in milliseconds. A worker rebuilds its state

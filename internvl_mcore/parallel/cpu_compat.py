@@ -1,54 +1,62 @@
-"""Make megatron-core run on CPU with the gloo backend -- the one place that touches its internals.
+"""Make megatron-core run on CPU with the gloo backend, and fix two of its layout bugs -- the one
+place that touches its internals.
 
-megatron-core assumes CUDA in three ways, and each has one mechanism here:
+Six mechanisms. `apply()` runs 1-3, only on CPU (megatron-core assumes CUDA in these three ways);
+`apply_everywhere()` runs 4 and 5 on every device, CUDA included (they are not about CUDA);
+`fuse_cpu_adam()` is 6. `init_distributed` (parallel/state.py) calls the first two at start-up.
 
 1. Module-level calls to ``torch.cuda.*`` (``current_device()`` as a tensor device, ``synchronize``,
-   the CUDA RNG state, ``empty_cache``) and ``device="cuda"`` literals in tensor factories. For every
-   module in `TORCH_PROXY_MODULES`, the module's global name ``torch`` is replaced by `_TorchOnCpu`, a
-   proxy that forwards everything to the real torch except ``torch.cuda`` (answered for the CPU) and
-   tensor factories (``device="cuda"`` becomes CPU). The real ``torch`` module is never modified.
+   the CUDA RNG state, ``empty_cache``) and ``device="cuda"`` literals in tensor factories. Why:
+   on CPU they raise or allocate nowhere. For every module in `TORCH_PROXY_MODULES`, the module's
+   global name ``torch`` is replaced by `_TorchOnCpu`, a proxy that forwards everything to the real
+   torch except ``torch.cuda`` (answered for the CPU) and tensor factories (``device="cuda"`` becomes
+   CPU). The real ``torch`` module is never modified, so our code and torch itself are unaffected.
 2. Tensor *methods* that assume CUDA (``t.cuda()``, ``t.type() == "torch.cuda.FloatTensor"``) inside
-   a few functions. Each function in `CUDA_TENSOR_METHOD_FUNCTIONS` is wrapped so that, while it runs,
-   ``Tensor.cuda`` returns the tensor itself and ``Tensor.type()`` reports the CUDA type name.
-3. Single functions replaced outright (`_REPLACEMENTS`): the CUDA RNG state getters/setters of the
-   tensor-parallel RNG tracker, ``WrappedTorchNorm`` which refuses sequence parallelism although
-   a replicated torch norm is exactly right under it on CPU (see `_WrappedTorchNormSP`), and the MoE
-   all-to-all dispatcher's ``maybe_move_tensor_to_cpu``, which turns split sizes into numpy arrays
-   only for CUDA tensors; gloo's ``all_to_all_single`` needs them as a sequence of ints, so on CPU
-   they become numpy arrays too (`_to_host_cpu`); and the uneven (split-size) variants of
+   a few functions. Why: a module proxy cannot reach methods of tensors. Each function in
+   `CUDA_TENSOR_METHOD_FUNCTIONS` is wrapped so that, while it runs, ``Tensor.cuda`` returns the
+   tensor itself and ``Tensor.type()`` reports the CUDA type name.
+3. Single functions replaced outright (`_REPLACEMENTS`), where the CUDA assumption is the function's
+   logic, not a call in it: the CUDA RNG state getters/setters of the tensor-parallel RNG tracker
+   (the CPU generator instead; the tracker's "CPU RNG state changed" warning, which then fires on
+   every fork and means nothing, is filtered: `_DropRngNoise`); ``WrappedTorchNorm``, which refuses
+   sequence parallelism although a replicated torch norm is exactly right under it on CPU (see
+   `_WrappedTorchNormSP`); the MoE all-to-all dispatcher's ``maybe_move_tensor_to_cpu``, which turns
+   split sizes into numpy arrays only for CUDA tensors, while gloo's ``all_to_all_single`` needs
+   them as a sequence of ints (`_to_host_cpu`); and the uneven (split-size) variants of
    ``_gather_along_first_dim`` / ``_reduce_scatter_along_first_dim``, which the MoE dispatcher uses
    over the expert-tensor-parallel group: gloo's all_gather needs equal sizes and it has no
    reduce_scatter, so pieces are zero-padded to the largest and gathered, and the reduce-scatter
    is an all-reduce of the whole tensor followed by this rank's slice (`_uneven_gather`,
    `_uneven_reduce_scatter`). The even cases run megatron-core's own code.
-
 4. Module globals that megatron-core defines only when transformer-engine imports but reads
    unconditionally (`TE_ONLY_GLOBALS`: `moe_utils.te_general_gemm`, read by the router's gating
-   linear): set to None, which selects megatron-core's own torch fallback. Not CUDA-specific, so
-   `fill_te_only_globals()` also runs on GPUs without transformer-engine.
-5. One layout bug fixed on every device (`LAYOUT_FIXES`, applied by `apply_everywhere()` together
-   with 4): with ``calculate_per_token_loss``, megatron-core 0.16.1's router scales the aux loss
-   it attaches by the number of tokens *this rank* routes, then finalize_model_grads divides all
-   gradients by the global target-token count. Under sequence or context parallelism a rank routes
-   1/(TP x CP) of the sequence while its aux loss is already its share of the whole sequence's
-   loss, so the aux-loss gradient came out TP x CP times smaller than on one process (measured:
-   router-weight gradients at TP2+SP off by 57%). `_aux_loss_token_scale` multiplies the token
-   count by the size of the tensor+context group the aux loss is reduced over, which makes every
-   layout's gradient equal the single-process one (tests/moe).
-   And a resharding bug: loading the distributed optimizer's `fully_reshardable` checkpoint format
-   (the one that reshards across layouts, training/checkpoint.py) copies every state entry of
-   torch's Adam (used without TE and apex) from the loaded tensors, which have no per-parameter
-   'step' (megatron-core sets it from the param groups first), so it raised KeyError 'step';
-   `_keep_adam_step` copies the param and the moments and leaves the step as set.
-6. Not a patch but a setting (`fuse_cpu_adam`, called by `training.loop.setup`): megatron-core builds
-   torch's AdamW without `fused` / `foreach` when TE and apex are absent, which on CPU tensors is
-   torch's per-tensor loop; the already-built optimizer's param groups are switched to the fused
-   CPU kernel.
+   linear). Why: without TE the read raises NameError, on a GPU as on a CPU. They are set to None,
+   which selects megatron-core's own torch fallback (`fill_te_only_globals()`).
+5. Two bugs of megatron-core 0.16.1 that make a layout differ from the single process
+   (`LAYOUT_FIXES`), fixed on every device because they give wrong numbers on GPUs too. The aux
+   loss: with ``calculate_per_token_loss``, the router scales the aux loss it attaches by the number
+   of tokens *this rank* routes, then finalize_model_grads divides all gradients by the global
+   target-token count. Under sequence or context parallelism a rank routes 1/(TP x CP) of the
+   sequence while its aux loss is already its share of the whole sequence's loss, so the aux-loss
+   gradient came out TP x CP times smaller than on one process (measured: router-weight gradients at
+   TP2+SP off by 57%). `_aux_loss_token_scale` multiplies the token count by the size of the
+   tensor+context group the aux loss is reduced over, which makes every layout's gradient equal the
+   single-process one (tests/moe). The resharding: loading the distributed optimizer's
+   `fully_reshardable` checkpoint format (the one that reshards across layouts,
+   training/checkpoint.py) copies every state entry of torch's Adam (used without TE and apex) from
+   the loaded tensors, which have no per-parameter 'step' (megatron-core sets it from the param
+   groups first), so it raised KeyError 'step'; `_keep_adam_step` copies the param and the moments
+   and leaves the step as set.
+6. Not a patch but a setting (`fuse_cpu_adam`, called by `training.loop.setup` after any optimizer
+   checkpoint is loaded: torch's load_state_dict restores the saved group flags). Why: megatron-core builds torch's AdamW without `fused` /
+   `foreach` when TE and apex are absent, which on CPU tensors is torch's per-tensor Python loop;
+   the already-built optimizer's param groups are switched to the fused CPU kernel (same update up
+   to fp32 reordering, several times faster).
 
 Every entry names the megatron-core function(s) it covers; `check_symbols()` raises `CompatError`
 naming each one that is missing, so a megatron-core upgrade that moves code fails loudly instead of
-silently running CUDA paths. `apply()` is called once at start-up and does nothing when CUDA is
-available (the GPU path is megatron-core unchanged).
+silently running CUDA paths. On CUDA, `apply()` does nothing (unless forced: a `--device cpu` run
+on a GPU host), so the GPU path is megatron-core with only mechanisms 4 and 5.
 """
 from __future__ import annotations
 
@@ -498,7 +506,7 @@ def fuse_cpu_adam(optimizer: Any) -> int:
     """Mechanism 6: switch the torch Adam/AdamW that megatron-core's `get_megatron_optimizer` builds
     (without TE/apex it passes neither `foreach` nor `fused`, and torch then defaults CPU tensors to
     the per-tensor Python loop) to torch's fused CPU kernel, for every param group whose tensors
-    all live on the CPU. Same update up to fp32 reordering (tests/training/test_fused_adam.py);
+    all live on the CPU. Same update up to fp32 reordering (tests/training/test_step_kernels.py);
     ~7-10x faster on debug-m (docs/performance.md).
 
     `optimizer`: a megatron-core optimizer (chained or not). Call it again after loading an

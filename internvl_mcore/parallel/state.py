@@ -16,8 +16,9 @@ from ..config.device import resolve_device
 from ..config.model import ParallelConfig
 
 
-def _free_port() -> int:
-    """A TCP port nothing listens on now (a port derived from the pid can clash with another job)."""
+def free_port() -> int:
+    """A TCP port nothing listens on now (a port derived from the pid can clash with another job); the
+    one helper for it: conversions' spawned worlds, tests, benches and the demo start torchrun with it."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -37,7 +38,7 @@ def init_distributed(par: ParallelConfig, seed: int, timeout_s: float = 600.0,
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:  # a 1-process world outside torchrun: any free port
-            os.environ["MASTER_PORT"] = str(_free_port())
+            os.environ["MASTER_PORT"] = str(free_port())
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         if on_gpu:

@@ -17,7 +17,7 @@ Model state is modelled on what megatron-core 0.16 really allocates, so it can b
   keeps a 4-byte `step` tensor per parameter tensor; TE/apex FusedAdam keep it per group. That is
   `adam_step_bytes` (0 for GPU plans, 4 to match the CPU test exactly).
 
-Activations follow the tensors the layers save for backward (see `layer_activation_bytes`), per
+Activations follow the tensors the layers save for backward (see `llm_layer_bytes`, `vit_layer_bytes`), per
 microbatch, times the microbatches a 1F1B pipeline keeps in flight on the stage.
 """
 from __future__ import annotations

@@ -21,7 +21,7 @@ What a save stalls training for is kept small (issue 24; docs/checkpoints.md, "a
   the optimizer step, the first thing that changes them.
 
 Why not megatron-core's callers (strategies/async_utils.py): `TemporalAsyncCaller` forks the training
-process (`mp.get_context('fork')`), which deadlocks once torch's OpenMP pool or CUDA runs (issue 23),
+process (`mp.get_context('fork')`), which deadlocks once torch's OpenMP pool or CUDA runs (data/workers.py),
 and so does `FileSystemWriterAsync.write_preloaded_data_multiproc`, which forks one process per bucket
 even from a spawned worker; `PersistentAsyncCaller` (spawn) waits forever when its worker dies (its
 blocking poll loops on an empty queue) and its worker dies at the first exception. Here the writer is

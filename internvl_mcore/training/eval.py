@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any, Optional
 
 import torch
+from megatron.core.utils import unwrap_model
 
 from ..config.training import RunConfig, has_validation
 from ..errors import DataError

@@ -130,7 +130,8 @@ def fault_point(where: str, iteration: int, rank: Optional[int] = None) -> None:
     """Fault injection for the crash and signal tests: INTERNVL_MCORE_FAULT=WHERE:ITER:RANK[:ACTION]
     makes RANK, at WHERE ("save": tensors of ITER written, checkpoint not yet renamed, which under
     --async-save is in RANK's checkpoint writer process (`rank` given: it has no process group), so
-    kill ends the writer and wait holds the write open; "step": before step ITER), SIGKILL itself (ACTION kill, the default), exit at once (exit), stop answering (hang),
+    kill ends the writer and wait holds the write open; "step": before step ITER), SIGKILL itself
+    (ACTION kill, the default), exit at once (exit), stop answering (hang),
     fail as a full disk does (enospc: OSError ENOSPC, as a write would raise it) or print
     `fault point WHERE ITER: waiting for a signal` and wait for one (wait), so a test sends its signal
     at a known point instead of after a sleep."""

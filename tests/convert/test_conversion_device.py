@@ -1,6 +1,6 @@
 """Conversions run on the CPU with gloo wherever they run: on a host where CUDA is available (here
 simulated by patching the probe), the conversion workers still build a CPU layout and a gloo world,
-so a TP x PP larger than the visible GPUs converts (issue 25, defect 3)."""
+so a TP x PP larger than the visible GPUs converts."""
 from __future__ import annotations
 
 import pytest

@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 
 from internvl_mcore.checkpoint.canonical import CanonicalCheckpoint
 from internvl_mcore.checkpoint.safetensors_io import SafetensorsDir, ShardedWriter, plan_of
+from internvl_mcore.config import PRESETS
 from internvl_mcore.errors import ConversionError
-from internvl_mcore.config import PRESETS, ParallelConfig
 from internvl_mcore.convert import (canonical_shapes, convert_checkpoint_to_hf, convert_hf_to_checkpoint, hf_config_for,
                                     model_config_from_hf, verify_layout)
 from internvl_mcore.convert.keymaps import canonical_names
@@ -115,14 +115,6 @@ def test_gathered_checkpoint_records_layout(round_trips) -> None:
 
 
 # --- the InternVL layout maps to the right modules ---------------------------------------------
-
-@pytest.fixture(scope="module")
-def world():
-    from internvl_mcore.parallel.state import init_distributed
-
-    init_distributed(ParallelConfig(), seed=1)
-    return ParallelConfig()
-
 
 @pytest.mark.parametrize("text,vision,tie,family", [("qwen2", "300m", False, "qwen2"),
                                                     ("llama", "6b", False, "internlm2"),

@@ -1,4 +1,4 @@
-"""Per-rank import through slice reads (issue 24): the shard a rank reads from an HF directory (both
+"""Per-rank import through slice reads: the shard a rank reads from an HF directory (both
 layouts, dense and MoE) or a canonical checkpoint equals the shard cut from the whole tensor bit for
 bit, for every TP / expert-TP rank, and a TP2 rank reads about half the model's bytes.
 

@@ -44,7 +44,7 @@ TEXTS = {
                   attention_bias=False),
     # Qwen3-MoE traits (the `debug-moe` preset's shapes): 4 experts, top-2 with renormalized
     # probabilities, every layer MoE, per-head QK-norm; router_aux_loss_coef 0.01 -> megatron-core's
-    # per-layer coefficient 0.01 x top-k / layers = 0.01 (convert/hf.py: _moe_from)
+    # per-layer coefficient 0.01 x top-k / layers = 0.01 (convert/hf_config.py: _moe_from)
     "qwen3_moe": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                       intermediate_size=128, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
                       norm_topk_prob=True, router_aux_loss_coef=0.01, vocab_size=512, rms_norm_eps=1e-6,

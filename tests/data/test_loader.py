@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from internvl_mcore.data.image import IMAGENET_MEAN, IMAGENET_STD, JPEG_QUALITIES, jpeg_recompress, normalize_tiles
+from internvl_mcore.data.image import JPEG_QUALITIES, jpeg_recompress, normalize_tiles
 from internvl_mcore.data.loader import PackedDataLoader, collate, parse_data_path
 from internvl_mcore.models.vision import normalize_pixels
 from internvl_mcore.data.sample import PackedSample

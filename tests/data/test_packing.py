@@ -102,7 +102,8 @@ def test_cu_seqlens():
 
 
 def reference_positions(tokens, deltas):
-    """Token-by-token statement of the issue's V2PE rule (independent of the vectorized code)."""
+    """Token-by-token statement of the V2PE rule in data/packing.py's docstring (independent of the
+    vectorized code)."""
     pos, cur, img, prev_was_ctx = [], -1.0, -1, False
     for t in tokens:
         if t == IMG_CTX:

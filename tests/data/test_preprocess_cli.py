@@ -70,7 +70,7 @@ def test_identical_bytes_for_1_and_2_workers(data, run_w1):
 
 def test_every_bad_input_rejected_with_location_and_counted(data, run_w1, capsys):
     fx, tok, root = data
-    rejects = [json.loads(l) for l in open(run_w1 + ".rejects.jsonl")]
+    rejects = [json.loads(line) for line in open(run_w1 + ".rejects.jsonl")]
     got = {(os.path.basename(r["file"]), r["line"]): r["reason"] for r in rejects}
     file_of = {s.name: os.path.basename(s.annotation) for s in read_meta(fx.meta_path)}
     want = {(file_of[d], line): reason for (d, line), reason in fx.expected.items() if reason is not None}
@@ -168,7 +168,7 @@ def test_truncate_turns_overlong_into_sample(data, tmp_path):
     fx, tok, root = data
     out = tmp_path / "t"
     assert preprocess_mm_data.main(small_args(fx, tok, out, "--max-reject-ratio", "1", "--truncate")) == 0
-    reasons = [json.loads(l)["reason"] for l in open(str(out) + ".rejects.jsonl")]
+    reasons = [json.loads(line)["reason"] for line in open(str(out) + ".rejects.jsonl")]
     assert "too_long" not in reasons
     assert ("text", 9) in all_sources(str(out))
     r = ShardReader(str(out))
@@ -191,7 +191,7 @@ def test_worker_exception_costs_one_sample(data, tmp_path, monkeypatch):
         assert preprocess_mm_data.main(small_args(fx, tok, out, "--max-reject-ratio", "1", "--workers", "2")) == 0
     finally:
         forkserver._forkserver._stop()
-    rejects = [json.loads(l) for l in open(str(out) + ".rejects.jsonl")]
+    rejects = [json.loads(line) for line in open(str(out) + ".rejects.jsonl")]
     boom = [r for r in rejects if r["reason"] == "internal_error"]
     assert len(boom) == 1 and boom[0]["line"] == 2 and "boom" in boom[0]["detail"]
     got = set(all_sources(str(out)))
@@ -211,12 +211,13 @@ def test_bad_arguments_are_clear(data, tmp_path, capsys):
         preprocess_mm_data.main(["--tokenizer", tok, "--output-prefix", str(tmp_path / "o")])
 
 
-def test_done_when_command_at_16384(data, tmp_path):
-    """The issue's command, as a separate process, at --seq-length 16384 with 2 workers; the loader
+def test_usage_command_at_16384(data, tmp_path):
+    """The preprocessing command of docs/usage.md, as a separate process, at --seq-length 16384 with 2 workers; the loader
     and collate then read the result."""
     fx, tok, root = data
     out = tmp_path / "big" / "data"
-    cmd = [sys.executable, os.path.join(REPO, "tools", "preprocess_mm_data.py"), *small_args(fx, tok, out, "--workers", "2", "--max-reject-ratio", "1", seq_length=16384)]
+    cmd = [sys.executable, os.path.join(REPO, "tools", "preprocess_mm_data.py"),
+           *small_args(fx, tok, out, "--workers", "2", "--max-reject-ratio", "1", seq_length=16384)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "fill" in proc.stdout and "reject" in proc.stdout

@@ -165,7 +165,8 @@ def test_reader_errors_name_the_problem(tmp_path):
 
 def test_writer_validates_samples(tmp_path):
     w = ShardWriter(str(tmp_path / "bad"), tile_format="raw", tile_shape=TILE)
-    good = EncodedSample(np.arange(3, dtype=np.int32), np.ones(3, np.uint8), np.arange(3, dtype=np.float32), np.array([2], np.int32), [b"x" * int(np.prod(TILE))], 0, 1)
+    good = EncodedSample(np.arange(3, dtype=np.int32), np.ones(3, np.uint8), np.arange(3, dtype=np.float32),
+                         np.array([2], np.int32), [b"x" * int(np.prod(TILE))], 0, 1)
     with pytest.raises(ValueError, match="num_tiles"):
         w.add_pack([good])
     short = EncodedSample(np.arange(3, dtype=np.int32), np.ones(2, np.uint8), np.arange(3, dtype=np.float32), np.zeros(0, np.int32), [], 0, 5)
@@ -192,4 +193,5 @@ def test_views_outlive_their_reader(tmp_path):
     raw = ShardReader(prefix).read(1)
     gc.collect()
     np.testing.assert_array_equal(tokens, np.concatenate([s.tokens for s, _ in packs[0]]))
-    np.testing.assert_array_equal(raw.tile_bytes, np.concatenate([np.frombuffer(t, np.uint8) for s, _ in packs[1] for t in s.tiles] or [np.zeros(0, np.uint8)]))
+    want_tiles = [np.frombuffer(t, np.uint8) for s, _ in packs[1] for t in s.tiles] or [np.zeros(0, np.uint8)]
+    np.testing.assert_array_equal(raw.tile_bytes, np.concatenate(want_tiles))

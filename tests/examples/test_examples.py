@@ -6,7 +6,6 @@ small recorders, so the tests see exactly what the scripts would launch.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import math
@@ -89,7 +88,6 @@ def values(argv: list[str], name: str) -> list[str]:
 def recorder(tmp_path_factory) -> Path:
     """A fake torchrun (and srun / scontrol / ssh) that append their argv and env as JSON lines."""
     d = tmp_path_factory.mktemp("bin")
-    log = d / "calls.jsonl"
     record = d / "record.py"
     record.write_text(
         "import json, os, sys\n"
@@ -349,23 +347,16 @@ def test_recorded_layouts_are_the_planners_numbers():
 def test_recorded_layouts_are_the_planners_fastest_choice():
     """The planner's search picks the recorded layouts (the cheap 1B / 2B searches; the rest take
     minutes on two cores and are covered by the re-plan check above)."""
-    allow_cp = gen.training_supports_cp()
     for r in ROWS:
         if r.model in ("internvl3-1b", "internvl3-2b"):
-            assert gen.plan_row(r.model, r.stage, allow_cp) == r
-    if not allow_cp:
-        assert all(r.cp == 1 for r in ROWS)
-    # the file says which regime it was planned in; when training starts accepting CP, this fails
-    # until the layouts are re-planned with CP (python examples/gen_scripts.py --plan)
-    notes = [ln for ln in Path(gen.LAYOUTS_TSV).read_text().splitlines() if ln.startswith("# CP ")]
-    assert len(notes) == 1 and notes[0].startswith("# CP > 1 allowed" if allow_cp else "# CP fixed to 1"), notes
+            assert gen.plan_row(r.model, r.stage) == r
 
 
 def test_layout_rows_round_trip_through_the_tsv(tmp_path):
     path = tmp_path / "layouts.tsv"
-    path.write_text(gen.format_tsv(ROWS, "note"))
+    path.write_text(gen.format_tsv(ROWS))
     assert gen.read_tsv(str(path)) == ROWS
-    bad = gen.format_tsv(ROWS[:1], "note").replace("\t8\t", "\t8\t9\t", 1)
+    bad = gen.format_tsv(ROWS[:1]).replace("\t8\t", "\t8\t9\t", 1)
     path.write_text(bad)
     with pytest.raises(ValueError, match=r"layouts.tsv:\d+"):
         gen.read_tsv(str(path))

@@ -18,7 +18,8 @@ def test_readme_mpo_commands_run_on_the_example_data(tmp_path):
         subprocess.run([sys.executable, *args[1:]], cwd=REPO, check=True, capture_output=True, timeout=300)
     manifest = json.loads((tmp_path / "example.manifest.json").read_text())
     assert manifest["preference"] is True and manifest["counts"]["rejects"] == 0
-    assert manifest["counts"]["pairs"] == manifest["counts"]["samples"] // 2 == len((REPO / "examples/data/example_mpo.jsonl").read_text().splitlines())
+    records = (REPO / "examples/data/example_mpo.jsonl").read_text().splitlines()
+    assert manifest["counts"]["pairs"] == manifest["counts"]["samples"] // 2 == len(records)
     args = shlex.split(lines[2])
     torchrun(REPO / args[3], 2, args[4:], timeout=300)
     records = [json.loads(x) for x in (tmp_path / "run.jsonl").read_text().splitlines()]

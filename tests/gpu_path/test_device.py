@@ -1,4 +1,4 @@
-"""CPU tests for bugs that only a GPU run would otherwise show (issue 12, defects 1-4).
+"""CPU tests for bugs that only a GPU run would otherwise show (one section each), and --device.
 
 All names contain 'device' so `pytest -k device` selects them. They run in one in-process 1-rank
 gloo world (tiny debug model, fp32)."""
@@ -12,13 +12,11 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="module")
-def world():
-    from internvl_mcore.config import ParallelConfig, get_preset
-    from internvl_mcore.parallel.state import init_distributed
+def _debug():
+    """The debug preset (the in-process tests run it in the 1-rank `world` of tests/conftest.py)."""
+    from internvl_mcore.config import get_preset
 
-    init_distributed(ParallelConfig(), seed=1)
-    return get_preset("debug"), ParallelConfig()
+    return get_preset("debug")
 
 
 def _tensors_held(module: torch.nn.Module):
@@ -39,7 +37,7 @@ def _tensors_held(module: torch.nn.Module):
                 stack += [(f"{path}[{k!r}]", v) for k, v in value.items()]
 
 
-# ---------------------------------------------------------------------------------------- defect 1
+# --------------------------------------------- every tensor on the model's device after model.to()
 def test_foreign_device_every_tensor_follows_model_to(world):
     """`model.to(device)` must move every tensor the model uses (a plain-attribute tensor such as
     megatron-core's RotaryEmbedding.inv_freq stays behind and crashes the first GPU forward)."""
@@ -47,7 +45,7 @@ def test_foreign_device_every_tensor_follows_model_to(world):
     from internvl_mcore.parallel.state import process_groups
     from internvl_mcore.models.weights import init_weights
 
-    cfg, par = world
+    cfg, par = _debug(), world
     model = build_model(cfg, par, process_groups())
     init_weights(model, cfg, seed=0)
     held = dict(_tensors_held(model))
@@ -62,13 +60,13 @@ def test_foreign_device_rope_angles_on_the_positions_device(world):
     from internvl_mcore.models.internvl import build_model
     from internvl_mcore.parallel.state import process_groups
 
-    cfg, par = world
+    cfg, par = _debug(), world
     lm = build_model(cfg, par, process_groups()).language_model.to("meta")
     rot = lm.rope(torch.zeros(2, 8, device="meta"))
     assert rot.device.type == "meta" and tuple(rot.shape) == (8, 2, 1, cfg.llm.head_dim)
 
 
-# ---------------------------------------------------------------------------------------- defect 2
+# ------------------------------------------------------ loss reductions on the communication device
 class _Checked(Exception):
     pass
 
@@ -118,7 +116,7 @@ def test_loop_reduction_values_on_device_cpu(world):
     assert totals.tolist() == [4.0, 6.0] and totals.dtype == torch.float64
 
 
-# ---------------------------------------------------------------------------------------- defect 3
+# -------------------------------------------- optimizer-state pre-fill with a FusedAdam-like optimizer
 class FusedAdamLike(torch.optim.Optimizer):
     """TE's FusedAdam's state layout: state_dict() unscales every state entry through a dtype map
     that has no 'step' (a per-parameter 'step' -> KeyError)."""
@@ -156,7 +154,7 @@ def test_optimizer_state_prefill_on_device_optimizers_without_step():
     assert float(adam.state[q]["step"]) == 0.0 and adam.state[q]["exp_avg"].shape == (3,)
 
 
-# ---------------------------------------------------------------------------------------- defect 4
+# ------------------------------------------------- checkpoints across the local and TE layer specs
 class _TEExtraState:
     """What transformer-engine modules add to a state dict: `<module>._extra_state`, a uint8 tensor
     (pickled FP8 metadata; megatron-core's checkpoint helpers turn it into a ShardedObject)."""
@@ -197,7 +195,7 @@ def _build(world, backend, seed, monkeypatch):
     from internvl_mcore.models.weights import init_weights
 
     monkeypatch.setattr(specs, "_te_modules", _te_doubles)
-    cfg, par = world
+    cfg, par = _debug(), world
     model = build_model(cfg, par, process_groups(), backend=backend)
     init_weights(model, cfg, seed=seed)
     return model
@@ -212,7 +210,7 @@ def test_checkpoint_moves_between_layer_spec_backends_on_device_change(world, tm
 
     from internvl_mcore.training import checkpoint
 
-    cfg, par = world
+    cfg, par = _debug(), world
     local = _build(world, "local", 1, monkeypatch)
     te = _build(world, "te", 2, monkeypatch)
     # megatron-core's local linears carry an (empty) `_extra_state` too; TE's norms add theirs
@@ -253,7 +251,7 @@ def test_checkpoint_missing_weights_still_an_error_on_device_change(world, tmp_p
 
     from internvl_mcore.training import checkpoint
 
-    cfg, par = world
+    cfg, par = _debug(), world
     model = _build(world, "local", 1, monkeypatch)
     checkpoint.save(tmp_path / "c", 1, model, None, None, cfg, par)
     # another model whose sharded state asks for one tensor the checkpoint lacks
@@ -326,7 +324,7 @@ def test_bf16_model_is_bf16_throughout_on_every_device(world):
     from internvl_mcore.models.internvl import build_model
     from internvl_mcore.parallel.state import process_groups
 
-    cfg, par = world
+    cfg, par = _debug(), world
     model = build_model(cfg, par, process_groups(), dtype=torch.bfloat16)
     assert {n for n, p in model.named_parameters() if p.dtype != torch.bfloat16} == set()
     assert model.language_model.rotary_pos_emb.inv_freq.dtype == torch.float32

@@ -75,4 +75,5 @@ else:
     worst = max(errs, key=errs.get)
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(
         {"loss": loss, "ref_loss": ref["loss"], "max_rel_grad_err": errs[worst], "worst": worst,
-         "params_checked": len(errs), "thd_builds": len(builds), "microbatches": GBS // MBS, "grad_scale": float(max(g.abs().max() for g in grads.values()))}))
+         "params_checked": len(errs), "thd_builds": len(builds), "microbatches": GBS // MBS,
+         "grad_scale": float(max(g.abs().max() for g in grads.values()))}))

@@ -10,7 +10,6 @@ import contextlib
 import gc
 import importlib.util
 import json
-from pathlib import Path
 from typing import Iterator
 
 import pytest

@@ -5,13 +5,12 @@ import json
 import pytest
 
 from tests.launch import REPO, torchrun
-from tests.training.conftest import preference_shards  # noqa: F401  (the session fixture)
 
 WORKER = REPO / "tests" / "models" / "chunked_loss_worker.py"
 
 
 @pytest.fixture(scope="module")
-def result(preference_shards, tmp_path_factory):  # noqa: F811
+def result(preference_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("chunked") / "out.json"
     torchrun(WORKER, 2, [str(out), preference_shards], timeout=480)
     return json.loads(out.read_text())

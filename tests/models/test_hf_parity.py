@@ -8,15 +8,12 @@ config.json by the converter.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests.convert helpers without conftest
-
-from tests.convert.tiny_hf import save_transformers_dir, tiny_batch, tiny_transformers_model  # noqa: E402
+from tests.convert.tiny_hf import save_transformers_dir, tiny_batch, tiny_transformers_model
 
 pytest.importorskip("transformers")
 
@@ -27,15 +24,6 @@ CASES = [  # (text, vision, tied embeddings)
     ("llama", "300m", False),
     ("qwen3", "6b", False),  # per-head QK-norm, head_dim 32 != 64 / 4 (InternVL3.5-38B-like: InternViT-6B + Qwen3)
 ]
-
-
-@pytest.fixture(scope="session")
-def world():
-    from internvl_mcore.config import ParallelConfig
-    from internvl_mcore.parallel.state import init_distributed
-
-    init_distributed(ParallelConfig(), seed=1)
-    return ParallelConfig()
 
 
 def _ours(hf_dir: Path, ckpt: Path, par):

@@ -6,14 +6,13 @@ import json
 import pytest
 
 from tests.launch import REPO, torchrun
-from tests.training.conftest import preference_shards  # noqa: F401  (the session fixture)
 
 WORKER = REPO / "tests" / "models" / "target_logits_worker.py"
 SEQ, MICROBATCHES = 128, 2  # the mock layouts: 2 sequences of 128 tokens per iteration
 
 
 @pytest.fixture(scope="module")
-def result(preference_shards, tmp_path_factory):  # noqa: F811
+def result(preference_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("target_logits") / "out.json"
     torchrun(WORKER, 2, [str(out), preference_shards], timeout=600)
     return json.loads(out.read_text())

@@ -9,7 +9,7 @@ loop (training/loop.py: setup, train_step, save, --load):
    (--load) replays iterations RESUME_AT+1 .. ITERS, and the final weights are saved.
 
 0. the --pretrained weights in this rank's shards (read through per-rank slices) equal the shards
-   cut from whole tensors, and so do the slices read from the HF directory (issue 24);
+   cut from whole tensors, and so do the slices read from the HF directory;
 4. megatron-core, called by the package (DDP, optimizer, schedules, aux-loss reduction, checkpoint
    tensors), reads no group, rank or size from its global parallel_state: the package passes the
    groups init_distributed returned (the look-ups it makes anyway are listed for the test).

@@ -35,22 +35,13 @@ pytest.importorskip("transformers")
 
 WORKER = REPO / "tests" / "moe" / "moe_worker.py"
 TOL = 1e-5
-AUX_TOL = 5e-5  # the logged aux loss (not part of the 1e-5 loss criterion) drifts a little more
+AUX_TOL = 5e-5  # the logged aux loss (not part of the 1e-5 loss criterion) drifts a little more
 LAYOUTS = {  # name: (processes, worker flags)
     "ep2": (2, ["--ep", "2", "--grads"]),
     "tp2-ep2": (4, ["--tp", "2", "--ep", "2", "--grads"]),  # expert-TP = TP = 2: experts split too
     "tp2-etp1-ep2": (4, ["--tp", "2", "--ep", "2", "--etp", "1", "--grads"]),  # whole experts under TP2
     "pp2-ep2-distopt": (4, ["--pp", "2", "--ep", "2", "--dist-opt"]),
 }
-
-
-@pytest.fixture(scope="module")
-def world():
-    from internvl_mcore.config import ParallelConfig
-    from internvl_mcore.parallel.state import init_distributed
-
-    init_distributed(ParallelConfig(), seed=1)
-    return ParallelConfig()
 
 
 @pytest.fixture(scope="module")

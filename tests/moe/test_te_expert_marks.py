@@ -1,4 +1,4 @@
-"""Expert linears built by transformer-engine (issue 25, defect 1).
+"""Expert linears built by transformer-engine.
 
 megatron-core builds its expert linears with transformer-engine's `parallel_mode=None` whenever
 expert-TP or EP > 1 (it does the expert communication itself), and TE's `Linear` / `GroupedLinear`

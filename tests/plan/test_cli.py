@@ -65,7 +65,7 @@ def test_stage_presets_shrink_state():
 
 
 def test_moe_30b_a3b_on_16_gpus_uses_expert_parallelism(capsys):
-    """The issue's command: layouts with EP appear, MFU counts active parameters (3.7B of 30.8B)."""
+    """The MoE planning command of docs/moe.md: layouts with EP appear, MFU counts active parameters (3.7B of 30.8B)."""
     assert cli.main(["--model", "internvl3.5-30b-a3b", "--gpus", "16"]) == 0
     out = capsys.readouterr().out
     assert "30.85B parameters" in out and "3.67B parameters active per token" in out

@@ -101,7 +101,7 @@ def test_state_bytes_exact(reports):
         got = (rep["params"], rep["grads"], rep["optimizer"])
         assert (pred.params, pred.grads, pred.optimizer) == got, _id(rep)
         checked.add((c["model"], c["tp"], c["pp"], c["dist_opt"]))
-    for tp, pp in [(1, 1), (2, 1), (1, 2), (2, 2)]:  # the layouts the issue names, both optimizers
+    for tp, pp in [(1, 1), (2, 1), (1, 2), (2, 2)]:  # every TP x PP up to 2 x 2, both optimizers
         assert ("debug", tp, pp, False) in checked and ("debug", tp, pp, True) in checked
 
 

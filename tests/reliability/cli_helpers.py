@@ -2,8 +2,8 @@
 
 `run(tool, *args)` starts `python TOOL ARGS` in a subprocess (hard timeout) and `assert_user_error`
 checks the contract of docs/errors.md: exit code 2, exactly one line on stderr that names the file or
-flag, no Python traceback. The module-scoped fixtures build the small inputs the tests share once:
-a tokenizer + digits meta (data), a good shard set, and a converted tiny checkpoint.
+flag, no Python traceback. The module-scoped fixtures of the inputs the tests share (a tokenizer +
+digits meta, a good shard set) are in tests/reliability/conftest.py.
 """
 from __future__ import annotations
 
@@ -16,8 +16,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import pytest
 
 from tests.reliability.common import DIST_ENV
 
@@ -36,7 +34,7 @@ def env(**overrides: str) -> dict:
     """A user's shell: without the distributed variables in-process tests leave in this process
     (their MASTER_PORT is still held by it) and without OMP_NUM_THREADS, which a user's shell does not set
     (scripts/test.sh sets it for the compute-heavy tests): a run with torch's default thread pool once
-    hung here where OMP_NUM_THREADS=1 hid it (issue 23). `overrides` add or replace variables."""
+    hung here where OMP_NUM_THREADS=1 hid it. `overrides` add or replace variables."""
     drop = (*DIST_ENV, "OMP_NUM_THREADS")
     return {**{k: v for k, v in os.environ.items() if k not in drop}, **overrides}
 
@@ -125,28 +123,6 @@ def assert_unchanged(prefix: str | Path, snap: Path) -> None:
 def preprocess_args(meta: str, tokenizer: str, out: str | Path, *extra: str) -> list[str]:
     return ["--meta", meta, "--tokenizer", tokenizer, "--output-prefix", str(out), "--seq-length", str(SEQ),
             "--model", "debug", "--workers", "1", "--no-progress", *extra]
-
-
-# ------------------------------------------------------------------------------------------------
-# Shared inputs (module scope: each test file builds what it uses once)
-# ------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    """A tiny digits dataset (16 training records) and its tokenizer (the debug model's ids)."""
-    from internvl_mcore.data.digits import build_digits_dataset
-
-    return build_digits_dataset(str(tmp_path_factory.mktemp("digits")), multi_image=2, text_only=2, max_single=12)
-
-
-@pytest.fixture(scope="module")
-def good_prefix(digits, tmp_path_factory) -> str:
-    """A good shard set made by the real CLI."""
-    out = tmp_path_factory.mktemp("shards") / "dg"
-    proc = run("preprocess_mm_data", *preprocess_args(digits.meta, digits.tokenizer, out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return str(out)
 
 
 def copy_prefix(prefix: str, dst_dir: Path, name: str = "x") -> str:

@@ -1,4 +1,4 @@
-"""A checkpoint directory cannot run code (issue 23, items 2 and 5): payloads planted in each pickled part
+"""A checkpoint directory cannot run code: payloads planted in each pickled part
 of a checkpoint (checksums.json rewritten to match, as whoever writes the directory can) never run under
 pretrain_internvl.py --load / --pretrained or tools/convert_to_hf.py --load; each tool ends with one
 line naming the file, exit 2. --load refuses format version 1 (pickled RNG / data files) and a

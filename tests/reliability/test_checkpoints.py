@@ -1,4 +1,4 @@
-"""Checkpoints and resume through pretrain_internvl.py (issue 17): --keep-checkpoints, checksums
+"""Checkpoints and resume through pretrain_internvl.py: --keep-checkpoints, checksums
 verified on --load (a corrupt latest checkpoint falls back, --no-fallback refuses naming the file),
 a changed LR schedule is refused or applied as Megatron-LM's flags say, --save to a path that cannot
 be written fails at start-up. User errors run as one plain process: stderr is one line, exit 2."""
@@ -166,7 +166,7 @@ def test_deleted_tracker_resumes_from_the_newest_complete_checkpoint(straight, t
 def test_resume_with_other_data_flags_is_one_line(digits_shards, tmp_path):
     """The data position of a shard run fits only the same --data-path and --seed: another one is
     refused naming the flags (was a ValueError traceback from the loader)."""
-    from tests.training.conftest import SEQ
+    from tests.conftest import SEQ
 
     args = ["--model", "debug", "--data-path", digits_shards, "--seq-length", str(SEQ), "--train-iters", "1",
             "--global-batch-size", "1", "--seed", "5"]
@@ -203,7 +203,7 @@ def test_same_load_and_save_starts_fresh_then_resumes(tmp_path):
     assert str(tmp_path / "nothing") in line, line
 
 
-# --async-save (issue 24): the writer process of a rank waits at the fault point `save` (tensors of the
+# --async-save: the writer process of a rank waits at the fault point `save` (tensors of the
 # iteration written, nothing finalized or renamed) so the trainer is killed during a write, not after a sleep
 ASYNC = _with(ARGS, "--exit-interval", "4") + ["--save-interval", "1", "--keep-checkpoints", "2", "--async-save"]
 

@@ -1,5 +1,5 @@
-"""tools/convert_to_hf.py, tools/convert_from_hf.py and tools/plan.py on careless input (issue 17,
-defects 4 and 9; docs/errors.md): refused with one line and exit 2, outputs complete or absent."""
+"""tools/convert_to_hf.py, tools/convert_from_hf.py and tools/plan.py on careless input
+(docs/errors.md): refused with one line and exit 2, outputs complete or absent."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -108,7 +108,7 @@ def _damage_header(path: Path) -> None:
 
 
 def test_damaged_safetensors_header_and_invalid_json(ckpt, tmp_path):
-    """Issue 23 item 7: a header overwritten on either side of a conversion, and config.json / an index /
+    """A header overwritten on either side of a conversion, and config.json / an index /
     model_config.json that is not JSON, are one line naming the file (no OverflowError traceback)."""
     import shutil
 
@@ -135,7 +135,7 @@ def test_damaged_safetensors_header_and_invalid_json(ckpt, tmp_path):
 
 
 def test_special_token_ids_the_model_cannot_use(ckpt, tmp_path):
-    """Issue 23 item 4: a model no preset has, without tokenizer files, does not convert with ids from
+    """A model no preset has, without tokenizer files, does not convert with ids from
     another vocabulary; the ids come from the tokenizer files when present and must fit vocab_size."""
     import json
 
@@ -163,7 +163,7 @@ def test_special_token_ids_the_model_cannot_use(ckpt, tmp_path):
 
 
 def test_export_onto_a_full_disk(ckpt, tmp_path, monkeypatch, capsys):
-    """Issue 23 item 7: ENOSPC while writing a shard (in-process: the write path raises it) and EFBIG
+    """ENOSPC while writing a shard (in-process: the write path raises it) and EFBIG
     from a file-size limit (the real CLI under RLIMIT_FSIZE): one line naming --save and the file,
     nothing left behind."""
     import errno

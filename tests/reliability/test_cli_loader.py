@@ -1,4 +1,4 @@
-"""pretrain_internvl.py's loader workers through the real CLI, in a user's environment (issue 23, item 1).
+"""pretrain_internvl.py's loader workers through the real CLI, in a user's environment.
 
 Packs of 1024 tokens from the digits set, the default --num-workers, OMP_NUM_THREADS unset or 2: with
 these, the forked loader worker deadlocked in `Tensor.share_memory_` (6 of 6 runs hung; never with
@@ -14,11 +14,10 @@ import sys
 import pytest
 
 from tests.launch import free_port
-from tests.reliability.cli_helpers import (  # noqa: F401  (fixtures)
+from tests.reliability.cli_helpers import (
     REPO,
     assert_user_error,
     cli,
-    digits,
     env,
     preprocess_args,
     run,

@@ -1,4 +1,4 @@
-"""tools/preprocess_mm_data.py on careless input (issue 17, defects 1 and 9; docs/errors.md).
+"""tools/preprocess_mm_data.py on careless input (docs/errors.md).
 
 Every case runs the real CLI in a subprocess: bad flags and files end with one line naming them and
 exit 2; a failed, interrupted or killed re-run leaves the existing prefix byte for byte as it was.
@@ -9,19 +9,16 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.reliability.cli_helpers import (  # noqa: F401  (fixtures)
+from tests.reliability.cli_helpers import (
     assert_unchanged,
     assert_user_error,
-    digits,
     error_lines,
-    good_prefix,
     interrupt_when,
     preprocess_args,
     run,
@@ -162,7 +159,7 @@ def test_bad_records_are_rejected_with_file_and_line(digits, tmp_path):
     lines = [json.dumps({"image": n, "conversations": turns}).encode()
              for n in ("ok.png", "folder.png", "empty.png", "cut.png", "one.png", "wide.png", "tall.png")]
     lines.append(b'{"conversations": [{"from": "human", "value": "caf\xe9"}]}')
-    # issue 23: paths that leave the root (relative, absolute, a symlink, a video folder) are refused
+    # paths that leave the root (relative, absolute, a symlink, a video folder) are refused
     # unread; a line longer than any record of --seq-length tokens is refused unparsed; an MMPR record
     # without --preference says so
     Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "outside.png")

@@ -1,4 +1,4 @@
-"""pretrain_internvl.py on careless --data-path input (issue 17, defects 5 and 8; docs/errors.md).
+"""pretrain_internvl.py on careless --data-path input (docs/errors.md).
 
 Data problems are found before any process group or model exists: one line naming the flag and the
 file, exit 2. Shards are opened with their sizes checked against the indexes and (unless
@@ -11,13 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.cli_helpers import (  # noqa: F401  (fixtures)
+from tests.reliability.cli_helpers import (
     SEQ,
     assert_user_error,
     copy_prefix,
-    digits,
     error_lines,
-    good_prefix,
     interrupt_when,
     run,
 )
@@ -36,7 +34,7 @@ def test_missing_prefix_and_folder(good_prefix, tmp_path):
     folder = str(Path(good_prefix).parent)
     assert_user_error(train("--data-path", folder), "--data-path", folder, "is a directory", good_prefix)
     broken = copy_prefix(good_prefix, tmp_path / "broken")
-    Path(broken + ".manifest.json").write_text('{"counts": ')  # issue 23: the line names the file
+    Path(broken + ".manifest.json").write_text('{"counts": ')  # the line names the file
     assert_user_error(train("--data-path", broken), broken + ".manifest.json", "line 1 column")
     proc = train("--data-path", good_prefix, broken)  # a blend: its sizes come from the manifests too
     assert_user_error(proc, broken + ".manifest.json", "line 1 column")
@@ -125,7 +123,7 @@ def test_blend_weight_errors_in_process(good_prefix, entries, says):
 
 
 def test_token_ids_outside_the_vocabulary(good_prefix, tmp_path):
-    """Issue 23 item 4: ids the embedding does not have are one line before (or, for shards changed
+    """Ids the embedding does not have are one line before (or, for shards changed
     after the check with --no-verify-shards, at) the first step, never an IndexError: the manifest's
     recorded largest id, an older manifest's scanned one, a batch's, the model's special ids."""
     import dataclasses
@@ -162,7 +160,7 @@ def test_token_ids_outside_the_vocabulary(good_prefix, tmp_path):
 
 
 def test_pretrained_hf_dir_with_a_damaged_header(tmp_path):
-    """Issue 23 item 7: --pretrained HF_DIR whose safetensors header was overwritten: one line naming
+    """--pretrained HF_DIR whose safetensors header was overwritten: one line naming
     the file (was an OverflowError traceback)."""
     from tests.convert.tiny_hf import save_transformers_dir, tiny_transformers_model
 

@@ -1,5 +1,5 @@
 """Every numeric flag of pretrain_internvl.py and tools/plan.py has a declared domain, checked at parse
-time (issue 23, item 7; internvl_mcore/config/domains.py; docs/errors.md).
+time (internvl_mcore/config/domains.py; docs/errors.md).
 
 The flags are read from the real parsers, not listed here: a new numeric flag without a domain fails
 `test_every_numeric_flag_has_a_domain`. Each flag is probed in-process with nan / inf / -1 / 0 and a
@@ -74,8 +74,8 @@ def test_nan_inf_negative_and_zero_per_domain(capsys):
     assert checked > 200
 
 
-def test_domains_of_the_flags_the_issue_names():
-    """The values issue 23 found accepted or crashing (a ValueError traceback) are refused by name."""
+def test_domains_of_values_once_accepted_or_crashing():
+    """Values that were once accepted or crashed (a ValueError traceback) are refused by name."""
     from internvl_mcore.config.domains import DOMAINS
 
     assert not DOMAINS["train_iters"].contains(0) and not DOMAINS["seq_length"].contains(0)

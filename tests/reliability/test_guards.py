@@ -1,4 +1,4 @@
-"""Guards of a long run through pretrain_internvl.py (issue 17): a diverging run stops naming the
+"""Guards of a long run through pretrain_internvl.py: a diverging run stops naming the
 iteration, the value and the ranks and keeps the last good checkpoint; --skip-spike-factor skips
 and resumes exactly; a rank that stops answering ends the job within --distributed-timeout-minutes;
 --log-straggler and --wandb-project report (here through a stand-in module that records every call;

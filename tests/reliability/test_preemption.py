@@ -1,4 +1,4 @@
-"""SIGTERM and SIGKILL through pretrain_internvl.py (issue 23, items 3 and 6): --exit-signal-handler
+"""SIGTERM and SIGKILL through pretrain_internvl.py: --exit-signal-handler
 saves after the step every rank agrees on and exits 0, and the resumed run continues the uninterrupted
 run's losses; without it SIGTERM exits 143 with one line; a --save held by a running job is refused
 naming it; no helper process (megatron-core's checkpoint writer and Manager, loader workers, the
@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from tests.launch import free_port
-from tests.reliability.cli_helpers import SEQ, digits, good_prefix  # noqa: F401  (fixtures)
+from tests.reliability.cli_helpers import SEQ
 from tests.reliability.common import DIST_ENV, MOCK, SCRIPT, launch, ok, one_line_error, plain, train_records
 
 pytestmark = pytest.mark.timeout(420)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.reliability.cli_helpers import SEQ, assert_user_error, digits, good_prefix, run  # noqa: F401  (fixtures)
+from tests.reliability.cli_helpers import SEQ, assert_user_error, run
 from tests.reliability.common import launch, train_records
 
 ITERS, SAVE_AT = 4, 2

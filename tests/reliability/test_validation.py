@@ -1,10 +1,10 @@
-"""Validation during training through pretrain_internvl.py (issue 17): the validation loss is the
+"""Validation during training through pretrain_internvl.py: the validation loss is the
 same number in every layout (TP2 x PP2, CP2 x DP2 vs one process), evaluation changes no training
 result, it reaches --log-jsonl and tensorboard, and --valid-data-path reads shards."""
 import pytest
 
 from tests.reliability.common import MOCK, launch, ok, train_records, valid_records
-from tests.training.conftest import SEQ
+from tests.conftest import SEQ
 
 ITERS = 4
 EVAL = ["--mock-valid-data", "--eval-interval", "2", "--eval-iters", "2"]

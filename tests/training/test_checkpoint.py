@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from tests.launch import REPO, free_port, torchrun
-from tests.training.conftest import SEQ
+from tests.conftest import SEQ
 
 SCRIPT = REPO / "pretrain_internvl.py"
 ITERS, EVERY = 10, 5

@@ -1,4 +1,4 @@
-"""Issue 'context parallelism', done-when: a CP2 run of the debug model on 16k packs logs the CP1 losses."""
+"""Context parallelism at length: a CP2 run of the debug model on 16k packs logs the CP1 losses."""
 import json
 
 from tests.launch import REPO, torchrun

@@ -3,7 +3,7 @@ data/resample.py) trains bit-identically to --image-tiling loader: the same tile
 import json
 
 from tests.launch import REPO, torchrun
-from tests.training.conftest import SEQ
+from tests.conftest import SEQ
 
 SCRIPT = REPO / "pretrain_internvl.py"
 ITERS = 4

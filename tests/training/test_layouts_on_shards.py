@@ -4,7 +4,7 @@ import json
 import pytest
 
 from tests.launch import REPO, torchrun
-from tests.training.conftest import SEQ
+from tests.conftest import SEQ
 
 SCRIPT = REPO / "pretrain_internvl.py"
 ITERS = 10

@@ -1,4 +1,4 @@
-"""pretrain_internvl.py on mock data: TP2 x PP2 logs the single-process losses (issue: foundation)."""
+"""pretrain_internvl.py on mock data: TP2 x PP2 logs the single-process losses."""
 import json
 import subprocess
 import sys

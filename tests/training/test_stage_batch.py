@@ -1,4 +1,4 @@
-"""Where a microbatch goes (issue 25, defect 4): onto the model's device (--device) in the plain and
+"""Where a microbatch goes: onto the model's device (--device) in the plain and
 the MPO forward steps -- not onto CUDA because CUDA exists -- and with image bytes only on the first
 pipeline stage. A stand-in stage with its weight on the meta device shows the placement: whatever
 reaches it was moved to the model's device."""

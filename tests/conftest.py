@@ -1,4 +1,5 @@
-"""Shared fixtures: a small digits dataset preprocessed once per test session."""
+"""Fixtures every test directory may use: the 1-rank gloo world of in-process tests and the digits
+shard sets (each preprocessed once per test session by the real CLI)."""
 import subprocess
 import sys
 
@@ -7,6 +8,17 @@ import pytest
 from tests.launch import REPO
 
 SEQ = 256
+
+
+@pytest.fixture(scope="module")
+def world():
+    """This process as a 1-rank gloo world with megatron-core's groups (seed 1); returns its layout.
+    Module scope: each test module starts from the same seeds."""
+    from internvl_mcore.config import ParallelConfig
+    from internvl_mcore.parallel.state import init_distributed
+
+    init_distributed(ParallelConfig(), seed=1)
+    return ParallelConfig()
 
 
 @pytest.fixture(scope="session")
