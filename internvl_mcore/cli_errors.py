@@ -111,6 +111,12 @@ def quiet_optional_gpu_libraries() -> None:
     """megatron-core warns at import that transformer-engine / apex are absent (always so on CPU); they
     are used when importable (tools/gpu_check.py reports them), and the warnings would bury the line."""
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+    # the interpreters a run starts (the data workers' fork server imports megatron-core's datasets,
+    # the --async-save writer its checkpointing) begin with their own filters: pass the rule on
+    rule = "ignore:Transformer Engine and Apex are not installed"
+    current = os.environ.get("PYTHONWARNINGS", "")
+    if rule not in current:
+        os.environ["PYTHONWARNINGS"] = f"{current},{rule}" if current else rule
 
 
 def fail(prog: str, message: str, code: int = USER_ERROR) -> int:

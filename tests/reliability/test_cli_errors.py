@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from internvl_mcore.cli_errors import TRACEBACK_ENV, read_json, run_cli
 from internvl_mcore.errors import ConfigError, DataError
@@ -82,6 +83,9 @@ def test_pretrain_reports_only_user_errors_as_one_line(tmp_path, capsys, monkeyp
     from internvl_mcore.training import preemption
 
     monkeypatch.setattr(preemption, "install", lambda exit_signal_handler: None)  # pytest's own signals stay
+    # the suite's in-process tests may hold a 1-rank world (tests/conftest.py: world); main() then leaves
+    # with os._exit, which would end pytest itself: this test is about a run before its process group exists
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.delenv(TRACEBACK_ENV, raising=False)
     argv = ["--model", "debug", "--data-path", str(tmp_path / "nope"), "--global-batch-size", "1"]
     with pytest.raises(SystemExit) as stop:
