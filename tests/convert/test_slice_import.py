@@ -16,6 +16,7 @@ import torch
 
 from internvl_mcore.config import ParallelConfig
 from internvl_mcore.checkpoint.canonical import CanonicalCheckpoint
+from internvl_mcore.errors import ConversionError
 from internvl_mcore.checkpoint.safetensors_io import SafetensorsDir, ShardedWriter
 from internvl_mcore.convert import canonical_shapes, convert_hf_to_checkpoint
 from internvl_mcore.convert.hf import HFAsCanonical, model_config_from_hf, read_hf_config
@@ -140,9 +141,9 @@ def test_writer_files_unchanged_from_tensors_and_from_stored_bytes(tmp_path, mon
             raise OSError(errno.EXDEV, "cross-device")
         monkeypatch.setattr("os.copy_file_range", no_kernel_copy)
     with ShardedWriter(tmp_path / "d", plan, 150) as w:
-        with pytest.raises(ValueError, match="planned"):
+        with pytest.raises(ConversionError, match="planned"):
             w.add("t0", tensors[0][1].double())
-        with pytest.raises(ValueError, match="stored bytes"):
+        with pytest.raises(ConversionError, match="stored bytes"):
             w.add("t0", StoredBytes((src.stored("t1"),)))
-        with pytest.raises(ValueError, match="never written"):
+        with pytest.raises(ConversionError, match="never written"):
             w.close()
