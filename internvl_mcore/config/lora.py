@@ -84,7 +84,16 @@ def adapts(lora: LoRAConfig, module: str) -> bool:
     `lora_target` towers (the projector and the output layer never). models/lora.py attaches the
     adapters by it; the planner (plan/params.py) lists them by it."""
     return (module.split(".", 1)[0] in LORA_TOWERS[lora.lora_target] and ".layers." in module
-            and module.rsplit(".", 1)[-1] in lora.lora_modules)
+            and module.rsplit(".", 1)[-1] in lora.lora_modules and not is_routed_expert(module))
+
+
+def is_routed_expert(module: str) -> bool:
+    """A linear of an MoE layer's routed experts (`...mlp.experts.local_experts.E.linear_fc1`; not
+    the shared experts'). These get no adapter: megatron-core's expert linears are expert-parallel
+    (each EP rank holds other experts, their gradients reduce over the expert-data-parallel group
+    and their checkpoint keys carry the global expert index), which the adapter does not model;
+    adapting them would train wrongly at EP > 1. Attention, dense MLPs and shared experts are adapted."""
+    return ".mlp.experts." in module
 
 
 def is_lora_name(name: str) -> bool:

@@ -117,7 +117,8 @@ def _build_model(run: RunConfig, plan: Plan, pg: Any) -> tuple[torch.nn.Module, 
         if dist.get_rank() == 0:
             print(f"LoRA rank {run.lora.lora_rank} (alpha {run.lora.alpha:g}) on {run.lora.lora_target}: "
                   f"{sum(p.numel() for p in model.parameters() if p.requires_grad)} trainable parameters on "
-                  "this rank, base weights frozen", flush=True)
+                  "this rank, base weights frozen"
+                  + ("; the routed experts' linears are not adapted" if model_cfg.llm.is_moe else ""), flush=True)
     if reference is not None:
         mpo.mirror_requires_grad(reference, model)
     return model, reference
