@@ -192,12 +192,18 @@ def moe_problems(model: ModelConfig, par: ParallelConfig) -> list[str]:
     if (ep > 1 or etp not in (None, par.tensor_model_parallel_size)) and not m.is_moe:
         found.append(f"--expert-model-parallel-size / --expert-tensor-parallel-size need an MoE model; "
                      f"{model.name} is dense")
-    if m.is_moe and m.num_experts % ep:
-        found.append(f"--expert-model-parallel-size {ep} does not divide the {m.num_experts} experts of {model.name}")
+    if m.is_moe and (problem := expert_split_problem(model, ep)):
+        found.append(problem)
     if m.is_moe and par.tensor_model_parallel_size > 1 and not par.sequence_parallel:
         found.append("an MoE model with --tensor-model-parallel-size > 1 needs --sequence-parallel "
                      "(megatron-core's MoE layer refuses TP without it)")
     return found
+
+
+def expert_split_problem(model: ModelConfig, ep: int) -> Optional[str]:
+    """Why an MoE model's experts cannot be split over `ep` ranks, or None (the planner asks too)."""
+    n = model.llm.num_experts
+    return f"--expert-model-parallel-size {ep} does not divide the {n} experts of {model.name}" if n % ep else None
 
 
 def lora_problems(lora: LoRAConfig, freeze_overrides: Mapping[str, Optional[bool]],

@@ -170,3 +170,15 @@ def test_unreadable_hf_shard_and_tokenizer_files_are_one_line(tmp_path, monkeypa
     monkeypatch.setattr(tokenizer, "open", denied, raising=False)
     with pytest.raises(DataError, match=f"^Permission denied: {tmp_path / 'tok' / 'tokenizer.json'}$"):
         tokenizer.load_tokenizer(str(tmp_path / "tok"))
+
+
+def test_template_error_survives_pickling():
+    """A preprocessing worker's TemplateError reaches the parent pickled: its two arguments survive
+    (pickle rebuilt it from its one-message args, a TypeError)."""
+    import pickle
+
+    from internvl_mcore.errors import TemplateError
+
+    copy = pickle.loads(pickle.dumps(TemplateError("bad_record", "message 2 has no 'role'")))
+    assert type(copy) is TemplateError and (copy.reason, copy.detail) == ("bad_record", "message 2 has no 'role'")
+    assert str(copy) == "bad_record: message 2 has no 'role'"
