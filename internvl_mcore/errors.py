@@ -43,6 +43,11 @@ class TemplateError(DataError):
         self.reason = reason
         self.detail = detail
 
+    def __reduce__(self) -> tuple:
+        # pickle rebuilds an exception from its args (the one message): give it the two arguments
+        # (a preprocessing worker's error crosses to the parent process pickled)
+        return type(self), (self.reason, self.detail)
+
 
 class SaveDirRefused(CheckpointError):
     """--save is held by another run or holds another run's checkpoints; the message says which."""

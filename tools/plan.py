@@ -18,8 +18,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from internvl_mcore.config import PRESETS, get_preset  # noqa: E402
 from internvl_mcore.config.domains import OneLineParser, declare_domains  # noqa: E402
-from internvl_mcore.config.lora import LORA_MODULES, LORA_TOWERS  # noqa: E402
-from internvl_mcore.config.training import STAGES, TrainConfig, trained_parts  # noqa: E402
+from internvl_mcore.config.lora import LORA_MODULES, LORA_TOWERS, LoRAConfig  # noqa: E402
+from internvl_mcore.config.model import ModelConfig, ParallelConfig  # noqa: E402
+from internvl_mcore.config.problems import check, problems  # noqa: E402
+from internvl_mcore.config.training import (STAGES, DataConfig, LogConfig, RunConfig, TrainConfig,  # noqa: E402
+                                            trained_parts)
 from internvl_mcore.errors import ConfigError  # noqa: E402
 from internvl_mcore.plan import HARDWARE, Layout, Workload, count_params, plan, search  # noqa: E402
 from internvl_mcore.plan.params import active_params  # noqa: E402
@@ -94,6 +97,15 @@ def check_ranges(args: argparse.Namespace) -> None:
         raise ConfigError(f"--gpu-memory {args.gpu_memory} GiB leaves nothing after --reserve-gb {args.reserve_gb}")
 
 
+def run_config(a: argparse.Namespace, model: ModelConfig, par: ParallelConfig) -> RunConfig:
+    """The run config pretrain_internvl.py builds from the same flags (every other flag at its default,
+    no data source: the checks that need data or a GPU are not run), for config/problems.py's checks."""
+    train = TrainConfig(stage=a.stage, seq_length=a.seq_length, global_batch_size=a.global_batch_size,
+                        micro_batch_size=a.micro_batch_size)
+    lora = LoRAConfig(lora_rank=a.lora_rank, lora_target=a.lora_target, lora_modules=list(a.lora_modules))
+    return RunConfig(model=model, parallel=par, train=train, data=DataConfig(), log=LogConfig(), lora=lora)
+
+
 def gib(x: float) -> str:
     return f"{x / GiB:7.1f}"
 
@@ -107,6 +119,21 @@ def _model(spec: str):
     return resolve_model(spec)
 
 
+def explicit_layout(a: argparse.Namespace) -> Layout | None:
+    """The layout the flags name, or None without --tensor/--pipeline/--context-parallel sizes (search)."""
+    if all(x is None for x in (a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
+                               a.context_parallel_size)):
+        return None
+    tp = a.tensor_model_parallel_size or 1
+    pp = a.pipeline_model_parallel_size or 1
+    cp = a.context_parallel_size or 1
+    if a.gpus % (tp * pp * cp):
+        raise ConfigError(f"--gpus {a.gpus} is not divisible by TP x PP x CP = {tp * pp * cp}")
+    return Layout(tp, pp, cp, a.gpus // (tp * pp * cp), sequence_parallel=a.sequence_parallel or tp > 1,
+                  distributed_optimizer=a.use_distributed_optimizer, recompute=a.recompute_granularity == "full",
+                  first_stage_layers=a.decoder_first_pipeline_num_layers, ep=a.expert_model_parallel_size or 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     from internvl_mcore.cli_errors import run_cli
 
@@ -116,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
 def plan_cli(argv: list[str] | None) -> int:
     a = parse_args(argv)
     model = _model(a.model)
+    lay = explicit_layout(a)
+    # what pretrain_internvl.py refuses, with its line, before anything is printed; in search mode the
+    # flags that hold for every layout (each layout found is checked below)
+    check(run_config(a, model, lay.parallel() if lay is not None
+                     else ParallelConfig(expert_model_parallel_size=a.expert_model_parallel_size or 1)))
     hw = HARDWARE[a.gpu]
     hw = type(hw)(hw.name, a.peak_tflops * 1e12 if a.peak_tflops else hw.peak_flops,
                   a.gpu_memory or hw.memory_gib,
@@ -140,26 +172,9 @@ def plan_cli(argv: list[str] | None) -> int:
           f"{a.compute_efficiency:.2f} efficiency")
     print(f"workload: {a.global_batch_size} x {a.seq_length} tokens per step, micro batch {a.micro_batch_size}, "
           f"{work.tiles(model):.0f} tiles per sequence, {'fp32' if a.fp32 else 'bf16'}")
-    explicit = any(x is not None for x in (a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
-                                            a.context_parallel_size))
     kw = dict(budget_gib=hw.memory_gib, compute_efficiency=a.compute_efficiency, reserve_gib=a.reserve_gb)
-    if explicit:
-        tp = a.tensor_model_parallel_size or 1
-        pp = a.pipeline_model_parallel_size or 1
-        cp = a.context_parallel_size or 1
-        if a.gpus % (tp * pp * cp):
-            print(f"error: --gpus {a.gpus} is not divisible by TP x PP x CP = {tp * pp * cp}", file=sys.stderr)
-            return 2
-        lay = Layout(tp, pp, cp, a.gpus // (tp * pp * cp), sequence_parallel=a.sequence_parallel or tp > 1,
-                     distributed_optimizer=a.use_distributed_optimizer,
-                     recompute=a.recompute_granularity == "full",
-                     first_stage_layers=a.decoder_first_pipeline_num_layers,
-                     ep=a.expert_model_parallel_size or 1)
-        try:
-            p = plan(model, lay, work, hw, **kw)
-        except ConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+    if lay is not None:
+        p = plan(model, lay, work, hw, **kw)
         print(f"\nlayout {lay.describe()}, {p.breakdown['microbatches']} microbatches per step\n")
         print("stage layers  params   grads  optimizer  activations (in flight)   total   budget")
         for s in p.stages:
@@ -177,6 +192,7 @@ def plan_cli(argv: list[str] | None) -> int:
     fixed = {} if a.expert_model_parallel_size is None else {"ep": a.expert_model_parallel_size}
     plans = search(model, a.gpus, work, hw, distributed_optimizer=True if a.use_distributed_optimizer else None,
                    recompute=True if a.recompute_granularity else None, fixed=fixed, **kw)
+    plans = [p for p in plans if not problems(run_config(a, model, p.layout.parallel()))]  # pretrain would refuse
     if not plans:
         print("\nno layout fits; try more GPUs, a shorter --seq-length, fewer --tiles-per-sequence, "
               "a frozen ViT (--stage finetune) or --lora-rank")

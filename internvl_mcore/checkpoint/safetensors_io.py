@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from internvl_mcore.cli_errors import naming, read_json
+from internvl_mcore.cli_errors import naming, read_json, user_path
 from internvl_mcore.errors import ConfigError, ConversionError
 
 CONFIG_NAME = "config.json"
@@ -87,7 +87,9 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
     safetensors headers: a length past the file or the format's bound, a header that is not a JSON
     object, or an entry whose dtype / shape / offsets do not fit the file is a ConversionError
     naming the file (and tensor), before anything is allocated for it."""
-    with open(path, "rb") as f:
+    with user_path(ConversionError):  # a shard that cannot be opened (permissions, a directory): named
+        f = open(path, "rb")
+    with f:
         size = os.fstat(f.fileno()).st_size
         raw = f.read(8)
         if len(raw) != 8:

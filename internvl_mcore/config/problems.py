@@ -2,8 +2,9 @@
 the parsed config that cannot run, as one line naming the flag(s); `check(run)` raises `ConfigError`
 with all of them at once. pretrain_internvl.py runs it right after parsing, before any data is
 hashed, any process group exists or megatron-core is imported; `training/loop.py: validate` runs it
-again for callers of `train` that skip the entry point; tools/plan.py can call it on the same
-`RunConfig`. Pure: it reads the config only (no files, no environment, no process group).
+again for callers of `train` that skip the entry point; tools/plan.py runs `problems` on the run config
+its flags make (so the planner refuses a layout with pretrain's line). Pure: it reads the config only
+(no files, no environment, no process group).
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ def problems(run: RunConfig) -> list[str]:
       config/needs.py, while parsing (it needs which flags the command line gave, not their values);
     - `--global-batch-size` divisible by micro batch x data-parallel size: training/loop.py `setup`,
       once the launcher's world size and the process groups give the data-parallel size;
-    - `--save` writable and the wandb package installed for `--wandb-project`: training/loop.py
-      `validate` (the file system and the Python environment, not the flags);
+    - `--save`, `--log-jsonl` and `--tensorboard-dir` writable and the wandb package installed for
+      `--wandb-project`: training/loop.py `validate` (the file system and the Python environment, not
+      the flags);
     - the shard sets' files, manifests, token ids and checksums: training/data.py `check_shard_sets`;
       the checkpoint under `--load` / `--pretrained` and its schedule: training/checkpoint.py and
       training/schedule.py, when it is read;
@@ -190,12 +192,18 @@ def moe_problems(model: ModelConfig, par: ParallelConfig) -> list[str]:
     if (ep > 1 or etp not in (None, par.tensor_model_parallel_size)) and not m.is_moe:
         found.append(f"--expert-model-parallel-size / --expert-tensor-parallel-size need an MoE model; "
                      f"{model.name} is dense")
-    if m.is_moe and m.num_experts % ep:
-        found.append(f"--expert-model-parallel-size {ep} does not divide the {m.num_experts} experts of {model.name}")
+    if m.is_moe and (problem := expert_split_problem(model, ep)):
+        found.append(problem)
     if m.is_moe and par.tensor_model_parallel_size > 1 and not par.sequence_parallel:
         found.append("an MoE model with --tensor-model-parallel-size > 1 needs --sequence-parallel "
                      "(megatron-core's MoE layer refuses TP without it)")
     return found
+
+
+def expert_split_problem(model: ModelConfig, ep: int) -> Optional[str]:
+    """Why an MoE model's experts cannot be split over `ep` ranks, or None (the planner asks too)."""
+    n = model.llm.num_experts
+    return f"--expert-model-parallel-size {ep} does not divide the {n} experts of {model.name}" if n % ep else None
 
 
 def lora_problems(lora: LoRAConfig, freeze_overrides: Mapping[str, Optional[bool]],

@@ -53,57 +53,99 @@ def build_digits_dataset(root: str, image_size: int = 56, heldout_fraction: floa
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    images, labels = digits.images, digits.target
+    labels = digits.target
     n = len(labels)
     order = np.random.RandomState(seed).permutation(n)
     n_held = int(round(n * heldout_fraction))
     held, train = order[:n_held], order[n_held:]
+    img_dir = _write_images(root, digits.images, image_size)
+
+    # one generator, drawn in this order (multi-image picks, then arithmetic, then the shuffle): the
+    # same arguments give the same files
+    rng = random.Random(seed)
+    lines = _single_image_records(train[:max_single], labels)
+    lines += _multi_image_records(train, labels, multi_image, rng)
+    lines += _text_records(text_only, rng)
+    rng.shuffle(lines)
+    train_jsonl = os.path.join(root, "digits_train.jsonl")
+    _write_jsonl(train_jsonl, lines)
+    heldout = os.path.join(root, "digits_heldout.jsonl")
+    _write_jsonl(heldout, _heldout_records(held, labels, img_dir))
+    meta = os.path.join(root, "meta.json")
+    _write_meta(meta, "digits", img_dir, train_jsonl, len(lines))
+    tok_dir = _train_tokenizer(os.path.join(root, "tokenizer"), lines, seed)
+    pref_meta = _write_preference(root, img_dir, train, labels, preference_pairs, seed) if preference_pairs else None
+    return DigitsDataset(root, meta, heldout, tok_dir, len(lines), n_held, pref_meta)
+
+
+def _write_images(root: str, images: np.ndarray, size: int) -> str:
+    """Every digit as root/images/NNNN.png (kept where it exists already); returns the folder."""
     img_dir = os.path.join(root, "images")
     os.makedirs(img_dir, exist_ok=True)
-    for i in range(n):
+    for i in range(len(images)):
         path = os.path.join(img_dir, f"{i:04d}.png")
         if not os.path.exists(path):
-            _digit_png(images[i], path, image_size)
+            _digit_png(images[i], path, size)
+    return img_dir
 
-    rng = random.Random(seed)
-    lines = []
-    for i in train[:max_single]:
-        lines.append({"id": f"single-{i}", "image": f"{i:04d}.png", "conversations": [
-            {"from": "human", "value": f"<image>\n{QUESTION}"},
-            {"from": "gpt", "value": str(int(labels[i]))}]})
-    for k in range(multi_image):
+
+def _single_image_records(indices: np.ndarray, labels: np.ndarray) -> list[dict]:
+    """'What digit is shown?' for each image."""
+    return [{"id": f"single-{i}", "image": f"{i:04d}.png", "conversations": [
+        {"from": "human", "value": f"<image>\n{QUESTION}"},
+        {"from": "gpt", "value": str(int(labels[i]))}]} for i in indices]
+
+
+def _multi_image_records(train: np.ndarray, labels: np.ndarray, count: int, rng: random.Random) -> list[dict]:
+    """'Which of these images shows a D?' over three training images, answered 'Image-K'."""
+    records = []
+    for k in range(count):
         pick = rng.sample(list(train), 3)
         target = int(labels[pick[rng.randrange(3)]])
         answer = next(j + 1 for j, i in enumerate(pick) if labels[i] == target)
         question = "".join(f"Image-{j + 1}: <image>\n" for j in range(3)) + f"Which of these images shows a {target}?"
-        lines.append({"id": f"multi-{k}", "image": [f"{i:04d}.png" for i in pick], "conversations": [
+        records.append({"id": f"multi-{k}", "image": [f"{i:04d}.png" for i in pick], "conversations": [
             {"from": "human", "value": question}, {"from": "gpt", "value": f"Image-{answer}"}]})
-    for k in range(text_only):
+    return records
+
+
+def _text_records(count: int, rng: random.Random) -> list[dict]:
+    """Text-only 'What is A + B?' questions (no image)."""
+    records = []
+    for k in range(count):
         a, b = rng.randrange(5), rng.randrange(5)
-        lines.append({"id": f"text-{k}", "conversations": [
+        records.append({"id": f"text-{k}", "conversations": [
             {"from": "human", "value": f"What is {a} + {b}?"}, {"from": "gpt", "value": str(a + b)}]})
-    rng.shuffle(lines)
-    train_jsonl = os.path.join(root, "digits_train.jsonl")
-    with open(train_jsonl, "w") as f:
-        for line in lines:
-            f.write(json.dumps(line) + "\n")
-    heldout = os.path.join(root, "digits_heldout.jsonl")
-    with open(heldout, "w") as f:
-        for i in held:
-            f.write(json.dumps({"image": os.path.join(img_dir, f"{i:04d}.png"), "question": QUESTION,
-                                "answer": str(int(labels[i]))}) + "\n")
-    meta = os.path.join(root, "meta.json")
-    with open(meta, "w") as f:
-        json.dump({"digits": {"root": img_dir, "annotation": train_jsonl, "data_augment": False,
-                              "max_dynamic_patch": 1, "repeat_time": 1, "length": len(lines)}}, f, indent=2)
-    # Retrained every time (about a second, deterministic) so it always matches the samples written above.
-    tok_dir = os.path.join(root, "tokenizer")
+    return records
+
+
+def _heldout_records(held: np.ndarray, labels: np.ndarray, img_dir: str) -> list[dict]:
+    """{"image" (absolute path), "question", "answer"} for each held-out image."""
+    return [{"image": os.path.join(img_dir, f"{i:04d}.png"), "question": QUESTION, "answer": str(int(labels[i]))}
+            for i in held]
+
+
+def _write_meta(path: str, name: str, img_dir: str, annotation: str, length: int) -> None:
+    """An InternVL meta JSON of one dataset."""
+    with open(path, "w") as f:
+        json.dump({name: {"root": img_dir, "annotation": annotation, "data_augment": False,
+                          "max_dynamic_patch": 1, "repeat_time": 1, "length": length}}, f, indent=2)
+
+
+def _write_jsonl(path: str, records: list[dict]) -> None:
+    with open(path, "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+
+
+def _train_tokenizer(tok_dir: str, lines: list[dict], seed: int) -> str:
+    """The debug models' tokenizer, trained on a tiny corpus and the samples' chat texts."""
+    # Retrained every time (about a second, deterministic) so it always matches the samples written.
     train_tiny_tokenizer(tiny_corpus(2000, seed) + list(_chat_texts(lines)), tok_dir, vocab_size=TOKENIZER_VOCAB)
     base = load_tokenizer(tok_dir).token_to_id("<|endoftext|>")
     if base != TOKENIZER_VOCAB:
         raise RuntimeError(f"{tok_dir}: tiny tokenizer learned {base} BPE tokens, expected {TOKENIZER_VOCAB}")
-    pref_meta = _write_preference(root, img_dir, train, labels, preference_pairs, seed) if preference_pairs else None
-    return DigitsDataset(root, meta, heldout, tok_dir, len(lines), n_held, pref_meta)
+    return tok_dir
 
 
 def _write_preference(root: str, img_dir: str, train: np.ndarray, labels: np.ndarray, n: int, seed: int) -> str:

@@ -30,6 +30,7 @@ import os
 import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
+from ..cli_errors import user_path
 from ..errors import DataError
 
 # HF Qwen2Tokenizer's pre-tokenization regex (single digits, unlike GPT-4's \p{N}{1,3}).
@@ -618,7 +619,7 @@ class Tokenizer:
 
 
 def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
+    with user_path(DataError), open(path, "rb") as f:  # unreadable (permissions): one line naming the file
         return f.read()
 
 

@@ -51,23 +51,10 @@ class InternVLModel(MegatronModule):
         self.post_process = post_process
         self.add_encoder = pre_process  # ViT and projector live with the embedding on stage 0
         self.share_embeddings_and_output_weights = model_cfg.llm.tie_word_embeddings
-        if self.add_encoder:
-            vit_config = vision_transformer_config(model_cfg, par, dtype, compute)
-            self.vision_model = InternViT(vit_config, model_cfg.vision,
-                                          vision_layer_spec(model_cfg.vision.qk_normalization,
-                                                            model_cfg.vision.qkv_bias, backend, pg.tp), pg)
-            self.projector = Projector(projector_transformer_config(model_cfg, par, dtype, compute),
-                                       projector_mlp_submodules(backend), model_cfg.projector_input_size,
-                                       eps=model_cfg.projector_layernorm_epsilon, pg_collection=pg)
+        if self.add_encoder:  # built before the LLM: the seeded initialisation draws in this order
+            self._build_encoder(par, dtype, compute, backend)
         self.cp_group, self.tp_group = pg.cp, pg.tp  # tp_group: megatron-core's sharded_state_dict reads it
-        # how a CP rank's tokens are cut from the batch: whole rows or TE's per-sample 'thd' split
-        self.cp_layout, why = (cp_split_choice(par.cp_split, backend, par.pipeline_model_parallel_size,
-                                               par.sequence_parallel, par.cp_comm_type)
-                               if par.context_parallel_size > 1 else ("none", ""))
-        # which context-parallel attention runs and why: training/loop.py prints it once (None without CP)
-        self.cp_path = cp_path_line(self.cp_layout, why, backend, par.cp_comm_type) if why else None
-        core_attention = (cp_core_attention(self.cp_layout, backend) if par.context_parallel_size > 1
-                          else PackedSDPAttention)
+        core_attention = self._choose_cp_attention(par, backend)
         qk_norm = ModuleSpec(module=PerHeadRMSNorm, params={"tp_group": pg.tp}) if model_cfg.llm.qk_layernorm \
             else IdentityOp
         layer_spec = llm_layer_spec(backend, core_attention, qk_norm, moe=model_cfg.llm.is_moe)
@@ -78,6 +65,30 @@ class InternVLModel(MegatronModule):
             pre_process=pre_process, post_process=post_process,
             share_embeddings_and_output_weights=self.share_embeddings_and_output_weights, pg_collection=pg,
             cross_entropy_chunk_size=compute.cross_entropy_chunk_size, all_token_logits=compute.all_token_logits)
+
+    def _build_encoder(self, par: ParallelConfig, dtype: torch.dtype, compute: ComputeConfig,
+                       backend: Backend) -> None:
+        """The first stage's InternViT and projector."""
+        model_cfg, pg = self.model_cfg, self.pg_collection
+        vit_config = vision_transformer_config(model_cfg, par, dtype, compute)
+        self.vision_model = InternViT(vit_config, model_cfg.vision,
+                                      vision_layer_spec(model_cfg.vision.qk_normalization,
+                                                        model_cfg.vision.qkv_bias, backend, pg.tp), pg)
+        self.projector = Projector(projector_transformer_config(model_cfg, par, dtype, compute),
+                                   projector_mlp_submodules(backend), model_cfg.projector_input_size,
+                                   eps=model_cfg.projector_layernorm_epsilon, pg_collection=pg)
+
+    def _choose_cp_attention(self, par: ParallelConfig, backend: Backend) -> type:
+        """The LLM's core attention; sets how a CP rank's tokens are cut (`cp_layout`) and the line
+        saying which attention runs (`cp_path`)."""
+        # how a CP rank's tokens are cut from the batch: whole rows or TE's per-sample 'thd' split
+        self.cp_layout, why = (cp_split_choice(par.cp_split, backend, par.pipeline_model_parallel_size,
+                                               par.sequence_parallel, par.cp_comm_type)
+                               if par.context_parallel_size > 1 else ("none", ""))
+        # which context-parallel attention runs and why: training/loop.py prints it once (None without CP)
+        self.cp_path = cp_path_line(self.cp_layout, why, backend, par.cp_comm_type) if why else None
+        return (cp_core_attention(self.cp_layout, backend) if par.context_parallel_size > 1
+                else PackedSDPAttention)
 
     # --- hooks megatron-core's schedules and finalize_model_grads look for -------------------
     def set_input_tensor(self, input_tensor: torch.Tensor | list) -> None:

@@ -45,29 +45,41 @@ class LanguageModel(LanguageModule):
         tp = self.pg_collection.tp.size()
         self.padded_vocab_size = padded_vocab_size(vocab_size, tp)
         if pre_process:
-            # not scattered here: image features are spliced into the full sequence first
-            self.embedding = LanguageModelEmbedding(
-                config=config, vocab_size=self.padded_vocab_size,
-                max_sequence_length=max_sequence_length, position_embedding_type="rope",
-                scatter_to_sequence_parallel=False, tp_group=self.pg_collection.tp)
-        self.rotary_pos_emb = RotaryEmbedding(
-            kv_channels=config.kv_channels, rotary_percent=1.0, rotary_base=rope_theta,
-            use_cpu_initialization=True, cp_group=self.pg_collection.cp)
-        # megatron-core keeps inv_freq as a plain attribute, which `model.cuda()` / `.to()` would
-        # leave behind on the CPU; a (non-persistent) buffer follows the module to its device.
-        inv_freq = self.rotary_pos_emb.inv_freq
-        del self.rotary_pos_emb.inv_freq
-        self.rotary_pos_emb.register_buffer("inv_freq", inv_freq, persistent=False)
+            self.embedding = self._embedding(config, max_sequence_length)
+        self.rotary_pos_emb = self._rotary_embedding(config, rope_theta)
         self.decoder = TransformerBlock(config=config, spec=layer_spec, pre_process=pre_process,
                                         post_process=post_process, pg_collection=self.pg_collection)
         if post_process:
-            self.output_layer = ColumnParallelLinear(
-                config.hidden_size, self.padded_vocab_size, config=config,
-                init_method=config.init_method, bias=False, skip_bias_add=False, gather_output=False,
-                skip_weight_param_allocation=pre_process and share_embeddings_and_output_weights,
-                tp_group=self.pg_collection.tp)
+            self.output_layer = self._output_layer(config, pre_process and share_embeddings_and_output_weights)
         if pre_process or post_process:
             self.setup_embeddings_and_output_layer()
+
+    def _embedding(self, config: TransformerConfig, max_sequence_length: int) -> LanguageModelEmbedding:
+        """The first stage's token embedding (vocab-parallel over TP)."""
+        # not scattered here: image features are spliced into the full sequence first
+        return LanguageModelEmbedding(
+            config=config, vocab_size=self.padded_vocab_size,
+            max_sequence_length=max_sequence_length, position_embedding_type="rope",
+            scatter_to_sequence_parallel=False, tp_group=self.pg_collection.tp)
+
+    def _output_layer(self, config: TransformerConfig, tied_here: bool) -> ColumnParallelLinear:
+        """The last stage's output layer; without a weight of its own where it uses the embedding's
+        (`tied_here`: tied embeddings, and the embedding on this stage)."""
+        return ColumnParallelLinear(
+            config.hidden_size, self.padded_vocab_size, config=config,
+            init_method=config.init_method, bias=False, skip_bias_add=False, gather_output=False,
+            skip_weight_param_allocation=tied_here, tp_group=self.pg_collection.tp)
+
+    def _rotary_embedding(self, config: TransformerConfig, rope_theta: float) -> RotaryEmbedding:
+        """megatron-core's RotaryEmbedding with its inverse frequencies in a buffer."""
+        rotary = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0, rotary_base=rope_theta,
+                                 use_cpu_initialization=True, cp_group=self.pg_collection.cp)
+        # megatron-core keeps inv_freq as a plain attribute, which `model.cuda()` / `.to()` would
+        # leave behind on the CPU; a (non-persistent) buffer follows the module to its device.
+        inv_freq = rotary.inv_freq
+        del rotary.inv_freq
+        rotary.register_buffer("inv_freq", inv_freq, persistent=False)
+        return rotary
 
     def set_input_tensor(self, input_tensor: torch.Tensor | list) -> None:
         """Pipeline stages > 0 receive their input from the previous stage (set by the schedule)."""

@@ -61,34 +61,46 @@ class PackedSDPAttention(MegatronModule):
         packed_seq_params: Optional[PackedSeqParams] = None,
     ) -> torch.Tensor:
         assert attention_bias is None, "attention bias is not supported"
-        mask_type = attn_mask_type or self.attn_mask_type
-        causal = mask_type == AttnMaskType.causal
-        s, b, nq, d = query.shape
-        nkv = key.shape[2]
+        causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
         dropout = self.dropout_p if self.training else 0.0
         cu = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
-
         if (cu is not None and flash_attn_varlen_func is not None and query.is_cuda
                 and query.dtype in (torch.float16, torch.bfloat16)):  # flash-attn has no fp32 kernels
-            # (S, B, h, d) -> (B*S, h, d): batch-major, matching cu_seqlens
-            q, k, v = (t.transpose(0, 1).reshape(b * s, t.shape[2], d) for t in (query, key, value))
-            max_len = packed_seq_params.max_seqlen_q  # computed once per microbatch: no host sync per layer
-            if max_len is None:
-                max_len = int((cu[1:] - cu[:-1]).max())
-            out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout,
-                                         softmax_scale=self.softmax_scale, causal=causal)
-            return out.reshape(b, s, nq * d).transpose(0, 1).contiguous()
-
-        # torch's CPU flash kernel only takes 4-D (N, h, L, d) inputs; 3-D (h, L, d) falls back to
-        # the math path (bmm + a materialized L x L score matrix), several times slower.
-        gqa = nkv != nq
+            return self._flash_varlen(query, key, value, packed_seq_params, causal, dropout)
         if cu is None:
-            # one sample per row (the ViT's tiles): a single batched call on (B, h, S, d) views
-            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal,
-                                                 scale=self.softmax_scale, enable_gqa=gqa)  # (B, h, S, d)
-            return out.permute(2, 0, 1, 3).reshape(s, b, nq * d)
+            return self._per_row(query, key, value, causal, dropout)
+        return self._per_sample(query, key, value, cu, causal, dropout)
 
+    def _flash_varlen(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      packed_seq_params: PackedSeqParams, causal: bool, dropout: float) -> torch.Tensor:
+        """flash-attn's variable-length kernel over the samples of the packs (CUDA, half precision)."""
+        s, b, nq, d = query.shape
+        cu = packed_seq_params.cu_seqlens_q
+        # (S, B, h, d) -> (B*S, h, d): batch-major, matching cu_seqlens
+        q, k, v = (t.transpose(0, 1).reshape(b * s, t.shape[2], d) for t in (query, key, value))
+        max_len = packed_seq_params.max_seqlen_q  # computed once per microbatch: no host sync per layer
+        if max_len is None:
+            max_len = int((cu[1:] - cu[:-1]).max())
+        out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout,
+                                     softmax_scale=self.softmax_scale, causal=causal)
+        return out.reshape(b, s, nq * d).transpose(0, 1).contiguous()
+
+    # torch's CPU flash kernel only takes 4-D (N, h, L, d) inputs; 3-D (h, L, d) falls back to
+    # the math path (bmm + a materialized L x L score matrix), several times slower.
+    def _per_row(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool,
+                 dropout: float) -> torch.Tensor:
+        """One sample per row (the ViT's tiles): a single batched call on (B, h, S, d) views."""
+        s, b, nq, d = query.shape
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal,
+                                             scale=self.softmax_scale, enable_gqa=key.shape[2] != nq)  # (B, h, S, d)
+        return out.permute(2, 0, 1, 3).reshape(s, b, nq * d)
+
+    def _per_sample(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torch.Tensor,
+                    causal: bool, dropout: float) -> torch.Tensor:
+        """Packed rows: one 4-D call per sample, the samples cut at the flattened boundaries `cu`."""
+        s, b, nq, d = query.shape
+        gqa = key.shape[2] != nq
         # (S, B, h, d) -> (1, B*S, h, d) over batch-major flattened tokens (a view when B == 1)
         q, k, v = (t.transpose(0, 1).reshape(1, b * s, t.shape[2], d) for t in (query, key, value))
         cu_list = cu.tolist()

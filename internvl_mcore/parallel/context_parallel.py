@@ -577,35 +577,26 @@ class ContextParallelAttention(MegatronModule):
             return self.local(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
         if attention_bias is not None:
             raise ValueError("parallel/context_parallel.py: attention bias is not supported")
-        n, b, hq, d = query.shape
-        hkv = key.shape[2]
-        c = self.cp_size
+        n = query.shape[0]
         if n % 2:
             raise ValueError(f"parallel/context_parallel.py: {n} local tokens cannot be the two equal chunks of a CP rank")
-        seq_len = n * c
         mask_type = attn_mask_type or self.attn_mask_type
-
         if self.cp_comm_type == "a2a":
             return self._forward_a2a(query, key, value, attention_mask, mask_type, packed_seq_params)
+        return self._forward_ring(query, key, value, mask_type, packed_seq_params)
 
+    def _forward_ring(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask_type: AttnMaskType,
+                      packed_seq_params: Optional[PackedSeqParams]) -> torch.Tensor:
+        """p2p and a2a+p2p: this rank's query chunks against every ring member's key/value chunks."""
         if self.training and self.dropout_p > 0:
             raise NotImplementedError("parallel/context_parallel.py: attention dropout is not implemented for the "
                                       f"ring (--cp-comm-type {self.cp_comm_type}); set --attention-dropout 0")
+        n, b, hq, d = query.shape
+        c = self.cp_size
+        seq_len = n * c
         rows = PackedRows.of_batch(packed_seq_params, b, seq_len)
-        L = seq_len // (2 * c)
-        if self.cp_comm_type == "p2p":
-            group, ring_rank, ring_size = self.cp_group, self.cp_rank, c
-            members = [cp_chunk_starts(seq_len, r, c) for r in range(c)]
-            q, k, v = query, key, value
-        else:  # a2a+p2p
-            a = self.a2a_group.size()
-            self._check_heads(hq, hkv, a, "a2a+p2p (all-to-all group size A)")
-            group, ring_rank, ring_size = self.p2p_group, self.p2p_group.rank(), self.p2p_group.size()
-            members = [sum((cp_chunk_starts(seq_len, p * a + x, c) for x in range(a)), [])
-                       for p in range(ring_size)]
-            q, k, v = self._scatter_heads(query, key, value, self.a2a_group)
-
-        plan = _RingPlan(group, ring_rank, ring_size, members, L, rows,
+        group, ring_rank, ring_size, members, (q, k, v) = self._ring(query, key, value, seq_len)
+        plan = _RingPlan(group, ring_rank, ring_size, members, seq_len // (2 * c), rows,
                          mask_type == AttnMaskType.causal, self.softmax_scale, self.query_tile, self.key_tile)
         m, hq_l, hkv_l = q.shape[0], q.shape[2], k.shape[2]
         # (M, B, h, d) -> (B, hkv, g, M, d): query heads grouped under their kv head (GQA)
@@ -616,6 +607,21 @@ class ContextParallelAttention(MegatronModule):
         if self.cp_comm_type == "a2a+p2p":
             out = _HeadsToSeq.apply(out.contiguous(), self.a2a_group)
         return out.reshape(n, b, hq * d)
+
+    def _ring(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              seq_len: int) -> tuple[Any, int, int, list[list[int]], tuple[torch.Tensor, ...]]:
+        """The ring's group, this rank's place in it, each member's chunk starts, and the q, k, v it
+        runs on (a2a+p2p: this all-to-all group's tokens, a slice of the heads)."""
+        c = self.cp_size
+        if self.cp_comm_type == "p2p":
+            members = [cp_chunk_starts(seq_len, r, c) for r in range(c)]
+            return self.cp_group, self.cp_rank, c, members, (query, key, value)
+        a = self.a2a_group.size()  # a2a+p2p
+        self._check_heads(query.shape[2], key.shape[2], a, "a2a+p2p (all-to-all group size A)")
+        ring_size = self.p2p_group.size()
+        members = [sum((cp_chunk_starts(seq_len, p * a + x, c) for x in range(a)), []) for p in range(ring_size)]
+        qkv = self._scatter_heads(query, key, value, self.a2a_group)
+        return self.p2p_group, self.p2p_group.rank(), ring_size, members, qkv
 
     @staticmethod
     def _check_heads(hq: int, hkv: int, size: int, what: str) -> None:

@@ -179,29 +179,37 @@ def state_bytes(model: ModelConfig, par: ParallelConfig, pp_rank: int, data_para
 
     params = sum(s.numel * width(s) for s in specs if s.part not in keep)  # frozen: own storage
     grads = opt = 0
+    largest = dp_rank is None
     # one DDP buffer per (parameter dtype, expert or not)
     for nbytes, expert in sorted({(width(s), s.expert) for s in specs}):
         train = [s for s in specs if s.part in keep and width(s) == nbytes and s.expert == expert]
         if not train:
             continue
-        dp = expert_dp if expert else dense_dp
-        rank = expert_dp_rank if expert else dp_rank
+        dp, rank = (expert_dp, expert_dp_rank) if expert else (dense_dp, dp_rank)
         grad_bytes = 4 if grad_reduce_in_fp32 else nbytes
-        master = 4 if nbytes != 4 else 0  # fp32 copy of bf16/fp16 params
-        buf = grad_buffer(train, dp, use_distributed_optimizer, bucket_size)
-        grads += buf.numel * grad_bytes
-        if use_distributed_optimizer:
-            params += buf.numel * nbytes  # trainable params are re-homed in a padded buffer
-            if dp_rank is None:
-                opt += _max_shard(buf, dp, 8 + master, adam_step_bytes)
-            else:
-                owned = owned_elements(buf, dp, rank if rank is not None else 0)
-                opt += sum(owned) * (8 + master) + adam_step_bytes * sum(1 for n in owned if n > 0)
-        else:
-            numel = sum(s.numel for s in train)
-            params += numel * nbytes
-            opt += numel * (8 + master) + adam_step_bytes * len(train)
+        buf = _buffer_state(train, nbytes, grad_bytes, dp, rank, largest, use_distributed_optimizer, bucket_size,
+                            adam_step_bytes)
+        params, grads, opt = params + buf.params, grads + buf.grads, opt + buf.optimizer
     return StateBytes(params=params, grads=grads, optimizer=opt)
+
+
+def _buffer_state(train: list[ParamSpec], nbytes: int, grad_bytes: int, dp: int, rank: Optional[int], largest: bool,
+                  distributed: bool, bucket_size: Optional[int], adam_step_bytes: int) -> StateBytes:
+    """The trainable parameters, gradients (`grad_bytes` each) and Adam state of one DDP buffer (`train`,
+    all `nbytes` wide) over `dp` ranks; with the distributed optimizer (`distributed`) the Adam state of
+    the largest shard (`largest`) or of rank `rank`'s."""
+    master = 4 if nbytes != 4 else 0  # fp32 copy of bf16/fp16 params
+    buf = grad_buffer(train, dp, distributed, bucket_size)
+    grads = buf.numel * grad_bytes
+    if not distributed:
+        numel = sum(s.numel for s in train)
+        return StateBytes(numel * nbytes, grads, numel * (8 + master) + adam_step_bytes * len(train))
+    if largest:
+        opt = _max_shard(buf, dp, 8 + master, adam_step_bytes)
+    else:
+        owned = owned_elements(buf, dp, rank if rank is not None else 0)
+        opt = sum(owned) * (8 + master) + adam_step_bytes * sum(1 for n in owned if n > 0)
+    return StateBytes(buf.numel * nbytes, grads, opt)  # trainable params are re-homed in a padded buffer
 
 
 # --- activations ---------------------------------------------------------------------------------
@@ -329,6 +337,24 @@ def _head_bytes(model: ModelConfig, par: ParallelConfig, tokens: float, e: int, 
     return head + tokens * (4 * (padded_vocab(model, tp) // tp) + 8 + 1)  # fp32 softmax of the loss, labels, mask
 
 
+def _encoder_bytes(model: ModelConfig, par: ParallelConfig, tiles: float, e: int, kernels: Kernels,
+                   keep: set[str], recompute: bool) -> tuple[float, float]:
+    """The ViT's and projector's activations for `tiles` tiles on stage 0, and the ViT layer's full
+    activations kept while it is recomputed (0 without recomputation or a frozen ViT)."""
+    vision = buffer = 0.0
+    if "vision" in keep:
+        v = model.vision
+        one_vit = vit_layer_bytes(model, par, tiles, e, kernels)
+        vit_tokens = tiles * (v.num_patches + 1)
+        vision += vision_layers_built(model) * (vit_tokens * v.hidden_size * e if recompute else one_vit)
+        vision += tiles * 3 * v.image_size ** 2 * e  # conv input (pixels)
+        if recompute:
+            buffer = one_vit
+    if "vision" in keep or "projector" in keep:
+        vision += projector_bytes(model, par, tiles, e)
+    return vision, buffer
+
+
 def activation_bytes(model: ModelConfig, par: ParallelConfig, pp_rank: int, seq_length: int,
                      micro_batch_size: int = 1, tiles_per_microbatch: float = 0.0,
                      num_microbatches: int = 1, param_bytes: int = 2,
@@ -366,17 +392,8 @@ def activation_bytes(model: ModelConfig, par: ParallelConfig, pp_rank: int, seq_
 
     vision = 0.0
     if first and tiles_per_microbatch > 0:
-        if "vision" in keep:
-            v = model.vision
-            one_vit = vit_layer_bytes(model, par, tiles_per_microbatch, e, kernels)
-            nvit = vision_layers_built(model)
-            vit_tokens = tiles_per_microbatch * (v.num_patches + 1)
-            vision += nvit * (vit_tokens * v.hidden_size * e if recompute else one_vit)
-            vision += tiles_per_microbatch * 3 * v.image_size ** 2 * e  # conv input (pixels)
-            if recompute:
-                buffer = max(buffer, one_vit)
-        if "vision" in keep or "projector" in keep:
-            vision += projector_bytes(model, par, tiles_per_microbatch, e)
+        vision, vit_buffer = _encoder_bytes(model, par, tiles_per_microbatch, e, kernels, keep, recompute)
+        buffer = max(buffer, vit_buffer)
 
     head = _head_bytes(model, par, tokens, e, kernels, llm_weights, cross_entropy_chunk_size) if last else 0.0
 

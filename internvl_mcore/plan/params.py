@@ -29,6 +29,7 @@ from ..config.lora import LORA_INFIX, LoRAConfig, adapts
 # padded_vision_heads is read from here by memory.py and layouts.py
 from ..errors import ConfigError
 from ..config.model import ModelConfig, ParallelConfig, padded_vision_heads, padded_vocab_size  # noqa: F401
+from ..config.problems import expert_split_problem
 from ..models.parameters import (Param, Part, decoder_layer, final_norm, output_layer, projector, vision_embeddings,
                                  vision_layer, vision_layers_built, word_embeddings)
 from ..models.sharding import rule_for, split_dim
@@ -168,9 +169,8 @@ def check_divisibility(model: ModelConfig, par: ParallelConfig) -> None:
     if m.is_moe:  # the dense ffn width is unused; experts split over EP and expert-TP instead
         del need["LLM ffn_hidden_size"]
         ep, etp = par.expert_model_parallel_size, par.expert_tensor_parallel_size or tp
-        if m.num_experts % ep:
-            raise ConfigError(f"--expert-model-parallel-size {ep} does not divide the {m.num_experts} experts of "
-                              f"{model.name}")
+        if problem := expert_split_problem(model, ep):
+            raise ConfigError(problem)
         if m.moe_ffn_hidden_size % etp:
             raise ConfigError(f"expert tensor parallel size {etp} does not divide the expert width "
                               f"({m.moe_ffn_hidden_size}) of {model.name}")

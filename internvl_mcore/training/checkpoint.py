@@ -569,22 +569,33 @@ def load(root: str | Path, model_chunk: torch.nn.Module, optimizer: Any, schedul
     if scheduler is not None and info.get("scheduler") is not None:
         scheduler.load_state_dict(info["scheduler"])
     if mine:
-        if not same_layout:  # this run's own structure around the tensors read from the files
-            _merge_missing(loaded[key], own)
-            _put_common_step(loaded[key], _saved_steps(loaded.get("optimizer")))
-        with torch.no_grad():  # the distributed optimizer copies into leaf parameters
-            optimizer.load_state_dict(loaded[key])
-        _restore_adam_step(optimizer, loaded.get("optimizer"))
+        _restore_optimizer(optimizer, loaded, key, own, same_layout)
     if same_layout:
         _read_state(path / f"rank_{dist.get_rank():05d}.json", lambda state: set_rng_state(state["rng"]))
     if dist.get_rank() == 0 and not (same_layout and fmt is not None):
-        what = ("schedule, data position and optimizer state" if fmt is not None else
-                "schedule and data position; fresh optimizer state (--no-load-optim)")
-        print(f"checkpoint {path} was saved with layout {info['layout']}: restored model weights, {what}"
-              f"{'' if same_layout else '; RNG streams start fresh at this layout'}", flush=True)
+        _say_what_was_restored(path, info, fmt, same_layout)
     if info["layout"]["data_parallel_size"] != dp:
         return iteration, None, info
     return iteration, _read_state(path / f"data_dp{pg.dp.rank():05d}.json", lambda state: state), info
+
+
+def _restore_optimizer(optimizer: Any, loaded: dict, key: str, own: Any, same_layout: bool) -> None:
+    """Load the optimizer state read under `key` (another layout's: wrapped in this run's own
+    structure `own` first), then the saved Adam step."""
+    if not same_layout:  # this run's own structure around the tensors read from the files
+        _merge_missing(loaded[key], own)
+        _put_common_step(loaded[key], _saved_steps(loaded.get("optimizer")))
+    with torch.no_grad():  # the distributed optimizer copies into leaf parameters
+        optimizer.load_state_dict(loaded[key])
+    _restore_adam_step(optimizer, loaded.get("optimizer"))
+
+
+def _say_what_was_restored(path: Path, info: dict, fmt: Optional[str], same_layout: bool) -> None:
+    """The line a resume prints when it restores less than everything (another layout, --no-load-optim)."""
+    what = ("schedule, data position and optimizer state" if fmt is not None else
+            "schedule and data position; fresh optimizer state (--no-load-optim)")
+    print(f"checkpoint {path} was saved with layout {info['layout']}: restored model weights, {what}"
+          f"{'' if same_layout else '; RNG streams start fresh at this layout'}", flush=True)
 
 
 def _optimizer_format(info: dict, path: Path, optimizer: Any, same_layout: bool) -> str:

@@ -35,7 +35,7 @@ from .data import MockBatches, ShardBatches, build_batches, loss_weights
 from .eval import Evaluator, build_valid_batches
 from .guards import (SpikeGuard, TrainingDiverged, agreed_stop, check_finite, fault_point, is_collective_failure,
                      peer_lost)
-from .metrics import Reporter
+from .metrics import Reporter, output_problems
 from .moe import reduced_aux_loss
 from .schedule import build_scheduler, sync_param_groups
 from .schedule import restore as restore_schedule
@@ -53,11 +53,13 @@ def validate(run: RunConfig) -> Plan:
 
 
 def environment_problems(run: RunConfig) -> list[str]:
-    """What the flags name that this machine lacks: a writable --save, the wandb package."""
+    """What the flags name that this machine lacks: a writable --save, --log-jsonl and --tensorboard-dir,
+    the wandb package."""
     c, log = run.checkpoint, run.log
     found = []
     if c.save:  # found now, not at the first save after hours of training
         found += [p for p in [checkpoint.writable_problem(c.save)] if p]
+    found += output_problems(log)  # --log-jsonl / --tensorboard-dir: before the model is built
     if log.wandb_project and importlib.util.find_spec("wandb") is None:
         found.append("--wandb-project needs the wandb package (pip install wandb; WANDB_MODE=offline needs no network)")
     return found

@@ -4,14 +4,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import resource
 import time
-from typing import Any, Optional
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
-from ..config.training import RunConfig
+from ..config.training import LogConfig, RunConfig
+from ..errors import ConfigError
 from ..plan.flops import train_step_flops
 from .guards import straggler_report
 
@@ -58,6 +62,40 @@ def step_flops(run: RunConfig, stats: dict) -> Optional[float]:
                                   lm_head_tokens=stats.get("logit_tokens")))
 
 
+def output_problems(log: LogConfig) -> list[str]:
+    """Why --log-jsonl FILE or --tensorboard-dir DIR cannot be written, one line each (empty: they can).
+    Checked at start-up on every rank (training/loop.py: validate): the writer, the last rank, opens
+    them only once its model is built. Creates nothing."""
+    found = []
+    if log.log_jsonl:
+        path = Path(log.log_jsonl)
+        if path.is_dir():
+            found.append(f"--log-jsonl {path} is a directory; give a file (it is appended to)")
+        elif not path.parent.is_dir():
+            found.append(f"--log-jsonl {path}: the folder {path.parent} does not exist (or is not a directory)")
+        elif not os.access(path if path.exists() else path.parent, os.W_OK):
+            found.append(f"--log-jsonl {path}: not writable (permission denied)")
+    if log.tensorboard_dir:
+        path = Path(log.tensorboard_dir)
+        existing = next(p for p in (path, *path.parents) if p.exists())  # what makedirs would start from
+        if not existing.is_dir():
+            found.append(f"--tensorboard-dir {path}: {existing} exists and is not a directory")
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            found.append(f"--tensorboard-dir {path}: cannot write in {existing} (permission denied)")
+    return found
+
+
+@contextmanager
+def _naming_flag(flag: str) -> Iterator[None]:
+    """An OSError opening the output of `flag` as one ConfigError line naming the flag and the path."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None or not exc.strerror:
+            raise
+        raise ConfigError(f"{flag}: {exc.strerror}: {exc.filename}") from exc
+
+
 class Reporter:
     """Collects per-iteration records; the last rank (on the last pipeline stage) writes them."""
 
@@ -67,12 +105,15 @@ class Reporter:
         self.world = dist.get_world_size()
         self.is_writer = dist.get_rank() == self.world - 1
         log = run.log
-        self.jsonl = open(log.log_jsonl, "a") if (log.log_jsonl and self.is_writer) else None
-        self.tb = None
+        self.jsonl = self.tb = None
+        if log.log_jsonl and self.is_writer:
+            with _naming_flag("--log-jsonl"):  # changed since output_problems looked (a race): one line still
+                self.jsonl = open(log.log_jsonl, "a")
         if log.tensorboard_dir and self.is_writer:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log.tensorboard_dir)
+            with _naming_flag("--tensorboard-dir"):
+                self.tb = SummaryWriter(log.tensorboard_dir)
         self.wandb = _start_wandb(run) if (log.wandb_project and self.is_writer) else None
         model = trainer.model[0] if getattr(trainer, "model", None) else None
         self.device = next(model.parameters()).device if model is not None else torch.device("cpu")

@@ -32,3 +32,20 @@ def test_one_bad_config_lists_all_its_problems():
 
 def test_a_good_config_has_none():
     assert problems(pretrain_internvl.parse_run_config(["--mock-data", "--stage", "finetune"])) == []
+
+
+def test_an_expert_split_has_one_line_for_pretrain_and_the_planner():
+    """config/problems.py: expert_split_problem is the one home of the EP refusal; the planner's
+    check_divisibility raises the same line."""
+    from internvl_mcore.config import get_preset
+    from internvl_mcore.config.model import ParallelConfig
+    from internvl_mcore.config.problems import expert_split_problem, moe_problems
+    from internvl_mcore.plan.params import check_divisibility
+
+    model, par = get_preset("internvl3.5-30b-a3b"), ParallelConfig(expert_model_parallel_size=3)
+    line = expert_split_problem(model, 3)
+    assert line == f"--expert-model-parallel-size 3 does not divide the 128 experts of {model.name}"
+    assert moe_problems(model, par) == [line] and expert_split_problem(model, 4) is None
+    with pytest.raises(ConfigError) as err:
+        check_divisibility(model, par)
+    assert str(err.value) == line

@@ -88,3 +88,22 @@ def test_moe_explicit_layout_shards_experts(capsys):
     ep1 = capsys.readouterr().out
     params = [float(re.search(r"^\s+0\s+\d+\s+([\d.]+)", o, re.M).group(1)) for o in (ep4, ep1)]
     assert "EP4" in ep4 and params[0] < params[1] / 2
+
+
+def test_what_pretrain_refuses_is_refused_with_its_line(capsys):
+    """tools/plan.py runs config/problems.py's checks on the run config its flags make: a layout
+    pretrain_internvl.py refuses is refused with pretrain's line (exit 2) before anything is printed;
+    in search mode the flags every layout shares are checked (an EP on a dense model used to be ignored)."""
+    import pretrain_internvl
+    from internvl_mcore.cli_errors import one_line
+    from internvl_mcore.config.problems import problems, refusal
+
+    for flags, gpus in ((["--sequence-parallel", "--context-parallel-size", "2", "--seq-length", "90"], "2"),
+                        (["--expert-model-parallel-size", "2"], "4")):
+        flags = ["--model", "debug", "--global-batch-size", "8", *flags]
+        found = problems(pretrain_internvl.parse_run_config(["--mock-data", *flags]))
+        assert found, flags
+        assert cli.main([*flags, "--gpus", gpus]) == 2
+        out = capsys.readouterr()
+        assert out.out == "" and out.err == f"plan: error: {one_line(Exception(refusal(found)))}\n", flags
+    assert len(found) == 1 and "need an MoE model" in found[0]

@@ -3,6 +3,7 @@ any other exception, a ValueError / KeyError / OSError from a bug included, keep
 1), and INTERNVL_MCORE_TRACEBACK=1 shows the traceback of a user error too (docs/errors.md)."""
 from __future__ import annotations
 
+import errno
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from internvl_mcore.cli_errors import TRACEBACK_ENV, read_json, run_cli
-from internvl_mcore.errors import ConfigError, DataError
+from internvl_mcore.errors import ConfigError, ConversionError, DataError
 from tests.reliability.cli_helpers import REPO, assert_user_error, env, run
 
 pytestmark = pytest.mark.timeout(300)
@@ -107,3 +108,77 @@ def test_pretrain_reports_only_user_errors_as_one_line(tmp_path, capsys, monkeyp
     monkeypatch.setattr(pretrain_internvl, "check_data", check_data)
     with pytest.raises(ValueError, match="bug inside check_data"):
         pretrain_internvl.main(argv)
+
+
+def test_unwritable_outputs_are_refused_before_the_model(tmp_path, capsys, monkeypatch):
+    """--log-jsonl, --tensorboard-dir and --save that cannot be written: one line naming each (exit 2)
+    from the start-up checks every rank runs (training/loop.py: validate), before any process group or
+    model; nothing is created. (The writer rank used to find the first two after building its model.)"""
+    import pretrain_internvl
+    from internvl_mcore.config.training import LogConfig
+    from internvl_mcore.training import preemption
+    from internvl_mcore.training.metrics import output_problems
+
+    monkeypatch.setattr(preemption, "install", lambda exit_signal_handler: None)  # pytest's own signals stay
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)  # see the test above
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(SystemExit) as stop:
+        pretrain_internvl.main(["--mock-data", "--model", "debug", "--global-batch-size", "1", "--train-iters", "1",
+                                "--log-jsonl", str(tmp_path), "--tensorboard-dir", str(a_file / "tb"),
+                                "--save", str(a_file / "save")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: refusing to start: ") and err.count("\n") == 1, err
+    for needle in (f"--log-jsonl {tmp_path} is a directory", f"--tensorboard-dir {a_file / 'tb'}: {a_file} exists "
+                   "and is not a directory", f"--save {a_file / 'save'}: cannot write there"):
+        assert needle in err, err
+    assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
+
+    assert output_problems(LogConfig(log_jsonl=str(tmp_path / "no" / "log.jsonl"))) == [
+        f"--log-jsonl {tmp_path / 'no' / 'log.jsonl'}: the folder {tmp_path / 'no'} does not exist (or is not a directory)"]
+    assert output_problems(LogConfig(log_jsonl=str(tmp_path / "log.jsonl"), tensorboard_dir=str(tmp_path / "a" / "b"))) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
+
+
+def test_unreadable_hf_shard_and_tokenizer_files_are_one_line(tmp_path, monkeypatch):
+    """convert_from_hf.py (and pretrain --pretrained, the same reader) on a shard it cannot open: one line
+    naming the file, exit 2, no --save; a permission error (simulated where the files are opened: root reads
+    any file) on a shard or a tokenizer file is a ConversionError / DataError naming the file."""
+    from internvl_mcore.checkpoint import safetensors_io
+    from internvl_mcore.config import PRESETS
+    from internvl_mcore.data import tokenizer
+    from tests.convert.tiny_hf import tiny_config, write_tokenizer_config
+
+    hf = tmp_path / "hf"
+    tiny_config().save_pretrained(str(hf))
+    write_tokenizer_config(hf, PRESETS["debug"].pad_token_id)
+    (hf / "model.safetensors").mkdir()  # opening it fails with an OSError naming it, as a permission error does
+    assert_user_error(run("convert_from_hf", "--hf-dir", hf, "--save", tmp_path / "out"),
+                      f"Is a directory: {hf / 'model.safetensors'}")
+    assert not (tmp_path / "out").exists()
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(safetensors_io, "open", denied, raising=False)
+    with pytest.raises(ConversionError, match=f"^Permission denied: {hf / 'x.safetensors'}$"):
+        safetensors_io.read_safetensors_header(hf / "x.safetensors")
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    monkeypatch.setattr(tokenizer, "open", denied, raising=False)
+    with pytest.raises(DataError, match=f"^Permission denied: {tmp_path / 'tok' / 'tokenizer.json'}$"):
+        tokenizer.load_tokenizer(str(tmp_path / "tok"))
+
+
+def test_template_error_survives_pickling():
+    """A preprocessing worker's TemplateError reaches the parent pickled: its two arguments survive
+    (pickle rebuilt it from its one-message args, a TypeError)."""
+    import pickle
+
+    from internvl_mcore.errors import TemplateError
+
+    copy = pickle.loads(pickle.dumps(TemplateError("bad_record", "message 2 has no 'role'")))
+    assert type(copy) is TemplateError and (copy.reason, copy.detail) == ("bad_record", "message 2 has no 'role'")
+    assert str(copy) == "bad_record: message 2 has no 'role'"
