@@ -352,7 +352,7 @@ def device_tiling_cost(prefix: str, seq_length: int, max_seconds: float) -> dict
     clock = _Clock()
     cpu = 0.0
     while clock.wall < max_seconds or packs == 0:
-        pv = collate([next(ld)], seq_length, 0)["pixel_values"]
+        pv = collate([next(ld)], seq_length, 0)["images"].source
         c0 = time.process_time()
         pv.tiles()
         cpu += time.process_time() - c0

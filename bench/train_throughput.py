@@ -55,7 +55,7 @@ warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
 import torch  # noqa: E402
 
 from internvl_mcore.config import ModelConfig, get_preset  # noqa: E402
-from internvl_mcore.models.vision import normalize_pixels  # noqa: E402
+from internvl_mcore.data.source_images import normalize_pixels  # noqa: E402
 
 IGNORE_INDEX = -100
 

@@ -449,7 +449,7 @@ def _probe(cfg):
     from internvl_mcore.training.mock import mock_sample
 
     b = Batch.from_packs([mock_sample(0, seed=5, cfg=cfg, seq_length=256, tiles=1)], 256, cfg.pad_token_id)
-    return b.tokens, b.position_ids, b.pixel_values, b.cu_seqlens
+    return b.tokens, b.position_ids, b.images.pixel_values(), b.cu_seqlens
 
 
 def _model_on(ctx: Ctx, ckpt: Path):
@@ -524,7 +524,7 @@ def check_export(ctx: Ctx) -> Result:
     sample = Batch.from_packs([mock_sample(0, seed=5, cfg=cfg, seq_length=256, tiles=1)], 256, cfg.pad_token_id)
     n = int(sample.cu_seqlens[1])  # the first sample of the pack: transformers takes no packs
     ids = sample.tokens[:, :n].to(ctx.device)
-    pixels = sample.pixel_values[:1].to(ctx.device)
+    pixels = sample.images.pixel_values()[:1].to(ctx.device)
     pos = torch.arange(n, dtype=torch.float32, device=ctx.device)[None]
     hf = InternVLForConditionalGeneration.from_pretrained(str(ctx.work / "hf"), dtype=torch.float32)
     hf = hf.to(ctx.device).eval()

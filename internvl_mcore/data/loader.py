@@ -35,7 +35,7 @@ from .image import decode_rgb, random_jpeg_recompress
 from .preference import expand_pair_tiles, pair_segments
 from .sample import DecodedImages, PackedSample
 from .shards import SOURCE_HEADER, RawPack, ShardReader, decode_tiles, manifest_path, source_tiling
-from .source_images import source_images_of
+from .source_images import Images
 from .workers import WorkerError, WorkerPool
 
 IMAGE_TILINGS = ("loader", "device")
@@ -544,11 +544,9 @@ def collate(samples: Sequence[PackedSample], seq_length: int, pad_id: int) -> di
         cu_seqlens    (N+1,) int32    segment boundaries over the B*S tokens flattened row-major
                                       (row b starts at b*S); each row's padding tail is its own
                                       segment, so every token belongs to exactly one segment
-        pixel_values  (T, H, W, 3) uint8    RGB tiles of all packs, in token order (the model
-                                            normalizes them on its device; mock packs: (T, 3, H, W)
-                                            normalized floats); a SourceImages that makes them on the
-                                            model's device when the packs carry decoded images
-                                            (--image-tiling device)
+        images        Images          the tiles of all packs, in token order, in the form the packs
+                                      carry them (data/source_images.py: Images; its pixel_values()
+                                      makes the vision model's input on the device)
         num_tiles     (n_images,) int32     tiles per image, in token order
         pairs         (P, 2) int64    preference packs: [chosen, rejected] segment indices (empty otherwise)
     """
@@ -570,11 +568,6 @@ def collate(samples: Sequence[PackedSample], seq_length: int, pad_id: int) -> di
         if n < S:  # the padding tail is a segment of its own
             bounds.append((b + 1) * S)
         seg_per_row.append(len(cu) - 1 + int(n < S))
-    if any(s.images is not None for s in samples):
-        pixel_values = source_images_of([s.images if s.images is not None else DecodedImages.from_tiles(s.tiles)
-                                         for s in samples], int(samples[0].tiles.shape[1]))
-    else:  # uint8 tiles (numpy, or shared-memory tensors from the workers); mock packs' float tiles
-        pixel_values = torch.cat([torch.as_tensor(s.tiles) for s in samples])
     num_tiles = np.concatenate([np.asarray(s.num_tiles, dtype=np.int32) for s in samples])
     return {
         "tokens": torch.from_numpy(tokens),
@@ -582,7 +575,7 @@ def collate(samples: Sequence[PackedSample], seq_length: int, pad_id: int) -> di
         "loss_weight": torch.from_numpy(weight),
         "position_ids": torch.from_numpy(position_ids),
         "cu_seqlens": torch.from_numpy(np.asarray(bounds, dtype=np.int32)),
-        "pixel_values": pixel_values,  # (T, H, W, 3) uint8 or SourceImages
+        "images": Images.of_packs(samples),
         "num_tiles": torch.from_numpy(num_tiles),
         "pairs": torch.from_numpy(pair_segments(seg_per_row, [s.pairs for s in samples])),
     }

@@ -1,21 +1,25 @@
-"""A batch's images decoded but not tiled, tiled on the model's device (`--image-tiling device`).
+"""A batch's images (`Images`, the one type the collate makes of them) and their device tiling.
 
-The loader decodes each "source" image once and ships its pixels with the grid picked at preprocessing;
-the first pipeline stage cuts the tiles on its device with `resample.resize_rgb`, Pillow's bicubic resize
-re-implemented exactly, so the tiles are byte-identical to the loader's `image.cut_tiles`. The batch's
-`pixel_values` is then a `SourceImages` instead of a (T, S, S, 3) tensor; it behaves like one where the
-training code looks at it (`.shape`, `.to(device, non_blocking=...)`, `.pin_memory()`).
+`Images` carries the images in the form the data made them, uint8 tiles cut on the host, the decoded
+images of `--image-tiling device` (`SourceImages`) or mock data's normalized floats, and
+`Images.pixel_values()` makes the vision model's input from any of them on their device: consumers call
+that one method and never look at the form.
+
+Device tiling: the loader decodes each "source" image once and ships its pixels with the grid picked at
+preprocessing; the first pipeline stage cuts the tiles on its device with `resample.resize_rgb`, Pillow's
+bicubic resize re-implemented exactly, so the tiles are byte-identical to the loader's `image.cut_tiles`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
+from .image import IMAGENET_MEAN, IMAGENET_STD
 from .resample import resize_rgb
-from .sample import DecodedImages
+from .sample import DecodedImages, PackedSample
 
 
 @dataclass
@@ -87,11 +91,6 @@ def cut_tiles_on_device(pixels: torch.Tensor, table: torch.Tensor, tile_size: in
     return out
 
 
-def tile_pixel_values(pixel_values: torch.Tensor | SourceImages) -> torch.Tensor:
-    """Tiles from either kind of `pixel_values` (a tensor passes through)."""
-    return pixel_values.tiles() if isinstance(pixel_values, SourceImages) else pixel_values
-
-
 def source_images_of(packs: list[DecodedImages], tile_size: int) -> SourceImages:
     """One batch's SourceImages from its packs' decoded images, in order."""
     return SourceImages.from_numpy(DecodedImages.concat(packs), tile_size)
@@ -100,3 +99,76 @@ def source_images_of(packs: list[DecodedImages], tile_size: int) -> SourceImages
 def numpy_tiles(images: DecodedImages, tile_size: int) -> np.ndarray:
     """The tiles of `images` computed with torch on the CPU (tests and benchmarks)."""
     return cut_tiles_on_device(torch.from_numpy(images.pixels), torch.from_numpy(images.table), tile_size).numpy()
+
+
+def normalize_pixels(tiles: torch.Tensor) -> torch.Tensor:
+    """(T, H, W, 3) uint8 RGB tiles -> (T, 3, H, W) float32, scaled to [0, 1] and ImageNet-normalized
+    (InternVL's ToTensor + Normalize) on the tiles' own device, so the data loader ships uint8 (4x fewer
+    bytes) and the CPU never makes float tiles."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=tiles.device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=tiles.device)[:, None, None]
+    x = tiles.permute(0, 3, 1, 2).float()  # (T, 3, H, W)
+    return (x / 255.0 - mean) / std  # the same float32 operations as data/image.py normalize_tiles
+
+
+@dataclass
+class Images:
+    """A batch's images, all tiles in batch order, in the one form its data made; exactly one field is set.
+
+    tiles       (T, S, S, 3) uint8 RGB cut on the host (--image-tiling host): normalized on their device.
+    source      the decoded images of --image-tiling device: cut on their device, then normalized.
+    normalized  (T, 3, S, S) float32 already normalized: mock data's random floats (no image bytes behind
+                them; floats keep mock runs' numbers, which tools/gpu_reference.json pins)."""
+
+    tiles: Optional[torch.Tensor] = None
+    source: Optional[SourceImages] = None
+    normalized: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        if sum(x is not None for x in (self.tiles, self.source, self.normalized)) != 1:
+            raise TypeError("Images holds exactly one of tiles, source, normalized")
+
+    @staticmethod
+    def of_packs(samples: Sequence[PackedSample]) -> "Images":
+        """The images of `samples` in order: their (T, S, S, 3) uint8 tiles (mock packs: (T, 3, S, S)
+        normalized floats), or their decoded images where any pack carries them (--image-tiling device)."""
+        if any(s.images is not None for s in samples):
+            packs = [s.images if s.images is not None else DecodedImages.from_tiles(s.tiles) for s in samples]
+            return Images(source=source_images_of(packs, int(samples[0].tiles.shape[1])))
+        tiles = torch.cat([torch.as_tensor(s.tiles) for s in samples])  # numpy, or the workers' shared memory
+        return Images(tiles=tiles) if tiles.dtype == torch.uint8 else Images(normalized=tiles)
+
+    @property
+    def num_tiles(self) -> int:
+        """T, the number of tiles (of the vision model's input)."""
+        return self.source.num_tiles if self.source is not None else int(self._tensor().shape[0])
+
+    def pixel_values(self) -> torch.Tensor:
+        """(T, 3, S, S) float32 normalized tiles on the images' device: the vision model's input."""
+        if self.source is not None:
+            return self.device_tiled()
+        return self.host_tiled() if self.tiles is not None else self.normalized
+
+    def host_tiled(self) -> torch.Tensor:
+        """The host-cut uint8 tiles normalized on their device."""
+        return normalize_pixels(self.tiles)
+
+    def device_tiled(self) -> torch.Tensor:
+        """The source images cut into tiles on their device (`SourceImages.tiles`, computed once per
+        object: MPO's reference forward reuses them), normalized there."""
+        return normalize_pixels(self.source.tiles())
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Images":
+        """The same images on `device` (a source table stays on the host)."""
+        moved = {k: None if v is None else v.to(device, non_blocking=non_blocking) for k, v in self._fields()}
+        return Images(**moved)
+
+    def pin_memory(self) -> "Images":
+        """The same images in page-locked memory (copies to a GPU asynchronously)."""
+        return Images(**{k: None if v is None else v.pin_memory() for k, v in self._fields()})
+
+    def _fields(self) -> list[tuple[str, object]]:
+        return [("tiles", self.tiles), ("source", self.source), ("normalized", self.normalized)]
+
+    def _tensor(self) -> torch.Tensor:
+        return self.tiles if self.tiles is not None else self.normalized

@@ -21,7 +21,6 @@ from ..config.device import resolve_device
 from ..config.megatron import llm_transformer_config, projector_transformer_config, vision_transformer_config
 from ..config.model import ModelConfig, ParallelConfig
 from ..config.training import DEFAULT_COMPUTE, ComputeConfig
-from ..data.source_images import SourceImages, tile_pixel_values
 from ..parallel.attention import PackedSDPAttention, packed_seq_params_from_cu_seqlens
 from ..parallel.context_parallel import TokenSplit, cp_core_attention, cp_path_line, cp_split_choice
 from . import rope
@@ -105,11 +104,10 @@ class InternVLModel(MegatronModule):
         return super().sharded_state_dict(prefix, sharded_offsets, metadata)
 
     # --- forward -------------------------------------------------------------------------------
-    def image_features(self, pixel_values: torch.Tensor | SourceImages) -> torch.Tensor:
-        """Tiles -> (T * num_image_token, H_llm) LLM-space features. `pixel_values`: (T, H, W, 3) uint8 or
-        (T, 3, H, W) normalized float tiles, or the decoded images of --image-tiling device, tiled here on
-        their device (byte-identical to the loader's tiles)."""
-        feats = self.vision_model(tile_pixel_values(pixel_values))[:, 1:]  # (T, N, C), CLS dropped
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Tiles -> (T * num_image_token, H_llm) LLM-space features. `pixel_values`: (T, 3, H, W)
+        normalized float tiles (a batch's `Images.pixel_values()`, data/source_images.py)."""
+        feats = self.vision_model(pixel_values)[:, 1:]  # (T, N, C), CLS dropped
         t, n, c = feats.shape
         side = int(n ** 0.5)
         feats = pixel_shuffle_v2(feats.reshape(t, side, side, c), self.model_cfg.downsample_ratio)
@@ -122,14 +120,13 @@ class InternVLModel(MegatronModule):
         return TokenSplit.build(self.cp_layout, cu_seqlens, shape, self.cp_group)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                pixel_values: Optional[torch.Tensor | SourceImages] = None, labels: Optional[torch.Tensor] = None,
+                pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                 cu_seqlens: Optional[torch.Tensor] = None, loss_weight: Optional[torch.Tensor] = None,
                 split: Optional[TokenSplit] = None) -> torch.Tensor:
         """input_ids (B, S) int of the whole microbatch (the image features are spliced into the full
-        sequence, then the embeddings are split); pixel_values (T, H, W, 3) uint8 or (T, 3, H, W)
-        normalized float tiles of all images in batch order (or a SourceImages that makes the uint8
-        tiles, see image_features); cu_seqlens: global sample boundaries over the batch-major flattened
-        B*S tokens (None: one sample per row); split: the microbatch's `token_split` (may be omitted
+        sequence, then the embeddings are split); pixel_values (T, 3, H, W) normalized float tiles of
+        all images in batch order (see image_features); cu_seqlens: global sample boundaries over the
+        batch-major flattened B*S tokens (None: one sample per row); split: the microbatch's `token_split` (may be omitted
         without CP). This CP rank's tokens (`split.split(t)`; the whole (B, S) tensors without CP):
         position_ids float (V2PE); labels next-token targets; loss_weight: the tokens whose loss is used
         (nonzero), the only ones the last stage computes logits for (others' losses are 0).

@@ -26,7 +26,6 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, mak
 from torch import nn
 
 from ..config.model import VisionConfig
-from ..data.image import IMAGENET_MEAN, IMAGENET_STD
 
 
 class FullWidthQKNorm(nn.Module):
@@ -107,18 +106,6 @@ class InternViTLayer(TransformerLayer):
         return hidden_states, None
 
 
-def normalize_pixels(pixel_values: torch.Tensor) -> torch.Tensor:
-    """(T, H, W, 3) uint8 RGB tiles -> (T, 3, H, W) float32, scaled to [0, 1] and ImageNet-normalized
-    (InternVL's ToTensor + Normalize) on the tiles' own device, so the data loader ships uint8 (4x fewer
-    bytes) and the CPU never makes float tiles. Float input is taken as already normalized (T, 3, H, W)."""
-    if pixel_values.dtype != torch.uint8:
-        return pixel_values
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=pixel_values.device)[:, None, None]
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=pixel_values.device)[:, None, None]
-    x = pixel_values.permute(0, 3, 1, 2).float()  # (T, 3, H, W)
-    return (x / 255.0 - mean) / std  # the same float32 operations as data/image.py normalize_tiles
-
-
 class InternViTEmbeddings(nn.Module):
     """Patch conv + class token + learned position embedding (bicubic-interpolated off-size)."""
 
@@ -140,9 +127,8 @@ class InternViTEmbeddings(nn.Module):
         grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
         return grid.to(pos.dtype).reshape(1, c, h * w).permute(0, 2, 1)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (T, H, W, 3) uint8 or (T, 3, H, W) float
-        pixels = normalize_pixels(pixel_values)  # (T, 3, H, W)
-        patches = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # (T, C, h, w)
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (T, 3, H, W) normalized float
+        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (T, C, h, w)
         t, c, h, w = patches.shape
         patches = patches.flatten(2).transpose(1, 2)  # (T, h*w, C)
         cls = self.class_embedding.expand(t, 1, c)

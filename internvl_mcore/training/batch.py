@@ -1,5 +1,7 @@
 """The microbatch the forward step consumes, whatever the data source: shards and mock data go
-through the same collate (data/loader.py: collate, via `Batch.from_packs`)."""
+through the same collate (data/loader.py: collate, via `Batch.from_packs`). Its images are one type,
+`Images` (made by the collate, so it lives in data/source_images.py): the forward step calls
+`Images.pixel_values()` whatever the tiling."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,7 +11,9 @@ import torch
 
 from ..data.loader import collate
 from ..data.sample import PackedSample
-from ..data.source_images import SourceImages
+from ..data.source_images import Images
+
+__all__ = ["Batch", "Images"]
 
 
 @dataclass
@@ -27,10 +31,11 @@ class Batch:
     """(B, S) float32 V2PE positions."""
     cu_seqlens: torch.Tensor
     """(n+1,) int32 sample boundaries over the batch-major flattened B*S tokens."""
-    pixel_values: torch.Tensor | SourceImages
-    """Tiles of every image, in batch order: (T, H, W, 3) uint8 RGB from shards (the vision model
-    normalizes them on its device), (T, 3, H, W) float32 already normalized (mock data), or the decoded
-    images the first pipeline stage tiles on its device (--image-tiling device; `.shape` is the tiles')."""
+    images: Optional[Images]
+    """Tiles of every image, in batch order, as the data made them: uint8 tiles cut on the host, decoded
+    images the first pipeline stage tiles on its device (--image-tiling device), or mock data's normalized
+    floats; `images.pixel_values()` is the vision model's input on their device. None on the pipeline
+    stages after the first (training/step.py: batch_for_stage)."""
     pairs: Optional[torch.Tensor] = None
     """(P, 2) int64 [chosen, rejected] segment indices (cu_seqlens segments) of preference data (--stage mpo)."""
     ref_logps: Optional[torch.Tensor] = None
@@ -41,7 +46,7 @@ class Batch:
         """The batch of `packs` (data/loader.py: collate pads and stacks them)."""
         d = collate(packs, seq_length, pad_id)
         return Batch(tokens=d["tokens"], labels=d["labels"], loss_weight=d["loss_weight"],
-                     position_ids=d["position_ids"], cu_seqlens=d["cu_seqlens"], pixel_values=d["pixel_values"],
+                     position_ids=d["position_ids"], cu_seqlens=d["cu_seqlens"], images=d["images"],
                      pairs=d["pairs"] if d["pairs"].shape[0] else None)
 
     def targets(self) -> torch.Tensor:

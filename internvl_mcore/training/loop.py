@@ -350,7 +350,7 @@ def train_step(trainer: Trainer) -> dict:
                                        ("projector", plan.train_projector), ("llm", plan.train_llm)) if on]
     return {"loss": loss, "grad_norm": grad_norm if grad_norm is not None else float("nan"),
             "lr": trainer.optimizer.param_groups[0]["lr"],
-            "tiles": sum(int(b.pixel_values.shape[0]) for b in batches) * trainer.dp_size,
+            "tiles": sum(b.images.num_tiles for b in batches) * trainer.dp_size,
             "nonpad_tokens": tokens * trainer.dp_size, "trainable": trainable, "data_s": data_s,
             # this rank's packed sample lengths, scaled to the job (every DP rank sees a like mix)
             "attention_lengths": [int(n) for b in batches for n in (b.cu_seqlens[1:] - b.cu_seqlens[:-1])] * trainer.dp_size,

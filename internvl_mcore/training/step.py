@@ -30,8 +30,8 @@ def batch_for_stage(batch: Batch, model: torch.nn.Module) -> Batch:
     """The microbatch as this pipeline stage runs it: on the model's device (--device), and with the
     image bytes only on the first stage (the only one that reads pixels; later stages would copy
     every tile to the device for nothing)."""
-    if batch.pixel_values is not None and not getattr(unwrap_model(model), "pre_process", True):
-        batch = dataclasses.replace(batch, pixel_values=None)
+    if batch.images is not None and not getattr(unwrap_model(model), "pre_process", True):
+        batch = dataclasses.replace(batch, images=None)
     device = next(model.parameters()).device
     return batch.to(device) if device.type != "cpu" else batch
 
@@ -42,7 +42,8 @@ def run_model(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, Token
     the whole sequence, then splits the embeddings with it, and it gets this CP rank's positions,
     labels and loss weights (whose nonzero entries pick the tokens the last stage computes losses for)."""
     split = unwrap_model(model).token_split(batch.cu_seqlens, batch.tokens.shape)
-    output = model(batch.tokens, split.split(batch.position_ids), pixel_values=batch.pixel_values,
+    pixel_values = batch.images.pixel_values() if batch.images is not None else None  # normalized, on the device
+    output = model(batch.tokens, split.split(batch.position_ids), pixel_values=pixel_values,
                    labels=split.split(batch.labels), cu_seqlens=batch.cu_seqlens,
                    loss_weight=split.split(batch.loss_weight), split=split)
     return output, split

@@ -14,7 +14,7 @@ from internvl_mcore.data.loader import PackedDataLoader, collate
 from internvl_mcore.data.resample import DEVICE_COEFFICIENTS, PASS_ORDERS, pass_order
 from internvl_mcore.data import resample
 from internvl_mcore.data.sample import DecodedImages
-from internvl_mcore.data.source_images import SourceImages, cut_tiles_on_device
+from internvl_mcore.data.source_images import Images, SourceImages, cut_tiles_on_device, normalize_pixels
 from internvl_mcore.training.data import resolve_image_tiling
 from internvl_mcore.errors import DataError
 from tests.fixtures import make_dataset_fixture, make_tokenizer_dir, write_image
@@ -63,8 +63,9 @@ def batches(prefixes, tiling, n, workers=0, seed=3, **kw):
 
 def assert_same_tiles(loader_batches, device_batches):
     for k, (a, b) in enumerate(zip(loader_batches, device_batches)):
-        assert isinstance(b["pixel_values"], SourceImages) and b["pixel_values"].shape == a["pixel_values"].shape
-        assert torch.equal(b["pixel_values"].tiles(), a["pixel_values"]), f"batch {k}"
+        assert b["images"].source is not None and b["images"].num_tiles == a["images"].num_tiles
+        assert torch.equal(b["images"].source.tiles(), a["images"].tiles), f"batch {k}"
+        assert torch.equal(b["images"].pixel_values(), a["images"].pixel_values()), f"batch {k}"
         for key in ("tokens", "num_tiles", "cu_seqlens", "pairs"):
             assert torch.equal(a[key], b[key]), key
 
@@ -74,7 +75,7 @@ def test_device_tiles_equal_loader_tiles(shard_sets, name):
     """Mixed packs (all fixture kinds, augmented or not, blended with the other sets), 0 and 2 workers."""
     blend = [shard_sets[name], shard_sets["source" if name != "source" else "raw"]]
     want = batches(blend, "loader", 6)
-    assert sum(int(b["pixel_values"].shape[0]) for b in want) > 20
+    assert sum(b["images"].num_tiles for b in want) > 20
     for workers in (0, 2):
         assert_same_tiles(want, batches(blend, "device", 6, workers))
     assert_same_tiles(batches(blend, "loader", 4, augment=False), batches(blend, "device", 4, augment=False))
@@ -109,11 +110,11 @@ def test_preference_pairs_share_their_pixels(shard_sets):
     want = batches([shard_sets["pref"]], "loader", 3)
     got = batches([shard_sets["pref"]], "device", 3)
     assert_same_tiles(want, got)
-    table = got[0]["pixel_values"].table
+    table = got[0]["images"].source.table
     offsets = table[:, 5].tolist()
     assert len(set(offsets)) < len(offsets)  # shared
     sizes = {o: int(h * w * 3) for h, w, *_, o in table.tolist()}
-    assert got[0]["pixel_values"].pixels.numel() == sum(sizes.values())
+    assert got[0]["images"].source.pixels.numel() == sum(sizes.values())
 
 
 @pytest.mark.parametrize("workers,resume_workers", [(0, 2), (2, 1), (1, 0)])
@@ -175,6 +176,29 @@ def test_source_images_quacks_like_the_tiles_tensor():
     assert moved.device.type == "meta" and moved.table is pv.table
     assert pv.tiles() is pv.tiles()  # computed once (MPO's reference forward reuses them)
     assert torch.equal(cut_tiles_on_device(pv.pixels, pv.table, 8), torch.from_numpy(images.pixels).view(2, 8, 8, 3))
+
+
+def test_images_give_one_model_input_whatever_the_tiling():
+    """The batch's one image type: each form the data makes (host tiles, source images, mock data's
+    normalized floats) gives the same vision input through `pixel_values()`; the collate picks the form."""
+    tiles = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8))
+    floats = normalize_pixels(tiles)
+    source = SourceImages.from_numpy(DecodedImages.from_tiles(tiles.numpy()), 8)
+    forms = [Images(tiles=tiles), Images(source=source), Images(normalized=floats)]
+    for im in forms:
+        assert im.num_tiles == 3 and torch.equal(im.pixel_values(), floats)
+        moved = im.pin_memory() if torch.cuda.is_available() else im.to("cpu", non_blocking=True)
+        assert type(moved) is Images and moved is not im and torch.equal(moved.pixel_values(), floats)
+    for wrong in ({}, {"tiles": tiles, "normalized": floats}):
+        with pytest.raises(TypeError, match="exactly one"):
+            Images(**wrong)
+
+    def pack(t, images=None):
+        return type("Pack", (), {"tiles": t, "images": images})()
+    assert Images.of_packs([pack(tiles.numpy()), pack(tiles.numpy())]).tiles.shape == (6, 8, 8, 3)
+    assert Images.of_packs([pack(floats)]).normalized is not None  # mock packs
+    mixed = Images.of_packs([pack(tiles.numpy()), pack(tiles.numpy(), DecodedImages.from_tiles(tiles.numpy()))])
+    assert mixed.num_tiles == 6 and torch.equal(mixed.pixel_values(), torch.cat([floats, floats]))
 
 
 def test_resolve_image_tiling(monkeypatch):

@@ -7,7 +7,7 @@ import torch
 
 from internvl_mcore.data.image import JPEG_QUALITIES, jpeg_recompress, normalize_tiles
 from internvl_mcore.data.loader import PackedDataLoader, collate, parse_data_path
-from internvl_mcore.models.vision import normalize_pixels
+from internvl_mcore.data.source_images import Images, normalize_pixels
 from internvl_mcore.data.sample import PackedSample
 from internvl_mcore.data.shards import EncodedSample, ShardReader, ShardWriter, encode_tiles
 from internvl_mcore.errors import DataError
@@ -258,7 +258,7 @@ def test_collate_shapes_labels_and_segments():
     assert b["labels"][1].tolist() == [31, 32, 33, 34, 35, 36, 37, 0]
     assert b["cu_seqlens"].tolist() == [0, 4, 7, 8, 16] and b["cu_seqlens"].dtype == torch.int32
     assert b["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 5, 6, 0]  # padding restarts
-    assert b["pixel_values"].shape == (6, 4, 4, 3) and b["pixel_values"].dtype == torch.uint8
+    assert b["images"].tiles.shape == (6, 4, 4, 3) and b["images"].tiles.dtype == torch.uint8
     assert b["num_tiles"].tolist() == [2, 1, 3]
     with pytest.raises(ValueError, match="seq_length"):
         collate([s2], seq_length=7, pad_id=0)
@@ -276,7 +276,7 @@ def test_device_normalization_matches_cpu_float_path():
         assert got.shape == (3, 3, 20, 24) and got.dtype == torch.float32
         assert (got - want).abs().max().item() <= 1e-6, device
     floats = torch.randn(2, 3, 4, 4)
-    assert normalize_pixels(floats) is floats  # float tiles are already normalized
+    assert Images(normalized=floats).pixel_values() is floats  # float tiles are already normalized
     assert normalize_pixels(torch.zeros(0, 4, 4, 3, dtype=torch.uint8)).shape == (0, 3, 4, 4)
 
 

@@ -128,7 +128,7 @@ def test_data_parallel_ranks_get_whole_pairs(pref):
             n = int(np.flatnonzero(targets[cu[c]:cu[c + 1]])[0])
             assert np.array_equal(tokens[cu[c]:cu[c] + n], tokens[cu[rj]:cu[rj] + n])
         # the rejected sequences get their pair's tiles again: one image per <img> block in the tokens
-        assert d["pixel_values"].shape[0] == int(d["num_tiles"].sum())
+        assert d["images"].num_tiles == int(d["num_tiles"].sum())
         for p in packs:
             seen += [(s["dataset"], s["line"]) for s in p.source[::2]]
     assert len(seen) == len(set(seen))  # ranks read disjoint packs, no pair split between them

@@ -237,9 +237,9 @@ def test_usage_command_at_16384(data, tmp_path):
     ld = PackedDataLoader([str(out)], seed=0)
     batch = collate([next(ld) for _ in range(2)], seq_length=16384, pad_id=0)
     assert batch["tokens"].shape == (2, 16384)
-    assert batch["pixel_values"].shape[1:] == (fx.image_size, fx.image_size, 3)  # uint8, normalized on the device
-    assert batch["pixel_values"].dtype == torch.uint8
-    assert int(batch["num_tiles"].sum()) == batch["pixel_values"].shape[0]
+    assert batch["images"].tiles.shape[1:] == (fx.image_size, fx.image_size, 3)  # uint8, normalized on the device
+    assert batch["images"].tiles.dtype == torch.uint8
+    assert int(batch["num_tiles"].sum()) == batch["images"].num_tiles
 
 
 def test_model_preset_sets_image_geometry(data, tmp_path):

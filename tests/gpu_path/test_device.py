@@ -95,11 +95,11 @@ def test_loop_reductions_run_on_the_comm_device_not_the_loss_device(world, monke
         raise _Checked
 
     monkeypatch.setattr(dist, "all_reduce", checking_all_reduce)
-    from internvl_mcore.training.batch import Batch
+    from internvl_mcore.training.batch import Batch, Images
 
     batch = Batch(tokens=torch.zeros(1, 8, dtype=torch.long), labels=torch.zeros(1, 8, dtype=torch.long),
                   loss_weight=torch.ones(1, 8), position_ids=torch.zeros(1, 8), cu_seqlens=torch.tensor([0, 3, 8]),
-                  pixel_values=torch.zeros(0, 3, 4, 4))
+                  images=Images(normalized=torch.zeros(0, 3, 4, 4)))
     trainer = SimpleNamespace(batches=iter([batch]), num_microbatches=1, pg=SimpleNamespace(dp=None),
                               run=SimpleNamespace(train=SimpleNamespace(loss_reduction="sample")))
     monkeypatch.setattr(loop, "loss_weights", lambda b, reduction: torch.full_like(b.loss_weight, 0.5))

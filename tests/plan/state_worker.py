@@ -84,7 +84,7 @@ def saved_activation_bytes(model, cfg, par, seq, tiles, dtype):
         x = torch.randn(seq // sp, 1, cfg.llm.hidden_size, dtype=dtype, requires_grad=True)
         model.set_input_tensor(x)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(batch.tokens, batch.position_ids, pixel_values=batch.pixel_values.to(dtype),
+        out = model(batch.tokens, batch.position_ids, pixel_values=batch.images.pixel_values().to(dtype),
                     labels=batch.labels, cu_seqlens=batch.cu_seqlens)
     del out
     model.set_input_tensor(None)
@@ -107,13 +107,13 @@ def measured_flops(model, cfg, seq=128):
     }
     batch = Batch.from_packs([mock_sample(7, 9, cfg, seq, 1), mock_sample(8, 9, cfg, seq, 1)], seq, cfg.pad_token_id)
     args = (batch.tokens, batch.position_ids)
-    kw = dict(pixel_values=batch.pixel_values, labels=batch.labels, cu_seqlens=batch.cu_seqlens)
+    kw = dict(pixel_values=batch.images.pixel_values(), labels=batch.labels, cu_seqlens=batch.cu_seqlens)
     with FlopCounterMode(display=False, custom_mapping=mapping) as fwd:
         model(*args, **kw)
     with FlopCounterMode(display=False, custom_mapping=mapping) as both:
         model(*args, **kw).sum().backward()
     return dict(forward=fwd.get_total_flops(), train=both.get_total_flops(), tokens=2 * seq,
-                tiles=int(batch.pixel_values.shape[0]),
+                tiles=batch.images.num_tiles,
                 lengths=(batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist())
 
 

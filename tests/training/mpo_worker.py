@@ -83,7 +83,8 @@ def formula_check(shards: str) -> dict:
     before = mpo.RunningMean(ctx.running.mean, ctx.running.count)
     with torch.no_grad():
         mpo.run_reference(ref, [batch], ctx, 800, 2)
-        per_token = policy(batch.tokens, batch.position_ids, pixel_values=batch.pixel_values, labels=batch.labels,
+        pixels = batch.images.pixel_values()
+        per_token = policy(batch.tokens, batch.position_ids, pixel_values=pixels, labels=batch.labels,
                            cu_seqlens=batch.cu_seqlens)
         split = policy.token_split(batch.cu_seqlens, batch.tokens.shape)  # one process: every token
         total, count, logged = mpo.mpo_loss_func(batch, split, ctx, per_token)
@@ -92,8 +93,8 @@ def formula_check(shards: str) -> dict:
         ours = mpo.pair_losses(logps[c], logps[r], batch.ref_logps[c], batch.ref_logps[r], n_tok[c], ctx.beta,
                                ctx.weights, ctx.running.mean)
         # plain PyTorch: unpack each segment into its own row, InternVL-style unshifted labels
-        lp = policy(batch.tokens, batch.position_ids, pixel_values=batch.pixel_values, cu_seqlens=batch.cu_seqlens)
-        lr = ref(batch.tokens, batch.position_ids, pixel_values=batch.pixel_values, cu_seqlens=batch.cu_seqlens)
+        lp = policy(batch.tokens, batch.position_ids, pixel_values=pixels, cu_seqlens=batch.cu_seqlens)
+        lr = ref(batch.tokens, batch.position_ids, pixel_values=pixels, cu_seqlens=batch.cu_seqlens)
         flat_pi, flat_ref = lp.reshape(-1, lp.shape[-1]), lr.reshape(-1, lr.shape[-1])
         flat_lab = batch.labels.masked_fill(batch.loss_weight == 0, -100).reshape(-1)
         cu = batch.cu_seqlens.long()

@@ -11,7 +11,7 @@ import torch
 
 from internvl_mcore.parallel.context_parallel import TokenSplit
 from internvl_mcore.training import mpo
-from internvl_mcore.training.batch import Batch
+from internvl_mcore.training.batch import Batch, Images
 from internvl_mcore.training.step import forward_step
 
 
@@ -36,7 +36,7 @@ def _batch() -> Batch:
     s = 8
     return Batch(tokens=torch.zeros(1, s, dtype=torch.long), labels=torch.zeros(1, s, dtype=torch.long),
                  loss_weight=torch.ones(1, s), position_ids=torch.arange(s, dtype=torch.float32)[None],
-                 cu_seqlens=torch.tensor([0, 4, 8], dtype=torch.int32), pixel_values=torch.zeros(2, 3, 4, 4),
+                 cu_seqlens=torch.tensor([0, 4, 8], dtype=torch.int32), images=Images(normalized=torch.zeros(2, 3, 4, 4)),
                  pairs=torch.tensor([[0, 1]]), ref_logps=torch.zeros(2))
 
 
