@@ -24,7 +24,6 @@ from internvl_mcore.config.lora import LoRAConfig
 from internvl_mcore.config.needs import ignored_flags
 from internvl_mcore.config.training import (CheckpointConfig, ComputeConfig, DataConfig, LogConfig, RunConfig,
                                            TrainConfig)
-from internvl_mcore.convert.source import resolve_model
 from internvl_mcore.errors import ConversionError
 
 
@@ -54,6 +53,8 @@ def parse_run_config(argv: list[str]) -> RunConfig:
     ignored = ignored_flags(parser, ns, explicit_dests(parser, argv))
     if ignored:  # a flag that would silently change nothing (config/needs.py)
         parser.error("refusing to start: " + "; ".join(ignored))
+    from internvl_mcore.convert.source import resolve_model  # imports torch: not for --help or a flag error
+
     try:
         model = resolve_model(ns.model)
     except ConversionError as exc:

@@ -30,7 +30,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from internvl_mcore.checkpoint.safetensors_io import parse_size  # noqa: E402
+
+def parse_size(text: str) -> int:
+    """--max-shard-size; safetensors_io (and so torch) is imported only when the flag is given, so that
+    --help and the path checks answer without torch's import."""
+    from internvl_mcore.checkpoint.safetensors_io import parse_size as parse
+
+    return parse(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", required=True, metavar="CKPT", help="output checkpoint directory")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1, metavar="T")
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1, metavar="P")
-    p.add_argument("--max-shard-size", type=parse_size, default="2GB", help="largest safetensors shard (default 2GB)")
+    p.add_argument("--max-shard-size", type=parse_size, default=2 * 1024**3,
+                   help="largest safetensors shard (default 2GB)")
     p.add_argument("--no-verify", action="store_true", help="do not check that T x P divides the model")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --save directory "
                    "(its *.safetensors, index and model_config.json are removed first, other files are kept)")
@@ -71,13 +78,14 @@ def main(argv: list[str] | None = None) -> int:
 def convert(args: argparse.Namespace) -> int:
     from internvl_mcore.cli_errors import disk_full_names
     from internvl_mcore.config import ParallelConfig
-    from internvl_mcore.convert import convert_hf_to_checkpoint, model_config_from_hf, read_hf_config
     from internvl_mcore.plan.params import stage_params
     from internvl_mcore.staging import CANONICAL_FILES, staged_dir
 
     layout = ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
                             pipeline_model_parallel_size=args.pipeline_model_parallel_size)
     check_paths(args)
+    from internvl_mcore.convert import convert_hf_to_checkpoint, model_config_from_hf, read_hf_config  # torch
+
     if not args.no_verify and os.path.isdir(args.hf_dir):
         cfg, _ = model_config_from_hf(read_hf_config(args.hf_dir), args.hf_dir)
         for stage in range(layout.pipeline_model_parallel_size):  # every rank's parameters exist in this layout

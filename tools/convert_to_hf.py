@@ -32,7 +32,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from internvl_mcore.checkpoint.safetensors_io import parse_size  # noqa: E402
+
+def parse_size(text: str) -> int:
+    """--max-shard-size; safetensors_io (and so torch) is imported only when the flag is given, so that
+    --help and the path checks answer without torch's import."""
+    from internvl_mcore.checkpoint.safetensors_io import parse_size as parse
+
+    return parse(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=("internvl", "transformers"))
     p.add_argument("--hf-template-dir", metavar="DIR", help="the HF checkpoint the model started from")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="output dtype (default: the source's)")
-    p.add_argument("--max-shard-size", type=parse_size, default="2GB", help="largest safetensors shard (default 2GB)")
+    p.add_argument("--max-shard-size", type=parse_size, default=2 * 1024**3,
+                   help="largest safetensors shard (default 2GB)")
     # LoRA training checkpoints (internvl_mcore/convert/lora_export.py)
     p.add_argument("--merge-lora", action="store_true", help="LoRA checkpoint: write the full model with the "
                    "adapters merged into the weights (either --format)")
