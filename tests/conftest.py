@@ -62,6 +62,27 @@ def preference_shards(tmp_path_factory):
     return str(prefix)
 
 
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def one_process(script, args: list[str], timeout: float = 400.0) -> subprocess.CompletedProcess:
+    """`script args` as one process without torchrun (the trainer starts its own 1-rank world), with
+    the environment `tests.launch.torchrun` gives its ranks (OMP_NUM_THREADS=1: the same kernels, so
+    the same bits) and none of this pytest process's leftover rendezvous variables; raises with the
+    output if it fails or hangs."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    try:
+        proc = subprocess.run([sys.executable, str(script), *args], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"{script} {' '.join(args)} hung for {timeout}s:\n{exc.stdout}\n{exc.stderr}") from exc
+    assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    return proc
+
+
 @pytest.fixture(scope="session")
 def pretrain_log(tmp_path_factory):
     """`pretrain_log(nproc, args)`: the --log-jsonl records of `pretrain_internvl.py args` on `nproc`
@@ -76,7 +97,10 @@ def pretrain_log(tmp_path_factory):
         if key not in cache:
             assert "--log-jsonl" not in args and "--save" not in args, args
             log = tmp_path_factory.mktemp("pretrain_log") / "log.jsonl"
-            torchrun(REPO / "pretrain_internvl.py", nproc, [*args, "--log-jsonl", str(log)], timeout=timeout)
+            if nproc == 1:  # one plain process: torchrun's agent would add an interpreter importing torch
+                one_process(REPO / "pretrain_internvl.py", [*args, "--log-jsonl", str(log)], timeout=timeout)
+            else:
+                torchrun(REPO / "pretrain_internvl.py", nproc, [*args, "--log-jsonl", str(log)], timeout=timeout)
             cache[key] = [json.loads(line) for line in log.read_text().splitlines()]
         return [dict(r) for r in cache[key]]
 
