@@ -2,6 +2,7 @@
 shard sets (each preprocessed once per test session by the real CLI) and the session's cache of
 pretrain_internvl.py runs (one launch per distinct command, whichever test asks first)."""
 import json
+import os
 import subprocess
 import sys
 
@@ -62,6 +63,7 @@ def preference_shards(tmp_path_factory):
     return str(prefix)
 
 
+# the rendezvous variables in-process tests leave in this process (tests/reliability/common.py drops the same)
 DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
@@ -70,8 +72,6 @@ def one_process(script, args: list[str], timeout: float = 400.0) -> subprocess.C
     the environment `tests.launch.torchrun` gives its ranks (OMP_NUM_THREADS=1: the same kernels, so
     the same bits) and none of this pytest process's leftover rendezvous variables; raises with the
     output if it fails or hangs."""
-    import os
-
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     try:
