@@ -1,13 +1,26 @@
-"""Fixtures every test directory may use: the 1-rank gloo world of in-process tests and the digits
-shard sets (each preprocessed once per test session by the real CLI)."""
+"""Fixtures every test directory may use: the 1-rank gloo world of in-process tests, the digits
+shard sets (each preprocessed once per test session by the real CLI) and the session's cache of
+pretrain_internvl.py runs (one launch per distinct command, whichever test asks first)."""
+import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.launch import REPO
+from tests.launch import REPO, torchrun
 
 SEQ = 256
+DIGITS_ITERS = 10
+
+
+def digits_run_args(shards: str, *flags: str) -> list[str]:
+    """pretrain_internvl.py's flags for DIGITS_ITERS steps of the debug model on the digits shards
+    (seed 5, loader tiling): with no `flags` the single-process run that tests/training's layout and
+    tiling tests share through `pretrain_log`."""
+    return ["--model", "debug", "--data-path", shards, "--global-batch-size", "4", "--train-iters",
+            str(DIGITS_ITERS), "--seq-length", str(SEQ), "--lr", "2e-3", "--lr-warmup-iters", "2", "--seed", "5",
+            "--image-tiling", "loader", *flags]
 
 
 @pytest.fixture(scope="module")
@@ -48,3 +61,47 @@ def preference_shards(tmp_path_factory):
                     "--model", "debug", "--preference", "--workers", "1", "--no-progress"],
                    check=True, cwd=REPO, capture_output=True, timeout=300)
     return str(prefix)
+
+
+# the rendezvous variables in-process tests leave in this process (tests/reliability/common.py drops the same)
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def one_process(script, args: list[str], timeout: float = 400.0) -> subprocess.CompletedProcess:
+    """`script args` as one process without torchrun (the trainer starts its own 1-rank world), with
+    the environment `tests.launch.torchrun` gives its ranks (OMP_NUM_THREADS=1: the same kernels, so
+    the same bits) and none of this pytest process's leftover rendezvous variables; raises with the
+    output if it fails or hangs."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    try:
+        proc = subprocess.run([sys.executable, str(script), *args], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"{script} {' '.join(args)} hung for {timeout}s:\n{exc.stdout}\n{exc.stderr}") from exc
+    assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    return proc
+
+
+@pytest.fixture(scope="session")
+def pretrain_log(tmp_path_factory):
+    """`pretrain_log(nproc, args)`: the --log-jsonl records of `pretrain_internvl.py args` on `nproc`
+    ranks, launched once per session for each distinct (nproc, args) and shared: the single-process
+    run that several files compare their layouts against is the same command (tests/training:
+    test_layouts_on_shards.py, test_device_tiling.py). Pass only runs whose output is the log:
+    a run that writes elsewhere (--save) is not the same run twice."""
+    cache: dict[tuple, list[dict]] = {}
+
+    def run(nproc: int, args: list[str], timeout: float = 400.0) -> list[dict]:
+        key = (nproc, tuple(args))
+        if key not in cache:
+            assert "--log-jsonl" not in args and "--save" not in args, args
+            log = tmp_path_factory.mktemp("pretrain_log") / "log.jsonl"
+            if nproc == 1:  # one plain process: torchrun's agent would add an interpreter importing torch
+                one_process(REPO / "pretrain_internvl.py", [*args, "--log-jsonl", str(log)], timeout=timeout)
+            else:
+                torchrun(REPO / "pretrain_internvl.py", nproc, [*args, "--log-jsonl", str(log)], timeout=timeout)
+            cache[key] = [json.loads(line) for line in log.read_text().splitlines()]
+        return [dict(r) for r in cache[key]]
+
+    return run

@@ -13,6 +13,12 @@ from tests.reliability.common import MOCK, launch, ok, one_line_error, plain, tr
 ARGS = MOCK + ["--global-batch-size", "2", "--train-iters", "6", "--exit-interval", "4"]
 
 
+def _one_rank(args):
+    """The 1-rank runs: one plain process (no torchrun agent: one interpreter fewer) with torchrun's
+    OMP_NUM_THREADS=1, so the same kernels and the same bits as `launch(1, ...)`."""
+    return plain(args, env={"OMP_NUM_THREADS": "1"})
+
+
 def _with(args, flag, value):
     args = list(args)
     args[args.index(flag) + 1] = value
@@ -23,7 +29,7 @@ def _with(args, flag, value):
 def straight(tmp_path_factory):
     """4 steps (of a 6-step schedule) saving every step, keeping the newest 2 checkpoints."""
     d = tmp_path_factory.mktemp("straight")
-    ok(launch(1, ARGS + ["--save", str(d / "ckpt"), "--save-interval", "1", "--keep-checkpoints", "2",
+    ok(_one_rank(ARGS + ["--save", str(d / "ckpt"), "--save-interval", "1", "--keep-checkpoints", "2",
                          "--log-jsonl", str(d / "log.jsonl")]))
     return d
 
@@ -47,7 +53,7 @@ def test_corrupt_latest_checkpoint_falls_back(straight, tmp_path):
     data = bytearray(bad.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, one flipped byte: only the checksum sees it
     bad.write_bytes(bytes(data))
-    proc = ok(launch(1, ARGS + ["--load", str(ckpt), "--log-jsonl", str(tmp_path / "r.jsonl")]))
+    proc = ok(_one_rank(ARGS + ["--load", str(ckpt), "--log-jsonl", str(tmp_path / "r.jsonl")]))
     assert f"warning: {bad}: checksum mismatch" in proc.stdout and "falling back" in proc.stdout, proc.stdout[-2000:]
     assert "resumed from" in proc.stdout and "iter_0000003 at iteration 3" in proc.stdout
     ref, resumed = train_records(straight / "log.jsonl"), train_records(tmp_path / "r.jsonl")
@@ -79,7 +85,7 @@ def test_changed_lr_follows_the_flag(straight, tmp_path, flag):
     shutil.copytree(straight / "ckpt", ckpt)
     (ckpt / "latest_checkpointed_iteration.txt").write_text("3")
     log = tmp_path / "r.jsonl"
-    proc = ok(launch(1, _with(ARGS, "--lr", "2e-3") + ["--load", str(ckpt), "--log-jsonl", str(log), flag]))
+    proc = ok(_one_rank(_with(ARGS, "--lr", "2e-3") + ["--load", str(ckpt), "--log-jsonl", str(log), flag]))
     assert f"LR schedule: {flag}" in proc.stdout and "--lr 0.002 (checkpoint: 0.001)" in proc.stdout
     ref, got = train_records(straight / "log.jsonl"), train_records(log)
     assert sorted(got) == [4] and got[4]["loss"] == ref[4]["loss"]  # step 4 runs at the LR step 3 set
@@ -157,7 +163,7 @@ def test_deleted_tracker_resumes_from_the_newest_complete_checkpoint(straight, t
     ckpt = tmp_path / "ckpt"
     shutil.copytree(straight / "ckpt", ckpt)
     (ckpt / "latest_checkpointed_iteration.txt").unlink()
-    proc = ok(launch(1, _with(ARGS, "--exit-interval", "5") + ["--load", str(ckpt)]))
+    proc = ok(_one_rank(_with(ARGS, "--exit-interval", "5") + ["--load", str(ckpt)]))
     assert (f"warning: --load {ckpt}: no latest_checkpointed_iteration.txt; taking the newest complete checkpoint "
             "iter_0000004 (found: iter_0000004, iter_0000003)") in proc.stdout, proc.stdout[-2000:]
     assert f"resumed from {ckpt / 'iter_0000004'} at iteration 4" in proc.stdout
@@ -279,7 +285,7 @@ def test_async_save_killed_during_a_write_then_resumed(straight, tmp_path):
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "2"
     assert _iters(ckpt) == ["iter_0000001", "iter_0000002", "tmp_iter_0000003"]
     log = tmp_path / "resumed.jsonl"
-    proc = ok(launch(1, ASYNC + ["--load", str(ckpt), "--save", str(ckpt), "--no-fallback", "--log-jsonl", str(log)]))
+    proc = ok(_one_rank(ASYNC + ["--load", str(ckpt), "--save", str(ckpt), "--no-fallback", "--log-jsonl", str(log)]))
     assert f"resumed from {ckpt / 'iter_0000002'} at iteration 2" in proc.stdout and "falling back" not in proc.stdout
     ref, got = train_records(straight / "log.jsonl"), train_records(log)
     assert sorted(got) == [3, 4] and all(got[i]["loss"] == ref[i]["loss"] for i in (3, 4))

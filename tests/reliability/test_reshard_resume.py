@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 
 from tests.reliability.cli_helpers import SEQ, assert_user_error, run
-from tests.reliability.common import launch, train_records
+from tests.reliability.common import launch, plain, train_records
 
 ITERS, SAVE_AT = 4, 2
 DISTOPT = ["--use-distributed-optimizer"]
@@ -28,6 +28,12 @@ def _args(data: list[str], log, *extra: str) -> list[str]:
 
 def _shards(prefix: str) -> list[str]:
     return ["--model", "debug", "--data-path", prefix, "--seq-length", str(SEQ)]
+
+
+def _launch(nproc: int, args: list[str]):
+    """torchrun on `nproc` ranks; one rank is one plain process (no agent: one interpreter fewer) with
+    torchrun's OMP_NUM_THREADS=1, so its kernels and losses are the same bits."""
+    return plain(args, env={"OMP_NUM_THREADS": "1"}) if nproc == 1 else launch(nproc, args, timeout=300)
 
 
 def _ok(proc) -> str:
@@ -50,8 +56,8 @@ def _assert_continues(log, reference: dict[int, float]) -> None:
 def reference(good_prefix, tmp_path_factory):
     """ITERS steps on one process with the distributed optimizer (a TP1 DP1 checkpoint at SAVE_AT)."""
     d = tmp_path_factory.mktemp("reference")
-    _ok(launch(1, _args(_shards(good_prefix), d / "log.jsonl", *DISTOPT, "--save", str(d / "ckpt"),
-                        "--save-interval", str(SAVE_AT)), timeout=300))
+    _ok(_launch(1, _args(_shards(good_prefix), d / "log.jsonl", *DISTOPT, "--save", str(d / "ckpt"),
+                        "--save-interval", str(SAVE_AT))))
     return _losses(d / "log.jsonl"), d / "ckpt" / f"iter_{SAVE_AT:07d}"
 
 
@@ -74,10 +80,9 @@ def test_resume_in_another_layout(good_prefix, reference, tmp_path, case):
     ckpt = ref_ckpt
     if source in SOURCES:  # a run of SAVE_AT steps in the source layout writes the checkpoint
         ckpt, (ranks, layout) = tmp_path / "ckpt", SOURCES[source]
-        _ok(launch(ranks, _args(_shards(good_prefix), tmp_path / "a.jsonl", *layout, "--save", str(ckpt),
-                                "--save-interval", str(SAVE_AT), "--exit-interval", str(SAVE_AT)), timeout=300))
-    out = _ok(launch(nproc, _args(_shards(good_prefix), tmp_path / "b.jsonl", "--load", str(ckpt), *flags),
-                     timeout=300))
+        _ok(_launch(ranks, _args(_shards(good_prefix), tmp_path / "a.jsonl", *layout, "--save", str(ckpt),
+                                "--save-interval", str(SAVE_AT), "--exit-interval", str(SAVE_AT))))
+    out = _ok(_launch(nproc, _args(_shards(good_prefix), tmp_path / "b.jsonl", "--load", str(ckpt), *flags)))
     assert RESTORED in out, out[-3000:]
     _assert_continues(tmp_path / "b.jsonl", losses)
 
@@ -85,10 +90,9 @@ def test_resume_in_another_layout(good_prefix, reference, tmp_path, case):
 def test_ep2_checkpoint_resumes_at_ep1(tmp_path):
     """debug-moe: EP2 has a dense and an expert-parallel optimizer, EP1 one for all parameters."""
     moe = ["--model", "debug-moe", "--mock-data", "--seq-length", "128"]
-    _ok(launch(2, _args(moe, tmp_path / "ep2.jsonl", "--expert-model-parallel-size", "2", "--save",
-                        str(tmp_path / "ckpt"), "--save-interval", str(SAVE_AT)), timeout=300))
-    out = _ok(launch(1, _args(moe, tmp_path / "ep1.jsonl", "--load", str(tmp_path / "ckpt" / f"iter_{SAVE_AT:07d}")),
-                     timeout=300))
+    _ok(_launch(2, _args(moe, tmp_path / "ep2.jsonl", "--expert-model-parallel-size", "2", "--save",
+                        str(tmp_path / "ckpt"), "--save-interval", str(SAVE_AT))))
+    out = _ok(_launch(1, _args(moe, tmp_path / "ep1.jsonl", "--load", str(tmp_path / "ckpt" / f"iter_{SAVE_AT:07d}"))))
     assert RESTORED in out, out[-3000:]
     _assert_continues(tmp_path / "ep1.jsonl", _losses(tmp_path / "ep2.jsonl"))
 

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from tests.launch import REPO, free_port, torchrun
-from tests.conftest import SEQ
+from tests.conftest import DIST_ENV, SEQ
 
 SCRIPT = REPO / "pretrain_internvl.py"
 ITERS, EVERY = 10, 5
@@ -109,10 +109,11 @@ def test_clear_errors(digits_shards, uninterrupted, tmp_path, case):
     else:
         args[args.index("--model") + 1] = "debug-6b"
         args += ["--load", str(uninterrupted / "ckpt")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
-           str(SCRIPT), *args]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    # one plain process (no torchrun agent: one interpreter fewer), without this pytest process's
+    # leftover rendezvous variables
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**env, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode != 0
     assert expect in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
 

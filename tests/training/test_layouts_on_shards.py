@@ -1,13 +1,14 @@
-"""On the same shards and seed, the first 10 losses of every layout equal the single-process run."""
+"""On the same shards and seed, the first 10 losses of every layout equal the single-process run
+(that run is the session's shared one: tests/conftest.py's `pretrain_log`, also used by
+test_device_tiling.py)."""
 import json
 
 import pytest
 
 from tests.launch import REPO, torchrun
-from tests.conftest import SEQ
+from tests.conftest import DIGITS_ITERS as ITERS, digits_run_args, one_process
 
 SCRIPT = REPO / "pretrain_internvl.py"
-ITERS = 10
 LAYOUTS = {  # name: (processes, flags)
     "tp2": (2, ["--tensor-model-parallel-size", "2"]),
     "pp2": (2, ["--pipeline-model-parallel-size", "2"]),
@@ -24,16 +25,17 @@ LAYOUTS = {  # name: (processes, flags)
 
 
 def _run(shards, out, nproc, flags):
-    args = ["--model", "debug", "--data-path", shards, "--global-batch-size", "4", "--train-iters", str(ITERS),
-            "--seq-length", str(SEQ), "--lr", "2e-3", "--lr-warmup-iters", "2", "--seed", "5",
-            "--log-jsonl", str(out), *flags]
-    torchrun(SCRIPT, nproc, args, timeout=400)
+    args = digits_run_args(shards, "--log-jsonl", str(out), *flags)
+    if nproc == 1:  # no torchrun agent for one rank (one interpreter fewer)
+        one_process(SCRIPT, args, timeout=400)
+    else:
+        torchrun(SCRIPT, nproc, args, timeout=400)
     return [json.loads(line)["loss"] for line in out.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
-def reference(digits_shards, tmp_path_factory):
-    return _run(digits_shards, tmp_path_factory.mktemp("ref") / "ref.jsonl", 1, [])
+def reference(digits_shards, pretrain_log):
+    return [r["loss"] for r in pretrain_log(1, digits_run_args(digits_shards))]
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+from tests.conftest import one_process
 from tests.launch import REPO, torchrun
 
 SCRIPT = REPO / "pretrain_internvl.py"
@@ -16,7 +17,7 @@ def _losses(path):
 
 def test_tp2_pp2_matches_single_process(tmp_path):
     one, four = tmp_path / "one.jsonl", tmp_path / "four.jsonl"
-    torchrun(SCRIPT, 1, COMMON + ["--log-jsonl", str(one)], timeout=300)
+    one_process(SCRIPT, COMMON + ["--log-jsonl", str(one)], timeout=300)  # no torchrun agent for one rank
     torchrun(SCRIPT, 4, COMMON + ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
                                   "--log-jsonl", str(four)], timeout=300)
     a, b = _losses(one), _losses(four)
