@@ -104,3 +104,25 @@ def test_snapshot_copy_in_a_thread_and_its_failure():
     writer.submit(request, 3, writer.pending, rank=0)
     writer.join_snapshot()
     assert writer.status() == "copying the tensors for the checkpoint writer: BrokenPipeError: [Errno 32] Broken pipe"
+
+
+def test_async_save_with_the_distributed_optimizer_at_dp2_equals_a_sync_save(tmp_path):
+    """--async-save with --use-distributed-optimizer at DP2: the DP gather of the optimizer state runs
+    in the snapshot thread on world tensors kept for the run (async_save.DeferredGather); the second
+    save (the kept tensors refilled, the cached save plan) is the synchronous run's, byte for byte
+    (the checkpoint resumes at another DP size as a synchronous save does:
+    tests/reliability/test_reshard_resume.py, dp1-to-dp2), and the losses are unchanged."""
+    from tests.reliability.common import MOCK, launch, ok, train_records
+    from tests.reliability.test_checkpoints import _same_checkpoint
+
+    args = MOCK + ["--global-batch-size", "2", "--train-iters", "3", "--save-interval", "1",
+                   "--use-distributed-optimizer"]
+    runs = {}
+    for name, extra in (("sync", []), ("async", ["--async-save"])):
+        d = tmp_path / name
+        ok(launch(2, args + ["--save", str(d / "ckpt"), "--log-jsonl", str(d / "log.jsonl"), *extra]))
+        runs[name] = d
+    _same_checkpoint(runs["sync"] / "ckpt" / "iter_0000002", runs["async"] / "ckpt" / "iter_0000002")
+    losses = [{it: r["loss"] for it, r in train_records(d / "log.jsonl").items()} for d in runs.values()]
+    assert losses[0] == losses[1] and sorted(losses[0]) == [1, 2, 3], losses
+    assert (runs["async"] / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
