@@ -37,18 +37,15 @@ import queue
 import signal
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
-from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from ..errors import CheckpointError
 from ..data.pool import describe_exit, start_ignoring_sigint
@@ -182,92 +179,6 @@ def _in_process_results_queue() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
-def distributed_optimizers(optimizer: Any) -> list:
-    """The DistributedOptimizers `optimizer` is or chains (dense and expert-parallel parameters)."""
-    if optimizer is None:
-        return []
-    subs = getattr(optimizer, "chained_optimizers", [optimizer])
-    return [o for o in subs if isinstance(o, DistributedOptimizer)]
-
-
-class _GatherOver:
-    """A DistributedOptimizer seen with another gloo data-parallel group: megatron-core's own
-    `get_parameter_state_dp_zero` runs on it unchanged, its collectives on `group`."""
-
-    def __init__(self, optimizer: Any, group: Any) -> None:
-        self._optimizer, self.data_parallel_group_gloo = optimizer, group
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._optimizer, name)
-
-
-class DeferredGather:
-    """The distributed optimizer's DP gather of the fully_reshardable format, moved out of the step.
-
-    megatron-core's `sharded_state_dict` (fully_reshardable) gathers every optimizer state tensor over
-    DP (`get_parameter_state_dp_zero`: a copy of each parameter's shard, then collectives) and views
-    the gathered "world" tensors as the model-space ShardedTensors that are saved: at DP2 most of an
-    async save's stall. Under --async-save the state dict is built around world tensors kept for the
-    run (`structure`: the same keys, shapes and views, no gather, no allocation after the first
-    save), and `fill` gathers into them in the snapshot thread, before the snapshot copy, while the
-    next step's forward and backward run (they do not change the optimizer state; the optimizer step
-    waits for the thread, as for the copy). The gather is megatron-core's own, over a gloo group of
-    the same ranks made for it (`setup`): the step's gradient reduction uses the data-parallel group
-    meanwhile, and two threads must not share a group. The gather goes to DP rank 0, the only rank
-    whose optimizer tensors are written (their replica ids are the parameters'), so the files are a
-    synchronous save's."""
-
-    def __init__(self) -> None:
-        self.groups: Optional[list] = None  # per distributed optimizer: its gloo group (None: not set up)
-        self.world: dict[int, dict] = {}  # id(optimizer): the world tensors its state dict views
-
-    def setup(self, optimizers: list) -> None:
-        """Make the gloo groups (collective over every rank, once: every rank calls it, with or
-        without a distributed optimizer, e.g. a frozen pipeline stage)."""
-        if self.groups is not None:
-            return
-        mine = [dist.get_process_group_ranks(o.data_parallel_group) for o in optimizers]
-        everyone: list = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, mine)
-        self.groups = [None] * len(mine)
-        for i in range(max(len(ranks) for ranks in everyone)):
-            for ranks in sorted({tuple(r[i]) for r in everyone if i < len(r)}):
-                group = dist.new_group(list(ranks), backend="gloo")  # every rank, every group: collective
-                if i < len(mine) and tuple(mine[i]) == ranks:
-                    self.groups[i] = group
-
-    @contextmanager
-    def structure(self, optimizers: list) -> Any:
-        """`optimizers`' sharded_state_dict called inside builds on the kept world tensors: no gather."""
-        for o in optimizers:
-            o.get_parameter_state_dp_zero = lambda *args, _o=o, **kwargs: self._world(_o)
-        try:
-            yield
-        finally:
-            for o in optimizers:
-                del o.get_parameter_state_dp_zero  # the class's again
-
-    def _world(self, optimizer: Any) -> dict:
-        if id(optimizer) not in self.world:
-            # allocated once for the run (megatron-core allocates them at every save)
-            state = type(optimizer).get_parameter_state_dp_zero(optimizer, use_gloo_comm=False, empty_data=True,
-                                                                 return_on_all_ranks=True)
-            self.world[id(optimizer)] = state
-        return self.world[id(optimizer)]
-
-    def fill(self, optimizers: list) -> None:
-        """Gather `optimizers`' state into the world tensors (collective over each one's DP group; in the
-        snapshot thread)."""
-        for o, group in zip(optimizers, self.groups):
-            state = type(o).get_parameter_state_dp_zero(_GatherOver(o, group), use_gloo_comm=True)
-            if state is None:  # DP rank > 0: sent its shard
-                continue
-            world = self.world[id(o)]
-            pairs = [(world[g][dtype][k], t) for g, by_dtype in state.items() if isinstance(g, int)
-                     for dtype, tensors in by_dtype.items() for k, t in tensors.items() if torch.is_tensor(t)]
-            _copy_views([src for _, src in pairs], [dst for dst, _ in pairs])
-
-
 class AsyncWriter:
     """This rank's writer process, the one checkpoint it may be writing (`pending`) and what each
     save reuses: the snapshot's shared memory and megatron-core's save strategy, whose cached plan
@@ -290,20 +201,20 @@ class AsyncWriter:
         self.copier: Optional[threading.Thread] = None  # the snapshot copy of `pending`
         self.copy_failure: Optional[str] = None
         self.ready = False  # the writer process sent _READY
-        self.gather = DeferredGather()  # the distributed optimizer's DP gather, in the snapshot thread
+        self.frozen = False  # the heap, at the first save (`prepare`)
 
-    def prepare(self, optimizers: list) -> None:
-        """Before each save (collective: every rank): at the first one, the DP gather's groups
-        (`DeferredGather.setup`) and the heap frozen. megatron-core's fully_reshardable
-        `sharded_state_dict` runs `gc.collect()` at every save: a full collection over every object
-        of the process (torch's, megatron-core's, the model's), 0.2 CPU-s per save of the debug model
-        at DP2, 95% of that call (cProfile; docs/checkpoints.md). Frozen (`gc.freeze`, after a
-        collection: no garbage is frozen), the objects that exist once the run is set up are left
-        out of every later collection, which then walks only what was made since."""
-        if self.gather.groups is None:
+    def prepare(self) -> None:
+        """Before each save: at the first one, freeze the heap. megatron-core's fully_reshardable
+        `sharded_state_dict` of the distributed optimizer runs `gc.collect()` at every save: a full
+        collection over every object of the process (torch's, megatron-core's, the model's), 0.21 of
+        its 0.22 CPU-s per save of the debug model at DP2 (cProfile; docs/checkpoints.md), more than
+        its DP gather. Frozen (`gc.freeze`, after one collection, so no garbage is frozen), the
+        objects that exist once the run is set up are left out of every later collection, which
+        then walks only what was made since."""
+        if not self.frozen:
             gc.collect()
             gc.freeze()
-        self.gather.setup(optimizers)
+            self.frozen = True
 
     def start(self) -> None:
         """Start the writer process now (its imports take seconds; they overlap the first steps)."""
@@ -331,10 +242,9 @@ class AsyncWriter:
                 f"did not start within {limit:g} s (--distributed-timeout-minutes)"
             raise CheckpointError(f"--async-save: the checkpoint writer process (pid {self.proc.pid}) {why}")
 
-    def submit(self, request: Any, iteration: int, pending: Pending, rank: int, optimizers: list = ()) -> None:
+    def submit(self, request: Any, iteration: int, pending: Pending, rank: int) -> None:
         """Hand megatron-core's AsyncRequest to the writer: the snapshot buffer is allocated here, its
-        copy and the hand-over run in a thread (`join_snapshot`), after the DP gather of `optimizers`
-        (distributed optimizers whose state dict was built in `gather.structure`). A rank with nothing to write (its
+        copy and the hand-over run in a thread (`join_snapshot`). A rank with nothing to write (its
         tensors are other ranks' replicas) sends an empty one: its writer still answers, so every
         rank's save passes the same points."""
         self.pending = pending
@@ -355,14 +265,12 @@ class AsyncWriter:
         # pickled message, which holds a handle of the shared memory, not its bytes
         message = ForkingPickler.dumps((iteration, rank, transforms, flat, layout, stripped))
         sources, views = [t.detach() for t in tensors], _views(flat, layout)
-        self.copier = threading.Thread(target=self._copy_and_send, args=(sources, views, message, list(optimizers)),
+        self.copier = threading.Thread(target=self._copy_and_send, args=(sources, views, message),
                                        daemon=True, name="checkpoint-snapshot")
         self.copier.start()
 
-    def _copy_and_send(self, sources: list, views: list, message: Any, optimizers: list) -> None:
+    def _copy_and_send(self, sources: list, views: list, message: Any) -> None:
         try:
-            if optimizers:  # the tensors copied below view what this gathers
-                self.gather.fill(optimizers)
             _copy_views(sources, views)
             self.conn.send_bytes(message)  # what the writer's conn.recv() unpickles
         except Exception as exc:  # reported by `status` on this rank, agreed on by all (finish_pending)

@@ -46,7 +46,6 @@ and a failed, dead or overdue writer on any rank stops every rank with the same 
 from __future__ import annotations
 
 import base64
-import contextlib
 import copy
 import dataclasses
 import json
@@ -81,7 +80,7 @@ from ..convert.source import checkpoint_kind
 from ..models.lora import adopt_checkpoint_lora, lora_info_of
 from ..models.weights import load_canonical
 from ..parallel.state import comm_device
-from .async_save import AsyncWriter, Pending, distributed_optimizers
+from .async_save import AsyncWriter, Pending
 from .guards import fault_point
 
 
@@ -339,8 +338,8 @@ def save(root: str | Path, iteration: int, model_chunk: torch.nn.Module, optimiz
     pg = _groups(pg, module)
     assert writer is None or writer.pending is None, "finish_pending first: one checkpoint in flight at a time"
     pending = None if writer is None else _pending(root, tmp, final, iteration, keep)
-    if writer is not None:  # collective, every rank (a frozen stage too)
-        writer.prepare(distributed_optimizers(optimizer) if trains(module) else [])
+    if writer is not None:
+        writer.prepare()
 
     def write() -> None:
         _write_state(tmp, iteration, module, optimizer, pg, data_state, writer, pending)
@@ -427,11 +426,8 @@ def _write_state(tmp: Path, iteration: int, module: torch.nn.Module, optimizer: 
     --async-save), RNG states, data position."""
     model_sd = module.sharded_state_dict()
     state = {"model": model_sd}
-    deferred = []  # --async-save: distributed optimizers whose DP gather runs in the snapshot thread
     if optimizer is not None and trains(module):
-        deferred = distributed_optimizers(optimizer) if writer is not None else []
-        with writer.gather.structure(deferred) if deferred else contextlib.nullcontext():
-            state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=_optim_metadata(OPTIMIZER_FORMAT))
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=_optim_metadata(OPTIMIZER_FORMAT))
     if writer is None:
         dist_checkpointing.save(state, str(tmp))
     else:
@@ -440,7 +436,7 @@ def _write_state(tmp: Path, iteration: int, module: torch.nn.Module, optimizer: 
         request = dist_checkpointing.save(state, str(tmp), sharded_strategy=writer.strategy, async_sharded_save=True,
                                           validate_access_integrity=writer.saves == 0)
         pending.finalize_fns = list(request.finalize_fns)
-        writer.submit(request, iteration, pending, dist.get_rank(), deferred)
+        writer.submit(request, iteration, pending, dist.get_rank())
     (tmp / f"rank_{dist.get_rank():05d}.json").write_text(json.dumps({"rng": rng_state()}))
     if pg.tp.rank() == 0 and pg.pp.rank() == 0 and pg.cp.rank() == 0:  # one data position per DP rank
         (tmp / f"data_dp{pg.dp.rank():05d}.json").write_text(json.dumps(data_state))

@@ -107,11 +107,11 @@ def test_snapshot_copy_in_a_thread_and_its_failure():
 
 
 def test_async_save_with_the_distributed_optimizer_at_dp2_equals_a_sync_save(tmp_path):
-    """--async-save with --use-distributed-optimizer at DP2: the DP gather of the optimizer state runs
-    in the snapshot thread on world tensors kept for the run (async_save.DeferredGather); the second
-    save (the kept tensors refilled, the cached save plan) is the synchronous run's, byte for byte
-    (the checkpoint resumes at another DP size as a synchronous save does:
-    tests/reliability/test_reshard_resume.py, dp1-to-dp2), and the losses are unchanged."""
+    """--async-save with --use-distributed-optimizer at DP2 (the optimizer state gathered over DP,
+    megatron-core's fully_reshardable format, on a heap frozen at the first save: AsyncWriter.prepare):
+    the second save (the cached save plan) is the synchronous run's, byte for byte (so it resumes at
+    another DP size as a synchronous save does: tests/reliability/test_reshard_resume.py, dp1-to-dp2),
+    the losses are unchanged and the tracker names the last save."""
     from tests.reliability.common import MOCK, launch, ok, train_records
     from tests.reliability.test_checkpoints import _same_checkpoint
 
