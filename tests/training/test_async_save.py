@@ -106,6 +106,25 @@ def test_snapshot_copy_in_a_thread_and_its_failure():
     assert writer.status() == "copying the tensors for the checkpoint writer: BrokenPipeError: [Errno 32] Broken pipe"
 
 
+
+def test_prepare_freezes_the_heap_once():
+    """AsyncWriter.prepare (set-up or first save): the objects existing then leave the collections
+    (megatron-core's gc.collect() at each distributed-optimizer save walks only newer ones); later
+    calls freeze nothing more, so what a run makes afterwards stays collectable."""
+    import gc
+
+    writer = AsyncWriter(timeout_s=5)
+    gc.unfreeze()
+    try:
+        writer.prepare()
+        frozen = gc.get_freeze_count()
+        assert frozen > 0 and writer.frozen
+        later = [[] for _ in range(1000)]
+        writer.prepare()
+        assert gc.get_freeze_count() == frozen, (gc.get_freeze_count(), frozen, len(later))
+    finally:
+        gc.unfreeze()
+
 def test_async_save_with_the_distributed_optimizer_at_dp2_equals_a_sync_save(tmp_path):
     """--async-save with --use-distributed-optimizer at DP2 (the optimizer state gathered over DP,
     megatron-core's fully_reshardable format, on a heap frozen at the first save: AsyncWriter.prepare):
