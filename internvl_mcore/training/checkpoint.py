@@ -338,6 +338,8 @@ def save(root: str | Path, iteration: int, model_chunk: torch.nn.Module, optimiz
     pg = _groups(pg, module)
     assert writer is None or writer.pending is None, "finish_pending first: one checkpoint in flight at a time"
     pending = None if writer is None else _pending(root, tmp, final, iteration, keep)
+    if writer is not None:
+        writer.prepare()
 
     def write() -> None:
         _write_state(tmp, iteration, module, optimizer, pg, data_state, writer, pending)

@@ -104,3 +104,44 @@ def test_snapshot_copy_in_a_thread_and_its_failure():
     writer.submit(request, 3, writer.pending, rank=0)
     writer.join_snapshot()
     assert writer.status() == "copying the tensors for the checkpoint writer: BrokenPipeError: [Errno 32] Broken pipe"
+
+
+
+def test_prepare_freezes_the_heap_once():
+    """AsyncWriter.prepare (set-up or first save): the objects existing then leave the collections
+    (megatron-core's gc.collect() at each distributed-optimizer save walks only newer ones); later
+    calls freeze nothing more, so what a run makes afterwards stays collectable."""
+    import gc
+
+    writer = AsyncWriter(timeout_s=5)
+    gc.unfreeze()
+    try:
+        writer.prepare()
+        frozen = gc.get_freeze_count()
+        assert frozen > 0 and writer.frozen
+        later = [[] for _ in range(1000)]
+        writer.prepare()
+        assert gc.get_freeze_count() == frozen, (gc.get_freeze_count(), frozen, len(later))
+    finally:
+        gc.unfreeze()
+
+def test_async_save_with_the_distributed_optimizer_at_dp2_equals_a_sync_save(tmp_path):
+    """--async-save with --use-distributed-optimizer at DP2 (the optimizer state gathered over DP,
+    megatron-core's fully_reshardable format, on a heap frozen at the first save: AsyncWriter.prepare):
+    the second save (the cached save plan) is the synchronous run's, byte for byte (so it resumes at
+    another DP size as a synchronous save does: tests/reliability/test_reshard_resume.py, dp1-to-dp2),
+    the losses are unchanged and the tracker names the last save."""
+    from tests.reliability.common import MOCK, launch, ok, train_records
+    from tests.reliability.test_checkpoints import _same_checkpoint
+
+    args = MOCK + ["--global-batch-size", "2", "--train-iters", "3", "--save-interval", "1",
+                   "--use-distributed-optimizer"]
+    runs = {}
+    for name, extra in (("sync", []), ("async", ["--async-save"])):
+        d = tmp_path / name
+        ok(launch(2, args + ["--save", str(d / "ckpt"), "--log-jsonl", str(d / "log.jsonl"), *extra]))
+        runs[name] = d
+    _same_checkpoint(runs["sync"] / "ckpt" / "iter_0000002", runs["async"] / "ckpt" / "iter_0000002")
+    losses = [{it: r["loss"] for it, r in train_records(d / "log.jsonl").items()} for d in runs.values()]
+    assert losses[0] == losses[1] and sorted(losses[0]) == [1, 2, 3], losses
+    assert (runs["async"] / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
