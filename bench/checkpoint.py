@@ -50,13 +50,13 @@ class Shape:
     flags: tuple[str, ...] = ()  # the training runs' extra flags
     mem_limit_gib: Optional[float] = None  # this shape's memory guard (None: --mem-limit-gib)
     min_available_gib: float = 0.0  # MemAvailable the shape waits for before it starts
-    iters: int = 0  # the save runs' steps (0: SAVE_ITERS); fewer saves, the same checkpoint
+    save_only: bool = False  # the checkpoint from bench/_save_only.py (no training step); no async, no loads
 
 
 SHAPES = {"debug": Shape("debug", 1e6),
           "1b": Shape("internvl3-1b", 0.94e9, min_available_gib=12.0),  # fp32: 10-16 GiB in all
-          # 4 steps: a 2b step takes minutes on a loaded 2-core machine; the save after step 2 is measured
-          "2b": Shape("internvl3-2b", 2.1e9, "bf16", ("--bf16", "--recompute-granularity", "full"), 13.0, 15.0, 4)}
+          # save_only: one 2b step needs > 95 CPU-s per rank, > 20 min on this shared 2-core machine
+          "2b": Shape("internvl3-2b", 2.1e9, "bf16", ("--bf16", "--recompute-granularity", "full"), 11.0, 13.0, True)}
 SIZES = {size: shape.preset for size, shape in SHAPES.items()}
 DISK_COPIES = 4.5  # model-sized copies on disk at once, at most (the kept checkpoint + the async run's 3)
 BYTES = {"fp32": 4, "bf16": 2}
@@ -115,21 +115,23 @@ def _train(preset: str, *extra: str) -> Cmd:
 
 
 def commands(preset: str, work: Path, async_save: bool, formats: list[str],
-             flags: tuple[str, ...] = (), iters: int = SAVE_ITERS) -> dict[str, Cmd]:
-    """Every measured command of one size, by name; `flags` go to every training run, whose saving
-    runs take `iters` steps."""
+             flags: tuple[str, ...] = (), save_only: bool = False) -> dict[str, Cmd]:
+    """Every measured command of one size, by name; `flags` go to every training run. `save_only`:
+    the checkpoint is saved at iteration 0 by bench/_save_only.py (the same flags, no step)."""
     ck, hf = work / "ckpt", work / "hf"
-    saving = ["--train-iters", str(iters), "--save-interval", str(SAVE_INTERVAL)]
+    saving = ["--train-iters", str(SAVE_ITERS), "--save-interval", str(SAVE_INTERVAL)]
     train = lambda *extra: _train(preset, *flags, *extra)  # noqa: E731
     cmds = {"save": train(*saving, "--save", str(ck), "--log-jsonl", str(work / "sync.jsonl")),
             "base": train("--train-iters", "1", "--log-jsonl", str(work / "base.jsonl")),
             "base2": train("--train-iters", "1", "--log-jsonl", str(work / "base2.jsonl")),
-            "load": train("--train-iters", str(iters), "--load", str(ck)),
+            "load": train("--train-iters", str(SAVE_ITERS), "--load", str(ck)),
             "pretrained": train("--train-iters", "1", "--pretrained", str(ck),
                                 "--log-jsonl", str(work / "pretrained.jsonl")),
             "import": Cmd("tools/convert_from_hf.py", ["--hf-dir", str(hf), "--save", str(work / "canonical")]),
             "pretrained_hf": train("--train-iters", "1", "--pretrained", str(hf),
                                    "--log-jsonl", str(work / "pretrained_hf.jsonl"))}
+    if save_only:
+        cmds["save"].script = "bench/_save_only.py"
     if async_save:
         cmds["async"] = train(*saving, "--save", str(work / "ckpt_async"), "--async-save",
                               "--log-jsonl", str(work / "async.jsonl"))
@@ -167,8 +169,7 @@ class Bench:
     def __init__(self, size: str, work: Path, args: argparse.Namespace, async_save: bool) -> None:
         self.size, self.shape, self.work, self.args = size, SHAPES[size], work, args
         self.preset = self.shape.preset
-        self.iters = self.shape.iters or SAVE_ITERS
-        self.cmds = commands(self.preset, work, async_save, args.formats, self.shape.flags, self.iters)
+        self.cmds = commands(self.preset, work, async_save, args.formats, self.shape.flags, self.shape.save_only)
         limit = self.shape.mem_limit_gib
         self.mem_limit_gib = min(args.mem_limit_gib, limit) if limit else args.mem_limit_gib
         self.rows: list[Row] = []
@@ -190,15 +191,17 @@ class Bench:
         return child
 
     def ckpt_dir(self) -> Path:
-        return self.work / "ckpt" / f"iter_{self.iters:07d}"
+        return self.work / "ckpt" / f"iter_{0 if self.shape.save_only else SAVE_ITERS:07d}"
 
     def saves(self) -> None:
         """The synchronous save (and, when the tree has --async-save, the asynchronous one): the step
         time each save added, against cp -r of one checkpoint."""
-        sync = self.run("save", f"save: {self.iters} steps, saving every {SAVE_INTERVAL} (sync)")
+        if self.shape.save_only:
+            return self.save_only()
+        sync = self.run("save", f"save: {SAVE_ITERS} steps, saving every {SAVE_INTERVAL} (sync)")
         if sync is None:
             return
-        for old in range(SAVE_INTERVAL, self.iters, SAVE_INTERVAL):  # keep only the last one (disk)
+        for old in range(SAVE_INTERVAL, SAVE_ITERS, SAVE_INTERVAL):  # keep only the last one (disk)
             shutil.rmtree(self.work / "ckpt" / f"iter_{old:07d}", ignore_errors=True)
         self.ck_bytes, self.cp_ck = dir_bytes(self.ckpt_dir()), cp_time(self.ckpt_dir(), self.work / "cp")
         self.rows.append(Row(f"cp -r checkpoint ({self.ck_bytes / GIB:.2f} GiB)", self.cp_ck, self.cp_ck))
@@ -208,6 +211,19 @@ class Bench:
                                  sync.tree_rss, "first save: one-time set-up included" if k == SAVE_INTERVAL else ""))
         self.sync_stalls = stalls
 
+    def save_only(self) -> None:
+        """The checkpoint of bench/_save_only.py: the trainer's save of iteration 0 (no step), timed
+        inside the run, against cp -r of what it wrote."""
+        child = self.run("save", "save: the run's set-up, then save iteration 0 (no training step)")
+        if child is None:
+            return
+        said = [line for _, line in child.lines if line.startswith("save-only:")]
+        self.ck_bytes, self.cp_ck = dir_bytes(self.ckpt_dir()), cp_time(self.ckpt_dir(), self.work / "cp")
+        self.rows.append(Row(f"cp -r checkpoint ({self.ck_bytes / GIB:.2f} GiB)", self.cp_ck, self.cp_ck))
+        if said:
+            self.rows.append(Row("save (sync), first, no step: save() wall", float(said[0].split()[-2]), self.cp_ck,
+                                 child.peak_rss, child.tree_rss, "one-time set-up included; memory: the whole run"))
+
     def async_save(self) -> None:
         """The same run with --async-save: what each save still adds, against the synchronous one."""
         if "async" not in self.cmds:
@@ -215,7 +231,7 @@ class Bench:
                                  "has no --async-save"))
             return
         sync_stalls = getattr(self, "sync_stalls", {})
-        child = self.run("async", f"async save: {self.iters} steps, --async-save every {SAVE_INTERVAL}")
+        child = self.run("async", f"async save: {SAVE_ITERS} steps, --async-save every {SAVE_INTERVAL}")
         shutil.rmtree(self.work / "ckpt_async", ignore_errors=True)
         if child is None:
             return
@@ -326,6 +342,8 @@ class Bench:
         hf = "import" in steps and self.make_hf()
         if hf:
             self.imports()
+        if self.shape.save_only:  # the rest train: see Shape.save_only
+            return
         if "async" in steps:
             self.async_save()
         if steps & {"load", "import"}:
