@@ -16,9 +16,11 @@ model and Adam state for the projector only. debug and 1b train in fp32; 2b in b
 activation recomputation, to keep its whole run under 10 GiB on a machine it shares (its fp32 run
 held 23.9 GiB: fp32 weights, stage 0's activations, and megatron-core's save holding a copy of every
 tensor that is a view, see docs/checkpoints.md); each shape has its own memory guard and waits for
-enough available memory before it starts. A full-training checkpoint carries 8 more bytes per
-trainable parameter (Adam's two moments); the bench measures what fits and docs/checkpoints.md
-scales it on paper.
+enough available memory before it starts. The 2b checkpoint is saved with no training step
+(bench/_save_only.py: a 2b step takes over 20 minutes on a shared 2-core machine), so for 2b the
+bench measures that save, the exports and the import, not the steps that train (async save, loads).
+A full-training checkpoint carries 8 more bytes per trainable parameter (Adam's two moments); the
+bench measures what fits and docs/checkpoints.md scales it on paper.
 """
 from __future__ import annotations
 
@@ -136,8 +138,10 @@ def commands(preset: str, work: Path, async_save: bool, formats: list[str],
         cmds["async"] = train(*saving, "--save", str(work / "ckpt_async"), "--async-save",
                               "--log-jsonl", str(work / "async.jsonl"))
     for fmt in formats:
+        # in the dtype trained (a run from random weights exports fp32 by default: twice the bytes)
+        dtype = ["--dtype", "bf16"] if "--bf16" in flags else []
         cmds[f"export_{fmt}"] = Cmd("tools/convert_to_hf.py", ["--load", str(ck), "--save", str(work / f"hf_{fmt}"),
-                                                                "--format", fmt])
+                                                                "--format", fmt, *dtype])
     return cmds
 
 
