@@ -58,7 +58,7 @@ class Shape:
 SHAPES = {"debug": Shape("debug", 1e6),
           "1b": Shape("internvl3-1b", 0.94e9, min_available_gib=12.0),  # fp32: 10-16 GiB in all
           # save_only: one 2b step needs > 95 CPU-s per rank, > 20 min on this shared 2-core machine
-          "2b": Shape("internvl3-2b", 2.1e9, "bf16", ("--bf16", "--recompute-granularity", "full"), 11.0, 13.0, True)}
+          "2b": Shape("internvl3-2b", 2.1e9, "bf16", ("--bf16", "--recompute-granularity", "full"), 13.0, 15.0, True)}
 SIZES = {size: shape.preset for size, shape in SHAPES.items()}
 DISK_COPIES = 4.5  # model-sized copies on disk at once, at most (the kept checkpoint + the async run's 3)
 BYTES = {"fp32": 4, "bf16": 2}
