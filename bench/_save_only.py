@@ -8,7 +8,7 @@ Why: a 2b training step (bf16, one 448-px tile, TP2 x PP2) needs more than 95 CP
 which on this shared 2-core machine (load average 50-150) is more than 20 minutes, so a training
 run never reached its first save. The checkpoint written here is the same torch_dist directory,
 written by the same code, as a save after step k of `--stage 1`, except that Adam's moments of
-the projector do not exist yet (created by the first step; <0.5% of the bytes): what the export,
+the projector do not exist yet (created by the first step; ~70 MB, <2% of the bytes): what the export,
 --load and --pretrained read is the same.
 """
 from __future__ import annotations
