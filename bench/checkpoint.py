@@ -16,9 +16,11 @@ model and Adam state for the projector only. debug and 1b train in fp32; 2b in b
 activation recomputation, to keep its whole run under 10 GiB on a machine it shares (its fp32 run
 held 23.9 GiB: fp32 weights, stage 0's activations, and megatron-core's save holding a copy of every
 tensor that is a view, see docs/checkpoints.md); each shape has its own memory guard and waits for
-enough available memory before it starts. A full-training checkpoint carries 8 more bytes per
-trainable parameter (Adam's two moments); the bench measures what fits and docs/checkpoints.md
-scales it on paper.
+enough available memory before it starts. The 2b checkpoint is saved with no training step
+(bench/_save_only.py: a 2b step takes over 20 minutes on a shared 2-core machine), so for 2b the
+bench measures that save, the exports and the import, not the steps that train (async save, loads).
+A full-training checkpoint carries 8 more bytes per trainable parameter (Adam's two moments); the
+bench measures what fits and docs/checkpoints.md scales it on paper.
 """
 from __future__ import annotations
 
@@ -50,11 +52,13 @@ class Shape:
     flags: tuple[str, ...] = ()  # the training runs' extra flags
     mem_limit_gib: Optional[float] = None  # this shape's memory guard (None: --mem-limit-gib)
     min_available_gib: float = 0.0  # MemAvailable the shape waits for before it starts
+    save_only: bool = False  # the checkpoint from bench/_save_only.py (no training step); no async, no loads
 
 
 SHAPES = {"debug": Shape("debug", 1e6),
           "1b": Shape("internvl3-1b", 0.94e9, min_available_gib=12.0),  # fp32: 10-16 GiB in all
-          "2b": Shape("internvl3-2b", 2.1e9, "bf16", ("--bf16", "--recompute-granularity", "full"), 10.0, 12.0)}
+          # save_only: one 2b step needs > 95 CPU-s per rank, > 20 min on this shared 2-core machine
+          "2b": Shape("internvl3-2b", 2.1e9, "bf16", ("--bf16", "--recompute-granularity", "full"), 13.0, 15.0, True)}
 SIZES = {size: shape.preset for size, shape in SHAPES.items()}
 DISK_COPIES = 4.5  # model-sized copies on disk at once, at most (the kept checkpoint + the async run's 3)
 BYTES = {"fp32": 4, "bf16": 2}
@@ -113,8 +117,9 @@ def _train(preset: str, *extra: str) -> Cmd:
 
 
 def commands(preset: str, work: Path, async_save: bool, formats: list[str],
-             flags: tuple[str, ...] = ()) -> dict[str, Cmd]:
-    """Every measured command of one size, by name; `flags` go to every training run."""
+             flags: tuple[str, ...] = (), save_only: bool = False) -> dict[str, Cmd]:
+    """Every measured command of one size, by name; `flags` go to every training run. `save_only`:
+    the checkpoint is saved at iteration 0 by bench/_save_only.py (the same flags, no step)."""
     ck, hf = work / "ckpt", work / "hf"
     saving = ["--train-iters", str(SAVE_ITERS), "--save-interval", str(SAVE_INTERVAL)]
     train = lambda *extra: _train(preset, *flags, *extra)  # noqa: E731
@@ -127,12 +132,16 @@ def commands(preset: str, work: Path, async_save: bool, formats: list[str],
             "import": Cmd("tools/convert_from_hf.py", ["--hf-dir", str(hf), "--save", str(work / "canonical")]),
             "pretrained_hf": train("--train-iters", "1", "--pretrained", str(hf),
                                    "--log-jsonl", str(work / "pretrained_hf.jsonl"))}
+    if save_only:
+        cmds["save"].script = "bench/_save_only.py"
     if async_save:
         cmds["async"] = train(*saving, "--save", str(work / "ckpt_async"), "--async-save",
                               "--log-jsonl", str(work / "async.jsonl"))
     for fmt in formats:
+        # in the dtype trained (a run from random weights exports fp32 by default: twice the bytes)
+        dtype = ["--dtype", "bf16"] if "--bf16" in flags else []
         cmds[f"export_{fmt}"] = Cmd("tools/convert_to_hf.py", ["--load", str(ck), "--save", str(work / f"hf_{fmt}"),
-                                                                "--format", fmt])
+                                                                "--format", fmt, *dtype])
     return cmds
 
 
@@ -164,7 +173,7 @@ class Bench:
     def __init__(self, size: str, work: Path, args: argparse.Namespace, async_save: bool) -> None:
         self.size, self.shape, self.work, self.args = size, SHAPES[size], work, args
         self.preset = self.shape.preset
-        self.cmds = commands(self.preset, work, async_save, args.formats, self.shape.flags)
+        self.cmds = commands(self.preset, work, async_save, args.formats, self.shape.flags, self.shape.save_only)
         limit = self.shape.mem_limit_gib
         self.mem_limit_gib = min(args.mem_limit_gib, limit) if limit else args.mem_limit_gib
         self.rows: list[Row] = []
@@ -186,11 +195,13 @@ class Bench:
         return child
 
     def ckpt_dir(self) -> Path:
-        return self.work / "ckpt" / f"iter_{SAVE_ITERS:07d}"
+        return self.work / "ckpt" / f"iter_{0 if self.shape.save_only else SAVE_ITERS:07d}"
 
     def saves(self) -> None:
         """The synchronous save (and, when the tree has --async-save, the asynchronous one): the step
         time each save added, against cp -r of one checkpoint."""
+        if self.shape.save_only:
+            return self.save_only()
         sync = self.run("save", f"save: {SAVE_ITERS} steps, saving every {SAVE_INTERVAL} (sync)")
         if sync is None:
             return
@@ -203,6 +214,19 @@ class Bench:
             self.rows.append(Row(f"save (sync) after it {k}: time added", s, self.cp_ck, sync.peak_rss,
                                  sync.tree_rss, "first save: one-time set-up included" if k == SAVE_INTERVAL else ""))
         self.sync_stalls = stalls
+
+    def save_only(self) -> None:
+        """The checkpoint of bench/_save_only.py: the trainer's save of iteration 0 (no step), timed
+        inside the run, against cp -r of what it wrote."""
+        child = self.run("save", "save: the run's set-up, then save iteration 0 (no training step)")
+        if child is None:
+            return
+        said = [line for _, line in child.lines if line.startswith("save-only:")]
+        self.ck_bytes, self.cp_ck = dir_bytes(self.ckpt_dir()), cp_time(self.ckpt_dir(), self.work / "cp")
+        self.rows.append(Row(f"cp -r checkpoint ({self.ck_bytes / GIB:.2f} GiB)", self.cp_ck, self.cp_ck))
+        if said:
+            self.rows.append(Row("save (sync), first, no step: save() wall", float(said[0].split()[-2]), self.cp_ck,
+                                 child.peak_rss, child.tree_rss, "one-time set-up included; memory: the whole run"))
 
     def async_save(self) -> None:
         """The same run with --async-save: what each save still adds, against the synchronous one."""
@@ -322,6 +346,8 @@ class Bench:
         hf = "import" in steps and self.make_hf()
         if hf:
             self.imports()
+        if self.shape.save_only:  # the rest train: see Shape.save_only
+            return
         if "async" in steps:
             self.async_save()
         if steps & {"load", "import"}:

@@ -32,6 +32,13 @@ def test_dry_run_commands_pass_the_scripts_parsers(tmp_path: Path, capsys) -> No
     # the 2b shape trains in bf16 with recomputation (its fp32 run does not fit a shared 24 GiB machine)
     trains = {size: [line for line in out.splitlines() if line.startswith(f"[{size}] save:")] for size in ("debug", "2b")}
     assert "--bf16 --recompute-granularity full" in trains["2b"][0] and "--bf16" not in trains["debug"][0], trains
+    # 2b's checkpoint is saved with no training step (bench/_save_only.py, pretrain_internvl.py's flags:
+    # a 2b step takes > 20 min on a shared 2-core machine); debug's by a 6-step training run
+    assert "bench/_save_only.py --model internvl3-2b" in trains["2b"][0], trains
+    assert "pretrain_internvl.py" in trains["debug"][0] and "--train-iters 6" in trains["debug"][0], trains
+    # and is exported in bf16 (the export's default is the source HF dir's dtype, fp32 for random weights)
+    exports = [line for line in out.splitlines() if line.startswith("[2b] export_")]
+    assert len(exports) == 2 and all(line.endswith("--dtype bf16") for line in exports), exports
     # the check is real: a flag no script knows is reported
     problems = bench.check_flags({"bad": bench.Cmd("pretrain_internvl.py", ["--mock-data", "--no-such-flag"], 4),
                                   "good": bench.commands("debug", tmp_path, False, ["transformers"])["export_transformers"]})
