@@ -32,7 +32,10 @@ QUICK = (  # node ids or node-id prefixes (a file, a file::test): the single-pro
     "tests/models/test_hf_parity.py",  # model parity with transformers
     "tests/models/test_rope.py",
     "tests/models/test_packed_attention.py",
-    "tests/convert/test_convert.py::test_round_trip_bit_exact",  # conversion round trip, tiny models
+    # conversion round trips on tiny models, in this process (test_round_trip_bit_exact spawns TP2 x PP2)
+    "tests/convert/test_convert.py::test_internvl_layout_exports_to_transformers_with_same_logits",
+    "tests/convert/test_convert.py::test_reads_transformers_module_names_too",
+    "tests/convert/test_convert.py::test_config_round_trip_for_every_preset",
     "tests/convert/test_convert.py::test_refuses",
     "tests/plan/test_counts_and_flops.py",
     "tests/parallel/test_cpu_compat.py",
