@@ -1,6 +1,14 @@
 """Fixtures every test directory may use: the 1-rank gloo world of in-process tests, the digits
 shard sets (each preprocessed once per test session by the real CLI) and the session's cache of
-pretrain_internvl.py runs (one launch per distinct command, whichever test asks first)."""
+pretrain_internvl.py runs (one launch per distinct command, whichever test asks first); and the
+quick tier.
+
+The quick tier (`pytest -m quick`, `bash scripts/test.sh --quick`: under 3 minutes, docs/testing.md) is
+the table QUICK below, the one place it is defined: an explicit list, not a rule, because what makes a
+test slow (a torchrun launch, a subprocess, a fixture that trains) is not visible from its name or
+module, and a rule would silently pull in every new slow test of a module. A table entry naming nothing
+collected from its file fails the run, so the table cannot rot silently.
+"""
 import json
 import os
 import subprocess
@@ -21,6 +29,54 @@ def digits_run_args(shards: str, *flags: str) -> list[str]:
     return ["--model", "debug", "--data-path", shards, "--global-batch-size", "4", "--train-iters",
             str(DIGITS_ITERS), "--seq-length", str(SEQ), "--lr", "2e-3", "--lr-warmup-iters", "2", "--seed", "5",
             "--image-tiling", "loader", *flags]
+
+QUICK = (  # node ids or node-id prefixes (a file, a file::test): the single-process unit tests of each package
+    "tests/test_structure.py",  # structure and docs
+    "tests/test_plumbing.py",
+    "tests/config/test_problems.py",
+    "tests/data/test_image.py",  # exactness of the data transforms
+    "tests/data/test_packing.py",
+    "tests/data/test_template.py",
+    "tests/data/test_tokenizer.py",
+    "tests/data/test_shards.py",
+    "tests/data/test_sources.py",
+    "tests/data/test_resample.py",
+    "tests/data/test_source_tiles.py",
+    "tests/data/test_preference.py",
+    "tests/models/test_hf_parity.py",  # model parity with transformers
+    "tests/models/test_rope.py",
+    "tests/models/test_packed_attention.py",
+    # conversion round trips on tiny models, in this process (test_round_trip_bit_exact spawns TP2 x PP2)
+    "tests/convert/test_convert.py::test_internvl_layout_exports_to_transformers_with_same_logits",
+    "tests/convert/test_convert.py::test_reads_transformers_module_names_too",
+    "tests/convert/test_convert.py::test_config_round_trip_for_every_preset",
+    "tests/convert/test_convert.py::test_refuses",
+    "tests/plan/test_counts_and_flops.py",
+    "tests/parallel/test_cpu_compat.py",
+    # the one multi-process check: TP2 = single process, loss and every gradient (2 gloo ranks)
+    "tests/parallel/test_layout_parity.py::test_layout_matches_single_process[debug-tp2-pp1-w2]",
+)
+
+
+def _quick(nodeid: str, entry: str) -> bool:
+    return nodeid == entry or nodeid.startswith(entry + ("::" if entry.endswith(".py") else ""))
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m quick` deselects
+def pytest_collection_modifyitems(config, items):
+    """Mark the QUICK table's tests; an entry whose whole file was collected but which names no test
+    there is an error."""
+    whole_files = not any("::" in str(a) for a in config.args)
+    files = {item.nodeid.split("::")[0] for item in items} if whole_files else set()
+    unused = set(QUICK)
+    for item in items:
+        for entry in QUICK:
+            if _quick(item.nodeid, entry):
+                item.add_marker(pytest.mark.quick)
+                unused.discard(entry)
+    stale = [e for e in unused if e.split("::")[0] in files]
+    if stale:
+        raise pytest.UsageError(f"tests/conftest.py QUICK names tests that do not exist: {stale}")
 
 
 @pytest.fixture(scope="module")

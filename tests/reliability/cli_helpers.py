@@ -32,10 +32,11 @@ def cli(tool: str, *args: str) -> list[str]:
 
 def env(**overrides: str) -> dict:
     """A user's shell: without the distributed variables in-process tests leave in this process
-    (their MASTER_PORT is still held by it) and without OMP_NUM_THREADS, which a user's shell does not set
+    (their MASTER_PORT is still held by it), without OMP_NUM_THREADS, which a user's shell does not set
     (scripts/test.sh sets it for the compute-heavy tests): a run with torch's default thread pool once
-    hung here where OMP_NUM_THREADS=1 hid it. `overrides` add or replace variables."""
-    drop = (*DIST_ENV, "OMP_NUM_THREADS")
+    hung here where OMP_NUM_THREADS=1 hid it; and without PYTHONWARNINGS (scripts/test.sh sets it to
+    ignore): the tools' stderr is checked with the warnings a user sees. `overrides` add or replace variables."""
+    drop = (*DIST_ENV, "OMP_NUM_THREADS", "PYTHONWARNINGS")
     return {**{k: v for k, v in os.environ.items() if k not in drop}, **overrides}
 
 

@@ -55,27 +55,34 @@ def test_resume_is_bit_exact(digits_shards, uninterrupted, tmp_path):
 
 
 def test_sigkill_of_one_rank_ends_the_job_and_restart_continues(digits_shards, uninterrupted, tmp_path):
+    """SIGKILL to rank 1 while it waits at the fault point before step 6 (after the checkpoint of step 5:
+    never a kill racing the run's end) and rank 0 goes on into step 6's collectives: the whole job ends
+    within 60 s, not hung, and a restart continues the uninterrupted losses."""
     ref = _losses(uninterrupted / "log.jsonl")
-    log, ckpt = tmp_path / "log.jsonl", tmp_path / "ckpt"
+    log, ckpt, out = tmp_path / "log.jsonl", tmp_path / "ckpt", tmp_path / "out.txt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(SCRIPT), *_args(digits_shards, log, "--save", str(ckpt), "--save-interval", str(EVERY))]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
+           "INTERNVL_MCORE_FAULT": f"step:{EVERY + 1}:1:wait"}
+    with open(out, "w") as stdout:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=stdout, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= EVERY + 1):
-            assert proc.poll() is None, "training ended before it could be killed"
-            time.sleep(0.2)
+        deadline = time.monotonic() + 300
+        while f"fault point step {EVERY + 1}: waiting for a signal" not in out.read_text():
+            assert proc.poll() is None, f"training ended before it could be killed:\n{out.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, "rank 1 never reached the fault point before step 6"
+            time.sleep(0.1)
         # the ranks are torchrun's own children (their loader workers, forked deeper, share the cmdline)
-        workers = [c for c in psutil.Process(proc.pid).children() if "pretrain_internvl" in " ".join(c.cmdline())]
-        assert workers, "no worker processes found"
-        workers[-1].send_signal(signal.SIGKILL)
-        killed_at = time.time()
+        ranks = [c for c in psutil.Process(proc.pid).children() if "pretrain_internvl" in " ".join(c.cmdline())]
+        next(c for c in ranks if c.environ().get("RANK") == "1").send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
         rc = proc.wait(timeout=60)  # the whole job must end, not hang in a collective
-        assert rc != 0 and time.time() - killed_at <= 60
+        assert rc != 0 and time.monotonic() - killed_at <= 60
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
+    assert sorted(_losses(log)) == list(range(1, EVERY + 1))  # no step after the kill
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(EVERY)
     restart = tmp_path / "restart.jsonl"
     torchrun(SCRIPT, 2, _args(digits_shards, restart, "--load", str(ckpt)), timeout=400)
