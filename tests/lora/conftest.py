@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch import REPO, torchrun
+from tests.launch import REPO
+from tests.worldpool import run_in_world
 
 WORKER = REPO / "tests" / "lora" / "worker.py"
 B_STD = 0.02
@@ -29,9 +30,9 @@ def run_inprocess(argv: list[str], b_std: float = B_STD) -> dict:
 
 
 def run_torchrun(tmp: Path, nproc: int, argv: list[str], b_std: float = B_STD) -> list[dict]:
-    """One run on `nproc` torchrun ranks; returns every rank's report."""
+    """One run on the session's world of `nproc` ranks (tests/worldpool.py); returns every rank's report."""
     out = tmp / "report"
-    torchrun(WORKER, nproc, [str(out), str(b_std), *argv], timeout=400)
+    run_in_world(WORKER, nproc, [str(out), str(b_std), *argv], timeout=400)
     return [json.loads((tmp / f"report.rank{r}.json").read_text()) for r in range(nproc)]
 
 

@@ -142,5 +142,3 @@ theirs = get_batch_on_this_cp_rank(dict(batch))
 report["megatron_split_equal"] = all(torch.equal(mine[key], theirs[key]) for key in batch)
 
 Path(a.out, f"rank{dist.get_rank()}.json").write_text(json.dumps(report))
-ps.destroy_model_parallel()
-dist.destroy_process_group()

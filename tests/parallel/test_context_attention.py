@@ -11,7 +11,8 @@ import torch
 
 from internvl_mcore.parallel.context_parallel import (PackedRows, cp_chunk_starts, cp_token_indices, gather_from_cp,
                                              split_for_cp)
-from tests.launch import REPO, torchrun
+from tests.launch import REPO
+from tests.worldpool import run_in_world
 
 WORKER = REPO / "tests" / "parallel" / "cp_attention_worker.py"
 TOL = 1e-5
@@ -35,7 +36,7 @@ def cp_reports(tmp_path_factory):
         if cp not in cache:
             out = tmp_path_factory.mktemp(f"cp{cp}")
             comms, hcp = WORLDS[cp]
-            torchrun(WORKER, cp, ["--cp", str(cp), "--comms", *comms, "--hcp", *map(str, hcp), "--out", str(out)],
+            run_in_world(WORKER, cp, ["--cp", str(cp), "--comms", *comms, "--hcp", *map(str, hcp), "--out", str(out)],
                      timeout=300)
             cache[cp] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(cp)]
         return cache[cp]
