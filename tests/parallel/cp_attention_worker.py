@@ -24,7 +24,8 @@ p.add_argument("--out", required=True)
 a = p.parse_args()
 
 cpu_compat.apply()
-dist.init_process_group("gloo")
+if not dist.is_initialized():  # a reused world (tests/worldpool.py) has its default group already
+    dist.init_process_group("gloo")
 from megatron.core import parallel_state as ps
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
