@@ -26,6 +26,8 @@ def test_a_job_finds_nothing_left_from_the_one_before(tmp_path):
         assert rep["default_dtype"] == "torch.float32" and rep["env"] is None and rep["sigterm_default"], rep
         assert "model-parallel-rng" in rep["rng_after_init"], rep
     assert [r["tp_after_init"] for r in first] == [2, 2] and [r["tp_after_init"] for r in second] == [1, 1]
+    for before, after in zip(first, second):  # the threads of the first job's gloo groups ended with them
+        assert after["threads"] < before["threads_after_init"], (before, after)
 
 
 def test_a_failing_job_fails_with_every_rank_and_the_next_gets_a_fresh_world(tmp_path):

@@ -26,9 +26,11 @@ a = p.parse_args()
 found = {"pid": os.getpid(), "model_parallel": ps.model_parallel_is_initialized(),
          "groups": len(dist.distributed_c10d._world.pg_map), "rng_states": sorted(get_cuda_rng_tracker().get_states()),
          "default_dtype": str(torch.get_default_dtype()), "env": os.environ.get("WORLDPOOL_PROBE"),
-         "sigterm_default": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL}
+         "sigterm_default": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
+         "threads": len(os.listdir("/proc/self/task"))}  # gloo's threads of the groups jobs before made
 init_distributed(ParallelConfig(tensor_model_parallel_size=a.tp), seed=5)
 found["tp_after_init"] = ps.get_tensor_model_parallel_world_size()
+found["threads_after_init"] = len(os.listdir("/proc/self/task"))
 found["rng_after_init"] = sorted(get_cuda_rng_tracker().get_states())
 if a.fail and dist.get_rank() == 0:
     raise RuntimeError("probe failure on rank 0")
