@@ -15,7 +15,7 @@ top-2, renormalized top-k probabilities, per-head QK-norm), built offline from i
   and transformers' logits equal ours loaded at EP1 (dist-checkpointing reshards the experts), whose
   weights equal the reader's canonical tensors bit for bit.
 
-One torchrun world per layout runs all of that layout's checks (tests/moe/moe_worker.py).
+One job per layout (tests/worldpool.py) runs all of that layout's checks (tests/moe/moe_worker.py).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Context-parallel attention vs full single-process attention, one CP world (run under torchrun).
+"""Context-parallel attention vs full single-process attention, one CP world (a job of tests/worldpool.py, or under torchrun).
 
 Every rank builds the same full (unsplit) q, k, v and computes the reference with
 `PackedSDPAttention` on its own; then runs `ContextParallelAttention` on its CP split, for every

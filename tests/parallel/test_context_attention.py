@@ -1,6 +1,6 @@
 """Context-parallel attention equals full attention; the load-balanced split follows megatron-core.
 
-Multi-process part: one torchrun world per CP size runs every comm type and case of cp_attention_worker.py
+Multi-process part: one job per CP size (tests/worldpool.py) runs every comm type and case of cp_attention_worker.py
 (packs with sample boundaries inside chunks, across chunks and exactly on chunk borders, an empty
 sample, unpacked rows, GQA, B=2, bidirectional) and compares against `PackedSDPAttention` on the
 unsplit tensors."""
@@ -19,7 +19,7 @@ TOL = 1e-5
 EXPECTED_CASES = {"inside", "inside-tiled", "across", "borders", "borders-tiled", "empty-sample",
                   "unpacked-b2", "gqa-b2", "gqa-b2-tiled", "no-mask"}
 
-# one torchrun world per CP size runs every comm type: imports dominate the cost of a world
+# one job per CP size runs every comm type
 WORLDS = {  # C: (comm types, megatron's hierarchical CP sizes A P for a2a+p2p)
     2: (("p2p", "a2a", "a2a+p2p"), (2, 1)),  # a2a+p2p with P = 1: the ring code without a ring
     4: (("p2p", "a2a", "a2a+p2p"), (2, 2)),
