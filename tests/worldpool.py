@@ -75,7 +75,11 @@ class World:
                 proc.stdin.flush()
             except OSError:
                 pass  # a dead rank: _collect reports it
-        replies = self._collect(timeout, f"{Path(script).name} {' '.join(map(str, args))}"[:300])
+        try:
+            replies = self._collect(timeout, f"{Path(script).name} {' '.join(map(str, args))}"[:300])
+        except BaseException:  # Ctrl-C in pytest: the ranks are mid-job, only killing them ends it
+            self.close(kill=True)
+            raise
         output = self._output(offsets)
         if any("error" in r for r in replies) or len(replies) < self.size:
             self.fail(f"job {self.jobs} failed", replies, output)
