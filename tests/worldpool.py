@@ -122,8 +122,8 @@ class World:
 
     def fail(self, why: str, replies: list[dict], output: str | None = None) -> None:
         """End this world and raise with every rank's error and the tail of its output."""
-        self.close(kill=True)
         output = output if output is not None else self._output([0] * self.size)
+        self.close(kill=True)  # removes the logs
         errors = "\n".join(f"--- rank {r}: {rep.get('error', 'ok')}" for r, rep in enumerate(replies))
         raise AssertionError(f"world of {self.size}: {why}\n{errors}\n{output[-12000:]}")
 
