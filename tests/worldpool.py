@@ -107,10 +107,17 @@ class World:
             for fd in ready:
                 r = waiting[fd]
                 line = self.results[r].readline()
-                replies[r] = json.loads(line) if line else {"error": f"rank {r} died (exit code {self.procs[r].poll()})"}
+                replies[r] = json.loads(line) if line else {"error": f"rank {r} died (exit code {self._exit_code(r)})"}
                 if "error" in replies[r]:
                     deadline = min(deadline, time.monotonic() + FAILED_PEER_GRACE)
         return [replies[r] for r in range(self.size)]
+
+    def _exit_code(self, rank: int) -> int | None:
+        """A rank whose pipe closed: its exit status (the pipe closes just before the process is reaped)."""
+        try:
+            return self.procs[rank].wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            return None
 
     def _output(self, offsets: list[int]) -> str:
         parts = []
