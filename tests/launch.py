@@ -1,4 +1,7 @@
-"""Start a small gloo world with torchrun from a test, with a hard timeout so a hang fails."""
+"""Start a small gloo world with torchrun from a test, with a hard timeout so a hang fails.
+
+torchrun is for tests whose subject is the CLI or process start-up; worker scripts that only need a
+world run as jobs in the session's reused worlds (tests/worldpool.py `run_in_world`)."""
 from __future__ import annotations
 
 import contextlib

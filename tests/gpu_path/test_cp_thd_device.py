@@ -7,7 +7,8 @@ import torch
 
 from internvl_mcore.config.problems import thd_problems
 from internvl_mcore.parallel.context_parallel_thd import ThdSplit, apply_rope, thd_padded_index
-from tests.launch import REPO, torchrun
+from tests.launch import REPO
+from tests.worldpool import run_in_world
 
 WORKER = REPO / "tests" / "gpu_path" / "thd_worker.py"
 
@@ -68,8 +69,8 @@ def test_cp_split_auto_says_which_path_runs_and_why(backend, pp, sp, comm, cause
 @pytest.fixture(scope="module")
 def thd_reports(tmp_path_factory):
     out = tmp_path_factory.mktemp("thd")
-    torchrun(WORKER, 1, ["--cp", "1", "--out", str(out)], timeout=240)
-    torchrun(WORKER, 2, ["--cp", "2", "--out", str(out)], timeout=240)
+    run_in_world(WORKER, 1, ["--cp", "1", "--out", str(out)], timeout=240)
+    run_in_world(WORKER, 2, ["--cp", "2", "--out", str(out)], timeout=240)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 

@@ -1,5 +1,5 @@
 """One forward/backward step of the debug model with CP and the per-sample 'thd' split (TE's layout)
-through the CPU reference attention, vs the single-process step (run under torchrun).
+through the CPU reference attention, vs the single-process step (a job of tests/worldpool.py, or under torchrun).
 
 --cp 1: save the loss and every gradient (canonical layout) to OUT/ref.pt.
 --cp 2: compare this rank's loss and gradients with OUT/ref.pt, write OUT/rank{r}.json.
@@ -53,7 +53,7 @@ batches = v2pe(mock_batches(cfg, seed=3, seq_length=SEQ, tiles=1, micro_batch_si
                             dp_rank=0, dp_size=1))
 ddp.zero_grad_buffer()
 from internvl_mcore.parallel.context_parallel_thd import ThdSplit  # noqa: E402
-sys.path.insert(0, ".")  # the repo root (torchrun runs from there)
+sys.path.insert(0, ".")  # the repo root (torchrun and tests/worldpool.py run from there)
 from tests.launch import recording_calls  # noqa: E402
 
 builds = []  # one 'thd' split per microbatch: forward, its cp_splits and the loss weights share it

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch import REPO, torchrun
+from tests.launch import REPO
+from tests.worldpool import run_in_world
 
 WORKER = REPO / "tests" / "lora" / "worker.py"
 B_STD = 0.02
@@ -28,10 +29,10 @@ def run_inprocess(argv: list[str], b_std: float = B_STD) -> dict:
     return run(argv, b_std)
 
 
-def run_torchrun(tmp: Path, nproc: int, argv: list[str], b_std: float = B_STD) -> list[dict]:
-    """One run on `nproc` torchrun ranks; returns every rank's report."""
+def run_ranks(tmp: Path, nproc: int, argv: list[str], b_std: float = B_STD) -> list[dict]:
+    """One run on the session's world of `nproc` ranks (tests/worldpool.py); returns every rank's report."""
     out = tmp / "report"
-    torchrun(WORKER, nproc, [str(out), str(b_std), *argv], timeout=400)
+    run_in_world(WORKER, nproc, [str(out), str(b_std), *argv], timeout=400)
     return [json.loads((tmp / f"report.rank{r}.json").read_text()) for r in range(nproc)]
 
 
@@ -67,7 +68,7 @@ def tp2pp2_run(tmp_path_factory, base_ckpt) -> dict:
     """The same run on TP2 x PP2 (4 ranks), checkpoint at the end."""
     tmp = tmp_path_factory.mktemp("tp2pp2")
     save = tmp / "ckpt"
-    reports = run_torchrun(tmp, 4, lora_flags() + ["--pretrained", str(base_ckpt), "--save", str(save),
+    reports = run_ranks(tmp, 4, lora_flags() + ["--pretrained", str(base_ckpt), "--save", str(save),
                                                    "--tensor-model-parallel-size", "2",
                                                    "--pipeline-model-parallel-size", "2"])
     return {"reports": reports, "save": save}

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import ITERS, lora_flags, run_inprocess, run_torchrun
+from .conftest import ITERS, lora_flags, run_inprocess, run_ranks
 
 REL = 1e-5
 
@@ -70,7 +70,7 @@ def ref_6b(tmp_path_factory) -> dict:
 
 @pytest.mark.timeout(600)
 def test_pp2_matches_single_process(tmp_path, base_ckpt, ref_run) -> None:
-    reports = run_torchrun(tmp_path, 2, lora_flags() + ["--pretrained", str(base_ckpt),
+    reports = run_ranks(tmp_path, 2, lora_flags() + ["--pretrained", str(base_ckpt),
                                                         "--pipeline-model-parallel-size", "2"])
     for r in reports:
         assert_only_adapters_train(r)
@@ -79,7 +79,7 @@ def test_pp2_matches_single_process(tmp_path, base_ckpt, ref_run) -> None:
 
 @pytest.mark.timeout(600)
 def test_tp2_sequence_parallel_with_padded_heads_matches_single_process(tmp_path, ref_6b) -> None:
-    reports = run_torchrun(tmp_path, 2, lora_flags("debug-6b") + ["--tensor-model-parallel-size", "2",
+    reports = run_ranks(tmp_path, 2, lora_flags("debug-6b") + ["--tensor-model-parallel-size", "2",
                                                                   "--sequence-parallel", "--save",
                                                                   str(tmp_path / "ckpt")])
     for r in reports:

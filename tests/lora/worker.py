@@ -1,4 +1,4 @@
-"""Train a few steps with LoRA flags and report what changed (torchrun, or `run` in-process).
+"""Train a few steps with LoRA flags and report what changed (a tests/worldpool.py job or torchrun, or `run` in-process).
 
     python -m torch.distributed.run ... tests/lora/worker.py OUT B_STD [pretrain flags...]
 

@@ -1,4 +1,4 @@
-"""Chunked output layer + cross entropy (models/chunked_loss.py) in one torchrun world of 2.
+"""Chunked output layer + cross entropy (models/chunked_loss.py) in one world of 2.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/models/chunked_loss_worker.py OUT PREF_SHARDS
 

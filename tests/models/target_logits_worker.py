@@ -1,5 +1,5 @@
 """Logits only at the tokens that carry loss (the default) against megatron-core's all-token output
-layer and loss (--all-token-logits), in one torchrun world of 2.
+layer and loss (--all-token-logits), in one world of 2.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/models/target_logits_worker.py OUT PREF_SHARDS
 

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from tests.launch import REPO, torchrun
+from tests.launch import REPO
+from tests.worldpool import run_in_world
 
 WORKER = REPO / "tests" / "models" / "chunked_loss_worker.py"
 
@@ -12,7 +13,7 @@ WORKER = REPO / "tests" / "models" / "chunked_loss_worker.py"
 @pytest.fixture(scope="module")
 def result(preference_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("chunked") / "out.json"
-    torchrun(WORKER, 2, [str(out), preference_shards], timeout=480)
+    run_in_world(WORKER, 2, [str(out), preference_shards], timeout=480)
     return json.loads(out.read_text())
 
 

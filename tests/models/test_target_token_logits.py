@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from tests.launch import REPO, torchrun
+from tests.launch import REPO
+from tests.worldpool import run_in_world
 
 WORKER = REPO / "tests" / "models" / "target_logits_worker.py"
 SEQ, MICROBATCHES = 128, 2  # the mock layouts: 2 sequences of 128 tokens per iteration
@@ -14,7 +15,7 @@ SEQ, MICROBATCHES = 128, 2  # the mock layouts: 2 sequences of 128 tokens per it
 @pytest.fixture(scope="module")
 def result(preference_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("target_logits") / "out.json"
-    torchrun(WORKER, 2, [str(out), preference_shards], timeout=600)
+    run_in_world(WORKER, 2, [str(out), preference_shards], timeout=600)
     return json.loads(out.read_text())
 
 

@@ -1,4 +1,4 @@
-"""Several MoE checks in one torchrun world (tests/moe/test_moe.py), on a converted tiny Qwen3-MoE
+"""Several MoE checks in one world (tests/moe/test_moe.py), on a converted tiny Qwen3-MoE
 InternVL (`--ckpt`, a canonical checkpoint from transformers' weights), through the real training
 loop (training/loop.py: setup, train_step, save, --load):
 

@@ -15,7 +15,7 @@ top-2, renormalized top-k probabilities, per-head QK-norm), built offline from i
   and transformers' logits equal ours loaded at EP1 (dist-checkpointing reshards the experts), whose
   weights equal the reader's canonical tensors bit for bit.
 
-One torchrun world per layout runs all of that layout's checks (tests/moe/moe_worker.py).
+One job per layout (tests/worldpool.py) runs all of that layout's checks (tests/moe/moe_worker.py).
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.convert.tiny_hf import save_transformers_dir, tiny_batch, tiny_transformers_model, write_internvl_dir  # noqa: E402
-from tests.launch import REPO, torchrun  # noqa: E402
+from tests.launch import REPO  # noqa: E402
+from tests.worldpool import run_in_world  # noqa: E402
 
 pytest.importorskip("transformers")
 
@@ -63,7 +64,7 @@ def converted(hf_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(converted, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref")
-    torchrun(WORKER, 1, ["--ckpt", str(converted), "--out", str(out), "--ref"], timeout=240)
+    run_in_world(WORKER, 1, ["--ckpt", str(converted), "--out", str(out), "--ref"], timeout=240)
     return out
 
 
@@ -73,7 +74,7 @@ def ep2_run(converted, reference, tmp_path_factory):
     out = tmp_path_factory.mktemp("ep2")
     (out / "ref.pt").symlink_to(reference / "ref.pt")
     nproc, flags = LAYOUTS["ep2"]
-    torchrun(WORKER, nproc, ["--ckpt", str(converted), "--out", str(out), "--save", str(out / "save"), *flags],
+    run_in_world(WORKER, nproc, ["--ckpt", str(converted), "--out", str(out), "--save", str(out / "save"), *flags],
              timeout=300)
     return out
 
@@ -148,7 +149,7 @@ def test_ep2_gradients_losses_and_exact_resume(ep2_run, reference):
 def test_layout_matches_single_process(converted, reference, tmp_path, name):
     nproc, flags = LAYOUTS[name]
     (tmp_path / "ref.pt").symlink_to(reference / "ref.pt")
-    torchrun(WORKER, nproc, ["--ckpt", str(converted), "--out", str(tmp_path), *flags], timeout=300)
+    run_in_world(WORKER, nproc, ["--ckpt", str(converted), "--out", str(tmp_path), *flags], timeout=300)
     _check_layout(name, _reports(tmp_path, nproc), json.loads((reference / "rank0.json").read_text()))
 
 

@@ -1,4 +1,4 @@
-"""Context-parallel attention vs full single-process attention, one CP world (run under torchrun).
+"""Context-parallel attention vs full single-process attention, one CP world (a job of tests/worldpool.py, or under torchrun).
 
 Every rank builds the same full (unsplit) q, k, v and computes the reference with
 `PackedSDPAttention` on its own; then runs `ContextParallelAttention` on its CP split, for every
@@ -24,7 +24,8 @@ p.add_argument("--out", required=True)
 a = p.parse_args()
 
 cpu_compat.apply()
-dist.init_process_group("gloo")
+if not dist.is_initialized():  # a reused world (tests/worldpool.py) has its default group already
+    dist.init_process_group("gloo")
 from megatron.core import parallel_state as ps
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
@@ -142,5 +143,3 @@ theirs = get_batch_on_this_cp_rank(dict(batch))
 report["megatron_split_equal"] = all(torch.equal(mine[key], theirs[key]) for key in batch)
 
 Path(a.out, f"rank{dist.get_rank()}.json").write_text(json.dumps(report))
-ps.destroy_model_parallel()
-dist.destroy_process_group()

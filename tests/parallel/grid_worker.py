@@ -1,4 +1,4 @@
-"""One forward/backward step of a debug model on one parallel layout (run under torchrun).
+"""One forward/backward step of a debug model on one parallel layout (a job of tests/worldpool.py, or under torchrun).
 
 --ref: save the loss and every gradient in the canonical layout (single process).
 otherwise: load the reference, compare this rank's loss and gradient shards, write a JSON report
@@ -48,7 +48,7 @@ dp = ps.get_data_parallel_world_size()
 batches = mock_batches(cfg, seed=3, seq_length=SEQ, tiles=1, micro_batch_size=1, global_batch_size=GBS,
                        dp_rank=ps.get_data_parallel_rank(), dp_size=dp)
 ddp.zero_grad_buffer()
-sys.path.insert(0, ".")  # the repo root (torchrun runs from there)
+sys.path.insert(0, ".")  # the repo root (torchrun and tests/worldpool.py run from there)
 from tests.launch import recording_calls  # noqa: E402
 
 calls = []  # per forward: did image tensors reach this stage (only the first stage reads them)

@@ -1,6 +1,6 @@
 """Context-parallel attention equals full attention; the load-balanced split follows megatron-core.
 
-Multi-process part: one torchrun world per CP size runs every comm type and case of cp_attention_worker.py
+Multi-process part: one job per CP size (tests/worldpool.py) runs every comm type and case of cp_attention_worker.py
 (packs with sample boundaries inside chunks, across chunks and exactly on chunk borders, an empty
 sample, unpacked rows, GQA, B=2, bidirectional) and compares against `PackedSDPAttention` on the
 unsplit tensors."""
@@ -11,14 +11,15 @@ import torch
 
 from internvl_mcore.parallel.context_parallel import (PackedRows, cp_chunk_starts, cp_token_indices, gather_from_cp,
                                              split_for_cp)
-from tests.launch import REPO, torchrun
+from tests.launch import REPO
+from tests.worldpool import run_in_world
 
 WORKER = REPO / "tests" / "parallel" / "cp_attention_worker.py"
 TOL = 1e-5
 EXPECTED_CASES = {"inside", "inside-tiled", "across", "borders", "borders-tiled", "empty-sample",
                   "unpacked-b2", "gqa-b2", "gqa-b2-tiled", "no-mask"}
 
-# one torchrun world per CP size runs every comm type: imports dominate the cost of a world
+# one job per CP size runs every comm type
 WORLDS = {  # C: (comm types, megatron's hierarchical CP sizes A P for a2a+p2p)
     2: (("p2p", "a2a", "a2a+p2p"), (2, 1)),  # a2a+p2p with P = 1: the ring code without a ring
     4: (("p2p", "a2a", "a2a+p2p"), (2, 2)),
@@ -35,7 +36,7 @@ def cp_reports(tmp_path_factory):
         if cp not in cache:
             out = tmp_path_factory.mktemp(f"cp{cp}")
             comms, hcp = WORLDS[cp]
-            torchrun(WORKER, cp, ["--cp", str(cp), "--comms", *comms, "--hcp", *map(str, hcp), "--out", str(out)],
+            run_in_world(WORKER, cp, ["--cp", str(cp), "--comms", *comms, "--hcp", *map(str, hcp), "--out", str(out)],
                      timeout=300)
             cache[cp] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(cp)]
         return cache[cp]

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from tests.launch import REPO, torchrun
+from tests.launch import REPO
+from tests.worldpool import run_in_world
 
 WORKER = REPO / "tests" / "parallel" / "grid_worker.py"
 TOL = 1e-5
@@ -25,7 +26,7 @@ def refs(tmp_path_factory):
     dirs = {}
     for model in sorted({m for m, *_ in LAYOUTS}):
         d = tmp_path_factory.mktemp(model)
-        torchrun(WORKER, 1, ["--model", model, "--ref", "--out", str(d)], timeout=240)
+        run_in_world(WORKER, 1, ["--model", model, "--ref", "--out", str(d)], timeout=240)
         dirs[model] = d
     return dirs
 
@@ -35,7 +36,7 @@ def refs(tmp_path_factory):
 def test_layout_matches_single_process(refs, tmp_path, model, tp, pp, extra, world):
     out = tmp_path
     (out / "ref.pt").symlink_to(refs[model] / "ref.pt")
-    torchrun(WORKER, world, ["--model", model, "--tp", str(tp), "--pp", str(pp), *extra, "--out", str(out)],
+    run_in_world(WORKER, world, ["--model", model, "--tp", str(tp), "--pp", str(pp), *extra, "--out", str(out)],
              timeout=240)
     reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
     assert all(r["params_checked"] > 0 for r in reports)

@@ -1,4 +1,4 @@
-"""Build real models on a small gloo world and report what each rank holds (run under torchrun).
+"""Build real models on a small gloo world and report what each rank holds (a job of tests/worldpool.py, or under torchrun).
 
 For every case (model, TP, PP, distributed optimizer, trainable parts, dtype) in one world the worker
 re-initializes megatron-core's parallel state, builds the stage, freezes the untrained parts, wraps

@@ -19,7 +19,8 @@ from internvl_mcore.config.lora import LoRAConfig
 from internvl_mcore.plan.flops import forward_flops
 from internvl_mcore.plan.memory import activation_bytes, state_bytes
 from internvl_mcore.plan.params import count_params, stage_params
-from tests.launch import REPO, torchrun
+from tests.launch import REPO
+from tests.worldpool import run_in_world
 
 WORKER = REPO / "tests" / "plan" / "state_worker.py"
 ALL = ["vision", "projector", "llm"]
@@ -67,7 +68,7 @@ def _par(case):
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
     out = tmp_path_factory.mktemp("plan")
-    torchrun(WORKER, 4, ["--cases", json.dumps(CASES), "--out", str(out)], timeout=420)
+    run_in_world(WORKER, 4, ["--cases", json.dumps(CASES), "--out", str(out)], timeout=420)
     reps = [rep for r in range(4) for rep in json.loads((out / f"rank{r}.json").read_text())]
     assert len(reps) == 4 * len(CASES)
     return reps

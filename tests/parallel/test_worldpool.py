@@ -1,0 +1,47 @@
+"""The reused worlds of tests/worldpool.py: a job starts clean after another, a failing or hanging
+job fails its test with the ranks' errors, and the next job gets a fresh world."""
+import json
+
+import pytest
+
+from tests.launch import REPO
+from tests.worldpool import run_in_world
+
+PROBE = REPO / "tests" / "parallel" / "worldpool_probe_worker.py"
+
+
+def probe(tmp_path, name, *args, timeout=120.0):
+    out = tmp_path / name
+    out.mkdir()
+    run_in_world(PROBE, 2, ["--out", str(out), *args], timeout=timeout)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_a_job_finds_nothing_left_from_the_one_before(tmp_path):
+    first = probe(tmp_path, "first", "--tp", "2")
+    second = probe(tmp_path, "second", "--tp", "1")
+    assert [r["pid"] for r in first] == [r["pid"] for r in second]  # the same processes: a reused world
+    for rep in first + second:
+        assert rep["model_parallel"] is False and rep["groups"] == 1 and rep["rng_states"] == [], rep
+        assert rep["default_dtype"] == "torch.float32" and rep["env"] is None and rep["sigterm_default"], rep
+        assert "model-parallel-rng" in rep["rng_after_init"], rep
+    assert [r["tp_after_init"] for r in first] == [2, 2] and [r["tp_after_init"] for r in second] == [1, 1]
+    for before, after in zip(first, second):  # the threads of the first job's gloo groups ended with them
+        assert after["threads"] < before["threads_after_init"], (before, after)
+
+
+def test_a_failing_job_fails_with_every_rank_and_the_next_gets_a_fresh_world(tmp_path):
+    before = probe(tmp_path, "before")
+    with pytest.raises(AssertionError) as failed:
+        probe(tmp_path, "failing", "--fail")
+    assert "RuntimeError: probe failure on rank 0" in str(failed.value)
+    assert "rank 1 died (exit code 3)" in str(failed.value)
+    after = probe(tmp_path, "after", "--tp", "2")
+    assert not {r["pid"] for r in before} & {r["pid"] for r in after}
+    assert all(r["model_parallel"] is False and r["groups"] == 1 for r in after)
+
+
+def test_a_job_past_its_deadline_fails(tmp_path):
+    hang = REPO / "tests" / "parallel" / "worldpool_hang_worker.py"
+    with pytest.raises(AssertionError, match=r"no reply within 5s"):
+        run_in_world(hang, 2, [], timeout=5.0)
