@@ -9,6 +9,7 @@
 
 Flags follow Megatron-LM's names; `--help` lists them with their defaults and meaning.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,18 +23,28 @@ from internvl_mcore.config.presets import PRESETS
 from internvl_mcore.config.problems import check as check_config
 from internvl_mcore.config.lora import LoRAConfig
 from internvl_mcore.config.needs import ignored_flags
-from internvl_mcore.config.training import (CheckpointConfig, ComputeConfig, DataConfig, LogConfig, RunConfig,
-                                           TrainConfig)
+from internvl_mcore.config.training import (
+    CheckpointConfig,
+    ComputeConfig,
+    DataConfig,
+    LogConfig,
+    RunConfig,
+    TrainConfig,
+)
 from internvl_mcore.errors import ConversionError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="debug", metavar="PRESET|DIR",
-                        help="The model: a preset name (" + ", ".join(PRESETS) + ") or a checkpoint directory "
-                        "whose config it carries: an HF checkpoint (transformers' or InternVL's layout, read "
-                        "as tools/convert_from_hf.py reads it), a converted checkpoint or a training "
-                        "checkpoint (default: debug)")
+    parser.add_argument(
+        "--model",
+        default="debug",
+        metavar="PRESET|DIR",
+        help="The model: a preset name (" + ", ".join(PRESETS) + ") or a checkpoint directory "
+        "whose config it carries: an HF checkpoint (transformers' or InternVL's layout, read "
+        "as tools/convert_from_hf.py reads it), a converted checkpoint or a training "
+        "checkpoint (default: debug)",
+    )
     add_dataclass_flags(parser, ParallelConfig, "parallelism")
     add_dataclass_flags(parser, ComputeConfig, "device and kernels")
     add_dataclass_flags(parser, TrainConfig, "training")
@@ -59,10 +70,16 @@ def parse_run_config(argv: list[str]) -> RunConfig:
         model = resolve_model(ns.model)
     except ConversionError as exc:
         parser.error(str(exc))
-    return RunConfig(model=model, parallel=build_dataclass(ParallelConfig, ns),
-                     train=build_dataclass(TrainConfig, ns), data=build_dataclass(DataConfig, ns),
-                     log=build_dataclass(LogConfig, ns), checkpoint=build_dataclass(CheckpointConfig, ns),
-                     lora=build_dataclass(LoRAConfig, ns), compute=build_dataclass(ComputeConfig, ns))
+    return RunConfig(
+        model=model,
+        parallel=build_dataclass(ParallelConfig, ns),
+        train=build_dataclass(TrainConfig, ns),
+        data=build_dataclass(DataConfig, ns),
+        log=build_dataclass(LogConfig, ns),
+        checkpoint=build_dataclass(CheckpointConfig, ns),
+        lora=build_dataclass(LoRAConfig, ns),
+        compute=build_dataclass(ComputeConfig, ns),
+    )
 
 
 def check_data(run: RunConfig) -> None:
@@ -103,8 +120,11 @@ def _interrupted() -> None:
 
 
 def _terminated() -> None:
-    print("terminated (SIGTERM); checkpoints already saved are complete (--exit-signal-handler saves one first)",
-          file=sys.stderr, flush=True)
+    print(
+        "terminated (SIGTERM); checkpoints already saved are complete (--exit-signal-handler saves one first)",
+        file=sys.stderr,
+        flush=True,
+    )
     _exit(143, None)
 
 
@@ -132,7 +152,6 @@ def main(argv: list[str] | None = None) -> None:
     preemption.install(exit_signal_handler=run.checkpoint.exit_signal_handler)
     from internvl_mcore.training.guards import PeerLost, TrainingDiverged
     from internvl_mcore.training.loop import train
-
 
     try:
         train(run)

@@ -1,4 +1,5 @@
 """internvl-mcore: megatron-core based 3D-parallel training engine for InternVL models."""
+
 from setuptools import find_packages, setup
 
 setup(

@@ -4,6 +4,7 @@ process with its peak memory, `cp -r` baselines, and a random-weight HF checkpoi
 The orchestrating process imports no torch and stays small: wait4's peak RSS of a child counts what
 the child inherited at fork time, and the parent's memory would blur a converter's measured peak.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
-GIB = 2 ** 30
+GIB = 2**30
 
 
 @dataclass
@@ -51,8 +52,13 @@ class Child:
             return None
         said = [line for _, line in self.lines if line.strip() and not line.startswith(("W1", "I1"))]
         # a rank's own error line, not the launcher's summary that follows it
-        errors = [line for line in said if re.search(r"^error:|Error\b|Exception\b|^Killed", line)
-                  and "ChildFailedError" not in line and "elastic" not in line]
+        errors = [
+            line
+            for line in said
+            if re.search(r"^error:|Error\b|Exception\b|^Killed", line)
+            and "ChildFailedError" not in line
+            and "elastic" not in line
+        ]
         return f"{self.killed or f'exit {self.rc}'}: " + " | ".join((errors or said)[-last:])
 
     def stamps(self, pattern: str) -> dict[int, float]:
@@ -102,8 +108,15 @@ def _pss(pid: int, rss: int) -> int:
     return rss
 
 
-def run_child(cmd: list[str], label: str = "", env: Optional[dict] = None, mem_limit: Optional[int] = None,
-              deadline_s: float = 3600.0, heartbeat_s: float = 30.0, cwd: Path = REPO) -> Child:
+def run_child(
+    cmd: list[str],
+    label: str = "",
+    env: Optional[dict] = None,
+    mem_limit: Optional[int] = None,
+    deadline_s: float = 3600.0,
+    heartbeat_s: float = 30.0,
+    cwd: Path = REPO,
+) -> Child:
     """Run `cmd` to completion, measuring it; every `heartbeat_s` a progress line (the last line the
     child printed) goes to stdout. A child whose processes together exceed `mem_limit` bytes, or that
     runs past `deadline_s`, is killed (it and every process it started) and reported as such."""
@@ -123,7 +136,9 @@ def run_child(cmd: list[str], label: str = "", env: Optional[dict] = None, mem_l
             now = time.perf_counter()
             reason = None
             if mem_limit is not None and child.tree_rss > mem_limit:
-                reason = f"killed by the bench: its processes held {child.tree_rss / GIB:.1f} GiB > {mem_limit / GIB:.1f}"
+                reason = (
+                    f"killed by the bench: its processes held {child.tree_rss / GIB:.1f} GiB > {mem_limit / GIB:.1f}"
+                )
             elif now - start > deadline_s:
                 reason = f"killed by the bench: still running after {deadline_s:.0f}s"
             if reason and child.killed is None:
@@ -134,11 +149,16 @@ def run_child(cmd: list[str], label: str = "", env: Optional[dict] = None, mem_l
             if heartbeat_s and now - beat >= heartbeat_s:
                 beat = now
                 last = next((line for _, line in reversed(child.lines) if line.strip()), "")
-                print(f"    ... {label or cmd[0]}: {now - start:.0f}s, {child.tree_rss / GIB:.1f} GiB; {last[:100]}",
-                      flush=True)
+                print(
+                    f"    ... {label or cmd[0]}: {now - start:.0f}s, {child.tree_rss / GIB:.1f} GiB; {last[:100]}",
+                    flush=True,
+                )
 
     done = threading.Event()
-    reader, watcher = threading.Thread(target=read, daemon=True), threading.Thread(target=watch, args=(done,), daemon=True)
+    reader, watcher = (
+        threading.Thread(target=read, daemon=True),
+        threading.Thread(target=watch, args=(done,), daemon=True),
+    )
     reader.start()
     watcher.start()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -198,8 +218,15 @@ def make_random_hf_dir(cfg, out: str, fmt: str, dtype_name: str, max_shard_size:
             return tuple(shapes[name])
 
     src = RandomCanonical()
-    write_hf_dir(out, canonical_to_hf(src, cfg, fmt, dtype), hf_config_for(cfg, fmt, dtype),
-                 hf_plan(src, cfg, fmt, dtype), parse_size(max_shard_size))
-    return sum(math.prod(s) for k, s in shapes.items()
-               if not (cfg.llm.tie_word_embeddings and k == "language_model.output_layer.weight"))
-
+    write_hf_dir(
+        out,
+        canonical_to_hf(src, cfg, fmt, dtype),
+        hf_config_for(cfg, fmt, dtype),
+        hf_plan(src, cfg, fmt, dtype),
+        parse_size(max_shard_size),
+    )
+    return sum(
+        math.prod(s)
+        for k, s in shapes.items()
+        if not (cfg.llm.tie_word_embeddings and k == "language_model.output_layer.weight")
+    )

@@ -11,6 +11,7 @@ written by the same code, as a save after step k of `--stage 1`, except that Ada
 the projector do not exist yet (created by the first step; ~70 MB, <2% of the bytes): what the export,
 --load and --pretrained read is the same.
 """
+
 from __future__ import annotations
 
 import importlib.util

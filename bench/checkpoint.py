@@ -22,6 +22,7 @@ bench measures that save, the exports and the import, not the steps that train (
 A full-training checkpoint carries 8 more bytes per trainable parameter (Adam's two moments); the
 bench measures what fits and docs/checkpoints.md scales it on paper.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import GIB, REPO, Child, cp_time, dir_bytes, make_random_hf_dir, run_child  # noqa: E402
 
 
-
 @dataclass(frozen=True)
 class Shape:
     """One model shape of the bench: its preset, how it trains, and the memory it may use."""
@@ -55,10 +55,12 @@ class Shape:
     save_only: bool = False  # the checkpoint from bench/_save_only.py (no training step); no async, no loads
 
 
-SHAPES = {"debug": Shape("debug", 1e6),
-          "1b": Shape("internvl3-1b", 0.94e9, min_available_gib=12.0),  # fp32: 10-16 GiB in all
-          # save_only: one 2b step needs > 95 CPU-s per rank, > 20 min on this shared 2-core machine
-          "2b": Shape("internvl3-2b", 2.1e9, "bf16", ("--bf16", "--recompute-granularity", "full"), 13.0, 15.0, True)}
+SHAPES = {
+    "debug": Shape("debug", 1e6),
+    "1b": Shape("internvl3-1b", 0.94e9, min_available_gib=12.0),  # fp32: 10-16 GiB in all
+    # save_only: one 2b step needs > 95 CPU-s per rank, > 20 min on this shared 2-core machine
+    "2b": Shape("internvl3-2b", 2.1e9, "bf16", ("--bf16", "--recompute-granularity", "full"), 13.0, 15.0, True),
+}
 SIZES = {size: shape.preset for size, shape in SHAPES.items()}
 DISK_COPIES = 4.5  # model-sized copies on disk at once, at most (the kept checkpoint + the async run's 3)
 BYTES = {"fp32": 4, "bf16": 2}
@@ -108,40 +110,67 @@ def seq_length(preset: str) -> int:
 def _train(preset: str, *extra: str) -> Cmd:
     """pretrain_internvl.py at TP2 x PP2 on mock data with one image tile per sample (stage 1; fp32
     unless `extra` says --bf16)."""
-    return Cmd("pretrain_internvl.py", ["--model", preset, "--mock-data", "--mock-tiles-per-sample", "1",
-                                        "--seq-length", str(seq_length(preset)), "--global-batch-size", "1",
-                                        "--tensor-model-parallel-size", str(TP),
-                                        "--pipeline-model-parallel-size", str(PP), "--stage", "1",
-                                        "--peak-flops", "1e12", "--distributed-timeout-minutes", "60", *extra],
-               ranks=TP * PP)
+    return Cmd(
+        "pretrain_internvl.py",
+        [
+            "--model",
+            preset,
+            "--mock-data",
+            "--mock-tiles-per-sample",
+            "1",
+            "--seq-length",
+            str(seq_length(preset)),
+            "--global-batch-size",
+            "1",
+            "--tensor-model-parallel-size",
+            str(TP),
+            "--pipeline-model-parallel-size",
+            str(PP),
+            "--stage",
+            "1",
+            "--peak-flops",
+            "1e12",
+            "--distributed-timeout-minutes",
+            "60",
+            *extra,
+        ],
+        ranks=TP * PP,
+    )
 
 
-def commands(preset: str, work: Path, async_save: bool, formats: list[str],
-             flags: tuple[str, ...] = (), save_only: bool = False) -> dict[str, Cmd]:
+def commands(
+    preset: str, work: Path, async_save: bool, formats: list[str], flags: tuple[str, ...] = (), save_only: bool = False
+) -> dict[str, Cmd]:
     """Every measured command of one size, by name; `flags` go to every training run. `save_only`:
     the checkpoint is saved at iteration 0 by bench/_save_only.py (the same flags, no step)."""
     ck, hf = work / "ckpt", work / "hf"
     saving = ["--train-iters", str(SAVE_ITERS), "--save-interval", str(SAVE_INTERVAL)]
     train = lambda *extra: _train(preset, *flags, *extra)  # noqa: E731
-    cmds = {"save": train(*saving, "--save", str(ck), "--log-jsonl", str(work / "sync.jsonl")),
-            "base": train("--train-iters", "1", "--log-jsonl", str(work / "base.jsonl")),
-            "base2": train("--train-iters", "1", "--log-jsonl", str(work / "base2.jsonl")),
-            "load": train("--train-iters", str(SAVE_ITERS), "--load", str(ck)),
-            "pretrained": train("--train-iters", "1", "--pretrained", str(ck),
-                                "--log-jsonl", str(work / "pretrained.jsonl")),
-            "import": Cmd("tools/convert_from_hf.py", ["--hf-dir", str(hf), "--save", str(work / "canonical")]),
-            "pretrained_hf": train("--train-iters", "1", "--pretrained", str(hf),
-                                   "--log-jsonl", str(work / "pretrained_hf.jsonl"))}
+    cmds = {
+        "save": train(*saving, "--save", str(ck), "--log-jsonl", str(work / "sync.jsonl")),
+        "base": train("--train-iters", "1", "--log-jsonl", str(work / "base.jsonl")),
+        "base2": train("--train-iters", "1", "--log-jsonl", str(work / "base2.jsonl")),
+        "load": train("--train-iters", str(SAVE_ITERS), "--load", str(ck)),
+        "pretrained": train(
+            "--train-iters", "1", "--pretrained", str(ck), "--log-jsonl", str(work / "pretrained.jsonl")
+        ),
+        "import": Cmd("tools/convert_from_hf.py", ["--hf-dir", str(hf), "--save", str(work / "canonical")]),
+        "pretrained_hf": train(
+            "--train-iters", "1", "--pretrained", str(hf), "--log-jsonl", str(work / "pretrained_hf.jsonl")
+        ),
+    }
     if save_only:
         cmds["save"].script = "bench/_save_only.py"
     if async_save:
-        cmds["async"] = train(*saving, "--save", str(work / "ckpt_async"), "--async-save",
-                              "--log-jsonl", str(work / "async.jsonl"))
+        cmds["async"] = train(
+            *saving, "--save", str(work / "ckpt_async"), "--async-save", "--log-jsonl", str(work / "async.jsonl")
+        )
     for fmt in formats:
         # in the dtype trained (a run from random weights exports fp32 by default: twice the bytes)
         dtype = ["--dtype", "bf16"] if "--bf16" in flags else []
-        cmds[f"export_{fmt}"] = Cmd("tools/convert_to_hf.py", ["--load", str(ck), "--save", str(work / f"hf_{fmt}"),
-                                                                "--format", fmt, *dtype])
+        cmds[f"export_{fmt}"] = Cmd(
+            "tools/convert_to_hf.py", ["--load", str(ck), "--save", str(work / f"hf_{fmt}"), "--format", fmt, *dtype]
+        )
     return cmds
 
 
@@ -184,10 +213,18 @@ class Bench:
         cmd = self.cmds[name]
         print(f"  [{self.size}] {what} ...", flush=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
-        child = run_child(cmd.line(), label=f"{self.size} {name}", env=env,
-                          mem_limit=int(self.mem_limit_gib * GIB), deadline_s=self.args.step_deadline)
-        print(f"  [{self.size}] {what}: {child.wall:.1f}s, peak {child.peak_rss / GIB:.2f} GiB per process"
-              + (f"; FAILED {child.failure()}" if child.failure() else ""), flush=True)
+        child = run_child(
+            cmd.line(),
+            label=f"{self.size} {name}",
+            env=env,
+            mem_limit=int(self.mem_limit_gib * GIB),
+            deadline_s=self.args.step_deadline,
+        )
+        print(
+            f"  [{self.size}] {what}: {child.wall:.1f}s, peak {child.peak_rss / GIB:.2f} GiB per process"
+            + (f"; FAILED {child.failure()}" if child.failure() else ""),
+            flush=True,
+        )
         if child.failure():
             self.rows.append(Row(what, None, note=f"failed: {child.failure()[:300]}"))
             return None
@@ -211,8 +248,16 @@ class Bench:
         self.rows.append(Row(f"cp -r checkpoint ({self.ck_bytes / GIB:.2f} GiB)", self.cp_ck, self.cp_ck))
         stalls = save_stalls(sync, self.work / "sync.jsonl")
         for k, s in stalls.items():
-            self.rows.append(Row(f"save (sync) after it {k}: time added", s, self.cp_ck, sync.peak_rss,
-                                 sync.tree_rss, "first save: one-time set-up included" if k == SAVE_INTERVAL else ""))
+            self.rows.append(
+                Row(
+                    f"save (sync) after it {k}: time added",
+                    s,
+                    self.cp_ck,
+                    sync.peak_rss,
+                    sync.tree_rss,
+                    "first save: one-time set-up included" if k == SAVE_INTERVAL else "",
+                )
+            )
         self.sync_stalls = stalls
 
     def save_only(self) -> None:
@@ -225,14 +270,23 @@ class Bench:
         self.ck_bytes, self.cp_ck = dir_bytes(self.ckpt_dir()), cp_time(self.ckpt_dir(), self.work / "cp")
         self.rows.append(Row(f"cp -r checkpoint ({self.ck_bytes / GIB:.2f} GiB)", self.cp_ck, self.cp_ck))
         if said:
-            self.rows.append(Row("save (sync), first, no step: save() wall", float(said[0].split()[-2]), self.cp_ck,
-                                 child.peak_rss, child.tree_rss, "one-time set-up included; memory: the whole run"))
+            self.rows.append(
+                Row(
+                    "save (sync), first, no step: save() wall",
+                    float(said[0].split()[-2]),
+                    self.cp_ck,
+                    child.peak_rss,
+                    child.tree_rss,
+                    "one-time set-up included; memory: the whole run",
+                )
+            )
 
     def async_save(self) -> None:
         """The same run with --async-save: what each save still adds, against the synchronous one."""
         if "async" not in self.cmds:
-            self.rows.append(Row("async-save stall", None, note="not measured: this tree's pretrain_internvl.py "
-                                 "has no --async-save"))
+            self.rows.append(
+                Row("async-save stall", None, note="not measured: this tree's pretrain_internvl.py has no --async-save")
+            )
             return
         sync_stalls = getattr(self, "sync_stalls", {})
         child = self.run("async", f"async save: {SAVE_ITERS} steps, --async-save every {SAVE_INTERVAL}")
@@ -246,8 +300,9 @@ class Bench:
             ratio = f"{s / sync_stalls[k]:.1%} of the sync save (goal <= 10%)" if sync_stalls.get(k) else ""
             if k + 1 in sync_steps and k + 1 in async_steps:
                 ratio += f"; step {k + 1}: {async_steps[k + 1]:.2f}s (sync run: {sync_steps[k + 1]:.2f}s)"
-            self.rows.append(Row(f"async-save stall after it {k}", s, self.cp_ck, child.peak_rss, child.tree_rss,
-                                 ratio))
+            self.rows.append(
+                Row(f"async-save stall after it {k}", s, self.cp_ck, child.peak_rss, child.tree_rss, ratio)
+            )
 
     def baseline(self) -> None:
         """The same training run from random weights, with no checkpoint: what loads are compared to.
@@ -261,9 +316,17 @@ class Bench:
             starts.append(base.wall - step_times(self.work / f"{name}.jsonl").get(1, 0.0))
             self.base = base if name == "base" or base.peak_rss > self.base.peak_rss else self.base
         self.base_start = sum(starts) / 2
-        self.rows.append(Row("baseline start-up (random weights, 2 runs)", self.base_start, None, self.base.peak_rss,
-                             self.base.tree_rss, f"runs {starts[0]:.1f}s and {starts[1]:.1f}s: load times below "
-                             f"are +- {abs(starts[0] - starts[1]) / 2:.1f}s"))
+        self.rows.append(
+            Row(
+                "baseline start-up (random weights, 2 runs)",
+                self.base_start,
+                None,
+                self.base.peak_rss,
+                self.base.tree_rss,
+                f"runs {starts[0]:.1f}s and {starts[1]:.1f}s: load times below "
+                f"are +- {abs(starts[0] - starts[1]) / 2:.1f}s",
+            )
+        )
 
     def loads(self) -> None:
         """--load (resume) and --pretrained of the training checkpoint: the run's time less the
@@ -283,9 +346,15 @@ class Bench:
         the difference from the baseline's start-up (which initializes random weights, a cost a load
         may skip: it can be negative) in seconds and in cp -r's, and the memory above the baseline."""
         extra, more = start - self.base_start, (child.peak_rss - self.base.peak_rss) / GIB
-        return Row(step, start, None, child.peak_rss, child.tree_rss,
-                   f"{extra:+.1f}s vs the baseline's start-up ({extra / cp:+.1f}x cp); peak per process "
-                   f"{more:+.2f} GiB vs the baseline")
+        return Row(
+            step,
+            start,
+            None,
+            child.peak_rss,
+            child.tree_rss,
+            f"{extra:+.1f}s vs the baseline's start-up ({extra / cp:+.1f}x cp); peak per process "
+            f"{more:+.2f} GiB vs the baseline",
+        )
 
     def exports(self) -> None:
         if not hasattr(self, "cp_ck"):
@@ -294,8 +363,16 @@ class Bench:
             child = self.run(f"export_{fmt}", f"export: convert_to_hf.py --format {fmt} from the TP2xPP2 checkpoint")
             shutil.rmtree(self.work / f"hf_{fmt}", ignore_errors=True)
             if child is not None:
-                self.rows.append(Row(f"export --format {fmt}", child.wall, self.cp_ck, child.peak_rss,
-                                     child.tree_rss, "goal: wall <= 5x cp; peak <= 2 GiB (1b), not growing to 2b"))
+                self.rows.append(
+                    Row(
+                        f"export --format {fmt}",
+                        child.wall,
+                        self.cp_ck,
+                        child.peak_rss,
+                        child.tree_rss,
+                        "goal: wall <= 5x cp; peak <= 2 GiB (1b), not growing to 2b",
+                    )
+                )
 
     def imports(self) -> None:
         """convert_from_hf.py of a random HF dir (InternVL's layout, the shape's dtype)."""
@@ -305,8 +382,9 @@ class Bench:
         child = self.run("import", "import: convert_from_hf.py HF dir -> canonical")
         shutil.rmtree(self.work / "canonical", ignore_errors=True)
         if child is not None:
-            self.rows.append(Row("import convert_from_hf", child.wall, cp, child.peak_rss, child.tree_rss,
-                                 "goal: wall <= 5x cp"))
+            self.rows.append(
+                Row("import convert_from_hf", child.wall, cp, child.peak_rss, child.tree_rss, "goal: wall <= 5x cp")
+            )
         self.cp_hf = cp
 
     def pretrained_hf(self) -> None:
@@ -324,14 +402,28 @@ class Bench:
         the imports."""
         start = time.perf_counter()
         print(f"  [{self.size}] writing a random-weight HF dir ...", flush=True)
-        made = subprocess.run([sys.executable, __file__, "--make-hf", str(self.work / "hf"), "--preset", self.preset,
-                               "--dtype", self.shape.dtype],
-                              capture_output=True, text=True, timeout=self.args.step_deadline)
+        made = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--make-hf",
+                str(self.work / "hf"),
+                "--preset",
+                self.preset,
+                "--dtype",
+                self.shape.dtype,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=self.args.step_deadline,
+        )
         if made.returncode != 0:
             self.rows.append(Row("import", None, note=f"failed to write the HF dir: {made.stderr.strip()[-300:]}"))
             return False
         self.params = int(made.stdout.split()[-1])
-        print(f"  [{self.size}] HF dir: {self.params / 1e6:.1f}M params, {time.perf_counter() - start:.0f}s", flush=True)
+        print(
+            f"  [{self.size}] HF dir: {self.params / 1e6:.1f}M params, {time.perf_counter() - start:.0f}s", flush=True
+        )
         return True
 
     def measure(self, steps: set[str]) -> None:
@@ -361,8 +453,10 @@ class Bench:
 def print_table(bench: Bench) -> None:
     gib = lambda b: f"{b / GIB:.2f}" if b is not None else ""  # noqa: E731
     flags = " ".join(f for f in bench.shape.flags if f != "--bf16")
-    print(f"\n{bench.size} ({bench.preset}, TP{TP} x PP{PP}, stage 1, {bench.shape.dtype}{', ' + flags if flags else ''}; "
-          f"memory guard {bench.mem_limit_gib:.1f} GiB):")
+    print(
+        f"\n{bench.size} ({bench.preset}, TP{TP} x PP{PP}, stage 1, {bench.shape.dtype}{', ' + flags if flags else ''}; "
+        f"memory guard {bench.mem_limit_gib:.1f} GiB):"
+    )
     print(f"{'step':<44} {'wall s':>9} {'x cp':>8} {'peak RSS/proc GiB':>18} {'all procs GiB':>14}  note")
     for r in bench.rows:
         wall = f"{r.wall:.2f}" if r.wall is not None else "-"
@@ -375,8 +469,14 @@ def has_async_save(dry_run: bool) -> bool:
     """Whether this tree's pretrain_internvl.py takes --async-save (issue #24 adds it)."""
     if dry_run:  # torch is imported anyway to check the flags
         return "--async-save" in _script("pretrain_internvl.py").build_parser()._option_string_actions
-    out = subprocess.run([sys.executable, "pretrain_internvl.py", "--help"], cwd=REPO, capture_output=True,
-                         text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    out = subprocess.run(
+        [sys.executable, "pretrain_internvl.py", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     return "--async-save" in out.stdout
 
 
@@ -413,18 +513,29 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", default=",".join(STEPS), help="comma-separated: " + ", ".join(STEPS))
     p.add_argument("--formats", default="transformers,internvl", help="convert_to_hf.py --format values to export")
     p.add_argument("--workdir", help="where to write (default: a temporary directory; removed after each size)")
-    p.add_argument("--mem-limit-gib", type=float, default=round(os.sysconf("SC_PHYS_PAGES") * os.sysconf(
-        "SC_PAGE_SIZE") * 0.85 / GIB, 1), help="kill a step whose processes together hold more (default: 85%% of RAM)")
-    p.add_argument("--memory-wait", type=float, default=1800.0,
-                   help="seconds a shape waits for the available memory it needs before it is skipped")
+    p.add_argument(
+        "--mem-limit-gib",
+        type=float,
+        default=round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.85 / GIB, 1),
+        help="kill a step whose processes together hold more (default: 85%% of RAM)",
+    )
+    p.add_argument(
+        "--memory-wait",
+        type=float,
+        default=1800.0,
+        help="seconds a shape waits for the available memory it needs before it is skipped",
+    )
     p.add_argument("--step-deadline", type=float, default=3600.0, help="kill a step running longer (seconds)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, check their flags, run nothing")
     p.add_argument("--make-hf", metavar="DIR", help=argparse.SUPPRESS)  # internal: the HF-dir writer child
     p.add_argument("--preset", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.sizes, args.steps, args.formats = (args.sizes.split(","), set(args.steps.split(",")),
-                                            args.formats.split(",") if args.formats else [])
+    args.sizes, args.steps, args.formats = (
+        args.sizes.split(","),
+        set(args.steps.split(",")),
+        args.formats.split(",") if args.formats else [],
+    )
     for value, known, flag in ((args.sizes, SIZES, "--sizes"), (args.steps, STEPS, "--steps")):
         if set(value) - set(known):
             p.error(f"{flag}: unknown {', '.join(sorted(set(value) - set(known)))} (known: {', '.join(known)})")
@@ -439,8 +550,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(make_random_hf_dir(get_preset(args.preset), args.make_hf, "internvl", args.dtype, "2GB"))
         return 0
     async_save = has_async_save(args.dry_run)
-    print(f"--async-save {'found' if async_save else 'NOT found'} in pretrain_internvl.py; sizes {args.sizes}; "
-          f"memory guard {args.mem_limit_gib} GiB (a shape may set a lower one)", flush=True)
+    print(
+        f"--async-save {'found' if async_save else 'NOT found'} in pretrain_internvl.py; sizes {args.sizes}; "
+        f"memory guard {args.mem_limit_gib} GiB (a shape may set a lower one)",
+        flush=True,
+    )
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench_checkpoint_"))
     failed = []
     for size in args.sizes:
@@ -502,7 +616,9 @@ def dry_run(bench: Bench) -> list[str]:
     problems = check_flags(bench.cmds)
     for problem in problems:
         print(f"[{bench.size}] flag check FAILED: {problem}")
-    print(f"[{bench.size}] flags of {len(bench.cmds)} commands {'refused' if problems else 'accepted'} by their scripts")
+    print(
+        f"[{bench.size}] flags of {len(bench.cmds)} commands {'refused' if problems else 'accepted'} by their scripts"
+    )
     return problems
 
 

@@ -30,6 +30,7 @@ both per rank and the largest rank reported:
   recorded with torch.autograd.graph.saved_tensors_hooks -- the activation memory of attention
   that stays alive between the forward and the backward of a layer.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,16 +56,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--full", action="store_true", help=f"sequence lengths {FULL_LENGTHS} (default: {QUICK_LENGTHS})")
     p.add_argument("--seq-lengths", type=int, nargs="+", default=None, help="override the lengths")
     p.add_argument("--context-parallel-sizes", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--cp-comm-type", nargs="+", default=["p2p"],
-                   help="p2p, a2a, a2a+p2p or all (a2a+p2p only where --hierarchical-context-parallel-sizes fit)")
-    p.add_argument("--hierarchical-context-parallel-sizes", type=int, nargs=2, default=[2, 2],
-                   help="A P of the a2a+p2p scheme (used for CP size A*P)")
+    p.add_argument(
+        "--cp-comm-type",
+        nargs="+",
+        default=["p2p"],
+        help="p2p, a2a, a2a+p2p or all (a2a+p2p only where --hierarchical-context-parallel-sizes fit)",
+    )
+    p.add_argument(
+        "--hierarchical-context-parallel-sizes",
+        type=int,
+        nargs=2,
+        default=[2, 2],
+        help="A P of the a2a+p2p scheme (used for CP size A*P)",
+    )
     p.add_argument("--num-attention-heads", type=int, default=8)
     p.add_argument("--num-query-groups", type=int, default=4)
     p.add_argument("--kv-channels", type=int, default=64)
     p.add_argument("--micro-batch-size", type=int, default=1)
-    p.add_argument("--samples-per-pack", type=int, default=1,
-                   help="packed samples per row (1: one causal sequence, the case load balancing is for)")
+    p.add_argument(
+        "--samples-per-pack",
+        type=int,
+        default=1,
+        help="packed samples per row (1: one causal sequence, the case load balancing is for)",
+    )
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 2 quick, 3 full)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per torchrun world")
     # worker side
@@ -150,8 +164,15 @@ def worker(a: argparse.Namespace) -> None:
     pgc = ProcessGroupCollection.use_mpu_process_groups()  # the groups are passed explicitly
     hq, hkv, d, b = a.num_attention_heads, a.num_query_groups, a.kv_channels, a.micro_batch_size
     scale = 1.0 / math.sqrt(d)
-    cfg = TransformerConfig(num_layers=1, hidden_size=hq * d, num_attention_heads=hq, num_query_groups=hkv,
-                            kv_channels=d, attention_dropout=0.0, context_parallel_size=world)
+    cfg = TransformerConfig(
+        num_layers=1,
+        hidden_size=hq * d,
+        num_attention_heads=hq,
+        num_query_groups=hkv,
+        kv_channels=d,
+        attention_dropout=0.0,
+        context_parallel_size=world,
+    )
 
     def make(impl: str, seq: int, cu: torch.Tensor, psp):
         """forward(q, k, v) -> (S_local, B, hq*d) of one implementation."""
@@ -160,13 +181,24 @@ def worker(a: argparse.Namespace) -> None:
             return lambda q, k, v: mod(q, k, v, None, packed_seq_params=psp)
         if impl == "ring-kernel":  # one ring member holding both chunks: no communication
             rows = cx.PackedRows.from_cu_seqlens(cu, b, seq)
-            plan = cx._RingPlan(None, 0, 1, [cx.cp_chunk_starts(seq, 0, 1)], seq // 2, rows, True, scale,
-                                tiles.query_tile, tiles.key_tile)
+            plan = cx._RingPlan(
+                None,
+                0,
+                1,
+                [cx.cp_chunk_starts(seq, 0, 1)],
+                seq // 2,
+                rows,
+                True,
+                scale,
+                tiles.query_tile,
+                tiles.key_tile,
+            )
 
             def ring(q, k, v):
                 qb = q.permute(1, 2, 0, 3).reshape(b, hkv, hq // hkv, seq, d)
                 out = cx._RingAttention.apply(qb, k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), plan)
                 return out.reshape(b, hq, seq, d).permute(2, 0, 1, 3).reshape(seq, b, hq * d)
+
             return ring
         mod = cx.ContextParallelAttention(cfg, 1, AttnMaskType.causal, cp_comm_type=impl, pg_collection=pgc)
         return lambda q, k, v: mod(q, k, v, None, packed_seq_params=psp)
@@ -210,9 +242,17 @@ def worker(a: argparse.Namespace) -> None:
             peak = torch.tensor([_profiled_peak(step)], dtype=torch.float64)
             for t in (saved, peak):
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            results.append({"seq": seq, "cp": world, "impl": impl, "time_s": statistics.median(times),
-                            "cpu_s": statistics.median(cpu_times),
-                            "peak_bytes": int(peak), "saved_bytes": int(saved)})
+            results.append(
+                {
+                    "seq": seq,
+                    "cp": world,
+                    "impl": impl,
+                    "time_s": statistics.median(times),
+                    "cpu_s": statistics.median(cpu_times),
+                    "peak_bytes": int(peak),
+                    "saved_bytes": int(saved),
+                }
+            )
     if dist.get_rank() == 0:
         with open(a.out, "w") as f:
             json.dump(results, f)
@@ -238,8 +278,10 @@ def _worlds(a: argparse.Namespace) -> list[tuple[int, list[str]]]:
                 continue
             size = {"p2p": 1, "a2a": c, "a2a+p2p": A}[comm]
             if a.num_attention_heads % size or a.num_query_groups % size:
-                print(f"skipping cp{c} {comm}: {a.num_attention_heads} q / {a.num_query_groups} kv heads "
-                      f"are not divisible by {size}")
+                print(
+                    f"skipping cp{c} {comm}: {a.num_attention_heads} q / {a.num_query_groups} kv heads "
+                    f"are not divisible by {size}"
+                )
                 continue
             impls.append(comm)
         if impls:
@@ -250,18 +292,45 @@ def _worlds(a: argparse.Namespace) -> list[tuple[int, list[str]]]:
 def _launch(a: argparse.Namespace, c: int, impls: list[str], out: str) -> None:
     from internvl_mcore.parallel.state import free_port
 
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(c), "--master_addr",
-            "127.0.0.1", "--master_port", str(free_port()), os.path.abspath(__file__), "--worker", "--impls", *impls,
-            "--out", out, "--seq-lengths", *map(str, a.seq_lengths), "--reps", str(a.reps),
-            "--hierarchical-context-parallel-sizes", *map(str, a.hierarchical_context_parallel_sizes),
-            "--num-attention-heads", str(a.num_attention_heads), "--num-query-groups", str(a.num_query_groups),
-            "--kv-channels", str(a.kv_channels), "--micro-batch-size", str(a.micro_batch_size),
-            "--samples-per-pack", str(a.samples_per_pack)]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(c),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        os.path.abspath(__file__),
+        "--worker",
+        "--impls",
+        *impls,
+        "--out",
+        out,
+        "--seq-lengths",
+        *map(str, a.seq_lengths),
+        "--reps",
+        str(a.reps),
+        "--hierarchical-context-parallel-sizes",
+        *map(str, a.hierarchical_context_parallel_sizes),
+        "--num-attention-heads",
+        str(a.num_attention_heads),
+        "--num-query-groups",
+        str(a.num_query_groups),
+        "--kv-channels",
+        str(a.kv_channels),
+        "--micro-batch-size",
+        str(a.micro_batch_size),
+        "--samples-per-pack",
+        str(a.samples_per_pack),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=a.timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"bench/context_parallel.py: cp{c} {impls} failed:\n{proc.stdout[-3000:]}\n"
-                           f"{proc.stderr[-6000:]}")
+        raise RuntimeError(
+            f"bench/context_parallel.py: cp{c} {impls} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
 
 
 def main(a: argparse.Namespace) -> None:
@@ -269,9 +338,11 @@ def main(a: argparse.Namespace) -> None:
 
     cores = os.cpu_count() or 1
     worlds = _worlds(a)
-    print(f"attention fwd+bwd, fp32, B={a.micro_batch_size}, {a.num_attention_heads} q heads / "
-          f"{a.num_query_groups} kv heads x {a.kv_channels}, {a.samples_per_pack} causal sample(s) per row; "
-          f"{cores} cores, 1 thread per rank")
+    print(
+        f"attention fwd+bwd, fp32, B={a.micro_batch_size}, {a.num_attention_heads} q heads / "
+        f"{a.num_query_groups} kv heads x {a.kv_channels}, {a.samples_per_pack} causal sample(s) per row; "
+        f"{cores} cores, 1 thread per rank"
+    )
     if max(c for c, _ in worlds) > cores:
         print(f"note: CP sizes above {cores} share cores: their times include waiting for a core")
     rows = []
@@ -283,22 +354,29 @@ def main(a: argparse.Namespace) -> None:
                 rows += json.load(f)
     base = {r["seq"]: r for r in rows if r["cp"] == 1 and r["impl"] == "sdpa"}
     mib = 1 << 20
-    print(f"\n{'seq':>6} {'cp':>3} {'impl':<12} {'time s':>8} {'x cp1':>6} {'cpu s':>7} {'x cp1':>6} "
-          f"{'peak MiB':>9} {'x cp1':>6} {'saved MiB':>9} {'x cp1':>6}")
+    print(
+        f"\n{'seq':>6} {'cp':>3} {'impl':<12} {'time s':>8} {'x cp1':>6} {'cpu s':>7} {'x cp1':>6} "
+        f"{'peak MiB':>9} {'x cp1':>6} {'saved MiB':>9} {'x cp1':>6}"
+    )
+
     def ratio(x: float, b: Optional[float]) -> str:
         return f"{x / b:>6.2f}" if b else f"{'-':>6}"
 
     for r in sorted(rows, key=lambda r: (r["seq"], r["cp"], r["impl"])):
         b = base.get(r["seq"], {})
-        print(f"{r['seq']:>6} {r['cp']:>3} {r['impl']:<12} {r['time_s']:>8.3f} {ratio(r['time_s'], b.get('time_s'))} "
-              f"{r['cpu_s']:>7.3f} {ratio(r['cpu_s'], b.get('cpu_s'))} "
-              f"{r['peak_bytes'] / mib:>9.1f} {ratio(r['peak_bytes'], b.get('peak_bytes'))} "
-              f"{r['saved_bytes'] / mib:>9.1f} {ratio(r['saved_bytes'], b.get('saved_bytes'))}")
+        print(
+            f"{r['seq']:>6} {r['cp']:>3} {r['impl']:<12} {r['time_s']:>8.3f} {ratio(r['time_s'], b.get('time_s'))} "
+            f"{r['cpu_s']:>7.3f} {ratio(r['cpu_s'], b.get('cpu_s'))} "
+            f"{r['peak_bytes'] / mib:>9.1f} {ratio(r['peak_bytes'], b.get('peak_bytes'))} "
+            f"{r['saved_bytes'] / mib:>9.1f} {ratio(r['saved_bytes'], b.get('saved_bytes'))}"
+        )
     print("\nx cp1 = ratio to cp1 sdpa at the same length; time/cpu = slowest rank, memory = largest rank")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if load > cores:
-        print(f"note: load average {load:.1f} on {cores} cores during this run: wall times are unreliable, "
-              "compare the cpu column")
+        print(
+            f"note: load average {load:.1f} on {cores} cores during this run: wall times are unreliable, "
+            "compare the cpu column"
+        )
 
 
 if __name__ == "__main__":

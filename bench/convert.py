@@ -11,6 +11,7 @@ and prints each conversion's time as a ratio to its `cp`, plus each child's peak
 stream, so their peak should stay near one shard plus one tensor, not the model size). The files
 were just written, so every step reads from a warm page cache.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,11 @@ def make_hf_dir(size: str, out: str, max_shard_size: str) -> None:
 
     cfg = get_preset("internvl3-1b")
     if size == "small":
-        cfg = cfg.replace(name="internvl3-1b-small", vision=dataclasses.replace(cfg.vision, num_layers=4),
-                          llm=dataclasses.replace(cfg.llm, num_layers=4, vocab_size=32768))
+        cfg = cfg.replace(
+            name="internvl3-1b-small",
+            vision=dataclasses.replace(cfg.vision, num_layers=4),
+            llm=dataclasses.replace(cfg.llm, num_layers=4, vocab_size=32768),
+        )
     n = make_random_hf_dir(cfg, out, "internvl", "bf16", max_shard_size)
     print(f"{cfg.name}: {n / 1e6:.0f}M params")
 
@@ -49,7 +53,7 @@ def timed(cmd: list[str]) -> tuple[float, float, float | None]:
     if child.failure():
         raise RuntimeError(f"{' '.join(cmd)} failed: {child.failure()}")
     inner = re.search(r" in (\d+\.\d+)s", child.text())
-    return child.wall, child.peak_rss / 2 ** 20, float(inner.group(1)) if inner else None
+    return child.wall, child.peak_rss / 2**20, float(inner.group(1)) if inner else None
 
 
 def main() -> None:
@@ -69,28 +73,71 @@ def main() -> None:
         shutil.rmtree(d, ignore_errors=True)
     try:
         start = time.perf_counter()
-        made = subprocess.run([sys.executable, __file__, "--make-hf", str(hf), "--size", args.size,
-                               "--max-shard-size", args.max_shard_size], capture_output=True, text=True, check=True)
+        made = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--make-hf",
+                str(hf),
+                "--size",
+                args.size,
+                "--max-shard-size",
+                args.max_shard_size,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         size = dir_bytes(hf)
-        print(f"{made.stdout.strip()}, {size / 2 ** 20:.0f} MiB bf16 in {work} (made in {time.perf_counter() - start:.1f}s)")
+        print(
+            f"{made.stdout.strip()}, {size / 2**20:.0f} MiB bf16 in {work} (made in {time.perf_counter() - start:.1f}s)"
+        )
 
         py = sys.executable
         cp_hf, cp_rss, _ = timed(["cp", "-r", str(hf), str(work / "hf_cp")])
-        t_from, rss_from, in_from = timed([py, "tools/convert_from_hf.py", "--hf-dir", str(hf), "--save", str(ckpt),
-                                           "--max-shard-size", args.max_shard_size])
+        t_from, rss_from, in_from = timed(
+            [
+                py,
+                "tools/convert_from_hf.py",
+                "--hf-dir",
+                str(hf),
+                "--save",
+                str(ckpt),
+                "--max-shard-size",
+                args.max_shard_size,
+            ]
+        )
         cp_ck, _, _ = timed(["cp", "-r", str(ckpt), str(work / "ckpt_cp")])
-        t_to, rss_to, in_to = timed([py, "tools/convert_to_hf.py", "--load", str(ckpt), "--save", str(out),
-                                     "--format", "internvl", "--max-shard-size", args.max_shard_size])
+        t_to, rss_to, in_to = timed(
+            [
+                py,
+                "tools/convert_to_hf.py",
+                "--load",
+                str(ckpt),
+                "--save",
+                str(out),
+                "--format",
+                "internvl",
+                "--max-shard-size",
+                args.max_shard_size,
+            ]
+        )
         print(f"{'step':<28}{'wall s':>8}{'x cp':>7}{'convert s':>11}{'x cp':>7}{'peak RSS MiB':>14}")
         print(f"{'cp -r HF':<28}{cp_hf:>8.2f}{1.0:>7.1f}{'':>18}{cp_rss:>14.0f}")
-        print(f"{'convert_from_hf (HF->ckpt)':<28}{t_from:>8.2f}{t_from / cp_hf:>7.1f}"
-              f"{in_from or float('nan'):>11.2f}{(in_from or float('nan')) / cp_hf:>7.1f}{rss_from:>14.0f}")
+        print(
+            f"{'convert_from_hf (HF->ckpt)':<28}{t_from:>8.2f}{t_from / cp_hf:>7.1f}"
+            f"{in_from or float('nan'):>11.2f}{(in_from or float('nan')) / cp_hf:>7.1f}{rss_from:>14.0f}"
+        )
         print(f"{'cp -r CKPT':<28}{cp_ck:>8.2f}{1.0:>7.1f}")
-        print(f"{'convert_to_hf (ckpt->HF)':<28}{t_to:>8.2f}{t_to / cp_ck:>7.1f}"
-              f"{in_to or float('nan'):>11.2f}{(in_to or float('nan')) / cp_ck:>7.1f}{rss_to:>14.0f}")
-        print(f"wall = whole tool run incl. Python start-up and imports; convert = the conversion as the tool "
-              f"reports it. Shards of {args.max_shard_size}; peak RSS ~ interpreter + torch + one shard, "
-              f"not the {size / 2 ** 20:.0f} MiB model.")
+        print(
+            f"{'convert_to_hf (ckpt->HF)':<28}{t_to:>8.2f}{t_to / cp_ck:>7.1f}"
+            f"{in_to or float('nan'):>11.2f}{(in_to or float('nan')) / cp_ck:>7.1f}{rss_to:>14.0f}"
+        )
+        print(
+            f"wall = whole tool run incl. Python start-up and imports; convert = the conversion as the tool "
+            f"reports it. Shards of {args.max_shard_size}; peak RSS ~ interpreter + torch + one shard, "
+            f"not the {size / 2**20:.0f} MiB model."
+        )
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -20,6 +20,7 @@ Photos: scikit-learn's two bundled sample photos (china.jpg, flower.jpg), croppe
 typical SFT image sizes and saved as JPEG like source data usually is. Falls back to synthetic
 smooth images when scikit-learn is missing (the numbers are then less representative).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,7 +62,9 @@ def sft_length_mix(n: int, seed: int, seq_length: int, num_image_token: int = 25
     m = kind == 0
     out[m] = text(m.sum())
     m = kind == 1
-    out[m] = img(rng.choice([1, 3, 4, 5, 6, 7, 9, 10, 13], size=m.sum(), p=[0.2, 0.15, 0.1, 0.1, 0.15, 0.1, 0.1, 0.05, 0.05])) + text(m.sum())
+    out[m] = img(
+        rng.choice([1, 3, 4, 5, 6, 7, 9, 10, 13], size=m.sum(), p=[0.2, 0.15, 0.1, 0.1, 0.15, 0.1, 0.1, 0.05, 0.05])
+    ) + text(m.sum())
     m = kind == 2
     n_img = rng.integers(2, 7, m.sum())
     out[m] = n_img * img(np.maximum(1, 12 // n_img) + 1) + text(m.sum())
@@ -80,8 +83,14 @@ def bench_fill(n: int, seq_length: int) -> dict:
     dt = time.perf_counter() - t
     fill = pack_fill(lengths, packs, seq_length)
     lower = int(np.ceil(lengths.sum() / seq_length))
-    return {"samples": n, "packs": len(packs), "min_possible_packs": lower, "fill": fill, "seconds": dt,
-            "mean_len": float(lengths.mean())}
+    return {
+        "samples": n,
+        "packs": len(packs),
+        "min_possible_packs": lower,
+        "fill": fill,
+        "seconds": dt,
+        "mean_len": float(lengths.mean()),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -141,10 +150,15 @@ def disk_usage(prefix: str, photo_dir: str) -> dict:
     tiles = sum(os.path.getsize(field_prefix(prefix, "tiles") + ext) for ext in (".bin", ".idx"))
     source = sum(os.path.getsize(os.path.join(photo_dir, f)) for f in os.listdir(photo_dir))
     n_images = len(os.listdir(photo_dir))  # every photo is used by exactly one record
-    return {"images": c["images"], "samples": c["samples"], "tiles_bytes_per_image": tiles / c["images"],
-            "source_bytes_per_image": source / n_images, "bytes_per_sample": total / c["samples"],
-            "token_bytes_per_sample": (total - tiles) / c["samples"],
-            "ratio_vs_source_plus_tokens": total / (source + total - tiles)}
+    return {
+        "images": c["images"],
+        "samples": c["samples"],
+        "tiles_bytes_per_image": tiles / c["images"],
+        "source_bytes_per_image": source / n_images,
+        "bytes_per_sample": total / c["samples"],
+        "token_bytes_per_sample": (total - tiles) / c["samples"],
+        "ratio_vs_source_plus_tokens": total / (source + total - tiles),
+    }
 
 
 _LUT: list[np.ndarray] = []  # (3, 256) float32, built on first use
@@ -157,7 +171,9 @@ def normalize_tiles_lut(tiles: np.ndarray) -> np.ndarray:
 
     if not _LUT:
         v = np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0)
-        _LUT.append(((v - np.asarray(IMAGENET_MEAN, np.float32)[:, None]) / np.asarray(IMAGENET_STD, np.float32)[:, None]))
+        _LUT.append(
+            ((v - np.asarray(IMAGENET_MEAN, np.float32)[:, None]) / np.asarray(IMAGENET_STD, np.float32)[:, None])
+        )
     t, h, w, _ = tiles.shape
     out = np.empty((t, 3, h, w), dtype=np.float32)
     for c in range(3):
@@ -195,7 +211,18 @@ def make_jsonl_dataset(workdir: str, n_records: int) -> tuple[str, str]:
         f.write("\n".join(lines[i] for i in order) + "\n")
     meta = os.path.join(workdir, "meta.json")
     with open(meta, "w") as f:
-        json.dump({"photos": {"root": img_dir, "annotation": ann, "data_augment": False, "max_dynamic_patch": 12, "repeat_time": 1}}, f)
+        json.dump(
+            {
+                "photos": {
+                    "root": img_dir,
+                    "annotation": ann,
+                    "data_augment": False,
+                    "max_dynamic_patch": 12,
+                    "repeat_time": 1,
+                }
+            },
+            f,
+        )
     tok = make_tokenizer_dir(os.path.join(workdir, "tok"))
     return meta, tok
 
@@ -239,7 +266,9 @@ def on_the_fly_rate(meta: str, tok_dir: str, max_seconds: float, normalize=None)
     return {"samples": n, "per_cpu_s": n / clock.cpu, "per_wall_s": n / clock.wall}
 
 
-def loader_rate(prefix: str, max_seconds: float, seq_length: int, workers: int = 0, image_tiling: str = "loader") -> dict:
+def loader_rate(
+    prefix: str, max_seconds: float, seq_length: int, workers: int = 0, image_tiling: str = "loader"
+) -> dict:
     """Samples, packs and tiles per second of PackedDataLoader over one shard set: epochs over the set
     until `max_seconds` (the page cache is warm after the first, as in steady-state training). CPU time
     counts the loader's worker processes too (they are joined before it is read). With
@@ -260,11 +289,21 @@ def loader_rate(prefix: str, max_seconds: float, seq_length: int, workers: int =
     ld.close()
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = clock.cpu + (children.ru_utime - children0.ru_utime) + (children.ru_stime - children0.ru_stime)
-    return {"samples": samples, "packs": packs, "tiles": tiles, "cpu_s": cpu, "per_cpu_s": samples / cpu,
-            "per_wall_s": samples / wall, "packs_per_cpu_s": packs / cpu, "cpu_ms_per_tile": 1e3 * cpu / max(tiles, 1)}
+    return {
+        "samples": samples,
+        "packs": packs,
+        "tiles": tiles,
+        "cpu_s": cpu,
+        "per_cpu_s": samples / cpu,
+        "per_wall_s": samples / wall,
+        "packs_per_cpu_s": packs / cpu,
+        "cpu_ms_per_tile": 1e3 * cpu / max(tiles, 1),
+    }
 
 
-def bench_loader(workdir: str, n_records: int, seq_length: int, formats: list[str], max_seconds: float) -> tuple[dict, list[dict]]:
+def bench_loader(
+    workdir: str, n_records: int, seq_length: int, formats: list[str], max_seconds: float
+) -> tuple[dict, list[dict]]:
     from internvl_mcore.data.image import normalize_tiles
     from internvl_mcore.data.preprocess import PreprocessConfig, run_preprocess
 
@@ -275,17 +314,36 @@ def bench_loader(workdir: str, n_records: int, seq_length: int, formats: list[st
     for fmt in formats:
         prefix = os.path.join(workdir, f"shards_{fmt}", "data")
         clock = _Clock()
-        res = run_preprocess(PreprocessConfig(meta=[meta], tokenizer=tok, output_prefix=prefix, seq_length=seq_length,
-                                              tile_format=fmt, workers=1, progress=False))
+        res = run_preprocess(
+            PreprocessConfig(
+                meta=[meta],
+                tokenizer=tok,
+                output_prefix=prefix,
+                seq_length=seq_length,
+                tile_format=fmt,
+                workers=1,
+                progress=False,
+            )
+        )
         prep_cpu = clock.cpu
         disk = disk_usage(prefix, os.path.join(workdir, "photos"))
         runs = [(w, t) for t in ("loader", "device") for w in (0, 1, 2)] if fmt == formats[0] else [(0, "loader")]
         for workers, tiling in runs:
             r = loader_rate(prefix, max_seconds, seq_length, workers, tiling)
             r.update(disk)
-            r.update({"format": fmt, "workers": workers, "image_tiling": tiling, "preprocess_cpu_s": prep_cpu, "total_samples": res.samples,
-                      "total_packs": res.packs, "fill": res.fill, "ratio": r["per_cpu_s"] / fly["per_cpu_s"],
-                      "wall_ratio": r["per_wall_s"] / fly["per_wall_s"]})
+            r.update(
+                {
+                    "format": fmt,
+                    "workers": workers,
+                    "image_tiling": tiling,
+                    "preprocess_cpu_s": prep_cpu,
+                    "total_samples": res.samples,
+                    "total_packs": res.packs,
+                    "fill": res.fill,
+                    "ratio": r["per_cpu_s"] / fly["per_cpu_s"],
+                    "wall_ratio": r["per_wall_s"] / fly["per_wall_s"],
+                }
+            )
             rows.append(r)
         if fmt == formats[0]:
             fly["device_tiling"] = device_tiling_cost(prefix, seq_length, max_seconds)
@@ -296,8 +354,21 @@ def bench_loader(workdir: str, n_records: int, seq_length: int, formats: list[st
 H200_BYTES_PER_S = 4.8e12
 H200_INT32_OPS_PER_S = 132 * 64 * 1.98e9  # 16.7 T int32 multiply-adds per second
 LAUNCH_S = 5e-6  # host time to launch one CUDA kernel (order of magnitude)
-_VIEWS = {"view", "_unsafe_view", "reshape", "slice", "select", "permute", "alias", "as_strided", "expand",
-          "detach", "t", "lift_fresh", "_to_copy_view"}
+_VIEWS = {
+    "view",
+    "_unsafe_view",
+    "reshape",
+    "slice",
+    "select",
+    "permute",
+    "alias",
+    "as_strided",
+    "expand",
+    "detach",
+    "t",
+    "lift_fresh",
+    "_to_copy_view",
+}
 
 
 def _count_kernels(fn) -> tuple[object, int]:
@@ -363,12 +434,18 @@ def device_tiling_cost(prefix: str, seq_length: int, max_seconds: float) -> dict
                 m, b = resize_work(w, h, *out)
                 macs, nbytes = macs + m, nbytes + b
         tiles, packs = tiles + pv.shape[0], packs + 1
-        nbytes += pv.shape[0] * pv.tile_size ** 2 * 3 * 2  # the grid's crops copied into the tiles
+        nbytes += pv.shape[0] * pv.tile_size**2 * 3 * 2  # the grid's crops copied into the tiles
     torch.set_num_threads(threads)
     per_tile = {"macs": macs / tiles, "bytes": nbytes / tiles, "kernels": kernels / tiles}
     gpu_s = max(per_tile["bytes"] / H200_BYTES_PER_S, per_tile["macs"] / H200_INT32_OPS_PER_S)
-    return {"packs": packs, "tiles": tiles, "torch_cpu_ms_per_tile": 1e3 * cpu / tiles, **{f"{k}_per_tile": v for k, v in per_tile.items()},
-            "h200_us_per_tile_at_peak": 1e6 * gpu_s, "launch_host_us_per_tile": 1e6 * LAUNCH_S * per_tile["kernels"]}
+    return {
+        "packs": packs,
+        "tiles": tiles,
+        "torch_cpu_ms_per_tile": 1e3 * cpu / tiles,
+        **{f"{k}_per_tile": v for k, v in per_tile.items()},
+        "h200_us_per_tile_at_peak": 1e6 * gpu_s,
+        "launch_host_us_per_tile": 1e6 * LAUNCH_S * per_tile["kernels"],
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -388,10 +465,17 @@ def cores_per_gpu(cpu_ms_per_tile: float, gpus: int = 64, hardware: str = "h100"
     best = search(model, gpus, work, HARDWARE[hardware])[0]
     cpu_per_pack = cpu_ms_per_tile / 1e3 * work.tiles(model)
     packs_per_s = work.global_batch_size / best.step_time_s
-    return {"model": "internvl3-8b", "gpus": gpus, "hardware": hardware, "layout": best.layout.describe(),
-            "step_time_s": best.step_time_s, "tiles_per_pack": work.tiles(model), "cpu_s_per_pack": cpu_per_pack,
-            "per_gpu": cpu_per_pack * packs_per_s / gpus,
-            "per_rank": cpu_per_pack * packs_per_s / best.layout.dp}
+    return {
+        "model": "internvl3-8b",
+        "gpus": gpus,
+        "hardware": hardware,
+        "layout": best.layout.describe(),
+        "step_time_s": best.step_time_s,
+        "tiles_per_pack": work.tiles(model),
+        "cpu_s_per_pack": cpu_per_pack,
+        "per_gpu": cpu_per_pack * packs_per_s / gpus,
+        "per_rank": cpu_per_pack * packs_per_s / best.layout.dp,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -399,32 +483,48 @@ def cores_per_gpu(cpu_ms_per_tile: float, gpus: int = 64, hardware: str = "h100"
 
 def print_storage_and_speed(fly: dict, rows: list[dict], seq_length: int) -> None:
     first = rows[0]
-    print(f"\n== 2. bytes on disk ({first['images']} JPEG photos, {first['source_bytes_per_image'] / 1024:.0f} KiB each on "
-          f"average, {first['total_samples']} samples)")
-    print(f"   {'format':<6} {'KiB/image':>10} {'KiB/sample':>11} {'tokens KiB':>11} {'vs source+tokens':>17} {'preprocess CPU-s':>17}")
+    print(
+        f"\n== 2. bytes on disk ({first['images']} JPEG photos, {first['source_bytes_per_image'] / 1024:.0f} KiB each on "
+        f"average, {first['total_samples']} samples)"
+    )
+    print(
+        f"   {'format':<6} {'KiB/image':>10} {'KiB/sample':>11} {'tokens KiB':>11} {'vs source+tokens':>17} {'preprocess CPU-s':>17}"
+    )
     for r in rows:
         if r["workers"] == 0 and r["image_tiling"] == "loader":
-            print(f"   {r['format']:<6} {r['tiles_bytes_per_image'] / 1024:>10.1f} {r['bytes_per_sample'] / 1024:>11.1f} "
-                  f"{r['token_bytes_per_sample'] / 1024:>11.2f} {r['ratio_vs_source_plus_tokens']:>16.2f}x {r['preprocess_cpu_s']:>17.1f}")
-    print(f"\n== 3. loader vs on-the-fly ({first['total_samples']} samples of JSONL + JPEG photos, 75% with an image, "
-          f"seq_length {seq_length}, {first['total_packs']} packs, fill {100 * first['fill']:.1f}%)")
-    print(f"   on the fly (parse + decode + tile + tokenize + normalize): {fly['per_cpu_s']:.1f} samples per CPU-s "
-          f"({fly['per_wall_s']:.1f}/s wall); {fly['float_normalize']['per_cpu_s']:.1f} per CPU-s with InternVL's float "
-          f"normalization (ToTensor + Normalize arithmetic) instead of the table")
+            print(
+                f"   {r['format']:<6} {r['tiles_bytes_per_image'] / 1024:>10.1f} {r['bytes_per_sample'] / 1024:>11.1f} "
+                f"{r['token_bytes_per_sample'] / 1024:>11.2f} {r['ratio_vs_source_plus_tokens']:>16.2f}x {r['preprocess_cpu_s']:>17.1f}"
+            )
+    print(
+        f"\n== 3. loader vs on-the-fly ({first['total_samples']} samples of JSONL + JPEG photos, 75% with an image, "
+        f"seq_length {seq_length}, {first['total_packs']} packs, fill {100 * first['fill']:.1f}%)"
+    )
+    print(
+        f"   on the fly (parse + decode + tile + tokenize + normalize): {fly['per_cpu_s']:.1f} samples per CPU-s "
+        f"({fly['per_wall_s']:.1f}/s wall); {fly['float_normalize']['per_cpu_s']:.1f} per CPU-s with InternVL's float "
+        f"normalization (ToTensor + Normalize arithmetic) instead of the table"
+    )
     for r in rows:
         tiling = "decode only (--image-tiling device)" if r["image_tiling"] == "device" else ""
-        print(f"   loader, {r['format']:<6} {r['workers']} worker(s) {tiling}: {r['per_cpu_s']:6.1f} samples per CPU-s -> {r['ratio']:.2f}x "
-              f"on-the-fly ({r['per_cpu_s'] / fly['float_normalize']['per_cpu_s']:.2f}x the float one); "
-              f"{r['per_wall_s']:6.1f}/s wall -> {r['wall_ratio']:.2f}x; {r['cpu_ms_per_tile']:.2f} CPU-ms per tile")
+        print(
+            f"   loader, {r['format']:<6} {r['workers']} worker(s) {tiling}: {r['per_cpu_s']:6.1f} samples per CPU-s -> {r['ratio']:.2f}x "
+            f"on-the-fly ({r['per_cpu_s'] / fly['float_normalize']['per_cpu_s']:.2f}x the float one); "
+            f"{r['per_wall_s']:6.1f}/s wall -> {r['wall_ratio']:.2f}x; {r['cpu_ms_per_tile']:.2f} CPU-ms per tile"
+        )
     print("   CPU-s: the loader process plus its workers; wall ratios depend on what else runs on the machine")
     d = fly["device_tiling"]
-    print(f"   device tiling (SourceImages.tiles(), {d['tiles']} tiles of {d['packs']} packs): no GPU ran here; with torch "
-          f"on this CPU (1 thread, a stand-in) {d['torch_cpu_ms_per_tile']:.2f} CPU-ms per tile")
-    print(f"   on paper for an H200: {d['macs_per_tile'] / 1e6:.1f} M int32 multiply-adds and {d['bytes_per_tile'] / 1e6:.1f} MB "
-          f"of memory traffic per tile -> {d['h200_us_per_tile_at_peak']:.1f} us per tile at peak "
-          f"({H200_BYTES_PER_S / 1e12:.1f} TB/s, {H200_INT32_OPS_PER_S / 1e12:.1f} T int32 ops/s); "
-          f"{d['kernels_per_tile']:.0f} kernels per tile, ~{d['launch_host_us_per_tile']:.0f} us of host launch time "
-          f"at {LAUNCH_S * 1e6:.0f} us each (an estimate, not a measurement)")
+    print(
+        f"   device tiling (SourceImages.tiles(), {d['tiles']} tiles of {d['packs']} packs): no GPU ran here; with torch "
+        f"on this CPU (1 thread, a stand-in) {d['torch_cpu_ms_per_tile']:.2f} CPU-ms per tile"
+    )
+    print(
+        f"   on paper for an H200: {d['macs_per_tile'] / 1e6:.1f} M int32 multiply-adds and {d['bytes_per_tile'] / 1e6:.1f} MB "
+        f"of memory traffic per tile -> {d['h200_us_per_tile_at_peak']:.1f} us per tile at peak "
+        f"({H200_BYTES_PER_S / 1e12:.1f} TB/s, {H200_INT32_OPS_PER_S / 1e12:.1f} T int32 ops/s); "
+        f"{d['kernels_per_tile']:.0f} kernels per tile, ~{d['launch_host_us_per_tile']:.0f} us of host launch time "
+        f"at {LAUNCH_S * 1e6:.0f} us each (an estimate, not a measurement)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -440,9 +540,13 @@ def main(argv: list[str] | None = None) -> int:
 
     fill = bench_fill(5_000 if quick else 50_000, args.seq_length)
     out["fill"] = fill
-    print(f"== 1. pack fill (seq_length {args.seq_length}, InternVL-SFT-like mix, mean {fill['mean_len']:.0f} tokens/sample)")
-    print(f"   {fill['samples']} samples -> {fill['packs']} packs (lower bound {fill['min_possible_packs']}), "
-          f"fill {100 * fill['fill']:.2f}% in {fill['seconds']:.2f}s   [{'OK' if fill['fill'] >= 0.98 else 'BELOW'} goal >= 98%]")
+    print(
+        f"== 1. pack fill (seq_length {args.seq_length}, InternVL-SFT-like mix, mean {fill['mean_len']:.0f} tokens/sample)"
+    )
+    print(
+        f"   {fill['samples']} samples -> {fill['packs']} packs (lower bound {fill['min_possible_packs']}), "
+        f"fill {100 * fill['fill']:.2f}% in {fill['seconds']:.2f}s   [{'OK' if fill['fill'] >= 0.98 else 'BELOW'} goal >= 98%]"
+    )
 
     with tempfile.TemporaryDirectory() as work:
         formats = ["source", "webp", "raw"] if quick else ["source", "webp", "png", "raw", "jpeg"]
@@ -451,18 +555,32 @@ def main(argv: list[str] | None = None) -> int:
     print_storage_and_speed(fly, rows, args.seq_length)
     out["cores_per_gpu"] = {}
     for tiling in ("loader", "device"):
-        best = next(r for r in rows if r["format"] == rows[0]["format"] and r["workers"] == 1 and r["image_tiling"] == tiling)
-        ms = best["cpu_ms_per_tile"] + (1e-3 * fly["device_tiling"]["launch_host_us_per_tile"] if tiling == "device" else 0)
+        best = next(
+            r for r in rows if r["format"] == rows[0]["format"] and r["workers"] == 1 and r["image_tiling"] == tiling
+        )
+        ms = best["cpu_ms_per_tile"] + (
+            1e-3 * fly["device_tiling"]["launch_host_us_per_tile"] if tiling == "device" else 0
+        )
         cores = out["cores_per_gpu"][tiling] = cores_per_gpu(ms)
         if tiling == "loader":
-            print(f"\n== 4. loader CPU for {cores['model']} at 16k packs ({cores['tiles_per_pack']:.0f} tiles per pack), "
-                  f"{cores['gpus']} {cores['hardware']}, planner's fastest layout {cores['layout']}: step {cores['step_time_s']:.2f}s")
-        what = "tiles in the loader" if tiling == "loader" else "decode only + the estimated kernel-launch time of the device tiling"
-        print(f"   {best['format']}, 1 worker, {what}: {ms:.2f} CPU-ms per tile -> {cores['cpu_s_per_pack']:.3f} CPU-s per pack: "
-              f"{cores['per_gpu']:.3f} cores per GPU   [{'OK' if cores['per_gpu'] < 0.5 else 'ABOVE'} goal < 0.5]; "
-              f"{cores['per_rank']:.3f} while every rank of a data-parallel group decodes its packs itself")
-    print(f"\ntotal {time.perf_counter() - t_all:.1f}s; load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
-          f"on {os.cpu_count()} cores")
+            print(
+                f"\n== 4. loader CPU for {cores['model']} at 16k packs ({cores['tiles_per_pack']:.0f} tiles per pack), "
+                f"{cores['gpus']} {cores['hardware']}, planner's fastest layout {cores['layout']}: step {cores['step_time_s']:.2f}s"
+            )
+        what = (
+            "tiles in the loader"
+            if tiling == "loader"
+            else "decode only + the estimated kernel-launch time of the device tiling"
+        )
+        print(
+            f"   {best['format']}, 1 worker, {what}: {ms:.2f} CPU-ms per tile -> {cores['cpu_s_per_pack']:.3f} CPU-s per pack: "
+            f"{cores['per_gpu']:.3f} cores per GPU   [{'OK' if cores['per_gpu'] < 0.5 else 'ABOVE'} goal < 0.5]; "
+            f"{cores['per_rank']:.3f} while every rank of a data-parallel group decodes its packs itself"
+        )
+    print(
+        f"\ntotal {time.perf_counter() - t_all:.1f}s; load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+        f"on {os.cpu_count()} cores"
+    )
     if args.json:
         print(json.dumps(out, indent=1, default=float))
     return 0

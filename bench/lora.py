@@ -13,6 +13,7 @@ actually holds after the first step (exp_avg, exp_avg_sq, and fp32 master copies
 gradient buffers are megatron-core DDP's main_grad buffers. Step time is the median of --steps
 steps after one warm-up step; the two runs take turns step by step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,17 +47,33 @@ def sizes(trainer) -> dict:
     import torch
 
     module = trainer.model[0].module
-    state_bytes = sum(t.numel() * t.element_size() for opt in _torch_optimizers(trainer.optimizer)
-                      for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor))
+    state_bytes = sum(
+        t.numel() * t.element_size()
+        for opt in _torch_optimizers(trainer.optimizer)
+        for s in opt.state.values()
+        for t in s.values()
+        if isinstance(t, torch.Tensor)
+    )
     # fp32 master copies (bf16 training) are optimizer state too; in fp32 the params are their own masters
     own = {id(p) for p in module.parameters()}
-    masters = sum(p.numel() * p.element_size() for opt in _torch_optimizers(trainer.optimizer)
-                  for g in opt.param_groups for p in g["params"] if id(p) not in own)
-    grad_bytes = sum(p.main_grad.numel() * p.main_grad.element_size() for p in module.parameters()
-                     if getattr(p, "main_grad", None) is not None)
-    return {"trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
-            "total": sum(p.numel() for p in module.parameters()),
-            "optimizer_bytes": state_bytes + masters, "grad_bytes": grad_bytes}
+    masters = sum(
+        p.numel() * p.element_size()
+        for opt in _torch_optimizers(trainer.optimizer)
+        for g in opt.param_groups
+        for p in g["params"]
+        if id(p) not in own
+    )
+    grad_bytes = sum(
+        p.main_grad.numel() * p.main_grad.element_size()
+        for p in module.parameters()
+        if getattr(p, "main_grad", None) is not None
+    )
+    return {
+        "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
+        "total": sum(p.numel() for p in module.parameters()),
+        "optimizer_bytes": state_bytes + masters,
+        "grad_bytes": grad_bytes,
+    }
 
 
 def time_steps(trainers: dict, steps: int) -> dict[str, dict[str, float]]:
@@ -74,7 +91,9 @@ def time_steps(trainers: dict, steps: int) -> dict[str, dict[str, float]]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default="debug-m", help="model preset (default debug-m)")
     p.add_argument("--seq-length", type=int, default=256)
     p.add_argument("--global-batch-size", type=int, default=1)
@@ -84,21 +103,39 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true")
     args = p.parse_args()
 
-    common = ["--model", args.model, "--mock-data", "--stage", "finetune", "--seq-length", str(args.seq_length),
-              "--global-batch-size", str(args.global_batch_size), "--train-iters", str(args.steps + 1),
-              "--mock-tiles-per-sample", "1"] + (["--bf16"] if args.bf16 else [])
-    trainers = {"full": build(common),
-                "lora": build(common + ["--lora-rank", str(args.lora_rank), "--lora-target", args.lora_target])}
+    common = [
+        "--model",
+        args.model,
+        "--mock-data",
+        "--stage",
+        "finetune",
+        "--seq-length",
+        str(args.seq_length),
+        "--global-batch-size",
+        str(args.global_batch_size),
+        "--train-iters",
+        str(args.steps + 1),
+        "--mock-tiles-per-sample",
+        "1",
+    ] + (["--bf16"] if args.bf16 else [])
+    trainers = {
+        "full": build(common),
+        "lora": build(common + ["--lora-rank", str(args.lora_rank), "--lora-target", args.lora_target]),
+    }
     timing = time_steps(trainers, args.steps)
     full, lora = ({**sizes(trainers[k]), **timing[k]} for k in ("full", "lora"))
 
-    print(f"\n{args.model}: {full['total'] / 1e6:.1f}M parameters, seq {args.seq_length}, "
-          f"global batch {args.global_batch_size}, {'bf16' if args.bf16 else 'fp32'}; "
-          f"LoRA rank {args.lora_rank} on {args.lora_target} vs full --stage finetune")
-    rows = (("trainable parameters", "trainable", lambda v: f"{v / 1e6:.3f}M"),
-            ("optimizer state", "optimizer_bytes", lambda v: f"{v / 2 ** 20:.2f} MiB"),
-            ("gradient buffers", "grad_bytes", lambda v: f"{v / 2 ** 20:.2f} MiB"),
-            ("step time", "step_s", lambda v: f"{v * 1e3:.0f} ms"))
+    print(
+        f"\n{args.model}: {full['total'] / 1e6:.1f}M parameters, seq {args.seq_length}, "
+        f"global batch {args.global_batch_size}, {'bf16' if args.bf16 else 'fp32'}; "
+        f"LoRA rank {args.lora_rank} on {args.lora_target} vs full --stage finetune"
+    )
+    rows = (
+        ("trainable parameters", "trainable", lambda v: f"{v / 1e6:.3f}M"),
+        ("optimizer state", "optimizer_bytes", lambda v: f"{v / 2**20:.2f} MiB"),
+        ("gradient buffers", "grad_bytes", lambda v: f"{v / 2**20:.2f} MiB"),
+        ("step time", "step_s", lambda v: f"{v * 1e3:.0f} ms"),
+    )
     print(f"{'':22s} {'full':>14s} {'LoRA':>14s} {'LoRA / full':>12s}")
     for label, key, fmt in rows:
         ratio = lora[key] / full[key] if full[key] else float("nan")

@@ -22,6 +22,7 @@ Reported per phase (median over --steps steps after one warm-up step):
 GPU speed is not measured here; on 2 shared CPU cores absolute numbers are small and noisy, the
 EP2 / EP1 ratios are the point.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-DISPATCHER_METHODS = ("dispatch_preprocess", "token_dispatch", "dispatch_postprocess",
-                      "combine_preprocess", "token_combine", "combine_postprocess")
+DISPATCHER_METHODS = (
+    "dispatch_preprocess",
+    "token_dispatch",
+    "dispatch_postprocess",
+    "combine_preprocess",
+    "token_combine",
+    "combine_postprocess",
+)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,6 +76,7 @@ class Timers:
                 return fn(*args, **kwargs)
             finally:
                 self.seconds[key] += time.perf_counter() - start
+
         return timed
 
     def reset(self) -> None:
@@ -91,9 +99,16 @@ def model_config(a: argparse.Namespace):
     from internvl_mcore.config import get_preset
 
     base = get_preset("debug-moe")
-    llm = dataclasses.replace(base.llm, num_layers=a.layers, hidden_size=a.hidden_size, num_attention_heads=4,
-                              num_query_groups=2, num_experts=a.experts, moe_router_topk=a.topk,
-                              moe_ffn_hidden_size=a.expert_ffn)
+    llm = dataclasses.replace(
+        base.llm,
+        num_layers=a.layers,
+        hidden_size=a.hidden_size,
+        num_attention_heads=4,
+        num_query_groups=2,
+        num_experts=a.experts,
+        moe_router_topk=a.topk,
+        moe_ffn_hidden_size=a.expert_ffn,
+    )
     return base.replace(name="bench-moe", llm=llm)
 
 
@@ -106,9 +121,21 @@ def phase(a: argparse.Namespace, ep: int, timers: Timers, peak: float) -> dict:
     from internvl_mcore.training.loop import setup, train_step
     from internvl_mcore.training.metrics import step_flops
 
-    argv = ["--mock-data", "--mock-tiles-per-sample", "1", "--global-batch-size", "4", "--seq-length",
-            str(a.seq_length), "--train-iters", str(a.steps + 1), "--expert-model-parallel-size", str(ep),
-            "--lr", "1e-4"]
+    argv = [
+        "--mock-data",
+        "--mock-tiles-per-sample",
+        "1",
+        "--global-batch-size",
+        "4",
+        "--seq-length",
+        str(a.seq_length),
+        "--train-iters",
+        str(a.steps + 1),
+        "--expert-model-parallel-size",
+        str(ep),
+        "--lr",
+        "1e-4",
+    ]
     run = dataclasses.replace(parse_run_config(argv), model=model_config(a))
     trainer = setup(run)
     train_step(trainer)  # warm-up
@@ -124,9 +151,14 @@ def phase(a: argparse.Namespace, ep: int, timers: Timers, peak: float) -> dict:
     t = statistics.median(r[0] for r in rows)
     world = dist.get_world_size()
     flops = statistics.median(r[2] for r in rows)
-    return {"ep": ep, "step_s": t, "tokens_per_s": 4 * a.seq_length / t, "mfu": flops / t / world / peak,
-            "dispatch_share": statistics.median(r[1]["dispatcher"] / r[0] for r in rows),
-            "all_to_all_share": statistics.median(r[1]["all_to_all"] / r[0] for r in rows)}
+    return {
+        "ep": ep,
+        "step_s": t,
+        "tokens_per_s": 4 * a.seq_length / t,
+        "mfu": flops / t / world / peak,
+        "dispatch_share": statistics.median(r[1]["dispatcher"] / r[0] for r in rows),
+        "all_to_all_share": statistics.median(r[1]["all_to_all"] / r[0] for r in rows),
+    }
 
 
 def worker(a: argparse.Namespace) -> None:
@@ -156,26 +188,50 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "moe.json"
         args = [a_ for a_ in (argv if argv is not None else sys.argv[1:])]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(Path(__file__).resolve()), "--worker", "--out", str(out), *args]
-        subprocess.run(cmd, cwd=REPO, check=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1",
-                                                         "PYTHONWARNINGS": "ignore"})
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            str(Path(__file__).resolve()),
+            "--worker",
+            "--out",
+            str(out),
+            *args,
+        ]
+        subprocess.run(
+            cmd,
+            cwd=REPO,
+            check=True,
+            env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+        )
         res = json.loads(out.read_text())
     cfg = model_config(a)
     from internvl_mcore.plan.params import active_params, count_params
 
-    print(f"model: {cfg.llm.num_layers} MoE layers, hidden {cfg.llm.hidden_size}, {cfg.llm.num_experts} experts "
-          f"x {cfg.llm.moe_ffn_hidden_size}, top-{cfg.llm.moe_router_topk}; {count_params(cfg).total / 1e6:.1f}M "
-          f"parameters, {active_params(cfg).total / 1e6:.1f}M active; 2 ranks (gloo), global batch 4 x "
-          f"{a.seq_length} tokens; matmul peak {res['peak_flops'] / 1e9:.1f} GFLOP/s per rank")
+    print(
+        f"model: {cfg.llm.num_layers} MoE layers, hidden {cfg.llm.hidden_size}, {cfg.llm.num_experts} experts "
+        f"x {cfg.llm.moe_ffn_hidden_size}, top-{cfg.llm.moe_router_topk}; {count_params(cfg).total / 1e6:.1f}M "
+        f"parameters, {active_params(cfg).total / 1e6:.1f}M active; 2 ranks (gloo), global batch 4 x "
+        f"{a.seq_length} tokens; matmul peak {res['peak_flops'] / 1e9:.1f} GFLOP/s per rank"
+    )
     print(f"{'layout':<14}{'step s':>8}{'tokens/s':>10}{'CPU-MFU':>9}{'dispatch/combine':>18}{'all-to-all':>12}")
     for r in res["phases"]:
         name = f"DP2 EP{r['ep']}"
-        print(f"{name:<14}{r['step_s']:8.3f}{r['tokens_per_s']:10.0f}{r['mfu'] * 100:8.1f}%"
-              f"{r['dispatch_share'] * 100:17.1f}%{r['all_to_all_share'] * 100:11.1f}%")
+        print(
+            f"{name:<14}{r['step_s']:8.3f}{r['tokens_per_s']:10.0f}{r['mfu'] * 100:8.1f}%"
+            f"{r['dispatch_share'] * 100:17.1f}%{r['all_to_all_share'] * 100:11.1f}%"
+        )
     ep1, ep2 = res["phases"]
-    print(f"EP2 / EP1: tokens/s x{ep2['tokens_per_s'] / ep1['tokens_per_s']:.2f}, "
-          f"dispatch/combine share {ep1['dispatch_share'] * 100:.1f}% -> {ep2['dispatch_share'] * 100:.1f}%")
+    print(
+        f"EP2 / EP1: tokens/s x{ep2['tokens_per_s'] / ep1['tokens_per_s']:.2f}, "
+        f"dispatch/combine share {ep1['dispatch_share'] * 100:.1f}% -> {ep2['dispatch_share'] * 100:.1f}%"
+    )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ forward + backward, and the results' largest difference.
    the peak memory each adds (resident-set peak, malloc returning freed blocks);
 5. the same over every token (`--all-token-logits`) vs only the tokens that carry loss (default).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,9 +82,10 @@ def rope_case(s: int, heads: int, groups: int, d: int, reps: int) -> None:
         def go():
             x = qkv.clone().requires_grad_()
             q = x.view(s, 1, heads + 2 * groups, d)[:, :, :heads]  # strided views, as megatron-core splits
-            k = x.view(s, 1, heads + 2 * groups, d)[:, :, heads:heads + groups]
+            k = x.view(s, 1, heads + 2 * groups, d)[:, :, heads : heads + groups]
             (fn(q, freqs).sum() + 2 * fn(k, freqs).sum()).backward()
             return [x.grad]
+
         return go
 
     compare("RoPE on q and k, fwd+bwd", run(_apply_rotary_pos_emb_bshd), run(apply_rotary), reps)
@@ -100,6 +102,7 @@ def swiglu_case(s: int, ffn: int, reps: int) -> None:
             out = fn(y)
             out.backward(g)
             return [out.detach(), y.grad]
+
         return go
 
     def unfused(y):
@@ -111,10 +114,12 @@ def swiglu_case(s: int, ffn: int, reps: int) -> None:
 
 def head_step(loss_fn, h0: torch.Tensor, w0: torch.Tensor, grad_out: torch.Tensor):
     """A callable: forward + backward of `loss_fn(hidden, weight)` weighted by grad_out; returns the grads."""
+
     def go():
         h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
         (loss_fn(h, w) * grad_out).sum().backward()
         return [h.grad, w.grad]
+
     return go
 
 
@@ -130,10 +135,12 @@ def cross_entropy_case(s: int, hidden: int, vocab: int, chunk: int, reps: int) -
     h0, w0 = torch.randn(s, 1, hidden, generator=g), torch.randn(vocab, hidden, generator=g) * 0.02
     labels, grad_out = torch.randint(0, vocab, (1, s), generator=g), torch.rand(1, s, generator=g)
 
-    full = head_step(lambda h, w: vocab_parallel_cross_entropy(h @ w.t(), labels.t().contiguous()).t(),
-                     h0, w0, grad_out)
-    chunked = head_step(lambda h, w: chunked_output_cross_entropy(h, w, labels, chunk, vocab, pg.tp, False),
-                        h0, w0, grad_out)
+    full = head_step(
+        lambda h, w: vocab_parallel_cross_entropy(h @ w.t(), labels.t().contiguous()).t(), h0, w0, grad_out
+    )
+    chunked = head_step(
+        lambda h, w: chunked_output_cross_entropy(h, w, labels, chunk, vocab, pg.tp, False), h0, w0, grad_out
+    )
     compare(f"output layer + CE (chunks of {chunk})", full, chunked, reps)
     returning_malloc()
     print(f"{'  peak memory added':34s} {peak_memory(full):7.0f} MiB -> {peak_memory(chunked):7.0f} MiB")
@@ -147,7 +154,7 @@ def target_token_case(s: int, hidden: int, vocab: int, fraction: float, reps: in
     g = torch.Generator().manual_seed(1)
     h0, w0 = torch.randn(s, 1, hidden, generator=g), torch.randn(vocab, hidden, generator=g) * 0.02
     labels = torch.randint(0, vocab, (1, s), generator=g)
-    keep = (torch.rand(s, 1, generator=g) < fraction)  # (S, B): which tokens carry loss
+    keep = torch.rand(s, 1, generator=g) < fraction  # (S, B): which tokens carry loss
     grad_out = torch.rand(1, s, generator=g) * keep.t()  # the loss function weighs the others by 0
 
     def ce(h, w, t):  # megatron-core's vocab-parallel loss on (S, B, H) rows
@@ -166,14 +173,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="small shapes, 1 rep: checks that it runs")
     p.add_argument("--reps", type=int, default=None, help="interleaved reps per case (default 5; --quick 1)")
     p.add_argument("--chunk", type=int, default=1024, help="--cross-entropy-chunk-size to measure")
-    p.add_argument("--loss-fraction", type=float, default=0.3,
-                   help="share of the pack's tokens that carry loss (bench/train_throughput.py's packer steps: ~0.3)")
+    p.add_argument(
+        "--loss-fraction",
+        type=float,
+        default=0.3,
+        help="share of the pack's tokens that carry loss (bench/train_throughput.py's packer steps: ~0.3)",
+    )
     args = p.parse_args(argv)
     reps = args.reps or (1 if args.quick else 5)
     s, vocab = (512, 4000) if args.quick else (4096, 32000)
     llm = [(vocab, 512), (vocab, 512)] + [(3072, 512), (512, 1536), (768, 512), (512, 512), (512,), (512,)] * 8
     vit = [(1152, 384), (1152,), (384, 384), (384,), (1536, 384), (1536,), (384, 1536), (384,)] + [(384,)] * 6
-    print(f"{torch.get_num_threads()} torch threads; debug-m shapes, {s}-token pack; medians of {reps} interleaved reps")
+    print(
+        f"{torch.get_num_threads()} torch threads; debug-m shapes, {s}-token pack; medians of {reps} interleaved reps"
+    )
     adam_case(llm + vit * 4, reps)
     rope_case(s, 8, 2, 64, reps)
     swiglu_case(s, 1536, reps)

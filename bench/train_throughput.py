@@ -34,6 +34,7 @@ dynamic tiles + thumbnail, multi-image; log-normal text lengths), grouped into s
 --seq-length tokens (`make_steps`: a random draw by default), and collated by `Batch.from_packs`
 (the data loader's `collate`) exactly as training batches are.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -110,13 +111,16 @@ def make_sample(cfg: ModelConfig, images: list[int], text: int, seed: int) -> Sa
     specials = {cfg.img_context_token_id, cfg.img_start_token_id, cfg.img_end_token_id, cfg.pad_token_id}
     parts = []
     for t in images:
-        parts += [[cfg.img_start_token_id], [cfg.img_context_token_id] * (t * cfg.num_image_token),
-                  [cfg.img_end_token_id]]
+        parts += [
+            [cfg.img_start_token_id],
+            [cfg.img_context_token_id] * (t * cfg.num_image_token),
+            [cfg.img_end_token_id],
+        ]
     words = rng.integers(0, cfg.llm.vocab_size, text)
     words = np.where(np.isin(words, list(specials)), 1, words)
     tokens = np.concatenate([np.asarray(p, dtype=np.int64) for p in parts] + [words.astype(np.int64)])
     loss_mask = np.zeros(len(tokens), dtype=np.float32)
-    loss_mask[len(tokens) - int(0.6 * text):] = 1.0
+    loss_mask[len(tokens) - int(0.6 * text) :] = 1.0
     size = cfg.vision.image_size
     tiles = rng.integers(0, 256, (sum(images), size, size, 3), dtype=np.uint8)
     return Sample(tokens, loss_mask, tiles, list(images))
@@ -143,8 +147,9 @@ def stream_packs(lengths: np.ndarray, seq_length: int, n_packs: int, seed: int, 
     return packs
 
 
-def make_steps(cfg: ModelConfig, seq_length: int, n_steps: int, seed: int,
-               batches: str = "stream") -> list[list[Sample]]:
+def make_steps(
+    cfg: ModelConfig, seq_length: int, n_steps: int, seed: int, batches: str = "stream"
+) -> list[list[Sample]]:
     """The samples of n_steps steps (one pack of <= seq_length tokens each).
 
     batches="stream": online greedy packing of a shuffled stream (`stream_packs`): each step holds a
@@ -178,7 +183,8 @@ def our_batch(samples: list[Sample], cfg: ModelConfig, seq_length: int):
         position_ids=np.concatenate([np.arange(n, dtype=np.float32) for n in lengths]),
         cu_seqlens=cu_seqlens_from_lengths(lengths),
         tiles=np.concatenate([s.tiles for s in samples]),
-        num_tiles=np.asarray([t for s in samples for t in s.num_tiles], dtype=np.int32))
+        num_tiles=np.asarray([t for s in samples for t in s.num_tiles], dtype=np.int32),
+    )
     return Batch.from_packs([pack], seq_length, cfg.pad_token_id)
 
 
@@ -211,10 +217,30 @@ def build_ours(model: str, seq_length: int, seed: int, lr: float, extra: list[st
     from pretrain_internvl import parse_run_config
     from internvl_mcore.training.loop import setup
 
-    run = parse_run_config(["--model", model, "--mock-data", "--seq-length", str(seq_length),
-                            "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "1000",
-                            "--lr", str(lr), "--lr-decay-style", "constant", "--clip-grad", "1.0",
-                            "--seed", str(seed), *extra])
+    run = parse_run_config(
+        [
+            "--model",
+            model,
+            "--mock-data",
+            "--seq-length",
+            str(seq_length),
+            "--micro-batch-size",
+            "1",
+            "--global-batch-size",
+            "1",
+            "--train-iters",
+            "1000",
+            "--lr",
+            str(lr),
+            "--lr-decay-style",
+            "constant",
+            "--clip-grad",
+            "1.0",
+            "--seed",
+            str(seed),
+            *extra,
+        ]
+    )
     return setup(run)
 
 
@@ -238,7 +264,7 @@ def build_hf(cfg: ModelConfig, ours, lr: float):
     hf_state = {}
     for name, t in canonical_to_hf(state, cfg, "transformers"):
         prefix = next((a for a in on_disk if name.startswith(a)), "")
-        hf_state[on_disk.get(prefix, "") + name[len(prefix):]] = t
+        hf_state[on_disk.get(prefix, "") + name[len(prefix) :]] = t
     own = model.state_dict()
     missing = sorted(set(own) - set(hf_state) - ({"lm_head.weight"} if cfg.llm.tie_word_embeddings else set()))
     unexpected = sorted(set(hf_state) - set(own))
@@ -342,7 +368,7 @@ def gemm_peak(size: int, seconds: float) -> tuple[float, float]:
     while time.perf_counter() - wall < seconds:
         torch.matmul(a, b)
         n += 1
-    flop = 2.0 * size ** 3 * n
+    flop = 2.0 * size**3 * n
     return flop / (time.perf_counter() - wall), flop / ((time.process_time() - cpu) / torch.get_num_threads())
 
 
@@ -371,10 +397,14 @@ def profile_ours(trainer, batch, top: int = 20) -> None:
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) / 1e6
     print(f"profiled step: {t.wall:.1f} s wall, of which optimizer.step (clip + AdamW + copies) {opt_time[0]:.1f} s")
-    kinds = {"GEMM (mm/addmm/bmm)": ("aten::mm", "aten::addmm", "aten::bmm"),
-             "attention (CPU flash kernel, fwd+bwd)": ("aten::_scaled_dot_product_flash_attention_for_cpu",
-                                                      "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
-             "patch-embedding conv": ("aten::mkldnn_convolution", "aten::convolution_backward")}
+    kinds = {
+        "GEMM (mm/addmm/bmm)": ("aten::mm", "aten::addmm", "aten::bmm"),
+        "attention (CPU flash kernel, fwd+bwd)": (
+            "aten::_scaled_dot_product_flash_attention_for_cpu",
+            "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+        ),
+        "patch-embedding conv": ("aten::mkldnn_convolution", "aten::convolution_backward"),
+    }
     print(f"self CPU time by kind (total {total:.1f} s, all threads' work counted once):")
     rest = total
     for name, ops in kinds.items():
@@ -382,8 +412,11 @@ def profile_ours(trainer, batch, top: int = 20) -> None:
         rest -= k
         print(f"  {name:40s} {k:7.2f} s  {100 * k / total:5.1f}%")
     print(f"  {'everything else (elementwise, copies, ...)':40s} {rest:7.2f} s  {100 * rest / total:5.1f}%")
-    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=top,
-                                                              max_name_column_width=48, max_shapes_column_width=70))
+    print(
+        prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=48, max_shapes_column_width=70
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -392,14 +425,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default=None, help="preset (default: debug-m; --quick: debug)")
     p.add_argument("--seq-length", type=int, default=None, help="tokens per pack (default 4096; --quick 512)")
     p.add_argument("--reps", type=int, default=None, help="timed steps per side (default 2; --quick 1)")
-    p.add_argument("--batches", choices=("stream", "packer"), default="stream",
-                   help="how a step's samples are drawn (see make_steps)")
+    p.add_argument(
+        "--batches",
+        choices=("stream", "packer"),
+        default="stream",
+        help="how a step's samples are drawn (see make_steps)",
+    )
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
     p.add_argument("--peak-matrix", type=int, default=2048, help="side of the square fp32 matmul of the peak")
     p.add_argument("--profile", action="store_true", help="also profile one more step of ours (torch.profiler)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ours-flags", default="", help="extra training flags for ours, after '=': "
-                   "--ours-flags='--torch-compile --cross-entropy-chunk-size 2048'")
+    p.add_argument(
+        "--ours-flags",
+        default="",
+        help="extra training flags for ours, after '=': --ours-flags='--torch-compile --cross-entropy-chunk-size 2048'",
+    )
     args = p.parse_args(argv)
     model_name = args.model or ("debug" if args.quick else "debug-m")
     seq_length = args.seq_length or (512 if args.quick else 4096)
@@ -423,15 +463,19 @@ def main(argv: list[str] | None = None) -> None:
     hf, hf_opt = build_hf(cfg, trainer, lr)
     t3 = time.perf_counter()
     n_params = sum(p.numel() for p in trainer.model[0].module.parameters())
-    print(f"model {model_name}: {n_params / 1e6:.1f}M parameters ({n_params * 4 / 2**20:.0f} MiB fp32), "
-          f"{threads} torch threads, packs of {seq_length} tokens, {args.batches} batches; ours with "
-          f"{args.ours_flags or 'default flags'}")
+    print(
+        f"model {model_name}: {n_params / 1e6:.1f}M parameters ({n_params * 4 / 2**20:.0f} MiB fp32), "
+        f"{threads} torch threads, packs of {seq_length} tokens, {args.batches} batches; ours with "
+        f"{args.ours_flags or 'default flags'}"
+    )
     print(f"set-up: samples {t1 - t0:.1f} s, ours {t2 - t1:.1f} s, transformers {t3 - t2:.1f} s")
     real = [sum(len(x) for x in s) for s in steps]
     padded = [int(b["input_ids"].numel()) for b in hf_batches]
     for k in range(1, 1 + reps):
-        print(f"step {k}: {len(steps[k])} samples, {sum(sum(x.num_tiles) for x in steps[k])} tiles, {real[k]} real "
-              f"tokens (lengths {sorted(len(x) for x in steps[k])}); transformers computes {padded[k]}")
+        print(
+            f"step {k}: {len(steps[k])} samples, {sum(sum(x.num_tiles) for x in steps[k])} tiles, {real[k]} real "
+            f"tokens (lengths {sorted(len(x) for x in steps[k])}); transformers computes {padded[k]}"
+        )
 
     # warm-up (first-step costs: optimizer state allocation, kernel selection) on the same few
     # samples, from the same weights: the two losses must agree, or the comparison would compare
@@ -442,8 +486,10 @@ def main(argv: list[str] | None = None) -> None:
     warm, t_ours_warm = timed(train_step, trainer)
     hf_loss, t_hf_warm = timed(hf_step, hf, hf_opt, hf_batch(few, cfg))
     rel = abs(warm["loss"] - hf_loss) / abs(hf_loss)
-    print(f"warm-up on the same {len(few)} samples from the same weights: loss ours {warm['loss']:.6f}, "
-          f"transformers {hf_loss:.6f} (rel. diff {rel:.1e}); {t_ours_warm.wall:.1f} s vs {t_hf_warm.wall:.1f} s")
+    print(
+        f"warm-up on the same {len(few)} samples from the same weights: loss ours {warm['loss']:.6f}, "
+        f"transformers {hf_loss:.6f} (rel. diff {rel:.1e}); {t_ours_warm.wall:.1f} s vs {t_hf_warm.wall:.1f} s"
+    )
     if rel > 1e-4:
         raise SystemExit("the two models disagree on the same samples: the comparison would be meaningless")
     trainer.batches = iter(ours_batches[1:])  # rep k trains both on step k
@@ -451,18 +497,28 @@ def main(argv: list[str] | None = None) -> None:
     peaks, t_ours, t_hf, flops = [], [], [], []
     for k in range(1, 1 + reps):
         peaks.append(gemm_peak(args.peak_matrix, peak_seconds))
-        for side in (("ours", "hf") if k % 2 else ("hf", "ours")):  # alternate who goes first
+        for side in ("ours", "hf") if k % 2 else ("hf", "ours"):  # alternate who goes first
             if side == "ours":
                 stats, t = timed(train_step, trainer)
                 t_ours.append(t)
-                flops.append(train_step_flops(cfg, tokens_per_step=seq_length, tiles_per_step=stats["tiles"],
-                                              attention_lengths=stats["attention_lengths"], seq_length=seq_length,
-                                              trainable=stats["trainable"], lm_head_tokens=stats["logit_tokens"]))
+                flops.append(
+                    train_step_flops(
+                        cfg,
+                        tokens_per_step=seq_length,
+                        tiles_per_step=stats["tiles"],
+                        attention_lengths=stats["attention_lengths"],
+                        seq_length=seq_length,
+                        trainable=stats["trainable"],
+                        lm_head_tokens=stats["logit_tokens"],
+                    )
+                )
             else:
                 _, t = timed(hf_step, hf, hf_opt, hf_batches[k])
                 t_hf.append(t)
-        print(f"rep {k}: GEMM peak {peaks[-1][0] / 1e9:.1f} GFLOP/s | ours {t_ours[-1].wall:.1f} s "
-              f"(CPU {t_ours[-1].cpu:.1f} s) | transformers {t_hf[-1].wall:.1f} s (CPU {t_hf[-1].cpu:.1f} s)")
+        print(
+            f"rep {k}: GEMM peak {peaks[-1][0] / 1e9:.1f} GFLOP/s | ours {t_ours[-1].wall:.1f} s "
+            f"(CPU {t_ours[-1].cpu:.1f} s) | transformers {t_hf[-1].wall:.1f} s (CPU {t_hf[-1].cpu:.1f} s)"
+        )
     peaks.append(gemm_peak(args.peak_matrix, peak_seconds))
 
     med = statistics.median
@@ -475,31 +531,51 @@ def main(argv: list[str] | None = None) -> None:
     ratio = [h.wall / o.wall for h, o in zip(t_hf, t_ours)]  # same samples within a rep
     ratio_cpu = [h.cpu / o.cpu for h, o in zip(t_hf, t_ours)]
     print()
-    print(f"fp32 GEMM peak ({args.peak_matrix}^2 matmul, {threads} threads): {peak_wall / 1e9:.1f} GFLOP/s "
-          f"(median of {len(peaks)} between the steps: {', '.join(f'{p[0] / 1e9:.1f}' for p in peaks)}); "
-          f"per CPU-second per thread {peak_cpu / 1e9:.1f}")
-    print(f"model FLOPs per train step: {med(flops) / 1e12:.3f} TFLOP (plan.flops.train_step_flops; the output "
-          f"layer over the {'loss-bearing' if stats['logit_tokens'] is not None else 'all'} tokens it computes logits for)")
-    print(f"ours: step {med(t.wall for t in t_ours):.1f} s -> CPU-MFU {med(mfu):.1%} "
-          f"(per rep: {', '.join(f'{m:.1%}' for m in mfu)}); by CPU time {med(mfu_cpu):.1%}")
+    print(
+        f"fp32 GEMM peak ({args.peak_matrix}^2 matmul, {threads} threads): {peak_wall / 1e9:.1f} GFLOP/s "
+        f"(median of {len(peaks)} between the steps: {', '.join(f'{p[0] / 1e9:.1f}' for p in peaks)}); "
+        f"per CPU-second per thread {peak_cpu / 1e9:.1f}"
+    )
+    print(
+        f"model FLOPs per train step: {med(flops) / 1e12:.3f} TFLOP (plan.flops.train_step_flops; the output "
+        f"layer over the {'loss-bearing' if stats['logit_tokens'] is not None else 'all'} tokens it computes logits for)"
+    )
+    print(
+        f"ours: step {med(t.wall for t in t_ours):.1f} s -> CPU-MFU {med(mfu):.1%} "
+        f"(per rep: {', '.join(f'{m:.1%}' for m in mfu)}); by CPU time {med(mfu_cpu):.1%}"
+    )
     # transformers' work as it computes it: every padded row a full causal sequence (model FLOPs
     # count; its masked kernels may even do more)
-    hf_flops = [train_step_flops(cfg, tokens_per_step=padded[k], tiles_per_step=sum(sum(x.num_tiles) for x in steps[k]),
-                                 attention_lengths=[padded[k] // len(steps[k])] * len(steps[k]))
-                for k in range(1, 1 + reps)]
-    print(f"transformers: {med(f / t.wall for f, t in zip(hf_flops, t_hf)) / 1e9:.1f} GFLOP/s on its padded work "
-          f"({med(hf_flops) / 1e12:.3f} TFLOP per step)")
-    print(f"effective tokens/s: ours {med(eff_ours):.1f}, transformers {med(eff_hf):.1f} "
-          f"(transformers computes {sum(padded[1:]) / sum(real[1:]):.2f}x the real tokens)")
-    print(f"ratio ours / transformers: {med(ratio):.2f}x (per rep: {', '.join(f'{r:.2f}' for r in ratio)}); "
-          f"by CPU time {med(ratio_cpu):.2f}x")
+    hf_flops = [
+        train_step_flops(
+            cfg,
+            tokens_per_step=padded[k],
+            tiles_per_step=sum(sum(x.num_tiles) for x in steps[k]),
+            attention_lengths=[padded[k] // len(steps[k])] * len(steps[k]),
+        )
+        for k in range(1, 1 + reps)
+    ]
+    print(
+        f"transformers: {med(f / t.wall for f, t in zip(hf_flops, t_hf)) / 1e9:.1f} GFLOP/s on its padded work "
+        f"({med(hf_flops) / 1e12:.3f} TFLOP per step)"
+    )
+    print(
+        f"effective tokens/s: ours {med(eff_ours):.1f}, transformers {med(eff_hf):.1f} "
+        f"(transformers computes {sum(padded[1:]) / sum(real[1:]):.2f}x the real tokens)"
+    )
+    print(
+        f"ratio ours / transformers: {med(ratio):.2f}x (per rep: {', '.join(f'{r:.2f}' for r in ratio)}); "
+        f"by CPU time {med(ratio_cpu):.2f}x"
+    )
     # one more step each on step 1's samples, untimed, with malloc returning freed blocks
     returning_malloc()
     trainer.batches = iter([ours_batches[1]])
     mem_ours = peak_memory(train_step, trainer)
     mem_hf = peak_memory(hf_step, hf, hf_opt, hf_batches[1])
-    print(f"peak memory per step above the resident model and optimizer state: ours {mem_ours:.0f} MiB, "
-          f"transformers {mem_hf:.0f} MiB (one more step each on step 1's samples, untimed)")
+    print(
+        f"peak memory per step above the resident model and optimizer state: ours {mem_ours:.0f} MiB, "
+        f"transformers {mem_hf:.0f} MiB (one more step each on step 1's samples, untimed)"
+    )
     print(f"total time {time.perf_counter() - t0:.0f} s")
 
     if args.profile:

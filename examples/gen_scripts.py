@@ -11,6 +11,7 @@ the fastest layout that fits) for each model and stage on A100 80 GB GPUs at the
 The GPU count starts at the size's natural count (what InternVL's own InternVL3 fine-tuning
 scripts use) and doubles until a layout fits.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,14 +53,25 @@ class StageScript:
 
 
 STAGE_SCRIPTS = (
-    StageScript("stage1", "1", "stage 1, MLP warm-up: only the projector trains",
-                "checkpoints/{model}"),
-    StageScript("stage1_5", "1.5", "stage 1.5, ViT incremental learning: ViT + projector + LLM train",
-                "work_dirs/{model}/stage1"),
-    StageScript("stage2", "2", "stage 2, full-model instruction tuning: ViT + projector + LLM train",
-                "work_dirs/{model}/stage1_5"),
-    StageScript("2nd_finetune", "finetune", "2nd fine-tuning of a released model: projector + LLM train, "
-                "ViT frozen", "checkpoints/{model}"),
+    StageScript("stage1", "1", "stage 1, MLP warm-up: only the projector trains", "checkpoints/{model}"),
+    StageScript(
+        "stage1_5",
+        "1.5",
+        "stage 1.5, ViT incremental learning: ViT + projector + LLM train",
+        "work_dirs/{model}/stage1",
+    ),
+    StageScript(
+        "stage2",
+        "2",
+        "stage 2, full-model instruction tuning: ViT + projector + LLM train",
+        "work_dirs/{model}/stage1_5",
+    ),
+    StageScript(
+        "2nd_finetune",
+        "finetune",
+        "2nd fine-tuning of a released model: projector + LLM train, ViT frozen",
+        "checkpoints/{model}",
+    ),
 )
 
 # The workload the layouts are planned for; train.sh's defaults (SEQ_LENGTH, BATCH_SIZE,
@@ -69,8 +81,22 @@ SEQ_LENGTH = 16384
 GLOBAL_BATCH_SIZE = 128
 MICRO_BATCH_SIZE = 1
 
-COLUMNS = ("model", "stage", "gpus", "tp", "pp", "cp", "sequence_parallel", "distributed_optimizer",
-           "recompute", "first_stage_layers", "peak_gib", "step_s", "mfu", "fastest_any_cp")
+COLUMNS = (
+    "model",
+    "stage",
+    "gpus",
+    "tp",
+    "pp",
+    "cp",
+    "sequence_parallel",
+    "distributed_optimizer",
+    "recompute",
+    "first_stage_layers",
+    "peak_gib",
+    "step_s",
+    "mfu",
+    "fastest_any_cp",
+)
 
 
 @dataclass(frozen=True)
@@ -94,18 +120,23 @@ class Row:
     """The planner's fastest layout with any CP size: this row's layout (training accepts CP > 1)."""
 
     def describe(self) -> str:
-        flags = ["SP"] * self.sequence_parallel + ["dist-opt"] * self.distributed_optimizer + \
-            ["recompute"] * self.recompute + \
-            ([f"first-stage-layers {self.first_stage_layers}"] if self.first_stage_layers is not None else [])
+        flags = (
+            ["SP"] * self.sequence_parallel
+            + ["dist-opt"] * self.distributed_optimizer
+            + ["recompute"] * self.recompute
+            + ([f"first-stage-layers {self.first_stage_layers}"] if self.first_stage_layers is not None else [])
+        )
         dp = self.gpus // (self.tp * self.pp * self.cp)
         return f"TP{self.tp} PP{self.pp} CP{self.cp} DP{dp}" + (f" ({', '.join(flags)})" if flags else "")
 
     def plan_command(self) -> str:
         """The tools/plan.py command that evaluates this layout."""
-        cmd = [f"python tools/plan.py --model {self.model} --gpus {self.gpus} --gpu {GPU}",
-               f"--seq-length {SEQ_LENGTH} --global-batch-size {GLOBAL_BATCH_SIZE} --stage {self.stage}",
-               f"--tensor-model-parallel-size {self.tp} --pipeline-model-parallel-size {self.pp}",
-               f"--context-parallel-size {self.cp}"]
+        cmd = [
+            f"python tools/plan.py --model {self.model} --gpus {self.gpus} --gpu {GPU}",
+            f"--seq-length {SEQ_LENGTH} --global-batch-size {GLOBAL_BATCH_SIZE} --stage {self.stage}",
+            f"--tensor-model-parallel-size {self.tp} --pipeline-model-parallel-size {self.pp}",
+            f"--context-parallel-size {self.cp}",
+        ]
         if self.first_stage_layers is not None:
             cmd.append(f"--decoder-first-pipeline-num-layers {self.first_stage_layers}")
         if self.distributed_optimizer:
@@ -118,23 +149,41 @@ class Row:
 def trainable_parts(stage: str) -> frozenset[str]:
     """The planner's part names a stage preset trains (from config/training.py's STAGES)."""
     s = STAGES[stage]
-    return frozenset(part for part, on in (("vision", s.train_vit), ("projector", s.train_projector),
-                                           ("llm", s.train_llm)) if on)
+    return frozenset(
+        part for part, on in (("vision", s.train_vit), ("projector", s.train_projector), ("llm", s.train_llm)) if on
+    )
 
 
 def workload(stage: str):
     """The planner's Workload for a stage."""
     from internvl_mcore.plan import Workload
 
-    return Workload(seq_length=SEQ_LENGTH, global_batch_size=GLOBAL_BATCH_SIZE,
-                    micro_batch_size=MICRO_BATCH_SIZE, trainable=trainable_parts(stage))
+    return Workload(
+        seq_length=SEQ_LENGTH,
+        global_batch_size=GLOBAL_BATCH_SIZE,
+        micro_batch_size=MICRO_BATCH_SIZE,
+        trainable=trainable_parts(stage),
+    )
 
 
 def row_from_plan(model: str, stage: str, p, fastest_any: str) -> Row:
     lay = p.layout
-    return Row(model, stage, lay.tp * lay.pp * lay.cp * lay.dp, lay.tp, lay.pp, lay.cp, lay.sequence_parallel,
-               lay.distributed_optimizer, lay.recompute, lay.first_stage_layers, round(p.peak_gib, 1),
-               round(p.step_time_s, 1), round(p.mfu, 3), fastest_any)
+    return Row(
+        model,
+        stage,
+        lay.tp * lay.pp * lay.cp * lay.dp,
+        lay.tp,
+        lay.pp,
+        lay.cp,
+        lay.sequence_parallel,
+        lay.distributed_optimizer,
+        lay.recompute,
+        lay.first_stage_layers,
+        round(p.peak_gib, 1),
+        round(p.step_time_s, 1),
+        round(p.mfu, 3),
+        fastest_any,
+    )
 
 
 def plan_row(model: str, stage: str) -> Row:
@@ -157,8 +206,16 @@ def replan(row: Row):
     from internvl_mcore.config import get_preset
     from internvl_mcore.plan import HARDWARE, Layout, plan
 
-    lay = Layout(row.tp, row.pp, row.cp, row.gpus // (row.tp * row.pp * row.cp), row.sequence_parallel,
-                 row.distributed_optimizer, row.recompute, row.first_stage_layers)
+    lay = Layout(
+        row.tp,
+        row.pp,
+        row.cp,
+        row.gpus // (row.tp * row.pp * row.cp),
+        row.sequence_parallel,
+        row.distributed_optimizer,
+        row.recompute,
+        row.first_stage_layers,
+    )
     return plan(get_preset(row.model), lay, workload(row.stage), HARDWARE[GPU])
 
 

@@ -9,6 +9,7 @@ error (its message already names the file, line or flag; we only flatten it to o
 else, a ValueError / KeyError / OSError included, is a bug and keeps its traceback (exit 1).
 INTERNVL_MCORE_TRACEBACK=1 prints the traceback of a user error too (before its one line).
 """
+
 from __future__ import annotations
 
 import errno
@@ -88,9 +89,11 @@ def disk_full_names(flag: str, target: str | os.PathLike) -> Iterator[None]:
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise
-        raise UserError(f"{flag} {target}: {exc.strerror or os.strerror(exc.errno)} while writing "
-                        f"{exc.filename or target}; free space (or choose another {flag}) and run again; "
-                        f"{target} was left as it was") from None
+        raise UserError(
+            f"{flag} {target}: {exc.strerror or os.strerror(exc.errno)} while writing "
+            f"{exc.filename or target}; free space (or choose another {flag}) and run again; "
+            f"{target} was left as it was"
+        ) from None
 
 
 def one_line(exc: BaseException) -> str:
@@ -103,8 +106,7 @@ def one_line(exc: BaseException) -> str:
         text = str(exc) or type(exc).__name__
     parts = [part.strip() for part in text.splitlines() if part.strip()]
     # "refusing to start:\n  a\n  b" -> "refusing to start: a; b"
-    return "".join(p + ("" if i == len(parts) - 1 else " " if p.endswith(":") else "; ")
-                   for i, p in enumerate(parts))
+    return "".join(p + ("" if i == len(parts) - 1 else " " if p.endswith(":") else "; ") for i, p in enumerate(parts))
 
 
 def quiet_optional_gpu_libraries() -> None:

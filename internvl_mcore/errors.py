@@ -7,6 +7,7 @@ of the area whose input is wrong; its message already says what to change. Every
 defined here (tests/test_structure.py checks it); an OSError on a path the user named becomes one
 where the path is opened (cli_errors.py: user_path, read_json).
 """
+
 from __future__ import annotations
 
 

@@ -1,5 +1,6 @@
 """Known points at which the signal tests interrupt a tool (INTERNVL_MCORE_FAULT, see
 training/guards.py `fault_point` and data/preprocess.py): the tool says it is there, and waits."""
+
 from __future__ import annotations
 
 import os

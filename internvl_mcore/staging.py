@@ -17,6 +17,7 @@ swapped (microseconds) a reader finds no manifest and refuses the prefix instead
 A run killed with SIGKILL leaves its `.NAME.staging-PID` folder behind (never a target file); the
 next run into the same target removes those whose process is gone.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -23,6 +23,7 @@ gets it; a process that imports megatron-core before any module of ours gets meg
 unchanged. Nothing here imports torch until megatron-core's import does (the planner and the shard
 tools stay torch-free).
 """
+
 from __future__ import annotations
 
 import functools

@@ -11,6 +11,7 @@ plain text so two commits' lists can be diffed:
 Layout cases that a worker loops over inside one test (a `--cases` table) are not test ids and are
 not listed; their tables live in the worker scripts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,13 @@ LAYOUT = re.compile(r"(?:(?:v?pp|tp|cp|dp|ep|etp)\d+)+")
 
 def collect() -> list[str]:
     """Every test id pytest collects under tests/ (no test runs)."""
-    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"],
-                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     ids = [line for line in out.stdout.splitlines() if "::" in line]
     if not ids:
         raise SystemExit(f"pytest collected nothing:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
@@ -36,8 +42,11 @@ def collect() -> list[str]:
 
 def layouts(ids: list[str]) -> list[str]:
     """`file::test[id]` for every collected id whose parameters name a parallel layout."""
-    return sorted(i for i in ids if "[" in i and any(
-        LAYOUT.fullmatch(token) for token in re.split(r"[-_+\[\]\s]", i.split("[", 1)[1].lower())))
+    return sorted(
+        i
+        for i in ids
+        if "[" in i and any(LAYOUT.fullmatch(token) for token in re.split(r"[-_+\[\]\s]", i.split("[", 1)[1].lower()))
+    )
 
 
 def inventory(ids: list[str]) -> str:

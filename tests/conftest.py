@@ -9,6 +9,7 @@ test slow (a torchrun launch, a subprocess, a fixture that trains) is not visibl
 module, and a rule would silently pull in every new slow test of a module. A table entry naming nothing
 collected from its file fails the run, so the table cannot rot silently.
 """
+
 import json
 import os
 import subprocess
@@ -26,9 +27,28 @@ def digits_run_args(shards: str, *flags: str) -> list[str]:
     """pretrain_internvl.py's flags for DIGITS_ITERS steps of the debug model on the digits shards
     (seed 5, loader tiling): with no `flags` the single-process run that tests/training's layout and
     tiling tests share through `pretrain_log`."""
-    return ["--model", "debug", "--data-path", shards, "--global-batch-size", "4", "--train-iters",
-            str(DIGITS_ITERS), "--seq-length", str(SEQ), "--lr", "2e-3", "--lr-warmup-iters", "2", "--seed", "5",
-            "--image-tiling", "loader", *flags]
+    return [
+        "--model",
+        "debug",
+        "--data-path",
+        shards,
+        "--global-batch-size",
+        "4",
+        "--train-iters",
+        str(DIGITS_ITERS),
+        "--seq-length",
+        str(SEQ),
+        "--lr",
+        "2e-3",
+        "--lr-warmup-iters",
+        "2",
+        "--seed",
+        "5",
+        "--image-tiling",
+        "loader",
+        *flags,
+    ]
+
 
 QUICK = (  # node ids or node-id prefixes (a file, a file::test): the single-process unit tests of each package
     "tests/test_structure.py",  # structure and docs
@@ -97,10 +117,29 @@ def digits_shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("digits")
     d = build_digits_dataset(str(root), multi_image=40, text_only=20, max_single=160)
     prefix = root / "shards" / "digits"
-    subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_mm_data.py"), "--meta", d.meta,
-                    "--tokenizer", d.tokenizer, "--output-prefix", str(prefix), "--seq-length", str(SEQ),
-                    "--model", "debug", "--workers", "1", "--no-progress"],
-                   check=True, cwd=REPO, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "preprocess_mm_data.py"),
+            "--meta",
+            d.meta,
+            "--tokenizer",
+            d.tokenizer,
+            "--output-prefix",
+            str(prefix),
+            "--seq-length",
+            str(SEQ),
+            "--model",
+            "debug",
+            "--workers",
+            "1",
+            "--no-progress",
+        ],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
+        timeout=300,
+    )
     return str(prefix)
 
 
@@ -112,10 +151,30 @@ def preference_shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("digits_pref")
     d = build_digits_dataset(str(root), multi_image=4, text_only=4, max_single=20, preference_pairs=48)
     prefix = root / "shards" / "pref"
-    subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_mm_data.py"), "--meta", d.preference_meta,
-                    "--tokenizer", d.tokenizer, "--output-prefix", str(prefix), "--seq-length", "800",
-                    "--model", "debug", "--preference", "--workers", "1", "--no-progress"],
-                   check=True, cwd=REPO, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "preprocess_mm_data.py"),
+            "--meta",
+            d.preference_meta,
+            "--tokenizer",
+            d.tokenizer,
+            "--output-prefix",
+            str(prefix),
+            "--seq-length",
+            "800",
+            "--model",
+            "debug",
+            "--preference",
+            "--workers",
+            "1",
+            "--no-progress",
+        ],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
+        timeout=300,
+    )
     return str(prefix)
 
 
@@ -131,8 +190,9 @@ def one_process(script, args: list[str], timeout: float = 400.0) -> subprocess.C
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     try:
-        proc = subprocess.run([sys.executable, str(script), *args], cwd=REPO, env=env, capture_output=True,
-                              text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, str(script), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired as exc:
         raise AssertionError(f"{script} {' '.join(args)} hung for {timeout}s:\n{exc.stdout}\n{exc.stderr}") from exc
     assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"

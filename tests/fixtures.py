@@ -24,6 +24,7 @@ Datasets
 
 Everything is a pure function of its arguments (fixed seeds), so outputs are byte-stable across runs.
 """
+
 from __future__ import annotations
 
 import base64
@@ -44,6 +45,7 @@ from internvl_mcore.data.tokenizer import CHAT_SPECIAL_TOKENS
 # Text and tokenizers
 # --------------------------------------------------------------------------------------------------
 
+
 def make_vocab_merges_dir(src_dir: str, out_dir: str) -> str:
     """Rewrite a tokenizer.json dir (byte-level BPE) as vocab.json + merges.txt + tokenizer_config.json."""
     with open(os.path.join(src_dir, "tokenizer.json"), encoding="utf-8") as f:
@@ -63,8 +65,14 @@ def make_vocab_merges_dir(src_dir: str, out_dir: str) -> str:
 
 
 def _added_entry(content: str) -> dict:
-    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-            "special": True}
+    return {
+        "content": content,
+        "lstrip": False,
+        "normalized": False,
+        "rstrip": False,
+        "single_word": False,
+        "special": True,
+    }
 
 
 def make_sentencepiece_dir(
@@ -372,7 +380,10 @@ def make_dataset_fixture(root: str) -> DataFixture:
     long_answer = " ".join(["seven eight nine"] * 1500)
     text_lines = [
         {"conversations": _turns("What is a cat?", "A small animal.")},
-        {"conversations": [{"from": "system", "value": "You are terse."}] + _turns("Hi", "Hello.", "Count to 3", "1 2 3")},
+        {
+            "conversations": [{"from": "system", "value": "You are terse."}]
+            + _turns("Hi", "Hello.", "Count to 3", "1 2 3")
+        },
         {"conversations": []},
         {"conversations": _turns("Anyone there?")},
         b'{"conversations": [{"from": "human", "value": "oops"',
@@ -386,8 +397,22 @@ def make_dataset_fixture(root: str) -> DataFixture:
     ]
     _write_jsonl(os.path.join(root, "text.jsonl"), text_lines)
     for line, reason in enumerate(
-        [None, None, "empty_conversation", "no_assistant_turn", "bad_json", "undecodable_text",
-         "image_count_mismatch", "bad_record", "too_long", "bad_record", "blank", None], 1):
+        [
+            None,
+            None,
+            "empty_conversation",
+            "no_assistant_turn",
+            "bad_json",
+            "undecodable_text",
+            "image_count_mismatch",
+            "bad_record",
+            "too_long",
+            "bad_record",
+            "blank",
+            None,
+        ],
+        1,
+    ):
         if reason != "blank":
             put("text", line, reason, "text")
 
@@ -398,14 +423,18 @@ def make_dataset_fixture(root: str) -> DataFixture:
         {"image": "nope.png", "conversations": _turns("<image>\nWhat?", "Missing.")},
         {"image": "corrupt.png", "conversations": _turns("<image>\nWhat?", "Corrupt.")},
         {"image": "a.png", "conversations": _turns("<image> and <image>?", "Only one.")},
-        {"image": "a.png", "conversations": [{"from": "system", "value": "Look carefully."}] + _turns("Which digit?", "One.")},
+        {
+            "image": "a.png",
+            "conversations": [{"from": "system", "value": "Look carefully."}] + _turns("Which digit?", "One."),
+        },
         {"image": "wide.png", "conversations": _turns("<image>\nWide?", "Very wide.")},
         {"image": "c.jpg", "conversations": _turns("<image>\nJPEG?", "Yes.")},
         {"image": "a.png", "conversations": _turns("Hello", "Hi.", "Now look: <image>", "A digit.")},
     ]
     _write_jsonl(os.path.join(root, "single.jsonl"), single_lines)
     for line, reason in enumerate(
-        [None, None, "missing_image", "corrupt_image", "image_count_mismatch", None, None, None, None], 1):
+        [None, None, "missing_image", "corrupt_image", "image_count_mismatch", None, None, None, None], 1
+    ):
         put("single", line, reason, "image", 1)
 
     # -- multi image -------------------------------------------------------------------------------
@@ -476,10 +505,12 @@ def make_dataset_fixture(root: str) -> DataFixture:
     put("parquet", 5, "image_count_mismatch")
 
     # -- repeat_time -------------------------------------------------------------------------------
-    _write_jsonl(os.path.join(root, "half.jsonl"),
-                 [{"conversations": _turns(f"Question {k}", f"Answer {k}")} for k in range(8)])
-    _write_jsonl(os.path.join(root, "twice.jsonl"),
-                 [{"conversations": _turns(f"Again {k}", f"Yes {k}")} for k in range(3)])
+    _write_jsonl(
+        os.path.join(root, "half.jsonl"), [{"conversations": _turns(f"Question {k}", f"Answer {k}")} for k in range(8)]
+    )
+    _write_jsonl(
+        os.path.join(root, "twice.jsonl"), [{"conversations": _turns(f"Again {k}", f"Yes {k}")} for k in range(3)]
+    )
     fx.repeat_datasets = {"half": 0.5, "twice": 2.0}
 
     def at(rel: str) -> str:
@@ -488,8 +519,14 @@ def make_dataset_fixture(root: str) -> DataFixture:
     # Absolute paths: relative ones would be resolved against the working directory first (as InternVL).
     meta = {
         "text": {"root": "", "annotation": at("text.jsonl"), "data_augment": False, "repeat_time": 1, "length": 11},
-        "single": {"root": img_dir, "annotation": at("single.jsonl"), "data_augment": True,
-                   "max_dynamic_patch": 12, "repeat_time": 1, "length": 9},
+        "single": {
+            "root": img_dir,
+            "annotation": at("single.jsonl"),
+            "data_augment": True,
+            "max_dynamic_patch": 12,
+            "repeat_time": 1,
+            "length": 9,
+        },
         "multi": {"root": img_dir, "annotation": at("multi.jsonl"), "max_dynamic_patch": 6, "repeat_time": 1},
         "video": {"root": root, "annotation": at("video.jsonl"), "repeat_time": 1},
         "parquet": {"root": img_dir, "annotation": at("data.parquet"), "repeat_time": 1},

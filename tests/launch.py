@@ -2,6 +2,7 @@
 
 torchrun is for tests whose subject is the CLI or process start-up; worker scripts that only need a
 world run as jobs in the session's reused worlds (tests/worldpool.py `run_in_world`)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -22,18 +23,32 @@ def free_port() -> int:
     return state_free_port()
 
 
-def torchrun(script: str | Path, nproc: int, args: list[str], timeout: float = 300.0,
-             env: dict | None = None) -> subprocess.CompletedProcess:
+def torchrun(
+    script: str | Path, nproc: int, args: list[str], timeout: float = 300.0, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run `script` on `nproc` local CPU processes; raise with the output if it fails or hangs."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(script),
+        *args,
+    ]
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         raise AssertionError(f"{' '.join(cmd)} hung for {timeout}s:\n{exc.stdout}\n{exc.stderr}") from exc
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+        )
     return proc
 
 

@@ -1,6 +1,7 @@
 """The documentation matches the code: every CLI's --help runs, every flag the docs use exists in
 the --help of the program it is given to, the generated tables are current, the documented data
 examples are the shipped files, every file, folder and `file.py: name` a page names exists."""
+
 from __future__ import annotations
 
 import ast
@@ -27,8 +28,14 @@ TORCHRUN_FLAGS = {"--nproc_per_node", "--nnodes", "--node_rank", "--master_addr"
 
 
 def _help(cli: str) -> tuple[str, subprocess.CompletedProcess]:
-    return cli, subprocess.run([sys.executable, cli, "--help"], cwd=REPO, capture_output=True, text=True,
-                               timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return cli, subprocess.run(
+        [sys.executable, cli, "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +119,11 @@ def test_every_cli_help_runs(helps):
 
 @pytest.mark.parametrize("doc", ALL_DOCS, ids=lambda p: str(p.relative_to(REPO)))
 def test_flags_in_documented_commands_exist(helps, doc):
-    problems = [f"{cli} has no {flag}: {cmd}" for cli, flag, cmd in documented_command_flags(doc)
-                if flag not in options(helps[cli])]
+    problems = [
+        f"{cli} has no {flag}: {cmd}"
+        for cli, flag, cmd in documented_command_flags(doc)
+        if flag not in options(helps[cli])
+    ]
     assert not problems, "\n".join(problems)
 
 
@@ -134,8 +144,14 @@ def test_every_inline_flag_in_our_docs_exists(helps):
 def test_documented_commands_exist_at_all():
     """The usage guide shows each CLI at least once (a renamed tool cannot drop out silently)."""
     used = {cli for cli, _, _ in documented_command_flags(USAGE)}
-    for cli in ("pretrain_internvl.py", "tools/preprocess_mm_data.py", "tools/inspect_shards.py",
-                "tools/convert_from_hf.py", "tools/convert_to_hf.py", "tools/plan.py"):
+    for cli in (
+        "pretrain_internvl.py",
+        "tools/preprocess_mm_data.py",
+        "tools/inspect_shards.py",
+        "tools/convert_from_hf.py",
+        "tools/convert_to_hf.py",
+        "tools/plan.py",
+    ):
         assert cli in used, cli
 
 
@@ -169,7 +185,9 @@ def test_generated_stage_table_matches_the_presets():
 
     text = USAGE.read_text(encoding="utf-8")
     block = re.search(r"<!-- BEGIN GENERATED: stages -->(.*?)<!-- END GENERATED: stages -->", text, re.S).group(1)
-    rows = {m[0]: m[1:] for m in re.findall(r"^\| `([0-9.a-z]+)` \| (\w+) \| (\w+) \| (\w+) \| ([0-9.e-]+) \|", block, re.M)}
+    rows = {
+        m[0]: m[1:] for m in re.findall(r"^\| `([0-9.a-z]+)` \| (\w+) \| (\w+) \| (\w+) \| ([0-9.e-]+) \|", block, re.M)
+    }
     assert set(rows) == set(STAGES)
     for name, (vit, proj, llm, lr) in rows.items():
         s = STAGES[name]
@@ -196,8 +214,13 @@ def test_documented_data_examples_are_the_shipped_files():
     records = [s for s in shown if "conversations" in s]
     assert meta in shown
     assert records and all(r in jsonl for r in records)
-    kinds = {("image" in r and isinstance(r["image"], list)) * "multi" or ("image" in r) * "image"
-             or ("video" in r) * "video" or "text" for r in records}
+    kinds = {
+        ("image" in r and isinstance(r["image"], list)) * "multi"
+        or ("image" in r) * "image"
+        or ("video" in r) * "video"
+        or "text"
+        for r in records
+    }
     assert kinds == {"text", "image", "multi", "video"}
 
 

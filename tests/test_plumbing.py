@@ -1,14 +1,18 @@
 """The tests' plumbing has one place each: the in-process `world` fixture and the shared shard sets in
 tests/conftest.py, one free-port helper (parallel/state.py's `free_port`, which tests import through
 tests/launch.py). Checked on the source (ast; nothing is imported or run)."""
+
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = [p for folder in ("internvl_mcore", "tests", "tools", "bench", "examples")
-           for p in sorted((REPO / folder).rglob("*.py"))] + [REPO / "pretrain_internvl.py"]
+SOURCES = [
+    p
+    for folder in ("internvl_mcore", "tests", "tools", "bench", "examples")
+    for p in sorted((REPO / folder).rglob("*.py"))
+] + [REPO / "pretrain_internvl.py"]
 FREE_PORT_HOME = REPO / "internvl_mcore" / "parallel" / "state.py"
 SHARED_FIXTURES = {"world", "digits_shards", "preference_shards"}
 
@@ -19,16 +23,30 @@ def _tree(path: Path) -> ast.Module:
 
 def _binds_port_zero(node: ast.AST) -> bool:
     """`x.bind((host, 0))`: asking the OS for a free port."""
-    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "bind"
-            and len(node.args) == 1 and isinstance(node.args[0], ast.Tuple) and len(node.args[0].elts) == 2
-            and isinstance(node.args[0].elts[1], ast.Constant) and node.args[0].elts[1].value == 0)
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "bind"
+        and len(node.args) == 1
+        and isinstance(node.args[0], ast.Tuple)
+        and len(node.args[0].elts) == 2
+        and isinstance(node.args[0].elts[1], ast.Constant)
+        and node.args[0].elts[1].value == 0
+    )
 
 
 def test_one_free_port_helper():
     candidates = [p for p in SOURCES if ".bind(" in p.read_text(encoding="utf-8")]  # parse only these
     found = [f"{p.relative_to(REPO)}:{n.lineno}" for p in candidates for n in ast.walk(_tree(p)) if _binds_port_zero(n)]
-    assert found == [f"{FREE_PORT_HOME.relative_to(REPO)}:{n.lineno}"
-                     for n in ast.walk(_tree(FREE_PORT_HOME)) if _binds_port_zero(n)] and len(found) == 1, found
+    assert (
+        found
+        == [
+            f"{FREE_PORT_HOME.relative_to(REPO)}:{n.lineno}"
+            for n in ast.walk(_tree(FREE_PORT_HOME))
+            if _binds_port_zero(n)
+        ]
+        and len(found) == 1
+    ), found
 
 
 def test_shared_fixtures_are_defined_once_and_not_imported():

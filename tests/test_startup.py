@@ -2,6 +2,7 @@
 compiler stack and wandb until they are used, and changes nothing that runs: megatron-core's
 jit-fused functions still go through the real torch.compile (at their first call, as before),
 torch.compile itself is restored, wandb is the real module at its first use."""
+
 from __future__ import annotations
 
 import json

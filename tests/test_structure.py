@@ -16,6 +16,7 @@
   outside the modules of BUILTIN_RAISES (code that checks its own callers, whose errors are bugs),
   nothing in the package, tools/ or pretrain_internvl.py raises ValueError, KeyError or OSError.
 """
+
 from __future__ import annotations
 
 import ast
@@ -29,21 +30,29 @@ PACKAGE = REPO / "internvl_mcore"
 MAX_LINES = 60
 
 # function -> owner; each entry must still be too long (so the list shrinks as they are split)
-LONG_FUNCTIONS_OWNED_ELSEWHERE: dict[str, str] = {
-}
+LONG_FUNCTIONS_OWNED_ELSEWHERE: dict[str, str] = {}
 
 # modules whose function-level package imports are owned elsewhere and do not hide a cycle
 LOCAL_IMPORTS_OWNED_ELSEWHERE: set[str] = set()
 
-GLOBAL_GROUP_LOOKUPS = ("use_mpu_process_groups", "get_tensor_model_parallel_group", "get_context_parallel_group",
-                        "get_pipeline_model_parallel_group", "get_data_parallel_group",
-                        "get_expert_model_parallel_group", "get_expert_tensor_parallel_group",
-                        "get_hierarchical_context_parallel_groups", "get_model_parallel_group")
+GLOBAL_GROUP_LOOKUPS = (
+    "use_mpu_process_groups",
+    "get_tensor_model_parallel_group",
+    "get_context_parallel_group",
+    "get_pipeline_model_parallel_group",
+    "get_data_parallel_group",
+    "get_expert_model_parallel_group",
+    "get_expert_tensor_parallel_group",
+    "get_hierarchical_context_parallel_groups",
+    "get_model_parallel_group",
+)
 
 
 @functools.cache  # parsed once for all the tests below (none changes a tree)
 def _modules() -> list[tuple[str, ast.Module]]:
-    return [(p.relative_to(PACKAGE).as_posix(), ast.parse(p.read_text(), str(p))) for p in sorted(PACKAGE.rglob("*.py"))]
+    return [
+        (p.relative_to(PACKAGE).as_posix(), ast.parse(p.read_text(), str(p))) for p in sorted(PACKAGE.rglob("*.py"))
+    ]
 
 
 def _functions(tree: ast.Module):
@@ -65,8 +74,12 @@ def _imported_modules(node: ast.AST, rel: str) -> list[str]:
 
 
 def test_no_long_functions():
-    too_long = {f"{rel}::{fn.name}": fn.end_lineno - fn.lineno + 1
-                for rel, tree in _modules() for fn in _functions(tree) if fn.end_lineno - fn.lineno + 1 > MAX_LINES}
+    too_long = {
+        f"{rel}::{fn.name}": fn.end_lineno - fn.lineno + 1
+        for rel, tree in _modules()
+        for fn in _functions(tree)
+        if fn.end_lineno - fn.lineno + 1 > MAX_LINES
+    }
     unexpected = {k: v for k, v in too_long.items() if k not in LONG_FUNCTIONS_OWNED_ELSEWHERE}
     assert not unexpected, f"functions over {MAX_LINES} lines (split them): {unexpected}"
     fixed = sorted(set(LONG_FUNCTIONS_OWNED_ELSEWHERE) - set(too_long))
@@ -97,8 +110,13 @@ def _import_targets(tree: ast.AST, rel: str) -> list[tuple[int, str]]:
     package = ".".join(["internvl_mcore", *rel.split("/")[:-1]])
     out = [(node.lineno, mod) for node in ast.walk(tree) for mod in _imported_modules(node, rel)]
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
-                and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+        if (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
             name = node.args[0].value
             out.append((node.lineno, package + name if name.startswith(".") else name))
     return out
@@ -107,8 +125,11 @@ def _import_targets(tree: ast.AST, rel: str) -> list[tuple[int, str]]:
 def _back_edges(tree: ast.AST, rel: str) -> list[tuple[str, int, str]]:
     rank = {area: i for i, area in enumerate(PACKAGE_ORDER)}
     src = rel.split("/")[0] if "/" in rel else ""
-    return [(rel, line, mod) for line, mod in _import_targets(tree, rel)
-            if (dst := _area(mod)) is not None and rank[dst] < rank[src]]
+    return [
+        (rel, line, mod)
+        for line, mod in _import_targets(tree, rel)
+        if (dst := _area(mod)) is not None and rank[dst] < rank[src]
+    ]
 
 
 def test_package_order_names_every_package():
@@ -121,16 +142,23 @@ def test_package_order_names_every_package():
 
 def test_back_edge_detection_sees_every_import():
     """The check below catches a back-edge however it is written (so a hidden one cannot pass)."""
-    src = ("import internvl_mcore.training\n"
-           "from typing import TYPE_CHECKING\n"
-           "if TYPE_CHECKING:\n    from ..convert import export\n"
-           "def f():\n    from ..models.internvl import build_model\n"
-           "    importlib.import_module('internvl_mcore.plan')\n"
-           "    from .. import checkpoint\n"
-           "    from . import device\n")
+    src = (
+        "import internvl_mcore.training\n"
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from ..convert import export\n"
+        "def f():\n    from ..models.internvl import build_model\n"
+        "    importlib.import_module('internvl_mcore.plan')\n"
+        "    from .. import checkpoint\n"
+        "    from . import device\n"
+    )
     found = {mod for _, _, mod in _back_edges(ast.parse(src), "config/x.py")}
-    assert {"internvl_mcore.training", "internvl_mcore.convert", "internvl_mcore.models.internvl",
-            "internvl_mcore.plan", "internvl_mcore.checkpoint"} <= found
+    assert {
+        "internvl_mcore.training",
+        "internvl_mcore.convert",
+        "internvl_mcore.models.internvl",
+        "internvl_mcore.plan",
+        "internvl_mcore.checkpoint",
+    } <= found
     assert not any(m.startswith("internvl_mcore.config") for m in found)
 
 
@@ -151,29 +179,40 @@ def _code() -> list[tuple[str, ast.Module]]:
     """The package, the tools and the training entry point, by path from the repository root."""
     tools = [*sorted((REPO / "tools").glob("*.py")), REPO / "pretrain_internvl.py"]
     return [(f"internvl_mcore/{rel}", tree) for rel, tree in _modules()] + [
-        (p.relative_to(REPO).as_posix(), ast.parse(p.read_text(), str(p))) for p in tools]
+        (p.relative_to(REPO).as_posix(), ast.parse(p.read_text(), str(p))) for p in tools
+    ]
 
 
 def _imports_parallel_state(node: ast.AST) -> bool:
     if isinstance(node, ast.ImportFrom):
         return node.module == "megatron.core.parallel_state" or (
-            node.module == "megatron.core" and any(a.name == "parallel_state" for a in node.names))
+            node.module == "megatron.core" and any(a.name == "parallel_state" for a in node.names)
+        )
     return isinstance(node, ast.Import) and any(a.name == "megatron.core.parallel_state" for a in node.names)
 
 
 def _global_lookups(tree: ast.AST) -> list[tuple[int, str]]:
-    return [(node.lineno, "parallel_state") if _imports_parallel_state(node) else (node.lineno, node.attr)
-            for node in ast.walk(tree)
-            if _imports_parallel_state(node) or (isinstance(node, ast.Attribute) and (
-                node.attr in GLOBAL_GROUP_LOOKUPS or GLOBAL_RANK_LOOKUP.match(node.attr)))]
+    return [
+        (node.lineno, "parallel_state") if _imports_parallel_state(node) else (node.lineno, node.attr)
+        for node in ast.walk(tree)
+        if _imports_parallel_state(node)
+        or (
+            isinstance(node, ast.Attribute)
+            and (node.attr in GLOBAL_GROUP_LOOKUPS or GLOBAL_RANK_LOOKUP.match(node.attr))
+        )
+    ]
 
 
 def test_process_groups_are_passed_in():
     """No module but parallel/state.py (and cpu_compat) reads megatron-core's global parallel_state:
     model code, the context-parallel attention, training, conversion and the tools use the
     ProcessGroupCollection init_distributed returned."""
-    bad = [(rel, line, name) for rel, tree in _code() if rel not in PARALLEL_STATE_OWNERS
-           for line, name in _global_lookups(tree)]
+    bad = [
+        (rel, line, name)
+        for rel, tree in _code()
+        if rel not in PARALLEL_STATE_OWNERS
+        for line, name in _global_lookups(tree)
+    ]
     assert not bad, f"use the ProcessGroupCollection init_distributed returned, not parallel_state: {bad}"
 
 
@@ -227,13 +266,15 @@ def _calls_without_groups(tree: ast.AST) -> list[tuple[int, str]]:
 
 def test_group_check_sees_calls():
     """The check below flags a call without its groups however the function is reached."""
-    src = ("DistributedDataParallel(config=c, ddp_config=d, module=m)\n"
-           "optimizer.get_megatron_optimizer(cfg, [m], use_gloo_process_groups=False)\n"
-           "fb = get_forward_backward_func()\n"
-           "get_forward_backward_func(pp_size=2, vp_size=None)(model=[m])\n"
-           "tensor_parallel.scatter_to_sequence_parallel_region(x)\n"
-           "DistributedDataParallel(config=c, ddp_config=d, module=m, pg_collection=pg)\n"
-           "get_forward_backward_func(pp_size=2, vp_size=None)(model=[m], pg_collection=pg, p2p_communicator=p)\n")
+    src = (
+        "DistributedDataParallel(config=c, ddp_config=d, module=m)\n"
+        "optimizer.get_megatron_optimizer(cfg, [m], use_gloo_process_groups=False)\n"
+        "fb = get_forward_backward_func()\n"
+        "get_forward_backward_func(pp_size=2, vp_size=None)(model=[m])\n"
+        "tensor_parallel.scatter_to_sequence_parallel_region(x)\n"
+        "DistributedDataParallel(config=c, ddp_config=d, module=m, pg_collection=pg)\n"
+        "get_forward_backward_func(pp_size=2, vp_size=None)(model=[m], pg_collection=pg, p2p_communicator=p)\n"
+    )
     assert sorted(line for line, _ in _calls_without_groups(ast.parse(src))) == [1, 2, 3, 3, 4, 5]
 
 
@@ -265,9 +306,19 @@ def test_fixtures_are_not_in_the_package():
 # ValueError / KeyError / OSError (and their subclasses) a module may raise, with why they are not a
 # user's mistake there. Everywhere else a wrong input raises errors.py's class (CLI boundary: only a
 # UserError is one line; these are bugs and keep their traceback).
-BUILTIN_ERRORS = {"ValueError", "KeyError", "LookupError", "OSError", "IOError", "EnvironmentError",
-                  "FileNotFoundError", "FileExistsError", "IsADirectoryError", "NotADirectoryError",
-                  "PermissionError"}
+BUILTIN_ERRORS = {
+    "ValueError",
+    "KeyError",
+    "LookupError",
+    "OSError",
+    "IOError",
+    "EnvironmentError",
+    "FileNotFoundError",
+    "FileExistsError",
+    "IsADirectoryError",
+    "NotADirectoryError",
+    "PermissionError",
+}
 BUILTIN_RAISES = {
     "internvl_mcore/cli_errors.py": "naming() re-raises an OSError with the file it was writing",
     "internvl_mcore/training/async_save.py": "a /dev/shm failure, reported by the save as a CheckpointError",
@@ -299,8 +350,11 @@ ERROR_ROOTS = Path(__file__).resolve().parents[1]
 
 
 def _sources() -> list[tuple[str, ast.Module]]:
-    paths = [*sorted(PACKAGE.rglob("*.py")), *sorted((ERROR_ROOTS / "tools").glob("*.py")),
-             ERROR_ROOTS / "pretrain_internvl.py"]
+    paths = [
+        *sorted(PACKAGE.rglob("*.py")),
+        *sorted((ERROR_ROOTS / "tools").glob("*.py")),
+        ERROR_ROOTS / "pretrain_internvl.py",
+    ]
     return [(p.relative_to(ERROR_ROOTS).as_posix(), ast.parse(p.read_text(), str(p))) for p in paths]
 
 
@@ -315,10 +369,15 @@ def test_user_error_classes_live_in_errors_py():
     errors_tree = ast.parse((PACKAGE / "errors.py").read_text())
     user_classes = {n.name for n in ast.walk(errors_tree) if isinstance(n, ast.ClassDef)}
     assert {"UserError", "ConfigError", "DataError", "CheckpointError", "ConversionError"} <= user_classes
-    bad = [(rel, node.name) for rel, tree in _sources() if rel != "internvl_mcore/errors.py"
-           for node in ast.walk(tree) if isinstance(node, ast.ClassDef)
-           for base in node.bases
-           if (base.id if isinstance(base, ast.Name) else getattr(base, "attr", None)) in user_classes | BUILTIN_ERRORS]
+    bad = [
+        (rel, node.name)
+        for rel, tree in _sources()
+        if rel != "internvl_mcore/errors.py"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ClassDef)
+        for base in node.bases
+        if (base.id if isinstance(base, ast.Name) else getattr(base, "attr", None)) in user_classes | BUILTIN_ERRORS
+    ]
     assert not bad, f"define user-error classes in internvl_mcore/errors.py: {bad}"
 
 

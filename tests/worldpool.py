@@ -18,6 +18,7 @@ traceback and the tail of its output, and the next job of that size starts a fre
 
 Run as a script, this file is one rank's job loop (`serve`).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -44,17 +45,31 @@ class World:
         from tests.launch import free_port
 
         self.size, self.jobs = size, 0
-        env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(size), "LOCAL_WORLD_SIZE": str(size),
-               "GROUP_RANK": "0"}
+        env = {
+            **os.environ,
+            "PYTHONWARNINGS": "ignore",
+            "OMP_NUM_THREADS": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()),
+            "WORLD_SIZE": str(size),
+            "LOCAL_WORLD_SIZE": str(size),
+            "GROUP_RANK": "0",
+        }
         self.procs, self.results, self.logs = [], [], []
         for rank in range(size):
             log = tempfile.NamedTemporaryFile(prefix=f"worldpool{size}.rank{rank}.", suffix=".log", delete=False)
             read_fd, write_fd = os.pipe()
             proc = subprocess.Popen(
-                [sys.executable, __file__], cwd=REPO, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                [sys.executable, __file__],
+                cwd=REPO,
+                stdin=subprocess.PIPE,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLDPOOL_RESULT_FD": str(write_fd)},
-                pass_fds=(write_fd,), start_new_session=True, text=True)
+                pass_fds=(write_fd,),
+                start_new_session=True,
+                text=True,
+            )
             os.close(write_fd)
             log.close()
             self.procs.append(proc)
@@ -246,9 +261,16 @@ def _run_job(job: dict) -> dict:
     import torch
     import torch.distributed as dist
 
-    saved = (list(sys.argv), list(sys.path), dict(os.environ), os.getcwd(),
-             {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)},
-             torch.get_default_dtype(), torch.is_grad_enabled(), torch.get_num_threads())
+    saved = (
+        list(sys.argv),
+        list(sys.path),
+        dict(os.environ),
+        os.getcwd(),
+        {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)},
+        torch.get_default_dtype(),
+        torch.is_grad_enabled(),
+        torch.get_num_threads(),
+    )
     print(f"=== worldpool job {job['n']}: {job['script']} {' '.join(job['argv'])}"[:2000], flush=True)
     random.seed(0)
     np.random.seed(0)

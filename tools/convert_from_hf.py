@@ -21,6 +21,7 @@ memory and no process group or model is built. T x P is checked against the mode
 anything is converted (TP divides the heads and widths, PP the decoder layers; --no-verify skips
 the check) and recorded in model_config.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,11 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", required=True, metavar="CKPT", help="output checkpoint directory")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1, metavar="T")
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1, metavar="P")
-    p.add_argument("--max-shard-size", type=parse_size, default=2 * 1024**3,
-                   help="largest safetensors shard (default 2GB)")
+    p.add_argument(
+        "--max-shard-size", type=parse_size, default=2 * 1024**3, help="largest safetensors shard (default 2GB)"
+    )
     p.add_argument("--no-verify", action="store_true", help="do not check that T x P divides the model")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --save directory "
-                   "(its *.safetensors, index and model_config.json are removed first, other files are kept)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing non-empty --save directory "
+        "(its *.safetensors, index and model_config.json are removed first, other files are kept)",
+    )
     return p
 
 
@@ -58,14 +64,17 @@ def check_paths(args: argparse.Namespace) -> None:
     from internvl_mcore.staging import is_inside, non_empty_dir
 
     if os.path.isfile(args.hf_dir):
-        raise ConfigError(f"--hf-dir {args.hf_dir} is a file; give the checkpoint directory (config.json + safetensors)")
+        raise ConfigError(
+            f"--hf-dir {args.hf_dir} is a file; give the checkpoint directory (config.json + safetensors)"
+        )
     if os.path.exists(args.hf_dir) and is_inside(args.save, args.hf_dir):
         raise ConfigError(f"--save {args.save} is inside --hf-dir {args.hf_dir}; choose another directory")
     if os.path.exists(args.save) and not os.path.isdir(args.save):
         raise ConfigError(f"--save {args.save} exists and is not a directory")
     if non_empty_dir(args.save) and not args.overwrite:
-        raise ConfigError(f"--save {args.save} exists and is not empty; pass --overwrite to replace the checkpoint "
-                          "there")
+        raise ConfigError(
+            f"--save {args.save} exists and is not empty; pass --overwrite to replace the checkpoint there"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,8 +90,10 @@ def convert(args: argparse.Namespace) -> int:
     from internvl_mcore.plan.params import stage_params
     from internvl_mcore.staging import CANONICAL_FILES, staged_dir
 
-    layout = ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
-                            pipeline_model_parallel_size=args.pipeline_model_parallel_size)
+    layout = ParallelConfig(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+    )
     check_paths(args)
     from internvl_mcore.convert import convert_hf_to_checkpoint, model_config_from_hf, read_hf_config  # torch
 
@@ -94,8 +105,10 @@ def convert(args: argparse.Namespace) -> int:
     with disk_full_names("--save", args.save), staged_dir(args.save, clear=CANONICAL_FILES) as stage_dir:
         start = time.perf_counter()
         cfg = convert_hf_to_checkpoint(args.hf_dir, str(stage_dir), layout, args.max_shard_size, progress=True)
-        print(f"converted {args.hf_dir}: model {cfg.name} (vision {cfg.vision.num_layers}x{cfg.vision.hidden_size}, "
-              f"LLM {cfg.llm.family} {cfg.llm.num_layers}x{cfg.llm.hidden_size}) in {time.perf_counter() - start:.1f}s")
+        print(
+            f"converted {args.hf_dir}: model {cfg.name} (vision {cfg.vision.num_layers}x{cfg.vision.hidden_size}, "
+            f"LLM {cfg.llm.family} {cfg.llm.num_layers}x{cfg.llm.hidden_size}) in {time.perf_counter() - start:.1f}s"
+        )
     print(f"wrote {args.save}")
     return 0
 

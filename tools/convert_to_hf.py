@@ -23,6 +23,7 @@ the original config.json kept in CKPT) that the model config does not determine.
 written in the dtype of the original checkpoint unless --dtype says otherwise, streamed into
 safetensors shards of at most --max-shard-size with an index.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,21 +44,37 @@ def parse_size(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--load", required=True, metavar="CKPT",
-                   help="training checkpoint (--save dir or one iter_ dir, any TP/PP layout) or converted checkpoint")
+    p.add_argument(
+        "--load",
+        required=True,
+        metavar="CKPT",
+        help="training checkpoint (--save dir or one iter_ dir, any TP/PP layout) or converted checkpoint",
+    )
     p.add_argument("--save", required=True, metavar="DIR", help="output HF directory")
     p.add_argument("--format", required=True, choices=("internvl", "transformers"))
     p.add_argument("--hf-template-dir", metavar="DIR", help="the HF checkpoint the model started from")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="output dtype (default: the source's)")
-    p.add_argument("--max-shard-size", type=parse_size, default=2 * 1024**3,
-                   help="largest safetensors shard (default 2GB)")
+    p.add_argument(
+        "--max-shard-size", type=parse_size, default=2 * 1024**3, help="largest safetensors shard (default 2GB)"
+    )
     # LoRA training checkpoints (internvl_mcore/convert/lora_export.py)
-    p.add_argument("--merge-lora", action="store_true", help="LoRA checkpoint: write the full model with the "
-                   "adapters merged into the weights (either --format)")
-    p.add_argument("--lora-only", action="store_true", help="LoRA checkpoint: write only a PEFT adapter "
-                   "(adapter_config.json + adapter_model.safetensors) for the base's transformers export")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --save directory: "
-                   "its weight shards, index and config.json are removed first, other files are kept")
+    p.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="LoRA checkpoint: write the full model with the adapters merged into the weights (either --format)",
+    )
+    p.add_argument(
+        "--lora-only",
+        action="store_true",
+        help="LoRA checkpoint: write only a PEFT adapter "
+        "(adapter_config.json + adapter_model.safetensors) for the base's transformers export",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing non-empty --save directory: "
+        "its weight shards, index and config.json are removed first, other files are kept",
+    )
     return p
 
 
@@ -69,13 +86,17 @@ def check_paths(args: argparse.Namespace) -> None:
     if not os.path.exists(args.load):
         raise CheckpointError(f"--load {args.load}: no such checkpoint directory")
     if is_inside(args.save, args.load):
-        raise ConfigError(f"--save {args.save} is inside --load {args.load}: the export would write into the "
-                          "checkpoint; choose another directory")
+        raise ConfigError(
+            f"--save {args.save} is inside --load {args.load}: the export would write into the "
+            "checkpoint; choose another directory"
+        )
     if os.path.exists(args.save) and not os.path.isdir(args.save):
         raise ConfigError(f"--save {args.save} exists and is not a directory")
     if non_empty_dir(args.save) and not args.overwrite:
-        raise ConfigError(f"--save {args.save} exists and is not empty; pass --overwrite to replace the export "
-                          "there (its *.safetensors, index and config.json are removed first)")
+        raise ConfigError(
+            f"--save {args.save} exists and is not empty; pass --overwrite to replace the export "
+            "there (its *.safetensors, index and config.json are removed first)"
+        )
 
 
 def export(args: argparse.Namespace, save: str) -> list:
@@ -85,10 +106,20 @@ def export(args: argparse.Namespace, save: str) -> list:
 
     dtype = parse_dtype(args.dtype) if args.dtype else None
     if args.merge_lora or args.lora_only or is_lora_checkpoint(args.load):
-        return export_lora(args.load, save, args.format, args.merge_lora, args.lora_only, args.hf_template_dir,
-                           dtype, args.max_shard_size, progress=True)
-    return convert_checkpoint_to_hf(args.load, save, args.format, args.hf_template_dir, dtype,
-                                    args.max_shard_size, progress=True)
+        return export_lora(
+            args.load,
+            save,
+            args.format,
+            args.merge_lora,
+            args.lora_only,
+            args.hf_template_dir,
+            dtype,
+            args.max_shard_size,
+            progress=True,
+        )
+    return convert_checkpoint_to_hf(
+        args.load, save, args.format, args.hf_template_dir, dtype, args.max_shard_size, progress=True
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ Blocks sit between `<!-- BEGIN GENERATED: name -->` and `<!-- END GENERATED: nam
 - stages:  the --stage presets (STAGES in internvl_mcore/config/training.py);
 - layouts: the example scripts' per-size layouts (examples/layouts.tsv, chosen by the planner).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,7 +91,7 @@ def flags_table() -> str:
             if text.endswith(suffix):
                 text = text[: -len(suffix)]
             if longs[0].startswith("--") and text.startswith(longs[0] + ":"):
-                text = text[len(longs[0]) + 1:].strip()  # ParallelConfig's docstrings repeat the flag name
+                text = text[len(longs[0]) + 1 :].strip()  # ParallelConfig's docstrings repeat the flag name
             if text and not text.endswith("."):
                 text += "."
             if a.choices:
@@ -103,14 +104,19 @@ def flags_table() -> str:
 
 def stages_table() -> str:
     """The --stage presets: what trains, peak lr, schedule, drop path."""
+
     def mark(on: bool) -> str:
         return "trains" if on else "frozen"
 
-    lines = ["| `--stage` | ViT | projector | LLM | `--lr` | `--lr-decay-style` | `--drop-path-rate` |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| `--stage` | ViT | projector | LLM | `--lr` | `--lr-decay-style` | `--drop-path-rate` |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, s in STAGES.items():
-        lines.append(f"| `{name}` | {mark(s.train_vit)} | {mark(s.train_projector)} | {mark(s.train_llm)} | "
-                     f"{s.lr:g} | {s.lr_decay_style} | {s.drop_path_rate:g} |")
+        lines.append(
+            f"| `{name}` | {mark(s.train_vit)} | {mark(s.train_projector)} | {mark(s.train_llm)} | "
+            f"{s.lr:g} | {s.lr_decay_style} | {s.drop_path_rate:g} |"
+        )
     return "\n".join(lines)
 
 
@@ -120,13 +126,17 @@ def layouts_table() -> str:
     from internvl_mcore.plan import count_params
 
     scripts = {s.stage: s for s in gen.STAGE_SCRIPTS}
-    lines = ["| model | params | script | GPUs | layout | peak GiB | step s | MFU |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | params | script | GPUs | layout | peak GiB | step s | MFU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in gen.read_tsv():
         params = count_params(PRESETS[r.model]).total / 1e9
         path = os.path.relpath(gen.script_path(r.model, scripts[r.stage]), REPO)
-        lines.append(f"| {r.model} | {params:.2f}B | `{path}` | {r.gpus} | {r.describe()} | {r.peak_gib} | "
-                     f"{r.step_s} | {r.mfu:.0%} |")
+        lines.append(
+            f"| {r.model} | {params:.2f}B | `{path}` | {r.gpus} | {r.describe()} | {r.peak_gib} | "
+            f"{r.step_s} | {r.mfu:.0%} |"
+        )
     return "\n".join(lines)
 
 
@@ -150,8 +160,7 @@ def render(text: str, path: str = USAGE_MD) -> str:
 
 def stale_blocks(text: str) -> list[str]:
     """Names of the blocks whose content differs from what the code generates."""
-    return [name for name in BLOCKS
-            if _pattern(name).search(text).group(2) != BLOCKS[name]() + "\n"]  # type: ignore[union-attr]
+    return [name for name in BLOCKS if _pattern(name).search(text).group(2) != BLOCKS[name]() + "\n"]  # type: ignore[union-attr]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ machine by `scripts/gpu_wheels.sh` and carried), else it is made here (needs sci
 reference numbers are made on CPU by `--write-reference` and checked for drift by
 tests/gpu_path/test_gpu_reference.py; the comparisons also run with `--device cpu` there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,14 +58,28 @@ SPEC_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e1
 
 # The reference runs: the same flags on CPU (tools/gpu_reference.json) and on the GPU.
 # --num-workers 0: packs decoded in the training process (no loader processes to wait on).
-COMMON = ["--seed", "3", "--lr", "1e-3", "--peak-flops", "1", "--log-interval", "100", "--drop-path-rate", "0",
-          "--num-workers", "0"]
+COMMON = [
+    "--seed",
+    "3",
+    "--lr",
+    "1e-3",
+    "--peak-flops",
+    "1",
+    "--log-interval",
+    "100",
+    "--drop-path-rate",
+    "0",
+    "--num-workers",
+    "0",
+]
 RUNS = {
-    "dense": dict(model="debug", iters=3, data=None,
-                  flags=["--mock-data", "--seq-length", "256", "--global-batch-size", "4"]),
+    "dense": dict(
+        model="debug", iters=3, data=None, flags=["--mock-data", "--seq-length", "256", "--global-batch-size", "4"]
+    ),
     "moe": dict(model="debug-moe", iters=5, data="sft", flags=["--seq-length", "800", "--global-batch-size", "2"]),
-    "mpo": dict(model="debug", iters=3, data="pref",
-                flags=["--stage", "mpo", "--seq-length", "800", "--global-batch-size", "2"]),
+    "mpo": dict(
+        model="debug", iters=3, data="pref", flags=["--stage", "mpo", "--seq-length", "800", "--global-batch-size", "2"]
+    ),
 }
 
 
@@ -116,8 +131,12 @@ def judge_reference(name: str, records: dict[int, dict], want: dict, rtol: float
             rel = abs(got - ref) / max(abs(ref), 1e-12) if math.isfinite(got) else math.inf
             if rel >= worst:
                 worst, where = rel, f"{key} {i + 1}: {got:.6g} vs CPU {ref:.6g}"
-    return verdict(name, worst <= rtol, f"{n} steps, largest relative difference {worst:.2e} "
-                   f"(tolerance {rtol:g}) at {where}", backends)
+    return verdict(
+        name,
+        worst <= rtol,
+        f"{n} steps, largest relative difference {worst:.2e} (tolerance {rtol:g}) at {where}",
+        backends,
+    )
 
 
 def judge_training(records: dict[int, dict], iters: int, backends: str, want_backend: str = "TE") -> Result:
@@ -132,24 +151,34 @@ def judge_training(records: dict[int, dict], iters: int, backends: str, want_bac
     if not all(math.isfinite(x) for x in losses):
         return verdict(name, False, f"non-finite loss: {losses}", backends)
     first, last = statistics.mean(losses[:5]), statistics.mean(losses[-5:])
-    return verdict(name, last < first, f"loss {losses[0]:.4f} -> {losses[-1]:.4f} "
-                   f"(mean of first 5 {first:.4f}, last 5 {last:.4f})", backends)
+    return verdict(
+        name,
+        last < first,
+        f"loss {losses[0]:.4f} -> {losses[-1]:.4f} (mean of first 5 {first:.4f}, last 5 {last:.4f})",
+        backends,
+    )
 
 
-def judge_same_losses(name: str, ref: dict[int, dict], other: dict[int, dict], steps: Sequence[int],
-                      rtol: float, backends: str = "") -> Result:
+def judge_same_losses(
+    name: str, ref: dict[int, dict], other: dict[int, dict], steps: Sequence[int], rtol: float, backends: str = ""
+) -> Result:
     """Losses of `steps` equal within `rtol` relative (never demanded bit-exact)."""
     missing = [s for s in steps if s not in ref or s not in other]
     if missing:
         return verdict(name, False, f"iterations {missing} not logged by both runs", backends)
     worst = max(abs(other[s]["loss"] - ref[s]["loss"]) / max(abs(ref[s]["loss"]), 1e-12) for s in steps)
     worst = worst if all(math.isfinite(other[s]["loss"]) for s in steps) else math.inf
-    return verdict(name, worst <= rtol, f"steps {steps[0]}-{steps[-1]}: largest relative difference "
-                   f"{worst:.2e} (tolerance {rtol:g})", backends)
+    return verdict(
+        name,
+        worst <= rtol,
+        f"steps {steps[0]}-{steps[-1]}: largest relative difference {worst:.2e} (tolerance {rtol:g})",
+        backends,
+    )
 
 
-def speed_numbers(records: dict[int, dict], spec_peak: Optional[float], predicted_bytes: float,
-                  skip_steps: int = 3) -> dict:
+def speed_numbers(
+    records: dict[int, dict], spec_peak: Optional[float], predicted_bytes: float, skip_steps: int = 3
+) -> dict:
     """Medians of the steps after `skip_steps` warm-up steps: tokens/s, MFU against the measured peak
     (logged) and the spec peak, peak memory and its ratio to the planner's prediction."""
     steady = [records[i] for i in sorted(records) if i > skip_steps]
@@ -158,16 +187,23 @@ def speed_numbers(records: dict[int, dict], spec_peak: Optional[float], predicte
     measured_peak = steady[-1]["peak_flops_per_rank"]
     mfu = statistics.median(r["mfu"] for r in steady)
     mem = max(r["peak_memory_bytes"] for r in steady)
-    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady), "mfu_measured": mfu,
-            "measured_peak": measured_peak, "mfu_spec": mfu * measured_peak / spec_peak if spec_peak else None,
-            "peak_memory_gib": mem / 2**30, "memory_ratio": mem / predicted_bytes}
+    return {
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
+        "mfu_measured": mfu,
+        "measured_peak": measured_peak,
+        "mfu_spec": mfu * measured_peak / spec_peak if spec_peak else None,
+        "peak_memory_gib": mem / 2**30,
+        "memory_ratio": mem / predicted_bytes,
+    }
 
 
 def describe_speed(seq: int, s: dict) -> str:
     spec = f"{100 * s['mfu_spec']:.1f}% of spec" if s["mfu_spec"] is not None else "spec peak unknown"
-    return (f"{seq // 1024}k: {s['tokens_per_s']:.0f} tokens/s, MFU {spec}, {100 * s['mfu_measured']:.1f}% of "
-            f"measured {s['measured_peak'] / 1e12:.0f} TFLOP/s, peak mem {s['peak_memory_gib']:.1f} GiB = "
-            f"{s['memory_ratio']:.2f} x planner")
+    return (
+        f"{seq // 1024}k: {s['tokens_per_s']:.0f} tokens/s, MFU {spec}, {100 * s['mfu_measured']:.1f}% of "
+        f"measured {s['measured_peak'] / 1e12:.0f} TFLOP/s, peak mem {s['peak_memory_gib']:.1f} GiB = "
+        f"{s['memory_ratio']:.2f} x planner"
+    )
 
 
 def judge_close(name: str, got, want, atol: float, rtol: float, backends: str = "") -> Result:
@@ -178,8 +214,9 @@ def judge_close(name: str, got, want, atol: float, rtol: float, backends: str = 
         return verdict(name, False, f"shapes {tuple(got.shape)} vs {tuple(want.shape)}", backends)
     diff = float((got.float() - want.float()).abs().max())
     ok = bool(torch.allclose(got.float(), want.float(), atol=atol, rtol=rtol))
-    return verdict(name, ok, f"max |difference| {diff:.2e} (atol {atol:g}, rtol {rtol:g}) over "
-                   f"{tuple(got.shape)}", backends)
+    return verdict(
+        name, ok, f"max |difference| {diff:.2e} (atol {atol:g}, rtol {rtol:g}) over {tuple(got.shape)}", backends
+    )
 
 
 def backends(device: str, bf16: bool, cp_ring: bool = False) -> str:
@@ -200,10 +237,19 @@ def backends(device: str, bf16: bool, cp_ring: bool = False) -> str:
 def run(cmd: list[str], timeout: float, env: Optional[dict] = None) -> subprocess.CompletedProcess:
     """Run a command from the repo root; raises with its output tail if it fails. torch.distributed's
     variables of this process are not passed on (the child must not reuse this world's port)."""
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    proc = subprocess.run(cmd, cwd=REPO, env={**base, "PYTHONWARNINGS": "ignore", **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    }
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        env={**base, "PYTHONWARNINGS": "ignore", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return proc
@@ -212,8 +258,19 @@ def run(cmd: list[str], timeout: float, env: Optional[dict] = None) -> subproces
 def train_cmd(nproc: int, *args: str) -> list[str]:
     from internvl_mcore.parallel.state import free_port
 
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-            "127.0.0.1", "--master_port", str(free_port()), str(REPO / "pretrain_internvl.py"), *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "pretrain_internvl.py"),
+        *args,
+    ]
 
 
 def train(log: Path, flags: Sequence[str], timeout: float, nproc: int = 1) -> dict[int, dict]:
@@ -222,8 +279,11 @@ def train(log: Path, flags: Sequence[str], timeout: float, nproc: int = 1) -> di
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     for attempt in (1, 2):
         try:
-            run(train_cmd(nproc, *flags, "--log-jsonl", str(log)), timeout=timeout,
-                env={**NO_TF32, "OMP_NUM_THREADS": "4"})
+            run(
+                train_cmd(nproc, *flags, "--log-jsonl", str(log)),
+                timeout=timeout,
+                env={**NO_TF32, "OMP_NUM_THREADS": "4"},
+            )
             return read_log(log)
         except RuntimeError as exc:
             if attempt == 2 or "address already in use" not in str(exc).lower():
@@ -234,8 +294,18 @@ def train(log: Path, flags: Sequence[str], timeout: float, nproc: int = 1) -> di
 def reference_flags(kind: str, data: Path, device: str, bf16: bool = False) -> list[str]:
     """The flags of reference run `kind` (RUNS) from the CPU-written checkpoint in `data`."""
     spec = RUNS[kind]
-    flags = ["--model", spec["model"], *COMMON, *spec["flags"], "--train-iters", str(spec["iters"]),
-             "--pretrained", str(data / f"ckpt_{spec['model']}"), "--device", device]
+    flags = [
+        "--model",
+        spec["model"],
+        *COMMON,
+        *spec["flags"],
+        "--train-iters",
+        str(spec["iters"]),
+        "--pretrained",
+        str(data / f"ckpt_{spec['model']}"),
+        "--device",
+        device,
+    ]
     if spec["data"]:
         flags += ["--data-path", str(data / "shards" / spec["data"])]
     return flags + (["--bf16"] if bf16 else [])
@@ -267,12 +337,40 @@ def prepare_data(out: Path) -> None:
 
     d = build_digits_dataset(str(out / "digits"), multi_image=4, text_only=4, max_single=20, preference_pairs=48)
     for name, meta, extra in (("sft", d.meta, []), ("pref", d.preference_meta, ["--preference"])):
-        run([sys.executable, "tools/preprocess_mm_data.py", "--meta", meta, "--tokenizer", d.tokenizer,
-             "--output-prefix", str(out / "shards" / name), "--seq-length", "800", "--model", "debug",
-             "--workers", "1", "--no-progress", *extra], timeout=300)
+        run(
+            [
+                sys.executable,
+                "tools/preprocess_mm_data.py",
+                "--meta",
+                meta,
+                "--tokenizer",
+                d.tokenizer,
+                "--output-prefix",
+                str(out / "shards" / name),
+                "--seq-length",
+                "800",
+                "--model",
+                "debug",
+                "--workers",
+                "1",
+                "--no-progress",
+                *extra,
+            ],
+            timeout=300,
+        )
     for model in sorted({r["model"] for r in RUNS.values()}):
-        run([sys.executable, str(Path(__file__).resolve()), "--write-cpu-checkpoint", str(out / f"ckpt_{model}"),
-             "--model", model], timeout=300, env={"CUDA_VISIBLE_DEVICES": ""})
+        run(
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--write-cpu-checkpoint",
+                str(out / f"ckpt_{model}"),
+                "--model",
+                model,
+            ],
+            timeout=300,
+            env={"CUDA_VISIBLE_DEVICES": ""},
+        )
     (out / "READY").write_text("ok\n")
 
 
@@ -283,8 +381,9 @@ def shard_hashes(data: Path, name: str) -> dict:
 
 def reference_numbers(work: Path, data: Path, kind: str, device: str = "cpu", bf16: bool = False) -> dict:
     """Run reference run `kind` on `device`: {"loss": [...], "grad_norm": [...]}."""
-    records = train(work / f"{kind}_{device}{'_bf16' if bf16 else ''}.jsonl",
-                    reference_flags(kind, data, device, bf16), timeout=300)
+    records = train(
+        work / f"{kind}_{device}{'_bf16' if bf16 else ''}.jsonl", reference_flags(kind, data, device, bf16), timeout=300
+    )
     return {k: [records[i][k] for i in sorted(records)] for k in ("loss", "grad_norm")}
 
 
@@ -359,7 +458,7 @@ def check_resume(ctx: Ctx) -> list[Result]:
 def _set_flag(flags: list[str], flag: str, value: Optional[str]) -> list[str]:
     """`flags` with `flag`'s value replaced (None: the flag and its value removed)."""
     i = flags.index(flag)
-    return flags[:i] + ([flag, value] if value is not None else []) + flags[i + 2:]
+    return flags[:i] + ([flag, value] if value is not None else []) + flags[i + 2 :]
 
 
 SPEED_RUNS = ((4096, 4), (16384, 2))  # (--seq-length, --global-batch-size)
@@ -373,9 +472,26 @@ def speed_setup(seq: int, gbs: int, device: str, gpu_name: str) -> tuple[list[st
 
     cfg = get_preset("internvl3-1b")
     tiles = seq // 2 // cfg.num_image_token // 2  # per sample
-    flags = ["--model", "internvl3-1b", "--mock-data", "--mock-tiles-per-sample", str(tiles), "--bf16",
-             "--seq-length", str(seq), "--global-batch-size", str(gbs), "--train-iters", "8", "--lr", "1e-5",
-             "--device", device, "--log-interval", "100"]
+    flags = [
+        "--model",
+        "internvl3-1b",
+        "--mock-data",
+        "--mock-tiles-per-sample",
+        str(tiles),
+        "--bf16",
+        "--seq-length",
+        str(seq),
+        "--global-batch-size",
+        str(gbs),
+        "--train-iters",
+        "8",
+        "--lr",
+        "1e-5",
+        "--device",
+        device,
+        "--log-interval",
+        "100",
+    ]
     work = Workload(seq_length=seq, global_batch_size=gbs, tiles_per_sequence=2 * tiles, sample_length=seq // 2)
     hw = HARDWARE["h200" if "H200" in gpu_name else "h100"]
     return flags, plan(cfg, Layout(1, 1, 1, 1, False, False, False), work, hw).stages[0].total
@@ -402,8 +518,21 @@ def check_te_train(ctx: Ctx) -> Result:
     used = backends(ctx.device, True)
     if not have_transformer_engine():
         return skip("te_bf16_train", "transformer-engine not installed", used)
-    flags = ["--model", "debug", *COMMON, "--mock-data", "--seq-length", "1024", "--global-batch-size", "4",
-             "--train-iters", "20", "--bf16", "--device", ctx.device]
+    flags = [
+        "--model",
+        "debug",
+        *COMMON,
+        "--mock-data",
+        "--seq-length",
+        "1024",
+        "--global-batch-size",
+        "4",
+        "--train-iters",
+        "20",
+        "--bf16",
+        "--device",
+        ctx.device,
+    ]
     return judge_training(train(ctx.work / "te_bf16.jsonl", flags, 300), 20, used)
 
 
@@ -438,8 +567,14 @@ def _core_attention(hq: int, hkv: int, d: int):
 
     from internvl_mcore.parallel.attention import PackedSDPAttention
 
-    cfg = TransformerConfig(num_layers=1, hidden_size=hq * d, num_attention_heads=hq, num_query_groups=hkv,
-                            kv_channels=d, use_cpu_initialization=True)
+    cfg = TransformerConfig(
+        num_layers=1,
+        hidden_size=hq * d,
+        num_attention_heads=hq,
+        num_query_groups=hkv,
+        kv_channels=d,
+        use_cpu_initialization=True,
+    )
     return PackedSDPAttention(cfg, 1, AttnMaskType.causal).eval()
 
 
@@ -483,15 +618,19 @@ def check_cpu_checkpoint_into_te(ctx: Ctx) -> Result:
         return skip("cpu_ckpt_into_te", "transformer-engine not installed", used)
     _ensure_data(ctx)
     probe = ctx.work / "cpu_logits.pt"
-    run([sys.executable, str(Path(__file__).resolve()), "--write-cpu-logits", str(ctx.data / "ckpt_debug"),
-         str(probe)], timeout=300, env={"CUDA_VISIBLE_DEVICES": ""})
+    run(
+        [sys.executable, str(Path(__file__).resolve()), "--write-cpu-logits", str(ctx.data / "ckpt_debug"), str(probe)],
+        timeout=300,
+        env={"CUDA_VISIBLE_DEVICES": ""},
+    )
     model, cfg = _model_on(ctx, ctx.data / "ckpt_debug")
     linear = type(model.language_model.decoder.layers[0].mlp.linear_fc1).__name__
     ids, pos, pixels, cu = (t.to(ctx.device) for t in _probe(cfg))
     with torch.no_grad():
         got = model(ids, pos, pixels, cu_seqlens=cu)
-    r = judge_close("cpu_ckpt_into_te", got.cpu(), torch.load(probe, weights_only=True), atol=1e-3, rtol=1e-3,
-                    backends=used)
+    r = judge_close(
+        "cpu_ckpt_into_te", got.cpu(), torch.load(probe, weights_only=True), atol=1e-3, rtol=1e-3, backends=used
+    )
     if not linear.startswith("TE"):
         return verdict(r.name, False, f"the model's linears are {linear}, not TE; {r.detail}", used)
     return r
@@ -518,8 +657,21 @@ def check_export(ctx: Ctx) -> Result:
     ckpt = ctx.work / "gpu_ckpt"
     if not ckpt.exists():
         return verdict("export_logits", False, "no checkpoint from fp32_vs_cpu", backends(ctx.device, False))
-    run([sys.executable, "tools/convert_to_hf.py", "--load", str(ckpt), "--save", str(ctx.work / "hf"),
-         "--format", "transformers", "--dtype", "fp32"], timeout=300)
+    run(
+        [
+            sys.executable,
+            "tools/convert_to_hf.py",
+            "--load",
+            str(ckpt),
+            "--save",
+            str(ctx.work / "hf"),
+            "--format",
+            "transformers",
+            "--dtype",
+            "fp32",
+        ],
+        timeout=300,
+    )
     ours, cfg = _model_on(ctx, ckpt)
     sample = Batch.from_packs([mock_sample(0, seed=5, cfg=cfg, seq_length=256, tiles=1)], 256, cfg.pad_token_id)
     n = int(sample.cu_seqlens[1])  # the first sample of the pack: transformers takes no packs
@@ -530,9 +682,10 @@ def check_export(ctx: Ctx) -> Result:
     hf = hf.to(ctx.device).eval()
     with torch.no_grad():
         want = hf(input_ids=ids, pixel_values=pixels).logits
-        got = ours(ids, pos, pixels)[..., :want.shape[-1]]
-    return judge_close("export_logits", got, want, atol=1e-3, rtol=1e-3,
-                       backends=f"{backends(ctx.device, False)} vs transformers")
+        got = ours(ids, pos, pixels)[..., : want.shape[-1]]
+    return judge_close(
+        "export_logits", got, want, atol=1e-3, rtol=1e-3, backends=f"{backends(ctx.device, False)} vs transformers"
+    )
 
 
 def check_device_tiling(ctx: Ctx, image_size: int = 448, seed: int = 0) -> Result:
@@ -547,17 +700,22 @@ def check_device_tiling(ctx: Ctx, image_size: int = 448, seed: int = 0) -> Resul
 
     device = ctx.device
     rng = np.random.default_rng(seed)
-    sizes = [(c * 37 + k, r * 53 + 2 * k) if k % 2 else (c * image_size * 6 // 5 + k, r * image_size * 4 // 3)
-             for k, (c, r) in enumerate(candidate_grids(1, 12))]
+    sizes = [
+        (c * 37 + k, r * 53 + 2 * k) if k % 2 else (c * image_size * 6 // 5 + k, r * image_size * 4 // 3)
+        for k, (c, r) in enumerate(candidate_grids(1, 12))
+    ]
     sizes += [(1, 1), (9 * image_size, 7 * image_size), (3, 2 * image_size), (2 * image_size, 3)]
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for w, h in sizes]
     tilings = [plan_tiling(w, h, 1, 12, image_size, True) for w, h in sizes]
     want = np.concatenate([cut_tiles(Image.fromarray(a), t, image_size) for a, t in zip(images, tilings)])
     offsets = np.cumsum([0] + [a.size for a in images])
-    table = np.array([[a.shape[0], a.shape[1], t.cols, t.rows, int(t.thumbnail), o]
-                      for a, t, o in zip(images, tilings, offsets)], dtype=np.int64)
-    batch = SourceImages.from_numpy(DecodedImages(np.concatenate([a.reshape(-1) for a in images]), table),
-                                    image_size).to(device)
+    table = np.array(
+        [[a.shape[0], a.shape[1], t.cols, t.rows, int(t.thumbnail), o] for a, t, o in zip(images, tilings, offsets)],
+        dtype=np.int64,
+    )
+    batch = SourceImages.from_numpy(
+        DecodedImages(np.concatenate([a.reshape(-1) for a in images]), table), image_size
+    ).to(device)
     got = batch.tiles().cpu().numpy()  # first call: coefficients made and cached
     seconds = []
     for _ in range(3):
@@ -568,10 +726,14 @@ def check_device_tiling(ctx: Ctx, image_size: int = 448, seed: int = 0) -> Resul
         seconds.append(time.perf_counter() - start)
     same = got.shape == want.shape and bool((got == want).all())
     bad = int((got != want).any(axis=(1, 2, 3)).sum()) if got.shape == want.shape else -1
-    return verdict("device_tiling", same, f"{len(want)} tiles of {len(images)} images "
-                   f"{'byte-identical to Pillow' if same else f'DIFFER from Pillow ({bad} tiles)'}; "
-                   f"{1e6 * min(seconds) / len(want):.0f} us per tile on {device} (wall, launches included)",
-                   backends=f"data/resample.py on {device} vs Pillow")
+    return verdict(
+        "device_tiling",
+        same,
+        f"{len(want)} tiles of {len(images)} images "
+        f"{'byte-identical to Pillow' if same else f'DIFFER from Pillow ({bad} tiles)'}; "
+        f"{1e6 * min(seconds) / len(want):.0f} us per tile on {device} (wall, launches included)",
+        backends=f"data/resample.py on {device} vs Pillow",
+    )
 
 
 def check_parallel(ctx: Ctx) -> list[Result]:
@@ -636,26 +798,44 @@ def run_check_here(name: str, ctx: Ctx) -> list[Result]:
 def run_check_child(name: str, limit: int, ctx: Ctx) -> list[Result]:
     """One check in a child process under its time limit: a hang or a crash is its FAIL."""
     _, _, _, lines = next(c for c in CHECKS if c[0] == name)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--run-check", name, "--work", str(ctx.work),
-           "--data", str(ctx.data), "--device", ctx.device]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--run-check",
+        name,
+        "--work",
+        str(ctx.work),
+        "--data",
+        str(ctx.data),
+        "--device",
+        ctx.device,
+    ]
     try:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=limit)
     except subprocess.TimeoutExpired:
-        return [verdict(line, False, f"timed out after its limit of {limit} s", _check_backends(name, ctx))
-                for line in lines]
-    found = [Result(**json.loads(x[len(MARK):])) for x in proc.stdout.splitlines() if x.startswith(MARK)]
+        return [
+            verdict(line, False, f"timed out after its limit of {limit} s", _check_backends(name, ctx))
+            for line in lines
+        ]
+    found = [Result(**json.loads(x[len(MARK) :])) for x in proc.stdout.splitlines() if x.startswith(MARK)]
     if not found:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return [verdict(line, False, f"check process exited {proc.returncode}: {' | '.join(tail)}",
-                        _check_backends(name, ctx)) for line in lines]
+        return [
+            verdict(
+                line, False, f"check process exited {proc.returncode}: {' | '.join(tail)}", _check_backends(name, ctx)
+            )
+            for line in lines
+        ]
     return found
 
 
 def summary(results: Sequence[Result]) -> tuple[str, int]:
     """The last line and the exit status: 1 when anything FAILed; SKIPs counted apart, never as PASS."""
     count = {s: [r.name for r in results if r.status == s] for s in ("PASS", "FAIL", "SKIP")}
-    line = (f"gpu_check: {len(count['PASS'])} passed, {len(count['FAIL'])} failed {count['FAIL'] or ''}, "
-            f"{len(count['SKIP'])} skipped {count['SKIP'] or ''}")
+    line = (
+        f"gpu_check: {len(count['PASS'])} passed, {len(count['FAIL'])} failed {count['FAIL'] or ''}, "
+        f"{len(count['SKIP'])} skipped {count['SKIP'] or ''}"
+    )
     return line, 1 if count["FAIL"] else 0
 
 
@@ -663,9 +843,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default=None, help="scratch directory (default: a fresh temporary one, removed)")
     p.add_argument("--data", default=None, help="carried data from scripts/gpu_wheels.sh (default: made here)")
-    p.add_argument("--budget", type=float, default=570.0,
-                   help="seconds for all checks (default 570, inside gpu_check.sh's 590): a check whose limit "
-                   "exceeds what is left is not started (SKIP)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=570.0,
+        help="seconds for all checks (default 570, inside gpu_check.sh's 590): a check whose limit "
+        "exceeds what is left is not started (SKIP)",
+    )
     p.add_argument("--only", nargs="+", choices=[c[0] for c in CHECKS], help="run these checks only")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help=argparse.SUPPRESS)  # cpu: tests
     p.add_argument("--time-scale", type=float, default=1.0, help=argparse.SUPPRESS)  # tests: CPU is slower
@@ -691,8 +875,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         for r in run_check_here(args.run_check, ctx):
             print(MARK + json.dumps(asdict(r)), flush=True)
     else:
-        return run_all(ctx, args.only or [c[0] for c in CHECKS], remove=args.work is None,
-                       time_scale=args.time_scale, budget_s=args.budget)
+        return run_all(
+            ctx,
+            args.only or [c[0] for c in CHECKS],
+            remove=args.work is None,
+            time_scale=args.time_scale,
+            budget_s=args.budget,
+        )
     return 0
 
 
@@ -713,8 +902,11 @@ def run_all(ctx: Ctx, names: Sequence[str], remove: bool, time_scale: float = 1.
         start, limit = time.perf_counter(), int(limit * time_scale)
         left = budget_s - (start - begin)
         # a check that could run past the whole budget is not started: better a SKIP than no lines at all
-        new = [skip(line, f"{left:.0f} s left of the {budget_s:.0f} s budget, its limit is {limit} s")
-               for line in lines] if limit > left else run_check_child(name, limit, ctx)
+        new = (
+            [skip(line, f"{left:.0f} s left of the {budget_s:.0f} s budget, its limit is {limit} s") for line in lines]
+            if limit > left
+            else run_check_child(name, limit, ctx)
+        )
         for r in new:
             print(f"{r.line()} ({time.perf_counter() - start:.0f} s)", flush=True)
             results.append(r)

@@ -12,6 +12,7 @@ The tokenizer is the one recorded in the manifest unless --tokenizer is given.
 --summary prints one line per shard set instead (e.g. the parts of a --num-shards run): samples,
 packs, fill, images, tiles, bytes on disk, rejects.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
             tok = load_tokenizer(tok_dir)
             decode = tok.decode
             if tok_info.get("sha256") and tok.sha256 != tok_info["sha256"]:
-                print(f"warning: tokenizer at {tok_dir} differs from the one the shards were built with", file=sys.stderr)
+                print(
+                    f"warning: tokenizer at {tok_dir} differs from the one the shards were built with", file=sys.stderr
+                )
         except (OSError, DataError) as e:
             print(f"warning: cannot load tokenizer ({e}); showing token ids", file=sys.stderr)
     print(describe_pack(reader, args.sample, decode))

@@ -8,6 +8,7 @@ activations, total against the budget, then the estimated step time and MFU. Wit
 --tensor/--pipeline/--context-parallel sizes it lists the layouts that fit, fastest first.
 Every number comes from internvl_mcore.plan (docs/planner.md explains the model behind them).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,13 +22,18 @@ from internvl_mcore.config.domains import OneLineParser, declare_domains  # noqa
 from internvl_mcore.config.lora import LORA_MODULES, LORA_TOWERS, LoRAConfig  # noqa: E402
 from internvl_mcore.config.model import ModelConfig, ParallelConfig  # noqa: E402
 from internvl_mcore.config.problems import check, problems  # noqa: E402
-from internvl_mcore.config.training import (STAGES, DataConfig, LogConfig, RunConfig, TrainConfig,  # noqa: E402
-                                            trained_parts)
+from internvl_mcore.config.training import (
+    STAGES,
+    DataConfig,
+    LogConfig,
+    RunConfig,
+    TrainConfig,  # noqa: E402
+    trained_parts,
+)
 from internvl_mcore.errors import ConfigError  # noqa: E402
 from internvl_mcore.plan import HARDWARE, Layout, Workload, count_params, plan, search  # noqa: E402
 from internvl_mcore.plan.params import active_params  # noqa: E402
 from internvl_mcore.plan.memory import GiB  # noqa: E402
-
 
 
 def stage_parts(stage: str | None) -> frozenset[str]:
@@ -41,45 +47,84 @@ def build_parser() -> argparse.ArgumentParser:
     """The planner's flags; each number is checked against its domain (config/domains.py) as it is
     parsed: --gpus 0, --gpu-memory nan or --compute-efficiency 1.5 stop there with one line."""
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, metavar="PRESET|DIR",
-                   help="model preset (" + ", ".join(PRESETS) + ") or a checkpoint directory (HF in either "
-                   "layout, converted or training) whose config it carries")
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="PRESET|DIR",
+        help="model preset (" + ", ".join(PRESETS) + ") or a checkpoint directory (HF in either "
+        "layout, converted or training) whose config it carries",
+    )
     p.add_argument("--gpus", type=int, required=True, help="GPUs in the job")
-    p.add_argument("--gpu", default="a100-80gb", choices=sorted(HARDWARE),
-                   help="GPU type: peak FLOP/s, memory and link bandwidths (default a100-80gb)")
+    p.add_argument(
+        "--gpu",
+        default="a100-80gb",
+        choices=sorted(HARDWARE),
+        help="GPU type: peak FLOP/s, memory and link bandwidths (default a100-80gb)",
+    )
     p.add_argument("--gpu-memory", type=float, default=None, help="GiB per GPU (default: the GPU type's)")
-    p.add_argument("--reserve-gb", type=float, default=6.0,
-                   help="GiB kept for CUDA context, NCCL buffers and fragmentation (default 6)")
+    p.add_argument(
+        "--reserve-gb",
+        type=float,
+        default=6.0,
+        help="GiB kept for CUDA context, NCCL buffers and fragmentation (default 6)",
+    )
     p.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's dense bf16 peak")
-    p.add_argument("--compute-efficiency", type=float, default=0.7,
-                   help="fraction of the peak large GEMMs reach (default 0.7)")
+    p.add_argument(
+        "--compute-efficiency", type=float, default=0.7, help="fraction of the peak large GEMMs reach (default 0.7)"
+    )
     p.add_argument("--nvlink-gbps", type=float, default=None, help="override intra-node GB/s per GPU")
     p.add_argument("--network-gbps", type=float, default=None, help="override inter-node GB/s per GPU")
     p.add_argument("--seq-length", type=int, default=16384, help="tokens per packed sequence (default 16384)")
     p.add_argument("--global-batch-size", type=int, default=128, help="sequences per step (default 128)")
     p.add_argument("--micro-batch-size", type=int, default=1, help="sequences per microbatch (default 1)")
-    p.add_argument("--tiles-per-sequence", type=float, default=None,
-                   help="image tiles per packed sequence (default: half of the tokens are image tokens)")
-    p.add_argument("--sample-length", type=int, default=None,
-                   help="packed sample length for attention FLOPs (default: one sample per sequence)")
+    p.add_argument(
+        "--tiles-per-sequence",
+        type=float,
+        default=None,
+        help="image tiles per packed sequence (default: half of the tokens are image tokens)",
+    )
+    p.add_argument(
+        "--sample-length",
+        type=int,
+        default=None,
+        help="packed sample length for attention FLOPs (default: one sample per sequence)",
+    )
     p.add_argument("--tensor-model-parallel-size", type=int, default=None)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=None)
     p.add_argument("--context-parallel-size", type=int, default=None)
-    p.add_argument("--expert-model-parallel-size", type=int, default=None,
-                   help="MoE: ranks the experts are split over (out of DP x CP); with the layout flags, "
-                        "that layout (default 1), else the search keeps only this EP")
+    p.add_argument(
+        "--expert-model-parallel-size",
+        type=int,
+        default=None,
+        help="MoE: ranks the experts are split over (out of DP x CP); with the layout flags, "
+        "that layout (default 1), else the search keeps only this EP",
+    )
     p.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
     p.add_argument("--sequence-parallel", action="store_true", help="(implied for TP > 1 in the search)")
     p.add_argument("--use-distributed-optimizer", action="store_true")
     p.add_argument("--recompute-granularity", choices=["full"], default=None)
-    p.add_argument("--stage", choices=sorted(STAGES), default=None,
-                   help="training stage: which parts train (default: everything)")
-    p.add_argument("--lora-rank", type=int, default=0,
-                   help="LoRA adapters of this rank; every base weight is frozen, only the adapters train")
-    p.add_argument("--lora-target", choices=sorted(LORA_TOWERS), default="llm",
-                   help="with --lora-rank: the towers whose layers get adapters (default llm)")
-    p.add_argument("--lora-modules", nargs="+", choices=LORA_MODULES, default=list(LORA_MODULES),
-                   help="with --lora-rank: the adapted linears of each layer (default: all four)")
+    p.add_argument(
+        "--stage", choices=sorted(STAGES), default=None, help="training stage: which parts train (default: everything)"
+    )
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="LoRA adapters of this rank; every base weight is frozen, only the adapters train",
+    )
+    p.add_argument(
+        "--lora-target",
+        choices=sorted(LORA_TOWERS),
+        default="llm",
+        help="with --lora-rank: the towers whose layers get adapters (default llm)",
+    )
+    p.add_argument(
+        "--lora-modules",
+        nargs="+",
+        choices=LORA_MODULES,
+        default=list(LORA_MODULES),
+        help="with --lora-rank: the adapted linears of each layer (default: all four)",
+    )
     p.add_argument("--fp32", action="store_true", help="fp32 parameters instead of bf16")
     p.add_argument("--top", type=int, default=15, help="layouts to list in search mode (default 15)")
     return declare_domains(p)
@@ -100,8 +145,12 @@ def check_ranges(args: argparse.Namespace) -> None:
 def run_config(a: argparse.Namespace, model: ModelConfig, par: ParallelConfig) -> RunConfig:
     """The run config pretrain_internvl.py builds from the same flags (every other flag at its default,
     no data source: the checks that need data or a GPU are not run), for config/problems.py's checks."""
-    train = TrainConfig(stage=a.stage, seq_length=a.seq_length, global_batch_size=a.global_batch_size,
-                        micro_batch_size=a.micro_batch_size)
+    train = TrainConfig(
+        stage=a.stage,
+        seq_length=a.seq_length,
+        global_batch_size=a.global_batch_size,
+        micro_batch_size=a.micro_batch_size,
+    )
     lora = LoRAConfig(lora_rank=a.lora_rank, lora_target=a.lora_target, lora_modules=list(a.lora_modules))
     return RunConfig(model=model, parallel=par, train=train, data=DataConfig(), log=LogConfig(), lora=lora)
 
@@ -121,17 +170,24 @@ def _model(spec: str):
 
 def explicit_layout(a: argparse.Namespace) -> Layout | None:
     """The layout the flags name, or None without --tensor/--pipeline/--context-parallel sizes (search)."""
-    if all(x is None for x in (a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
-                               a.context_parallel_size)):
+    if all(x is None for x in (a.tensor_model_parallel_size, a.pipeline_model_parallel_size, a.context_parallel_size)):
         return None
     tp = a.tensor_model_parallel_size or 1
     pp = a.pipeline_model_parallel_size or 1
     cp = a.context_parallel_size or 1
     if a.gpus % (tp * pp * cp):
         raise ConfigError(f"--gpus {a.gpus} is not divisible by TP x PP x CP = {tp * pp * cp}")
-    return Layout(tp, pp, cp, a.gpus // (tp * pp * cp), sequence_parallel=a.sequence_parallel or tp > 1,
-                  distributed_optimizer=a.use_distributed_optimizer, recompute=a.recompute_granularity == "full",
-                  first_stage_layers=a.decoder_first_pipeline_num_layers, ep=a.expert_model_parallel_size or 1)
+    return Layout(
+        tp,
+        pp,
+        cp,
+        a.gpus // (tp * pp * cp),
+        sequence_parallel=a.sequence_parallel or tp > 1,
+        distributed_optimizer=a.use_distributed_optimizer,
+        recompute=a.recompute_granularity == "full",
+        first_stage_layers=a.decoder_first_pipeline_num_layers,
+        ep=a.expert_model_parallel_size or 1,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,32 +202,59 @@ def plan_cli(argv: list[str] | None) -> int:
     lay = explicit_layout(a)
     # what pretrain_internvl.py refuses, with its line, before anything is printed; in search mode the
     # flags that hold for every layout (each layout found is checked below)
-    check(run_config(a, model, lay.parallel() if lay is not None
-                     else ParallelConfig(expert_model_parallel_size=a.expert_model_parallel_size or 1)))
+    check(
+        run_config(
+            a,
+            model,
+            lay.parallel()
+            if lay is not None
+            else ParallelConfig(expert_model_parallel_size=a.expert_model_parallel_size or 1),
+        )
+    )
     hw = HARDWARE[a.gpu]
-    hw = type(hw)(hw.name, a.peak_tflops * 1e12 if a.peak_tflops else hw.peak_flops,
-                  a.gpu_memory or hw.memory_gib,
-                  a.nvlink_gbps * 1e9 if a.nvlink_gbps else hw.nvlink_bytes_per_s,
-                  a.network_gbps * 1e9 if a.network_gbps else hw.network_bytes_per_s, hw.gpus_per_node)
+    hw = type(hw)(
+        hw.name,
+        a.peak_tflops * 1e12 if a.peak_tflops else hw.peak_flops,
+        a.gpu_memory or hw.memory_gib,
+        a.nvlink_gbps * 1e9 if a.nvlink_gbps else hw.nvlink_bytes_per_s,
+        a.network_gbps * 1e9 if a.network_gbps else hw.network_bytes_per_s,
+        hw.gpus_per_node,
+    )
     # under LoRA every base weight is frozen (models/lora.py: add_lora), the projector too
     trainable = {"lora"} if a.lora_rank else set(stage_parts(a.stage))
-    work = Workload(seq_length=a.seq_length, global_batch_size=a.global_batch_size,
-                    micro_batch_size=a.micro_batch_size, tiles_per_sequence=a.tiles_per_sequence,
-                    sample_length=a.sample_length, trainable=frozenset(trainable), lora_rank=a.lora_rank,
-                    lora_target=a.lora_target, lora_modules=tuple(a.lora_modules),
-                    bf16=not a.fp32, reference_model=a.stage == "mpo")
+    work = Workload(
+        seq_length=a.seq_length,
+        global_batch_size=a.global_batch_size,
+        micro_batch_size=a.micro_batch_size,
+        tiles_per_sequence=a.tiles_per_sequence,
+        sample_length=a.sample_length,
+        trainable=frozenset(trainable),
+        lora_rank=a.lora_rank,
+        lora_target=a.lora_target,
+        lora_modules=tuple(a.lora_modules),
+        bf16=not a.fp32,
+        reference_model=a.stage == "mpo",
+    )
     counts = count_params(model)
-    print(f"{model.name}: {counts.total / 1e9:.2f}B parameters (ViT {counts.vision / 1e9:.2f}B, projector "
-          f"{counts.projector / 1e6:.1f}M, LLM {counts.llm / 1e9:.2f}B); training {', '.join(sorted(trainable))}")
+    print(
+        f"{model.name}: {counts.total / 1e9:.2f}B parameters (ViT {counts.vision / 1e9:.2f}B, projector "
+        f"{counts.projector / 1e6:.1f}M, LLM {counts.llm / 1e9:.2f}B); training {', '.join(sorted(trainable))}"
+    )
     if model.llm.is_moe:  # MFU and the FLOPs below count the active parameters only
         m = model.llm
-        print(f"mixture of experts: {m.num_experts} experts, top-{m.moe_router_topk}: "
-              f"{active_params(model).total / 1e9:.2f}B parameters active per token (FLOPs and MFU count these)")
-    print(f"{a.gpus} x {hw.name}: {hw.memory_gib:.0f} GiB each, budget {hw.memory_gib - a.reserve_gb:.0f} GiB "
-          f"after {a.reserve_gb:.0f} GiB reserve; peak {hw.peak_flops / 1e12:.0f} TFLOP/s x "
-          f"{a.compute_efficiency:.2f} efficiency")
-    print(f"workload: {a.global_batch_size} x {a.seq_length} tokens per step, micro batch {a.micro_batch_size}, "
-          f"{work.tiles(model):.0f} tiles per sequence, {'fp32' if a.fp32 else 'bf16'}")
+        print(
+            f"mixture of experts: {m.num_experts} experts, top-{m.moe_router_topk}: "
+            f"{active_params(model).total / 1e9:.2f}B parameters active per token (FLOPs and MFU count these)"
+        )
+    print(
+        f"{a.gpus} x {hw.name}: {hw.memory_gib:.0f} GiB each, budget {hw.memory_gib - a.reserve_gb:.0f} GiB "
+        f"after {a.reserve_gb:.0f} GiB reserve; peak {hw.peak_flops / 1e12:.0f} TFLOP/s x "
+        f"{a.compute_efficiency:.2f} efficiency"
+    )
+    print(
+        f"workload: {a.global_batch_size} x {a.seq_length} tokens per step, micro batch {a.micro_batch_size}, "
+        f"{work.tiles(model):.0f} tiles per sequence, {'fp32' if a.fp32 else 'bf16'}"
+    )
     kw = dict(budget_gib=hw.memory_gib, compute_efficiency=a.compute_efficiency, reserve_gib=a.reserve_gb)
     if lay is not None:
         p = plan(model, lay, work, hw, **kw)
@@ -179,29 +262,46 @@ def plan_cli(argv: list[str] | None) -> int:
         print("stage layers  params   grads  optimizer  activations (in flight)   total   budget")
         for s in p.stages:
             a_ = s.activations
-            print(f"{s.stage:5d} {s.decoder_layers:6d} {gib(s.state.params)} {gib(s.state.grads)}  {gib(s.state.optimizer)}"
-                  f"      {gib(a_.total)} ({a_.in_flight} x {a_.per_microbatch / GiB:.1f})   {gib(s.total)}  "
-                  f"{p.budget_gib:5.0f}  {'fits' if s.total / GiB <= p.budget_gib else 'DOES NOT FIT'}")
-        print(f"\n(ViT + projector activations on stage 0: {p.stages[0].activations.vision / GiB:.1f} GiB per "
-              f"microbatch)")
-        print(f"estimated step time {p.step_time_s:.2f} s (compute {p.compute_s:.2f} s, communication "
-              f"{p.comm_s:.2f} s, pipeline bubble {p.breakdown['bubble']:.0%}), "
-              f"{p.tokens_per_s:,.0f} tokens/s, MFU {p.mfu:.1%}")
+            print(
+                f"{s.stage:5d} {s.decoder_layers:6d} {gib(s.state.params)} {gib(s.state.grads)}  {gib(s.state.optimizer)}"
+                f"      {gib(a_.total)} ({a_.in_flight} x {a_.per_microbatch / GiB:.1f})   {gib(s.total)}  "
+                f"{p.budget_gib:5.0f}  {'fits' if s.total / GiB <= p.budget_gib else 'DOES NOT FIT'}"
+            )
+        print(
+            f"\n(ViT + projector activations on stage 0: {p.stages[0].activations.vision / GiB:.1f} GiB per microbatch)"
+        )
+        print(
+            f"estimated step time {p.step_time_s:.2f} s (compute {p.compute_s:.2f} s, communication "
+            f"{p.comm_s:.2f} s, pipeline bubble {p.breakdown['bubble']:.0%}), "
+            f"{p.tokens_per_s:,.0f} tokens/s, MFU {p.mfu:.1%}"
+        )
         return 0 if p.fits else 1
 
     fixed = {} if a.expert_model_parallel_size is None else {"ep": a.expert_model_parallel_size}
-    plans = search(model, a.gpus, work, hw, distributed_optimizer=True if a.use_distributed_optimizer else None,
-                   recompute=True if a.recompute_granularity else None, fixed=fixed, **kw)
+    plans = search(
+        model,
+        a.gpus,
+        work,
+        hw,
+        distributed_optimizer=True if a.use_distributed_optimizer else None,
+        recompute=True if a.recompute_granularity else None,
+        fixed=fixed,
+        **kw,
+    )
     plans = [p for p in plans if not problems(run_config(a, model, p.layout.parallel()))]  # pretrain would refuse
     if not plans:
-        print("\nno layout fits; try more GPUs, a shorter --seq-length, fewer --tiles-per-sequence, "
-              "a frozen ViT (--stage finetune) or --lora-rank")
+        print(
+            "\nno layout fits; try more GPUs, a shorter --seq-length, fewer --tiles-per-sequence, "
+            "a frozen ViT (--stage finetune) or --lora-rank"
+        )
         return 1
     print(f"\n{len(plans)} layouts fit, fastest first (memory: the largest rank):\n")
     print(" #  layout                                                      peak GiB  step s   MFU   tokens/s")
-    for i, p in enumerate(plans[:a.top], 1):
-        print(f"{i:2d}  {p.layout.describe():58s}  {p.peak_gib:7.1f}  {p.step_time_s:6.1f}  "
-              f"{p.mfu:5.1%}  {p.tokens_per_s:9,.0f}")
+    for i, p in enumerate(plans[: a.top], 1):
+        print(
+            f"{i:2d}  {p.layout.describe():58s}  {p.peak_gib:7.1f}  {p.step_time_s:6.1f}  "
+            f"{p.mfu:5.1%}  {p.tokens_per_s:9,.0f}"
+        )
     return 0
 
 

@@ -12,6 +12,7 @@ left as it was and the rejects are kept in OUT.failed.rejects.jsonl for inspecti
 files: one line naming them, exit 2 (docs/errors.md).
 See internvl_mcore/data/preprocess.py for what happens in between.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,14 +39,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(p, PreprocessConfig, "preprocessing", skip=SPECIAL_FIELDS)
     p.set_defaults(**{name: None for name in FROM_MODEL})  # None: from --model, else the field's default
     g = p.add_argument_group("switches and the model")
-    g.add_argument("--model", default=None, metavar="PRESET|DIR",
-                   help="model preset or checkpoint directory (HF, converted or training) to take image size / "
-                   "patch / downsample ratio and the chat template from")
+    g.add_argument(
+        "--model",
+        default=None,
+        metavar="PRESET|DIR",
+        help="model preset or checkpoint directory (HF, converted or training) to take image size / "
+        "patch / downsample ratio and the chat template from",
+    )
     g.add_argument("--no-thumbnail", action="store_true", help="do not append the thumbnail tile")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g.add_argument("--precompute-reference", action="store_true",
-                   help="not supported (refused with the reason): MPO's reference log-probs come from a frozen "
-                        "reference model in the same training step")
+    g.add_argument(
+        "--precompute-reference",
+        action="store_true",
+        help="not supported (refused with the reason): MPO's reference log-probs come from a frozen "
+        "reference model in the same training step",
+    )
     return p
 
 
@@ -59,11 +67,20 @@ def config_from_args(args: argparse.Namespace):
         from internvl_mcore.convert.source import resolve_model
 
         model = resolve_model(args.model)
-        model_values = {"image_size": model.vision.image_size, "patch_size": model.vision.patch_size,
-                        "downsample_ratio": model.downsample_ratio, "template": model.template}
+        model_values = {
+            "image_size": model.vision.image_size,
+            "patch_size": model.vision.patch_size,
+            "downsample_ratio": model.downsample_ratio,
+            "template": model.template,
+        }
     given = {name: getattr(args, name) for name in FROM_MODEL if getattr(args, name) is not None}
-    return build_dataclass(PreprocessConfig, args, **{**model_values, **given},
-                           use_thumbnail=not args.no_thumbnail, progress=not args.no_progress)
+    return build_dataclass(
+        PreprocessConfig,
+        args,
+        **{**model_values, **given},
+        use_thumbnail=not args.no_thumbnail,
+        progress=not args.no_progress,
+    )
 
 
 def check_output_prefix(prefix: str) -> None:
@@ -72,8 +89,10 @@ def check_output_prefix(prefix: str) -> None:
     from internvl_mcore.staging import check_writable_dir
 
     if prefix.endswith(("/", os.sep)) or os.path.basename(prefix) in ("", ".", ".."):
-        raise ConfigError(f"--output-prefix {prefix!r} names a folder; give DIR/NAME (the files are "
-                          "DIR/NAME_tokens.bin ..., DIR/NAME.manifest.json)")
+        raise ConfigError(
+            f"--output-prefix {prefix!r} names a folder; give DIR/NAME (the files are "
+            "DIR/NAME_tokens.bin ..., DIR/NAME.manifest.json)"
+        )
     check_writable_dir(os.path.dirname(os.path.abspath(prefix)), "--output-prefix")
 
 
@@ -108,18 +127,20 @@ def preprocess(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.precompute_reference:
-        print("error: --precompute-reference is not supported: --stage mpo computes the reference log-probs in "
-              "the same step with a frozen copy of the policy sharded like it (its memory is in tools/plan.py "
-              "--stage mpo). Precomputed values would tie the shards to one set of starting weights, one "
-              "tokenization and one pack order, and a second model pass at preprocessing time would need the "
-              "training layout here.", file=sys.stderr)
+        print(
+            "error: --precompute-reference is not supported: --stage mpo computes the reference log-probs in "
+            "the same step with a frozen copy of the policy sharded like it (its memory is in tools/plan.py "
+            "--stage mpo). Precomputed values would tie the shards to one set of starting weights, one "
+            "tokenization and one pack order, and a second model pass at preprocessing time would need the "
+            "training layout here.",
+            file=sys.stderr,
+        )
         return 2
     # megatron-core warns at import about optional GPU libraries; irrelevant to preprocessing.
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
     from internvl_mcore.cli_errors import run_cli
 
-    return run_cli(lambda: preprocess(args), "preprocess_mm_data",
-                   interrupted=f"{args.output_prefix} left as it was")
+    return run_cli(lambda: preprocess(args), "preprocess_mm_data", interrupted=f"{args.output_prefix} left as it was")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ The files are committed; this script documents how they were made and rebuilds t
 Pillow from fixed coordinates, no randomness; the chart's letters use Pillow's default font, so
 another Pillow version may draw them slightly differently). example.jsonl is written by hand.
 """
+
 from __future__ import annotations
 
 import io
@@ -67,13 +68,23 @@ def png_bytes(im: Image.Image) -> bytes:
 def parquet_table() -> pa.Table:
     """HF-datasets style rows: `messages` (role + content parts) and `images` (list of {bytes, path})."""
     rows = [
-        {"messages": [{"role": "user", "content": [{"type": "image", "text": None},
-                                                   {"type": "text", "text": "What color is the circle?"}]},
-                      {"role": "assistant", "content": [{"type": "text", "text": "Red."}]}],
-         "images": [{"bytes": png_bytes(circle_image()), "path": "circle.png"}]},
-        {"messages": [{"role": "user", "content": [{"type": "text", "text": "Name a primary color."}]},
-                      {"role": "assistant", "content": [{"type": "text", "text": "Blue."}]}],
-         "images": []},
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "text": None}, {"type": "text", "text": "What color is the circle?"}],
+                },
+                {"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
+            ],
+            "images": [{"bytes": png_bytes(circle_image()), "path": "circle.png"}],
+        },
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "Name a primary color."}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Blue."}]},
+            ],
+            "images": [],
+        },
     ]
     return pa.Table.from_pylist(rows)
 

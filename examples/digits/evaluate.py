@@ -17,6 +17,7 @@ built the way training saw them, with this repository's code rather than transfo
 Answers are greedy generations up to <|im_end|>, compared with the reference answer after stripping
 whitespace. Prints the accuracy; the exit code is 0 whenever evaluation ran.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -107,14 +108,21 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarra
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=np.int64)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = r
-        mask[i, width - len(r):] = 1
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
     return ids, mask
 
 
-def evaluate(hf_dir: str, heldout: str, tokenizer_dir: str, system_prompt: str | None = None,
-             max_dynamic_patch: int = 1, batch_size: int = 64, limit: int | None = None,
-             progress: bool = True) -> EvalResult:
+def evaluate(
+    hf_dir: str,
+    heldout: str,
+    tokenizer_dir: str,
+    system_prompt: str | None = None,
+    max_dynamic_patch: int = 1,
+    batch_size: int = 64,
+    limit: int | None = None,
+    progress: bool = True,
+) -> EvalResult:
     """Greedy-answer every held-out question (or the first `limit`) with the transformers model in `hf_dir`."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -136,30 +144,39 @@ def evaluate(hf_dir: str, heldout: str, tokenizer_dir: str, system_prompt: str |
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     if config.image_token_id != tokenizer.token_to_id("<IMG_CONTEXT>"):
-        raise ValueError(f"{hf_dir}/config.json image_token_id {config.image_token_id} is not the tokenizer's "
-                         f"<IMG_CONTEXT> id {tokenizer.token_to_id('<IMG_CONTEXT>')} ({tokenizer_dir})")
+        raise ValueError(
+            f"{hf_dir}/config.json image_token_id {config.image_token_id} is not the tokenizer's "
+            f"<IMG_CONTEXT> id {tokenizer.token_to_id('<IMG_CONTEXT>')} ({tokenizer_dir})"
+        )
 
     result = EvalResult(num_questions=len(questions), num_correct=0)
     bar = tqdm(total=len(questions), desc="held-out questions", unit="q", disable=not progress)
     for lo in range(0, len(questions), batch_size):
-        batch = questions[lo:lo + batch_size]
+        batch = questions[lo : lo + batch_size]
         pixels = [image_pixels(q.image, image_size, max_dynamic_patch) for q in batch]  # each (T, 3, H, W)
-        rows = [prompt_ids(tokenizer, q.question, [tokens_per_tile * len(p)], system_prompt)
-                for q, p in zip(batch, pixels)]
+        rows = [
+            prompt_ids(tokenizer, q.question, [tokens_per_tile * len(p)], system_prompt) for q, p in zip(batch, pixels)
+        ]
         ids, mask = _left_pad(rows, pad)
         with torch.no_grad():
             out = model.generate(
-                input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                input_ids=torch.from_numpy(ids),
+                attention_mask=torch.from_numpy(mask),
                 pixel_values=torch.from_numpy(np.concatenate(pixels)),  # (sum T, 3, H, W)
-                max_new_tokens=4, do_sample=False, eos_token_id=eos, pad_token_id=pad)
-        for q, gen in zip(batch, out[:, ids.shape[1]:].tolist()):
+                max_new_tokens=4,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )
+        for q, gen in zip(batch, out[:, ids.shape[1] :].tolist()):
             if eos in gen:
-                gen = gen[:gen.index(eos)]
+                gen = gen[: gen.index(eos)]
             text = tokenizer.decode(gen).strip()
             correct = text == q.answer.strip()
             result.num_correct += int(correct)
-            result.predictions.append({"image": q.image, "question": q.question, "answer": q.answer,
-                                       "prediction": text, "correct": correct})
+            result.predictions.append(
+                {"image": q.image, "question": q.question, "answer": q.answer, "prediction": text, "correct": correct}
+            )
         bar.update(len(batch))
     bar.close()
     result.seconds = time.perf_counter() - start
@@ -171,16 +188,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hf-dir", required=True, help="directory written by convert_to_hf.py --format transformers")
     p.add_argument("--heldout", required=True, help="held-out JSONL ({image, question, answer} per line)")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory the data was preprocessed with")
-    p.add_argument("--system-prompt", default=None,
-                   help="the --system-prompt given to preprocess_mm_data.py (default: the template's)")
+    p.add_argument(
+        "--system-prompt",
+        default=None,
+        help="the --system-prompt given to preprocess_mm_data.py (default: the template's)",
+    )
     p.add_argument("--max-dynamic-patch", type=int, default=1, help="tiles per image, as in the meta JSON")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
     p.add_argument("--predictions", default=None, help="write every prediction to this JSONL")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    r = evaluate(args.hf_dir, args.heldout, args.tokenizer, args.system_prompt, args.max_dynamic_patch,
-                 args.batch_size, args.limit, not args.no_progress)
+    r = evaluate(
+        args.hf_dir,
+        args.heldout,
+        args.tokenizer,
+        args.system_prompt,
+        args.max_dynamic_patch,
+        args.batch_size,
+        args.limit,
+        not args.no_progress,
+    )
     if args.predictions:
         with open(args.predictions, "w", encoding="utf-8") as f:
             for pred in r.predictions:

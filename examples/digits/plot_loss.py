@@ -7,6 +7,7 @@
 Runs are drawn one after the other on a common step axis (stage 2's step 1 follows stage 1's last),
 each in its own colour, with the raw per-step loss faint and a moving average on top.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,13 @@ def plot_loss(runs: list[tuple[str, str]], out_png: str, title: str = "training 
         color = f"C{k}"
         ax.plot(steps, losses, color=color, alpha=0.3, linewidth=0.8)
         window = max(1, len(losses) // 25)
-        ax.plot(steps, moving_average(losses, window), color=color, linewidth=1.8,
-                label=f"{label} ({len(points)} steps, last {losses[-1]:.3f})")
+        ax.plot(
+            steps,
+            moving_average(losses, window),
+            color=color,
+            linewidth=1.8,
+            label=f"{label} ({len(points)} steps, last {losses[-1]:.3f})",
+        )
         if k:
             ax.axvline(offset + 0.5, color="grey", linestyle=":", linewidth=1)
         offset = steps[-1]
@@ -86,8 +92,14 @@ def _run_arg(text: str) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--log", action="append", required=True, type=_run_arg, metavar="[LABEL=]LOG.jsonl",
-                   help="a --log-jsonl file; repeat for consecutive runs")
+    p.add_argument(
+        "--log",
+        action="append",
+        required=True,
+        type=_run_arg,
+        metavar="[LABEL=]LOG.jsonl",
+        help="a --log-jsonl file; repeat for consecutive runs",
+    )
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--title", default="training loss")
     args = p.parse_args(argv)

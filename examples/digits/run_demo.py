@@ -20,6 +20,7 @@ and a summary (accuracy, per-phase seconds) in summary.json. Training runs with 
 --quick runs a few iterations of each stage (the test suite uses it): every phase and artifact, no
 meaningful accuracy. Other flags override single recipe values (see --help).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -132,8 +133,12 @@ def _cpu_seconds() -> float:
 def _run(cmd: list[str], log_path: str, show: Callable[[str], bool] = lambda line: False) -> None:
     """Run `cmd` from the repo root, keep its full output in `log_path`, echo the lines `show` picks,
     and raise with the output's tail when it fails."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "PYTHONWARNINGS": "ignore",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        "PYTHONUNBUFFERED": "1",
+    }
     with open(log_path, "w", encoding="utf-8") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
@@ -182,8 +187,9 @@ def run_demo(out: str, recipe: Recipe, log_every: int = 20) -> DemoResult:
         # a fresh run every time (logs append, checkpoints would resume), but never wipe a directory
         # this script did not make
         if not os.path.exists(marker):
-            raise FileExistsError(f"{out} exists, is not empty and is not a digits demo output ({MARKER} "
-                                  "missing): choose another --out")
+            raise FileExistsError(
+                f"{out} exists, is not empty and is not a digits demo output ({MARKER} missing): choose another --out"
+            )
         shutil.rmtree(out)
     logs = os.path.join(out, "logs")
     os.makedirs(logs)
@@ -205,19 +211,43 @@ def run_demo(out: str, recipe: Recipe, log_every: int = 20) -> DemoResult:
     # 1. data
     t = phase(1, "data", "scikit-learn digits -> PNG images, InternVL JSONL, held-out split, tokenizer")
     image_size = get_preset(recipe.model).vision.image_size
-    data = build_digits_dataset(os.path.join(out, "data"), image_size=image_size, seed=0,
-                                multi_image=recipe.multi_image, text_only=recipe.text_only,
-                                max_single=recipe.max_single or None)
+    data = build_digits_dataset(
+        os.path.join(out, "data"),
+        image_size=image_size,
+        seed=0,
+        multi_image=recipe.multi_image,
+        text_only=recipe.text_only,
+        max_single=recipe.max_single or None,
+    )
     print(f"      {data.num_train} training samples, {data.num_heldout} held-out questions", flush=True)
     done("data", t, data.meta)
 
     # 2. preprocess
     t = phase(2, "preprocess", f"tools/preprocess_mm_data.py -> packs of {recipe.seq_length} tokens")
     prefix = os.path.join(out, "shards", "digits")
-    _run([sys.executable, "tools/preprocess_mm_data.py", "--meta", data.meta, "--tokenizer", data.tokenizer,
-          "--output-prefix", prefix, "--seq-length", str(recipe.seq_length), "--model", recipe.model,
-          "--system-prompt", recipe.system_prompt, "--workers", "2", "--no-progress"],
-         os.path.join(logs, "preprocess.log"), show=lambda line: line.startswith(("inputs", "packs")))
+    _run(
+        [
+            sys.executable,
+            "tools/preprocess_mm_data.py",
+            "--meta",
+            data.meta,
+            "--tokenizer",
+            data.tokenizer,
+            "--output-prefix",
+            prefix,
+            "--seq-length",
+            str(recipe.seq_length),
+            "--model",
+            recipe.model,
+            "--system-prompt",
+            recipe.system_prompt,
+            "--workers",
+            "2",
+            "--no-progress",
+        ],
+        os.path.join(logs, "preprocess.log"),
+        show=lambda line: line.startswith(("inputs", "packs")),
+    )
     done("preprocess", t, prefix + ".manifest.json")
 
     # 3. + 4. training
@@ -226,36 +256,86 @@ def run_demo(out: str, recipe: Recipe, log_every: int = 20) -> DemoResult:
         log_jsonl = os.path.join(logs, f"stage{stage}.jsonl")
         what = "projector only" if stage == "1" else "vision, projector and LLM"
         t = phase(k, f"stage {stage}", f"{what}, {iters} steps on 2 CPU processes ({recipe.layout})")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               "pretrain_internvl.py", "--model", recipe.model, *LAYOUTS[recipe.layout],
-               "--data-path", prefix, "--stage", stage, "--train-iters", str(iters), "--lr", str(lr),
-               "--seq-length", str(recipe.seq_length), "--global-batch-size", str(recipe.global_batch_size),
-               "--micro-batch-size", str(recipe.micro_batch_size), "--seed", str(recipe.seed),
-               "--weight-decay", str(recipe.weight_decay),
-               "--log-interval", str(log_every), "--log-jsonl", log_jsonl, "--save", save, *extra]
-        _run(cmd, os.path.join(logs, f"stage{stage}.log"),
-             show=lambda line: line.startswith(("iteration", "loaded weights", "error")))
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            "pretrain_internvl.py",
+            "--model",
+            recipe.model,
+            *LAYOUTS[recipe.layout],
+            "--data-path",
+            prefix,
+            "--stage",
+            stage,
+            "--train-iters",
+            str(iters),
+            "--lr",
+            str(lr),
+            "--seq-length",
+            str(recipe.seq_length),
+            "--global-batch-size",
+            str(recipe.global_batch_size),
+            "--micro-batch-size",
+            str(recipe.micro_batch_size),
+            "--seed",
+            str(recipe.seed),
+            "--weight-decay",
+            str(recipe.weight_decay),
+            "--log-interval",
+            str(log_every),
+            "--log-jsonl",
+            log_jsonl,
+            "--save",
+            save,
+            *extra,
+        ]
+        _run(
+            cmd,
+            os.path.join(logs, f"stage{stage}.log"),
+            show=lambda line: line.startswith(("iteration", "loaded weights", "error")),
+        )
         result.final_losses[f"stage{stage}"] = _last_loss(log_jsonl)
         done(f"stage {stage}", t, os.path.join(save, "latest_checkpointed_iteration.txt"))
         return save
 
     stage1 = train(3, "1", recipe.stage1_iters, recipe.stage1_lr, [])
-    stage2 = train(4, "2", recipe.stage2_iters, recipe.stage2_lr,
-                   ["--pretrained", stage1, "--lr-warmup-iters", str(min(recipe.stage2_warmup, recipe.stage2_iters)),
-                    "--drop-path-rate", str(recipe.stage2_drop_path_rate)])
+    stage2 = train(
+        4,
+        "2",
+        recipe.stage2_iters,
+        recipe.stage2_lr,
+        [
+            "--pretrained",
+            stage1,
+            "--lr-warmup-iters",
+            str(min(recipe.stage2_warmup, recipe.stage2_iters)),
+            "--drop-path-rate",
+            str(recipe.stage2_drop_path_rate),
+        ],
+    )
 
     # 5. export
     t = phase(5, "export", "tools/convert_to_hf.py --format transformers")
     hf_dir = os.path.join(out, "hf")
-    _run([sys.executable, "tools/convert_to_hf.py", "--load", stage2, "--save", hf_dir, "--format", "transformers"],
-         os.path.join(logs, "export.log"), show=lambda line: line.startswith(("wrote", "convert_to_hf")))
+    _run(
+        [sys.executable, "tools/convert_to_hf.py", "--load", stage2, "--save", hf_dir, "--format", "transformers"],
+        os.path.join(logs, "export.log"),
+        show=lambda line: line.startswith(("wrote", "convert_to_hf")),
+    )
     done("export", t, os.path.join(hf_dir, "config.json"))
 
     # 6. evaluate
     t = phase(6, "evaluate", "InternVLForConditionalGeneration (transformers) answers the held-out questions")
-    ev = evaluate(hf_dir, data.heldout, data.tokenizer, recipe.system_prompt,
-                           batch_size=recipe.eval_batch_size, progress=False)
+    ev = evaluate(
+        hf_dir, data.heldout, data.tokenizer, recipe.system_prompt, batch_size=recipe.eval_batch_size, progress=False
+    )
     predictions = os.path.join(out, "predictions.jsonl")
     with open(predictions, "w", encoding="utf-8") as f:
         for pred in ev.predictions:
@@ -266,9 +346,14 @@ def run_demo(out: str, recipe: Recipe, log_every: int = 20) -> DemoResult:
 
     # 7. plot
     t = phase(7, "plot", "loss curve from the training logs")
-    png = plot_loss([("stage 1 (projector)", os.path.join(logs, "stage1.jsonl")),
-                     ("stage 2 (all)", os.path.join(logs, "stage2.jsonl"))],
-                    os.path.join(out, "loss.png"), title=f"digits demo: {recipe.model} model, {recipe.layout}")
+    png = plot_loss(
+        [
+            ("stage 1 (projector)", os.path.join(logs, "stage1.jsonl")),
+            ("stage 2 (all)", os.path.join(logs, "stage2.jsonl")),
+        ],
+        os.path.join(out, "loss.png"),
+        title=f"digits demo: {recipe.model} model, {recipe.layout}",
+    )
     done("plot", t, png)
 
     summary = {**dataclasses.asdict(result), "total_seconds": result.total_seconds}
@@ -286,20 +371,30 @@ def _recipe_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         choices = sorted(LAYOUTS) if f.name == "layout" else None
         # default None: only flags given on the command line override --quick's values
-        group.add_argument(flag, type=type(f.default), default=None, choices=choices,
-                           help=f"{docs.get(f.name, '')} (default: {f.default!r})")
+        group.add_argument(
+            flag,
+            type=type(f.default),
+            default=None,
+            choices=choices,
+            help=f"{docs.get(f.name, '')} (default: {f.default!r})",
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.path.join(REPO, "runs", "demo"),
-                   help="output directory (a previous demo output there is replaced)")
+    p.add_argument(
+        "--out",
+        default=os.path.join(REPO, "runs", "demo"),
+        help="output directory (a previous demo output there is replaced)",
+    )
     p.add_argument("--quick", action="store_true", help="a few steps per stage: checks the path, not the accuracy")
     p.add_argument("--log-every", type=int, default=20, help="print every N-th training step")
     _recipe_flags(p)
     args = p.parse_args(argv)
     values = dict(QUICK) if args.quick else {}
-    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if getattr(args, f.name) is not None})
+    values.update(
+        {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if getattr(args, f.name) is not None}
+    )
     recipe = Recipe(**values)
     start = time.perf_counter()
     try:

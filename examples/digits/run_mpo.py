@@ -15,6 +15,7 @@ Phases (2 gloo CPU processes, pipeline parallel 2, the `debug` model):
 
 summary.json holds both accuracies and the MPO run's first / last logged reward accuracy and margin.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sft-iters", type=int, default=150, help="stage-2 SFT steps (default 150)")
     p.add_argument("--sft-lr", type=float, default=2e-3)
     p.add_argument("--mpo-iters", type=int, default=100, help="MPO steps (default 100)")
-    p.add_argument("--mpo-lr", type=float, default=1e-3,
-                   help="MPO peak lr (InternVL's 2e-7 is for billion-parameter models; default 1e-3)")
+    p.add_argument(
+        "--mpo-lr",
+        type=float,
+        default=1e-3,
+        help="MPO peak lr (InternVL's 2e-7 is for billion-parameter models; default 1e-3)",
+    )
     p.add_argument("--pairs", type=int, default=1000, help="preference pairs (training images) (default 1000)")
     p.add_argument("--seq-length", type=int, default=1024)
     p.add_argument("--seed", type=int, default=1234)
@@ -57,33 +62,100 @@ def main(argv: list[str] | None = None) -> int:
     out = os.path.abspath(a.out)
     logs = os.path.join(out, "logs")
     os.makedirs(logs, exist_ok=True)
-    data = build_digits_dataset(os.path.join(out, "data"), image_size=get_preset("debug").vision.image_size,
-                                seed=0, preference_pairs=a.pairs)
+    data = build_digits_dataset(
+        os.path.join(out, "data"), image_size=get_preset("debug").vision.image_size, seed=0, preference_pairs=a.pairs
+    )
     shards = {}
     for kind, meta, extra in (("sft", data.meta, []), ("pref", data.preference_meta, ["--preference"])):
         shards[kind] = os.path.join(out, "shards", kind)
-        demo._run([sys.executable, "tools/preprocess_mm_data.py", "--meta", meta, "--tokenizer", data.tokenizer,
-                   "--output-prefix", shards[kind], "--seq-length", str(a.seq_length), "--model", "debug",
-                   "--system-prompt", "", "--workers", "2", "--no-progress", *extra],
-                  os.path.join(logs, f"preprocess_{kind}.log"), show=lambda line: line.startswith(("inputs", "packs")))
+        demo._run(
+            [
+                sys.executable,
+                "tools/preprocess_mm_data.py",
+                "--meta",
+                meta,
+                "--tokenizer",
+                data.tokenizer,
+                "--output-prefix",
+                shards[kind],
+                "--seq-length",
+                str(a.seq_length),
+                "--model",
+                "debug",
+                "--system-prompt",
+                "",
+                "--workers",
+                "2",
+                "--no-progress",
+                *extra,
+            ],
+            os.path.join(logs, f"preprocess_{kind}.log"),
+            show=lambda line: line.startswith(("inputs", "packs")),
+        )
 
     def train(name: str, stage: str, data_path: str, iters: int, lr: float, extra: list[str]) -> str:
         save = os.path.join(out, name)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), "pretrain_internvl.py", "--model", "debug",
-               "--pipeline-model-parallel-size", "2", "--data-path", data_path, "--stage", stage,
-               "--train-iters", str(iters), "--lr", str(lr), "--seq-length", str(a.seq_length),
-               "--global-batch-size", "2", "--seed", str(a.seed), "--weight-decay", "0.1", "--drop-path-rate", "0",
-               "--log-interval", "10", "--log-jsonl", os.path.join(logs, f"{name}.jsonl"), "--save", save,
-               "--overwrite-checkpoints", *extra]  # a re-run replaces its own checkpoints
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            "pretrain_internvl.py",
+            "--model",
+            "debug",
+            "--pipeline-model-parallel-size",
+            "2",
+            "--data-path",
+            data_path,
+            "--stage",
+            stage,
+            "--train-iters",
+            str(iters),
+            "--lr",
+            str(lr),
+            "--seq-length",
+            str(a.seq_length),
+            "--global-batch-size",
+            "2",
+            "--seed",
+            str(a.seed),
+            "--weight-decay",
+            "0.1",
+            "--drop-path-rate",
+            "0",
+            "--log-interval",
+            "10",
+            "--log-jsonl",
+            os.path.join(logs, f"{name}.jsonl"),
+            "--save",
+            save,
+            "--overwrite-checkpoints",
+            *extra,
+        ]  # a re-run replaces its own checkpoints
         demo._run(cmd, os.path.join(logs, f"{name}.log"), show=lambda line: line.startswith(("iteration", "error")))
         return save
 
     def accuracy(name: str, ckpt: str) -> float:
         hf = os.path.join(out, f"hf_{name}")
-        demo._run([sys.executable, "tools/convert_to_hf.py", "--load", ckpt, "--save", hf, "--format", "transformers",
-                   "--overwrite"],  # a re-run replaces its own export
-                  os.path.join(logs, f"export_{name}.log"))
+        demo._run(
+            [
+                sys.executable,
+                "tools/convert_to_hf.py",
+                "--load",
+                ckpt,
+                "--save",
+                hf,
+                "--format",
+                "transformers",
+                "--overwrite",
+            ],  # a re-run replaces its own export
+            os.path.join(logs, f"export_{name}.log"),
+        )
         r = ev.evaluate(hf, data.heldout, data.tokenizer, "", batch_size=128, progress=False)
         print(f"{name}: held-out accuracy {r.accuracy:.2%} ({r.num_correct}/{r.num_questions})", flush=True)
         return r.accuracy
@@ -94,9 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     acc_mpo = accuracy("mpo", mpo)
     with open(os.path.join(logs, "mpo.jsonl")) as f:
         records = [json.loads(line) for line in f]
-    summary = {"args": vars(a), "heldout_accuracy_sft": acc_sft, "heldout_accuracy_mpo": acc_mpo,
-               "mpo_first": {k: records[0][k] for k in ("loss", "reward_accuracy", "reward_margin")},
-               "mpo_last": {k: records[-1][k] for k in ("loss", "reward_accuracy", "reward_margin")}}
+    summary = {
+        "args": vars(a),
+        "heldout_accuracy_sft": acc_sft,
+        "heldout_accuracy_mpo": acc_mpo,
+        "mpo_first": {k: records[0][k] for k in ("loss", "reward_accuracy", "reward_margin")},
+        "mpo_last": {k: records[-1][k] for k in ("loss", "reward_accuracy", "reward_margin")},
+    }
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps(summary, indent=2))

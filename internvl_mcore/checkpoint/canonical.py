@@ -11,6 +11,7 @@ it holds). What needs a model built in a parallel layout (gathering, verifying a
 training checkpoint, canonical -> HF) is in convert/distributed.py. This module imports no
 megatron-core, so the CLIs' flag parsing (convert/source.py) stays light.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,7 +65,9 @@ class CanonicalCheckpoint:
             raise ConversionError(f"{meta_path}: not a canonical checkpoint (no {META_NAME})")
         meta = read_json(meta_path, ConversionError)
         if meta.get("format_version") != FORMAT_VERSION:
-            raise ConversionError(f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+            raise ConversionError(
+                f"{meta_path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}"
+            )
         return CanonicalCheckpoint(path, model_config_from_dict(meta["model"]), meta, SafetensorsDir(path))
 
     @property
@@ -73,10 +76,15 @@ class CanonicalCheckpoint:
         return parse_dtype(self.meta.get("source", {}).get("dtype", "float32"))
 
 
-
-def save_canonical(out_dir: str | os.PathLike, cfg: ModelConfig, tensors: Any, source: Mapping[str, Any] | None = None,
-                   layout: ParallelConfig | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                   plan: Sequence[PlanItem] | None = None) -> Path:
+def save_canonical(
+    out_dir: str | os.PathLike,
+    cfg: ModelConfig,
+    tensors: Any,
+    source: Mapping[str, Any] | None = None,
+    layout: ParallelConfig | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    plan: Sequence[PlanItem] | None = None,
+) -> Path:
     """Write a canonical checkpoint from (name, tensor or StoredBytes) pairs (an iterator is
     streamed), each written in place in its shard (ShardedWriter: the writer holds no tensor).
     `plan`: (name, dtype, shape) of every tensor, in order; taken from `tensors` when it is a mapping."""
@@ -91,10 +99,15 @@ def save_canonical(out_dir: str | os.PathLike, cfg: ModelConfig, tensors: Any, s
             writer.add(name, t)
         writer.close()
     layout = layout or ParallelConfig()
-    meta = {"format_version": FORMAT_VERSION, "model": model_config_to_dict(cfg), "source": dict(source or {}),
-            "layout": {"tensor_model_parallel_size": layout.tensor_model_parallel_size,
-                       "pipeline_model_parallel_size": layout.pipeline_model_parallel_size}}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model": model_config_to_dict(cfg),
+        "source": dict(source or {}),
+        "layout": {
+            "tensor_model_parallel_size": layout.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": layout.pipeline_model_parallel_size,
+        },
+    }
     with naming(out / META_NAME):
         (out / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     return out
-

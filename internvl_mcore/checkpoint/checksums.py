@@ -3,6 +3,7 @@ save (training/checkpoint.py) and checked before --load takes the checkpoint (`v
 the format version). Both are collective: the ranks share the files, each hashes every
 world-size-th one.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,7 +32,7 @@ def _files(path: Path) -> list[str]:
 
 def _my_share(names: list[str]) -> list[str]:
     """The files this rank hashes: every world-size-th, so a large checkpoint is hashed in parallel."""
-    return names[dist.get_rank()::dist.get_world_size()]
+    return names[dist.get_rank() :: dist.get_world_size()]
 
 
 def write_checksums(path: Path, known: Optional[dict] = None) -> None:
@@ -79,14 +80,18 @@ def _format_problem(path: Path) -> Optional[str]:
     except (OSError, ValueError, AttributeError) as exc:
         return f"{path / RUN_INFO}: unreadable ({exc})"
     if version == 1:
-        return (f"{path}: checkpoint format version 1 keeps its RNG and data-loader state in pickles, which "
-                f"could run code when loaded, so --load does not read them; --pretrained {path} starts from "
-                "its weights (fresh optimizer, RNG and data position)")
+        return (
+            f"{path}: checkpoint format version 1 keeps its RNG and data-loader state in pickles, which "
+            f"could run code when loaded, so --load does not read them; --pretrained {path} starts from "
+            "its weights (fresh optimizer, RNG and data position)"
+        )
     if version != FORMAT_VERSION:
         return f"{path / RUN_INFO}: format_version {version!r}, this version reads {FORMAT_VERSION}"
     if not (path / CHECKSUMS).is_file():
-        return (f"{path / CHECKSUMS}: missing, but format version {FORMAT_VERSION} checkpoints always have one "
-                "(an incomplete copy, or files removed): not loading it unverified")
+        return (
+            f"{path / CHECKSUMS}: missing, but format version {FORMAT_VERSION} checkpoints always have one "
+            "(an incomplete copy, or files removed): not loading it unverified"
+        )
     return None
 
 

@@ -19,6 +19,7 @@ Both layer-spec backends write the same keys (models/specs.py; transformer-engin
 items are not tensors). Tied embeddings are saved once, under the embedding's key. Optimizer
 state (`optimizer.*`, `chained_<k>.optimizer.*` keys) is left out unless `include` asks for it.
 """
+
 from __future__ import annotations
 
 import re
@@ -71,8 +72,10 @@ def canonical_places(key: str, shape: tuple[int, ...]) -> Iterator[tuple[str, Pl
             continue
         expert_axis = len(layer_ix)
         for x, stacked_x in _numbers(e["e"], shape[expert_axis] if not e["e"] else 0):
-            yield (f"{m['pre']}{i}.mlp.experts.local_experts.{x}.{e['rest']}",
-                   Place(key, layer_ix + ((x,) if stacked_x else ())))
+            yield (
+                f"{m['pre']}{i}.mlp.experts.local_experts.{x}.{e['rest']}",
+                Place(key, layer_ix + ((x,) if stacked_x else ())),
+            )
 
 
 def unpad(name: str, t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -90,8 +93,9 @@ class DistCanonicalView(Mapping[str, torch.Tensor]):
     """The canonical tensors of one torch_dist checkpoint directory, each read when it is indexed
     (memory: that tensor plus one chunk). `shape` and `dtype` come from the index alone."""
 
-    def __init__(self, reader: DistCheckpointReader, cfg: ModelConfig,
-                 include: Callable[[str], bool] = is_model_key) -> None:
+    def __init__(
+        self, reader: DistCheckpointReader, cfg: ModelConfig, include: Callable[[str], bool] = is_model_key
+    ) -> None:
         self.reader, self.cfg = reader, cfg
         self.places: dict[str, Place] = {}
         for key in reader.keys():
@@ -113,7 +117,7 @@ class DistCanonicalView(Mapping[str, torch.Tensor]):
 
     def shape(self, name: str) -> tuple[int, ...]:
         place = self.places[name]
-        shape = list(self.reader.shape(place.key)[len(place.index):])
+        shape = list(self.reader.shape(place.key)[len(place.index) :])
         if shape:
             dim = split_dim(name) if len(shape) > 1 else 0
             shape[dim] = rule_for(name).unpadded(shape[dim], 1, self.cfg)

@@ -33,6 +33,7 @@ layer-stacked one) from only the chunks that intersect it, each read from its by
 does): memory is the box plus one chunk, whatever the checkpoint's size. The index is unpickled only
 by checkpoint/trust.py's allow-listed reader.
 """
+
 from __future__ import annotations
 
 import io
@@ -102,7 +103,7 @@ def _box_of(index: tuple, shape: tuple[int, ...], key: str) -> tuple[Box, list[i
             i %= size
             box.append((i, i + 1))
             squeeze.append(dim)
-    box.extend((0, size) for size in shape[len(index):])
+    box.extend((0, size) for size in shape[len(index) :])
     return tuple(box), squeeze
 
 
@@ -126,10 +127,13 @@ class DistCheckpointReader:
         self.path = Path(path)
         metadata = read_dist_metadata(self.path)
         self._meta: dict[str, TensorStorageMetadata] = {
-            k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+            k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
+        }
         self._where: dict[tuple[str, tuple[int, ...]], Any] = {
-            (index.fqn, tuple(index.offset)): info for index, info in metadata.storage_data.items()
-            if index.fqn in self._meta and index.offset is not None}
+            (index.fqn, tuple(index.offset)): info
+            for index, info in metadata.storage_data.items()
+            if index.fqn in self._meta and index.offset is not None
+        }
         self.peak_bytes = 0
 
     def keys(self) -> list[str]:
@@ -184,25 +188,31 @@ class DistCheckpointReader:
             covered += math.prod(b - a for a, b in part)
             del src
         if covered != out.numel():
-            raise CheckpointError(f"{self.path}: the chunks of {key!r} cover {covered} of the {out.numel()} "
-                                  f"elements of box {box}; the checkpoint is incomplete")
+            raise CheckpointError(
+                f"{self.path}: the chunks of {key!r} cover {covered} of the {out.numel()} "
+                f"elements of box {box}; the checkpoint is incomplete"
+            )
         return out
 
-    def _load_chunk(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...],
-                    dtype: torch.dtype) -> torch.Tensor:
+    def _load_chunk(
+        self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
         """One chunk from its byte range, checked against the index's shape and dtype."""
         info = self._where.get((key, offsets))
         if info is None:
             raise CheckpointError(f"{self.path / '.metadata'}: no storage entry for chunk {offsets} of {key!r}")
         rel = PurePosixPath(str(info.relative_path))
         if rel.is_absolute() or ".." in rel.parts or info.transform_descriptors:
-            raise CheckpointError(f"{self.path / '.metadata'}: chunk {offsets} of {key!r} is stored at {rel} "
-                                  f"with transforms {info.transform_descriptors}; refusing the checkpoint")
+            raise CheckpointError(
+                f"{self.path / '.metadata'}: chunk {offsets} of {key!r} is stored at {rel} "
+                f"with transforms {info.transform_descriptors}; refusing the checkpoint"
+            )
         file = self.path / rel
         try:
             with open(file, "rb") as f:
-                t = torch.load(_FileWindow(f, int(info.offset), int(info.length)), map_location="cpu",
-                               weights_only=True)
+                t = torch.load(
+                    _FileWindow(f, int(info.offset), int(info.length)), map_location="cpu", weights_only=True
+                )
         except OSError as exc:
             raise CheckpointError(f"{file}: unreadable ({exc.strerror or exc})") from None
         except Exception as exc:  # noqa: BLE001 -- a damaged record or one holding more than a tensor
@@ -210,6 +220,5 @@ class DistCheckpointReader:
             raise CheckpointError(f"{file}: chunk {offsets} of {key!r} is not a tensor record ({first})") from None
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != sizes or t.dtype != dtype:
             got = (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise CheckpointError(f"{file}: chunk {offsets} of {key!r} holds {got}, the index says "
-                                  f"{(sizes, dtype)}")
+            raise CheckpointError(f"{file}: chunk {offsets} of {key!r} holds {got}, the index says {(sizes, dtype)}")
         return t

@@ -11,6 +11,7 @@ position) stay in training/checkpoint.py; checksums.json is checkpoint/checksums
 the checkpoint --load takes checkpoint/selection.py, and reading the model weights of a checkpoint
 (`load_training_weights`, needed by `--pretrained` and the HF export) checkpoint/weights.py.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -88,8 +89,9 @@ def check_model(info: dict, model_cfg: ModelConfig, where: Path) -> None:
         if saved.get(key) != mine[key]:
             diffs.append(f"{key}: checkpoint {saved.get(key)!r}, model {mine[key]!r}")
     if diffs:
-        raise CheckpointError(f"{where} was saved for model {saved.get('name')!r}, not {model_cfg.name!r}:\n  "
-                              + "\n  ".join(diffs))
+        raise CheckpointError(
+            f"{where} was saved for model {saved.get('name')!r}, not {model_cfg.name!r}:\n  " + "\n  ".join(diffs)
+        )
 
 
 def checkpoint_dir(path: str | Path) -> Path:

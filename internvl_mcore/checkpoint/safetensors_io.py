@@ -3,6 +3,7 @@
 place), dtype names, config.json + side files of an HF directory. No model knowledge here (config.json <-> ModelConfig: convert/hf_config.py;
 tensor conversion through the key maps: convert/hf.py).
 """
+
 from __future__ import annotations
 
 import errno
@@ -22,12 +23,21 @@ from internvl_mcore.errors import ConfigError, ConversionError
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-DEFAULT_MAX_SHARD_BYTES = 2 * 1024 ** 3
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 _ST_CODES = {v: k for k, v in _ST_DTYPES.items()}
 
 
@@ -37,7 +47,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    """"bf16" / "bfloat16" / "fp32" / "float32" / "fp16" / "float16" -> torch dtype."""
+    """ "bf16" / "bfloat16" / "fp32" / "float32" / "fp16" / "float16" -> torch dtype."""
     aliases = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
     by_name = {v: k for k, v in _DTYPE_NAMES.items()}
     key = aliases.get(name, name)
@@ -50,7 +60,7 @@ def parse_size(text: str | int) -> int:
     """'2GB' / '500MB' / '64KB' / '1024' (bytes) -> bytes."""
     if isinstance(text, int):
         return text
-    units = {"KB": 1024, "MB": 1024 ** 2, "GB": 1024 ** 3}
+    units = {"KB": 1024, "MB": 1024**2, "GB": 1024**3}
     upper = text.strip().upper()
     for unit, mult in units.items():
         if upper.endswith(unit):
@@ -67,6 +77,7 @@ def parse_size(text: str | int) -> int:
 # file is closed, and its writer serializes a whole shard to a second in-memory copy. The format is
 # an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}} padded to
 # 8 bytes, then the raw tensor bytes.
+
 
 @dataclass(frozen=True)
 class _TensorInfo:
@@ -126,8 +137,10 @@ def _check_entry(path: str | os.PathLike, name: str, entry: Any, data_bytes: int
     for d in shape:
         numel *= d
     if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_bytes or end - begin != numel * dtype.itemsize:
-        raise ConversionError(f"{path}: damaged safetensors header: tensor {name!r} (shape {shape}, offsets "
-                              f"{begin}..{end}) does not fit the file's {data_bytes} data bytes")
+        raise ConversionError(
+            f"{path}: damaged safetensors header: tensor {name!r} (shape {shape}, offsets "
+            f"{begin}..{end}) does not fit the file's {data_bytes} data bytes"
+        )
 
 
 def _header_bytes(entries: Mapping[str, Any], metadata: Mapping[str, str] | None) -> bytes:
@@ -150,8 +163,9 @@ def _write_bytes(f: Any, t: torch.Tensor) -> None:
         f.write(_bytes_of(t))
 
 
-def _header(specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
-            metadata: Mapping[str, str] | None) -> tuple[bytes, dict[str, int]]:
+def _header(
+    specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str] | None
+) -> tuple[bytes, dict[str, int]]:
     """The header block of a safetensors file holding tensors of these (dtype, shape), laid out in
     the order given (the writer's plan order), and each tensor's offset from the start of the file
     (ShardedWriter writes each tensor there)."""
@@ -167,8 +181,9 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     return memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
-                      metadata: Mapping[str, str] | None = None) -> None:
+def write_safetensors(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> None:
     """Write contiguous CPU tensors as one safetensors file, straight from their memory."""
     names = sorted(tensors)
     entries, offset = {}, 0
@@ -193,8 +208,9 @@ class SafetensorsDir(Mapping[str, torch.Tensor]):
             content = read_json(index, ConversionError)
             weight_map = content.get("weight_map") if isinstance(content, dict) else None
             # plain file names only: an index must not send the reader outside the checkpoint directory
-            if not isinstance(weight_map, dict) or not all(isinstance(f, str) and f == Path(f).name and f not in
-                                                           ("", ".", "..") for f in weight_map.values()):
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(f, str) and f == Path(f).name and f not in ("", ".", "..") for f in weight_map.values()
+            ):
                 raise ConversionError(f"{index}: weight_map must map tensor names to file names in {self.path}")
             files = sorted({self.path / f for f in weight_map.values()})
         else:
@@ -212,7 +228,9 @@ class SafetensorsDir(Mapping[str, torch.Tensor]):
                 if name == "__metadata__":
                     continue
                 begin, end = h["data_offsets"]
-                self._info[name] = _TensorInfo(f, _ST_DTYPES[h["dtype"]], tuple(h["shape"]), data_start + begin, end - begin)
+                self._info[name] = _TensorInfo(
+                    f, _ST_DTYPES[h["dtype"]], tuple(h["shape"]), data_start + begin, end - begin
+                )
 
     def __getitem__(self, name: str) -> torch.Tensor:
         info = self._info.get(name)
@@ -255,7 +273,7 @@ class SafetensorsDir(Mapping[str, torch.Tensor]):
             out = torch.zeros(shape, dtype=info.dtype)
         elif bool((index < 0).any()):
             out.index_fill_(dim, (index < 0).nonzero().flatten(), 0)
-        inner = info.dtype.itemsize * math.prod(info.shape[dim + 1:])
+        inner = info.dtype.itemsize * math.prod(info.shape[dim + 1 :])
         outer = math.prod(info.shape[:dim])
         dst = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.numel() else None
         with open(info.file, "rb") as f:
@@ -266,7 +284,7 @@ class SafetensorsDir(Mapping[str, torch.Tensor]):
                 for o in range(outer):
                     at = (o * len(index) + pos) * inner
                     want = n * inner
-                    if os.preadv(fd, [dst[at:at + want]], info.start + (o * length + first) * inner) != want:
+                    if os.preadv(fd, [dst[at : at + want]], info.start + (o * length + first) * inner) != want:
                         raise ConversionError(f"{info.file}: truncated data for tensor {name!r}")
                     self.bytes_read += want
         return out
@@ -301,7 +319,7 @@ class Renamed(Mapping[str, torch.Tensor]):
         self._orig: dict[str, str] = {}
         aliases = tuple(aliases)
         for k in base:
-            new = next((to + k[len(frm):] for frm, to in aliases if k.startswith(frm)), k)
+            new = next((to + k[len(frm) :] for frm, to in aliases if k.startswith(frm)), k)
             if new in self._orig:
                 raise ConversionError(f"tensors {self._orig[new]!r} and {k!r} are the same weight under two names")
             self._orig[new] = k
@@ -347,8 +365,9 @@ def index_runs(index: torch.Tensor) -> Iterator[tuple[int, int, int]]:
         pos = end
 
 
-def read_index(src: Mapping[str, torch.Tensor], name: str, dim: int, index: torch.Tensor,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+def read_index(
+    src: Mapping[str, torch.Tensor], name: str, dim: int, index: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """`src[name]` at positions `index` along `dim` (-1: a zero slice). Through the source's own
     `read_index` when it has one (only those slices are read, into `out` where it fits), else cut
     from the whole tensor."""
@@ -406,11 +425,12 @@ class StoredBytes:
         return StoredBytes(tuple(merged))
 
 
-_COPY_CHUNK = 16 * 1024 ** 2
+_COPY_CHUNK = 16 * 1024**2
 # errors of a copy_file_range the kernel or file system does not offer for these files (older
 # kernels across file systems, some network / FUSE file systems): copied through a buffer instead
-_NO_KERNEL_COPY = {getattr(errno, n) for n in ("EXDEV", "ENOSYS", "EOPNOTSUPP", "ENOTSUP", "EINVAL", "EBADF")
-                   if hasattr(errno, n)}
+_NO_KERNEL_COPY = {
+    getattr(errno, n) for n in ("EXDEV", "ENOSYS", "EOPNOTSUPP", "ENOTSUP", "EINVAL", "EBADF") if hasattr(errno, n)
+}
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -436,7 +456,7 @@ def _copy_range(src: int, src_offset: int, dst: int, dst_offset: int, n: int, wh
         n, src_offset, dst_offset = n - done, src_offset + done, dst_offset + done
     buf = memoryview(bytearray(min(n, _COPY_CHUNK))) if n else None
     while n:
-        got = os.preadv(src, [buf[:min(n, _COPY_CHUNK)]], src_offset)
+        got = os.preadv(src, [buf[: min(n, _COPY_CHUNK)]], src_offset)
         if got == 0:
             raise ConversionError(f"{what}: truncated data")
         _pwrite_all(dst, buf[:got], dst_offset)
@@ -473,8 +493,9 @@ class ShardedWriter:
     largest tensor added (tests bound the exporters' memory with it). Use it as a context manager
     (or call `release` on failure) so its open file is closed whatever happens."""
 
-    def __init__(self, out_dir: str | os.PathLike, plan: Iterable[PlanItem],
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    def __init__(
+        self, out_dir: str | os.PathLike, plan: Iterable[PlanItem], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    ) -> None:
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_shard_bytes
@@ -527,7 +548,9 @@ class ShardedWriter:
                 self._copy(name, tensor, self._shard_fd(k), start)
         else:
             if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-                raise ConversionError(f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, planned {dtype} {shape}")
+                raise ConversionError(
+                    f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, planned {dtype} {shape}"
+                )
             if tensor.numel():
                 with naming(self._tmp(k)):
                     _pwrite_all(self._shard_fd(k), _bytes_of(tensor), start)
@@ -560,8 +583,10 @@ class ShardedWriter:
         for k, path in enumerate(final):
             os.replace(self._tmp(k), path)
         if n > 1:
-            index = {"metadata": {"total_size": self.total_bytes},
-                     "weight_map": {name: final[k].name for k, names in enumerate(self._shards) for name in sorted(names)}}
+            index = {
+                "metadata": {"total_size": self.total_bytes},
+                "weight_map": {name: final[k].name for k, names in enumerate(self._shards) for name in sorted(names)},
+            }
             with naming(self.out / INDEX_NAME):
                 (self.out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         return final
@@ -571,8 +596,15 @@ class ShardedWriter:
 # directories
 # =============================================================================================
 
-_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "model.safetensors.index.json",
-                 "pytorch_model.bin.index.json", CONFIG_NAME)
+_WEIGHT_FILES = (
+    "*.safetensors",
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+    CONFIG_NAME,
+)
 
 
 def copy_side_files(template_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[str]:
@@ -592,8 +624,13 @@ def copy_side_files(template_dir: str | os.PathLike, out_dir: str | os.PathLike)
     return copied
 
 
-def write_hf_dir(out_dir: str | os.PathLike, tensors: Iterable[tuple[str, torch.Tensor]], config: Mapping[str, Any],
-                 plan: Iterable[PlanItem], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[Path]:
+def write_hf_dir(
+    out_dir: str | os.PathLike,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    config: Mapping[str, Any],
+    plan: Iterable[PlanItem],
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> list[Path]:
     """Write config.json and the (sharded) safetensors of `tensors`, streaming: `plan` is
     (name, dtype, shape) of every tensor `tensors` yields, in its order (ShardedWriter)."""
     out = Path(out_dir)

@@ -2,6 +2,7 @@
 resumes from (`select`: the latest that verifies, falling back to older ones), whether a root holds
 any checkpoint, and --keep-checkpoints' deletion of the older ones.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -51,8 +52,11 @@ def _untracked(root: Path) -> list[Path]:
     writes tmp_iter_ and renames it last), and `select` still verifies their checksums."""
     found = [iter_dir(root, i) for i in _complete_iterations(root)]
     if dist.get_rank() == 0:
-        print(f"warning: --load {root}: no {TRACKER}; taking the newest complete checkpoint {found[0].name} "
-              f"(found: {', '.join(p.name for p in found)})", flush=True)
+        print(
+            f"warning: --load {root}: no {TRACKER}; taking the newest complete checkpoint {found[0].name} "
+            f"(found: {', '.join(p.name for p in found)})",
+            flush=True,
+        )
     return found
 
 

@@ -20,6 +20,7 @@ A file that passes is then read by megatron-core / torch as it is: the same byte
 (allowed) classes. This does not guard against the directory being rewritten between the check and
 the load (whoever can do that can also replace the program being run).
 """
+
 from __future__ import annotations
 
 import collections
@@ -42,22 +43,34 @@ MEGATRON_METADATA = "metadata.json"
 
 # what torch's DCP writes into .metadata (torch 2.x): its dataclasses and enums, torch.Size, and the
 # layout helper; dtypes are allowed by `_allowed`. Calling or building any of these runs no user code.
-_METADATA_GLOBALS: dict[tuple[str, str], Any] = {
-    ("torch.distributed.checkpoint.metadata", name): getattr(dcp_metadata, name)
-    for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-                 "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")
-} | {
-    ("torch.distributed.checkpoint.planner", name): getattr(dcp_planner, name)
-    for name in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")
-} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): dcp_filesystem._StorageInfo,
-    # a file-name prefix (one str): in the ranks' save plans that megatron-core's cached save structure
-    # (--async-save, training/async_save.py) keeps in the index from a run's second save on
-    ("torch.distributed.checkpoint.filesystem", "_StoragePrefix"): dcp_filesystem._StoragePrefix,
-    ("torch", "Size"): torch.Size,
-    ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
-    ("collections", "OrderedDict"): collections.OrderedDict,
-}
+_METADATA_GLOBALS: dict[tuple[str, str], Any] = (
+    {
+        ("torch.distributed.checkpoint.metadata", name): getattr(dcp_metadata, name)
+        for name in (
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "TensorProperties",
+            "TensorStorageMetadata",
+            "ChunkStorageMetadata",
+            "BytesStorageMetadata",
+            "_MEM_FORMAT_ENCODING",
+        )
+    }
+    | {
+        ("torch.distributed.checkpoint.planner", name): getattr(dcp_planner, name)
+        for name in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")
+    }
+    | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): dcp_filesystem._StorageInfo,
+        # a file-name prefix (one str): in the ranks' save plans that megatron-core's cached save structure
+        # (--async-save, training/async_save.py) keeps in the index from a run's second save on
+        ("torch.distributed.checkpoint.filesystem", "_StoragePrefix"): dcp_filesystem._StoragePrefix,
+        ("torch", "Size"): torch.Size,
+        ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+        ("collections", "OrderedDict"): collections.OrderedDict,
+    }
+)
 
 
 def _allowed(module: str, name: str) -> Any:
@@ -96,8 +109,10 @@ def _weights_only(data: Any, what: str) -> None:
         torch.load(data, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 -- UnpicklingError, RuntimeError of a bad zip, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{what}: holds more than tensors and plain data ({first}); refusing the "
-                              "checkpoint (loading it could run code)") from None
+        raise CheckpointError(
+            f"{what}: holds more than tensors and plain data ({first}); refusing the "
+            "checkpoint (loading it could run code)"
+        ) from None
 
 
 def _check_byte_items(path: Path, metadata: dcp_metadata.Metadata) -> None:
@@ -107,8 +122,10 @@ def _check_byte_items(path: Path, metadata: dcp_metadata.Metadata) -> None:
             continue
         rel = PurePosixPath(str(where.relative_path))
         if rel.is_absolute() or ".." in rel.parts or where.transform_descriptors:
-            raise CheckpointError(f"{path / METADATA}: item {index.fqn!r} is stored at {rel} with transforms "
-                                  f"{where.transform_descriptors}; refusing the checkpoint")
+            raise CheckpointError(
+                f"{path / METADATA}: item {index.fqn!r} is stored at {rel} with transforms "
+                f"{where.transform_descriptors}; refusing the checkpoint"
+            )
         try:
             with open(path / rel, "rb") as f:
                 f.seek(int(where.offset))
@@ -126,8 +143,9 @@ def _check_backends(path: Path) -> None:
         raise CheckpointError(f"{file}: unreadable ({exc})") from None
     backends = (meta.get("sharded_backend"), meta.get("common_backend")) if isinstance(meta, dict) else None
     if backends != ("torch_dist", "torch"):
-        raise CheckpointError(f"{file}: backends {backends}, expected ('torch_dist', 'torch') (what "
-                              "pretrain_internvl.py --save writes)")
+        raise CheckpointError(
+            f"{file}: backends {backends}, expected ('torch_dist', 'torch') (what pretrain_internvl.py --save writes)"
+        )
 
 
 def check_dist_checkpoint(path: str | Path) -> None:

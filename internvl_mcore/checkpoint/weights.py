@@ -2,6 +2,7 @@
 checkpoint/format.py), read into a model of any layout and either layer-spec backend.
 Used by `--pretrained` (training/checkpoint.py) and the HF export (convert/distributed.py).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,8 +35,9 @@ def load_across_backends(state: dict, path: Path, module: torch.nn.Module) -> di
     loaded, _, absent = dist_checkpointing.load(state, str(path), strict=StrictHandling.RETURN_UNEXPECTED)
     other = sorted(k for k in absent if EXTRA_STATE not in k)
     if other:
-        raise CheckpointError(f"{path} lacks {len(other)} tensor(s) this model needs: {other[:5]}"
-                              f"{' ...' if len(other) > 5 else ''}")
+        raise CheckpointError(
+            f"{path} lacks {len(other)} tensor(s) this model needs: {other[:5]}{' ...' if len(other) > 5 else ''}"
+        )
     model_sd = loaded["model"]
     for key, value in module.state_dict().items():
         if key.endswith(EXTRA_STATE) and key not in model_sd:
@@ -58,4 +60,3 @@ def load_training_weights(path: str | Path, module: torch.nn.Module, model_cfg: 
         merge_lora_(module)
         return "training checkpoint (LoRA adapters merged into the weights)"
     return "training checkpoint"
-

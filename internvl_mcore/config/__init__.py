@@ -1,5 +1,6 @@
 """Typed configuration: the model tree (model.py), presets as data (presets.py), and the conversion
 to megatron-core TransformerConfigs (megatron.py, imported lazily since it needs megatron-core)."""
+
 from .model import LLMConfig, ModelConfig, ParallelConfig, VisionConfig
 from .presets import PRESETS, get_preset
 

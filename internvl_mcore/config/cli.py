@@ -5,6 +5,7 @@ A field `tensor_model_parallel_size` becomes `--tensor-model-parallel-size` (or 
 store-true flags; `list[str]` fields take one or more values; Literal fields get choices. Defaults
 come from the dataclass, so they are written down exactly once.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,9 +29,13 @@ def field_docs(cls: type) -> dict[str, str]:
         tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
         body = tree.body[0].body  # type: ignore[attr-defined]
         for node, nxt in zip(body, body[1:]):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                    and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant)
-                    and isinstance(nxt.value.value, str)):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(getattr(nxt, "value", None), ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
                 docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
 
@@ -40,8 +45,7 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str,
-                        skip: Iterable[str] = ()) -> None:
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str, skip: Iterable[str] = ()) -> None:
     """Add a flag group for every simple field of dataclass `cls`."""
     group = parser.add_argument_group(title, (cls.__doc__ or "").strip().splitlines()[0])
     hints = typing.get_type_hints(cls)
@@ -50,8 +54,11 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str,
         if f.name in skip:
             continue
         hint = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        )  # type: ignore[misc]
         kwargs: dict[str, Any] = {"dest": f.name, "help": docs.get(f.name, ""), "default": default}
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             kwargs["required"] = True  # a field without a default is a flag without one

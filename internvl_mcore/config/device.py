@@ -10,6 +10,7 @@ Semantics of `--device`:
 - "cuda": CUDA or a refusal.
 - "cpu": the CPU path, even where CUDA is available (gloo, local layer specs' CPU code paths).
 """
+
 from __future__ import annotations
 
 import glob
@@ -44,13 +45,17 @@ def resolve_device(requested: str = "auto") -> str:
     if torch.cuda.is_available():
         return "cuda"
     if requested == "cuda":
-        raise ConfigError("--device cuda: torch.cuda.is_available() is False (no GPU visible to this "
-                          "process: driver, CUDA_VISIBLE_DEVICES, or a container started without --gpus)")
+        raise ConfigError(
+            "--device cuda: torch.cuda.is_available() is False (no GPU visible to this "
+            "process: driver, CUDA_VISIBLE_DEVICES, or a container started without --gpus)"
+        )
     why = gpu_expected()
     if why is not None:
-        raise ConfigError(f"--device auto: no CUDA device is visible, but a GPU is expected here ({why}). "
-                          "Refusing to train silently on the CPU with gloo; fix the GPU setup (e.g. "
-                          "`docker run --gpus all`), or pass --device cpu to use the CPU deliberately")
+        raise ConfigError(
+            f"--device auto: no CUDA device is visible, but a GPU is expected here ({why}). "
+            "Refusing to train silently on the CPU with gloo; fix the GPU setup (e.g. "
+            "`docker run --gpus all`), or pass --device cpu to use the CPU deliberately"
+        )
     return "cpu"
 
 

@@ -8,6 +8,7 @@ takes, before any process group or model exists. pretrain_internvl.py and tools/
 table: a flag both have (`--seq-length`, `--global-batch-size`, ...) means the same in both.
 A numeric flag missing from the table is a bug that tests/reliability/test_flag_domains.py reports.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,10 @@ class Domain:
         """'an integer >= 1', 'a finite number > 0', 'a number in (0, 1]'."""
         what = "an integer" if self.kind is int else "a finite number"
         if self.low is not None and self.high is not None:
-            return (f"{'an integer' if self.kind is int else 'a number'} in "
-                    f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}")
+            return (
+                f"{'an integer' if self.kind is int else 'a number'} in "
+                f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            )
         if self.low is not None:
             return f"{what} {'>' if self.low_open else '>='} {self.low:g}"
         if self.high is not None:
@@ -72,29 +75,63 @@ PROBABILITY = Domain(float, 0, high=1, high_open=True)
 
 DOMAINS: dict[str, Domain] = {
     # parallel layout (ParallelConfig; tools/plan.py)
-    "tensor_model_parallel_size": POSITIVE_INT, "pipeline_model_parallel_size": POSITIVE_INT,
-    "context_parallel_size": POSITIVE_INT, "hierarchical_context_parallel_sizes": POSITIVE_INT,
-    "decoder_first_pipeline_num_layers": POSITIVE_INT, "decoder_last_pipeline_num_layers": POSITIVE_INT,
+    "tensor_model_parallel_size": POSITIVE_INT,
+    "pipeline_model_parallel_size": POSITIVE_INT,
+    "context_parallel_size": POSITIVE_INT,
+    "hierarchical_context_parallel_sizes": POSITIVE_INT,
+    "decoder_first_pipeline_num_layers": POSITIVE_INT,
+    "decoder_last_pipeline_num_layers": POSITIVE_INT,
     "recompute_num_layers": POSITIVE_INT,
-    "expert_model_parallel_size": POSITIVE_INT, "expert_tensor_parallel_size": POSITIVE_INT,
+    "expert_model_parallel_size": POSITIVE_INT,
+    "expert_tensor_parallel_size": POSITIVE_INT,
     # optimization and batch geometry (TrainConfig)
-    "micro_batch_size": POSITIVE_INT, "global_batch_size": POSITIVE_INT, "seq_length": POSITIVE_INT,
-    "train_iters": POSITIVE_INT, "lr": NON_NEGATIVE, "min_lr": NON_NEGATIVE, "lr_warmup_iters": COUNT,
-    "weight_decay": NON_NEGATIVE, "adam_beta1": PROBABILITY, "adam_beta2": PROBABILITY, "adam_eps": POSITIVE,
-    "clip_grad": NON_NEGATIVE, "seed": COUNT, "moe_aux_loss_coeff": NON_NEGATIVE, "unfreeze_vit_layers": COUNT,
-    "drop_path_rate": PROBABILITY, "mpo_beta": POSITIVE, "mpo_loss_weights": NON_NEGATIVE, "peak_flops": POSITIVE,
-    "eval_interval": COUNT, "eval_iters": COUNT, "skip_spike_factor": POSITIVE,
-    "distributed_timeout_minutes": POSITIVE, "data_worker_timeout": POSITIVE,
+    "micro_batch_size": POSITIVE_INT,
+    "global_batch_size": POSITIVE_INT,
+    "seq_length": POSITIVE_INT,
+    "train_iters": POSITIVE_INT,
+    "lr": NON_NEGATIVE,
+    "min_lr": NON_NEGATIVE,
+    "lr_warmup_iters": COUNT,
+    "weight_decay": NON_NEGATIVE,
+    "adam_beta1": PROBABILITY,
+    "adam_beta2": PROBABILITY,
+    "adam_eps": POSITIVE,
+    "clip_grad": NON_NEGATIVE,
+    "seed": COUNT,
+    "moe_aux_loss_coeff": NON_NEGATIVE,
+    "unfreeze_vit_layers": COUNT,
+    "drop_path_rate": PROBABILITY,
+    "mpo_beta": POSITIVE,
+    "mpo_loss_weights": NON_NEGATIVE,
+    "peak_flops": POSITIVE,
+    "eval_interval": COUNT,
+    "eval_iters": COUNT,
+    "skip_spike_factor": POSITIVE,
+    "distributed_timeout_minutes": POSITIVE,
+    "data_worker_timeout": POSITIVE,
     # device and kernels (ComputeConfig)
     "cross_entropy_chunk_size": COUNT,
     # checkpoints, data, logging, LoRA
-    "save_interval": COUNT, "exit_interval": COUNT, "keep_checkpoints": COUNT,
-    "mock_tiles_per_sample": POSITIVE_INT, "num_workers": COUNT, "log_interval": POSITIVE_INT,
-    "lora_rank": COUNT, "lora_alpha": POSITIVE, "lora_dropout": PROBABILITY,
+    "save_interval": COUNT,
+    "exit_interval": COUNT,
+    "keep_checkpoints": COUNT,
+    "mock_tiles_per_sample": POSITIVE_INT,
+    "num_workers": COUNT,
+    "log_interval": POSITIVE_INT,
+    "lora_rank": COUNT,
+    "lora_alpha": POSITIVE,
+    "lora_dropout": PROBABILITY,
     # tools/plan.py only
-    "gpus": POSITIVE_INT, "gpu_memory": POSITIVE, "reserve_gb": NON_NEGATIVE, "peak_tflops": POSITIVE,
-    "compute_efficiency": FRACTION, "nvlink_gbps": POSITIVE, "network_gbps": POSITIVE,
-    "tiles_per_sequence": NON_NEGATIVE, "sample_length": POSITIVE_INT, "top": POSITIVE_INT,
+    "gpus": POSITIVE_INT,
+    "gpu_memory": POSITIVE,
+    "reserve_gb": NON_NEGATIVE,
+    "peak_tflops": POSITIVE,
+    "compute_efficiency": FRACTION,
+    "nvlink_gbps": POSITIVE,
+    "network_gbps": POSITIVE,
+    "tiles_per_sequence": NON_NEGATIVE,
+    "sample_length": POSITIVE_INT,
+    "top": POSITIVE_INT,
 }
 
 
@@ -129,6 +166,7 @@ class OneLineParser(argparse.ArgumentParser):
             try:
                 return action.type(arg_string)
             except argparse.ArgumentTypeError:
-                raise argparse.ArgumentError(None, f"{action.option_strings[0]} {arg_string}: must be "
-                                             f"{action.type.describe()}") from None
+                raise argparse.ArgumentError(
+                    None, f"{action.option_strings[0]} {arg_string}: must be {action.type.describe()}"
+                ) from None
         return super()._get_value(action, arg_string)

@@ -16,6 +16,7 @@ A fused linear gets one adapter: one A shared by q, k and v (and by gate and up)
 for every output row. Exported to per-projection PEFT modules, the shared A is repeated and B is
 split like the weight, which gives exactly the same update.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,8 +27,11 @@ from ..errors import CheckpointError
 LORA_MODULES: tuple[str, ...] = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 """Every module name `--lora-modules` accepts."""
 
-LORA_TOWERS: dict[str, tuple[str, ...]] = {"llm": ("language_model",), "vit": ("vision_model",),
-                                           "all": ("language_model", "vision_model")}
+LORA_TOWERS: dict[str, tuple[str, ...]] = {
+    "llm": ("language_model",),
+    "vit": ("vision_model",),
+    "all": ("language_model", "vision_model"),
+}
 """`--lora-target` -> the top-level parts of the model whose layers get adapters (the projector is
 small and is never adapted: it stays frozen under LoRA, as in InternVL's LoRA recipes)."""
 
@@ -83,8 +87,12 @@ def adapts(lora: LoRAConfig, module: str) -> bool:
     """Whether the linear named `module` gets an adapter: one of `lora_modules` in a layer of the
     `lora_target` towers (the projector and the output layer never). models/lora.py attaches the
     adapters by it; the planner (plan/params.py) lists them by it."""
-    return (module.split(".", 1)[0] in LORA_TOWERS[lora.lora_target] and ".layers." in module
-            and module.rsplit(".", 1)[-1] in lora.lora_modules and not is_routed_expert(module))
+    return (
+        module.split(".", 1)[0] in LORA_TOWERS[lora.lora_target]
+        and ".layers." in module
+        and module.rsplit(".", 1)[-1] in lora.lora_modules
+        and not is_routed_expert(module)
+    )
 
 
 def is_routed_expert(module: str) -> bool:

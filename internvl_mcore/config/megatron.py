@@ -1,4 +1,5 @@
 """The one place the config tree becomes megatron-core `TransformerConfig`s."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -64,8 +65,12 @@ def _common(par: ParallelConfig, dtype: torch.dtype, compute: ComputeConfig) -> 
     )
 
 
-def vision_transformer_config(model: ModelConfig, par: ParallelConfig, dtype: torch.dtype = torch.float32,
-                              compute: ComputeConfig = DEFAULT_COMPUTE) -> VisionTransformerConfig:
+def vision_transformer_config(
+    model: ModelConfig,
+    par: ParallelConfig,
+    dtype: torch.dtype = torch.float32,
+    compute: ComputeConfig = DEFAULT_COMPUTE,
+) -> VisionTransformerConfig:
     """InternViT blocks; all on the first pipeline stage, never context- or sequence-split."""
     v = model.vision
     heads = padded_vision_heads(v.num_attention_heads, par.tensor_model_parallel_size)
@@ -96,8 +101,12 @@ def vision_transformer_config(model: ModelConfig, par: ParallelConfig, dtype: to
     )
 
 
-def projector_transformer_config(model: ModelConfig, par: ParallelConfig, dtype: torch.dtype = torch.float32,
-                                 compute: ComputeConfig = DEFAULT_COMPUTE) -> TransformerConfig:
+def projector_transformer_config(
+    model: ModelConfig,
+    par: ParallelConfig,
+    dtype: torch.dtype = torch.float32,
+    compute: ComputeConfig = DEFAULT_COMPUTE,
+) -> TransformerConfig:
     """The projector MLP: Linear(4C -> H) -> GELU -> Linear(H -> H), column- then row-parallel."""
     h = model.llm.hidden_size
     return TransformerConfig(
@@ -114,8 +123,12 @@ def projector_transformer_config(model: ModelConfig, par: ParallelConfig, dtype:
     )
 
 
-def llm_transformer_config(model: ModelConfig, par: ParallelConfig, dtype: torch.dtype = torch.float32,
-                           compute: ComputeConfig = DEFAULT_COMPUTE) -> TransformerConfig:
+def llm_transformer_config(
+    model: ModelConfig,
+    par: ParallelConfig,
+    dtype: torch.dtype = torch.float32,
+    compute: ComputeConfig = DEFAULT_COMPUTE,
+) -> TransformerConfig:
     """The decoder, split over pipeline stages (optionally fewer layers on stage 0)."""
     m = model.llm
     return TransformerConfig(

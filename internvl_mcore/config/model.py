@@ -3,6 +3,7 @@
 Every field has a docstring; presets (presets.py) are plain instances of these classes. The one
 place that turns them into megatron-core `TransformerConfig`s is `internvl_mcore.config.megatron`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -166,12 +167,12 @@ class ModelConfig:
     def num_image_token(self) -> int:
         """LLM tokens per tile: (image_size / patch)^2 * downsample_ratio^2 (256 for 448/14/0.5)."""
         side = self.vision.image_size // self.vision.patch_size
-        return int(side * side * self.downsample_ratio ** 2)
+        return int(side * side * self.downsample_ratio**2)
 
     @property
     def projector_input_size(self) -> int:
         """Channels after pixel shuffle: C_vit / downsample_ratio^2."""
-        return int(self.vision.hidden_size / self.downsample_ratio ** 2)
+        return int(self.vision.hidden_size / self.downsample_ratio**2)
 
     def replace(self, **changes: object) -> "ModelConfig":
         """A copy with top-level fields changed (`vision=` / `llm=` take whole sub-configs)."""

@@ -4,6 +4,7 @@ silently). `ignored_flags` names each such flag and what it needs; pretrain_inte
 (one line, exit 2) before anything starts. Only flags the command line gives count: the defaults
 (`--eval-interval 1000`, as Megatron-LM's) stay harmless without their partner.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,5 +44,8 @@ NEEDS: dict[str, tuple[Callable[[argparse.Namespace], bool], str]] = {
 def ignored_flags(parser: argparse.ArgumentParser, ns: argparse.Namespace, given: set[str]) -> list[str]:
     """'--flag does nothing without PARTNER' for each given flag whose partner is missing."""
     names = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
-    return [f"{names.get(dest, flag(dest))} does nothing without {partner}"
-            for dest, (present, partner) in NEEDS.items() if dest in given and not present(ns)]
+    return [
+        f"{names.get(dest, flag(dest))} does nothing without {partner}"
+        for dest, (present, partner) in NEEDS.items()
+        if dest in given and not present(ns)
+    ]

@@ -6,6 +6,7 @@ again for callers of `train` that skip the entry point; tools/plan.py runs `prob
 its flags make (so the planner refuses a layout with pretrain's line). Pure: it reads the config only
 (no files, no environment, no process group).
 """
+
 from __future__ import annotations
 
 from typing import Mapping, Optional
@@ -34,12 +35,20 @@ def problems(run: RunConfig) -> list[str]:
     - `--image-tiling device` with a Pillow that resizes differently: training/data.py (the installed Pillow).
     """
     t = run.train
-    return [*layout_problems(run.model, run.parallel, t.seq_length), *run_problems(run), *mpo_problems(run),
-            *eval_problems(run), *guard_problems(run), *stage_problems(t, run.model.vision.num_layers),
-            *moe_problems(run.model, run.parallel),
-            *lora_problems(run.lora, {"vit": t.freeze_vit, "llm": t.freeze_llm, "projector": t.freeze_projector},
-                           t.unfreeze_vit_layers),
-            *special_id_problems(run.model), *data_problems(run)]
+    return [
+        *layout_problems(run.model, run.parallel, t.seq_length),
+        *run_problems(run),
+        *mpo_problems(run),
+        *eval_problems(run),
+        *guard_problems(run),
+        *stage_problems(t, run.model.vision.num_layers),
+        *moe_problems(run.model, run.parallel),
+        *lora_problems(
+            run.lora, {"vit": t.freeze_vit, "llm": t.freeze_llm, "projector": t.freeze_projector}, t.unfreeze_vit_layers
+        ),
+        *special_id_problems(run.model),
+        *data_problems(run),
+    ]
 
 
 def refusal(found: list[str]) -> str:
@@ -72,8 +81,10 @@ def layout_problems(model: ModelConfig, p: ParallelConfig, seq_length: int) -> l
         tp = p.tensor_model_parallel_size
         for what, heads in (("heads", model.llm.num_attention_heads), ("kv heads", model.llm.num_query_groups)):
             if (heads // tp) % a:
-                found.append(f"--cp-comm-type {p.cp_comm_type}: {what} per TP rank ({heads // tp}) not divisible "
-                             f"by the all-to-all size {a}")
+                found.append(
+                    f"--cp-comm-type {p.cp_comm_type}: {what} per TP rank ({heads // tp}) not divisible "
+                    f"by the all-to-all size {a}"
+                )
     if cp > 1 and p.cp_split == "thd":
         found += thd_problems(p.pipeline_model_parallel_size, p.sequence_parallel, p.cp_comm_type)
     if p.hierarchical_context_parallel_sizes and p.cp_comm_type != "a2a+p2p":
@@ -85,15 +96,18 @@ def thd_problems(pipeline: int, sequence_parallel: bool, cp_comm_type: str) -> l
     """Flag combinations the 'thd' CP split (parallel/context_parallel_thd.py) does not support."""
     found = []
     if pipeline > 1:
-        found.append("--cp-split thd: the local token count varies per microbatch (per-sample padding), "
-                     "which pipeline parallelism's fixed activation shapes cannot carry; use "
-                     "--pipeline-model-parallel-size 1 or --cp-split row")
+        found.append(
+            "--cp-split thd: the local token count varies per microbatch (per-sample padding), "
+            "which pipeline parallelism's fixed activation shapes cannot carry; use "
+            "--pipeline-model-parallel-size 1 or --cp-split row"
+        )
     if sequence_parallel:
-        found.append("--cp-split thd does not combine with --sequence-parallel (the local token count "
-                     "need not divide by the TP size); use --cp-split row")
+        found.append(
+            "--cp-split thd does not combine with --sequence-parallel (the local token count "
+            "need not divide by the TP size); use --cp-split row"
+        )
     if cp_comm_type != "p2p":
-        found.append(f"--cp-split thd runs TE's context parallelism with --cp-comm-type p2p only, got "
-                     f"{cp_comm_type!r}")
+        found.append(f"--cp-split thd runs TE's context parallelism with --cp-comm-type p2p only, got {cp_comm_type!r}")
     return found
 
 
@@ -110,10 +124,13 @@ def run_problems(run: RunConfig) -> list[str]:
     if run.data.mock_data and run.data.data_path:
         found.append("--mock-data and --data-path exclude each other")
     if run.compute.cross_entropy_chunk_size < 0:
-        found.append("--cross-entropy-chunk-size must be >= 0 (0: no chunking), got "
-                     f"{run.compute.cross_entropy_chunk_size}")
+        found.append(
+            f"--cross-entropy-chunk-size must be >= 0 (0: no chunking), got {run.compute.cross_entropy_chunk_size}"
+        )
     if t.micro_batch_size < 1 or t.global_batch_size < t.micro_batch_size:
-        found.append(f"--global-batch-size {t.global_batch_size} must be >= --micro-batch-size {t.micro_batch_size} >= 1")
+        found.append(
+            f"--global-batch-size {t.global_batch_size} must be >= --micro-batch-size {t.micro_batch_size} >= 1"
+        )
     return found
 
 
@@ -131,8 +148,10 @@ def mpo_problems(run: RunConfig) -> list[str]:
     if t.loss_reduction != "token":
         found.append("--loss-reduction does not apply to --stage mpo (its loss is a mean over pairs)")
     if run.data.mock_data:
-        found.append("--stage mpo needs preference shards (--data-path from tools/preprocess_mm_data.py "
-                     "--preference); --mock-data has no pairs")
+        found.append(
+            "--stage mpo needs preference shards (--data-path from tools/preprocess_mm_data.py "
+            "--preference); --mock-data has no pairs"
+        )
     return found
 
 
@@ -174,14 +193,18 @@ def stage_problems(train: TrainConfig, vit_layers: int) -> list[str]:
     if n < 0 or n > vit_layers:
         found.append(f"--unfreeze-vit-layers {n} must be in [0, {vit_layers}]")
     if n and train_vit:
-        found.append("--unfreeze-vit-layers only makes sense with a frozen ViT "
-                     "(--freeze-vit or a stage that freezes it)")
+        found.append(
+            "--unfreeze-vit-layers only makes sense with a frozen ViT (--freeze-vit or a stage that freezes it)"
+        )
     if not (train_vit or train_projector or train_llm or n):
-        found.append("nothing to train: --freeze-vit, --freeze-projector and --freeze-llm (or the "
-                     "stage) freeze every part")
+        found.append(
+            "nothing to train: --freeze-vit, --freeze-projector and --freeze-llm (or the stage) freeze every part"
+        )
     if drop_path > 0 and not (train_vit or n):
-        found.append(f"--drop-path-rate {drop_path} (or the stage's) is for training the ViT, but the "
-                     "ViT is frozen; drop it or unfreeze the ViT")
+        found.append(
+            f"--drop-path-rate {drop_path} (or the stage's) is for training the ViT, but the "
+            "ViT is frozen; drop it or unfreeze the ViT"
+        )
     return found
 
 
@@ -190,13 +213,16 @@ def moe_problems(model: ModelConfig, par: ParallelConfig) -> list[str]:
     m, ep, etp = model.llm, par.expert_model_parallel_size, par.expert_tensor_parallel_size
     found = []
     if (ep > 1 or etp not in (None, par.tensor_model_parallel_size)) and not m.is_moe:
-        found.append(f"--expert-model-parallel-size / --expert-tensor-parallel-size need an MoE model; "
-                     f"{model.name} is dense")
+        found.append(
+            f"--expert-model-parallel-size / --expert-tensor-parallel-size need an MoE model; {model.name} is dense"
+        )
     if m.is_moe and (problem := expert_split_problem(model, ep)):
         found.append(problem)
     if m.is_moe and par.tensor_model_parallel_size > 1 and not par.sequence_parallel:
-        found.append("an MoE model with --tensor-model-parallel-size > 1 needs --sequence-parallel "
-                     "(megatron-core's MoE layer refuses TP without it)")
+        found.append(
+            "an MoE model with --tensor-model-parallel-size > 1 needs --sequence-parallel "
+            "(megatron-core's MoE layer refuses TP without it)"
+        )
     return found
 
 
@@ -206,8 +232,9 @@ def expert_split_problem(model: ModelConfig, ep: int) -> Optional[str]:
     return f"--expert-model-parallel-size {ep} does not divide the {n} experts of {model.name}" if n % ep else None
 
 
-def lora_problems(lora: LoRAConfig, freeze_overrides: Mapping[str, Optional[bool]],
-                  unfreeze_vit_layers: int) -> list[str]:
+def lora_problems(
+    lora: LoRAConfig, freeze_overrides: Mapping[str, Optional[bool]], unfreeze_vit_layers: int
+) -> list[str]:
     """Why these LoRA flags cannot work. `freeze_overrides`: the explicit
     --freeze-vit/--freeze-llm/--freeze-projector values (None where not given)."""
     found = []
@@ -228,8 +255,10 @@ def lora_problems(lora: LoRAConfig, freeze_overrides: Mapping[str, Optional[bool
     if unfreeze_vit_layers:
         trained.append(f"--unfreeze-vit-layers {unfreeze_vit_layers}")
     if trained:
-        found.append(f"{', '.join(trained)} would train base weights, but with --lora-rank every base "
-                     "weight is frozen and only the adapters train")
+        found.append(
+            f"{', '.join(trained)} would train base weights, but with --lora-rank every base "
+            "weight is frozen and only the adapters train"
+        )
     return found
 
 
@@ -237,9 +266,11 @@ def special_id_problems(cfg: ModelConfig) -> list[str]:
     """The model's special-token ids outside its vocabulary: the embedding would be indexed past its
     rows (an IndexError deep in the first step) by the packs' padding and image tokens (mock data too)."""
     vocab = cfg.llm.vocab_size
-    bad = [f"{field}={getattr(cfg, field)} is outside the vocabulary of {vocab} rows (model --model {cfg.name})"
-           for field in ("img_context_token_id", "img_start_token_id", "img_end_token_id", "pad_token_id")
-           if not 0 <= getattr(cfg, field) < vocab]
+    bad = [
+        f"{field}={getattr(cfg, field)} is outside the vocabulary of {vocab} rows (model --model {cfg.name})"
+        for field in ("img_context_token_id", "img_start_token_id", "img_end_token_id", "pad_token_id")
+        if not 0 <= getattr(cfg, field) < vocab
+    ]
     return ["--model: special-token id " + "; ".join(bad)] if bad else []
 
 

@@ -3,6 +3,7 @@
 Field names are Megatron-LM's flag names with '_' for '-'; `config/cli.py` turns every field into a
 flag whose help text is the field's docstring, so defaults and documentation live here only.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -87,8 +88,9 @@ class TrainConfig:
     override_opt_param_scheduler: bool = field(default=False, metadata={"flag": "--override-opt_param-scheduler"})
     """On --load: take the LR schedule (--lr, --min-lr, --lr-warmup-iters, --train-iters,
     --lr-decay-style, --weight-decay) from the flags, not from the checkpoint (Megatron-LM's flag)."""
-    use_checkpoint_opt_param_scheduler: bool = field(default=False,
-                                                     metadata={"flag": "--use-checkpoint-opt_param-scheduler"})
+    use_checkpoint_opt_param_scheduler: bool = field(
+        default=False, metadata={"flag": "--use-checkpoint-opt_param-scheduler"}
+    )
     """On --load: keep the checkpoint's LR schedule even where the flags differ (Megatron-LM's flag).
     Without either flag a resume whose schedule flags differ from the checkpoint's is refused."""
     distributed_timeout_minutes: float = 10.0
@@ -151,11 +153,17 @@ def trained_parts(train: TrainConfig) -> tuple[bool, bool, bool, float]:
             return not frozen_flag
         return stage_trains if stage is not None else True
 
-    drop_path = train.drop_path_rate if train.drop_path_rate is not None else (
-        stage.drop_path_rate if stage is not None else 0.0)
-    return (trains(train.freeze_vit, stage is not None and stage.train_vit),
-            trains(train.freeze_projector, stage is not None and stage.train_projector),
-            trains(train.freeze_llm, stage is not None and stage.train_llm), drop_path)
+    drop_path = (
+        train.drop_path_rate
+        if train.drop_path_rate is not None
+        else (stage.drop_path_rate if stage is not None else 0.0)
+    )
+    return (
+        trains(train.freeze_vit, stage is not None and stage.train_vit),
+        trains(train.freeze_projector, stage is not None and stage.train_projector),
+        trains(train.freeze_llm, stage is not None and stage.train_llm),
+        drop_path,
+    )
 
 
 def resolve_stage(train: TrainConfig) -> Plan:
@@ -164,9 +172,15 @@ def resolve_stage(train: TrainConfig) -> Plan:
     train_vit, train_projector, train_llm, drop_path = trained_parts(train)
     lr = train.lr if train.lr is not None else (stage.lr if stage is not None else DEFAULT_LR)
     decay = train.lr_decay_style or (stage.lr_decay_style if stage is not None else "cosine")
-    return Plan(train_vit=train_vit, train_projector=train_projector, train_llm=train_llm,
-                unfreeze_vit_layers=train.unfreeze_vit_layers, lr=lr, lr_decay_style=decay,
-                drop_path_rate=drop_path)
+    return Plan(
+        train_vit=train_vit,
+        train_projector=train_projector,
+        train_llm=train_llm,
+        unfreeze_vit_layers=train.unfreeze_vit_layers,
+        lr=lr,
+        lr_decay_style=decay,
+        drop_path_rate=drop_path,
+    )
 
 
 @dataclass

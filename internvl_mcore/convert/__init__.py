@@ -14,6 +14,7 @@ The checkpoint files themselves (safetensors directories, the canonical director
 checkpoint's format) are in internvl_mcore/checkpoint/.
 Dependencies run training -> convert -> checkpoint -> models: nothing here imports the training package.
 """
+
 import importlib
 
 from .hf import canonical_to_hf, convert_hf_to_checkpoint, hf_to_canonical
@@ -21,17 +22,33 @@ from .hf_config import hf_config_for, model_config_from_hf, read_hf_config
 from .keymaps import FORMATS, canonical_shapes, keymap
 
 __all__ = [
-    "FORMATS", "canonical_shapes", "canonical_to_hf", "convert_checkpoint_to_hf", "convert_hf_to_checkpoint",
-    "gather_canonical_state", "hf_config_for", "hf_to_canonical", "keymap", "model_config_from_hf", "read_hf_config",
-    "training_checkpoint_to_canonical", "unshard", "verify_layout",
+    "FORMATS",
+    "canonical_shapes",
+    "canonical_to_hf",
+    "convert_checkpoint_to_hf",
+    "convert_hf_to_checkpoint",
+    "gather_canonical_state",
+    "hf_config_for",
+    "hf_to_canonical",
+    "keymap",
+    "model_config_from_hf",
+    "read_hf_config",
+    "training_checkpoint_to_canonical",
+    "unshard",
+    "verify_layout",
 ]
 
 # Their names resolve on first use, so that importing `internvl_mcore.convert.*` does not pay for
 # them: distributed.py builds models (megatron-core), export.py reads torch_dist checkpoints
 # (torch.distributed.checkpoint, seconds to import: most of what tools/convert_from_hf.py would spend
 # before its first byte)
-_LAZY = {"gather_canonical_state": ".distributed", "unshard": ".distributed", "verify_layout": ".distributed",
-         "convert_checkpoint_to_hf": ".export", "training_checkpoint_to_canonical": ".export"}
+_LAZY = {
+    "gather_canonical_state": ".distributed",
+    "unshard": ".distributed",
+    "verify_layout": ".distributed",
+    "convert_checkpoint_to_hf": ".export",
+    "training_checkpoint_to_canonical": ".export",
+}
 
 
 def __getattr__(name: str):

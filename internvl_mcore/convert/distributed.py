@@ -6,6 +6,7 @@ files without a model):
 `weights.load_canonical`: one full copy of the model on rank 0) and `verify_layout` (load + gather in
 a TP x PP world, compared bit for bit). The canonical directory itself: checkpoint/canonical.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,6 +34,7 @@ from ..parallel.state import destroy_distributed, free_port, init_distributed
 # =============================================================================================
 # sharded model -> canonical (inverse of weights.shard)
 # =============================================================================================
+
 
 def unshard(parts: Sequence[torch.Tensor], name: str, param: torch.nn.Parameter, cfg: ModelConfig) -> torch.Tensor:
     """The canonical tensor from every TP rank's piece (in TP rank order); inverse of `weights.shard`."""
@@ -94,10 +96,12 @@ def conversion_layout(tp: int = 1, pp: int = 1) -> ParallelConfig:
     return ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
 
 
-def _layout_worker(rank: int, world: int, port: int, tp: int, pp: int,
-                   jobs: Sequence[tuple[str, str | None]], result_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+def _layout_worker(
+    rank: int, world: int, port: int, tp: int, pp: int, jobs: Sequence[tuple[str, str | None]], result_dir: str
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     par = conversion_layout(tp, pp)
     pg = init_distributed(par, seed=0, device=CONVERSION_COMPUTE.device)
     report = []
@@ -109,14 +113,26 @@ def _layout_worker(rank: int, world: int, port: int, tp: int, pp: int,
             state = gather_canonical_state(model, ckpt.config)
             if state is None:
                 continue
-            mismatched = sorted(k for k in ckpt.tensors if k not in state or not torch.equal(state[k], ckpt.tensors[k].to(state[k].dtype)))
-            report.append({"ckpt": ckpt_dir, "mismatched": mismatched, "missing_in_file": sorted(set(state) - set(ckpt.tensors))})
+            mismatched = sorted(
+                k
+                for k in ckpt.tensors
+                if k not in state or not torch.equal(state[k], ckpt.tensors[k].to(state[k].dtype))
+            )
+            report.append(
+                {"ckpt": ckpt_dir, "mismatched": mismatched, "missing_in_file": sorted(set(state) - set(ckpt.tensors))}
+            )
             if out_dir is not None:
                 layout_par = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
                 dtypes = {k: ckpt.tensors.dtype(k) for k in ckpt.tensors}
                 plan = [(k, dtypes.get(k, v.dtype), tuple(v.shape)) for k, v in state.items()]
-                save_canonical(out_dir, ckpt.config, ((k, v.to(dtypes.get(k, v.dtype))) for k, v in state.items()),
-                               ckpt.meta.get("source"), layout_par, plan=plan)
+                save_canonical(
+                    out_dir,
+                    ckpt.config,
+                    ((k, v.to(dtypes.get(k, v.dtype))) for k, v in state.items()),
+                    ckpt.meta.get("source"),
+                    layout_par,
+                    plan=plan,
+                )
     finally:
         if rank == 0:
             Path(result_dir, "report.json").write_text(json.dumps(report))
@@ -134,8 +150,9 @@ def _spawn(fn: Any, nprocs: int, args: tuple, timeout_s: float, what: str) -> No
             raise TimeoutError(f"{what} did not finish in {timeout_s:.0f}s")
 
 
-def verify_layout(jobs: Sequence[tuple[str | os.PathLike, str | os.PathLike | None]], tp: int, pp: int,
-                  timeout_s: float = 300.0) -> list[dict]:
+def verify_layout(
+    jobs: Sequence[tuple[str | os.PathLike, str | os.PathLike | None]], tp: int, pp: int, timeout_s: float = 300.0
+) -> list[dict]:
     """Load each canonical checkpoint into a TP x PP model in `tp * pp` spawned gloo processes,
     gather it back, and compare bit for bit with the file. `jobs`: (checkpoint dir, optional dir
     to write the gathered canonical checkpoint to). Returns one report per checkpoint; raises

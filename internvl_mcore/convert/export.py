@@ -10,6 +10,7 @@ first from the shapes and dtypes the checkpoint's index gives (`hf_plan`): the w
 and writes each byte once. Peak memory is a few times the largest tensor, whatever the model's size;
 nothing is written but the export.
 """
+
 from __future__ import annotations
 
 import os
@@ -64,14 +65,21 @@ def open_export_source(path: str | os.PathLike) -> ExportSource:
         return ExportSource(ckpt.tensors, ckpt.config, dict(ckpt.meta.get("source", {})))
     src, info = open_training_checkpoint(path)
     if info.get("lora") is not None:
-        raise CheckpointError(f"{path} is a LoRA run's checkpoint: export it with --merge-lora or --lora-only "
-                              "(tools/convert_to_hf.py)")
+        raise CheckpointError(
+            f"{path} is a LoRA run's checkpoint: export it with --merge-lora or --lora-only (tools/convert_to_hf.py)"
+        )
     return src
 
 
-def write_hf_export(src: ExportSource, save: str | os.PathLike, fmt: str, template_dir: str | os.PathLike | None = None,
-                    dtype: torch.dtype | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                    progress: bool = False) -> list[Path]:
+def write_hf_export(
+    src: ExportSource,
+    save: str | os.PathLike,
+    fmt: str,
+    template_dir: str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: bool = False,
+) -> list[Path]:
     """Stream `src`'s tensors into an HF directory of format `fmt`; returns the shard files.
 
     config.json starts from the template dir's config.json, else the source's config.json (kept in the
@@ -87,26 +95,40 @@ def write_hf_export(src: ExportSource, save: str | os.PathLike, fmt: str, templa
         template = None  # a template of the other format only supplies side files
     config = hf_config_for(src.config, fmt, out_dtype, template)
     out = Path(save)
-    files = write_hf_dir(out, canonical_to_hf(src.tensors, src.config, fmt, out_dtype, progress), config,
-                         hf_plan(src.tensors, src.config, fmt, out_dtype), max_shard_bytes)
+    files = write_hf_dir(
+        out,
+        canonical_to_hf(src.tensors, src.config, fmt, out_dtype, progress),
+        config,
+        hf_plan(src.tensors, src.config, fmt, out_dtype),
+        max_shard_bytes,
+    )
     if template_dir is not None:
         copy_side_files(template_dir, out)
     elif fmt == "internvl":
-        warnings.warn(f"{out}: no --hf-template-dir given: the export has no remote-code .py files or "
-                      f"tokenizer, which InternVL's tooling needs; copy them from the original checkpoint")
+        warnings.warn(
+            f"{out}: no --hf-template-dir given: the export has no remote-code .py files or "
+            f"tokenizer, which InternVL's tooling needs; copy them from the original checkpoint"
+        )
     return files
 
 
-def convert_checkpoint_to_hf(load: str | os.PathLike, save: str | os.PathLike, fmt: str,
-                             template_dir: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
-                             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = False) -> list[Path]:
+def convert_checkpoint_to_hf(
+    load: str | os.PathLike,
+    save: str | os.PathLike,
+    fmt: str,
+    template_dir: str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: bool = False,
+) -> list[Path]:
     """Write an HF checkpoint in format `fmt` ("internvl" | "transformers") from a canonical checkpoint
     or a training checkpoint of any layout, streaming (`write_hf_export`)."""
     return write_hf_export(open_export_source(load), save, fmt, template_dir, dtype, max_shard_bytes, progress)
 
 
-def training_checkpoint_to_canonical(path: str | os.PathLike, out_dir: str | os.PathLike,
-                                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> ModelConfig:
+def training_checkpoint_to_canonical(
+    path: str | os.PathLike, out_dir: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+) -> ModelConfig:
     """A training checkpoint of any layout (not a LoRA run's) -> a canonical checkpoint, streaming:
     the same view of the files as the HF export, each tensor written as it is read."""
     if not is_training_checkpoint(path):

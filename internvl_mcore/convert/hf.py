@@ -6,6 +6,7 @@ The HF directory's pieces live elsewhere: safetensors I/O and the directory file
 checkpoint/safetensors_io.py, config.json <-> ModelConfig in convert/hf_config.py, the canonical
 directory in checkpoint/canonical.py.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,18 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoint.canonical import save_canonical
-from ..checkpoint.safetensors_io import (DEFAULT_MAX_SHARD_BYTES, PlanItem, Renamed, SafetensorsDir, StoredBytes,
-                                         dtype_name, read_index, source_dtype, tensor_dtype, tensor_shape)
+from ..checkpoint.safetensors_io import (
+    DEFAULT_MAX_SHARD_BYTES,
+    PlanItem,
+    Renamed,
+    SafetensorsDir,
+    StoredBytes,
+    dtype_name,
+    read_index,
+    source_dtype,
+    tensor_dtype,
+    tensor_shape,
+)
 from ..errors import ConversionError
 from ..config.model import ModelConfig, ParallelConfig
 from .hf_config import model_config_from_hf, read_hf_config
@@ -29,6 +40,7 @@ _ROW_STRIDE = 1 << 40
 # =============================================================================================
 # streaming tensor conversion
 # =============================================================================================
+
 
 def _expected_hf_shapes(e: Entry, cfg: ModelConfig, canonical_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
     """HF shapes a canonical shape maps to. Every transform splits/stacks along dim 0 only, so a
@@ -77,29 +89,38 @@ def check_hf_tensors(src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str
             extra.remove(h)
     if extra:
         more = f" (+{len(extra) - 5} more)" if len(extra) > 5 else ""
-        raise ConversionError(f"unexpected tensor(s) {', '.join(_where(src, x) for x in extra[:5])}{more}: "
-                              f"not part of the {fmt} layout of this config")
+        raise ConversionError(
+            f"unexpected tensor(s) {', '.join(_where(src, x) for x in extra[:5])}{more}: "
+            f"not part of the {fmt} layout of this config"
+        )
     return entries
 
 
-def hf_to_canonical(src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str,
-                    progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_to_canonical(
+    src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str, progress: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream (canonical name, tensor) pairs from HF tensors; validates everything before the first
     tensor is read. Tensors keep their dtype."""
     src = _normalize(src, fmt)
     entries = [e for e in check_hf_tensors(src, cfg, fmt) if e.present]
-    for e in tqdm(entries, desc="HF -> canonical", unit="tensor", disable=None if progress else True):  # a bar on a terminal only
+    for e in tqdm(
+        entries, desc="HF -> canonical", unit="tensor", disable=None if progress else True
+    ):  # a bar on a terminal only
         yield e.canonical, e.transform.to_canonical([src[h] for h in e.hf], cfg).contiguous()
 
 
-def canonical_plan(src: Mapping[str, torch.Tensor], cfg: ModelConfig,
-                   fmt: str) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+def canonical_plan(
+    src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str
+) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     """(canonical name, dtype, shape) of every tensor `hf_to_canonical` will yield, in its order, from
     the headers alone (validates like it): what the ShardedWriter lays its shards out from."""
     src = _normalize(src, fmt)
     shapes = canonical_shapes(cfg)
-    return [(e.canonical, tensor_dtype(src, e.hf[0]), shapes[e.canonical])
-            for e in check_hf_tensors(src, cfg, fmt) if e.present]
+    return [
+        (e.canonical, tensor_dtype(src, e.hf[0]), shapes[e.canonical])
+        for e in check_hf_tensors(src, cfg, fmt)
+        if e.present
+    ]
 
 
 def _row_sources(src: Mapping[str, torch.Tensor], e: Entry, cfg: ModelConfig) -> torch.Tensor:
@@ -124,20 +145,28 @@ def _stored_canonical(src: Mapping[str, torch.Tensor], e: Entry, cfg: ModelConfi
     starts = (torch.diff(rows) != 1).nonzero().flatten() + 1
     bounds = [0, *starts.tolist(), len(rows)]
     firsts = rows[bounds[:-1]].tolist()
-    return StoredBytes.of(src.stored(e.hf[code // _ROW_STRIDE], code % _ROW_STRIDE, end - begin)
-                          for code, begin, end in zip(firsts, bounds[:-1], bounds[1:]))
+    return StoredBytes.of(
+        src.stored(e.hf[code // _ROW_STRIDE], code % _ROW_STRIDE, end - begin)
+        for code, begin, end in zip(firsts, bounds[:-1], bounds[1:])
+    )
 
 
-def _stored_to_canonical(src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str,
-                         progress: bool = False) -> Iterator[tuple[str, torch.Tensor | StoredBytes]]:
+def _stored_to_canonical(
+    src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str, progress: bool = False
+) -> Iterator[tuple[str, torch.Tensor | StoredBytes]]:
     """`hf_to_canonical`, but yielding where the canonical tensor's bytes lie in the HF files
     (`StoredBytes`: the writer copies them file to file in the kernel, the way `cp` does; nothing
     is read into memory, no tensor is built) wherever the source can say so; tensors elsewhere."""
     src = _normalize(src, fmt)
     entries = [e for e in check_hf_tensors(src, cfg, fmt) if e.present]
-    for e in tqdm(entries, desc="HF -> canonical", unit="tensor", disable=None if progress else True):  # a bar on a terminal only
+    for e in tqdm(
+        entries, desc="HF -> canonical", unit="tensor", disable=None if progress else True
+    ):  # a bar on a terminal only
         stored = _stored_canonical(src, e, cfg)
-        yield e.canonical, stored if stored is not None else e.transform.to_canonical([src[h] for h in e.hf], cfg).contiguous()
+        yield (
+            e.canonical,
+            stored if stored is not None else e.transform.to_canonical([src[h] for h in e.hf], cfg).contiguous(),
+        )
 
 
 class HFAsCanonical(Mapping[str, torch.Tensor]):
@@ -220,8 +249,10 @@ def _check_canonical(src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str
             raise ConversionError(f"canonical checkpoint has no tensor {e.canonical!r}")
     extra = sorted(set(src) - known)
     if extra:
-        raise ConversionError(f"canonical checkpoint has tensor(s) {', '.join(map(repr, extra[:5]))} that the "
-                              f"{fmt} layout of this config has no place for")
+        raise ConversionError(
+            f"canonical checkpoint has tensor(s) {', '.join(map(repr, extra[:5]))} that the "
+            f"{fmt} layout of this config has no place for"
+        )
     for name in known & set(src):
         got = tensor_shape(src, name)
         if got != shapes[name]:
@@ -229,29 +260,41 @@ def _check_canonical(src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str
     return entries
 
 
-def canonical_to_hf(src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str,
-                    dtype: torch.dtype | None = None, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+def canonical_to_hf(
+    src: Mapping[str, torch.Tensor],
+    cfg: ModelConfig,
+    fmt: str,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream (HF name, tensor) pairs in format `fmt` from canonical tensors (cast to `dtype` if
     given). Refuses missing, unexpected or mis-shaped canonical tensors before writing anything."""
     entries = _check_canonical(src, cfg, fmt)
-    for e in tqdm(entries, desc=f"canonical -> {fmt}", unit="tensor", disable=None if progress else True):  # a bar on a terminal only
+    for e in tqdm(
+        entries, desc=f"canonical -> {fmt}", unit="tensor", disable=None if progress else True
+    ):  # a bar on a terminal only
         # in a function of its own, so that nothing of this tensor is alive while the next one is read
         yield from _hf_tensors(e, src[e.canonical], cfg, dtype)
 
 
-def hf_plan(src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str,
-            dtype: torch.dtype | None = None) -> list[PlanItem]:
+def hf_plan(
+    src: Mapping[str, torch.Tensor], cfg: ModelConfig, fmt: str, dtype: torch.dtype | None = None
+) -> list[PlanItem]:
     """(HF name, dtype, shape) of every tensor `canonical_to_hf` will yield, in its order, from the
     canonical shapes and dtypes alone (a checkpoint's index: nothing is read; validates like it):
     what the ShardedWriter lays the HF shards out from."""
     plan = []
     for e in _check_canonical(src, cfg, fmt):
         out_dtype = dtype or tensor_dtype(src, e.canonical)
-        plan += [(h, out_dtype, shape) for h, shape in zip(e.hf, _expected_hf_shapes(e, cfg, tensor_shape(src, e.canonical)))]
+        plan += [
+            (h, out_dtype, shape) for h, shape in zip(e.hf, _expected_hf_shapes(e, cfg, tensor_shape(src, e.canonical)))
+        ]
     return plan
 
 
-def _hf_tensors(e: Entry, t: torch.Tensor, cfg: ModelConfig, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+def _hf_tensors(
+    e: Entry, t: torch.Tensor, cfg: ModelConfig, dtype: torch.dtype | None
+) -> Iterator[tuple[str, torch.Tensor]]:
     for h, out in zip(e.hf, e.transform.to_hf(t, cfg)):
         yield h, (out if dtype is None else out.to(dtype)).contiguous()
 
@@ -260,8 +303,14 @@ def _hf_tensors(e: Entry, t: torch.Tensor, cfg: ModelConfig, dtype: torch.dtype 
 # end-to-end conversion
 # =============================================================================================
 
-def convert_hf_to_checkpoint(hf_dir: str | os.PathLike, save: str | os.PathLike, layout: ParallelConfig | None = None,
-                             max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = False) -> ModelConfig:
+
+def convert_hf_to_checkpoint(
+    hf_dir: str | os.PathLike,
+    save: str | os.PathLike,
+    layout: ParallelConfig | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: bool = False,
+) -> ModelConfig:
     """Read an HF checkpoint (either layout; the format and model come from config.json) and write a
     canonical checkpoint. Everything is validated before the first tensor is converted.
 
@@ -274,6 +323,13 @@ def convert_hf_to_checkpoint(hf_dir: str | os.PathLike, save: str | os.PathLike,
     src = SafetensorsDir(hf_dir)
     dtype = source_dtype(src)
     source = {"format": fmt, "dtype": dtype_name(dtype), "hf_config": hf_config, "hf_dir": str(Path(hf_dir).resolve())}
-    save_canonical(save, cfg, _stored_to_canonical(src, cfg, fmt, progress=progress), source, layout, max_shard_bytes,
-                   plan=canonical_plan(src, cfg, fmt))
+    save_canonical(
+        save,
+        cfg,
+        _stored_to_canonical(src, cfg, fmt, progress=progress),
+        source,
+        layout,
+        max_shard_bytes,
+        plan=canonical_plan(src, cfg, fmt),
+    )
     return cfg

@@ -5,6 +5,7 @@ and defaults follow transformers' `InternVLConfig` / `InternVLVisionConfig` (5.x
 `InternVLChatConfig` / `InternVisionConfig` (remote code); a key absent from a saved config takes that
 class's default.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -67,35 +68,82 @@ class VisionSchema:
 
 VISION_SCHEMAS: dict[str, VisionSchema] = {
     "transformers": VisionSchema(
-        keys=dict(num_layers="num_hidden_layers", hidden_size="hidden_size",
-                  num_attention_heads="num_attention_heads", ffn_hidden_size="intermediate_size",
-                  image_size="image_size", patch_size="patch_size", qkv_bias="attention_bias",
-                  normalization="norm_type", qk_normalization="use_qk_norm",
-                  layernorm_epsilon="layer_norm_eps", layer_scale_init="layer_scale_init_value"),
-        defaults=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                      image_size=448, patch_size=14, attention_bias=False, norm_type="layer_norm",
-                      use_qk_norm=False, layer_norm_eps=1e-6, layer_scale_init_value=0.1),
+        keys=dict(
+            num_layers="num_hidden_layers",
+            hidden_size="hidden_size",
+            num_attention_heads="num_attention_heads",
+            ffn_hidden_size="intermediate_size",
+            image_size="image_size",
+            patch_size="patch_size",
+            qkv_bias="attention_bias",
+            normalization="norm_type",
+            qk_normalization="use_qk_norm",
+            layernorm_epsilon="layer_norm_eps",
+            layer_scale_init="layer_scale_init_value",
+        ),
+        defaults=dict(
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            intermediate_size=4096,
+            image_size=448,
+            patch_size=14,
+            attention_bias=False,
+            norm_type="layer_norm",
+            use_qk_norm=False,
+            layer_norm_eps=1e-6,
+            layer_scale_init_value=0.1,
+        ),
         # a final LayerNorm (use_mean_pooling=False) or no position embedding are not InternViT
-        fixed=dict(hidden_act=("gelu",), use_mean_pooling=(True,), use_absolute_position_embeddings=(True,),
-                   num_channels=(3,), use_mask_token=(False,)),
+        fixed=dict(
+            hidden_act=("gelu",),
+            use_mean_pooling=(True,),
+            use_absolute_position_embeddings=(True,),
+            num_channels=(3,),
+            use_mask_token=(False,),
+        ),
     ),
     "internvl": VisionSchema(
-        keys=dict(num_layers="num_hidden_layers", hidden_size="hidden_size",
-                  num_attention_heads="num_attention_heads", ffn_hidden_size="intermediate_size",
-                  image_size="image_size", patch_size="patch_size", qkv_bias="qkv_bias",
-                  normalization="norm_type", qk_normalization="qk_normalization",
-                  layernorm_epsilon="layer_norm_eps", layer_scale_init="initializer_factor",
-                  drop_path_rate="drop_path_rate"),
-        defaults=dict(hidden_size=3200, num_hidden_layers=48, num_attention_heads=25, intermediate_size=12800,
-                      image_size=224, patch_size=14, qkv_bias=False, norm_type="rms_norm", qk_normalization=True,
-                      layer_norm_eps=1e-6, initializer_factor=0.1, drop_path_rate=0.0),
+        keys=dict(
+            num_layers="num_hidden_layers",
+            hidden_size="hidden_size",
+            num_attention_heads="num_attention_heads",
+            ffn_hidden_size="intermediate_size",
+            image_size="image_size",
+            patch_size="patch_size",
+            qkv_bias="qkv_bias",
+            normalization="norm_type",
+            qk_normalization="qk_normalization",
+            layernorm_epsilon="layer_norm_eps",
+            layer_scale_init="initializer_factor",
+            drop_path_rate="drop_path_rate",
+        ),
+        defaults=dict(
+            hidden_size=3200,
+            num_hidden_layers=48,
+            num_attention_heads=25,
+            intermediate_size=12800,
+            image_size=224,
+            patch_size=14,
+            qkv_bias=False,
+            norm_type="rms_norm",
+            qk_normalization=True,
+            layer_norm_eps=1e-6,
+            initializer_factor=0.1,
+            drop_path_rate=0.0,
+        ),
         fixed=dict(hidden_act=("gelu",), num_channels=(3,), use_moe=(False,)),
     ),
 }
 
 _VISION_CONVERT: dict[str, Callable[[Any], Any]] = {
-    "image_size": _first, "patch_size": _first, "qkv_bias": bool, "qk_normalization": bool,
-    "normalization": lambda v: _NORMS[v], "layernorm_epsilon": float, "layer_scale_init": float,
+    "image_size": _first,
+    "patch_size": _first,
+    "qkv_bias": bool,
+    "qk_normalization": bool,
+    "normalization": lambda v: _NORMS[v],
+    "layernorm_epsilon": float,
+    "layer_scale_init": float,
     "drop_path_rate": float,
 }
 
@@ -107,11 +155,15 @@ def _vision_from(vc: Mapping[str, Any], fmt: str, select_layer: int, where: str)
     norm = vc.get(schema.keys["normalization"], schema.defaults[schema.keys["normalization"]])
     if norm not in _NORMS:
         raise ConversionError(f"{where}: norm_type={norm!r} is not supported (layer_norm, rms_norm)")
-    fields = {f: _VISION_CONVERT.get(f, int)(_get(vc, k, where, schema.defaults.get(k, _REQUIRED)))
-              for f, k in schema.keys.items()}
+    fields = {
+        f: _VISION_CONVERT.get(f, int)(_get(vc, k, where, schema.defaults.get(k, _REQUIRED)))
+        for f, k in schema.keys.items()
+    }
     if fields["hidden_size"] % fields["num_attention_heads"]:
-        raise ConversionError(f"{where}: hidden_size {fields['hidden_size']} is not a multiple of "
-                              f"num_attention_heads {fields['num_attention_heads']}")
+        raise ConversionError(
+            f"{where}: hidden_size {fields['hidden_size']} is not a multiple of "
+            f"num_attention_heads {fields['num_attention_heads']}"
+        )
     return VisionConfig(select_layer=select_layer, **fields)
 
 
@@ -141,48 +193,106 @@ class LLMSpec:
 
 
 LLM_SPECS: dict[str, LLMSpec] = {  # keyed by architecture
-    "Qwen2ForCausalLM": LLMSpec("qwen2", "Qwen2ForCausalLM", "qwen2", qkv_bias=True,
-                                must_be_false=("use_sliding_window",),
-                                defaults=(("rope_theta", 10000.0), ("tie_word_embeddings", False))),
-    "LlamaForCausalLM": LLMSpec("llama", "LlamaForCausalLM", "llama", qkv_bias=False,
-                                must_be_false=("attention_bias", "mlp_bias"),
-                                defaults=(("rope_theta", 10000.0), ("tie_word_embeddings", False))),
-    "InternLM3ForCausalLM": LLMSpec("llama", "InternLM3ForCausalLM", "internlm3", qkv_bias="qkv_bias",
-                                    must_be_false=("bias",),
-                                    defaults=(("qkv_bias", False), ("bias", False), ("rope_theta", 10000.0),
-                                              ("tie_word_embeddings", False))),
-    "Qwen3ForCausalLM": LLMSpec("qwen3", "Qwen3ForCausalLM", "qwen3", qkv_bias=False, qk_norm=True,
-                                must_be_false=("attention_bias", "use_sliding_window"),
-                                defaults=(("head_dim", 128), ("rope_theta", 10000.0), ("tie_word_embeddings", False))),
+    "Qwen2ForCausalLM": LLMSpec(
+        "qwen2",
+        "Qwen2ForCausalLM",
+        "qwen2",
+        qkv_bias=True,
+        must_be_false=("use_sliding_window",),
+        defaults=(("rope_theta", 10000.0), ("tie_word_embeddings", False)),
+    ),
+    "LlamaForCausalLM": LLMSpec(
+        "llama",
+        "LlamaForCausalLM",
+        "llama",
+        qkv_bias=False,
+        must_be_false=("attention_bias", "mlp_bias"),
+        defaults=(("rope_theta", 10000.0), ("tie_word_embeddings", False)),
+    ),
+    "InternLM3ForCausalLM": LLMSpec(
+        "llama",
+        "InternLM3ForCausalLM",
+        "internlm3",
+        qkv_bias="qkv_bias",
+        must_be_false=("bias",),
+        defaults=(("qkv_bias", False), ("bias", False), ("rope_theta", 10000.0), ("tie_word_embeddings", False)),
+    ),
+    "Qwen3ForCausalLM": LLMSpec(
+        "qwen3",
+        "Qwen3ForCausalLM",
+        "qwen3",
+        qkv_bias=False,
+        qk_norm=True,
+        must_be_false=("attention_bias", "use_sliding_window"),
+        defaults=(("head_dim", 128), ("rope_theta", 10000.0), ("tie_word_embeddings", False)),
+    ),
     "InternLM2ForCausalLM": LLMSpec(
-        "internlm2", "InternLM2ForCausalLM", "internlm2", qkv_bias=False, must_be_false=("bias",), head_dim=False,
+        "internlm2",
+        "InternLM2ForCausalLM",
+        "internlm2",
+        qkv_bias=False,
+        must_be_false=("bias",),
+        head_dim=False,
         defaults=(("bias", True), ("rope_theta", 10000), ("tie_word_embeddings", False)),
-        extra=(("auto_map", {"AutoConfig": "configuration_internlm2.InternLM2Config",
-                             "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
-                             "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"}),)),
-    "Qwen3MoeForCausalLM": LLMSpec("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3_moe", qkv_bias=False, qk_norm=True,
-                                   must_be_false=("attention_bias", "use_sliding_window"),
-                                   defaults=(("head_dim", 128), ("rope_theta", 10000.0),
-                                             ("tie_word_embeddings", False), ("norm_topk_prob", False),
-                                             ("router_aux_loss_coef", 0.001), ("decoder_sparse_step", 1)),
-                                   moe=True),
+        extra=(
+            (
+                "auto_map",
+                {
+                    "AutoConfig": "configuration_internlm2.InternLM2Config",
+                    "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+                    "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM",
+                },
+            ),
+        ),
+    ),
+    "Qwen3MoeForCausalLM": LLMSpec(
+        "qwen3_moe",
+        "Qwen3MoeForCausalLM",
+        "qwen3_moe",
+        qkv_bias=False,
+        qk_norm=True,
+        must_be_false=("attention_bias", "use_sliding_window"),
+        defaults=(
+            ("head_dim", 128),
+            ("rope_theta", 10000.0),
+            ("tie_word_embeddings", False),
+            ("norm_topk_prob", False),
+            ("router_aux_loss_coef", 0.001),
+            ("decoder_sparse_step", 1),
+        ),
+        moe=True,
+    ),
 }
 # transformers' InternVL text_config is a native transformers class, found by model_type
-TEXT_MODEL_TYPES: dict[str, str] = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
-                                    "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+TEXT_MODEL_TYPES: dict[str, str] = {
+    "qwen2": "Qwen2ForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
 # On export, the class written for each family (transformers has no InternLM2: Llama naming, same math)
 EXPORT_ARCH: dict[str, dict[str, str]] = {
-    "internvl": {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "internlm2": "InternLM2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"},
-    "transformers": {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "internlm2": "LlamaForCausalLM",
-                     "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"},
+    "internvl": {
+        "qwen2": "Qwen2ForCausalLM",
+        "llama": "LlamaForCausalLM",
+        "internlm2": "InternLM2ForCausalLM",
+        "qwen3": "Qwen3ForCausalLM",
+        "qwen3_moe": "Qwen3MoeForCausalLM",
+    },
+    "transformers": {
+        "qwen2": "Qwen2ForCausalLM",
+        "llama": "LlamaForCausalLM",
+        "internlm2": "LlamaForCausalLM",
+        "qwen3": "Qwen3ForCausalLM",
+        "qwen3_moe": "Qwen3MoeForCausalLM",
+    },
 }
 # LLM classes InternVL releases that the decoder does not model, with what it lacks (architecture in an
 # InternVL llm_config, or model_type in a transformers text_config)
 UNSUPPORTED_LLMS: dict[str, str] = {
     "GptOssForCausalLM": "GPT-OSS (InternVL3.5-20B-A4B) needs attention sinks, alternating sliding-window / "
-                         "full attention, YaRN RoPE, the clamped SwiGLU with biases, its mixture-of-experts "
-                         "router and MXFP4 expert weights, none of which this decoder implements",
+    "full attention, YaRN RoPE, the clamped SwiGLU with biases, its mixture-of-experts "
+    "router and MXFP4 expert weights, none of which this decoder implements",
 }
 UNSUPPORTED_LLMS["gpt_oss"] = UNSUPPORTED_LLMS["GptOssForCausalLM"]
 _ROPE_TYPES = ("default", "dynamic")  # dynamic NTK equals default RoPE up to max_position_embeddings
@@ -195,8 +305,10 @@ def _rope_theta(tc: Mapping[str, Any], defaults: dict, where: str) -> float:
     if rope_type not in _ROPE_TYPES:
         raise ConversionError(f"{where}: RoPE scaling {rope_type!r} is not supported (default, dynamic)")
     if rope_type == "dynamic":
-        warnings.warn(f"{where}: dynamic NTK RoPE scaling is not modelled; it equals plain RoPE for "
-                      f"sequences up to max_position_embeddings ({tc.get('max_position_embeddings')})")
+        warnings.warn(
+            f"{where}: dynamic NTK RoPE scaling is not modelled; it equals plain RoPE for "
+            f"sequences up to max_position_embeddings ({tc.get('max_position_embeddings')})"
+        )
     theta = params.get("rope_theta", tc.get("rope_theta", defaults.get("rope_theta")))
     return float(_get({"rope_theta": theta}, "rope_theta", where))
 
@@ -212,7 +324,9 @@ def _llm_from(tc: Mapping[str, Any], spec: LLMSpec, tie: bool | None, where: str
     head_dim = tc.get("head_dim", defaults.get("head_dim")) if spec.head_dim else None
     # a head width other than hidden / heads becomes kv_channels (None keeps the configs of presets equal)
     kv_channels = int(head_dim) if head_dim is not None and int(head_dim) * heads != hidden else None
-    qkv_bias = spec.qkv_bias if isinstance(spec.qkv_bias, bool) else bool(tc.get(spec.qkv_bias, defaults.get(spec.qkv_bias)))
+    qkv_bias = (
+        spec.qkv_bias if isinstance(spec.qkv_bias, bool) else bool(tc.get(spec.qkv_bias, defaults.get(spec.qkv_bias)))
+    )
     return LLMConfig(
         family=spec.family,  # type: ignore[arg-type]
         num_layers=int(_get(tc, "num_hidden_layers", where)),
@@ -224,7 +338,9 @@ def _llm_from(tc: Mapping[str, Any], spec: LLMSpec, tie: bool | None, where: str
         qkv_bias=qkv_bias,
         rope_theta=_rope_theta(tc, defaults, where),
         norm_epsilon=float(_get(tc, "rms_norm_eps", where, 1e-6)),
-        tie_word_embeddings=bool(tie if tie is not None else tc.get("tie_word_embeddings", defaults["tie_word_embeddings"])),
+        tie_word_embeddings=bool(
+            tie if tie is not None else tc.get("tie_word_embeddings", defaults["tie_word_embeddings"])
+        ),
         max_position_embeddings=int(_get(tc, "max_position_embeddings", where, 32768)),
         qk_layernorm=spec.qk_norm,
         kv_channels=kv_channels,
@@ -238,27 +354,36 @@ def _moe_from(tc: Mapping[str, Any], defaults: dict, where: str) -> dict:
     (transformers' loss counts each routed (token, expert) slot, megatron-core's divides by top-k;
     summing over layers instead of transformers' all-layers pooling: docs/moe.md)."""
     if int(tc.get("decoder_sparse_step", defaults.get("decoder_sparse_step", 1))) != 1 or tc.get("mlp_only_layers"):
-        raise ConversionError(f"{where}: decoder_sparse_step != 1 / mlp_only_layers (dense layers between MoE "
-                              "layers) are not supported: every decoder layer must be MoE")
+        raise ConversionError(
+            f"{where}: decoder_sparse_step != 1 / mlp_only_layers (dense layers between MoE "
+            "layers) are not supported: every decoder layer must be MoE"
+        )
     topk = int(_get(tc, "num_experts_per_tok", where))
     coef = float(tc.get("router_aux_loss_coef", defaults.get("router_aux_loss_coef", 0.0)))
     # transformers 5 saves Qwen3MoeConfig.num_experts as num_local_experts; Qwen3's own configs say num_experts
     experts = tc.get("num_experts", tc.get("num_local_experts"))
-    return dict(num_experts=int(_get({"num_experts": experts}, "num_experts", where)),
-                moe_ffn_hidden_size=int(_get(tc, "moe_intermediate_size", where)),
-                moe_router_topk=topk,
-                moe_norm_topk_prob=bool(tc.get("norm_topk_prob", defaults.get("norm_topk_prob", False))),
-                moe_aux_loss_coeff=coef * topk / int(_get(tc, "num_hidden_layers", where)))
+    return dict(
+        num_experts=int(_get({"num_experts": experts}, "num_experts", where)),
+        moe_ffn_hidden_size=int(_get(tc, "moe_intermediate_size", where)),
+        moe_router_topk=topk,
+        moe_norm_topk_prob=bool(tc.get("norm_topk_prob", defaults.get("norm_topk_prob", False))),
+        moe_aux_loss_coeff=coef * topk / int(_get(tc, "num_hidden_layers", where)),
+    )
 
 
 def _moe_config_dict(m: LLMConfig) -> dict:
     """Inverse of `_moe_from` (empty for a dense model)."""
     if not m.is_moe:
         return {}
-    return {"num_experts": m.num_experts, "moe_intermediate_size": m.moe_ffn_hidden_size,
-            "num_experts_per_tok": m.moe_router_topk, "norm_topk_prob": m.moe_norm_topk_prob,
-            "router_aux_loss_coef": m.moe_aux_loss_coeff * m.num_layers / m.moe_router_topk,
-            "decoder_sparse_step": 1, "mlp_only_layers": []}
+    return {
+        "num_experts": m.num_experts,
+        "moe_intermediate_size": m.moe_ffn_hidden_size,
+        "num_experts_per_tok": m.moe_router_topk,
+        "norm_topk_prob": m.moe_norm_topk_prob,
+        "router_aux_loss_coef": m.moe_aux_loss_coeff * m.num_layers / m.moe_router_topk,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+    }
 
 
 def _check_downsample(ratio: float, where: str) -> float:
@@ -278,11 +403,13 @@ def _from_transformers(c: Mapping[str, Any], where: str) -> tuple[ModelConfig, d
         raise ConversionError(f"{where}: vision_feature_layer={layer!r}: only a single layer is supported")
     text_type = _get(tc, "model_type", where + " text_config")
     if text_type in UNSUPPORTED_LLMS:
-        raise ConversionError(f"{where}: text_config model_type {text_type!r} is not supported: "
-                              f"{UNSUPPORTED_LLMS[text_type]}")
+        raise ConversionError(
+            f"{where}: text_config model_type {text_type!r} is not supported: {UNSUPPORTED_LLMS[text_type]}"
+        )
     if text_type not in TEXT_MODEL_TYPES:
-        raise ConversionError(f"{where}: text_config model_type {text_type!r} is not supported "
-                              f"(supported: {', '.join(TEXT_MODEL_TYPES)})")
+        raise ConversionError(
+            f"{where}: text_config model_type {text_type!r} is not supported (supported: {', '.join(TEXT_MODEL_TYPES)})"
+        )
     # transformers 5 ties lm_head by the top-level flag (default True); older configs kept it in text_config
     tie = c.get("tie_word_embeddings", tc.get("tie_word_embeddings", True))
     vision = _vision_from(vc, "transformers", layer, where + " vision_config")
@@ -303,13 +430,16 @@ def _from_internvl(c: Mapping[str, Any], where: str) -> tuple[ModelConfig, dict]
     if arch in UNSUPPORTED_LLMS:
         raise ConversionError(f"{where}: llm_config architecture {arch!r} is not supported: {UNSUPPORTED_LLMS[arch]}")
     if arch not in LLM_SPECS:
-        raise ConversionError(f"{where}: llm_config architecture {arch!r} is not supported "
-                              f"(supported: {', '.join(LLM_SPECS)})")
+        raise ConversionError(
+            f"{where}: llm_config architecture {arch!r} is not supported (supported: {', '.join(LLM_SPECS)})"
+        )
     vision = _vision_from(vc, "internvl", int(c.get("select_layer", -1)), where + " vision_config")
     force = c.get("force_image_size")
     if force is not None and int(force) != vision.image_size:
-        raise ConversionError(f"{where}: force_image_size={force} differs from vision_config image_size="
-                              f"{vision.image_size}; resize the position embedding first")
+        raise ConversionError(
+            f"{where}: force_image_size={force} differs from vision_config image_size="
+            f"{vision.image_size}; resize the position embedding first"
+        )
     llm = _llm_from(lc, LLM_SPECS[arch], None, where + " llm_config")
     ratio = _check_downsample(float(c.get("downsample_ratio", 0.5)), where)
     ids = {"img_context_token_id": int(c["img_context_token_id"])} if c.get("img_context_token_id") is not None else {}
@@ -350,8 +480,11 @@ def _tokenizer_ids(hf_dir: Path | None) -> dict[str, int]:
 
 def _structure(cfg: ModelConfig) -> tuple:
     """The parts of a config that decide tensor shapes and the computation (not training knobs)."""
-    return (dataclasses.replace(cfg.vision, drop_path_rate=0.0, layer_scale_init=0.1),
-            dataclasses.replace(cfg.llm, max_position_embeddings=0), cfg.downsample_ratio)
+    return (
+        dataclasses.replace(cfg.vision, drop_path_rate=0.0, layer_scale_init=0.1),
+        dataclasses.replace(cfg.llm, max_position_embeddings=0),
+        cfg.downsample_ratio,
+    )
 
 
 def matching_preset(cfg: ModelConfig) -> ModelConfig | None:
@@ -370,8 +503,14 @@ def _config_pad_id(config: Mapping[str, Any]) -> dict[str, int]:
     return {"pad_token_id": int(pad)} if isinstance(pad, int) and not isinstance(pad, bool) else {}
 
 
-def _special_ids(config: Mapping[str, Any], cfg: ModelConfig, stated: dict, preset: ModelConfig | None,
-                 hf_dir: Path | None, where: str) -> dict[str, int]:
+def _special_ids(
+    config: Mapping[str, Any],
+    cfg: ModelConfig,
+    stated: dict,
+    preset: ModelConfig | None,
+    hf_dir: Path | None,
+    where: str,
+) -> dict[str, int]:
     """Special-token ids from the tokenizer files, else config.json (`stated`: image_token_id /
     img_context_token_id, the LLM config's pad_token_id), else the preset of the same architecture.
     An id nothing states, or one outside the LLM's vocabulary, is refused: training would index past
@@ -383,14 +522,18 @@ def _special_ids(config: Mapping[str, Any], cfg: ModelConfig, stated: dict, pres
     missing = [f for f in _ID_FIELDS if f not in ids]
     if missing:
         place = f"{hf_dir} has no tokenizer files ({_TOKENIZER_FILES}) naming them" if hf_dir else "no tokenizer files"
-        raise ConversionError(f"{where}: special-token ids {', '.join(missing)} are unknown: no preset has this "
-                              f"architecture, config.json does not state them and {place}; put the model's "
-                              "tokenizer files next to config.json")
+        raise ConversionError(
+            f"{where}: special-token ids {', '.join(missing)} are unknown: no preset has this "
+            f"architecture, config.json does not state them and {place}; put the model's "
+            "tokenizer files next to config.json"
+        )
     vocab = cfg.llm.vocab_size
     outside = [f"{f}={ids[f]}" for f in _ID_FIELDS if not 0 <= ids[f] < vocab]
     if outside:
-        raise ConversionError(f"{where}: special-token ids {', '.join(outside)} are outside the LLM's vocabulary "
-                              f"of {vocab} rows (vocab_size); the tokenizer files do not belong to this model")
+        raise ConversionError(
+            f"{where}: special-token ids {', '.join(outside)} are outside the LLM's vocabulary "
+            f"of {vocab} rows (vocab_size); the tokenizer files do not belong to this model"
+        )
     return {f: ids[f] for f in _ID_FIELDS}
 
 
@@ -401,8 +544,9 @@ def model_config_from_hf(config: Mapping[str, Any], hf_dir: str | os.PathLike | 
     where = f"{Path(hf_dir) / CONFIG_NAME}" if hf_dir is not None else CONFIG_NAME
     model_type = config.get("model_type")
     if model_type not in FORMAT_OF_MODEL_TYPE:
-        raise ConversionError(f"{where}: unknown model_type {model_type!r} (supported: "
-                              f"{', '.join(FORMAT_OF_MODEL_TYPE)})")
+        raise ConversionError(
+            f"{where}: unknown model_type {model_type!r} (supported: {', '.join(FORMAT_OF_MODEL_TYPE)})"
+        )
     fmt, reader = FORMAT_OF_MODEL_TYPE[model_type]
     cfg, stated = reader(config, where)
     preset = matching_preset(cfg)
@@ -430,23 +574,35 @@ def _llm_config_dicts(cfg: ModelConfig, fmt: str, dtype: torch.dtype, arch: str 
     spec = LLM_SPECS[arch or EXPORT_ARCH[fmt][m.family]]
     fixed_bias = spec.qkv_bias if isinstance(spec.qkv_bias, bool) else None
     if fixed_bias is not None and fixed_bias != m.qkv_bias:
-        raise ConversionError(f"{spec.architecture} {'always' if fixed_bias else 'never'} has q/k/v biases, "
-                              f"but this model has qkv_bias={m.qkv_bias}")
+        raise ConversionError(
+            f"{spec.architecture} {'always' if fixed_bias else 'never'} has q/k/v biases, "
+            f"but this model has qkv_bias={m.qkv_bias}"
+        )
     if spec.qk_norm != m.qk_layernorm:
-        raise ConversionError(f"{spec.architecture} {'always' if spec.qk_norm else 'never'} has per-head QK-norm, "
-                              f"but this model has qk_layernorm={m.qk_layernorm}")
+        raise ConversionError(
+            f"{spec.architecture} {'always' if spec.qk_norm else 'never'} has per-head QK-norm, "
+            f"but this model has qk_layernorm={m.qk_layernorm}"
+        )
     d = {
-        "model_type": spec.model_type, "hidden_size": m.hidden_size, "intermediate_size": m.ffn_hidden_size,
-        "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_attention_heads,
-        "num_key_value_heads": m.num_query_groups, "vocab_size": m.vocab_size, "rms_norm_eps": m.norm_epsilon,
-        "max_position_embeddings": m.max_position_embeddings, "tie_word_embeddings": m.tie_word_embeddings,
+        "model_type": spec.model_type,
+        "hidden_size": m.hidden_size,
+        "intermediate_size": m.ffn_hidden_size,
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_attention_heads,
+        "num_key_value_heads": m.num_query_groups,
+        "vocab_size": m.vocab_size,
+        "rms_norm_eps": m.norm_epsilon,
+        "max_position_embeddings": m.max_position_embeddings,
+        "tie_word_embeddings": m.tie_word_embeddings,
         **_moe_config_dict(m),
     }
     # bias flags: stated when the class default would be wrong, else only without a template
     defaults = dict(spec.defaults)
     if m.kv_channels is not None and not spec.head_dim:
-        raise ConversionError(f"{spec.architecture} has no head_dim setting, but this model's heads are "
-                              f"{m.kv_channels} wide, not hidden_size / num_attention_heads")
+        raise ConversionError(
+            f"{spec.architecture} has no head_dim setting, but this model's heads are "
+            f"{m.kv_channels} wide, not hidden_size / num_attention_heads"
+        )
     if m.kv_channels is not None or "head_dim" in defaults:  # Qwen3's class default (128) may be wrong
         d["head_dim"] = m.head_dim
     flags = {k: False for k in spec.must_be_false}
@@ -465,12 +621,20 @@ def _vision_config_dicts(cfg: ModelConfig, fmt: str) -> tuple[dict, dict]:
     """(modelled keys, boilerplate keys) of the vision sub-config."""
     v = cfg.vision
     schema = VISION_SCHEMAS[fmt]
-    values = {"num_layers": v.num_layers, "hidden_size": v.hidden_size,
-              "num_attention_heads": v.num_attention_heads, "ffn_hidden_size": v.ffn_hidden_size,
-              "image_size": v.image_size, "patch_size": v.patch_size, "qkv_bias": v.qkv_bias,
-              "normalization": _NORMS_INV[v.normalization], "qk_normalization": v.qk_normalization,
-              "layernorm_epsilon": v.layernorm_epsilon, "layer_scale_init": v.layer_scale_init,
-              "drop_path_rate": v.drop_path_rate}
+    values = {
+        "num_layers": v.num_layers,
+        "hidden_size": v.hidden_size,
+        "num_attention_heads": v.num_attention_heads,
+        "ffn_hidden_size": v.ffn_hidden_size,
+        "image_size": v.image_size,
+        "patch_size": v.patch_size,
+        "qkv_bias": v.qkv_bias,
+        "normalization": _NORMS_INV[v.normalization],
+        "qk_normalization": v.qk_normalization,
+        "layernorm_epsilon": v.layernorm_epsilon,
+        "layer_scale_init": v.layer_scale_init,
+        "drop_path_rate": v.drop_path_rate,
+    }
     modelled = {key: values[f] for f, key in schema.keys.items()}
     return modelled, {key: allowed[0] for key, allowed in schema.fixed.items()}
 
@@ -480,15 +644,22 @@ def _transformers_config(cfg: ModelConfig, dt: torch.dtype, arch: str | None) ->
     vision.update(image_size=[cfg.vision.image_size] * 2, patch_size=[cfg.vision.patch_size] * 2)
     text, text_boiler = _llm_config_dicts(cfg, "transformers", dt, arch)
     modelled = {
-        "vision_config": vision, "text_config": text, "image_token_id": cfg.img_context_token_id,
-        "image_seq_length": cfg.num_image_token, "downsample_ratio": cfg.downsample_ratio,
-        "vision_feature_layer": cfg.vision.select_layer, "tie_word_embeddings": cfg.llm.tie_word_embeddings,
+        "vision_config": vision,
+        "text_config": text,
+        "image_token_id": cfg.img_context_token_id,
+        "image_seq_length": cfg.num_image_token,
+        "downsample_ratio": cfg.downsample_ratio,
+        "vision_feature_layer": cfg.vision.select_layer,
+        "tie_word_embeddings": cfg.llm.tie_word_embeddings,
         "dtype": dtype_name(dt),
     }
     boiler = {
-        "architectures": ["InternVLForConditionalGeneration"], "model_type": "internvl",
-        "vision_config": {"model_type": "internvl_vision", **vision_boiler}, "text_config": text_boiler,
-        "projector_hidden_act": "gelu", "vision_feature_select_strategy": "default",
+        "architectures": ["InternVLForConditionalGeneration"],
+        "model_type": "internvl",
+        "vision_config": {"model_type": "internvl_vision", **vision_boiler},
+        "text_config": text_boiler,
+        "projector_hidden_act": "gelu",
+        "vision_feature_select_strategy": "default",
     }
     return modelled, boiler
 
@@ -497,19 +668,33 @@ def _internvl_config(cfg: ModelConfig, dt: torch.dtype, arch: str | None) -> tup
     vision, vision_boiler = _vision_config_dicts(cfg, "internvl")
     llm, llm_boiler = _llm_config_dicts(cfg, "internvl", dt, arch)
     modelled = {
-        "vision_config": vision, "llm_config": llm, "downsample_ratio": cfg.downsample_ratio,
-        "ps_version": cfg.ps_version, "select_layer": cfg.vision.select_layer, "template": cfg.template,
-        "force_image_size": cfg.vision.image_size, "torch_dtype": dtype_name(dt),
+        "vision_config": vision,
+        "llm_config": llm,
+        "downsample_ratio": cfg.downsample_ratio,
+        "ps_version": cfg.ps_version,
+        "select_layer": cfg.vision.select_layer,
+        "template": cfg.template,
+        "force_image_size": cfg.vision.image_size,
+        "torch_dtype": dtype_name(dt),
     }
     boiler = {
-        "architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
-        "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
-                     "AutoModel": "modeling_internvl_chat.InternVLChatModel",
-                     "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel"},
+        "architectures": ["InternVLChatModel"],
+        "model_type": "internvl_chat",
+        "auto_map": {
+            "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+            "AutoModel": "modeling_internvl_chat.InternVLChatModel",
+            "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel",
+        },
         "vision_config": {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b", **vision_boiler},
         "llm_config": llm_boiler,
-        "dynamic_image_size": True, "use_thumbnail": True, "min_dynamic_patch": 1, "max_dynamic_patch": 12,
-        "use_backbone_lora": 0, "use_llm_lora": 0, "pad2square": False, "tie_word_embeddings": False,
+        "dynamic_image_size": True,
+        "use_thumbnail": True,
+        "min_dynamic_patch": 1,
+        "max_dynamic_patch": 12,
+        "use_backbone_lora": 0,
+        "use_llm_lora": 0,
+        "pad2square": False,
+        "tie_word_embeddings": False,
     }
     return modelled, boiler
 
@@ -553,8 +738,8 @@ def hf_config_for(cfg: ModelConfig, fmt: str, dtype: torch.dtype, template: Mapp
     if template is None:
         return _merge(boiler, modelled, keep_dtype_spelling=False)
     if template.get("model_type") != MODEL_TYPE_OF_FORMAT[fmt]:
-        raise ConversionError(f"template config.json has model_type {template.get('model_type')!r}, "
-                              f"format {fmt!r} needs {MODEL_TYPE_OF_FORMAT[fmt]!r}")
+        raise ConversionError(
+            f"template config.json has model_type {template.get('model_type')!r}, "
+            f"format {fmt!r} needs {MODEL_TYPE_OF_FORMAT[fmt]!r}"
+        )
     return _merge(template, modelled, keep_dtype_spelling=True)
-
-

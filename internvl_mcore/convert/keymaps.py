@@ -29,6 +29,7 @@ Fused-tensor layouts (d = head_dim, H = input width):
   `mlp.experts.local_experts.{e}` (canonical = global expert index, models/weights.py) and the
   router as `mlp.router`. `{e}` runs over the experts (`layers="llm_expert"`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ class Rule:
 # --- named reshape functions: pure, exact (reshape / cat / split only) ---------------------------
 # Each one rearranges rows (dim 0) only and passes trailing dims through (hf.py relies on it to
 # compute expected HF shapes cheaply).
+
 
 def _grouped_from_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int, d: int) -> torch.Tensor:
     """HF q (n*d, ...), k (g*d, ...), v (g*d, ...) -> megatron grouped rows (g*(hpg+2)*d, ...)."""
@@ -194,8 +196,12 @@ def _vision_rules(prefix: str, names: dict[str, str], qkv: tuple[tuple[str, ...]
         (_V + "input_layernorm.weight", (layer + names["norm1"] + ".weight",), "copy", None),
         (_V + "input_layernorm.bias", (layer + names["norm1"] + ".bias",), "copy", "vision_norm_bias"),
         (_V + "self_attention.linear_qkv.weight", tuple(layer + n + ".weight" for n in qkv_names), qkv_transform, None),
-        (_V + "self_attention.linear_qkv.bias", tuple(layer + n + ".bias" for n in qkv_names), qkv_transform,
-         "vision_qkv_bias"),
+        (
+            _V + "self_attention.linear_qkv.bias",
+            tuple(layer + n + ".bias" for n in qkv_names),
+            qkv_transform,
+            "vision_qkv_bias",
+        ),
         (_V + "self_attention.q_layernorm.weight", (layer + names["q_norm"] + ".weight",), "copy", "vision_qk_norm"),
         (_V + "self_attention.k_layernorm.weight", (layer + names["k_norm"] + ".weight",), "copy", "vision_qk_norm"),
         (_V + "self_attention.linear_proj.weight", (layer + names["proj"] + ".weight",), "copy", None),
@@ -231,13 +237,22 @@ def _llm_rules(model: str, head: str, n: dict[str, str]) -> tuple[Rule, ...]:
     per_layer = (
         (_L + "input_layernorm.weight", (layer + n["norm1"] + ".weight",), "copy", None),
         (_L + "self_attention.linear_qkv.weight", tuple(layer + x + ".weight" for x in qkv), n["qkv_transform"], None),
-        (_L + "self_attention.linear_qkv.bias", tuple(layer + x + ".bias" for x in qkv), n["qkv_transform"], "llm_qkv_bias"),
+        (
+            _L + "self_attention.linear_qkv.bias",
+            tuple(layer + x + ".bias" for x in qkv),
+            n["qkv_transform"],
+            "llm_qkv_bias",
+        ),
         (_L + "self_attention.q_layernorm.weight", (layer + n["q_norm"] + ".weight",), "copy", "llm_qk_norm"),
         (_L + "self_attention.k_layernorm.weight", (layer + n["k_norm"] + ".weight",), "copy", "llm_qk_norm"),
         (_L + "self_attention.linear_proj.weight", (layer + n["o"] + ".weight",), "copy", None),
         (_L + "pre_mlp_layernorm.weight", (layer + n["norm2"] + ".weight",), "copy", None),
-        (_L + "mlp.linear_fc1.weight", (layer + n["gate"] + ".weight", layer + n["up"] + ".weight"),
-         "gate_up", "dense_mlp"),
+        (
+            _L + "mlp.linear_fc1.weight",
+            (layer + n["gate"] + ".weight", layer + n["up"] + ".weight"),
+            "gate_up",
+            "dense_mlp",
+        ),
         (_L + "mlp.linear_fc2.weight", (layer + n["down"] + ".weight",), "copy", "dense_mlp"),
         (_L + "mlp.router.weight", (layer + "mlp.gate.weight",), "copy", "moe"),
     )
@@ -249,26 +264,47 @@ def _llm_rules(model: str, head: str, n: dict[str, str]) -> tuple[Rule, ...]:
     # `n["q"] == n["k"] == n["v"]` for packed layouts: collapse to one HF tensor
     per_layer = tuple((c, tuple(dict.fromkeys(h)), t, w) for c, h, t, w in per_layer)
     return (
-        Rule("language_model.embedding.word_embeddings.weight", (model + n["embed"] + ".weight",)),
-    ) + tuple(Rule(c, h, t, "llm", w) for c, h, t, w in per_layer) + tuple(
-        Rule(c, h, t, "llm_expert", w) for c, h, t, w in per_expert) + (
-        Rule("language_model.decoder.final_layernorm.weight", (model + n["final_norm"] + ".weight",)),
-        Rule("language_model.output_layer.weight", (head,), when="untied_output"),
+        (Rule("language_model.embedding.word_embeddings.weight", (model + n["embed"] + ".weight",)),)
+        + tuple(Rule(c, h, t, "llm", w) for c, h, t, w in per_layer)
+        + tuple(Rule(c, h, t, "llm_expert", w) for c, h, t, w in per_expert)
+        + (
+            Rule("language_model.decoder.final_layernorm.weight", (model + n["final_norm"] + ".weight",)),
+            Rule("language_model.output_layer.weight", (head,), when="untied_output"),
+        )
     )
 
 
 _HF_LLM_NAMES = dict(  # Qwen2, Llama, InternLM3, Qwen3 (transformers' LlamaForCausalLM naming; Qwen3 adds q/k_norm)
-    embed="embed_tokens", norm1="input_layernorm", norm2="post_attention_layernorm", final_norm="norm",
-    q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
-    q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
-    qkv_transform="llm_qkv", gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj",
+    embed="embed_tokens",
+    norm1="input_layernorm",
+    norm2="post_attention_layernorm",
+    final_norm="norm",
+    q="self_attn.q_proj",
+    k="self_attn.k_proj",
+    v="self_attn.v_proj",
+    o="self_attn.o_proj",
+    q_norm="self_attn.q_norm",
+    k_norm="self_attn.k_norm",
+    qkv_transform="llm_qkv",
+    gate="mlp.gate_proj",
+    up="mlp.up_proj",
+    down="mlp.down_proj",
 )
 _INTERNLM2_NAMES = dict(
-    embed="tok_embeddings", norm1="attention_norm", norm2="ffn_norm", final_norm="norm",
-    q="attention.wqkv", k="attention.wqkv", v="attention.wqkv", o="attention.wo",
-    q_norm="attention.q_norm", k_norm="attention.k_norm",  # never present: InternLM2 has no QK-norm
+    embed="tok_embeddings",
+    norm1="attention_norm",
+    norm2="ffn_norm",
+    final_norm="norm",
+    q="attention.wqkv",
+    k="attention.wqkv",
+    v="attention.wqkv",
+    o="attention.wo",
+    q_norm="attention.q_norm",
+    k_norm="attention.k_norm",  # never present: InternLM2 has no QK-norm
     qkv_transform="copy",  # wqkv is already megatron-core's grouped layout (module docstring)
-    gate="feed_forward.w1", up="feed_forward.w3", down="feed_forward.w2",
+    gate="feed_forward.w1",
+    up="feed_forward.w3",
+    down="feed_forward.w2",
 )
 
 # Names under "language_model." are shared by both formats (transformers saves its LLM there too).
@@ -280,18 +316,42 @@ LLM_TABLES: dict[str, tuple[Rule, ...]] = {
 VISION_TABLES: dict[str, tuple[Rule, ...]] = {
     "transformers": _vision_rules(
         "vision_tower.",
-        dict(cls="embeddings.cls_token", patch="embeddings.patch_embeddings.projection",
-             pos="embeddings.position_embeddings", layer="encoder.layer.{i}.", ls1="lambda_1",
-             ls2="lambda_2", norm1="layernorm_before", norm2="layernorm_after", q_norm="attention.q_norm",
-             k_norm="attention.k_norm", proj="attention.projection_layer", fc1="mlp.fc1", fc2="mlp.fc2"),
-        (("attention.q_proj", "attention.k_proj", "attention.v_proj"), "vit_qkv_split")),
+        dict(
+            cls="embeddings.cls_token",
+            patch="embeddings.patch_embeddings.projection",
+            pos="embeddings.position_embeddings",
+            layer="encoder.layer.{i}.",
+            ls1="lambda_1",
+            ls2="lambda_2",
+            norm1="layernorm_before",
+            norm2="layernorm_after",
+            q_norm="attention.q_norm",
+            k_norm="attention.k_norm",
+            proj="attention.projection_layer",
+            fc1="mlp.fc1",
+            fc2="mlp.fc2",
+        ),
+        (("attention.q_proj", "attention.k_proj", "attention.v_proj"), "vit_qkv_split"),
+    ),
     "internvl": _vision_rules(
         "vision_model.",
-        dict(cls="embeddings.class_embedding", patch="embeddings.patch_embedding",
-             pos="embeddings.position_embedding", layer="encoder.layers.{i}.", ls1="ls1", ls2="ls2",
-             norm1="norm1", norm2="norm2", q_norm="attn.q_norm", k_norm="attn.k_norm", proj="attn.proj",
-             fc1="mlp.fc1", fc2="mlp.fc2"),
-        (("attn.qkv",), "vit_qkv_fused")),
+        dict(
+            cls="embeddings.class_embedding",
+            patch="embeddings.patch_embedding",
+            pos="embeddings.position_embedding",
+            layer="encoder.layers.{i}.",
+            ls1="ls1",
+            ls2="ls2",
+            norm1="norm1",
+            norm2="norm2",
+            q_norm="attn.q_norm",
+            k_norm="attn.k_norm",
+            proj="attn.proj",
+            fc1="mlp.fc1",
+            fc2="mlp.fc2",
+        ),
+        (("attn.qkv",), "vit_qkv_fused"),
+    ),
 }
 
 PROJECTOR_TABLES: dict[str, tuple[Rule, ...]] = {
@@ -348,12 +408,19 @@ def expand(rules: Sequence[Rule], cfg: ModelConfig) -> list[Entry]:
         experts = range(max(cfg.llm.num_experts, 1)) if r.layers == "llm_expert" else (0,)
         for i in range(counts[r.layers]):
             for e in experts:
-                out.append(Entry(r.canonical.format(i=i, e=e), tuple(h.format(i=i, e=e) for h in r.hf),
-                                 TRANSFORMS[r.transform], present))
+                out.append(
+                    Entry(
+                        r.canonical.format(i=i, e=e),
+                        tuple(h.format(i=i, e=e) for h in r.hf),
+                        TRANSFORMS[r.transform],
+                        present,
+                    )
+                )
     return out
 
 
 # --- canonical shapes from the config (checked against the real model in tests) -------------------
+
 
 def canonical_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Shape of every canonical tensor of `cfg`: the model's parameter list (models/parameters.py),

@@ -22,6 +22,7 @@ the same A: for linear_qkv -> q/k/v_proj that is B's rows split like the weight'
 -> q, k, v), for a SwiGLU fc1 -> gate_proj/up_proj the two halves. Since delta_W = B A row by row,
 each module's B_part A is exactly its rows of delta_W.
 """
+
 from __future__ import annotations
 
 import json
@@ -83,6 +84,7 @@ def is_lora_checkpoint(path: str | os.PathLike) -> bool:
 # canonical tensors of a training checkpoint, read from its files
 # =============================================================================================
 
+
 def _unpad_adapter(name: str, t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """An adapter's split factor is padded like its base weight along the weight's split dim (a column
     layer's B rows, a row layer's A columns); the replicated factor is never padded."""
@@ -108,8 +110,10 @@ class CheckpointTensors(Mapping[str, torch.Tensor]):
             return t
         t = _unpad_adapter(name, t, self.cfg)
         if tuple(t.shape) != self.shape(name):
-            raise ConversionError(f"{self.where}: adapter {name} has shape {tuple(t.shape)}, but its weight "
-                                  f"{base_weight_name(name)} is {tuple(self.view.shape(base_weight_name(name)))}")
+            raise ConversionError(
+                f"{self.where}: adapter {name} has shape {tuple(t.shape)}, but its weight "
+                f"{base_weight_name(name)} is {tuple(self.view.shape(base_weight_name(name)))}"
+            )
         return t
 
     def __iter__(self) -> Iterator[str]:
@@ -160,6 +164,7 @@ def read_lora_checkpoint(path: str | os.PathLike, adapters_only: bool = False) -
 # merged export
 # =============================================================================================
 
+
 def adapter_pairs(adapters: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, str]]:
     """Canonical base weight name -> (name of its A, name of its B); a lone A or B is an error naming it."""
     pairs: dict[str, dict[str, str]] = {}
@@ -175,15 +180,17 @@ def adapter_pairs(adapters: Mapping[str, torch.Tensor]) -> dict[str, tuple[str, 
 def merge_weight(name: str, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """W + scaling * B A (computed in fp32, stored in W's dtype); `name` names W in the error."""
     if (b.shape[0], a.shape[1]) != tuple(weight.shape) or a.shape[0] != b.shape[1]:
-        raise ConversionError(f"adapter of {name}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit the weight "
-                              f"{tuple(weight.shape)}")
+        raise ConversionError(
+            f"adapter of {name}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit the weight {tuple(weight.shape)}"
+        )
     delta = b.float() @ a.float()
     # in place: one (out, in) fp32 temporary; fp32 addition commutes, so this is W.float() + s * B A exactly
     return delta.mul_(scaling).add_(weight).to(weight.dtype)
 
 
-def merge_adapters(base: Mapping[str, torch.Tensor], adapters: Mapping[str, torch.Tensor],
-                   scaling: float) -> dict[str, torch.Tensor]:
+def merge_adapters(
+    base: Mapping[str, torch.Tensor], adapters: Mapping[str, torch.Tensor], scaling: float
+) -> dict[str, torch.Tensor]:
     """Canonical base + adapters -> canonical merged weights (in memory; see `MergedWeights`)."""
     merged = MergedWeights(base, adapters, scaling)
     return {name: merged[name] for name in merged}
@@ -192,8 +199,7 @@ def merge_adapters(base: Mapping[str, torch.Tensor], adapters: Mapping[str, torc
 class MergedWeights(Mapping[str, torch.Tensor]):
     """Canonical merged weights, each computed when indexed from its base weight and adapter."""
 
-    def __init__(self, base: Mapping[str, torch.Tensor], adapters: Mapping[str, torch.Tensor],
-                 scaling: float) -> None:
+    def __init__(self, base: Mapping[str, torch.Tensor], adapters: Mapping[str, torch.Tensor], scaling: float) -> None:
         self.base, self.adapters, self.scaling = base, adapters, scaling
         self.pairs = adapter_pairs(adapters)
         missing = sorted(w for w in self.pairs if w not in base)
@@ -248,30 +254,45 @@ def _source_meta(base: Optional[str], info: dict) -> dict:
     return info.get("source") or {"dtype": "float32"}
 
 
-def export_merged(load: str | os.PathLike, save: str | os.PathLike, fmt: str,
-                  template_dir: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
-                  max_shard_bytes: Optional[int] = None, progress: bool = False) -> list[Path]:
+def export_merged(
+    load: str | os.PathLike,
+    save: str | os.PathLike,
+    fmt: str,
+    template_dir: str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: Optional[int] = None,
+    progress: bool = False,
+) -> list[Path]:
     """`tools/convert_to_hf.py --merge-lora`: a full HF model (format "internvl" or "transformers")
     with the adapters merged into the weights, streamed from the checkpoint's files (each weight
     merged when its HF tensors are written). The canonical source record (dtype, original
     config.json) of the base the run started from is carried over, so the export keeps them."""
     _, src, info, lora = _open(load)
     tensors = src.tensors
-    merged = MergedWeights(_Only(tensors, lambda n: not is_lora_name(n)), _Only(tensors, is_lora_name),
-                           lora.config.scaling)
-    return write_hf_export(ExportSource(merged, src.config, _source_meta(lora.base, info)), save, fmt, template_dir,
-                           dtype, max_shard_bytes or DEFAULT_MAX_SHARD_BYTES, progress)
+    merged = MergedWeights(
+        _Only(tensors, lambda n: not is_lora_name(n)), _Only(tensors, is_lora_name), lora.config.scaling
+    )
+    return write_hf_export(
+        ExportSource(merged, src.config, _source_meta(lora.base, info)),
+        save,
+        fmt,
+        template_dir,
+        dtype,
+        max_shard_bytes or DEFAULT_MAX_SHARD_BYTES,
+        progress,
+    )
 
 
 # =============================================================================================
 # PEFT adapter
 # =============================================================================================
 
+
 def _module_name(hf_weight: str) -> str:
     """On-disk transformers weight name -> the module's name in the loaded model (what PEFT targets)."""
     for in_memory, on_disk in TRANSFORMERS_READ_ALIASES:
         if hf_weight.startswith(on_disk):
-            hf_weight = in_memory + hf_weight[len(on_disk):]
+            hf_weight = in_memory + hf_weight[len(on_disk) :]
             break
     if not hf_weight.endswith(".weight"):
         raise ConversionError(f"{hf_weight}: not a linear weight")
@@ -315,25 +336,42 @@ def peft_adapter_config(modules: list[str], lora: "LoRAInfo", base_name_or_path:
     """adapter_config.json of a PEFT LoRA adapter on `modules` (names in the transformers model)."""
     c = lora.config
     return {
-        "peft_type": "LORA", "task_type": None, "r": c.lora_rank, "lora_alpha": c.alpha,
-        "lora_dropout": c.lora_dropout, "target_modules": _target_regex(modules), "bias": "none",
-        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
-        "use_dora": False, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
+        "peft_type": "LORA",
+        "task_type": None,
+        "r": c.lora_rank,
+        "lora_alpha": c.alpha,
+        "lora_dropout": c.lora_dropout,
+        "target_modules": _target_regex(modules),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
         "base_model_name_or_path": base_name_or_path,
-        "auto_mapping": {"base_model_class": "InternVLForConditionalGeneration",
-                         "parent_library": "transformers.models.internvl.modeling_internvl"},
+        "auto_mapping": {
+            "base_model_class": "InternVLForConditionalGeneration",
+            "parent_library": "transformers.models.internvl.modeling_internvl",
+        },
     }
 
 
-def export_peft_adapter(load: str | os.PathLike, save: str | os.PathLike, dtype: torch.dtype | None = None,
-                        base_name_or_path: Optional[str] = None) -> Path:
+def export_peft_adapter(
+    load: str | os.PathLike,
+    save: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    base_name_or_path: Optional[str] = None,
+) -> Path:
     """`tools/convert_to_hf.py --lora-only`: write a PEFT adapter directory for the transformers export
     of the base. Returns the safetensors path."""
     ckpt = read_lora_checkpoint(load, adapters_only=True)
     tensors = peft_adapter_tensors(ckpt.adapters, ckpt.config)
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
-    modules = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in tensors})
+    modules = sorted({k[len(PEFT_PREFIX) :].rsplit(".lora_", 1)[0] for k in tensors})
     out = Path(save)
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(out / ADAPTER_WEIGHTS, tensors, metadata={"format": "pt"})
@@ -343,23 +381,36 @@ def export_peft_adapter(load: str | os.PathLike, save: str | os.PathLike, dtype:
     return out / ADAPTER_WEIGHTS
 
 
-def export_lora(load: str | os.PathLike, save: str | os.PathLike, fmt: str, merge: bool, lora_only: bool,
-                template_dir: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
-                max_shard_bytes: Optional[int] = None, progress: bool = False) -> list[Path]:
+def export_lora(
+    load: str | os.PathLike,
+    save: str | os.PathLike,
+    fmt: str,
+    merge: bool,
+    lora_only: bool,
+    template_dir: str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: Optional[int] = None,
+    progress: bool = False,
+) -> list[Path]:
     """The LoRA side of tools/convert_to_hf.py: checks the flags against the checkpoint, then
     `export_merged` (--merge-lora) or `export_peft_adapter` (--lora-only)."""
     if merge and lora_only:
         raise ConversionError("--merge-lora and --lora-only exclude each other")
     lora = is_lora_checkpoint(load)
     if not lora:
-        raise ConversionError(f"{load}: {'--merge-lora' if merge else '--lora-only'} needs a LoRA training "
-                              "checkpoint (its run.json has no 'lora' record)")
+        raise ConversionError(
+            f"{load}: {'--merge-lora' if merge else '--lora-only'} needs a LoRA training "
+            "checkpoint (its run.json has no 'lora' record)"
+        )
     if not (merge or lora_only):
-        raise ConversionError(f"{load} holds LoRA adapters: pass --merge-lora (full model with the adapters "
-                              "merged) or --lora-only (a PEFT adapter for the base's transformers export)")
+        raise ConversionError(
+            f"{load} holds LoRA adapters: pass --merge-lora (full model with the adapters "
+            "merged) or --lora-only (a PEFT adapter for the base's transformers export)"
+        )
     if lora_only:
         if fmt != "transformers":
-            raise ConversionError("--lora-only writes a PEFT adapter for transformers' InternVL model: "
-                                  "use --format transformers")
+            raise ConversionError(
+                "--lora-only writes a PEFT adapter for transformers' InternVL model: use --format transformers"
+            )
         return [export_peft_adapter(load, save, dtype, str(template_dir) if template_dir else None)]
     return export_merged(load, save, fmt, template_dir, dtype, max_shard_bytes, progress)

@@ -10,6 +10,7 @@
 So `pretrain_internvl.py --model DIR --pretrained DIR` fine-tunes any supported checkpoint without
 naming its shape anywhere.
 """
+
 from __future__ import annotations
 
 import os
@@ -63,8 +64,9 @@ def model_config_from_path(path: str | os.PathLike) -> ModelConfig:
         return model_config_from_dict(read_json(p / META_NAME, ConversionError)["model"])
     if kind == "hf":
         return model_config_from_hf(read_hf_config(p), p)[0]
-    raise ConversionError(f"{p}: not a checkpoint directory (no {CONFIG_NAME}, {META_NAME}, {RUN_INFO} or "
-                          f"{TRAINING_TRACKER})")
+    raise ConversionError(
+        f"{p}: not a checkpoint directory (no {CONFIG_NAME}, {META_NAME}, {RUN_INFO} or {TRAINING_TRACKER})"
+    )
 
 
 def resolve_model(spec: str) -> ModelConfig:

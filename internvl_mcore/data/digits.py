@@ -5,6 +5,7 @@ is shown?", multi-image "Which of these images shows a 3?", and text-only arithm
 a fixed held-out split, and a tokenizer for the debug models (`train_tiny_tokenizer`, vocab 500:
 its chat-token ids are the `debug` preset's). Used by the demo, the examples and the tests.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,9 +45,16 @@ def _digit_png(pixels: np.ndarray, path: str, size: int) -> None:
     img.resize((size, size), Image.BILINEAR).convert("RGB").save(path)
 
 
-def build_digits_dataset(root: str, image_size: int = 56, heldout_fraction: float = 0.2, seed: int = 0,
-                         multi_image: int = 300, text_only: int = 200, max_single: int | None = None,
-                         preference_pairs: int = 0) -> DigitsDataset:
+def build_digits_dataset(
+    root: str,
+    image_size: int = 56,
+    heldout_fraction: float = 0.2,
+    seed: int = 0,
+    multi_image: int = 300,
+    text_only: int = 200,
+    max_single: int | None = None,
+    preference_pairs: int = 0,
+) -> DigitsDataset:
     """Write the dataset under `root` (idempotent for the same arguments). `max_single` caps the
     single-image training questions (tests use a small set). `preference_pairs` > 0 also writes an MMPR
     preference set of that many training-split images (chosen = the right digit, rejected = a wrong one)."""
@@ -91,9 +99,17 @@ def _write_images(root: str, images: np.ndarray, size: int) -> str:
 
 def _single_image_records(indices: np.ndarray, labels: np.ndarray) -> list[dict]:
     """'What digit is shown?' for each image."""
-    return [{"id": f"single-{i}", "image": f"{i:04d}.png", "conversations": [
-        {"from": "human", "value": f"<image>\n{QUESTION}"},
-        {"from": "gpt", "value": str(int(labels[i]))}]} for i in indices]
+    return [
+        {
+            "id": f"single-{i}",
+            "image": f"{i:04d}.png",
+            "conversations": [
+                {"from": "human", "value": f"<image>\n{QUESTION}"},
+                {"from": "gpt", "value": str(int(labels[i]))},
+            ],
+        }
+        for i in indices
+    ]
 
 
 def _multi_image_records(train: np.ndarray, labels: np.ndarray, count: int, rng: random.Random) -> list[dict]:
@@ -104,8 +120,13 @@ def _multi_image_records(train: np.ndarray, labels: np.ndarray, count: int, rng:
         target = int(labels[pick[rng.randrange(3)]])
         answer = next(j + 1 for j, i in enumerate(pick) if labels[i] == target)
         question = "".join(f"Image-{j + 1}: <image>\n" for j in range(3)) + f"Which of these images shows a {target}?"
-        records.append({"id": f"multi-{k}", "image": [f"{i:04d}.png" for i in pick], "conversations": [
-            {"from": "human", "value": question}, {"from": "gpt", "value": f"Image-{answer}"}]})
+        records.append(
+            {
+                "id": f"multi-{k}",
+                "image": [f"{i:04d}.png" for i in pick],
+                "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": f"Image-{answer}"}],
+            }
+        )
     return records
 
 
@@ -114,22 +135,43 @@ def _text_records(count: int, rng: random.Random) -> list[dict]:
     records = []
     for k in range(count):
         a, b = rng.randrange(5), rng.randrange(5)
-        records.append({"id": f"text-{k}", "conversations": [
-            {"from": "human", "value": f"What is {a} + {b}?"}, {"from": "gpt", "value": str(a + b)}]})
+        records.append(
+            {
+                "id": f"text-{k}",
+                "conversations": [
+                    {"from": "human", "value": f"What is {a} + {b}?"},
+                    {"from": "gpt", "value": str(a + b)},
+                ],
+            }
+        )
     return records
 
 
 def _heldout_records(held: np.ndarray, labels: np.ndarray, img_dir: str) -> list[dict]:
     """{"image" (absolute path), "question", "answer"} for each held-out image."""
-    return [{"image": os.path.join(img_dir, f"{i:04d}.png"), "question": QUESTION, "answer": str(int(labels[i]))}
-            for i in held]
+    return [
+        {"image": os.path.join(img_dir, f"{i:04d}.png"), "question": QUESTION, "answer": str(int(labels[i]))}
+        for i in held
+    ]
 
 
 def _write_meta(path: str, name: str, img_dir: str, annotation: str, length: int) -> None:
     """An InternVL meta JSON of one dataset."""
     with open(path, "w") as f:
-        json.dump({name: {"root": img_dir, "annotation": annotation, "data_augment": False,
-                          "max_dynamic_patch": 1, "repeat_time": 1, "length": length}}, f, indent=2)
+        json.dump(
+            {
+                name: {
+                    "root": img_dir,
+                    "annotation": annotation,
+                    "data_augment": False,
+                    "max_dynamic_patch": 1,
+                    "repeat_time": 1,
+                    "length": length,
+                }
+            },
+            f,
+            indent=2,
+        )
 
 
 def _write_jsonl(path: str, records: list[dict]) -> None:
@@ -157,12 +199,28 @@ def _write_preference(root: str, img_dir: str, train: np.ndarray, labels: np.nda
         for i in train[:n]:
             right = int(labels[i])
             wrong = rng.choice([d for d in range(10) if d != right])
-            f.write(json.dumps({"image": f"{i:04d}.png", "question": QUESTION, "chosen": str(right),
-                                "rejected": str(wrong)}) + "\n")
+            f.write(
+                json.dumps(
+                    {"image": f"{i:04d}.png", "question": QUESTION, "chosen": str(right), "rejected": str(wrong)}
+                )
+                + "\n"
+            )
     meta = os.path.join(root, "meta_preference.json")
     with open(meta, "w") as f:
-        json.dump({"digits_mpo": {"root": img_dir, "annotation": path, "data_augment": False,
-                                  "max_dynamic_patch": 1, "repeat_time": 1, "length": int(min(n, len(train)))}}, f, indent=2)
+        json.dump(
+            {
+                "digits_mpo": {
+                    "root": img_dir,
+                    "annotation": path,
+                    "data_augment": False,
+                    "max_dynamic_patch": 1,
+                    "repeat_time": 1,
+                    "length": int(min(n, len(train))),
+                }
+            },
+            f,
+            indent=2,
+        )
     return meta
 
 

@@ -8,6 +8,7 @@
 - `jpeg_recompress` / `random_jpeg_recompress`: InternVL's `data_augment` training augmentation.
 - `sample_frame_indices` and the frame loaders: InternVL's video frame sampling.
 """
+
 from __future__ import annotations
 
 import io
@@ -91,9 +92,7 @@ def dynamic_preprocess(
     image resized to size x size) when there is more than one tile.
     """
     width, height = image.size
-    grid = find_closest_aspect_ratio(
-        width / height, candidate_grids(min_num, max_num), width, height, image_size
-    )
+    grid = find_closest_aspect_ratio(width / height, candidate_grids(min_num, max_num), width, height, image_size)
     cols, rows = grid
     resized = image.resize((cols * image_size, rows * image_size))
     tiles = []
@@ -123,9 +122,7 @@ def plan_tiling(
     width: int, height: int, min_num: int, max_num: int, image_size: int, use_thumbnail: bool
 ) -> ImageTiling:
     """The grid `dynamic_preprocess` picks for a width x height image (it needs only the size)."""
-    cols, rows = find_closest_aspect_ratio(
-        width / height, candidate_grids(min_num, max_num), width, height, image_size
-    )
+    cols, rows = find_closest_aspect_ratio(width / height, candidate_grids(min_num, max_num), width, height, image_size)
     return ImageTiling(cols, rows, bool(use_thumbnail and cols * rows != 1))
 
 
@@ -226,9 +223,7 @@ def random_jpeg_recompress(
 # --------------------------------------------------------------------------------------------------
 
 
-def get_frame_indices(
-    num_frames: int, vlen: int, rng: np.random.Generator, sample: str = "rand"
-) -> list[int]:
+def get_frame_indices(num_frames: int, vlen: int, rng: np.random.Generator, sample: str = "rand") -> list[int]:
     """InternVL's uniform segment sampling of `num_frames` out of `vlen` frames.
 
     The video is split into min(num_frames, vlen) equal intervals [a, b) (integer edges from linspace).

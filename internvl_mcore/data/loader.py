@@ -19,6 +19,7 @@ number of workers. The workers are never forked from this process (workers.py sa
 one has a deadline (`worker_timeout`, --data-worker-timeout). Tiles stay uint8: the model
 normalizes them on its device.
 """
+
 from __future__ import annotations
 
 import os
@@ -259,7 +260,10 @@ class PackedDataLoader:
             tiles=np.ascontiguousarray(tiles),  # (T, H, W, 3) uint8
             num_tiles=num_tiles.astype(np.int32),
             pairs=pairs,
-            source=[{"dataset": info.get("name", str(int(s))), "line": int(line)} for info, (s, line) in zip(names, raw.source)],
+            source=[
+                {"dataset": info.get("name", str(int(s))), "line": int(line)}
+                for info, (s, line) in zip(names, raw.source)
+            ],
             images=images,
         )
 
@@ -293,15 +297,26 @@ class PackedDataLoader:
     def start_workers(self) -> WorkerPool:
         """The worker processes, started at the first call (the first `next`)."""
         if self._pool is None:
-            self._pool = WorkerPool(self.num_workers, _set_worker_loader, self._worker_spec(), _load_in_worker,
-                                    self.worker_timeout, preload=WORKER_PRELOAD)
+            self._pool = WorkerPool(
+                self.num_workers,
+                _set_worker_loader,
+                self._worker_spec(),
+                _load_in_worker,
+                self.worker_timeout,
+                preload=WORKER_PRELOAD,
+            )
             self._submitted = 0
         return self._pool
 
     def _worker_spec(self) -> dict:
         """What a worker needs to rebuild this loader's `load` (picklable, a few strings and numbers)."""
-        return {"blend": [(float(w), p) for w, p in zip(self.weights, self.prefixes)], "seed": self.seed,
-                "shuffle": self.shuffle, "augment": self.augment, "image_tiling": self.image_tiling}
+        return {
+            "blend": [(float(w), p) for w, p in zip(self.weights, self.prefixes)],
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "augment": self.augment,
+            "image_tiling": self.image_tiling,
+        }
 
     def _describe(self, draw: _Draw) -> str:
         return f"pack {draw.pack} of shard set {self.prefixes[draw.dataset]} (global index {draw.global_index})"
@@ -339,7 +354,9 @@ class PackedDataLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly after the pack the saved loader returned last."""
         self._check_state(state, self.dp_rank, self.dp_size)
-        self._set_cursor(_Cursor(int(state["consumed"]), int(state["blend_index"]), [int(c) for c in state["blend_counts"]]))
+        self._set_cursor(
+            _Cursor(int(state["consumed"]), int(state["blend_index"]), [int(c) for c in state["blend_counts"]])
+        )
 
     def load_resharded_state(self, states: list[dict]) -> None:
         """Continue the stream that `states` (every rank's `state_dict()` of a loader group of another
@@ -352,12 +369,16 @@ class PackedDataLoader:
             self._check_state(state, r, len(states))
         consumed = {int(s["consumed"]) for s in states}
         if len(consumed) != 1:
-            raise DataError(f"the saved data-parallel ranks stopped after different numbers of packs {sorted(consumed)}")
+            raise DataError(
+                f"the saved data-parallel ranks stopped after different numbers of packs {sorted(consumed)}"
+            )
         total = len(states) * consumed.pop()
         last = states[-1]
         if total % self.dp_size or int(last["blend_index"]) != total:
-            raise DataError(f"the saved position ({total} packs over {len(states)} data-parallel ranks) does not "
-                            f"split over {self.dp_size} data-parallel ranks")
+            raise DataError(
+                f"the saved position ({total} packs over {len(states)} data-parallel ranks) does not "
+                f"split over {self.dp_size} data-parallel ranks"
+            )
         self._set_cursor(_Cursor(total // self.dp_size, total, [int(c) for c in last["blend_counts"]]))
 
     def _set_cursor(self, cursor: _Cursor) -> None:
@@ -387,12 +408,14 @@ def _sub_samples(raw: RawPack):
     tile_off = img_off = 0
     for k in range(raw.images_per_sample.shape[0]):
         m = int(raw.images_per_sample[k])
-        t = int(raw.num_tiles[img_off: img_off + m].sum())
+        t = int(raw.num_tiles[img_off : img_off + m].sum())
         yield k, slice(img_off, img_off + m), slice(tile_off, tile_off + t)
         tile_off, img_off = tile_off + t, img_off + m
 
 
-def _tiles(reader: ShardReader, raw: RawPack, names: list[dict], rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
+def _tiles(
+    reader: ShardReader, raw: RawPack, names: list[dict], rng: np.random.Generator | None
+) -> tuple[np.ndarray, np.ndarray]:
     """`--image-tiling loader`: the pack's (T, H, W, 3) uint8 tiles in token order and its tiles per image.
     `rng` (None: no augmentation) re-compresses the tiles of `data_augment` datasets."""
     tiles = reader.tiles(raw)  # (T, H, W, 3) uint8
@@ -409,12 +432,13 @@ def _tiles(reader: ShardReader, raw: RawPack, names: list[dict], rng: np.random.
 def _decoded_source(payload: np.ndarray) -> tuple[np.ndarray, int, int, int]:
     """A "source" payload decoded: (H, W, 3) uint8 pixels, grid cols, rows, thumbnail."""
     tiling = source_tiling(payload)
-    pixels = np.asarray(decode_rgb(memoryview(payload)[SOURCE_HEADER.size:]), dtype=np.uint8)
+    pixels = np.asarray(decode_rgb(memoryview(payload)[SOURCE_HEADER.size :]), dtype=np.uint8)
     return pixels, tiling.cols, tiling.rows, int(tiling.thumbnail)
 
 
-def decoded_images(reader: ShardReader, raw: RawPack, names: list[dict],
-                   rng: np.random.Generator | None) -> tuple[DecodedImages, np.ndarray]:
+def decoded_images(
+    reader: ShardReader, raw: RawPack, names: list[dict], rng: np.random.Generator | None
+) -> tuple[DecodedImages, np.ndarray]:
     """`--image-tiling device`: a pack's images decoded, not tiled, and its tiles per image.
 
     "source" images are decoded once and keep their grid. Tiles that must be made on the CPU anyway
@@ -430,13 +454,19 @@ def decoded_images(reader: ShardReader, raw: RawPack, names: list[dict],
         if stored is None and not augment:
             groups.append([_decoded_source(p) for p in payloads[image_slice]])
             continue
-        tiles = stored[tile_slice] if stored is not None else decode_tiles(payloads[image_slice], "source", reader.tile_shape)
+        tiles = (
+            stored[tile_slice]
+            if stored is not None
+            else decode_tiles(payloads[image_slice], "source", reader.tile_shape)
+        )
         if augment:
             tiles, _ = random_jpeg_recompress(tiles, rng)
         groups.append([(tile, 1, 1, 0) for tile in tiles])
     num_tiles = raw.num_tiles
     if reader.manifest.get("preference"):
-        num_tiles = expand_pair_tiles(np.zeros((int(num_tiles.sum()), 0), np.uint8), num_tiles, raw.images_per_sample)[1]
+        num_tiles = expand_pair_tiles(np.zeros((int(num_tiles.sum()), 0), np.uint8), num_tiles, raw.images_per_sample)[
+            1
+        ]
         groups = [groups[k - k % 2] for k in range(len(groups))]  # rejected k+1 shows chosen k's images
     return _flatten(groups), num_tiles
 
@@ -453,9 +483,10 @@ def _flatten(groups: list[list[tuple[np.ndarray, int, int, int]]]) -> DecodedIma
             total += pixels.size
     flat = np.empty(total, dtype=np.uint8)
     for pixels in arrays:
-        flat[offsets[id(pixels)]: offsets[id(pixels)] + pixels.size] = pixels.reshape(-1)
-    table = np.array([[p.shape[0], p.shape[1], c, r, th, offsets[id(p)]] for p, c, r, th in entries],
-                     dtype=np.int64).reshape(-1, 6)
+        flat[offsets[id(pixels)] : offsets[id(pixels)] + pixels.size] = pixels.reshape(-1)
+    table = np.array(
+        [[p.shape[0], p.shape[1], c, r, th, offsets[id(p)]] for p, c, r, th in entries], dtype=np.int64
+    ).reshape(-1, 6)
     return DecodedImages(flat, table)
 
 
@@ -465,8 +496,13 @@ _WORKER_LOADER: PackedDataLoader | None = None
 def _set_worker_loader(spec: dict) -> None:
     """In a worker: the loader rebuilt from `PackedDataLoader._worker_spec` (no workers of its own)."""
     global _WORKER_LOADER
-    _WORKER_LOADER = PackedDataLoader(spec["blend"], seed=spec["seed"], shuffle=spec["shuffle"],
-                                      augment=spec["augment"], image_tiling=spec["image_tiling"])
+    _WORKER_LOADER = PackedDataLoader(
+        spec["blend"],
+        seed=spec["seed"],
+        shuffle=spec["shuffle"],
+        augment=spec["augment"],
+        image_tiling=spec["image_tiling"],
+    )
 
 
 def _fault(global_index: int) -> None:
@@ -510,8 +546,9 @@ def _targets(s: PackedSample, cu: np.ndarray) -> np.ndarray:
     return target
 
 
-def _fill_row(b: int, s: PackedSample, tokens: np.ndarray, labels: np.ndarray, weight: np.ndarray,
-              position_ids: np.ndarray) -> np.ndarray:
+def _fill_row(
+    b: int, s: PackedSample, tokens: np.ndarray, labels: np.ndarray, weight: np.ndarray, position_ids: np.ndarray
+) -> np.ndarray:
     """Write pack `s` into row b of the (B, S) arrays (padding positions count 0, 1, ...); its cu_seqlens."""
     n, S = int(s.tokens.shape[0]), tokens.shape[1]
     if n > S:

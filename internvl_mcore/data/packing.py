@@ -15,6 +15,7 @@ V2PE (Variable Visual Position Encoding, InternVL 2.5/3): text tokens advance th
 each `<IMG_CONTEXT>` token by a per-image delta <= 1, and `</img>` lands at ceil(last visual
 position) + 1. With delta = 1 this is the plain 0, 1, 2, ... of a text model.
 """
+
 from __future__ import annotations
 
 import math
@@ -154,9 +155,7 @@ def v2pe_random_deltas(n_images: int, seed: int, key: int) -> np.ndarray:
     return choices[rng.integers(0, len(choices), size=n_images)]
 
 
-def image_spans(
-    tokens: np.ndarray, img_start_id: int, img_end_id: int, img_context_id: int
-) -> list[tuple[int, int]]:
+def image_spans(tokens: np.ndarray, img_start_id: int, img_end_id: int, img_context_id: int) -> list[tuple[int, int]]:
     """(start, end) indices of each `<img>` ... `</img>` block, validated.
 
     Every `<img>` must be followed by one or more `<IMG_CONTEXT>` and then `</img>`, and no

@@ -7,6 +7,7 @@ caller's `on_death(item, attempts, why)` result stands in for it. A worker that 
 than `timeout_s` counts as dead (it is killed: a decoder stuck on one file must not stall the run
 forever). Results come back in input order.
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -28,6 +29,7 @@ def exit_with_parent(parent_pid: int, interval_s: float = 1.0) -> None:
     copies of the job's output pipes, would otherwise wait for work forever, keeping the job's output open.
     Workers forked by a fork server pass its pid: the server leaves when the process that started it is
     gone, and the worker follows."""
+
     def watch() -> None:
         while os.getppid() == parent_pid:
             time.sleep(interval_s)
@@ -91,9 +93,17 @@ class SupervisedPool:
     once (megatron-core's import alone takes seconds), so a worker, also a replacement, starts in
     milliseconds; `initarg` is pickled to each worker."""
 
-    def __init__(self, workers: int, initializer: Callable[[Any], None], initarg: Any, fn: Callable[[Any], Any],
-                 on_death: Callable[[Any, int, str], Any], retries: int = 1, preload: tuple[str, ...] = (),
-                 timeout_s: float = RECORD_TIMEOUT_S):
+    def __init__(
+        self,
+        workers: int,
+        initializer: Callable[[Any], None],
+        initarg: Any,
+        fn: Callable[[Any], Any],
+        on_death: Callable[[Any, int, str], Any],
+        retries: int = 1,
+        preload: tuple[str, ...] = (),
+        timeout_s: float = RECORD_TIMEOUT_S,
+    ):
         self._mp = mp.get_context("forkserver")
         self._mp.set_forkserver_preload(list(preload))  # (no effect once this process's fork server runs)
         self._worker_args = (initializer, initarg, fn)

@@ -13,6 +13,7 @@ with the chosen sample (the rejected one records no images); `expand_pair_tiles`
 rejected sequence at load time, as InternVL repeats `pixel_values` for the concatenated batch. A pack
 holds whole pairs only, so a pair never straddles packs, and data-parallel ranks read whole packs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,8 +59,9 @@ def prompt_length(loss_mask: np.ndarray) -> int:
     return int(hits[0]) if hits.size else int(len(loss_mask))
 
 
-def check_same_prompt(chosen_tokens: np.ndarray, chosen_mask: np.ndarray, rejected_tokens: np.ndarray,
-                      rejected_mask: np.ndarray) -> str | None:
+def check_same_prompt(
+    chosen_tokens: np.ndarray, chosen_mask: np.ndarray, rejected_tokens: np.ndarray, rejected_mask: np.ndarray
+) -> str | None:
     """None when both samples have the same prompt tokens, else why not (InternVL asserts this)."""
     n_c, n_r = prompt_length(chosen_mask), prompt_length(rejected_mask)
     if n_c != n_r or not np.array_equal(chosen_tokens[:n_c], rejected_tokens[:n_r]):
@@ -69,7 +71,9 @@ def check_same_prompt(chosen_tokens: np.ndarray, chosen_mask: np.ndarray, reject
     return None
 
 
-def expand_pair_tiles(tiles: np.ndarray, num_tiles: np.ndarray, images_per_sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def expand_pair_tiles(
+    tiles: np.ndarray, num_tiles: np.ndarray, images_per_sample: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Repeat each pair's stored tiles for its rejected sequence.
 
     tiles (T, ...) and num_tiles (n_images,) as stored (chosen samples own the images, rejected ones
@@ -82,9 +86,9 @@ def expand_pair_tiles(tiles: np.ndarray, num_tiles: np.ndarray, images_per_sampl
         if int(images_per_sample[k + 1]):
             raise ValueError("preference pack: a rejected sub-sample carries its own images")
         m = int(images_per_sample[k])
-        nt = num_tiles[img_off: img_off + m]
+        nt = num_tiles[img_off : img_off + m]
         t = int(nt.sum())
-        out_tiles += [tiles[tile_off: tile_off + t]] * 2
+        out_tiles += [tiles[tile_off : tile_off + t]] * 2
         out_num += [nt, nt]
         tile_off, img_off = tile_off + t, img_off + m
     if not out_tiles:

@@ -16,6 +16,7 @@ worker and rejected as `internal_error` with the traceback summary, and a record
 dies twice (segfault, out-of-memory kill) is rejected as `worker_died`. --num-shards N --shard-index I
 keeps slice I of every dataset (see `_records`), so N machines can share the work.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -126,8 +127,10 @@ class PreprocessConfig:
         if self.workers < 1:
             raise ConfigError(f"--workers must be >= 1, got {self.workers}")
         if self.num_shards < 1 or not 0 <= self.shard_index < self.num_shards:
-            raise ConfigError(f"need --num-shards >= 1 and 0 <= --shard-index < --num-shards, "
-                              f"got {self.num_shards} and {self.shard_index}")
+            raise ConfigError(
+                f"need --num-shards >= 1 and 0 <= --shard-index < --num-shards, "
+                f"got {self.num_shards} and {self.shard_index}"
+            )
         if self.v2pe_random and self.v2pe_delta != 1.0:
             raise ConfigError("--v2pe-random draws each image's delta; do not give --v2pe-delta with it")
         if not 0 < self.v2pe_delta <= 1:
@@ -135,14 +138,18 @@ class PreprocessConfig:
         if not 0 <= self.max_reject_ratio <= 1:
             raise ConfigError(f"--max-reject-ratio must be in [0, 1], got {self.max_reject_ratio}")
         if self.template not in TEMPLATES:
-            raise ConfigError(f"chat template {self.template!r} (the model config's 'template') is not implemented; "
-                              f"implemented: {', '.join(TEMPLATES)}")
+            raise ConfigError(
+                f"chat template {self.template!r} (the model config's 'template') is not implemented; "
+                f"implemented: {', '.join(TEMPLATES)}"
+            )
         if self.tile_format not in TILE_FORMATS:
             raise ConfigError(f"--tile-format must be one of {TILE_FORMATS}, got {self.tile_format!r}")
         if self.seed < 0:
             raise ConfigError(f"--seed must be >= 0, got {self.seed}")
         if not 1 <= self.min_num_frames <= self.max_num_frames:
-            raise ConfigError(f"need 1 <= --min-num-frames ({self.min_num_frames}) <= --max-num-frames ({self.max_num_frames})")
+            raise ConfigError(
+                f"need 1 <= --min-num-frames ({self.min_num_frames}) <= --max-num-frames ({self.max_num_frames})"
+            )
         for m in self.meta:
             if os.path.isdir(m):
                 raise DataError(f"--meta {m} is a directory, not a meta JSON file")
@@ -253,8 +260,12 @@ def _process_pair(ctx: _WorkerContext, ordinal: int, record: Any) -> list[_Ok] |
     if problem:
         return _reject_for(record, "prompt_mismatch", problem)
     if len(chosen) + len(rejected) > ctx.seq_length:
-        return _reject_for(record, "too_long", f"pair of {len(chosen)} + {len(rejected)} tokens > --seq-length "
-                                               f"{ctx.seq_length} (a pair never straddles packs)")
+        return _reject_for(
+            record,
+            "too_long",
+            f"pair of {len(chosen)} + {len(rejected)} tokens > --seq-length "
+            f"{ctx.seq_length} (a pair never straddles packs)",
+        )
     done[1].sample = dataclasses.replace(rejected, num_tiles=rejected.num_tiles[:0], tiles=[])
     return done
 
@@ -278,7 +289,8 @@ def _finish_sample(ctx: _WorkerContext, ordinal: int, s: TokenizedSample) -> _Ok
     ctx_counts = _context_runs(tokens, start, end)
     if ctx_counts != [int(t) * ctx.num_image_token for t in num_tiles]:
         return _reject_for(
-            s, "bad_image_tokens",
+            s,
+            "bad_image_tokens",
             f"<IMG_CONTEXT> runs {ctx_counts} != num_tiles {num_tiles.tolist()} x {ctx.num_image_token}",
         )
     payloads = _encode_visuals(ctx, s, num_tiles)
@@ -464,13 +476,27 @@ def _pass1(cfg: PreprocessConfig, ctx: _WorkerContext, tmp_prefix: str, tile_sha
     stream, expected = _records(cfg, max_line_bytes(ctx.tokenizer, cfg.seq_length, cfg.preference))
     state = _Pass1()
     tmp_writer = ShardWriter(tmp_prefix, tile_format=cfg.tile_format, tile_shape=tile_shape)
-    pool = (SupervisedPool(cfg.workers, _init_worker, ctx, _run_in_worker, _worker_died, preload=_WORKER_PRELOAD,
-                           timeout_s=_RECORD_TIMEOUT_S) if cfg.workers > 1 else None)
+    pool = (
+        SupervisedPool(
+            cfg.workers,
+            _init_worker,
+            ctx,
+            _run_in_worker,
+            _worker_died,
+            preload=_WORKER_PRELOAD,
+            timeout_s=_RECORD_TIMEOUT_S,
+        )
+        if cfg.workers > 1
+        else None
+    )
     clean = False
     try:
         with open(cfg.output_prefix + ".rejects.jsonl", "w") as rejects_file:
-            results = (pool.imap(stream, window=16 * cfg.workers) if pool is not None
-                       else (process_record(ctx, o, r) for o, r in stream))
+            results = (
+                pool.imap(stream, window=16 * cfg.workers)
+                if pool is not None
+                else (process_record(ctx, o, r) for o, r in stream)
+            )
             for res in tqdm(results, total=expected, desc="samples", unit="rec", disable=_quiet(cfg)):
                 state.add(res, tmp_writer, rejects_file)
                 _fault_point(state.inputs)
@@ -494,7 +520,9 @@ def _quiet(cfg: PreprocessConfig) -> bool | None:
     return None if cfg.progress else True  # None: tqdm shows itself only on a terminal
 
 
-def _pass2(cfg: PreprocessConfig, tmp_prefix: str, tile_shape: tuple, lengths: list[int]) -> tuple[ShardWriter, list, float]:
+def _pass2(
+    cfg: PreprocessConfig, tmp_prefix: str, tile_shape: tuple, lengths: list[int]
+) -> tuple[ShardWriter, list, float]:
     """Pack by length; copy the samples from the temporary set into the final one in pack order."""
     from tqdm import tqdm
 
@@ -573,7 +601,13 @@ def _reject_json(r: Reject) -> dict:
     # Exception texts may carry object addresses ("<_io.BytesIO object at 0x7f...>"), which differ
     # between processes; drop them so the rejects file is byte-identical for any --workers.
     detail = _ADDRESS.sub("", r.detail)
-    return {"location": f"{r.source_file}:{r.line}", "file": r.source_file, "line": r.line, "reason": r.reason, "detail": detail}
+    return {
+        "location": f"{r.source_file}:{r.line}",
+        "file": r.source_file,
+        "line": r.line,
+        "reason": r.reason,
+        "detail": detail,
+    }
 
 
 def format_summary(cfg: PreprocessConfig, r: PreprocessResult) -> str:
@@ -584,12 +618,14 @@ def format_summary(cfg: PreprocessConfig, r: PreprocessResult) -> str:
     ]
     for reason, n in r.rejects_by_reason.items():
         lines.append(f"  reject {reason:<24} {n}")
-    lines.append(
-        f"packs {r.packs} of <= {cfg.seq_length} tokens, {r.tokens} tokens, fill {100 * r.fill:.2f}%"
-    )
+    lines.append(f"packs {r.packs} of <= {cfg.seq_length} tokens, {r.tokens} tokens, fill {100 * r.fill:.2f}%")
     c = r.manifest.get("counts", {})
-    lines.append(f"images {c.get('images', 0)}, tiles {c.get('tiles', 0)} ({cfg.tile_format}), {r.seconds:.1f}s with {cfg.workers} worker(s)")
-    lines.append(f"wrote {cfg.output_prefix}_*.bin/.idx, {cfg.output_prefix}.manifest.json, {cfg.output_prefix}.rejects.jsonl")
+    lines.append(
+        f"images {c.get('images', 0)}, tiles {c.get('tiles', 0)} ({cfg.tile_format}), {r.seconds:.1f}s with {cfg.workers} worker(s)"
+    )
+    lines.append(
+        f"wrote {cfg.output_prefix}_*.bin/.idx, {cfg.output_prefix}.manifest.json, {cfg.output_prefix}.rejects.jsonl"
+    )
     return "\n".join(lines)
 
 

@@ -22,6 +22,7 @@ the true sum in range), so gathering the taps on a GPU and adding them in any or
 coefficients are computed once per (in size, out size) on the CPU in numpy and cached; the passes run on
 the image's device. `tests/data/test_resample.py` compares with Pillow byte for byte.
 """
+
 from __future__ import annotations
 
 import math
@@ -98,8 +99,10 @@ class _DeviceCoefficients:
         hit = self._cache.pop(key, None)
         if hit is None:
             first, _ = read_span(in_size, out_size)
-            hit = (torch.as_tensor(tap_indices(in_size, out_size) - first, device=device),
-                   torch.as_tensor(coefficients(in_size, out_size)[2], device=device))
+            hit = (
+                torch.as_tensor(tap_indices(in_size, out_size) - first, device=device),
+                torch.as_tensor(coefficients(in_size, out_size)[2], device=device),
+            )
         self._cache[key] = hit
         while len(self._cache) > self.capacity:
             self._cache.pop(next(iter(self._cache)))
@@ -163,8 +166,10 @@ def pass_order() -> str:
             ok = ok and np.array_equal(want, got)
         if ok:
             return order
-    raise PillowMismatch(f"Pillow {PIL.__version__} resizes differently from this module's exact re-implementation "
-                         f"(pass orders {PASS_ORDERS}); tile images in the loader (--image-tiling loader)")
+    raise PillowMismatch(
+        f"Pillow {PIL.__version__} resizes differently from this module's exact re-implementation "
+        f"(pass orders {PASS_ORDERS}); tile images in the loader (--image-tiling loader)"
+    )
 
 
 def resize_rgb(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
@@ -178,8 +183,12 @@ def _resize(image: torch.Tensor, width: int, height: int, order: str) -> torch.T
     in_h, in_w = int(image.shape[0]), int(image.shape[1])
     if (in_w, in_h) == (width, height):
         return image.clone()  # Image.resize: the same size is a copy
-    horizontal = (lambda im: _pass(im, 1, *DEVICE_COEFFICIENTS.get(in_w, width, image.device))) if width != in_w else None
-    vertical = (lambda im: _pass(im, 0, *DEVICE_COEFFICIENTS.get(in_h, height, image.device))) if height != in_h else None
+    horizontal = (
+        (lambda im: _pass(im, 1, *DEVICE_COEFFICIENTS.get(in_w, width, image.device))) if width != in_w else None
+    )
+    vertical = (
+        (lambda im: _pass(im, 0, *DEVICE_COEFFICIENTS.get(in_h, height, image.device))) if height != in_h else None
+    )
     out = image
     if height != in_h:  # the rows the vertical pass reads (index tensors are relative to the first)
         first, last = read_span(in_h, height)

@@ -4,6 +4,7 @@ sources.py reads user data and yields `TokenizedSample`s (or `Reject`s); packing
 into packs; shards.py writes packs; loader.py reads them back as `PackedSample`s. Keeping these plain
 (numpy only, no torch) lets worker processes pickle them cheaply.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -105,8 +106,10 @@ class DecodedImages:
         """All parts' images in order (offsets shifted to the concatenated pixels)."""
         sizes = np.cumsum([0] + [int(p.pixels.shape[0]) for p in parts], dtype=np.int64)
         tables = [p.table + np.array([0, 0, 0, 0, 0, int(off)], dtype=np.int64) for p, off in zip(parts, sizes)]
-        return DecodedImages(np.concatenate([p.pixels for p in parts]) if parts else np.zeros(0, np.uint8),
-                             np.concatenate(tables) if tables else np.zeros((0, 6), np.int64))
+        return DecodedImages(
+            np.concatenate([p.pixels for p in parts]) if parts else np.zeros(0, np.uint8),
+            np.concatenate(tables) if tables else np.zeros((0, 6), np.int64),
+        )
 
 
 @dataclass

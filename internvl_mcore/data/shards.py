@@ -32,6 +32,7 @@ The other formats store tiles one per sequence in `tile_format`:
 
 docs/data.md has bench/data_pipeline.py's numbers for all five (bytes, preprocessing and load CPU).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -130,16 +131,20 @@ def encode_tiles(tiles: np.ndarray, tile_format: str) -> list[bytes]:
         elif tile_format == "jpeg":
             Image.fromarray(t).save(buf, format="JPEG", quality=95, subsampling=0)
         else:
-            raise ValueError(f"unknown tile codec {tile_format!r}; choose from {TILE_CODECS} "
-                             "('source' stores images, see encode_source_images)")
+            raise ValueError(
+                f"unknown tile codec {tile_format!r}; choose from {TILE_CODECS} "
+                "('source' stores images, see encode_source_images)"
+            )
         out.append(buf.getvalue())
     return out
 
 
 def encode_source_images(images: Sequence[StoredImage]) -> list[bytes]:
     """One "source" payload per image: header (grid, thumbnail) + the stored encoded bytes."""
-    return [SOURCE_HEADER.pack(SOURCE_MAGIC, im.tiling.cols, im.tiling.rows, int(im.tiling.thumbnail)) + im.data
-            for im in images]
+    return [
+        SOURCE_HEADER.pack(SOURCE_MAGIC, im.tiling.cols, im.tiling.rows, int(im.tiling.thumbnail)) + im.data
+        for im in images
+    ]
 
 
 def source_tiling(payload: np.ndarray | bytes) -> ImageTiling:
@@ -151,7 +156,7 @@ def source_tiling(payload: np.ndarray | bytes) -> ImageTiling:
 
 
 def decode_source_images(payloads: Sequence[np.ndarray | bytes], image_size: int) -> np.ndarray:
-    """"source" payloads -> (T, S, S, 3) uint8 tiles: each image decoded once, then cut like InternVL."""
+    """ "source" payloads -> (T, S, S, 3) uint8 tiles: each image decoded once, then cut like InternVL."""
     tilings = [source_tiling(p) for p in payloads]
     out = np.empty((sum(t.num_tiles for t in tilings), image_size, image_size, 3), dtype=np.uint8)
     k = 0
@@ -270,8 +275,15 @@ class ShardWriter:
             for name, dtype in FIELDS.items()
         }
         # max_token_id: what training checks against the model's vocabulary without reading the tokens
-        self.counts = {"packs": 0, "samples": 0, "tokens": 0, "images": 0, "tiles": 0, "loss_tokens": 0,
-                       "max_token_id": -1}
+        self.counts = {
+            "packs": 0,
+            "samples": 0,
+            "tokens": 0,
+            "images": 0,
+            "tiles": 0,
+            "loss_tokens": 0,
+            "max_token_id": -1,
+        }
         self._finalized = False
 
     def add_pack(self, samples: Sequence[EncodedSample]) -> None:
@@ -282,12 +294,18 @@ class ShardWriter:
         lengths = [len(s) for s in samples]
         for s in samples:
             if not (s.loss_mask.shape[0] == s.position_ids.shape[0] == len(s)):
-                raise ValueError(f"sample (dataset {s.dataset_index}, line {s.line}): tokens, loss_mask, position_ids differ in length")
+                raise ValueError(
+                    f"sample (dataset {s.dataset_index}, line {s.line}): tokens, loss_mask, position_ids differ in length"
+                )
             if payload_count(s.num_tiles, self.tile_format) != len(s.tiles):
-                raise ValueError(f"sample (dataset {s.dataset_index}, line {s.line}): num_tiles {list(s.num_tiles)} needs "
-                                 f"{payload_count(s.num_tiles, self.tile_format)} {self.tile_format} payloads, {len(s.tiles)} given")
+                raise ValueError(
+                    f"sample (dataset {s.dataset_index}, line {s.line}): num_tiles {list(s.num_tiles)} needs "
+                    f"{payload_count(s.num_tiles, self.tile_format)} {self.tile_format} payloads, {len(s.tiles)} given"
+                )
             if self.tile_format == "raw" and any(len(p) != raw_tile_bytes for p in s.tiles):
-                raise ValueError(f"sample (dataset {s.dataset_index}, line {s.line}): raw tile is not {self.tile_shape}")
+                raise ValueError(
+                    f"sample (dataset {s.dataset_index}, line {s.line}): raw tile is not {self.tile_shape}"
+                )
         b = self._builders
         b["tokens"].add_document(np.concatenate([s.tokens for s in samples]), lengths)
         b["loss_mask"].add_document(np.concatenate([s.loss_mask for s in samples]), lengths)
@@ -377,8 +395,10 @@ def check_bin_size(bin_path: str, pointers: np.ndarray, lengths: np.ndarray, ite
     want = int(pointers[-1]) + int(lengths[-1]) * itemsize if len(lengths) else 0
     got = os.path.getsize(bin_path)
     if got != want:
-        raise DataError(f"{bin_path}: {got} bytes, its index says {want} "
-                        f"({'truncated' if got < want else 'longer than indexed'}); re-run tools/preprocess_mm_data.py")
+        raise DataError(
+            f"{bin_path}: {got} bytes, its index says {want} "
+            f"({'truncated' if got < want else 'longer than indexed'}); re-run tools/preprocess_mm_data.py"
+        )
 
 
 class _Field:
@@ -403,8 +423,10 @@ class _Field:
                 self._ds = IndexedDataset(prefix, mmap=True)
                 index = self._ds.index
         except (AssertionError, ValueError, struct.error) as e:  # megatron-core's reader names no file
-            raise DataError(f"{idx_path}: unreadable index ({e or type(e).__name__}): truncated or not a "
-                            "shard index; re-run tools/preprocess_mm_data.py") from None
+            raise DataError(
+                f"{idx_path}: unreadable index ({e or type(e).__name__}): truncated or not a "
+                "shard index; re-run tools/preprocess_mm_data.py"
+            ) from None
         check_bin_size(bin_path, index.sequence_pointers, index.sequence_lengths, index.dtype_size)
         if index.dtype != self.dtype.type:
             raise DataError(f"{idx_path}: dtype {index.dtype.__name__}, expected {self.dtype.name}")
@@ -458,7 +480,9 @@ class ShardReader:
             raise DataError(f"shard set {prefix}: fields disagree on the number of packs: {n}")
         self._len = n["tokens"]
         if self._len != self.manifest["counts"]["packs"]:
-            raise DataError(f"shard set {prefix}: {self._len} packs on disk, manifest says {self.manifest['counts']['packs']}")
+            raise DataError(
+                f"shard set {prefix}: {self._len} packs on disk, manifest says {self.manifest['counts']['packs']}"
+            )
 
     def __len__(self) -> int:
         return self._len
@@ -485,7 +509,9 @@ class ShardReader:
             tile_bytes, tile_lengths = f["tiles"].document(i)
             want = payload_count(num_tiles, self.tile_format)
             if tile_lengths.shape[0] != want:
-                raise DataError(f"{self.prefix} pack {i}: {tile_lengths.shape[0]} payloads stored, num_tiles says {want}")
+                raise DataError(
+                    f"{self.prefix} pack {i}: {tile_lengths.shape[0]} payloads stored, num_tiles says {want}"
+                )
         return RawPack(
             tokens=tokens,
             loss_mask=loss_mask,
@@ -542,7 +568,7 @@ class ShardReader:
         bad = {}
         for p in shard_files(self.prefix):
             name = os.path.basename(p)
-            want = self.expected_sha256(name[len(os.path.basename(self.prefix)) + 1:])
+            want = self.expected_sha256(name[len(os.path.basename(self.prefix)) + 1 :])
             got = sha256_file(p)
             if want != got:
                 bad[name] = f"manifest {want}, file {got}"
@@ -560,10 +586,12 @@ def summary_line(reader: ShardReader) -> str:
     """One line about a shard set: samples, packs, fill, tiles, bytes on disk, rejects (from its manifest)."""
     m, c = reader.manifest, reader.manifest.get("counts", {})
     size = sum(os.path.getsize(p) for p in shard_files(reader.prefix))
-    return (f"{reader.prefix}: samples {c.get('samples', '?')}, packs {c.get('packs', '?')}, "
-            f"fill {100 * float(m.get('fill_ratio', 0)):.2f}%, images {c.get('images', '?')}, "
-            f"tiles {c.get('tiles', '?')} ({reader.tile_format}), bytes {size} ({size / 2**20:.1f} MiB), "
-            f"rejects {c.get('rejects', '?')} of {c.get('inputs', '?')} inputs")
+    return (
+        f"{reader.prefix}: samples {c.get('samples', '?')}, packs {c.get('packs', '?')}, "
+        f"fill {100 * float(m.get('fill_ratio', 0)):.2f}%, images {c.get('images', '?')}, "
+        f"tiles {c.get('tiles', '?')} ({reader.tile_format}), bytes {size} ({size / 2**20:.1f} MiB), "
+        f"rejects {c.get('rejects', '?')} of {c.get('inputs', '?')} inputs"
+    )
 
 
 def pack_json(reader: ShardReader, i: int) -> dict:

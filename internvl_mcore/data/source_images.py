@@ -9,6 +9,7 @@ Device tiling: the loader decodes each "source" image once and ships its pixels 
 preprocessing; the first pipeline stage cuts the tiles on its device with `resample.resize_rgb`, Pillow's
 bicubic resize re-implemented exactly, so the tiles are byte-identical to the loader's `image.cut_tiles`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -80,11 +81,11 @@ def cut_tiles_on_device(pixels: torch.Tensor, table: torch.Tensor, tile_size: in
     out = torch.empty((total, s, s, 3), dtype=torch.uint8, device=pixels.device)
     k = 0
     for h, w, cols, nrows, thumb, off in rows:
-        image = pixels[off: off + h * w * 3].view(h, w, 3)
+        image = pixels[off : off + h * w * 3].view(h, w, 3)
         n = cols * nrows
         same = (w, h) == (cols * s, nrows * s)  # tiles cut on the CPU: Image.resize would only copy
         grid = image if same else resize_rgb(image, cols * s, nrows * s)  # (rows*S, cols*S, 3)
-        out[k: k + n].view(nrows, cols, s, s, 3).copy_(grid.view(nrows, s, cols, s, 3).permute(0, 2, 1, 3, 4))
+        out[k : k + n].view(nrows, cols, s, s, 3).copy_(grid.view(nrows, s, cols, s, 3).permute(0, 2, 1, 3, 4))
         if thumb:
             out[k + n] = resize_rgb(image, s, s)
         k += n + thumb

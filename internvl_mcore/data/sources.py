@@ -9,6 +9,7 @@ single-image, multi-image or video; where a missing `<image>` / `<video>` placeh
 image's tile limit; video frames as `Frame-i: <image>` lines with one tile per frame. Deviations (all in
 the direction of rejecting instead of silently training on a broken sample) are listed in the docstrings.
 """
+
 from __future__ import annotations
 
 import io
@@ -95,7 +96,11 @@ class DatasetSpec:
     @property
     def expected_records(self) -> int:
         """How many items `iter_records` yields (counts the file; meant for progress bars)."""
-        n = _count_parquet_rows(self.annotation) if self.format == "parquet" else len(_jsonl_line_numbers(self.annotation))
+        n = (
+            _count_parquet_rows(self.annotation)
+            if self.format == "parquet"
+            else len(_jsonl_line_numbers(self.annotation))
+        )
         return len(_selected_indices(n, self.repeat_time, 0, self.name)) * _passes(self.repeat_time)
 
 
@@ -258,8 +263,10 @@ def _check_annotation(spec: DatasetSpec, given: str, where: str) -> None:
         # as repeat_time 0: a dataset that can give no sample is a mistake in the meta file, not a quiet no-op
         has_records = _count_parquet_rows(spec.annotation) if spec.format == "parquet" else _has_record(spec.annotation)
     if not has_records:
-        raise DataError(f"{where}: key 'annotation': {given!r} has no records (an empty file); fill it or "
-                        "remove the dataset from the meta file")
+        raise DataError(
+            f"{where}: key 'annotation': {given!r} has no records (an empty file); fill it or "
+            "remove the dataset from the meta file"
+        )
 
 
 def _has_record(path: str) -> bool:
@@ -294,8 +301,9 @@ def _count_parquet_rows(path: str) -> int:
         raise DataError(f"{path}: not a readable parquet file ({e})") from None
 
 
-def _iter_jsonl(spec: DatasetSpec, wanted: set[int], repeat: int,
-                max_line_bytes: int | None = None) -> Iterator[RawRecord | Reject]:
+def _iter_jsonl(
+    spec: DatasetSpec, wanted: set[int], repeat: int, max_line_bytes: int | None = None
+) -> Iterator[RawRecord | Reject]:
     path = spec.annotation
     index = -1
     with open(path, "rb") as f:
@@ -304,8 +312,13 @@ def _iter_jsonl(spec: DatasetSpec, wanted: set[int], repeat: int,
             if index not in wanted:
                 continue
             if raw is None:  # rejected unparsed: no record of that size can fit (docs/data.md)
-                yield Reject(path, lineno, "too_long", f"line of {size} bytes > {max_line_bytes} bytes, the most "
-                             "a record within the sequence length can take; not parsed")
+                yield Reject(
+                    path,
+                    lineno,
+                    "too_long",
+                    f"line of {size} bytes > {max_line_bytes} bytes, the most "
+                    "a record within the sequence length can take; not parsed",
+                )
                 continue
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # UTF-8 byte order mark
@@ -328,8 +341,9 @@ def _iter_jsonl(spec: DatasetSpec, wanted: set[int], repeat: int,
             yield RawRecord(spec, path, lineno, payload, repeat)
 
 
-def _iter_parquet(spec: DatasetSpec, wanted: set[int], repeat: int,
-                  max_line_bytes: int | None = None) -> Iterator[RawRecord | Reject]:
+def _iter_parquet(
+    spec: DatasetSpec, wanted: set[int], repeat: int, max_line_bytes: int | None = None
+) -> Iterator[RawRecord | Reject]:
     import pyarrow.parquet as pq
 
     path = spec.annotation
@@ -510,8 +524,11 @@ def media_path(spec: DatasetSpec, rel: str, what: str) -> str:
         return path
     real_root, real = os.path.realpath(root), os.path.realpath(path)
     if os.path.commonpath([real_root, real]) != real_root:
-        raise _RejectError("outside_root", f"{what} resolves to {real}, outside the dataset root {real_root} "
-                           f"(dataset {spec.name!r}: set \"allow_outside_root\": true in the meta file to allow it)")
+        raise _RejectError(
+            "outside_root",
+            f"{what} resolves to {real}, outside the dataset root {real_root} "
+            f"(dataset {spec.name!r}: set \"allow_outside_root\": true in the meta file to allow it)",
+        )
     return path
 
 
@@ -528,8 +545,11 @@ def _copy_conversations(payload: dict) -> list[dict]:
     elif "messages" in payload:
         convs = messages_to_conversations(payload["messages"])
     else:
-        hint = ("; it has 'chosen' and 'rejected': a preference (MMPR) record, preprocess it with --preference"
-                if "chosen" in payload and "rejected" in payload else "")
+        hint = (
+            "; it has 'chosen' and 'rejected': a preference (MMPR) record, preprocess it with --preference"
+            if "chosen" in payload and "rejected" in payload
+            else ""
+        )
         raise _RejectError("bad_record", "record has neither 'conversations' nor 'messages'" + hint)
     if not isinstance(convs, list):
         raise _RejectError("bad_record", f"'conversations' is {type(convs).__name__}, not a list")
@@ -557,7 +577,8 @@ def _add_image_placeholders(convs: list[dict], n_images: int, multi: bool) -> No
 def _expand_video(convs: list[dict], n_frames: int) -> None:
     """'<video>' -> 'Frame-1: <image>\\nFrame-2: <image>...' (prepended to the first user turn if absent)."""
     holders = [
-        i for i, t in enumerate(convs)
+        i
+        for i, t in enumerate(convs)
         if t.get("from") in PROMPT_ROLES and isinstance(t.get("value"), str) and VIDEO_PLACEHOLDER in t["value"]
     ]
     total = sum(convs[i]["value"].count(VIDEO_PLACEHOLDER) for i in holders)
@@ -662,7 +683,9 @@ def _add_video(record: RawRecord, convs: list[dict], video: str, visuals: _Visua
     _expand_video(convs, len(visuals.num_tiles))
 
 
-def _check_context_tokens(tokens: np.ndarray, tokenizer: Tokenizer, opts: PreprocessOptions, num_tiles: list[int]) -> None:
+def _check_context_tokens(
+    tokens: np.ndarray, tokenizer: Tokenizer, opts: PreprocessOptions, num_tiles: list[int]
+) -> None:
     if not num_tiles:
         return
     n_context = int(np.count_nonzero(tokens == tokenizer.token_to_id(IMG_CONTEXT_TOKEN)))
@@ -682,7 +705,10 @@ def _fit_length(tokens, loss_mask, visuals: _Visuals, tokenizer: Tokenizer, opts
         raise _RejectError("too_long", f"{len(tokens)} tokens > max_seq_length {opts.max_seq_length}")
     has_images = bool(visuals.num_tiles)
     tokens, loss_mask, kept = _truncate(
-        tokens, loss_mask, visuals.num_tiles, opts.max_seq_length,
+        tokens,
+        loss_mask,
+        visuals.num_tiles,
+        opts.max_seq_length,
         tokenizer.token_to_id(IMG_START_TOKEN) if has_images else -1,
         tokenizer.token_to_id(IMG_END_TOKEN) if has_images else -1,
     )
@@ -705,7 +731,10 @@ def _build(record: RawRecord, tokenizer: Tokenizer, opts: PreprocessOptions) -> 
     elif video is not None and not isinstance(video, str):
         raise _RejectError("bad_record", f"'video' must be a path, got {type(video).__name__}")
     tokens, loss_mask = tokenize_conversation(
-        convs, tokenizer, [opts.num_image_token * t for t in visuals.num_tiles], system_prompt=opts.system_prompt,
+        convs,
+        tokenizer,
+        [opts.num_image_token * t for t in visuals.num_tiles],
+        system_prompt=opts.system_prompt,
         template=TEMPLATES[opts.template],
     )
     _check_context_tokens(tokens, tokenizer, opts, visuals.num_tiles)

@@ -10,6 +10,7 @@ fixtures in tests/fixtures.py.
 
 Everything is a pure function of its arguments (fixed seeds), so outputs are byte-stable across runs.
 """
+
 from __future__ import annotations
 
 import json
@@ -80,7 +81,11 @@ def train_tiny_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 6
     tok.save(os.path.join(out_dir, "tokenizer.json"))
     added = {
         str(base + i): {
-            "content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
             "special": True,
         }
         for i, t in enumerate(CHAT_SPECIAL_TOKENS)

@@ -22,6 +22,7 @@ only turn is from "pretrain" is plain text, not a chat. Its `<image>` placeholde
 above, the text is tokenized as one piece (BOS-string first with a BOS-adding tokenizer), no template
 and no end token are added, and every token carries loss except `<img>`, `<IMG_CONTEXT>` and `</img>`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -69,7 +70,6 @@ INTERNVL2_5 = ChatTemplate(
 )
 
 TEMPLATES = {INTERNVL2_5.name: INTERNVL2_5}
-
 
 
 def image_token_string(num_tokens: int) -> str:
@@ -151,8 +151,12 @@ def render_turns(
 
 def is_pretrain_sample(conversations: object) -> bool:
     """InternVL3.5's rule: the first turn is from "pretrain" (then it must be the only one)."""
-    return (isinstance(conversations, list) and bool(conversations) and isinstance(conversations[0], dict)
-            and conversations[0].get("from") == PRETRAIN_ROLE)
+    return (
+        isinstance(conversations, list)
+        and bool(conversations)
+        and isinstance(conversations[0], dict)
+        and conversations[0].get("from") == PRETRAIN_ROLE
+    )
 
 
 def tokenize_pretrain(
@@ -160,17 +164,25 @@ def tokenize_pretrain(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Tokens (S,) int32 and loss mask (S,) uint8 of a plain-text ("pretrain") sample (module docstring)."""
     if len(conversations) != 1 or not isinstance(conversations[0].get("value"), str):
-        raise TemplateError("bad_record", f"a {PRETRAIN_ROLE!r} sample is exactly one turn with a string value, "
-                                          f"got {len(conversations)} turn(s)")
+        raise TemplateError(
+            "bad_record",
+            f"a {PRETRAIN_ROLE!r} sample is exactly one turn with a string value, got {len(conversations)} turn(s)",
+        )
     n_placeholders = count_image_placeholders(conversations)
     if n_placeholders != len(num_image_token_list):
-        raise TemplateError("image_count_mismatch", f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) in the "
-                                                    f"pretrain text for {len(num_image_token_list)} image(s)")
+        raise TemplateError(
+            "image_count_mismatch",
+            f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) in the "
+            f"pretrain text for {len(num_image_token_list)} image(s)",
+        )
     text, _ = _expand_images(conversations[0]["value"], num_image_token_list, 0)
     bos = tokenizer.bos_token if tokenizer.add_bos_token else None
     tokens = np.asarray(tokenizer.encode(bos + text if bos else text), dtype=np.int64)
-    image_ids = [i for i in (tokenizer.token_to_id(t) for t in (IMG_START_TOKEN, IMG_CONTEXT_TOKEN, IMG_END_TOKEN))
-                 if i is not None]
+    image_ids = [
+        i
+        for i in (tokenizer.token_to_id(t) for t in (IMG_START_TOKEN, IMG_CONTEXT_TOKEN, IMG_END_TOKEN))
+        if i is not None
+    ]
     mask = (~np.isin(tokens, image_ids)).astype(np.uint8)
     return tokens.astype(np.int32), mask
 

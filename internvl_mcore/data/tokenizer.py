@@ -21,6 +21,7 @@ always recognized as single tokens inside text.
 The `Tokenizer` keeps the raw bytes of the files it was built from, so it pickles cheaply into worker
 processes (the backend is rebuilt lazily there) and `sha256` identifies it in shard manifests.
 """
+
 from __future__ import annotations
 
 import base64
@@ -34,13 +35,9 @@ from ..cli_errors import user_path
 from ..errors import DataError
 
 # HF Qwen2Tokenizer's pre-tokenization regex (single digits, unlike GPT-4's \p{N}{1,3}).
-QWEN2_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+QWEN2_PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 # transformers' TikTokenConverter default pattern, applied by AutoTokenizer to any tiktoken ranks file.
-TIKTOKEN_DEFAULT_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+TIKTOKEN_DEFAULT_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 # Special tokens every InternVL chat tokenizer carries (Qwen2 chat markers + InternVL's image/grounding tags).
 CHAT_SPECIAL_TOKENS = (
@@ -414,8 +411,15 @@ def _build_from_tokenizer_json(blob: bytes, added: Sequence[AddedTokenSpec], nam
             vocab.setdefault(spec.content, spec.id)
         for spec in missing:
             data.setdefault("added_tokens", []).append(
-                {"id": spec.id, "content": spec.content, "single_word": spec.single_word, "lstrip": spec.lstrip,
-                 "rstrip": spec.rstrip, "normalized": spec.normalized, "special": spec.special}
+                {
+                    "id": spec.id,
+                    "content": spec.content,
+                    "single_word": spec.single_word,
+                    "lstrip": spec.lstrip,
+                    "rstrip": spec.rstrip,
+                    "normalized": spec.normalized,
+                    "special": spec.special,
+                }
             )
     tok = HFTokenizer.from_str(json.dumps(data))
     return tok
@@ -450,8 +454,16 @@ def _build_from_vocab_merges(
     tok_class = (config.get("tokenizer_class") or "Qwen2Tokenizer").removesuffix("Fast")
     add_prefix_space = bool(config.get("add_prefix_space") or False)
     tok = HFTokenizer(
-        BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None, continuing_subword_prefix="",
-            end_of_word_suffix="", fuse_unk=False, byte_fallback=False)
+        BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            unk_token=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+            byte_fallback=False,
+        )
     )
     if tok_class == "Qwen2Tokenizer":
         tok.normalizer = normalizers.NFC()
@@ -518,7 +530,9 @@ class Tokenizer:
             self._backend = _SentencePieceBackend(self._files[self._model_file()], added, self.config)
         elif self.kind == "tiktoken":
             self._backend = _TiktokenBackend(
-                self._files[self._model_file()], added, self._pattern or TIKTOKEN_DEFAULT_PATTERN,
+                self._files[self._model_file()],
+                added,
+                self._pattern or TIKTOKEN_DEFAULT_PATTERN,
                 os.path.join(d, self._model_file()),
             )
         else:

@@ -16,6 +16,7 @@ Why not ProcessPoolExecutor: it cannot say which worker died or which input it h
 in order over its own pipe), so a wait knows the worker, its pid and the input it is waiting for:
 a worker that dies or does not answer within `timeout_s` becomes a `WorkerError`, one line naming them.
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -58,8 +59,7 @@ class _Worker:
     def __init__(self, ctx: Any, index: int, args: tuple) -> None:
         self.index = index
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, *args), daemon=True,
-                                name=f"loader-worker-{index}")
+        self.proc = ctx.Process(target=_worker_main, args=(child, *args), daemon=True, name=f"loader-worker-{index}")
         start_ignoring_sigint(self.proc)
         child.close()
         self.ready = False
@@ -74,8 +74,16 @@ class WorkerPool:
     ("pack 3 of shard set P"); `flag` names the setting that bounds the waits: `timeout_s` for each
     result, max(timeout_s, STARTUP_MIN_S) for a worker's start-up."""
 
-    def __init__(self, workers: int, initializer: Callable[[Any], None], initarg: Any, fn: Callable[[Any], Any],
-                 timeout_s: float, flag: str = "--data-worker-timeout", preload: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        workers: int,
+        initializer: Callable[[Any], None],
+        initarg: Any,
+        fn: Callable[[Any], Any],
+        timeout_s: float,
+        flag: str = "--data-worker-timeout",
+        preload: tuple[str, ...] = (),
+    ) -> None:
         if not timeout_s > 0:
             raise ValueError(f"{flag} must be > 0 seconds, got {timeout_s}")
         ctx = mp.get_context("forkserver")
@@ -114,12 +122,16 @@ class WorkerPool:
                 pass
         if not ready:
             self.close(terminate=True)
-            raise WorkerError(f"{self.flag} {self.timeout_s:g}: {who} did not {doing} within {timeout_s:g} s "
-                              f"and was stopped (stalled; raise {self.flag} if a pack really takes that long)")
+            raise WorkerError(
+                f"{self.flag} {self.timeout_s:g}: {who} did not {doing} within {timeout_s:g} s "
+                f"and was stopped (stalled; raise {self.flag} if a pack really takes that long)"
+            )
         why = describe_exit(worker.proc)
         self.close(terminate=True)
-        raise WorkerError(f"--num-workers: {who} died ({why}) while the training process waited for it to {doing}; "
-                          f"if it was killed for memory, use fewer --num-workers or give the job more memory")
+        raise WorkerError(
+            f"--num-workers: {who} died ({why}) while the training process waited for it to {doing}; "
+            f"if it was killed for memory, use fewer --num-workers or give the job more memory"
+        )
 
     def close(self, terminate: bool = False) -> None:
         """Ask every worker to stop (kill them at once with `terminate`); kill those still alive after 10 s."""

@@ -14,6 +14,7 @@ megatron-core mappings `ColumnParallelLinear` uses (copy with all-reduced gradie
 sequence-parallel all-gather with reduce-scattered gradient), so the hidden-state gradient leaves
 here as this rank's partial sum, as the linear's would.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -31,7 +32,7 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, vocab_start: int, 
     logits = torch.matmul(hidden, weight.t()).float()
     valid = vocab_size - vocab_start  # columns of this shard that are real tokens
     if valid < logits.shape[1]:
-        logits[:, max(valid, 0):] = float("-inf")
+        logits[:, max(valid, 0) :] = float("-inf")
     return logits
 
 
@@ -39,8 +40,16 @@ class _ChunkedVocabParallelCE(torch.autograd.Function):
     """hidden (N, H) (full sequence on this rank), weight (V/tp, H), labels (N,) global ids -> (N,) loss."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
-                vocab_start: int, vocab_size: int, group: Any) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        chunk: int,
+        vocab_start: int,
+        vocab_size: int,
+        group: Any,
+    ) -> torch.Tensor:
         n, shard = hidden.shape[0], weight.shape[0]
         local = labels - vocab_start
         in_shard = (local >= 0) & (local < shard)
@@ -94,22 +103,32 @@ def output_layer_input(hidden: torch.Tensor, tp_group: Any, sequence_parallel: b
     return copy_to_tensor_model_parallel_region(hidden, group=tp_group)
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
-                          vocab_size: int, tp_group: Any) -> torch.Tensor:
+def chunked_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int, vocab_size: int, tp_group: Any
+) -> torch.Tensor:
     """Per-token cross entropy (B, S) of hidden (S, B, H), already through `output_layer_input`,
     against labels (B, S), through the vocab-parallel output weight (V/tp, H) in chunks of `chunk`
     tokens. `vocab_size`: the real vocabulary (entries beyond it, TP padding, never win)."""
     s, b, h = hidden.shape
     vocab_start = tp_group.rank() * weight.shape[0] if tp_group is not None else 0
     flat_labels = labels.transpose(0, 1).reshape(-1)  # (S*B,) in the hidden states' order
-    loss = _ChunkedVocabParallelCE.apply(hidden.reshape(s * b, h), weight, flat_labels, chunk,
-                                         vocab_start, vocab_size, tp_group)
+    loss = _ChunkedVocabParallelCE.apply(
+        hidden.reshape(s * b, h), weight, flat_labels, chunk, vocab_start, vocab_size, tp_group
+    )
     return loss.view(s, b).transpose(0, 1).contiguous()  # (B, S)
 
 
-def chunked_output_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
-                                 vocab_size: int, tp_group: Any, sequence_parallel: bool) -> torch.Tensor:
+def chunked_output_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk: int,
+    vocab_size: int,
+    tp_group: Any,
+    sequence_parallel: bool,
+) -> torch.Tensor:
     """`chunked_cross_entropy` of hidden (S, B, H) (S/tp with sequence parallelism) as the output
     layer receives it."""
-    return chunked_cross_entropy(output_layer_input(hidden, tp_group, sequence_parallel), weight, labels, chunk,
-                                 vocab_size, tp_group)
+    return chunked_cross_entropy(
+        output_layer_input(hidden, tp_group, sequence_parallel), weight, labels, chunk, vocab_size, tp_group
+    )

@@ -1,10 +1,11 @@
 """The composed InternVL model for one pipeline stage, and its builder.
 
-    stage 0:  tiles -> InternViT -> drop CLS -> pixel shuffle -> projector --+
-              tokens -> embedding -> splice features at <IMG_CONTEXT> -------+-> decoder layers
-    stage k:  hidden -> decoder layers
-    last:     -> final norm -> output layer -> per-token loss (or logits)
+stage 0:  tiles -> InternViT -> drop CLS -> pixel shuffle -> projector --+
+          tokens -> embedding -> splice features at <IMG_CONTEXT> -------+-> decoder layers
+stage k:  hidden -> decoder layers
+last:     -> final norm -> output layer -> per-token loss (or logits)
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -27,7 +28,14 @@ from . import rope
 from .language import LanguageModel
 from .projector import Projector, pixel_shuffle_v2
 from .qk_norm import PerHeadRMSNorm
-from .specs import Backend, decoder_block_spec, default_backend, llm_layer_spec, projector_mlp_submodules, vision_layer_spec
+from .specs import (
+    Backend,
+    decoder_block_spec,
+    default_backend,
+    llm_layer_spec,
+    projector_mlp_submodules,
+    vision_layer_spec,
+)
 from .vision import InternViT
 from .weights import mark_tensor_parallel_params
 
@@ -35,9 +43,17 @@ from .weights import mark_tensor_parallel_params
 class InternVLModel(MegatronModule):
     """InternViT + projector (first stage only) + this stage's share of the LLM."""
 
-    def __init__(self, model_cfg: ModelConfig, par: ParallelConfig, pg_collection: ProcessGroupCollection,
-                 pre_process: bool, post_process: bool, dtype: torch.dtype = torch.float32,
-                 backend: Optional[Backend] = None, compute: ComputeConfig = DEFAULT_COMPUTE) -> None:
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        par: ParallelConfig,
+        pg_collection: ProcessGroupCollection,
+        pre_process: bool,
+        post_process: bool,
+        dtype: torch.dtype = torch.float32,
+        backend: Optional[Backend] = None,
+        compute: ComputeConfig = DEFAULT_COMPUTE,
+    ) -> None:
         llm_config = llm_transformer_config(model_cfg, par, dtype, compute)
         # RoPE without megatron-core's concatenations (models/rope.py) where TE's kernel is absent
         llm_config.apply_rope_fusion = rope.install()
@@ -54,40 +70,56 @@ class InternVLModel(MegatronModule):
             self._build_encoder(par, dtype, compute, backend)
         self.cp_group, self.tp_group = pg.cp, pg.tp  # tp_group: megatron-core's sharded_state_dict reads it
         core_attention = self._choose_cp_attention(par, backend)
-        qk_norm = ModuleSpec(module=PerHeadRMSNorm, params={"tp_group": pg.tp}) if model_cfg.llm.qk_layernorm \
-            else IdentityOp
+        qk_norm = (
+            ModuleSpec(module=PerHeadRMSNorm, params={"tp_group": pg.tp}) if model_cfg.llm.qk_layernorm else IdentityOp
+        )
         layer_spec = llm_layer_spec(backend, core_attention, qk_norm, moe=model_cfg.llm.is_moe)
         self.language_model = LanguageModel(
-            llm_config, decoder_block_spec(layer_spec, backend, llm_config, pg.pp.rank()),
+            llm_config,
+            decoder_block_spec(layer_spec, backend, llm_config, pg.pp.rank()),
             vocab_size=model_cfg.llm.vocab_size,
-            max_sequence_length=model_cfg.llm.max_position_embeddings, rope_theta=model_cfg.llm.rope_theta,
-            pre_process=pre_process, post_process=post_process,
-            share_embeddings_and_output_weights=self.share_embeddings_and_output_weights, pg_collection=pg,
-            cross_entropy_chunk_size=compute.cross_entropy_chunk_size, all_token_logits=compute.all_token_logits)
+            max_sequence_length=model_cfg.llm.max_position_embeddings,
+            rope_theta=model_cfg.llm.rope_theta,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=self.share_embeddings_and_output_weights,
+            pg_collection=pg,
+            cross_entropy_chunk_size=compute.cross_entropy_chunk_size,
+            all_token_logits=compute.all_token_logits,
+        )
 
-    def _build_encoder(self, par: ParallelConfig, dtype: torch.dtype, compute: ComputeConfig,
-                       backend: Backend) -> None:
+    def _build_encoder(self, par: ParallelConfig, dtype: torch.dtype, compute: ComputeConfig, backend: Backend) -> None:
         """The first stage's InternViT and projector."""
         model_cfg, pg = self.model_cfg, self.pg_collection
         vit_config = vision_transformer_config(model_cfg, par, dtype, compute)
-        self.vision_model = InternViT(vit_config, model_cfg.vision,
-                                      vision_layer_spec(model_cfg.vision.qk_normalization,
-                                                        model_cfg.vision.qkv_bias, backend, pg.tp), pg)
-        self.projector = Projector(projector_transformer_config(model_cfg, par, dtype, compute),
-                                   projector_mlp_submodules(backend), model_cfg.projector_input_size,
-                                   eps=model_cfg.projector_layernorm_epsilon, pg_collection=pg)
+        self.vision_model = InternViT(
+            vit_config,
+            model_cfg.vision,
+            vision_layer_spec(model_cfg.vision.qk_normalization, model_cfg.vision.qkv_bias, backend, pg.tp),
+            pg,
+        )
+        self.projector = Projector(
+            projector_transformer_config(model_cfg, par, dtype, compute),
+            projector_mlp_submodules(backend),
+            model_cfg.projector_input_size,
+            eps=model_cfg.projector_layernorm_epsilon,
+            pg_collection=pg,
+        )
 
     def _choose_cp_attention(self, par: ParallelConfig, backend: Backend) -> type:
         """The LLM's core attention; sets how a CP rank's tokens are cut (`cp_layout`) and the line
         saying which attention runs (`cp_path`)."""
         # how a CP rank's tokens are cut from the batch: whole rows or TE's per-sample 'thd' split
-        self.cp_layout, why = (cp_split_choice(par.cp_split, backend, par.pipeline_model_parallel_size,
-                                               par.sequence_parallel, par.cp_comm_type)
-                               if par.context_parallel_size > 1 else ("none", ""))
+        self.cp_layout, why = (
+            cp_split_choice(
+                par.cp_split, backend, par.pipeline_model_parallel_size, par.sequence_parallel, par.cp_comm_type
+            )
+            if par.context_parallel_size > 1
+            else ("none", "")
+        )
         # which context-parallel attention runs and why: training/loop.py prints it once (None without CP)
         self.cp_path = cp_path_line(self.cp_layout, why, backend, par.cp_comm_type) if why else None
-        return (cp_core_attention(self.cp_layout, backend) if par.context_parallel_size > 1
-                else PackedSDPAttention)
+        return cp_core_attention(self.cp_layout, backend) if par.context_parallel_size > 1 else PackedSDPAttention
 
     # --- hooks megatron-core's schedules and finalize_model_grads look for -------------------
     def set_input_tensor(self, input_tensor: torch.Tensor | list) -> None:
@@ -96,8 +128,9 @@ class InternVLModel(MegatronModule):
     def shared_embedding_or_output_weight(self) -> torch.Tensor:
         return self.language_model.shared_embedding_or_output_weight()
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
-                           metadata: Optional[dict] = None) -> dict:
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None
+    ) -> dict:
         """megatron-core's, with this stage's DP x CP group in `metadata` (every submodule reads it from
         there; without it megatron-core would take its global one)."""
         metadata = {"dp_cp_group": self.pg_collection.dp_cp, **(metadata or {})}
@@ -109,7 +142,7 @@ class InternVLModel(MegatronModule):
         normalized float tiles (a batch's `Images.pixel_values()`, data/source_images.py)."""
         feats = self.vision_model(pixel_values)[:, 1:]  # (T, N, C), CLS dropped
         t, n, c = feats.shape
-        side = int(n ** 0.5)
+        side = int(n**0.5)
         feats = pixel_shuffle_v2(feats.reshape(t, side, side, c), self.model_cfg.downsample_ratio)
         feats = self.projector(feats.reshape(t, -1, feats.shape[-1]))  # (T, N', H)
         return feats.reshape(-1, feats.shape[-1])
@@ -119,10 +152,16 @@ class InternVLModel(MegatronModule):
         the forward step builds it once per microbatch and passes it to `forward` and the loss."""
         return TokenSplit.build(self.cp_layout, cu_seqlens, shape, self.cp_group)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                pixel_values: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                cu_seqlens: Optional[torch.Tensor] = None, loss_weight: Optional[torch.Tensor] = None,
-                split: Optional[TokenSplit] = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        pixel_values: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        loss_weight: Optional[torch.Tensor] = None,
+        split: Optional[TokenSplit] = None,
+    ) -> torch.Tensor:
         """input_ids (B, S) int of the whole microbatch (the image features are spliced into the full
         sequence, then the embeddings are split); pixel_values (T, 3, H, W) normalized float tiles of
         all images in batch order (see image_features); cu_seqlens: global sample boundaries over the
@@ -135,8 +174,10 @@ class InternVLModel(MegatronModule):
         without labels, and hidden states (S, B, H) on other stages ('thd': B = 1, S = local tokens)."""
         if split is None:
             if self.cp_group.size() > 1:
-                raise ValueError("InternVLModel.forward under context parallelism needs split=model.token_split(...) "
-                                 "and this rank's position ids, labels and loss weights")
+                raise ValueError(
+                    "InternVLModel.forward under context parallelism needs split=model.token_split(...) "
+                    "and this rank's position ids, labels and loss weights"
+                )
             split = TokenSplit("none", 0, 1)
         if split.thd is not None:  # boundaries for TE's 'thd' attention (global, real and padded)
             packed = split.thd.packed_seq_params(input_ids.device)
@@ -151,32 +192,48 @@ class InternVLModel(MegatronModule):
             if self.config.sequence_parallel:
                 emb = tensor_parallel.scatter_to_sequence_parallel_region(emb, group=self.tp_group)
             decoder_input = emb
-        return self.language_model(decoder_input, position_ids, labels=labels, packed_seq_params=packed,
-                                   loss_weight=loss_weight)
+        return self.language_model(
+            decoder_input, position_ids, labels=labels, packed_seq_params=packed, loss_weight=loss_weight
+        )
 
     def _splice(self, emb: torch.Tensor, input_ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         """Replace the embeddings at <IMG_CONTEXT> positions with image features, in batch-major order."""
         mask = input_ids == self.model_cfg.img_context_token_id  # (B, S)
         n = int(mask.sum())
         if n != feats.shape[0]:
-            raise ValueError(f"{n} <IMG_CONTEXT> tokens in the batch but {feats.shape[0]} image feature "
-                             f"vectors ({feats.shape[0] // self.model_cfg.num_image_token} tiles)")
+            raise ValueError(
+                f"{n} <IMG_CONTEXT> tokens in the batch but {feats.shape[0]} image feature "
+                f"vectors ({feats.shape[0] // self.model_cfg.num_image_token} tiles)"
+            )
         bsh = emb.transpose(0, 1)  # (B, S, H)
         bsh = bsh.masked_scatter(mask.unsqueeze(-1), feats.to(bsh.dtype))
         return bsh.transpose(0, 1).contiguous()
 
 
-def build_model(model_cfg: ModelConfig, par: ParallelConfig, pg_collection: ProcessGroupCollection,
-                dtype: torch.dtype = torch.float32, backend: Optional[Backend] = None,
-                compute: ComputeConfig = DEFAULT_COMPUTE) -> InternVLModel:
+def build_model(
+    model_cfg: ModelConfig,
+    par: ParallelConfig,
+    pg_collection: ProcessGroupCollection,
+    dtype: torch.dtype = torch.float32,
+    backend: Optional[Backend] = None,
+    compute: ComputeConfig = DEFAULT_COMPUTE,
+) -> InternVLModel:
     """This rank's stage of the model, in the process groups `pg_collection` (what
     parallel/state.py: init_distributed returns); the pipeline stage is this rank's in `pg_collection.pp`;
     `compute`: the device, kernels and loss chunking (--device, --torch-compile, ...).
 
     Weights are uninitialized: call `weights.init_weights` or load a checkpoint."""
     pp_rank, pp_size = pg_collection.pp.rank(), pg_collection.pp.size()
-    model = InternVLModel(model_cfg, par, pg_collection, pre_process=pp_rank == 0, post_process=pp_rank == pp_size - 1,
-                          dtype=dtype, backend=backend, compute=compute)
+    model = InternVLModel(
+        model_cfg,
+        par,
+        pg_collection,
+        pre_process=pp_rank == 0,
+        post_process=pp_rank == pp_size - 1,
+        dtype=dtype,
+        backend=backend,
+        compute=compute,
+    )
     if dtype != torch.float32:
         # megatron-core's WrappedTorchNorm ignores params_dtype (TE's norms honour it); fp32 norm
         # weights in a bf16 model break the mixed-precision optimizer's checkpoint (it maps only the

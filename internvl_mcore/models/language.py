@@ -4,6 +4,7 @@ final norm + output layer + loss (last stage), RoPE from per-token float positio
 It is a megatron-core `LanguageModule`, which brings tied embeddings across pipeline stages
 (embedding group all-reduce), the vocab-parallel loss and checkpoint sharding for free.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,11 +29,21 @@ from .chunked_loss import chunked_cross_entropy, chunked_output_cross_entropy, o
 class LanguageModel(LanguageModule):
     """Decoder-only LLM for one pipeline stage."""
 
-    def __init__(self, config: TransformerConfig, layer_spec: ModuleSpec | TransformerBlockSubmodules, vocab_size: int,
-                 max_sequence_length: int, rope_theta: float, pre_process: bool = True,
-                 post_process: bool = True, share_embeddings_and_output_weights: bool = False,
-                 *, pg_collection: ProcessGroupCollection, cross_entropy_chunk_size: int = 0,
-                 all_token_logits: bool = False) -> None:
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_spec: ModuleSpec | TransformerBlockSubmodules,
+        vocab_size: int,
+        max_sequence_length: int,
+        rope_theta: float,
+        pre_process: bool = True,
+        post_process: bool = True,
+        share_embeddings_and_output_weights: bool = False,
+        *,
+        pg_collection: ProcessGroupCollection,
+        cross_entropy_chunk_size: int = 0,
+        all_token_logits: bool = False,
+    ) -> None:
         super().__init__(config=config, pg_collection=pg_collection)
         self.pre_process = pre_process
         self.post_process = post_process
@@ -47,8 +58,13 @@ class LanguageModel(LanguageModule):
         if pre_process:
             self.embedding = self._embedding(config, max_sequence_length)
         self.rotary_pos_emb = self._rotary_embedding(config, rope_theta)
-        self.decoder = TransformerBlock(config=config, spec=layer_spec, pre_process=pre_process,
-                                        post_process=post_process, pg_collection=self.pg_collection)
+        self.decoder = TransformerBlock(
+            config=config,
+            spec=layer_spec,
+            pre_process=pre_process,
+            post_process=post_process,
+            pg_collection=self.pg_collection,
+        )
         if post_process:
             self.output_layer = self._output_layer(config, pre_process and share_embeddings_and_output_weights)
         if pre_process or post_process:
@@ -58,22 +74,38 @@ class LanguageModel(LanguageModule):
         """The first stage's token embedding (vocab-parallel over TP)."""
         # not scattered here: image features are spliced into the full sequence first
         return LanguageModelEmbedding(
-            config=config, vocab_size=self.padded_vocab_size,
-            max_sequence_length=max_sequence_length, position_embedding_type="rope",
-            scatter_to_sequence_parallel=False, tp_group=self.pg_collection.tp)
+            config=config,
+            vocab_size=self.padded_vocab_size,
+            max_sequence_length=max_sequence_length,
+            position_embedding_type="rope",
+            scatter_to_sequence_parallel=False,
+            tp_group=self.pg_collection.tp,
+        )
 
     def _output_layer(self, config: TransformerConfig, tied_here: bool) -> ColumnParallelLinear:
         """The last stage's output layer; without a weight of its own where it uses the embedding's
         (`tied_here`: tied embeddings, and the embedding on this stage)."""
         return ColumnParallelLinear(
-            config.hidden_size, self.padded_vocab_size, config=config,
-            init_method=config.init_method, bias=False, skip_bias_add=False, gather_output=False,
-            skip_weight_param_allocation=tied_here, tp_group=self.pg_collection.tp)
+            config.hidden_size,
+            self.padded_vocab_size,
+            config=config,
+            init_method=config.init_method,
+            bias=False,
+            skip_bias_add=False,
+            gather_output=False,
+            skip_weight_param_allocation=tied_here,
+            tp_group=self.pg_collection.tp,
+        )
 
     def _rotary_embedding(self, config: TransformerConfig, rope_theta: float) -> RotaryEmbedding:
         """megatron-core's RotaryEmbedding with its inverse frequencies in a buffer."""
-        rotary = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0, rotary_base=rope_theta,
-                                 use_cpu_initialization=True, cp_group=self.pg_collection.cp)
+        rotary = RotaryEmbedding(
+            kv_channels=config.kv_channels,
+            rotary_percent=1.0,
+            rotary_base=rope_theta,
+            use_cpu_initialization=True,
+            cp_group=self.pg_collection.cp,
+        )
         # megatron-core keeps inv_freq as a plain attribute, which `model.cuda()` / `.to()` would
         # leave behind on the CPU; a (non-persistent) buffer follows the module to its device.
         inv_freq = rotary.inv_freq
@@ -97,10 +129,14 @@ class LanguageModel(LanguageModule):
         freqs = position_ids.to(torch.float32)[..., None] * inv_freq  # (B, S, D/2)
         return torch.cat([freqs, freqs], dim=-1).transpose(0, 1)[:, :, None, :].contiguous()
 
-    def forward(self, decoder_input: Optional[torch.Tensor], position_ids: torch.Tensor,
-                labels: Optional[torch.Tensor] = None,
-                packed_seq_params: Optional[PackedSeqParams] = None,
-                loss_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        decoder_input: Optional[torch.Tensor],
+        position_ids: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+        loss_weight: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """decoder_input (S, B, H) on the first stage (None later: it comes from `set_input_tensor`).
 
         Returns the hidden states (S, B, H) on non-last stages; on the last stage the per-token
@@ -114,26 +150,35 @@ class LanguageModel(LanguageModule):
             # integer positions per sample; the core attention applies these V2PE angles instead
             packed_seq_params = dataclasses.replace(packed_seq_params, rotary_freqs=rotary[:, 0])  # (T, 1, D)
             rotary = None
-        hidden = self.decoder(hidden_states=decoder_input, attention_mask=None,
-                              rotary_pos_emb=rotary, packed_seq_params=packed_seq_params)
+        hidden = self.decoder(
+            hidden_states=decoder_input, attention_mask=None, rotary_pos_emb=rotary, packed_seq_params=packed_seq_params
+        )
         if not self.post_process:
             return hidden
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         if labels is not None and loss_weight is not None and not self.all_token_logits:
-            return self._target_token_loss(hidden, self.output_layer.weight if weight is None else weight,
-                                           labels, loss_weight)  # (B, S)
+            return self._target_token_loss(
+                hidden, self.output_layer.weight if weight is None else weight, labels, loss_weight
+            )  # (B, S)
         if labels is not None and self.cross_entropy_chunk_size:  # models/chunked_loss.py
             return chunked_output_cross_entropy(
-                hidden, self.output_layer.weight if weight is None else weight, labels, self.cross_entropy_chunk_size,
-                self.vocab_size, self.pg_collection.tp, self.config.sequence_parallel)  # (B, S)
+                hidden,
+                self.output_layer.weight if weight is None else weight,
+                labels,
+                self.cross_entropy_chunk_size,
+                self.vocab_size,
+                self.pg_collection.tp,
+                self.config.sequence_parallel,
+            )  # (B, S)
         logits, _ = self.output_layer(hidden, weight=weight)  # (S, B, V/tp)
         logits = self._mask_padded_vocab(logits)
         if labels is None:
             return logits.transpose(0, 1).contiguous()
         return self.compute_language_model_loss(labels, logits)  # (B, S)
 
-    def _target_token_loss(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                           loss_weight: torch.Tensor) -> torch.Tensor:
+    def _target_token_loss(
+        self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, loss_weight: torch.Tensor
+    ) -> torch.Tensor:
         """Per-token losses (B, S), computed only at the tokens `loss_weight` keeps (nonzero; 0 elsewhere).
 
         In SFT data most tokens (image tokens, prompts) carry no loss, and their logits -- a GEMM
@@ -148,8 +193,9 @@ class LanguageModel(LanguageModule):
         picked = hidden[keep]  # (N, H)
         targets = labels.transpose(0, 1)[keep]  # (N,)
         if self.cross_entropy_chunk_size:
-            loss = chunked_cross_entropy(picked[:, None], weight, targets[None], self.cross_entropy_chunk_size,
-                                         self.vocab_size, tp)  # (1, N)
+            loss = chunked_cross_entropy(
+                picked[:, None], weight, targets[None], self.cross_entropy_chunk_size, self.vocab_size, tp
+            )  # (1, N)
         else:
             logits = self._mask_padded_vocab(torch.matmul(picked, weight.t()))  # (N, V/tp)
             loss = self.compute_language_model_loss(targets[None], logits[:, None])  # (1, N)

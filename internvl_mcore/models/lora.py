@@ -29,6 +29,7 @@ and sharded with the base weight's rule. Checkpoints get them through `sharded_s
 Parameters are named `<linear>.lora.a` / `<linear>.lora.b` next to `<linear>.weight`, so base
 weight names (and every key map / checkpoint key) are unchanged.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,8 +60,17 @@ Parallel = Literal["column", "row"]
 class LoRAAdapter(nn.Module):
     """The low-rank update s * B A x of one parallel linear (this rank's shard of A and B)."""
 
-    def __init__(self, parallel: Parallel, weight: torch.Tensor, rank: int, scaling: float, dropout: float,
-                 sequence_parallel: bool, tp_group: Any, gated: bool) -> None:
+    def __init__(
+        self,
+        parallel: Parallel,
+        weight: torch.Tensor,
+        rank: int,
+        scaling: float,
+        dropout: float,
+        sequence_parallel: bool,
+        tp_group: Any,
+        gated: bool,
+    ) -> None:
         super().__init__()
         out_local, in_local = weight.shape  # (out/tp, in) column-parallel, (out, in/tp) row-parallel
         kw = dict(dtype=weight.dtype, device=weight.device)
@@ -78,8 +88,10 @@ class LoRAAdapter(nn.Module):
         replicated.sequence_parallel = sequence_parallel
 
     def extra_repr(self) -> str:
-        return (f"{self.parallel}-parallel, r={self.a.shape[0]}, a={tuple(self.a.shape)}, b={tuple(self.b.shape)}, "
-                f"scaling={self.scaling:g}, dropout={self.dropout:g}")
+        return (
+            f"{self.parallel}-parallel, r={self.a.shape[0]}, a={tuple(self.a.shape)}, b={tuple(self.b.shape)}, "
+            f"scaling={self.scaling:g}, dropout={self.dropout:g}"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: the base layer's input (S, B, in_local) (sequence-split under SP) -> its output shard's update."""
@@ -92,26 +104,34 @@ class LoRAAdapter(nn.Module):
                 x = F.dropout(x, self.dropout, True)
         u = F.linear(x, self.a)  # (S, B, r), a partial sum over input shards for a row-parallel layer
         if self.parallel == "column":
-            u = (tensor_parallel.gather_from_sequence_parallel_region(u, group=self.tp_group) if self.sequence_parallel
-                 else tensor_parallel.copy_to_tensor_model_parallel_region(u, group=self.tp_group))
+            u = (
+                tensor_parallel.gather_from_sequence_parallel_region(u, group=self.tp_group)
+                if self.sequence_parallel
+                else tensor_parallel.copy_to_tensor_model_parallel_region(u, group=self.tp_group)
+            )
         else:
-            u = (tensor_parallel.reduce_scatter_to_sequence_parallel_region(u, group=self.tp_group)
-                 if self.sequence_parallel
-                 else tensor_parallel.reduce_from_tensor_model_parallel_region(u, group=self.tp_group))
+            u = (
+                tensor_parallel.reduce_scatter_to_sequence_parallel_region(u, group=self.tp_group)
+                if self.sequence_parallel
+                else tensor_parallel.reduce_from_tensor_model_parallel_region(u, group=self.tp_group)
+            )
         return F.linear(u, self.b) * self.scaling  # (S, B, out_local)
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
-                           metadata: Optional[dict] = None) -> dict:
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None
+    ) -> dict:
         """A and B for dist_checkpointing: the split factor TP-sharded along its axis, the other replicated."""
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         axis = {"b": 0} if self.parallel == "column" else {"a": 1}
         state = self.state_dict(prefix="", keep_vars=True)
-        out = make_sharded_tensors_for_checkpoint(state, prefix, axis, sharded_offsets, tp_group=self.tp_group,
-                                                  dp_cp_group=metadata["dp_cp_group"])
+        out = make_sharded_tensors_for_checkpoint(
+            state, prefix, axis, sharded_offsets, tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"]
+        )
         if self.gated:  # [gate; up] halves, each split over TP: the same factory as the fc1 weight
             key = f"{prefix}b"
-            out[key] = apply_swiglu_sharded_factory(out[key], sharded_offsets,
-                                                    metadata.get("singleton_local_shards", False))
+            out[key] = apply_swiglu_sharded_factory(
+                out[key], sharded_offsets, metadata.get("singleton_local_shards", False)
+            )
         return out
 
 
@@ -127,7 +147,9 @@ class _LoRALinear:
         out, bias = super().forward(input_, *args, **kwargs)  # type: ignore[misc]
         return out + self.lora(input_).to(out.dtype), bias
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None) -> dict:
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None
+    ) -> dict:
         state = super().sharded_state_dict(prefix, sharded_offsets, metadata)  # type: ignore[misc]
         state = {k: v for k, v in state.items() if not k.startswith(f"{prefix}lora.")}
         state.update(self.lora.sharded_state_dict(f"{prefix}lora.", sharded_offsets, metadata))
@@ -164,7 +186,9 @@ def lora_targets(model: nn.Module, lora: LoRAConfig) -> list[tuple[str, nn.Modul
     return [(name, m) for name, m in unwrap_model(model).named_modules() if adapts(lora, name)]
 
 
-def lora_parameters(model: nn.Module, layout: Optional[ShardPlacement] = None) -> Iterator[tuple[str, str, nn.Parameter]]:
+def lora_parameters(
+    model: nn.Module, layout: Optional[ShardPlacement] = None
+) -> Iterator[tuple[str, str, nn.Parameter]]:
     """(local name, canonical name, parameter) of every adapter parameter."""
     model = unwrap_model(model)
     layout = layout or ShardPlacement.of(model)
@@ -176,7 +200,7 @@ def lora_parameters(model: nn.Module, layout: Optional[ShardPlacement] = None) -
 def lora_canonical_init(name: str, shape: tuple[int, ...], seed: int, b_std: float = 0.0) -> torch.Tensor:
     """A fresh canonical adapter tensor that depends only on (seed, name): A kaiming-uniform with bound
     1/sqrt(in) as PEFT draws it, B zero (or N(0, b_std^2), for tests that need a non-trivial B)."""
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63))
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
     if name.endswith(".lora.a"):
         bound = 1.0 / math.sqrt(shape[1])
         return (torch.rand(shape, generator=gen) * 2.0 - 1.0) * bound
@@ -217,8 +241,9 @@ def _make_inputs_require_grad(model: nn.Module, lora: LoRAConfig) -> list:
     return hooks
 
 
-def add_lora(model: nn.Module, lora: LoRAConfig, model_cfg: ModelConfig, seed: int,
-             base: Optional[str] = None) -> LoRAInfo:
+def add_lora(
+    model: nn.Module, lora: LoRAConfig, model_cfg: ModelConfig, seed: int, base: Optional[str] = None
+) -> LoRAInfo:
     """Attach adapters to this rank's target linears, freeze every base parameter, make the
     adapters the only trainable ones and initialize them. Call after the base weights are loaded
     and before DDP / the optimizer are built (they see only trainable parameters)."""
@@ -234,16 +259,27 @@ def add_lora(model: nn.Module, lora: LoRAConfig, model_cfg: ModelConfig, seed: i
         parallel = _parallel_kind(name, linear)
         config = linear.config
         sequence_parallel = bool(getattr(linear, "sequence_parallel", config.sequence_parallel))
-        linear.lora = LoRAAdapter(parallel, linear.weight, lora.lora_rank, lora.scaling, lora.lora_dropout,
-                                  sequence_parallel, getattr(linear, "tp_group", None),
-                                  gated=name.endswith("mlp.linear_fc1") and bool(config.gated_linear_unit))
+        linear.lora = LoRAAdapter(
+            parallel,
+            linear.weight,
+            lora.lora_rank,
+            lora.scaling,
+            lora.lora_dropout,
+            sequence_parallel,
+            getattr(linear, "tp_group", None),
+            gated=name.endswith("mlp.linear_fc1") and bool(config.gated_linear_unit),
+        )
         linear.__class__ = _with_lora(type(linear))
     init_lora_weights(model, model_cfg, seed)
-    info = LoRAInfo(dataclasses.replace(lora, lora_modules=list(lora.lora_modules)), base, seed, before,
-                    _make_inputs_require_grad(model, lora))
+    info = LoRAInfo(
+        dataclasses.replace(lora, lora_modules=list(lora.lora_modules)),
+        base,
+        seed,
+        before,
+        _make_inputs_require_grad(model, lora),
+    )
     model.lora_info = info
     return info
-
 
 
 @torch.no_grad()
@@ -277,17 +313,27 @@ def adopt_checkpoint_lora(saved: Optional[dict], model: nn.Module) -> None:
     if saved is None and mine is None:
         return
     if saved is None:
-        raise CheckpointError("the checkpoint has no LoRA adapters but --lora-rank is set; to start LoRA from a "
-                              "fully trained checkpoint use --pretrained instead of --load")
+        raise CheckpointError(
+            "the checkpoint has no LoRA adapters but --lora-rank is set; to start LoRA from a "
+            "fully trained checkpoint use --pretrained instead of --load"
+        )
     theirs = LoRAInfo.from_dict(saved)
     if mine is None:
-        raise CheckpointError(f"the checkpoint holds LoRA adapters (rank {theirs.config.lora_rank}, target "
-                              f"{theirs.config.lora_target}); resume with the same --lora-* flags")
+        raise CheckpointError(
+            f"the checkpoint holds LoRA adapters (rank {theirs.config.lora_rank}, target "
+            f"{theirs.config.lora_target}); resume with the same --lora-* flags"
+        )
     a, b = theirs.config, mine.config
-    diffs = [f"{flag}: checkpoint {x!r}, run {y!r}" for flag, x, y in (
-        ("--lora-rank", a.lora_rank, b.lora_rank), ("--lora-alpha", a.alpha, b.alpha),
-        ("--lora-target", a.lora_target, b.lora_target),
-        ("--lora-modules", sorted(a.lora_modules), sorted(b.lora_modules))) if x != y]
+    diffs = [
+        f"{flag}: checkpoint {x!r}, run {y!r}"
+        for flag, x, y in (
+            ("--lora-rank", a.lora_rank, b.lora_rank),
+            ("--lora-alpha", a.alpha, b.alpha),
+            ("--lora-target", a.lora_target, b.lora_target),
+            ("--lora-modules", sorted(a.lora_modules), sorted(b.lora_modules)),
+        )
+        if x != y
+    ]
     if diffs:
         raise CheckpointError("LoRA settings differ from the checkpoint's:\n  " + "\n  ".join(diffs))
     if mine.base is None:

@@ -10,6 +10,7 @@ local shapes, by its LoRA adapters. tests/plan/test_state_bytes.py compares the 
 built models' `named_parameters()` (dense, MoE, LoRA); tests/convert/test_convert.py the canonical
 shapes with the canonical state dict.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -55,10 +56,12 @@ def vision_embeddings(model: ModelConfig) -> list[Param]:
     """Class token, position embedding, patch convolution."""
     v, p = model.vision, "vision_model.embeddings"
     c = v.hidden_size
-    return [Param(f"{p}.class_embedding", (1, 1, c), "vision"),
-            Param(f"{p}.position_embedding", (1, v.num_patches + 1, c), "vision"),
-            Param(f"{p}.patch_embedding.weight", (c, 3, v.patch_size, v.patch_size), "vision"),
-            Param(f"{p}.patch_embedding.bias", (c,), "vision")]
+    return [
+        Param(f"{p}.class_embedding", (1, 1, c), "vision"),
+        Param(f"{p}.position_embedding", (1, v.num_patches + 1, c), "vision"),
+        Param(f"{p}.patch_embedding.weight", (c, 3, v.patch_size, v.patch_size), "vision"),
+        Param(f"{p}.patch_embedding.bias", (c,), "vision"),
+    ]
 
 
 def vision_layer(model: ModelConfig, i: int) -> list[Param]:
@@ -68,40 +71,49 @@ def vision_layer(model: ModelConfig, i: int) -> list[Param]:
     lp = f"vision_model.encoder.layers.{i}"
     specs = [Param(f"{lp}.ls1", (c,), "vision"), Param(f"{lp}.ls2", (c,), "vision")]
     specs += _norm(f"{lp}.input_layernorm", c, v.normalization, "vision")
-    specs += [Param(f"{lp}.self_attention.linear_proj.weight", (c, hd), "vision", split=True),
-              Param(f"{lp}.self_attention.linear_proj.bias", (c,), "vision"),
-              Param(f"{lp}.self_attention.linear_qkv.weight", (3 * hd, c), "vision", split=True)]
+    specs += [
+        Param(f"{lp}.self_attention.linear_proj.weight", (c, hd), "vision", split=True),
+        Param(f"{lp}.self_attention.linear_proj.bias", (c,), "vision"),
+        Param(f"{lp}.self_attention.linear_qkv.weight", (3 * hd, c), "vision", split=True),
+    ]
     if v.qkv_bias:
         specs.append(Param(f"{lp}.self_attention.linear_qkv.bias", (3 * hd,), "vision", split=True))
     if v.qk_normalization:
         specs += [Param(f"{lp}.self_attention.{x}_layernorm.weight", (hd,), "vision", split=True) for x in "qk"]
     specs += _norm(f"{lp}.pre_mlp_layernorm", c, v.normalization, "vision")
-    return specs + [Param(f"{lp}.mlp.linear_fc1.weight", (f, c), "vision", split=True),
-                    Param(f"{lp}.mlp.linear_fc1.bias", (f,), "vision", split=True),
-                    Param(f"{lp}.mlp.linear_fc2.weight", (c, f), "vision", split=True),
-                    Param(f"{lp}.mlp.linear_fc2.bias", (c,), "vision")]
+    return specs + [
+        Param(f"{lp}.mlp.linear_fc1.weight", (f, c), "vision", split=True),
+        Param(f"{lp}.mlp.linear_fc1.bias", (f,), "vision", split=True),
+        Param(f"{lp}.mlp.linear_fc2.weight", (c, f), "vision", split=True),
+        Param(f"{lp}.mlp.linear_fc2.bias", (c,), "vision"),
+    ]
 
 
 def projector(model: ModelConfig) -> list[Param]:
     """LayerNorm(4C) -> column-parallel Linear(4C, H) -> GELU -> row-parallel Linear(H, H)."""
     cin, h = model.projector_input_size, model.llm.hidden_size
-    return [*_norm("projector.layer_norm", cin, "LayerNorm", "projector", torch_norm=False),
-            Param("projector.mlp.linear_fc1.weight", (h, cin), "projector", split=True),
-            Param("projector.mlp.linear_fc1.bias", (h,), "projector", split=True),
-            Param("projector.mlp.linear_fc2.weight", (h, h), "projector", split=True),
-            Param("projector.mlp.linear_fc2.bias", (h,), "projector")]
+    return [
+        *_norm("projector.layer_norm", cin, "LayerNorm", "projector", torch_norm=False),
+        Param("projector.mlp.linear_fc1.weight", (h, cin), "projector", split=True),
+        Param("projector.mlp.linear_fc1.bias", (h,), "projector", split=True),
+        Param("projector.mlp.linear_fc2.weight", (h, h), "projector", split=True),
+        Param("projector.mlp.linear_fc2.bias", (h,), "projector"),
+    ]
 
 
 def word_embeddings(model: ModelConfig) -> Param:
     """The LLM's input embedding (vocabulary rows: the sharding rule pads them)."""
-    return Param("language_model.embedding.word_embeddings.weight", (model.llm.vocab_size, model.llm.hidden_size),
-                 "llm", split=True)
+    return Param(
+        "language_model.embedding.word_embeddings.weight",
+        (model.llm.vocab_size, model.llm.hidden_size),
+        "llm",
+        split=True,
+    )
 
 
 def output_layer(model: ModelConfig) -> Param:
     """The LLM's output layer (absent from a single-stage model with tied embeddings)."""
-    return Param("language_model.output_layer.weight", (model.llm.vocab_size, model.llm.hidden_size), "llm",
-                 split=True)
+    return Param("language_model.output_layer.weight", (model.llm.vocab_size, model.llm.hidden_size), "llm", split=True)
 
 
 def final_norm(model: ModelConfig) -> Param:
@@ -116,23 +128,29 @@ def decoder_layer(model: ModelConfig, i: int, experts: range | None = None) -> l
     h, d, f = m.hidden_size, m.head_dim, m.ffn_hidden_size
     qkv = (m.num_attention_heads + 2 * m.num_query_groups) * d
     lp = f"language_model.decoder.layers.{i}"
-    specs = [Param(f"{lp}.input_layernorm.weight", (h,), "llm", torch_norm=True),
-             Param(f"{lp}.self_attention.linear_proj.weight", (h, m.num_attention_heads * d), "llm", split=True),
-             Param(f"{lp}.self_attention.linear_qkv.weight", (qkv, h), "llm", split=True)]
+    specs = [
+        Param(f"{lp}.input_layernorm.weight", (h,), "llm", torch_norm=True),
+        Param(f"{lp}.self_attention.linear_proj.weight", (h, m.num_attention_heads * d), "llm", split=True),
+        Param(f"{lp}.self_attention.linear_qkv.weight", (qkv, h), "llm", split=True),
+    ]
     if m.qkv_bias:
         specs.append(Param(f"{lp}.self_attention.linear_qkv.bias", (qkv,), "llm", split=True))
     if m.qk_layernorm:  # per-head, replicated over TP, in params_dtype (models/qk_norm.py)
         specs += [Param(f"{lp}.self_attention.{x}_layernorm.weight", (d,), "llm") for x in "qk"]
     specs.append(Param(f"{lp}.pre_mlp_layernorm.weight", (h,), "llm", torch_norm=True))
     if not m.is_moe:
-        return specs + [Param(f"{lp}.mlp.linear_fc1.weight", (2 * f, h), "llm", split=True),
-                        Param(f"{lp}.mlp.linear_fc2.weight", (h, f), "llm", split=True)]
+        return specs + [
+            Param(f"{lp}.mlp.linear_fc1.weight", (2 * f, h), "llm", split=True),
+            Param(f"{lp}.mlp.linear_fc2.weight", (h, f), "llm", split=True),
+        ]
     fe = m.moe_ffn_hidden_size
     specs.append(Param(f"{lp}.mlp.router.weight", (m.num_experts, h), "llm"))
-    for e in (range(m.num_experts) if experts is None else experts):
+    for e in range(m.num_experts) if experts is None else experts:
         ex = f"{lp}.mlp.experts.local_experts.{e}"
-        specs += [Param(f"{ex}.linear_fc1.weight", (2 * fe, h), "llm", split=True, expert=True),
-                  Param(f"{ex}.linear_fc2.weight", (h, fe), "llm", split=True, expert=True)]
+        specs += [
+            Param(f"{ex}.linear_fc1.weight", (2 * fe, h), "llm", split=True, expert=True),
+            Param(f"{ex}.linear_fc2.weight", (h, fe), "llm", split=True, expert=True),
+        ]
     return specs
 
 

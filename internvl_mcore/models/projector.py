@@ -1,4 +1,5 @@
 """InternVL's pixel shuffle and `mlp1`: LayerNorm(4C) -> Linear(4C, H) -> GELU -> Linear(H, H)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -16,8 +17,15 @@ class Projector(MegatronModule):
     The LayerNorm is replicated; the MLP is megatron-core's (column- then row-parallel), so its
     output is whole on every TP rank."""
 
-    def __init__(self, config: Any, submodules: MLPSubmodules, input_size: int, eps: float = 1e-5,
-                 *, pg_collection: ProcessGroupCollection) -> None:
+    def __init__(
+        self,
+        config: Any,
+        submodules: MLPSubmodules,
+        input_size: int,
+        eps: float = 1e-5,
+        *,
+        pg_collection: ProcessGroupCollection,
+    ) -> None:
         super().__init__(config=config)
         self.tp_group = pg_collection.tp  # read by megatron-core's sharded_state_dict (else: its global group)
         self.layer_norm = nn.LayerNorm(input_size, eps=eps, dtype=config.params_dtype)

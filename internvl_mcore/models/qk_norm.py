@@ -14,6 +14,7 @@ routes its weight through megatron-core's `copy_to_tensor_model_parallel_region`
 backward: all-reduce over TP), the same primitive column-parallel linears use for their input, so the
 gradient is complete on every rank before finalize_model_grads runs, and `qk_layernorm` stays unset.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -26,8 +27,13 @@ from torch import nn
 class PerHeadRMSNorm(nn.Module):
     """y = weight * x / sqrt(mean(x^2 over head_dim) + eps), per head, in fp32 like transformers' Qwen3RMSNorm."""
 
-    def __init__(self, hidden_size: int, config: Any, eps: float = 1e-6,
-                 tp_group: Optional[torch.distributed.ProcessGroup] = None) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        config: Any,
+        eps: float = 1e-6,
+        tp_group: Optional[torch.distributed.ProcessGroup] = None,
+    ) -> None:
         super().__init__()
         self.eps = eps
         self.tp_group = tp_group

@@ -11,6 +11,7 @@ transformer-engine defines. `install()` puts `apply_rotary` there when transform
 and the model then turns `apply_rope_fusion` on (models/internvl.py). With transformer-engine the
 slot keeps TE's kernel, which the model does not use (V2PE's per-row angles, config/megatron.py).
 """
+
 from __future__ import annotations
 
 from typing import Any

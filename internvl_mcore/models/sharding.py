@@ -15,6 +15,7 @@ parameter matching none is split evenly. Replicated parameters (no `tensor_model
 are not split at all; the callers check the tag. No megatron-core import, and torch only where
 tensors are cut: the planner (plan/, pure arithmetic, no torch import) uses the shape methods.
 """
+
 from __future__ import annotations
 
 import re

@@ -8,6 +8,7 @@ linear), so checkpoints and converter key maps do not depend on the backend. Cor
 `PackedSDPAttention` in both (flash-attn varlen on GPU when importable); a context-parallel core
 attention plugs in through the `core_attention` argument.
 """
+
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -65,16 +66,23 @@ def _te_modules() -> tuple[type, type, type]:
     return TEColumnParallelLinear, TERowParallelLinear, TENorm
 
 
-def llm_layer_spec(backend: Backend = "local", core_attention: type = PackedSDPAttention,
-                   qk_norm: ModuleSpec | type = IdentityOp, moe: bool = False) -> ModuleSpec:
+def llm_layer_spec(
+    backend: Backend = "local",
+    core_attention: type = PackedSDPAttention,
+    qk_norm: ModuleSpec | type = IdentityOp,
+    moe: bool = False,
+) -> ModuleSpec:
     """A pre-norm decoder layer: RMSNorm -> causal GQA attention (RoPE) -> RMSNorm -> SwiGLU (or, with
     `moe`, megatron-core's MoE layer: router -> dispatch -> SwiGLU experts -> combine).
 
     `qk_norm`: what fills megatron-core's q_layernorm / k_layernorm slots (per-head QK-norm of Qwen3,
     models/qk_norm.py; IdentityOp: none)."""
     column, row, norm = _modules(backend)
-    mlp = moe_mlp_spec(backend) if moe else ModuleSpec(
-        module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row))
+    mlp = (
+        moe_mlp_spec(backend)
+        if moe
+        else ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row))
+    )
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -83,8 +91,12 @@ def llm_layer_spec(backend: Backend = "local", core_attention: type = PackedSDPA
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=column, core_attention=core_attention, linear_proj=row,
-                    q_layernorm=qk_norm, k_layernorm=qk_norm),
+                    linear_qkv=column,
+                    core_attention=core_attention,
+                    linear_proj=row,
+                    q_layernorm=qk_norm,
+                    k_layernorm=qk_norm,
+                ),
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=norm,
@@ -105,14 +117,15 @@ def moe_mlp_spec(backend: Backend = "local") -> ModuleSpec:
     return ModuleSpec(
         module=MoELayer,
         submodules=MoESubmodules(
-            experts=ModuleSpec(module=SequentialMLP,
-                               submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
-            shared_experts=None),
+            experts=ModuleSpec(module=SequentialMLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
+            shared_experts=None,
+        ),
     )
 
 
-def decoder_block_spec(layer_spec: ModuleSpec, backend: Backend, config: TransformerConfig,
-                       pp_rank: int) -> TransformerBlockSubmodules:
+def decoder_block_spec(
+    layer_spec: ModuleSpec, backend: Backend, config: TransformerConfig, pp_rank: int
+) -> TransformerBlockSubmodules:
     """This pipeline stage's decoder layers plus the final norm of the same backend.
 
     Given a bare layer spec, megatron-core's TransformerBlock picks the final norm itself: TENorm
@@ -134,8 +147,9 @@ def _without_bias(column: type) -> type:
     return NoBias
 
 
-def vision_layer_spec(qk_normalization: bool, qkv_bias: bool = True, backend: Backend = "local",
-                      tp_group: Any = None) -> ModuleSpec:
+def vision_layer_spec(
+    qk_normalization: bool, qkv_bias: bool = True, backend: Backend = "local", tp_group: Any = None
+) -> ModuleSpec:
     """An InternViT block: norm -> bidirectional attention -> layer scale + drop path, twice.
     `tp_group`: the tensor-parallel group the full-width QK-norm reduces over (needed when TP > 1)."""
     column, row, norm = _modules(backend)
@@ -149,8 +163,11 @@ def vision_layer_spec(qk_normalization: bool, qkv_bias: bool = True, backend: Ba
                 params={"attn_mask_type": AttnMaskType.no_mask},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=column if qkv_bias else _without_bias(column),
-                    core_attention=PackedSDPAttention, linear_proj=row,
-                    q_layernorm=qk_norm, k_layernorm=qk_norm),
+                    core_attention=PackedSDPAttention,
+                    linear_proj=row,
+                    q_layernorm=qk_norm,
+                    k_layernorm=qk_norm,
+                ),
             ),
             pre_mlp_layernorm=norm,
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),

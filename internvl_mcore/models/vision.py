@@ -10,6 +10,7 @@ so nothing flows forward), and Adam with weight decay keeps a zero parameter wit
 zero. The padded model therefore computes and trains exactly like the unpadded one; checkpoints
 and HF conversion drop the padding (models/weights.py).
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -36,8 +37,13 @@ class FullWidthQKNorm(nn.Module):
     the backward all-reduces too, since each rank's heads use the shared statistic differently)
     and divided by the real width (padded zero heads add nothing to the sum)."""
 
-    def __init__(self, hidden_size: int, config: Any, eps: float = 1e-6,
-                 tp_group: Optional[torch.distributed.ProcessGroup] = None) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        config: Any,
+        eps: float = 1e-6,
+        tp_group: Optional[torch.distributed.ProcessGroup] = None,
+    ) -> None:
         super().__init__()
         if config.tensor_model_parallel_size > 1 and tp_group is None:
             raise ValueError("FullWidthQKNorm under tensor parallelism needs its tp_group (models/specs.py)")
@@ -56,8 +62,9 @@ class FullWidthQKNorm(nn.Module):
         """Checkpoint the weight as split over TP along dim 0 (megatron-core would call it replicated)."""
         state = self.state_dict(prefix="", keep_vars=True)
         dp_cp_group = ensure_metadata_has_dp_cp_group(metadata)["dp_cp_group"]
-        return make_sharded_tensors_for_checkpoint(state, prefix, {"weight": 0}, sharded_offsets,
-                                                   tp_group=self.tp_group, dp_cp_group=dp_cp_group)
+        return make_sharded_tensors_for_checkpoint(
+            state, prefix, {"weight": 0}, sharded_offsets, tp_group=self.tp_group, dp_cp_group=dp_cp_group
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (S, B, heads_local, head_dim)
         xf = x.float()
@@ -84,8 +91,9 @@ class InternViTLayer(TransformerLayer):
     branch by a learned vector and drops whole samples, so forward is written out here while every
     submodule (norms, parallel attention, parallel MLP) is megatron-core's, built from the spec."""
 
-    def __init__(self, config: Any, submodules: TransformerLayerSubmodules, layer_number: int = 1,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, config: Any, submodules: TransformerLayerSubmodules, layer_number: int = 1, **kwargs: Any
+    ) -> None:
         super().__init__(config, submodules, layer_number=layer_number, **kwargs)
         h = config.hidden_size
         self.ls1 = nn.Parameter(torch.full((h,), config.layer_scale_init, dtype=config.params_dtype))
@@ -93,8 +101,9 @@ class InternViTLayer(TransformerLayer):
         n = config.num_layers
         self.drop_path_rate = config.drop_path_rate * (layer_number - 1) / max(n - 1, 1)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:  # (S, B, C)
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, None]:  # (S, B, C)
         attn, attn_bias = self.self_attention(self.input_layernorm(hidden_states), attention_mask=attention_mask)
         if attn_bias is not None:
             attn = attn + attn_bias
@@ -139,13 +148,15 @@ class InternViTEmbeddings(nn.Module):
 class InternViT(MegatronModule):
     """Tiles (T, 3, H, W) -> features of the selected block, (T, 1 + N, C)."""
 
-    def __init__(self, config: Any, vision: VisionConfig, layer_spec: ModuleSpec,
-                 pg_collection: ProcessGroupCollection) -> None:
+    def __init__(
+        self, config: Any, vision: VisionConfig, layer_spec: ModuleSpec, pg_collection: ProcessGroupCollection
+    ) -> None:
         super().__init__(config=config)
         self.tp_group = pg_collection.tp  # read by megatron-core's sharded_state_dict (else: its global group)
         self.embeddings = InternViTEmbeddings(vision, config.params_dtype)
-        self.encoder = TransformerBlock(config, layer_spec, post_layer_norm=False, pre_process=True,
-                                        post_process=False, pg_collection=pg_collection)
+        self.encoder = TransformerBlock(
+            config, layer_spec, post_layer_norm=False, pre_process=True, post_process=False, pg_collection=pg_collection
+        )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.embeddings(pixel_values).transpose(0, 1).contiguous()  # (1+N, T, C)
@@ -155,4 +166,3 @@ class InternViT(MegatronModule):
             x.requires_grad_(True)
         x = self.encoder(hidden_states=x, attention_mask=None)
         return x.transpose(0, 1)  # (T, 1+N, C)
-

@@ -15,6 +15,7 @@ MoE experts: the canonical name numbers experts globally
 holds experts [ep_rank * E/EP, (ep_rank + 1) * E/EP) as its local experts 0 .. E/EP - 1, and their
 linears are split over the expert-tensor-parallel group instead of the tensor-parallel one.
 """
+
 from __future__ import annotations
 
 import re
@@ -58,9 +59,15 @@ class ShardPlacement:
         layers = model.language_model.decoder.layers
         offset = layers[0].layer_number - 1 if len(layers) else 0
         ep, etp = getattr(pg, "ep", None), getattr(pg, "expt_tp", None)
-        return ShardPlacement(pg.tp.rank(), pg.tp.size(), offset,
-                      ep.rank() if ep is not None else 0, ep.size() if ep is not None else 1,
-                      etp.rank() if etp is not None else 0, etp.size() if etp is not None else 1)
+        return ShardPlacement(
+            pg.tp.rank(),
+            pg.tp.size(),
+            offset,
+            ep.rank() if ep is not None else 0,
+            ep.size() if ep is not None else 1,
+            etp.rank() if etp is not None else 0,
+            etp.size() if etp is not None else 1,
+        )
 
     def for_param(self, name: str) -> tuple[int, int]:
         """(rank, size) of the group a parameter is tensor-split over: expert-TP for expert weights."""
@@ -98,8 +105,10 @@ def mark_tensor_parallel_params(model: torch.nn.Module) -> None:
                 continue  # an expert linear with expert-TP 1 is whole on every rank that holds it
             dim = split_dim(name)
             if dim != (1 if "Row" in kind else 0):
-                raise ValueError(f"{name}: a {kind} whose name models/sharding.py's ROW_PARALLEL "
-                                 f"{'matches' if dim else 'does not match'}; extend the table")
+                raise ValueError(
+                    f"{name}: a {kind} whose name models/sharding.py's ROW_PARALLEL "
+                    f"{'matches' if dim else 'does not match'}; extend the table"
+                )
             set_tensor_model_parallel_attributes(weight, True, dim, 1)
 
 
@@ -118,7 +127,9 @@ def canonical_name(local_name: str, model: torch.nn.Module, layout: ShardPlaceme
     return local_name
 
 
-def shard(full: torch.Tensor, name: str, param: torch.nn.Parameter, cfg: ModelConfig, layout: ShardPlacement) -> torch.Tensor:
+def shard(
+    full: torch.Tensor, name: str, param: torch.nn.Parameter, cfg: ModelConfig, layout: ShardPlacement
+) -> torch.Tensor:
     """This rank's piece of the canonical tensor `full` for the local parameter `param`."""
     if not getattr(param, "tensor_model_parallel", False):
         return full
@@ -140,8 +151,14 @@ def local_params(model: torch.nn.Module, layout: ShardPlacement) -> Iterator[tup
         yield local, canonical_name(local, model, layout), p
 
 
-def canonical_init(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: int,
-                   std: float = 0.02, device: torch.device | str = "cpu") -> torch.Tensor:
+def canonical_init(
+    name: str,
+    shape: tuple[int, ...],
+    cfg: ModelConfig,
+    seed: int,
+    std: float = 0.02,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """A fresh canonical tensor that depends only on (seed, name, device type): same on every layout.
 
     Drawn on `device` with that device's generator: on a GPU the full tensor is drawn there in
@@ -153,13 +170,14 @@ def canonical_init(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: in
         return torch.ones(shape, device=device)
     if name.endswith(".bias"):
         return torch.zeros(shape, device=device)
-    gen = torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63))
+    gen = torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
     return torch.randn(shape, generator=gen, device=device) * std
 
 
 @torch.no_grad()
-def init_weights(model: torch.nn.Module, cfg: ModelConfig, seed: int,
-                 pg_collection: ProcessGroupCollection | None = None) -> None:
+def init_weights(
+    model: torch.nn.Module, cfg: ModelConfig, seed: int, pg_collection: ProcessGroupCollection | None = None
+) -> None:
     """Fill every parameter with its shard of `canonical_init` (fresh training)."""
     layout = ShardPlacement.of(unwrap_model(model), pg_collection)
     for _, name, p in local_params(model, layout):
@@ -181,8 +199,14 @@ def shard_index(name: str, param: torch.nn.Parameter, cfg: ModelConfig, layout: 
     return rule_for(name).shard(positions, 0, rank, size, cfg) - 1
 
 
-def read_shard(state: Mapping[str, torch.Tensor], name: str, param: torch.nn.Parameter, cfg: ModelConfig,
-               layout: ShardPlacement, into_param: bool = False) -> torch.Tensor:
+def read_shard(
+    state: Mapping[str, torch.Tensor],
+    name: str,
+    param: torch.nn.Parameter,
+    cfg: ModelConfig,
+    layout: ShardPlacement,
+    into_param: bool = False,
+) -> torch.Tensor:
     """This rank's shard of the canonical tensor `state[name]` for the local parameter `param`.
 
     A source with `read_index(name, dim, index, out)` (convert/: SafetensorsDir for canonical
@@ -198,8 +222,13 @@ def read_shard(state: Mapping[str, torch.Tensor], name: str, param: torch.nn.Par
 
 
 @torch.no_grad()
-def load_canonical(model: torch.nn.Module, state: Mapping[str, torch.Tensor], cfg: ModelConfig,
-                   pg_collection: ProcessGroupCollection | None = None, strict: bool = True) -> None:
+def load_canonical(
+    model: torch.nn.Module,
+    state: Mapping[str, torch.Tensor],
+    cfg: ModelConfig,
+    pg_collection: ProcessGroupCollection | None = None,
+    strict: bool = True,
+) -> None:
     """Copy a canonical (TP1/PP1) state dict into this rank's shards; shape errors name the key.
 
     Tensor by tensor through `read_shard`: from a lazy source a rank reads only its own slices, so

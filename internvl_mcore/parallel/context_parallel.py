@@ -34,6 +34,7 @@ device runs the tiles without host syncs. With TE the default is TE's own CP (`-
 only as 'thd', with *each sample* padded to a multiple of 2C and split into 2C chunks, so that path
 has its own split and core attention (parallel/context_parallel_thd.py); `cp_core_attention` picks.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,8 +61,10 @@ def _chunk_len(seq_len: int, cp_size: int) -> int:
     if cp_size < 1:
         raise ValueError(f"parallel/context_parallel.py: cp_size must be >= 1, got {cp_size}")
     if seq_len % (2 * cp_size):
-        raise ValueError(f"parallel/context_parallel.py: sequence length {seq_len} is not divisible by "
-                         f"2 x --context-parallel-size = {2 * cp_size}; pad the packs")
+        raise ValueError(
+            f"parallel/context_parallel.py: sequence length {seq_len} is not divisible by "
+            f"2 x --context-parallel-size = {2 * cp_size}; pad the packs"
+        )
     return seq_len // (2 * cp_size)
 
 
@@ -163,14 +166,18 @@ class PackedRows:
         else:
             bounds = cu.detach().to("cpu", torch.int64)
             if bounds.numel() < 2 or int(bounds[0]) != 0 or int(bounds[-1]) != total:
-                raise ValueError(f"parallel/context_parallel.py: cu_seqlens must run from 0 to B*S = {total} "
-                                 f"(the GLOBAL, unsplit boundaries), got {bounds.tolist()[:8]}...")
+                raise ValueError(
+                    f"parallel/context_parallel.py: cu_seqlens must run from 0 to B*S = {total} "
+                    f"(the GLOBAL, unsplit boundaries), got {bounds.tolist()[:8]}..."
+                )
             if bool((bounds[1:] < bounds[:-1]).any()):
                 raise ValueError("parallel/context_parallel.py: cu_seqlens must be non-decreasing")
             rows = torch.arange(0, total + 1, seq_len)
             if not bool(torch.isin(rows, bounds).all()):
-                raise ValueError(f"parallel/context_parallel.py: cu_seqlens {bounds.tolist()} lets a sample span two "
-                                 f"rows of length {seq_len}; every row start must be a boundary")
+                raise ValueError(
+                    f"parallel/context_parallel.py: cu_seqlens {bounds.tolist()} lets a sample span two "
+                    f"rows of length {seq_len}; every row start must be a boundary"
+                )
         flat = torch.arange(total)
         seg = torch.searchsorted(bounds[1:], flat, right=True)  # skips empty samples
         row_start = (flat // seq_len) * seq_len
@@ -336,8 +343,16 @@ def _query_tile(q: torch.Tensor, rows: slice, scale: float = 1.0) -> torch.Tenso
     return (t * scale if scale != 1.0 else t).reshape(b, h, g * (rows.stop - rows.start), d)
 
 
-def _block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_starts: list[int],
-                   k_starts: list[int], plan: _RingPlan, out: torch.Tensor, lse: torch.Tensor) -> None:
+def _block_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_starts: list[int],
+    k_starts: list[int],
+    plan: _RingPlan,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+) -> None:
     """Attend the local queries to one (K, V) block and merge into the running (out, lse).
 
     q (B, hkv, g, Nq, d); k, v (B, hkv, Nk, d); out (B, hkv, g, Nq, d) fp32; lse (B, hkv, g, Nq)."""
@@ -359,9 +374,20 @@ def _block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_starts: 
         acc_lse.copy_(new)
 
 
-def _block_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
-                    lse: torch.Tensor, delta: torch.Tensor, q_starts: list[int], k_starts: list[int],
-                    plan: _RingPlan, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
+def _block_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dout: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    q_starts: list[int],
+    k_starts: list[int],
+    plan: _RingPlan,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+) -> None:
     """Add one (K, V) block's share of dq and the local queries' share of that block's dk, dv.
 
     Flash-attention backward: P = exp(S - lse) with the final lse, dS = P * (dP - delta),
@@ -383,8 +409,10 @@ def _block_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: tor
 
 def _exchange(send: torch.Tensor, recv: torch.Tensor, plan: _RingPlan, tag: int) -> list:
     """Start sending `send` to the next ring member and receiving `recv` from the previous one."""
-    ops = [dist.P2POp(dist.isend, send, plan.peer(1), group=plan.group, tag=tag),
-           dist.P2POp(dist.irecv, recv, plan.peer(-1), group=plan.group, tag=tag)]
+    ops = [
+        dist.P2POp(dist.isend, send, plan.peer(1), group=plan.group, tag=tag),
+        dist.P2POp(dist.irecv, recv, plan.peer(-1), group=plan.group, tag=tag),
+    ]
     return dist.batch_isend_irecv(ops)
 
 
@@ -433,8 +461,20 @@ class _RingAttention(torch.autograd.Function):
                 nxt = torch.empty_like(kv)
                 works = _exchange(kv, nxt, plan, tag=0)
             src = (me - step) % n
-            _block_backward(q, kv[0], kv[1], dout, lse, delta, plan.member_starts[me],
-                            plan.member_starts[src], plan, dq, dkv[0], dkv[1])
+            _block_backward(
+                q,
+                kv[0],
+                kv[1],
+                dout,
+                lse,
+                delta,
+                plan.member_starts[me],
+                plan.member_starts[src],
+                plan,
+                dq,
+                dkv[0],
+                dkv[1],
+            )
             if n > 1:  # the block's gradient follows the block; after n hops it is home
                 home = torch.empty_like(dkv)
                 works += _exchange(dkv, home, plan, tag=1)
@@ -522,18 +562,29 @@ class ContextParallelAttention(MegatronModule):
     ) -> None:
         super().__init__(config=config)
         if attention_type != "self":
-            raise ValueError(f"parallel/context_parallel.py: only self-attention is context-split, got {attention_type!r}")
+            raise ValueError(
+                f"parallel/context_parallel.py: only self-attention is context-split, got {attention_type!r}"
+            )
         self.attn_mask_type = attn_mask_type
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.cp_comm_type = cp_comm_type or "p2p"  # megatron-core / TE default
         if self.cp_comm_type not in CP_COMM_TYPES:
-            raise ValueError(f"parallel/context_parallel.py: --cp-comm-type {self.cp_comm_type!r} is not supported "
-                             f"by the local core attention; choose one of {CP_COMM_TYPES}")
+            raise ValueError(
+                f"parallel/context_parallel.py: --cp-comm-type {self.cp_comm_type!r} is not supported "
+                f"by the local core attention; choose one of {CP_COMM_TYPES}"
+            )
         self.query_tile, self.key_tile = query_tile, key_tile
         # the whole-row packed attention for C = 1 and inside the a2a scheme (no parameters)
-        self.local = PackedSDPAttention(config, layer_number, attn_mask_type, attention_type,
-                                        attention_dropout, softmax_scale, pg_collection=pg_collection)
+        self.local = PackedSDPAttention(
+            config,
+            layer_number,
+            attn_mask_type,
+            attention_type,
+            attention_dropout,
+            softmax_scale,
+            pg_collection=pg_collection,
+        )
 
         self.cp_group = required_cp_group(pg_collection)
         self.tp_group = getattr(pg_collection, "tp", None)  # megatron-core's sharded_state_dict reads it
@@ -543,9 +594,11 @@ class ContextParallelAttention(MegatronModule):
         if self.cp_size > 1 and self.cp_comm_type == "a2a+p2p":
             hcp = getattr(pg_collection, "hcp", None)
             if hcp is None or len(hcp) != 2:
-                raise ValueError("parallel/context_parallel.py: --cp-comm-type a2a+p2p needs the two hierarchical CP "
-                                 "groups: initialize_model_parallel(..., hierarchical_context_parallel_sizes"
-                                 "=[A, P]) (--hierarchical-context-parallel-sizes A P)")
+                raise ValueError(
+                    "parallel/context_parallel.py: --cp-comm-type a2a+p2p needs the two hierarchical CP "
+                    "groups: initialize_model_parallel(..., hierarchical_context_parallel_sizes"
+                    "=[A, P]) (--hierarchical-context-parallel-sizes A P)"
+                )
             self.a2a_group, self.p2p_group = hcp
             self._check_hierarchy()
 
@@ -556,12 +609,17 @@ class ContextParallelAttention(MegatronModule):
         i, j = self.a2a_group.rank(), self.p2p_group.rank()
         expect_a2a = [cp_ranks[j * a + x] for x in range(a)]
         expect_p2p = [cp_ranks[y * a + i] for y in range(p)]
-        if (a * p != self.cp_size or self.cp_rank != j * a + i
-                or dist.get_process_group_ranks(self.a2a_group) != expect_a2a
-                or dist.get_process_group_ranks(self.p2p_group) != expect_p2p):
-            raise ValueError(f"parallel/context_parallel.py: hierarchical CP groups {dist.get_process_group_ranks(self.a2a_group)}"
-                             f" x {dist.get_process_group_ranks(self.p2p_group)} do not tile the CP group "
-                             f"{cp_ranks} as [A consecutive ranks] x [stride-A ring]")
+        if (
+            a * p != self.cp_size
+            or self.cp_rank != j * a + i
+            or dist.get_process_group_ranks(self.a2a_group) != expect_a2a
+            or dist.get_process_group_ranks(self.p2p_group) != expect_p2p
+        ):
+            raise ValueError(
+                f"parallel/context_parallel.py: hierarchical CP groups {dist.get_process_group_ranks(self.a2a_group)}"
+                f" x {dist.get_process_group_ranks(self.p2p_group)} do not tile the CP group "
+                f"{cp_ranks} as [A consecutive ranks] x [stride-A ring]"
+            )
 
     def forward(
         self,
@@ -579,25 +637,45 @@ class ContextParallelAttention(MegatronModule):
             raise ValueError("parallel/context_parallel.py: attention bias is not supported")
         n = query.shape[0]
         if n % 2:
-            raise ValueError(f"parallel/context_parallel.py: {n} local tokens cannot be the two equal chunks of a CP rank")
+            raise ValueError(
+                f"parallel/context_parallel.py: {n} local tokens cannot be the two equal chunks of a CP rank"
+            )
         mask_type = attn_mask_type or self.attn_mask_type
         if self.cp_comm_type == "a2a":
             return self._forward_a2a(query, key, value, attention_mask, mask_type, packed_seq_params)
         return self._forward_ring(query, key, value, mask_type, packed_seq_params)
 
-    def _forward_ring(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask_type: AttnMaskType,
-                      packed_seq_params: Optional[PackedSeqParams]) -> torch.Tensor:
+    def _forward_ring(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask_type: AttnMaskType,
+        packed_seq_params: Optional[PackedSeqParams],
+    ) -> torch.Tensor:
         """p2p and a2a+p2p: this rank's query chunks against every ring member's key/value chunks."""
         if self.training and self.dropout_p > 0:
-            raise NotImplementedError("parallel/context_parallel.py: attention dropout is not implemented for the "
-                                      f"ring (--cp-comm-type {self.cp_comm_type}); set --attention-dropout 0")
+            raise NotImplementedError(
+                "parallel/context_parallel.py: attention dropout is not implemented for the "
+                f"ring (--cp-comm-type {self.cp_comm_type}); set --attention-dropout 0"
+            )
         n, b, hq, d = query.shape
         c = self.cp_size
         seq_len = n * c
         rows = PackedRows.of_batch(packed_seq_params, b, seq_len)
         group, ring_rank, ring_size, members, (q, k, v) = self._ring(query, key, value, seq_len)
-        plan = _RingPlan(group, ring_rank, ring_size, members, seq_len // (2 * c), rows,
-                         mask_type == AttnMaskType.causal, self.softmax_scale, self.query_tile, self.key_tile)
+        plan = _RingPlan(
+            group,
+            ring_rank,
+            ring_size,
+            members,
+            seq_len // (2 * c),
+            rows,
+            mask_type == AttnMaskType.causal,
+            self.softmax_scale,
+            self.query_tile,
+            self.key_tile,
+        )
         m, hq_l, hkv_l = q.shape[0], q.shape[2], k.shape[2]
         # (M, B, h, d) -> (B, hkv, g, M, d): query heads grouped under their kv head (GQA)
         qb = q.permute(1, 2, 0, 3).reshape(b, hkv_l, hq_l // hkv_l, m, d)
@@ -608,8 +686,9 @@ class ContextParallelAttention(MegatronModule):
             out = _HeadsToSeq.apply(out.contiguous(), self.a2a_group)
         return out.reshape(n, b, hq * d)
 
-    def _ring(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-              seq_len: int) -> tuple[Any, int, int, list[list[int]], tuple[torch.Tensor, ...]]:
+    def _ring(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seq_len: int
+    ) -> tuple[Any, int, int, list[list[int]], tuple[torch.Tensor, ...]]:
         """The ring's group, this rank's place in it, each member's chunk starts, and the q, k, v it
         runs on (a2a+p2p: this all-to-all group's tokens, a slice of the heads)."""
         c = self.cp_size
@@ -626,13 +705,16 @@ class ContextParallelAttention(MegatronModule):
     @staticmethod
     def _check_heads(hq: int, hkv: int, size: int, what: str) -> None:
         if hq % size or hkv % size:
-            raise ValueError(f"parallel/context_parallel.py: --cp-comm-type {what} splits heads over {size} ranks, but this "
-                             f"rank has {hq} query and {hkv} key/value heads (after tensor parallelism); "
-                             f"both must be divisible by {size} -- use p2p or a smaller all-to-all group")
+            raise ValueError(
+                f"parallel/context_parallel.py: --cp-comm-type {what} splits heads over {size} ranks, but this "
+                f"rank has {hq} query and {hkv} key/value heads (after tensor parallelism); "
+                f"both must be divisible by {size} -- use p2p or a smaller all-to-all group"
+            )
 
     @staticmethod
-    def _scatter_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       group: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _scatter_heads(
+        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One all-to-all for q, k and v: (N, B, h*, d) each -> (A*N, B, h*/A, d) each."""
         a = dist.get_world_size(group)
         n, b, hq, d = query.shape
@@ -641,9 +723,15 @@ class ContextParallelAttention(MegatronModule):
         packed = _SeqToHeads.apply(packed.reshape(n, b, -1, d), group)  # (A*N, B, (hq+2hkv)/A, d)
         return tuple(packed.split([hq // a, hkv // a, hkv // a], dim=2))  # type: ignore[return-value]
 
-    def _forward_a2a(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: Optional[torch.Tensor], mask_type: AttnMaskType,
-                     packed_seq_params: Optional[PackedSeqParams]) -> torch.Tensor:
+    def _forward_a2a(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        mask_type: AttnMaskType,
+        packed_seq_params: Optional[PackedSeqParams],
+    ) -> torch.Tensor:
         """Ulysses: all tokens of my head slice, whole-row packed attention, back to my tokens."""
         n, b, hq, d = query.shape
         c = self.cp_size
@@ -671,15 +759,17 @@ def cp_core_attention(split: str = "row", backend: str = "local") -> type:
     return ContextParallelAttention
 
 
-def resolve_cp_split(split: str, backend: str, pipeline: int = 1, sequence_parallel: bool = False,
-                     cp_comm_type: str = "p2p") -> str:
+def resolve_cp_split(
+    split: str, backend: str, pipeline: int = 1, sequence_parallel: bool = False, cp_comm_type: str = "p2p"
+) -> str:
     """--cp-split auto: TE's per-sample 'thd' split with the TE backend where the layout allows it
     (config/problems.py: thd_problems), whole rows otherwise."""
     return cp_split_choice(split, backend, pipeline, sequence_parallel, cp_comm_type)[0]
 
 
-def cp_split_choice(split: str, backend: str, pipeline: int = 1, sequence_parallel: bool = False,
-                    cp_comm_type: str = "p2p") -> tuple[str, str]:
+def cp_split_choice(
+    split: str, backend: str, pipeline: int = 1, sequence_parallel: bool = False, cp_comm_type: str = "p2p"
+) -> tuple[str, str]:
     """(split, why): the split `resolve_cp_split` picks and the reason, for the start-up log line."""
     if split != "auto":
         return split, f"--cp-split {split} given"
@@ -702,6 +792,9 @@ def cp_path_line(split: str, why: str, backend: str, cp_comm_type: str) -> str:
     if split == "thd":
         kernel = "TE's attention" if backend == "te" else "the all-gather CPU reference"
         return f"context parallelism: per-sample 'thd' split, {kernel} ({why})"
-    kernel = {"p2p": "our fp32 ring attention", "a2a": "our all-to-all (Ulysses) attention",
-              "a2a+p2p": "our all-to-all + ring attention"}.get(cp_comm_type, cp_comm_type)
+    kernel = {
+        "p2p": "our fp32 ring attention",
+        "a2a": "our all-to-all (Ulysses) attention",
+        "a2a+p2p": "our all-to-all + ring attention",
+    }.get(cp_comm_type, cp_comm_type)
     return f"context parallelism: whole-row split, {kernel} (--cp-comm-type {cp_comm_type}; {why})"

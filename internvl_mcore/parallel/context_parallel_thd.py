@@ -19,6 +19,7 @@ sample (`_apply_rotary_pos_emb_thd`), which would drop V2PE's fractional positio
 language model passes no rotary embedding to the layers; it hands this rank's per-token angles to the
 core attention in `ThdPackedSeqParams.rotary_freqs`, which applies them (unfused) before the kernel.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -39,8 +40,10 @@ def required_cp_group(pg_collection: Any) -> dist.ProcessGroup:
     a core attention built without it would silently use whatever world is current)."""
     cp = getattr(pg_collection, "cp", None)
     if cp is None:
-        raise ValueError("context-parallel attention needs pg_collection with a 'cp' group "
-                         "(build the model with the groups init_distributed returns)")
+        raise ValueError(
+            "context-parallel attention needs pg_collection with a 'cp' group "
+            "(build the model with the groups init_distributed returns)"
+        )
     return cp
 
 
@@ -83,11 +86,12 @@ class ThdSplit:
     def build(cu_seqlens: Optional[torch.Tensor], batch: int, seq_len: int, cp_rank: int, cp_size: int) -> "ThdSplit":
         """From the global batch-major boundaries (None: one sample per row)."""
         total = batch * seq_len
-        cu = (torch.arange(0, total + 1, seq_len) if cu_seqlens is None
-              else cu_seqlens.detach().to("cpu", torch.int64))
+        cu = torch.arange(0, total + 1, seq_len) if cu_seqlens is None else cu_seqlens.detach().to("cpu", torch.int64)
         if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
-            raise ValueError(f"parallel/context_parallel_thd.py: cu_seqlens must rise from 0 to B*S = {total}, "
-                             f"got {cu.tolist()[:8]}...")
+            raise ValueError(
+                f"parallel/context_parallel_thd.py: cu_seqlens must rise from 0 to B*S = {total}, "
+                f"got {cu.tolist()[:8]}..."
+            )
         m = 2 * cp_size
         lengths = cu[1:] - cu[:-1]
         padded = (lengths + m - 1) // m * m
@@ -96,8 +100,7 @@ class ThdSplit:
         sample = torch.searchsorted(cu_pad[1:], where, right=True)  # (T,) sample of each token
         offset = where - cu_pad[sample]
         source = torch.where(offset < lengths[sample], cu[sample] + offset, torch.full_like(offset, -1))
-        return ThdSplit(cu.to(torch.int32), cu_pad.to(torch.int32), source,
-                        int(padded.max()) if padded.numel() else 0)
+        return ThdSplit(cu.to(torch.int32), cu_pad.to(torch.int32), source, int(padded.max()) if padded.numel() else 0)
 
     def split(self, t: torch.Tensor, seq_dim: int) -> torch.Tensor:
         """This rank's tokens of a per-token tensor: (B, S, ...) with seq_dim 1 -> (1, T, ...);
@@ -115,9 +118,15 @@ class ThdSplit:
     def packed_seq_params(self, device: torch.device) -> ThdPackedSeqParams:
         """What TE's attention needs: global real and padded boundaries, the longest padded sample."""
         cu, cu_pad = self.cu_seqlens.to(device), self.cu_seqlens_padded.to(device)
-        return ThdPackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                                  cu_seqlens_q_padded=cu_pad, cu_seqlens_kv_padded=cu_pad,
-                                  max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen)
+        return ThdPackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=cu,
+            cu_seqlens_kv=cu,
+            cu_seqlens_q_padded=cu_pad,
+            cu_seqlens_kv_padded=cu_pad,
+            max_seqlen_q=self.max_seqlen,
+            max_seqlen_kv=self.max_seqlen,
+        )
 
 
 def apply_rope(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -143,7 +152,7 @@ class _GatherTokens(torch.autograd.Function):
         grad = grad.contiguous()
         dist.all_reduce(grad, group=ctx.group)
         r = dist.get_rank(ctx.group)
-        return grad[r * ctx.n:(r + 1) * ctx.n], None
+        return grad[r * ctx.n : (r + 1) * ctx.n], None
 
 
 class ThdContextParallelAttention(MegatronModule):
@@ -156,10 +165,18 @@ class ThdContextParallelAttention(MegatronModule):
 
     use_te: bool = False
 
-    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
-                 attention_type: str = "self", attention_dropout: Optional[float] = None,
-                 softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
-                 pg_collection: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str = "self",
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection: Any = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(config=config)
         self.cp_group = required_cp_group(pg_collection)
         self.tp_group = getattr(pg_collection, "tp", None)  # megatron-core's sharded_state_dict reads it
@@ -168,28 +185,63 @@ class ThdContextParallelAttention(MegatronModule):
             # transformer-engine is an optional GPU extra: imported only when its kernel is asked for
             from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
-            self.kernel = TEDotProductAttention(config, layer_number, attn_mask_type, attention_type,
-                                                attention_dropout, softmax_scale, cp_comm_type=cp_comm_type,
-                                                pg_collection=pg_collection)
-        self.local = PackedSDPAttention(config, layer_number, attn_mask_type, attention_type,
-                                        attention_dropout, softmax_scale, pg_collection=pg_collection)
+            self.kernel = TEDotProductAttention(
+                config,
+                layer_number,
+                attn_mask_type,
+                attention_type,
+                attention_dropout,
+                softmax_scale,
+                cp_comm_type=cp_comm_type,
+                pg_collection=pg_collection,
+            )
+        self.local = PackedSDPAttention(
+            config,
+            layer_number,
+            attn_mask_type,
+            attention_type,
+            attention_dropout,
+            softmax_scale,
+            pg_collection=pg_collection,
+        )
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attention_mask: Optional[torch.Tensor], attn_mask_type: Optional[AttnMaskType] = None,
-                attention_bias: Optional[torch.Tensor] = None,
-                packed_seq_params: Optional[PackedSeqParams] = None) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+    ) -> torch.Tensor:
         freqs = getattr(packed_seq_params, "rotary_freqs", None)
         if packed_seq_params is None or packed_seq_params.qkv_format != "thd" or freqs is None:
-            raise ValueError("parallel/context_parallel_thd.py: this core attention takes 'thd' batches from "
-                             "ThdSplit (ThdPackedSeqParams with rotary_freqs)")
+            raise ValueError(
+                "parallel/context_parallel_thd.py: this core attention takes 'thd' batches from "
+                "ThdSplit (ThdPackedSeqParams with rotary_freqs)"
+            )
         query, key = apply_rope(query, freqs), apply_rope(key, freqs)
         if self.kernel is not None:
-            return self.kernel(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
-                               attention_bias=attention_bias, packed_seq_params=packed_seq_params)
+            return self.kernel(
+                query,
+                key,
+                value,
+                attention_mask,
+                attn_mask_type=attn_mask_type,
+                attention_bias=attention_bias,
+                packed_seq_params=packed_seq_params,
+            )
         return self._reference(query, key, value, attn_mask_type, packed_seq_params)
 
-    def _reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   attn_mask_type: Optional[AttnMaskType], packed: PackedSeqParams) -> torch.Tensor:
+    def _reference(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_mask_type: Optional[AttnMaskType],
+        packed: PackedSeqParams,
+    ) -> torch.Tensor:
         """Exact CPU reference: gather everyone's tokens, attend within padded samples, keep mine."""
         n, hq, d = q.shape
         hkv = k.shape[1]
@@ -199,7 +251,13 @@ class ThdContextParallelAttention(MegatronModule):
         order = torch.cat([thd_padded_index(cu_pad, r, c) for r in range(c)]).to(q.device)
         full = gathered.index_select(0, torch.argsort(order))[:, None]  # (T_pad, 1, h, d) padded order
         fq, fk, fv = full.split([hq, hkv, hkv], dim=2)
-        out = self.local(fq, fk, fv, None, attn_mask_type,
-                         packed_seq_params=packed_seq_params_from_cu_seqlens(packed.cu_seqlens_q_padded))
+        out = self.local(
+            fq,
+            fk,
+            fv,
+            None,
+            attn_mask_type,
+            packed_seq_params=packed_seq_params_from_cu_seqlens(packed.cu_seqlens_q_padded),
+        )
         mine = thd_padded_index(cu_pad, me, c).to(q.device)
         return out.index_select(0, mine).reshape(n, hq * d)  # (T, hq*d)

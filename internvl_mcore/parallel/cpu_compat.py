@@ -58,6 +58,7 @@ naming each one that is missing, so a megatron-core upgrade that moves code fail
 silently running CUDA paths. On CUDA, `apply()` does nothing (unless forced: a `--device cpu` run
 on a GPU host), so the GPU path is megatron-core with only mechanisms 4 and 5.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -74,8 +75,10 @@ import torch
 # module -> the functions/methods in it whose bodies use torch.cuda.* or device="cuda"
 TORCH_PROXY_MODULES: dict[str, tuple[str, ...]] = {
     "megatron.core.tensor_parallel.layers": (
-        "VocabParallelEmbedding.__init__", "ColumnParallelLinear.__init__",
-        "RowParallelLinear.__init__", "LinearWithGradAccumulationAndAsyncCommunication.backward",
+        "VocabParallelEmbedding.__init__",
+        "ColumnParallelLinear.__init__",
+        "RowParallelLinear.__init__",
+        "LinearWithGradAccumulationAndAsyncCommunication.backward",
     ),
     "megatron.core.tensor_parallel.mappings": ("_gather_along_first_dim", "_reduce_scatter_along_first_dim"),
     "megatron.core.tensor_parallel.random": ("CudaRNGStatesTracker.add", "model_parallel_cuda_manual_seed"),
@@ -89,7 +92,8 @@ TORCH_PROXY_MODULES: dict[str, tuple[str, ...]] = {
     "megatron.core.models.common.embeddings.rotary_pos_embedding": ("RotaryEmbedding.__init__",),
     "megatron.core.models.gpt.gpt_model": ("GPTModel",),
     "megatron.core.pipeline_parallel.schedules": (
-        "forward_backward_no_pipelining", "forward_backward_pipelining_without_interleaving",
+        "forward_backward_no_pipelining",
+        "forward_backward_pipelining_without_interleaving",
         "forward_step",
     ),
     "megatron.core.pipeline_parallel.p2p_communication": ("P2PCommunicator._communicate",),
@@ -98,8 +102,10 @@ TORCH_PROXY_MODULES: dict[str, tuple[str, ...]] = {
     "megatron.core.distributed.finalize_model_grads": ("finalize_model_grads",),
     "megatron.core.optimizer.optimizer": ("MegatronOptimizer", "FP32Optimizer.__init__"),
     # get_parameter_state_dp_zero: the fully_reshardable checkpoint format gathers the DP shards
-    "megatron.core.optimizer.distrib_optimizer": ("DistributedOptimizer.__init__",
-                                                  "DistributedOptimizer.get_parameter_state_dp_zero"),
+    "megatron.core.optimizer.distrib_optimizer": (
+        "DistributedOptimizer.__init__",
+        "DistributedOptimizer.get_parameter_state_dp_zero",
+    ),
     "megatron.core.optimizer.clip_grads": ("get_grad_norm_fp32", "clip_grad_by_total_norm_fp32", "count_zeros_fp32"),
     "megatron.core.optimizer.grad_scaler": ("ConstantGradScaler", "DynamicGradScaler"),
     "megatron.core.utils": ("get_model_config",),
@@ -117,13 +123,14 @@ TORCH_PROXY_MODULES: dict[str, tuple[str, ...]] = {
     "megatron.core.transformer.moe.router": ("Router.__init__", "Router.reset_parameters"),
     "megatron.core.transformer.moe.experts": ("SequentialMLP",),
     "megatron.core.transformer.moe.token_dispatcher": (
-        "MoEAlltoAllTokenDispatcher.__init__", "MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize"),
+        "MoEAlltoAllTokenDispatcher.__init__",
+        "MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize",
+    ),
 }
 
 # functions whose bodies call Tensor.cuda() or compare Tensor.type() with CUDA type names
 CUDA_TENSOR_METHOD_FUNCTIONS: tuple[tuple[str, str], ...] = (
-    ("megatron.core.models.common.language_module.language_module",
-     "LanguageModule.setup_embeddings_and_output_layer"),
+    ("megatron.core.models.common.language_module.language_module", "LanguageModule.setup_embeddings_and_output_layer"),
     ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__"),
     ("megatron.core.optimizer.optimizer", "MixedPrecisionOptimizer._unscale_main_grads_and_check_for_nan"),
     ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer._build_model_and_main_param_groups"),
@@ -174,8 +181,9 @@ def check_symbols() -> None:
         if getattr(module, "torch", None) is None:
             missing.append(f"cpu_compat: {module_name} no longer imports torch as a module global")
     if missing:
-        raise CompatError("megatron-core changed; update internvl_mcore/parallel/cpu_compat.py:\n  "
-                          + "\n  ".join(missing))
+        raise CompatError(
+            "megatron-core changed; update internvl_mcore/parallel/cpu_compat.py:\n  " + "\n  ".join(missing)
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,11 +236,28 @@ _CUDA_ON_CPU = _CudaOnCpu(
     stream=lambda *a, **k: contextlib.nullcontext(),
     random=types.SimpleNamespace(get_rng_state=lambda *a, **k: torch.get_rng_state()),
     # megatron-core type-checks CUDA tensor classes; on CPU the CPU classes are the right answer.
-    FloatTensor=torch.FloatTensor, HalfTensor=torch.HalfTensor, BFloat16Tensor=torch.BFloat16Tensor,
+    FloatTensor=torch.FloatTensor,
+    HalfTensor=torch.HalfTensor,
+    BFloat16Tensor=torch.BFloat16Tensor,
 )
 
-_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "randn", "rand", "zeros_like",
-              "ones_like", "empty_like", "full_like", "as_tensor", "randperm", "linspace")
+_FACTORIES = (
+    "tensor",
+    "zeros",
+    "ones",
+    "empty",
+    "full",
+    "arange",
+    "randn",
+    "rand",
+    "zeros_like",
+    "ones_like",
+    "empty_like",
+    "full_like",
+    "as_tensor",
+    "randperm",
+    "linspace",
+)
 
 
 def _factory_on_cpu(fn: Callable) -> Callable:
@@ -241,6 +266,7 @@ def _factory_on_cpu(fn: Callable) -> Callable:
         if "device" in kwargs:
             kwargs["device"] = _cpu_device(kwargs["device"])
         return fn(*args, **kwargs)
+
     return wrapper
 
 
@@ -283,6 +309,7 @@ def _wrap_cuda_tensor_methods(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         with _cuda_tensor_methods_on_cpu():
             return fn(*args, **kwargs)
+
     wrapper.__cpu_compat__ = True  # type: ignore[attr-defined]
     return wrapper
 
@@ -332,8 +359,9 @@ def _to_host_cpu(original: Callable) -> Callable:
 def _uneven_gather(original: Callable) -> Callable:
     """mappings._gather_along_first_dim with output_split_sizes on gloo (see the module docstring)."""
 
-    def _gather_along_first_dim(input_: torch.Tensor, group: Any, output_split_sizes: Any = None,
-                                use_global_buffer: bool = False) -> torch.Tensor:
+    def _gather_along_first_dim(
+        input_: torch.Tensor, group: Any, output_split_sizes: Any = None, use_global_buffer: bool = False
+    ) -> torch.Tensor:
         if output_split_sizes is None or group.size() == 1:
             return original(input_, group, output_split_sizes, use_global_buffer)
         sizes = [int(n) for n in output_split_sizes]
@@ -350,8 +378,9 @@ def _uneven_gather(original: Callable) -> Callable:
 def _uneven_reduce_scatter(original: Callable) -> Callable:
     """mappings._reduce_scatter_along_first_dim with input_split_sizes on gloo."""
 
-    def _reduce_scatter_along_first_dim(input_: torch.Tensor, group: Any, input_split_sizes: Any = None,
-                                        use_global_buffer: bool = False) -> torch.Tensor:
+    def _reduce_scatter_along_first_dim(
+        input_: torch.Tensor, group: Any, input_split_sizes: Any = None, use_global_buffer: bool = False
+    ) -> torch.Tensor:
         if input_split_sizes is None or group.size() == 1:
             return original(input_, group, input_split_sizes, use_global_buffer)
         total = input_.contiguous().clone()
@@ -363,6 +392,7 @@ def _uneven_reduce_scatter(original: Callable) -> Callable:
 
 def _copy_config(config: Any, **changes: Any) -> Any:
     import copy
+
     new = copy.copy(config)
     for key, value in changes.items():
         object.__setattr__(new, key, value)
@@ -391,14 +421,29 @@ def _aux_loss_token_scale(original: Callable) -> Callable:
     group (mechanism 5 in the module docstring)."""
 
     @functools.wraps(original)
-    def attach_and_log_load_balancing_loss(self: Any, activation: torch.Tensor, aux_loss_coeff: float,
-                                           aux_loss: torch.Tensor, aux_loss_name: str, reduce_group: Any,
-                                           reduce_group_has_dp: bool = False, valid_token_count: Any = None) -> Any:
+    def attach_and_log_load_balancing_loss(
+        self: Any,
+        activation: torch.Tensor,
+        aux_loss_coeff: float,
+        aux_loss: torch.Tensor,
+        aux_loss_name: str,
+        reduce_group: Any,
+        reduce_group_has_dp: bool = False,
+        valid_token_count: Any = None,
+    ) -> Any:
         if self.calculate_per_token_loss and not reduce_group_has_dp and reduce_group.size() > 1:
             local = valid_token_count if valid_token_count is not None else activation.shape[0]
             valid_token_count = local * reduce_group.size()
-        return original(self, activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group,
-                        reduce_group_has_dp=reduce_group_has_dp, valid_token_count=valid_token_count)
+        return original(
+            self,
+            activation,
+            aux_loss_coeff,
+            aux_loss,
+            aux_loss_name,
+            reduce_group,
+            reduce_group_has_dp=reduce_group_has_dp,
+            valid_token_count=valid_token_count,
+        )
 
     attach_and_log_load_balancing_loss.__cpu_compat__ = True  # type: ignore[attr-defined]
     return attach_and_log_load_balancing_loss
@@ -427,8 +472,11 @@ def _keep_adam_step(original: Callable) -> Callable:
 
 LAYOUT_FIXES: tuple[tuple[str, str, Callable], ...] = (
     ("megatron.core.transformer.moe.router", "TopKRouter.attach_and_log_load_balancing_loss", _aux_loss_token_scale),
-    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer._set_main_param_and_optimizer_states",
-     _keep_adam_step),
+    (
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer._set_main_param_and_optimizer_states",
+        _keep_adam_step,
+    ),
 )
 
 

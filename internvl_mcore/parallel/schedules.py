@@ -5,6 +5,7 @@ parallel_state and the schedule builds its groups (and the pipeline's P2P commun
 too; here the caller's collection decides both, and the schedule hands it on to
 `finalize_model_grads`.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -1,4 +1,5 @@
 """Start-up of the distributed world: process group, CPU compatibility, megatron-core parallel state."""
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed(par: ParallelConfig, seed: int, timeout_s: float = 600.0,
-                     device: str = "auto") -> ProcessGroupCollection:
+def init_distributed(
+    par: ParallelConfig, seed: int, timeout_s: float = 600.0, device: str = "auto"
+) -> ProcessGroupCollection:
     """Join the job (torchrun's env, or a 1-process world), build megatron-core's groups and return
     them; model construction, attention, sharding and checkpointing take them as an argument.
 
@@ -47,8 +49,10 @@ def init_distributed(par: ParallelConfig, seed: int, timeout_s: float = 600.0,
     world = dist.get_world_size()
     mp = par.tensor_model_parallel_size * par.pipeline_model_parallel_size * par.context_parallel_size
     if world % mp:
-        raise ConfigError(f"world size {world} is not divisible by --tensor-model-parallel-size x "
-                          f"--pipeline-model-parallel-size x --context-parallel-size = {mp}")
+        raise ConfigError(
+            f"world size {world} is not divisible by --tensor-model-parallel-size x "
+            f"--pipeline-model-parallel-size x --context-parallel-size = {mp}"
+        )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=par.tensor_model_parallel_size,
@@ -61,8 +65,9 @@ def init_distributed(par: ParallelConfig, seed: int, timeout_s: float = 600.0,
         )
     pg = process_groups()
     torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed, tp_rank=pg.tp.rank(), ep_rank=pg.ep.rank(),
-                                                    etp_rank=pg.expt_tp.rank())
+    tensor_parallel.model_parallel_cuda_manual_seed(
+        seed, tp_rank=pg.tp.rank(), ep_rank=pg.ep.rank(), etp_rank=pg.expt_tp.rank()
+    )
     return pg
 
 

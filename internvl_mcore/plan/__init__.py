@@ -8,11 +8,29 @@
 
 Pure arithmetic on the config: importing this package needs neither torch nor megatron-core.
 """
+
 from .flops import FlopBreakdown, forward_flops, train_step_flops
 from .layouts import HARDWARE, Hardware, Layout, LayoutPlan, Workload, plan, search
 from .memory import ActivationBytes, StateBytes, activation_bytes, state_bytes
 from .params import ParamCounts, ParamSpec, count_params, stage_params
 
-__all__ = ["FlopBreakdown", "forward_flops", "train_step_flops", "HARDWARE", "Hardware", "Layout", "LayoutPlan",
-           "Workload", "plan", "search", "ActivationBytes", "StateBytes", "activation_bytes", "state_bytes",
-           "ParamCounts", "ParamSpec", "count_params", "stage_params"]
+__all__ = [
+    "FlopBreakdown",
+    "forward_flops",
+    "train_step_flops",
+    "HARDWARE",
+    "Hardware",
+    "Layout",
+    "LayoutPlan",
+    "Workload",
+    "plan",
+    "search",
+    "ActivationBytes",
+    "StateBytes",
+    "activation_bytes",
+    "state_bytes",
+    "ParamCounts",
+    "ParamSpec",
+    "count_params",
+    "stage_params",
+]

@@ -17,6 +17,7 @@ forward + backward (the backward does two matmuls per forward matmul: input and 
 Norms, softmax, activations and the embedding lookup are not counted (they are not matmuls).
 Frozen parts count only the passes they run (`pass_multipliers`); recomputation is never counted.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -74,9 +75,15 @@ def causal_pairs(lengths: Sequence[int]) -> int:
     return sum(n * (n + 1) // 2 for n in lengths)
 
 
-def forward_flops(model: ModelConfig, tokens: int, tiles: int, attention_lengths: Optional[Sequence[int]] = None,
-                  seq_length: Optional[int] = None, causal: bool = True,
-                  lm_head_tokens: Optional[int] = None) -> FlopBreakdown:
+def forward_flops(
+    model: ModelConfig,
+    tokens: int,
+    tiles: int,
+    attention_lengths: Optional[Sequence[int]] = None,
+    seq_length: Optional[int] = None,
+    causal: bool = True,
+    lm_head_tokens: Optional[int] = None,
+) -> FlopBreakdown:
     """Forward FLOPs of `tokens` LLM tokens and `tiles` image tiles (see the module docstring).
 
     attention_lengths: lengths of the causally attending samples (packed samples; they must add up
@@ -102,26 +109,41 @@ def forward_flops(model: ModelConfig, tokens: int, tiles: int, attention_lengths
     vit_layers = v.num_layers if v.select_layer == -1 else v.num_layers + v.select_layer + 1
     vit_linear = tiles * vit_layers * 2 * n * (c * 3 * cv + cv * c + 2 * c * fv)
     vit_attention = tiles * vit_layers * 2 * 2 * n * n * cv
-    patch_embed = tiles * 2 * patches * c * 3 * v.patch_size ** 2
+    patch_embed = tiles * 2 * patches * c * 3 * v.patch_size**2
 
     h = m.hidden_size
     projector = tiles * model.num_image_token * 2 * (model.projector_input_size * h + h * h)
 
     d, nq, nkv = m.head_dim, m.num_attention_heads, m.num_query_groups
-    mlp = (3 * h * m.moe_ffn_hidden_size * m.moe_router_topk + h * m.num_experts) if m.is_moe else 3 * h * m.ffn_hidden_size
+    mlp = (
+        (3 * h * m.moe_ffn_hidden_size * m.moe_router_topk + h * m.num_experts)
+        if m.is_moe
+        else 3 * h * m.ffn_hidden_size
+    )
     llm_linear = tokens * m.num_layers * 2 * (h * (nq + 2 * nkv) * d + nq * d * h + mlp)
     pairs = causal_pairs(attention_lengths) if causal else sum(n_ * n_ for n_ in attention_lengths)
     llm_attention = m.num_layers * 2 * 2 * nq * d * pairs
     lm_head = (tokens if lm_head_tokens is None else lm_head_tokens) * 2 * h * m.vocab_size
-    return FlopBreakdown(vit_linear=vit_linear, vit_attention=vit_attention, vit_patch_embed=patch_embed,
-                         projector=projector, llm_linear=llm_linear, llm_attention=llm_attention,
-                         lm_head=lm_head)
+    return FlopBreakdown(
+        vit_linear=vit_linear,
+        vit_attention=vit_attention,
+        vit_patch_embed=patch_embed,
+        projector=projector,
+        llm_linear=llm_linear,
+        llm_attention=llm_attention,
+        lm_head=lm_head,
+    )
 
 
-def train_step_flops(model: ModelConfig, tokens_per_step: int, tiles_per_step: int,
-                     attention_lengths: Optional[Sequence[int]] = None,
-                     seq_length: Optional[int] = None, trainable: Optional[Iterable[str]] = None,
-                     lm_head_tokens: Optional[int] = None) -> float:
+def train_step_flops(
+    model: ModelConfig,
+    tokens_per_step: int,
+    tiles_per_step: int,
+    attention_lengths: Optional[Sequence[int]] = None,
+    seq_length: Optional[int] = None,
+    trainable: Optional[Iterable[str]] = None,
+    lm_head_tokens: Optional[int] = None,
+) -> float:
     """Model FLOPs of one optimizer step (forward + backward = 3x forward), over the whole job.
 
     tokens_per_step: LLM tokens of the global batch (global batch size x sequence length, padding
@@ -133,5 +155,6 @@ def train_step_flops(model: ModelConfig, tokens_per_step: int, tiles_per_step: i
     lm_head_tokens: tokens of the step whose logits are computed (None: all of them).
 
     MFU = train_step_flops / (step_time * peak FLOP/s per GPU * GPUs)."""
-    return forward_flops(model, tokens_per_step, tiles_per_step, attention_lengths, seq_length,
-                         lm_head_tokens=lm_head_tokens).step(trainable)
+    return forward_flops(
+        model, tokens_per_step, tiles_per_step, attention_lengths, seq_length, lm_head_tokens=lm_head_tokens
+    ).step(trainable)

@@ -14,6 +14,7 @@ Communication is not overlapped with compute (the training loop runs with overla
 ring collectives move 2(n-1)/n (all-reduce) or (n-1)/n (gather/scatter) of the data per rank, and
 a group stays on NVLink when it fits in one node (megatron-core's rank order is TP, CP, DP, PP).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -84,8 +85,11 @@ class Workload:
         """The adapters as training builds them (None without LoRA)."""
         if not self.lora_rank:
             return None
-        return LoRAConfig(lora_rank=self.lora_rank, lora_target=self.lora_target,  # type: ignore[arg-type]
-                          lora_modules=list(self.lora_modules))
+        return LoRAConfig(
+            lora_rank=self.lora_rank,
+            lora_target=self.lora_target,  # type: ignore[arg-type]
+            lora_modules=list(self.lora_modules),
+        )
 
     def tiles(self, model: ModelConfig) -> float:
         if self.tiles_per_sequence is not None:
@@ -115,16 +119,24 @@ class Layout:
     """Expert parallelism (MoE): experts split over EP ranks carved out of DP x CP (expert-TP = TP)."""
 
     def parallel(self) -> ParallelConfig:
-        return ParallelConfig(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp,
-                              context_parallel_size=self.cp, sequence_parallel=self.sequence_parallel,
-                              decoder_first_pipeline_num_layers=self.first_stage_layers,
-                              recompute_granularity="full" if self.recompute else None,
-                              expert_model_parallel_size=self.ep)
+        return ParallelConfig(
+            tensor_model_parallel_size=self.tp,
+            pipeline_model_parallel_size=self.pp,
+            context_parallel_size=self.cp,
+            sequence_parallel=self.sequence_parallel,
+            decoder_first_pipeline_num_layers=self.first_stage_layers,
+            recompute_granularity="full" if self.recompute else None,
+            expert_model_parallel_size=self.ep,
+        )
 
     def describe(self) -> str:
         extra = [f"first-stage-layers {self.first_stage_layers}"] if self.first_stage_layers is not None else []
-        flags = ["SP"] * self.sequence_parallel + ["dist-opt"] * self.distributed_optimizer + \
-            ["recompute"] * self.recompute + extra
+        flags = (
+            ["SP"] * self.sequence_parallel
+            + ["dist-opt"] * self.distributed_optimizer
+            + ["recompute"] * self.recompute
+            + extra
+        )
         ep = f" EP{self.ep}" if self.ep > 1 else ""
         return f"TP{self.tp} PP{self.pp} CP{self.cp} DP{self.dp}{ep}" + (f" ({', '.join(flags)})" if flags else "")
 
@@ -190,9 +202,15 @@ def _link(hw: Hardware, stride: int, size: int) -> float:
     return hw.nvlink_bytes_per_s if stride * size <= hw.gpus_per_node else hw.network_bytes_per_s
 
 
-def plan(model: ModelConfig, layout: Layout, workload: Workload, hardware: Hardware,
-         budget_gib: Optional[float] = None, compute_efficiency: float = 0.7,
-         reserve_gib: float = 6.0) -> LayoutPlan:
+def plan(
+    model: ModelConfig,
+    layout: Layout,
+    workload: Workload,
+    hardware: Hardware,
+    budget_gib: Optional[float] = None,
+    compute_efficiency: float = 0.7,
+    reserve_gib: float = 6.0,
+) -> LayoutPlan:
     """Memory per stage and estimated step time for one layout.
 
     compute_efficiency: fraction of the datasheet peak that large bf16 GEMMs and flash attention
@@ -210,15 +228,32 @@ def plan(model: ModelConfig, layout: Layout, workload: Workload, hardware: Hardw
     pipeline = (microbatches + pp - 1) * max(stage_times)
     dp_time = _dp_comm_s(model, layout, w, hardware)
     step = pipeline + dp_time
-    model_flops = train_step_flops(model, w.global_batch_size * w.seq_length,
-                                   int(round(w.tiles(model) * w.global_batch_size)),
-                                   attention_lengths=w.sample_lengths() * w.global_batch_size,
-                                   trainable=set(w.trainable))
+    model_flops = train_step_flops(
+        model,
+        w.global_batch_size * w.seq_length,
+        int(round(w.tiles(model) * w.global_batch_size)),
+        attention_lengths=w.sample_lengths() * w.global_batch_size,
+        trainable=set(w.trainable),
+    )
     compute_s = (microbatches + pp - 1) * max(stage_compute)
-    return LayoutPlan(model, layout, w, hardware, budget, stages, step, model_flops, compute_s=compute_s,
-                      comm_s=step - compute_s,
-                      breakdown={"pipeline_s": pipeline, "dp_comm_s": dp_time, "microbatches": microbatches,
-                                 "bubble": (pp - 1) / (microbatches + pp - 1)})
+    return LayoutPlan(
+        model,
+        layout,
+        w,
+        hardware,
+        budget,
+        stages,
+        step,
+        model_flops,
+        compute_s=compute_s,
+        comm_s=step - compute_s,
+        breakdown={
+            "pipeline_s": pipeline,
+            "dp_comm_s": dp_time,
+            "microbatches": microbatches,
+            "bubble": (pp - 1) / (microbatches + pp - 1),
+        },
+    )
 
 
 def _stage_memory(model: ModelConfig, layout: Layout, w: Workload, microbatches: int) -> list[StagePlan]:
@@ -231,26 +266,46 @@ def _stage_memory(model: ModelConfig, layout: Layout, w: Workload, microbatches:
     layers = decoder_layers_per_stage(model.llm.num_layers, par)
     stages = []
     for r in range(layout.pp):
-        st = state_bytes(model, par, r, layout.dp, trainable=trainable, param_bytes=e,
-                         use_distributed_optimizer=layout.distributed_optimizer, lora=w.lora())
-        act = activation_bytes(model, par, r, w.seq_length, w.micro_batch_size, tiles_mb, microbatches,
-                               param_bytes=e, sample_lengths=lengths, trainable=trainable)
+        st = state_bytes(
+            model,
+            par,
+            r,
+            layout.dp,
+            trainable=trainable,
+            param_bytes=e,
+            use_distributed_optimizer=layout.distributed_optimizer,
+            lora=w.lora(),
+        )
+        act = activation_bytes(
+            model,
+            par,
+            r,
+            w.seq_length,
+            w.micro_batch_size,
+            tiles_mb,
+            microbatches,
+            param_bytes=e,
+            sample_lengths=lengths,
+            trainable=trainable,
+        )
         if w.reference_model:  # its weights (no gradients, no optimizer state); its forward keeps no activations
             st = dataclasses.replace(st, params=st.params + sum(s.numel for s in stage_params(model, par, r)) * e)
         stages.append(StagePlan(r, layers[r], st, act))
     return stages
 
 
-def _stage_times(model: ModelConfig, layout: Layout, w: Workload, hw: Hardware,
-                 compute_efficiency: float) -> tuple[list[float], list[float]]:
+def _stage_times(
+    model: ModelConfig, layout: Layout, w: Workload, hw: Hardware, compute_efficiency: float
+) -> tuple[list[float], list[float]]:
     """(compute + communication, compute) seconds of one microbatch on every pipeline stage."""
     tp, cp, pp, dp = layout.tp, layout.cp, layout.pp, layout.dp
     e = 2 if w.bf16 else 4
     trainable = set(w.trainable)
     tiles_mb = w.tiles(model) * w.micro_batch_size
     eff = hw.peak_flops * compute_efficiency
-    fwd = forward_flops(model, w.seq_length * w.micro_batch_size, int(round(tiles_mb)),
-                        w.sample_lengths() * w.micro_batch_size)
+    fwd = forward_flops(
+        model, w.seq_length * w.micro_batch_size, int(round(tiles_mb)), w.sample_lengths() * w.micro_batch_size
+    )
     vit_pad = padded_vision_heads(model.vision.num_attention_heads, tp) / model.vision.num_attention_heads
     m = model.llm
     tp_bw, cp_bw = _link(hw, 1, tp), _link(hw, tp, cp)
@@ -273,8 +328,9 @@ def _stage_times(model: ModelConfig, layout: Layout, w: Workload, hw: Hardware,
             vit = (fwd.vit_linear + fwd.vit_attention) * vit_pad + fwd.vit_patch_embed
             flops += (vit * vit_mult + fwd.projector * proj_mult) / tp
             vit_ar = ar_per_layer if "vision" in trainable else 2
-            comm += model.vision.num_layers * vit_ar * _ring(tp, True) * \
-                vit_tokens * model.vision.hidden_size * e / tp_bw
+            comm += (
+                model.vision.num_layers * vit_ar * _ring(tp, True) * vit_tokens * model.vision.hidden_size * e / tp_bw
+            )
         if r == pp - 1:
             flops += fwd.lm_head * llm_mult / (tp * cp)
         compute = flops / eff
@@ -293,11 +349,12 @@ def _dp_comm_s(model: ModelConfig, layout: Layout, w: Workload, hw: Hardware) ->
     dp_bw = _link(hw, tp * cp, dp)
     dp_time = 0.0
     for r in range(layout.pp):
-        specs = [s for s in stage_params(model, par, r, w.lora())
-                 if s.part in w.trainable]
+        specs = [s for s in stage_params(model, par, r, w.lora()) if s.part in w.trainable]
         t = 0.0  # dense weights over DP x CP; expert weights over the expert DP group (DP x CP / EP)
-        for n, group in ((sum(s.numel for s in specs if not s.expert), dp * cp),
-                         (sum(s.numel for s in specs if s.expert), dp * cp // layout.ep)):
+        for n, group in (
+            (sum(s.numel for s in specs if not s.expert), dp * cp),
+            (sum(s.numel for s in specs if s.expert), dp * cp // layout.ep),
+        ):
             if layout.distributed_optimizer:
                 t += (_ring(group, False) * n * 4 + _ring(group, False) * n * e) / dp_bw
             else:
@@ -306,8 +363,9 @@ def _dp_comm_s(model: ModelConfig, layout: Layout, w: Workload, hw: Hardware) ->
     return dp_time
 
 
-def _expert_all_to_all_s(model: ModelConfig, layout: Layout, hw: Hardware, tokens_rank: float, e: int,
-                         passes: int) -> float:
+def _expert_all_to_all_s(
+    model: ModelConfig, layout: Layout, hw: Hardware, tokens_rank: float, e: int, passes: int
+) -> float:
     """Seconds one MoE layer spends in the dispatcher's all-to-alls per microbatch: each of the
     token's top-k copies (hidden_size x e bytes) leaves the rank with probability (EP-1)/EP, once
     to dispatch and once to combine, in the forward and again in the backward (`passes` / 2 times
@@ -344,9 +402,16 @@ def expert_parallel_options(model: ModelConfig, dp_cp: int, fixed: Optional[int]
     return [ep for ep in _divisors(dp_cp) if model.llm.num_experts % ep == 0 and fixed in (None, ep)]
 
 
-def candidate_layouts(model: ModelConfig, gpus: int, workload: Workload, max_tp: int = 8,
-                      max_cp: int = 8, distributed_optimizer: Optional[bool] = None,
-                      recompute: Optional[bool] = None, fixed: Optional[dict] = None) -> Iterable[Layout]:
+def candidate_layouts(
+    model: ModelConfig,
+    gpus: int,
+    workload: Workload,
+    max_tp: int = 8,
+    max_cp: int = 8,
+    distributed_optimizer: Optional[bool] = None,
+    recompute: Optional[bool] = None,
+    fixed: Optional[dict] = None,
+) -> Iterable[Layout]:
     """Every layout of `gpus` ranks the model's shapes allow (TP a divisor of heads, key/value heads
     and widths; PP splits the decoder; CP splits the sequence into 2*CP chunks; DP divides the
     global batch). Sequence parallelism is on whenever TP > 1 (it only saves memory)."""
@@ -368,20 +433,38 @@ def candidate_layouts(model: ModelConfig, gpus: int, workload: Workload, max_tp:
                 continue
             for first in first_stage_options(model, pp):
                 for ep in expert_parallel_options(model, dp * cp, fixed.get("ep")):
-                    for dist in ([distributed_optimizer] if distributed_optimizer is not None else [True, False]):
-                        for rc in ([recompute] if recompute is not None else [False, True]):
-                            yield Layout(tp, pp, cp, dp, sequence_parallel=tp > 1, distributed_optimizer=dist,
-                                         recompute=rc, first_stage_layers=first, ep=ep)
+                    for dist in [distributed_optimizer] if distributed_optimizer is not None else [True, False]:
+                        for rc in [recompute] if recompute is not None else [False, True]:
+                            yield Layout(
+                                tp,
+                                pp,
+                                cp,
+                                dp,
+                                sequence_parallel=tp > 1,
+                                distributed_optimizer=dist,
+                                recompute=rc,
+                                first_stage_layers=first,
+                                ep=ep,
+                            )
 
 
-def search(model: ModelConfig, gpus: int, workload: Workload, hardware: Hardware,
-           budget_gib: Optional[float] = None, compute_efficiency: float = 0.7, reserve_gib: float = 6.0,
-           distributed_optimizer: Optional[bool] = None, recompute: Optional[bool] = None,
-           fixed: Optional[dict] = None) -> list[LayoutPlan]:
+def search(
+    model: ModelConfig,
+    gpus: int,
+    workload: Workload,
+    hardware: Hardware,
+    budget_gib: Optional[float] = None,
+    compute_efficiency: float = 0.7,
+    reserve_gib: float = 6.0,
+    distributed_optimizer: Optional[bool] = None,
+    recompute: Optional[bool] = None,
+    fixed: Optional[dict] = None,
+) -> list[LayoutPlan]:
     """Layouts that fit, fastest first; of the variants of one TP/PP/CP only the fastest is kept."""
     best: dict[tuple, LayoutPlan] = {}
-    for lay in candidate_layouts(model, gpus, workload, distributed_optimizer=distributed_optimizer,
-                                 recompute=recompute, fixed=fixed):
+    for lay in candidate_layouts(
+        model, gpus, workload, distributed_optimizer=distributed_optimizer, recompute=recompute, fixed=fixed
+    ):
         p = plan(model, lay, workload, hardware, budget_gib, compute_efficiency, reserve_gib)
         if not p.fits:
             continue

@@ -20,6 +20,7 @@ Model state is modelled on what megatron-core 0.16 really allocates, so it can b
 Activations follow the tensors the layers save for backward (see `llm_layer_bytes`, `vit_layer_bytes`), per
 microbatch, times the microbatches a 1F1B pipeline keeps in flight on the stage.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -29,10 +30,17 @@ from typing import Iterable, Literal, Optional, Sequence
 
 from ..config.lora import LoRAConfig
 from ..config.model import ModelConfig, ParallelConfig
-from .params import (PARTS, ParamSpec, decoder_layers_per_stage, padded_vision_heads, padded_vocab, stage_params,
-                     vision_layers_built)
+from .params import (
+    PARTS,
+    ParamSpec,
+    decoder_layers_per_stage,
+    padded_vision_heads,
+    padded_vocab,
+    stage_params,
+    vision_layers_built,
+)
 
-GiB = 1024 ** 3
+GiB = 1024**3
 
 Kernels = Literal["gpu", "cpu"]
 """Which kernels save what: 'gpu' = transformer-engine norms + flash attention (O(S) memory);
@@ -56,8 +64,9 @@ def _ceil_to(n: int, k: int) -> int:
     return -(-n // k) * k
 
 
-def grad_buffer(specs: Sequence[ParamSpec], dp: int, use_distributed_optimizer: bool,
-                bucket_size: Optional[int] = None) -> GradBuffer:
+def grad_buffer(
+    specs: Sequence[ParamSpec], dp: int, use_distributed_optimizer: bool, bucket_size: Optional[int] = None
+) -> GradBuffer:
     """Where megatron-core puts each trainable param's gradient (same walk as `_ParamAndGradBuffer`).
 
     Parameters are laid out in reverse order (roughly backprop order). With the distributed
@@ -127,7 +136,7 @@ def _max_shard(buf: GradBuffer, dp: int, bytes_per_element: int, bytes_per_tenso
             i = bisect.bisect_right(starts, lo) - 1  # the param that may straddle lo
             if i < 0 or order[i][1] <= lo:
                 i += 1
-            j = bisect.bisect_left(starts, hi)       # params [i, j) start before hi
+            j = bisect.bisect_left(starts, hi)  # params [i, j) start before hi
             if j <= i:
                 continue
             elems += prefix[j] - prefix[i]
@@ -151,11 +160,22 @@ class StateBytes:
         return self.params + self.grads + self.optimizer
 
 
-def state_bytes(model: ModelConfig, par: ParallelConfig, pp_rank: int, data_parallel_size: int,
-                trainable: Iterable[str] = PARTS, param_bytes: int = 2, use_distributed_optimizer: bool = False,
-                dp_rank: Optional[int] = None, grad_reduce_in_fp32: bool = True, adam_step_bytes: int = 0,
-                lora: Optional[LoRAConfig] = None, bucket_size: Optional[int] = None, norms_fp32: bool = False,
-                expert_dp_rank: Optional[int] = None) -> StateBytes:
+def state_bytes(
+    model: ModelConfig,
+    par: ParallelConfig,
+    pp_rank: int,
+    data_parallel_size: int,
+    trainable: Iterable[str] = PARTS,
+    param_bytes: int = 2,
+    use_distributed_optimizer: bool = False,
+    dp_rank: Optional[int] = None,
+    grad_reduce_in_fp32: bool = True,
+    adam_step_bytes: int = 0,
+    lora: Optional[LoRAConfig] = None,
+    bucket_size: Optional[int] = None,
+    norms_fp32: bool = False,
+    expert_dp_rank: Optional[int] = None,
+) -> StateBytes:
     """Parameter, gradient and Adam-state bytes on one rank of stage `pp_rank`.
 
     trainable: parts that get gradients ('vision', 'projector', 'llm', and 'lora' for the adapters of `lora`).
@@ -187,14 +207,24 @@ def state_bytes(model: ModelConfig, par: ParallelConfig, pp_rank: int, data_para
             continue
         dp, rank = (expert_dp, expert_dp_rank) if expert else (dense_dp, dp_rank)
         grad_bytes = 4 if grad_reduce_in_fp32 else nbytes
-        buf = _buffer_state(train, nbytes, grad_bytes, dp, rank, largest, use_distributed_optimizer, bucket_size,
-                            adam_step_bytes)
+        buf = _buffer_state(
+            train, nbytes, grad_bytes, dp, rank, largest, use_distributed_optimizer, bucket_size, adam_step_bytes
+        )
         params, grads, opt = params + buf.params, grads + buf.grads, opt + buf.optimizer
     return StateBytes(params=params, grads=grads, optimizer=opt)
 
 
-def _buffer_state(train: list[ParamSpec], nbytes: int, grad_bytes: int, dp: int, rank: Optional[int], largest: bool,
-                  distributed: bool, bucket_size: Optional[int], adam_step_bytes: int) -> StateBytes:
+def _buffer_state(
+    train: list[ParamSpec],
+    nbytes: int,
+    grad_bytes: int,
+    dp: int,
+    rank: Optional[int],
+    largest: bool,
+    distributed: bool,
+    bucket_size: Optional[int],
+    adam_step_bytes: int,
+) -> StateBytes:
     """The trainable parameters, gradients (`grad_bytes` each) and Adam state of one DDP buffer (`train`,
     all `nbytes` wide) over `dp` ranks; with the distributed optimizer (`distributed`) the Adam state of
     the largest shard (`largest`) or of rank `rank`'s."""
@@ -213,8 +243,7 @@ def _buffer_state(train: list[ParamSpec], nbytes: int, grad_bytes: int, dp: int,
 
 
 # --- activations ---------------------------------------------------------------------------------
-def _norm_bytes(tokens: float, width: int, kind: str, e: int, kernels: Kernels,
-                weight_grad: bool = True) -> float:
+def _norm_bytes(tokens: float, width: int, kind: str, e: int, kernels: Kernels, weight_grad: bool = True) -> float:
     """What a norm saves: its input plus per-token statistics (and torch's composite RMSNorm on
     CPU also keeps the normalized tensor for the weight's gradient, when the weight trains)."""
     if kind == "LayerNorm":  # input + mean + rstd (fp32)
@@ -224,8 +253,9 @@ def _norm_bytes(tokens: float, width: int, kind: str, e: int, kernels: Kernels,
     return tokens * (width * e + 4)  # fused RMSNorm: input + rsigma (fp32)
 
 
-def _attention_bytes(tokens: float, seg_sq: float, heads_q: int, heads_kv: int, d: int, e: int,
-                     kernels: Kernels) -> float:
+def _attention_bytes(
+    tokens: float, seg_sq: float, heads_q: int, heads_kv: int, d: int, e: int, kernels: Kernels
+) -> float:
     """Core attention's saved tensors for `tokens` tokens: q, k, v, out and the fp32 log-sum-exp.
     Both kernels are flash-style here: parallel/attention.py hands torch's SDPA 4-D inputs, which on
     CPU take its flash kernel (no L x L matrix), as flash-attn / TE do on GPU. `seg_sq` (sum of the
@@ -233,8 +263,15 @@ def _attention_bytes(tokens: float, seg_sq: float, heads_q: int, heads_kv: int, 
     return tokens * ((2 * heads_q + 2 * heads_kv) * d * e + 4 * heads_q)
 
 
-def llm_layer_bytes(model: ModelConfig, par: ParallelConfig, tokens: float, seg_sq: float, e: int,
-                    kernels: Kernels, weight_grads: bool = True) -> float:
+def llm_layer_bytes(
+    model: ModelConfig,
+    par: ParallelConfig,
+    tokens: float,
+    seg_sq: float,
+    e: int,
+    kernels: Kernels,
+    weight_grads: bool = True,
+) -> float:
     """Saved-for-backward bytes of one decoder layer for `tokens` tokens on one TP/CP rank.
 
     Per token: RMSNorm + linear_qkv input (the linear keeps the sequence-parallel shard, 1/TP),
@@ -257,14 +294,14 @@ def llm_layer_bytes(model: ModelConfig, par: ParallelConfig, tokens: float, seg_
         f = m.moe_ffn_hidden_size // etp
         per_router = (tokens / sp) * m.num_experts * 4 * 2  # fp32 logits and probabilities
     per = 2 * _norm_bytes(tokens / sp, h, "RMSNorm", e, kernels, weight_grads)
-    per += tokens * 4 * d * e                           # cos, sin for q and k
+    per += tokens * 4 * d * e  # cos, sin for q and k
     per += _attention_bytes(tokens, seg_sq, hq, hkv, d, e, kernels)
-    per += mlp_tokens * 4 * f * e                       # SwiGLU: fc1 out, silu out, up copy
+    per += mlp_tokens * 4 * f * e  # SwiGLU: fc1 out, silu out, up copy
     if m.is_moe:
         per += per_router
-    if m.qk_layernorm:                                  # per-head QK-norm: q, k inputs and normalized
+    if m.qk_layernorm:  # per-head QK-norm: q, k inputs and normalized
         per += tokens * ((hq + hkv) * 2 * d * e + (hq + hkv) * 4)  # copies, fp32 statistic per head
-    if weight_grads:                                    # linear inputs: qkv, fc1, proj, fc2
+    if weight_grads:  # linear inputs: qkv, fc1, proj, fc2
         per += (tokens / sp) * h * e + mlp_in * h * e + tokens * hq * d * e + mlp_tokens * f * e
     return per
 
@@ -283,10 +320,10 @@ def vit_layer_bytes(model: ModelConfig, par: ParallelConfig, tiles: float, e: in
     heads = padded_vision_heads(v.num_attention_heads, tp) // tp
     f = v.ffn_hidden_size // tp
     per = 2 * _norm_bytes(tokens, c, v.normalization, e, kernels)
-    per += tokens * (2 * c + 2 * c) * e                 # qkv input, fc1 input, ls1/ls2 branches
+    per += tokens * (2 * c + 2 * c) * e  # qkv input, fc1 input, ls1/ls2 branches
     per += _attention_bytes(tokens, tiles * n * n, heads, heads, d, e, kernels)
-    per += tokens * heads * d * e                       # linear_proj input
-    per += tokens * 2 * f * e                           # GELU input, fc2 input
+    per += tokens * heads * d * e  # linear_proj input
+    per += tokens * 2 * f * e  # GELU input, fc2 input
     if v.qk_normalization:
         per += tokens * (4 * heads * d * e + 2 * 4)
     return per
@@ -323,8 +360,15 @@ class ActivationBytes:
         return self.in_flight * self.per_microbatch + self.recompute_buffer
 
 
-def _head_bytes(model: ModelConfig, par: ParallelConfig, tokens: float, e: int, kernels: Kernels,
-                llm_weights: bool, cross_entropy_chunk_size: int = 0) -> float:
+def _head_bytes(
+    model: ModelConfig,
+    par: ParallelConfig,
+    tokens: float,
+    e: int,
+    kernels: Kernels,
+    llm_weights: bool,
+    cross_entropy_chunk_size: int = 0,
+) -> float:
     """What the final norm, output layer and loss keep for the backward (last stage)."""
     tp = par.tensor_model_parallel_size
     sp = tp if par.sequence_parallel else 1
@@ -337,8 +381,9 @@ def _head_bytes(model: ModelConfig, par: ParallelConfig, tokens: float, e: int, 
     return head + tokens * (4 * (padded_vocab(model, tp) // tp) + 8 + 1)  # fp32 softmax of the loss, labels, mask
 
 
-def _encoder_bytes(model: ModelConfig, par: ParallelConfig, tiles: float, e: int, kernels: Kernels,
-                   keep: set[str], recompute: bool) -> tuple[float, float]:
+def _encoder_bytes(
+    model: ModelConfig, par: ParallelConfig, tiles: float, e: int, kernels: Kernels, keep: set[str], recompute: bool
+) -> tuple[float, float]:
     """The ViT's and projector's activations for `tiles` tiles on stage 0, and the ViT layer's full
     activations kept while it is recomputed (0 without recomputation or a frozen ViT)."""
     vision = buffer = 0.0
@@ -347,7 +392,7 @@ def _encoder_bytes(model: ModelConfig, par: ParallelConfig, tiles: float, e: int
         one_vit = vit_layer_bytes(model, par, tiles, e, kernels)
         vit_tokens = tiles * (v.num_patches + 1)
         vision += vision_layers_built(model) * (vit_tokens * v.hidden_size * e if recompute else one_vit)
-        vision += tiles * 3 * v.image_size ** 2 * e  # conv input (pixels)
+        vision += tiles * 3 * v.image_size**2 * e  # conv input (pixels)
         if recompute:
             buffer = one_vit
     if "vision" in keep or "projector" in keep:
@@ -355,11 +400,20 @@ def _encoder_bytes(model: ModelConfig, par: ParallelConfig, tiles: float, e: int
     return vision, buffer
 
 
-def activation_bytes(model: ModelConfig, par: ParallelConfig, pp_rank: int, seq_length: int,
-                     micro_batch_size: int = 1, tiles_per_microbatch: float = 0.0,
-                     num_microbatches: int = 1, param_bytes: int = 2,
-                     sample_lengths: Optional[Sequence[int]] = None, trainable: Iterable[str] = PARTS,
-                     kernels: Kernels = "gpu", cross_entropy_chunk_size: int = 0) -> ActivationBytes:
+def activation_bytes(
+    model: ModelConfig,
+    par: ParallelConfig,
+    pp_rank: int,
+    seq_length: int,
+    micro_batch_size: int = 1,
+    tiles_per_microbatch: float = 0.0,
+    num_microbatches: int = 1,
+    param_bytes: int = 2,
+    sample_lengths: Optional[Sequence[int]] = None,
+    trainable: Iterable[str] = PARTS,
+    kernels: Kernels = "gpu",
+    cross_entropy_chunk_size: int = 0,
+) -> ActivationBytes:
     """Activation memory of one rank of stage `pp_rank` during a 1F1B training step.
 
     seq_length x micro_batch_size tokens per microbatch, split over CP ranks; tiles_per_microbatch
@@ -377,7 +431,7 @@ def activation_bytes(model: ModelConfig, par: ParallelConfig, pp_rank: int, seq_
     recompute = par.recompute_granularity == "full"
     tokens = seq_length * micro_batch_size / cp
     lengths = list(sample_lengths) if sample_lengths is not None else [seq_length] * micro_batch_size
-    seg_sq = sum(float(n) ** 2 for n in lengths) / cp ** 2 * cp  # each CP rank: 1/cp of q vs 1/cp of k, cp steps
+    seg_sq = sum(float(n) ** 2 for n in lengths) / cp**2 * cp  # each CP rank: 1/cp of q vs 1/cp of k, cp steps
     first, last = pp_rank == 0, pp_rank == pp - 1
     layers = decoder_layers_per_stage(model.llm.num_layers, par)[pp_rank]
     h = model.llm.hidden_size

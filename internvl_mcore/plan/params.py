@@ -18,6 +18,7 @@ vocabulary, no copies. Local counts differ from it by design:
 - Tied embeddings keep a copy of the output weight on the last stage when PP > 1.
 - InternViT-6B blocks have no qkv bias (models/specs.py forces it off although proj/fc have one).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,13 +27,25 @@ from math import prod
 from typing import Iterable, Literal, Optional
 
 from ..config.lora import LORA_INFIX, LoRAConfig, adapts
+
 # padded_vision_heads is read from here by memory.py and layouts.py
 from ..errors import ConfigError
 from ..config.model import ModelConfig, ParallelConfig, padded_vision_heads, padded_vocab_size  # noqa: F401
 from ..config.problems import expert_split_problem
-from ..models.parameters import (Param, Part, decoder_layer, final_norm, output_layer, projector, vision_embeddings,
-                                 vision_layer, vision_layers_built, word_embeddings)
+from ..models.parameters import (
+    Param,
+    Part,
+    decoder_layer,
+    final_norm,
+    output_layer,
+    projector,
+    vision_embeddings,
+    vision_layer,
+    vision_layers_built,
+    word_embeddings,
+)
 from ..models.sharding import rule_for, split_dim
+
 PARTS: tuple[Part, ...] = ("vision", "projector", "llm")
 
 
@@ -70,8 +83,7 @@ def decoder_layers_per_stage(num_layers: int, par: ParallelConfig) -> list[int]:
         return [num_layers]
     if first is None and last is None:
         if num_layers % pp:
-            raise ConfigError(f"{num_layers} decoder layers are not divisible by "
-                              f"--pipeline-model-parallel-size {pp}")
+            raise ConfigError(f"{num_layers} decoder layers are not divisible by --pipeline-model-parallel-size {pp}")
         return [num_layers // pp] * pp
     rest, stages_left = num_layers, pp
     if first is not None:
@@ -79,8 +91,10 @@ def decoder_layers_per_stage(num_layers: int, par: ParallelConfig) -> list[int]:
     if last is not None:
         rest, stages_left = rest - last, stages_left - 1
     if rest < 0 or (stages_left > 0 and rest % stages_left):
-        raise ConfigError(f"{num_layers} decoder layers cannot be split as first={first}, last={last} over "
-                          f"{pp} stages (the middle stages need an equal share)")
+        raise ConfigError(
+            f"{num_layers} decoder layers cannot be split as first={first}, last={last} over "
+            f"{pp} stages (the middle stages need an equal share)"
+        )
     middle = rest // stages_left if stages_left else 0
     counts = [middle] * pp
     if first is not None:
@@ -104,8 +118,9 @@ def local(p: Param, size: int, model: ModelConfig, name: str | None = None, **ta
     return ParamSpec(name, shape, p.part, torch_norm=p.torch_norm, expert=p.expert, **tags)
 
 
-def stage_params(model: ModelConfig, par: ParallelConfig, pp_rank: int,
-                 lora: Optional[LoRAConfig] = None) -> list[ParamSpec]:
+def stage_params(
+    model: ModelConfig, par: ParallelConfig, pp_rank: int, lora: Optional[LoRAConfig] = None
+) -> list[ParamSpec]:
     """Every local parameter of pipeline stage `pp_rank` on one TP rank, in build order (the
     adapters of `lora` after the linear they adapt, as `models/lora.py: add_lora` registers them)."""
     specs = list(_stage_params(model, par, pp_rank))
@@ -150,10 +165,12 @@ def with_lora(specs: list[ParamSpec], lora: LoRAConfig) -> list[ParamSpec]:
         nxt = specs[k + 1].name.rsplit(".", 1)[0] if k + 1 < len(specs) else None
         if nxt == module or not adapts(lora, module):
             continue
-        weight = next(w for w in specs[max(0, k - 1):k + 1] if w.name == module + ".weight")
+        weight = next(w for w in specs[max(0, k - 1) : k + 1] if w.name == module + ".weight")
         rows, cols = weight.shape
-        out += [ParamSpec(f"{module}{LORA_INFIX}a", (lora.lora_rank, cols), "lora"),
-                ParamSpec(f"{module}{LORA_INFIX}b", (rows, lora.lora_rank), "lora")]
+        out += [
+            ParamSpec(f"{module}{LORA_INFIX}a", (lora.lora_rank, cols), "lora"),
+            ParamSpec(f"{module}{LORA_INFIX}b", (rows, lora.lora_rank), "lora"),
+        ]
     return out
 
 
@@ -162,8 +179,10 @@ def check_divisibility(model: ModelConfig, par: ParallelConfig) -> None:
     tp = par.tensor_model_parallel_size
     m, v = model.llm, model.vision
     need = {
-        "LLM attention heads": m.num_attention_heads, "LLM key/value heads": m.num_query_groups,
-        "LLM ffn_hidden_size": m.ffn_hidden_size, "LLM hidden_size (projector)": m.hidden_size,
+        "LLM attention heads": m.num_attention_heads,
+        "LLM key/value heads": m.num_query_groups,
+        "LLM ffn_hidden_size": m.ffn_hidden_size,
+        "LLM hidden_size (projector)": m.hidden_size,
         "ViT ffn_hidden_size": v.ffn_hidden_size,
     }
     if m.is_moe:  # the dense ffn width is unused; experts split over EP and expert-TP instead
@@ -172,12 +191,13 @@ def check_divisibility(model: ModelConfig, par: ParallelConfig) -> None:
         if problem := expert_split_problem(model, ep):
             raise ConfigError(problem)
         if m.moe_ffn_hidden_size % etp:
-            raise ConfigError(f"expert tensor parallel size {etp} does not divide the expert width "
-                              f"({m.moe_ffn_hidden_size}) of {model.name}")
+            raise ConfigError(
+                f"expert tensor parallel size {etp} does not divide the expert width "
+                f"({m.moe_ffn_hidden_size}) of {model.name}"
+            )
     for what, n in need.items():
         if n % tp:
-            raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide the {what} ({n}) of "
-                              f"{model.name}")
+            raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide the {what} ({n}) of {model.name}")
 
 
 @dataclass(frozen=True)
@@ -204,8 +224,9 @@ def count_params(model: ModelConfig) -> ParamCounts:
     pad_rows = padded_vocab(model, 1) - model.llm.vocab_size
     vocab_tensors = 1 if model.llm.tie_word_embeddings else 2
     by = {part: sum(s.numel for s in specs if s.part == part) for part in PARTS}
-    return ParamCounts(vision=by["vision"], projector=by["projector"],
-                       llm=by["llm"] - pad_rows * model.llm.hidden_size * vocab_tensors)
+    return ParamCounts(
+        vision=by["vision"], projector=by["projector"], llm=by["llm"] - pad_rows * model.llm.hidden_size * vocab_tensors
+    )
 
 
 def active_params(model: ModelConfig) -> ParamCounts:

@@ -29,6 +29,7 @@ spawned (fork + exec: no thread or lock of the rank is copied), writes the bucke
 megatron-core's `FileSystemWriterAsync.write_preloaded_data` (the same bytes as a synchronous save),
 sends back the write results or the exception, and every wait on it has a deadline.
 """
+
 from __future__ import annotations
 
 import gc
@@ -90,14 +91,21 @@ def _allocate(buckets: list, buffer: Optional[torch.Tensor]) -> tuple[torch.Tens
         layout.append((total, t.dtype, tuple(t.shape)))
         total += t.numel() * t.element_size()
     try:
-        flat = buffer if buffer is not None and buffer.numel() >= total else \
-            torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(total, 1)))
+        flat = (
+            buffer
+            if buffer is not None and buffer.numel() >= total
+            else torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(total, 1)))
+        )
     except RuntimeError as exc:  # /dev/shm too small: a write failure with its reason (one line)
-        raise OSError(f"--async-save: cannot hold the checkpoint tensors ({total} bytes) in shared memory "
-                      f"(/dev/shm): {' '.join(str(exc).split())[:200]}") from None
+        raise OSError(
+            f"--async-save: cannot hold the checkpoint tensors ({total} bytes) in shared memory "
+            f"(/dev/shm): {' '.join(str(exc).split())[:200]}"
+        ) from None
     index = iter(range(len(tensors)))
-    stripped = [(name, key, (bytes_data, [(item, next(index)) for item, _ in tensor_data]))
-                for name, key, (bytes_data, tensor_data) in buckets]
+    stripped = [
+        (name, key, (bytes_data, [(item, next(index)) for item, _ in tensor_data]))
+        for name, key, (bytes_data, tensor_data) in buckets
+    ]
     return flat, layout, stripped, tensors
 
 
@@ -121,7 +129,7 @@ def _views(flat: torch.Tensor, layout: list) -> list[torch.Tensor]:
         for n in shape:
             numel *= n
         size = numel * torch.empty(0, dtype=dtype).element_size()
-        out.append(flat[offset:offset + size].view(dtype).reshape(shape))
+        out.append(flat[offset : offset + size].view(dtype).reshape(shape))
     return out
 
 
@@ -238,8 +246,11 @@ class AsyncWriter:
             if self.conn.poll(0.1):
                 self.ready = self.conn.recv() == _READY
         if not self.ready:
-            why = f"died ({describe_exit(self.proc)})" if not self.proc.is_alive() else \
-                f"did not start within {limit:g} s (--distributed-timeout-minutes)"
+            why = (
+                f"died ({describe_exit(self.proc)})"
+                if not self.proc.is_alive()
+                else f"did not start within {limit:g} s (--distributed-timeout-minutes)"
+            )
             raise CheckpointError(f"--async-save: the checkpoint writer process (pid {self.proc.pid}) {why}")
         self.prepare()  # the model and optimizer are built: the set-up's heap, frozen outside any step
 
@@ -266,8 +277,9 @@ class AsyncWriter:
         # pickled message, which holds a handle of the shared memory, not its bytes
         message = ForkingPickler.dumps((iteration, rank, transforms, flat, layout, stripped))
         sources, views = [t.detach() for t in tensors], _views(flat, layout)
-        self.copier = threading.Thread(target=self._copy_and_send, args=(sources, views, message),
-                                       daemon=True, name="checkpoint-snapshot")
+        self.copier = threading.Thread(
+            target=self._copy_and_send, args=(sources, views, message), daemon=True, name="checkpoint-snapshot"
+        )
         self.copier.start()
 
     def _copy_and_send(self, sources: list, views: list, message: Any) -> None:
@@ -287,8 +299,10 @@ class AsyncWriter:
         left = self.timeout_s - (time.monotonic() - self.pending.started) if self.pending is not None else 0.0
         copier.join(timeout=max(left, 0.0))
         if copier.is_alive():
-            self.copy_failure = (f"copying the tensors for the checkpoint writer did not finish within "
-                                 f"{self.timeout_s:g} s (--distributed-timeout-minutes)")
+            self.copy_failure = (
+                f"copying the tensors for the checkpoint writer did not finish within "
+                f"{self.timeout_s:g} s (--distributed-timeout-minutes)"
+            )
             return
         self.copier = None
 
@@ -317,8 +331,10 @@ class AsyncWriter:
         if not self.proc.is_alive():
             return f"the checkpoint writer (pid {self.proc.pid}) died ({describe_exit(self.proc)})"
         if time.monotonic() - pending.started > self.timeout_s:
-            return (f"the checkpoint writer (pid {self.proc.pid}) did not finish within {self.timeout_s:g} s "
-                    "(--distributed-timeout-minutes)")
+            return (
+                f"the checkpoint writer (pid {self.proc.pid}) did not finish within {self.timeout_s:g} s "
+                "(--distributed-timeout-minutes)"
+            )
         return None
 
     def results(self) -> dict:

@@ -2,6 +2,7 @@
 through the same collate (data/loader.py: collate, via `Batch.from_packs`). Its images are one type,
 `Images` (made by the collate, so it lives in data/source_images.py): the forward step calls
 `Images.pixel_values()` whatever the tiling."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,9 +46,15 @@ class Batch:
     def from_packs(packs: Sequence[PackedSample], seq_length: int, pad_id: int) -> "Batch":
         """The batch of `packs` (data/loader.py: collate pads and stacks them)."""
         d = collate(packs, seq_length, pad_id)
-        return Batch(tokens=d["tokens"], labels=d["labels"], loss_weight=d["loss_weight"],
-                     position_ids=d["position_ids"], cu_seqlens=d["cu_seqlens"], images=d["images"],
-                     pairs=d["pairs"] if d["pairs"].shape[0] else None)
+        return Batch(
+            tokens=d["tokens"],
+            labels=d["labels"],
+            loss_weight=d["loss_weight"],
+            position_ids=d["position_ids"],
+            cu_seqlens=d["cu_seqlens"],
+            images=d["images"],
+            pairs=d["pairs"] if d["pairs"].shape[0] else None,
+        )
 
     def targets(self) -> torch.Tensor:
         """(B, S) float32 1 at the tokens that carry loss (whatever their weight), 0 elsewhere."""
@@ -60,4 +67,3 @@ class Batch:
     def pin_memory(self) -> "Batch":
         """The same batch in page-locked memory (copies to a GPU asynchronously)."""
         return Batch(**{k: None if v is None else v.pin_memory() for k, v in self.__dict__.items()})
-

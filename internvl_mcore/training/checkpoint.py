@@ -43,6 +43,7 @@ while training goes on; `finish_pending` runs the last phases (megatron-core's f
 publish, retention) once every rank's writer is done, so the rename and the tracker still come last
 and a failed, dead or overdue writer on any rank stops every rank with the same line.
 """
+
 from __future__ import annotations
 
 import base64
@@ -66,8 +67,16 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from ..checkpoint.canonical import CanonicalCheckpoint
 from ..checkpoint.checksums import write_checksums
-from ..checkpoint.format import (FORMAT_VERSION, RUN_INFO, TRACKER, check_model, checkpoint_dir, is_training_checkpoint,
-                                 iter_dir, read_run_json)
+from ..checkpoint.format import (
+    FORMAT_VERSION,
+    RUN_INFO,
+    TRACKER,
+    check_model,
+    checkpoint_dir,
+    is_training_checkpoint,
+    iter_dir,
+    read_run_json,
+)
 from ..errors import CheckpointError
 from ..checkpoint.safetensors_io import SafetensorsDir
 from ..errors import ConversionError
@@ -101,8 +110,11 @@ def _tensor_json(t: torch.Tensor) -> dict:
     """An RNG-state tensor as JSON: dtype, shape and its bytes in base64."""
     shape = list(t.shape)
     t = t.detach().cpu().contiguous().reshape(-1)
-    return {"dtype": str(t.dtype).removeprefix("torch."), "shape": shape,
-            "base64": base64.b64encode(t.view(torch.uint8).numpy().tobytes()).decode()}
+    return {
+        "dtype": str(t.dtype).removeprefix("torch."),
+        "shape": shape,
+        "base64": base64.b64encode(t.view(torch.uint8).numpy().tobytes()).decode(),
+    }
 
 
 def _json_tensor(d: dict) -> torch.Tensor:
@@ -118,11 +130,13 @@ def rng_state() -> dict:
     version, keys, gauss = random.getstate()
     name, mt, pos, has_gauss, cached = np.random.get_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    return {"python": [version, list(keys), gauss],
-            "numpy": [name, [int(k) for k in mt], int(pos), int(has_gauss), float(cached)],
-            "torch": _tensor_json(torch.get_rng_state()),
-            "tracker": {k: _tensor_json(v) for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items()},
-            "cuda": None if cuda is None else [_tensor_json(t) for t in cuda]}
+    return {
+        "python": [version, list(keys), gauss],
+        "numpy": [name, [int(k) for k in mt], int(pos), int(has_gauss), float(cached)],
+        "torch": _tensor_json(torch.get_rng_state()),
+        "tracker": {k: _tensor_json(v) for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items()},
+        "cuda": None if cuda is None else [_tensor_json(t) for t in cuda],
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -167,7 +181,7 @@ def _optim_metadata(fmt: str) -> dict:
 
 
 def optimizer_kind(optimizer: Any) -> Optional[str]:
-    """"distributed" (--use-distributed-optimizer), "plain" or None (no optimizer): their files differ
+    """ "distributed" (--use-distributed-optimizer), "plain" or None (no optimizer): their files differ
     (the distributed one also stores fp32 main params), so one cannot load the other's state."""
     if optimizer is None:
         return None
@@ -292,19 +306,24 @@ def _restore_adam_step(optimizer: Any, saved: Any) -> None:
     step = steps.pop()
     for part in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(part, "optimizer", None)
-        for state in (inner.state.values() if inner is not None else []):
+        for state in inner.state.values() if inner is not None else []:
             if "step" in state:
                 state["step"] = torch.tensor(step)
 
 
 def _layout(par: ParallelConfig, dp: int) -> dict:
-    layout = {"tensor_model_parallel_size": par.tensor_model_parallel_size,
-              "pipeline_model_parallel_size": par.pipeline_model_parallel_size,
-              "context_parallel_size": par.context_parallel_size, "data_parallel_size": dp}
+    layout = {
+        "tensor_model_parallel_size": par.tensor_model_parallel_size,
+        "pipeline_model_parallel_size": par.pipeline_model_parallel_size,
+        "context_parallel_size": par.context_parallel_size,
+        "data_parallel_size": dp,
+    }
     if par.expert_model_parallel_size != 1 or par.expert_tensor_parallel_size is not None:
         # optimizer state of expert weights is sharded over the expert data-parallel group
-        layout.update(expert_model_parallel_size=par.expert_model_parallel_size,
-                      expert_tensor_parallel_size=par.expert_tensor_parallel_size)
+        layout.update(
+            expert_model_parallel_size=par.expert_model_parallel_size,
+            expert_tensor_parallel_size=par.expert_tensor_parallel_size,
+        )
     return layout
 
 
@@ -313,10 +332,20 @@ def _groups(pg: Optional[ProcessGroupCollection], module: torch.nn.Module) -> Pr
     return pg if pg is not None else module.pg_collection
 
 
-def save(root: str | Path, iteration: int, model_chunk: torch.nn.Module, optimizer: Any, scheduler: Any,
-         model_cfg: ModelConfig, par: ParallelConfig, pg: Optional[ProcessGroupCollection] = None,
-         data_state: Any = None, extra: Optional[dict] = None, keep: int = 0,
-         writer: Optional[AsyncWriter] = None) -> Path:
+def save(
+    root: str | Path,
+    iteration: int,
+    model_chunk: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    model_cfg: ModelConfig,
+    par: ParallelConfig,
+    pg: Optional[ProcessGroupCollection] = None,
+    data_state: Any = None,
+    extra: Optional[dict] = None,
+    keep: int = 0,
+    writer: Optional[AsyncWriter] = None,
+) -> Path:
     """Write checkpoint `iteration` under `root` atomically (collective: every rank calls it); with
     `keep` > 0 only the newest `keep` checkpoints stay. `pg`: the process groups init_distributed
     returned (default: the model's own, `pg_collection`).
@@ -344,8 +373,11 @@ def save(root: str | Path, iteration: int, model_chunk: torch.nn.Module, optimiz
     def write() -> None:
         _write_state(tmp, iteration, module, optimizer, pg, data_state, writer, pending)
         if rank == 0:
-            (tmp / RUN_INFO).write_text(json.dumps(_run_info(iteration, scheduler, model_cfg, par, pg, module, extra, optimizer),
-                                                   indent=2, default=str))
+            (tmp / RUN_INFO).write_text(
+                json.dumps(
+                    _run_info(iteration, scheduler, model_cfg, par, pg, module, extra, optimizer), indent=2, default=str
+                )
+            )
 
     _run_phases(root, tmp, iteration, [lambda: _prepare(tmp) if rank == 0 else None, write])
     if pending is None:
@@ -360,13 +392,22 @@ def _run_phases(root: Path, tmp: Path, iteration: int, phases: list) -> None:
             _abandon(root, tmp, iteration, failed)
 
 
-def _finish(root: Path, tmp: Path, final: Path, iteration: int, keep: int, first: list,
-            known: Optional[dict] = None) -> None:
+def _finish(
+    root: Path, tmp: Path, final: Path, iteration: int, keep: int, first: list, known: Optional[dict] = None
+) -> None:
     """The phases after the writes (collective): `first` (the async finalize), checksums (`known`: the
     ones the async writer computed), publish; then retention."""
     rank = dist.get_rank()
-    _run_phases(root, tmp, iteration, [*first, lambda: write_checksums(tmp, known),
-                                       lambda: _publish(root, tmp, final, iteration) if rank == 0 else None])
+    _run_phases(
+        root,
+        tmp,
+        iteration,
+        [
+            *first,
+            lambda: write_checksums(tmp, known),
+            lambda: _publish(root, tmp, final, iteration) if rank == 0 else None,
+        ],
+    )
     if rank == 0 and keep:
         remove_old_checkpoints(root, keep)
     dist.barrier()
@@ -374,16 +415,19 @@ def _finish(root: Path, tmp: Path, final: Path, iteration: int, keep: int, first
 
 def _pending(root: Path, tmp: Path, final: Path, iteration: int, keep: int) -> Pending:
     """The record of an async save that `finish_pending` completes or abandons."""
+
     def finalize() -> None:  # megatron-core's: gather the write results, write .metadata and metadata.json
         if pending.results_queue is not None:
             pending.results_queue.put(pending.reply[1]["results"])
         for fn in pending.finalize_fns:
             fn()
 
-    pending = Pending(iteration, finish=lambda: _finish(root, tmp, final, iteration, keep, [finalize],
-                                                        pending.reply[1]["checksums"]),
-                      abandon=lambda failed: _abandon(root, tmp, iteration, failed),
-                      remove=lambda: shutil.rmtree(tmp, ignore_errors=True))
+    pending = Pending(
+        iteration,
+        finish=lambda: _finish(root, tmp, final, iteration, keep, [finalize], pending.reply[1]["checksums"]),
+        abandon=lambda failed: _abandon(root, tmp, iteration, failed),
+        remove=lambda: shutil.rmtree(tmp, ignore_errors=True),
+    )
     return pending
 
 
@@ -420,8 +464,16 @@ def _prepare(tmp: Path) -> None:
     tmp.mkdir(parents=True)
 
 
-def _write_state(tmp: Path, iteration: int, module: torch.nn.Module, optimizer: Any, pg: ProcessGroupCollection,
-                 data_state: Any, writer: Optional[AsyncWriter] = None, pending: Optional[Pending] = None) -> None:
+def _write_state(
+    tmp: Path,
+    iteration: int,
+    module: torch.nn.Module,
+    optimizer: Any,
+    pg: ProcessGroupCollection,
+    data_state: Any,
+    writer: Optional[AsyncWriter] = None,
+    pending: Optional[Pending] = None,
+) -> None:
     """This rank's part of the checkpoint: its tensor shards (collective; handed to `writer` under
     --async-save), RNG states, data position."""
     model_sd = module.sharded_state_dict()
@@ -433,8 +485,13 @@ def _write_state(tmp: Path, iteration: int, module: torch.nn.Module, optimizer: 
     else:
         # the writer's strategy caches the save plan; the sharding, constant within a run, is validated
         # (a collective over every shard's metadata) at the first save only, as Megatron-LM does
-        request = dist_checkpointing.save(state, str(tmp), sharded_strategy=writer.strategy, async_sharded_save=True,
-                                          validate_access_integrity=writer.saves == 0)
+        request = dist_checkpointing.save(
+            state,
+            str(tmp),
+            sharded_strategy=writer.strategy,
+            async_sharded_save=True,
+            validate_access_integrity=writer.saves == 0,
+        )
         pending.finalize_fns = list(request.finalize_fns)
         writer.submit(request, iteration, pending, dist.get_rank())
     (tmp / f"rank_{dist.get_rank():05d}.json").write_text(json.dumps({"rng": rng_state()}))
@@ -444,15 +501,26 @@ def _write_state(tmp: Path, iteration: int, module: torch.nn.Module, optimizer: 
         fault_point("save", iteration)
 
 
-def _run_info(iteration: int, scheduler: Any, model_cfg: ModelConfig, par: ParallelConfig,
-              pg: ProcessGroupCollection, module: torch.nn.Module, extra: Optional[dict],
-              optimizer: Any = None) -> dict:
+def _run_info(
+    iteration: int,
+    scheduler: Any,
+    model_cfg: ModelConfig,
+    par: ParallelConfig,
+    pg: ProcessGroupCollection,
+    module: torch.nn.Module,
+    extra: Optional[dict],
+    optimizer: Any = None,
+) -> dict:
     """run.json's content."""
-    info = {"format_version": FORMAT_VERSION, "iteration": iteration,
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "model": dataclasses.asdict(model_cfg),
-            "layout": _layout(par, pg.dp.size()),
-            "world_size": dist.get_world_size(), **(extra or {})}
+    info = {
+        "format_version": FORMAT_VERSION,
+        "iteration": iteration,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "model": dataclasses.asdict(model_cfg),
+        "layout": _layout(par, pg.dp.size()),
+        "world_size": dist.get_world_size(),
+        **(extra or {}),
+    }
     if optimizer_kind(optimizer) is not None:  # what `load` needs to read the optimizer state back
         info.update(optimizer=optimizer_kind(optimizer), optimizer_format=OPTIMIZER_FORMAT)
     lora = lora_info_of(module)
@@ -485,7 +553,8 @@ def write_failure(exc: BaseException) -> Optional[str]:
             return f"{reason}: {e.filename}" if e.filename else reason
     text = str(exc)
     if isinstance(exc, (RuntimeError, CheckpointException)) and any(
-            marker in text for marker in ("file write failed", "unexpected pos", "Worker failure")):
+        marker in text for marker in ("file write failed", "unexpected pos", "Worker failure")
+    ):
         return " ".join(text.split())[:300]
     return None
 
@@ -517,8 +586,10 @@ def _abandon(root: Path, tmp: Path, iteration: int, failed: list[str]) -> None:
     if dist.get_rank() == 0:
         (root / (TRACKER + ".tmp")).unlink(missing_ok=True)
     dist.barrier()
-    raise CheckpointError(f"--save {root}: writing checkpoint iteration {iteration} failed ({'; '.join(failed)}); "
-                          f"removed the partial {tmp.name}, the earlier checkpoints and {TRACKER} are unchanged")
+    raise CheckpointError(
+        f"--save {root}: writing checkpoint iteration {iteration} failed ({'; '.join(failed)}); "
+        f"removed the partial {tmp.name}, the earlier checkpoints and {TRACKER} are unchanged"
+    )
 
 
 def _publish(root: Path, tmp: Path, final: Path, iteration: int) -> None:
@@ -534,9 +605,16 @@ def _publish(root: Path, tmp: Path, final: Path, iteration: int) -> None:
     os.replace(pointer, root / TRACKER)
 
 
-def load(root: str | Path, model_chunk: torch.nn.Module, optimizer: Any, scheduler: Any, model_cfg: ModelConfig,
-         par: ParallelConfig, pg: Optional[ProcessGroupCollection] = None,
-         load_optim: bool = True) -> tuple[int, Any, dict]:
+def load(
+    root: str | Path,
+    model_chunk: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    model_cfg: ModelConfig,
+    par: ParallelConfig,
+    pg: Optional[ProcessGroupCollection] = None,
+    load_optim: bool = True,
+) -> tuple[int, Any, dict]:
     """Resume from `root`: a checkpoint directory (iter_NNNNNNN/, as `select` returns) or a --save
     root (its latest checkpoint). Returns (iteration, this rank's data state or None when the
     data-parallel size changed (`data_states` then has every saved rank's), the run.json). The
@@ -594,10 +672,16 @@ def _restore_optimizer(optimizer: Any, loaded: dict, key: str, own: Any, same_la
 
 def _say_what_was_restored(path: Path, info: dict, fmt: Optional[str], same_layout: bool) -> None:
     """The line a resume prints when it restores less than everything (another layout, --no-load-optim)."""
-    what = ("schedule, data position and optimizer state" if fmt is not None else
-            "schedule and data position; fresh optimizer state (--no-load-optim)")
-    print(f"checkpoint {path} was saved with layout {info['layout']}: restored model weights, {what}"
-          f"{'' if same_layout else '; RNG streams start fresh at this layout'}", flush=True)
+    what = (
+        "schedule, data position and optimizer state"
+        if fmt is not None
+        else "schedule and data position; fresh optimizer state (--no-load-optim)"
+    )
+    print(
+        f"checkpoint {path} was saved with layout {info['layout']}: restored model weights, {what}"
+        f"{'' if same_layout else '; RNG streams start fresh at this layout'}",
+        flush=True,
+    )
 
 
 def _optimizer_format(info: dict, path: Path, optimizer: Any, same_layout: bool) -> str:
@@ -606,15 +690,20 @@ def _optimizer_format(info: dict, path: Path, optimizer: Any, same_layout: bool)
     fmt = info.get("optimizer_format", _LEGACY_OPTIMIZER_FORMAT)
     saved, mine = info.get("optimizer"), optimizer_kind(optimizer)
     if saved is not None and saved != mine:
-        why = (f"its optimizer state is the {saved} optimizer's, this run uses the {mine} one "
-               f"({'with' if mine == 'distributed' else 'without'} --use-distributed-optimizer)")
+        why = (
+            f"its optimizer state is the {saved} optimizer's, this run uses the {mine} one "
+            f"({'with' if mine == 'distributed' else 'without'} --use-distributed-optimizer)"
+        )
     elif not same_layout and fmt != OPTIMIZER_FORMAT:
-        why = (f"it was saved with layout {info['layout']} by an older version, whose optimizer state "
-               f"({fmt}) loads only into that layout")
+        why = (
+            f"it was saved with layout {info['layout']} by an older version, whose optimizer state "
+            f"({fmt}) loads only into that layout"
+        )
     else:
         return fmt
-    raise CheckpointError(f"--load {path}: {why}; --no-load-optim loads its weights, schedule and data position "
-                          "with a fresh optimizer")
+    raise CheckpointError(
+        f"--load {path}: {why}; --no-load-optim loads its weights, schedule and data position with a fresh optimizer"
+    )
 
 
 def data_states(root: str | Path) -> list[dict]:

@@ -1,4 +1,5 @@
 """Where a rank's microbatches come from: preprocessed shards or mock data, as `Batch`es."""
+
 from __future__ import annotations
 
 import glob
@@ -32,8 +33,9 @@ def _prefix_problem(prefix: str, flag: str) -> str | None:
     return None
 
 
-def check_shard_sets(entries: list[str], run: RunConfig, flag: str = "--data-path", rank: int = 0,
-                     world: int = 1) -> None:
+def check_shard_sets(
+    entries: list[str], run: RunConfig, flag: str = "--data-path", rank: int = 0, world: int = 1
+) -> None:
     """Everything about the shard sets that can be known before training: the prefixes exist, the
     blend parses, each manifest fits the model and --seq-length and has packs, each set opens (file
     sizes match the indexes) and, unless --no-verify-shards, every file's sha256 matches its manifest.
@@ -72,8 +74,10 @@ def check_token_range(prefix: str, cfg: ModelConfig) -> None:
     with user_path(DataError):  # the pass over the tokens file of an older manifest
         top = max_token_id(prefix, read_json(path, DataError))
     if top >= cfg.llm.vocab_size:
-        raise DataError(f"{path}: token id {top} is outside the model's vocabulary of {cfg.llm.vocab_size} rows "
-                        f"(--model {cfg.name}); the shards were made with another tokenizer")
+        raise DataError(
+            f"{path}: token id {top} is outside the model's vocabulary of {cfg.llm.vocab_size} rows "
+            f"(--model {cfg.name}); the shards were made with another tokenizer"
+        )
 
 
 def _is_number(text: str) -> bool:
@@ -88,17 +92,27 @@ def verify_checksums(readers: list, rank: int, world: int, flag: str) -> None:
     """sha256 of this rank's share of the shard files against the manifests (progress bar on rank 0)."""
     files = [(r, path) for r in readers for path in shard_files(r.prefix)][rank::world]
     total = sum(os.path.getsize(path) for _, path in files)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="verifying shards", disable=None if rank == 0 else True,
-              leave=False) as bar:
+    with tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc="verifying shards",
+        disable=None if rank == 0 else True,
+        leave=False,
+    ) as bar:
         for reader, path in files:
-            want = reader.expected_sha256(os.path.basename(path)[len(os.path.basename(reader.prefix)) + 1:])
+            want = reader.expected_sha256(os.path.basename(path)[len(os.path.basename(reader.prefix)) + 1 :])
             if want is None:
-                raise DataError(f"{flag}: {manifest_path(reader.prefix)} has no sha256 for {path} "
-                                "(--no-verify-shards to train on it unchecked)")
+                raise DataError(
+                    f"{flag}: {manifest_path(reader.prefix)} has no sha256 for {path} "
+                    "(--no-verify-shards to train on it unchecked)"
+                )
             if sha256_file(path) != want:
-                raise DataError(f"{flag}: {path} does not match the sha256 in {manifest_path(reader.prefix)} "
-                                "(changed or corrupted since preprocessing; re-run tools/preprocess_mm_data.py, "
-                                "or --no-verify-shards to train on it anyway)")
+                raise DataError(
+                    f"{flag}: {path} does not match the sha256 in {manifest_path(reader.prefix)} "
+                    "(changed or corrupted since preprocessing; re-run tools/preprocess_mm_data.py, "
+                    "or --no-verify-shards to train on it anyway)"
+                )
             bar.update(os.path.getsize(path))
 
 
@@ -128,10 +142,15 @@ class ShardBatches:
     def __init__(self, run: RunConfig, dp_rank: int, dp_size: int, decode_tiles: bool = True) -> None:
         self.image_tiling = resolve_image_tiling(run.data.image_tiling, resolve_device(run.compute.device))
         try:
-            self.loader = PackedDataLoader(run.data.data_path, dp_rank=dp_rank, dp_size=dp_size,
-                                           seed=run.train.seed, num_workers=run.data.num_workers,
-                                           image_tiling=self.image_tiling,
-                                           worker_timeout=run.data.data_worker_timeout)
+            self.loader = PackedDataLoader(
+                run.data.data_path,
+                dp_rank=dp_rank,
+                dp_size=dp_size,
+                seed=run.train.seed,
+                num_workers=run.data.num_workers,
+                image_tiling=self.image_tiling,
+                worker_timeout=run.data.data_worker_timeout,
+            )
         except DataError as exc:
             raise DataError(f"--data-path {' '.join(run.data.data_path)}: {exc}") from exc
         self.cfg = run.model
@@ -157,9 +176,11 @@ class ShardBatches:
         # shards changed after the start-up check (--no-verify-shards trusts them): one line, not an
         # IndexError in the embedding
         if tokens.numel() and not 0 <= int(tokens.min()) <= int(tokens.max()) < self.cfg.llm.vocab_size:
-            raise DataError(f"shard set {' '.join(self.loader.prefixes)}: a pack holds token id "
-                            f"{int(tokens.max())} (min {int(tokens.min())}) outside the model's vocabulary of "
-                            f"{self.cfg.llm.vocab_size} rows; re-run tools/preprocess_mm_data.py")
+            raise DataError(
+                f"shard set {' '.join(self.loader.prefixes)}: a pack holds token id "
+                f"{int(tokens.max())} (min {int(tokens.min())}) outside the model's vocabulary of "
+                f"{self.cfg.llm.vocab_size} rows; re-run tools/preprocess_mm_data.py"
+            )
         return batch.pin_memory() if self.pin_memory else batch
 
     def state_dict(self) -> dict:
@@ -180,16 +201,24 @@ def check_manifest(prefix: str, run: RunConfig) -> int:
     try:
         manifest = json.loads(open(path, encoding="utf-8").read())
     except FileNotFoundError:
-        raise DataError(f"--data-path {prefix}: no manifest {path} (not made by tools/preprocess_mm_data.py?)") from None
+        raise DataError(
+            f"--data-path {prefix}: no manifest {path} (not made by tools/preprocess_mm_data.py?)"
+        ) from None
     except (ValueError, UnicodeDecodeError, OSError) as exc:  # OSError: a directory, no permission
         raise DataError(f"{path}: unreadable manifest ({exc})") from None
     if not isinstance(manifest, dict):
         raise DataError(f"{path}: not a shard manifest (a JSON {type(manifest).__name__})")
     cfg, tok = run.model, manifest.get("tokenizer", {})
-    expected = {"img_start_id": cfg.img_start_token_id, "img_end_id": cfg.img_end_token_id,
-                "img_context_id": cfg.img_context_token_id}
-    problems = [f"{key} {tok.get(key)} (model --model {cfg.name}: {value})"
-                for key, value in expected.items() if tok.get(key) != value]
+    expected = {
+        "img_start_id": cfg.img_start_token_id,
+        "img_end_id": cfg.img_end_token_id,
+        "img_context_id": cfg.img_context_token_id,
+    }
+    problems = [
+        f"{key} {tok.get(key)} (model --model {cfg.name}: {value})"
+        for key, value in expected.items()
+        if tok.get(key) != value
+    ]
     if manifest.get("template", cfg.template) != cfg.template:
         problems.append(f"chat template {manifest.get('template')!r} (model: {cfg.template!r})")
     if manifest.get("num_image_token") != cfg.num_image_token:
@@ -197,8 +226,11 @@ def check_manifest(prefix: str, run: RunConfig) -> int:
     if tok.get("vocab_size", 0) > cfg.llm.vocab_size:
         problems.append(f"tokenizer vocab {tok.get('vocab_size')} > model vocab {cfg.llm.vocab_size}")
     if bool(manifest.get("preference")) != (run.train.stage == "mpo"):
-        problems.append("preference (MMPR) shards need --stage mpo" if manifest.get("preference") else
-                        "--stage mpo needs preference shards (tools/preprocess_mm_data.py --preference)")
+        problems.append(
+            "preference (MMPR) shards need --stage mpo"
+            if manifest.get("preference")
+            else "--stage mpo needs preference shards (tools/preprocess_mm_data.py --preference)"
+        )
     if manifest.get("seq_length", 0) > run.train.seq_length:
         problems.append(f"packs of up to {manifest.get('seq_length')} tokens > --seq-length {run.train.seq_length}")
     if problems:
@@ -217,8 +249,17 @@ class MockBatches:
         t = self.run.train
         self.first_iteration, self.served = iteration, 0
         self.per_step = t.global_batch_size // (t.micro_batch_size * self.dp_size)
-        self._it = mock_batches(self.run.model, t.seed, t.seq_length, self.run.data.mock_tiles_per_sample,
-                                t.micro_batch_size, t.global_batch_size, self.dp_rank, self.dp_size, iteration)
+        self._it = mock_batches(
+            self.run.model,
+            t.seed,
+            t.seq_length,
+            self.run.data.mock_tiles_per_sample,
+            t.micro_batch_size,
+            t.global_batch_size,
+            self.dp_rank,
+            self.dp_size,
+            iteration,
+        )
 
     def __iter__(self) -> "MockBatches":
         return self

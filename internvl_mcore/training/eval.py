@@ -7,6 +7,7 @@ run's --loss-reduction weights), summed over microbatches, data- and context-par
 last pipeline stage and handed to every rank (loop.evaluate): the same number in every layout. The model runs in
 eval mode (no drop path) and every random stream is put back afterwards, so training is unchanged.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -67,10 +68,18 @@ class Evaluator:
             with torch.no_grad():
                 for _ in range(t.eval_iters):
                     batches = self._weighted(next(self.batches) for _ in range(self.num_microbatches))
-                    out.append(forward_backward(
-                        unwrap_model(model[0]).pg_collection, forward_step_func=step_func, data_iterator=iter(batches),
-                        model=model, num_microbatches=self.num_microbatches, seq_length=t.seq_length,
-                        micro_batch_size=t.micro_batch_size, forward_only=True))
+                    out.append(
+                        forward_backward(
+                            unwrap_model(model[0]).pg_collection,
+                            forward_step_func=step_func,
+                            data_iterator=iter(batches),
+                            model=model,
+                            num_microbatches=self.num_microbatches,
+                            seq_length=t.seq_length,
+                            micro_batch_size=t.micro_batch_size,
+                            forward_only=True,
+                        )
+                    )
         finally:
             for chunk in model:
                 chunk.train()

@@ -4,6 +4,7 @@ Every decision here is taken from numbers that are identical on all ranks (the a
 megatron-core's global gradient norm), so all ranks stop or skip together; the extra collectives
 that say *which* rank went non-finite run only once the run is already stopping.
 """
+
 from __future__ import annotations
 
 import errno
@@ -23,11 +24,14 @@ from .preemption import stop_requested
 SPIKE_WINDOW = 20  # updated steps the running mean covers
 SPIKE_WARMUP = 5  # updated steps seen before any step is skipped (the first losses fall fast)
 
+
 class TrainingDiverged(RuntimeError):
     """The loss or gradient norm became NaN / Inf; the message names the iteration, the value and the ranks."""
 
+
 class PeerLost(RuntimeError):
     """A collective failed or timed out: another rank died or stalled."""
+
 
 def _local_nonfinite(losses: Iterable[dict], model: list) -> list[bool]:
     """[this rank's microbatch losses non-finite, this rank's gradients non-finite]."""
@@ -42,6 +46,7 @@ def _local_nonfinite(losses: Iterable[dict], model: list) -> list[bool]:
                 break
     return [bad_loss, bad_grad]
 
+
 def _ranks_with(flags: list[bool]) -> tuple[list[int], list[int]]:
     """All-gather the per-rank flags (collective): (ranks with a non-finite loss, ... gradient)."""
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -50,6 +55,7 @@ def _ranks_with(flags: list[bool]) -> tuple[list[int], list[int]]:
     dist.all_reduce(table)
     table = table.cpu()
     return [r for r in range(world) if table[r, 0]], [r for r in range(world) if table[r, 1]]
+
 
 def check_finite(iteration: int, loss: float, grad_norm: Optional[float], losses: list, model: list) -> None:
     """Raise TrainingDiverged (on every rank) when the step's loss or gradient norm is not finite.
@@ -67,7 +73,9 @@ def check_finite(iteration: int, loss: float, grad_norm: Optional[float], losses
         where.append(f"non-finite gradients on rank(s) {', '.join(map(str, grad_ranks))}")
     raise TrainingDiverged(
         f"iteration {iteration}: {' and '.join(bad)} ({'; '.join(where) or 'no rank holds a non-finite value itself'}); "
-        "stopping without saving: the latest checkpoint is the last good one (lower --lr, or resume from it)")
+        "stopping without saving: the latest checkpoint is the last good one (lower --lr, or resume from it)"
+    )
+
 
 class SpikeGuard:
     """--skip-spike-factor F: a step whose loss exceeds F x the mean loss of the last SPIKE_WINDOW
@@ -97,6 +105,7 @@ class SpikeGuard:
         self.history = deque(state["history"], maxlen=SPIKE_WINDOW)
         self.skipped = int(state["skipped"])
 
+
 def straggler_report(iteration: int, step_s: float, data_s: float) -> Optional[str]:
     """--log-straggler: every rank's step and data-loading time of this iteration (collective); the
     line (for rank 0 to print) names the fastest and slowest rank of each."""
@@ -111,20 +120,35 @@ def straggler_report(iteration: int, step_s: float, data_s: float) -> Optional[s
         parts.append(f"{name} min {times[lo, col]:.3f} s (rank {lo}) max {times[hi, col]:.3f} s (rank {hi})")
     return f"straggler iteration {iteration}: " + " | ".join(parts) if rank == 0 else None
 
+
 def is_collective_failure(exc: BaseException) -> bool:
     """Does this exception come from a collective whose peer died or timed out (gloo / NCCL)?"""
     if isinstance(exc, getattr(dist, "DistError", ())):
         return True
     text = str(exc)
     return isinstance(exc, RuntimeError) and any(
-        s in text for s in ("gloo", "Gloo", "NCCL", "Timed out", "timed out", "Connection closed", "Connection reset",
-                            "Broken pipe"))
+        s in text
+        for s in (
+            "gloo",
+            "Gloo",
+            "NCCL",
+            "Timed out",
+            "timed out",
+            "Connection closed",
+            "Connection reset",
+            "Broken pipe",
+        )
+    )
+
 
 def peer_lost(exc: BaseException, iteration: int, timeout_minutes: float) -> PeerLost:
     """The one-line message of a rank that gave up on its peers."""
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-    return PeerLost(f"rank {dist.get_rank()}: a collective failed during iteration {iteration + 1} ({first}): "
-                    f"another rank died or stalled (--distributed-timeout-minutes {timeout_minutes:g}); stopping")
+    return PeerLost(
+        f"rank {dist.get_rank()}: a collective failed during iteration {iteration + 1} ({first}): "
+        f"another rank died or stalled (--distributed-timeout-minutes {timeout_minutes:g}); stopping"
+    )
+
 
 def fault_point(where: str, iteration: int, rank: Optional[int] = None) -> None:
     """Fault injection for the crash and signal tests: INTERNVL_MCORE_FAULT=WHERE:ITER:RANK[:ACTION]
@@ -153,6 +177,7 @@ def fault_point(where: str, iteration: int, rank: Optional[int] = None) -> None:
     if action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     os.kill(os.getpid(), 9)
+
 
 def agreed_stop() -> bool:
     """Whether any rank got SIGTERM under --exit-signal-handler (training/preemption.py; collective

@@ -1,6 +1,7 @@
 """The training loop: megatron-core schedules, DDP, (distributed) optimizer, LR schedule, freezing,
 checkpoints, logging. `pretrain_internvl.py` only parses flags into a `RunConfig` and calls `train`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,15 @@ from .async_save import AsyncWriter
 from .batch import Batch
 from .data import MockBatches, ShardBatches, build_batches, loss_weights
 from .eval import Evaluator, build_valid_batches
-from .guards import (SpikeGuard, TrainingDiverged, agreed_stop, check_finite, fault_point, is_collective_failure,
-                     peer_lost)
+from .guards import (
+    SpikeGuard,
+    TrainingDiverged,
+    agreed_stop,
+    check_finite,
+    fault_point,
+    is_collective_failure,
+    peer_lost,
+)
 from .metrics import Reporter, output_problems
 from .moe import reduced_aux_loss
 from .schedule import build_scheduler, sync_param_groups
@@ -91,7 +99,9 @@ def _effective_run(run: RunConfig, plan: Plan) -> RunConfig:
     """The run with the stage's drop path and the --moe-aux-loss-coeff override in the model config."""
     model_cfg = run.model.replace(vision=dataclasses.replace(run.model.vision, drop_path_rate=plan.drop_path_rate))
     if run.train.moe_aux_loss_coeff is not None:
-        model_cfg = model_cfg.replace(llm=dataclasses.replace(model_cfg.llm, moe_aux_loss_coeff=run.train.moe_aux_loss_coeff))
+        model_cfg = model_cfg.replace(
+            llm=dataclasses.replace(model_cfg.llm, moe_aux_loss_coeff=run.train.moe_aux_loss_coeff)
+        )
     return dataclasses.replace(run, model=model_cfg)
 
 
@@ -99,8 +109,9 @@ def _build_model(run: RunConfig, plan: Plan, pg: Any) -> tuple[torch.nn.Module, 
     """This rank's model stage (on the process groups `pg` init_distributed returned) with its weights
     (seeded init or --pretrained), frozen parts and LoRA, and the MPO reference when --stage mpo."""
     t, model_cfg = run.train, run.model
-    model = build_model(model_cfg, run.parallel, pg, dtype=torch.bfloat16 if t.bf16 else torch.float32,
-                        compute=run.compute)
+    model = build_model(
+        model_cfg, run.parallel, pg, dtype=torch.bfloat16 if t.bf16 else torch.float32, compute=run.compute
+    )
     if resolve_device(run.compute.device) == "cuda":  # DDP buffers and schedules live on the current GPU
         model.cuda(torch.cuda.current_device())
     if not run.checkpoint.pretrained:  # --pretrained overwrites every weight: drawing them first is waste
@@ -117,10 +128,13 @@ def _build_model(run: RunConfig, plan: Plan, pg: Any) -> tuple[torch.nn.Module, 
         base = os.path.abspath(run.checkpoint.pretrained) if run.checkpoint.pretrained else None
         add_lora(model, run.lora, model_cfg, seed=t.seed, base=base)
         if dist.get_rank() == 0:
-            print(f"LoRA rank {run.lora.lora_rank} (alpha {run.lora.alpha:g}) on {run.lora.lora_target}: "
-                  f"{sum(p.numel() for p in model.parameters() if p.requires_grad)} trainable parameters on "
-                  "this rank, base weights frozen"
-                  + ("; the routed experts' linears are not adapted" if model_cfg.llm.is_moe else ""), flush=True)
+            print(
+                f"LoRA rank {run.lora.lora_rank} (alpha {run.lora.alpha:g}) on {run.lora.lora_target}: "
+                f"{sum(p.numel() for p in model.parameters() if p.requires_grad)} trainable parameters on "
+                "this rank, base weights frozen"
+                + ("; the routed experts' linears are not adapted" if model_cfg.llm.is_moe else ""),
+                flush=True,
+            )
     if reference is not None:
         mpo.mirror_requires_grad(reference, model)
     return model, reference
@@ -135,15 +149,30 @@ def _wrap(model: torch.nn.Module, run: RunConfig, plan: Plan, pg: ProcessGroupCo
     config = model.config
     ddp = DistributedDataParallel(
         config=config,
-        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                                 use_distributed_optimizer=t.use_distributed_optimizer),
-        module=model, pg_collection=pg)
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=t.use_distributed_optimizer
+        ),
+        module=model,
+        pg_collection=pg,
+    )
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=plan.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
-                        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
-                        clip_grad=t.clip_grad, bf16=t.bf16, params_dtype=next(model.parameters()).dtype,
-                        use_distributed_optimizer=t.use_distributed_optimizer),
-        [ddp], use_gloo_process_groups=False, pg_collection=pg)  # gloo groups: only legacy formats use them
+        OptimizerConfig(
+            optimizer="adam",
+            lr=plan.lr,
+            min_lr=t.min_lr,
+            weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2,
+            adam_eps=t.adam_eps,
+            clip_grad=t.clip_grad,
+            bf16=t.bf16,
+            params_dtype=next(model.parameters()).dtype,
+            use_distributed_optimizer=t.use_distributed_optimizer,
+        ),
+        [ddp],
+        use_gloo_process_groups=False,
+        pg_collection=pg,
+    )  # gloo groups: only legacy formats use them
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp.no_sync
     return ddp, optimizer
@@ -158,8 +187,10 @@ def setup(run: RunConfig) -> Trainer:
     pg = init_distributed(run.parallel, t.seed, timeout_s=t.distributed_timeout_minutes * 60, device=run.compute.device)
     dp = pg.dp.size()
     if t.global_batch_size % (t.micro_batch_size * dp):
-        raise ConfigError(f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
-                          f"{t.micro_batch_size} x data-parallel size {dp}")
+        raise ConfigError(
+            f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size "
+            f"{t.micro_batch_size} x data-parallel size {dp}"
+        )
     _claim_save_dir(run)
     run = _first_start(run)
     if run.checkpoint.load:  # a failing latest checkpoint falls back before anything reads it
@@ -226,10 +257,23 @@ def _resume(trainer: Trainer) -> None:
     run = trainer.run
     path = checkpoint_dir(run.checkpoint.load)
     info = read_run_json(path)
-    note = restore_schedule(trainer.scheduler, info.get("scheduler"), run.train, str(path),  # ScheduleMismatch: a ConfigError
-                            info.get("global_batch_size"))
-    iteration, data_state, info = checkpoint.load(path, trainer.model[0], trainer.optimizer, None, run.model,
-                                                  run.parallel, trainer.pg, load_optim=not run.checkpoint.no_load_optim)
+    note = restore_schedule(
+        trainer.scheduler,
+        info.get("scheduler"),
+        run.train,
+        str(path),  # ScheduleMismatch: a ConfigError
+        info.get("global_batch_size"),
+    )
+    iteration, data_state, info = checkpoint.load(
+        path,
+        trainer.model[0],
+        trainer.optimizer,
+        None,
+        run.model,
+        run.parallel,
+        trainer.pg,
+        load_optim=not run.checkpoint.no_load_optim,
+    )
     sync_param_groups(trainer.scheduler)  # after the optimizer state, which brings the checkpoint's max_lr
     trainer.iteration = iteration
     try:
@@ -238,8 +282,10 @@ def _resume(trainer: Trainer) -> None:
         else:  # another data-parallel size: the same global batches continue, split over this run's ranks
             trainer.batches.load_resharded_state(checkpoint.data_states(path))
     except (DataError, KeyError) as exc:  # the loader names what differs (KeyError: a state of another layout)
-        raise ConfigError(f"--load {path}: its data position does not fit this run ({exc}): resume with the "
-                          "checkpoint's --data-path (prefixes and weights) and --seed") from None
+        raise ConfigError(
+            f"--load {path}: its data position does not fit this run ({exc}): resume with the "
+            "checkpoint's --data-path (prefixes and weights) and --seed"
+        ) from None
     if trainer.spike is not None and info.get("spike_guard"):
         trainer.spike.load_state_dict(info["spike_guard"])
     if dist.get_rank() == 0:
@@ -277,9 +323,15 @@ def _forward_backward(trainer: Trainer, batches: list[Batch], scale: float) -> l
         mpo.run_reference(trainer.reference, batches, trainer.mpo, t.seq_length, t.micro_batch_size)
         step_func = functools.partial(mpo.mpo_forward_step, ctx=trainer.mpo)
     return forward_backward(
-        trainer.pg, forward_step_func=step_func, data_iterator=iter(batches),
-        model=trainer.model, num_microbatches=trainer.num_microbatches, seq_length=t.seq_length,
-        micro_batch_size=t.micro_batch_size, forward_only=False)
+        trainer.pg,
+        forward_step_func=step_func,
+        data_iterator=iter(batches),
+        model=trainer.model,
+        num_microbatches=trainer.num_microbatches,
+        seq_length=t.seq_length,
+        micro_batch_size=t.micro_batch_size,
+        forward_only=False,
+    )
 
 
 def _update(trainer: Trainer, loss: float, losses: list[dict]) -> tuple[Optional[float], bool]:
@@ -289,8 +341,11 @@ def _update(trainer: Trainer, loss: float, losses: list[dict]) -> tuple[Optional
     check_finite(iteration, loss, None, losses, trainer.model)
     if trainer.spike is not None and trainer.spike.should_skip(loss):
         if dist.get_rank() == 0:
-            print(f"iteration {iteration}: loss {loss:.6e} > {trainer.spike.factor:g} x running mean "
-                  f"{trainer.spike.mean():.6e}: update skipped (--skip-spike-factor)", flush=True)
+            print(
+                f"iteration {iteration}: loss {loss:.6e} > {trainer.spike.factor:g} x running mean "
+                f"{trainer.spike.mean():.6e}: update skipped (--skip-spike-factor)",
+                flush=True,
+            )
         return None, True
     if trainer.writer is not None:  # --async-save: the snapshot of a save in flight is copied before the step
         trainer.writer.join_snapshot()
@@ -346,16 +401,30 @@ def train_step(trainer: Trainer) -> dict:
         extra["skipped"] = skipped
     tokens = sum(int((b.tokens != trainer.run.model.pad_token_id).sum()) for b in batches)
     plan = trainer.plan
-    trainable = [part for part, on in (("vision", plan.train_vit or plan.unfreeze_vit_layers > 0),
-                                       ("projector", plan.train_projector), ("llm", plan.train_llm)) if on]
-    return {"loss": loss, "grad_norm": grad_norm if grad_norm is not None else float("nan"),
-            "lr": trainer.optimizer.param_groups[0]["lr"],
-            "tiles": sum(b.images.num_tiles for b in batches) * trainer.dp_size,
-            "nonpad_tokens": tokens * trainer.dp_size, "trainable": trainable, "data_s": data_s,
-            # this rank's packed sample lengths, scaled to the job (every DP rank sees a like mix)
-            "attention_lengths": [int(n) for b in batches for n in (b.cu_seqlens[1:] - b.cu_seqlens[:-1])] * trainer.dp_size,
-            "logit_tokens": None if trainer.run.compute.all_token_logits else _loss_tokens(batches) * trainer.dp_size,
-            "moe_aux_loss": aux, **extra}
+    trainable = [
+        part
+        for part, on in (
+            ("vision", plan.train_vit or plan.unfreeze_vit_layers > 0),
+            ("projector", plan.train_projector),
+            ("llm", plan.train_llm),
+        )
+        if on
+    ]
+    return {
+        "loss": loss,
+        "grad_norm": grad_norm if grad_norm is not None else float("nan"),
+        "lr": trainer.optimizer.param_groups[0]["lr"],
+        "tiles": sum(b.images.num_tiles for b in batches) * trainer.dp_size,
+        "nonpad_tokens": tokens * trainer.dp_size,
+        "trainable": trainable,
+        "data_s": data_s,
+        # this rank's packed sample lengths, scaled to the job (every DP rank sees a like mix)
+        "attention_lengths": [int(n) for b in batches for n in (b.cu_seqlens[1:] - b.cu_seqlens[:-1])]
+        * trainer.dp_size,
+        "logit_tokens": None if trainer.run.compute.all_token_logits else _loss_tokens(batches) * trainer.dp_size,
+        "moe_aux_loss": aux,
+        **extra,
+    }
 
 
 def _loss_tokens(batches: list) -> int:
@@ -368,19 +437,36 @@ def save(trainer: Trainer, final: bool = False) -> None:
     published first (waiting for its writers), this one is handed to the writer, and a `final` one
     (the run stops after it) is waited for."""
     run = trainer.run
-    extra = {"plan": dataclasses.asdict(trainer.plan), "global_batch_size": run.train.global_batch_size,
-             **(mpo.checkpoint_extra(run, trainer.mpo) if trainer.mpo is not None else {})}
+    extra = {
+        "plan": dataclasses.asdict(trainer.plan),
+        "global_batch_size": run.train.global_batch_size,
+        **(mpo.checkpoint_extra(run, trainer.mpo) if trainer.mpo is not None else {}),
+    }
     if trainer.spike is not None:
         extra["spike_guard"] = trainer.spike.state_dict()
     finish_saves(trainer, blocking=True)
-    checkpoint.save(run.checkpoint.save, trainer.iteration, trainer.model[0], trainer.optimizer,
-                    trainer.scheduler, run.model, run.parallel, trainer.pg, data_state=trainer.batches.state_dict(),
-                    extra=extra, keep=run.checkpoint.keep_checkpoints, writer=trainer.writer)
+    checkpoint.save(
+        run.checkpoint.save,
+        trainer.iteration,
+        trainer.model[0],
+        trainer.optimizer,
+        trainer.scheduler,
+        run.model,
+        run.parallel,
+        trainer.pg,
+        data_state=trainer.batches.state_dict(),
+        extra=extra,
+        keep=run.checkpoint.keep_checkpoints,
+        writer=trainer.writer,
+    )
     if trainer.writer is not None and final:
         finish_saves(trainer, blocking=True)
     elif dist.get_rank() == 0 and trainer.writer is not None:
-        print(f"checkpoint at iteration {trainer.iteration}: writing to {run.checkpoint.save} in the background "
-              "(--async-save)", flush=True)
+        print(
+            f"checkpoint at iteration {trainer.iteration}: writing to {run.checkpoint.save} in the background "
+            "(--async-save)",
+            flush=True,
+        )
     elif dist.get_rank() == 0:
         print(f"saved checkpoint at iteration {trainer.iteration} to {run.checkpoint.save}", flush=True)
 

@@ -1,4 +1,5 @@
 """What a training run reports each --log-interval: stdout, --log-jsonl and tensorboard."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +21,12 @@ from ..plan.flops import train_step_flops
 from .guards import straggler_report
 
 
-def measure_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                       size: Optional[int] = None, seconds: float = 0.5) -> float:
+def measure_peak_flops(
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    size: Optional[int] = None,
+    seconds: float = 0.5,
+) -> float:
     """FLOP/s of a square matmul on `device` in `dtype`: the practical peak MFU is measured against.
 
     On a GPU this must be the training dtype's tensor-core peak: a bf16 run measured against an
@@ -43,7 +48,7 @@ def measure_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = 
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
-            return 2.0 * size ** 3 * n / elapsed
+            return 2.0 * size**3 * n / elapsed
 
 
 def peak_memory_bytes(device: torch.device | str = "cpu") -> int:
@@ -56,10 +61,17 @@ def peak_memory_bytes(device: torch.device | str = "cpu") -> int:
 def step_flops(run: RunConfig, stats: dict) -> Optional[float]:
     """Model FLOPs of one optimizer step (forward + backward), from the capacity planner's count."""
     t = run.train
-    return float(train_step_flops(run.model, tokens_per_step=t.global_batch_size * t.seq_length,
-                                  tiles_per_step=stats["tiles"], attention_lengths=stats.get("attention_lengths"),
-                                  seq_length=t.seq_length, trainable=stats.get("trainable"),
-                                  lm_head_tokens=stats.get("logit_tokens")))
+    return float(
+        train_step_flops(
+            run.model,
+            tokens_per_step=t.global_batch_size * t.seq_length,
+            tiles_per_step=stats["tiles"],
+            attention_lengths=stats.get("attention_lengths"),
+            seq_length=t.seq_length,
+            trainable=stats.get("trainable"),
+            lm_head_tokens=stats.get("logit_tokens"),
+        )
+    )
 
 
 def output_problems(log: LogConfig) -> list[str]:
@@ -123,10 +135,17 @@ class Reporter:
     def report(self, iteration: int, stats: dict, elapsed: float) -> dict:
         t = self.run.train
         tokens = t.global_batch_size * t.seq_length
-        record = {"iteration": iteration, "loss": stats["loss"], "lr": stats["lr"], "grad_norm": stats["grad_norm"],
-                  "tokens_per_s": tokens / elapsed, "nonpad_tokens_per_s": stats["nonpad_tokens"] / elapsed,
-                  "samples_per_s": t.global_batch_size / elapsed, "step_time_s": elapsed,
-                  "peak_memory_bytes": peak_memory_bytes(self.device)}
+        record = {
+            "iteration": iteration,
+            "loss": stats["loss"],
+            "lr": stats["lr"],
+            "grad_norm": stats["grad_norm"],
+            "tokens_per_s": tokens / elapsed,
+            "nonpad_tokens_per_s": stats["nonpad_tokens"] / elapsed,
+            "samples_per_s": t.global_batch_size / elapsed,
+            "step_time_s": elapsed,
+            "peak_memory_bytes": peak_memory_bytes(self.device),
+        }
         if stats.get("moe_aux_loss") is not None:  # MoE: megatron-core's load-balancing loss per layer
             record["moe_aux_loss"] = stats["moe_aux_loss"]
         # --stage mpo: the loss components, rewards and reward accuracy (training/mpo.py METRICS)
@@ -149,13 +168,20 @@ class Reporter:
             if due:
                 mfu = f" | MFU {record['mfu'] * 100:.1f}%" if "mfu" in record else ""
                 mfu += f" | moe aux {record['moe_aux_loss']:.4f}" if "moe_aux_loss" in record else ""
-                print(f"iteration {iteration:6d}/{t.train_iters} | loss {record['loss']:.6e} | "
-                      f"lr {record['lr']:.3e} | grad_norm {record['grad_norm']:.4f} | "
-                      f"tokens/s {record['tokens_per_s']:.1f} | samples/s {record['samples_per_s']:.2f}{mfu} | "
-                      f"peak mem {record['peak_memory_bytes'] / 2**30:.2f} GiB"
-                      + (f" | pref {record['loss_preference']:.4f} qual {record['loss_quality']:.4f} gen "
-                         f"{record['loss_generation']:.4f} reward acc {record['reward_accuracy']:.3f} margin "
-                         f"{record['reward_margin']:.4f}" if "loss_preference" in record else ""), flush=True)
+                print(
+                    f"iteration {iteration:6d}/{t.train_iters} | loss {record['loss']:.6e} | "
+                    f"lr {record['lr']:.3e} | grad_norm {record['grad_norm']:.4f} | "
+                    f"tokens/s {record['tokens_per_s']:.1f} | samples/s {record['samples_per_s']:.2f}{mfu} | "
+                    f"peak mem {record['peak_memory_bytes'] / 2**30:.2f} GiB"
+                    + (
+                        f" | pref {record['loss_preference']:.4f} qual {record['loss_quality']:.4f} gen "
+                        f"{record['loss_generation']:.4f} reward acc {record['reward_accuracy']:.3f} margin "
+                        f"{record['reward_margin']:.4f}"
+                        if "loss_preference" in record
+                        else ""
+                    ),
+                    flush=True,
+                )
         return record
 
     def _write(self, record: dict, section: str) -> None:
@@ -174,14 +200,22 @@ class Reporter:
 
     def report_eval(self, iteration: int, loss: float, elapsed: float, final: bool = False) -> dict:
         """The validation loss (and perplexity) after `iteration`; `final`: the held-out evaluation at the end."""
-        record = {"iteration": iteration, "valid_loss": loss, "valid_ppl": math.exp(min(loss, 20.0)),
-                  "valid_time_s": elapsed, "final": final}
+        record = {
+            "iteration": iteration,
+            "valid_loss": loss,
+            "valid_ppl": math.exp(min(loss, 20.0)),
+            "valid_time_s": elapsed,
+            "final": final,
+        }
         self.records.append(record)
         if self.is_writer:
             self._write(record, "valid")
             what = "held-out evaluation at the end" if final else "validation"
-            print(f"{what} at iteration {iteration:6d} | valid loss {loss:.6e} | valid ppl {record['valid_ppl']:.4f} "
-                  f"| {elapsed:.2f} s", flush=True)
+            print(
+                f"{what} at iteration {iteration:6d} | valid loss {loss:.6e} | valid ppl {record['valid_ppl']:.4f} "
+                f"| {elapsed:.2f} s",
+                flush=True,
+            )
         return record
 
     def close(self) -> None:
@@ -198,8 +232,11 @@ def _start_wandb(run: RunConfig) -> Any:
     import wandb  # optional: validate() refused --wandb-project without it
 
     log = run.log
-    kwargs = {"project": log.wandb_project, "name": log.wandb_exp_name,
-              "config": json.loads(json.dumps(dataclasses.asdict(run), default=str))}
+    kwargs = {
+        "project": log.wandb_project,
+        "name": log.wandb_exp_name,
+        "config": json.loads(json.dumps(dataclasses.asdict(run), default=str)),
+    }
     if log.wandb_save_dir:
         kwargs["dir"] = log.wandb_save_dir
     return wandb.init(**kwargs)

@@ -4,6 +4,7 @@ Each mock sequence packs two samples; each sample is `<img>` + tiles x num_image
 `<IMG_CONTEXT>` + `</img>` followed by random text, with loss on the text. That exercises the image
 splice, packed attention (cu_seqlens) and per-sample positions exactly like real packs do.
 """
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -30,23 +31,41 @@ def mock_sample(index: int, seed: int, cfg: ModelConfig, seq_length: int, tiles:
             raise ConfigError(f"--seq-length {seq_length} too short for {tiles} mock tiles per sample")
         text = torch.randint(1, min(cfg.llm.vocab_size, 500), (length - n_img - 2,), generator=g)
         text = torch.where(torch.isin(text, torch.tensor(sorted(reserved))), torch.ones_like(text), text)
-        ids = torch.cat([torch.tensor([cfg.img_start_token_id]), torch.full((n_img,), cfg.img_context_token_id),
-                         torch.tensor([cfg.img_end_token_id]), text])
+        ids = torch.cat(
+            [
+                torch.tensor([cfg.img_start_token_id]),
+                torch.full((n_img,), cfg.img_context_token_id),
+                torch.tensor([cfg.img_end_token_id]),
+                text,
+            ]
+        )
         mask = torch.zeros(length)
-        mask[n_img + 3:] = 1.0  # the text after its first token is predicted (the collate shifts)
+        mask[n_img + 3 :] = 1.0  # the text after its first token is predicted (the collate shifts)
         tokens.append(ids)
         loss_mask.append(mask)
         positions.append(torch.arange(length, dtype=torch.float32))
     image_size = cfg.vision.image_size
-    return PackedSample(tokens=torch.cat(tokens).numpy(), loss_mask=torch.cat(loss_mask).numpy(),
-                        position_ids=torch.cat(positions).numpy(),
-                        cu_seqlens=np.array([0, lengths[0], seq_length], dtype=np.int32),
-                        tiles=torch.randn(2 * tiles, 3, image_size, image_size, generator=g),
-                        num_tiles=np.array([tiles, tiles], dtype=np.int32))
+    return PackedSample(
+        tokens=torch.cat(tokens).numpy(),
+        loss_mask=torch.cat(loss_mask).numpy(),
+        position_ids=torch.cat(positions).numpy(),
+        cu_seqlens=np.array([0, lengths[0], seq_length], dtype=np.int32),
+        tiles=torch.randn(2 * tiles, 3, image_size, image_size, generator=g),
+        num_tiles=np.array([tiles, tiles], dtype=np.int32),
+    )
 
 
-def mock_batches(cfg: ModelConfig, seed: int, seq_length: int, tiles: int, micro_batch_size: int,
-                 global_batch_size: int, dp_rank: int, dp_size: int, start_iteration: int = 0) -> Iterator[Batch]:
+def mock_batches(
+    cfg: ModelConfig,
+    seed: int,
+    seq_length: int,
+    tiles: int,
+    micro_batch_size: int,
+    global_batch_size: int,
+    dp_rank: int,
+    dp_size: int,
+    start_iteration: int = 0,
+) -> Iterator[Batch]:
     """Microbatches for this data-parallel rank, forever: iteration `it`, microbatch `m` holds global
     samples it*G + (m*dp + dp_rank)*mbs + j, so every layout trains on the same samples per step."""
     per_step = global_batch_size // (micro_batch_size * dp_size)

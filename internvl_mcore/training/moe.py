@@ -1,5 +1,6 @@
 """Mixture-of-experts bookkeeping for the training loop: the load-balancing loss megatron-core's
 routers record each step, reduced over ranks for logging (the MoE flag checks: config/problems.py)."""
+
 from __future__ import annotations
 
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -11,8 +12,11 @@ def reduced_aux_loss(num_microbatches: int, pg: ProcessGroupCollection) -> float
     """The step's load-balancing loss (without its coefficient), per MoE layer and microbatch,
     reduced over pipeline, tensor/context and data-parallel ranks of `pg` (collective: every rank calls it),
     as megatron-core's `track_moe_metrics` reports it; the tracker is cleared for the next step."""
-    from megatron.core.transformer.moe.moe_utils import (clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker,
-                                                         reduce_aux_losses_tracker_across_ranks)
+    from megatron.core.transformer.moe.moe_utils import (
+        clear_aux_losses_tracker,
+        get_moe_layer_wise_logging_tracker,
+        reduce_aux_losses_tracker_across_ranks,
+    )
 
     tracker = get_moe_layer_wise_logging_tracker()
     if AUX_LOSS_NAME not in tracker:

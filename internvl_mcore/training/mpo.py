@@ -23,6 +23,7 @@ completed by an all-reduce over the CP group whose gradient flows through the lo
 The reference model is a frozen copy of the policy with the same sharding, run forward-only through
 megatron-core's pipeline schedule before the policy's forward/backward in the same step.
 """
+
 from __future__ import annotations
 
 import functools
@@ -46,8 +47,15 @@ from . import checkpoint
 from .batch import Batch
 from .step import batch_for_stage, run_model
 
-METRICS = ("loss_preference", "loss_quality", "loss_generation", "rewards_chosen", "rewards_rejected",
-           "reward_margin", "reward_accuracy")
+METRICS = (
+    "loss_preference",
+    "loss_quality",
+    "loss_generation",
+    "rewards_chosen",
+    "rewards_rejected",
+    "reward_margin",
+    "reward_accuracy",
+)
 
 
 @dataclass
@@ -79,13 +87,20 @@ def segment_ids(cu_seqlens: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return torch.bucketize(torch.arange(n, device=cu_seqlens.device), cu_seqlens[1:].long(), right=True).reshape(shape)
 
 
-def segment_logps(per_token_loss: torch.Tensor, loss_mask: torch.Tensor, seg: torch.Tensor, num_segments: int,
-                  cp_group: dist.ProcessGroup | None) -> torch.Tensor:
+def segment_logps(
+    per_token_loss: torch.Tensor,
+    loss_mask: torch.Tensor,
+    seg: torch.Tensor,
+    num_segments: int,
+    cp_group: dist.ProcessGroup | None,
+) -> torch.Tensor:
     """(N,) sum of target-token log-probs per segment, from this CP rank's (B, S/C) per-token cross
     entropy, mask and segment ids. The CP all-reduce completes the sums; the gradient flows only
     through this rank's part, so the CP ranks' gradients add up to the full one."""
     logp = -(per_token_loss.float() * loss_mask.float())
-    local = torch.zeros(num_segments, dtype=torch.float32, device=logp.device).scatter_add(0, seg.reshape(-1), logp.reshape(-1))
+    local = torch.zeros(num_segments, dtype=torch.float32, device=logp.device).scatter_add(
+        0, seg.reshape(-1), logp.reshape(-1)
+    )
     if cp_group is None or cp_group.size() == 1:
         return local
     total = local.detach().clone()
@@ -93,8 +108,16 @@ def segment_logps(per_token_loss: torch.Tensor, loss_mask: torch.Tensor, seg: to
     return local + (total - local.detach())
 
 
-def pair_losses(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, n_chosen: torch.Tensor,
-                beta: float, weights: tuple[float, float, float], delta: float) -> dict[str, torch.Tensor]:
+def pair_losses(
+    pc: torch.Tensor,
+    pr: torch.Tensor,
+    rc: torch.Tensor,
+    rr: torch.Tensor,
+    n_chosen: torch.Tensor,
+    beta: float,
+    weights: tuple[float, float, float],
+    delta: float,
+) -> dict[str, torch.Tensor]:
     """Per-pair (P,) loss components and rewards from policy (pc, pr) and reference (rc, rr) response
     log-prob sums and the chosen responses' token counts."""
     w_p, w_q, w_g = weights
@@ -104,11 +127,16 @@ def pair_losses(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.
     generation = -pc / n_chosen.clamp_min(1)
     # InternVL logs the loss-weighted sum of each loss type's rewards (both are beta * x here)
     chosen_rewards, rejected_rewards = (w_p + w_q) * beta * x_c.detach(), (w_p + w_q) * beta * x_r.detach()
-    return {"loss": w_p * preference + w_q * quality + w_g * generation,
-            "loss_preference": preference, "loss_quality": quality, "loss_generation": generation,
-            "rewards_chosen": chosen_rewards, "rewards_rejected": rejected_rewards,
-            "reward_margin": chosen_rewards - rejected_rewards,
-            "reward_accuracy": (chosen_rewards > rejected_rewards).float()}
+    return {
+        "loss": w_p * preference + w_q * quality + w_g * generation,
+        "loss_preference": preference,
+        "loss_quality": quality,
+        "loss_generation": generation,
+        "rewards_chosen": chosen_rewards,
+        "rewards_rejected": rejected_rewards,
+        "reward_margin": chosen_rewards - rejected_rewards,
+        "reward_accuracy": (chosen_rewards > rejected_rewards).float(),
+    }
 
 
 @dataclass
@@ -124,29 +152,37 @@ class MPOContext:
     first_cp_rank: bool = True
 
 
-def _pair_inputs(batch: Batch, split: TokenSplit, per_token_loss: torch.Tensor,
-                 cp_group) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair_inputs(
+    batch: Batch, split: TokenSplit, per_token_loss: torch.Tensor, cp_group
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,) per-segment log-prob sums of this output (this CP rank's tokens, cut by `split`), and (N,)
     target tokens per segment."""
     cu = batch.cu_seqlens.to(per_token_loss.device)
     mask = batch.targets()
     seg = segment_ids(cu, mask.shape)
     n_tokens = torch.zeros(len(cu) - 1, device=per_token_loss.device).scatter_add(
-        0, seg.reshape(-1), mask.reshape(-1).to(per_token_loss.device))
+        0, seg.reshape(-1), mask.reshape(-1).to(per_token_loss.device)
+    )
     logps = segment_logps(per_token_loss, split.split(mask), split.split(seg), len(cu) - 1, cp_group)
     return logps, n_tokens
 
 
-def reference_loss_func(source: Batch, batch: Batch, split: TokenSplit, cp_group,
-                        per_token_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def reference_loss_func(
+    source: Batch, batch: Batch, split: TokenSplit, cp_group, per_token_loss: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Record the reference log-prob sums on the batch the policy step will read; no loss."""
     logps, _ = _pair_inputs(batch, split, per_token_loss, cp_group)
     source.ref_logps = logps.detach()
-    return torch.zeros((), device=per_token_loss.device), torch.tensor(0, dtype=torch.int, device=per_token_loss.device), {}
+    return (
+        torch.zeros((), device=per_token_loss.device),
+        torch.tensor(0, dtype=torch.int, device=per_token_loss.device),
+        {},
+    )
 
 
-def mpo_loss_func(batch: Batch, split: TokenSplit, ctx: MPOContext,
-                  per_token_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def mpo_loss_func(
+    batch: Batch, split: TokenSplit, ctx: MPOContext, per_token_loss: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The summed MPO loss of this microbatch's pairs and their count (megatron-core divides the
     gradients by the pair count of the global batch); the count and logged sums are on CP rank 0."""
     if batch.pairs is None or batch.ref_logps is None:
@@ -167,7 +203,9 @@ def mpo_loss_func(batch: Batch, split: TokenSplit, ctx: MPOContext,
     return parts["loss"].sum(), count, {"lm loss": torch.stack([logged[0], logged[-1]]), "mpo": logged[1:-1]}
 
 
-def reference_forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module, cp_group=None) -> tuple[torch.Tensor, Callable]:
+def reference_forward_step(
+    data_iterator: Iterator[Batch], model: torch.nn.Module, cp_group=None
+) -> tuple[torch.Tensor, Callable]:
     """The reference model's forward step (forward-only schedule)."""
     source = next(data_iterator)
     batch = batch_for_stage(source, model)  # ref_logps are recorded on `source`, which the policy reads
@@ -175,7 +213,9 @@ def reference_forward_step(data_iterator: Iterator[Batch], model: torch.nn.Modul
     return output, functools.partial(reference_loss_func, source, batch, split, cp_group)
 
 
-def mpo_forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module, ctx: MPOContext) -> tuple[torch.Tensor, Callable]:
+def mpo_forward_step(
+    data_iterator: Iterator[Batch], model: torch.nn.Module, ctx: MPOContext
+) -> tuple[torch.Tensor, Callable]:
     """The policy's forward step under --stage mpo."""
     batch = batch_for_stage(next(data_iterator), model)
     output, split = run_model(model, batch)
@@ -208,12 +248,14 @@ def sync_running(running: RunningMean, pp_group, last_rank: int) -> None:
 
 # --- set-up and checkpoint glue used by training/loop.py -------------------------------------------
 
+
 def build_reference(run, model_cfg, policy: torch.nn.Module) -> torch.nn.Module:
     """The frozen reference: this rank's stage built like the policy (same TP/PP/CP sharding) holding
     the policy's starting weights (--pretrained, else the seeded init). Call before LoRA is added and
     before a --load overwrites the policy; a resumed run reloads the weights the run started from."""
-    ref = build_model(model_cfg, run.parallel, policy.pg_collection, dtype=next(policy.parameters()).dtype,
-                      compute=run.compute)
+    ref = build_model(
+        model_cfg, run.parallel, policy.pg_collection, dtype=next(policy.parameters()).dtype, compute=run.compute
+    )
     ref.to(next(policy.parameters()).device)  # beside the policy (--device), not wherever CUDA is
     ref.load_state_dict(policy.state_dict(), strict=True)
     start = saved_state(run.checkpoint.load).get("mpo_reference") if run.checkpoint.load else None
@@ -245,21 +287,36 @@ def make_context(run, pg: ProcessGroupCollection) -> MPOContext:
     if run.checkpoint.load:
         state = saved_state(run.checkpoint.load).get("mpo")
         if state is None:
-            raise CheckpointError(f"--load {run.checkpoint.load}: the checkpoint has no MPO state (not a --stage mpo run)")
+            raise CheckpointError(
+                f"--load {run.checkpoint.load}: the checkpoint has no MPO state (not a --stage mpo run)"
+            )
         running.load_state_dict(state)
-    return MPOContext(beta=run.train.mpo_beta, weights=(float(w[0]), float(w[1]), float(w[2])), running=running,
-                      cp_group=pg.cp, dp_group=pg.dp, first_cp_rank=pg.cp.rank() == 0)
+    return MPOContext(
+        beta=run.train.mpo_beta,
+        weights=(float(w[0]), float(w[1]), float(w[2])),
+        running=running,
+        cp_group=pg.cp,
+        dp_group=pg.dp,
+        first_cp_rank=pg.cp.rank() == 0,
+    )
 
 
-def run_reference(reference: torch.nn.Module, batches: list[Batch], ctx: MPOContext, seq_length: int,
-                  micro_batch_size: int) -> None:
+def run_reference(
+    reference: torch.nn.Module, batches: list[Batch], ctx: MPOContext, seq_length: int, micro_batch_size: int
+) -> None:
     """Forward-only pass of the reference through megatron-core's schedule: sets `ref_logps` on the
     last stage's batches."""
     with torch.no_grad():
         forward_backward(
-            reference.pg_collection, forward_step_func=functools.partial(reference_forward_step, cp_group=ctx.cp_group),
-            data_iterator=iter(batches), model=[reference], num_microbatches=len(batches),
-            seq_length=seq_length, micro_batch_size=micro_batch_size, forward_only=True)
+            reference.pg_collection,
+            forward_step_func=functools.partial(reference_forward_step, cp_group=ctx.cp_group),
+            data_iterator=iter(batches),
+            model=[reference],
+            num_microbatches=len(batches),
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=True,
+        )
 
 
 def checkpoint_extra(run, ctx: MPOContext) -> dict:

@@ -14,6 +14,7 @@ sent to the whole process group (as schedulers do) does not kill the workers the
 save still need; megatron's --exit-signal-handler-for-dataloader, which does that for its
 DataLoader, is therefore not needed.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -63,8 +64,10 @@ def _terminate(signum: int, frame: object) -> None:
 
 def _request_stop(signum: int, frame: object) -> None:
     if not _state["requested"]:
-        print(f"received SIGTERM (pid {os.getpid()}): saving and stopping after this step (--exit-signal-handler)",
-              flush=True)
+        print(
+            f"received SIGTERM (pid {os.getpid()}): saving and stopping after this step (--exit-signal-handler)",
+            flush=True,
+        )
     _state["requested"] = True
 
 
@@ -80,4 +83,3 @@ def install(exit_signal_handler: bool) -> None:
 def stop_requested() -> bool:
     """Whether this process got SIGTERM under --exit-signal-handler."""
     return _state["requested"]
-

@@ -14,6 +14,7 @@ unless the run resumes from it (--load is that directory or a checkpoint inside 
 --overwrite-checkpoints is given, which deletes the old checkpoints first: without the refusal a new
 run would replace the old run's iteration 2 and rewind the pointer from its iteration 4 to 2.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -75,8 +76,10 @@ class SaveLock:
             except BlockingIOError:
                 holder = _read_holder(fd)
                 os.close(fd)
-                raise SaveDirRefused(f"--save {self.path.parent} is in use by another run: {_describe(holder)} "
-                                     f"(lock {self.path}); give another --save or wait for that run") from None
+                raise SaveDirRefused(
+                    f"--save {self.path.parent} is in use by another run: {_describe(holder)} "
+                    f"(lock {self.path}); give another --save or wait for that run"
+                ) from None
             if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
                 break
             os.close(fd)
@@ -100,14 +103,20 @@ class SaveLock:
         if not holder:
             return
         if holder.get("host") != socket.gethostname():
-            raise SaveDirRefused(f"--save {self.path.parent} is locked by {_describe(holder)}, which cannot be "
-                                 f"checked from this host; if that run is over, delete {self.path}")
+            raise SaveDirRefused(
+                f"--save {self.path.parent} is locked by {_describe(holder)}, which cannot be "
+                f"checked from this host; if that run is over, delete {self.path}"
+            )
         pid = holder.get("pid")
         if isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid):
-            raise SaveDirRefused(f"--save {self.path.parent} is locked by {_describe(holder)}, which is still "
-                                 f"running; if it is no training run (a reused pid), delete {self.path}")
-        self.warning = (f"warning: --save {self.path.parent}: taking over the lock of {_describe(holder)}, "
-                        "which is no longer running (killed?)")
+            raise SaveDirRefused(
+                f"--save {self.path.parent} is locked by {_describe(holder)}, which is still "
+                f"running; if it is no training run (a reused pid), delete {self.path}"
+            )
+        self.warning = (
+            f"warning: --save {self.path.parent}: taking over the lock of {_describe(holder)}, "
+            "which is no longer running (killed?)"
+        )
 
     def release(self, unlink: bool = True) -> None:
         """Give the lock up (the file goes first, so a waiting run never takes a stale inode)."""
@@ -170,12 +179,16 @@ def claim(save: str, load: Optional[str], overwrite: bool) -> list[str]:
         _HELD.remove(lock)
         lock.release()
         shown = ", ".join(old[:4]) + (f", ... ({len(old)} in all)" if len(old) > 4 else "")
-        raise SaveDirRefused(f"--save {save} holds another run's checkpoints ({shown}): resume with --load {save}, "
-                             "give an empty --save, or pass --overwrite-checkpoints to delete them")
+        raise SaveDirRefused(
+            f"--save {save} holds another run's checkpoints ({shown}): resume with --load {save}, "
+            "give an empty --save, or pass --overwrite-checkpoints to delete them"
+        )
     if old:
         for name in old:
             path = Path(save) / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-        notes.append(f"--overwrite-checkpoints: deleted {len(old)} checkpoint file(s) of an earlier run from {save} "
-                     f"({', '.join(old)})")
+        notes.append(
+            f"--overwrite-checkpoints: deleted {len(old)} checkpoint file(s) of an earlier run from {save} "
+            f"({', '.join(old)})"
+        )
     return notes

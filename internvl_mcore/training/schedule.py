@@ -6,6 +6,7 @@ checkpoint's is refused (one line naming both values); --override-opt_param-sche
 flags' schedule, --use-checkpoint-opt_param-scheduler keeps the checkpoint's. The step count always
 comes from the checkpoint. Which one happened is printed.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -30,17 +31,26 @@ def build_scheduler(optimizer: Any, t: TrainConfig, lr: float, decay_style: str)
 
     g = t.global_batch_size
     return OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=lr, min_lr=t.min_lr, lr_warmup_steps=t.lr_warmup_iters * g,
-        lr_decay_steps=max(t.train_iters * g, 1), lr_decay_style=decay_style,
-        start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=max(t.train_iters * g, 1),
+        optimizer,
+        init_lr=0.0,
+        max_lr=lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=t.lr_warmup_iters * g,
+        lr_decay_steps=max(t.train_iters * g, 1),
+        lr_decay_style=decay_style,
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=max(t.train_iters * g, 1),
         wd_incr_style="constant",
         # megatron-core's own checks of these two would assert; `restore` decides before it is asked
         use_checkpoint_opt_param_scheduler=t.use_checkpoint_opt_param_scheduler,
-        override_opt_param_scheduler=t.override_opt_param_scheduler)
+        override_opt_param_scheduler=t.override_opt_param_scheduler,
+    )
 
 
-def differences(scheduler: Any, saved: dict, global_batch_size: int,
-                saved_global_batch_size: Optional[int] = None) -> list[str]:
+def differences(
+    scheduler: Any, saved: dict, global_batch_size: int, saved_global_batch_size: Optional[int] = None
+) -> list[str]:
     """'--flag NEW (checkpoint: OLD)' for each schedule value the flags change. The scheduler counts
     samples (steps x --global-batch-size), so each side is read back with its own batch size: a changed
     --global-batch-size is named as such, not as a changed --train-iters / --lr-warmup-iters."""
@@ -56,8 +66,9 @@ def differences(scheduler: Any, saved: dict, global_batch_size: int,
     return out
 
 
-def restore(scheduler: Any, saved: Optional[dict], t: TrainConfig, where: str,
-            saved_global_batch_size: Optional[int] = None) -> Optional[str]:
+def restore(
+    scheduler: Any, saved: Optional[dict], t: TrainConfig, where: str, saved_global_batch_size: Optional[int] = None
+) -> Optional[str]:
     """Load the checkpoint's schedule state under Megatron-LM's rule; returns the line saying what
     happened (None when nothing differed), raises ScheduleMismatch naming both values otherwise.
     `saved_global_batch_size`: the checkpoint's (run.json; None for checkpoints that predate it)."""
@@ -66,19 +77,28 @@ def restore(scheduler: Any, saved: Optional[dict], t: TrainConfig, where: str,
     diffs = differences(scheduler, saved, t.global_batch_size, saved_global_batch_size)
     if diffs and not (t.override_opt_param_scheduler or t.use_checkpoint_opt_param_scheduler):
         steps = any(d.startswith(("--train-iters", "--lr-warmup-iters")) for d in diffs)
-        hint = (" (or --global-batch-size changed: this checkpoint predates its record of it, and the schedule "
-                "counts samples)") if steps and saved_global_batch_size is None else ""
+        hint = (
+            (
+                " (or --global-batch-size changed: this checkpoint predates its record of it, and the schedule "
+                "counts samples)"
+            )
+            if steps and saved_global_batch_size is None
+            else ""
+        )
         raise ScheduleMismatch(
             f"--load {where}: {', '.join(diffs)} differ from the checkpoint's schedule{hint}; give "
             "--override-opt_param-scheduler to use the flags' or --use-checkpoint-opt_param-scheduler to keep "
-            "the checkpoint's")
+            "the checkpoint's"
+        )
     scheduler.load_state_dict(saved)
     if not diffs:
         return None
     if t.override_opt_param_scheduler:
         return f"LR schedule: --override-opt_param-scheduler: using the flags' {', '.join(diffs)}"
-    return (f"LR schedule: --use-checkpoint-opt_param-scheduler: keeping the checkpoint's schedule, ignoring "
-            f"{', '.join(diffs)}")
+    return (
+        f"LR schedule: --use-checkpoint-opt_param-scheduler: keeping the checkpoint's schedule, ignoring "
+        f"{', '.join(diffs)}"
+    )
 
 
 def sync_param_groups(scheduler: Any) -> None:

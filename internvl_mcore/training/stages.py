@@ -1,5 +1,6 @@
 """Freezing the parts a stage does not train. The stage presets, their resolution against the explicit
 flags (`Plan`, `resolve_stage`) and its checks are plain config: config/training.py, config/problems.py."""
+
 from __future__ import annotations
 
 import torch

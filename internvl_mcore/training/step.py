@@ -1,4 +1,5 @@
 """The forward step megatron-core's schedules call once per microbatch, and its loss."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +13,9 @@ from ..parallel.context_parallel import TokenSplit
 from .batch import Batch
 
 
-def loss_func(weights: torch.Tensor, scale: float, per_token_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def loss_func(
+    weights: torch.Tensor, scale: float, per_token_loss: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Weighted sum of per-token losses, and the number of target tokens.
 
     With `calculate_per_token_loss`, megatron-core adds the target-token counts T over microbatches
@@ -43,14 +46,21 @@ def run_model(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, Token
     labels and loss weights (whose nonzero entries pick the tokens the last stage computes losses for)."""
     split = unwrap_model(model).token_split(batch.cu_seqlens, batch.tokens.shape)
     pixel_values = batch.images.pixel_values() if batch.images is not None else None  # normalized, on the device
-    output = model(batch.tokens, split.split(batch.position_ids), pixel_values=pixel_values,
-                   labels=split.split(batch.labels), cu_seqlens=batch.cu_seqlens,
-                   loss_weight=split.split(batch.loss_weight), split=split)
+    output = model(
+        batch.tokens,
+        split.split(batch.position_ids),
+        pixel_values=pixel_values,
+        labels=split.split(batch.labels),
+        cu_seqlens=batch.cu_seqlens,
+        loss_weight=split.split(batch.loss_weight),
+        split=split,
+    )
     return output, split
 
 
-def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module,
-                 scale: float = 1.0) -> tuple[torch.Tensor, Callable]:
+def forward_step(
+    data_iterator: Iterator[Batch], model: torch.nn.Module, scale: float = 1.0
+) -> tuple[torch.Tensor, Callable]:
     """Run one microbatch through this stage; the loss function runs on the last stage only."""
     batch = batch_for_stage(next(data_iterator), model)
     output, split = run_model(model, batch)

@@ -1,6 +1,7 @@
 """bench/checkpoint.py without running the bench: its commands' flags are the scripts' own (a renamed
 flag fails here, not an hour into a bench run), and the save stall is computed from line stamps and
 step times as docs/checkpoints.md says. No timings are asserted."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -30,7 +31,9 @@ def test_dry_run_commands_pass_the_scripts_parsers(tmp_path: Path, capsys) -> No
         assert m and int(m.group(1)) >= 9, out
     assert "--model internvl3-2b" in out and "--seq-length 704" in out
     # the 2b shape trains in bf16 with recomputation (its fp32 run does not fit a shared 24 GiB machine)
-    trains = {size: [line for line in out.splitlines() if line.startswith(f"[{size}] save:")] for size in ("debug", "2b")}
+    trains = {
+        size: [line for line in out.splitlines() if line.startswith(f"[{size}] save:")] for size in ("debug", "2b")
+    }
     assert "--bf16 --recompute-granularity full" in trains["2b"][0] and "--bf16" not in trains["debug"][0], trains
     # 2b's checkpoint is saved with no training step (bench/_save_only.py, pretrain_internvl.py's flags:
     # a 2b step takes > 20 min on a shared 2-core machine); debug's by a 6-step training run
@@ -40,8 +43,12 @@ def test_dry_run_commands_pass_the_scripts_parsers(tmp_path: Path, capsys) -> No
     exports = [line for line in out.splitlines() if line.startswith("[2b] export_")]
     assert len(exports) == 2 and all(line.endswith("--dtype bf16") for line in exports), exports
     # the check is real: a flag no script knows is reported
-    problems = bench.check_flags({"bad": bench.Cmd("pretrain_internvl.py", ["--mock-data", "--no-such-flag"], 4),
-                                  "good": bench.commands("debug", tmp_path, False, ["transformers"])["export_transformers"]})
+    problems = bench.check_flags(
+        {
+            "bad": bench.Cmd("pretrain_internvl.py", ["--mock-data", "--no-such-flag"], 4),
+            "good": bench.commands("debug", tmp_path, False, ["transformers"])["export_transformers"],
+        }
+    )
     assert len(problems) == 1 and problems[0].startswith("bad:"), problems
 
 

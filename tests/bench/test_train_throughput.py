@@ -3,6 +3,7 @@
 No timings are asserted (the machine is shared); the script itself refuses to report when our
 model and transformers' disagree on the warm-up loss, so a zero exit also means they agreed.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,14 +24,22 @@ FIELDS = {  # printed label -> pattern of the number(s) after it
     "warm-up losses": r"loss ours ([\d.]+), transformers ([\d.]+)",
 }
 # printed label -> pattern of numbers that may be 0 (a tiny model's step may fit in memory freed before)
-NONNEGATIVE = {"peak memory": r"peak memory per step above the resident model and optimizer state: ours (-?[\d.]+) "
-                              r"MiB, transformers (-?[\d.]+) MiB"}
+NONNEGATIVE = {
+    "peak memory": r"peak memory per step above the resident model and optimizer state: ours (-?[\d.]+) "
+    r"MiB, transformers (-?[\d.]+) MiB"
+}
 
 
 def test_quick_run_prints_every_field() -> None:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "bench/train_throughput.py", "--quick"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "bench/train_throughput.py", "--quick"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     for name, pattern in FIELDS.items():
         m = re.search(pattern, proc.stdout)

@@ -1,4 +1,5 @@
 """config/problems.py: one pass over the parsed run config lists every problem, each naming its flag."""
+
 import dataclasses
 
 import pytest
@@ -11,17 +12,48 @@ from internvl_mcore.errors import ConfigError, UserError
 def test_one_bad_config_lists_all_its_problems():
     """Problems from the layout, the schedule, the stage, MoE, LoRA, validation and the model's ids
     of one config come back together (not the first one only), each line naming its flag."""
-    run = pretrain_internvl.parse_run_config([
-        "--mock-data", "--model", "debug", "--sequence-parallel", "--context-parallel-size", "2",
-        "--seq-length", "90", "--train-iters", "2", "--lr-warmup-iters", "5",
-        "--freeze-vit", "--freeze-llm", "--freeze-projector", "--expert-model-parallel-size", "2",
-        "--mock-valid-data", "--valid-data-path", "P", "--eval-interval", "1", "--lora-rank", "4",
-        "--lora-modules", "q_proj"])
+    run = pretrain_internvl.parse_run_config(
+        [
+            "--mock-data",
+            "--model",
+            "debug",
+            "--sequence-parallel",
+            "--context-parallel-size",
+            "2",
+            "--seq-length",
+            "90",
+            "--train-iters",
+            "2",
+            "--lr-warmup-iters",
+            "5",
+            "--freeze-vit",
+            "--freeze-llm",
+            "--freeze-projector",
+            "--expert-model-parallel-size",
+            "2",
+            "--mock-valid-data",
+            "--valid-data-path",
+            "P",
+            "--eval-interval",
+            "1",
+            "--lora-rank",
+            "4",
+            "--lora-modules",
+            "q_proj",
+        ]
+    )
     run = dataclasses.replace(run, model=run.model.replace(pad_token_id=10**9))
     found = problems(run)
-    for flag in ("--sequence-parallel", "--seq-length 90", "--lr-warmup-iters 5", "nothing to train",
-                 "--expert-model-parallel-size", "--mock-valid-data and --valid-data-path", "--lora-modules q_proj",
-                 "--model: special-token id pad_token_id"):
+    for flag in (
+        "--sequence-parallel",
+        "--seq-length 90",
+        "--lr-warmup-iters 5",
+        "nothing to train",
+        "--expert-model-parallel-size",
+        "--mock-valid-data and --valid-data-path",
+        "--lora-modules q_proj",
+        "--model: special-token id pad_token_id",
+    ):
         assert sum(flag in line for line in found) == 1, (flag, found)
     assert len(found) == 8 and all("\n" not in line for line in found), found
     with pytest.raises(ConfigError) as err:

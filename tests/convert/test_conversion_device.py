@@ -1,6 +1,7 @@
 """Conversions run on the CPU with gloo wherever they run: on a host where CUDA is available (here
 simulated by patching the probe), the conversion workers still build a CPU layout and a gloo world,
 so a TP x PP larger than the visible GPUs converts."""
+
 from __future__ import annotations
 
 import pytest
@@ -26,6 +27,7 @@ def cuda_host(monkeypatch):
     def record(backend=None, **kw):
         seen["backend"] = backend
         raise _Stop
+
     monkeypatch.setattr(dist, "init_process_group", record)
     monkeypatch.setattr(torch.cuda, "set_device", lambda *a: seen.setdefault("set_device", a))
     return seen
@@ -44,4 +46,3 @@ def test_conversion_workers_start_a_gloo_world_on_a_cuda_host(cuda_host, tmp_pat
     with pytest.raises(_Stop):
         conv._layout_worker(0, 1, 29999, 1, 1, [], str(tmp_path))
     assert cuda_host == {"backend": "gloo"}  # no NCCL, no torch.cuda.set_device(rank)
-

@@ -8,6 +8,7 @@
   `InternVLForConditionalGeneration` and reproduces the original model's logits and ours;
 - malformed inputs are refused with the offending key in the message, before anything is written.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,12 +25,17 @@ from internvl_mcore.checkpoint.canonical import CanonicalCheckpoint
 from internvl_mcore.checkpoint.safetensors_io import SafetensorsDir, ShardedWriter, plan_of
 from internvl_mcore.config import PRESETS
 from internvl_mcore.errors import ConversionError
-from internvl_mcore.convert import (canonical_shapes, convert_checkpoint_to_hf, convert_hf_to_checkpoint, hf_config_for,
-                                    model_config_from_hf, verify_layout)
+from internvl_mcore.convert import (
+    canonical_shapes,
+    convert_checkpoint_to_hf,
+    convert_hf_to_checkpoint,
+    hf_config_for,
+    model_config_from_hf,
+    verify_layout,
+)
 from internvl_mcore.convert.keymaps import canonical_names
 
-from .tiny_hf import (IMG_END, IMG_START, save_transformers_dir, tiny_batch, tiny_transformers_model,
-                      write_internvl_dir)
+from .tiny_hf import IMG_END, IMG_START, save_transformers_dir, tiny_batch, tiny_transformers_model, write_internvl_dir
 
 pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parents[2]
@@ -79,8 +85,14 @@ def round_trips(tmp_path_factory) -> dict[str, dict[str, Path]]:
         src = make_source(name, d / "hf")
         convert_hf_to_checkpoint(src, d / "ckpt_tp1")
         convert_checkpoint_to_hf(d / "ckpt_tp1", d / "out_tp1", fmt, template_dir=src)
-        runs[name] = dict(src=src, fmt=fmt, ckpt=d / "ckpt_tp1", gathered=d / "ckpt_tp2pp2",
-                          out_tp1=d / "out_tp1", out_tp2pp2=d / "out_tp2pp2")
+        runs[name] = dict(
+            src=src,
+            fmt=fmt,
+            ckpt=d / "ckpt_tp1",
+            gathered=d / "ckpt_tp2pp2",
+            out_tp1=d / "out_tp1",
+            out_tp2pp2=d / "out_tp2pp2",
+        )
     verify_layout([(r["ckpt"], r["gathered"]) for r in runs.values()], tp=2, pp=2, timeout_s=240)
     for r in runs.values():
         convert_checkpoint_to_hf(r["gathered"], r["out_tp2pp2"], r["fmt"], template_dir=r["src"])
@@ -116,13 +128,20 @@ def test_gathered_checkpoint_records_layout(round_trips) -> None:
 
 # --- the InternVL layout maps to the right modules ---------------------------------------------
 
-@pytest.mark.parametrize("text,vision,tie,family", [("qwen2", "300m", False, "qwen2"),
-                                                    ("llama", "6b", False, "internlm2"),
-                                                    ("llama", "6b", True, "llama"),
-                                                    ("qwen3", "300m", False, "qwen3")])
+
+@pytest.mark.parametrize(
+    "text,vision,tie,family",
+    [
+        ("qwen2", "300m", False, "qwen2"),
+        ("llama", "6b", False, "internlm2"),
+        ("llama", "6b", True, "llama"),
+        ("qwen3", "300m", False, "qwen3"),
+    ],
+)
 @torch.no_grad()
-def test_internvl_layout_exports_to_transformers_with_same_logits(world, tmp_path: Path, monkeypatch,
-                                                                  text, vision, tie, family) -> None:
+def test_internvl_layout_exports_to_transformers_with_same_logits(
+    world, tmp_path: Path, monkeypatch, text, vision, tie, family
+) -> None:
     from transformers import InternVLForConditionalGeneration
 
     from internvl_mcore.models.internvl import build_model
@@ -135,7 +154,9 @@ def test_internvl_layout_exports_to_transformers_with_same_logits(world, tmp_pat
     convert_hf_to_checkpoint(src, tmp_path / "ckpt")
     convert_checkpoint_to_hf(tmp_path / "ckpt", tmp_path / "hf", "transformers")
 
-    exported = InternVLForConditionalGeneration.from_pretrained(str(tmp_path / "hf"), attn_implementation="eager").eval()
+    exported = InternVLForConditionalGeneration.from_pretrained(
+        str(tmp_path / "hf"), attn_implementation="eager"
+    ).eval()
     ckpt = CanonicalCheckpoint.open(tmp_path / "ckpt")
     assert ckpt.config.llm.family == family
     ours = build_model(ckpt.config, world, process_groups()).eval()
@@ -164,6 +185,7 @@ def test_canonical_shapes_match_the_model(world) -> None:
 
 # --- config.json inference ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("fmt", ["internvl", "transformers"])
 @pytest.mark.parametrize("preset", [p for p in PRESETS])
 def test_config_round_trip_for_every_preset(fmt: str, preset: str, tmp_path: Path) -> None:
@@ -175,12 +197,19 @@ def test_config_round_trip_for_every_preset(fmt: str, preset: str, tmp_path: Pat
         with pytest.raises(ConversionError, match="img_start_token_id, img_end_token_id, pad_token_id are unknown"):
             model_config_from_hf(config)
         tokens = {cfg.img_start_token_id: "<img>", cfg.img_end_token_id: "</img>", cfg.pad_token_id: "<pad>"}
-        (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-            {"added_tokens_decoder": {str(i): {"content": t} for i, t in tokens.items()}, "pad_token": "<pad>"}))
+        (tmp_path / "tokenizer_config.json").write_text(
+            json.dumps(
+                {"added_tokens_decoder": {str(i): {"content": t} for i, t in tokens.items()}, "pad_token": "<pad>"}
+            )
+        )
         back, got_fmt = model_config_from_hf(config, tmp_path)
         assert back.llm == dataclasses.replace(cfg.llm, family="llama") and back.vision == cfg.vision
         assert [back.img_context_token_id, back.img_start_token_id, back.img_end_token_id, back.pad_token_id] == [
-            cfg.img_context_token_id, cfg.img_start_token_id, cfg.img_end_token_id, cfg.pad_token_id]
+            cfg.img_context_token_id,
+            cfg.img_start_token_id,
+            cfg.img_end_token_id,
+            cfg.pad_token_id,
+        ]
         return
     back, got_fmt = model_config_from_hf(hf_config_for(cfg, fmt, torch.bfloat16))
     assert got_fmt == fmt
@@ -199,8 +228,12 @@ def test_special_tokens_come_from_tokenizer_files(tmp_path: Path) -> None:
     tok["added_tokens_decoder"]["77"] = {"content": "<IMG_CONTEXT>"}
     (src / "tokenizer_config.json").write_text(json.dumps(tok))
     cfg, _ = model_config_from_hf(config_of(src), src)
-    assert (cfg.img_context_token_id, cfg.img_start_token_id, cfg.img_end_token_id, cfg.pad_token_id) == \
-        (77, IMG_START, IMG_END, 0)
+    assert (cfg.img_context_token_id, cfg.img_start_token_id, cfg.img_end_token_id, cfg.pad_token_id) == (
+        77,
+        IMG_START,
+        IMG_END,
+        0,
+    )
 
 
 def test_reads_transformers_module_names_too(tmp_path: Path) -> None:
@@ -220,10 +253,15 @@ def test_reads_transformers_module_names_too(tmp_path: Path) -> None:
 
 # --- refusals ----------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def small_internvl(tmp_path_factory) -> Path:
-    return write_internvl_dir(tiny_transformers_model("qwen2", "300m", seed=2),
-                              tmp_path_factory.mktemp("small") / "hf", "qwen2", torch.float32)
+    return write_internvl_dir(
+        tiny_transformers_model("qwen2", "300m", seed=2),
+        tmp_path_factory.mktemp("small") / "hf",
+        "qwen2",
+        torch.float32,
+    )
 
 
 def _rewrite(src: Path, dst: Path, edit_tensors=None, edit_config=None) -> Path:
@@ -252,13 +290,13 @@ def _refused(src: Path, out: Path, *needles: str) -> None:
 def test_refuses_wrong_shape(small_internvl: Path, tmp_path: Path) -> None:
     def edit(t):
         t["mlp1.1.weight"] = t["mlp1.1.weight"][:, :-1]
+
     src = _rewrite(small_internvl, tmp_path / "hf", edit)
     _refused(src, tmp_path / "out", "mlp1.1.weight", "(64, 255)", "(64, 256)")
 
 
 def test_refuses_config_tensor_mismatch(small_internvl: Path, tmp_path: Path) -> None:
-    src = _rewrite(small_internvl, tmp_path / "hf",
-                   edit_config=lambda c: c["llm_config"].update(intermediate_size=96))
+    src = _rewrite(small_internvl, tmp_path / "hf", edit_config=lambda c: c["llm_config"].update(intermediate_size=96))
     _refused(src, tmp_path / "out", "language_model.model.layers.0.mlp.gate_proj.weight", "(128, 64)", "(96, 64)")
 
 
@@ -272,16 +310,19 @@ def test_refuses_unexpected_key(small_internvl: Path, tmp_path: Path) -> None:
     _refused(src, tmp_path / "out", "vision_model.extra.weight", "unexpected")
 
 
-@pytest.mark.parametrize("edit,needle", [
-    (lambda c: c.update(model_type="llava"), "'llava'"),
-    (lambda c: c["llm_config"].update(architectures=["Phi3ForCausalLM"]), "'Phi3ForCausalLM'"),
-    (lambda c: c.update(ps_version="v1"), "ps_version"),
-    (lambda c: c["llm_config"].update(rope_scaling={"type": "linear", "factor": 2.0}), "'linear'"),
-    (lambda c: c.update(use_llm_lora=16), "use_llm_lora"),
-    (lambda c: c["llm_config"].update(use_sliding_window=True), "use_sliding_window"),
-    (lambda c: c["vision_config"].update(norm_type="batch_norm"), "batch_norm"),
-    (lambda c: c["llm_config"].update(architectures=["GptOssForCausalLM"]), "attention sinks"),
-])
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        (lambda c: c.update(model_type="llava"), "'llava'"),
+        (lambda c: c["llm_config"].update(architectures=["Phi3ForCausalLM"]), "'Phi3ForCausalLM'"),
+        (lambda c: c.update(ps_version="v1"), "ps_version"),
+        (lambda c: c["llm_config"].update(rope_scaling={"type": "linear", "factor": 2.0}), "'linear'"),
+        (lambda c: c.update(use_llm_lora=16), "use_llm_lora"),
+        (lambda c: c["llm_config"].update(use_sliding_window=True), "use_sliding_window"),
+        (lambda c: c["vision_config"].update(norm_type="batch_norm"), "batch_norm"),
+        (lambda c: c["llm_config"].update(architectures=["GptOssForCausalLM"]), "attention sinks"),
+    ],
+)
 def test_refuses_unknown_model_types_and_features(small_internvl: Path, tmp_path: Path, edit, needle: str) -> None:
     src = _rewrite(small_internvl, tmp_path / "hf", edit_config=edit)
     _refused(src, tmp_path / "out", needle)
@@ -316,6 +357,7 @@ def test_export_refuses_a_tensor_the_hf_layout_lacks(tmp_path: Path) -> None:
 
 # --- sharded, streamed output ------------------------------------------------------------------
 
+
 def test_sharded_writer_respects_shard_size_and_indexes(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(0)
     tensors = {f"t{i}": torch.randn(100 + 37 * i, generator=g) for i in range(12)}
@@ -336,6 +378,7 @@ def test_sharded_writer_respects_shard_size_and_indexes(tmp_path: Path) -> None:
 
 # --- command-line tools, end to end with training ----------------------------------------------
 
+
 def test_cli_refuses_with_the_key(small_internvl: Path, tmp_path: Path, capsys) -> None:
     import importlib.util
 
@@ -347,8 +390,11 @@ def test_cli_refuses_with_the_key(small_internvl: Path, tmp_path: Path, capsys) 
     assert not (tmp_path / "ckpt").exists()  # a failed conversion leaves no --save directory
     assert "mlp1.0.bias" in capsys.readouterr().err
     # the recorded layout is checked against the model before converting (no process is spawned)
-    assert tool.main(["--hf-dir", str(small_internvl), "--save", str(tmp_path / "ckpt"),
-                      "--tensor-model-parallel-size", "3"]) == 2
+    assert (
+        tool.main(
+            ["--hf-dir", str(small_internvl), "--save", str(tmp_path / "ckpt"), "--tensor-model-parallel-size", "3"]
+        )
+        == 2
+    )
     assert not (tmp_path / "ckpt").exists()
     assert "--tensor-model-parallel-size 3 does not divide" in capsys.readouterr().err
-

@@ -13,6 +13,7 @@ InternViT heads, padded vocabulary, tied embeddings, distributed optimizer) and 
 - the export's live tensor memory stays under 3x its largest tensor while the model is > 5x larger;
 - the checkpoint index is never unpickled by plain pickle, and chunks are read weights-only.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,11 +44,16 @@ pytest.importorskip("transformers")
 pytestmark = pytest.mark.timeout(400)
 
 RUNS = {  # name: (tiny HF model (text, vision, tied), preset, pretrain layout flags)
-    "dense": (("llama", "6b", True), "debug-6b", ["--tensor-model-parallel-size", "2",
-                                                  "--pipeline-model-parallel-size", "2",
-                                                  "--use-distributed-optimizer"]),
-    "moe": (("qwen3_moe", "300m", False), "debug-moe", ["--tensor-model-parallel-size", "2",
-                                                        "--expert-model-parallel-size", "2", "--sequence-parallel"]),
+    "dense": (
+        ("llama", "6b", True),
+        "debug-6b",
+        ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--use-distributed-optimizer"],
+    ),
+    "moe": (
+        ("qwen3_moe", "300m", False),
+        "debug-moe",
+        ["--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2", "--sequence-parallel"],
+    ),
 }
 
 
@@ -60,12 +66,44 @@ def _tool(name: str):
 
 
 def _pretrain_at_lr0(preset: str, canonical: Path, save: Path, layout: list[str]) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "pretrain_internvl.py", "--model", preset, "--mock-data",
-           "--seq-length", "64", *layout, "--micro-batch-size", "1", "--global-batch-size", "2",
-           "--train-iters", "1", "--lr", "0", "--pretrained", str(canonical), "--save", str(save)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "4",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "pretrain_internvl.py",
+        "--model",
+        preset,
+        "--mock-data",
+        "--seq-length",
+        "64",
+        *layout,
+        "--micro-batch-size",
+        "1",
+        "--global-batch-size",
+        "2",
+        "--train-iters",
+        "1",
+        "--lr",
+        "0",
+        "--pretrained",
+        str(canonical),
+        "--save",
+        str(save),
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -77,14 +115,24 @@ def run(request, tmp_path_factory) -> dict:
     hf = save_transformers_dir(tiny_transformers_model(text, vision, tie, seed=13), root / "hf")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):  # the import CLI, in this process
-        assert _tool("convert_from_hf")(["--hf-dir", str(hf), "--save", str(root / "canonical"),
-                                         "--max-shard-size", "20KB"]) == 0
+        assert (
+            _tool("convert_from_hf")(
+                ["--hf-dir", str(hf), "--save", str(root / "canonical"), "--max-shard-size", "20KB"]
+            )
+            == 0
+        )
     assert f"model {preset}" in out.getvalue()  # the architecture and ids are the preset's
     assert len(list((root / "canonical").glob("model-*.safetensors"))) > 1
     _pretrain_at_lr0(preset, root / "canonical", root / "train", layout)
     iteration_dir, info = resolve_iteration_dir(root / "train")
-    return dict(name=request.param, hf=hf, canonical=root / "canonical", train=root / "train",
-                iter=iteration_dir, cfg=model_config_from_dict(info["model"]))
+    return dict(
+        name=request.param,
+        hf=hf,
+        canonical=root / "canonical",
+        train=root / "train",
+        iter=iteration_dir,
+        cfg=model_config_from_dict(info["model"]),
+    )
 
 
 def test_reader_gives_the_canonical_model_bit_for_bit(run) -> None:
@@ -160,13 +208,17 @@ def test_canonical_places_of_stacked_and_numbered_keys() -> None:
     }
     for key, (shape, index) in forms.items():
         got = dict(canonical_places(key, shape))
-        assert got and all(got[fc1.format(i=i, e=e)] == Place(key, index(i, e))
-                           for i, e in (tuple(int(x) for x in n.split(".")[3:8:4]) for n in got)), key
+        assert got and all(
+            got[fc1.format(i=i, e=e)] == Place(key, index(i, e))
+            for i, e in (tuple(int(x) for x in n.split(".")[3:8:4]) for n in got)
+        ), key
     assert len(dict(canonical_places(next(iter(forms)), (2, 3, 8, 4)))) == 6
     assert dict(canonical_places("vision_model.encoder.layers.ls1", (2, 64))) == {
-        f"vision_model.encoder.layers.{i}.ls1": Place("vision_model.encoder.layers.ls1", (i,)) for i in range(2)}
+        f"vision_model.encoder.layers.{i}.ls1": Place("vision_model.encoder.layers.ls1", (i,)) for i in range(2)
+    }
     assert dict(canonical_places("projector.mlp.linear_fc1.weight", (64, 256))) == {
-        "projector.mlp.linear_fc1.weight": Place("projector.mlp.linear_fc1.weight")}
+        "projector.mlp.linear_fc1.weight": Place("projector.mlp.linear_fc1.weight")
+    }
 
 
 class _Payload:
@@ -201,6 +253,7 @@ def test_reader_refuses_a_chunk_that_is_not_a_tensor(run, tmp_path) -> None:
 
 # --- the streaming export ------------------------------------------------------------------------
 
+
 def _same_tensors(a: Path, b: Path) -> None:
     x, y = SafetensorsDir(a), SafetensorsDir(b)
     assert sorted(x) == sorted(y)
@@ -214,8 +267,23 @@ def test_cli_exports_both_formats_bit_exact_in_bounded_memory(run, tmp_path, mon
 
     main = _tool("convert_to_hf")
     # transformers: the original files' tensors, from the training checkpoint, in several shards
-    assert main(["--load", str(run["train"]), "--save", str(tmp_path / "tf"), "--format", "transformers",
-                 "--hf-template-dir", str(run["hf"]), "--max-shard-size", "64KB"]) == 0
+    assert (
+        main(
+            [
+                "--load",
+                str(run["train"]),
+                "--save",
+                str(tmp_path / "tf"),
+                "--format",
+                "transformers",
+                "--hf-template-dir",
+                str(run["hf"]),
+                "--max-shard-size",
+                "64KB",
+            ]
+        )
+        == 0
+    )
     _same_tensors(run["hf"], tmp_path / "tf")
     assert len(list((tmp_path / "tf").glob("model-*.safetensors"))) > 2
     # internvl: what the canonical checkpoint exports to; live memory recorded at every tensor written
@@ -248,9 +316,15 @@ def test_cli_exports_both_formats_bit_exact_in_bounded_memory(run, tmp_path, mon
     largest = max(out[k].nbytes for k in out)
     model = sum(out[k].nbytes for k in out)
     assert model > 5 * largest, (model, largest)
-    assert max(peaks) < 3 * largest and readers[0].peak_bytes < 3 * largest, (max(peaks), readers[0].peak_bytes, largest)
-    print(f"{run['name']}: model {model} B, largest tensor {largest} B, export peak {max(peaks)} B, reader "
-          f"peak {readers[0].peak_bytes} B")
+    assert max(peaks) < 3 * largest and readers[0].peak_bytes < 3 * largest, (
+        max(peaks),
+        readers[0].peak_bytes,
+        largest,
+    )
+    print(
+        f"{run['name']}: model {model} B, largest tensor {largest} B, export peak {max(peaks)} B, reader "
+        f"peak {readers[0].peak_bytes} B"
+    )
 
 
 def _recording_init(readers: list):
@@ -259,4 +333,5 @@ def _recording_init(readers: list):
     def recording(self, path):
         init(self, path)
         readers.append(self)
+
     return recording

@@ -7,6 +7,7 @@ inventory tests/plan checks against built models), tagged as megatron-core tags 
 checks of the same path: tests/convert/test_convert.py (canonical at TP2 x PP2, gathered back bit for
 bit) and tests/moe/moe_worker.py (HF and canonical at EP2, TP2 x EP2, PP2 x EP2).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,8 +44,11 @@ def sources(tmp_path_factory) -> dict[str, Path]:
     out = {}
     for name, (fmt, text, vision, tie, family) in SOURCES.items():
         model = tiny_transformers_model(text, vision, tie, seed=3)
-        out[name] = (save_transformers_dir(model, root / name) if fmt == "transformers"
-                     else write_internvl_dir(model, root / name, family, torch.bfloat16))
+        out[name] = (
+            save_transformers_dir(model, root / name)
+            if fmt == "transformers"
+            else write_internvl_dir(model, root / name, family, torch.bfloat16)
+        )
     return out
 
 
@@ -101,11 +105,13 @@ def test_slice_reads_equal_whole_tensor_shards(sources, tmp_path, name):
 
 # sha256 (first 16 hex digits) and size of the files the writers wrote for these tensors at commit 984f5f4,
 # before the side-file writer and the plan-based one became one: the files must not change
-_WRITER_FILES = {"model-00001-of-00004.safetensors": ("41b0dceb4c23ca61", 324),
-                 "model-00002-of-00004.safetensors": ("70d1bb1031746e8f", 204),
-                 "model-00003-of-00004.safetensors": ("4767773c220facc1", 164),
-                 "model-00004-of-00004.safetensors": ("740e195052eb293e", 244),
-                 "model.safetensors.index.json": ("af691082112526a4", 347)}
+_WRITER_FILES = {
+    "model-00001-of-00004.safetensors": ("41b0dceb4c23ca61", 324),
+    "model-00002-of-00004.safetensors": ("70d1bb1031746e8f", 204),
+    "model-00003-of-00004.safetensors": ("4767773c220facc1", 164),
+    "model-00004-of-00004.safetensors": ("740e195052eb293e", 244),
+    "model.safetensors.index.json": ("af691082112526a4", 347),
+}
 
 
 def test_writer_files_unchanged_from_tensors_and_from_stored_bytes(tmp_path, monkeypatch):
@@ -118,15 +124,19 @@ def test_writer_files_unchanged_from_tensors_and_from_stored_bytes(tmp_path, mon
     from internvl_mcore.checkpoint.safetensors_io import StoredBytes
 
     dts = [torch.float32, torch.bfloat16, torch.float32, torch.float16, torch.float32]
-    tensors = [(f"t{i}", (torch.arange((3 + i) * 5, dtype=torch.float32) / 7 - i).reshape(3 + i, 5).to(dt))
-               for i, dt in enumerate(dts)]
+    tensors = [
+        (f"t{i}", (torch.arange((3 + i) * 5, dtype=torch.float32) / 7 - i).reshape(3 + i, 5).to(dt))
+        for i, dt in enumerate(dts)
+    ]
     tensors.insert(2, ("empty", torch.empty(0, 4)))
     plan = [(k, t.dtype, tuple(t.shape)) for k, t in tensors]
     with ShardedWriter(tmp_path / "a", plan, 150) as w:
         for k, t in tensors:
             w.add(k, t)
         w.close()
-    got = {p.name: (hashlib.sha256(p.read_bytes()).hexdigest()[:16], p.stat().st_size) for p in (tmp_path / "a").iterdir()}
+    got = {
+        p.name: (hashlib.sha256(p.read_bytes()).hexdigest()[:16], p.stat().st_size) for p in (tmp_path / "a").iterdir()
+    }
     assert got == _WRITER_FILES
     src = SafetensorsDir(tmp_path / "a")
     for out in ("b", "c"):
@@ -139,6 +149,7 @@ def test_writer_files_unchanged_from_tensors_and_from_stored_bytes(tmp_path, mon
 
         def no_kernel_copy(*args):
             raise OSError(errno.EXDEV, "cross-device")
+
         monkeypatch.setattr("os.copy_file_range", no_kernel_copy)
     with ShardedWriter(tmp_path / "d", plan, 150) as w:
         with pytest.raises(ConversionError, match="planned"):

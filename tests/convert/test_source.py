@@ -1,5 +1,6 @@
 """`--model PRESET|DIR`: the model config comes from a preset or from any checkpoint directory, the
 same as tools/convert_from_hf.py infers it."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,10 @@ pytest.importorskip("transformers")
 def dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("source")
     model = tiny_transformers_model("qwen3", "300m", seed=1)
-    out = {"transformers": save_transformers_dir(model, root / "tf"),
-           "internvl": write_internvl_dir(model, root / "ivl", "qwen3", torch.float32)}
+    out = {
+        "transformers": save_transformers_dir(model, root / "tf"),
+        "internvl": write_internvl_dir(model, root / "ivl", "qwen3", torch.float32),
+    }
     convert_hf_to_checkpoint(out["internvl"], root / "ckpt")
     out["canonical"] = root / "ckpt"
     # a training checkpoint as training/checkpoint.py lays it out (only what --model reads)

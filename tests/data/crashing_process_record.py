@@ -2,6 +2,7 @@
 the workers it forks SIGKILL themselves on one record every time, os._exit() on another once (marker
 file: $CRASH_ONCE_MARKER) and never finish a third (as a decoder stuck on a file). (Workers are not
 forked from the test process, so a monkeypatch there does not reach them.)"""
+
 import os
 import signal
 import time

@@ -1,6 +1,7 @@
 """Preloaded by the preprocessing pool's fork server in test_worker_exception_costs_one_sample: the
 workers it forks raise on one record (single:2), as a bug in the sample builder would. (Workers are not
 forked from the test process, so a monkeypatch there does not reach them.)"""
+
 from internvl_mcore.data import sources
 
 _real = sources.build_sample

@@ -1,5 +1,6 @@
 """--image-tiling device: the loader decodes only, `SourceImages.tiles()` cuts the tiles on the model's
 device; the tiles equal the loader's byte for byte on every kind of pack, in workers, after resume."""
+
 import json
 import os
 import sys
@@ -32,9 +33,27 @@ def shard_sets(tmp_path_factory):
     root = tmp_path_factory.mktemp("dev")
     fx = make_dataset_fixture(str(root / "data"))
     tok = make_tokenizer_dir(str(root / "tok"))
-    common = ["--meta", fx.meta_path, "--tokenizer", tok, "--seq-length", "600", "--image-size", str(fx.image_size),
-              "--num-image-token", str(fx.num_image_token), "--min-num-frames", str(fx.min_num_frames),
-              "--max-num-frames", str(fx.max_num_frames), "--no-progress", "--max-reject-ratio", "1", "--workers", "1"]
+    common = [
+        "--meta",
+        fx.meta_path,
+        "--tokenizer",
+        tok,
+        "--seq-length",
+        "600",
+        "--image-size",
+        str(fx.image_size),
+        "--num-image-token",
+        str(fx.num_image_token),
+        "--min-num-frames",
+        str(fx.min_num_frames),
+        "--max-num-frames",
+        str(fx.max_num_frames),
+        "--no-progress",
+        "--max-reject-ratio",
+        "1",
+        "--workers",
+        "1",
+    ]
     out = {}
     for name, extra in (("source", []), ("nothumb", ["--no-thumbnail"]), ("raw", ["--tile-format", "raw"])):
         out[name] = str(root / name / "data")
@@ -42,14 +61,48 @@ def shard_sets(tmp_path_factory):
     for k in range(3):
         write_image(str(root / f"img{k}.png"), size=(90 + 40 * k, 64), seed=k)
     ann = root / "mmpr.jsonl"
-    ann.write_text("\n".join(json.dumps({"image": f"img{i % 3}.png", "question": f"<image>\nWhat is {i}?",
-                                         "chosen": "a cat " * (1 + i % 3), "rejected": "a dog"}) for i in range(8)) + "\n")
+    ann.write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    "image": f"img{i % 3}.png",
+                    "question": f"<image>\nWhat is {i}?",
+                    "chosen": "a cat " * (1 + i % 3),
+                    "rejected": "a dog",
+                }
+            )
+            for i in range(8)
+        )
+        + "\n"
+    )
     meta = root / "pref.json"
     meta.write_text(json.dumps({"mmpr": {"root": str(root), "annotation": str(ann), "max_dynamic_patch": 6}}))
     out["pref"] = str(root / "pref" / "pref")
-    assert preprocess_mm_data.main(["--meta", str(meta), "--tokenizer", tok, "--output-prefix", out["pref"],
-                                    "--seq-length", "600", "--image-size", "56", "--num-image-token", "4",
-                                    "--preference", "--max-reject-ratio", "1", "--workers", "1", "--no-progress"]) == 0
+    assert (
+        preprocess_mm_data.main(
+            [
+                "--meta",
+                str(meta),
+                "--tokenizer",
+                tok,
+                "--output-prefix",
+                out["pref"],
+                "--seq-length",
+                "600",
+                "--image-size",
+                "56",
+                "--num-image-token",
+                "4",
+                "--preference",
+                "--max-reject-ratio",
+                "1",
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -157,7 +210,9 @@ class _Devices(TorchFunctionMode):
 def test_tiling_runs_on_the_images_device():
     """On the meta device (the stand-in for a GPU): every tensor the tiling makes, coefficient and index
     tensors included, is on the images' device; only the table is read on the host."""
-    table = torch.tensor([[80, 100, 2, 1, 1, 0], [56, 56, 1, 1, 0, 100 * 80 * 3], [300, 20, 1, 3, 1, 100 * 80 * 3 + 56 * 56 * 3]])
+    table = torch.tensor(
+        [[80, 100, 2, 1, 1, 0], [56, 56, 1, 1, 0, 100 * 80 * 3], [300, 20, 1, 3, 1, 100 * 80 * 3 + 56 * 56 * 3]]
+    )
     pixels = torch.empty(100 * 80 * 3 + 56 * 56 * 3 + 300 * 20 * 3, dtype=torch.uint8, device="meta")
     DEVICE_COEFFICIENTS.clear()
     pass_order()  # its probe resizes on the CPU once per process
@@ -195,6 +250,7 @@ def test_images_give_one_model_input_whatever_the_tiling():
 
     def pack(t, images=None):
         return type("Pack", (), {"tiles": t, "images": images})()
+
     assert Images.of_packs([pack(tiles.numpy()), pack(tiles.numpy())]).tiles.shape == (6, 8, 8, 3)
     assert Images.of_packs([pack(floats)]).normalized is not None  # mock packs
     mixed = Images.of_packs([pack(tiles.numpy()), pack(tiles.numpy(), DecodedImages.from_tiles(tiles.numpy()))])

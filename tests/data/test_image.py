@@ -1,4 +1,5 @@
 """Tiling, normalization, JPEG augmentation and frame sampling against InternVL's rules."""
+
 import itertools
 import os
 
@@ -33,8 +34,10 @@ def rule_grid(w, h, min_num, max_num, size):
     half the pixels of that grid. Returns (grid, set of grids InternVL could pick if two tied grids have
     the same tile count and their mutual order decides)."""
     ar = w / h
-    grids = sorted({(c, r) for c in range(1, max_num + 1) for r in range(1, max_num + 1) if min_num <= c * r <= max_num},
-                   key=lambda g: g[0] * g[1])
+    grids = sorted(
+        {(c, r) for c in range(1, max_num + 1) for r in range(1, max_num + 1) if min_num <= c * r <= max_num},
+        key=lambda g: g[0] * g[1],
+    )
     if not grids:
         return (1, 1), {(1, 1)}
     best = min(abs(ar - c / r) for c, r in grids)
@@ -51,11 +54,15 @@ def test_grid_choice_against_rule():
     sizes += [(w, h) for w in (1, 10, 100, 447, 448, 449, 896, 1344) for h in (1, 10, 100, 448, 672, 2000)]
     sizes += [(3 * k, 2 * k) for k in (10, 100, 300, 1000)]  # aspect 1.5: ties between 1:1 and 2:1 for max 2
     ties_seen = 0
-    for (w, h), (lo, hi), size in itertools.product(sizes, [(1, 12), (1, 6), (1, 2), (2, 6), (6, 6), (1, 1)], (448, 56)):
+    for (w, h), (lo, hi), size in itertools.product(
+        sizes, [(1, 12), (1, 6), (1, 2), (2, 6), (6, 6), (1, 1)], (448, 56)
+    ):
         want, options = rule_grid(w, h, lo, hi, size)
         ar = w / h
-        grids = sorted({(c, r) for n in range(lo, hi + 1) for c in range(1, n + 1) for r in range(1, n + 1)
-                        if lo <= c * r <= hi}, key=lambda g: g[0] * g[1])
+        grids = sorted(
+            {(c, r) for n in range(lo, hi + 1) for c in range(1, n + 1) for r in range(1, n + 1) if lo <= c * r <= hi},
+            key=lambda g: g[0] * g[1],
+        )
         got = find_closest_aspect_ratio(ar, grids, w, h, size)
         assert got == want or got in options, (w, h, lo, hi, size, got, want)
         best = min(abs(ar - c / r) for c, r in grids)
@@ -87,15 +94,20 @@ def test_tile_pixels_equal_direct_resize_and_crop(w, h, max_num):
     tiles = dynamic_preprocess(image, 1, max_num, size, use_thumbnail=True)
     cols, rows = find_closest_aspect_ratio(
         w / h,
-        sorted({(c, r) for c in range(1, max_num + 1) for r in range(1, max_num + 1) if c * r <= max_num},
-               key=lambda g: g[0] * g[1]),
-        w, h, size)
+        sorted(
+            {(c, r) for c in range(1, max_num + 1) for r in range(1, max_num + 1) if c * r <= max_num},
+            key=lambda g: g[0] * g[1],
+        ),
+        w,
+        h,
+        size,
+    )
     big = np.asarray(image.resize((cols * size, rows * size), Image.Resampling.BICUBIC))  # (rows*S, cols*S, 3)
     arr = tiles_to_array(tiles)
     assert arr.dtype == np.uint8 and arr.shape[1:] == (size, size, 3)
     for k in range(cols * rows):
         r, c = divmod(k, cols)  # row-major
-        np.testing.assert_array_equal(arr[k], big[r * size:(r + 1) * size, c * size:(c + 1) * size])
+        np.testing.assert_array_equal(arr[k], big[r * size : (r + 1) * size, c * size : (c + 1) * size])
     if cols * rows > 1:
         assert len(arr) == cols * rows + 1
         np.testing.assert_array_equal(arr[-1], np.asarray(image.resize((size, size), Image.Resampling.BICUBIC)))

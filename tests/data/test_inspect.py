@@ -1,4 +1,5 @@
 """tools/inspect_shards.py: --json agrees with the shards; the text view shows what it promises."""
+
 import json
 import os
 import re
@@ -25,9 +26,26 @@ def shards(tmp_path_factory):
     tok = make_tokenizer_dir(str(root / "tok"))
     out = str(root / "out" / "data")
     args = [
-        "--meta", fx.meta_path, "--tokenizer", tok, "--output-prefix", out, "--seq-length", "1024",
-        "--image-size", str(fx.image_size), "--num-image-token", str(fx.num_image_token),
-        "--min-num-frames", "2", "--max-num-frames", "4", "--max-reject-ratio", "1", "--v2pe-delta", "0.5",
+        "--meta",
+        fx.meta_path,
+        "--tokenizer",
+        tok,
+        "--output-prefix",
+        out,
+        "--seq-length",
+        "1024",
+        "--image-size",
+        str(fx.image_size),
+        "--num-image-token",
+        str(fx.num_image_token),
+        "--min-num-frames",
+        "2",
+        "--max-num-frames",
+        "4",
+        "--max-reject-ratio",
+        "1",
+        "--v2pe-delta",
+        "0.5",
         "--no-progress",
     ]
     assert preprocess_mm_data.main(args) == 0
@@ -107,7 +125,11 @@ def test_errors(shards, tmp_path, capsys):
 
 def test_runs_as_a_script(shards):
     prefix, _, _ = shards
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "inspect_shards.py"), prefix, "--json"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "inspect_shards.py"), prefix, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert set(json.loads(proc.stdout)) >= {"tokens", "loss_mask", "position_ids", "cu_seqlens", "num_tiles", "source"}

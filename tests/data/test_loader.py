@@ -1,4 +1,5 @@
 """Loader: DP split, blending, exact resume, seeded augmentation, collate."""
+
 import json
 
 import numpy as np
@@ -27,8 +28,15 @@ def write_set(prefix, set_id, n_packs, augment=False, fmt="png"):
             tokens[0] = set_id * 100000 + i
             tiles = rng.integers(0, 256, (k + 1, *TILE), dtype=np.uint8)
             samples.append(
-                EncodedSample(tokens, np.array([0, 0, 1, 1, 1, 0, 1][:n], np.uint8), np.arange(n, dtype=np.float32),
-                              np.array([k + 1], np.int32), encode_tiles(tiles, fmt), 0, 10 * i + k + 1)
+                EncodedSample(
+                    tokens,
+                    np.array([0, 0, 1, 1, 1, 0, 1][:n], np.uint8),
+                    np.arange(n, dtype=np.float32),
+                    np.array([k + 1], np.int32),
+                    encode_tiles(tiles, fmt),
+                    0,
+                    10 * i + k + 1,
+                )
             )
         w.add_pack(samples)
     w.finalize(extra={"datasets": [{"name": f"set{set_id}", "source_file": "x.jsonl", "data_augment": augment}]})
@@ -99,7 +107,10 @@ def test_blend_proportions(two_sets):
 def test_dp_split_disjoint_and_covering(two_sets, dp_size):
     a, b = two_sets
     single = PackedDataLoader(["0.6", a, "0.4", b], seed=1).peek_draws(12 * dp_size)
-    per_rank = [PackedDataLoader(["0.6", a, "0.4", b], seed=1, dp_rank=r, dp_size=dp_size).peek_draws(12) for r in range(dp_size)]
+    per_rank = [
+        PackedDataLoader(["0.6", a, "0.4", b], seed=1, dp_rank=r, dp_size=dp_size).peek_draws(12)
+        for r in range(dp_size)
+    ]
     g_sets = [set(x[0] for x in draws) for draws in per_rank]
     assert all(not (g_sets[i] & g_sets[j]) for i in range(dp_size) for j in range(i + 1, dp_size))
     assert set().union(*g_sets) == set(range(12 * dp_size))
@@ -178,7 +189,7 @@ def test_resume_into_another_data_parallel_size(two_sets, old_dp, new_dp):
     for ld in new:
         ld.load_resharded_state(states)
     got = sorted(x for ld in new for x in ld.peek_draws(24 // new_dp))
-    assert got == stream[6 * 12:]
+    assert got == stream[6 * 12 :]
     if (6 * 12) % 5:  # a position the new ranks cannot share evenly is refused, naming it
         with pytest.raises(DataError, match="does not split over 5"):
             PackedDataLoader(blend, seed=3, dp_rank=0, dp_size=5).load_resharded_state(states)
@@ -238,9 +249,12 @@ def test_empty_weighted_set_refused(tmp_path):
 def make_packed(tokens, loss_mask, cu, n_tiles):
     n = len(tokens)
     return PackedSample(
-        tokens=np.array(tokens, np.int64), loss_mask=np.array(loss_mask, np.float32),
-        position_ids=np.arange(n, dtype=np.float32), cu_seqlens=np.array(cu, np.int32),
-        tiles=np.ones((sum(n_tiles), 4, 4, 3), np.uint8), num_tiles=np.array(n_tiles, np.int32),
+        tokens=np.array(tokens, np.int64),
+        loss_mask=np.array(loss_mask, np.float32),
+        position_ids=np.arange(n, dtype=np.float32),
+        cu_seqlens=np.array(cu, np.int32),
+        tiles=np.ones((sum(n_tiles), 4, 4, 3), np.uint8),
+        num_tiles=np.array(n_tiles, np.int32),
     )
 
 

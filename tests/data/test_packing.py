@@ -1,4 +1,5 @@
 """Packing (fill, boundaries, determinism) and V2PE position ids against the rule."""
+
 import math
 
 import numpy as np

@@ -1,4 +1,5 @@
 """Preference (MMPR) preprocessing: pairs, rejects, packing, data-parallel split, workers 1 = 2."""
+
 import filecmp
 import json
 import os
@@ -18,16 +19,25 @@ import preprocess_mm_data  # noqa: E402
 
 GOOD = 14
 # line -> expected reject reason for the bad records appended after the GOOD ones
-BAD = {GOOD + 1: "missing_response", GOOD + 2: "missing_response", GOOD + 3: "identical_pair",
-       GOOD + 4: "image_count_mismatch", GOOD + 5: "bad_json", GOOD + 6: "missing_image"}
+BAD = {
+    GOOD + 1: "missing_response",
+    GOOD + 2: "missing_response",
+    GOOD + 3: "identical_pair",
+    GOOD + 4: "image_count_mismatch",
+    GOOD + 5: "bad_json",
+    GOOD + 6: "missing_image",
+}
 
 
 def _lines(n_good: int) -> list:
     lines = []
     for i in range(n_good):
         kind = i % 3
-        rec = {"question": f"What is shown in picture {i}?", "chosen": "a cat " * (1 + i % 4),
-               "rejected": "a dog " * (1 + (i * 7) % 5)}
+        rec = {
+            "question": f"What is shown in picture {i}?",
+            "chosen": "a cat " * (1 + i % 4),
+            "rejected": "a dog " * (1 + (i * 7) % 5),
+        }
         if kind == 0:
             rec["image"] = f"img{i % 4}.png"
         elif kind == 1:
@@ -35,12 +45,14 @@ def _lines(n_good: int) -> list:
         if i == 4:
             rec["system_prompt"] = "You are careful."
         lines.append(json.dumps(rec))
-    lines += [json.dumps({"image": "img0.png", "question": "q", "rejected": "no"}),
-              json.dumps({"image": "img0.png", "question": "q", "chosen": "yes", "rejected": "  "}),
-              json.dumps({"image": "img0.png", "question": "q", "chosen": "same", "rejected": "same"}),
-              json.dumps({"image": "img0.png", "question": "<image>\n<image>\nq", "chosen": "a", "rejected": "b"}),
-              '{"image": "img0.png", "question": ',
-              json.dumps({"image": "missing.png", "question": "q", "chosen": "a", "rejected": "b"})]
+    lines += [
+        json.dumps({"image": "img0.png", "question": "q", "rejected": "no"}),
+        json.dumps({"image": "img0.png", "question": "q", "chosen": "yes", "rejected": "  "}),
+        json.dumps({"image": "img0.png", "question": "q", "chosen": "same", "rejected": "same"}),
+        json.dumps({"image": "img0.png", "question": "<image>\n<image>\nq", "chosen": "a", "rejected": "b"}),
+        '{"image": "img0.png", "question": ',
+        json.dumps({"image": "missing.png", "question": "q", "chosen": "a", "rejected": "b"}),
+    ]
     return lines
 
 
@@ -57,10 +69,29 @@ def pref(tmp_path_factory):
     outs = {}
     for workers in (1, 2):
         out = root / f"w{workers}" / "pref"
-        code = preprocess_mm_data.main(["--meta", str(meta), "--tokenizer", tok, "--output-prefix", str(out),
-                                        "--seq-length", "1200", "--image-size", "56", "--num-image-token", "4",
-                                        "--preference", "--v2pe-random", "--max-reject-ratio", "1",
-                                        "--workers", str(workers), "--no-progress"])
+        code = preprocess_mm_data.main(
+            [
+                "--meta",
+                str(meta),
+                "--tokenizer",
+                tok,
+                "--output-prefix",
+                str(out),
+                "--seq-length",
+                "1200",
+                "--image-size",
+                "56",
+                "--num-image-token",
+                "4",
+                "--preference",
+                "--v2pe-random",
+                "--max-reject-ratio",
+                "1",
+                "--workers",
+                str(workers),
+                "--no-progress",
+            ]
+        )
         assert code == 0
         outs[workers] = str(out)
     return root, ann, outs
@@ -124,9 +155,9 @@ def test_data_parallel_ranks_get_whole_pairs(pref):
         tokens = d["tokens"].numpy().reshape(-1)
         assert pairs.shape[0] == sum(p.pairs for p in packs) == sum(len(p.source) for p in packs) // 2
         for c, rj in pairs:
-            assert rj == c + 1 and targets[cu[c]:cu[c + 1]].any() and targets[cu[rj]:cu[rj + 1]].any()
-            n = int(np.flatnonzero(targets[cu[c]:cu[c + 1]])[0])
-            assert np.array_equal(tokens[cu[c]:cu[c] + n], tokens[cu[rj]:cu[rj] + n])
+            assert rj == c + 1 and targets[cu[c] : cu[c + 1]].any() and targets[cu[rj] : cu[rj + 1]].any()
+            n = int(np.flatnonzero(targets[cu[c] : cu[c + 1]])[0])
+            assert np.array_equal(tokens[cu[c] : cu[c] + n], tokens[cu[rj] : cu[rj] + n])
         # the rejected sequences get their pair's tiles again: one image per <img> block in the tokens
         assert d["images"].num_tiles == int(d["num_tiles"].sum())
         for p in packs:
@@ -135,6 +166,7 @@ def test_data_parallel_ranks_get_whole_pairs(pref):
 
 
 def test_precompute_reference_is_refused_with_a_reason(capsys):
-    code = preprocess_mm_data.main(["--meta", "m.json", "--tokenizer", "t", "--output-prefix", "o",
-                                    "--preference", "--precompute-reference"])
+    code = preprocess_mm_data.main(
+        ["--meta", "m.json", "--tokenizer", "t", "--output-prefix", "o", "--preference", "--precompute-reference"]
+    )
     assert code == 2 and "frozen copy of the policy" in capsys.readouterr().err

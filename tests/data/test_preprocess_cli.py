@@ -1,4 +1,5 @@
 """tools/preprocess_mm_data.py end to end on the front end's fixture (JSONL + images + parquet)."""
+
 import filecmp
 import json
 import os
@@ -33,10 +34,24 @@ def data(tmp_path_factory):
 def small_args(fx, tok, out, *extra, seq_length=None):
     """CLI arguments sized for the fixture (56-px tiles, 4 tokens per tile, 2-4 frames)."""
     return [
-        "--meta", fx.meta_path, "--tokenizer", tok, "--output-prefix", str(out),
-        "--seq-length", str(seq_length or fx.max_seq_length), "--image-size", str(fx.image_size),
-        "--num-image-token", str(fx.num_image_token), "--min-num-frames", str(fx.min_num_frames),
-        "--max-num-frames", str(fx.max_num_frames), "--no-progress", *extra,
+        "--meta",
+        fx.meta_path,
+        "--tokenizer",
+        tok,
+        "--output-prefix",
+        str(out),
+        "--seq-length",
+        str(seq_length or fx.max_seq_length),
+        "--image-size",
+        str(fx.image_size),
+        "--num-image-token",
+        str(fx.num_image_token),
+        "--min-num-frames",
+        str(fx.min_num_frames),
+        "--max-num-frames",
+        str(fx.max_num_frames),
+        "--no-progress",
+        *extra,
     ]
 
 
@@ -53,7 +68,9 @@ def all_sources(prefix):
 def run_w1(data):
     fx, tok, root = data
     out = root / "w1" / "data"
-    code = preprocess_mm_data.main(small_args(fx, tok, out, "--workers", "1", "--max-reject-ratio", "1", "--v2pe-random"))
+    code = preprocess_mm_data.main(
+        small_args(fx, tok, out, "--workers", "1", "--max-reject-ratio", "1", "--v2pe-random")
+    )
     assert code == 0
     return str(out)
 
@@ -61,7 +78,10 @@ def run_w1(data):
 def test_identical_bytes_for_1_and_2_workers(data, run_w1):
     fx, tok, root = data
     out2 = root / "w2" / "data"
-    assert preprocess_mm_data.main(small_args(fx, tok, out2, "--workers", "2", "--max-reject-ratio", "1", "--v2pe-random")) == 0
+    assert (
+        preprocess_mm_data.main(small_args(fx, tok, out2, "--workers", "2", "--max-reject-ratio", "1", "--v2pe-random"))
+        == 0
+    )
     names = [os.path.basename(p) for p in shard_files(run_w1)] + ["data.manifest.json", "data.rejects.jsonl"]
     for name in names:
         a, b = os.path.join(os.path.dirname(run_w1), name), str(root / "w2" / name)
@@ -138,7 +158,9 @@ def test_shards_hold_exactly_what_the_front_end_built(data, tmp_path):
                 np.testing.assert_array_equal(p.tokens[sl], b.tokens)
                 np.testing.assert_array_equal(p.loss_mask[sl], b.loss_mask)
                 assert nt.tolist() == list(b.num_tiles)
-                np.testing.assert_array_equal(tiles[tile_off : tile_off + int(nt.sum())], b.tiles)  # default webp: lossless
+                np.testing.assert_array_equal(
+                    tiles[tile_off : tile_off + int(nt.sum())], b.tiles
+                )  # default webp: lossless
                 np.testing.assert_array_equal(p.position_ids[sl], v2pe_position_ids(b.tokens, *ids, 0.25))
                 assert r.datasets[d]["data_augment"] == b.data_augment
                 kinds[fx.kinds[key]] += 1
@@ -152,7 +174,9 @@ def test_shards_hold_exactly_what_the_front_end_built(data, tmp_path):
 def test_parquet_rows_through_the_cli(data, run_w1):
     fx, tok, root = data
     parquet = Counter(line for name, line in all_sources(run_w1) if name == "parquet")
-    assert parquet == Counter({line: 1 for (d, line), reason in fx.expected.items() if d == "parquet" and reason is None})
+    assert parquet == Counter(
+        {line: 1 for (d, line), reason in fx.expected.items() if d == "parquet" and reason is None}
+    )
     r = ShardReader(run_w1)
     for i in range(len(r)):
         p = r.read(i, with_tiles=False)
@@ -202,7 +226,9 @@ def test_bad_arguments_are_clear(data, tmp_path, capsys):
     fx, tok, root = data
     assert preprocess_mm_data.main(small_args(fx, tok, tmp_path / "o", "--v2pe-delta", "1.5")) == 2
     assert "--v2pe-delta" in capsys.readouterr().err
-    code = preprocess_mm_data.main(["--meta", str(tmp_path / "none.json"), "--tokenizer", tok, "--output-prefix", str(tmp_path / "o")])
+    code = preprocess_mm_data.main(
+        ["--meta", str(tmp_path / "none.json"), "--tokenizer", tok, "--output-prefix", str(tmp_path / "o")]
+    )
     assert code == 2 and "none.json" in capsys.readouterr().err
     # exclusive flags: exit 2 with one line naming them (the flags are generated, so this is checked on the config)
     assert preprocess_mm_data.main(small_args(fx, tok, tmp_path / "o", "--v2pe-delta", "0.5", "--v2pe-random")) == 2
@@ -216,8 +242,11 @@ def test_usage_command_at_16384(data, tmp_path):
     and collate then read the result."""
     fx, tok, root = data
     out = tmp_path / "big" / "data"
-    cmd = [sys.executable, os.path.join(REPO, "tools", "preprocess_mm_data.py"),
-           *small_args(fx, tok, out, "--workers", "2", "--max-reject-ratio", "1", seq_length=16384)]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "tools", "preprocess_mm_data.py"),
+        *small_args(fx, tok, out, "--workers", "2", "--max-reject-ratio", "1", seq_length=16384),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "fill" in proc.stdout and "reject" in proc.stdout
@@ -250,8 +279,25 @@ def test_model_preset_sets_image_geometry(data, tmp_path):
     fx, tok, root = data
     preset = get_preset("debug")
     out = tmp_path / "m"
-    args = ["--meta", fx.meta_path, "--tokenizer", tok, "--output-prefix", str(out), "--model", "debug",
-            "--seq-length", "2048", "--min-num-frames", "2", "--max-num-frames", "4", "--max-reject-ratio", "1", "--no-progress"]
+    args = [
+        "--meta",
+        fx.meta_path,
+        "--tokenizer",
+        tok,
+        "--output-prefix",
+        str(out),
+        "--model",
+        "debug",
+        "--seq-length",
+        "2048",
+        "--min-num-frames",
+        "2",
+        "--max-num-frames",
+        "4",
+        "--max-reject-ratio",
+        "1",
+        "--no-progress",
+    ]
     assert preprocess_mm_data.main(args) == 0
     m = json.load(open(manifest_path(str(out))))
     side = preset.vision.image_size // preset.vision.patch_size
@@ -271,9 +317,25 @@ def test_model_directory_chooses_the_template(data, tmp_path, capsys):
     config = hf_config_for(get_preset("debug"), "internvl", torch.float32)
     (hf / "config.json").write_text(json.dumps(config))
     out = tmp_path / "m"
-    args = ["--meta", fx.meta_path, "--tokenizer", tok, "--output-prefix", str(out), "--model", str(hf),
-            "--seq-length", "2048", "--min-num-frames", "2", "--max-num-frames", "4", "--max-reject-ratio", "1",
-            "--no-progress"]
+    args = [
+        "--meta",
+        fx.meta_path,
+        "--tokenizer",
+        tok,
+        "--output-prefix",
+        str(out),
+        "--model",
+        str(hf),
+        "--seq-length",
+        "2048",
+        "--min-num-frames",
+        "2",
+        "--max-num-frames",
+        "4",
+        "--max-reject-ratio",
+        "1",
+        "--no-progress",
+    ]
     assert preprocess_mm_data.main(args) == 0
     m = json.load(open(manifest_path(str(out))))
     assert m["template"] == "internvl2_5" and m["num_image_token"] == get_preset("debug").num_image_token

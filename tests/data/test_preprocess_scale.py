@@ -1,4 +1,5 @@
 """Preprocessing at scale: split across machines (--num-shards), a worker pool that survives dying workers."""
+
 import json
 import os
 import sys
@@ -23,12 +24,33 @@ def data(tmp_path_factory):
 
 
 def run(fx, tok, prefix, *extra) -> int:
-    return preprocess_mm_data.main([
-        "--meta", fx.meta_path, "--tokenizer", tok, "--output-prefix", str(prefix),
-        "--seq-length", str(fx.max_seq_length), "--image-size", str(fx.image_size),
-        "--num-image-token", str(fx.num_image_token), "--min-num-frames", str(fx.min_num_frames),
-        "--max-num-frames", str(fx.max_num_frames), "--no-progress", "--max-reject-ratio", "1",
-        "--v2pe-random", "--tile-format", "source", *extra])
+    return preprocess_mm_data.main(
+        [
+            "--meta",
+            fx.meta_path,
+            "--tokenizer",
+            tok,
+            "--output-prefix",
+            str(prefix),
+            "--seq-length",
+            str(fx.max_seq_length),
+            "--image-size",
+            str(fx.image_size),
+            "--num-image-token",
+            str(fx.num_image_token),
+            "--min-num-frames",
+            str(fx.min_num_frames),
+            "--max-num-frames",
+            str(fx.max_num_frames),
+            "--no-progress",
+            "--max-reject-ratio",
+            "1",
+            "--v2pe-random",
+            "--tile-format",
+            "source",
+            *extra,
+        ]
+    )
 
 
 def samples_by_source(prefix) -> dict:
@@ -44,7 +66,9 @@ def samples_by_source(prefix) -> dict:
 
 
 def rejects(prefix) -> set:
-    return {(os.path.basename(r["file"]), r["line"], r["reason"]) for r in map(json.loads, open(f"{prefix}.rejects.jsonl"))}
+    return {
+        (os.path.basename(r["file"]), r["line"], r["reason"]) for r in map(json.loads, open(f"{prefix}.rejects.jsonl"))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +125,9 @@ def test_dead_workers_are_retried_once_then_rejected(data, whole, monkeypatch):
     marker = root / "crashed_once"
     monkeypatch.setenv("CRASH_ONCE_MARKER", str(marker))
     monkeypatch.setattr(preprocess, "_RECORD_TIMEOUT_S", 8.0)  # a record takes milliseconds
-    monkeypatch.setattr(preprocess, "_WORKER_PRELOAD",
-                        (*preprocess._WORKER_PRELOAD, "tests.data.crashing_process_record"))
+    monkeypatch.setattr(
+        preprocess, "_WORKER_PRELOAD", (*preprocess._WORKER_PRELOAD, "tests.data.crashing_process_record")
+    )
     out = root / "crash" / "data"
     forkserver._forkserver._stop()  # a fresh server preloads the crashes (private; the stdlib's tests use it)
     try:
@@ -114,8 +139,14 @@ def test_dead_workers_are_retried_once_then_rejected(data, whole, monkeypatch):
     want = samples_by_source(whole)
     del want[("single", 2)], want[("single", 6)]
     assert got == want
-    died = sorted((r["location"], r["detail"]) for r in map(json.loads, open(f"{out}.rejects.jsonl"))
-                  if r["reason"] == "worker_died")
+    died = sorted(
+        (r["location"], r["detail"])
+        for r in map(json.loads, open(f"{out}.rejects.jsonl"))
+        if r["reason"] == "worker_died"
+    )
     assert len(died) == 2 and died[0][0].endswith("single.jsonl:2") and "SIGKILL" in died[0][1]
     assert died[1][0].endswith("single.jsonl:6") and "no result within 8 s" in died[1][1]
-    assert rejects(str(out)) - rejects(whole) == {("single.jsonl", 2, "worker_died"), ("single.jsonl", 6, "worker_died")}
+    assert rejects(str(out)) - rejects(whole) == {
+        ("single.jsonl", 2, "worker_died"),
+        ("single.jsonl", 6, "worker_died"),
+    }

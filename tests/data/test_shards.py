@@ -1,4 +1,5 @@
 """Shard writer/reader round trip on megatron-core's indexed dataset format."""
+
 import json
 import os
 
@@ -132,7 +133,15 @@ def test_raw_tiles_are_zero_copy_views(tmp_path):
 def test_text_only_set_has_empty_tile_file(tmp_path):
     prefix = str(tmp_path / "txt")
     w = ShardWriter(prefix, tile_format="png", tile_shape=TILE)
-    s = EncodedSample(np.arange(4, dtype=np.int32), np.ones(4, np.uint8), np.arange(4, dtype=np.float32), np.zeros(0, np.int32), [], 0, 1)
+    s = EncodedSample(
+        np.arange(4, dtype=np.int32),
+        np.ones(4, np.uint8),
+        np.arange(4, dtype=np.float32),
+        np.zeros(0, np.int32),
+        [],
+        0,
+        1,
+    )
     w.add_pack([s, s])
     w.finalize()
     assert os.path.getsize(prefix + "_tiles.bin") == 0
@@ -165,11 +174,26 @@ def test_reader_errors_name_the_problem(tmp_path):
 
 def test_writer_validates_samples(tmp_path):
     w = ShardWriter(str(tmp_path / "bad"), tile_format="raw", tile_shape=TILE)
-    good = EncodedSample(np.arange(3, dtype=np.int32), np.ones(3, np.uint8), np.arange(3, dtype=np.float32),
-                         np.array([2], np.int32), [b"x" * int(np.prod(TILE))], 0, 1)
+    good = EncodedSample(
+        np.arange(3, dtype=np.int32),
+        np.ones(3, np.uint8),
+        np.arange(3, dtype=np.float32),
+        np.array([2], np.int32),
+        [b"x" * int(np.prod(TILE))],
+        0,
+        1,
+    )
     with pytest.raises(ValueError, match="num_tiles"):
         w.add_pack([good])
-    short = EncodedSample(np.arange(3, dtype=np.int32), np.ones(2, np.uint8), np.arange(3, dtype=np.float32), np.zeros(0, np.int32), [], 0, 5)
+    short = EncodedSample(
+        np.arange(3, dtype=np.int32),
+        np.ones(2, np.uint8),
+        np.arange(3, dtype=np.float32),
+        np.zeros(0, np.int32),
+        [],
+        0,
+        5,
+    )
     with pytest.raises(ValueError, match="line 5"):
         w.add_pack([short])
 

@@ -1,4 +1,5 @@
 """The "source" tile format: each image stored once, tiles cut at load time pixel-exact to today's tiles."""
+
 import io
 import os
 import sys
@@ -63,8 +64,10 @@ def internvl_tiles(image: Image.Image, min_num: int, max_num: int, size: int, th
     grid = plan_tiling(w, h, min_num, max_num, size, False)
     cols, rows = grid.cols, grid.rows
     resized = image.resize((cols * size, rows * size))
-    tiles = [resized.crop(((i % cols) * size, (i // cols) * size, (i % cols + 1) * size, (i // cols + 1) * size))
-             for i in range(cols * rows)]
+    tiles = [
+        resized.crop(((i % cols) * size, (i // cols) * size, (i % cols + 1) * size, (i // cols + 1) * size))
+        for i in range(cols * rows)
+    ]
     if thumbnail and len(tiles) != 1:
         tiles.append(image.resize((size, size)))
     tiles = [t.convert("RGB").resize((size, size), Image.Resampling.BICUBIC) for t in tiles]
@@ -128,11 +131,31 @@ def two_formats(tmp_path_factory):
     out = {}
     for fmt in ("raw", "source"):
         prefix = str(root / fmt / "data")
-        args = ["--meta", fx.meta_path, "--tokenizer", tok, "--output-prefix", prefix,
-                "--seq-length", str(fx.max_seq_length), "--image-size", str(fx.image_size),
-                "--num-image-token", str(fx.num_image_token), "--min-num-frames", str(fx.min_num_frames),
-                "--max-num-frames", str(fx.max_num_frames), "--no-progress", "--max-reject-ratio", "1",
-                "--tile-format", fmt, "--workers", "2"]
+        args = [
+            "--meta",
+            fx.meta_path,
+            "--tokenizer",
+            tok,
+            "--output-prefix",
+            prefix,
+            "--seq-length",
+            str(fx.max_seq_length),
+            "--image-size",
+            str(fx.image_size),
+            "--num-image-token",
+            str(fx.num_image_token),
+            "--min-num-frames",
+            str(fx.min_num_frames),
+            "--max-num-frames",
+            str(fx.max_num_frames),
+            "--no-progress",
+            "--max-reject-ratio",
+            "1",
+            "--tile-format",
+            fmt,
+            "--workers",
+            "2",
+        ]
         assert preprocess_mm_data.main(args) == 0
         out[fmt] = prefix
     return fx, out

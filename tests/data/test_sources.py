@@ -1,4 +1,5 @@
 """Meta JSON, JSONL/parquet records and build_sample on every data kind and every bad-input kind."""
+
 import copy
 import json
 import os
@@ -196,8 +197,10 @@ def _image_runs(tok, tokens):
 
 
 def _grid_tiles(w, h, max_num):
-    grids = sorted({(c, r) for c in range(1, max_num + 1) for r in range(1, max_num + 1) if c * r <= max_num},
-                   key=lambda g: g[0] * g[1])
+    grids = sorted(
+        {(c, r) for c in range(1, max_num + 1) for r in range(1, max_num + 1) if c * r <= max_num},
+        key=lambda g: g[0] * g[1],
+    )
     c, r = find_closest_aspect_ratio(w / h, grids, w, h, 56)
     return c * r + (1 if c * r > 1 else 0)
 
@@ -224,7 +227,11 @@ def test_tile_limits(outcomes):
     assert outcomes[("single", 1)].num_tiles == [_grid_tiles(64, 48, 12)]
     assert outcomes[("single", 7)].num_tiles == [_grid_tiles(300, 60, 12)]
     assert outcomes[("multi", 1)].num_tiles == [_grid_tiles(64, 48, 3), _grid_tiles(30, 90, 3)]
-    assert outcomes[("multi", 2)].num_tiles == [_grid_tiles(64, 48, 2), _grid_tiles(30, 90, 2), _grid_tiles(100, 100, 2)]
+    assert outcomes[("multi", 2)].num_tiles == [
+        _grid_tiles(64, 48, 2),
+        _grid_tiles(30, 90, 2),
+        _grid_tiles(100, 100, 2),
+    ]
     assert outcomes[("parquet", 3)].num_tiles == [_grid_tiles(48, 64, 6), _grid_tiles(90, 30, 6)]
 
 
@@ -345,8 +352,13 @@ def test_messages_to_conversations():
 def test_jsonl_messages_style_and_parquet_paths(tmp_path, tok, fx):
     fixtures.write_image(str(tmp_path / "x.png"), (40, 40), seed=3)
     spec = DatasetSpec(name="m", root=str(tmp_path), annotation=str(tmp_path / "m.jsonl"))
-    payload = {"image": "x.png", "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]},
-                                               {"role": "assistant", "content": "A"}]}
+    payload = {
+        "image": "x.png",
+        "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]},
+            {"role": "assistant", "content": "A"},
+        ],
+    }
     s = build_sample(RawRecord(spec, spec.annotation, 1, payload), tok, fx.options())
     assert isinstance(s, TokenizedSample) and tok.decode(s.tokens).count("<img>") == 1
     # parquet-style images given by path relative to root
@@ -363,15 +375,23 @@ def test_jsonl_messages_style_and_parquet_paths(tmp_path, tok, fx):
         ({"conversations": [1, 2]}, "bad_record"),
         ({"conversations": None}, "bad_record"),
         ({"image": 5, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, "bad_record"),
-        ({"image": [None], "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, "bad_record"),
+        (
+            {"image": [None], "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+            "bad_record",
+        ),
         ({"video": 3, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, "bad_record"),
         ({"images": "x", "messages": [{"role": "user", "content": "q"}]}, "bad_record"),
         ({"images": [{"bytes": None, "path": None}], "messages": [{"role": "user", "content": "q"}]}, "bad_record"),
         ({"messages": [{"role": "alien", "content": "q"}]}, "bad_record"),
         ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "bad_record"),
         ({"image": "a.png", "conversations": [{"from": "gpt", "value": "answer only"}]}, "image_count_mismatch"),
-        ({"video": "videos/anim.gif", "conversations": [{"from": "human", "value": "<video> <video>"},
-                                                        {"from": "gpt", "value": "a"}]}, "image_count_mismatch"),
+        (
+            {
+                "video": "videos/anim.gif",
+                "conversations": [{"from": "human", "value": "<video> <video>"}, {"from": "gpt", "value": "a"}],
+            },
+            "image_count_mismatch",
+        ),
     ],
 )
 def test_bad_payloads_never_raise(fx, tok, specs, payload, reason):

@@ -4,6 +4,7 @@
 (default add_special_tokens=True, BOS string + first turn, BOS stripped from every turn, labels with -100) -
 so our Tokenizer/numpy implementation is checked against an independent path.
 """
+
 import copy
 
 import numpy as np
@@ -33,7 +34,8 @@ def internvl_reference(conversations, hf, num_image_token_list):
                 if k == len(num_image_token_list):
                     break
                 c["value"] = c["value"].replace(
-                    "<image>", "<img>" + "<IMG_CONTEXT>" * num_image_token_list[k] + "</img>", 1)
+                    "<image>", "<img>" + "<IMG_CONTEXT>" * num_image_token_list[k] + "</img>", 1
+                )
                 k += 1
     assert k == len(num_image_token_list)
     batches = [f"<|im_start|>system\n{system_prompt}<|im_end|>\n"]
@@ -80,10 +82,14 @@ CASES = {
     "cjk_emoji": (turns("这是什么？😺", "一只猫。🐱"), []),
     "single_image": (turns("<image>\nWhat digit?", "Seven."), [N_TOK * 13]),
     "single_image_mid_text": (turns("Look at <image> please", "Done."), [N_TOK * 5]),
-    "multi_image": (turns("<image>\n<image>\nCompare.", "Same.", "And <image>?", "Different."),
-                    [N_TOK * 3, N_TOK * 1, N_TOK * 2]),
-    "video_frames": (turns("Frame-1: <image>\nFrame-2: <image>\nFrame-3: <image>\nWhat happens?", "Motion."),
-                     [N_TOK] * 3),
+    "multi_image": (
+        turns("<image>\n<image>\nCompare.", "Same.", "And <image>?", "Different."),
+        [N_TOK * 3, N_TOK * 1, N_TOK * 2],
+    ),
+    "video_frames": (
+        turns("Frame-1: <image>\nFrame-2: <image>\nFrame-3: <image>\nWhat happens?", "Motion."),
+        [N_TOK] * 3,
+    ),
     "image_with_system": (turns("<image>\nDescribe.", "A digit.", system="Be precise."), [N_TOK * 2]),
 }
 
@@ -127,10 +133,10 @@ def test_structure(tokenizers, tok_name, case):
     n_gpt = 0
     for s in starts:
         e = s + int(np.flatnonzero(tokens[s:] == im_end)[0])  # this turn's <|im_end|>
-        if list(tokens[s:s + len(assistant)]) == assistant:
-            allowed[s + header_len:e + 1] = True
+        if list(tokens[s : s + len(assistant)]) == assistant:
+            allowed[s + header_len : e + 1] = True
             n_gpt += 1
-            assert mask[s:s + header_len].sum() == 0  # never on "<|im_start|>assistant\n"
+            assert mask[s : s + header_len].sum() == 0  # never on "<|im_start|>assistant\n"
             assert mask[e] == 1  # always on the answer's <|im_end|>
             assert e + 1 < len(tokens) and mask[e + 1] == 0  # never on the trailing "\n"
     assert n_gpt == sum(c["from"] == "gpt" for c in convs)
@@ -188,8 +194,11 @@ def test_roles_aliases_and_conversation_not_mutated(tokenizers):
         (turns("<image> <image>", "a"), [4], "image_count_mismatch"),
         (turns("no placeholder", "a"), [4], "image_count_mismatch"),
         (turns("q", "<image> in the answer is text"), [4], "image_count_mismatch"),
-        ([{"from": "human", "value": "q"}, {"from": "system", "value": "late"}, {"from": "gpt", "value": "a"}],
-         [], "bad_record"),
+        (
+            [{"from": "human", "value": "q"}, {"from": "system", "value": "late"}, {"from": "gpt", "value": "a"}],
+            [],
+            "bad_record",
+        ),
         ([{"from": "robot", "value": "q"}, {"from": "gpt", "value": "a"}], [], "bad_record"),
         ([{"from": "human", "value": 3}, {"from": "gpt", "value": "a"}], [], "bad_record"),
         ([{"from": "human"}, {"from": "gpt", "value": "a"}], [], "bad_record"),
@@ -204,6 +213,7 @@ def test_errors_have_reasons(tokenizers, convs, n_img, reason):
 
 
 # --- InternVL3.5's "pretrain" samples (internvl_chat_gpt_oss/internvl/train/dataset.py) -----------
+
 
 def internvl_pretrain_reference(conversations, hf, num_image_token_list):
     """InternVL3.5's preprocess_pretrain for one sample -> (input_ids, labels), on transformers' tokenizer."""
@@ -241,12 +251,18 @@ def test_pretrain_samples_match_internvl3_5_rule(tokenizers, tok_name, case):
     assert mask.sum() == len(tokens) - sum(n + 2 for n in n_img)  # only image blocks carry no loss
 
 
-@pytest.mark.parametrize("convs,n_img,reason", [
-    ([{"from": "pretrain", "value": "a"}, {"from": "gpt", "value": "b"}], [], "bad_record"),
-    ([{"from": "human", "value": "a"}, {"from": "pretrain", "value": "b"}, {"from": "gpt", "value": "c"}], [],
-     "bad_record"),
-    ([{"from": "pretrain", "value": "no image here"}], [N_TOK], "image_count_mismatch"),
-])
+@pytest.mark.parametrize(
+    "convs,n_img,reason",
+    [
+        ([{"from": "pretrain", "value": "a"}, {"from": "gpt", "value": "b"}], [], "bad_record"),
+        (
+            [{"from": "human", "value": "a"}, {"from": "pretrain", "value": "b"}, {"from": "gpt", "value": "c"}],
+            [],
+            "bad_record",
+        ),
+        ([{"from": "pretrain", "value": "no image here"}], [N_TOK], "image_count_mismatch"),
+    ],
+)
 def test_pretrain_samples_are_single_turn(tokenizers, convs, n_img, reason):
     tok, _ = tokenizers["qwen2"]
     with pytest.raises(TemplateError) as err:

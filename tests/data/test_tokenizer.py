@@ -1,4 +1,5 @@
 """Tokenizer loader: ids must equal transformers' AutoTokenizer (add_special_tokens=False) on every format."""
+
 import json
 import os
 import pickle
@@ -95,8 +96,11 @@ def test_vocab_merges_matches_autotokenizer(qwen_dir, tmp_path):
 )
 def test_sentencepiece_matches_autotokenizer(tmp_path, add_dummy_prefix, normalization, add_prefix_space, legacy):
     d = fixtures.make_sentencepiece_dir(
-        str(tmp_path / "sp"), add_dummy_prefix=add_dummy_prefix, normalization=normalization,
-        add_prefix_space=add_prefix_space, legacy=legacy,
+        str(tmp_path / "sp"),
+        add_dummy_prefix=add_dummy_prefix,
+        normalization=normalization,
+        add_prefix_space=add_prefix_space,
+        legacy=legacy,
     )
     ours = load_tokenizer(d)
     hf = AutoTokenizer.from_pretrained(d)
@@ -121,7 +125,7 @@ def _slow_reference(sp, added: dict, text: str) -> list:
         if pos:
             ids += sp.encode(rest[:pos])
         ids.append(added[tok])
-        rest = rest[pos + len(tok):]
+        rest = rest[pos + len(tok) :]
     return ids
 
 
@@ -130,7 +134,9 @@ def test_sentencepiece_internlm_class_runs_sentencepiece_per_chunk(tmp_path, add
     import sentencepiece as spm
 
     d = fixtures.make_sentencepiece_dir(
-        str(tmp_path / "internlm"), add_dummy_prefix=add_dummy_prefix, normalization=normalization,
+        str(tmp_path / "internlm"),
+        add_dummy_prefix=add_dummy_prefix,
+        normalization=normalization,
         tokenizer_class="InternLM2Tokenizer",
     )
     ours = load_tokenizer(d)
@@ -185,8 +191,11 @@ def test_decode_keeps_special_tokens_sentencepiece(tmp_path):
 
 
 def test_pickle_round_trip_rebuilds_backend(qwen_dir, tmp_path):
-    for d in (qwen_dir, fixtures.make_sentencepiece_dir(str(tmp_path / "sp")),
-              fixtures.make_tiktoken_dir(qwen_dir, str(tmp_path / "tik"))):
+    for d in (
+        qwen_dir,
+        fixtures.make_sentencepiece_dir(str(tmp_path / "sp")),
+        fixtures.make_tiktoken_dir(qwen_dir, str(tmp_path / "tik")),
+    ):
         tok = load_tokenizer(d)
         tok.encode("warm up the backend")
         blob = pickle.dumps(tok)

@@ -1,6 +1,7 @@
 """Worker processes (the loader's and the preprocessing pool's) leave when their parent is SIGKILLed:
 workers hold copies of the job's output pipes and would otherwise wait for work forever, keeping a killed
 job's output open (a torchrun job whose rank was killed then never ends)."""
+
 import os
 import signal
 import subprocess

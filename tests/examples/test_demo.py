@@ -5,6 +5,7 @@ accuracy of a few steps is meaningless, so it is not asserted). Also checks the 
 against the InternVL template rule tokenized by transformers, and that held-out images never appear
 in the training data.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -38,8 +39,14 @@ def _jsonl(path: Path) -> list[dict]:
 def quick_demo(tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("demo") / "run"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(DEMO), "--quick", "--out", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=570)
+    proc = subprocess.run(
+        [sys.executable, str(DEMO), "--quick", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=570,
+    )
     assert proc.returncode == 0, f"demo failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     return out, proc.stdout
 
@@ -84,8 +91,9 @@ def test_evaluation_answered_every_heldout_question(quick_demo):
     heldout = _jsonl(out / "data" / "digits_heldout.jsonl")
     predictions = _jsonl(out / "predictions.jsonl")
     assert len(heldout) > 300  # 20% of scikit-learn's 1,797 digits
-    assert [(p["image"], p["question"], p["answer"]) for p in predictions] == \
-        [(h["image"], h["question"], h["answer"]) for h in heldout]
+    assert [(p["image"], p["question"], p["answer"]) for p in predictions] == [
+        (h["image"], h["question"], h["answer"]) for h in heldout
+    ]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_heldout"] == len(heldout)
     assert summary["num_correct"] == sum(p["correct"] for p in predictions)
@@ -115,16 +123,23 @@ def test_eval_prompt_is_the_internvl_template_rule(quick_demo):
     tok_dir = str(out / "data" / "tokenizer")
     system, question, n = "Be brief.", "What digit is shown?", 4
     ours = evaluate.prompt_ids(load_tokenizer(tok_dir), question, [n], system)
-    text = (f"<|im_start|>system\n{system}<|im_end|>\n"
-            f"<|im_start|>user\n<img>{'<IMG_CONTEXT>' * n}</img>\n{question}<|im_end|>\n"
-            "<|im_start|>assistant\n")
+    text = (
+        f"<|im_start|>system\n{system}<|im_end|>\n"
+        f"<|im_start|>user\n<img>{'<IMG_CONTEXT>' * n}</img>\n{question}<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
     assert ours == AutoTokenizer.from_pretrained(tok_dir).encode(text, add_special_tokens=False)
 
 
 def test_refuses_to_empty_a_directory_it_did_not_make(tmp_path):
     keep = tmp_path / "precious.txt"
     keep.write_text("not a demo output")
-    proc = subprocess.run([sys.executable, str(DEMO), "--quick", "--out", str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(DEMO), "--quick", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "not a digits demo output" in proc.stderr
     assert keep.read_text() == "not a demo output"

@@ -4,6 +4,7 @@ without it), the launchers' per-node commands, the planner-derived layouts, the 
 Nothing here starts a training process: `TORCHRUN`, `srun`, `scontrol` and `ssh` are replaced by
 small recorders, so the tests see exactly what the scripts would launch.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -94,7 +95,8 @@ def recorder(tmp_path_factory) -> Path:
         "with open(os.environ['RECORD_LOG'], 'a') as f:\n"
         "    f.write(json.dumps({'argv': [os.path.basename(sys.argv[1])] + sys.argv[2:],\n"
         "                        'env': {k: os.environ.get(k) for k in ('CUDA_DEVICE_MAX_CONNECTIONS', 'NODE_RANK')}})"
-        " + '\\n')\n")
+        " + '\\n')\n"
+    )
     for name in ("torchrun", "ssh", "srun"):
         tool = d / name
         tool.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{record}" {name} "$@"\n')
@@ -103,13 +105,15 @@ def recorder(tmp_path_factory) -> Path:
     (d / "srun").write_text(
         f'#!/usr/bin/env bash\n"{sys.executable}" "{record}" srun "$@"\n'
         'nodes=1\nwhile [ $# -gt 0 ]; do case $1 in --nodes) nodes=$2; shift 2;; bash) break;; *) shift;; esac; done\n'
-        'for (( i = 0; i < nodes; i++ )); do SLURM_NODEID=$i SLURM_JOB_NODELIST="gpu[07-10]" "$@" || exit 1; done\n')
+        'for (( i = 0; i < nodes; i++ )); do SLURM_NODEID=$i SLURM_JOB_NODELIST="gpu[07-10]" "$@" || exit 1; done\n'
+    )
     (d / "scontrol").write_text('#!/bin/sh\nprintf "gpu07\\ngpu08\\ngpu09\\ngpu10\\n"\n')
     (d / "scontrol").chmod(0o755)
     # fake ssh: record, then run the remote command here (same checkout, like a shared file system)
     (d / "ssh").write_text(
         f'#!/usr/bin/env bash\n"{sys.executable}" "{record}" ssh "$@"\n'
-        'while [ $# -gt 0 ]; do case $1 in -o) shift 2;; *) break;; esac; done\nshift\nexec bash -c "$1"\n')
+        'while [ $# -gt 0 ]; do case $1 in -o) shift 2;; *) break;; esac; done\nshift\nexec bash -c "$1"\n'
+    )
     return d
 
 
@@ -121,8 +125,12 @@ def recorded(recorder: Path) -> list[dict]:
 
 
 def fake_env(recorder: Path, **extra: str) -> dict:
-    return {"PATH": f"{recorder}:{os.environ['PATH']}", "RECORD_LOG": str(recorder / "calls.jsonl"),
-            "PYTHON": sys.executable, **extra}
+    return {
+        "PATH": f"{recorder}:{os.environ['PATH']}",
+        "RECORD_LOG": str(recorder / "calls.jsonl"),
+        "PYTHON": sys.executable,
+        **extra,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -149,7 +157,7 @@ def test_dry_run_prints_the_planned_torchrun_command(script: Path):
     assert env == {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
     assert argv[0] == "torchrun"
     script_at = next(i for i, w in enumerate(argv) if w.endswith("pretrain_internvl.py"))
-    launcher, args = argv[:script_at], argv[script_at + 1:]
+    launcher, args = argv[:script_at], argv[script_at + 1 :]
     assert Path(argv[script_at]) == REPO / "pretrain_internvl.py"
     # the job geometry: all of the row's GPUs, 8 per node
     nnodes, nproc = int(option(launcher, "--nnodes")), int(option(launcher, "--nproc_per_node"))
@@ -174,8 +182,12 @@ def test_dry_run_prints_the_planned_torchrun_command(script: Path):
     assert args[-2:] == ["--log-interval", "7"]  # extra flags are passed on, last (so they win)
     assert values(args, "--data-path") == [f"data/shards/{row.model}"]
     stage_name = script.stem
-    expected_start = {"stage1": f"checkpoints/{row.model}", "stage1_5": f"work_dirs/{row.model}/stage1",
-                      "stage2": f"work_dirs/{row.model}/stage1_5", "2nd_finetune": f"checkpoints/{row.model}"}
+    expected_start = {
+        "stage1": f"checkpoints/{row.model}",
+        "stage1_5": f"work_dirs/{row.model}/stage1",
+        "stage2": f"work_dirs/{row.model}/stage1_5",
+        "2nd_finetune": f"checkpoints/{row.model}",
+    }
     assert option(args, "--pretrained") == expected_start[stage_name]
     assert option(args, "--save") == f"work_dirs/{row.model}/{stage_name}"
 
@@ -188,7 +200,7 @@ def test_dry_run_commands_are_accepted_by_the_trainer():
     for script in SIZE_SCRIPTS:
         line = run(["bash", str(script)], env={"DRY_RUN": "1", "TRAIN_ITERS": "100"}).stdout
         argv = torchrun_argv(line)[1]
-        args = argv[next(i for i, w in enumerate(argv) if w.endswith("pretrain_internvl.py")) + 1:]
+        args = argv[next(i for i, w in enumerate(argv) if w.endswith("pretrain_internvl.py")) + 1 :]
         run_cfg = pretrain.parse_run_config(args)
         validate(run_cfg)  # raises ConfigError naming the flags when a combination is refused
         gpus = int(option(argv, "--nnodes")) * int(option(argv, "--nproc_per_node"))
@@ -200,8 +212,7 @@ def test_dry_run_commands_are_accepted_by_the_trainer():
 
 def test_dry_run_is_exactly_what_runs_and_nothing_else_runs(recorder, tmp_path):
     script = EXAMPLES / "internvl3_38b" / "stage2.sh"
-    env = fake_env(recorder, TRAIN_ITERS="50", OUTPUT_DIR=str(tmp_path / "out"), NODE_RANK="1",
-                   MASTER_ADDR="10.0.0.1")
+    env = fake_env(recorder, TRAIN_ITERS="50", OUTPUT_DIR=str(tmp_path / "out"), NODE_RANK="1", MASTER_ADDR="10.0.0.1")
     dry = run(["bash", str(script), "--seed", "5"], env={**env, "DRY_RUN": "1"})
     assert recorded(recorder) == [] and not (tmp_path / "out").exists()
     run(["bash", str(script), "--seed", "5"], env=env)
@@ -231,15 +242,28 @@ def test_resume_prefers_the_output_dir_checkpoint(tmp_path):
     (out / "latest_checkpointed_iteration.txt").write_text("4")
     argv = torchrun_argv(run(["bash", script], env=env).stdout)[1]
     assert option(argv, "--load") == str(out) and "--pretrained" not in argv
-    argv = torchrun_argv(run(["bash", script], env={**env, "OUTPUT_DIR": str(tmp_path / "new"),
-                                                     "PRETRAINED": ""}).stdout)[1]
+    argv = torchrun_argv(
+        run(["bash", script], env={**env, "OUTPUT_DIR": str(tmp_path / "new"), "PRETRAINED": ""}).stdout
+    )[1]
     assert "--pretrained" not in argv and "--load" not in argv  # empty PRETRAINED: fresh weights
 
 
 def test_environment_overrides_layout_and_geometry():
-    env = {"DRY_RUN": "1", "TRAIN_ITERS": "40", "GPUS": "16", "PER_DEVICE_BATCH_SIZE": "2", "BATCH_SIZE": "64",
-           "TP": "2", "PP": "2", "RECOMPUTE": "1", "FIRST_STAGE_LAYERS": "10", "BF16": "0",
-           "DATA_PATH": "0.3 /d/a 0.7 /d/b", "LR": "1e-5", "MASTER_PORT": "40000"}
+    env = {
+        "DRY_RUN": "1",
+        "TRAIN_ITERS": "40",
+        "GPUS": "16",
+        "PER_DEVICE_BATCH_SIZE": "2",
+        "BATCH_SIZE": "64",
+        "TP": "2",
+        "PP": "2",
+        "RECOMPUTE": "1",
+        "FIRST_STAGE_LAYERS": "10",
+        "BF16": "0",
+        "DATA_PATH": "0.3 /d/a 0.7 /d/b",
+        "LR": "1e-5",
+        "MASTER_PORT": "40000",
+    }
     argv = torchrun_argv(run(["bash", str(EXAMPLES / "internvl3_8b" / "stage2.sh")], env=env).stdout)[1]
     assert option(argv, "--nnodes") == "2" and option(argv, "--nproc_per_node") == "8"
     assert option(argv, "--master_port") == "40000"
@@ -255,24 +279,35 @@ def test_train_iters_count_an_epoch_from_the_manifests(tmp_path):
     packs = {"a": 1000, "b": 301}
     for name, n in packs.items():
         (tmp_path / f"{name}.manifest.json").write_text(json.dumps({"counts": {"packs": n}}))
-    env = {"DRY_RUN": "1", "EPOCHS": "2", "BATCH_SIZE": "128",
-           "DATA_PATH": f"2 {tmp_path / 'a'} 1 {tmp_path / 'b'}", "PYTHON": sys.executable}
+    env = {
+        "DRY_RUN": "1",
+        "EPOCHS": "2",
+        "BATCH_SIZE": "128",
+        "DATA_PATH": f"2 {tmp_path / 'a'} 1 {tmp_path / 'b'}",
+        "PYTHON": sys.executable,
+    }
     argv = torchrun_argv(run(["bash", str(EXAMPLES / "internvl3_1b" / "stage1.sh")], env=env).stdout)[1]
     iters = math.ceil(2 * sum(packs.values()) / 128)
     assert option(argv, "--train-iters") == str(iters)
     assert option(argv, "--lr-warmup-iters") == str(iters * 3 // 100)
 
 
-@pytest.mark.parametrize("env,message", [
-    ({"GPUS": "12"}, "GPUS=12"),
-    ({"GPUS": "8", "BATCH_SIZE": "101"}, "BATCH_SIZE=101"),
-    ({"GPUS": "6"}, "TP x PP x CP"),
-    ({"GPUS": "x"}, "GPUS=x"),
-    ({"TRAIN_ITERS": "", "DATA_PATH": "/nonexistent/shards"}, "TRAIN_ITERS"),
-])
+@pytest.mark.parametrize(
+    "env,message",
+    [
+        ({"GPUS": "12"}, "GPUS=12"),
+        ({"GPUS": "8", "BATCH_SIZE": "101"}, "BATCH_SIZE=101"),
+        ({"GPUS": "6"}, "TP x PP x CP"),
+        ({"GPUS": "x"}, "GPUS=x"),
+        ({"TRAIN_ITERS": "", "DATA_PATH": "/nonexistent/shards"}, "TRAIN_ITERS"),
+    ],
+)
 def test_bad_settings_are_refused_by_name(env, message):
-    proc = run(["bash", str(EXAMPLES / "internvl3_8b" / "stage2.sh")],
-               env={"DRY_RUN": "1", "TRAIN_ITERS": "10", "PYTHON": sys.executable, **env}, check=False)
+    proc = run(
+        ["bash", str(EXAMPLES / "internvl3_8b" / "stage2.sh")],
+        env={"DRY_RUN": "1", "TRAIN_ITERS": "10", "PYTHON": sys.executable, **env},
+        check=False,
+    )
     assert proc.returncode != 0 and proc.stdout == ""
     assert message in proc.stderr, proc.stderr
 
@@ -306,8 +341,9 @@ def test_slurm_launcher_dry_run_and_per_node_commands(recorder):
 
 def test_multinode_launcher_ssh_per_host(recorder, tmp_path):
     script = "examples/internvl3_38b/2nd_finetune.sh"
-    base = fake_env(recorder, HOSTS="hostA hostB", TRAIN_ITERS="20", OUTPUT_DIR=str(tmp_path / "o"),
-                    NCCL_SOCKET_IFNAME="eth0")
+    base = fake_env(
+        recorder, HOSTS="hostA hostB", TRAIN_ITERS="20", OUTPUT_DIR=str(tmp_path / "o"), NCCL_SOCKET_IFNAME="eth0"
+    )
     dry = run(["bash", "examples/multinode/launch.sh", script], env={**base, "DRY_RUN": "1"})
     assert recorded(recorder) == []
     commands = [torchrun_argv(ln)[1] for ln in dry.stdout.splitlines() if not ln.startswith("#")]
@@ -323,8 +359,10 @@ def test_multinode_launcher_ssh_per_host(recorder, tmp_path):
 
 
 def test_preprocess_wrapper_dry_run():
-    proc = run(["bash", "examples/preprocess.sh", "--no-progress"],
-               env={"DRY_RUN": "1", "MODEL": "internvl3-2b", "TOKENIZER": "/m/InternVL3-2B", "WORKERS": "3"})
+    proc = run(
+        ["bash", "examples/preprocess.sh", "--no-progress"],
+        env={"DRY_RUN": "1", "MODEL": "internvl3-2b", "TOKENIZER": "/m/InternVL3-2B", "WORKERS": "3"},
+    )
     argv = shlex.split(proc.stdout)
     assert Path(argv[1]) == REPO / "tools" / "preprocess_mm_data.py"
     assert option(argv, "--model") == "internvl3-2b" and option(argv, "--tokenizer") == "/m/InternVL3-2B"
@@ -368,7 +406,10 @@ def test_stage_trainable_parts_follow_the_stage_presets():
     for name, preset in STAGES.items():
         parts = gen.trainable_parts(name)
         assert ("vision" in parts, "projector" in parts, "llm" in parts) == (
-            preset.train_vit, preset.train_projector, preset.train_llm)
+            preset.train_vit,
+            preset.train_projector,
+            preset.train_llm,
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -382,9 +423,23 @@ def test_example_data_preprocesses_without_rejects(tmp_path):
     cwd = os.getcwd()
     os.chdir(REPO)  # the meta file's paths are relative to the repository root, as InternVL's
     try:
-        code = prep.main(["--meta", str(EXAMPLES / "data" / "meta_example.json"), "--tokenizer", tok,
-                          "--output-prefix", str(out), "--model", "debug", "--seq-length", "2048",
-                          "--workers", "1", "--no-progress"])
+        code = prep.main(
+            [
+                "--meta",
+                str(EXAMPLES / "data" / "meta_example.json"),
+                "--tokenizer",
+                tok,
+                "--output-prefix",
+                str(out),
+                "--model",
+                "debug",
+                "--seq-length",
+                "2048",
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
     finally:
         os.chdir(cwd)
     assert code == 0
@@ -394,8 +449,9 @@ def test_example_data_preprocesses_without_rejects(tmp_path):
     import pyarrow.parquet as pq
 
     parquet_rows = pq.ParquetFile(EXAMPLES / "data" / "example.parquet").metadata.num_rows
-    expected = len(jsonl_lines) * int(meta["example_chat"]["repeat_time"]) + \
-        parquet_rows * int(meta["example_parquet"]["repeat_time"])
+    expected = len(jsonl_lines) * int(meta["example_chat"]["repeat_time"]) + parquet_rows * int(
+        meta["example_parquet"]["repeat_time"]
+    )
     assert manifest["counts"]["rejects"] == 0
     assert manifest["counts"]["samples"] == manifest["counts"]["inputs"] == expected
     assert meta["example_chat"]["length"] == len(jsonl_lines) and meta["example_parquet"]["length"] == parquet_rows
@@ -413,8 +469,10 @@ def test_example_files_are_what_the_generator_makes(tmp_path):
     for rel in made:
         with Image.open(tmp_path / rel) as a, Image.open(EXAMPLES / "data" / rel) as b:
             assert a.size == b.size and a.tobytes() == b.tobytes(), rel
-    assert pq.read_table(tmp_path / "example.parquet").to_pylist() == \
-        pq.read_table(EXAMPLES / "data" / "example.parquet").to_pylist()
+    assert (
+        pq.read_table(tmp_path / "example.parquet").to_pylist()
+        == pq.read_table(EXAMPLES / "data" / "example.parquet").to_pylist()
+    )
 
 
 def test_moe_example_runs_the_planned_expert_parallel_layout():
@@ -427,15 +485,20 @@ def test_moe_example_runs_the_planned_expert_parallel_layout():
     script = EXAMPLES / "moe" / "internvl3_5_30b_a3b_stage2.sh"
     line = run(["bash", str(script)], env={"DRY_RUN": "1", "TRAIN_ITERS": "100"}).stdout
     argv = torchrun_argv(line)[1]
-    args = argv[next(i for i, w in enumerate(argv) if w.endswith("pretrain_internvl.py")) + 1:]
+    args = argv[next(i for i, w in enumerate(argv) if w.endswith("pretrain_internvl.py")) + 1 :]
     run_cfg = pretrain.parse_run_config(args)
     validate(run_cfg)
     p = run_cfg.parallel
-    assert (p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size,
-            p.expert_model_parallel_size) == (4, 2, 2, 2) and p.sequence_parallel
+    assert (
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        p.context_parallel_size,
+        p.expert_model_parallel_size,
+    ) == (4, 2, 2, 2) and p.sequence_parallel
     lay = Layout(4, 2, 2, 1, True, True, False, first_stage_layers=18, ep=2)
-    planned = plan(run_cfg.model, lay, Workload(trainable=frozenset({"vision", "projector", "llm"})),
-                   HARDWARE["a100-80gb"])
+    planned = plan(
+        run_cfg.model, lay, Workload(trainable=frozenset({"vision", "projector", "llm"})), HARDWARE["a100-80gb"]
+    )
     assert planned.fits and f"{planned.peak_gib:.1f} GiB" in script.read_text()
     bad = run(["bash", str(script)], env={"DRY_RUN": "1", "TRAIN_ITERS": "100", "EP": "3"}, check=False)
     assert bad.returncode != 0 and "EP=3 must divide DP x CP" in bad.stderr

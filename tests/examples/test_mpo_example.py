@@ -1,4 +1,5 @@
 """The README's MPO commands run as written on the shipped example preference data."""
+
 import json
 import re
 import shlex

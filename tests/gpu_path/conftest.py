@@ -1,4 +1,5 @@
 """Fixtures of the GPU-path tests that run on the CPU."""
+
 import importlib.util
 import sys
 

@@ -1,5 +1,6 @@
 """TE's 'thd' context-parallel split (parallel/context_parallel_thd.py): the rule, and CP2 training exactness on
 CPU through the reference attention (the GPU swaps in TE's kernel only)."""
+
 import json
 
 import pytest
@@ -47,12 +48,15 @@ def test_thd_refuses_layouts_it_cannot_carry():
     assert len(msgs) == 3 and all("--cp-split" in m for m in msgs)
 
 
-@pytest.mark.parametrize("backend,pp,sp,comm,cause", [
-    ("local", 1, False, "p2p", "no transformer-engine layer specs"),
-    ("te", 2, False, "p2p", "--pipeline-model-parallel-size 2 > 1"),
-    ("te", 1, True, "p2p", "--sequence-parallel"),
-    ("te", 1, False, "a2a", "--cp-comm-type a2a"),
-])
+@pytest.mark.parametrize(
+    "backend,pp,sp,comm,cause",
+    [
+        ("local", 1, False, "p2p", "no transformer-engine layer specs"),
+        ("te", 2, False, "p2p", "--pipeline-model-parallel-size 2 > 1"),
+        ("te", 1, True, "p2p", "--sequence-parallel"),
+        ("te", 1, False, "a2a", "--cp-comm-type a2a"),
+    ],
+)
 def test_cp_split_auto_says_which_path_runs_and_why(backend, pp, sp, comm, cause):
     """--cp-split auto's fallback to our ring / all-to-all is named with its cause in the start-up line."""
     from internvl_mcore.parallel.context_parallel import cp_path_line, cp_split_choice

@@ -2,6 +2,7 @@
 
 All names contain 'device' so `pytest -k device` selects them. They run in one in-process 1-rank
 gloo world (tiny debug model, fp32)."""
+
 from __future__ import annotations
 
 import io
@@ -23,8 +24,9 @@ def _tensors_held(module: torch.nn.Module):
     """(path, tensor) of every tensor a module holds: parameters, buffers and plain attributes,
     also inside lists, tuples and dicts."""
     for mod_name, mod in module.named_modules():
-        stack = [(f"{mod_name}.{k}", v) for k, v in vars(mod).items()
-                 if k not in ("_modules", "_parameters", "_buffers")]
+        stack = [
+            (f"{mod_name}.{k}", v) for k, v in vars(mod).items() if k not in ("_modules", "_parameters", "_buffers")
+        ]
         stack += [(f"{mod_name}.{k}", v) for k, v in mod._parameters.items()]
         stack += [(f"{mod_name}.{k}", v) for k, v in mod._buffers.items()]
         while stack:
@@ -97,11 +99,20 @@ def test_loop_reductions_run_on_the_comm_device_not_the_loss_device(world, monke
     monkeypatch.setattr(dist, "all_reduce", checking_all_reduce)
     from internvl_mcore.training.batch import Batch, Images
 
-    batch = Batch(tokens=torch.zeros(1, 8, dtype=torch.long), labels=torch.zeros(1, 8, dtype=torch.long),
-                  loss_weight=torch.ones(1, 8), position_ids=torch.zeros(1, 8), cu_seqlens=torch.tensor([0, 3, 8]),
-                  images=Images(normalized=torch.zeros(0, 3, 4, 4)))
-    trainer = SimpleNamespace(batches=iter([batch]), num_microbatches=1, pg=SimpleNamespace(dp=None),
-                              run=SimpleNamespace(train=SimpleNamespace(loss_reduction="sample")))
+    batch = Batch(
+        tokens=torch.zeros(1, 8, dtype=torch.long),
+        labels=torch.zeros(1, 8, dtype=torch.long),
+        loss_weight=torch.ones(1, 8),
+        position_ids=torch.zeros(1, 8),
+        cu_seqlens=torch.tensor([0, 3, 8]),
+        images=Images(normalized=torch.zeros(0, 3, 4, 4)),
+    )
+    trainer = SimpleNamespace(
+        batches=iter([batch]),
+        num_microbatches=1,
+        pg=SimpleNamespace(dp=None),
+        run=SimpleNamespace(train=SimpleNamespace(loss_reduction="sample")),
+    )
     monkeypatch.setattr(loop, "loss_weights", lambda b, reduction: torch.full_like(b.loss_weight, 0.5))
     with pytest.raises(_Checked):
         loop._step_batches(trainer)
@@ -263,8 +274,9 @@ def test_checkpoint_missing_weights_still_an_error_on_device_change(world, tmp_p
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
         sd = orig(*a, **k)
-        sd["extra_weight_not_saved"] = ShardedTensor.from_rank_offsets("extra_weight_not_saved",
-                                                                       other.extra_weight_not_saved)
+        sd["extra_weight_not_saved"] = ShardedTensor.from_rank_offsets(
+            "extra_weight_not_saved", other.extra_weight_not_saved
+        )
         return sd
 
     other.sharded_state_dict = with_extra
@@ -306,8 +318,9 @@ def test_device_decides_fusions_and_init_placement(monkeypatch):
 
     cfg = get_preset("debug")
     cpu = mc.llm_transformer_config(cfg, ParallelConfig(), compute=ComputeConfig(device="cpu"))
-    assert cpu.use_cpu_initialization and not (cpu.bias_activation_fusion or cpu.bias_dropout_fusion
-                                               or cpu.gradient_accumulation_fusion)
+    assert cpu.use_cpu_initialization and not (
+        cpu.bias_activation_fusion or cpu.bias_dropout_fusion or cpu.gradient_accumulation_fusion
+    )
     monkeypatch.setattr(mc, "resolve_device", lambda requested: "cuda")
     monkeypatch.setattr(mc, "have_fusion_kernels", lambda: True)
     monkeypatch.setattr(mc, "have_apex_wgrad_fusion", lambda: True)

@@ -1,5 +1,6 @@
 """scripts/gpu_check.sh on a machine without a GPU (CI) or with a python that cannot import torch, and
 the check's judging logic (tools/gpu_check.py) on made-up logs."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,14 @@ from tests.launch import REPO
 
 
 def _script(env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **env})
+    return subprocess.run(
+        ["bash", "scripts/gpu_check.sh"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the check would run for real")
@@ -40,8 +47,10 @@ def test_gpu_check_with_a_python_without_torch_fails_saying_so(tmp_path):
 
 
 def _log(losses, **extra):
-    return {i + 1: {"iteration": i + 1, "loss": x, "step_time_s": 0.5, "tokens_per_s": 100.0, **extra}
-            for i, x in enumerate(losses)}
+    return {
+        i + 1: {"iteration": i + 1, "loss": x, "step_time_s": 0.5, "tokens_per_s": 100.0, **extra}
+        for i, x in enumerate(losses)
+    }
 
 
 def test_te_train_judge_needs_te_and_a_decreasing_loss(gpu_check, tmp_path):
@@ -82,8 +91,11 @@ def test_speed_numbers_and_memory_ratio(gpu_check):
 
 
 def test_summary_counts_skips_apart_and_fails_on_any_fail(gpu_check):
-    p, f, s = (gpu_check.verdict("a", True, "x"), gpu_check.verdict("b", False, "y"),
-               gpu_check.skip("c", "flash-attn not installed", "local specs, SDPA"))
+    p, f, s = (
+        gpu_check.verdict("a", True, "x"),
+        gpu_check.verdict("b", False, "y"),
+        gpu_check.skip("c", "flash-attn not installed", "local specs, SDPA"),
+    )
     assert s.line() == "SKIP c (flash-attn not installed) [local specs, SDPA]" and not s.ok
     assert gpu_check.summary([p, s]) == ("gpu_check: 1 passed, 0 failed , 1 skipped ['c']", 0)
     assert gpu_check.summary([p, f, s])[1] == 1
@@ -100,10 +112,15 @@ def test_checks_without_te_flash_or_second_gpu_skip_in_their_own_processes(gpu_c
         pytest.skip("transformer-engine or flash-attn installed")
     ctx = gpu_check.Ctx(tmp_path, tmp_path / "data", "cpu")
     got = gpu_check.run_check_child("flash_vs_sdpa", 120, ctx) + gpu_check.run_check_child("parallel", 120, ctx)
-    assert [r.line() for r in got] == ["SKIP flash_vs_sdpa (flash-attn not installed) [local specs, SDPA]",
-                                       "SKIP tp2 (1 GPU, needs 2)", "SKIP cp2 (1 GPU, needs 2)"]
-    assert gpu_check.check_te_train(ctx).line() == "SKIP te_bf16_train (transformer-engine not installed) " \
-                                                   "[local specs, SDPA]"
+    assert [r.line() for r in got] == [
+        "SKIP flash_vs_sdpa (flash-attn not installed) [local specs, SDPA]",
+        "SKIP tp2 (1 GPU, needs 2)",
+        "SKIP cp2 (1 GPU, needs 2)",
+    ]
+    assert (
+        gpu_check.check_te_train(ctx).line() == "SKIP te_bf16_train (transformer-engine not installed) "
+        "[local specs, SDPA]"
+    )
     late = gpu_check.run_check_child("flash_vs_sdpa", 0.05, ctx)
     assert late[0].line() == "FAIL flash_vs_sdpa [local specs, SDPA]: timed out after its limit of 0.05 s"
 

@@ -3,6 +3,7 @@ of tools/gpu_check.py run with the CPU as their device: they must PASS against t
 (numbers that drift from what this code computes fail here), and every compared number, perturbed
 beyond its tolerance, must make the comparison FAIL. Remake the file with
 `python tools/gpu_check.py --write-reference` when a change of the numbers is intended."""
+
 from __future__ import annotations
 
 import copy

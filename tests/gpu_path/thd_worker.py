@@ -6,6 +6,7 @@ through the CPU reference attention, vs the single-process step (a job of tests/
 Counts the 'thd' splits built (one per microbatch expected).
 Positions are V2PE-like fractions (x 0.37), so a path that re-derived integer positions would fail.
 """
+
 import argparse
 import sys
 import json
@@ -49,18 +50,27 @@ def v2pe(batches):
         yield b
 
 
-batches = v2pe(mock_batches(cfg, seed=3, seq_length=SEQ, tiles=1, micro_batch_size=MBS, global_batch_size=GBS,
-                            dp_rank=0, dp_size=1))
+batches = v2pe(
+    mock_batches(
+        cfg, seed=3, seq_length=SEQ, tiles=1, micro_batch_size=MBS, global_batch_size=GBS, dp_rank=0, dp_size=1
+    )
+)
 ddp.zero_grad_buffer()
 from internvl_mcore.parallel.context_parallel_thd import ThdSplit  # noqa: E402
+
 sys.path.insert(0, ".")  # the repo root (torchrun and tests/worldpool.py run from there)
 from tests.launch import recording_calls  # noqa: E402
 
 builds = []  # one 'thd' split per microbatch: forward, its cp_splits and the loss weights share it
 with recording_calls(ThdSplit, "build", lambda *a, **k: builds.append(1)):
-    losses = get_forward_backward_func()(forward_step_func=forward_step,
-                                         data_iterator=batches, model=[ddp], num_microbatches=GBS // MBS,
-                                         seq_length=SEQ, micro_batch_size=MBS)
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=batches,
+        model=[ddp],
+        num_microbatches=GBS // MBS,
+        seq_length=SEQ,
+        micro_batch_size=MBS,
+    )
 tot = sum(x["lm loss"] for x in losses).double()
 dist.all_reduce(tot, group=ps.get_data_parallel_group(with_context_parallel=True))
 loss = float(tot[0] / tot[1])
@@ -70,10 +80,22 @@ if a.cp == 1:
     torch.save({"loss": loss, "grads": grads}, out / "ref.pt")
 else:
     ref = torch.load(out / "ref.pt")
-    errs = {n: float((g - ref["grads"][n]).abs().max() / ref["grads"][n].abs().max().clamp_min(1e-12))
-            for n, g in grads.items()}
+    errs = {
+        n: float((g - ref["grads"][n]).abs().max() / ref["grads"][n].abs().max().clamp_min(1e-12))
+        for n, g in grads.items()
+    }
     worst = max(errs, key=errs.get)
-    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(
-        {"loss": loss, "ref_loss": ref["loss"], "max_rel_grad_err": errs[worst], "worst": worst,
-         "params_checked": len(errs), "thd_builds": len(builds), "microbatches": GBS // MBS,
-         "grad_scale": float(max(g.abs().max() for g in grads.values()))}))
+    (out / f"rank{dist.get_rank()}.json").write_text(
+        json.dumps(
+            {
+                "loss": loss,
+                "ref_loss": ref["loss"],
+                "max_rel_grad_err": errs[worst],
+                "worst": worst,
+                "params_checked": len(errs),
+                "thd_builds": len(builds),
+                "microbatches": GBS // MBS,
+                "grad_scale": float(max(g.abs().max() for g in grads.values())),
+            }
+        )
+    )

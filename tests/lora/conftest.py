@@ -1,5 +1,6 @@
 """Shared LoRA runs: a base checkpoint, the single-process reference run and a TP2 x PP2 run of the
 same flags (each trained once per session, then checked by several tests)."""
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,29 @@ ITERS = 4
 
 def lora_flags(model: str = "debug") -> list[str]:
     """Pretrain flags of every LoRA run here: adapters on both towers, no dropout (layouts must agree)."""
-    return ["--model", model, "--mock-data", "--global-batch-size", "4", "--train-iters", str(ITERS),
-            "--seq-length", "128", "--lr", "1e-3", "--lr-decay-style", "constant", "--stage", "finetune",
-            "--lora-rank", "4", "--lora-target", "all", "--lora-dropout", "0"]
+    return [
+        "--model",
+        model,
+        "--mock-data",
+        "--global-batch-size",
+        "4",
+        "--train-iters",
+        str(ITERS),
+        "--seq-length",
+        "128",
+        "--lr",
+        "1e-3",
+        "--lr-decay-style",
+        "constant",
+        "--stage",
+        "finetune",
+        "--lora-rank",
+        "4",
+        "--lora-target",
+        "all",
+        "--lora-dropout",
+        "0",
+    ]
 
 
 def run_inprocess(argv: list[str], b_std: float = B_STD) -> dict:
@@ -68,7 +89,19 @@ def tp2pp2_run(tmp_path_factory, base_ckpt) -> dict:
     """The same run on TP2 x PP2 (4 ranks), checkpoint at the end."""
     tmp = tmp_path_factory.mktemp("tp2pp2")
     save = tmp / "ckpt"
-    reports = run_ranks(tmp, 4, lora_flags() + ["--pretrained", str(base_ckpt), "--save", str(save),
-                                                   "--tensor-model-parallel-size", "2",
-                                                   "--pipeline-model-parallel-size", "2"])
+    reports = run_ranks(
+        tmp,
+        4,
+        lora_flags()
+        + [
+            "--pretrained",
+            str(base_ckpt),
+            "--save",
+            str(save),
+            "--tensor-model-parallel-size",
+            "2",
+            "--pipeline-model-parallel-size",
+            "2",
+        ],
+    )
     return {"reports": reports, "save": save}

@@ -4,6 +4,7 @@ The adapted model's logits come from our TP1 model with the adapters attached, r
 TP2 x PP2 checkpoint; transformers' InternVLForConditionalGeneration on the merged export, and
 PEFT's PeftModel on the transformers export of the base plus the adapter, must give them within 1e-4.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,7 +40,7 @@ def tiny_batch(cfg, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.randint(1, cfg.pad_token_id, (2, 24), generator=g)
     for row, tiles in ((0, 2), (1, 1)):
         ids[row, 2] = cfg.img_start_token_id
-        ids[row, 3:3 + tiles * per_tile] = cfg.img_context_token_id
+        ids[row, 3 : 3 + tiles * per_tile] = cfg.img_context_token_id
         ids[row, 3 + tiles * per_tile] = cfg.img_end_token_id
     size = cfg.vision.image_size
     return ids, torch.randn(3, 3, size, size, generator=g)
@@ -78,8 +79,13 @@ def no_model_no_world() -> Iterator[None]:
         raise AssertionError("the LoRA export built a model, a process group or processes")
 
     with pytest.MonkeyPatch.context() as mpatch:
-        for owner, name in ((MegatronModule, "__init__"), (dist, "init_process_group"), (dist, "new_group"),
-                            (mp, "start_processes"), (dcp, "load")):
+        for owner, name in (
+            (MegatronModule, "__init__"),
+            (dist, "init_process_group"),
+            (dist, "new_group"),
+            (mp, "start_processes"),
+            (dcp, "load"),
+        ):
             mpatch.setattr(owner, name, refuse)
         yield
 
@@ -114,12 +120,28 @@ def exports(tmp_path_factory, ref_run, tp2pp2_run, base_ckpt) -> dict:
     peaks: list[int] = []
     with no_model_no_world():
         with recording_live_tensors(peaks):
-            assert convert_to_hf("--load", ckpt, "--save", str(out / "merged_tf"), "--format", "transformers",
-                                 "--merge-lora") == 0
-        assert convert_to_hf("--load", str(ref_run["save"]), "--save", str(out / "merged_ivl"), "--format",
-                             "internvl", "--merge-lora") == 0
-        assert convert_to_hf("--load", ckpt, "--save", str(out / "adapter"), "--format", "transformers",
-                             "--lora-only") == 0
+            assert (
+                convert_to_hf(
+                    "--load", ckpt, "--save", str(out / "merged_tf"), "--format", "transformers", "--merge-lora"
+                )
+                == 0
+            )
+        assert (
+            convert_to_hf(
+                "--load",
+                str(ref_run["save"]),
+                "--save",
+                str(out / "merged_ivl"),
+                "--format",
+                "internvl",
+                "--merge-lora",
+            )
+            == 0
+        )
+        assert (
+            convert_to_hf("--load", ckpt, "--save", str(out / "adapter"), "--format", "transformers", "--lora-only")
+            == 0
+        )
     convert_checkpoint_to_hf(base_ckpt, out / "base_tf", "transformers")
     return {"peaks": peaks, **{k: out / k for k in ("merged_tf", "merged_ivl", "adapter", "base_tf")}}
 
@@ -204,8 +226,12 @@ def test_lora_checkpoint_needs_an_export_mode(tmp_path, ref_run, capsys) -> None
 
 
 def test_merge_lora_refuses_a_checkpoint_without_adapters(tmp_path, base_ckpt, capsys) -> None:
-    assert convert_to_hf("--load", str(base_ckpt), "--save", str(tmp_path / "x"), "--format", "transformers",
-                         "--merge-lora") == 2
+    assert (
+        convert_to_hf(
+            "--load", str(base_ckpt), "--save", str(tmp_path / "x"), "--format", "transformers", "--merge-lora"
+        )
+        == 2
+    )
     assert "LoRA" in capsys.readouterr().err
 
 
@@ -222,8 +248,10 @@ def test_an_adapter_that_does_not_fit_its_weight_is_named(tmp_path) -> None:
     from internvl_mcore.convert.lora_export import CheckpointTensors
 
     w = "language_model.decoder.layers.0.mlp.linear_fc2.weight"
-    base = w[:-len("weight")]
-    view = _FakeView({w: torch.zeros(64, 128), base + "lora.a": torch.zeros(4, 128), base + "lora.b": torch.zeros(32, 4)})
+    base = w[: -len("weight")]
+    view = _FakeView(
+        {w: torch.zeros(64, 128), base + "lora.a": torch.zeros(4, 128), base + "lora.b": torch.zeros(32, 4)}
+    )
     src = CheckpointTensors(view, get_preset("debug"), tmp_path)
     assert src[base + "lora.a"].shape == (4, 128)
     with pytest.raises(ConversionError, match=r"adapter .*linear_fc2\.lora\.b has shape \(32, 4\), but its weight"):

@@ -4,6 +4,7 @@ do not (config/lora.py: is_routed_expert), and the planner lists exactly the ada
 Before, `--lora-rank` on any MoE preset ended in a TypeError from models/lora.py (megatron-core's
 expert linears are not marked tensor-parallel), and adapters on them would have been reduced over the
 dense data-parallel group at EP > 1. Here the single-process facts."""
+
 from internvl_mcore.config import PRESETS
 from internvl_mcore.config.lora import LoRAConfig, adapts, is_lora_name, is_routed_expert
 

@@ -3,6 +3,7 @@ checkpoints hold the adapters, name their base, resume exactly and reshard acros
 
 Adapters start with a random B (worker.py), so from the first step on the losses depend on every
 adapter's sharding (with B = 0 the first losses would agree whatever the sharding)."""
+
 from __future__ import annotations
 
 import json
@@ -70,8 +71,9 @@ def ref_6b(tmp_path_factory) -> dict:
 
 @pytest.mark.timeout(600)
 def test_pp2_matches_single_process(tmp_path, base_ckpt, ref_run) -> None:
-    reports = run_ranks(tmp_path, 2, lora_flags() + ["--pretrained", str(base_ckpt),
-                                                        "--pipeline-model-parallel-size", "2"])
+    reports = run_ranks(
+        tmp_path, 2, lora_flags() + ["--pretrained", str(base_ckpt), "--pipeline-model-parallel-size", "2"]
+    )
     for r in reports:
         assert_only_adapters_train(r)
     assert_close_losses(ref_run["losses"], reports[0]["losses"], "PP2")
@@ -79,9 +81,12 @@ def test_pp2_matches_single_process(tmp_path, base_ckpt, ref_run) -> None:
 
 @pytest.mark.timeout(600)
 def test_tp2_sequence_parallel_with_padded_heads_matches_single_process(tmp_path, ref_6b) -> None:
-    reports = run_ranks(tmp_path, 2, lora_flags("debug-6b") + ["--tensor-model-parallel-size", "2",
-                                                                  "--sequence-parallel", "--save",
-                                                                  str(tmp_path / "ckpt")])
+    reports = run_ranks(
+        tmp_path,
+        2,
+        lora_flags("debug-6b")
+        + ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--save", str(tmp_path / "ckpt")],
+    )
     for r in reports:
         assert_only_adapters_train(r)
     assert_close_losses(ref_6b["losses"], reports[0]["losses"], "debug-6b TP2 + sequence parallel")
@@ -121,6 +126,7 @@ def check_padded_checkpoint_exports(padded: Path, ref: Path, tmp: Path) -> None:
 
 
 # --- checkpoints ------------------------------------------------------------------------------
+
 
 def _run_json(root: Path) -> dict:
     it = int((root / "latest_checkpointed_iteration.txt").read_text())
@@ -185,11 +191,15 @@ def test_pretrained_lora_checkpoint_loads_merged(ref_run) -> None:
 
 # --- refusals -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("extra,message", [
-    (["--no-freeze-projector"], "--no-freeze-projector"),
-    (["--freeze-vit", "--unfreeze-vit-layers", "1"], "--unfreeze-vit-layers"),
-    (["--lora-modules", "linear_qkv", "q_proj"], "--lora-modules"),
-])  # (--lora-dropout 1.5 stops at parse time: tests/reliability/test_flag_domains.py)
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--no-freeze-projector"], "--no-freeze-projector"),
+        (["--freeze-vit", "--unfreeze-vit-layers", "1"], "--unfreeze-vit-layers"),
+        (["--lora-modules", "linear_qkv", "q_proj"], "--lora-modules"),
+    ],
+)  # (--lora-dropout 1.5 stops at parse time: tests/reliability/test_flag_domains.py)
 def test_contradictory_lora_flags_are_refused(extra, message) -> None:
     from pretrain_internvl import parse_run_config
     from internvl_mcore.training.loop import validate
@@ -204,14 +214,17 @@ def _without_lora(argv: list[str]) -> list[str]:
     out = list(argv)
     for flag in ("--lora-rank", "--lora-target", "--lora-dropout"):
         i = out.index(flag)
-        del out[i:i + 2]
+        del out[i : i + 2]
     return out
 
 
-@pytest.mark.parametrize("flags,message", [
-    (None, "holds LoRA adapters"),
-    (["--lora-rank", "8"], "--lora-rank: checkpoint 4, run 8"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (None, "holds LoRA adapters"),
+        (["--lora-rank", "8"], "--lora-rank: checkpoint 4, run 8"),
+    ],
+)
 def test_resume_with_other_lora_settings_is_refused(ref_run, flags, message) -> None:
     from internvl_mcore.errors import CheckpointError
 

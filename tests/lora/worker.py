@@ -6,6 +6,7 @@ B_STD > 0 re-draws every adapter's B from N(0, B_STD^2) (seeded by canonical nam
 every layout) right after set-up, before any step: with the usual B = 0 the first loss could not
 tell a mis-sharded adapter from a correct one. It is skipped when resuming (--load).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,14 +35,24 @@ def run(argv: list[str], b_std: float = 0.0) -> dict:
         stats = train_step(trainer)
         losses.append(stats["loss"])
         grad_norms.append(stats["grad_norm"])
-        if c.save and ((c.save_interval and trainer.iteration % c.save_interval == 0)
-                       or trainer.iteration == cfg.train.train_iters):
+        if c.save and (
+            (c.save_interval and trainer.iteration % c.save_interval == 0) or trainer.iteration == cfg.train.train_iters
+        ):
             save(trainer)
-    params = {n: {"changed": not torch.equal(before[n], p.detach()), "requires_grad": p.requires_grad,
-                  "lora": is_lora_name(n), "has_grad_buffer": getattr(p, "main_grad", None) is not None}
-              for n, p in module.named_parameters()}
+    params = {
+        n: {
+            "changed": not torch.equal(before[n], p.detach()),
+            "requires_grad": p.requires_grad,
+            "lora": is_lora_name(n),
+            "has_grad_buffer": getattr(p, "main_grad", None) is not None,
+        }
+        for n, p in module.named_parameters()
+    }
     return {
-        "rank": dist.get_rank(), "losses": losses, "grad_norms": grad_norms, "params": params,
+        "rank": dist.get_rank(),
+        "losses": losses,
+        "grad_norms": grad_norms,
+        "params": params,
         "optimizer_numel": sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"]),
         "lora_numel": sum(p.numel() for n, p in module.named_parameters() if is_lora_name(n)),
         "adapters": {name: p.detach().clone() for _, name, p in lora_parameters(module)},

@@ -10,6 +10,7 @@
    at TP2 + sequence parallelism, and MPO (per-sequence log-probs from the per-token losses) at TP2.
 Rank 0 writes OUT (JSON).
 """
+
 from __future__ import annotations
 
 import json
@@ -71,21 +72,29 @@ def function_checks() -> dict:
     meg_loss, meg_h, meg_w = grads(megatron_tp2, hidden, weight[shard])
     dist.all_reduce(meg_h, group=tp)  # what ColumnParallelLinear's input mapping does in the backward
     runs = {
-        "tp1": grads(lambda h, w: chunked_output_cross_entropy(h, w, labels, CHUNK, VOCAB, singles[rank], False),
-                     hidden, weight),
-        "tp2": grads(lambda h, w: chunked_output_cross_entropy(h, w, labels, CHUNK, VOCAB, tp, False),
-                     hidden, weight[shard]),
-        "tp2_sp": grads(lambda h, w: chunked_output_cross_entropy(h, w, labels, CHUNK, VOCAB, tp, True),
-                        hidden[half], weight[shard]),
+        "tp1": grads(
+            lambda h, w: chunked_output_cross_entropy(h, w, labels, CHUNK, VOCAB, singles[rank], False), hidden, weight
+        ),
+        "tp2": grads(
+            lambda h, w: chunked_output_cross_entropy(h, w, labels, CHUNK, VOCAB, tp, False), hidden, weight[shard]
+        ),
+        "tp2_sp": grads(
+            lambda h, w: chunked_output_cross_entropy(h, w, labels, CHUNK, VOCAB, tp, True), hidden[half], weight[shard]
+        ),
     }
-    out = {"megatron_vs_reference": [max_diff(meg_loss, ref_loss), max_diff(meg_h, ref_h), max_diff(meg_w, ref_w[shard])]}
+    out = {
+        "megatron_vs_reference": [max_diff(meg_loss, ref_loss), max_diff(meg_h, ref_h), max_diff(meg_w, ref_w[shard])]
+    }
     for name, (loss, gh, gw) in runs.items():
         w_ref = ref_w if name == "tp1" else ref_w[shard]
         h_ref = ref_h[half] if name == "tp2_sp" else ref_h
         out[name] = [max_diff(loss, ref_loss), max_diff(gh, h_ref), max_diff(gw, w_ref)]
         if name != "tp1":
-            out[name + "_vs_megatron"] = [max_diff(loss, meg_loss), max_diff(gh, meg_h[half] if name == "tp2_sp" else meg_h),
-                                          max_diff(gw, meg_w)]
+            out[name + "_vs_megatron"] = [
+                max_diff(loss, meg_loss),
+                max_diff(gh, meg_h[half] if name == "tp2_sp" else meg_h),
+                max_diff(gw, meg_w),
+            ]
     out["scale"] = [float(ref_loss.abs().max()), float(ref_h.abs().max()), float(ref_w.abs().max())]
     parallel_state.destroy_model_parallel()
     return out
@@ -102,12 +111,52 @@ def run_layout(flags: list[str]) -> dict:
 
 
 def training_checks(pref_shards: str) -> dict:
-    mock = ["--model", "debug", "--mock-data", "--seq-length", "128", "--global-batch-size", "2",
-            "--train-iters", "2", "--lr", "1e-3", "--seed", "3", "--peak-flops", "1",
-            "--tensor-model-parallel-size", "2", "--sequence-parallel"]
-    mpo = ["--model", "debug", "--data-path", pref_shards, "--stage", "mpo", "--drop-path-rate", "0",
-           "--seq-length", "800", "--global-batch-size", "2", "--micro-batch-size", "1", "--train-iters", "2",
-           "--lr", "1e-3", "--seed", "7", "--peak-flops", "1", "--tensor-model-parallel-size", "2"]
+    mock = [
+        "--model",
+        "debug",
+        "--mock-data",
+        "--seq-length",
+        "128",
+        "--global-batch-size",
+        "2",
+        "--train-iters",
+        "2",
+        "--lr",
+        "1e-3",
+        "--seed",
+        "3",
+        "--peak-flops",
+        "1",
+        "--tensor-model-parallel-size",
+        "2",
+        "--sequence-parallel",
+    ]
+    mpo = [
+        "--model",
+        "debug",
+        "--data-path",
+        pref_shards,
+        "--stage",
+        "mpo",
+        "--drop-path-rate",
+        "0",
+        "--seq-length",
+        "800",
+        "--global-batch-size",
+        "2",
+        "--micro-batch-size",
+        "1",
+        "--train-iters",
+        "2",
+        "--lr",
+        "1e-3",
+        "--seed",
+        "7",
+        "--peak-flops",
+        "1",
+        "--tensor-model-parallel-size",
+        "2",
+    ]
     chunk = ["--cross-entropy-chunk-size", "100"]
     return {name: [run_layout(flags), run_layout(flags + chunk)] for name, flags in (("pretrain", mock), ("mpo", mpo))}
 

@@ -7,6 +7,7 @@ Each layout trains two iterations both ways from the same seed; rank 0 writes OU
 records and, per run, the row counts the output layer computed logits for (recorded by wrapping
 `LanguageModel._mask_padded_vocab`, which every logit tensor passes through).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,23 @@ from internvl_mcore.models.language import LanguageModel  # noqa: E402
 from internvl_mcore.training.loop import train  # noqa: E402
 from tests.launch import recording_calls  # noqa: E402
 
-MOCK = ["--model", "debug", "--mock-data", "--seq-length", "128", "--global-batch-size", "2",
-        "--train-iters", "2", "--lr", "1e-3", "--seed", "3", "--peak-flops", "1"]
+MOCK = [
+    "--model",
+    "debug",
+    "--mock-data",
+    "--seq-length",
+    "128",
+    "--global-batch-size",
+    "2",
+    "--train-iters",
+    "2",
+    "--lr",
+    "1e-3",
+    "--seed",
+    "3",
+    "--peak-flops",
+    "1",
+]
 LAYOUTS = {
     "tp2_sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
     "tp2_sp_chunked": ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--cross-entropy-chunk-size", "50"],
@@ -34,8 +50,9 @@ LAYOUTS = {
 
 def run(flags: list[str]) -> dict:
     rows = []
-    with recording_calls(LanguageModel, "_mask_padded_vocab",
-                         lambda self, logits: rows.append(int(logits.shape[:-1].numel()))):
+    with recording_calls(
+        LanguageModel, "_mask_padded_vocab", lambda self, logits: rows.append(int(logits.shape[:-1].numel()))
+    ):
         records = train(parse_run_config(flags))
     parallel_state.destroy_model_parallel()
     every = [None] * dist.get_world_size()
@@ -44,9 +61,32 @@ def run(flags: list[str]) -> dict:
 
 
 def main() -> None:
-    mpo = ["--model", "debug", "--data-path", sys.argv[2], "--stage", "mpo", "--drop-path-rate", "0",
-           "--seq-length", "800", "--global-batch-size", "2", "--micro-batch-size", "1", "--train-iters", "2",
-           "--lr", "1e-3", "--seed", "7", "--peak-flops", "1", "--tensor-model-parallel-size", "2"]
+    mpo = [
+        "--model",
+        "debug",
+        "--data-path",
+        sys.argv[2],
+        "--stage",
+        "mpo",
+        "--drop-path-rate",
+        "0",
+        "--seq-length",
+        "800",
+        "--global-batch-size",
+        "2",
+        "--micro-batch-size",
+        "1",
+        "--train-iters",
+        "2",
+        "--lr",
+        "1e-3",
+        "--seed",
+        "7",
+        "--peak-flops",
+        "1",
+        "--tensor-model-parallel-size",
+        "2",
+    ]
     cases = {name: MOCK + flags for name, flags in LAYOUTS.items()}
     cases["mpo_tp2"] = mpo
     out = {name: [run(flags + ["--all-token-logits"]), run(flags)] for name, flags in cases.items()}

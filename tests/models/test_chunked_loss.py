@@ -1,5 +1,6 @@
 """--cross-entropy-chunk-size: the chunked output layer + vocab-parallel cross entropy gives megatron-core's
 losses and gradients (TP1, TP2, TP2 + sequence parallelism), and trains like it, MPO included."""
+
 import json
 
 import pytest

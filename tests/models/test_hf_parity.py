@@ -6,6 +6,7 @@ InternViT-300M-style (LayerNorm, qkv bias) and InternViT-6B-style (RMSNorm, QK-n
 no qkv bias, 3 heads) vision, tied and untied embeddings. The model config is inferred from the saved
 config.json by the converter.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

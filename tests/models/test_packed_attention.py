@@ -1,4 +1,5 @@
 """Packing is exact: each sample of a pack gets the logits it gets alone (and V2PE positions feed RoPE)."""
+
 import pytest
 import torch
 
@@ -36,8 +37,12 @@ def test_pack_of_two_equals_each_alone(model):
     alone_a = m(a_ids[None], torch.arange(la, dtype=torch.float32)[None], a_pix)
     alone_b = m(b_ids[None], torch.arange(lb, dtype=torch.float32)[None], b_pix)
     pos = torch.cat([torch.arange(la), torch.arange(lb)]).float()[None]
-    packed = m(torch.cat([a_ids, b_ids])[None], pos, torch.cat([a_pix, b_pix]),
-               cu_seqlens=torch.tensor([0, la, la + lb], dtype=torch.int32))
+    packed = m(
+        torch.cat([a_ids, b_ids])[None],
+        pos,
+        torch.cat([a_pix, b_pix]),
+        cu_seqlens=torch.tensor([0, la, la + lb], dtype=torch.int32),
+    )
     torch.testing.assert_close(packed[:, :la], alone_a, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(packed[:, la:], alone_b, rtol=1e-5, atol=1e-5)
     # without the boundaries the second sample would see the first: the test can fail
@@ -55,7 +60,11 @@ def test_batch_rows_and_float_positions(model):
     img = a_ids == cfg.img_context_token_id
     pos_v2pe[img] = pos[img.nonzero()[0]] + 0.5 * torch.arange(int(img.sum()))  # delta 1/2 on visual tokens
     one = m(a_ids[None], pos_v2pe[None], a_pix)
-    two = m(torch.stack([a_ids, a_ids]), torch.stack([pos, pos_v2pe]), torch.cat([a_pix, a_pix]),
-            cu_seqlens=torch.tensor([0, n, 2 * n], dtype=torch.int32))
+    two = m(
+        torch.stack([a_ids, a_ids]),
+        torch.stack([pos, pos_v2pe]),
+        torch.cat([a_pix, a_pix]),
+        cu_seqlens=torch.tensor([0, n, 2 * n], dtype=torch.int32),
+    )
     torch.testing.assert_close(two[1:], one, rtol=1e-5, atol=1e-5)
     assert (two[0] - two[1]).abs().max() > 1e-4  # float positions change RoPE, so the rows differ

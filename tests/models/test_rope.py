@@ -1,5 +1,6 @@
 """RoPE without concatenations (models/rope.py) equals megatron-core's unfused RoPE, forward and
 backward, and the model puts it in megatron-core's fused-RoPE slot on CPU."""
+
 import pytest
 import torch
 from megatron.core.models.common.embeddings import rope_utils
@@ -18,7 +19,7 @@ def test_matches_megatron_unfused(rot):
 
     def run(fn):
         x = qkv.clone().requires_grad_()
-        q = x.view(s, 2, 3 * heads, d)[:, :, heads:2 * heads]  # a strided view, as megatron-core's split q
+        q = x.view(s, 2, 3 * heads, d)[:, :, heads : 2 * heads]  # a strided view, as megatron-core's split q
         out = fn(q, freqs)
         (out * grad_out).sum().backward()
         return out.detach(), x.grad

@@ -1,6 +1,7 @@
 """The sharding rules (models/sharding.py) agree with themselves: the local shape the planner reads is
 the shape `shard` cuts, `canonical_shape` inverts it, and `unshard` restores the tensor (padding
 included: debug-6b's 3 ViT heads are padded at TP 2, 4, 8; the vocabulary is padded at every TP)."""
+
 from __future__ import annotations
 
 import pytest

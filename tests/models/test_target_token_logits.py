@@ -1,6 +1,7 @@
 """The output layer and loss computed only at the tokens that carry loss (the default) train exactly
 like megatron-core's all-token logits (--all-token-logits), up to fp32 reordering: TP2 + sequence
 parallelism (also with --cross-entropy-chunk-size), PP2, CP2, and MPO at TP2."""
+
 import json
 
 import pytest
@@ -34,8 +35,11 @@ def test_logits_only_for_loss_tokens(result, layout):
     full, targeted = result[layout]
     assert full["logit_rows"] and len(full["logit_rows"]) == len(targeted["logit_rows"])
     # every forward computed fewer logit rows (image tokens and prompts carry no loss), none empty
-    assert all(0 < t < f for f, t in zip(full["logit_rows"], targeted["logit_rows"])), (layout, full["logit_rows"],
-                                                                                        targeted["logit_rows"])
+    assert all(0 < t < f for f, t in zip(full["logit_rows"], targeted["logit_rows"])), (
+        layout,
+        full["logit_rows"],
+        targeted["logit_rows"],
+    )
     if layout in ("tp2_sp", "pp2"):  # whole sequences on the last stage: all 128 tokens of each
         assert set(full["logit_rows"]) == {SEQ}
 

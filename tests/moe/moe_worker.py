@@ -18,6 +18,7 @@ Each rank writes rank{r}.json with what it measured; the test asserts on them. E
 under `main()`: megatron-core's checkpoint writer starts a multiprocessing Manager, which
 re-imports __main__.
 """
+
 import argparse
 import dataclasses
 import json
@@ -46,14 +47,29 @@ def canonical_grads(ddp: torch.nn.Module, cfg: ModelConfig) -> dict:
     from internvl_mcore.training.step import forward_step
 
     dp = ps.get_data_parallel_world_size()
-    batches = mock_batches(cfg, seed=3, seq_length=SEQ, tiles=1, micro_batch_size=1, global_batch_size=GBS,
-                           dp_rank=ps.get_data_parallel_rank(), dp_size=dp)
+    batches = mock_batches(
+        cfg,
+        seed=3,
+        seq_length=SEQ,
+        tiles=1,
+        micro_batch_size=1,
+        global_batch_size=GBS,
+        dp_rank=ps.get_data_parallel_rank(),
+        dp_size=dp,
+    )
     ddp.zero_grad_buffer()
-    get_forward_backward_func()(forward_step_func=forward_step,
-                                data_iterator=batches, model=[ddp],
-                                num_microbatches=GBS // dp, seq_length=SEQ, micro_batch_size=1)
+    get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=batches,
+        model=[ddp],
+        num_microbatches=GBS // dp,
+        seq_length=SEQ,
+        micro_batch_size=1,
+    )
     clear_aux_losses_tracker()  # the training steps log their own aux losses
-    grads = {name: p.main_grad.detach().clone() for _, name, p in local_params(ddp.module, ShardPlacement.of(ddp.module))}
+    grads = {
+        name: p.main_grad.detach().clone() for _, name, p in local_params(ddp.module, ShardPlacement.of(ddp.module))
+    }
     ddp.zero_grad_buffer()
     return grads
 
@@ -68,8 +84,11 @@ def check_slice_reads(model: torch.nn.Module, ckpt: Path) -> dict:
 
     full = CanonicalCheckpoint.open(ckpt)
     hf_dir = ckpt.parent / "hf"
-    hf = HFAsCanonical(SafetensorsDir(hf_dir), *model_config_from_hf(read_hf_config(hf_dir), hf_dir)) \
-        if hf_dir.is_dir() else None
+    hf = (
+        HFAsCanonical(SafetensorsDir(hf_dir), *model_config_from_hf(read_hf_config(hf_dir), hf_dir))
+        if hf_dir.is_dir()
+        else None
+    )
     layout = ShardPlacement.of(model)
     bad, checked = [], 0
     for _, name, p in local_params(model, layout):
@@ -100,9 +119,11 @@ def compare_grads(ddp: torch.nn.Module, cfg: ModelConfig, grads: dict, ref: dict
 
 # global look-ups megatron-core 0.16.1 makes however it is called: RowParallelLinear.forward passes
 # tp_group=None to its own linear function, and vocab_parallel_cross_entropy takes no group
-UNAVOIDABLE_LOOKUPS = {("tensor_parallel/layers.py", "linear_with_frozen_weight"),
-                       ("tensor_parallel/layers.py", "linear_with_grad_accumulation_and_async_allreduce"),
-                       ("tensor_parallel/cross_entropy.py", "forward")}
+UNAVOIDABLE_LOOKUPS = {
+    ("tensor_parallel/layers.py", "linear_with_frozen_weight"),
+    ("tensor_parallel/layers.py", "linear_with_grad_accumulation_and_async_allreduce"),
+    ("tensor_parallel/cross_entropy.py", "forward"),
+}
 
 
 def record_global_lookups() -> set:
@@ -119,8 +140,11 @@ def record_global_lookups() -> set:
             if inner is None and path != "parallel_state.py" and name != "get_tensor_model_parallel_group_if_none":
                 inner = (path, name)
             frame = frame.f_back
-        if frame is None or "internvl_mcore" not in frame.f_code.co_filename \
-                or frame.f_code.co_filename.endswith("parallel/state.py"):
+        if (
+            frame is None
+            or "internvl_mcore" not in frame.f_code.co_filename
+            or frame.f_code.co_filename.endswith("parallel/state.py")
+        ):
             return None  # the worker's own look-ups, or start-up
         return inner
 
@@ -130,6 +154,7 @@ def record_global_lookups() -> set:
             if where is not None and where not in UNAVOIDABLE_LOOKUPS:
                 seen.add(where)
             return fn(*args, **kwargs)
+
         return wrapped
 
     for name in dir(ps):
@@ -155,14 +180,29 @@ def main() -> None:
     from internvl_mcore.training import loop
 
     cfg = CanonicalCheckpoint.open(a.ckpt).config
-    par = ParallelConfig(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
-                         expert_model_parallel_size=a.ep, expert_tensor_parallel_size=a.etp,
-                         sequence_parallel=a.tp > 1)
-    run = RunConfig(model=cfg, parallel=par,
-                    train=TrainConfig(global_batch_size=GBS, seq_length=SEQ, train_iters=ITERS, lr=2e-3,
-                                      lr_warmup_iters=2, seed=5, use_distributed_optimizer=a.dist_opt),
-                    data=DataConfig(mock_data=True, mock_tiles_per_sample=1), log=LogConfig(),
-                    checkpoint=CheckpointConfig(pretrained=a.ckpt, save=a.save))
+    par = ParallelConfig(
+        tensor_model_parallel_size=a.tp,
+        pipeline_model_parallel_size=a.pp,
+        expert_model_parallel_size=a.ep,
+        expert_tensor_parallel_size=a.etp,
+        sequence_parallel=a.tp > 1,
+    )
+    run = RunConfig(
+        model=cfg,
+        parallel=par,
+        train=TrainConfig(
+            global_batch_size=GBS,
+            seq_length=SEQ,
+            train_iters=ITERS,
+            lr=2e-3,
+            lr_warmup_iters=2,
+            seed=5,
+            use_distributed_optimizer=a.dist_opt,
+        ),
+        data=DataConfig(mock_data=True, mock_tiles_per_sample=1),
+        log=LogConfig(),
+        checkpoint=CheckpointConfig(pretrained=a.ckpt, save=a.save),
+    )
     lookups = record_global_lookups()
     trainer = loop.setup(run)
     out = Path(a.out)

@@ -17,6 +17,7 @@ top-2, renormalized top-k probabilities, per-head QK-norm), built offline from i
 
 One job per layout (tests/worldpool.py) runs all of that layout's checks (tests/moe/moe_worker.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -74,8 +75,9 @@ def ep2_run(converted, reference, tmp_path_factory):
     out = tmp_path_factory.mktemp("ep2")
     (out / "ref.pt").symlink_to(reference / "ref.pt")
     nproc, flags = LAYOUTS["ep2"]
-    run_in_world(WORKER, nproc, ["--ckpt", str(converted), "--out", str(out), "--save", str(out / "save"), *flags],
-             timeout=300)
+    run_in_world(
+        WORKER, nproc, ["--ckpt", str(converted), "--out", str(out), "--save", str(out / "save"), *flags], timeout=300
+    )
     return out
 
 
@@ -95,8 +97,11 @@ def test_logits_match_transformers(world, hf_model, tmp_path, layout):
     from internvl_mcore.convert import convert_hf_to_checkpoint
     from internvl_mcore.models.weights import load_canonical
 
-    hf_dir = (save_transformers_dir(hf_model, tmp_path / "hf") if layout == "transformers"
-              else write_internvl_dir(hf_model, tmp_path / "hf", family="qwen3_moe"))
+    hf_dir = (
+        save_transformers_dir(hf_model, tmp_path / "hf")
+        if layout == "transformers"
+        else write_internvl_dir(hf_model, tmp_path / "hf", family="qwen3_moe")
+    )
     cfg = convert_hf_to_checkpoint(hf_dir, tmp_path / "ckpt")
     m = cfg.llm
     assert (m.family, m.num_experts, m.moe_router_topk, m.moe_ffn_hidden_size) == ("qwen3_moe", 4, 2, 32)
@@ -177,5 +182,6 @@ def test_ep2_checkpoint_exports_to_transformers(world, ep2_run, tmp_path):
     assert sorted(view) == sorted(state) and all(torch.equal(view[k], state[k]) for k in state)
     ids, pixels = tiny_batch(seed=5)
     pos = torch.arange(ids.shape[1], dtype=torch.float32).expand(ids.shape[0], -1)
-    torch.testing.assert_close(ours(ids, pos, pixels), hf(input_ids=ids, pixel_values=pixels).logits,
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        ours(ids, pos, pixels), hf(input_ids=ids, pixel_values=pixels).logits, atol=1e-4, rtol=1e-4
+    )

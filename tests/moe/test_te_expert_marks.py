@@ -6,6 +6,7 @@ then tag every weight `tensor_model_parallel=True, partition_dim=0` in `reset_pa
 row-parallel fc2 included. The stand-ins below tag exactly so (no TE needed); after
 `mark_tensor_parallel_params` fc2 must be split on dim 1, so its canonical shape, the pieces cut for
 `--pretrained` and the export's concatenation all use the input axis."""
+
 from __future__ import annotations
 
 import pytest
@@ -51,10 +52,26 @@ class TERowParallelGroupedLinear(_TEModeNone):
 
 def _experts(etp: int) -> torch.nn.Module:
     """SequentialMLP-like (local_experts.{j}.linear_fc1/2) and TEGroupedMLP-like (linear_fc1/2.weight{i})."""
-    seq = torch.nn.ModuleDict({"local_experts": torch.nn.ModuleList([torch.nn.ModuleDict({
-        "linear_fc1": TEColumnParallelLinear(2 * F // etp, H), "linear_fc2": TERowParallelLinear(H, F // etp)})])})
-    grouped = torch.nn.ModuleDict({"linear_fc1": TEColumnParallelGroupedLinear(2 * F // etp, H, gemms=2),
-                                   "linear_fc2": TERowParallelGroupedLinear(H, F // etp, gemms=2)})
+    seq = torch.nn.ModuleDict(
+        {
+            "local_experts": torch.nn.ModuleList(
+                [
+                    torch.nn.ModuleDict(
+                        {
+                            "linear_fc1": TEColumnParallelLinear(2 * F // etp, H),
+                            "linear_fc2": TERowParallelLinear(H, F // etp),
+                        }
+                    )
+                ]
+            )
+        }
+    )
+    grouped = torch.nn.ModuleDict(
+        {
+            "linear_fc1": TEColumnParallelGroupedLinear(2 * F // etp, H, gemms=2),
+            "linear_fc2": TERowParallelGroupedLinear(H, F // etp, gemms=2),
+        }
+    )
     root = torch.nn.Module()
     root.add_module("seq", seq)
     root.add_module("grouped", grouped)

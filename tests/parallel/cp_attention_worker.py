@@ -7,6 +7,7 @@ every case in rank{r}.json ({comm: {"cases": ..., "refused": ...}, "megatron_spl
 
 --cp C --comms p2p a2a a2a+p2p --hcp A P --out DIR   (--hcp: megatron's hierarchical CP sizes)
 """
+
 import argparse
 import json
 from pathlib import Path
@@ -44,8 +45,16 @@ L = S // (2 * C)
 
 
 def config(hq: int, hkv: int, comm: str) -> TransformerConfig:
-    return TransformerConfig(num_layers=1, hidden_size=hq * D, num_attention_heads=hq, num_query_groups=hkv,
-                             kv_channels=D, attention_dropout=0.0, context_parallel_size=C, cp_comm_type=comm)
+    return TransformerConfig(
+        num_layers=1,
+        hidden_size=hq * D,
+        num_attention_heads=hq,
+        num_query_groups=hkv,
+        kv_channels=D,
+        attention_dropout=0.0,
+        context_parallel_size=C,
+        cp_comm_type=comm,
+    )
 
 
 def rows(*row_bounds: list[int]) -> torch.Tensor:
@@ -107,8 +116,15 @@ for comm in a.comms:
         ref_out = ref_out.detach()
 
         for mode, pgc in pg_modes.items():
-            attn = ContextParallelAttention(config(hq, hkv, comm), 1, AttnMaskType.causal, cp_comm_type=comm,
-                                            pg_collection=pgc, query_tile=tile[0], key_tile=tile[1])
+            attn = ContextParallelAttention(
+                config(hq, hkv, comm),
+                1,
+                AttnMaskType.causal,
+                cp_comm_type=comm,
+                pg_collection=pgc,
+                query_tile=tile[0],
+                key_tile=tile[1],
+            )
             loc = [split_for_cp(t, 0, rank, C).detach().requires_grad_() for t in (q, k, v)]
             out = attn(*loc, None, attn_mask_type=mask_type, packed_seq_params=psp)
             (out * split_for_cp(w, 0, rank, C)).sum().backward()
@@ -126,8 +142,9 @@ for comm in a.comms:
     if comm in ("a2a", "a2a+p2p"):
         size = C if comm == "a2a" else a.hcp[0]
         hq, hkv = 2 * size, 1  # kv heads not divisible by the all-to-all size
-        attn = ContextParallelAttention(config(hq, hkv, comm), 1, AttnMaskType.causal, cp_comm_type=comm,
-                                        pg_collection=pg_modes["pg"])
+        attn = ContextParallelAttention(
+            config(hq, hkv, comm), 1, AttnMaskType.causal, cp_comm_type=comm, pg_collection=pg_modes["pg"]
+        )
         try:
             attn(*(torch.randn(S // C, 1, h, D) for h in (hq, hkv, hkv)), None)
             got["refused"] = None
@@ -136,8 +153,12 @@ for comm in a.comms:
 
 # split_for_cp is megatron-core's own get_batch_on_this_cp_rank
 tokens = torch.arange(2 * S).view(2, S)
-batch = {"tokens": tokens, "position_ids": tokens.float() / 3, "labels": tokens + 1,
-         "attention_mask": torch.rand(2, 1, S, S) > 0.5}
+batch = {
+    "tokens": tokens,
+    "position_ids": tokens.float() / 3,
+    "labels": tokens + 1,
+    "attention_mask": torch.rand(2, 1, S, S) > 0.5,
+}
 mine = {key: split_for_cp(val, 2 if key == "attention_mask" else 1, rank, C) for key, val in batch.items()}
 theirs = get_batch_on_this_cp_rank(dict(batch))
 report["megatron_split_equal"] = all(torch.equal(mine[key], theirs[key]) for key in batch)

@@ -4,6 +4,7 @@
 otherwise: load the reference, compare this rank's loss and gradient shards, write a JSON report
 (with how many of this stage's forwards were handed image tensors).
 """
+
 import argparse
 import json
 import sys
@@ -41,21 +42,35 @@ cfg = get_preset(a.model)
 SEQ, GBS = 64, 4
 model = build_model(cfg, par, process_groups())
 init_weights(model, cfg, seed=11)
-ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
-    grad_reduce_in_fp32=True, use_distributed_optimizer=a.dist_opt), model)
+ddp = DistributedDataParallel(
+    model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=a.dist_opt), model
+)
 model.config.finalize_model_grads_func = finalize_model_grads
 dp = ps.get_data_parallel_world_size()
-batches = mock_batches(cfg, seed=3, seq_length=SEQ, tiles=1, micro_batch_size=1, global_batch_size=GBS,
-                       dp_rank=ps.get_data_parallel_rank(), dp_size=dp)
+batches = mock_batches(
+    cfg,
+    seed=3,
+    seq_length=SEQ,
+    tiles=1,
+    micro_batch_size=1,
+    global_batch_size=GBS,
+    dp_rank=ps.get_data_parallel_rank(),
+    dp_size=dp,
+)
 ddp.zero_grad_buffer()
 sys.path.insert(0, ".")  # the repo root (torchrun and tests/worldpool.py run from there)
 from tests.launch import recording_calls  # noqa: E402
 
 calls = []  # per forward: did image tensors reach this stage (only the first stage reads them)
 with recording_calls(type(model), "forward", lambda *args, **kw: calls.append(kw.get("pixel_values") is not None)):
-    losses = get_forward_backward_func()(forward_step_func=forward_step,
-                                         data_iterator=batches, model=[ddp], num_microbatches=GBS // dp,
-                                         seq_length=SEQ, micro_batch_size=1)
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=batches,
+        model=[ddp],
+        num_microbatches=GBS // dp,
+        seq_length=SEQ,
+        micro_batch_size=1,
+    )
 loss = None
 if ps.is_pipeline_last_stage():
     tot = sum(x["lm loss"] for x in losses).double()
@@ -77,7 +92,15 @@ else:
         checked += 1
         if err > worst:
             worst, worst_name = err, name
-    report = {"rank": dist.get_rank(), "loss": loss, "ref_loss": ref["loss"], "max_rel_grad_err": worst,
-              "worst": worst_name, "params_checked": checked,
-              "first_stage": ps.is_pipeline_first_stage(), "forwards": len(calls), "with_pixels": sum(calls)}
+    report = {
+        "rank": dist.get_rank(),
+        "loss": loss,
+        "ref_loss": ref["loss"],
+        "max_rel_grad_err": worst,
+        "worst": worst_name,
+        "params_checked": checked,
+        "first_stage": ps.is_pipeline_first_stage(),
+        "forwards": len(calls),
+        "with_pixels": sum(calls),
+    }
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(report))

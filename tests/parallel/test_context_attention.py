@@ -4,20 +4,36 @@ Multi-process part: one job per CP size (tests/worldpool.py) runs every comm typ
 (packs with sample boundaries inside chunks, across chunks and exactly on chunk borders, an empty
 sample, unpacked rows, GQA, B=2, bidirectional) and compares against `PackedSDPAttention` on the
 unsplit tensors."""
+
 import json
 
 import pytest
 import torch
 
-from internvl_mcore.parallel.context_parallel import (PackedRows, cp_chunk_starts, cp_token_indices, gather_from_cp,
-                                             split_for_cp)
+from internvl_mcore.parallel.context_parallel import (
+    PackedRows,
+    cp_chunk_starts,
+    cp_token_indices,
+    gather_from_cp,
+    split_for_cp,
+)
 from tests.launch import REPO
 from tests.worldpool import run_in_world
 
 WORKER = REPO / "tests" / "parallel" / "cp_attention_worker.py"
 TOL = 1e-5
-EXPECTED_CASES = {"inside", "inside-tiled", "across", "borders", "borders-tiled", "empty-sample",
-                  "unpacked-b2", "gqa-b2", "gqa-b2-tiled", "no-mask"}
+EXPECTED_CASES = {
+    "inside",
+    "inside-tiled",
+    "across",
+    "borders",
+    "borders-tiled",
+    "empty-sample",
+    "unpacked-b2",
+    "gqa-b2",
+    "gqa-b2-tiled",
+    "no-mask",
+}
 
 # one job per CP size runs every comm type
 WORLDS = {  # C: (comm types, megatron's hierarchical CP sizes A P for a2a+p2p)
@@ -36,10 +52,15 @@ def cp_reports(tmp_path_factory):
         if cp not in cache:
             out = tmp_path_factory.mktemp(f"cp{cp}")
             comms, hcp = WORLDS[cp]
-            run_in_world(WORKER, cp, ["--cp", str(cp), "--comms", *comms, "--hcp", *map(str, hcp), "--out", str(out)],
-                     timeout=300)
+            run_in_world(
+                WORKER,
+                cp,
+                ["--cp", str(cp), "--comms", *comms, "--hcp", *map(str, hcp), "--out", str(out)],
+                timeout=300,
+            )
             cache[cp] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(cp)]
         return cache[cp]
+
     return get
 
 
@@ -105,5 +126,6 @@ def test_packed_rows_follow_cu_seqlens():
 def test_whole_row_split_never_selects_te_attention():
     # TE's CP expects per-sample 'thd' splitting; split_for_cp's whole-row layout needs the local module
     from internvl_mcore.parallel.context_parallel import ContextParallelAttention, cp_core_attention
+
     assert cp_core_attention("local") is ContextParallelAttention
     assert cp_core_attention("te", "sbhd") is ContextParallelAttention

@@ -1,4 +1,5 @@
 """The CPU compatibility module patches real megatron-core symbols and fails loudly when they move."""
+
 import importlib
 
 import pytest

@@ -1,4 +1,5 @@
 """Every parallel layout computes the single-process loss and gradients (fp32, gloo, world <= 4)."""
+
 import json
 
 import pytest
@@ -31,13 +32,15 @@ def refs(tmp_path_factory):
     return dirs
 
 
-@pytest.mark.parametrize("model,tp,pp,extra,world", LAYOUTS,
-                         ids=[f"{m}-tp{t}-pp{p}{''.join(e)}-w{w}" for m, t, p, e, w in LAYOUTS])
+@pytest.mark.parametrize(
+    "model,tp,pp,extra,world", LAYOUTS, ids=[f"{m}-tp{t}-pp{p}{''.join(e)}-w{w}" for m, t, p, e, w in LAYOUTS]
+)
 def test_layout_matches_single_process(refs, tmp_path, model, tp, pp, extra, world):
     out = tmp_path
     (out / "ref.pt").symlink_to(refs[model] / "ref.pt")
-    run_in_world(WORKER, world, ["--model", model, "--tp", str(tp), "--pp", str(pp), *extra, "--out", str(out)],
-             timeout=240)
+    run_in_world(
+        WORKER, world, ["--model", model, "--tp", str(tp), "--pp", str(pp), *extra, "--out", str(out)], timeout=240
+    )
     reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
     assert all(r["params_checked"] > 0 for r in reports)
     for r in reports:

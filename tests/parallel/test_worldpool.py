@@ -1,5 +1,6 @@
 """The reused worlds of tests/worldpool.py: a job starts clean after another, a failing or hanging
 job fails its test with the ranks' errors, and the next job gets a fresh world."""
+
 import json
 
 import pytest

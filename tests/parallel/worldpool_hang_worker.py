@@ -1,4 +1,5 @@
 """A job that never ends (tests/parallel/test_worldpool.py): rank 1 waits for a message nobody sends."""
+
 import torch
 import torch.distributed as dist
 

@@ -3,6 +3,7 @@ of its reused world, then set up model parallelism and leave changes behind for 
 
 --out DIR --tp N [--fail]   (--fail: rank 0 raises, rank 1 dies without a word)
 """
+
 import argparse
 import json
 import os
@@ -23,11 +24,16 @@ p.add_argument("--tp", type=int, default=1)
 p.add_argument("--fail", action="store_true")
 a = p.parse_args()
 
-found = {"pid": os.getpid(), "model_parallel": ps.model_parallel_is_initialized(),
-         "groups": len(dist.distributed_c10d._world.pg_map), "rng_states": sorted(get_cuda_rng_tracker().get_states()),
-         "default_dtype": str(torch.get_default_dtype()), "env": os.environ.get("WORLDPOOL_PROBE"),
-         "sigterm_default": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
-         "threads": len(os.listdir("/proc/self/task"))}  # gloo's threads of the groups jobs before made
+found = {
+    "pid": os.getpid(),
+    "model_parallel": ps.model_parallel_is_initialized(),
+    "groups": len(dist.distributed_c10d._world.pg_map),
+    "rng_states": sorted(get_cuda_rng_tracker().get_states()),
+    "default_dtype": str(torch.get_default_dtype()),
+    "env": os.environ.get("WORLDPOOL_PROBE"),
+    "sigterm_default": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
+    "threads": len(os.listdir("/proc/self/task")),
+}  # gloo's threads of the groups jobs before made
 init_distributed(ParallelConfig(tensor_model_parallel_size=a.tp), seed=5)
 found["tp_after_init"] = ps.get_tensor_model_parallel_world_size()
 found["threads_after_init"] = len(os.listdir("/proc/self/task"))

@@ -9,6 +9,7 @@ model storage). Then, for the activation check, one more forward of a microbatch
 under torch.autograd.graph.saved_tensors_hooks, counting the distinct non-parameter storages saved
 for backward.
 """
+
 import argparse
 import json
 from pathlib import Path
@@ -84,8 +85,13 @@ def saved_activation_bytes(model, cfg, par, seq, tiles, dtype):
         x = torch.randn(seq // sp, 1, cfg.llm.hidden_size, dtype=dtype, requires_grad=True)
         model.set_input_tensor(x)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(batch.tokens, batch.position_ids, pixel_values=batch.images.pixel_values().to(dtype),
-                    labels=batch.labels, cu_seqlens=batch.cu_seqlens)
+        out = model(
+            batch.tokens,
+            batch.position_ids,
+            pixel_values=batch.images.pixel_values().to(dtype),
+            labels=batch.labels,
+            cu_seqlens=batch.cu_seqlens,
+        )
     del out
     model.set_input_tensor(None)
     lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
@@ -100,10 +106,12 @@ def measured_flops(model, cfg, seq=128):
     # runs on (4-D SDPA inputs); count them with torch's own SDPA formulas (full L x S, as for the others)
     aten = torch.ops.aten
     mapping = {
-        aten._scaled_dot_product_flash_attention_for_cpu:
-            lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v),
-        aten._scaled_dot_product_flash_attention_for_cpu_backward:
-            lambda grad_out, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(grad_out, q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(
+            q, k, v
+        ),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: lambda grad_out, q, k, v, *a, out_shape=None, **kw: (
+            sdpa_backward_flop_count(grad_out, q, k, v)
+        ),
     }
     batch = Batch.from_packs([mock_sample(7, 9, cfg, seq, 1), mock_sample(8, 9, cfg, seq, 1)], seq, cfg.pad_token_id)
     args = (batch.tokens, batch.position_ids)
@@ -112,15 +120,23 @@ def measured_flops(model, cfg, seq=128):
         model(*args, **kw)
     with FlopCounterMode(display=False, custom_mapping=mapping) as both:
         model(*args, **kw).sum().backward()
-    return dict(forward=fwd.get_total_flops(), train=both.get_total_flops(), tokens=2 * seq,
-                tiles=batch.images.num_tiles,
-                lengths=(batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist())
+    return dict(
+        forward=fwd.get_total_flops(),
+        train=both.get_total_flops(),
+        tokens=2 * seq,
+        tiles=batch.images.num_tiles,
+        lengths=(batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist(),
+    )
 
 
 reports = []
 for case in cases:
-    par = ParallelConfig(tensor_model_parallel_size=case["tp"], pipeline_model_parallel_size=case["pp"],
-                         sequence_parallel=case.get("sp", False), expert_model_parallel_size=case.get("ep", 1))
+    par = ParallelConfig(
+        tensor_model_parallel_size=case["tp"],
+        pipeline_model_parallel_size=case["pp"],
+        sequence_parallel=case.get("sp", False),
+        expert_model_parallel_size=case.get("ep", 1),
+    )
     ps.destroy_model_parallel()
     init_distributed(par, seed=1)
     cfg = get_preset(case["model"])
@@ -131,28 +147,61 @@ for case in cases:
         q.requires_grad_(PART_OF[name.split(".", 1)[0]] in case["trainable"])
     if case.get("lora"):  # adapters as training adds them: every base weight frozen
         add_lora(model, LoRAConfig(**case["lora"]), cfg, seed=3)
-    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=case["dist_opt"]), model)
+    ddp = DistributedDataParallel(
+        model.config,
+        DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=case["dist_opt"]),
+        model,
+    )
     optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-3, bf16=case.get("bf16", False), params_dtype=dtype,
-                        use_distributed_optimizer=case["dist_opt"]), [ddp])
+        OptimizerConfig(
+            optimizer="adam",
+            lr=1e-3,
+            bf16=case.get("bf16", False),
+            params_dtype=dtype,
+            use_distributed_optimizer=case["dist_opt"],
+        ),
+        [ddp],
+    )
     model.config.finalize_model_grads_func = finalize_model_grads
     model.config.no_sync_func = ddp.no_sync
     dp = ps.get_data_parallel_world_size()
     seq = 64
-    batches = mock_batches(cfg, seed=5, seq_length=seq, tiles=1, micro_batch_size=1, global_batch_size=2 * dp,
-                           dp_rank=ps.get_data_parallel_rank(), dp_size=dp)
+    batches = mock_batches(
+        cfg,
+        seed=5,
+        seq_length=seq,
+        tiles=1,
+        micro_batch_size=1,
+        global_batch_size=2 * dp,
+        dp_rank=ps.get_data_parallel_rank(),
+        dp_size=dp,
+    )
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
-    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=batches, model=[ddp],
-                                num_microbatches=2, seq_length=seq, micro_batch_size=1, forward_only=False)
+    get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=batches,
+        model=[ddp],
+        num_microbatches=2,
+        seq_length=seq,
+        micro_batch_size=1,
+        forward_only=False,
+    )
     optimizer.step()
     params, grads, opt = held_bytes(model, ddp, optimizer)
-    rep = dict(case=case, rank=dist.get_rank(), tp_rank=ps.get_tensor_model_parallel_rank(),
-               pp_rank=ps.get_pipeline_model_parallel_rank(), dp_rank=ps.get_data_parallel_rank(), dp=dp,
-               expert_dp_rank=ps.get_expert_data_parallel_rank(),
-               params=params, grads=grads, optimizer=opt,
-               names=[[n, list(q.shape)] for n, q in model.named_parameters()])
+    rep = dict(
+        case=case,
+        rank=dist.get_rank(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+        dp=dp,
+        expert_dp_rank=ps.get_expert_data_parallel_rank(),
+        params=params,
+        grads=grads,
+        optimizer=opt,
+        names=[[n, list(q.shape)] for n, q in model.named_parameters()],
+    )
     for seq_len in case.get("act_seqs", []):
         act, lengths = saved_activation_bytes(model, cfg, par, seq_len, case.get("act_tiles", 1), dtype)
         rep.setdefault("activations", []).append(dict(seq=seq_len, bytes=act, lengths=lengths))

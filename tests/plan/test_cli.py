@@ -1,4 +1,5 @@
 """tools/plan.py: the ranked search and the per-stage table."""
+
 import importlib.util
 import re
 
@@ -26,10 +27,27 @@ def test_78b_on_32_gpus_lists_fitting_layouts_fastest_first(capsys):
 
 
 def test_explicit_layout_prints_every_stage(capsys):
-    code = cli.main(["--model", "internvl3-38b", "--gpus", "16", "--gpu-memory", "80", "--seq-length", "16384",
-                     "--tensor-model-parallel-size", "8", "--pipeline-model-parallel-size", "2",
-                     "--use-distributed-optimizer", "--recompute-granularity", "full",
-                     "--decoder-first-pipeline-num-layers", "24"])
+    code = cli.main(
+        [
+            "--model",
+            "internvl3-38b",
+            "--gpus",
+            "16",
+            "--gpu-memory",
+            "80",
+            "--seq-length",
+            "16384",
+            "--tensor-model-parallel-size",
+            "8",
+            "--pipeline-model-parallel-size",
+            "2",
+            "--use-distributed-optimizer",
+            "--recompute-granularity",
+            "full",
+            "--decoder-first-pipeline-num-layers",
+            "24",
+        ]
+    )
     out = capsys.readouterr().out
     stage_rows = re.findall(r"^\s+(\d)\s+(\d+)\s+[\d.]+", out, re.M)
     assert [int(s) for s, _ in stage_rows] == [0, 1]
@@ -80,8 +98,19 @@ def test_moe_30b_a3b_on_16_gpus_uses_expert_parallelism(capsys):
 
 def test_moe_explicit_layout_shards_experts(capsys):
     """EP4 holds a quarter of the experts: less parameter memory than EP1 on the same layout."""
-    base = ["--model", "internvl3.5-30b-a3b", "--gpus", "16", "--tensor-model-parallel-size", "2",
-            "--pipeline-model-parallel-size", "2", "--use-distributed-optimizer", "--recompute-granularity", "full"]
+    base = [
+        "--model",
+        "internvl3.5-30b-a3b",
+        "--gpus",
+        "16",
+        "--tensor-model-parallel-size",
+        "2",
+        "--pipeline-model-parallel-size",
+        "2",
+        "--use-distributed-optimizer",
+        "--recompute-granularity",
+        "full",
+    ]
     cli.main(base + ["--expert-model-parallel-size", "4"])
     ep4 = capsys.readouterr().out
     cli.main(base)
@@ -98,8 +127,10 @@ def test_what_pretrain_refuses_is_refused_with_its_line(capsys):
     from internvl_mcore.cli_errors import one_line
     from internvl_mcore.config.problems import problems, refusal
 
-    for flags, gpus in ((["--sequence-parallel", "--context-parallel-size", "2", "--seq-length", "90"], "2"),
-                        (["--expert-model-parallel-size", "2"], "4")):
+    for flags, gpus in (
+        (["--sequence-parallel", "--context-parallel-size", "2", "--seq-length", "90"], "2"),
+        (["--expert-model-parallel-size", "2"], "4"),
+    ):
         flags = ["--model", "debug", "--global-batch-size", "8", *flags]
         found = problems(pretrain_internvl.parse_run_config(["--mock-data", *flags]))
         assert found, flags

@@ -1,4 +1,5 @@
 """Planner arithmetic that needs no model: released parameter counts, padding rules, FLOP formulas."""
+
 import math
 
 import pytest
@@ -7,21 +8,36 @@ import torch
 from internvl_mcore.config import ParallelConfig, get_preset
 from internvl_mcore.plan.flops import causal_pairs, forward_flops, train_step_flops
 from internvl_mcore.plan.memory import grad_buffer, owned_elements, state_bytes
-from internvl_mcore.plan.params import (ParamSpec, count_params, decoder_layers_per_stage, padded_vision_heads,
-                                        stage_params)
+from internvl_mcore.plan.params import (
+    ParamSpec,
+    count_params,
+    decoder_layers_per_stage,
+    padded_vision_heads,
+    stage_params,
+)
 from internvl_mcore.errors import ConfigError
 
 # Published sizes of the released checkpoints (the Hugging Face model pages' safetensors counts,
 # as quoted in third-party model tables: InternVL3-1B 0.94B, InternVL3-2B 2.09B; the technical
 # report / model cards: InternVL3-8B ~7.9B, InternVL3-78B 78.4B), to the digits published.
-PUBLISHED = {"internvl3-1b": (0.94, 2), "internvl3-2b": (2.09, 2), "internvl3-8b": (7.9, 1),
-             "internvl3-78b": (78.4, 1),
-             # InternVL2.5 model cards / report (InternLM2.5 and Qwen2.5-3B based sizes)
-             "internvl2.5-2b": (2.2, 1), "internvl2.5-4b": (3.7, 1), "internvl2.5-8b": (8.1, 1),
-             "internvl2.5-26b": (25.5, 1),
-             # InternVL3.5 (OpenGVLab/InternVL README, "#Total Param" of the GitHub format)
-             "internvl3.5-1b": (1.1, 1), "internvl3.5-2b": (2.3, 1), "internvl3.5-4b": (4.7, 1),
-             "internvl3.5-8b": (8.5, 1), "internvl3.5-14b": (15.1, 1), "internvl3.5-38b": (38.4, 1)}
+PUBLISHED = {
+    "internvl3-1b": (0.94, 2),
+    "internvl3-2b": (2.09, 2),
+    "internvl3-8b": (7.9, 1),
+    "internvl3-78b": (78.4, 1),
+    # InternVL2.5 model cards / report (InternLM2.5 and Qwen2.5-3B based sizes)
+    "internvl2.5-2b": (2.2, 1),
+    "internvl2.5-4b": (3.7, 1),
+    "internvl2.5-8b": (8.1, 1),
+    "internvl2.5-26b": (25.5, 1),
+    # InternVL3.5 (OpenGVLab/InternVL README, "#Total Param" of the GitHub format)
+    "internvl3.5-1b": (1.1, 1),
+    "internvl3.5-2b": (2.3, 1),
+    "internvl3.5-4b": (4.7, 1),
+    "internvl3.5-8b": (8.5, 1),
+    "internvl3.5-14b": (15.1, 1),
+    "internvl3.5-38b": (38.4, 1),
+}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -108,7 +124,7 @@ def test_causal_pairs_match_a_mask():
     mask = torch.zeros(n, n, dtype=torch.bool)
     start = 0
     for length in lengths:
-        mask[start:start + length, start:start + length] = torch.ones(length, length).tril().bool()
+        mask[start : start + length, start : start + length] = torch.ones(length, length).tril().bool()
         start += length
     assert causal_pairs(lengths) == int(mask.sum())
 
@@ -119,8 +135,11 @@ def test_flops_formula_against_a_direct_count():
     cfg = get_preset("internvl3-8b")
     par = ParallelConfig()
     specs = stage_params(cfg, par, 0)
-    weights = sum(s.numel for s in specs if ".decoder.layers." in s.name and s.name.endswith("weight")
-                  and "layernorm" not in s.name)
+    weights = sum(
+        s.numel
+        for s in specs
+        if ".decoder.layers." in s.name and s.name.endswith("weight") and "layernorm" not in s.name
+    )
     f = forward_flops(cfg, tokens=4096, tiles=0, seq_length=4096)
     assert f.llm_linear == 2 * weights * 4096
     m = cfg.llm
@@ -146,8 +165,8 @@ def test_frozen_parts_count_only_the_passes_they_run():
     all_parts = train_step_flops(cfg, 2048, 4, seq_length=2048)
     finetune = train_step_flops(cfg, 2048, 4, seq_length=2048, trainable=["projector", "llm"])
     stage1 = train_step_flops(cfg, 2048, 4, seq_length=2048, trainable=["projector"])
-    assert all_parts - finetune == pytest.approx(2 * vit)            # frozen ViT: forward only
-    assert finetune - stage1 == pytest.approx(llm)                   # frozen LLM: no weight gradients
+    assert all_parts - finetune == pytest.approx(2 * vit)  # frozen ViT: forward only
+    assert finetune - stage1 == pytest.approx(llm)  # frozen LLM: no weight gradients
 
 
 def test_planner_lists_the_adapters_lora_target_names():

@@ -1,4 +1,5 @@
 """--stage mpo in the planner: the frozen reference model's weights on every stage, and its forward."""
+
 import dataclasses
 
 from internvl_mcore.config import get_preset
@@ -15,6 +16,9 @@ def test_reference_model_adds_its_stage_weights_and_a_forward():
     for r, (a, b) in enumerate(zip(base.stages, mpo.stages)):
         weights = sum(s.numel for s in stage_params(model, par, r)) * 2  # bf16, this rank's shard
         assert b.state.params - a.state.params == weights
-        assert (b.state.grads, b.state.optimizer, b.activations.total) == (a.state.grads, a.state.optimizer,
-                                                                          a.activations.total)
+        assert (b.state.grads, b.state.optimizer, b.activations.total) == (
+            a.state.grads,
+            a.state.optimizer,
+            a.activations.total,
+        )
     assert mpo.compute_s > base.compute_s * 1.2  # one more forward per microbatch (backward ~ 2 forwards)

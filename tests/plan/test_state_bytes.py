@@ -10,6 +10,7 @@ and each rank reports what it holds; the predictions must match.
   sequence lengths, with TP + sequence parallelism, on both pipeline stages and with a frozen ViT
 - model FLOPs of a forward == torch's FlopCounterMode, and forward + backward ~ 3x forward
 """
+
 import json
 
 import pytest
@@ -51,8 +52,14 @@ CASES = [
     dict(model="debug-moe", tp=2, pp=1, sp=True, ep=2, dist_opt=False, trainable=ALL, act_seqs=[256]),
     # LoRA on both towers (a non-default --lora-target) and three of the four linears: the planner
     # lists the adapters by config/lora.py's rule with the shapes of the base weights' shards
-    dict(model="debug-6b", tp=2, pp=1, dist_opt=True, trainable=["lora"],
-         lora=dict(lora_rank=4, lora_target="all", lora_modules=["linear_qkv", "linear_proj", "linear_fc2"])),
+    dict(
+        model="debug-6b",
+        tp=2,
+        pp=1,
+        dist_opt=True,
+        trainable=["lora"],
+        lora=dict(lora_rank=4, lora_target="all", lora_modules=["linear_qkv", "linear_proj", "linear_fc2"]),
+    ),
 ]
 
 
@@ -61,8 +68,12 @@ def _lora(case):
 
 
 def _par(case):
-    return ParallelConfig(tensor_model_parallel_size=case["tp"], pipeline_model_parallel_size=case["pp"],
-                          sequence_parallel=case.get("sp", False), expert_model_parallel_size=case.get("ep", 1))
+    return ParallelConfig(
+        tensor_model_parallel_size=case["tp"],
+        pipeline_model_parallel_size=case["pp"],
+        sequence_parallel=case.get("sp", False),
+        expert_model_parallel_size=case.get("ep", 1),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -76,29 +87,44 @@ def reports(tmp_path_factory):
 
 def _id(rep):
     c = rep["case"]
-    return (f"{c['model']} TP{c['tp']} PP{c['pp']} {'dist-opt' if c['dist_opt'] else 'plain'} "
-            f"{'bf16' if c.get('bf16') else 'fp32'} train={'+'.join(c['trainable'])} rank{rep['rank']}")
+    return (
+        f"{c['model']} TP{c['tp']} PP{c['pp']} {'dist-opt' if c['dist_opt'] else 'plain'} "
+        f"{'bf16' if c.get('bf16') else 'fp32'} train={'+'.join(c['trainable'])} rank{rep['rank']}"
+    )
 
 
 def test_inventory_matches_built_model(reports):
     for rep in reports:
         c = rep["case"]
-        want = [[s.name, list(s.shape)] for s in stage_params(get_preset(c["model"]), _par(c), rep["pp_rank"],
-                                                              _lora(c))]
+        want = [
+            [s.name, list(s.shape)] for s in stage_params(get_preset(c["model"]), _par(c), rep["pp_rank"], _lora(c))
+        ]
         assert want == rep["names"], _id(rep)
     lora = [rep["names"] for rep in reports if rep["case"].get("lora")]
-    assert lora and all(any(".lora." in n and n.startswith(tower) for n, _ in names)
-                        for names in lora for tower in ("vision_model.", "language_model."))
+    assert lora and all(
+        any(".lora." in n and n.startswith(tower) for n, _ in names)
+        for names in lora
+        for tower in ("vision_model.", "language_model.")
+    )
 
 
 def test_state_bytes_exact(reports):
     checked = set()
     for rep in reports:
         c = rep["case"]
-        pred = state_bytes(get_preset(c["model"]), _par(c), rep["pp_rank"], rep["dp"], trainable=c["trainable"],
-                           param_bytes=2 if c.get("bf16") else 4, use_distributed_optimizer=c["dist_opt"],
-                           dp_rank=rep["dp_rank"], adam_step_bytes=4,
-                           expert_dp_rank=rep["expert_dp_rank"], lora=_lora(c))
+        pred = state_bytes(
+            get_preset(c["model"]),
+            _par(c),
+            rep["pp_rank"],
+            rep["dp"],
+            trainable=c["trainable"],
+            param_bytes=2 if c.get("bf16") else 4,
+            use_distributed_optimizer=c["dist_opt"],
+            dp_rank=rep["dp_rank"],
+            adam_step_bytes=4,
+            expert_dp_rank=rep["expert_dp_rank"],
+            lora=_lora(c),
+        )
         got = (rep["params"], rep["grads"], rep["optimizer"])
         assert (pred.params, pred.grads, pred.optimizer) == got, _id(rep)
         checked.add((c["model"], c["tp"], c["pp"], c["dist_opt"]))
@@ -143,9 +169,19 @@ def test_activations_within_25_percent(reports):
     for rep in reports:
         c = rep["case"]
         for act in rep.get("activations", []):
-            pred = activation_bytes(get_preset(c["model"]), _par(c), rep["pp_rank"], act["seq"], 1,
-                                    tiles_per_microbatch=2, num_microbatches=1, param_bytes=4,
-                                    sample_lengths=act["lengths"], trainable=c["trainable"], kernels="cpu")
+            pred = activation_bytes(
+                get_preset(c["model"]),
+                _par(c),
+                rep["pp_rank"],
+                act["seq"],
+                1,
+                tiles_per_microbatch=2,
+                num_microbatches=1,
+                param_bytes=4,
+                sample_lengths=act["lengths"],
+                trainable=c["trainable"],
+                kernels="cpu",
+            )
             assert abs(pred.per_microbatch - act["bytes"]) <= 0.25 * act["bytes"], (_id(rep), act, pred)
             seen.add((c["model"], c["tp"], c["pp"], act["seq"]))
     assert {("debug", 1, 1, s) for s in (128, 256, 512)} <= seen
@@ -156,8 +192,11 @@ def test_activations_within_25_percent(reports):
 def test_activations_grow_with_sequence(reports):
     """The measurement is not a constant: longer sequences save more (quadratically on the CPU
     attention path), and the prediction follows."""
-    rep = next(r for r in reports if r["case"]["model"] == "debug" and r["case"]["tp"] == 1
-               and r["case"]["pp"] == 1 and "activations" in r)
+    rep = next(
+        r
+        for r in reports
+        if r["case"]["model"] == "debug" and r["case"]["tp"] == 1 and r["case"]["pp"] == 1 and "activations" in r
+    )
     sizes = [a["bytes"] for a in rep["activations"]]
     assert sizes[0] < sizes[1] < sizes[2]
 

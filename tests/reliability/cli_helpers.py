@@ -5,6 +5,7 @@ checks the contract of docs/errors.md: exit code 2, exactly one line on stderr t
 flag, no Python traceback. The module-scoped fixtures of the inputs the tests share (a tokenizer +
 digits meta, a good shard set) are in tests/reliability/conftest.py.
 """
+
 from __future__ import annotations
 
 import filecmp
@@ -20,8 +21,10 @@ from pathlib import Path
 from tests.reliability.common import DIST_ENV
 
 REPO = Path(__file__).resolve().parents[2]
-TOOLS = {name: REPO / "tools" / f"{name}.py" for name in ("preprocess_mm_data", "convert_to_hf", "convert_from_hf",
-                                                           "plan", "inspect_shards")}
+TOOLS = {
+    name: REPO / "tools" / f"{name}.py"
+    for name in ("preprocess_mm_data", "convert_to_hf", "convert_from_hf", "plan", "inspect_shards")
+}
 TOOLS["pretrain"] = REPO / "pretrain_internvl.py"
 SEQ = 256  # tokens per pack of the shared shard set (debug model, 56-px tiles, 4 tokens per tile)
 
@@ -40,13 +43,15 @@ def env(**overrides: str) -> dict:
     return {**{k: v for k, v in os.environ.items() if k not in drop}, **overrides}
 
 
-def run(tool: str, *args: str, timeout: float = 180, prefix: tuple[str, ...] = (),
-        environ: dict | None = None) -> subprocess.CompletedProcess:
+def run(
+    tool: str, *args: str, timeout: float = 180, prefix: tuple[str, ...] = (), environ: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run a tool to completion (stdout/stderr captured) in `environ` (default `env()`); a hang fails the test."""
     cmd = [*prefix, *cli(tool, *args)]
     try:
-        return subprocess.run(cmd, cwd=REPO, env=env() if environ is None else environ, capture_output=True,
-                              text=True, timeout=timeout)
+        return subprocess.run(
+            cmd, cwd=REPO, env=env() if environ is None else environ, capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired as exc:
         raise AssertionError(f"{' '.join(cmd)} hung for {timeout}s") from exc
 
@@ -68,17 +73,25 @@ def assert_user_error(proc: subprocess.CompletedProcess, *needles: str, code: in
     return lines[0]
 
 
-def interrupt_when(tool: str, *args: str, fault: str, sig: int = signal.SIGINT,
-                   timeout: float = 180) -> subprocess.CompletedProcess:
+def interrupt_when(
+    tool: str, *args: str, fault: str, sig: int = signal.SIGINT, timeout: float = 180
+) -> subprocess.CompletedProcess:
     """Start a tool with INTERNVL_MCORE_FAULT=`fault` (a known point where it prints `...: waiting for
     a signal` and waits: internvl_mcore/faults.py), send `sig` to its process group once that line is
     on its stdout, and wait for it. No sleep decides when the signal comes."""
     with tempfile.TemporaryFile("w+") as out_file:
         # SIGINT at its default, as a terminal starts a program: a suite run in the background of a
         # non-interactive shell (`.ci/run &`) ignores SIGINT, and an ignored SIGINT is inherited
-        proc = subprocess.Popen(cli(tool, *args), cwd=REPO, env={**env(), "INTERNVL_MCORE_FAULT": fault},
-                                stdout=out_file, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        proc = subprocess.Popen(
+            cli(tool, *args),
+            cwd=REPO,
+            env={**env(), "INTERNVL_MCORE_FAULT": fault},
+            stdout=out_file,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         deadline = time.monotonic() + timeout
         try:
             while True:
@@ -122,8 +135,22 @@ def assert_unchanged(prefix: str | Path, snap: Path) -> None:
 
 
 def preprocess_args(meta: str, tokenizer: str, out: str | Path, *extra: str) -> list[str]:
-    return ["--meta", meta, "--tokenizer", tokenizer, "--output-prefix", str(out), "--seq-length", str(SEQ),
-            "--model", "debug", "--workers", "1", "--no-progress", *extra]
+    return [
+        "--meta",
+        meta,
+        "--tokenizer",
+        tokenizer,
+        "--output-prefix",
+        str(out),
+        "--seq-length",
+        str(SEQ),
+        "--model",
+        "debug",
+        "--workers",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def copy_prefix(prefix: str, dst_dir: Path, name: str = "x") -> str:
@@ -132,5 +159,5 @@ def copy_prefix(prefix: str, dst_dir: Path, name: str = "x") -> str:
     src = Path(prefix)
     for p in src.parent.iterdir():
         if p.is_file() and p.name.startswith(src.name):
-            shutil.copy2(p, dst_dir / (name + p.name[len(src.name):]))
+            shutil.copy2(p, dst_dir / (name + p.name[len(src.name) :]))
     return str(dst_dir / name)

@@ -1,4 +1,5 @@
 """Helpers of the reliability suite: pretrain_internvl.py through torchrun or as one plain process."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,19 @@ def launch(nproc: int, args: list[str], timeout: float = 300, env: dict | None =
     compute-heavy mock-data runs: OMP_NUM_THREADS=1 keeps ranks from oversubscribing the cores (torchrun
     sets it too when nproc > 1); the runs with a user's unset OMP_NUM_THREADS are `plain` and
     tests/reliability/test_cli_loader.py."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), str(SCRIPT), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(SCRIPT),
+        *args,
+    ]
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
@@ -46,8 +58,9 @@ def plain(args: list[str], timeout: float = 300, env: dict | None = None) -> sub
     # OMP_NUM_THREADS, which a user's shell does not set either
     clean = {k: v for k, v in os.environ.items() if k not in (*DIST_ENV, "OMP_NUM_THREADS")}
     full_env = {**clean, "PYTHONWARNINGS": "ignore", **(env or {})}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -59,5 +72,7 @@ def one_line_error(proc: subprocess.CompletedProcess, code: int = 2) -> str:
     """The process failed with `code` and printed exactly one line, no traceback; returns it."""
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == code and len(lines) == 1 and lines[0].startswith("error: "), (
-        proc.returncode, proc.stderr[-4000:])
+        proc.returncode,
+        proc.stderr[-4000:],
+    )
     return lines[0]

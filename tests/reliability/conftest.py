@@ -1,4 +1,5 @@
 """Shared inputs of the CLI tests (module scope: each test file builds what it uses once)."""
+
 import pytest
 
 from tests.reliability.cli_helpers import preprocess_args, run

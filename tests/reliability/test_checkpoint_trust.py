@@ -3,6 +3,7 @@ of a checkpoint (checksums.json rewritten to match, as whoever writes the direct
 pretrain_internvl.py --load / --pretrained or tools/convert_to_hf.py --load; each tool ends with one
 line naming the file, exit 2. --load refuses format version 1 (pickled RNG / data files) and a
 version-2 checkpoint without checksums.json."""
+
 from __future__ import annotations
 
 import hashlib
@@ -46,8 +47,11 @@ def _tampered(saved: Path, tmp_path: Path, tamper) -> Path:
     copy = tmp_path / "iter_0000002"
     shutil.copytree(saved, copy)
     tamper(copy)
-    table = {str(p.relative_to(copy)): [p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest()]
-             for p in sorted(copy.rglob("*")) if p.is_file() and p.name != "checksums.json"}
+    table = {
+        str(p.relative_to(copy)): [p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest()]
+        for p in sorted(copy.rglob("*"))
+        if p.is_file() and p.name != "checksums.json"
+    }
     (copy / "checksums.json").write_text(json.dumps(table))
     return copy
 
@@ -57,6 +61,7 @@ def _evil_metadata(marker: Path):
         metadata = pickle.loads((path / ".metadata").read_bytes())
         metadata.planner_data = Payload(marker)  # a valid index that also runs code when unpickled
         (path / ".metadata").write_bytes(pickle.dumps(metadata))
+
     return tamper
 
 
@@ -65,6 +70,7 @@ def _evil_common(marker: Path):
         common = torch.load(path / "common.pt", weights_only=True)
         common["payload"] = Payload(marker)
         torch.save(common, path / "common.pt")
+
     return tamper
 
 
@@ -79,10 +85,12 @@ def _evil_byte_item(marker: Path):
         buf = io.BytesIO()
         torch.save(Payload(marker), buf)
         (path / "__9_0.distcp").write_bytes(buf.getvalue())
-        index = next(i for i in metadata.storage_data
-                     if isinstance(metadata.state_dict_metadata[i.fqn], BytesStorageMetadata))
+        index = next(
+            i for i in metadata.storage_data if isinstance(metadata.state_dict_metadata[i.fqn], BytesStorageMetadata)
+        )
         metadata.storage_data[index] = _StorageInfo("__9_0.distcp", 0, len(buf.getvalue()))
         (path / ".metadata").write_bytes(pickle.dumps(metadata))
+
     return tamper
 
 

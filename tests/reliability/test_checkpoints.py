@@ -2,6 +2,7 @@
 verified on --load (a corrupt latest checkpoint falls back, --no-fallback refuses naming the file),
 a changed LR schedule is refused or applied as Megatron-LM's flags say, --save to a path that cannot
 be written fails at start-up. User errors run as one plain process: stderr is one line, exit 2."""
+
 import json
 import shutil
 
@@ -29,8 +30,21 @@ def _with(args, flag, value):
 def straight(tmp_path_factory):
     """4 steps (of a 6-step schedule) saving every step, keeping the newest 2 checkpoints."""
     d = tmp_path_factory.mktemp("straight")
-    ok(_one_rank(ARGS + ["--save", str(d / "ckpt"), "--save-interval", "1", "--keep-checkpoints", "2",
-                         "--log-jsonl", str(d / "log.jsonl")]))
+    ok(
+        _one_rank(
+            ARGS
+            + [
+                "--save",
+                str(d / "ckpt"),
+                "--save-interval",
+                "1",
+                "--keep-checkpoints",
+                "2",
+                "--log-jsonl",
+                str(d / "log.jsonl"),
+            ]
+        )
+    )
     return d
 
 
@@ -115,8 +129,9 @@ def test_full_disk_during_save_fails_cleanly(straight, tmp_path):
     tracker = ckpt / "latest_checkpointed_iteration.txt"
     args = _with(ARGS, "--exit-interval", "0") + ["--load", str(ckpt), "--save", str(ckpt), "--save-interval", "1"]
     line = one_line_error(plain(args, env={"INTERNVL_MCORE_FAULT": "save:5:0:enospc"}))
-    assert line.startswith(f"error: --save {ckpt}: writing checkpoint iteration 5 failed (rank 0: No space left "
-                           "on device)"), line
+    assert line.startswith(
+        f"error: --save {ckpt}: writing checkpoint iteration 5 failed (rank 0: No space left on device)"
+    ), line
     assert "removed the partial tmp_iter_0000005" in line, line
     assert _iters(ckpt) == ["iter_0000003", "iter_0000004"] and tracker.read_text() == "4"
 
@@ -164,8 +179,10 @@ def test_deleted_tracker_resumes_from_the_newest_complete_checkpoint(straight, t
     shutil.copytree(straight / "ckpt", ckpt)
     (ckpt / "latest_checkpointed_iteration.txt").unlink()
     proc = ok(_one_rank(_with(ARGS, "--exit-interval", "5") + ["--load", str(ckpt)]))
-    assert (f"warning: --load {ckpt}: no latest_checkpointed_iteration.txt; taking the newest complete checkpoint "
-            "iter_0000004 (found: iter_0000004, iter_0000003)") in proc.stdout, proc.stdout[-2000:]
+    assert (
+        f"warning: --load {ckpt}: no latest_checkpointed_iteration.txt; taking the newest complete checkpoint "
+        "iter_0000004 (found: iter_0000004, iter_0000003)"
+    ) in proc.stdout, proc.stdout[-2000:]
     assert f"resumed from {ckpt / 'iter_0000004'} at iteration 4" in proc.stdout
 
 
@@ -174,11 +191,25 @@ def test_resume_with_other_data_flags_is_one_line(digits_shards, tmp_path):
     refused naming the flags (was a ValueError traceback from the loader)."""
     from tests.conftest import SEQ
 
-    args = ["--model", "debug", "--data-path", digits_shards, "--seq-length", str(SEQ), "--train-iters", "1",
-            "--global-batch-size", "1", "--seed", "5"]
+    args = [
+        "--model",
+        "debug",
+        "--data-path",
+        digits_shards,
+        "--seq-length",
+        str(SEQ),
+        "--train-iters",
+        "1",
+        "--global-batch-size",
+        "1",
+        "--seed",
+        "5",
+    ]
     ok(plain(args + ["--save", str(tmp_path / "ckpt")]))
     line = one_line_error(plain(_with(args, "--seed", "6") + ["--load", str(tmp_path / "ckpt")]))
     assert "seed" in line and "--data-path" in line and "--seed" in line and str(tmp_path / "ckpt") in line, line
+
+
 def test_save_holding_another_runs_checkpoints(straight, tmp_path):
     """A new run (no --load) into a --save with checkpoints 3 and 4 is refused before training, the
     directory untouched; --overwrite-checkpoints deletes them first, so the pointer never rewinds onto
@@ -186,9 +217,11 @@ def test_save_holding_another_runs_checkpoints(straight, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(straight / "ckpt", ckpt)
     line = one_line_error(plain(ARGS + ["--save", str(ckpt)]))
-    assert line == (f"error: --save {ckpt} holds another run's checkpoints (iter_0000003, iter_0000004, "
-                    f"latest_checkpointed_iteration.txt): resume with --load {ckpt}, give an empty --save, or "
-                    "pass --overwrite-checkpoints to delete them"), line
+    assert line == (
+        f"error: --save {ckpt} holds another run's checkpoints (iter_0000003, iter_0000004, "
+        f"latest_checkpointed_iteration.txt): resume with --load {ckpt}, give an empty --save, or "
+        "pass --overwrite-checkpoints to delete them"
+    ), line
     assert _iters(ckpt) == ["iter_0000003", "iter_0000004"]
     proc = ok(plain(_with(ARGS, "--exit-interval", "2") + ["--save", str(ckpt), "--overwrite-checkpoints"]))
     assert f"--overwrite-checkpoints: deleted 3 checkpoint file(s) of an earlier run from {ckpt}" in proc.stdout
@@ -231,8 +264,14 @@ def _kill_during_async_write(args, out, fault, markers, timeout=240, sig=9):
     # one thread, as `launch` (and `straight`) runs: the losses compared below are bit-exact only so
     env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", INTERNVL_MCORE_FAULT=fault or "")
     with open(out, "w") as log:
-        proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, cwd=SCRIPT.parent)
+        proc = subprocess.Popen(
+            [sys.executable, str(SCRIPT), *args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=SCRIPT.parent,
+        )
     try:
         deadline = time.monotonic() + timeout
         while not all(m in out.read_text() for m in markers):
@@ -278,8 +317,12 @@ def test_async_save_killed_during_a_write_then_resumed(straight, tmp_path):
     not tracked and no helper survives; the resumed --async-save run repeats steps 3-4 of the
     synchronous run bit for bit and writes the same checkpoints 3 and 4."""
     ckpt, out = tmp_path / "ckpt", tmp_path / "killed.txt"
-    text, left, code = _kill_during_async_write(ASYNC + ["--save", str(ckpt)], out, "save:3:0:wait",
-                                                ["fault point save 3: waiting for a signal", "iteration      4/6"])
+    text, left, code = _kill_during_async_write(
+        ASYNC + ["--save", str(ckpt)],
+        out,
+        "save:3:0:wait",
+        ["fault point save 3: waiting for a signal", "iteration      4/6"],
+    )
     assert code == -9 and not left, (code, left)
     assert "checkpoint at iteration 3: writing to" in text and "saved checkpoint at iteration 2" in text, text[-3000:]
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "2"
@@ -307,8 +350,10 @@ def test_async_write_failure_stops_every_rank(straight, tmp_path):
     # torchrun's own traceback about the failed child follows; the ranks print none ("[rankN]: Traceback")
     rank_tracebacks = [s for s in proc.stderr.splitlines() if s.startswith("[rank") and "Traceback" in s]
     assert 1 <= len(errors) <= 2 and len(set(errors)) == 1 and not rank_tracebacks, proc.stderr[-3000:]
-    assert ("iteration 6 failed (rank 1: in the checkpoint writer: No space left on device)" in errors[0]
-            and "removed the partial tmp_iter_0000006" in errors[0]), errors[0]
+    assert (
+        "iteration 6 failed (rank 1: in the checkpoint writer: No space left on device)" in errors[0]
+        and "removed the partial tmp_iter_0000006" in errors[0]
+    ), errors[0]
     assert _iters(ckpt) == ["iter_0000004", "iter_0000005"]
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "5"
 
@@ -333,9 +378,13 @@ def test_async_sigterm_abandons_the_write_in_flight(tmp_path):
     import signal
 
     ckpt = tmp_path / "ckpt"
-    text, left, code = _kill_during_async_write(ASYNC + ["--save", str(ckpt)], tmp_path / "out.txt", "save:3:0:wait",
-                                                ["fault point save 3: waiting for a signal", "iteration      4/6"],
-                                                sig=signal.SIGTERM)
+    text, left, code = _kill_during_async_write(
+        ASYNC + ["--save", str(ckpt)],
+        tmp_path / "out.txt",
+        "save:3:0:wait",
+        ["fault point save 3: waiting for a signal", "iteration      4/6"],
+        sig=signal.SIGTERM,
+    )
     assert code == 143 and not left and "terminated (SIGTERM)" in text, (code, left, text[-3000:])
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "2"
     assert _iters(ckpt) == ["iter_0000001", "iter_0000002"]
@@ -351,8 +400,9 @@ def test_async_sigterm_with_exit_signal_handler_finishes_the_write(tmp_path):
 
     ckpt = tmp_path / "ckpt"
     args = _with(ASYNC, "--exit-interval", "0") + ["--save", str(ckpt), "--exit-signal-handler"]
-    text, left, code = _kill_during_async_write(args, tmp_path / "out.txt", None,
-                                                ["checkpoint at iteration 3: writing to"], sig=signal.SIGTERM)
+    text, left, code = _kill_during_async_write(
+        args, tmp_path / "out.txt", None, ["checkpoint at iteration 3: writing to"], sig=signal.SIGTERM
+    )
     assert code == 0 and not left, (code, left, text[-3000:])
     stop = re.search(r"exiting on SIGTERM after iteration (\d+) \(--exit-signal-handler\): saved checkpoint", text)
     assert stop and "saved checkpoint at iteration 3 " in text, text[-3000:]
@@ -369,7 +419,11 @@ def test_async_writer_deadline_is_one_line(tmp_path):
     ckpt = tmp_path / "ckpt"
     args = _with(ASYNC, "--exit-interval", "0") + ["--save", str(ckpt), "--distributed-timeout-minutes", "0.1"]
     line = one_line_error(plain(args, timeout=240, env={"INTERNVL_MCORE_FAULT": "save:1:0:hang"}))
-    assert line.startswith(f"error: --save {ckpt}: writing checkpoint iteration 1 failed (rank 0: the checkpoint "
-                           "writer (pid ") and "did not finish within 6 s (--distributed-timeout-minutes)" in line, line
+    assert (
+        line.startswith(
+            f"error: --save {ckpt}: writing checkpoint iteration 1 failed (rank 0: the checkpoint writer (pid "
+        )
+        and "did not finish within 6 s (--distributed-timeout-minutes)" in line
+    ), line
     assert "removed the partial tmp_iter_0000001" in line, line
     assert sorted(p.name for p in ckpt.iterdir()) == []

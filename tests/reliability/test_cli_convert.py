@@ -1,5 +1,6 @@
 """tools/convert_to_hf.py, tools/convert_from_hf.py and tools/plan.py on careless input
 (docs/errors.md): refused with one line and exit 2, outputs complete or absent."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -47,8 +48,9 @@ def test_export_over_an_existing_export(ckpt, tmp_path):
     assert_user_error(proc, "--save", str(out), "not empty", "--overwrite")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
-    proc = run("convert_to_hf", "--load", ckpt, "--save", out, "--format", "transformers", "--dtype", "bf16",
-               "--overwrite")
+    proc = run(
+        "convert_to_hf", "--load", ckpt, "--save", out, "--format", "transformers", "--dtype", "bf16", "--overwrite"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["NOTES.md", "config.json", "model.safetensors"]
     tensors = _tensors(out)
@@ -80,12 +82,15 @@ def test_failed_import_leaves_no_save_dir(ckpt, tmp_path):
     assert_user_error(run("convert_from_hf", "--hf-dir", hf, "--save", ckpt), f"--save {ckpt}", "--overwrite")
 
 
-@pytest.mark.parametrize("args, says", [
-    (["--gpus", "0"], "--gpus 0"),
-    (["--gpus", "8", "--gpu-memory", "-5"], "--gpu-memory -5"),
-    (["--gpus", "8", "--compute-efficiency", "1.5"], "--compute-efficiency"),
-    (["--gpus", "8", "--seq-length", "0"], "--seq-length 0"),
-])
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--gpus", "0"], "--gpus 0"),
+        (["--gpus", "8", "--gpu-memory", "-5"], "--gpu-memory -5"),
+        (["--gpus", "8", "--compute-efficiency", "1.5"], "--compute-efficiency"),
+        (["--gpus", "8", "--seq-length", "0"], "--seq-length 0"),
+    ],
+)
 def test_plan_refuses_impossible_numbers(args, says):
     assert_user_error(run("plan", "--model", "debug", *args), says)
 
@@ -114,17 +119,26 @@ def test_damaged_safetensors_header_and_invalid_json(ckpt, tmp_path):
 
     hf = _copy_hf(ckpt, tmp_path / "hf")
     _damage_header(hf / "model.safetensors")
-    assert_user_error(run("convert_from_hf", "--hf-dir", hf, "--save", tmp_path / "out"),
-                      str(hf / "model.safetensors"), "damaged safetensors")
+    assert_user_error(
+        run("convert_from_hf", "--hf-dir", hf, "--save", tmp_path / "out"),
+        str(hf / "model.safetensors"),
+        "damaged safetensors",
+    )
     canonical = Path(shutil.copytree(ckpt, tmp_path / "canonical"))
     _damage_header(canonical / "model.safetensors")
-    assert_user_error(run("convert_to_hf", "--load", canonical, "--save", tmp_path / "out", "--format", "internvl"),
-                      str(canonical / "model.safetensors"), "damaged safetensors")
+    assert_user_error(
+        run("convert_to_hf", "--load", canonical, "--save", tmp_path / "out", "--format", "internvl"),
+        str(canonical / "model.safetensors"),
+        "damaged safetensors",
+    )
 
     bad_json = _copy_hf(ckpt, tmp_path / "json")
     (bad_json / "config.json").write_text('{"model_type": "internvl",\n  "text_config": }')
-    assert_user_error(run("convert_from_hf", "--hf-dir", bad_json, "--save", tmp_path / "out"),
-                      str(bad_json / "config.json"), "invalid JSON at line 2")
+    assert_user_error(
+        run("convert_from_hf", "--hf-dir", bad_json, "--save", tmp_path / "out"),
+        str(bad_json / "config.json"),
+        "invalid JSON at line 2",
+    )
     from internvl_mcore.checkpoint.canonical import CanonicalCheckpoint  # the same reader, in-process
     from internvl_mcore.errors import ConversionError
 
@@ -145,15 +159,22 @@ def test_special_token_ids_the_model_cannot_use(ckpt, tmp_path):
     (hf / "config.json").write_text(json.dumps(config))
     tokenizer_config = (hf / "tokenizer_config.json").read_text()
     (hf / "tokenizer_config.json").unlink()
-    line = assert_user_error(run("convert_from_hf", "--hf-dir", hf, "--save", tmp_path / "out"),
-                             str(hf / "config.json"), "img_start_token_id", "tokenizer files")
+    line = assert_user_error(
+        run("convert_from_hf", "--hf-dir", hf, "--save", tmp_path / "out"),
+        str(hf / "config.json"),
+        "img_start_token_id",
+        "tokenizer files",
+    )
     assert "img_context_token_id" not in line  # config.json states it (image_token_id)
 
     tok = json.loads(tokenizer_config)
     tok["added_tokens_decoder"]["151665"] = tok["added_tokens_decoder"].pop(next(iter(tok["added_tokens_decoder"])))
     (hf / "tokenizer_config.json").write_text(json.dumps(tok))
-    assert_user_error(run("convert_from_hf", "--hf-dir", hf, "--save", tmp_path / "out"),
-                      "151665", "outside the LLM's vocabulary of 512 rows")
+    assert_user_error(
+        run("convert_from_hf", "--hf-dir", hf, "--save", tmp_path / "out"),
+        "151665",
+        "outside the LLM's vocabulary of 512 rows",
+    )
 
     (hf / "tokenizer_config.json").write_text(tokenizer_config)
     proc = run("convert_from_hf", "--hf-dir", hf, "--save", tmp_path / "out")
@@ -188,8 +209,12 @@ def test_export_onto_a_full_disk(ckpt, tmp_path, monkeypatch, capsys):
     assert "Traceback" not in err and f"--save {out}: No space left on device while writing" in err.splitlines()[-1]
     assert ".shard-00000.safetensors.tmp" in err.splitlines()[-1] and not list(tmp_path.iterdir())
 
-    limit = ("python3", "-c", "import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (100000, 100000)); "
-             "os.execv(sys.argv[1], sys.argv[1:])")
+    limit = (
+        "python3",
+        "-c",
+        "import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (100000, 100000)); "
+        "os.execv(sys.argv[1], sys.argv[1:])",
+    )
     proc = run("convert_to_hf", "--load", ckpt, "--save", out, "--format", "transformers", prefix=limit)
     assert_user_error(proc, f"--save {out}", "File too large while writing", ".safetensors")
     assert not list(tmp_path.iterdir())

@@ -1,6 +1,7 @@
 """Issue 26 item 1: only a UserError (internvl_mcore/errors.py) ends a tool with one line and exit 2;
 any other exception, a ValueError / KeyError / OSError from a bug included, keeps its traceback (exit
 1), and INTERNVL_MCORE_TRACEBACK=1 shows the traceback of a user error too (docs/errors.md)."""
+
 from __future__ import annotations
 
 import errno
@@ -38,8 +39,12 @@ def test_run_cli_user_errors_bugs_and_ctrl_c(capsys, monkeypatch):
     assert capsys.readouterr().err == "tool: error: No such file or directory: /nonexistent/x.json\n"
 
     # bugs: the built-in errors the boundary used to flatten now propagate (a traceback, exit 1)
-    for bug, exc in ((lambda: int("x"), ValueError), (lambda: {}["key"], KeyError),
-                     (lambda: open("/nonexistent/y.json"), FileNotFoundError), (lambda: 1 // 0, ZeroDivisionError)):
+    for bug, exc in (
+        (lambda: int("x"), ValueError),
+        (lambda: {}["key"], KeyError),
+        (lambda: open("/nonexistent/y.json"), FileNotFoundError),
+        (lambda: 1 // 0, ZeroDivisionError),
+    ):
         with pytest.raises(exc):
             run_cli(bug, "tool")
     assert capsys.readouterr().err == ""
@@ -65,13 +70,16 @@ def test_a_real_tool_user_error_bug_and_switch():
     assert "Traceback (most recent call last):" in shown.stderr and "ConfigError" in shown.stderr
     assert shown.stderr.rstrip().splitlines()[-1] == line
 
-    inject = ("import runpy, sys; import internvl_mcore.plan as p\n"
-              "def count_params(model): raise KeyError('bug inside count_params')\n"
-              "p.count_params = count_params\n"
-              f"sys.argv = ['plan.py', *{PLAN[:4]!r}]\n"
-              "runpy.run_path('tools/plan.py', run_name='__main__')")
-    bug = subprocess.run([sys.executable, "-c", inject], cwd=REPO, env=env(), capture_output=True, text=True,
-                         timeout=180)
+    inject = (
+        "import runpy, sys; import internvl_mcore.plan as p\n"
+        "def count_params(model): raise KeyError('bug inside count_params')\n"
+        "p.count_params = count_params\n"
+        f"sys.argv = ['plan.py', *{PLAN[:4]!r}]\n"
+        "runpy.run_path('tools/plan.py', run_name='__main__')"
+    )
+    bug = subprocess.run(
+        [sys.executable, "-c", inject], cwd=REPO, env=env(), capture_output=True, text=True, timeout=180
+    )
     assert bug.returncode == 1, bug.stderr[-3000:]
     assert "Traceback (most recent call last):" in bug.stderr and "in count_params" in bug.stderr
     assert bug.stderr.rstrip().splitlines()[-1] == "KeyError: 'bug inside count_params'"
@@ -93,7 +101,10 @@ def test_pretrain_reports_only_user_errors_as_one_line(tmp_path, capsys, monkeyp
         pretrain_internvl.main(argv)
     assert stop.value.code == 2
     err = capsys.readouterr().err
-    assert err == f"error: --data-path {tmp_path / 'nope'}: no shard set there ({tmp_path / 'nope'}.manifest.json not found)\n"
+    assert (
+        err
+        == f"error: --data-path {tmp_path / 'nope'}: no shard set there ({tmp_path / 'nope'}.manifest.json not found)\n"
+    )
 
     monkeypatch.setenv(TRACEBACK_ENV, "1")
     with pytest.raises(SystemExit) as stop:
@@ -125,20 +136,41 @@ def test_unwritable_outputs_are_refused_before_the_model(tmp_path, capsys, monke
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     with pytest.raises(SystemExit) as stop:
-        pretrain_internvl.main(["--mock-data", "--model", "debug", "--global-batch-size", "1", "--train-iters", "1",
-                                "--log-jsonl", str(tmp_path), "--tensorboard-dir", str(a_file / "tb"),
-                                "--save", str(a_file / "save")])
+        pretrain_internvl.main(
+            [
+                "--mock-data",
+                "--model",
+                "debug",
+                "--global-batch-size",
+                "1",
+                "--train-iters",
+                "1",
+                "--log-jsonl",
+                str(tmp_path),
+                "--tensorboard-dir",
+                str(a_file / "tb"),
+                "--save",
+                str(a_file / "save"),
+            ]
+        )
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: refusing to start: ") and err.count("\n") == 1, err
-    for needle in (f"--log-jsonl {tmp_path} is a directory", f"--tensorboard-dir {a_file / 'tb'}: {a_file} exists "
-                   "and is not a directory", f"--save {a_file / 'save'}: cannot write there"):
+    for needle in (
+        f"--log-jsonl {tmp_path} is a directory",
+        f"--tensorboard-dir {a_file / 'tb'}: {a_file} exists and is not a directory",
+        f"--save {a_file / 'save'}: cannot write there",
+    ):
         assert needle in err, err
     assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
 
     assert output_problems(LogConfig(log_jsonl=str(tmp_path / "no" / "log.jsonl"))) == [
-        f"--log-jsonl {tmp_path / 'no' / 'log.jsonl'}: the folder {tmp_path / 'no'} does not exist (or is not a directory)"]
-    assert output_problems(LogConfig(log_jsonl=str(tmp_path / "log.jsonl"), tensorboard_dir=str(tmp_path / "a" / "b"))) == []
+        f"--log-jsonl {tmp_path / 'no' / 'log.jsonl'}: the folder {tmp_path / 'no'} does not exist (or is not a directory)"
+    ]
+    assert (
+        output_problems(LogConfig(log_jsonl=str(tmp_path / "log.jsonl"), tensorboard_dir=str(tmp_path / "a" / "b")))
+        == []
+    )
     assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
 
 
@@ -155,8 +187,10 @@ def test_unreadable_hf_shard_and_tokenizer_files_are_one_line(tmp_path, monkeypa
     tiny_config().save_pretrained(str(hf))
     write_tokenizer_config(hf, PRESETS["debug"].pad_token_id)
     (hf / "model.safetensors").mkdir()  # opening it fails with an OSError naming it, as a permission error does
-    assert_user_error(run("convert_from_hf", "--hf-dir", hf, "--save", tmp_path / "out"),
-                      f"Is a directory: {hf / 'model.safetensors'}")
+    assert_user_error(
+        run("convert_from_hf", "--hf-dir", hf, "--save", tmp_path / "out"),
+        f"Is a directory: {hf / 'model.safetensors'}",
+    )
     assert not (tmp_path / "out").exists()
 
     def denied(path, *args, **kwargs):

@@ -6,6 +6,7 @@ OMP_NUM_THREADS=1, which the suite used to set). Every run has a hard timeout. A
 stalls is made to do so deterministically by the loader's test hook (INTERNVL_MCORE_LOADER_FAULT=G:ACTION
 acts on the pack of global index G) and must end the run with one line naming the worker and the pack.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -40,15 +41,43 @@ def long_prefix(digits, tmp_path_factory) -> str:
 
 
 def pretrain(prefix: str, launcher: str, omp: str | None, *extra: str, fault: str | None = None):
-    args = ["--model", "debug", "--data-path", prefix, "--seq-length", str(LONG), "--train-iters", "3",
-            "--global-batch-size", "1", *extra]
-    torchrun = () if launcher == "plain" else (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                                                 "1", "--master_addr", "127.0.0.1", "--master_port", str(free_port()))
+    args = [
+        "--model",
+        "debug",
+        "--data-path",
+        prefix,
+        "--seq-length",
+        str(LONG),
+        "--train-iters",
+        "3",
+        "--global-batch-size",
+        "1",
+        *extra,
+    ]
+    torchrun = (
+        ()
+        if launcher == "plain"
+        else (
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "1",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+        )
+    )
     cmd = [*torchrun, *(cli("pretrain", *args)[1:] if torchrun else cli("pretrain", *args))]
-    variables = {**({"OMP_NUM_THREADS": omp} if omp else {}), **({"INTERNVL_MCORE_LOADER_FAULT": fault} if fault else {})}
+    variables = {
+        **({"OMP_NUM_THREADS": omp} if omp else {}),
+        **({"INTERNVL_MCORE_LOADER_FAULT": fault} if fault else {}),
+    }
     try:
-        return subprocess.run(cmd, cwd=REPO, env=env(**variables), capture_output=True, text=True,
-                              timeout=RUN_TIMEOUT_S)
+        return subprocess.run(
+            cmd, cwd=REPO, env=env(**variables), capture_output=True, text=True, timeout=RUN_TIMEOUT_S
+        )
     except subprocess.TimeoutExpired as exc:
         raise AssertionError(f"OMP_NUM_THREADS={omp} {' '.join(cmd)} hung for {RUN_TIMEOUT_S}s") from exc
 
@@ -66,8 +95,9 @@ def test_a_killed_worker_is_one_line(long_prefix):
     after iteration 1 trained on worker 0's pack: plain process, OMP_NUM_THREADS unset."""
     proc = pretrain(long_prefix, "plain", None, "--num-workers", "2", fault="1:kill")
     assert "iteration      1/3" in proc.stdout, proc.stdout[-2000:]
-    assert_user_error(proc, "--num-workers", "loader worker 1 (pid ", "killed by SIGKILL", long_prefix,
-                      "(global index 1)")
+    assert_user_error(
+        proc, "--num-workers", "loader worker 1 (pid ", "killed by SIGKILL", long_prefix, "(global index 1)"
+    )
 
 
 def test_a_stalled_worker_meets_the_deadline(long_prefix):
@@ -83,5 +113,6 @@ def test_a_stalled_worker_meets_the_deadline(long_prefix):
 
 
 def test_bad_worker_timeout_is_refused(long_prefix):
-    assert_user_error(pretrain(long_prefix, "plain", None, "--data-worker-timeout", "0"), "--data-worker-timeout",
-                      "> 0")
+    assert_user_error(
+        pretrain(long_prefix, "plain", None, "--data-worker-timeout", "0"), "--data-worker-timeout", "> 0"
+    )

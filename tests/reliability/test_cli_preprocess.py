@@ -3,6 +3,7 @@
 Every case runs the real CLI in a subprocess: bad flags and files end with one line naming them and
 exit 2; a failed, interrupted or killed re-run leaves the existing prefix byte for byte as it was.
 """
+
 from __future__ import annotations
 
 import json
@@ -76,8 +77,9 @@ def test_output_prefix_that_is_a_folder_or_unwritable(digits, tmp_path):
     assert_user_error(run("preprocess_mm_data", *args(f"{tmp_path / 'out'}/")), "--output-prefix", "names a folder")
     assert list((tmp_path / "out").iterdir()) == []  # no hidden '_tokens.bin' files
     (tmp_path / "file").write_text("x")
-    assert_user_error(run("preprocess_mm_data", *args(tmp_path / "file" / "x")), "--output-prefix",
-                      "is not a directory")
+    assert_user_error(
+        run("preprocess_mm_data", *args(tmp_path / "file" / "x")), "--output-prefix", "is not a directory"
+    )
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
@@ -102,15 +104,20 @@ def test_failed_reject_ratio_leaves_the_old_prefix(digits, good_prefix, tmp_path
     failed = Path(good_prefix + ".failed.rejects.jsonl")
     assert str(failed) in line and "wrote" not in proc.stdout
     rejects = [json.loads(x) for x in failed.read_text().splitlines()]
-    assert [(r["line"], r["reason"]) for r in rejects] == [(1, "empty_conversation"), (2, "bad_json"),
-                                                           (3, "undecodable_text")]
+    assert [(r["line"], r["reason"]) for r in rejects] == [
+        (1, "empty_conversation"),
+        (2, "bad_json"),
+        (3, "undecodable_text"),
+    ]
     failed.unlink()
     assert_unchanged(good_prefix, snap)
     # the same for --preference (MMPR records, here all without a 'rejected' answer)
     mmpr = tmp_path / "mmpr.jsonl"
     mmpr.write_text("".join(json.dumps({"question": f"Q{i}", "chosen": "A"}) + "\n" for i in range(3)))
-    proc = run("preprocess_mm_data", *preprocess_args(_meta(tmp_path / "mmpr.json", str(mmpr)), digits.tokenizer,
-                                                      good_prefix, "--preference"))
+    proc = run(
+        "preprocess_mm_data",
+        *preprocess_args(_meta(tmp_path / "mmpr.json", str(mmpr)), digits.tokenizer, good_prefix, "--preference"),
+    )
     assert_user_error(proc, "--max-reject-ratio", "left as it was", code=1)
     assert [json.loads(x)["reason"] for x in failed.read_text().splitlines()] == ["missing_response"] * 3
     failed.unlink()
@@ -150,14 +157,21 @@ def test_bad_records_are_rejected_with_file_and_line(digits, tmp_path):
     img = tmp_path / "img"
     (img / "folder.png").mkdir(parents=True)
     rng = np.random.default_rng(0)
-    for name, (w, h) in {"ok.png": (64, 64), "one.png": (1, 1), "wide.png": (20000, 20), "tall.png": (20, 20000)}.items():
+    for name, (w, h) in {
+        "ok.png": (64, 64),
+        "one.png": (1, 1),
+        "wide.png": (20000, 20),
+        "tall.png": (20, 20000),
+    }.items():
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(img / name)
     (img / "empty.png").write_bytes(b"")
     ok = (img / "ok.png").read_bytes()
     (img / "cut.png").write_bytes(ok[: len(ok) // 2])
     turns = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "That."}]
-    lines = [json.dumps({"image": n, "conversations": turns}).encode()
-             for n in ("ok.png", "folder.png", "empty.png", "cut.png", "one.png", "wide.png", "tall.png")]
+    lines = [
+        json.dumps({"image": n, "conversations": turns}).encode()
+        for n in ("ok.png", "folder.png", "empty.png", "cut.png", "one.png", "wide.png", "tall.png")
+    ]
     lines.append(b'{"conversations": [{"from": "human", "value": "caf\xe9"}]}')
     # paths that leave the root (relative, absolute, a symlink, a video folder) are refused
     # unread; a line longer than any record of --seq-length tokens is refused unparsed; an MMPR record
@@ -166,8 +180,10 @@ def test_bad_records_are_rejected_with_file_and_line(digits, tmp_path):
     (img / "link.png").symlink_to(tmp_path / "outside.png")
     (tmp_path / "frames").mkdir()
     shutil.copy(tmp_path / "outside.png", tmp_path / "frames" / "0.png")
-    lines += [json.dumps({"image": n, "conversations": turns}).encode()
-              for n in ("../outside.png", str(tmp_path / "outside.png"), "/etc/shadow", "link.png")]
+    lines += [
+        json.dumps({"image": n, "conversations": turns}).encode()
+        for n in ("../outside.png", str(tmp_path / "outside.png"), "/etc/shadow", "link.png")
+    ]
     lines.append(json.dumps({"video": "../frames/", "conversations": turns}).encode())
     lines.append(json.dumps({"conversations": turns, "pad": "x" * 5_000_000}).encode())
     lines.append(json.dumps({"image": "ok.png", "question": "Which?", "chosen": "A.", "rejected": "B."}).encode())
@@ -179,21 +195,33 @@ def test_bad_records_are_rejected_with_file_and_line(digits, tmp_path):
 
     pq.write_table(pa.table({"messages": [1, 2], "images": ["x", "y"]}), tmp_path / "types.parquet")
     meta = tmp_path / "meta.json"
-    meta.write_text(json.dumps({"a": {"root": str(img), "annotation": str(tmp_path / "a.jsonl"), "max_dynamic_patch": 6},
-                                "p": {"root": str(img), "annotation": str(tmp_path / "types.parquet")},
-                                "b": {"root": str(img), "annotation": str(tmp_path / "b.jsonl"),
-                                      "allow_outside_root": True}}))
+    meta.write_text(
+        json.dumps(
+            {
+                "a": {"root": str(img), "annotation": str(tmp_path / "a.jsonl"), "max_dynamic_patch": 6},
+                "p": {"root": str(img), "annotation": str(tmp_path / "types.parquet")},
+                "b": {"root": str(img), "annotation": str(tmp_path / "b.jsonl"), "allow_outside_root": True},
+            }
+        )
+    )
     out = tmp_path / "out" / "x"
     proc = run("preprocess_mm_data", *preprocess_args(str(meta), digits.tokenizer, out, "--max-reject-ratio", "1"))
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     rejects = [json.loads(x) for x in open(f"{out}.rejects.jsonl")]
     got = {(Path(r["file"]).name, r["line"]): r["reason"] for r in rejects}
     assert "is a directory" in rejects[0]["detail"]
-    assert got == {("a.jsonl", 2): "missing_image", ("a.jsonl", 3): "corrupt_image", ("a.jsonl", 4): "corrupt_image",
-                   ("a.jsonl", 8): "undecodable_text", ("types.parquet", 1): "bad_record",
-                   ("types.parquet", 2): "bad_record", **{("a.jsonl", k): "outside_root" for k in range(9, 14)},
-                   ("a.jsonl", 14): "too_long", ("a.jsonl", 15): "bad_record",
-                   ("a.jsonl", 16): "bad_json"}  # b.jsonl's ../ is allowed
+    assert got == {
+        ("a.jsonl", 2): "missing_image",
+        ("a.jsonl", 3): "corrupt_image",
+        ("a.jsonl", 4): "corrupt_image",
+        ("a.jsonl", 8): "undecodable_text",
+        ("types.parquet", 1): "bad_record",
+        ("types.parquet", 2): "bad_record",
+        **{("a.jsonl", k): "outside_root" for k in range(9, 14)},
+        ("a.jsonl", 14): "too_long",
+        ("a.jsonl", 15): "bad_record",
+        ("a.jsonl", 16): "bad_json",
+    }  # b.jsonl's ../ is allowed
     detail = {r["line"]: r["detail"] for r in rejects if r["file"].endswith("a.jsonl")}
     assert "outside the dataset root" in detail[11] and "allow_outside_root" in detail[11]
     assert "not parsed" in detail[14] and "--preference" in detail[15]
@@ -212,8 +240,13 @@ def test_bad_records_are_rejected_with_file_and_line(digits, tmp_path):
 
 def test_tokenizer_that_is_a_file_or_empty(digits, tmp_path):
     out = tmp_path / "o" / "x"
-    assert_user_error(run("preprocess_mm_data", *preprocess_args(digits.meta, digits.meta, out)),
-                      f"tokenizer directory {digits.meta!r} is a file")
+    assert_user_error(
+        run("preprocess_mm_data", *preprocess_args(digits.meta, digits.meta, out)),
+        f"tokenizer directory {digits.meta!r} is a file",
+    )
     (tmp_path / "empty").mkdir()
-    assert_user_error(run("preprocess_mm_data", *preprocess_args(digits.meta, str(tmp_path / "empty"), out)),
-                      str(tmp_path / "empty"), "no tokenizer found")
+    assert_user_error(
+        run("preprocess_mm_data", *preprocess_args(digits.meta, str(tmp_path / "empty"), out)),
+        str(tmp_path / "empty"),
+        "no tokenizer found",
+    )

@@ -4,6 +4,7 @@ Data problems are found before any process group or model exists: one line namin
 file, exit 2. Shards are opened with their sizes checked against the indexes and (unless
 --no-verify-shards) their sha256 against the manifest, so a truncated or corrupted file never trains.
 """
+
 from __future__ import annotations
 
 import signal
@@ -24,13 +25,13 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def train(*args: str, seq: int = SEQ, model: str = "debug"):
-    return run("pretrain", "--model", model, "--global-batch-size", "1", "--train-iters", "1",
-               "--seq-length", str(seq), *args)
+    return run(
+        "pretrain", "--model", model, "--global-batch-size", "1", "--train-iters", "1", "--seq-length", str(seq), *args
+    )
 
 
 def test_missing_prefix_and_folder(good_prefix, tmp_path):
-    assert_user_error(train("--data-path", str(tmp_path / "nope")), "--data-path", "nope.manifest.json",
-                      "not found")
+    assert_user_error(train("--data-path", str(tmp_path / "nope")), "--data-path", "nope.manifest.json", "not found")
     folder = str(Path(good_prefix).parent)
     assert_user_error(train("--data-path", folder), "--data-path", folder, "is a directory", good_prefix)
     broken = copy_prefix(good_prefix, tmp_path / "broken")
@@ -57,10 +58,19 @@ def test_empty_shard_set(tmp_path):
 
     debug = get_preset("debug")  # a set made for this model in which every input was rejected
     prefix = str(tmp_path / "empty")
-    ShardWriter(prefix, tile_format="png", tile_shape=(56, 56, 3)).finalize(extra={
-        "tokenizer": {"img_start_id": debug.img_start_token_id, "img_end_id": debug.img_end_token_id,
-                      "img_context_id": debug.img_context_token_id, "vocab_size": 500},
-        "num_image_token": debug.num_image_token, "template": debug.template, "seq_length": SEQ})
+    ShardWriter(prefix, tile_format="png", tile_shape=(56, 56, 3)).finalize(
+        extra={
+            "tokenizer": {
+                "img_start_id": debug.img_start_token_id,
+                "img_end_id": debug.img_end_token_id,
+                "img_context_id": debug.img_context_token_id,
+                "vocab_size": 500,
+            },
+            "num_image_token": debug.num_image_token,
+            "template": debug.template,
+            "seq_length": SEQ,
+        }
+    )
     assert_user_error(train("--data-path", prefix), "--data-path", prefix, "empty (0 packs")
 
 
@@ -82,16 +92,41 @@ def test_truncated_and_corrupted_shards(good_prefix, tmp_path):
 
 
 def test_batch_sizes_that_do_not_divide(good_prefix):
-    proc = run("pretrain", "--model", "debug", "--global-batch-size", "3", "--micro-batch-size", "2",
-               "--train-iters", "1", "--seq-length", str(SEQ), "--data-path", good_prefix)
+    proc = run(
+        "pretrain",
+        "--model",
+        "debug",
+        "--global-batch-size",
+        "3",
+        "--micro-batch-size",
+        "2",
+        "--train-iters",
+        "1",
+        "--seq-length",
+        str(SEQ),
+        "--data-path",
+        good_prefix,
+    )
     assert_user_error(proc, "--global-batch-size 3", "--micro-batch-size 2")
 
 
 def test_ctrl_c_during_training():
     """Ctrl-C mid-run (while step 2 waits at a fault point): one line, exit 130 (no KeyboardInterrupt
     traceback)."""
-    proc = interrupt_when("pretrain", "--model", "debug", "--mock-data", "--global-batch-size", "1",
-                          "--train-iters", "3", "--seq-length", "64", fault="step:2:0:wait", sig=signal.SIGINT)
+    proc = interrupt_when(
+        "pretrain",
+        "--model",
+        "debug",
+        "--mock-data",
+        "--global-batch-size",
+        "1",
+        "--train-iters",
+        "3",
+        "--seq-length",
+        "64",
+        fault="step:2:0:wait",
+        sig=signal.SIGINT,
+    )
     assert proc.returncode == 130, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "iteration      1/3" in proc.stdout and "iteration      2/3" not in proc.stdout, proc.stdout[-3000:]
@@ -100,9 +135,15 @@ def test_ctrl_c_during_training():
     assert "KeyboardInterrupt" not in proc.stderr
 
 
-@pytest.mark.parametrize("entries, says", [
-    (["-1", "P"], "weight -1"), (["0", "P"], "sum to 0"), (["nan", "P"], "finite"), (["P", "0.5"], "mixes"),
-])
+@pytest.mark.parametrize(
+    "entries, says",
+    [
+        (["-1", "P"], "weight -1"),
+        (["0", "P"], "sum to 0"),
+        (["nan", "P"], "finite"),
+        (["P", "0.5"], "mixes"),
+    ],
+)
 def test_blend_weight_errors_in_process(good_prefix, entries, says):
     """The rest of the blend grammar's errors, through the same pre-flight the CLI runs."""
     import sys
@@ -144,8 +185,9 @@ def test_token_ids_outside_the_vocabulary(good_prefix, tmp_path):
     stale = json.loads(Path(old + ".manifest.json").read_text())
     del stale["counts"]["max_token_id"]
     Path(old + ".manifest.json").write_text(json.dumps(stale))
-    assert_user_error(train("--data-path", old, "--no-verify-shards"), old + ".manifest.json", "token id 9999",
-                      "vocabulary of 512")
+    assert_user_error(
+        train("--data-path", old, "--no-verify-shards"), old + ".manifest.json", "token id 9999", "vocabulary of 512"
+    )
 
     stale["counts"]["max_token_id"] = manifest["counts"]["max_token_id"]  # the manifest no longer tells the truth
     Path(old + ".manifest.json").write_text(json.dumps(stale))
@@ -169,5 +211,6 @@ def test_pretrained_hf_dir_with_a_damaged_header(tmp_path):
     data = bytearray(weights.read_bytes())
     data[:8] = b"\xff" * 8
     weights.write_bytes(bytes(data))
-    assert_user_error(train("--mock-data", "--pretrained", str(hf), seq=64), "--pretrained", str(weights),
-                      "damaged safetensors")
+    assert_user_error(
+        train("--mock-data", "--pretrained", str(hf), seq=64), "--pretrained", str(weights), "damaged safetensors"
+    )

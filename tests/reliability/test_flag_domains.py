@@ -5,6 +5,7 @@ The flags are read from the real parsers, not listed here: a new numeric flag wi
 `test_every_numeric_flag_has_a_domain`. Each flag is probed in-process with nan / inf / -1 / 0 and a
 plain value; a few probes go through the real CLIs to check the line the user sees.
 """
+
 from __future__ import annotations
 
 import sys
@@ -23,8 +24,10 @@ def _parsers():
     import plan as plan_cli
     import pretrain_internvl
 
-    return [("pretrain_internvl.py", pretrain_internvl.build_parser(), ["--mock-data"]),
-            ("plan.py", plan_cli.build_parser(), ["--model", "debug", "--gpus", "1"])]
+    return [
+        ("pretrain_internvl.py", pretrain_internvl.build_parser(), ["--mock-data"]),
+        ("plan.py", plan_cli.build_parser(), ["--model", "debug", "--gpus", "1"]),
+    ]
 
 
 def _numeric(parser):
@@ -84,14 +87,21 @@ def test_domains_of_values_once_accepted_or_crashing():
     assert not DOMAINS["compute_efficiency"].contains(1.5) and DOMAINS["compute_efficiency"].contains(1.0)
 
 
-@pytest.mark.parametrize("tool, args, says", [
-    ("pretrain", ["--lr", "nan"], "--lr nan: must be a finite number >= 0"),
-    ("pretrain", ["--lr", "-1"], "--lr -1: must be a finite number >= 0"),
-    ("pretrain", ["--seq-length", "0"], "--seq-length 0: must be an integer >= 1"),
-    ("pretrain", ["--train-iters", "0"], "--train-iters 0: must be an integer >= 1"),
-    ("pretrain", ["--clip-grad", "nan"], "--clip-grad nan"),
-    ("plan", ["--model", "debug", "--gpus", "8", "--gpu-memory", "nan"], "--gpu-memory nan: must be a finite number > 0"),
-])
+@pytest.mark.parametrize(
+    "tool, args, says",
+    [
+        ("pretrain", ["--lr", "nan"], "--lr nan: must be a finite number >= 0"),
+        ("pretrain", ["--lr", "-1"], "--lr -1: must be a finite number >= 0"),
+        ("pretrain", ["--seq-length", "0"], "--seq-length 0: must be an integer >= 1"),
+        ("pretrain", ["--train-iters", "0"], "--train-iters 0: must be an integer >= 1"),
+        ("pretrain", ["--clip-grad", "nan"], "--clip-grad nan"),
+        (
+            "plan",
+            ["--model", "debug", "--gpus", "8", "--gpu-memory", "nan"],
+            "--gpu-memory nan: must be a finite number > 0",
+        ),
+    ],
+)
 def test_through_the_cli(tool, args, says):
     extra = ["--mock-data"] if tool == "pretrain" else []
     assert_user_error(run(tool, *extra, *args, timeout=120), says)

@@ -11,6 +11,7 @@ preference record. Every resulting item must be either
 2,000 inputs per CI run (derandomized; hypothesis also mixes in constants it finds in the source, so the
 exact inputs move with the code); FUZZ_EXAMPLES=10000 for a longer run. The count is printed.
 """
+
 from __future__ import annotations
 
 import io
@@ -31,8 +32,15 @@ from internvl_mcore.data.sources import REJECT_REASONS, DatasetSpec, PreprocessO
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "2000"))
 SIZE, TOKENS_PER_TILE, SEQ = 28, 1, 1024
 # worker-side and preference reasons (data/preprocess.py, data/preference.py) besides the front end's
-REASONS = set(REJECT_REASONS) | {"empty_sample", "too_long", "bad_image_tokens", "bad_tiles", "missing_response",
-                                 "identical_pair", "prompt_mismatch"}
+REASONS = set(REJECT_REASONS) | {
+    "empty_sample",
+    "too_long",
+    "bad_image_tokens",
+    "bad_tiles",
+    "missing_response",
+    "identical_pair",
+    "prompt_mismatch",
+}
 
 # ------------------------------------------------------------------------------------------------
 # Strategies
@@ -44,19 +52,33 @@ text = st.one_of(
     st.lists(st.one_of(st.sampled_from(SPECIAL), st.text(max_size=8)), max_size=6).map("".join),
 )
 json_value = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | text,
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | text,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
     max_leaves=8,
 )
 role = st.sampled_from(["human", "gpt", "system", "user", "assistant", "robot", ""]) | json_value
 turn = st.one_of(st.fixed_dictionaries({"from": role, "value": text | json_value}), json_value)
 conversations = st.one_of(st.lists(turn, max_size=5), json_value)
-messages = st.lists(st.fixed_dictionaries({
-    "role": role,
-    "content": text | st.lists(st.one_of(
-        st.fixed_dictionaries({"type": st.sampled_from(["text", "image", "video", "audio"]), "text": text | st.none()}),
-        json_value), max_size=3) | json_value,
-}) | json_value, max_size=4)
+messages = st.lists(
+    st.fixed_dictionaries(
+        {
+            "role": role,
+            "content": text
+            | st.lists(
+                st.one_of(
+                    st.fixed_dictionaries(
+                        {"type": st.sampled_from(["text", "image", "video", "audio"]), "text": text | st.none()}
+                    ),
+                    json_value,
+                ),
+                max_size=3,
+            )
+            | json_value,
+        }
+    )
+    | json_value,
+    max_size=4,
+)
 
 
 @st.composite
@@ -70,8 +92,11 @@ def image_bytes(draw) -> bytes:
     mode = draw(st.sampled_from(["RGB", "L", "RGBA", "P", "1", "I;16", "CMYK", "LA"]))
     fmt = draw(st.sampled_from(["PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF"]))
     # tiny, ordinary and extreme aspect ratios (a 2000x1 strip is cut into the widest grid)
-    w, h = draw(st.sampled_from([(1, 1), (2, 3), (7, 28), (33, 64), (300, 28), (64, 300), (300, 300), (2000, 1),
-                                 (1, 2000), (2000, 3)]))
+    w, h = draw(
+        st.sampled_from(
+            [(1, 1), (2, 3), (7, 28), (33, 64), (300, 28), (64, 300), (300, 300), (2000, 1), (1, 2000), (2000, 3)]
+        )
+    )
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
     buf = io.BytesIO()
@@ -115,20 +140,29 @@ def sft_record(draw, images: list[str]) -> dict:
         choices = images if images and not chaotic else images + ["missing.png", "", "sub/"]
         record["image"] = draw(st.sampled_from(choices) | json_value) if chaotic else draw(st.sampled_from(choices))
     elif kind == "multi":
-        record["image"] = list(images) if not chaotic else draw(st.lists(st.sampled_from(images + ["x.png"]), max_size=3))
+        record["image"] = (
+            list(images) if not chaotic else draw(st.lists(st.sampled_from(images + ["x.png"]), max_size=3))
+        )
     elif kind == "video":
         record["video"] = draw(st.sampled_from(["missing.mp4", "", "frames/"]) | json_value)
     elif kind == "junk":
-        record.update(draw(st.dictionaries(st.sampled_from(["image", "images", "video", "conversations", "id"]),
-                                           json_value, max_size=3)))
+        record.update(
+            draw(
+                st.dictionaries(
+                    st.sampled_from(["image", "images", "video", "conversations", "id"]), json_value, max_size=3
+                )
+            )
+        )
     return record
 
 
 @st.composite
 def preference_record(draw, images: list[str]) -> dict:
     chaotic = draw(st.integers(0, 2)) == 0
-    record = {key: draw(text | json_value if chaotic else plain.filter(str.strip))
-              for key in ("question", "chosen", "rejected")}
+    record = {
+        key: draw(text | json_value if chaotic else plain.filter(str.strip))
+        for key in ("question", "chosen", "rejected")
+    }
     if images and draw(st.booleans()):
         names = st.sampled_from(images + (["missing.png"] if chaotic else []))
         record["image"] = draw(names | st.lists(names, max_size=2))
@@ -157,8 +191,7 @@ def jsonl_input(draw):
 @st.composite
 def parquet_input(draw):
     """A parquet-style row (HF datasets): messages + image bytes structs, read without a file."""
-    images = draw(st.lists(st.one_of(image_bytes().map(lambda b: {"bytes": b, "path": None}),
-                                     json_value), max_size=3))
+    images = draw(st.lists(st.one_of(image_bytes().map(lambda b: {"bytes": b, "path": None}), json_value), max_size=3))
     return {"messages": draw(messages), "images": images}
 
 
@@ -175,13 +208,24 @@ def context(tmp_path_factory):
     corpus = [f"Question {i}: what is {i} plus {i}? Answer: {2 * i}." for i in range(200)]
     tokenizer = load_tokenizer(train_tiny_tokenizer(corpus, str(tmp_path_factory.mktemp("tok")), vocab_size=300))
     ids = tuple(tokenizer.token_to_id(t) for t in (IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN))
-    options = PreprocessOptions(image_size=SIZE, num_image_token=TOKENS_PER_TILE, max_seq_length=SEQ,
-                                min_num_frames=2, max_num_frames=3)
+    options = PreprocessOptions(
+        image_size=SIZE, num_image_token=TOKENS_PER_TILE, max_seq_length=SEQ, min_num_frames=2, max_num_frames=3
+    )
 
     def make(preference: bool) -> _WorkerContext:
-        return _WorkerContext(tokenizer=tokenizer, options=options, seq_length=SEQ, seed=0, v2pe_delta=0.5,
-                              v2pe_random=False, tile_format="raw", num_image_token=TOKENS_PER_TILE,
-                              image_size=SIZE, img_ids=ids, preference=preference)  # type: ignore[arg-type]
+        return _WorkerContext(
+            tokenizer=tokenizer,
+            options=options,
+            seq_length=SEQ,
+            seed=0,
+            v2pe_delta=0.5,
+            v2pe_random=False,
+            tile_format="raw",
+            num_image_token=TOKENS_PER_TILE,
+            image_size=SIZE,
+            img_ids=ids,
+            preference=preference,
+        )  # type: ignore[arg-type]
 
     return {False: make(False), True: make(True)}
 
@@ -216,8 +260,9 @@ def test_fuzz_records_conversations_and_images(context, tmp_path, capsys):
     root = tmp_path / "data"
     root.mkdir()
 
-    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+    )
     @given(case=st.one_of(jsonl_input(), parquet_input()))
     def one(case) -> None:
         counts["inputs"] += 1
@@ -240,7 +285,9 @@ def test_fuzz_records_conversations_and_images(context, tmp_path, capsys):
     samples = counts["sample"]
     rejects = {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("reject:")}
     with capsys.disabled():
-        print(f"\nfuzz: {counts['inputs']} generated inputs -> {samples} samples, {sum(rejects.values())} rejects "
-              f"{rejects}, 0 crashes")
+        print(
+            f"\nfuzz: {counts['inputs']} generated inputs -> {samples} samples, {sum(rejects.values())} rejects "
+            f"{rejects}, 0 crashes"
+        )
     assert counts["inputs"] >= min(EXAMPLES, 1000)  # hypothesis ran (it may stop early only if it ran out of inputs)
     assert samples > 0.02 * counts["inputs"] and len(rejects) >= 8  # the generators reach both outcomes

@@ -3,6 +3,7 @@ iteration, the value and the ranks and keeps the last good checkpoint; --skip-sp
 and resumes exactly; a rank that stops answering ends the job within --distributed-timeout-minutes;
 --log-straggler and --wandb-project report (here through a stand-in module that records every call;
 test_wandb_offline.py runs the real package offline)."""
+
 import json
 import time
 from pathlib import Path
@@ -16,8 +17,20 @@ HERE = Path(__file__).resolve().parent
 
 def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     ckpt = tmp_path / "ckpt"
-    args = MOCK + ["--global-batch-size", "2", "--train-iters", "6", "--pipeline-model-parallel-size", "2",
-                   "--save", str(ckpt), "--save-interval", "1", "--log-jsonl", str(tmp_path / "log.jsonl")]
+    args = MOCK + [
+        "--global-batch-size",
+        "2",
+        "--train-iters",
+        "6",
+        "--pipeline-model-parallel-size",
+        "2",
+        "--save",
+        str(ckpt),
+        "--save-interval",
+        "1",
+        "--log-jsonl",
+        str(tmp_path / "log.jsonl"),
+    ]
     args[args.index("--lr") + 1] = "1e6"
     proc = launch(2, args)
     assert proc.returncode != 0
@@ -36,11 +49,35 @@ def spiky(tmp_path_factory):
     """--skip-spike-factor 1.0 (every loss above the running mean is skipped) for 10 steps, saving at 6,
     with --log-straggler, a validation and --wandb-project through the stand-in module."""
     d = tmp_path_factory.mktemp("spike")
-    proc = ok(launch(1, SPIKE + ["--save", str(d / "ckpt"), "--save-interval", "6", "--log-jsonl", str(d / "a.jsonl"),
-                                 "--log-straggler", "--mock-valid-data", "--eval-interval", "5", "--eval-iters", "1",
-                                 "--wandb-project", "p17", "--wandb-exp-name", "run1"],
-                     env={"PYTHONPATH": str(HERE / "fake_wandb"), "FAKE_WANDB_LOG": str(d / "wandb.jsonl"),
-                          "WANDB_MODE": "offline"}))
+    proc = ok(
+        launch(
+            1,
+            SPIKE
+            + [
+                "--save",
+                str(d / "ckpt"),
+                "--save-interval",
+                "6",
+                "--log-jsonl",
+                str(d / "a.jsonl"),
+                "--log-straggler",
+                "--mock-valid-data",
+                "--eval-interval",
+                "5",
+                "--eval-iters",
+                "1",
+                "--wandb-project",
+                "p17",
+                "--wandb-exp-name",
+                "run1",
+            ],
+            env={
+                "PYTHONPATH": str(HERE / "fake_wandb"),
+                "FAKE_WANDB_LOG": str(d / "wandb.jsonl"),
+                "WANDB_MODE": "offline",
+            },
+        )
+    )
     return d, proc
 
 
@@ -70,13 +107,20 @@ def test_straggler_report_and_wandb(spiky):
     lines = [x for x in proc.stdout.splitlines() if x.startswith("straggler iteration")]
     assert len(lines) == 10 and "step min" in lines[0] and "(rank 0)" in lines[0] and "data min" in lines[0]
     calls = [json.loads(x) for x in (d / "wandb.jsonl").read_text().splitlines()]
-    assert calls[0] == {"call": "init", "project": "p17", "name": "run1", "dir": None, "mode": "offline",
-                        "has_config": True}
+    assert calls[0] == {
+        "call": "init",
+        "project": "p17",
+        "name": "run1",
+        "dir": None,
+        "mode": "offline",
+        "has_config": True,
+    }
     logged = [c for c in calls if c["call"] == "log"]
     jsonl = records(d / "a.jsonl")
     assert [c["step"] for c in logged] == [r["iteration"] for r in jsonl]
-    assert [c["data"].get("train/loss", c["data"].get("valid/valid_loss")) for c in logged] == \
-        [r.get("loss", r.get("valid_loss")) for r in jsonl]
+    assert [c["data"].get("train/loss", c["data"].get("valid/valid_loss")) for c in logged] == [
+        r.get("loss", r.get("valid_loss")) for r in jsonl
+    ]
     assert calls[-1] == {"call": "finish"}
 
 
@@ -84,8 +128,12 @@ def test_a_rank_that_stops_answering_ends_the_job(tmp_path):
     """Rank 1 hangs before step 2 (fault injection); rank 0 gives up after the 6 s timeout with one
     clear line and torchrun ends the rest, instead of the job waiting forever."""
     start = time.time()
-    proc = launch(2, MOCK + ["--global-batch-size", "2", "--train-iters", "4", "--distributed-timeout-minutes", "0.1"],
-                  timeout=240, env={"INTERNVL_MCORE_FAULT": "step:2:1:hang"})
+    proc = launch(
+        2,
+        MOCK + ["--global-batch-size", "2", "--train-iters", "4", "--distributed-timeout-minutes", "0.1"],
+        timeout=240,
+        env={"INTERNVL_MCORE_FAULT": "step:2:1:hang"},
+    )
     assert proc.returncode != 0
     assert time.time() - start < 180
     line = next(x for x in proc.stderr.splitlines() if x.startswith("error: "))

@@ -7,6 +7,7 @@ resource tracker) outlives its rank, even after kill -9.
 Every signal is sent at a known point: the rank waits at a fault point (training/guards.py) and says
 so on stdout (`fault point step N: waiting for a signal`) before the test sends it.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,15 @@ class Job:
     def __init__(self, cmd: list[str], env: dict, out: Path) -> None:
         self.out = out
         self.log = open(out, "w")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True, cwd=SCRIPT.parent)
+        self.proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            cwd=SCRIPT.parent,
+        )
 
     def wait_for(self, marker: str, timeout: float = 240) -> None:
         deadline = time.monotonic() + timeout
@@ -99,9 +107,26 @@ def test_sigterm_with_exit_signal_handler_saves_and_resumes_exactly(tmp_path):
     --save meanwhile is refused naming rank 0's host and pid. Both ranks finish step 3, save it, exit
     0, no helper survives; resuming from it reproduces the uninterrupted run's steps 4 and 5."""
     ckpt = tmp_path / "ckpt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(SCRIPT), *ARGS, "--save", str(ckpt), "--save-interval", "2",
-           "--exit-signal-handler", "--log-jsonl", str(tmp_path / "a.jsonl")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(SCRIPT),
+        *ARGS,
+        "--save",
+        str(ckpt),
+        "--save-interval",
+        "2",
+        "--exit-signal-handler",
+        "--log-jsonl",
+        str(tmp_path / "a.jsonl"),
+    ]
     job = Job(cmd, _env(f"step:{STOP_AT}:0:wait"), tmp_path / "job.txt")
     try:
         job.wait_for(MARKER)
@@ -117,8 +142,10 @@ def test_sigterm_with_exit_signal_handler_saves_and_resumes_exactly(tmp_path):
         job.finish()
     out = job.text()
     assert code == 0, out
-    assert (f"exiting on SIGTERM after iteration {STOP_AT} (--exit-signal-handler): saved checkpoint at iteration "
-            f"{STOP_AT} to {ckpt}") in out, out
+    assert (
+        f"exiting on SIGTERM after iteration {STOP_AT} (--exit-signal-handler): saved checkpoint at iteration "
+        f"{STOP_AT} to {ckpt}"
+    ) in out, out
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(STOP_AT)
     assert "Traceback" not in out, out
     _assert_all_gone(helpers, job.proc.pid)
@@ -138,8 +165,22 @@ def test_sigterm_or_kill_without_the_flag_leaves_no_process(good_prefix, tmp_pat
     first save): SIGTERM ends it with one line and exit 143, SIGKILL at once; either way every helper
     dies with it, and a kill -9's lock is taken over by the next run with a warning naming the dead pid."""
     ckpt = tmp_path / "ckpt"
-    args = ["--model", "debug", "--data-path", good_prefix, "--seq-length", str(SEQ), "--num-workers", "2",
-            "--global-batch-size", "2", "--train-iters", str(ITERS), "--seed", "5"]
+    args = [
+        "--model",
+        "debug",
+        "--data-path",
+        good_prefix,
+        "--seq-length",
+        str(SEQ),
+        "--num-workers",
+        "2",
+        "--global-batch-size",
+        "2",
+        "--train-iters",
+        str(ITERS),
+        "--seed",
+        "5",
+    ]
     cmd = [sys.executable, str(SCRIPT), *args, "--save", str(ckpt), "--save-interval", "1"]
     job = Job(cmd, _env(f"step:{STOP_AT}:0:wait"), tmp_path / "job.txt")
     try:
@@ -158,10 +199,13 @@ def test_sigterm_or_kill_without_the_flag_leaves_no_process(good_prefix, tmp_pat
     if sig == signal.SIGTERM:
         out = job.text()
         assert code == 143 and "Traceback" not in out, out
-        assert out.splitlines()[-1] == ("terminated (SIGTERM); checkpoints already saved are complete "
-                                        "(--exit-signal-handler saves one first)"), out
+        assert out.splitlines()[-1] == (
+            "terminated (SIGTERM); checkpoints already saved are complete (--exit-signal-handler saves one first)"
+        ), out
         return
     assert code == -signal.SIGKILL
     proc = ok(plain(args + ["--load", str(ckpt), "--save", str(ckpt), "--exit-interval", str(STOP_AT)]))
-    assert (f"warning: --save {ckpt}: taking over the lock of pid {job.proc.pid} on host {socket.gethostname()}"
-            in proc.stdout), proc.stdout[-3000:]
+    assert (
+        f"warning: --save {ckpt}: taking over the lock of pid {job.proc.pid} on host {socket.gethostname()}"
+        in proc.stdout
+    ), proc.stdout[-3000:]

@@ -9,6 +9,7 @@ One single-process run is the reference of the dense cases and the checkpoint of
 layout trains like one process within 1e-5: tests/reliability/test_validation.py, tests/moe), and
 the EP2 run is both reference and checkpoint of the MoE case. ITERS steps, resumed after SAVE_AT.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -22,8 +23,20 @@ RESTORED = "restored model weights, schedule, data position and optimizer state"
 
 
 def _args(data: list[str], log, *extra: str) -> list[str]:
-    return ["--global-batch-size", "4", "--train-iters", str(ITERS), "--lr", "2e-3", "--seed", "9",
-            "--log-jsonl", str(log), *data, *extra]
+    return [
+        "--global-batch-size",
+        "4",
+        "--train-iters",
+        str(ITERS),
+        "--lr",
+        "2e-3",
+        "--seed",
+        "9",
+        "--log-jsonl",
+        str(log),
+        *data,
+        *extra,
+    ]
 
 
 def _shards(prefix: str) -> list[str]:
@@ -56,8 +69,20 @@ def _assert_continues(log, reference: dict[int, float]) -> None:
 def reference(good_prefix, tmp_path_factory):
     """ITERS steps on one process with the distributed optimizer (a TP1 DP1 checkpoint at SAVE_AT)."""
     d = tmp_path_factory.mktemp("reference")
-    _ok(_launch(1, _args(_shards(good_prefix), d / "log.jsonl", *DISTOPT, "--save", str(d / "ckpt"),
-                        "--save-interval", str(SAVE_AT))))
+    _ok(
+        _launch(
+            1,
+            _args(
+                _shards(good_prefix),
+                d / "log.jsonl",
+                *DISTOPT,
+                "--save",
+                str(d / "ckpt"),
+                "--save-interval",
+                str(SAVE_AT),
+            ),
+        )
+    )
     return _losses(d / "log.jsonl"), d / "ckpt" / f"iter_{SAVE_AT:07d}"
 
 
@@ -80,8 +105,22 @@ def test_resume_in_another_layout(good_prefix, reference, tmp_path, case):
     ckpt = ref_ckpt
     if source in SOURCES:  # a run of SAVE_AT steps in the source layout writes the checkpoint
         ckpt, (ranks, layout) = tmp_path / "ckpt", SOURCES[source]
-        _ok(_launch(ranks, _args(_shards(good_prefix), tmp_path / "a.jsonl", *layout, "--save", str(ckpt),
-                                "--save-interval", str(SAVE_AT), "--exit-interval", str(SAVE_AT))))
+        _ok(
+            _launch(
+                ranks,
+                _args(
+                    _shards(good_prefix),
+                    tmp_path / "a.jsonl",
+                    *layout,
+                    "--save",
+                    str(ckpt),
+                    "--save-interval",
+                    str(SAVE_AT),
+                    "--exit-interval",
+                    str(SAVE_AT),
+                ),
+            )
+        )
     out = _ok(_launch(nproc, _args(_shards(good_prefix), tmp_path / "b.jsonl", "--load", str(ckpt), *flags)))
     assert RESTORED in out, out[-3000:]
     _assert_continues(tmp_path / "b.jsonl", losses)
@@ -90,14 +129,28 @@ def test_resume_in_another_layout(good_prefix, reference, tmp_path, case):
 def test_ep2_checkpoint_resumes_at_ep1(tmp_path):
     """debug-moe: EP2 has a dense and an expert-parallel optimizer, EP1 one for all parameters."""
     moe = ["--model", "debug-moe", "--mock-data", "--seq-length", "128"]
-    _ok(_launch(2, _args(moe, tmp_path / "ep2.jsonl", "--expert-model-parallel-size", "2", "--save",
-                        str(tmp_path / "ckpt"), "--save-interval", str(SAVE_AT))))
+    _ok(
+        _launch(
+            2,
+            _args(
+                moe,
+                tmp_path / "ep2.jsonl",
+                "--expert-model-parallel-size",
+                "2",
+                "--save",
+                str(tmp_path / "ckpt"),
+                "--save-interval",
+                str(SAVE_AT),
+            ),
+        )
+    )
     out = _ok(_launch(1, _args(moe, tmp_path / "ep1.jsonl", "--load", str(tmp_path / "ckpt" / f"iter_{SAVE_AT:07d}"))))
     assert RESTORED in out, out[-3000:]
     _assert_continues(tmp_path / "ep1.jsonl", _losses(tmp_path / "ep2.jsonl"))
 
 
 def test_switching_the_distributed_optimizer_is_refused(good_prefix, reference, tmp_path):
-    proc = run("pretrain", *_args(_shards(good_prefix), tmp_path / "log.jsonl", "--load", str(reference[1])),
-               timeout=300)
+    proc = run(
+        "pretrain", *_args(_shards(good_prefix), tmp_path / "log.jsonl", "--load", str(reference[1])), timeout=300
+    )
     assert_user_error(proc, "--no-load-optim", "--use-distributed-optimizer", str(reference[1]))

@@ -1,6 +1,7 @@
 """Validation during training through pretrain_internvl.py: the validation loss is the
 same number in every layout (TP2 x PP2, CP2 x DP2 vs one process), evaluation changes no training
 result, it reaches --log-jsonl and tensorboard, and --valid-data-path reads shards."""
+
 import pytest
 
 from tests.reliability.common import MOCK, launch, ok, train_records, valid_records
@@ -42,8 +43,11 @@ def test_validation_reaches_tensorboard(single):
     assert [e.value for e in events] == pytest.approx([r["valid_loss"] for r in jsonl], rel=1e-6)
 
 
-@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"],
-                                    ["--context-parallel-size", "2"]], ids=["tp2-pp2", "cp2-dp2"])
+@pytest.mark.parametrize(
+    "layout",
+    [["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"], ["--context-parallel-size", "2"]],
+    ids=["tp2-pp2", "cp2-dp2"],
+)
 def test_validation_loss_matches_single_process(single, tmp_path, layout):
     log = tmp_path / "log.jsonl"
     ok(launch(4, BASE + EVAL + layout + ["--log-jsonl", str(log)], timeout=400))
@@ -58,9 +62,32 @@ def test_valid_data_path_reads_shards(digits_shards, tmp_path):
     validation are the same packs through the same weights, so the two losses agree; on 2
     data-parallel ranks, so the sum over ranks is part of what agrees."""
     log = tmp_path / "log.jsonl"
-    ok(launch(2, ["--model", "debug", "--data-path", digits_shards, "--valid-data-path", digits_shards,
-                  "--eval-iters", "1", "--global-batch-size", "2", "--train-iters", "1", "--seq-length", str(SEQ),
-                  "--lr", "0", "--log-jsonl", str(log)], timeout=400))
+    ok(
+        launch(
+            2,
+            [
+                "--model",
+                "debug",
+                "--data-path",
+                digits_shards,
+                "--valid-data-path",
+                digits_shards,
+                "--eval-iters",
+                "1",
+                "--global-batch-size",
+                "2",
+                "--train-iters",
+                "1",
+                "--seq-length",
+                str(SEQ),
+                "--lr",
+                "0",
+                "--log-jsonl",
+                str(log),
+            ],
+            timeout=400,
+        )
+    )
     train, valid = train_records(log)[1], valid_records(log)
     assert [(r["iteration"], r["final"]) for r in valid] == [(1, True)]
     assert abs(valid[0]["valid_loss"] - train["loss"]) <= 1e-6 * train["loss"], (valid, train)

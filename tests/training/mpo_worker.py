@@ -8,6 +8,7 @@ World 1: the single-process run, then `formula_check`. World 2: CP2 with TE's pe
 optimizer), PP2, CP2 (each with DP2), a PP2 run from the PP2 run's checkpoint, the same stopped after 2
 steps and resumed, and a LoRA run. Rank 0 writes OUT (JSON).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,10 +28,32 @@ ITERS = 5
 
 
 def base_flags(shards: str, mbs: int) -> list[str]:
-    return ["--model", "debug", "--data-path", shards, "--stage", "mpo", "--drop-path-rate", "0",
-            "--seq-length", "800", "--global-batch-size", "4", "--micro-batch-size", str(mbs),
-            "--train-iters", str(ITERS), "--lr", "1e-3", "--seed", "7", "--peak-flops", "1",
-            "--log-interval", "100"]
+    return [
+        "--model",
+        "debug",
+        "--data-path",
+        shards,
+        "--stage",
+        "mpo",
+        "--drop-path-rate",
+        "0",
+        "--seq-length",
+        "800",
+        "--global-batch-size",
+        "4",
+        "--micro-batch-size",
+        str(mbs),
+        "--train-iters",
+        str(ITERS),
+        "--lr",
+        "1e-3",
+        "--seed",
+        "7",
+        "--peak-flops",
+        "1",
+        "--log-interval",
+        "100",
+    ]
 
 
 def run_layout(flags: list[str]) -> list[dict]:
@@ -41,11 +64,19 @@ def run_layout(flags: list[str]) -> list[dict]:
     return records
 
 
-def trl_reference(logits_pi: torch.Tensor, logits_ref: torch.Tensor, labels: torch.Tensor, beta: float,
-                  weights: tuple, running_mean: float, running_count: float) -> dict:
+def trl_reference(
+    logits_pi: torch.Tensor,
+    logits_ref: torch.Tensor,
+    labels: torch.Tensor,
+    beta: float,
+    weights: tuple,
+    running_mean: float,
+    running_count: float,
+) -> dict:
     """InternVL's MultimodalDPOTrainer (trl 0.10.1) on P pairs, one pair per data-parallel rank:
     logits (2P, L, V) chosen rows then rejected rows, unshifted labels (2P, L) with -100 off the
     response. Written from the formulas, independent of internvl_mcore."""
+
     def batch_logps(logits, lab):  # DPOTrainer.get_batch_logps
         lab = lab[:, 1:].clone()
         logits = logits[:, :-1, :]
@@ -68,8 +99,13 @@ def trl_reference(logits_pi: torch.Tensor, logits_ref: torch.Tensor, labels: tor
     delta = running_mean + (xs_mean - running_mean) * xs_count / tot
     bco = -F.logsigmoid(beta * (pc - rc) - delta) - F.logsigmoid(-(beta * (pr - rr) - delta))
     w_s, w_b, alpha = weights
-    return {"loss": w_s * sigmoid + w_b * bco + alpha * nll, "loss_preference": sigmoid, "loss_quality": bco,
-            "loss_generation": nll, "delta": torch.tensor(delta)}
+    return {
+        "loss": w_s * sigmoid + w_b * bco + alpha * nll,
+        "loss_preference": sigmoid,
+        "loss_quality": bco,
+        "loss_generation": nll,
+        "delta": torch.tensor(delta),
+    }
 
 
 def formula_check(shards: str) -> dict:
@@ -84,14 +120,23 @@ def formula_check(shards: str) -> dict:
     with torch.no_grad():
         mpo.run_reference(ref, [batch], ctx, 800, 2)
         pixels = batch.images.pixel_values()
-        per_token = policy(batch.tokens, batch.position_ids, pixel_values=pixels, labels=batch.labels,
-                           cu_seqlens=batch.cu_seqlens)
+        per_token = policy(
+            batch.tokens, batch.position_ids, pixel_values=pixels, labels=batch.labels, cu_seqlens=batch.cu_seqlens
+        )
         split = policy.token_split(batch.cu_seqlens, batch.tokens.shape)  # one process: every token
         total, count, logged = mpo.mpo_loss_func(batch, split, ctx, per_token)
         logps, n_tok = mpo._pair_inputs(batch, split, per_token, None)
         c, r = batch.pairs[:, 0], batch.pairs[:, 1]
-        ours = mpo.pair_losses(logps[c], logps[r], batch.ref_logps[c], batch.ref_logps[r], n_tok[c], ctx.beta,
-                               ctx.weights, ctx.running.mean)
+        ours = mpo.pair_losses(
+            logps[c],
+            logps[r],
+            batch.ref_logps[c],
+            batch.ref_logps[r],
+            n_tok[c],
+            ctx.beta,
+            ctx.weights,
+            ctx.running.mean,
+        )
         # plain PyTorch: unpack each segment into its own row, InternVL-style unshifted labels
         lp = policy(batch.tokens, batch.position_ids, pixel_values=pixels, cu_seqlens=batch.cu_seqlens)
         lr = ref(batch.tokens, batch.position_ids, pixel_values=pixels, cu_seqlens=batch.cu_seqlens)
@@ -109,12 +154,26 @@ def formula_check(shards: str) -> dict:
             rows_pi.append(F.pad(flat_pi[a:b], (0, 0, 0, pad)))
             rows_ref.append(F.pad(flat_ref[a:b], (0, 0, 0, pad)))
             rows_lab.append(F.pad(unshifted, (0, pad), value=-100))
-        plain = trl_reference(torch.stack(rows_pi), torch.stack(rows_ref), torch.stack(rows_lab), ctx.beta,
-                              ctx.weights, before.mean, before.count)
+        plain = trl_reference(
+            torch.stack(rows_pi),
+            torch.stack(rows_ref),
+            torch.stack(rows_lab),
+            ctx.beta,
+            ctx.weights,
+            before.mean,
+            before.count,
+        )
     keys = ("loss", "loss_preference", "loss_quality", "loss_generation")
-    return {"pairs": int(c.numel()), "delta_ours": ctx.running.mean, "delta_plain": float(plain["delta"]),
-            "ours": {k: ours[k].tolist() for k in keys}, "plain": {k: plain[k].tolist() for k in keys},
-            "sum_ours": float(total), "count": int(count), "logged_n": float(logged["lm loss"][1])}
+    return {
+        "pairs": int(c.numel()),
+        "delta_ours": ctx.running.mean,
+        "delta_plain": float(plain["delta"]),
+        "ours": {k: ours[k].tolist() for k in keys},
+        "plain": {k: plain[k].tolist() for k in keys},
+        "sum_ours": float(total),
+        "count": int(count),
+        "logged_n": float(logged["lm loss"][1]),
+    }
 
 
 def main() -> None:
@@ -124,6 +183,7 @@ def main() -> None:
     if world == 1:
         result["single"] = run_layout(base_flags(shards, 2))
         from megatron.core import parallel_state
+
         result["formula"] = formula_check(shards)
         parallel_state.destroy_model_parallel()
     elif world == 2:
@@ -137,8 +197,9 @@ def main() -> None:
         result["thd_builds"] = len(builds)
     else:
         flags = base_flags(shards, 1)
-        result["tp2-sp-distopt"] = run_layout(flags + ["--tensor-model-parallel-size", "2", "--sequence-parallel",
-                                                       "--use-distributed-optimizer"])
+        result["tp2-sp-distopt"] = run_layout(
+            flags + ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--use-distributed-optimizer"]
+        )
         pp = flags + ["--pipeline-model-parallel-size", "2"]
         result["pp2"] = run_layout(pp + ["--save", f"{ckpt}/a"])
         result["cp2"] = run_layout(flags + ["--context-parallel-size", "2"])
@@ -148,8 +209,9 @@ def main() -> None:
         result["pretrained"] = run_layout(start)
         result["resume-first"] = run_layout(start + ["--save", f"{ckpt}/b", "--exit-interval", "2"])
         result["resume-rest"] = run_layout(pp + ["--train-iters", "4", "--save", f"{ckpt}/b", "--load", f"{ckpt}/b"])
-        result["lora-tp2"] = run_layout(flags + ["--tensor-model-parallel-size", "2", "--lora-rank", "4",
-                                                 "--lr", "1e-2"])
+        result["lora-tp2"] = run_layout(
+            flags + ["--tensor-model-parallel-size", "2", "--lora-rank", "4", "--lr", "1e-2"]
+        )
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(result, f)

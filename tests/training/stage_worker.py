@@ -1,4 +1,5 @@
 """Train a few steps with the given pretrain flags and report which parameters changed (torchrun)."""
+
 import json
 import sys
 
@@ -17,8 +18,11 @@ for _ in range(trainer.run.train.train_iters):
     train_step(trainer)
 report = {}
 for n, p in module.named_parameters():
-    report[n] = {"changed": not torch.equal(before[n], p.detach()), "requires_grad": p.requires_grad,
-                 "has_grad_buffer": getattr(p, "main_grad", None) is not None}
+    report[n] = {
+        "changed": not torch.equal(before[n], p.detach()),
+        "requires_grad": p.requires_grad,
+        "has_grad_buffer": getattr(p, "main_grad", None) is not None,
+    }
 report["__optimizer_numel__"] = sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"])
 report["__trainable_numel__"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
 with open(f"{out}.rank{dist.get_rank()}.json", "w") as f:

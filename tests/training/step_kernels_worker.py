@@ -9,6 +9,7 @@
    unfused modules: losses and gradient norms of 2 steps from the same seed.
 Rank 0 writes OUT (JSON).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,9 +23,27 @@ from pretrain_internvl import parse_run_config  # noqa: E402
 from internvl_mcore.training.loop import setup, train_step  # noqa: E402
 
 STEPS = 3
-FLAGS = ["--model", "debug", "--mock-data", "--seq-length", "128", "--micro-batch-size", "1",
-         "--global-batch-size", "2", "--train-iters", "100", "--lr", "1e-3", "--lr-decay-style", "constant",
-         "--clip-grad", "1.0", "--seed", "0"]
+FLAGS = [
+    "--model",
+    "debug",
+    "--mock-data",
+    "--seq-length",
+    "128",
+    "--micro-batch-size",
+    "1",
+    "--global-batch-size",
+    "2",
+    "--train-iters",
+    "100",
+    "--lr",
+    "1e-3",
+    "--lr-decay-style",
+    "constant",
+    "--clip-grad",
+    "1.0",
+    "--seed",
+    "0",
+]
 
 
 def inner_optimizers(optimizer) -> list[torch.optim.Optimizer]:
@@ -53,9 +72,13 @@ def compare(extra: list[str]) -> dict:
         for g in opt.param_groups:
             g["fused"], g["foreach"] = False, False
     loop_losses, loop_params = train(trainer, batches)
-    return {"fused_flags": fused, "fused_losses": fused_losses, "loop_losses": loop_losses,
-            "max_diff": max(float((a - b).abs().max()) for a, b in zip(fused_params, loop_params)),
-            "max_update": max(float((a - s).abs().max()) for a, s in zip(loop_params, start))}
+    return {
+        "fused_flags": fused,
+        "fused_losses": fused_losses,
+        "loop_losses": loop_losses,
+        "max_diff": max(float((a - b).abs().max()) for a, b in zip(fused_params, loop_params)),
+        "max_update": max(float((a - s).abs().max()) for a, s in zip(loop_params, start)),
+    }
 
 
 def compiled_vs_eager() -> dict:
@@ -66,15 +89,17 @@ def compiled_vs_eager() -> dict:
     for name, extra in (("eager", []), ("compiled", ["--torch-compile"])):
         trainer = setup(parse_run_config(flags + extra))
         mlp = trainer.model[0].module.language_model.decoder.layers[0].mlp
-        out[name] = {"fused": bool(mlp.config.bias_activation_fusion),
-                     "steps": [train_step(trainer) for _ in range(2)]}
+        out[name] = {"fused": bool(mlp.config.bias_activation_fusion), "steps": [train_step(trainer) for _ in range(2)]}
         parallel_state.destroy_model_parallel()
     return out
 
 
 def main() -> None:
-    out = {"plain": compare([]), "distributed": compare(["--use-distributed-optimizer"]),
-           "compile": compiled_vs_eager()}
+    out = {
+        "plain": compare([]),
+        "distributed": compare(["--use-distributed-optimizer"]),
+        "compile": compiled_vs_eager(),
+    }
     if dist.get_rank() == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(out, f)

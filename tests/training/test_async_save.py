@@ -1,5 +1,6 @@
 """training/async_save.py in-process: the snapshot a rank hands to its writer, and the deadline and
 death of a writer (the CLI runs: tests/reliability/test_checkpoints.py, `async`)."""
+
 from __future__ import annotations
 
 import time
@@ -16,8 +17,10 @@ def test_snapshot_is_a_copy_in_shared_memory():
     from one shared buffer, and unchanged when the training step then changes the originals."""
     w = torch.randn(5, 3)
     tensors = [w, torch.tensor(7, dtype=torch.int64), torch.zeros(0), w.t(), torch.ones(3, dtype=torch.bfloat16)]
-    buckets = [("f0", "k", ([("bytes", b"x")], [(f"i{i}", t) for i, t in enumerate(tensors[:3])])),
-               ("f1", "k", ([], [(f"i{i}", t) for i, t in enumerate(tensors[3:], 3)]))]
+    buckets = [
+        ("f0", "k", ([("bytes", b"x")], [(f"i{i}", t) for i, t in enumerate(tensors[:3])])),
+        ("f1", "k", ([], [(f"i{i}", t) for i, t in enumerate(tensors[3:], 3)])),
+    ]
     expected = [t.clone() for t in tensors]
     flat, layout, stripped = _snapshot(buckets)
     w.add_(1.0)  # the next optimizer step
@@ -44,7 +47,10 @@ def test_writer_deadline_and_death_are_failures():
     late = _writer(alive, time.monotonic() - 6).status()
     assert late == "the checkpoint writer (pid 11) did not finish within 5 s (--distributed-timeout-minutes)"
     dead = SimpleNamespace(is_alive=lambda: False, pid=12, exitcode=-9, join=lambda timeout=None: None)
-    assert _writer(dead, time.monotonic()).status() == "the checkpoint writer (pid 12) died (killed by SIGKILL, e.g. the out-of-memory killer)"
+    assert (
+        _writer(dead, time.monotonic()).status()
+        == "the checkpoint writer (pid 12) died (killed by SIGKILL, e.g. the out-of-memory killer)"
+    )
     done = _writer(dead, time.monotonic())
     done.pending.reply = (True, {"results": {0: []}, "checksums": {}})
     assert done.status() == "" and done.results()["results"] == {0: []}
@@ -98,13 +104,12 @@ def test_snapshot_copy_in_a_thread_and_its_failure():
     assert writer.copier.is_alive() and writer.status() is None and not sent
     gate.set()
     writer.join_snapshot()
-    (iteration, _, _, flat, layout, _), = sent
+    ((iteration, _, _, flat, layout, _),) = sent
     assert iteration == 2 and torch.equal(_views(flat, layout)[0], w) and writer.status() is None
     writer.pending = Pending(3, finish=None, abandon=None, remove=None)
     writer.submit(request, 3, writer.pending, rank=0)
     writer.join_snapshot()
     assert writer.status() == "copying the tensors for the checkpoint writer: BrokenPipeError: [Errno 32] Broken pipe"
-
 
 
 def test_prepare_freezes_the_heap_once():
@@ -125,6 +130,7 @@ def test_prepare_freezes_the_heap_once():
     finally:
         gc.unfreeze()
 
+
 def test_async_save_with_the_distributed_optimizer_at_dp2_equals_a_sync_save(tmp_path):
     """--async-save with --use-distributed-optimizer at DP2 (the optimizer state gathered over DP,
     megatron-core's fully_reshardable format, on a heap frozen at the first save: AsyncWriter.prepare):
@@ -134,8 +140,15 @@ def test_async_save_with_the_distributed_optimizer_at_dp2_equals_a_sync_save(tmp
     from tests.reliability.common import MOCK, launch, ok, train_records
     from tests.reliability.test_checkpoints import _same_checkpoint
 
-    args = MOCK + ["--global-batch-size", "2", "--train-iters", "3", "--save-interval", "1",
-                   "--use-distributed-optimizer"]
+    args = MOCK + [
+        "--global-batch-size",
+        "2",
+        "--train-iters",
+        "3",
+        "--save-interval",
+        "1",
+        "--use-distributed-optimizer",
+    ]
     runs = {}
     for name, extra in (("sync", []), ("async", ["--async-save"])):
         d = tmp_path / name

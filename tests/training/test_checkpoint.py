@@ -1,5 +1,6 @@
 """Checkpoints: exact resume, crashes (SIGKILL of a rank, death during a save), errors. Other layouts:
 tests/reliability/test_reshard_resume.py."""
+
 import json
 import os
 import shutil
@@ -19,8 +20,25 @@ ITERS, EVERY = 10, 5
 
 
 def _args(shards, log, *extra):
-    return ["--model", "debug", "--data-path", shards, "--global-batch-size", "4", "--train-iters", str(ITERS),
-            "--seq-length", str(SEQ), "--lr", "2e-3", "--seed", "9", "--log-jsonl", str(log), *extra]
+    return [
+        "--model",
+        "debug",
+        "--data-path",
+        shards,
+        "--global-batch-size",
+        "4",
+        "--train-iters",
+        str(ITERS),
+        "--seq-length",
+        str(SEQ),
+        "--lr",
+        "2e-3",
+        "--seed",
+        "9",
+        "--log-jsonl",
+        str(log),
+        *extra,
+    ]
 
 
 def _losses(log):
@@ -31,8 +49,12 @@ def _losses(log):
 def uninterrupted(digits_shards, tmp_path_factory):
     """10 iterations on 2 data-parallel ranks, checkpoints at 5 and 10."""
     d = tmp_path_factory.mktemp("ref")
-    torchrun(SCRIPT, 2, _args(digits_shards, d / "log.jsonl", "--save", str(d / "ckpt"), "--save-interval", str(EVERY)),
-             timeout=400)
+    torchrun(
+        SCRIPT,
+        2,
+        _args(digits_shards, d / "log.jsonl", "--save", str(d / "ckpt"), "--save-interval", str(EVERY)),
+        timeout=400,
+    )
     return d
 
 
@@ -60,10 +82,23 @@ def test_sigkill_of_one_rank_ends_the_job_and_restart_continues(digits_shards, u
     within 60 s, not hung, and a restart continues the uninterrupted losses."""
     ref = _losses(uninterrupted / "log.jsonl")
     log, ckpt, out = tmp_path / "log.jsonl", tmp_path / "ckpt", tmp_path / "out.txt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(SCRIPT), *_args(digits_shards, log, "--save", str(ckpt), "--save-interval", str(EVERY))]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
-           "INTERNVL_MCORE_FAULT": f"step:{EVERY + 1}:1:wait"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(SCRIPT),
+        *_args(digits_shards, log, "--save", str(ckpt), "--save-interval", str(EVERY)),
+    ]
+    env = {
+        **os.environ,
+        "PYTHONWARNINGS": "ignore",
+        "OMP_NUM_THREADS": "1",
+        "INTERNVL_MCORE_FAULT": f"step:{EVERY + 1}:1:wait",
+    }
     with open(out, "w") as stdout:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=stdout, stderr=subprocess.STDOUT)
     try:
@@ -94,8 +129,13 @@ def test_death_during_a_save_leaves_the_previous_checkpoint(digits_shards, unint
     ref = _losses(uninterrupted / "log.jsonl")
     ckpt = tmp_path / "ckpt"
     with pytest.raises(AssertionError):  # rank 1 SIGKILLs itself while writing iteration 10
-        torchrun(SCRIPT, 2, _args(digits_shards, tmp_path / "a.jsonl", "--save", str(ckpt), "--save-interval", str(EVERY)),
-                 timeout=400, env={"INTERNVL_MCORE_FAULT": f"save:{ITERS}:1"})
+        torchrun(
+            SCRIPT,
+            2,
+            _args(digits_shards, tmp_path / "a.jsonl", "--save", str(ckpt), "--save-interval", str(EVERY)),
+            timeout=400,
+            env={"INTERNVL_MCORE_FAULT": f"save:{ITERS}:1"},
+        )
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(EVERY)
     assert not (ckpt / f"iter_{ITERS:07d}").exists()
     # one more step of the same 10-step schedule (a changed --train-iters would change the LR schedule)
@@ -107,8 +147,9 @@ def test_death_during_a_save_leaves_the_previous_checkpoint(digits_shards, unint
 @pytest.mark.parametrize("case", ["bad-data-path", "missing-checkpoint", "other-model"])
 def test_clear_errors(digits_shards, uninterrupted, tmp_path, case):
     args = _args(digits_shards, tmp_path / "log.jsonl")
-    expect = {"bad-data-path": "no-such-prefix", "missing-checkpoint": "no such directory",
-              "other-model": "debug-6b"}[case]
+    expect = {"bad-data-path": "no-such-prefix", "missing-checkpoint": "no such directory", "other-model": "debug-6b"}[
+        case
+    ]
     if case == "bad-data-path":
         args[args.index("--data-path") + 1] = str(tmp_path / "no-such-prefix")
     elif case == "missing-checkpoint":
@@ -119,19 +160,41 @@ def test_clear_errors(digits_shards, uninterrupted, tmp_path, case):
     # one plain process (no torchrun agent: one interpreter fewer), without this pytest process's
     # leftover rendezvous variables
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**env, "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, "PYTHONWARNINGS": "ignore"},
+    )
     assert proc.returncode != 0
     assert expect in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
 
 
 def test_distributed_optimizer_resume_is_bit_exact(tmp_path):
     """The distributed optimizer's state (fully_reshardable format, Adam step included) round trips."""
-    base = ["--model", "debug", "--mock-data", "--global-batch-size", "4", "--train-iters", "4", "--seq-length", "128",
-            "--lr", "1e-3", "--use-distributed-optimizer"]
+    base = [
+        "--model",
+        "debug",
+        "--mock-data",
+        "--global-batch-size",
+        "4",
+        "--train-iters",
+        "4",
+        "--seq-length",
+        "128",
+        "--lr",
+        "1e-3",
+        "--use-distributed-optimizer",
+    ]
     ckpt = tmp_path / "ckpt"
-    torchrun(SCRIPT, 2, base + ["--save", str(ckpt), "--save-interval", "2", "--log-jsonl", str(tmp_path / "a.jsonl")],
-             timeout=400)
+    torchrun(
+        SCRIPT,
+        2,
+        base + ["--save", str(ckpt), "--save-interval", "2", "--log-jsonl", str(tmp_path / "a.jsonl")],
+        timeout=400,
+    )
     (ckpt / "latest_checkpointed_iteration.txt").write_text("2")
     torchrun(SCRIPT, 2, base + ["--load", str(ckpt), "--log-jsonl", str(tmp_path / "b.jsonl")], timeout=400)
     straight, resumed = _losses(tmp_path / "a.jsonl"), _losses(tmp_path / "b.jsonl")
@@ -147,11 +210,15 @@ def test_saved_adam_step_is_found_in_every_optimizer_layout():
 
     from internvl_mcore.training.checkpoint import _put_common_step, _saved_steps
 
-    legacy_distributed = {"optimizer": {"param_groups": [{"step": 4, "lr": 1e-3}, {"step": 4}]},
-                          "param_state": {0: {"step": torch.tensor(0.0), "exp_avg": torch.zeros(2)}},
-                          "param_state_sharding_type": "dp_reshardable"}
-    chained_plain = {0: {"state": {"common_step": torch.tensor(4.0)}, "param_groups": [{"lr": 1e-3}]},
-                     1: {"state": {"common_step": torch.tensor(4.0)}, "param_groups": [{"lr": 1e-3}]}}
+    legacy_distributed = {
+        "optimizer": {"param_groups": [{"step": 4, "lr": 1e-3}, {"step": 4}]},
+        "param_state": {0: {"step": torch.tensor(0.0), "exp_avg": torch.zeros(2)}},
+        "param_state_sharding_type": "dp_reshardable",
+    }
+    chained_plain = {
+        0: {"state": {"common_step": torch.tensor(4.0)}, "param_groups": [{"lr": 1e-3}]},
+        1: {"state": {"common_step": torch.tensor(4.0)}, "param_groups": [{"lr": 1e-3}]},
+    }
     assert _saved_steps(legacy_distributed) == {4.0}
     assert _saved_steps(chained_plain) == {4.0}
     assert _saved_steps({"optimizer": {"param_groups": [{"lr": 1e-3}]}}) == set()  # before the first step

@@ -1,11 +1,25 @@
 """Context parallelism at length: a CP2 run of the debug model on 16k packs logs the CP1 losses."""
+
 import json
 
 from tests.conftest import one_process
 from tests.launch import REPO, torchrun
 
-ARGS = ["--model", "debug", "--mock-data", "--global-batch-size", "1", "--train-iters", "2", "--seq-length", "16384",
-        "--mock-tiles-per-sample", "8", "--lr", "1e-3"]
+ARGS = [
+    "--model",
+    "debug",
+    "--mock-data",
+    "--global-batch-size",
+    "1",
+    "--train-iters",
+    "2",
+    "--seq-length",
+    "16384",
+    "--mock-tiles-per-sample",
+    "8",
+    "--lr",
+    "1e-3",
+]
 
 
 def test_cp2_on_16k_packs_matches_cp1(tmp_path):
@@ -14,14 +28,22 @@ def test_cp2_on_16k_packs_matches_cp1(tmp_path):
         log = tmp_path / f"cp{cp}.jsonl"
         args = ARGS + ["--context-parallel-size", str(cp), "--log-jsonl", str(log)]
         # CP1 is one plain process (no torchrun agent: one interpreter fewer)
-        proc = one_process(REPO / "pretrain_internvl.py", args) if cp == 1 else torchrun(
-            REPO / "pretrain_internvl.py", cp, args, timeout=400)
+        proc = (
+            one_process(REPO / "pretrain_internvl.py", args)
+            if cp == 1
+            else torchrun(REPO / "pretrain_internvl.py", cp, args, timeout=400)
+        )
         lines = [x for x in proc.stdout.splitlines() if x.startswith("context parallelism:")]
         # said once, at start-up, with the reason --cp-split auto did not take TE's 'thd' path (none at CP1)
-        assert lines == ([] if cp == 1 else [
-            "context parallelism: whole-row split, our fp32 ring attention (--cp-comm-type p2p; --cp-split auto fell "
-            "back from TE's 'thd' path because of no transformer-engine layer specs (local backend: --device cpu, "
-            "or TE not installed))"]), proc.stdout[-2000:]
+        assert lines == (
+            []
+            if cp == 1
+            else [
+                "context parallelism: whole-row split, our fp32 ring attention (--cp-comm-type p2p; --cp-split auto fell "
+                "back from TE's 'thd' path because of no transformer-engine layer specs (local backend: --device cpu, "
+                "or TE not installed))"
+            ]
+        ), proc.stdout[-2000:]
         runs[cp] = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
     assert len(runs[1]) == len(runs[2]) == 2
     for a, b in zip(runs[2], runs[1]):

@@ -1,5 +1,6 @@
 """--image-tiling device (the loader decodes, the first pipeline stage tiles on its device with
 data/resample.py) trains bit-identically to --image-tiling loader: the same tiles, so the same losses."""
+
 import json
 
 from tests.launch import REPO, torchrun
@@ -24,8 +25,13 @@ def test_device_tiling_gives_the_same_losses_bit_for_bit(digits_shards, pretrain
     loader = [r["loss"] for r in pretrain_log(1, digits_run_args(digits_shards))]
     device = _losses(tmp_path / "device.jsonl", 1, digits_run_args(digits_shards, "--image-tiling", "device"))
     assert len(loader) == DIGITS_ITERS and device == loader  # exact, not approximate
-    pp2 = _losses(tmp_path / "pp2.jsonl", 2, digits_run_args(digits_shards, "--image-tiling", "device",
-                                                             "--pipeline-model-parallel-size", "2", "--num-workers", "2"))
+    pp2 = _losses(
+        tmp_path / "pp2.jsonl",
+        2,
+        digits_run_args(
+            digits_shards, "--image-tiling", "device", "--pipeline-model-parallel-size", "2", "--num-workers", "2"
+        ),
+    )
     assert len(pp2) == DIGITS_ITERS
     for i, (a, b) in enumerate(zip(pp2, loader)):
         assert abs(a - b) <= 1e-5 * abs(b), f"pp2 iteration {i + 1}: {a} vs single-process {b}"
@@ -33,10 +39,31 @@ def test_device_tiling_gives_the_same_losses_bit_for_bit(digits_shards, pretrain
 
 def test_mpo_with_device_tiling_is_exact(preference_shards, tmp_path):
     """Preference packs: the rejected sequence's images are table rows sharing the chosen one's pixels."""
+
     def args(tiling):
-        return ["--model", "debug", "--data-path", preference_shards, "--global-batch-size", "4", "--train-iters",
-                str(MPO_ITERS), "--lr", "2e-3", "--lr-warmup-iters", "2", "--seed", "5", "--image-tiling", tiling,
-                "--stage", "mpo", "--seq-length", "800"]
+        return [
+            "--model",
+            "debug",
+            "--data-path",
+            preference_shards,
+            "--global-batch-size",
+            "4",
+            "--train-iters",
+            str(MPO_ITERS),
+            "--lr",
+            "2e-3",
+            "--lr-warmup-iters",
+            "2",
+            "--seed",
+            "5",
+            "--image-tiling",
+            tiling,
+            "--stage",
+            "mpo",
+            "--seq-length",
+            "800",
+        ]
+
     loader = _losses(tmp_path / "loader.jsonl", 1, args("loader"))
     device = _losses(tmp_path / "device.jsonl", 1, args("device"))
     assert len(loader) == MPO_ITERS and device == loader

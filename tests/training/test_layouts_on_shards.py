@@ -1,6 +1,7 @@
 """On the same shards and seed, the first 10 losses of every layout equal the single-process run
 (that run is the session's shared one: tests/conftest.py's `pretrain_log`, also used by
 test_device_tiling.py)."""
+
 import json
 
 import pytest
@@ -19,8 +20,18 @@ LAYOUTS = {  # name: (processes, flags)
     "dp2pp2": (4, ["--pipeline-model-parallel-size", "2"]),
     "cp2": (2, ["--context-parallel-size", "2"]),
     "cp2-tp2": (4, ["--context-parallel-size", "2", "--tensor-model-parallel-size", "2"]),
-    "cp4-2d": (4, ["--context-parallel-size", "4", "--cp-comm-type", "a2a+p2p",
-                   "--hierarchical-context-parallel-sizes", "2", "2"]),
+    "cp4-2d": (
+        4,
+        [
+            "--context-parallel-size",
+            "4",
+            "--cp-comm-type",
+            "a2a+p2p",
+            "--hierarchical-context-parallel-sizes",
+            "2",
+            "2",
+        ],
+    ),
 }
 
 
@@ -50,6 +61,7 @@ def test_first_losses_match_single_process(digits_shards, reference, tmp_path, n
 
 # --- a checkpoint that is no preset: HF -> --model DIR -> TP2 -----------------------------------------
 
+
 @pytest.fixture(scope="module")
 def qwen3_dirs(digits_shards, tmp_path_factory):
     """A tiny Qwen3-dense InternVL (per-head QK-norm, head_dim 32 != 64 / 4 heads, InternViT-300M-style
@@ -76,8 +88,12 @@ def test_qwen3_checkpoint_dir_trains_the_same_at_tp2(digits_shards, qwen3_dirs, 
     on-the-fly HF load, the conversion and the QK-norm / head_dim sharding all line up."""
     hf, ckpt = qwen3_dirs
     ref = _run(digits_shards, tmp_path / "ref.jsonl", 1, ["--model", str(hf), "--pretrained", str(hf)])
-    tp2 = _run(digits_shards, tmp_path / "tp2.jsonl", 2, ["--model", str(ckpt), "--pretrained", str(ckpt),
-                                                          "--tensor-model-parallel-size", "2"])
+    tp2 = _run(
+        digits_shards,
+        tmp_path / "tp2.jsonl",
+        2,
+        ["--model", str(ckpt), "--pretrained", str(ckpt), "--tensor-model-parallel-size", "2"],
+    )
     assert len(ref) == len(tp2) == ITERS
     for i, (a, b) in enumerate(zip(tp2, ref)):
         assert abs(a - b) <= 1e-5 * abs(b), f"qwen3 TP2 iteration {i + 1}: {a} vs single-process {b}"

@@ -1,4 +1,5 @@
 """--stage mpo (training/mpo.py): InternVL's formulas, ln 2 at step 1, layouts = single process, resume, LoRA."""
+
 import json
 import math
 

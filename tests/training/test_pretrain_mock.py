@@ -1,4 +1,5 @@
 """pretrain_internvl.py on mock data: TP2 x PP2 logs the single-process losses."""
+
 import json
 import subprocess
 import sys
@@ -7,8 +8,19 @@ from tests.conftest import one_process
 from tests.launch import REPO, torchrun
 
 SCRIPT = REPO / "pretrain_internvl.py"
-COMMON = ["--model", "debug", "--mock-data", "--global-batch-size", "4", "--train-iters", "3",
-          "--seq-length", "128", "--lr", "1e-3"]
+COMMON = [
+    "--model",
+    "debug",
+    "--mock-data",
+    "--global-batch-size",
+    "4",
+    "--train-iters",
+    "3",
+    "--seq-length",
+    "128",
+    "--lr",
+    "1e-3",
+]
 
 
 def _losses(path):
@@ -18,8 +30,12 @@ def _losses(path):
 def test_tp2_pp2_matches_single_process(tmp_path):
     one, four = tmp_path / "one.jsonl", tmp_path / "four.jsonl"
     one_process(SCRIPT, COMMON + ["--log-jsonl", str(one)], timeout=300)  # no torchrun agent for one rank
-    torchrun(SCRIPT, 4, COMMON + ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
-                                  "--log-jsonl", str(four)], timeout=300)
+    torchrun(
+        SCRIPT,
+        4,
+        COMMON + ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--log-jsonl", str(four)],
+        timeout=300,
+    )
     a, b = _losses(one), _losses(four)
     assert [r["iteration"] for r in a] == [1, 2, 3] == [r["iteration"] for r in b]
     for ra, rb in zip(a, b):
@@ -31,15 +47,26 @@ def test_tp2_pp2_matches_single_process(tmp_path):
 
 
 def test_help_lists_megatron_flags():
-    out = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True,
-                         cwd=REPO, timeout=120).stdout
-    for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--micro-batch-size",
-                 "--global-batch-size", "--train-iters", "--seed", "--log-jsonl", "--mock-data",
-                 "--decoder-first-pipeline-num-layers", "--sequence-parallel"):
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, cwd=REPO, timeout=120
+    ).stdout
+    for flag in (
+        "--tensor-model-parallel-size",
+        "--pipeline-model-parallel-size",
+        "--micro-batch-size",
+        "--global-batch-size",
+        "--train-iters",
+        "--seed",
+        "--log-jsonl",
+        "--mock-data",
+        "--decoder-first-pipeline-num-layers",
+        "--sequence-parallel",
+    ):
         assert flag in out, flag
 
 
 def test_contradictory_flags_refused():
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--model", "debug"], capture_output=True, text=True,
-                          cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--model", "debug"], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert proc.returncode != 0 and "--data-path" in proc.stderr

@@ -2,6 +2,7 @@
 the MPO forward steps -- not onto CUDA because CUDA exists -- and with image bytes only on the first
 pipeline stage. A stand-in stage with its weight on the meta device shows the placement: whatever
 reaches it was moved to the model's device."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -23,8 +24,9 @@ class _Stage(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.zeros(1, device=device))
         self.pre_process, self.seen = first, {}
 
-    def forward(self, tokens, position_ids, pixel_values=None, labels=None, cu_seqlens=None, loss_weight=None,
-                split=None):
+    def forward(
+        self, tokens, position_ids, pixel_values=None, labels=None, cu_seqlens=None, loss_weight=None, split=None
+    ):
         self.seen = {"tokens": tokens, "pixel_values": pixel_values, "cu_seqlens": cu_seqlens}
         return tokens.float()
 
@@ -34,10 +36,16 @@ class _Stage(torch.nn.Module):
 
 def _batch() -> Batch:
     s = 8
-    return Batch(tokens=torch.zeros(1, s, dtype=torch.long), labels=torch.zeros(1, s, dtype=torch.long),
-                 loss_weight=torch.ones(1, s), position_ids=torch.arange(s, dtype=torch.float32)[None],
-                 cu_seqlens=torch.tensor([0, 4, 8], dtype=torch.int32), images=Images(normalized=torch.zeros(2, 3, 4, 4)),
-                 pairs=torch.tensor([[0, 1]]), ref_logps=torch.zeros(2))
+    return Batch(
+        tokens=torch.zeros(1, s, dtype=torch.long),
+        labels=torch.zeros(1, s, dtype=torch.long),
+        loss_weight=torch.ones(1, s),
+        position_ids=torch.arange(s, dtype=torch.float32)[None],
+        cu_seqlens=torch.tensor([0, 4, 8], dtype=torch.int32),
+        images=Images(normalized=torch.zeros(2, 3, 4, 4)),
+        pairs=torch.tensor([[0, 1]]),
+        ref_logps=torch.zeros(2),
+    )
 
 
 @pytest.mark.parametrize("step", ["plain", "mpo", "reference"])
@@ -89,8 +97,9 @@ def test_forward_step_splits_the_batch_once_and_hands_the_model_this_cp_ranks_to
             super().__init__("cpu", True)
             self.splits = 0
 
-        def forward(self, tokens, position_ids, pixel_values=None, labels=None, cu_seqlens=None, loss_weight=None,
-                    split=None):
+        def forward(
+            self, tokens, position_ids, pixel_values=None, labels=None, cu_seqlens=None, loss_weight=None, split=None
+        ):
             self.seen = {"tokens": tokens, "position_ids": position_ids, "loss_weight": loss_weight, "split": split}
             return torch.ones_like(position_ids)
 

@@ -1,4 +1,5 @@
 """Stage presets: frozen parts get no gradient buffer, no optimizer state and stay bit-identical."""
+
 import json
 
 import pytest
@@ -6,8 +7,19 @@ import pytest
 from tests.launch import REPO, torchrun
 
 WORKER = REPO / "tests" / "training" / "stage_worker.py"
-BASE = ["--model", "debug", "--mock-data", "--global-batch-size", "2", "--train-iters", "2", "--seq-length", "128",
-        "--lr", "1e-3"]
+BASE = [
+    "--model",
+    "debug",
+    "--mock-data",
+    "--global-batch-size",
+    "2",
+    "--train-iters",
+    "2",
+    "--seq-length",
+    "128",
+    "--lr",
+    "1e-3",
+]
 
 
 def _report(tmp_path, nproc, flags):
@@ -47,18 +59,26 @@ def test_unfreeze_last_vit_layers(tmp_path, recompute):
     assert vit_changed and all(n.startswith("vision_model.encoder.layers.1.") for n in vit_changed)
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--freeze-vit", "--freeze-llm", "--freeze-projector"], "nothing to train"),
-    (["--stage", "finetune", "--drop-path-rate", "0.1"], "--drop-path-rate"),
-    (["--sequence-parallel"], "--sequence-parallel"),
-    (["--stage", "2", "--unfreeze-vit-layers", "1"], "--unfreeze-vit-layers"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--freeze-vit", "--freeze-llm", "--freeze-projector"], "nothing to train"),
+        (["--stage", "finetune", "--drop-path-rate", "0.1"], "--drop-path-rate"),
+        (["--sequence-parallel"], "--sequence-parallel"),
+        (["--stage", "2", "--unfreeze-vit-layers", "1"], "--unfreeze-vit-layers"),
+    ],
+)
 def test_contradictions_are_refused(flags, message):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, str(REPO / "pretrain_internvl.py"), *BASE, *flags],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "pretrain_internvl.py"), *BASE, *flags],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
 
@@ -75,20 +95,43 @@ def test_stage1_bf16_at_pp2_saves_and_resumes(tmp_path):
     bf16 that checkpoint once failed to load (KeyError 'fp32_from_fp16') and with the distributed
     optimizer failed to save; both now resume with the uninterrupted run's losses (steps 3, 4)."""
     script = REPO / "pretrain_internvl.py"
-    base = ["--model", "debug", "--mock-data", "--mock-tiles-per-sample", "1", "--seq-length", "64",
-            "--global-batch-size", "2", "--train-iters", "4", "--lr", "2e-3", "--seed", "9", "--stage", "1",
-            "--pipeline-model-parallel-size", "2", "--bf16"]
+    base = [
+        "--model",
+        "debug",
+        "--mock-data",
+        "--mock-tiles-per-sample",
+        "1",
+        "--seq-length",
+        "64",
+        "--global-batch-size",
+        "2",
+        "--train-iters",
+        "4",
+        "--lr",
+        "2e-3",
+        "--seed",
+        "9",
+        "--stage",
+        "1",
+        "--pipeline-model-parallel-size",
+        "2",
+        "--bf16",
+    ]
 
     def losses(log):
         return {r["iteration"]: r["loss"] for r in map(json.loads, log.read_text().splitlines()) if "loss" in r}
 
     # the uninterrupted run, saving at step 2 on its way (plain optimizer)
-    torchrun(script, 2, [*base, "--log-jsonl", str(tmp_path / "ref.jsonl"), "--save", str(tmp_path / "plain"),
-                         "--save-interval", "2"])
+    torchrun(
+        script,
+        2,
+        [*base, "--log-jsonl", str(tmp_path / "ref.jsonl"), "--save", str(tmp_path / "plain"), "--save-interval", "2"],
+    )
     reference = losses(tmp_path / "ref.jsonl")
     distopt = ["--use-distributed-optimizer"]
-    torchrun(script, 2, [*base, *distopt, "--save", str(tmp_path / "dist"), "--save-interval", "2",
-                         "--exit-interval", "2"])
+    torchrun(
+        script, 2, [*base, *distopt, "--save", str(tmp_path / "dist"), "--save-interval", "2", "--exit-interval", "2"]
+    )
     for name, flags in (("plain", []), ("dist", distopt)):
         log = tmp_path / f"{name}.jsonl"
         torchrun(script, 2, [*base, *flags, "--log-jsonl", str(log), "--load", str(tmp_path / name / "iter_0000002")])

@@ -1,6 +1,7 @@
 """The train step's faster kernels train like the plain ones (within fp32 reordering): the fused CPU
 AdamW that setup switches megatron-core's optimizer to (with and without the distributed optimizer),
 and --torch-compile's inductor-compiled fusions."""
+
 import json
 
 import pytest

@@ -1,5 +1,6 @@
 """A stand-in for the wandb package: records init/log/finish calls as JSON
 lines in $FAKE_WANDB_LOG, so the --wandb-project code path runs through the real CLI."""
+
 import json
 import os
 
@@ -18,6 +19,12 @@ class _Run:
 
 
 def init(project=None, name=None, config=None, dir=None, **kwargs):
-    _write("init", project=project, name=name, dir=dir, mode=os.environ.get("WANDB_MODE"),
-           has_config=isinstance(config, dict) and "train" in config)
+    _write(
+        "init",
+        project=project,
+        name=name,
+        dir=dir,
+        mode=os.environ.get("WANDB_MODE"),
+        has_config=isinstance(config, dict) and "train" in config,
+    )
     return _Run()
