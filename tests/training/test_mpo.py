@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from tests.launch import REPO, torchrun
+from tests.launch import REPO
+from tests.worldpool import run_in_world
 
 WORKER = REPO / "tests" / "training" / "mpo_worker.py"
 KEYS = ("loss", "loss_preference", "loss_quality", "loss_generation", "reward_margin", "reward_accuracy")
@@ -16,21 +17,21 @@ LN2_F32 = float(torch.tensor(math.log(2.0), dtype=torch.float32))
 @pytest.fixture(scope="module")
 def single(preference_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("mpo1") / "single.json"
-    torchrun(WORKER, 1, [str(out), preference_shards, str(out.parent / "ckpt")], timeout=300)
+    run_in_world(WORKER, 1, [str(out), preference_shards, str(out.parent / "ckpt")], timeout=300)
     return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
 def layouts(preference_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("mpo4") / "layouts.json"
-    torchrun(WORKER, 4, [str(out), preference_shards, str(out.parent / "ckpt")], timeout=480)
+    run_in_world(WORKER, 4, [str(out), preference_shards, str(out.parent / "ckpt")], timeout=480)
     return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
 def thd(preference_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("mpo2") / "thd.json"
-    torchrun(WORKER, 2, [str(out), preference_shards, str(out.parent / "ckpt")], timeout=300)
+    run_in_world(WORKER, 2, [str(out), preference_shards, str(out.parent / "ckpt")], timeout=300)
     return json.loads(out.read_text())
 
 

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from tests.launch import REPO, torchrun
+from tests.worldpool import run_in_world
 
 WORKER = REPO / "tests" / "training" / "stage_worker.py"
 BASE = [
@@ -24,7 +25,7 @@ BASE = [
 
 def _report(tmp_path, nproc, flags):
     out = tmp_path / "report"
-    torchrun(WORKER, nproc, [str(out), *BASE, *flags], timeout=300)
+    run_in_world(WORKER, nproc, [str(out), *BASE, *flags], timeout=300)
     merged = {}
     for r in range(nproc):
         rank = json.loads((tmp_path / f"report.rank{r}.json").read_text())

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from tests.launch import REPO, torchrun
+from tests.launch import REPO
+from tests.worldpool import run_in_world
 
 WORKER = REPO / "tests" / "training" / "step_kernels_worker.py"
 
@@ -14,7 +15,7 @@ WORKER = REPO / "tests" / "training" / "step_kernels_worker.py"
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("kernels") / "out.json"
-    torchrun(WORKER, 2, [str(out)], timeout=480)
+    run_in_world(WORKER, 2, [str(out)], timeout=480)
     return json.loads(out.read_text())
 
 
