@@ -73,8 +73,8 @@ def main() -> None:
     before = Path(args.compare).read_text().splitlines()
     now = text.splitlines()
     print("\n".join(line for line in now[:2]))
-    b_lay = {line for line in before if line.startswith("layout ")}
-    n_lay = {line for line in now if line.startswith("layout ")}
+    b_lay = {line for line in before if line.startswith("layout tests/")}
+    n_lay = {line for line in now if line.startswith("layout tests/")}
     print(f"layout ids before {len(b_lay)}, now {len(n_lay)}")
     for line in sorted(b_lay - n_lay):
         print(f"missing {line}")

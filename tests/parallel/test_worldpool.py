@@ -2,11 +2,13 @@
 job fails its test with the ranks' errors, and the next job gets a fresh world."""
 
 import json
+import os
+import time
 
 import pytest
 
 from tests.launch import REPO
-from tests.worldpool import run_in_world
+from tests.worldpool import _WORLDS, run_in_world
 
 PROBE = REPO / "tests" / "parallel" / "worldpool_probe_worker.py"
 
@@ -46,3 +48,15 @@ def test_a_job_past_its_deadline_fails(tmp_path):
     hang = REPO / "tests" / "parallel" / "worldpool_hang_worker.py"
     with pytest.raises(AssertionError, match=r"no reply within 5s"):
         run_in_world(hang, 2, [], timeout=5.0)
+
+
+def test_a_closed_world_leaves_no_process_behind(tmp_path):
+    """A spawned Manager a job keeps (megatron-core's save-results queue does) ends with its rank: the
+    ranks leave through os._exit, which skips multiprocessing's own exit hook."""
+    pids = [r["manager_pid"] for r in probe(tmp_path, "manager", "--manager")]
+    assert all(os.path.exists(f"/proc/{pid}") for pid in pids)
+    _WORLDS[2].close()
+    deadline = time.monotonic() + 30
+    while any(os.path.exists(f"/proc/{pid}") for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in pids), pids

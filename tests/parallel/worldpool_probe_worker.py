@@ -1,7 +1,8 @@
 """A job for tests/parallel/test_worldpool.py: report what this rank finds left over from earlier jobs
 of its reused world, then set up model parallelism and leave changes behind for the next job to not see.
 
---out DIR --tp N [--fail]   (--fail: rank 0 raises, rank 1 dies without a word)
+--out DIR --tp N [--fail] [--manager]   (--fail: rank 0 raises, rank 1 dies without a word; --manager:
+start a spawned multiprocessing Manager and keep it, as megatron-core's first checkpoint save does)
 """
 
 import argparse
@@ -18,31 +19,43 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from internvl_mcore.config import ParallelConfig
 from internvl_mcore.parallel.state import init_distributed
 
-p = argparse.ArgumentParser()
-p.add_argument("--out", required=True)
-p.add_argument("--tp", type=int, default=1)
-p.add_argument("--fail", action="store_true")
-a = p.parse_args()
 
-found = {
-    "pid": os.getpid(),
-    "model_parallel": ps.model_parallel_is_initialized(),
-    "groups": len(dist.distributed_c10d._world.pg_map),
-    "rng_states": sorted(get_cuda_rng_tracker().get_states()),
-    "default_dtype": str(torch.get_default_dtype()),
-    "env": os.environ.get("WORLDPOOL_PROBE"),
-    "sigterm_default": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
-    "threads": len(os.listdir("/proc/self/task")),
-}  # gloo's threads of the groups jobs before made
-init_distributed(ParallelConfig(tensor_model_parallel_size=a.tp), seed=5)
-found["tp_after_init"] = ps.get_tensor_model_parallel_world_size()
-found["threads_after_init"] = len(os.listdir("/proc/self/task"))
-found["rng_after_init"] = sorted(get_cuda_rng_tracker().get_states())
-if a.fail and dist.get_rank() == 0:
-    raise RuntimeError("probe failure on rank 0")
-if a.fail:
-    os._exit(3)
-torch.set_default_dtype(torch.float64)  # what a careless job leaves behind
-os.environ["WORLDPOOL_PROBE"] = "left over"
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
-Path(a.out, f"rank{dist.get_rank()}.json").write_text(json.dumps(found))
+def main() -> None:  # guarded: a spawned child (--manager) imports this file as __mp_main__
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--fail", action="store_true")
+    p.add_argument("--manager", action="store_true")
+    a = p.parse_args()
+
+    found = {
+        "pid": os.getpid(),
+        "model_parallel": ps.model_parallel_is_initialized(),
+        "groups": len(dist.distributed_c10d._world.pg_map),
+        "rng_states": sorted(get_cuda_rng_tracker().get_states()),
+        "default_dtype": str(torch.get_default_dtype()),
+        "env": os.environ.get("WORLDPOOL_PROBE"),
+        "sigterm_default": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
+        "threads": len(os.listdir("/proc/self/task")),
+    }  # gloo's threads of the groups jobs before made
+    init_distributed(ParallelConfig(tensor_model_parallel_size=a.tp), seed=5)
+    found["tp_after_init"] = ps.get_tensor_model_parallel_world_size()
+    found["threads_after_init"] = len(os.listdir("/proc/self/task"))
+    found["rng_after_init"] = sorted(get_cuda_rng_tracker().get_states())
+    if a.fail and dist.get_rank() == 0:
+        raise RuntimeError("probe failure on rank 0")
+    if a.fail:
+        os._exit(3)
+    torch.set_default_dtype(torch.float64)  # what a careless job leaves behind
+    os.environ["WORLDPOOL_PROBE"] = "left over"
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if a.manager:  # kept by a module for later jobs, like megatron-core's filesystem_async._results_queue
+        import multiprocessing
+
+        multiprocessing.worldpool_probe_manager = multiprocessing.get_context("spawn").Manager()
+        found["manager_pid"] = multiprocessing.worldpool_probe_manager._process.pid
+    Path(a.out, f"rank{dist.get_rank()}.json").write_text(json.dumps(found))
+
+
+if __name__ == "__main__":
+    main()
