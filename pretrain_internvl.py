@@ -99,16 +99,14 @@ def _exit(code: int, message: str | None) -> None:
     gloo's threads abort a normal exit ("terminate called ...", exit -6) and a clean shutdown would
     wait for peers that may be gone. The worker processes megatron-core's checkpoint writer spawned
     are ended first: orphaned, they would keep the job's output pipes open."""
-    import multiprocessing
-
     import torch.distributed as dist
+
+    from internvl_mcore.training import preemption
 
     if message:
         print(f"error: {message}", file=sys.stderr, flush=True)
     if dist.is_available() and dist.is_initialized():
-        for child in multiprocessing.active_children():
-            child.kill()  # not terminate(): under --exit-signal-handler the helpers ignore SIGTERM
-            child.join(timeout=10)
+        preemption.end_helpers()
         sys.stdout.flush()
         os._exit(code)
     sys.exit(code)

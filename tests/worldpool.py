@@ -342,19 +342,12 @@ def serve() -> None:
 
 
 def _stop_children() -> None:
-    """End the processes jobs left running under this rank: megatron-core's save-results Manager
-    (spawned at a job's first checkpoint save and kept by its module for the later jobs) above all.
-    `os._exit` skips multiprocessing's exit hook that would stop them, and a spawned Manager waits on
-    its socket forever: each session left one ~300 MB process per rank behind."""
-    import multiprocessing
+    """End the processes jobs left running under this rank (megatron-core's save-results Manager,
+    spawned at a job's first checkpoint save and kept by its module for the later jobs): the same
+    hand-off as pretrain_internvl.py's exit (each session left one ~300 MB process per rank behind)."""
+    from internvl_mcore.training.preemption import end_helpers
 
-    for child in multiprocessing.active_children():
-        child.terminate()
-    for child in multiprocessing.active_children():
-        child.join(5)
-        if child.is_alive():  # SIGTERM ignored (a job's SIG_IGN is inherited across exec)
-            child.kill()
-            child.join(5)
+    end_helpers()
 
 
 if __name__ == "__main__":

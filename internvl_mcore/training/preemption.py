@@ -50,6 +50,18 @@ def die_with_parent() -> None:
         _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
 
 
+def end_helpers(timeout_s: float = 10.0) -> None:
+    """End this process's multiprocessing children (megatron-core's spawned save-results Manager,
+    checkpoint writers) before an `os._exit`, which skips multiprocessing's own exit hook: orphaned,
+    a Manager waits on its socket forever and a helper keeps the job's output pipes open. SIGKILL,
+    not SIGTERM: under --exit-signal-handler (or an inherited SIG_IGN) helpers ignore SIGTERM."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(timeout=timeout_s)
+
+
 def child_of_run() -> None:
     """In a helper process of a rank (forked, or spawned: it imports pretrain_internvl.py as
     __mp_main__): die with the rank, and under --exit-signal-handler ignore SIGTERM."""
