@@ -145,7 +145,7 @@ def test_loss_and_gradient_equal_the_papers_formulas(level, lo, hi, beta, seq_sc
 @pytest.mark.parametrize("level,lo,hi", [("sequence", *GSPO_CLIP), ("token", *GRPO_CLIP)])
 def test_on_policy_ratio_is_exactly_one(level, lo, hi):
     """First step: pi == pi_old (and == ref): ratios exactly 1, nothing clipped, KL exactly 0, and the
-    gradient is the policy gradient -A_i / (|y_i| N) on each response token."""
+    gradient d loss / d logp is -A_i / (|y_i| N) on each response token."""
     cu, mask, responses, logp, _, _, rewards = _inputs(torch.float32, 0.0, 0.0)
     loss, grad, metrics, count, _ = _ours(level, logp, logp.clone(), logp.clone(), rewards, lo, hi, 0.1)
     assert metrics["ratio_mean"] == 1.0 and metrics["clip_fraction"] == 0.0 and metrics["kl"] == 0.0
