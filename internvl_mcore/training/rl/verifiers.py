@@ -8,13 +8,13 @@ function may look at other fields; do not modify it). The built-ins return 1.0 o
 
 The built-ins first take the response's final answer (`final_answer`): the content of the last
 `\\boxed{...}` if there is one, else the text after the last "answer:" / "answer is" (any case), else
-the whole response; surrounding whitespace, `$`, `*` and a trailing period are dropped.
+the whole response; trailing periods, then surrounding whitespace, `$` and `*` are dropped.
 
 - exact:  final answer == reference, ignoring case and runs of whitespace.
 - number: the last number in the final answer (`-1,234.5`, `3/4`, `1e-3`, `50%` is 50) equals the
   reference's within a relative 1e-6 (absolute below 1); no number: 0.
-- choice: the option letter A-D of the final answer (a leading `B`, `(B)`, `B.`, `B)`, else the last
-  standalone capital A-D in it) equals the reference's (read the same way, so "(C) 42" works).
+- choice: the option letter A-D of the final answer (a leading `(B)`, `B.`, `B:`, `B)` or a lone `B`,
+  else the last standalone capital A-D in it: "A cat ... so C" is C) equals the reference's (read the same way, so "(C) 42" works).
 - regex:  the reference answer is a Python regular expression that must match the whole final answer
   (re.fullmatch, case-insensitive).
 
@@ -39,7 +39,7 @@ Verifier = Callable[[str, str, dict], float]
 _BOXED = re.compile(r"\\boxed\s*\{")
 _ANSWER_IS = re.compile(r"answer\s*(?:is\s*:?|:)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
-_LEADING_CHOICE = re.compile(r"^\(?([A-D])(?:[).:]|\s|$)")
+_LEADING_CHOICE = re.compile(r"^(?:\(([A-D])\)|([A-D])(?:[.:)]|$))")
 _STANDALONE_CHOICE = re.compile(r"(?<![A-Za-z])([A-D])(?![A-Za-z])")
 
 
@@ -63,8 +63,7 @@ def final_answer(response: str) -> str:
     else:
         marks = list(_ANSWER_IS.finditer(response))
         text = response[marks[-1].end() :] if marks else response
-    text = text.strip().strip("$*").strip()
-    return text[:-1].rstrip() if text.endswith(".") else text
+    return text.strip().rstrip(".").strip().strip("$*").strip()
 
 
 def _parse_number(text: str) -> float | None:
@@ -84,7 +83,7 @@ def _choice(text: str) -> str | None:
     text = text.strip()
     lead = _LEADING_CHOICE.match(text)
     if lead:
-        return lead.group(1)
+        return lead.group(1) or lead.group(2)
     found = _STANDALONE_CHOICE.findall(text)
     return found[-1] if found else None
 
