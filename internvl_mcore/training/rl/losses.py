@@ -46,10 +46,9 @@ from typing import Literal, Optional
 import torch
 import torch.distributed as dist
 
-GSPO_CLIP = (3e-4, 4e-4)
-"""GSPO paper, section 5.1: left and right clipping ranges 3e-4 and 4e-4."""
-GRPO_CLIP = (0.2, 0.2)
-"""PPO's / DeepSeekMath's usual 0.2 on both sides."""
+from ...config.rl import GRPO_CLIP, GSPO_CLIP
+
+__all__ = ["GRPO_CLIP", "GSPO_CLIP", "PolicyLossConfig", "ResponseTerms", "policy_loss", "segment_sums"]
 
 
 @dataclass(frozen=True)
