@@ -14,6 +14,8 @@ from internvl_mcore.training.batch import Batch
 from internvl_mcore.training.rl.advantages import EPS, group_advantages
 from internvl_mcore.training.rl.losses import GRPO_CLIP, GSPO_CLIP, PolicyLossConfig
 from internvl_mcore.training.rl.step import Rollouts, RLContext, reduce_metrics, rl_loss_func
+from tests.launch import REPO
+from tests.worldpool import run_in_world
 
 # two packed rows of 48 tokens; each row: (prompt, response) segments, then a padding segment
 ROWS = [[(5, 7), (3, 12), (4, 1), (2, 9)], [(6, 10), (3, 4), (5, 8), (2, 3)]]
@@ -95,20 +97,27 @@ def _reference_loss(level, logp, old, ref, responses, adv, lo, hi, beta):
 # --- our path: the loss function megatron-core's schedule calls ---------------------------------
 
 
-def _ours(level, logp, old, ref, rewards, lo, hi, beta):
+def _rl_call(level, logp, old, ref, rewards, lo, hi, beta, split, cp_group=None):
+    """rl_loss_func on this rank's tokens (`split`): (loss sum, count, logged, the per-token-loss leaf)."""
     cu, mask, responses = _layout()
-    adv_resp = group_advantages(rewards, G).values
     adv = torch.zeros(len(cu) - 1, dtype=torch.float64)
-    adv[_segment_of_response(cu)] = adv_resp
+    adv[_segment_of_response(cu)] = group_advantages(rewards, G).values
     tokens = torch.zeros(len(ROWS), S, dtype=torch.long)
     batch = Batch(tokens, tokens, mask, torch.zeros(len(ROWS), S), cu, None)
-    ctx = RLContext(PolicyLossConfig(level, lo, hi, beta))
-    per_token_loss = (-logp).detach().requires_grad_(True)
+    first = cp_group is None or cp_group.rank() == 0
+    ctx = RLContext(PolicyLossConfig(level, lo, hi, beta), cp_group=cp_group, first_cp_rank=first)
+    per_token_loss = split.split(-logp).detach().requires_grad_(True)
     rollouts = Rollouts(old_logps=old, advantages=adv, ref_logps=ref if beta > 0 else None)
-    loss, count, logged = rl_loss_func(batch, TokenSplit("none", 0, 1), rollouts, ctx, per_token_loss)
+    loss, count, logged = rl_loss_func(batch, split, rollouts, ctx, per_token_loss)
+    return loss, count, logged, per_token_loss
+
+
+def _ours(level, logp, old, ref, rewards, lo, hi, beta):
+    """Single process: mean loss, d loss / d logp, the reduced metrics, the response count."""
+    loss, count, logged, leaf = _rl_call(level, logp, old, ref, rewards, lo, hi, beta, TokenSplit("none", 0, 1))
     (loss / count).backward()  # what megatron-core's gradient division by the response count does
     metrics = reduce_metrics([logged], True, None, None)
-    return loss / count, -per_token_loss.grad, metrics, int(count), responses
+    return loss / count, -leaf.grad, metrics, int(count), _layout()[2]
 
 
 CASES = [
@@ -170,3 +179,10 @@ def test_group_advantages():
         group_advantages(torch.tensor([1.0, 0.0]), 1)
     with pytest.raises(RuntimeError, match="whole groups"):
         group_advantages(torch.tensor([1.0, 0.0, 1.0]), 2)
+
+
+def test_context_parallel_2_equals_single_process():
+    """CP2 (each rank half of every row): loss, gradients and metrics equal the single process'
+    (tests/rl/cp_loss_worker.py asserts them on each rank, 1e-12 in fp64)."""
+    out = run_in_world(REPO / "tests" / "rl" / "cp_loss_worker.py", 2, [], timeout=300)
+    assert "cp-loss ok 0" in out and "cp-loss ok 1" in out
