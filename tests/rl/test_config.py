@@ -63,7 +63,9 @@ def test_problems():
     assert rl_problems(RLConfig()) == [
         "online RL needs a reward: --reward exact|number|choice|regex or --reward-fn module:function"
     ]
-    assert rl_problems(RLConfig(reward="exact", reward_fn="m:f")) == ["--reward exact and --reward-fn m:f: give one of them"]
+    assert rl_problems(RLConfig(reward="exact", reward_fn="m:f")) == [
+        "--reward exact and --reward-fn m:f: give one of them"
+    ]
     assert rl_problems(RLConfig(reward_fn="rewards.py")) == [
         "--reward-fn rewards.py: expected module:function (e.g. my_rewards:score)"
     ]

@@ -136,9 +136,7 @@ def test_loss_and_gradient_equal_the_papers_formulas(level, lo, hi, beta, seq_sc
     assert count == len(responses)  # padding segments are no responses
     leaf = logp.detach().to(torch.float64).requires_grad_(True)
     adv = _ref_advantages(rewards)
-    want, clip_frac = _reference_loss(
-        level, leaf, old.double(), ref.double(), responses, adv, lo, hi, beta
-    )
+    want, clip_frac = _reference_loss(level, leaf, old.double(), ref.double(), responses, adv, lo, hi, beta)
     want.backward()
     tol = dict(rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-12)
     torch.testing.assert_close(loss.double(), want.detach(), **tol)

@@ -91,7 +91,9 @@ def test_reward_fn(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"^--reward-fn my_rewards:boom raised ZeroDivisionError: bad$"):
         make_verifier(None, "my_rewards:boom")("a", "a", {})
     for bad in ("text", "nan"):
-        with pytest.raises(UserError, match=rf"^--reward-fn my_rewards:{bad} returned .*: a finite number is expected$"):
+        with pytest.raises(
+            UserError, match=rf"^--reward-fn my_rewards:{bad} returned .*: a finite number is expected$"
+        ):
             make_verifier(None, f"my_rewards:{bad}")("a", "a", {})
     errors = {
         "my_rewards": "expected module:function",

@@ -84,16 +84,19 @@ def rl_loss_func(
     loss = terms.loss[valid].sum()
     keep = 1.0 if ctx.first_cp_rank else 0.0  # every CP rank holds the same per-response values: log once
     n = valid.sum()
-    logged = torch.stack(
-        [
-            loss.detach(),
-            terms.ratio[valid].sum(),
-            terms.kl[valid].sum(),
-            terms.clipped_tokens[valid].sum(),
-            terms.n_tokens[valid].sum(),
-            n.to(loss.dtype),
-        ]
-    ) * keep
+    logged = (
+        torch.stack(
+            [
+                loss.detach(),
+                terms.ratio[valid].sum(),
+                terms.kl[valid].sum(),
+                terms.clipped_tokens[valid].sum(),
+                terms.n_tokens[valid].sum(),
+                n.to(loss.dtype),
+            ]
+        )
+        * keep
+    )
     count = (n * int(keep)).to(torch.int)
     return loss, count, {"lm loss": torch.stack([logged[0], logged[-1]]), "rl": logged[1:-1]}
 
