@@ -184,3 +184,42 @@ def test_context_parallel_2_equals_single_process():
     (tests/rl/cp_loss_worker.py asserts them on each rank, 1e-12 in fp64)."""
     out = run_in_world(REPO / "tests" / "rl" / "cp_loss_worker.py", 2, [], timeout=300)
     assert "cp-loss ok 0" in out and "cp-loss ok 1" in out
+
+
+def test_first_step_through_the_model_is_on_policy(world):
+    """The debug model: old (and reference) log-probs from a forward-only pass, then the policy's
+    forward step with gradients (rl_forward_step): every ratio is exactly 1, nothing clipped, KL 0."""
+    from internvl_mcore.config import PRESETS
+    from internvl_mcore.models.internvl import build_model
+    from internvl_mcore.models.weights import init_weights
+    from internvl_mcore.parallel.state import process_groups
+    from internvl_mcore.training.mock import mock_batches
+    from internvl_mcore.training.mpo import segment_ids
+    from internvl_mcore.training.rl.step import rl_forward_step
+    from internvl_mcore.training.step import run_model
+
+    cfg = PRESETS["debug"]
+    model = build_model(cfg, world, process_groups())
+    init_weights(model, cfg, seed=1)
+    batch = next(mock_batches(cfg, 3, 128, 1, 2, 2, 0, 1))
+    with torch.no_grad():
+        old = -run_model(model, batch)[0].double()
+    mask = batch.targets()
+    n = batch.cu_seqlens.numel() - 1
+    seg = segment_ids(batch.cu_seqlens, mask.shape)
+    has = torch.zeros(n).scatter_add(0, seg.reshape(-1), mask.reshape(-1)) > 0
+    assert int(has.sum()) >= 2, "the mock microbatch needs responses"
+    adv = torch.linspace(-1, 1, n)
+    for level, lo, hi in (("sequence", *GSPO_CLIP), ("token", *GRPO_CLIP)):
+        ctx = RLContext(PolicyLossConfig(level, lo, hi, kl_coeff=0.1))
+        rollouts = Rollouts(old_logps=old, advantages=adv, ref_logps=old)
+        output, loss_func = rl_forward_step(iter([(batch, rollouts)]), model, ctx)
+        loss, count, logged = loss_func(output)
+        metrics = reduce_metrics([logged], True, None, None)
+        assert metrics["ratio_mean"] == 1.0 and metrics["clip_fraction"] == 0.0 and metrics["kl"] == 0.0, metrics
+        assert int(count) == int(has.sum())
+        # ratio 1: the loss is -A_i per response, and the gradient reaches the weights
+        assert float(loss) == pytest.approx(-float(adv[has].sum()), abs=1e-5)
+        model.zero_grad()
+        loss.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
