@@ -3,6 +3,7 @@ against plain per-response PyTorch written from the papers' formulas (fp64 and f
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -223,3 +224,51 @@ def test_first_step_through_the_model_is_on_policy(world):
         model.zero_grad()
         loss.backward()
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_megatron_core_schedule_runs_the_loss(world):
+    """rl_forward_step under megatron-core's schedule (parallel/schedules.py: forward_backward, per-token
+    loss mode) gives the gradients of the summed loss that a direct call gives, off-policy (ratios
+    clipped on both sides), and hands back the logged sums."""
+    from internvl_mcore.config import PRESETS
+    from internvl_mcore.models.internvl import build_model
+    from internvl_mcore.models.weights import init_weights
+    from internvl_mcore.parallel.schedules import forward_backward
+    from internvl_mcore.parallel.state import process_groups
+    from internvl_mcore.training.mock import mock_batches
+    from internvl_mcore.training.rl.step import rl_forward_step
+    from internvl_mcore.training.step import run_model
+
+    cfg = PRESETS["debug"]
+    model = build_model(cfg, world, process_groups())
+    init_weights(model, cfg, seed=1)
+    batch = next(mock_batches(cfg, 3, 128, 1, 2, 2, 0, 1))
+    with torch.no_grad():
+        logp = -run_model(model, batch)[0].double()
+    shift = torch.randn(logp.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 0.3
+    n = batch.cu_seqlens.numel() - 1
+    rollouts = Rollouts(old_logps=logp + shift, advantages=torch.linspace(-1, 1, n), ref_logps=logp - shift)
+    ctx = RLContext(PolicyLossConfig("token", *GRPO_CLIP, kl_coeff=0.1))
+    output, loss_func = rl_forward_step(iter([(batch, rollouts)]), model, ctx)
+    loss, count, logged = loss_func(output)
+    model.zero_grad()
+    loss.backward()
+    direct = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    losses = forward_backward(
+        model.pg_collection,
+        forward_step_func=functools.partial(rl_forward_step, ctx=ctx),
+        data_iterator=iter([(batch, rollouts)]),
+        model=[model],
+        num_microbatches=1,
+        seq_length=128,
+        micro_batch_size=2,
+        forward_only=False,
+    )
+    scheduled = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    assert direct.keys() == scheduled.keys() and len(direct) > 10
+    for k in direct:
+        torch.testing.assert_close(scheduled[k], direct[k], rtol=1e-6, atol=1e-7, msg=k)
+    metrics = reduce_metrics(losses, True, None, None)
+    assert metrics == reduce_metrics([logged], True, None, None)
+    assert 0 < metrics["clip_fraction"] < 1 and metrics["kl"] > 0
