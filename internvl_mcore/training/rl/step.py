@@ -44,10 +44,6 @@ class Rollouts:
     ref_logps: Optional[torch.Tensor] = None
     """(B, S) the frozen reference's log-probs of the target tokens (needed when --kl-coeff > 0)."""
 
-    def to(self, device: torch.device) -> "Rollouts":
-        """The same tensors on `device`."""
-        return Rollouts(**{k: None if v is None else v.to(device) for k, v in self.__dict__.items()})
-
 
 @dataclass
 class RLContext:
