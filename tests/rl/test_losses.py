@@ -187,16 +187,15 @@ def test_context_parallel_2_equals_single_process():
     assert "cp-loss ok 0" in out and "cp-loss ok 1" in out
 
 
-def test_first_step_through_the_model_is_on_policy(world):
-    """The debug model: old (and reference) log-probs from a forward-only pass, then the policy's
-    forward step with gradients (rl_forward_step): every ratio is exactly 1, nothing clipped, KL 0."""
+@pytest.fixture(scope="module")
+def debug_model(world):
+    """The debug model (layout-independent init, seed 1), a mock microbatch of 2 x 128 tokens and the
+    model's log-probs of its targets from a forward-only pass (built once for the tests below)."""
     from internvl_mcore.config import PRESETS
     from internvl_mcore.models.internvl import build_model
     from internvl_mcore.models.weights import init_weights
     from internvl_mcore.parallel.state import process_groups
     from internvl_mcore.training.mock import mock_batches
-    from internvl_mcore.training.mpo import segment_ids
-    from internvl_mcore.training.rl.step import rl_forward_step
     from internvl_mcore.training.step import run_model
 
     cfg = PRESETS["debug"]
@@ -204,7 +203,17 @@ def test_first_step_through_the_model_is_on_policy(world):
     init_weights(model, cfg, seed=1)
     batch = next(mock_batches(cfg, 3, 128, 1, 2, 2, 0, 1))
     with torch.no_grad():
-        old = -run_model(model, batch)[0].double()
+        logp = -run_model(model, batch)[0].double()
+    return model, batch, logp
+
+
+def test_first_step_through_the_model_is_on_policy(debug_model):
+    """The debug model: old (and reference) log-probs from a forward-only pass, then the policy's
+    forward step with gradients (rl_forward_step): every ratio is exactly 1, nothing clipped, KL 0."""
+    from internvl_mcore.training.mpo import segment_ids
+    from internvl_mcore.training.rl.step import rl_forward_step
+
+    model, batch, old = debug_model
     mask = batch.targets()
     n = batch.cu_seqlens.numel() - 1
     seg = segment_ids(batch.cu_seqlens, mask.shape)
@@ -226,25 +235,14 @@ def test_first_step_through_the_model_is_on_policy(world):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
-def test_megatron_core_schedule_runs_the_loss(world):
+def test_megatron_core_schedule_runs_the_loss(debug_model):
     """rl_forward_step under megatron-core's schedule (parallel/schedules.py: forward_backward, per-token
     loss mode) gives the gradients of the summed loss that a direct call gives, off-policy (ratios
     clipped on both sides), and hands back the logged sums."""
-    from internvl_mcore.config import PRESETS
-    from internvl_mcore.models.internvl import build_model
-    from internvl_mcore.models.weights import init_weights
     from internvl_mcore.parallel.schedules import forward_backward
-    from internvl_mcore.parallel.state import process_groups
-    from internvl_mcore.training.mock import mock_batches
     from internvl_mcore.training.rl.step import rl_forward_step
-    from internvl_mcore.training.step import run_model
 
-    cfg = PRESETS["debug"]
-    model = build_model(cfg, world, process_groups())
-    init_weights(model, cfg, seed=1)
-    batch = next(mock_batches(cfg, 3, 128, 1, 2, 2, 0, 1))
-    with torch.no_grad():
-        logp = -run_model(model, batch)[0].double()
+    model, batch, logp = debug_model
     shift = torch.randn(logp.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 0.3
     n = batch.cu_seqlens.numel() - 1
     rollouts = Rollouts(old_logps=logp + shift, advantages=torch.linspace(-1, 1, n), ref_logps=logp - shift)
