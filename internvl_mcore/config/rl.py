@@ -19,7 +19,8 @@ from typing import Literal, Optional
 from .cli import add_dataclass_flags
 
 GSPO_CLIP = (3e-4, 4e-4)
-"""GSPO paper (Zheng et al. 2025), section 5.1: left and right clipping ranges 3e-4 and 4e-4."""
+"""GSPO paper (Zheng et al. 2025), experiments: "the left and right clipping ranges in Equation (5) to 3e-4 and
+4e-4, respectively"."""
 GRPO_CLIP = (0.2, 0.2)
 """PPO's and DeepSeekMath's GRPO clipping range on both sides."""
 

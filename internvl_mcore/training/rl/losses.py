@@ -4,13 +4,13 @@ Notation: response y_i of prompt x (a cu_seqlens segment of a packed microbatch)
 tokens t, log-probs logp (policy being trained), old (the policy that sampled, fixed during the
 --ppo-epochs updates), ref (the frozen reference), advantage A_i (advantages.py).
 
-GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization", eqs. 5-7): the length-normalized
+GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization", arXiv 2507.18071; objective eq. 5): the length-normalized
 sequence-level importance ratio
 
     s_i = (pi(y_i|x) / pi_old(y_i|x)) ** (1/|y_i|) = exp(mean_t (logp_t - old_t))
     loss_i = -min(s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i)
 
-GRPO (Shao et al. 2024, DeepSeekMath, eq. 3; GSPO eq. 2 writes it the same way): per-token ratios
+GRPO (Shao et al. 2024, DeepSeekMath, eq. 3; the GSPO paper restates it the same way): per-token ratios
 
     w_it = exp(logp_t - old_t)
     loss_i = (1/|y_i|) sum_t -min(w_it A_i, clip(w_it, 1 - eps_low, 1 + eps_high) A_i)
