@@ -11,7 +11,6 @@ dropped; the prompt is every turn rendered as in training, then the assistant pr
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
