@@ -16,6 +16,9 @@ from ..config.model import ModelConfig, ParallelConfig
 from ..convert.source import model_config_from_path, resolve_model
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..errors import ConfigError
+from ..models.internvl import build_model
+from ..parallel.state import init_distributed
+from ..training.checkpoint import load_weights
 from .decode import PromptBatch, Sampling, generate_tokens
 from .prompts import Prompt, TilingOptions, load_prompts
 
@@ -61,10 +64,6 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
 
 def _build(args: argparse.Namespace, cfg: ModelConfig):
     """This rank's stage with the checkpoint's weights, and its process groups."""
-    from ..models.internvl import build_model
-    from ..parallel.state import init_distributed
-    from ..training.checkpoint import load_weights
-
     par = ParallelConfig(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
