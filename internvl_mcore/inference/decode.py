@@ -74,8 +74,10 @@ class _Stage:
         self.first, self.last = pg.pp.rank() == 0, pg.pp.rank() == pg.pp.size() - 1
         b = batch.tokens.shape[0]
         self.ctx = StaticInferenceContext(max_batch_size=b, max_sequence_length=total)
-        positions = torch.arange(total, dtype=torch.float32, device=batch.tokens.device).expand(b, -1)
-        self.rotary = self.lm.rope(positions)  # (total, B, 1, D); megatron-core slices it per step
+        # (total, 1, 1, D): every row has positions 0, 1, ...; megatron-core slices it per step and
+        # re-rotates the cached (unrotated) keys up to the current position, so one row of angles
+        # (broadcast over the batch) makes that cos / sin B times cheaper
+        self.rotary = self.lm.rope(torch.arange(total, dtype=torch.float32, device=batch.tokens.device)[None])
         self.prompt_emb = self._prompt_embeddings(batch) if self.first else None
         self.hidden_size = self.lm.config.hidden_size
         self.dtype = self.lm.config.params_dtype

@@ -15,7 +15,7 @@ import torch
 from ..config.model import ModelConfig, ParallelConfig
 from ..convert.source import model_config_from_path, resolve_model
 from ..data.tokenizer import Tokenizer, load_tokenizer
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..models.internvl import build_model
 from ..parallel.state import init_distributed
 from ..training.checkpoint import load_weights
@@ -58,6 +58,16 @@ def prompt_batch(prompts: list[Prompt], pad_id: int, device: torch.device, dtype
     return PromptBatch(tokens.to(device), lengths, pixels)
 
 
+def _tokenizer(args: argparse.Namespace) -> Tokenizer:
+    """--tokenizer, else the one --load ships (an HF directory has it; a training checkpoint does not)."""
+    if args.tokenizer:
+        return load_tokenizer(args.tokenizer)
+    try:
+        return load_tokenizer(args.load)
+    except DataError:
+        raise ConfigError(f"--load {args.load} holds no tokenizer files: give --tokenizer DIR") from None
+
+
 def _model_config(args: argparse.Namespace) -> ModelConfig:
     return resolve_model(args.model) if args.model else model_config_from_path(args.load)
 
@@ -98,7 +108,7 @@ def _write(
 def generate_file(args: argparse.Namespace) -> str | None:
     """Answer every request of --input into --output; returns the summary line on rank 0."""
     cfg = _model_config(args)
-    tokenizer = load_tokenizer(args.tokenizer or args.load)
+    tokenizer = _tokenizer(args)
     root = args.image_root or os.path.dirname(os.path.abspath(args.input))
     opts = TilingOptions(image_root=root, max_dynamic_patch=args.max_dynamic_patch)
     prompts = load_prompts(args.input, tokenizer, cfg, opts)
