@@ -5,8 +5,8 @@ megatron-core's `Attention` keeps the keys and values of every layer in the
 buffer per layer, written at `sequence_len_offset`, read back up to the current position) and turns
 the causal mask off once the offset is past the prompt, so a step costs one token per row. Its text
 generation controller and model wrappers are not used: they move tensors with
-``torch.cuda.current_device()`` and ``torch.cuda.synchronize()`` throughout (45 places in
-text_generation_controller.py, the pipeline helpers in communication_utils.py assert ``is_cuda``),
+``torch.cuda.current_device()`` and ``torch.cuda.synchronize()`` throughout (45 places in its
+text_generation_controller module; its pipeline helpers in communication_utils assert ``is_cuda``),
 and take a GPTModel-style forward with an attention mask our InternVL model does not have; the loop
 below is the controller's static-batching algorithm, stated over our model's parts.
 
@@ -62,7 +62,8 @@ def choose_tokens(logits: torch.Tensor, sampling: Sampling, gen: Optional[torch.
         drop = sorted_p.cumsum(-1) - sorted_p >= sampling.top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    # drawn on the CPU from one seeded generator: the same tokens on every rank, layout and device
+    return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
 
 
 class _Stage:

@@ -40,6 +40,7 @@ REQUESTS = [
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
+    from internvl_mcore.convert.hf import convert_hf_to_checkpoint
     from internvl_mcore.data.synthetic import tiny_corpus, train_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("generate")
@@ -49,12 +50,13 @@ def setup(tmp_path_factory) -> dict:
     write_image(str(root / "wide.png"), (120, 60), seed=1)  # 2 x 1 tiles + thumbnail
     write_image(str(root / "square.png"), (50, 50), seed=2)  # one tile
     (root / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in REQUESTS))
+    convert_hf_to_checkpoint(root / "hf", root / "ckpt")  # a converted checkpoint: the PP2 run loads it
     return {"root": root, "model": model}
 
 
-def _args(root: Path, out: str, *layout: str) -> list[str]:
+def _args(root: Path, out: str, *layout: str, load: str = "hf") -> list[str]:
     return [
-        *("--load", str(root / "hf"), "--tokenizer", str(root / "tok"), "--input", str(root / "in.jsonl")),
+        *("--load", str(root / load), "--tokenizer", str(root / "tok"), "--input", str(root / "in.jsonl")),
         *("--output", str(root / out), "--max-new-tokens", str(NEW_TOKENS), "--device", "cpu"),
         *("--inference-max-requests", "3", *layout),
     ]
@@ -62,14 +64,15 @@ def _args(root: Path, out: str, *layout: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(setup) -> dict[str, list[dict]]:
-    """The tool at TP1, TP2 and PP2 on the same requests (reused gloo worlds)."""
+    """The tool at TP1, TP2 (both from the HF directory) and PP2 (from the converted checkpoint) on
+    the same requests (reused gloo worlds)."""
     root, out = setup["root"], {}
-    for name, nproc, layout in (
-        ("tp1", 1, ()),
-        ("tp2", 2, ("--tensor-model-parallel-size", "2")),
-        ("pp2", 2, ("--pipeline-model-parallel-size", "2")),
+    for name, nproc, layout, load in (
+        ("tp1", 1, (), "hf"),
+        ("tp2", 2, ("--tensor-model-parallel-size", "2"), "hf"),
+        ("pp2", 2, ("--pipeline-model-parallel-size", "2"), "ckpt"),
     ):
-        log = run_in_world(TOOL, nproc, _args(root, f"{name}.jsonl", *layout), timeout=300)
+        log = run_in_world(TOOL, nproc, _args(root, f"{name}.jsonl", *layout, load=load), timeout=300)
         assert "tokens/s decoding" in log, log[-2000:]
         out[name] = [json.loads(x) for x in (root / f"{name}.jsonl").read_text().splitlines()]
     return out
@@ -137,3 +140,18 @@ def test_user_errors_are_one_line(setup, tmp_path: Path, capsys, line: str, extr
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_sampling_is_seeded_and_top_p_cuts_the_tail() -> None:
+    from internvl_mcore.inference.decode import Sampling, choose_tokens
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]]).expand(2000, -1)  # probabilities .61 .22 .14 .03
+
+    def draw(sampling: Sampling) -> torch.Tensor:
+        return choose_tokens(logits, sampling, torch.Generator().manual_seed(sampling.seed))
+
+    assert torch.equal(draw(Sampling(1.0, 1.0, seed=3)), draw(Sampling(1.0, 1.0, seed=3)))
+    assert set(draw(Sampling(1.0, 1.0, seed=3)).tolist()) == {0, 1, 2, 3}
+    assert set(draw(Sampling(1.0, 0.7, seed=3)).tolist()) == {0, 1}  # .61 < .7 <= .61 + .22
+    assert set(draw(Sampling(1.0, 1e-6, seed=3)).tolist()) == {0}
+    assert choose_tokens(logits[:2], Sampling(), None).tolist() == [0, 0]
