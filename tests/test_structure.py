@@ -88,7 +88,7 @@ def test_no_long_functions():
 
 # the packages, highest first: each imports only packages after it ("" = the top-level modules,
 # errors.py, cli_errors.py, faults.py, staging.py). README's Architecture section states this order.
-PACKAGE_ORDER = ("training", "plan", "convert", "checkpoint", "models", "data", "parallel", "config", "")
+PACKAGE_ORDER = ("inference", "training", "plan", "convert", "checkpoint", "models", "data", "parallel", "config", "")
 
 
 @functools.cache
