@@ -19,6 +19,11 @@ What a save stalls training for is kept small (issue 24; docs/checkpoints.md, "a
 - the snapshot copy runs in a thread while the next step's forward and backward compute, which
   only read the parameters and optimizer state; the loop joins it (with the save's deadline) before
   the optimizer step, the first thing that changes them.
+- the first save's plan serves every later save of the same structure (`AsyncWriter.plan_for`;
+  megatron-core plans the second save again to validate its cache), and a finished save is published
+  with one gather to rank 0 and one agreement (checkpoint.finish_pending), not megatron-core's
+  finalize functions (a gather, a broadcast, a barrier) followed by our phases: every round trip of
+  all ranks is time in a training step (docs/checkpoints.md, "the round trips of every rank").
 
 Why not megatron-core's callers (strategies/async_utils.py): `TemporalAsyncCaller` forks the training
 process (`mp.get_context('fork')`), which deadlocks once torch's OpenMP pool or CUDA runs (data/workers.py),
@@ -209,14 +214,15 @@ _SHAPE_FIELDS = ("dtype", "local_shape", "global_shape", "global_offset", "axis_
 
 def _structure(state: dict) -> list:
     """What megatron-core's save plan is made from: every sharded entry's key, replica, dtype, shapes
-    and offsets (a factory's by its tensor's shape), in order; not the values."""
+    and offsets (a factory's by its tensor's shape), in order; not the values. Compared with `==`
+    (slices and tuples compare by value), once per save: a few ms at the debug-m shape."""
     out = []
     for v in nested_values(state):
         if isinstance(v, ShardedBase):
             data = getattr(v, "data", None)
             shape = tuple(data.shape) if isinstance(data, torch.Tensor) else None
-            fields = tuple(str(getattr(v, name, None)) for name in _SHAPE_FIELDS)
-            out.append((type(v).__name__, v.key, str(v.replica_id), shape, fields))
+            fields = tuple(getattr(v, name, None) for name in _SHAPE_FIELDS)
+            out.append((type(v).__name__, v.key, v.replica_id, shape, fields))
     return out
 
 

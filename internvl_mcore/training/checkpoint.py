@@ -39,9 +39,10 @@ of the checkpoint --load takes (checkpoint/selection.py) and reading a checkpoin
 (checkpoint/weights.py) are in internvl_mcore/checkpoint/, shared with convert/.
 
 With --async-save (training/async_save.py) the tensor files are written by a writer process per rank
-while training goes on; `finish_pending` runs the last phases (megatron-core's finalize, checksums,
-publish, retention) once every rank's writer is done, so the rename and the tracker still come last
-and a failed, dead or overdue writer on any rank stops every rank with the same line.
+while training goes on; `finish_pending` runs the last phases once every rank's writer is done: rank 0
+gathers every rank's write results and checksums, writes megatron-core's metadata, checksums.json,
+renames and advances the tracker, then all ranks agree it worked; so the rename and the tracker still
+come last and a failed, dead or overdue writer on any rank stops every rank with the same line.
 """
 
 from __future__ import annotations
