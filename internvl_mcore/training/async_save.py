@@ -229,7 +229,7 @@ def _structure(state: dict) -> list:
 class AsyncWriter:
     """This rank's writer process, the one checkpoint it may be writing (`pending`) and what each
     save reuses: the snapshot's shared memory and megatron-core's save strategy, whose cached plan
-    and metadata skip the planning collectives from the third save on (the structure of the model
+    and metadata skip the planning collectives from the second save on (the structure of the model
     and optimizer state never changes within a run: Megatron-LM's --ckpt-assume-constant-structure).
 
     The snapshot copy runs in a thread while the next step's forward and backward compute (they
