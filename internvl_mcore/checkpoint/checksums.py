@@ -62,6 +62,19 @@ def write_checksums(path: Path, known: Optional[dict] = None) -> None:
         (path / CHECKSUMS).write_text(json.dumps(dict(sorted(table.items())), indent=1))
 
 
+def write_checksums_here(path: Path, known: dict) -> None:
+    """checksums.json written by this rank alone (not collective; the same file as `write_checksums`):
+    `known` {file: [size, sha256]} for the files hashed already (--async-save: every rank's writer
+    process hashed the tensor files it wrote and rank 0 gathered them), the rest, the small files
+    (metadata, RNG, data position, run.json), hashed here: a collective per file list and per share
+    would cost more than hashing them."""
+    names = _files(path)
+    table = {
+        name: known[name] if name in known else [(path / name).stat().st_size, _sha256(path / name)] for name in names
+    }
+    (path / CHECKSUMS).write_text(json.dumps(dict(sorted(table.items())), indent=1))
+
+
 def _check_file(path: Path, name: str, size: int, sha: str) -> Optional[str]:
     file = path / name
     if not file.is_file():

@@ -19,6 +19,11 @@ What a save stalls training for is kept small (issue 24; docs/checkpoints.md, "a
 - the snapshot copy runs in a thread while the next step's forward and backward compute, which
   only read the parameters and optimizer state; the loop joins it (with the save's deadline) before
   the optimizer step, the first thing that changes them.
+- the first save's plan serves every later save of the same structure (`AsyncWriter.plan_for`;
+  megatron-core plans the second save again to validate its cache), and a finished save is published
+  with one gather to rank 0 and one agreement (checkpoint.finish_pending), not megatron-core's
+  finalize functions (a gather, a broadcast, a barrier) followed by our phases: every round trip of
+  all ranks is time in a training step (docs/checkpoints.md, "the round trips of every rank").
 
 Why not megatron-core's callers (strategies/async_utils.py): `TemporalAsyncCaller` forks the training
 process (`mp.get_context('fork')`), which deadlocks once torch's OpenMP pool or CUDA runs (data/workers.py),
@@ -44,6 +49,8 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.multiprocessing as mp
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedBase
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
@@ -67,8 +74,9 @@ class Pending:
     finish: Callable[[], None]  # collective: finalize, checksums, publish, retention
     abandon: Callable[[list[str]], None]  # collective: remove the partial checkpoint, raise one line
     remove: Callable[[], None]  # this rank alone: remove the partial checkpoint (the run is ending)
-    results_queue: Any = None  # megatron-core's queue its finalize reads the write results from
-    finalize_fns: list = field(default_factory=list)  # megatron-core's, run on every rank after the writes
+    results_queue: Any = None  # megatron-core's queue the storage writer reads the write results from
+    plan: Any = None  # megatron-core's (storage writer, global metadata, dist wrapper) of this save
+    config: Any = None  # megatron-core's CheckpointingConfig (metadata.json) of this save
     started: float = field(default_factory=time.monotonic)
     reply: Optional[tuple] = None  # (ok, write results | exception) once the writer answered
 
@@ -187,10 +195,41 @@ def _in_process_results_queue() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
+class _SaveStrategy(TorchDistSaveShardedStrategy):
+    """megatron-core's torch_dist save strategy that keeps the plan of its last save (`last`: the
+    storage writer, global metadata and dist wrapper its finalize function would take), so that the
+    finalize runs as part of our own publishing (checkpoint.finish_pending): one gather to rank 0
+    and one agreement, where megatron-core's finalize functions cost a gather, a broadcast and a
+    barrier of their own before ours (each a round trip of every rank at the next step)."""
+
+    last: Any = None
+
+    def _get_save_and_finalize_callbacks(self, writer: Any, save_state_dict_ret: Any) -> Any:
+        self.last = save_state_dict_ret
+        return super()._get_save_and_finalize_callbacks(writer, save_state_dict_ret)
+
+
+_SHAPE_FIELDS = ("dtype", "local_shape", "global_shape", "global_offset", "axis_fragmentations", "flattened_range")
+
+
+def _structure(state: dict) -> list:
+    """What megatron-core's save plan is made from: every sharded entry's key, replica, dtype, shapes
+    and offsets (a factory's by its tensor's shape), in order; not the values. Compared with `==`
+    (slices and tuples compare by value), once per save: a few ms at the debug-m shape."""
+    out = []
+    for v in nested_values(state):
+        if isinstance(v, ShardedBase):
+            data = getattr(v, "data", None)
+            shape = tuple(data.shape) if isinstance(data, torch.Tensor) else None
+            fields = tuple(getattr(v, name, None) for name in _SHAPE_FIELDS)
+            out.append((type(v).__name__, v.key, v.replica_id, shape, fields))
+    return out
+
+
 class AsyncWriter:
     """This rank's writer process, the one checkpoint it may be writing (`pending`) and what each
     save reuses: the snapshot's shared memory and megatron-core's save strategy, whose cached plan
-    and metadata skip the planning collectives from the third save on (the structure of the model
+    and metadata skip the planning collectives from the second save on (the structure of the model
     and optimizer state never changes within a run: Megatron-LM's --ckpt-assume-constant-structure).
 
     The snapshot copy runs in a thread while the next step's forward and backward compute (they
@@ -204,12 +243,13 @@ class AsyncWriter:
         self.conn: Any = None
         self.pending: Optional[Pending] = None
         self.buffer: Optional[torch.Tensor] = None  # the snapshot's shared memory, kept for the next save
-        self.strategy = TorchDistSaveShardedStrategy("torch_dist", 1, cached_metadata=True)
+        self.strategy = _SaveStrategy("torch_dist", 1, cached_metadata=True)
         self.saves = 0  # handed over so far: the first one validates the sharding (collective)
         self.copier: Optional[threading.Thread] = None  # the snapshot copy of `pending`
         self.copy_failure: Optional[str] = None
         self.ready = False  # the writer process sent _READY
         self.frozen = False  # the heap, at the first save (`prepare`)
+        self.structure: Optional[list] = None  # `_structure` of the state the cached save plan was made for
 
     def prepare(self) -> None:
         """Freeze the heap, once: at `wait_ready` (set-up, before the first step), else before the first
@@ -223,6 +263,27 @@ class AsyncWriter:
             gc.collect()
             gc.freeze()
             self.frozen = True
+
+    def plan_for(self, state: dict) -> None:
+        """Before a save of `state`: megatron-core's strategy reuses its cached save plan only from the
+        third save on (it plans the second one again, a gather of every rank's plan, to compare the
+        two); here the first save's plan counts as checked (`planned`) as long as the state has the
+        same structure (`_structure`: local, no collective), which within a run it has. A state of
+        another structure drops the cached plan: megatron-core plans it afresh (collective)."""
+        structure = _structure(state)
+        if structure != self.structure:
+            strategy = self.strategy
+            strategy.cached_central_plan = strategy.cached_local_plan = strategy.cached_global_metadata = None
+            strategy.validated_cache_reuse = False
+        self.structure = structure
+
+    def planned(self) -> None:
+        """After a save's planning: its plan (and, on the coordinator, its global metadata) is the one
+        the next saves reuse without planning again (`plan_for`)."""
+        strategy = self.strategy
+        if not strategy.validated_cache_reuse:
+            strategy.validated_cache_reuse = True
+            strategy.cached_global_metadata = strategy.last[1]
 
     def start(self) -> None:
         """Start the writer process now (its imports take seconds; they overlap the first steps)."""

@@ -39,9 +39,10 @@ of the checkpoint --load takes (checkpoint/selection.py) and reading a checkpoin
 (checkpoint/weights.py) are in internvl_mcore/checkpoint/, shared with convert/.
 
 With --async-save (training/async_save.py) the tensor files are written by a writer process per rank
-while training goes on; `finish_pending` runs the last phases (megatron-core's finalize, checksums,
-publish, retention) once every rank's writer is done, so the rename and the tracker still come last
-and a failed, dead or overdue writer on any rank stops every rank with the same line.
+while training goes on; `finish_pending` runs the last phases once every rank's writer is done: rank 0
+gathers every rank's write results and checksums, writes megatron-core's metadata, checksums.json,
+renames and advances the tracker, then all ranks agree it worked; so the rename and the tracker still
+come last and a failed, dead or overdue writer on any rank stops every rank with the same line.
 """
 
 from __future__ import annotations
@@ -61,12 +62,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.utils import unwrap_model
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.utils import _get_failure_dict
 
 from ..checkpoint.canonical import CanonicalCheckpoint
-from ..checkpoint.checksums import write_checksums
+from ..checkpoint.checksums import write_checksums, write_checksums_here
 from ..checkpoint.format import (
     FORMAT_VERSION,
     RUN_INFO,
@@ -381,7 +384,7 @@ def save(
 
     _run_phases(root, tmp, iteration, [lambda: _prepare(tmp) if rank == 0 else None, write])
     if pending is None:
-        _finish(root, tmp, final, iteration, keep, [])
+        _finish(root, tmp, final, iteration, keep)
     return final
 
 
@@ -392,21 +395,14 @@ def _run_phases(root: Path, tmp: Path, iteration: int, phases: list) -> None:
             _abandon(root, tmp, iteration, failed)
 
 
-def _finish(
-    root: Path, tmp: Path, final: Path, iteration: int, keep: int, first: list, known: Optional[dict] = None
-) -> None:
-    """The phases after the writes (collective): `first` (the async finalize), checksums (`known`: the
-    ones the async writer computed), publish; then retention."""
+def _finish(root: Path, tmp: Path, final: Path, iteration: int, keep: int) -> None:
+    """The phases after a synchronous save's writes (collective): checksums, publish; then retention."""
     rank = dist.get_rank()
     _run_phases(
         root,
         tmp,
         iteration,
-        [
-            *first,
-            lambda: write_checksums(tmp, known),
-            lambda: _publish(root, tmp, final, iteration) if rank == 0 else None,
-        ],
+        [lambda: write_checksums(tmp), lambda: _publish(root, tmp, final, iteration) if rank == 0 else None],
     )
     if rank == 0 and keep:
         remove_old_checkpoints(root, keep)
@@ -415,20 +411,52 @@ def _finish(
 
 def _pending(root: Path, tmp: Path, final: Path, iteration: int, keep: int) -> Pending:
     """The record of an async save that `finish_pending` completes or abandons."""
-
-    def finalize() -> None:  # megatron-core's: gather the write results, write .metadata and metadata.json
-        if pending.results_queue is not None:
-            pending.results_queue.put(pending.reply[1]["results"])
-        for fn in pending.finalize_fns:
-            fn()
-
     pending = Pending(
         iteration,
-        finish=lambda: _finish(root, tmp, final, iteration, keep, [finalize], pending.reply[1]["checksums"]),
+        finish=lambda: _finish_async(root, tmp, final, iteration, keep, pending),
         abandon=lambda failed: _abandon(root, tmp, iteration, failed),
         remove=lambda: shutil.rmtree(tmp, ignore_errors=True),
     )
     return pending
+
+
+def _finish_async(root: Path, tmp: Path, final: Path, iteration: int, keep: int, pending: Pending) -> None:
+    """The phases after an async save's writes (collective), as few round trips of every rank as
+    they need, since they run in a training step: every rank's write results and the checksums its
+    writer computed are gathered to rank 0, which alone writes megatron-core's `.metadata` and
+    metadata.json (its finalize, the same files), checksums.json and publishes; one agreement on
+    whether that worked (a failure there stops every rank with one line); then retention."""
+    rank = dist.get_rank()
+    if pending.results_queue is not None:  # where megatron-core's storage writer reads them from
+        pending.results_queue.put(pending.reply[1]["results"])
+    mine = (pending.plan[0].retrieve_write_results(), pending.reply[1]["checksums"])
+    parts: Optional[list] = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(mine, parts, dst=0)
+    reason = None
+    if rank == 0:
+        try:
+            _finalize_and_publish(root, tmp, final, iteration, pending, parts)
+        except Exception as exc:  # the others wait in _agree: every failure is reported, as one line
+            reason = write_failure(exc) or " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+    failed = _agree(reason)
+    if failed:
+        _abandon(root, tmp, iteration, failed)
+    if rank == 0 and keep:
+        remove_old_checkpoints(root, keep)
+
+
+def _finalize_and_publish(root: Path, tmp: Path, final: Path, iteration: int, pending: Pending, parts: list) -> None:
+    """Rank 0's part of `_finish_async`: what megatron-core's finalize functions write (from every
+    rank's write results), checksums.json, then the rename and the tracker."""
+    storage_writer, global_metadata, _ = pending.plan
+    results = [part[0] for part in parts]
+    failures = _get_failure_dict(results)
+    if failures:
+        raise CheckpointException("write", failures)
+    storage_writer.finish(global_metadata, results)
+    save_config(pending.config, str(tmp))
+    write_checksums_here(tmp, {name: value for part in parts for name, value in part[1].items()})
+    _publish(root, tmp, final, iteration)
 
 
 def finish_pending(writer: Optional[AsyncWriter], blocking: bool) -> Optional[int]:
@@ -485,6 +513,7 @@ def _write_state(
     else:
         # the writer's strategy caches the save plan; the sharding, constant within a run, is validated
         # (a collective over every shard's metadata) at the first save only, as Megatron-LM does
+        writer.plan_for(state)
         request = dist_checkpointing.save(
             state,
             str(tmp),
@@ -492,7 +521,9 @@ def _write_state(
             async_sharded_save=True,
             validate_access_integrity=writer.saves == 0,
         )
-        pending.finalize_fns = list(request.finalize_fns)
+        writer.planned()
+        pending.plan = writer.strategy.last
+        pending.config = CheckpointingConfig(writer.strategy.backend, writer.strategy.version)
         writer.submit(request, iteration, pending, dist.get_rank())
     (tmp / f"rank_{dist.get_rank():05d}.json").write_text(json.dumps({"rng": rng_state()}))
     if pg.tp.rank() == 0 and pg.pp.rank() == 0 and pg.cp.rank() == 0:  # one data position per DP rank
@@ -573,7 +604,13 @@ def _attempt(phase: Any) -> Optional[str]:
 
 def _agree(reason: Optional[str]) -> list[str]:
     """Every rank's failure of this phase ('rank R: reason'), the same list on every rank (collective,
-    bounded by the process group's timeout, --distributed-timeout-minutes)."""
+    bounded by the process group's timeout, --distributed-timeout-minutes). One all-reduce when every
+    rank succeeded (the reasons are gathered only after a failure): each round trip of all ranks is
+    time an --async-save takes from the training step."""
+    flag = torch.tensor([int(bool(reason))], dtype=torch.int32, device=comm_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not int(flag.item()):
+        return []
     reasons: list = [None] * dist.get_world_size()
     dist.all_gather_object(reasons, reason)
     return [f"rank {r}: {text}" for r, text in enumerate(reasons) if text]
