@@ -39,6 +39,7 @@ from __future__ import annotations
 import io
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
@@ -50,6 +51,33 @@ from .trust import read_dist_metadata
 
 Box = tuple[tuple[int, int], ...]
 """[start, stop) per dim of a global tensor."""
+
+
+@dataclass(frozen=True)
+class RowRanges:
+    """Where the rows of a tensor lie: row r is `row_bytes` bytes at `offsets[r]` of `files[file_of[r]]`."""
+
+    files: list[Path]
+    file_of: torch.Tensor
+    offsets: torch.Tensor
+    row_bytes: int
+
+    def take(self, rows: torch.Tensor) -> "RowRanges":
+        """The ranges of these rows, in this order."""
+        return RowRanges(self.files, self.file_of[rows], self.offsets[rows], self.row_bytes)
+
+    def ranges(self) -> list[tuple[Path, int, int]]:
+        """(file, offset, length), consecutive rows of one file merged into one range."""
+        if not len(self.offsets):
+            return []
+        step = (torch.diff(self.offsets) != self.row_bytes) | (torch.diff(self.file_of) != 0)
+        bounds = [0, *(step.nonzero().flatten() + 1).tolist(), len(self.offsets)]
+        firsts = self.offsets[bounds[:-1]].tolist()
+        files = self.file_of[bounds[:-1]].tolist()
+        return [
+            (self.files[f], o, (end - begin) * self.row_bytes)
+            for f, o, begin, end in zip(files, firsts, bounds[:-1], bounds[1:])
+        ]
 
 
 class _FileWindow(io.RawIOBase):
@@ -186,6 +214,42 @@ class DistCheckpointReader:
             )
         self.peak_bytes = max(self.peak_bytes, out.nbytes)
         return out
+
+    def row_ranges(self, key: str, index: tuple[int, ...] = ()) -> RowRanges | None:
+        """Where each row of `key[index]` (its first dim after the ints of `index`) lies in the
+        files, when every row is one contiguous byte range of one chunk (the chunks split that dim
+        or the stacked axes only, not the trailing dims); else None. Reads no tensor data: the
+        export copies such tensors file to file (`StoredBytes`)."""
+        md = self._md(key)
+        shape = tuple(md.size)
+        n = len(index)
+        if n >= len(shape) or not all(isinstance(i, int) for i in index):
+            return None
+        box, _ = _box_of(index, shape, key)
+        itemsize = md.properties.dtype.itemsize
+        row_bytes = math.prod(shape[n + 1 :]) * itemsize
+        files: list[Path] = []
+        fid = torch.full((shape[n],), -1, dtype=torch.int64)
+        off = torch.zeros(shape[n], dtype=torch.int64)
+        for chunk in md.chunks:
+            part = _intersect(chunk.offsets, chunk.sizes, box)
+            if part is None:
+                continue
+            offsets, sizes = tuple(int(o) for o in chunk.offsets), tuple(int(s) for s in chunk.sizes)
+            if any(offsets[d] != 0 or sizes[d] != shape[d] for d in range(n + 1, len(shape))):
+                return None
+            file, data = self._chunk_data(key, offsets, sizes, md.properties.dtype)
+            lead = sum((box[d][0] - offsets[d]) * math.prod(sizes[d + 1 :]) for d in range(n)) * itemsize
+            a, b = part[n]
+            if file not in files:
+                files.append(file)
+            fid[a:b] = files.index(file)
+            off[a:b] = data + lead + (torch.arange(a, b) - offsets[n]) * row_bytes
+        if bool((fid < 0).any()):
+            raise CheckpointError(
+                f"{self.path}: the chunks of {key!r} do not cover {index}; the checkpoint is incomplete"
+            )
+        return RowRanges(files, fid, off, row_bytes)
 
     def _read_part(
         self,
