@@ -64,7 +64,9 @@ class RowRanges:
 
     def take(self, rows: torch.Tensor) -> "RowRanges":
         """The ranges of these rows, in this order."""
-        return RowRanges(self.files, self.file_of[rows], self.offsets[rows], self.row_bytes)
+        return RowRanges(
+            self.files, self.file_of.index_select(0, rows), self.offsets.index_select(0, rows), self.row_bytes
+        )
 
     def ranges(self) -> list[tuple[Path, int, int]]:
         """(file, offset, length), consecutive rows of one file merged into one range."""
