@@ -54,8 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", required=True, metavar="DIR", help="output HF directory")
     p.add_argument("--format", required=True, choices=("internvl", "transformers"))
     p.add_argument("--hf-template-dir", metavar="DIR", help="the HF checkpoint the model started from")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="output dtype (default: the dtype the checkpoint stores its weights in; "
-        "fp32 weights of a run from a bf16/fp16 HF checkpoint: that checkpoint's dtype)")
+    p.add_argument(
+        "--dtype",
+        choices=("bf16", "fp16", "fp32"),
+        help="output dtype (default: the dtype the checkpoint stores its weights in; "
+        "fp32 weights of a run from a bf16/fp16 HF checkpoint: that checkpoint's dtype)",
+    )
     p.add_argument(
         "--max-shard-size", type=parse_size, default=2 * 1024**3, help="largest safetensors shard (default 2GB)"
     )

@@ -7,7 +7,9 @@ each tensor's chunks from their byte ranges and removes the saving layout's padd
 safetensors files), go through the key maps (convert/hf.py `canonical_to_hf`) and are written
 straight into their places in the safetensors shards, which `write_hf_dir`'s ShardedWriter lays out
 first from the shapes and dtypes the checkpoint's index gives (`hf_plan`): the writer holds no tensor
-and writes each byte once. Peak memory is a few times the largest tensor, whatever the model's size;
+and writes each byte once; tensors whose rows are byte ranges of a training checkpoint's files are
+copied file to file in the kernel (`canonical_to_hf`'s `StoredBytes`). The dtype written is
+`ExportSource.default_dtype` unless the caller gives one. Peak memory is a few times the largest tensor, whatever the model's size;
 nothing is written but the export.
 """
 
