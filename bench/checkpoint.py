@@ -166,10 +166,9 @@ def commands(
             *saving, "--save", str(work / "ckpt_async"), "--async-save", "--log-jsonl", str(work / "async.jsonl")
         )
     for fmt in formats:
-        # in the dtype trained (a run from random weights exports fp32 by default: twice the bytes)
-        dtype = ["--dtype", "bf16"] if "--bf16" in flags else []
+        # no --dtype: the export follows the dtype the run stored (bf16 for the 2b shape's --bf16)
         cmds[f"export_{fmt}"] = Cmd(
-            "tools/convert_to_hf.py", ["--load", str(ck), "--save", str(work / f"hf_{fmt}"), "--format", fmt, *dtype]
+            "tools/convert_to_hf.py", ["--load", str(ck), "--save", str(work / f"hf_{fmt}"), "--format", fmt]
         )
     return cmds
 

@@ -20,8 +20,9 @@ memory stays a few of the largest tensors) or a converted checkpoint from tools/
 
 config.json keeps every key of the template's (or, for the format the checkpoint was imported from,
 the original config.json kept in CKPT) that the model config does not determine. Tensors are
-written in the dtype of the original checkpoint unless --dtype says otherwise, streamed into
-safetensors shards of at most --max-shard-size with an index.
+written in the dtype the checkpoint stores its weights in (a --bf16 run's: bf16; a fp32 run from a
+bf16/fp16 HF checkpoint: that checkpoint's dtype) unless --dtype says otherwise; the tool prints
+which. They are streamed into safetensors shards of at most --max-shard-size with an index.
 """
 
 from __future__ import annotations
@@ -53,7 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", required=True, metavar="DIR", help="output HF directory")
     p.add_argument("--format", required=True, choices=("internvl", "transformers"))
     p.add_argument("--hf-template-dir", metavar="DIR", help="the HF checkpoint the model started from")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="output dtype (default: the source's)")
+    p.add_argument(
+        "--dtype",
+        choices=("bf16", "fp16", "fp32"),
+        help="output dtype (default: the dtype the checkpoint stores its weights in; "
+        "fp32 weights of a run from a bf16/fp16 HF checkpoint: that checkpoint's dtype)",
+    )
     p.add_argument(
         "--max-shard-size", type=parse_size, default=2 * 1024**3, help="largest safetensors shard (default 2GB)"
     )

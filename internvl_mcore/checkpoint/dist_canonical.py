@@ -30,7 +30,7 @@ import torch
 
 from ..config.model import ModelConfig
 from ..models.sharding import rule_for, split_dim
-from .dist_reader import DistCheckpointReader
+from .dist_reader import DistCheckpointReader, RowRanges
 
 _LAYERS = re.compile(r"^(?P<pre>(?:vision_model\.encoder|language_model\.decoder)\.layers\.)(?P<i>\d+\.)?(?P<rest>.+)$")
 _EXPERTS = re.compile(r"^mlp\.experts\.experts\.(?P<e>\d+\.)?(?P<rest>.+)$")
@@ -125,3 +125,22 @@ class DistCanonicalView(Mapping[str, torch.Tensor]):
 
     def dtype(self, name: str) -> torch.dtype:
         return self.reader.dtype(self.places[name].key)
+
+    def stored_rows(self, name: str) -> RowRanges | None:
+        """Where each row of canonical tensor `name` lies in the files (`DistCheckpointReader.row_ranges`),
+        padding rows left out; None where its rows are not byte ranges of the files (pieces split
+        along another dim, padding along another dim, a 0-dim tensor)."""
+        place = self.places[name]
+        where = self.reader.row_ranges(place.key, place.index)
+        if where is None:
+            return None
+        padded = len(where.offsets)
+        shape = self.reader.shape(place.key)[len(place.index) :]
+        dim = split_dim(name) if len(shape) > 1 else 0
+        real = rule_for(name).unpadded(shape[dim], 1, self.cfg)
+        if real == shape[dim]:
+            return where
+        if dim != 0:
+            return None
+        rows = rule_for(name).unpad(torch.arange(padded), 0, self.cfg)  # the rule run on row numbers
+        return where.take(rows) if len(rows) == real else None

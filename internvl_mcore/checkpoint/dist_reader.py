@@ -28,16 +28,21 @@ with ([X // x, ..., x * y * z]); we never write them. Non-tensor items (the modu
 the buckets' sizes) are not listed and never read here.
 
 `DistCheckpointReader.read(key, index)` assembles one box of a global tensor (e.g. `(layer,)` of a
-layer-stacked one) from only the chunks that intersect it, each read from its byte range with
-`torch.load(weights_only=True)` through a window onto the file (what torch's FileSystemReader.read_data
-does): memory is the box plus one chunk, whatever the checkpoint's size. The index is unpickled only
-by checkpoint/trust.py's allow-listed reader.
+layer-stacked one) from only the chunks that intersect it. Each chunk's record is loaded with
+`torch.load(weights_only=True)` onto the meta device through a window onto the file (its pickle and
+zip directory only: where the storage's bytes start), and the bytes are read from the file straight
+into the box (a piece along another dim than the first goes through one buffer): memory is the box
+plus at most one chunk, whatever the checkpoint's size. `row_ranges` says where each row of a box
+lies in the files without reading it (the export copies those in the kernel). The index is
+unpickled only by checkpoint/trust.py's allow-listed reader.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import os
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
@@ -49,6 +54,35 @@ from .trust import read_dist_metadata
 
 Box = tuple[tuple[int, int], ...]
 """[start, stop) per dim of a global tensor."""
+
+
+@dataclass(frozen=True)
+class RowRanges:
+    """Where the rows of a tensor lie: row r is `row_bytes` bytes at `offsets[r]` of `files[file_of[r]]`."""
+
+    files: list[Path]
+    file_of: torch.Tensor
+    offsets: torch.Tensor
+    row_bytes: int
+
+    def take(self, rows: torch.Tensor) -> "RowRanges":
+        """The ranges of these rows, in this order."""
+        return RowRanges(
+            self.files, self.file_of.index_select(0, rows), self.offsets.index_select(0, rows), self.row_bytes
+        )
+
+    def ranges(self) -> list[tuple[Path, int, int]]:
+        """(file, offset, length), consecutive rows of one file merged into one range."""
+        if not len(self.offsets):
+            return []
+        step = (torch.diff(self.offsets) != self.row_bytes) | (torch.diff(self.file_of) != 0)
+        bounds = [0, *(step.nonzero().flatten() + 1).tolist(), len(self.offsets)]
+        firsts = self.offsets[bounds[:-1]].tolist()
+        files = self.file_of[bounds[:-1]].tolist()
+        return [
+            (self.files[f], o, (end - begin) * self.row_bytes)
+            for f, o, begin, end in zip(files, firsts, bounds[:-1], bounds[1:])
+        ]
 
 
 class _FileWindow(io.RawIOBase):
@@ -168,36 +202,93 @@ class DistCheckpointReader:
 
     def _assemble(self, key: str, md: TensorStorageMetadata, box: Box) -> torch.Tensor:
         dtype = md.properties.dtype
-        starts, sizes = tuple(lo for lo, _ in box), tuple(hi - lo for lo, hi in box)
-        for chunk in md.chunks:  # a box that is one whole chunk (a layer's tensor at TP1): no copy
-            if tuple(int(o) for o in chunk.offsets) == starts and tuple(chunk.sizes) == sizes:
-                out = self._load_chunk(key, starts, sizes, dtype)
-                self.peak_bytes = max(self.peak_bytes, out.untyped_storage().nbytes())
-                return out
-        out = torch.empty(sizes, dtype=dtype)
+        out = torch.empty(tuple(hi - lo for lo, hi in box), dtype=dtype)
         covered = 0
         for chunk in md.chunks:
             part = _intersect(chunk.offsets, chunk.sizes, box)
             if part is None:
                 continue
-            src = self._load_chunk(key, tuple(int(o) for o in chunk.offsets), tuple(chunk.sizes), dtype)
-            self.peak_bytes = max(self.peak_bytes, out.nbytes + src.untyped_storage().nbytes())
-            src_ix = tuple(slice(a - int(o), b - int(o)) for (a, b), o in zip(part, chunk.offsets))
+            offsets, csizes = tuple(int(o) for o in chunk.offsets), tuple(int(s) for s in chunk.sizes)
             out_ix = tuple(slice(a - lo, b - lo) for (a, b), (lo, _) in zip(part, box))
-            out[out_ix] = src[src_ix]
+            self._read_part(key, offsets, csizes, dtype, part, out[out_ix])
             covered += math.prod(b - a for a, b in part)
-            del src
         if covered != out.numel():
             raise CheckpointError(
                 f"{self.path}: the chunks of {key!r} cover {covered} of the {out.numel()} "
                 f"elements of box {box}; the checkpoint is incomplete"
             )
+        self.peak_bytes = max(self.peak_bytes, out.nbytes)
         return out
 
-    def _load_chunk(
+    def row_ranges(self, key: str, index: tuple[int, ...] = ()) -> RowRanges | None:
+        """Where each row of `key[index]` (its first dim after the ints of `index`) lies in the
+        files, when every row is one contiguous byte range of one chunk (the chunks split that dim
+        or the stacked axes only, not the trailing dims); else None. Reads no tensor data: the
+        export copies such tensors file to file (`StoredBytes`)."""
+        md = self._md(key)
+        shape = tuple(md.size)
+        n = len(index)
+        if n >= len(shape) or not all(isinstance(i, int) for i in index):
+            return None
+        box, _ = _box_of(index, shape, key)
+        itemsize = md.properties.dtype.itemsize
+        row_bytes = math.prod(shape[n + 1 :]) * itemsize
+        files: list[Path] = []
+        fid = torch.full((shape[n],), -1, dtype=torch.int64)
+        off = torch.zeros(shape[n], dtype=torch.int64)
+        for chunk in md.chunks:
+            part = _intersect(chunk.offsets, chunk.sizes, box)
+            if part is None:
+                continue
+            offsets, sizes = tuple(int(o) for o in chunk.offsets), tuple(int(s) for s in chunk.sizes)
+            if any(offsets[d] != 0 or sizes[d] != shape[d] for d in range(n + 1, len(shape))):
+                return None
+            file, data = self._chunk_data(key, offsets, sizes, md.properties.dtype)
+            lead = sum((box[d][0] - offsets[d]) * math.prod(sizes[d + 1 :]) for d in range(n)) * itemsize
+            a, b = part[n]
+            if file not in files:
+                files.append(file)
+            fid[a:b] = files.index(file)
+            off[a:b] = data + lead + (torch.arange(a, b) - offsets[n]) * row_bytes
+        if bool((fid < 0).any()):
+            raise CheckpointError(
+                f"{self.path}: the chunks of {key!r} do not cover {index}; the checkpoint is incomplete"
+            )
+        return RowRanges(files, fid, off, row_bytes)
+
+    def _read_part(
+        self,
+        key: str,
+        offsets: tuple[int, ...],
+        sizes: tuple[int, ...],
+        dtype: torch.dtype,
+        part: Box,
+        dst: torch.Tensor,
+    ) -> None:
+        """Copy box `part` of a chunk into `dst`. Where the part is one contiguous byte range of the
+        chunk and `dst` is contiguous (a whole chunk, or rows of one: layers, TP pieces along dim 0),
+        the bytes are read from the file straight into `dst` (no copy of the chunk in memory);
+        otherwise the chunk's rows that hold the part are read and copied."""
+        file, data = self._chunk_data(key, offsets, sizes, dtype)
+        rel = [(a - o, b - o) for (a, b), o in zip(part, offsets)]
+        lead = _contiguous_lead(rel, sizes)
+        if lead is not None and dst.is_contiguous():
+            first = sum(lo * math.prod(sizes[d + 1 :]) for d, (lo, _) in enumerate(rel[: lead + 1]))
+            _pread_into(file, dst, data + first * dtype.itemsize)
+            return
+        rows = rel[0]
+        src = torch.empty((rows[1] - rows[0], *sizes[1:]), dtype=dtype)
+        self.peak_bytes = max(self.peak_bytes, dst.untyped_storage().nbytes() + src.nbytes)
+        _pread_into(file, src, data + rows[0] * math.prod(sizes[1:]) * dtype.itemsize)
+        dst.copy_(src[(slice(None), *(slice(a, b) for a, b in rel[1:]))])
+
+    def _chunk_data(
         self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...], dtype: torch.dtype
-    ) -> torch.Tensor:
-        """One chunk from its byte range, checked against the index's shape and dtype."""
+    ) -> tuple[Path, int]:
+        """(file, byte offset) of a chunk's raw tensor bytes. Its `torch.save` record is loaded
+        weights-only onto the meta device, which reads the record's pickle and zip directory but no
+        data and tells where the storage's bytes start; the tensor is checked against the index
+        (shape, dtype, contiguous, inside its byte range)."""
         info = self._where.get((key, offsets))
         if info is None:
             raise CheckpointError(f"{self.path / '.metadata'}: no storage entry for chunk {offsets} of {key!r}")
@@ -211,7 +302,7 @@ class DistCheckpointReader:
         try:
             with open(file, "rb") as f:
                 t = torch.load(
-                    _FileWindow(f, int(info.offset), int(info.length)), map_location="cpu", weights_only=True
+                    _FileWindow(f, int(info.offset), int(info.length)), map_location="meta", weights_only=True
                 )
         except OSError as exc:
             raise CheckpointError(f"{file}: unreadable ({exc.strerror or exc})") from None
@@ -221,4 +312,50 @@ class DistCheckpointReader:
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != sizes or t.dtype != dtype:
             got = (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
             raise CheckpointError(f"{file}: chunk {offsets} of {key!r} holds {got}, the index says {(sizes, dtype)}")
-        return t
+        start = getattr(t.untyped_storage(), "_checkpoint_offset", None)
+        if start is None or not t.is_contiguous():
+            raise CheckpointError(f"{file}: chunk {offsets} of {key!r} is not a contiguous tensor record")
+        start += t.storage_offset() * dtype.itemsize
+        if start + t.numel() * dtype.itemsize > int(info.length):
+            raise CheckpointError(f"{file}: chunk {offsets} of {key!r} ends past its byte range")
+        return file, int(info.offset) + start
+
+    def _load_chunk(
+        self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
+        """One whole chunk, read from its byte range."""
+        file, data = self._chunk_data(key, offsets, sizes, dtype)
+        out = torch.empty(sizes, dtype=dtype)
+        _pread_into(file, out, data)
+        return out
+
+
+def _contiguous_lead(rel: list[tuple[int, int]], sizes: tuple[int, ...]) -> int | None:
+    """The dim k where box `rel` of a chunk of `sizes` is one contiguous range of its elements (dims
+    before k: one index each; dims after k: whole), else None."""
+    k = len(sizes) - 1
+    while k > 0 and rel[k] == (0, sizes[k]):
+        k -= 1
+    if any(b - a != 1 for a, b in rel[:k]):
+        return None
+    return max(k, 0)
+
+
+def _pread_into(file: Path, dst: torch.Tensor, offset: int) -> None:
+    """dst.nbytes bytes of `file` from `offset` into the contiguous tensor `dst`'s memory."""
+    if dst.numel() == 0:
+        return
+    view = memoryview(dst.reshape(-1).view(torch.uint8).numpy())
+    try:
+        fd = os.open(file, os.O_RDONLY)
+    except OSError as exc:
+        raise CheckpointError(f"{file}: unreadable ({exc.strerror or exc})") from None
+    try:
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got == 0:
+                raise CheckpointError(f"{file}: truncated (a chunk's bytes end at {offset + done})")
+            done += got
+    finally:
+        os.close(fd)

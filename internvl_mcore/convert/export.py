@@ -7,7 +7,9 @@ each tensor's chunks from their byte ranges and removes the saving layout's padd
 safetensors files), go through the key maps (convert/hf.py `canonical_to_hf`) and are written
 straight into their places in the safetensors shards, which `write_hf_dir`'s ShardedWriter lays out
 first from the shapes and dtypes the checkpoint's index gives (`hf_plan`): the writer holds no tensor
-and writes each byte once. Peak memory is a few times the largest tensor, whatever the model's size;
+and writes each byte once; tensors whose rows are byte ranges of a training checkpoint's files are
+copied file to file in the kernel (`canonical_to_hf`'s `StoredBytes`). The dtype written is
+`ExportSource.default_dtype` unless the caller gives one. Peak memory is a few times the largest tensor, whatever the model's size;
 nothing is written but the export.
 """
 
@@ -26,7 +28,13 @@ from ..checkpoint.dist_reader import DistCheckpointReader
 from ..checkpoint.canonical import CanonicalCheckpoint, model_config_from_dict, save_canonical
 from ..checkpoint.format import TRACKER, is_training_checkpoint, resolve_iteration_dir
 from ..errors import CheckpointError
-from ..checkpoint.safetensors_io import DEFAULT_MAX_SHARD_BYTES, copy_side_files, parse_dtype, write_hf_dir
+from ..checkpoint.safetensors_io import (
+    DEFAULT_MAX_SHARD_BYTES,
+    copy_side_files,
+    dtype_name,
+    parse_dtype,
+    write_hf_dir,
+)
 from ..checkpoint.trust import check_dist_checkpoint
 from ..config.model import ModelConfig
 from .hf import canonical_to_hf, hf_plan
@@ -44,8 +52,35 @@ class ExportSource:
 
     @property
     def source_dtype(self) -> torch.dtype:
-        """dtype of the HF checkpoint it came from (the default export dtype)."""
+        """dtype of the HF checkpoint it came from."""
         return parse_dtype(self.source.get("dtype", "float32"))
+
+    def default_dtype(self) -> tuple[torch.dtype, str]:
+        """The export's dtype when --dtype is not given, and why: the dtype the checkpoint stores its
+        weights in (a --bf16 run stores bf16: exporting fp32 would double the bytes and add nothing),
+        except that fp32 weights of a run from a narrower HF checkpoint go back to that checkpoint's
+        dtype, as they were (a fp32 run from a bf16 model exports bf16, the model's own dtype)."""
+        stored = stored_dtype(self.tensors)
+        if stored is None or (stored == torch.float32 and self.source_dtype.itemsize < 4):
+            return (
+                self.source_dtype,
+                f"the dtype of the HF checkpoint it started from; it stores {dtype_name(stored or self.source_dtype)}",
+            )
+        return stored, "the dtype the checkpoint stores its weights in"
+
+
+def stored_dtype(tensors: Mapping[str, torch.Tensor]) -> torch.dtype | None:
+    """The dtype most floating-point tensors of `tensors` are stored in, from its `dtype` method (a
+    lazy view: read from the checkpoint's index, no tensor read); None when it has none."""
+    dtype_of = getattr(tensors, "dtype", None)
+    if not callable(dtype_of):
+        return None
+    counts: dict[torch.dtype, int] = {}
+    for name in tensors:
+        dt = dtype_of(name)
+        if dt.is_floating_point:
+            counts[dt] = counts.get(dt, 0) + 1
+    return max(counts, key=counts.get) if counts else None
 
 
 def open_training_checkpoint(path: str | os.PathLike) -> tuple[ExportSource, dict]:
@@ -85,7 +120,12 @@ def write_hf_export(
     config.json starts from the template dir's config.json, else the source's config.json (kept in the
     checkpoint) when the formats agree, so keys we do not model survive; side files (remote code,
     tokenizer) are copied from `template_dir`."""
-    out_dtype = dtype or src.source_dtype
+    if dtype is None:
+        out_dtype, why = src.default_dtype()
+    else:
+        out_dtype, why = dtype, "--dtype"
+    if progress:
+        print(f"writing {dtype_name(out_dtype)} tensors ({why})", flush=True)
     template = None
     if template_dir is not None:
         template = read_hf_config(template_dir)

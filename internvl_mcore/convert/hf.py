@@ -266,15 +266,42 @@ def canonical_to_hf(
     fmt: str,
     dtype: torch.dtype | None = None,
     progress: bool = False,
-) -> Iterator[tuple[str, torch.Tensor]]:
+) -> Iterator[tuple[str, torch.Tensor | StoredBytes]]:
     """Stream (HF name, tensor) pairs in format `fmt` from canonical tensors (cast to `dtype` if
-    given). Refuses missing, unexpected or mis-shaped canonical tensors before writing anything."""
+    given). Refuses missing, unexpected or mis-shaped canonical tensors before writing anything.
+    Where the source can say where a tensor's rows lie in its files (`stored_rows`: a training
+    checkpoint's layer / TP pieces along dim 0) and no cast is asked for, the HF tensor is yielded as
+    those byte ranges (`StoredBytes`: the writer copies them file to file in the kernel, as `cp`
+    does, nothing read into this process); every key map moves whole rows only."""
     entries = _check_canonical(src, cfg, fmt)
     for e in tqdm(
         entries, desc=f"canonical -> {fmt}", unit="tensor", disable=None if progress else True
     ):  # a bar on a terminal only
+        stored = _stored_hf(src, e, cfg, dtype)
+        if stored is not None:
+            yield from zip(e.hf, stored)
+            continue
         # in a function of its own, so that nothing of this tensor is alive while the next one is read
         yield from _hf_tensors(e, src[e.canonical], cfg, dtype)
+
+
+def _stored_hf(
+    src: Mapping[str, torch.Tensor], e: Entry, cfg: ModelConfig, dtype: torch.dtype | None
+) -> list[StoredBytes] | None:
+    """Entry `e`'s HF tensors as byte ranges of the source's files: the transform run on canonical
+    row numbers says which rows each HF tensor is made of. None where the source cannot say where
+    the rows lie or a cast is asked for."""
+    rows_of = getattr(src, "stored_rows", None)
+    if not callable(rows_of) or (dtype is not None and dtype != tensor_dtype(src, e.canonical)):
+        return None
+    where = rows_of(e.canonical)
+    if where is None:
+        return None
+    shapes = _expected_hf_shapes(e, cfg, tensor_shape(src, e.canonical))
+    probes = e.transform.to_hf(torch.arange(len(where.offsets)), cfg)
+    if len(probes) != len(e.hf) or any(p.dim() != 1 or (s and len(p) != s[0]) for p, s in zip(probes, shapes)):
+        return None
+    return [StoredBytes.of(where.take(p).ranges()) for p in probes]
 
 
 def hf_plan(

@@ -37,7 +37,7 @@ import torch
 from internvl_mcore.cli_errors import naming, read_json
 from ..checkpoint.canonical import META_NAME
 from ..checkpoint.format import RUN_INFO, TRACKER, is_training_checkpoint, resolve_iteration_dir
-from ..checkpoint.safetensors_io import DEFAULT_MAX_SHARD_BYTES, write_safetensors
+from ..checkpoint.safetensors_io import DEFAULT_MAX_SHARD_BYTES, tensor_dtype, write_safetensors
 from ..errors import ConversionError
 from ..config.lora import LoRAInfo, base_weight_name, is_lora_name
 from ..config.model import ModelConfig
@@ -223,6 +223,10 @@ class MergedWeights(Mapping[str, torch.Tensor]):
         shape = getattr(self.base, "shape", None)
         return shape(name) if callable(shape) else tuple(self.base[name].shape)
 
+    def dtype(self, name: str) -> torch.dtype:
+        """The base weight's dtype (merging keeps it): the export's default dtype reads it."""
+        return tensor_dtype(self.base, name)
+
 
 class _Only(Mapping[str, torch.Tensor]):
     """The names of `src` that `keep` accepts (a lazy view)."""
@@ -241,6 +245,9 @@ class _Only(Mapping[str, torch.Tensor]):
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.src.shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return tensor_dtype(self.src, name)
 
 
 def _source_meta(base: Optional[str], info: dict) -> dict:

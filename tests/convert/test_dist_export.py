@@ -263,7 +263,7 @@ def _same_tensors(a: Path, b: Path) -> None:
 
 def test_cli_exports_both_formats_bit_exact_in_bounded_memory(run, tmp_path, monkeypatch) -> None:
     from internvl_mcore.convert import convert_checkpoint_to_hf
-    from internvl_mcore.checkpoint.safetensors_io import ShardedWriter
+    from internvl_mcore.checkpoint.safetensors_io import ShardedWriter, StoredBytes
 
     main = _tool("convert_to_hf")
     # transformers: the original files' tensors, from the training checkpoint, in several shards
@@ -288,10 +288,11 @@ def test_cli_exports_both_formats_bit_exact_in_bounded_memory(run, tmp_path, mon
     assert len(list((tmp_path / "tf").glob("model-*.safetensors"))) > 2
     # internvl: what the canonical checkpoint exports to; live memory recorded at every tensor written
     convert_checkpoint_to_hf(run["canonical"], tmp_path / "ivl_ref", "internvl")
-    peaks, add = [], ShardedWriter.add
+    peaks, add, copied = [], ShardedWriter.add, []
 
     def recording_add(self, name, tensor):
         peaks.append(new_tensor_bytes())
+        copied.append(isinstance(tensor, StoredBytes))
         add(self, name, tensor)
 
     monkeypatch.setattr(ShardedWriter, "add", recording_add)
@@ -312,6 +313,8 @@ def test_cli_exports_both_formats_bit_exact_in_bounded_memory(run, tmp_path, mon
     finally:
         gc.enable()
     _same_tensors(tmp_path / "ivl_ref", tmp_path / "ivl")
+    # pieces along dim 0 were copied file to file; row-parallel ones (split along dim 1) went through memory
+    assert any(copied) and not all(copied), copied
     out = SafetensorsDir(tmp_path / "ivl")
     largest = max(out[k].nbytes for k in out)
     model = sum(out[k].nbytes for k in out)
