@@ -69,6 +69,22 @@ def report(tests: list[dict], other: list[dict], top: int, cores: int, wait: flo
     for t in waiting[:top]:
         print(f"{t['wall'] - t['cpu']:8.1f} {t['cpu']:8.1f} {t['wall']:8.1f}  {t['id']}  [{_phase_text(t)}]")
     print(f"{len(waiting)} tests, {sum(t['wall'] - t['cpu'] for t in waiting):.0f} s of waiting in all")
+    _threads(tests, top)
+
+
+def _threads(tests: list[dict], top: int) -> None:
+    """Where the threads of the processes a test left running (reused worlds) grew most: idle threads
+    can cost CPU (a gloo group's I/O loop wakes up every 10 ms)."""
+    steps, before = [], defaultdict(int)
+    for t in tests:  # file order is run order (per pytest-xdist worker)
+        if "threads" in t:
+            steps.append((t["threads"] - before[t.get("worker")], t["threads"], t["id"]))
+            before[t.get("worker")] = t["threads"]
+    if steps:
+        print(f"\nthreads left running after a test: most {max(s[1] for s in steps)}; largest increases")
+        for grew, now, test in sorted(steps, reverse=True)[: min(top, 10)]:
+            if grew > 0:
+                print(f"{grew:+6d} -> {now:5d}  {test}")
 
 
 def main() -> None:

@@ -9,7 +9,8 @@ test. Not seen: processes that left the tree (daemonized, or orphaned and adopte
 they ended.
 
 One line per test: `{"id", "cpu", "wall", "phases": {"setup": [cpu, wall], "call": ..., "teardown": ...},
-"worker"}` (worker: pytest-xdist's worker id, or "main"); then one line `{"id": "<collection>", ...}`
+"threads", "worker"}` (threads: of the descendants still alive after the test, e.g. a reused world's
+ranks: a number that grows from test to test is a leak; worker: pytest-xdist's worker id, or "main"); then one line `{"id": "<collection>", ...}`
 and at the end `{"id": "<session>", "cpu", "wall"}` for the whole process, its start-up and imports
 included (under pytest-xdist also one from the controller, worker "controller", holding all workers). The file
 is appended to, so several workers can share it. `scripts/suite_profile.py FILE` sums it by file and
@@ -32,9 +33,9 @@ _TICK = os.sysconf("SC_CLK_TCK")
 PHASES = ("setup", "call", "teardown")
 
 
-def _living_descendants_cpu(root: int) -> float:
-    """User + sys seconds of every living descendant of `root`, with the children each reaped."""
-    children: dict[int, list[tuple[int, float]]] = {}
+def _living_descendants(root: int) -> tuple[float, int]:
+    """(user + sys seconds, threads) of every living descendant of `root`, with the children each reaped."""
+    children: dict[int, list[tuple[int, float, int]]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -42,21 +43,23 @@ def _living_descendants_cpu(root: int) -> float:
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:  # ended while we looked
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # fields[1] = ppid, [11:15] = utime stime cutime cstime
-        children.setdefault(int(fields[1]), []).append((int(entry), sum(int(x) for x in fields[11:15]) / _TICK))
-    total, todo = 0.0, [root]
+        fields = stat[stat.rindex(")") + 2 :].split()  # [1] ppid, [11:15] utime stime cutime cstime, [17] threads
+        cpu = sum(int(x) for x in fields[11:15]) / _TICK
+        children.setdefault(int(fields[1]), []).append((int(entry), cpu, int(fields[17])))
+    total, threads, todo = 0.0, 0, [root]
     while todo:
-        for pid, cpu in children.get(todo.pop(), []):
+        for pid, cpu, n in children.get(todo.pop(), []):
             total += cpu
+            threads += n
             todo.append(pid)
-    return total
+    return total, threads
 
 
 def tree_cpu() -> float:
     """CPU seconds so far of this process and all it started (reaped or living)."""
     own = resource.getrusage(resource.RUSAGE_SELF)
     reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime + _living_descendants_cpu(os.getpid())
+    return own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime + _living_descendants(os.getpid())[0]
 
 
 def _age() -> float:
@@ -109,7 +112,8 @@ class CpuProfile:
         yield
         cpu = round(sum(p[0] for p in self.phases.values()), 3)
         wall = round(sum(p[1] for p in self.phases.values()), 3)
-        self._write({"id": item.nodeid, "cpu": cpu, "wall": wall, "phases": self.phases})
+        threads = _living_descendants(os.getpid())[1]  # left running after the test (worlds, servers)
+        self._write({"id": item.nodeid, "cpu": cpu, "wall": wall, "phases": self.phases, "threads": threads})
 
     def pytest_unconfigure(self, config):
         self._write({"id": "<session>", "cpu": round(tree_cpu(), 3), "wall": round(_age(), 3)})
