@@ -19,6 +19,8 @@ import pytest
 
 from tests.launch import REPO, torchrun
 
+pytest_plugins = ("tests.cpuprofile",)  # `--cpu-profile FILE`: CPU and wall seconds per test
+
 SEQ = 256
 DIGITS_ITERS = 10
 

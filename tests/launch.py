@@ -12,15 +12,11 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
+# the one helper (parallel/ports.py, torch-free): importing this module must not import torch and
+# megatron-core (every test session imports it through tests/conftest.py), nor may asking for a port
+from internvl_mcore.parallel.ports import free_port
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    """parallel/state.py's `free_port` (the one helper), imported when called: importing this module
-    must not import torch and megatron-core (every test session imports it through tests/conftest.py)."""
-    from internvl_mcore.parallel.state import free_port as state_free_port
-
-    return state_free_port()
 
 
 def torchrun(

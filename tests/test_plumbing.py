@@ -1,10 +1,12 @@
 """The tests' plumbing has one place each: the in-process `world` fixture and the shared shard sets in
-tests/conftest.py, one free-port helper (parallel/state.py's `free_port`, which tests import through
+tests/conftest.py, one free-port helper (parallel/ports.py's `free_port`, torch-free, which tests import through
 tests/launch.py). Checked on the source (ast; nothing is imported or run)."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -13,7 +15,7 @@ SOURCES = [
     for folder in ("internvl_mcore", "tests", "tools", "bench", "examples")
     for p in sorted((REPO / folder).rglob("*.py"))
 ] + [REPO / "pretrain_internvl.py"]
-FREE_PORT_HOME = REPO / "internvl_mcore" / "parallel" / "state.py"
+FREE_PORT_HOME = REPO / "internvl_mcore" / "parallel" / "ports.py"
 SHARED_FIXTURES = {"world", "digits_shards", "preference_shards"}
 
 
@@ -62,3 +64,11 @@ def test_shared_fixtures_are_defined_once_and_not_imported():
                 imported += [f"{path.relative_to(REPO)}: {a.name}" for a in node.names if a.name in SHARED_FIXTURES]
     assert sorted(defined) == sorted(f"tests/conftest.py: {name}" for name in SHARED_FIXTURES), defined
     assert not imported, imported
+
+
+def test_asking_for_a_port_imports_no_torch():
+    """tests/launch.py's free_port in a fresh interpreter: a test that needs no torch (flag errors, the
+    planner) keeps its pytest process torch-free (torch + megatron-core: ~3 CPU-s)."""
+    probe = "import sys, tests.launch as l; assert l.free_port() > 0; print(sorted(m for m in sys.modules if m.startswith(('torch', 'megatron'))))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from datetime import timedelta
 
 import torch
@@ -13,16 +12,9 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 
 from ..errors import ConfigError
 from . import cpu_compat
+from .ports import free_port  # the one helper; callers import it from here too
 from ..config.device import resolve_device
 from ..config.model import ParallelConfig
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now (a port derived from the pid can clash with another job); the
-    one helper for it: conversions' spawned worlds, tests, benches and the demo start torchrun with it."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def init_distributed(
