@@ -1,7 +1,7 @@
 """Fixtures every test directory may use: the 1-rank gloo world of in-process tests, the digits
-shard sets (each preprocessed once per test session by the real CLI) and the session's cache of
-pretrain_internvl.py runs (one launch per distinct command, whichever test asks first); and the
-quick tier.
+shard sets (each preprocessed once per test session by the real CLI), pretrain_internvl.py runs as
+jobs of the session's reused worlds (`pretrain`) and their cache (`pretrain_log`: one run per
+distinct command, whichever test asks first); and the quick tier.
 
 The quick tier (`pytest -m quick`, `bash scripts/test.sh --quick`: under 3 minutes, docs/testing.md) is
 the table QUICK below, the one place it is defined: an explicit list, not a rule, because what makes a
@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from tests.launch import REPO, torchrun
+from tests.launch import REPO
 
 pytest_plugins = ("tests.cpuprofile",)  # `--cpu-profile FILE`: CPU and wall seconds per test
 
@@ -201,13 +201,25 @@ def one_process(script, args: list[str], timeout: float = 400.0) -> subprocess.C
     return proc
 
 
+def pretrain(nproc: int, args: list[str], timeout: float = 400.0) -> str:
+    """`torchrun --nproc_per_node nproc pretrain_internvl.py args` as a job of the session's reused world
+    of `nproc` ranks (tests/worldpool.py; also for 1: no interpreter start, no torch/megatron-core
+    import, and the loader's fork server of an earlier job is reused); returns the ranks' output, raises
+    with it if the run fails. For tests whose subject is not the launch itself (exit codes, signals,
+    one-line errors, torchrun: those keep `tests.launch.torchrun` / `one_process`). The losses are the
+    torchrun launch's bit for bit (tests/training/test_pretrain_mock.py checks it)."""
+    from tests.worldpool import run_in_world
+
+    return run_in_world(REPO / "pretrain_internvl.py", nproc, args, timeout=timeout)
+
+
 @pytest.fixture(scope="session")
 def pretrain_log(tmp_path_factory):
     """`pretrain_log(nproc, args)`: the --log-jsonl records of `pretrain_internvl.py args` on `nproc`
-    ranks, launched once per session for each distinct (nproc, args) and shared: the single-process
-    run that several files compare their layouts against is the same command (tests/training:
-    test_layouts_on_shards.py, test_device_tiling.py). Pass only runs whose output is the log:
-    a run that writes elsewhere (--save) is not the same run twice."""
+    ranks (a job of the session's reused world: `pretrain`), run once per session for each distinct
+    (nproc, args) and shared: the single-process run that several files compare their layouts against
+    is the same command (tests/training: test_layouts_on_shards.py, test_device_tiling.py). Pass only
+    runs whose output is the log: a run that writes elsewhere (--save) is not the same run twice."""
     cache: dict[tuple, list[dict]] = {}
 
     def run(nproc: int, args: list[str], timeout: float = 400.0) -> list[dict]:
@@ -215,10 +227,7 @@ def pretrain_log(tmp_path_factory):
         if key not in cache:
             assert "--log-jsonl" not in args and "--save" not in args, args
             log = tmp_path_factory.mktemp("pretrain_log") / "log.jsonl"
-            if nproc == 1:  # one plain process: torchrun's agent would add an interpreter importing torch
-                one_process(REPO / "pretrain_internvl.py", [*args, "--log-jsonl", str(log)], timeout=timeout)
-            else:
-                torchrun(REPO / "pretrain_internvl.py", nproc, [*args, "--log-jsonl", str(log)], timeout=timeout)
+            pretrain(nproc, [*args, "--log-jsonl", str(log)], timeout=timeout)
             cache[key] = [json.loads(line) for line in log.read_text().splitlines()]
         return [dict(r) for r in cache[key]]
 

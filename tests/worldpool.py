@@ -7,6 +7,8 @@ environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT; OMP_NUM_THREADS=1) 
 group initialised once. `run_in_world(script, nproc, args)` hands every rank the script and its argv;
 each runs it as `__main__` (runpy, like `python script args`), then the world is torn down to the
 default group (`reset_job_state`) and each rank reports success or its traceback over a pipe.
+pretrain_internvl.py itself runs so (tests/conftest.py `pretrain`): its `main` returns on success; a
+run that fails exits the rank (`os._exit`), which ends the world like any dead rank.
 
 Scripts join the world through `init_distributed` (internvl_mcore/parallel/state.py), which keeps an
 initialised default group, so a script runs unchanged under torchrun and here.
@@ -226,6 +228,9 @@ def reset_job_state() -> None:
     parallel_state.destroy_model_parallel()
     initialize_rng_tracker(force_reset=True)  # a new tracker without states, as before the first seeding
     destroy_num_microbatches_calculator()
+    # an --async-save run froze its heap (training/async_save.py AsyncWriter.prepare): the job's model and
+    # optimizer would never be collected, and the next job's collections would differ from a fresh rank's
+    gc.unfreeze()
     gc.collect()  # the job's models and optimizers hold groups too
     if dist.is_initialized():
         world = dist.GroupMember.WORLD

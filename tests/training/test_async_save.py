@@ -136,8 +136,10 @@ def test_async_save_with_the_distributed_optimizer_at_dp2_equals_a_sync_save(tmp
     megatron-core's fully_reshardable format, on a heap frozen at the first save: AsyncWriter.prepare):
     the second save (the cached save plan) is the synchronous run's, byte for byte (so it resumes at
     another DP size as a synchronous save does: tests/reliability/test_reshard_resume.py, dp1-to-dp2),
-    the losses are unchanged and the tracker names the last save."""
-    from tests.reliability.common import MOCK, launch, ok, train_records
+    the losses are unchanged and the tracker names the last save. Both runs are jobs of the reused 2-rank
+    world (tests/conftest.py `pretrain`; the CLI's --async-save launches: tests/reliability/test_checkpoints.py)."""
+    from tests.conftest import pretrain
+    from tests.reliability.common import MOCK, train_records
     from tests.reliability.test_checkpoints import _same_checkpoint
 
     args = MOCK + [
@@ -152,7 +154,7 @@ def test_async_save_with_the_distributed_optimizer_at_dp2_equals_a_sync_save(tmp
     runs = {}
     for name, extra in (("sync", []), ("async", ["--async-save"])):
         d = tmp_path / name
-        ok(launch(2, args + ["--save", str(d / "ckpt"), "--log-jsonl", str(d / "log.jsonl"), *extra]))
+        pretrain(2, args + ["--save", str(d / "ckpt"), "--log-jsonl", str(d / "log.jsonl"), *extra])
         runs[name] = d
     _same_checkpoint(runs["sync"] / "ckpt" / "iter_0000002", runs["async"] / "ckpt" / "iter_0000002")
     losses = [{it: r["loss"] for it, r in train_records(d / "log.jsonl").items()} for d in runs.values()]

@@ -1,5 +1,7 @@
 """Checkpoints: exact resume, crashes (SIGKILL of a rank, death during a save), errors. Other layouts:
-tests/reliability/test_reshard_resume.py."""
+tests/reliability/test_reshard_resume.py. The runs whose subject is a crash or an error are real
+launches (torchrun, a plain process); the others are jobs of the session's reused 2-rank world
+(tests/conftest.py `pretrain`)."""
 
 import json
 import os
@@ -13,7 +15,7 @@ import psutil
 import pytest
 
 from tests.launch import REPO, free_port, torchrun
-from tests.conftest import DIST_ENV, SEQ
+from tests.conftest import DIST_ENV, SEQ, pretrain
 
 SCRIPT = REPO / "pretrain_internvl.py"
 ITERS, EVERY = 10, 5
@@ -49,12 +51,7 @@ def _losses(log):
 def uninterrupted(digits_shards, tmp_path_factory):
     """10 iterations on 2 data-parallel ranks, checkpoints at 5 and 10."""
     d = tmp_path_factory.mktemp("ref")
-    torchrun(
-        SCRIPT,
-        2,
-        _args(digits_shards, d / "log.jsonl", "--save", str(d / "ckpt"), "--save-interval", str(EVERY)),
-        timeout=400,
-    )
+    pretrain(2, _args(digits_shards, d / "log.jsonl", "--save", str(d / "ckpt"), "--save-interval", str(EVERY)))
     return d
 
 
@@ -69,7 +66,7 @@ def _checkpoint_at(src, dst, iteration):
 def test_resume_is_bit_exact(digits_shards, uninterrupted, tmp_path):
     ref = _losses(uninterrupted / "log.jsonl")
     _checkpoint_at(uninterrupted / "ckpt", tmp_path / "ckpt", EVERY)
-    torchrun(SCRIPT, 2, _args(digits_shards, tmp_path / "log.jsonl", "--load", str(tmp_path / "ckpt")), timeout=400)
+    pretrain(2, _args(digits_shards, tmp_path / "log.jsonl", "--load", str(tmp_path / "ckpt")))
     resumed = _losses(tmp_path / "log.jsonl")
     assert sorted(resumed) == list(range(EVERY + 1, ITERS + 1))
     for it, loss in resumed.items():
@@ -91,7 +88,8 @@ def test_sigkill_of_one_rank_ends_the_job_and_restart_continues(digits_shards, u
         "--master_port",
         str(free_port()),
         str(SCRIPT),
-        *_args(digits_shards, log, "--save", str(ckpt), "--save-interval", str(EVERY)),
+        # no loader workers: the subject is the kill (the loader's fork server would double the interpreters)
+        *_args(digits_shards, log, "--save", str(ckpt), "--save-interval", str(EVERY), "--num-workers", "0"),
     ]
     env = {
         **os.environ,
@@ -120,7 +118,7 @@ def test_sigkill_of_one_rank_ends_the_job_and_restart_continues(digits_shards, u
     assert sorted(_losses(log)) == list(range(1, EVERY + 1))  # no step after the kill
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(EVERY)
     restart = tmp_path / "restart.jsonl"
-    torchrun(SCRIPT, 2, _args(digits_shards, restart, "--load", str(ckpt)), timeout=400)
+    pretrain(2, _args(digits_shards, restart, "--load", str(ckpt)))
     for it, loss in _losses(restart).items():
         assert loss == ref[it], (it, loss, ref[it])
 
@@ -140,7 +138,7 @@ def test_death_during_a_save_leaves_the_previous_checkpoint(digits_shards, unint
     assert not (ckpt / f"iter_{ITERS:07d}").exists()
     # one more step of the same 10-step schedule (a changed --train-iters would change the LR schedule)
     args = _args(digits_shards, tmp_path / "b.jsonl", "--load", str(ckpt), "--exit-interval", str(EVERY + 1))
-    torchrun(SCRIPT, 2, args, timeout=400)
+    pretrain(2, args)
     assert _losses(tmp_path / "b.jsonl") == {EVERY + 1: ref[EVERY + 1]}
 
 
@@ -189,14 +187,9 @@ def test_distributed_optimizer_resume_is_bit_exact(tmp_path):
         "--use-distributed-optimizer",
     ]
     ckpt = tmp_path / "ckpt"
-    torchrun(
-        SCRIPT,
-        2,
-        base + ["--save", str(ckpt), "--save-interval", "2", "--log-jsonl", str(tmp_path / "a.jsonl")],
-        timeout=400,
-    )
+    pretrain(2, base + ["--save", str(ckpt), "--save-interval", "2", "--log-jsonl", str(tmp_path / "a.jsonl")])
     (ckpt / "latest_checkpointed_iteration.txt").write_text("2")
-    torchrun(SCRIPT, 2, base + ["--load", str(ckpt), "--log-jsonl", str(tmp_path / "b.jsonl")], timeout=400)
+    pretrain(2, base + ["--load", str(ckpt), "--log-jsonl", str(tmp_path / "b.jsonl")])
     straight, resumed = _losses(tmp_path / "a.jsonl"), _losses(tmp_path / "b.jsonl")
     assert sorted(resumed) == [3, 4]
     assert all(resumed[i] == straight[i] for i in (3, 4)), (straight, resumed)

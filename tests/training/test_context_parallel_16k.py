@@ -1,9 +1,9 @@
-"""Context parallelism at length: a CP2 run of the debug model on 16k packs logs the CP1 losses."""
+"""Context parallelism at length: a CP2 run of the debug model on 16k packs logs the CP1 losses (both
+jobs of the session's reused worlds: tests/conftest.py `pretrain`)."""
 
 import json
 
-from tests.conftest import one_process
-from tests.launch import REPO, torchrun
+from tests.conftest import pretrain
 
 ARGS = [
     "--model",
@@ -27,13 +27,8 @@ def test_cp2_on_16k_packs_matches_cp1(tmp_path):
     for cp in (1, 2):
         log = tmp_path / f"cp{cp}.jsonl"
         args = ARGS + ["--context-parallel-size", str(cp), "--log-jsonl", str(log)]
-        # CP1 is one plain process (no torchrun agent: one interpreter fewer)
-        proc = (
-            one_process(REPO / "pretrain_internvl.py", args)
-            if cp == 1
-            else torchrun(REPO / "pretrain_internvl.py", cp, args, timeout=400)
-        )
-        lines = [x for x in proc.stdout.splitlines() if x.startswith("context parallelism:")]
+        output = pretrain(cp, args)  # every rank's output
+        lines = [x for x in output.splitlines() if x.startswith("context parallelism:")]
         # said once, at start-up, with the reason --cp-split auto did not take TE's 'thd' path (none at CP1)
         assert lines == (
             []
@@ -43,7 +38,7 @@ def test_cp2_on_16k_packs_matches_cp1(tmp_path):
                 "back from TE's 'thd' path because of no transformer-engine layer specs (local backend: --device cpu, "
                 "or TE not installed))"
             ]
-        ), proc.stdout[-2000:]
+        ), output[-2000:]
         runs[cp] = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
     assert len(runs[1]) == len(runs[2]) == 2
     for a, b in zip(runs[2], runs[1]):

@@ -1,20 +1,16 @@
 """--image-tiling device (the loader decodes, the first pipeline stage tiles on its device with
-data/resample.py) trains bit-identically to --image-tiling loader: the same tiles, so the same losses."""
+data/resample.py) trains bit-identically to --image-tiling loader: the same tiles, so the same losses.
+Every run is a job of the session's reused worlds (tests/conftest.py `pretrain`)."""
 
 import json
 
-from tests.launch import REPO, torchrun
-from tests.conftest import DIGITS_ITERS, digits_run_args, one_process
+from tests.conftest import DIGITS_ITERS, digits_run_args, pretrain
 
-SCRIPT = REPO / "pretrain_internvl.py"
 MPO_ITERS = 4
 
 
 def _losses(out, nproc, args):
-    if nproc == 1:  # no torchrun agent for one rank (one interpreter fewer)
-        one_process(SCRIPT, [*args, "--log-jsonl", str(out)], timeout=400)
-    else:
-        torchrun(SCRIPT, nproc, [*args, "--log-jsonl", str(out)], timeout=400)
+    pretrain(nproc, [*args, "--log-jsonl", str(out)], timeout=400)
     return [json.loads(line)["loss"] for line in out.read_text().splitlines()]
 
 

@@ -1,15 +1,14 @@
 """On the same shards and seed, the first 10 losses of every layout equal the single-process run
 (that run is the session's shared one: tests/conftest.py's `pretrain_log`, also used by
-test_device_tiling.py)."""
+test_device_tiling.py). Every run is a job of the session's reused worlds (tests/conftest.py
+`pretrain`): the subject is the layouts' arithmetic, not the launch."""
 
 import json
 
 import pytest
 
-from tests.launch import REPO, torchrun
-from tests.conftest import DIGITS_ITERS as ITERS, digits_run_args, one_process
+from tests.conftest import DIGITS_ITERS as ITERS, digits_run_args, pretrain
 
-SCRIPT = REPO / "pretrain_internvl.py"
 LAYOUTS = {  # name: (processes, flags)
     "tp2": (2, ["--tensor-model-parallel-size", "2"]),
     "pp2": (2, ["--pipeline-model-parallel-size", "2"]),
@@ -36,11 +35,7 @@ LAYOUTS = {  # name: (processes, flags)
 
 
 def _run(shards, out, nproc, flags):
-    args = digits_run_args(shards, "--log-jsonl", str(out), *flags)
-    if nproc == 1:  # no torchrun agent for one rank (one interpreter fewer)
-        one_process(SCRIPT, args, timeout=400)
-    else:
-        torchrun(SCRIPT, nproc, args, timeout=400)
+    pretrain(nproc, digits_run_args(shards, "--log-jsonl", str(out), *flags), timeout=400)
     return [json.loads(line)["loss"] for line in out.read_text().splitlines()]
 
 

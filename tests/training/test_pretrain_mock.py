@@ -1,10 +1,12 @@
-"""pretrain_internvl.py on mock data: TP2 x PP2 logs the single-process losses."""
+"""pretrain_internvl.py on mock data: TP2 x PP2 logs the single-process losses, and a job of the
+session's reused world (tests/conftest.py `pretrain`, which most training tests use) logs a torchrun
+launch's losses bit for bit."""
 
 import json
 import subprocess
 import sys
 
-from tests.conftest import one_process
+from tests.conftest import pretrain
 from tests.launch import REPO, torchrun
 
 SCRIPT = REPO / "pretrain_internvl.py"
@@ -28,14 +30,18 @@ def _losses(path):
 
 
 def test_tp2_pp2_matches_single_process(tmp_path):
-    one, four = tmp_path / "one.jsonl", tmp_path / "four.jsonl"
-    one_process(SCRIPT, COMMON + ["--log-jsonl", str(one)], timeout=300)  # no torchrun agent for one rank
-    torchrun(
-        SCRIPT,
-        4,
-        COMMON + ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--log-jsonl", str(four)],
-        timeout=300,
-    )
+    """The TP2 x PP2 run is a real torchrun launch, then the same flags run as a job of the reused
+    4-rank world: the same records bit for bit (the timings and throughput aside), so the worlds' runs
+    elsewhere stand for launches. The single process is a job of the reused 1-rank world."""
+    one, four, pooled = tmp_path / "one.jsonl", tmp_path / "four.jsonl", tmp_path / "pooled.jsonl"
+    pretrain(1, COMMON + ["--log-jsonl", str(one)], timeout=300)
+    tp2pp2 = COMMON + ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]
+    torchrun(SCRIPT, 4, tp2pp2 + ["--log-jsonl", str(four)], timeout=300)
+    pretrain(4, tp2pp2 + ["--log-jsonl", str(pooled)], timeout=300)
+    exact = ("iteration", "loss", "lr", "grad_norm")  # the rest are timings, throughput and memory
+    launched, pooled_records = _losses(four), _losses(pooled)
+    assert len(launched) == 3 and [set(r) for r in pooled_records] == [set(r) for r in launched]
+    assert [[r[k] for k in exact] for r in pooled_records] == [[r[k] for k in exact] for r in launched]
     a, b = _losses(one), _losses(four)
     assert [r["iteration"] for r in a] == [1, 2, 3] == [r["iteration"] for r in b]
     for ra, rb in zip(a, b):

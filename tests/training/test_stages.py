@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from tests.launch import REPO, torchrun
+from tests.conftest import pretrain
+from tests.launch import REPO
 from tests.worldpool import run_in_world
 
 WORKER = REPO / "tests" / "training" / "stage_worker.py"
@@ -94,8 +95,8 @@ BF16_RESUME_TOL = 1e-3
 def test_stage1_bf16_at_pp2_saves_and_resumes(tmp_path):
     """Stage 1 at PP2: the second stage holds only frozen LLM layers, so its optimizer is empty. In
     bf16 that checkpoint once failed to load (KeyError 'fp32_from_fp16') and with the distributed
-    optimizer failed to save; both now resume with the uninterrupted run's losses (steps 3, 4)."""
-    script = REPO / "pretrain_internvl.py"
+    optimizer failed to save; both now resume with the uninterrupted run's losses (steps 3, 4). Jobs of
+    the reused 2-rank world (the subject is the checkpoint, not the launch)."""
     base = [
         "--model",
         "debug",
@@ -123,19 +124,16 @@ def test_stage1_bf16_at_pp2_saves_and_resumes(tmp_path):
         return {r["iteration"]: r["loss"] for r in map(json.loads, log.read_text().splitlines()) if "loss" in r}
 
     # the uninterrupted run, saving at step 2 on its way (plain optimizer)
-    torchrun(
-        script,
+    pretrain(
         2,
         [*base, "--log-jsonl", str(tmp_path / "ref.jsonl"), "--save", str(tmp_path / "plain"), "--save-interval", "2"],
     )
     reference = losses(tmp_path / "ref.jsonl")
     distopt = ["--use-distributed-optimizer"]
-    torchrun(
-        script, 2, [*base, *distopt, "--save", str(tmp_path / "dist"), "--save-interval", "2", "--exit-interval", "2"]
-    )
+    pretrain(2, [*base, *distopt, "--save", str(tmp_path / "dist"), "--save-interval", "2", "--exit-interval", "2"])
     for name, flags in (("plain", []), ("dist", distopt)):
         log = tmp_path / f"{name}.jsonl"
-        torchrun(script, 2, [*base, *flags, "--log-jsonl", str(log), "--load", str(tmp_path / name / "iter_0000002")])
+        pretrain(2, [*base, *flags, "--log-jsonl", str(log), "--load", str(tmp_path / name / "iter_0000002")])
         resumed = losses(log)
         assert sorted(resumed) == [3, 4], (name, resumed)
         for it, loss in resumed.items():
