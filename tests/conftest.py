@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from tests.launch import REPO
+from tests.launch import REPO, run_ending_group
 
 pytest_plugins = ("tests.cpuprofile",)  # `--cpu-profile FILE`: CPU and wall seconds per test
 
@@ -191,12 +191,7 @@ def one_process(script, args: list[str], timeout: float = 400.0) -> subprocess.C
     output if it fails or hangs."""
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    try:
-        proc = subprocess.run(
-            [sys.executable, str(script), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise AssertionError(f"{script} {' '.join(args)} hung for {timeout}s:\n{exc.stdout}\n{exc.stderr}") from exc
+    proc = run_ending_group([sys.executable, str(script), *args], env=env, timeout=timeout)
     assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     return proc
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -37,15 +38,29 @@ def torchrun(
         *args,
     ]
     full_env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        raise AssertionError(f"{' '.join(cmd)} hung for {timeout}s:\n{exc.stdout}\n{exc.stderr}") from exc
+    proc = run_ending_group(cmd, env=full_env, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
         )
     return proc
+
+
+def run_ending_group(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """`subprocess.run(cmd)` in its own session, output captured; past `timeout` the whole session is
+    killed (torchrun's agent and its ranks, their loader workers) and AssertionError carries the
+    output: killing only the agent left its ranks running, and burning CPU, for the rest of the suite."""
+    with subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise AssertionError(f"{' '.join(cmd)} hung for {timeout}s:\n{out}\n{err}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @contextlib.contextmanager

@@ -38,6 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 300.0  # a world's ranks importing torch + megatron-core on a loaded 2-core machine
 FAILED_PEER_GRACE = 30.0  # after one rank raised: how long its peers get to report before the world ends
 _WORLDS: dict[int, "World"] = {}
+RECYCLED: list[int] = []  # the sizes of worlds ended because a job left gloo groups polling
+_BASE_GLOO_THREADS = 0  # a rank's gloo threads with only the default group (set by `serve`)
 
 
 class World:
@@ -102,6 +104,9 @@ class World:
             self.fail(f"job {self.jobs} failed", replies, output)
         if not all(r.get("world_intact") for r in replies):
             self.close(kill=True)  # the job destroyed the default group: the next job needs a fresh world
+        elif any(r.get("recycle") for r in replies):
+            RECYCLED.append(self.size)
+            self.close()  # groups left polling (reset_job_state could not reach them): a fresh world is cheaper
         return output
 
     def _collect(self, timeout: float, what: str) -> list[dict]:
@@ -226,6 +231,7 @@ def reset_job_state() -> None:
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
 
     parallel_state.destroy_model_parallel()
+    _drop_group_globals(parallel_state)
     initialize_rng_tracker(force_reset=True)  # a new tracker without states, as before the first seeding
     destroy_num_microbatches_calculator()
     # an --async-save run froze its heap (training/async_save.py AsyncWriter.prepare): the job's model and
@@ -237,6 +243,40 @@ def reset_job_state() -> None:
         for group in list(dist.distributed_c10d._world.pg_map):
             if group is not world:
                 dist.destroy_process_group(group)
+
+
+def _drop_group_globals(module) -> None:
+    """None every process group a module's globals still hold: megatron-core 0.16.1's
+    destroy_model_parallel forgets `_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP` and its gloo twin, and a
+    referenced gloo group keeps its I/O thread polling every 10 ms after destroy_process_group: an idle
+    world burned ~0.5 core for the rest of the session (docs/testing.md, "Per-test CPU profile")."""
+    import torch.distributed as dist
+
+    def holds_group(value) -> bool:
+        if isinstance(value, dist.ProcessGroup):
+            return True
+        if isinstance(value, (list, tuple)):
+            return any(holds_group(v) for v in value)
+        if isinstance(value, dict):
+            return any(holds_group(v) for v in value.values())
+        return False
+
+    for name, value in list(vars(module).items()):
+        if name.isupper() or name.startswith("_"):
+            if holds_group(value):
+                setattr(module, name, None)
+
+
+def gloo_threads() -> int:
+    """This process's gloo I/O threads: one per live gloo group (polling, so never free when idle)."""
+    count = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                count += f.read().strip() == "gloo_tcp_loop"
+        except OSError:
+            pass
+    return count
 
 
 def job_leftovers() -> list[str]:
@@ -312,6 +352,11 @@ def _run_job(job: dict) -> dict:
             left = [traceback.format_exc()]
         if left:
             reply["error"] = reply.get("error", "") + f"teardown left: {', '.join(left)}"
+        elif gloo_threads() > _BASE_GLOO_THREADS:
+            # groups something still references (not in torch's map, so not the job's to destroy): they
+            # would poll for the rest of the session, so this world ends after the job and the next job
+            # of its size starts a fresh one
+            reply["recycle"] = gloo_threads() - _BASE_GLOO_THREADS
     return reply
 
 
@@ -327,6 +372,8 @@ def serve() -> None:
     import internvl_mcore.parallel.state  # noqa: F401 - torch + megatron-core, imported once per rank
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=600))
+    global _BASE_GLOO_THREADS
+    _BASE_GLOO_THREADS = gloo_threads()
     results.write(json.dumps({"ready": True}) + "\n")
     results.flush()
     for line in sys.stdin:

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tests.launch import REPO
-from tests.worldpool import _WORLDS, run_in_world
+from tests.worldpool import _WORLDS, RECYCLED, run_in_world
 
 PROBE = REPO / "tests" / "parallel" / "worldpool_probe_worker.py"
 
@@ -31,6 +31,19 @@ def test_a_job_finds_nothing_left_from_the_one_before(tmp_path):
     assert [r["tp_after_init"] for r in first] == [2, 2] and [r["tp_after_init"] for r in second] == [1, 1]
     for before, after in zip(first, second):  # the threads of the first job's gloo groups ended with them
         assert after["threads"] < before["threads_after_init"], (before, after)
+    # only the default group's gloo thread polls: megatron-core forgets two groups in
+    # destroy_model_parallel, which kept their threads waking every 10 ms for the rest of the session
+    assert [r["gloo_threads"] for r in second] == [1, 1], second
+
+
+def test_a_job_that_keeps_a_group_gets_its_world_replaced(tmp_path):
+    first = probe(tmp_path, "first")
+    recycled = len(RECYCLED)
+    probe(tmp_path, "keeper", "--keep-group")
+    assert RECYCLED[recycled:] == [2]
+    after = probe(tmp_path, "after")
+    assert not {r["pid"] for r in first} & {r["pid"] for r in after}  # a fresh world, not one left polling
+    assert [r["gloo_threads"] for r in after] == [1, 1], after
 
 
 def test_a_failing_job_fails_with_every_rank_and_the_next_gets_a_fresh_world(tmp_path):

@@ -1,8 +1,9 @@
 """A job for tests/parallel/test_worldpool.py: report what this rank finds left over from earlier jobs
 of its reused world, then set up model parallelism and leave changes behind for the next job to not see.
 
---out DIR --tp N [--fail] [--manager]   (--fail: rank 0 raises, rank 1 dies without a word; --manager:
-start a spawned multiprocessing Manager and keep it, as megatron-core's first checkpoint save does)
+--out DIR --tp N [--fail] [--manager] [--keep-group]   (--fail: rank 0 raises, rank 1 dies without a word;
+--manager: start a spawned multiprocessing Manager and keep it, as megatron-core's first checkpoint save
+does; --keep-group: keep a gloo group referenced from a module, out of the pool's reach)
 """
 
 import argparse
@@ -18,6 +19,7 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from internvl_mcore.config import ParallelConfig
 from internvl_mcore.parallel.state import init_distributed
+from tests.worldpool import gloo_threads
 
 
 def main() -> None:  # guarded: a spawned child (--manager) imports this file as __mp_main__
@@ -26,6 +28,7 @@ def main() -> None:  # guarded: a spawned child (--manager) imports this file as
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--fail", action="store_true")
     p.add_argument("--manager", action="store_true")
+    p.add_argument("--keep-group", action="store_true")
     a = p.parse_args()
 
     found = {
@@ -37,6 +40,7 @@ def main() -> None:  # guarded: a spawned child (--manager) imports this file as
         "env": os.environ.get("WORLDPOOL_PROBE"),
         "sigterm_default": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
         "threads": len(os.listdir("/proc/self/task")),
+        "gloo_threads": gloo_threads(),
     }  # gloo's threads of the groups jobs before made
     init_distributed(ParallelConfig(tensor_model_parallel_size=a.tp), seed=5)
     found["tp_after_init"] = ps.get_tensor_model_parallel_world_size()
@@ -54,6 +58,8 @@ def main() -> None:  # guarded: a spawned child (--manager) imports this file as
 
         multiprocessing.worldpool_probe_manager = multiprocessing.get_context("spawn").Manager()
         found["manager_pid"] = multiprocessing.worldpool_probe_manager._process.pid
+    if a.keep_group:  # as a module-level cache of a process group would
+        json.worldpool_probe_group = dist.new_group(backend="gloo")
     Path(a.out, f"rank{dist.get_rank()}.json").write_text(json.dumps(found))
 
 
