@@ -4,7 +4,7 @@ result, it reaches --log-jsonl and tensorboard, and --valid-data-path reads shar
 
 import pytest
 
-from tests.reliability.common import MOCK, launch, ok, train_records, valid_records
+from tests.reliability.common import MOCK, launch, ok, one_rank, train_records, valid_records
 from tests.conftest import SEQ
 
 ITERS = 4
@@ -16,8 +16,8 @@ BASE = MOCK + ["--global-batch-size", "4", "--train-iters", str(ITERS)]
 def single(tmp_path_factory):
     """One process with validation (and tensorboard), and the same run without validation."""
     d = tmp_path_factory.mktemp("valid_single")
-    ok(launch(1, BASE + EVAL + ["--log-jsonl", str(d / "eval.jsonl"), "--tensorboard-dir", str(d / "tb")]))
-    ok(launch(1, BASE + ["--log-jsonl", str(d / "plain.jsonl")]))
+    ok(one_rank(BASE + EVAL + ["--log-jsonl", str(d / "eval.jsonl"), "--tensorboard-dir", str(d / "tb")]))
+    ok(one_rank(BASE + ["--log-jsonl", str(d / "plain.jsonl")]))
     return d
 
 
@@ -81,6 +81,8 @@ def test_valid_data_path_reads_shards(digits_shards, tmp_path):
                 "--seq-length",
                 str(SEQ),
                 "--lr",
+                "0",
+                "--num-workers",  # packs decoded in the ranks: the loader's workers are not the subject
                 "0",
                 "--log-jsonl",
                 str(log),
