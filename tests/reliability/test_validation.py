@@ -60,7 +60,8 @@ def test_validation_loss_matches_single_process(single, tmp_path, layout):
 def test_valid_data_path_reads_shards(digits_shards, tmp_path):
     """--valid-data-path with the training shards, lr 0: the first training batch and the (one-batch)
     validation are the same packs through the same weights, so the two losses agree; on 2
-    data-parallel ranks, so the sum over ranks is part of what agrees."""
+    data-parallel ranks, so the sum over ranks is part of what agrees. The default --num-workers stays:
+    this is the one CLI run of a validation loader beside the training one with loader workers."""
     log = tmp_path / "log.jsonl"
     ok(
         launch(
@@ -81,8 +82,6 @@ def test_valid_data_path_reads_shards(digits_shards, tmp_path):
                 "--seq-length",
                 str(SEQ),
                 "--lr",
-                "0",
-                "--num-workers",  # packs decoded in the ranks: the loader's workers are not the subject
                 "0",
                 "--log-jsonl",
                 str(log),
