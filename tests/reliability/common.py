@@ -63,6 +63,12 @@ def plain(args: list[str], timeout: float = 300, env: dict | None = None) -> sub
     )
 
 
+def one_rank(args: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """A 1-rank run where torchrun is not the subject: one plain process (no agent: one interpreter
+    fewer, ~2 CPU-s) with torchrun's OMP_NUM_THREADS=1, so the same kernels and bits as `launch(1, ...)`."""
+    return plain(args, timeout=timeout, env={"OMP_NUM_THREADS": "1", **(env or {})})
+
+
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc

@@ -8,16 +8,10 @@ import shutil
 
 import pytest
 
-from tests.reliability.common import MOCK, launch, ok, one_line_error, plain, train_records
+from tests.reliability.common import MOCK, launch, ok, one_line_error, one_rank, plain, train_records
 
 # a 6-step schedule stopped after step 4 (--exit-interval): the LR after step 4 is not yet 0
 ARGS = MOCK + ["--global-batch-size", "2", "--train-iters", "6", "--exit-interval", "4"]
-
-
-def _one_rank(args):
-    """The 1-rank runs: one plain process (no torchrun agent: one interpreter fewer) with torchrun's
-    OMP_NUM_THREADS=1, so the same kernels and the same bits as `launch(1, ...)`."""
-    return plain(args, env={"OMP_NUM_THREADS": "1"})
 
 
 def _with(args, flag, value):
@@ -31,7 +25,7 @@ def straight(tmp_path_factory):
     """4 steps (of a 6-step schedule) saving every step, keeping the newest 2 checkpoints."""
     d = tmp_path_factory.mktemp("straight")
     ok(
-        _one_rank(
+        one_rank(
             ARGS
             + [
                 "--save",
@@ -67,7 +61,7 @@ def test_corrupt_latest_checkpoint_falls_back(straight, tmp_path):
     data = bytearray(bad.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, one flipped byte: only the checksum sees it
     bad.write_bytes(bytes(data))
-    proc = ok(_one_rank(ARGS + ["--load", str(ckpt), "--log-jsonl", str(tmp_path / "r.jsonl")]))
+    proc = ok(one_rank(ARGS + ["--load", str(ckpt), "--log-jsonl", str(tmp_path / "r.jsonl")]))
     assert f"warning: {bad}: checksum mismatch" in proc.stdout and "falling back" in proc.stdout, proc.stdout[-2000:]
     assert "resumed from" in proc.stdout and "iter_0000003 at iteration 3" in proc.stdout
     ref, resumed = train_records(straight / "log.jsonl"), train_records(tmp_path / "r.jsonl")
@@ -99,7 +93,7 @@ def test_changed_lr_follows_the_flag(straight, tmp_path, flag):
     shutil.copytree(straight / "ckpt", ckpt)
     (ckpt / "latest_checkpointed_iteration.txt").write_text("3")
     log = tmp_path / "r.jsonl"
-    proc = ok(_one_rank(_with(ARGS, "--lr", "2e-3") + ["--load", str(ckpt), "--log-jsonl", str(log), flag]))
+    proc = ok(one_rank(_with(ARGS, "--lr", "2e-3") + ["--load", str(ckpt), "--log-jsonl", str(log), flag]))
     assert f"LR schedule: {flag}" in proc.stdout and "--lr 0.002 (checkpoint: 0.001)" in proc.stdout
     ref, got = train_records(straight / "log.jsonl"), train_records(log)
     assert sorted(got) == [4] and got[4]["loss"] == ref[4]["loss"]  # step 4 runs at the LR step 3 set
@@ -178,7 +172,7 @@ def test_deleted_tracker_resumes_from_the_newest_complete_checkpoint(straight, t
     ckpt = tmp_path / "ckpt"
     shutil.copytree(straight / "ckpt", ckpt)
     (ckpt / "latest_checkpointed_iteration.txt").unlink()
-    proc = ok(_one_rank(_with(ARGS, "--exit-interval", "5") + ["--load", str(ckpt)]))
+    proc = ok(one_rank(_with(ARGS, "--exit-interval", "5") + ["--load", str(ckpt)]))
     assert (
         f"warning: --load {ckpt}: no latest_checkpointed_iteration.txt; taking the newest complete checkpoint "
         "iter_0000004 (found: iter_0000004, iter_0000003)"
@@ -204,6 +198,8 @@ def test_resume_with_other_data_flags_is_one_line(digits_shards, tmp_path):
         "1",
         "--seed",
         "5",
+        "--num-workers",  # packs decoded in the rank: the loader's workers are not the subject
+        "0",
     ]
     ok(plain(args + ["--save", str(tmp_path / "ckpt")]))
     line = one_line_error(plain(_with(args, "--seed", "6") + ["--load", str(tmp_path / "ckpt")]))
@@ -328,7 +324,7 @@ def test_async_save_killed_during_a_write_then_resumed(straight, tmp_path):
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "2"
     assert _iters(ckpt) == ["iter_0000001", "iter_0000002", "tmp_iter_0000003"]
     log = tmp_path / "resumed.jsonl"
-    proc = ok(_one_rank(ASYNC + ["--load", str(ckpt), "--save", str(ckpt), "--no-fallback", "--log-jsonl", str(log)]))
+    proc = ok(one_rank(ASYNC + ["--load", str(ckpt), "--save", str(ckpt), "--no-fallback", "--log-jsonl", str(log)]))
     assert f"resumed from {ckpt / 'iter_0000002'} at iteration 2" in proc.stdout and "falling back" not in proc.stdout
     ref, got = train_records(straight / "log.jsonl"), train_records(log)
     assert sorted(got) == [3, 4] and all(got[i]["loss"] == ref[i]["loss"] for i in (3, 4))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.reliability.cli_helpers import assert_user_error, run
+from tests.reliability.cli_helpers import assert_user_error, run, run_light
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -92,7 +92,8 @@ def test_failed_import_leaves_no_save_dir(ckpt, tmp_path):
     ],
 )
 def test_plan_refuses_impossible_numbers(args, says):
-    assert_user_error(run("plan", "--model", "debug", *args), says)
+    """Flag errors: one line, and no torch imported to say it (cli_helpers.run_light)."""
+    assert_user_error(run_light("plan", "--model", "debug", *args), says)
 
 
 def test_plan_unknown_model_directory(tmp_path):

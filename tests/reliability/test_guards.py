@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.common import MOCK, launch, ok, records, train_records
+from tests.reliability.common import MOCK, launch, ok, one_rank, records, train_records
 
 HERE = Path(__file__).resolve().parent
 
@@ -50,8 +50,7 @@ def spiky(tmp_path_factory):
     with --log-straggler, a validation and --wandb-project through the stand-in module."""
     d = tmp_path_factory.mktemp("spike")
     proc = ok(
-        launch(
-            1,
+        one_rank(
             SPIKE
             + [
                 "--save",
@@ -95,7 +94,7 @@ def test_spike_skips_are_logged_and_leave_the_schedule(spiky):
 def test_spike_state_resumes_exactly(spiky, tmp_path):
     d, _ = spiky
     # an iter_ directory given to --load is exactly that checkpoint (the latest is iteration 10)
-    ok(launch(1, SPIKE + ["--load", str(d / "ckpt" / "iter_0000006"), "--log-jsonl", str(tmp_path / "b.jsonl")]))
+    ok(one_rank(SPIKE + ["--load", str(d / "ckpt" / "iter_0000006"), "--log-jsonl", str(tmp_path / "b.jsonl")]))
     straight, resumed = train_records(d / "a.jsonl"), train_records(tmp_path / "b.jsonl")
     assert sorted(resumed) == [7, 8, 9, 10]
     for it, r in resumed.items():

@@ -4,6 +4,7 @@ run's (fp32, 1e-5). Cases: TP2 x PP2 -> TP1, TP1 -> TP2, DP1 -> DP2 with the dis
 (the real shard loader splits the same global batches over the new ranks), CP2 -> CP1 with the
 distributed optimizer (its state was sharded over the two context-parallel ranks), EP2 -> EP1 (debug-moe);
 and the change it cannot carry (--use-distributed-optimizer switched) refused naming --no-load-optim.
+The shard runs decode packs in the rank (--num-workers 0): the loader's workers are not the subject.
 
 One single-process run is the reference of the dense cases and the checkpoint of two of them (every
 layout trains like one process within 1e-5: tests/reliability/test_validation.py, tests/moe), and
@@ -40,7 +41,10 @@ def _args(data: list[str], log, *extra: str) -> list[str]:
 
 
 def _shards(prefix: str) -> list[str]:
-    return ["--model", "debug", "--data-path", prefix, "--seq-length", str(SEQ)]
+    # --num-workers 0: the packs are decoded in the rank (the same loader and data position, no fork
+    # server per rank: ~3 CPU-s and seconds to step 1 each); the workers' paths are the subject of
+    # test_cli_loader.py and test_preemption.py
+    return ["--model", "debug", "--data-path", prefix, "--seq-length", str(SEQ), "--num-workers", "0"]
 
 
 def _launch(nproc: int, args: list[str]):

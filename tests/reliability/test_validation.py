@@ -4,7 +4,7 @@ result, it reaches --log-jsonl and tensorboard, and --valid-data-path reads shar
 
 import pytest
 
-from tests.reliability.common import MOCK, launch, ok, train_records, valid_records
+from tests.reliability.common import MOCK, launch, ok, one_rank, train_records, valid_records
 from tests.conftest import SEQ
 
 ITERS = 4
@@ -16,8 +16,8 @@ BASE = MOCK + ["--global-batch-size", "4", "--train-iters", str(ITERS)]
 def single(tmp_path_factory):
     """One process with validation (and tensorboard), and the same run without validation."""
     d = tmp_path_factory.mktemp("valid_single")
-    ok(launch(1, BASE + EVAL + ["--log-jsonl", str(d / "eval.jsonl"), "--tensorboard-dir", str(d / "tb")]))
-    ok(launch(1, BASE + ["--log-jsonl", str(d / "plain.jsonl")]))
+    ok(one_rank(BASE + EVAL + ["--log-jsonl", str(d / "eval.jsonl"), "--tensorboard-dir", str(d / "tb")]))
+    ok(one_rank(BASE + ["--log-jsonl", str(d / "plain.jsonl")]))
     return d
 
 
@@ -60,7 +60,8 @@ def test_validation_loss_matches_single_process(single, tmp_path, layout):
 def test_valid_data_path_reads_shards(digits_shards, tmp_path):
     """--valid-data-path with the training shards, lr 0: the first training batch and the (one-batch)
     validation are the same packs through the same weights, so the two losses agree; on 2
-    data-parallel ranks, so the sum over ranks is part of what agrees."""
+    data-parallel ranks, so the sum over ranks is part of what agrees. The default --num-workers stays:
+    this is the one CLI run of a validation loader beside the training one with loader workers."""
     log = tmp_path / "log.jsonl"
     ok(
         launch(

@@ -5,13 +5,12 @@ import re
 
 import wandb  # the dev extras install it; --wandb-project itself only needs it when given
 
-from tests.reliability.common import MOCK, launch, ok, train_records
+from tests.reliability.common import MOCK, ok, one_rank, train_records
 
 
 def test_real_wandb_offline_run(tmp_path):
     proc = ok(
-        launch(
-            1,
+        one_rank(
             MOCK
             + [
                 "--global-batch-size",
