@@ -98,14 +98,15 @@ def _exit(code: int, message: str | None) -> None:
     """Print the one line and leave. Once the process group exists, without interpreter shutdown:
     gloo's threads abort a normal exit ("terminate called ...", exit -6) and a clean shutdown would
     wait for peers that may be gone. The worker processes megatron-core's checkpoint writer spawned
-    are ended first: orphaned, they would keep the job's output pipes open."""
-    import torch.distributed as dist
-
-    from internvl_mcore.training import preemption
-
+    are ended first: orphaned, they would keep the job's output pipes open. torch is not imported here:
+    a signal during `import torch` lands here with torch half-loaded, and importing it again raised."""
     if message:
         print(f"error: {message}", file=sys.stderr, flush=True)
-    if dist.is_available() and dist.is_initialized():
+    dist = sys.modules.get("torch.distributed")
+    is_initialized = getattr(dist, "is_initialized", None)
+    if is_initialized is not None and dist.is_available() and is_initialized():
+        from internvl_mcore.training import preemption
+
         preemption.end_helpers()
         sys.stdout.flush()
         os._exit(code)

@@ -214,3 +214,20 @@ def test_pretrained_hf_dir_with_a_damaged_header(tmp_path):
     assert_user_error(
         train("--mock-data", "--pretrained", str(hf), seq=64), "--pretrained", str(weights), "damaged safetensors"
     )
+
+
+def test_a_signal_while_torch_is_half_imported_still_exits_with_one_line():
+    """SIGTERM during `import torch` reaches `_exit` with torch.distributed half-loaded in sys.modules;
+    `_exit` must not import it again (that raised ImportError, a traceback instead of the line)."""
+    import subprocess
+    import sys
+
+    from tests.launch import REPO
+
+    code = (
+        "import runpy, sys, types; sys.modules['torch.distributed'] = types.ModuleType('torch.distributed'); "
+        "runpy.run_path('pretrain_internvl.py', run_name='pretrain')['_terminated']()"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 143, proc.stderr
+    assert "terminated (SIGTERM)" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
