@@ -123,8 +123,22 @@ def stage_params(
 ) -> list[ParamSpec]:
     """Every local parameter of pipeline stage `pp_rank` on one TP rank, in build order (the
     adapters of `lora` after the linear they adapt, as `models/lora.py: add_lora` registers them)."""
-    specs = list(_stage_params(model, par, pp_rank))
+    specs = list(_stage_params(model, _shape_key(par), pp_rank))
     return with_lora(specs, lora) if lora is not None and lora.enabled else specs
+
+
+def _shape_key(par: ParallelConfig) -> ParallelConfig:
+    """`par` reduced to the sizes that shape a stage's parameters: a search visits hundreds of
+    layouts that differ only in DP/CP/recompute/sequence parallel, and an MoE stage lists thousands of
+    expert weights, so the cache must not miss on those (it made a 30B-A3B search take ~25 CPU-s)."""
+    return ParallelConfig(
+        tensor_model_parallel_size=par.tensor_model_parallel_size,
+        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        decoder_first_pipeline_num_layers=par.decoder_first_pipeline_num_layers,
+        decoder_last_pipeline_num_layers=par.decoder_last_pipeline_num_layers,
+        expert_model_parallel_size=par.expert_model_parallel_size,
+        expert_tensor_parallel_size=par.expert_tensor_parallel_size,
+    )
 
 
 @lru_cache(maxsize=256)
