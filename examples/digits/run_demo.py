@@ -86,10 +86,15 @@ class Recipe:
     """Training seed (weights, data order, drop path); the data split is fixed."""
     eval_batch_size: int = 128
     """Held-out questions per generate() call."""
+    num_workers: int = 1
+    """Loader processes per training rank (pretrain_internvl.py --num-workers). --quick uses 0: its few
+    steps would mostly wait for each rank's loader process to start (~13 s, ~3 CPU-s each)."""
 
 
 # The shortened demo the tests run: same phases and code path, a handful of steps.
-QUICK = dict(stage1_iters=3, stage2_iters=4, stage2_warmup=1, max_single=200, multi_image=30, text_only=20)
+QUICK = dict(
+    stage1_iters=3, stage2_iters=4, stage2_warmup=1, max_single=200, multi_image=30, text_only=20, num_workers=0
+)
 
 
 @dataclass
@@ -288,6 +293,8 @@ def run_demo(out: str, recipe: Recipe, log_every: int = 20) -> DemoResult:
             str(recipe.seed),
             "--weight-decay",
             str(recipe.weight_decay),
+            "--num-workers",
+            str(recipe.num_workers),
             "--log-interval",
             str(log_every),
             "--log-jsonl",

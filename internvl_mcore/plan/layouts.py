@@ -27,7 +27,14 @@ from ..config.model import ModelConfig, ParallelConfig
 from ..errors import ConfigError
 from .flops import forward_flops, pass_multipliers, train_step_flops
 from .memory import GiB, ActivationBytes, StateBytes, activation_bytes, state_bytes
-from .params import PARTS, check_divisibility, decoder_layers_per_stage, padded_vision_heads, stage_params
+from .params import (
+    PARTS,
+    check_divisibility,
+    decoder_layers_per_stage,
+    padded_vision_heads,
+    stage_numel,
+    stage_params,
+)
 
 
 @dataclass(frozen=True)
@@ -349,12 +356,14 @@ def _dp_comm_s(model: ModelConfig, layout: Layout, w: Workload, hw: Hardware) ->
     dp_bw = _link(hw, tp * cp, dp)
     dp_time = 0.0
     for r in range(layout.pp):
-        specs = [s for s in stage_params(model, par, r, w.lora()) if s.part in w.trainable]
+        lora = w.lora()
+        if lora is not None and lora.enabled:
+            specs = [s for s in stage_params(model, par, r, lora) if s.part in w.trainable]
+            dense, expert = sum(s.numel for s in specs if not s.expert), sum(s.numel for s in specs if s.expert)
+        else:  # cached: a search asks for the same sizes under many layouts
+            dense, expert = stage_numel(model, par, r, w.trainable)
         t = 0.0  # dense weights over DP x CP; expert weights over the expert DP group (DP x CP / EP)
-        for n, group in (
-            (sum(s.numel for s in specs if not s.expert), dp * cp),
-            (sum(s.numel for s in specs if s.expert), dp * cp // layout.ep),
-        ):
+        for n, group in ((dense, dp * cp), (expert, dp * cp // layout.ep)):
             if layout.distributed_optimizer:
                 t += (_ring(group, False) * n * 4 + _ring(group, False) * n * e) / dp_bw
             else:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterable, Literal, Optional, Sequence
 
 from ..config.lora import LoRAConfig
@@ -34,6 +35,7 @@ from .params import (
     PARTS,
     ParamSpec,
     decoder_layers_per_stage,
+    shape_key,
     padded_vision_heads,
     padded_vocab,
     stage_params,
@@ -188,10 +190,53 @@ def state_bytes(
     expert_dp_rank: with dp_rank, this rank's place in the expert data-parallel group (MoE).
     The DP group megatron shards over is data x context parallel; MoE expert weights have buffers of
     their own over the expert data-parallel group (TP x CP x DP / (EP x expert-TP) ranks)."""
-    keep = set(trainable)
+    args = (
+        model,
+        shape_key(par),
+        pp_rank,
+        data_parallel_size * par.context_parallel_size,
+        frozenset(trainable),
+        param_bytes,
+        use_distributed_optimizer,
+        dp_rank,
+        grad_reduce_in_fp32,
+        adam_step_bytes,
+        bucket_size,
+        norms_fp32,
+        expert_dp_rank,
+    )
+    if lora is not None and lora.enabled:  # a LoRAConfig is not hashable: not cached
+        return _state_bytes(*args, lora)
+    return _cached_state_bytes(*args)
+
+
+@lru_cache(maxsize=4096)
+def _cached_state_bytes(*args) -> StateBytes:
+    """`_state_bytes` without adapters, cached: a layout search asks again for every recompute /
+    sequence-parallel variant of the same sizes, and an MoE stage's buffer walk covers thousands of
+    expert weights."""
+    return _state_bytes(*args, None)
+
+
+def _state_bytes(
+    model: ModelConfig,
+    par: ParallelConfig,
+    pp_rank: int,
+    dense_dp: int,
+    keep: frozenset[str],
+    param_bytes: int,
+    use_distributed_optimizer: bool,
+    dp_rank: Optional[int],
+    grad_reduce_in_fp32: bool,
+    adam_step_bytes: int,
+    bucket_size: Optional[int],
+    norms_fp32: bool,
+    expert_dp_rank: Optional[int],
+    lora: Optional[LoRAConfig],
+) -> StateBytes:
+    """state_bytes over the data x context parallel group of `dense_dp` ranks."""
     specs = stage_params(model, par, pp_rank, lora)
     tp, ep = par.tensor_model_parallel_size, par.expert_model_parallel_size
-    dense_dp = data_parallel_size * par.context_parallel_size
     expert_dp = dense_dp * tp // (ep * (par.expert_tensor_parallel_size or tp))
 
     def width(s: ParamSpec) -> int:

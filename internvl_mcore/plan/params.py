@@ -114,8 +114,29 @@ def local(p: Param, size: int, model: ModelConfig, name: str | None = None, **ta
     name; default: the canonical one): a split parameter's local shape is its sharding rule's
     (models/sharding.py: padded heads, padded vocabulary, even split)."""
     name = name or p.name
-    shape = rule_for(p.name).local_shape(p.shape, split_dim(p.name), size, model) if p.split else p.shape
+    if p.split:
+        rule, dim = _rule(p.name)
+        shape = rule.local_shape(p.shape, dim, size, model)
+    else:
+        shape = p.shape
     return ParamSpec(name, shape, p.part, torch_norm=p.torch_norm, expert=p.expert, **tags)
+
+
+@lru_cache(maxsize=1 << 16)
+def _rule(name: str) -> tuple:
+    """(sharding rule, split dim) of canonical `name`: a search lists the same names for many layouts."""
+    return rule_for(name), split_dim(name)
+
+
+def stage_numel(model: ModelConfig, par: ParallelConfig, pp_rank: int, parts: Iterable[str]) -> tuple[int, int]:
+    """(dense, expert) elements of stage `pp_rank`'s parameters of `parts` on one rank (no adapters)."""
+    return _stage_numel(model, shape_key(par), pp_rank, frozenset(parts))
+
+
+@lru_cache(maxsize=1024)
+def _stage_numel(model: ModelConfig, par: ParallelConfig, pp_rank: int, parts: frozenset) -> tuple[int, int]:
+    specs = [s for s in _stage_params(model, par, pp_rank) if s.part in parts]
+    return sum(s.numel for s in specs if not s.expert), sum(s.numel for s in specs if s.expert)
 
 
 def stage_params(
@@ -123,8 +144,22 @@ def stage_params(
 ) -> list[ParamSpec]:
     """Every local parameter of pipeline stage `pp_rank` on one TP rank, in build order (the
     adapters of `lora` after the linear they adapt, as `models/lora.py: add_lora` registers them)."""
-    specs = list(_stage_params(model, par, pp_rank))
+    specs = list(_stage_params(model, shape_key(par), pp_rank))
     return with_lora(specs, lora) if lora is not None and lora.enabled else specs
+
+
+def shape_key(par: ParallelConfig) -> ParallelConfig:
+    """`par` reduced to the sizes that shape a stage's parameters: a search visits hundreds of
+    layouts that differ only in DP/CP/recompute/sequence parallel, and an MoE stage lists thousands of
+    expert weights, so the cache must not miss on those (it made a 30B-A3B search take ~25 CPU-s)."""
+    return ParallelConfig(
+        tensor_model_parallel_size=par.tensor_model_parallel_size,
+        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        decoder_first_pipeline_num_layers=par.decoder_first_pipeline_num_layers,
+        decoder_last_pipeline_num_layers=par.decoder_last_pipeline_num_layers,
+        expert_model_parallel_size=par.expert_model_parallel_size,
+        expert_tensor_parallel_size=par.expert_tensor_parallel_size,
+    )
 
 
 @lru_cache(maxsize=256)

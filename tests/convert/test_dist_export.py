@@ -1,7 +1,7 @@
 """Training checkpoints read without a model (internvl_mcore/checkpoint/dist_reader.py, dist_canonical.py)
 and exported to HF by streaming (tools/convert_to_hf.py --load TRAINING_CKPT).
 
-One CLI world per model: a tiny transformers checkpoint -> convert_from_hf.py (sharded) ->
+One training run per model: a tiny transformers checkpoint -> convert_from_hf.py (sharded) ->
 pretrain_internvl.py --pretrained (one step at lr 0, --save) at TP2 x PP2 (dense debug-6b: padded
 InternViT heads, padded vocabulary, tied embeddings, distributed optimizer) and at TP2 x EP2 + SP
 (debug-moe: experts split over expert-TP too, chained optimizers). On each:
@@ -20,11 +20,8 @@ import contextlib
 import gc
 import importlib.util
 import io
-import os
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -38,7 +35,8 @@ from internvl_mcore.errors import CheckpointError
 from internvl_mcore.checkpoint.safetensors_io import SafetensorsDir
 from tests.convert.tiny_hf import save_transformers_dir, tiny_transformers_model
 from tests.fixtures import new_tensor_bytes
-from tests.launch import REPO, free_port
+from tests.launch import REPO
+from tests.worldpool import run_in_world
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.timeout(400)
@@ -66,17 +64,9 @@ def _tool(name: str):
 
 
 def _pretrain_at_lr0(preset: str, canonical: Path, save: Path, layout: list[str]) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "4",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        "pretrain_internvl.py",
+    """pretrain_internvl.py on the session's 4-rank world (tests/worldpool.py: its main() returns on
+    success): the CLI is not the subject here, and a torchrun launch costs an agent and 4 imports."""
+    argv = [
         "--model",
         preset,
         "--mock-data",
@@ -96,15 +86,8 @@ def _pretrain_at_lr0(preset: str, canonical: Path, save: Path, layout: list[str]
         "--save",
         str(save),
     ]
-    proc = subprocess.run(
-        cmd,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_in_world(REPO / "pretrain_internvl.py", 4, argv, timeout=300)
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
 
 
 @pytest.fixture(scope="module", params=list(RUNS))

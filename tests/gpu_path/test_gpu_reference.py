@@ -7,11 +7,27 @@ beyond its tolerance, must make the comparison FAIL. Remake the file with
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 
+from tests.launch import REPO
+from tests.worldpool import run_in_world
 
 CHECKS = {"fp32_vs_cpu": "dense", "moe_vs_cpu": "moe", "mpo_vs_cpu": "mpo"}
+
+
+def _in_world(cmd: list[str], timeout: float, env: dict | None = None) -> None:
+    """gpu_check.run for the commands these checks start (`python SCRIPT ...` and `python -m
+    torch.distributed.run ... SCRIPT ...`: preprocessing, the seeded checkpoints, the reference runs)
+    as jobs of the session's reused worlds: seven interpreters importing torch + megatron-core less.
+    The environment (CUDA hidden, TF32 off) only matters on a GPU; the CPU computes the same numbers."""
+    assert cmd[0] == sys.executable, cmd
+    args, nproc = [str(a) for a in cmd[1:]], 1
+    if args[:2] == ["-m", "torch.distributed.run"]:
+        nproc = int(args[args.index("--nproc_per_node") + 1])
+        args = args[args.index("--master_port") + 2 :]
+    run_in_world(REPO / args[0], nproc, args[1:], timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +35,9 @@ def cpu_runs(gpu_check, tmp_path_factory):
     """The data made as on a machine without carried data, and the three reference checks on the CPU."""
     work = tmp_path_factory.mktemp("gpu_reference")
     ctx = gpu_check.Ctx(work, work / "data", "cpu")
-    return ctx, {name: gpu_check.run_check_here(name, ctx) for name in CHECKS}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gpu_check, "run", _in_world)
+        return ctx, {name: gpu_check.run_check_here(name, ctx) for name in CHECKS}
 
 
 def test_committed_reference_numbers_are_what_the_cpu_computes(cpu_runs):
