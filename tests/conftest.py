@@ -227,3 +227,13 @@ def pretrain_log(tmp_path_factory):
         return [dict(r) for r in cache[key]]
 
     return run
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say which reused worlds were replaced because a job left gloo groups polling (tests/worldpool.py):
+    each is a leak somewhere in what that job ran, worth finding."""
+    from tests.worldpool import RECYCLED
+
+    if RECYCLED:
+        sizes = ", ".join(f"{RECYCLED.count(n)} of {n} ranks" for n in sorted(set(RECYCLED)))
+        terminalreporter.write_line(f"worldpool: worlds replaced after a job left gloo groups polling: {sizes}")
