@@ -350,13 +350,14 @@ def _run_job(job: dict) -> dict:
             left = job_leftovers()
         except Exception:  # noqa: BLE001 - reported: the world is ended and restarted
             left = [traceback.format_exc()]
+        polling = gloo_threads() - _BASE_GLOO_THREADS
         if left:
             reply["error"] = reply.get("error", "") + f"teardown left: {', '.join(left)}"
-        elif gloo_threads() > _BASE_GLOO_THREADS:
+        elif polling > 0:
             # groups something still references (not in torch's map, so not the job's to destroy): they
             # would poll for the rest of the session, so this world ends after the job and the next job
             # of its size starts a fresh one
-            reply["recycle"] = gloo_threads() - _BASE_GLOO_THREADS
+            reply["recycle"] = polling
     return reply
 
 
