@@ -451,7 +451,9 @@ class PreprocessOptions:
     instead of cutting its tiles (`TokenizedSample.tiles` is then empty)."""
 
 
-class _RejectError(Exception):
+class RejectError(Exception):
+    """A record that cannot become a sample: its `reason` (REJECT_REASONS) and a detail naming what."""
+
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
         self.reason = reason
@@ -463,13 +465,13 @@ def record_rng(opts: PreprocessOptions, record: RawRecord) -> np.random.Generato
     return np.random.default_rng([opts.seed, _stable_hash(record.dataset.name), record.line, record.repeat])
 
 
-def _read_image(source: str | bytes, what: str) -> tuple[Image.Image, bytes, str | None]:
-    """(RGB image, encoded bytes, Pillow format) from a path or bytes; _RejectError('missing_image' |
+def read_image(source: str | bytes, what: str) -> tuple[Image.Image, bytes, str | None]:
+    """(RGB image, encoded bytes, Pillow format) from a path or bytes; RejectError('missing_image' |
     'corrupt_image'). The image is decoded from the same bytes the "source" tile format stores."""
     if isinstance(source, str) and os.path.isdir(source):
-        raise _RejectError("missing_image", f"{what} is a directory, not an image file: {source}")
+        raise RejectError("missing_image", f"{what} is a directory, not an image file: {source}")
     if isinstance(source, str) and not os.path.isfile(source):
-        raise _RejectError("missing_image", f"{what} not found: {source}")
+        raise RejectError("missing_image", f"{what} not found: {source}")
     try:
         if isinstance(source, str):
             with open(source, "rb") as f:
@@ -478,16 +480,16 @@ def _read_image(source: str | bytes, what: str) -> tuple[Image.Image, bytes, str
             im.load()  # decode now so truncated/corrupt files fail here, not later
             return im.convert("RGB"), source, im.format
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, DecompressionBombError...
-        raise _RejectError("corrupt_image", f"{what}: {type(e).__name__}: {e}") from e
+        raise RejectError("corrupt_image", f"{what}: {type(e).__name__}: {e}") from e
 
 
-def _image_sources(record: RawRecord) -> list[tuple[str | bytes, str]] | None:
+def image_sources(record: RawRecord) -> list[tuple[str | bytes, str]] | None:
     """(path-or-bytes, description) of each image of the record, None if it has no image field."""
     payload = record.payload
     if "images" in payload and payload["images"] is not None and "image" not in payload:
         images = payload["images"]  # HF datasets: list of bytes or {"bytes", "path"} structs
         if not isinstance(images, list):
-            raise _RejectError("bad_record", f"'images' is {type(images).__name__}, not a list")
+            raise RejectError("bad_record", f"'images' is {type(images).__name__}, not a list")
         out = []
         for k, item in enumerate(images):
             if isinstance(item, dict):
@@ -501,14 +503,14 @@ def _image_sources(record: RawRecord) -> list[tuple[str | bytes, str]] | None:
             elif isinstance(rel, str) and rel:
                 out.append((media_path(record.dataset, rel, f"image {k}"), f"image {k}"))
             else:
-                raise _RejectError("bad_record", f"image {k} has neither bytes nor a path")
+                raise RejectError("bad_record", f"image {k} has neither bytes nor a path")
         return out or None
     image = payload.get("image")
     if image is None or (isinstance(image, (str, list)) and len(image) == 0):
         return None
     paths = image if isinstance(image, list) else [image]
     if not all(isinstance(p, str) and p for p in paths):
-        raise _RejectError("bad_record", f"'image' must be a path or a list of paths, got {str(image)[:80]}")
+        raise RejectError("bad_record", f"'image' must be a path or a list of paths, got {str(image)[:80]}")
     return [(media_path(record.dataset, p, f"image {p!r}"), f"image {p!r}") for p in paths]
 
 
@@ -524,7 +526,7 @@ def media_path(spec: DatasetSpec, rel: str, what: str) -> str:
         return path
     real_root, real = os.path.realpath(root), os.path.realpath(path)
     if os.path.commonpath([real_root, real]) != real_root:
-        raise _RejectError(
+        raise RejectError(
             "outside_root",
             f"{what} resolves to {real}, outside the dataset root {real_root} "
             f"(dataset {spec.name!r}: set \"allow_outside_root\": true in the meta file to allow it)",
@@ -536,10 +538,10 @@ def _first_turn_index(conversations: list[dict], roles=PROMPT_ROLES) -> int:
     for i, turn in enumerate(conversations):
         if turn.get("from") in roles:
             return i
-    raise _RejectError("image_count_mismatch", "images given but there is no user turn to put them in")
+    raise RejectError("image_count_mismatch", "images given but there is no user turn to put them in")
 
 
-def _copy_conversations(payload: dict) -> list[dict]:
+def copy_conversations(payload: dict) -> list[dict]:
     if "conversations" in payload:
         convs = payload["conversations"]
     elif "messages" in payload:
@@ -550,19 +552,19 @@ def _copy_conversations(payload: dict) -> list[dict]:
             if "chosen" in payload and "rejected" in payload
             else ""
         )
-        raise _RejectError("bad_record", "record has neither 'conversations' nor 'messages'" + hint)
+        raise RejectError("bad_record", "record has neither 'conversations' nor 'messages'" + hint)
     if not isinstance(convs, list):
-        raise _RejectError("bad_record", f"'conversations' is {type(convs).__name__}, not a list")
+        raise RejectError("bad_record", f"'conversations' is {type(convs).__name__}, not a list")
     if not convs:
-        raise _RejectError("empty_conversation", "'conversations' is empty")
+        raise RejectError("empty_conversation", "'conversations' is empty")
     for i, t in enumerate(convs):  # placeholders are counted / inserted before templating: check shape now
         if not isinstance(t, dict):
-            raise _RejectError("bad_record", f"turn {i} is not a {{'from', 'value'}} object: {str(t)[:80]}")
+            raise RejectError("bad_record", f"turn {i} is not a {{'from', 'value'}} object: {str(t)[:80]}")
     # Copies: the payload is shared between repeats and must stay untouched.
     return [dict(t) for t in convs]
 
 
-def _add_image_placeholders(convs: list[dict], n_images: int, multi: bool) -> None:
+def add_image_placeholders(convs: list[dict], n_images: int, multi: bool) -> None:
     """InternVL prepends '<image>\\n' (x n for a list of images) to the first user turn when the record has
     no placeholder. Differences: InternVL looks only at conversations[0] (so a record starting with a system
     turn gets the placeholder in the system prompt and then fails); we use the first user turn, and only
@@ -583,7 +585,7 @@ def _expand_video(convs: list[dict], n_frames: int) -> None:
     ]
     total = sum(convs[i]["value"].count(VIDEO_PLACEHOLDER) for i in holders)
     if total > 1:
-        raise _RejectError("image_count_mismatch", f"{total} {VIDEO_PLACEHOLDER} placeholders for one video")
+        raise RejectError("image_count_mismatch", f"{total} {VIDEO_PLACEHOLDER} placeholders for one video")
     if not holders:
         i = _first_turn_index(convs)
         if not isinstance(convs[i].get("value"), str):
@@ -642,10 +644,10 @@ def _add_images(record: RawRecord, convs: list[dict], sources: list, visuals: _V
     """InternVL's image branch: placeholders, the per-image tile cap of a list, dynamic tiling."""
     spec, opts = record.dataset, visuals.opts
     multi = isinstance(record.payload.get("image"), list) or "images" in record.payload
-    _add_image_placeholders(convs, len(sources), multi)
+    add_image_placeholders(convs, len(sources), multi)
     max_num = max(1, spec.max_dynamic_patch // len(sources)) if multi else spec.max_dynamic_patch
     for src, what in sources:
-        image, data, fmt = _read_image(src, what)
+        image, data, fmt = read_image(src, what)
         tiling = plan_tiling(*image.size, spec.min_dynamic_patch, max_num, opts.image_size, opts.use_thumbnail)
         visuals.add(image, tiling, lambda: stored_image_bytes(data, image, fmt))
 
@@ -658,7 +660,7 @@ def _video_frames(record: RawRecord, path: str, visuals: _Visuals) -> None:
     if path.endswith("/") or os.path.isdir(path):
         for file in sample_frame_files(path, opts.min_num_frames, opts.max_num_frames, rng, opts.frame_sampling):
             what = f"frame {os.path.basename(file)!r}"
-            image, data, fmt = _read_image(media_path(record.dataset, file, what), what)
+            image, data, fmt = read_image(media_path(record.dataset, file, what), what)
             visuals.add(image, one, lambda: stored_image_bytes(data, image, fmt))
         return
     for frame in load_video_frames(path, opts.min_num_frames, opts.max_num_frames, rng, opts.frame_sampling):
@@ -669,17 +671,17 @@ def _video_frames(record: RawRecord, path: str, visuals: _Visuals) -> None:
 def _add_video(record: RawRecord, convs: list[dict], video: str, visuals: _Visuals) -> None:
     path = media_path(record.dataset, video, f"video {video!r}")
     if not os.path.exists(path.rstrip("/") or path):
-        raise _RejectError("missing_image", f"video not found: {path}")
+        raise RejectError("missing_image", f"video not found: {path}")
     try:
         _video_frames(record, path, visuals)
-    except _RejectError:
+    except RejectError:
         raise
     except VideoDecoderMissing as e:
-        raise _RejectError("video_decoder_missing", str(e)) from e
+        raise RejectError("video_decoder_missing", str(e)) from e
     except FileNotFoundError as e:
-        raise _RejectError("missing_image", str(e)) from e
+        raise RejectError("missing_image", str(e)) from e
     except Exception as e:
-        raise _RejectError("corrupt_image", f"video {path}: {type(e).__name__}: {e}") from e
+        raise RejectError("corrupt_image", f"video {path}: {type(e).__name__}: {e}") from e
     _expand_video(convs, len(visuals.num_tiles))
 
 
@@ -690,7 +692,7 @@ def _check_context_tokens(
         return
     n_context = int(np.count_nonzero(tokens == tokenizer.token_to_id(IMG_CONTEXT_TOKEN)))
     if n_context != opts.num_image_token * sum(num_tiles):
-        raise _RejectError(
+        raise RejectError(
             "bad_record",
             f"{n_context} {IMG_CONTEXT_TOKEN} tokens for {sum(num_tiles)} tiles: the tokenizer does not "
             f"keep {IMG_CONTEXT_TOKEN} as one token",
@@ -702,7 +704,7 @@ def _fit_length(tokens, loss_mask, visuals: _Visuals, tokenizer: Tokenizer, opts
     if len(tokens) <= opts.max_seq_length:
         return tokens, loss_mask, visuals.num_tiles, visuals.tiles(), visuals.images
     if not opts.truncate:
-        raise _RejectError("too_long", f"{len(tokens)} tokens > max_seq_length {opts.max_seq_length}")
+        raise RejectError("too_long", f"{len(tokens)} tokens > max_seq_length {opts.max_seq_length}")
     has_images = bool(visuals.num_tiles)
     tokens, loss_mask, kept = _truncate(
         tokens,
@@ -714,14 +716,14 @@ def _fit_length(tokens, loss_mask, visuals: _Visuals, tokenizer: Tokenizer, opts
     )
     num_tiles = visuals.num_tiles[:kept]
     if not loss_mask.any():
-        raise _RejectError("too_long", f"no loss tokens left after truncating to {opts.max_seq_length}")
+        raise RejectError("too_long", f"no loss tokens left after truncating to {opts.max_seq_length}")
     return tokens, loss_mask, num_tiles, visuals.tiles()[: sum(num_tiles)], visuals.images[:kept]
 
 
 def _build(record: RawRecord, tokenizer: Tokenizer, opts: PreprocessOptions) -> TokenizedSample:
     spec = record.dataset
-    convs = _copy_conversations(record.payload)
-    sources = _image_sources(record)
+    convs = copy_conversations(record.payload)
+    sources = image_sources(record)
     video = record.payload.get("video")
     visuals = _Visuals(opts)
     if sources is not None:
@@ -729,7 +731,7 @@ def _build(record: RawRecord, tokenizer: Tokenizer, opts: PreprocessOptions) -> 
     elif isinstance(video, str) and video:
         _add_video(record, convs, video, visuals)
     elif video is not None and not isinstance(video, str):
-        raise _RejectError("bad_record", f"'video' must be a path, got {type(video).__name__}")
+        raise RejectError("bad_record", f"'video' must be a path, got {type(video).__name__}")
     tokens, loss_mask = tokenize_conversation(
         convs,
         tokenizer,
@@ -767,7 +769,7 @@ def build_sample(record: RawRecord, tokenizer: Tokenizer, opts: PreprocessOption
     """
     try:
         return _build(record, tokenizer, opts)
-    except (_RejectError, TemplateError) as e:
+    except (RejectError, TemplateError) as e:
         return Reject(record.source_file, record.line, e.reason, e.detail)
     except KeyError as e:  # e.g. the tokenizer lacks <img>
         return Reject(record.source_file, record.line, "bad_record", f"KeyError: {e}")

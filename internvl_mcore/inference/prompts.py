@@ -20,11 +20,11 @@ from ..config.model import ModelConfig
 from ..data.image import cut_tiles, normalize_tiles, plan_tiling
 from ..data.sources import (
     DatasetSpec,
-    _add_image_placeholders,
-    _copy_conversations,
-    _read_image,
-    _RejectError,
+    RejectError,
+    add_image_placeholders,
+    copy_conversations,
     media_path,
+    read_image,
 )
 from ..data.template import GPT_ROLES, INTERNVL2_5, ChatTemplate, render_turns
 from ..data.tokenizer import Tokenizer
@@ -88,7 +88,7 @@ def _tiles(paths: list[str], cfg: ModelConfig, opts: TilingOptions) -> list[np.n
     size = cfg.vision.image_size
     out = []
     for k, rel in enumerate(paths):
-        image, _, _ = _read_image(media_path(spec, rel, f"image {k}"), f"image {k}")
+        image, _, _ = read_image(media_path(spec, rel, f"image {k}"), f"image {k}")
         tiling = plan_tiling(*image.size, opts.min_dynamic_patch, opts.max_dynamic_patch, size, opts.use_thumbnail)
         out.append(normalize_tiles(cut_tiles(image, tiling, size)))
     return out
@@ -104,7 +104,7 @@ def _prompt_tokens(
     # render_turns wants an assistant turn; an empty one stands for the answer to come and is dropped
     turns = render_turns(convs + [{"from": "gpt", "value": ""}], image_tokens, opts.system_prompt, template)[:-1]
     if turns[-1][0] != "human":
-        raise _RejectError("bad_record", "the conversation must end with a user turn (the prompt to answer)")
+        raise RejectError("bad_record", "the conversation must end with a user turn (the prompt to answer)")
     bos = tokenizer.bos_token if tokenizer.add_bos_token else None
     ids: list[int] = []
     for k, (_, text) in enumerate(turns):
@@ -124,12 +124,12 @@ def build_prompt(
     """One record's prompt; problems are DataErrors naming `where` (file:line)."""
     try:
         paths = _image_paths(record, where)
-        convs = _copy_conversations(record)
+        convs = copy_conversations(record)
         if paths:
-            _add_image_placeholders(convs, len(paths), isinstance(record.get("image"), list))
+            add_image_placeholders(convs, len(paths), isinstance(record.get("image"), list))
         tiles = _tiles(paths, cfg, opts)
         tokens = _prompt_tokens(convs, tokenizer, [t.shape[0] * cfg.num_image_token for t in tiles], opts, template)
-    except _RejectError as exc:
+    except RejectError as exc:
         raise DataError(f"{where}: {exc.reason}: {exc.detail}") from None
     except DataError as exc:  # a TemplateError names the reason, not the line
         if str(exc).startswith(where):
