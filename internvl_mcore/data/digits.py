@@ -4,6 +4,10 @@
 is shown?", multi-image "Which of these images shows a 3?", and text-only arithmetic), a meta JSON,
 a fixed held-out split, and a tokenizer for the debug models (`train_tiny_tokenizer`, vocab 500:
 its chat-token ids are the `debug` preset's). Used by the demo, the examples and the tests.
+
+`build_digits_rl_prompts` writes the online-RL prompt sets (--stage gspo / grpo): the same question
+over the same split's images, with the digit as the reference answer and no gpt turn, as InternVL
+JSONL plus an "answer" field for `tools/preprocess_mm_data.py --prompts`.
 """
 
 from __future__ import annotations
@@ -62,10 +66,7 @@ def build_digits_dataset(
 
     digits = load_digits()
     labels = digits.target
-    n = len(labels)
-    order = np.random.RandomState(seed).permutation(n)
-    n_held = int(round(n * heldout_fraction))
-    held, train = order[:n_held], order[n_held:]
+    held, train = _split(len(labels), heldout_fraction, seed)
     img_dir = _write_images(root, digits.images, image_size)
 
     # one generator, drawn in this order (multi-image picks, then arithmetic, then the shuffle): the
@@ -83,7 +84,69 @@ def build_digits_dataset(
     _write_meta(meta, "digits", img_dir, train_jsonl, len(lines))
     tok_dir = _train_tokenizer(os.path.join(root, "tokenizer"), lines, seed)
     pref_meta = _write_preference(root, img_dir, train, labels, preference_pairs, seed) if preference_pairs else None
-    return DigitsDataset(root, meta, heldout, tok_dir, len(lines), n_held, pref_meta)
+    return DigitsDataset(root, meta, heldout, tok_dir, len(lines), len(held), pref_meta)
+
+
+def _split(n: int, heldout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(held-out, training) image indices: one seeded permutation, the first share held out."""
+    order = np.random.RandomState(seed).permutation(n)
+    n_held = int(round(n * heldout_fraction))
+    return order[:n_held], order[n_held:]
+
+
+@dataclass
+class DigitsRLPrompts:
+    """Paths of the online-RL prompt sets (InternVL JSONL + "answer"; meta JSONs for --prompts)."""
+
+    train_meta: str
+    heldout_meta: str
+    train: str
+    heldout: str
+    num_train: int
+    num_heldout: int
+
+
+def build_digits_rl_prompts(
+    root: str,
+    image_size: int = 56,
+    heldout_fraction: float = 0.2,
+    seed: int = 0,
+    num_train: int | None = None,
+    num_heldout: int | None = None,
+) -> DigitsRLPrompts:
+    """ "What digit is shown?" prompts with the digit as "answer": the training split's images (at most
+    `num_train`, in the seed's order) and the held-out split's (at most `num_heldout`). The split and
+    the images are build_digits_dataset's for the same `seed`, `heldout_fraction` and `image_size`,
+    so the held-out prompts are the images evaluate.py scores and no training image is among them."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    labels = digits.target
+    held, train = _split(len(labels), heldout_fraction, seed)
+    img_dir = _write_images(root, digits.images, image_size)
+    paths = {}
+    for split, indices in (("train", train[:num_train]), ("heldout", held[:num_heldout])):
+        records = [
+            {
+                "id": f"rl-{split}-{i}",
+                "image": f"{i:04d}.png",
+                "conversations": [{"from": "human", "value": f"<image>\n{QUESTION}"}],
+                "answer": str(int(labels[i])),
+            }
+            for i in indices
+        ]
+        paths[split] = os.path.join(root, f"digits_rl_{split}.jsonl")
+        _write_jsonl(paths[split], records)
+        paths[split + "_meta"] = os.path.join(root, f"meta_rl_{split}.json")
+        _write_meta(paths[split + "_meta"], f"digits_rl_{split}", img_dir, paths[split], len(records))
+    return DigitsRLPrompts(
+        paths["train_meta"],
+        paths["heldout_meta"],
+        paths["train"],
+        paths["heldout"],
+        len(train[:num_train]),
+        len(held[:num_heldout]),
+    )
 
 
 def _write_images(root: str, images: np.ndarray, size: int) -> str:

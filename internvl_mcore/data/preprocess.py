@@ -19,6 +19,7 @@ keeps slice I of every dataset (see `_records`), so N machines can share the wor
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -36,6 +37,8 @@ from ..errors import ConfigError, DataError
 from ..faults import wait_for_signal
 from .packing import pack_fill, pack_lengths, v2pe_position_ids, v2pe_random_deltas
 from .pool import RECORD_TIMEOUT_S, SupervisedPool
+from .prompts import PromptRecord, write_prompt_shards
+from .prompts import manifest_path as prompt_manifest_path
 from .preference import check_same_prompt, split_preference_record
 from .sample import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, Reject, TokenizedSample
 from .shards import (
@@ -48,6 +51,7 @@ from .shards import (
     encode_source_images,
     encode_tiles,
 )
+from . import prompts
 from . import sources  # build_sample is looked up on the module, so tests can substitute it
 from .sources import PreprocessOptions, iter_records, read_meta
 from .template import INTERNVL2_5, TEMPLATES
@@ -105,6 +109,12 @@ class PreprocessConfig:
     preference: bool = False
     """MMPR preference JSONL (image(s), question, chosen, rejected) for --stage mpo: each record becomes
     a chosen + rejected pair packed together, images stored once."""
+    prompts: bool = False
+    """Prompts with reference answers for --stage gspo / grpo (InternVL JSONL plus an answer field):
+    written as a prompt set (data/prompts.py: the conversation up to the user's last turn, its images'
+    bytes once, the answer), not tokenized or packed."""
+    answer_key: str = "answer"
+    """With --prompts: the record field holding the reference answer."""
     num_shards: int = 1
     """Split the input across this many runs (machines): each keeps a deterministic slice of every
     dataset; train on all the resulting prefixes together."""
@@ -150,11 +160,24 @@ class PreprocessConfig:
             raise ConfigError(
                 f"need 1 <= --min-num-frames ({self.min_num_frames}) <= --max-num-frames ({self.max_num_frames})"
             )
+        self._validate_prompts()
         for m in self.meta:
             if os.path.isdir(m):
                 raise DataError(f"--meta {m} is a directory, not a meta JSON file")
             if not os.path.isfile(m):
                 raise DataError(f"--meta file not found: {m}")
+
+    def _validate_prompts(self) -> None:
+        if not self.prompts:
+            return
+        for given, flag in ((self.preference, "--preference"), (self.truncate, "--truncate")):
+            if given:
+                raise ConfigError(f"--prompts does not take {flag} (an over-long prompt is rejected, never cut)")
+        if self.tile_format != "source":
+            raise ConfigError(
+                f"--prompts stores each image's bytes once; --tile-format {self.tile_format} does not apply "
+                "(the RL stage tiles the images as generation does)"
+            )
 
 
 @dataclass
@@ -202,6 +225,8 @@ class _WorkerContext:
     image_size: int
     img_ids: tuple[int, int, int]  # <img>, </img>, <IMG_CONTEXT>
     preference: bool = False
+    prompts: bool = False
+    answer_key: str = "answer"
 
 
 _CTX: _WorkerContext | None = None
@@ -223,12 +248,14 @@ def _reject_for(record: Any, reason: str, detail: str) -> Reject:
     )
 
 
-def process_record(ctx: _WorkerContext, ordinal: int, record: Any) -> _Ok | list[_Ok] | Reject:
+def process_record(ctx: _WorkerContext, ordinal: int, record: Any) -> _Ok | list[_Ok] | PromptRecord | Reject:
     """One input record -> an encoded sample or a Reject. Pure in (ctx, ordinal, record)."""
     if isinstance(record, Reject):
         return record
     if ctx.preference:
         return _process_pair(ctx, ordinal, record)
+    if ctx.prompts:  # catches everything itself: one bad record costs one record
+        return prompts.build_prompt_record(record, ctx.tokenizer, ctx.options, ctx.answer_key)
     try:
         sample = sources.build_sample(record, ctx.tokenizer, ctx.options)
         if isinstance(sample, Reject):
@@ -415,6 +442,9 @@ def manifest_arguments(cfg: PreprocessConfig) -> dict:
     # make two otherwise identical runs differ).
     for k in ("workers", "progress", "output_prefix"):
         args.pop(k)
+    if not cfg.prompts:  # likewise
+        args.pop("prompts")
+        args.pop("answer_key")
     if not cfg.preference:
         args.pop("preference")  # SFT manifests stay byte-identical to those made before preference data
     if cfg.num_shards == 1:
@@ -439,6 +469,8 @@ def _worker_context(cfg: PreprocessConfig, tokenizer: Any) -> _WorkerContext:
         image_size=cfg.image_size,
         img_ids=img_ids,  # type: ignore[arg-type]
         preference=cfg.preference,
+        prompts=cfg.prompts,
+        answer_key=cfg.answer_key,
     )
 
 
@@ -476,6 +508,18 @@ def _pass1(cfg: PreprocessConfig, ctx: _WorkerContext, tmp_prefix: str, tile_sha
     stream, expected = _records(cfg, max_line_bytes(ctx.tokenizer, cfg.seq_length, cfg.preference))
     state = _Pass1()
     tmp_writer = ShardWriter(tmp_prefix, tile_format=cfg.tile_format, tile_shape=tile_shape)
+    with _processed(cfg, ctx, stream) as results, open(cfg.output_prefix + ".rejects.jsonl", "w") as rejects_file:
+        for res in tqdm(results, total=expected, desc="samples", unit="rec", disable=_quiet(cfg)):
+            state.add(res, tmp_writer, rejects_file)
+            _fault_point(state.inputs)
+    tmp_writer.finalize(checksums=False)
+    return state
+
+
+@contextlib.contextmanager
+def _processed(cfg: PreprocessConfig, ctx: _WorkerContext, stream: Iterator[tuple[int, Any]]) -> Iterator[Iterator]:
+    """process_record's results over `stream`, in input order: in this process with --workers 1,
+    else from the supervised worker pool (closed on the way out)."""
     pool = (
         SupervisedPool(
             cfg.workers,
@@ -491,21 +535,62 @@ def _pass1(cfg: PreprocessConfig, ctx: _WorkerContext, tmp_prefix: str, tile_sha
     )
     clean = False
     try:
-        with open(cfg.output_prefix + ".rejects.jsonl", "w") as rejects_file:
-            results = (
-                pool.imap(stream, window=16 * cfg.workers)
-                if pool is not None
-                else (process_record(ctx, o, r) for o, r in stream)
-            )
-            for res in tqdm(results, total=expected, desc="samples", unit="rec", disable=_quiet(cfg)):
-                state.add(res, tmp_writer, rejects_file)
-                _fault_point(state.inputs)
+        yield (
+            pool.imap(stream, window=16 * cfg.workers)
+            if pool is not None
+            else (process_record(ctx, o, r) for o, r in stream)
+        )
         clean = True
     finally:
         if pool is not None:  # on an error or Ctrl-C, drop the queued records instead of finishing them
             pool.close(terminate=not clean)
-    tmp_writer.finalize(checksums=False)
-    return state
+
+
+def _run_prompts(cfg: PreprocessConfig, ctx: _WorkerContext) -> PreprocessResult:
+    """--prompts: every record -> a PromptRecord in the prompt set, or a line in the rejects file."""
+    from tqdm import tqdm
+
+    stream, expected = _records(cfg, max_line_bytes(ctx.tokenizer, cfg.seq_length))
+    state = _Pass1()
+    with _processed(cfg, ctx, stream) as results, open(cfg.output_prefix + ".rejects.jsonl", "w") as rejects_file:
+
+        def kept() -> Iterator[PromptRecord]:
+            for res in tqdm(results, total=expected, desc="prompts", unit="rec", disable=_quiet(cfg)):
+                state.inputs += 1
+                if isinstance(res, Reject):
+                    state.reasons[res.reason] += 1
+                    rejects_file.write(json.dumps(_reject_json(res), ensure_ascii=False) + "\n")
+                else:
+                    yield res
+                _fault_point(state.inputs)
+
+        kept_count = write_prompt_shards(kept(), cfg.output_prefix, lambda: _prompt_manifest(cfg, ctx, state))
+    with open(prompt_manifest_path(cfg.output_prefix), encoding="utf-8") as f:
+        manifest = json.load(f)
+    rejects = sum(state.reasons.values())
+    return PreprocessResult(
+        inputs=state.inputs,
+        samples=kept_count,
+        rejects=rejects,
+        rejects_by_reason=dict(sorted(state.reasons.items())),
+        manifest=manifest,
+    )
+
+
+def _prompt_manifest(cfg: PreprocessConfig, ctx: _WorkerContext, state: _Pass1) -> dict:
+    """What a prompt set's manifest records besides its files (called after the last record)."""
+    return {
+        "template": cfg.template,
+        "tokenizer": {"path": cfg.tokenizer, "sha256": ctx.tokenizer.sha256, "vocab_size": ctx.tokenizer.vocab_size},
+        "arguments": manifest_arguments(cfg),
+        "num_image_token": ctx.num_image_token,
+        "counts": {
+            "inputs": state.inputs,
+            "rejects": sum(state.reasons.values()),
+            "rejects_by_reason": dict(sorted(state.reasons.items())),
+        },
+        "rejects_file": os.path.basename(cfg.output_prefix) + ".rejects.jsonl",
+    }
 
 
 def _fault_point(inputs: int) -> None:
@@ -572,6 +657,10 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     ctx = _worker_context(cfg, load_tokenizer(cfg.tokenizer))
     out = cfg.output_prefix
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if cfg.prompts:
+        result = _run_prompts(cfg, ctx)
+        result.seconds = time.perf_counter() - t0
+        return result
     tmp_dir = out + ".tmp"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
@@ -612,6 +701,8 @@ def _reject_json(r: Reject) -> dict:
 
 def format_summary(cfg: PreprocessConfig, r: PreprocessResult) -> str:
     """The human summary the CLI prints."""
+    if cfg.prompts:
+        return _prompt_summary(cfg, r)
     lines = [
         f"inputs {r.inputs}: {r.samples} {'pairs' if cfg.preference else 'samples'}, {r.rejects} rejected "
         f"({100 * r.reject_ratio:.2f}%, limit {100 * cfg.max_reject_ratio:.2f}%)",
@@ -626,6 +717,21 @@ def format_summary(cfg: PreprocessConfig, r: PreprocessResult) -> str:
     lines.append(
         f"wrote {cfg.output_prefix}_*.bin/.idx, {cfg.output_prefix}.manifest.json, {cfg.output_prefix}.rejects.jsonl"
     )
+    return "\n".join(lines)
+
+
+def _prompt_summary(cfg: PreprocessConfig, r: PreprocessResult) -> str:
+    lines = [
+        f"inputs {r.inputs}: {r.samples} prompts, {r.rejects} rejected "
+        f"({100 * r.reject_ratio:.2f}%, limit {100 * cfg.max_reject_ratio:.2f}%)",
+        *(f"  reject {reason:<24} {n}" for reason, n in r.rejects_by_reason.items()),
+    ]
+    c = r.manifest.get("counts", {})
+    lines.append(
+        f"images {c.get('images', 0)} stored once ({c.get('image_bytes', 0)} bytes), {r.seconds:.1f}s with {cfg.workers} worker(s)"
+    )
+    p = cfg.output_prefix
+    lines.append(f"wrote {p}.prompts.jsonl, {p}.prompt_images.bin, {p}.manifest.json, {p}.rejects.jsonl")
     return "\n".join(lines)
 
 

@@ -1,0 +1,90 @@
+"""tools/preprocess_mm_data.py --prompts on the digits RL prompts plus a dataset of bad records: what
+is kept, what is rejected and why, the reject limit, and the flags --prompts refuses (one line each)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from internvl_mcore.data.digits import QUESTION, build_digits_rl_prompts
+from internvl_mcore.data.prompts import read_prompt_shards
+from tests.reliability.cli_helpers import assert_user_error, preprocess_args, run
+
+BAD = [  # (record, the reject reason or None when kept)
+    ({"image": "0001.png", "conversations": [{"from": "human", "value": "<image>\nq"}]}, "missing_answer"),
+    ({"image": "../escape.png", "conversations": [{"from": "human", "value": "q"}], "answer": "1"}, "outside_root"),
+    ({"conversations": [{"from": "human", "value": "<image>\nq"}], "answer": "1"}, "image_count_mismatch"),
+    ({"conversations": [{"from": "gpt", "value": "a"}], "answer": "1"}, "bad_record"),
+    ({"image": "missing.png", "conversations": [{"from": "human", "value": "q"}], "answer": "1"}, "missing_image"),
+    ({"conversations": [{"from": "human", "value": "seven " * 400}], "answer": "1"}, "too_long"),
+    ({"video": "v.mp4", "conversations": [{"from": "human", "value": "q"}], "answer": "1"}, "bad_record"),
+    (
+        {
+            "id": 7,
+            "image": ["0001.png", "0002.png"],
+            "conversations": [{"from": "human", "value": "Which?"}, {"from": "gpt", "value": "Image-1"}],
+            "answer": 1,
+            "source": "x",
+        },
+        None,
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def data(digits_shards, tmp_path_factory):
+    root = Path(digits_shards).parents[1]  # the session's digits dataset: its images and tokenizer
+    rl = build_digits_rl_prompts(str(root), num_train=40, num_heldout=12)
+    tmp = tmp_path_factory.mktemp("prompts")
+    bad = tmp / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r, _ in BAD))
+    meta = tmp / "meta_bad.json"
+    meta.write_text(json.dumps({"bad": {"root": str(root / "images"), "annotation": str(bad)}}))
+    return root, rl, str(meta), str(bad), tmp
+
+
+def test_prompts_are_kept_checked_and_rejected_with_reasons(data):
+    root, rl, bad_meta, bad, tmp = data
+    out = tmp / "ok" / "rl"
+    args = preprocess_args(rl.train_meta, str(root / "tokenizer"), out, "--prompts", "--max-reject-ratio", "0.2")
+    proc = run("preprocess_mm_data", *args[:2], bad_meta, *args[2:])
+    assert proc.returncode == 0, proc.stderr
+    assert f"inputs {40 + len(BAD)}: 41 prompts, 7 rejected" in proc.stdout
+    shards = read_prompt_shards(out)
+    assert len(shards) == 41
+    first = json.loads(open(rl.train).readline())
+    rec = shards[0]
+    assert rec.id == first["id"] and rec.answer == first["answer"] and rec.answer.isdigit()
+    assert rec.conversations == [{"from": "human", "value": f"<image>\n{QUESTION}"}]
+    assert rec.images == ((root / "images" / first["image"]).read_bytes(),)  # the PNG's bytes, as given
+    assert rec.meta == {"id": first["id"], "image": first["image"]}
+    multi = shards[-1]  # placeholders added, the gpt turn dropped, a number answer as text, user keys kept
+    assert (
+        multi.id == "7"
+        and multi.answer == "1"
+        and multi.meta == {"id": 7, "image": ["0001.png", "0002.png"], "source": "x"}
+    )
+    assert multi.conversations == [{"from": "human", "value": "<image>\n<image>\nWhich?"}]
+    assert multi.images == tuple((root / "images" / f).read_bytes() for f in ("0001.png", "0002.png"))
+    rejects = [json.loads(line) for line in open(f"{out}.rejects.jsonl")]
+    assert [(r["line"], r["reason"]) for r in rejects] == [(k + 1, why) for k, (_, why) in enumerate(BAD) if why]
+    assert all(r["file"] == bad for r in rejects)
+    manifest = json.load(open(f"{out}.manifest.json"))
+    c = manifest["counts"]
+    assert (c["records"], c["images"], c["inputs"], c["rejects"]) == (41, 42, 48, 7)
+    assert c["image_bytes"] == sum(len(b) for r in shards for b in r.images)
+    assert manifest["arguments"]["prompts"] is True and manifest["arguments"]["answer_key"] == "answer"
+
+
+def test_over_the_reject_limit_and_refused_flags_are_one_line(data):
+    root, rl, bad_meta, _, tmp = data
+    out = tmp / "over" / "rl"
+    proc = run("preprocess_mm_data", *preprocess_args(bad_meta, str(root / "tokenizer"), out, "--prompts"))
+    line = assert_user_error(proc, "87.50% of inputs rejected", str(out), code=1)
+    assert "--max-reject-ratio" in line and not Path(f"{out}.manifest.json").exists()
+    assert len(open(f"{out}.failed.rejects.jsonl").readlines()) == 7
+    for flag, extra in (("--preference", ()), ("--truncate", ()), ("--tile-format webp", ("--tile-format", "webp"))):
+        args = preprocess_args(rl.heldout_meta, str(root / "tokenizer"), out, "--prompts", *(extra or (flag,)))
+        assert_user_error(run("preprocess_mm_data", *args), flag)
