@@ -6,6 +6,8 @@
 prints one row per pipeline stage (its largest rank): parameters, gradients, optimizer state,
 activations, total against the budget, then the estimated step time and MFU. Without explicit
 --tensor/--pipeline/--context-parallel sizes it lists the layouts that fit, fastest first.
+With --stage gspo / grpo the rollouts' KV cache (--prompts-per-step x --rollouts-per-prompt responses
+of --prompt-length + --max-new-tokens tokens) and, with --kl-coeff > 0, the frozen reference model count too.
 Every number comes from internvl_mcore.plan (docs/planner.md explains the model behind them).
 """
 
@@ -31,15 +33,27 @@ from internvl_mcore.config.training import (
     trained_parts,
 )
 from internvl_mcore.errors import ConfigError  # noqa: E402
-from internvl_mcore.plan import HARDWARE, Layout, Workload, count_params, plan, search  # noqa: E402
+from internvl_mcore.plan import HARDWARE, Layout, Rollout, Workload, count_params, plan, search  # noqa: E402
 from internvl_mcore.plan.params import active_params  # noqa: E402
 from internvl_mcore.plan.memory import GiB  # noqa: E402
+
+
+RL_STAGES = ("gspo", "grpo")
+"""Online RL stages (docs/rl.md): the rollouts' KV cache, and the reference model with --kl-coeff > 0."""
+RL_FLAGS = ("rollout_prompts_per_step", "rollout_group_size", "rollout_prompt_length", "rollout_max_new_tokens")
+RL_FLAGS += ("grpo_kl_beta", "inference_max_requests")
+
+
+def preset_stage(stage: str | None) -> str | None:
+    """The stage as config/training.py's STAGES knows it: an online RL stage not (yet) in that table
+    trains every part, as InternVL3.5's GSPO does (the table's entry wins once it has one)."""
+    return stage if stage in STAGES or stage is None else None
 
 
 def stage_parts(stage: str | None) -> frozenset[str]:
     """The parts --stage trains: config/training.py's STAGES, resolved as the training loop resolves
     them (--stage mpo adds the frozen reference model: Workload.reference_model)."""
-    vit, projector, llm, _ = trained_parts(TrainConfig(stage=stage))  # type: ignore[arg-type]
+    vit, projector, llm, _ = trained_parts(TrainConfig(stage=preset_stage(stage)))  # type: ignore[arg-type]
     return frozenset(part for part, on in (("vision", vit), ("projector", projector), ("llm", llm)) if on)
 
 
@@ -104,8 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-distributed-optimizer", action="store_true")
     p.add_argument("--recompute-granularity", choices=["full"], default=None)
     p.add_argument(
-        "--stage", choices=sorted(STAGES), default=None, help="training stage: which parts train (default: everything)"
+        "--stage",
+        choices=sorted({*STAGES, *RL_STAGES}),
+        default=None,
+        help="training stage: which parts train (default: everything); gspo / grpo add the rollouts' KV cache",
     )
+    add_rl_flags(p)
     p.add_argument(
         "--lora-rank",
         type=int,
@@ -130,6 +148,70 @@ def build_parser() -> argparse.ArgumentParser:
     return declare_domains(p)
 
 
+def add_rl_flags(p: argparse.ArgumentParser) -> None:
+    """--stage gspo / grpo: the rollouts of one step (Megatron-LM's RL spellings accepted as aliases)."""
+    g = p.add_argument_group("online RL (--stage gspo / grpo)")
+    g.add_argument(
+        "--prompts-per-step",
+        "--grpo-prompts-per-step",
+        dest="rollout_prompts_per_step",
+        type=int,
+        default=None,
+        help="prompts sampled per step (default: --global-batch-size / --rollouts-per-prompt)",
+    )
+    g.add_argument(
+        "--rollouts-per-prompt",
+        "--grpo-group-size",
+        dest="rollout_group_size",
+        type=int,
+        default=None,
+        help="responses per prompt (default 8)",
+    )
+    g.add_argument(
+        "--prompt-length",
+        dest="rollout_prompt_length",
+        type=int,
+        default=None,
+        help="prompt tokens, image tokens included (default 1024)",
+    )
+    g.add_argument(
+        "--max-new-tokens",
+        "--max-response-length",
+        dest="rollout_max_new_tokens",
+        type=int,
+        default=None,
+        help="longest response (default 1024)",
+    )
+    g.add_argument(
+        "--kl-coeff",
+        "--grpo-kl-beta",
+        dest="grpo_kl_beta",
+        type=float,
+        default=None,
+        help="> 0: the frozen reference model is held too (default 0)",
+    )
+    g.add_argument(
+        "--inference-max-requests",
+        type=int,
+        default=None,
+        help="rows one rank decodes together (default: all of its data-parallel replica's responses)",
+    )
+
+
+def rollout(a: argparse.Namespace) -> Rollout | None:
+    """The step's rollouts (None unless --stage gspo / grpo)."""
+    if a.stage not in RL_STAGES:
+        return None
+    group = a.rollout_group_size or 8
+    return Rollout(
+        prompts_per_step=a.rollout_prompts_per_step or max(1, a.global_batch_size // group),
+        rollouts_per_prompt=group,
+        prompt_length=a.rollout_prompt_length or 1024,
+        max_new_tokens=a.rollout_max_new_tokens or 1024,
+        max_requests=a.inference_max_requests,
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     check_ranges(args)
@@ -140,13 +222,19 @@ def check_ranges(args: argparse.Namespace) -> None:
     """Refuse what no single flag's domain can say: a memory budget the reserve eats up."""
     if args.gpu_memory is not None and args.gpu_memory <= args.reserve_gb:
         raise ConfigError(f"--gpu-memory {args.gpu_memory} GiB leaves nothing after --reserve-gb {args.reserve_gb}")
+    given = [f for f in RL_FLAGS if getattr(args, f) is not None]
+    if given and args.stage not in RL_STAGES:
+        flag = next(a.option_strings[0] for a in build_parser()._actions if a.dest == given[0])
+        raise ConfigError(f"{flag} applies to --stage gspo / grpo (the online RL stages), not --stage {args.stage}")
+    if args.rollout_group_size == 1:  # as pretrain_internvl.py: group-normalized advantages need two
+        raise ConfigError("--rollouts-per-prompt 1: must be at least 2 (a group of one has no advantage)")
 
 
 def run_config(a: argparse.Namespace, model: ModelConfig, par: ParallelConfig) -> RunConfig:
     """The run config pretrain_internvl.py builds from the same flags (every other flag at its default,
     no data source: the checks that need data or a GPU are not run), for config/problems.py's checks."""
     train = TrainConfig(
-        stage=a.stage,
+        stage=preset_stage(a.stage),
         seq_length=a.seq_length,
         global_batch_size=a.global_batch_size,
         micro_batch_size=a.micro_batch_size,
@@ -187,6 +275,25 @@ def explicit_layout(a: argparse.Namespace) -> Layout | None:
         recompute=a.recompute_granularity == "full",
         first_stage_layers=a.decoder_first_pipeline_num_layers,
         ep=a.expert_model_parallel_size or 1,
+    )
+
+
+def print_rollout(p) -> None:
+    """--stage gspo / grpo: the KV cache per stage (the 'activations' column's alternative: decoding
+    ends before the training passes start, so each stage's total counts the larger) and the reference."""
+    ro, w = p.workload.rollout, p.workload
+    if ro is None:
+        return
+    rows = ro.rows(p.layout.dp)
+    print(
+        f"rollouts: {ro.prompts_per_step} prompts x {ro.rollouts_per_prompt} responses per step, {rows} rows per rank "
+        f"decoded together, {ro.prompt_length} + {ro.max_new_tokens} tokens each; KV cache per rank: "
+        + ", ".join(f"stage {s.stage} {s.kv_cache / GiB:.1f} GiB" for s in p.stages)
+        + (
+            "; the frozen reference model's weights are in 'params'"
+            if w.reference_model
+            else "; no reference model (--kl-coeff 0)"
+        )
     )
 
 
@@ -233,7 +340,8 @@ def plan_cli(argv: list[str] | None) -> int:
         lora_target=a.lora_target,
         lora_modules=tuple(a.lora_modules),
         bf16=not a.fp32,
-        reference_model=a.stage == "mpo",
+        reference_model=a.stage == "mpo" or (a.stage in RL_STAGES and (a.grpo_kl_beta or 0) > 0),
+        rollout=rollout(a),
     )
     counts = count_params(model)
     print(
@@ -270,6 +378,7 @@ def plan_cli(argv: list[str] | None) -> int:
         print(
             f"\n(ViT + projector activations on stage 0: {p.stages[0].activations.vision / GiB:.1f} GiB per microbatch)"
         )
+        print_rollout(p)
         print(
             f"estimated step time {p.step_time_s:.2f} s (compute {p.compute_s:.2f} s, communication "
             f"{p.comm_s:.2f} s, pipeline bubble {p.breakdown['bubble']:.0%}), "

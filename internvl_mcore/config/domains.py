@@ -138,6 +138,11 @@ DOMAINS: dict[str, Domain] = {
     "tiles_per_sequence": NON_NEGATIVE,
     "sample_length": POSITIVE_INT,
     "top": POSITIVE_INT,
+    "rollout_prompts_per_step": POSITIVE_INT,
+    "rollout_group_size": POSITIVE_INT,  # >= 2 checked by plan.py (the probe's plain value is 1)
+    "rollout_prompt_length": POSITIVE_INT,
+    "rollout_max_new_tokens": POSITIVE_INT,
+    "inference_max_requests": POSITIVE_INT,
 }
 
 

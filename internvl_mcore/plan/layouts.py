@@ -26,7 +26,7 @@ from ..config.lora import LORA_MODULES, LoRAConfig
 from ..config.model import ModelConfig, ParallelConfig
 from ..errors import ConfigError
 from .flops import forward_flops, pass_multipliers, train_step_flops
-from .memory import GiB, ActivationBytes, StateBytes, activation_bytes, state_bytes
+from .memory import GiB, ActivationBytes, StateBytes, activation_bytes, kv_cache_bytes, state_bytes
 from .params import (
     PARTS,
     check_divisibility,
@@ -62,6 +62,33 @@ HARDWARE: dict[str, Hardware] = {
 
 
 @dataclass(frozen=True)
+class Rollout:
+    """Online RL's sampling (--stage gspo / grpo): each step decodes prompts_per_step x
+    rollouts_per_prompt responses with the policy, in the training layout, before the training passes."""
+
+    prompts_per_step: int
+    rollouts_per_prompt: int = 8
+    """--rollouts-per-prompt (the group G)."""
+    prompt_length: int = 1024
+    """Prompt tokens, image tokens included."""
+    max_new_tokens: int = 1024
+    """Longest response."""
+    max_requests: Optional[int] = None
+    """Rows one rank decodes together (--inference-max-requests); None: all of its replica's."""
+
+    def rows(self, dp: int) -> int:
+        """Rows in one rank's KV cache: its data-parallel replica's share of the step's responses
+        (CP and TP ranks of a replica decode the same rows), at most max_requests."""
+        share = -(-self.prompts_per_step * self.rollouts_per_prompt // dp)
+        return min(share, self.max_requests) if self.max_requests else share
+
+    @property
+    def tokens(self) -> int:
+        """Positions of each row's cache: prompt + response."""
+        return self.prompt_length + self.max_new_tokens
+
+
+@dataclass(frozen=True)
 class Workload:
     """What one optimizer step processes."""
 
@@ -86,7 +113,10 @@ class Workload:
     bf16: bool = True
     """bf16 parameters with fp32 master weights (else fp32)."""
     reference_model: bool = False
-    """--stage mpo: a frozen reference copy of the model, sharded like it, runs one forward per microbatch."""
+    """--stage mpo (and gspo / grpo with --kl-coeff > 0): a frozen reference copy of the model, sharded
+    like it, runs one forward per microbatch."""
+    rollout: Optional[Rollout] = None
+    """--stage gspo / grpo: the responses decoded each step (their KV cache)."""
 
     def lora(self) -> Optional[LoRAConfig]:
         """The adapters as training builds them (None without LoRA)."""
@@ -156,10 +186,13 @@ class StagePlan:
     decoder_layers: int
     state: StateBytes
     activations: ActivationBytes
+    kv_cache: float = 0.0
+    """Online RL: the rollouts' KV cache (kv_cache_bytes); 0 otherwise."""
 
     @property
     def total(self) -> float:
-        return self.state.total + self.activations.total
+        # decoding ends (its cache freed) before the training passes start: the larger of the two counts
+        return self.state.total + max(self.activations.total, self.kv_cache)
 
 
 @dataclass(frozen=True)
@@ -297,7 +330,9 @@ def _stage_memory(model: ModelConfig, layout: Layout, w: Workload, microbatches:
         )
         if w.reference_model:  # its weights (no gradients, no optimizer state); its forward keeps no activations
             st = dataclasses.replace(st, params=st.params + sum(s.numel for s in stage_params(model, par, r)) * e)
-        stages.append(StagePlan(r, layers[r], st, act))
+        ro = w.rollout
+        kv = kv_cache_bytes(model, par, r, ro.rows(layout.dp), ro.tokens, e) if ro is not None else 0
+        stages.append(StagePlan(r, layers[r], st, act, float(kv)))
     return stages
 
 

@@ -381,6 +381,20 @@ def projector_bytes(model: ModelConfig, par: ParallelConfig, tiles: float, e: in
     return tokens * ((2 * cin) * e + 8 + 2 * hp * e)
 
 
+def kv_cache_bytes(
+    model: ModelConfig, par: ParallelConfig, stage: int, sequences: int, max_sequence_length: int, param_bytes: int
+) -> int:
+    """The KV cache one rank of pipeline stage `stage` holds while decoding `sequences` rows of up to
+    `max_sequence_length` tokens (prompt + response) with megatron-core's StaticInferenceContext
+    (inference/decode.py): `Attention._allocate_memory` gives each of the stage's decoder layers a key
+    and a value buffer of (max_sequence_length, sequences, num_query_groups / TP, head_dim) in the
+    activations' dtype (the parameters'), for the whole decode. The ViT runs once per prompt and
+    keeps no cache."""
+    layers = decoder_layers_per_stage(model.llm.num_layers, par)[stage]
+    groups = model.llm.num_query_groups // par.tensor_model_parallel_size
+    return 2 * layers * max_sequence_length * sequences * groups * model.llm.head_dim * param_bytes
+
+
 @dataclass(frozen=True)
 class ActivationBytes:
     """Activation bytes of one rank at the peak of a training step."""
