@@ -76,6 +76,13 @@ def test_prompts_are_kept_checked_and_rejected_with_reasons(data):
     assert (c["records"], c["images"], c["inputs"], c["rejects"]) == (41, 42, 48, 7)
     assert c["image_bytes"] == sum(len(b) for r in shards for b in r.images)
     assert manifest["arguments"]["prompts"] is True and manifest["arguments"]["answer_key"] == "answer"
+    # worker processes change no byte (the records travel back through the supervised pool)
+    out2 = tmp / "two" / "rl"
+    args2 = [*args[:2], bad_meta, *args[2:]]
+    args2[args2.index(str(out))], args2[args2.index("--workers") + 1] = str(out2), "2"
+    assert run("preprocess_mm_data", *args2).returncode == 0
+    for ext in (".prompts.jsonl", ".prompt_images.bin", ".rejects.jsonl", ".manifest.json"):
+        assert Path(f"{out2}{ext}").read_bytes() == Path(f"{out}{ext}").read_bytes(), ext
 
 
 def test_over_the_reject_limit_and_refused_flags_are_one_line(data):
