@@ -367,12 +367,13 @@ def plan_cli(argv: list[str] | None) -> int:
     if lay is not None:
         p = plan(model, lay, work, hw, **kw)
         print(f"\nlayout {lay.describe()}, {p.breakdown['microbatches']} microbatches per step\n")
-        print("stage layers  params   grads  optimizer  activations (in flight)   total   budget")
+        rl = p.workload.rollout is not None  # + the KV cache column; total: state + the larger of the two
+        print(f"stage layers  params   grads  optimizer  activations (in flight) {' KV cache' * rl}  total   budget")
         for s in p.stages:
             a_ = s.activations
             print(
                 f"{s.stage:5d} {s.decoder_layers:6d} {gib(s.state.params)} {gib(s.state.grads)}  {gib(s.state.optimizer)}"
-                f"      {gib(a_.total)} ({a_.in_flight} x {a_.per_microbatch / GiB:.1f})   {gib(s.total)}  "
+                f"      {gib(a_.total)} ({a_.in_flight} x {a_.per_microbatch / GiB:.1f})  {gib(s.kv_cache) * rl} {gib(s.total)}  "
                 f"{p.budget_gib:5.0f}  {'fits' if s.total / GiB <= p.budget_gib else 'DOES NOT FIT'}"
             )
         print(
