@@ -11,6 +11,10 @@ OUT as it was. When the share of rejected inputs exceeds --max-reject-ratio the 
 left as it was and the rejects are kept in OUT.failed.rejects.jsonl for inspection. Bad flags or
 files: one line naming them, exit 2 (docs/errors.md).
 See internvl_mcore/data/preprocess.py for what happens in between.
+
+With --prompts (records with a reference answer, `--answer-key`, for --stage gspo / grpo) it writes a
+prompt set instead: OUT.prompts.jsonl, OUT.prompt_images.bin (each image's bytes once),
+OUT.manifest.json and OUT.rejects.jsonl, staged and limited the same way (internvl_mcore/data/prompts.py).
 """
 
 from __future__ import annotations
