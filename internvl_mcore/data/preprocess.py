@@ -584,6 +584,12 @@ def _prompt_manifest(cfg: PreprocessConfig, ctx: _WorkerContext, state: _Pass1) 
         "tokenizer": {"path": cfg.tokenizer, "sha256": ctx.tokenizer.sha256, "vocab_size": ctx.tokenizer.vocab_size},
         "arguments": manifest_arguments(cfg),
         "num_image_token": ctx.num_image_token,
+        # the tile caps the length check counted with: the RL stage's tiling should use the same
+        "datasets": [
+            {"name": d.name, "max_dynamic_patch": d.max_dynamic_patch, "min_dynamic_patch": d.min_dynamic_patch}
+            for m in cfg.meta
+            for d in read_meta(m)
+        ],
         "counts": {
             "inputs": state.inputs,
             "rejects": sum(state.reasons.values()),

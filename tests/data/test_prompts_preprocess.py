@@ -1,16 +1,24 @@
 """tools/preprocess_mm_data.py --prompts on the digits RL prompts plus a dataset of bad records: what
-is kept, what is rejected and why, the reject limit, and the flags --prompts refuses (one line each)."""
+is kept, what is rejected and why, the reject limit, and the flags --prompts refuses (one line each);
+the digits RL prompt sets."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+import importlib.util
 
 import pytest
 
 from internvl_mcore.data.digits import QUESTION, build_digits_rl_prompts
 from internvl_mcore.data.prompts import read_prompt_shards
-from tests.reliability.cli_helpers import assert_user_error, preprocess_args, run
+from tests.reliability.cli_helpers import REPO, assert_user_error, preprocess_args, run
+
+_spec = importlib.util.spec_from_file_location("preprocess_cli", REPO / "tools" / "preprocess_mm_data.py")
+CLI = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(CLI)
 
 BAD = [  # (record, the reject reason or None when kept)
     ({"image": "0001.png", "conversations": [{"from": "human", "value": "<image>\nq"}]}, "missing_answer"),
@@ -76,6 +84,10 @@ def test_prompts_are_kept_checked_and_rejected_with_reasons(data):
     assert (c["records"], c["images"], c["inputs"], c["rejects"]) == (41, 42, 48, 7)
     assert c["image_bytes"] == sum(len(b) for r in shards for b in r.images)
     assert manifest["arguments"]["prompts"] is True and manifest["arguments"]["answer_key"] == "answer"
+    assert manifest["datasets"] == [
+        {"name": "digits_rl_train", "max_dynamic_patch": 1, "min_dynamic_patch": 1},
+        {"name": "bad", "max_dynamic_patch": 12, "min_dynamic_patch": 1},
+    ]
     # worker processes change no byte (the records travel back through the supervised pool)
     out2 = tmp / "two" / "rl"
     args2 = [*args[:2], bad_meta, *args[2:]]
@@ -85,13 +97,47 @@ def test_prompts_are_kept_checked_and_rejected_with_reasons(data):
         assert Path(f"{out2}{ext}").read_bytes() == Path(f"{out}{ext}").read_bytes(), ext
 
 
-def test_over_the_reject_limit_and_refused_flags_are_one_line(data):
+def test_over_the_reject_limit_is_one_line_and_installs_nothing(data):
     root, rl, bad_meta, _, tmp = data
     out = tmp / "over" / "rl"
     proc = run("preprocess_mm_data", *preprocess_args(bad_meta, str(root / "tokenizer"), out, "--prompts"))
     line = assert_user_error(proc, "87.50% of inputs rejected", str(out), code=1)
     assert "--max-reject-ratio" in line and not Path(f"{out}.manifest.json").exists()
     assert len(open(f"{out}.failed.rejects.jsonl").readlines()) == 7
-    for flag, extra in (("--preference", ()), ("--truncate", ()), ("--tile-format webp", ("--tile-format", "webp"))):
-        args = preprocess_args(rl.heldout_meta, str(root / "tokenizer"), out, "--prompts", *(extra or (flag,)))
-        assert_user_error(run("preprocess_mm_data", *args), flag)
+
+
+@pytest.mark.parametrize("extra", [("--preference",), ("--truncate",), ("--tile-format", "webp")])
+def test_flags_prompts_refuse_are_one_line(data, extra, capsys, tmp_path):
+    """In this process (the CLI's main; the flag check is the subject, not the process start)."""
+    root, rl, *_ = data
+    args = preprocess_args(rl.heldout_meta, str(root / "tokenizer"), tmp_path / "x", "--prompts", *extra)
+    assert CLI.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and " ".join(extra) in err[0] and "--prompts" in err[0], err
+    assert not list(tmp_path.iterdir())  # nothing written, no staging left
+
+
+def test_digits_rl_prompts_are_deterministic_and_split_like_the_sft_data(data):
+    """The same seed gives the same files, another seed other ones; the held-out prompts are the
+    images evaluate.py scores (build_digits_dataset's held-out split), disjoint from the training
+    prompts; every answer is the image's digit."""
+    from sklearn.datasets import load_digits
+
+    root, rl, _, _, tmp = data
+    other = tmp / "again"
+    other.mkdir()
+    (other / "images").symlink_to(root / "images")  # the images do not depend on the seed
+    again = build_digits_rl_prompts(str(other), num_train=40, num_heldout=12)
+    first = {k: Path(getattr(again, k)).read_bytes() for k in ("train", "heldout")}
+    assert first == {k: Path(getattr(rl, k)).read_bytes() for k in ("train", "heldout")}
+    reseeded = build_digits_rl_prompts(str(other), seed=1, num_train=40, num_heldout=12)
+    assert Path(reseeded.train).read_bytes() != first["train"]
+    full = build_digits_rl_prompts(str(other))
+    train = [json.loads(x) for x in open(full.train)]
+    held = [json.loads(x) for x in open(full.heldout)]
+    sft_held = {os.path.basename(json.loads(x)["image"]) for x in open(root / "digits_heldout.jsonl")}
+    assert {r["image"] for r in held} == sft_held and not sft_held & {r["image"] for r in train}
+    assert len(train) + len(held) == 1797 and (full.num_train, full.num_heldout) == (len(train), len(held))
+    labels = load_digits().target
+    assert all(r["answer"] == str(labels[int(r["image"][:4])]) for r in train + held)
+    assert all(r["conversations"] == [{"from": "human", "value": f"<image>\n{QUESTION}"}] for r in train + held)
