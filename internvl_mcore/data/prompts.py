@@ -50,6 +50,7 @@ from .template import GPT_ROLES, HUMAN_ROLES, TEMPLATES, TemplateError, count_im
 from .tokenizer import Tokenizer
 
 PROMPT_FORMAT = "internvl-mcore-prompts-v1"
+_SCAN_BYTES = 1 << 24  # the records file is scanned for line ends in pieces of this size
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,12 @@ def _line_offsets(path: str) -> np.ndarray:
     size = os.path.getsize(path)
     if size == 0:
         return np.zeros(1, np.int64)
-    ends = np.flatnonzero(np.fromfile(path, dtype=np.uint8) == ord("\n")).astype(np.int64) + 1
+    found, start = [], 0
+    with open(path, "rb") as f:  # in pieces: memory stays bounded for any number of prompts
+        while block := f.read(_SCAN_BYTES):
+            found.append(np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == ord("\n")).astype(np.int64) + start + 1)
+            start += len(block)
+    ends = np.concatenate(found)
     if not ends.size or ends[-1] != size:
         raise DataError(f"{path}: the last line has no newline (a truncated file); re-run the preprocessing")
     return np.concatenate([[0], ends])
