@@ -214,6 +214,20 @@ class PromptShards(Sequence[PromptRecord]):
             meta=line["meta"],
         )
 
+    def verify(self) -> dict[str, str]:
+        """Recompute both files' sha256 and compare with the manifest; returns the mismatches (a
+        same-size edit, which the size checks at open cannot see). The manifest's names are those the
+        set was written under: a renamed prefix is matched by the files' suffixes."""
+        files = self.manifest.get("files", {})
+        bad = {}
+        for path in (self._records, self._images):
+            suffix = path[len(self.prefix) :]
+            want = next((v for k, v in files.items() if k.endswith(suffix)), None)
+            got = _sha256(path)
+            if want != got:
+                bad[os.path.basename(path)] = f"manifest {want}, file {got}"
+        return bad
+
     def _image_bytes(self, ranges: list, where: str) -> list[bytes]:
         out = []
         with open(self._images, "rb") as f:

@@ -47,6 +47,11 @@ def test_round_trip_random_access_and_manifest(tmp_path, monkeypatch):
     assert m["counts"] == {"records": 3, "images": 3, "image_bytes": 14, "rejects": 2} and m["note"] == "n"
     assert sorted(m["files"]) == ["p.prompt_images.bin", "p.prompts.jsonl"]
     assert os.path.getsize(images_path(prefix)) == 14  # each image once
+    assert shards.verify() == {}
+    with open(images_path(prefix), "r+b") as f:  # same size, one byte changed: only the hash sees it
+        f.seek(3)
+        f.write(b"X")
+    assert list(read_prompt_shards(prefix).verify()) == ["p.prompt_images.bin"]
     # an empty set is a valid set
     empty = str(tmp_path / "e")
     assert write_prompt_shards([], empty) == 0 and len(read_prompt_shards(empty)) == 0
