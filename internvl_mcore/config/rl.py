@@ -114,6 +114,11 @@ def rl_stage_problems(run: "RunConfig") -> list[str]:
             f"--global-batch-size {t.global_batch_size} (responses per step) is not a multiple of "
             f"--rollouts-per-prompt {rl.grpo_group_size}"
         )
+    if t.drop_path_rate:
+        found.append(
+            f"--drop-path-rate {t.drop_path_rate} with {where}: drop path makes the policy's log-probs random, "
+            "and the importance ratios need the same log-probs twice (use 0)"
+        )
     if t.loss_reduction != "token":
         found.append(f"--loss-reduction does not apply to {where} (its loss is a mean over responses)")
     if t.skip_spike_factor is not None:

@@ -183,7 +183,7 @@ class Reporter:
                     )
                     + (
                         f" | reward {record['reward_mean']:.4f} acc {record['reward_accuracy']:.3f} clip "
-                        f"{record['rl_clip_fraction']:.4f} kl {record['rl_kl']:.4g} len "
+                        f"{record['rl_clip_fraction_last']:.4f} kl {record['rl_kl']:.4g} len "
                         f"{record['rl_response_length']:.1f} rollout {record['rl_rollout_s']:.2f} s"
                         if "rl_ratio" in record
                         else ""

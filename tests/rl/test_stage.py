@@ -122,8 +122,11 @@ def test_stage_problems_name_the_flags() -> None:
     assert any("--tokenizer-model" in p for p in found)
     assert any("one --data-path" in p for p in found)
     assert any("--global-batch-size 16" in p and "--rollouts-per-prompt 3" in p for p in found)
-    found = rl_stage_problems(_run(parallel={"context_parallel_size": 2}, train={"skip_spike_factor": 3.0}))
+    found = rl_stage_problems(
+        _run(parallel={"context_parallel_size": 2}, train={"skip_spike_factor": 3.0, "drop_path_rate": 0.1})
+    )
     assert any("--context-parallel-size" in p for p in found) and any("--skip-spike-factor" in p for p in found)
+    assert any("--drop-path-rate 0.1" in p for p in found)
     assert rl_stage_problems(_run("2")) == [
         "--rollouts-per-prompt, --reward and the other online-RL flags apply to --stage gspo / grpo only"
     ]
