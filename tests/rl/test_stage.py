@@ -130,3 +130,18 @@ def test_stage_problems_name_the_flags() -> None:
     assert rl_stage_problems(_run("2")) == [
         "--rollouts-per-prompt, --reward and the other online-RL flags apply to --stage gspo / grpo only"
     ]
+
+
+def test_prompt_file_errors_are_one_line(prompts) -> None:
+    """A prompt line without an answer stops the CLI before any process group: one line naming the
+    file and line, exit 2 (docs/errors.md)."""
+    from tests.reliability.cli_helpers import assert_user_error, run
+
+    good = Path(prompts["path"])
+    bad = good.parent / "no_answer.jsonl"  # beside the images its records name
+    first = good.read_text().splitlines()[0]
+    record = json.loads(first)
+    del record["answer"]
+    bad.write_text(first + "\n" + json.dumps(record) + "\n")
+    proc = run("pretrain", *_args({**prompts, "path": str(bad)}, "gspo", 1))
+    assert_user_error(proc, f"{bad}:2", "no 'answer' field")
