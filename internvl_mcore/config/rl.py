@@ -125,6 +125,8 @@ def rl_stage_problems(run: "RunConfig") -> list[str]:
         found.append(f"--skip-spike-factor is not implemented for {where}")
     if run.parallel.context_parallel_size > 1:
         found.append(f"--context-parallel-size > 1 is not implemented for {where} (the rollouts' log-probs)")
+    if run.parallel.sequence_parallel:  # the KV-cache decoder feeds whole sequences to the layers
+        found.append(f"--sequence-parallel is not implemented for {where} (the rollouts' decoding)")
     if run.data.valid_data_path or run.data.mock_valid_data:
         found.append(f"validation (--valid-data-path / --mock-valid-data) is not implemented for {where}")
     if run.lora.enabled:

@@ -104,6 +104,21 @@ def test_grpo_tp2_and_pp2_equal_one_process(prompts, pretrain_log, layout) -> No
     assert one[1]["rl_kl"] > 0 and one[0]["rl_clip_fraction_last"] > 0
 
 
+def test_grpo_dp2_runs_on_policy_first(prompts, pretrain_log) -> None:
+    """DP2: each rank samples its prompt's group (another draw than one process: the seed includes the
+    DP rank, docs/rl.md); the metrics are reduced over both ranks, the first pass is on-policy, the
+    gradient and the KL after the first step are nonzero."""
+    args = [
+        a if a != "tests.rl.rewards:digit_share" else "tests.rl.rewards:letter_share" for a in _args(prompts, "grpo", 2)
+    ]
+    log = pretrain_log(2, args)
+    assert len(log) == 2
+    for r in log:
+        assert r["rl_ratio"] == 1.0 and r["rl_clip_fraction"] == 0.0, r
+        assert r["grad_norm"] > 0 and r["reward_std"] > 0 and r["rl_response_length"] > 0, r
+    assert log[0]["rl_kl"] == 0.0 and log[1]["rl_kl"] > 0
+
+
 def _run(stage: str = "gspo", **changes: dict) -> RunConfig:
     parts = {
         "rl": RLConfig(reward="number", tokenizer_model="tok"),
@@ -123,10 +138,13 @@ def test_stage_problems_name_the_flags() -> None:
     assert any("one --data-path" in p for p in found)
     assert any("--global-batch-size 16" in p and "--rollouts-per-prompt 3" in p for p in found)
     found = rl_stage_problems(
-        _run(parallel={"context_parallel_size": 2}, train={"skip_spike_factor": 3.0, "drop_path_rate": 0.1})
+        _run(
+            parallel={"context_parallel_size": 2, "sequence_parallel": True},
+            train={"skip_spike_factor": 3.0, "drop_path_rate": 0.1},
+        )
     )
     assert any("--context-parallel-size" in p for p in found) and any("--skip-spike-factor" in p for p in found)
-    assert any("--drop-path-rate 0.1" in p for p in found)
+    assert any("--drop-path-rate 0.1" in p for p in found) and any("--sequence-parallel" in p for p in found)
     assert rl_stage_problems(_run("2")) == [
         "--rollouts-per-prompt, --reward and the other online-RL flags apply to --stage gspo / grpo only"
     ]
