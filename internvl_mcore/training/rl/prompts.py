@@ -86,7 +86,9 @@ def open_prompts(path: str) -> Sequence[PromptRecord]:
     if path.endswith(".jsonl"):
         records = read_prompt_jsonl(path)
     elif read_prompt_shards is None:
-        raise DataError(f"--data-path {path}: prompt shards need internvl_mcore/data/prompts.py; give a .jsonl file")
+        raise DataError(
+            f"--data-path {path}: prompt shards need the module internvl_mcore.data.prompts; give a .jsonl file"
+        )
     else:
         records = read_prompt_shards(path)
     if len(records) == 0:
