@@ -163,3 +163,23 @@ def test_prompt_file_errors_are_one_line(prompts) -> None:
     bad.write_text(first + "\n" + json.dumps(record) + "\n")
     proc = run("pretrain", *_args({**prompts, "path": str(bad)}, "gspo", 1))
     assert_user_error(proc, f"{bad}:2", "no 'answer' field")
+
+
+def test_prompt_order_is_global_and_resumable() -> None:
+    """Each step's prompts are the same set at every data-parallel size (DP ranks take consecutive
+    slices), every epoch visits every prompt once, and the position resumes on another DP size;
+    a checkpoint of another prompt set or seed is refused."""
+    from internvl_mcore.errors import DataError
+    from internvl_mcore.training.rl.prompts import PromptOrder
+
+    records = list(range(10))  # the order only counts and indexes them
+    one = PromptOrder(records, 7, 4, 0, 1)
+    two = [PromptOrder(records, 7, 4, r, 2) for r in range(2)]
+    steps = [one.next_step() for _ in range(5)]
+    assert steps == [two[0].next_step() + two[1].next_step() for _ in range(5)]
+    assert sorted(sum(steps, [])[:10]) == records and sorted(sum(steps, [])[10:20]) == records
+    resumed = PromptOrder(records, 7, 4, 1, 2)
+    resumed.load_resharded_state([PromptOrder(records, 7, 4, 0, 1).state_dict() | {"prompts_consumed": 8}])
+    assert resumed.next_step() == steps[2][2:]
+    with pytest.raises(DataError, match="--seed 8"):
+        PromptOrder(records, 8, 4, 0, 1).load_state_dict(one.state_dict())
