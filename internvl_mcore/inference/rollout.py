@@ -33,6 +33,8 @@ class RolloutSampler:
         self.tokenizer: Tokenizer = load_tokenizer(tokenizer_dir)
         self.cfg, self.opts = cfg, opts
         self.eos_ids = end_token_ids(self.tokenizer)
+        # a sampled image placeholder would ask the training forward for an image feature it lacks
+        self.suppress_ids = (cfg.img_context_token_id, cfg.img_start_token_id, cfg.img_end_token_id)
 
     def prompt(self, record, where: str) -> Prompt:
         """A `PromptRecord` (data/prompts.py: conversations ending with the human turn, encoded
@@ -83,7 +85,7 @@ class RolloutSampler:
         was_training = model.training
         model.eval()
         try:
-            sampling = Sampling(temperature, top_p, seed)
+            sampling = Sampling(temperature, top_p, seed, self.suppress_ids)
             return generate_tokens(model, pg, batch, max_new_tokens, self.eos_ids, sampling)
         finally:
             model.train(was_training)

@@ -183,3 +183,20 @@ def test_prompt_order_is_global_and_resumable() -> None:
     assert resumed.next_step() == steps[2][2:]
     with pytest.raises(DataError, match="--seed 8"):
         PromptOrder(records, 8, 4, 0, 1).load_state_dict(one.state_dict())
+
+
+def test_rollouts_never_sample_image_placeholders(prompts) -> None:
+    """A sampled <IMG_CONTEXT> would ask the training forward for an image feature the sequence lacks
+    (it once stopped a run): the sampler suppresses the placeholders, greedy or sampled."""
+    import torch
+
+    from internvl_mcore.inference.decode import Sampling, choose_tokens
+    from internvl_mcore.inference.rollout import RolloutSampler
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, 3.0]]).expand(500, -1)  # token 3 the most likely
+    sampled = choose_tokens(logits, Sampling(1.0, 1.0, 3, suppress_ids=(3, 1)), torch.Generator().manual_seed(3))
+    assert set(sampled.tolist()) == {0, 2}
+    assert choose_tokens(logits[:1], Sampling(suppress_ids=(3,)), None).tolist() == [0]
+    cfg = PRESETS["debug"]
+    sampler = RolloutSampler(prompts["tokenizer"], cfg)
+    assert set(sampler.suppress_ids) == {cfg.img_context_token_id, cfg.img_start_token_id, cfg.img_end_token_id}
