@@ -17,7 +17,13 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 
 from ..config.model import ModelConfig
 from ..data.image import cut_tiles, normalize_tiles, plan_tiling
-from ..data.sources import _add_image_placeholders, _read_image, _RejectError
+
+try:  # the public names (the prompt-shard branch makes data/sources.py's helpers public)
+    from ..data.sources import RejectError, add_image_placeholders, read_image
+except ImportError:  # pragma: no cover - before that merge: the private spellings
+    from ..data.sources import _add_image_placeholders as add_image_placeholders
+    from ..data.sources import _read_image as read_image
+    from ..data.sources import _RejectError as RejectError
 from ..data.template import INTERNVL2_5
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..errors import DataError
@@ -43,16 +49,16 @@ class RolloutSampler:
         try:
             convs = [dict(t) for t in record.conversations]
             if record.images:
-                _add_image_placeholders(convs, len(record.images), len(record.images) > 1)
+                add_image_placeholders(convs, len(record.images), len(record.images) > 1)
             tiles = []
             for k, blob in enumerate(record.images):
-                image, _, _ = _read_image(bytes(blob), f"image {k}")
+                image, _, _ = read_image(bytes(blob), f"image {k}")
                 o = self.opts
                 tiling = plan_tiling(*image.size, o.min_dynamic_patch, o.max_dynamic_patch, size, o.use_thumbnail)
                 tiles.append(normalize_tiles(cut_tiles(image, tiling, size)))
             counts = [t.shape[0] * self.cfg.num_image_token for t in tiles]
             tokens = _prompt_tokens(convs, self.tokenizer, counts, self.opts, INTERNVL2_5)
-        except _RejectError as exc:
+        except RejectError as exc:
             raise DataError(f"{where}: {exc.reason}: {exc.detail}") from None
         except DataError as exc:
             raise DataError(f"{where}: {exc}") from None
