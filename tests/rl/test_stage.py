@@ -200,3 +200,24 @@ def test_rollouts_never_sample_image_placeholders(prompts) -> None:
     cfg = PRESETS["debug"]
     sampler = RolloutSampler(prompts["tokenizer"], cfg)
     assert set(sampler.suppress_ids) == {cfg.img_context_token_id, cfg.img_start_token_id, cfg.img_end_token_id}
+
+
+def test_prompt_shards_give_the_jsonl_prompts(prompts, tmp_path) -> None:
+    """The stage reads a prompt-shard prefix (internvl_mcore.data.prompts, from another branch) as it
+    reads the JSONL file: the same records become the same prompt tokens and tiles. Skipped until that
+    module is there."""
+    import numpy as np
+
+    shards = pytest.importorskip("internvl_mcore.data.prompts")
+    from internvl_mcore.inference.rollout import RolloutSampler
+    from internvl_mcore.training.rl.prompts import open_prompts, read_prompt_jsonl
+
+    records = read_prompt_jsonl(prompts["path"])
+    shards.write_prompt_shards(records, tmp_path / "p")
+    read = open_prompts(str(tmp_path / "p"))
+    sampler = RolloutSampler(prompts["tokenizer"], PRESETS["debug"])
+    assert len(read) == len(records) == 8
+    for a, b in zip(records, read):
+        assert (a.id, a.answer) == (b.id, b.answer)
+        pa, pb = sampler.prompt(a, "jsonl"), sampler.prompt(b, "shards")
+        assert pa.tokens == pb.tokens and np.array_equal(pa.tiles, pb.tiles) and pa.tiles.shape[0] >= 1
