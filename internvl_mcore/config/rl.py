@@ -93,27 +93,19 @@ def rl_problems(rl: RLConfig) -> list[str]:
 
 
 def rl_stage_problems(run: "RunConfig") -> list[str]:
-    """What --stage gspo / grpo cannot run with, and RL flags without such a stage (one line each)."""
+    """What --stage gspo / grpo cannot run with, and RL flags without such a stage (one line each).
+
+    The layout and training flags are always checked; what the stage reads (reward, tokenizer,
+    prompts, whole groups per batch) only for a run with a data source, as pretrain's always has:
+    tools/plan.py checks run configs without one, and its rollout flags are its own."""
     t, rl = run.train, run.rl
     if t.stage not in RL_STAGES:
-        return (
-            ["--rollouts-per-prompt, --reward and the other online-RL flags apply to --stage gspo / grpo only"]
-            if (rl != RLConfig())
-            else []
-        )
-    found = rl_problems(rl)
+        changed = rl != RLConfig()
+        return [
+            "--rollouts-per-prompt, --reward and the other online-RL flags apply to --stage gspo / grpo only"
+        ] * changed
     where = f"--stage {t.stage}"
-    if not rl.tokenizer_model:
-        found.append(f"{where} needs --tokenizer-model DIR (prompts are tokenized, responses decoded)")
-    if run.data.mock_data or len(run.data.data_path) != 1:
-        found.append(
-            f"{where} needs one --data-path: prompt shards (tools/preprocess_mm_data.py --prompts) or a JSONL file"
-        )
-    if t.global_batch_size % rl.grpo_group_size:
-        found.append(
-            f"--global-batch-size {t.global_batch_size} (responses per step) is not a multiple of "
-            f"--rollouts-per-prompt {rl.grpo_group_size}"
-        )
+    found = _rl_input_problems(run, where) if (run.data.data_path or run.data.mock_data) else []
     if t.drop_path_rate:
         found.append(
             f"--drop-path-rate {t.drop_path_rate} with {where}: drop path makes the policy's log-probs random, "
@@ -125,10 +117,26 @@ def rl_stage_problems(run: "RunConfig") -> list[str]:
         found.append(f"--skip-spike-factor is not implemented for {where}")
     if run.parallel.context_parallel_size > 1:
         found.append(f"--context-parallel-size > 1 is not implemented for {where} (the rollouts' log-probs)")
-    if run.parallel.sequence_parallel:  # the KV-cache decoder feeds whole sequences to the layers
-        found.append(f"--sequence-parallel is not implemented for {where} (the rollouts' decoding)")
     if run.data.valid_data_path or run.data.mock_valid_data:
         found.append(f"validation (--valid-data-path / --mock-valid-data) is not implemented for {where}")
     if run.lora.enabled:
         found.append(f"--lora-rank is not implemented for {where}")
+    return found
+
+
+def _rl_input_problems(run: "RunConfig", where: str) -> list[str]:
+    """The reward, the tokenizer, one prompt set, whole groups per global batch."""
+    rl, t = run.rl, run.train
+    found = rl_problems(rl)
+    if not rl.tokenizer_model:
+        found.append(f"{where} needs --tokenizer-model DIR (prompts are tokenized, responses decoded)")
+    if run.data.mock_data or len(run.data.data_path) != 1:
+        found.append(
+            f"{where} needs one --data-path: prompt shards (tools/preprocess_mm_data.py --prompts) or a JSONL file"
+        )
+    if t.global_batch_size % rl.grpo_group_size:
+        found.append(
+            f"--global-batch-size {t.global_batch_size} (responses per step) is not a multiple of "
+            f"--rollouts-per-prompt {rl.grpo_group_size}"
+        )
     return found

@@ -9,7 +9,8 @@ training/rl/stage.py calls it.
 
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +31,33 @@ from ..errors import DataError
 from .decode import Sampling, generate_tokens
 from .prompts import Prompt, TilingOptions, _prompt_tokens
 from .run import end_token_ids, prompt_batch
+
+
+_SP_ATTRS = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
+"""The module attributes megatron-core's set_model_to_sequence_parallel switches (transformer/utils.py)."""
+
+
+@contextmanager
+def sequence_parallel_off(model: torch.nn.Module) -> Iterator[None]:
+    """Decode without sequence parallelism, as megatron-core's text generation controller does
+    (`set_model_to_sequence_parallel(model, False)`): the KV-cache decoder feeds each step's whole
+    positions to every layer. Every module's flags and every config's are switched, and restored
+    after (megatron-core's helper needs a GPTModel-style root and keeps a global cache)."""
+    changed = []
+    for module in model.modules():
+        for attr in _SP_ATTRS:
+            if getattr(module, attr, None) is True:
+                changed.append((module, attr))
+                setattr(module, attr, False)
+        config = getattr(module, "config", None)
+        if getattr(config, "sequence_parallel", None) is True:
+            changed.append((config, "sequence_parallel"))
+            config.sequence_parallel = False
+    try:
+        yield
+    finally:
+        for owner, attr in changed:
+            setattr(owner, attr, True)
 
 
 class RolloutSampler:
@@ -92,6 +120,7 @@ class RolloutSampler:
         model.eval()
         try:
             sampling = Sampling(temperature, top_p, seed, self.suppress_ids)
-            return generate_tokens(model, pg, batch, max_new_tokens, self.eos_ids, sampling)
+            with sequence_parallel_off(model):
+                return generate_tokens(model, pg, batch, max_new_tokens, self.eos_ids, sampling)
         finally:
             model.train(was_training)
