@@ -100,10 +100,9 @@ def rl_stage_problems(run: "RunConfig") -> list[str]:
     tools/plan.py checks run configs without one, and its rollout flags are its own."""
     t, rl = run.train, run.rl
     if t.stage not in RL_STAGES:
-        changed = rl != RLConfig()
-        return [
-            "--rollouts-per-prompt, --reward and the other online-RL flags apply to --stage gspo / grpo only"
-        ] * changed
+        if rl == RLConfig():
+            return []
+        return ["--rollouts-per-prompt, --reward and the other online-RL flags apply to --stage gspo / grpo only"]
     where = f"--stage {t.stage}"
     found = _rl_input_problems(run, where) if (run.data.data_path or run.data.mock_data) else []
     if t.drop_path_rate:
