@@ -23,6 +23,7 @@ from internvl_mcore.config.presets import PRESETS
 from internvl_mcore.config.problems import check as check_config
 from internvl_mcore.config.lora import LoRAConfig
 from internvl_mcore.config.needs import ignored_flags
+from internvl_mcore.config.rl import RL_STAGES, RLConfig, add_rl_flags
 from internvl_mcore.config.training import (
     CheckpointConfig,
     ComputeConfig,
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(parser, LogConfig, "logging")
     add_dataclass_flags(parser, CheckpointConfig, "checkpointing")
     add_dataclass_flags(parser, LoRAConfig, "LoRA")
+    add_rl_flags(parser)
     return declare_domains(parser)  # every number checked against its domain as it is parsed
 
 
@@ -79,6 +81,7 @@ def parse_run_config(argv: list[str]) -> RunConfig:
         checkpoint=build_dataclass(CheckpointConfig, ns),
         lora=build_dataclass(LoRAConfig, ns),
         compute=build_dataclass(ComputeConfig, ns),
+        rl=build_dataclass(RLConfig, ns),
     )
 
 
@@ -88,10 +91,25 @@ def check_data(run: RunConfig) -> None:
     from internvl_mcore.training.data import check_shard_sets
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if run.train.stage in RL_STAGES:  # prompts, not training shards (training/rl/prompts.py)
+        from internvl_mcore.training.rl.prompts import open_prompts
+
+        open_prompts(run.data.data_path[0])
+        return
     if run.data.data_path:
         check_shard_sets(run.data.data_path, run, rank=rank, world=world)
     if run.data.valid_data_path:
         check_shard_sets(run.data.valid_data_path, run, flag="--valid-data-path", rank=rank, world=world)
+
+
+def _rollout_sampler(run: RunConfig):
+    """--stage gspo / grpo: the rollouts' generation side, which training/ may not import (inference/
+    sits above it); None for the other stages."""
+    if run.train.stage not in RL_STAGES:
+        return None
+    from internvl_mcore.inference.rollout import RolloutSampler
+
+    return RolloutSampler(run.rl.tokenizer_model, run.model)
 
 
 def _exit(code: int, message: str | None) -> None:
@@ -153,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     from internvl_mcore.training.loop import train
 
     try:
-        train(run)
+        train(run, _rollout_sampler(run))
     except SaveDirRefused as exc:  # every rank knows; one line from rank 0 says it
         _exit(2, user_error_line(exc) if int(os.environ.get("RANK", "0")) == 0 else None)
     except UserError as exc:

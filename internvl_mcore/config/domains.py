@@ -109,12 +109,15 @@ DOMAINS: dict[str, Domain] = {
     "skip_spike_factor": POSITIVE,
     "distributed_timeout_minutes": POSITIVE,
     "data_worker_timeout": POSITIVE,
-    # online RL (config/rl.py; not yet a pretrain_internvl.py flag)
+    # online RL (config/rl.py)
     "grpo_group_size": Domain(int, 2),
     "grpo_clamp_eps_lower": Domain(float, 0, low_open=True, high=1, high_open=True),
     "grpo_clamp_eps_upper": POSITIVE,
     "grpo_kl_beta": NON_NEGATIVE,
     "grpo_iterations": POSITIVE_INT,
+    "temperature": POSITIVE,
+    "top_p": FRACTION,
+    "max_new_tokens": POSITIVE_INT,
     # device and kernels (ComputeConfig)
     "cross_entropy_chunk_size": COUNT,
     # checkpoints, data, logging, LoRA

@@ -14,6 +14,7 @@ from typing import Mapping, Optional
 from ..errors import ConfigError
 from .lora import LORA_MODULES, LoRAConfig
 from .model import ModelConfig, ParallelConfig
+from .rl import rl_stage_problems
 from .training import RunConfig, TrainConfig, has_validation, trained_parts
 
 
@@ -39,6 +40,7 @@ def problems(run: RunConfig) -> list[str]:
         *layout_problems(run.model, run.parallel, t.seq_length),
         *run_problems(run),
         *mpo_problems(run),
+        *rl_stage_problems(run),
         *eval_problems(run),
         *guard_problems(run),
         *stage_problems(t, run.model.vision.num_layers),

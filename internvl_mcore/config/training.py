@@ -11,6 +11,7 @@ from typing import Literal, Optional
 
 from .lora import LoRAConfig
 from .model import ModelConfig, ParallelConfig
+from .rl import RLConfig
 
 
 @dataclass
@@ -55,7 +56,7 @@ class TrainConfig:
     loss_reduction: Literal["token", "sample", "square"] = "token"
     """InternVL's loss weighting: each target token weighs 1 (token), 1/n (sample) or 1/sqrt(n)
     (square), n = target tokens of its sample; the step minimizes sum(w*loss)/sum(w) over the batch."""
-    stage: Optional[Literal["1", "1.5", "2", "finetune", "mpo"]] = None
+    stage: Optional[Literal["1", "1.5", "2", "finetune", "mpo", "gspo", "grpo"]] = None
     """Training-stage preset (trainable parts, lr, schedule, drop path; see STAGES); flags override it."""
     freeze_vit: Optional[bool] = None
     """Freeze the vision encoder (overrides the stage)."""
@@ -124,6 +125,10 @@ STAGES: dict[str, StagePreset] = {
     # InternVL 3.0/3.5 MPO scripts: everything trains, lr 2e-7, cosine, drop path 0.1; the loss is
     # training/mpo.py's (preference data from tools/preprocess_mm_data.py --preference)
     "mpo": StagePreset(train_vit=True, train_projector=True, train_llm=True, lr=2e-7, drop_path_rate=0.1),
+    # online RL (training/rl/stage.py): no drop path, so the policy's log-probs are deterministic and
+    # the first update's importance ratios are exactly 1; constant lr (one step per rollout batch)
+    "gspo": StagePreset(train_vit=True, train_projector=True, train_llm=True, lr=1e-6, lr_decay_style="constant"),
+    "grpo": StagePreset(train_vit=True, train_projector=True, train_llm=True, lr=1e-6, lr_decay_style="constant"),
 }
 
 
@@ -320,6 +325,8 @@ class RunConfig:
     """LoRA adapters (off unless --lora-rank > 0; config/lora.py)."""
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     """Device, kernels and the loss's chunking."""
+    rl: RLConfig = field(default_factory=RLConfig)
+    """Online RL (--stage gspo / grpo; config/rl.py)."""
 
 
 def has_validation(run: RunConfig) -> bool:

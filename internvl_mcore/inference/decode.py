@@ -39,6 +39,8 @@ class Sampling:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    suppress_ids: tuple[int, ...] = ()
+    """Tokens never chosen (online RL: the image placeholders, whose count must match the tiles)."""
 
 
 @dataclass
@@ -53,6 +55,9 @@ class PromptBatch:
 
 def choose_tokens(logits: torch.Tensor, sampling: Sampling, gen: Optional[torch.Generator]) -> torch.Tensor:
     """(B, V) fp32 logits -> (B,) token ids."""
+    if sampling.suppress_ids:
+        logits = logits.clone()
+        logits[:, list(sampling.suppress_ids)] = float("-inf")
     if sampling.temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / sampling.temperature, dim=-1)

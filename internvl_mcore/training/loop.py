@@ -20,6 +20,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from ..checkpoint import selection
 from ..checkpoint.format import checkpoint_dir, read_run_json
 from ..config.device import resolve_device
+from ..config.rl import RL_STAGES
 from ..config.problems import problems, refusal
 from ..errors import CheckpointError, ConfigError, DataError, SaveDirRefused
 from ..config.training import RunConfig
@@ -45,6 +46,7 @@ from .guards import (
 )
 from .metrics import Reporter, output_problems
 from .moe import reduced_aux_loss
+from .rl import stage as rl_stage
 from .schedule import build_scheduler, sync_param_groups
 from .schedule import restore as restore_schedule
 from .stages import Plan, apply_freeze, resolve_stage
@@ -87,12 +89,13 @@ class Trainer:
     dp_size: int
     pg: ProcessGroupCollection  # the groups init_distributed returned (the model was built on them)
     iteration: int = 0
-    reference: Any = None  # --stage mpo: the frozen reference model (training/mpo.py)
+    reference: Any = None  # --stage mpo, or gspo / grpo with --kl-coeff: the frozen reference (training/mpo.py)
     mpo: Any = None  # --stage mpo: mpo.MPOContext
     evaluator: Optional[Evaluator] = None  # validation data given (training/eval.py)
     spike: Optional[SpikeGuard] = None  # --skip-spike-factor (training/guards.py)
     signalled: bool = False  # stopping on SIGTERM (--exit-signal-handler): no final evaluation
     writer: Optional[AsyncWriter] = None  # --async-save: this rank's checkpoint writer process
+    rl: Any = None  # --stage gspo / grpo: training/rl/stage.py's RLRun (`batches` is its prompt order)
 
 
 def _effective_run(run: RunConfig, plan: Plan) -> RunConfig:
@@ -122,7 +125,8 @@ def _build_model(run: RunConfig, plan: Plan, pg: Any) -> tuple[torch.nn.Module, 
             print(f"loaded weights from {kind} {run.checkpoint.pretrained}", flush=True)
     if model.cp_path and dist.get_rank() == 0:  # which CP attention runs (a fallback is not silent)
         print(model.cp_path, flush=True)
-    reference = mpo.build_reference(run, model_cfg, model) if t.stage == "mpo" else None
+    wants_reference = t.stage == "mpo" or (t.stage in RL_STAGES and run.rl.grpo_kl_beta > 0)
+    reference = mpo.build_reference(run, model_cfg, model) if wants_reference else None
     apply_freeze(model, plan)
     if run.lora.enabled:  # LoRA (models/lora.py): every base weight frozen, only the adapters train
         base = os.path.abspath(run.checkpoint.pretrained) if run.checkpoint.pretrained else None
@@ -178,9 +182,10 @@ def _wrap(model: torch.nn.Module, run: RunConfig, plan: Plan, pg: ProcessGroupCo
     return ddp, optimizer
 
 
-def setup(run: RunConfig) -> Trainer:
+def setup(run: RunConfig, sampler: Any = None) -> Trainer:
     """Join the job, build this rank's model stage, freeze, load weights, wrap in DDP, build the
-    optimizer and LR schedule, and resume from --load."""
+    optimizer and LR schedule, and resume from --load. `sampler`: --stage gspo / grpo's rollout
+    sampler (inference/rollout.py, which this package may not import)."""
     plan = validate(run)
     run = _effective_run(run, plan)
     t = run.train
@@ -204,12 +209,15 @@ def setup(run: RunConfig) -> Trainer:
     ddp, optimizer = _wrap(model, run, plan, pg)
     scheduler = build_scheduler(optimizer, t, plan.lr, plan.lr_decay_style)
     dp_rank, micro = pg.dp.rank(), t.global_batch_size // (t.micro_batch_size * dp)
-    trainer = Trainer(run, plan, [ddp], optimizer, scheduler, build_batches(run, dp_rank, dp), micro, dp, pg)
+    rl = rl_stage.make_rl(run, pg, sampler) if t.stage in RL_STAGES else None
+    batches = rl.order if rl is not None else build_batches(run, dp_rank, dp)
+    trainer = Trainer(run, plan, [ddp], optimizer, scheduler, batches, micro, dp, pg, rl=rl)
     valid = build_valid_batches(run, dp_rank, dp)
     trainer.evaluator = Evaluator(valid, run, micro) if valid is not None else None
     trainer.spike = SpikeGuard(t.skip_spike_factor) if t.skip_spike_factor else None
-    if reference is not None:
-        trainer.reference, trainer.mpo = reference, mpo.make_context(run, pg)
+    trainer.reference = reference
+    if t.stage == "mpo":
+        trainer.mpo = mpo.make_context(run, pg)
     if run.checkpoint.load:
         _resume(trainer)
     if writer is not None:  # ready before the first step: its start-up is not a save's stall
@@ -382,6 +390,8 @@ def reduce_loss_totals(losses: list[dict], last_stage: bool, dp_cp_group: Any, p
 def train_step(trainer: Trainer) -> dict:
     """One optimizer step over `num_microbatches` microbatches; returns loss/grad-norm/lr."""
     fault_point("step", trainer.iteration + 1)
+    if trainer.rl is not None:  # --stage gspo / grpo: rollouts, then --ppo-epochs optimizer steps
+        return rl_stage.train_step(trainer)
     start = time.perf_counter()
     batches, scale = _step_batches(trainer)
     data_s = time.perf_counter() - start
@@ -441,6 +451,7 @@ def save(trainer: Trainer, final: bool = False) -> None:
         "plan": dataclasses.asdict(trainer.plan),
         "global_batch_size": run.train.global_batch_size,
         **(mpo.checkpoint_extra(run, trainer.mpo) if trainer.mpo is not None else {}),
+        **(rl_stage.checkpoint_extra(run) if trainer.rl is not None else {}),
     }
     if trainer.spike is not None:
         extra["spike_guard"] = trainer.spike.state_dict()
@@ -506,11 +517,11 @@ def _after_step(trainer: Trainer, reporter: Reporter) -> bool:
     return at_exit or signalled
 
 
-def train(run: RunConfig) -> list[dict]:
+def train(run: RunConfig, sampler: Any = None) -> list[dict]:
     """Train until --train-iters (or --exit-interval), evaluating on the validation data every
-    --eval-interval and once at the end (held out); returns the logged records."""
+    --eval-interval and once at the end (held out); returns the logged records. `sampler`: see `setup`."""
     try:
-        trainer = setup(run)
+        trainer = setup(run, sampler)
     except BaseException:
         save_dir.release_all()
         raise

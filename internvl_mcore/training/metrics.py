@@ -148,8 +148,9 @@ class Reporter:
         }
         if stats.get("moe_aux_loss") is not None:  # MoE: megatron-core's load-balancing loss per layer
             record["moe_aux_loss"] = stats["moe_aux_loss"]
-        # --stage mpo: the loss components, rewards and reward accuracy (training/mpo.py METRICS)
-        record.update({k: v for k, v in stats.items() if k.startswith(("loss_", "reward"))})
+        # --stage mpo: the loss components, rewards and reward accuracy (training/mpo.py METRICS);
+        # --stage gspo / grpo: rewards, ratios, clip fraction, KL, rollout time (training/rl/stage.py)
+        record.update({k: v for k, v in stats.items() if k.startswith(("loss_", "reward", "rl_"))})
         if "skipped" in stats:  # --skip-spike-factor: was this step's update skipped
             record["skipped"] = stats["skipped"]
         flops = step_flops(self.run, stats)
@@ -178,6 +179,13 @@ class Reporter:
                         f"{record['loss_generation']:.4f} reward acc {record['reward_accuracy']:.3f} margin "
                         f"{record['reward_margin']:.4f}"
                         if "loss_preference" in record
+                        else ""
+                    )
+                    + (
+                        f" | reward {record['reward_mean']:.4f} acc {record['reward_accuracy']:.3f} clip "
+                        f"{record['rl_clip_fraction_last']:.4f} kl {record['rl_kl']:.4g} len "
+                        f"{record['rl_response_length']:.1f} rollout {record['rl_rollout_s']:.2f} s"
+                        if "rl_ratio" in record
                         else ""
                     ),
                     flush=True,

@@ -61,7 +61,8 @@ def test_nan_inf_negative_and_zero_per_domain(capsys):
     for name, parser, base in _parsers():
         for action in _numeric(parser):
             flag, domain = action.option_strings[0], action.type
-            plain = "1" if domain.kind is int else "0.5"
+            # an int domain may start above 1 (--rollouts-per-prompt: a group needs 2 responses)
+            plain = str(max(1, int(domain.low or 0))) if domain.kind is int else "0.5"
             assert _probe(parser, [*base, flag, plain], capsys)[0] == 0, (name, flag, plain)
             zero_ok = domain.low == 0 and not domain.low_open
             for value, accepted in (("nan", False), ("inf", False), ("-inf", False), ("-1", False), ("0", zero_ok)):

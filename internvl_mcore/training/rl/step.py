@@ -1,5 +1,5 @@
 """The GSPO / GRPO loss as megatron-core's schedules call it: a forward step and its loss function,
-wired like MPO's (training/mpo.py), so the same code runs on every layout once a rollout loop feeds it.
+wired like MPO's (training/mpo.py), so the same code runs on every layout; stage.py feeds it.
 
 The loss function receives this rank's per-token cross entropy of the sampled response tokens (last
 pipeline stage; TP: megatron-core's vocab-parallel cross entropy; CP: this rank's tokens, picked by the
@@ -9,7 +9,7 @@ the same per-response values, losses.py); megatron-core (`calculate_per_token_lo
 over microbatches and data-parallel ranks and divides the gradients by that total once, so the step
 minimizes the mean loss over the responses of the global batch.
 
-Not here yet: the rollout loop that samples responses and fills `Rollouts` (docs/rl.md).
+The rollout loop that samples responses and fills `Rollouts` is stage.py (docs/rl.md).
 """
 
 from __future__ import annotations
