@@ -19,12 +19,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from ..config.model import ModelConfig
 from ..data.image import cut_tiles, normalize_tiles, plan_tiling
 
-try:  # the public names (the prompt-shard branch makes data/sources.py's helpers public)
-    from ..data.sources import RejectError, add_image_placeholders, read_image
-except ImportError:  # pragma: no cover - before that merge: the private spellings
-    from ..data.sources import _add_image_placeholders as add_image_placeholders
-    from ..data.sources import _read_image as read_image
-    from ..data.sources import _RejectError as RejectError
+from ..data.sources import RejectError, add_image_placeholders, read_image
 from ..data.template import INTERNVL2_5
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..errors import DataError

@@ -214,12 +214,11 @@ def test_rollouts_never_sample_image_placeholders(prompts) -> None:
 
 
 def test_prompt_shards_give_the_jsonl_prompts(prompts, tmp_path) -> None:
-    """The stage reads a prompt-shard prefix (internvl_mcore.data.prompts, from another branch) as it
-    reads the JSONL file: the same records become the same prompt tokens and tiles. Skipped until that
-    module is there."""
+    """The stage reads a prompt-shard prefix (internvl_mcore.data.prompts) as it reads the JSONL file:
+    the same records become the same prompt tokens and tiles."""
     import numpy as np
 
-    shards = pytest.importorskip("internvl_mcore.data.prompts")
+    from internvl_mcore.data import prompts as shards
     from internvl_mcore.inference.rollout import RolloutSampler
     from internvl_mcore.training.rl.prompts import open_prompts, read_prompt_jsonl
 

@@ -13,29 +13,13 @@ on another data-parallel size continues with the same prompts.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from ...data.prompts import PromptRecord, read_prompt_shards
 from ...errors import DataError
-
-try:  # the reader of prompt shards (r28-data); until it is there, JSONL prompt files only
-    from ...data.prompts import PromptRecord, read_prompt_shards
-except ImportError:  # pragma: no cover - depends on which branch is merged
-
-    @dataclass(frozen=True)
-    class PromptRecord:  # type: ignore[no-redef]
-        """data/prompts.py's record (the same fields)."""
-
-        id: str
-        conversations: list
-        images: tuple = ()
-        answer: str = ""
-        meta: dict = field(default_factory=dict)
-
-    read_prompt_shards = None
 
 
 def _record(line: int, raw: dict, path: str) -> PromptRecord:
@@ -85,10 +69,6 @@ def open_prompts(path: str) -> Sequence[PromptRecord]:
     """The prompt set of --data-path: a .jsonl file, else a prompt-shard prefix."""
     if path.endswith(".jsonl"):
         records = read_prompt_jsonl(path)
-    elif read_prompt_shards is None:
-        raise DataError(
-            f"--data-path {path}: prompt shards need the module internvl_mcore.data.prompts; give a .jsonl file"
-        )
     else:
         records = read_prompt_shards(path)
     if len(records) == 0:
