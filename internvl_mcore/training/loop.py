@@ -32,6 +32,7 @@ from ..parallel.state import comm_device, init_distributed
 from . import checkpoint, mpo, save_dir
 from .async_save import AsyncWriter
 from .batch import Batch
+from .balance import trainable_parts
 from .data import MockBatches, ShardBatches, build_batches, loss_weights
 from .eval import Evaluator, build_valid_batches
 from .guards import (
@@ -204,7 +205,8 @@ def setup(run: RunConfig) -> Trainer:
     ddp, optimizer = _wrap(model, run, plan, pg)
     scheduler = build_scheduler(optimizer, t, plan.lr, plan.lr_decay_style)
     dp_rank, micro = pg.dp.rank(), t.global_batch_size // (t.micro_batch_size * dp)
-    trainer = Trainer(run, plan, [ddp], optimizer, scheduler, build_batches(run, dp_rank, dp), micro, dp, pg)
+    batches = build_batches(run, dp_rank, dp, trainable_parts(plan))
+    trainer = Trainer(run, plan, [ddp], optimizer, scheduler, batches, micro, dp, pg)
     valid = build_valid_batches(run, dp_rank, dp)
     trainer.evaluator = Evaluator(valid, run, micro) if valid is not None else None
     trainer.spike = SpikeGuard(t.skip_spike_factor) if t.skip_spike_factor else None
@@ -400,16 +402,7 @@ def train_step(trainer: Trainer) -> dict:
     if trainer.spike is not None:
         extra["skipped"] = skipped
     tokens = sum(int((b.tokens != trainer.run.model.pad_token_id).sum()) for b in batches)
-    plan = trainer.plan
-    trainable = [
-        part
-        for part, on in (
-            ("vision", plan.train_vit or plan.unfreeze_vit_layers > 0),
-            ("projector", plan.train_projector),
-            ("llm", plan.train_llm),
-        )
-        if on
-    ]
+    trainable = trainable_parts(trainer.plan)
     return {
         "loss": loss,
         "grad_norm": grad_norm if grad_norm is not None else float("nan"),
