@@ -109,7 +109,9 @@ def estimated_ratios(prefix: str, steps: int, balanced: bool) -> list[float]:
 
 
 LINE = re.compile(r"straggler iteration (\d+): (.*)")
-FIELD = re.compile(r"(step|data|compute|pipeline wait|gradient wait) min ([\d.]+) s \(rank \d+\) max ([\d.]+) s")
+FIELD = re.compile(
+    r"(step|data|compute|compute cpu|pipeline wait|gradient wait) min ([\d.]+) s \(rank \d+\) max ([\d.]+) s"
+)
 
 
 def train(prefix: str, steps: int, balanced: bool, out_dir: str) -> list[dict]:
@@ -136,9 +138,11 @@ def train(prefix: str, steps: int, balanced: bool, out_dir: str) -> list[dict]:
 def summary(rows: list[dict], warmup: int = 2) -> dict:
     rows = rows[warmup:]
     compute = [r["compute"][1] / ((r["compute"][0] + r["compute"][1]) / 2) for r in rows]
+    cpu = [r["compute cpu"][1] / ((r["compute cpu"][0] + r["compute cpu"][1]) / 2) for r in rows]
     grad_share = [r["gradient wait"][1] / r["step"][1] for r in rows]
     return {
         "compute_max_over_mean": float(np.mean(compute)),
+        "compute_cpu_max_over_mean": float(np.mean(cpu)),
         "gradient_wait_share_max_rank": float(np.mean(grad_share)),
         "wait_fraction_max_rank": float(np.mean([r["wait_max"] for r in rows])),
         "step_s_max": float(np.mean([r["step"][1] for r in rows])),
@@ -165,7 +169,8 @@ def main() -> None:
             name = "--balance-dp-compute" if balanced else "stream order       "
             print(
                 f"  {name}: estimated max/mean cost per step mean {np.mean(est):.3f} worst {max(est):.3f} | "
-                f"measured compute max/mean {s['compute_max_over_mean']:.3f}, gradient wait "
+                f"measured compute max/mean {s['compute_max_over_mean']:.3f} (CPU time "
+                f"{s['compute_cpu_max_over_mean']:.3f}), gradient wait "
                 f"{100 * s['gradient_wait_share_max_rank']:.1f}% of the step (most waiting rank), "
                 f"step {s['step_s_max']:.3f} s | load average {load0:.1f} -> {load1:.1f}"
             )

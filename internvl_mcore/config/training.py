@@ -270,7 +270,9 @@ class LogConfig:
     tensorboard_dir: Optional[str] = None
     """Write tensorboard scalars here."""
     log_straggler: bool = False
-    """Every --log-interval, print each rank's step and data-loading time (min / max and their ranks)."""
+    """Every --log-interval, print each rank's step and data-loading time, its compute (forward and
+    backward) and its waiting (pipeline receives, gradient reduction) as min / max with their ranks,
+    and the largest share of the step a rank spent waiting."""
     wandb_project: Optional[str] = None
     """Log the same scalars to this Weights & Biases project (needs the wandb package; WANDB_MODE=offline
     works without a network)."""

@@ -277,11 +277,6 @@ class PackedDataLoader:
         the plain stream's position after the global batch. Every rank deals the same."""
         assert self.balance is not None
         per_rank = self.balance.packs_per_rank
-        if cur.consumed % per_rank:
-            raise DataError(
-                f"--balance-dp-compute: the data position ({cur.consumed} packs) is not at the end of a "
-                f"global batch of {per_rank} packs per rank"
-            )
         walk = _Cursor(cur.consumed, cur.blend_index, list(cur.blend_counts))
         first = cur.consumed * self.dp_size
         draws = [self._draw_at(walk, g) for g in range(first, first + per_rank * self.dp_size)]

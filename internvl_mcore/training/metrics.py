@@ -116,15 +116,21 @@ def _naming_flag(flag: str) -> Iterator[None]:
 
 
 class _Timer:
+    """Wall and process CPU seconds of one named region (CPU time: what a shared CPU host's
+    time-slicing does not inflate)."""
+
     def __init__(self, totals: dict[str, float], name: str) -> None:
         self.totals, self.name, self.started = totals, name, None
 
     def start(self, barrier: bool = False) -> None:  # never a barrier: it would hide the wait measured
-        self.started = time.perf_counter()
+        self.started = (time.perf_counter(), time.process_time())
 
     def stop(self, barrier: bool = False) -> None:
         if self.started is not None:
-            self.totals[self.name] = self.totals.get(self.name, 0.0) + time.perf_counter() - self.started
+            wall, cpu = self.started
+            self.totals[self.name] = self.totals.get(self.name, 0.0) + time.perf_counter() - wall
+            cpu_name = self.name + " cpu"
+            self.totals[cpu_name] = self.totals.get(cpu_name, 0.0) + time.process_time() - cpu
             self.started = None
 
 
@@ -148,29 +154,30 @@ class StepTimers:
             timer.totals = self.totals
         return {
             "compute_s": sum(t.get(n, 0.0) for n in COMPUTE),
-            "pipeline_wait_s": sum(v for n, v in t.items() if PIPELINE_WAIT in n),
+            "compute_cpu_s": sum(t.get(n + " cpu", 0.0) for n in COMPUTE),
+            "pipeline_wait_s": sum(v for n, v in t.items() if PIPELINE_WAIT in n and not n.endswith(" cpu")),
             "gradient_wait_s": sum(t.get(n, 0.0) for n in GRADIENT_WAIT),
         }
 
 
-STRAGGLER_COLUMNS = ("step", "data", "compute", "pipeline wait", "gradient wait")
+STRAGGLER_COLUMNS = ("step", "data", "compute", "compute cpu", "pipeline wait", "gradient wait")
 
 
 def straggler_report(iteration: int, step_s: float, data_s: float, split: dict[str, float]) -> Optional[str]:
-    """--log-straggler: every rank's step, data-loading, compute and wait times of this iteration
-    (collective); the line (for rank 0 to print) names the fastest and slowest rank of each, and the
+    """--log-straggler: every rank's step, data-loading, compute (wall and process CPU seconds) and
+    wait times of this iteration (collective); the line (for rank 0 to print) names the fastest and slowest rank of each, and the
     largest share of the step a rank spent waiting (pipeline receives + gradient reduction)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     times = torch.zeros(world, len(STRAGGLER_COLUMNS), dtype=torch.float64, device=comm_device())
-    mine = [step_s, data_s, split.get("compute_s", 0.0), split.get("pipeline_wait_s", 0.0)]
-    times[rank] = torch.tensor([*mine, split.get("gradient_wait_s", 0.0)], dtype=torch.float64)
+    names = ("compute_s", "compute_cpu_s", "pipeline_wait_s", "gradient_wait_s")
+    times[rank] = torch.tensor([step_s, data_s, *(split.get(n, 0.0) for n in names)], dtype=torch.float64)
     dist.all_reduce(times)
     times = times.cpu()
     parts = []
     for col, name in enumerate(STRAGGLER_COLUMNS):
         lo, hi = int(times[:, col].argmin()), int(times[:, col].argmax())
         parts.append(f"{name} min {times[lo, col]:.3f} s (rank {lo}) max {times[hi, col]:.3f} s (rank {hi})")
-    wait = (times[:, 3] + times[:, 4]) / times[:, 0].clamp_min(1e-12)
+    wait = (times[:, 4] + times[:, 5]) / times[:, 0].clamp_min(1e-12)
     worst = int(wait.argmax())
     parts.append(f"wait fraction max {float(wait[worst]):.3f} (rank {worst}) mean {float(wait.mean()):.3f}")
     return f"straggler iteration {iteration}: " + " | ".join(parts) if rank == 0 else None
