@@ -17,6 +17,7 @@ from ..config.model import ModelConfig
 from ..config.training import RunConfig
 from ..data.loader import Balance
 from ..data.packing import PackShape
+from ..errors import DataError
 from ..plan.flops import forward_flops
 from ..config.training import Plan
 
@@ -31,7 +32,7 @@ def pack_cost(
     """Model FLOPs (forward + backward) of one pack in a microbatch row of `seq_length` tokens."""
     segments = list(shape.segment_lengths)
     if shape.tokens > seq_length:
-        raise ValueError(f"a pack of {shape.tokens} tokens does not fit --seq-length {seq_length}")
+        raise DataError(f"a pack of {shape.tokens} tokens does not fit --seq-length {seq_length}")
     if shape.tokens < seq_length:
         segments.append(seq_length - shape.tokens)
     flops = forward_flops(

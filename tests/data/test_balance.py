@@ -40,7 +40,7 @@ def test_pack_cost_is_the_planner_flop_model():
     text = PackShape((16,) * 4, 0, 40)
     assert pack_cost(cfg, PackShape((16,) * 4, 12, 40), SEQ) > pack_cost(cfg, text, SEQ)  # tiles cost
     assert pack_cost(cfg, PackShape((SEQ,), 0, 40), SEQ) > pack_cost(cfg, text, SEQ)  # attention ~ L^2
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(DataError, match="does not fit"):
         pack_cost(cfg, PackShape((SEQ + 1,), 0, 1), SEQ)
 
 
