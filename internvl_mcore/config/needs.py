@@ -33,7 +33,6 @@ NEEDS: dict[str, tuple[Callable[[argparse.Namespace], bool], str]] = {
     "wandb_exp_name": (lambda ns: bool(ns.wandb_project), "--wandb-project P"),
     "wandb_save_dir": (lambda ns: bool(ns.wandb_project), "--wandb-project P"),
     "mock_tiles_per_sample": (lambda ns: bool(ns.mock_data), "--mock-data"),
-    "balance_dp_compute": (lambda ns: bool(ns.data_path), "--data-path PREFIX (shards)"),
     "lora_alpha": (lambda ns: ns.lora_rank > 0, "--lora-rank R > 0"),
     "lora_dropout": (lambda ns: ns.lora_rank > 0, "--lora-rank R > 0"),
     "lora_target": (lambda ns: ns.lora_rank > 0, "--lora-rank R > 0"),

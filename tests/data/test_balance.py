@@ -200,6 +200,18 @@ def test_balanced_stream_independent_of_workers(mixed):
 # ----------------------------------------------------------------------------- through pretrain
 
 
+def test_flag_refused_with_mock_data():
+    from internvl_mcore.config import ParallelConfig
+    from internvl_mcore.config.problems import data_problems
+    from internvl_mcore.config.training import DataConfig, LogConfig, RunConfig, TrainConfig
+
+    data = DataConfig(mock_data=True, balance_dp_compute=True)
+    run = RunConfig(get_preset("debug"), ParallelConfig(), TrainConfig(), data, LogConfig())
+    assert data_problems(run) == [
+        "--balance-dp-compute deals shard packs (--data-path); it does nothing with --mock-data"
+    ]
+
+
 def _losses(log) -> list[float]:
     return [json.loads(line)["loss"] for line in log.read_text().splitlines()]
 
