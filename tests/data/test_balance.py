@@ -218,24 +218,32 @@ def _losses(log) -> list[float]:
 
 def test_pretrain_balanced_losses(digits_shards, pretrain_log, tmp_path):
     """DP2 with --balance-dp-compute: the same global batches, so the losses equal the single process
-    (per-token loss: megatron-core sums over microbatches and ranks and divides once); --log-straggler
+    (per-token loss: megatron-core sums over microbatches and ranks and divides once), also across a
+    checkpoint (saved after step 5, resumed: the data position resumes exactly); --log-straggler
     splits each rank's step into compute and waiting. DP1: regrouping the microbatches changes nothing."""
     reference = [r["loss"] for r in pretrain_log(1, digits_run_args(digits_shards))]
-    log = tmp_path / "dp2.jsonl"
+    first, second, ckpt = tmp_path / "dp2a.jsonl", tmp_path / "dp2b.jsonl", str(tmp_path / "ckpt")
+    flags = ["--balance-dp-compute", "--save", ckpt, "--save-interval", "5"]
+    pretrain(2, digits_run_args(digits_shards, *flags, "--exit-interval", "5", "--log-jsonl", str(first)))
     out = pretrain(
-        2, digits_run_args(digits_shards, "--balance-dp-compute", "--log-straggler", "--log-jsonl", str(log))
+        2, digits_run_args(digits_shards, *flags, "--load", ckpt, "--log-straggler", "--log-jsonl", str(second))
     )
-    losses = _losses(log)
+    losses = _losses(first) + _losses(second)
     assert len(losses) == len(reference)
     for i, (a, b) in enumerate(zip(losses, reference)):
         assert abs(a - b) <= 1e-5 * abs(b), f"iteration {i + 1}: {a} vs single-process {b}"
     lines = [x for x in out.splitlines() if x.startswith("straggler iteration")]
-    assert lines and all("gradient wait" in x and "compute cpu min" in x and "wait fraction max" in x for x in lines)
+    assert len(lines) == 5 and all("compute cpu min" in x and "gradient wait" in x for x in lines)
+    assert all("wait fraction max" in x for x in lines)
     runs = {}
     for name, flags in (("plain", []), ("balanced", ["--balance-dp-compute"])):
         log = tmp_path / f"{name}.jsonl"
-        args = ["--micro-batch-size", "2", "--train-iters", "4", *flags, "--log-jsonl", str(log)]
-        pretrain(1, digits_run_args(digits_shards, *args))
+        pretrain(
+            1,
+            digits_run_args(
+                digits_shards, "--micro-batch-size", "2", "--train-iters", "4", *flags, "--log-jsonl", str(log)
+            ),
+        )
         runs[name] = _losses(log)
     assert len(runs["plain"]) == 4
     for a, b in zip(runs["balanced"], runs["plain"]):
