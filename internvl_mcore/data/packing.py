@@ -166,7 +166,8 @@ def balanced_assignment(costs: Sequence[float], groups: int) -> list[list[int]]:
 
     Greedy largest-first into the least-loaded group with room, then pairwise swaps between the
     heaviest and the lightest group while a swap lowers the heaviest; never worse than the plain deal
-    (index i to group i % groups, the assignment without balancing), which it falls back to. Each
+    (index i to group i % groups: how the stream deals packs to data-parallel ranks), which it falls
+    back to. Each
     group lists its indices in increasing order."""
     n = len(costs)
     if groups < 1 or n % groups:
