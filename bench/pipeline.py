@@ -3,6 +3,7 @@
 
     python bench/pipeline.py            # DP2, 12 steps with and without --balance-dp-compute
     python bench/pipeline.py --quick    # 6 steps
+    python bench/pipeline.py --model debug-m --seq-length 2048 --global-batch-size 4 --samples 120 --steps 6
 
 DP2 (this part): a mixed shard set for the debug model (a third of the samples an image of 6-12 tiles,
 a third text, a third video of 8-16 one-tile frames; packed to --seq-length 512 by the preprocessor's
@@ -34,14 +35,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
 
-SEQ = 512
-GBS = 8
+MODEL = "debug"  # --model; the debug presets share their special-token ids
+SEQ = 512  # --seq-length
+GBS = 8  # --global-batch-size
 IMG_START, IMG_END, IMG_CONTEXT = 503, 504, 505  # the debug preset's special tokens
 TEXT_IDS = (10, 500)  # ordinary token ids of the debug vocabulary
 
 
 def _sample(kind: int, rng: np.random.Generator, tokens_per_tile: int, line: int):
     """One EncodedSample: image (6-12 tiles), text, or video (8-16 frames of one tile)."""
+    from internvl_mcore.config import get_preset
     from internvl_mcore.data.shards import EncodedSample
 
     def text(n: int) -> list[int]:
@@ -55,7 +58,8 @@ def _sample(kind: int, rng: np.random.Generator, tokens_per_tile: int, line: int
     tokens = np.array(prompt + answer, np.int32)
     loss = np.r_[np.zeros(len(prompt)), np.ones(len(answer))].astype(np.uint8)
     n_tiles = sum(tiles_per_image)
-    tiles = [rng.integers(0, 256, 56 * 56 * 3, dtype=np.uint8).tobytes() for _ in range(n_tiles)]
+    side = get_preset(MODEL).vision.image_size
+    tiles = [rng.integers(0, 256, side * side * 3, dtype=np.uint8).tobytes() for _ in range(n_tiles)]
     num_tiles = np.array(tiles_per_image, np.int32)
     return EncodedSample(tokens, loss, np.arange(len(tokens), dtype=np.float32), num_tiles, tiles, 0, line)
 
@@ -66,10 +70,11 @@ def write_mixed_set(prefix: str, n_samples: int, seed: int = 0) -> str:
     from internvl_mcore.data.packing import pack_lengths
     from internvl_mcore.data.shards import ShardWriter
 
-    cfg = get_preset("debug")
+    cfg = get_preset(MODEL)
     rng = np.random.default_rng(seed)
     samples = [_sample(k % 3, rng, cfg.num_image_token, k + 1) for k in range(n_samples)]
-    writer = ShardWriter(prefix, tile_format="raw", tile_shape=(56, 56, 3))
+    side = cfg.vision.image_size
+    writer = ShardWriter(prefix, tile_format="raw", tile_shape=(side, side, 3))
     for pack in pack_lengths([len(s) for s in samples], SEQ, seed, buffer_size=64):
         writer.add_pack([samples[i] for i in pack])
     tokenizer = {"img_start_id": IMG_START, "img_end_id": IMG_END, "img_context_id": IMG_CONTEXT, "vocab_size": 512}
@@ -90,7 +95,7 @@ def estimated_ratios(prefix: str, steps: int, balanced: bool) -> list[float]:
     from internvl_mcore.data.loader import Balance, PackedDataLoader
     from internvl_mcore.training.balance import pack_cost
 
-    cfg = get_preset("debug")
+    cfg = get_preset(MODEL)
 
     def cost(shape):
         return pack_cost(cfg, shape, SEQ)
@@ -118,7 +123,7 @@ def train(prefix: str, steps: int, balanced: bool, out_dir: str) -> list[dict]:
     """2-rank run with --log-straggler; per iteration {column: (min, max)} and the wait fraction."""
     log = os.path.join(out_dir, f"log{int(balanced)}.jsonl")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += [os.path.join(REPO, "pretrain_internvl.py"), "--model", "debug", "--data-path", prefix]
+    cmd += [os.path.join(REPO, "pretrain_internvl.py"), "--model", MODEL, "--data-path", prefix]
     cmd += ["--seq-length", str(SEQ), "--global-batch-size", str(GBS), "--train-iters", str(steps)]
     cmd += ["--lr", "1e-3", "--seed", "1", "--log-straggler", "--log-interval", "1", "--num-workers", "1"]
     cmd += ["--image-tiling", "loader", "--log-jsonl", log, *(["--balance-dp-compute"] if balanced else [])]
@@ -150,14 +155,22 @@ def summary(rows: list[dict], warmup: int = 2) -> dict:
 
 
 def main() -> None:
+    global MODEL, SEQ, GBS
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="6 steps instead of 12")
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--model", default=MODEL, help="a preset (debug-m: a ViT that weighs as InternVL's)")
+    ap.add_argument("--seq-length", type=int, default=SEQ)
+    ap.add_argument("--global-batch-size", type=int, default=GBS)
+    ap.add_argument("--samples", type=int, default=600)
     args = ap.parse_args()
+    MODEL, SEQ, GBS = args.model, args.seq_length, args.global_batch_size
     steps = args.steps or (6 if args.quick else 12)
     with tempfile.TemporaryDirectory() as tmp:
-        prefix = write_mixed_set(os.path.join(tmp, "mixed"), n_samples=600)
-        print(f"DP2 on a mixed set (image 6-12 tiles / text / video 8-16 frames), debug model, seq {SEQ}, GBS {GBS}")
+        prefix = write_mixed_set(os.path.join(tmp, "mixed"), n_samples=args.samples)
+        print(
+            f"DP2 on a mixed set (image 6-12 tiles / text / video 8-16 frames), --model {MODEL}, seq {SEQ}, GBS {GBS}"
+        )
         results = {}
         for balanced in (False, True):
             est = estimated_ratios(prefix, steps, balanced)
