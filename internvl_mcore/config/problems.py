@@ -284,4 +284,6 @@ def data_problems(run: RunConfig) -> list[str]:
         found.append(f"--data-worker-timeout must be a number of seconds > 0, got {d.data_worker_timeout}")
     if d.num_workers < 0:
         found.append(f"--num-workers must be >= 0, got {d.num_workers}")
+    if d.balance_dp_compute and d.mock_data:  # mock batches are generated per rank, not dealt
+        found.append("--balance-dp-compute deals shard packs (--data-path); it does nothing with --mock-data")
     return found

@@ -120,6 +120,8 @@ def rl_stage_problems(run: "RunConfig") -> list[str]:
         found.append(f"validation (--valid-data-path / --mock-valid-data) is not implemented for {where}")
     if run.lora.enabled:
         found.append(f"--lora-rank is not implemented for {where}")
+    if run.data.balance_dp_compute:  # the stage deals prompts, not packs: the flag would do nothing
+        found.append(f"--balance-dp-compute does not apply to {where} (it deals packed shards; prompts are dealt evenly)")
     return found
 
 

@@ -244,6 +244,11 @@ class DataConfig:
     num_workers: int = 1
     """Processes that decode shard images ahead of the training step (0: decode in the training
     process). The batches and the resume point do not depend on it."""
+    balance_dp_compute: bool = False
+    """Deal each global batch's packs to the data-parallel ranks and microbatches by their estimated
+    compute (the planner's FLOP model of each pack's tiles, tokens and segment lengths) instead of in
+    stream order, so ranks wait less for each other at the gradient reduction. The global batch, and
+    so the loss, stays the same; the resume point too (checkpoints move between runs with and without)."""
     data_worker_timeout: float = 300.0
     """Seconds a loader worker may take to start, and then to return each pack; past it, or when a worker
     dies (e.g. killed for memory), training stops with one line naming the worker and the pack instead
@@ -270,7 +275,9 @@ class LogConfig:
     tensorboard_dir: Optional[str] = None
     """Write tensorboard scalars here."""
     log_straggler: bool = False
-    """Every --log-interval, print each rank's step and data-loading time (min / max and their ranks)."""
+    """Every --log-interval, print each rank's step and data-loading time, its compute (forward and
+    backward) and its waiting (pipeline receives, gradient reduction) as min / max with their ranks,
+    and the largest share of the step a rank spent waiting."""
     wandb_project: Optional[str] = None
     """Log the same scalars to this Weights & Biases project (needs the wandb package; WANDB_MODE=offline
     works without a network)."""

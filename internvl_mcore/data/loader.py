@@ -10,6 +10,10 @@ The stream a training run sees is a pure function of (shard sets, weights, seed)
 
 so ranks are disjoint and together cover the stream, and resuming needs only (how many packs this
 rank returned, the blend counters) -- a few integers in `state_dict()`, nothing is re-read.
+With `balance` (--balance-dp-compute) the global batch g in [b*G, (b+1)*G) (G packs) is the same set
+of packs, dealt to the ranks and microbatches by estimated compute (packing.py: balanced_layout)
+instead of g mod dp_size; every rank computes the same deal from the shard index, and at a global
+batch's end the position is the one the plain stream has there, so checkpoints move between the two.
 Augmentation (`data_augment: true` datasets: JPEG re-compression of each tile, as InternVL's
 training transform) draws from a generator keyed by (seed, g), so a resumed run sees the same.
 
@@ -26,13 +30,14 @@ import os
 import signal
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from ..errors import DataError
 from ..cli_errors import read_json
 from .image import decode_rgb, random_jpeg_recompress
+from .packing import PackShape, balanced_layout
 from .preference import expand_pair_tiles, pair_segments
 from .sample import DecodedImages, PackedSample
 from .shards import SOURCE_HEADER, RawPack, ShardReader, decode_tiles, manifest_path, source_tiling
@@ -123,9 +128,12 @@ class _Cursor:
     consumed: int  # packs this rank has returned
     blend_index: int  # global indices [0, blend_index) have been assigned to datasets
     blend_counts: list[int]  # packs drawn from each dataset among those indices
+    # balance: the rest of this global batch's draws for this rank, and the position after it
+    pending: tuple["_Draw", ...] = ()
+    end: Optional["_Cursor"] = None
 
     def copy(self) -> "_Cursor":
-        return _Cursor(self.consumed, self.blend_index, list(self.blend_counts))
+        return _Cursor(self.consumed, self.blend_index, list(self.blend_counts), self.pending, self.end)
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,15 @@ class _Draw:
     global_index: int
     dataset: int
     pack: int
+
+
+@dataclass(frozen=True)
+class Balance:
+    """--balance-dp-compute: how a global batch is dealt (see the module docstring)."""
+
+    cost: Callable[[PackShape], float]  # estimated compute of a pack (training/balance.py)
+    packs_per_rank: int  # of one global batch: global batch size / dp_size
+    micro_batch_size: int
 
 
 class PackedDataLoader:
@@ -151,6 +168,7 @@ class PackedDataLoader:
             for any number of workers.
         worker_timeout: seconds a worker may take to start and then to return each pack; past it,
             or when a worker dies, `next` raises a one-line `WorkerError` naming worker and pack.
+        balance: deal each global batch by estimated compute (--balance-dp-compute; module docstring).
         image_tiling: "loader" returns tiles; "device" returns the decoded images with their grids
             (`PackedSample.images`) for the model to tile on its device, byte-identical (see
             `decoded_images`). The stream and `state_dict()` do not depend on it.
@@ -168,6 +186,7 @@ class PackedDataLoader:
         num_workers: int = 0,
         image_tiling: str = "loader",
         worker_timeout: float = DEFAULT_WORKER_TIMEOUT_S,
+        balance: Balance | None = None,
     ):
         if data_path and isinstance(data_path[0], (tuple, list)):
             blend = [(float(w), str(p)) for w, p in data_path]
@@ -199,6 +218,11 @@ class PackedDataLoader:
         self.worker_timeout = float(worker_timeout)
         self._pool: WorkerPool | None = None
         self._lookahead = 2 * num_workers
+        if balance is not None and (balance.packs_per_rank < 1 or balance.packs_per_rank % balance.micro_batch_size):
+            raise ValueError(
+                f"{balance.packs_per_rank} packs per rank are not whole microbatches of {balance.micro_batch_size}"
+            )
+        self.balance = balance
         self._submitted = 0
 
     # -- the stream ------------------------------------------------------------------------------
@@ -214,21 +238,74 @@ class PackedDataLoader:
         return self._perm_cache[key]
 
     def _advance(self, cur: _Cursor) -> _Draw:
-        """Assign global indices up to this rank's next one; mutates `cur`, returns the draw."""
-        target = self.dp_rank + self.dp_size * cur.consumed
+        """This rank's next draw; mutates `cur`."""
+        if self.balance is not None:
+            return self._advance_balanced(cur)
+        draw = self._draw_at(cur, self.dp_rank + self.dp_size * cur.consumed)
+        cur.consumed += 1
+        return draw
+
+    def _draw_at(self, cur: _Cursor, g: int) -> _Draw:
+        """The draw of global index g (>= cur.blend_index): assigns the indices up to it to datasets."""
         while True:
-            g = cur.blend_index
-            # Megatron's greedy blend: pick the dataset furthest behind its share of g+1 draws.
+            index = cur.blend_index
+            # Megatron's greedy blend: pick the dataset furthest behind its share of index+1 draws.
             # (Ties go to the lower index.) Integer-exact counts, float weights.
-            lag = self.weights * (g + 1) - np.asarray(cur.blend_counts, dtype=np.float64)
+            lag = self.weights * (index + 1) - np.asarray(cur.blend_counts, dtype=np.float64)
             d = int(np.argmax(lag))
             k = cur.blend_counts[d]
             cur.blend_counts[d] += 1
             cur.blend_index += 1
-            if g == target:
+            if index == g:
                 n = len(self.readers[d])
-                cur.consumed += 1
                 return _Draw(g, d, int(self._pack_order(d, k // n)[k % n]))
+
+    def _advance_balanced(self, cur: _Cursor) -> _Draw:
+        """The next draw of this rank's balanced share of the global batch (dealt at its first pack);
+        after the last one `cur` stands where the plain stream stands at the global batch's end."""
+        if not cur.pending:
+            cur.pending, cur.end = self._deal(cur)
+        draw, cur.pending = cur.pending[0], cur.pending[1:]
+        cur.consumed += 1
+        if not cur.pending:
+            assert cur.end is not None
+            cur.blend_index, cur.blend_counts, cur.end = cur.end.blend_index, list(cur.end.blend_counts), None
+        return draw
+
+    def _deal(self, cur: _Cursor) -> tuple[tuple[_Draw, ...], _Cursor]:
+        """This rank's draws of the global batch that starts at `cur`, in the order it reads them, and
+        the plain stream's position after the global batch. Every rank deals the same."""
+        assert self.balance is not None
+        per_rank = self.balance.packs_per_rank
+        walk = _Cursor(cur.consumed, cur.blend_index, list(cur.blend_counts))
+        first = cur.consumed * self.dp_size
+        draws = [self._draw_at(walk, g) for g in range(first, first + per_rank * self.dp_size)]
+        costs = [self.balance.cost(self.pack_shape(d.dataset, d.pack)) for d in draws]
+        mine = balanced_layout(costs, self.dp_size, self.balance.micro_batch_size)[self.dp_rank]
+        end = _Cursor(cur.consumed, cur.blend_index, list(cur.blend_counts))
+        for _ in range(per_rank):  # the plain stream's position: what a checkpoint records
+            self._draw_at(end, self.dp_rank + self.dp_size * end.consumed)
+            end.consumed += 1
+        return tuple(draws[i] for i in mine), end
+
+    def pack_shape(self, dataset: int, pack: int) -> PackShape:
+        """A pack's segment lengths, tiles and loss tokens, from the shard index (no image bytes)."""
+        reader = self.readers[dataset]
+        raw = reader.read(pack, with_tiles=False)
+        num_tiles = raw.num_tiles
+        if reader.manifest.get("preference"):  # the rejected sequence encodes the pair's images again
+            num_tiles = expand_pair_tiles(
+                np.zeros((int(num_tiles.sum()), 0), np.uint8), num_tiles, raw.images_per_sample
+            )[1]
+        cu = raw.cu_seqlens.astype(np.int64)
+        target = np.zeros(int(cu[-1]), dtype=bool)
+        target[:-1] = np.asarray(raw.loss_mask[1:]) > 0
+        target[cu[1:] - 1] = False  # as `_targets`: a segment's last token predicts nothing
+        return PackShape(
+            segment_lengths=tuple(int(n) for n in raw.seq_lengths),
+            tiles=int(np.asarray(num_tiles).sum()),
+            loss_tokens=int(target.sum()),
+        )
 
     def peek_draws(self, n: int) -> list[tuple[int, int, int]]:
         """The next n (global index, dataset, pack) this rank will return, without reading data."""
@@ -336,7 +413,14 @@ class PackedDataLoader:
             "shuffle": self.shuffle,
             "prefixes": list(self.prefixes),
             "weights": [float(w) for w in self.weights],
+            **({"balance_served": self._served_in_batch()} if self._state.pending else {}),
         }
+
+    def _served_in_batch(self) -> int:
+        """--balance-dp-compute, inside a global batch: the packs of it this rank has returned (the
+        blend counters then stand at the global batch's start)."""
+        assert self.balance is not None
+        return self.balance.packs_per_rank - len(self._state.pending)
 
     def _check_state(self, state: dict, dp_rank: int, dp_size: int) -> None:
         """`state` is a position in this loader's stream, saved by rank `dp_rank` of `dp_size`."""
@@ -354,9 +438,17 @@ class PackedDataLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly after the pack the saved loader returned last."""
         self._check_state(state, self.dp_rank, self.dp_size)
-        self._set_cursor(
-            _Cursor(int(state["consumed"]), int(state["blend_index"]), [int(c) for c in state["blend_counts"]])
+        served = int(state.get("balance_served", 0))
+        if served and self.balance is None:
+            raise DataError(
+                "loader state was saved inside a global batch dealt by --balance-dp-compute; resume with it"
+            )
+        cursor = _Cursor(
+            int(state["consumed"]) - served, int(state["blend_index"]), [int(c) for c in state["blend_counts"]]
         )
+        for _ in range(served):  # deal that global batch again and skip what was returned
+            self._advance(cursor)
+        self._set_cursor(cursor)
 
     def load_resharded_state(self, states: list[dict]) -> None:
         """Continue the stream that `states` (every rank's `state_dict()` of a loader group of another

@@ -11,6 +11,10 @@ small samples of later buffers top up the gaps left earlier; this reaches >99% f
 SFT length mix (see bench/data_pipeline.py). A sample is never split; one longer than the budget
 is an error here (the caller rejects or truncates it before packing).
 
+Balance (--balance-dp-compute): the packs of one global batch dealt to data-parallel ranks and
+microbatches so that each rank's estimated compute is about equal (`balanced_assignment`); the
+cost of a pack is the caller's (training/balance.py: the planner's FLOP model of its `PackShape`).
+
 V2PE (Variable Visual Position Encoding, InternVL 2.5/3): text tokens advance the position by 1,
 each `<IMG_CONTEXT>` token by a per-image delta <= 1, and `</img>` lands at ceil(last visual
 position) + 1. With delta = 1 this is the plain 0, 1, 2, ... of a text model.
@@ -19,6 +23,7 @@ position) + 1. With delta = 1 this is the plain 0, 1, 2, ... of a text model.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -135,6 +140,86 @@ def cu_seqlens_from_lengths(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
     if out[-1] > np.iinfo(np.int32).max:
         raise ValueError(f"pack of {out[-1]} tokens does not fit int32 cu_seqlens")
     return out.astype(np.int32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Compute balance over data-parallel ranks and microbatches
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PackShape:
+    """What a pack's compute depends on, read from the shard index without its image bytes."""
+
+    segment_lengths: tuple[int, ...]  # tokens of each packed sub-sample, in order
+    tiles: int  # image tiles the vision model encodes (both sequences' of a preference pair)
+    loss_tokens: int  # positions whose next token carries loss (the ones the output layer computes)
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.segment_lengths)
+
+
+def balanced_assignment(costs: Sequence[float], groups: int) -> list[list[int]]:
+    """Indices of `costs` dealt into `groups` groups of len(costs) / groups each, with the groups'
+    cost sums about equal; deterministic (ties go to the lower index / group).
+
+    Greedy largest-first into the least-loaded group with room, then pairwise swaps between the
+    heaviest and the lightest group while a swap lowers the heaviest; never worse than the plain deal
+    (index i to group i % groups: how the stream deals packs to data-parallel ranks), which it falls
+    back to. Each
+    group lists its indices in increasing order."""
+    n = len(costs)
+    if groups < 1 or n % groups:
+        raise ValueError(f"{n} packs do not split into {groups} equal groups")
+    size = n // groups
+    c = [float(x) for x in costs]
+    order = sorted(range(n), key=lambda i: (-c[i], i))
+    members: list[list[int]] = [[] for _ in range(groups)]
+    load = [0.0] * groups
+    for i in order:
+        g = min((g for g in range(groups) if len(members[g]) < size), key=lambda g: (load[g], g))
+        members[g].append(i)
+        load[g] += c[i]
+    _improve_by_swaps(members, load, c)
+    plain = [list(range(g, n, groups)) for g in range(groups)]
+    if max(sum(c[i] for i in m) for m in plain) <= max(load):
+        return plain
+    return [sorted(m) for m in members]
+
+
+def _improve_by_swaps(members: list[list[int]], load: list[float], c: list[float]) -> None:
+    """Swap one index of the heaviest group with one of the lightest while that lowers the heaviest
+    group's load (bounded: each swap strictly lowers the sum of squared loads)."""
+    for _ in range(4 * sum(len(m) for m in members)):
+        hi = max(range(len(load)), key=lambda g: (load[g], -g))
+        lo = min(range(len(load)), key=lambda g: (load[g], g))
+        gap = load[hi] - load[lo]
+        hi_c = np.array([c[i] for i in members[hi]])
+        lo_c = np.array([c[i] for i in members[lo]])
+        d = hi_c[:, None] - lo_c[None, :]
+        # how far the pair's swap brings both groups below the old maximum (<= 0: no gain)
+        gain = np.where((d > 0) & (d < gap), np.minimum(d, gap - d), 0.0)
+        if gain.size == 0 or gain.max() <= 0:
+            return
+        pick = divmod(int(np.argmax(gain)), lo_c.size)  # the first best pair: deterministic
+        a, b = pick
+        d = c[members[hi][a]] - c[members[lo][b]]
+        members[hi][a], members[lo][b] = members[lo][b], members[hi][a]
+        load[hi] -= d
+        load[lo] += d
+
+
+def balanced_layout(costs: Sequence[float], dp_size: int, micro_batch_size: int) -> list[list[int]]:
+    """A global batch's packs (their costs, in global-index order) laid out for training: for each
+    data-parallel rank, its packs in the order it reads them, microbatch by microbatch. Ranks are
+    balanced first (they wait for each other at the gradient reduction), then each rank's
+    microbatches (pipeline stages wait for the slowest microbatch)."""
+    layout = []
+    for rank_packs in balanced_assignment(costs, dp_size):
+        micro = balanced_assignment([costs[i] for i in rank_packs], len(rank_packs) // micro_batch_size)
+        layout.append([rank_packs[i] for mb in micro for i in mb])
+    return layout
 
 
 # ------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+from typing import Optional, Sequence
 
 import torch
 from tqdm import tqdm
@@ -18,6 +19,7 @@ from ..data.resample import PillowMismatch, pass_order
 from ..data.shards import ShardReader, manifest_path, max_token_id, sha256_file, shard_files
 from ..cli_errors import read_json, user_path
 from ..errors import DataError
+from .balance import balance_for
 from .batch import Batch
 from .mock import mock_batches
 
@@ -139,7 +141,14 @@ def resolve_image_tiling(requested: str, device: str) -> str:
 class ShardBatches:
     """Microbatches from `PackedDataLoader` for one data-parallel rank, resumable by `state_dict`."""
 
-    def __init__(self, run: RunConfig, dp_rank: int, dp_size: int, decode_tiles: bool = True) -> None:
+    def __init__(
+        self,
+        run: RunConfig,
+        dp_rank: int,
+        dp_size: int,
+        decode_tiles: bool = True,
+        trainable: Optional[Sequence[str]] = None,
+    ) -> None:
         self.image_tiling = resolve_image_tiling(run.data.image_tiling, resolve_device(run.compute.device))
         try:
             self.loader = PackedDataLoader(
@@ -150,6 +159,7 @@ class ShardBatches:
                 num_workers=run.data.num_workers,
                 image_tiling=self.image_tiling,
                 worker_timeout=run.data.data_worker_timeout,
+                balance=balance_for(run, dp_size, trainable),
             )
         except DataError as exc:
             raise DataError(f"--data-path {' '.join(run.data.data_path)}: {exc}") from exc
@@ -281,11 +291,14 @@ class MockBatches:
         self.load_state_dict(states[0])
 
 
-def build_batches(run: RunConfig, dp_rank: int, dp_size: int) -> ShardBatches | MockBatches:
-    """The microbatch stream of this data-parallel rank."""
+def build_batches(
+    run: RunConfig, dp_rank: int, dp_size: int, trainable: Optional[Sequence[str]] = None
+) -> ShardBatches | MockBatches:
+    """The microbatch stream of this data-parallel rank (`trainable`: the parts --balance-dp-compute
+    counts the backward passes of; None: all)."""
     if run.data.mock_data:
         return MockBatches(run, dp_rank, dp_size)
-    return ShardBatches(run, dp_rank, dp_size)
+    return ShardBatches(run, dp_rank, dp_size, trainable=trainable)
 
 
 def loss_weights(batch: Batch, reduction: str) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Guards of a long run: non-finite loss / gradient norm, loss spikes, lost ranks, stragglers.
+"""Guards of a long run: non-finite loss / gradient norm, loss spikes, lost ranks (the straggler report: metrics.py).
 
 Every decision here is taken from numbers that are identical on all ranks (the all-reduced loss,
 megatron-core's global gradient norm), so all ranks stop or skip together; the extra collectives
@@ -104,21 +104,6 @@ class SpikeGuard:
     def load_state_dict(self, state: dict) -> None:
         self.history = deque(state["history"], maxlen=SPIKE_WINDOW)
         self.skipped = int(state["skipped"])
-
-
-def straggler_report(iteration: int, step_s: float, data_s: float) -> Optional[str]:
-    """--log-straggler: every rank's step and data-loading time of this iteration (collective); the
-    line (for rank 0 to print) names the fastest and slowest rank of each."""
-    world, rank = dist.get_world_size(), dist.get_rank()
-    times = torch.zeros(world, 2, dtype=torch.float64, device=comm_device())
-    times[rank] = torch.tensor([step_s, data_s], dtype=torch.float64)
-    dist.all_reduce(times)
-    times = times.cpu()
-    parts = []
-    for col, name in ((0, "step"), (1, "data")):
-        lo, hi = int(times[:, col].argmin()), int(times[:, col].argmax())
-        parts.append(f"{name} min {times[lo, col]:.3f} s (rank {lo}) max {times[hi, col]:.3f} s (rank {hi})")
-    return f"straggler iteration {iteration}: " + " | ".join(parts) if rank == 0 else None
 
 
 def is_collective_failure(exc: BaseException) -> bool:

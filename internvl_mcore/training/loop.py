@@ -33,6 +33,7 @@ from ..parallel.state import comm_device, init_distributed
 from . import checkpoint, mpo, save_dir
 from .async_save import AsyncWriter
 from .batch import Batch
+from .balance import trainable_parts
 from .data import MockBatches, ShardBatches, build_batches, loss_weights
 from .eval import Evaluator, build_valid_batches
 from .guards import (
@@ -210,7 +211,7 @@ def setup(run: RunConfig, sampler: Any = None) -> Trainer:
     scheduler = build_scheduler(optimizer, t, plan.lr, plan.lr_decay_style)
     dp_rank, micro = pg.dp.rank(), t.global_batch_size // (t.micro_batch_size * dp)
     rl = rl_stage.make_rl(run, pg, sampler) if t.stage in RL_STAGES else None
-    batches = rl.order if rl is not None else build_batches(run, dp_rank, dp)
+    batches = rl.order if rl is not None else build_batches(run, dp_rank, dp, trainable_parts(plan))
     trainer = Trainer(run, plan, [ddp], optimizer, scheduler, batches, micro, dp, pg, rl=rl)
     valid = build_valid_batches(run, dp_rank, dp)
     trainer.evaluator = Evaluator(valid, run, micro) if valid is not None else None
@@ -410,16 +411,7 @@ def train_step(trainer: Trainer) -> dict:
     if trainer.spike is not None:
         extra["skipped"] = skipped
     tokens = sum(int((b.tokens != trainer.run.model.pad_token_id).sum()) for b in batches)
-    plan = trainer.plan
-    trainable = [
-        part
-        for part, on in (
-            ("vision", plan.train_vit or plan.unfreeze_vit_layers > 0),
-            ("projector", plan.train_projector),
-            ("llm", plan.train_llm),
-        )
-        if on
-    ]
+    trainable = trainable_parts(trainer.plan)
     return {
         "loss": loss,
         "grad_norm": grad_norm if grad_norm is not None else float("nan"),

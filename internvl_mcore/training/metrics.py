@@ -14,11 +14,18 @@ from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core.utils import get_model_config
 
 from ..config.training import LogConfig, RunConfig
 from ..errors import ConfigError
+from ..parallel.state import comm_device
 from ..plan.flops import train_step_flops
-from .guards import straggler_report
+
+# megatron-core's timer names (config.timers) for the time a rank waits for others: the pipeline
+# receives (a combined send-and-receive waits for its receive) and the data-parallel gradient reduction
+PIPELINE_WAIT = "recv"  # in the name: forward-recv, backward-send-forward-recv, ...
+GRADIENT_WAIT = ("all-grads-sync",)
+COMPUTE = ("forward-compute", "backward-compute")
 
 
 def measure_peak_flops(
@@ -108,6 +115,74 @@ def _naming_flag(flag: str) -> Iterator[None]:
         raise ConfigError(f"{flag}: {exc.strerror}: {exc.filename}") from exc
 
 
+class _Timer:
+    """Wall and process CPU seconds of one named region (CPU time: what a shared CPU host's
+    time-slicing does not inflate)."""
+
+    def __init__(self, totals: dict[str, float], name: str) -> None:
+        self.totals, self.name, self.started = totals, name, None
+
+    def start(self, barrier: bool = False) -> None:  # never a barrier: it would hide the wait measured
+        self.started = (time.perf_counter(), time.process_time())
+
+    def stop(self, barrier: bool = False) -> None:
+        if self.started is not None:
+            wall, cpu = self.started
+            self.totals[self.name] = self.totals.get(self.name, 0.0) + time.perf_counter() - wall
+            cpu_name = self.name + " cpu"
+            self.totals[cpu_name] = self.totals.get(cpu_name, 0.0) + time.process_time() - cpu
+            self.started = None
+
+
+class StepTimers:
+    """megatron-core's `config.timers` (--log-straggler): its schedules, pipeline communication and
+    finalize_model_grads time named regions with it; this one adds up the seconds per name."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self._timers: dict[str, _Timer] = {}
+
+    def __call__(self, name: str, log_level: Optional[int] = None) -> _Timer:
+        if name not in self._timers:
+            self._timers[name] = _Timer(self.totals, name)
+        return self._timers[name]
+
+    def take(self) -> dict[str, float]:
+        """Seconds per name since the last `take`: compute, pipeline wait, gradient wait."""
+        t, self.totals = self.totals, {}
+        for timer in self._timers.values():
+            timer.totals = self.totals
+        return {
+            "compute_s": sum(t.get(n, 0.0) for n in COMPUTE),
+            "compute_cpu_s": sum(t.get(n + " cpu", 0.0) for n in COMPUTE),
+            "pipeline_wait_s": sum(v for n, v in t.items() if PIPELINE_WAIT in n and not n.endswith(" cpu")),
+            "gradient_wait_s": sum(t.get(n, 0.0) for n in GRADIENT_WAIT),
+        }
+
+
+STRAGGLER_COLUMNS = ("step", "data", "compute", "compute cpu", "pipeline wait", "gradient wait")
+
+
+def straggler_report(iteration: int, step_s: float, data_s: float, split: dict[str, float]) -> Optional[str]:
+    """--log-straggler: every rank's step, data-loading, compute (wall and process CPU seconds) and
+    wait times of this iteration (collective); the line (for rank 0 to print) names the fastest and slowest rank of each, and the
+    largest share of the step a rank spent waiting (pipeline receives + gradient reduction)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    times = torch.zeros(world, len(STRAGGLER_COLUMNS), dtype=torch.float64, device=comm_device())
+    names = ("compute_s", "compute_cpu_s", "pipeline_wait_s", "gradient_wait_s")
+    times[rank] = torch.tensor([step_s, data_s, *(split.get(n, 0.0) for n in names)], dtype=torch.float64)
+    dist.all_reduce(times)
+    times = times.cpu()
+    parts = []
+    for col, name in enumerate(STRAGGLER_COLUMNS):
+        lo, hi = int(times[:, col].argmin()), int(times[:, col].argmax())
+        parts.append(f"{name} min {times[lo, col]:.3f} s (rank {lo}) max {times[hi, col]:.3f} s (rank {hi})")
+    wait = (times[:, 4] + times[:, 5]) / times[:, 0].clamp_min(1e-12)
+    worst = int(wait.argmax())
+    parts.append(f"wait fraction max {float(wait[worst]):.3f} (rank {worst}) mean {float(wait.mean()):.3f}")
+    return f"straggler iteration {iteration}: " + " | ".join(parts) if rank == 0 else None
+
+
 class Reporter:
     """Collects per-iteration records; the last rank (on the last pipeline stage) writes them."""
 
@@ -129,6 +204,10 @@ class Reporter:
         self.wandb = _start_wandb(run) if (log.wandb_project and self.is_writer) else None
         model = trainer.model[0] if getattr(trainer, "model", None) else None
         self.device = next(model.parameters()).device if model is not None else torch.device("cpu")
+        self.timers: Optional[StepTimers] = None
+        if log.log_straggler and model is not None:  # megatron-core times its regions with it from now on
+            self.timers = StepTimers()
+            get_model_config(model).timers = self.timers
         dtype = torch.bfloat16 if run.train.bf16 else torch.float32
         self.peak_flops = run.train.peak_flops or measure_peak_flops(self.device, dtype)
 
@@ -160,8 +239,9 @@ class Reporter:
             record["peak_flops_per_rank"] = self.peak_flops
         self.records.append(record)
         due = iteration % self.run.log.log_interval == 0
+        split = self.timers.take() if self.timers is not None else {}  # this step's times only
         if due and self.run.log.log_straggler:  # collective: every rank's times
-            line = straggler_report(iteration, elapsed, stats.get("data_s", 0.0))
+            line = straggler_report(iteration, elapsed, stats.get("data_s", 0.0), split)
             if line:
                 print(line, flush=True)
         if self.is_writer:
@@ -216,6 +296,8 @@ class Reporter:
             "final": final,
         }
         self.records.append(record)
+        if self.timers is not None:  # the evaluation's forward passes are no step's compute
+            self.timers.take()
         if self.is_writer:
             self._write(record, "valid")
             what = "held-out evaluation at the end" if final else "validation"

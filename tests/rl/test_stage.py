@@ -153,6 +153,7 @@ def test_stage_problems_name_the_flags() -> None:
     )
     assert any("--context-parallel-size" in p for p in found) and any("--skip-spike-factor" in p for p in found)
     assert any("--drop-path-rate 0.1" in p for p in found)
+    assert any("--balance-dp-compute" in p for p in rl_stage_problems(_run(data={"balance_dp_compute": True})))
     # tools/plan.py's run configs have no data source: only the layout is checked (not the reward, ...)
     assert rl_stage_problems(_run(rl={"reward": None, "tokenizer_model": None}, data={"data_path": []})) == []
     assert rl_stage_problems(_run(parallel={"context_parallel_size": 2}, data={"data_path": []})) != []
