@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
+import numpy as np
 import torch
 
 from ..errors import CheckpointError
@@ -58,25 +59,26 @@ Box = tuple[tuple[int, int], ...]
 
 @dataclass(frozen=True)
 class RowRanges:
-    """Where the rows of a tensor lie: row r is `row_bytes` bytes at `offsets[r]` of `files[file_of[r]]`."""
+    """Where the rows of a tensor lie: row r is `row_bytes` bytes at `offsets[r]` of `files[file_of[r]]`.
+    numpy arrays, not torch tensors: a few small array operations per tensor, where torch's per-call
+    overhead was most of the export's bookkeeping."""
 
     files: list[Path]
-    file_of: torch.Tensor
-    offsets: torch.Tensor
+    file_of: np.ndarray
+    offsets: np.ndarray
     row_bytes: int
 
-    def take(self, rows: torch.Tensor) -> "RowRanges":
+    def take(self, rows: torch.Tensor | np.ndarray) -> "RowRanges":
         """The ranges of these rows, in this order."""
-        return RowRanges(
-            self.files, self.file_of.index_select(0, rows), self.offsets.index_select(0, rows), self.row_bytes
-        )
+        rows = rows.numpy() if isinstance(rows, torch.Tensor) else rows
+        return RowRanges(self.files, self.file_of[rows], self.offsets[rows], self.row_bytes)
 
     def ranges(self) -> list[tuple[Path, int, int]]:
         """(file, offset, length), consecutive rows of one file merged into one range."""
         if not len(self.offsets):
             return []
-        step = (torch.diff(self.offsets) != self.row_bytes) | (torch.diff(self.file_of) != 0)
-        bounds = [0, *(step.nonzero().flatten() + 1).tolist(), len(self.offsets)]
+        step = (np.diff(self.offsets) != self.row_bytes) | (np.diff(self.file_of) != 0)
+        bounds = [0, *(step.nonzero()[0] + 1).tolist(), len(self.offsets)]
         firsts = self.offsets[bounds[:-1]].tolist()
         files = self.file_of[bounds[:-1]].tolist()
         return [
@@ -238,8 +240,8 @@ class DistCheckpointReader:
         itemsize = md.properties.dtype.itemsize
         row_bytes = math.prod(shape[n + 1 :]) * itemsize
         files: list[Path] = []
-        fid = torch.full((shape[n],), -1, dtype=torch.int64)
-        off = torch.zeros(shape[n], dtype=torch.int64)
+        fid = np.full(shape[n], -1, dtype=np.int64)
+        off = np.zeros(shape[n], dtype=np.int64)
         for chunk in md.chunks:
             part = _intersect(chunk.offsets, chunk.sizes, box)
             if part is None:
@@ -253,8 +255,8 @@ class DistCheckpointReader:
             if file not in files:
                 files.append(file)
             fid[a:b] = files.index(file)
-            off[a:b] = data + lead + (torch.arange(a, b) - offsets[n]) * row_bytes
-        if bool((fid < 0).any()):
+            off[a:b] = np.arange(a, b, dtype=np.int64) * row_bytes + (data + lead - offsets[n] * row_bytes)
+        if (fid < 0).any():
             raise CheckpointError(
                 f"{self.path}: the chunks of {key!r} do not cover {index}; the checkpoint is incomplete"
             )
@@ -404,8 +406,8 @@ _IOV_MAX = 1024  # Linux's limit on one preadv's buffers
 
 
 def _preadv_all(file: Path, views: list[memoryview], offset: int) -> None:
-    """Fill `views` in order from the consecutive bytes of `file` at `offset`."""
-    views = [v for v in views if len(v)]
+    """Fill `views` (none empty) in order from the consecutive bytes of `file` at `offset`."""
+    views = list(views)
     try:
         fd = os.open(file, os.O_RDONLY)
     except OSError as exc:
@@ -413,16 +415,18 @@ def _preadv_all(file: Path, views: list[memoryview], offset: int) -> None:
     try:
         i, pos = 0, offset
         while i < len(views):
-            got = os.preadv(fd, views[i : i + _IOV_MAX], pos)
+            batch = views[i : i + _IOV_MAX]
+            got = os.preadv(fd, batch, pos)
             if got == 0:
                 raise CheckpointError(f"{file}: truncated (a chunk's bytes end at {pos})")
             pos += got
-            while got and i < len(views):  # a short read: go on from the first view not filled
-                n = len(views[i])
-                if got >= n:
-                    got, i = got - n, i + 1
-                else:
-                    views[i], got = views[i][got:], 0
+            if got == sum(map(len, batch)):
+                i += len(batch)
+                continue
+            while got >= len(views[i]):  # a short read: go on from the first view not filled
+                got -= len(views[i])
+                i += 1
+            views[i] = views[i][got:]
     finally:
         os.close(fd)
 
