@@ -39,7 +39,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # This process only orchestrates and imports no torch: see bench/_common.py.
-from _common import GIB, REPO, Child, cp_time, dir_bytes, make_random_hf_dir, run_child  # noqa: E402
+from _common import GIB, REPO, Child, cp_run, cp_time, dir_bytes, make_random_hf_dir, run_child  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -356,9 +356,12 @@ class Bench:
         )
 
     def exports(self) -> None:
+        """Each export against a `cp -r` of the checkpoint run just before it (the same minute: on a
+        shared machine the load moves), in wall time and in CPU seconds."""
         if not hasattr(self, "cp_ck"):
             return
         for fmt in self.args.formats:
+            cp = cp_run(self.ckpt_dir(), self.work / "cp")
             child = self.run(f"export_{fmt}", f"export: convert_to_hf.py --format {fmt} from the TP2xPP2 checkpoint")
             shutil.rmtree(self.work / f"hf_{fmt}", ignore_errors=True)
             if child is not None:
@@ -366,24 +369,26 @@ class Bench:
                     Row(
                         f"export --format {fmt}",
                         child.wall,
-                        self.cp_ck,
+                        cp.wall,
                         child.peak_rss,
                         child.tree_rss,
-                        "goal: wall <= 5x cp; peak <= 2 GiB (1b), not growing to 2b",
+                        _against_cp(child, cp) + "; goal: wall <= 5x cp; peak <= 2 GiB (1b), not growing to 2b",
                     )
                 )
 
     def imports(self) -> None:
         """convert_from_hf.py of a random HF dir (InternVL's layout, the shape's dtype)."""
         hf = self.work / "hf"
-        cp = cp_time(hf, self.work / "cp")
-        self.rows.append(Row(f"cp -r HF dir ({dir_bytes(hf) / GIB:.2f} GiB)", cp, cp))
+        cp_child = cp_run(hf, self.work / "cp")
+        cp = cp_child.wall
+        self.rows.append(
+            Row(f"cp -r HF dir ({dir_bytes(hf) / GIB:.2f} GiB)", cp, cp, note=_against_cp(cp_child, cp_child))
+        )
         child = self.run("import", "import: convert_from_hf.py HF dir -> canonical")
         shutil.rmtree(self.work / "canonical", ignore_errors=True)
         if child is not None:
-            self.rows.append(
-                Row("import convert_from_hf", child.wall, cp, child.peak_rss, child.tree_rss, "goal: wall <= 5x cp")
-            )
+            note = _against_cp(child, cp_child) + "; goal: wall <= 5x cp"
+            self.rows.append(Row("import convert_from_hf", child.wall, cp, child.peak_rss, child.tree_rss, note))
         self.cp_hf = cp
 
     def pretrained_hf(self) -> None:
@@ -447,6 +452,15 @@ class Bench:
             self.loads()
         if hf:
             self.pretrained_hf()
+
+
+def _against_cp(child: Child, cp: Child) -> str:
+    """CPU seconds of a command against those of the `cp -r` it is compared with, and the load
+    average each started at (wall time ratios at a high load measure the scheduler)."""
+    ratio = f" = {child.cpu_s / cp.cpu_s:.1f}x cp's {cp.cpu_s:.2f}" if cp is not child and cp.cpu_s else ""
+    return f"CPU {child.cpu_s:.2f}s{ratio}; load {child.load:.1f}" + (
+        f" (cp's {cp.load:.1f})" if cp is not child else ""
+    )
 
 
 def print_table(bench: Bench) -> None:
