@@ -238,6 +238,10 @@ class Bench:
         time each save added, against cp -r of one checkpoint."""
         if self.shape.save_only:
             return self.save_only()
+        if self.reused(self.ckpt_dir()):
+            self.ck_bytes, self.cp_ck = dir_bytes(self.ckpt_dir()), cp_time(self.ckpt_dir(), self.work / "cp")
+            self.rows.append(Row(f"cp -r checkpoint ({self.ck_bytes / GIB:.2f} GiB)", self.cp_ck, self.cp_ck))
+            return
         sync = self.run("save", f"save: {SAVE_ITERS} steps, saving every {SAVE_INTERVAL} (sync)")
         if sync is None:
             return
@@ -401,9 +405,18 @@ class Bench:
             row.note += " (goal: <= +1 GiB)"
             self.rows.append(row)
 
+    def reused(self, path: Path) -> bool:
+        """--reuse: `path` (the checkpoint, the HF dir) is kept from an earlier run in --workdir."""
+        if self.args.reuse and path.exists():
+            print(f"  [{self.size}] reusing {path} (--reuse)", flush=True)
+            return True
+        return False
+
     def make_hf(self) -> bool:
         """A random-weight HF checkpoint of this shape (InternVL's own layout, the shape's dtype) for
         the imports."""
+        if self.reused(self.work / "hf"):
+            return True
         start = time.perf_counter()
         print(f"  [{self.size}] writing a random-weight HF dir ...", flush=True)
         made = subprocess.run(
@@ -442,7 +455,7 @@ class Bench:
         hf = "import" in steps and self.make_hf()
         if hf:
             self.imports()
-        if self.shape.save_only:  # the rest train: see Shape.save_only
+        if self.shape.save_only or self.args.reuse:  # the rest train: see Shape.save_only, --reuse
             return
         if "async" in steps:
             self.async_save()
@@ -540,6 +553,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     p.add_argument("--step-deadline", type=float, default=3600.0, help="kill a step running longer (seconds)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, check their flags, run nothing")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="with --workdir: measure the exports / import of the checkpoint and HF dir an earlier run left "
+        "there instead of training and writing them again (export,import steps only)",
+    )
     p.add_argument("--make-hf", metavar="DIR", help=argparse.SUPPRESS)  # internal: the HF-dir writer child
     p.add_argument("--preset", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
@@ -549,6 +568,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         set(args.steps.split(",")),
         args.formats.split(",") if args.formats else [],
     )
+    if args.reuse and (args.workdir is None or args.steps - {"export", "import"}):
+        p.error("--reuse needs --workdir and measures the export and import steps only")
     for value, known, flag in ((args.sizes, SIZES, "--sizes"), (args.steps, STEPS, "--steps")):
         if set(value) - set(known):
             p.error(f"{flag}: unknown {', '.join(sorted(set(value) - set(known)))} (known: {', '.join(known)})")
@@ -572,8 +593,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     failed = []
     for size in args.sizes:
         work = root / size
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
+        if not args.reuse:
+            shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True, exist_ok=True)
         bench = Bench(size, work, args, async_save)
         free, need = shutil.disk_usage(work).free, DISK_COPIES * bench.shape.params * BYTES[bench.shape.dtype]
         if not args.dry_run and free < need:
@@ -583,7 +605,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.dry_run:
             failed += dry_run(bench)
             continue
-        if not wait_for_memory(size, bench.shape.min_available_gib, args.memory_wait):
+        if not args.reuse and not wait_for_memory(size, bench.shape.min_available_gib, args.memory_wait):
             failed.append(size)
             continue
         start = time.perf_counter()
