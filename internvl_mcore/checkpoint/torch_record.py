@@ -55,6 +55,10 @@ _STORAGE_DTYPES = {
 }
 
 
+class _NotPlain(Exception):
+    """The record is not the plain one-tensor zip this module reads (never leaves `locate_tensor`)."""
+
+
 @dataclass(frozen=True)
 class _Storage:
     dtype: torch.dtype
@@ -97,7 +101,7 @@ class _RecordUnpickler(pickle.Unpickler):
 def _pread(fd: int, length: int, offset: int) -> bytes:
     data = os.pread(fd, length, offset)
     if len(data) != length:
-        raise ValueError("truncated")
+        raise _NotPlain("truncated")
     return data
 
 
@@ -106,13 +110,13 @@ def _end_record(tail: bytes) -> tuple[int, int, int, int]:
     of a record: torch writes a zip64 end record and its locator before the plain one."""
     sig, _, _, _, count, cd_size, cd_offset, comment = _EOCD.unpack_from(tail, len(tail) - _EOCD.size)
     if sig != _EOCD_SIG or comment:
-        raise ValueError("not a plain zip end record")
+        raise _NotPlain("not a plain zip end record")
     at = len(tail) - _EOCD.size - _LOCATOR.size
     if at >= 0 and _LOCATOR.unpack_from(tail, at)[0] == _LOCATOR_SIG:
         zip64 = len(tail) - _EOCD.size - _LOCATOR.size - _EOCD64.size
         f = _EOCD64.unpack_from(tail, zip64)
         if f[0] != _EOCD64_SIG:
-            raise ValueError("a bad zip64 end record")
+            raise _NotPlain("a bad zip64 end record")
         count, cd_size, cd_offset = f[7], f[8], f[9]
         cd_end = zip64
     else:
@@ -126,12 +130,12 @@ def _directory(fd: int, start: int, length: int) -> dict[str, tuple[int, int, in
     tail = _pread(fd, tail_len, start + length - tail_len)
     count, cd_size, cd_offset, cd_end = _end_record(tail)
     if cd_size > cd_end or cd_offset + cd_size != length - tail_len + cd_end:
-        raise ValueError("a directory not just before the end records")
+        raise _NotPlain("a directory not just before the end records")
     entries, pos = {}, cd_end - cd_size
     for _ in range(count):
         f = _CDIR.unpack_from(tail, pos)
         if f[0] != _CDIR_SIG:
-            raise ValueError("a bad directory entry")
+            raise _NotPlain("a bad directory entry")
         name_len, extra_len, comment_len = f[10], f[11], f[12]
         name = tail[pos + _CDIR.size : pos + _CDIR.size + name_len].decode()
         entries[name] = (f[4], f[9], f[16])  # method, uncompressed size, local header offset
@@ -143,24 +147,24 @@ def _entry_data(fd: int, start: int, length: int, entry: tuple[int, int, int]) -
     """Offset (in the record) of a stored entry's bytes, from its local header."""
     method, size, local = entry
     if method != 0 or 0xFFFFFFFF in (size, local):
-        raise ValueError("a compressed or zip64 entry")
+        raise _NotPlain("a compressed or zip64 entry")
     f = _LOCAL.unpack(_pread(fd, _LOCAL.size, start + local))
     if f[0] != _LOCAL_SIG:
-        raise ValueError("a bad local header")
+        raise _NotPlain("a bad local header")
     data = local + _LOCAL.size + f[9] + f[10]
     if data + size > length:
-        raise ValueError("an entry past the record's end")
+        raise _NotPlain("an entry past the record's end")
     return data
 
 
 def _unpickle(fd: int, start: int, length: int, entries: dict, prefix: str) -> tuple:
     entry = entries[prefix + "data.pkl"]
     if entry[1] > _MAX_PICKLE:
-        raise ValueError("a large pickle")
+        raise _NotPlain("a large pickle")
     at = _entry_data(fd, start, length, entry)
     rebuilt = _RecordUnpickler(io.BytesIO(_pread(fd, entry[1], start + at))).load()
     if not (isinstance(rebuilt, tuple) and rebuilt[0] == "tensor" and isinstance(rebuilt[1], _Storage)):
-        raise ValueError("not one tensor")
+        raise _NotPlain("not one tensor")
     return rebuilt
 
 
