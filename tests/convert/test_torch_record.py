@@ -115,3 +115,29 @@ def test_index_is_read_without_torch_distributed_checkpoint(tmp_path) -> None:
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_scattered_reads_fill_the_columns_of_each_row(tmp_path, monkeypatch) -> None:
+    """A row-parallel piece (a chunk of whole rows in the file) read into its columns of a box, one
+    scattered read; short reads (as the kernel may return) go on where they stopped."""
+    from internvl_mcore.checkpoint import dist_reader
+
+    piece = torch.arange(6 * 5, dtype=torch.float32).reshape(6, 5)
+    path = tmp_path / "f.distcp"
+    path.write_bytes(b"z" * 13 + piece.numpy().tobytes())
+    real = os.preadv
+
+    def short_preadv(fd, views, offset):  # at most 7 bytes per call: every view is cut somewhere
+        return real(fd, [memoryview(views[0])[:7]], offset)
+
+    monkeypatch.setattr(dist_reader.os, "preadv", short_preadv)
+    for box in (torch.zeros(6, 9), torch.zeros(2, 6, 9)[1]):  # the box alone, a layer of a stacked one
+        dst = box[:, 2:7]
+        views = dist_reader._row_views(dst)
+        assert views is not None and len(views) == 6
+        dist_reader._preadv_all(path, views, 13)
+        assert torch.equal(dst, piece) and box[:, :2].abs().sum() == 0 and box[:, 7:].abs().sum() == 0
+    assert dist_reader._row_views(torch.zeros(4, 6)[:, ::2]) is None  # columns not contiguous: read through a buffer
+    monkeypatch.setattr(dist_reader.os, "preadv", real)
+    with pytest.raises(dist_reader.CheckpointError, match="truncated"):
+        dist_reader._preadv_all(path, [memoryview(bytearray(200))], 13)
