@@ -470,7 +470,7 @@ class Bench:
 def _against_cp(child: Child, cp: Child) -> str:
     """CPU seconds of a command against those of the `cp -r` it is compared with, and the load
     average each started at (wall time ratios at a high load measure the scheduler)."""
-    ratio = f" = {child.cpu_s / cp.cpu_s:.1f}x cp's {cp.cpu_s:.2f}" if cp is not child and cp.cpu_s else ""
+    ratio = f" = {child.cpu_s / cp.cpu_s:.1f}x cp's {cp.cpu_s:.3g}" if cp is not child and cp.cpu_s else ""
     return f"CPU {child.cpu_s:.2f}s{ratio}; load {child.load:.1f}" + (
         f" (cp's {cp.load:.1f})" if cp is not child else ""
     )
