@@ -28,11 +28,13 @@ with ([X // x, ..., x * y * z]); we never write them. Non-tensor items (the modu
 the buckets' sizes) are not listed and never read here.
 
 `DistCheckpointReader.read(key, index)` assembles one box of a global tensor (e.g. `(layer,)` of a
-layer-stacked one) from only the chunks that intersect it. Each chunk's record is loaded with
-`torch.load(weights_only=True)` onto the meta device through a window onto the file (its pickle and
-zip directory only: where the storage's bytes start), and the bytes are read from the file straight
-into the box (a piece along another dim than the first goes through one buffer): memory is the box
-plus at most one chunk, whatever the checkpoint's size. `row_ranges` says where each row of a box
+layer-stacked one) from only the chunks that intersect it. Where each chunk's bytes start comes
+from its record's zip directory and pickle (checkpoint/torch_record.py, a few small reads; a record
+it does not recognise is loaded with `torch.load(weights_only=True)` onto the meta device through a
+window onto the file), and the bytes are read from the file straight into the box (a row-parallel
+piece, split along the last dim, by one scattered read into its columns; a part of a chunk that is
+not one byte range through one buffer): memory is the box plus at most one chunk, whatever the
+checkpoint's size. `row_ranges` says where each row of a box
 lies in the files without reading it (the export copies those in the kernel). The index is
 unpickled only by checkpoint/trust.py's allow-listed reader.
 """
