@@ -42,6 +42,11 @@ class Child:
     """(seconds since the start, line) of stdout and stderr, stamped as they arrived."""
     killed: Optional[str] = None
     """Why the bench stopped it (memory guard, deadline), or None."""
+    cpu_s: float = 0.0
+    """CPU seconds (user + system) of it and every descendant it waited for (wait4's rusage): on a
+    shared machine a steadier figure than the wall time."""
+    load: float = 0.0
+    """The 1-minute load average when it started."""
 
     def text(self) -> str:
         return "\n".join(line for _, line in self.lines)
@@ -122,7 +127,7 @@ def run_child(
     runs past `deadline_s`, is killed (it and every process it started) and reported as such."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    child = Child(cmd, -1, 0.0, 0, 0)
+    child = Child(cmd, -1, 0.0, 0, 0, load=os.getloadavg()[0])
 
     def read() -> None:
         for raw in proc.stdout:
@@ -168,6 +173,7 @@ def run_child(
     reader.join(timeout=30)
     watcher.join(timeout=30)
     child.peak_rss = usage.ru_maxrss * 1024
+    child.cpu_s = usage.ru_utime + usage.ru_stime
     return child
 
 
@@ -178,6 +184,11 @@ def dir_bytes(path: Path) -> int:
 def cp_time(src: Path, dst: Path) -> float:
     """Seconds `cp -r src dst` takes (the copy is removed afterwards): the floor any tool that reads
     and writes the same bytes is measured against."""
+    return cp_run(src, dst).wall
+
+
+def cp_run(src: Path, dst: Path) -> Child:
+    """`cp -r src dst`, measured (wall, CPU seconds, load average); the copy is removed afterwards."""
     import shutil
 
     shutil.rmtree(dst, ignore_errors=True)
@@ -185,7 +196,7 @@ def cp_time(src: Path, dst: Path) -> float:
     shutil.rmtree(dst, ignore_errors=True)
     if child.failure():
         raise RuntimeError(f"cp -r {src}: {child.failure()}")
-    return child.wall
+    return child
 
 
 def make_random_hf_dir(cfg, out: str, fmt: str, dtype_name: str, max_shard_size: str) -> int:

@@ -39,7 +39,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # This process only orchestrates and imports no torch: see bench/_common.py.
-from _common import GIB, REPO, Child, cp_time, dir_bytes, make_random_hf_dir, run_child  # noqa: E402
+from _common import GIB, REPO, Child, cp_run, cp_time, dir_bytes, make_random_hf_dir, run_child  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -238,6 +238,10 @@ class Bench:
         time each save added, against cp -r of one checkpoint."""
         if self.shape.save_only:
             return self.save_only()
+        if self.reused(self.ckpt_dir()):
+            self.ck_bytes, self.cp_ck = dir_bytes(self.ckpt_dir()), cp_time(self.ckpt_dir(), self.work / "cp")
+            self.rows.append(Row(f"cp -r checkpoint ({self.ck_bytes / GIB:.2f} GiB)", self.cp_ck, self.cp_ck))
+            return
         sync = self.run("save", f"save: {SAVE_ITERS} steps, saving every {SAVE_INTERVAL} (sync)")
         if sync is None:
             return
@@ -356,9 +360,12 @@ class Bench:
         )
 
     def exports(self) -> None:
+        """Each export against a `cp -r` of the checkpoint run just before it (the same minute: on a
+        shared machine the load moves), in wall time and in CPU seconds."""
         if not hasattr(self, "cp_ck"):
             return
         for fmt in self.args.formats:
+            cp = cp_run(self.ckpt_dir(), self.work / "cp")
             child = self.run(f"export_{fmt}", f"export: convert_to_hf.py --format {fmt} from the TP2xPP2 checkpoint")
             shutil.rmtree(self.work / f"hf_{fmt}", ignore_errors=True)
             if child is not None:
@@ -366,24 +373,26 @@ class Bench:
                     Row(
                         f"export --format {fmt}",
                         child.wall,
-                        self.cp_ck,
+                        cp.wall,
                         child.peak_rss,
                         child.tree_rss,
-                        "goal: wall <= 5x cp; peak <= 2 GiB (1b), not growing to 2b",
+                        _against_cp(child, cp) + "; goal: wall <= 5x cp; peak <= 2 GiB (1b), not growing to 2b",
                     )
                 )
 
     def imports(self) -> None:
         """convert_from_hf.py of a random HF dir (InternVL's layout, the shape's dtype)."""
         hf = self.work / "hf"
-        cp = cp_time(hf, self.work / "cp")
-        self.rows.append(Row(f"cp -r HF dir ({dir_bytes(hf) / GIB:.2f} GiB)", cp, cp))
+        cp_child = cp_run(hf, self.work / "cp")
+        cp = cp_child.wall
+        self.rows.append(
+            Row(f"cp -r HF dir ({dir_bytes(hf) / GIB:.2f} GiB)", cp, cp, note=_against_cp(cp_child, cp_child))
+        )
         child = self.run("import", "import: convert_from_hf.py HF dir -> canonical")
         shutil.rmtree(self.work / "canonical", ignore_errors=True)
         if child is not None:
-            self.rows.append(
-                Row("import convert_from_hf", child.wall, cp, child.peak_rss, child.tree_rss, "goal: wall <= 5x cp")
-            )
+            note = _against_cp(child, cp_child) + "; goal: wall <= 5x cp"
+            self.rows.append(Row("import convert_from_hf", child.wall, cp, child.peak_rss, child.tree_rss, note))
         self.cp_hf = cp
 
     def pretrained_hf(self) -> None:
@@ -396,9 +405,18 @@ class Bench:
             row.note += " (goal: <= +1 GiB)"
             self.rows.append(row)
 
+    def reused(self, path: Path) -> bool:
+        """--reuse: `path` (the checkpoint, the HF dir) is kept from an earlier run in --workdir."""
+        if self.args.reuse and path.exists():
+            print(f"  [{self.size}] reusing {path} (--reuse)", flush=True)
+            return True
+        return False
+
     def make_hf(self) -> bool:
         """A random-weight HF checkpoint of this shape (InternVL's own layout, the shape's dtype) for
         the imports."""
+        if self.reused(self.work / "hf"):
+            return True
         start = time.perf_counter()
         print(f"  [{self.size}] writing a random-weight HF dir ...", flush=True)
         made = subprocess.run(
@@ -437,7 +455,7 @@ class Bench:
         hf = "import" in steps and self.make_hf()
         if hf:
             self.imports()
-        if self.shape.save_only:  # the rest train: see Shape.save_only
+        if self.shape.save_only or self.args.reuse:  # the rest train: see Shape.save_only, --reuse
             return
         if "async" in steps:
             self.async_save()
@@ -447,6 +465,15 @@ class Bench:
             self.loads()
         if hf:
             self.pretrained_hf()
+
+
+def _against_cp(child: Child, cp: Child) -> str:
+    """CPU seconds of a command against those of the `cp -r` it is compared with, and the load
+    average each started at (wall time ratios at a high load measure the scheduler)."""
+    ratio = f" = {child.cpu_s / cp.cpu_s:.1f}x cp's {cp.cpu_s:.3g}" if cp is not child and cp.cpu_s else ""
+    return f"CPU {child.cpu_s:.2f}s{ratio}; load {child.load:.1f}" + (
+        f" (cp's {cp.load:.1f})" if cp is not child else ""
+    )
 
 
 def print_table(bench: Bench) -> None:
@@ -526,6 +553,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     p.add_argument("--step-deadline", type=float, default=3600.0, help="kill a step running longer (seconds)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, check their flags, run nothing")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="with --workdir: measure the exports / import of the checkpoint and HF dir an earlier run left "
+        "there instead of training and writing them again (export,import steps only)",
+    )
     p.add_argument("--make-hf", metavar="DIR", help=argparse.SUPPRESS)  # internal: the HF-dir writer child
     p.add_argument("--preset", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
@@ -535,6 +568,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         set(args.steps.split(",")),
         args.formats.split(",") if args.formats else [],
     )
+    if args.reuse and (args.workdir is None or args.steps - {"export", "import"}):
+        p.error("--reuse needs --workdir and measures the export and import steps only")
     for value, known, flag in ((args.sizes, SIZES, "--sizes"), (args.steps, STEPS, "--steps")):
         if set(value) - set(known):
             p.error(f"{flag}: unknown {', '.join(sorted(set(value) - set(known)))} (known: {', '.join(known)})")
@@ -558,8 +593,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     failed = []
     for size in args.sizes:
         work = root / size
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
+        if not args.reuse:
+            shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True, exist_ok=True)
         bench = Bench(size, work, args, async_save)
         free, need = shutil.disk_usage(work).free, DISK_COPIES * bench.shape.params * BYTES[bench.shape.dtype]
         if not args.dry_run and free < need:
@@ -569,7 +605,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.dry_run:
             failed += dry_run(bench)
             continue
-        if not wait_for_memory(size, bench.shape.min_available_gib, args.memory_wait):
+        if not args.reuse and not wait_for_memory(size, bench.shape.min_available_gib, args.memory_wait):
             failed.append(size)
             continue
         start = time.perf_counter()

@@ -28,11 +28,13 @@ with ([X // x, ..., x * y * z]); we never write them. Non-tensor items (the modu
 the buckets' sizes) are not listed and never read here.
 
 `DistCheckpointReader.read(key, index)` assembles one box of a global tensor (e.g. `(layer,)` of a
-layer-stacked one) from only the chunks that intersect it. Each chunk's record is loaded with
-`torch.load(weights_only=True)` onto the meta device through a window onto the file (its pickle and
-zip directory only: where the storage's bytes start), and the bytes are read from the file straight
-into the box (a piece along another dim than the first goes through one buffer): memory is the box
-plus at most one chunk, whatever the checkpoint's size. `row_ranges` says where each row of a box
+layer-stacked one) from only the chunks that intersect it. Where each chunk's bytes start comes
+from its record's zip directory and pickle (checkpoint/torch_record.py, a few small reads; a record
+it does not recognise is loaded with `torch.load(weights_only=True)` onto the meta device through a
+window onto the file), and the bytes are read from the file straight into the box (a row-parallel
+piece, split along the last dim, by one scattered read into its columns; a part of a chunk that is
+not one byte range through one buffer): memory is the box plus at most one chunk, whatever the
+checkpoint's size. `row_ranges` says where each row of a box
 lies in the files without reading it (the export copies those in the kernel). The index is
 unpickled only by checkpoint/trust.py's allow-listed reader.
 """
@@ -46,11 +48,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
+import numpy as np
 import torch
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ..errors import CheckpointError
-from .trust import read_dist_metadata
+from .torch_record import TensorRecord, locate_tensor
+from .trust import Metadata, TensorStorageMetadata, read_dist_metadata
 
 Box = tuple[tuple[int, int], ...]
 """[start, stop) per dim of a global tensor."""
@@ -58,25 +61,26 @@ Box = tuple[tuple[int, int], ...]
 
 @dataclass(frozen=True)
 class RowRanges:
-    """Where the rows of a tensor lie: row r is `row_bytes` bytes at `offsets[r]` of `files[file_of[r]]`."""
+    """Where the rows of a tensor lie: row r is `row_bytes` bytes at `offsets[r]` of `files[file_of[r]]`.
+    numpy arrays, not torch tensors: a few small array operations per tensor, where torch's per-call
+    overhead was most of the export's bookkeeping."""
 
     files: list[Path]
-    file_of: torch.Tensor
-    offsets: torch.Tensor
+    file_of: np.ndarray
+    offsets: np.ndarray
     row_bytes: int
 
-    def take(self, rows: torch.Tensor) -> "RowRanges":
+    def take(self, rows: torch.Tensor | np.ndarray) -> "RowRanges":
         """The ranges of these rows, in this order."""
-        return RowRanges(
-            self.files, self.file_of.index_select(0, rows), self.offsets.index_select(0, rows), self.row_bytes
-        )
+        rows = rows.numpy() if isinstance(rows, torch.Tensor) else rows
+        return RowRanges(self.files, self.file_of[rows], self.offsets[rows], self.row_bytes)
 
     def ranges(self) -> list[tuple[Path, int, int]]:
         """(file, offset, length), consecutive rows of one file merged into one range."""
         if not len(self.offsets):
             return []
-        step = (torch.diff(self.offsets) != self.row_bytes) | (torch.diff(self.file_of) != 0)
-        bounds = [0, *(step.nonzero().flatten() + 1).tolist(), len(self.offsets)]
+        step = (np.diff(self.offsets) != self.row_bytes) | (np.diff(self.file_of) != 0)
+        bounds = [0, *(step.nonzero()[0] + 1).tolist(), len(self.offsets)]
         firsts = self.offsets[bounds[:-1]].tolist()
         files = self.file_of[bounds[:-1]].tolist()
         return [
@@ -157,9 +161,12 @@ class DistCheckpointReader:
     `peak_bytes` records the most tensor bytes one `read` held at once (the box plus the chunk being
     copied into it): tests bound the exporters' memory with it."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, metadata: Metadata | None = None) -> None:
+        """`metadata`: the directory's index when the caller has read it already
+        (checkpoint/trust.py: check_dist_checkpoint returns it); else it is read here."""
         self.path = Path(path)
-        metadata = read_dist_metadata(self.path)
+        if metadata is None:
+            metadata = read_dist_metadata(self.path)
         self._meta: dict[str, TensorStorageMetadata] = {
             k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
         }
@@ -169,6 +176,7 @@ class DistCheckpointReader:
             if index.fqn in self._meta and index.offset is not None
         }
         self.peak_bytes = 0
+        self._located: dict[tuple[str, tuple[int, ...]], tuple[Path, int]] = {}
 
     def keys(self) -> list[str]:
         """The global tensor keys (model and optimizer tensors alike), sorted."""
@@ -234,8 +242,8 @@ class DistCheckpointReader:
         itemsize = md.properties.dtype.itemsize
         row_bytes = math.prod(shape[n + 1 :]) * itemsize
         files: list[Path] = []
-        fid = torch.full((shape[n],), -1, dtype=torch.int64)
-        off = torch.zeros(shape[n], dtype=torch.int64)
+        fid = np.full(shape[n], -1, dtype=np.int64)
+        off = np.zeros(shape[n], dtype=np.int64)
         for chunk in md.chunks:
             part = _intersect(chunk.offsets, chunk.sizes, box)
             if part is None:
@@ -249,8 +257,8 @@ class DistCheckpointReader:
             if file not in files:
                 files.append(file)
             fid[a:b] = files.index(file)
-            off[a:b] = data + lead + (torch.arange(a, b) - offsets[n]) * row_bytes
-        if bool((fid < 0).any()):
+            off[a:b] = np.arange(a, b, dtype=np.int64) * row_bytes + (data + lead - offsets[n] * row_bytes)
+        if (fid < 0).any():
             raise CheckpointError(
                 f"{self.path}: the chunks of {key!r} do not cover {index}; the checkpoint is incomplete"
             )
@@ -266,16 +274,19 @@ class DistCheckpointReader:
         dst: torch.Tensor,
     ) -> None:
         """Copy box `part` of a chunk into `dst`. Where the part is one contiguous byte range of the
-        chunk and `dst` is contiguous (a whole chunk, or rows of one: layers, TP pieces along dim 0),
-        the bytes are read from the file straight into `dst` (no copy of the chunk in memory);
-        otherwise the chunk's rows that hold the part are read and copied."""
+        chunk (a whole chunk, or rows of one: layers, TP pieces) the bytes are read from the file
+        straight into `dst`: in one read where `dst` is contiguous, else scattered over its rows (a
+        row-parallel piece, split along its last dim, into its columns of the box); otherwise the
+        chunk's rows that hold the part are read and copied."""
         file, data = self._chunk_data(key, offsets, sizes, dtype)
         rel = [(a - o, b - o) for (a, b), o in zip(part, offsets)]
         lead = _contiguous_lead(rel, sizes)
-        if lead is not None and dst.is_contiguous():
+        if lead is not None:
             first = sum(lo * math.prod(sizes[d + 1 :]) for d, (lo, _) in enumerate(rel[: lead + 1]))
-            _pread_into(file, dst, data + first * dtype.itemsize)
-            return
+            views = [_bytes_of(dst)] if dst.is_contiguous() else _row_views(dst)
+            if views is not None:
+                _preadv_all(file, views, data + first * dtype.itemsize)
+                return
         rows = rel[0]
         src = torch.empty((rows[1] - rows[0], *sizes[1:]), dtype=dtype)
         self.peak_bytes = max(self.peak_bytes, dst.untyped_storage().nbytes() + src.nbytes)
@@ -285,10 +296,14 @@ class DistCheckpointReader:
     def _chunk_data(
         self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...], dtype: torch.dtype
     ) -> tuple[Path, int]:
-        """(file, byte offset) of a chunk's raw tensor bytes. Its `torch.save` record is loaded
-        weights-only onto the meta device, which reads the record's pickle and zip directory but no
-        data and tells where the storage's bytes start; the tensor is checked against the index
-        (shape, dtype, contiguous, inside its byte range)."""
+        """(file, byte offset) of a chunk's raw tensor bytes, found once per chunk. The `torch.save`
+        record's zip directory and pickle say where the storage's bytes start
+        (checkpoint/torch_record.py; a record it does not recognise is loaded weights-only onto the
+        meta device instead); the tensor is checked against the index (shape, dtype, contiguous,
+        inside its byte range)."""
+        done = self._located.get((key, offsets))
+        if done is not None:
+            return done
         info = self._where.get((key, offsets))
         if info is None:
             raise CheckpointError(f"{self.path / '.metadata'}: no storage entry for chunk {offsets} of {key!r}")
@@ -298,27 +313,25 @@ class DistCheckpointReader:
                 f"{self.path / '.metadata'}: chunk {offsets} of {key!r} is stored at {rel} "
                 f"with transforms {info.transform_descriptors}; refusing the checkpoint"
             )
-        file = self.path / rel
+        file, start, length = self.path / rel, int(info.offset), int(info.length)
         try:
-            with open(file, "rb") as f:
-                t = torch.load(
-                    _FileWindow(f, int(info.offset), int(info.length)), map_location="meta", weights_only=True
-                )
+            fd = os.open(file, os.O_RDONLY)
         except OSError as exc:
             raise CheckpointError(f"{file}: unreadable ({exc.strerror or exc})") from None
-        except Exception as exc:  # noqa: BLE001 -- a damaged record or one holding more than a tensor
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise CheckpointError(f"{file}: chunk {offsets} of {key!r} is not a tensor record ({first})") from None
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != sizes or t.dtype != dtype:
-            got = (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise CheckpointError(f"{file}: chunk {offsets} of {key!r} holds {got}, the index says {(sizes, dtype)}")
-        start = getattr(t.untyped_storage(), "_checkpoint_offset", None)
-        if start is None or not t.is_contiguous():
-            raise CheckpointError(f"{file}: chunk {offsets} of {key!r} is not a contiguous tensor record")
-        start += t.storage_offset() * dtype.itemsize
-        if start + t.numel() * dtype.itemsize > int(info.length):
-            raise CheckpointError(f"{file}: chunk {offsets} of {key!r} ends past its byte range")
-        return file, int(info.offset) + start
+        try:
+            found = locate_tensor(fd, start, length)
+        finally:
+            os.close(fd)
+        what = f"{file}: chunk {offsets} of {key!r}"
+        t = found or _meta_load(file, start, length, what)
+        if t.shape != sizes or t.dtype != dtype:
+            raise CheckpointError(f"{what} holds {(t.shape, t.dtype)}, the index says {(sizes, dtype)}")
+        if t.stride != _contiguous_strides(t.shape, t.stride):
+            raise CheckpointError(f"{what} is not a contiguous tensor record")
+        if t.data_offset + math.prod(t.shape) * dtype.itemsize > min(t.storage_end, start + length):
+            raise CheckpointError(f"{what} ends past its byte range")
+        self._located[(key, offsets)] = (file, t.data_offset)
+        return file, t.data_offset
 
     def _load_chunk(
         self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...], dtype: torch.dtype
@@ -341,21 +354,86 @@ def _contiguous_lead(rel: list[tuple[int, int]], sizes: tuple[int, ...]) -> int 
     return max(k, 0)
 
 
-def _pread_into(file: Path, dst: torch.Tensor, offset: int) -> None:
-    """dst.nbytes bytes of `file` from `offset` into the contiguous tensor `dst`'s memory."""
-    if dst.numel() == 0:
-        return
-    view = memoryview(dst.reshape(-1).view(torch.uint8).numpy())
+def _contiguous_strides(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides a contiguous tensor of `shape` has, taking `stride`'s where a dim's size is 1
+    (any stride is contiguous there, as torch's is_contiguous says)."""
+    out, step = [], 1
+    for size, given in zip(reversed(shape), reversed(stride)):
+        out.append(given if size == 1 else step)
+        step *= size
+    return tuple(reversed(out))
+
+
+def _meta_load(file: Path, start: int, length: int, what: str) -> TensorRecord:
+    """The tensor of a record torch_record does not recognise: torch.load(weights_only=True) onto
+    the meta device through a window onto the file (its pickle and zip directory, no data)."""
+    try:
+        with open(file, "rb") as f:
+            t = torch.load(_FileWindow(f, start, length), map_location="meta", weights_only=True)
+    except OSError as exc:
+        raise CheckpointError(f"{file}: unreadable ({exc.strerror or exc})") from None
+    except Exception as exc:  # noqa: BLE001 -- a damaged record or one holding more than a tensor
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{what} is not a tensor record ({first})") from None
+    if not isinstance(t, torch.Tensor):
+        raise CheckpointError(f"{what} holds {type(t).__name__}, not a tensor")
+    base = getattr(t.untyped_storage(), "_checkpoint_offset", None)
+    if base is None or not t.is_contiguous():
+        raise CheckpointError(f"{what} is not a contiguous tensor record")
+    begin = start + base + t.storage_offset() * t.dtype.itemsize
+    shape = tuple(t.shape)
+    return TensorRecord(t.dtype, shape, _contiguous_strides(shape, tuple(t.stride())), begin, start + length)
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The memory of contiguous tensor `t`, as bytes."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _row_views(dst: torch.Tensor) -> list[memoryview] | None:
+    """The memory of each row (last dim) of `dst`, in order, where its last dim is contiguous: the
+    targets of one scattered read of `dst`'s elements. None where it is not."""
+    if dst.dim() < 2 or dst.stride(-1) != 1 or dst.numel() == 0:
+        return None
+    storage = torch.empty(0, dtype=torch.uint8).set_(dst.untyped_storage())
+    base = memoryview(storage.numpy())
+    starts = torch.full((), dst.storage_offset(), dtype=torch.int64)
+    for size, stride in zip(dst.shape[:-1], dst.stride()[:-1]):
+        starts = (starts.unsqueeze(-1) + torch.arange(size) * stride).flatten()
+    itemsize, row = dst.element_size(), dst.shape[-1] * dst.element_size()
+    return [base[o * itemsize : o * itemsize + row] for o in starts.tolist()]
+
+
+_IOV_MAX = 1024  # Linux's limit on one preadv's buffers
+
+
+def _preadv_all(file: Path, views: list[memoryview], offset: int) -> None:
+    """Fill `views` (none empty) in order from the consecutive bytes of `file` at `offset`."""
+    views = list(views)
     try:
         fd = os.open(file, os.O_RDONLY)
     except OSError as exc:
         raise CheckpointError(f"{file}: unreadable ({exc.strerror or exc})") from None
     try:
-        done = 0
-        while done < len(view):
-            got = os.preadv(fd, [view[done:]], offset + done)
+        i, pos = 0, offset
+        while i < len(views):
+            batch = views[i : i + _IOV_MAX]
+            got = os.preadv(fd, batch, pos)
             if got == 0:
-                raise CheckpointError(f"{file}: truncated (a chunk's bytes end at {offset + done})")
-            done += got
+                raise CheckpointError(f"{file}: truncated (a chunk's bytes end at {pos})")
+            pos += got
+            if got == sum(map(len, batch)):
+                i += len(batch)
+                continue
+            while got >= len(views[i]):  # a short read: go on from the first view not filled
+                got -= len(views[i])
+                i += 1
+            views[i] = views[i][got:]
     finally:
         os.close(fd)
+
+
+def _pread_into(file: Path, dst: torch.Tensor, offset: int) -> None:
+    """dst.nbytes bytes of `file` from `offset` into the contiguous tensor `dst`'s memory."""
+    if dst.numel():
+        _preadv_all(file, [_bytes_of(dst)], offset)

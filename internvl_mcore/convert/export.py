@@ -87,9 +87,9 @@ def open_training_checkpoint(path: str | os.PathLike) -> tuple[ExportSource, dic
     """A training checkpoint (root with the `latest` pointer, or one iter_ dir) as canonical tensors,
     and its run.json. The directory's pickled parts are checked first (checkpoint/trust.py)."""
     iteration_dir, info = resolve_iteration_dir(Path(path))
-    check_dist_checkpoint(iteration_dir)
+    metadata = check_dist_checkpoint(iteration_dir)  # its index, read once: the reader takes it
     cfg = model_config_from_dict(info["model"])
-    view = DistCanonicalView(DistCheckpointReader(iteration_dir), cfg)
+    view = DistCanonicalView(DistCheckpointReader(iteration_dir, metadata), cfg)
     return ExportSource(view, cfg, dict(info.get("source") or {"dtype": "float32"})), info
 
 

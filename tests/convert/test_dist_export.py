@@ -316,8 +316,8 @@ def test_cli_exports_both_formats_bit_exact_in_bounded_memory(run, tmp_path, mon
 def _recording_init(readers: list):
     init = DistCheckpointReader.__init__
 
-    def recording(self, path):
-        init(self, path)
+    def recording(self, path, *args):
+        init(self, path, *args)
         readers.append(self)
 
     return recording
