@@ -1,13 +1,18 @@
 """Checkpoints and resume through pretrain_internvl.py: --keep-checkpoints, checksums
 verified on --load (a corrupt latest checkpoint falls back, --no-fallback refuses naming the file),
 a changed LR schedule is refused or applied as Megatron-LM's flags say, --save to a path that cannot
-be written fails at start-up. User errors run as one plain process: stderr is one line, exit 2."""
+be written fails at start-up. User errors run as one plain process: stderr is one line, exit 2; so do
+the runs that are killed or fail (their exit and helpers are the subject) and the --async-save runs
+(their writer process). The other runs (the shared checkpoints, resumes whose subject is what was
+restored) are jobs of the session's reused 1-rank world (tests/conftest.py `pretrain`: no interpreter
+start or imports; the same bits as a launch), whose output the checks read."""
 
 import json
 import shutil
 
 import pytest
 
+from tests.conftest import pretrain
 from tests.reliability.common import MOCK, launch, ok, one_line_error, one_rank, plain, train_records
 
 # a 6-step schedule stopped after step 4 (--exit-interval): the LR after step 4 is not yet 0
@@ -24,21 +29,8 @@ def _with(args, flag, value):
 def straight(tmp_path_factory):
     """4 steps (of a 6-step schedule) saving every step, keeping the newest 2 checkpoints."""
     d = tmp_path_factory.mktemp("straight")
-    ok(
-        one_rank(
-            ARGS
-            + [
-                "--save",
-                str(d / "ckpt"),
-                "--save-interval",
-                "1",
-                "--keep-checkpoints",
-                "2",
-                "--log-jsonl",
-                str(d / "log.jsonl"),
-            ]
-        )
-    )
+    save = ["--save", str(d / "ckpt"), "--save-interval", "1", "--keep-checkpoints", "2"]
+    pretrain(1, ARGS + save + ["--log-jsonl", str(d / "log.jsonl")])
     return d
 
 
@@ -61,9 +53,9 @@ def test_corrupt_latest_checkpoint_falls_back(straight, tmp_path):
     data = bytearray(bad.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, one flipped byte: only the checksum sees it
     bad.write_bytes(bytes(data))
-    proc = ok(one_rank(ARGS + ["--load", str(ckpt), "--log-jsonl", str(tmp_path / "r.jsonl")]))
-    assert f"warning: {bad}: checksum mismatch" in proc.stdout and "falling back" in proc.stdout, proc.stdout[-2000:]
-    assert "resumed from" in proc.stdout and "iter_0000003 at iteration 3" in proc.stdout
+    out = pretrain(1, ARGS + ["--load", str(ckpt), "--log-jsonl", str(tmp_path / "r.jsonl")])
+    assert f"warning: {bad}: checksum mismatch" in out and "falling back" in out, out[-2000:]
+    assert "resumed from" in out and "iter_0000003 at iteration 3" in out
     ref, resumed = train_records(straight / "log.jsonl"), train_records(tmp_path / "r.jsonl")
     assert sorted(resumed) == [4]
     assert resumed[4]["loss"] == ref[4]["loss"]  # the same step 4 as the uninterrupted run, bit-exact
@@ -93,8 +85,8 @@ def test_changed_lr_follows_the_flag(straight, tmp_path, flag):
     shutil.copytree(straight / "ckpt", ckpt)
     (ckpt / "latest_checkpointed_iteration.txt").write_text("3")
     log = tmp_path / "r.jsonl"
-    proc = ok(one_rank(_with(ARGS, "--lr", "2e-3") + ["--load", str(ckpt), "--log-jsonl", str(log), flag]))
-    assert f"LR schedule: {flag}" in proc.stdout and "--lr 0.002 (checkpoint: 0.001)" in proc.stdout
+    out = pretrain(1, _with(ARGS, "--lr", "2e-3") + ["--load", str(ckpt), "--log-jsonl", str(log), flag])
+    assert f"LR schedule: {flag}" in out and "--lr 0.002 (checkpoint: 0.001)" in out
     ref, got = train_records(straight / "log.jsonl"), train_records(log)
     assert sorted(got) == [4] and got[4]["loss"] == ref[4]["loss"]  # step 4 runs at the LR step 3 set
     if flag.startswith("--override"):
@@ -172,12 +164,12 @@ def test_deleted_tracker_resumes_from_the_newest_complete_checkpoint(straight, t
     ckpt = tmp_path / "ckpt"
     shutil.copytree(straight / "ckpt", ckpt)
     (ckpt / "latest_checkpointed_iteration.txt").unlink()
-    proc = ok(one_rank(_with(ARGS, "--exit-interval", "5") + ["--load", str(ckpt)]))
+    out = pretrain(1, _with(ARGS, "--exit-interval", "5") + ["--load", str(ckpt)])
     assert (
         f"warning: --load {ckpt}: no latest_checkpointed_iteration.txt; taking the newest complete checkpoint "
         "iter_0000004 (found: iter_0000004, iter_0000003)"
-    ) in proc.stdout, proc.stdout[-2000:]
-    assert f"resumed from {ckpt / 'iter_0000004'} at iteration 4" in proc.stdout
+    ) in out, out[-2000:]
+    assert f"resumed from {ckpt / 'iter_0000004'} at iteration 4" in out
 
 
 def test_resume_with_other_data_flags_is_one_line(digits_shards, tmp_path):
@@ -201,7 +193,7 @@ def test_resume_with_other_data_flags_is_one_line(digits_shards, tmp_path):
         "--num-workers",  # packs decoded in the rank: the loader's workers are not the subject
         "0",
     ]
-    ok(plain(args + ["--save", str(tmp_path / "ckpt")]))
+    pretrain(1, args + ["--save", str(tmp_path / "ckpt")])
     line = one_line_error(plain(_with(args, "--seed", "6") + ["--load", str(tmp_path / "ckpt")]))
     assert "seed" in line and "--data-path" in line and "--seed" in line and str(tmp_path / "ckpt") in line, line
 
@@ -219,8 +211,8 @@ def test_save_holding_another_runs_checkpoints(straight, tmp_path):
         "pass --overwrite-checkpoints to delete them"
     ), line
     assert _iters(ckpt) == ["iter_0000003", "iter_0000004"]
-    proc = ok(plain(_with(ARGS, "--exit-interval", "2") + ["--save", str(ckpt), "--overwrite-checkpoints"]))
-    assert f"--overwrite-checkpoints: deleted 3 checkpoint file(s) of an earlier run from {ckpt}" in proc.stdout
+    out = pretrain(1, _with(ARGS, "--exit-interval", "2") + ["--save", str(ckpt), "--overwrite-checkpoints"])
+    assert f"--overwrite-checkpoints: deleted 3 checkpoint file(s) of an earlier run from {ckpt}" in out
     assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
 
 
@@ -229,10 +221,10 @@ def test_same_load_and_save_starts_fresh_then_resumes(tmp_path):
     (DIR has no checkpoint yet: start from scratch, saying so) and every restart (resume)."""
     ckpt = tmp_path / "ckpt"
     args = _with(ARGS, "--exit-interval", "2") + ["--load", str(ckpt), "--save", str(ckpt), "--save-interval", "2"]
-    first = ok(plain(args))
-    assert f"--load {ckpt}: no checkpoint there yet (it is also --save): starting from scratch" in first.stdout
-    again = ok(plain(_with(args, "--exit-interval", "4")))
-    assert f"resumed from {ckpt / 'iter_0000002'} at iteration 2" in again.stdout, again.stdout[-2000:]
+    first = pretrain(1, args)
+    assert f"--load {ckpt}: no checkpoint there yet (it is also --save): starting from scratch" in first
+    again = pretrain(1, _with(args, "--exit-interval", "4"))
+    assert f"resumed from {ckpt / 'iter_0000002'} at iteration 2" in again, again[-2000:]
     # a --load elsewhere that holds nothing stays an error: a typo must not start from scratch
     line = one_line_error(plain(ARGS + ["--load", str(tmp_path / "nothing")]))
     assert str(tmp_path / "nothing") in line, line

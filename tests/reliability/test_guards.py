@@ -2,7 +2,9 @@
 iteration, the value and the ranks and keeps the last good checkpoint; --skip-spike-factor skips
 and resumes exactly; a rank that stops answering ends the job within --distributed-timeout-minutes;
 --log-straggler and --wandb-project report (here through a stand-in module that records every call;
-test_wandb_offline.py runs the real package offline)."""
+test_wandb_offline.py runs the real package offline). The resume of the spike state is a job of the
+session's reused 1-rank world (tests/conftest.py `pretrain`: a launch's bits, no interpreter start);
+the runs that fail, hang or need their own environment (the wandb stand-in) are real launches."""
 
 import json
 import time
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import pretrain
 from tests.reliability.common import MOCK, launch, ok, one_rank, records, train_records
 
 HERE = Path(__file__).resolve().parent
@@ -94,7 +97,7 @@ def test_spike_skips_are_logged_and_leave_the_schedule(spiky):
 def test_spike_state_resumes_exactly(spiky, tmp_path):
     d, _ = spiky
     # an iter_ directory given to --load is exactly that checkpoint (the latest is iteration 10)
-    ok(one_rank(SPIKE + ["--load", str(d / "ckpt" / "iter_0000006"), "--log-jsonl", str(tmp_path / "b.jsonl")]))
+    pretrain(1, SPIKE + ["--load", str(d / "ckpt" / "iter_0000006"), "--log-jsonl", str(tmp_path / "b.jsonl")])
     straight, resumed = train_records(d / "a.jsonl"), train_records(tmp_path / "b.jsonl")
     assert sorted(resumed) == [7, 8, 9, 10]
     for it, r in resumed.items():

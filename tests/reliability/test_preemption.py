@@ -5,7 +5,10 @@ naming it; no helper process (megatron-core's checkpoint writer and Manager, loa
 resource tracker) outlives its rank, even after kill -9.
 
 Every signal is sent at a known point: the rank waits at a fault point (training/guards.py) and says
-so on stdout (`fault point step N: waiting for a signal`) before the test sends it.
+so on stdout (`fault point step N: waiting for a signal`) before the test sends it. The runs that
+signals and kills are sent to are real launches; the runs after them (resume, reference, lock
+takeover) are jobs of the session's reused worlds (tests/conftest.py `pretrain`): their subject is
+the checkpoint and the lock, not the launch, and their losses are a launch's bit for bit.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.conftest import pretrain
 from tests.launch import free_port
 from tests.reliability.cli_helpers import SEQ
-from tests.reliability.common import DIST_ENV, MOCK, SCRIPT, launch, ok, one_line_error, plain, train_records
+from tests.reliability.common import DIST_ENV, MOCK, SCRIPT, one_line_error, plain, train_records
 
 pytestmark = pytest.mark.timeout(420)
 ITERS, STOP_AT = 5, 3
@@ -151,8 +155,8 @@ def test_sigterm_with_exit_signal_handler_saves_and_resumes_exactly(tmp_path):
     _assert_all_gone(helpers, job.proc.pid)
     assert not (ckpt / ".internvl_mcore.lock").exists()
 
-    ok(launch(2, ARGS + ["--load", str(ckpt), "--save", str(ckpt), "--log-jsonl", str(tmp_path / "b.jsonl")]))
-    ok(launch(2, ARGS + ["--log-jsonl", str(tmp_path / "ref.jsonl")]))
+    pretrain(2, ARGS + ["--load", str(ckpt), "--save", str(ckpt), "--log-jsonl", str(tmp_path / "b.jsonl")])
+    pretrain(2, ARGS + ["--log-jsonl", str(tmp_path / "ref.jsonl")])
     ref, first, resumed = (train_records(tmp_path / n) for n in ("ref.jsonl", "a.jsonl", "b.jsonl"))
     assert sorted(first) == [1, 2, 3] and sorted(resumed) == [4, 5]
     for it in range(1, ITERS + 1):
@@ -206,8 +210,7 @@ def test_sigterm_or_kill_without_the_flag_leaves_no_process(good_prefix, tmp_pat
     assert code == -signal.SIGKILL
     # the run that takes the lock over decodes in the rank (no fork server): its workers are not the subject
     args[args.index("--num-workers") + 1] = "0"
-    proc = ok(plain(args + ["--load", str(ckpt), "--save", str(ckpt), "--exit-interval", str(STOP_AT)]))
+    out = pretrain(1, args + ["--load", str(ckpt), "--save", str(ckpt), "--exit-interval", str(STOP_AT)])
     assert (
-        f"warning: --save {ckpt}: taking over the lock of pid {job.proc.pid} on host {socket.gethostname()}"
-        in proc.stdout
-    ), proc.stdout[-3000:]
+        f"warning: --save {ckpt}: taking over the lock of pid {job.proc.pid} on host {socket.gethostname()}" in out
+    ), out[-3000:]

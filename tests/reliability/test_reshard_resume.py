@@ -5,6 +5,9 @@ run's (fp32, 1e-5). Cases: TP2 x PP2 -> TP1, TP1 -> TP2, DP1 -> DP2 with the dis
 distributed optimizer (its state was sharded over the two context-parallel ranks), EP2 -> EP1 (debug-moe);
 and the change it cannot carry (--use-distributed-optimizer switched) refused naming --no-load-optim.
 The shard runs decode packs in the rank (--num-workers 0): the loader's workers are not the subject.
+The training runs are jobs of the session's reused worlds (tests/conftest.py `pretrain`: the same
+script and flags, the launch's losses bit for bit): what is checked is the checkpoint's resharding,
+not the launch; the refusal is a real process (its subject is the one-line error).
 
 One single-process run is the reference of the dense cases and the checkpoint of two of them (every
 layout trains like one process within 1e-5: tests/reliability/test_validation.py, tests/moe), and
@@ -15,8 +18,9 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import pretrain
 from tests.reliability.cli_helpers import SEQ, assert_user_error, run
-from tests.reliability.common import launch, plain, train_records
+from tests.reliability.common import train_records
 
 ITERS, SAVE_AT = 4, 2
 DISTOPT = ["--use-distributed-optimizer"]
@@ -47,15 +51,11 @@ def _shards(prefix: str) -> list[str]:
     return ["--model", "debug", "--data-path", prefix, "--seq-length", str(SEQ), "--num-workers", "0"]
 
 
-def _launch(nproc: int, args: list[str]):
-    """torchrun on `nproc` ranks; one rank is one plain process (no agent: one interpreter fewer) with
-    torchrun's OMP_NUM_THREADS=1, so its kernels and losses are the same bits."""
-    return plain(args, env={"OMP_NUM_THREADS": "1"}) if nproc == 1 else launch(nproc, args, timeout=300)
-
-
-def _ok(proc) -> str:
-    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc.stdout
+def _launch(nproc: int, args: list[str]) -> str:
+    """pretrain_internvl.py on `nproc` ranks as a job of the reused world of that size (no interpreter
+    start, no imports: ~3.5 CPU-s per rank and torchrun's agent saved per run); returns the output,
+    raises with it if the run fails."""
+    return pretrain(nproc, args, timeout=300)
 
 
 def _losses(log) -> dict[int, float]:
@@ -73,19 +73,17 @@ def _assert_continues(log, reference: dict[int, float]) -> None:
 def reference(good_prefix, tmp_path_factory):
     """ITERS steps on one process with the distributed optimizer (a TP1 DP1 checkpoint at SAVE_AT)."""
     d = tmp_path_factory.mktemp("reference")
-    _ok(
-        _launch(
-            1,
-            _args(
-                _shards(good_prefix),
-                d / "log.jsonl",
-                *DISTOPT,
-                "--save",
-                str(d / "ckpt"),
-                "--save-interval",
-                str(SAVE_AT),
-            ),
-        )
+    _launch(
+        1,
+        _args(
+            _shards(good_prefix),
+            d / "log.jsonl",
+            *DISTOPT,
+            "--save",
+            str(d / "ckpt"),
+            "--save-interval",
+            str(SAVE_AT),
+        ),
     )
     return _losses(d / "log.jsonl"), d / "ckpt" / f"iter_{SAVE_AT:07d}"
 
@@ -109,23 +107,21 @@ def test_resume_in_another_layout(good_prefix, reference, tmp_path, case):
     ckpt = ref_ckpt
     if source in SOURCES:  # a run of SAVE_AT steps in the source layout writes the checkpoint
         ckpt, (ranks, layout) = tmp_path / "ckpt", SOURCES[source]
-        _ok(
-            _launch(
-                ranks,
-                _args(
-                    _shards(good_prefix),
-                    tmp_path / "a.jsonl",
-                    *layout,
-                    "--save",
-                    str(ckpt),
-                    "--save-interval",
-                    str(SAVE_AT),
-                    "--exit-interval",
-                    str(SAVE_AT),
-                ),
-            )
+        _launch(
+            ranks,
+            _args(
+                _shards(good_prefix),
+                tmp_path / "a.jsonl",
+                *layout,
+                "--save",
+                str(ckpt),
+                "--save-interval",
+                str(SAVE_AT),
+                "--exit-interval",
+                str(SAVE_AT),
+            ),
         )
-    out = _ok(_launch(nproc, _args(_shards(good_prefix), tmp_path / "b.jsonl", "--load", str(ckpt), *flags)))
+    out = _launch(nproc, _args(_shards(good_prefix), tmp_path / "b.jsonl", "--load", str(ckpt), *flags))
     assert RESTORED in out, out[-3000:]
     _assert_continues(tmp_path / "b.jsonl", losses)
 
@@ -133,22 +129,20 @@ def test_resume_in_another_layout(good_prefix, reference, tmp_path, case):
 def test_ep2_checkpoint_resumes_at_ep1(tmp_path):
     """debug-moe: EP2 has a dense and an expert-parallel optimizer, EP1 one for all parameters."""
     moe = ["--model", "debug-moe", "--mock-data", "--seq-length", "128"]
-    _ok(
-        _launch(
-            2,
-            _args(
-                moe,
-                tmp_path / "ep2.jsonl",
-                "--expert-model-parallel-size",
-                "2",
-                "--save",
-                str(tmp_path / "ckpt"),
-                "--save-interval",
-                str(SAVE_AT),
-            ),
-        )
+    _launch(
+        2,
+        _args(
+            moe,
+            tmp_path / "ep2.jsonl",
+            "--expert-model-parallel-size",
+            "2",
+            "--save",
+            str(tmp_path / "ckpt"),
+            "--save-interval",
+            str(SAVE_AT),
+        ),
     )
-    out = _ok(_launch(1, _args(moe, tmp_path / "ep1.jsonl", "--load", str(tmp_path / "ckpt" / f"iter_{SAVE_AT:07d}"))))
+    out = _launch(1, _args(moe, tmp_path / "ep1.jsonl", "--load", str(tmp_path / "ckpt" / f"iter_{SAVE_AT:07d}")))
     assert RESTORED in out, out[-3000:]
     _assert_continues(tmp_path / "ep1.jsonl", _losses(tmp_path / "ep2.jsonl"))
 

@@ -1,11 +1,14 @@
 """Validation during training through pretrain_internvl.py: the validation loss is the
 same number in every layout (TP2 x PP2, CP2 x DP2 vs one process), evaluation changes no training
-result, it reaches --log-jsonl and tensorboard, and --valid-data-path reads shards."""
+result, it reaches --log-jsonl and tensorboard, and --valid-data-path reads shards. The training runs
+are jobs of the session's reused worlds (tests/conftest.py `pretrain`: the same script and flags, a
+launch's losses bit for bit): the numbers are the subject, not the launch; the refusal is a real
+process (its one-line error is the subject)."""
 
 import pytest
 
-from tests.reliability.common import MOCK, launch, ok, one_rank, train_records, valid_records
-from tests.conftest import SEQ
+from tests.reliability.common import MOCK, train_records, valid_records
+from tests.conftest import SEQ, pretrain
 
 ITERS = 4
 EVAL = ["--mock-valid-data", "--eval-interval", "2", "--eval-iters", "2"]
@@ -16,8 +19,8 @@ BASE = MOCK + ["--global-batch-size", "4", "--train-iters", str(ITERS)]
 def single(tmp_path_factory):
     """One process with validation (and tensorboard), and the same run without validation."""
     d = tmp_path_factory.mktemp("valid_single")
-    ok(one_rank(BASE + EVAL + ["--log-jsonl", str(d / "eval.jsonl"), "--tensorboard-dir", str(d / "tb")]))
-    ok(one_rank(BASE + ["--log-jsonl", str(d / "plain.jsonl")]))
+    pretrain(1, BASE + EVAL + ["--log-jsonl", str(d / "eval.jsonl"), "--tensorboard-dir", str(d / "tb")])
+    pretrain(1, BASE + ["--log-jsonl", str(d / "plain.jsonl")])
     return d
 
 
@@ -50,7 +53,7 @@ def test_validation_reaches_tensorboard(single):
 )
 def test_validation_loss_matches_single_process(single, tmp_path, layout):
     log = tmp_path / "log.jsonl"
-    ok(launch(4, BASE + EVAL + layout + ["--log-jsonl", str(log)], timeout=400))
+    pretrain(4, BASE + EVAL + layout + ["--log-jsonl", str(log)])
     ref, got = valid_records(single / "eval.jsonl"), valid_records(log)
     assert [r["iteration"] for r in got] == [r["iteration"] for r in ref]
     for a, b in zip(ref, got):
@@ -61,33 +64,30 @@ def test_valid_data_path_reads_shards(digits_shards, tmp_path):
     """--valid-data-path with the training shards, lr 0: the first training batch and the (one-batch)
     validation are the same packs through the same weights, so the two losses agree; on 2
     data-parallel ranks, so the sum over ranks is part of what agrees. The default --num-workers stays:
-    this is the one CLI run of a validation loader beside the training one with loader workers."""
+    this is the one run of a validation loader beside the training one with loader workers."""
     log = tmp_path / "log.jsonl"
-    ok(
-        launch(
-            2,
-            [
-                "--model",
-                "debug",
-                "--data-path",
-                digits_shards,
-                "--valid-data-path",
-                digits_shards,
-                "--eval-iters",
-                "1",
-                "--global-batch-size",
-                "2",
-                "--train-iters",
-                "1",
-                "--seq-length",
-                str(SEQ),
-                "--lr",
-                "0",
-                "--log-jsonl",
-                str(log),
-            ],
-            timeout=400,
-        )
+    pretrain(
+        2,
+        [
+            "--model",
+            "debug",
+            "--data-path",
+            digits_shards,
+            "--valid-data-path",
+            digits_shards,
+            "--eval-iters",
+            "1",
+            "--global-batch-size",
+            "2",
+            "--train-iters",
+            "1",
+            "--seq-length",
+            str(SEQ),
+            "--lr",
+            "0",
+            "--log-jsonl",
+            str(log),
+        ],
     )
     train, valid = train_records(log)[1], valid_records(log)
     assert [(r["iteration"], r["final"]) for r in valid] == [(1, True)]
