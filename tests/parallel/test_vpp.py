@@ -1,0 +1,53 @@
+"""The interleaved (virtual) pipeline schedule computes the single-process loss and gradients
+(megatron-core's own schedule over the model chunks; fp32, gloo): the ViT and projector live in the
+first chunk of the first rank, the loss in the last chunk of the last rank, and each chunk holds the
+decoder layers of its virtual stage."""
+
+import json
+
+import pytest
+
+from tests.launch import REPO
+from tests.worldpool import run_in_world
+
+WORKER = REPO / "tests" / "parallel" / "grid_worker.py"
+TOL = 1e-5
+
+LAYOUTS = [  # (model, tp, pp, vpp, world): the PP cases of test_layout_parity.py with 2 chunks per rank
+    ("debug", 1, 2, 2, 2),
+    ("debug-6b", 2, 2, 2, 4),  # tied embeddings between rank 0's chunk 0 and rank 1's chunk 1, padded heads
+]
+
+
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory):
+    dirs = {}
+    for model in sorted({m for m, *_ in LAYOUTS}):
+        d = tmp_path_factory.mktemp(model)
+        run_in_world(WORKER, 1, ["--model", model, "--ref", "--out", str(d)], timeout=240)
+        dirs[model] = d
+    return dirs
+
+
+@pytest.mark.parametrize(
+    "model,tp,pp,vpp,world", LAYOUTS, ids=[f"{m}-tp{t}-pp{p}-vpp{v}-w{w}" for m, t, p, v, w in LAYOUTS]
+)
+def test_interleaved_matches_single_process(refs, tmp_path, model, tp, pp, vpp, world):
+    (tmp_path / "ref.pt").symlink_to(refs[model] / "ref.pt")
+    args = ["--model", model, "--tp", str(tp), "--pp", str(pp), "--vpp", str(vpp), "--out", str(tmp_path)]
+    run_in_world(WORKER, world, args, timeout=240)
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    for r in reports:
+        assert r["params_checked"] > 0 and r["chunks"] == vpp, r
+        assert r["max_rel_grad_err"] < TOL, r
+        if r["loss"] is not None:
+            assert abs(r["loss"] - r["ref_loss"]) <= TOL * abs(r["ref_loss"]), r
+        pp_rank = r["pp_rank"]
+        # 4 decoder layers, 1 per chunk: chunk c of rank p holds virtual stage c * PP + p (layer numbers from 1)
+        assert r["layers"] == [c * pp + pp_rank + 1 for c in range(vpp)], r
+        assert r["vision_chunks"] == ([0] if pp_rank == 0 else []), r
+        assert r["loss_chunks"] == ([vpp - 1] if pp_rank == pp - 1 else []), r
+        # image tensors reach the ViT's chunk only, once per microbatch; every chunk runs every microbatch
+        assert r["forwards"] == 4 * vpp and r["with_pixels"] == r["first_chunk_forwards"], r
+        assert r["with_pixels"] == (4 if pp_rank == 0 else 0), r
+    assert any(r["loss"] is not None for r in reports)
