@@ -28,8 +28,6 @@ def forward_backward(pg: ProcessGroupCollection, **kwargs: Any) -> list:
     microbatches themselves are shared, not copied)."""
     pp, chunks = pg.pp.size(), len(kwargs["model"])
     config = get_model_config(kwargs["model"][0])
-    if chunks > 1 and config.virtual_pipeline_model_parallel_size != chunks:
-        raise ValueError(f"{chunks} model chunks, but their config has {config.virtual_pipeline_model_parallel_size}")
     if chunks > 1 and not isinstance(kwargs.get("data_iterator"), list):
         kwargs["data_iterator"] = list(itertools.tee(kwargs["data_iterator"], chunks))
     # the 1F1B schedules take the communicator and the groups together; without pipelining it needs none

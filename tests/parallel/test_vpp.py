@@ -51,3 +51,46 @@ def test_interleaved_matches_single_process(refs, tmp_path, model, tp, pp, vpp, 
         assert r["forwards"] == 4 * vpp and r["with_pixels"] == r["first_chunk_forwards"], r
         assert r["with_pixels"] == (4 if pp_rank == 0 else 0), r
     assert any(r["loss"] is not None for r in reports)
+
+
+def test_virtual_stage_flags():
+    """Megatron-LM's two spellings give the chunk count; what cannot split into equal chunks is refused
+    with a line naming the flag (config/problems.py)."""
+    from internvl_mcore.config.model import ParallelConfig, virtual_pipeline_size
+    from internvl_mcore.config.problems import virtual_pipeline_problems
+
+    def par(**kw):
+        return ParallelConfig(pipeline_model_parallel_size=kw.pop("pp", 2), **kw)
+
+    assert virtual_pipeline_size(par(num_virtual_stages_per_pipeline_rank=3), 24) == 3
+    assert virtual_pipeline_size(par(num_layers_per_virtual_pipeline_stage=3), 24) == 4  # 24 / 2 / 3
+    assert virtual_pipeline_size(par(num_virtual_stages_per_pipeline_rank=1), 24) is None  # one chunk: 1F1B
+    assert virtual_pipeline_size(par(), 24) is None
+    assert virtual_pipeline_problems(24, par(num_virtual_stages_per_pipeline_rank=3)) == []
+    assert (
+        virtual_pipeline_problems(
+            24, par(pp=4, num_virtual_stages_per_pipeline_rank=2, decoder_first_pipeline_num_layers=6)
+        )
+        == []
+    )  # 6 on stage 0 (3 per chunk), 18 over 3 stages x 2 chunks
+    (line,) = virtual_pipeline_problems(
+        24, par(pp=4, num_virtual_stages_per_pipeline_rank=2, decoder_first_pipeline_num_layers=4)
+    )
+    assert "20 decoder layers do not split evenly into 3 pipeline stages x 2" in line, line
+    assert (
+        "needs --pipeline-model-parallel-size > 1"
+        in virtual_pipeline_problems(24, par(pp=1, num_virtual_stages_per_pipeline_rank=2))[0]
+    )
+    assert (
+        "give one of"
+        in virtual_pipeline_problems(
+            24, par(num_virtual_stages_per_pipeline_rank=2, num_layers_per_virtual_pipeline_stage=2)
+        )[0]
+    )
+    assert (
+        "--decoder-first-pipeline-num-layers 3 is not divisible"
+        in virtual_pipeline_problems(
+            24, par(pp=3, num_virtual_stages_per_pipeline_rank=2, decoder_first_pipeline_num_layers=3)
+        )[0]
+    )
+    assert "--stage mpo" in virtual_pipeline_problems(24, par(num_virtual_stages_per_pipeline_rank=2), "mpo")[0]
