@@ -94,3 +94,21 @@ def test_virtual_stage_flags():
         )[0]
     )
     assert "--stage mpo" in virtual_pipeline_problems(24, par(num_virtual_stages_per_pipeline_rank=2), "mpo")[0]
+
+
+def test_planner_bubble_divides_by_virtual_stages():
+    """The planner's pipeline time and bubble with V model chunks per rank: (m + (p - 1) / V) stage
+    times, bubble (p - 1) / (V m + p - 1) (megatron-core's interleaved schedule)."""
+    from internvl_mcore.config import get_preset
+    from internvl_mcore.plan.layouts import HARDWARE, Layout, Workload, plan
+
+    model, work = get_preset("internvl3-1b"), Workload(seq_length=4096, global_batch_size=8)
+    plans = {
+        v: plan(model, Layout(1, 4, 1, 1, False, False, False, virtual_stages=v), work, HARDWARE["h100"])
+        for v in (1, 2)
+    }
+    m = plans[1].breakdown["microbatches"]
+    assert m == 8 and plans[1].breakdown["bubble"] == 3 / 11 and plans[2].breakdown["bubble"] == 3 / 19
+    assert plans[2].breakdown["pipeline_s"] / plans[1].breakdown["pipeline_s"] == pytest.approx((8 + 1.5) / (8 + 3))
+    assert plans[2].layout.parallel().num_virtual_stages_per_pipeline_rank == 2
+    assert "VPP2" in plans[2].layout.describe()
