@@ -2,7 +2,7 @@
 reused worlds: tests/conftest.py `pretrain`): the PP2 x 2-virtual-stage run's losses equal the single
 process's, it resumes exactly from its checkpoint (given by the other VPP flag), a run without virtual
 stages resumes from that checkpoint too, and the converter exports both runs' checkpoints alike (the
-chunks' layers are numbered globally in the checkpoint)."""
+chunks' layers are numbered globally in the checkpoint); validation runs through the same schedule."""
 
 import json
 
@@ -14,31 +14,52 @@ TOL = 1e-5
 HALF = ITERS // 2
 
 
+def _records(log):
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
 def _losses(log):
-    return [json.loads(line)["loss"] for line in log.read_text().splitlines()]
+    return [r["loss"] for r in _records(log) if "loss" in r]
+
+
+def _final_valid_loss(log):
+    (final,) = [r["valid_loss"] for r in _records(log) if r.get("final")]
+    return final
+
+
+def _eval(shards):  # validation through the interleaved schedule's forward-only path (training/eval.py)
+    return ["--valid-data-path", shards, "--eval-interval", str(HALF), "--eval-iters", "1"]
 
 
 @pytest.fixture(scope="module")
 def vpp_run(digits_shards, tmp_path_factory):
-    """PP2 with 2 model chunks per rank, checkpoints at HALF and ITERS."""
+    """PP2 with 2 model chunks per rank, checkpoints at HALF and ITERS, validation at both."""
     d = tmp_path_factory.mktemp("vpp")
     flags = ["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2"]
     pretrain(
         2,
         digits_run_args(
-            digits_shards, *flags, "--save", str(d / "ckpt"), "--save-interval", str(HALF), "--log-jsonl", str(d / "a")
+            digits_shards,
+            *flags,
+            *_eval(digits_shards),
+            "--save",
+            str(d / "ckpt"),
+            "--save-interval",
+            str(HALF),
+            "--log-jsonl",
+            str(d / "a"),
         ),
     )
-    return d, _losses(d / "a")
+    return d, _losses(d / "a"), _final_valid_loss(d / "a")
 
 
 def test_interleaved_run_matches_single_process_and_resumes(digits_shards, pretrain_log, vpp_run, tmp_path):
-    d, losses = vpp_run
+    d, losses, _ = vpp_run
     reference = [r["loss"] for r in pretrain_log(1, digits_run_args(digits_shards))]
     assert len(losses) == len(reference) == ITERS
     for i, (a, b) in enumerate(zip(losses, reference)):
         assert abs(a - b) <= TOL * abs(b), f"iteration {i + 1}: {a} vs single-process {b}"
-    # exact resume, the same chunking spelled with the other flag: 4 layers / PP2 / 1 per chunk = 2 chunks
+    # exact resume (and the evaluation changed nothing), the same chunking spelled with the other flag: 4 layers / PP2 / 1 per chunk = 2 chunks
     half = d / "ckpt" / f"iter_{HALF:07d}"
     flags = ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]
     pretrain(2, digits_run_args(digits_shards, *flags, "--load", str(half), "--log-jsonl", str(tmp_path / "b")))
@@ -50,9 +71,10 @@ def test_checkpoint_loads_without_virtual_stages_and_exports_alike(digits_shards
 
     from internvl_mcore.convert.export import convert_checkpoint_to_hf
 
-    d, losses = vpp_run
+    d, losses, valid = vpp_run
     half = d / "ckpt" / f"iter_{HALF:07d}"
     run = [
+        *_eval(digits_shards),
         "--pipeline-model-parallel-size",
         "2",
         "--load",
@@ -66,6 +88,7 @@ def test_checkpoint_loads_without_virtual_stages_and_exports_alike(digits_shards
     assert "restored model weights" in out  # another layout: the optimizer state resharded
     for i, (a, b) in enumerate(zip(_losses(tmp_path / "c"), losses[HALF:]), start=HALF + 1):
         assert abs(a - b) <= TOL * abs(b), f"iteration {i}: {a} (PP2 from the VPP checkpoint) vs {b} (VPP)"
+    assert abs(_final_valid_loss(tmp_path / "c") - valid) <= TOL * abs(valid)
     exported = []
     for name, ckpt in (("vpp", d / "ckpt"), ("pp", tmp_path / "ckpt")):
         convert_checkpoint_to_hf(ckpt / f"iter_{ITERS:07d}", tmp_path / name, "internvl")
