@@ -1,8 +1,9 @@
 """pretrain_internvl.py with the interleaved pipeline schedule, on the digits shards (jobs of the session's
 reused worlds: tests/conftest.py `pretrain`): the PP2 x 2-virtual-stage run's losses equal the single
 process's, it resumes exactly from its checkpoint (given by the other VPP flag), a run without virtual
-stages resumes from that checkpoint too, and the converter exports both runs' checkpoints alike (the
-chunks' layers are numbered globally in the checkpoint); validation runs through the same schedule."""
+stages resumes from that checkpoint and the interleaved run from that run's checkpoint, and the converter
+exports both runs' checkpoints alike (the chunks' layers are numbered globally in the checkpoint);
+validation runs through the same schedule."""
 
 import json
 
@@ -81,6 +82,8 @@ def test_checkpoint_loads_without_virtual_stages_and_exports_alike(digits_shards
         str(half),
         "--save",
         str(tmp_path / "ckpt"),
+        "--save-interval",
+        str(HALF + 1),  # the checkpoint the VPP run below resumes from (and the final one at ITERS)
         "--log-jsonl",
         str(tmp_path / "c"),
     ]
@@ -89,6 +92,12 @@ def test_checkpoint_loads_without_virtual_stages_and_exports_alike(digits_shards
     for i, (a, b) in enumerate(zip(_losses(tmp_path / "c"), losses[HALF:]), start=HALF + 1):
         assert abs(a - b) <= TOL * abs(b), f"iteration {i}: {a} (PP2 from the VPP checkpoint) vs {b} (VPP)"
     assert abs(_final_valid_loss(tmp_path / "c") - valid) <= TOL * abs(valid)
+    # and back: the VPP layout resumes from the checkpoint without virtual stages
+    vpp_flags = ["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2"]
+    back = tmp_path / "ckpt" / f"iter_{HALF + 1:07d}"
+    pretrain(2, digits_run_args(digits_shards, *vpp_flags, "--load", str(back), "--log-jsonl", str(tmp_path / "d")))
+    for i, (a, b) in enumerate(zip(_losses(tmp_path / "d"), losses[HALF + 1 :], strict=True), start=HALF + 2):
+        assert abs(a - b) <= TOL * abs(b), f"iteration {i}: {a} (VPP from the PP2 checkpoint) vs {b} (VPP)"
     exported = []
     for name, ckpt in (("vpp", d / "ckpt"), ("pp", tmp_path / "ckpt")):
         convert_checkpoint_to_hf(ckpt / f"iter_{ITERS:07d}", tmp_path / name, "internvl")
