@@ -13,8 +13,8 @@ from tests.worldpool import run_in_world
 WORKER = REPO / "tests" / "parallel" / "grid_worker.py"
 TOL = 1e-5
 
-LAYOUTS = [  # (model, tp, pp, vpp, world): the PP cases of test_layout_parity.py with 2 chunks per rank
-    ("debug", 1, 2, 2, 2),
+LAYOUTS = [  # (model, tp, pp, vpp, world): test_layout_parity.py's widest PP case with 2 chunks per rank (the
+    # debug model at PP2 x 2 chunks: tests/parallel/test_vpp_training.py, through pretrain_internvl.py)
     ("debug-6b", 2, 2, 2, 4),  # tied embeddings between rank 0's chunk 0 and rank 1's chunk 1, padded heads
 ]
 
