@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         "that layout (default 1), else the search keeps only this EP",
     )
     p.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
+    p.add_argument(
+        "--num-virtual-stages-per-pipeline-rank",
+        type=int,
+        default=1,
+        help="model chunks per pipeline rank (the interleaved schedule divides the bubble by it)",
+    )
     p.add_argument("--sequence-parallel", action="store_true", help="(implied for TP > 1 in the search)")
     p.add_argument("--use-distributed-optimizer", action="store_true")
     p.add_argument("--recompute-granularity", choices=["full"], default=None)
@@ -275,6 +281,7 @@ def explicit_layout(a: argparse.Namespace) -> Layout | None:
         recompute=a.recompute_granularity == "full",
         first_stage_layers=a.decoder_first_pipeline_num_layers,
         ep=a.expert_model_parallel_size or 1,
+        virtual_stages=a.num_virtual_stages_per_pipeline_rank,
     )
 
 

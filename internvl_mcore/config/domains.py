@@ -81,6 +81,8 @@ DOMAINS: dict[str, Domain] = {
     "hierarchical_context_parallel_sizes": POSITIVE_INT,
     "decoder_first_pipeline_num_layers": POSITIVE_INT,
     "decoder_last_pipeline_num_layers": POSITIVE_INT,
+    "num_layers_per_virtual_pipeline_stage": POSITIVE_INT,
+    "num_virtual_stages_per_pipeline_rank": POSITIVE_INT,
     "recompute_num_layers": POSITIVE_INT,
     "expert_model_parallel_size": POSITIVE_INT,
     "expert_tensor_parallel_size": POSITIVE_INT,

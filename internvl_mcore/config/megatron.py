@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
 from .device import have_apex_wgrad_fusion, have_fusion_kernels, resolve_device
-from .model import ModelConfig, ParallelConfig, padded_vision_heads
+from .model import ModelConfig, ParallelConfig, padded_vision_heads, virtual_pipeline_size
 from .training import DEFAULT_COMPUTE, ComputeConfig
 
 
@@ -129,7 +129,8 @@ def llm_transformer_config(
     dtype: torch.dtype = torch.float32,
     compute: ComputeConfig = DEFAULT_COMPUTE,
 ) -> TransformerConfig:
-    """The decoder, split over pipeline stages (optionally fewer layers on stage 0)."""
+    """The decoder, split over pipeline stages (optionally fewer layers on stage 0) and, with the
+    interleaved schedule, over each stage's model chunks."""
     m = model.llm
     return TransformerConfig(
         num_layers=m.num_layers,
@@ -145,6 +146,8 @@ def llm_transformer_config(
         gated_linear_unit=True,
         activation_func=F.silu,
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_size(par, m.num_layers),
+        **_interleaved_p2p(virtual_pipeline_size(par, m.num_layers)),
         context_parallel_size=par.context_parallel_size,
         cp_comm_type=par.cp_comm_type,
         hierarchical_context_parallel_sizes=par.hierarchical_context_parallel_sizes,
@@ -158,6 +161,14 @@ def llm_transformer_config(
         # bias-free SwiGLU: megatron's fused swiglu is exact
         **{**_common(par, dtype, compute), "bias_activation_fusion": _fused(compute)},
     )
+
+
+def _interleaved_p2p(chunks: int | None) -> dict:
+    """Megatron-LM's pipeline P2P settings for the interleaved schedule: overlapped, unbatched sends
+    and receives. Batched, a rank of a 2-stage pipeline posts its activation for the next stage and its
+    gradient for the previous one to the same peer in one batch, which receives them in the other order
+    (same shapes: silently swapped); unbatched, megatron-core sends the two directions over two groups."""
+    return dict(overlap_p2p_comm=True, batch_p2p_comm=False) if chunks else {}
 
 
 def _moe(model: ModelConfig, par: ParallelConfig) -> dict:

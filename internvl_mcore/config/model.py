@@ -202,6 +202,12 @@ class ParallelConfig:
     """--decoder-first-pipeline-num-layers: fewer decoder layers on stage 0, which carries the ViT."""
     decoder_last_pipeline_num_layers: int | None = None
     """--decoder-last-pipeline-num-layers: decoder layers on the last stage."""
+    num_layers_per_virtual_pipeline_stage: int | None = None
+    """--num-layers-per-virtual-pipeline-stage: decoder layers per model chunk of the interleaved
+    (virtual) pipeline schedule; each rank holds (layers / pipeline size) / this many chunks."""
+    num_virtual_stages_per_pipeline_rank: int | None = None
+    """--num-virtual-stages-per-pipeline-rank: model chunks per pipeline rank of the interleaved
+    (virtual) pipeline schedule (the ViT and projector go with the first rank's first chunk)."""
     recompute_granularity: Literal["full", "selective"] | None = None
     """--recompute-granularity: activation recomputation (full = whole layers)."""
     recompute_num_layers: int = 1
@@ -213,3 +219,17 @@ class ParallelConfig:
     expert_tensor_parallel_size: int | None = None
     """--expert-tensor-parallel-size: ranks each expert's weights are split over (default: the
     tensor-parallel size, megatron-core's default)."""
+
+
+def virtual_pipeline_size(par: ParallelConfig, num_layers: int) -> int | None:
+    """Model chunks per pipeline rank of the interleaved schedule (megatron-core's
+    virtual_pipeline_model_parallel_size), None without one; Megatron-LM's rule for the two flags:
+    --num-layers-per-virtual-pipeline-stage N gives (num_layers / PP) / N chunks. One chunk is no
+    interleaving (None). The flags' consistency is config/problems.py's `virtual_pipeline_problems`."""
+    if par.num_virtual_stages_per_pipeline_rank is not None:
+        size = par.num_virtual_stages_per_pipeline_rank
+    elif par.num_layers_per_virtual_pipeline_stage is not None:
+        size = num_layers // par.pipeline_model_parallel_size // par.num_layers_per_virtual_pipeline_stage
+    else:
+        return None
+    return size if size > 1 else None

@@ -13,7 +13,7 @@ from typing import Mapping, Optional
 
 from ..errors import ConfigError
 from .lora import LORA_MODULES, LoRAConfig
-from .model import ModelConfig, ParallelConfig
+from .model import ModelConfig, ParallelConfig, virtual_pipeline_size
 from .rl import rl_stage_problems
 from .training import RunConfig, TrainConfig, has_validation, trained_parts
 
@@ -38,6 +38,7 @@ def problems(run: RunConfig) -> list[str]:
     t = run.train
     return [
         *layout_problems(run.model, run.parallel, t.seq_length),
+        *virtual_pipeline_problems(run.model.llm.num_layers, run.parallel, t.stage, run.lora.enabled),
         *run_problems(run),
         *mpo_problems(run),
         *rl_stage_problems(run),
@@ -91,6 +92,47 @@ def layout_problems(model: ModelConfig, p: ParallelConfig, seq_length: int) -> l
         found += thd_problems(p.pipeline_model_parallel_size, p.sequence_parallel, p.cp_comm_type)
     if p.hierarchical_context_parallel_sizes and p.cp_comm_type != "a2a+p2p":
         found.append("--hierarchical-context-parallel-sizes only applies to --cp-comm-type a2a+p2p")
+    return found
+
+
+def virtual_pipeline_problems(
+    num_layers: int, p: ParallelConfig, stage: Optional[str] = None, lora: bool = False
+) -> list[str]:
+    """The interleaved (virtual) pipeline flags that cannot split this decoder: every model chunk of
+    a stage holds the same number of layers (megatron-core's offsets assume it), and what does not
+    run the chunks yet."""
+    per_stage, chunks = p.num_layers_per_virtual_pipeline_stage, p.num_virtual_stages_per_pipeline_rank
+    if per_stage is None and chunks is None:
+        return []
+    name = (
+        "--num-layers-per-virtual-pipeline-stage" if per_stage is not None else "--num-virtual-stages-per-pipeline-rank"
+    )
+    pp, first, last = (
+        p.pipeline_model_parallel_size,
+        p.decoder_first_pipeline_num_layers,
+        p.decoder_last_pipeline_num_layers,
+    )
+    if per_stage is not None and chunks is not None:
+        return ["give one of --num-layers-per-virtual-pipeline-stage and --num-virtual-stages-per-pipeline-rank"]
+    if pp < 2:
+        return [f"{name} needs --pipeline-model-parallel-size > 1"]
+    if per_stage is not None and (first is not None or last is not None):
+        return [f"{name} with --decoder-first/last-pipeline-num-layers: use --num-virtual-stages-per-pipeline-rank"]
+    v = virtual_pipeline_size(p, num_layers) or 1
+    middle = num_layers - (first or 0) - (last or 0)
+    middle_stages = pp - (first is not None) - (last is not None)
+    found = [
+        f"{what} {n} is not divisible by the {v} virtual stages per pipeline rank ({name})"
+        for what, n in (("--decoder-first-pipeline-num-layers", first), ("--decoder-last-pipeline-num-layers", last))
+        if n is not None and n % v
+    ]
+    if middle_stages and middle % (middle_stages * v):
+        found.append(
+            f"{name}: {middle} decoder layers do not split evenly into {middle_stages} pipeline stages x {v} "
+            "model chunks"
+        )
+    if stage in ("mpo", "gspo", "grpo") or lora:
+        found.append(f"{name} does not run {f'--stage {stage}' if not lora else 'LoRA'} yet (one model chunk per rank)")
     return found
 
 

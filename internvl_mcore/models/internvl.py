@@ -1,9 +1,14 @@
-"""The composed InternVL model for one pipeline stage, and its builder.
+"""The composed InternVL model for one pipeline stage (or one model chunk of it), and its builders.
 
 stage 0:  tiles -> InternViT -> drop CLS -> pixel shuffle -> projector --+
           tokens -> embedding -> splice features at <IMG_CONTEXT> -------+-> decoder layers
 stage k:  hidden -> decoder layers
 last:     -> final norm -> output layer -> per-token loss (or logits)
+
+With the interleaved (virtual) pipeline schedule each rank holds several model chunks
+(`build_model_chunks`, as Megatron-LM's get_model builds them with `vp_stage`): "stage 0" above is
+the first chunk of the first rank, "last" the last chunk of the last rank, and chunk c of rank r
+holds the decoder layers of virtual stage c x PP + r (megatron-core numbers them globally).
 """
 
 from __future__ import annotations
@@ -12,6 +17,12 @@ from typing import Optional, Sequence
 
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.pipeline_parallel.utils import (
+    is_pp_first_stage,
+    is_pp_last_stage,
+    is_vp_first_stage,
+    is_vp_last_stage,
+)
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -20,7 +31,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from ..config.device import resolve_device
 from ..config.megatron import llm_transformer_config, projector_transformer_config, vision_transformer_config
-from ..config.model import ModelConfig, ParallelConfig
+from ..config.model import ModelConfig, ParallelConfig, virtual_pipeline_size
 from ..config.training import DEFAULT_COMPUTE, ComputeConfig
 from ..parallel.attention import PackedSDPAttention, packed_seq_params_from_cu_seqlens
 from ..parallel.context_parallel import TokenSplit, cp_core_attention, cp_path_line, cp_split_choice
@@ -53,6 +64,7 @@ class InternVLModel(MegatronModule):
         dtype: torch.dtype = torch.float32,
         backend: Optional[Backend] = None,
         compute: ComputeConfig = DEFAULT_COMPUTE,
+        vp_stage: Optional[int] = None,
     ) -> None:
         llm_config = llm_transformer_config(model_cfg, par, dtype, compute)
         # RoPE without megatron-core's concatenations (models/rope.py) where TE's kernel is absent
@@ -62,9 +74,10 @@ class InternVLModel(MegatronModule):
         pg = self.pg_collection = pg_collection  # every group this stage uses (also read by weights.ShardPlacement)
         self.model_cfg = model_cfg
         self.model_type = ModelType.encoder_or_decoder
+        self.vp_stage = vp_stage  # this chunk's virtual stage on its rank (None: one chunk per rank)
         self.pre_process = pre_process
         self.post_process = post_process
-        self.add_encoder = pre_process  # ViT and projector live with the embedding on stage 0
+        self.add_encoder = pre_process  # ViT and projector live with the embedding on stage 0 (its chunk 0)
         self.share_embeddings_and_output_weights = model_cfg.llm.tie_word_embeddings
         if self.add_encoder:  # built before the LLM: the seeded initialisation draws in this order
             self._build_encoder(par, dtype, compute, backend)
@@ -76,7 +89,7 @@ class InternVLModel(MegatronModule):
         layer_spec = llm_layer_spec(backend, core_attention, qk_norm, moe=model_cfg.llm.is_moe)
         self.language_model = LanguageModel(
             llm_config,
-            decoder_block_spec(layer_spec, backend, llm_config, pg.pp.rank()),
+            decoder_block_spec(layer_spec, backend, llm_config, pg.pp.rank(), vp_stage),
             vocab_size=model_cfg.llm.vocab_size,
             max_sequence_length=model_cfg.llm.max_position_embeddings,
             rope_theta=model_cfg.llm.rope_theta,
@@ -86,6 +99,7 @@ class InternVLModel(MegatronModule):
             pg_collection=pg,
             cross_entropy_chunk_size=compute.cross_entropy_chunk_size,
             all_token_logits=compute.all_token_logits,
+            vp_stage=vp_stage,
         )
 
     def _build_encoder(self, par: ParallelConfig, dtype: torch.dtype, compute: ComputeConfig, backend: Backend) -> None:
@@ -210,6 +224,23 @@ class InternVLModel(MegatronModule):
         return bsh.transpose(0, 1).contiguous()
 
 
+def build_model_chunks(
+    model_cfg: ModelConfig,
+    par: ParallelConfig,
+    pg_collection: ProcessGroupCollection,
+    dtype: torch.dtype = torch.float32,
+    backend: Optional[Backend] = None,
+    compute: ComputeConfig = DEFAULT_COMPUTE,
+) -> list[InternVLModel]:
+    """This rank's model chunks in the order of their virtual stages: one (`build_model`) without the
+    interleaved schedule, else one per virtual stage (--num-virtual-stages-per-pipeline-rank /
+    --num-layers-per-virtual-pipeline-stage; config/model.py: virtual_pipeline_size)."""
+    chunks = virtual_pipeline_size(par, model_cfg.llm.num_layers)
+    if chunks is None:
+        return [build_model(model_cfg, par, pg_collection, dtype, backend, compute)]
+    return [build_model(model_cfg, par, pg_collection, dtype, backend, compute, vp_stage=c) for c in range(chunks)]
+
+
 def build_model(
     model_cfg: ModelConfig,
     par: ParallelConfig,
@@ -217,22 +248,24 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     backend: Optional[Backend] = None,
     compute: ComputeConfig = DEFAULT_COMPUTE,
+    vp_stage: Optional[int] = None,
 ) -> InternVLModel:
-    """This rank's stage of the model, in the process groups `pg_collection` (what
-    parallel/state.py: init_distributed returns); the pipeline stage is this rank's in `pg_collection.pp`;
-    `compute`: the device, kernels and loss chunking (--device, --torch-compile, ...).
+    """This rank's stage of the model (with `vp_stage`: that model chunk of it), in the process groups
+    `pg_collection` (what parallel/state.py: init_distributed returns); the pipeline stage is this rank's
+    in `pg_collection.pp`; `compute`: the device, kernels and loss chunking (--device, --torch-compile, ...).
 
     Weights are uninitialized: call `weights.init_weights` or load a checkpoint."""
-    pp_rank, pp_size = pg_collection.pp.rank(), pg_collection.pp.size()
+    pp_group, vp_size = pg_collection.pp, virtual_pipeline_size(par, model_cfg.llm.num_layers)
     model = InternVLModel(
         model_cfg,
         par,
         pg_collection,
-        pre_process=pp_rank == 0,
-        post_process=pp_rank == pp_size - 1,
+        pre_process=is_pp_first_stage(pp_group) and is_vp_first_stage(vp_stage, vp_size),
+        post_process=is_pp_last_stage(pp_group) and is_vp_last_stage(vp_stage, vp_size),
         dtype=dtype,
         backend=backend,
         compute=compute,
+        vp_stage=vp_stage,
     )
     if dtype != torch.float32:
         # megatron-core's WrappedTorchNorm ignores params_dtype (TE's norms honour it); fp32 norm

@@ -43,13 +43,14 @@ class LanguageModel(LanguageModule):
         pg_collection: ProcessGroupCollection,
         cross_entropy_chunk_size: int = 0,
         all_token_logits: bool = False,
+        vp_stage: Optional[int] = None,
     ) -> None:
         super().__init__(config=config, pg_collection=pg_collection)
         self.pre_process = pre_process
         self.post_process = post_process
         self.share_embeddings_and_output_weights = share_embeddings_and_output_weights
         self.model_type = ModelType.encoder_or_decoder
-        self.vp_stage = None
+        self.vp_stage = vp_stage  # the model chunk (virtual stage) on this rank: which chunk ties embeddings
         self.vocab_size = vocab_size
         self.cross_entropy_chunk_size = cross_entropy_chunk_size  # 0: megatron-core's full-logit loss
         self.all_token_logits = all_token_logits  # False: logits only where a loss weight says the loss is used
@@ -64,6 +65,7 @@ class LanguageModel(LanguageModule):
             pre_process=pre_process,
             post_process=post_process,
             pg_collection=self.pg_collection,
+            vp_stage=vp_stage,
         )
         if post_process:
             self.output_layer = self._output_layer(config, pre_process and share_embeddings_and_output_weights)

@@ -124,13 +124,14 @@ def moe_mlp_spec(backend: Backend = "local") -> ModuleSpec:
 
 
 def decoder_block_spec(
-    layer_spec: ModuleSpec, backend: Backend, config: TransformerConfig, pp_rank: int
+    layer_spec: ModuleSpec, backend: Backend, config: TransformerConfig, pp_rank: int, vp_stage: int | None = None
 ) -> TransformerBlockSubmodules:
-    """This pipeline stage's decoder layers plus the final norm of the same backend.
+    """This pipeline stage's (model chunk's, with `vp_stage`) decoder layers plus the final norm of the
+    same backend.
 
     Given a bare layer spec, megatron-core's TransformerBlock picks the final norm itself: TENorm
     whenever transformer-engine is importable, even for a CPU run (`--device cpu`) on a TE machine."""
-    n = get_num_layers_to_build(config, pp_rank=pp_rank)
+    n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=[layer_spec] * n, layer_norm=_modules(backend)[2])
 
 

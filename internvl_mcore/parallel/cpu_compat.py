@@ -94,6 +94,7 @@ TORCH_PROXY_MODULES: dict[str, tuple[str, ...]] = {
     "megatron.core.pipeline_parallel.schedules": (
         "forward_backward_no_pipelining",
         "forward_backward_pipelining_without_interleaving",
+        "forward_backward_pipelining_with_interleaving",
         "forward_step",
     ),
     "megatron.core.pipeline_parallel.p2p_communication": ("P2PCommunicator._communicate",),

@@ -18,13 +18,15 @@ from ..config.model import ParallelConfig
 
 
 def init_distributed(
-    par: ParallelConfig, seed: int, timeout_s: float = 600.0, device: str = "auto"
+    par: ParallelConfig, seed: int, timeout_s: float = 600.0, device: str = "auto", virtual_stages: int | None = None
 ) -> ProcessGroupCollection:
     """Join the job (torchrun's env, or a 1-process world), build megatron-core's groups and return
     them; model construction, attention, sharding and checkpointing take them as an argument.
 
     gloo on CPU, nccl on GPU (`device`: --device, config/device.py). Seeds: megatron-core's tracker
-    ("model-parallel-rng" differs per TP rank, default state equal within a model-parallel group)."""
+    ("model-parallel-rng" differs per TP rank, default state equal within a model-parallel group).
+    `virtual_stages`: model chunks per pipeline rank of the interleaved schedule
+    (config/model.py: virtual_pipeline_size), None without one."""
     on_gpu = resolve_device(device) == "cuda"
     if not on_gpu:  # forced: a --device cpu run (a conversion) on a GPU host must not reach torch.cuda either
         cpu_compat.apply(force=True)
@@ -49,6 +51,7 @@ def init_distributed(
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=par.tensor_model_parallel_size,
             pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=virtual_stages,
             context_parallel_size=par.context_parallel_size,
             hierarchical_context_parallel_sizes=par.hierarchical_context_parallel_sizes,
             expert_model_parallel_size=par.expert_model_parallel_size,

@@ -3,7 +3,9 @@ layouts that fit a cluster.
 
 Step time is a first-order model, not a simulation:
 
-    step = (microbatches + PP - 1) * slowest stage's microbatch time      (1F1B pipeline bubble)
+    step = (microbatches + (PP - 1) / V) * slowest stage's microbatch time  (1F1B pipeline bubble;
+           V model chunks per rank with the interleaved schedule, megatron-core's bubble
+           (PP - 1) / (V x microbatches + PP - 1) of the step; V = 1 without it)
          + data-parallel gradient (and, with the distributed optimizer, parameter) traffic
 
     stage microbatch time = stage FLOPs x (3, or 4 with full recompute) / (TP x CP)
@@ -154,6 +156,8 @@ class Layout:
     first_stage_layers: Optional[int] = None
     ep: int = 1
     """Expert parallelism (MoE): experts split over EP ranks carved out of DP x CP (expert-TP = TP)."""
+    virtual_stages: int = 1
+    """Model chunks per pipeline rank (--num-virtual-stages-per-pipeline-rank; 1: no interleaving)."""
 
     def parallel(self) -> ParallelConfig:
         return ParallelConfig(
@@ -164,6 +168,7 @@ class Layout:
             decoder_first_pipeline_num_layers=self.first_stage_layers,
             recompute_granularity="full" if self.recompute else None,
             expert_model_parallel_size=self.ep,
+            num_virtual_stages_per_pipeline_rank=self.virtual_stages if self.virtual_stages > 1 else None,
         )
 
     def describe(self) -> str:
@@ -175,6 +180,7 @@ class Layout:
             + extra
         )
         ep = f" EP{self.ep}" if self.ep > 1 else ""
+        ep += f" VPP{self.virtual_stages}" if self.virtual_stages > 1 else ""
         return f"TP{self.tp} PP{self.pp} CP{self.cp} DP{self.dp}{ep}" + (f" ({', '.join(flags)})" if flags else "")
 
 
@@ -264,8 +270,10 @@ def plan(
     microbatches = w.global_batch_size // (w.micro_batch_size * layout.dp)
     stages = _stage_memory(model, layout, w, microbatches)
     stage_times, stage_compute = _stage_times(model, layout, w, hardware, compute_efficiency)
-    pp = layout.pp
-    pipeline = (microbatches + pp - 1) * max(stage_times)
+    pp, v = layout.pp, layout.virtual_stages
+    # interleaved: V x microbatches chunk passes of 1/V of a stage's time each, and the PP - 1 chunk
+    # passes of fill and drain; the chunks' extra PP sends are not modelled
+    pipeline = (microbatches + (pp - 1) / v) * max(stage_times)
     dp_time = _dp_comm_s(model, layout, w, hardware)
     step = pipeline + dp_time
     model_flops = train_step_flops(
@@ -275,7 +283,7 @@ def plan(
         attention_lengths=w.sample_lengths() * w.global_batch_size,
         trainable=set(w.trainable),
     )
-    compute_s = (microbatches + pp - 1) * max(stage_compute)
+    compute_s = (microbatches + (pp - 1) / v) * max(stage_compute)
     return LayoutPlan(
         model,
         layout,
@@ -291,7 +299,7 @@ def plan(
             "pipeline_s": pipeline,
             "dp_comm_s": dp_time,
             "microbatches": microbatches,
-            "bubble": (pp - 1) / (microbatches + pp - 1),
+            "bubble": (pp - 1) / (v * microbatches + pp - 1),
         },
     )
 

@@ -24,7 +24,10 @@ data-parallel size the loader splits the same global batches over the new ranks:
 cannot follow (--use-distributed-optimizer switched on or off, or a checkpoint of the older
 dp_reshardable format into another layout) is refused naming --no-load-optim, which loads the
 rest with a fresh optimizer. A pipeline stage whose parameters are all frozen (`--stage 1` at PP2)
-has no optimizer state, and its ranks save and load none (`trains`).
+has no optimizer state, and its ranks save and load none (`trains`). With the interleaved pipeline
+schedule a rank saves its model chunks under "model", "model1", ... (`_model_state`); the tensors'
+checkpoint keys number the decoder layers globally whatever the chunking, so a checkpoint loads into
+any number of virtual stages (and the converters read it as any other).
 
 Nothing in a checkpoint directory is trusted to be what we wrote (whoever wrote the directory wrote
 its checksums too): our files are JSON (byte tensors as base64), and megatron-core's pickled parts
@@ -84,7 +87,7 @@ from ..errors import CheckpointError
 from ..checkpoint.safetensors_io import SafetensorsDir
 from ..errors import ConversionError
 from ..checkpoint.selection import remove_old_checkpoints
-from ..checkpoint.weights import load_across_backends, load_training_weights
+from ..checkpoint.weights import EXTRA_STATE, load_across_backends, load_training_weights
 from ..config.model import ModelConfig, ParallelConfig
 from ..convert.hf import HFAsCanonical
 from ..convert.hf_config import model_config_from_hf, read_hf_config
@@ -314,13 +317,26 @@ def _restore_adam_step(optimizer: Any, saved: Any) -> None:
                 state["step"] = torch.tensor(step)
 
 
-def _layout(par: ParallelConfig, dp: int) -> dict:
+def _chunks(model: torch.nn.Module | list) -> list[torch.nn.Module]:
+    """The unwrapped model chunks of this rank (one module, or the interleaved schedule's list)."""
+    return [unwrap_model(m) for m in (model if isinstance(model, list) else [model])]
+
+
+def _model_state(chunks: list[torch.nn.Module]) -> dict:
+    """The model part of a rank's checkpoint state: chunk 0 under "model" (the only one without the
+    interleaved schedule), chunk i under "model{i}" (their local names repeat; their tensors' keys do not)."""
+    return {("model" if i == 0 else f"model{i}"): chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def _layout(par: ParallelConfig, dp: int, chunks: int = 1) -> dict:
     layout = {
         "tensor_model_parallel_size": par.tensor_model_parallel_size,
         "pipeline_model_parallel_size": par.pipeline_model_parallel_size,
         "context_parallel_size": par.context_parallel_size,
         "data_parallel_size": dp,
     }
+    if chunks > 1:  # another chunking orders the optimizer's parameters otherwise: another layout
+        layout["virtual_pipeline_model_parallel_size"] = chunks
     if par.expert_model_parallel_size != 1 or par.expert_tensor_parallel_size is not None:
         # optimizer state of expert weights is sharded over the expert data-parallel group
         layout.update(
@@ -338,7 +354,7 @@ def _groups(pg: Optional[ProcessGroupCollection], module: torch.nn.Module) -> Pr
 def save(
     root: str | Path,
     iteration: int,
-    model_chunk: torch.nn.Module,
+    model_chunk: torch.nn.Module | list,
     optimizer: Any,
     scheduler: Any,
     model_cfg: ModelConfig,
@@ -350,8 +366,9 @@ def save(
     writer: Optional[AsyncWriter] = None,
 ) -> Path:
     """Write checkpoint `iteration` under `root` atomically (collective: every rank calls it); with
-    `keep` > 0 only the newest `keep` checkpoints stay. `pg`: the process groups init_distributed
-    returned (default: the model's own, `pg_collection`).
+    `keep` > 0 only the newest `keep` checkpoints stay. `model_chunk`: the model, or the list of this
+    rank's model chunks (interleaved schedule). `pg`: the process groups init_distributed returned
+    (default: the model's own, `pg_collection`).
 
     The save runs in phases (prepare, write, checksums, publish); after each one the ranks agree
     whether every rank's writes succeeded (an all-gather, bounded by the process group's timeout), so
@@ -366,7 +383,8 @@ def save(
     root = Path(root)
     rank = dist.get_rank()
     tmp, final = iter_dir(root, iteration, tmp=True), iter_dir(root, iteration)
-    module = unwrap_model(model_chunk)
+    chunks = _chunks(model_chunk)
+    module = chunks[0]
     pg = _groups(pg, module)
     assert writer is None or writer.pending is None, "finish_pending first: one checkpoint in flight at a time"
     pending = None if writer is None else _pending(root, tmp, final, iteration, keep)
@@ -374,11 +392,11 @@ def save(
         writer.prepare()
 
     def write() -> None:
-        _write_state(tmp, iteration, module, optimizer, pg, data_state, writer, pending)
+        _write_state(tmp, iteration, chunks, optimizer, pg, data_state, writer, pending)
         if rank == 0:
             (tmp / RUN_INFO).write_text(
                 json.dumps(
-                    _run_info(iteration, scheduler, model_cfg, par, pg, module, extra, optimizer), indent=2, default=str
+                    _run_info(iteration, scheduler, model_cfg, par, pg, chunks, extra, optimizer), indent=2, default=str
                 )
             )
 
@@ -495,7 +513,7 @@ def _prepare(tmp: Path) -> None:
 def _write_state(
     tmp: Path,
     iteration: int,
-    module: torch.nn.Module,
+    chunks: list[torch.nn.Module],
     optimizer: Any,
     pg: ProcessGroupCollection,
     data_state: Any,
@@ -504,9 +522,9 @@ def _write_state(
 ) -> None:
     """This rank's part of the checkpoint: its tensor shards (collective; handed to `writer` under
     --async-save), RNG states, data position."""
-    model_sd = module.sharded_state_dict()
-    state = {"model": model_sd}
-    if optimizer is not None and trains(module):
+    model_sd = _model_state(chunks)
+    state = dict(model_sd)
+    if optimizer is not None and any(trains(chunk) for chunk in chunks):
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=_optim_metadata(OPTIMIZER_FORMAT))
     if writer is None:
         dist_checkpointing.save(state, str(tmp))
@@ -538,7 +556,7 @@ def _run_info(
     model_cfg: ModelConfig,
     par: ParallelConfig,
     pg: ProcessGroupCollection,
-    module: torch.nn.Module,
+    chunks: list[torch.nn.Module],
     extra: Optional[dict],
     optimizer: Any = None,
 ) -> dict:
@@ -548,13 +566,13 @@ def _run_info(
         "iteration": iteration,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "model": dataclasses.asdict(model_cfg),
-        "layout": _layout(par, pg.dp.size()),
+        "layout": _layout(par, pg.dp.size(), len(chunks)),
         "world_size": dist.get_world_size(),
         **(extra or {}),
     }
     if optimizer_kind(optimizer) is not None:  # what `load` needs to read the optimizer state back
         info.update(optimizer=optimizer_kind(optimizer), optimizer_format=OPTIMIZER_FORMAT)
-    lora = lora_info_of(module)
+    lora = lora_info_of(chunks[0])
     if lora is not None:  # LoRA run: its adapters are in the tensors; name the base they sit on
         info["lora"] = lora.to_dict()
     return info
@@ -644,7 +662,7 @@ def _publish(root: Path, tmp: Path, final: Path, iteration: int) -> None:
 
 def load(
     root: str | Path,
-    model_chunk: torch.nn.Module,
+    model_chunk: torch.nn.Module | list,
     optimizer: Any,
     scheduler: Any,
     model_cfg: ModelConfig,
@@ -668,21 +686,24 @@ def load(
     info = read_run_json(path)
     iteration = int(info["iteration"])
     check_model(info, model_cfg, path)
-    module = unwrap_model(model_chunk)
+    chunks = _chunks(model_chunk)
+    module = chunks[0]
     pg = _groups(pg, module)
     dp = pg.dp.size()
-    same_layout = info["layout"] == _layout(par, dp)
+    same_layout = info["layout"] == _layout(par, dp, len(chunks))
     fmt = _optimizer_format(info, path, optimizer, same_layout) if load_optim and optimizer is not None else None
     _adopt_lora(info, module, path)
-    model_sd = module.sharded_state_dict()
-    state = {"model": model_sd}
+    model_sd = _model_state(chunks)
+    state = dict(model_sd)
     key = "optimizer" if same_layout else _RESHARDED
-    mine = fmt is not None and trains(module)  # a frozen stage's optimizer has no state to load
+    mine = fmt is not None and any(trains(chunk) for chunk in chunks)  # a frozen stage's optimizer: no state
     if mine:
         _init_optimizer_state(optimizer)
         state[key] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_optim_metadata(fmt))
         own = _not_loaded_part(state[key])
     loaded = load_across_backends(state, path, module)
+    for i, chunk in enumerate(chunks[1:], start=1):  # read by the same load; chunk 0 is in already
+        _load_chunk(chunk, loaded[f"model{i}"])
     if scheduler is not None and info.get("scheduler") is not None:
         scheduler.load_state_dict(info["scheduler"])
     if mine:
@@ -694,6 +715,15 @@ def load(
     if info["layout"]["data_parallel_size"] != dp:
         return iteration, None, info
     return iteration, _read_state(path / f"data_dp{pg.dp.rank():05d}.json", lambda state: state), info
+
+
+def _load_chunk(module: torch.nn.Module, model_sd: dict) -> None:
+    """A further model chunk's loaded tensors into it, as checkpoint/weights.py: load_across_backends
+    does for the first (transformer-engine extra state absent from the checkpoint: the module's own)."""
+    for key, value in module.state_dict().items():
+        if key.endswith(EXTRA_STATE) and key not in model_sd:
+            model_sd[key] = value
+    module.load_state_dict(model_sd, strict=True)
 
 
 def _restore_optimizer(optimizer: Any, loaded: dict, key: str, own: Any, same_layout: bool) -> None:

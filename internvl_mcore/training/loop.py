@@ -23,8 +23,9 @@ from ..config.device import resolve_device
 from ..config.rl import RL_STAGES
 from ..config.problems import problems, refusal
 from ..errors import CheckpointError, ConfigError, DataError, SaveDirRefused
+from ..config.model import virtual_pipeline_size
 from ..config.training import RunConfig
-from ..models.internvl import build_model
+from ..models.internvl import build_model_chunks
 from ..models.lora import add_lora
 from ..models.weights import init_weights
 from ..parallel.cpu_compat import fuse_cpu_adam
@@ -82,7 +83,7 @@ class Trainer:
 
     run: RunConfig
     plan: Plan
-    model: list  # megatron-core DDP-wrapped model chunks (one: no virtual pipeline)
+    model: list  # megatron-core DDP-wrapped model chunks (one per virtual stage; one: no interleaving)
     optimizer: Any
     scheduler: Any
     batches: ShardBatches | MockBatches
@@ -109,26 +110,38 @@ def _effective_run(run: RunConfig, plan: Plan) -> RunConfig:
     return dataclasses.replace(run, model=model_cfg)
 
 
-def _build_model(run: RunConfig, plan: Plan, pg: Any) -> tuple[torch.nn.Module, Any]:
-    """This rank's model stage (on the process groups `pg` init_distributed returned) with its weights
-    (seeded init or --pretrained), frozen parts and LoRA, and the MPO reference when --stage mpo."""
+def _build_chunks(run: RunConfig, plan: Plan, pg: Any) -> list[torch.nn.Module]:
+    """This rank's model chunks (one, or one per virtual stage of the interleaved schedule: Megatron-LM's
+    get_model with `vp_stage`) with their weights (seeded init or --pretrained) and frozen parts."""
     t, model_cfg = run.train, run.model
-    model = build_model(
+    chunks = build_model_chunks(
         model_cfg, run.parallel, pg, dtype=torch.bfloat16 if t.bf16 else torch.float32, compute=run.compute
     )
-    if resolve_device(run.compute.device) == "cuda":  # DDP buffers and schedules live on the current GPU
-        model.cuda(torch.cuda.current_device())
-    if not run.checkpoint.pretrained:  # --pretrained overwrites every weight: drawing them first is waste
-        init_weights(model, model_cfg, seed=t.seed)
-    else:
-        kind = checkpoint.load_weights(run.checkpoint.pretrained, model, model_cfg)
-        if dist.get_rank() == 0:
-            print(f"loaded weights from {kind} {run.checkpoint.pretrained}", flush=True)
-    if model.cp_path and dist.get_rank() == 0:  # which CP attention runs (a fallback is not silent)
-        print(model.cp_path, flush=True)
+    for model in chunks:
+        if resolve_device(run.compute.device) == "cuda":  # DDP buffers and schedules live on the current GPU
+            model.cuda(torch.cuda.current_device())
+        if not run.checkpoint.pretrained:  # --pretrained overwrites every weight: drawing them first is waste
+            init_weights(model, model_cfg, seed=t.seed)  # canonical names: each chunk its own layers
+        else:
+            kind = checkpoint.load_weights(run.checkpoint.pretrained, model, model_cfg)
+    if run.checkpoint.pretrained and dist.get_rank() == 0:
+        print(f"loaded weights from {kind} {run.checkpoint.pretrained}", flush=True)
+    if chunks[0].cp_path and dist.get_rank() == 0:  # which CP attention runs (a fallback is not silent)
+        print(chunks[0].cp_path, flush=True)
+    return chunks
+
+
+def _build_model(run: RunConfig, plan: Plan, pg: Any) -> tuple[list[torch.nn.Module], Any]:
+    """This rank's model chunks (on the process groups `pg` init_distributed returned) with their weights,
+    frozen parts and LoRA, and the frozen reference of --stage mpo / gspo / grpo (MPO, RL and LoRA: one chunk,
+    config/problems.py refuses them with the interleaved schedule)."""
+    t, model_cfg = run.train, run.model
+    chunks = _build_chunks(run, plan, pg)
+    model = chunks[0]
     wants_reference = t.stage == "mpo" or (t.stage in RL_STAGES and run.rl.grpo_kl_beta > 0)
     reference = mpo.build_reference(run, model_cfg, model) if wants_reference else None
-    apply_freeze(model, plan)
+    for chunk in chunks:
+        apply_freeze(chunk, plan)
     if run.lora.enabled:  # LoRA (models/lora.py): every base weight frozen, only the adapters train
         base = os.path.abspath(run.checkpoint.pretrained) if run.checkpoint.pretrained else None
         add_lora(model, run.lora, model_cfg, seed=t.seed, base=base)
@@ -142,24 +155,28 @@ def _build_model(run: RunConfig, plan: Plan, pg: Any) -> tuple[torch.nn.Module, 
             )
     if reference is not None:
         mpo.mirror_requires_grad(reference, model)
-    return model, reference
+    return chunks, reference
 
 
-def _wrap(model: torch.nn.Module, run: RunConfig, plan: Plan, pg: ProcessGroupCollection) -> tuple[Any, Any]:
-    """megatron-core DDP around the stage and its (distributed) optimizer, in the groups `pg`."""
+def _wrap(chunks: list, run: RunConfig, plan: Plan, pg: ProcessGroupCollection) -> tuple[list, Any]:
+    """megatron-core DDP around each model chunk and their (distributed) optimizer, in the groups `pg`."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     t = run.train
-    config = model.config
-    ddp = DistributedDataParallel(
-        config=config,
-        ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=t.use_distributed_optimizer
-        ),
-        module=model,
-        pg_collection=pg,
-    )
+    ddps = [
+        DistributedDataParallel(
+            config=model.config,
+            ddp_config=DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, use_distributed_optimizer=t.use_distributed_optimizer
+            ),
+            module=model,
+            disable_bucketing=i > 0,  # as Megatron-LM's get_model: the first chunk's buckets only
+            pg_collection=pg,
+        )
+        for i, model in enumerate(chunks)
+    ]
+    model = chunks[0]
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam",
@@ -174,13 +191,15 @@ def _wrap(model: torch.nn.Module, run: RunConfig, plan: Plan, pg: ProcessGroupCo
             params_dtype=next(model.parameters()).dtype,
             use_distributed_optimizer=t.use_distributed_optimizer,
         ),
-        [ddp],
+        ddps,
         use_gloo_process_groups=False,
         pg_collection=pg,
     )  # gloo groups: only legacy formats use them
-    config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = ddp.no_sync
-    return ddp, optimizer
+    for chunk in chunks:  # the schedules read the first chunk's config; each chunk has its own
+        chunk.config.finalize_model_grads_func = finalize_model_grads
+        # the interleaved schedule takes one no_sync per chunk (Megatron-LM's list), 1F1B a single one
+        chunk.config.no_sync_func = [d.no_sync for d in ddps] if len(ddps) > 1 else ddps[0].no_sync
+    return ddps, optimizer
 
 
 def setup(run: RunConfig, sampler: Any = None) -> Trainer:
@@ -190,7 +209,13 @@ def setup(run: RunConfig, sampler: Any = None) -> Trainer:
     plan = validate(run)
     run = _effective_run(run, plan)
     t = run.train
-    pg = init_distributed(run.parallel, t.seed, timeout_s=t.distributed_timeout_minutes * 60, device=run.compute.device)
+    pg = init_distributed(
+        run.parallel,
+        t.seed,
+        timeout_s=t.distributed_timeout_minutes * 60,
+        device=run.compute.device,
+        virtual_stages=virtual_pipeline_size(run.parallel, run.model.llm.num_layers),
+    )
     dp = pg.dp.size()
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(
@@ -206,13 +231,14 @@ def setup(run: RunConfig, sampler: Any = None) -> Trainer:
     writer = AsyncWriter(timeout_s=t.distributed_timeout_minutes * 60) if run.checkpoint.async_save else None
     if writer is not None:
         writer.start()
-    model, reference = _build_model(run, plan, pg)
-    ddp, optimizer = _wrap(model, run, plan, pg)
-    scheduler = build_scheduler(optimizer, t, plan.lr, plan.lr_decay_style)
     dp_rank, micro = pg.dp.rank(), t.global_batch_size // (t.micro_batch_size * dp)
+    _check_interleaved_microbatches(run, micro, dp)
+    chunks, reference = _build_model(run, plan, pg)
+    ddps, optimizer = _wrap(chunks, run, plan, pg)
+    scheduler = build_scheduler(optimizer, t, plan.lr, plan.lr_decay_style)
     rl = rl_stage.make_rl(run, pg, sampler) if t.stage in RL_STAGES else None
     batches = rl.order if rl is not None else build_batches(run, dp_rank, dp, trainable_parts(plan))
-    trainer = Trainer(run, plan, [ddp], optimizer, scheduler, batches, micro, dp, pg, rl=rl)
+    trainer = Trainer(run, plan, ddps, optimizer, scheduler, batches, micro, dp, pg, rl=rl)
     valid = build_valid_batches(run, dp_rank, dp)
     trainer.evaluator = Evaluator(valid, run, micro) if valid is not None else None
     trainer.spike = SpikeGuard(t.skip_spike_factor) if t.skip_spike_factor else None
@@ -226,6 +252,20 @@ def setup(run: RunConfig, sampler: Any = None) -> Trainer:
         writer.wait_ready()
     fuse_cpu_adam(optimizer)  # after any load: torch's load_state_dict restores the saved group flags
     return trainer
+
+
+def _check_interleaved_microbatches(run: RunConfig, micro: int, dp: int) -> None:
+    """The interleaved schedule runs the microbatches of a step in groups of PP per model chunk: their
+    count must be a multiple of PP (megatron-core's schedule raises otherwise, mid-step)."""
+    pp = run.parallel.pipeline_model_parallel_size
+    if virtual_pipeline_size(run.parallel, run.model.llm.num_layers) is None or micro % pp == 0:
+        return
+    t = run.train
+    raise ConfigError(
+        f"the interleaved pipeline schedule needs microbatches per step (--global-batch-size {t.global_batch_size} / "
+        f"(--micro-batch-size {t.micro_batch_size} x data-parallel size {dp}) = {micro}) to be a multiple of "
+        f"--pipeline-model-parallel-size {pp}"
+    )
 
 
 def _claim_save_dir(run: RunConfig) -> None:
@@ -275,7 +315,7 @@ def _resume(trainer: Trainer) -> None:
     )
     iteration, data_state, info = checkpoint.load(
         path,
-        trainer.model[0],
+        trainer.model,
         trainer.optimizer,
         None,
         run.model,
@@ -325,7 +365,8 @@ def _step_batches(trainer: Trainer) -> tuple[list[Batch], float]:
 def _forward_backward(trainer: Trainer, batches: list[Batch], scale: float) -> list[dict]:
     """megatron-core's schedule over the step's microbatches (gradients into the DDP buffers)."""
     t = trainer.run.train
-    trainer.model[0].zero_grad_buffer()
+    for chunk in trainer.model:
+        chunk.zero_grad_buffer()
     trainer.optimizer.zero_grad()
     step_func = functools.partial(forward_step, scale=scale)
     if trainer.mpo is not None:  # reference log-probs first, then the policy consumes them
@@ -451,7 +492,7 @@ def save(trainer: Trainer, final: bool = False) -> None:
     checkpoint.save(
         run.checkpoint.save,
         trainer.iteration,
-        trainer.model[0],
+        trainer.model,
         trainer.optimizer,
         trainer.scheduler,
         run.model,

@@ -1,0 +1,111 @@
+"""pretrain_internvl.py with the interleaved pipeline schedule, on the digits shards (jobs of the session's
+reused worlds: tests/conftest.py `pretrain`): the PP2 x 2-virtual-stage run's losses equal the single
+process's, it resumes exactly from its checkpoint (given by the other VPP flag), a run without virtual
+stages resumes from that checkpoint and the interleaved run from that run's checkpoint, and the converter
+exports both runs' checkpoints alike (the chunks' layers are numbered globally in the checkpoint);
+validation runs through the same schedule."""
+
+import json
+
+import pytest
+
+from tests.conftest import DIGITS_ITERS as ITERS, digits_run_args, pretrain
+
+TOL = 1e-5
+HALF = ITERS // 2
+
+
+def _records(log):
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def _losses(log):
+    return [r["loss"] for r in _records(log) if "loss" in r]
+
+
+def _final_valid_loss(log):
+    (final,) = [r["valid_loss"] for r in _records(log) if r.get("final")]
+    return final
+
+
+def _eval(shards):  # validation through the interleaved schedule's forward-only path (training/eval.py)
+    return ["--valid-data-path", shards, "--eval-interval", str(HALF), "--eval-iters", "1"]
+
+
+@pytest.fixture(scope="module")
+def vpp_run(digits_shards, tmp_path_factory):
+    """PP2 with 2 model chunks per rank, checkpoints at HALF and ITERS, validation at both."""
+    d = tmp_path_factory.mktemp("vpp")
+    flags = ["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2"]
+    pretrain(
+        2,
+        digits_run_args(
+            digits_shards,
+            *flags,
+            *_eval(digits_shards),
+            "--save",
+            str(d / "ckpt"),
+            "--save-interval",
+            str(HALF),
+            "--log-jsonl",
+            str(d / "a"),
+        ),
+    )
+    return d, _losses(d / "a"), _final_valid_loss(d / "a")
+
+
+def test_interleaved_run_matches_single_process_and_resumes(digits_shards, pretrain_log, vpp_run, tmp_path):
+    d, losses, _ = vpp_run
+    reference = [r["loss"] for r in pretrain_log(1, digits_run_args(digits_shards))]
+    assert len(losses) == len(reference) == ITERS
+    for i, (a, b) in enumerate(zip(losses, reference)):
+        assert abs(a - b) <= TOL * abs(b), f"iteration {i + 1}: {a} vs single-process {b}"
+    # exact resume (and the evaluation changed nothing), the same chunking spelled with the other flag: 4 layers / PP2 / 1 per chunk = 2 chunks
+    half = d / "ckpt" / f"iter_{HALF:07d}"
+    flags = ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]
+    pretrain(2, digits_run_args(digits_shards, *flags, "--load", str(half), "--log-jsonl", str(tmp_path / "b")))
+    assert _losses(tmp_path / "b") == losses[HALF:]
+
+
+def test_checkpoint_loads_without_virtual_stages_and_exports_alike(digits_shards, vpp_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from internvl_mcore.convert.export import convert_checkpoint_to_hf
+
+    d, losses, valid = vpp_run
+    half = d / "ckpt" / f"iter_{HALF:07d}"
+    run = [
+        *_eval(digits_shards),
+        "--pipeline-model-parallel-size",
+        "2",
+        "--load",
+        str(half),
+        "--save",
+        str(tmp_path / "ckpt"),
+        "--save-interval",
+        str(HALF + 1),  # the checkpoint the VPP run below resumes from (and the final one at ITERS)
+        "--log-jsonl",
+        str(tmp_path / "c"),
+    ]
+    out = pretrain(2, digits_run_args(digits_shards, *run))
+    assert "restored model weights" in out  # another layout: the optimizer state resharded
+    for i, (a, b) in enumerate(zip(_losses(tmp_path / "c"), losses[HALF:]), start=HALF + 1):
+        assert abs(a - b) <= TOL * abs(b), f"iteration {i}: {a} (PP2 from the VPP checkpoint) vs {b} (VPP)"
+    assert abs(_final_valid_loss(tmp_path / "c") - valid) <= TOL * abs(valid)
+    # and back: the VPP layout resumes from the checkpoint without virtual stages
+    vpp_flags = ["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2"]
+    back = tmp_path / "ckpt" / f"iter_{HALF + 1:07d}"
+    pretrain(2, digits_run_args(digits_shards, *vpp_flags, "--load", str(back), "--log-jsonl", str(tmp_path / "d")))
+    for i, (a, b) in enumerate(zip(_losses(tmp_path / "d"), losses[HALF + 1 :], strict=True), start=HALF + 2):
+        assert abs(a - b) <= TOL * abs(b), f"iteration {i}: {a} (VPP from the PP2 checkpoint) vs {b} (VPP)"
+    exported = []
+    for name, ckpt in (("vpp", d / "ckpt"), ("pp", tmp_path / "ckpt")):
+        convert_checkpoint_to_hf(ckpt / f"iter_{ITERS:07d}", tmp_path / name, "internvl")
+        exported.append(
+            {k: v for f in sorted((tmp_path / name).glob("*.safetensors")) for k, v in load_file(f).items()}
+        )
+    vpp, pp = exported
+    assert vpp.keys() == pp.keys() and any(".layers.3." in k for k in vpp)
+    for k in vpp:  # the same weights up to the runs' rounding (a misplaced layer differs by O(1))
+        assert vpp[k].shape == pp[k].shape, k
+        assert float((vpp[k] - pp[k]).abs().max()) <= 1e-4 * max(float(pp[k].abs().max()), 1e-3), k
