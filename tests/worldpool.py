@@ -39,6 +39,7 @@ START_TIMEOUT = 300.0  # a world's ranks importing torch + megatron-core on a lo
 FAILED_PEER_GRACE = 30.0  # after one rank raised: how long its peers get to report before the world ends
 _WORLDS: dict[int, "World"] = {}
 RECYCLED: list[int] = []  # the sizes of worlds ended because a job left gloo groups polling
+REPLACED: list[dict] = []  # the same, one record per world: the test, the job, what held its groups
 _BASE_GLOO_THREADS = 0  # a rank's gloo threads with only the default group (set by `serve`)
 
 
@@ -106,6 +107,7 @@ class World:
             self.close(kill=True)  # the job destroyed the default group: the next job needs a fresh world
         elif any(r.get("recycle") for r in replies):
             RECYCLED.append(self.size)
+            REPLACED.append(_replacement(self.size, script, args, replies))
             self.close()  # groups left polling (reset_job_state could not reach them): a fresh world is cheaper
         return output
 
@@ -178,6 +180,18 @@ class World:
             stream.close()
         for log in self.logs:
             log.unlink(missing_ok=True)
+
+
+def _replacement(size: int, script: str | Path, args: list[str], replies: list[dict]) -> dict:
+    """Which test's job left groups polling, and where they are referenced from (each rank's finding)."""
+    holders = sorted({h for r in replies for h in r.get("holders", ())})
+    return {
+        "size": size,
+        "test": os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" (", 1)[0],  # "nodeid (call)"
+        "job": f"{Path(script).name} {' '.join(map(str, args))}"[:200],
+        "threads": max(r.get("recycle", 0) for r in replies),
+        "holders": holders,
+    }
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -279,6 +293,69 @@ def gloo_threads() -> int:
     return count
 
 
+def group_holders(limit: int = 8) -> list[str]:
+    """Where the process groups that outlived a job's teardown are referenced from: a path from a module
+    global (`pkg.mod.NAME.attr[key]`), else the type of an object holding one (`limit` groups looked at)."""
+    import gc
+
+    import torch.distributed as dist
+    from torch._C._distributed_c10d import Backend, ProcessGroup
+
+    world = dist.GroupMember.WORLD
+    keep = {id(world), *(id(world._get_backend(d)) for d in world._device_types)}
+    gc.collect()
+    groups: dict[int, object] = {}
+    for obj in gc.get_objects():
+        for ref in gc.get_referents(obj):
+            if isinstance(ref, (ProcessGroup, Backend)) and id(ref) not in keep:
+                groups.setdefault(id(ref), ref)
+    found = list(groups.values())[:limit]
+    groups.clear()
+    return sorted({_path_to(group, ignore={id(found)}) for group in found})
+
+
+def _path_to(target: object, ignore: set[int], depth: int = 8, width: int = 64) -> str:
+    """`target`'s name from a module's globals, searching `depth` referrer steps up (at most `width`
+    objects a step; not through the objects in `ignore`); else the type of what holds it."""
+    import gc
+
+    modules = {id(vars(m)): name for name, m in list(sys.modules.items()) if hasattr(m, "__dict__")}
+    objs, paths, seen = [target], [""], {id(target), *ignore}
+    holder = None
+    for _ in range(depth):
+        up, up_paths = [], []
+        for obj, path in zip(objs, paths):
+            for parent in gc.get_referrers(obj):
+                if id(parent) in seen or parent is objs or parent is up or type(parent).__name__ == "frame":
+                    continue
+                seen.add(id(parent))
+                holder = holder or parent
+                edge = _edge(parent, obj)
+                if id(parent) in modules:
+                    return f"{modules[id(parent)]}.{edge.lstrip('.')}{path}"
+                up.append(parent)
+                up_paths.append(edge + path)
+        objs, paths = up[:width], up_paths[:width]
+    return f"a {type(holder).__module__}.{type(holder).__qualname__}" if holder is not None else "nothing in Python"
+
+
+def _edge(parent: object, child: object) -> str:
+    """How `parent` refers to `child`: `.attr`, `[key]`, `[i]`, nothing (its __dict__), else `<type>`."""
+    attrs = getattr(parent, "__dict__", None) if not isinstance(parent, dict) else None
+    if attrs is child:
+        return ""
+    for items in (parent, attrs):
+        if isinstance(items, dict):
+            for key, value in items.items():
+                if value is child:
+                    return f".{key}" if isinstance(key, str) and key.isidentifier() else f"[{key!r}]"
+    if isinstance(parent, (list, tuple)):
+        for i, value in enumerate(parent):
+            if value is child:
+                return f"[{i}]"
+    return f"<{type(parent).__qualname__}>"
+
+
 def job_leftovers() -> list[str]:
     """What a job start would find left over from the one before (empty: nothing)."""
     import torch.distributed as dist
@@ -358,6 +435,7 @@ def _run_job(job: dict) -> dict:
             # would poll for the rest of the session, so this world ends after the job and the next job
             # of its size starts a fresh one
             reply["recycle"] = polling
+            reply["holders"] = group_holders()
     return reply
 
 

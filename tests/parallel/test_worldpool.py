@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tests.launch import REPO
-from tests.worldpool import _WORLDS, RECYCLED, run_in_world
+from tests.worldpool import _WORLDS, RECYCLED, REPLACED, run_in_world
 
 PROBE = REPO / "tests" / "parallel" / "worldpool_probe_worker.py"
 
@@ -41,6 +41,12 @@ def test_a_job_that_keeps_a_group_gets_its_world_replaced(tmp_path):
     recycled = len(RECYCLED)
     probe(tmp_path, "keeper", "--keep-group")
     assert RECYCLED[recycled:] == [2]
+    # the summary names the test whose job it was and the reference that kept the group
+    assert (
+        REPLACED[-1]["test"]
+        == "tests/parallel/test_worldpool.py::test_a_job_that_keeps_a_group_gets_its_world_replaced"
+    )
+    assert REPLACED[-1]["holders"] == ["json.worldpool_probe_group"] and REPLACED[-1]["threads"] == 1, REPLACED[-1]
     after = probe(tmp_path, "after")
     assert not {r["pid"] for r in first} & {r["pid"] for r in after}  # a fresh world, not one left polling
     assert [r["gloo_threads"] for r in after] == [1, 1], after
