@@ -234,20 +234,26 @@ def _die_with_parent() -> None:
 
 def reset_job_state() -> None:
     """What one job leaves behind, torn down so the next starts like a fresh torchrun rank: megatron-core's
-    parallel state (groups, global memory buffer), the RNG tracker, the microbatch calculator, and every
-    process group but the default one (megatron-core's destroy_model_parallel drops most of its groups
-    without destroying them; their gloo threads would pile up)."""
+    parallel state (groups, global memory buffer), the RNG tracker, the microbatch calculator, the MoE
+    router losses' tracker, and every process group but the default one (megatron-core's
+    destroy_model_parallel drops most of its groups without destroying them; their gloo threads would
+    pile up)."""
     import gc
 
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
+    from megatron.core.transformer.moe import moe_utils
 
     parallel_state.destroy_model_parallel()
     _drop_group_globals(parallel_state)
     initialize_rng_tracker(force_reset=True)  # a new tracker without states, as before the first seeding
     destroy_num_microbatches_calculator()
+    # megatron-core's routers record their load-balancing loss in a module-level dict with the group it
+    # is reduced over (moe_utils.save_to_aux_losses_tracker): every MoE job kept its TP x CP group's
+    # gloo thread polling, and a later MoE job would add to the first one's per-layer sums
+    moe_utils.get_moe_layer_wise_logging_tracker().clear()
     # an --async-save run froze its heap (training/async_save.py AsyncWriter.prepare): the job's model and
     # optimizer would never be collected, and the next job's collections would differ from a fresh rank's
     gc.unfreeze()
@@ -316,27 +322,28 @@ def group_holders(limit: int = 8) -> list[str]:
 
 def _path_to(target: object, ignore: set[int], depth: int = 8, width: int = 64) -> str:
     """`target`'s name from a module's globals, searching `depth` referrer steps up (at most `width`
-    objects a step; not through the objects in `ignore`); else the type of what holds it."""
+    objects a step; not through the objects in `ignore`); else the chain of types the search went up."""
     import gc
 
     modules = {id(vars(m)): name for name, m in list(sys.modules.items()) if hasattr(m, "__dict__")}
-    objs, paths, seen = [target], [""], {id(target), *ignore}
-    holder = None
+    objs, paths, chains, seen = [target], [""], [""], {id(target), *ignore}
+    last = ""
     for _ in range(depth):
-        up, up_paths = [], []
-        for obj, path in zip(objs, paths):
+        up, up_paths, up_chains = [], [], []
+        for obj, path, chain in zip(objs, paths, chains):
             for parent in gc.get_referrers(obj):
                 if id(parent) in seen or parent is objs or parent is up or type(parent).__name__ == "frame":
                     continue
                 seen.add(id(parent))
-                holder = holder or parent
                 edge = _edge(parent, obj)
                 if id(parent) in modules:
                     return f"{modules[id(parent)]}.{edge.lstrip('.')}{path}"
                 up.append(parent)
                 up_paths.append(edge + path)
-        objs, paths = up[:width], up_paths[:width]
-    return f"a {type(holder).__module__}.{type(holder).__qualname__}" if holder is not None else "nothing in Python"
+                up_chains.append(f"{chain} in a {type(parent).__module__}.{type(parent).__qualname__}")
+        objs, paths, chains = up[:width], up_paths[:width], up_chains[:width]
+        last = chains[0] if chains else last
+    return f"no module global:{last}" if last else "nothing in Python"
 
 
 def _edge(parent: object, child: object) -> str:
@@ -361,12 +368,15 @@ def job_leftovers() -> list[str]:
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import random
+    from megatron.core.transformer.moe import moe_utils
 
     found = []
     if parallel_state.model_parallel_is_initialized() or parallel_state._GLOBAL_MEMORY_BUFFER is not None:
         found.append("megatron-core parallel state")
     if random.get_cuda_rng_tracker().get_states():
         found.append("RNG tracker states")
+    if moe_utils.get_moe_layer_wise_logging_tracker():
+        found.append("MoE aux-loss tracker entries")
     if dist.is_initialized() and len(dist.distributed_c10d._world.pg_map) != 1:
         found.append(f"{len(dist.distributed_c10d._world.pg_map) - 1} process groups besides the default")
     return found
