@@ -330,7 +330,8 @@ def _path_to(target: object, ignore: set[int], depth: int = 8, width: int = 64) 
     last = ""
     for _ in range(depth):
         up, up_paths, up_chains = [], [], []
-        for obj, path, chain in zip(objs, paths, chains):
+        for i in range(len(objs)):  # not zip: its tuples would be referrers of the objects
+            obj, path, chain = objs[i], paths[i], chains[i]
             for parent in gc.get_referrers(obj):
                 if id(parent) in seen or parent is objs or parent is up or type(parent).__name__ == "frame":
                     continue
