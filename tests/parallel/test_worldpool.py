@@ -21,8 +21,11 @@ def probe(tmp_path, name, *args, timeout=120.0):
 
 
 def test_a_job_finds_nothing_left_from_the_one_before(tmp_path):
-    first = probe(tmp_path, "first", "--tp", "2")
+    recycled = len(RECYCLED)
+    first = probe(tmp_path, "first", "--tp", "2", "--moe-tracker")
     second = probe(tmp_path, "second", "--tp", "1")
+    # megatron-core's MoE tracker held the TP group (every MoE job's world was replaced for it)
+    assert [r["moe_tracker"] for r in second] == [[], []] and RECYCLED[recycled:] == [], (second, REPLACED)
     assert [r["pid"] for r in first] == [r["pid"] for r in second]  # the same processes: a reused world
     for rep in first + second:
         assert rep["model_parallel"] is False and rep["groups"] == 1 and rep["rng_states"] == [], rep
