@@ -66,10 +66,8 @@ def parse_run_config(argv: list[str]) -> RunConfig:
     ignored = ignored_flags(parser, ns, explicit_dests(parser, argv))
     if ignored:  # a flag that would silently change nothing (config/needs.py)
         parser.error("refusing to start: " + "; ".join(ignored))
-    from internvl_mcore.convert.source import resolve_model  # imports torch: not for --help or a flag error
-
     try:
-        model = resolve_model(ns.model)
+        model = PRESETS.get(ns.model) or _model_from_dir(ns.model)
     except ConversionError as exc:
         parser.error(str(exc))
     return RunConfig(
@@ -85,9 +83,19 @@ def parse_run_config(argv: list[str]) -> RunConfig:
     )
 
 
+def _model_from_dir(spec: str):
+    """--model naming a checkpoint directory (convert/source.py). Its readers import torch, so a preset
+    run's flag and config errors (config/problems.py) stay an interpreter start (~0.1 CPU-s)."""
+    from internvl_mcore.convert.source import resolve_model
+
+    return resolve_model(spec)
+
+
 def check_data(run: RunConfig) -> None:
     """Refuse bad shard sets before any process group or model exists (one line, exit 2): every rank
     checks the prefixes, sizes and token ids, and hashes its share of the files (training/data.py)."""
+    if not (run.data.data_path or run.data.valid_data_path):
+        return  # --mock-data: training/data.py imports torch, which a config error need not pay for
     from internvl_mcore.training.data import check_shard_sets
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

@@ -231,9 +231,13 @@ def pretrain_log(tmp_path_factory):
 
 def pytest_terminal_summary(terminalreporter):
     """Say which reused worlds were replaced because a job left gloo groups polling (tests/worldpool.py):
-    each is a leak somewhere in what that job ran, worth finding."""
-    from tests.worldpool import RECYCLED
+    each is a leak somewhere in what that job ran: one line each names the test, the job and where the
+    groups are still referenced from (tests/worldpool.py `group_holders`)."""
+    from tests.worldpool import RECYCLED, REPLACED
 
     if RECYCLED:
         sizes = ", ".join(f"{RECYCLED.count(n)} of {n} ranks" for n in sorted(set(RECYCLED)))
         terminalreporter.write_line(f"worldpool: worlds replaced after a job left gloo groups polling: {sizes}")
+    for r in REPLACED:
+        held = "; ".join(r["holders"]) or "?"
+        terminalreporter.write_line(f"  {r['test']} ({r['size']} ranks, {r['threads']} gloo threads): held by {held}")

@@ -39,6 +39,7 @@ START_TIMEOUT = 300.0  # a world's ranks importing torch + megatron-core on a lo
 FAILED_PEER_GRACE = 30.0  # after one rank raised: how long its peers get to report before the world ends
 _WORLDS: dict[int, "World"] = {}
 RECYCLED: list[int] = []  # the sizes of worlds ended because a job left gloo groups polling
+REPLACED: list[dict] = []  # the same, one record per world: the test, the job, what held its groups
 _BASE_GLOO_THREADS = 0  # a rank's gloo threads with only the default group (set by `serve`)
 
 
@@ -106,6 +107,7 @@ class World:
             self.close(kill=True)  # the job destroyed the default group: the next job needs a fresh world
         elif any(r.get("recycle") for r in replies):
             RECYCLED.append(self.size)
+            REPLACED.append(_replacement(self.size, script, args, replies))
             self.close()  # groups left polling (reset_job_state could not reach them): a fresh world is cheaper
         return output
 
@@ -180,6 +182,18 @@ class World:
             log.unlink(missing_ok=True)
 
 
+def _replacement(size: int, script: str | Path, args: list[str], replies: list[dict]) -> dict:
+    """Which test's job left groups polling, and where they are referenced from (each rank's finding)."""
+    holders = sorted({h for r in replies for h in r.get("holders", ())})
+    return {
+        "size": size,
+        "test": os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" (", 1)[0],  # "nodeid (call)"
+        "job": f"{Path(script).name} {' '.join(map(str, args))}"[:200],
+        "threads": max(r.get("recycle", 0) for r in replies),
+        "holders": holders,
+    }
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # the rank and what it started (data workers, writers)
@@ -220,20 +234,26 @@ def _die_with_parent() -> None:
 
 def reset_job_state() -> None:
     """What one job leaves behind, torn down so the next starts like a fresh torchrun rank: megatron-core's
-    parallel state (groups, global memory buffer), the RNG tracker, the microbatch calculator, and every
-    process group but the default one (megatron-core's destroy_model_parallel drops most of its groups
-    without destroying them; their gloo threads would pile up)."""
+    parallel state (groups, global memory buffer), the RNG tracker, the microbatch calculator, the MoE
+    router losses' tracker, and every process group but the default one (megatron-core's
+    destroy_model_parallel drops most of its groups without destroying them; their gloo threads would
+    pile up)."""
     import gc
 
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
+    from megatron.core.transformer.moe import moe_utils
 
     parallel_state.destroy_model_parallel()
     _drop_group_globals(parallel_state)
     initialize_rng_tracker(force_reset=True)  # a new tracker without states, as before the first seeding
     destroy_num_microbatches_calculator()
+    # megatron-core's routers record their load-balancing loss in a module-level dict with the group it
+    # is reduced over (moe_utils.save_to_aux_losses_tracker): every MoE job kept its TP x CP group's
+    # gloo thread polling, and a later MoE job would add to the first one's per-layer sums
+    moe_utils.get_moe_layer_wise_logging_tracker().clear()
     # an --async-save run froze its heap (training/async_save.py AsyncWriter.prepare): the job's model and
     # optimizer would never be collected, and the next job's collections would differ from a fresh rank's
     gc.unfreeze()
@@ -279,17 +299,85 @@ def gloo_threads() -> int:
     return count
 
 
+def group_holders(limit: int = 8) -> list[str]:
+    """Where the process groups that outlived a job's teardown are referenced from: a path from a module
+    global (`pkg.mod.NAME.attr[key]`), else the type of an object holding one (`limit` groups looked at)."""
+    import gc
+
+    import torch.distributed as dist
+    from torch._C._distributed_c10d import Backend, ProcessGroup
+
+    world = dist.GroupMember.WORLD
+    keep = {id(world), *(id(world._get_backend(d)) for d in world._device_types)}
+    gc.collect()
+    groups: dict[int, object] = {}
+    for obj in gc.get_objects():
+        for ref in gc.get_referents(obj):
+            if isinstance(ref, (ProcessGroup, Backend)) and id(ref) not in keep:
+                groups.setdefault(id(ref), ref)
+    found = list(groups.values())[:limit]
+    groups.clear()
+    return sorted({_path_to(group, ignore={id(found)}) for group in found})
+
+
+def _path_to(target: object, ignore: set[int], depth: int = 8, width: int = 64) -> str:
+    """`target`'s name from a module's globals, searching `depth` referrer steps up (at most `width`
+    objects a step; not through the objects in `ignore`); else the chain of types the search went up."""
+    import gc
+
+    modules = {id(vars(m)): name for name, m in list(sys.modules.items()) if hasattr(m, "__dict__")}
+    objs, paths, chains, seen = [target], [""], [""], {id(target), *ignore}
+    last = ""
+    for _ in range(depth):
+        up, up_paths, up_chains = [], [], []
+        for i in range(len(objs)):  # not zip: its tuples would be referrers of the objects
+            obj, path, chain = objs[i], paths[i], chains[i]
+            for parent in gc.get_referrers(obj):
+                if id(parent) in seen or parent is objs or parent is up or type(parent).__name__ == "frame":
+                    continue
+                seen.add(id(parent))
+                edge = _edge(parent, obj)
+                if id(parent) in modules:
+                    return f"{modules[id(parent)]}.{edge.lstrip('.')}{path}"
+                up.append(parent)
+                up_paths.append(edge + path)
+                up_chains.append(f"{chain} in a {type(parent).__module__}.{type(parent).__qualname__}")
+        objs, paths, chains = up[:width], up_paths[:width], up_chains[:width]
+        last = chains[0] if chains else last
+    return f"no module global:{last}" if last else "nothing in Python"
+
+
+def _edge(parent: object, child: object) -> str:
+    """How `parent` refers to `child`: `.attr`, `[key]`, `[i]`, nothing (its __dict__), else `<type>`."""
+    attrs = getattr(parent, "__dict__", None) if not isinstance(parent, dict) else None
+    if attrs is child:
+        return ""
+    for items in (parent, attrs):
+        if isinstance(items, dict):
+            for key, value in items.items():
+                if value is child:
+                    return f".{key}" if isinstance(key, str) and key.isidentifier() else f"[{key!r}]"
+    if isinstance(parent, (list, tuple)):
+        for i, value in enumerate(parent):
+            if value is child:
+                return f"[{i}]"
+    return f"<{type(parent).__qualname__}>"
+
+
 def job_leftovers() -> list[str]:
     """What a job start would find left over from the one before (empty: nothing)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import random
+    from megatron.core.transformer.moe import moe_utils
 
     found = []
     if parallel_state.model_parallel_is_initialized() or parallel_state._GLOBAL_MEMORY_BUFFER is not None:
         found.append("megatron-core parallel state")
     if random.get_cuda_rng_tracker().get_states():
         found.append("RNG tracker states")
+    if moe_utils.get_moe_layer_wise_logging_tracker():
+        found.append("MoE aux-loss tracker entries")
     if dist.is_initialized() and len(dist.distributed_c10d._world.pg_map) != 1:
         found.append(f"{len(dist.distributed_c10d._world.pg_map) - 1} process groups besides the default")
     return found
@@ -358,6 +446,7 @@ def _run_job(job: dict) -> dict:
             # would poll for the rest of the session, so this world ends after the job and the next job
             # of its size starts a fresh one
             reply["recycle"] = polling
+            reply["holders"] = group_holders()
     return reply
 
 

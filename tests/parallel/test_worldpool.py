@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tests.launch import REPO
-from tests.worldpool import _WORLDS, RECYCLED, run_in_world
+from tests.worldpool import _WORLDS, RECYCLED, REPLACED, run_in_world
 
 PROBE = REPO / "tests" / "parallel" / "worldpool_probe_worker.py"
 
@@ -21,8 +21,11 @@ def probe(tmp_path, name, *args, timeout=120.0):
 
 
 def test_a_job_finds_nothing_left_from_the_one_before(tmp_path):
-    first = probe(tmp_path, "first", "--tp", "2")
+    recycled = len(RECYCLED)
+    first = probe(tmp_path, "first", "--tp", "2", "--moe-tracker")
     second = probe(tmp_path, "second", "--tp", "1")
+    # megatron-core's MoE tracker held the TP group (every MoE job's world was replaced for it)
+    assert [r["moe_tracker"] for r in second] == [[], []] and RECYCLED[recycled:] == [], (second, REPLACED)
     assert [r["pid"] for r in first] == [r["pid"] for r in second]  # the same processes: a reused world
     for rep in first + second:
         assert rep["model_parallel"] is False and rep["groups"] == 1 and rep["rng_states"] == [], rep
@@ -41,6 +44,12 @@ def test_a_job_that_keeps_a_group_gets_its_world_replaced(tmp_path):
     recycled = len(RECYCLED)
     probe(tmp_path, "keeper", "--keep-group")
     assert RECYCLED[recycled:] == [2]
+    # the summary names the test whose job it was and the reference that kept the group
+    assert (
+        REPLACED[-1]["test"]
+        == "tests/parallel/test_worldpool.py::test_a_job_that_keeps_a_group_gets_its_world_replaced"
+    )
+    assert REPLACED[-1]["holders"] == ["json.worldpool_probe_group"] and REPLACED[-1]["threads"] == 1, REPLACED[-1]
     after = probe(tmp_path, "after")
     assert not {r["pid"] for r in first} & {r["pid"] for r in after}  # a fresh world, not one left polling
     assert [r["gloo_threads"] for r in after] == [1, 1], after

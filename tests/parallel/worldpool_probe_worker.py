@@ -1,9 +1,10 @@
 """A job for tests/parallel/test_worldpool.py: report what this rank finds left over from earlier jobs
 of its reused world, then set up model parallelism and leave changes behind for the next job to not see.
 
---out DIR --tp N [--fail] [--manager] [--keep-group]   (--fail: rank 0 raises, rank 1 dies without a word;
+--out DIR --tp N [--fail] [--manager] [--keep-group] [--moe-tracker]   (--fail: rank 0 raises, rank 1 dies without a word;
 --manager: start a spawned multiprocessing Manager and keep it, as megatron-core's first checkpoint save
-does; --keep-group: keep a gloo group referenced from a module, out of the pool's reach)
+does; --keep-group: keep a gloo group referenced from a module, out of the pool's reach; --moe-tracker:
+record a router loss with its group in megatron-core's MoE tracker, as every MoE layer's forward does)
 """
 
 import argparse
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from megatron.core.transformer.moe import moe_utils
 
 from internvl_mcore.config import ParallelConfig
 from internvl_mcore.parallel.state import init_distributed
@@ -29,6 +31,7 @@ def main() -> None:  # guarded: a spawned child (--manager) imports this file as
     p.add_argument("--fail", action="store_true")
     p.add_argument("--manager", action="store_true")
     p.add_argument("--keep-group", action="store_true")
+    p.add_argument("--moe-tracker", action="store_true")
     a = p.parse_args()
 
     found = {
@@ -41,6 +44,7 @@ def main() -> None:  # guarded: a spawned child (--manager) imports this file as
         "sigterm_default": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
         "threads": len(os.listdir("/proc/self/task")),
         "gloo_threads": gloo_threads(),
+        "moe_tracker": sorted(moe_utils.get_moe_layer_wise_logging_tracker()),
     }  # gloo's threads of the groups jobs before made
     init_distributed(ParallelConfig(tensor_model_parallel_size=a.tp), seed=5)
     found["tp_after_init"] = ps.get_tensor_model_parallel_world_size()
@@ -58,6 +62,9 @@ def main() -> None:  # guarded: a spawned child (--manager) imports this file as
 
         multiprocessing.worldpool_probe_manager = multiprocessing.get_context("spawn").Manager()
         found["manager_pid"] = multiprocessing.worldpool_probe_manager._process.pid
+    if a.moe_tracker:
+        tp_group = ps.get_tensor_model_parallel_group()
+        moe_utils.save_to_aux_losses_tracker("probe_loss", torch.ones(()), 1, 2, reduce_group=tp_group)
     if a.keep_group:  # as a module-level cache of a process group would
         json.worldpool_probe_group = dist.new_group(backend="gloo")
     Path(a.out, f"rank{dist.get_rank()}.json").write_text(json.dumps(found))

@@ -96,6 +96,8 @@ def test_domains_of_values_once_accepted_or_crashing():
         ("pretrain", ["--seq-length", "0"], "--seq-length 0: must be an integer >= 1"),
         ("pretrain", ["--train-iters", "0"], "--train-iters 0: must be an integer >= 1"),
         ("pretrain", ["--clip-grad", "nan"], "--clip-grad nan"),
+        # past the parser: config/problems.py's checks of a preset run, still without torch
+        ("pretrain", ["--train-iters", "2", "--lr-warmup-iters", "5"], "--lr-warmup-iters 5 exceeds --train-iters 2"),
         (
             "plan",
             ["--model", "debug", "--gpus", "8", "--gpu-memory", "nan"],
