@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.launch import REPO
+from tests.threads import one_torch_thread, torch_threads  # noqa: F401 (one_torch_thread: autouse)
 from tests.worldpool import run_in_world
 
 WORKER = REPO / "tests" / "lora" / "worker.py"
@@ -47,7 +48,8 @@ def run_inprocess(argv: list[str], b_std: float = B_STD) -> dict:
     """One run in this process (a 1-rank gloo world): the references, resumes and refusals."""
     from tests.lora.worker import run
 
-    return run(argv, b_std)
+    with torch_threads(1):
+        return run(argv, b_std)
 
 
 def run_ranks(tmp: Path, nproc: int, argv: list[str], b_std: float = B_STD) -> list[dict]:
@@ -69,8 +71,9 @@ def base_ckpt(tmp_path_factory) -> Path:
 
     init_distributed(ParallelConfig(), seed=0)
     cfg = get_preset("debug")
-    model = build_model(cfg, ParallelConfig(), process_groups())
-    init_weights(model, cfg, seed=77)
+    with torch_threads(1):
+        model = build_model(cfg, ParallelConfig(), process_groups())
+        init_weights(model, cfg, seed=77)
     path = tmp_path_factory.mktemp("base") / "canonical"
     save_canonical(path, cfg, canonical_state_dict(model), source={"format": "transformers", "dtype": "float32"})
     return path
