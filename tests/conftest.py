@@ -18,6 +18,7 @@ import sys
 import pytest
 
 from tests.launch import REPO, run_ending_group
+from tests.threads import one_torch_thread  # noqa: F401 (autouse in every test module: tests/threads.py)
 
 pytest_plugins = ("tests.cpuprofile",)  # `--cpu-profile FILE`: CPU and wall seconds per test
 

@@ -7,8 +7,8 @@ on a loaded 2-core machine `tests/data/test_resample.py -k "every_grid or photos
 (docs/testing.md). Ranks and tools already run with OMP_NUM_THREADS=1 (tests/launch.py,
 tests/worldpool.py), so this also makes in-process references use the kernels the ranks use.
 
-A directory's conftest.py imports `one_torch_thread` to make it autouse there; session fixtures that
-compute in this process wrap their work in `torch_threads(1)`. Nothing here imports torch: a module
+tests/conftest.py imports `one_torch_thread`, which makes it autouse in every test module; session
+fixtures that compute in this process wrap their work in `torch_threads(1)`. Nothing here imports torch: a module
 whose tests never import it is left alone (the torch-free CLI checks stay torch-free).
 """
 
@@ -38,6 +38,6 @@ def torch_threads(n: int) -> Iterator[None]:
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread() -> Iterator[None]:
-    """Each test module (and its module fixtures) of a directory whose conftest imports this: one thread."""
+    """Each test module (and its module fixtures): one thread (tests/conftest.py imports this)."""
     with torch_threads(1):
         yield

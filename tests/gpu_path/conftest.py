@@ -6,7 +6,6 @@ import sys
 import pytest
 
 from tests.launch import REPO
-from tests.threads import one_torch_thread  # noqa: F401 (autouse: one torch thread per module, tests/threads.py)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.launch import REPO
-from tests.threads import one_torch_thread, torch_threads  # noqa: F401 (one_torch_thread: autouse)
+from tests.threads import torch_threads
 from tests.worldpool import run_in_world
 
 WORKER = REPO / "tests" / "lora" / "worker.py"
