@@ -32,14 +32,7 @@ def init_distributed(
         cpu_compat.apply(force=True)
     cpu_compat.apply_everywhere()
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:  # a 1-process world outside torchrun: any free port
-            os.environ["MASTER_PORT"] = str(free_port())
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        if on_gpu:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if on_gpu else "gloo", timeout=timedelta(seconds=timeout_s))
+        _join(on_gpu, timeout_s)
     world = dist.get_world_size()
     mp = par.tensor_model_parallel_size * par.pipeline_model_parallel_size * par.context_parallel_size
     if world % mp:
@@ -86,3 +79,22 @@ def destroy_distributed() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _join(on_gpu: bool, timeout_s: float) -> None:
+    """init_process_group from torchrun's env; a 1-process world outside torchrun (no MASTER_PORT) gets
+    an in-process store: a port found free and bound later can be taken in between by another process
+    (EADDRINUSE seen in the test suite), and one process has no one to meet over TCP."""
+    alone = "MASTER_PORT" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1"
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    backend, timeout = "nccl" if on_gpu else "gloo", timedelta(seconds=timeout_s)
+    if alone:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:  # WORLD_SIZE > 1 without torchrun's rendezvous: the env's own rule
+        os.environ["MASTER_PORT"] = str(free_port())
+    dist.init_process_group(backend, timeout=timeout)
