@@ -121,7 +121,9 @@ def rl_stage_problems(run: "RunConfig") -> list[str]:
     if run.lora.enabled:
         found.append(f"--lora-rank is not implemented for {where}")
     if run.data.balance_dp_compute:  # the stage deals prompts, not packs: the flag would do nothing
-        found.append(f"--balance-dp-compute does not apply to {where} (it deals packed shards; prompts are dealt evenly)")
+        found.append(
+            f"--balance-dp-compute does not apply to {where} (it deals packed shards; prompts are dealt evenly)"
+        )
     return found
 
 
