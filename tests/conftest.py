@@ -240,5 +240,5 @@ def pytest_terminal_summary(terminalreporter):
         sizes = ", ".join(f"{RECYCLED.count(n)} of {n} ranks" for n in sorted(set(RECYCLED)))
         terminalreporter.write_line(f"worldpool: worlds replaced after a job left gloo groups polling: {sizes}")
     for r in REPLACED:
-        held = "; ".join(r["holders"]) or "?"
+        held = "; ".join(r["holders"]) or "not searched (WORLDPOOL_HOLDERS=1 finds them; slow)"
         terminalreporter.write_line(f"  {r['test']} ({r['size']} ranks, {r['threads']} gloo threads): held by {held}")

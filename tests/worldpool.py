@@ -84,11 +84,12 @@ class World:
         if any(not r.get("ready") for r in replies):
             self.fail("did not start", replies)
 
-    def run(self, script: str | Path, args: list[str], timeout: float) -> str:
+    def run(self, script: str | Path, args: list[str], timeout: float, holders: bool = False) -> str:
         """Run `script args` on every rank; return the ranks' output, or raise AssertionError with it."""
         self.jobs += 1
         offsets = [log.stat().st_size for log in self.logs]
-        job = json.dumps({"script": str(script), "argv": [str(a) for a in args], "n": self.jobs}) + "\n"
+        job = {"script": str(script), "argv": [str(a) for a in args], "n": self.jobs, "holders": holders}
+        job = json.dumps(job) + "\n"
         for proc in self.procs:
             try:
                 proc.stdin.write(job)
@@ -201,13 +202,18 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def run_in_world(script: str | Path, nproc: int, args: list[str], timeout: float = 300.0) -> str:
+def run_in_world(
+    script: str | Path, nproc: int, args: list[str], timeout: float = 300.0, holders: bool = False
+) -> str:
     """`torchrun(script, nproc, args)` on this session's world of `nproc` ranks (started on first use);
-    returns the ranks' output; raises AssertionError with it if the job fails or passes `timeout`."""
+    returns the ranks' output; raises AssertionError with it if the job fails or passes `timeout`.
+    `holders`: if the job leaves groups alive, find what references them (`group_holders`: a walk of
+    the heap's referrers, minutes for a job that built a model; also on for every job with
+    WORLDPOOL_HOLDERS=1 in the environment)."""
     world = _WORLDS.get(nproc)
     if world is None:
         world = _WORLDS[nproc] = World(nproc)
-    return world.run(script, args, timeout)
+    return world.run(script, args, timeout, holders or os.environ.get("WORLDPOOL_HOLDERS") == "1")
 
 
 @atexit.register
@@ -446,7 +452,8 @@ def _run_job(job: dict) -> dict:
             # would poll for the rest of the session, so this world ends after the job and the next job
             # of its size starts a fresh one
             reply["recycle"] = polling
-            reply["holders"] = group_holders()
+            # a heap walk (every gc.get_referrers call scans the whole heap): 90-190 s after an MoE job
+            reply["holders"] = group_holders() if job.get("holders") else []
     return reply
 
 

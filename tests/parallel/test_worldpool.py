@@ -16,7 +16,7 @@ PROBE = REPO / "tests" / "parallel" / "worldpool_probe_worker.py"
 def probe(tmp_path, name, *args, timeout=120.0):
     out = tmp_path / name
     out.mkdir()
-    run_in_world(PROBE, 2, ["--out", str(out), *args], timeout=timeout)
+    run_in_world(PROBE, 2, ["--out", str(out), *args], timeout=timeout, holders=True)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
