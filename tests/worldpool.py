@@ -202,9 +202,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def run_in_world(
-    script: str | Path, nproc: int, args: list[str], timeout: float = 300.0, holders: bool = False
-) -> str:
+def run_in_world(script: str | Path, nproc: int, args: list[str], timeout: float = 300.0, holders: bool = False) -> str:
     """`torchrun(script, nproc, args)` on this session's world of `nproc` ranks (started on first use);
     returns the ranks' output; raises AssertionError with it if the job fails or passes `timeout`.
     `holders`: if the job leaves groups alive, find what references them (`group_holders`: a walk of
