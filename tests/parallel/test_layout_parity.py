@@ -22,22 +22,12 @@ LAYOUTS = [  # (model, tp, pp, extra flags, world)
 ]
 
 
-@pytest.fixture(scope="module")
-def refs(tmp_path_factory):
-    dirs = {}
-    for model in sorted({m for m, *_ in LAYOUTS}):
-        d = tmp_path_factory.mktemp(model)
-        run_in_world(WORKER, 1, ["--model", model, "--ref", "--out", str(d)], timeout=240)
-        dirs[model] = d
-    return dirs
-
-
 @pytest.mark.parametrize(
     "model,tp,pp,extra,world", LAYOUTS, ids=[f"{m}-tp{t}-pp{p}{''.join(e)}-w{w}" for m, t, p, e, w in LAYOUTS]
 )
-def test_layout_matches_single_process(refs, tmp_path, model, tp, pp, extra, world):
+def test_layout_matches_single_process(grid_ref, tmp_path, model, tp, pp, extra, world):
     out = tmp_path
-    (out / "ref.pt").symlink_to(refs[model] / "ref.pt")
+    (out / "ref.pt").symlink_to(grid_ref(model) / "ref.pt")
     run_in_world(
         WORKER, world, ["--model", model, "--tp", str(tp), "--pp", str(pp), *extra, "--out", str(out)], timeout=240
     )

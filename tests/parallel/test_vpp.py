@@ -19,21 +19,11 @@ LAYOUTS = [  # (model, tp, pp, vpp, world): test_layout_parity.py's widest PP ca
 ]
 
 
-@pytest.fixture(scope="module")
-def refs(tmp_path_factory):
-    dirs = {}
-    for model in sorted({m for m, *_ in LAYOUTS}):
-        d = tmp_path_factory.mktemp(model)
-        run_in_world(WORKER, 1, ["--model", model, "--ref", "--out", str(d)], timeout=240)
-        dirs[model] = d
-    return dirs
-
-
 @pytest.mark.parametrize(
     "model,tp,pp,vpp,world", LAYOUTS, ids=[f"{m}-tp{t}-pp{p}-vpp{v}-w{w}" for m, t, p, v, w in LAYOUTS]
 )
-def test_interleaved_matches_single_process(refs, tmp_path, model, tp, pp, vpp, world):
-    (tmp_path / "ref.pt").symlink_to(refs[model] / "ref.pt")
+def test_interleaved_matches_single_process(grid_ref, tmp_path, model, tp, pp, vpp, world):
+    (tmp_path / "ref.pt").symlink_to(grid_ref(model) / "ref.pt")
     args = ["--model", model, "--tp", str(tp), "--pp", str(pp), "--vpp", str(vpp), "--out", str(tmp_path)]
     run_in_world(WORKER, world, args, timeout=240)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
