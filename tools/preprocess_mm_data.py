@@ -68,9 +68,13 @@ def config_from_args(args: argparse.Namespace):
     defaults = {f.name: f.default for f in dataclasses.fields(PreprocessConfig)}
     model_values = {name: defaults[name] for name in (*FROM_MODEL, "template")}
     if args.model:
-        from internvl_mcore.convert.source import resolve_model
+        from internvl_mcore.config.presets import PRESETS
 
-        model = resolve_model(args.model)
+        model = PRESETS.get(args.model)
+        if model is None:  # a checkpoint directory: its readers (convert/) import torch, which a preset need not
+            from internvl_mcore.convert.source import resolve_model
+
+            model = resolve_model(args.model)
         model_values = {
             "image_size": model.vision.image_size,
             "patch_size": model.vision.patch_size,

@@ -41,13 +41,14 @@ from .packing import PackShape, balanced_layout
 from .preference import expand_pair_tiles, pair_segments
 from .sample import DecodedImages, PackedSample
 from .shards import SOURCE_HEADER, RawPack, ShardReader, decode_tiles, manifest_path, source_tiling
-from .source_images import Images
 from .workers import WorkerError, WorkerPool
 
 IMAGE_TILINGS = ("loader", "device")
 DEFAULT_WORKER_TIMEOUT_S = 300.0  # --data-worker-timeout: well inside the 10 min default collective timeout
 # imported once by the workers' fork server: what a worker's first pack would otherwise import (10 s under load)
-WORKER_PRELOAD = ("internvl_mcore.data.loader", "megatron.core.datasets.indexed_dataset", "PIL.Image")
+# torch for the workers' shared-memory tensors (_load_in_worker): this module imports it only where it is
+# used, so that pretrain's data checks before training (training/data.py: check_shard_sets) stay torch-free
+WORKER_PRELOAD = ("internvl_mcore.data.loader", "megatron.core.datasets.indexed_dataset", "PIL.Image", "torch")
 LOADER_FAULT_ENV = "INTERNVL_MCORE_LOADER_FAULT"  # tests: GLOBAL_INDEX:kill|hang (see _load_in_worker)
 
 STATE_VERSION = 1
@@ -680,6 +681,8 @@ def collate(samples: Sequence[PackedSample], seq_length: int, pad_id: int) -> di
         pairs         (P, 2) int64    preference packs: [chosen, rejected] segment indices (empty otherwise)
     """
     import torch
+
+    from .source_images import Images
 
     if not samples:
         raise ValueError("collate needs at least one sample")

@@ -1,27 +1,32 @@
-"""Where a rank's microbatches come from: preprocessed shards or mock data, as `Batch`es."""
+"""Where a rank's microbatches come from: preprocessed shards or mock data, as `Batch`es.
+
+torch, the batches and the image resampler are imported where they are used: pretrain_internvl.py runs
+`check_shard_sets` before training, and a data error found there costs an interpreter start and the
+shard files' reading, not torch's import (tests/reliability/test_cli_pretrain.py checks it).
+"""
 
 from __future__ import annotations
 
 import glob
 import json
 import os
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
-import torch
 from tqdm import tqdm
 
 from ..config.model import ModelConfig
-from ..config.device import resolve_device
 from ..config.training import RunConfig
 from ..data.loader import PackedDataLoader, parse_data_path
 from ..data.workers import WorkerError
-from ..data.resample import PillowMismatch, pass_order
 from ..data.shards import ShardReader, manifest_path, max_token_id, sha256_file, shard_files
 from ..cli_errors import read_json, user_path
 from ..errors import DataError
 from .balance import balance_for
-from .batch import Batch
-from .mock import mock_batches
+
+if TYPE_CHECKING:
+    import torch
+
+    from .batch import Batch
 
 
 def _prefix_problem(prefix: str, flag: str) -> str | None:
@@ -128,6 +133,8 @@ def resolve_image_tiling(requested: str, device: str) -> str:
         raise DataError(f"--image-tiling {requested!r}: choose auto, loader or device")
     if requested == "loader" or (requested == "auto" and device != "cuda"):
         return "loader"
+    from ..data.resample import PillowMismatch, pass_order
+
     try:
         pass_order()
     except PillowMismatch as exc:
@@ -149,6 +156,10 @@ class ShardBatches:
         decode_tiles: bool = True,
         trainable: Optional[Sequence[str]] = None,
     ) -> None:
+        import torch
+
+        from ..config.device import resolve_device
+
         self.image_tiling = resolve_image_tiling(run.data.image_tiling, resolve_device(run.compute.device))
         try:
             self.loader = PackedDataLoader(
@@ -177,6 +188,8 @@ class ShardBatches:
         return self
 
     def __next__(self) -> Batch:
+        from .batch import Batch
+
         try:
             packs = [next(self.loader) for _ in range(self.micro_batch_size)]
         except WorkerError as exc:  # a worker died or stalled: one line naming it and its pack, exit 2
@@ -256,6 +269,8 @@ class MockBatches:
         self.start(0)
 
     def start(self, iteration: int) -> None:
+        from .mock import mock_batches
+
         t = self.run.train
         self.first_iteration, self.served = iteration, 0
         self.per_step = t.global_batch_size // (t.micro_batch_size * self.dp_size)
@@ -304,6 +319,8 @@ def build_batches(
 def loss_weights(batch: Batch, reduction: str) -> torch.Tensor:
     """(B, S) per-token weights: InternVL's len2weight of each sample's number of target tokens n:
     1 (token), 1/n (sample), 1/sqrt(n) (square); 0 where no loss."""
+    import torch
+
     mask = batch.targets()
     if reduction == "token":
         return mask

@@ -57,16 +57,21 @@ def run(
 
 
 HEAVY = ("torch", "megatron", "transformers", "numpy")
+# what a data tool's checks of its inputs need not import (they read manifests, meta files and tokens
+# with numpy): pretrain's --data-path checks, preprocess_mm_data's meta, annotation and tokenizer checks
+NO_TORCH = ("torch", "megatron", "transformers")
 
 
-def run_light(tool: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_light(
+    tool: str, *args: str, timeout: float = 120, heavy: tuple[str, ...] = HEAVY
+) -> subprocess.CompletedProcess:
     """`run` with Python's import-time report on (PYTHONPROFILEIMPORTTIME): asserts the tool imported
-    none of HEAVY (a flag error costs an interpreter start, ~0.1 CPU-s, not torch's ~2-3), and returns
+    none of `heavy` (a flag error costs an interpreter start, ~0.1 CPU-s, not torch's ~2-3), and returns
     the process with that report taken out of its stderr, so the stderr checked is what the user sees."""
     proc = run(tool, *args, timeout=timeout, environ=env(PYTHONPROFILEIMPORTTIME="1"))
     report = [line for line in proc.stderr.splitlines() if line.startswith("import time:")]
     imported = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in report[1:]}  # [0]: the header
-    assert report and not imported & set(HEAVY), (tool, args, sorted(imported & set(HEAVY)))
+    assert report and not imported & set(heavy), (tool, args, sorted(imported & set(heavy)))
     proc.stderr = "".join(line + "\n" for line in proc.stderr.splitlines() if not line.startswith("import time:"))
     return proc
 

@@ -2,6 +2,9 @@
 
 Every case runs the real CLI in a subprocess: bad flags and files end with one line naming them and
 exit 2; a failed, interrupted or killed re-run leaves the existing prefix byte for byte as it was.
+The errors in the meta file, the annotation files, the output prefix and the tokenizer are found
+before torch, megatron-core or transformers is imported (`light`: an interpreter start, ~0.4 CPU-s,
+not ~2).
 """
 
 from __future__ import annotations
@@ -20,13 +23,20 @@ from tests.reliability.cli_helpers import (
     assert_unchanged,
     assert_user_error,
     error_lines,
+    NO_TORCH,
     interrupt_when,
     preprocess_args,
     run,
+    run_light,
     snapshot,
 )
 
 pytestmark = pytest.mark.timeout(300)
+
+
+def light(*args: str):
+    """The tool on `args`, asserting it imported no torch, megatron-core or transformers (cli_helpers.run_light)."""
+    return run_light("preprocess_mm_data", *args, timeout=180, heavy=NO_TORCH)
 
 
 def _meta(path: Path, annotation: str, root: str = "") -> str:
@@ -47,8 +57,7 @@ def test_missing_and_wrong_meta_files(digits, tmp_path):
     (tmp_path / "lines.json").write_text('{"a": 1}\n{"b": 2}\n')
     cases[tmp_path / "lines.json"] = "invalid JSON"
     for meta, says in cases.items():
-        proc = run("preprocess_mm_data", *preprocess_args(str(meta), digits.tokenizer, out))
-        assert_user_error(proc, str(meta), says)
+        assert_user_error(light(*preprocess_args(str(meta), digits.tokenizer, out)), str(meta), says)
     assert not out.parent.exists() or not any(out.parent.iterdir())
 
 
@@ -67,19 +76,17 @@ def test_missing_and_wrong_annotation_files(digits, tmp_path):
     }
     for name, needles in cases.items():
         meta = _meta(tmp_path / f"meta_{name}.json", str(tmp_path / name))
-        assert_user_error(run("preprocess_mm_data", *preprocess_args(meta, digits.tokenizer, out)), *needles)
+        assert_user_error(light(*preprocess_args(meta, digits.tokenizer, out)), *needles)
     assert not out.parent.exists() or not any(out.parent.iterdir())
 
 
 def test_output_prefix_that_is_a_folder_or_unwritable(digits, tmp_path):
     args = lambda out: preprocess_args(digits.meta, digits.tokenizer, out)  # noqa: E731
     (tmp_path / "out").mkdir()
-    assert_user_error(run("preprocess_mm_data", *args(f"{tmp_path / 'out'}/")), "--output-prefix", "names a folder")
+    assert_user_error(light(*args(f"{tmp_path / 'out'}/")), "--output-prefix", "names a folder")
     assert list((tmp_path / "out").iterdir()) == []  # no hidden '_tokens.bin' files
     (tmp_path / "file").write_text("x")
-    assert_user_error(
-        run("preprocess_mm_data", *args(tmp_path / "file" / "x")), "--output-prefix", "is not a directory"
-    )
+    assert_user_error(light(*args(tmp_path / "file" / "x")), "--output-prefix", "is not a directory")
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
@@ -145,8 +152,9 @@ def test_ctrl_c_and_kill_leave_the_old_prefix(digits, good_prefix, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     left = staging()
     assert len(left) == 1 and left[0].name.startswith(f".{Path(good_prefix).name}.staging-")
-    proc = run("preprocess_mm_data", *preprocess_args(str(tmp_path / "missing.json"), digits.tokenizer, good_prefix))
-    assert_user_error(proc, "missing.json")
+    assert_user_error(
+        light(*preprocess_args(str(tmp_path / "missing.json"), digits.tokenizer, good_prefix)), "missing.json"
+    )
     assert not staging()  # the dead run's staging folder is gone
     assert_unchanged(good_prefix, snap)
 
@@ -241,12 +249,12 @@ def test_bad_records_are_rejected_with_file_and_line(digits, tmp_path):
 def test_tokenizer_that_is_a_file_or_empty(digits, tmp_path):
     out = tmp_path / "o" / "x"
     assert_user_error(
-        run("preprocess_mm_data", *preprocess_args(digits.meta, digits.meta, out)),
+        light(*preprocess_args(digits.meta, digits.meta, out)),
         f"tokenizer directory {digits.meta!r} is a file",
     )
     (tmp_path / "empty").mkdir()
     assert_user_error(
-        run("preprocess_mm_data", *preprocess_args(digits.meta, str(tmp_path / "empty"), out)),
+        light(*preprocess_args(digits.meta, str(tmp_path / "empty"), out)),
         str(tmp_path / "empty"),
         "no tokenizer found",
     )

@@ -1,8 +1,10 @@
 """pretrain_internvl.py on careless --data-path input (docs/errors.md).
 
 Data problems are found before any process group or model exists: one line naming the flag and the
-file, exit 2. Shards are opened with their sizes checked against the indexes and (unless
---no-verify-shards) their sha256 against the manifest, so a truncated or corrupted file never trains.
+file, exit 2; those found from the manifests and the tokens file alone (`train_light`) are found
+without importing torch or megatron-core (an interpreter start and numpy, ~0.3 CPU-s, not ~2). Shards
+are opened with their sizes checked against the indexes and (unless --no-verify-shards) their sha256
+against the manifest, so a truncated or corrupted file never trains.
 """
 
 from __future__ import annotations
@@ -13,42 +15,55 @@ from pathlib import Path
 import pytest
 
 from tests.reliability.cli_helpers import (
+    NO_TORCH,
     SEQ,
     assert_user_error,
     copy_prefix,
     error_lines,
     interrupt_when,
     run,
+    run_light,
 )
 
 pytestmark = pytest.mark.timeout(300)
 
 
+def _argv(args: tuple[str, ...], seq: int, model: str) -> list[str]:
+    return ["--model", model, "--global-batch-size", "1", "--train-iters", "1", "--seq-length", str(seq), *args]
+
+
 def train(*args: str, seq: int = SEQ, model: str = "debug"):
-    return run(
-        "pretrain", "--model", model, "--global-batch-size", "1", "--train-iters", "1", "--seq-length", str(seq), *args
-    )
+    return run("pretrain", *_argv(args, seq, model))
+
+
+def train_light(*args: str, seq: int = SEQ, model: str = "debug"):
+    """`train`, asserting the run imported no torch, megatron-core or transformers (cli_helpers.run_light):
+    the checks of the manifests and the tokens file need numpy only; opening the shard files (megatron-core's
+    index reader) and training import torch."""
+    return run_light("pretrain", *_argv(args, seq, model), timeout=180, heavy=NO_TORCH)
 
 
 def test_missing_prefix_and_folder(good_prefix, tmp_path):
-    assert_user_error(train("--data-path", str(tmp_path / "nope")), "--data-path", "nope.manifest.json", "not found")
+    assert_user_error(
+        train_light("--data-path", str(tmp_path / "nope")), "--data-path", "nope.manifest.json", "not found"
+    )
     folder = str(Path(good_prefix).parent)
-    assert_user_error(train("--data-path", folder), "--data-path", folder, "is a directory", good_prefix)
+    assert_user_error(train_light("--data-path", folder), "--data-path", folder, "is a directory", good_prefix)
     broken = copy_prefix(good_prefix, tmp_path / "broken")
     Path(broken + ".manifest.json").write_text('{"counts": ')  # the line names the file
-    assert_user_error(train("--data-path", broken), broken + ".manifest.json", "line 1 column")
-    proc = train("--data-path", good_prefix, broken)  # a blend: its sizes come from the manifests too
+    assert_user_error(train_light("--data-path", broken), broken + ".manifest.json", "line 1 column")
+    proc = train_light("--data-path", good_prefix, broken)  # a blend: its sizes come from the manifests too
     assert_user_error(proc, broken + ".manifest.json", "line 1 column")
 
 
 def test_shards_for_another_model_or_longer_packs(good_prefix):
     manifest = good_prefix + ".manifest.json"
-    assert_user_error(train("--data-path", good_prefix, model="internvl3-1b"), manifest, "img_context_id")
-    assert_user_error(train("--data-path", good_prefix, seq=SEQ // 2), manifest, f"--seq-length {SEQ // 2}")
+    assert_user_error(train_light("--data-path", good_prefix, model="internvl3-1b"), manifest, "img_context_id")
+    assert_user_error(train_light("--data-path", good_prefix, seq=SEQ // 2), manifest, f"--seq-length {SEQ // 2}")
 
 
 def test_malformed_blend_weights(good_prefix):
-    assert_user_error(train("--data-path", "0.5", good_prefix, "0.5"), "--data-path", "pairs")
+    assert_user_error(train_light("--data-path", "0.5", good_prefix, "0.5"), "--data-path", "pairs")
 
 
 def test_empty_shard_set(tmp_path):
@@ -71,7 +86,7 @@ def test_empty_shard_set(tmp_path):
             "seq_length": SEQ,
         }
     )
-    assert_user_error(train("--data-path", prefix), "--data-path", prefix, "empty (0 packs")
+    assert_user_error(train_light("--data-path", prefix), "--data-path", prefix, "empty (0 packs")
 
 
 def test_truncated_and_corrupted_shards(good_prefix, tmp_path):
@@ -186,7 +201,10 @@ def test_token_ids_outside_the_vocabulary(good_prefix, tmp_path):
     del stale["counts"]["max_token_id"]
     Path(old + ".manifest.json").write_text(json.dumps(stale))
     assert_user_error(
-        train("--data-path", old, "--no-verify-shards"), old + ".manifest.json", "token id 9999", "vocabulary of 512"
+        train_light("--data-path", old, "--no-verify-shards"),
+        old + ".manifest.json",
+        "token id 9999",
+        "vocabulary of 512",
     )
 
     stale["counts"]["max_token_id"] = manifest["counts"]["max_token_id"]  # the manifest no longer tells the truth
