@@ -93,10 +93,11 @@ def _model_from_dir(spec: str):
 
 def check_data(run: RunConfig) -> None:
     """Refuse bad shard sets before any process group or model exists (one line, exit 2): every rank
-    checks the prefixes, sizes and token ids, and hashes its share of the files (training/data.py)."""
+    checks the prefixes, sizes and token ids, and hashes its share of the files (training/shard_checks.py,
+    which imports no torch: an error in the manifests costs no torch import)."""
     if not (run.data.data_path or run.data.valid_data_path):
-        return  # --mock-data: training/data.py imports torch, which a config error need not pay for
-    from internvl_mcore.training.data import check_shard_sets
+        return
+    from internvl_mcore.training.shard_checks import check_shard_sets
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if run.train.stage in RL_STAGES:  # prompts, not training shards (training/rl/prompts.py)

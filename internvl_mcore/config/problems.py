@@ -30,7 +30,7 @@ def problems(run: RunConfig) -> list[str]:
     - `--save`, `--log-jsonl` and `--tensorboard-dir` writable and the wandb package installed for
       `--wandb-project`: training/loop.py `validate` (the file system and the Python environment, not
       the flags);
-    - the shard sets' files, manifests, token ids and checksums: training/data.py `check_shard_sets`;
+    - the shard sets' files, manifests, token ids and checksums: training/shard_checks.py `check_shard_sets`;
       the checkpoint under `--load` / `--pretrained` and its schedule: training/checkpoint.py and
       training/schedule.py, when it is read;
     - `--image-tiling device` with a Pillow that resizes differently: training/data.py (the installed Pillow).

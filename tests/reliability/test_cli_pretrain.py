@@ -168,7 +168,7 @@ def test_blend_weight_errors_in_process(good_prefix, entries, says):
     sys.path.insert(0, str(REPO))
     from pretrain_internvl import parse_run_config
 
-    from internvl_mcore.training.data import check_shard_sets
+    from internvl_mcore.training.shard_checks import check_shard_sets
     from internvl_mcore.errors import DataError
 
     entries = [good_prefix if e == "P" else e for e in entries]
