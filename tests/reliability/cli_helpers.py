@@ -2,7 +2,7 @@
 
 `run(tool, *args)` starts `python TOOL ARGS` in a subprocess (hard timeout) and `assert_user_error`
 checks the contract of docs/errors.md: exit code 2, exactly one line on stderr that names the file or
-flag, no Python traceback. The module-scoped fixtures of the inputs the tests share (a tokenizer +
+flag, no Python traceback. The session-scoped fixtures of the inputs the tests share (a tokenizer +
 digits meta, a good shard set) are in tests/reliability/conftest.py.
 """
 

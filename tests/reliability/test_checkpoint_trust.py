@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import pretrain
 from tests.reliability.cli_helpers import assert_user_error, run
-from tests.reliability.common import MOCK, ok, one_line_error, plain
+from tests.reliability.common import MOCK, one_line_error, plain
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -36,9 +37,11 @@ class Payload:
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> Path:
-    """One iter_ directory of a 2-step run (format version 2)."""
+    """One iter_ directory of a 2-step run (format version 2): a job of the session's reused 1-rank world
+    (tests/conftest.py `pretrain`: no interpreter start or imports), since the checkpoint it writes is
+    what the tests tamper with, not the run; the runs refusing the tampered copies are real processes."""
     root = tmp_path_factory.mktemp("trust") / "ckpt"
-    ok(plain(ARGS + ["--exit-interval", "2", "--save", str(root), "--save-interval", "2"]))
+    pretrain(1, ARGS + ["--exit-interval", "2", "--save", str(root), "--save-interval", "2"])
     return root / "iter_0000002"
 
 

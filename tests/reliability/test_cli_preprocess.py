@@ -22,6 +22,7 @@ from PIL import Image
 from tests.reliability.cli_helpers import (
     assert_unchanged,
     assert_user_error,
+    copy_prefix,
     error_lines,
     NO_TORCH,
     interrupt_when,
@@ -32,6 +33,14 @@ from tests.reliability.cli_helpers import (
 )
 
 pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def own_prefix(good_prefix, tmp_path) -> str:
+    """A copy of the shared good shard set (same file names) for the tests that re-run preprocessing over
+    it: the set is shared by the session's reliability files (tests/reliability/conftest.py), so nothing
+    may change it, not even a test that fails half-way."""
+    return copy_prefix(good_prefix, tmp_path / "own", name=Path(good_prefix).name)
 
 
 def light(*args: str):
@@ -99,16 +108,16 @@ def test_output_prefix_that_is_a_folder_or_unwritable(digits, tmp_path):
     assert list(ro.iterdir()) == []
 
 
-def test_failed_reject_ratio_leaves_the_old_prefix(digits, good_prefix, tmp_path):
+def test_failed_reject_ratio_leaves_the_old_prefix(digits, own_prefix, tmp_path):
     """A re-run over a good prefix whose inputs are now mostly bad: exit 1, old prefix intact, the
     rejects kept aside in OUT.failed.rejects.jsonl."""
-    snap = snapshot(good_prefix)
+    snap = snapshot(own_prefix)
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"conversations": []}\nnot json\n\xff\xfe\n')
     meta = _meta(tmp_path / "meta.json", str(bad))
-    proc = run("preprocess_mm_data", *preprocess_args(meta, digits.tokenizer, good_prefix))
-    line = assert_user_error(proc, "--max-reject-ratio", good_prefix, "left as it was", code=1)
-    failed = Path(good_prefix + ".failed.rejects.jsonl")
+    proc = run("preprocess_mm_data", *preprocess_args(meta, digits.tokenizer, own_prefix))
+    line = assert_user_error(proc, "--max-reject-ratio", own_prefix, "left as it was", code=1)
+    failed = Path(own_prefix + ".failed.rejects.jsonl")
     assert str(failed) in line and "wrote" not in proc.stdout
     rejects = [json.loads(x) for x in failed.read_text().splitlines()]
     assert [(r["line"], r["reason"]) for r in rejects] == [
@@ -117,46 +126,46 @@ def test_failed_reject_ratio_leaves_the_old_prefix(digits, good_prefix, tmp_path
         (3, "undecodable_text"),
     ]
     failed.unlink()
-    assert_unchanged(good_prefix, snap)
+    assert_unchanged(own_prefix, snap)
     # the same for --preference (MMPR records, here all without a 'rejected' answer)
     mmpr = tmp_path / "mmpr.jsonl"
     mmpr.write_text("".join(json.dumps({"question": f"Q{i}", "chosen": "A"}) + "\n" for i in range(3)))
     proc = run(
         "preprocess_mm_data",
-        *preprocess_args(_meta(tmp_path / "mmpr.json", str(mmpr)), digits.tokenizer, good_prefix, "--preference"),
+        *preprocess_args(_meta(tmp_path / "mmpr.json", str(mmpr)), digits.tokenizer, own_prefix, "--preference"),
     )
     assert_user_error(proc, "--max-reject-ratio", "left as it was", code=1)
     assert [json.loads(x)["reason"] for x in failed.read_text().splitlines()] == ["missing_response"] * 3
     failed.unlink()
-    assert_unchanged(good_prefix, snap)
+    assert_unchanged(own_prefix, snap)
 
 
-def test_ctrl_c_and_kill_leave_the_old_prefix(digits, good_prefix, tmp_path):
+def test_ctrl_c_and_kill_leave_the_old_prefix(digits, own_prefix, tmp_path):
     """Ctrl-C during a re-run (2 workers): one line, exit 130, the old prefix byte for byte; a kill -9
     leaves only a hidden staging folder, which the next run removes."""
-    snap = snapshot(good_prefix)
-    staging = lambda: [p for p in Path(good_prefix).parent.iterdir() if ".staging-" in p.name]  # noqa: E731
+    snap = snapshot(own_prefix)
+    staging = lambda: [p for p in Path(own_prefix).parent.iterdir() if ".staging-" in p.name]  # noqa: E731
     # the signal comes while pass 1 waits after its 2nd record (a fault point the tool offers)
     big = tmp_path / "big.jsonl"
     rec = {"image": "", "conversations": [{"from": "human", "value": "Say it"}, {"from": "gpt", "value": "It."}]}
     big.write_text("".join(json.dumps(rec) + "\n" for _ in range(200)))
     meta = _meta(tmp_path / "meta.json", str(big))
-    args = preprocess_args(meta, digits.tokenizer, good_prefix, "--workers", "2")
+    args = preprocess_args(meta, digits.tokenizer, own_prefix, "--workers", "2")
     proc = interrupt_when("preprocess_mm_data", *args, fault="preprocess:2:wait")
     assert proc.returncode == 130, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert error_lines(proc) == [f"preprocess_mm_data: interrupted (Ctrl-C); {good_prefix} left as it was"]
-    assert_unchanged(good_prefix, snap)
+    assert error_lines(proc) == [f"preprocess_mm_data: interrupted (Ctrl-C); {own_prefix} left as it was"]
+    assert_unchanged(own_prefix, snap)
 
     proc = interrupt_when("preprocess_mm_data", *args, fault="preprocess:2:wait", sig=signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     left = staging()
-    assert len(left) == 1 and left[0].name.startswith(f".{Path(good_prefix).name}.staging-")
+    assert len(left) == 1 and left[0].name.startswith(f".{Path(own_prefix).name}.staging-")
     assert_user_error(
-        light(*preprocess_args(str(tmp_path / "missing.json"), digits.tokenizer, good_prefix)), "missing.json"
+        light(*preprocess_args(str(tmp_path / "missing.json"), digits.tokenizer, own_prefix)), "missing.json"
     )
     assert not staging()  # the dead run's staging folder is gone
-    assert_unchanged(good_prefix, snap)
+    assert_unchanged(own_prefix, snap)
 
 
 def test_bad_records_are_rejected_with_file_and_line(digits, tmp_path):

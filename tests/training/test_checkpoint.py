@@ -74,11 +74,13 @@ def test_resume_is_bit_exact(digits_shards, uninterrupted, tmp_path):
 
 
 def test_sigkill_of_one_rank_ends_the_job_and_restart_continues(digits_shards, uninterrupted, tmp_path):
-    """SIGKILL to rank 1 while it waits at the fault point before step 6 (after the checkpoint of step 5:
-    never a kill racing the run's end) and rank 0 goes on into step 6's collectives: the whole job ends
-    within 60 s, not hung, and a restart continues the uninterrupted losses."""
+    """SIGKILL to rank 1 while it waits at the fault point before step 3 (after the checkpoint of step 2:
+    never a kill racing the run's end) and rank 0 goes on into step 3's collectives: the whole job ends
+    within 60 s, not hung, and a restart continues the uninterrupted losses (steps 3 and 4 of the same
+    10-step schedule: the kill and the restart need no more steps than that)."""
     ref = _losses(uninterrupted / "log.jsonl")
     log, ckpt, out = tmp_path / "log.jsonl", tmp_path / "ckpt", tmp_path / "out.txt"
+    every = 2
     cmd = [
         sys.executable,
         "-m",
@@ -89,21 +91,21 @@ def test_sigkill_of_one_rank_ends_the_job_and_restart_continues(digits_shards, u
         str(free_port()),
         str(SCRIPT),
         # no loader workers: the subject is the kill (the loader's fork server would double the interpreters)
-        *_args(digits_shards, log, "--save", str(ckpt), "--save-interval", str(EVERY), "--num-workers", "0"),
+        *_args(digits_shards, log, "--save", str(ckpt), "--save-interval", str(every), "--num-workers", "0"),
     ]
     env = {
         **os.environ,
         "PYTHONWARNINGS": "ignore",
         "OMP_NUM_THREADS": "1",
-        "INTERNVL_MCORE_FAULT": f"step:{EVERY + 1}:1:wait",
+        "INTERNVL_MCORE_FAULT": f"step:{every + 1}:1:wait",
     }
     with open(out, "w") as stdout:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=stdout, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
-        while f"fault point step {EVERY + 1}: waiting for a signal" not in out.read_text():
+        while f"fault point step {every + 1}: waiting for a signal" not in out.read_text():
             assert proc.poll() is None, f"training ended before it could be killed:\n{out.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, "rank 1 never reached the fault point before step 6"
+            assert time.monotonic() < deadline, f"rank 1 never reached the fault point before step {every + 1}"
             time.sleep(0.1)
         # the ranks are torchrun's own children (their loader workers, forked deeper, share the cmdline)
         ranks = [c for c in psutil.Process(proc.pid).children() if "pretrain_internvl" in " ".join(c.cmdline())]
@@ -115,10 +117,11 @@ def test_sigkill_of_one_rank_ends_the_job_and_restart_continues(digits_shards, u
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert sorted(_losses(log)) == list(range(1, EVERY + 1))  # no step after the kill
-    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(EVERY)
+    assert sorted(_losses(log)) == list(range(1, every + 1))  # no step after the kill
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(every)
     restart = tmp_path / "restart.jsonl"
-    pretrain(2, _args(digits_shards, restart, "--load", str(ckpt)))
+    pretrain(2, _args(digits_shards, restart, "--load", str(ckpt), "--exit-interval", str(every + 2)))
+    assert sorted(_losses(restart)) == [every + 1, every + 2]
     for it, loss in _losses(restart).items():
         assert loss == ref[it], (it, loss, ref[it])
 
