@@ -12,6 +12,7 @@ for backward.
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -19,6 +20,9 @@ import torch.distributed as dist
 
 from internvl_mcore.config import ParallelConfig, get_preset
 from internvl_mcore.parallel.state import init_distributed
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ under torchrun too
+from tests.worldpool import reset_job_state  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--cases", required=True, help="JSON list of cases")
@@ -77,14 +81,18 @@ def saved_activation_bytes(model, cfg, par, seq, tiles, dtype):
     def pack(t):
         st = t.untyped_storage()
         if st.data_ptr() not in param_ptrs:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
+            seen[st.data_ptr()] = st  # kept alive until the count: a freed storage's address is reused
+        # not `t`: a saved output packed as itself refers back to the node that saved it, a cycle through
+        # C++ the collector cannot see (the graph, DDP's hooks, the model and its groups outlived the job)
+
+    def unpack(_):
+        raise AssertionError("no backward runs through the measured forward")
 
     if not ps.is_pipeline_first_stage():
         sp = par.tensor_model_parallel_size if par.sequence_parallel else 1
         x = torch.randn(seq // sp, 1, cfg.llm.hidden_size, dtype=dtype, requires_grad=True)
         model.set_input_tensor(x)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         out = model(
             batch.tokens,
             batch.position_ids,
@@ -95,7 +103,7 @@ def saved_activation_bytes(model, cfg, par, seq, tiles, dtype):
     del out
     model.set_input_tensor(None)
     lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
-    return sum(seen.values()), lengths
+    return sum(st.nbytes() for st in seen.values()), lengths
 
 
 def measured_flops(model, cfg, seq=128):
@@ -137,7 +145,9 @@ for case in cases:
         sequence_parallel=case.get("sp", False),
         expert_model_parallel_size=case.get("ep", 1),
     )
-    ps.destroy_model_parallel()
+    # the last case's groups end with it: megatron-core's destroy_model_parallel forgets them, and each
+    # of the ~17 gloo groups an init makes kept its I/O thread polling (300 per rank by the last case)
+    reset_job_state()
     init_distributed(par, seed=1)
     cfg = get_preset(case["model"])
     dtype = torch.bfloat16 if case.get("bf16") else torch.float32
