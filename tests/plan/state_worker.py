@@ -12,7 +12,6 @@ for backward.
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -20,9 +19,6 @@ import torch.distributed as dist
 
 from internvl_mcore.config import ParallelConfig, get_preset
 from internvl_mcore.parallel.state import init_distributed
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ under torchrun too
-from tests.worldpool import reset_job_state  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--cases", required=True, help="JSON list of cases")
@@ -145,9 +141,7 @@ for case in cases:
         sequence_parallel=case.get("sp", False),
         expert_model_parallel_size=case.get("ep", 1),
     )
-    # the last case's groups end with it: megatron-core's destroy_model_parallel forgets them, and each
-    # of the ~17 gloo groups an init makes kept its I/O thread polling (300 per rank by the last case)
-    reset_job_state()
+    ps.destroy_model_parallel()
     init_distributed(par, seed=1)
     cfg = get_preset(case["model"])
     dtype = torch.bfloat16 if case.get("bf16") else torch.float32
