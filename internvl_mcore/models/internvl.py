@@ -27,6 +27,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from ..config.device import resolve_device
@@ -275,4 +276,22 @@ def build_model(
             if isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)):
                 module.to(dtype)
     mark_tensor_parallel_params(model)
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            module.register_forward_hook(_drop_dispatch_graph)
     return model
+
+
+def _drop_dispatch_graph(layer: MoELayer, inputs: object, output: object) -> None:
+    """Forget the autograd graph megatron-core's token dispatcher keeps after an MoE forward.
+
+    The all-to-all dispatcher stores the routing probabilities it was given (`self.probs`, with
+    their grad_fn) and reads them only inside the same forward. Kept, the last step's graph leads
+    through C++ autograd nodes to DDP's gradient hooks, which the garbage collector cannot follow:
+    the model, its optimizer and their process groups outlived every MoE training run of a process
+    (each MoE job left its reused test world's gloo groups polling). Backward does not read the
+    attribute (autograd holds what it needs), so dropping it after the forward changes no number."""
+    dispatcher = getattr(layer, "token_dispatcher", None)
+    for name, value in list(vars(dispatcher).items()) if dispatcher is not None else ():
+        if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+            setattr(dispatcher, name, None)

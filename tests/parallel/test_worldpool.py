@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from tests.conftest import pretrain
 from tests.launch import REPO
 from tests.worldpool import _WORLDS, RECYCLED, REPLACED, run_in_world
 
@@ -52,6 +53,19 @@ def test_a_job_that_keeps_a_group_gets_its_world_replaced(tmp_path):
     assert REPLACED[-1]["holders"] == ["json.worldpool_probe_group"] and REPLACED[-1]["threads"] == 1, REPLACED[-1]
     after = probe(tmp_path, "after")
     assert not {r["pid"] for r in first} & {r["pid"] for r in after}  # a fresh world, not one left polling
+    assert [r["gloo_threads"] for r in after] == [1, 1], after
+
+
+def test_an_moe_training_job_leaves_no_group_behind(tmp_path):
+    """A debug-moe run at EP2 (megatron-core's all-to-all dispatcher kept the last forward's routing
+    graph, which held the model, DDP and their groups: every MoE job's world was replaced)."""
+    recycled = len(RECYCLED)
+    moe = ["--model", "debug-moe", "--mock-data", "--seq-length", "64", "--train-iters", "1"]
+    pretrain(2, [*moe, "--global-batch-size", "2", "--micro-batch-size", "1", "--expert-model-parallel-size", "2"])
+    assert RECYCLED[recycled:] == [], REPLACED[recycled:]
+    world = _WORLDS[2]
+    after = probe(tmp_path, "after")
+    assert _WORLDS[2] is world and after[0]["pid"] == world.procs[0].pid  # the same world served the next job
     assert [r["gloo_threads"] for r in after] == [1, 1], after
 
 

@@ -77,14 +77,18 @@ def saved_activation_bytes(model, cfg, par, seq, tiles, dtype):
     def pack(t):
         st = t.untyped_storage()
         if st.data_ptr() not in param_ptrs:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
+            seen[st.data_ptr()] = st  # kept alive until the count: a freed storage's address is reused
+        # not `t`: a saved output packed as itself refers back to the node that saved it, a cycle through
+        # C++ the collector cannot see (the graph, DDP's hooks, the model and its groups outlived the job)
+
+    def unpack(_):
+        raise AssertionError("no backward runs through the measured forward")
 
     if not ps.is_pipeline_first_stage():
         sp = par.tensor_model_parallel_size if par.sequence_parallel else 1
         x = torch.randn(seq // sp, 1, cfg.llm.hidden_size, dtype=dtype, requires_grad=True)
         model.set_input_tensor(x)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         out = model(
             batch.tokens,
             batch.position_ids,
@@ -95,7 +99,7 @@ def saved_activation_bytes(model, cfg, par, seq, tiles, dtype):
     del out
     model.set_input_tensor(None)
     lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
-    return sum(seen.values()), lengths
+    return sum(st.nbytes() for st in seen.values()), lengths
 
 
 def measured_flops(model, cfg, seq=128):

@@ -53,6 +53,9 @@ def base_flags(shards: str, mbs: int) -> list[str]:
         "1",
         "--log-interval",
         "100",
+        # the batches in-process: 7 runs would start 7 loader processes per rank (the loader is not the subject)
+        "--num-workers",
+        "0",
     ]
 
 
