@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -102,6 +102,16 @@ def _layout_worker(
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
+    try:
+        check_layout_in_world(tp, pp, jobs, result_dir)
+    finally:
+        destroy_distributed()
+
+
+def check_layout_in_world(tp: int, pp: int, jobs: Sequence[tuple[str, str | None]], result_dir: str) -> None:
+    """verify_layout's work on one rank of a gloo world of tp * pp ranks (joined from the environment
+    unless this process is in one already): rank 0 writes result_dir/report.json. The caller ends the
+    world (the tests run it in their reused worlds: tests/convert/layout_worker.py)."""
     par = conversion_layout(tp, pp)
     pg = init_distributed(par, seed=0, device=CONVERSION_COMPUTE.device)
     report = []
@@ -134,9 +144,8 @@ def _layout_worker(
                     plan=plan,
                 )
     finally:
-        if rank == 0:
+        if dist.get_rank() == 0:
             Path(result_dir, "report.json").write_text(json.dumps(report))
-        destroy_distributed()
 
 
 def _spawn(fn: Any, nprocs: int, args: tuple, timeout_s: float, what: str) -> None:
@@ -151,15 +160,23 @@ def _spawn(fn: Any, nprocs: int, args: tuple, timeout_s: float, what: str) -> No
 
 
 def verify_layout(
-    jobs: Sequence[tuple[str | os.PathLike, str | os.PathLike | None]], tp: int, pp: int, timeout_s: float = 300.0
+    jobs: Sequence[tuple[str | os.PathLike, str | os.PathLike | None]],
+    tp: int,
+    pp: int,
+    timeout_s: float = 300.0,
+    run_world: Callable[[int, int, list, str], None] | None = None,
 ) -> list[dict]:
     """Load each canonical checkpoint into a TP x PP model in `tp * pp` spawned gloo processes,
     gather it back, and compare bit for bit with the file. `jobs`: (checkpoint dir, optional dir
     to write the gathered canonical checkpoint to). Returns one report per checkpoint; raises
-    if any tensor differs."""
+    if any tensor differs. `run_world(tp, pp, jobs, result_dir)`: runs `check_layout_in_world` on
+    the tp * pp ranks of a world that exists already, instead of spawning one (the tests' reused worlds)."""
     jobs = [(str(c), None if o is None else str(o)) for c, o in jobs]
     with tempfile.TemporaryDirectory() as tmp:
-        _spawn(_layout_worker, tp * pp, (tp, pp, jobs, tmp), timeout_s, f"verify_layout tp={tp} pp={pp}")
+        if run_world is not None:
+            run_world(tp, pp, jobs, tmp)
+        else:
+            _spawn(_layout_worker, tp * pp, (tp, pp, jobs, tmp), timeout_s, f"verify_layout tp={tp} pp={pp}")
         report = json.loads(Path(tmp, "report.json").read_text())
     bad = [r for r in report if r["mismatched"] or r["missing_in_file"]]
     if bad:

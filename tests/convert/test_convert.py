@@ -74,10 +74,20 @@ def config_of(d: Path) -> dict:
     return json.loads((d / "config.json").read_text())
 
 
+def _in_reused_world(tp: int, pp: int, jobs: list, result_dir: str) -> None:
+    """verify_layout's ranks as a job of the session's world of tp * pp ranks, not tp * pp spawned
+    interpreters (tests/convert/layout_worker.py)."""
+    from tests.launch import REPO
+    from tests.worldpool import run_in_world
+
+    worker = REPO / "tests" / "convert" / "layout_worker.py"
+    run_in_world(worker, tp * pp, [str(tp), str(pp), result_dir, json.dumps(jobs)], timeout=240)
+
+
 @pytest.fixture(scope="module")
 def round_trips(tmp_path_factory) -> dict[str, dict[str, Path]]:
     """Every source converted to canonical at TP1 and exported, then loaded into TP2 x PP2 and
-    gathered back (one spawned world for all sources), and exported again."""
+    gathered back (one job of the session's 4-rank world for all sources), and exported again."""
     root = tmp_path_factory.mktemp("round_trip")
     runs = {}
     for name, (fmt, *_rest) in SOURCES.items():
@@ -93,7 +103,7 @@ def round_trips(tmp_path_factory) -> dict[str, dict[str, Path]]:
             out_tp1=d / "out_tp1",
             out_tp2pp2=d / "out_tp2pp2",
         )
-    verify_layout([(r["ckpt"], r["gathered"]) for r in runs.values()], tp=2, pp=2, timeout_s=240)
+    verify_layout([(r["ckpt"], r["gathered"]) for r in runs.values()], tp=2, pp=2, run_world=_in_reused_world)
     for r in runs.values():
         convert_checkpoint_to_hf(r["gathered"], r["out_tp2pp2"], r["fmt"], template_dir=r["src"])
     return runs
@@ -124,6 +134,15 @@ def test_tp1_and_tp2pp2_give_identical_files(round_trips, name: str) -> None:
 def test_gathered_checkpoint_records_layout(round_trips) -> None:
     meta = CanonicalCheckpoint.open(round_trips["internvl-qwen2"]["gathered"]).meta
     assert meta["layout"] == {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}
+
+
+@pytest.mark.timeout(300)
+def test_verify_layout_spawns_its_own_world(round_trips) -> None:
+    """Without a world given, verify_layout spawns its gloo processes (the fixture's TP2 x PP2 check
+    runs in the session's reused world): one rank here, the same load, gather and report."""
+    r = round_trips["transformers-qwen2"]
+    (report,) = verify_layout([(r["ckpt"], None)], tp=1, pp=1, timeout_s=280)
+    assert report["ckpt"] == str(r["ckpt"]) and report["mismatched"] == report["missing_in_file"] == []
 
 
 # --- the InternVL layout maps to the right modules ---------------------------------------------

@@ -124,7 +124,7 @@ def test_dead_workers_are_retried_once_then_rejected(data, whole, monkeypatch):
     fx, tok, root = data
     marker = root / "crashed_once"
     monkeypatch.setenv("CRASH_ONCE_MARKER", str(marker))
-    monkeypatch.setattr(preprocess, "_RECORD_TIMEOUT_S", 8.0)  # a record takes milliseconds
+    monkeypatch.setattr(preprocess, "_RECORD_TIMEOUT_S", 4.0)  # a record takes milliseconds; the stall waits it twice
     monkeypatch.setattr(
         preprocess, "_WORKER_PRELOAD", (*preprocess._WORKER_PRELOAD, "tests.data.crashing_process_record")
     )
@@ -145,7 +145,7 @@ def test_dead_workers_are_retried_once_then_rejected(data, whole, monkeypatch):
         if r["reason"] == "worker_died"
     )
     assert len(died) == 2 and died[0][0].endswith("single.jsonl:2") and "SIGKILL" in died[0][1]
-    assert died[1][0].endswith("single.jsonl:6") and "no result within 8 s" in died[1][1]
+    assert died[1][0].endswith("single.jsonl:6") and "no result within 4 s" in died[1][1]
     assert rejects(str(out)) - rejects(whole) == {
         ("single.jsonl", 2, "worker_died"),
         ("single.jsonl", 6, "worker_died"),

@@ -63,8 +63,9 @@ def test_interleaved_run_matches_single_process_and_resumes(digits_shards, pretr
     # exact resume (and the evaluation changed nothing), the same chunking spelled with the other flag: 4 layers / PP2 / 1 per chunk = 2 chunks
     half = d / "ckpt" / f"iter_{HALF:07d}"
     flags = ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]
-    pretrain(2, digits_run_args(digits_shards, *flags, "--load", str(half), "--log-jsonl", str(tmp_path / "b")))
-    assert _losses(tmp_path / "b") == losses[HALF:]
+    stop = ["--exit-interval", str(HALF + 2)]  # two steps show the exact resume as well as five
+    pretrain(2, digits_run_args(digits_shards, *flags, "--load", str(half), *stop, "--log-jsonl", str(tmp_path / "b")))
+    assert _losses(tmp_path / "b") == losses[HALF : HALF + 2]
 
 
 def test_checkpoint_loads_without_virtual_stages_and_exports_alike(digits_shards, vpp_run, tmp_path):
@@ -95,8 +96,11 @@ def test_checkpoint_loads_without_virtual_stages_and_exports_alike(digits_shards
     # and back: the VPP layout resumes from the checkpoint without virtual stages
     vpp_flags = ["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2"]
     back = tmp_path / "ckpt" / f"iter_{HALF + 1:07d}"
-    pretrain(2, digits_run_args(digits_shards, *vpp_flags, "--load", str(back), "--log-jsonl", str(tmp_path / "d")))
-    for i, (a, b) in enumerate(zip(_losses(tmp_path / "d"), losses[HALF + 1 :], strict=True), start=HALF + 2):
+    stop = ["--exit-interval", str(HALF + 3)]  # two steps after the PP2 checkpoint at HALF + 1
+    pretrain(
+        2, digits_run_args(digits_shards, *vpp_flags, "--load", str(back), *stop, "--log-jsonl", str(tmp_path / "d"))
+    )
+    for i, (a, b) in enumerate(zip(_losses(tmp_path / "d"), losses[HALF + 1 : HALF + 3], strict=True), start=HALF + 2):
         assert abs(a - b) <= TOL * abs(b), f"iteration {i}: {a} (VPP from the PP2 checkpoint) vs {b} (VPP)"
     exported = []
     for name, ckpt in (("vpp", d / "ckpt"), ("pp", tmp_path / "ckpt")):
