@@ -52,6 +52,7 @@ import torch.multiprocessing as mp
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedBase
 from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
 from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
@@ -141,17 +142,31 @@ def _views(flat: torch.Tensor, layout: list) -> list[torch.Tensor]:
     return out
 
 
+def _own_storages(flat: torch.Tensor, layout: list) -> list[torch.Tensor]:
+    """The snapshot's tensors, each over exactly its own bytes of the shared memory: a storage of its
+    own, since `torch.save` writes a tensor's whole storage (here it would be the whole snapshot), with
+    no copy (a clone per tensor was a second copy of the rank's shard, competing with the step)."""
+    memory, out = flat.numpy(), []
+    for offset, dtype, shape in layout:
+        numel = 1
+        for n in shape:
+            numel *= n
+        if numel == 0:
+            out.append(torch.empty(shape, dtype=dtype))
+        else:
+            out.append(torch.frombuffer(memory, dtype=dtype, count=numel, offset=offset).reshape(shape))
+    return out
+
+
 def _write(message: tuple) -> dict:
     """Write one checkpoint's buckets (in the writer process): {"results": {bucket index: its write
     results}, "checksums": {file: [size, sha256]}}. The files are hashed here, while still in the
     page cache, so publishing the checkpoint later hashes only the small files in the training process."""
     iteration, rank, transforms, flat, layout, buckets = message
-    tensors = _views(flat, layout)
+    tensors = _own_storages(flat, layout)
     results, checksums = {}, {}
     for i, (name, key, (bytes_data, tensor_data)) in enumerate(buckets):
-        # each tensor in a storage of its own, as megatron-core's `_clone_if_needed` makes them: torch.save
-        # writes a view's whole storage, here the whole snapshot
-        bucket = (name, key, (bytes_data, [(item, tensors[k].clone()) for item, k in tensor_data]))
+        bucket = (name, key, (bytes_data, [(item, tensors[k]) for item, k in tensor_data]))
         # the queues megatron-core's per-bucket worker talks to, here in this process (no further workers)
         results_q, count_q = queue.Queue(), queue.Queue()
         count_q.put(i)
@@ -160,7 +175,6 @@ def _write(message: tuple) -> dict:
         if isinstance(out, Exception):
             raise out
         results[i] = out
-        del bucket  # its clones
         checksums[key] = [os.path.getsize(name), sha256_file(name)]
     fault_point("save", iteration, rank=rank)  # tensors written, checkpoint not yet finalized or renamed
     return {"results": results, "checksums": checksums}
@@ -195,6 +209,44 @@ def _in_process_results_queue() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
+def _is_cpu_view(t: Any) -> bool:
+    """What megatron-core's `_clone_if_needed` clones: a CPU tensor that does not own its whole storage."""
+    return isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.untyped_storage().nbytes() != t.nbytes
+
+
+class _ResolveViewsAsMeta:
+    """A save planner seen through `prepare_write_data`: a CPU view resolves to a meta tensor of its
+    shape (which `_clone_if_needed` passes through, as it does a GPU tensor), the view kept by item."""
+
+    def __init__(self, planner: Any) -> None:
+        self.planner, self.views = planner, {}
+
+    def resolve_data(self, item: Any) -> Any:
+        data = self.planner.resolve_data(item)
+        if not _is_cpu_view(data):
+            return data
+        self.views[id(item)] = data.detach()
+        return torch.empty(data.shape, dtype=data.dtype, device="meta")
+
+
+class _WriterKeepingViews(FileSystemWriterAsync):
+    """megatron-core's async storage writer without the copy it makes, in the step, of every CPU tensor
+    that is a view (`prepare_write_data`'s `_clone_if_needed`, so that `torch.save` does not write the
+    whole storage): here every tensor is copied into the snapshot anyway, in a thread during the next
+    step's forward and backward, and the writer saves each from a storage of its own (`_tensor_at`).
+    At the 1b shape these views are the SwiGLU `linear_fc1` halves (megatron-core's `torch.chunk`):
+    0.2 GB per LLM rank copied, into freshly faulted pages, at every save."""
+
+    def prepare_write_data(self, plan: Any, planner: Any) -> None:
+        resolver = _ResolveViewsAsMeta(planner)
+        super().prepare_write_data(plan, resolver)
+        views = resolver.views
+        self.write_buckets = [
+            (name, key, (bytes_data, [(item, views.get(id(item), t)) for item, t in tensor_data]))
+            for name, key, (bytes_data, tensor_data) in self.write_buckets or []
+        ]
+
+
 class _SaveStrategy(TorchDistSaveShardedStrategy):
     """megatron-core's torch_dist save strategy that keeps the plan of its last save (`last`: the
     storage writer, global metadata and dist wrapper its finalize function would take), so that the
@@ -203,6 +255,15 @@ class _SaveStrategy(TorchDistSaveShardedStrategy):
     barrier of their own before ours (each a round trip of every rank at the next step)."""
 
     last: Any = None
+
+    def async_save(self, sharded_state_dict: Any, checkpoint_dir: Any) -> Any:
+        """megatron-core's async_save with `_WriterKeepingViews` as its storage writer (it names the
+        class in its body: set for this call only; this thread's saves are the only ones)."""
+        mcore_torch.FileSystemWriterAsync = _WriterKeepingViews
+        try:
+            return super().async_save(sharded_state_dict, checkpoint_dir)
+        finally:
+            mcore_torch.FileSystemWriterAsync = FileSystemWriterAsync
 
     def _get_save_and_finalize_callbacks(self, writer: Any, save_state_dict_ret: Any) -> Any:
         self.last = save_state_dict_ret

@@ -160,3 +160,48 @@ def test_async_save_with_the_distributed_optimizer_at_dp2_equals_a_sync_save(tmp
     losses = [{it: r["loss"] for it, r in train_records(d / "log.jsonl").items()} for d in runs.values()]
     assert losses[0] == losses[1] and sorted(losses[0]) == [1, 2, 3], losses
     assert (runs["async"] / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+
+
+def test_views_reach_the_snapshot_uncopied_and_the_writer_saves_each_tensor_alone():
+    """No copy of a view in the step (megatron-core's `_clone_if_needed`, skipped by `_WriterKeepingViews`):
+    its buckets are megatron-core's writer's with the view itself where that clones it; the writer then
+    saves every snapshot tensor over exactly its own bytes (`_own_storages`), as `torch.save` of a clone."""
+    import io
+
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+    from torch.distributed.checkpoint.filesystem import _StoragePrefix
+    from torch.distributed.checkpoint.planner import SavePlan
+    from torch.distributed.checkpoint.planner_helpers import _create_write_items
+
+    from internvl_mcore.training.async_save import _in_process_results_queue, _own_storages, _WriterKeepingViews
+
+    _in_process_results_queue()  # megatron-core's writer would spawn a Manager for its results queue
+    fc1 = torch.randn(6, 3)
+    data = {"whole": torch.ones(5, dtype=torch.bfloat16), "gate": fc1[:3], "up": fc1[3:], "empty": torch.zeros(0)}
+    plan = SavePlan(
+        [i for fqn, t in data.items() for i in _create_write_items(fqn, t)], storage_data=_StoragePrefix("__0_")
+    )
+    planner = SimpleNamespace(resolve_data=lambda item: data[item.index.fqn])
+    buckets = []
+    for cls in (FileSystemWriterAsync, _WriterKeepingViews):
+        w = cls("/nonexistent", thread_count=2)
+        w.prepare_write_data(plan, planner)
+        buckets.append(w.write_buckets)
+    theirs, ours = ([(b[0], b[1], [(i.index.fqn, t) for i, t in b[2][1]]) for b in bs] for bs in buckets)
+    assert [(n, k, [f for f, _ in d]) for n, k, d in theirs] == [(n, k, [f for f, _ in d]) for n, k, d in ours]
+    pairs = [(f, a, b) for (_, _, da), (_, _, db) in zip(theirs, ours) for (f, a), (_, b) in zip(da, db)]
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for _, a, b in pairs)
+    ptrs = {f: (a.data_ptr(), b.data_ptr()) for f, a, b in pairs}
+    assert ptrs["gate"][1] == fc1.data_ptr() != ptrs["gate"][0] and ptrs["whole"][0] == ptrs["whole"][1]
+    flat, layout, _ = _snapshot(buckets[1])
+    saved = _own_storages(flat, layout)
+    originals = [t for _, _, (_, d) in buckets[1] for _, t in d]
+    for got, want in zip(saved, originals):
+        assert got.untyped_storage().nbytes() == got.nbytes and torch.equal(got, want)
+        a, b = io.BytesIO(), io.BytesIO()
+        torch.save(got, a)
+        torch.save(want.clone(), b)
+        assert a.getvalue() == b.getvalue()
+    assert (
+        any(t.numel() == 0 for t in saved) and flat.data_ptr() <= saved[0].data_ptr() < flat.data_ptr() + flat.numel()
+    )
