@@ -93,29 +93,41 @@ def _snapshot(buckets: list, buffer: Optional[torch.Tensor] = None) -> tuple[tor
 
 def _allocate(buckets: list, buffer: Optional[torch.Tensor]) -> tuple[torch.Tensor, list, list, list]:
     """`_snapshot` without the copy: the buffer, layout, stripped buckets and the tensors to copy."""
+    layout, total, stripped, tensors = _layout(buckets)
+    flat = buffer if buffer is not None and buffer.numel() >= total else _shared(total)
+    return flat, layout, stripped, tensors
+
+
+def _layout(buckets: list) -> tuple[list, int, list, list]:
+    """Where each bucket tensor goes in the snapshot: the layout [(offset, dtype, shape)], its bytes,
+    the buckets with each tensor replaced by its index into the layout, and the tensors."""
     tensors = [t for _, _, (_, tensor_data) in buckets for _, t in tensor_data]
     layout, total = [], 0
     for t in tensors:
         total = -(-total // _ALIGN) * _ALIGN
         layout.append((total, t.dtype, tuple(t.shape)))
         total += t.numel() * t.element_size()
-    try:
-        flat = (
-            buffer
-            if buffer is not None and buffer.numel() >= total
-            else torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(total, 1)))
-        )
-    except RuntimeError as exc:  # /dev/shm too small: a write failure with its reason (one line)
-        raise OSError(
-            f"--async-save: cannot hold the checkpoint tensors ({total} bytes) in shared memory "
-            f"(/dev/shm): {' '.join(str(exc).split())[:200]}"
-        ) from None
     index = iter(range(len(tensors)))
     stripped = [
         (name, key, (bytes_data, [(item, next(index)) for item, _ in tensor_data]))
         for name, key, (bytes_data, tensor_data) in buckets
     ]
-    return flat, layout, stripped, tensors
+    return layout, total, stripped, tensors
+
+
+class _NoSharedMemory(OSError):
+    """/dev/shm cannot hold the snapshot: a write failure whose text is the reason (one line)."""
+
+
+def _shared(total: int) -> torch.Tensor:
+    """A new shared-memory buffer of `total` bytes."""
+    try:
+        return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(total, 1)))
+    except RuntimeError as exc:
+        raise _NoSharedMemory(
+            f"--async-save: cannot hold the checkpoint tensors ({total} bytes) in shared memory "
+            f"(/dev/shm): {' '.join(str(exc).split())[:200]}"
+        ) from None
 
 
 def _copy(tensors: list, flat: torch.Tensor, layout: list) -> None:
@@ -377,10 +389,10 @@ class AsyncWriter:
         self.prepare()  # the model and optimizer are built: the set-up's heap, frozen outside any step
 
     def submit(self, request: Any, iteration: int, pending: Pending, rank: int) -> None:
-        """Hand megatron-core's AsyncRequest to the writer: the snapshot buffer is allocated here, its
-        copy and the hand-over run in a thread (`join_snapshot`). A rank with nothing to write (its
-        tensors are other ranks' replicas) sends an empty one: its writer still answers, so every
-        rank's save passes the same points."""
+        """Hand megatron-core's AsyncRequest to the writer: the copy into the snapshot buffer and the
+        hand-over run in a thread (`join_snapshot`). A rank with nothing to write (its tensors are
+        other ranks' replicas) sends an empty one: its writer still answers, so every rank's save
+        passes the same points."""
         self.pending = pending
         self.saves += 1
         transforms, buckets = None, []
@@ -391,23 +403,37 @@ class AsyncWriter:
         if self.proc is not None and not self.proc.is_alive():  # died while idle (killed for memory?): a new one
             self.stop(abort=True)
         # the buffer is free again: the previous write finished (or its writer was stopped) before this save
-        flat, layout, stripped, tensors = _allocate(buckets, self.buffer)
-        self.buffer = flat
+        layout, total, stripped, tensors = _layout(buckets)
         self.start()
         self.copy_failure = None
-        # the Python work here (it is cheap; in the thread it would wait for the GIL): the views and the
-        # pickled message, which holds a handle of the shared memory, not its bytes
-        message = ForkingPickler.dumps((iteration, rank, transforms, flat, layout, stripped))
-        sources, views = [t.detach() for t in tensors], _views(flat, layout)
+        head, sources = (iteration, rank, transforms), [t.detach() for t in tensors]
+        if self.buffer is not None and self.buffer.numel() >= total:
+            # the Python work here (it is cheap; in the thread it would wait for the GIL): the views and
+            # the pickled message, which holds a handle of the shared memory, not its bytes
+            work = self._hand_over(self.buffer, head, layout, stripped)
+        else:  # a new buffer (the first save): mapping its pages (~0.1 CPU-s per GB) is the thread's too
+            self.buffer, work = None, (total, head, layout, stripped)
         self.copier = threading.Thread(
-            target=self._copy_and_send, args=(sources, views, message), daemon=True, name="checkpoint-snapshot"
+            target=self._copy_and_send, args=(sources, work), daemon=True, name="checkpoint-snapshot"
         )
         self.copier.start()
 
-    def _copy_and_send(self, sources: list, views: list, message: Any) -> None:
+    @staticmethod
+    def _hand_over(flat: torch.Tensor, head: tuple, layout: list, stripped: list) -> tuple[list, bytes]:
+        """The views the copy fills and the writer's message (a handle of the shared memory, not its bytes)."""
+        return _views(flat, layout), ForkingPickler.dumps((*head, flat, layout, stripped))
+
+    def _copy_and_send(self, sources: list, work: tuple) -> None:
         try:
+            if len(work) == 4:  # (total, head, layout, stripped): no buffer large enough yet
+                total, head, layout, stripped = work
+                self.buffer = _shared(total)
+                work = self._hand_over(self.buffer, head, layout, stripped)
+            views, message = work
             _copy_views(sources, views)
             self.conn.send_bytes(message)  # what the writer's conn.recv() unpickles
+        except _NoSharedMemory as exc:  # its own one line (docs/errors.md)
+            self.copy_failure = str(exc)
         except Exception as exc:  # reported by `status` on this rank, agreed on by all (finish_pending)
             self.copy_failure = f"copying the tensors for the checkpoint writer: {type(exc).__name__}: {exc}"
 

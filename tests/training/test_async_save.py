@@ -205,3 +205,46 @@ def test_views_reach_the_snapshot_uncopied_and_the_writer_saves_each_tensor_alon
     assert (
         any(t.numel() == 0 for t in saved) and flat.data_ptr() <= saved[0].data_ptr() < flat.data_ptr() + flat.numel()
     )
+
+
+def test_a_new_snapshot_buffer_is_mapped_in_the_copy_thread():
+    """The first save's buffer (a new shared-memory mapping: page faults, ~0.1 CPU-s per GB) is made by
+    the copy thread, not in the step; the next save reuses it from the step (views and message only);
+    /dev/shm too small is this rank's write failure in its own line (docs/errors.md)."""
+    import threading
+    from unittest import mock
+
+    gate, sent = threading.Event(), []
+
+    def send(message):
+        gate.wait(timeout=30)
+        sent.append(message)
+
+    writer = AsyncWriter(timeout_s=30.0)
+    writer.proc, writer.conn = SimpleNamespace(is_alive=lambda: True, pid=11), SimpleNamespace(send_bytes=send)
+    bucket = ("f0", "k", ([], [("i0", torch.randn(8))]))
+    request = SimpleNamespace(async_fn=SimpleNamespace(args=(None, False)), async_fn_args=(None, [bucket], None))
+    mapped_by, new_shared = [], torch.UntypedStorage._new_shared
+
+    def record(size):
+        mapped_by.append(threading.current_thread().name)
+        return new_shared(size)
+
+    with mock.patch.object(torch.UntypedStorage, "_new_shared", side_effect=record):
+        writer.submit(request, 2, Pending(2, finish=None, abandon=None, remove=None), rank=0)
+        assert writer.copier.is_alive() and not sent
+        gate.set()
+        writer.join_snapshot()
+    first = writer.buffer
+    assert mapped_by == ["checkpoint-snapshot"], mapped_by
+    assert first is not None and first.is_shared() and writer.copy_failure is None and len(sent) == 1
+    writer.submit(request, 3, Pending(3, finish=None, abandon=None, remove=None), rank=0)
+    writer.join_snapshot()
+    assert writer.buffer is first and len(sent) == 2
+    writer.buffer = None
+    with mock.patch.object(torch.UntypedStorage, "_new_shared", side_effect=RuntimeError("unable to mmap 64 bytes")):
+        writer.submit(request, 4, Pending(4, finish=None, abandon=None, remove=None), rank=0)
+        writer.join_snapshot()
+    assert writer.copy_failure.startswith(
+        "--async-save: cannot hold the checkpoint tensors (32 bytes) in shared memory"
+    )
