@@ -19,6 +19,9 @@ What a save stalls training for is kept small (issue 24; docs/checkpoints.md, "a
 - the snapshot copy runs in a thread while the next step's forward and backward compute, which
   only read the parameters and optimizer state; the loop joins it (with the save's deadline) before
   the optimizer step, the first thing that changes them.
+- the snapshot is the only copy: megatron-core's in-step clone of every CPU view (`_WriterKeepingViews`)
+  and the writer's clone of every tensor before `torch.save` (`_own_storages`) are not made, and the
+  first save's buffer is mapped by the copy thread (docs/checkpoints.md, "Async-save at 1b").
 - the first save's plan serves every later save of the same structure (`AsyncWriter.plan_for`;
   megatron-core plans the second save again to validate its cache), and a finished save is published
   with one gather to rank 0 and one agreement (checkpoint.finish_pending), not megatron-core's
@@ -115,16 +118,13 @@ def _layout(buckets: list) -> tuple[list, int, list, list]:
     return layout, total, stripped, tensors
 
 
-class _NoSharedMemory(OSError):
-    """/dev/shm cannot hold the snapshot: a write failure whose text is the reason (one line)."""
-
-
 def _shared(total: int) -> torch.Tensor:
-    """A new shared-memory buffer of `total` bytes."""
+    """A new shared-memory buffer of `total` bytes; /dev/shm too small is an OSError whose text is the
+    reason (one line)."""
     try:
         return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(total, 1)))
     except RuntimeError as exc:
-        raise _NoSharedMemory(
+        raise OSError(
             f"--async-save: cannot hold the checkpoint tensors ({total} bytes) in shared memory "
             f"(/dev/shm): {' '.join(str(exc).split())[:200]}"
         ) from None
@@ -427,13 +427,15 @@ class AsyncWriter:
         try:
             if len(work) == 4:  # (total, head, layout, stripped): no buffer large enough yet
                 total, head, layout, stripped = work
-                self.buffer = _shared(total)
+                try:
+                    self.buffer = _shared(total)
+                except OSError as exc:  # /dev/shm: its own one line (docs/errors.md)
+                    self.copy_failure = str(exc)
+                    return
                 work = self._hand_over(self.buffer, head, layout, stripped)
             views, message = work
             _copy_views(sources, views)
             self.conn.send_bytes(message)  # what the writer's conn.recv() unpickles
-        except _NoSharedMemory as exc:  # its own one line (docs/errors.md)
-            self.copy_failure = str(exc)
         except Exception as exc:  # reported by `status` on this rank, agreed on by all (finish_pending)
             self.copy_failure = f"copying the tensors for the checkpoint writer: {type(exc).__name__}: {exc}"
 
