@@ -19,6 +19,9 @@ What a save stalls training for is kept small (issue 24; docs/checkpoints.md, "a
 - the snapshot copy runs in a thread while the next step's forward and backward compute, which
   only read the parameters and optimizer state; the loop joins it (with the save's deadline) before
   the optimizer step, the first thing that changes them.
+- the snapshot is the only copy: megatron-core's in-step clone of every CPU view (`_WriterKeepingViews`)
+  and the writer's clone of every tensor before `torch.save` (`_own_storages`) are not made, and the
+  first save's buffer is mapped by the copy thread (docs/checkpoints.md, "Async-save at 1b").
 - the first save's plan serves every later save of the same structure (`AsyncWriter.plan_for`;
   megatron-core plans the second save again to validate its cache), and a finished save is published
   with one gather to rank 0 and one agreement (checkpoint.finish_pending), not megatron-core's
@@ -52,6 +55,7 @@ import torch.multiprocessing as mp
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedBase
 from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
 from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
@@ -92,29 +96,38 @@ def _snapshot(buckets: list, buffer: Optional[torch.Tensor] = None) -> tuple[tor
 
 def _allocate(buckets: list, buffer: Optional[torch.Tensor]) -> tuple[torch.Tensor, list, list, list]:
     """`_snapshot` without the copy: the buffer, layout, stripped buckets and the tensors to copy."""
+    layout, total, stripped, tensors = _layout(buckets)
+    flat = buffer if buffer is not None and buffer.numel() >= total else _shared(total)
+    return flat, layout, stripped, tensors
+
+
+def _layout(buckets: list) -> tuple[list, int, list, list]:
+    """Where each bucket tensor goes in the snapshot: the layout [(offset, dtype, shape)], its bytes,
+    the buckets with each tensor replaced by its index into the layout, and the tensors."""
     tensors = [t for _, _, (_, tensor_data) in buckets for _, t in tensor_data]
     layout, total = [], 0
     for t in tensors:
         total = -(-total // _ALIGN) * _ALIGN
         layout.append((total, t.dtype, tuple(t.shape)))
         total += t.numel() * t.element_size()
-    try:
-        flat = (
-            buffer
-            if buffer is not None and buffer.numel() >= total
-            else torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(total, 1)))
-        )
-    except RuntimeError as exc:  # /dev/shm too small: a write failure with its reason (one line)
-        raise OSError(
-            f"--async-save: cannot hold the checkpoint tensors ({total} bytes) in shared memory "
-            f"(/dev/shm): {' '.join(str(exc).split())[:200]}"
-        ) from None
     index = iter(range(len(tensors)))
     stripped = [
         (name, key, (bytes_data, [(item, next(index)) for item, _ in tensor_data]))
         for name, key, (bytes_data, tensor_data) in buckets
     ]
-    return flat, layout, stripped, tensors
+    return layout, total, stripped, tensors
+
+
+def _shared(total: int) -> torch.Tensor:
+    """A new shared-memory buffer of `total` bytes; /dev/shm too small is an OSError whose text is the
+    reason (one line)."""
+    try:
+        return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(total, 1)))
+    except RuntimeError as exc:
+        raise OSError(
+            f"--async-save: cannot hold the checkpoint tensors ({total} bytes) in shared memory "
+            f"(/dev/shm): {' '.join(str(exc).split())[:200]}"
+        ) from None
 
 
 def _copy(tensors: list, flat: torch.Tensor, layout: list) -> None:
@@ -141,17 +154,31 @@ def _views(flat: torch.Tensor, layout: list) -> list[torch.Tensor]:
     return out
 
 
+def _own_storages(flat: torch.Tensor, layout: list) -> list[torch.Tensor]:
+    """The snapshot's tensors, each over exactly its own bytes of the shared memory: a storage of its
+    own, since `torch.save` writes a tensor's whole storage (here it would be the whole snapshot), with
+    no copy (a clone per tensor was a second copy of the rank's shard, competing with the step)."""
+    memory, out = flat.numpy(), []
+    for offset, dtype, shape in layout:
+        numel = 1
+        for n in shape:
+            numel *= n
+        if numel == 0:
+            out.append(torch.empty(shape, dtype=dtype))
+        else:
+            out.append(torch.frombuffer(memory, dtype=dtype, count=numel, offset=offset).reshape(shape))
+    return out
+
+
 def _write(message: tuple) -> dict:
     """Write one checkpoint's buckets (in the writer process): {"results": {bucket index: its write
     results}, "checksums": {file: [size, sha256]}}. The files are hashed here, while still in the
     page cache, so publishing the checkpoint later hashes only the small files in the training process."""
     iteration, rank, transforms, flat, layout, buckets = message
-    tensors = _views(flat, layout)
+    tensors = _own_storages(flat, layout)
     results, checksums = {}, {}
     for i, (name, key, (bytes_data, tensor_data)) in enumerate(buckets):
-        # each tensor in a storage of its own, as megatron-core's `_clone_if_needed` makes them: torch.save
-        # writes a view's whole storage, here the whole snapshot
-        bucket = (name, key, (bytes_data, [(item, tensors[k].clone()) for item, k in tensor_data]))
+        bucket = (name, key, (bytes_data, [(item, tensors[k]) for item, k in tensor_data]))
         # the queues megatron-core's per-bucket worker talks to, here in this process (no further workers)
         results_q, count_q = queue.Queue(), queue.Queue()
         count_q.put(i)
@@ -160,7 +187,6 @@ def _write(message: tuple) -> dict:
         if isinstance(out, Exception):
             raise out
         results[i] = out
-        del bucket  # its clones
         checksums[key] = [os.path.getsize(name), sha256_file(name)]
     fault_point("save", iteration, rank=rank)  # tensors written, checkpoint not yet finalized or renamed
     return {"results": results, "checksums": checksums}
@@ -195,6 +221,44 @@ def _in_process_results_queue() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
+def _is_cpu_view(t: Any) -> bool:
+    """What megatron-core's `_clone_if_needed` clones: a CPU tensor that does not own its whole storage."""
+    return isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.untyped_storage().nbytes() != t.nbytes
+
+
+class _ResolveViewsAsMeta:
+    """A save planner seen through `prepare_write_data`: a CPU view resolves to a meta tensor of its
+    shape (which `_clone_if_needed` passes through, as it does a GPU tensor), the view kept by item."""
+
+    def __init__(self, planner: Any) -> None:
+        self.planner, self.views = planner, {}
+
+    def resolve_data(self, item: Any) -> Any:
+        data = self.planner.resolve_data(item)
+        if not _is_cpu_view(data):
+            return data
+        self.views[id(item)] = data.detach()
+        return torch.empty(data.shape, dtype=data.dtype, device="meta")
+
+
+class _WriterKeepingViews(FileSystemWriterAsync):
+    """megatron-core's async storage writer without the copy it makes, in the step, of every CPU tensor
+    that is a view (`prepare_write_data`'s `_clone_if_needed`, so that `torch.save` does not write the
+    whole storage): here every tensor is copied into the snapshot anyway, in a thread during the next
+    step's forward and backward, and the writer saves each from a storage of its own (`_tensor_at`).
+    At the 1b shape these views are the SwiGLU `linear_fc1` halves (megatron-core's `torch.chunk`):
+    0.2 GB per LLM rank copied, into freshly faulted pages, at every save."""
+
+    def prepare_write_data(self, plan: Any, planner: Any) -> None:
+        resolver = _ResolveViewsAsMeta(planner)
+        super().prepare_write_data(plan, resolver)
+        views = resolver.views
+        self.write_buckets = [
+            (name, key, (bytes_data, [(item, views.get(id(item), t)) for item, t in tensor_data]))
+            for name, key, (bytes_data, tensor_data) in self.write_buckets or []
+        ]
+
+
 class _SaveStrategy(TorchDistSaveShardedStrategy):
     """megatron-core's torch_dist save strategy that keeps the plan of its last save (`last`: the
     storage writer, global metadata and dist wrapper its finalize function would take), so that the
@@ -203,6 +267,15 @@ class _SaveStrategy(TorchDistSaveShardedStrategy):
     barrier of their own before ours (each a round trip of every rank at the next step)."""
 
     last: Any = None
+
+    def async_save(self, sharded_state_dict: Any, checkpoint_dir: Any) -> Any:
+        """megatron-core's async_save with `_WriterKeepingViews` as its storage writer (it names the
+        class in its body: set for this call only; this thread's saves are the only ones)."""
+        mcore_torch.FileSystemWriterAsync = _WriterKeepingViews
+        try:
+            return super().async_save(sharded_state_dict, checkpoint_dir)
+        finally:
+            mcore_torch.FileSystemWriterAsync = FileSystemWriterAsync
 
     def _get_save_and_finalize_callbacks(self, writer: Any, save_state_dict_ret: Any) -> Any:
         self.last = save_state_dict_ret
@@ -316,10 +389,10 @@ class AsyncWriter:
         self.prepare()  # the model and optimizer are built: the set-up's heap, frozen outside any step
 
     def submit(self, request: Any, iteration: int, pending: Pending, rank: int) -> None:
-        """Hand megatron-core's AsyncRequest to the writer: the snapshot buffer is allocated here, its
-        copy and the hand-over run in a thread (`join_snapshot`). A rank with nothing to write (its
-        tensors are other ranks' replicas) sends an empty one: its writer still answers, so every
-        rank's save passes the same points."""
+        """Hand megatron-core's AsyncRequest to the writer: the copy into the snapshot buffer and the
+        hand-over run in a thread (`join_snapshot`). A rank with nothing to write (its tensors are
+        other ranks' replicas) sends an empty one: its writer still answers, so every rank's save
+        passes the same points."""
         self.pending = pending
         self.saves += 1
         transforms, buckets = None, []
@@ -330,21 +403,37 @@ class AsyncWriter:
         if self.proc is not None and not self.proc.is_alive():  # died while idle (killed for memory?): a new one
             self.stop(abort=True)
         # the buffer is free again: the previous write finished (or its writer was stopped) before this save
-        flat, layout, stripped, tensors = _allocate(buckets, self.buffer)
-        self.buffer = flat
+        layout, total, stripped, tensors = _layout(buckets)
         self.start()
         self.copy_failure = None
-        # the Python work here (it is cheap; in the thread it would wait for the GIL): the views and the
-        # pickled message, which holds a handle of the shared memory, not its bytes
-        message = ForkingPickler.dumps((iteration, rank, transforms, flat, layout, stripped))
-        sources, views = [t.detach() for t in tensors], _views(flat, layout)
+        head, sources = (iteration, rank, transforms), [t.detach() for t in tensors]
+        if self.buffer is not None and self.buffer.numel() >= total:
+            # the Python work here (it is cheap; in the thread it would wait for the GIL): the views and
+            # the pickled message, which holds a handle of the shared memory, not its bytes
+            work = self._hand_over(self.buffer, head, layout, stripped)
+        else:  # a new buffer (the first save): mapping its pages (~0.1 CPU-s per GB) is the thread's too
+            self.buffer, work = None, (total, head, layout, stripped)
         self.copier = threading.Thread(
-            target=self._copy_and_send, args=(sources, views, message), daemon=True, name="checkpoint-snapshot"
+            target=self._copy_and_send, args=(sources, work), daemon=True, name="checkpoint-snapshot"
         )
         self.copier.start()
 
-    def _copy_and_send(self, sources: list, views: list, message: Any) -> None:
+    @staticmethod
+    def _hand_over(flat: torch.Tensor, head: tuple, layout: list, stripped: list) -> tuple[list, bytes]:
+        """The views the copy fills and the writer's message (a handle of the shared memory, not its bytes)."""
+        return _views(flat, layout), ForkingPickler.dumps((*head, flat, layout, stripped))
+
+    def _copy_and_send(self, sources: list, work: tuple) -> None:
         try:
+            if len(work) == 4:  # (total, head, layout, stripped): no buffer large enough yet
+                total, head, layout, stripped = work
+                try:
+                    self.buffer = _shared(total)
+                except OSError as exc:  # /dev/shm: its own one line (docs/errors.md)
+                    self.copy_failure = str(exc)
+                    return
+                work = self._hand_over(self.buffer, head, layout, stripped)
+            views, message = work
             _copy_views(sources, views)
             self.conn.send_bytes(message)  # what the writer's conn.recv() unpickles
         except Exception as exc:  # reported by `status` on this rank, agreed on by all (finish_pending)

@@ -160,3 +160,91 @@ def test_async_save_with_the_distributed_optimizer_at_dp2_equals_a_sync_save(tmp
     losses = [{it: r["loss"] for it, r in train_records(d / "log.jsonl").items()} for d in runs.values()]
     assert losses[0] == losses[1] and sorted(losses[0]) == [1, 2, 3], losses
     assert (runs["async"] / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+
+
+def test_views_reach_the_snapshot_uncopied_and_the_writer_saves_each_tensor_alone():
+    """No copy of a view in the step (megatron-core's `_clone_if_needed`, skipped by `_WriterKeepingViews`):
+    its buckets are megatron-core's writer's with the view itself where that clones it; the writer then
+    saves every snapshot tensor over exactly its own bytes (`_own_storages`), as `torch.save` of a clone."""
+    import io
+
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+    from torch.distributed.checkpoint.filesystem import _StoragePrefix
+    from torch.distributed.checkpoint.planner import SavePlan
+    from torch.distributed.checkpoint.planner_helpers import _create_write_items
+
+    from internvl_mcore.training.async_save import _in_process_results_queue, _own_storages, _WriterKeepingViews
+
+    _in_process_results_queue()  # megatron-core's writer would spawn a Manager for its results queue
+    fc1 = torch.randn(6, 3)
+    data = {"whole": torch.ones(5, dtype=torch.bfloat16), "gate": fc1[:3], "up": fc1[3:], "empty": torch.zeros(0)}
+    plan = SavePlan(
+        [i for fqn, t in data.items() for i in _create_write_items(fqn, t)], storage_data=_StoragePrefix("__0_")
+    )
+    planner = SimpleNamespace(resolve_data=lambda item: data[item.index.fqn])
+    buckets = []
+    for cls in (FileSystemWriterAsync, _WriterKeepingViews):
+        w = cls("/nonexistent", thread_count=2)
+        w.prepare_write_data(plan, planner)
+        buckets.append(w.write_buckets)
+    theirs, ours = ([(b[0], b[1], [(i.index.fqn, t) for i, t in b[2][1]]) for b in bs] for bs in buckets)
+    assert [(n, k, [f for f, _ in d]) for n, k, d in theirs] == [(n, k, [f for f, _ in d]) for n, k, d in ours]
+    pairs = [(f, a, b) for (_, _, da), (_, _, db) in zip(theirs, ours) for (f, a), (_, b) in zip(da, db)]
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for _, a, b in pairs)
+    ptrs = {f: (a.data_ptr(), b.data_ptr()) for f, a, b in pairs}
+    assert ptrs["gate"][1] == fc1.data_ptr() != ptrs["gate"][0] and ptrs["whole"][0] == ptrs["whole"][1]
+    flat, layout, _ = _snapshot(buckets[1])
+    saved = _own_storages(flat, layout)
+    originals = [t for _, _, (_, d) in buckets[1] for _, t in d]
+    for got, want in zip(saved, originals):
+        assert got.untyped_storage().nbytes() == got.nbytes and torch.equal(got, want)
+        a, b = io.BytesIO(), io.BytesIO()
+        torch.save(got, a)
+        torch.save(want.clone(), b)
+        assert a.getvalue() == b.getvalue()
+    assert (
+        any(t.numel() == 0 for t in saved) and flat.data_ptr() <= saved[0].data_ptr() < flat.data_ptr() + flat.numel()
+    )
+
+
+def test_a_new_snapshot_buffer_is_mapped_in_the_copy_thread():
+    """The first save's buffer (a new shared-memory mapping: page faults, ~0.1 CPU-s per GB) is made by
+    the copy thread, not in the step; the next save reuses it from the step (views and message only);
+    /dev/shm too small is this rank's write failure in its own line (docs/errors.md)."""
+    import threading
+    from unittest import mock
+
+    gate, sent = threading.Event(), []
+
+    def send(message):
+        gate.wait(timeout=30)
+        sent.append(message)
+
+    writer = AsyncWriter(timeout_s=30.0)
+    writer.proc, writer.conn = SimpleNamespace(is_alive=lambda: True, pid=11), SimpleNamespace(send_bytes=send)
+    bucket = ("f0", "k", ([], [("i0", torch.randn(8))]))
+    request = SimpleNamespace(async_fn=SimpleNamespace(args=(None, False)), async_fn_args=(None, [bucket], None))
+    mapped_by, new_shared = [], torch.UntypedStorage._new_shared
+
+    def record(size):
+        mapped_by.append(threading.current_thread().name)
+        return new_shared(size)
+
+    with mock.patch.object(torch.UntypedStorage, "_new_shared", side_effect=record):
+        writer.submit(request, 2, Pending(2, finish=None, abandon=None, remove=None), rank=0)
+        assert writer.copier.is_alive() and not sent
+        gate.set()
+        writer.join_snapshot()
+    first = writer.buffer
+    assert mapped_by == ["checkpoint-snapshot"], mapped_by
+    assert first is not None and first.is_shared() and writer.copy_failure is None and len(sent) == 1
+    writer.submit(request, 3, Pending(3, finish=None, abandon=None, remove=None), rank=0)
+    writer.join_snapshot()
+    assert writer.buffer is first and len(sent) == 2
+    writer.buffer = None
+    with mock.patch.object(torch.UntypedStorage, "_new_shared", side_effect=RuntimeError("unable to mmap 64 bytes")):
+        writer.submit(request, 4, Pending(4, finish=None, abandon=None, remove=None), rank=0)
+        writer.join_snapshot()
+    assert writer.copy_failure.startswith(
+        "--async-save: cannot hold the checkpoint tensors (32 bytes) in shared memory"
+    )
