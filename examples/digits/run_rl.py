@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Online RL (GSPO) after SFT on the digits, against a control that spends the same time on more SFT.
 
-    python examples/digits/run_rl.py [--out runs/rl_demo] [--sft-iters 150] [--gspo-iters 40] [--quick]
+    python examples/digits/run_rl.py [--out runs/rl_demo] [--sft-iters 150] [--gspo-iters 200] [--quick]
 
 Phases (2 gloo CPU processes, pipeline parallel 2, the `debug` model):
 
@@ -64,17 +64,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=os.path.join(REPO, "runs", "rl_demo"))
     p.add_argument("--sft-iters", type=int, default=150, help="under-trained stage-2 SFT steps (default 150)")
     p.add_argument("--sft-lr", type=float, default=2e-3)
-    p.add_argument("--gspo-iters", type=int, default=40, help="GSPO rollout batches (default 40)")
+    p.add_argument("--gspo-iters", type=int, default=200, help="GSPO rollout batches (default 200)")
     p.add_argument("--gspo-lr", type=float, default=1e-3)
-    p.add_argument("--prompts-per-step", type=int, default=16)
+    p.add_argument("--prompts-per-step", type=int, default=32)
     p.add_argument("--rollouts-per-prompt", type=int, default=8)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=3)
     p.add_argument("--ppo-epochs", type=int, default=1)
     p.add_argument("--kl-coeff", type=float, default=0.0)
     p.add_argument("--clip-eps", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"))
-    p.add_argument("--rl-micro-batch-size", type=int, default=32)
-    p.add_argument("--rl-seq-length", type=int, default=64, help="tokens per response row (prompt + response)")
+    p.add_argument("--rl-micro-batch-size", type=int, default=64)
+    p.add_argument("--rl-seq-length", type=int, default=32, help="tokens per response row: a prompt is 25, +3 new")
     p.add_argument("--control-iters", type=int, default=None, help="control SFT steps (default: time-matched)")
     p.add_argument("--max-single", type=int, default=0, help="cap on single-image SFT samples (0: all)")
     p.add_argument("--heldout-limit", type=int, default=None, help="evaluate only the first N held-out questions")
@@ -229,6 +229,7 @@ def main(argv: list[str] | None = None, run: Runner | None = None) -> int:
         records = _records(os.path.join(out, "logs", "gspo.jsonl"))
         summary["gspo_first"] = {k: records[0].get(k) for k in RL_FIELDS}
         summary["gspo_last"] = {k: records[-1].get(k) for k in RL_FIELDS}
+        summary["gspo_within_10_minutes"] = summary["phases"]["gspo"]["seconds"] <= 600
         summary["gspo_log"] = [{k: r.get(k) for k in ("iteration", *RL_FIELDS)} for r in records]
     if "control" not in a.skip:
         n = summary["control_iters"] = _control_iters(a, summary) if "gspo" in summary["phases"] else a.control_iters

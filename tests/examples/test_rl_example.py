@@ -58,6 +58,7 @@ def test_quick_rl_demo_runs_every_phase(tmp_path) -> None:
     # GSPO and the control both started from the SFT checkpoint
     for name in ("gspo", "control"):
         assert f"loaded weights from training checkpoint {out / 'sft'}" in (out / "logs" / f"{name}.log").read_text()
+    assert isinstance(s["gspo_within_10_minutes"], bool)
     assert [r["iteration"] for r in s["gspo_log"]] == list(range(1, args["gspo_iters"] + 1))
     for key in ("gspo_first", "gspo_last"):
         assert set(s[key]) == set(demo.RL_FIELDS) and s[key]["rl_response_length"] > 0, s[key]
