@@ -45,6 +45,10 @@ QUICK = dict(
     prompts_per_step=2,
     rollouts_per_prompt=2,
     max_single=40,
+    multi_image=4,
+    text_only=4,
+    seq_length=256,
+    preprocess_workers=1,
     heldout_limit=8,
     control_iters=2,
 )
@@ -77,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rl-seq-length", type=int, default=32, help="tokens per response row: a prompt is 25, +3 new")
     p.add_argument("--control-iters", type=int, default=None, help="control SFT steps (default: time-matched)")
     p.add_argument("--max-single", type=int, default=0, help="cap on single-image SFT samples (0: all)")
+    p.add_argument("--multi-image", type=int, default=300, help="'Which of these images shows a D?' SFT samples")
+    p.add_argument("--text-only", type=int, default=200, help="text-only arithmetic SFT samples")
+    p.add_argument("--preprocess-workers", type=int, default=2)
     p.add_argument("--heldout-limit", type=int, default=None, help="evaluate only the first N held-out questions")
     p.add_argument("--seq-length", type=int, default=1024)
     p.add_argument("--seed", type=int, default=1234)
@@ -138,7 +145,16 @@ def _preprocess(run: Runner, a, data, rl, out: str) -> dict:
     ):
         shards[kind] = os.path.join(out, "shards", kind)
         args = ["--meta", meta, "--tokenizer", data.tokenizer, "--output-prefix", shards[kind]]
-        args += ["--seq-length", str(seq), "--model", "debug", "--system-prompt", "", "--workers", "2"]
+        args += [
+            "--seq-length",
+            str(seq),
+            "--model",
+            "debug",
+            "--system-prompt",
+            "",
+            "--workers",
+            str(a.preprocess_workers),
+        ]
         run.tool("preprocess_mm_data.py", [*args, "--no-progress", *extra], os.path.join(out, "logs", f"{kind}.log"))
     return shards
 
@@ -215,7 +231,8 @@ def main(argv: list[str] | None = None, run: Runner | None = None) -> int:
     summary: dict = {"args": vars(a)}
     phase = Phases(summary)
     size = get_preset("debug").vision.image_size
-    data = phase("data", build_digits_dataset, os.path.join(out, "data"), size, seed=0, max_single=a.max_single or None)
+    counts = dict(multi_image=a.multi_image, text_only=a.text_only, max_single=a.max_single or None)
+    data = phase("data", build_digits_dataset, os.path.join(out, "data"), size, seed=0, **counts)
     rl = build_digits_rl_prompts(os.path.join(out, "data"), size, seed=0, num_train=a.max_single or None)
     summary["rl_prompts"] = rl.num_train
     shards = phase("preprocess", _preprocess, run, a, data, rl, out)
