@@ -59,16 +59,29 @@ def _results(record: dict) -> dict:
     return {k: v for k, v in record.items() if not any(t in k for t in TIMED)}
 
 
-def test_gspo_first_step_on_policy_logs_and_exact_resume(prompts, tmp_path) -> None:
+GSPO_CLIP = ("--clip-eps-low", "0.02", "--clip-eps-high", "0.02")
+"""Wide enough that the second --ppo-epochs pass clips some responses (the default 3e-4 / 4e-4 clips
+nearly all)."""
+
+
+@pytest.fixture(scope="module")
+def gspo_one(prompts, tmp_path_factory) -> tuple[list[dict], Path]:
+    """GSPO on one process, 3 iterations saving at 2: its log records and checkpoint directory."""
+    tmp = tmp_path_factory.mktemp("gspo_one")
+    log, save = tmp / "a.jsonl", tmp / "ckpt"
+    args = _args(prompts, "gspo", 3, *GSPO_CLIP)
+    pretrain(1, [*args, "--save", str(save), "--save-interval", "2", "--log-jsonl", str(log)])
+    return [json.loads(x) for x in log.read_text().splitlines()], save
+
+
+def test_gspo_first_step_on_policy_logs_and_exact_resume(prompts, gspo_one, tmp_path) -> None:
     """Run A: 3 iterations saving at 2; run B resumes from iteration 2. Every iteration's first
     --ppo-epochs pass is on-policy (ratio exactly 1, nothing clipped); the reference equals the policy
     at iteration 1 (KL exactly 0); the second pass is off-policy (ratios move, some clipped); B's
     iteration 3 is A's bit for bit (policy, optimizer, prompt position, rollout draws)."""
-    clip = ("--clip-eps-low", "0.02", "--clip-eps-high", "0.02")
-    a_log, b_log, save = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "ckpt"
-    args = _args(prompts, "gspo", 3, *clip)
-    pretrain(1, [*args, "--save", str(save), "--save-interval", "2", "--log-jsonl", str(a_log)])
-    a = [json.loads(x) for x in a_log.read_text().splitlines()]
+    a, save = gspo_one
+    b_log = tmp_path / "b.jsonl"
+    args = _args(prompts, "gspo", 3, *GSPO_CLIP)
     assert [r["iteration"] for r in a] == [1, 2, 3]
     assert a[0]["rl_kl"] == 0.0, a[0]
     for r in a:
@@ -85,6 +98,25 @@ def test_gspo_first_step_on_policy_logs_and_exact_resume(prompts, tmp_path) -> N
     b = [json.loads(x) for x in b_log.read_text().splitlines()]
     assert [r["iteration"] for r in b] == [3]
     assert _results(b[0]) == _results(a[2])
+
+
+def test_gspo_tp2_pp2_equals_one_process(prompts, gspo_one, tmp_path) -> None:
+    """GSPO (sequence-level ratio, clipping, KL) on TP2 x PP2 (4 ranks: tensor- and pipeline-parallel
+    at once, one run for both) samples the one-process run's rollouts (rewards and lengths exactly)
+    and its losses, ratios, clip fractions, KL and gradient norms equal the single process' within
+    1e-5 over 3 iterations, the clipped second passes included."""
+    one, _ = gspo_one
+    log = tmp_path / "tp2pp2.jsonl"
+    layout = ("--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2")
+    pretrain(4, [*_args(prompts, "gspo", 3, *GSPO_CLIP), *layout, "--log-jsonl", str(log)])
+    four = [json.loads(x) for x in log.read_text().splitlines()]
+    assert len(four) == len(one) == 3
+    for r1, r4 in zip(one, four):
+        for k in ("reward_mean", "reward_std", "reward_accuracy", "rl_response_length", "rl_ratio", "rl_clip_fraction"):
+            assert r1[k] == r4[k], (k, r1[k], r4[k])
+        for k in ("loss", "grad_norm", "rl_ratio_last", "rl_kl", "rl_kl_last", "rl_clip_fraction_last"):
+            assert r4[k] == pytest.approx(r1[k], abs=1e-5), (k, r1[k], r4[k])
+    assert max(r["rl_clip_fraction_last"] for r in four) > 0 and four[1]["rl_kl"] > 0
 
 
 @pytest.mark.parametrize(
