@@ -259,12 +259,7 @@ class Reporter:
             record["peak_flops_per_rank"] = self.peak_flops
         self.records.append(record)
         due = iteration % self.run.log.log_interval == 0
-        split = self.timers.take() if self.timers is not None else {}  # this step's times only
-        if due and self.run.log.log_straggler:  # collective: every rank's times
-            times = straggler_times(elapsed, stats.get("data_s", 0.0), split)
-            record["straggler"] = times  # per rank, in --log-jsonl (bench/pipeline.py reads it)
-            if dist.get_rank() == 0:
-                print(straggler_report(iteration, times), flush=True)
+        self._straggler(record, stats, elapsed, due)
         if self.is_writer:
             self._write(record, "train")
             if due:
@@ -292,6 +287,16 @@ class Reporter:
                     flush=True,
                 )
         return record
+
+    def _straggler(self, record: dict, stats: dict, elapsed: float, due: bool) -> None:
+        """--log-straggler when `due` (collective: every rank's times): the line on rank 0, every
+        rank's times into `record` (--log-jsonl; bench/pipeline.py reads them)."""
+        split = self.timers.take() if self.timers is not None else {}  # this step's times only
+        if due and self.run.log.log_straggler:
+            times = straggler_times(elapsed, stats.get("data_s", 0.0), split)
+            record["straggler"] = times
+            if dist.get_rank() == 0:
+                print(straggler_report(record["iteration"], times), flush=True)
 
     def _write(self, record: dict, section: str) -> None:
         """One record to --log-jsonl, tensorboard (`section`/key) and wandb."""
