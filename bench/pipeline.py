@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Throughput at scale, measured on this machine: data-parallel ranks and pipeline stages waiting for each other.
 
-    python bench/pipeline.py --part pp  # PP2 with 1 and 2 virtual stages at 2, 4, 8 microbatches (~5 min idle)
+    python bench/pipeline.py --part pp  # PP2 with 1 and 2 virtual stages at 2, 4, 8 microbatches (~4 min idle)
     python bench/pipeline.py --part dp  # DP2, 12 steps with and without --balance-dp-compute
     python bench/pipeline.py --part dp --quick    # 6 steps
     python bench/pipeline.py --part dp --model debug-m --seq-length 2048 --global-batch-size 4 --samples 120 --steps 6
