@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""Throughput at scale, measured on this machine: data-parallel ranks waiting for each other.
+"""Throughput at scale, measured on this machine: data-parallel ranks and pipeline stages waiting for each other.
 
-    python bench/pipeline.py            # DP2, 12 steps with and without --balance-dp-compute
-    python bench/pipeline.py --quick    # 6 steps
-    python bench/pipeline.py --model debug-m --seq-length 2048 --global-batch-size 4 --samples 120 --steps 6
+    python bench/pipeline.py --part pp  # PP2 with 1 and 2 virtual stages at 2, 4, 8 microbatches (~4 min idle)
+    python bench/pipeline.py --part dp  # DP2, 12 steps with and without --balance-dp-compute
+    python bench/pipeline.py --part dp --quick    # 6 steps
+    python bench/pipeline.py --part dp --model debug-m --seq-length 2048 --global-batch-size 4 --samples 120 --steps 6
+    python bench/pipeline.py            # both parts
 
 DP2 (this part): a mixed shard set for the debug model (a third of the samples an image of 6-12 tiles,
 a third text, a third video of 8-16 one-tile frames; packed to --seq-length 512 by the preprocessor's
@@ -15,7 +17,24 @@ best-fit packing) trained on 2 ranks with --log-straggler, once in stream order 
     at the gradient reduction, from --log-straggler, as max/mean compute and the wait's share of the
     step (goal <= 5%), means over the steps after the first 2 (warm-up);
   - the load average before and after (other processes on the machine skew every measured figure).
-The PP/VPP part (pipeline idle fraction against the planner's bubble) is to come (issue #29).
+
+PP2 (this part): megatron-core's 1F1B schedule (1 virtual stage) and its interleaved schedule (2
+virtual stages per rank, the ViT and projector in the first model chunk of rank 0) on 2 ranks, the
+debug-m model on mock data (uniform microbatches: every pack two samples of --pp-tiles tiles each),
+one pack per microbatch, each microbatch count a run of --pp-steps steps with --log-straggler.
+Printed per run:
+  - the planner's predicted bubble for the same layout (plan/layouts.py: `plan(...).breakdown`);
+  - each rank's measured idle fraction: 1 - its compute / the pipeline's span (the longest schedule
+    time less gradient reduction, compute + pipeline wait, of the ranks; --log-straggler's split, per
+    rank in --log-jsonl), means over the steps after the first 2, and the mean over the ranks against
+    the planner's figure;
+  - megatron-core's schedule order simulated (simulate_schedule) with each rank's measured compute
+    split over its model chunks by the planner's FLOP count, and with the FLOPs alone: uneven chunks
+    (the ViT on rank 0's first, the 32k-vocabulary output layer and loss on the last rank's last)
+    make a bubble the planner's (PP - 1) / (V m + PP - 1), which assumes equal chunks, does not;
+    with equal chunks the simulation gives exactly the planner's figure;
+  - compute per microbatch per rank (wall and process CPU seconds), the step, the load average.
+Then the goals: VPP2's idle within 20% (relative) of the planner's, and below 1 virtual stage's.
 """
 
 from __future__ import annotations
@@ -28,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from typing import Callable
 
 import numpy as np
 
@@ -154,42 +174,244 @@ def summary(rows: list[dict], warmup: int = 2) -> dict:
     }
 
 
+PP_MODEL = "debug-m"  # --pp-model: a ViT and an output layer that weigh as InternVL's
+
+
+def pp_args(virtual: int, microbatches: int, args: argparse.Namespace, log: str) -> list[str]:
+    """pretrain_internvl.py's flags of one PP2 run (1F1B, or interleaved with `virtual` chunks per
+    rank) on mock data, one pack per microbatch, --log-straggler's per-rank times into `log`."""
+    flags = ["--model", args.pp_model, "--mock-data", "--mock-tiles-per-sample", str(args.pp_tiles)]
+    flags += ["--seq-length", str(args.pp_seq_length), "--micro-batch-size", "1"]
+    flags += ["--global-batch-size", str(microbatches), "--pipeline-model-parallel-size", "2"]
+    flags += ["--num-virtual-stages-per-pipeline-rank", str(virtual)] if virtual > 1 else []
+    flags += ["--train-iters", str(args.pp_steps), "--lr", "1e-4", "--seed", "1", "--log-straggler"]
+    return flags + ["--log-interval", "1", "--log-jsonl", log]
+
+
+def straggler_records(log: str) -> list[dict]:
+    """The --log-jsonl train records that carry every rank's straggler times."""
+    with open(log) as f:
+        return [r for r in map(json.loads, f) if "straggler" in r]
+
+
+def pp_train(virtual: int, microbatches: int, args: argparse.Namespace, out_dir: str) -> list[dict]:
+    """One PP2 run under torchrun (2 ranks, one thread each); its straggler records."""
+    log = os.path.join(out_dir, f"pp_v{virtual}_m{microbatches}.jsonl")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [os.path.join(REPO, "pretrain_internvl.py"), *pp_args(virtual, microbatches, args, log)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200, cwd=REPO)
+    if proc.returncode:
+        raise SystemExit(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return straggler_records(log)
+
+
+def planner_bubble(virtual: int, microbatches: int, args: argparse.Namespace) -> float:
+    """The capacity planner's pipeline bubble (share of the step) for the bench's layout and workload."""
+    from internvl_mcore.config import get_preset
+    from internvl_mcore.plan.layouts import HARDWARE, Layout, Workload, plan
+
+    flags = dict(sequence_parallel=False, distributed_optimizer=False, recompute=False, virtual_stages=virtual)
+    layout = Layout(1, 2, 1, 1, **flags)
+    seq = args.pp_seq_length
+    work = Workload(seq, microbatches, 1, tiles_per_sequence=2 * args.pp_tiles, sample_length=seq // 2, bf16=False)
+    # the bubble is a share of the step, the same on any hardware; the planner wants one
+    return float(plan(get_preset(args.pp_model), layout, work, HARDWARE["h100"]).breakdown["bubble"])
+
+
+def chunk_flops(args: argparse.Namespace, virtual: int, pp: int = 2) -> list[list[float]]:
+    """Forward FLOPs of one microbatch per [rank][model chunk] (plan/flops.py): the LLM layers evenly
+    over the PP x V virtual stages, the ViT and projector on rank 0's first chunk, the output layer
+    (at the loss tokens) on the last rank's last chunk."""
+    from internvl_mcore.config import get_preset
+    from internvl_mcore.plan.flops import forward_flops
+    from internvl_mcore.training.mock import mock_sample
+
+    cfg, seq = get_preset(args.pp_model), args.pp_seq_length
+    pack = mock_sample(0, 1, cfg, seq, args.pp_tiles)
+    lengths = np.diff(pack.cu_seqlens).tolist()
+    f = forward_flops(cfg, seq, int(pack.num_tiles.sum()), lengths, lm_head_tokens=int(pack.loss_mask.sum()))
+    layer = (f.llm_linear + f.llm_attention) / (pp * virtual)
+    out = [[layer] * virtual for _ in range(pp)]
+    out[0][0] += f.vit_linear + f.vit_attention + f.vit_patch_embed + f.projector
+    out[-1][-1] += f.lm_head
+    return out
+
+
+def simulate_schedule(chunk_s: list[list[float]], microbatches: int) -> list[float]:
+    """Each rank's idle share of the pipeline span when megatron-core's (interleaved) 1F1B order runs
+    with these forward + backward seconds per [rank][chunk] of one microbatch (backward 2x forward),
+    sends free and instant: what uneven stages and chunks alone make of the bubble."""
+    pp, v = len(chunk_s), len(chunk_s[0])
+    table = [
+        (mb, c) for g in range(0, microbatches, pp) for c in range(v) for mb in range(g, min(g + pp, microbatches))
+    ]
+    total = len(table)
+    ops = []
+    for r in range(pp):
+        warm = min(total, pp - r - 1 if v == 1 else (pp - r - 1) * 2 + (v - 1) * pp)
+        fwd = [("F", mb, c) for mb, c in table]
+        bwd = [("B", mb, v - 1 - c) for mb, c in table]
+        order = fwd[:warm] + [op for pair in zip(fwd[warm:], bwd) for op in pair] + bwd[total - warm :]
+        ops.append(order)
+    done: dict[tuple, float] = {}
+    free, nxt = [0.0] * pp, [0] * pp
+    while any(nxt[r] < len(ops[r]) for r in range(pp)):
+        progressed = False
+        for r in range(pp):
+            while nxt[r] < len(ops[r]):
+                kind, mb, c = ops[r][nxt[r]]
+                stage = c * pp + r
+                dep = ("F", mb, stage - 1) if kind == "F" else ("B", mb, stage + 1)
+                if kind == "B" and stage == pp * v - 1:
+                    dep = ("F", mb, stage)
+                if stage - (kind == "F") < 0 or dep in done:
+                    start = max(free[r], done.get(dep, 0.0))
+                    free[r] = start + chunk_s[r][c] * (1 if kind == "F" else 2) / 3
+                    done[(kind, mb, stage)], nxt[r], progressed = free[r], nxt[r] + 1, True
+                else:
+                    break
+        if not progressed:
+            raise RuntimeError("schedule simulation deadlocked")
+    span = max(free)
+    return [1 - microbatches * sum(chunk_s[r]) / span for r in range(pp)]
+
+
+def pp_summary(records: list[dict], chunks: list[list[float]], microbatches: int, warmup: int = 2) -> dict:
+    """Per-rank idle fraction and compute, means over the steps after `warmup`; the schedule
+    simulated with the measured per-rank compute split over the rank's chunks by `chunks` FLOPs, and
+    with the FLOPs alone. A rank's idle: 1 - its compute / the pipeline's span (the longest schedule
+    time, compute + pipeline wait, of any rank), as the planner's bubble is a share of the step."""
+    rows = records[warmup:] or records
+    ranks = len(rows[0]["straggler"]["step"])
+
+    def mean(col: str, r: int) -> float:
+        return float(np.mean([x["straggler"][col][r] for x in rows]))
+
+    def idle(x: dict, r: int) -> float:
+        t = x["straggler"]
+        span = max(t["compute"][q] + t["pipeline wait"][q] for q in range(ranks))
+        return 1 - t["compute"][r] / span
+
+    compute = [mean("compute", r) for r in range(ranks)]
+    measured = [[c * f / sum(chunks[r]) / microbatches for f in chunks[r]] for r, c in enumerate(compute)]
+    sim = simulate_schedule(measured, microbatches)
+    out = {
+        "idle": [float(np.mean([idle(x, r) for x in rows])) for r in range(ranks)],
+        "compute_s": compute,
+        "compute_cpu_s": [mean("compute cpu", r) for r in range(ranks)],
+        "pipeline_wait_s": [mean("pipeline wait", r) for r in range(ranks)],
+        "gradient_wait_s": [mean("gradient wait", r) for r in range(ranks)],
+        "other_s": [mean("other", r) for r in range(ranks)],
+        "step_s": max(mean("step", r) for r in range(ranks)),
+        "simulated_measured_stages": float(np.mean(sim)),
+        "simulated_flops": float(np.mean(simulate_schedule(chunks, microbatches))),
+    }
+    return dict(out, idle_mean=float(np.mean(out["idle"])))
+
+
+def pp_part(args: argparse.Namespace, tmp: str, train: Callable = pp_train) -> dict:
+    """The PP2 table: every (virtual stages, microbatches) run against the planner, then the goals.
+    `train(virtual, microbatches, args, tmp)` runs one and returns its straggler records."""
+    print(
+        f"PP2 on mock data, --model {args.pp_model}, seq {args.pp_seq_length}, {args.pp_tiles} tiles per sample "
+        f"(2 samples a pack), micro-batch 1, {args.pp_steps} steps per run (means over steps 3-)"
+    )
+    results = {}
+    for virtual in args.pp_virtual:
+        chunks = chunk_flops(args, virtual)
+        share = " / ".join("+".join(f"{100 * f / sum(map(sum, chunks)):.0f}" for f in r) for r in chunks)
+        print(f"  VPP{virtual}: FLOP share of each rank's chunks (planner's count): {share} %")
+        for m in args.pp_microbatches:
+            load0 = os.getloadavg()[0]
+            records = train(virtual, m, args, tmp)
+            s = dict(pp_summary(records, chunks, m), planner_bubble=planner_bubble(virtual, m, args))
+            s.update(load=(load0, os.getloadavg()[0]), records=records)
+            results[f"v{virtual}_m{m}"] = s
+            rel = s["idle_mean"] / s["planner_bubble"] - 1
+            print(
+                f"  VPP{virtual} m={m}: planner bubble {100 * s['planner_bubble']:.1f}% | measured idle "
+                + ", ".join(f"rank {r} {100 * x:.1f}%" for r, x in enumerate(s["idle"]))
+                + f", mean {100 * s['idle_mean']:.1f}% ({100 * rel:+.0f}% vs planner) | simulated: measured "
+                f"stages {100 * s['simulated_measured_stages']:.1f}%, FLOPs {100 * s['simulated_flops']:.1f}% | "
+                "compute per microbatch "
+                + " / ".join(f"{c / m:.3f}" for c in s["compute_s"])
+                + " s (CPU "
+                + " / ".join(f"{c / m:.3f}" for c in s["compute_cpu_s"])
+                + f") | step {s['step_s']:.2f} s | load average {s['load'][0]:.1f} -> {s['load'][1]:.1f}"
+            )
+    for m in args.pp_microbatches:
+        one, two = results.get(f"v1_m{m}"), results.get(f"v2_m{m}")
+        if two is None:
+            continue
+        near = abs(two["idle_mean"] / two["planner_bubble"] - 1) <= 0.2
+        below = "n/a" if one is None else two["idle_mean"] < one["idle_mean"]
+        print(f"  goals at m={m}: VPP2 idle within 20% of the planner's: {near}; below VPP1's: {below}")
+    return results
+
+
+def dp_part(args: argparse.Namespace, tmp: str) -> dict:
+    """The DP2 table: stream order against --balance-dp-compute on the mixed set."""
+    steps = args.steps or (6 if args.quick else 12)
+    prefix = write_mixed_set(os.path.join(tmp, "mixed"), n_samples=args.samples)
+    print(f"DP2 on a mixed set (image 6-12 tiles / text / video 8-16 frames), --model {MODEL}, seq {SEQ}, GBS {GBS}")
+    results = {}
+    for balanced in (False, True):
+        est = estimated_ratios(prefix, steps, balanced)
+        load0 = os.getloadavg()[0]
+        rows = train(prefix, steps, balanced, tmp)
+        load1 = os.getloadavg()[0]
+        s = summary(rows)
+        results[balanced] = rows
+        name = "--balance-dp-compute" if balanced else "stream order       "
+        print(
+            f"  {name}: estimated max/mean cost per step mean {np.mean(est):.3f} worst {max(est):.3f} | "
+            f"measured compute max/mean {s['compute_max_over_mean']:.3f} (CPU time "
+            f"{s['compute_cpu_max_over_mean']:.3f}), gradient wait "
+            f"{100 * s['gradient_wait_share_max_rank']:.1f}% of the step (most waiting rank), "
+            f"step {s['step_s_max']:.3f} s | load average {load0:.1f} -> {load1:.1f}"
+        )
+    same = all(abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]) for a, b in zip(results[True], results[False]))
+    print(f"  losses equal with and without (1e-5): {same}")
+    return {"balanced" if k else "stream": v for k, v in results.items()}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--part", choices=("all", "dp", "pp"), default="all")
+    ap.add_argument("--json", help="write every figure (and the PP runs' records) to this file")
+    ap.add_argument("--quick", action="store_true", help="DP: 6 steps instead of 12")
+    ap.add_argument("--steps", type=int, default=None, help="DP: steps per run")
+    ap.add_argument("--model", default=MODEL, help="DP: a preset (debug-m: a ViT that weighs as InternVL's)")
+    ap.add_argument("--seq-length", type=int, default=SEQ, help="DP")
+    ap.add_argument("--global-batch-size", type=int, default=GBS, help="DP")
+    ap.add_argument("--samples", type=int, default=600, help="DP: samples in the mixed set")
+    ap.add_argument("--pp-model", default=PP_MODEL)
+    ap.add_argument("--pp-seq-length", type=int, default=512)
+    ap.add_argument("--pp-tiles", type=int, default=1, help="mock tiles per sample (2 samples a pack)")
+    ap.add_argument("--pp-steps", type=int, default=5, help="steps per PP run (the first 2 are not counted)")
+    ap.add_argument("--pp-microbatches", type=_ints, default=[2, 4, 8], help="comma-separated")
+    ap.add_argument("--pp-virtual", type=_ints, default=[1, 2], help="virtual stages per rank, comma-separated")
+    return ap
+
+
 def main() -> None:
     global MODEL, SEQ, GBS
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="6 steps instead of 12")
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--model", default=MODEL, help="a preset (debug-m: a ViT that weighs as InternVL's)")
-    ap.add_argument("--seq-length", type=int, default=SEQ)
-    ap.add_argument("--global-batch-size", type=int, default=GBS)
-    ap.add_argument("--samples", type=int, default=600)
-    args = ap.parse_args()
+    args = parser().parse_args()
     MODEL, SEQ, GBS = args.model, args.seq_length, args.global_batch_size
-    steps = args.steps or (6 if args.quick else 12)
+    out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        prefix = write_mixed_set(os.path.join(tmp, "mixed"), n_samples=args.samples)
-        print(
-            f"DP2 on a mixed set (image 6-12 tiles / text / video 8-16 frames), --model {MODEL}, seq {SEQ}, GBS {GBS}"
-        )
-        results = {}
-        for balanced in (False, True):
-            est = estimated_ratios(prefix, steps, balanced)
-            load0 = os.getloadavg()[0]
-            rows = train(prefix, steps, balanced, tmp)
-            load1 = os.getloadavg()[0]
-            s = summary(rows)
-            results[balanced] = rows
-            name = "--balance-dp-compute" if balanced else "stream order       "
-            print(
-                f"  {name}: estimated max/mean cost per step mean {np.mean(est):.3f} worst {max(est):.3f} | "
-                f"measured compute max/mean {s['compute_max_over_mean']:.3f} (CPU time "
-                f"{s['compute_cpu_max_over_mean']:.3f}), gradient wait "
-                f"{100 * s['gradient_wait_share_max_rank']:.1f}% of the step (most waiting rank), "
-                f"step {s['step_s_max']:.3f} s | load average {load0:.1f} -> {load1:.1f}"
-            )
-        same = all(abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]) for a, b in zip(results[True], results[False]))
-        print(f"  losses equal with and without (1e-5): {same}")
-    print("PP2 / VPP idle fraction against the planner's bubble: not measured yet (issue #29)")
+        if args.part in ("all", "dp"):
+            out["dp"] = dp_part(args, tmp)
+        if args.part in ("all", "pp"):
+            out["pp"] = pp_part(args, tmp)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1, default=str)
 
 
 if __name__ == "__main__":

@@ -276,8 +276,9 @@ class LogConfig:
     """Write tensorboard scalars here."""
     log_straggler: bool = False
     """Every --log-interval, print each rank's step and data-loading time, its compute (forward and
-    backward) and its waiting (pipeline receives, gradient reduction) as min / max with their ranks,
-    and the largest share of the step a rank spent waiting."""
+    backward), its waiting (pipeline: the rest of megatron-core's schedule; gradient reduction) and
+    the other rest of the step as min / max with their ranks, and the largest share of the step a
+    rank spent waiting; --log-jsonl gets every rank's times."""
     wandb_project: Optional[str] = None
     """Log the same scalars to this Weights & Biases project (needs the wandb package; WANDB_MODE=offline
     works without a network)."""

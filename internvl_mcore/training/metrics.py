@@ -21,10 +21,15 @@ from ..errors import ConfigError
 from ..parallel.state import comm_device
 from ..plan.flops import train_step_flops
 
-# megatron-core's timer names (config.timers) for the time a rank waits for others: the pipeline
-# receives (a combined send-and-receive waits for its receive) and the data-parallel gradient reduction
-PIPELINE_WAIT = "recv"  # in the name: forward-recv, backward-send-forward-recv, ...
-GRADIENT_WAIT = ("all-grads-sync",)
+# megatron-core's timer names (config.timers). SCHEDULE wraps its whole pipeline schedule, gradient
+# reduction included (finalize_model_grads runs inside it); COMPUTE the forward and backward steps;
+# GRADIENT_WAIT finalize_model_grads' reductions over data-parallel (and, for tied embeddings, the first
+# and last pipeline) ranks. The rest of the schedule is pipeline wait: the timed P2P regions
+# (PIPELINE_RECV in the name) of the 1F1B schedule, and the interleaved schedule's waits on its
+# overlapped receives, which megatron-core does not time (overlap_p2p_comm: handle.wait() in the schedule)
+SCHEDULE = "forward-backward"
+PIPELINE_RECV = "recv"  # forward-recv, backward-send-forward-recv, ...
+GRADIENT_WAIT = ("all-grads-sync", "non-tensor-parallel-grads-all-reduce", "embedding-grads-all-reduce")
 COMPUTE = ("forward-compute", "backward-compute")
 
 
@@ -148,39 +153,54 @@ class StepTimers:
         return self._timers[name]
 
     def take(self) -> dict[str, float]:
-        """Seconds per name since the last `take`: compute, pipeline wait, gradient wait."""
+        """Seconds since the last `take`: compute, pipeline wait, gradient wait; they partition the
+        schedule's time (`schedule_s`), so with the data time and the rest (optimizer, loss
+        reduction) they sum to the step."""
         t, self.totals = self.totals, {}
         for timer in self._timers.values():
             timer.totals = self.totals
+        compute = sum(t.get(n, 0.0) for n in COMPUTE)
+        gradient = sum(t.get(n, 0.0) for n in GRADIENT_WAIT)
+        recv = sum(v for n, v in t.items() if PIPELINE_RECV in n and not n.endswith(" cpu"))
+        # no schedule timer (a schedule of our own): the timed receives are all that is known
+        schedule = t.get(SCHEDULE, compute + gradient + recv)
         return {
-            "compute_s": sum(t.get(n, 0.0) for n in COMPUTE),
+            "compute_s": compute,
             "compute_cpu_s": sum(t.get(n + " cpu", 0.0) for n in COMPUTE),
-            "pipeline_wait_s": sum(v for n, v in t.items() if PIPELINE_WAIT in n and not n.endswith(" cpu")),
-            "gradient_wait_s": sum(t.get(n, 0.0) for n in GRADIENT_WAIT),
+            "pipeline_wait_s": schedule - compute - gradient,
+            "gradient_wait_s": gradient,
+            "schedule_s": schedule,
         }
 
 
-STRAGGLER_COLUMNS = ("step", "data", "compute", "compute cpu", "pipeline wait", "gradient wait")
+STRAGGLER_COLUMNS = ("step", "data", "compute", "compute cpu", "pipeline wait", "gradient wait", "other")
+_SPLIT = ("compute_s", "compute_cpu_s", "pipeline_wait_s", "gradient_wait_s")
 
 
-def straggler_report(iteration: int, step_s: float, data_s: float, split: dict[str, float]) -> Optional[str]:
-    """--log-straggler: every rank's step, data-loading, compute (wall and process CPU seconds) and
-    wait times of this iteration (collective); the line (for rank 0 to print) names the fastest and slowest rank of each, and the
-    largest share of the step a rank spent waiting (pipeline receives + gradient reduction)."""
+def straggler_times(step_s: float, data_s: float, split: dict[str, float]) -> dict[str, list[float]]:
+    """Every rank's seconds of this iteration per STRAGGLER_COLUMNS name (collective): `other` is
+    the step less data, compute, pipeline wait and gradient wait (optimizer step, loss reduction)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     times = torch.zeros(world, len(STRAGGLER_COLUMNS), dtype=torch.float64, device=comm_device())
-    names = ("compute_s", "compute_cpu_s", "pipeline_wait_s", "gradient_wait_s")
-    times[rank] = torch.tensor([step_s, data_s, *(split.get(n, 0.0) for n in names)], dtype=torch.float64)
+    mine = [step_s, data_s, *(split.get(n, 0.0) for n in _SPLIT)]
+    other = step_s - data_s - sum(split.get(n, 0.0) for n in _SPLIT if n != "compute_cpu_s")
+    times[rank] = torch.tensor([*mine, other], dtype=torch.float64)
     dist.all_reduce(times)
-    times = times.cpu()
+    return {name: times[:, col].tolist() for col, name in enumerate(STRAGGLER_COLUMNS)}
+
+
+def straggler_report(iteration: int, times: dict[str, list[float]]) -> str:
+    """--log-straggler's line (rank 0 prints it): the fastest and slowest rank of each column of
+    `straggler_times`, and the largest share of the step a rank spent waiting (pipeline + gradient)."""
     parts = []
-    for col, name in enumerate(STRAGGLER_COLUMNS):
-        lo, hi = int(times[:, col].argmin()), int(times[:, col].argmax())
-        parts.append(f"{name} min {times[lo, col]:.3f} s (rank {lo}) max {times[hi, col]:.3f} s (rank {hi})")
-    wait = (times[:, 4] + times[:, 5]) / times[:, 0].clamp_min(1e-12)
-    worst = int(wait.argmax())
-    parts.append(f"wait fraction max {float(wait[worst]):.3f} (rank {worst}) mean {float(wait.mean()):.3f}")
-    return f"straggler iteration {iteration}: " + " | ".join(parts) if rank == 0 else None
+    for name in STRAGGLER_COLUMNS:
+        col = times[name]
+        lo, hi = min(range(len(col)), key=col.__getitem__), max(range(len(col)), key=col.__getitem__)
+        parts.append(f"{name} min {col[lo]:.3f} s (rank {lo}) max {col[hi]:.3f} s (rank {hi})")
+    wait = [(p + g) / max(s, 1e-12) for p, g, s in zip(times["pipeline wait"], times["gradient wait"], times["step"])]
+    worst = max(range(len(wait)), key=wait.__getitem__)
+    parts.append(f"wait fraction max {wait[worst]:.3f} (rank {worst}) mean {sum(wait) / len(wait):.3f}")
+    return f"straggler iteration {iteration}: " + " | ".join(parts)
 
 
 class Reporter:
@@ -239,11 +259,7 @@ class Reporter:
             record["peak_flops_per_rank"] = self.peak_flops
         self.records.append(record)
         due = iteration % self.run.log.log_interval == 0
-        split = self.timers.take() if self.timers is not None else {}  # this step's times only
-        if due and self.run.log.log_straggler:  # collective: every rank's times
-            line = straggler_report(iteration, elapsed, stats.get("data_s", 0.0), split)
-            if line:
-                print(line, flush=True)
+        self._straggler(record, stats, elapsed, due)
         if self.is_writer:
             self._write(record, "train")
             if due:
@@ -271,6 +287,16 @@ class Reporter:
                     flush=True,
                 )
         return record
+
+    def _straggler(self, record: dict, stats: dict, elapsed: float, due: bool) -> None:
+        """--log-straggler when `due` (collective: every rank's times): the line on rank 0, every
+        rank's times into `record` (--log-jsonl; bench/pipeline.py reads them)."""
+        split = self.timers.take() if self.timers is not None else {}  # this step's times only
+        if due and self.run.log.log_straggler:
+            times = straggler_times(elapsed, stats.get("data_s", 0.0), split)
+            record["straggler"] = times
+            if dist.get_rank() == 0:
+                print(straggler_report(record["iteration"], times), flush=True)
 
     def _write(self, record: dict, section: str) -> None:
         """One record to --log-jsonl, tensorboard (`section`/key) and wandb."""
