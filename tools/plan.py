@@ -291,6 +291,14 @@ def explicit_layout(a: argparse.Namespace) -> Layout | None:
     )
 
 
+def in_flight(a_) -> str:
+    """The activations column's note: microbatches held x GiB each, or with interleaving the
+    microbatches each model chunk holds at the peak (chunk 0 carries the ViT on stage 0)."""
+    if a_.chunk_in_flight:
+        return "chunks " + "+".join(map(str, a_.chunk_in_flight))
+    return f"{a_.in_flight} x {a_.per_microbatch / GiB:.1f}"
+
+
 def print_rollout(p) -> None:
     """--stage gspo / grpo: the KV cache per stage (the 'activations' column's alternative: decoding
     ends before the training passes start, so each stage's total counts the larger) and the reference."""
@@ -427,7 +435,7 @@ def plan_cli(argv: list[str] | None) -> int:
             a_ = s.activations
             print(
                 f"{s.stage:5d} {s.decoder_layers:6d} {gib(s.state.params)} {gib(s.state.grads)}  {gib(s.state.optimizer)}"
-                f"      {gib(a_.total)} ({a_.in_flight} x {a_.per_microbatch / GiB:.1f})  {gib(s.kv_cache) * rl} {gib(s.total)}  "
+                f"      {gib(a_.total)} ({in_flight(a_)})  {gib(s.kv_cache) * rl} {gib(s.total)}  "
                 f"{p.budget_gib:5.0f}  {'fits' if s.total / GiB <= p.budget_gib else 'DOES NOT FIT'}"
             )
         print(
