@@ -5,7 +5,7 @@
 # The layout is the capacity planner's fastest fit for 32 x A100 80GB, 16384-token packs and
 # 128 packs per step; re-check it on your cluster with
 #   python tools/plan.py --model internvl3-78b --gpus 32 --gpu a100-80gb --seq-length 16384 --global-batch-size 128 --stage finetune --tensor-model-parallel-size 4 --pipeline-model-parallel-size 4 --context-parallel-size 1 --decoder-first-pipeline-num-layers 16 --decoder-last-pipeline-num-layers 20 --num-virtual-stages-per-pipeline-rank 2 --use-distributed-optimizer --recompute-granularity full
-#   -> TP4 PP4 CP1 DP2 VPP2 (SP, dist-opt, recompute, first-stage-layers 16, last-stage-layers 20): 61.7 GiB peak per GPU, ~230.8 s per step, MFU 47%
+#   -> TP4 PP4 CP1 DP2 VPP2 (SP, dist-opt, recompute, first-stage-layers 16, last-stage-layers 20): 61.7 GiB peak per GPU, ~231.1 s per step, MFU 47%
 #      (planner estimates, not measured on a GPU)
 #
 # GPUS is the total over all nodes; DP = GPUS / (TP x PP x CP) = 2 by default.

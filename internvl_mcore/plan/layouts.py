@@ -5,7 +5,8 @@ Step time is a first-order model, not a simulation:
 
     step = (microbatches + (PP - 1) / V) * slowest stage's microbatch time  (1F1B pipeline bubble;
            V model chunks per rank with the interleaved schedule, megatron-core's bubble
-           (PP - 1) / (V x microbatches + PP - 1) of the step; V = 1 without it)
+           (PP - 1) / (V x microbatches + PP - 1) of the step; V = 1 without it; every chunk
+           sends its activations: V PP sends per stage and microbatch)
          + data-parallel gradient (and, with the distributed optimizer, parameter) traffic
 
     stage microbatch time = stage FLOPs x (3, or 4 with full recompute) / (TP x CP)
@@ -265,10 +266,11 @@ def plan(
     microbatches = w.global_batch_size // (w.micro_batch_size * layout.dp)
     stages = _stage_memory(model, layout, w, microbatches)
     costs = piece_costs(model, layout, w, hardware, compute_efficiency)
-    stage_times, stage_compute = costs.stage_times(decoder_layers_per_stage(model.llm.num_layers, layout.parallel()))
     pp, v = layout.pp, layout.virtual_stages
-    # interleaved: V x microbatches chunk passes of 1/V of a stage's time each, and the PP - 1 chunk
-    # passes of fill and drain; the chunks' extra PP sends are not modelled
+    counts = decoder_layers_per_stage(model.llm.num_layers, layout.parallel())
+    stage_times, stage_compute = costs.stage_times(counts, v)
+    # interleaved: V x microbatches chunk passes of 1/V of a stage's time each (V PP sends), and the
+    # PP - 1 chunk passes of fill and drain
     pipeline = pipeline_seconds(stage_times, microbatches, v)
     dp_time = _dp_comm_s(model, layout, w, hardware)
     step = pipeline + dp_time

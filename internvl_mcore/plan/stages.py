@@ -6,7 +6,7 @@ TP / CP / EP communication each piece does, as layouts.py's module docstring mod
     stage 0:      ViT + projector (the data's tiles per microbatch) + its decoder layers
     middle:       its decoder layers
     last stage:   its decoder layers + final norm, output layer and loss
-    every stage:  one PP send / receive of the microbatch's activations (PP > 1)
+    every stage:  one PP send / receive of the microbatch's activations per model chunk (PP > 1)
 
 The split is what megatron-core 0.16.1 can build: --decoder-first-pipeline-num-layers and
 --decoder-last-pipeline-num-layers set stage 0's and the last stage's counts, the other stages
@@ -53,12 +53,13 @@ class PieceCosts:
     layer_compute: float = 0.0
     output_compute: float = 0.0
 
-    def stage_times(self, counts: list[int]) -> tuple[list[float], list[float]]:
-        """(total, compute) seconds of each pipeline stage holding `counts` decoder layers."""
+    def stage_times(self, counts: list[int], virtual_stages: int = 1) -> tuple[list[float], list[float]]:
+        """(total, compute) seconds of each pipeline stage holding `counts` decoder layers; with V
+        model chunks per rank each chunk sends and receives its activations (V sends)."""
         last = len(counts) - 1
+        sends = self.send * virtual_stages
         total = [
-            n * self.layer + self.vision * (r == 0) + self.output * (r == last) + self.send
-            for r, n in enumerate(counts)
+            n * self.layer + self.vision * (r == 0) + self.output * (r == last) + sends for r, n in enumerate(counts)
         ]
         compute = [
             n * self.layer_compute + self.vision_compute * (r == 0) + self.output_compute * (r == last)
@@ -200,7 +201,7 @@ def rank_splits(
     ranked = []
     for v in virtual_stages:
         for s in split_options(num_layers, pp, v):
-            t = pipeline_seconds(costs.stage_times(list(s.counts))[0], microbatches, v)
+            t = pipeline_seconds(costs.stage_times(list(s.counts), v)[0], microbatches, v)
             ranked.append((t, len(s.flags()), s))
     ranked.sort(key=lambda x: (x[0], x[1]))
     return [(t, s) for t, _, s in ranked]
