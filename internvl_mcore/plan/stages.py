@@ -45,8 +45,8 @@ class PieceCosts:
     layer: float
     """One decoder layer."""
     output: float
-    """Final norm, output layer and loss (last stage's last chunk); the loss's softmax is not a matmul
-    and counts nothing here."""
+    """Final norm, output layer and loss (last stage's last chunk): the output layer at the text
+    tokens only (logits are computed where a loss is); the loss's softmax is not a matmul."""
     send: float
     """One PP send + receive of the microbatch's activations per stage (0 at PP 1)."""
     vision_compute: float = 0.0
@@ -84,8 +84,13 @@ def piece_costs(model: ModelConfig, layout: Layout, w: Workload, hw: Hardware, c
     trainable = set(w.trainable)
     tiles_mb = w.tiles(model) * w.micro_batch_size
     eff = hw.peak_flops * compute_efficiency
+    tokens = w.seq_length * w.micro_batch_size
+    # the training step computes logits only where a loss is (training/loop.py: logit_tokens), never at
+    # image tokens: the text tokens bound them (a CPU run of debug-m PP2 measured the output layer at
+    # ~1.4 decoder layers where all tokens' logits would be 4.8)
+    text = max(0, tokens - int(round(tiles_mb)) * model.num_image_token)
     fwd = forward_flops(
-        model, w.seq_length * w.micro_batch_size, int(round(tiles_mb)), w.sample_lengths() * w.micro_batch_size
+        model, tokens, int(round(tiles_mb)), w.sample_lengths() * w.micro_batch_size, lm_head_tokens=text
     )
     m = model.llm
     tokens_rank = w.seq_length * w.micro_batch_size / cp
