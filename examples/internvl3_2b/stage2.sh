@@ -5,7 +5,7 @@
 # The layout is the capacity planner's fastest fit for 8 x A100 80GB, 16384-token packs and
 # 128 packs per step; re-check it on your cluster with
 #   python tools/plan.py --model internvl3-2b --gpus 8 --gpu a100-80gb --seq-length 16384 --global-batch-size 128 --stage 2 --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 --context-parallel-size 1 --use-distributed-optimizer
-#   -> TP2 PP1 CP1 DP4 (SP, dist-opt): 56.8 GiB peak per GPU, ~22.6 s per step, MFU 66%
+#   -> TP2 PP1 CP1 DP4 (SP, dist-opt): 56.8 GiB peak per GPU, ~21.8 s per step, MFU 68%
 #      (planner estimates, not measured on a GPU)
 #
 # GPUS is the total over all nodes; DP = GPUS / (TP x PP x CP) = 4 by default.

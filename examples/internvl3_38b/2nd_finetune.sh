@@ -5,7 +5,7 @@
 # The layout is the capacity planner's fastest fit for 16 x A100 80GB, 16384-token packs and
 # 128 packs per step; re-check it on your cluster with
 #   python tools/plan.py --model internvl3-38b --gpus 16 --gpu a100-80gb --seq-length 16384 --global-batch-size 128 --stage finetune --tensor-model-parallel-size 8 --pipeline-model-parallel-size 2 --context-parallel-size 1 --decoder-first-pipeline-num-layers 27 --use-distributed-optimizer
-#   -> TP8 PP2 CP1 DP1 (SP, dist-opt, first-stage-layers 27): 68.8 GiB peak per GPU, ~178.0 s per step, MFU 58%
+#   -> TP8 PP2 CP1 DP1 (SP, dist-opt, first-stage-layers 27): 68.8 GiB peak per GPU, ~176.5 s per step, MFU 59%
 #      (planner estimates, not measured on a GPU)
 #
 # GPUS is the total over all nodes; DP = GPUS / (TP x PP x CP) = 1 by default.

@@ -5,7 +5,7 @@
 # The layout is the capacity planner's fastest fit for 16 x A100 80GB, 16384-token packs and
 # 128 packs per step; re-check it on your cluster with
 #   python tools/plan.py --model internvl3-38b --gpus 16 --gpu a100-80gb --seq-length 16384 --global-batch-size 128 --stage 1.5 --tensor-model-parallel-size 4 --pipeline-model-parallel-size 2 --context-parallel-size 1 --decoder-first-pipeline-num-layers 20 --use-distributed-optimizer --recompute-granularity full
-#   -> TP4 PP2 CP1 DP2 (SP, dist-opt, recompute, first-stage-layers 20): 68.0 GiB peak per GPU, ~267.5 s per step, MFU 46%
+#   -> TP4 PP2 CP1 DP2 (SP, dist-opt, recompute, first-stage-layers 20): 68.0 GiB peak per GPU, ~264.4 s per step, MFU 47%
 #      (planner estimates, not measured on a GPU)
 #
 # GPUS is the total over all nodes; DP = GPUS / (TP x PP x CP) = 2 by default.

@@ -5,7 +5,7 @@
 # The layout is the capacity planner's fastest fit for 32 x A100 80GB, 16384-token packs and
 # 128 packs per step; re-check it on your cluster with
 #   python tools/plan.py --model internvl3-78b --gpus 32 --gpu a100-80gb --seq-length 16384 --global-batch-size 128 --stage 1.5 --tensor-model-parallel-size 8 --pipeline-model-parallel-size 2 --context-parallel-size 1 --decoder-first-pipeline-num-layers 32 --use-distributed-optimizer --recompute-granularity full
-#   -> TP8 PP2 CP1 DP2 (SP, dist-opt, recompute, first-stage-layers 32): 71.9 GiB peak per GPU, ~273.0 s per step, MFU 43%
+#   -> TP8 PP2 CP1 DP2 (SP, dist-opt, recompute, first-stage-layers 32): 71.9 GiB peak per GPU, ~272.9 s per step, MFU 43%
 #      (planner estimates, not measured on a GPU)
 #
 # GPUS is the total over all nodes; DP = GPUS / (TP x PP x CP) = 2 by default.

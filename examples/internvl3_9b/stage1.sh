@@ -5,7 +5,7 @@
 # The layout is the capacity planner's fastest fit for 8 x A100 80GB, 16384-token packs and
 # 128 packs per step; re-check it on your cluster with
 #   python tools/plan.py --model internvl3-9b --gpus 8 --gpu a100-80gb --seq-length 16384 --global-batch-size 128 --stage 1 --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 --context-parallel-size 2 --use-distributed-optimizer
-#   -> TP1 PP1 CP2 DP4 (dist-opt): 64.2 GiB peak per GPU, ~59.0 s per step, MFU 68%
+#   -> TP1 PP1 CP2 DP4 (dist-opt): 64.2 GiB peak per GPU, ~57.7 s per step, MFU 69%
 #      (planner estimates, not measured on a GPU)
 #
 # GPUS is the total over all nodes; DP = GPUS / (TP x PP x CP) = 4 by default.

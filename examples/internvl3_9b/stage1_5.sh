@@ -5,7 +5,7 @@
 # The layout is the capacity planner's fastest fit for 8 x A100 80GB, 16384-token packs and
 # 128 packs per step; re-check it on your cluster with
 #   python tools/plan.py --model internvl3-9b --gpus 8 --gpu a100-80gb --seq-length 16384 --global-batch-size 128 --stage 1.5 --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 --context-parallel-size 4 --use-distributed-optimizer
-#   -> TP2 PP1 CP4 DP1 (SP, dist-opt): 73.3 GiB peak per GPU, ~109.6 s per step, MFU 56%
+#   -> TP2 PP1 CP4 DP1 (SP, dist-opt): 73.3 GiB peak per GPU, ~107.7 s per step, MFU 57%
 #      (planner estimates, not measured on a GPU)
 #
 # GPUS is the total over all nodes; DP = GPUS / (TP x PP x CP) = 1 by default.

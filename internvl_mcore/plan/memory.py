@@ -524,12 +524,21 @@ def activation_bytes(
     head = _head_bytes(model, par, tokens, e, kernels, llm_weights, cross_entropy_chunk_size) if last else 0.0
 
     in_flight = min(pp - pp_rank, num_microbatches) if pp > 1 else 1
-    v = virtual_pipeline_size(par, model.llm.num_layers) or 1
-    chunks: tuple[int, ...] = ()
-    if v > 1:  # the interleaved schedule's peak, its ViT / loss chunks weighed apart
-        states = interleaved_in_flight(pp, v, num_microbatches, pp_rank)
-        chunks = max(states, key=lambda held: _chunk_bytes(held, vision, llm, head))
-        in_flight = -(-sum(chunks) // v)
+    chunks = _interleaved_peak(model, par, pp_rank, num_microbatches, vision, llm, head)
+    if chunks:
+        in_flight = -(-sum(chunks) // len(chunks))
     return ActivationBytes(
         vision=vision, llm=llm, head=head, in_flight=in_flight, recompute_buffer=buffer, chunk_in_flight=chunks
     )
+
+
+def _interleaved_peak(
+    model: ModelConfig, par: ParallelConfig, pp_rank: int, microbatches: int, vision: float, llm: float, head: float
+) -> tuple[int, ...]:
+    """With virtual stages: the microbatches each chunk holds at the rank's peak of the interleaved
+    schedule, the ViT's and the loss's chunks weighed apart; () with one chunk per rank."""
+    v = virtual_pipeline_size(par, model.llm.num_layers) or 1
+    if v == 1:
+        return ()
+    states = interleaved_in_flight(par.pipeline_model_parallel_size, v, microbatches, pp_rank)
+    return max(states, key=lambda held: _chunk_bytes(held, vision, llm, head))
