@@ -304,6 +304,31 @@ def plan(
     )
 
 
+_STATE_CACHE: dict[tuple, StateBytes] = {}
+
+
+def _stage_state(model: ModelConfig, layout: Layout, w: Workload, r: int, layers: int) -> StateBytes:
+    """state_bytes of stage `r`, which holds `layers` decoder layers: what the stage holds depends on
+    its layer count and its place (first / last), not on how the other stages split the rest, so the
+    splits one search compares share the result (the cache's key leaves the split out)."""
+    base = replace(layout, first_stage_layers=None, last_stage_layers=None)
+    key = (model, base, w.trainable, w.bf16, w.lora_rank, w.lora_target, w.lora_modules, r, layers)
+    if key not in _STATE_CACHE:
+        if len(_STATE_CACHE) > 4096:
+            _STATE_CACHE.clear()
+        _STATE_CACHE[key] = state_bytes(
+            model,
+            layout.parallel(),
+            r,
+            layout.dp,
+            trainable=set(w.trainable),
+            param_bytes=2 if w.bf16 else 4,
+            use_distributed_optimizer=layout.distributed_optimizer,
+            lora=w.lora(),
+        )
+    return _STATE_CACHE[key]
+
+
 def _stage_memory(model: ModelConfig, layout: Layout, w: Workload, microbatches: int) -> list[StagePlan]:
     """State and activation bytes of every pipeline stage's worst rank."""
     par = layout.parallel()
@@ -314,16 +339,7 @@ def _stage_memory(model: ModelConfig, layout: Layout, w: Workload, microbatches:
     layers = decoder_layers_per_stage(model.llm.num_layers, par)
     stages = []
     for r in range(layout.pp):
-        st = state_bytes(
-            model,
-            par,
-            r,
-            layout.dp,
-            trainable=trainable,
-            param_bytes=e,
-            use_distributed_optimizer=layout.distributed_optimizer,
-            lora=w.lora(),
-        )
+        st = _stage_state(model, layout, w, r, layers[r])
         act = activation_bytes(
             model,
             par,
@@ -406,15 +422,26 @@ def propose_split(
     tries: int = 8,
     slower_than: float = float("inf"),
 ) -> Optional[LayoutPlan]:
-    """The plan of `layout`'s fastest stage split that fits in memory (of the `tries` fastest by
-    pipeline time; its first/last/virtual-stage settings are replaced), None if none of them fits
-    or the rest cannot beat a step of `slower_than` seconds (a search's best so far)."""
-    for t, lay in split_layouts(model, layout, workload, hardware, compute_efficiency, virtual_stages)[:tries]:
-        if t >= slower_than:
+    """The plan of `layout`'s fastest stage split that fits in memory (its first/last/virtual-stage
+    settings replaced), in order of pipeline time; None after `tries` planned splits that do not fit,
+    or when the rest cannot beat a step of `slower_than` seconds (a search's best so far). A split
+    that gives a stage at least as many layers as one found over the budget is not planned."""
+    over: dict[tuple[int, int], int] = {}  # (V, stage) -> fewest layers seen over the budget there
+    planned = 0
+    for t, lay in split_layouts(model, layout, workload, hardware, compute_efficiency, virtual_stages):
+        if t >= slower_than or planned == tries:
             return None
+        counts = decoder_layers_per_stage(model.llm.num_layers, lay.parallel())
+        v = lay.virtual_stages
+        if any(n >= over.get((v, r), n + 1) for r, n in enumerate(counts)):
+            continue  # a stage's memory grows with its layers: this one cannot fit either
         p = plan(model, lay, workload, hardware, budget_gib, compute_efficiency, reserve_gib)
         if p.fits:
             return p
+        planned += 1
+        for st in p.stages:
+            if st.total / GiB > p.budget_gib:
+                over[(v, st.stage)] = min(over.get((v, st.stage), st.decoder_layers), st.decoder_layers)
     return None
 
 
