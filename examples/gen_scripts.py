@@ -5,9 +5,11 @@
     python examples/gen_scripts.py --check   # exit 1 if a script differs from what layouts.tsv renders
 
 Every stage script is a few lines of per-size data (default GPU count, TP / PP / CP, sequence
-parallel, distributed optimizer, recompute, decoder layers on pipeline stage 0) in front of the one
-shared launcher, examples/train.sh. The data is the planner's choice (internvl_mcore.plan.search:
-the fastest layout that fits) for each model and stage on A100 80 GB GPUs at the workload below.
+parallel, distributed optimizer, recompute, the stage split: decoder layers on the first and last
+pipeline stage and model chunks per rank) in front of the one shared launcher, examples/train.sh.
+The data is the planner's choice (internvl_mcore.plan.search: the fastest layout that fits, its
+stage split from per-piece cost, docs/planner.md) for each model and stage on A100 80 GB GPUs at the
+workload below.
 The GPU count starts at the size's natural count (what InternVL's own InternVL3 fine-tuning
 scripts use) and doubles until a layout fits.
 """
@@ -80,6 +82,8 @@ GPU = "a100-80gb"
 SEQ_LENGTH = 16384
 GLOBAL_BATCH_SIZE = 128
 MICRO_BATCH_SIZE = 1
+VIRTUAL_STAGES = (1, 2)
+"""Model chunks per pipeline rank the planner may choose (the stage presets all run interleaved)."""
 
 COLUMNS = (
     "model",
@@ -92,6 +96,8 @@ COLUMNS = (
     "distributed_optimizer",
     "recompute",
     "first_stage_layers",
+    "last_stage_layers",
+    "virtual_stages",
     "peak_gib",
     "step_s",
     "mfu",
@@ -113,6 +119,9 @@ class Row:
     distributed_optimizer: bool
     recompute: bool
     first_stage_layers: Optional[int]
+    last_stage_layers: Optional[int]
+    virtual_stages: int
+    """Model chunks per pipeline rank (--num-virtual-stages-per-pipeline-rank; 1: no interleaving)."""
     peak_gib: float
     step_s: float
     mfu: float
@@ -125,9 +134,11 @@ class Row:
             + ["dist-opt"] * self.distributed_optimizer
             + ["recompute"] * self.recompute
             + ([f"first-stage-layers {self.first_stage_layers}"] if self.first_stage_layers is not None else [])
+            + ([f"last-stage-layers {self.last_stage_layers}"] if self.last_stage_layers is not None else [])
         )
         dp = self.gpus // (self.tp * self.pp * self.cp)
-        return f"TP{self.tp} PP{self.pp} CP{self.cp} DP{dp}" + (f" ({', '.join(flags)})" if flags else "")
+        vpp = f" VPP{self.virtual_stages}" if self.virtual_stages > 1 else ""
+        return f"TP{self.tp} PP{self.pp} CP{self.cp} DP{dp}{vpp}" + (f" ({', '.join(flags)})" if flags else "")
 
     def plan_command(self) -> str:
         """The tools/plan.py command that evaluates this layout."""
@@ -139,6 +150,10 @@ class Row:
         ]
         if self.first_stage_layers is not None:
             cmd.append(f"--decoder-first-pipeline-num-layers {self.first_stage_layers}")
+        if self.last_stage_layers is not None:
+            cmd.append(f"--decoder-last-pipeline-num-layers {self.last_stage_layers}")
+        if self.virtual_stages > 1:
+            cmd.append(f"--num-virtual-stages-per-pipeline-rank {self.virtual_stages}")
         if self.distributed_optimizer:
             cmd.append("--use-distributed-optimizer")
         if self.recompute:
@@ -179,6 +194,8 @@ def row_from_plan(model: str, stage: str, p, fastest_any: str) -> Row:
         lay.distributed_optimizer,
         lay.recompute,
         lay.first_stage_layers,
+        lay.last_stage_layers,
+        lay.virtual_stages,
         round(p.peak_gib, 1),
         round(p.step_time_s, 1),
         round(p.mfu, 3),
@@ -194,7 +211,7 @@ def plan_row(model: str, stage: str) -> Row:
     cfg, hw = get_preset(model), HARDWARE[GPU]
     gpus = SIZES[model]
     while gpus <= 1024:
-        plans = search(cfg, gpus, workload(stage), hw)
+        plans = search(cfg, gpus, workload(stage), hw, virtual_stages=VIRTUAL_STAGES)
         if plans:
             return row_from_plan(model, stage, plans[0], plans[0].layout.describe())
         gpus *= 2
@@ -215,6 +232,8 @@ def replan(row: Row):
         row.distributed_optimizer,
         row.recompute,
         row.first_stage_layers,
+        last_stage_layers=row.last_stage_layers,
+        virtual_stages=row.virtual_stages,
     )
     return plan(get_preset(row.model), lay, workload(row.stage), HARDWARE[GPU])
 
@@ -287,6 +306,7 @@ def render_script(row: Row, script: StageScript) -> str:
     rel = os.path.relpath(script_path(row.model, script), REPO)
     size = row.model.split("-")[1].upper()
     first = "" if row.first_stage_layers is None else str(row.first_stage_layers)
+    last = "" if row.last_stage_layers is None else str(row.last_stage_layers)
     dp = row.gpus // (row.tp * row.pp * row.cp)
     return f"""\
 #!/usr/bin/env bash
@@ -310,7 +330,8 @@ export TP=${{TP:-{row.tp}}} PP=${{PP:-{row.pp}}} CP=${{CP:-{row.cp}}}
 export SEQUENCE_PARALLEL=${{SEQUENCE_PARALLEL:-{int(row.sequence_parallel)}}}
 export DISTRIBUTED_OPTIMIZER=${{DISTRIBUTED_OPTIMIZER:-{int(row.distributed_optimizer)}}}
 export RECOMPUTE=${{RECOMPUTE:-{int(row.recompute)}}}
-export FIRST_STAGE_LAYERS=${{FIRST_STAGE_LAYERS-{first}}}
+export FIRST_STAGE_LAYERS=${{FIRST_STAGE_LAYERS-{first}}} LAST_STAGE_LAYERS=${{LAST_STAGE_LAYERS-{last}}}
+export VIRTUAL_STAGES=${{VIRTUAL_STAGES:-{row.virtual_stages}}}
 export PRETRAINED=${{PRETRAINED-{script.pretrained.format(model=row.model)}}}
 exec bash "$(dirname "$0")/../train.sh" "$@"
 """

@@ -11,6 +11,8 @@
 #   EP                            MoE models: expert parallel size (default 1), out of DP x CP
 #   SEQUENCE_PARALLEL=0|1 DISTRIBUTED_OPTIMIZER=0|1 RECOMPUTE=0|1 (full) FIRST_STAGE_LAYERS=N (decoder
 #                                 layers on pipeline stage 0, which also holds the ViT; empty: even split)
+#   LAST_STAGE_LAYERS=N (decoder layers on the last stage, which also holds the output layer and loss)
+#   VIRTUAL_STAGES=V (model chunks per pipeline rank, the interleaved schedule; 1: none)
 # The job (defaults in brackets), as InternVL's shell scripts take them:
 #   GPUS [8]                      GPUs over all nodes; DP = GPUS / (TP x PP x CP)
 #   GPUS_PER_NODE [8]  NNODES [GPUS / GPUS_PER_NODE, at least 1]  NODE_RANK [0]
@@ -116,6 +118,8 @@ args=(
 (( EP > 1 )) && args+=(--expert-model-parallel-size "$EP")
 [[ ${SEQUENCE_PARALLEL:-0} == 1 ]] && args+=(--sequence-parallel)
 [[ -n ${FIRST_STAGE_LAYERS:-} ]] && args+=(--decoder-first-pipeline-num-layers "$FIRST_STAGE_LAYERS")
+[[ -n ${LAST_STAGE_LAYERS:-} ]] && args+=(--decoder-last-pipeline-num-layers "$LAST_STAGE_LAYERS")
+(( ${VIRTUAL_STAGES:-1} > 1 )) && args+=(--num-virtual-stages-per-pipeline-rank "$VIRTUAL_STAGES")
 [[ ${RECOMPUTE:-0} == 1 ]] && args+=(--recompute-granularity full)
 [[ ${DISTRIBUTED_OPTIMIZER:-0} == 1 ]] && args+=(--use-distributed-optimizer)
 [[ ${BF16:-1} == 1 ]] && args+=(--bf16)

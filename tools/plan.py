@@ -6,7 +6,10 @@
 prints one row per pipeline stage (its largest rank): parameters, gradients, optimizer state,
 activations, total against the budget, then the estimated step time and MFU. Without explicit
 --tensor/--pipeline/--context-parallel sizes it lists the layouts that fit, fastest first.
-With --stage gspo / grpo the rollouts' KV cache (--prompts-per-step x --rollouts-per-prompt responses
+With PP > 1 it prints the stage split (decoder layers and the modelled time of each stage: the ViT and
+projector on stage 0, the output layer and loss on the last) with the predicted pipeline bubble, and,
+for an explicit layout, the fastest split that fits (--decoder-first/last-pipeline-num-layers,
+--num-virtual-stages-per-pipeline-rank). With --stage gspo / grpo the rollouts' KV cache (--prompts-per-step x --rollouts-per-prompt responses
 of --prompt-length + --max-new-tokens tokens) and, with --kl-coeff > 0, the frozen reference model count too.
 Every number comes from internvl_mcore.plan (docs/planner.md explains the model behind them).
 """
@@ -34,6 +37,7 @@ from internvl_mcore.config.training import (
 )
 from internvl_mcore.errors import ConfigError  # noqa: E402
 from internvl_mcore.plan import HARDWARE, Layout, Rollout, Workload, count_params, plan, search  # noqa: E402
+from internvl_mcore.plan.layouts import propose_split  # noqa: E402
 from internvl_mcore.plan.params import active_params  # noqa: E402
 from internvl_mcore.plan.memory import GiB  # noqa: E402
 
@@ -114,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         "that layout (default 1), else the search keeps only this EP",
     )
     p.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
+    p.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
     p.add_argument(
         "--num-virtual-stages-per-pipeline-rank",
         type=int,
@@ -280,9 +285,18 @@ def explicit_layout(a: argparse.Namespace) -> Layout | None:
         distributed_optimizer=a.use_distributed_optimizer,
         recompute=a.recompute_granularity == "full",
         first_stage_layers=a.decoder_first_pipeline_num_layers,
+        last_stage_layers=a.decoder_last_pipeline_num_layers,
         ep=a.expert_model_parallel_size or 1,
         virtual_stages=a.num_virtual_stages_per_pipeline_rank,
     )
+
+
+def in_flight(a_) -> str:
+    """The activations column's note: microbatches held x GiB each, or with interleaving the
+    microbatches each model chunk holds at the peak (chunk 0 carries the ViT on stage 0)."""
+    if a_.chunk_in_flight:
+        return "chunks " + "+".join(map(str, a_.chunk_in_flight))
+    return f"{a_.in_flight} x {a_.per_microbatch / GiB:.1f}"
 
 
 def print_rollout(p) -> None:
@@ -302,6 +316,47 @@ def print_rollout(p) -> None:
             else "; no reference model (--kl-coeff 0)"
         )
     )
+
+
+def virtual_stage_options(a: argparse.Namespace) -> tuple[int, ...]:
+    """Model chunks per rank the split proposal tries: 1 and 2, or 1 where pretrain_internvl.py runs
+    one chunk only (config/problems.py: --stage mpo / gspo / grpo, LoRA)."""
+    return (1,) if a.stage in ("mpo", *RL_STAGES) or a.lora_rank else (1, 2)
+
+
+def print_split(p, title: str) -> None:
+    """A plan's stage split: decoder layers and the modelled microbatch time of each stage (ViT +
+    projector on stage 0, output layer and loss on the last), the flags and the predicted bubble."""
+    lay, c = p.layout, p.breakdown["costs"]
+    times = p.breakdown["stage_times_s"]
+    flags = " ".join(split_flags(lay)) or "(the even split: no flags)"
+    print(f"{title}: {flags}")
+    print(
+        f"  per microbatch: ViT + projector {c.vision:.2f} s, decoder layer {c.layer:.3f} s, "
+        f"output layer + loss {c.output:.2f} s, PP send {c.send:.3f} s"
+    )
+    print(
+        "  stage times: "
+        + ", ".join(f"stage {s.stage} ({s.decoder_layers} layers) {t:.2f} s" for s, t in zip(p.stages, times))
+        + f"; slowest/fastest {max(times) / min(times):.2f}"
+    )
+    v, m = lay.virtual_stages, p.breakdown["microbatches"]
+    print(
+        f"  predicted bubble {p.breakdown['bubble']:.1%} ((PP-1)/(V x m + PP-1), V={v} model chunks per rank, "
+        f"m={m} microbatches); step {p.step_time_s:.1f} s, MFU {p.mfu:.1%}"
+    )
+
+
+def split_flags(lay: Layout) -> list[str]:
+    """The pretrain_internvl.py flags of a layout's stage split."""
+    out = []
+    if lay.first_stage_layers is not None:
+        out.append(f"--decoder-first-pipeline-num-layers {lay.first_stage_layers}")
+    if lay.last_stage_layers is not None:
+        out.append(f"--decoder-last-pipeline-num-layers {lay.last_stage_layers}")
+    if lay.virtual_stages > 1:
+        out.append(f"--num-virtual-stages-per-pipeline-rank {lay.virtual_stages}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -380,7 +435,7 @@ def plan_cli(argv: list[str] | None) -> int:
             a_ = s.activations
             print(
                 f"{s.stage:5d} {s.decoder_layers:6d} {gib(s.state.params)} {gib(s.state.grads)}  {gib(s.state.optimizer)}"
-                f"      {gib(a_.total)} ({a_.in_flight} x {a_.per_microbatch / GiB:.1f})  {gib(s.kv_cache) * rl} {gib(s.total)}  "
+                f"      {gib(a_.total)} ({in_flight(a_)})  {gib(s.kv_cache) * rl} {gib(s.total)}  "
                 f"{p.budget_gib:5.0f}  {'fits' if s.total / GiB <= p.budget_gib else 'DOES NOT FIT'}"
             )
         print(
@@ -392,6 +447,12 @@ def plan_cli(argv: list[str] | None) -> int:
             f"{p.comm_s:.2f} s, pipeline bubble {p.breakdown['bubble']:.0%}), "
             f"{p.tokens_per_s:,.0f} tokens/s, MFU {p.mfu:.1%}"
         )
+        if lay.pp > 1:
+            print()
+            print_split(p, "stage split")
+            best = propose_split(model, lay, work, hw, virtual_stages=virtual_stage_options(a), **kw)
+            if best is not None:
+                print_split(best, "proposed split (fastest that fits)")
         return 0 if p.fits else 1
 
     fixed = {} if a.expert_model_parallel_size is None else {"ep": a.expert_model_parallel_size}
@@ -403,6 +464,7 @@ def plan_cli(argv: list[str] | None) -> int:
         distributed_optimizer=True if a.use_distributed_optimizer else None,
         recompute=True if a.recompute_granularity else None,
         fixed=fixed,
+        virtual_stages=virtual_stage_options(a),
         **kw,
     )
     plans = [p for p in plans if not problems(run_config(a, model, p.layout.parallel()))]  # pretrain would refuse
@@ -419,6 +481,9 @@ def plan_cli(argv: list[str] | None) -> int:
             f"{i:2d}  {p.layout.describe():58s}  {p.peak_gib:7.1f}  {p.step_time_s:6.1f}  "
             f"{p.mfu:5.1%}  {p.tokens_per_s:9,.0f}"
         )
+    if plans[0].layout.pp > 1:
+        print()
+        print_split(plans[0], "#1's stage split")
     return 0
 
 

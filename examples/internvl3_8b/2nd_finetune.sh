@@ -5,7 +5,7 @@
 # The layout is the capacity planner's fastest fit for 8 x A100 80GB, 16384-token packs and
 # 128 packs per step; re-check it on your cluster with
 #   python tools/plan.py --model internvl3-8b --gpus 8 --gpu a100-80gb --seq-length 16384 --global-batch-size 128 --stage finetune --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 --context-parallel-size 2 --use-distributed-optimizer
-#   -> TP2 PP1 CP2 DP2 (SP, dist-opt): 60.9 GiB peak per GPU, ~68.6 s per step, MFU 66%
+#   -> TP2 PP1 CP2 DP2 (SP, dist-opt): 60.9 GiB peak per GPU, ~66.7 s per step, MFU 68%
 #      (planner estimates, not measured on a GPU)
 #
 # GPUS is the total over all nodes; DP = GPUS / (TP x PP x CP) = 2 by default.
@@ -19,6 +19,7 @@ export TP=${TP:-2} PP=${PP:-1} CP=${CP:-2}
 export SEQUENCE_PARALLEL=${SEQUENCE_PARALLEL:-1}
 export DISTRIBUTED_OPTIMIZER=${DISTRIBUTED_OPTIMIZER:-1}
 export RECOMPUTE=${RECOMPUTE:-0}
-export FIRST_STAGE_LAYERS=${FIRST_STAGE_LAYERS-}
+export FIRST_STAGE_LAYERS=${FIRST_STAGE_LAYERS-} LAST_STAGE_LAYERS=${LAST_STAGE_LAYERS-}
+export VIRTUAL_STAGES=${VIRTUAL_STAGES:-1}
 export PRETRAINED=${PRETRAINED-checkpoints/internvl3-8b}
 exec bash "$(dirname "$0")/../train.sh" "$@"

@@ -5,7 +5,8 @@ Step time is a first-order model, not a simulation:
 
     step = (microbatches + (PP - 1) / V) * slowest stage's microbatch time  (1F1B pipeline bubble;
            V model chunks per rank with the interleaved schedule, megatron-core's bubble
-           (PP - 1) / (V x microbatches + PP - 1) of the step; V = 1 without it)
+           (PP - 1) / (V x microbatches + PP - 1) of the step; V = 1 without it; every chunk
+           sends its activations: V PP sends per stage and microbatch)
          + data-parallel gradient (and, with the distributed optimizer, parameter) traffic
 
     stage microbatch time = stage FLOPs x (3, or 4 with full recompute) / (TP x CP)
@@ -27,16 +28,16 @@ from typing import Iterable, Optional
 from ..config.lora import LORA_MODULES, LoRAConfig
 from ..config.model import ModelConfig, ParallelConfig
 from ..errors import ConfigError
-from .flops import forward_flops, pass_multipliers, train_step_flops
+from .flops import train_step_flops
 from .memory import GiB, ActivationBytes, StateBytes, activation_bytes, kv_cache_bytes, state_bytes
 from .params import (
     PARTS,
     check_divisibility,
     decoder_layers_per_stage,
-    padded_vision_heads,
     stage_numel,
     stage_params,
 )
+from .stages import _link, _ring, pipeline_seconds, piece_costs, rank_splits
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,8 @@ class Layout:
     """Expert parallelism (MoE): experts split over EP ranks carved out of DP x CP (expert-TP = TP)."""
     virtual_stages: int = 1
     """Model chunks per pipeline rank (--num-virtual-stages-per-pipeline-rank; 1: no interleaving)."""
+    last_stage_layers: Optional[int] = None
+    """--decoder-last-pipeline-num-layers (None: the even share)."""
 
     def parallel(self) -> ParallelConfig:
         return ParallelConfig(
@@ -166,6 +169,7 @@ class Layout:
             context_parallel_size=self.cp,
             sequence_parallel=self.sequence_parallel,
             decoder_first_pipeline_num_layers=self.first_stage_layers,
+            decoder_last_pipeline_num_layers=self.last_stage_layers,
             recompute_granularity="full" if self.recompute else None,
             expert_model_parallel_size=self.ep,
             num_virtual_stages_per_pipeline_rank=self.virtual_stages if self.virtual_stages > 1 else None,
@@ -173,6 +177,7 @@ class Layout:
 
     def describe(self) -> str:
         extra = [f"first-stage-layers {self.first_stage_layers}"] if self.first_stage_layers is not None else []
+        extra += [f"last-stage-layers {self.last_stage_layers}"] if self.last_stage_layers is not None else []
         flags = (
             ["SP"] * self.sequence_parallel
             + ["dist-opt"] * self.distributed_optimizer
@@ -239,15 +244,6 @@ class LayoutPlan:
         return self.workload.global_batch_size * self.workload.seq_length / self.step_time_s
 
 
-def _ring(n: int, all_reduce: bool) -> float:
-    return 0.0 if n <= 1 else (2.0 if all_reduce else 1.0) * (n - 1) / n
-
-
-def _link(hw: Hardware, stride: int, size: int) -> float:
-    """NVLink when the group (ranks stride apart) lies in one node, else the network."""
-    return hw.nvlink_bytes_per_s if stride * size <= hw.gpus_per_node else hw.network_bytes_per_s
-
-
 def plan(
     model: ModelConfig,
     layout: Layout,
@@ -269,11 +265,13 @@ def plan(
     budget = (hardware.memory_gib if budget_gib is None else budget_gib) - reserve_gib
     microbatches = w.global_batch_size // (w.micro_batch_size * layout.dp)
     stages = _stage_memory(model, layout, w, microbatches)
-    stage_times, stage_compute = _stage_times(model, layout, w, hardware, compute_efficiency)
+    costs = piece_costs(model, layout, w, hardware, compute_efficiency)
     pp, v = layout.pp, layout.virtual_stages
-    # interleaved: V x microbatches chunk passes of 1/V of a stage's time each, and the PP - 1 chunk
-    # passes of fill and drain; the chunks' extra PP sends are not modelled
-    pipeline = (microbatches + (pp - 1) / v) * max(stage_times)
+    counts = decoder_layers_per_stage(model.llm.num_layers, layout.parallel())
+    stage_times, stage_compute = costs.stage_times(counts, v)
+    # interleaved: V x microbatches chunk passes of 1/V of a stage's time each (V PP sends), and the
+    # PP - 1 chunk passes of fill and drain
+    pipeline = pipeline_seconds(stage_times, microbatches, v)
     dp_time = _dp_comm_s(model, layout, w, hardware)
     step = pipeline + dp_time
     model_flops = train_step_flops(
@@ -283,7 +281,7 @@ def plan(
         attention_lengths=w.sample_lengths() * w.global_batch_size,
         trainable=set(w.trainable),
     )
-    compute_s = (microbatches + (pp - 1) / v) * max(stage_compute)
+    compute_s = pipeline_seconds(stage_compute, microbatches, v)
     return LayoutPlan(
         model,
         layout,
@@ -300,8 +298,35 @@ def plan(
             "dp_comm_s": dp_time,
             "microbatches": microbatches,
             "bubble": (pp - 1) / (v * microbatches + pp - 1),
+            "stage_times_s": stage_times,
+            "costs": costs,
         },
     )
+
+
+_STATE_CACHE: dict[tuple, StateBytes] = {}
+
+
+def _stage_state(model: ModelConfig, layout: Layout, w: Workload, r: int, layers: int) -> StateBytes:
+    """state_bytes of stage `r`, which holds `layers` decoder layers: what the stage holds depends on
+    its layer count and its place (first / last), not on how the other stages split the rest, so the
+    splits one search compares share the result (the cache's key leaves the split out)."""
+    base = replace(layout, first_stage_layers=None, last_stage_layers=None)
+    key = (model, base, w.trainable, w.bf16, w.lora_rank, w.lora_target, w.lora_modules, r, layers)
+    if key not in _STATE_CACHE:
+        if len(_STATE_CACHE) > 4096:
+            _STATE_CACHE.clear()
+        _STATE_CACHE[key] = state_bytes(
+            model,
+            layout.parallel(),
+            r,
+            layout.dp,
+            trainable=set(w.trainable),
+            param_bytes=2 if w.bf16 else 4,
+            use_distributed_optimizer=layout.distributed_optimizer,
+            lora=w.lora(),
+        )
+    return _STATE_CACHE[key]
 
 
 def _stage_memory(model: ModelConfig, layout: Layout, w: Workload, microbatches: int) -> list[StagePlan]:
@@ -314,16 +339,7 @@ def _stage_memory(model: ModelConfig, layout: Layout, w: Workload, microbatches:
     layers = decoder_layers_per_stage(model.llm.num_layers, par)
     stages = []
     for r in range(layout.pp):
-        st = state_bytes(
-            model,
-            par,
-            r,
-            layout.dp,
-            trainable=trainable,
-            param_bytes=e,
-            use_distributed_optimizer=layout.distributed_optimizer,
-            lora=w.lora(),
-        )
+        st = _stage_state(model, layout, w, r, layers[r])
         act = activation_bytes(
             model,
             par,
@@ -342,53 +358,6 @@ def _stage_memory(model: ModelConfig, layout: Layout, w: Workload, microbatches:
         kv = kv_cache_bytes(model, par, r, ro.rows(layout.dp), ro.tokens, e) if ro is not None else 0
         stages.append(StagePlan(r, layers[r], st, act, float(kv)))
     return stages
-
-
-def _stage_times(
-    model: ModelConfig, layout: Layout, w: Workload, hw: Hardware, compute_efficiency: float
-) -> tuple[list[float], list[float]]:
-    """(compute + communication, compute) seconds of one microbatch on every pipeline stage."""
-    tp, cp, pp, dp = layout.tp, layout.cp, layout.pp, layout.dp
-    e = 2 if w.bf16 else 4
-    trainable = set(w.trainable)
-    tiles_mb = w.tiles(model) * w.micro_batch_size
-    eff = hw.peak_flops * compute_efficiency
-    fwd = forward_flops(
-        model, w.seq_length * w.micro_batch_size, int(round(tiles_mb)), w.sample_lengths() * w.micro_batch_size
-    )
-    vit_pad = padded_vision_heads(model.vision.num_attention_heads, tp) / model.vision.num_attention_heads
-    m = model.llm
-    tp_bw, cp_bw = _link(hw, 1, tp), _link(hw, tp, cp)
-    pp_bw = hw.nvlink_bytes_per_s if tp * cp * dp < hw.gpus_per_node else hw.network_bytes_per_s
-    tokens_rank = w.seq_length * w.micro_batch_size / cp
-    act_bytes = tokens_rank * m.hidden_size * e
-    vit_tokens = tiles_mb * (model.vision.num_patches + 1)
-    k = pass_multipliers(trainable, layout.recompute)
-    extra = 1 if w.reference_model else 0  # + the reference model's forward of every microbatch
-    llm_mult, vit_mult, proj_mult = k["llm"] + extra, k["vision"] + extra, k["projector"] + extra
-    ar_per_layer = 6 if layout.recompute else 4
-    stage_times, stage_compute = [], []
-    for r, n_layers in enumerate(decoder_layers_per_stage(m.num_layers, layout.parallel())):
-        flops = (fwd.llm_linear + fwd.llm_attention) * n_layers / m.num_layers * llm_mult / (tp * cp)
-        comm = n_layers * ar_per_layer * _ring(tp, True) * act_bytes / tp_bw
-        kv_bytes = tokens_rank * 2 * m.num_query_groups * m.head_dim * e / tp
-        comm += n_layers * 3 * (cp - 1) * kv_bytes / cp_bw if cp > 1 else 0.0
-        comm += n_layers * _expert_all_to_all_s(model, layout, hw, tokens_rank, e, ar_per_layer)
-        if r == 0 and tiles_mb:
-            vit = (fwd.vit_linear + fwd.vit_attention) * vit_pad + fwd.vit_patch_embed
-            flops += (vit * vit_mult + fwd.projector * proj_mult) / tp
-            vit_ar = ar_per_layer if "vision" in trainable else 2
-            comm += (
-                model.vision.num_layers * vit_ar * _ring(tp, True) * vit_tokens * model.vision.hidden_size * e / tp_bw
-            )
-        if r == pp - 1:
-            flops += fwd.lm_head * llm_mult / (tp * cp)
-        compute = flops / eff
-        if pp > 1:
-            comm += 2 * act_bytes / (tp if layout.sequence_parallel else 1) / pp_bw
-        stage_times.append(compute + comm)
-        stage_compute.append(compute)
-    return stage_times, stage_compute
 
 
 def _dp_comm_s(model: ModelConfig, layout: Layout, w: Workload, hw: Hardware) -> float:
@@ -415,35 +384,65 @@ def _dp_comm_s(model: ModelConfig, layout: Layout, w: Workload, hw: Hardware) ->
     return dp_time
 
 
-def _expert_all_to_all_s(
-    model: ModelConfig, layout: Layout, hw: Hardware, tokens_rank: float, e: int, passes: int
-) -> float:
-    """Seconds one MoE layer spends in the dispatcher's all-to-alls per microbatch: each of the
-    token's top-k copies (hidden_size x e bytes) leaves the rank with probability (EP-1)/EP, once
-    to dispatch and once to combine, in the forward and again in the backward (`passes` / 2 times
-    each: 4 per layer, 6 with recompute); the EP group spans ranks TP apart."""
-    m = model.llm
-    if not m.is_moe or layout.ep == 1:
-        return 0.0
-    hw_bytes = tokens_rank / layout.tp * m.moe_router_topk * m.hidden_size * e * (layout.ep - 1) / layout.ep
-    return passes * hw_bytes / _link(hw, layout.tp, layout.ep)
-
-
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def first_stage_options(model: ModelConfig, pp: int, tries: int = 3) -> list[Optional[int]]:
-    """Decoder layers on stage 0 to try: the even split, and up to `tries` smaller counts (the ViT
-    lives on stage 0) for which the remaining layers divide over the other stages."""
-    n = model.llm.num_layers
-    opts: list[Optional[int]] = [None] if n % pp == 0 else []
-    if pp > 1:
-        even = -(-n // pp)
-        fewer = [f for f in range(even - 1, max(even // 3, 1) - 1, -1) if (n - f) % (pp - 1) == 0]
-        step = max(1, len(fewer) // tries)
-        opts += fewer[::step][:tries]
-    return opts
+def split_layouts(
+    model: ModelConfig,
+    layout: Layout,
+    workload: Workload,
+    hardware: Hardware,
+    compute_efficiency: float = 0.7,
+    virtual_stages: tuple[int, ...] = (1,),
+) -> list[tuple[float, Layout]]:
+    """`layout` with every stage split megatron-core builds (stages.split_options) for each number of
+    model chunks per rank in `virtual_stages`, as (pipeline seconds, layout), fastest first: the
+    per-piece costs (ViT + projector on stage 0, each decoder layer, output layer on the last)
+    decide. PP 1: the layout itself."""
+    if layout.pp == 1:
+        return [(0.0, layout)]
+    costs = piece_costs(model, layout, workload, hardware, compute_efficiency)
+    m = workload.global_batch_size // (workload.micro_batch_size * layout.dp)
+    return [
+        (t, replace(layout, first_stage_layers=s.first, last_stage_layers=s.last, virtual_stages=s.virtual_stages))
+        for t, s in rank_splits(costs, model.llm.num_layers, layout.pp, m, virtual_stages)
+    ]
+
+
+def propose_split(
+    model: ModelConfig,
+    layout: Layout,
+    workload: Workload,
+    hardware: Hardware,
+    budget_gib: Optional[float] = None,
+    compute_efficiency: float = 0.7,
+    reserve_gib: float = 6.0,
+    virtual_stages: tuple[int, ...] = (1, 2),
+    tries: int = 8,
+    slower_than: float = float("inf"),
+) -> Optional[LayoutPlan]:
+    """The plan of `layout`'s fastest stage split that fits in memory (its first/last/virtual-stage
+    settings replaced), in order of pipeline time; None after `tries` planned splits that do not fit,
+    or when the rest cannot beat a step of `slower_than` seconds (a search's best so far). A split
+    that gives a stage at least as many layers as one found over the budget is not planned."""
+    over: dict[tuple[int, int], int] = {}  # (V, stage) -> fewest layers seen over the budget there
+    planned = 0
+    for t, lay in split_layouts(model, layout, workload, hardware, compute_efficiency, virtual_stages):
+        if t >= slower_than or planned == tries:
+            return None
+        counts = decoder_layers_per_stage(model.llm.num_layers, lay.parallel())
+        v = lay.virtual_stages
+        if any(n >= over.get((v, r), n + 1) for r, n in enumerate(counts)):
+            continue  # a stage's memory grows with its layers: this one cannot fit either
+        p = plan(model, lay, workload, hardware, budget_gib, compute_efficiency, reserve_gib)
+        if p.fits:
+            return p
+        planned += 1
+        for st in p.stages:
+            if st.total / GiB > p.budget_gib:
+                over[(v, st.stage)] = min(over.get((v, st.stage), st.decoder_layers), st.decoder_layers)
+    return None
 
 
 def expert_parallel_options(model: ModelConfig, dp_cp: int, fixed: Optional[int] = None) -> list[int]:
@@ -465,8 +464,9 @@ def candidate_layouts(
     fixed: Optional[dict] = None,
 ) -> Iterable[Layout]:
     """Every layout of `gpus` ranks the model's shapes allow (TP a divisor of heads, key/value heads
-    and widths; PP splits the decoder; CP splits the sequence into 2*CP chunks; DP divides the
-    global batch). Sequence parallelism is on whenever TP > 1 (it only saves memory)."""
+    and widths; PP at most the decoder's layers; CP splits the sequence into 2*CP chunks; DP divides
+    the global batch). Sequence parallelism is on whenever TP > 1 (it only saves memory). The stage
+    split is left to `propose_split` (the layouts come with the even one)."""
     fixed = fixed or {}
     for tp, cp in itertools.product(_divisors(max_tp), _divisors(max_cp)):
         if fixed.get("tp", tp) != tp or fixed.get("cp", cp) != cp:
@@ -483,21 +483,12 @@ def candidate_layouts(
             dp = gpus // (tp * cp * pp)
             if workload.global_batch_size % (workload.micro_batch_size * dp):
                 continue
-            for first in first_stage_options(model, pp):
-                for ep in expert_parallel_options(model, dp * cp, fixed.get("ep")):
-                    for dist in [distributed_optimizer] if distributed_optimizer is not None else [True, False]:
-                        for rc in [recompute] if recompute is not None else [False, True]:
-                            yield Layout(
-                                tp,
-                                pp,
-                                cp,
-                                dp,
-                                sequence_parallel=tp > 1,
-                                distributed_optimizer=dist,
-                                recompute=rc,
-                                first_stage_layers=first,
-                                ep=ep,
-                            )
+            for ep in expert_parallel_options(model, dp * cp, fixed.get("ep")):
+                for dist in [distributed_optimizer] if distributed_optimizer is not None else [True, False]:
+                    for rc in [recompute] if recompute is not None else [False, True]:
+                        yield Layout(
+                            tp, pp, cp, dp, sequence_parallel=tp > 1, distributed_optimizer=dist, recompute=rc, ep=ep
+                        )
 
 
 def search(
@@ -511,16 +502,22 @@ def search(
     distributed_optimizer: Optional[bool] = None,
     recompute: Optional[bool] = None,
     fixed: Optional[dict] = None,
+    virtual_stages: tuple[int, ...] = (1,),
 ) -> list[LayoutPlan]:
-    """Layouts that fit, fastest first; of the variants of one TP/PP/CP only the fastest is kept."""
+    """Layouts that fit, fastest first; of the variants of one TP/PP/CP only the fastest is kept.
+    With PP > 1 each variant takes its fastest stage split that fits (`propose_split`), with
+    `virtual_stages` the numbers of model chunks per rank to try."""
     best: dict[tuple, LayoutPlan] = {}
     for lay in candidate_layouts(
         model, gpus, workload, distributed_optimizer=distributed_optimizer, recompute=recompute, fixed=fixed
     ):
-        p = plan(model, lay, workload, hardware, budget_gib, compute_efficiency, reserve_gib)
-        if not p.fits:
-            continue
         key = (lay.tp, lay.pp, lay.cp, lay.ep)
+        bar = best[key].step_time_s if key in best else float("inf")
+        p = propose_split(
+            model, lay, workload, hardware, budget_gib, compute_efficiency, reserve_gib, virtual_stages, slower_than=bar
+        )
+        if p is None:
+            continue
         if key not in best or p.step_time_s < best[key].step_time_s:
             best[key] = p
     return sorted(best.values(), key=lambda p: p.step_time_s)

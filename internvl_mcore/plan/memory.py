@@ -30,7 +30,8 @@ from functools import lru_cache
 from typing import Iterable, Literal, Optional, Sequence
 
 from ..config.lora import LoRAConfig
-from ..config.model import ModelConfig, ParallelConfig
+from ..config.model import ModelConfig, ParallelConfig, virtual_pipeline_size
+from .stages import interleaved_in_flight
 from .params import (
     PARTS,
     ParamSpec,
@@ -409,6 +410,9 @@ class ActivationBytes:
     """Microbatches whose activations are held at once (1F1B: pp - stage, at most all of them)."""
     recompute_buffer: float
     """With full recompute: one recomputed layer's activations alive during its backward."""
+    chunk_in_flight: tuple[int, ...] = ()
+    """Interleaved schedule (V model chunks): microbatches each chunk holds at the rank's peak (the
+    ViT's with chunk 0, the loss's with the last chunk, 1/V of `llm` each); () with one chunk."""
 
     @property
     def per_microbatch(self) -> float:
@@ -416,7 +420,15 @@ class ActivationBytes:
 
     @property
     def total(self) -> float:
+        if self.chunk_in_flight:
+            return _chunk_bytes(self.chunk_in_flight, self.vision, self.llm, self.head) + self.recompute_buffer
         return self.in_flight * self.per_microbatch + self.recompute_buffer
+
+
+def _chunk_bytes(held: tuple[int, ...], vision: float, llm: float, head: float) -> float:
+    """Bytes of `held[c]` microbatches on each of V chunks: 1/V of the stage's layers each, the ViT
+    on chunk 0 (stage 0) and the loss on chunk V-1 (last stage)."""
+    return held[0] * vision + sum(held) * llm / len(held) + held[-1] * head
 
 
 def _head_bytes(
@@ -473,7 +485,8 @@ def activation_bytes(
     kernels: Kernels = "gpu",
     cross_entropy_chunk_size: int = 0,
 ) -> ActivationBytes:
-    """Activation memory of one rank of stage `pp_rank` during a 1F1B training step.
+    """Activation memory of one rank of stage `pp_rank` during a 1F1B training step (or the
+    interleaved schedule's, with virtual stages in `par`: stages.interleaved_in_flight).
 
     seq_length x micro_batch_size tokens per microbatch, split over CP ranks; tiles_per_microbatch
     tiles go through the ViT on stage 0 (every CP rank runs them all). sample_lengths: lengths of
@@ -511,4 +524,21 @@ def activation_bytes(
     head = _head_bytes(model, par, tokens, e, kernels, llm_weights, cross_entropy_chunk_size) if last else 0.0
 
     in_flight = min(pp - pp_rank, num_microbatches) if pp > 1 else 1
-    return ActivationBytes(vision=vision, llm=llm, head=head, in_flight=in_flight, recompute_buffer=buffer)
+    chunks = _interleaved_peak(model, par, pp_rank, num_microbatches, vision, llm, head)
+    if chunks:
+        in_flight = -(-sum(chunks) // len(chunks))
+    return ActivationBytes(
+        vision=vision, llm=llm, head=head, in_flight=in_flight, recompute_buffer=buffer, chunk_in_flight=chunks
+    )
+
+
+def _interleaved_peak(
+    model: ModelConfig, par: ParallelConfig, pp_rank: int, microbatches: int, vision: float, llm: float, head: float
+) -> tuple[int, ...]:
+    """With virtual stages: the microbatches each chunk holds at the rank's peak of the interleaved
+    schedule, the ViT's and the loss's chunks weighed apart; () with one chunk per rank."""
+    v = virtual_pipeline_size(par, model.llm.num_layers) or 1
+    if v == 1:
+        return ()
+    states = interleaved_in_flight(par.pipeline_model_parallel_size, v, microbatches, pp_rank)
+    return max(states, key=lambda held: _chunk_bytes(held, vision, llm, head))

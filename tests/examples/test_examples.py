@@ -174,6 +174,10 @@ def test_dry_run_prints_the_planned_torchrun_command(script: Path):
     assert (option(args, "--recompute-granularity") == "full") == row.recompute
     first = option(args, "--decoder-first-pipeline-num-layers")
     assert (int(first) if first else None) == row.first_stage_layers
+    last = option(args, "--decoder-last-pipeline-num-layers")
+    assert (int(last) if last else None) == row.last_stage_layers
+    chunks = option(args, "--num-virtual-stages-per-pipeline-rank")
+    assert (int(chunks) if chunks else 1) == row.virtual_stages
     # batch geometry as InternVL's scripts take it, and InternVL's 3% warm-up
     assert option(args, "--global-batch-size") == "128" and option(args, "--micro-batch-size") == "1"
     assert option(args, "--seq-length") == str(gen.SEQ_LENGTH)

@@ -89,7 +89,7 @@ def test_virtual_stage_flags():
 
 def test_planner_bubble_divides_by_virtual_stages():
     """The planner's pipeline time and bubble with V model chunks per rank: (m + (p - 1) / V) stage
-    times, bubble (p - 1) / (V m + p - 1) (megatron-core's interleaved schedule)."""
+    times, bubble (p - 1) / (V m + p - 1) (megatron-core's interleaved schedule), V PP sends per stage."""
     from internvl_mcore.config import get_preset
     from internvl_mcore.plan.layouts import HARDWARE, Layout, Workload, plan
 
@@ -100,6 +100,10 @@ def test_planner_bubble_divides_by_virtual_stages():
     }
     m = plans[1].breakdown["microbatches"]
     assert m == 8 and plans[1].breakdown["bubble"] == 3 / 11 and plans[2].breakdown["bubble"] == 3 / 19
-    assert plans[2].breakdown["pipeline_s"] / plans[1].breakdown["pipeline_s"] == pytest.approx((8 + 1.5) / (8 + 3))
+    slowest = {v: max(plans[v].breakdown["stage_times_s"]) for v in (1, 2)}
+    assert plans[1].breakdown["pipeline_s"] == pytest.approx((8 + 3) * slowest[1])
+    assert plans[2].breakdown["pipeline_s"] == pytest.approx((8 + 1.5) * slowest[2])
+    # the same stages, each chunk sending its activations: one more PP send per stage and microbatch
+    assert slowest[2] - slowest[1] == pytest.approx(plans[1].breakdown["costs"].send) and slowest[1] > 0
     assert plans[2].layout.parallel().num_virtual_stages_per_pipeline_rank == 2
     assert "VPP2" in plans[2].layout.describe()

@@ -1,0 +1,104 @@
+"""Stage splits from per-piece cost (plan/stages.py, plan/layouts.py: propose_split) and the
+InternVL3-78B on 64 GPUs example of docs/planner.md."""
+
+import importlib.util
+import re
+import types
+
+import pytest
+
+from internvl_mcore.config import get_preset
+from internvl_mcore.config.model import ParallelConfig
+from internvl_mcore.config.problems import virtual_pipeline_problems
+from internvl_mcore.plan import HARDWARE, Layout, Workload, plan
+from internvl_mcore.plan.layouts import propose_split
+from internvl_mcore.plan.params import decoder_layers_per_stage
+from internvl_mcore.plan.stages import interleaved_in_flight, piece_costs, split_options
+from tests.launch import REPO
+
+spec = importlib.util.spec_from_file_location("plan_cli", REPO / "tools" / "plan.py")
+cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cli)
+
+
+@pytest.mark.parametrize("layers,pp,v", [(80, 4, 1), (80, 4, 2), (64, 2, 2), (28, 3, 1), (24, 4, 3)])
+def test_every_split_is_one_megatron_core_builds(layers, pp, v):
+    """Each split's flags give its counts by megatron-core's rule and pass pretrain's VPP checks;
+    no two spellings of one split."""
+    splits = split_options(layers, pp, v)
+    assert splits and len({s.counts for s in splits}) == len(splits)
+    for s in splits:
+        par = ParallelConfig(
+            pipeline_model_parallel_size=pp,
+            decoder_first_pipeline_num_layers=s.first,
+            decoder_last_pipeline_num_layers=s.last,
+            num_virtual_stages_per_pipeline_rank=v if v > 1 else None,
+        )
+        assert decoder_layers_per_stage(layers, par) == list(s.counts)
+        assert virtual_pipeline_problems(layers, par) == []
+        assert min(s.counts) >= v and sum(s.counts) == layers
+    if pp == 2:  # one flag says it all
+        assert all(s.last is None for s in splits)
+
+
+def test_in_flight_replays_megatron_cores_schedule():
+    """The warm-up count and the chunk order are megatron-core's (schedules.py); 1F1B holds PP - rank."""
+    from megatron.core.pipeline_parallel.schedules import get_pp_rank_microbatches, get_schedule_table
+
+    for pp, v, m in ((2, 2, 8), (4, 2, 8), (4, 3, 12), (2, 2, 3)):
+        table = get_schedule_table(m, v, pp)
+        for rank in range(pp):
+            group = types.SimpleNamespace(size=lambda: pp, rank=lambda r=rank: r)
+            comm = types.SimpleNamespace(pp_group=group, virtual_pipeline_model_parallel_size=v)
+            _, _, warmup, _ = get_pp_rank_microbatches(m, v, pp, p2p_communicator=comm)
+            held, peak = [0] * v, set()  # the same replay from megatron-core's own table and count
+            for k in range(warmup):
+                held[table[k][1]] += 1
+                peak.add(tuple(held))
+            for k in range(m * v - warmup):
+                held[table[warmup + k][1]] += 1
+                peak.add(tuple(held))
+                held[v - 1 - table[k][1]] -= 1
+            assert interleaved_in_flight(pp, v, m, rank) == tuple(sorted(peak))
+    assert [max(interleaved_in_flight(4, 1, 8, r))[0] for r in range(4)] == [4, 3, 2, 1]
+    # InternVL at PP4 V2: stage 0's first chunk (the ViT's) holds 8 microbatches, 1F1B's stage 0 holds 4
+    assert max(held[0] for held in interleaved_in_flight(4, 2, 32, 0)) == 8
+
+
+def test_split_follows_the_vision_cost():
+    """More tiles per pack: fewer decoder layers on stage 0; text only: the output layer makes the
+    last stage the short one. The proposal's slowest stage is faster than the even split's."""
+    model, hw = get_preset("internvl3-78b"), HARDWARE["a100-80gb"]
+    lay = Layout(8, 4, 1, 2, True, True, True)
+    firsts = []
+    for tiles in (0, 16, 32, 48):
+        w = Workload(tiles_per_sequence=tiles)
+        p = propose_split(model, lay, w, hw, budget_gib=1000, virtual_stages=(1,))
+        counts = [s.decoder_layers for s in p.stages]
+        firsts.append(counts[0])
+        times = p.breakdown["stage_times_s"]
+        even = plan(model, lay, w, hw, budget_gib=1000).breakdown["stage_times_s"]
+        assert max(times) < max(even) if tiles else max(times) <= max(even)
+        if tiles == 0:
+            assert counts[-1] <= counts[0]
+    assert firsts == sorted(firsts, reverse=True) and firsts[0] > firsts[-1]
+    c = piece_costs(model, lay, Workload(), hw, 0.7)
+    assert c.vision > 10 * c.layer > 0 and c.output > 0 and c.send > 0
+
+
+def test_78b_on_64_gpus_example_in_the_docs(capsys):
+    """docs/planner.md's example lines are what tools/plan.py prints, and what they say holds."""
+    assert cli.main(["--model", "internvl3-78b", "--gpus", "64", "--gpu-memory", "80"]) == 0
+    out = capsys.readouterr().out
+    doc = (REPO / "docs" / "planner.md").read_text()
+    section = doc[doc.index("## Stage splits from per-piece cost") :]
+    block = section[section.index("```text\n") + 8 : section.index("```\n", section.index("```text\n") + 8)]
+    lines = set(out.splitlines())
+    for line in block.splitlines():
+        assert line in lines, f"docs/planner.md's line is not printed any more:\n{line}\n--- output:\n{out}"
+    flags = re.search(r"#1's stage split: (.*)", out).group(1)
+    assert "--decoder-first-pipeline-num-layers" in flags
+    times = [float(t) for t in re.findall(r"stage \d \(\d+ layers\) ([\d.]+) s", out)]
+    assert len(times) == 4 and max(times) / min(times) <= 1.05
+    bubble = float(re.search(r"predicted bubble ([\d.]+)%", out).group(1))
+    assert bubble == pytest.approx(100 * 3 / (32 + 3), abs=0.05)
