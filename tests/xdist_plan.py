@@ -1,0 +1,91 @@
+"""How `pytest -n 2 --dist loadgroup` (pytest-xdist) splits the suite over two worker processes.
+
+Inert unless this process is a pytest-xdist worker of a `--dist loadgroup` run: `pytest` without `-n`
+collects and runs exactly as without this plugin.
+
+Two workers are two pytest sessions: every session-scoped cache exists once per worker, so each test
+file is one unit of work (its module fixtures set up once) and the files that share an expensive
+session fixture (SHARED: the digits shard sets and the single-process reference run `pretrain_log`
+caches for them, the grid_worker references, tests/lora's base checkpoint and runs) are one unit,
+an `xdist_group` mark on each of their tests, so that fixture is built on one worker only. What stays
+per worker: the collection, the reused worlds of tests/worldpool.py (started on first use; a 4-rank
+world is ~12 CPU-s) and the fixtures no unit shares.
+
+The units are handed out in the order they are collected (xdist's LoadScopeScheduling: one unit per
+idle worker, the next when a worker has two tests left), so the workers collect them longest first:
+the cost of a unit is the sum of its files' seconds in tests/xdist_costs.json (max of CPU and wall per
+test, from an idle whole-suite profile: `scripts/suite_profile.py FILE --costs tests/xdist_costs.json`),
+a file it does not know DEFAULT_COST per test. A long unit started last would leave one core idle at
+the end; short ones last fill the tail. Within a unit the tests keep their collection order.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+SHARED = ("digits_shards", "preference_shards", "grid_ref", "base_ckpt", "ref_run", "tp2pp2_run")
+COSTS = Path(__file__).with_name("xdist_costs.json")
+DEFAULT_COST = 0.5  # seconds per test of a file missing from COSTS (new files: most tests are short)
+
+
+def _active(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput") and config.getoption("dist", "no") == "loadgroup"
+
+
+def units(items: list[pytest.Item]) -> dict[str, str]:
+    """Each test file -> the name of its unit (the unit's first file in collection order): files that
+    use one of the same SHARED fixtures are one unit (union-find over files and fixtures)."""
+    parent: dict[str, str] = {}
+
+    def root(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        for name in SHARED:
+            if name in item.fixturenames:
+                a, b = root(path), root("fixture:" + name)
+                if a != b:
+                    parent[a] = b
+    first: dict[str, str] = {}
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        first.setdefault(root(path), path)
+    return {item.nodeid.split("::")[0]: first[root(item.nodeid.split("::")[0])] for item in items}
+
+
+def costs(items: list[pytest.Item], unit_of: dict[str, str]) -> dict[str, float]:
+    """The estimated seconds of each unit."""
+    known = json.loads(COSTS.read_text()) if COSTS.exists() else {}
+    per_test: dict[str, int] = {}
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        per_test[path] = per_test.get(path, 0) + 1
+    total: dict[str, float] = {}
+    for path, n in per_test.items():
+        total[unit_of[path]] = total.get(unit_of[path], 0.0) + known.get(path, DEFAULT_COST * n)
+    return total
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks into the node ids
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test with its unit and put the units in longest-first order (the same on every
+    worker: xdist checks that all workers collected the same list)."""
+    if not _active(config) or not items:
+        return
+    unit_of = units(items)
+    cost = costs(items, unit_of)
+    first_index: dict[str, int] = {}
+    for i, item in enumerate(items):
+        unit = unit_of[item.nodeid.split("::")[0]]
+        first_index.setdefault(unit, i)
+        item.add_marker(pytest.mark.xdist_group(unit))
+    items.sort(
+        key=lambda it: (-cost[unit_of[it.nodeid.split("::")[0]]], first_index[unit_of[it.nodeid.split("::")[0]]])
+    )
