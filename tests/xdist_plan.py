@@ -4,12 +4,14 @@ Inert unless this process is a pytest-xdist worker of a `--dist loadgroup` run: 
 collects and runs exactly as without this plugin.
 
 Two workers are two pytest sessions: every session-scoped cache exists once per worker, so each test
-file is one unit of work (its module fixtures set up once) and the files that share an expensive
-session fixture (SHARED: the digits shard sets and the single-process reference run `pretrain_log`
-caches for them, the grid_worker references, tests/lora's base checkpoint and runs) are one unit,
-an `xdist_group` mark on each of their tests, so that fixture is built on one worker only. What stays
-per worker: the collection, the reused worlds of tests/worldpool.py (started on first use; a 4-rank
-world is ~12 CPU-s) and the fixtures no unit shares.
+file is one unit of work (its module fixtures set up once) and the files that use the same
+session-scoped fixture of tests/ (today: the digits shard sets, and with them the single-process
+reference run that `pretrain_log` caches; the grid_worker references; tests/lora's base checkpoint
+and runs; a new shared fixture joins by itself) are one unit, an `xdist_group` mark on each of
+their tests, so that fixture is built on one worker only. NOT_SHARED names the session fixtures that
+are only a cache object (what they cache is keyed by the run, the runs' sharers share another
+fixture too). What stays per worker: the collection, the reused worlds of tests/worldpool.py
+(started on first use) and pytest's own session fixtures.
 
 The units are handed out in the order they are collected (xdist's LoadScopeScheduling: one unit per
 idle worker, the next when a worker has two tests left), so the workers collect them longest first:
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-SHARED = ("digits_shards", "preference_shards", "grid_ref", "base_ckpt", "ref_run", "tp2pp2_run")
+NOT_SHARED = ("pretrain_log",)  # a cache object: joining its users would only make one unit larger
 COSTS = Path(__file__).with_name("xdist_costs.json")
 DEFAULT_COST = 0.5  # seconds per test of a file missing from COSTS (new files: most tests are short)
 
@@ -35,9 +37,22 @@ def _active(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput") and config.getoption("dist", "no") == "loadgroup"
 
 
+def shared_fixtures(item: pytest.Item) -> list[str]:
+    """The session-scoped fixtures of tests/ (conftest.py files) that `item` uses, directly or not."""
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    return [
+        name
+        for name in item.fixturenames
+        if name in defs
+        and name not in NOT_SHARED
+        and defs[name][-1].scope == "session"
+        and defs[name][-1].baseid.split("/")[0] == "tests"
+    ]
+
+
 def units(items: list[pytest.Item]) -> dict[str, str]:
     """Each test file -> the name of its unit (the unit's first file in collection order): files that
-    use one of the same SHARED fixtures are one unit (union-find over files and fixtures)."""
+    use the same shared session fixture are one unit (union-find over files and fixtures)."""
     parent: dict[str, str] = {}
 
     def root(x: str) -> str:
@@ -48,11 +63,10 @@ def units(items: list[pytest.Item]) -> dict[str, str]:
 
     for item in items:
         path = item.nodeid.split("::")[0]
-        for name in SHARED:
-            if name in item.fixturenames:
-                a, b = root(path), root("fixture:" + name)
-                if a != b:
-                    parent[a] = b
+        for name in shared_fixtures(item):
+            a, b = root(path), root("fixture:" + name)
+            if a != b:
+                parent[a] = b
     first: dict[str, str] = {}
     for item in items:
         path = item.nodeid.split("::")[0]
