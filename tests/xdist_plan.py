@@ -160,4 +160,6 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
                 self.units = json.loads(path.read_text()) if path.exists() else {}
             return self.units.get(nodeid, nodeid.split("::")[0])
 
+    # xdist's default sorts the units by their number of tests (--loadscope-reorder): keep ours
+    config.option.loadscopereorder = False
     return UnitScheduling(config, log)
