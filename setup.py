@@ -37,6 +37,7 @@ setup(
         "dev": [
             "pytest>=8",
             "pytest-timeout",
+            "pytest-xdist>=3.5",  # scripts/test.sh / CI run the suite on 2 workers (tests/xdist_plan.py)
             "transformers==5.23.0",
             "scikit-learn",
             "matplotlib",

@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """Summarise a per-test CPU profile (`pytest --cpu-profile FILE`, tests/cpuprofile.py).
 
-    python scripts/suite_profile.py FILE [--top 30] [--cores 2] [--wait 5]
+    python scripts/suite_profile.py FILE [--top 30] [--cores 2] [--wait 5] [--costs tests/xdist_costs.json]
 
 Prints the totals (CPU seconds of pytest and every process it started, wall seconds, and the
 shortest wall the CPU allows on --cores cores), the CPU per directory and per file, the --top tests
 by CPU, and the tests that wait: wall - CPU over --wait seconds, i.e. time in which not even one core
 was busy for the test (sleeps, deadlines, polling intervals, start-ups that wait on each other).
 Only meaningful for a profile taken on an otherwise idle machine: under load every test's wall grows.
-Reads the lines of several pytest-xdist workers too (each test once)."""
+Reads the lines of several pytest-xdist workers too (each test once), and prints each worker's busy
+time (the sum of its tests' walls: a balanced `-n 2` run has two close figures). `--costs OUT` writes
+each test file's seconds (per test the larger of CPU and wall) as the JSON that tests/xdist_plan.py
+orders `pytest -n 2`'s units by; take it from an idle sequential run."""
 
 from __future__ import annotations
 
@@ -87,15 +90,41 @@ def _threads(tests: list[dict], top: int) -> None:
                 print(f"{grew:+6d} -> {now:5d}  {test}")
 
 
+def _workers(tests: list[dict]) -> None:
+    busy: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
+    for t in tests:
+        b = busy[t.get("worker", "main")]
+        b[0] += t["cpu"]
+        b[1] += t["wall"]
+        b[2] += 1
+    if len(busy) > 1:
+        print(
+            "\nper worker: "
+            + "; ".join(f"{w} {n} tests, {c:.0f} CPU-s, {s:.0f} wall-s" for w, (c, s, n) in sorted(busy.items()))
+        )
+
+
+def write_costs(tests: list[dict], out: Path) -> None:
+    """Each test file's seconds: the sum over its tests of max(CPU, wall), as sorted JSON."""
+    per_file: dict[str, float] = defaultdict(float)
+    for t in tests:
+        per_file[t["id"].split("::")[0]] += max(t["cpu"], t["wall"])
+    out.write_text(json.dumps({k: round(v, 1) for k, v in sorted(per_file.items())}, indent=0) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("file", type=Path, help="the JSON lines of `pytest --cpu-profile FILE`")
     parser.add_argument("--top", type=int, default=30, help="rows per table (default 30)")
     parser.add_argument("--cores", type=int, default=2, help="cores of the machine the suite runs on (default 2)")
     parser.add_argument("--wait", type=float, default=5.0, help="list tests whose wall exceeds their CPU by this (s)")
+    parser.add_argument("--costs", type=Path, help="write each test file's seconds here (tests/xdist_plan.py's table)")
     args = parser.parse_args()
     tests, other = load(args.file)
     report(tests, other, args.top, args.cores, args.wait)
+    _workers(tests)
+    if args.costs:
+        write_costs(tests, args.costs)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,24 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh) and run the whole test suite on CPU; `--quick`: only the quick tier
-# (pytest -m quick, the table in tests/conftest.py, under 3 minutes). Other arguments go to pytest.
+# (pytest -m quick, the table in tests/conftest.py, under 3 minutes); `--workers N` (or TEST_WORKERS=N):
+# N pytest-xdist workers with tests/xdist_plan.py's units (`-n N --dist loadgroup`, docs/testing.md);
+# the default is 1, plain pytest. Other arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PYTHONWARNINGS=ignore OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+workers=${TEST_WORKERS:-1}
 args=()
-for a in "$@"; do
-  if [ "$a" = "--quick" ]; then args+=(-m quick); else args+=("$a"); fi
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) args+=(-m quick) ;;
+    --workers) workers=$2; shift ;;
+    --workers=*) workers=${1#--workers=} ;;
+    *) args+=("$1") ;;
+  esac
+  shift
 done
+if [ "$workers" -gt 1 ]; then
+  args=(-n "$workers" --dist loadgroup "${args[@]}")
+fi
 exec .venv/bin/python -m pytest -q "${args[@]}"

@@ -20,7 +20,7 @@ import pytest
 from tests.launch import REPO, run_ending_group
 from tests.threads import one_torch_thread  # noqa: F401 (autouse in every test module: tests/threads.py)
 
-pytest_plugins = ("tests.cpuprofile",)  # `--cpu-profile FILE`: CPU and wall seconds per test
+pytest_plugins = ("tests.cpuprofile", "tests.xdist_plan")  # `--cpu-profile FILE`; `-n 2`: tests/xdist_plan.py
 
 SEQ = 256
 DIGITS_ITERS = 10

@@ -68,6 +68,11 @@ def _age() -> float:
     return float(Path("/proc/uptime").read_text().split()[0]) - start_ticks / _TICK
 
 
+def _plain_id(nodeid: str) -> str:
+    """The test id without the `@unit` that pytest-xdist's --dist loadgroup appends (tests/xdist_plan.py)."""
+    return nodeid.rsplit("@", 1)[0] if nodeid.rfind("@") > nodeid.rfind("]") else nodeid
+
+
 class CpuProfile:
     """The registered plugin object while --cpu-profile is on."""
 
@@ -113,7 +118,7 @@ class CpuProfile:
         cpu = round(sum(p[0] for p in self.phases.values()), 3)
         wall = round(sum(p[1] for p in self.phases.values()), 3)
         threads = _living_descendants(os.getpid())[1]  # left running after the test (worlds, servers)
-        self._write({"id": item.nodeid, "cpu": cpu, "wall": wall, "phases": self.phases, "threads": threads})
+        self._write({"id": _plain_id(item.nodeid), "cpu": cpu, "wall": wall, "phases": self.phases, "threads": threads})
 
     def pytest_unconfigure(self, config):
         self._write({"id": "<session>", "cpu": round(tree_cpu(), 3), "wall": round(_age(), 3)})
