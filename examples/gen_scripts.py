@@ -28,6 +28,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
 from internvl_mcore.config.training import STAGES  # noqa: E402
+from internvl_mcore.plan.stages import split_flags  # noqa: E402
 
 LAYOUTS_TSV = os.path.join(HERE, "layouts.tsv")
 
@@ -148,12 +149,7 @@ class Row:
             f"--tensor-model-parallel-size {self.tp} --pipeline-model-parallel-size {self.pp}",
             f"--context-parallel-size {self.cp}",
         ]
-        if self.first_stage_layers is not None:
-            cmd.append(f"--decoder-first-pipeline-num-layers {self.first_stage_layers}")
-        if self.last_stage_layers is not None:
-            cmd.append(f"--decoder-last-pipeline-num-layers {self.last_stage_layers}")
-        if self.virtual_stages > 1:
-            cmd.append(f"--num-virtual-stages-per-pipeline-rank {self.virtual_stages}")
+        cmd += split_flags(self.first_stage_layers, self.last_stage_layers, self.virtual_stages)
         if self.distributed_optimizer:
             cmd.append("--use-distributed-optimizer")
         if self.recompute:

@@ -37,6 +37,7 @@ from internvl_mcore.config.training import (
 )
 from internvl_mcore.errors import ConfigError  # noqa: E402
 from internvl_mcore.plan import HARDWARE, Layout, Rollout, Workload, count_params, plan, search  # noqa: E402
+from internvl_mcore.plan.stages import split_flags as stage_split_flags  # noqa: E402
 from internvl_mcore.plan.layouts import propose_split  # noqa: E402
 from internvl_mcore.plan.params import active_params  # noqa: E402
 from internvl_mcore.plan.memory import GiB  # noqa: E402
@@ -349,14 +350,7 @@ def print_split(p, title: str) -> None:
 
 def split_flags(lay: Layout) -> list[str]:
     """The pretrain_internvl.py flags of a layout's stage split."""
-    out = []
-    if lay.first_stage_layers is not None:
-        out.append(f"--decoder-first-pipeline-num-layers {lay.first_stage_layers}")
-    if lay.last_stage_layers is not None:
-        out.append(f"--decoder-last-pipeline-num-layers {lay.last_stage_layers}")
-    if lay.virtual_stages > 1:
-        out.append(f"--num-virtual-stages-per-pipeline-rank {lay.virtual_stages}")
-    return out
+    return stage_split_flags(lay.first_stage_layers, lay.last_stage_layers, lay.virtual_stages)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -158,14 +158,20 @@ class Split:
 
     def flags(self) -> list[str]:
         """The pretrain_internvl.py flags that give this split."""
-        out = []
-        if self.first is not None:
-            out.append(f"--decoder-first-pipeline-num-layers {self.first}")
-        if self.last is not None:
-            out.append(f"--decoder-last-pipeline-num-layers {self.last}")
-        if self.virtual_stages > 1:
-            out.append(f"--num-virtual-stages-per-pipeline-rank {self.virtual_stages}")
-        return out
+        return split_flags(self.first, self.last, self.virtual_stages)
+
+
+def split_flags(first: Optional[int], last: Optional[int], virtual_stages: int) -> list[str]:
+    """pretrain_internvl.py's flags for a stage split (None: the even split's count): the one place
+    tools/plan.py, examples/gen_scripts.py and the planner spell them."""
+    out = []
+    if first is not None:
+        out.append(f"--decoder-first-pipeline-num-layers {first}")
+    if last is not None:
+        out.append(f"--decoder-last-pipeline-num-layers {last}")
+    if virtual_stages > 1:
+        out.append(f"--num-virtual-stages-per-pipeline-rank {virtual_stages}")
+    return out
 
 
 @functools.lru_cache(maxsize=None)
