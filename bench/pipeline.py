@@ -242,14 +242,14 @@ def simulate_schedule(chunk_s: list[list[float]], microbatches: int) -> list[flo
     """Each rank's idle share of the pipeline span when megatron-core's (interleaved) 1F1B order runs
     with these forward + backward seconds per [rank][chunk] of one microbatch (backward 2x forward),
     sends free and instant: what uneven stages and chunks alone make of the bubble."""
+    from internvl_mcore.plan.stages import schedule_table, warmup_forwards
+
     pp, v = len(chunk_s), len(chunk_s[0])
-    table = [
-        (mb, c) for g in range(0, microbatches, pp) for c in range(v) for mb in range(g, min(g + pp, microbatches))
-    ]
+    table = schedule_table(pp, v, microbatches)
     total = len(table)
     ops = []
     for r in range(pp):
-        warm = min(total, pp - r - 1 if v == 1 else (pp - r - 1) * 2 + (v - 1) * pp)
+        warm = warmup_forwards(pp, v, microbatches, r)
         fwd = [("F", mb, c) for mb, c in table]
         bwd = [("B", mb, v - 1 - c) for mb, c in table]
         order = fwd[:warm] + [op for pair in zip(fwd[warm:], bwd) for op in pair] + bwd[total - warm :]

@@ -219,17 +219,26 @@ def rank_splits(
 
 
 @functools.lru_cache(maxsize=4096)
+def schedule_table(pp: int, v: int, microbatches: int) -> list[tuple[int, int]]:
+    """megatron-core's forward order of (microbatch, model chunk) on every rank (schedules.py
+    get_schedule_table): chunk-major inside each group of PP microbatches; V = 1: the microbatches."""
+    return [(mb, c) for g in range(0, microbatches, pp) for c in range(v) for mb in range(g, min(g + pp, microbatches))]
+
+
+def warmup_forwards(pp: int, v: int, microbatches: int, rank: int) -> int:
+    """Forwards rank `rank` runs before its first backward in megatron-core's (interleaved) 1F1B
+    (schedules.py get_pp_rank_microbatches)."""
+    warmup = (pp - rank - 1) * 2 + (v - 1) * pp if v > 1 else pp - rank - 1
+    return min(warmup, microbatches * v)
+
+
 def interleaved_in_flight(pp: int, v: int, microbatches: int, rank: int) -> tuple[tuple[int, ...], ...]:
     """The per-chunk counts of microbatches whose activations rank `rank` holds, after each forward
     of megatron-core's interleaved schedule (microbatch groups of PP; V = 1: 1F1B): warm-up forwards, then
     one forward and one backward per step, backwards in reverse chunk order. Distinct states only."""
     total = microbatches * v
-    group = pp
-    table = []  # schedules.py get_schedule_table: chunk-major inside each group of PP microbatches
-    for start in range(0, microbatches, group):
-        ids = range(start, microbatches if start + group >= microbatches else start + group)
-        table += [(mb, c) for c in range(v) for mb in ids]
-    warmup = min((pp - rank - 1) * 2 + (v - 1) * group if v > 1 else pp - rank - 1, total)
+    table = schedule_table(pp, v, microbatches)
+    warmup = warmup_forwards(pp, v, microbatches, rank)
     held = [0] * v
     states = set()
     for k in range(warmup):
