@@ -41,6 +41,7 @@ sends back the write results or the exception, and every wait on it has a deadli
 from __future__ import annotations
 
 import gc
+import math
 import os
 import queue
 import signal
@@ -89,16 +90,15 @@ def _snapshot(buckets: list, buffer: Optional[torch.Tensor] = None) -> tuple[tor
     """The buckets' tensors copied into one shared-memory buffer (`buffer` when it is large enough:
     the previous save's, whose pages are already mapped, so a save costs a memcpy and no page
     faults); the buckets with each tensor replaced by its index into the layout [(offset, dtype, shape)]."""
-    flat, layout, stripped, tensors = _allocate(buckets, buffer)
+    layout, total, stripped, tensors = _layout(buckets)
+    flat = buffer if _fits(buffer, total) else _shared(total)
     _copy(tensors, flat, layout)
     return flat, layout, stripped
 
 
-def _allocate(buckets: list, buffer: Optional[torch.Tensor]) -> tuple[torch.Tensor, list, list, list]:
-    """`_snapshot` without the copy: the buffer, layout, stripped buckets and the tensors to copy."""
-    layout, total, stripped, tensors = _layout(buckets)
-    flat = buffer if buffer is not None and buffer.numel() >= total else _shared(total)
-    return flat, layout, stripped, tensors
+def _fits(buffer: Optional[torch.Tensor], total: int) -> bool:
+    """The previous save's buffer can hold this one's `total` bytes (its pages are mapped already)."""
+    return buffer is not None and buffer.numel() >= total
 
 
 def _layout(buckets: list) -> tuple[list, int, list, list]:
@@ -160,9 +160,7 @@ def _own_storages(flat: torch.Tensor, layout: list) -> list[torch.Tensor]:
     no copy (a clone per tensor was a second copy of the rank's shard, competing with the step)."""
     memory, out = flat.numpy(), []
     for offset, dtype, shape in layout:
-        numel = 1
-        for n in shape:
-            numel *= n
+        numel = math.prod(shape)
         if numel == 0:
             out.append(torch.empty(shape, dtype=dtype))
         else:
@@ -407,7 +405,7 @@ class AsyncWriter:
         self.start()
         self.copy_failure = None
         head, sources = (iteration, rank, transforms), [t.detach() for t in tensors]
-        if self.buffer is not None and self.buffer.numel() >= total:
+        if _fits(self.buffer, total):
             # the Python work here (it is cheap; in the thread it would wait for the GIL): the views and
             # the pickled message, which holds a handle of the shared memory, not its bytes
             work = self._hand_over(self.buffer, head, layout, stripped)
