@@ -26,6 +26,7 @@ test suite uses it; its accuracies mean nothing).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -55,7 +56,9 @@ QUICK = dict(
 """--quick: every phase and artifact at a few steps (tests/examples/test_rl_example.py)."""
 
 
+@functools.cache
 def _load(name: str):
+    """A sibling script as a module, executed once (the phases call it for every command)."""
     spec = importlib.util.spec_from_file_location(f"_digits_{name}", os.path.join(HERE, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
