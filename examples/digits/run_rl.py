@@ -133,14 +133,8 @@ class Phases:
 
 
 def _preprocess(run: Runner, a, data, rl, out: str) -> dict:
-    """SFT shards and prompt shards; the prompts carry the SFT data's (empty) system prompt as their
-    own system turn, which wins over the template's default in the stage's rendering."""
-    with open(rl.train, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f]
-    for r in records:
-        r["conversations"] = [{"from": "system", "value": ""}, *r["conversations"]]
-    with open(rl.train, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+    """SFT shards and prompt shards, both with the SFT data's (empty) system prompt: --prompts stores
+    it in each prompt record, so the stage samples from the prompt SFT trained on and evaluation asks."""
     shards = {}
     for kind, meta, seq, extra in (
         ("sft", data.meta, a.seq_length, []),

@@ -340,6 +340,10 @@ def _build_prompt(record: RawRecord, tokenizer: Tokenizer, opts: PreprocessOptio
     payload = record.payload
     answer = _answer(payload, answer_key)
     convs = _prompt_turns(payload)
+    if opts.system_prompt is not None and convs[0].get("from") != "system":
+        # stored as the record's own system turn: the RL stage renders the stored turns with the
+        # template's default otherwise, a prompt other than the one checked here (and trained on in SFT)
+        convs = [{"from": "system", "value": opts.system_prompt}, *convs]
     images, image_tokens = _prompt_images(record, convs, opts)
     # the prompt as generation renders it (an empty answer stands for the response): it must leave
     # room for at least one response token within --seq-length

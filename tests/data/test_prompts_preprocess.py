@@ -141,3 +141,41 @@ def test_digits_rl_prompts_are_deterministic_and_split_like_the_sft_data(data):
     labels = load_digits().target
     assert all(r["answer"] == str(labels[int(r["image"][:4])]) for r in train + held)
     assert all(r["conversations"] == [{"from": "human", "value": f"<image>\n{QUESTION}"}] for r in train + held)
+
+
+def test_a_given_system_prompt_is_stored_and_the_stage_renders_what_was_checked(data):
+    """--prompts with --system-prompt: the record keeps it as its own system turn (a record's own one
+    wins), so the RL stage's rendering (RolloutSampler.prompt, the template's default otherwise) gives
+    the tokens preprocessing checked against --seq-length; without the flag nothing is added."""
+    from internvl_mcore.config import get_preset
+    from internvl_mcore.data.prompts import build_prompt_record
+    from internvl_mcore.data.sources import DatasetSpec, PreprocessOptions, RawRecord
+    from internvl_mcore.data.template import TEMPLATES, tokenize_conversation
+    from internvl_mcore.data.tokenizer import load_tokenizer
+    from internvl_mcore.inference.rollout import RolloutSampler
+
+    root, rl, *_ = data
+    cfg = get_preset("debug")
+    spec = DatasetSpec("digits", str(root / "images"), rl.train, max_dynamic_patch=1)
+    payload = json.loads(open(rl.train).readline())
+    tok = load_tokenizer(str(root / "tokenizer"))
+    sampler = RolloutSampler(str(root / "tokenizer"), cfg)
+    own = {**payload, "conversations": [{"from": "system", "value": "mine"}, *payload["conversations"]]}
+    for system, record, first in (("", payload, ""), (None, payload, None), ("", own, "mine")):
+        opts = PreprocessOptions(cfg.vision.image_size, cfg.num_image_token, system_prompt=system)
+        rec = build_prompt_record(RawRecord(spec, rl.train, 1, record), tok, opts)
+        turns = rec.conversations
+        stored = turns[0] if turns[0]["from"] == "system" else None
+        assert stored == (None if first is None else {"from": "system", "value": first})
+        assert sum(t["from"] == "system" for t in turns) == (first is not None)
+        checked, _ = tokenize_conversation(
+            [*turns, {"from": "gpt", "value": ""}], tok, [cfg.num_image_token], system, TEMPLATES[opts.template]
+        )
+        checked = [int(t) for t in checked]
+        rendered = sampler.prompt(rec, "x").tokens
+        # the check's tokens: the rendered prompt, then the empty answer's end of turn
+        assert checked[: len(rendered)] == rendered, (system, first)
+        template = TEMPLATES[opts.template]
+        assert checked[len(rendered) :] == tok.encode(
+            template.assistant_turn.format("")[len(template.assistant_prefix) :]
+        )
