@@ -13,7 +13,8 @@ conversation ending with the user's turn, and a prompt that fits --seq-length.
 Files of a prompt set with prefix P:
 
     P.prompts.jsonl        one JSON object per record: {"id", "conversations", "answer", "meta",
-                           "images": [[offset, length], ...]} (byte ranges of P.prompt_images.bin)
+                           "images": [[offset, length], ...], "tiling"?: [min, max, thumbnail]}
+                           (byte ranges of P.prompt_images.bin; the tiling of records with images)
     P.prompt_images.bin    every record's encoded images back to back, each stored once
     P.manifest.json        {"format": PROMPT_FORMAT, "counts": {...}, "files": {name: sha256}, ...}
 
@@ -68,6 +69,10 @@ class PromptRecord:
     meta: dict = field(default_factory=dict)
     """The rest of the JSONL record (e.g. its "image" paths and any user keys), for --reward-fn's
     `prompt` argument."""
+    tiling: tuple[int, int, bool] | None = None
+    """(min tiles, max tiles per image, thumbnail): the dataset's tiling that preprocessing counted the
+    prompt's length with (a multi-image record's cap divided by its images, as training divides it);
+    the stage tiles with it. None: generation's defaults (a JSONL prompt file, a text-only prompt)."""
 
 
 def records_path(prefix: str | Path) -> str:
@@ -113,6 +118,8 @@ def write_prompt_shards(
                 "meta": rec.meta,
                 "images": ranges,
             }
+            if rec.tiling is not None:
+                line["tiling"] = list(rec.tiling)
             rf.write(json.dumps(line, ensure_ascii=False, sort_keys=True) + "\n")
             counts["records"] += 1
             counts["images"] += len(ranges)
@@ -212,6 +219,7 @@ class PromptShards(Sequence[PromptRecord]):
             images=tuple(self._image_bytes(line["images"], where)),
             answer=line["answer"],
             meta=line["meta"],
+            tiling=tuple(line["tiling"]) if "tiling" in line else None,
         )
 
     def verify(self) -> dict[str, str]:
@@ -262,6 +270,15 @@ def _parse_line(raw: bytes, where: str) -> dict:
         isinstance(r, list) and len(r) == 2 and all(type(x) is int and x >= 0 for x in r) for r in images
     ):
         problems.append("images")
+    tiling = line.get("tiling", [1, 1, True])  # optional: sets without it tile with generation's defaults
+    if not (
+        isinstance(tiling, list)
+        and len(tiling) == 3
+        and all(type(x) is int and x >= 1 for x in tiling[:2])
+        and tiling[0] <= tiling[1]
+        and type(tiling[2]) is bool
+    ):
+        problems.append("tiling")
     if problems:
         raise DataError(f"{where}: bad field(s) {', '.join(problems)}; re-run the preprocessing")
     return line
@@ -315,15 +332,19 @@ def _prompt_turns(payload: dict) -> list[dict]:
     return convs
 
 
-def _prompt_images(record: RawRecord, convs: list[dict], opts: PreprocessOptions) -> tuple[list[bytes], list[int]]:
-    """(each image's stored bytes, its <IMG_CONTEXT> count) with the training data's tiling rules."""
+def _prompt_images(
+    record: RawRecord, convs: list[dict], opts: PreprocessOptions
+) -> tuple[list[bytes], list[int], tuple[int, int, bool] | None]:
+    """(each image's stored bytes, its <IMG_CONTEXT> count, the tiling used) with the training data's
+    tiling rules."""
     sources = image_sources(record) or []
-    stored, tokens = [], []
+    stored, tokens, used = [], [], None
     if sources:
         multi = isinstance(record.payload.get("image"), list) or "images" in record.payload
         add_image_placeholders(convs, len(sources), multi)
         spec = record.dataset
         max_num = max(1, spec.max_dynamic_patch // len(sources)) if multi else spec.max_dynamic_patch
+        used = (spec.min_dynamic_patch, max_num, opts.use_thumbnail)
         for src, what in sources:
             image, data, fmt = read_image(src, what)
             tiling = plan_tiling(*image.size, spec.min_dynamic_patch, max_num, opts.image_size, opts.use_thumbnail)
@@ -333,7 +354,7 @@ def _prompt_images(record: RawRecord, convs: list[dict], opts: PreprocessOptions
         raise RejectError(
             "image_count_mismatch", f"{count_image_placeholders(convs)} <image> placeholders for {len(stored)} image(s)"
         )
-    return stored, tokens
+    return stored, tokens, used
 
 
 def _build_prompt(record: RawRecord, tokenizer: Tokenizer, opts: PreprocessOptions, answer_key: str) -> PromptRecord:
@@ -344,7 +365,7 @@ def _build_prompt(record: RawRecord, tokenizer: Tokenizer, opts: PreprocessOptio
         # stored as the record's own system turn: the RL stage renders the stored turns with the
         # template's default otherwise, a prompt other than the one checked here (and trained on in SFT)
         convs = [{"from": "system", "value": opts.system_prompt}, *convs]
-    images, image_tokens = _prompt_images(record, convs, opts)
+    images, image_tokens, tiling = _prompt_images(record, convs, opts)
     # the prompt as generation renders it (an empty answer stands for the response): it must leave
     # room for at least one response token within --seq-length
     tokens, _ = tokenize_conversation(
@@ -366,4 +387,6 @@ def _build_prompt(record: RawRecord, tokenizer: Tokenizer, opts: PreprocessOptio
         if isinstance(given, (str, int)) and not isinstance(given, bool)
         else f"{record.dataset.name}:{record.line}"
     )
-    return PromptRecord(rid + (f"#{record.repeat}" if record.repeat else ""), convs, tuple(images), answer, meta)
+    return PromptRecord(
+        rid + (f"#{record.repeat}" if record.repeat else ""), convs, tuple(images), answer, meta, tiling
+    )

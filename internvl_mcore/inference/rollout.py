@@ -77,7 +77,9 @@ class RolloutSampler:
             for k, blob in enumerate(record.images):
                 image, _, _ = read_image(bytes(blob), f"image {k}")
                 o = self.opts
-                tiling = plan_tiling(*image.size, o.min_dynamic_patch, o.max_dynamic_patch, size, o.use_thumbnail)
+                # the tiling preprocessing counted the prompt with (--prompts), else generation's
+                low, high, thumb = record.tiling or (o.min_dynamic_patch, o.max_dynamic_patch, o.use_thumbnail)
+                tiling = plan_tiling(*image.size, low, high, size, thumb)
                 tiles.append(normalize_tiles(cut_tiles(image, tiling, size)))
             counts = [t.shape[0] * self.cfg.num_image_token for t in tiles]
             tokens = _prompt_tokens(convs, self.tokenizer, counts, self.opts, INTERNVL2_5)

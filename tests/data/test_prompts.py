@@ -21,7 +21,12 @@ from internvl_mcore.errors import DataError
 
 RECORDS = [
     PromptRecord(
-        "a", [{"from": "human", "value": "<image>\n<image>\nWhich? é"}], (b"\x89PNG1", b"JPEG22"), "7", {"k": 1}
+        "a",
+        [{"from": "human", "value": "<image>\n<image>\nWhich? é"}],
+        (b"\x89PNG1", b"JPEG22"),
+        "7",
+        {"k": 1},
+        (1, 3, False),
     ),
     PromptRecord("b", [{"from": "system", "value": "s"}, {"from": "human", "value": "2+2?"}], (), "4", {}),
     PromptRecord("c", [{"from": "human", "value": "<image>\nq"}], (b"\x00\n\n",), "x", {"image": "c.png"}),
@@ -97,6 +102,8 @@ def test_damaged_sets_are_one_line_errors_naming_the_file(tmp_path, what, names)
         (lambda r: r.update(images=[[0, 10**9]]), "past the end"),
         (lambda r: r.update(images=[[-1, 2]]), "images"),
         (lambda r: r.update(conversations=[{"from": "human", "value": 3}]), "conversations"),
+        (lambda r: r.update(tiling=[2, 1, True]), "tiling"),
+        (lambda r: r.update(tiling=[1, 6, 1]), "tiling"),
     ],
 )
 def test_a_tampered_record_is_refused_when_read(tmp_path, edit, field):

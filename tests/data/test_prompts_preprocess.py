@@ -179,3 +179,33 @@ def test_a_given_system_prompt_is_stored_and_the_stage_renders_what_was_checked(
         assert checked[len(rendered) :] == tok.encode(
             template.assistant_turn.format("")[len(template.assistant_prefix) :]
         )
+
+
+def test_the_stage_tiles_a_prompt_as_preprocessing_counted_it(data):
+    """A wide image in a dataset whose max_dynamic_patch is 1: preprocessing counts one tile, the
+    stored record says so, and the stage's sampler cuts one tile (generation's default cap would cut
+    two and a thumbnail); a multi-image record's cap is divided as training divides it."""
+    from PIL import Image
+
+    from internvl_mcore.config import get_preset
+    from internvl_mcore.data.prompts import build_prompt_record
+    from internvl_mcore.data.sources import DatasetSpec, PreprocessOptions, RawRecord
+    from internvl_mcore.data.tokenizer import load_tokenizer
+    from internvl_mcore.inference.rollout import RolloutSampler
+
+    root, _, _, _, tmp = data
+    cfg = get_preset("debug")
+    side = cfg.vision.image_size
+    folder = tmp / "wide"
+    folder.mkdir()
+    Image.new("RGB", (2 * side, side), (9, 99, 199)).save(folder / "w.png")
+    tok = load_tokenizer(str(root / "tokenizer"))
+    sampler = RolloutSampler(str(root / "tokenizer"), cfg)
+    opts = PreprocessOptions(cfg.vision.image_size, cfg.num_image_token)
+    one = {"image": "w.png", "conversations": [{"from": "human", "value": "q"}], "answer": "1"}
+    two = {**one, "image": ["w.png", "w.png"]}
+    for record, cap, tiles in ((one, 1, 1), (one, 12, 3), (two, 6, 6)):
+        spec = DatasetSpec("wide", str(folder), str(folder / "a.jsonl"), max_dynamic_patch=cap)
+        rec = build_prompt_record(RawRecord(spec, spec.annotation, 1, record), tok, opts)
+        assert rec.tiling == (1, cap // len(rec.images), True), rec
+        assert sampler.prompt(rec, "x").tiles.shape[0] == tiles
