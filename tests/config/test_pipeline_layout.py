@@ -122,3 +122,65 @@ def test_example_layout():
     assert [pipeline_layout.decoder_offset("Et|tt|ttt|tL", 2, 1, v) for v in (0, 1)] == [1, 6]
     with pytest.raises(ConfigError, match="not a multiple of --pipeline-model-parallel-size 3"):
         pipeline_layout.decoder_layers("Et|tt|ttt|tL", 3)
+
+
+def _layout_problems(*flags: str) -> list[str]:
+    import pretrain_internvl
+    from internvl_mcore.config.problems import problems
+
+    run = pretrain_internvl.parse_run_config(["--mock-data", "--model", "debug", "--train-iters", "2", *flags])
+    return [line for line in problems(run) if "--pipeline-model-parallel-layout" in line]
+
+
+def test_layout_flag_checks_name_the_flag():
+    """The debug model (4 decoder layers): each refusal one line naming the flag, a good layout none."""
+    pp2 = ["--pipeline-model-parallel-size", "2", "--pipeline-model-parallel-layout"]
+    assert _layout_problems(*pp2, "E|ttt|t|L") == []
+    assert _layout_problems(*pp2, "Et|tt|tL", "--pipeline-model-parallel-size", "3") == []
+    cases = {
+        "not a multiple of --pipeline-model-parallel-size 2": [*pp2, "Et|tt|tL"],
+        "places 3 decoder layers, --num-layers is 4": [*pp2, "Et|ttL"],
+        "E (embedding and ViT) must open the first stage": [*pp2, "|Ett|ttL|"],
+        "L (output layer and loss) must close the last stage": [*pp2, "Ett|Ltt"],
+        "unknown character 'm'": [*pp2, "Et|ttm|t|L"],
+        "needs --pipeline-model-parallel-size > 1": ["--pipeline-model-parallel-layout", "EttttL"],
+        "drop --decoder-first-pipeline-num-layers, --num-virtual-stages-per-pipeline-rank": [
+            *pp2,
+            "E|ttt|t|L",
+            "--decoder-first-pipeline-num-layers",
+            "2",
+            "--num-virtual-stages-per-pipeline-rank",
+            "2",
+        ],
+        "does not run LoRA yet": [*pp2, "E|ttt|t|L", "--lora-rank", "4"],
+    }
+    for message, flags in cases.items():
+        found = _layout_problems(*flags)
+        assert len(found) == 1 and message in found[0] and "\n" not in found[0], (message, found)
+
+
+def test_layout_reaches_megatron_core_and_the_planner():
+    """The chunks per rank come from the layout (VPP 2 here, none for one stage per rank), megatron-core
+    gets the string and builds every chunk's layers and layer numbers from it, and the planner counts
+    each rank's layers from it."""
+    from internvl_mcore.config.megatron import llm_transformer_config
+    from internvl_mcore.config.model import ParallelConfig, virtual_pipeline_size
+    from internvl_mcore.config.presets import PRESETS
+    from internvl_mcore.plan.params import decoder_layers_per_stage
+
+    model = PRESETS["debug"]
+    par = ParallelConfig(pipeline_model_parallel_size=2, pipeline_model_parallel_layout="E|ttt|t|L")
+    assert virtual_pipeline_size(par, 4) == 2
+    assert (
+        virtual_pipeline_size(
+            ParallelConfig(pipeline_model_parallel_size=2, pipeline_model_parallel_layout="Et|tttL"), 4
+        )
+        is None
+    )
+    cfg = llm_transformer_config(model, par)
+    assert cfg.virtual_pipeline_model_parallel_size == 2
+    assert cfg.pipeline_model_parallel_layout.layout[0][1] == [LayerType.decoder]
+    # (its per-chunk getters read the global VPP size of a world; the parsed grid is what they count)
+    counts = [[stage.count(LayerType.decoder) for stage in row] for row in cfg.pipeline_model_parallel_layout.layout]
+    assert counts == [[0, 1], [3, 0]]
+    assert decoder_layers_per_stage(4, par) == [1, 3]

@@ -113,3 +113,48 @@ def test_checkpoint_loads_without_virtual_stages_and_exports_alike(digits_shards
     for k in vpp:  # the same weights up to the runs' rounding (a misplaced layer differs by O(1))
         assert vpp[k].shape == pp[k].shape, k
         assert float((vpp[k] - pp[k]).abs().max()) <= 1e-4 * max(float(pp[k].abs().max()), 1e-3), k
+
+
+# PP2 x 2 chunks with uneven counts: rank 0 holds E (embedding, ViT, projector; no decoder layer) then
+# layer 3, rank 1 layers 0-2 then L alone (output layer and loss; no decoder layer)
+LAYOUT = "E|ttt|t|L"
+
+
+def test_layout_run_matches_single_process_resumes_elsewhere_and_exports_alike(
+    digits_shards, pretrain_log, vpp_run, tmp_path
+):
+    """--pipeline-model-parallel-layout: the losses equal the single process's; its checkpoint resumes
+    under the even 2-chunk split and without virtual stages (layers placed elsewhere, the same
+    losses) and exports to HF as the even VPP run's checkpoint does."""
+    from safetensors.torch import load_file
+
+    from internvl_mcore.convert.export import convert_checkpoint_to_hf
+
+    flags = ["--pipeline-model-parallel-size", "2", "--pipeline-model-parallel-layout", LAYOUT]
+    save = ["--save", str(tmp_path / "ckpt"), "--save-interval", str(HALF)]
+    out = pretrain(2, digits_run_args(digits_shards, *flags, *save, "--log-jsonl", str(tmp_path / "a")))
+    losses = _losses(tmp_path / "a")
+    reference = [r["loss"] for r in pretrain_log(1, digits_run_args(digits_shards))]
+    assert len(losses) == len(reference) == ITERS, out
+    for i, (a, b) in enumerate(zip(losses, reference)):
+        assert abs(a - b) <= TOL * abs(b), f"iteration {i + 1}: {a} (layout {LAYOUT}) vs single-process {b}"
+    half = tmp_path / "ckpt" / f"iter_{HALF:07d}"
+    stop = ["--exit-interval", str(HALF + 2)]
+    for name, other in (("even", ["--num-virtual-stages-per-pipeline-rank", "2"]), ("novpp", [])):
+        run = ["--pipeline-model-parallel-size", "2", *other, "--load", str(half), *stop]
+        pretrain(2, digits_run_args(digits_shards, *run, "--log-jsonl", str(tmp_path / name)))
+        resumed = _losses(tmp_path / name)
+        assert len(resumed) == 2, name
+        for i, (a, b) in enumerate(zip(resumed, losses[HALF:]), start=HALF + 1):
+            assert abs(a - b) <= TOL * abs(b), f"iteration {i}: {a} ({name} from the layout checkpoint) vs {b}"
+    exported = []
+    for name, ckpt in (("layout", tmp_path / "ckpt"), ("vpp", vpp_run[0] / "ckpt")):
+        convert_checkpoint_to_hf(ckpt / f"iter_{ITERS:07d}", tmp_path / f"hf_{name}", "internvl")
+        exported.append(
+            {k: v for f in sorted((tmp_path / f"hf_{name}").glob("*.safetensors")) for k, v in load_file(f).items()}
+        )
+    layout, vpp = exported
+    assert layout.keys() == vpp.keys() and any(".layers.3." in k for k in layout)
+    for k in layout:  # a misplaced layer differs by O(1)
+        assert layout[k].shape == vpp[k].shape, k
+        assert float((layout[k] - vpp[k]).abs().max()) <= 1e-4 * max(float(vpp[k].abs().max()), 1e-3), k
