@@ -212,7 +212,7 @@ class ParallelConfig:
     (virtual) pipeline schedule (the ViT and projector go with the first rank's first chunk)."""
     pipeline_model_parallel_layout: str | None = None
     """--pipeline-model-parallel-layout: the layers of every model chunk, stages split by | in virtual
-    order (stage i: pipeline rank i % PP, chunk i // PP), E = embedding + ViT + projector, t = decoder
+    order (stage i: pipeline rank i mod PP, chunk i // PP), E = embedding + ViT + projector, t = decoder
     layer, L = output layer + loss, x*N / (..)*N repeats, e.g. "Et|tt|ttt|tL" (PP2: 2 chunks per rank);
     the chunks per rank come from it (config/pipeline_layout.py)."""
     recompute_granularity: Literal["full", "selective"] | None = None
