@@ -134,8 +134,8 @@ def test_layout_run_matches_single_process_resumes_elsewhere_and_exports_alike(
     digits_shards, pretrain_log, vpp_hf, tmp_path
 ):
     """--pipeline-model-parallel-layout: the losses equal the single process's; its checkpoint resumes
-    under the even 2-chunk split and without virtual stages (layers placed elsewhere, the same
-    losses) and exports to HF as the even VPP run's checkpoint does."""
+    under the even 2-chunk split, without virtual stages and under a one-chunk layout (layers placed
+    elsewhere, the same losses) and exports to HF as the even VPP run's checkpoint does."""
     flags = ["--pipeline-model-parallel-size", "2", "--pipeline-model-parallel-layout", LAYOUT]
     save = ["--save", str(tmp_path / "ckpt"), "--save-interval", str(HALF)]
     out = pretrain(2, digits_run_args(digits_shards, *flags, *save, "--log-jsonl", str(tmp_path / "a")))
@@ -146,7 +146,12 @@ def test_layout_run_matches_single_process_resumes_elsewhere_and_exports_alike(
         assert abs(a - b) <= TOL * abs(b), f"iteration {i + 1}: {a} (layout {LAYOUT}) vs single-process {b}"
     half = tmp_path / "ckpt" / f"iter_{HALF:07d}"
     stop = ["--exit-interval", str(HALF + 2)]
-    for name, other in (("even", ["--num-virtual-stages-per-pipeline-rank", "2"]), ("novpp", [])):
+    others = (
+        ("even", ["--num-virtual-stages-per-pipeline-rank", "2"]),
+        ("novpp", []),
+        ("novpp-layout", ["--pipeline-model-parallel-layout", "Et|tttL"]),  # uneven, one chunk per rank
+    )
+    for name, other in others:
         run = ["--pipeline-model-parallel-size", "2", *other, "--load", str(half), *stop]
         said = pretrain(2, digits_run_args(digits_shards, *run, "--log-jsonl", str(tmp_path / name)))
         assert "restored model weights" in said, name  # another layout: the optimizer state resharded
