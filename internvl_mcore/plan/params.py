@@ -161,6 +161,7 @@ def shape_key(par: ParallelConfig) -> ParallelConfig:
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
         decoder_first_pipeline_num_layers=par.decoder_first_pipeline_num_layers,
         decoder_last_pipeline_num_layers=par.decoder_last_pipeline_num_layers,
+        pipeline_model_parallel_layout=par.pipeline_model_parallel_layout,
         expert_model_parallel_size=par.expert_model_parallel_size,
         expert_tensor_parallel_size=par.expert_tensor_parallel_size,
     )

@@ -184,3 +184,11 @@ def test_layout_reaches_megatron_core_and_the_planner():
     counts = [[stage.count(LayerType.decoder) for stage in row] for row in cfg.pipeline_model_parallel_layout.layout]
     assert counts == [[0, 1], [3, 0]]
     assert decoder_layers_per_stage(4, par) == [1, 3]
+    # each rank's weights and activations as those of the one-chunk split that holds the same layers
+    from internvl_mcore.plan.memory import activation_bytes, state_bytes
+
+    first1 = ParallelConfig(pipeline_model_parallel_size=2, decoder_first_pipeline_num_layers=1)
+    for rank in (0, 1):
+        assert state_bytes(model, par, rank, 1) == state_bytes(model, first1, rank, 1)
+        a, b = activation_bytes(model, par, rank, 64, 1, 4.0, 4), activation_bytes(model, first1, rank, 64, 1, 4.0, 4)
+        assert (a.vision, a.llm, a.head) == (b.vision, b.llm, b.head) and a.chunk_in_flight
