@@ -130,7 +130,9 @@ def llm_transformer_config(
     compute: ComputeConfig = DEFAULT_COMPUTE,
 ) -> TransformerConfig:
     """The decoder, split over pipeline stages (optionally fewer layers on stage 0) and, with the
-    interleaved schedule, over each stage's model chunks."""
+    interleaved schedule, over each stage's model chunks; a --pipeline-model-parallel-layout goes to
+    megatron-core as Megatron-LM passes it (the string: megatron-core parses it and places each chunk's
+    layers and layer numbers from it)."""
     m = model.llm
     return TransformerConfig(
         num_layers=m.num_layers,
@@ -154,6 +156,7 @@ def llm_transformer_config(
         sequence_parallel=par.sequence_parallel,
         num_layers_in_first_pipeline_stage=par.decoder_first_pipeline_num_layers,
         num_layers_in_last_pipeline_stage=par.decoder_last_pipeline_num_layers,
+        pipeline_model_parallel_layout=par.pipeline_model_parallel_layout,
         recompute_granularity=par.recompute_granularity,
         recompute_method="uniform" if par.recompute_granularity == "full" else None,
         recompute_num_layers=par.recompute_num_layers if par.recompute_granularity == "full" else None,

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from . import pipeline_layout
+
 
 def padded_vision_heads(num_heads: int, tp: int) -> int:
     """InternViT heads rounded up to a multiple of TP (InternViT-6B has 25; TP 2 -> 26, one zero head)."""
@@ -208,6 +210,11 @@ class ParallelConfig:
     num_virtual_stages_per_pipeline_rank: int | None = None
     """--num-virtual-stages-per-pipeline-rank: model chunks per pipeline rank of the interleaved
     (virtual) pipeline schedule (the ViT and projector go with the first rank's first chunk)."""
+    pipeline_model_parallel_layout: str | None = None
+    """--pipeline-model-parallel-layout: the layers of every model chunk, stages split by | in virtual
+    order (stage i: pipeline rank i mod PP, chunk i // PP), E = embedding + ViT + projector, t = decoder
+    layer, L = output layer + loss, x*N / (..)*N repeats, e.g. "Et|tt|ttt|tL" (PP2: 2 chunks per rank);
+    the chunks per rank come from it (config/pipeline_layout.py)."""
     recompute_granularity: Literal["full", "selective"] | None = None
     """--recompute-granularity: activation recomputation (full = whole layers)."""
     recompute_num_layers: int = 1
@@ -224,9 +231,12 @@ class ParallelConfig:
 def virtual_pipeline_size(par: ParallelConfig, num_layers: int) -> int | None:
     """Model chunks per pipeline rank of the interleaved schedule (megatron-core's
     virtual_pipeline_model_parallel_size), None without one; Megatron-LM's rule for the two flags:
-    --num-layers-per-virtual-pipeline-stage N gives (num_layers / PP) / N chunks. One chunk is no
+    --num-layers-per-virtual-pipeline-stage N gives (num_layers / PP) / N chunks, a
+    --pipeline-model-parallel-layout its stage count / PP. One chunk is no
     interleaving (None). The flags' consistency is config/problems.py's `virtual_pipeline_problems`."""
-    if par.num_virtual_stages_per_pipeline_rank is not None:
+    if par.pipeline_model_parallel_layout is not None:
+        size = len(pipeline_layout.stages(par.pipeline_model_parallel_layout)) // par.pipeline_model_parallel_size
+    elif par.num_virtual_stages_per_pipeline_rank is not None:
         size = par.num_virtual_stages_per_pipeline_rank
     elif par.num_layers_per_virtual_pipeline_stage is not None:
         size = num_layers // par.pipeline_model_parallel_size // par.num_layers_per_virtual_pipeline_stage

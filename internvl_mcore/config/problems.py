@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Mapping, Optional
 
 from ..errors import ConfigError
+from . import pipeline_layout
 from .lora import LORA_MODULES, LoRAConfig
 from .model import ModelConfig, ParallelConfig, virtual_pipeline_size
 from .rl import rl_stage_problems
@@ -102,6 +103,8 @@ def virtual_pipeline_problems(
     a stage holds the same number of layers (megatron-core's offsets assume it), and what does not
     run the chunks yet."""
     per_stage, chunks = p.num_layers_per_virtual_pipeline_stage, p.num_virtual_stages_per_pipeline_rank
+    if p.pipeline_model_parallel_layout is not None:
+        return pipeline_layout_problems(num_layers, p, stage, lora)
     if per_stage is None and chunks is None:
         return []
     name = (
@@ -134,6 +137,35 @@ def virtual_pipeline_problems(
     if stage in ("mpo", "gspo", "grpo") or lora:
         found.append(f"{name} does not run {f'--stage {stage}' if not lora else 'LoRA'} yet (one model chunk per rank)")
     return found
+
+
+def pipeline_layout_problems(num_layers: int, p: ParallelConfig, stage: Optional[str], lora: bool) -> list[str]:
+    """--pipeline-model-parallel-layout: the other split flags it replaces (megatron-core refuses them
+    together), and a layout this model and pipeline size cannot build (config/pipeline_layout.py)."""
+    flag, pp = pipeline_layout.FLAG, p.pipeline_model_parallel_size
+    others = [
+        name
+        for name, value in (
+            ("--decoder-first-pipeline-num-layers", p.decoder_first_pipeline_num_layers),
+            ("--decoder-last-pipeline-num-layers", p.decoder_last_pipeline_num_layers),
+            ("--num-layers-per-virtual-pipeline-stage", p.num_layers_per_virtual_pipeline_stage),
+            ("--num-virtual-stages-per-pipeline-rank", p.num_virtual_stages_per_pipeline_rank),
+        )
+        if value is not None
+    ]
+    if others:
+        return [f"{flag} places every layer itself: drop {', '.join(others)}"]
+    if pp < 2:
+        return [f"{flag} needs --pipeline-model-parallel-size > 1"]
+    try:
+        pipeline_layout.check(p.pipeline_model_parallel_layout or "", pp, num_layers)
+    except ConfigError as e:
+        return [str(e)]
+    if pipeline_layout.virtual_size(p.pipeline_model_parallel_layout or "", pp) > 1 and (
+        stage in ("mpo", "gspo", "grpo") or lora
+    ):
+        return [f"{flag} with several chunks per rank does not run {f'--stage {stage}' if not lora else 'LoRA'} yet"]
+    return []
 
 
 def thd_problems(pipeline: int, sequence_parallel: bool, cp_comm_type: str) -> list[str]:

@@ -8,7 +8,12 @@ last:     -> final norm -> output layer -> per-token loss (or logits)
 With the interleaved (virtual) pipeline schedule each rank holds several model chunks
 (`build_model_chunks`, as Megatron-LM's get_model builds them with `vp_stage`): "stage 0" above is
 the first chunk of the first rank, "last" the last chunk of the last rank, and chunk c of rank r
-holds the decoder layers of virtual stage c x PP + r (megatron-core numbers them globally).
+holds the decoder layers of virtual stage c x PP + r (megatron-core numbers them globally). With
+--pipeline-model-parallel-layout megatron-core reads each chunk's layer count and first layer number
+from the layout (config/megatron.py passes it); a chunk may hold no decoder layer ("E": the ViT,
+projector and embedding alone; "L": the final norm and output layer alone), and the checks
+(config/pipeline_layout.py: check) keep E in the first chunk and L in the last, where pre_process /
+post_process put them.
 """
 
 from __future__ import annotations
@@ -235,7 +240,8 @@ def build_model_chunks(
 ) -> list[InternVLModel]:
     """This rank's model chunks in the order of their virtual stages: one (`build_model`) without the
     interleaved schedule, else one per virtual stage (--num-virtual-stages-per-pipeline-rank /
-    --num-layers-per-virtual-pipeline-stage; config/model.py: virtual_pipeline_size)."""
+    --num-layers-per-virtual-pipeline-stage / --pipeline-model-parallel-layout; config/model.py:
+    virtual_pipeline_size)."""
     chunks = virtual_pipeline_size(par, model_cfg.llm.num_layers)
     if chunks is None:
         return [build_model(model_cfg, par, pg_collection, dtype, backend, compute)]

@@ -26,6 +26,7 @@ from functools import lru_cache
 from math import prod
 from typing import Iterable, Literal, Optional
 
+from ..config import pipeline_layout
 from ..config.lora import LORA_INFIX, LoRAConfig, adapts
 
 # padded_vision_heads is read from here by memory.py and layouts.py
@@ -76,9 +77,12 @@ class ParamSpec:
 
 
 def decoder_layers_per_stage(num_layers: int, par: ParallelConfig) -> list[int]:
-    """Decoder layers on each pipeline stage, by megatron-core's rule (uneven first/last allowed)."""
+    """Decoder layers on each pipeline stage, by megatron-core's rule (uneven first/last allowed; a
+    --pipeline-model-parallel-layout: the layers of all of a rank's chunks)."""
     pp = par.pipeline_model_parallel_size
     first, last = par.decoder_first_pipeline_num_layers, par.decoder_last_pipeline_num_layers
+    if par.pipeline_model_parallel_layout is not None:
+        return [sum(chunks) for chunks in pipeline_layout.decoder_layers(par.pipeline_model_parallel_layout, pp)]
     if pp == 1:
         return [num_layers]
     if first is None and last is None:
@@ -157,6 +161,7 @@ def shape_key(par: ParallelConfig) -> ParallelConfig:
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
         decoder_first_pipeline_num_layers=par.decoder_first_pipeline_num_layers,
         decoder_last_pipeline_num_layers=par.decoder_last_pipeline_num_layers,
+        pipeline_model_parallel_layout=par.pipeline_model_parallel_layout,
         expert_model_parallel_size=par.expert_model_parallel_size,
         expert_tensor_parallel_size=par.expert_tensor_parallel_size,
     )

@@ -337,6 +337,8 @@ def _layout(par: ParallelConfig, dp: int, chunks: int = 1) -> dict:
     }
     if chunks > 1:  # another chunking orders the optimizer's parameters otherwise: another layout
         layout["virtual_pipeline_model_parallel_size"] = chunks
+    if par.pipeline_model_parallel_layout is not None:  # so does another placement of the same chunk count
+        layout["pipeline_model_parallel_layout"] = par.pipeline_model_parallel_layout
     if par.expert_model_parallel_size != 1 or par.expert_tensor_parallel_size is not None:
         # optimizer state of expert weights is sharded over the expert data-parallel group
         layout.update(
