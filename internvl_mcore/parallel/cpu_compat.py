@@ -27,7 +27,11 @@ Six mechanisms. `apply()` runs 1-3, only on CPU (megatron-core assumes CUDA in t
    over the expert-tensor-parallel group: gloo's all_gather needs equal sizes and it has no
    reduce_scatter, so pieces are zero-padded to the largest and gathered, and the reduce-scatter
    is an all-reduce of the whole tensor followed by this rank's slice (`_uneven_gather`,
-   `_uneven_reduce_scatter`). The even cases run megatron-core's own code.
+   `_uneven_reduce_scatter`). The even cases run megatron-core's own code. Also the router's
+   ``TopKRouter._apply_expert_bias``, which megatron-core decorates with torch.compile whatever the
+   config: its plain body instead (`_plain_body`). Why: the first call in a process imports and runs
+   dynamo + inductor (~2.5 CPU-s per rank, measured) to fuse an in-place count update that is a no-op
+   without an expert bias and a single add with one; on CPU that buys nothing.
 4. Module globals that megatron-core defines only when transformer-engine imports but reads
    unconditionally (`TE_ONLY_GLOBALS`: `moe_utils.te_general_gemm`, read by the router's gating
    linear). Why: without TE the read raises NameError, on a GPU as on a CPU. They are set to None,
@@ -400,6 +404,15 @@ def _copy_config(config: Any, **changes: Any) -> Any:
     return new
 
 
+def _plain_body(compiled: Callable) -> Callable:
+    """The function a torch.compile wrapper (or startup.py's deferred one) holds, uncompiled."""
+    for attr in ("_torchdynamo_inline", "_torchdynamo_orig_callable"):
+        plain = getattr(compiled, attr, None)
+        if plain is not None:
+            return plain
+    return compiled
+
+
 _REPLACEMENTS: tuple[tuple[str, str, Callable], ...] = (
     ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state", lambda orig: _get_rng_state_cpu),
     ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state", lambda orig: _set_rng_state_cpu),
@@ -407,6 +420,7 @@ _REPLACEMENTS: tuple[tuple[str, str, Callable], ...] = (
     ("megatron.core.transformer.moe.moe_utils", "maybe_move_tensor_to_cpu", _to_host_cpu),
     ("megatron.core.tensor_parallel.mappings", "_gather_along_first_dim", _uneven_gather),
     ("megatron.core.tensor_parallel.mappings", "_reduce_scatter_along_first_dim", _uneven_reduce_scatter),
+    ("megatron.core.transformer.moe.router", "TopKRouter._apply_expert_bias", _plain_body),
 )
 
 _APPLIED = False

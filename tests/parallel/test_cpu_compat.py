@@ -59,3 +59,20 @@ def test_tensor_methods_restored_after_wrapped_call():
     with cpu_compat._cuda_tensor_methods_on_cpu():
         assert t.type() == "torch.cuda.FloatTensor" and t.cuda() is t
     assert t.type() == "torch.FloatTensor"
+
+
+def test_the_routers_expert_bias_update_runs_uncompiled_and_counts():
+    """megatron-core torch.compiles TopKRouter._apply_expert_bias; on CPU its plain body runs (the
+    compile's first call costs ~2.5 CPU-s per rank for a count update) and still counts the tokens."""
+    from types import SimpleNamespace
+
+    cpu_compat.apply()
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    fn = TopKRouter.__dict__["_apply_expert_bias"]
+    assert not any(hasattr(fn, a) for a in ("_torchdynamo_inline", "_torchdynamo_orig_callable"))
+    assert fn.__code__.co_filename.endswith("moe/router.py")
+    router = SimpleNamespace(enable_expert_bias=True, local_tokens_per_expert=torch.zeros(3))
+    routing = torch.tensor([[True, False, True], [True, True, False]])
+    fn(router, routing, padding_mask=torch.tensor([[False], [True]]))
+    assert router.local_tokens_per_expert.tolist() == [1.0, 0.0, 1.0]  # the padded token is not counted
