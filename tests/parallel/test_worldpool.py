@@ -92,5 +92,6 @@ def test_a_failing_job_fails_with_every_rank_and_the_next_gets_a_fresh_world(tmp
 
 def test_a_job_past_its_deadline_fails(tmp_path):
     hang = REPO / "tests" / "parallel" / "worldpool_hang_worker.py"
-    with pytest.raises(AssertionError, match=r"no reply within 5s"):
-        run_in_world(hang, 2, [], timeout=5.0)
+    # rank 1 never replies, so the deadline is waited out: short, a core idles for its length
+    with pytest.raises(AssertionError, match=r"no reply within 2s"):
+        run_in_world(hang, 2, [], timeout=2.0)
