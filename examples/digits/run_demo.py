@@ -189,12 +189,6 @@ def _sibling(name: str):
 
 def run_demo(out: str, recipe: Recipe, log_every: int = 20) -> DemoResult:
     """Run every phase into `out` (replacing an earlier demo output there) and return the result."""
-    from internvl_mcore.config import get_preset
-    from internvl_mcore.data.digits import build_digits_dataset
-    from internvl_mcore.parallel.state import free_port
-
-    evaluate, plot_loss = _sibling("evaluate").evaluate, _sibling("plot_loss").plot_loss
-
     if recipe.layout not in LAYOUTS:
         raise ValueError(f"--layout must be one of {sorted(LAYOUTS)}, got {recipe.layout!r}")
     out = os.path.abspath(out)
@@ -207,6 +201,13 @@ def run_demo(out: str, recipe: Recipe, log_every: int = 20) -> DemoResult:
                 f"{out} exists, is not empty and is not a digits demo output ({MARKER} missing): choose another --out"
             )
         shutil.rmtree(out)
+    # imported after the checks: a refused --out answers without importing torch, megatron-core, transformers
+    from internvl_mcore.config import get_preset
+    from internvl_mcore.data.digits import build_digits_dataset
+    from internvl_mcore.parallel.state import free_port
+
+    evaluate, plot_loss = _sibling("evaluate").evaluate, _sibling("plot_loss").plot_loss
+
     logs = os.path.join(out, "logs")
     os.makedirs(logs)
     open(marker, "w").close()
