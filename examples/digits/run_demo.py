@@ -89,11 +89,22 @@ class Recipe:
     num_workers: int = 1
     """Loader processes per training rank (pretrain_internvl.py --num-workers). --quick uses 0: its few
     steps would mostly wait for each rank's loader process to start (~13 s, ~3 CPU-s each)."""
+    preprocess_workers: int = 2
+    """Tokenizing processes of the preprocess phase (tools/preprocess_mm_data.py --workers; 1: in its own
+    process). --quick uses 1: its few hundred samples take less than starting the workers."""
 
 
 # The shortened demo the tests run: same phases and code path, a handful of steps.
 QUICK = dict(
-    stage1_iters=3, stage2_iters=4, stage2_warmup=1, max_single=200, multi_image=30, text_only=20, num_workers=0
+    stage1_iters=2,
+    stage2_iters=3,
+    stage2_warmup=1,
+    seq_length=512,
+    max_single=100,
+    multi_image=10,
+    text_only=10,
+    num_workers=0,
+    preprocess_workers=1,
 )
 
 
@@ -178,12 +189,6 @@ def _sibling(name: str):
 
 def run_demo(out: str, recipe: Recipe, log_every: int = 20) -> DemoResult:
     """Run every phase into `out` (replacing an earlier demo output there) and return the result."""
-    from internvl_mcore.config import get_preset
-    from internvl_mcore.data.digits import build_digits_dataset
-    from internvl_mcore.parallel.state import free_port
-
-    evaluate, plot_loss = _sibling("evaluate").evaluate, _sibling("plot_loss").plot_loss
-
     if recipe.layout not in LAYOUTS:
         raise ValueError(f"--layout must be one of {sorted(LAYOUTS)}, got {recipe.layout!r}")
     out = os.path.abspath(out)
@@ -196,6 +201,13 @@ def run_demo(out: str, recipe: Recipe, log_every: int = 20) -> DemoResult:
                 f"{out} exists, is not empty and is not a digits demo output ({MARKER} missing): choose another --out"
             )
         shutil.rmtree(out)
+    # imported after the checks: a refused --out answers without importing torch, megatron-core, transformers
+    from internvl_mcore.config import get_preset
+    from internvl_mcore.data.digits import build_digits_dataset
+    from internvl_mcore.parallel.state import free_port
+
+    evaluate, plot_loss = _sibling("evaluate").evaluate, _sibling("plot_loss").plot_loss
+
     logs = os.path.join(out, "logs")
     os.makedirs(logs)
     open(marker, "w").close()
@@ -247,7 +259,7 @@ def run_demo(out: str, recipe: Recipe, log_every: int = 20) -> DemoResult:
             "--system-prompt",
             recipe.system_prompt,
             "--workers",
-            "2",
+            str(recipe.preprocess_workers),
             "--no-progress",
         ],
         os.path.join(logs, "preprocess.log"),

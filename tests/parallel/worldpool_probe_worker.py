@@ -13,18 +13,20 @@ import os
 import signal
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from megatron.core import parallel_state as ps
-from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-from megatron.core.transformer.moe import moe_utils
-
-from internvl_mcore.config import ParallelConfig
-from internvl_mcore.parallel.state import init_distributed
-from tests.worldpool import gloo_threads
-
 
 def main() -> None:  # guarded: a spawned child (--manager) imports this file as __mp_main__
+    # imported here, not above: the spawned Manager process imports this file too, and torch +
+    # megatron-core would cost it ~3 CPU-s for nothing (it serves a dict, it never trains)
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+    from megatron.core.transformer.moe import moe_utils
+
+    from internvl_mcore.config import ParallelConfig
+    from internvl_mcore.parallel.state import init_distributed
+    from tests.worldpool import gloo_threads
+
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--tp", type=int, default=1)
