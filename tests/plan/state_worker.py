@@ -133,15 +133,6 @@ def measured_flops(model, cfg, seq=128):
     )
 
 
-# megatron-core torch.compiles TopKRouter._apply_expert_bias whatever the config; without an expert bias (no
-# case has one) it does nothing and saves nothing for backward, yet its first call imports dynamo + inductor
-# and traces it: ~2.5 CPU-s on each of the 4 ranks. Its plain body (what the deferred compile wraps,
-# internvl_mcore/startup.py) measures the same; restored at the end for the world's later jobs.
-from megatron.core.transformer.moe.router import TopKRouter  # noqa: E402
-
-_compiled_expert_bias = TopKRouter.__dict__["_apply_expert_bias"]
-TopKRouter._apply_expert_bias = getattr(_compiled_expert_bias, "_torchdynamo_inline", _compiled_expert_bias)
-
 reports = []
 for case in cases:
     par = ParallelConfig(
@@ -223,5 +214,4 @@ for case in cases:
     reports.append(rep)
     del optimizer, ddp, model
 
-TopKRouter._apply_expert_bias = _compiled_expert_bias
 Path(a.out, f"rank{dist.get_rank()}.json").write_text(json.dumps(reports))
