@@ -239,42 +239,11 @@ def chunk_flops(args: argparse.Namespace, virtual: int, pp: int = 2) -> list[lis
 
 
 def simulate_schedule(chunk_s: list[list[float]], microbatches: int) -> list[float]:
-    """Each rank's idle share of the pipeline span when megatron-core's (interleaved) 1F1B order runs
-    with these forward + backward seconds per [rank][chunk] of one microbatch (backward 2x forward),
-    sends free and instant: what uneven stages and chunks alone make of the bubble."""
-    from internvl_mcore.plan.stages import schedule_table, warmup_forwards
+    """Each rank's idle share of the pipeline span with megatron-core's order run on these per-chunk
+    times: the planner's own simulation (plan/stages.py), which its bubble comes from."""
+    from internvl_mcore.plan.stages import simulate_schedule as simulate
 
-    pp, v = len(chunk_s), len(chunk_s[0])
-    table = schedule_table(pp, v, microbatches)
-    total = len(table)
-    ops = []
-    for r in range(pp):
-        warm = warmup_forwards(pp, v, microbatches, r)
-        fwd = [("F", mb, c) for mb, c in table]
-        bwd = [("B", mb, v - 1 - c) for mb, c in table]
-        order = fwd[:warm] + [op for pair in zip(fwd[warm:], bwd) for op in pair] + bwd[total - warm :]
-        ops.append(order)
-    done: dict[tuple, float] = {}
-    free, nxt = [0.0] * pp, [0] * pp
-    while any(nxt[r] < len(ops[r]) for r in range(pp)):
-        progressed = False
-        for r in range(pp):
-            while nxt[r] < len(ops[r]):
-                kind, mb, c = ops[r][nxt[r]]
-                stage = c * pp + r
-                dep = ("F", mb, stage - 1) if kind == "F" else ("B", mb, stage + 1)
-                if kind == "B" and stage == pp * v - 1:
-                    dep = ("F", mb, stage)
-                if stage - (kind == "F") < 0 or dep in done:
-                    start = max(free[r], done.get(dep, 0.0))
-                    free[r] = start + chunk_s[r][c] * (1 if kind == "F" else 2) / 3
-                    done[(kind, mb, stage)], nxt[r], progressed = free[r], nxt[r] + 1, True
-                else:
-                    break
-        if not progressed:
-            raise RuntimeError("schedule simulation deadlocked")
-    span = max(free)
-    return [1 - microbatches * sum(chunk_s[r]) / span for r in range(pp)]
+    return simulate(chunk_s, microbatches)
 
 
 def pp_summary(records: list[dict], chunks: list[list[float]], microbatches: int, warmup: int = 2) -> dict:

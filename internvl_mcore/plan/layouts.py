@@ -3,11 +3,15 @@ layouts that fit a cluster.
 
 Step time is a first-order model, not a simulation:
 
-    step = (microbatches + (PP - 1) / V) * slowest stage's microbatch time  (1F1B pipeline bubble;
-           V model chunks per rank with the interleaved schedule, megatron-core's bubble
-           (PP - 1) / (V x microbatches + PP - 1) of the step; V = 1 without it; every chunk
-           sends its activations: V PP sends per stage and microbatch)
+    step = (microbatches + (PP - 1) / V) * slowest stage's microbatch time  (1F1B fill and drain;
+           V model chunks per rank with the interleaved schedule; every chunk sends its
+           activations: V PP sends per stage and microbatch)
          + data-parallel gradient (and, with the distributed optimizer, parameter) traffic
+
+    bubble = the ranks' mean idle share of the pipeline span with megatron-core's (interleaved)
+             1F1B order replayed on the per-chunk times (stages.pipeline_bubble: the ViT makes
+             rank 0's first chunk heavier, the output layer the last rank's last); equal chunks
+             give (PP - 1) / (V x microbatches + PP - 1)
 
     stage microbatch time = stage FLOPs x (3, or 4 with full recompute) / (TP x CP)
                             / (peak x compute_efficiency)
@@ -37,7 +41,7 @@ from .params import (
     stage_numel,
     stage_params,
 )
-from .stages import _link, _ring, pipeline_seconds, piece_costs, rank_splits
+from .stages import _link, _ring, even_chunks, pipeline_bubble, pipeline_seconds, piece_costs, rank_splits
 
 
 @dataclass(frozen=True)
@@ -266,9 +270,10 @@ def plan(
     microbatches = w.global_batch_size // (w.micro_batch_size * layout.dp)
     stages = _stage_memory(model, layout, w, microbatches)
     costs = piece_costs(model, layout, w, hardware, compute_efficiency)
-    pp, v = layout.pp, layout.virtual_stages
+    v = layout.virtual_stages
     counts = decoder_layers_per_stage(model.llm.num_layers, layout.parallel())
     stage_times, stage_compute = costs.stage_times(counts, v)
+    chunk_times = costs.chunk_times(layout_chunks(model, layout))
     # interleaved: V x microbatches chunk passes of 1/V of a stage's time each (V PP sends), and the
     # PP - 1 chunk passes of fill and drain
     pipeline = pipeline_seconds(stage_times, microbatches, v)
@@ -297,11 +302,18 @@ def plan(
             "pipeline_s": pipeline,
             "dp_comm_s": dp_time,
             "microbatches": microbatches,
-            "bubble": (pp - 1) / (v * microbatches + pp - 1),
+            "bubble": pipeline_bubble(chunk_times, microbatches),
             "stage_times_s": stage_times,
+            "chunk_times_s": chunk_times,
             "costs": costs,
         },
     )
+
+
+def layout_chunks(model: ModelConfig, layout: Layout) -> list[list[int]]:
+    """Decoder layers per [pp_rank][model chunk] of `layout`'s split."""
+    counts = decoder_layers_per_stage(model.llm.num_layers, layout.parallel())
+    return even_chunks(counts, layout.virtual_stages)
 
 
 _STATE_CACHE: dict[tuple, StateBytes] = {}
