@@ -210,6 +210,17 @@ class StagePlan:
         return self.state.total + max(self.activations.total, self.kv_cache)
 
 
+class Breakdown(dict):
+    """A plan's figures; "bubble" (stages.pipeline_bubble on "chunk_times_s") is replayed when first
+    read: a search plans hundreds of layouts and prints a few."""
+
+    def __missing__(self, key: str) -> float:
+        if key != "bubble":
+            raise KeyError(key)
+        self[key] = pipeline_bubble(self["chunk_times_s"], self["microbatches"])
+        return self[key]
+
+
 @dataclass(frozen=True)
 class LayoutPlan:
     """Memory of every stage and the step-time estimate of one layout."""
@@ -298,15 +309,14 @@ def plan(
         model_flops,
         compute_s=compute_s,
         comm_s=step - compute_s,
-        breakdown={
-            "pipeline_s": pipeline,
-            "dp_comm_s": dp_time,
-            "microbatches": microbatches,
-            "bubble": pipeline_bubble(chunk_times, microbatches),
-            "stage_times_s": stage_times,
-            "chunk_times_s": chunk_times,
-            "costs": costs,
-        },
+        breakdown=Breakdown(
+            pipeline_s=pipeline,
+            dp_comm_s=dp_time,
+            microbatches=microbatches,
+            stage_times_s=stage_times,
+            chunk_times_s=chunk_times,
+            costs=costs,
+        ),
     )
 
 
@@ -440,13 +450,19 @@ def propose_split(
     that gives a stage at least as many layers as one found over the budget is not planned."""
     over: dict[tuple[int, int], int] = {}  # (V, stage) -> fewest layers seen over the budget there
     planned = 0
-    for t, lay in split_layouts(model, layout, workload, hardware, compute_efficiency, virtual_stages):
+    if layout.pp == 1:
+        p = plan(model, layout, workload, hardware, budget_gib, compute_efficiency, reserve_gib)
+        return p if p.fits else None
+    costs = piece_costs(model, layout, workload, hardware, compute_efficiency)
+    m = workload.global_batch_size // (workload.micro_batch_size * layout.dp)
+    # split_layouts' order; the layout is built only for the splits planned (a search ranks thousands)
+    for t, s in rank_splits(costs, model.llm.num_layers, layout.pp, m, virtual_stages):
         if t >= slower_than or planned == tries:
             return None
-        counts = decoder_layers_per_stage(model.llm.num_layers, lay.parallel())
-        v = lay.virtual_stages
+        counts, v = s.counts, s.virtual_stages
         if any(n >= over.get((v, r), n + 1) for r, n in enumerate(counts)):
             continue  # a stage's memory grows with its layers: this one cannot fit either
+        lay = replace(layout, first_stage_layers=s.first, last_stage_layers=s.last, virtual_stages=v)
         p = plan(model, lay, workload, hardware, budget_gib, compute_efficiency, reserve_gib)
         if p.fits:
             return p

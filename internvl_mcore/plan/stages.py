@@ -227,18 +227,31 @@ def split_options(num_layers: int, pp: int, virtual_stages: int = 1) -> tuple[Sp
     return tuple(out)
 
 
+@functools.lru_cache(maxsize=256)
 def rank_splits(
     costs: PieceCosts, num_layers: int, pp: int, microbatches: int, virtual_stages: tuple[int, ...] = (1,)
-) -> list[tuple[float, Split]]:
+) -> tuple[tuple[float, Split], ...]:
     """(pipeline seconds, split) of every split for each V in `virtual_stages`, fastest first; ties
-    keep fewer flags (the even split, then V = 1) first."""
+    keep fewer flags (the even split, then V = 1) first. Cached: a search's memory-saver variants of
+    one TP / PP / CP share their piece costs."""
     ranked = []
     for v in virtual_stages:
         for s in split_options(num_layers, pp, v):
-            t = pipeline_seconds(costs.stage_times(list(s.counts), v)[0], microbatches, v)
-            ranked.append((t, len(s.flags()), s))
+            t = (microbatches + (pp - 1) / v) * _slowest_stage(costs, s.counts, v)  # pipeline_seconds
+            ranked.append((t, (s.first is not None) + (s.last is not None) + (v > 1), s))  # len(s.flags())
     ranked.sort(key=lambda x: (x[0], x[1]))
-    return [(t, s) for t, _, s in ranked]
+    return tuple((t, s) for t, _, s in ranked)
+
+
+def _slowest_stage(costs: PieceCosts, counts: tuple[int, ...], v: int) -> float:
+    """max(costs.stage_times(counts, v)[0]), the same sums: the middle stages share one count, so
+    stage 0, stage 1 and the last decide."""
+    last = len(counts) - 1
+    sends = costs.send * v
+    return max(
+        counts[r] * costs.layer + costs.vision * (r == 0) + costs.output * (r == last) + sends
+        for r in {0, min(1, last), last}
+    )
 
 
 def balanced_chunks(costs: PieceCosts, num_layers: int, pp: int, virtual_stages: int) -> list[list[int]]:
