@@ -38,7 +38,7 @@ from internvl_mcore.config.training import (
 from internvl_mcore.errors import ConfigError  # noqa: E402
 from internvl_mcore.plan import HARDWARE, Layout, Rollout, Workload, count_params, plan, search  # noqa: E402
 from internvl_mcore.plan.stages import split_flags as stage_split_flags  # noqa: E402
-from internvl_mcore.plan.layouts import layout_chunks, propose_split  # noqa: E402
+from internvl_mcore.plan.layouts import layout_chunks, propose_split, with_pipeline_layout  # noqa: E402
 from internvl_mcore.plan.stages import balanced_chunks, layout_string, pipeline_bubble  # noqa: E402
 from internvl_mcore.plan.params import active_params  # noqa: E402
 from internvl_mcore.plan.memory import GiB  # noqa: E402
@@ -126,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="model chunks per pipeline rank (the interleaved schedule divides the bubble by it)",
+    )
+    p.add_argument(
+        "--pipeline-model-parallel-layout",
+        default=None,
+        help='the layers of every model chunk, e.g. "Et|tttt|ttt|L" (E: embedding, ViT and projector; t: a '
+        "decoder layer; L: output layer and loss; stages split by | in virtual order): its chunks per rank, "
+        "instead of the first/last counts",
     )
     p.add_argument("--sequence-parallel", action="store_true", help="(implied for TP > 1 in the search)")
     p.add_argument("--use-distributed-optimizer", action="store_true")
@@ -278,7 +285,7 @@ def explicit_layout(a: argparse.Namespace) -> Layout | None:
     cp = a.context_parallel_size or 1
     if a.gpus % (tp * pp * cp):
         raise ConfigError(f"--gpus {a.gpus} is not divisible by TP x PP x CP = {tp * pp * cp}")
-    return Layout(
+    lay = Layout(
         tp,
         pp,
         cp,
@@ -291,6 +298,9 @@ def explicit_layout(a: argparse.Namespace) -> Layout | None:
         ep=a.expert_model_parallel_size or 1,
         virtual_stages=a.num_virtual_stages_per_pipeline_rank,
     )
+    if a.pipeline_model_parallel_layout is None:
+        return lay
+    return with_pipeline_layout(lay, a.pipeline_model_parallel_layout, _model(a.model).llm.num_layers)
 
 
 def in_flight(a_) -> str:
@@ -367,6 +377,8 @@ def chunk_text(chunk_s: list[list[float]]) -> str:
 
 def split_flags(lay: Layout) -> list[str]:
     """The pretrain_internvl.py flags of a layout's stage split."""
+    if lay.pipeline_layout is not None:
+        return [f"--pipeline-model-parallel-layout {lay.pipeline_layout}"]
     return stage_split_flags(lay.first_stage_layers, lay.last_stage_layers, lay.virtual_stages)
 
 

@@ -165,8 +165,17 @@ class Layout:
     """Model chunks per pipeline rank (--num-virtual-stages-per-pipeline-rank; 1: no interleaving)."""
     last_stage_layers: Optional[int] = None
     """--decoder-last-pipeline-num-layers (None: the even share)."""
+    pipeline_layout: Optional[str] = None
+    """--pipeline-model-parallel-layout: the layers of every model chunk (config/pipeline_layout.py);
+    set, it gives the chunks per rank (virtual_stages) and replaces the first/last counts."""
 
     def parallel(self) -> ParallelConfig:
+        if self.pipeline_layout is not None:
+            return dataclasses.replace(self.parallel_flags(), **_layout_field(self.pipeline_layout))
+        return self.parallel_flags()
+
+    def parallel_flags(self) -> ParallelConfig:
+        """The ParallelConfig of every field but the layout string."""
         return ParallelConfig(
             tensor_model_parallel_size=self.tp,
             pipeline_model_parallel_size=self.pp,
@@ -182,6 +191,7 @@ class Layout:
     def describe(self) -> str:
         extra = [f"first-stage-layers {self.first_stage_layers}"] if self.first_stage_layers is not None else []
         extra += [f"last-stage-layers {self.last_stage_layers}"] if self.last_stage_layers is not None else []
+        extra += [f"layout {self.pipeline_layout}"] if self.pipeline_layout is not None else []
         flags = (
             ["SP"] * self.sequence_parallel
             + ["dist-opt"] * self.distributed_optimizer
@@ -191,6 +201,30 @@ class Layout:
         ep = f" EP{self.ep}" if self.ep > 1 else ""
         ep += f" VPP{self.virtual_stages}" if self.virtual_stages > 1 else ""
         return f"TP{self.tp} PP{self.pp} CP{self.cp} DP{self.dp}{ep}" + (f" ({', '.join(flags)})" if flags else "")
+
+
+def _layout_field(layout: str) -> dict:
+    """ParallelConfig's layout field where the config has one (i29-layout's flag; until it lands the
+    planner alone reads the layout: layout_chunks)."""
+    fields = {f.name for f in dataclasses.fields(ParallelConfig)}
+    if "pipeline_model_parallel_layout" not in fields:
+        return {}
+    return {"pipeline_model_parallel_layout": layout, "num_virtual_stages_per_pipeline_rank": None}
+
+
+def with_pipeline_layout(layout: Layout, pipeline_layout: str, num_layers: int) -> Layout:
+    """`layout` with its chunks placed by a --pipeline-model-parallel-layout string (checked against
+    PP and the decoder's `num_layers`, a one-line ConfigError; the chunks per rank from it)."""
+    from ..config.pipeline_layout import check, virtual_size
+
+    check(pipeline_layout, layout.pp, num_layers)
+    return replace(
+        layout,
+        pipeline_layout=pipeline_layout,
+        virtual_stages=virtual_size(pipeline_layout, layout.pp),
+        first_stage_layers=None,
+        last_stage_layers=None,
+    )
 
 
 @dataclass(frozen=True)
@@ -282,9 +316,9 @@ def plan(
     stages = _stage_memory(model, layout, w, microbatches)
     costs = piece_costs(model, layout, w, hardware, compute_efficiency)
     v = layout.virtual_stages
-    counts = decoder_layers_per_stage(model.llm.num_layers, layout.parallel())
-    stage_times, stage_compute = costs.stage_times(counts, v)
-    chunk_times = costs.chunk_times(layout_chunks(model, layout))
+    chunks = layout_chunks(model, layout)
+    stage_times, stage_compute = costs.stage_times([sum(row) for row in chunks], v)
+    chunk_times = costs.chunk_times(chunks)
     # interleaved: V x microbatches chunk passes of 1/V of a stage's time each (V PP sends), and the
     # PP - 1 chunk passes of fill and drain
     pipeline = pipeline_seconds(stage_times, microbatches, v)
@@ -322,6 +356,10 @@ def plan(
 
 def layout_chunks(model: ModelConfig, layout: Layout) -> list[list[int]]:
     """Decoder layers per [pp_rank][model chunk] of `layout`'s split."""
+    if layout.pipeline_layout is not None:
+        from ..config.pipeline_layout import decoder_layers
+
+        return decoder_layers(layout.pipeline_layout, layout.pp)
     counts = decoder_layers_per_stage(model.llm.num_layers, layout.parallel())
     return even_chunks(counts, layout.virtual_stages)
 
@@ -358,7 +396,7 @@ def _stage_memory(model: ModelConfig, layout: Layout, w: Workload, microbatches:
     trainable = set(w.trainable)
     tiles_mb = w.tiles(model) * w.micro_batch_size
     lengths = w.sample_lengths() * w.micro_batch_size
-    layers = decoder_layers_per_stage(model.llm.num_layers, par)
+    layers = [sum(row) for row in layout_chunks(model, layout)]
     stages = []
     for r in range(layout.pp):
         st = _stage_state(model, layout, w, r, layers[r])
@@ -427,7 +465,16 @@ def split_layouts(
     costs = piece_costs(model, layout, workload, hardware, compute_efficiency)
     m = workload.global_batch_size // (workload.micro_batch_size * layout.dp)
     return [
-        (t, replace(layout, first_stage_layers=s.first, last_stage_layers=s.last, virtual_stages=s.virtual_stages))
+        (
+            t,
+            replace(
+                layout,
+                first_stage_layers=s.first,
+                last_stage_layers=s.last,
+                virtual_stages=s.virtual_stages,
+                pipeline_layout=None,
+            ),
+        )
         for t, s in rank_splits(costs, model.llm.num_layers, layout.pp, m, virtual_stages)
     ]
 
@@ -462,7 +509,9 @@ def propose_split(
         counts, v = s.counts, s.virtual_stages
         if any(n >= over.get((v, r), n + 1) for r, n in enumerate(counts)):
             continue  # a stage's memory grows with its layers: this one cannot fit either
-        lay = replace(layout, first_stage_layers=s.first, last_stage_layers=s.last, virtual_stages=v)
+        lay = replace(
+            layout, first_stage_layers=s.first, last_stage_layers=s.last, virtual_stages=v, pipeline_layout=None
+        )
         p = plan(model, lay, workload, hardware, budget_gib, compute_efficiency, reserve_gib)
         if p.fits:
             return p

@@ -234,13 +234,14 @@ def rank_splits(
     """(pipeline seconds, split) of every split for each V in `virtual_stages`, fastest first; ties
     keep fewer flags (the even split, then V = 1) first. Cached: a search's memory-saver variants of
     one TP / PP / CP share their piece costs."""
-    ranked = []
+    ranked, splits = [], []
     for v in virtual_stages:
         for s in split_options(num_layers, pp, v):
             t = (microbatches + (pp - 1) / v) * _slowest_stage(costs, s.counts, v)  # pipeline_seconds
-            ranked.append((t, (s.first is not None) + (s.last is not None) + (v > 1), s))  # len(s.flags())
-    ranked.sort(key=lambda x: (x[0], x[1]))
-    return tuple((t, s) for t, _, s in ranked)
+            ranked.append((t, (s.first is not None) + (s.last is not None) + (v > 1), len(splits)))  # len(s.flags())
+            splits.append(s)
+    ranked.sort()  # the list index keeps a stable order among equal (time, flags)
+    return tuple((t, splits[i]) for t, _, i in ranked)
 
 
 def _slowest_stage(costs: PieceCosts, counts: tuple[int, ...], v: int) -> float:

@@ -148,3 +148,25 @@ def test_balanced_layout_evens_the_chunks_of_debug_m():
     one = costs.chunk_times([[n] for n in rank_splits(costs, model.llm.num_layers, 2, 8)[0][1].counts])
     for m in (2, 4, 8):
         assert pipeline_bubble(costs.chunk_times(chunks), m) < pipeline_bubble(one, m), m
+
+
+def test_cli_plans_a_pipeline_layout_and_proposes_one(capsys):
+    """tools/plan.py with --pipeline-model-parallel-layout: the chunks per rank and layers from the
+    string, its chunk times and replayed bubble; under the even VPP2 split the evener placement is
+    proposed as the flag; a layout of the wrong layer count is refused in one line naming the flag."""
+    base = ["--model", "debug-m", "--gpus", "2", "--pipeline-model-parallel-size", "2", "--seq-length", "512"]
+    base += ["--global-batch-size", "8", "--tiles-per-sequence", "2", "--sample-length", "256", "--fp32"]
+    assert cli.main([*base, "--pipeline-model-parallel-layout", "Et|tttt|ttt|L"]) == 0
+    out = capsys.readouterr().out
+    assert "layout TP1 PP2 CP1 DP1 VPP2 (layout Et|tttt|ttt|L)" in out, out
+    assert "stage split: --pipeline-model-parallel-layout Et|tttt|ttt|L" in out
+    assert "stage 0 (4 layers)" in out and re.search(r"chunk times: [\d.e+-]+\+[\d.e+-]+ / [\d.e+-]+\+[\d.e+-]+ s", out)
+    laid = float(re.search(r"predicted bubble ([\d.]+)%", out).group(1))
+    assert cli.main([*base, "--num-virtual-stages-per-pipeline-rank", "2"]) == 0
+    out = capsys.readouterr().out
+    even = float(re.search(r"predicted bubble ([\d.]+)%", out).group(1))
+    assert "evener per-chunk placement: --pipeline-model-parallel-layout Et|tttt|ttt|L: chunk times" in out, out
+    assert f"predicted bubble {laid}% (its memory is not planned)" in out and laid < even
+    assert cli.main([*base, "--pipeline-model-parallel-layout", "Et|tttt|tt|L"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--pipeline-model-parallel-layout" in err[0] and "8" in err[0], err
