@@ -2,6 +2,7 @@
 """Throughput at scale, measured on this machine: data-parallel ranks and pipeline stages waiting for each other.
 
     python bench/pipeline.py --part pp  # PP2 with 1 and 2 virtual stages at 2, 4, 8 microbatches (~4 min idle)
+    python bench/pipeline.py --part pp-sim  # the same settings simulated, no runs (seconds)
     python bench/pipeline.py --part dp  # DP2, 12 steps with and without --balance-dp-compute
     python bench/pipeline.py --part dp --quick    # 6 steps
     python bench/pipeline.py --part dp --model debug-m --seq-length 2048 --global-batch-size 4 --samples 120 --steps 6
@@ -21,20 +22,22 @@ best-fit packing) trained on 2 ranks with --log-straggler, once in stream order 
 PP2 (this part): megatron-core's 1F1B schedule (1 virtual stage) and its interleaved schedule (2
 virtual stages per rank, the ViT and projector in the first model chunk of rank 0) on 2 ranks, the
 debug-m model on mock data (uniform microbatches: every pack two samples of --pp-tiles tiles each),
-one pack per microbatch, each microbatch count a run of --pp-steps steps with --log-straggler.
-Printed per run:
-  - the planner's predicted bubble for the same layout (plan/layouts.py: `plan(...).breakdown`);
+one pack per microbatch, each microbatch count a run of --pp-steps steps with --log-straggler. The
+split is the planner's (--pp-split planner): VPP1 its fastest --decoder-first-pipeline-num-layers,
+VPP2 its per-chunk placement as --pipeline-model-parallel-layout (plan/stages.py: balanced_chunks);
+--pp-split even runs megatron-core's even split. Printed per VPP setting: the split and the FLOP
+share of each chunk; per run:
+  - the planner's predicted bubble for the same split (plan/stages.py: megatron-core's schedule
+    replayed on the planner's per-chunk times; (PP - 1) / (V m + PP - 1) when the chunks are equal);
   - each rank's measured idle fraction: 1 - its compute / the pipeline's span (the longest schedule
     time less gradient reduction, compute + pipeline wait, of the ranks; --log-straggler's split, per
     rank in --log-jsonl), means over the steps after the first 2, and the mean over the ranks against
     the planner's figure;
-  - megatron-core's schedule order simulated (simulate_schedule) with each rank's measured compute
-    split over its model chunks by the planner's FLOP count, and with the FLOPs alone: uneven chunks
-    (the ViT on rank 0's first, the 32k-vocabulary output layer and loss on the last rank's last)
-    make a bubble the planner's (PP - 1) / (V m + PP - 1), which assumes equal chunks, does not;
-    with equal chunks the simulation gives exactly the planner's figure;
+  - the same schedule simulation (simulate_schedule) with each rank's measured compute split over its
+    model chunks by the planner's FLOP count, and with the FLOPs alone;
   - compute per microbatch per rank (wall and process CPU seconds), the step, the load average.
 Then the goals: VPP2's idle within 20% (relative) of the planner's, and below 1 virtual stage's.
+--part pp-sim prints the planner's bubble and the FLOP simulation of every setting without runs.
 """
 
 from __future__ import annotations
