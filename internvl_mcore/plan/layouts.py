@@ -31,6 +31,9 @@ from typing import Iterable, Optional
 
 from ..config.lora import LORA_MODULES, LoRAConfig
 from ..config.model import ModelConfig, ParallelConfig
+from ..config.pipeline_layout import check as pipeline_layout_check
+from ..config.pipeline_layout import decoder_layers as layout_decoder_layers
+from ..config.pipeline_layout import virtual_size as layout_virtual_size
 from ..errors import ConfigError
 from .flops import train_step_flops
 from .memory import GiB, ActivationBytes, StateBytes, activation_bytes, kv_cache_bytes, state_bytes
@@ -215,13 +218,11 @@ def _layout_field(layout: str) -> dict:
 def with_pipeline_layout(layout: Layout, pipeline_layout: str, num_layers: int) -> Layout:
     """`layout` with its chunks placed by a --pipeline-model-parallel-layout string (checked against
     PP and the decoder's `num_layers`, a one-line ConfigError; the chunks per rank from it)."""
-    from ..config.pipeline_layout import check, virtual_size
-
-    check(pipeline_layout, layout.pp, num_layers)
+    pipeline_layout_check(pipeline_layout, layout.pp, num_layers)
     return replace(
         layout,
         pipeline_layout=pipeline_layout,
-        virtual_stages=virtual_size(pipeline_layout, layout.pp),
+        virtual_stages=layout_virtual_size(pipeline_layout, layout.pp),
         first_stage_layers=None,
         last_stage_layers=None,
     )
@@ -246,13 +247,12 @@ class StagePlan:
 
 class Breakdown(dict):
     """A plan's figures; "bubble" (stages.pipeline_bubble on "chunk_times_s") is replayed when first
-    read: a search plans hundreds of layouts and prints a few."""
+    read with [] (a search plans hundreds of layouts and prints a few)."""
 
-    def __missing__(self, key: str) -> float:
-        if key != "bubble":
-            raise KeyError(key)
-        self[key] = pipeline_bubble(self["chunk_times_s"], self["microbatches"])
-        return self[key]
+    def __getitem__(self, key: str):
+        if key == "bubble" and not dict.__contains__(self, key):
+            self[key] = pipeline_bubble(self["chunk_times_s"], self["microbatches"])
+        return dict.__getitem__(self, key)
 
 
 @dataclass(frozen=True)
@@ -357,9 +357,7 @@ def plan(
 def layout_chunks(model: ModelConfig, layout: Layout) -> list[list[int]]:
     """Decoder layers per [pp_rank][model chunk] of `layout`'s split."""
     if layout.pipeline_layout is not None:
-        from ..config.pipeline_layout import decoder_layers
-
-        return decoder_layers(layout.pipeline_layout, layout.pp)
+        return layout_decoder_layers(layout.pipeline_layout, layout.pp)
     counts = decoder_layers_per_stage(model.llm.num_layers, layout.parallel())
     return even_chunks(counts, layout.virtual_stages)
 
