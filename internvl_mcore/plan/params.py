@@ -152,6 +152,8 @@ def shape_key(par: ParallelConfig) -> ParallelConfig:
     """`par` reduced to the sizes that shape a stage's parameters: a search visits hundreds of
     layouts that differ only in DP/CP/recompute/sequence parallel, and an MoE stage lists thousands of
     expert weights, so the cache must not miss on those (it made a 30B-A3B search take ~25 CPU-s)."""
+    # a --pipeline-model-parallel-layout places the layers too (the field comes with the flag's branch)
+    layout = {k: v for k, v in vars(par).items() if k == "pipeline_model_parallel_layout"}
     return ParallelConfig(
         tensor_model_parallel_size=par.tensor_model_parallel_size,
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
@@ -159,6 +161,7 @@ def shape_key(par: ParallelConfig) -> ParallelConfig:
         decoder_last_pipeline_num_layers=par.decoder_last_pipeline_num_layers,
         expert_model_parallel_size=par.expert_model_parallel_size,
         expert_tensor_parallel_size=par.expert_tensor_parallel_size,
+        **layout,
     )
 
 
@@ -180,12 +183,19 @@ def _stage_params(model: ModelConfig, par: ParallelConfig, pp_rank: int) -> tupl
     experts = range(model.llm.num_experts // par.expert_model_parallel_size)  # local experts 0 .. E/EP - 1
     etp = par.expert_tensor_parallel_size or tp
     for i in range(decoder_layers_per_stage(model.llm.num_layers, par)[pp_rank]):  # local layer numbers
-        specs += [local(p, etp if p.expert else tp, model) for p in decoder_layer(model, i, experts)]
+        specs += _layer_specs(model, i, len(experts), tp, etp)
     if last:
         specs.append(local(final_norm(model), tp, model))
         if not (first and tied):  # PP1 + tied: the output layer reuses the embedding
             specs.append(local(output_layer(model), tp, model, shared_embedding=tied and pp > 1))
     return tuple(specs)
+
+
+@lru_cache(maxsize=1 << 12)
+def _layer_specs(model: ModelConfig, i: int, local_experts: int, tp: int, etp: int) -> tuple[ParamSpec, ...]:
+    """Local decoder layer `i`'s parameters on one (expert-)TP rank: every split of a search lists
+    layers 0 .. n-1 of its stages again (an MoE layer holds hundreds of expert weights)."""
+    return tuple(local(p, etp if p.expert else tp, model) for p in decoder_layer(model, i, range(local_experts)))
 
 
 def with_lora(specs: list[ParamSpec], lora: LoRAConfig) -> list[ParamSpec]:
