@@ -152,8 +152,6 @@ def shape_key(par: ParallelConfig) -> ParallelConfig:
     """`par` reduced to the sizes that shape a stage's parameters: a search visits hundreds of
     layouts that differ only in DP/CP/recompute/sequence parallel, and an MoE stage lists thousands of
     expert weights, so the cache must not miss on those (it made a 30B-A3B search take ~25 CPU-s)."""
-    # a --pipeline-model-parallel-layout places the layers too (the field comes with the flag's branch)
-    layout = {k: v for k, v in vars(par).items() if k == "pipeline_model_parallel_layout"}
     return ParallelConfig(
         tensor_model_parallel_size=par.tensor_model_parallel_size,
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
@@ -161,7 +159,6 @@ def shape_key(par: ParallelConfig) -> ParallelConfig:
         decoder_last_pipeline_num_layers=par.decoder_last_pipeline_num_layers,
         expert_model_parallel_size=par.expert_model_parallel_size,
         expert_tensor_parallel_size=par.expert_tensor_parallel_size,
-        **layout,
     )
 
 
