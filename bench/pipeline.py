@@ -2,6 +2,7 @@
 """Throughput at scale, measured on this machine: data-parallel ranks and pipeline stages waiting for each other.
 
     python bench/pipeline.py --part pp  # PP2 with 1 and 2 virtual stages at 2, 4, 8 microbatches (~4 min idle)
+    python bench/pipeline.py --part pp-sim  # the same settings simulated, no runs (seconds)
     python bench/pipeline.py --part dp  # DP2, 12 steps with and without --balance-dp-compute
     python bench/pipeline.py --part dp --quick    # 6 steps
     python bench/pipeline.py --part dp --model debug-m --seq-length 2048 --global-batch-size 4 --samples 120 --steps 6
@@ -21,20 +22,22 @@ best-fit packing) trained on 2 ranks with --log-straggler, once in stream order 
 PP2 (this part): megatron-core's 1F1B schedule (1 virtual stage) and its interleaved schedule (2
 virtual stages per rank, the ViT and projector in the first model chunk of rank 0) on 2 ranks, the
 debug-m model on mock data (uniform microbatches: every pack two samples of --pp-tiles tiles each),
-one pack per microbatch, each microbatch count a run of --pp-steps steps with --log-straggler.
-Printed per run:
-  - the planner's predicted bubble for the same layout (plan/layouts.py: `plan(...).breakdown`);
+one pack per microbatch, each microbatch count a run of --pp-steps steps with --log-straggler. The
+split is the planner's (--pp-split planner): VPP1 its fastest --decoder-first-pipeline-num-layers,
+VPP2 its per-chunk placement as --pipeline-model-parallel-layout (plan/stages.py: balanced_chunks);
+--pp-split even runs megatron-core's even split. Printed per VPP setting: the split and the FLOP
+share of each chunk; per run:
+  - the planner's predicted bubble for the same split (plan/stages.py: megatron-core's schedule
+    replayed on the planner's per-chunk times; (PP - 1) / (V m + PP - 1) when the chunks are equal);
   - each rank's measured idle fraction: 1 - its compute / the pipeline's span (the longest schedule
     time less gradient reduction, compute + pipeline wait, of the ranks; --log-straggler's split, per
     rank in --log-jsonl), means over the steps after the first 2, and the mean over the ranks against
     the planner's figure;
-  - megatron-core's schedule order simulated (simulate_schedule) with each rank's measured compute
-    split over its model chunks by the planner's FLOP count, and with the FLOPs alone: uneven chunks
-    (the ViT on rank 0's first, the 32k-vocabulary output layer and loss on the last rank's last)
-    make a bubble the planner's (PP - 1) / (V m + PP - 1), which assumes equal chunks, does not;
-    with equal chunks the simulation gives exactly the planner's figure;
+  - the same schedule simulation (simulate_schedule) with each rank's measured compute split over its
+    model chunks by the planner's FLOP count, and with the FLOPs alone;
   - compute per microbatch per rank (wall and process CPU seconds), the step, the load average.
 Then the goals: VPP2's idle within 20% (relative) of the planner's, and below 1 virtual stage's.
+--part pp-sim prints the planner's bubble and the FLOP simulation of every setting without runs.
 """
 
 from __future__ import annotations
@@ -177,15 +180,33 @@ def summary(rows: list[dict], warmup: int = 2) -> dict:
 PP_MODEL = "debug-m"  # --pp-model: a ViT and an output layer that weigh as InternVL's
 
 
-def pp_args(virtual: int, microbatches: int, args: argparse.Namespace, log: str) -> list[str]:
+def pp_args(
+    virtual: int, microbatches: int, args: argparse.Namespace, log: str, chunks: list[list[int]] | None = None
+) -> list[str]:
     """pretrain_internvl.py's flags of one PP2 run (1F1B, or interleaved with `virtual` chunks per
-    rank) on mock data, one pack per microbatch, --log-straggler's per-rank times into `log`."""
+    rank) on mock data, one pack per microbatch, --log-straggler's per-rank times into `log`; with
+    `chunks` (decoder layers per [rank][chunk], `pp_chunks`) its split: the first stage's count at
+    VPP1, megatron-core's --pipeline-model-parallel-layout with more chunks."""
     flags = ["--model", args.pp_model, "--mock-data", "--mock-tiles-per-sample", str(args.pp_tiles)]
     flags += ["--seq-length", str(args.pp_seq_length), "--micro-batch-size", "1"]
     flags += ["--global-batch-size", str(microbatches), "--pipeline-model-parallel-size", "2"]
-    flags += ["--num-virtual-stages-per-pipeline-rank", str(virtual)] if virtual > 1 else []
+    flags += split_args(virtual, chunks)
     flags += ["--train-iters", str(args.pp_steps), "--lr", "1e-4", "--seed", "1", "--log-straggler"]
     return flags + ["--log-interval", "1", "--log-jsonl", log]
+
+
+def split_args(virtual: int, chunks: list[list[int]] | None) -> list[str]:
+    """pretrain_internvl.py's flags of a PP2 split: none for the even one (`chunks` None)."""
+    if chunks is not None and virtual > 1:
+        return ["--pipeline-model-parallel-layout", layout_string(chunks)]
+    flags = ["--num-virtual-stages-per-pipeline-rank", str(virtual)] if virtual > 1 else []
+    return flags + (["--decoder-first-pipeline-num-layers", str(chunks[0][0])] if chunks is not None else [])
+
+
+def layout_string(chunks: list[list[int]]) -> str:
+    from internvl_mcore.plan.stages import layout_string as spell
+
+    return spell(chunks)
 
 
 def straggler_records(log: str) -> list[dict]:
@@ -194,11 +215,13 @@ def straggler_records(log: str) -> list[dict]:
         return [r for r in map(json.loads, f) if "straggler" in r]
 
 
-def pp_train(virtual: int, microbatches: int, args: argparse.Namespace, out_dir: str) -> list[dict]:
+def pp_train(
+    virtual: int, microbatches: int, args: argparse.Namespace, out_dir: str, chunks: list[list[int]] | None = None
+) -> list[dict]:
     """One PP2 run under torchrun (2 ranks, one thread each); its straggler records."""
     log = os.path.join(out_dir, f"pp_v{virtual}_m{microbatches}.jsonl")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += [os.path.join(REPO, "pretrain_internvl.py"), *pp_args(virtual, microbatches, args, log)]
+    cmd += [os.path.join(REPO, "pretrain_internvl.py"), *pp_args(virtual, microbatches, args, log, chunks)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200, cwd=REPO)
     if proc.returncode:
@@ -206,23 +229,47 @@ def pp_train(virtual: int, microbatches: int, args: argparse.Namespace, out_dir:
     return straggler_records(log)
 
 
-def planner_bubble(virtual: int, microbatches: int, args: argparse.Namespace) -> float:
-    """The capacity planner's pipeline bubble (share of the step) for the bench's layout and workload."""
+def planner_costs(microbatches: int, args: argparse.Namespace):
+    """The capacity planner's per-piece costs (plan/stages.py: piece_costs) of the bench's PP2 layout and workload."""
     from internvl_mcore.config import get_preset
-    from internvl_mcore.plan.layouts import HARDWARE, Layout, Workload, plan
+    from internvl_mcore.plan.layouts import HARDWARE, Layout, Workload
+    from internvl_mcore.plan.stages import piece_costs
 
-    flags = dict(sequence_parallel=False, distributed_optimizer=False, recompute=False, virtual_stages=virtual)
-    layout = Layout(1, 2, 1, 1, **flags)
+    layout = Layout(1, 2, 1, 1, sequence_parallel=False, distributed_optimizer=False, recompute=False)
     seq = args.pp_seq_length
     work = Workload(seq, microbatches, 1, tiles_per_sequence=2 * args.pp_tiles, sample_length=seq // 2, bf16=False)
     # the bubble is a share of the step, the same on any hardware; the planner wants one
-    return float(plan(get_preset(args.pp_model), layout, work, HARDWARE["h100"]).breakdown["bubble"])
+    return piece_costs(get_preset(args.pp_model), layout, work, HARDWARE["h100"], 0.7)
 
 
-def chunk_flops(args: argparse.Namespace, virtual: int, pp: int = 2) -> list[list[float]]:
-    """Forward FLOPs of one microbatch per [rank][model chunk] (plan/flops.py): the LLM layers evenly
-    over the PP x V virtual stages, the ViT and projector on rank 0's first chunk, the output layer
-    (at the loss tokens) on the last rank's last chunk."""
+def pp_chunks(virtual: int, args: argparse.Namespace) -> list[list[int]]:
+    """Decoder layers per [rank][chunk] of a run: with --pp-split planner, the planner's proposal (VPP1:
+    its fastest first-stage count, stages.rank_splits; more chunks: its per-chunk placement,
+    stages.balanced_chunks); with --pp-split even, megatron-core's even split."""
+    from internvl_mcore.config import get_preset
+    from internvl_mcore.plan.stages import balanced_chunks, even_chunks, rank_splits
+
+    layers = get_preset(args.pp_model).llm.num_layers
+    if args.pp_split == "even":
+        return even_chunks([layers // 2] * 2, virtual)
+    costs = planner_costs(max(args.pp_microbatches), args)
+    if virtual == 1:
+        return [[n] for n in rank_splits(costs, layers, 2, max(args.pp_microbatches))[0][1].counts]
+    return balanced_chunks(costs, layers, 2, virtual)
+
+
+def planner_bubble(chunks: list[list[int]], microbatches: int, args: argparse.Namespace) -> float:
+    """The capacity planner's pipeline bubble (share of the step) for the bench's layout and
+    workload: megatron-core's schedule replayed on its per-chunk times (plan/stages.py)."""
+    from internvl_mcore.plan.stages import pipeline_bubble
+
+    return pipeline_bubble(planner_costs(microbatches, args).chunk_times(chunks), microbatches)
+
+
+def chunk_flops(args: argparse.Namespace, chunks: list[list[int]]) -> list[list[float]]:
+    """Forward FLOPs of one microbatch per [rank][model chunk] (plan/flops.py): each chunk's decoder
+    layers, the ViT and projector on rank 0's first chunk, the output layer (at the loss tokens)
+    on the last rank's last chunk."""
     from internvl_mcore.config import get_preset
     from internvl_mcore.plan.flops import forward_flops
     from internvl_mcore.training.mock import mock_sample
@@ -231,50 +278,19 @@ def chunk_flops(args: argparse.Namespace, virtual: int, pp: int = 2) -> list[lis
     pack = mock_sample(0, 1, cfg, seq, args.pp_tiles)
     lengths = np.diff(pack.cu_seqlens).tolist()
     f = forward_flops(cfg, seq, int(pack.num_tiles.sum()), lengths, lm_head_tokens=int(pack.loss_mask.sum()))
-    layer = (f.llm_linear + f.llm_attention) / (pp * virtual)
-    out = [[layer] * virtual for _ in range(pp)]
+    layer = (f.llm_linear + f.llm_attention) / cfg.llm.num_layers
+    out = [[layer * n for n in row] for row in chunks]
     out[0][0] += f.vit_linear + f.vit_attention + f.vit_patch_embed + f.projector
     out[-1][-1] += f.lm_head
     return out
 
 
 def simulate_schedule(chunk_s: list[list[float]], microbatches: int) -> list[float]:
-    """Each rank's idle share of the pipeline span when megatron-core's (interleaved) 1F1B order runs
-    with these forward + backward seconds per [rank][chunk] of one microbatch (backward 2x forward),
-    sends free and instant: what uneven stages and chunks alone make of the bubble."""
-    from internvl_mcore.plan.stages import schedule_table, warmup_forwards
+    """Each rank's idle share of the pipeline span with megatron-core's order run on these per-chunk
+    times: the planner's own simulation (plan/stages.py), which its bubble comes from."""
+    from internvl_mcore.plan.stages import simulate_schedule as simulate
 
-    pp, v = len(chunk_s), len(chunk_s[0])
-    table = schedule_table(pp, v, microbatches)
-    total = len(table)
-    ops = []
-    for r in range(pp):
-        warm = warmup_forwards(pp, v, microbatches, r)
-        fwd = [("F", mb, c) for mb, c in table]
-        bwd = [("B", mb, v - 1 - c) for mb, c in table]
-        order = fwd[:warm] + [op for pair in zip(fwd[warm:], bwd) for op in pair] + bwd[total - warm :]
-        ops.append(order)
-    done: dict[tuple, float] = {}
-    free, nxt = [0.0] * pp, [0] * pp
-    while any(nxt[r] < len(ops[r]) for r in range(pp)):
-        progressed = False
-        for r in range(pp):
-            while nxt[r] < len(ops[r]):
-                kind, mb, c = ops[r][nxt[r]]
-                stage = c * pp + r
-                dep = ("F", mb, stage - 1) if kind == "F" else ("B", mb, stage + 1)
-                if kind == "B" and stage == pp * v - 1:
-                    dep = ("F", mb, stage)
-                if stage - (kind == "F") < 0 or dep in done:
-                    start = max(free[r], done.get(dep, 0.0))
-                    free[r] = start + chunk_s[r][c] * (1 if kind == "F" else 2) / 3
-                    done[(kind, mb, stage)], nxt[r], progressed = free[r], nxt[r] + 1, True
-                else:
-                    break
-        if not progressed:
-            raise RuntimeError("schedule simulation deadlocked")
-    span = max(free)
-    return [1 - microbatches * sum(chunk_s[r]) / span for r in range(pp)]
+    return simulate(chunk_s, microbatches)
 
 
 def pp_summary(records: list[dict], chunks: list[list[float]], microbatches: int, warmup: int = 2) -> dict:
@@ -310,22 +326,48 @@ def pp_summary(records: list[dict], chunks: list[list[float]], microbatches: int
     return dict(out, idle_mean=float(np.mean(out["idle"])))
 
 
+def pp_split_line(virtual: int, args: argparse.Namespace) -> tuple[list[list[int]], list[list[float]]]:
+    """Print a VPP setting's split (its flags) and the FLOP share of each rank's chunks; (layers,
+    FLOPs) per [rank][chunk]."""
+    layers = pp_chunks(virtual, args)
+    flops = chunk_flops(args, layers)
+    share = " / ".join("+".join(f"{100 * f / sum(map(sum, flops)):.0f}" for f in r) for r in flops)
+    split = " ".join(split_args(virtual, None if args.pp_split == "even" else layers)) or "(even)"
+    print(f"  VPP{virtual}: split {split}; FLOP share of each rank's chunks (planner's count): {share} %")
+    return layers, flops
+
+
+def pp_simulated(args: argparse.Namespace) -> dict:
+    """No runs: each VPP setting's planner bubble and megatron-core's schedule simulated on the
+    chunks' FLOPs, at every microbatch count (what the runs' goals compare, offline)."""
+    print(f"PP2 simulated (no runs), --model {args.pp_model}, seq {args.pp_seq_length}, --pp-split {args.pp_split}")
+    out = {}
+    for virtual in args.pp_virtual:
+        layers, flops = pp_split_line(virtual, args)
+        for m in args.pp_microbatches:
+            sim = float(np.mean(simulate_schedule(flops, m)))
+            out[f"v{virtual}_m{m}"] = {"planner_bubble": planner_bubble(layers, m, args), "simulated_flops": sim}
+            print(
+                f"  VPP{virtual} m={m}: planner bubble {100 * out[f'v{virtual}_m{m}']['planner_bubble']:.1f}%, "
+                f"simulated on the FLOPs {100 * sim:.1f}%"
+            )
+    return out
+
+
 def pp_part(args: argparse.Namespace, tmp: str, train: Callable = pp_train) -> dict:
     """The PP2 table: every (virtual stages, microbatches) run against the planner, then the goals.
-    `train(virtual, microbatches, args, tmp)` runs one and returns its straggler records."""
+    `train(virtual, microbatches, args, tmp, chunks)` runs one and returns its straggler records."""
     print(
         f"PP2 on mock data, --model {args.pp_model}, seq {args.pp_seq_length}, {args.pp_tiles} tiles per sample "
         f"(2 samples a pack), micro-batch 1, {args.pp_steps} steps per run (means over steps 3-)"
     )
     results = {}
     for virtual in args.pp_virtual:
-        chunks = chunk_flops(args, virtual)
-        share = " / ".join("+".join(f"{100 * f / sum(map(sum, chunks)):.0f}" for f in r) for r in chunks)
-        print(f"  VPP{virtual}: FLOP share of each rank's chunks (planner's count): {share} %")
+        layers, chunks = pp_split_line(virtual, args)
         for m in args.pp_microbatches:
             load0 = os.getloadavg()[0]
-            records = train(virtual, m, args, tmp)
-            s = dict(pp_summary(records, chunks, m), planner_bubble=planner_bubble(virtual, m, args))
+            records = train(virtual, m, args, tmp, None if args.pp_split == "even" else layers)
+            s = dict(pp_summary(records, chunks, m), planner_bubble=planner_bubble(layers, m, args))
             s.update(load=(load0, os.getloadavg()[0]), records=records)
             results[f"v{virtual}_m{m}"] = s
             rel = s["idle_mean"] / s["planner_bubble"] - 1
@@ -382,7 +424,7 @@ def _ints(text: str) -> list[int]:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=("all", "dp", "pp"), default="all")
+    ap.add_argument("--part", choices=("all", "dp", "pp", "pp-sim"), default="all")
     ap.add_argument("--json", help="write every figure (and the PP runs' records) to this file")
     ap.add_argument("--quick", action="store_true", help="DP: 6 steps instead of 12")
     ap.add_argument("--steps", type=int, default=None, help="DP: steps per run")
@@ -396,6 +438,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--pp-steps", type=int, default=5, help="steps per PP run (the first 2 are not counted)")
     ap.add_argument("--pp-microbatches", type=_ints, default=[2, 4, 8], help="comma-separated")
     ap.add_argument("--pp-virtual", type=_ints, default=[1, 2], help="virtual stages per rank, comma-separated")
+    ap.add_argument(
+        "--pp-split",
+        choices=("planner", "even"),
+        default="planner",
+        help="the planner's proposed split (VPP1: first-stage count; more chunks: --pipeline-model-parallel-layout)"
+        " or megatron-core's even one",
+    )
     return ap
 
 
@@ -409,6 +458,8 @@ def main() -> None:
             out["dp"] = dp_part(args, tmp)
         if args.part in ("all", "pp"):
             out["pp"] = pp_part(args, tmp)
+        if args.part == "pp-sim":
+            out["pp"] = pp_simulated(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1, default=str)

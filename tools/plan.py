@@ -38,7 +38,8 @@ from internvl_mcore.config.training import (
 from internvl_mcore.errors import ConfigError  # noqa: E402
 from internvl_mcore.plan import HARDWARE, Layout, Rollout, Workload, count_params, plan, search  # noqa: E402
 from internvl_mcore.plan.stages import split_flags as stage_split_flags  # noqa: E402
-from internvl_mcore.plan.layouts import propose_split  # noqa: E402
+from internvl_mcore.plan.layouts import layout_chunks, propose_split, with_pipeline_layout  # noqa: E402
+from internvl_mcore.plan.stages import balanced_chunks, layout_string, pipeline_bubble  # noqa: E402
 from internvl_mcore.plan.params import active_params  # noqa: E402
 from internvl_mcore.plan.memory import GiB  # noqa: E402
 
@@ -125,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="model chunks per pipeline rank (the interleaved schedule divides the bubble by it)",
+    )
+    p.add_argument(
+        "--pipeline-model-parallel-layout",
+        default=None,
+        help='the layers of every model chunk, e.g. "Et|tttt|ttt|L" (E: embedding, ViT and projector; t: a '
+        "decoder layer; L: output layer and loss; stages split by | in virtual order): its chunks per rank, "
+        "instead of the first/last counts",
     )
     p.add_argument("--sequence-parallel", action="store_true", help="(implied for TP > 1 in the search)")
     p.add_argument("--use-distributed-optimizer", action="store_true")
@@ -277,7 +285,7 @@ def explicit_layout(a: argparse.Namespace) -> Layout | None:
     cp = a.context_parallel_size or 1
     if a.gpus % (tp * pp * cp):
         raise ConfigError(f"--gpus {a.gpus} is not divisible by TP x PP x CP = {tp * pp * cp}")
-    return Layout(
+    lay = Layout(
         tp,
         pp,
         cp,
@@ -290,6 +298,9 @@ def explicit_layout(a: argparse.Namespace) -> Layout | None:
         ep=a.expert_model_parallel_size or 1,
         virtual_stages=a.num_virtual_stages_per_pipeline_rank,
     )
+    if a.pipeline_model_parallel_layout is None:
+        return lay
+    return with_pipeline_layout(lay, a.pipeline_model_parallel_layout, _model(a.model).llm.num_layers)
 
 
 def in_flight(a_) -> str:
@@ -327,7 +338,8 @@ def virtual_stage_options(a: argparse.Namespace) -> tuple[int, ...]:
 
 def print_split(p, title: str) -> None:
     """A plan's stage split: decoder layers and the modelled microbatch time of each stage (ViT +
-    projector on stage 0, output layer and loss on the last), the flags and the predicted bubble."""
+    projector on stage 0, output layer and loss on the last), the flags and the predicted bubble;
+    with V > 1 each chunk's time; then the per-chunk placement that evens the chunks, if better."""
     lay, c = p.layout, p.breakdown["costs"]
     times = p.breakdown["stage_times_s"]
     flags = " ".join(split_flags(lay)) or "(the even split: no flags)"
@@ -341,15 +353,32 @@ def print_split(p, title: str) -> None:
         + ", ".join(f"stage {s.stage} ({s.decoder_layers} layers) {t:.2f} s" for s, t in zip(p.stages, times))
         + f"; slowest/fastest {max(times) / min(times):.2f}"
     )
-    v, m = lay.virtual_stages, p.breakdown["microbatches"]
+    v, m, pp = lay.virtual_stages, p.breakdown["microbatches"], lay.pp
+    if v > 1:
+        print(f"  chunk times: {chunk_text(p.breakdown['chunk_times_s'])}")
     print(
-        f"  predicted bubble {p.breakdown['bubble']:.1%} ((PP-1)/(V x m + PP-1), V={v} model chunks per rank, "
-        f"m={m} microbatches); step {p.step_time_s:.1f} s, MFU {p.mfu:.1%}"
+        f"  predicted bubble {p.breakdown['bubble']:.1%} (megatron-core's schedule replayed on the chunk times; "
+        f"equal chunks: {(pp - 1) / (v * m + pp - 1):.1%}, V={v} model chunks per rank, m={m} microbatches); "
+        f"step {p.step_time_s:.1f} s, MFU {p.mfu:.1%}"
     )
+    chunks = balanced_chunks(c, p.model.llm.num_layers, pp, v)
+    bubble = pipeline_bubble(c.chunk_times(chunks), m)
+    if chunks != layout_chunks(p.model, lay) and bubble < p.breakdown["bubble"]:
+        print(
+            f"  evener per-chunk placement: --pipeline-model-parallel-layout {layout_string(chunks)}: chunk times "
+            f"{chunk_text(c.chunk_times(chunks))}, predicted bubble {bubble:.1%} (its memory is not planned)"
+        )
+
+
+def chunk_text(chunk_s: list[list[float]]) -> str:
+    """Per-chunk seconds, rank by rank: "1.2+0.8 / 0.9+1.1 s"."""
+    return " / ".join("+".join(f"{t:.3g}" for t in row) for row in chunk_s) + " s"
 
 
 def split_flags(lay: Layout) -> list[str]:
     """The pretrain_internvl.py flags of a layout's stage split."""
+    if lay.pipeline_layout is not None:
+        return [f"--pipeline-model-parallel-layout {lay.pipeline_layout}"]
     return stage_split_flags(lay.first_stage_layers, lay.last_stage_layers, lay.virtual_stages)
 
 
@@ -374,8 +403,19 @@ def plan_cli(argv: list[str] | None) -> int:
             else ParallelConfig(expert_model_parallel_size=a.expert_model_parallel_size or 1),
         )
     )
+    hw = hardware(a)
+    work = workload(a)
+    print_header(a, model, hw, work)
+    kw = dict(budget_gib=hw.memory_gib, compute_efficiency=a.compute_efficiency, reserve_gib=a.reserve_gb)
+    if lay is not None:
+        return explicit_plan(a, model, lay, work, hw, kw)
+    return search_plans(a, model, work, hw, kw)
+
+
+def hardware(a: argparse.Namespace):
+    """--gpu's datasheet figures with the flags that override them."""
     hw = HARDWARE[a.gpu]
-    hw = type(hw)(
+    return type(hw)(
         hw.name,
         a.peak_tflops * 1e12 if a.peak_tflops else hw.peak_flops,
         a.gpu_memory or hw.memory_gib,
@@ -383,9 +423,13 @@ def plan_cli(argv: list[str] | None) -> int:
         a.network_gbps * 1e9 if a.network_gbps else hw.network_bytes_per_s,
         hw.gpus_per_node,
     )
+
+
+def workload(a: argparse.Namespace) -> Workload:
+    """The step the flags describe."""
     # under LoRA every base weight is frozen (models/lora.py: add_lora), the projector too
     trainable = {"lora"} if a.lora_rank else set(stage_parts(a.stage))
-    work = Workload(
+    return Workload(
         seq_length=a.seq_length,
         global_batch_size=a.global_batch_size,
         micro_batch_size=a.micro_batch_size,
@@ -399,10 +443,14 @@ def plan_cli(argv: list[str] | None) -> int:
         reference_model=a.stage == "mpo" or (a.stage in RL_STAGES and (a.grpo_kl_beta or 0) > 0),
         rollout=rollout(a),
     )
+
+
+def print_header(a: argparse.Namespace, model: ModelConfig, hw, work: Workload) -> None:
+    """The model's parameters, the GPUs and the workload."""
     counts = count_params(model)
     print(
         f"{model.name}: {counts.total / 1e9:.2f}B parameters (ViT {counts.vision / 1e9:.2f}B, projector "
-        f"{counts.projector / 1e6:.1f}M, LLM {counts.llm / 1e9:.2f}B); training {', '.join(sorted(trainable))}"
+        f"{counts.projector / 1e6:.1f}M, LLM {counts.llm / 1e9:.2f}B); training {', '.join(sorted(work.trainable))}"
     )
     if model.llm.is_moe:  # MFU and the FLOPs below count the active parameters only
         m = model.llm
@@ -419,36 +467,39 @@ def plan_cli(argv: list[str] | None) -> int:
         f"workload: {a.global_batch_size} x {a.seq_length} tokens per step, micro batch {a.micro_batch_size}, "
         f"{work.tiles(model):.0f} tiles per sequence, {'fp32' if a.fp32 else 'bf16'}"
     )
-    kw = dict(budget_gib=hw.memory_gib, compute_efficiency=a.compute_efficiency, reserve_gib=a.reserve_gb)
-    if lay is not None:
-        p = plan(model, lay, work, hw, **kw)
-        print(f"\nlayout {lay.describe()}, {p.breakdown['microbatches']} microbatches per step\n")
-        rl = p.workload.rollout is not None  # + the KV cache column; total: state + the larger of the two
-        print(f"stage layers  params   grads  optimizer  activations (in flight) {' KV cache' * rl}  total   budget")
-        for s in p.stages:
-            a_ = s.activations
-            print(
-                f"{s.stage:5d} {s.decoder_layers:6d} {gib(s.state.params)} {gib(s.state.grads)}  {gib(s.state.optimizer)}"
-                f"      {gib(a_.total)} ({in_flight(a_)})  {gib(s.kv_cache) * rl} {gib(s.total)}  "
-                f"{p.budget_gib:5.0f}  {'fits' if s.total / GiB <= p.budget_gib else 'DOES NOT FIT'}"
-            )
-        print(
-            f"\n(ViT + projector activations on stage 0: {p.stages[0].activations.vision / GiB:.1f} GiB per microbatch)"
-        )
-        print_rollout(p)
-        print(
-            f"estimated step time {p.step_time_s:.2f} s (compute {p.compute_s:.2f} s, communication "
-            f"{p.comm_s:.2f} s, pipeline bubble {p.breakdown['bubble']:.0%}), "
-            f"{p.tokens_per_s:,.0f} tokens/s, MFU {p.mfu:.1%}"
-        )
-        if lay.pp > 1:
-            print()
-            print_split(p, "stage split")
-            best = propose_split(model, lay, work, hw, virtual_stages=virtual_stage_options(a), **kw)
-            if best is not None:
-                print_split(best, "proposed split (fastest that fits)")
-        return 0 if p.fits else 1
 
+
+def explicit_plan(a: argparse.Namespace, model: ModelConfig, lay: Layout, work: Workload, hw, kw: dict) -> int:
+    """One layout's memory per stage, step time, split and the proposed split; 1 if it does not fit."""
+    p = plan(model, lay, work, hw, **kw)
+    print(f"\nlayout {lay.describe()}, {p.breakdown['microbatches']} microbatches per step\n")
+    rl = p.workload.rollout is not None  # + the KV cache column; total: state + the larger of the two
+    print(f"stage layers  params   grads  optimizer  activations (in flight) {' KV cache' * rl}  total   budget")
+    for s in p.stages:
+        a_ = s.activations
+        print(
+            f"{s.stage:5d} {s.decoder_layers:6d} {gib(s.state.params)} {gib(s.state.grads)}  {gib(s.state.optimizer)}"
+            f"      {gib(a_.total)} ({in_flight(a_)})  {gib(s.kv_cache) * rl} {gib(s.total)}  "
+            f"{p.budget_gib:5.0f}  {'fits' if s.total / GiB <= p.budget_gib else 'DOES NOT FIT'}"
+        )
+    print(f"\n(ViT + projector activations on stage 0: {p.stages[0].activations.vision / GiB:.1f} GiB per microbatch)")
+    print_rollout(p)
+    print(
+        f"estimated step time {p.step_time_s:.2f} s (compute {p.compute_s:.2f} s, communication "
+        f"{p.comm_s:.2f} s, pipeline bubble {p.breakdown['bubble']:.0%}), "
+        f"{p.tokens_per_s:,.0f} tokens/s, MFU {p.mfu:.1%}"
+    )
+    if lay.pp > 1:
+        print()
+        print_split(p, "stage split")
+        best = propose_split(model, lay, work, hw, virtual_stages=virtual_stage_options(a), **kw)
+        if best is not None:
+            print_split(best, "proposed split (fastest that fits)")
+    return 0 if p.fits else 1
+
+
+def search_plans(a: argparse.Namespace, model: ModelConfig, work: Workload, hw, kw: dict) -> int:
+    """The layouts that fit, fastest first, and #1's split; 1 if none fits."""
     fixed = {} if a.expert_model_parallel_size is None else {"ep": a.expert_model_parallel_size}
     plans = search(
         model,

@@ -3,11 +3,15 @@ layouts that fit a cluster.
 
 Step time is a first-order model, not a simulation:
 
-    step = (microbatches + (PP - 1) / V) * slowest stage's microbatch time  (1F1B pipeline bubble;
-           V model chunks per rank with the interleaved schedule, megatron-core's bubble
-           (PP - 1) / (V x microbatches + PP - 1) of the step; V = 1 without it; every chunk
-           sends its activations: V PP sends per stage and microbatch)
+    step = (microbatches + (PP - 1) / V) * slowest stage's microbatch time  (1F1B fill and drain;
+           V model chunks per rank with the interleaved schedule; every chunk sends its
+           activations: V PP sends per stage and microbatch)
          + data-parallel gradient (and, with the distributed optimizer, parameter) traffic
+
+    bubble = the ranks' mean idle share of the pipeline span with megatron-core's (interleaved)
+             1F1B order replayed on the per-chunk times (stages.pipeline_bubble: the ViT makes
+             rank 0's first chunk heavier, the output layer the last rank's last); equal chunks
+             give (PP - 1) / (V x microbatches + PP - 1)
 
     stage microbatch time = stage FLOPs x (3, or 4 with full recompute) / (TP x CP)
                             / (peak x compute_efficiency)
@@ -27,6 +31,9 @@ from typing import Iterable, Optional
 
 from ..config.lora import LORA_MODULES, LoRAConfig
 from ..config.model import ModelConfig, ParallelConfig
+from ..config.pipeline_layout import check as pipeline_layout_check
+from ..config.pipeline_layout import decoder_layers as layout_decoder_layers
+from ..config.pipeline_layout import virtual_size as layout_virtual_size
 from ..errors import ConfigError
 from .flops import train_step_flops
 from .memory import GiB, ActivationBytes, StateBytes, activation_bytes, kv_cache_bytes, state_bytes
@@ -37,7 +44,7 @@ from .params import (
     stage_numel,
     stage_params,
 )
-from .stages import _link, _ring, pipeline_seconds, piece_costs, rank_splits
+from .stages import _link, _ring, even_chunks, pipeline_bubble, pipeline_seconds, piece_costs, rank_splits
 
 
 @dataclass(frozen=True)
@@ -161,8 +168,17 @@ class Layout:
     """Model chunks per pipeline rank (--num-virtual-stages-per-pipeline-rank; 1: no interleaving)."""
     last_stage_layers: Optional[int] = None
     """--decoder-last-pipeline-num-layers (None: the even share)."""
+    pipeline_layout: Optional[str] = None
+    """--pipeline-model-parallel-layout: the layers of every model chunk (config/pipeline_layout.py);
+    set, it gives the chunks per rank (virtual_stages) and replaces the first/last counts."""
 
     def parallel(self) -> ParallelConfig:
+        if self.pipeline_layout is not None:
+            return dataclasses.replace(self.parallel_flags(), **_layout_field(self.pipeline_layout))
+        return self.parallel_flags()
+
+    def parallel_flags(self) -> ParallelConfig:
+        """The ParallelConfig of every field but the layout string."""
         return ParallelConfig(
             tensor_model_parallel_size=self.tp,
             pipeline_model_parallel_size=self.pp,
@@ -178,6 +194,7 @@ class Layout:
     def describe(self) -> str:
         extra = [f"first-stage-layers {self.first_stage_layers}"] if self.first_stage_layers is not None else []
         extra += [f"last-stage-layers {self.last_stage_layers}"] if self.last_stage_layers is not None else []
+        extra += [f"layout {self.pipeline_layout}"] if self.pipeline_layout is not None else []
         flags = (
             ["SP"] * self.sequence_parallel
             + ["dist-opt"] * self.distributed_optimizer
@@ -187,6 +204,28 @@ class Layout:
         ep = f" EP{self.ep}" if self.ep > 1 else ""
         ep += f" VPP{self.virtual_stages}" if self.virtual_stages > 1 else ""
         return f"TP{self.tp} PP{self.pp} CP{self.cp} DP{self.dp}{ep}" + (f" ({', '.join(flags)})" if flags else "")
+
+
+def _layout_field(layout: str) -> dict:
+    """ParallelConfig's layout field where the config has one (i29-layout's flag; until it lands the
+    planner alone reads the layout: layout_chunks)."""
+    fields = {f.name for f in dataclasses.fields(ParallelConfig)}
+    if "pipeline_model_parallel_layout" not in fields:
+        return {}
+    return {"pipeline_model_parallel_layout": layout, "num_virtual_stages_per_pipeline_rank": None}
+
+
+def with_pipeline_layout(layout: Layout, pipeline_layout: str, num_layers: int) -> Layout:
+    """`layout` with its chunks placed by a --pipeline-model-parallel-layout string (checked against
+    PP and the decoder's `num_layers`, a one-line ConfigError; the chunks per rank from it)."""
+    pipeline_layout_check(pipeline_layout, layout.pp, num_layers)
+    return replace(
+        layout,
+        pipeline_layout=pipeline_layout,
+        virtual_stages=layout_virtual_size(pipeline_layout, layout.pp),
+        first_stage_layers=None,
+        last_stage_layers=None,
+    )
 
 
 @dataclass(frozen=True)
@@ -204,6 +243,16 @@ class StagePlan:
     def total(self) -> float:
         # decoding ends (its cache freed) before the training passes start: the larger of the two counts
         return self.state.total + max(self.activations.total, self.kv_cache)
+
+
+class Breakdown(dict):
+    """A plan's figures; "bubble" (stages.pipeline_bubble on "chunk_times_s") is replayed when first
+    read with [] (a search plans hundreds of layouts and prints a few)."""
+
+    def __getitem__(self, key: str):
+        if key == "bubble" and not dict.__contains__(self, key):
+            self[key] = pipeline_bubble(self["chunk_times_s"], self["microbatches"])
+        return dict.__getitem__(self, key)
 
 
 @dataclass(frozen=True)
@@ -266,9 +315,10 @@ def plan(
     microbatches = w.global_batch_size // (w.micro_batch_size * layout.dp)
     stages = _stage_memory(model, layout, w, microbatches)
     costs = piece_costs(model, layout, w, hardware, compute_efficiency)
-    pp, v = layout.pp, layout.virtual_stages
-    counts = decoder_layers_per_stage(model.llm.num_layers, layout.parallel())
-    stage_times, stage_compute = costs.stage_times(counts, v)
+    v = layout.virtual_stages
+    chunks = layout_chunks(model, layout)
+    stage_times, stage_compute = costs.stage_times([sum(row) for row in chunks], v)
+    chunk_times = costs.chunk_times(chunks)
     # interleaved: V x microbatches chunk passes of 1/V of a stage's time each (V PP sends), and the
     # PP - 1 chunk passes of fill and drain
     pipeline = pipeline_seconds(stage_times, microbatches, v)
@@ -293,15 +343,23 @@ def plan(
         model_flops,
         compute_s=compute_s,
         comm_s=step - compute_s,
-        breakdown={
-            "pipeline_s": pipeline,
-            "dp_comm_s": dp_time,
-            "microbatches": microbatches,
-            "bubble": (pp - 1) / (v * microbatches + pp - 1),
-            "stage_times_s": stage_times,
-            "costs": costs,
-        },
+        breakdown=Breakdown(
+            pipeline_s=pipeline,
+            dp_comm_s=dp_time,
+            microbatches=microbatches,
+            stage_times_s=stage_times,
+            chunk_times_s=chunk_times,
+            costs=costs,
+        ),
     )
+
+
+def layout_chunks(model: ModelConfig, layout: Layout) -> list[list[int]]:
+    """Decoder layers per [pp_rank][model chunk] of `layout`'s split."""
+    if layout.pipeline_layout is not None:
+        return layout_decoder_layers(layout.pipeline_layout, layout.pp)
+    counts = decoder_layers_per_stage(model.llm.num_layers, layout.parallel())
+    return even_chunks(counts, layout.virtual_stages)
 
 
 _STATE_CACHE: dict[tuple, StateBytes] = {}
@@ -336,7 +394,7 @@ def _stage_memory(model: ModelConfig, layout: Layout, w: Workload, microbatches:
     trainable = set(w.trainable)
     tiles_mb = w.tiles(model) * w.micro_batch_size
     lengths = w.sample_lengths() * w.micro_batch_size
-    layers = decoder_layers_per_stage(model.llm.num_layers, par)
+    layers = [sum(row) for row in layout_chunks(model, layout)]
     stages = []
     for r in range(layout.pp):
         st = _stage_state(model, layout, w, r, layers[r])
@@ -405,7 +463,16 @@ def split_layouts(
     costs = piece_costs(model, layout, workload, hardware, compute_efficiency)
     m = workload.global_batch_size // (workload.micro_batch_size * layout.dp)
     return [
-        (t, replace(layout, first_stage_layers=s.first, last_stage_layers=s.last, virtual_stages=s.virtual_stages))
+        (
+            t,
+            replace(
+                layout,
+                first_stage_layers=s.first,
+                last_stage_layers=s.last,
+                virtual_stages=s.virtual_stages,
+                pipeline_layout=None,
+            ),
+        )
         for t, s in rank_splits(costs, model.llm.num_layers, layout.pp, m, virtual_stages)
     ]
 
@@ -428,13 +495,21 @@ def propose_split(
     that gives a stage at least as many layers as one found over the budget is not planned."""
     over: dict[tuple[int, int], int] = {}  # (V, stage) -> fewest layers seen over the budget there
     planned = 0
-    for t, lay in split_layouts(model, layout, workload, hardware, compute_efficiency, virtual_stages):
+    if layout.pp == 1:
+        p = plan(model, layout, workload, hardware, budget_gib, compute_efficiency, reserve_gib)
+        return p if p.fits else None
+    costs = piece_costs(model, layout, workload, hardware, compute_efficiency)
+    m = workload.global_batch_size // (workload.micro_batch_size * layout.dp)
+    # split_layouts' order; the layout is built only for the splits planned (a search ranks thousands)
+    for t, s in rank_splits(costs, model.llm.num_layers, layout.pp, m, virtual_stages):
         if t >= slower_than or planned == tries:
             return None
-        counts = decoder_layers_per_stage(model.llm.num_layers, lay.parallel())
-        v = lay.virtual_stages
+        counts, v = s.counts, s.virtual_stages
         if any(n >= over.get((v, r), n + 1) for r, n in enumerate(counts)):
             continue  # a stage's memory grows with its layers: this one cannot fit either
+        lay = replace(
+            layout, first_stage_layers=s.first, last_stage_layers=s.last, virtual_stages=v, pipeline_layout=None
+        )
         p = plan(model, lay, workload, hardware, budget_gib, compute_efficiency, reserve_gib)
         if p.fits:
             return p

@@ -173,24 +173,35 @@ def _stage_params(model: ModelConfig, par: ParallelConfig, pp_rank: int) -> tupl
     check_divisibility(model, par)
     first, last = pp_rank == 0, pp_rank == pp - 1
     tied = model.llm.tie_word_embeddings
-    base: list[Param] = []
-    if first:
-        base += vision_embeddings(model)
-        for i in range(vision_layers_built(model)):
-            base += vision_layer(model, i)
-        base += projector(model)
-    specs = [local(p, tp, model) for p in base]
+    specs = list(_vision_specs(model, tp)) if first else []
     if first:
         specs.append(local(word_embeddings(model), tp, model, shared_embedding=tied and pp > 1))
     experts = range(model.llm.num_experts // par.expert_model_parallel_size)  # local experts 0 .. E/EP - 1
     etp = par.expert_tensor_parallel_size or tp
     for i in range(decoder_layers_per_stage(model.llm.num_layers, par)[pp_rank]):  # local layer numbers
-        specs += [local(p, etp if p.expert else tp, model) for p in decoder_layer(model, i, experts)]
+        specs += _layer_specs(model, i, len(experts), tp, etp)
     if last:
         specs.append(local(final_norm(model), tp, model))
         if not (first and tied):  # PP1 + tied: the output layer reuses the embedding
             specs.append(local(output_layer(model), tp, model, shared_embedding=tied and pp > 1))
     return tuple(specs)
+
+
+@lru_cache(maxsize=256)
+def _vision_specs(model: ModelConfig, tp: int) -> tuple[ParamSpec, ...]:
+    """Stage 0's ViT and projector parameters on one TP rank (every split of a search lists them again)."""
+    base: list[Param] = list(vision_embeddings(model))
+    for i in range(vision_layers_built(model)):
+        base += vision_layer(model, i)
+    base += projector(model)
+    return tuple(local(p, tp, model) for p in base)
+
+
+@lru_cache(maxsize=1 << 12)
+def _layer_specs(model: ModelConfig, i: int, local_experts: int, tp: int, etp: int) -> tuple[ParamSpec, ...]:
+    """Local decoder layer `i`'s parameters on one (expert-)TP rank: every split of a search lists
+    layers 0 .. n-1 of its stages again (an MoE layer holds hundreds of expert weights)."""
+    return tuple(local(p, etp if p.expert else tp, model) for p in decoder_layer(model, i, range(local_experts)))
 
 
 def with_lora(specs: list[ParamSpec], lora: LoRAConfig) -> list[ParamSpec]:

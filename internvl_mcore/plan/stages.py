@@ -24,6 +24,7 @@ apart from the rest.
 from __future__ import annotations
 
 import functools
+import heapq
 import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
@@ -66,6 +67,28 @@ class PieceCosts:
             for r, n in enumerate(counts)
         ]
         return total, compute
+
+    def chunk_times(self, chunk_counts: list[list[int]]) -> list[list[float]]:
+        """Seconds of one microbatch's forward + backward per [pp_rank][model chunk] holding
+        `chunk_counts` decoder layers: the ViT + projector in rank 0's first chunk, the output layer
+        and loss in the last rank's last chunk, one PP send per chunk."""
+        last = len(chunk_counts) - 1
+        return [
+            [
+                n * self.layer
+                + self.vision * (r == 0 and c == 0)
+                + self.output * (r == last and c == len(row) - 1)
+                + self.send
+                for c, n in enumerate(row)
+            ]
+            for r, row in enumerate(chunk_counts)
+        ]
+
+
+def even_chunks(counts: list[int] | tuple[int, ...], virtual_stages: int) -> list[list[int]]:
+    """[pp_rank][chunk] decoder layers of a first/last split: megatron-core gives every chunk of a
+    rank the same count (config/problems.py: virtual_pipeline_problems)."""
+    return [[n // virtual_stages] * virtual_stages for n in counts]
 
 
 def _link(hw: Hardware, stride: int, size: int) -> float:
@@ -204,18 +227,62 @@ def split_options(num_layers: int, pp: int, virtual_stages: int = 1) -> tuple[Sp
     return tuple(out)
 
 
+@functools.lru_cache(maxsize=256)
 def rank_splits(
     costs: PieceCosts, num_layers: int, pp: int, microbatches: int, virtual_stages: tuple[int, ...] = (1,)
-) -> list[tuple[float, Split]]:
+) -> tuple[tuple[float, Split], ...]:
     """(pipeline seconds, split) of every split for each V in `virtual_stages`, fastest first; ties
-    keep fewer flags (the even split, then V = 1) first."""
-    ranked = []
+    keep fewer flags (the even split, then V = 1) first. Cached: a search's memory-saver variants of
+    one TP / PP / CP share their piece costs."""
+    ranked, splits = [], []
     for v in virtual_stages:
         for s in split_options(num_layers, pp, v):
-            t = pipeline_seconds(costs.stage_times(list(s.counts), v)[0], microbatches, v)
-            ranked.append((t, len(s.flags()), s))
-    ranked.sort(key=lambda x: (x[0], x[1]))
-    return [(t, s) for t, _, s in ranked]
+            t = (microbatches + (pp - 1) / v) * _slowest_stage(costs, s.counts, v)  # pipeline_seconds
+            ranked.append((t, (s.first is not None) + (s.last is not None) + (v > 1), len(splits)))  # len(s.flags())
+            splits.append(s)
+    ranked.sort()  # the list index keeps a stable order among equal (time, flags)
+    return tuple((t, splits[i]) for t, _, i in ranked)
+
+
+def _slowest_stage(costs: PieceCosts, counts: tuple[int, ...], v: int) -> float:
+    """max(costs.stage_times(counts, v)[0]), the same sums: the middle stages share one count, so
+    stage 0, stage 1 and the last decide."""
+    last = len(counts) - 1
+    sends = costs.send * v
+    return max(
+        counts[r] * costs.layer + costs.vision * (r == 0) + costs.output * (r == last) + sends
+        for r in {0, min(1, last), last}
+    )
+
+
+def balanced_chunks(costs: PieceCosts, num_layers: int, pp: int, virtual_stages: int) -> list[list[int]]:
+    """Decoder layers per [pp_rank][model chunk] that make the slowest chunk as fast as possible:
+    each layer goes to the virtual stage (chunk-major order, as megatron-core numbers them) it makes
+    the least slow, the ViT + projector weighing on the first and the output layer on the last.
+    Water-filling is optimal here: every stage's time grows by one layer's time per layer. Chunks
+    may stay empty (a chunk of E or L only)."""
+    n = pp * virtual_stages
+    base = [costs.send] * n
+    base[0] += costs.vision
+    base[-1] += costs.output
+    counts = [0] * n
+    heap = [(base[s] + costs.layer, s) for s in range(n)]
+    heapq.heapify(heap)
+    for _ in range(num_layers):
+        _, s = heapq.heappop(heap)
+        counts[s] += 1
+        heapq.heappush(heap, (base[s] + (counts[s] + 1) * costs.layer, s))
+    return [[counts[c * pp + r] for c in range(virtual_stages)] for r in range(pp)]
+
+
+def layout_string(chunk_counts: list[list[int]]) -> str:
+    """megatron-core's --pipeline-model-parallel-layout for decoder layers per [pp_rank][chunk]:
+    the virtual stages in chunk-major order, E (embedding, ViT, projector) opening the first and L
+    (final norm, output layer, loss) closing the last, e.g. "Et|tttt|ttt|L"."""
+    pp, v = len(chunk_counts), len(chunk_counts[0])
+    stages = ["t" * chunk_counts[s % pp][s // pp] for s in range(pp * v)]
+    stages[0], stages[-1] = "E" + stages[0], stages[-1] + "L"
+    return "|".join(stages)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -230,6 +297,67 @@ def warmup_forwards(pp: int, v: int, microbatches: int, rank: int) -> int:
     (schedules.py get_pp_rank_microbatches)."""
     warmup = (pp - rank - 1) * 2 + (v - 1) * pp if v > 1 else pp - rank - 1
     return min(warmup, microbatches * v)
+
+
+def _rank_order(pp: int, v: int, microbatches: int, rank: int) -> list[tuple[bool, int, int]]:
+    """(forward?, microbatch, chunk) in the order rank `rank` runs them: warm-up forwards, then one
+    forward and one backward per step (backwards in reverse chunk order), then the cool-down backwards."""
+    table = schedule_table(pp, v, microbatches)
+    warm = warmup_forwards(pp, v, microbatches, rank)
+    fwd = [(True, mb, c) for mb, c in table]
+    bwd = [(False, mb, v - 1 - c) for mb, c in table]
+    return fwd[:warm] + [op for pair in zip(fwd[warm:], bwd) for op in pair] + bwd[len(table) - warm :]
+
+
+def simulate_schedule(chunk_s: list[list[float]], microbatches: int) -> list[float]:
+    """Each rank's idle share of the pipeline span when megatron-core's (interleaved) 1F1B order runs
+    with these forward + backward seconds per [rank][chunk] of one microbatch (backward 2x forward),
+    a chunk's send counted in its time: what uneven stages and chunks make of the bubble. Equal
+    chunks give (PP - 1) / (V m + PP - 1) on every rank. One simulation for the planner
+    (`pipeline_bubble`) and bench/pipeline.py."""
+    pp, v = len(chunk_s), len(chunk_s[0])
+    ops = [_rank_order(pp, v, microbatches, r) for r in range(pp)]
+    done: dict[tuple[bool, int, int], float] = {}
+    free, nxt = [0.0] * pp, [0] * pp
+    last_stage = pp * v - 1
+    while True:
+        progressed = False
+        for r in range(pp):
+            order, k = ops[r], nxt[r]
+            while k < len(order):
+                fwd, mb, c = order[k]
+                stage = c * pp + r
+                if fwd:
+                    dep = (True, mb, stage - 1) if stage else None
+                else:
+                    dep = (True, mb, stage) if stage == last_stage else (False, mb, stage + 1)
+                if dep is not None and dep not in done:
+                    break
+                start = max(free[r], done[dep]) if dep is not None else free[r]
+                free[r] = start + chunk_s[r][c] * (1 if fwd else 2) / 3
+                done[(fwd, mb, stage)] = free[r]
+                k += 1
+                progressed = True
+            nxt[r] = k
+        if all(nxt[r] == len(ops[r]) for r in range(pp)):
+            break
+        if not progressed:
+            raise RuntimeError("schedule simulation deadlocked")
+    span = max(free)
+    return [1 - microbatches * sum(chunk_s[r]) / span for r in range(pp)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _bubble(chunk_s: tuple[tuple[float, ...], ...], microbatches: int) -> float:
+    return sum(simulate_schedule([list(row) for row in chunk_s], microbatches)) / len(chunk_s)
+
+
+def pipeline_bubble(chunk_s: list[list[float]], microbatches: int) -> float:
+    """The pipeline bubble, the ranks' mean idle share of the pipeline span, from megatron-core's
+    schedule replayed with the per-chunk times (`simulate_schedule`); PP 1: 0."""
+    if len(chunk_s) == 1:
+        return 0.0
+    return _bubble(tuple(tuple(row) for row in chunk_s), microbatches)
 
 
 def interleaved_in_flight(pp: int, v: int, microbatches: int, rank: int) -> tuple[tuple[int, ...], ...]:
