@@ -7,6 +7,7 @@ import json
 from tests.conftest import DIGITS_ITERS, digits_run_args, pretrain
 
 MPO_ITERS = 4
+PP2_ITERS = 5  # tests/training/test_layouts_on_shards.py LAYOUT_ITERS
 
 
 def _losses(out, nproc, args):
@@ -15,9 +16,10 @@ def _losses(out, nproc, args):
 
 
 def test_device_tiling_gives_the_same_losses_bit_for_bit(digits_shards, pretrain_log, tmp_path):
-    """Single process; then pipeline-parallel (the first stage tiles) with 2 loader workers, which
-    matches the single process as every layout does (tests/training/test_layouts_on_shards.py). The
-    loader-tiling run is the session's shared single-process run (the layouts' reference)."""
+    """Single process (all 10 steps' batches, bit for bit); then pipeline-parallel (the first stage tiles)
+    with 2 loader workers, stopped after 5 of the same 10-step schedule's steps like every layout of
+    tests/training/test_layouts_on_shards.py, which it matches as they do. The loader-tiling run is the
+    session's shared single-process run (the layouts' reference)."""
     loader = [r["loss"] for r in pretrain_log(1, digits_run_args(digits_shards))]
     device = _losses(tmp_path / "device.jsonl", 1, digits_run_args(digits_shards, "--image-tiling", "device"))
     assert len(loader) == DIGITS_ITERS and device == loader  # exact, not approximate
@@ -26,9 +28,10 @@ def test_device_tiling_gives_the_same_losses_bit_for_bit(digits_shards, pretrain
         2,
         digits_run_args(
             digits_shards, "--image-tiling", "device", "--pipeline-model-parallel-size", "2", "--num-workers", "2"
-        ),
+        )
+        + ["--exit-interval", str(PP2_ITERS)],
     )
-    assert len(pp2) == DIGITS_ITERS
+    assert len(pp2) == PP2_ITERS
     for i, (a, b) in enumerate(zip(pp2, loader)):
         assert abs(a - b) <= 1e-5 * abs(b), f"pp2 iteration {i + 1}: {a} vs single-process {b}"
 

@@ -11,6 +11,7 @@ from tests.worldpool import run_in_world
 
 WORKER = REPO / "tests" / "training" / "mpo_worker.py"
 KEYS = ("loss", "loss_preference", "loss_quality", "loss_generation", "reward_margin", "reward_accuracy")
+ITERS = 3  # mpo_worker.py ITERS
 LN2_F32 = float(torch.tensor(math.log(2.0), dtype=torch.float32))
 
 
@@ -71,7 +72,7 @@ def test_layouts_match_single_process(single, layouts, name):
     runs = layouts[name]
     # the reference runs the policy's kernels (megatron-core's frozen-weight linear would round differently)
     assert runs[0]["loss_preference"] == LN2_F32 and runs[0]["reward_margin"] == 0.0
-    assert len(runs) == len(single["single"]) == 5
+    assert len(runs) == len(single["single"]) == ITERS
     for i, (a, b) in enumerate(zip(runs, single["single"])):
         _close(a, b, f"{name} (x DP2) iteration {i + 1}")
 
@@ -82,7 +83,7 @@ def test_cp2_per_sample_thd_split_matches_single_process(single, thd):
     runs = thd["cp2-thd"]
     assert thd["thd_builds"] == 2 * 2 * len(runs)  # 2 microbatches (GBS 4 / MBS 2) x (reference, policy) per step
     assert runs[0]["loss_preference"] == LN2_F32 and runs[0]["reward_margin"] == 0.0
-    assert len(runs) == len(single["single"]) == 5
+    assert len(runs) == len(single["single"]) == ITERS
     for i, (a, b) in enumerate(zip(runs, single["single"])):
         _close(a, b, f"cp2 --cp-split thd iteration {i + 1}")
 
