@@ -24,16 +24,17 @@ _walk: itertools.count | None = None
 def free_port() -> int:
     """A TCP port nothing listens on now (a port derived from the pid can clash with another job); the
     one helper for it: conversions' spawned worlds, tests, benches and the demo start torchrun with it."""
-    if os.environ.get(PORTS_ENV):
-        return _port_in_block(os.environ[PORTS_ENV])
+    if os.environ.get(PORTS_ENV) and (port := _port_in_block(os.environ[PORTS_ENV])) is not None:
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def _port_in_block(block: str) -> int:
+def _port_in_block(block: str) -> int | None:
     """The next port of `block` ("LO-HI") that binds now, walking from a random start (processes of
-    one block rarely meet), each port once per walk of the block."""
+    one block rarely meet), each port once per walk of the block; None when all are taken (the
+    kernel's pick then, as without a block)."""
     global _walk
     lo, hi = (int(x) for x in block.split("-"))
     if _walk is None:
@@ -46,4 +47,4 @@ def _port_in_block(block: str) -> int:
             except OSError:
                 continue  # in use (or TIME_WAIT): the next one
             return port
-    raise OSError(f"no free TCP port in {PORTS_ENV}={block}")
+    return None
