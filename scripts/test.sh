@@ -7,6 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PYTHONWARNINGS=ignore OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# let every process cache the bytecode it compiles (pytest's rewritten test modules too, once for both
+# xdist workers): the suite starts hundreds of interpreters on the same files
+unset PYTHONDONTWRITEBYTECODE
 workers=${TEST_WORKERS:-1}
 args=()
 while [ $# -gt 0 ]; do

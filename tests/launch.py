@@ -15,9 +15,22 @@ from typing import Callable, Iterator
 
 # the one helper (parallel/ports.py, torch-free): importing this module must not import torch and
 # megatron-core (every test session imports it through tests/conftest.py), nor may asking for a port
-from internvl_mcore.parallel.ports import free_port
+from internvl_mcore.parallel.ports import PORTS_ENV, free_port
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def worker_ports(worker: str | None) -> str:
+    """The rendezvous ports of one pytest-xdist worker ("gw0", "gw1", ...; None: no xdist): a block of
+    1000 below the kernel's ephemeral range (32768+), disjoint per worker, so a world's gloo connections
+    (ephemeral local ports) and the other worker's worlds never take a port free_port just handed out."""
+    index = int(worker[2:]) + 1 if worker and worker.startswith("gw") and worker[2:].isdigit() else 0
+    lo = 20000 + 1000 * (index % 12)
+    return f"{lo}-{lo + 1000}"
+
+
+# every test session imports this module (tests/conftest.py); the processes it starts inherit the block
+os.environ.setdefault(PORTS_ENV, worker_ports(os.environ.get("PYTEST_XDIST_WORKER")))
 
 
 def torchrun(

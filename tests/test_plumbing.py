@@ -1,6 +1,7 @@
 """The tests' plumbing has one place each: the in-process `world` fixture and the shared shard sets in
 tests/conftest.py, one free-port helper (parallel/ports.py's `free_port`, torch-free, which tests import through
-tests/launch.py). Checked on the source (ast; nothing is imported or run)."""
+tests/launch.py, which gives each pytest-xdist worker its own block of ports). Checked on the source (ast;
+nothing is imported or run), but for the port blocks."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import ast
 import subprocess
 import sys
 from pathlib import Path
+
+from internvl_mcore.parallel import ports
+from tests.launch import worker_ports
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = [
@@ -72,3 +76,20 @@ def test_asking_for_a_port_imports_no_torch():
     probe = "import sys, tests.launch as l; assert l.free_port() > 0; print(sorted(m for m in sys.modules if m.startswith(('torch', 'megatron'))))"
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr)
+
+
+def test_worker_port_blocks_are_disjoint_and_below_the_ephemeral_range(monkeypatch):
+    """Two xdist workers' worlds never meet on a port: each worker's free_port walks its own block
+    (tests/launch.py), below the ephemeral range outgoing gloo connections take their ports from."""
+    blocks = [worker_ports(w) for w in (None, "gw0", "gw1", "gw2")]
+    spans = [range(*(int(x) for x in b.split("-"))) for b in blocks]
+    assert all(not set(a) & set(b) for i, a in enumerate(spans) for b in spans[i + 1 :]), blocks
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(ephemeral.read_text().split()[0]) if ephemeral.exists() else 32768
+    assert max(s.stop for s in spans) <= low, (blocks, low)
+    monkeypatch.setenv(ports.PORTS_ENV, blocks[2])
+    monkeypatch.setattr(ports, "_walk", None)
+    got = [ports.free_port() for _ in range(3)]
+    assert all(p in spans[2] for p in got) and len(set(got)) == 3, got  # a fresh port each call
+    monkeypatch.delenv(ports.PORTS_ENV)
+    assert ports.free_port() > 0  # outside tests: the kernel's pick, as before

@@ -1,7 +1,8 @@
 """internvl_mcore/startup.py: megatron-core's first import after any module of ours skips torch's
 compiler stack and wandb until they are used, and changes nothing that runs: megatron-core's
 jit-fused functions still go through the real torch.compile (at their first call, as before),
-torch.compile itself is restored, wandb is the real module at its first use."""
+torch.compile itself is restored, wandb is the real module at its first use. And a training rank's
+start-up imports none of the packages only some runs use (NOT_AT_START)."""
 
 from __future__ import annotations
 
@@ -39,16 +40,44 @@ _PROBE = textwrap.dedent("""
     if out["wandb_installed"]:
         out["megatron_sees_wandb"] = timers.wandb is sys.modules["wandb"]
         out["wandb_loads_on_use"] = bool(sys.modules["wandb"].__version__) and "wandb.sdk" in sys.modules
+    import runpy  # last: a training rank's start-up (pretrain_internvl.py's imports, main's included)
+    runpy.run_path("pretrain_internvl.py", run_name="pretrain")
+    import internvl_mcore.training.loop, internvl_mcore.training.guards, internvl_mcore.training.preemption
+    out["rank_imported"] = sorted(m for m in sys.argv[1:] if m in sys.modules)  # argv: NOT_AT_START
     print(json.dumps(out))
 """)
+# what a training rank's start-up must not import (each costs CPU in every rank of every run; those a
+# run needs load when it needs them: HF checkpoints, real data's tokenizers, conversions, rollouts)
+NOT_AT_START = (
+    "transformers",
+    "peft",
+    "accelerate",
+    "huggingface_hub",
+    "safetensors",
+    "tokenizers",
+    "sentencepiece",
+    "tiktoken",
+    "scipy",
+    "pandas",
+    "pyarrow",
+    "matplotlib",
+    "av",
+    "datasets",
+    "torchvision",
+    "hypothesis",
+    "internvl_mcore.inference",
+)
 
 
 def test_megatron_import_defers_compile_and_wandb_without_changing_them():
-    proc = subprocess.run([sys.executable, "-c", _PROBE], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, *NOT_AT_START], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.splitlines()[-1])
     assert out["compiler_after_import"] == []  # the point: no torch._dynamo/_inductor after the import
     assert out["wandb_body_ran"] is False
+    assert out["rank_imported"] == [], out["rank_imported"]  # the start-up's import budget, by module name
     for key in ("restored", "jit_fuser_deferred", "value", "compiled_by_dynamo", "inlined_in_compiled_region"):
         assert out[key] is True, (key, out)
     if out["wandb_installed"]:  # the dev extras install it

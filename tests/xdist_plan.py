@@ -35,9 +35,6 @@ import pytest
 NOT_SHARED = ("pretrain_log",)  # a cache object: joining its users would only make one unit larger
 COSTS = Path(__file__).with_name("xdist_costs.json")
 DEFAULT_COST = 0.5  # seconds per test of a file missing from COSTS (new files: most tests are short)
-# files whose tests skip in a process that already has a gloo world (the `world` fixture keeps one):
-# sequentially they run before any; under -n 2 their unit goes first so its worker has none yet
-NEED_NO_WORLD = ("tests/convert/test_conversion_device.py",)
 UNITS_ENV = "INTERNVL_MCORE_XDIST_UNITS"  # the file the workers write {test id: unit} to
 
 
@@ -94,9 +91,6 @@ def costs(items: list[pytest.Item], unit_of: dict[str, str]) -> dict[str, float]
     total: dict[str, float] = {}
     for path, n in per_test.items():
         total[unit_of[path]] = total.get(unit_of[path], 0.0) + known.get(path, DEFAULT_COST * n)
-    for path in NEED_NO_WORLD:
-        if path in unit_of:
-            total[unit_of[path]] = float("inf")
     return total
 
 

@@ -1,6 +1,8 @@
 """Conversions run on the CPU with gloo wherever they run: on a host where CUDA is available (here
 simulated by patching the probe), the conversion workers still build a CPU layout and a gloo world,
-so a TP x PP larger than the visible GPUs converts."""
+so a TP x PP larger than the visible GPUs converts. Run in any process: one that holds a gloo world
+(the `world` fixture keeps one per pytest worker) looks world-less to the code under test, and that
+world is never touched (the worker's tear-down is recorded instead)."""
 
 from __future__ import annotations
 
@@ -18,11 +20,12 @@ class _Stop(Exception):
 
 @pytest.fixture
 def cuda_host(monkeypatch):
-    """A "CUDA available" host; records the backend a world would start with and stops there."""
-    if dist.is_initialized():
-        pytest.skip("needs a process without a world")
+    """A "CUDA available" host without a world; records the backend a world would start with and stops
+    there, and the worker's tear-down (which would otherwise end this process's `world` fixture)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
     seen: dict = {}
+    monkeypatch.setattr(conv, "destroy_distributed", lambda: seen.setdefault("destroyed", True))
 
     def record(backend=None, **kw):
         seen["backend"] = backend
@@ -45,4 +48,5 @@ def test_conversion_workers_start_a_gloo_world_on_a_cuda_host(cuda_host, tmp_pat
         monkeypatch.setenv(var, "0")  # restored afterwards, so no later test inherits port 29999
     with pytest.raises(_Stop):
         conv._layout_worker(0, 1, 29999, 1, 1, [], str(tmp_path))
+    assert cuda_host.pop("destroyed", False)  # the worker ends its world even when the start fails
     assert cuda_host == {"backend": "gloo"}  # no NCCL, no torch.cuda.set_device(rank)
