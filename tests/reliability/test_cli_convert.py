@@ -1,7 +1,7 @@
 """tools/convert_to_hf.py, tools/convert_from_hf.py and tools/plan.py on careless input
 (docs/errors.md): refused with one line and exit 2, outputs complete or absent. The refusals are real
 launches (their stderr is what a user sees); a conversion that must succeed so that the next refusal
-or check has its input calls the tool's `main` in this process (`_main`: the same code, without an
+or check has its input calls the tool's `main` in this process (cli_helpers.in_process: the same code, without an
 interpreter start and torch's import, ~3 CPU-s a run), as does the ENOSPC case, which patches the writer."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.reliability.cli_helpers import assert_user_error, run, run_light
+from tests.reliability.cli_helpers import assert_user_error, in_process, run, run_light
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -28,18 +28,6 @@ def ckpt(tmp_path_factory) -> Path:
     return root / "ckpt"
 
 
-def _main(tool: str, *args) -> int:
-    """tools/TOOL.py's `main(args)` in this process; returns its exit code."""
-    import importlib
-    import sys
-
-    from tests.reliability.cli_helpers import REPO
-
-    if str(REPO / "tools") not in sys.path:
-        sys.path.insert(0, str(REPO / "tools"))
-    return importlib.import_module(tool).main([str(a) for a in args])
-
-
 def _tensors(directory: Path) -> dict[str, torch.Tensor]:
     from internvl_mcore.checkpoint.safetensors_io import SafetensorsDir
 
@@ -53,7 +41,9 @@ def test_export_over_an_existing_export(ckpt, tmp_path):
     is not ours survives."""
     out = tmp_path / "export"
     assert (
-        _main("convert_to_hf", "--load", ckpt, "--save", out, "--format", "transformers", "--max-shard-size", "30KB")
+        in_process(
+            "convert_to_hf", "--load", ckpt, "--save", out, "--format", "transformers", "--max-shard-size", "30KB"
+        )
         == 0
     )
     stale = sorted(p.name for p in out.iterdir())
@@ -66,7 +56,7 @@ def test_export_over_an_existing_export(ckpt, tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
     assert (
-        _main(
+        in_process(
             "convert_to_hf", "--load", ckpt, "--save", out, "--format", "transformers", "--dtype", "bf16", "--overwrite"
         )
         == 0
@@ -197,7 +187,7 @@ def test_special_token_ids_the_model_cannot_use(ckpt, tmp_path):
     )
 
     (hf / "tokenizer_config.json").write_text(tokenizer_config)
-    assert _main("convert_from_hf", "--hf-dir", hf, "--save", tmp_path / "out") == 0
+    assert in_process("convert_from_hf", "--hf-dir", hf, "--save", tmp_path / "out") == 0
     model = json.loads((tmp_path / "out" / "model_config.json").read_text())["model"]
     assert model["name"] == "hf:hf" and all(model[f] < 512 for f in ("img_start_token_id", "pad_token_id"))
 
@@ -217,7 +207,7 @@ def test_export_onto_a_full_disk(ckpt, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(safetensors_io, "open", lambda path, mode="r": Full(path, mode), raising=False)
     out = tmp_path / "export"
-    assert _main("convert_to_hf", "--load", ckpt, "--save", out, "--format", "transformers") == 2
+    assert in_process("convert_to_hf", "--load", ckpt, "--save", out, "--format", "transformers") == 2
     err = capsys.readouterr().err  # (after the progress bar)
     assert "Traceback" not in err and f"--save {out}: No space left on device while writing" in err.splitlines()[-1]
     assert ".shard-00000.safetensors.tmp" in err.splitlines()[-1] and not list(tmp_path.iterdir())
