@@ -56,6 +56,17 @@ def run(
         raise AssertionError(f"{' '.join(cmd)} hung for {timeout}s") from exc
 
 
+def in_process(tool: str, *args: str) -> int:
+    """tools/TOOL.py's `main(args)` in this process (the same code as `run`, without an interpreter start
+    and its imports: ~3 CPU-s): for runs that only make a test's input, where the launch is not the
+    subject. Returns the exit code."""
+    import importlib
+
+    if str(REPO / "tools") not in sys.path:
+        sys.path.insert(0, str(REPO / "tools"))
+    return importlib.import_module(tool).main([str(a) for a in args])
+
+
 HEAVY = ("torch", "megatron", "transformers", "numpy")
 # what a data tool's checks of its inputs need not import (they read manifests, meta files and tokens
 # with numpy): pretrain's --data-path checks, preprocess_mm_data's meta, annotation and tokenizer checks

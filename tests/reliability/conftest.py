@@ -4,7 +4,7 @@ each time a file rebuilt them) and only read: a test that writes over a shard se
 
 import pytest
 
-from tests.reliability.cli_helpers import preprocess_args, run
+from tests.reliability.cli_helpers import in_process, preprocess_args
 
 
 @pytest.fixture(scope="session")
@@ -17,8 +17,8 @@ def digits(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def good_prefix(digits, tmp_path_factory) -> str:
-    """A good shard set made by the real CLI."""
+    """A good shard set made by the CLI's `main` in this process (--workers 1: no worker processes; the
+    launched CLI's successful run is test_cli_preprocess.py's test_bad_records_are_rejected_with_file_and_line)."""
     out = tmp_path_factory.mktemp("shards") / "dg"
-    proc = run("preprocess_mm_data", *preprocess_args(digits.meta, digits.tokenizer, out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert in_process("preprocess_mm_data", *preprocess_args(digits.meta, digits.tokenizer, out)) == 0
     return str(out)

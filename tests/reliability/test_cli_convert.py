@@ -1,5 +1,8 @@
 """tools/convert_to_hf.py, tools/convert_from_hf.py and tools/plan.py on careless input
-(docs/errors.md): refused with one line and exit 2, outputs complete or absent."""
+(docs/errors.md): refused with one line and exit 2, outputs complete or absent. The refusals are real
+launches (their stderr is what a user sees); a conversion that must succeed so that the next refusal
+or check has its input calls the tool's `main` in this process (cli_helpers.in_process: the same code, without an
+interpreter start and torch's import, ~3 CPU-s a run), as does the ENOSPC case, which patches the writer."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.reliability.cli_helpers import assert_user_error, run, run_light
+from tests.reliability.cli_helpers import assert_user_error, in_process, run, run_light
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -37,8 +40,12 @@ def test_export_over_an_existing_export(ckpt, tmp_path):
     removed before the new single file moves in, so every reader sees the new weights; a file that
     is not ours survives."""
     out = tmp_path / "export"
-    proc = run("convert_to_hf", "--load", ckpt, "--save", out, "--format", "transformers", "--max-shard-size", "30KB")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (
+        in_process(
+            "convert_to_hf", "--load", ckpt, "--save", out, "--format", "transformers", "--max-shard-size", "30KB"
+        )
+        == 0
+    )
     stale = sorted(p.name for p in out.iterdir())
     assert "model.safetensors.index.json" in stale and len(stale) > 3
     (out / "NOTES.md").write_text("mine")
@@ -48,10 +55,12 @@ def test_export_over_an_existing_export(ckpt, tmp_path):
     assert_user_error(proc, "--save", str(out), "not empty", "--overwrite")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
-    proc = run(
-        "convert_to_hf", "--load", ckpt, "--save", out, "--format", "transformers", "--dtype", "bf16", "--overwrite"
+    assert (
+        in_process(
+            "convert_to_hf", "--load", ckpt, "--save", out, "--format", "transformers", "--dtype", "bf16", "--overwrite"
+        )
+        == 0
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["NOTES.md", "config.json", "model.safetensors"]
     tensors = _tensors(out)
     assert tensors and all(t.dtype == torch.bfloat16 for t in tensors.values() if t.is_floating_point())
@@ -178,8 +187,7 @@ def test_special_token_ids_the_model_cannot_use(ckpt, tmp_path):
     )
 
     (hf / "tokenizer_config.json").write_text(tokenizer_config)
-    proc = run("convert_from_hf", "--hf-dir", hf, "--save", tmp_path / "out")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert in_process("convert_from_hf", "--hf-dir", hf, "--save", tmp_path / "out") == 0
     model = json.loads((tmp_path / "out" / "model_config.json").read_text())["model"]
     assert model["name"] == "hf:hf" and all(model[f] < 512 for f in ("img_start_token_id", "pad_token_id"))
 
@@ -190,12 +198,6 @@ def test_export_onto_a_full_disk(ckpt, tmp_path, monkeypatch, capsys):
     nothing left behind."""
     import errno
     import io
-    import sys
-
-    from tests.reliability.cli_helpers import REPO
-
-    sys.path.insert(0, str(REPO / "tools"))
-    import convert_to_hf
 
     from internvl_mcore.checkpoint import safetensors_io
 
@@ -205,7 +207,7 @@ def test_export_onto_a_full_disk(ckpt, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(safetensors_io, "open", lambda path, mode="r": Full(path, mode), raising=False)
     out = tmp_path / "export"
-    assert convert_to_hf.main(["--load", str(ckpt), "--save", str(out), "--format", "transformers"]) == 2
+    assert in_process("convert_to_hf", "--load", ckpt, "--save", out, "--format", "transformers") == 2
     err = capsys.readouterr().err  # (after the progress bar)
     assert "Traceback" not in err and f"--save {out}: No space left on device while writing" in err.splitlines()[-1]
     assert ".shard-00000.safetensors.tmp" in err.splitlines()[-1] and not list(tmp_path.iterdir())
