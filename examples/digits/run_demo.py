@@ -170,6 +170,24 @@ def _run(cmd: list[str], log_path: str, show: Callable[[str], bool] = lambda lin
         raise RuntimeError(f"{cmd[0]} ... failed with exit code {code}; full output in {log_path}:\n" + "".join(tail))
 
 
+class Runner:
+    """How the phases run their commands: fresh processes here; the test suite passes one that uses its
+    reused worlds and in-process tools (tests/examples/test_demo.py)."""
+
+    def tool(self, script: str, args: list[str], log: str) -> None:
+        """`python tools/SCRIPT args`, its output kept in `log`."""
+        show = lambda line: line.startswith(("inputs", "packs", "wrote", "convert_to_hf"))  # noqa: E731
+        _run([sys.executable, os.path.join("tools", script), *args], log, show=show)
+
+    def train(self, args: list[str], log: str) -> None:
+        """`pretrain_internvl.py args` on 2 gloo processes (torchrun), its output kept in `log`."""
+        from internvl_mcore.parallel.state import free_port
+
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+        cmd += ["--master_port", str(free_port()), "pretrain_internvl.py", *args]
+        _run(cmd, log, show=lambda line: line.startswith(("iteration", "loaded weights", "error")))
+
+
 def _last_loss(log_jsonl: str) -> float:
     with open(log_jsonl, encoding="utf-8") as f:
         return float(json.loads(f.readlines()[-1])["loss"])
@@ -187,8 +205,9 @@ def _sibling(name: str):
     return module
 
 
-def run_demo(out: str, recipe: Recipe, log_every: int = 20) -> DemoResult:
+def run_demo(out: str, recipe: Recipe, log_every: int = 20, run: Runner | None = None) -> DemoResult:
     """Run every phase into `out` (replacing an earlier demo output there) and return the result."""
+    run = run or Runner()
     if recipe.layout not in LAYOUTS:
         raise ValueError(f"--layout must be one of {sorted(LAYOUTS)}, got {recipe.layout!r}")
     out = os.path.abspath(out)
@@ -204,7 +223,6 @@ def run_demo(out: str, recipe: Recipe, log_every: int = 20) -> DemoResult:
     # imported after the checks: a refused --out answers without importing torch, megatron-core, transformers
     from internvl_mcore.config import get_preset
     from internvl_mcore.data.digits import build_digits_dataset
-    from internvl_mcore.parallel.state import free_port
 
     evaluate, plot_loss = _sibling("evaluate").evaluate, _sibling("plot_loss").plot_loss
 
@@ -242,28 +260,14 @@ def run_demo(out: str, recipe: Recipe, log_every: int = 20) -> DemoResult:
     # 2. preprocess
     t = phase(2, "preprocess", f"tools/preprocess_mm_data.py -> packs of {recipe.seq_length} tokens")
     prefix = os.path.join(out, "shards", "digits")
-    _run(
+    run.tool(
+        "preprocess_mm_data.py",
         [
-            sys.executable,
-            "tools/preprocess_mm_data.py",
-            "--meta",
-            data.meta,
-            "--tokenizer",
-            data.tokenizer,
-            "--output-prefix",
-            prefix,
-            "--seq-length",
-            str(recipe.seq_length),
-            "--model",
-            recipe.model,
-            "--system-prompt",
-            recipe.system_prompt,
-            "--workers",
-            str(recipe.preprocess_workers),
-            "--no-progress",
+            *("--meta", data.meta, "--tokenizer", data.tokenizer, "--output-prefix", prefix),
+            *("--seq-length", str(recipe.seq_length), "--model", recipe.model),
+            *("--system-prompt", recipe.system_prompt, "--workers", str(recipe.preprocess_workers), "--no-progress"),
         ],
         os.path.join(logs, "preprocess.log"),
-        show=lambda line: line.startswith(("inputs", "packs")),
     )
     done("preprocess", t, prefix + ".manifest.json")
 
@@ -273,17 +277,7 @@ def run_demo(out: str, recipe: Recipe, log_every: int = 20) -> DemoResult:
         log_jsonl = os.path.join(logs, f"stage{stage}.jsonl")
         what = "projector only" if stage == "1" else "vision, projector and LLM"
         t = phase(k, f"stage {stage}", f"{what}, {iters} steps on 2 CPU processes ({recipe.layout})")
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(free_port()),
-            "pretrain_internvl.py",
+        args = [
             "--model",
             recipe.model,
             *LAYOUTS[recipe.layout],
@@ -315,11 +309,7 @@ def run_demo(out: str, recipe: Recipe, log_every: int = 20) -> DemoResult:
             save,
             *extra,
         ]
-        _run(
-            cmd,
-            os.path.join(logs, f"stage{stage}.log"),
-            show=lambda line: line.startswith(("iteration", "loaded weights", "error")),
-        )
+        run.train(args, os.path.join(logs, f"stage{stage}.log"))
         result.final_losses[f"stage{stage}"] = _last_loss(log_jsonl)
         done(f"stage {stage}", t, os.path.join(save, "latest_checkpointed_iteration.txt"))
         return save
@@ -343,10 +333,10 @@ def run_demo(out: str, recipe: Recipe, log_every: int = 20) -> DemoResult:
     # 5. export
     t = phase(5, "export", "tools/convert_to_hf.py --format transformers")
     hf_dir = os.path.join(out, "hf")
-    _run(
-        [sys.executable, "tools/convert_to_hf.py", "--load", stage2, "--save", hf_dir, "--format", "transformers"],
+    run.tool(
+        "convert_to_hf.py",
+        ["--load", stage2, "--save", hf_dir, "--format", "transformers"],
         os.path.join(logs, "export.log"),
-        show=lambda line: line.startswith(("wrote", "convert_to_hf")),
     )
     done("export", t, os.path.join(hf_dir, "config.json"))
 
@@ -399,7 +389,7 @@ def _recipe_flags(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, run: Runner | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--out",
@@ -417,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = Recipe(**values)
     start = time.perf_counter()
     try:
-        r = run_demo(args.out, recipe, log_every=1 if args.quick else args.log_every)
+        r = run_demo(args.out, recipe, log_every=1 if args.quick else args.log_every, run=run)
     except FileExistsError as e:
         print(f"run_demo: error: {e}", file=sys.stderr)
         return 2

@@ -8,7 +8,9 @@ in the training data.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -31,24 +33,50 @@ def _module(name: str):
     return module
 
 
+def _tool(script: str):
+    spec = importlib.util.spec_from_file_location(f"_test_demo_{Path(script).stem}", REPO / "tools" / script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory) -> tuple[Path, str]:
+    """`run_demo.py --quick` in this process, its training runs jobs of the session's reused 2-rank
+    world and its tools called in-process (one thread, as the script's child processes): the same
+    phases and code path without starting 2 torchrun launches and 3 interpreters."""
+    import torch
+
+    from tests.conftest import pretrain
+
+    demo = _module("run_demo")
+
+    class PoolRunner(demo.Runner):
+        def tool(self, script: str, args: list[str], log: str) -> None:
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+                code = _tool(script).main(args)
+            Path(log).write_text(out.getvalue())
+            assert code == 0, out.getvalue()[-4000:]
+
+        def train(self, args: list[str], log: str) -> None:
+            Path(log).write_text("$ pretrain_internvl.py " + " ".join(args) + "\n" + pretrain(2, args))
+
     out = tmp_path_factory.mktemp("demo") / "run"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(DEMO), "--quick", "--out", str(out)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=570,
-    )
-    assert proc.returncode == 0, f"demo failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    return out, proc.stdout
+    stdout, threads = io.StringIO(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(stdout):
+            code = demo.main(["--quick", "--out", str(out)], run=PoolRunner())
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, stdout.getvalue()[-4000:]
+    return out, stdout.getvalue()
 
 
 def test_every_phase_ran_and_left_its_artifact(quick_demo):
