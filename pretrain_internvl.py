@@ -91,6 +91,17 @@ def _model_from_dir(spec: str):
     return resolve_model(spec)
 
 
+def check_environment(run: RunConfig) -> None:
+    """Refuse what the flags name that this machine lacks (training/preflight.py: --save, --log-jsonl,
+    --tensorboard-dir writable, the wandb package) in one line, before torch's import."""
+    from internvl_mcore.config.problems import refusal
+    from internvl_mcore.errors import ConfigError
+    from internvl_mcore.training.preflight import environment_problems
+
+    if found := environment_problems(run):
+        raise ConfigError(refusal(found))
+
+
 def check_data(run: RunConfig) -> None:
     """Refuse bad shard sets before any process group or model exists (one line, exit 2): every rank
     checks the prefixes, sizes and token ids, and hashes its share of the files (training/shard_checks.py,
@@ -168,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run = parse_run_config(sys.argv[1:] if argv is None else argv)
         check_config(run)  # every problem of the flags at once (config/problems.py), before the data's hashing
+        check_environment(run)  # an unwritable --save / --log-jsonl, no wandb: before torch is imported
         check_data(run)  # before megatron-core's model code is imported: bad data fails in seconds
     except UserError as exc:
         _exit(2, user_error_line(exc))

@@ -99,19 +99,6 @@ from .async_save import AsyncWriter, Pending
 from .guards import fault_point
 
 
-def writable_problem(save: str) -> Optional[str]:
-    """Why --save DIR cannot take checkpoints (checked at start-up, before any training), or None."""
-    path = Path(save)
-    probe = path / f".write_test_{os.uname().nodename}_{os.getpid()}"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as exc:
-        return f"--save {save}: cannot write there ({exc.strerror or exc})"
-    return None
-
-
 def _tensor_json(t: torch.Tensor) -> dict:
     """An RNG-state tensor as JSON: dtype, shape and its bytes in base64."""
     shape = list(t.shape)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import os
 import time
 from dataclasses import dataclass
@@ -46,7 +45,8 @@ from .guards import (
     is_collective_failure,
     peer_lost,
 )
-from .metrics import Reporter, output_problems
+from .metrics import Reporter
+from .preflight import environment_problems
 from .moe import reduced_aux_loss
 from .rl import stage as rl_stage
 from .schedule import build_scheduler, sync_param_groups
@@ -62,19 +62,6 @@ def validate(run: RunConfig) -> Plan:
     if found:
         raise ConfigError(refusal(found))
     return resolve_stage(run.train)
-
-
-def environment_problems(run: RunConfig) -> list[str]:
-    """What the flags name that this machine lacks: a writable --save, --log-jsonl and --tensorboard-dir,
-    the wandb package."""
-    c, log = run.checkpoint, run.log
-    found = []
-    if c.save:  # found now, not at the first save after hours of training
-        found += [p for p in [checkpoint.writable_problem(c.save)] if p]
-    found += output_problems(log)  # --log-jsonl / --tensorboard-dir: before the model is built
-    if log.wandb_project and importlib.util.find_spec("wandb") is None:
-        found.append("--wandb-project needs the wandb package (pip install wandb; WANDB_MODE=offline needs no network)")
-    return found
 
 
 @dataclass

@@ -5,18 +5,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import resource
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core.utils import get_model_config
 
-from ..config.training import LogConfig, RunConfig
+from ..config.training import RunConfig
 from ..errors import ConfigError
 from ..parallel.state import comm_device
 from ..plan.flops import train_step_flops
@@ -84,29 +82,6 @@ def step_flops(run: RunConfig, stats: dict) -> Optional[float]:
             lm_head_tokens=stats.get("logit_tokens"),
         )
     )
-
-
-def output_problems(log: LogConfig) -> list[str]:
-    """Why --log-jsonl FILE or --tensorboard-dir DIR cannot be written, one line each (empty: they can).
-    Checked at start-up on every rank (training/loop.py: validate): the writer, the last rank, opens
-    them only once its model is built. Creates nothing."""
-    found = []
-    if log.log_jsonl:
-        path = Path(log.log_jsonl)
-        if path.is_dir():
-            found.append(f"--log-jsonl {path} is a directory; give a file (it is appended to)")
-        elif not path.parent.is_dir():
-            found.append(f"--log-jsonl {path}: the folder {path.parent} does not exist (or is not a directory)")
-        elif not os.access(path if path.exists() else path.parent, os.W_OK):
-            found.append(f"--log-jsonl {path}: not writable (permission denied)")
-    if log.tensorboard_dir:
-        path = Path(log.tensorboard_dir)
-        existing = next(p for p in (path, *path.parents) if p.exists())  # what makedirs would start from
-        if not existing.is_dir():
-            found.append(f"--tensorboard-dir {path}: {existing} exists and is not a directory")
-        elif not os.access(existing, os.W_OK | os.X_OK):
-            found.append(f"--tensorboard-dir {path}: cannot write in {existing} (permission denied)")
-    return found
 
 
 @contextmanager

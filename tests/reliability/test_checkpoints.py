@@ -97,9 +97,12 @@ def test_changed_lr_follows_the_flag(straight, tmp_path, flag):
 
 
 def test_unwritable_save_fails_at_start_up(tmp_path):
+    """Refused before torch is imported (training/preflight.py): run_light asserts the imports."""
+    from tests.reliability.cli_helpers import NO_TORCH, run_light
+
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    line = one_line_error(plain(ARGS + ["--save", str(blocker / "ckpt")]))
+    line = one_line_error(run_light("pretrain", *ARGS, "--save", str(blocker / "ckpt"), heavy=NO_TORCH))
     assert line.startswith(f"error: refusing to start: --save {blocker / 'ckpt'}: cannot write there"), line
 
 

@@ -123,12 +123,12 @@ def test_pretrain_reports_only_user_errors_as_one_line(tmp_path, capsys, monkeyp
 
 def test_unwritable_outputs_are_refused_before_the_model(tmp_path, capsys, monkeypatch):
     """--log-jsonl, --tensorboard-dir and --save that cannot be written: one line naming each (exit 2)
-    from the start-up checks every rank runs (training/loop.py: validate), before any process group or
+    from the start-up checks every rank runs (training/preflight.py, also in training/loop.py: validate), before any process group or
     model; nothing is created. (The writer rank used to find the first two after building its model.)"""
     import pretrain_internvl
     from internvl_mcore.config.training import LogConfig
     from internvl_mcore.training import preemption
-    from internvl_mcore.training.metrics import output_problems
+    from internvl_mcore.training.preflight import output_problems
 
     monkeypatch.setattr(preemption, "install", lambda exit_signal_handler: None)  # pytest's own signals stay
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)  # see the test above
