@@ -194,17 +194,25 @@ def _writer_main(conn: Any) -> None:
     """The writer process: one checkpoint in, (True, write results) or (False, exception) out."""
     child_of_run()  # dies with its rank, even a kill -9 of it: no half-written save outlives the run
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group: the rank handles it
-    conn.send(_READY)  # imports done: the rank's first save does not wait for them
-    while (message := conn.recv()) is not None:
-        try:
-            out = (True, _write(message))
-        except Exception as exc:  # reported, not fatal: the rank decides (all ranks together)
-            out = (False, exc)
-        del message
-        try:
-            conn.send(out)
-        except Exception as exc:  # an exception that does not pickle: its text travels instead
-            conn.send((False, RuntimeError(f"{type(exc).__name__}: {exc}")))
+    try:
+        conn.send(_READY)  # imports done: the rank's first save does not wait for them
+        while (message := conn.recv()) is not None:
+            try:
+                out = (True, _write(message))
+            except Exception as exc:  # reported, not fatal: the rank decides (all ranks together)
+                out = (False, exc)
+            del message
+            try:
+                conn.send(out)
+            except (EOFError, OSError):
+                raise
+            except Exception as exc:  # an exception that does not pickle: its text travels instead
+                conn.send((False, RuntimeError(f"{type(exc).__name__}: {exc}")))
+    except (EOFError, OSError):
+        # the rank is gone (it stopped on an error with a reply unread: the pipe is reset, not closed):
+        # nothing is left to write for, and the rank's stderr, which this process shares, already
+        # says why; a traceback here would be a second, misleading report
+        return
 
 
 def _in_process_results_queue() -> None:
@@ -376,7 +384,10 @@ class AsyncWriter:
         deadline = time.monotonic() + limit
         while not self.ready and self.proc.is_alive() and time.monotonic() < deadline:
             if self.conn.poll(0.1):
-                self.ready = self.conn.recv() == _READY
+                try:
+                    self.ready = self.conn.recv() == _READY
+                except (EOFError, OSError):  # the writer died: said below, with its exit
+                    break
         if not self.ready:
             why = (
                 f"died ({describe_exit(self.proc)})"

@@ -248,3 +248,26 @@ def test_a_new_snapshot_buffer_is_mapped_in_the_copy_thread():
     assert writer.copy_failure.startswith(
         "--async-save: cannot hold the checkpoint tensors (32 bytes) in shared memory"
     )
+
+
+def test_a_writer_whose_rank_is_gone_ends_quietly(capfd):
+    """A rank that stops on an error may leave its writer's reply unread: closing its end then resets
+    the pipe, and the writer's next receive fails (ECONNRESET, not EOF). It ends with exit 0 and no
+    traceback: the rank's stderr, which the writer shares, has said why the run stopped."""
+    import multiprocessing as mp
+
+    from internvl_mcore.training.async_save import _writer_main
+
+    def writer(rank_end, writer_end):
+        rank_end.close()  # a forked child holds both ends: the rank's must be the rank's alone
+        _writer_main(writer_end)
+
+    ctx = mp.get_context("fork")  # the writer's code, without a spawned interpreter's imports
+    rank_end, writer_end = ctx.Pipe()
+    proc = ctx.Process(target=writer, args=(rank_end, writer_end), daemon=True)
+    proc.start()
+    writer_end.close()
+    assert rank_end.poll(30)  # its "ready" is waiting, unread
+    rank_end.close()
+    proc.join(30)
+    assert proc.exitcode == 0 and "Traceback" not in capfd.readouterr().err
