@@ -270,8 +270,8 @@ def _parse_line(raw: bytes, where: str) -> dict:
         isinstance(r, list) and len(r) == 2 and all(type(x) is int and x >= 0 for x in r) for r in images
     ):
         problems.append("images")
-    tiling = line.get("tiling", [1, 1, True])  # optional: sets without it tile with generation's defaults
-    if not (
+    tiling = line.get("tiling")  # optional: records without it tile with generation's defaults
+    if "tiling" in line and not (
         isinstance(tiling, list)
         and len(tiling) == 3
         and all(type(x) is int and x >= 1 for x in tiling[:2])
